@@ -1,0 +1,7 @@
+// pagedrt/pagedrt.hpp — the whole public C++ API.
+#pragma once
+
+#include "pagedrt/error.hpp"
+#include "pagedrt/event.hpp"
+#include "pagedrt/runtime.hpp"
+#include "pagedrt/sampling_params.hpp"

@@ -1,0 +1,100 @@
+// pagedrt/runtime.hpp — the embeddable runtime.
+//
+//   Runtime rt(config);                       // loads the model, takes the KV pool
+//   std::string id = rt.submit(tokens, params);
+//   for (;;) for (Event& ev : rt.poll(0.1)) { ... if (ev.finished) ... }
+//
+// Thread safety: every public method may be called from any thread at once.
+// An engine thread owned by the Runtime runs the steps; submit() and abort()
+// only queue work and return at once; poll() waits at most `timeout_s`.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "pagedrt/error.hpp"
+#include "pagedrt/event.hpp"
+#include "pagedrt/sampling_params.hpp"
+
+namespace pagedrt {
+
+struct RuntimeConfig {
+  std::string model_path;          // a Hugging Face style model folder
+  std::string device = "auto";     // "auto", "cpu" or "cuda"
+  std::string dtype = "auto";      // weights: "auto" (fp32 stays fp32, else bf16), "float32", "bfloat16"
+  int64_t kv_cache_bytes = 0;      // hard cap for the KV pool; 0 = default (512 MiB on the CPU)
+  int32_t block_size = 16;         // tokens per KV block
+  int32_t max_num_seqs = 64;       // sequences in one step at most
+  int32_t max_num_batched_tokens = 2048;  // token budget of one step
+  int32_t max_model_len = 0;       // prompt + output at most; 0 = the model's max positions
+  bool enable_prefix_caching = true;
+  int32_t num_threads = 0;         // CPU threads; 0 = all cores
+};
+
+struct ModelInfo {
+  std::string architecture;
+  int64_t vocab_size = 0;
+  int64_t num_layers = 0;
+  int64_t hidden_size = 0;
+  int64_t max_model_len = 0;
+  int32_t bos_token_id = -1;
+  std::vector<int32_t> eos_token_ids;
+  std::string weight_dtype;        // "float32" or "bfloat16"
+  std::string device;              // "cpu" or "cuda"
+};
+
+struct Stats {
+  int64_t num_blocks = 0;          // blocks in the KV pool
+  int64_t block_size = 0;
+  int64_t blocks_used = 0;         // blocks referenced by a live sequence
+  int64_t blocks_free = 0;
+  int64_t slots_used = 0;          // token slots holding KV of live sequences
+  int64_t kv_cache_bytes = 0;
+  int64_t num_waiting = 0;
+  int64_t num_running = 0;
+  int64_t num_preemptions = 0;     // since start
+  int64_t num_steps = 0;           // engine steps since start
+  int64_t prompt_tokens = 0;       // computed since start
+  int64_t generated_tokens = 0;    // since start
+};
+
+class Runtime {
+ public:
+  // Loads the model and takes the KV pool. Throws Error (InvalidModel naming
+  // the file, InvalidArgument naming the field, Unsupported for a device this
+  // build lacks).
+  explicit Runtime(const RuntimeConfig& config);
+  ~Runtime();  // same as close()
+  Runtime(const Runtime&) = delete;
+  Runtime& operator=(const Runtime&) = delete;
+
+  // Queues a request and returns its id (`request_id` if given, else a fresh
+  // one). Throws Error(InvalidArgument) for an empty or out-of-vocabulary
+  // prompt, bad params, a duplicate id, or a request that can never fit.
+  std::string submit(const std::vector<int32_t>& prompt, const SamplingParams& params,
+                     const std::string& request_id = "");
+
+  // Events of any request, waiting up to `timeout_s` seconds for the first.
+  std::vector<Event> poll(double timeout_s = 0.0);
+  // Events of one request only; others stay queued for other pollers.
+  std::vector<Event> poll(const std::string& request_id, double timeout_s);
+
+  // Ends a request at the next step; it still gets one final event with
+  // finish_reason Abort. Returns false if the id is unknown or already done.
+  bool abort(const std::string& request_id);
+
+  Stats stats() const;
+  ModelInfo model_info() const;
+
+  // Stops the engine; requests in flight get a final Abort event (still
+  // readable through poll). Idempotent.
+  void close();
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace pagedrt

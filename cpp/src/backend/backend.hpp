@@ -1,0 +1,98 @@
+// backend/backend.hpp — the ops a model forward is written against.
+//
+// One Backend per device. The engine builds a BatchView on the host once per
+// step; begin_step() hands it to the backend (a device backend uploads it
+// once, the "plan"), then every layer's ops read it.
+//
+// The paged KV cache, per layer (NHD layout):
+//
+//   k_cache, v_cache: (num_blocks, block_size, num_kv_heads, head_dim)
+//
+//   a token's K/V live at flat slot  s = block_id * block_size + offset;
+//   sequence i's blocks are page_indices[page_indptr[i] .. page_indptr[i+1]),
+//   so its token at position p is in block page_indices[page_indptr[i] + p / block_size]
+//   at offset p % block_size.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "backend/tensor.hpp"
+#include "io/safetensors.hpp"
+
+namespace pagedrt {
+
+// One engine step, flattened. All arrays are host memory owned by the caller
+// and valid until the step ends.
+struct BatchView {
+  int32_t num_tokens = 0;
+  const int32_t* token_ids = nullptr;     // (num_tokens)
+  const int32_t* positions = nullptr;     // (num_tokens) position of each token in its sequence
+  const int64_t* slot_mapping = nullptr;  // (num_tokens) flat KV slot each token writes
+
+  int32_t num_seqs = 0;
+  const int32_t* query_start = nullptr;   // (num_seqs + 1) tokens of seq i: [query_start[i], query_start[i+1])
+  const int32_t* seq_lens = nullptr;      // (num_seqs) context length after this step
+  const int32_t* page_indptr = nullptr;   // (num_seqs + 1) CSR offsets into page_indices
+  const int32_t* page_indices = nullptr;  // (page_indptr[num_seqs]) block ids
+
+  int32_t num_logits = 0;
+  const int32_t* logits_indices = nullptr;  // (num_logits) rows of the batch whose logits are needed
+};
+
+struct RopeTable {
+  Tensor cos;  // (max_positions, head_dim / 2) fp32
+  Tensor sin;  // (max_positions, head_dim / 2) fp32
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual Device device() const = 0;
+
+  // Weights: converted from the checkpoint's dtype to `dtype` (F32 or BF16).
+  // `rows` stacks several 2-D tensors with the same column count (fused QKV).
+  virtual Tensor load_weight(const std::vector<const TensorView*>& parts, ScalarType dtype) = 0;
+  virtual Tensor empty(std::vector<int64_t> shape, ScalarType dtype) = 0;
+  virtual Tensor from_host(const Tensor& host) = 0;
+
+  virtual void begin_step(const BatchView& batch) = 0;
+
+  // out (num_tokens, hidden) = table[token_ids]
+  virtual void embedding(const Tensor& table, Tensor& out) = 0;
+  // out = rms_norm(x) * weight over the first n rows of x (n, hidden); may be in place
+  virtual void rms_norm(const Tensor& x, const Tensor& weight, float eps, int64_t n, Tensor& out) = 0;
+  // residual += x; out = rms_norm(residual) * weight, over the batch's tokens
+  virtual void add_rms_norm(Tensor& residual, const Tensor& x, const Tensor& weight, float eps,
+                            Tensor& out) = 0;
+  // out (n, out_features) = x (n, in_features) @ weight (out_features, in_features)^T;
+  // only the first `n` rows of x and out are used.
+  virtual void linear(const Tensor& x, const Tensor& weight, int64_t n, Tensor& out) = 0;
+  // residual += x (n, hidden)
+  virtual void add(Tensor& residual, const Tensor& x) = 0;
+  // qkv (num_tokens, (H + 2 * Hkv) * D): rotates the q and k parts in place
+  // (rotate-half RoPE at each token's position) and writes k and v into the
+  // cache slots of the batch's slot_mapping.
+  virtual void rope_and_cache(Tensor& qkv, const RopeTable& rope, int64_t num_heads,
+                              int64_t num_kv_heads, int64_t head_dim, Tensor& k_cache,
+                              Tensor& v_cache) = 0;
+  // out (num_tokens, H * D) = causal attention of the q part of qkv over each
+  // sequence's cached keys/values (positions 0 .. its position), read through
+  // the page table. GQA: query head h reads kv head h / (H / Hkv).
+  virtual void paged_attention(const Tensor& qkv, const Tensor& k_cache, const Tensor& v_cache,
+                               int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                               float scale, Tensor& out) = 0;
+  // gate_up (n, 2 * I) = [gate | up]; out (n, I) = silu(gate) * up
+  virtual void silu_mul(const Tensor& gate_up, int64_t n, Tensor& out) = 0;
+  // out (num_logits, hidden) = x[logits_indices]
+  virtual void gather_rows(const Tensor& x, Tensor& out) = 0;
+  // copies `src` (device) into host memory `dst` (numel floats)
+  virtual void to_host(const Tensor& src, int64_t numel, float* dst) = 0;
+};
+
+// `device` is "cpu" or "cuda"; throws Error(Unsupported) for a device this
+// build lacks. `num_threads` <= 0 means all cores.
+std::unique_ptr<Backend> make_backend(const std::string& device, int num_threads);
+
+}  // namespace pagedrt

@@ -1,0 +1,124 @@
+#include "backend/cpu/attention.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define PAGEDRT_AVX2 1
+#endif
+
+namespace pagedrt::cpu {
+namespace {
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  int64_t i = 0;
+  float s = 0.0f;
+#ifdef PAGEDRT_AVX2
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+  }
+  for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+  __m256 v = _mm256_add_ps(acc0, acc1);
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+  s = _mm_cvtss_f32(h);
+#endif
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// y += a * x
+inline void axpy(float a, const float* x, float* y, int64_t n) {
+  int64_t i = 0;
+#ifdef PAGEDRT_AVX2
+  __m256 av = _mm256_set1_ps(a);
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+#endif
+  for (; i < n; ++i) y[i] += a * x[i];
+}
+
+// Sequence index of every token of the batch (tokens are grouped by sequence).
+std::vector<int32_t> token_seq(const BatchView& b) {
+  std::vector<int32_t> seq(b.num_tokens);
+  for (int32_t i = 0; i < b.num_seqs; ++i)
+    for (int32_t t = b.query_start[i]; t < b.query_start[i + 1]; ++t) seq[t] = i;
+  return seq;
+}
+
+}  // namespace
+
+void rope_and_cache(const BatchView& b, float* qkv, const float* cos, const float* sin,
+                    const AttentionShape& s, float* k_cache, float* v_cache, int threads) {
+  const int64_t H = s.num_heads, Hkv = s.num_kv_heads, D = s.head_dim, half = D / 2;
+  const int64_t row = (H + 2 * Hkv) * D;
+#pragma omp parallel for schedule(static) num_threads(threads) if (b.num_tokens > 8)
+  for (int64_t t = 0; t < b.num_tokens; ++t) {
+    float* q = qkv + t * row;  // (H + Hkv, D) rotated: the q heads then the k heads
+    const float* c = cos + static_cast<int64_t>(b.positions[t]) * half;
+    const float* sn = sin + static_cast<int64_t>(b.positions[t]) * half;
+    for (int64_t h = 0; h < H + Hkv; ++h) {
+      float* x = q + h * D;
+      for (int64_t i = 0; i < half; ++i) {
+        const float x1 = x[i], x2 = x[i + half];
+        x[i] = x1 * c[i] - x2 * sn[i];
+        x[i + half] = x2 * c[i] + x1 * sn[i];
+      }
+    }
+    const int64_t slot = b.slot_mapping[t];  // flat (block, offset) index
+    std::copy(q + H * D, q + (H + Hkv) * D, k_cache + slot * Hkv * D);
+    std::copy(q + (H + Hkv) * D, q + (H + 2 * Hkv) * D, v_cache + slot * Hkv * D);
+  }
+}
+
+void paged_attention(const BatchView& b, const float* qkv, const float* k_cache,
+                     const float* v_cache, const AttentionShape& s, float scale, float* out,
+                     int threads) {
+  const int64_t H = s.num_heads, Hkv = s.num_kv_heads, D = s.head_dim;
+  const int64_t G = H / Hkv;  // query heads per kv head
+  const int64_t row = (H + 2 * Hkv) * D;
+  const int64_t bs = s.block_size;
+  const std::vector<int32_t> seq_of = token_seq(b);
+  const int64_t items = static_cast<int64_t>(b.num_tokens) * Hkv;
+#pragma omp parallel num_threads(threads) if (items > 1)
+  {
+    std::vector<float> scores;  // (G, ctx) for one (token, kv head)
+    std::vector<float> acc;     // (G, D)
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t t = item / Hkv, kvh = item % Hkv;
+      const int32_t i = seq_of[t];
+      const int64_t ctx = static_cast<int64_t>(b.positions[t]) + 1;
+      const int32_t* pages = b.page_indices + b.page_indptr[i];
+      const float* q = qkv + t * row + kvh * G * D;  // (G, D)
+      scores.assign(G * ctx, 0.0f);
+      for (int64_t p = 0; p < ctx; ++p) {
+        const int64_t slot = static_cast<int64_t>(pages[p / bs]) * bs + p % bs;
+        const float* k = k_cache + (slot * Hkv + kvh) * D;
+        for (int64_t g = 0; g < G; ++g) scores[g * ctx + p] = dot(q + g * D, k, D) * scale;
+      }
+      for (int64_t g = 0; g < G; ++g) {  // softmax per query head
+        float* sc = scores.data() + g * ctx;
+        float mx = *std::max_element(sc, sc + ctx);
+        float sum = 0.0f;
+        for (int64_t p = 0; p < ctx; ++p) sum += (sc[p] = std::exp(sc[p] - mx));
+        const float inv = 1.0f / sum;
+        for (int64_t p = 0; p < ctx; ++p) sc[p] *= inv;
+      }
+      acc.assign(G * D, 0.0f);
+      for (int64_t p = 0; p < ctx; ++p) {
+        const int64_t slot = static_cast<int64_t>(pages[p / bs]) * bs + p % bs;
+        const float* v = v_cache + (slot * Hkv + kvh) * D;
+        for (int64_t g = 0; g < G; ++g) axpy(scores[g * ctx + p], v, acc.data() + g * D, D);
+      }
+      std::copy(acc.begin(), acc.end(), out + t * H * D + kvh * G * D);
+    }
+  }
+}
+
+}  // namespace pagedrt::cpu

@@ -1,0 +1,184 @@
+#include "backend/cpu/cpu_backend.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "backend/cpu/gemm.hpp"
+#include "pagedrt/error.hpp"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace pagedrt::cpu {
+namespace {
+
+// Converts `n` elements of a checkpoint tensor into fp32 or bf16.
+void convert(const TensorView& src, ScalarType dtype, void* dst) {
+  const int64_t n = src.numel();
+  if (dtype == ScalarType::F32) {
+    float* out = static_cast<float*>(dst);
+    switch (src.dtype) {
+      case DType::F32: std::memcpy(out, src.data, n * 4); return;
+      case DType::BF16: {
+        const uint16_t* in = reinterpret_cast<const uint16_t*>(src.data);
+        for (int64_t i = 0; i < n; ++i) out[i] = bf16_to_f32(in[i]);
+        return;
+      }
+      case DType::F16: {
+        const uint16_t* in = reinterpret_cast<const uint16_t*>(src.data);
+        for (int64_t i = 0; i < n; ++i) out[i] = f16_to_f32(in[i]);
+        return;
+      }
+      default: break;
+    }
+  } else if (dtype == ScalarType::BF16) {
+    uint16_t* out = static_cast<uint16_t*>(dst);
+    switch (src.dtype) {
+      case DType::BF16: std::memcpy(out, src.data, n * 2); return;
+      case DType::F32: {
+        const float* in = reinterpret_cast<const float*>(src.data);
+        for (int64_t i = 0; i < n; ++i) out[i] = f32_to_bf16(in[i]);
+        return;
+      }
+      case DType::F16: {
+        const uint16_t* in = reinterpret_cast<const uint16_t*>(src.data);
+        for (int64_t i = 0; i < n; ++i) out[i] = f32_to_bf16(f16_to_f32(in[i]));
+        return;
+      }
+      default: break;
+    }
+  }
+  throw Error(ErrorKind::InvalidModel, src.file + ": tensor '" + src.name + "' has dtype " +
+                                           dtype_name(src.dtype) + "; supported: F32, F16, BF16");
+}
+
+}  // namespace
+
+CpuBackend::CpuBackend(int num_threads) : threads_(num_threads) {
+  if (threads_ <= 0) {
+#ifdef _OPENMP
+    threads_ = omp_get_num_procs();
+#else
+    threads_ = 1;
+#endif
+  }
+}
+
+Tensor CpuBackend::load_weight(const std::vector<const TensorView*>& parts, ScalarType dtype) {
+  int64_t rows = 0;
+  std::vector<int64_t> shape = parts[0]->shape;
+  for (const TensorView* p : parts) rows += p->shape[0];
+  shape[0] = rows;
+  Tensor t = host_empty(shape, dtype);
+  uint8_t* dst = static_cast<uint8_t*>(t.data);
+  for (const TensorView* p : parts) {
+    convert(*p, dtype, dst);
+    dst += p->numel() * scalar_size(dtype);
+  }
+  return t;
+}
+
+Tensor CpuBackend::empty(std::vector<int64_t> shape, ScalarType dtype) {
+  return host_empty(std::move(shape), dtype);
+}
+
+void CpuBackend::embedding(const Tensor& table, Tensor& out) {
+  const int64_t hidden = table.dim(1);
+  float* y = out.as<float>();
+  for (int32_t t = 0; t < batch_.num_tokens; ++t) {
+    const int64_t id = batch_.token_ids[t];
+    float* dst = y + t * hidden;
+    if (table.dtype == ScalarType::F32) {
+      std::memcpy(dst, table.as<float>() + id * hidden, hidden * 4);
+    } else {
+      const uint16_t* src = table.as<uint16_t>() + id * hidden;
+      for (int64_t i = 0; i < hidden; ++i) dst[i] = bf16_to_f32(src[i]);
+    }
+  }
+}
+
+namespace {
+// out = x / sqrt(mean(x^2) + eps) * w, as transformers' LlamaRMSNorm in fp32.
+inline void rms_row(const float* x, const float* w, float eps, int64_t d, float* out) {
+  float ss = 0.0f;
+  for (int64_t i = 0; i < d; ++i) ss += x[i] * x[i];
+  const float inv = 1.0f / std::sqrt(ss / static_cast<float>(d) + eps);
+  for (int64_t i = 0; i < d; ++i) out[i] = w[i] * (x[i] * inv);
+}
+}  // namespace
+
+void CpuBackend::rms_norm(const Tensor& x, const Tensor& weight, float eps, int64_t n, Tensor& out) {
+  const int64_t d = weight.numel();
+  for (int64_t t = 0; t < n; ++t)
+    rms_row(x.as<float>() + t * d, weight.as<float>(), eps, d, out.as<float>() + t * d);
+}
+
+void CpuBackend::add_rms_norm(Tensor& residual, const Tensor& x, const Tensor& weight, float eps,
+                              Tensor& out) {
+  const int64_t d = weight.numel();
+  const int64_t n = batch_.num_tokens;
+  for (int64_t t = 0; t < n; ++t) {
+    float* r = residual.as<float>() + t * d;
+    const float* xi = x.as<float>() + t * d;
+    for (int64_t i = 0; i < d; ++i) r[i] += xi[i];
+    rms_row(r, weight.as<float>(), eps, d, out.as<float>() + t * d);
+  }
+}
+
+void CpuBackend::linear(const Tensor& x, const Tensor& weight, int64_t n, Tensor& out) {
+  const int64_t m = weight.dim(0), k = weight.dim(1);
+  if (weight.dtype == ScalarType::F32)
+    gemm_f32(x.as<float>(), weight.as<float>(), out.as<float>(), n, m, k, threads_);
+  else
+    gemm_bf16(x.as<float>(), weight.as<uint16_t>(), out.as<float>(), n, m, k, threads_);
+}
+
+void CpuBackend::add(Tensor& residual, const Tensor& x) {
+  const int64_t n = static_cast<int64_t>(batch_.num_tokens) * residual.dim(1);
+  float* r = residual.as<float>();
+  const float* xi = x.as<float>();
+  for (int64_t i = 0; i < n; ++i) r[i] += xi[i];
+}
+
+void CpuBackend::rope_and_cache(Tensor& qkv, const RopeTable& rope, int64_t num_heads,
+                                int64_t num_kv_heads, int64_t head_dim, Tensor& k_cache,
+                                Tensor& v_cache) {
+  AttentionShape s{num_heads, num_kv_heads, head_dim, k_cache.dim(1)};
+  cpu::rope_and_cache(batch_, qkv.as<float>(), rope.cos.as<float>(), rope.sin.as<float>(), s,
+                      k_cache.as<float>(), v_cache.as<float>(), threads_);
+}
+
+void CpuBackend::paged_attention(const Tensor& qkv, const Tensor& k_cache, const Tensor& v_cache,
+                                 int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                                 float scale, Tensor& out) {
+  AttentionShape s{num_heads, num_kv_heads, head_dim, k_cache.dim(1)};
+  cpu::paged_attention(batch_, qkv.as<float>(), k_cache.as<float>(), v_cache.as<float>(), s, scale,
+                       out.as<float>(), threads_);
+}
+
+void CpuBackend::silu_mul(const Tensor& gate_up, int64_t n, Tensor& out) {
+  const int64_t inter = out.dim(1);
+  const float* gu = gate_up.as<float>();
+  float* y = out.as<float>();
+#pragma omp parallel for schedule(static) num_threads(threads_) if (n * inter > 65536)
+  for (int64_t t = 0; t < n; ++t) {
+    const float* g = gu + t * 2 * inter;
+    const float* u = g + inter;
+    float* o = y + t * inter;
+    for (int64_t i = 0; i < inter; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+  }
+}
+
+void CpuBackend::gather_rows(const Tensor& x, Tensor& out) {
+  const int64_t d = x.dim(1);
+  for (int32_t i = 0; i < batch_.num_logits; ++i)
+    std::memcpy(out.as<float>() + i * d, x.as<float>() + int64_t(batch_.logits_indices[i]) * d, d * 4);
+}
+
+void CpuBackend::to_host(const Tensor& src, int64_t numel, float* dst) {
+  std::memcpy(dst, src.data, numel * 4);
+}
+
+}  // namespace pagedrt::cpu

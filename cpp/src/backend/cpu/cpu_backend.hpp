@@ -1,0 +1,42 @@
+// backend/cpu/cpu_backend.hpp — the CPU backend: fp32 activations, fp32 or
+// bf16 weights, AVX2/FMA kernels where the build has them, OpenMP threads.
+// It is the oracle every other backend is tested against.
+#pragma once
+
+#include "backend/backend.hpp"
+#include "backend/cpu/attention.hpp"
+
+namespace pagedrt::cpu {
+
+class CpuBackend final : public Backend {
+ public:
+  explicit CpuBackend(int num_threads);
+  Device device() const override { return Device::CPU; }
+  int num_threads() const { return threads_; }
+
+  Tensor load_weight(const std::vector<const TensorView*>& parts, ScalarType dtype) override;
+  Tensor empty(std::vector<int64_t> shape, ScalarType dtype) override;
+  Tensor from_host(const Tensor& host) override { return host; }
+
+  void begin_step(const BatchView& batch) override { batch_ = batch; }
+  void embedding(const Tensor& table, Tensor& out) override;
+  void rms_norm(const Tensor& x, const Tensor& weight, float eps, int64_t n, Tensor& out) override;
+  void add_rms_norm(Tensor& residual, const Tensor& x, const Tensor& weight, float eps,
+                    Tensor& out) override;
+  void linear(const Tensor& x, const Tensor& weight, int64_t n, Tensor& out) override;
+  void add(Tensor& residual, const Tensor& x) override;
+  void rope_and_cache(Tensor& qkv, const RopeTable& rope, int64_t num_heads, int64_t num_kv_heads,
+                      int64_t head_dim, Tensor& k_cache, Tensor& v_cache) override;
+  void paged_attention(const Tensor& qkv, const Tensor& k_cache, const Tensor& v_cache,
+                       int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale,
+                       Tensor& out) override;
+  void silu_mul(const Tensor& gate_up, int64_t n, Tensor& out) override;
+  void gather_rows(const Tensor& x, Tensor& out) override;
+  void to_host(const Tensor& src, int64_t numel, float* dst) override;
+
+ private:
+  int threads_;
+  BatchView batch_;
+};
+
+}  // namespace pagedrt::cpu

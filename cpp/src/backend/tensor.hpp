@@ -1,0 +1,50 @@
+// backend/tensor.hpp — an owned, typed, shaped buffer on one device.
+//
+// Deliberately small: the model and the engine pass Tensors to backend ops,
+// which trust their shapes (checked where tensors are made, at load time).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace pagedrt {
+
+enum class Device { CPU, CUDA };
+enum class ScalarType { F32, BF16, I32, I64 };
+
+size_t scalar_size(ScalarType t);
+const char* scalar_name(ScalarType t);  // "float32", "bfloat16", ...
+
+struct Tensor {
+  std::shared_ptr<void> storage;  // keeps the memory alive; data points into it
+  void* data = nullptr;
+  ScalarType dtype = ScalarType::F32;
+  Device device = Device::CPU;
+  std::vector<int64_t> shape;
+
+  int64_t numel() const;
+  int64_t dim(int i) const { return shape[i < 0 ? shape.size() + i : i]; }
+  size_t nbytes() const { return static_cast<size_t>(numel()) * scalar_size(dtype); }
+  bool defined() const { return data != nullptr; }
+  std::string shape_str() const;  // "(3, 4)"
+
+  template <typename T> T* as() { return static_cast<T*>(data); }
+  template <typename T> const T* as() const { return static_cast<const T*>(data); }
+};
+
+// 64-byte aligned host memory, not touched (untouched pages cost nothing).
+Tensor host_empty(std::vector<int64_t> shape, ScalarType dtype);
+
+// bf16 <-> fp32 and fp16 -> fp32, bit exact (round to nearest even).
+inline float bf16_to_f32(uint16_t b) {
+  uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  __builtin_memcpy(&f, &u, 4);
+  return f;
+}
+uint16_t f32_to_bf16(float f);
+float f16_to_f32(uint16_t h);
+
+}  // namespace pagedrt

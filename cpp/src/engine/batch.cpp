@@ -1,0 +1,53 @@
+#include "engine/batch.hpp"
+
+#include <algorithm>
+
+namespace pagedrt {
+
+void Batch::build(const SchedulerOutput& sched, int32_t block_size) {
+  token_ids_.clear(); positions_.clear(); slot_mapping_.clear();
+  query_start_.assign(1, 0); seq_lens_.clear(); page_indptr_.assign(1, 0);
+  page_indices_.clear(); logits_indices_.clear(); logits_.clear();
+
+  for (const ScheduledRequest& s : sched.scheduled) {
+    const Request& r = *s.req;
+    const int64_t start = r.num_computed, end = start + s.num_new_tokens;
+    for (int64_t p = start; p < end; ++p) {
+      token_ids_.push_back(r.tokens[p]);
+      positions_.push_back(static_cast<int32_t>(p));
+      slot_mapping_.push_back(static_cast<int64_t>(r.block_table[p / block_size]) * block_size +
+                              p % block_size);
+    }
+    query_start_.push_back(static_cast<int32_t>(token_ids_.size()));
+    seq_lens_.push_back(static_cast<int32_t>(end));
+    page_indices_.insert(page_indices_.end(), r.block_table.begin(), r.block_table.end());
+    page_indptr_.push_back(static_cast<int32_t>(page_indices_.size()));
+
+    LogitsSlice slice;
+    slice.first_row = static_cast<int32_t>(logits_indices_.size());
+    slice.samples = end == r.num_tokens();
+    // return_logits: every position not reported yet; else only the sampled row.
+    int64_t from = slice.samples ? end - 1 : end;
+    if (r.params.return_logits) from = std::max(start, std::min(from, r.logits_reported));
+    slice.first_pos = from;
+    const int32_t base = query_start_[query_start_.size() - 2];
+    for (int64_t p = from; p < end; ++p) logits_indices_.push_back(base + static_cast<int32_t>(p - start));
+    slice.num_rows = static_cast<int32_t>(end - from);
+    logits_.push_back(slice);
+  }
+
+  view_ = BatchView{};
+  view_.num_tokens = static_cast<int32_t>(token_ids_.size());
+  view_.token_ids = token_ids_.data();
+  view_.positions = positions_.data();
+  view_.slot_mapping = slot_mapping_.data();
+  view_.num_seqs = static_cast<int32_t>(seq_lens_.size());
+  view_.query_start = query_start_.data();
+  view_.seq_lens = seq_lens_.data();
+  view_.page_indptr = page_indptr_.data();
+  view_.page_indices = page_indices_.data();
+  view_.num_logits = static_cast<int32_t>(logits_indices_.size());
+  view_.logits_indices = logits_indices_.data();
+}
+
+}  // namespace pagedrt

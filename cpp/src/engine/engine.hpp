@@ -1,0 +1,89 @@
+// engine/engine.hpp — the engine thread: schedule → batch → forward → sample
+// → update → emit, over and over.
+//
+// Host threads talk to it through two mutex-guarded queues: the inbox (new
+// requests, aborts) and the outbox (events). Nothing a host thread calls
+// waits for a step to finish.
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "engine/batch.hpp"
+#include "engine/block_pool.hpp"
+#include "engine/kv_cache.hpp"
+#include "engine/sampler.hpp"
+#include "engine/scheduler.hpp"
+#include "model/llama.hpp"
+#include "pagedrt/event.hpp"
+#include "pagedrt/runtime.hpp"
+
+namespace pagedrt {
+
+class Engine {
+ public:
+  Engine(std::unique_ptr<Backend> backend, std::unique_ptr<LlamaModel> model, KvCache kv,
+         const SchedulerConfig& sched);
+  ~Engine();  // stops the thread
+
+  // Queues a validated request. Throws Error(InvalidArgument) for a duplicate
+  // live id or after stop().
+  void submit(std::unique_ptr<Request> req);
+  bool abort(const std::string& id);
+  std::vector<Event> poll(const std::string* id, double timeout_s);
+  Stats stats() const;
+  // Ends the thread; every live request gets a final Abort event.
+  void stop();
+
+  const LlamaModel& model() const { return *model_; }
+  const KvCache& kv() const { return kv_; }
+
+ private:
+  void loop();
+  void step();
+  void drain_inbox();
+  void finish(Request* req, FinishReason reason, const std::string& error = "");
+  void emit(Request* req, bool finished, const std::string& error = "");
+  void publish_stats();
+  void update(const ScheduledRequest& s, const LogitsSlice& slice, const float* logits);
+
+  std::unique_ptr<Backend> backend_;
+  std::unique_ptr<LlamaModel> model_;
+  KvCache kv_;
+  BlockPool pool_;
+  Scheduler scheduler_;
+  SchedulerConfig sched_config_;
+  Sampler sampler_;
+  Batch batch_;
+  std::vector<float> logits_;  // (num_logits, vocab) of the current step
+  std::unordered_map<std::string, std::unique_ptr<Request>> requests_;  // engine thread only
+
+  // inbox
+  mutable std::mutex in_mu_;
+  std::condition_variable in_cv_;
+  std::deque<std::unique_ptr<Request>> new_requests_;
+  std::vector<std::string> aborts_;
+  std::set<std::string> live_ids_;  // submitted and not finished
+  bool stopping_ = false;
+
+  // outbox
+  mutable std::mutex out_mu_;
+  std::condition_variable out_cv_;
+  std::deque<Event> events_;
+
+  mutable std::mutex stats_mu_;
+  Stats stats_;
+  uint64_t next_arrival_ = 0;
+
+  std::thread thread_;
+};
+
+}  // namespace pagedrt

@@ -1,0 +1,30 @@
+// engine/kv_cache.hpp — the paged KV storage, taken once at start-up.
+//
+//   per layer l:  k[l], v[l]: (num_blocks, block_size, num_kv_heads, head_dim) fp32
+//
+// Which block belongs to which sequence is the BlockPool's and the block
+// tables' business; this is only the memory.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "backend/backend.hpp"
+#include "model/llama_config.hpp"
+
+namespace pagedrt {
+
+struct KvCache {
+  int64_t num_blocks = 0;
+  int64_t block_size = 0;
+  int64_t bytes_per_block = 0;  // all layers, K and V
+  std::vector<Tensor> k;        // (num_layers) of (num_blocks, block_size, Hkv, D)
+  std::vector<Tensor> v;
+
+  // As many blocks as fit in `budget_bytes` (at least one). Throws
+  // Error(InvalidArgument) if not even one block fits.
+  static KvCache allocate(Backend& backend, const LlamaConfig& cfg, int64_t block_size,
+                          int64_t budget_bytes);
+};
+
+}  // namespace pagedrt

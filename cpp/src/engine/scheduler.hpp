@@ -1,0 +1,65 @@
+// engine/scheduler.hpp — continuous batching under a token budget.
+//
+// Each step: running requests first (in admission order), each taking
+// min(remaining, budget) tokens — one for a decode, a chunk for a prefill —
+// then waiting requests are admitted while the budget, max_num_seqs and free
+// blocks allow. When a running request cannot get a block, the most recently
+// admitted running request is preempted by recompute: its blocks are freed,
+// num_computed goes back to 0 (its generated tokens are kept) and it waits at
+// the front of the queue.
+#pragma once
+
+#include <cstdint>
+#include <deque>
+#include <vector>
+
+#include "engine/block_pool.hpp"
+#include "engine/request.hpp"
+
+namespace pagedrt {
+
+struct SchedulerConfig {
+  int32_t block_size = 16;
+  int32_t max_num_seqs = 64;
+  int32_t max_num_batched_tokens = 2048;
+  int64_t max_model_len = 2048;        // prompt + generated tokens at most
+  std::vector<int32_t> eos_token_ids;  // end a request unless ignore_eos
+};
+
+struct ScheduledRequest {
+  Request* req = nullptr;
+  int32_t num_new_tokens = 0;  // tokens computed for it this step
+};
+
+struct SchedulerOutput {
+  std::vector<ScheduledRequest> scheduled;
+  std::vector<Request*> preempted;  // this step
+  int64_t num_tokens = 0;
+  bool empty() const { return scheduled.empty(); }
+};
+
+class Scheduler {
+ public:
+  Scheduler(const SchedulerConfig& config, BlockPool& pool);
+
+  void add(Request* req);  // joins the waiting queue
+  SchedulerOutput schedule();
+  // Drops a finished or aborted request wherever it is and frees its blocks.
+  void remove(Request* req);
+
+  size_t num_waiting() const { return waiting_.size(); }
+  size_t num_running() const { return running_.size(); }
+  bool has_work() const { return !waiting_.empty() || !running_.empty(); }
+
+ private:
+  // Blocks for the request's next `n` tokens; all or nothing.
+  bool allocate_slots(Request* req, int64_t n);
+  void preempt(Request* req);
+
+  SchedulerConfig config_;
+  BlockPool& pool_;
+  std::deque<Request*> waiting_;
+  std::vector<Request*> running_;  // admission order
+};
+
+}  // namespace pagedrt

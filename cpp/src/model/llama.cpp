@@ -1,0 +1,139 @@
+#include "model/llama.hpp"
+
+#include <cmath>
+
+#include "io/safetensors.hpp"
+#include "pagedrt/error.hpp"
+
+namespace pagedrt {
+namespace {
+
+// The tensor `name`, checked against the expected shape.
+const TensorView& expect(const Checkpoint& ckpt, const std::string& name,
+                         std::vector<int64_t> shape) {
+  const TensorView& t = ckpt.get(name);
+  if (t.shape != shape) {
+    auto str = [](const std::vector<int64_t>& s) {
+      std::string r = "[";
+      for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
+      return r + "]";
+    };
+    throw Error(ErrorKind::InvalidModel, t.file + ": tensor '" + name + "' has shape " + str(t.shape) +
+                                             ", config.json implies " + str(shape));
+  }
+  if (t.dtype != DType::F32 && t.dtype != DType::F16 && t.dtype != DType::BF16)
+    throw Error(ErrorKind::InvalidModel, t.file + ": tensor '" + name + "' has dtype " +
+                                             dtype_name(t.dtype) + "; supported: F32, F16, BF16");
+  return t;
+}
+
+RopeTable make_rope(Backend& backend, const LlamaConfig& cfg, int64_t max_positions) {
+  const std::vector<double> inv = cfg.rope_inv_freq();
+  const int64_t half = cfg.head_dim / 2;
+  Tensor cos = host_empty({max_positions, half}, ScalarType::F32);
+  Tensor sin = host_empty({max_positions, half}, ScalarType::F32);
+  for (int64_t p = 0; p < max_positions; ++p)
+    for (int64_t i = 0; i < half; ++i) {
+      // fp32 angle, as transformers computes it
+      const float angle = static_cast<float>(p) * static_cast<float>(inv[i]);
+      cos.as<float>()[p * half + i] = static_cast<float>(std::cos(static_cast<double>(angle)));
+      sin.as<float>()[p * half + i] = static_cast<float>(std::sin(static_cast<double>(angle)));
+    }
+  return {backend.from_host(cos), backend.from_host(sin)};
+}
+
+}  // namespace
+
+LlamaModel::LlamaModel(const std::string& model_dir, Backend& backend, ScalarType weight_dtype,
+                       int64_t max_positions)
+    : cfg_(LlamaConfig::from_file(model_dir + "/config.json")),
+      backend_(backend),
+      weight_dtype_(weight_dtype) {
+  const Checkpoint ckpt = Checkpoint::open(model_dir);
+  const int64_t hidden = cfg_.hidden_size, inter = cfg_.intermediate_size;
+  const int64_t q_dim = cfg_.num_heads * cfg_.head_dim, kv_dim = cfg_.num_kv_heads * cfg_.head_dim;
+  auto norm = [&](const std::string& name) {
+    return backend.load_weight({&expect(ckpt, name, {hidden})}, ScalarType::F32);
+  };
+  embed_ = backend.load_weight({&expect(ckpt, "model.embed_tokens.weight", {cfg_.vocab_size, hidden})},
+                               weight_dtype);
+  for (int64_t l = 0; l < cfg_.num_layers; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    Layer layer;
+    layer.input_norm = norm(p + "input_layernorm.weight");
+    layer.post_norm = norm(p + "post_attention_layernorm.weight");
+    layer.qkv = backend.load_weight({&expect(ckpt, p + "self_attn.q_proj.weight", {q_dim, hidden}),
+                                     &expect(ckpt, p + "self_attn.k_proj.weight", {kv_dim, hidden}),
+                                     &expect(ckpt, p + "self_attn.v_proj.weight", {kv_dim, hidden})},
+                                    weight_dtype);
+    layer.o = backend.load_weight({&expect(ckpt, p + "self_attn.o_proj.weight", {hidden, q_dim})},
+                                  weight_dtype);
+    layer.gate_up = backend.load_weight({&expect(ckpt, p + "mlp.gate_proj.weight", {inter, hidden}),
+                                         &expect(ckpt, p + "mlp.up_proj.weight", {inter, hidden})},
+                                        weight_dtype);
+    layer.down = backend.load_weight({&expect(ckpt, p + "mlp.down_proj.weight", {hidden, inter})},
+                                     weight_dtype);
+    layers_.push_back(std::move(layer));
+  }
+  final_norm_ = norm("model.norm.weight");
+  if (cfg_.tie_word_embeddings)
+    lm_head_ = embed_;
+  else
+    lm_head_ = backend.load_weight({&expect(ckpt, "lm_head.weight", {cfg_.vocab_size, hidden})},
+                                   weight_dtype);
+  rope_ = make_rope(backend, cfg_, max_positions);
+}
+
+void LlamaModel::ensure_workspace(int64_t tokens, int64_t logit_rows) {
+  if (tokens > ws_.tokens) {
+    const int64_t hidden = cfg_.hidden_size, D = cfg_.head_dim;
+    const int64_t H = cfg_.num_heads, Hkv = cfg_.num_kv_heads, inter = cfg_.intermediate_size;
+    ws_.tokens = tokens;
+    ws_.residual = backend_.empty({tokens, hidden}, ScalarType::F32);
+    ws_.normed = backend_.empty({tokens, hidden}, ScalarType::F32);
+    ws_.qkv = backend_.empty({tokens, (H + 2 * Hkv) * D}, ScalarType::F32);
+    ws_.attn = backend_.empty({tokens, H * D}, ScalarType::F32);
+    ws_.proj = backend_.empty({tokens, hidden}, ScalarType::F32);
+    ws_.gate_up = backend_.empty({tokens, 2 * inter}, ScalarType::F32);
+    ws_.act = backend_.empty({tokens, inter}, ScalarType::F32);
+  }
+  if (logit_rows > ws_.logit_rows) {
+    ws_.logit_rows = logit_rows;
+    ws_.last = backend_.empty({logit_rows, cfg_.hidden_size}, ScalarType::F32);
+    ws_.logits = backend_.empty({logit_rows, cfg_.vocab_size}, ScalarType::F32);
+  }
+}
+
+void LlamaModel::forward(const BatchView& batch, KvCache& kv, float* logits) {
+  const int64_t n = batch.num_tokens;
+  const int64_t H = cfg_.num_heads, Hkv = cfg_.num_kv_heads, D = cfg_.head_dim;
+  const float eps = static_cast<float>(cfg_.rms_norm_eps);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  ensure_workspace(n, batch.num_logits);
+  backend_.begin_step(batch);
+
+  backend_.embedding(embed_, ws_.residual);  // residual (n, hidden)
+  for (size_t l = 0; l < layers_.size(); ++l) {
+    Layer& L = layers_[l];
+    if (l == 0)
+      backend_.rms_norm(ws_.residual, L.input_norm, eps, n, ws_.normed);
+    else  // the previous layer's MLP output joins the residual here
+      backend_.add_rms_norm(ws_.residual, ws_.proj, L.input_norm, eps, ws_.normed);
+    backend_.linear(ws_.normed, L.qkv, n, ws_.qkv);                          // (n, (H + 2Hkv) D)
+    backend_.rope_and_cache(ws_.qkv, rope_, H, Hkv, D, kv.k[l], kv.v[l]);
+    backend_.paged_attention(ws_.qkv, kv.k[l], kv.v[l], H, Hkv, D, scale, ws_.attn);  // (n, H D)
+    backend_.linear(ws_.attn, L.o, n, ws_.proj);                             // (n, hidden)
+    backend_.add_rms_norm(ws_.residual, ws_.proj, L.post_norm, eps, ws_.normed);
+    backend_.linear(ws_.normed, L.gate_up, n, ws_.gate_up);                  // (n, 2I)
+    backend_.silu_mul(ws_.gate_up, n, ws_.act);                              // (n, I)
+    backend_.linear(ws_.act, L.down, n, ws_.proj);                           // (n, hidden)
+  }
+  if (batch.num_logits == 0) return;
+  backend_.add(ws_.residual, ws_.proj);
+  backend_.gather_rows(ws_.residual, ws_.last);  // (num_logits, hidden)
+  backend_.rms_norm(ws_.last, final_norm_, eps, batch.num_logits, ws_.last);  // final norm, gathered rows only
+  backend_.linear(ws_.last, lm_head_, batch.num_logits, ws_.logits);          // (num_logits, vocab)
+  backend_.to_host(ws_.logits, batch.num_logits * cfg_.vocab_size, logits);
+}
+
+}  // namespace pagedrt

@@ -1,0 +1,69 @@
+// model/llama.hpp — the Llama forward, written only against Backend ops.
+//
+//   embed → [RMSNorm → QKV → RoPE + write K/V to slots → paged attention → O
+//            → residual → RMSNorm → gate/up → SiLU·mul → down → residual] × L
+//         → norm → lm_head (only the rows the batch asks logits for)
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "backend/backend.hpp"
+#include "engine/kv_cache.hpp"
+#include "model/llama_config.hpp"
+
+namespace pagedrt {
+
+class LlamaModel {
+ public:
+  // Reads config.json and the safetensors weights of `model_dir`; weights are
+  // converted to `weight_dtype` (F32 or BF16) on `backend`. Every missing or
+  // mis-shaped tensor throws Error(InvalidModel) naming the file and tensor.
+  LlamaModel(const std::string& model_dir, Backend& backend, ScalarType weight_dtype,
+             int64_t max_positions);
+
+  const LlamaConfig& config() const { return cfg_; }
+  ScalarType weight_dtype() const { return weight_dtype_; }
+
+  // Runs one step and writes (batch.num_logits, vocab) fp32 logits to
+  // `logits` (host memory).
+  void forward(const BatchView& batch, KvCache& kv, float* logits);
+
+ private:
+  struct Layer {
+    Tensor input_norm;  // (hidden) fp32
+    Tensor qkv;         // ((H + 2 Hkv) D, hidden)
+    Tensor o;           // (hidden, H D)
+    Tensor post_norm;   // (hidden) fp32
+    Tensor gate_up;     // (2 I, hidden)
+    Tensor down;        // (hidden, I)
+  };
+  // Activations for up to `tokens` tokens; grown on demand, never shrunk.
+  struct Workspace {
+    int64_t tokens = 0;
+    int64_t logit_rows = 0;
+    Tensor residual;  // (tokens, hidden)
+    Tensor normed;    // (tokens, hidden)
+    Tensor qkv;       // (tokens, (H + 2 Hkv) D)
+    Tensor attn;      // (tokens, H D)
+    Tensor proj;      // (tokens, hidden)
+    Tensor gate_up;   // (tokens, 2 I)
+    Tensor act;       // (tokens, I)
+    Tensor last;      // (logit_rows, hidden)
+    Tensor logits;    // (logit_rows, vocab)
+  };
+  void ensure_workspace(int64_t tokens, int64_t logit_rows);
+
+  LlamaConfig cfg_;
+  Backend& backend_;
+  ScalarType weight_dtype_;
+  Tensor embed_;    // (vocab, hidden)
+  Tensor lm_head_;  // (vocab, hidden); shares embed_'s storage when tied
+  Tensor final_norm_;
+  std::vector<Layer> layers_;
+  RopeTable rope_;
+  Workspace ws_;
+};
+
+}  // namespace pagedrt

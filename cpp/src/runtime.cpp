@@ -1,0 +1,183 @@
+// runtime.cpp — the public Runtime: checks at the boundary, then the engine.
+#include "pagedrt/runtime.hpp"
+
+#include <sys/stat.h>
+
+#include <algorithm>
+#include <atomic>
+
+#include "backend/backend.hpp"
+#include "engine/engine.hpp"
+#include "io/json.hpp"
+
+namespace pagedrt {
+namespace {
+
+constexpr int64_t kDefaultCpuKvBytes = 512ll << 20;
+
+[[noreturn]] void bad_arg(const std::string& msg) { throw Error(ErrorKind::InvalidArgument, msg); }
+
+bool file_exists(const std::string& path) {
+  struct stat st;
+  return ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode);
+}
+
+void check_config(const RuntimeConfig& c) {
+  struct stat st;
+  if (c.model_path.empty()) bad_arg("model_path is empty");
+  if (::stat(c.model_path.c_str(), &st) != 0 || !S_ISDIR(st.st_mode))
+    bad_arg("model path '" + c.model_path + "' is not a folder");
+  if (!file_exists(c.model_path + "/config.json"))
+    throw Error(ErrorKind::InvalidModel, c.model_path + ": config.json is missing");
+  if (c.block_size < 1 || c.block_size > 1024) bad_arg("block_size must be in [1, 1024], got " + std::to_string(c.block_size));
+  if (c.max_num_seqs < 1) bad_arg("max_num_seqs must be >= 1, got " + std::to_string(c.max_num_seqs));
+  if (c.max_num_batched_tokens < 1)
+    bad_arg("max_num_batched_tokens must be >= 1, got " + std::to_string(c.max_num_batched_tokens));
+  if (c.max_model_len < 0) bad_arg("max_model_len must be >= 0, got " + std::to_string(c.max_model_len));
+  if (c.kv_cache_bytes < 0) bad_arg("kv_cache_bytes must be >= 0, got " + std::to_string(c.kv_cache_bytes));
+  if (c.num_threads < 0) bad_arg("num_threads must be >= 0, got " + std::to_string(c.num_threads));
+  if (c.dtype != "auto" && c.dtype != "float32" && c.dtype != "bfloat16")
+    bad_arg("dtype '" + c.dtype + "' is not known (use \"auto\", \"float32\" or \"bfloat16\")");
+}
+
+std::string resolve_device(const std::string& device) {
+  if (device == "auto") return "cpu";  // the CUDA backend takes "auto" once it exists
+  return device;
+}
+
+// config.json's torch_dtype decides "auto": fp32 checkpoints stay fp32, the rest run bf16.
+ScalarType resolve_dtype(const std::string& dtype, const LlamaConfig& cfg) {
+  if (dtype == "float32") return ScalarType::F32;
+  if (dtype == "bfloat16") return ScalarType::BF16;
+  return (cfg.torch_dtype == "float32" || cfg.torch_dtype.empty()) ? ScalarType::F32 : ScalarType::BF16;
+}
+
+// eos ids of config.json, plus those of generation_config.json when present.
+std::vector<int32_t> eos_ids(const LlamaConfig& cfg, const std::string& model_path) {
+  std::vector<int32_t> ids = cfg.eos_token_ids;
+  const std::string gen = model_path + "/generation_config.json";
+  if (!file_exists(gen)) return ids;
+  json::Value root = json::parse_file(gen);
+  const json::Value* eos = root.find("eos_token_id");
+  if (eos == nullptr || eos->is_null()) return ids;
+  std::vector<json::Value> items = eos->is_array() ? eos->as_array(gen) : std::vector<json::Value>{*eos};
+  for (const json::Value& v : items) {
+    int64_t id = v.as_int(gen + ": field 'eos_token_id'");
+    if (id < 0 || id >= cfg.vocab_size)
+      throw Error(ErrorKind::InvalidModel, gen + ": eos_token_id " + std::to_string(id) + " is outside the vocabulary");
+    if (std::find(ids.begin(), ids.end(), id) == ids.end()) ids.push_back(static_cast<int32_t>(id));
+  }
+  return ids;
+}
+
+}  // namespace
+
+const char* finish_reason_name(FinishReason reason) {
+  switch (reason) {
+    case FinishReason::None: return "";
+    case FinishReason::Stop: return "stop";
+    case FinishReason::Length: return "length";
+    case FinishReason::Abort: return "abort";
+    case FinishReason::Error: return "error";
+  }
+  return "";
+}
+
+struct Runtime::Impl {
+  RuntimeConfig config;
+  ModelInfo info;
+  std::unique_ptr<Engine> engine;
+  std::atomic<uint64_t> next_id{0};
+};
+
+Runtime::Runtime(const RuntimeConfig& config) : impl_(std::make_unique<Impl>()) {
+  check_config(config);
+  Impl& m = *impl_;
+  m.config = config;
+  const std::string device = resolve_device(config.device);
+  std::unique_ptr<Backend> backend = make_backend(device, config.num_threads);
+  const LlamaConfig cfg = LlamaConfig::from_file(config.model_path + "/config.json");
+  const ScalarType wdtype = resolve_dtype(config.dtype, cfg);
+  int64_t max_len = cfg.max_position_embeddings;
+  if (config.max_model_len > 0) {
+    if (config.max_model_len > cfg.max_position_embeddings)
+      bad_arg("max_model_len " + std::to_string(config.max_model_len) +
+              " exceeds the model's max_position_embeddings " + std::to_string(cfg.max_position_embeddings));
+    max_len = config.max_model_len;
+  }
+  auto model = std::make_unique<LlamaModel>(config.model_path, *backend, wdtype, max_len);
+  const int64_t kv_bytes = config.kv_cache_bytes > 0 ? config.kv_cache_bytes : kDefaultCpuKvBytes;
+  KvCache kv = KvCache::allocate(*backend, cfg, config.block_size, kv_bytes);
+
+  m.info.architecture = cfg.architecture;
+  m.info.vocab_size = cfg.vocab_size;
+  m.info.num_layers = cfg.num_layers;
+  m.info.hidden_size = cfg.hidden_size;
+  m.info.max_model_len = max_len;
+  m.info.bos_token_id = cfg.bos_token_id;
+  m.info.eos_token_ids = eos_ids(cfg, config.model_path);
+  m.info.weight_dtype = scalar_name(wdtype);
+  m.info.device = device;
+
+  SchedulerConfig sc;
+  sc.block_size = config.block_size;
+  sc.max_num_seqs = config.max_num_seqs;
+  sc.max_num_batched_tokens = config.max_num_batched_tokens;
+  sc.max_model_len = max_len;
+  sc.eos_token_ids = m.info.eos_token_ids;
+  m.engine = std::make_unique<Engine>(std::move(backend), std::move(model), std::move(kv), sc);
+}
+
+Runtime::~Runtime() { close(); }
+
+std::string Runtime::submit(const std::vector<int32_t>& prompt, const SamplingParams& params,
+                            const std::string& request_id) {
+  Impl& m = *impl_;
+  const std::string id = request_id.empty() ? std::to_string(m.next_id++) : request_id;
+  const std::string where = "request '" + id + "': ";
+  if (prompt.empty()) bad_arg(where + "the prompt is empty");
+  for (size_t i = 0; i < prompt.size(); ++i)
+    if (prompt[i] < 0 || prompt[i] >= m.info.vocab_size)
+      bad_arg(where + "prompt token " + std::to_string(prompt[i]) + " at index " + std::to_string(i) +
+              " is outside the vocabulary [0, " + std::to_string(m.info.vocab_size) + ")");
+  if (params.max_tokens < 1) bad_arg(where + "max_tokens must be >= 1, got " + std::to_string(params.max_tokens));
+  for (int32_t t : params.stop_token_ids)
+    if (t < 0 || t >= m.info.vocab_size) bad_arg(where + "stop_token_ids has " + std::to_string(t) + ", outside the vocabulary");
+  const int64_t len = static_cast<int64_t>(prompt.size());
+  if (len >= m.info.max_model_len)
+    bad_arg(where + "the prompt has " + std::to_string(len) + " tokens; max_model_len is " +
+            std::to_string(m.info.max_model_len) + " (prompt plus at least one generated token)");
+  const int64_t bs = m.config.block_size;
+  const int64_t need = std::min<int64_t>(len + params.max_tokens, m.info.max_model_len);
+  const Stats st = m.engine->stats();
+  if ((need + bs - 1) / bs > st.num_blocks)
+    bad_arg(where + "needs " + std::to_string((need + bs - 1) / bs) + " KV blocks (prompt " + std::to_string(len) +
+            " + max_tokens " + std::to_string(params.max_tokens) + "), the pool has " +
+            std::to_string(st.num_blocks) + "; raise kv_cache_bytes or lower max_tokens");
+
+  auto req = std::make_unique<Request>();
+  req->id = id;
+  req->params = params;
+  req->prompt_len = len;
+  req->tokens = prompt;
+  m.engine->submit(std::move(req));
+  return id;
+}
+
+std::vector<Event> Runtime::poll(double timeout_s) { return impl_->engine->poll(nullptr, timeout_s); }
+
+std::vector<Event> Runtime::poll(const std::string& request_id, double timeout_s) {
+  return impl_->engine->poll(&request_id, timeout_s);
+}
+
+bool Runtime::abort(const std::string& request_id) { return impl_->engine->abort(request_id); }
+
+Stats Runtime::stats() const { return impl_->engine->stats(); }
+
+ModelInfo Runtime::model_info() const { return impl_->info; }
+
+void Runtime::close() {
+  if (impl_ && impl_->engine) impl_->engine->stop();
+}
+
+}  // namespace pagedrt

@@ -1,0 +1,62 @@
+"""Shared test helpers: tiny random Llama checkpoints and the transformers oracle."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests never touch a hub, and keep the default-model cache inside the test run.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def make_tiny_llama(path: Path, *, seed: int = 0, dtype: str = "float32", vocab_size: int = 320,
+                    hidden_size: int = 128, intermediate_size: int = 256, num_hidden_layers: int = 2,
+                    num_attention_heads: int = 4, num_key_value_heads: int = 4,
+                    head_dim: int | None = None, tie_word_embeddings: bool = False,
+                    rope_scaling: dict | None = None, rope_theta: float = 10000.0,
+                    max_position_embeddings: int = 512, eos_token_id=2,
+                    initializer_range: float = 0.1):
+    """Writes a random LlamaForCausalLM with transformers' own save_pretrained and
+    returns (path, model) where model is the fp32 torch reference."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kw = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+              num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+              num_key_value_heads=num_key_value_heads, tie_word_embeddings=tie_word_embeddings,
+              max_position_embeddings=max_position_embeddings, bos_token_id=1,
+              eos_token_id=eos_token_id, initializer_range=initializer_range, rms_norm_eps=1e-5)
+    if head_dim is not None:
+        kw["head_dim"] = head_dim
+    rope = {"rope_type": "default", "rope_theta": rope_theta}
+    if rope_scaling:
+        rope = {**rope_scaling, "rope_theta": rope_theta}
+    kw["rope_parameters"] = rope
+    config = LlamaConfig(**kw)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # norms away from 1 so that a missing weight shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+    path.mkdir(parents=True, exist_ok=True)
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    model.to(torch_dtype).save_pretrained(path, safe_serialization=True)
+    # The oracle: transformers loading the saved folder in fp32 (a bf16 checkpoint
+    # is upcast; RoPE buffers are recomputed in fp32, as for any real bf16 model).
+    model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return path, model
+
+
+@pytest.fixture
+def tiny_llama(tmp_path):
+    def make(**kw):
+        return make_tiny_llama(tmp_path / f"m{len(list(tmp_path.iterdir()))}", **kw)
+    return make
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
