@@ -58,5 +58,30 @@ def tiny_llama(tmp_path):
     return make
 
 
+def train_sentencepiece(folder: Path, vocab_size: int = 400) -> Path:
+    """Trains a Llama-style sentencepiece BPE model (identity normalizer, byte
+    fallback) on generated text; writes tokenizer.model and tokenizer_config.json."""
+    import random
+
+    import sentencepiece as spm
+
+    rng = random.Random(0)
+    words = ("the quick brown fox jumps over a lazy dog paged attention block cache token model "
+             "llama runtime kernel scheduler 42 2024 héllo naïve café").split()
+    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(200)]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "corpus.txt").write_text("\n".join(lines), encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(folder / "corpus.txt"), model_prefix=str(folder / "tokenizer"), vocab_size=vocab_size,
+        model_type="bpe", byte_fallback=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, split_digits=True, minloglevel=2)
+    (folder / "corpus.txt").unlink()
+    (folder / "tokenizer.vocab").unlink()
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+         "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False}))
+    return folder
+
+
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())

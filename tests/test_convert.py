@@ -313,23 +313,10 @@ SP_STRINGS = ["Hello world", "the quick brown fox", "paged attention 4096 blocks
 
 @pytest.fixture(scope="module")
 def sp_model(tmp_path_factory) -> Path:
-    """A Llama-style sentencepiece BPE model (identity normalizer, byte fallback) trained here."""
-    import sentencepiece as spm
+    """A Llama-style sentencepiece BPE model trained here (see conftest)."""
+    from conftest import train_sentencepiece
 
-    rng = random.Random(0)
-    words = ("the quick brown fox jumps over a lazy dog paged attention block cache token model "
-             "llama runtime kernel scheduler 42 2024 héllo naïve café").split()
-    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(200)]
-    folder = tmp_path_factory.mktemp("spm")
-    (folder / "corpus.txt").write_text("\n".join(lines), encoding="utf-8")
-    spm.SentencePieceTrainer.train(
-        input=str(folder / "corpus.txt"), model_prefix=str(folder / "tokenizer"), vocab_size=400,
-        model_type="bpe", byte_fallback=True, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, split_digits=True, minloglevel=2)
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-         "add_bos_token": True, "add_eos_token": False}))
-    return folder
+    return train_sentencepiece(tmp_path_factory.mktemp("spm"))
 
 
 def test_sentencepiece_tokenizer(sp_model):

@@ -133,3 +133,22 @@ def test_fp32_checkpoint_run_as_bf16_weights(tiny_llama):
         tokens, logits, _ = run_request(rt, prompt, max_tokens=1, ignore_eos=True,
                                         return_logits=True)
     assert rel_err(logits, reference_logits(model_bf, prompt)) <= REL_TOL
+
+
+def test_sentencepiece_model_end_to_end(tiny_llama):
+    """A text prompt through a sentencepiece tokenizer trained by the test: the ids
+    equal transformers' tokenizer for the folder, the tokens transformers' greedy."""
+    from transformers import AutoTokenizer
+
+    from conftest import train_sentencepiece
+
+    path, model = tiny_llama(vocab_size=400, num_key_value_heads=2, eos_token_id=2)
+    train_sentencepiece(path)
+    text = "the quick brown fox jumps over 42 lazy dogs in the café"
+    with pagedrt.Runtime(path, device="cpu") as rt:
+        ids = rt.encode_prompt(text)
+        assert ids == AutoTokenizer.from_pretrained(path)(text)["input_ids"]
+        assert ids[0] == 1  # bos, as tokenizer_config's add_bos_token says
+        out = rt.generate([text], max_tokens=40, ignore_eos=True)[0]
+    assert out.token_ids == reference_greedy(model, ids, 40)
+    assert out.text == rt.tokenizer.decode(out.token_ids)
