@@ -152,3 +152,19 @@ def test_sentencepiece_model_end_to_end(tiny_llama):
         out = rt.generate([text], max_tokens=40, ignore_eos=True)[0]
     assert out.token_ids == reference_greedy(model, ids, 40)
     assert out.text == rt.tokenizer.decode(out.token_ids)
+
+
+def test_sharded_checkpoint(tmp_path):
+    """A checkpoint split into shards through model.safetensors.index.json loads and
+    gives the same logits as transformers."""
+    from conftest import make_tiny_llama
+
+    path, model = make_tiny_llama(tmp_path / "one", num_key_value_heads=2)
+    sharded = tmp_path / "sharded"
+    model.save_pretrained(sharded, safe_serialization=True, max_shard_size="100KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    assert len(list(sharded.glob("model-*.safetensors"))) > 2
+    prompt = list(range(7, 30))
+    with pagedrt.Runtime(sharded, device="cpu") as rt:
+        _, logits, _ = run_request(rt, prompt, max_tokens=1, return_logits=True)
+    assert rel_err(logits, reference_logits(model, prompt)) <= REL_TOL

@@ -44,24 +44,36 @@ class _Streamer:
         self.printed = text
 
 
+def _style(code: str, text: str) -> str:
+    """ANSI styling on a terminal, plain text elsewhere (pipes, logs)."""
+    return f"\x1b[{code}m{text}\x1b[0m" if sys.stdout.isatty() else text
+
+
 def _answer(rt, messages, max_tokens):
     from .sampling_params import SamplingParams
 
     start = time.perf_counter()
     rid = rt.submit(messages, SamplingParams(max_tokens=max_tokens))
     streamer, first, reason = _Streamer(rt.tokenizer), None, None
-    while reason is None:
-        for ev in rt.poll(rid, timeout=0.1):
-            if ev.token_ids and first is None:
-                first = time.perf_counter()
-            streamer.push(ev.token_ids)
-            if ev.finished:
-                reason = ev.error or ev.finish_reason
+    try:
+        while reason is None:
+            for ev in rt.poll(rid, timeout=0.1):
+                if ev.token_ids and first is None:
+                    first = time.perf_counter()
+                streamer.push(ev.token_ids)
+                if ev.finished:
+                    reason = ev.error or ev.finish_reason
+    except KeyboardInterrupt:
+        rt.abort(rid)  # the engine ends it at the next step; collect its final event
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and not any(e.finished for e in rt.poll(rid, timeout=0.5)):
+            pass
+        raise
     end = time.perf_counter()
     n = len(streamer.ids)
     rate = (n - 1) / (end - first) if first and n > 1 and end > first else 0.0
     ttft = (first - start) * 1000 if first else 0.0
-    print(f"\n\x1b[2m[{n} tokens, {rate:.1f} tok/s, TTFT {ttft:.0f} ms, {reason}]\x1b[0m")
+    print("\n" + _style("2", f"[{n} tokens, {rate:.1f} tok/s, TTFT {ttft:.0f} ms, {reason}]"))
     return rt.tokenizer.decode(streamer.ids)
 
 
@@ -88,7 +100,7 @@ def main(argv=None) -> int:
             return 0
         while True:
             try:
-                line = input("\x1b[1m> \x1b[0m")
+                line = input(_style("1", "> "))
             except (EOFError, KeyboardInterrupt):
                 print()
                 return 0
