@@ -15,6 +15,8 @@ namespace nb = nanobind;
 using namespace nb::literals;
 using pagedrt::ErrorKind;
 
+void register_block_manager(nb::module_& m);  // block_manager.cpp
+
 namespace {
 
 nb::object event_logits(const pagedrt::Event& ev) {
@@ -93,7 +95,15 @@ NB_MODULE(_core, m) {
       .def_ro("block_size", &pagedrt::Stats::block_size)
       .def_ro("blocks_used", &pagedrt::Stats::blocks_used)
       .def_ro("blocks_free", &pagedrt::Stats::blocks_free)
+      .def_ro("blocks_cached_free", &pagedrt::Stats::blocks_cached_free)
       .def_ro("slots_used", &pagedrt::Stats::slots_used)
+      .def_ro("waste", &pagedrt::Stats::waste)
+      .def_ro("peak_blocks_used", &pagedrt::Stats::peak_blocks_used)
+      .def_ro("waste_at_peak", &pagedrt::Stats::waste_at_peak)
+      .def_ro("prefix_queries", &pagedrt::Stats::prefix_queries)
+      .def_ro("prefix_hits", &pagedrt::Stats::prefix_hits)
+      .def_ro("num_copies", &pagedrt::Stats::num_copies)
+      .def_ro("tokens_per_s", &pagedrt::Stats::tokens_per_s)
       .def_ro("kv_cache_bytes", &pagedrt::Stats::kv_cache_bytes)
       .def_ro("num_waiting", &pagedrt::Stats::num_waiting)
       .def_ro("num_running", &pagedrt::Stats::num_running)
@@ -146,6 +156,8 @@ NB_MODULE(_core, m) {
       .def("stats", &pagedrt::Runtime::stats)
       .def("model_info", &pagedrt::Runtime::model_info)
       .def("close", &pagedrt::Runtime::close, nb::call_guard<nb::gil_scoped_release>());
+
+  register_block_manager(m);
 
   m.def("inspect_checkpoint", &inspect_checkpoint, "model_dir"_a,
         "List the tensors of a model folder's safetensors checkpoint (validates every file).");

@@ -125,7 +125,8 @@ Runtime::Runtime(const RuntimeConfig& config) : impl_(std::make_unique<Impl>()) 
   sc.max_num_batched_tokens = config.max_num_batched_tokens;
   sc.max_model_len = max_len;
   sc.eos_token_ids = m.info.eos_token_ids;
-  m.engine = std::make_unique<Engine>(std::move(backend), std::move(model), std::move(kv), sc);
+  m.engine = std::make_unique<Engine>(std::move(backend), std::move(model), std::move(kv), sc,
+                                      config.enable_prefix_caching);
 }
 
 Runtime::~Runtime() { close(); }
@@ -148,7 +149,8 @@ std::string Runtime::submit(const std::vector<int32_t>& prompt, const SamplingPa
     bad_arg(where + "the prompt has " + std::to_string(len) + " tokens; max_model_len is " +
             std::to_string(m.info.max_model_len) + " (prompt plus at least one generated token)");
   const int64_t bs = m.config.block_size;
-  const int64_t need = std::min<int64_t>(len + params.max_tokens, m.info.max_model_len);
+  // K/V is written for every token but the last one generated.
+  const int64_t need = std::min<int64_t>(len + params.max_tokens, m.info.max_model_len) - 1;
   const Stats st = m.engine->stats();
   if ((need + bs - 1) / bs > st.num_blocks)
     bad_arg(where + "needs " + std::to_string((need + bs - 1) / bs) + " KV blocks (prompt " + std::to_string(len) +

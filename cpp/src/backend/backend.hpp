@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "backend/tensor.hpp"
 #include "io/safetensors.hpp"
@@ -39,6 +40,12 @@ struct BatchView {
 
   int32_t num_logits = 0;
   const int32_t* logits_indices = nullptr;  // (num_logits) rows of the batch whose logits are needed
+};
+
+// Copy-on-write: block `src`'s K/V (every layer) is copied into block `dst`.
+struct BlockCopy {
+  int32_t src = 0;
+  int32_t dst = 0;
 };
 
 struct RopeTable {
@@ -87,6 +94,8 @@ class Backend {
   virtual void silu_mul(const Tensor& gate_up, int64_t n, Tensor& out) = 0;
   // out (num_logits, hidden) = x[logits_indices]
   virtual void gather_rows(const Tensor& x, Tensor& out) = 0;
+  // cache (num_blocks, ...): block dst = block src for every pair, in order
+  virtual void copy_blocks(Tensor& cache, const std::vector<BlockCopy>& copies) = 0;
   // copies `src` (device) into host memory `dst` (numel floats)
   virtual void to_host(const Tensor& src, int64_t numel, float* dst) = 0;
 };

@@ -15,12 +15,12 @@ void Batch::build(const SchedulerOutput& sched, int32_t block_size) {
     for (int64_t p = start; p < end; ++p) {
       token_ids_.push_back(r.tokens[p]);
       positions_.push_back(static_cast<int32_t>(p));
-      slot_mapping_.push_back(static_cast<int64_t>(r.block_table[p / block_size]) * block_size +
+      slot_mapping_.push_back(static_cast<int64_t>(r.blocks.table[p / block_size]) * block_size +
                               p % block_size);
     }
     query_start_.push_back(static_cast<int32_t>(token_ids_.size()));
     seq_lens_.push_back(static_cast<int32_t>(end));
-    page_indices_.insert(page_indices_.end(), r.block_table.begin(), r.block_table.end());
+    page_indices_.insert(page_indices_.end(), r.blocks.table.begin(), r.blocks.table.end());
     page_indptr_.push_back(static_cast<int32_t>(page_indices_.size()));
 
     LogitsSlice slice;

@@ -1,38 +1,122 @@
 #include "engine/block_pool.hpp"
 
+#include <algorithm>
 #include <cassert>
 
 namespace pagedrt {
 
-BlockPool::BlockPool(int32_t num_blocks) : ref_counts_(num_blocks, 0) {
-  free_.reserve(num_blocks);
-  for (int32_t b = num_blocks - 1; b >= 0; --b) free_.push_back(b);
+BlockPool::BlockPool(int32_t num_blocks, int32_t block_size)
+    : block_size_(block_size),
+      blocks_(num_blocks),
+      tokens_(static_cast<size_t>(num_blocks) * block_size, 0) {
+  for (int32_t b = 0; b < num_blocks; ++b) push_tail(b);  // a fresh pool hands out 0, 1, 2, ...
+}
+
+void BlockPool::push_head(int32_t b) {
+  Block& k = blocks_[b];
+  k.prev = -1;
+  k.next = head_;
+  if (head_ >= 0) blocks_[head_].prev = b; else tail_ = b;
+  head_ = b;
+  k.in_free = true;
+  ++num_free_;
+}
+
+void BlockPool::push_tail(int32_t b) {
+  Block& k = blocks_[b];
+  k.next = -1;
+  k.prev = tail_;
+  if (tail_ >= 0) blocks_[tail_].next = b; else head_ = b;
+  tail_ = b;
+  k.in_free = true;
+  ++num_free_;
+  if (k.uid != 0) ++num_cached_free_;
+}
+
+void BlockPool::unlink(int32_t b) {
+  Block& k = blocks_[b];
+  assert(k.in_free);
+  if (k.prev >= 0) blocks_[k.prev].next = k.next; else head_ = k.next;
+  if (k.next >= 0) blocks_[k.next].prev = k.prev; else tail_ = k.prev;
+  k.prev = k.next = -1;
+  k.in_free = false;
+  --num_free_;
+  if (k.uid != 0) --num_cached_free_;
+}
+
+void BlockPool::evict(int32_t b) {
+  Block& k = blocks_[b];
+  auto range = index_.equal_range(k.key);
+  for (auto it = range.first; it != range.second; ++it)
+    if (it->second == b) { index_.erase(it); break; }
+  k.uid = k.parent_uid = k.key = 0;
 }
 
 bool BlockPool::allocate(int32_t n, std::vector<int32_t>& out) {
-  if (n > num_free()) return false;
+  if (n > num_free_) return false;
   for (int32_t i = 0; i < n; ++i) {
-    const int32_t b = free_.back();
-    free_.pop_back();
-    ref_counts_[b] = 1;
+    const int32_t b = head_;
+    unlink(b);
+    if (blocks_[b].uid != 0) evict(b);
+    blocks_[b].ref_count = 1;
     out.push_back(b);
   }
   return true;
 }
 
 void BlockPool::incref(int32_t block) {
-  assert(ref_counts_[block] > 0);
-  ++ref_counts_[block];
+  Block& k = blocks_[block];
+  if (k.ref_count == 0) unlink(block);  // a cached free block comes back into use
+  ++k.ref_count;
 }
 
 void BlockPool::decref(int32_t block) {
-  assert(ref_counts_[block] > 0);
-  if (--ref_counts_[block] == 0) free_.push_back(block);
+  Block& k = blocks_[block];
+  assert(k.ref_count > 0);
+  if (--k.ref_count > 0) return;
+  if (k.uid != 0) push_tail(block); else push_head(block);
 }
 
 void BlockPool::release(std::vector<int32_t>& table) {
   for (auto it = table.rbegin(); it != table.rend(); ++it) decref(*it);
   table.clear();
+}
+
+uint64_t BlockPool::hash_key(uint64_t parent_uid, const int32_t* tokens) const {
+  // FNV-1a over the parent uid and the tokens; collisions are resolved by
+  // comparing the stored parent uid and tokens.
+  uint64_t h = 1469598103934665603ull ^ parent_uid;
+  h *= 1099511628211ull;
+  for (int32_t i = 0; i < block_size_; ++i) {
+    h ^= static_cast<uint32_t>(tokens[i]);
+    h *= 1099511628211ull;
+  }
+  return h;
+}
+
+int32_t BlockPool::lookup(uint64_t parent_uid, const int32_t* tokens) const {
+  const uint64_t key = hash_key(parent_uid, tokens);
+  auto range = index_.equal_range(key);
+  for (auto it = range.first; it != range.second; ++it) {
+    const Block& k = blocks_[it->second];
+    const int32_t* stored = tokens_.data() + static_cast<size_t>(it->second) * block_size_;
+    if (k.parent_uid == parent_uid && std::equal(tokens, tokens + block_size_, stored)) return it->second;
+  }
+  return -1;
+}
+
+uint64_t BlockPool::cache(int32_t block, uint64_t parent_uid, const int32_t* tokens) {
+  if (blocks_[block].uid != 0) return blocks_[block].uid;  // a prefix-cache hit: cached already
+  const int32_t existing = lookup(parent_uid, tokens);
+  if (existing >= 0) return blocks_[existing].uid;
+  Block& k = blocks_[block];
+  assert(k.ref_count > 0);
+  k.uid = next_uid_++;
+  k.parent_uid = parent_uid;
+  k.key = hash_key(parent_uid, tokens);
+  std::copy(tokens, tokens + block_size_, tokens_.data() + static_cast<size_t>(block) * block_size_);
+  index_.emplace(k.key, block);
+  return k.uid;
 }
 
 }  // namespace pagedrt

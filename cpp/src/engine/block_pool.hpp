@@ -1,42 +1,85 @@
-// engine/block_pool.hpp — fixed array of KV blocks with reference counts.
+// engine/block_pool.hpp — the fixed array of KV blocks: reference counts, the
+// free queue, and the prefix-cache index of full blocks.
 //
-//   free list (LIFO stack):  [ ... 5 4 3 2 1 0 ]  <- pop_back gives the lowest
-//                                                   id first on a fresh pool
-//   ref_count[b] == 0  <=>  b is on the free list
+// Free queue (intrusive doubly linked list, O(1) push/pop/remove):
 //
-// A block freed is the next one handed out (reuse at once: its memory is warm).
+//   head -> [ plain free blocks, most recently freed first ] [ cached free blocks, LRU ] <- tail
+//
+//   allocate() pops from the head: a block freed without cached content is the
+//   next one handed out (reused at once, its memory warm); blocks holding cached
+//   prefixes go to the tail and are evicted least recently freed first. Evicting
+//   drops the block's index entry, so a reused block never carries a stale
+//   mapping.
+//
+// Prefix-cache key of a full block: (uid of the parent block's content, the
+// block's tokens). Every cached content gets a fresh 64-bit uid that is never
+// reused, so a key names exactly one token prefix; lookups compare the stored
+// parent uid and tokens, so a hash collision can never return a wrong block.
+//
+// ref_count[b] == 0  <=>  b is on the free queue (cached or not).
 // Running out is a status (allocate returns false), never an exception.
 #pragma once
 
 #include <cstdint>
+#include <unordered_map>
 #include <vector>
 
 namespace pagedrt {
 
 class BlockPool {
  public:
-  explicit BlockPool(int32_t num_blocks);
+  BlockPool(int32_t num_blocks, int32_t block_size);
 
-  int32_t num_blocks() const { return static_cast<int32_t>(ref_counts_.size()); }
-  int32_t num_free() const { return static_cast<int32_t>(free_.size()); }
-  int32_t num_used() const { return num_blocks() - num_free(); }
-  int32_t ref_count(int32_t block) const { return ref_counts_[block]; }
+  int32_t num_blocks() const { return static_cast<int32_t>(blocks_.size()); }
+  int32_t block_size() const { return block_size_; }
+  int32_t num_free() const { return num_free_; }             // allocatable: plain + cached free
+  int32_t num_cached_free() const { return num_cached_free_; }
+  int32_t num_used() const { return num_blocks() - num_free_; }
+  int32_t ref_count(int32_t block) const { return blocks_[block].ref_count; }
+  uint64_t uid(int32_t block) const { return blocks_[block].uid; }  // 0: not cached
 
-  // Appends `n` fresh blocks (ref count 1) to `out`, or changes nothing and
-  // returns false when fewer than `n` are free.
+  // Appends `n` blocks (ref count 1, cache entries evicted) to `out`, or
+  // changes nothing and returns false when fewer than `n` are free.
   bool allocate(int32_t n, std::vector<int32_t>& out);
-  // Another owner of `block` (a forked sequence).
+  // Another owner of `block`; a cached free block leaves the free queue.
   void incref(int32_t block);
-  // Drops one reference; the block returns to the free list at zero.
-  // note: call only on a block with ref count > 0.
+  // Drops one reference. note: call only on a block with ref count > 0.
   void decref(int32_t block);
-  // decref every block of a table, last block first (so that the head of a
-  // sequence, most likely to be shared again, is reused last), and clears it.
+  // decref every block of a table, last block first (so that a sequence's tail
+  // is evicted before its head, which later requests are likelier to share).
   void release(std::vector<int32_t>& table);
 
+  // The cached block holding `tokens` (block_size ids) after the prefix whose
+  // content uid is `parent_uid` (0 for the first block), or -1.
+  int32_t lookup(uint64_t parent_uid, const int32_t* tokens) const;
+  // Registers a full block's content and returns its uid: a new one; the
+  // block's own if it is cached already; or, when another block caches the same
+  // content, that block's (and `block` stays uncached).
+  // note: call only on a full block with ref count > 0.
+  uint64_t cache(int32_t block, uint64_t parent_uid, const int32_t* tokens);
+
  private:
-  std::vector<int32_t> ref_counts_;  // (num_blocks)
-  std::vector<int32_t> free_;        // stack of free block ids
+  struct Block {
+    int32_t ref_count = 0;
+    int32_t prev = -1, next = -1;  // free-queue links
+    bool in_free = false;
+    uint64_t uid = 0;              // content uid when cached, else 0
+    uint64_t parent_uid = 0;
+    uint64_t key = 0;              // hash of (parent_uid, tokens)
+  };
+  uint64_t hash_key(uint64_t parent_uid, const int32_t* tokens) const;
+  void push_head(int32_t b);
+  void push_tail(int32_t b);
+  void unlink(int32_t b);
+  void evict(int32_t b);
+
+  int32_t block_size_;
+  std::vector<Block> blocks_;
+  std::vector<int32_t> tokens_;  // (num_blocks, block_size) tokens of cached blocks
+  int32_t head_ = -1, tail_ = -1;
+  int32_t num_free_ = 0, num_cached_free_ = 0;
+  uint64_t next_uid_ = 1;
+  std::unordered_multimap<uint64_t, int32_t> index_;  // key -> cached block
 };
 
 }  // namespace pagedrt

@@ -8,12 +8,13 @@
 namespace pagedrt {
 
 Engine::Engine(std::unique_ptr<Backend> backend, std::unique_ptr<LlamaModel> model, KvCache kv,
-               const SchedulerConfig& sched)
+               const SchedulerConfig& sched, bool enable_prefix_caching)
     : backend_(std::move(backend)),
       model_(std::move(model)),
       kv_(std::move(kv)),
-      pool_(static_cast<int32_t>(kv_.num_blocks)),
-      scheduler_(sched, pool_),
+      pool_(static_cast<int32_t>(kv_.num_blocks), static_cast<int32_t>(kv_.block_size)),
+      kv_manager_(pool_, enable_prefix_caching),
+      scheduler_(sched, kv_manager_),
       sched_config_(sched) {
   stats_.num_blocks = kv_.num_blocks;
   stats_.block_size = kv_.block_size;
@@ -132,6 +133,11 @@ void Engine::step() {
   const int64_t vocab = model_->config().vocab_size;
   logits_.resize(static_cast<size_t>(view.num_logits) * vocab);
   try {
+    if (!out.copies.empty())
+      for (size_t l = 0; l < kv_.k.size(); ++l) {
+        backend_->copy_blocks(kv_.k[l], out.copies);
+        backend_->copy_blocks(kv_.v[l], out.copies);
+      }
     model_->forward(view, kv_, logits_.data());
   } catch (const std::exception& e) {
     for (const ScheduledRequest& s : out.scheduled)
@@ -155,6 +161,7 @@ void Engine::update(const ScheduledRequest& s, const LogitsSlice& slice, const f
   Request* r = s.req;
   const int64_t vocab = model_->config().vocab_size;
   r->num_computed += s.num_new_tokens;
+  kv_manager_.cache_full_blocks(r->blocks, r->tokens.data(), r->num_computed);
   if (r->params.return_logits && slice.num_rows > 0) {
     const float* rows = logits + static_cast<int64_t>(slice.first_row) * vocab;
     r->new_logits.insert(r->new_logits.end(), rows, rows + static_cast<int64_t>(slice.num_rows) * vocab);
@@ -223,14 +230,42 @@ void Engine::finish(Request* r, FinishReason reason, const std::string& error) {
 }
 
 void Engine::publish_stats() {
+  // Token slots holding K/V, counted per physical block (a block shared by
+  // forks or prefix hits counts once, as filled as its fullest owner).
+  const int64_t bs = kv_.block_size;
+  filled_.assign(static_cast<size_t>(pool_.num_blocks()), 0);
+  for (auto& kv : requests_) {
+    const Request& r = *kv.second;
+    for (size_t i = 0; i < r.blocks.table.size(); ++i) {
+      const int64_t n = std::min<int64_t>(bs, std::max<int64_t>(0, r.num_computed - static_cast<int64_t>(i) * bs));
+      int32_t& f = filled_[r.blocks.table[i]];
+      f = std::max<int32_t>(f, static_cast<int32_t>(n));
+    }
+  }
   int64_t slots = 0;
-  for (auto& kv : requests_) slots += kv.second->num_computed;
+  for (int32_t f : filled_) slots += f;
+  const double now = std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+
   std::lock_guard<std::mutex> lk(stats_mu_);
   stats_.blocks_used = pool_.num_used();
   stats_.blocks_free = pool_.num_free();
+  stats_.blocks_cached_free = pool_.num_cached_free();
+  stats_.slots_used = slots;
+  stats_.waste = stats_.blocks_used ? 1.0 - double(slots) / double(stats_.blocks_used * bs) : 0.0;
+  if (stats_.blocks_used > stats_.peak_blocks_used) {
+    stats_.peak_blocks_used = stats_.blocks_used;
+    stats_.waste_at_peak = stats_.waste;
+  }
   stats_.num_waiting = static_cast<int64_t>(scheduler_.num_waiting());
   stats_.num_running = static_cast<int64_t>(scheduler_.num_running());
-  stats_.slots_used = slots;
+  stats_.prefix_queries = kv_manager_.prefix_queries();
+  stats_.prefix_hits = kv_manager_.prefix_hits();
+  stats_.num_copies = kv_manager_.num_copies();
+  // generation rate over the last five seconds of steps
+  rate_window_.emplace_back(now, stats_.generated_tokens);
+  while (rate_window_.size() > 2 && now - rate_window_.front().first > 5.0) rate_window_.pop_front();
+  const double span = now - rate_window_.front().first;
+  stats_.tokens_per_s = span > 0 ? double(stats_.generated_tokens - rate_window_.front().second) / span : 0.0;
 }
 
 }  // namespace pagedrt

@@ -14,12 +14,14 @@
 #include <set>
 #include <string>
 #include <thread>
+#include <utility>
 #include <unordered_map>
 #include <vector>
 
 #include "engine/batch.hpp"
 #include "engine/block_pool.hpp"
 #include "engine/kv_cache.hpp"
+#include "engine/kv_cache_manager.hpp"
 #include "engine/sampler.hpp"
 #include "engine/scheduler.hpp"
 #include "model/llama.hpp"
@@ -31,7 +33,7 @@ namespace pagedrt {
 class Engine {
  public:
   Engine(std::unique_ptr<Backend> backend, std::unique_ptr<LlamaModel> model, KvCache kv,
-         const SchedulerConfig& sched);
+         const SchedulerConfig& sched, bool enable_prefix_caching);
   ~Engine();  // stops the thread
 
   // Queues a validated request. Throws Error(InvalidArgument) for a duplicate
@@ -59,11 +61,13 @@ class Engine {
   std::unique_ptr<LlamaModel> model_;
   KvCache kv_;
   BlockPool pool_;
+  KvCacheManager kv_manager_;
   Scheduler scheduler_;
   SchedulerConfig sched_config_;
   Sampler sampler_;
   Batch batch_;
   std::vector<float> logits_;  // (num_logits, vocab) of the current step
+  std::vector<int32_t> filled_;  // (num_blocks) scratch for publish_stats
   std::unordered_map<std::string, std::unique_ptr<Request>> requests_;  // engine thread only
 
   // inbox
@@ -81,6 +85,7 @@ class Engine {
 
   mutable std::mutex stats_mu_;
   Stats stats_;
+  std::deque<std::pair<double, int64_t>> rate_window_;  // (seconds, generated tokens) per step
   uint64_t next_arrival_ = 0;
 
   std::thread thread_;

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "engine/kv_cache_manager.hpp"
 #include "pagedrt/event.hpp"
 #include "pagedrt/sampling_params.hpp"
 
@@ -21,7 +22,7 @@ struct Request {
   int64_t prompt_len = 0;
   std::vector<int32_t> tokens;       // prompt then generated tokens
   int64_t num_computed = 0;          // tokens whose K/V are in the cache
-  std::vector<int32_t> block_table;  // logical block -> physical block id
+  SeqBlocks blocks;                  // block table and prefix-cache uids
   int32_t num_preemptions = 0;
   uint64_t arrival = 0;              // submission order
 

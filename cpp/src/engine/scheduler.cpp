@@ -4,19 +4,12 @@
 
 namespace pagedrt {
 
-Scheduler::Scheduler(const SchedulerConfig& config, BlockPool& pool) : config_(config), pool_(pool) {}
+Scheduler::Scheduler(const SchedulerConfig& config, KvCacheManager& kv) : config_(config), kv_(kv) {}
 
 void Scheduler::add(Request* req) { waiting_.push_back(req); }
 
-bool Scheduler::allocate_slots(Request* req, int64_t n) {
-  const int64_t bs = config_.block_size;
-  const int64_t need = (req->num_computed + n + bs - 1) / bs - static_cast<int64_t>(req->block_table.size());
-  if (need <= 0) return true;
-  return pool_.allocate(static_cast<int32_t>(need), req->block_table);
-}
-
 void Scheduler::preempt(Request* req) {
-  pool_.release(req->block_table);
+  kv_.free(req->blocks);
   req->num_computed = 0;
   ++req->num_preemptions;
   running_.erase(std::find(running_.begin(), running_.end(), req));
@@ -31,7 +24,7 @@ SchedulerOutput Scheduler::schedule() {
     Request* req = running_[i];
     const int64_t n = std::min(req->num_tokens() - req->num_computed, budget);
     bool ok = n > 0;
-    while (ok && !allocate_slots(req, n)) {
+    while (ok && !kv_.allocate_slots(req->blocks, req->num_computed, n, out.copies)) {
       Request* victim = running_.back();
       preempt(victim);
       out.preempted.push_back(victim);
@@ -51,8 +44,14 @@ SchedulerOutput Scheduler::schedule() {
   while (out.preempted.empty() && !waiting_.empty() && budget > 0 &&
          running_.size() < static_cast<size_t>(config_.max_num_seqs)) {
     Request* req = waiting_.front();
+    req->num_computed = kv_.acquire_cached_prefix(req->blocks, req->tokens.data(), req->num_tokens());
     const int64_t n = std::min(req->num_tokens() - req->num_computed, budget);
-    if (!allocate_slots(req, n)) break;
+    if (!kv_.allocate_slots(req->blocks, req->num_computed, n, out.copies)) {
+      kv_.free(req->blocks);  // give the hits back; try again next step
+      req->num_computed = 0;
+      break;
+    }
+    if (kv_.prefix_caching()) kv_.record_prefix_query(req->num_tokens(), req->num_computed);
     waiting_.pop_front();
     running_.push_back(req);
     out.scheduled.push_back({req, static_cast<int32_t>(n)});
@@ -67,7 +66,7 @@ void Scheduler::remove(Request* req) {
   if (r != running_.end()) running_.erase(r);
   auto w = std::find(waiting_.begin(), waiting_.end(), req);
   if (w != waiting_.end()) waiting_.erase(w);
-  pool_.release(req->block_table);
+  kv_.free(req->blocks);
 }
 
 }  // namespace pagedrt

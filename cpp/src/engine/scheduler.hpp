@@ -2,9 +2,10 @@
 //
 // Each step: running requests first (in admission order), each taking
 // min(remaining, budget) tokens — one for a decode, a chunk for a prefill —
-// then waiting requests are admitted while the budget, max_num_seqs and free
-// blocks allow. When a running request cannot get a block, the most recently
-// admitted running request is preempted by recompute: its blocks are freed,
+// then waiting requests are admitted (after taking their prefix-cache hits)
+// while the budget, max_num_seqs and free blocks allow. When a running request
+// cannot get a block, the most recently admitted running request is preempted
+// by recompute: its blocks are freed (full ones stay in the prefix cache),
 // num_computed goes back to 0 (its generated tokens are kept) and it waits at
 // the front of the queue.
 #pragma once
@@ -13,7 +14,7 @@
 #include <deque>
 #include <vector>
 
-#include "engine/block_pool.hpp"
+#include "engine/kv_cache_manager.hpp"
 #include "engine/request.hpp"
 
 namespace pagedrt {
@@ -33,14 +34,15 @@ struct ScheduledRequest {
 
 struct SchedulerOutput {
   std::vector<ScheduledRequest> scheduled;
-  std::vector<Request*> preempted;  // this step
+  std::vector<Request*> preempted;    // this step
+  std::vector<BlockCopy> copies;      // copy-on-write, to run before the forward
   int64_t num_tokens = 0;
   bool empty() const { return scheduled.empty(); }
 };
 
 class Scheduler {
  public:
-  Scheduler(const SchedulerConfig& config, BlockPool& pool);
+  Scheduler(const SchedulerConfig& config, KvCacheManager& kv);
 
   void add(Request* req);  // joins the waiting queue
   SchedulerOutput schedule();
@@ -50,14 +52,13 @@ class Scheduler {
   size_t num_waiting() const { return waiting_.size(); }
   size_t num_running() const { return running_.size(); }
   bool has_work() const { return !waiting_.empty() || !running_.empty(); }
+  const std::vector<Request*>& running() const { return running_; }
 
  private:
-  // Blocks for the request's next `n` tokens; all or nothing.
-  bool allocate_slots(Request* req, int64_t n);
   void preempt(Request* req);
 
   SchedulerConfig config_;
-  BlockPool& pool_;
+  KvCacheManager& kv_;
   std::deque<Request*> waiting_;
   std::vector<Request*> running_;  // admission order
 };

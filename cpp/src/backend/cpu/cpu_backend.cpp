@@ -177,6 +177,13 @@ void CpuBackend::gather_rows(const Tensor& x, Tensor& out) {
     std::memcpy(out.as<float>() + i * d, x.as<float>() + int64_t(batch_.logits_indices[i]) * d, d * 4);
 }
 
+void CpuBackend::copy_blocks(Tensor& cache, const std::vector<BlockCopy>& copies) {
+  const size_t block_bytes = cache.nbytes() / static_cast<size_t>(cache.dim(0));
+  uint8_t* base = static_cast<uint8_t*>(cache.data);
+  for (const BlockCopy& c : copies)
+    std::memcpy(base + c.dst * block_bytes, base + c.src * block_bytes, block_bytes);
+}
+
 void CpuBackend::to_host(const Tensor& src, int64_t numel, float* dst) {
   std::memcpy(dst, src.data, numel * 4);
 }
