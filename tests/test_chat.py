@@ -19,7 +19,7 @@ def test_one_shot_answer(env):
     exe = shutil.which("pagedrt-chat")
     cmd = [exe] if exe else [sys.executable, "-m", "pagedrt.chat"]
     out = subprocess.run(cmd + ["--prompt", "What is the capital of France?", "--max-tokens", "24",
-                                "--system", "Answer in one short sentence."],
+                                "--system", "Answer in one short sentence.", "--temperature", "0"],
                          env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout
@@ -28,7 +28,7 @@ def test_one_shot_answer(env):
 
 def test_interactive_session(env):
     """Two turns through stdin, history kept, then /quit."""
-    cmd = [sys.executable, "-m", "pagedrt.chat", "--max-tokens", "16"]
+    cmd = [sys.executable, "-m", "pagedrt.chat", "--max-tokens", "16", "--seed", "1"]
     out = subprocess.run(cmd, input="Say hello.\n/reset\nWhat is 2+2?\n/quit\n", env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -40,3 +40,9 @@ def test_bad_model_path_is_a_clear_error(env, tmp_path):
                          env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 1
     assert "nope" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_bad_sampling_flag_is_a_clear_error(env):
+    out = subprocess.run([sys.executable, "-m", "pagedrt.chat", "--top-p", "0"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "top_p" in out.stderr and "Traceback" not in out.stderr

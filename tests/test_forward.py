@@ -34,7 +34,7 @@ def rel_err(a, b) -> float:
 
 def run_request(rt, prompt, **params):
     """Submits one request and returns (tokens, logits rows, final event)."""
-    rid = rt.submit(list(prompt), pagedrt.SamplingParams(**params))
+    rid = rt.submit(list(prompt), pagedrt.SamplingParams(**{"temperature": 0, **params}))
     tokens, logits, last = [], [], None
     while last is None:
         for ev in rt.poll(rid, timeout=1.0):
@@ -84,7 +84,7 @@ def test_chunked_prefill_small_blocks_and_batching(tiny_llama):
     prompts = [rng.integers(3, 320, size=n).tolist() for n in (5, 23, 40, 17)]
     with pagedrt.Runtime(path, device="cpu", block_size=4, max_num_batched_tokens=7,
                          num_threads=2) as rt:
-        ids = [rt.submit(p, pagedrt.SamplingParams(max_tokens=12, ignore_eos=True,
+        ids = [rt.submit(p, pagedrt.SamplingParams(max_tokens=12, ignore_eos=True, temperature=0,
                                                    return_logits=True)) for p in prompts]
         got = {i: ([], []) for i in ids}
         done = set()
@@ -149,7 +149,7 @@ def test_sentencepiece_model_end_to_end(tiny_llama):
         ids = rt.encode_prompt(text)
         assert ids == AutoTokenizer.from_pretrained(path)(text)["input_ids"]
         assert ids[0] == 1  # bos, as tokenizer_config's add_bos_token says
-        out = rt.generate([text], max_tokens=40, ignore_eos=True)[0]
+        out = rt.generate([text], max_tokens=40, ignore_eos=True, temperature=0)[0]
     assert out.token_ids == reference_greedy(model, ids, 40)
     assert out.text == rt.tokenizer.decode(out.token_ids)
 

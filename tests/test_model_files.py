@@ -121,7 +121,7 @@ def test_legacy_rope_scaling_and_mistral(good_model, tmp_path):
     for name, edit in (("legacy", legacy), ("modern", modern)):
         path = clone(good_model, tmp_path / name, edit_config=edit)
         with pagedrt.Runtime(path, device="cpu") as rt:
-            rid = rt.submit(list(range(5, 25)), max_tokens=1, return_logits=True)
+            rid = rt.submit(list(range(5, 25)), max_tokens=1, return_logits=True, temperature=0)
             rows = []
             while not rows or not done:
                 for ev in rt.poll(rid, timeout=1.0):
@@ -144,7 +144,7 @@ def test_runtime_keeps_serving_after_bad_requests(good_model):
             rt.submit(list(range(3, 70)))
         with pytest.raises(pagedrt.InvalidArgument, match="no tokenizer"):
             rt.submit("text needs a tokenizer")
-        rid = rt.submit([1, 2, 3], max_tokens=4, ignore_eos=True, request_id="x")
+        rid = rt.submit([1, 2, 3], max_tokens=4, ignore_eos=True, request_id="x", temperature=0)
         with pytest.raises(pagedrt.InvalidArgument, match="already in use"):
             rt.submit([1, 2, 3], request_id="x")
         got = []

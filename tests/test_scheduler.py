@@ -42,7 +42,7 @@ def workload():
 
 
 def run_all(rt, reqs):
-    ids = [rt.submit(p, max_tokens=m, ignore_eos=True) for p, m in reqs]
+    ids = [rt.submit(p, max_tokens=m, ignore_eos=True, temperature=0) for p, m in reqs]
     out, done, preempted = {i: [] for i in ids}, set(), {}
     while len(done) < len(ids):
         for ev in rt.poll(timeout=1.0):
@@ -85,13 +85,13 @@ def test_shared_prefix_is_computed_once(model):
     system = rng.integers(3, 320, size=40).tolist()                # 10 full blocks
     prompts = [system + rng.integers(3, 320, size=5).tolist() for _ in range(6)]
     with pagedrt.Runtime(model, device="cpu", block_size=BLOCK) as rt:
-        first = rt.generate([prompts[0]], max_tokens=4, ignore_eos=True)[0]
-        rest = rt.generate(prompts[1:], max_tokens=4, ignore_eos=True)
+        first = rt.generate([prompts[0]], max_tokens=4, ignore_eos=True, temperature=0)[0]
+        rest = rt.generate(prompts[1:], max_tokens=4, ignore_eos=True, temperature=0)
         s = rt.stats()
     assert s.prefix_hits == 5 * 40              # every later request found the 40 system tokens
     assert s.prompt_tokens == 45 + 5 * 5        # and computed only its own 5
     with pagedrt.Runtime(model, device="cpu", block_size=BLOCK, enable_prefix_caching=False) as rt:
-        ref = rt.generate(prompts, max_tokens=4, ignore_eos=True)
+        ref = rt.generate(prompts, max_tokens=4, ignore_eos=True, temperature=0)
     assert [first.token_ids] + [r.token_ids for r in rest] == [r.token_ids for r in ref]
 
 
@@ -99,13 +99,13 @@ def test_request_that_can_never_fit_is_rejected(model):
     with pagedrt.Runtime(model, device="cpu", block_size=BLOCK, kv_cache_bytes=5 * block_bytes(model)) as rt:
         with pytest.raises(pagedrt.InvalidArgument, match="needs 6 KV blocks"):
             rt.submit(list(range(3, 20)), max_tokens=8)
-        ok = rt.generate([list(range(3, 10))], max_tokens=8, ignore_eos=True)[0]
+        ok = rt.generate([list(range(3, 10))], max_tokens=8, ignore_eos=True, temperature=0)[0]
         assert len(ok.token_ids) == 8 and ok.finish_reason == "length"
 
 
 def test_stats_waste_and_counts(model):
     with pagedrt.Runtime(model, device="cpu", block_size=BLOCK) as rt:
-        rid = rt.submit(list(range(3, 13)), max_tokens=30, ignore_eos=True)  # 10 prompt tokens
+        rid = rt.submit(list(range(3, 13)), max_tokens=30, ignore_eos=True, temperature=0)  # 10 prompt tokens
         seen = []
         while not seen or not seen[-1].finished:
             seen += rt.poll(rid, timeout=1.0)

@@ -38,7 +38,7 @@ def hf_model(smol):
 def test_greedy_equals_transformers(smol, hf_model):
     with pagedrt.Runtime(smol, device="cpu", dtype="float32") as rt:
         prompts = [rt.encode_prompt(p) for p in PROMPTS]
-        outs = rt.generate(prompts, max_tokens=N, ignore_eos=True)
+        outs = rt.generate(prompts, max_tokens=N, ignore_eos=True, temperature=0)
     assert prompts[-1][:2] == rt.tokenizer.encode("<|im_start|>system", add_special_tokens=False)
     for ids, out in zip(prompts, outs):
         assert out.token_ids == hf_greedy(hf_model, ids, N), (rt.tokenizer.decode(ids), out.text)
@@ -58,7 +58,7 @@ def hf_greedy(model, ids, n):
 def test_logits_match_transformers(smol, hf_model):
     ids = pagedrt.Tokenizer.from_model_dir(smol).encode(PROMPTS[2])
     with pagedrt.Runtime(smol, device="cpu", dtype="float32") as rt:
-        rid = rt.submit(ids, max_tokens=1, return_logits=True)
+        rid = rt.submit(ids, max_tokens=1, return_logits=True, temperature=0)
         rows, done = [], False
         while not done:
             for ev in rt.poll(rid, timeout=1.0):

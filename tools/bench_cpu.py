@@ -39,7 +39,7 @@ def bench_pagedrt(model_dir, ids, new, threads, dtype, runs):
     with rt:
         for r in range(runs + 1):  # the first run warms up
             start = time.perf_counter()
-            rid = rt.submit(ids, pagedrt.SamplingParams(max_tokens=new, ignore_eos=True))
+            rid = rt.submit(ids, pagedrt.SamplingParams(max_tokens=new, ignore_eos=True, temperature=0))
             first, n, done = None, 0, False
             while not done:
                 for ev in rt.poll(rid, timeout=1.0):

@@ -52,7 +52,7 @@ def waste_run(model, a):
         ids = {}
         for n_in, n_out in zip(ins, outs):
             rid = rt.submit(rng.integers(100, vocab, size=int(n_in)).tolist(), max_tokens=int(n_out),
-                            ignore_eos=True)
+                            ignore_eos=True, temperature=0)
             ids[rid] = [int(n_in), int(n_out), 0, False]     # prompt, max_tokens, generated, finished
         best, t0, done = None, time.perf_counter(), 0
         while done < len(ids):
@@ -90,9 +90,9 @@ def prefix_run(model, a, enable):
         t0 = time.perf_counter()
         # The first request warms the cache, as a long-running service's would.
         rt.generate([system + rng.integers(100, vocab, size=a.suffix_len).tolist()],
-                    max_tokens=a.prefix_new, ignore_eos=True)
+                    max_tokens=a.prefix_new, ignore_eos=True, temperature=0)
         ids = [rt.submit(system + rng.integers(100, vocab, size=a.suffix_len).tolist(),
-                         max_tokens=a.prefix_new, ignore_eos=True) for _ in range(a.prefix_requests - 1)]
+                         max_tokens=a.prefix_new, ignore_eos=True, temperature=0) for _ in range(a.prefix_requests - 1)]
         left = set(ids)
         while left:
             for ev in rt.poll(timeout=0.05):

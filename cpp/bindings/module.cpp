@@ -6,6 +6,7 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/pair.h>
 #include <nanobind/stl/vector.h>
 
 #include "io/safetensors.hpp"
@@ -16,6 +17,7 @@ using namespace nb::literals;
 using pagedrt::ErrorKind;
 
 void register_block_manager(nb::module_& m);  // block_manager.cpp
+void register_sampler(nb::module_& m);        // sampler.cpp
 
 namespace {
 
@@ -67,18 +69,45 @@ NB_MODULE(_core, m) {
     }
   });
 
-  nb::class_<pagedrt::SamplingParams>(m, "SamplingParams")
+  using SP = pagedrt::SamplingParams;
+  nb::class_<SP>(m, "SamplingParams")
       .def(nb::init<>())
-      .def_rw("max_tokens", &pagedrt::SamplingParams::max_tokens)
-      .def_rw("ignore_eos", &pagedrt::SamplingParams::ignore_eos)
-      .def_rw("stop_token_ids", &pagedrt::SamplingParams::stop_token_ids)
-      .def_rw("return_logits", &pagedrt::SamplingParams::return_logits);
+      .def_rw("n", &SP::n)
+      .def_rw("temperature", &SP::temperature)
+      .def_rw("top_k", &SP::top_k)
+      .def_rw("top_p", &SP::top_p)
+      .def_rw("min_p", &SP::min_p)
+      .def_rw("repetition_penalty", &SP::repetition_penalty)
+      .def_rw("presence_penalty", &SP::presence_penalty)
+      .def_rw("frequency_penalty", &SP::frequency_penalty)
+      .def_rw("has_seed", &SP::has_seed)
+      .def_rw("seed", &SP::seed)
+      .def_rw("max_tokens", &SP::max_tokens)
+      .def_rw("min_tokens", &SP::min_tokens)
+      .def_rw("ignore_eos", &SP::ignore_eos)
+      .def_rw("stop_token_ids", &SP::stop_token_ids)
+      .def_rw("logprobs", &SP::logprobs)
+      .def_rw("logit_bias", &SP::logit_bias)
+      .def_rw("beam_width", &SP::beam_width)
+      .def_rw("length_penalty", &SP::length_penalty)
+      .def_rw("early_stopping", &SP::early_stopping)
+      .def_rw("return_logits", &SP::return_logits);
+
+  nb::class_<pagedrt::TokenLogprob>(m, "TokenLogprob")
+      .def_ro("token", &pagedrt::TokenLogprob::token)
+      .def_ro("logprob", &pagedrt::TokenLogprob::logprob)
+      .def_ro("top_ids", &pagedrt::TokenLogprob::top_ids)
+      .def_ro("top_logprobs", &pagedrt::TokenLogprob::top_logprobs);
 
   nb::class_<pagedrt::Event>(m, "Event")
       .def_ro("request_id", &pagedrt::Event::request_id)
       .def_ro("index", &pagedrt::Event::index)
       .def_ro("token_ids", &pagedrt::Event::token_ids)
       .def_ro("finished", &pagedrt::Event::finished)
+      .def_ro("request_finished", &pagedrt::Event::request_finished)
+      .def_ro("logprobs", &pagedrt::Event::logprobs)
+      .def_ro("cumulative_logprob", &pagedrt::Event::cumulative_logprob)
+      .def_ro("score", &pagedrt::Event::score)
       .def_prop_ro("finish_reason", [](const pagedrt::Event& e) -> nb::object {
         if (e.finish_reason == pagedrt::FinishReason::None) return nb::none();
         return nb::str(pagedrt::finish_reason_name(e.finish_reason));
@@ -153,11 +182,14 @@ NB_MODULE(_core, m) {
       .def("poll_request", nb::overload_cast<const std::string&, double>(&pagedrt::Runtime::poll),
            "request_id"_a, "timeout"_a = 0.0, nb::call_guard<nb::gil_scoped_release>())
       .def("abort", &pagedrt::Runtime::abort, "request_id"_a, nb::call_guard<nb::gil_scoped_release>())
+      .def("stop_sequence", &pagedrt::Runtime::stop_sequence, "request_id"_a, "index"_a,
+           nb::call_guard<nb::gil_scoped_release>())
       .def("stats", &pagedrt::Runtime::stats)
       .def("model_info", &pagedrt::Runtime::model_info)
       .def("close", &pagedrt::Runtime::close, nb::call_guard<nb::gil_scoped_release>());
 
   register_block_manager(m);
+  register_sampler(m);
 
   m.def("inspect_checkpoint", &inspect_checkpoint, "model_dir"_a,
         "List the tensors of a model folder's safetensors checkpoint (validates every file).");

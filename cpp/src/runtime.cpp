@@ -4,11 +4,13 @@
 #include <sys/stat.h>
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 
 #include "backend/backend.hpp"
 #include "engine/engine.hpp"
 #include "io/json.hpp"
+#include "sampling_check.hpp"
 
 namespace pagedrt {
 namespace {
@@ -141,9 +143,7 @@ std::string Runtime::submit(const std::vector<int32_t>& prompt, const SamplingPa
     if (prompt[i] < 0 || prompt[i] >= m.info.vocab_size)
       bad_arg(where + "prompt token " + std::to_string(prompt[i]) + " at index " + std::to_string(i) +
               " is outside the vocabulary [0, " + std::to_string(m.info.vocab_size) + ")");
-  if (params.max_tokens < 1) bad_arg(where + "max_tokens must be >= 1, got " + std::to_string(params.max_tokens));
-  for (int32_t t : params.stop_token_ids)
-    if (t < 0 || t >= m.info.vocab_size) bad_arg(where + "stop_token_ids has " + std::to_string(t) + ", outside the vocabulary");
+  check_sampling_params(params, m.info.vocab_size, m.config.max_num_seqs, where);
   const int64_t len = static_cast<int64_t>(prompt.size());
   if (len >= m.info.max_model_len)
     bad_arg(where + "the prompt has " + std::to_string(len) + " tokens; max_model_len is " +
@@ -151,17 +151,27 @@ std::string Runtime::submit(const std::vector<int32_t>& prompt, const SamplingPa
   const int64_t bs = m.config.block_size;
   // K/V is written for every token but the last one generated.
   const int64_t need = std::min<int64_t>(len + params.max_tokens, m.info.max_model_len) - 1;
+  // The prompt's blocks are shared (n > 1 and beams fork after the prompt);
+  // every further sequence may need its own blocks for its output, plus a copy
+  // of the shared partial block.
+  const int64_t width = std::max(params.n, params.beam_width);
+  const int64_t out_len = std::min<int64_t>(params.max_tokens, m.info.max_model_len - len);
+  const int64_t blocks = (need + bs - 1) / bs + (width - 1) * ((out_len + bs - 1) / bs + 1);
   const Stats st = m.engine->stats();
-  if ((need + bs - 1) / bs > st.num_blocks)
-    bad_arg(where + "needs " + std::to_string((need + bs - 1) / bs) + " KV blocks (prompt " + std::to_string(len) +
-            " + max_tokens " + std::to_string(params.max_tokens) + "), the pool has " +
+  if (blocks > st.num_blocks)
+    bad_arg(where + "needs " + std::to_string(blocks) + " KV blocks (prompt " + std::to_string(len) +
+            " + max_tokens " + std::to_string(params.max_tokens) +
+            (width > 1 ? " for " + std::to_string(width) + " sequences" : std::string()) + "), the pool has " +
             std::to_string(st.num_blocks) + "; raise kv_cache_bytes or lower max_tokens");
 
   auto req = std::make_unique<Request>();
   req->id = id;
   req->params = params;
   req->prompt_len = len;
-  req->tokens = prompt;
+  auto seq = std::make_unique<Sequence>();
+  seq->tokens = prompt;
+  seq->rng = make_rng(params, 0);
+  req->seqs.push_back(std::move(seq));
   m.engine->submit(std::move(req));
   return id;
 }
@@ -172,7 +182,12 @@ std::vector<Event> Runtime::poll(const std::string& request_id, double timeout_s
   return impl_->engine->poll(&request_id, timeout_s);
 }
 
-bool Runtime::abort(const std::string& request_id) { return impl_->engine->abort(request_id); }
+bool Runtime::abort(const std::string& request_id) { return impl_->engine->abort(request_id, -1); }
+
+bool Runtime::stop_sequence(const std::string& request_id, int32_t index) {
+  if (index < 0) bad_arg("request '" + request_id + "': sequence index must be >= 0");
+  return impl_->engine->abort(request_id, index);
+}
 
 Stats Runtime::stats() const { return impl_->engine->stats(); }
 

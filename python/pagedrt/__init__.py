@@ -2,12 +2,13 @@
 from . import _core
 from .errors import Error, InvalidArgument, ModelError, Unsupported
 from .models import default_model, resolve_model
-from .runtime import Completion, Runtime
+from .outputs import Completion, CompletionOutput, Event, TokenLogprob
+from .runtime import Runtime
 from .sampling_params import SamplingParams
 from .tokenizer import Tokenizer
 
 __all__ = [
-    "Completion", "Error", "InvalidArgument", "ModelError", "Runtime", "SamplingParams",
+    "Completion", "CompletionOutput", "Error", "Event", "TokenLogprob", "InvalidArgument", "ModelError", "Runtime", "SamplingParams",
     "Tokenizer", "Unsupported", "default_model", "resolve_model",
 ]
 __version__ = "0.1.0"

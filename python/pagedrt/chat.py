@@ -1,7 +1,7 @@
 """pagedrt-chat — chat with a local model in the terminal.
 
     pagedrt-chat                      # the default model (SmolLM2-135M-Instruct)
-    pagedrt-chat --model DIR --system "You are terse." --max-tokens 256
+    pagedrt-chat --model DIR --system "You are terse." --max-tokens 256 --temperature 0
 
 Type a message and press Enter; /reset clears the history, /quit (or Ctrl-D) leaves.
 """
@@ -20,28 +20,16 @@ def _parse_args(argv):
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--max-tokens", type=int, default=512, help="tokens per answer at most")
+    p.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--top-k", type=int, default=0, help="0: off")
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None, help="make the answers reproducible")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
     p.add_argument("--prompt", default=None,
                    help="answer this one message and exit (no interactive loop)")
     return p.parse_args(argv)
-
-
-class _Streamer:
-    """Prints the text of a growing token list, never half a UTF-8 character."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.printed = ""
-
-    def push(self, ids):
-        self.ids.extend(ids)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for more
-            return
-        sys.stdout.write(text[len(self.printed):])
-        sys.stdout.flush()
-        self.printed = text
 
 
 def _style(code: str, text: str) -> str:
@@ -49,38 +37,48 @@ def _style(code: str, text: str) -> str:
     return f"\x1b[{code}m{text}\x1b[0m" if sys.stdout.isatty() else text
 
 
-def _answer(rt, messages, max_tokens):
-    from .sampling_params import SamplingParams
-
+def _answer(rt, messages, params):
     start = time.perf_counter()
-    rid = rt.submit(messages, SamplingParams(max_tokens=max_tokens))
-    streamer, first, reason = _Streamer(rt.tokenizer), None, None
+    rid = rt.submit(messages, params)
+    first, n, reason, text = None, 0, None, []
     try:
         while reason is None:
             for ev in rt.poll(rid, timeout=0.1):
                 if ev.token_ids and first is None:
                     first = time.perf_counter()
-                streamer.push(ev.token_ids)
-                if ev.finished:
+                n += len(ev.token_ids)
+                sys.stdout.write(ev.text)
+                sys.stdout.flush()
+                text.append(ev.text)
+                if ev.request_finished:
                     reason = ev.error or ev.finish_reason
     except KeyboardInterrupt:
         rt.abort(rid)  # the engine ends it at the next step; collect its final event
         deadline = time.monotonic() + 5.0
-        while time.monotonic() < deadline and not any(e.finished for e in rt.poll(rid, timeout=0.5)):
+        while time.monotonic() < deadline and not any(e.request_finished for e in rt.poll(rid, timeout=0.5)):
             pass
         raise
     end = time.perf_counter()
-    n = len(streamer.ids)
     rate = (n - 1) / (end - first) if first and n > 1 and end > first else 0.0
     ttft = (first - start) * 1000 if first else 0.0
     print("\n" + _style("2", f"[{n} tokens, {rate:.1f} tok/s, TTFT {ttft:.0f} ms, {reason}]"))
-    return rt.tokenizer.decode(streamer.ids)
+    return "".join(text)
 
 
 def main(argv=None) -> int:
     args = _parse_args(argv)
-    from . import Runtime
+    from . import Runtime, SamplingParams
+    from .errors import InvalidArgument
     from .models import ModelNotFoundError
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                            seed=args.seed)
+    try:
+        params._to_core()
+    except InvalidArgument as e:
+        print(f"pagedrt-chat: {e}", file=sys.stderr)
+        return 2
 
     try:
         t0 = time.perf_counter()
@@ -96,7 +94,7 @@ def main(argv=None) -> int:
     with rt:
         if args.prompt is not None:
             messages.append({"role": "user", "content": args.prompt})
-            _answer(rt, messages, args.max_tokens)
+            _answer(rt, messages, params)
             return 0
         while True:
             try:
@@ -113,7 +111,7 @@ def main(argv=None) -> int:
                 continue
             messages.append({"role": "user", "content": line})
             try:
-                reply = _answer(rt, messages, args.max_tokens)
+                reply = _answer(rt, messages, params)
             except KeyboardInterrupt:
                 print("\n[interrupted]")
                 messages.pop()

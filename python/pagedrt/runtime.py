@@ -3,38 +3,74 @@
     rt = pagedrt.Runtime()                         # the default model, on the CPU
     rid = rt.submit("Hello", max_tokens=32)
     while True:
-        for ev in rt.poll(timeout=0.1):
-            ...                                    # ev.token_ids, ev.finished, ...
+        for ev in rt.poll(rid, timeout=0.1):
+            print(ev.text, end="")
+            if ev.request_finished: ...
 
-Tokenization happens here, in Python; the engine sees token ids only. No
-PyTorch is imported anywhere in pagedrt.
+Tokenization, detokenization and stop strings happen here, in Python; the
+engine sees token ids only. No PyTorch is imported anywhere in pagedrt.
 """
 from __future__ import annotations
 
 import os
-import time
-from dataclasses import dataclass
-from typing import Iterable, Sequence, Union
+import threading
+from typing import Iterable, Iterator, Sequence, Union
 
 from . import _core
+from .detokenizer import IncrementalDetokenizer
 from .errors import InvalidArgument
 from .models import resolve_model
+from .outputs import Completion, CompletionOutput, Event, TokenLogprob
 from .sampling_params import SamplingParams
 from .tokenizer import Tokenizer
 
 Prompt = Union[str, Sequence[int], Sequence[dict]]
 
 
-@dataclass
-class Completion:
-    """The result of one request from :meth:`Runtime.generate`."""
+class _RequestState:
+    """Detokenizers and stop strings of one request's sequences."""
 
-    request_id: str
-    prompt_token_ids: list[int]
-    token_ids: list[int]
-    text: str
-    finish_reason: str
-    error: str | None = None
+    def __init__(self, rt, params: SamplingParams, prompt_ids: list[int]):
+        self.rt, self.params, self.prompt_ids = rt, params, prompt_ids
+        self.detok: dict[int, IncrementalDetokenizer] = {}
+        self.finished: set[int] = set()
+        self.expected = params.n
+
+    def _detok(self, index):
+        d = self.detok.get(index)
+        if d is None and self.rt.tokenizer is not None:
+            d = self.detok[index] = IncrementalDetokenizer(
+                self.rt.tokenizer, self.prompt_ids, skip_special_tokens=self.params.skip_special_tokens,
+                stop=self.params.stop_strings, include_stop_str_in_output=self.params.include_stop_str_in_output)
+        return d
+
+    def convert(self, ce) -> Event | None:
+        """A core event as a Python Event, or None when it is swallowed (a sequence
+        already ended by a stop string)."""
+        if ce.index in self.finished:
+            return None
+        d = self._detok(ce.index)
+        tokens, finished, reason = list(ce.token_ids), ce.finished, ce.finish_reason
+        text = d.push(tokens, final=finished) if d else ""
+        logprobs = None
+        if self.params.logprobs is not None:
+            logprobs = [TokenLogprob(lp.token, lp.logprob, dict(zip(lp.top_ids, lp.top_logprobs)))
+                        for lp in ce.logprobs]
+        if d is not None and d.stopped and not finished:
+            # A stop string matched in this event's text: end the sequence here,
+            # keep the tokens through the one that completed it, stop the engine's copy.
+            finished, reason = True, "stop"
+            self.rt._rt.stop_sequence(ce.request_id, ce.index)
+        if finished:
+            self.finished.add(ce.index)
+        tracked = self.params.logprobs is not None or self.params.beam_width > 1
+        return Event(
+            request_id=ce.request_id, index=ce.index, token_ids=tokens, text=text, finished=finished,
+            finish_reason=reason if finished else None,
+            request_finished=(ce.request_finished and finished) or len(self.finished) >= self.expected,
+            num_preemptions=ce.num_preemptions, error=ce.error, logprobs=logprobs,
+            cumulative_logprob=ce.cumulative_logprob if tracked else None,
+            score=ce.score if self.params.beam_width > 1 else None, logits=ce.logits)
 
 
 class Runtime:
@@ -54,6 +90,8 @@ class Runtime:
         max_model_len: prompt plus output tokens at most (0: the model's limit).
         enable_prefix_caching: share identical prompt prefixes between requests.
         num_threads: CPU threads (0: all cores).
+
+    Every method is safe to call from several threads at once.
     """
 
     def __init__(
@@ -81,6 +119,8 @@ class Runtime:
             max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
             enable_prefix_caching=enable_prefix_caching, num_threads=num_threads)
         self.model_info = self._rt.model_info()
+        self._lock = threading.Lock()
+        self._states: dict[str, _RequestState] = {}
 
     # -- requests ---------------------------------------------------------------------
     def encode_prompt(self, prompt: Prompt) -> list[int]:
@@ -110,23 +150,36 @@ class Runtime:
         """Queues a request and returns its id at once.
 
         ``overrides`` set SamplingParams fields for this call
-        (``rt.submit("hi", max_tokens=8)``).
+        (``rt.submit("hi", max_tokens=8, temperature=0)``).
         """
-        params = params or SamplingParams()
-        if overrides:
-            fields = params.__dataclass_fields__
-            unknown = [k for k in overrides if k not in fields]
-            if unknown:
-                raise InvalidArgument(f"unknown sampling parameter(s): {', '.join(unknown)}")
-            params = SamplingParams(**{**params.__dict__, **overrides})
+        params = (params or SamplingParams()).replace(**overrides) if overrides else (params or SamplingParams())
+        if params.stop_strings and self.tokenizer is None:
+            raise InvalidArgument("stop strings need a tokenizer; this model folder has none")
         ids = self.encode_prompt(prompt)
-        return self._rt.submit(ids, params._to_core(), request_id or "")
+        core = params._to_core()
+        with self._lock:  # registered before the engine can answer
+            rid = self._rt.submit(ids, core, request_id or "")
+            self._states[rid] = _RequestState(self, params, ids)
+        return rid
 
-    def poll(self, request_id: str | None = None, timeout: float = 0.0) -> list:
+    def poll(self, request_id: str | None = None, timeout: float = 0.0) -> list[Event]:
         """Events for any request (or only `request_id`), waiting at most `timeout` seconds."""
         if request_id is None:
-            return self._rt.poll(float(timeout))
-        return self._rt.poll_request(request_id, float(timeout))
+            core_events = self._rt.poll(float(timeout))
+        else:
+            core_events = self._rt.poll_request(request_id, float(timeout))
+        out = []
+        with self._lock:
+            for ce in core_events:
+                st = self._states.get(ce.request_id)
+                if st is None:
+                    continue
+                ev = st.convert(ce)
+                if ev is not None:
+                    out.append(ev)
+                if ce.request_finished:
+                    del self._states[ce.request_id]
+        return out
 
     def abort(self, request_id: str) -> bool:
         """Ends a request at the next step; it still gets a final event (reason "abort")."""
@@ -143,25 +196,47 @@ class Runtime:
             ids = self.encode_prompt(p)
             rid = self.submit(ids, params, **overrides)
             order.append(rid)
-            state[rid] = Completion(rid, ids, [], "", "")
-        pending = set(order)
+            state[rid] = Completion(rid, ids, [])
+        pending, parts = set(order), {}
         while pending:
             for ev in self.poll(timeout=0.05):
-                c = state.get(ev.request_id)
-                if c is None:
+                if ev.request_id not in state:
                     continue
-                c.token_ids.extend(ev.token_ids)
+                out = parts.setdefault((ev.request_id, ev.index),
+                                       CompletionOutput(ev.index, "", [], None, None, None, None))
+                out.text += ev.text
+                out.token_ids += ev.token_ids
+                if ev.logprobs is not None:
+                    out.logprobs = (out.logprobs or []) + ev.logprobs
+                out.cumulative_logprob, out.score = ev.cumulative_logprob, ev.score
+                c = state[ev.request_id]
+                c.num_preemptions = ev.num_preemptions
                 if ev.finished:
-                    c.finish_reason = ev.finish_reason
-                    c.error = ev.error
+                    out.finish_reason = ev.finish_reason
+                    c.error = c.error or ev.error
+                if ev.request_finished:
                     pending.discard(ev.request_id)
-        for c in state.values():
-            c.text = self.tokenizer.decode(c.token_ids) if self.tokenizer else ""
+        for (rid, _), out in sorted(parts.items(), key=lambda kv: kv[0][1]):
+            state[rid].outputs.append(out)
         return [state[r] for r in order]
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None, **overrides) -> Iterator[Event]:
+        """Submits one request and yields its events as they come (``ev.text`` is
+        the new text). Leaving the loop early aborts the request."""
+        rid = self.submit(prompt, params, **overrides)
+        done = False
+        try:
+            while not done:
+                for ev in self.poll(rid, timeout=0.1):
+                    done = done or ev.request_finished
+                    yield ev
+        finally:
+            if not done:
+                self.abort(rid)
 
     # -- state ------------------------------------------------------------------------
     def stats(self):
-        """KV blocks used/free, slots used, queue lengths, preemptions, token counts."""
+        """KV blocks used/free/cached, slots, waste, prefix hits, preemptions, tok/s."""
         return self._rt.stats()
 
     def close(self) -> None:

@@ -93,6 +93,11 @@ class Runtime {
   // finish_reason Abort. Returns false if the id is unknown or already done.
   bool abort(const std::string& request_id);
 
+  // Ends one sequence of a request (sample `index`) with finish_reason Stop at
+  // the next step, as a host that matched a stop string on the decoded text
+  // does. Returns false if the request is unknown or done.
+  bool stop_sequence(const std::string& request_id, int32_t index);
+
   Stats stats() const;
   ModelInfo model_info() const;
 

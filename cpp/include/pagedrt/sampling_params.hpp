@@ -1,24 +1,55 @@
 // pagedrt/sampling_params.hpp — per-request decoding parameters.
 //
-// Names and meanings follow vLLM's SamplingParams. Values are checked by
-// Runtime::submit, which throws pagedrt::Error(InvalidArgument) naming the
-// field; nothing is checked later.
+// Names and meanings follow vLLM's SamplingParams. Runtime::submit checks
+// every value and throws pagedrt::Error(InvalidArgument) naming the field.
+//
+// How a token is picked (sampling), in this order:
+//   1. logit_bias is added;
+//   2. while fewer than min_tokens are generated, eos and stop_token_ids are banned;
+//   3. repetition_penalty (every token of prompt and output: logit > 0 ? logit / p
+//      : logit * p), then frequency_penalty (minus f x count in the output) and
+//      presence_penalty (minus p if in the output);
+//   4. temperature == 0: the largest logit (ties: lowest id); otherwise logits /
+//      temperature, softmax, keep the top_k most likely, then the smallest set
+//      whose probability reaches top_p, then those with probability >= min_p x
+//      the largest; renormalise and draw.
+// Beam search (beam_width > 1) follows transformers' generate(num_beams=...):
+// log-softmax of the raw logits, length_penalty and early_stopping as there.
 #pragma once
 
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 namespace pagedrt {
 
 struct SamplingParams {
-  int32_t max_tokens = 16;             // generated tokens at most (>= 1)
-  bool ignore_eos = false;             // keep going past the model's eos ids
-  std::vector<int32_t> stop_token_ids; // extra token ids that end the request
+  int32_t n = 1;                        // independent samples (or beams returned)
+  float temperature = 1.0f;             // 0: greedy
+  int32_t top_k = 0;                    // 0 or -1: off
+  float top_p = 1.0f;                   // (0, 1]
+  float min_p = 0.0f;                   // [0, 1]
+  float repetition_penalty = 1.0f;      // > 0; 1: off
+  float presence_penalty = 0.0f;        // [-2, 2]
+  float frequency_penalty = 0.0f;       // [-2, 2]
+  bool has_seed = false;                // with a seed, the tokens do not depend
+  uint64_t seed = 0;                    // on the batch the request runs in
+  int32_t max_tokens = 16;              // generated tokens at most per sequence (>= 1)
+  int32_t min_tokens = 0;               // eos / stop tokens banned before this many
+  bool ignore_eos = false;              // keep going past the model's eos ids
+  std::vector<int32_t> stop_token_ids;  // extra token ids that end a sequence (kept)
+  int32_t logprobs = -1;                // >= 0: the chosen token's logprob and the top-k
+  std::vector<std::pair<int32_t, float>> logit_bias;  // token id -> added to its logit
+
+  int32_t beam_width = 1;               // > 1: beam search (greedy; temperature ignored)
+  float length_penalty = 1.0f;          // beam score = sum logprob / length ** length_penalty
+  int32_t early_stopping = 0;           // 0: false (heuristic), 1: true, 2: "never"
 
   // Experimental, for tests and tools: attach the raw fp32 logits of every
-  // position the engine computes for this request (the whole prompt and each
-  // generated token) to its events.
+  // position the engine computes for this request to its events.
   bool return_logits = false;
+
+  bool is_beam_search() const { return beam_width > 1; }
 };
 
 }  // namespace pagedrt

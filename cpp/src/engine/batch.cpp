@@ -9,8 +9,8 @@ void Batch::build(const SchedulerOutput& sched, int32_t block_size) {
   query_start_.assign(1, 0); seq_lens_.clear(); page_indptr_.assign(1, 0);
   page_indices_.clear(); logits_indices_.clear(); logits_.clear();
 
-  for (const ScheduledRequest& s : sched.scheduled) {
-    const Request& r = *s.req;
+  for (const ScheduledSeq& s : sched.scheduled) {
+    const Sequence& r = *s.seq;
     const int64_t start = r.num_computed, end = start + s.num_new_tokens;
     for (int64_t p = start; p < end; ++p) {
       token_ids_.push_back(r.tokens[p]);
@@ -28,7 +28,7 @@ void Batch::build(const SchedulerOutput& sched, int32_t block_size) {
     slice.samples = end == r.num_tokens();
     // return_logits: every position not reported yet; else only the sampled row.
     int64_t from = slice.samples ? end - 1 : end;
-    if (r.params.return_logits) from = std::max(start, std::min(from, r.logits_reported));
+    if (s.req->params.return_logits) from = std::max(start, std::min(from, r.logits_reported));
     slice.first_pos = from;
     const int32_t base = query_start_[query_start_.size() - 2];
     for (int64_t p = from; p < end; ++p) logits_indices_.push_back(base + static_cast<int32_t>(p - start));

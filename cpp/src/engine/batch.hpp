@@ -1,6 +1,6 @@
 // engine/batch.hpp — one step's flat inputs, built once and read by every layer.
 //
-//   scheduled: A (3 prompt tokens, new)      B (1 decode token)
+//   scheduled sequences: A (3 prompt tokens, new)      B (1 decode token)
 //   token_ids:   [a0 a1 a2 | b7]
 //   positions:   [ 0  1  2 |  7]
 //   slot_mapping:[A.blk[0]*bs+0, +1, +2 | B.blk[7/bs]*bs + 7%bs]
@@ -30,7 +30,7 @@ class Batch {
  public:
   void build(const SchedulerOutput& sched, int32_t block_size);
   const BatchView& view() const { return view_; }
-  const std::vector<LogitsSlice>& logits() const { return logits_; }  // one per scheduled request
+  const std::vector<LogitsSlice>& logits() const { return logits_; }  // one per scheduled sequence
 
  private:
   std::vector<int32_t> token_ids_, positions_, query_start_, seq_lens_, page_indptr_,

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 
 #include "pagedrt/error.hpp"
 
@@ -25,6 +26,8 @@ Engine::Engine(std::unique_ptr<Backend> backend, std::unique_ptr<LlamaModel> mod
 
 Engine::~Engine() { stop(); }
 
+// ---- host-thread side ------------------------------------------------------------
+
 void Engine::submit(std::unique_ptr<Request> req) {
   {
     std::lock_guard<std::mutex> lk(in_mu_);
@@ -37,11 +40,11 @@ void Engine::submit(std::unique_ptr<Request> req) {
   in_cv_.notify_one();
 }
 
-bool Engine::abort(const std::string& id) {
+bool Engine::abort(const std::string& id, int32_t index) {
   {
     std::lock_guard<std::mutex> lk(in_mu_);
     if (stopping_ || live_ids_.count(id) == 0) return false;
-    aborts_.push_back(id);
+    aborts_.emplace_back(id, index);
   }
   in_cv_.notify_one();
   return true;
@@ -51,8 +54,7 @@ std::vector<Event> Engine::poll(const std::string* id, double timeout_s) {
   std::unique_lock<std::mutex> lk(out_mu_);
   auto ready = [&] {
     if (id == nullptr) return !events_.empty();
-    return std::any_of(events_.begin(), events_.end(),
-                       [&](const Event& e) { return e.request_id == *id; });
+    return std::any_of(events_.begin(), events_.end(), [&](const Event& e) { return e.request_id == *id; });
   };
   if (timeout_s > 0) out_cv_.wait_for(lk, std::chrono::duration<double>(timeout_s), ready);
   std::vector<Event> out;
@@ -81,6 +83,8 @@ void Engine::stop() {
   if (thread_.joinable()) thread_.join();
 }
 
+// ---- engine thread ---------------------------------------------------------------
+
 void Engine::loop() {
   for (;;) {
     {
@@ -99,13 +103,13 @@ void Engine::loop() {
   std::vector<Request*> live;
   for (auto& kv : requests_) live.push_back(kv.second.get());
   std::sort(live.begin(), live.end(), [](Request* a, Request* b) { return a->arrival < b->arrival; });
-  for (Request* r : live) finish(r, FinishReason::Abort);
+  for (Request* r : live) finish_request(*r, FinishReason::Abort);
   publish_stats();
 }
 
 void Engine::drain_inbox() {
   std::deque<std::unique_ptr<Request>> incoming;
-  std::vector<std::string> aborts;
+  std::vector<std::pair<std::string, int32_t>> aborts;
   {
     std::lock_guard<std::mutex> lk(in_mu_);
     incoming.swap(new_requests_);
@@ -116,9 +120,19 @@ void Engine::drain_inbox() {
     requests_[r->id] = std::move(req);
     scheduler_.add(r);
   }
-  for (const std::string& id : aborts) {
+  for (const auto& [id, index] : aborts) {
     auto it = requests_.find(id);
-    if (it != requests_.end()) finish(it->second.get(), FinishReason::Abort);
+    if (it == requests_.end()) continue;
+    Request& r = *it->second;
+    if (index < 0 || r.params.is_beam_search()) {
+      finish_request(r, index < 0 ? FinishReason::Abort : FinishReason::Stop);
+      continue;
+    }
+    for (auto& s : r.seqs)
+      if (s->index == index) {
+        finish_seq(r, *s, FinishReason::Stop);
+        break;
+      }
   }
 }
 
@@ -140,72 +154,197 @@ void Engine::step() {
       }
     model_->forward(view, kv_, logits_.data());
   } catch (const std::exception& e) {
-    for (const ScheduledRequest& s : out.scheduled)
-      finish(s.req, FinishReason::Error, std::string("forward failed: ") + e.what());
+    std::vector<Request*> failed;
+    for (const ScheduledSeq& s : out.scheduled)
+      if (std::find(failed.begin(), failed.end(), s.req) == failed.end()) failed.push_back(s.req);
+    for (Request* r : failed) finish_request(*r, FinishReason::Error, std::string("forward failed: ") + e.what());
     return;
   }
   int64_t prompt_tokens = 0;
-  for (const ScheduledRequest& s : out.scheduled)
-    prompt_tokens += std::max<int64_t>(0, std::min<int64_t>(s.req->prompt_len, s.req->num_computed + s.num_new_tokens) -
-                                              s.req->num_computed);
-  for (size_t i = 0; i < out.scheduled.size(); ++i)
-    update(out.scheduled[i], batch_.logits()[i], logits_.data());
+  for (const ScheduledSeq& s : out.scheduled)
+    prompt_tokens += std::max<int64_t>(
+        0, std::min<int64_t>(s.req->prompt_len, s.seq->num_computed + s.num_new_tokens) - s.seq->num_computed);
+  {
+    std::lock_guard<std::mutex> lk(stats_mu_);
+    stats_.num_steps += 1;
+    stats_.num_preemptions += static_cast<int64_t>(out.preempted.size());
+    stats_.prompt_tokens += prompt_tokens;
+  }
 
-  std::lock_guard<std::mutex> lk(stats_mu_);
-  stats_.num_steps += 1;
-  stats_.num_preemptions += static_cast<int64_t>(out.preempted.size());
-  stats_.prompt_tokens += prompt_tokens;
+  // Phase 1: progress of every sequence. Phase 2: sampling (may end sequences
+  // and requests). Phase 3: beam groups whose beams are all at their sampling point.
+  std::vector<std::pair<size_t, Sequence*>> to_sample;
+  std::vector<Request*> beam_groups;
+  for (size_t i = 0; i < out.scheduled.size(); ++i) {
+    const ScheduledSeq& s = out.scheduled[i];
+    if (!advance(s, batch_.logits()[i], logits_.data())) continue;
+    if (s.req->params.is_beam_search()) {
+      if (std::find(beam_groups.begin(), beam_groups.end(), s.req) == beam_groups.end()) beam_groups.push_back(s.req);
+    } else {
+      to_sample.emplace_back(i, s.seq);
+    }
+  }
+  for (const auto& [i, seq] : to_sample) {
+    const LogitsSlice& slice = batch_.logits()[i];
+    sample(*out.scheduled[i].req, *seq, logits_.data() + static_cast<int64_t>(slice.first_row + slice.num_rows - 1) * vocab);
+  }
+  for (Request* r : beam_groups) {
+    const bool all_ready = std::all_of(r->seqs.begin(), r->seqs.end(),
+                                       [](const std::unique_ptr<Sequence>& s) { return s->at_sampling_point(); });
+    if (all_ready) beam_group_step(*r);
+  }
 }
 
-void Engine::update(const ScheduledRequest& s, const LogitsSlice& slice, const float* logits) {
-  Request* r = s.req;
+bool Engine::advance(const ScheduledSeq& sc, const LogitsSlice& slice, const float* logits) {
+  Sequence& s = *sc.seq;
+  Request& r = *sc.req;
   const int64_t vocab = model_->config().vocab_size;
-  r->num_computed += s.num_new_tokens;
-  kv_manager_.cache_full_blocks(r->blocks, r->tokens.data(), r->num_computed);
-  if (r->params.return_logits && slice.num_rows > 0) {
+  s.num_computed += sc.num_new_tokens;
+  kv_manager_.cache_full_blocks(s.blocks, s.tokens.data(), s.num_computed);
+  if (r.params.return_logits && slice.num_rows > 0) {
     const float* rows = logits + static_cast<int64_t>(slice.first_row) * vocab;
-    r->new_logits.insert(r->new_logits.end(), rows, rows + static_cast<int64_t>(slice.num_rows) * vocab);
-    r->new_logit_rows += slice.num_rows;
-    r->logits_reported = slice.first_pos + slice.num_rows;
+    s.new_logits.insert(s.new_logits.end(), rows, rows + static_cast<int64_t>(slice.num_rows) * vocab);
+    s.new_logit_rows += slice.num_rows;
+    s.logits_reported = slice.first_pos + slice.num_rows;
   }
   if (!slice.samples) {
-    if (r->new_logit_rows > 0) emit(r, false);
+    if (s.new_logit_rows > 0 && !r.params.is_beam_search()) emit(r, s, false, false, FinishReason::None, "");
+    return false;
+  }
+  if (r.params.is_beam_search()) {
+    Sampler::log_softmax(logits + static_cast<int64_t>(slice.first_row + slice.num_rows - 1) * vocab, vocab,
+                         s.beam_logprobs);
+  }
+  return true;
+}
+
+void Engine::sample(Request& r, Sequence& s, const float* row) {
+  if (!r.expanded && r.params.n > 1) {
+    // The prompt is computed once; fork it into n sequences that share its blocks.
+    r.expanded = true;
+    std::vector<Sequence*> all = {&s};
+    for (int32_t i = 1; i < r.params.n; ++i) {
+      auto child = std::make_unique<Sequence>();
+      child->index = i;
+      child->tokens = s.tokens;
+      child->num_computed = s.num_computed;
+      child->rng = make_rng(r.params, i);
+      child->logits_reported = s.logits_reported;
+      kv_manager_.fork(s.blocks, child->blocks);
+      all.push_back(child.get());
+      r.seqs.push_back(std::move(child));
+    }
+    for (Sequence* q : all) sample_one(r, *q, row);
     return;
   }
-  const float* row = logits + static_cast<int64_t>(slice.first_row + slice.num_rows - 1) * vocab;
-  const int32_t tok = sampler_.sample(row, vocab, r->params);
-  r->tokens.push_back(tok);
-  r->new_tokens.push_back(tok);
+  sample_one(r, s, row);
+}
+
+void Engine::sample_one(Request& r, Sequence& s, const float* row) {
+  const int64_t vocab = model_->config().vocab_size;
+  const SamplingParams& p = r.params;
+  row_.assign(row, row + vocab);
+  Sampler::process(row_.data(), vocab, p, s.tokens, r.prompt_len, sched_config_.eos_token_ids);
+  const int32_t tok = Sampler::pick(row_.data(), vocab, p, s.rng, probs_, order_);
+  if (p.logprobs >= 0) {
+    Sampler::log_softmax(row, vocab, logprobs_);
+    s.new_logprobs.push_back(Sampler::token_logprob(logprobs_, tok, p.logprobs));
+    s.cum_logprob += logprobs_[tok];
+  }
+  s.tokens.push_back(tok);
+  s.new_tokens.push_back(tok);
   {
     std::lock_guard<std::mutex> lk(stats_mu_);
     stats_.generated_tokens += 1;
   }
   const auto& eos = sched_config_.eos_token_ids;
-  const auto& stops = r->params.stop_token_ids;
+  const auto& stops = p.stop_token_ids;
+  const bool min_reached = r.num_generated(s) > p.min_tokens;
   FinishReason reason = FinishReason::None;
-  if (!r->params.ignore_eos && std::find(eos.begin(), eos.end(), tok) != eos.end())
+  if (min_reached && !p.ignore_eos && std::find(eos.begin(), eos.end(), tok) != eos.end())
     reason = FinishReason::Stop;
-  else if (std::find(stops.begin(), stops.end(), tok) != stops.end())
+  else if (min_reached && std::find(stops.begin(), stops.end(), tok) != stops.end())
     reason = FinishReason::Stop;
-  else if (r->num_generated() >= r->params.max_tokens || r->num_tokens() >= sched_config_.max_model_len)
+  else if (r.num_generated(s) >= p.max_tokens || s.num_tokens() >= sched_config_.max_model_len)
     reason = FinishReason::Length;
   if (reason != FinishReason::None)
-    finish(r, reason);
+    finish_seq(r, s, reason);
   else
-    emit(r, false);
+    emit(r, s, false, false, FinishReason::None, "");
 }
 
-void Engine::emit(Request* r, bool finished, const std::string& error) {
+void Engine::beam_group_step(Request& r) {
+  std::vector<int32_t> stop_ids = r.params.stop_token_ids;
+  if (!r.params.ignore_eos)
+    for (int32_t id : sched_config_.eos_token_ids)
+      if (std::find(stop_ids.begin(), stop_ids.end(), id) == stop_ids.end()) stop_ids.push_back(id);
+  const int64_t limit = std::min<int64_t>(r.params.max_tokens, sched_config_.max_model_len - r.prompt_len);
+  const std::vector<BeamChoice> next = beam_step(r, stop_ids, limit);
+  {
+    std::lock_guard<std::mutex> lk(stats_mu_);
+    stats_.generated_tokens += static_cast<int64_t>(r.seqs.size());
+  }
+  if (next.empty()) {  // the search is over: the best n finished beams, best first
+    scheduler_.remove(&r);  // frees the live beams' blocks
+    r.seqs.clear();
+    const size_t n = std::min<size_t>(static_cast<size_t>(r.params.n), r.beam_done.size());
+    if (n == 0) return finish_request(r, FinishReason::Length);  // defensive: no hypothesis at all
+    for (size_t i = 0; i < n; ++i) {
+      const BeamHypothesis& h = r.beam_done[i];
+      Event ev;
+      ev.request_id = r.id;
+      ev.index = static_cast<int32_t>(i);
+      ev.token_ids = h.tokens;
+      ev.finished = true;
+      ev.request_finished = i + 1 == n;
+      const bool stopped = !h.tokens.empty() &&
+                           std::find(stop_ids.begin(), stop_ids.end(), h.tokens.back()) != stop_ids.end();
+      ev.finish_reason = stopped ? FinishReason::Stop : FinishReason::Length;
+      ev.num_preemptions = r.num_preemptions;
+      ev.cumulative_logprob = h.cum_logprob;
+      ev.score = h.score;
+      if (i + 1 == n) drop_request(r);  // before the last event: stats and ids are current when it lands
+      push_event(std::move(ev));
+    }
+    return;
+  }
+  // New beams fork their parents' blocks; then the old beams let go of theirs.
+  std::vector<std::unique_ptr<Sequence>> beams;
+  for (size_t i = 0; i < next.size(); ++i) {
+    const Sequence& parent = *r.seqs[next[i].parent];
+    auto b = std::make_unique<Sequence>();
+    b->index = static_cast<int32_t>(i);
+    b->tokens = parent.tokens;
+    b->tokens.push_back(next[i].token);
+    b->num_computed = parent.num_computed;
+    b->cum_logprob = next[i].cum_logprob;
+    kv_manager_.fork(parent.blocks, b->blocks);
+    beams.push_back(std::move(b));
+  }
+  for (auto& s : r.seqs) kv_manager_.free(s->blocks);
+  r.seqs.swap(beams);
+}
+
+void Engine::emit(Request& r, Sequence& s, bool finished, bool request_finished, FinishReason reason,
+                  const std::string& error) {
   Event ev;
-  ev.request_id = r->id;
-  ev.token_ids.swap(r->new_tokens);
-  ev.logits.swap(r->new_logits);
-  ev.logit_rows = r->new_logit_rows;
-  r->new_logit_rows = 0;
+  ev.request_id = r.id;
+  ev.index = s.index;
+  ev.token_ids.swap(s.new_tokens);
+  ev.logprobs.swap(s.new_logprobs);
+  ev.logits.swap(s.new_logits);
+  ev.logit_rows = s.new_logit_rows;
+  s.new_logit_rows = 0;
   ev.finished = finished;
-  ev.finish_reason = finished ? r->finish : FinishReason::None;
+  ev.request_finished = request_finished;
+  ev.finish_reason = finished ? reason : FinishReason::None;
   ev.error = error;
-  ev.num_preemptions = r->num_preemptions;
+  ev.num_preemptions = r.num_preemptions;
+  ev.cumulative_logprob = s.cum_logprob;
+  push_event(std::move(ev));
+}
+
+void Engine::push_event(Event ev) {
   {
     std::lock_guard<std::mutex> lk(out_mu_);
     events_.push_back(std::move(ev));
@@ -213,20 +352,51 @@ void Engine::emit(Request* r, bool finished, const std::string& error) {
   out_cv_.notify_all();
 }
 
-void Engine::finish(Request* r, FinishReason reason, const std::string& error) {
+void Engine::finish_seq(Request& r, Sequence& s, FinishReason reason, const std::string& error) {
   // Free first and publish, so that a host that sees the final event also sees
   // the blocks back in stats() and can reuse the id at once.
-  r->finish = reason;
-  scheduler_.remove(r);
-  r->num_computed = 0;
+  kv_manager_.free(s.blocks);
+  s.num_computed = 0;
+  const bool last = r.seqs.size() == 1 && (r.expanded || r.params.n == 1);
+  if (last) drop_request(r);  // r and s stay alive until requests_ lets go, below
+  emit(r, s, true, last, reason, error);
+  if (last) {
+    const std::string id = r.id;
+    requests_.erase(id);  // destroys r and s
+    return;
+  }
+  auto it = std::find_if(r.seqs.begin(), r.seqs.end(), [&](const std::unique_ptr<Sequence>& q) { return q.get() == &s; });
+  r.seqs.erase(it);
+}
+
+void Engine::finish_request(Request& r, FinishReason reason, const std::string& error) {
+  if (r.params.is_beam_search() || r.seqs.empty()) {
+    // One final event for the whole search (no beam is complete).
+    drop_request(r);
+    Event ev;
+    ev.request_id = r.id;
+    ev.finished = ev.request_finished = true;
+    ev.finish_reason = reason;
+    ev.error = error;
+    ev.num_preemptions = r.num_preemptions;
+    push_event(std::move(ev));
+  } else {
+    drop_request(r);
+    for (size_t i = 0; i < r.seqs.size(); ++i)
+      emit(r, *r.seqs[i], true, i + 1 == r.seqs.size(), reason, error);
+  }
+  const std::string id = r.id;
+  requests_.erase(id);  // destroys r
+}
+
+void Engine::drop_request(Request& r) {
+  scheduler_.remove(&r);  // frees every live sequence's blocks
+  for (auto& s : r.seqs) s->num_computed = 0;
   {
     std::lock_guard<std::mutex> lk(in_mu_);
-    live_ids_.erase(r->id);
+    live_ids_.erase(r.id);
   }
   publish_stats();
-  emit(r, true, error);
-  const std::string id = r->id;
-  requests_.erase(id);  // destroys r
 }
 
 void Engine::publish_stats() {
@@ -235,11 +405,13 @@ void Engine::publish_stats() {
   const int64_t bs = kv_.block_size;
   filled_.assign(static_cast<size_t>(pool_.num_blocks()), 0);
   for (auto& kv : requests_) {
-    const Request& r = *kv.second;
-    for (size_t i = 0; i < r.blocks.table.size(); ++i) {
-      const int64_t n = std::min<int64_t>(bs, std::max<int64_t>(0, r.num_computed - static_cast<int64_t>(i) * bs));
-      int32_t& f = filled_[r.blocks.table[i]];
-      f = std::max<int32_t>(f, static_cast<int32_t>(n));
+    for (const auto& sq : kv.second->seqs) {
+      const Sequence& s = *sq;
+      for (size_t i = 0; i < s.blocks.table.size(); ++i) {
+        const int64_t n = std::min<int64_t>(bs, std::max<int64_t>(0, s.num_computed - static_cast<int64_t>(i) * bs));
+        int32_t& f = filled_[s.blocks.table[i]];
+        f = std::max<int32_t>(f, static_cast<int32_t>(n));
+      }
     }
   }
   int64_t slots = 0;

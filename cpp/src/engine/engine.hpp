@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "engine/batch.hpp"
+#include "engine/beam_search.hpp"
 #include "engine/block_pool.hpp"
 #include "engine/kv_cache.hpp"
 #include "engine/kv_cache_manager.hpp"
@@ -39,7 +40,8 @@ class Engine {
   // Queues a validated request. Throws Error(InvalidArgument) for a duplicate
   // live id or after stop().
   void submit(std::unique_ptr<Request> req);
-  bool abort(const std::string& id);
+  // index < 0: the whole request (Abort); else that sequence only (Stop).
+  bool abort(const std::string& id, int32_t index);
   std::vector<Event> poll(const std::string* id, double timeout_s);
   Stats stats() const;
   // Ends the thread; every live request gets a final Abort event.
@@ -52,10 +54,21 @@ class Engine {
   void loop();
   void step();
   void drain_inbox();
-  void finish(Request* req, FinishReason reason, const std::string& error = "");
-  void emit(Request* req, bool finished, const std::string& error = "");
   void publish_stats();
-  void update(const ScheduledRequest& s, const LogitsSlice& slice, const float* logits);
+  // Per scheduled sequence after the forward: progress, cache, logits rows.
+  // Returns true when the sequence reached its sampling point.
+  bool advance(const ScheduledSeq& s, const LogitsSlice& slice, const float* logits);
+  void sample(Request& r, Sequence& s, const float* row);
+  void sample_one(Request& r, Sequence& s, const float* row);
+  void beam_group_step(Request& r);
+  // Ends one sequence (its final event); ends the request with its last one.
+  void finish_seq(Request& r, Sequence& s, FinishReason reason, const std::string& error = "");
+  // Ends every live sequence of a request (abort, error).
+  void finish_request(Request& r, FinishReason reason, const std::string& error = "");
+  void emit(Request& r, Sequence& s, bool finished, bool request_finished, FinishReason reason,
+            const std::string& error);
+  void push_event(Event ev);
+  void drop_request(Request& r);  // after its last event: free, forget
 
   std::unique_ptr<Backend> backend_;
   std::unique_ptr<LlamaModel> model_;
@@ -68,13 +81,17 @@ class Engine {
   Batch batch_;
   std::vector<float> logits_;  // (num_logits, vocab) of the current step
   std::vector<int32_t> filled_;  // (num_blocks) scratch for publish_stats
+  std::vector<float> row_;       // (vocab) processed logits of one sample
+  std::vector<float> logprobs_;  // (vocab) log-softmax of one row
+  std::vector<double> probs_;    // sampler scratch
+  std::vector<int32_t> order_;   // sampler scratch
   std::unordered_map<std::string, std::unique_ptr<Request>> requests_;  // engine thread only
 
   // inbox
   mutable std::mutex in_mu_;
   std::condition_variable in_cv_;
   std::deque<std::unique_ptr<Request>> new_requests_;
-  std::vector<std::string> aborts_;
+  std::vector<std::pair<std::string, int32_t>> aborts_;  // (request id, sequence index or -1)
   std::set<std::string> live_ids_;  // submitted and not finished
   bool stopping_ = false;
 

@@ -8,7 +8,9 @@ KvCache KvCache::allocate(Backend& backend, const LlamaConfig& cfg, int64_t bloc
                           int64_t budget_bytes) {
   KvCache kv;
   kv.block_size = block_size;
-  const int64_t per_layer = block_size * cfg.num_kv_heads * cfg.head_dim * 4;  // fp32, K or V
+  const ScalarType dtype = backend.kv_dtype();
+  const int64_t per_layer =
+      block_size * cfg.num_kv_heads * cfg.head_dim * static_cast<int64_t>(scalar_size(dtype));  // K or V
   kv.bytes_per_block = per_layer * 2 * cfg.num_layers;
   kv.num_blocks = budget_bytes / kv.bytes_per_block;
   if (kv.num_blocks < 1)
@@ -18,8 +20,8 @@ KvCache KvCache::allocate(Backend& backend, const LlamaConfig& cfg, int64_t bloc
                     " bytes for this model)");
   for (int64_t l = 0; l < cfg.num_layers; ++l) {
     std::vector<int64_t> shape = {kv.num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim};
-    kv.k.push_back(backend.empty(shape, ScalarType::F32));
-    kv.v.push_back(backend.empty(shape, ScalarType::F32));
+    kv.k.push_back(backend.empty(shape, dtype));
+    kv.v.push_back(backend.empty(shape, dtype));
   }
   return kv;
 }

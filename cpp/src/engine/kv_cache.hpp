@@ -1,6 +1,7 @@
 // engine/kv_cache.hpp — the paged KV storage, taken once at start-up.
 //
-//   per layer l:  k[l], v[l]: (num_blocks, block_size, num_kv_heads, head_dim) fp32
+//   per layer l:  k[l], v[l]: (num_blocks, block_size, num_kv_heads, head_dim)
+//   in the backend's kv_dtype() (fp32 on the CPU, bf16 on CUDA)
 //
 // Which block belongs to which sequence is the BlockPool's and the block
 // tables' business; this is only the memory.

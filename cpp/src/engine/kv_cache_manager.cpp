@@ -24,6 +24,15 @@ int64_t KvCacheManager::acquire_cached_prefix(SeqBlocks& seq, const int32_t* tok
   return static_cast<int64_t>(seq.table.size()) * bs;
 }
 
+int64_t KvCacheManager::blocks_needed(const SeqBlocks& seq, int64_t num_computed, int64_t n) const {
+  const int64_t bs = pool_.block_size();
+  const int64_t have = static_cast<int64_t>(seq.table.size());
+  const int64_t want = (num_computed + n + bs - 1) / bs;
+  const int64_t first = num_computed / bs;  // the block the first new token lands in
+  const bool cow = n > 0 && first < have && pool_.ref_count(seq.table[first]) > 1;
+  return (want > have ? want - have : 0) + (cow ? 1 : 0);
+}
+
 bool KvCacheManager::allocate_slots(SeqBlocks& seq, int64_t num_computed, int64_t n,
                                     std::vector<BlockCopy>& copies) {
   const int64_t bs = pool_.block_size();

@@ -40,6 +40,10 @@ class KvCacheManager {
   // record_prefix_query(), once the request is admitted.
   int64_t acquire_cached_prefix(SeqBlocks& seq, const int32_t* tokens, int64_t n);
 
+  // Blocks allocate_slots(seq, num_computed, n) would take (an upper bound
+  // when several sequences share the block to copy).
+  int64_t blocks_needed(const SeqBlocks& seq, int64_t num_computed, int64_t n) const;
+
   // Makes room for tokens [num_computed, num_computed + n): new blocks at the
   // end, and a private copy of the block num_computed falls in when it is
   // shared (copy-on-write, appended to `copies`). All or nothing: false

@@ -1,12 +1,135 @@
 #include "engine/sampler.hpp"
 
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <unordered_map>
+
 namespace pagedrt {
 
-int32_t Sampler::sample(const float* logits, int64_t vocab, const SamplingParams& params) const {
-  int64_t best = 0;
-  for (int64_t i = 1; i < vocab; ++i)
-    if (logits[i] > logits[best] || (logits[best] != logits[best] && logits[i] == logits[i])) best = i;
-  return static_cast<int32_t>(best);
+Rng make_rng(const SamplingParams& params, int32_t index) {
+  if (!params.has_seed) {
+    std::random_device rd;
+    return Rng((static_cast<uint64_t>(rd()) << 32) ^ rd() ^ (static_cast<uint64_t>(index) << 48));
+  }
+  // splitmix64 of (seed, index): distinct, well mixed streams per sample
+  uint64_t z = params.seed + 0x9e3779b97f4a7c15ull * (static_cast<uint64_t>(index) + 1);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return Rng(z ^ (z >> 31));
+}
+
+void Sampler::process(float* logits, int64_t vocab, const SamplingParams& p,
+                      const std::vector<int32_t>& tokens, int64_t prompt_len,
+                      const std::vector<int32_t>& eos_ids) {
+  for (const auto& [id, bias] : p.logit_bias) logits[id] += bias;
+
+  const int64_t generated = static_cast<int64_t>(tokens.size()) - prompt_len;
+  if (generated < p.min_tokens) {
+    const float ninf = -std::numeric_limits<float>::infinity();
+    if (!p.ignore_eos)
+      for (int32_t id : eos_ids) logits[id] = ninf;
+    for (int32_t id : p.stop_token_ids) logits[id] = ninf;
+  }
+
+  if (p.repetition_penalty != 1.0f) {
+    std::vector<bool> seen(static_cast<size_t>(vocab), false);
+    for (int32_t t : tokens) {
+      if (seen[t]) continue;
+      seen[t] = true;
+      logits[t] = logits[t] > 0 ? logits[t] / p.repetition_penalty : logits[t] * p.repetition_penalty;
+    }
+  }
+  if (p.frequency_penalty != 0.0f || p.presence_penalty != 0.0f) {
+    std::unordered_map<int32_t, int32_t> counts;
+    for (int64_t i = prompt_len; i < static_cast<int64_t>(tokens.size()); ++i) ++counts[tokens[i]];
+    for (const auto& [t, c] : counts)
+      logits[t] -= p.frequency_penalty * static_cast<float>(c) + p.presence_penalty;
+  }
+}
+
+int32_t Sampler::pick(const float* logits, int64_t vocab, const SamplingParams& p, Rng& rng,
+                      std::vector<double>& prob, std::vector<int32_t>& order) {
+  if (p.temperature == 0.0f) {
+    int64_t best = 0;
+    for (int64_t i = 1; i < vocab; ++i)
+      if (logits[i] > logits[best] || (std::isnan(logits[best]) && !std::isnan(logits[i]))) best = i;
+    return static_cast<int32_t>(best);
+  }
+  // Candidates, most likely first (ties: lower id first). Without top-k / top-p
+  // the order does not matter and the full sort is skipped.
+  order.resize(static_cast<size_t>(vocab));
+  for (int64_t i = 0; i < vocab; ++i) order[i] = static_cast<int32_t>(i);
+  auto more_likely = [&](int32_t a, int32_t b) { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); };
+  int64_t n = vocab;
+  if (p.top_k > 0 && p.top_k < vocab) {
+    std::nth_element(order.begin(), order.begin() + p.top_k, order.end(), more_likely);
+    n = p.top_k;
+  }
+  if (p.top_p < 1.0f) std::sort(order.begin(), order.begin() + n, more_likely);
+
+  const double inv_t = 1.0 / static_cast<double>(p.temperature);
+  double mx = -std::numeric_limits<double>::infinity();
+  for (int64_t i = 0; i < n; ++i) mx = std::max(mx, static_cast<double>(logits[order[i]]) * inv_t);
+  prob.resize(static_cast<size_t>(n));
+  double sum = 0.0;
+  for (int64_t i = 0; i < n; ++i) sum += (prob[i] = std::exp(static_cast<double>(logits[order[i]]) * inv_t - mx));
+  if (!(sum > 0.0)) return order[0];  // every candidate banned (-inf): fall back to the first
+  if (p.top_p < 1.0f) {  // the smallest prefix (most likely first) reaching top_p
+    double cum = 0.0;
+    int64_t keep = 0;
+    while (keep < n) {
+      cum += prob[keep++] / sum;
+      if (cum >= p.top_p) break;
+    }
+    n = keep;
+  }
+  if (p.min_p > 0.0f) {
+    double pmax = 0.0;
+    for (int64_t i = 0; i < n; ++i) pmax = std::max(pmax, prob[i]);
+    for (int64_t i = 0; i < n; ++i)
+      if (prob[i] < p.min_p * pmax) prob[i] = 0.0;
+  }
+  double total = 0.0;
+  for (int64_t i = 0; i < n; ++i) total += prob[i];
+  const double u = static_cast<double>(rng() >> 11) * 0x1.0p-53 * total;  // in [0, total)
+  double acc = 0.0;
+  int64_t last = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (prob[i] <= 0.0) continue;
+    acc += prob[i];
+    last = i;
+    if (u < acc) return order[i];
+  }
+  return order[last];
+}
+
+void Sampler::log_softmax(const float* logits, int64_t vocab, std::vector<float>& out) {
+  double mx = -std::numeric_limits<double>::infinity();
+  for (int64_t i = 0; i < vocab; ++i) mx = std::max(mx, static_cast<double>(logits[i]));
+  double sum = 0.0;
+  for (int64_t i = 0; i < vocab; ++i) sum += std::exp(static_cast<double>(logits[i]) - mx);
+  const double lse = mx + std::log(sum);
+  out.resize(static_cast<size_t>(vocab));
+  for (int64_t i = 0; i < vocab; ++i) out[i] = static_cast<float>(static_cast<double>(logits[i]) - lse);
+}
+
+TokenLogprob Sampler::token_logprob(const std::vector<float>& lp, int32_t token, int32_t k) {
+  TokenLogprob t;
+  t.token = token;
+  t.logprob = lp[token];
+  if (k > 0) {
+    std::vector<int32_t> idx(lp.size());
+    for (size_t i = 0; i < idx.size(); ++i) idx[i] = static_cast<int32_t>(i);
+    const size_t kk = std::min(idx.size(), static_cast<size_t>(k));
+    std::partial_sort(idx.begin(), idx.begin() + kk, idx.end(),
+                      [&](int32_t a, int32_t b) { return lp[a] > lp[b] || (lp[a] == lp[b] && a < b); });
+    for (size_t i = 0; i < kk; ++i) {
+      t.top_ids.push_back(idx[i]);
+      t.top_logprobs.push_back(lp[idx[i]]);
+    }
+  }
+  return t;
 }
 
 }  // namespace pagedrt

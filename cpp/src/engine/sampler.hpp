@@ -1,19 +1,38 @@
-// engine/sampler.hpp — picks the next token from a logits row.
-//
-// Greedy only for now; the full SamplingParams (temperature, top-k/p, min-p,
-// penalties, seeds, beams) grow here.
+// engine/sampler.hpp — from a logits row to the next token (see the order of
+// operations in pagedrt/sampling_params.hpp), plus log-probabilities.
 #pragma once
 
 #include <cstdint>
+#include <random>
+#include <vector>
 
+#include "pagedrt/event.hpp"
 #include "pagedrt/sampling_params.hpp"
 
 namespace pagedrt {
 
+// A sequence's random stream: seeded from (seed, sample index) when the
+// request has a seed, so its draws do not depend on anything else in the batch.
+using Rng = std::mt19937_64;
+Rng make_rng(const SamplingParams& params, int32_t index);
+
 class Sampler {
  public:
-  // logits: (vocab) fp32. Ties go to the lowest token id (as torch.argmax).
-  int32_t sample(const float* logits, int64_t vocab, const SamplingParams& params) const;
+  // Steps 1-3: logit_bias, min_tokens, penalties, in place on logits (vocab).
+  // `output` are the tokens generated so far, `prompt` the prompt.
+  static void process(float* logits, int64_t vocab, const SamplingParams& params,
+                      const std::vector<int32_t>& prompt_and_output, int64_t prompt_len,
+                      const std::vector<int32_t>& eos_ids);
+
+  // Step 4 on processed logits. `scratch` is reused between calls.
+  static int32_t pick(const float* logits, int64_t vocab, const SamplingParams& params, Rng& rng,
+                      std::vector<double>& scratch, std::vector<int32_t>& order);
+
+  // log-softmax of `logits` into `out` (vocab).
+  static void log_softmax(const float* logits, int64_t vocab, std::vector<float>& out);
+
+  // The chosen token's logprob and the top k (from log-softmaxed `logprobs`).
+  static TokenLogprob token_logprob(const std::vector<float>& logprobs, int32_t token, int32_t k);
 };
 
 }  // namespace pagedrt

@@ -9,55 +9,94 @@ Scheduler::Scheduler(const SchedulerConfig& config, KvCacheManager& kv) : config
 void Scheduler::add(Request* req) { waiting_.push_back(req); }
 
 void Scheduler::preempt(Request* req) {
-  kv_.free(req->blocks);
-  req->num_computed = 0;
+  for (auto& s : req->seqs) {
+    kv_.free(s->blocks);
+    s->num_computed = 0;
+  }
   ++req->num_preemptions;
   running_.erase(std::find(running_.begin(), running_.end(), req));
   waiting_.push_front(req);
 }
 
+size_t Scheduler::live_seqs() const {
+  size_t n = 0;
+  for (const Request* r : running_) n += r->seqs.size();
+  return n;
+}
+
+int64_t Scheduler::plan(Request* req, int64_t budget, std::vector<ScheduledSeq>& out) const {
+  int64_t blocks = 0;
+  for (auto& s : req->seqs) {
+    const int64_t n = std::min(s->num_tokens() - s->num_computed, budget);
+    if (n <= 0) continue;
+    out.push_back({req, s.get(), static_cast<int32_t>(n)});
+    blocks += kv_.blocks_needed(s->blocks, s->num_computed, n);
+    budget -= n;
+  }
+  return blocks;
+}
+
 SchedulerOutput Scheduler::schedule() {
   SchedulerOutput out;
   int64_t budget = config_.max_num_batched_tokens;
+  std::vector<ScheduledSeq> mine;
 
   for (size_t i = 0; i < running_.size() && budget > 0;) {
     Request* req = running_[i];
-    const int64_t n = std::min(req->num_tokens() - req->num_computed, budget);
-    bool ok = n > 0;
-    while (ok && !kv_.allocate_slots(req->blocks, req->num_computed, n, out.copies)) {
+    mine.clear();
+    const int64_t need = plan(req, budget, mine);
+    bool ok = !mine.empty();
+    while (ok && need > kv_.pool().num_free()) {
       Request* victim = running_.back();
       preempt(victim);
       out.preempted.push_back(victim);
       if (victim == req) ok = false;
     }
     if (!ok) {
-      if (i < running_.size() && running_[i] == req) ++i;  // n == 0: nothing to do this step
+      if (i < running_.size() && running_[i] == req) ++i;  // nothing to compute this step
       continue;
     }
-    out.scheduled.push_back({req, static_cast<int32_t>(n)});
-    budget -= n;
+    for (const ScheduledSeq& s : mine) {
+      kv_.allocate_slots(s.seq->blocks, s.seq->num_computed, s.num_new_tokens, out.copies);
+      out.scheduled.push_back(s);
+      budget -= s.num_new_tokens;
+    }
     ++i;
   }
 
   // Admit new work only in a step that preempted nothing: otherwise the
   // request just put back would be overtaken.
-  while (out.preempted.empty() && !waiting_.empty() && budget > 0 &&
-         running_.size() < static_cast<size_t>(config_.max_num_seqs)) {
+  while (out.preempted.empty() && !waiting_.empty() && budget > 0) {
     Request* req = waiting_.front();
-    req->num_computed = kv_.acquire_cached_prefix(req->blocks, req->tokens.data(), req->num_tokens());
-    const int64_t n = std::min(req->num_tokens() - req->num_computed, budget);
-    if (!kv_.allocate_slots(req->blocks, req->num_computed, n, out.copies)) {
-      kv_.free(req->blocks);  // give the hits back; try again next step
-      req->num_computed = 0;
+    if (live_seqs() + req->seqs.size() > static_cast<size_t>(config_.max_num_seqs) && !running_.empty()) break;
+    int64_t hit_tokens = 0;
+    for (auto& s : req->seqs)
+      if (s->blocks.table.empty()) {
+        s->num_computed = kv_.acquire_cached_prefix(s->blocks, s->tokens.data(), s->num_tokens());
+        hit_tokens += s->num_computed;
+      }
+    mine.clear();
+    if (plan(req, budget, mine) > kv_.pool().num_free()) {
+      for (auto& s : req->seqs) {  // give the hits back; try again next step
+        kv_.free(s->blocks);
+        s->num_computed = 0;
+      }
       break;
     }
-    if (kv_.prefix_caching()) kv_.record_prefix_query(req->num_tokens(), req->num_computed);
+    if (kv_.prefix_caching()) {
+      int64_t looked_up = 0;
+      for (auto& s : req->seqs) looked_up += s->num_tokens();
+      kv_.record_prefix_query(looked_up, hit_tokens);
+    }
     waiting_.pop_front();
     running_.push_back(req);
-    out.scheduled.push_back({req, static_cast<int32_t>(n)});
-    budget -= n;
+    for (const ScheduledSeq& s : mine) {
+      kv_.allocate_slots(s.seq->blocks, s.seq->num_computed, s.num_new_tokens, out.copies);
+      out.scheduled.push_back(s);
+      budget -= s.num_new_tokens;
+    }
   }
-  for (const ScheduledRequest& s : out.scheduled) out.num_tokens += s.num_new_tokens;
+  for (const ScheduledSeq& s : out.scheduled) out.num_tokens += s.num_new_tokens;
   return out;
 }
 
@@ -66,7 +105,7 @@ void Scheduler::remove(Request* req) {
   if (r != running_.end()) running_.erase(r);
   auto w = std::find(waiting_.begin(), waiting_.end(), req);
   if (w != waiting_.end()) waiting_.erase(w);
-  kv_.free(req->blocks);
+  for (auto& s : req->seqs) kv_.free(s->blocks);
 }
 
 }  // namespace pagedrt

@@ -1,13 +1,14 @@
 // engine/scheduler.hpp — continuous batching under a token budget.
 //
-// Each step: running requests first (in admission order), each taking
-// min(remaining, budget) tokens — one for a decode, a chunk for a prefill —
-// then waiting requests are admitted (after taking their prefix-cache hits)
-// while the budget, max_num_seqs and free blocks allow. When a running request
-// cannot get a block, the most recently admitted running request is preempted
-// by recompute: its blocks are freed (full ones stay in the prefix cache),
-// num_computed goes back to 0 (its generated tokens are kept) and it waits at
-// the front of the queue.
+// The unit is a request (all its live sequences are scheduled together, or
+// none). Each step: running requests first (in admission order), each
+// sequence taking min(remaining, budget) tokens — one for a decode, a chunk
+// for a prefill — then waiting requests are admitted (after taking their
+// prefix-cache hits) while the budget, max_num_seqs and free blocks allow.
+// When a running request cannot get its blocks, the most recently admitted
+// running request is preempted by recompute: its blocks are freed (full ones
+// stay in the prefix cache), its sequences' num_computed go back to 0 (their
+// generated tokens are kept) and it waits at the front of the queue.
 #pragma once
 
 #include <cstdint>
@@ -24,18 +25,19 @@ struct SchedulerConfig {
   int32_t max_num_seqs = 64;
   int32_t max_num_batched_tokens = 2048;
   int64_t max_model_len = 2048;        // prompt + generated tokens at most
-  std::vector<int32_t> eos_token_ids;  // end a request unless ignore_eos
+  std::vector<int32_t> eos_token_ids;  // end a sequence unless ignore_eos
 };
 
-struct ScheduledRequest {
+struct ScheduledSeq {
   Request* req = nullptr;
+  Sequence* seq = nullptr;
   int32_t num_new_tokens = 0;  // tokens computed for it this step
 };
 
 struct SchedulerOutput {
-  std::vector<ScheduledRequest> scheduled;
-  std::vector<Request*> preempted;    // this step
-  std::vector<BlockCopy> copies;      // copy-on-write, to run before the forward
+  std::vector<ScheduledSeq> scheduled;
+  std::vector<Request*> preempted;  // this step
+  std::vector<BlockCopy> copies;    // copy-on-write, to run before the forward
   int64_t num_tokens = 0;
   bool empty() const { return scheduled.empty(); }
 };
@@ -52,10 +54,12 @@ class Scheduler {
   size_t num_waiting() const { return waiting_.size(); }
   size_t num_running() const { return running_.size(); }
   bool has_work() const { return !waiting_.empty() || !running_.empty(); }
-  const std::vector<Request*>& running() const { return running_; }
 
  private:
+  // The (sequence, tokens) pairs of `req` that fit in `budget`, and the blocks they need.
+  int64_t plan(Request* req, int64_t budget, std::vector<ScheduledSeq>& out) const;
   void preempt(Request* req);
+  size_t live_seqs() const;
 
   SchedulerConfig config_;
   KvCacheManager& kv_;
