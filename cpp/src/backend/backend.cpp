@@ -3,14 +3,39 @@
 #include "backend/cpu/cpu_backend.hpp"
 #include "pagedrt/error.hpp"
 
+#ifdef PAGEDRT_WITH_CUDA
+#include "backend/cuda/cuda_factory.hpp"
+#endif
+
 namespace pagedrt {
+
+bool cuda_available() {
+#ifdef PAGEDRT_WITH_CUDA
+  return cuda::device_count() > 0;
+#else
+  return false;
+#endif
+}
+
+bool cuda_built() {
+#ifdef PAGEDRT_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
 
 std::unique_ptr<Backend> make_backend(const std::string& device, int num_threads) {
   if (device == "cpu") return std::make_unique<cpu::CpuBackend>(num_threads);
-  if (device == "cuda")
+  if (device == "cuda") {
+#ifdef PAGEDRT_WITH_CUDA
+    return cuda::make_backend();
+#else
     throw Error(ErrorKind::Unsupported,
                 "device 'cuda': this pagedrt build has no CUDA backend (rebuild with the CUDA "
                 "toolkit and PAGEDRT_CUDA=ON)");
+#endif
+  }
   throw Error(ErrorKind::InvalidArgument,
               "device '" + device + "' is not known (use \"auto\", \"cpu\" or \"cuda\")");
 }

@@ -57,6 +57,16 @@ class Backend {
  public:
   virtual ~Backend() = default;
   virtual Device device() const = 0;
+  // dtype of the activations between ops (the residual stream stays fp32 on
+  // every backend) and of the KV cache. CPU: F32/F32; CUDA: BF16/BF16.
+  virtual ScalarType activation_dtype() const = 0;
+  virtual ScalarType kv_dtype() const = 0;
+  // Bytes of device memory free now; -1 where that is not a fixed pool (CPU).
+  virtual int64_t memory_free() const { return -1; }
+  // Throws Error(Unsupported) for an attention shape this backend has no kernel for.
+  virtual void check_attention(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim) const {}
+  // Waits until every op queued so far has finished (a no-op on the CPU).
+  virtual void synchronize() {}
 
   // Weights: converted from the checkpoint's dtype to `dtype` (F32 or BF16).
   // `rows` stacks several 2-D tensors with the same column count (fused QKV).
@@ -66,6 +76,10 @@ class Backend {
 
   virtual void begin_step(const BatchView& batch) = 0;
 
+  // Dtypes: x/out of the ops below are activation_dtype(), except `residual`
+  // (always F32), embedding's out (F32: it starts the residual), linear's out
+  // (activation_dtype() or F32, for the logits) and gather_rows (any dtype).
+  //
   // out (num_tokens, hidden) = table[token_ids]
   virtual void embedding(const Tensor& table, Tensor& out) = 0;
   // out = rms_norm(x) * weight over the first n rows of x (n, hidden); may be in place
@@ -96,12 +110,15 @@ class Backend {
   virtual void gather_rows(const Tensor& x, Tensor& out) = 0;
   // cache (num_blocks, ...): block dst = block src for every pair, in order
   virtual void copy_blocks(Tensor& cache, const std::vector<BlockCopy>& copies) = 0;
-  // copies `src` (device) into host memory `dst` (numel floats)
+  // copies `src` (device, F32) into host memory `dst` (numel floats); waits for it
   virtual void to_host(const Tensor& src, int64_t numel, float* dst) = 0;
 };
 
 // `device` is "cpu" or "cuda"; throws Error(Unsupported) for a device this
 // build lacks. `num_threads` <= 0 means all cores.
 std::unique_ptr<Backend> make_backend(const std::string& device, int num_threads);
+
+bool cuda_built();      // this build has the CUDA backend
+bool cuda_available();  // ... and a GPU is visible
 
 }  // namespace pagedrt

@@ -49,6 +49,7 @@ LlamaModel::LlamaModel(const std::string& model_dir, Backend& backend, ScalarTyp
     : cfg_(LlamaConfig::from_file(model_dir + "/config.json")),
       backend_(backend),
       weight_dtype_(weight_dtype) {
+  backend.check_attention(cfg_.num_heads, cfg_.num_kv_heads, cfg_.head_dim);
   const Checkpoint ckpt = Checkpoint::open(model_dir);
   const int64_t hidden = cfg_.hidden_size, inter = cfg_.intermediate_size;
   const int64_t q_dim = cfg_.num_heads * cfg_.head_dim, kv_dim = cfg_.num_kv_heads * cfg_.head_dim;
@@ -85,21 +86,23 @@ LlamaModel::LlamaModel(const std::string& model_dir, Backend& backend, ScalarTyp
 }
 
 void LlamaModel::ensure_workspace(int64_t tokens, int64_t logit_rows) {
+  const ScalarType act = backend_.activation_dtype();
   if (tokens > ws_.tokens) {
     const int64_t hidden = cfg_.hidden_size, D = cfg_.head_dim;
     const int64_t H = cfg_.num_heads, Hkv = cfg_.num_kv_heads, inter = cfg_.intermediate_size;
     ws_.tokens = tokens;
     ws_.residual = backend_.empty({tokens, hidden}, ScalarType::F32);
-    ws_.normed = backend_.empty({tokens, hidden}, ScalarType::F32);
-    ws_.qkv = backend_.empty({tokens, (H + 2 * Hkv) * D}, ScalarType::F32);
-    ws_.attn = backend_.empty({tokens, H * D}, ScalarType::F32);
-    ws_.proj = backend_.empty({tokens, hidden}, ScalarType::F32);
-    ws_.gate_up = backend_.empty({tokens, 2 * inter}, ScalarType::F32);
-    ws_.act = backend_.empty({tokens, inter}, ScalarType::F32);
+    ws_.normed = backend_.empty({tokens, hidden}, act);
+    ws_.qkv = backend_.empty({tokens, (H + 2 * Hkv) * D}, act);
+    ws_.attn = backend_.empty({tokens, H * D}, act);
+    ws_.proj = backend_.empty({tokens, hidden}, act);
+    ws_.gate_up = backend_.empty({tokens, 2 * inter}, act);
+    ws_.act = backend_.empty({tokens, inter}, act);
   }
   if (logit_rows > ws_.logit_rows) {
     ws_.logit_rows = logit_rows;
-    ws_.last = backend_.empty({logit_rows, cfg_.hidden_size}, ScalarType::F32);
+    ws_.last_res = backend_.empty({logit_rows, cfg_.hidden_size}, ScalarType::F32);
+    ws_.last = backend_.empty({logit_rows, cfg_.hidden_size}, act);
     ws_.logits = backend_.empty({logit_rows, cfg_.vocab_size}, ScalarType::F32);
   }
 }
@@ -130,8 +133,8 @@ void LlamaModel::forward(const BatchView& batch, KvCache& kv, float* logits) {
   }
   if (batch.num_logits == 0) return;
   backend_.add(ws_.residual, ws_.proj);
-  backend_.gather_rows(ws_.residual, ws_.last);  // (num_logits, hidden)
-  backend_.rms_norm(ws_.last, final_norm_, eps, batch.num_logits, ws_.last);  // final norm, gathered rows only
+  backend_.gather_rows(ws_.residual, ws_.last_res);  // (num_logits, hidden)
+  backend_.rms_norm(ws_.last_res, final_norm_, eps, batch.num_logits, ws_.last);  // final norm, gathered rows only
   backend_.linear(ws_.last, lm_head_, batch.num_logits, ws_.logits);          // (num_logits, vocab)
   backend_.to_host(ws_.logits, batch.num_logits * cfg_.vocab_size, logits);
 }

@@ -40,18 +40,21 @@ class LlamaModel {
     Tensor down;        // (hidden, I)
   };
   // Activations for up to `tokens` tokens; grown on demand, never shrunk.
+  // The residual stream is fp32 on every backend; the rest is the backend's
+  // activation_dtype() (fp32 on the CPU, bf16 on CUDA); logits are fp32.
   struct Workspace {
     int64_t tokens = 0;
     int64_t logit_rows = 0;
-    Tensor residual;  // (tokens, hidden)
+    Tensor residual;  // (tokens, hidden) fp32
     Tensor normed;    // (tokens, hidden)
     Tensor qkv;       // (tokens, (H + 2 Hkv) D)
     Tensor attn;      // (tokens, H D)
     Tensor proj;      // (tokens, hidden)
     Tensor gate_up;   // (tokens, 2 I)
     Tensor act;       // (tokens, I)
-    Tensor last;      // (logit_rows, hidden)
-    Tensor logits;    // (logit_rows, vocab)
+    Tensor last_res;  // (logit_rows, hidden) fp32: residual rows whose logits are needed
+    Tensor last;      // (logit_rows, hidden) their final norm
+    Tensor logits;    // (logit_rows, vocab) fp32
   };
   void ensure_workspace(int64_t tokens, int64_t logit_rows);
 

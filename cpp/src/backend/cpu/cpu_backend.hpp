@@ -12,6 +12,8 @@ class CpuBackend final : public Backend {
  public:
   explicit CpuBackend(int num_threads);
   Device device() const override { return Device::CPU; }
+  ScalarType activation_dtype() const override { return ScalarType::F32; }
+  ScalarType kv_dtype() const override { return ScalarType::F32; }
   int num_threads() const { return threads_; }
 
   Tensor load_weight(const std::vector<const TensorView*>& parts, ScalarType dtype) override;
