@@ -18,6 +18,7 @@ using pagedrt::ErrorKind;
 
 void register_block_manager(nb::module_& m);  // block_manager.cpp
 void register_sampler(nb::module_& m);        // sampler.cpp
+void register_ops(nb::module_& m);            // ops.cpp
 
 namespace {
 
@@ -129,6 +130,8 @@ NB_MODULE(_core, m) {
       .def_ro("waste", &pagedrt::Stats::waste)
       .def_ro("peak_blocks_used", &pagedrt::Stats::peak_blocks_used)
       .def_ro("waste_at_peak", &pagedrt::Stats::waste_at_peak)
+      .def_ro("blocks_logical", &pagedrt::Stats::blocks_logical)
+      .def_ro("peak_blocks_logical", &pagedrt::Stats::peak_blocks_logical)
       .def_ro("prefix_queries", &pagedrt::Stats::prefix_queries)
       .def_ro("prefix_hits", &pagedrt::Stats::prefix_hits)
       .def_ro("num_copies", &pagedrt::Stats::num_copies)
@@ -157,8 +160,9 @@ NB_MODULE(_core, m) {
            [](pagedrt::Runtime* self, const std::string& model_path, const std::string& device,
               const std::string& dtype, int64_t kv_cache_bytes, int32_t block_size, int32_t max_num_seqs,
               int32_t max_num_batched_tokens, int32_t max_model_len, bool enable_prefix_caching,
-              int32_t num_threads) {
+              int32_t num_threads, double gpu_memory_utilization) {
              pagedrt::RuntimeConfig c;
+             c.gpu_memory_utilization = gpu_memory_utilization;
              c.model_path = model_path;
              c.device = device;
              c.dtype = dtype;
@@ -174,7 +178,8 @@ NB_MODULE(_core, m) {
            },
            "model_path"_a, "device"_a = "auto", "dtype"_a = "auto", "kv_cache_bytes"_a = 0,
            "block_size"_a = 16, "max_num_seqs"_a = 64, "max_num_batched_tokens"_a = 2048,
-           "max_model_len"_a = 0, "enable_prefix_caching"_a = true, "num_threads"_a = 0)
+           "max_model_len"_a = 0, "enable_prefix_caching"_a = true, "num_threads"_a = 0,
+           "gpu_memory_utilization"_a = 0.9)
       .def("submit", &pagedrt::Runtime::submit, "prompt"_a, "params"_a, "request_id"_a = "",
            nb::call_guard<nb::gil_scoped_release>())
       .def("poll", nb::overload_cast<double>(&pagedrt::Runtime::poll), "timeout"_a = 0.0,
@@ -190,6 +195,7 @@ NB_MODULE(_core, m) {
 
   register_block_manager(m);
   register_sampler(m);
+  register_ops(m);
 
   m.def("inspect_checkpoint", &inspect_checkpoint, "model_dir"_a,
         "List the tensors of a model folder's safetensors checkpoint (validates every file).");

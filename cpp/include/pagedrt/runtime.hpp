@@ -22,9 +22,11 @@ namespace pagedrt {
 
 struct RuntimeConfig {
   std::string model_path;          // a Hugging Face style model folder
-  std::string device = "auto";     // "auto", "cpu" or "cuda"
+  std::string device = "auto";     // "auto" (cuda when a GPU is visible, else cpu), "cpu" or "cuda"
   std::string dtype = "auto";      // weights: "auto" (fp32 stays fp32, else bf16), "float32", "bfloat16"
-  int64_t kv_cache_bytes = 0;      // hard cap for the KV pool; 0 = default (512 MiB on the CPU)
+  int64_t kv_cache_bytes = 0;      // hard cap for the KV pool; 0 = default (512 MiB on the CPU,
+                                   // gpu_memory_utilization of the free GPU memory after the weights)
+  double gpu_memory_utilization = 0.9;  // CUDA, kv_cache_bytes = 0: fraction of free memory to use
   int32_t block_size = 16;         // tokens per KV block
   int32_t max_num_seqs = 64;       // sequences in one step at most
   int32_t max_num_batched_tokens = 2048;  // token budget of one step
@@ -54,6 +56,8 @@ struct Stats {
   int64_t slots_used = 0;          // token slots holding K/V of live sequences
   double waste = 0.0;              // 1 - slots_used / (blocks_used * block_size)
   int64_t peak_blocks_used = 0;    // since start
+  int64_t blocks_logical = 0;      // sum of live sequences' block-table lengths (without sharing)
+  int64_t peak_blocks_logical = 0; // since start
   double waste_at_peak = 0.0;      // waste when blocks_used peaked
   int64_t prefix_queries = 0;      // prompt tokens looked up in the prefix cache
   int64_t prefix_hits = 0;         // of those, tokens found (not recomputed)

@@ -414,8 +414,10 @@ void Engine::publish_stats() {
       }
     }
   }
-  int64_t slots = 0;
+  int64_t slots = 0, logical = 0;
   for (int32_t f : filled_) slots += f;
+  for (auto& kv : requests_)
+    for (const auto& sq : kv.second->seqs) logical += static_cast<int64_t>(sq->blocks.table.size());
   const double now = std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 
   std::lock_guard<std::mutex> lk(stats_mu_);
@@ -428,6 +430,8 @@ void Engine::publish_stats() {
     stats_.peak_blocks_used = stats_.blocks_used;
     stats_.waste_at_peak = stats_.waste;
   }
+  stats_.blocks_logical = logical;
+  stats_.peak_blocks_logical = std::max(stats_.peak_blocks_logical, logical);
   stats_.num_waiting = static_cast<int64_t>(scheduler_.num_waiting());
   stats_.num_running = static_cast<int64_t>(scheduler_.num_running());
   stats_.prefix_queries = kv_manager_.prefix_queries();

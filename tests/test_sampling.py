@@ -1,0 +1,150 @@
+"""The C++ sampler against exact target distributions and a Python reference
+of the logits processing (through the _core._sample_counts and
+_core._process_logits test hooks, which call the engine's own Sampler)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import pagedrt
+from pagedrt import _core
+
+LOGITS = np.array([2.0, 1.5, 1.4, 0.3, 0.0, -0.5, -1.0, 1.0, 0.9, -3.0, 0.2, 1.45], np.float32)
+DRAWS = 200_000
+TV_BOUND = 0.01  # sampling noise is about sqrt(12 / 200k) / 2 = 0.004
+
+
+def target(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
+    """The distribution pagedrt's documentation defines, computed independently."""
+    x = logits.astype(np.float64) / temperature
+    order = sorted(range(len(x)), key=lambda i: (-x[i], i))
+    keep = order[:top_k] if 0 < top_k < len(x) else order
+    p = np.exp(x[keep] - x[keep].max())
+    p /= p.sum()
+    if top_p < 1.0:
+        cum, n = 0.0, 0
+        while n < len(keep):
+            cum += p[n]
+            n += 1
+            if cum >= top_p:
+                break
+        keep, p = keep[:n], p[:n]
+    if min_p > 0:
+        p = np.where(p >= min_p * p.max(), p, 0.0)
+    out = np.zeros(len(x))
+    out[keep] = p / p.sum()
+    return out
+
+
+def counts(logits, **kw):
+    params = pagedrt.SamplingParams(seed=1234, **kw)._to_core()
+    return np.array(_core._sample_counts(logits, params, DRAWS), np.float64)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(temperature=1.0),
+    dict(temperature=0.5),
+    dict(temperature=2.0),
+    dict(top_k=3),
+    dict(top_k=5, temperature=0.7),
+    dict(top_p=0.6),
+    dict(top_p=0.9, temperature=1.3),
+    dict(min_p=0.3),
+    dict(top_k=6, top_p=0.8, min_p=0.5),
+], ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
+def test_empirical_distribution_matches_target(kw):
+    want = target(LOGITS, **kw)
+    got = counts(LOGITS, **kw) / DRAWS
+    assert 0.5 * np.abs(got - want).sum() < TV_BOUND
+    assert np.all(got[want == 0] == 0)  # filtered tokens are never drawn
+
+
+def test_greedy_and_ties():
+    assert counts(LOGITS, temperature=0.0)[0] == DRAWS
+    tie = np.array([0.0, 3.0, 3.0, 1.0], np.float32)
+    assert counts(tie, temperature=0.0)[1] == DRAWS  # ties go to the lowest id
+
+
+def test_seeded_streams_repeat_and_differ():
+    p = lambda s: pagedrt.SamplingParams(seed=s)._to_core()
+    a = _core._sample_counts(LOGITS, p(7), 1000)
+    assert a == _core._sample_counts(LOGITS, p(7), 1000)
+    assert a != _core._sample_counts(LOGITS, p(8), 1000)
+
+
+def reference_process(logits, tokens, prompt_len, eos, *, logit_bias=None, min_tokens=0, ignore_eos=False,
+                      stop_token_ids=(), repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0):
+    x = logits.astype(np.float32).copy()
+    for t, b in (logit_bias or {}).items():
+        x[t] += np.float32(b)
+    if len(tokens) - prompt_len < min_tokens:
+        for t in ([] if ignore_eos else list(eos)) + list(stop_token_ids):
+            x[t] = -np.inf
+    if repetition_penalty != 1.0:
+        for t in set(tokens):
+            x[t] = x[t] / np.float32(repetition_penalty) if x[t] > 0 else x[t] * np.float32(repetition_penalty)
+    out = tokens[prompt_len:]
+    for t in set(out):
+        x[t] -= np.float32(frequency_penalty) * np.float32(out.count(t)) + np.float32(presence_penalty)
+    return x
+
+
+@pytest.mark.parametrize("kw", [
+    dict(repetition_penalty=1.3),
+    dict(repetition_penalty=0.8),
+    dict(frequency_penalty=0.5),
+    dict(presence_penalty=-0.7),
+    dict(frequency_penalty=0.4, presence_penalty=1.1, repetition_penalty=1.2),
+    dict(logit_bias={3: 5.0, 7: -100.0}),
+    dict(min_tokens=10, stop_token_ids=[4]),
+    dict(min_tokens=10, ignore_eos=True, stop_token_ids=[4]),  # eos stays allowed
+    dict(min_tokens=7),                                         # 6 generated: eos banned
+])
+def test_penalties_and_biases_match_reference(kw):
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=50).astype(np.float32)
+    tokens = rng.integers(0, 50, size=12).tolist() + [5, 5, 9, 5, 20, 9]  # prompt 12, output 6
+    eos = [2, 11]
+    params = pagedrt.SamplingParams(**kw)._to_core()
+    got = np.array(_core._process_logits(logits, params, tokens, 12, eos), np.float32)
+    want = reference_process(logits, tokens, 12, eos, **kw)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert not np.array_equal(got, logits)  # each case changes something
+    if kw.get("ignore_eos"):
+        assert got[2] == logits[2] and got[11] == logits[11]
+
+
+def test_min_tokens_reached_changes_nothing():
+    logits = np.linspace(-1, 1, 20).astype(np.float32)
+    params = pagedrt.SamplingParams(min_tokens=2)._to_core()
+    got = np.array(_core._process_logits(logits, params, [1, 2, 3, 4, 5], 2, [7]), np.float32)
+    assert np.array_equal(got, logits)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("temperature", -0.1, "temperature must be >= 0"),
+    ("top_p", 0.0, "top_p must be in (0, 1]"),
+    ("top_p", 1.5, "top_p must be in (0, 1]"),
+    ("top_k", -2, "top_k"),
+    ("min_p", 1.2, "min_p"),
+    ("n", 0, "n must be >= 1"),
+    ("max_tokens", 0, "max_tokens must be >= 1"),
+    ("min_tokens", 50, "min_tokens"),
+    ("repetition_penalty", 0.0, "repetition_penalty"),
+    ("presence_penalty", 3.0, "presence_penalty"),
+    ("frequency_penalty", -2.5, "frequency_penalty"),
+    ("logprobs", 50, "logprobs"),
+    ("beam_width", 0, "beam_width"),
+    ("early_stopping", "sometimes", "early_stopping"),
+    ("seed", -1, "seed"),
+    ("temperature", "hot", "temperature must be a number"),
+    ("stop", [""], "stop must be non-empty"),
+])
+def test_invalid_values_name_the_field(field, value, message):
+    with pytest.raises(pagedrt.InvalidArgument, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        pagedrt.SamplingParams(**{field: value})._to_core()
+
+
+def test_unknown_field_is_rejected():
+    with pytest.raises(pagedrt.InvalidArgument, match="unknown sampling parameter"):
+        pagedrt.SamplingParams().replace(temprature=0.5)
