@@ -170,8 +170,11 @@ def test_abort_and_close_end_requests(good_model):
     rt = pagedrt.Runtime(good_model, device="cpu")
     a = rt.submit(list(range(3, 30)), max_tokens=400, ignore_eos=True)
     b = rt.submit(list(range(3, 30)), max_tokens=400, ignore_eos=True)
-    assert rt.abort(a)
-    assert not rt.abort("no-such-request")
+    rt.abort(a)
+    with pytest.raises(pagedrt.InvalidArgument, match="unknown or finished request id 'no-such-request'"):
+        rt.abort("no-such-request")
+    with pytest.raises(pagedrt.InvalidArgument, match="unknown or finished request id"):
+        rt.poll("no-such-request")
     evs = []
     while not any(e.finished and e.request_id == a for e in evs):
         evs += rt.poll(a, timeout=1.0)

@@ -12,9 +12,10 @@ engine sees token ids only. No PyTorch is imported anywhere in pagedrt.
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
-from typing import Iterable, Iterator, Sequence, Union
+from typing import AsyncIterator, Iterable, Iterator, Sequence, Union
 
 from . import _core
 from .detokenizer import IncrementalDetokenizer
@@ -71,6 +72,20 @@ class _RequestState:
             num_preemptions=ce.num_preemptions, error=ce.error, logprobs=logprobs,
             cumulative_logprob=ce.cumulative_logprob if tracked else None,
             score=ce.score if self.params.beam_width > 1 else None, logits=ce.logits)
+
+
+def _accumulate(c: Completion, parts: dict[int, CompletionOutput], ev: Event) -> None:
+    """Folds one event into a completion's per-sequence outputs."""
+    out = parts.setdefault(ev.index, CompletionOutput(ev.index, "", [], None))
+    out.text += ev.text
+    out.token_ids += ev.token_ids
+    if ev.logprobs is not None:
+        out.logprobs = (out.logprobs or []) + ev.logprobs
+    out.cumulative_logprob, out.score = ev.cumulative_logprob, ev.score
+    c.num_preemptions = ev.num_preemptions
+    if ev.finished:
+        out.finish_reason = ev.finish_reason
+        c.error = c.error or ev.error
 
 
 class Runtime:
@@ -138,6 +153,10 @@ class Runtime:
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt)
         if is_chat:
+            for i, m in enumerate(items):
+                if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                    raise InvalidArgument(f"chat message {i} needs a string 'role' and a string 'content', "
+                                          f"got {m!r}")
             text = self.tokenizer.apply_chat_template(items, add_generation_prompt=True)
             return self.tokenizer.encode(text, add_special_tokens=False)
         if all(isinstance(t, int) and not isinstance(t, bool) for t in items):
@@ -163,7 +182,13 @@ class Runtime:
         return rid
 
     def poll(self, request_id: str | None = None, timeout: float = 0.0) -> list[Event]:
-        """Events for any request (or only `request_id`), waiting at most `timeout` seconds."""
+        """Events for any request (or only `request_id`), waiting at most `timeout`
+        seconds (the GIL is released while waiting). An unknown or already
+        finished `request_id` raises InvalidArgument."""
+        if request_id is not None:
+            with self._lock:
+                if request_id not in self._states:
+                    raise InvalidArgument(f"unknown or finished request id {request_id!r}")
         if request_id is None:
             core_events = self._rt.poll(float(timeout))
         else:
@@ -181,9 +206,15 @@ class Runtime:
                     del self._states[ce.request_id]
         return out
 
-    def abort(self, request_id: str) -> bool:
-        """Ends a request at the next step; it still gets a final event (reason "abort")."""
-        return self._rt.abort(request_id)
+    def abort(self, request_id: str) -> None:
+        """Ends a request at the next step; it still gets a final event (reason
+        "abort"). An unknown or already finished id raises InvalidArgument."""
+        with self._lock:
+            known = request_id in self._states
+        if not known or not self._rt.abort(request_id):
+            if known:  # finished in the engine; its final event is waiting to be polled
+                return
+            raise InvalidArgument(f"unknown or finished request id {request_id!r}")
 
     def generate(self, prompts: Prompt | Iterable[Prompt], params: SamplingParams | None = None,
                  **overrides) -> list[Completion]:
@@ -200,24 +231,12 @@ class Runtime:
         pending, parts = set(order), {}
         while pending:
             for ev in self.poll(timeout=0.05):
-                if ev.request_id not in state:
-                    continue
-                out = parts.setdefault((ev.request_id, ev.index),
-                                       CompletionOutput(ev.index, "", [], None, None, None, None))
-                out.text += ev.text
-                out.token_ids += ev.token_ids
-                if ev.logprobs is not None:
-                    out.logprobs = (out.logprobs or []) + ev.logprobs
-                out.cumulative_logprob, out.score = ev.cumulative_logprob, ev.score
-                c = state[ev.request_id]
-                c.num_preemptions = ev.num_preemptions
-                if ev.finished:
-                    out.finish_reason = ev.finish_reason
-                    c.error = c.error or ev.error
-                if ev.request_finished:
-                    pending.discard(ev.request_id)
-        for (rid, _), out in sorted(parts.items(), key=lambda kv: kv[0][1]):
-            state[rid].outputs.append(out)
+                if ev.request_id in state:
+                    _accumulate(state[ev.request_id], parts.setdefault(ev.request_id, {}), ev)
+                    if ev.request_finished:
+                        pending.discard(ev.request_id)
+        for rid, outs in parts.items():
+            state[rid].outputs = [outs[i] for i in sorted(outs)]
         return [state[r] for r in order]
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None, **overrides) -> Iterator[Event]:
@@ -233,6 +252,34 @@ class Runtime:
         finally:
             if not done:
                 self.abort(rid)
+
+    async def astream(self, prompt: Prompt, params: SamplingParams | None = None,
+                      **overrides) -> AsyncIterator[Event]:
+        """``async for ev in rt.astream(...)``: one request's events without
+        blocking the event loop (the waits run in the default executor, with
+        the GIL released). Leaving the loop early aborts the request."""
+        rid = self.submit(prompt, params, **overrides)
+        loop = asyncio.get_running_loop()
+        done = False
+        try:
+            while not done:
+                for ev in await loop.run_in_executor(None, self.poll, rid, 0.05):
+                    done = done or ev.request_finished
+                    yield ev
+        finally:
+            if not done:
+                self.abort(rid)
+
+    async def agenerate(self, prompt: Prompt, params: SamplingParams | None = None,
+                        **overrides) -> Completion:
+        """The asyncio form of generate() for one prompt."""
+        ids = self.encode_prompt(prompt)
+        c, parts = Completion("", ids, []), {}
+        async for ev in self.astream(ids, params, **overrides):
+            c.request_id = ev.request_id
+            _accumulate(c, parts, ev)
+        c.outputs = [parts[i] for i in sorted(parts)]
+        return c
 
     # -- state ------------------------------------------------------------------------
     def stats(self):
