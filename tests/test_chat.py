@@ -46,3 +46,74 @@ def test_bad_sampling_flag_is_a_clear_error(env):
     out = subprocess.run([sys.executable, "-m", "pagedrt.chat", "--top-p", "0"], env=env,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "top_p" in out.stderr and "Traceback" not in out.stderr
+
+
+def spawn(env, *args):
+    import pexpect
+    child = pexpect.spawn(sys.executable, ["-m", "pagedrt.chat", *args], env=env, encoding="utf-8",
+                          timeout=120, dimensions=(40, 200))
+    child.expect("/help lists commands")
+    return child
+
+
+def test_driven_like_a_person(env):
+    """Start, ask, watch the answer stream, /stats, Ctrl-C in the middle of an
+    answer, /reset, quit — through a real pseudo-terminal."""
+    child = spawn(env, "--temperature", "0", "--max-tokens", "48")
+    child.expect("> ")
+    child.sendline("What is the capital of France?")
+    child.expect("Paris")
+    child.expect(r"\[(\d+) tokens, [\d.]+ tok/s, TTFT \d+ ms, (stop|length)\]")
+    child.expect("> ")
+    child.sendline("/stats")
+    child.expect(r"KV blocks \d+ used / \d+ free")
+    child.expect("preemptions 0")
+    child.expect("> ")
+    child.sendline("/set max_tokens 2000")
+    child.expect(r"\[max_tokens = 2000\]")
+    child.expect("> ")
+    child.sendline("Write a very long story about a dragon and a knight, with many chapters.")
+    child.expect("chapters.\r\n")           # the echo of what was typed
+    child.expect(r"\w+ \w+ \w+ \w+")       # the answer has started streaming
+    child.sendintr()                      # Ctrl-C
+    child.expect(r"interrupted\]")
+    child.expect("> ")
+    child.sendline("/stats")
+    child.expect(r"KV blocks 0 used")     # the interrupted request released its blocks
+    child.expect("> ")
+    child.sendline("/reset")
+    child.expect(r"\[conversation reset\]")
+    child.expect("> ")
+    child.sendline("/nonsense")
+    child.expect("unknown command /nonsense")
+    child.expect("> ")
+    child.sendline("/quit")
+    child.expect(pexpect_eof())
+    child.close()
+    assert child.exitstatus == 0
+
+
+def pexpect_eof():
+    import pexpect
+    return pexpect.EOF
+
+
+def test_multiline_and_context_overflow(env):
+    """A continued line is one message; when the history outgrows the context the
+    oldest turns are dropped, with a notice, instead of failing."""
+    child = spawn(env, "--temperature", "0", "--max-tokens", "40", "--max-model-len", "160")
+    for i in range(4):
+        child.expect("> ")
+        child.sendline(f"Tell me about the number {i} in two sentences,\\")
+        child.expect(r"\.\.\. ")
+        child.sendline("and mention one fact about it.")
+        child.expect(r"tok/s")
+    child.expect("> ")
+    child.sendline("One more?")
+    child.expect(r"dropped the \d+ oldest message")
+    child.expect(r"tok/s")
+    child.expect("> ")
+    child.sendeof()                       # Ctrl-D
+    child.expect(pexpect_eof())
+    child.close()
+    assert child.exitstatus == 0

@@ -3,13 +3,26 @@
     pagedrt-chat                      # the default model (SmolLM2-135M-Instruct)
     pagedrt-chat --model DIR --system "You are terse." --max-tokens 256 --temperature 0
 
-Type a message and press Enter; /reset clears the history, /quit (or Ctrl-D) leaves.
+Type a message and press Enter. A line ending in a backslash continues on the
+next line; a line of three double quotes starts and ends a multi-line block.
+Commands: /help, /reset, /system TEXT, /set PARAM VALUE, /stats, /quit.
+Ctrl-C stops the current answer; Ctrl-D or /quit leaves.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+
+HELP = """commands:
+  /help               this list
+  /reset              forget the conversation (keeps the system prompt)
+  /system TEXT        set the system prompt (and reset)
+  /set PARAM VALUE    change a sampling parameter, e.g. /set temperature 0.2, /set max_tokens 64
+  /stats              KV-cache blocks, waste, prefix-cache hits, preemptions, speed
+  /quit               leave (or Ctrl-D)
+input: end a line with \\ to continue it; a line with just \"\"\" starts/ends a block.
+Ctrl-C stops an answer in the middle."""
 
 
 def _parse_args(argv):
@@ -26,6 +39,7 @@ def _parse_args(argv):
     p.add_argument("--min-p", type=float, default=0.0)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None, help="make the answers reproducible")
+    p.add_argument("--max-model-len", type=int, default=0, help="context length (0: the model's)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
     p.add_argument("--prompt", default=None,
                    help="answer this one message and exit (no interactive loop)")
@@ -37,7 +51,42 @@ def _style(code: str, text: str) -> str:
     return f"\x1b[{code}m{text}\x1b[0m" if sys.stdout.isatty() else text
 
 
+def _read_message(prompt: str):
+    """One user message: a line, continued lines (trailing backslash), or a \"\"\" block."""
+    line = input(prompt)
+    if line.strip() == '"""':
+        lines = []
+        while (nxt := input("... ")).strip() != '"""':
+            lines.append(nxt)
+        return "\n".join(lines)
+    lines = [line]
+    while lines[-1].endswith("\\"):
+        lines[-1] = lines[-1][:-1]
+        lines.append(input("... "))
+    return "\n".join(lines)
+
+
+def _fit_history(rt, messages, max_tokens):
+    """Drops the oldest turns (never the system prompt or the newest message)
+    until the prompt leaves room for an answer. Returns the number of messages dropped."""
+    limit = rt.model_info.max_model_len
+    dropped = 0
+    while True:
+        n = len(rt.encode_prompt(messages))
+        if n + min(max_tokens, 16) <= limit:
+            return dropped
+        first = 1 if messages and messages[0]["role"] == "system" else 0
+        if len(messages) - first <= 1:
+            raise ValueError(f"the message alone is {n} tokens; the context holds {limit}")
+        del messages[first]
+        dropped += 1
+
+
 def _answer(rt, messages, params):
+    """Streams one answer; returns its text. Ctrl-C aborts it and returns what came."""
+    limit = rt.model_info.max_model_len
+    prompt_len = len(rt.encode_prompt(messages))
+    params = params.replace(max_tokens=max(1, min(params.max_tokens, limit - prompt_len)))
     start = time.perf_counter()
     rid = rt.submit(messages, params)
     first, n, reason, text = None, 0, None, []
@@ -55,9 +104,12 @@ def _answer(rt, messages, params):
     except KeyboardInterrupt:
         rt.abort(rid)  # the engine ends it at the next step; collect its final event
         deadline = time.monotonic() + 5.0
-        while time.monotonic() < deadline and not any(e.request_finished for e in rt.poll(rid, timeout=0.5)):
-            pass
-        raise
+        while reason is None and time.monotonic() < deadline:
+            for ev in rt.poll(rid, timeout=0.2):
+                text.append(ev.text)
+                if ev.request_finished:
+                    reason = "interrupted"
+        reason = "interrupted"
     end = time.perf_counter()
     rate = (n - 1) / (end - first) if first and n > 1 and end > first else 0.0
     ttft = (first - start) * 1000 if first else 0.0
@@ -65,8 +117,46 @@ def _answer(rt, messages, params):
     return "".join(text)
 
 
+def _stats_line(rt) -> str:
+    s = rt.stats()
+    hit = 100 * s.prefix_hits / s.prefix_queries if s.prefix_queries else 0.0
+    return (f"KV blocks {s.blocks_used} used / {s.blocks_free} free ({s.blocks_cached_free} cached) of "
+            f"{s.num_blocks} x {s.block_size} tokens; waste {100 * s.waste:.1f}% (peak "
+            f"{100 * s.waste_at_peak:.1f}%); prefix hits {hit:.0f}% of {s.prefix_queries} tokens; "
+            f"preemptions {s.num_preemptions}; {s.generated_tokens} tokens generated, "
+            f"{s.tokens_per_s:.1f} tok/s recently")
+
+
+def _set_param(params, arg: str):
+    from .errors import InvalidArgument
+    name, _, value = arg.partition(" ")
+    name, value = name.strip().replace("-", "_"), value.strip()
+    if not name or not value:
+        raise InvalidArgument("usage: /set PARAM VALUE")
+    current = getattr(params, name, None)
+    if name not in params.__dataclass_fields__:
+        raise InvalidArgument(f"unknown sampling parameter {name!r}")
+    if value.lower() in ("none", "off") and name in ("seed", "logprobs", "stop"):
+        parsed = None
+    elif isinstance(current, bool):
+        parsed = value.lower() in ("1", "true", "yes", "on")
+    elif name in ("seed", "logprobs") or isinstance(current, int):
+        parsed = int(value)
+    elif isinstance(current, float):
+        parsed = float(value)
+    else:
+        parsed = value
+    new = params.replace(**{name: parsed})
+    new._to_core()  # checks the value, naming the field
+    return new
+
+
 def main(argv=None) -> int:
     args = _parse_args(argv)
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
     from . import Runtime, SamplingParams
     from .errors import InvalidArgument
     from .models import ModelNotFoundError
@@ -79,18 +169,21 @@ def main(argv=None) -> int:
     except InvalidArgument as e:
         print(f"pagedrt-chat: {e}", file=sys.stderr)
         return 2
-
     try:
         t0 = time.perf_counter()
-        rt = Runtime(args.model, device=args.device, dtype=args.dtype, num_threads=args.threads)
+        rt = Runtime(args.model, device=args.device, dtype=args.dtype, num_threads=args.threads,
+                     max_model_len=args.max_model_len)
     except (ModelNotFoundError, FileNotFoundError, ValueError) as e:
         print(f"pagedrt-chat: {e}", file=sys.stderr)
         return 1
+    if rt.tokenizer is None or rt.tokenizer.chat_template is None:
+        print(f"pagedrt-chat: {rt.model_path} has no chat template (tokenizer_config.json)", file=sys.stderr)
+        return 1
     info = rt.model_info
-    print(f"pagedrt-chat: {rt.model_path.name} ({info.weight_dtype}, {info.device}) "
-          f"loaded in {time.perf_counter() - t0:.2f} s. /reset clears, /quit leaves.")
-    system = [{"role": "system", "content": args.system}] if args.system else []
-    messages = list(system)
+    print(f"pagedrt-chat: {rt.model_path.name} ({info.weight_dtype}, {info.device}, context "
+          f"{info.max_model_len}) loaded in {time.perf_counter() - t0:.2f} s. /help lists commands.")
+    system = args.system
+    messages = [{"role": "system", "content": system}] if system else []
     with rt:
         if args.prompt is not None:
             messages.append({"role": "user", "content": args.prompt})
@@ -98,26 +191,53 @@ def main(argv=None) -> int:
             return 0
         while True:
             try:
-                line = input(_style("1", "> "))
-            except (EOFError, KeyboardInterrupt):
+                line = _read_message(_style("1", "> "))
+            except EOFError:
                 print()
                 return 0
-            if line.strip() in ("/quit", "/exit"):
+            except KeyboardInterrupt:
+                print()
+                continue
+            cmd, _, rest = line.strip().partition(" ")
+            if cmd in ("/quit", "/exit"):
                 return 0
-            if line.strip() == "/reset":
-                messages = list(system)
+            if cmd == "/help":
+                print(HELP)
+                continue
+            if cmd == "/reset" or cmd == "/system":
+                if cmd == "/system":
+                    system = rest.strip() or None
+                messages = [{"role": "system", "content": system}] if system else []
+                print(_style("2", "[conversation reset]"))
+                continue
+            if cmd == "/stats":
+                print(_stats_line(rt))
+                continue
+            if cmd == "/set":
+                try:
+                    params = _set_param(params, rest)
+                    print(_style("2", f"[{rest.split()[0]} = {getattr(params, rest.split()[0].replace('-', '_'))}]"))
+                except (InvalidArgument, ValueError) as e:
+                    print(f"error: {e}")
+                continue
+            if cmd.startswith("/"):
+                print(f"unknown command {cmd}; /help lists them")
                 continue
             if not line.strip():
                 continue
             messages.append({"role": "user", "content": line})
             try:
+                dropped = _fit_history(rt, messages, params.max_tokens)
+                if dropped:
+                    print(_style("2", f"[the conversation outgrew the context: dropped the {dropped} oldest "
+                                      "message(s)]"))
                 reply = _answer(rt, messages, params)
-            except KeyboardInterrupt:
-                print("\n[interrupted]")
-                messages.pop()
-                continue
             except ValueError as e:
                 print(f"error: {e}")
+                messages.pop()
+                continue
+            except KeyboardInterrupt:  # before the answer started
+                print(_style("2", "\n[interrupted]"))
                 messages.pop()
                 continue
             messages.append({"role": "assistant", "content": reply})
