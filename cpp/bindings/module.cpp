@@ -18,6 +18,7 @@ using pagedrt::ErrorKind;
 
 void register_block_manager(nb::module_& m);  // block_manager.cpp
 void register_sampler(nb::module_& m);        // sampler.cpp
+void register_kernels(nb::module_& m);        // kernels.cpp
 void register_ops(nb::module_& m);            // ops.cpp
 
 namespace {
@@ -195,6 +196,7 @@ NB_MODULE(_core, m) {
 
   register_block_manager(m);
   register_sampler(m);
+  register_kernels(m);
   register_ops(m);
 
   m.def("inspect_checkpoint", &inspect_checkpoint, "model_dir"_a,

@@ -4,16 +4,36 @@
 //   W: (m, k) fp32 or bf16 (uint16 bit patterns), row stride k
 //   y: (n, m) fp32, row stride m
 //
-// Work is split over output rows (m) across threads, so each weight row is
-// streamed from memory once per call however many tokens there are; tokens are
-// taken four at a time so that each weight load feeds four dot products.
+// Kernel variants: "scalar" (any processor) and "avx2" (AVX2 + FMA, x86-64).
+// The best one the processor supports is chosen once at start-up; the
+// environment variable PAGEDRT_CPU_KERNEL=scalar forces the portable one.
 #pragma once
 
 #include <cstdint>
+#include <string>
+#include <vector>
 
 namespace pagedrt::cpu {
 
 void gemm_f32(const float* x, const float* w, float* y, int64_t n, int64_t m, int64_t k, int threads);
 void gemm_bf16(const float* x, const uint16_t* w, float* y, int64_t n, int64_t m, int64_t k, int threads);
+
+// The variant gemm_f32/gemm_bf16 use, and every variant this build and processor can run.
+const std::string& gemm_variant();
+std::vector<std::string> gemm_variants();
+
+// One call through a named variant (for tests). Throws Error(InvalidArgument)
+// for a variant that is not available.
+void gemm_with(const std::string& variant, const float* x, const void* w, bool bf16, float* y, int64_t n,
+               int64_t m, int64_t k, int threads);
+
+namespace scalar {
+void gemm_f32(const float* x, const float* w, float* y, int64_t n, int64_t m, int64_t k, int threads);
+void gemm_bf16(const float* x, const uint16_t* w, float* y, int64_t n, int64_t m, int64_t k, int threads);
+}  // namespace scalar
+namespace avx2 {
+void gemm_f32(const float* x, const float* w, float* y, int64_t n, int64_t m, int64_t k, int threads);
+void gemm_bf16(const float* x, const uint16_t* w, float* y, int64_t n, int64_t m, int64_t k, int threads);
+}  // namespace avx2
 
 }  // namespace pagedrt::cpu
