@@ -37,13 +37,31 @@ void check_config(const RuntimeConfig& c) {
     bad_arg("max_num_batched_tokens must be >= 1, got " + std::to_string(c.max_num_batched_tokens));
   if (c.max_model_len < 0) bad_arg("max_model_len must be >= 0, got " + std::to_string(c.max_model_len));
   if (c.kv_cache_bytes < 0) bad_arg("kv_cache_bytes must be >= 0, got " + std::to_string(c.kv_cache_bytes));
+  if (!(c.gpu_memory_utilization > 0.0 && c.gpu_memory_utilization <= 1.0))
+    bad_arg("gpu_memory_utilization must be in (0, 1], got " + std::to_string(c.gpu_memory_utilization));
   if (c.num_threads < 0) bad_arg("num_threads must be >= 0, got " + std::to_string(c.num_threads));
   if (c.dtype != "auto" && c.dtype != "float32" && c.dtype != "bfloat16")
     bad_arg("dtype '" + c.dtype + "' is not known (use \"auto\", \"float32\" or \"bfloat16\")");
 }
 
+// The KV pool: kv_cache_bytes when given; on a GPU, gpu_memory_utilization of
+// the memory free after the weights, less a reserve for the activations
+// (1 MiB per batched token: activations and a logits row of a large vocabulary).
+int64_t kv_budget(const RuntimeConfig& c, const Backend& backend) {
+  if (c.kv_cache_bytes > 0) return c.kv_cache_bytes;
+  const int64_t free = backend.memory_free();
+  if (free < 0) return kDefaultCpuKvBytes;
+  const int64_t reserve = (256ll << 20) + static_cast<int64_t>(c.max_num_batched_tokens) * (1ll << 20);
+  const int64_t budget = static_cast<int64_t>(static_cast<double>(free) * c.gpu_memory_utilization) - reserve;
+  if (budget <= 0)
+    throw Error(ErrorKind::InvalidArgument,
+                "no GPU memory left for the KV cache after the weights (" + std::to_string(free >> 20) +
+                    " MiB free, gpu_memory_utilization " + std::to_string(c.gpu_memory_utilization) + ")");
+  return budget;
+}
+
 std::string resolve_device(const std::string& device) {
-  if (device == "auto") return "cpu";  // the CUDA backend takes "auto" once it exists
+  if (device == "auto") return cuda_available() ? "cuda" : "cpu";
   return device;
 }
 
@@ -99,7 +117,13 @@ Runtime::Runtime(const RuntimeConfig& config) : impl_(std::make_unique<Impl>()) 
   const std::string device = resolve_device(config.device);
   std::unique_ptr<Backend> backend = make_backend(device, config.num_threads);
   const LlamaConfig cfg = LlamaConfig::from_file(config.model_path + "/config.json");
-  const ScalarType wdtype = resolve_dtype(config.dtype, cfg);
+  ScalarType wdtype = resolve_dtype(config.dtype, cfg);
+  if (device == "cuda") {  // the CUDA kernels run bf16 weights only
+    if (config.dtype == "float32")
+      throw Error(ErrorKind::Unsupported, "dtype 'float32' on device 'cuda': the CUDA backend runs bfloat16 "
+                                          "weights (use dtype=\"auto\" or \"bfloat16\", or device=\"cpu\")");
+    wdtype = ScalarType::BF16;
+  }
   int64_t max_len = cfg.max_position_embeddings;
   if (config.max_model_len > 0) {
     if (config.max_model_len > cfg.max_position_embeddings)
@@ -108,7 +132,7 @@ Runtime::Runtime(const RuntimeConfig& config) : impl_(std::make_unique<Impl>()) 
     max_len = config.max_model_len;
   }
   auto model = std::make_unique<LlamaModel>(config.model_path, *backend, wdtype, max_len);
-  const int64_t kv_bytes = config.kv_cache_bytes > 0 ? config.kv_cache_bytes : kDefaultCpuKvBytes;
+  const int64_t kv_bytes = kv_budget(config, *backend);
   KvCache kv = KvCache::allocate(*backend, cfg, config.block_size, kv_bytes);
 
   m.info.architecture = cfg.architecture;

@@ -110,6 +110,8 @@ class Backend {
   virtual void gather_rows(const Tensor& x, Tensor& out) = 0;
   // cache (num_blocks, ...): block dst = block src for every pair, in order
   virtual void copy_blocks(Tensor& cache, const std::vector<BlockCopy>& copies) = 0;
+  // copies all of `src` (any dtype, raw bytes) into host memory `dst`; waits for it
+  virtual void download(const Tensor& src, void* dst) = 0;
   // copies `src` (device, F32) into host memory `dst` (numel floats); waits for it
   virtual void to_host(const Tensor& src, int64_t numel, float* dst) = 0;
 };

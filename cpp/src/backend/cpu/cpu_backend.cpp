@@ -188,4 +188,6 @@ void CpuBackend::to_host(const Tensor& src, int64_t numel, float* dst) {
   std::memcpy(dst, src.data, numel * 4);
 }
 
+void CpuBackend::download(const Tensor& src, void* dst) { std::memcpy(dst, src.data, src.nbytes()); }
+
 }  // namespace pagedrt::cpu

@@ -36,6 +36,7 @@ class CpuBackend final : public Backend {
   void gather_rows(const Tensor& x, Tensor& out) override;
   void copy_blocks(Tensor& cache, const std::vector<BlockCopy>& copies) override;
   void to_host(const Tensor& src, int64_t numel, float* dst) override;
+  void download(const Tensor& src, void* dst) override;
 
  private:
   int threads_;

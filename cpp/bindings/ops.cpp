@@ -1,0 +1,227 @@
+// bindings/ops.cpp — pagedrt._core._Ops(device), a test hook: runs single
+// backend ops on numpy arrays so tests can hold the CUDA backend against the
+// CPU backend op by op. Not part of the public API.
+//
+// Inputs are float32 (int32/int64 for the batch); each is converted to the
+// dtype the model would hand the op (activation_dtype(), fp32 for the
+// residual, kv_dtype() for caches); outputs come back as float32.
+#include <chrono>
+#include <cstring>
+#include <vector>
+
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/pair.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
+#include <nanobind/stl/vector.h>
+
+#include "backend/backend.hpp"
+#include "pagedrt/error.hpp"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+using pagedrt::ScalarType;
+using pagedrt::Tensor;
+
+namespace {
+
+using F32In = nb::ndarray<const float, nb::c_contig, nb::device::cpu>;
+using I32In = nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using I64In = nb::ndarray<const int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using F32Out = nb::ndarray<nb::numpy, float>;
+
+std::vector<int64_t> shape_of(const F32In& a) {
+  std::vector<int64_t> s;
+  for (size_t i = 0; i < a.ndim(); ++i) s.push_back(static_cast<int64_t>(a.shape(i)));
+  return s;
+}
+
+F32Out make_out(std::vector<float>&& v, const std::vector<int64_t>& shape) {
+  auto* data = new std::vector<float>(std::move(v));
+  nb::capsule owner(data, [](void* p) noexcept { delete static_cast<std::vector<float>*>(p); });
+  std::vector<size_t> sh(shape.begin(), shape.end());
+  return F32Out(data->data(), sh.size(), sh.data(), owner);
+}
+
+ScalarType parse_dtype(const std::string& s) {
+  if (s == "float32") return ScalarType::F32;
+  if (s == "bfloat16") return ScalarType::BF16;
+  throw pagedrt::Error(pagedrt::ErrorKind::InvalidArgument, "dtype must be float32 or bfloat16, got " + s);
+}
+
+class Ops {
+ public:
+  explicit Ops(const std::string& device) : b_(pagedrt::make_backend(device, 0)) {}
+
+  std::string activation_dtype() const { return pagedrt::scalar_name(b_->activation_dtype()); }
+
+  void set_batch(I32In token_ids, I32In positions, I64In slots, I32In query_start, I32In seq_lens,
+                 I32In page_indptr, I32In page_indices, I32In logits_indices) {
+    auto cp = [](auto& dst, const auto& a) { dst.assign(a.data(), a.data() + a.shape(0)); };
+    cp(tok_, token_ids); cp(pos_, positions); cp(slot_, slots); cp(qs_, query_start);
+    cp(lens_, seq_lens); cp(indptr_, page_indptr); cp(pages_, page_indices); cp(logit_rows_, logits_indices);
+    if (pos_.size() != tok_.size() || slot_.size() != tok_.size() || qs_.size() != lens_.size() + 1 ||
+        indptr_.size() != qs_.size() || qs_.back() != static_cast<int32_t>(tok_.size()) ||
+        indptr_.back() != static_cast<int32_t>(pages_.size()))
+      throw pagedrt::Error(pagedrt::ErrorKind::InvalidArgument, "set_batch: inconsistent batch arrays");
+    pagedrt::BatchView v;
+    v.num_tokens = static_cast<int32_t>(tok_.size());
+    v.token_ids = tok_.data(); v.positions = pos_.data(); v.slot_mapping = slot_.data();
+    v.num_seqs = static_cast<int32_t>(lens_.size());
+    v.query_start = qs_.data(); v.seq_lens = lens_.data();
+    v.page_indptr = indptr_.data(); v.page_indices = pages_.data();
+    v.num_logits = static_cast<int32_t>(logit_rows_.size()); v.logits_indices = logit_rows_.data();
+    b_->begin_step(v);
+  }
+
+  F32Out embedding(F32In table, const std::string& wdtype) {
+    Tensor t = weight(table, parse_dtype(wdtype));
+    Tensor out = b_->empty({static_cast<int64_t>(tok_.size()), t.dim(1)}, ScalarType::F32);
+    b_->embedding(t, out);
+    return back(out);
+  }
+  F32Out rms_norm(F32In x, F32In w, float eps) {
+    Tensor xt = put(x, ScalarType::F32), wt = weight(w, ScalarType::F32);
+    Tensor out = b_->empty(xt.shape, act());
+    b_->rms_norm(xt, wt, eps, xt.dim(0), out);
+    return back(out);
+  }
+  std::pair<F32Out, F32Out> add_rms_norm(F32In residual, F32In x, F32In w, float eps) {
+    Tensor r = put(residual, ScalarType::F32), xt = put(x, act()), wt = weight(w, ScalarType::F32);
+    Tensor out = b_->empty(r.shape, act());
+    b_->add_rms_norm(r, xt, wt, eps, out);
+    return {back(r), back(out)};
+  }
+  F32Out add(F32In residual, F32In x) {
+    Tensor r = put(residual, ScalarType::F32), xt = put(x, act());
+    b_->add(r, xt);
+    return back(r);
+  }
+  F32Out linear(F32In x, F32In w, const std::string& wdtype, bool out_f32) {
+    Tensor xt = put(x, act()), wt = weight(w, parse_dtype(wdtype));
+    Tensor out = b_->empty({xt.dim(0), wt.dim(0)}, out_f32 ? ScalarType::F32 : act());
+    b_->linear(xt, wt, xt.dim(0), out);
+    return back(out);
+  }
+  F32Out silu_mul(F32In gate_up) {
+    Tensor g = put(gate_up, act());
+    Tensor out = b_->empty({g.dim(0), g.dim(1) / 2}, act());
+    b_->silu_mul(g, g.dim(0), out);
+    return back(out);
+  }
+  F32Out gather_rows(F32In x) {
+    Tensor xt = put(x, ScalarType::F32);
+    Tensor out = b_->empty({static_cast<int64_t>(logit_rows_.size()), xt.dim(1)}, ScalarType::F32);
+    b_->gather_rows(xt, out);
+    return back(out);
+  }
+  std::tuple<F32Out, F32Out, F32Out> rope_and_cache(F32In qkv, F32In cos, F32In sin, int64_t H, int64_t Hkv,
+                                                    int64_t D, F32In k_cache, F32In v_cache) {
+    Tensor q = put(qkv, act());
+    pagedrt::RopeTable rope{put(cos, ScalarType::F32), put(sin, ScalarType::F32)};
+    Tensor k = put(k_cache, b_->kv_dtype()), v = put(v_cache, b_->kv_dtype());
+    b_->rope_and_cache(q, rope, H, Hkv, D, k, v);
+    return {back(q), back(k), back(v)};
+  }
+  F32Out paged_attention(F32In qkv, F32In k_cache, F32In v_cache, int64_t H, int64_t Hkv, int64_t D, float scale) {
+    Tensor q = put(qkv, act()), k = put(k_cache, b_->kv_dtype()), v = put(v_cache, b_->kv_dtype());
+    Tensor out = b_->empty({q.dim(0), H * D}, act());
+    b_->paged_attention(q, k, v, H, Hkv, D, scale, out);
+    return back(out);
+  }
+  // Seconds per paged_attention call: `iters` calls queued back to back, after a warm-up.
+  double bench_paged_attention(F32In qkv, F32In k_cache, F32In v_cache, int64_t H, int64_t Hkv, int64_t D,
+                               float scale, int iters) {
+    Tensor q = put(qkv, act()), k = put(k_cache, b_->kv_dtype()), v = put(v_cache, b_->kv_dtype());
+    Tensor out = b_->empty({q.dim(0), H * D}, act());
+    nb::gil_scoped_release release;
+    for (int i = 0; i < 3; ++i) b_->paged_attention(q, k, v, H, Hkv, D, scale, out);
+    b_->synchronize();
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < iters; ++i) b_->paged_attention(q, k, v, H, Hkv, D, scale, out);
+    b_->synchronize();
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / iters;
+  }
+  F32Out copy_blocks(F32In cache, const std::vector<std::pair<int32_t, int32_t>>& pairs) {
+    Tensor c = put(cache, b_->kv_dtype());
+    std::vector<pagedrt::BlockCopy> copies;
+    for (auto& p : pairs) {
+      if (p.first < 0 || p.second < 0 || p.first >= c.dim(0) || p.second >= c.dim(0))
+        throw pagedrt::Error(pagedrt::ErrorKind::InvalidArgument, "copy_blocks: block id out of range");
+      copies.push_back({p.first, p.second});
+    }
+    b_->copy_blocks(c, copies);
+    return back(c);
+  }
+
+ private:
+  ScalarType act() const { return b_->activation_dtype(); }
+
+  // A host tensor of `dtype` holding the float32 array, then on the device.
+  Tensor put(const F32In& a, ScalarType dtype) {
+    Tensor h = pagedrt::host_empty(shape_of(a), dtype);
+    const int64_t n = h.numel();
+    if (dtype == ScalarType::F32) {
+      std::memcpy(h.data, a.data(), n * 4);
+    } else {
+      uint16_t* d = h.as<uint16_t>();
+      for (int64_t i = 0; i < n; ++i) d[i] = pagedrt::f32_to_bf16(a.data()[i]);
+    }
+    return b_->from_host(h);
+  }
+  // Through load_weight, as the model loads a checkpoint tensor.
+  Tensor weight(const F32In& a, ScalarType dtype) {
+    pagedrt::TensorView v;
+    v.name = "w";
+    v.file = "<numpy>";
+    v.dtype = pagedrt::DType::F32;
+    v.shape = shape_of(a);
+    v.data = reinterpret_cast<const uint8_t*>(a.data());
+    v.nbytes = a.size() * 4;
+    return b_->load_weight({&v}, dtype);
+  }
+  F32Out back(const Tensor& t) {
+    std::vector<uint8_t> raw(t.nbytes());
+    b_->download(t, raw.data());
+    std::vector<float> out(static_cast<size_t>(t.numel()));
+    if (t.dtype == ScalarType::F32) {
+      std::memcpy(out.data(), raw.data(), raw.size());
+    } else {
+      const uint16_t* s = reinterpret_cast<const uint16_t*>(raw.data());
+      for (size_t i = 0; i < out.size(); ++i) out[i] = pagedrt::bf16_to_f32(s[i]);
+    }
+    return make_out(std::move(out), t.shape);
+  }
+
+  std::unique_ptr<pagedrt::Backend> b_;
+  std::vector<int32_t> tok_, pos_, qs_, lens_, indptr_, pages_, logit_rows_;
+  std::vector<int64_t> slot_;
+};
+
+}  // namespace
+
+void register_ops(nb::module_& m) {
+  m.def("cuda_built", &pagedrt::cuda_built, "Whether this build has the CUDA backend.");
+  m.def("cuda_available", &pagedrt::cuda_available,
+        "Whether this build has the CUDA backend and a GPU is visible.");
+  nb::class_<Ops>(m, "_Ops")
+      .def(nb::init<const std::string&>(), "device"_a)
+      .def_prop_ro("activation_dtype", &Ops::activation_dtype)
+      .def("set_batch", &Ops::set_batch, "token_ids"_a, "positions"_a, "slot_mapping"_a, "query_start"_a,
+           "seq_lens"_a, "page_indptr"_a, "page_indices"_a, "logits_indices"_a)
+      .def("embedding", &Ops::embedding, "table"_a, "weight_dtype"_a)
+      .def("rms_norm", &Ops::rms_norm, "x"_a, "weight"_a, "eps"_a)
+      .def("add_rms_norm", &Ops::add_rms_norm, "residual"_a, "x"_a, "weight"_a, "eps"_a)
+      .def("add", &Ops::add, "residual"_a, "x"_a)
+      .def("linear", &Ops::linear, "x"_a, "weight"_a, "weight_dtype"_a, "out_f32"_a)
+      .def("silu_mul", &Ops::silu_mul, "gate_up"_a)
+      .def("gather_rows", &Ops::gather_rows, "x"_a)
+      .def("rope_and_cache", &Ops::rope_and_cache, "qkv"_a, "cos"_a, "sin"_a, "num_heads"_a, "num_kv_heads"_a,
+           "head_dim"_a, "k_cache"_a, "v_cache"_a)
+      .def("paged_attention", &Ops::paged_attention, "qkv"_a, "k_cache"_a, "v_cache"_a, "num_heads"_a,
+           "num_kv_heads"_a, "head_dim"_a, "scale"_a)
+      .def("bench_paged_attention", &Ops::bench_paged_attention, "qkv"_a, "k_cache"_a, "v_cache"_a,
+           "num_heads"_a, "num_kv_heads"_a, "head_dim"_a, "scale"_a, "iters"_a)
+      .def("copy_blocks", &Ops::copy_blocks, "cache"_a, "pairs"_a);
+}
