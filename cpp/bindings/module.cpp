@@ -119,6 +119,7 @@ NB_MODULE(_core, m) {
         return nb::str(e.error.c_str());
       })
       .def_ro("num_preemptions", &pagedrt::Event::num_preemptions)
+      .def_ro("time", &pagedrt::Event::time)
       .def_prop_ro("logits", &event_logits);
 
   nb::class_<pagedrt::Stats>(m, "Stats")

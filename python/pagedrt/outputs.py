@@ -33,6 +33,7 @@ class Event:
     request_finished: bool          # the last event of the whole request
     num_preemptions: int = 0
     error: Optional[str] = None
+    time: float = 0.0               # when the engine emitted it, on time.monotonic()'s clock
     logprobs: Optional[list[TokenLogprob]] = None
     cumulative_logprob: Optional[float] = None
     score: Optional[float] = None   # beams: cumulative_logprob / length ** length_penalty

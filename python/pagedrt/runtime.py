@@ -69,7 +69,7 @@ class _RequestState:
             request_id=ce.request_id, index=ce.index, token_ids=tokens, text=text, finished=finished,
             finish_reason=reason if finished else None,
             request_finished=(ce.request_finished and finished) or len(self.finished) >= self.expected,
-            num_preemptions=ce.num_preemptions, error=ce.error, logprobs=logprobs,
+            num_preemptions=ce.num_preemptions, error=ce.error, time=ce.time, logprobs=logprobs,
             cumulative_logprob=ce.cumulative_logprob if tracked else None,
             score=ce.score if self.params.beam_width > 1 else None, logits=ce.logits)
 

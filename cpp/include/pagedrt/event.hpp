@@ -31,6 +31,8 @@ struct Event {
   FinishReason finish_reason = FinishReason::None;
   std::string error;                 // set when finish_reason == Error
   int32_t num_preemptions = 0;       // times this request was preempted so far
+  double time = 0.0;                 // when the engine emitted it: steady clock seconds
+                                     // (CLOCK_MONOTONIC on Linux, as Python's time.monotonic())
   std::vector<TokenLogprob> logprobs;  // one per token in token_ids (logprobs >= 0)
   double cumulative_logprob = 0.0;   // sum of the sequence's token logprobs so far (logprobs >= 0 or beams)
   double score = 0.0;                // beams: cumulative_logprob / length ** length_penalty

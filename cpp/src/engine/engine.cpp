@@ -345,6 +345,7 @@ void Engine::emit(Request& r, Sequence& s, bool finished, bool request_finished,
 }
 
 void Engine::push_event(Event ev) {
+  ev.time = std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
   {
     std::lock_guard<std::mutex> lk(out_mu_);
     events_.push_back(std::move(ev));
