@@ -159,7 +159,7 @@ def ctranslate2_runs(model, prompts_lat, new_lat, prompts_b, new_b, a):
     return rows
 
 
-def llamacpp_runs(gguf, prompts_lat, new_lat, a):
+def llamacpp_runs(gguf, prompts_lat, new_lat, a, label):
     from llama_cpp import Llama
     llm = Llama(model_path=str(gguf), n_threads=a.threads, n_ctx=1024, verbose=False)
     lat = []
@@ -175,9 +175,9 @@ def llamacpp_runs(gguf, prompts_lat, new_lat, a):
         end = time.perf_counter()
         if r:
             lat.append((len(prompts_lat[0]) / (first - start), (n - 1) / (end - first), (first - start) * 1e3))
-        log(f"  llama.cpp Q4_1 latency run {r}: decode {(n - 1) / (end - first):.1f} tok/s")
+        log(f"  llama.cpp {label} latency run {r}: decode {(n - 1) / (end - first):.1f} tok/s")
     med = [statistics.median(x[i] for x in lat) for i in range(3)]
-    return [row(f"llama.cpp {gguf.stem.split('.')[-1]}", "latency", new_lat[0], new_lat[0] / med[1], med[1], med[0], med[2])]
+    return [row(f"llama.cpp {label}", "latency", new_lat[0], new_lat[0] / med[1], med[1], med[0], med[2])]
 
 
 # ---- report ----------------------------------------------------------------------------
@@ -210,6 +210,7 @@ def main(argv=None):
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--dtypes", default="bfloat16,float32")
     p.add_argument("--peers", default="llama.cpp,ctranslate2,transformers")
+    p.add_argument("--gguf-types", default="q4_1,f16,bf16", help="llama.cpp weights to run")
     p.add_argument("--tiny", action="store_true", help="a tiny random model, small workloads, pagedrt only")
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None, help="PNG path")
@@ -235,8 +236,16 @@ def main(argv=None):
     if "ctranslate2" in peers and importlib.util.find_spec("ctranslate2"):
         rows += ctranslate2_runs(model, pl, nl, pb, nb, a)
     if "llama.cpp" in peers and importlib.util.find_spec("llama_cpp") and a.model is None:
-        from pagedrt.models import _default_gguf
-        rows += llamacpp_runs(_default_gguf(), pl, nl, a)
+        from pagedrt.models import _default_gguf, cache_root
+        import make_gguf
+        for t in a.gguf_types.split(","):
+            gguf_path = _default_gguf()
+            if t != "q4_1":  # the shipped weights re-encoded unquantized (tools/make_gguf.py), once
+                gguf_path = cache_root().parent / "gguf" / f"SmolLM2-135M-Instruct-{t}.gguf"
+                if not gguf_path.is_file():
+                    gguf_path.parent.mkdir(parents=True, exist_ok=True)
+                    make_gguf.main(["--type", t, "--out", str(gguf_path)])
+            rows += llamacpp_runs(gguf_path, pl, nl, a, t.upper())
     check_schema(rows)
 
     print(f"\n{model.name} on {platform.machine()}, {a.threads} threads, {date.today()} (median of {a.runs})")
