@@ -17,8 +17,10 @@ struct Variant {
   GemmBf16 bf16;
 };
 
+// PAGEDRT_HAVE_AVX2_KERNELS: gemm_avx2.cpp and gemm_avx512.cpp were built
+// (x86-64 with GCC or Clang).
 bool has_avx2() {
-#ifdef PAGEDRT_HAVE_AVX2_KERNELS  // gemm_avx2.cpp was built (x86-64 with GCC or Clang)
+#ifdef PAGEDRT_HAVE_AVX2_KERNELS
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #else
   return false;
@@ -27,8 +29,10 @@ bool has_avx2() {
 
 std::vector<Variant> available() {
   std::vector<Variant> v = {{"scalar", scalar::gemm_f32, scalar::gemm_bf16}};
-  if (has_avx2())
-    v.push_back({"avx2", avx2::gemm_f32, avx2::gemm_bf16});
+#ifdef PAGEDRT_HAVE_AVX2_KERNELS
+  if (has_avx2()) v.push_back({"avx2", avx2::gemm_f32, avx2::gemm_bf16});
+  if (__builtin_cpu_supports("avx512f")) v.push_back({"avx512", avx512::gemm_f32, avx512::gemm_bf16});
+#endif
   return v;
 }
 

@@ -4,7 +4,8 @@
 //   W: (m, k) fp32 or bf16 (uint16 bit patterns), row stride k
 //   y: (n, m) fp32, row stride m
 //
-// Kernel variants: "scalar" (any processor) and "avx2" (AVX2 + FMA, x86-64).
+// Kernel variants: "scalar" (any processor), "avx2" (AVX2 + FMA) and
+// "avx512" (AVX-512F), the last two on x86-64.
 // The best one the processor supports is chosen once at start-up; the
 // environment variable PAGEDRT_CPU_KERNEL=scalar forces the portable one.
 #pragma once
@@ -35,5 +36,9 @@ namespace avx2 {
 void gemm_f32(const float* x, const float* w, float* y, int64_t n, int64_t m, int64_t k, int threads);
 void gemm_bf16(const float* x, const uint16_t* w, float* y, int64_t n, int64_t m, int64_t k, int threads);
 }  // namespace avx2
+namespace avx512 {
+void gemm_f32(const float* x, const float* w, float* y, int64_t n, int64_t m, int64_t k, int threads);
+void gemm_bf16(const float* x, const uint16_t* w, float* y, int64_t n, int64_t m, int64_t k, int threads);
+}  // namespace avx512
 
 }  // namespace pagedrt::cpu
