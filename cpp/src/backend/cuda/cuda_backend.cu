@@ -1,0 +1,414 @@
+#include "backend/cuda/cuda_backend.hpp"
+
+#include <algorithm>
+#include <cstring>
+
+#include "backend/cuda/cuda_check.hpp"
+#include "backend/cuda/cuda_factory.hpp"
+
+namespace pagedrt::cuda {
+namespace {
+
+constexpr size_t kLoadChunk = 16u << 20;  // weight upload chunk (bytes)
+
+size_t align16(size_t n) { return (n + 15) / 16 * 16; }
+
+void require(bool ok, const std::string& msg) {
+  if (!ok) throw Error(ErrorKind::InvalidArgument, "cuda backend: " + msg);
+}
+
+int elem_kind(DType t) {
+  switch (t) {
+    case DType::F32: return static_cast<int>(Elem::F32);
+    case DType::F16: return static_cast<int>(Elem::F16);
+    case DType::BF16: return static_cast<int>(Elem::BF16);
+    default: return -1;
+  }
+}
+
+}  // namespace
+
+// ---- factory ----------------------------------------------------------------------
+
+int device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky-free error so later calls start clean
+    return 0;
+  }
+  return n;
+}
+
+std::unique_ptr<Backend> make_backend() {
+  if (device_count() == 0)
+    throw Error(ErrorKind::Unsupported, "device 'cuda': no CUDA GPU is visible to this process");
+  return std::make_unique<CudaBackend>();
+}
+
+// ---- Staging ----------------------------------------------------------------------
+
+Staging::~Staging() {
+  if (done_) cudaEventSynchronize(done_), cudaEventDestroy(done_);
+  if (host_) cudaFreeHost(host_);
+  if (dev_) cudaFree(dev_);
+}
+
+uint8_t* Staging::host(size_t bytes) {
+  if (done_ == nullptr) CUDA_CHECK(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming));
+  CUDA_CHECK(cudaEventSynchronize(done_));
+  if (bytes > cap_) {
+    const size_t cap = std::max<size_t>(align16(bytes) * 2, 4096);
+    if (host_) CUDA_CHECK(cudaFreeHost(host_));
+    if (dev_) CUDA_CHECK(cudaFree(dev_));  // synchronizes: nothing reads the old buffer after this
+    host_ = nullptr;
+    dev_ = nullptr;
+    CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&host_), cap, cudaHostAllocDefault));
+    CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&dev_), cap));
+    cap_ = cap;
+  }
+  return host_;
+}
+
+void Staging::upload(size_t bytes, cudaStream_t stream) {
+  if (bytes > 0) CUDA_CHECK(cudaMemcpyAsync(dev_, host_, bytes, cudaMemcpyHostToDevice, stream));
+  CUDA_CHECK(cudaEventRecord(done_, stream));
+}
+
+// ---- CudaBackend: memory ------------------------------------------------------------
+
+CudaBackend::CudaBackend() {
+  CUDA_CHECK(cudaGetDevice(&device_));
+  cudaDeviceProp prop;
+  CUDA_CHECK(cudaGetDeviceProperties(&prop, device_));
+  if (prop.major < 8)
+    throw Error(ErrorKind::Unsupported, std::string("device 'cuda': ") + prop.name + " has compute capability " +
+                                            std::to_string(prop.major) + "." + std::to_string(prop.minor) +
+                                            "; this build runs on sm_90 (Hopper)");
+  num_sms_ = prop.multiProcessorCount;
+  CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  gemm_ = std::make_unique<Gemm>(stream_);
+  for (int i = 0; i < 2; ++i) {
+    CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&load_host_[i]), kLoadChunk, cudaHostAllocDefault));
+    CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&load_dev_[i]), kLoadChunk));
+    CUDA_CHECK(cudaEventCreateWithFlags(&load_done_[i], cudaEventDisableTiming));
+  }
+}
+
+CudaBackend::~CudaBackend() {
+  if (stream_) cudaStreamSynchronize(stream_);
+  for (int i = 0; i < 2; ++i) {
+    if (load_done_[i]) cudaEventDestroy(load_done_[i]);
+    if (load_host_[i]) cudaFreeHost(load_host_[i]);
+    if (load_dev_[i]) cudaFree(load_dev_[i]);
+  }
+  if (partials_) cudaFree(partials_);
+  gemm_.reset();
+  if (stream_) cudaStreamDestroy(stream_);
+}
+
+int64_t CudaBackend::memory_free() const {
+  size_t free = 0, total = 0;
+  CUDA_CHECK(cudaMemGetInfo(&free, &total));
+  return static_cast<int64_t>(free);
+}
+
+void CudaBackend::synchronize() { CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+
+void CudaBackend::check_attention(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim) const {
+  const int64_t group = num_heads / num_kv_heads;
+  if (!attention_supported(static_cast<int>(head_dim), static_cast<int>(group)))
+    throw Error(ErrorKind::Unsupported,
+                "device 'cuda': attention with head_dim " + std::to_string(head_dim) + " and " +
+                    std::to_string(group) + " query heads per kv head has no CUDA kernel (supported: "
+                    "head_dim 64 or 128, 1 to 8 query heads per kv head); use device=\"cpu\"");
+}
+
+Tensor CudaBackend::empty(std::vector<int64_t> shape, ScalarType dtype) {
+  Tensor t;
+  t.shape = std::move(shape);
+  t.dtype = dtype;
+  t.device = Device::CUDA;
+  const size_t bytes = std::max<size_t>(t.nbytes(), 256);
+  void* p = nullptr;
+  cudaError_t err = cudaMalloc(&p, bytes);
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    throw Error(ErrorKind::Runtime, "out of GPU memory allocating " + std::to_string(bytes) + " bytes for a " +
+                                        scalar_name(dtype) + " tensor " + t.shape_str() + " (" +
+                                        cudaGetErrorString(err) + ")");
+  }
+  t.storage = std::shared_ptr<void>(p, [](void* q) { cudaFree(q); });
+  t.data = p;
+  return t;
+}
+
+Tensor CudaBackend::from_host(const Tensor& host) {
+  Tensor t = empty(host.shape, host.dtype);
+  CUDA_CHECK(cudaMemcpyAsync(t.data, host.data, host.nbytes(), cudaMemcpyHostToDevice, stream_));
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
+  return t;
+}
+
+// Streams `bytes` of host memory through two pinned chunks; converts on the
+// device when the element kinds differ (src_kind -> dst_kind, `elem` source bytes).
+void CudaBackend::upload_chunked(const uint8_t* src, size_t bytes, uint8_t* dst, int src_kind, int dst_kind,
+                                 size_t elem) {
+  const size_t dst_elem = dst_kind == static_cast<int>(Elem::F32) ? 4 : 2;
+  for (size_t off = 0, i = 0; off < bytes; off += kLoadChunk, ++i) {
+    const int slot = static_cast<int>(i % 2);
+    const size_t n = std::min(kLoadChunk, bytes - off);
+    CUDA_CHECK(cudaEventSynchronize(load_done_[slot]));
+    std::memcpy(load_host_[slot], src + off, n);
+    if (src_kind == dst_kind) {
+      CUDA_CHECK(cudaMemcpyAsync(dst + off, load_host_[slot], n, cudaMemcpyHostToDevice, stream_));
+    } else {
+      CUDA_CHECK(cudaMemcpyAsync(load_dev_[slot], load_host_[slot], n, cudaMemcpyHostToDevice, stream_));
+      convert(load_dev_[slot], static_cast<Elem>(src_kind), dst + off / elem * dst_elem, static_cast<Elem>(dst_kind),
+              static_cast<int64_t>(n / elem), stream_);
+    }
+    CUDA_CHECK(cudaEventRecord(load_done_[slot], stream_));
+  }
+}
+
+Tensor CudaBackend::load_weight(const std::vector<const TensorView*>& parts, ScalarType dtype) {
+  require(dtype == ScalarType::BF16 || dtype == ScalarType::F32, "weights load as bf16 or fp32");
+  int64_t rows = 0;
+  std::vector<int64_t> shape = parts[0]->shape;
+  for (const TensorView* p : parts) rows += p->shape[0];
+  shape[0] = rows;
+  Tensor t = empty(shape, dtype);
+  const int dst_kind = static_cast<int>(dtype == ScalarType::F32 ? Elem::F32 : Elem::BF16);
+  uint8_t* dst = static_cast<uint8_t*>(t.data);
+  for (const TensorView* p : parts) {
+    const int kind = elem_kind(p->dtype);
+    if (kind < 0)
+      throw Error(ErrorKind::InvalidModel, p->file + ": tensor '" + p->name + "' has dtype " +
+                                               dtype_name(p->dtype) + "; supported: F32, F16, BF16");
+    upload_chunked(p->data, p->nbytes, dst, kind, dst_kind, dtype_size(p->dtype));
+    dst += p->numel() * scalar_size(dtype);
+  }
+  CUDA_CHECK(cudaStreamSynchronize(stream_));  // the mapping may close after this returns
+  return t;
+}
+
+// ---- the step -----------------------------------------------------------------------
+
+void CudaBackend::begin_step(const BatchView& b) {
+  CUDA_CHECK(cudaSetDevice(device_));
+  host_ = b;
+  ++step_;
+  const size_t n = b.num_tokens, s = b.num_seqs, np = b.num_seqs ? b.page_indptr[b.num_seqs] : 0;
+  const size_t sizes[] = {n * 4, n * 4, n * 8, (s + 1) * 4, (s + 1) * 4, np * 4, size_t(b.num_logits) * 4, n * 4};
+  size_t off[8], total = 0;
+  for (int i = 0; i < 8; ++i) {
+    off[i] = total;
+    total += align16(sizes[i]);
+  }
+  uint8_t* h = batch_.host(total);
+  std::memcpy(h + off[0], b.token_ids, sizes[0]);
+  std::memcpy(h + off[1], b.positions, sizes[1]);
+  std::memcpy(h + off[2], b.slot_mapping, sizes[2]);
+  std::memcpy(h + off[3], b.query_start, sizes[3]);
+  std::memcpy(h + off[4], b.page_indptr, sizes[4]);
+  if (np) std::memcpy(h + off[5], b.page_indices, sizes[5]);
+  if (b.num_logits) std::memcpy(h + off[6], b.logits_indices, sizes[6]);
+  int32_t* seq = reinterpret_cast<int32_t*>(h + off[7]);
+  for (int32_t i = 0; i < b.num_seqs; ++i)
+    for (int32_t t = b.query_start[i]; t < b.query_start[i + 1]; ++t) seq[t] = i;
+  batch_.upload(total, stream_);
+  uint8_t* d = batch_.device();
+  dev_.token_ids = reinterpret_cast<const int32_t*>(d + off[0]);
+  dev_.positions = reinterpret_cast<const int32_t*>(d + off[1]);
+  dev_.slot_mapping = reinterpret_cast<const int64_t*>(d + off[2]);
+  dev_.query_start = reinterpret_cast<const int32_t*>(d + off[3]);
+  dev_.page_indptr = reinterpret_cast<const int32_t*>(d + off[4]);
+  dev_.page_indices = reinterpret_cast<const int32_t*>(d + off[5]);
+  dev_.logits_indices = reinterpret_cast<const int32_t*>(d + off[6]);
+  dev_.token_seq = reinterpret_cast<const int32_t*>(d + off[7]);
+}
+
+// Decode items: the token of every sequence with one query token. Prefill
+// tiles: 64 (token, head) rows of every other sequence. Splits: enough
+// blocks to fill the GPU several times over (batch 1 with a long context is
+// spread over the SMs; a full batch runs one split).
+void CudaBackend::plan_attention(int64_t H, int64_t Hkv, int64_t D) {
+  if (plan_info_.step == step_ && plan_info_.num_heads == H && plan_info_.num_kv_heads == Hkv) return;
+  const BatchView& b = host_;
+  const int64_t G = H / Hkv;
+  std::vector<int32_t> dec;
+  std::vector<int2> tiles;
+  int64_t max_ctx = 1;
+  for (int32_t i = 0; i < b.num_seqs; ++i) {
+    const int32_t q0 = b.query_start[i], qn = b.query_start[i + 1] - q0;
+    if (qn == 1) {
+      dec.push_back(q0);
+      max_ctx = std::max<int64_t>(max_ctx, b.positions[q0] + 1);
+    } else {
+      for (int64_t r = 0; r < qn * G; r += kPrefillRows) tiles.push_back(make_int2(i, static_cast<int>(r)));
+    }
+  }
+  const int64_t keys_per_pass = D == 128 ? 32 : 64;  // key groups x unroll of the decode kernel
+  const int64_t items = static_cast<int64_t>(dec.size());
+  const int64_t base = std::max<int64_t>(1, items * Hkv);
+  const int64_t target = 8 * static_cast<int64_t>(num_sms_);
+  int64_t chunk = max_ctx;
+  if (base < target) {
+    const int64_t want = (target + base - 1) / base;
+    chunk = std::max<int64_t>(keys_per_pass, (max_ctx + want - 1) / want);
+    chunk = (chunk + keys_per_pass - 1) / keys_per_pass * keys_per_pass;
+  }
+  const int64_t splits = std::max<int64_t>(1, (max_ctx + chunk - 1) / chunk);
+
+  const size_t dec_bytes = align16(dec.size() * 4), tile_bytes = tiles.size() * sizeof(int2);
+  uint8_t* h = plan_.host(dec_bytes + tile_bytes);
+  if (!dec.empty()) std::memcpy(h, dec.data(), dec.size() * 4);
+  if (!tiles.empty()) std::memcpy(h + dec_bytes, tiles.data(), tile_bytes);
+  plan_.upload(dec_bytes + tile_bytes, stream_);
+
+  if (splits > 1) {
+    const size_t need = static_cast<size_t>(items * splits * H) * (D + 1) * sizeof(float);
+    if (need > partials_bytes_) {
+      if (partials_) CUDA_CHECK(cudaFree(partials_));
+      partials_ = nullptr;
+      partials_bytes_ = 0;
+      CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&partials_), need * 2));
+      partials_bytes_ = need * 2;
+    }
+  }
+  AttentionPlan& p = plan_info_;
+  p.step = step_;
+  p.num_heads = H;
+  p.num_kv_heads = Hkv;
+  p.decode.tokens = reinterpret_cast<const int32_t*>(plan_.device());
+  p.decode.num_items = static_cast<int>(items);
+  p.decode.num_splits = static_cast<int>(splits);
+  p.decode.chunk = static_cast<int>(chunk);
+  p.decode.o_part = partials_;
+  p.decode.lse_part = partials_ ? partials_ + items * splits * H * D : nullptr;
+  p.prefill.tiles = reinterpret_cast<const int2*>(plan_.device() + dec_bytes);
+  p.prefill.num_tiles = static_cast<int>(tiles.size());
+}
+
+// ---- ops ---------------------------------------------------------------------------
+
+void CudaBackend::embedding(const Tensor& table, Tensor& out) {
+  require(table.dtype == ScalarType::BF16 && out.dtype == ScalarType::F32, "embedding: bf16 table, fp32 out");
+  cuda::embedding(table.as<bf16>(), table.dim(1), dev_.token_ids, host_.num_tokens, out.as<float>(), stream_);
+}
+
+void CudaBackend::rms_norm(const Tensor& x, const Tensor& weight, float eps, int64_t n, Tensor& out) {
+  require(weight.dtype == ScalarType::F32, "rms_norm: fp32 weight");
+  const int64_t d = weight.numel();
+  if (x.dtype == ScalarType::F32 && out.dtype == ScalarType::BF16)
+    cuda::rms_norm(x.as<float>(), weight.as<float>(), eps, n, d, out.as<bf16>(), stream_);
+  else if (x.dtype == ScalarType::F32 && out.dtype == ScalarType::F32)
+    cuda::rms_norm(x.as<float>(), weight.as<float>(), eps, n, d, out.as<float>(), stream_);
+  else if (x.dtype == ScalarType::BF16 && out.dtype == ScalarType::BF16)
+    cuda::rms_norm(x.as<bf16>(), weight.as<float>(), eps, n, d, out.as<bf16>(), stream_);
+  else
+    require(false, std::string("rms_norm: ") + scalar_name(x.dtype) + " -> " + scalar_name(out.dtype));
+}
+
+void CudaBackend::add_rms_norm(Tensor& residual, const Tensor& x, const Tensor& weight, float eps, Tensor& out) {
+  require(residual.dtype == ScalarType::F32 && x.dtype == ScalarType::BF16 && out.dtype == ScalarType::BF16,
+          "add_rms_norm: fp32 residual, bf16 x and out");
+  cuda::add_rms_norm(residual.as<float>(), x.as<bf16>(), weight.as<float>(), eps, host_.num_tokens,
+                     weight.numel(), out.as<bf16>(), stream_);
+}
+
+void CudaBackend::linear(const Tensor& x, const Tensor& weight, int64_t n, Tensor& out) {
+  require(x.dtype == ScalarType::BF16 && weight.dtype == ScalarType::BF16, "linear: bf16 x and weight");
+  require(out.dtype == ScalarType::BF16 || out.dtype == ScalarType::F32, "linear: bf16 or fp32 out");
+  gemm_->run(x.data, weight.data, out.data, n, weight.dim(0), weight.dim(1), out.dtype == ScalarType::F32);
+}
+
+void CudaBackend::add(Tensor& residual, const Tensor& x) {
+  require(residual.dtype == ScalarType::F32 && x.dtype == ScalarType::BF16, "add: fp32 residual, bf16 x");
+  cuda::add(residual.as<float>(), x.as<bf16>(), int64_t(host_.num_tokens) * residual.dim(1), stream_);
+}
+
+void CudaBackend::rope_and_cache(Tensor& qkv, const RopeTable& rope, int64_t num_heads, int64_t num_kv_heads,
+                                 int64_t head_dim, Tensor& k_cache, Tensor& v_cache) {
+  require(qkv.dtype == ScalarType::BF16 && k_cache.dtype == ScalarType::BF16, "rope_and_cache: bf16 qkv and cache");
+  cuda::rope_and_cache(qkv.as<bf16>(), rope.cos.as<float>(), rope.sin.as<float>(), dev_.positions,
+                       dev_.slot_mapping, host_.num_tokens, static_cast<int>(num_heads),
+                       static_cast<int>(num_kv_heads), static_cast<int>(head_dim), k_cache.as<bf16>(),
+                       v_cache.as<bf16>(), stream_);
+}
+
+void CudaBackend::paged_attention(const Tensor& qkv, const Tensor& k_cache, const Tensor& v_cache,
+                                  int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale,
+                                  Tensor& out) {
+  check_attention(num_heads, num_kv_heads, head_dim);
+  require(qkv.dtype == ScalarType::BF16 && out.dtype == ScalarType::BF16, "paged_attention: bf16 qkv and out");
+  plan_attention(num_heads, num_kv_heads, head_dim);
+  AttentionParams p;
+  p.qkv = qkv.as<bf16>();
+  p.k_cache = k_cache.as<bf16>();
+  p.v_cache = v_cache.as<bf16>();
+  p.out = out.as<bf16>();
+  p.positions = dev_.positions;
+  p.query_start = dev_.query_start;
+  p.page_indptr = dev_.page_indptr;
+  p.page_indices = dev_.page_indices;
+  p.token_seq = dev_.token_seq;
+  p.num_heads = static_cast<int>(num_heads);
+  p.num_kv_heads = static_cast<int>(num_kv_heads);
+  p.head_dim = static_cast<int>(head_dim);
+  p.block_size = static_cast<int>(k_cache.dim(1));
+  p.scale = scale;
+  prefill_attention(p, plan_info_.prefill, stream_);
+  decode_attention(p, plan_info_.decode, stream_);
+}
+
+void CudaBackend::silu_mul(const Tensor& gate_up, int64_t n, Tensor& out) {
+  require(gate_up.dtype == ScalarType::BF16 && out.dtype == ScalarType::BF16, "silu_mul: bf16");
+  cuda::silu_mul(gate_up.as<bf16>(), n, out.dim(1), out.as<bf16>(), stream_);
+}
+
+void CudaBackend::gather_rows(const Tensor& x, Tensor& out) {
+  require(x.dtype == out.dtype, "gather_rows: same dtype in and out");
+  cuda::gather_rows(x.data, x.dim(1) * static_cast<int64_t>(scalar_size(x.dtype)), dev_.logits_indices,
+                    host_.num_logits, out.data, stream_);
+}
+
+void CudaBackend::copy_blocks(Tensor& cache, const std::vector<BlockCopy>& copies) {
+  if (copies.empty()) return;
+  const int64_t block_bytes = static_cast<int64_t>(cache.nbytes()) / cache.dim(0);
+  uint8_t* base = static_cast<uint8_t*>(cache.data);
+  // A destination that is also a source makes the order matter: copy one by one.
+  bool chained = block_bytes % 16 != 0;
+  for (const BlockCopy& a : copies)
+    for (const BlockCopy& c : copies) chained = chained || a.dst == c.src;
+  if (chained) {
+    for (const BlockCopy& c : copies)
+      CUDA_CHECK(cudaMemcpyAsync(base + c.dst * block_bytes, base + c.src * block_bytes, block_bytes,
+                                 cudaMemcpyDeviceToDevice, stream_));
+    return;
+  }
+  const bool same = copies.size() == last_copies_.size() &&
+                    std::equal(copies.begin(), copies.end(), last_copies_.begin(),
+                               [](const BlockCopy& a, const BlockCopy& b) { return a.src == b.src && a.dst == b.dst; });
+  if (!same) {
+    int2* h = reinterpret_cast<int2*>(copies_.host(copies.size() * sizeof(int2)));
+    for (size_t i = 0; i < copies.size(); ++i) h[i] = make_int2(copies[i].src, copies[i].dst);
+    copies_.upload(copies.size() * sizeof(int2), stream_);
+    last_copies_ = copies;
+  }
+  cuda::copy_blocks(base, block_bytes, reinterpret_cast<const int2*>(copies_.device()),
+                    static_cast<int>(copies.size()), stream_);
+}
+
+void CudaBackend::to_host(const Tensor& src, int64_t numel, float* dst) {
+  require(src.dtype == ScalarType::F32, "to_host: fp32 source");
+  if (numel > 0)
+    CUDA_CHECK(cudaMemcpyAsync(dst, src.data, static_cast<size_t>(numel) * 4, cudaMemcpyDeviceToHost, stream_));
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
+void CudaBackend::download(const Tensor& src, void* dst) {
+  CUDA_CHECK(cudaMemcpyAsync(dst, src.data, src.nbytes(), cudaMemcpyDeviceToHost, stream_));
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
+}  // namespace pagedrt::cuda

@@ -1,0 +1,117 @@
+// backend/cuda/cuda_backend.hpp — the CUDA backend (sm_90 first): bf16
+// weights, activations and KV cache, fp32 accumulation, fp32 residual stream
+// and logits. Every op is queued on one stream; to_host() waits for it.
+//
+// Per step: begin_step() packs the BatchView into pinned memory and uploads it
+// with one asynchronous copy; the first paged_attention() of the step builds
+// the attention plan (which tokens decode, how the context is split, which
+// 64-row prefill tiles exist) and uploads it the same way; every later layer
+// reuses both.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <memory>
+#include <vector>
+
+#include "backend/backend.hpp"
+#include "backend/cuda/gemm.hpp"
+#include "backend/cuda/kernels.cuh"
+
+namespace pagedrt::cuda {
+
+// A pinned host buffer and a device buffer of the same size, for uploads that
+// recur (batch, plan, block copies). The event guards the host side's reuse.
+class Staging {
+ public:
+  Staging() = default;
+  ~Staging();
+  Staging(const Staging&) = delete;
+  Staging& operator=(const Staging&) = delete;
+  // Host memory for `bytes`, once the previous upload from it has finished.
+  uint8_t* host(size_t bytes);
+  uint8_t* device() const { return dev_; }
+  void upload(size_t bytes, cudaStream_t stream);
+
+ private:
+  uint8_t* host_ = nullptr;
+  uint8_t* dev_ = nullptr;
+  size_t cap_ = 0;
+  cudaEvent_t done_ = nullptr;
+};
+
+class CudaBackend final : public Backend {
+ public:
+  CudaBackend();
+  ~CudaBackend() override;
+  Device device() const override { return Device::CUDA; }
+  ScalarType activation_dtype() const override { return ScalarType::BF16; }
+  ScalarType kv_dtype() const override { return ScalarType::BF16; }
+  int64_t memory_free() const override;
+  void synchronize() override;
+  void check_attention(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim) const override;
+
+  Tensor load_weight(const std::vector<const TensorView*>& parts, ScalarType dtype) override;
+  Tensor empty(std::vector<int64_t> shape, ScalarType dtype) override;
+  Tensor from_host(const Tensor& host) override;
+
+  void begin_step(const BatchView& batch) override;
+  void embedding(const Tensor& table, Tensor& out) override;
+  void rms_norm(const Tensor& x, const Tensor& weight, float eps, int64_t n, Tensor& out) override;
+  void add_rms_norm(Tensor& residual, const Tensor& x, const Tensor& weight, float eps,
+                    Tensor& out) override;
+  void linear(const Tensor& x, const Tensor& weight, int64_t n, Tensor& out) override;
+  void add(Tensor& residual, const Tensor& x) override;
+  void rope_and_cache(Tensor& qkv, const RopeTable& rope, int64_t num_heads, int64_t num_kv_heads,
+                      int64_t head_dim, Tensor& k_cache, Tensor& v_cache) override;
+  void paged_attention(const Tensor& qkv, const Tensor& k_cache, const Tensor& v_cache,
+                       int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale,
+                       Tensor& out) override;
+  void silu_mul(const Tensor& gate_up, int64_t n, Tensor& out) override;
+  void gather_rows(const Tensor& x, Tensor& out) override;
+  void copy_blocks(Tensor& cache, const std::vector<BlockCopy>& copies) override;
+  void to_host(const Tensor& src, int64_t numel, float* dst) override;
+  void download(const Tensor& src, void* dst) override;
+
+ private:
+  // Device pointers into batch_ (valid for the current step).
+  struct StepArrays {
+    const int32_t* token_ids = nullptr;
+    const int32_t* positions = nullptr;
+    const int64_t* slot_mapping = nullptr;
+    const int32_t* query_start = nullptr;
+    const int32_t* page_indptr = nullptr;
+    const int32_t* page_indices = nullptr;
+    const int32_t* logits_indices = nullptr;
+    const int32_t* token_seq = nullptr;
+  };
+  struct AttentionPlan {
+    uint64_t step = ~0ull;
+    int64_t num_heads = 0, num_kv_heads = 0;
+    DecodePlan decode{};
+    PrefillPlan prefill{};
+  };
+  void plan_attention(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim);
+  void upload_chunked(const uint8_t* src, size_t bytes, uint8_t* dst, int src_kind, int dst_kind, size_t elem);
+
+  int device_ = 0;
+  int num_sms_ = 132;
+  cudaStream_t stream_ = nullptr;
+  std::unique_ptr<Gemm> gemm_;
+
+  BatchView host_{};   // the caller's arrays, valid during the step
+  uint64_t step_ = 0;
+  Staging batch_, plan_, copies_;
+  StepArrays dev_{};
+  AttentionPlan plan_info_{};
+  std::vector<BlockCopy> last_copies_;  // what copies_ holds on the device
+  float* partials_ = nullptr;           // decode split partials (o then lse)
+  size_t partials_bytes_ = 0;
+
+  // weight upload: two pinned chunks, two device chunks (for conversions)
+  uint8_t* load_host_[2] = {nullptr, nullptr};
+  uint8_t* load_dev_[2] = {nullptr, nullptr};
+  cudaEvent_t load_done_[2] = {nullptr, nullptr};
+};
+
+}  // namespace pagedrt::cuda

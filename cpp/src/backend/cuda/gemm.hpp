@@ -1,0 +1,45 @@
+// backend/cuda/gemm.hpp — y = x @ W^T on the GPU, bf16 operands, fp32 accumulation.
+//
+//   x: (n, k) bf16, row-major        W: (m, k) bf16, row-major (a checkpoint's layout)
+//   y: (n, m) bf16 or fp32, row-major
+//
+// The seam for own kernels: Gemm::run() picks the implementation per shape.
+// Today every shape goes to cuBLASLt (algorithms chosen once per shape by its
+// heuristic and cached); a small-M kernel (decode, n <= 8) plugs in there.
+#pragma once
+
+#include <cublasLt.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <map>
+#include <tuple>
+
+namespace pagedrt::cuda {
+
+class Gemm {
+ public:
+  explicit Gemm(cudaStream_t stream);
+  ~Gemm();
+  Gemm(const Gemm&) = delete;
+  Gemm& operator=(const Gemm&) = delete;
+
+  // out_f32 selects fp32 output (logits); otherwise bf16.
+  void run(const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k, bool out_f32);
+
+ private:
+  void run_cublaslt(const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k, bool out_f32);
+
+  struct Plan {
+    cublasLtMatmulDesc_t op = nullptr;
+    cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
+    cublasLtMatmulAlgo_t algo{};
+  };
+  cudaStream_t stream_;
+  cublasLtHandle_t handle_ = nullptr;
+  void* workspace_ = nullptr;
+  size_t workspace_bytes_ = 32u << 20;
+  std::map<std::tuple<int64_t, int64_t, int64_t, bool>, Plan> plans_;
+};
+
+}  // namespace pagedrt::cuda

