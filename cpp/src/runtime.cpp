@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <thread>
 #include <atomic>
 
 #include "backend/backend.hpp"
@@ -151,8 +152,10 @@ Runtime::Runtime(const RuntimeConfig& config) : impl_(std::make_unique<Impl>()) 
   sc.max_num_batched_tokens = config.max_num_batched_tokens;
   sc.max_model_len = max_len;
   sc.eos_token_ids = m.info.eos_token_ids;
+  const int sampler_threads = config.num_threads > 0 ? config.num_threads
+                                                    : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   m.engine = std::make_unique<Engine>(std::move(backend), std::move(model), std::move(kv), sc,
-                                      config.enable_prefix_caching);
+                                      config.enable_prefix_caching, sampler_threads);
 }
 
 Runtime::~Runtime() { close(); }

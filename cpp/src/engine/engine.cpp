@@ -9,14 +9,15 @@
 namespace pagedrt {
 
 Engine::Engine(std::unique_ptr<Backend> backend, std::unique_ptr<LlamaModel> model, KvCache kv,
-               const SchedulerConfig& sched, bool enable_prefix_caching)
+               const SchedulerConfig& sched, bool enable_prefix_caching, int sampler_threads)
     : backend_(std::move(backend)),
       model_(std::move(model)),
       kv_(std::move(kv)),
       pool_(static_cast<int32_t>(kv_.num_blocks), static_cast<int32_t>(kv_.block_size)),
       kv_manager_(pool_, enable_prefix_caching),
       scheduler_(sched, kv_manager_),
-      sched_config_(sched) {
+      sched_config_(sched),
+      sampler_threads_(std::max(1, sampler_threads)) {
   stats_.num_blocks = kv_.num_blocks;
   stats_.block_size = kv_.block_size;
   stats_.blocks_free = kv_.num_blocks;
@@ -184,10 +185,16 @@ void Engine::step() {
       to_sample.emplace_back(i, s.seq);
     }
   }
+  // Picks are independent per sequence (own row, own random stream): made in
+  // parallel, then applied in order (which may end sequences and requests).
+  std::vector<Pick> picks;
   for (const auto& [i, seq] : to_sample) {
     const LogitsSlice& slice = batch_.logits()[i];
-    sample(*out.scheduled[i].req, *seq, logits_.data() + static_cast<int64_t>(slice.first_row + slice.num_rows - 1) * vocab);
+    const float* row = logits_.data() + static_cast<int64_t>(slice.first_row + slice.num_rows - 1) * vocab;
+    for (Sequence* q : expand(*out.scheduled[i].req, *seq)) picks.push_back({out.scheduled[i].req, q, row});
   }
+  pick_all(picks);
+  for (Pick& p : picks) apply(p);
   for (Request* r : beam_groups) {
     const bool all_ready = std::all_of(r->seqs.begin(), r->seqs.end(),
                                        [](const std::unique_ptr<Sequence>& s) { return s->at_sampling_point(); });
@@ -218,38 +225,60 @@ bool Engine::advance(const ScheduledSeq& sc, const LogitsSlice& slice, const flo
   return true;
 }
 
-void Engine::sample(Request& r, Sequence& s, const float* row) {
-  if (!r.expanded && r.params.n > 1) {
-    // The prompt is computed once; fork it into n sequences that share its blocks.
-    r.expanded = true;
-    std::vector<Sequence*> all = {&s};
-    for (int32_t i = 1; i < r.params.n; ++i) {
-      auto child = std::make_unique<Sequence>();
-      child->index = i;
-      child->tokens = s.tokens;
-      child->num_computed = s.num_computed;
-      child->rng = make_rng(r.params, i);
-      child->logits_reported = s.logits_reported;
-      kv_manager_.fork(s.blocks, child->blocks);
-      all.push_back(child.get());
-      r.seqs.push_back(std::move(child));
-    }
-    for (Sequence* q : all) sample_one(r, *q, row);
-    return;
+std::vector<Sequence*> Engine::expand(Request& r, Sequence& s) {
+  if (r.expanded || r.params.n == 1) return {&s};
+  // The prompt is computed once; fork it into n sequences that share its blocks.
+  r.expanded = true;
+  std::vector<Sequence*> all = {&s};
+  for (int32_t i = 1; i < r.params.n; ++i) {
+    auto child = std::make_unique<Sequence>();
+    child->index = i;
+    child->tokens = s.tokens;
+    child->num_computed = s.num_computed;
+    child->rng = make_rng(r.params, i);
+    child->logits_reported = s.logits_reported;
+    kv_manager_.fork(s.blocks, child->blocks);
+    all.push_back(child.get());
+    r.seqs.push_back(std::move(child));
   }
-  sample_one(r, s, row);
+  return all;
 }
 
-void Engine::sample_one(Request& r, Sequence& s, const float* row) {
+void Engine::pick_all(std::vector<Pick>& picks) {
   const int64_t vocab = model_->config().vocab_size;
+  const int64_t n = static_cast<int64_t>(picks.size());
+#pragma omp parallel num_threads(sampler_threads_) if (n > 1 && n * vocab > (1 << 16))
+  {
+    std::vector<float> row, logprobs;  // per thread
+    std::vector<double> probs;
+    std::vector<int32_t> order;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < n; ++i) {
+      Pick& k = picks[i];
+      const SamplingParams& p = k.req->params;
+      const float* logits = k.row;
+      if (Sampler::needs_processing(p, k.req->num_generated(*k.seq))) {
+        row.assign(k.row, k.row + vocab);
+        Sampler::process(row.data(), vocab, p, k.seq->tokens, k.req->prompt_len, sched_config_.eos_token_ids);
+        logits = row.data();
+      }
+      k.token = Sampler::pick(logits, vocab, p, k.seq->rng, probs, order);
+      if (p.logprobs >= 0) {
+        Sampler::log_softmax(k.row, vocab, logprobs);
+        k.logprob = Sampler::token_logprob(logprobs, k.token, p.logprobs);
+      }
+    }
+  }
+}
+
+void Engine::apply(Pick& k) {
+  Request& r = *k.req;
+  Sequence& s = *k.seq;
   const SamplingParams& p = r.params;
-  row_.assign(row, row + vocab);
-  Sampler::process(row_.data(), vocab, p, s.tokens, r.prompt_len, sched_config_.eos_token_ids);
-  const int32_t tok = Sampler::pick(row_.data(), vocab, p, s.rng, probs_, order_);
+  const int32_t tok = k.token;
   if (p.logprobs >= 0) {
-    Sampler::log_softmax(row, vocab, logprobs_);
-    s.new_logprobs.push_back(Sampler::token_logprob(logprobs_, tok, p.logprobs));
-    s.cum_logprob += logprobs_[tok];
+    s.cum_logprob += k.logprob.logprob;
+    s.new_logprobs.push_back(std::move(k.logprob));
   }
   s.tokens.push_back(tok);
   s.new_tokens.push_back(tok);

@@ -34,7 +34,7 @@ namespace pagedrt {
 class Engine {
  public:
   Engine(std::unique_ptr<Backend> backend, std::unique_ptr<LlamaModel> model, KvCache kv,
-         const SchedulerConfig& sched, bool enable_prefix_caching);
+         const SchedulerConfig& sched, bool enable_prefix_caching, int sampler_threads);
   ~Engine();  // stops the thread
 
   // Queues a validated request. Throws Error(InvalidArgument) for a duplicate
@@ -58,8 +58,19 @@ class Engine {
   // Per scheduled sequence after the forward: progress, cache, logits rows.
   // Returns true when the sequence reached its sampling point.
   bool advance(const ScheduledSeq& s, const LogitsSlice& slice, const float* logits);
-  void sample(Request& r, Sequence& s, const float* row);
-  void sample_one(Request& r, Sequence& s, const float* row);
+  // One sampling decision: made by pick_all (in parallel), applied by apply (in order).
+  struct Pick {
+    Request* req = nullptr;
+    Sequence* seq = nullptr;
+    const float* row = nullptr;  // (vocab) raw logits
+    int32_t token = 0;
+    TokenLogprob logprob;
+  };
+  // n > 1: forks the prompt's sequence at its first sampling point; the
+  // sequences that sample from this row.
+  std::vector<Sequence*> expand(Request& r, Sequence& s);
+  void pick_all(std::vector<Pick>& picks);
+  void apply(Pick& pick);
   void beam_group_step(Request& r);
   // Ends one sequence (its final event); ends the request with its last one.
   void finish_seq(Request& r, Sequence& s, FinishReason reason, const std::string& error = "");
@@ -81,10 +92,7 @@ class Engine {
   Batch batch_;
   std::vector<float> logits_;  // (num_logits, vocab) of the current step
   std::vector<int32_t> filled_;  // (num_blocks) scratch for publish_stats
-  std::vector<float> row_;       // (vocab) processed logits of one sample
-  std::vector<float> logprobs_;  // (vocab) log-softmax of one row
-  std::vector<double> probs_;    // sampler scratch
-  std::vector<int32_t> order_;   // sampler scratch
+  int sampler_threads_ = 1;      // threads for pick_all
   std::unordered_map<std::string, std::unique_ptr<Request>> requests_;  // engine thread only
 
   // inbox

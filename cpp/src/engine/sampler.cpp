@@ -48,6 +48,11 @@ void Sampler::process(float* logits, int64_t vocab, const SamplingParams& p,
   }
 }
 
+bool Sampler::needs_processing(const SamplingParams& p, int64_t generated) {
+  return !p.logit_bias.empty() || generated < p.min_tokens || p.repetition_penalty != 1.0f ||
+         p.frequency_penalty != 0.0f || p.presence_penalty != 0.0f;
+}
+
 int32_t Sampler::pick(const float* logits, int64_t vocab, const SamplingParams& p, Rng& rng,
                       std::vector<double>& prob, std::vector<int32_t>& order) {
   if (p.temperature == 0.0f) {

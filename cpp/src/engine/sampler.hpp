@@ -24,6 +24,10 @@ class Sampler {
                       const std::vector<int32_t>& prompt_and_output, int64_t prompt_len,
                       const std::vector<int32_t>& eos_ids);
 
+  // Whether process() would change anything for a sequence with `generated`
+  // tokens (if not, the raw row can be sampled without a copy).
+  static bool needs_processing(const SamplingParams& params, int64_t generated);
+
   // Step 4 on processed logits. `scratch` is reused between calls.
   static int32_t pick(const float* logits, int64_t vocab, const SamplingParams& params, Rng& rng,
                       std::vector<double>& scratch, std::vector<int32_t>& order);
