@@ -98,7 +98,10 @@ class Runtime:
         device: "auto", "cpu" or "cuda".
         dtype: weight dtype: "auto" (fp32 checkpoints stay fp32, others bf16),
             "float32" or "bfloat16". Activations are always fp32 on the CPU.
-        kv_cache_bytes: hard cap of the KV pool in bytes (0: 512 MiB on the CPU).
+        kv_cache_bytes: hard cap of the KV pool in bytes (0: 512 MiB on the CPU;
+            on a GPU, ``gpu_memory_utilization`` of the memory left after the weights).
+        gpu_memory_utilization: the fraction of free GPU memory the KV pool may take
+            when ``kv_cache_bytes`` is 0.
         block_size: tokens per KV block.
         max_num_seqs: sequences per engine step at most.
         max_num_batched_tokens: tokens per engine step at most (chunked prefill).
@@ -122,6 +125,7 @@ class Runtime:
         max_model_len: int = 0,
         enable_prefix_caching: bool = True,
         num_threads: int = 0,
+        gpu_memory_utilization: float = 0.9,
     ) -> None:
         self.model_path = resolve_model(model)
         has_tokenizer = any((self.model_path / f).is_file()
@@ -132,7 +136,8 @@ class Runtime:
             str(self.model_path), device=device, dtype=dtype, kv_cache_bytes=kv_cache_bytes,
             block_size=block_size, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
-            enable_prefix_caching=enable_prefix_caching, num_threads=num_threads)
+            enable_prefix_caching=enable_prefix_caching, num_threads=num_threads,
+            gpu_memory_utilization=gpu_memory_utilization)
         self.model_info = self._rt.model_info()
         self._lock = threading.Lock()
         self._states: dict[str, _RequestState] = {}
