@@ -169,3 +169,12 @@ def test_random_token_sequences_detokenize_to_the_full_decode(tiny, kind, tmp_pa
         want = tok.decode(prompt + ids)[len(tok.decode(prompt)):]
         assert "".join(deltas) == want, (trial, ids)
         assert all("\ufffd" not in x for x in deltas[:-1]) or "\ufffd" in want
+
+
+def test_poll_with_a_positional_timeout(tiny):
+    with pagedrt.Runtime(tiny, device="cpu") as rt:
+        rid = rt.submit("the quick", max_tokens=2, temperature=0, ignore_eos=True)
+        seen = []
+        while not any(e.request_finished for e in seen):
+            seen += rt.poll(0.5)            # a number: the timeout, for any request
+        assert {e.request_id for e in seen} == {rid}

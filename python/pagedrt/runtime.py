@@ -189,7 +189,10 @@ class Runtime:
     def poll(self, request_id: str | None = None, timeout: float = 0.0) -> list[Event]:
         """Events for any request (or only `request_id`), waiting at most `timeout`
         seconds (the GIL is released while waiting). An unknown or already
-        finished `request_id` raises InvalidArgument."""
+        finished `request_id` raises InvalidArgument. ``poll(0.1)`` means a
+        0.1 s timeout for any request."""
+        if isinstance(request_id, (int, float)) and not isinstance(request_id, bool):
+            request_id, timeout = None, float(request_id)
         if request_id is not None:
             with self._lock:
                 if request_id not in self._states:
