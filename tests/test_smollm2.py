@@ -23,13 +23,6 @@ N = 32
 
 
 @pytest.fixture(scope="module")
-def smol(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PAGEDRT_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield pagedrt.default_model(progress=False)
-
-
-@pytest.fixture(scope="module")
 def hf_model(smol):
     from transformers import AutoModelForCausalLM
     return AutoModelForCausalLM.from_pretrained(smol, dtype=torch.float32).eval()

@@ -20,13 +20,6 @@ def wait_idle(rt, seconds=5.0):
 
 
 @pytest.fixture(scope="module")
-def smol(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PAGEDRT_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield pagedrt.default_model(progress=False)
-
-
-@pytest.fixture(scope="module")
 def tok(smol):
     return pagedrt.Tokenizer.from_model_dir(smol)
 
