@@ -9,6 +9,9 @@
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/vector.h>
 
+#include <chrono>
+#include <thread>
+
 #include "io/safetensors.hpp"
 #include "pagedrt/pagedrt.hpp"
 
@@ -22,6 +25,31 @@ void register_kernels(nb::module_& m);        // kernels.cpp
 void register_ops(nb::module_& m);            // ops.cpp
 
 namespace {
+
+bool py_finalizing() {
+#if PY_VERSION_HEX >= 0x030D0000
+  return Py_IsFinalizing() != 0;
+#else
+  return _Py_IsFinalizing() != 0;
+#endif
+}
+
+// nb::gil_scoped_release, safe at interpreter exit. A daemon thread that comes
+// back from a blocking call (poll) while the interpreter finalizes is ended by
+// CPython < 3.14 with pthread_exit(); its forced unwind through this noexcept
+// destructor called std::terminate ("terminate called without an active
+// exception", the process aborted at exit). Such a thread is parked instead,
+// as CPython 3.14 itself does, until the process ends.
+struct ReleaseGil {
+  PyThreadState* state = PyEval_SaveThread();
+  ReleaseGil() = default;
+  ReleaseGil(const ReleaseGil&) = delete;
+  ReleaseGil& operator=(const ReleaseGil&) = delete;
+  ~ReleaseGil() {
+    while (py_finalizing()) std::this_thread::sleep_for(std::chrono::seconds(1));
+    PyEval_RestoreThread(state);
+  }
+};
 
 nb::object event_logits(const pagedrt::Event& ev) {
   if (ev.logit_rows == 0) return nb::none();
@@ -183,17 +211,17 @@ NB_MODULE(_core, m) {
            "max_model_len"_a = 0, "enable_prefix_caching"_a = true, "num_threads"_a = 0,
            "gpu_memory_utilization"_a = 0.9)
       .def("submit", &pagedrt::Runtime::submit, "prompt"_a, "params"_a, "request_id"_a = "",
-           nb::call_guard<nb::gil_scoped_release>())
+           nb::call_guard<ReleaseGil>())
       .def("poll", nb::overload_cast<double>(&pagedrt::Runtime::poll), "timeout"_a = 0.0,
-           nb::call_guard<nb::gil_scoped_release>())
+           nb::call_guard<ReleaseGil>())
       .def("poll_request", nb::overload_cast<const std::string&, double>(&pagedrt::Runtime::poll),
-           "request_id"_a, "timeout"_a = 0.0, nb::call_guard<nb::gil_scoped_release>())
-      .def("abort", &pagedrt::Runtime::abort, "request_id"_a, nb::call_guard<nb::gil_scoped_release>())
+           "request_id"_a, "timeout"_a = 0.0, nb::call_guard<ReleaseGil>())
+      .def("abort", &pagedrt::Runtime::abort, "request_id"_a, nb::call_guard<ReleaseGil>())
       .def("stop_sequence", &pagedrt::Runtime::stop_sequence, "request_id"_a, "index"_a,
-           nb::call_guard<nb::gil_scoped_release>())
+           nb::call_guard<ReleaseGil>())
       .def("stats", &pagedrt::Runtime::stats)
       .def("model_info", &pagedrt::Runtime::model_info)
-      .def("close", &pagedrt::Runtime::close, nb::call_guard<nb::gil_scoped_release>());
+      .def("close", &pagedrt::Runtime::close, nb::call_guard<ReleaseGil>());
 
   register_block_manager(m);
   register_sampler(m);

@@ -78,7 +78,9 @@ class Runtime {
   // the file, InvalidArgument naming the field, Unsupported for a device this
   // build lacks).
   explicit Runtime(const RuntimeConfig& config);
-  ~Runtime();  // same as close()
+  // Same as close(). Every other call must have returned first: destroying a
+  // Runtime while another thread is inside poll() (or any call) is undefined.
+  ~Runtime();
   Runtime(const Runtime&) = delete;
   Runtime& operator=(const Runtime&) = delete;
 
@@ -106,7 +108,9 @@ class Runtime {
   ModelInfo model_info() const;
 
   // Stops the engine; requests in flight get a final Abort event (still
-  // readable through poll). Idempotent.
+  // readable through poll). Idempotent; any thread, also several at once;
+  // returns when the engine thread has ended. Afterwards submit() throws
+  // Error(InvalidArgument), abort() returns false, poll() drains what is left.
   void close();
 
  private:

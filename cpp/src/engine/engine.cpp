@@ -81,6 +81,9 @@ void Engine::stop() {
     stopping_ = true;
   }
   in_cv_.notify_all();
+  // Two join() calls on one std::thread are undefined (pthread_join on a joined
+  // thread hung here when close() ran on two threads at once).
+  std::lock_guard<std::mutex> lk(join_mu_);
   if (thread_.joinable()) thread_.join();
 }
 
@@ -191,7 +194,13 @@ void Engine::step() {
   for (const auto& [i, seq] : to_sample) {
     const LogitsSlice& slice = batch_.logits()[i];
     const float* row = logits_.data() + static_cast<int64_t>(slice.first_row + slice.num_rows - 1) * vocab;
-    for (Sequence* q : expand(*out.scheduled[i].req, *seq)) picks.push_back({out.scheduled[i].req, q, row});
+    for (Sequence* q : expand(*out.scheduled[i].req, *seq)) {
+      Pick pick;
+      pick.req = out.scheduled[i].req;
+      pick.seq = q;
+      pick.row = row;
+      picks.push_back(std::move(pick));
+    }
   }
   pick_all(picks);
   for (Pick& p : picks) apply(p);

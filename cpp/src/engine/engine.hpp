@@ -113,6 +113,7 @@ class Engine {
   std::deque<std::pair<double, int64_t>> rate_window_;  // (seconds, generated tokens) per step
   uint64_t next_arrival_ = 0;
 
+  std::mutex join_mu_;  // stop() may run on several threads at once: one joins, the others wait
   std::thread thread_;
 };
 

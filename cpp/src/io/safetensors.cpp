@@ -176,6 +176,41 @@ int64_t TensorView::numel() const {
   return n;
 }
 
+std::vector<TensorView> parse_safetensors(const uint8_t* base, uint64_t size, const std::string& path) {
+  if (size < 8)
+    fail(path + ": file too short (" + std::to_string(size) + " bytes; needs at least the 8-byte header length)");
+
+  uint64_t n = 0;  // little-endian, byte by byte: no alignment or host-order assumptions
+  for (int i = 7; i >= 0; --i) n = (n << 8) | base[i];
+  if (n > kMaxHeaderBytes)
+    fail(path + ": header length " + std::to_string(n) + " exceeds the limit of " +
+         std::to_string(kMaxHeaderBytes) + " bytes");
+  if (n > size - 8)
+    fail(path + ": header length " + std::to_string(n) + " runs past the end of the file (" +
+         std::to_string(size) + " bytes)");
+  const uint64_t data_size = size - 8 - n;
+  const uint8_t* data = base + 8 + n;
+
+  const json::Value header =
+      json::parse(std::string_view(reinterpret_cast<const char*>(base + 8), n), path + ": header");
+  if (!header.is_object()) fail(path + ": header is not a JSON object");
+
+  std::vector<Entry> entries;
+  for (const auto& m : header.as_object(path + ": header")) {
+    if (m.first == "__metadata__") check_metadata(path, m.second);
+    else entries.push_back(parse_entry(path, m.first, m.second, data_size));
+  }
+  check_overlaps(path, entries);
+
+  std::vector<TensorView> tensors;
+  tensors.reserve(entries.size());
+  for (Entry& e : entries) {
+    e.view.data = data + e.begin;  // begin <= end <= data_size, checked above
+    tensors.push_back(std::move(e.view));
+  }
+  return tensors;
+}
+
 std::unique_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) {
   std::unique_ptr<SafetensorsFile> file(new SafetensorsFile());  // unmaps on any throw below
   file->path_ = path;
@@ -203,36 +238,8 @@ std::unique_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) 
   if (map == MAP_FAILED) fail(path + ": mmap failed: " + std::strerror(map_err));
   file->map_ = map;
   file->map_size_ = size;
-  const uint8_t* base = static_cast<const uint8_t*>(map);
-
-  uint64_t n = 0;  // little-endian, byte by byte: no alignment or host-order assumptions
-  for (int i = 7; i >= 0; --i) n = (n << 8) | base[i];
-  if (n > kMaxHeaderBytes)
-    fail(path + ": header length " + std::to_string(n) + " exceeds the limit of " +
-         std::to_string(kMaxHeaderBytes) + " bytes");
-  if (n > size - 8)
-    fail(path + ": header length " + std::to_string(n) + " runs past the end of the file (" +
-         std::to_string(size) + " bytes)");
-  const uint64_t data_size = size - 8 - n;
-  const uint8_t* data = base + 8 + n;
-
-  const json::Value header =
-      json::parse(std::string_view(reinterpret_cast<const char*>(base + 8), n), path + ": header");
-  if (!header.is_object()) fail(path + ": header is not a JSON object");
-
-  std::vector<Entry> entries;
-  for (const auto& m : header.as_object(path + ": header")) {
-    if (m.first == "__metadata__") check_metadata(path, m.second);
-    else entries.push_back(parse_entry(path, m.first, m.second, data_size));
-  }
-  check_overlaps(path, entries);
-
-  file->tensors_.reserve(entries.size());
-  for (Entry& e : entries) {
-    e.view.data = data + e.begin;  // begin <= end <= data_size, checked above
-    file->index_.emplace(e.view.name, file->tensors_.size());
-    file->tensors_.push_back(std::move(e.view));
-  }
+  file->tensors_ = parse_safetensors(static_cast<const uint8_t*>(map), size, path);
+  for (size_t i = 0; i < file->tensors_.size(); ++i) file->index_.emplace(file->tensors_[i].name, i);
   return file;
 }
 

@@ -39,6 +39,11 @@ struct TensorView {
 
 constexpr uint64_t kMaxHeaderBytes = 100ull << 20;  // 100 MiB
 
+// Parses and validates a whole safetensors image held in memory (what open()
+// does to the mapped file); the views point into `bytes`. Throws as open(),
+// naming `path`. The fuzz target cpp/fuzz/fuzz_safetensors.cpp drives this.
+std::vector<TensorView> parse_safetensors(const uint8_t* bytes, uint64_t size, const std::string& path);
+
 class SafetensorsFile {
  public:
   static std::unique_ptr<SafetensorsFile> open(const std::string& path);
