@@ -5,9 +5,8 @@
 // recursion is bounded by kMaxDepth, and strings must be valid UTF-8.
 #include "io/json.hpp"
 
-#include <fcntl.h>
-#include <sys/stat.h>
-#include <unistd.h>
+#include "io/file.hpp"
+
 
 #include <algorithm>
 #include <cerrno>
@@ -413,34 +412,6 @@ Value Value::make_object(std::vector<std::pair<std::string, Value>> members) {
 
 Value parse(std::string_view text, const std::string& where) { return Parser(text, where).document(); }
 
-Value parse_file(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) fail(path + ": cannot open: " + std::strerror(errno));
-  struct stat st {};
-  if (::fstat(fd, &st) != 0) {
-    const int err = errno;
-    ::close(fd);
-    fail(path + ": cannot stat: " + std::strerror(err));
-  }
-  if (!S_ISREG(st.st_mode)) {
-    ::close(fd);
-    fail(path + ": not a regular file");
-  }
-  std::string text;
-  char buf[1 << 16];
-  for (;;) {
-    const ssize_t n = ::read(fd, buf, sizeof(buf));
-    if (n == 0) break;
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      const int err = errno;
-      ::close(fd);
-      fail(path + ": cannot read: " + std::strerror(err));
-    }
-    text.append(buf, static_cast<size_t>(n));
-  }
-  ::close(fd);
-  return parse(text, path);
-}
+Value parse_file(const std::string& path) { return parse(RegularFile(path).read_all(), path); }
 
 }  // namespace pagedrt::json

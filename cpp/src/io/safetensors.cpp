@@ -8,16 +8,15 @@
 // a hostile file yields an Error, never an out-of-bounds view.
 #include "io/safetensors.hpp"
 
-#include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
 #include <charconv>
 #include <cstring>
 
+#include "io/file.hpp"
 #include "io/json.hpp"
 #include "pagedrt/error.hpp"
 
@@ -215,27 +214,12 @@ std::unique_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) 
   std::unique_ptr<SafetensorsFile> file(new SafetensorsFile());  // unmaps on any throw below
   file->path_ = path;
 
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) fail(path + ": cannot open: " + std::strerror(errno));
-  struct stat st {};
-  if (::fstat(fd, &st) != 0) {
-    const int err = errno;
-    ::close(fd);
-    fail(path + ": cannot stat: " + std::strerror(err));
-  }
-  if (!S_ISREG(st.st_mode)) {
-    ::close(fd);
-    fail(path + ": not a regular file");
-  }
-  const uint64_t size = static_cast<uint64_t>(st.st_size);
-  if (size < 8) {
-    ::close(fd);
+  const RegularFile f(path);
+  const uint64_t size = f.size();
+  if (size < 8)
     fail(path + ": file too short (" + std::to_string(size) + " bytes; needs at least the 8-byte header length)");
-  }
-  void* map = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
-  const int map_err = errno;
-  ::close(fd);  // the mapping keeps the file alive
-  if (map == MAP_FAILED) fail(path + ": mmap failed: " + std::strerror(map_err));
+  void* map = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, f.fd(), 0);  // outlives the descriptor
+  if (map == MAP_FAILED) fail(path + ": mmap failed: " + std::strerror(errno));
   file->map_ = map;
   file->map_size_ = size;
   file->tensors_ = parse_safetensors(static_cast<const uint8_t*>(map), size, path);
