@@ -95,3 +95,23 @@ def train_sentencepiece(folder: Path, vocab_size: int = 400) -> Path:
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def run_all(rt, prompts, **params):
+    """Submits every prompt at once (greedy unless told otherwise) and waits for all;
+    returns (tokens, logits rows or None) per prompt, in order. Fails on an error event."""
+    import numpy as np
+    import pagedrt
+    params.setdefault("temperature", 0.0)
+    ids = [rt.submit(list(p), pagedrt.SamplingParams(**params)) for p in prompts]
+    got = {i: ([], []) for i in ids}
+    done = set()
+    while len(done) < len(ids):
+        for ev in rt.poll(timeout=1.0):
+            got[ev.request_id][0].extend(ev.token_ids)
+            if ev.logits is not None:
+                got[ev.request_id][1].append(ev.logits)
+            if ev.request_finished:
+                assert ev.error is None, ev.error
+                done.add(ev.request_id)
+    return [(got[i][0], np.concatenate(got[i][1]) if got[i][1] else None) for i in ids]

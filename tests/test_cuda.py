@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import pagedrt
+from conftest import run_all
 from pagedrt import _core
 
 pytestmark = [pytest.mark.cuda,
@@ -287,21 +288,6 @@ def test_unsupported_head_dim_is_a_clear_error(tiny_llama):
 
 # ---- end to end ------------------------------------------------------------------------
 
-def run_all(rt, prompts, **params):
-    """Greedy unless told otherwise; returns (tokens, logits rows or None) per prompt."""
-    params.setdefault("temperature", 0.0)
-    ids = [rt.submit(list(p), pagedrt.SamplingParams(**params)) for p in prompts]
-    got = {i: ([], []) for i in ids}
-    done = set()
-    while len(done) < len(ids):
-        for ev in rt.poll(timeout=1.0):
-            got[ev.request_id][0].extend(ev.token_ids)
-            if ev.logits is not None:
-                got[ev.request_id][1].append(ev.logits)
-            if ev.finished:
-                assert ev.error is None, ev.error
-                done.add(ev.request_id)
-    return [(got[i][0], np.concatenate(got[i][1]) if got[i][1] else None) for i in ids]
 
 
 def rows_until_divergence(prompt_len, tc, tg):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import pagedrt
+from conftest import run_all
 
 REL_TOL = 1e-4
 
@@ -84,23 +85,11 @@ def test_chunked_prefill_small_blocks_and_batching(tiny_llama):
     prompts = [rng.integers(3, 320, size=n).tolist() for n in (5, 23, 40, 17)]
     with pagedrt.Runtime(path, device="cpu", block_size=4, max_num_batched_tokens=7,
                          num_threads=2) as rt:
-        ids = [rt.submit(p, pagedrt.SamplingParams(max_tokens=12, ignore_eos=True, temperature=0,
-                                                   return_logits=True)) for p in prompts]
-        got = {i: ([], []) for i in ids}
-        done = set()
-        while len(done) < len(ids):
-            for ev in rt.poll(timeout=1.0):
-                got[ev.request_id][0].extend(ev.token_ids)
-                if ev.logits is not None:
-                    got[ev.request_id][1].append(ev.logits)
-                if ev.finished:
-                    done.add(ev.request_id)
+        got = run_all(rt, prompts, max_tokens=12, ignore_eos=True, return_logits=True)
         stats = rt.stats()
     assert stats.blocks_used == 0 and stats.blocks_free == stats.num_blocks
-    for rid, prompt in zip(ids, prompts):
-        tokens, rows = got[rid]
+    for (tokens, logits), prompt in zip(got, prompts):
         assert tokens == reference_greedy(model, prompt, 12)
-        logits = np.concatenate(rows)
         ref = reference_logits(model, prompt + tokens[:-1])
         assert logits.shape == ref.shape
         assert rel_err(logits, ref) <= REL_TOL

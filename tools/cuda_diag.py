@@ -16,20 +16,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
 
 
 def run(rt, prompts, n):
-    import pagedrt
-    ids = [rt.submit(list(p), pagedrt.SamplingParams(max_tokens=n, ignore_eos=True, return_logits=True, temperature=0.0))
-           for p in prompts]
-    got = {i: ([], []) for i in ids}
-    done = set()
-    while len(done) < len(ids):
-        for ev in rt.poll(timeout=1.0):
-            got[ev.request_id][0].extend(ev.token_ids)
-            if ev.logits is not None:
-                got[ev.request_id][1].append(ev.logits)
-            if ev.finished:
-                assert ev.error is None, ev.error
-                done.add(ev.request_id)
-    return [(got[i][0], np.concatenate(got[i][1])) for i in ids]
+    from conftest import run_all
+    return run_all(rt, prompts, max_tokens=n, ignore_eos=True, return_logits=True)
 
 
 PROBES = {  # name: (model kw, prompt lengths, max_tokens, runtime kw)
