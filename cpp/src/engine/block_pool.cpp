@@ -9,25 +9,18 @@ BlockPool::BlockPool(int32_t num_blocks, int32_t block_size)
     : block_size_(block_size),
       blocks_(num_blocks),
       tokens_(static_cast<size_t>(num_blocks) * block_size, 0) {
-  for (int32_t b = 0; b < num_blocks; ++b) push_tail(b);  // a fresh pool hands out 0, 1, 2, ...
+  for (int32_t b = 0; b < num_blocks; ++b) push(b, /*at_head=*/false);  // a fresh pool hands out 0, 1, 2, ...
 }
 
-void BlockPool::push_head(int32_t b) {
+// Links a free block in at the head (reused first) or the tail (evicted last).
+void BlockPool::push(int32_t b, bool at_head) {
   Block& k = blocks_[b];
-  k.prev = -1;
-  k.next = head_;
-  if (head_ >= 0) blocks_[head_].prev = b; else tail_ = b;
-  head_ = b;
-  k.in_free = true;
-  ++num_free_;
-}
-
-void BlockPool::push_tail(int32_t b) {
-  Block& k = blocks_[b];
-  k.next = -1;
-  k.prev = tail_;
-  if (tail_ >= 0) blocks_[tail_].next = b; else head_ = b;
-  tail_ = b;
+  int32_t& end = at_head ? head_ : tail_;    // the end it joins
+  int32_t& other = at_head ? tail_ : head_;  // set too when the queue was empty
+  (at_head ? k.next : k.prev) = end;
+  (at_head ? k.prev : k.next) = -1;
+  if (end >= 0) (at_head ? blocks_[end].prev : blocks_[end].next) = b; else other = b;
+  end = b;
   k.in_free = true;
   ++num_free_;
   if (k.uid != 0) ++num_cached_free_;
@@ -74,7 +67,7 @@ void BlockPool::decref(int32_t block) {
   Block& k = blocks_[block];
   assert(k.ref_count > 0);
   if (--k.ref_count > 0) return;
-  if (k.uid != 0) push_tail(block); else push_head(block);
+  push(block, /*at_head=*/k.uid == 0);
 }
 
 void BlockPool::release(std::vector<int32_t>& table) {

@@ -68,8 +68,7 @@ class BlockPool {
     uint64_t key = 0;              // hash of (parent_uid, tokens)
   };
   uint64_t hash_key(uint64_t parent_uid, const int32_t* tokens) const;
-  void push_head(int32_t b);
-  void push_tail(int32_t b);
+  void push(int32_t b, bool at_head);
   void unlink(int32_t b);
   void evict(int32_t b);
 
