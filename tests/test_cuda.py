@@ -316,6 +316,33 @@ def test_tiny_llama_chunked_mixed_batches_match_cpu(tiny_llama, kv_heads):
         assert e <= 4e-2  # bf16 activations through two layers; STYLE.md's bf16 bound
 
 
+@pytest.mark.parametrize("kv_heads", [1, 4])
+def test_tiny_llama_fp32_mode_equals_cpu(tiny_llama, kv_heads):
+    """dtype="float32" on the GPU: fp32 weights, activations and KV, every token
+    through the decode kernel. Same chunked/mixed batches as above; logits within
+    1e-5 of the fp32 CPU (only the order of fp32 sums differs), tokens equal."""
+    path, _ = tiny_llama(hidden_size=256, num_attention_heads=4, num_key_value_heads=kv_heads)
+    rng = np.random.default_rng(8)
+    prompts = [rng.integers(3, 320, size=k).tolist() for k in (5, 23, 40, 17)]
+    kw = dict(block_size=4, max_num_batched_tokens=7, kv_cache_bytes=64 << 20, dtype="float32")
+    outs = {}
+    for dev in ("cpu", "cuda"):
+        with pagedrt.Runtime(path, device=dev, **kw) as rt:
+            assert rt.model_info.activation_dtype == "float32"
+            outs[dev] = run_all(rt, prompts, max_tokens=6, ignore_eos=True, return_logits=True)
+    for (tc, lc), (tg, lg) in zip(outs["cpu"], outs["cuda"]):
+        assert tc == tg
+        e = rel_err(lg, lc)
+        record(f"tiny_llama_fp32_logits[kv={kv_heads}]", e)
+        assert e <= 1e-5
+
+
+def test_cuda_mixed_precision_is_a_clear_error(tiny_llama):
+    path, _ = tiny_llama(hidden_size=256, num_attention_heads=4)
+    with pytest.raises(pagedrt.Unsupported, match="activation_dtype 'float32' with bfloat16 weights"):
+        pagedrt.Runtime(path, device="cuda", activation_dtype="float32", kv_cache_bytes=64 << 20)
+
+
 SMOL_PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):\n    ",
@@ -327,36 +354,67 @@ SMOL_PROMPTS = [
 ]
 
 
+def first_divergence(tc, tg):
+    return next((i for i in range(min(len(tc), len(tg))) if tc[i] != tg[i]), None)
+
+
+def smol_runs(model, runs, n):
+    """runs: {name: (device, Runtime kwargs)} -> {name: [(tokens, logits)] per prompt}, prompts."""
+    out = {}
+    for name, (device, kw) in runs.items():
+        with pagedrt.Runtime(model, device=device, kv_cache_bytes=256 << 20, **kw) as rt:
+            assert rt.model_info.device == device
+            prompts = [rt.encode_prompt(p) for p in SMOL_PROMPTS]
+            out[name] = run_all(rt, prompts, max_tokens=n, ignore_eos=True, return_logits=True)
+    return out, prompts
+
+
 @pytest.mark.slow
 def test_smollm2_greedy_matches_cpu():
-    """32 greedy tokens, GPU (bf16) against the CPU on the same bf16 weights. A
-    divergence is reported with the CPU's top-1/top-2 logit margin there."""
+    """32 greedy tokens of SmolLM2-135M, GPU against the CPU backend.
+
+    fp32 (dtype="float32" on both: the same arithmetic up to the order of fp32
+    sums): equal on at least 5 of the 6 prompts, prompt logits within 1e-4.
+
+    bf16 (the GPU's fast path: bf16 weights, activations and KV) against the CPU
+    on the same bf16 weights with fp32 activations: reported, not required equal —
+    transformers' own bf16 diverges from its fp32 on all six prompts within 32
+    tokens (docs/cuda.md). Each divergence is recorded with the CPU's top-1/top-2
+    logit margin there and must fall on a near-tie (margin < 1.0; bf16 activations
+    move SmolLM2's logits by ~0.1); prompt logits within 6e-2."""
     try:
         model = pagedrt.default_model(progress=False)
     except Exception as e:  # the GGUF package is missing on this machine
         pytest.skip(f"default model unavailable: {e}")
     N = 32
-    with pagedrt.Runtime(model, device="cpu", dtype="bfloat16", kv_cache_bytes=256 << 20) as rt:
-        prompts = [rt.encode_prompt(p) for p in SMOL_PROMPTS]
-        cpu = run_all(rt, prompts, max_tokens=N, ignore_eos=True, return_logits=True)
-    with pagedrt.Runtime(model, device="cuda", kv_cache_bytes=256 << 20) as rt:
-        assert rt.model_info.device == "cuda"
-        gpu = run_all(rt, prompts, max_tokens=N, ignore_eos=True, return_logits=True)
-    equal = 0
-    for k, ((tc, lc), (tg, lg)) in enumerate(zip(cpu, gpu)):
-        n0 = len(prompts[k])
-        if tc == tg:
-            equal += 1
-            record(f"smollm2_prompt{k}_equal", 1)
-            continue
-        j = next(i for i in range(N) if tc[i] != tg[i])
-        row = np.sort(lc[n0 - 1 + j])[::-1]
-        record(f"smollm2_prompt{k}_diverges_at_token", j)
-        record(f"smollm2_prompt{k}_cpu_margin", float(row[0] - row[1]))
-    e = rel_err(gpu[2][1][:len(prompts[2])], cpu[2][1][:len(prompts[2])])
-    record("smollm2_prompt_logits", e)
-    assert e <= 6e-2  # 30 layers of bf16 activations
-    assert equal >= 5, f"only {equal} of {len(prompts)} prompts gave the CPU's 32 greedy tokens"
+    got, prompts = smol_runs(model, {
+        "cpu32": ("cpu", dict(dtype="float32")),
+        "gpu32": ("cuda", dict(dtype="float32")),
+        "cpu_bf16w": ("cpu", dict(dtype="bfloat16")),
+        "cpu_bf16": ("cpu", dict(dtype="bfloat16", activation_dtype="bfloat16")),
+        "gpu_bf16": ("cuda", dict(dtype="bfloat16")),
+    }, N)
+    equal32 = sum(tc == tg for (tc, _), (tg, _) in zip(got["cpu32"], got["gpu32"]))
+    record("smollm2_fp32_prompts_equal", equal32)
+    record("smollm2_bf16_prompts_equal_to_cpu_bf16", sum(
+        a == b for (a, _), (b, _) in zip(got["cpu_bf16"], got["gpu_bf16"])))
+    margins = []
+    for k, (p, (tc, lc), (tg, _)) in enumerate(zip(prompts, got["cpu_bf16w"], got["gpu_bf16"])):
+        j = first_divergence(tc, tg)
+        record(f"smollm2_bf16_prompt{k}_diverges_at_token", -1 if j is None else j)
+        if j is not None:
+            row = np.sort(lc[len(p) - 1 + j])[::-1]
+            margins.append(float(row[0] - row[1]))
+            record(f"smollm2_bf16_prompt{k}_cpu_margin", margins[-1])
+    n2 = len(prompts[2])
+    e32 = rel_err(got["gpu32"][2][1][:n2], got["cpu32"][2][1][:n2])
+    e16 = rel_err(got["gpu_bf16"][2][1][:n2], got["cpu_bf16w"][2][1][:n2])
+    record("smollm2_fp32_prompt_logits", e32)
+    record("smollm2_bf16_prompt_logits", e16)
+    assert e32 <= 1e-4
+    assert e16 <= 6e-2  # 30 layers of bf16 activations
+    assert all(m < 1.0 for m in margins), f"a bf16 divergence at a clear choice: margins {margins}"
+    assert equal32 >= 5, f"fp32: only {equal32} of {len(prompts)} prompts gave the CPU's 32 greedy tokens"
 
 
 @pytest.mark.slow

@@ -183,6 +183,7 @@ NB_MODULE(_core, m) {
       .def_ro("bos_token_id", &pagedrt::ModelInfo::bos_token_id)
       .def_ro("eos_token_ids", &pagedrt::ModelInfo::eos_token_ids)
       .def_ro("weight_dtype", &pagedrt::ModelInfo::weight_dtype)
+      .def_ro("activation_dtype", &pagedrt::ModelInfo::activation_dtype)
       .def_ro("device", &pagedrt::ModelInfo::device);
 
   nb::class_<pagedrt::Runtime>(m, "Runtime")
@@ -190,8 +191,9 @@ NB_MODULE(_core, m) {
            [](pagedrt::Runtime* self, const std::string& model_path, const std::string& device,
               const std::string& dtype, int64_t kv_cache_bytes, int32_t block_size, int32_t max_num_seqs,
               int32_t max_num_batched_tokens, int32_t max_model_len, bool enable_prefix_caching,
-              int32_t num_threads, double gpu_memory_utilization) {
+              int32_t num_threads, double gpu_memory_utilization, const std::string& activation_dtype) {
              pagedrt::RuntimeConfig c;
+             c.activation_dtype = activation_dtype;
              c.gpu_memory_utilization = gpu_memory_utilization;
              c.model_path = model_path;
              c.device = device;
@@ -209,7 +211,7 @@ NB_MODULE(_core, m) {
            "model_path"_a, "device"_a = "auto", "dtype"_a = "auto", "kv_cache_bytes"_a = 0,
            "block_size"_a = 16, "max_num_seqs"_a = 64, "max_num_batched_tokens"_a = 2048,
            "max_model_len"_a = 0, "enable_prefix_caching"_a = true, "num_threads"_a = 0,
-           "gpu_memory_utilization"_a = 0.9)
+           "gpu_memory_utilization"_a = 0.9, "activation_dtype"_a = "auto")
       .def("submit", &pagedrt::Runtime::submit, "prompt"_a, "params"_a, "request_id"_a = "",
            nb::call_guard<ReleaseGil>())
       .def("poll", nb::overload_cast<double>(&pagedrt::Runtime::poll), "timeout"_a = 0.0,

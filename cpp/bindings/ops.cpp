@@ -52,7 +52,8 @@ ScalarType parse_dtype(const std::string& s) {
 
 class Ops {
  public:
-  explicit Ops(const std::string& device) : b_(pagedrt::make_backend(device, 0)) {}
+  explicit Ops(const std::string& device)
+      : b_(pagedrt::make_backend(device, 0, device == "cuda" ? ScalarType::BF16 : ScalarType::F32)) {}
 
   std::string activation_dtype() const { return pagedrt::scalar_name(b_->activation_dtype()); }
 

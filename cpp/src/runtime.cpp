@@ -43,6 +43,9 @@ void check_config(const RuntimeConfig& c) {
   if (c.num_threads < 0) bad_arg("num_threads must be >= 0, got " + std::to_string(c.num_threads));
   if (c.dtype != "auto" && c.dtype != "float32" && c.dtype != "bfloat16")
     bad_arg("dtype '" + c.dtype + "' is not known (use \"auto\", \"float32\" or \"bfloat16\")");
+  if (c.activation_dtype != "auto" && c.activation_dtype != "float32" && c.activation_dtype != "bfloat16")
+    bad_arg("activation_dtype '" + c.activation_dtype +
+            "' is not known (use \"auto\", \"float32\" or \"bfloat16\")");
 }
 
 // The KV pool: kv_cache_bytes when given; on a GPU, gpu_memory_utilization of
@@ -116,15 +119,23 @@ Runtime::Runtime(const RuntimeConfig& config) : impl_(std::make_unique<Impl>()) 
   Impl& m = *impl_;
   m.config = config;
   const std::string device = resolve_device(config.device);
-  std::unique_ptr<Backend> backend = make_backend(device, config.num_threads);
   const LlamaConfig cfg = LlamaConfig::from_file(config.model_path + "/config.json");
   ScalarType wdtype = resolve_dtype(config.dtype, cfg);
-  if (device == "cuda") {  // the CUDA kernels run bf16 weights only
-    if (config.dtype == "float32")
-      throw Error(ErrorKind::Unsupported, "dtype 'float32' on device 'cuda': the CUDA backend runs bfloat16 "
-                                          "weights (use dtype=\"auto\" or \"bfloat16\", or device=\"cpu\")");
-    wdtype = ScalarType::BF16;
+  ScalarType act = config.activation_dtype == "float32"    ? ScalarType::F32
+                   : config.activation_dtype == "bfloat16" ? ScalarType::BF16
+                                                           : ScalarType::F32;
+  if (device == "cuda") {
+    // The CUDA kernels run bf16 weights with bf16 activations (auto, also for
+    // fp32 checkpoints), or fp32 throughout (dtype "float32": validation).
+    wdtype = config.dtype == "float32" ? ScalarType::F32 : ScalarType::BF16;
+    if (config.activation_dtype != "auto" && act != wdtype)
+      throw Error(ErrorKind::Unsupported,
+                  "activation_dtype '" + config.activation_dtype + "' with " + scalar_name(wdtype) +
+                      " weights on device 'cuda': the CUDA backend runs bf16 weights with bf16 activations, or "
+                      "fp32 throughout (dtype=\"float32\")");
+    act = wdtype;
   }
+  std::unique_ptr<Backend> backend = make_backend(device, config.num_threads, act);
   int64_t max_len = cfg.max_position_embeddings;
   if (config.max_model_len > 0) {
     if (config.max_model_len > cfg.max_position_embeddings)
@@ -144,6 +155,7 @@ Runtime::Runtime(const RuntimeConfig& config) : impl_(std::make_unique<Impl>()) 
   m.info.bos_token_id = cfg.bos_token_id;
   m.info.eos_token_ids = eos_ids(cfg, config.model_path);
   m.info.weight_dtype = scalar_name(wdtype);
+  m.info.activation_dtype = scalar_name(act);
   m.info.device = device;
 
   SchedulerConfig sc;

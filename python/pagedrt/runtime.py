@@ -97,7 +97,11 @@ class Runtime:
             into the cache), or None for the default model (SmolLM2-135M-Instruct).
         device: "auto", "cpu" or "cuda".
         dtype: weight dtype: "auto" (fp32 checkpoints stay fp32, others bf16),
-            "float32" or "bfloat16". Activations are always fp32 on the CPU.
+            "float32" or "bfloat16".
+        activation_dtype: dtype of the activations between ops and of the KV
+            cache: "auto" (CPU: float32, CUDA: bfloat16), "float32" (CPU only) or
+            "bfloat16" (half the KV memory; on the CPU the same rounding points as
+            the CUDA backend). The residual stream and all accumulation stay fp32.
         kv_cache_bytes: hard cap of the KV pool in bytes (0: 512 MiB on the CPU;
             on a GPU, ``gpu_memory_utilization`` of the memory left after the weights).
         gpu_memory_utilization: the fraction of free GPU memory the KV pool may take
@@ -126,6 +130,7 @@ class Runtime:
         enable_prefix_caching: bool = True,
         num_threads: int = 0,
         gpu_memory_utilization: float = 0.9,
+        activation_dtype: str = "auto",
     ) -> None:
         self.model_path = resolve_model(model)
         has_tokenizer = any((self.model_path / f).is_file()
@@ -137,7 +142,7 @@ class Runtime:
             block_size=block_size, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
             enable_prefix_caching=enable_prefix_caching, num_threads=num_threads,
-            gpu_memory_utilization=gpu_memory_utilization)
+            gpu_memory_utilization=gpu_memory_utilization, activation_dtype=activation_dtype)
         self.model_info = self._rt.model_info()
         self._lock = threading.Lock()
         self._states: dict[str, _RequestState] = {}

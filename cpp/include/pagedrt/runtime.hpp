@@ -24,6 +24,8 @@ struct RuntimeConfig {
   std::string model_path;          // a Hugging Face style model folder
   std::string device = "auto";     // "auto" (cuda when a GPU is visible, else cpu), "cpu" or "cuda"
   std::string dtype = "auto";      // weights: "auto" (fp32 stays fp32, else bf16), "float32", "bfloat16"
+  std::string activation_dtype = "auto";  // activations between ops and the KV cache: "auto"
+                                   // (cpu: float32, cuda: bfloat16), "float32" (cpu only) or "bfloat16"
   int64_t kv_cache_bytes = 0;      // hard cap for the KV pool; 0 = default (512 MiB on the CPU,
                                    // gpu_memory_utilization of the free GPU memory after the weights)
   double gpu_memory_utilization = 0.9;  // CUDA, kv_cache_bytes = 0: fraction of free memory to use
@@ -44,6 +46,7 @@ struct ModelInfo {
   int32_t bos_token_id = -1;
   std::vector<int32_t> eos_token_ids;
   std::string weight_dtype;        // "float32" or "bfloat16"
+  std::string activation_dtype;    // "float32" or "bfloat16" (also the KV cache's)
   std::string device;              // "cpu" or "cuda"
 };
 

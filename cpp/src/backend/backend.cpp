@@ -25,11 +25,12 @@ bool cuda_built() {
 #endif
 }
 
-std::unique_ptr<Backend> make_backend(const std::string& device, int num_threads) {
-  if (device == "cpu") return std::make_unique<cpu::CpuBackend>(num_threads);
+std::unique_ptr<Backend> make_backend(const std::string& device, int num_threads,
+                                      ScalarType activation_dtype) {
+  if (device == "cpu") return std::make_unique<cpu::CpuBackend>(num_threads, activation_dtype);
   if (device == "cuda") {
 #ifdef PAGEDRT_WITH_CUDA
-    return cuda::make_backend();
+    return cuda::make_backend(activation_dtype);
 #else
     throw Error(ErrorKind::Unsupported,
                 "device 'cuda': this pagedrt build has no CUDA backend (rebuild with the CUDA "

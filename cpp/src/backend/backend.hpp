@@ -117,8 +117,10 @@ class Backend {
 };
 
 // `device` is "cpu" or "cuda"; throws Error(Unsupported) for a device this
-// build lacks. `num_threads` <= 0 means all cores.
-std::unique_ptr<Backend> make_backend(const std::string& device, int num_threads);
+// build lacks. activation_dtype: F32 or BF16 (both devices; on CUDA, F32 is
+// the all-fp32 validation mode). `num_threads` <= 0 means all cores.
+std::unique_ptr<Backend> make_backend(const std::string& device, int num_threads,
+                                      ScalarType activation_dtype);
 
 bool cuda_built();      // this build has the CUDA backend
 bool cuda_available();  // ... and a GPU is visible

@@ -44,7 +44,13 @@ inline float bf16_to_f32(uint16_t b) {
   __builtin_memcpy(&f, &u, 4);
   return f;
 }
-uint16_t f32_to_bf16(float f);
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t u;
+  __builtin_memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // quiet NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
 float f16_to_f32(uint16_t h);
 
 }  // namespace pagedrt

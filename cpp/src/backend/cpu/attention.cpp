@@ -12,35 +12,51 @@
 namespace pagedrt::cpu {
 namespace {
 
-inline float dot(const float* a, const float* b, int64_t n) {
+inline float to_f32(float x) { return x; }
+inline float to_f32(uint16_t x) { return bf16_to_f32(x); }
+inline void store(float* p, float v) { *p = v; }
+inline void store(uint16_t* p, float v) { *p = f32_to_bf16(v); }
+
+#ifdef PAGEDRT_AVX2
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+#endif
+
+// dot(a, b), a fp32, b fp32 or bf16
+template <typename T>
+inline float dot(const float* a, const T* b, int64_t n) {
   int64_t i = 0;
   float s = 0.0f;
 #ifdef PAGEDRT_AVX2
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   for (; i + 16 <= n; i += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), load8(b + i + 8), acc1);
   }
-  for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+  for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc0);
   __m256 v = _mm256_add_ps(acc0, acc1);
   __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   h = _mm_add_ps(h, _mm_movehl_ps(h, h));
   h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
   s = _mm_cvtss_f32(h);
 #endif
-  for (; i < n; ++i) s += a[i] * b[i];
+  for (; i < n; ++i) s += a[i] * to_f32(b[i]);
   return s;
 }
 
-// y += a * x
-inline void axpy(float a, const float* x, float* y, int64_t n) {
+// y += a * x, x fp32 or bf16
+template <typename T>
+inline void axpy(float a, const T* x, float* y, int64_t n) {
   int64_t i = 0;
 #ifdef PAGEDRT_AVX2
   __m256 av = _mm256_set1_ps(a);
   for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, load8(x + i), _mm256_loadu_ps(y + i)));
 #endif
-  for (; i < n; ++i) y[i] += a * x[i];
+  for (; i < n; ++i) y[i] += a * to_f32(x[i]);
 }
 
 // Sequence index of every token of the batch (tokens are grouped by sequence).
@@ -53,21 +69,22 @@ std::vector<int32_t> token_seq(const BatchView& b) {
 
 }  // namespace
 
-void rope_and_cache(const BatchView& b, float* qkv, const float* cos, const float* sin,
-                    const AttentionShape& s, float* k_cache, float* v_cache, int threads) {
+template <typename T>
+void rope_and_cache(const BatchView& b, T* qkv, const float* cos, const float* sin,
+                    const AttentionShape& s, T* k_cache, T* v_cache, int threads) {
   const int64_t H = s.num_heads, Hkv = s.num_kv_heads, D = s.head_dim, half = D / 2;
   const int64_t row = (H + 2 * Hkv) * D;
 #pragma omp parallel for schedule(static) num_threads(threads) if (b.num_tokens > 8)
   for (int64_t t = 0; t < b.num_tokens; ++t) {
-    float* q = qkv + t * row;  // (H + Hkv, D) rotated: the q heads then the k heads
+    T* q = qkv + t * row;  // (H + Hkv, D) rotated: the q heads then the k heads
     const float* c = cos + static_cast<int64_t>(b.positions[t]) * half;
     const float* sn = sin + static_cast<int64_t>(b.positions[t]) * half;
     for (int64_t h = 0; h < H + Hkv; ++h) {
-      float* x = q + h * D;
+      T* x = q + h * D;
       for (int64_t i = 0; i < half; ++i) {
-        const float x1 = x[i], x2 = x[i + half];
-        x[i] = x1 * c[i] - x2 * sn[i];
-        x[i + half] = x2 * c[i] + x1 * sn[i];
+        const float x1 = to_f32(x[i]), x2 = to_f32(x[i + half]);
+        store(x + i, x1 * c[i] - x2 * sn[i]);
+        store(x + i + half, x2 * c[i] + x1 * sn[i]);
       }
     }
     const int64_t slot = b.slot_mapping[t];  // flat (block, offset) index
@@ -76,9 +93,9 @@ void rope_and_cache(const BatchView& b, float* qkv, const float* cos, const floa
   }
 }
 
-void paged_attention(const BatchView& b, const float* qkv, const float* k_cache,
-                     const float* v_cache, const AttentionShape& s, float scale, float* out,
-                     int threads) {
+template <typename T>
+void paged_attention(const BatchView& b, const T* qkv, const T* k_cache, const T* v_cache,
+                     const AttentionShape& s, float scale, T* out, int threads) {
   const int64_t H = s.num_heads, Hkv = s.num_kv_heads, D = s.head_dim;
   const int64_t G = H / Hkv;  // query heads per kv head
   const int64_t row = (H + 2 * Hkv) * D;
@@ -89,17 +106,21 @@ void paged_attention(const BatchView& b, const float* qkv, const float* k_cache,
   {
     std::vector<float> scores;  // (G, ctx) for one (token, kv head)
     std::vector<float> acc;     // (G, D)
+    std::vector<float> qf;      // (G, D) the query heads in fp32
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item) {
       const int64_t t = item / Hkv, kvh = item % Hkv;
       const int32_t i = seq_of[t];
       const int64_t ctx = static_cast<int64_t>(b.positions[t]) + 1;
       const int32_t* pages = b.page_indices + b.page_indptr[i];
-      const float* q = qkv + t * row + kvh * G * D;  // (G, D)
+      const T* qt = qkv + t * row + kvh * G * D;  // (G, D)
+      qf.resize(G * D);
+      for (int64_t j = 0; j < G * D; ++j) qf[j] = to_f32(qt[j]);
+      const float* q = qf.data();
       scores.assign(G * ctx, 0.0f);
       for (int64_t p = 0; p < ctx; ++p) {
         const int64_t slot = static_cast<int64_t>(pages[p / bs]) * bs + p % bs;
-        const float* k = k_cache + (slot * Hkv + kvh) * D;
+        const T* k = k_cache + (slot * Hkv + kvh) * D;
         for (int64_t g = 0; g < G; ++g) scores[g * ctx + p] = dot(q + g * D, k, D) * scale;
       }
       for (int64_t g = 0; g < G; ++g) {  // softmax per query head
@@ -113,12 +134,22 @@ void paged_attention(const BatchView& b, const float* qkv, const float* k_cache,
       acc.assign(G * D, 0.0f);
       for (int64_t p = 0; p < ctx; ++p) {
         const int64_t slot = static_cast<int64_t>(pages[p / bs]) * bs + p % bs;
-        const float* v = v_cache + (slot * Hkv + kvh) * D;
+        const T* v = v_cache + (slot * Hkv + kvh) * D;
         for (int64_t g = 0; g < G; ++g) axpy(scores[g * ctx + p], v, acc.data() + g * D, D);
       }
-      std::copy(acc.begin(), acc.end(), out + t * H * D + kvh * G * D);
+      T* o = out + t * H * D + kvh * G * D;
+      for (int64_t j = 0; j < G * D; ++j) store(o + j, acc[j]);
     }
   }
 }
+
+template void rope_and_cache<float>(const BatchView&, float*, const float*, const float*,
+                                    const AttentionShape&, float*, float*, int);
+template void rope_and_cache<uint16_t>(const BatchView&, uint16_t*, const float*, const float*,
+                                       const AttentionShape&, uint16_t*, uint16_t*, int);
+template void paged_attention<float>(const BatchView&, const float*, const float*, const float*,
+                                     const AttentionShape&, float, float*, int);
+template void paged_attention<uint16_t>(const BatchView&, const uint16_t*, const uint16_t*, const uint16_t*,
+                                        const AttentionShape&, float, uint16_t*, int);
 
 }  // namespace pagedrt::cpu

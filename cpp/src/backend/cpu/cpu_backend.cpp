@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 
 #include "backend/cpu/gemm.hpp"
 #include "pagedrt/error.hpp"
@@ -56,7 +57,11 @@ void convert(const TensorView& src, ScalarType dtype, void* dst) {
 
 }  // namespace
 
-CpuBackend::CpuBackend(int num_threads) : threads_(num_threads) {
+CpuBackend::CpuBackend(int num_threads, ScalarType activation_dtype)
+    : threads_(num_threads), act_(activation_dtype) {
+  if (act_ != ScalarType::F32 && act_ != ScalarType::BF16)
+    throw Error(ErrorKind::InvalidArgument, std::string("CPU activation dtype must be float32 or bfloat16, got ") +
+                                                scalar_name(act_));
   if (threads_ <= 0) {
 #ifdef _OPENMP
     threads_ = omp_get_num_procs();
@@ -84,6 +89,41 @@ Tensor CpuBackend::empty(std::vector<int64_t> shape, ScalarType dtype) {
   return host_empty(std::move(shape), dtype);
 }
 
+namespace {
+
+// Activations are float, or uint16_t holding bf16 bits; math is fp32 and a
+// bf16 value is rounded to nearest even where it is stored.
+inline float to_f32(float x) { return x; }
+inline float to_f32(uint16_t x) { return bf16_to_f32(x); }
+inline void store(float* p, float v) { *p = v; }
+inline void store(uint16_t* p, float v) { *p = f32_to_bf16(v); }
+
+// Calls f with the typed data pointer of `t` (float* or uint16_t*).
+template <typename F>
+void with_act(const Tensor& t, F&& f) {
+  if (t.dtype == ScalarType::BF16)
+    f(static_cast<uint16_t*>(t.data));
+  else
+    f(static_cast<float*>(t.data));
+}
+
+// out = x / sqrt(mean(x^2) + eps) * w, as transformers' LlamaRMSNorm in fp32.
+template <typename T>
+inline void rms_row(const float* x, const float* w, float eps, int64_t d, T* out) {
+  float ss = 0.0f;
+  for (int64_t i = 0; i < d; ++i) ss += x[i] * x[i];
+  const float inv = 1.0f / std::sqrt(ss / static_cast<float>(d) + eps);
+  for (int64_t i = 0; i < d; ++i) store(out + i, w[i] * (x[i] * inv));
+}
+
+// dst (n) = fp32 of src (n), src float or bf16
+template <typename T>
+inline void widen(const T* src, int64_t n, float* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = to_f32(src[i]);
+}
+
+}  // namespace
+
 void CpuBackend::embedding(const Tensor& table, Tensor& out) {
   const int64_t hidden = table.dim(1);
   float* y = out.as<float>();
@@ -99,82 +139,96 @@ void CpuBackend::embedding(const Tensor& table, Tensor& out) {
   }
 }
 
-namespace {
-// out = x / sqrt(mean(x^2) + eps) * w, as transformers' LlamaRMSNorm in fp32.
-inline void rms_row(const float* x, const float* w, float eps, int64_t d, float* out) {
-  float ss = 0.0f;
-  for (int64_t i = 0; i < d; ++i) ss += x[i] * x[i];
-  const float inv = 1.0f / std::sqrt(ss / static_cast<float>(d) + eps);
-  for (int64_t i = 0; i < d; ++i) out[i] = w[i] * (x[i] * inv);
-}
-}  // namespace
-
 void CpuBackend::rms_norm(const Tensor& x, const Tensor& weight, float eps, int64_t n, Tensor& out) {
   const int64_t d = weight.numel();
-  for (int64_t t = 0; t < n; ++t)
-    rms_row(x.as<float>() + t * d, weight.as<float>(), eps, d, out.as<float>() + t * d);
+  with_act(out, [&](auto* y) {
+    for (int64_t t = 0; t < n; ++t) rms_row(x.as<float>() + t * d, weight.as<float>(), eps, d, y + t * d);
+  });
 }
 
 void CpuBackend::add_rms_norm(Tensor& residual, const Tensor& x, const Tensor& weight, float eps,
                               Tensor& out) {
-  const int64_t d = weight.numel();
-  const int64_t n = batch_.num_tokens;
-  for (int64_t t = 0; t < n; ++t) {
-    float* r = residual.as<float>() + t * d;
-    const float* xi = x.as<float>() + t * d;
-    for (int64_t i = 0; i < d; ++i) r[i] += xi[i];
-    rms_row(r, weight.as<float>(), eps, d, out.as<float>() + t * d);
-  }
+  add(residual, x);
+  rms_norm(residual, weight, eps, batch_.num_tokens, out);
 }
 
 void CpuBackend::linear(const Tensor& x, const Tensor& weight, int64_t n, Tensor& out) {
   const int64_t m = weight.dim(0), k = weight.dim(1);
+  // bf16 activations: widened to fp32 (exact), so the GEMM is the same
+  const float* xf = x.as<float>();
+  if (x.dtype == ScalarType::BF16) {
+    x32_.resize(static_cast<size_t>(n * k));
+    widen(x.as<uint16_t>(), n * k, x32_.data());
+    xf = x32_.data();
+  }
+  float* yf = out.as<float>();
+  if (out.dtype == ScalarType::BF16) {
+    y32_.resize(static_cast<size_t>(n * m));
+    yf = y32_.data();
+  }
   if (weight.dtype == ScalarType::F32)
-    gemm_f32(x.as<float>(), weight.as<float>(), out.as<float>(), n, m, k, threads_);
+    gemm_f32(xf, weight.as<float>(), yf, n, m, k, threads_);
   else
-    gemm_bf16(x.as<float>(), weight.as<uint16_t>(), out.as<float>(), n, m, k, threads_);
+    gemm_bf16(xf, weight.as<uint16_t>(), yf, n, m, k, threads_);
+  if (out.dtype == ScalarType::BF16) {
+    uint16_t* y = out.as<uint16_t>();
+    for (int64_t i = 0; i < n * m; ++i) y[i] = f32_to_bf16(yf[i]);
+  }
 }
 
 void CpuBackend::add(Tensor& residual, const Tensor& x) {
   const int64_t n = static_cast<int64_t>(batch_.num_tokens) * residual.dim(1);
   float* r = residual.as<float>();
-  const float* xi = x.as<float>();
-  for (int64_t i = 0; i < n; ++i) r[i] += xi[i];
+  with_act(x, [&](const auto* xi) {
+    for (int64_t i = 0; i < n; ++i) r[i] += to_f32(xi[i]);
+  });
 }
 
 void CpuBackend::rope_and_cache(Tensor& qkv, const RopeTable& rope, int64_t num_heads,
                                 int64_t num_kv_heads, int64_t head_dim, Tensor& k_cache,
                                 Tensor& v_cache) {
   AttentionShape s{num_heads, num_kv_heads, head_dim, k_cache.dim(1)};
-  cpu::rope_and_cache(batch_, qkv.as<float>(), rope.cos.as<float>(), rope.sin.as<float>(), s,
-                      k_cache.as<float>(), v_cache.as<float>(), threads_);
+  with_act(qkv, [&](auto* q) {
+    using T = std::remove_pointer_t<decltype(q)>;
+    cpu::rope_and_cache<T>(batch_, q, rope.cos.as<float>(), rope.sin.as<float>(), s, k_cache.as<T>(),
+                           v_cache.as<T>(), threads_);
+  });
 }
 
 void CpuBackend::paged_attention(const Tensor& qkv, const Tensor& k_cache, const Tensor& v_cache,
                                  int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                                  float scale, Tensor& out) {
   AttentionShape s{num_heads, num_kv_heads, head_dim, k_cache.dim(1)};
-  cpu::paged_attention(batch_, qkv.as<float>(), k_cache.as<float>(), v_cache.as<float>(), s, scale,
-                       out.as<float>(), threads_);
+  with_act(qkv, [&](const auto* q) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(q)>>;
+    cpu::paged_attention<T>(batch_, q, k_cache.as<T>(), v_cache.as<T>(), s, scale, out.as<T>(), threads_);
+  });
 }
 
 void CpuBackend::silu_mul(const Tensor& gate_up, int64_t n, Tensor& out) {
   const int64_t inter = out.dim(1);
-  const float* gu = gate_up.as<float>();
-  float* y = out.as<float>();
+  with_act(gate_up, [&](const auto* gu) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(gu)>>;
+    T* y = out.as<T>();
 #pragma omp parallel for schedule(static) num_threads(threads_) if (n * inter > 65536)
-  for (int64_t t = 0; t < n; ++t) {
-    const float* g = gu + t * 2 * inter;
-    const float* u = g + inter;
-    float* o = y + t * inter;
-    for (int64_t i = 0; i < inter; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
-  }
+    for (int64_t t = 0; t < n; ++t) {
+      const T* g = gu + t * 2 * inter;
+      const T* u = g + inter;
+      T* o = y + t * inter;
+      for (int64_t i = 0; i < inter; ++i) {
+        const float gi = to_f32(g[i]);
+        store(o + i, gi / (1.0f + std::exp(-gi)) * to_f32(u[i]));
+      }
+    }
+  });
 }
 
 void CpuBackend::gather_rows(const Tensor& x, Tensor& out) {
-  const int64_t d = x.dim(1);
+  const size_t row_bytes = static_cast<size_t>(x.dim(1)) * scalar_size(x.dtype);
+  const uint8_t* src = static_cast<const uint8_t*>(x.data);
+  uint8_t* dst = static_cast<uint8_t*>(out.data);
   for (int32_t i = 0; i < batch_.num_logits; ++i)
-    std::memcpy(out.as<float>() + i * d, x.as<float>() + int64_t(batch_.logits_indices[i]) * d, d * 4);
+    std::memcpy(dst + i * row_bytes, src + static_cast<size_t>(batch_.logits_indices[i]) * row_bytes, row_bytes);
 }
 
 void CpuBackend::copy_blocks(Tensor& cache, const std::vector<BlockCopy>& copies) {

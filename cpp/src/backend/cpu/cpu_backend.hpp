@@ -1,7 +1,11 @@
-// backend/cpu/cpu_backend.hpp — the CPU backend: fp32 activations, fp32 or
-// bf16 weights, AVX2/FMA kernels where the build has them, OpenMP threads.
-// It is the oracle every other backend is tested against.
+// backend/cpu/cpu_backend.hpp — the CPU backend: fp32 or bf16 weights; fp32
+// activations and KV cache (the oracle every other backend is tested
+// against), or bf16 ones (half the KV memory, and the same rounding points as
+// the CUDA backend, which makes it that backend's matched-precision
+// reference); AVX2/AVX-512 kernels where the build has them, OpenMP threads.
 #pragma once
+
+#include <vector>
 
 #include "backend/backend.hpp"
 #include "backend/cpu/attention.hpp"
@@ -10,10 +14,12 @@ namespace pagedrt::cpu {
 
 class CpuBackend final : public Backend {
  public:
-  explicit CpuBackend(int num_threads);
+  // activation_dtype: F32 or BF16 (activations between ops and the KV cache;
+  // the residual stream and every accumulation stay fp32)
+  explicit CpuBackend(int num_threads, ScalarType activation_dtype = ScalarType::F32);
   Device device() const override { return Device::CPU; }
-  ScalarType activation_dtype() const override { return ScalarType::F32; }
-  ScalarType kv_dtype() const override { return ScalarType::F32; }
+  ScalarType activation_dtype() const override { return act_; }
+  ScalarType kv_dtype() const override { return act_; }
   int num_threads() const { return threads_; }
 
   Tensor load_weight(const std::vector<const TensorView*>& parts, ScalarType dtype) override;
@@ -40,7 +46,9 @@ class CpuBackend final : public Backend {
 
  private:
   int threads_;
+  ScalarType act_;
   BatchView batch_;
+  std::vector<float> x32_, y32_;  // fp32 staging of bf16 GEMM operands
 };
 
 }  // namespace pagedrt::cpu

@@ -2,7 +2,8 @@
 //
 // One block = (token, kv head, split). The G query heads of the kv head's
 // group are all handled by the block, so each K/V row is read once for the
-// group (GQA). A key row (D bf16) is read by D/8 threads with 16-byte loads;
+// group (GQA). A key row (D elements, bf16 or fp32) is read by D/8 threads,
+// 8 elements each (one 16-byte load in bf16, two in fp32);
 // the block's 128 threads hold 128 / (D/8) such key groups, each running its
 // own fp32 online softmax over every NG-th run of U keys; the groups merge in
 // shared memory at the end. Long contexts are cut into splits (more blocks
@@ -20,8 +21,31 @@ namespace {
 
 constexpr float kLog2e = 1.4426950408889634f;
 
-__device__ __forceinline__ void unpack8(const uint4& v, float* f) {
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+// 8 consecutive elements of T, as loaded: one uint4 of bf16, two of fp32.
+template <typename T>
+struct Raw8 {
+  static constexpr int kVecs = sizeof(T) * 8 / 16;
+  uint4 v[kVecs];
+};
+
+template <typename T>
+__device__ __forceinline__ Raw8<T> load8(const T* p) {
+  Raw8<T> r;
+#pragma unroll
+  for (int i = 0; i < Raw8<T>::kVecs; ++i) r.v[i] = __ldg(reinterpret_cast<const uint4*>(p) + i);
+  return r;
+}
+
+template <typename T>
+__device__ __forceinline__ Raw8<T> zero8() {
+  Raw8<T> r;
+#pragma unroll
+  for (int i = 0; i < Raw8<T>::kVecs; ++i) r.v[i] = make_uint4(0, 0, 0, 0);
+  return r;
+}
+
+__device__ __forceinline__ void unpack8(const Raw8<bf16>& r, float* f) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&r.v[0]);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const float2 x = __bfloat1622float2(h[i]);
@@ -30,8 +54,17 @@ __device__ __forceinline__ void unpack8(const uint4& v, float* f) {
   }
 }
 
-template <int D, int GMAX>
-__global__ void __launch_bounds__(128) decode_kernel(AttentionParams p, DecodePlan d) {
+__device__ __forceinline__ void unpack8(const Raw8<float>& r, float* f) {
+  const float* x = reinterpret_cast<const float*>(&r.v[0]);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) f[i] = x[i];
+}
+
+__device__ __forceinline__ void store_f(bf16* p, float v) { *p = __float2bfloat16_rn(v); }
+__device__ __forceinline__ void store_f(float* p, float v) { *p = v; }
+
+template <typename T, int D, int GMAX>
+__global__ void __launch_bounds__(128) decode_kernel(AttentionParamsT<T> p, DecodePlan d) {
   constexpr int TPK = D / 8;       // threads per key row
   constexpr int NG = 128 / TPK;    // key groups per block
   constexpr int U = GMAX >= 8 ? 2 : 4;  // keys per group per iteration
@@ -45,12 +78,12 @@ __global__ void __launch_bounds__(128) decode_kernel(AttentionParams p, DecodePl
   const int lane = threadIdx.x % TPK, grp = threadIdx.x / TPK;
 
   float q[GMAX][8];
-  const bf16* qrow = p.qkv + int64_t(t) * (H + 2 * Hkv) * D + int64_t(kvh) * G * D + lane * 8;
+  const T* qrow = p.qkv + int64_t(t) * (H + 2 * Hkv) * D + int64_t(kvh) * G * D + lane * 8;
   const float qscale = p.scale * kLog2e;
 #pragma unroll
   for (int g = 0; g < GMAX; ++g) {
     if (g < G) {
-      unpack8(*reinterpret_cast<const uint4*>(qrow + g * D), q[g]);
+      unpack8(load8(qrow + g * D), q[g]);
 #pragma unroll
       for (int j = 0; j < 8; ++j) q[g][j] *= qscale;
     } else {
@@ -72,18 +105,18 @@ __global__ void __launch_bounds__(128) decode_kernel(AttentionParams p, DecodePl
   // a group whose keys run past `end` masks them.
   for (int base = start; base < end; base += NG * U) {
     const int k0 = base + grp * U;
-    uint4 kr[U], vr[U];
+    Raw8<T> kr[U], vr[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int pos = k0 + u;
       if (pos < end) {
         const int64_t slot = int64_t(pages[pos / bs]) * bs + pos % bs;
         const int64_t off = (slot * Hkv + kvh) * D + lane * 8;
-        kr[u] = __ldg(reinterpret_cast<const uint4*>(p.k_cache + off));
-        vr[u] = __ldg(reinterpret_cast<const uint4*>(p.v_cache + off));
+        kr[u] = load8(p.k_cache + off);
+        vr[u] = load8(p.v_cache + off);
       } else {
-        kr[u] = make_uint4(0, 0, 0, 0);
-        vr[u] = make_uint4(0, 0, 0, 0);
+        kr[u] = zero8<T>();
+        vr[u] = zero8<T>();
       }
     }
     float s[U][GMAX];
@@ -155,7 +188,7 @@ __global__ void __launch_bounds__(128) decode_kernel(AttentionParams p, DecodePl
     }
     const int h = kvh * G + g;
     if (S == 1) {
-      p.out[int64_t(t) * H * D + int64_t(h) * D + dd] = __float2bfloat16_rn(L > 0.0f ? O / L : 0.0f);
+      store_f(p.out + int64_t(t) * H * D + int64_t(h) * D + dd, L > 0.0f ? O / L : 0.0f);
     } else {
       const int64_t part = int64_t(item) * S + split;
       d.o_part[(part * H + h) * D + dd] = L > 0.0f ? O / L : 0.0f;
@@ -165,7 +198,8 @@ __global__ void __launch_bounds__(128) decode_kernel(AttentionParams p, DecodePl
 }
 
 // grid (items, H), block D: out = sum_s w_s o_s / sum_s w_s, w_s = 2^(lse_s - max lse)
-__global__ void merge_kernel(AttentionParams p, DecodePlan d) {
+template <typename T>
+__global__ void merge_kernel(AttentionParamsT<T> p, DecodePlan d) {
   const int item = blockIdx.x, h = blockIdx.y, dd = threadIdx.x;
   const int t = d.tokens[item];
   const int H = p.num_heads, D = p.head_dim, S = d.num_splits;
@@ -182,16 +216,16 @@ __global__ void merge_kernel(AttentionParams p, DecodePlan d) {
       O += w * d.o_part[((base + s) * H + h) * D + dd];
     }
   }
-  p.out[int64_t(t) * H * D + int64_t(h) * D + dd] = __float2bfloat16_rn(W > 0.0f ? O / W : 0.0f);
+  store_f(p.out + int64_t(t) * H * D + int64_t(h) * D + dd, W > 0.0f ? O / W : 0.0f);
 }
 
-template <int D>
-void launch_d(const AttentionParams& p, const DecodePlan& d, dim3 grid, cudaStream_t s) {
+template <typename T, int D>
+void launch_d(const AttentionParamsT<T>& p, const DecodePlan& d, dim3 grid, cudaStream_t s) {
   const int G = p.num_heads / p.num_kv_heads;
-  if (G == 1) decode_kernel<D, 1><<<grid, 128, 0, s>>>(p, d);
-  else if (G == 2) decode_kernel<D, 2><<<grid, 128, 0, s>>>(p, d);
-  else if (G <= 4) decode_kernel<D, 4><<<grid, 128, 0, s>>>(p, d);
-  else decode_kernel<D, 8><<<grid, 128, 0, s>>>(p, d);
+  if (G == 1) decode_kernel<T, D, 1><<<grid, 128, 0, s>>>(p, d);
+  else if (G == 2) decode_kernel<T, D, 2><<<grid, 128, 0, s>>>(p, d);
+  else if (G <= 4) decode_kernel<T, D, 4><<<grid, 128, 0, s>>>(p, d);
+  else decode_kernel<T, D, 8><<<grid, 128, 0, s>>>(p, d);
 }
 
 }  // namespace
@@ -200,18 +234,22 @@ bool attention_supported(int head_dim, int group) {
   return (head_dim == 64 || head_dim == 128) && group >= 1 && group <= 8;
 }
 
-void decode_attention(const AttentionParams& p, const DecodePlan& d, cudaStream_t s) {
+template <typename T>
+void decode_attention(const AttentionParamsT<T>& p, const DecodePlan& d, cudaStream_t s) {
   if (d.num_items == 0) return;
   const dim3 grid(static_cast<unsigned>(d.num_items), static_cast<unsigned>(p.num_kv_heads),
                   static_cast<unsigned>(d.num_splits));
-  if (p.head_dim == 128) launch_d<128>(p, d, grid, s);
-  else launch_d<64>(p, d, grid, s);
+  if (p.head_dim == 128) launch_d<T, 128>(p, d, grid, s);
+  else launch_d<T, 64>(p, d, grid, s);
   CUDA_CHECK_LAUNCH();
   if (d.num_splits > 1) {
-    merge_kernel<<<dim3(static_cast<unsigned>(d.num_items), static_cast<unsigned>(p.num_heads)),
+    merge_kernel<T><<<dim3(static_cast<unsigned>(d.num_items), static_cast<unsigned>(p.num_heads)),
                    static_cast<unsigned>(p.head_dim), 0, s>>>(p, d);
     CUDA_CHECK_LAUNCH();
   }
 }
+
+template void decode_attention<bf16>(const AttentionParamsT<bf16>&, const DecodePlan&, cudaStream_t);
+template void decode_attention<float>(const AttentionParamsT<float>&, const DecodePlan&, cudaStream_t);
 
 }  // namespace pagedrt::cuda

@@ -39,10 +39,13 @@ int device_count() {
   return n;
 }
 
-std::unique_ptr<Backend> make_backend() {
+std::unique_ptr<Backend> make_backend(ScalarType activation_dtype) {
   if (device_count() == 0)
     throw Error(ErrorKind::Unsupported, "device 'cuda': no CUDA GPU is visible to this process");
-  return std::make_unique<CudaBackend>();
+  if (activation_dtype != ScalarType::BF16 && activation_dtype != ScalarType::F32)
+    throw Error(ErrorKind::Unsupported, std::string("device 'cuda': activation dtype ") +
+                                            scalar_name(activation_dtype) + " (supported: bfloat16, float32)");
+  return std::make_unique<CudaBackend>(activation_dtype);
 }
 
 // ---- Staging ----------------------------------------------------------------------
@@ -76,7 +79,7 @@ void Staging::upload(size_t bytes, cudaStream_t stream) {
 
 // ---- CudaBackend: memory ------------------------------------------------------------
 
-CudaBackend::CudaBackend() {
+CudaBackend::CudaBackend(ScalarType activation_dtype) : act_(activation_dtype) {
   CUDA_CHECK(cudaGetDevice(&device_));
   cudaDeviceProp prop;
   CUDA_CHECK(cudaGetDeviceProperties(&prop, device_));
@@ -227,8 +230,9 @@ void CudaBackend::begin_step(const BatchView& b) {
   dev_.token_seq = reinterpret_cast<const int32_t*>(d + off[7]);
 }
 
-// Decode items: the token of every sequence with one query token. Prefill
-// tiles: 64 (token, head) rows of every other sequence. Splits: enough
+// Decode items: the token of every sequence with one query token (in the
+// fp32 mode every token: the prefill kernel is bf16 WMMA). Prefill tiles: 64
+// (token, head) rows of every other sequence. Splits: enough
 // blocks to fill the GPU several times over (batch 1 with a long context is
 // spread over the SMs; a full batch runs one split).
 void CudaBackend::plan_attention(int64_t H, int64_t Hkv, int64_t D) {
@@ -240,9 +244,11 @@ void CudaBackend::plan_attention(int64_t H, int64_t Hkv, int64_t D) {
   int64_t max_ctx = 1;
   for (int32_t i = 0; i < b.num_seqs; ++i) {
     const int32_t q0 = b.query_start[i], qn = b.query_start[i + 1] - q0;
-    if (qn == 1) {
-      dec.push_back(q0);
-      max_ctx = std::max<int64_t>(max_ctx, b.positions[q0] + 1);
+    if (qn == 1 || act_ == ScalarType::F32) {
+      for (int32_t t = q0; t < q0 + qn; ++t) {
+        dec.push_back(t);
+        max_ctx = std::max<int64_t>(max_ctx, b.positions[t] + 1);
+      }
     } else {
       for (int64_t r = 0; r < qn * G; r += kPrefillRows) tiles.push_back(make_int2(i, static_cast<int>(r)));
     }
@@ -290,10 +296,16 @@ void CudaBackend::plan_attention(int64_t H, int64_t Hkv, int64_t D) {
 }
 
 // ---- ops ---------------------------------------------------------------------------
+//
+// Every activation and the KV cache are act_ (bf16, or fp32 in the validation
+// mode); the residual stream is fp32 in both.
 
 void CudaBackend::embedding(const Tensor& table, Tensor& out) {
-  require(table.dtype == ScalarType::BF16 && out.dtype == ScalarType::F32, "embedding: bf16 table, fp32 out");
-  cuda::embedding(table.as<bf16>(), table.dim(1), dev_.token_ids, host_.num_tokens, out.as<float>(), stream_);
+  require(table.dtype == act_ && out.dtype == ScalarType::F32, "embedding: table of the activation dtype, fp32 out");
+  if (act_ == ScalarType::BF16)
+    cuda::embedding(table.as<bf16>(), table.dim(1), dev_.token_ids, host_.num_tokens, out.as<float>(), stream_);
+  else
+    cuda::embedding(table.as<float>(), table.dim(1), dev_.token_ids, host_.num_tokens, out.as<float>(), stream_);
 }
 
 void CudaBackend::rms_norm(const Tensor& x, const Tensor& weight, float eps, int64_t n, Tensor& out) {
@@ -310,60 +322,96 @@ void CudaBackend::rms_norm(const Tensor& x, const Tensor& weight, float eps, int
 }
 
 void CudaBackend::add_rms_norm(Tensor& residual, const Tensor& x, const Tensor& weight, float eps, Tensor& out) {
-  require(residual.dtype == ScalarType::F32 && x.dtype == ScalarType::BF16 && out.dtype == ScalarType::BF16,
-          "add_rms_norm: fp32 residual, bf16 x and out");
-  cuda::add_rms_norm(residual.as<float>(), x.as<bf16>(), weight.as<float>(), eps, host_.num_tokens,
-                     weight.numel(), out.as<bf16>(), stream_);
+  require(residual.dtype == ScalarType::F32 && x.dtype == act_ && out.dtype == act_,
+          "add_rms_norm: fp32 residual, x and out of the activation dtype");
+  if (act_ == ScalarType::BF16)
+    cuda::add_rms_norm(residual.as<float>(), x.as<bf16>(), weight.as<float>(), eps, host_.num_tokens,
+                       weight.numel(), out.as<bf16>(), stream_);
+  else
+    cuda::add_rms_norm(residual.as<float>(), x.as<float>(), weight.as<float>(), eps, host_.num_tokens,
+                       weight.numel(), out.as<float>(), stream_);
 }
 
 void CudaBackend::linear(const Tensor& x, const Tensor& weight, int64_t n, Tensor& out) {
-  require(x.dtype == ScalarType::BF16 && weight.dtype == ScalarType::BF16, "linear: bf16 x and weight");
-  require(out.dtype == ScalarType::BF16 || out.dtype == ScalarType::F32, "linear: bf16 or fp32 out");
-  gemm_->run(x.data, weight.data, out.data, n, weight.dim(0), weight.dim(1), out.dtype == ScalarType::F32);
+  require(x.dtype == act_ && weight.dtype == act_, "linear: x and weight of the activation dtype");
+  require(out.dtype == act_ || out.dtype == ScalarType::F32, "linear: out of the activation dtype or fp32");
+  gemm_->run(x.data, weight.data, out.data, n, weight.dim(0), weight.dim(1), out.dtype == ScalarType::F32,
+             act_ == ScalarType::F32);
 }
 
 void CudaBackend::add(Tensor& residual, const Tensor& x) {
-  require(residual.dtype == ScalarType::F32 && x.dtype == ScalarType::BF16, "add: fp32 residual, bf16 x");
-  cuda::add(residual.as<float>(), x.as<bf16>(), int64_t(host_.num_tokens) * residual.dim(1), stream_);
+  require(residual.dtype == ScalarType::F32 && x.dtype == act_, "add: fp32 residual, x of the activation dtype");
+  const int64_t numel = int64_t(host_.num_tokens) * residual.dim(1);
+  if (act_ == ScalarType::BF16)
+    cuda::add(residual.as<float>(), x.as<bf16>(), numel, stream_);
+  else
+    cuda::add(residual.as<float>(), x.as<float>(), numel, stream_);
 }
+
+namespace {
+template <typename T, typename Arrays>
+void rope_and_cache_t(Tensor& qkv, const RopeTable& rope, const Arrays& b, int64_t n, int H, int Hkv, int D,
+                      Tensor& k_cache, Tensor& v_cache, cudaStream_t s) {
+  cuda::rope_and_cache(qkv.as<T>(), rope.cos.as<float>(), rope.sin.as<float>(), b.positions, b.slot_mapping, n, H,
+                       Hkv, D, k_cache.as<T>(), v_cache.as<T>(), s);
+}
+}  // namespace
 
 void CudaBackend::rope_and_cache(Tensor& qkv, const RopeTable& rope, int64_t num_heads, int64_t num_kv_heads,
                                  int64_t head_dim, Tensor& k_cache, Tensor& v_cache) {
-  require(qkv.dtype == ScalarType::BF16 && k_cache.dtype == ScalarType::BF16, "rope_and_cache: bf16 qkv and cache");
-  cuda::rope_and_cache(qkv.as<bf16>(), rope.cos.as<float>(), rope.sin.as<float>(), dev_.positions,
-                       dev_.slot_mapping, host_.num_tokens, static_cast<int>(num_heads),
-                       static_cast<int>(num_kv_heads), static_cast<int>(head_dim), k_cache.as<bf16>(),
-                       v_cache.as<bf16>(), stream_);
+  require(qkv.dtype == act_ && k_cache.dtype == act_, "rope_and_cache: qkv and cache of the activation dtype");
+  const int H = static_cast<int>(num_heads), Hkv = static_cast<int>(num_kv_heads), D = static_cast<int>(head_dim);
+  if (act_ == ScalarType::BF16)
+    rope_and_cache_t<bf16>(qkv, rope, dev_, host_.num_tokens, H, Hkv, D, k_cache, v_cache, stream_);
+  else
+    rope_and_cache_t<float>(qkv, rope, dev_, host_.num_tokens, H, Hkv, D, k_cache, v_cache, stream_);
+}
+
+template <typename T>
+AttentionParamsT<T> CudaBackend::attention_params(const Tensor& qkv, const Tensor& k_cache, const Tensor& v_cache,
+                                                  int64_t H, int64_t Hkv, int64_t D, float scale, Tensor& out) const {
+  AttentionParamsT<T> p;
+  p.qkv = qkv.as<T>();
+  p.k_cache = k_cache.as<T>();
+  p.v_cache = v_cache.as<T>();
+  p.out = out.as<T>();
+  p.positions = dev_.positions;
+  p.query_start = dev_.query_start;
+  p.page_indptr = dev_.page_indptr;
+  p.page_indices = dev_.page_indices;
+  p.token_seq = dev_.token_seq;
+  p.num_heads = static_cast<int>(H);
+  p.num_kv_heads = static_cast<int>(Hkv);
+  p.head_dim = static_cast<int>(D);
+  p.block_size = static_cast<int>(k_cache.dim(1));
+  p.scale = scale;
+  return p;
 }
 
 void CudaBackend::paged_attention(const Tensor& qkv, const Tensor& k_cache, const Tensor& v_cache,
                                   int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale,
                                   Tensor& out) {
   check_attention(num_heads, num_kv_heads, head_dim);
-  require(qkv.dtype == ScalarType::BF16 && out.dtype == ScalarType::BF16, "paged_attention: bf16 qkv and out");
+  require(qkv.dtype == act_ && out.dtype == act_ && k_cache.dtype == act_,
+          "paged_attention: qkv, cache and out of the activation dtype");
   plan_attention(num_heads, num_kv_heads, head_dim);
-  AttentionParams p;
-  p.qkv = qkv.as<bf16>();
-  p.k_cache = k_cache.as<bf16>();
-  p.v_cache = v_cache.as<bf16>();
-  p.out = out.as<bf16>();
-  p.positions = dev_.positions;
-  p.query_start = dev_.query_start;
-  p.page_indptr = dev_.page_indptr;
-  p.page_indices = dev_.page_indices;
-  p.token_seq = dev_.token_seq;
-  p.num_heads = static_cast<int>(num_heads);
-  p.num_kv_heads = static_cast<int>(num_kv_heads);
-  p.head_dim = static_cast<int>(head_dim);
-  p.block_size = static_cast<int>(k_cache.dim(1));
-  p.scale = scale;
-  prefill_attention(p, plan_info_.prefill, stream_);
-  decode_attention(p, plan_info_.decode, stream_);
+  if (act_ == ScalarType::BF16) {
+    const AttentionParams p =
+        attention_params<bf16>(qkv, k_cache, v_cache, num_heads, num_kv_heads, head_dim, scale, out);
+    prefill_attention(p, plan_info_.prefill, stream_);
+    decode_attention(p, plan_info_.decode, stream_);
+  } else {  // every token is a decode item (plan_attention)
+    decode_attention(attention_params<float>(qkv, k_cache, v_cache, num_heads, num_kv_heads, head_dim, scale, out),
+                     plan_info_.decode, stream_);
+  }
 }
 
 void CudaBackend::silu_mul(const Tensor& gate_up, int64_t n, Tensor& out) {
-  require(gate_up.dtype == ScalarType::BF16 && out.dtype == ScalarType::BF16, "silu_mul: bf16");
-  cuda::silu_mul(gate_up.as<bf16>(), n, out.dim(1), out.as<bf16>(), stream_);
+  require(gate_up.dtype == act_ && out.dtype == act_, "silu_mul: in and out of the activation dtype");
+  if (act_ == ScalarType::BF16)
+    cuda::silu_mul(gate_up.as<bf16>(), n, out.dim(1), out.as<bf16>(), stream_);
+  else
+    cuda::silu_mul(gate_up.as<float>(), n, out.dim(1), out.as<float>(), stream_);
 }
 
 void CudaBackend::gather_rows(const Tensor& x, Tensor& out) {

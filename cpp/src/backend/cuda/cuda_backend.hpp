@@ -42,11 +42,14 @@ class Staging {
 
 class CudaBackend final : public Backend {
  public:
-  CudaBackend();
+  // activation_dtype BF16: bf16 weights, activations and KV (the fast path);
+  // F32: fp32 everywhere (the validation mode: the CPU backend's numbers up to
+  // the order of fp32 sums).
+  explicit CudaBackend(ScalarType activation_dtype);
   ~CudaBackend() override;
   Device device() const override { return Device::CUDA; }
-  ScalarType activation_dtype() const override { return ScalarType::BF16; }
-  ScalarType kv_dtype() const override { return ScalarType::BF16; }
+  ScalarType activation_dtype() const override { return act_; }
+  ScalarType kv_dtype() const override { return act_; }
   int64_t memory_free() const override;
   void synchronize() override;
   void check_attention(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim) const override;
@@ -92,10 +95,14 @@ class CudaBackend final : public Backend {
     PrefillPlan prefill{};
   };
   void plan_attention(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim);
+  template <typename T>
+  AttentionParamsT<T> attention_params(const Tensor& qkv, const Tensor& k_cache, const Tensor& v_cache, int64_t H,
+                                       int64_t Hkv, int64_t D, float scale, Tensor& out) const;
   void upload_chunked(const uint8_t* src, size_t bytes, uint8_t* dst, int src_kind, int dst_kind, size_t elem);
 
   int device_ = 0;
   int num_sms_ = 132;
+  ScalarType act_ = ScalarType::BF16;
   cudaStream_t stream_ = nullptr;
   std::unique_ptr<Gemm> gemm_;
 

@@ -20,17 +20,20 @@ Gemm::~Gemm() {
   if (handle_) cublasLtDestroy(handle_);
 }
 
-void Gemm::run(const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k, bool out_f32) {
+void Gemm::run(const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k, bool out_f32,
+               bool in_f32) {
   if (n == 0) return;
+  if (in_f32) return run_cublaslt(x, w, y, n, m, k, true, true);
   // Seam: own small-M kernels (decode GEMV) would be chosen here by shape.
-  run_cublaslt(x, w, y, n, m, k, out_f32);
+  run_cublaslt(x, w, y, n, m, k, out_f32, false);
 }
 
 // Column-major view: C (m x n, ld m) = op(A) * B with A = W seen as (k x m, ld k)
 // transposed, B = x seen as (k x n, ld k). C is y row-major (n, m).
 void Gemm::run_cublaslt(const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k,
-                        bool out_f32) {
-  auto key = std::make_tuple(n, m, k, out_f32);
+                        bool out_f32, bool in_f32) {
+  auto key = std::make_tuple(n, m, k, out_f32, in_f32);
+  const cudaDataType_t in_type = in_f32 ? CUDA_R_32F : CUDA_R_16BF;
   auto it = plans_.find(key);
   if (it == plans_.end()) {
     Plan p;
@@ -38,8 +41,8 @@ void Gemm::run_cublaslt(const void* x, const void* w, void* y, int64_t n, int64_
     const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
     CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
     CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)));
-    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.a, CUDA_R_16BF, k, m, k));
-    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.b, CUDA_R_16BF, k, n, k));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.a, in_type, k, m, k));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.b, in_type, k, n, k));
     CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.c, out_f32 ? CUDA_R_32F : CUDA_R_16BF, m, n, m));
     cublasLtMatmulPreference_t pref;
     CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
@@ -54,7 +57,8 @@ void Gemm::run_cublaslt(const void* x, const void* w, void* y, int64_t n, int64_
       cublasLtMatrixLayoutDestroy(p.b);
       cublasLtMatrixLayoutDestroy(p.c);
       cublasLtMatmulDescDestroy(p.op);
-      throw Error(ErrorKind::Runtime, "cuBLASLt has no algorithm for a bf16 GEMM of n=" + std::to_string(n) +
+      throw Error(ErrorKind::Runtime, std::string("cuBLASLt has no algorithm for a ") + (in_f32 ? "fp32" : "bf16") +
+                                          " GEMM of n=" + std::to_string(n) +
                                           " m=" + std::to_string(m) + " k=" + std::to_string(k));
     }
     p.algo = res.algo;

@@ -24,11 +24,14 @@ class Gemm {
   Gemm(const Gemm&) = delete;
   Gemm& operator=(const Gemm&) = delete;
 
-  // out_f32 selects fp32 output (logits); otherwise bf16.
-  void run(const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k, bool out_f32);
+  // out_f32 selects fp32 output (logits); otherwise bf16. in_f32: x and W are
+  // fp32 (the validation mode; cuBLASLt, pure fp32 compute, no TF32) and so is y.
+  void run(const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k, bool out_f32,
+           bool in_f32 = false);
 
  private:
-  void run_cublaslt(const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k, bool out_f32);
+  void run_cublaslt(const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k, bool out_f32,
+                    bool in_f32);
 
   struct Plan {
     cublasLtMatmulDesc_t op = nullptr;
@@ -39,7 +42,7 @@ class Gemm {
   cublasLtHandle_t handle_ = nullptr;
   void* workspace_ = nullptr;
   size_t workspace_bytes_ = 32u << 20;
-  std::map<std::tuple<int64_t, int64_t, int64_t, bool>, Plan> plans_;
+  std::map<std::tuple<int64_t, int64_t, int64_t, bool, bool>, Plan> plans_;
 };
 
 }  // namespace pagedrt::cuda

@@ -47,11 +47,12 @@ __global__ void convert_kernel(const void* src, int sk, void* dst, int dk, int64
   }
 }
 
-__global__ void embedding_kernel(const bf16* table, int64_t hidden, const int32_t* ids, float* out) {
+template <typename T>
+__global__ void embedding_kernel(const T* table, int64_t hidden, const int32_t* ids, float* out) {
   const int64_t t = blockIdx.x;
-  const bf16* src = table + int64_t(ids[t]) * hidden;
+  const T* src = table + int64_t(ids[t]) * hidden;
   float* dst = out + t * hidden;
-  for (int64_t i = threadIdx.x; i < hidden; i += blockDim.x) dst[i] = __bfloat162float(src[i]);
+  for (int64_t i = threadIdx.x; i < hidden; i += blockDim.x) dst[i] = to_f(src[i]);
 }
 
 template <typename Tin, typename Tout>
@@ -68,35 +69,37 @@ __global__ void rms_norm_kernel(const Tin* x, const float* w, float eps, int64_t
   for (int64_t i = threadIdx.x; i < d; i += blockDim.x) o[i] = from_f<Tout>(w[i] * (to_f(xr[i]) * inv));
 }
 
-__global__ void add_rms_norm_kernel(float* residual, const bf16* x, const float* w, float eps, int64_t d,
-                                    bf16* out) {
+template <typename T>
+__global__ void add_rms_norm_kernel(float* residual, const T* x, const float* w, float eps, int64_t d, T* out) {
   float* r = residual + blockIdx.x * d;
-  const bf16* xr = x + blockIdx.x * d;
-  bf16* o = out + blockIdx.x * d;
+  const T* xr = x + blockIdx.x * d;
+  T* o = out + blockIdx.x * d;
   float ss = 0.0f;
   for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
-    const float v = r[i] + __bfloat162float(xr[i]);
+    const float v = r[i] + to_f(xr[i]);
     r[i] = v;
     ss += v * v;
   }
   ss = block_sum(ss);
   const float inv = 1.0f / sqrtf(ss / static_cast<float>(d) + eps);
-  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) o[i] = __float2bfloat16_rn(w[i] * (r[i] * inv));
+  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) o[i] = from_f<T>(w[i] * (r[i] * inv));
 }
 
-__global__ void add_kernel(float* residual, const bf16* x, int64_t n) {
+template <typename T>
+__global__ void add_kernel(float* residual, const T* x, int64_t n) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-    residual[i] += __bfloat162float(x[i]);
+    residual[i] += to_f(x[i]);
 }
 
-__global__ void silu_mul_kernel(const bf16* gate_up, int64_t n, int64_t inter, bf16* out) {
+template <typename T>
+__global__ void silu_mul_kernel(const T* gate_up, int64_t n, int64_t inter, T* out) {
   for (int64_t row = blockIdx.y; row < n; row += gridDim.y) {
-    const bf16* g = gate_up + row * 2 * inter;
-    const bf16* u = g + inter;
-    bf16* o = out + row * inter;
+    const T* g = gate_up + row * 2 * inter;
+    const T* u = g + inter;
+    T* o = out + row * inter;
     for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < inter; i += int64_t(gridDim.x) * blockDim.x) {
-      const float gv = __bfloat162float(g[i]);
-      o[i] = __float2bfloat16_rn(gv / (1.0f + expf(-gv)) * __bfloat162float(u[i]));
+      const float gv = to_f(g[i]);
+      o[i] = from_f<T>(gv / (1.0f + expf(-gv)) * to_f(u[i]));
     }
   }
 }
@@ -112,22 +115,23 @@ __global__ void gather_rows_kernel(const uint8_t* x, int64_t row_bytes, const in
   }
 }
 
-__global__ void rope_and_cache_kernel(bf16* qkv, const float* cos, const float* sin, const int32_t* positions,
-                                      const int64_t* slots, int H, int Hkv, int D, bf16* k_cache, bf16* v_cache) {
+template <typename T>
+__global__ void rope_and_cache_kernel(T* qkv, const float* cos, const float* sin, const int32_t* positions,
+                                      const int64_t* slots, int H, int Hkv, int D, T* k_cache, T* v_cache) {
   const int64_t t = blockIdx.x;
   const int half = D / 2;
-  bf16* row = qkv + t * int64_t(H + 2 * Hkv) * D;
+  T* row = qkv + t * int64_t(H + 2 * Hkv) * D;
   const float* c = cos + int64_t(positions[t]) * half;
   const float* sn = sin + int64_t(positions[t]) * half;
   const int64_t slot = slots[t];
-  bf16* kc = k_cache + slot * Hkv * D;
-  bf16* vc = v_cache + slot * Hkv * D;
+  T* kc = k_cache + slot * Hkv * D;
+  T* vc = v_cache + slot * Hkv * D;
   for (int j = threadIdx.x; j < (H + Hkv) * half; j += blockDim.x) {
     const int head = j / half, i = j % half;
-    bf16* x = row + head * D;
-    const float x1 = __bfloat162float(x[i]), x2 = __bfloat162float(x[i + half]);
-    const bf16 y1 = __float2bfloat16_rn(x1 * c[i] - x2 * sn[i]);
-    const bf16 y2 = __float2bfloat16_rn(x2 * c[i] + x1 * sn[i]);
+    T* x = row + head * D;
+    const float x1 = to_f(x[i]), x2 = to_f(x[i + half]);
+    const T y1 = from_f<T>(x1 * c[i] - x2 * sn[i]);
+    const T y2 = from_f<T>(x2 * c[i] + x1 * sn[i]);
     x[i] = y1;
     x[i + half] = y2;
     if (head >= H && slot >= 0) {
@@ -136,7 +140,7 @@ __global__ void rope_and_cache_kernel(bf16* qkv, const float* cos, const float* 
     }
   }
   if (slot < 0) return;
-  const bf16* v = row + int64_t(H + Hkv) * D;
+  const T* v = row + int64_t(H + Hkv) * D;
   for (int e = threadIdx.x; e < Hkv * D; e += blockDim.x) vc[e] = v[e];
 }
 
@@ -156,9 +160,10 @@ void convert(const void* src, Elem src_kind, void* dst, Elem dst_kind, int64_t n
   CUDA_CHECK_LAUNCH();
 }
 
-void embedding(const bf16* table, int64_t hidden, const int32_t* ids, int64_t n, float* out, cudaStream_t s) {
+template <typename T>
+void embedding(const T* table, int64_t hidden, const int32_t* ids, int64_t n, float* out, cudaStream_t s) {
   if (n == 0) return;
-  embedding_kernel<<<static_cast<unsigned>(n), 256, 0, s>>>(table, hidden, ids, out);
+  embedding_kernel<T><<<static_cast<unsigned>(n), 256, 0, s>>>(table, hidden, ids, out);
   CUDA_CHECK_LAUNCH();
 }
 
@@ -172,24 +177,27 @@ template void rms_norm<float, bf16>(const float*, const float*, float, int64_t, 
 template void rms_norm<float, float>(const float*, const float*, float, int64_t, int64_t, float*, cudaStream_t);
 template void rms_norm<bf16, bf16>(const bf16*, const float*, float, int64_t, int64_t, bf16*, cudaStream_t);
 
-void add_rms_norm(float* residual, const bf16* x, const float* w, float eps, int64_t n, int64_t d, bf16* out,
+template <typename T>
+void add_rms_norm(float* residual, const T* x, const float* w, float eps, int64_t n, int64_t d, T* out,
                   cudaStream_t s) {
   if (n == 0) return;
-  add_rms_norm_kernel<<<static_cast<unsigned>(n), norm_threads(d), 0, s>>>(residual, x, w, eps, d, out);
+  add_rms_norm_kernel<T><<<static_cast<unsigned>(n), norm_threads(d), 0, s>>>(residual, x, w, eps, d, out);
   CUDA_CHECK_LAUNCH();
 }
 
-void add(float* residual, const bf16* x, int64_t numel, cudaStream_t s) {
+template <typename T>
+void add(float* residual, const T* x, int64_t numel, cudaStream_t s) {
   if (numel == 0) return;
-  add_kernel<<<blocks_for(numel, 256), 256, 0, s>>>(residual, x, numel);
+  add_kernel<T><<<blocks_for(numel, 256), 256, 0, s>>>(residual, x, numel);
   CUDA_CHECK_LAUNCH();
 }
 
-void silu_mul(const bf16* gate_up, int64_t n, int64_t inter, bf16* out, cudaStream_t s) {
+template <typename T>
+void silu_mul(const T* gate_up, int64_t n, int64_t inter, T* out, cudaStream_t s) {
   if (n == 0) return;
   const dim3 grid(static_cast<unsigned>((inter + 255) / 256 > 64 ? 64 : (inter + 255) / 256),
                   static_cast<unsigned>(n > 65535 ? 65535 : n));
-  silu_mul_kernel<<<grid, 256, 0, s>>>(gate_up, n, inter, out);
+  silu_mul_kernel<T><<<grid, 256, 0, s>>>(gate_up, n, inter, out);
   CUDA_CHECK_LAUNCH();
 }
 
@@ -200,10 +208,11 @@ void gather_rows(const void* x, int64_t row_bytes, const int32_t* idx, int64_t n
   CUDA_CHECK_LAUNCH();
 }
 
-void rope_and_cache(bf16* qkv, const float* cos, const float* sin, const int32_t* positions, const int64_t* slots,
-                    int64_t n, int H, int Hkv, int D, bf16* k_cache, bf16* v_cache, cudaStream_t s) {
+template <typename T>
+void rope_and_cache(T* qkv, const float* cos, const float* sin, const int32_t* positions, const int64_t* slots,
+                    int64_t n, int H, int Hkv, int D, T* k_cache, T* v_cache, cudaStream_t s) {
   if (n == 0) return;
-  rope_and_cache_kernel<<<static_cast<unsigned>(n), 256, 0, s>>>(qkv, cos, sin, positions, slots, H, Hkv, D,
+  rope_and_cache_kernel<T><<<static_cast<unsigned>(n), 256, 0, s>>>(qkv, cos, sin, positions, slots, H, Hkv, D,
                                                                  k_cache, v_cache);
   CUDA_CHECK_LAUNCH();
 }
@@ -215,5 +224,16 @@ void copy_blocks(uint8_t* base, int64_t block_bytes, const int2* pairs, int n, c
   copy_blocks_kernel<<<grid, 256, 0, s>>>(base, block_bytes, pairs);
   CUDA_CHECK_LAUNCH();
 }
+
+#define PAGEDRT_INSTANTIATE(T)                                                                               \
+  template void embedding<T>(const T*, int64_t, const int32_t*, int64_t, float*, cudaStream_t);              \
+  template void add_rms_norm<T>(float*, const T*, const float*, float, int64_t, int64_t, T*, cudaStream_t);  \
+  template void add<T>(float*, const T*, int64_t, cudaStream_t);                                             \
+  template void silu_mul<T>(const T*, int64_t, int64_t, T*, cudaStream_t);                                   \
+  template void rope_and_cache<T>(T*, const float*, const float*, const int32_t*, const int64_t*, int64_t, int, \
+                                  int, int, T*, T*, cudaStream_t);
+PAGEDRT_INSTANTIATE(bf16)
+PAGEDRT_INSTANTIATE(float)
+#undef PAGEDRT_INSTANTIATE
 
 }  // namespace pagedrt::cuda

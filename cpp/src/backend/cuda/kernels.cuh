@@ -20,40 +20,49 @@ enum class Elem : int { F32 = 0, F16 = 1, BF16 = 2 };
 // dst[i] = src[i] converted (round to nearest even), n elements.
 void convert(const void* src, Elem src_kind, void* dst, Elem dst_kind, int64_t n, cudaStream_t s);
 
-// out (n, hidden) fp32 = table (vocab, hidden) bf16 [ids]
-void embedding(const bf16* table, int64_t hidden, const int32_t* ids, int64_t n, float* out,
-               cudaStream_t s);
+// T, the activation / KV element type: bf16, or float (the fp32 mode, for
+// validation against the CPU). Every launcher below with T is instantiated
+// for both.
+//
+// out (n, hidden) fp32 = table (vocab, hidden) T [ids]
+template <typename T>
+void embedding(const T* table, int64_t hidden, const int32_t* ids, int64_t n, float* out, cudaStream_t s);
 // out = x / sqrt(mean(x^2) + eps) * w, per row of x (n, d); x fp32 or bf16, out bf16 or fp32
 template <typename Tin, typename Tout>
 void rms_norm(const Tin* x, const float* w, float eps, int64_t n, int64_t d, Tout* out, cudaStream_t s);
-// residual (n, d) fp32 += x (bf16); out (bf16) = rms_norm(residual) * w
-void add_rms_norm(float* residual, const bf16* x, const float* w, float eps, int64_t n, int64_t d,
-                  bf16* out, cudaStream_t s);
-// residual (fp32) += x (bf16), numel elements
-void add(float* residual, const bf16* x, int64_t numel, cudaStream_t s);
-// gate_up (n, 2 I) bf16 -> out (n, I) = silu(gate) * up
-void silu_mul(const bf16* gate_up, int64_t n, int64_t inter, bf16* out, cudaStream_t s);
+// residual (n, d) fp32 += x (T); out (T) = rms_norm(residual) * w
+template <typename T>
+void add_rms_norm(float* residual, const T* x, const float* w, float eps, int64_t n, int64_t d, T* out,
+                  cudaStream_t s);
+// residual (fp32) += x (T), numel elements
+template <typename T>
+void add(float* residual, const T* x, int64_t numel, cudaStream_t s);
+// gate_up (n, 2 I) T -> out (n, I) = silu(gate) * up
+template <typename T>
+void silu_mul(const T* gate_up, int64_t n, int64_t inter, T* out, cudaStream_t s);
 // out row i = x row idx[i], rows of row_bytes bytes
 void gather_rows(const void* x, int64_t row_bytes, const int32_t* idx, int64_t n, void* out,
                  cudaStream_t s);
 // Rotates q and k of qkv (n, (H + 2 Hkv) D) in place (rotate-half RoPE, fp32
 // math, cos/sin (max_pos, D/2) fp32) and writes k, v to the cache slots.
-void rope_and_cache(bf16* qkv, const float* cos, const float* sin, const int32_t* positions,
-                    const int64_t* slots, int64_t n, int H, int Hkv, int D, bf16* k_cache,
-                    bf16* v_cache, cudaStream_t s);
+template <typename T>
+void rope_and_cache(T* qkv, const float* cos, const float* sin, const int32_t* positions,
+                    const int64_t* slots, int64_t n, int H, int Hkv, int D, T* k_cache, T* v_cache,
+                    cudaStream_t s);
 // block pairs[i].y = block pairs[i].x, block_bytes each (multiple of 16)
 void copy_blocks(uint8_t* base, int64_t block_bytes, const int2* pairs, int n, cudaStream_t s);
 
 // ---- paged attention ----------------------------------------------------------
 //
-// k_cache, v_cache: (num_blocks, block_size, Hkv, D) bf16 (NHD). The token at
+// k_cache, v_cache: (num_blocks, block_size, Hkv, D) T (NHD). The token at
 // position p of sequence i is in block page_indices[page_indptr[i] + p / bs],
 // offset p % bs. qkv rows: [q (H D) | k (Hkv D) | v (Hkv D)]; out (n, H D).
-struct AttentionParams {
-  const bf16* qkv;
-  const bf16* k_cache;
-  const bf16* v_cache;
-  bf16* out;
+template <typename T>
+struct AttentionParamsT {
+  const T* qkv;
+  const T* k_cache;
+  const T* v_cache;
+  T* out;
   const int32_t* positions;     // (num_tokens)
   const int32_t* query_start;   // (num_seqs + 1)
   const int32_t* page_indptr;   // (num_seqs + 1)
@@ -62,6 +71,7 @@ struct AttentionParams {
   int num_heads, num_kv_heads, head_dim, block_size;
   float scale;
 };
+using AttentionParams = AttentionParamsT<bf16>;
 
 // Decode: one work item per listed token (any token works: it attends to
 // positions 0 .. positions[t] of its sequence). The context is cut into
@@ -76,9 +86,11 @@ struct DecodePlan {
   float* o_part;
   float* lse_part;
 };
-void decode_attention(const AttentionParams& p, const DecodePlan& d, cudaStream_t s);
+template <typename T>
+void decode_attention(const AttentionParamsT<T>& p, const DecodePlan& d, cudaStream_t s);
 
-// Prefill: tiles of 64 rows, a row being (query token, query head of the kv
+// Prefill (bf16 only; the fp32 mode runs every token through the decode
+// kernel): tiles of 64 rows, a row being (query token, query head of the kv
 // head's group): tiles[i] = (sequence, first row); rows of a sequence are
 // q_len * G. Causal against everything in the cache up to each row's position.
 struct PrefillPlan {
