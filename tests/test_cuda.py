@@ -337,6 +337,20 @@ def test_tiny_llama_fp32_mode_equals_cpu(tiny_llama, kv_heads):
         assert e <= 1e-5
 
 
+def test_device_greedy_equals_host_greedy(tiny_llama):
+    """Plain greedy batches pick their tokens on the GPU (only the ids travel);
+    asking for the logits forces the host pick on the same logits: same tokens."""
+    path, _ = tiny_llama(hidden_size=256, num_attention_heads=4, num_key_value_heads=2)
+    rng = np.random.default_rng(9)
+    prompts = [rng.integers(3, 320, size=k).tolist() for k in (5, 23, 40, 17, 64, 9)]
+    with pagedrt.Runtime(path, device="cuda", kv_cache_bytes=64 << 20) as rt:
+        device = run_all(rt, prompts, max_tokens=24, ignore_eos=True)
+        host = run_all(rt, prompts, max_tokens=24, ignore_eos=True, return_logits=True)
+    for (td, _), (th, lh) in zip(device, host):
+        assert td == th
+        assert td == [int(np.argmax(r)) for r in lh[-24:]]
+
+
 def test_cuda_mixed_precision_is_a_clear_error(tiny_llama):
     path, _ = tiny_llama(hidden_size=256, num_attention_heads=4)
     with pytest.raises(pagedrt.Unsupported, match="activation_dtype 'float32' with bfloat16 weights"):

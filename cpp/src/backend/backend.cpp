@@ -17,6 +17,10 @@ bool cuda_available() {
 #endif
 }
 
+void Backend::argmax(const Tensor&, int64_t, int32_t*) {
+  throw Error(ErrorKind::Unsupported, "this backend has no device argmax (check has_argmax())");
+}
+
 bool cuda_built() {
 #ifdef PAGEDRT_WITH_CUDA
   return true;

@@ -114,6 +114,12 @@ class Backend {
   virtual void download(const Tensor& src, void* dst) = 0;
   // copies `src` (device, F32) into host memory `dst` (numel floats); waits for it
   virtual void to_host(const Tensor& src, int64_t numel, float* dst) = 0;
+  // Greedy picks without the logits leaving the device: out[i] (host) = the
+  // first index of the largest value of row i of logits (rows, vocab) F32, NaN
+  // never chosen over a number; waits for it. Backends without it (the CPU,
+  // where the logits are host memory already) say so with has_argmax().
+  virtual bool has_argmax() const { return false; }
+  virtual void argmax(const Tensor& logits, int64_t rows, int32_t* out);
 };
 
 // `device` is "cpu" or "cuda"; throws Error(Unsupported) for a device this

@@ -149,14 +149,22 @@ void Engine::step() {
   batch_.build(out, static_cast<int32_t>(kv_.block_size));
   const BatchView& view = batch_.view();
   const int64_t vocab = model_->config().vocab_size;
-  logits_.resize(static_cast<size_t>(view.num_logits) * vocab);
+  // Every sampled row plain greedy and no logits wanted on the host: the
+  // device picks the tokens and only their ids travel (256 x 128K fp32 logits
+  // a step otherwise).
+  const bool device_greedy = backend_->has_argmax() && greedy_only(out);
+  if (device_greedy)
+    argmax_.resize(static_cast<size_t>(view.num_logits));
+  else
+    logits_.resize(static_cast<size_t>(view.num_logits) * vocab);
+  const float* logits = device_greedy ? nullptr : logits_.data();
   try {
     if (!out.copies.empty())
       for (size_t l = 0; l < kv_.k.size(); ++l) {
         backend_->copy_blocks(kv_.k[l], out.copies);
         backend_->copy_blocks(kv_.v[l], out.copies);
       }
-    model_->forward(view, kv_, logits_.data());
+    model_->forward(view, kv_, logits_.data(), device_greedy ? argmax_.data() : nullptr);
   } catch (const std::exception& e) {
     std::vector<Request*> failed;
     for (const ScheduledSeq& s : out.scheduled)
@@ -181,7 +189,7 @@ void Engine::step() {
   std::vector<Request*> beam_groups;
   for (size_t i = 0; i < out.scheduled.size(); ++i) {
     const ScheduledSeq& s = out.scheduled[i];
-    if (!advance(s, batch_.logits()[i], logits_.data())) continue;
+    if (!advance(s, batch_.logits()[i], logits)) continue;
     if (s.req->params.is_beam_search()) {
       if (std::find(beam_groups.begin(), beam_groups.end(), s.req) == beam_groups.end()) beam_groups.push_back(s.req);
     } else {
@@ -193,12 +201,15 @@ void Engine::step() {
   std::vector<Pick> picks;
   for (const auto& [i, seq] : to_sample) {
     const LogitsSlice& slice = batch_.logits()[i];
-    const float* row = logits_.data() + static_cast<int64_t>(slice.first_row + slice.num_rows - 1) * vocab;
+    const int64_t last = slice.first_row + slice.num_rows - 1;
     for (Sequence* q : expand(*out.scheduled[i].req, *seq)) {
       Pick pick;
       pick.req = out.scheduled[i].req;
       pick.seq = q;
-      pick.row = row;
+      if (device_greedy)
+        pick.token = argmax_[last];  // row stays null: pick_all leaves it
+      else
+        pick.row = logits + last * vocab;
       picks.push_back(std::move(pick));
     }
   }
@@ -209,6 +220,15 @@ void Engine::step() {
                                        [](const std::unique_ptr<Sequence>& s) { return s->at_sampling_point(); });
     if (all_ready) beam_group_step(*r);
   }
+}
+
+bool Engine::greedy_only(const SchedulerOutput& out) const {
+  for (const ScheduledSeq& s : out.scheduled) {
+    const SamplingParams& p = s.req->params;
+    if (p.return_logits || p.is_beam_search() || p.logprobs >= 0 || p.n != 1) return false;
+    if (p.temperature != 0.0f || Sampler::needs_processing(p, s.req->num_generated(*s.seq))) return false;
+  }
+  return true;
 }
 
 bool Engine::advance(const ScheduledSeq& sc, const LogitsSlice& slice, const float* logits) {
@@ -264,6 +284,7 @@ void Engine::pick_all(std::vector<Pick>& picks) {
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < n; ++i) {
       Pick& k = picks[i];
+      if (k.row == nullptr) continue;  // picked on the device
       const SamplingParams& p = k.req->params;
       const float* logits = k.row;
       if (Sampler::needs_processing(p, k.req->num_generated(*k.seq))) {

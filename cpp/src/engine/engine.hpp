@@ -70,6 +70,9 @@ class Engine {
   // sequences that sample from this row.
   std::vector<Sequence*> expand(Request& r, Sequence& s);
   void pick_all(std::vector<Pick>& picks);
+  // Every scheduled sequence samples plain greedy (no processing, logprobs,
+  // returned logits, beams or n > 1): the device may pick.
+  bool greedy_only(const SchedulerOutput& out) const;
   void apply(Pick& pick);
   void beam_group_step(Request& r);
   // Ends one sequence (its final event); ends the request with its last one.
@@ -91,6 +94,7 @@ class Engine {
   Sampler sampler_;
   Batch batch_;
   std::vector<float> logits_;  // (num_logits, vocab) of the current step
+  std::vector<int32_t> argmax_;  // (num_logits) greedy tokens picked on the device
   std::vector<int32_t> filled_;  // (num_blocks) scratch for publish_stats
   int sampler_threads_ = 1;      // threads for pick_all
   std::unordered_map<std::string, std::unique_ptr<Request>> requests_;  // engine thread only

@@ -107,7 +107,7 @@ void LlamaModel::ensure_workspace(int64_t tokens, int64_t logit_rows) {
   }
 }
 
-void LlamaModel::forward(const BatchView& batch, KvCache& kv, float* logits) {
+void LlamaModel::forward(const BatchView& batch, KvCache& kv, float* logits, int32_t* argmax) {
   const int64_t n = batch.num_tokens;
   const int64_t H = cfg_.num_heads, Hkv = cfg_.num_kv_heads, D = cfg_.head_dim;
   const float eps = static_cast<float>(cfg_.rms_norm_eps);
@@ -136,7 +136,10 @@ void LlamaModel::forward(const BatchView& batch, KvCache& kv, float* logits) {
   backend_.gather_rows(ws_.residual, ws_.last_res);  // (num_logits, hidden)
   backend_.rms_norm(ws_.last_res, final_norm_, eps, batch.num_logits, ws_.last);  // final norm, gathered rows only
   backend_.linear(ws_.last, lm_head_, batch.num_logits, ws_.logits);          // (num_logits, vocab)
-  backend_.to_host(ws_.logits, batch.num_logits * cfg_.vocab_size, logits);
+  if (argmax != nullptr)
+    backend_.argmax(ws_.logits, batch.num_logits, argmax);
+  else
+    backend_.to_host(ws_.logits, batch.num_logits * cfg_.vocab_size, logits);
 }
 
 }  // namespace pagedrt

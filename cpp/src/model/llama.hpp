@@ -27,8 +27,9 @@ class LlamaModel {
   ScalarType weight_dtype() const { return weight_dtype_; }
 
   // Runs one step and writes (batch.num_logits, vocab) fp32 logits to
-  // `logits` (host memory).
-  void forward(const BatchView& batch, KvCache& kv, float* logits);
+  // `logits` (host memory); or, with `argmax` (needs backend.has_argmax()),
+  // only each row's greedy token to argmax[batch.num_logits] (host memory).
+  void forward(const BatchView& batch, KvCache& kv, float* logits, int32_t* argmax = nullptr);
 
  private:
   struct Layer {

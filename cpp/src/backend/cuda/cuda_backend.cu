@@ -454,6 +454,17 @@ void CudaBackend::to_host(const Tensor& src, int64_t numel, float* dst) {
   CUDA_CHECK(cudaStreamSynchronize(stream_));
 }
 
+void CudaBackend::argmax(const Tensor& logits, int64_t rows, int32_t* out) {
+  require(logits.dtype == ScalarType::F32 && rows <= logits.dim(0), "argmax: fp32 logits rows");
+  if (rows == 0) return;
+  const size_t bytes = static_cast<size_t>(rows) * 4;
+  int32_t* h = reinterpret_cast<int32_t*>(picks_.host(bytes));  // waits for the previous use
+  argmax_rows(logits.as<float>(), rows, logits.dim(1), reinterpret_cast<int32_t*>(picks_.device()), stream_);
+  CUDA_CHECK(cudaMemcpyAsync(h, picks_.device(), bytes, cudaMemcpyDeviceToHost, stream_));
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
+  std::memcpy(out, h, bytes);
+}
+
 void CudaBackend::download(const Tensor& src, void* dst) {
   CUDA_CHECK(cudaMemcpyAsync(dst, src.data, src.nbytes(), cudaMemcpyDeviceToHost, stream_));
   CUDA_CHECK(cudaStreamSynchronize(stream_));

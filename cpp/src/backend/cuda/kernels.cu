@@ -144,6 +144,45 @@ __global__ void rope_and_cache_kernel(T* qkv, const float* cos, const float* sin
   for (int e = threadIdx.x; e < Hkv * D; e += blockDim.x) vc[e] = v[e];
 }
 
+// (value, index) order of argmax: larger value first, then lower index; NaN last.
+__device__ __forceinline__ bool better(float v, int i, float bv, int bi) {
+  if (isnan(v)) return false;
+  if (isnan(bv)) return true;
+  return v > bv || (v == bv && i < bi);
+}
+
+// One block per row: strided scan, warp shuffles, then the warps' winners.
+__global__ void argmax_rows_kernel(const float* x, int64_t cols, int32_t* out) {
+  const float* row = x + int64_t(blockIdx.x) * cols;
+  float bv = __int_as_float(0x7fffffff);  // NaN: loses to any number
+  int bi = 0;
+  for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) {
+    const float v = row[i];
+    if (better(v, static_cast<int>(i), bv, bi)) bv = v, bi = static_cast<int>(i);
+  }
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+    const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+    if (better(ov, oi, bv, bi)) bv = ov, bi = oi;
+  }
+  __shared__ float sv[32];
+  __shared__ int si[32];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) sv[warp] = bv, si[warp] = bi;
+  __syncthreads();
+  if (warp == 0) {
+    const int nw = blockDim.x / 32;
+    bv = lane < nw ? sv[lane] : __int_as_float(0x7fffffff);
+    bi = lane < nw ? si[lane] : 0;
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+      const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+      if (better(ov, oi, bv, bi)) bv = ov, bi = oi;
+    }
+    if (lane == 0) out[blockIdx.x] = bi;
+  }
+}
+
 __global__ void copy_blocks_kernel(uint8_t* base, int64_t block_bytes, const int2* pairs) {
   const int2 pr = pairs[blockIdx.y];
   const uint4* src = reinterpret_cast<const uint4*>(base + int64_t(pr.x) * block_bytes);
@@ -214,6 +253,12 @@ void rope_and_cache(T* qkv, const float* cos, const float* sin, const int32_t* p
   if (n == 0) return;
   rope_and_cache_kernel<T><<<static_cast<unsigned>(n), 256, 0, s>>>(qkv, cos, sin, positions, slots, H, Hkv, D,
                                                                  k_cache, v_cache);
+  CUDA_CHECK_LAUNCH();
+}
+
+void argmax_rows(const float* x, int64_t rows, int64_t cols, int32_t* out, cudaStream_t s) {
+  if (rows == 0) return;
+  argmax_rows_kernel<<<static_cast<unsigned>(rows), 1024, 0, s>>>(x, cols, out);
   CUDA_CHECK_LAUNCH();
 }
 

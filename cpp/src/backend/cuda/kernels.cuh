@@ -49,6 +49,9 @@ template <typename T>
 void rope_and_cache(T* qkv, const float* cos, const float* sin, const int32_t* positions,
                     const int64_t* slots, int64_t n, int H, int Hkv, int D, T* k_cache, T* v_cache,
                     cudaStream_t s);
+// out[r] = first index of the largest value of row r of x (rows, cols) fp32;
+// NaN is never chosen over a number (all NaN: 0)
+void argmax_rows(const float* x, int64_t rows, int64_t cols, int32_t* out, cudaStream_t s);
 // block pairs[i].y = block pairs[i].x, block_bytes each (multiple of 16)
 void copy_blocks(uint8_t* base, int64_t block_bytes, const int2* pairs, int n, cudaStream_t s);
 
