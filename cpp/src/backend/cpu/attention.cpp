@@ -8,6 +8,9 @@
 #include <immintrin.h>
 #define PAGEDRT_AVX2 1
 #endif
+#if defined(__AVX512F__)
+#define PAGEDRT_AVX512 1
+#endif
 
 namespace pagedrt::cpu {
 namespace {
@@ -59,6 +62,80 @@ inline void axpy(float a, const T* x, float* y, int64_t n) {
   for (; i < n; ++i) y[i] += a * to_f32(x[i]);
 }
 
+#ifdef PAGEDRT_AVX512
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {
+  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// The 16 horizontal sums of a[0..15], in order, by a transpose-and-add tree
+// (~30 shuffles and adds instead of 16 full reductions).
+inline __m512 hsum16(const __m512* a) {
+  __m512 b[8], c[4], d[2];
+  for (int j = 0; j < 8; ++j)  // 128-bit lanes: [a_j: l0+l2, a_j: l1+l3, a_j+8: l0+l2, a_j+8: l1+l3]
+    b[j] = _mm512_add_ps(_mm512_shuffle_f32x4(a[j], a[j + 8], 0x44), _mm512_shuffle_f32x4(a[j], a[j + 8], 0xEE));
+  for (int j = 0; j < 4; ++j)  // lanes: sums (4 partials each) of keys j, j+8, j+4, j+12
+    c[j] = _mm512_add_ps(_mm512_shuffle_f32x4(b[j], b[j + 4], 0x88), _mm512_shuffle_f32x4(b[j], b[j + 4], 0xDD));
+  for (int j = 0; j < 2; ++j)  // per lane: [c_j, c_j+2, c_j, c_j+2] (2 partials each)
+    d[j] = _mm512_add_ps(_mm512_unpacklo_ps(c[j], c[j + 2]), _mm512_unpackhi_ps(c[j], c[j + 2]));
+  const __m512d lo = _mm512_unpacklo_pd(_mm512_castps_pd(d[0]), _mm512_castps_pd(d[1]));
+  const __m512d hi = _mm512_unpackhi_pd(_mm512_castps_pd(d[0]), _mm512_castps_pd(d[1]));
+  // lane L holds keys [0, 2, 1, 3] + (0, 8, 4, 12)[L]; the permutation is its own inverse
+  const __m512 e = _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi));
+  return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15), e);
+}
+#endif
+
+// scores (G, ctx) = (q_g . k_p) * scale; k_p = k + off[p] (D elements)
+template <typename T>
+void qk_scores(const float* q, const T* k, const int64_t* off, int64_t ctx, int64_t G, int64_t D, float scale,
+               float* scores) {
+  int64_t p = 0;
+#ifdef PAGEDRT_AVX512
+  if (D % 16 == 0) {
+    const __m512 sv = _mm512_set1_ps(scale);
+    for (; p + 16 <= ctx; p += 16)
+      for (int64_t g = 0; g < G; ++g) {
+        __m512 acc[16];
+        for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
+        for (int64_t d = 0; d < D; d += 16) {
+          const __m512 qv = _mm512_loadu_ps(q + g * D + d);
+          for (int j = 0; j < 16; ++j) acc[j] = _mm512_fmadd_ps(qv, load16(k + off[p + j] + d), acc[j]);
+        }
+        _mm512_storeu_ps(scores + g * ctx + p, _mm512_mul_ps(hsum16(acc), sv));
+      }
+  }
+#endif
+  for (; p < ctx; ++p)
+    for (int64_t g = 0; g < G; ++g) scores[g * ctx + p] = dot(q + g * D, k + off[p], D) * scale;
+}
+
+// acc (G, D) = sum_p probs[g][p] * v_p; v_p = v + off[p]
+template <typename T>
+void pv_sum(const float* probs, const T* v, const int64_t* off, int64_t ctx, int64_t G, int64_t D, float* acc) {
+#ifdef PAGEDRT_AVX512
+  if (D % 16 == 0 && D <= 128) {  // the head's output row stays in registers
+    const int64_t nd = D / 16;
+    for (int64_t g = 0; g < G; ++g) {
+      __m512 o[8];
+      for (int64_t i = 0; i < nd; ++i) o[i] = _mm512_setzero_ps();
+      const float* pg = probs + g * ctx;
+      for (int64_t p = 0; p < ctx; ++p) {
+        const __m512 w = _mm512_set1_ps(pg[p]);
+        const T* vp = v + off[p];
+        for (int64_t i = 0; i < nd; ++i) o[i] = _mm512_fmadd_ps(w, load16(vp + 16 * i), o[i]);
+      }
+      for (int64_t i = 0; i < nd; ++i) _mm512_storeu_ps(acc + g * D + 16 * i, o[i]);
+    }
+    return;
+  }
+#endif
+  std::fill(acc, acc + G * D, 0.0f);
+  for (int64_t p = 0; p < ctx; ++p)
+    for (int64_t g = 0; g < G; ++g) axpy(probs[g * ctx + p], v + off[p], acc + g * D, D);
+}
+
 // Sequence index of every token of the batch (tokens are grouped by sequence).
 std::vector<int32_t> token_seq(const BatchView& b) {
   std::vector<int32_t> seq(b.num_tokens);
@@ -107,6 +184,7 @@ void paged_attention(const BatchView& b, const T* qkv, const T* k_cache, const T
     std::vector<float> scores;  // (G, ctx) for one (token, kv head)
     std::vector<float> acc;     // (G, D)
     std::vector<float> qf;      // (G, D) the query heads in fp32
+    std::vector<int64_t> off;   // (ctx) element offset of each position's K/V row
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item) {
       const int64_t t = item / Hkv, kvh = item % Hkv;
@@ -116,13 +194,11 @@ void paged_attention(const BatchView& b, const T* qkv, const T* k_cache, const T
       const T* qt = qkv + t * row + kvh * G * D;  // (G, D)
       qf.resize(G * D);
       for (int64_t j = 0; j < G * D; ++j) qf[j] = to_f32(qt[j]);
-      const float* q = qf.data();
-      scores.assign(G * ctx, 0.0f);
-      for (int64_t p = 0; p < ctx; ++p) {
-        const int64_t slot = static_cast<int64_t>(pages[p / bs]) * bs + p % bs;
-        const T* k = k_cache + (slot * Hkv + kvh) * D;
-        for (int64_t g = 0; g < G; ++g) scores[g * ctx + p] = dot(q + g * D, k, D) * scale;
-      }
+      off.resize(ctx);
+      for (int64_t p = 0; p < ctx; ++p)
+        off[p] = ((static_cast<int64_t>(pages[p / bs]) * bs + p % bs) * Hkv + kvh) * D;
+      scores.resize(G * ctx);
+      qk_scores(qf.data(), k_cache, off.data(), ctx, G, D, scale, scores.data());
       for (int64_t g = 0; g < G; ++g) {  // softmax per query head
         float* sc = scores.data() + g * ctx;
         float mx = *std::max_element(sc, sc + ctx);
@@ -131,12 +207,8 @@ void paged_attention(const BatchView& b, const T* qkv, const T* k_cache, const T
         const float inv = 1.0f / sum;
         for (int64_t p = 0; p < ctx; ++p) sc[p] *= inv;
       }
-      acc.assign(G * D, 0.0f);
-      for (int64_t p = 0; p < ctx; ++p) {
-        const int64_t slot = static_cast<int64_t>(pages[p / bs]) * bs + p % bs;
-        const T* v = v_cache + (slot * Hkv + kvh) * D;
-        for (int64_t g = 0; g < G; ++g) axpy(scores[g * ctx + p], v, acc.data() + g * D, D);
-      }
+      acc.resize(G * D);
+      pv_sum(scores.data(), v_cache, off.data(), ctx, G, D, acc.data());
       T* o = out + t * H * D + kvh * G * D;
       for (int64_t j = 0; j < G * D; ++j) store(o + j, acc[j]);
     }
