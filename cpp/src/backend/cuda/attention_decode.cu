@@ -110,7 +110,7 @@ __global__ void __launch_bounds__(128) decode_kernel(AttentionParamsT<T> p, Deco
     for (int u = 0; u < U; ++u) {
       const int pos = k0 + u;
       if (pos < end) {
-        const int64_t slot = int64_t(pages[pos / bs]) * bs + pos % bs;
+        const int64_t slot = kv_slot(pages, pos, bs, p.block_shift);
         const int64_t off = (slot * Hkv + kvh) * D + lane * 8;
         kr[u] = load8(p.k_cache + off);
         vr[u] = load8(p.v_cache + off);

@@ -94,7 +94,7 @@ __global__ void __launch_bounds__(128) prefill_kernel(AttentionParams p, Prefill
       const int j = idx / V8, c = idx % V8, pos = kb + j;
       uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
       if (pos < kmax) {
-        const int64_t slot = int64_t(pages[pos / bs]) * bs + pos % bs;
+        const int64_t slot = kv_slot(pages, pos, bs, p.block_shift);
         const int64_t off = (slot * Hkv + kvh) * D + c * 8;
         kv = __ldg(reinterpret_cast<const uint4*>(p.k_cache + off));
         vv = __ldg(reinterpret_cast<const uint4*>(p.v_cache + off));

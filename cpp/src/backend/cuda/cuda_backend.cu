@@ -384,6 +384,9 @@ AttentionParamsT<T> CudaBackend::attention_params(const Tensor& qkv, const Tenso
   p.num_kv_heads = static_cast<int>(Hkv);
   p.head_dim = static_cast<int>(D);
   p.block_size = static_cast<int>(k_cache.dim(1));
+  p.block_shift = -1;
+  for (int sh = 0; sh < 31; ++sh)
+    if ((1 << sh) == p.block_size) p.block_shift = sh;
   p.scale = scale;
   return p;
 }

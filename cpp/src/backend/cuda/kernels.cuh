@@ -72,9 +72,17 @@ struct AttentionParamsT {
   const int32_t* page_indices;
   const int32_t* token_seq;     // (num_tokens) sequence of each token
   int num_heads, num_kv_heads, head_dim, block_size;
+  int block_shift;  // log2(block_size) when it is a power of two, else -1
   float scale;
 };
 using AttentionParams = AttentionParamsT<bf16>;
+
+// Flat KV slot of position `pos` through the page table (a shift and a mask
+// for the usual power-of-two block sizes instead of an integer division).
+__device__ __forceinline__ int64_t kv_slot(const int32_t* pages, int pos, int bs, int shift) {
+  if (shift >= 0) return (int64_t(pages[pos >> shift]) << shift) + (pos & (bs - 1));
+  return int64_t(pages[pos / bs]) * bs + pos % bs;
+}
 
 // Decode: one work item per listed token (any token works: it attends to
 // positions 0 .. positions[t] of its sequence). The context is cut into
