@@ -3,7 +3,7 @@
 #
 #   bash tools/gpu_check.sh [STAGE ...]      (from the repo root; default: all stages)
 #
-# Stages: env build optests diag make8b smol tests e2e bench
+# Stages: env build optests diag make8b smol tests e2e bench profile
 #   env      nvidia-smi, versions
 #   build    pip install --no-build-isolation --no-deps . with PAGEDRT_CUDA=ON
 #   optests  tests/test_cuda.py without the model end-to-end tests (fast)
@@ -14,6 +14,7 @@
 #   tests    all of tests/test_cuda.py (SmolLM2 and the 8B shape when available)
 #   e2e      only its end-to-end tests (tiny models, SmolLM2, the 8B shape)
 #   bench    tools/bench_cuda.py: ceilings, paged attention, pagedrt, transformers
+#   profile  tools/cuda_profile.py: GPU time per kernel (batch-1 decode; 64 x 512/32)
 #
 # Logs and results go to $OUT (default ./out): gpu_check.log, errors.txt (measured
 # errors per test), results.json, summary.md. Nothing is fetched from a network.
@@ -112,6 +113,11 @@ if has bench; then
     [ "$(left)" -gt 40 ] && timeout $(( $(left) - 10 )) $PY "$REPO/tools/bench_cuda.py" hf "$WORK/hf.json" "$LLAMA8B"
   fi
   cd "$REPO"
+fi
+
+if has profile && [ -f "$LLAMA8B/config.json" ]; then
+  stage profile
+  (cd /tmp && timeout $(( $(left) - 20 > 30 ? $(left) - 20 : 30 )) $PY "$OLDPWD/tools/cuda_profile.py" "$OUT/profile.json" "$LLAMA8B")
 fi
 
 stage summary

@@ -1,0 +1,72 @@
+#!/usr/bin/env python3
+"""Where a pagedrt CUDA step spends its GPU time, kernel by kernel.
+
+    cuda_profile.py OUT.json MODEL_DIR
+
+Runs the throughput workload of bench_cuda.py at a smaller scale (64 requests of
+512 in / 32 out: prefill-heavy steps, then batch-64 decode) and batch-1 decode
+under torch.profiler, whose CUPTI tracing records every kernel of the process
+(pagedrt's own and cuBLASLt's, not only torch's). Prints a table per phase:
+kernel, calls, total ms, share; writes the same to OUT.json.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import numpy as np
+
+
+def kernel_table(prof, top=14):
+    """(name, calls, total_ms) of the GPU kernels and copies, largest first."""
+    rows = {}
+    for ev in prof.events():
+        if ev.device_type.name != "CUDA":
+            continue
+        name = ev.name if len(ev.name) < 90 else ev.name[:87] + "..."
+        calls, us = rows.get(name, (0, 0.0))
+        rows[name] = (calls + 1, us + ev.device_time_total)
+    out = sorted(((n, c, us / 1e3) for n, (c, us) in rows.items()), key=lambda r: -r[2])
+    return out[:top], sum(r[2] for r in out)
+
+
+def show(title, table, total, wall_ms):
+    print(f"\n{title}: GPU busy {total:.1f} ms of {wall_ms:.1f} ms wall ({100 * total / wall_ms:.0f}%)")
+    print(f"{'kernel':<92}{'calls':>7}{'ms':>10}{'share':>8}")
+    for name, calls, ms in table:
+        print(f"{name:<92}{calls:>7}{ms:>10.2f}{100 * ms / total:>7.1f}%")
+
+
+def main():
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    import pagedrt
+
+    out_path, model = sys.argv[1], sys.argv[2]
+    rng = np.random.default_rng(0)
+    rt = pagedrt.Runtime(model, device="cuda", max_num_seqs=256, max_num_batched_tokens=8192)
+    greedy = dict(ignore_eos=True, temperature=0.0)
+    rt.generate([rng.integers(0, 128000, size=64).tolist()] * 4, max_tokens=4, **greedy)  # warm-up
+    result = {"device": torch.cuda.get_device_name()}
+    phases = [
+        ("batch-1 decode (128 in, 64 out)", [rng.integers(0, 128000, size=128).tolist()], 64),
+        ("64 x (512 in / 32 out)", [rng.integers(0, 128000, size=512).tolist() for _ in range(64)], 32),
+    ]
+    for title, prompts, n in phases:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
+            rt.generate(prompts, max_tokens=n, **greedy)
+            wall_ms = (time.perf_counter() - t0) * 1e3
+        table, total = kernel_table(prof)
+        show(title, table, total, wall_ms)
+        result[title] = {"wall_ms": wall_ms, "gpu_busy_ms": total,
+                         "kernels": [{"name": k, "calls": c, "ms": ms} for k, c, ms in table]}
+    rt.close()
+    with open(out_path, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
