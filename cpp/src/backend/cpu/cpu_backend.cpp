@@ -5,6 +5,10 @@
 #include <cstring>
 #include <type_traits>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include "backend/cpu/gemm.hpp"
 #include "pagedrt/error.hpp"
 
@@ -116,10 +120,34 @@ inline void rms_row(const float* x, const float* w, float eps, int64_t d, T* out
   for (int64_t i = 0; i < d; ++i) store(out + i, w[i] * (x[i] * inv));
 }
 
-// dst (n) = fp32 of src (n), src float or bf16
-template <typename T>
-inline void widen(const T* src, int64_t n, float* dst) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = to_f32(src[i]);
+// dst (n) = fp32 of bf16 src (n): exact
+inline void widen(const uint16_t* src, int64_t n, float* dst) {
+  int64_t i = 0;
+#ifdef __AVX512F__
+  for (; i + 16 <= n; i += 16) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
+    _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = bf16_to_f32(src[i]);
+}
+
+// dst (n) = bf16 of fp32 src (n), round to nearest even, NaN kept quiet
+// (bit-for-bit f32_to_bf16, so the same as the GPU's __float2bfloat16_rn)
+inline void narrow(const float* src, int64_t n, uint16_t* dst) {
+  int64_t i = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  const __m512i bias = _mm512_set1_epi32(0x7fff), one = _mm512_set1_epi32(1), quiet = _mm512_set1_epi32(0x40);
+  for (; i + 16 <= n; i += 16) {
+    const __m512 v = _mm512_loadu_ps(src + i);
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i hi = _mm512_srli_epi32(u, 16);
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(bias, _mm512_and_si512(hi, one))), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_or_si512(hi, quiet));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm512_cvtepi32_epi16(r));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = f32_to_bf16(src[i]);
 }
 
 }  // namespace
@@ -170,10 +198,7 @@ void CpuBackend::linear(const Tensor& x, const Tensor& weight, int64_t n, Tensor
     gemm_f32(xf, weight.as<float>(), yf, n, m, k, threads_);
   else
     gemm_bf16(xf, weight.as<uint16_t>(), yf, n, m, k, threads_);
-  if (out.dtype == ScalarType::BF16) {
-    uint16_t* y = out.as<uint16_t>();
-    for (int64_t i = 0; i < n * m; ++i) y[i] = f32_to_bf16(yf[i]);
-  }
+  if (out.dtype == ScalarType::BF16) narrow(yf, n * m, out.as<uint16_t>());
 }
 
 void CpuBackend::add(Tensor& residual, const Tensor& x) {
