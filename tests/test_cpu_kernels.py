@@ -1,9 +1,14 @@
-"""Every CPU GEMM variant this build can run (scalar, AVX2) against a float64
-reference, over odd sizes (not multiples of the vector width, tiny and large),
-with fp32 and bf16 weights. Tolerance: relative error <= 1e-5 (fp32 sums)."""
+"""Every CPU GEMM variant this build can run (scalar, avx2, avx512, avx512bf16)
+against a float64 reference, over odd sizes (not multiples of the vector width,
+tiny and large), with fp32 x fp32, fp32 x bf16 and bf16 x bf16 operands.
+Tolerance: relative error <= 1e-5 (fp32 sums); for bf16 x bf16 also the
+fp32-summation bound per element (see test_gemm_bf16_bf16_matches_reference)."""
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +16,7 @@ import pytest
 from pagedrt import _core
 
 VARIANTS = _core._gemm_variants()
+KNOWN = ["scalar", "avx2", "avx512", "avx512bf16"]  # narrowest first
 SIZES = [(1, 1, 1), (1, 7, 5), (3, 33, 9), (5, 100, 15), (4, 16, 64), (17, 65, 130), (2, 300, 577), (33, 70, 8)]
 
 
@@ -57,3 +63,71 @@ def test_unknown_variant_is_an_error():
     x = np.ones((1, 4), np.float32)
     with pytest.raises(ValueError, match="not available"):
         _core._gemm(x, x, "avx9000", 1)
+
+
+# n: every token-tile remainder (the dpbf16 tile is 4 tokens) and more than one tile;
+# k: below, at and above the 16 and 32 element vector widths, and the model's 576, 1536 + 8.
+BF16_N = [1, 2, 3, 4, 5, 6, 7, 8, 9, 17, 33]
+BF16_MK = [(1, 1), (5, 7), (3, 31), (7, 33), (9, 100), (13, 576), (35, 1544)]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("n", BF16_N)
+@pytest.mark.parametrize("m,k", BF16_MK)
+def test_gemm_bf16_bf16_matches_reference(variant, n, m, k):
+    """bf16 x and W: every product of two bf16 values is exact in fp32 (8 + 8
+    significand bits), so the only error is that of the fp32 additions, in any
+    order: |y - ref| <= k * 2**-24 * (|x| @ |W|^T) per element (the gamma_k
+    bound, a little slack for the (1 - k u) denominator). VDPBF16PS (avx512bf16)
+    rounds to nearest even like FMA and flushes denormals, which these inputs do
+    not have. On top, the relative error of the whole output is <= 1e-5 as for
+    the other GEMMs (typical fp32 error grows like sqrt(k) * 2**-24)."""
+    rng = np.random.default_rng(n * 100003 + m * 101 + k)
+    x_bits, x_val = bf16_bits(rng.standard_normal((n, k)))
+    w_bits, w_val = bf16_bits(rng.standard_normal((m, k)))
+    x64, w64 = x_val.astype(np.float64), w_val.astype(np.float64)
+    ref = x64 @ w64.T
+    bound = 1.01 * k * 2.0**-24 * (np.abs(x64) @ np.abs(w64).T)
+    for threads in (1, 2):
+        y = _core._gemm(x_bits, w_bits, variant, threads)
+        assert y.shape == (n, m) and y.dtype == np.float32
+        assert np.all(np.abs(y - ref) <= bound), (variant, threads, np.max(np.abs(y - ref) - bound))
+        err = np.linalg.norm(y - ref) / max(np.linalg.norm(ref), 1e-30)
+        assert err <= 1e-5, (variant, threads, err)
+
+
+def test_gemm_bf16_bf16_equals_the_fp32_path_on_widened_x():
+    """The converting variants widen x exactly, so they give bit for bit what
+    their fp32-activation GEMM gives on the widened x."""
+    rng = np.random.default_rng(7)
+    x_bits, x_val = bf16_bits(rng.standard_normal((6, 130)))
+    w_bits, _ = bf16_bits(rng.standard_normal((37, 130)))
+    for variant in VARIANTS:
+        if variant == "avx512bf16":
+            continue  # its own kernel: different summation order
+        np.testing.assert_array_equal(_core._gemm(x_bits, w_bits, variant, 1), _core._gemm(x_val, w_bits, variant, 1))
+
+
+def test_bf16_activations_need_bf16_weights():
+    x_bits, _ = bf16_bits(np.ones((2, 8), np.float32))
+    with pytest.raises(ValueError, match="bf16 w"):
+        _core._gemm(x_bits, np.ones((3, 8), np.float32), "scalar", 1)
+
+
+@pytest.mark.parametrize("variant", [v for v in KNOWN if v not in VARIANTS] + ["avx9000"])
+def test_a_variant_that_is_not_available_raises(variant):
+    x_bits, _ = bf16_bits(np.ones((1, 4), np.float32))
+    for x, w in ((x_bits, x_bits), (np.ones((1, 4), np.float32), x_bits)):
+        with pytest.raises(ValueError, match="not available"):
+            _core._gemm(x, w, variant, 1)
+
+
+def test_the_widest_variant_is_chosen_and_the_environment_forces_one():
+    assert VARIANTS == [v for v in KNOWN if v in VARIANTS]
+    code = "from pagedrt import _core; print(_core._gemm_variant())"
+    env = {k: v for k, v in os.environ.items() if k != "PAGEDRT_CPU_KERNEL"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-1] == VARIANTS[-1]
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "PAGEDRT_CPU_KERNEL": "scalar"},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-1] == "scalar"

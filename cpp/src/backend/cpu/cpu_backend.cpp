@@ -182,17 +182,23 @@ void CpuBackend::add_rms_norm(Tensor& residual, const Tensor& x, const Tensor& w
 
 void CpuBackend::linear(const Tensor& x, const Tensor& weight, int64_t n, Tensor& out) {
   const int64_t m = weight.dim(0), k = weight.dim(1);
-  // bf16 activations: widened to fp32 (exact), so the GEMM is the same
+  float* yf = out.as<float>();
+  if (out.dtype == ScalarType::BF16) {
+    y32_.resize(static_cast<size_t>(n * m));
+    yf = y32_.data();
+  }
+  if (x.dtype == ScalarType::BF16 && weight.dtype == ScalarType::BF16) {
+    // bf16 x bf16 with fp32 accumulation (VDPBF16PS where the processor has it)
+    gemm_bf16_bf16(x.as<uint16_t>(), weight.as<uint16_t>(), yf, n, m, k, threads_);
+    if (out.dtype == ScalarType::BF16) narrow(yf, n * m, out.as<uint16_t>());
+    return;
+  }
+  // bf16 activations with fp32 weights: widened to fp32 (exact)
   const float* xf = x.as<float>();
   if (x.dtype == ScalarType::BF16) {
     x32_.resize(static_cast<size_t>(n * k));
     widen(x.as<uint16_t>(), n * k, x32_.data());
     xf = x32_.data();
-  }
-  float* yf = out.as<float>();
-  if (out.dtype == ScalarType::BF16) {
-    y32_.resize(static_cast<size_t>(n * m));
-    yf = y32_.data();
   }
   if (weight.dtype == ScalarType::F32)
     gemm_f32(xf, weight.as<float>(), yf, n, m, k, threads_);

@@ -1,13 +1,15 @@
 // backend/cpu/gemm.hpp — y = x @ W^T with fp32 accumulation.
 //
-//   x: (n, k) fp32, row stride k
+//   x: (n, k) fp32, or bf16 (uint16 bit patterns) for gemm_bf16_bf16; row stride k
 //   W: (m, k) fp32 or bf16 (uint16 bit patterns), row stride k
 //   y: (n, m) fp32, row stride m
 //
-// Kernel variants: "scalar" (any processor), "avx2" (AVX2 + FMA) and
-// "avx512" (AVX-512F), the last two on x86-64.
-// The best one the processor supports is chosen once at start-up; the
-// environment variable PAGEDRT_CPU_KERNEL=scalar forces the portable one.
+// Kernel variants: "scalar" (any processor), "avx2" (AVX2 + FMA), "avx512"
+// (AVX-512F) and "avx512bf16" (AVX-512 BF16: VDPBF16PS for gemm_bf16_bf16,
+// the avx512 kernels otherwise), the last three on x86-64. Variants without a
+// bf16 dot product convert bf16 activations to fp32 (exact) and use their fp32
+// kernel. The widest one the processor supports is chosen once at start-up;
+// the environment variable PAGEDRT_CPU_KERNEL=<variant> forces another.
 #pragma once
 
 #include <cstdint>
@@ -18,27 +20,49 @@ namespace pagedrt::cpu {
 
 void gemm_f32(const float* x, const float* w, float* y, int64_t n, int64_t m, int64_t k, int threads);
 void gemm_bf16(const float* x, const uint16_t* w, float* y, int64_t n, int64_t m, int64_t k, int threads);
+void gemm_bf16_bf16(const uint16_t* x, const uint16_t* w, float* y, int64_t n, int64_t m, int64_t k, int threads);
 
-// The variant gemm_f32/gemm_bf16 use, and every variant this build and processor can run.
+// The variant gemm_* use, and every variant this build and processor can run.
 const std::string& gemm_variant();
 std::vector<std::string> gemm_variants();
 
-// One call through a named variant (for tests). Throws Error(InvalidArgument)
-// for a variant that is not available.
-void gemm_with(const std::string& variant, const float* x, const void* w, bool bf16, float* y, int64_t n,
-               int64_t m, int64_t k, int threads);
+// Operand types of one GEMM call, named x type x W type.
+enum class GemmOperands {
+  F32xF32,    // gemm_f32
+  F32xBf16,   // gemm_bf16
+  Bf16xBf16,  // gemm_bf16_bf16
+};
+
+// One call through a named variant (for tests); x and w point at the types
+// `operands` names. Throws Error(InvalidArgument) for a variant that is not available.
+void gemm_with(const std::string& variant, GemmOperands operands, const void* x, const void* w, float* y,
+               int64_t n, int64_t m, int64_t k, int threads);
+
+// Internal: a buffer of at least `count` floats owned by the calling thread,
+// valid until its next call; the converting variants put fp32 copies of bf16
+// activations there. (Defined in gemm.cpp: library code such as std::vector
+// must not be compiled in the per-ISA files, whose flags it would carry.)
+float* gemm_scratch(int64_t count);
 
 namespace scalar {
 void gemm_f32(const float* x, const float* w, float* y, int64_t n, int64_t m, int64_t k, int threads);
 void gemm_bf16(const float* x, const uint16_t* w, float* y, int64_t n, int64_t m, int64_t k, int threads);
+void gemm_bf16_bf16(const uint16_t* x, const uint16_t* w, float* y, int64_t n, int64_t m, int64_t k, int threads);
 }  // namespace scalar
 namespace avx2 {
 void gemm_f32(const float* x, const float* w, float* y, int64_t n, int64_t m, int64_t k, int threads);
 void gemm_bf16(const float* x, const uint16_t* w, float* y, int64_t n, int64_t m, int64_t k, int threads);
+void gemm_bf16_bf16(const uint16_t* x, const uint16_t* w, float* y, int64_t n, int64_t m, int64_t k, int threads);
 }  // namespace avx2
 namespace avx512 {
 void gemm_f32(const float* x, const float* w, float* y, int64_t n, int64_t m, int64_t k, int threads);
 void gemm_bf16(const float* x, const uint16_t* w, float* y, int64_t n, int64_t m, int64_t k, int threads);
+void gemm_bf16_bf16(const uint16_t* x, const uint16_t* w, float* y, int64_t n, int64_t m, int64_t k, int threads);
 }  // namespace avx512
+
+// avx512bf16 has only its own gemm_bf16_bf16; its fp32-activation calls are avx512's.
+namespace avx512bf16 {
+void gemm_bf16_bf16(const uint16_t* x, const uint16_t* w, float* y, int64_t n, int64_t m, int64_t k, int threads);
+}
 
 }  // namespace pagedrt::cpu

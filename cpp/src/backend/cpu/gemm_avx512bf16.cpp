@@ -1,0 +1,163 @@
+// The AVX-512 BF16 GEMM for bf16 activations and bf16 weights, built with
+// -mavx512f -mavx512bw -mavx512vl -mavx512bf16 -mfma (CMakeLists.txt) on x86-64
+// only; gemm.cpp calls it only when the processor has all of them.
+//
+//   y (n, m) fp32 = x (n, k) bf16 @ W (m, k)^T bf16, fp32 accumulation.
+//
+// VDPBF16PS takes 32 bf16 pairs and adds a0*b0 + a1*b1 into each of 16 fp32
+// lanes: twice the multiply-adds of a 512-bit fp32 FMA, and no conversion of
+// either operand. Dot-product form as in gemm_kernel.inc, no repacking: one
+// 512-bit load is 32 consecutive bf16 of a row of x or of W, and a tile of
+// kT tokens x kR weight rows keeps kT * kR accumulators in registers, each
+// summed across its lanes once at the end.
+//
+// Rounding: VDPBF16PS ignores MXCSR. It always rounds to nearest even, treats
+// denormal inputs as zero and flushes denormal results to zero. A bf16 x bf16
+// product is exact in fp32 (8 + 8 significand bits), so the only roundings are
+// those of the fp32 additions, as with FMA (the summation order differs from
+// the other variants: results agree to fp32 accumulation error, not bit for
+// bit); the flush only changes values below 1.2e-38, far under what an fp32
+// sum of activation products resolves.
+#if defined(__x86_64__) && defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+
+#include <cstdint>
+
+// GCC's AVX-512 intrinsics warn about their own `__Y = __Y` placeholders once
+// inlined (seen with GCC 12; GCC bug 105593): hundreds of false positives here.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+#include "backend/cpu/gemm.hpp"
+
+namespace pagedrt::cpu::avx512bf16 {
+namespace {
+
+// Tile: kT tokens x kR rows, 24 accumulators + 6 weight vectors + 1 x vector
+// of the 32 zmm registers; (kT + kR) / (kT * kR) = 0.42 loads per VDPBF16PS.
+// Measured on Zen 4 (one core, n = 4 and 32, k = 576 and 1536) against 4x4,
+// 4x5, 5x5, 6x4 (and 8x3, 3x8 in an earlier version): 4x6 was 4-11% faster
+// than the next at n = 32 and within ~5% of the best at n = 4.
+constexpr int kT = 4;
+constexpr int kR = 6;
+constexpr int kLanes = 32;  // bf16 per 512-bit load
+
+inline __m512bh load(const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
+inline __m512bh load(const uint16_t* p, __mmask32 mask) { return (__m512bh)_mm512_maskz_loadu_epi16(mask, p); }
+
+// The lane sums of four vectors, as one (4) vector: ~13 instructions against
+// ~32 for four separate horizontal sums. Within each 128-bit block:
+//   unpack ps + add:  [a0 a1 a0 a1] (lanes 0+2, 1+3), same for a2, a3
+//   unpack pd + add:  [a0 a1 a2 a3]  (the pd unpacks only move fp32 pairs)
+// then the four blocks are added together.
+inline __m128 sum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+  const __m512d s01 = _mm512_castps_pd(_mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1)));
+  const __m512d s23 = _mm512_castps_pd(_mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3)));
+  __m512 s = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(s01, s23)),
+                           _mm512_castpd_ps(_mm512_unpackhi_pd(s01, s23)));
+  s = _mm512_add_ps(s, _mm512_shuffle_f32x4(s, s, _MM_SHUFFLE(1, 0, 3, 2)));  // blocks 0+2, 1+3
+  return _mm_add_ps(_mm512_castps512_ps128(s), _mm512_extractf32x4_ps(s, 1));
+}
+
+// Every loop over tokens or rows is unrolled before GCC decides where acc lives:
+// left rolled, the accumulators go through the stack around the k loop (~13%
+// slower at n = 32, k = 576). acc is only ever indexed, never passed by address.
+#define PAGEDRT_UNROLL _Pragma("GCC unroll 8")
+
+// T tokens x R weight rows: y[t][r] = dot(x[t], w[r]). Prefetch: fetch the
+// next R rows while these stream (the weights come from DRAM, once per call).
+template <int T, int R, bool Prefetch>
+inline void micro(const uint16_t* x, const uint16_t* w, float* y, int64_t k, int64_t ldy) {
+  __m512 acc[T][R];
+  PAGEDRT_UNROLL for (int t = 0; t < T; ++t)
+    PAGEDRT_UNROLL for (int r = 0; r < R; ++r) acc[t][r] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + kLanes <= k; i += kLanes) {
+    __m512bh wv[R];
+    PAGEDRT_UNROLL for (int r = 0; r < R; ++r) {
+      if (Prefetch) _mm_prefetch(reinterpret_cast<const char*>(w + (R + r) * k + i), _MM_HINT_T0);
+      wv[r] = load(w + r * k + i);
+    }
+    PAGEDRT_UNROLL for (int t = 0; t < T; ++t) {
+      const __m512bh xv = load(x + t * k + i);
+      PAGEDRT_UNROLL for (int r = 0; r < R; ++r) acc[t][r] = _mm512_dpbf16_ps(acc[t][r], xv, wv[r]);
+    }
+  }
+  if (i < k) {  // the last k % 32: masked loads read zeros past the row end
+    const __mmask32 mask = static_cast<__mmask32>((1u << (k - i)) - 1);
+    __m512bh wv[R];
+    PAGEDRT_UNROLL for (int r = 0; r < R; ++r) wv[r] = load(w + r * k + i, mask);
+    PAGEDRT_UNROLL for (int t = 0; t < T; ++t) {
+      const __m512bh xv = load(x + t * k + i, mask);
+      PAGEDRT_UNROLL for (int r = 0; r < R; ++r) acc[t][r] = _mm512_dpbf16_ps(acc[t][r], xv, wv[r]);
+    }
+  }
+  // The lane sums, four rows at a time; a last 1 to 3 rows padded with zeros.
+  const __m512 z = _mm512_setzero_ps();
+  PAGEDRT_UNROLL for (int t = 0; t < T; ++t) {
+    PAGEDRT_UNROLL for (int r = 0; r < R; r += 4) {
+      const __m128 s = sum4(acc[t][r], r + 1 < R ? acc[t][r + 1] : z, r + 2 < R ? acc[t][r + 2] : z,
+                            r + 3 < R ? acc[t][r + 3] : z);
+      if (r + 4 <= R)
+        _mm_storeu_ps(y + t * ldy + r, s);
+      else
+        _mm_mask_storeu_ps(y + t * ldy + r, static_cast<__mmask8>((1u << (R - r)) - 1), s);
+    }
+  }
+}
+#undef PAGEDRT_UNROLL
+
+// The last n % kT tokens, T < kT of them (prefetching: it is the last token tile).
+template <int T, int R>
+inline void token_tail(int64_t left, const uint16_t* x, const uint16_t* w, float* y, int64_t k, int64_t ldy) {
+  if constexpr (T > 0) {
+    if (left == T)
+      micro<T, R, true>(x, w, y, k, ldy);
+    else
+      token_tail<T - 1, R>(left, x, w, y, k, ldy);
+  }
+}
+
+// All n tokens against R weight rows, kT tokens at a time. The last token tile
+// prefetches the next rows: earlier, the x rows streaming through L1 would evict them.
+template <int R>
+inline void rows_block(const uint16_t* x, const uint16_t* w, float* y, int64_t n, int64_t m, int64_t k) {
+  int64_t t = 0;
+  for (; t + kT < n; t += kT) micro<kT, R, false>(x + t * k, w, y + t * m, k, m);
+  if (n - t == kT)
+    micro<kT, R, true>(x + t * k, w, y + t * m, k, m);
+  else
+    token_tail<kT - 1, R>(n - t, x + t * k, w, y + t * m, k, m);
+}
+
+// The last m % kR rows, R < kR of them.
+template <int R>
+inline void row_tail(int64_t left, const uint16_t* x, const uint16_t* w, float* y, int64_t n, int64_t m, int64_t k) {
+  if constexpr (R > 0) {
+    if (left == R)
+      rows_block<R>(x, w, y, n, m, k);
+    else
+      row_tail<R - 1>(left, x, w, y, n, m, k);
+  }
+}
+
+}  // namespace
+
+void gemm_bf16_bf16(const uint16_t* x, const uint16_t* w, float* y, int64_t n, int64_t m, int64_t k, int threads) {
+  // One task per kR output rows; its weight rows stay in L1 while all token tiles pass over them.
+  const int64_t tasks = (m + kR - 1) / kR;
+  const bool parallel = threads > 1 && m * k * (n > 1 ? n : 1) > (1 << 15);
+#pragma omp parallel for schedule(static) num_threads(threads) if (parallel)
+  for (int64_t task = 0; task < tasks; ++task) {
+    const int64_t r = task * kR;
+    if (r + kR <= m)
+      rows_block<kR>(x, w + r * k, y + r, n, m, k);
+    else
+      row_tail<kR - 1>(m - r, x, w + r * k, y + r, n, m, k);
+  }
+}
+
+}  // namespace pagedrt::cpu::avx512bf16
+#endif
