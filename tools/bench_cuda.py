@@ -4,6 +4,7 @@ process (pagedrt and transformers each hold a 16 GB model):
 
     bench_cuda.py ceilings  OUT.json            copy bandwidth, bf16 GEMM, cuBLAS at small M
     bench_cuda.py attention OUT.json            paged decode attention, batch 64 x 2048, vs SDPA
+    bench_cuda.py gemv      OUT.json            own small-M GEMM vs cuBLASLt, n = 1..8, 8B shapes
     bench_cuda.py pagedrt   OUT.json MODEL_DIR  batch-1 TPOT (128/128), 256 x (512/128) throughput
     bench_cuda.py hf        OUT.json MODEL_DIR  the same workloads with transformers (eager+SDPA)
 
@@ -87,6 +88,56 @@ def attention():
     return r
 
 
+# Llama-3-8B's linear layers: (name, m = out features, k = in features, fp32 out)
+GEMV_SHAPES = [("qkv", 6144, 4096, False), ("o_proj", 4096, 4096, False), ("gate_up", 28672, 4096, False),
+               ("down", 4096, 14336, False), ("lm_head", 128256, 4096, True)]
+
+
+def gemv():
+    """The own small-M GEMM (gemv.cu) against cuBLASLt, y (n, m) = x (n, k) @ W^T
+    for n = 1, 2, 4, 8. Times come from `_Ops.time_linear`: the median of 50
+    batches of back-to-back calls on the backend's stream (host clock around
+    each ~2 ms batch, after a warm-up; the backend's stream is not torch's, so
+    torch's CUDA events cannot see it), W rotating through > 512 MiB of copies
+    so that it is never L2-resident, as in a decode step. TB/s counts weight
+    bytes; the ratio is to a 1 GiB device-to-device copy (read + write) timed
+    in the same process."""
+    import torch
+    from pagedrt import _core
+
+    r = {"device": torch.cuda.get_device_name()}
+    src = torch.randn(1 << 28, device="cuda")  # 1 GiB fp32
+    dst = torch.empty_like(src)
+    ms = cuda_median_ms(lambda: dst.copy_(src), iters=50)
+    copy = 2 * src.numel() * 4 / ms / 1e9
+    r["copy_TBps"] = copy
+    del src, dst
+    torch.cuda.empty_cache()
+    ops = _core._Ops("cuda")
+    rows = []
+    for name, m, k, f32 in GEMV_SHAPES:
+        for n in (1, 2, 4, 8):
+            us = {impl: ops.time_linear(n, m, k, f32, 50, impl == "own") for impl in ("own", "cublas")}
+            row = {"shape": name, "m": m, "k": k, "n": n, "out": "fp32" if f32 else "bf16"}
+            for impl, t in us.items():
+                row[f"{impl}_us"] = t
+                row[f"{impl}_TBps"] = m * k * 2 / t / 1e6
+                row[f"{impl}_vs_copy"] = row[f"{impl}_TBps"] / copy
+            row["speedup"] = us["cublas"] / us["own"]
+            rows.append(row)
+            print(f"{name:8s} m {m:6d} k {k:5d} n {n}: own {us['own']:7.1f} us {row['own_TBps']:.2f} TB/s "
+                  f"({100 * row['own_vs_copy']:.0f}% of copy) | cuBLASLt {us['cublas']:7.1f} us "
+                  f"{row['cublas_TBps']:.2f} TB/s ({100 * row['cublas_vs_copy']:.0f}%) | x{row['speedup']:.2f}",
+                  flush=True)
+    r["rows"] = rows
+    # One batch-1 decode step's GEMMs: 32 layers of qkv, o, gate_up, down, and the lm head.
+    one = {row["shape"]: row for row in rows if row["n"] == 1}
+    for impl in ("own", "cublas"):
+        layer = sum(one[s][f"{impl}_us"] for s in ("qkv", "o_proj", "gate_up", "down"))
+        r[f"decode_gemm_ms_{impl}"] = (32 * layer + one["lm_head"][f"{impl}_us"]) / 1e3
+    return r
+
+
 def pagedrt_bench(model):
     import pagedrt
 
@@ -155,7 +206,7 @@ def hf_bench(model):
 
 def main():
     part, out = sys.argv[1], sys.argv[2]
-    fn = {"ceilings": ceilings, "attention": attention}.get(part)
+    fn = {"ceilings": ceilings, "attention": attention, "gemv": gemv}.get(part)
     res = fn() if fn else {"pagedrt": pagedrt_bench, "hf": hf_bench}[part](sys.argv[3])
     json.dump(res, open(out, "w"), indent=1)
     print(part, json.dumps(res))

@@ -13,7 +13,7 @@
 #   diag     tools/cuda_diag.py: tiny-model probes, CUDA vs CPU logits row by row
 #   tests    all of tests/test_cuda.py (SmolLM2 and the 8B shape when available)
 #   e2e      only its end-to-end tests (tiny models, SmolLM2, the 8B shape)
-#   bench    tools/bench_cuda.py: ceilings, paged attention, pagedrt, transformers
+#   bench    tools/bench_cuda.py: ceilings, paged attention, own GEMV vs cuBLASLt, pagedrt, transformers
 #   profile  tools/cuda_profile.py: GPU time per kernel (batch-1 decode; 64 x 512/32)
 #
 # Logs and results go to $OUT (default ./out): gpu_check.log, errors.txt (measured
@@ -108,6 +108,7 @@ if has bench; then
   REPO=$OLDPWD
   timeout 60 $PY "$REPO/tools/bench_cuda.py" ceilings "$WORK/ceilings.json"
   timeout 60 $PY "$REPO/tools/bench_cuda.py" attention "$WORK/attention.json"
+  timeout 180 $PY "$REPO/tools/bench_cuda.py" gemv "$WORK/gemv.json"
   if [ -f "$LLAMA8B/config.json" ]; then
     timeout $(( $(left) - 100 > 60 ? $(left) - 100 : 60 )) $PY "$REPO/tools/bench_cuda.py" pagedrt "$WORK/pagedrt.json" "$LLAMA8B"
     [ "$(left)" -gt 40 ] && timeout $(( $(left) - 10 )) $PY "$REPO/tools/bench_cuda.py" hf "$WORK/hf.json" "$LLAMA8B"
@@ -130,6 +131,8 @@ res["date"] = datetime.date.today().isoformat()
 g = lambda part, key: res.get(part, {}).get(key)
 f = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"
 c, a, p, h = (res.get(k, {}) for k in ("ceilings", "attention", "pagedrt", "hf"))
+gv = {(r["shape"], r["n"]): r for r in res.get("gemv", {}).get("rows", [])}
+gvf = lambda s, n, impl: f(gv.get((s, n), {}).get(impl + "_TBps"))
 rows = [
     ("device", c.get("device", "-"), ""),
     ("HBM copy bandwidth (TB/s)", f(g("ceilings", "copy_TBps")), "1 GiB D2D, median"),
@@ -137,6 +140,11 @@ rows = [
     ("cuBLAS M=1 / 256 vs 14336x4096 (TB/s of weight)", f"{f(g('ceilings', 'cublas_M1_weight_TBps'))} / {f(g('ceilings', 'cublas_M256_weight_TBps'))}", ""),
     ("paged decode attn b64 x 2048 (us, TB/s)", f"{f(a.get('pagedrt_us'), 1)}, {f(a.get('pagedrt_TBps'))}", "pagedrt"),
     ("SDPA same K/V contiguous (us, TB/s)", f"{f(a.get('sdpa_us'), 1)}, {f(a.get('sdpa_TBps'))}", "torch"),
+    ("own GEMV vs cuBLASLt, n=1, gate_up / down / lm head (TB/s)",
+     " / ".join(f"{gvf(s, 1, 'own')} vs {gvf(s, 1, 'cublas')}" for s in ("gate_up", "down", "lm_head")), "weight bytes"),
+    ("batch-1 step's GEMMs, own vs cuBLASLt (ms)",
+     f"{f(res.get('gemv', {}).get('decode_gemm_ms_own'))} vs {f(res.get('gemv', {}).get('decode_gemm_ms_cublas'))}",
+     "32 layers + lm head, n=1"),
     ("batch-1 TPOT 128/128 (ms)", f"{f(p.get('tpot_ms'))} vs HF {f(h.get('tpot_ms'))}", "floor 15.0 GB / copy BW"),
     ("batch-1 TTFT 128 tokens (ms)", f(p.get("ttft_ms")), ""),
     ("256 x 512/128 output tok/s", f"{f(p.get('throughput_tok_per_s'), 0)} vs HF b256 {f(h.get('throughput_b256_tok_per_s'), 0)} (HF b64 {f(h.get('throughput_b64_tok_per_s'), 0)})", ""),

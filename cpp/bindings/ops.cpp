@@ -5,8 +5,11 @@
 // Inputs are float32 (int32/int64 for the batch); each is converted to the
 // dtype the model would hand the op (activation_dtype(), fp32 for the
 // residual, kv_dtype() for caches); outputs come back as float32.
+#include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include <nanobind/nanobind.h>
@@ -144,6 +147,46 @@ class Ops {
     b_->synchronize();
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / iters;
   }
+  // Median microseconds of one bf16 linear y (n, m) = x (n, k) @ W (m, k)^T
+  // on the GPU, on device-resident random inputs: `iters` timed batches of
+  // calls back to back (host clock around each batch, after a warm-up), W
+  // rotating through copies that together exceed 512 MiB so that no call finds
+  // it in L2. use_own = false times a backend made with PAGEDRT_CUDA_GEMV=0
+  // (cuBLASLt only). Benchmark hook for tools/bench_cuda.py gemv; CUDA only.
+  double time_linear(int64_t n, int64_t m, int64_t k, bool out_f32, int iters, bool use_own) {
+    if (n < 1 || m < 1 || k < 1 || iters < 1)
+      throw pagedrt::Error(pagedrt::ErrorKind::InvalidArgument, "time_linear: n, m, k and iters must be positive");
+    nb::gil_scoped_release release;  // no Python objects below; filling W takes a while
+    LinearBench& lb = linear_bench_[use_own ? 1 : 0];
+    if (!lb.backend) lb.backend = cuda_backend_with_gemv(use_own);
+    pagedrt::Backend& b = *lb.backend;
+    if (lb.m != m || lb.k != k || lb.rows < n) {
+      lb.w.clear();  // before the new copies: the old ones may be large
+      const int64_t bytes = m * k * 2, copies = std::max<int64_t>(2, ((int64_t(512) << 20) + bytes - 1) / bytes);
+      lb.rows = std::max<int64_t>(n, 8);
+      lb.x = b.from_host(random_bf16({lb.rows, k}, 1));
+      Tensor hw = random_bf16({m, k}, 2);
+      for (int64_t i = 0; i < copies; ++i) lb.w.push_back(b.from_host(hw));
+      lb.m = m;
+      lb.k = k;
+    }
+    Tensor x = lb.x;
+    x.shape = {n, k};  // the first n rows
+    Tensor y = b.empty({n, m}, out_f32 ? ScalarType::F32 : ScalarType::BF16);
+    size_t next = 0;
+    auto batch_us = [&](int calls) {
+      const auto t0 = std::chrono::steady_clock::now();
+      for (int i = 0; i < calls; ++i) b.linear(x, lb.w[next++ % lb.w.size()], n, y);
+      b.synchronize();
+      return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() / calls;
+    };
+    batch_us(3);  // warm-up
+    const int calls = static_cast<int>(std::clamp(2000.0 / batch_us(5), 3.0, 2000.0));  // ~2 ms a batch
+    std::vector<double> t;
+    for (int i = 0; i < iters; ++i) t.push_back(batch_us(calls));
+    std::nth_element(t.begin(), t.begin() + t.size() / 2, t.end());
+    return t[t.size() / 2];
+  }
   F32Out copy_blocks(F32In cache, const std::vector<std::pair<int32_t, int32_t>>& pairs) {
     Tensor c = put(cache, b_->kv_dtype());
     std::vector<pagedrt::BlockCopy> copies;
@@ -195,7 +238,42 @@ class Ops {
     return make_out(std::move(out), t.shape);
   }
 
+  // bf16 host tensor of uniform values in [-1, 1) (xorshift, fixed seed).
+  static Tensor random_bf16(std::vector<int64_t> shape, uint64_t seed) {
+    Tensor h = pagedrt::host_empty(std::move(shape), ScalarType::BF16);
+    uint64_t s = 0x9E3779B97F4A7C15ull * seed;
+    uint16_t* d = h.as<uint16_t>();
+    for (int64_t i = 0, n = h.numel(); i < n; ++i) {
+      s ^= s << 13, s ^= s >> 7, s ^= s << 17;
+      d[i] = pagedrt::f32_to_bf16(static_cast<float>(s >> 40) * (2.0f / 16777216.0f) - 1.0f);
+    }
+    return h;
+  }
+  // A CUDA backend whose GEMMs use the own small-M kernel (on) or cuBLASLt
+  // only: PAGEDRT_CUDA_GEMV is read when the backend is made, so set it around that.
+  static std::unique_ptr<pagedrt::Backend> cuda_backend_with_gemv(bool on) {
+    const char* old = std::getenv("PAGEDRT_CUDA_GEMV");
+    const std::string saved = old ? old : "";
+    setenv("PAGEDRT_CUDA_GEMV", on ? "1" : "0", 1);
+    auto restore = [&] { old ? setenv("PAGEDRT_CUDA_GEMV", saved.c_str(), 1) : unsetenv("PAGEDRT_CUDA_GEMV"); };
+    try {
+      auto b = pagedrt::make_backend("cuda", 0, ScalarType::BF16);
+      restore();
+      return b;
+    } catch (...) {
+      restore();
+      throw;
+    }
+  }
+  struct LinearBench {
+    std::unique_ptr<pagedrt::Backend> backend;
+    int64_t m = -1, k = -1, rows = 0;
+    Tensor x;               // (rows, k) bf16
+    std::vector<Tensor> w;  // copies of (m, k) bf16
+  };
+
   std::unique_ptr<pagedrt::Backend> b_;
+  LinearBench linear_bench_[2];  // [use_own]
   std::vector<int32_t> tok_, pos_, qs_, lens_, indptr_, pages_, logit_rows_;
   std::vector<int64_t> slot_;
 };
@@ -224,5 +302,6 @@ void register_ops(nb::module_& m) {
            "num_kv_heads"_a, "head_dim"_a, "scale"_a)
       .def("bench_paged_attention", &Ops::bench_paged_attention, "qkv"_a, "k_cache"_a, "v_cache"_a,
            "num_heads"_a, "num_kv_heads"_a, "head_dim"_a, "scale"_a, "iters"_a)
+      .def("time_linear", &Ops::time_linear, "n"_a, "m"_a, "k"_a, "out_f32"_a, "iters"_a, "use_own"_a)
       .def("copy_blocks", &Ops::copy_blocks, "cache"_a, "pairs"_a);
 }

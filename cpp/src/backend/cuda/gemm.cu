@@ -1,10 +1,15 @@
 #include "backend/cuda/gemm.hpp"
 
+#include <cstdlib>
+#include <cstring>
+
 #include "backend/cuda/cuda_check.hpp"
 
 namespace pagedrt::cuda {
 
 Gemm::Gemm(cudaStream_t stream) : stream_(stream) {
+  const char* env = std::getenv("PAGEDRT_CUDA_GEMV");
+  own_gemv_ = !(env && std::strcmp(env, "0") == 0);
   CUBLAS_CHECK(cublasLtCreate(&handle_));
   CUDA_CHECK(cudaMalloc(&workspace_, workspace_bytes_));
 }
@@ -24,7 +29,7 @@ void Gemm::run(const void* x, const void* w, void* y, int64_t n, int64_t m, int6
                bool in_f32) {
   if (n == 0) return;
   if (in_f32) return run_cublaslt(x, w, y, n, m, k, true, true);
-  // Seam: own small-M kernels (decode GEMV) would be chosen here by shape.
+  if (own_gemv_ && Gemv::supports(x, w, n, m, k)) return gemv_.run(x, w, y, n, m, k, out_f32, stream_);
   run_cublaslt(x, w, y, n, m, k, out_f32, false);
 }
 

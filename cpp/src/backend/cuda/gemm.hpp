@@ -4,8 +4,11 @@
 //   y: (n, m) bf16 or fp32, row-major
 //
 // The seam for own kernels: Gemm::run() picks the implementation per shape.
-// Today every shape goes to cuBLASLt (algorithms chosen once per shape by its
-// heuristic and cached); a small-M kernel (decode, n <= 8) plugs in there.
+// n <= 8 rows with k a multiple of 8 go to the own small-M kernel (gemv.hpp,
+// decode); everything else, and the fp32 validation mode, to cuBLASLt
+// (algorithms chosen once per shape by its heuristic and cached).
+// PAGEDRT_CUDA_GEMV=0 in the environment when a Gemm is made (once per
+// backend) sends every shape to cuBLASLt, for A/B comparisons.
 #pragma once
 
 #include <cublasLt.h>
@@ -14,6 +17,8 @@
 #include <cstdint>
 #include <map>
 #include <tuple>
+
+#include "backend/cuda/gemv.hpp"
 
 namespace pagedrt::cuda {
 
@@ -39,6 +44,8 @@ class Gemm {
     cublasLtMatmulAlgo_t algo{};
   };
   cudaStream_t stream_;
+  bool own_gemv_ = true;  // false: PAGEDRT_CUDA_GEMV=0
+  Gemv gemv_;
   cublasLtHandle_t handle_ = nullptr;
   void* workspace_ = nullptr;
   size_t workspace_bytes_ = 32u << 20;

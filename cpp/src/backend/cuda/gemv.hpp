@@ -1,0 +1,42 @@
+// backend/cuda/gemv.hpp — y = x @ W^T for a few rows of x (decode): the own
+// small-M kernel behind Gemm::run, bf16 operands, fp32 accumulation.
+//
+//   x: (n, k) bf16, row-major, 1 <= n <= 8    W: (m, k) bf16, row-major
+//   y: (n, m) bf16 or fp32, row-major
+//
+// At n <= 8 a GEMM is a stream of W through the SMs: every byte of W is read
+// once and used n times. The kernel's only job is to keep enough 16-byte loads
+// of W in flight to saturate HBM; the arithmetic runs on the tensor cores
+// (mma.sync m16n8k16, W as the 16-row A operand, the n <= 8 rows of x as the
+// 8 columns of B), so its cost does not grow with n.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace pagedrt::cuda {
+
+class Gemv {
+ public:
+  static constexpr int64_t kMaxRows = 8;  // n, the rows of x one call takes
+
+  // Reads the SM count and the kernel's occupancy on the current device.
+  Gemv();
+
+  // Whether run() takes this call: 1 <= n <= kMaxRows, k a positive multiple
+  // of 8 (16-byte rows) and x, w 16-byte aligned. Others go to cuBLASLt.
+  static bool supports(const void* x, const void* w, int64_t n, int64_t m, int64_t k);
+
+  // y (n, m) = x (n, k) @ w (m, k)^T; y fp32 when out_f32, else bf16.
+  // Precondition: supports(x, w, n, m, k).
+  void run(const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k, bool out_f32,
+           cudaStream_t stream) const;
+
+ private:
+  int sms_ = 132;                // streaming multiprocessors of the device
+  int blocks_per_sm_long_ = 1;   // resident blocks per SM of the kernel for long rows (k >= 2048)
+  int blocks_per_sm_short_ = 1;  // ... and for short ones
+};
+
+}  // namespace pagedrt::cuda
