@@ -332,7 +332,8 @@ def test_tiny_llama_chunked_mixed_batches_match_cpu(tiny_llama, kv_heads):
     kw = dict(block_size=4, max_num_batched_tokens=7, kv_cache_bytes=64 << 20)
     outs = {}
     for dev in ("cpu", "cuda"):
-        with pagedrt.Runtime(path, device=dev, dtype="bfloat16", **kw) as rt:
+        act = "float32" if dev == "cpu" else "auto"  # the CPU oracle in fp32
+        with pagedrt.Runtime(path, device=dev, dtype="bfloat16", activation_dtype=act, **kw) as rt:
             outs[dev] = run_all(rt, prompts, max_tokens=4, ignore_eos=True, return_logits=True)
     for p, (tc, lc), (tg, lg) in zip(prompts, outs["cpu"], outs["cuda"]):
         k = rows_until_divergence(len(p), tc, tg)
@@ -434,7 +435,7 @@ def test_smollm2_greedy_matches_cpu():
     got, prompts = smol_runs(model, {
         "cpu32": ("cpu", dict(dtype="float32")),
         "gpu32": ("cuda", dict(dtype="float32")),
-        "cpu_bf16w": ("cpu", dict(dtype="bfloat16")),
+        "cpu_bf16w": ("cpu", dict(dtype="bfloat16", activation_dtype="float32")),
         "cpu_bf16": ("cpu", dict(dtype="bfloat16", activation_dtype="bfloat16")),
         "gpu_bf16": ("cuda", dict(dtype="bfloat16")),
     }, N)

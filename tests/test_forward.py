@@ -66,7 +66,9 @@ def test_logits_and_greedy_match_transformers(tiny_llama, case):
     path, model = tiny_llama(**CASES[case])
     rng = np.random.default_rng(1)
     prompt = rng.integers(3, 320, size=37).tolist()  # crosses two 16-token block boundaries
-    with pagedrt.Runtime(path, device="cpu", num_threads=2) as rt:
+    # fp32 activations: the oracle path (a bf16 checkpoint would pick bf16 ones under
+    # "auto" on a processor with AVX-512 BF16)
+    with pagedrt.Runtime(path, device="cpu", num_threads=2, activation_dtype="float32") as rt:
         tokens, logits, last = run_request(rt, prompt, max_tokens=64, ignore_eos=True,
                                            return_logits=True)
     assert last.finish_reason == "length"
@@ -117,7 +119,7 @@ def test_fp32_checkpoint_run_as_bf16_weights(tiny_llama):
             if p.dim() == 2:
                 p.copy_(p.to(torch.bfloat16).to(torch.float32))
     prompt = list(range(10, 40))
-    with pagedrt.Runtime(path, device="cpu", dtype="bfloat16") as rt:
+    with pagedrt.Runtime(path, device="cpu", dtype="bfloat16", activation_dtype="float32") as rt:
         assert rt.model_info.weight_dtype == "bfloat16"
         tokens, logits, _ = run_request(rt, prompt, max_tokens=1, ignore_eos=True,
                                         return_logits=True)
@@ -233,3 +235,17 @@ def test_activation_dtype_is_checked(tiny_llama):
     path, _ = tiny_llama()
     with pytest.raises(pagedrt.InvalidArgument, match="activation_dtype 'float16' is not known"):
         pagedrt.Runtime(path, device="cpu", activation_dtype="float16")
+
+
+def test_auto_activation_dtype_follows_weights_and_processor(tiny_llama):
+    """"auto": bf16 activations only for bf16 weights on a processor with native bf16
+    products (the avx512bf16 GEMM variant in use), fp32 otherwise."""
+    import os
+    from pagedrt import _core
+    path, _ = tiny_llama()
+    forced = os.environ.get("PAGEDRT_CPU_KERNEL")
+    native = "avx512bf16" in _core._gemm_variants() and forced in (None, "avx512bf16")
+    with pagedrt.Runtime(path, device="cpu", dtype="bfloat16") as rt:
+        assert rt.model_info.activation_dtype == ("bfloat16" if native else "float32")
+    with pagedrt.Runtime(path, device="cpu") as rt:  # an fp32 checkpoint stays fp32
+        assert rt.model_info.activation_dtype == "float32"

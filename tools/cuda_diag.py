@@ -51,7 +51,9 @@ def main():
         prompts = [rng.integers(3, 320, size=k).tolist() for k in lens]
         res = {}
         for dev in (("cuda",) if args.cuda_only else ("cpu", "cuda")):
-            with pagedrt.Runtime(path, device=dev, dtype="bfloat16", kv_cache_bytes=64 << 20, **rkw) as rt:
+            act = "float32" if dev == "cpu" else "auto"  # the CPU oracle in fp32
+            with pagedrt.Runtime(path, device=dev, dtype="bfloat16", activation_dtype=act,
+                                 kv_cache_bytes=64 << 20, **rkw) as rt:
                 res[dev] = run(rt, prompts, n)
         if args.cuda_only:
             print(name, "ran", [len(t) for t, _ in res["cuda"]])

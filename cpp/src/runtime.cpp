@@ -123,7 +123,7 @@ Runtime::Runtime(const RuntimeConfig& config) : impl_(std::make_unique<Impl>()) 
   ScalarType wdtype = resolve_dtype(config.dtype, cfg);
   ScalarType act = config.activation_dtype == "float32"    ? ScalarType::F32
                    : config.activation_dtype == "bfloat16" ? ScalarType::BF16
-                                                           : ScalarType::F32;
+                                                           : auto_activation_dtype(device, wdtype);
   if (device == "cuda") {
     // The CUDA kernels run bf16 weights with bf16 activations (auto, also for
     // fp32 checkpoints), or fp32 throughout (dtype "float32": validation).

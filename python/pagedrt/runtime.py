@@ -99,7 +99,9 @@ class Runtime:
         dtype: weight dtype: "auto" (fp32 checkpoints stay fp32, others bf16),
             "float32" or "bfloat16".
         activation_dtype: dtype of the activations between ops and of the KV
-            cache: "auto" (CPU: float32, CUDA: bfloat16), "float32" (CPU only) or
+            cache: "auto" (CUDA: bfloat16; CPU: bfloat16 for bf16 weights on a
+            processor with AVX-512 BF16, where it doubles the GEMM rate, else
+            float32), "float32" (exact; on CUDA only with dtype="float32") or
             "bfloat16" (half the KV memory; on the CPU the same rounding points as
             the CUDA backend). The residual stream and all accumulation stay fp32.
         kv_cache_bytes: hard cap of the KV pool in bytes (0: 512 MiB on the CPU;

@@ -25,7 +25,8 @@ struct RuntimeConfig {
   std::string device = "auto";     // "auto" (cuda when a GPU is visible, else cpu), "cpu" or "cuda"
   std::string dtype = "auto";      // weights: "auto" (fp32 stays fp32, else bf16), "float32", "bfloat16"
   std::string activation_dtype = "auto";  // activations between ops and the KV cache: "auto"
-                                   // (cpu: float32, cuda: bfloat16), "float32" (cpu only) or "bfloat16"
+                                   // (cuda: as the weights; cpu: bfloat16 for bf16 weights on a
+                                   // processor with AVX-512 BF16, else float32), "float32", "bfloat16"
   int64_t kv_cache_bytes = 0;      // hard cap for the KV pool; 0 = default (512 MiB on the CPU,
                                    // gpu_memory_utilization of the free GPU memory after the weights)
   double gpu_memory_utilization = 0.9;  // CUDA, kv_cache_bytes = 0: fraction of free memory to use

@@ -1,6 +1,7 @@
 #include "backend/backend.hpp"
 
 #include "backend/cpu/cpu_backend.hpp"
+#include "backend/cpu/gemm.hpp"
 #include "pagedrt/error.hpp"
 
 #ifdef PAGEDRT_WITH_CUDA
@@ -19,6 +20,12 @@ bool cuda_available() {
 
 void Backend::argmax(const Tensor&, int64_t, int32_t*) {
   throw Error(ErrorKind::Unsupported, "this backend has no device argmax (check has_argmax())");
+}
+
+ScalarType auto_activation_dtype(const std::string& device, ScalarType weight_dtype) {
+  if (device == "cuda") return ScalarType::BF16;
+  return weight_dtype == ScalarType::BF16 && cpu::gemm_variant() == "avx512bf16" ? ScalarType::BF16
+                                                                                 : ScalarType::F32;
 }
 
 bool cuda_built() {
