@@ -7,19 +7,56 @@ import subprocess
 import sys
 
 TOOLS = pathlib.Path(__file__).resolve().parents[1] / "tools"
+WORKLOADS = ("latency", "batched", "mixed", "sharing", "prefix", "waste")
 
 
-def test_bench_tiny_mode_writes_its_schema(tmp_path):
+def run_tiny(tmp_path, script="bench.py", *args):
     out = tmp_path / "bench.json"
-    res = subprocess.run([sys.executable, str(TOOLS / "bench.py"), "--tiny", "--json", str(out)],
+    res = subprocess.run([sys.executable, str(TOOLS / script), "--tiny", "--json", str(out), *args],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
-    data = json.loads(out.read_text())
+    return json.loads(out.read_text()), res.stdout
+
+
+def test_bench_tiny_mode_runs_every_workload_and_writes_its_schema(tmp_path):
+    data, stdout = run_tiny(tmp_path)
     rows = data["rows"]
+    assert data["workloads"] == list(WORKLOADS) and data["size"] == "tiny" and not data["errors"]
+    # every dtype runs the throughput workloads; the KV workloads run with the first dtype only
     assert {(r["engine"], r["workload"]) for r in rows} == {
-        (f"pagedrt {d}", w) for d in ("bfloat16", "float32") for w in ("latency", "batched")}
+        *((f"pagedrt {d}", w) for d in ("bfloat16", "float32") for w in ("latency", "batched", "mixed")),
+        *(("pagedrt bfloat16", w) for w in ("sharing", "prefix", "waste")), ("contiguous allocator", "waste")}
     for r in rows:
-        assert r["output_tok_s"] > 0 and r["peak_rss_mb"] > 0
+        assert r["peak_rss_mb"] > 0
+        if r["workload"] != "waste":
+            assert r["output_tok_s"] > 0 and r["kv_blocks_peak"] > 0 and 0 <= r["waste_at_peak"] < 1
         if r["workload"] == "latency":
             assert r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 and r["ttft_ms"] > 0
-    assert "Runtime() to first token" in res.stdout and "batched tok/s" in res.stdout
+    batched = data["sizes"]["batched"]
+    assert all(r["output_tokens"] == batched["count"] * batched["new"] for r in rows if r["workload"] == "batched")
+
+    sharing = {r["variant"]: r for r in rows if r["workload"] == "sharing"}
+    assert list(sharing) == ["n=1", "n=4, forked after the prompt", "n=4 as 4 requests, no prefix cache",
+                             "beam width 4"]
+    assert sharing["n=1"]["vs_n1"] == 1.0
+    assert sharing["n=4 as 4 requests, no prefix cache"]["saving"] == 0.0
+    for v in ("n=4, forked after the prompt", "beam width 4"):  # the prompt's blocks are shared
+        assert sharing[v]["kv_blocks_peak"] < sharing[v]["kv_blocks_logical_peak"]
+
+    prefix = {r["variant"]: r for r in rows if r["workload"] == "prefix"}
+    assert prefix["cache on"]["hit_rate"] > 0 and prefix["cache off"]["hit_rate"] == 0
+    assert prefix["cache on"]["prompt_tokens_computed"] < prefix["cache off"]["prompt_tokens_computed"]
+
+    waste = {r["variant"]: r["waste_at_peak"] for r in rows if r["workload"] == "waste"}
+    assert waste["paged, blocks on demand"] < next(w for v, w in waste.items() if v.startswith("max_model_len"))
+
+    for wl in WORKLOADS:  # one table per workload
+        assert f"\n{wl}: " in stdout
+    assert "Runtime() to first token" in stdout and "decode tok/s" in stdout and "greedy = pagedrt float32" in stdout
+
+
+def test_bench_kv_shortcut_runs_only_the_workloads_asked(tmp_path):
+    data, stdout = run_tiny(tmp_path, "bench_kv.py", "--workloads", "waste,prefix", "--dtypes", "float32")
+    assert {(r["engine"], r["workload"]) for r in data["rows"]} == {
+        ("pagedrt float32", "prefix"), ("pagedrt float32", "waste"), ("contiguous allocator", "waste")}
+    assert "\nwaste: " in stdout and "\nmixed: " not in stdout

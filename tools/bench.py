@@ -1,18 +1,21 @@
 #!/usr/bin/env python3
-"""pagedrt against its peers on the CPU, in one run, on the same prompts.
+"""pagedrt against its peers on the CPU: every workload, one command, the same prompts.
 
-    python tools/bench.py                          # SmolLM2-135M, 2 threads, every peer installed
-    python tools/bench.py --tiny --json out.json   # CI: a tiny random model, pagedrt only, checks its schema
+    python tools/bench.py --json bench.json --plot bench.png       # all workloads, every peer installed
+    python tools/bench.py --workloads latency,batched --peers llama.cpp --gguf-types f16
+    python tools/bench.py --workloads sharing,prefix --set prefix.requests=32
+    python tools/bench.py --tiny --json out.json                    # CI: tiny random model, pagedrt only
 
-Workloads (tools/workloads.py): "latency" (batch 1, 32-token prompt, 128 new,
-greedy, eos ignored: prefill tok/s, TTFT, decode tok/s) and "batched" (32
-prompts of 64-200 tokens, 128 new each, all at once: output tok/s). Peers run
-when installed (pip install llama-cpp-python ctranslate2): llama.cpp on the
-shipped Q4_1 GGUF (batch 1 only: llama-cpp-python has no multi-sequence
-generate), CTranslate2 float32 and int8 (converted from the same safetensors),
-transformers fp32. Results: a table on the terminal, a JSON file, a PNG plot
-(with matplotlib). Other workloads: tools/bench_kv.py (waste, shared prefix),
-tools/bench_sharing.py (n = 4, beams).
+Workloads (defined in tools/workloads.py with fixed seeds; sizes from --size,
+default "cpu": SmolLM2-135M on 2 cores, about 9 minutes with every peer):
+latency, batched, mixed, sharing (n = 4, beam 4 against n = 1), prefix (cache
+on/off), waste (at the peak of mixed). pagedrt runs each --dtypes (sharing,
+prefix and waste with the first only: they depend on the KV cache, not the
+weights); peers run when installed: llama.cpp (latency through the high-level
+API, batched and mixed through the batch API), CTranslate2 and transformers
+(latency, batched). Each engine runs in its own process so that its peak RSS
+is its own. Results: one table per workload, a JSON file, a PNG. Details and
+measured figures: docs/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -29,192 +33,520 @@ from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_kv  # noqa: E402
 import workloads  # noqa: E402
 
 import pagedrt  # noqa: E402
 
-SCHEMA = {"engine": str, "workload": str, "output_tok_s": float, "decode_tok_s": (float, type(None)),
-          "prefill_tok_s": (float, type(None)), "ttft_ms": (float, type(None)), "peak_rss_mb": float}
+HEAD = 16  # greedy tokens per sequence compared across engines (batched, first two prompts)
 
 
 def log(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
-def rss_mb():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+class Meter:
+    """Peak RSS of this process since reset() (VmHWM, reset through /proc/self/clear_refs)."""
+
+    def reset(self):
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass  # then the peak is since the process started
+
+    def peak(self):
+        with open("/proc/self/status") as f:
+            return next((int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:")), 0.0)
 
 
-def row(engine, workload, out_tokens, secs, decode=None, prefill=None, ttft=None):
-    return dict(engine=engine, workload=workload, output_tok_s=out_tokens / secs, decode_tok_s=decode,
-                prefill_tok_s=prefill, ttft_ms=ttft, peak_rss_mb=rss_mb())
+def latency_row(engine, meter, samples, prompt_len, new):
+    """samples: (seconds to first token, seconds from first to last token) per timed run."""
+    ttft = statistics.median(s[0] for s in samples)
+    decode = statistics.median((new - 1) / s[1] for s in samples)
+    return dict(engine=engine, workload="latency", variant=None, output_tok_s=decode, decode_tok_s=decode,
+                prefill_tok_s=prompt_len / ttft, ttft_ms=ttft * 1e3, peak_rss_mb=meter.peak())
+
+
+def batched_row(engine, workload, meter, outputs, secs, **extra):
+    n = sum(len(o) for o in outputs)
+    return dict(engine=engine, workload=workload, variant=None, output_tok_s=n / secs, seconds=secs,
+                output_tokens=n, peak_rss_mb=meter.peak(), head=[list(o[:HEAD]) for o in outputs[:2]], **extra)
 
 
 # ---- pagedrt ---------------------------------------------------------------------------
-def pagedrt_runs(model, prompts_lat, new_lat, prompts_b, new_b, a):
+def pagedrt_latency_batched(model, dtype, W, a, meter, engine):
+    """Both on one Runtime with the default configuration (its load time is the user's)."""
     rows = []
-    for dtype in a.dtypes.split(","):
-        t0 = time.perf_counter()
-        with pagedrt.Runtime(model, device="cpu", dtype=dtype, num_threads=a.threads) as rt:
-            load = time.perf_counter() - t0
-            first_token = None
-            lat = []
+    meter.reset()
+    t0 = time.perf_counter()
+    with pagedrt.Runtime(model, device="cpu", dtype=dtype, num_threads=a.threads) as rt:
+        load = time.perf_counter() - t0
+        if "latency" in W:
+            (prompt,), (new,) = W["latency"]
+            samples = []
             for r in range(a.runs + 1):
                 start = time.monotonic()  # events carry the engine's time on this clock
-                rid = rt.submit(prompts_lat[0], max_tokens=new_lat[0], ignore_eos=True, temperature=0)
-                first, n, done, end = None, 0, False, None
+                rid = rt.submit(prompt, max_tokens=new, ignore_eos=True, temperature=0)
+                first, done, end = None, False, None
                 while not done:
                     for ev in rt.poll(rid, timeout=1.0):
-                        n += len(ev.token_ids)
                         first = first or (ev.time if ev.token_ids else None)
                         done, end = ev.request_finished, ev.time
-                if first_token is None:
-                    first_token = load + (first - start)
-                if r:
-                    lat.append((len(prompts_lat[0]) / (first - start), (n - 1) / (end - first), (first - start) * 1e3))
-                log(f"  pagedrt {dtype} latency run {r}: decode {(n - 1) / (end - first):.1f} tok/s")
-            med = [statistics.median(x[i] for x in lat) for i in range(3)]
-            rows.append(row(f"pagedrt {dtype}", "latency", new_lat[0], new_lat[0] / med[1], med[1], med[0], med[2]))
-            rows[-1]["load_to_first_token_s"] = first_token
+                if r == 0:
+                    load_to_first = load + first - start
+                else:
+                    samples.append((first - start, end - first))
+                log(f"  {engine} latency run {r}: decode {(new - 1) / (end - first):.1f} tok/s")
+            rows.append(latency_row(engine, meter, samples, len(prompt), new))
+            rows[-1].update(bench_kv.kv_fields(rt.stats()), load_to_first_token_s=load_to_first)
+        if "batched" in W:
+            prompts, news = W["batched"]
+            meter.reset()
             t0 = time.perf_counter()
-            outs = rt.generate(prompts_b, max_tokens=new_b[0], ignore_eos=True, temperature=0)
-            secs = time.perf_counter() - t0
-            n = sum(len(o.token_ids) for o in outs)
-            log(f"  pagedrt {dtype} batched: {n / secs:.1f} tok/s")
-            rows.append(row(f"pagedrt {dtype}", "batched", n, secs))
+            outs = rt.generate(prompts, max_tokens=news[0], ignore_eos=True, temperature=0)
+            rows.append(batched_row(engine, "batched", meter, [o.outputs[0].token_ids for o in outs],
+                                    time.perf_counter() - t0, **bench_kv.kv_fields(rt.stats())))
+            log(f"  {engine} batched: {rows[-1]['output_tok_s']:.1f} tok/s")
+    return rows  # the Runtime's memory goes with this frame (close() only stops its engine)
+
+
+def pagedrt_job(model, dtype, W, a, meter):
+    engine, rows = f"pagedrt {dtype}", []
+    if "latency" in W or "batched" in W:
+        rows += pagedrt_latency_batched(model, dtype, W, a, meter, engine)
+    if "mixed" in W or "waste" in W:
+        rows += bench_kv.mixed(model, dtype, *W.get("mixed", W.get("waste")), a, meter, engine, "waste" in W)
+    if "sharing" in W:
+        rows += bench_kv.sharing(model, dtype, *W["sharing"], a, meter, engine)
+    if "prefix" in W:
+        rows += bench_kv.prefix(model, dtype, *W["prefix"], a, meter, engine)
     return rows
 
 
 # ---- peers -----------------------------------------------------------------------------
-def transformers_runs(model, prompts_lat, new_lat, prompts_b, new_b, a):
+def transformers_job(model, _, W, a, meter):
     import torch
-    from transformers import AutoModelForCausalLM
+    import transformers
     torch.set_num_threads(a.threads)
-    m = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
-    rows, lat = [], []
+    meter.reset()
+    m = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    engine, rows = "transformers float32", []
     with torch.inference_mode():
-        for r in range(a.runs + 1):
-            start = time.perf_counter()
-            res = m(torch.tensor([prompts_lat[0]]), use_cache=True)
-            past, tok = res.past_key_values, res.logits[0, -1].argmax()
-            first = time.perf_counter()
-            for _ in range(new_lat[0] - 1):
-                res = m(tok.view(1, 1), past_key_values=past, use_cache=True)
+        if "latency" in W:
+            (prompt,), (new,) = W["latency"]
+            samples = []
+            for r in range(a.runs + 1):
+                start = time.perf_counter()
+                res = m(torch.tensor([prompt]), use_cache=True)
                 past, tok = res.past_key_values, res.logits[0, -1].argmax()
-            end = time.perf_counter()
-            if r:
-                lat.append((len(prompts_lat[0]) / (first - start), (new_lat[0] - 1) / (end - first), (first - start) * 1e3))
-            log(f"  transformers latency run {r}: decode {(new_lat[0] - 1) / (end - first):.1f} tok/s")
-        med = [statistics.median(x[i] for x in lat) for i in range(3)]
-        rows.append(row("transformers float32", "latency", new_lat[0], new_lat[0] / med[1], med[1], med[0], med[2]))
-        # batched: left-padded greedy generate over all prompts at once
-        width = max(len(p) for p in prompts_b)
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts_b])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts_b])
-        t0 = time.perf_counter()
-        m.generate(ids, attention_mask=mask, max_new_tokens=new_b[0], min_new_tokens=new_b[0], do_sample=False,
-                   pad_token_id=0)
-        secs = time.perf_counter() - t0
-        log(f"  transformers batched: {len(prompts_b) * new_b[0] / secs:.1f} tok/s")
-        rows.append(row("transformers float32", "batched", len(prompts_b) * new_b[0], secs))
+                first = time.perf_counter()
+                for _ in range(new - 1):
+                    res = m(tok.view(1, 1), past_key_values=past, use_cache=True)
+                    past, tok = res.past_key_values, res.logits[0, -1].argmax()
+                samples += [(first - start, time.perf_counter() - first)] if r else []
+                log(f"  transformers latency run {r}: decode {(new - 1) / (time.perf_counter() - first):.1f} tok/s")
+            rows.append(latency_row(engine, meter, samples, len(prompt), new))
+        if "batched" in W:  # left-padded greedy generate over all prompts at once
+            prompts, news = W["batched"]
+            width = max(len(p) for p in prompts)
+            ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+            meter.reset()
+            t0 = time.perf_counter()
+            out = m.generate(ids, attention_mask=mask, max_new_tokens=news[0], min_new_tokens=news[0],
+                             do_sample=False, pad_token_id=0)
+            rows.append(batched_row(engine, "batched", meter, out[:, width:].tolist(), time.perf_counter() - t0))
+            log(f"  transformers batched: {rows[-1]['output_tok_s']:.1f} tok/s")
+    for r in rows:
+        r["version"] = transformers.__version__
     return rows
 
 
-def ctranslate2_runs(model, prompts_lat, new_lat, prompts_b, new_b, a):
+def ctranslate2_job(model, _, W, a, meter):
     import ctranslate2
     from ctranslate2.converters import TransformersConverter
     rows = []
-    tok = pagedrt.Tokenizer.from_model_dir(model)
-    to_str = lambda ids: [tok._tok.id_to_token(i) if hasattr(tok, "_tok") else str(i) for i in ids]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "ct2"
         TransformersConverter(str(model)).convert(str(out), quantization="float32")
+        vocab = json.loads((out / "vocabulary.json").read_text())  # CTranslate2 takes token strings
+        to_str = lambda ids: [vocab[i] for i in ids]
         for ctype in ("float32", "int8"):
+            engine = f"ctranslate2 {ctype}"
+            meter.reset()
             gen = ctranslate2.Generator(str(out), device="cpu", compute_type=ctype, intra_threads=a.threads)
-            toks = [to_str(p) for p in prompts_lat]
-            lat = []
-            for r in range(a.runs + 1):
+            if "latency" in W:
+                (prompt,), (new,) = W["latency"]
+                samples = []
+                for r in range(a.runs + 1):
+                    t0 = time.perf_counter()
+                    gen.generate_batch([to_str(prompt)], max_length=1, include_prompt_in_result=False, sampling_topk=1)
+                    ttft = time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    gen.generate_batch([to_str(prompt)], max_length=new, min_length=new,
+                                       include_prompt_in_result=False, sampling_topk=1)
+                    samples += [(ttft, max(time.perf_counter() - t0 - ttft, 1e-9))] if r else []
+                rows.append(latency_row(engine, meter, samples, len(prompt), new))
+                log(f"  {engine} latency: decode {rows[-1]['decode_tok_s']:.1f} tok/s")
+            if "batched" in W:
+                prompts, news = W["batched"]
+                meter.reset()
                 t0 = time.perf_counter()
-                gen.generate_batch(toks, max_length=1, include_prompt_in_result=False, sampling_topk=1)
-                ttft = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                gen.generate_batch(toks, max_length=new_lat[0], min_length=new_lat[0],
-                                   include_prompt_in_result=False, sampling_topk=1)
-                total = time.perf_counter() - t0
-                if r:
-                    lat.append((len(prompts_lat[0]) / ttft, (new_lat[0] - 1) / max(total - ttft, 1e-9), ttft * 1e3))
-            med = [statistics.median(x[i] for x in lat) for i in range(3)]
-            log(f"  ctranslate2 {ctype} latency: decode {med[1]:.1f} tok/s")
-            rows.append(row(f"ctranslate2 {ctype}", "latency", new_lat[0], new_lat[0] / med[1], med[1], med[0], med[2]))
-            t0 = time.perf_counter()
-            gen.generate_batch([to_str(p) for p in prompts_b], max_length=new_b[0], min_length=new_b[0],
-                               include_prompt_in_result=False, sampling_topk=1, max_batch_size=len(prompts_b))
-            secs = time.perf_counter() - t0
-            log(f"  ctranslate2 {ctype} batched: {len(prompts_b) * new_b[0] / secs:.1f} tok/s")
-            rows.append(row(f"ctranslate2 {ctype}", "batched", len(prompts_b) * new_b[0], secs))
+                res = gen.generate_batch([to_str(p) for p in prompts], max_length=news[0], min_length=news[0],
+                                         include_prompt_in_result=False, sampling_topk=1,
+                                         max_batch_size=len(prompts))
+                rows.append(batched_row(engine, "batched", meter, [r.sequences_ids[0] for r in res],
+                                        time.perf_counter() - t0))
+                log(f"  {engine} batched: {rows[-1]['output_tok_s']:.1f} tok/s")
+            del gen
+    for r in rows:
+        r["version"] = ctranslate2.__version__
     return rows
 
 
-def llamacpp_runs(gguf, prompts_lat, new_lat, a, label):
+def llamacpp_batched(gguf, prompts, news, a, layout, label):
+    """Greedy continuous batching through llama.cpp's batch API: every prompt in
+    its own sequence (seq_id = its index) is prefilled n_batch tokens per
+    llama_decode, logits kept only for each prompt's last token; then each
+    llama_decode takes one token per live sequence, until each sequence has
+    generated exactly its max new tokens (eos ignored); a finished sequence's
+    cells are freed. layout "split": a KV stream per sequence, each of the
+    longest sequence's length (llama.cpp's default, kv_unified = false);
+    "unified": one buffer of n_ctx = the sum of the sequences' lengths.
+    Returns (outputs, seconds, n_ctx, peak cells in use)."""
+    import llama_cpp as L
+    import numpy as np
+    n, lens = len(prompts), [len(p) + k for p, k in zip(prompts, news)]
+    model = L.llama_model_load_from_file(str(gguf).encode(), L.llama_model_default_params())
+    n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
+    cp = L.llama_context_default_params()
+    cp.n_ctx = sum(lens) if layout == "unified" else n * max(lens)
+    cp.kv_unified, cp.n_seq_max = layout == "unified", n
+    cp.n_batch = max(n, min(2048, sum(len(p) for p in prompts)))
+    cp.n_ubatch = min(cp.n_batch, 512)
+    cp.n_threads = cp.n_threads_batch = a.threads
+    cp.no_perf = True
+    ctx = L.llama_init_from_model(model, cp)
+    if not ctx:
+        L.llama_model_free(model)
+        raise RuntimeError(f"llama.cpp could not make a context for {n} sequences, n_ctx {cp.n_ctx}")
+    mem, n_ctx = L.llama_get_memory(ctx), L.llama_n_ctx(ctx)
+    batch = L.llama_batch_init(cp.n_batch, 0, 1)
+    argmax = lambda i: int(np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, i), shape=(n_vocab,)).argmax())
+
+    def decode(items):  # items: (seq, pos, token, want logits)
+        for i, (s, pos, t, want) in enumerate(items):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = t, pos, 1, want
+            batch.seq_id[i][0] = s
+        batch.n_tokens = len(items)
+        rc = L.llama_decode(ctx, batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+        for i, (s, _, _, want) in enumerate(items):
+            if want:
+                out[s].append(argmax(i))
+
+    out, peak_used, tick = [[] for _ in range(n)], 0, time.perf_counter()
+    try:
+        t0 = time.perf_counter()
+        flat = [(s, pos, t, pos == len(p) - 1) for s, p in enumerate(prompts) for pos, t in enumerate(p)]
+        for c in range(0, len(flat), cp.n_batch):
+            decode(flat[c:c + cp.n_batch])
+        live = [s for s in range(n) if len(out[s]) < news[s]]
+        while live:
+            decode([(s, len(prompts[s]) + len(out[s]) - 1, out[s][-1], True) for s in live])
+            peak_used = max(peak_used, sum(len(prompts[s]) + len(out[s]) - 1 for s in live))
+            for s in live:
+                if len(out[s]) == news[s]:
+                    L.llama_memory_seq_rm(mem, s, -1, -1)
+            live = [s for s in live if len(out[s]) < news[s]]
+            if time.perf_counter() - tick > 1:
+                tick = time.perf_counter()
+                bench_kv.progress(f"  {label}: {n - len(live)}/{n} sequences done, {len(live)} live, "
+                                  f"{tick - t0:.0f} s")
+        secs = time.perf_counter() - t0
+    finally:
+        L.llama_batch_free(batch)
+        L.llama_free(ctx)
+        L.llama_model_free(model)
+    bench_kv.progress(f"  {label}: {sum(news)} tokens in {secs:.1f} s", end=True)
+    return out, secs, n_ctx, peak_used
+
+
+_quiet = None
+# split reads every stream up to the longest sequence at each decode step, unified attends over
+# every prompt at prefill: on 2 cores split was 2x faster on batched, unified 1.4x on mixed
+AUTO_KV = {"batched": "split", "mixed": "unified"}
+
+
+def llamacpp_job(model, gguf_type, W, a, meter):
+    import llama_cpp
     from llama_cpp import Llama
-    llm = Llama(model_path=str(gguf), n_threads=a.threads, n_ctx=1024, verbose=False)
-    lat = []
-    for r in range(a.runs + 1):
-        llm.reset()
-        start = time.perf_counter()
-        first, n = None, 0
-        for tok in llm.generate(prompts_lat[0], temp=0.0, top_k=1, reset=True):
-            n += 1
-            first = first or time.perf_counter()
-            if n == new_lat[0]:
-                break
-        end = time.perf_counter()
-        if r:
-            lat.append((len(prompts_lat[0]) / (first - start), (n - 1) / (end - first), (first - start) * 1e3))
-        log(f"  llama.cpp {label} latency run {r}: decode {(n - 1) / (end - first):.1f} tok/s")
-    med = [statistics.median(x[i] for x in lat) for i in range(3)]
-    return [row(f"llama.cpp {label}", "latency", new_lat[0], new_lat[0] / med[1], med[1], med[0], med[2])]
+    global _quiet
+    _quiet = llama_cpp.llama_log_callback(lambda level, text, data: None)
+    llama_cpp.llama_log_set(_quiet, None)
+    gguf, engine, rows = gguf_path(gguf_type), f"llama.cpp {gguf_type.upper()}", []
+    load = lambda: Llama(model_path=str(gguf), n_threads=a.threads, n_ctx=2048, verbose=False)
+    if "latency" in W:
+        (prompt,), (new,) = W["latency"]
+        meter.reset()
+        llm = load()
+        samples = []
+        for r in range(a.runs + 1):
+            llm.reset()  # else generate() reuses the previous run's prompt from its KV cache
+            start, first, n = time.perf_counter(), None, 0
+            for _ in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+                n += 1
+                first = first or time.perf_counter()
+                if n == new:
+                    break
+            samples += [(first - start, time.perf_counter() - first)] if r else []
+            log(f"  {engine} latency run {r}: decode {(n - 1) / (time.perf_counter() - first):.1f} tok/s")
+        rows.append(latency_row(engine, meter, samples, len(prompt), new))
+        del llm  # (a second mapping of the weights would count twice in the next runs' RSS)
+    for wl in [w for w in ("batched", "mixed") if w in W or (w == "mixed" and "waste" in W)]:
+        prompts, news = W.get(wl) or W["waste"]
+        for layout in a.llamacpp_kv.split(",") if a.llamacpp_kv != "auto" else [AUTO_KV[wl]]:
+            meter.reset()
+            outs, secs, n_ctx, used = llamacpp_batched(gguf, prompts, news, a, layout, f"{engine} {wl}")
+            row = batched_row(engine, wl, meter, outs, secs, kv_slots_reserved=n_ctx, waste_at_peak=1 - used / n_ctx)
+            row["variant"] = f"{layout} KV, n_ctx {n_ctx}"
+            rows.append(row)
+            log(f"  {engine} {wl} ({row['variant']}): {row['output_tok_s']:.1f} tok/s")
+            if wl == "mixed" and "waste" in W:
+                rows.append(dict(engine=engine, workload="waste", variant=f"n_ctx reserved ({row['variant']})",
+                                 waste_at_peak=row["waste_at_peak"], kv_slots_reserved=n_ctx,
+                                 peak_rss_mb=row["peak_rss_mb"]))
+            if wl == "batched":  # the batch API's greedy tokens against the high-level API's
+                llm = load()
+                ref = [next_tokens(llm, p, len(h)) for p, h in zip(prompts, row["head"])]
+                del llm
+                row["matches_high_level"] = ref == row["head"]
+                if ref != row["head"]:
+                    log(f"  WARNING {engine}: batch API greedy tokens {row['head']} != high-level API's {ref}")
+    for r in rows:
+        r["version"] = llama_cpp.__version__
+    return rows
+
+
+def next_tokens(llm, prompt, k):
+    """The high-level API's first k greedy tokens."""
+    out = []
+    llm.reset()
+    for t in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+        out.append(t)
+        if len(out) == k:
+            break
+    return out
+
+
+def gguf_path(gguf_type):
+    """The shipped Q4_1 GGUF, or its re-encoding (tools/make_gguf.py), made once."""
+    from pagedrt.models import _default_gguf, cache_root
+    if gguf_type == "q4_1":
+        return _default_gguf()
+    path = cache_root().parent / "gguf" / f"SmolLM2-135M-Instruct-{gguf_type}.gguf"
+    if not path.is_file():
+        import make_gguf
+        path.parent.mkdir(parents=True, exist_ok=True)
+        make_gguf.main(["--type", gguf_type, "--out", str(path)])
+    return path
+
+
+JOBS = {"pagedrt": pagedrt_job, "transformers": transformers_job, "ctranslate2": ctranslate2_job,
+        "llama.cpp": llamacpp_job}
+PEERS = {"transformers": ("transformers", ("latency", "batched")),      # peer: (module, its workloads)
+         "ctranslate2": ("ctranslate2", ("latency", "batched")),
+         "llama.cpp": ("llama_cpp", ("latency", "batched", "mixed", "waste"))}
 
 
 # ---- report ----------------------------------------------------------------------------
-def check_schema(rows):
-    for r in rows:
-        for k, t in SCHEMA.items():
-            assert k in r and isinstance(r[k], t), (k, r)
+BASE = {"engine": str, "workload": str, "variant": (str, type(None)), "peak_rss_mb": float}
+SCHEMA = {"latency": {"output_tok_s": float, "decode_tok_s": float, "prefill_tok_s": float, "ttft_ms": float},
+          "batched": {"output_tok_s": float, "seconds": float, "output_tokens": int},
+          "mixed": {"output_tok_s": float, "seconds": float, "output_tokens": int},
+          "sharing": {"output_tok_s": float, "kv_blocks_peak": int, "kv_blocks_logical_peak": int,
+                      "saving": float, "vs_n1": float},
+          "prefix": {"output_tok_s": float, "seconds": float, "hit_rate": float, "prompt_tokens_computed": int},
+          "waste": {"waste_at_peak": float}}
+MEMORY = {"kv_blocks_peak": int, "kv_slots_reserved": int, "waste_at_peak": float}  # every pagedrt run
+
+RSS = ("peak RSS MB", "peak_rss_mb", "f0")
+COLUMNS = {  # workload: (header, key, format) after engine [and variant]
+    "latency": [("decode tok/s", "decode_tok_s", "f1"), ("prefill tok/s", "prefill_tok_s", "f1"),
+                ("TTFT ms", "ttft_ms", "f1"), RSS],
+    "batched": [("output tok/s", "output_tok_s", "f1"), ("seconds", "seconds", "f1"),
+                ("KV slots", "kv_slots_reserved", "int"), ("waste", "waste_at_peak", "pct"), RSS,
+                ("greedy = {ref}", "greedy_match", "str"), ("= high-level API", "matches_high_level", "str")],
+    "mixed": [("output tok/s", "output_tok_s", "f1"), ("seconds", "seconds", "f1"),
+              ("KV slots", "kv_slots_reserved", "int"), ("waste", "waste_at_peak", "pct"),
+              ("preemptions", "preemptions", "int"), RSS],
+    "sharing": [("peak blocks", "kv_blocks_peak", "int"), ("w/o sharing", "kv_blocks_logical_peak", "int"),
+                ("saved", "saving", "pct"), ("vs n=1", "vs_n1", "x"), ("copies", "copies", "int"),
+                ("output tok/s", "output_tok_s", "f1"), RSS],
+    "prefix": [("hit rate", "hit_rate", "pct"), ("prompt tok computed", "prompt_tokens_computed", "int"),
+               ("seconds", "seconds", "f1"), ("output tok/s", "output_tok_s", "f1"), RSS],
+    "waste": [("waste at peak", "waste_at_peak", "pct"), ("KV slots", "kv_slots_reserved", "int")],
+}
+
+
+TITLES = {
+    "latency": "batch 1, {prompt_len}-token prompt, {new} new, greedy, eos ignored, median of {runs}",
+    "batched": "{count} prompts of {lo}-{hi} tokens, {new} new each, all at once",
+    "mixed": "{count} requests, input median {in_median} (max {in_max}), output median {out_median} "
+             "(max {out_max}), all at once",
+    "sharing": "{prompts} prompts of {prompt_len} tokens, {new} new per sequence",
+    "prefix": "{requests} requests: one {prefix_len}-token system prompt + {suffix_len} own tokens, {new} new each",
+    "waste": "1 - token slots in use / slots allocated, at the peak of the mixed workload",
+}
+
+
+FORMATS = {"f1": "{:,.1f}", "f0": "{:,.0f}", "int": "{:,}", "pct": "{:.1%}", "x": "{:.2f}x", "str": "{}"}
+
+
+def fmt(v, kind):
+    return "-" if v is None else FORMATS[kind].format(v)
+
+
+def print_tables(rows, size, runs, ref):
+    """One table per workload; columns from COLUMNS."""
+    for wl, cols in COLUMNS.items():
+        rs = [r for r in rows if r["workload"] == wl]
+        if not rs:
+            continue
+        cols = [c for c in cols if any(r.get(c[1]) is not None for r in rs)]  # none of these engines has it
+        var = any(r.get("variant") for r in rs)
+        head = ["engine"] + ["variant"] * var + [h.format(ref=ref) for h, _, _ in cols]
+        body = [[r["engine"]] + [r.get("variant") or ""] * var + [fmt(r.get(k), f) for _, k, f in cols] for r in rs]
+        widths = [max(len(line[i]) for line in [head] + body) for i in range(len(head))]
+        print(f"\n{wl}: " + TITLES[wl].format(runs=runs, **size["mixed" if wl == "waste" else wl]))
+        for line in [head] + body:
+            print("  " + "  ".join(c.ljust(w) if i <= var else c.rjust(w)
+                                   for i, (c, w) in enumerate(zip(line, widths))))
 
 
 def plot(rows, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, (wl, key, title) in zip(axes, [("latency", "decode_tok_s", "batch-1 decode tok/s"),
-                                          ("batched", "output_tok_s", "batched output tok/s")]):
+    panels = [(wl, key, t) for wl, key, t in [
+        ("latency", "decode_tok_s", "batch-1 decode tok/s"), ("batched", "output_tok_s", "batched output tok/s"),
+        ("mixed", "output_tok_s", "mixed output tok/s"), ("sharing", "kv_blocks_peak", "sharing: peak KV blocks"),
+        ("prefix", "output_tok_s", "shared prefix: output tok/s"), ("waste", "waste_at_peak", "waste at peak")]
+        if any(r["workload"] == wl for r in rows)]
+    cols = min(3, len(panels))
+    rows_n = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(5.5 * cols, 4.5 * rows_n), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (wl, key, t) in zip(axes.flat, panels):
         rs = [r for r in rows if r["workload"] == wl]
-        ax.barh([r["engine"] for r in rs], [r[key] for r in rs],
+        ax.barh([r["engine"] + (f"\n{r['variant']}" if r.get("variant") else "") for r in rs],
+                [r.get(key) or 0 for r in rs],
                 color=["tab:blue" if r["engine"].startswith("pagedrt") else "tab:gray" for r in rs])
-        ax.set_title(title)
+        ax.set_title(t)
+        ax.tick_params(axis="y", labelsize=7)
         ax.invert_yaxis()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
-def main(argv=None):
+def check_schema(rows, selected):
+    for wl in selected:
+        assert any(r["workload"] == wl for r in rows), f"no row for workload {wl}"
+    for r in rows:
+        spec = {**BASE, **SCHEMA[r["workload"]]}
+        if r["engine"].startswith("pagedrt") and r["workload"] != "waste":
+            spec.update(MEMORY)
+        for k, t in spec.items():
+            assert k in r and isinstance(r[k], t), (k, r)
+
+
+def greedy_matches(rows):
+    """Batched rows: how many of the first HEAD greedy tokens (first two prompts)
+    equal the reference engine's (pagedrt float32 if it ran)."""
+    bat = [r for r in rows if r["workload"] == "batched" and r.get("head")]
+    ref = next((r for r in bat if r["engine"] == "pagedrt float32"), bat[0] if bat else None)
+    for r in bat:
+        same = min(next((i for i, (x, y) in enumerate(zip(h, g)) if x != y), min(len(h), len(g)))
+                   for h, g in zip(r["head"], ref["head"]))
+        r["greedy_match"] = f"{same}/{min(len(h) for h in ref['head'])}"
+    return ref["engine"] if ref else ""
+
+
+# ---- driver ----------------------------------------------------------------------------
+def plan(a, selected):
+    """(engine, option, workloads) per process to start."""
+    jobs = []
+    for i, dtype in enumerate(filter(None, a.dtypes.split(","))):
+        wl = [w for w in selected if w in ("latency", "batched", "mixed") or (i == 0 and w in bench_kv.KV)]
+        jobs += [("pagedrt", dtype, wl)] if wl else []
+    for name in filter(None, a.peers.split(",")):
+        if name not in PEERS:
+            raise SystemExit(f"unknown peer {name!r}; have {','.join(PEERS)}")
+        module, supported = PEERS[name]
+        wl = [w for w in selected if w in supported]
+        if not wl:
+            continue
+        if not importlib.util.find_spec(module):
+            log(f"skipping {name}: not installed (pip install {module.replace('_', '-')})")
+        elif name == "llama.cpp" and a.model is not None:
+            log("skipping llama.cpp: its GGUF files are the default model's")
+        else:
+            jobs += [(name, t, wl) for t in (a.gguf_types.split(",") if name == "llama.cpp" else [""])]
+    return jobs
+
+
+def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None)
+    p.add_argument("--model", default=None, help="model folder or .gguf (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--workloads", default=",".join(workloads.NAMES), help="comma list (default: all)")
+    p.add_argument("--size", default="cpu", choices=sorted(workloads.SIZES), help="request counts and lengths")
+    p.add_argument("--set", action="append", default=[], metavar="WL.KEY=N",
+                   help="override one size, e.g. --set mixed.count=100 (repeatable)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--dtypes", default="bfloat16,float32")
+    p.add_argument("--runs", type=int, default=3, help="timed latency runs (after one warm-up)")
+    p.add_argument("--dtypes", default="bfloat16,float32", help="pagedrt weight dtypes")
     p.add_argument("--peers", default="llama.cpp,ctranslate2,transformers")
     p.add_argument("--gguf-types", default="q4_1,f16,bf16", help="llama.cpp weights to run")
-    p.add_argument("--tiny", action="store_true", help="a tiny random model, small workloads, pagedrt only")
+    p.add_argument("--llamacpp-kv", default="auto", help="llama.cpp KV layout for batched/mixed: split (a "
+                   "stream per sequence, llama.cpp's default), unified (n_ctx = sum of lengths), split,unified "
+                   "(both), auto (the faster one here: split for batched, unified for mixed)")
+    p.add_argument("--kv-cache-mib", type=int, default=2048, help="pagedrt's KV pool for mixed/sharing/prefix")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="pagedrt's for mixed/sharing/prefix")
+    p.add_argument("--tiny", action="store_true", help="a tiny random model, tiny sizes, pagedrt only (CI)")
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None, help="PNG path")
-    a = p.parse_args(argv)
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def worker(a):
+    engine, _, opt = a.worker.partition(":")
+    model = pagedrt.resolve_model(a.model)
+    tok = pagedrt.Tokenizer.from_model_dir(model)
+    size = workloads.sizes(a.size, a.set)
+    W = {w: workloads.build(w, size, tok, tok.vocab_size) for w in a.workloads.split(",")}
+    Path(a.worker_out).write_text(json.dumps(JOBS[engine](model, opt, W, a, Meter())))
+
+
+def cpu_name():
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor()
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a = parser().parse_args(argv)
+    if a.worker:
+        return worker(a)
+    selected = [w for w in workloads.NAMES if w in a.workloads.split(",")]
+    if unknown := set(a.workloads.split(",")) - set(workloads.NAMES):
+        raise SystemExit(f"unknown workloads {sorted(unknown)}; have {','.join(workloads.NAMES)}")
     tmp = None
     if a.tiny:
         tmp = tempfile.TemporaryDirectory()
@@ -222,46 +554,53 @@ def main(argv=None):
         from conftest import make_tiny_llama, train_sentencepiece
         model, _ = make_tiny_llama(Path(tmp.name) / "tiny", vocab_size=400)
         train_sentencepiece(model)
-        a.peers, a.runs = "", 1
+        a.peers, a.runs, a.size = "", 1, "tiny"
     else:
         model = pagedrt.resolve_model(a.model)
-    tok = pagedrt.Tokenizer.from_model_dir(model)
-    pl, nl = workloads.latency(tok, 32, 16 if a.tiny else 128)
-    pb, nb = workloads.batched(tok, tok.vocab_size, 4 if a.tiny else 32, 64, 200, 8 if a.tiny else 128)
-    log(f"model {model.name}, {a.threads} threads")
-    rows = pagedrt_runs(model, pl, nl, pb, nb, a)
-    peers = set(filter(None, a.peers.split(",")))
-    if "transformers" in peers and importlib.util.find_spec("transformers"):
-        rows += transformers_runs(model, pl, nl, pb, nb, a)
-    if "ctranslate2" in peers and importlib.util.find_spec("ctranslate2"):
-        rows += ctranslate2_runs(model, pl, nl, pb, nb, a)
-    if "llama.cpp" in peers and importlib.util.find_spec("llama_cpp") and a.model is None:
-        from pagedrt.models import _default_gguf, cache_root
-        import make_gguf
-        for t in a.gguf_types.split(","):
-            gguf_path = _default_gguf()
-            if t != "q4_1":  # the shipped weights re-encoded unquantized (tools/make_gguf.py), once
-                gguf_path = cache_root().parent / "gguf" / f"SmolLM2-135M-Instruct-{t}.gguf"
-                if not gguf_path.is_file():
-                    gguf_path.parent.mkdir(parents=True, exist_ok=True)
-                    make_gguf.main(["--type", t, "--out", str(gguf_path)])
-            rows += llamacpp_runs(gguf_path, pl, nl, a, t.upper())
-    check_schema(rows)
+    size = workloads.sizes(a.size, a.set)
+    jobs = plan(a, selected)
+    for t in {opt for engine, opt, _ in jobs if engine == "llama.cpp"}:
+        gguf_path(t)  # made here, once, not inside a timed job
+    rows, errors, covered, t_start, load_start = [], [], set(), time.perf_counter(), os.getloadavg()
+    for k, (engine, opt, wl) in enumerate(jobs, 1):
+        label = f"{engine} {opt}".strip()
+        log(f"[{k}/{len(jobs)}] {label}: {', '.join(wl)}  ({time.perf_counter() - t_start:.0f} s so far)")
+        with tempfile.TemporaryDirectory() as d:
+            out = Path(d) / "rows.json"
+            cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--model", str(model), "--size", a.size,
+                   "--runs", str(a.runs), "--workloads", ",".join(wl), "--worker", f"{engine}:{opt}",
+                   "--worker-out", str(out)]
+            rc = subprocess.run(cmd).returncode
+            if rc == 0 and out.is_file():
+                rows += json.loads(out.read_text())
+                covered.update(wl)
+            elif engine == "pagedrt":
+                raise SystemExit(f"{label} failed (exit status {rc})")
+            else:
+                errors.append(f"{label}: exit status {rc}")
+                log(f"  {label} failed (exit status {rc}); going on without it")
+    seconds = time.perf_counter() - t_start
+    rows = [r for r in rows if r["workload"] in selected]
+    ref = greedy_matches(rows)
+    check_schema(rows, [w for w in selected if w in covered])
 
-    print(f"\n{model.name} on {platform.machine()}, {a.threads} threads, {date.today()} (median of {a.runs})")
-    print(f"{'engine':<24} {'decode tok/s':>13} {'prefill tok/s':>14} {'TTFT ms':>8} {'batched tok/s':>14}")
-    engines = dict.fromkeys(r["engine"] for r in rows)
-    for e in engines:
-        lat = next((r for r in rows if r["engine"] == e and r["workload"] == "latency"), None)
-        bat = next((r for r in rows if r["engine"] == e and r["workload"] == "batched"), None)
-        f = lambda v, w: f"{v:>{w}.1f}" if v is not None else f"{'-':>{w}}"
-        print(f"{e:<24} {f(lat and lat['decode_tok_s'], 13)} {f(lat and lat['prefill_tok_s'], 14)} "
-              f"{f(lat and lat['ttft_ms'], 8)} {f(bat and bat['output_tok_s'], 14)}")
-    first = next(r.get("load_to_first_token_s") for r in rows if "load_to_first_token_s" in r)
-    print(f"Runtime() to first token (converted model): {first:.2f} s")
+    print(f"\n{model.name} on {platform.machine()} ({cpu_name()}), {a.threads} threads, {date.today()}, "
+          f"sizes \"{a.size}\"{' ' + ' '.join(a.set) if a.set else ''}")
+    print_tables(rows, size, a.runs, ref)
+    first = next((r["load_to_first_token_s"] for r in rows if "load_to_first_token_s" in r), None)
+    if first is not None:
+        print(f"\nRuntime() to first token (converted model): {first:.2f} s")
+    print(f"{len(jobs)} engine runs in {seconds:.0f} s" + "".join(f"\nFAILED: {e}" for e in errors))
+    load = os.getloadavg()
+    if max(load_start[0], load[1]) > a.threads + 1:  # this run alone keeps it near --threads
+        print(f"WARNING: load average {load_start[0]:.1f} at the start, {load[1]:.1f} over the last 5 minutes "
+              f"with {a.threads} threads here: another process was running, so the timings are not reliable")
     if a.json:
-        Path(a.json).write_text(json.dumps(dict(model=model.name, threads=a.threads, date=str(date.today()),
-                                                machine=platform.machine(), rows=rows), indent=2))
+        Path(a.json).write_text(json.dumps(dict(
+            model=model.name, threads=a.threads, date=str(date.today()), machine=platform.machine(), cpu=cpu_name(),
+            size=a.size, sizes=size, workloads=selected, args=vars(a), seconds=seconds, errors=errors,
+            loadavg_start=load_start, loadavg_end=load, rows=rows),
+            indent=2))
     if a.plot and importlib.util.find_spec("matplotlib"):
         plot(rows, a.plot)
     if tmp:

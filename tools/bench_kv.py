@@ -1,162 +1,166 @@
 #!/usr/bin/env python3
-"""KV-cache benchmarks: memory waste at the peak of a mixed-length workload, and
-a shared system prompt with the prefix cache on and off.
+"""pagedrt's KV-cache workloads for tools/bench.py: mixed (with waste at its
+peak), sharing and shared prefix. Run them through bench.py; this file as a
+command is a shortcut for
 
-    python tools/bench_kv.py                         # SmolLM2-135M on the CPU, defaults below
-    python tools/bench_kv.py --requests 200 --prefix-requests 200 --json kv.json
+    python tools/bench.py --workloads mixed,waste,sharing,prefix --peers "" [more bench.py options]
 
-waste: all requests are submitted at once; input and output lengths are drawn
-(fixed seed) from log-normal distributions with long tails (medians --in-median
-and --out-median, clipped at --in-max / --out-max), eos ignored. While the
-engine runs, stats are sampled; at the sample where KV blocks in use peak we
-report pagedrt's waste (1 - token slots in use / slots in allocated blocks) and,
-for the same running requests at that instant, what a contiguous allocator
-would waste reserving prompt + max_tokens per request (the best a
-pre-allocating system can do) and max_model_len per request (what the vLLM
-paper calls prior systems' practice).
+mixed/waste: all requests at once; while the engine runs its stats are
+sampled, and at the sample where KV blocks in use peak we take pagedrt's waste
+(1 - token slots in use / slots in allocated blocks) and, for the same running
+requests at that instant, what a contiguous allocator would waste reserving
+prompt + max_tokens per request (the best a pre-allocating system can do) and
+max_model_len per request (what the vLLM paper calls prior systems' practice).
 
-prefix: --prefix-requests requests = one --prefix-len-token system prompt + a
-distinct --suffix-len-token question each, --prefix-new tokens generated; run
-with enable_prefix_caching on and off; reports hit rate and throughput.
+sharing: n = 1, n = 4 parallel samples (forked after the prompt), the same
+outputs as 4 independent requests per prompt (no fork, no prefix cache), and
+beam width 4. "Without sharing" is the peak of the live sequences' block
+tables summed (each sequence owning its blocks); the saving is 1 - physical /
+logical, the figure the PagedAttention paper reports (6-30% for parallel
+sampling, 37-66% for beam search).
+
+prefix: the first request runs alone (a warm cache, as in a long-running
+service), then the others at once; prefix cache on and off.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
-from datetime import date
-
-import numpy as np
 
 import pagedrt
 
-
-def progress(msg):
-    print(f"\r\x1b[K{msg}" if sys.stderr.isatty() else msg, end="" if sys.stderr.isatty() else "\n",
-          file=sys.stderr, flush=True)
+KV = ("sharing", "prefix", "waste")  # the workloads that depend on the KV cache, not on the weights
 
 
-def lognormal(rng, median, sigma, lo, hi, n):
-    return np.clip(np.round(rng.lognormal(np.log(median), sigma, n)), lo, hi).astype(int)
+_last = [0.0]
 
 
-def waste_run(model, a):
-    rng = np.random.default_rng(0)
-    ins = lognormal(rng, a.in_median, 1.0, 4, a.in_max, a.requests)
-    outs = lognormal(rng, a.out_median, 1.0, 1, a.out_max, a.requests)
-    with pagedrt.Runtime(model, device="cpu", num_threads=a.threads, max_num_seqs=a.max_num_seqs,
-                         kv_cache_bytes=a.kv_cache_mib << 20) as rt:
-        vocab = rt.model_info.vocab_size
+def progress(msg, end=False):
+    """One updating status line on a terminal; elsewhere a line every 10 s and each run's last."""
+    if sys.stderr.isatty():
+        print(f"\r\x1b[K{msg}", end="\n" if end else "", file=sys.stderr, flush=True)
+    elif end or time.monotonic() - _last[0] > 10:
+        _last[0] = time.monotonic()
+        print(msg, file=sys.stderr, flush=True)
+
+
+def runtime(model, dtype, a, **kw):
+    return pagedrt.Runtime(model, device="cpu", dtype=dtype, num_threads=a.threads,
+                           kv_cache_bytes=a.kv_cache_mib << 20, max_num_seqs=a.max_num_seqs, **kw)
+
+
+def drain(rt, ids, label, on_events=None):
+    """Polls until every request in `ids` finished; returns the output tokens seen."""
+    left, tokens, t0 = set(ids), 0, time.perf_counter()
+    while left:
+        evs = rt.poll(timeout=0.05)
+        for ev in evs:
+            tokens += len(ev.token_ids)
+            if ev.request_finished:
+                left.discard(ev.request_id)
+        if on_events:
+            on_events(evs)
+        s = rt.stats()
+        progress(f"  {label}: {len(ids) - len(left)}/{len(ids)} requests, {s.blocks_used}/{s.num_blocks} "
+                 f"blocks, {time.perf_counter() - t0:.0f} s")
+    progress(f"  {label}: {len(ids)} requests, {tokens} tokens in {time.perf_counter() - t0:.1f} s", end=True)
+    return tokens
+
+
+def kv_fields(s):
+    """The memory columns every pagedrt row carries."""
+    return dict(kv_blocks_peak=s.peak_blocks_used, kv_slots_reserved=s.peak_blocks_used * s.block_size,
+                waste_at_peak=s.waste_at_peak, preemptions=s.num_preemptions)
+
+
+def mixed(model, dtype, prompts, news, a, meter, engine, with_waste):
+    """Workload 3 row, plus workload 6's rows when `with_waste`."""
+    meter.reset()
+    with runtime(model, dtype, a) as rt:
         max_len = rt.model_info.max_model_len
-        ids = {}
-        for n_in, n_out in zip(ins, outs):
-            rid = rt.submit(rng.integers(100, vocab, size=int(n_in)).tolist(), max_tokens=int(n_out),
-                            ignore_eos=True, temperature=0)
-            ids[rid] = [int(n_in), int(n_out), 0, False]     # prompt, max_tokens, generated, finished
-        best, t0, done = None, time.perf_counter(), 0
-        while done < len(ids):
-            for ev in rt.poll(timeout=0.05):
-                r = ids[ev.request_id]
-                r[2] += len(ev.token_ids)
-                if ev.finished:
-                    r[3] = True
-                    done += 1
-            s = rt.stats()
-            if best is None or s.blocks_used > best["blocks_used"]:
-                live = [r for r in ids.values() if r[2] > 0 and not r[3]]
-                used = sum(r[0] + r[2] - 1 for r in live)  # tokens holding K/V
-                best = dict(blocks_used=s.blocks_used, waste=s.waste, running=s.num_running,
-                            contiguous_reserve_waste=1 - used / max(1, sum(r[0] + r[1] for r in live)),
-                            contiguous_max_len_waste=1 - used / max(1, len(live) * max_len))
-            progress(f"waste: {done}/{len(ids)} done, {s.blocks_used}/{s.num_blocks} blocks, "
-                     f"{s.tokens_per_s:.0f} tok/s")
-        s = rt.stats()
-        elapsed = time.perf_counter() - t0
-    progress("")
-    return dict(requests=a.requests, in_median=float(np.median(ins)), in_max=int(ins.max()),
-                out_median=float(np.median(outs)), out_max=int(outs.max()), num_blocks=s.num_blocks,
-                block_size=s.block_size, peak_blocks=s.peak_blocks_used, waste_at_peak=s.waste_at_peak,
-                preemptions=s.num_preemptions, sampled_peak=best, seconds=elapsed,
-                output_tok_s=int(outs.sum()) / elapsed)
-
-
-def prefix_run(model, a, enable):
-    rng = np.random.default_rng(1)
-    with pagedrt.Runtime(model, device="cpu", num_threads=a.threads, enable_prefix_caching=enable,
-                         kv_cache_bytes=a.kv_cache_mib << 20) as rt:
-        vocab = rt.model_info.vocab_size
-        system = rng.integers(100, vocab, size=a.prefix_len).tolist()
         t0 = time.perf_counter()
-        # The first request warms the cache, as a long-running service's would.
-        rt.generate([system + rng.integers(100, vocab, size=a.suffix_len).tolist()],
-                    max_tokens=a.prefix_new, ignore_eos=True, temperature=0)
-        ids = [rt.submit(system + rng.integers(100, vocab, size=a.suffix_len).tolist(),
-                         max_tokens=a.prefix_new, ignore_eos=True, temperature=0) for _ in range(a.prefix_requests - 1)]
-        left = set(ids)
-        while left:
-            for ev in rt.poll(timeout=0.05):
-                if ev.finished:
-                    left.discard(ev.request_id)
-            progress(f"prefix cache {'on' if enable else 'off'}: "
-                     f"{a.prefix_requests - len(left)}/{a.prefix_requests} done")
-        elapsed = time.perf_counter() - t0
+        reqs = {rt.submit(p, max_tokens=n, ignore_eos=True, temperature=0): [len(p), n, 0, False]
+                for p, n in zip(prompts, news)}   # prompt, max_tokens, generated, finished
+        best = {}
+
+        def sample(evs):
+            for ev in evs:
+                r = reqs[ev.request_id]
+                r[2] += len(ev.token_ids)
+                r[3] = r[3] or ev.finished
+            s = rt.stats()
+            if s.blocks_used > best.get("blocks_used", -1):
+                live = [r for r in reqs.values() if r[2] > 0 and not r[3]]
+                used = sum(r[0] + r[2] - 1 for r in live)  # tokens holding K/V
+                best.update(blocks_used=s.blocks_used, running=len(live),
+                            reserve=1 - used / max(1, sum(r[0] + r[1] for r in live)),
+                            max_len=1 - used / max(1, len(live) * max_len))
+
+        tokens = drain(rt, list(reqs), f"{engine} mixed", sample)
+        secs = time.perf_counter() - t0
         s = rt.stats()
-    progress("")
-    return dict(enable_prefix_caching=enable, seconds=elapsed,
-                hit_rate=s.prefix_hits / s.prefix_queries if s.prefix_queries else 0.0,
-                prompt_tokens_computed=s.prompt_tokens,
-                requests_per_s=a.prefix_requests / elapsed,
-                output_tok_s=a.prefix_requests * a.prefix_new / elapsed)
+    row = dict(engine=engine, workload="mixed", variant=None, output_tok_s=tokens / secs, seconds=secs,
+               output_tokens=tokens, peak_rss_mb=meter.peak(), **kv_fields(s))
+    if not with_waste:
+        return [row]
+    def waste(who, variant, w, slots=None):
+        return dict(engine=who, workload="waste", variant=variant, waste_at_peak=w, kv_slots_reserved=slots,
+                    peak_rss_mb=row["peak_rss_mb"])
+    return [row, waste(engine, "paged, blocks on demand", s.waste_at_peak, s.peak_blocks_used * s.block_size),
+            # what a pre-allocating runtime would waste for the same running requests at pagedrt's peak
+            waste("contiguous allocator", "prompt + max_tokens reserved", best.get("reserve", 0.0)),
+            waste("contiguous allocator", f"max_model_len ({max_len}) reserved", best.get("max_len", 0.0))]
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--kv-cache-mib", type=int, default=512)
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--requests", type=int, default=64)
-    p.add_argument("--in-median", type=int, default=200)
-    p.add_argument("--in-max", type=int, default=1500)
-    p.add_argument("--out-median", type=int, default=48)
-    p.add_argument("--out-max", type=int, default=400)
-    p.add_argument("--prefix-requests", type=int, default=32)
-    p.add_argument("--prefix-len", type=int, default=1024)
-    p.add_argument("--suffix-len", type=int, default=32)
-    p.add_argument("--prefix-new", type=int, default=16)
-    p.add_argument("--skip", default="", help="comma list of parts to skip: waste,prefix")
-    p.add_argument("--json", default=None)
-    a = p.parse_args(argv)
-    model = pagedrt.resolve_model(a.model)
-    skip = set(filter(None, a.skip.split(",")))
-    res = dict(model=model.name, date=str(date.today()), threads=a.threads)
-    if "waste" not in skip:
-        w = res["waste"] = waste_run(model, a)
-        sp = w["sampled_peak"]
-        print(f"\nwaste at peak ({w['requests']} requests, input median {w['in_median']:.0f} max "
-              f"{w['in_max']}, output median {w['out_median']:.0f} max {w['out_max']}, "
-              f"block {w['block_size']}):")
-        print(f"  {'allocator':<42} {'waste':>8}")
-        print(f"  {'pagedrt (paged, on demand)':<42} {100 * w['waste_at_peak']:>7.2f}%")
-        print(f"  {'contiguous, prompt + max_tokens reserved':<42} {100 * sp['contiguous_reserve_waste']:>7.2f}%")
-        print(f"  {'contiguous, max_model_len reserved':<42} {100 * sp['contiguous_max_len_waste']:>7.2f}%")
-        print(f"  peak {w['peak_blocks']} of {w['num_blocks']} blocks, {sp['running']} running, "
-              f"{w['preemptions']} preemptions, {w['output_tok_s']:.1f} output tok/s")
-    if "prefix" not in skip:
-        on, off = prefix_run(model, a, True), prefix_run(model, a, False)
-        res["prefix"] = [on, off]
-        print(f"\nshared prefix ({a.prefix_requests} requests, {a.prefix_len}-token system prompt + "
-              f"{a.suffix_len}, {a.prefix_new} new each):")
-        print(f"  {'prefix cache':<14} {'hit rate':>9} {'prompt tok computed':>20} {'req/s':>8} {'seconds':>8}")
-        for r in (on, off):
-            print(f"  {'on' if r['enable_prefix_caching'] else 'off':<14} {100 * r['hit_rate']:>8.1f}% "
-                  f"{r['prompt_tokens_computed']:>20} {r['requests_per_s']:>8.2f} {r['seconds']:>8.1f}")
-        print(f"  speed-up with the cache: {off['seconds'] / on['seconds']:.1f}x")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=2)
+def sharing(model, dtype, prompts, news, a, meter, engine):
+    """Workload 4: four modes on the same prompts; peak blocks against n = 1."""
+    common = dict(max_tokens=news[0], ignore_eos=True)
+    modes = [("n=1", 1, dict(n=1, temperature=1.0, seed=0), True),
+             ("n=4, forked after the prompt", 1, dict(n=4, temperature=1.0, seed=0), True),
+             ("n=4 as 4 requests, no prefix cache", 4, dict(temperature=1.0, seed=0), False),
+             ("beam width 4", 1, dict(beam_width=4, n=4), True)]
+    rows = [sharing_mode(model, dtype, prompts, a, meter, engine, variant, per_prompt, {**params, **common}, cache)
+            for variant, per_prompt, params, cache in modes]
+    for r in rows:
+        r["vs_n1"] = r["kv_blocks_peak"] / max(1, rows[0]["kv_blocks_peak"])
+    return rows
+
+
+def sharing_mode(model, dtype, prompts, a, meter, engine, variant, per_prompt, params, prefix_cache):
+    # one function per Runtime: its memory is freed when the frame goes (close() only stops the engine)
+    meter.reset()
+    with runtime(model, dtype, a, enable_prefix_caching=prefix_cache) as rt:
+        t0 = time.perf_counter()
+        ids = [rt.submit(p, **params) for p in prompts for _ in range(per_prompt)]
+        tokens = drain(rt, ids, f"{engine} sharing {variant}")
+        secs = time.perf_counter() - t0
+        s = rt.stats()
+    return dict(engine=engine, workload="sharing", variant=variant, output_tok_s=tokens / secs, seconds=secs,
+                output_tokens=tokens, peak_rss_mb=meter.peak(), kv_blocks_logical_peak=s.peak_blocks_logical,
+                copies=s.num_copies, saving=1 - s.peak_blocks_used / max(1, s.peak_blocks_logical), **kv_fields(s))
+
+
+def prefix(model, dtype, prompts, news, a, meter, engine):
+    """Workload 5: the same requests with the prefix cache on and off."""
+    return [prefix_mode(model, dtype, prompts, news[0], a, meter, engine, enable) for enable in (True, False)]
+
+
+def prefix_mode(model, dtype, prompts, new, a, meter, engine, enable):
+    meter.reset()
+    with runtime(model, dtype, a, enable_prefix_caching=enable) as rt:
+        t0 = time.perf_counter()
+        params = dict(max_tokens=new, ignore_eos=True, temperature=0)
+        rt.generate([prompts[0]], **params)      # warms the cache, as a long-running service's would
+        ids = [rt.submit(p, **params) for p in prompts[1:]]
+        drain(rt, ids, f"{engine} prefix cache {'on' if enable else 'off'}")
+        secs = time.perf_counter() - t0
+        s = rt.stats()
+    return dict(engine=engine, workload="prefix", variant=f"cache {'on' if enable else 'off'}",
+                output_tok_s=len(prompts) * new / secs, seconds=secs, output_tokens=len(prompts) * new,
+                peak_rss_mb=meter.peak(), prompt_tokens_computed=s.prompt_tokens,
+                hit_rate=s.prefix_hits / s.prefix_queries if s.prefix_queries else 0.0, **kv_fields(s))
 
 
 if __name__ == "__main__":
-    main()
+    import bench
+    bench.main(["--workloads", "mixed,waste,sharing,prefix", "--peers", "", *sys.argv[1:]])

@@ -1,12 +1,60 @@
-"""The benchmark workloads, defined once with fixed seeds (see ../shared PERFORMANCE.md
-in the project notes and docs/benchmarks.md). Each returns lists of prompt token ids
-and output lengths; no engine-specific code here."""
+"""The benchmark workloads (the project's PERFORMANCE.md list), defined once with
+fixed seeds. Each function returns prompt token ids and output lengths; no
+engine code here. SIZES holds the request counts and lengths per preset:
+
+    tiny   the CI mode (tools/bench.py --tiny): a tiny random model, seconds
+    cpu    SmolLM2-135M on 2 cores: the whole default run with peers in ~10 min
+    paper  the sizes PERFORMANCE.md states (a GPU's worth of work)
+
+    1 latency   batch 1, one prompt, `new` tokens, greedy, eos ignored
+    2 batched   `count` prompts of lo..hi tokens of text, `new` each, all at once
+    3 mixed     `count` requests, input and output lengths log-normal (long
+                tails, ShareGPT-like), random token ids, all at once
+    4 sharing   `prompts` prompts of `prompt_len` tokens: n = 1, n = 4, beam 4
+    5 prefix    `requests` requests = one `prefix_len` system prompt + their own
+                `suffix_len` tokens, `new` each, prefix cache on and off
+    6 waste     1 - token slots in use / slots allocated, at the peak of 3
+"""
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 
+NAMES = ("latency", "batched", "mixed", "sharing", "prefix", "waste")
+
+SIZES = {
+    "tiny": dict(latency=dict(prompt_len=32, new=16),
+                 batched=dict(count=4, lo=64, hi=200, new=8),
+                 mixed=dict(count=8, in_median=40, in_max=200, out_median=8, out_max=48),
+                 sharing=dict(prompts=2, prompt_len=64, new=8),
+                 prefix=dict(requests=4, prefix_len=128, suffix_len=8, new=4)),
+    "cpu": dict(latency=dict(prompt_len=32, new=128),          # as issue 8 states it
+                batched=dict(count=32, lo=64, hi=200, new=128),
+                mixed=dict(count=32, in_median=200, in_max=1500, out_median=48, out_max=400),
+                sharing=dict(prompts=8, prompt_len=512, new=32),
+                prefix=dict(requests=8, prefix_len=1024, suffix_len=32, new=16)),
+    "paper": dict(latency=dict(prompt_len=128, new=128),
+                  batched=dict(count=256, lo=512, hi=512, new=128),
+                  mixed=dict(count=1000, in_median=200, in_max=2000, out_median=200, out_max=2000),
+                  sharing=dict(prompts=64, prompt_len=512, new=128),
+                  prefix=dict(requests=200, prefix_len=1024, suffix_len=32, new=32)),
+}
+
 TEXT = ("The history of the printing press begins in the fifteenth century, when movable type "
         "changed how books were made, copied and sold across Europe. ")
+
+
+def sizes(preset: str, overrides=()) -> dict:
+    """SIZES[preset] with "workload.key=int" overrides applied."""
+    out = copy.deepcopy(SIZES[preset])
+    for item in overrides:
+        key, _, value = item.partition("=")
+        wl, _, field = key.partition(".")
+        if wl not in out or field not in out[wl]:
+            raise SystemExit(f"--set {item}: no such size (have {', '.join(f'{w}.{k}' for w in out for k in out[w])})")
+        out[wl][field] = int(value)
+    return out
 
 
 def text_prompt(tokenizer, n: int) -> list[int]:
@@ -22,8 +70,8 @@ def latency(tokenizer, prompt_len=32, new=128):
     return [text_prompt(tokenizer, prompt_len)], [new]
 
 
-def batched(tokenizer, vocab, count=32, lo=64, hi=200, new=128, seed=0):
-    """Workload 2 (as issue 8 states it): `count` prompts of lo..hi tokens, `new` each, submitted at once."""
+def batched(tokenizer, count=32, lo=64, hi=200, new=128, seed=0):
+    """Workload 2: `count` prompts of lo..hi tokens of text, `new` each, submitted at once."""
     rng = np.random.default_rng(seed)
     base = text_prompt(tokenizer, hi + 64)
     lens = rng.integers(lo, hi + 1, size=count)
@@ -31,9 +79,38 @@ def batched(tokenizer, vocab, count=32, lo=64, hi=200, new=128, seed=0):
     return [base[s:s + n] for s, n in zip(starts, lens)], [new] * count
 
 
-def mixed(vocab, count=1000, in_median=200, out_median=100, in_max=1500, out_max=800, seed=0):
-    """Workload 3: long-tailed lengths (ShareGPT-like), random token ids."""
+def lognormal(rng, median, lo, hi, n, sigma=1.0):
+    return np.clip(np.round(rng.lognormal(np.log(median), sigma, n)), lo, hi).astype(int)
+
+
+def mixed(vocab, count=1000, in_median=200, in_max=2000, out_median=200, out_max=2000, seed=0):
+    """Workload 3 (and 6): long-tailed lengths (log-normal, sigma 1), random token ids."""
     rng = np.random.default_rng(seed)
-    ins = np.clip(np.round(rng.lognormal(np.log(in_median), 1.0, count)), 4, in_max).astype(int)
-    outs = np.clip(np.round(rng.lognormal(np.log(out_median), 1.0, count)), 1, out_max).astype(int)
-    return [rng.integers(100, vocab, size=int(n)).tolist() for n in ins], outs.tolist()
+    ins = lognormal(rng, in_median, 4, in_max, count)
+    outs = lognormal(rng, out_median, 1, out_max, count)
+    return [rng.integers(100, vocab, size=int(n)).tolist() for n in ins], [int(n) for n in outs]
+
+
+def sharing(vocab, prompts=64, prompt_len=512, new=128, seed=0):
+    """Workload 4: `prompts` random prompts of `prompt_len` tokens, `new` tokens per sequence."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(100, vocab, size=prompt_len).tolist() for _ in range(prompts)], [new] * prompts
+
+
+def prefix(vocab, requests=200, prefix_len=1024, suffix_len=32, new=32, seed=1):
+    """Workload 5: one shared system prompt + a distinct suffix per request."""
+    rng = np.random.default_rng(seed)
+    system = rng.integers(100, vocab, size=prefix_len).tolist()
+    return [system + rng.integers(100, vocab, size=suffix_len).tolist() for _ in range(requests)], [new] * requests
+
+
+def build(name: str, size: dict, tokenizer, vocab: int):
+    """(prompts, max new tokens) of workload `name` ("waste" is the mixed workload's)."""
+    s = size["mixed" if name == "waste" else name]
+    if name == "latency":
+        return latency(tokenizer, **s)
+    if name == "batched":
+        return batched(tokenizer, **s)
+    if name in ("mixed", "waste"):
+        return mixed(vocab, **s)
+    return (sharing if name == "sharing" else prefix)(vocab, **s)
