@@ -220,7 +220,8 @@ def test_bf16_activations_match_a_bf16_rounding_reference(tiny_llama, case):
         assert rt.model_info.activation_dtype == "bfloat16"
         tokens, logits, _ = run_request(rt, prompt, max_tokens=6, ignore_eos=True, return_logits=True)
         blocks16 = rt.stats().num_blocks
-    with pagedrt.Runtime(path, device="cpu", kv_cache_bytes=8 << 20, block_size=4) as rt:
+    with pagedrt.Runtime(path, device="cpu", kv_cache_bytes=8 << 20, block_size=4,
+                         activation_dtype="float32") as rt:
         assert rt.model_info.activation_dtype == "float32"
         blocks32 = rt.stats().num_blocks
     assert blocks16 == 2 * blocks32
