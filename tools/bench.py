@@ -5,6 +5,8 @@
     python tools/bench.py --workloads latency,batched --peers llama.cpp --gguf-types f16
     python tools/bench.py --workloads sharing,prefix --set prefix.requests=32
     python tools/bench.py --tiny --json out.json                    # CI: tiny random model, pagedrt only
+    python tools/bench.py --device cuda --model DIR --size paper --workloads latency,batched
+                                      # a GPU: pagedrt CUDA (bf16) vs transformers bf16, same card
 
 Workloads (defined in tools/workloads.py with fixed seeds; sizes from --size,
 default "cpu": SmolLM2-135M on 2 cores, about 9 minutes with every peer):
@@ -80,7 +82,8 @@ def pagedrt_latency_batched(model, dtype, W, a, meter, engine):
     rows = []
     meter.reset()
     t0 = time.perf_counter()
-    with pagedrt.Runtime(model, device="cpu", dtype=dtype, num_threads=a.threads) as rt:
+    gpu = dict(max_num_seqs=256, max_num_batched_tokens=8192) if a.device == "cuda" else {}
+    with pagedrt.Runtime(model, device=a.device, dtype=dtype, num_threads=a.threads, **gpu) as rt:
         load = time.perf_counter() - t0
         if "latency" in W:
             (prompt,), (new,) = W["latency"]
@@ -108,6 +111,8 @@ def pagedrt_latency_batched(model, dtype, W, a, meter, engine):
             rows.append(batched_row(engine, "batched", meter, [o.outputs[0].token_ids for o in outs],
                                     time.perf_counter() - t0, **bench_kv.kv_fields(rt.stats())))
             log(f"  {engine} batched: {rows[-1]['output_tok_s']:.1f} tok/s")
+        for r in rows:
+            r.update(gpu_memory(a))
     return rows  # the Runtime's memory goes with this frame (close() only stops its engine)
 
 
@@ -124,42 +129,58 @@ def pagedrt_job(model, dtype, W, a, meter):
     return rows
 
 
+def gpu_memory(a):
+    """On the GPU: device memory this process holds now (the engine loaded), MB."""
+    if a.device != "cuda":
+        return {}
+    import torch
+    free, total = torch.cuda.mem_get_info()
+    return {"gpu_mem_mb": (total - free) / 2**20}
+
+
 # ---- peers -----------------------------------------------------------------------------
 def transformers_job(model, _, W, a, meter):
     import torch
     import transformers
     torch.set_num_threads(a.threads)
     meter.reset()
-    m = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
-    engine, rows = "transformers float32", []
+    cuda = a.device == "cuda"  # bf16 on the card (eager + SDPA), else fp32 on the CPU
+    dt = torch.bfloat16 if cuda else torch.float32
+    m = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=dt).eval().to(a.device)
+    engine, rows = f"transformers {'bfloat16' if cuda else 'float32'}", []
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     with torch.inference_mode():
         if "latency" in W:
             (prompt,), (new,) = W["latency"]
             samples = []
             for r in range(a.runs + 1):
                 start = time.perf_counter()
-                res = m(torch.tensor([prompt]), use_cache=True)
+                res = m(torch.tensor([prompt], device=a.device), use_cache=True)
                 past, tok = res.past_key_values, res.logits[0, -1].argmax()
+                sync()
                 first = time.perf_counter()
                 for _ in range(new - 1):
                     res = m(tok.view(1, 1), past_key_values=past, use_cache=True)
                     past, tok = res.past_key_values, res.logits[0, -1].argmax()
+                sync()
                 samples += [(first - start, time.perf_counter() - first)] if r else []
                 log(f"  transformers latency run {r}: decode {(new - 1) / (time.perf_counter() - first):.1f} tok/s")
             rows.append(latency_row(engine, meter, samples, len(prompt), new))
         if "batched" in W:  # left-padded greedy generate over all prompts at once
             prompts, news = W["batched"]
             width = max(len(p) for p in prompts)
-            ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+            ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=a.device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=a.device)
             meter.reset()
             t0 = time.perf_counter()
             out = m.generate(ids, attention_mask=mask, max_new_tokens=news[0], min_new_tokens=news[0],
                              do_sample=False, pad_token_id=0)
+            sync()
             rows.append(batched_row(engine, "batched", meter, out[:, width:].tolist(), time.perf_counter() - t0))
             log(f"  transformers batched: {rows[-1]['output_tok_s']:.1f} tok/s")
     for r in rows:
         r["version"] = transformers.__version__
+        r.update(gpu_memory(a))
     return rows
 
 
@@ -485,6 +506,9 @@ def plan(a, selected):
     for name in filter(None, a.peers.split(",")):
         if name not in PEERS:
             raise SystemExit(f"unknown peer {name!r}; have {','.join(PEERS)}")
+        if a.device == "cuda" and name != "transformers":
+            log(f"skipping {name} on --device cuda: a CPU engine")
+            continue
         module, supported = PEERS[name]
         wl = [w for w in selected if w in supported]
         if not wl:
@@ -505,6 +529,9 @@ def parser():
     p.add_argument("--size", default="cpu", choices=sorted(workloads.SIZES), help="request counts and lengths")
     p.add_argument("--set", action="append", default=[], metavar="WL.KEY=N",
                    help="override one size, e.g. --set mixed.count=100 (repeatable)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cuda: pagedrt's CUDA backend against transformers (bf16) on the same card; "
+                        "other peers are CPU engines and are skipped")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs", type=int, default=3, help="timed latency runs (after one warm-up)")
     p.add_argument("--dtypes", default="bfloat16,float32", help="pagedrt weight dtypes")
@@ -526,9 +553,11 @@ def parser():
 def worker(a):
     engine, _, opt = a.worker.partition(":")
     model = pagedrt.resolve_model(a.model)
-    tok = pagedrt.Tokenizer.from_model_dir(model)
+    has_tok = any((model / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
+    tok = pagedrt.Tokenizer.from_model_dir(model) if has_tok else None  # None: random-id prompts
+    vocab = tok.vocab_size if tok else json.loads((model / "config.json").read_text())["vocab_size"]
     size = workloads.sizes(a.size, a.set)
-    W = {w: workloads.build(w, size, tok, tok.vocab_size) for w in a.workloads.split(",")}
+    W = {w: workloads.build(w, size, tok, vocab) for w in a.workloads.split(",")}
     Path(a.worker_out).write_text(json.dumps(JOBS[engine](model, opt, W, a, Meter())))
 
 
@@ -542,6 +571,8 @@ def cpu_name():
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     a = parser().parse_args(argv)
+    if a.device == "cuda" and not any(x.startswith("--dtypes") for x in argv):
+        a.dtypes = "bfloat16"  # float32 on the GPU is the validation mode, not a contender
     if a.worker:
         return worker(a)
     selected = [w for w in workloads.NAMES if w in a.workloads.split(",")]

@@ -45,7 +45,7 @@ def progress(msg, end=False):
 
 
 def runtime(model, dtype, a, **kw):
-    return pagedrt.Runtime(model, device="cpu", dtype=dtype, num_threads=a.threads,
+    return pagedrt.Runtime(model, device=getattr(a, "device", "cpu"), dtype=dtype, num_threads=a.threads,
                            kv_cache_bytes=a.kv_cache_mib << 20, max_num_seqs=a.max_num_seqs, **kw)
 
 

@@ -7,7 +7,7 @@ engine code here. SIZES holds the request counts and lengths per preset:
     paper  the sizes PERFORMANCE.md states (a GPU's worth of work)
 
     1 latency   batch 1, one prompt, `new` tokens, greedy, eos ignored
-    2 batched   `count` prompts of lo..hi tokens of text, `new` each, all at once
+    2 batched   `count` prompts of lo..hi random token ids, `new` each, all at once
     3 mixed     `count` requests, input and output lengths log-normal (long
                 tails, ShareGPT-like), random token ids, all at once
     4 sharing   `prompts` prompts of `prompt_len` tokens: n = 1, n = 4, beam 4
@@ -57,26 +57,32 @@ def sizes(preset: str, overrides=()) -> dict:
     return out
 
 
-def text_prompt(tokenizer, n: int) -> list[int]:
-    """n token ids of natural text (the same for every engine)."""
+def text_prompt(tokenizer, n: int, vocab: int = 0) -> list[int]:
+    """n token ids of natural text (the same for every engine); random ids (seeded)
+    for a model without a tokenizer (tokenizer None: the GPU's random 8B checkpoint)."""
+    if tokenizer is None:
+        return np.random.default_rng(n).integers(100, vocab, size=n).tolist()
     ids: list[int] = []
     while len(ids) < n:
         ids += tokenizer.encode(TEXT, add_special_tokens=False)
     return ids[:n]
 
 
-def latency(tokenizer, prompt_len=32, new=128):
+def latency(tokenizer, prompt_len=32, new=128, vocab=0):
     """Workload 1: batch 1, one prompt, `new` tokens, greedy, eos ignored."""
-    return [text_prompt(tokenizer, prompt_len)], [new]
+    return [text_prompt(tokenizer, prompt_len, vocab)], [new]
 
 
-def batched(tokenizer, count=32, lo=64, hi=200, new=128, seed=0):
-    """Workload 2: `count` prompts of lo..hi tokens of text, `new` each, submitted at once."""
+def batched(tokenizer, count=32, lo=64, hi=200, new=128, seed=0, vocab=0):
+    """Workload 2: `count` prompts of lo..hi random token ids, `new` each, submitted at once.
+
+    Random ids, not windows of a text: TEXT is one sentence repeated, so windows
+    whose starts differ by its length are the same tokens, and pagedrt's prefix
+    cache would skip prefill work that the peers (no cross-request sharing in
+    their batch APIs) do. `tokenizer` is unused (kept for a uniform signature)."""
     rng = np.random.default_rng(seed)
-    base = text_prompt(tokenizer, hi + 64)
     lens = rng.integers(lo, hi + 1, size=count)
-    starts = rng.integers(0, 64, size=count)
-    return [base[s:s + n] for s, n in zip(starts, lens)], [new] * count
+    return [rng.integers(100, vocab, size=int(n)).tolist() for n in lens], [new] * count
 
 
 def lognormal(rng, median, lo, hi, n, sigma=1.0):
@@ -108,9 +114,9 @@ def build(name: str, size: dict, tokenizer, vocab: int):
     """(prompts, max new tokens) of workload `name` ("waste" is the mixed workload's)."""
     s = size["mixed" if name == "waste" else name]
     if name == "latency":
-        return latency(tokenizer, **s)
+        return latency(tokenizer, **s, vocab=vocab)
     if name == "batched":
-        return batched(tokenizer, **s)
+        return batched(tokenizer, **s, vocab=vocab)
     if name in ("mixed", "waste"):
         return mixed(vocab, **s)
     return (sharing if name == "sharing" else prefix)(vocab, **s)
