@@ -3,7 +3,7 @@
 #
 #   bash tools/gpu_check.sh [STAGE ...]      (from the repo root; default: all stages)
 #
-# Stages: env build optests diag make8b smol tests e2e bench profile
+# Stages: env build optests diag make8b smol tests e2e bench harness profile
 #   env      nvidia-smi, versions
 #   build    pip install --no-build-isolation --no-deps . with PAGEDRT_CUDA=ON
 #   optests  tests/test_cuda.py without the model end-to-end tests (fast)
@@ -14,6 +14,7 @@
 #   tests    all of tests/test_cuda.py (SmolLM2 and the 8B shape when available)
 #   e2e      only its end-to-end tests (tiny models, SmolLM2, the 8B shape)
 #   bench    tools/bench_cuda.py: ceilings, paged attention, own GEMV vs cuBLASLt, pagedrt, transformers
+#   harness  tools/bench.py --device cuda: the project's benchmark harness on the 8B shape
 #   profile  tools/cuda_profile.py: GPU time per kernel (batch-1 decode; 64 x 512/32)
 #
 # Logs and results go to $OUT (default ./out): gpu_check.log, errors.txt (measured
@@ -32,7 +33,7 @@ exec > >(tee -a "$LOG") 2>&1
 export PYTHONUNBUFFERED=1 PAGEDRT_CACHE="$WORK/cache" PATH="/usr/local/cuda/bin:$PATH"
 export CMAKE_BUILD_PARALLEL_LEVEL=$(nproc)
 PY=${PY:-python3}
-STAGES=${*:-env build make8b smol tests bench}
+STAGES=${*:-env build make8b smol tests bench harness}
 
 left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
 stage() { echo; echo "=== $1 (t=$(( $(date +%s) - START ))s, $(left)s left) ==="; }
@@ -114,6 +115,12 @@ if has bench; then
     [ "$(left)" -gt 40 ] && timeout $(( $(left) - 10 )) $PY "$REPO/tools/bench_cuda.py" hf "$WORK/hf.json" "$LLAMA8B"
   fi
   cd "$REPO"
+fi
+
+if has harness && [ -f "$LLAMA8B/config.json" ]; then
+  stage harness
+  (cd /tmp && timeout $(( $(left) - 20 > 30 ? $(left) - 20 : 30 )) $PY "$OLDPWD/tools/bench.py" --device cuda \
+     --model "$LLAMA8B" --size paper --workloads latency,batched --runs 3 --json "$OUT/bench_harness.json")
 fi
 
 if has profile && [ -f "$LLAMA8B/config.json" ]; then
