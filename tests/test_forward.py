@@ -18,6 +18,9 @@ CASES = {
     "mha-d32": dict(num_attention_heads=4, num_key_value_heads=4),                   # GQA 1, D 32
     "gqa2-d32": dict(num_attention_heads=4, num_key_value_heads=2),                  # GQA 2
     "gqa4-d64": dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=1),  # GQA 4, D 64
+    "gqa2-d64": dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2),  # GQA 2, D 64
+    "gqa3-d64": dict(hidden_size=384, num_attention_heads=6, num_key_value_heads=2),  # GQA 3 (SmolLM2's), D 64
+    "gqa2-d128": dict(hidden_size=512, num_attention_heads=4, num_key_value_heads=2),  # GQA 2, D 128
     "head_dim-48": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=48),  # explicit head_dim
     "tied": dict(num_key_value_heads=2, tie_word_embeddings=True),
     "llama3-rope": dict(num_key_value_heads=2, rope_theta=500000.0, rope_scaling=dict(

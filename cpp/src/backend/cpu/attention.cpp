@@ -111,10 +111,36 @@ void qk_scores(const float* q, const T* k, const int64_t* off, int64_t ctx, int6
     for (int64_t g = 0; g < G; ++g) scores[g * ctx + p] = dot(q + g * D, k + off[p], D) * scale;
 }
 
+#ifdef PAGEDRT_AVX512
+// pv_sum for a compile-time group size G and head dim 16 * ND: all G output
+// rows stay in registers and each V row is loaded (and widened) once.
+template <typename T, int G, int ND>
+void pv_group(const float* probs, const T* v, const int64_t* off, int64_t ctx, float* acc) {
+  __m512 o[G][ND];
+  for (int g = 0; g < G; ++g)
+    for (int i = 0; i < ND; ++i) o[g][i] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < ctx; ++p) {
+    const T* vp = v + off[p];
+    __m512 vv[ND];
+    for (int i = 0; i < ND; ++i) vv[i] = load16(vp + 16 * i);
+    for (int g = 0; g < G; ++g) {
+      const __m512 w = _mm512_set1_ps(probs[g * ctx + p]);
+      for (int i = 0; i < ND; ++i) o[g][i] = _mm512_fmadd_ps(w, vv[i], o[g][i]);
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int i = 0; i < ND; ++i) _mm512_storeu_ps(acc + (g * ND + i) * 16, o[g][i]);
+}
+#endif
+
 // acc (G, D) = sum_p probs[g][p] * v_p; v_p = v + off[p]
 template <typename T>
 void pv_sum(const float* probs, const T* v, const int64_t* off, int64_t ctx, int64_t G, int64_t D, float* acc) {
 #ifdef PAGEDRT_AVX512
+  if (D == 64 && G == 3) return pv_group<T, 3, 4>(probs, v, off, ctx, acc);
+  if (D == 64 && G == 4) return pv_group<T, 4, 4>(probs, v, off, ctx, acc);
+  if (D == 64 && G == 2) return pv_group<T, 2, 4>(probs, v, off, ctx, acc);
+  if (D == 128 && G == 2) return pv_group<T, 2, 8>(probs, v, off, ctx, acc);
   if (D % 16 == 0 && D <= 128) {  // the head's output row stays in registers
     const int64_t nd = D / 16;
     for (int64_t g = 0; g < G; ++g) {
