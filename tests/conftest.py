@@ -12,6 +12,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+# The SmolLM2 end-to-end prompts (tests/test_smollm2.py, tests/test_cuda.py, tools/hf_bf16_divergence.py).
+SMOL_PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "Once upon a time, in a small village by the sea,",
+    "List three primary colours:\n1.",
+    "Water boils at 100 degrees Celsius, which is",
+    [{"role": "system", "content": "You are a helpful assistant."},
+     {"role": "user", "content": "Give me one tip for writing clear code."}],
+]
+
+
 def make_tiny_llama(path: Path, *, seed: int = 0, dtype: str = "float32", vocab_size: int = 320,
                     hidden_size: int = 128, intermediate_size: int = 256, num_hidden_layers: int = 2,
                     num_attention_heads: int = 4, num_key_value_heads: int = 4,

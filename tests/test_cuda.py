@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import pagedrt
-from conftest import run_all
+from conftest import SMOL_PROMPTS, run_all
 from pagedrt import _core
 
 pytestmark = [pytest.mark.cuda,
@@ -386,17 +386,6 @@ def test_cuda_mixed_precision_is_a_clear_error(tiny_llama):
     path, _ = tiny_llama(hidden_size=256, num_attention_heads=4)
     with pytest.raises(pagedrt.Unsupported, match="activation_dtype 'float32' with bfloat16 weights"):
         pagedrt.Runtime(path, device="cuda", activation_dtype="float32", kv_cache_bytes=64 << 20)
-
-
-SMOL_PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):\n    ",
-    "Once upon a time, in a small village by the sea,",
-    "List three primary colours:\n1.",
-    "Water boils at 100 degrees Celsius, which is",
-    [{"role": "system", "content": "You are a helpful assistant."},
-     {"role": "user", "content": "Give me one tip for writing clear code."}],
-]
 
 
 def first_divergence(tc, tg):

@@ -9,16 +9,8 @@ import pytest
 import torch
 
 import pagedrt
+from conftest import SMOL_PROMPTS
 
-PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):\n    ",
-    "Once upon a time, in a small village by the sea,",
-    "List three primary colours:\n1.",
-    "Water boils at 100 degrees Celsius, which is",
-    [{"role": "system", "content": "You are a helpful assistant."},
-     {"role": "user", "content": "Give me one tip for writing clear code."}],
-]
 N = 32
 
 
@@ -30,7 +22,7 @@ def hf_model(smol):
 
 def test_greedy_equals_transformers(smol, hf_model):
     with pagedrt.Runtime(smol, device="cpu", dtype="float32") as rt:
-        prompts = [rt.encode_prompt(p) for p in PROMPTS]
+        prompts = [rt.encode_prompt(p) for p in SMOL_PROMPTS]
         outs = rt.generate(prompts, max_tokens=N, ignore_eos=True, temperature=0)
     assert prompts[-1][:2] == rt.tokenizer.encode("<|im_start|>system", add_special_tokens=False)
     for ids, out in zip(prompts, outs):
@@ -49,7 +41,7 @@ def hf_greedy(model, ids, n):
 
 
 def test_logits_match_transformers(smol, hf_model):
-    ids = pagedrt.Tokenizer.from_model_dir(smol).encode(PROMPTS[2])
+    ids = pagedrt.Tokenizer.from_model_dir(smol).encode(SMOL_PROMPTS[2])
     with pagedrt.Runtime(smol, device="cpu", dtype="float32") as rt:
         rid = rt.submit(ids, max_tokens=1, return_logits=True, temperature=0)
         rows, done = [], False

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import pagedrt  # noqa: E402
-from test_cuda import SMOL_PROMPTS  # noqa: E402
+from conftest import SMOL_PROMPTS  # noqa: E402
 
 N = 32
 
