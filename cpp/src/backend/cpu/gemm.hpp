@@ -44,21 +44,18 @@ void gemm_with(const std::string& variant, GemmOperands operands, const void* x,
 // must not be compiled in the per-ISA files, whose flags it would carry.)
 float* gemm_scratch(int64_t count);
 
-namespace scalar {
-void gemm_f32(const float* x, const float* w, float* y, int64_t n, int64_t m, int64_t k, int threads);
-void gemm_bf16(const float* x, const uint16_t* w, float* y, int64_t n, int64_t m, int64_t k, int threads);
-void gemm_bf16_bf16(const uint16_t* x, const uint16_t* w, float* y, int64_t n, int64_t m, int64_t k, int threads);
-}  // namespace scalar
-namespace avx2 {
-void gemm_f32(const float* x, const float* w, float* y, int64_t n, int64_t m, int64_t k, int threads);
-void gemm_bf16(const float* x, const uint16_t* w, float* y, int64_t n, int64_t m, int64_t k, int threads);
-void gemm_bf16_bf16(const uint16_t* x, const uint16_t* w, float* y, int64_t n, int64_t m, int64_t k, int threads);
-}  // namespace avx2
-namespace avx512 {
-void gemm_f32(const float* x, const float* w, float* y, int64_t n, int64_t m, int64_t k, int threads);
-void gemm_bf16(const float* x, const uint16_t* w, float* y, int64_t n, int64_t m, int64_t k, int threads);
-void gemm_bf16_bf16(const uint16_t* x, const uint16_t* w, float* y, int64_t n, int64_t m, int64_t k, int threads);
-}  // namespace avx512
+// The three entry points, declared once per ISA namespace (gemm_kernel.inc defines them).
+#define PAGEDRT_GEMM_DECLARE(ns)                                                                               \
+  namespace ns {                                                                                               \
+  void gemm_f32(const float* x, const float* w, float* y, int64_t n, int64_t m, int64_t k, int threads);       \
+  void gemm_bf16(const float* x, const uint16_t* w, float* y, int64_t n, int64_t m, int64_t k, int threads);   \
+  void gemm_bf16_bf16(const uint16_t* x, const uint16_t* w, float* y, int64_t n, int64_t m, int64_t k,         \
+                      int threads);                                                                            \
+  }
+PAGEDRT_GEMM_DECLARE(scalar)
+PAGEDRT_GEMM_DECLARE(avx2)
+PAGEDRT_GEMM_DECLARE(avx512)
+#undef PAGEDRT_GEMM_DECLARE
 
 // avx512bf16 has only its own gemm_bf16_bf16; its fp32-activation calls are avx512's.
 namespace avx512bf16 {
