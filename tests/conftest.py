@@ -111,11 +111,14 @@ def read_json(path: Path) -> dict:
 
 def run_all(rt, prompts, **params):
     """Submits every prompt at once (greedy unless told otherwise) and waits for all;
-    returns (tokens, logits rows or None) per prompt, in order. Fails on an error event."""
+    returns (tokens, logits rows or None) per prompt, in order. Fails on an error event.
+    max_tokens may be a list: one per prompt."""
     import numpy as np
     import pagedrt
     params.setdefault("temperature", 0.0)
-    ids = [rt.submit(list(p), pagedrt.SamplingParams(**params)) for p in prompts]
+    per = params.pop("max_tokens", 16)
+    per = per if isinstance(per, (list, tuple)) else [per] * len(prompts)
+    ids = [rt.submit(list(p), pagedrt.SamplingParams(max_tokens=m, **params)) for p, m in zip(prompts, per)]
     got = {i: ([], []) for i in ids}
     done = set()
     while len(done) < len(ids):

@@ -103,7 +103,9 @@ def test_embedding_gather_rows_add(ops):
     assert rel_err(a1, a0) <= 1e-6
 
 
-@pytest.mark.parametrize("n,d", [(1, 576), (37, 4096)])
+# d % 4 == 0 up to 16384 takes the register-resident add_rms_norm (1, 2 or 4
+# pieces of 4 per thread); d = 62 and 16388 take the strided kernel.
+@pytest.mark.parametrize("n,d", [(1, 576), (37, 4096), (3, 8192), (2, 16384), (2, 16388), (2, 62)])
 def test_rms_norm_and_add_rms_norm(ops, n, d):
     rng = np.random.default_rng(1)
     b = make_batch(rng, [(0, n)])
@@ -200,6 +202,28 @@ def test_rope_and_cache(ops, D, H, Hkv):
     assert np.array_equal(v1.reshape(-1, Hkv, D)[slots], v0.reshape(-1, Hkv, D)[slots])
     untouched = np.setdiff1d(np.arange(b["num_blocks"] * 16), slots)
     assert np.array_equal(k1.reshape(-1, Hkv, D)[untouched], kc.reshape(-1, Hkv, D)[untouched])
+
+
+def test_argmax_rows(ops):
+    """The device greedy pick (32 parts per row, then their winners) against
+    numpy's rule: the first index of the largest value, NaN never chosen over a
+    number, an all-NaN row gives 0. Ties sit in different parts of a row."""
+    _, gpu = ops
+    rng = np.random.default_rng(12)
+    cols = 128256
+    x = rng.standard_normal((6, cols)).astype(np.float32)
+    x[1, [5000, 90000]] = 50.0            # a tie across parts: the first wins
+    x[2, :] = np.nan
+    x[2, 77777] = -3.0                    # one number among NaN
+    x[3, :] = np.nan                      # all NaN
+    x[4, :] = -np.inf
+    x[4, 120000] = -1e30                  # everything else -inf
+    x[5, 100:200] = np.nan                # NaN beside the real maximum
+    x[5, 64000] = 40.0
+    want = [int(np.nanargmax(r)) if not np.isnan(r).all() else 0 for r in x]
+    assert gpu.argmax(x) == want
+    small = rng.standard_normal((3, 37)).astype(np.float32)  # fewer columns than parts
+    assert gpu.argmax(small) == [int(np.argmax(r)) for r in small]
 
 
 def test_copy_blocks(ops):
@@ -380,6 +404,40 @@ def test_device_greedy_equals_host_greedy(tiny_llama):
     for (td, _), (th, lh) in zip(device, host):
         assert td == th
         assert td == [int(np.argmax(r)) for r in lh[-24:]]
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_recorded_decode_steps_equal_direct_launches(tiny_llama, monkeypatch, kv_heads):
+    """Decode steps of up to 64 sequences are recorded as CUDA graphs and
+    replayed, and their kernels overlap through programmatic dependent launch.
+    A replay runs the same kernels on the same inputs, and each kernel waits
+    for the one ahead before it reads its output, so turning both off
+    (PAGEDRT_CUDA_GRAPHS=0, PAGEDRT_CUDA_PDL=0) must give bitwise the same
+    logits and tokens. One request at a time, so that both runs make the same
+    batches (requests submitted together join the engine's steps as they
+    arrive, and a batch's row count picks the GEMM: see the test above).
+    Contexts cross 64-key split boundaries (the split count changes); n = 5
+    sampling makes 5-sequence steps; a greedy request without logits takes the
+    device pick after a replay."""
+    path, _ = tiny_llama(hidden_size=256, num_attention_heads=4, num_key_value_heads=kv_heads,
+                         dtype="bfloat16")
+    rng = np.random.default_rng(11)
+    lens, news = (5, 60, 127, 200, 17), (40, 9, 70, 25, 3)
+    prompts = [rng.integers(3, 320, size=k).tolist() for k in lens]
+    outs = {}
+    for graphs in ("1", "0"):
+        monkeypatch.setenv("PAGEDRT_CUDA_GRAPHS", graphs)
+        monkeypatch.setenv("PAGEDRT_CUDA_PDL", graphs)
+        with pagedrt.Runtime(path, device="cuda", kv_cache_bytes=64 << 20, enable_prefix_caching=False) as rt:
+            got = [run_all(rt, [p], max_tokens=m, ignore_eos=True, return_logits=True)[0]
+                   for p, m in zip(prompts, news)]
+            got.append(run_all(rt, [prompts[1]], max_tokens=30, ignore_eos=True, return_logits=True, n=5,
+                               temperature=1.0, seed=7)[0])
+            got.append(run_all(rt, [prompts[3]], max_tokens=33, ignore_eos=True)[0])
+            outs[graphs] = got
+    for (tg, lg), (td, ld) in zip(outs["1"], outs["0"]):
+        assert len(tg) > 0 and tg == td
+        assert (lg is None and ld is None) or np.array_equal(lg, ld)
 
 
 def test_cuda_mixed_precision_is_a_clear_error(tiny_llama):

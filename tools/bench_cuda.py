@@ -6,6 +6,7 @@ process (pagedrt and transformers each hold a 16 GB model):
     bench_cuda.py attention OUT.json            paged decode attention, batch 64 x 2048, vs SDPA
     bench_cuda.py gemv      OUT.json            own small-M GEMM vs cuBLASLt, n = 1..8, 8B shapes
     bench_cuda.py pagedrt   OUT.json MODEL_DIR  batch-1 TPOT (128/128), 256 x (512/128) throughput
+    bench_cuda.py launch_ab OUT.json MODEL_DIR  batch-1 TPOT with CUDA graphs / PDL off and on
     bench_cuda.py hf        OUT.json MODEL_DIR  the same workloads with transformers (eager+SDPA)
 
 GPU timings use CUDA events after warm-up, medians; inputs are random (never zeros).
@@ -13,6 +14,7 @@ GPU timings use CUDA events after warm-up, medians; inputs are random (never zer
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import time
@@ -68,17 +70,27 @@ def attention():
     qkv = rng.standard_normal((B, (H + 2 * Hkv) * D), dtype=np.float32)
     kc = rng.standard_normal((nb, bs, Hkv, D), dtype=np.float32)
     vc = rng.standard_normal((nb, bs, Hkv, D), dtype=np.float32)
-    ops = _core._Ops("cuda")
     pos = np.full(B, C - 1, np.int32)
     table = perm.reshape(B, C // bs)
     slots = (table[:, -1].astype(np.int64) * bs + (C - 1) % bs)
-    ops.set_batch(np.zeros(B, np.int32), pos, slots, np.arange(B + 1, dtype=np.int32),
-                  np.full(B, C, np.int32), np.arange(0, nb + 1, C // bs, dtype=np.int32),
-                  perm, np.arange(B, dtype=np.int32))
-    sec = statistics.median(ops.bench_paged_attention(qkv, kc, vc, H, Hkv, D, D ** -0.5, 50) for _ in range(5))
     kv_bytes = B * C * Hkv * D * 2 * 2
+
+    def run(waves=None):
+        """Median seconds per call, contexts split while fewer than `waves` blocks per SM (None: the default)."""
+        if waves:
+            os.environ["PAGEDRT_DECODE_SPLIT_WAVES"] = str(waves)  # read when the backend is made
+        ops = _core._Ops("cuda")
+        os.environ.pop("PAGEDRT_DECODE_SPLIT_WAVES", None)
+        ops.set_batch(np.zeros(B, np.int32), pos, slots, np.arange(B + 1, dtype=np.int32),
+                      np.full(B, C, np.int32), np.arange(0, nb + 1, C // bs, dtype=np.int32),
+                      perm, np.arange(B, dtype=np.int32))
+        return statistics.median(ops.bench_paged_attention(qkv, kc, vc, H, Hkv, D, D ** -0.5, 50) for _ in range(5))
+
+    sec = run()
     r = {"shape": f"batch {B} x context {C}, H {H}, Hkv {Hkv}, D {D}, block {bs}",
-         "pagedrt_us": sec * 1e6, "pagedrt_TBps": kv_bytes / sec / 1e12}
+         "pagedrt_us": sec * 1e6, "pagedrt_TBps": kv_bytes / sec / 1e12,
+         "split_waves_us": {w: run(w) * 1e6 for w in (2, 4, 8, 16, 32)}}
+    print("decode attention us by split waves:", {w: round(v, 1) for w, v in r["split_waves_us"].items()}, flush=True)
     q = torch.from_numpy(qkv[:, :H * D]).to("cuda", torch.bfloat16).view(B, H, 1, D)
     K = torch.randn(B, Hkv, C, D, device="cuda", dtype=torch.bfloat16)
     V = torch.randn(B, Hkv, C, D, device="cuda", dtype=torch.bfloat16)
@@ -138,6 +150,44 @@ def gemv():
     return r
 
 
+def batch1_latency(rt, rng):
+    """(TTFT ms, TPOT ms) of one 128-token prompt, 128 greedy tokens, after a warm-up (second trial)."""
+    import pagedrt
+    params = pagedrt.SamplingParams(max_tokens=128, ignore_eos=True, temperature=0.0)
+    rt.generate([rng.integers(0, 128000, size=128).tolist()], max_tokens=8, ignore_eos=True, temperature=0.0)
+    for trial in range(2):
+        rid = rt.submit(rng.integers(0, 128000, size=128).tolist(), params)
+        t_sub, stamps, done = time.perf_counter(), [], False
+        while not done:
+            for ev in rt.poll(rid, timeout=1.0):
+                now = time.perf_counter()
+                stamps += [now] * len(ev.token_ids)
+                done = ev.finished
+    return (stamps[0] - t_sub) * 1e3, (stamps[-1] - stamps[0]) / (len(stamps) - 1) * 1e3
+
+
+def launch_ab(model):
+    """Batch-1 TPOT with CUDA graphs and programmatic dependent launch off and on
+    (PAGEDRT_CUDA_GRAPHS, PAGEDRT_CUDA_PDL), one Runtime per setting, same run."""
+    import gc
+    import pagedrt
+
+    r = {}
+    for graphs, pdl in (("0", "0"), ("1", "0"), ("1", "1")):
+        env = {"PAGEDRT_CUDA_GRAPHS": graphs, "PAGEDRT_CUDA_PDL": pdl}
+        os.environ.update(env)
+        rt = pagedrt.Runtime(model, device="cuda", max_num_seqs=8, kv_cache_bytes=4 << 30)
+        key = f"tpot_ms_graphs{graphs}_pdl{pdl}"
+        _, r[key] = batch1_latency(rt, np.random.default_rng(0))
+        rt.close()
+        del rt
+        gc.collect()
+        for k in env:
+            del os.environ[k]
+        print(f"graphs {graphs} pdl {pdl}: TPOT {r[key]:.3f} ms", flush=True)
+    return r
+
+
 def pagedrt_bench(model):
     import pagedrt
 
@@ -148,17 +198,7 @@ def pagedrt_bench(model):
     r["load_s"] = time.time() - t0
     r["kv_blocks"] = rt.stats().num_blocks
     params = pagedrt.SamplingParams(max_tokens=128, ignore_eos=True, temperature=0.0)  # greedy
-    rt.generate([rng.integers(0, 128000, size=128).tolist()], max_tokens=8, ignore_eos=True, temperature=0.0)  # warm-up
-    for trial in range(2):
-        rid = rt.submit(rng.integers(0, 128000, size=128).tolist(), params)
-        t_sub, stamps, done = time.perf_counter(), [], False
-        while not done:
-            for ev in rt.poll(rid, timeout=1.0):
-                now = time.perf_counter()
-                stamps += [now] * len(ev.token_ids)
-                done = ev.finished
-        r["ttft_ms"] = (stamps[0] - t_sub) * 1e3
-        r["tpot_ms"] = (stamps[-1] - stamps[0]) / (len(stamps) - 1) * 1e3
+    r["ttft_ms"], r["tpot_ms"] = batch1_latency(rt, rng)
     prompts = [rng.integers(0, 128000, size=512).tolist() for _ in range(256)]
     t0 = time.perf_counter()
     outs = rt.generate(prompts, params)
@@ -207,7 +247,7 @@ def hf_bench(model):
 def main():
     part, out = sys.argv[1], sys.argv[2]
     fn = {"ceilings": ceilings, "attention": attention, "gemv": gemv}.get(part)
-    res = fn() if fn else {"pagedrt": pagedrt_bench, "hf": hf_bench}[part](sys.argv[3])
+    res = fn() if fn else {"pagedrt": pagedrt_bench, "hf": hf_bench, "launch_ab": launch_ab}[part](sys.argv[3])
     json.dump(res, open(out, "w"), indent=1)
     print(part, json.dumps(res))
 

@@ -13,7 +13,8 @@
 #   diag     tools/cuda_diag.py: tiny-model probes, CUDA vs CPU logits row by row
 #   tests    all of tests/test_cuda.py (SmolLM2 and the 8B shape when available)
 #   e2e      only its end-to-end tests (tiny models, SmolLM2, the 8B shape)
-#   bench    tools/bench_cuda.py: ceilings, paged attention, own GEMV vs cuBLASLt, pagedrt, transformers
+#   bench    tools/bench_cuda.py: ceilings, paged attention, own GEMV vs cuBLASLt, pagedrt (and its
+#            batch-1 TPOT with CUDA graphs / PDL off and on), transformers
 #   harness  tools/bench.py --device cuda: the project's benchmark harness on the 8B shape
 #   profile  tools/cuda_profile.py: GPU time per kernel (batch-1 decode; 64 x 512/32)
 #
@@ -112,6 +113,7 @@ if has bench; then
   timeout 180 $PY "$REPO/tools/bench_cuda.py" gemv "$WORK/gemv.json"
   if [ -f "$LLAMA8B/config.json" ]; then
     timeout $(( $(left) - 100 > 60 ? $(left) - 100 : 60 )) $PY "$REPO/tools/bench_cuda.py" pagedrt "$WORK/pagedrt.json" "$LLAMA8B"
+    timeout 120 $PY "$REPO/tools/bench_cuda.py" launch_ab "$WORK/launch_ab.json" "$LLAMA8B"
     [ "$(left)" -gt 40 ] && timeout $(( $(left) - 10 )) $PY "$REPO/tools/bench_cuda.py" hf "$WORK/hf.json" "$LLAMA8B"
   fi
   cd "$REPO"

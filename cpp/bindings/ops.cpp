@@ -134,6 +134,15 @@ class Ops {
     b_->paged_attention(q, k, v, H, Hkv, D, scale, out);
     return back(out);
   }
+  // The backend's greedy pick per row of fp32 logits (backends with has_argmax()).
+  std::vector<int32_t> argmax(F32In logits) {
+    if (!b_->has_argmax())
+      throw pagedrt::Error(pagedrt::ErrorKind::Unsupported, "argmax: this backend picks on the host");
+    Tensor l = put(logits, ScalarType::F32);
+    std::vector<int32_t> out(static_cast<size_t>(l.dim(0)));
+    b_->argmax(l, l.dim(0), out.data());
+    return out;
+  }
   // Seconds per paged_attention call: `iters` calls queued back to back, after a warm-up.
   double bench_paged_attention(F32In qkv, F32In k_cache, F32In v_cache, int64_t H, int64_t Hkv, int64_t D,
                                float scale, int iters) {
@@ -303,5 +312,6 @@ void register_ops(nb::module_& m) {
       .def("bench_paged_attention", &Ops::bench_paged_attention, "qkv"_a, "k_cache"_a, "v_cache"_a,
            "num_heads"_a, "num_kv_heads"_a, "head_dim"_a, "scale"_a, "iters"_a)
       .def("time_linear", &Ops::time_linear, "n"_a, "m"_a, "k"_a, "out_f32"_a, "iters"_a, "use_own"_a)
-      .def("copy_blocks", &Ops::copy_blocks, "cache"_a, "pairs"_a);
+      .def("copy_blocks", &Ops::copy_blocks, "cache"_a, "pairs"_a)
+      .def("argmax", &Ops::argmax, "logits"_a);
 }

@@ -15,6 +15,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -75,6 +76,14 @@ class Backend {
   virtual Tensor from_host(const Tensor& host) = 0;
 
   virtual void begin_step(const BatchView& batch) = 0;
+
+  // Queues the ops body() queues, for the current step. A device backend may
+  // record them once per `key` and replay the recording in later steps (CUDA
+  // graphs: one launch instead of hundreds). The caller promises that for the
+  // same key body() queues the same ops on the same tensors with the same
+  // sizes, so a tensor that is reallocated, or a size that changes, must
+  // change the key. Host-side results (to_host, argmax) stay outside body.
+  virtual void run_step(uint64_t key, const std::function<void()>& body) { body(); }
 
   // Dtypes: x/out of the ops below are activation_dtype(), except `residual`
   // (always F32), embedding's out (F32: it starts the residual), linear's out

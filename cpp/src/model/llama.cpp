@@ -88,6 +88,7 @@ LlamaModel::LlamaModel(const std::string& model_dir, Backend& backend, ScalarTyp
 void LlamaModel::ensure_workspace(int64_t tokens, int64_t logit_rows) {
   const ScalarType act = backend_.activation_dtype();
   if (tokens > ws_.tokens) {
+    ++ws_.generation;
     const int64_t hidden = cfg_.hidden_size, D = cfg_.head_dim;
     const int64_t H = cfg_.num_heads, Hkv = cfg_.num_kv_heads, inter = cfg_.intermediate_size;
     ws_.tokens = tokens;
@@ -100,6 +101,7 @@ void LlamaModel::ensure_workspace(int64_t tokens, int64_t logit_rows) {
     ws_.act = backend_.empty({tokens, inter}, act);
   }
   if (logit_rows > ws_.logit_rows) {
+    ++ws_.generation;
     ws_.logit_rows = logit_rows;
     ws_.last_res = backend_.empty({logit_rows, cfg_.hidden_size}, ScalarType::F32);
     ws_.last = backend_.empty({logit_rows, cfg_.hidden_size}, act);
@@ -107,14 +109,11 @@ void LlamaModel::ensure_workspace(int64_t tokens, int64_t logit_rows) {
   }
 }
 
-void LlamaModel::forward(const BatchView& batch, KvCache& kv, float* logits, int32_t* argmax) {
-  const int64_t n = batch.num_tokens;
+// Every op of one step, from the embedding to the logits (device memory).
+void LlamaModel::queue_step(KvCache& kv, int64_t n, int64_t num_logits) {
   const int64_t H = cfg_.num_heads, Hkv = cfg_.num_kv_heads, D = cfg_.head_dim;
   const float eps = static_cast<float>(cfg_.rms_norm_eps);
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  ensure_workspace(n, batch.num_logits);
-  backend_.begin_step(batch);
-
   backend_.embedding(embed_, ws_.residual);  // residual (n, hidden)
   for (size_t l = 0; l < layers_.size(); ++l) {
     Layer& L = layers_[l];
@@ -131,11 +130,26 @@ void LlamaModel::forward(const BatchView& batch, KvCache& kv, float* logits, int
     backend_.silu_mul(ws_.gate_up, n, ws_.act);                              // (n, I)
     backend_.linear(ws_.act, L.down, n, ws_.proj);                           // (n, hidden)
   }
-  if (batch.num_logits == 0) return;
+  if (num_logits == 0) return;
   backend_.add(ws_.residual, ws_.proj);
   backend_.gather_rows(ws_.residual, ws_.last_res);  // (num_logits, hidden)
-  backend_.rms_norm(ws_.last_res, final_norm_, eps, batch.num_logits, ws_.last);  // final norm, gathered rows only
-  backend_.linear(ws_.last, lm_head_, batch.num_logits, ws_.logits);          // (num_logits, vocab)
+  backend_.rms_norm(ws_.last_res, final_norm_, eps, num_logits, ws_.last);  // final norm, gathered rows only
+  backend_.linear(ws_.last, lm_head_, num_logits, ws_.logits);          // (num_logits, vocab)
+}
+
+void LlamaModel::forward(const BatchView& batch, KvCache& kv, float* logits, int32_t* argmax) {
+  const int64_t n = batch.num_tokens;
+  ensure_workspace(n, batch.num_logits);
+  backend_.begin_step(batch);
+
+  // The same workspace, KV cache, token count and logit count queue the same
+  // ops on the same tensors: the key of a recorded step (Backend::run_step).
+  uint64_t key = 0;
+  for (uint64_t part : {ws_.generation, static_cast<uint64_t>(n), static_cast<uint64_t>(batch.num_logits),
+                        static_cast<uint64_t>(reinterpret_cast<uintptr_t>(kv.k.empty() ? nullptr : kv.k[0].data))})
+    key = (key ^ part) * 0x100000001b3ull + 0x9e3779b97f4a7c15ull;
+  backend_.run_step(key, [&] { queue_step(kv, n, batch.num_logits); });
+  if (batch.num_logits == 0) return;
   if (argmax != nullptr)
     backend_.argmax(ws_.logits, batch.num_logits, argmax);
   else

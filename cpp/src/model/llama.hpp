@@ -46,6 +46,7 @@ class LlamaModel {
   struct Workspace {
     int64_t tokens = 0;
     int64_t logit_rows = 0;
+    uint64_t generation = 0;  // bumped whenever a tensor below is reallocated
     Tensor residual;  // (tokens, hidden) fp32
     Tensor normed;    // (tokens, hidden)
     Tensor qkv;       // (tokens, (H + 2 Hkv) D)
@@ -58,6 +59,9 @@ class LlamaModel {
     Tensor logits;    // (logit_rows, vocab) fp32
   };
   void ensure_workspace(int64_t tokens, int64_t logit_rows);
+  // Queues one step's ops, embedding to logits, for n tokens (their ids and
+  // positions: the backend's current step) and num_logits logit rows.
+  void queue_step(KvCache& kv, int64_t n, int64_t num_logits);
 
   LlamaConfig cfg_;
   Backend& backend_;

@@ -15,6 +15,7 @@
 
 #include "backend/cuda/cuda_check.hpp"
 #include "backend/cuda/kernels.cuh"
+#include "backend/cuda/launch.cuh"
 
 namespace pagedrt::cuda {
 namespace {
@@ -65,6 +66,8 @@ __device__ __forceinline__ void store_f(float* p, float v) { *p = v; }
 
 template <typename T, int D, int GMAX>
 __global__ void __launch_bounds__(128) decode_kernel(AttentionParamsT<T> p, DecodePlan d) {
+  pdl_trigger();
+  pdl_wait();
   constexpr int TPK = D / 8;       // threads per key row
   constexpr int NG = 128 / TPK;    // key groups per block
   constexpr int U = GMAX >= 8 ? 2 : 4;  // keys per group per iteration
@@ -200,6 +203,8 @@ __global__ void __launch_bounds__(128) decode_kernel(AttentionParamsT<T> p, Deco
 // grid (items, H), block D: out = sum_s w_s o_s / sum_s w_s, w_s = 2^(lse_s - max lse)
 template <typename T>
 __global__ void merge_kernel(AttentionParamsT<T> p, DecodePlan d) {
+  pdl_trigger();
+  pdl_wait();
   const int item = blockIdx.x, h = blockIdx.y, dd = threadIdx.x;
   const int t = d.tokens[item];
   const int H = p.num_heads, D = p.head_dim, S = d.num_splits;
@@ -222,10 +227,10 @@ __global__ void merge_kernel(AttentionParamsT<T> p, DecodePlan d) {
 template <typename T, int D>
 void launch_d(const AttentionParamsT<T>& p, const DecodePlan& d, dim3 grid, cudaStream_t s) {
   const int G = p.num_heads / p.num_kv_heads;
-  if (G == 1) decode_kernel<T, D, 1><<<grid, 128, 0, s>>>(p, d);
-  else if (G == 2) decode_kernel<T, D, 2><<<grid, 128, 0, s>>>(p, d);
-  else if (G <= 4) decode_kernel<T, D, 4><<<grid, 128, 0, s>>>(p, d);
-  else decode_kernel<T, D, 8><<<grid, 128, 0, s>>>(p, d);
+  if (G == 1) launch(decode_kernel<T, D, 1>, grid, 128, 0, s, p, d);
+  else if (G == 2) launch(decode_kernel<T, D, 2>, grid, 128, 0, s, p, d);
+  else if (G <= 4) launch(decode_kernel<T, D, 4>, grid, 128, 0, s, p, d);
+  else launch(decode_kernel<T, D, 8>, grid, 128, 0, s, p, d);
 }
 
 }  // namespace
@@ -241,12 +246,9 @@ void decode_attention(const AttentionParamsT<T>& p, const DecodePlan& d, cudaStr
                   static_cast<unsigned>(d.num_splits));
   if (p.head_dim == 128) launch_d<T, 128>(p, d, grid, s);
   else launch_d<T, 64>(p, d, grid, s);
-  CUDA_CHECK_LAUNCH();
-  if (d.num_splits > 1) {
-    merge_kernel<T><<<dim3(static_cast<unsigned>(d.num_items), static_cast<unsigned>(p.num_heads)),
-                   static_cast<unsigned>(p.head_dim), 0, s>>>(p, d);
-    CUDA_CHECK_LAUNCH();
-  }
+  if (d.num_splits > 1)
+    launch(merge_kernel<T>, dim3(static_cast<unsigned>(d.num_items), static_cast<unsigned>(p.num_heads)),
+           static_cast<unsigned>(p.head_dim), 0, s, p, d);
 }
 
 template void decode_attention<bf16>(const AttentionParamsT<bf16>&, const DecodePlan&, cudaStream_t);

@@ -1,10 +1,13 @@
 #include "backend/cuda/cuda_backend.hpp"
 
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 
 #include "backend/cuda/cuda_check.hpp"
 #include "backend/cuda/cuda_factory.hpp"
+#include "backend/cuda/launch.cuh"
 
 namespace pagedrt::cuda {
 namespace {
@@ -88,6 +91,11 @@ CudaBackend::CudaBackend(ScalarType activation_dtype) : act_(activation_dtype) {
                                             std::to_string(prop.major) + "." + std::to_string(prop.minor) +
                                             "; this build runs on sm_90 (Hopper)");
   num_sms_ = prop.multiProcessorCount;
+  const char* graphs = std::getenv("PAGEDRT_CUDA_GRAPHS");
+  graphs_enabled_ = !(graphs && std::strcmp(graphs, "0") == 0);
+  if (const char* waves = std::getenv("PAGEDRT_DECODE_SPLIT_WAVES")) split_waves_ = std::max(1, std::atoi(waves));
+  const char* pdl = std::getenv("PAGEDRT_CUDA_PDL");
+  set_pdl(!(pdl && std::strcmp(pdl, "0") == 0));
   CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   gemm_ = std::make_unique<Gemm>(stream_);
   for (int i = 0; i < 2; ++i) {
@@ -99,6 +107,7 @@ CudaBackend::CudaBackend(ScalarType activation_dtype) : act_(activation_dtype) {
 
 CudaBackend::~CudaBackend() {
   if (stream_) cudaStreamSynchronize(stream_);
+  clear_graphs();
   for (int i = 0; i < 2; ++i) {
     if (load_done_[i]) cudaEventDestroy(load_done_[i]);
     if (load_host_[i]) cudaFreeHost(load_host_[i]);
@@ -201,7 +210,9 @@ void CudaBackend::begin_step(const BatchView& b) {
   host_ = b;
   ++step_;
   const size_t n = b.num_tokens, s = b.num_seqs, np = b.num_seqs ? b.page_indptr[b.num_seqs] : 0;
-  const size_t sizes[] = {n * 4, n * 4, n * 8, (s + 1) * 4, (s + 1) * 4, np * 4, size_t(b.num_logits) * 4, n * 4};
+  // page_indices last: with the same token, sequence and logit counts every
+  // other array keeps its device address from step to step (recorded steps).
+  const size_t sizes[] = {n * 4, n * 4, n * 8, (s + 1) * 4, (s + 1) * 4, size_t(b.num_logits) * 4, n * 4, np * 4};
   size_t off[8], total = 0;
   for (int i = 0; i < 8; ++i) {
     off[i] = total;
@@ -213,11 +224,11 @@ void CudaBackend::begin_step(const BatchView& b) {
   std::memcpy(h + off[2], b.slot_mapping, sizes[2]);
   std::memcpy(h + off[3], b.query_start, sizes[3]);
   std::memcpy(h + off[4], b.page_indptr, sizes[4]);
-  if (np) std::memcpy(h + off[5], b.page_indices, sizes[5]);
-  if (b.num_logits) std::memcpy(h + off[6], b.logits_indices, sizes[6]);
-  int32_t* seq = reinterpret_cast<int32_t*>(h + off[7]);
+  if (b.num_logits) std::memcpy(h + off[5], b.logits_indices, sizes[5]);
+  int32_t* seq = reinterpret_cast<int32_t*>(h + off[6]);
   for (int32_t i = 0; i < b.num_seqs; ++i)
     for (int32_t t = b.query_start[i]; t < b.query_start[i + 1]; ++t) seq[t] = i;
+  if (np) std::memcpy(h + off[7], b.page_indices, sizes[7]);
   batch_.upload(total, stream_);
   uint8_t* d = batch_.device();
   dev_.token_ids = reinterpret_cast<const int32_t*>(d + off[0]);
@@ -225,9 +236,12 @@ void CudaBackend::begin_step(const BatchView& b) {
   dev_.slot_mapping = reinterpret_cast<const int64_t*>(d + off[2]);
   dev_.query_start = reinterpret_cast<const int32_t*>(d + off[3]);
   dev_.page_indptr = reinterpret_cast<const int32_t*>(d + off[4]);
-  dev_.page_indices = reinterpret_cast<const int32_t*>(d + off[5]);
-  dev_.logits_indices = reinterpret_cast<const int32_t*>(d + off[6]);
-  dev_.token_seq = reinterpret_cast<const int32_t*>(d + off[7]);
+  dev_.logits_indices = reinterpret_cast<const int32_t*>(d + off[5]);
+  dev_.token_seq = reinterpret_cast<const int32_t*>(d + off[6]);
+  dev_.page_indices = reinterpret_cast<const int32_t*>(d + off[7]);
+  // The attention plan needs only the batch and the model's head counts
+  // (known from the previous step): made here, it stays out of a recording.
+  if (plan_info_.num_heads > 0) plan_attention(plan_info_.num_heads, plan_info_.num_kv_heads, plan_info_.head_dim);
 }
 
 // Decode items: the token of every sequence with one query token (in the
@@ -236,7 +250,9 @@ void CudaBackend::begin_step(const BatchView& b) {
 // blocks to fill the GPU several times over (batch 1 with a long context is
 // spread over the SMs; a full batch runs one split).
 void CudaBackend::plan_attention(int64_t H, int64_t Hkv, int64_t D) {
-  if (plan_info_.step == step_ && plan_info_.num_heads == H && plan_info_.num_kv_heads == Hkv) return;
+  if (plan_info_.step == step_ && plan_info_.num_heads == H && plan_info_.num_kv_heads == Hkv &&
+      plan_info_.head_dim == D)
+    return;
   const BatchView& b = host_;
   const int64_t G = H / Hkv;
   std::vector<int32_t> dec;
@@ -256,14 +272,22 @@ void CudaBackend::plan_attention(int64_t H, int64_t Hkv, int64_t D) {
   const int64_t keys_per_pass = D == 128 ? 32 : 64;  // key groups x unroll of the decode kernel
   const int64_t items = static_cast<int64_t>(dec.size());
   const int64_t base = std::max<int64_t>(1, items * Hkv);
-  const int64_t target = 8 * static_cast<int64_t>(num_sms_);
+  const int64_t target = split_waves_ * static_cast<int64_t>(num_sms_);
   int64_t chunk = max_ctx;
   if (base < target) {
     const int64_t want = (target + base - 1) / base;
     chunk = std::max<int64_t>(keys_per_pass, (max_ctx + want - 1) / want);
     chunk = (chunk + keys_per_pass - 1) / keys_per_pass * keys_per_pass;
   }
-  const int64_t splits = std::max<int64_t>(1, (max_ctx + chunk - 1) / chunk);
+  int64_t splits = std::max<int64_t>(1, (max_ctx + chunk - 1) / chunk);
+  // A recorded step replays with its split count: round it up to a power of
+  // two (splits past the context are empty and merge as nothing), so that a
+  // growing context needs a new recording only every doubling.
+  if (recordable() && splits > 1) {
+    int64_t up = 1;
+    while (up < splits) up *= 2;
+    splits = up;
+  }
 
   const size_t dec_bytes = align16(dec.size() * 4), tile_bytes = tiles.size() * sizeof(int2);
   uint8_t* h = plan_.host(dec_bytes + tile_bytes);
@@ -285,6 +309,7 @@ void CudaBackend::plan_attention(int64_t H, int64_t Hkv, int64_t D) {
   p.step = step_;
   p.num_heads = H;
   p.num_kv_heads = Hkv;
+  p.head_dim = D;
   p.decode.tokens = reinterpret_cast<const int32_t*>(plan_.device());
   p.decode.num_items = static_cast<int>(items);
   p.decode.num_splits = static_cast<int>(splits);
@@ -293,6 +318,66 @@ void CudaBackend::plan_attention(int64_t H, int64_t Hkv, int64_t D) {
   p.decode.lse_part = partials_ ? partials_ + items * splits * H * D : nullptr;
   p.prefill.tiles = reinterpret_cast<const int2*>(plan_.device() + dec_bytes);
   p.prefill.num_tiles = static_cast<int>(tiles.size());
+}
+
+// ---- recorded steps (CUDA graphs) -----------------------------------------------------
+//
+// A decode step of a few sequences is ~10 small kernels and 4 GEMMs per layer:
+// launched one by one, the gaps between them cost ~10% of a batch-1 step. Such
+// steps are recorded once into a CUDA graph per key and replayed with one
+// launch. The key is the model's (its tensors, token and logit counts) plus
+// everything of this backend a recording captures by value: the device
+// addresses of the step's arrays and the attention plan's sizes.
+
+bool CudaBackend::recordable() const {
+  return graphs_enabled_ && host_.num_tokens > 0 && host_.num_tokens == host_.num_seqs &&
+         host_.num_tokens <= kMaxRecordedTokens;
+}
+
+void CudaBackend::run_step(uint64_t key, const std::function<void()>& body) {
+  // Only once this step's plan exists (made in begin_step from the previous
+  // step's head counts) can a recording hold it.
+  if (!recordable() || plan_info_.step != step_) return body();
+  const GraphKey k{key,
+                   batch_.device(),
+                   plan_.device(),
+                   partials_,
+                   plan_info_.decode.num_items,
+                   plan_info_.decode.num_splits,
+                   plan_info_.decode.chunk};
+  auto it = graphs_.find(k);
+  if (it == graphs_.end()) {
+    if (graphs_.size() >= kMaxGraphs) clear_graphs();
+    CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+    try {
+      body();
+    } catch (...) {
+      cudaGraph_t g = nullptr;
+      cudaStreamEndCapture(stream_, &g);
+      if (g) cudaGraphDestroy(g);
+      cudaGetLastError();
+      throw;
+    }
+    cudaGraph_t graph = nullptr;
+    cudaGraphExec_t exec = nullptr;
+    cudaError_t err = cudaStreamEndCapture(stream_, &graph);
+    if (err == cudaSuccess) err = cudaGraphInstantiate(&exec, graph, 0);
+    if (graph) cudaGraphDestroy(graph);
+    if (err != cudaSuccess) {  // nothing ran: run the step directly, and stop recording
+      cudaGetLastError();
+      std::fprintf(stderr, "pagedrt: recording a decode step as a CUDA graph failed (%s); "
+                           "running steps without graphs from now on\n", cudaGetErrorString(err));
+      graphs_enabled_ = false;
+      return body();
+    }
+    it = graphs_.emplace(k, exec).first;
+  }
+  CUDA_CHECK(cudaGraphLaunch(it->second, stream_));
+}
+
+void CudaBackend::clear_graphs() {
+  for (auto& kv : graphs_) cudaGraphExecDestroy(kv.second);
+  graphs_.clear();
 }
 
 // ---- ops ---------------------------------------------------------------------------
@@ -460,9 +545,11 @@ void CudaBackend::to_host(const Tensor& src, int64_t numel, float* dst) {
 void CudaBackend::argmax(const Tensor& logits, int64_t rows, int32_t* out) {
   require(logits.dtype == ScalarType::F32 && rows <= logits.dim(0), "argmax: fp32 logits rows");
   if (rows == 0) return;
-  const size_t bytes = static_cast<size_t>(rows) * 4;
-  int32_t* h = reinterpret_cast<int32_t*>(picks_.host(bytes));  // waits for the previous use
-  argmax_rows(logits.as<float>(), rows, logits.dim(1), reinterpret_cast<int32_t*>(picks_.device()), stream_);
+  const size_t bytes = static_cast<size_t>(rows) * 4, scratch = static_cast<size_t>(rows) * kArgmaxParts * 8;
+  // device: the picks, then the kernel's scratch; only the picks come back
+  int32_t* h = reinterpret_cast<int32_t*>(picks_.host(align16(bytes) + scratch));  // waits for the previous use
+  argmax_rows(logits.as<float>(), rows, logits.dim(1), reinterpret_cast<int32_t*>(picks_.device()),
+              picks_.device() + align16(bytes), stream_);
   CUDA_CHECK(cudaMemcpyAsync(h, picks_.device(), bytes, cudaMemcpyDeviceToHost, stream_));
   CUDA_CHECK(cudaStreamSynchronize(stream_));
   std::memcpy(out, h, bytes);

@@ -3,15 +3,19 @@
 // and logits. Every op is queued on one stream; to_host() waits for it.
 //
 // Per step: begin_step() packs the BatchView into pinned memory and uploads it
-// with one asynchronous copy; the first paged_attention() of the step builds
-// the attention plan (which tokens decode, how the context is split, which
-// 64-row prefill tiles exist) and uploads it the same way; every later layer
-// reuses both.
+// with one asynchronous copy, and builds the attention plan (which tokens
+// decode, how the context is split, which 64-row prefill tiles exist; on the
+// very first step, lazily in paged_attention(), once the head counts are
+// known) and uploads it the same way; every layer reuses both. Decode steps
+// of a few sequences run as recorded CUDA graphs (run_step()).
 #pragma once
 
 #include <cuda_runtime.h>
 
+#include <functional>
+#include <map>
 #include <memory>
+#include <tuple>
 #include <vector>
 
 #include "backend/backend.hpp"
@@ -59,6 +63,9 @@ class CudaBackend final : public Backend {
   Tensor from_host(const Tensor& host) override;
 
   void begin_step(const BatchView& batch) override;
+  // Decode steps of up to kMaxRecordedTokens sequences are recorded into a CUDA
+  // graph per key and replayed (PAGEDRT_CUDA_GRAPHS=0 turns this off).
+  void run_step(uint64_t key, const std::function<void()>& body) override;
   void embedding(const Tensor& table, Tensor& out) override;
   void rms_norm(const Tensor& x, const Tensor& weight, float eps, int64_t n, Tensor& out) override;
   void add_rms_norm(Tensor& residual, const Tensor& x, const Tensor& weight, float eps,
@@ -92,11 +99,18 @@ class CudaBackend final : public Backend {
   };
   struct AttentionPlan {
     uint64_t step = ~0ull;
-    int64_t num_heads = 0, num_kv_heads = 0;
+    int64_t num_heads = 0, num_kv_heads = 0, head_dim = 0;
     DecodePlan decode{};
     PrefillPlan prefill{};
   };
   void plan_attention(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim);
+  // Whether this step may be recorded: graphs on, decode only, few tokens.
+  bool recordable() const;
+  void clear_graphs();
+  // (model key, batch arrays, plan arrays, partials, decode items, splits, chunk)
+  using GraphKey = std::tuple<uint64_t, const void*, const void*, const void*, int, int, int>;
+  static constexpr int32_t kMaxRecordedTokens = 64;
+  static constexpr size_t kMaxGraphs = 64;
   template <typename T>
   AttentionParamsT<T> attention_params(const Tensor& qkv, const Tensor& k_cache, const Tensor& v_cache, int64_t H,
                                        int64_t Hkv, int64_t D, float scale, Tensor& out) const;
@@ -116,6 +130,13 @@ class CudaBackend final : public Backend {
   std::vector<BlockCopy> last_copies_;  // what copies_ holds on the device
   float* partials_ = nullptr;           // decode split partials (o then lse)
   size_t partials_bytes_ = 0;
+  bool graphs_enabled_ = true;
+  // Decode attention splits contexts only while the batch has fewer than this
+  // many blocks per SM, up to about that many (PAGEDRT_DECODE_SPLIT_WAVES, for
+  // tuning runs). Measured on the H100, batch 64 x 2,048 (512 blocks):
+  // unsplit (2) 207 us, 2 splits (4) 215, 3 splits (8) 218, 16: 228, 32: 238.
+  int split_waves_ = 2;
+  std::map<GraphKey, cudaGraphExec_t> graphs_;
 
   // weight upload: two pinned chunks, two device chunks (for conversions)
   uint8_t* load_host_[2] = {nullptr, nullptr};

@@ -5,8 +5,16 @@
 
 #include "backend/cuda/cuda_check.hpp"
 #include "backend/cuda/kernels.cuh"
+#include "backend/cuda/launch.cuh"
 
 namespace pagedrt::cuda {
+
+namespace {
+bool g_pdl = true;
+}  // namespace
+void set_pdl(bool on) { g_pdl = on; }
+bool pdl_enabled() { return g_pdl; }
+
 namespace {
 
 __device__ __forceinline__ float to_f(float v) { return v; }
@@ -49,6 +57,8 @@ __global__ void convert_kernel(const void* src, int sk, void* dst, int dk, int64
 
 template <typename T>
 __global__ void embedding_kernel(const T* table, int64_t hidden, const int32_t* ids, float* out) {
+  pdl_trigger();
+  pdl_wait();
   const int64_t t = blockIdx.x;
   const T* src = table + int64_t(ids[t]) * hidden;
   float* dst = out + t * hidden;
@@ -57,6 +67,8 @@ __global__ void embedding_kernel(const T* table, int64_t hidden, const int32_t* 
 
 template <typename Tin, typename Tout>
 __global__ void rms_norm_kernel(const Tin* x, const float* w, float eps, int64_t d, Tout* out) {
+  pdl_trigger();
+  pdl_wait();
   const Tin* xr = x + blockIdx.x * d;
   Tout* o = out + blockIdx.x * d;
   float ss = 0.0f;
@@ -71,6 +83,8 @@ __global__ void rms_norm_kernel(const Tin* x, const float* w, float eps, int64_t
 
 template <typename T>
 __global__ void add_rms_norm_kernel(float* residual, const T* x, const float* w, float eps, int64_t d, T* out) {
+  pdl_trigger();
+  pdl_wait();
   float* r = residual + blockIdx.x * d;
   const T* xr = x + blockIdx.x * d;
   T* o = out + blockIdx.x * d;
@@ -85,14 +99,75 @@ __global__ void add_rms_norm_kernel(float* residual, const T* x, const float* w,
   for (int64_t i = threadIdx.x; i < d; i += blockDim.x) o[i] = from_f<T>(w[i] * (r[i] * inv));
 }
 
+// 4 consecutive elements as fp32: one 16-byte load of fp32, one 8-byte load of bf16.
+__device__ __forceinline__ float4 load4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+__device__ __forceinline__ float4 load4(const bf16* p) {
+  const uint2 u = *reinterpret_cast<const uint2*>(p);
+  const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u.x));
+  const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u.y));
+  return make_float4(a.x, a.y, b.x, b.y);
+}
+__device__ __forceinline__ void store4(float* p, float4 v) { *reinterpret_cast<float4*>(p) = v; }
+__device__ __forceinline__ void store4(bf16* p, float4 v) {
+  const __nv_bfloat162 a = __floats2bfloat162_rn(v.x, v.y), b = __floats2bfloat162_rn(v.z, v.w);
+  uint2 u;
+  u.x = *reinterpret_cast<const uint32_t*>(&a);
+  u.y = *reinterpret_cast<const uint32_t*>(&b);
+  *reinterpret_cast<uint2*>(p) = u;
+}
+
+// add_rms_norm for d % 4 == 0 and d <= 4 * kVecs * blockDim: each thread keeps
+// its kVecs 4-element pieces of the new residual in registers, so residual, x
+// and w are each read once, in one round trip (batch-1 decode: ~2x faster
+// than the strided kernel above, which reads the residual twice).
+template <typename T, int kVecs>
+__global__ void add_rms_norm_vec_kernel(float* residual, const T* x, const float* w, float eps, int d, T* out) {
+  pdl_trigger();
+  const int64_t base = int64_t(blockIdx.x) * d;
+  const int n4 = d / 4;
+  float4 v[kVecs], g[kVecs];
+#pragma unroll
+  for (int k = 0; k < kVecs; ++k) {  // the weights depend on no kernel: loaded before the wait
+    const int i = threadIdx.x + k * blockDim.x;
+    if (i < n4) g[k] = load4(w + 4 * i);
+  }
+  pdl_wait();
+  float ss = 0.0f;
+#pragma unroll
+  for (int k = 0; k < kVecs; ++k) {
+    const int i = threadIdx.x + k * blockDim.x;
+    if (i < n4) {
+      float4 a = load4(residual + base + 4 * i);
+      const float4 b = load4(x + base + 4 * i);
+      a.x += b.x, a.y += b.y, a.z += b.z, a.w += b.w;
+      store4(residual + base + 4 * i, a);
+      v[k] = a;
+      ss += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w;
+    }
+  }
+  ss = block_sum(ss);
+  const float inv = 1.0f / sqrtf(ss / static_cast<float>(d) + eps);
+#pragma unroll
+  for (int k = 0; k < kVecs; ++k) {
+    const int i = threadIdx.x + k * blockDim.x;
+    if (i < n4)
+      store4(out + base + 4 * i, make_float4(g[k].x * (v[k].x * inv), g[k].y * (v[k].y * inv),
+                                             g[k].z * (v[k].z * inv), g[k].w * (v[k].w * inv)));
+  }
+}
+
 template <typename T>
 __global__ void add_kernel(float* residual, const T* x, int64_t n) {
+  pdl_trigger();
+  pdl_wait();
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
     residual[i] += to_f(x[i]);
 }
 
 template <typename T>
 __global__ void silu_mul_kernel(const T* gate_up, int64_t n, int64_t inter, T* out) {
+  pdl_trigger();
+  pdl_wait();
   for (int64_t row = blockIdx.y; row < n; row += gridDim.y) {
     const T* g = gate_up + row * 2 * inter;
     const T* u = g + inter;
@@ -105,6 +180,8 @@ __global__ void silu_mul_kernel(const T* gate_up, int64_t n, int64_t inter, T* o
 }
 
 __global__ void gather_rows_kernel(const uint8_t* x, int64_t row_bytes, const int32_t* idx, uint8_t* out) {
+  pdl_trigger();
+  pdl_wait();
   const uint8_t* src = x + int64_t(idx[blockIdx.x]) * row_bytes;
   uint8_t* dst = out + int64_t(blockIdx.x) * row_bytes;
   if (row_bytes % 16 == 0) {
@@ -115,33 +192,44 @@ __global__ void gather_rows_kernel(const uint8_t* x, int64_t row_bytes, const in
   }
 }
 
+// grid (n, rot_blocks + v_blocks), block 256. The first rot_blocks blocks of a
+// token rotate one (head, i) pair per thread over its H + Hkv q and k heads
+// (k also goes to the cache); the rest copy its v row to the cache, 16 bytes
+// per thread. Spread over many blocks so that a batch-1 step is not one
+// block looping over every head.
 template <typename T>
 __global__ void rope_and_cache_kernel(T* qkv, const float* cos, const float* sin, const int32_t* positions,
-                                      const int64_t* slots, int H, int Hkv, int D, T* k_cache, T* v_cache) {
+                                      const int64_t* slots, int H, int Hkv, int D, int rot_blocks, T* k_cache,
+                                      T* v_cache) {
+  pdl_trigger();
+  pdl_wait();
   const int64_t t = blockIdx.x;
   const int half = D / 2;
   T* row = qkv + t * int64_t(H + 2 * Hkv) * D;
-  const float* c = cos + int64_t(positions[t]) * half;
-  const float* sn = sin + int64_t(positions[t]) * half;
   const int64_t slot = slots[t];
-  T* kc = k_cache + slot * Hkv * D;
-  T* vc = v_cache + slot * Hkv * D;
-  for (int j = threadIdx.x; j < (H + Hkv) * half; j += blockDim.x) {
+  if (int(blockIdx.y) < rot_blocks) {
+    const int j = blockIdx.y * blockDim.x + threadIdx.x;
+    if (j >= (H + Hkv) * half) return;
     const int head = j / half, i = j % half;
+    const float c = cos[int64_t(positions[t]) * half + i], sn = sin[int64_t(positions[t]) * half + i];
     T* x = row + head * D;
     const float x1 = to_f(x[i]), x2 = to_f(x[i + half]);
-    const T y1 = from_f<T>(x1 * c[i] - x2 * sn[i]);
-    const T y2 = from_f<T>(x2 * c[i] + x1 * sn[i]);
+    const T y1 = from_f<T>(x1 * c - x2 * sn);
+    const T y2 = from_f<T>(x2 * c + x1 * sn);
     x[i] = y1;
     x[i + half] = y2;
     if (head >= H && slot >= 0) {
-      kc[(head - H) * D + i] = y1;
-      kc[(head - H) * D + i + half] = y2;
+      T* kc = k_cache + slot * Hkv * D + (head - H) * D;
+      kc[i] = y1;
+      kc[i + half] = y2;
     }
+    return;
   }
   if (slot < 0) return;
-  const T* v = row + int64_t(H + Hkv) * D;
-  for (int e = threadIdx.x; e < Hkv * D; e += blockDim.x) vc[e] = v[e];
+  const int e = (blockIdx.y - rot_blocks) * blockDim.x + threadIdx.x;  // 16-byte piece of the v row
+  if (e >= Hkv * D * int(sizeof(T)) / 16) return;
+  reinterpret_cast<uint4*>(v_cache + slot * Hkv * D)[e] =
+      reinterpret_cast<const uint4*>(row + int64_t(H + Hkv) * D)[e];
 }
 
 // (value, index) order of argmax: larger value first, then lower index; NaN last.
@@ -151,15 +239,9 @@ __device__ __forceinline__ bool better(float v, int i, float bv, int bi) {
   return v > bv || (v == bv && i < bi);
 }
 
-// One block per row: strided scan, warp shuffles, then the warps' winners.
-__global__ void argmax_rows_kernel(const float* x, int64_t cols, int32_t* out) {
-  const float* row = x + int64_t(blockIdx.x) * cols;
-  float bv = __int_as_float(0x7fffffff);  // NaN: loses to any number
-  int bi = 0;
-  for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) {
-    const float v = row[i];
-    if (better(v, static_cast<int>(i), bv, bi)) bv = v, bi = static_cast<int>(i);
-  }
+// The (value, index) winner of a block: warp shuffles, then the warps' winners
+// (blockDim.x a multiple of 32); thread 0 gets it.
+__device__ void block_best(float& bv, int& bi) {
   for (int o = 16; o > 0; o >>= 1) {
     const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
     const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
@@ -179,8 +261,49 @@ __global__ void argmax_rows_kernel(const float* x, int64_t cols, int32_t* out) {
       const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
       if (better(ov, oi, bv, bi)) bv = ov, bi = oi;
     }
-    if (lane == 0) out[blockIdx.x] = bi;
   }
+}
+
+// grid (kArgmaxParts, rows): block (p, r) finds the winner of part p of row r
+// (a strided scan) and writes it to part_v/part_i[r * kArgmaxParts + p]. A
+// vocabulary row is spread over many SMs (one block per row took 33 us for
+// 128K logits; the step's lm head takes 350).
+__global__ void argmax_parts_kernel(const float* x, int64_t cols, float* part_v, int* part_i) {
+  pdl_trigger();
+  pdl_wait();
+  const float* row = x + int64_t(blockIdx.y) * cols;
+  const int64_t per = (cols + gridDim.x - 1) / gridDim.x;
+  const int64_t begin = blockIdx.x * per, end = min(cols, begin + per);
+  float bv = __int_as_float(0x7fffffff);  // NaN: loses to any number
+  int bi = 0;
+  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+    const float v = row[i];
+    if (better(v, static_cast<int>(i), bv, bi)) bv = v, bi = static_cast<int>(i);
+  }
+  block_best(bv, bi);
+  if (threadIdx.x == 0) {
+    part_v[int64_t(blockIdx.y) * gridDim.x + blockIdx.x] = bv;
+    part_i[int64_t(blockIdx.y) * gridDim.x + blockIdx.x] = bi;
+  }
+}
+
+// One warp per row: the winner of its parts, in order.
+__global__ void argmax_merge_kernel(const float* part_v, const int* part_i, int parts, int32_t* out) {
+  pdl_trigger();
+  pdl_wait();
+  float bv = __int_as_float(0x7fffffff);
+  int bi = 0;
+  for (int p = threadIdx.x; p < parts; p += 32) {
+    const float v = part_v[int64_t(blockIdx.x) * parts + p];
+    const int i = part_i[int64_t(blockIdx.x) * parts + p];
+    if (better(v, i, bv, bi)) bv = v, bi = i;
+  }
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+    const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+    if (better(ov, oi, bv, bi)) bv = ov, bi = oi;
+  }
+  if (threadIdx.x == 0) out[blockIdx.x] = bi;
 }
 
 __global__ void copy_blocks_kernel(uint8_t* base, int64_t block_bytes, const int2* pairs) {
@@ -202,15 +325,13 @@ void convert(const void* src, Elem src_kind, void* dst, Elem dst_kind, int64_t n
 template <typename T>
 void embedding(const T* table, int64_t hidden, const int32_t* ids, int64_t n, float* out, cudaStream_t s) {
   if (n == 0) return;
-  embedding_kernel<T><<<static_cast<unsigned>(n), 256, 0, s>>>(table, hidden, ids, out);
-  CUDA_CHECK_LAUNCH();
+  launch(embedding_kernel<T>, static_cast<unsigned>(n), 256, 0, s, table, hidden, ids, out);
 }
 
 template <typename Tin, typename Tout>
 void rms_norm(const Tin* x, const float* w, float eps, int64_t n, int64_t d, Tout* out, cudaStream_t s) {
   if (n == 0) return;
-  rms_norm_kernel<Tin, Tout><<<static_cast<unsigned>(n), norm_threads(d), 0, s>>>(x, w, eps, d, out);
-  CUDA_CHECK_LAUNCH();
+  launch(rms_norm_kernel<Tin, Tout>, static_cast<unsigned>(n), norm_threads(d), 0, s, x, w, eps, d, out);
 }
 template void rms_norm<float, bf16>(const float*, const float*, float, int64_t, int64_t, bf16*, cudaStream_t);
 template void rms_norm<float, float>(const float*, const float*, float, int64_t, int64_t, float*, cudaStream_t);
@@ -220,15 +341,23 @@ template <typename T>
 void add_rms_norm(float* residual, const T* x, const float* w, float eps, int64_t n, int64_t d, T* out,
                   cudaStream_t s) {
   if (n == 0) return;
-  add_rms_norm_kernel<T><<<static_cast<unsigned>(n), norm_threads(d), 0, s>>>(residual, x, w, eps, d, out);
-  CUDA_CHECK_LAUNCH();
+  const int64_t n4 = d / 4;
+  if (d % 4 == 0 && n4 <= 4 * 1024) {
+    const int vecs = n4 <= 1024 ? 1 : n4 <= 2048 ? 2 : 4;
+    const int threads = static_cast<int>(((n4 + vecs - 1) / vecs + 31) / 32 * 32);
+    const dim3 grid(static_cast<unsigned>(n));
+    if (vecs == 1) launch(add_rms_norm_vec_kernel<T, 1>, grid, threads, 0, s, residual, x, w, eps, int(d), out);
+    else if (vecs == 2) launch(add_rms_norm_vec_kernel<T, 2>, grid, threads, 0, s, residual, x, w, eps, int(d), out);
+    else launch(add_rms_norm_vec_kernel<T, 4>, grid, threads, 0, s, residual, x, w, eps, int(d), out);
+  } else {
+    launch(add_rms_norm_kernel<T>, static_cast<unsigned>(n), norm_threads(d), 0, s, residual, x, w, eps, d, out);
+  }
 }
 
 template <typename T>
 void add(float* residual, const T* x, int64_t numel, cudaStream_t s) {
   if (numel == 0) return;
-  add_kernel<T><<<blocks_for(numel, 256), 256, 0, s>>>(residual, x, numel);
-  CUDA_CHECK_LAUNCH();
+  launch(add_kernel<T>, blocks_for(numel, 256), 256, 0, s, residual, x, numel);
 }
 
 template <typename T>
@@ -236,30 +365,31 @@ void silu_mul(const T* gate_up, int64_t n, int64_t inter, T* out, cudaStream_t s
   if (n == 0) return;
   const dim3 grid(static_cast<unsigned>((inter + 255) / 256 > 64 ? 64 : (inter + 255) / 256),
                   static_cast<unsigned>(n > 65535 ? 65535 : n));
-  silu_mul_kernel<T><<<grid, 256, 0, s>>>(gate_up, n, inter, out);
-  CUDA_CHECK_LAUNCH();
+  launch(silu_mul_kernel<T>, grid, 256, 0, s, gate_up, n, inter, out);
 }
 
 void gather_rows(const void* x, int64_t row_bytes, const int32_t* idx, int64_t n, void* out, cudaStream_t s) {
   if (n == 0) return;
-  gather_rows_kernel<<<static_cast<unsigned>(n), 256, 0, s>>>(static_cast<const uint8_t*>(x), row_bytes, idx,
-                                                              static_cast<uint8_t*>(out));
-  CUDA_CHECK_LAUNCH();
+  launch(gather_rows_kernel, static_cast<unsigned>(n), 256, 0, s, static_cast<const uint8_t*>(x), row_bytes, idx,
+         static_cast<uint8_t*>(out));
 }
 
 template <typename T>
 void rope_and_cache(T* qkv, const float* cos, const float* sin, const int32_t* positions, const int64_t* slots,
                     int64_t n, int H, int Hkv, int D, T* k_cache, T* v_cache, cudaStream_t s) {
   if (n == 0) return;
-  rope_and_cache_kernel<T><<<static_cast<unsigned>(n), 256, 0, s>>>(qkv, cos, sin, positions, slots, H, Hkv, D,
-                                                                 k_cache, v_cache);
-  CUDA_CHECK_LAUNCH();
+  const int rot_blocks = ((H + Hkv) * (D / 2) + 255) / 256;
+  const int v_blocks = (Hkv * D * int(sizeof(T)) / 16 + 255) / 256;  // D is 64 or 128: whole 16-byte pieces
+  launch(rope_and_cache_kernel<T>, dim3(static_cast<unsigned>(n), rot_blocks + v_blocks), 256, 0, s, qkv, cos, sin,
+         positions, slots, H, Hkv, D, rot_blocks, k_cache, v_cache);
 }
 
-void argmax_rows(const float* x, int64_t rows, int64_t cols, int32_t* out, cudaStream_t s) {
+void argmax_rows(const float* x, int64_t rows, int64_t cols, int32_t* out, void* scratch, cudaStream_t s) {
   if (rows == 0) return;
-  argmax_rows_kernel<<<static_cast<unsigned>(rows), 1024, 0, s>>>(x, cols, out);
-  CUDA_CHECK_LAUNCH();
+  float* part_v = static_cast<float*>(scratch);
+  int* part_i = reinterpret_cast<int*>(part_v + rows * kArgmaxParts);
+  launch(argmax_parts_kernel, dim3(kArgmaxParts, static_cast<unsigned>(rows)), 256, 0, s, x, cols, part_v, part_i);
+  launch(argmax_merge_kernel, static_cast<unsigned>(rows), 32, 0, s, part_v, part_i, kArgmaxParts, out);
 }
 
 void copy_blocks(uint8_t* base, int64_t block_bytes, const int2* pairs, int n, cudaStream_t s) {

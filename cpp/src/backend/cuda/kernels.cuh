@@ -44,14 +44,17 @@ void silu_mul(const T* gate_up, int64_t n, int64_t inter, T* out, cudaStream_t s
 void gather_rows(const void* x, int64_t row_bytes, const int32_t* idx, int64_t n, void* out,
                  cudaStream_t s);
 // Rotates q and k of qkv (n, (H + 2 Hkv) D) in place (rotate-half RoPE, fp32
-// math, cos/sin (max_pos, D/2) fp32) and writes k, v to the cache slots.
+// math, cos/sin (max_pos, D/2) fp32) and writes k, v to the cache slots
+// (slot < 0: not written). D a multiple of 8 (v moves in 16-byte pieces).
 template <typename T>
 void rope_and_cache(T* qkv, const float* cos, const float* sin, const int32_t* positions,
                     const int64_t* slots, int64_t n, int H, int Hkv, int D, T* k_cache, T* v_cache,
                     cudaStream_t s);
 // out[r] = first index of the largest value of row r of x (rows, cols) fp32;
-// NaN is never chosen over a number (all NaN: 0)
-void argmax_rows(const float* x, int64_t rows, int64_t cols, int32_t* out, cudaStream_t s);
+// NaN is never chosen over a number (all NaN: 0). scratch: device memory of
+// rows * kArgmaxParts * 8 bytes (each row's parts' winners).
+constexpr int kArgmaxParts = 32;
+void argmax_rows(const float* x, int64_t rows, int64_t cols, int32_t* out, void* scratch, cudaStream_t s);
 // block pairs[i].y = block pairs[i].x, block_bytes each (multiple of 16)
 void copy_blocks(uint8_t* base, int64_t block_bytes, const int2* pairs, int n, cudaStream_t s);
 
