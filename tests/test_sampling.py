@@ -65,6 +65,31 @@ def test_greedy_and_ties():
     assert counts(tie, temperature=0.0)[1] == DRAWS  # ties go to the lowest id
 
 
+@pytest.mark.parametrize("case", ["plain", "tie", "nan", "all_nan", "neg_inf", "tail"])
+def test_greedy_long_rows(case):
+    """Greedy over a vocabulary-sized row (the vectorized scan and its scalar
+    tail): the first index of the largest value, NaN never chosen over a
+    number, an all-NaN row gives 0."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(49_157).astype(np.float32)  # not a multiple of 16: a 5-value tail
+    if case == "tie":
+        x[[20_001, 30_000]] = 9.0
+    elif case == "nan":
+        x[:100] = np.nan
+        x[40_000] = 7.0
+    elif case == "all_nan":
+        x[:] = np.nan
+    elif case == "neg_inf":
+        x[:] = -np.inf
+        x[[7, 49_150]] = np.nan
+        x[33] = -np.inf
+    elif case == "tail":
+        x[49_155] = 8.0
+    want = 0 if np.isnan(x).all() else int(np.nanargmax(x))
+    got = np.nonzero(np.array(_core._sample_counts(x, pagedrt.SamplingParams(temperature=0.0)._to_core(), 3)))[0]
+    assert got.tolist() == [want]
+
+
 def test_seeded_streams_repeat_and_differ():
     p = lambda s: pagedrt.SamplingParams(seed=s)._to_core()
     a = _core._sample_counts(LOGITS, p(7), 1000)

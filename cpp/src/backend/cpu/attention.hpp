@@ -25,7 +25,8 @@ void rope_and_cache(const BatchView& b, T* qkv, const float* cos, const float* s
                     const AttentionShape& s, T* k_cache, T* v_cache, int threads);
 
 // out: (num_tokens, H D). Token t of sequence i attends to positions
-// 0 .. positions[t] of sequence i, read through the page table.
+// 0 .. positions[t] of sequence i, read through the page table. The work is
+// split over `threads` as (tile of a sequence's query tokens, kv head) items.
 template <typename T>
 void paged_attention(const BatchView& b, const T* qkv, const T* k_cache, const T* v_cache,
                      const AttentionShape& s, float scale, T* out, int threads);

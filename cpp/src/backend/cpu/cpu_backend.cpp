@@ -5,11 +5,8 @@
 #include <cstring>
 #include <type_traits>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
 #include "backend/cpu/gemm.hpp"
+#include "backend/cpu/vec_math.hpp"
 #include "pagedrt/error.hpp"
 
 #ifdef _OPENMP
@@ -111,23 +108,63 @@ void with_act(const Tensor& t, F&& f) {
     f(static_cast<float*>(t.data));
 }
 
-// out = x / sqrt(mean(x^2) + eps) * w, as transformers' LlamaRMSNorm in fp32.
+// sum of x[i]^2, i < d
+inline float sum_squares(const float* x, int64_t d) {
+  int64_t i = 0;
+  float ss = 0.0f;
+#ifdef PAGEDRT_VEC512
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  for (; i + 32 <= d; i += 32) {
+    const __m512 x0 = _mm512_loadu_ps(x + i), x1 = _mm512_loadu_ps(x + i + 16);
+    a0 = _mm512_fmadd_ps(x0, x0, a0);
+    a1 = _mm512_fmadd_ps(x1, x1, a1);
+  }
+  if (i + 16 <= d) {
+    const __m512 x0 = _mm512_loadu_ps(x + i);
+    a0 = _mm512_fmadd_ps(x0, x0, a0);
+    i += 16;
+  }
+  ss = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#endif
+  for (; i < d; ++i) ss += x[i] * x[i];
+  return ss;
+}
+
+// out = x / sqrt(mean(x^2) + eps) * w, as transformers' LlamaRMSNorm in fp32
+// (w * (x * inv), in that order).
 template <typename T>
 inline void rms_row(const float* x, const float* w, float eps, int64_t d, T* out) {
-  float ss = 0.0f;
-  for (int64_t i = 0; i < d; ++i) ss += x[i] * x[i];
-  const float inv = 1.0f / std::sqrt(ss / static_cast<float>(d) + eps);
-  for (int64_t i = 0; i < d; ++i) store(out + i, w[i] * (x[i] * inv));
+  const float inv = 1.0f / std::sqrt(sum_squares(x, d) / static_cast<float>(d) + eps);
+  int64_t i = 0;
+#ifdef PAGEDRT_VEC512
+  const __m512 iv = _mm512_set1_ps(inv);
+  for (; i + 16 <= d; i += 16)
+    store16(out + i, _mm512_mul_ps(_mm512_loadu_ps(w + i), _mm512_mul_ps(_mm512_loadu_ps(x + i), iv)));
+#endif
+  for (; i < d; ++i) store(out + i, w[i] * (x[i] * inv));
 }
+
+// r (n) += x (n), x fp32 or bf16
+template <typename T>
+inline void add_row(float* r, const T* x, int64_t n) {
+  int64_t i = 0;
+#ifdef PAGEDRT_VEC512
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(r + i, _mm512_add_ps(_mm512_loadu_ps(r + i), load16(x + i)));
+#endif
+  for (; i < n; ++i) r[i] += to_f32(x[i]);
+}
+
+// Rows are split over threads only from this many elements on (114 rows of
+// SmolLM2's 576; prefill chunks): a decode step's 32 rows are a few
+// microseconds of work, less than an OpenMP fork and join costs when a peer
+// process keeps a core busy.
+constexpr int64_t kParallelElements = int64_t{1} << 16;
 
 // dst (n) = fp32 of bf16 src (n): exact
 inline void widen(const uint16_t* src, int64_t n, float* dst) {
   int64_t i = 0;
-#ifdef __AVX512F__
-  for (; i + 16 <= n; i += 16) {
-    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
-    _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
-  }
+#ifdef PAGEDRT_VEC512
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, widen16(src + i));
 #endif
   for (; i < n; ++i) dst[i] = bf16_to_f32(src[i]);
 }
@@ -136,18 +173,35 @@ inline void widen(const uint16_t* src, int64_t n, float* dst) {
 // (bit-for-bit f32_to_bf16, so the same as the GPU's __float2bfloat16_rn)
 inline void narrow(const float* src, int64_t n, uint16_t* dst) {
   int64_t i = 0;
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-  const __m512i bias = _mm512_set1_epi32(0x7fff), one = _mm512_set1_epi32(1), quiet = _mm512_set1_epi32(0x40);
-  for (; i + 16 <= n; i += 16) {
-    const __m512 v = _mm512_loadu_ps(src + i);
-    const __m512i u = _mm512_castps_si512(v);
-    const __m512i hi = _mm512_srli_epi32(u, 16);
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(bias, _mm512_and_si512(hi, one))), 16);
-    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_or_si512(hi, quiet));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm512_cvtepi32_epi16(r));
-  }
+#ifdef PAGEDRT_VEC512
+  for (; i + 16 <= n; i += 16) store16(dst + i, _mm512_loadu_ps(src + i));
 #endif
   for (; i < n; ++i) dst[i] = f32_to_bf16(src[i]);
+}
+
+// out (n) = silu(g) * u = g / (1 + e^-g) * u
+template <typename T>
+inline void silu_mul_row(const T* g, const T* u, int64_t n, T* out) {
+  int64_t i = 0;
+#ifdef PAGEDRT_VEC512
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (; i < n; i += 16) {
+    const __mmask16 m = first_lanes(n - i);
+    const __m512 gv = load16(g + i, m);
+    const __m512 s = _mm512_div_ps(gv, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
+    store16(out + i, _mm512_mul_ps(s, load16(u + i, m)), m);
+  }
+#endif
+  for (; i < n; ++i) {
+    const float gi = to_f32(g[i]);
+    store(out + i, gi / (1.0f + std::exp(-gi)) * to_f32(u[i]));
+  }
+}
+
+// narrow() over rows of a GEMM's output, split over threads for prefill-sized outputs.
+void narrow_rows(const float* src, int64_t n, int64_t m, uint16_t* dst, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (n * m >= kParallelElements && n > 1)
+  for (int64_t t = 0; t < n; ++t) narrow(src + t * m, m, dst + t * m);
 }
 
 }  // namespace
@@ -170,14 +224,25 @@ void CpuBackend::embedding(const Tensor& table, Tensor& out) {
 void CpuBackend::rms_norm(const Tensor& x, const Tensor& weight, float eps, int64_t n, Tensor& out) {
   const int64_t d = weight.numel();
   with_act(out, [&](auto* y) {
+#pragma omp parallel for schedule(static) num_threads(threads_) if (n * d >= kParallelElements)
     for (int64_t t = 0; t < n; ++t) rms_row(x.as<float>() + t * d, weight.as<float>(), eps, d, y + t * d);
   });
 }
 
+// residual += x, then out = rms_norm(residual), row by row while the row is in L1
 void CpuBackend::add_rms_norm(Tensor& residual, const Tensor& x, const Tensor& weight, float eps,
                               Tensor& out) {
-  add(residual, x);
-  rms_norm(residual, weight, eps, batch_.num_tokens, out);
+  const int64_t n = batch_.num_tokens, d = weight.numel();
+  float* r = residual.as<float>();
+  with_act(x, [&](const auto* xi) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(xi)>>;
+    T* y = out.as<T>();
+#pragma omp parallel for schedule(static) num_threads(threads_) if (n * d >= kParallelElements)
+    for (int64_t t = 0; t < n; ++t) {
+      add_row(r + t * d, xi + t * d, d);
+      rms_row(r + t * d, weight.as<float>(), eps, d, y + t * d);
+    }
+  });
 }
 
 void CpuBackend::linear(const Tensor& x, const Tensor& weight, int64_t n, Tensor& out) {
@@ -190,7 +255,7 @@ void CpuBackend::linear(const Tensor& x, const Tensor& weight, int64_t n, Tensor
   if (x.dtype == ScalarType::BF16 && weight.dtype == ScalarType::BF16) {
     // bf16 x bf16 with fp32 accumulation (VDPBF16PS where the processor has it)
     gemm_bf16_bf16(x.as<uint16_t>(), weight.as<uint16_t>(), yf, n, m, k, threads_);
-    if (out.dtype == ScalarType::BF16) narrow(yf, n * m, out.as<uint16_t>());
+    if (out.dtype == ScalarType::BF16) narrow_rows(yf, n, m, out.as<uint16_t>(), threads_);
     return;
   }
   // bf16 activations with fp32 weights: widened to fp32 (exact)
@@ -204,15 +269,12 @@ void CpuBackend::linear(const Tensor& x, const Tensor& weight, int64_t n, Tensor
     gemm_f32(xf, weight.as<float>(), yf, n, m, k, threads_);
   else
     gemm_bf16(xf, weight.as<uint16_t>(), yf, n, m, k, threads_);
-  if (out.dtype == ScalarType::BF16) narrow(yf, n * m, out.as<uint16_t>());
+  if (out.dtype == ScalarType::BF16) narrow_rows(yf, n, m, out.as<uint16_t>(), threads_);
 }
 
 void CpuBackend::add(Tensor& residual, const Tensor& x) {
   const int64_t n = static_cast<int64_t>(batch_.num_tokens) * residual.dim(1);
-  float* r = residual.as<float>();
-  with_act(x, [&](const auto* xi) {
-    for (int64_t i = 0; i < n; ++i) r[i] += to_f32(xi[i]);
-  });
+  with_act(x, [&](const auto* xi) { add_row(residual.as<float>(), xi, n); });
 }
 
 void CpuBackend::rope_and_cache(Tensor& qkv, const RopeTable& rope, int64_t num_heads,
@@ -241,16 +303,8 @@ void CpuBackend::silu_mul(const Tensor& gate_up, int64_t n, Tensor& out) {
   with_act(gate_up, [&](const auto* gu) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(gu)>>;
     T* y = out.as<T>();
-#pragma omp parallel for schedule(static) num_threads(threads_) if (n * inter > 65536)
-    for (int64_t t = 0; t < n; ++t) {
-      const T* g = gu + t * 2 * inter;
-      const T* u = g + inter;
-      T* o = y + t * inter;
-      for (int64_t i = 0; i < inter; ++i) {
-        const float gi = to_f32(g[i]);
-        store(o + i, gi / (1.0f + std::exp(-gi)) * to_f32(u[i]));
-      }
-    }
+#pragma omp parallel for schedule(static) num_threads(threads_) if (n * inter >= kParallelElements)
+    for (int64_t t = 0; t < n; ++t) silu_mul_row(gu + t * 2 * inter, gu + t * 2 * inter + inter, inter, y + t * inter);
   });
 }
 

@@ -1,0 +1,134 @@
+"""The CPU paged-attention kernel's tiles, through the whole forward, against
+transformers' contiguous attention.
+
+The kernel (cpp/src/backend/cpu/attention.cpp) takes up to 48 / G query tokens
+of a sequence per work item and walks the page table 16 keys at a time; the
+shapes below reach each of its paths: G = 1, 2, 3, 4, 12 and 32 (tiles of 48,
+24, 16, 12, 4 and 1 tokens), head dims 64 and 128 (the vector path), 48 (a half
+column block of bf16 pairs) and 40 (the portable path). Three prompts share
+each step in 13-token chunks, so tiles start mid-sequence over cached context
+and their causal ends fall anywhere in a 16-key chunk, with 16-token blocks
+and 5-token ones (a chunk then spans up to four blocks).
+
+Tolerances: fp32 activations, relative error of the logits <= 1e-4 against
+transformers in fp32 (as tests/test_forward.py); bf16 activations, <= 8e-3
+against the reference that rounds to bf16 where pagedrt stores (see
+test_bf16_activations_match_a_bf16_rounding_reference).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import pagedrt
+from conftest import run_all
+from test_forward import REL_TOL, reference_logits, reference_logits_bf16_activations, rel_err
+
+SHAPES = {  # name: (num_attention_heads, num_key_value_heads, head_dim, hidden_size)
+    "g1-d64": (2, 2, 64, 128),
+    "g2-d64": (4, 2, 64, 128),
+    "g3-d64": (6, 2, 64, 192),
+    "g4-d128": (4, 1, 128, 128),
+    "g2-d48": (4, 2, 48, 128),
+    "g1-d40": (2, 2, 40, 128),
+    "g12-d32": (12, 1, 32, 192),
+    "g32-d16": (32, 1, 16, 128),
+}
+
+
+@pytest.mark.parametrize("act", ["float32", "bfloat16"])
+@pytest.mark.parametrize("block_size", [16, 5])
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_chunked_batched_prefill_and_decode_match_contiguous_attention(tiny_llama, shape, block_size, act):
+    H, Hkv, D, hidden = SHAPES[shape]
+    path, model = tiny_llama(num_attention_heads=H, num_key_value_heads=Hkv, head_dim=D, hidden_size=hidden)
+    rng = np.random.default_rng(H * 1000 + D)
+    prompts = [rng.integers(3, 320, size=n).tolist() for n in (45, 9, 70)]
+    with pagedrt.Runtime(path, device="cpu", activation_dtype=act, block_size=block_size,
+                         max_num_batched_tokens=13, num_threads=2) as rt:
+        got = run_all(rt, prompts, max_tokens=5, ignore_eos=True, return_logits=True)
+    reference = reference_logits if act == "float32" else reference_logits_bf16_activations
+    tol = REL_TOL if act == "float32" else 8e-3
+    for (tokens, logits), prompt in zip(got, prompts):
+        ref = reference(model, prompt + tokens[:-1])
+        assert logits.shape == ref.shape
+        assert rel_err(logits, ref) <= tol, (shape, block_size, act, rel_err(logits, ref))
+
+
+# ---- op level (pagedrt._core._Ops("cpu"): fp32 activations and KV cache) -----------
+
+@pytest.fixture(scope="module")
+def cpu_ops():
+    from pagedrt import _core
+    return _core._Ops("cpu")
+
+
+def set_batch(ops, rng, seqs, block_size):
+    """seqs: (cached, new) tokens per sequence; blocks handed out shuffled.
+    Returns the block table of each sequence and the number of blocks."""
+    need = [-(-(c + n) // block_size) for c, n in seqs]
+    perm = rng.permutation(sum(need) + 3)
+    tables = np.split(perm[:sum(need)], np.cumsum(need)[:-1])
+    positions = np.concatenate([np.arange(c, c + n) for c, n in seqs])
+    slots = np.concatenate([t[np.arange(c, c + n) // block_size] * block_size + np.arange(c, c + n) % block_size
+                            for (c, n), t in zip(seqs, tables)])
+    i32 = lambda a: np.ascontiguousarray(a, np.int32)  # noqa: E731
+    ops.set_batch(i32(np.zeros(len(positions))), i32(positions), np.ascontiguousarray(slots, np.int64),
+                  i32(np.cumsum([0] + [n for _, n in seqs])), i32([c + n for c, n in seqs]),
+                  i32(np.cumsum([0] + need)), i32(np.concatenate(tables)), i32([len(positions) - 1]))
+    return tables, len(perm)
+
+
+@pytest.mark.parametrize("block_size", [16, 5])
+@pytest.mark.parametrize("G,D", [(1, 64), (2, 64), (3, 64), (4, 128), (3, 48), (2, 40), (12, 32)])
+def test_paged_attention_matches_contiguous_numpy(cpu_ops, G, D, block_size):
+    """fp32: max |out - float64 softmax(q k^T / sqrt(D)) v| <= 1e-5 over the rows of
+    a batch with prefill tiles over cached context and single decode tokens."""
+    rng = np.random.default_rng(G * 100 + D + block_size)
+    Hkv = 2 if G < 12 else 1
+    H = G * Hkv
+    seqs = [(0, 19), (37, 1), (5, 30), (60, 9), (200, 1), (3, 70)]  # 70: full tiles and a partial one
+    tables, num_blocks = set_batch(cpu_ops, rng, seqs, block_size)
+    T = sum(n for _, n in seqs)
+    qkv = rng.standard_normal((T, (H + 2 * Hkv) * D)).astype(np.float32)
+    k_cache = rng.standard_normal((num_blocks, block_size, Hkv, D)).astype(np.float32)
+    v_cache = rng.standard_normal((num_blocks, block_size, Hkv, D)).astype(np.float32)
+    scale = D ** -0.5
+    out = cpu_ops.paged_attention(qkv, k_cache, v_cache, H, Hkv, D, scale)
+    assert out.shape == (T, H * D)
+    t = 0
+    for (cached, new), table in zip(seqs, tables):
+        ctx = cached + new
+        k = k_cache[table].reshape(-1, Hkv, D)[:ctx].astype(np.float64)  # (ctx, Hkv, D) contiguous
+        v = v_cache[table].reshape(-1, Hkv, D)[:ctx].astype(np.float64)
+        q = qkv[t:t + new, :H * D].reshape(new, H, D).astype(np.float64)
+        s = np.einsum("thd,shd->hts", q, np.repeat(k, G, axis=1)) * scale  # (H, new, ctx)
+        s[:, np.arange(new)[:, None] + cached < np.arange(ctx)[None, :]] = -np.inf
+        p = np.exp(s - s.max(-1, keepdims=True))
+        ref = np.einsum("hts,shd->thd", p / p.sum(-1, keepdims=True), np.repeat(v, G, axis=1))
+        assert np.max(np.abs(out[t:t + new] - ref.reshape(new, H * D))) <= 1e-5, (cached, new)
+        t += new
+
+
+@pytest.mark.parametrize("n,d", [(1, 576), (33, 576), (3, 61), (130, 1544)])
+def test_norms_add_and_silu_mul_match_numpy(cpu_ops, n, d):
+    """fp32: relative error <= 1e-6 (the vector paths sum in another order; the
+    vector e^x is within 2e-7 of exp); silu_mul over |g| up to 100, where e^-g
+    is near 0 or past the fp32 range."""
+    rng = np.random.default_rng(n + d)
+    set_batch(cpu_ops, rng, [(0, n)], 16)
+    res = (rng.standard_normal((n, d)) * 3).astype(np.float32)
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    w = (1 + 0.2 * rng.standard_normal(d)).astype(np.float32)
+    r64 = res.astype(np.float64) + x
+    norm = lambda a: w * (a / np.sqrt((a * a).mean(-1, keepdims=True) + 1e-5))  # noqa: E731
+    assert rel_err(cpu_ops.rms_norm(res, w, 1e-5), norm(res.astype(np.float64))) <= 1e-6
+    r, y = cpu_ops.add_rms_norm(res, x, w, 1e-5)
+    assert rel_err(r, r64) <= 1e-7 and rel_err(y, norm(r64)) <= 1e-6
+    assert rel_err(cpu_ops.add(res, x), r64) <= 1e-7
+    g = rng.standard_normal((n, d)) * np.where(rng.random((n, d)) < 0.1, 40.0, 3.0)
+    g[0, :4] = [100.0, -100.0, 88.5, -88.5][:min(4, d)]
+    u = rng.standard_normal((n, d))
+    gate_up = np.concatenate([g, u], axis=1).astype(np.float32)
+    g64, u64 = gate_up[:, :d].astype(np.float64), gate_up[:, d:].astype(np.float64)
+    assert rel_err(cpu_ops.silu_mul(gate_up), g64 / (1 + np.exp(-g64)) * u64) <= 1e-6
