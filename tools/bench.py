@@ -615,8 +615,10 @@ def main(argv=None):
     ref = greedy_matches(rows)
     check_schema(rows, [w for w in selected if w in covered])
 
-    print(f"\n{model.name} on {platform.machine()} ({cpu_name()}), {a.threads} threads, {date.today()}, "
-          f"sizes \"{a.size}\"{' ' + ' '.join(a.set) if a.set else ''}")
+    from pagedrt import _core
+    kernel = _core._gemm_variant()  # the CPU GEMM this processor runs
+    print(f"\n{model.name} on {platform.machine()} ({cpu_name()}, CPU GEMM {kernel}), {a.threads} threads, "
+          f"{date.today()}, sizes \"{a.size}\"{' ' + ' '.join(a.set) if a.set else ''}")
     print_tables(rows, size, a.runs, ref)
     first = next((r["load_to_first_token_s"] for r in rows if "load_to_first_token_s" in r), None)
     if first is not None:
@@ -629,7 +631,7 @@ def main(argv=None):
     if a.json:
         Path(a.json).write_text(json.dumps(dict(
             model=model.name, threads=a.threads, date=str(date.today()), machine=platform.machine(), cpu=cpu_name(),
-            size=a.size, sizes=size, workloads=selected, args=vars(a), seconds=seconds, errors=errors,
+            cpu_gemm=kernel, size=a.size, sizes=size, workloads=selected, args=vars(a), seconds=seconds, errors=errors,
             loadavg_start=load_start, loadavg_end=load, rows=rows),
             indent=2))
     if a.plot and importlib.util.find_spec("matplotlib"):

@@ -3,7 +3,7 @@
 #
 #   bash tools/gpu_check.sh [STAGE ...]      (from the repo root; default: all stages)
 #
-# Stages: env build optests diag make8b smol tests e2e bench harness profile
+# Stages: env build optests diag make8b smol tests e2e bench harness profile cpuscale
 #   env      nvidia-smi, versions
 #   build    pip install --no-build-isolation --no-deps . with PAGEDRT_CUDA=ON
 #   optests  tests/test_cuda.py without the model end-to-end tests (fast)
@@ -17,6 +17,8 @@
 #            batch-1 TPOT with CUDA graphs / PDL off and on), transformers
 #   harness  tools/bench.py --device cuda: the project's benchmark harness on the 8B shape
 #   profile  tools/cuda_profile.py: GPU time per kernel (batch-1 decode; 64 x 512/32)
+#   cpuscale the CPU backend on this machine's cores: tools/bench.py latency and batched,
+#            SmolLM2 bf16, pagedrt only, 1 to 16 threads (needs the smol stage)
 #
 # Logs and results go to $OUT (default ./out): gpu_check.log, errors.txt (measured
 # errors per test), results.json, summary.md. Nothing is fetched from a network.
@@ -128,6 +130,16 @@ fi
 if has profile && [ -f "$LLAMA8B/config.json" ]; then
   stage profile
   (cd /tmp && timeout $(( $(left) - 20 > 30 ? $(left) - 20 : 30 )) $PY "$OLDPWD/tools/cuda_profile.py" "$OUT/profile.json" "$LLAMA8B")
+fi
+
+if has cpuscale && [ -d "$WORK/smolpkg" ]; then
+  stage cpuscale
+  export PYTHONPATH="$WORK/smolpkg${PYTHONPATH:+:$PYTHONPATH}"
+  for t in 1 2 4 8 16; do
+    [ "$(left)" -gt 40 ] || break
+    (cd /tmp && timeout $(( $(left) - 20 )) $PY "$OLDPWD/tools/bench.py" --threads $t --peers "" --dtypes bfloat16 \
+       --workloads latency,batched --runs 1 --json "$OUT/cpu_threads_$t.json" 2>/dev/null | grep -E "pagedrt|engine|threads")
+  done
 fi
 
 stage summary

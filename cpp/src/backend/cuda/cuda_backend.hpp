@@ -135,6 +135,10 @@ class CudaBackend final : public Backend {
   // many blocks per SM, up to about that many (PAGEDRT_DECODE_SPLIT_WAVES, for
   // tuning runs). Measured on the H100, batch 64 x 2,048 (512 blocks):
   // unsplit (2) 207 us, 2 splits (4) 215, 3 splits (8) 218, 16: 228, 32: 238.
+  // Batch 1 splits down to one pass of the kernel per split (32 keys at head
+  // dim 128): at least 128 or 256 keys per split made the 8B shape's TPOT
+  // 2% and 4% slower (H100, 128 in / 128 out), and merging the splits in the
+  // last split block instead of a second kernel 4% slower.
   int split_waves_ = 2;
   std::map<GraphKey, cudaGraphExec_t> graphs_;
 
