@@ -37,6 +37,8 @@ def test_bench_tiny_mode_runs_every_workload_and_writes_its_schema(tmp_path):
             assert r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 and r["ttft_ms"] > 0
     batched = data["sizes"]["batched"]
     assert all(r["output_tokens"] == batched["count"] * batched["new"] for r in rows if r["workload"] == "batched")
+    # --throughput-runs (default 1): every run's seconds, the row's the median's
+    assert all(r["runs_s"] == [r["seconds"]] for r in rows if r["workload"] == "batched")
 
     sharing = {r["variant"]: r for r in rows if r["workload"] == "sharing"}
     assert list(sharing) == ["n=1", "n=4, forked after the prompt", "n=4 as 4 requests, no prefix cache",

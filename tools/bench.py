@@ -3,6 +3,7 @@
 
     python tools/bench.py --json bench.json --plot bench.png       # all workloads, every peer installed
     python tools/bench.py --workloads latency,batched --peers llama.cpp --gguf-types f16
+    python tools/bench.py --workloads latency,batched --throughput-runs 3   # batched: median of 3 runs
     python tools/bench.py --workloads sharing,prefix --set prefix.requests=32
     python tools/bench.py --tiny --json out.json                    # CI: tiny random model, pagedrt only
     python tools/bench.py --device cuda --model DIR --size paper --workloads latency,batched
@@ -76,6 +77,14 @@ def batched_row(engine, workload, meter, outputs, secs, **extra):
                 output_tokens=n, peak_rss_mb=meter.peak(), head=[list(o[:HEAD]) for o in outputs[:2]], **extra)
 
 
+def median_run(a, once):
+    """once() -> (outputs, seconds); runs it --throughput-runs times. Returns the
+    median run's (outputs, seconds) and every run's seconds."""
+    runs = [once() for _ in range(a.throughput_runs)]
+    secs = [r[1] for r in runs]
+    return sorted(runs, key=lambda r: r[1])[len(runs) // 2], secs
+
+
 # ---- pagedrt ---------------------------------------------------------------------------
 def pagedrt_latency_batched(model, dtype, W, a, meter, engine):
     """Both on one Runtime with the default configuration (its load time is the user's)."""
@@ -83,7 +92,10 @@ def pagedrt_latency_batched(model, dtype, W, a, meter, engine):
     meter.reset()
     t0 = time.perf_counter()
     gpu = dict(max_num_seqs=256, max_num_batched_tokens=8192) if a.device == "cuda" else {}
-    with pagedrt.Runtime(model, device=a.device, dtype=dtype, num_threads=a.threads, **gpu) as rt:
+    # No prefix cache: the latency runs repeat one prompt, the batched runs one
+    # prompt set, and the peers compute every prompt anew.
+    with pagedrt.Runtime(model, device=a.device, dtype=dtype, num_threads=a.threads, enable_prefix_caching=False,
+                         **gpu) as rt:
         load = time.perf_counter() - t0
         if "latency" in W:
             (prompt,), (new,) = W["latency"]
@@ -106,11 +118,14 @@ def pagedrt_latency_batched(model, dtype, W, a, meter, engine):
         if "batched" in W:
             prompts, news = W["batched"]
             meter.reset()
-            t0 = time.perf_counter()
-            outs = rt.generate(prompts, max_tokens=news[0], ignore_eos=True, temperature=0)
-            rows.append(batched_row(engine, "batched", meter, [o.outputs[0].token_ids for o in outs],
-                                    time.perf_counter() - t0, **bench_kv.kv_fields(rt.stats())))
-            log(f"  {engine} batched: {rows[-1]['output_tok_s']:.1f} tok/s")
+
+            def once():
+                t0 = time.perf_counter()
+                outs = rt.generate(prompts, max_tokens=news[0], ignore_eos=True, temperature=0)
+                return [o.outputs[0].token_ids for o in outs], time.perf_counter() - t0
+            (outs, secs), runs = median_run(a, once)
+            rows.append(batched_row(engine, "batched", meter, outs, secs, runs_s=runs, **bench_kv.kv_fields(rt.stats())))
+            log(f"  {engine} batched: {rows[-1]['output_tok_s']:.1f} tok/s (runs: {', '.join(f'{x:.2f}' for x in runs)} s)")
         for r in rows:
             r.update(gpu_memory(a))
     return rows  # the Runtime's memory goes with this frame (close() only stops its engine)
@@ -172,11 +187,15 @@ def transformers_job(model, _, W, a, meter):
             ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=a.device)
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=a.device)
             meter.reset()
-            t0 = time.perf_counter()
-            out = m.generate(ids, attention_mask=mask, max_new_tokens=news[0], min_new_tokens=news[0],
-                             do_sample=False, pad_token_id=0)
-            sync()
-            rows.append(batched_row(engine, "batched", meter, out[:, width:].tolist(), time.perf_counter() - t0))
+
+            def once():
+                t0 = time.perf_counter()
+                out = m.generate(ids, attention_mask=mask, max_new_tokens=news[0], min_new_tokens=news[0],
+                                 do_sample=False, pad_token_id=0)
+                sync()
+                return out[:, width:].tolist(), time.perf_counter() - t0
+            (outs, secs), runs = median_run(a, once)
+            rows.append(batched_row(engine, "batched", meter, outs, secs, runs_s=runs))
             log(f"  transformers batched: {rows[-1]['output_tok_s']:.1f} tok/s")
     for r in rows:
         r["version"] = transformers.__version__
@@ -213,12 +232,15 @@ def ctranslate2_job(model, _, W, a, meter):
             if "batched" in W:
                 prompts, news = W["batched"]
                 meter.reset()
-                t0 = time.perf_counter()
-                res = gen.generate_batch([to_str(p) for p in prompts], max_length=news[0], min_length=news[0],
-                                         include_prompt_in_result=False, sampling_topk=1,
-                                         max_batch_size=len(prompts))
-                rows.append(batched_row(engine, "batched", meter, [r.sequences_ids[0] for r in res],
-                                        time.perf_counter() - t0))
+
+                def once():
+                    t0 = time.perf_counter()
+                    res = gen.generate_batch([to_str(p) for p in prompts], max_length=news[0], min_length=news[0],
+                                             include_prompt_in_result=False, sampling_topk=1,
+                                             max_batch_size=len(prompts))
+                    return [r.sequences_ids[0] for r in res], time.perf_counter() - t0
+                (outs, secs), runs = median_run(a, once)
+                rows.append(batched_row(engine, "batched", meter, outs, secs, runs_s=runs))
                 log(f"  {engine} batched: {rows[-1]['output_tok_s']:.1f} tok/s")
             del gen
     for r in rows:
@@ -330,8 +352,16 @@ def llamacpp_job(model, gguf_type, W, a, meter):
         prompts, news = W.get(wl) or W["waste"]
         for layout in a.llamacpp_kv.split(",") if a.llamacpp_kv != "auto" else [AUTO_KV[wl]]:
             meter.reset()
-            outs, secs, n_ctx, used = llamacpp_batched(gguf, prompts, news, a, layout, f"{engine} {wl}")
-            row = batched_row(engine, wl, meter, outs, secs, kv_slots_reserved=n_ctx, waste_at_peak=1 - used / n_ctx)
+            if wl == "batched":  # --throughput-runs runs, the median's row
+                results = [llamacpp_batched(gguf, prompts, news, a, layout, f"{engine} {wl}")
+                           for _ in range(a.throughput_runs)]
+                outs, secs, n_ctx, used = sorted(results, key=lambda r: r[1])[len(results) // 2]
+                extra = dict(runs_s=[r[1] for r in results])
+            else:
+                outs, secs, n_ctx, used = llamacpp_batched(gguf, prompts, news, a, layout, f"{engine} {wl}")
+                extra = {}
+            row = batched_row(engine, wl, meter, outs, secs, kv_slots_reserved=n_ctx, waste_at_peak=1 - used / n_ctx,
+                              **extra)
             row["variant"] = f"{layout} KV, n_ctx {n_ctx}"
             rows.append(row)
             log(f"  {engine} {wl} ({row['variant']}): {row['output_tok_s']:.1f} tok/s")
@@ -430,7 +460,7 @@ def fmt(v, kind):
     return "-" if v is None else FORMATS[kind].format(v)
 
 
-def print_tables(rows, size, runs, ref):
+def print_tables(rows, size, runs, ref, throughput_runs=1):
     """One table per workload; columns from COLUMNS."""
     for wl, cols in COLUMNS.items():
         rs = [r for r in rows if r["workload"] == wl]
@@ -441,7 +471,8 @@ def print_tables(rows, size, runs, ref):
         head = ["engine"] + ["variant"] * var + [h.format(ref=ref) for h, _, _ in cols]
         body = [[r["engine"]] + [r.get("variant") or ""] * var + [fmt(r.get(k), f) for _, k, f in cols] for r in rs]
         widths = [max(len(line[i]) for line in [head] + body) for i in range(len(head))]
-        print(f"\n{wl}: " + TITLES[wl].format(runs=runs, **size["mixed" if wl == "waste" else wl]))
+        median = f", median of {throughput_runs} runs" if wl == "batched" and throughput_runs > 1 else ""
+        print(f"\n{wl}: " + TITLES[wl].format(runs=runs, **size["mixed" if wl == "waste" else wl]) + median)
         for line in [head] + body:
             print("  " + "  ".join(c.ljust(w) if i <= var else c.rjust(w)
                                    for i, (c, w) in enumerate(zip(line, widths))))
@@ -534,6 +565,8 @@ def parser():
                         "other peers are CPU engines and are skipped")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs", type=int, default=3, help="timed latency runs (after one warm-up)")
+    p.add_argument("--throughput-runs", type=int, default=1,
+                   help="runs of the batched workload per engine; the median's row (runs_s in the JSON has all)")
     p.add_argument("--dtypes", default="bfloat16,float32", help="pagedrt weight dtypes")
     p.add_argument("--peers", default="llama.cpp,ctranslate2,transformers")
     p.add_argument("--gguf-types", default="q4_1,f16,bf16", help="llama.cpp weights to run")
@@ -619,7 +652,7 @@ def main(argv=None):
     kernel = _core._gemm_variant()  # the CPU GEMM this processor runs
     print(f"\n{model.name} on {platform.machine()} ({cpu_name()}, CPU GEMM {kernel}), {a.threads} threads, "
           f"{date.today()}, sizes \"{a.size}\"{' ' + ' '.join(a.set) if a.set else ''}")
-    print_tables(rows, size, a.runs, ref)
+    print_tables(rows, size, a.runs, ref, a.throughput_runs)
     first = next((r["load_to_first_token_s"] for r in rows if "load_to_first_token_s" in r), None)
     if first is not None:
         print(f"\nRuntime() to first token (converted model): {first:.2f} s")
