@@ -37,6 +37,11 @@ def test_bench_tiny_mode_runs_every_workload_and_writes_its_schema(tmp_path):
             assert r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 and r["ttft_ms"] > 0
     batched = data["sizes"]["batched"]
     assert all(r["output_tokens"] == batched["count"] * batched["new"] for r in rows if r["workload"] == "batched")
+    # the ratio column: pagedrt bfloat16 (the first engine) over each row
+    for wl, key in (("latency", "decode_tok_s"), ("batched", "output_tok_s"), ("mixed", "output_tok_s")):
+        first = next(r for r in rows if r["workload"] == wl)
+        assert first["engine"] == "pagedrt bfloat16" and first["first_x"] == 1.0
+        assert all(abs(r["first_x"] - first[key] / r[key]) < 1e-12 for r in rows if r["workload"] == wl)
     # --throughput-runs (default 1): every run's seconds, the row's the median's
     assert all(r["runs_s"] == [r["seconds"]] for r in rows if r["workload"] == "batched")
 
@@ -58,6 +63,7 @@ def test_bench_tiny_mode_runs_every_workload_and_writes_its_schema(tmp_path):
     for wl in WORKLOADS:  # one table per workload
         assert f"\n{wl}: " in stdout
     assert "Runtime() to first token" in stdout and "decode tok/s" in stdout and "greedy = pagedrt float32" in stdout
+    assert "pagedrt bfloat16 ×" in stdout
 
 
 def test_bench_kv_shortcut_runs_only_the_workloads_asked(tmp_path):

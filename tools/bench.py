@@ -425,12 +425,12 @@ MEMORY = {"kv_blocks_peak": int, "kv_slots_reserved": int, "waste_at_peak": floa
 
 RSS = ("peak RSS MB", "peak_rss_mb", "f0")
 COLUMNS = {  # workload: (header, key, format) after engine [and variant]
-    "latency": [("decode tok/s", "decode_tok_s", "f1"), ("prefill tok/s", "prefill_tok_s", "f1"),
-                ("TTFT ms", "ttft_ms", "f1"), RSS],
-    "batched": [("output tok/s", "output_tok_s", "f1"), ("seconds", "seconds", "f1"),
+    "latency": [("decode tok/s", "decode_tok_s", "f1"), ("{first} ×", "first_x", "x"),
+                ("prefill tok/s", "prefill_tok_s", "f1"), ("TTFT ms", "ttft_ms", "f1"), RSS],
+    "batched": [("output tok/s", "output_tok_s", "f1"), ("{first} ×", "first_x", "x"), ("seconds", "seconds", "f1"),
                 ("KV slots", "kv_slots_reserved", "int"), ("waste", "waste_at_peak", "pct"), RSS,
                 ("greedy = {ref}", "greedy_match", "str"), ("= high-level API", "matches_high_level", "str")],
-    "mixed": [("output tok/s", "output_tok_s", "f1"), ("seconds", "seconds", "f1"),
+    "mixed": [("output tok/s", "output_tok_s", "f1"), ("{first} ×", "first_x", "x"), ("seconds", "seconds", "f1"),
               ("KV slots", "kv_slots_reserved", "int"), ("waste", "waste_at_peak", "pct"),
               ("preemptions", "preemptions", "int"), RSS],
     "sharing": [("peak blocks", "kv_blocks_peak", "int"), ("w/o sharing", "kv_blocks_logical_peak", "int"),
@@ -460,7 +460,7 @@ def fmt(v, kind):
     return "-" if v is None else FORMATS[kind].format(v)
 
 
-def print_tables(rows, size, runs, ref, throughput_runs=1):
+def print_tables(rows, size, runs, ref, throughput_runs=1, first=""):
     """One table per workload; columns from COLUMNS."""
     for wl, cols in COLUMNS.items():
         rs = [r for r in rows if r["workload"] == wl]
@@ -468,7 +468,7 @@ def print_tables(rows, size, runs, ref, throughput_runs=1):
             continue
         cols = [c for c in cols if any(r.get(c[1]) is not None for r in rs)]  # none of these engines has it
         var = any(r.get("variant") for r in rs)
-        head = ["engine"] + ["variant"] * var + [h.format(ref=ref) for h, _, _ in cols]
+        head = ["engine"] + ["variant"] * var + [h.format(ref=ref, first=first) for h, _, _ in cols]
         body = [[r["engine"]] + [r.get("variant") or ""] * var + [fmt(r.get(k), f) for _, k, f in cols] for r in rs]
         widths = [max(len(line[i]) for line in [head] + body) for i in range(len(head))]
         median = f", median of {throughput_runs} runs" if wl == "batched" and throughput_runs > 1 else ""
@@ -513,6 +513,22 @@ def check_schema(rows, selected):
             spec.update(MEMORY)
         for k, t in spec.items():
             assert k in r and isinstance(r[k], t), (k, r)
+
+
+RATIO_KEYS = {"latency": "decode_tok_s", "batched": "output_tok_s", "mixed": "output_tok_s"}
+
+
+def add_ratios(rows):
+    """first_x: the first engine's (pagedrt's first dtype) tok/s over each row's,
+    per workload (decode tok/s for latency). Returns that engine's name."""
+    first = ""
+    for wl, key in RATIO_KEYS.items():
+        rs = [r for r in rows if r["workload"] == wl and r.get(key)]
+        if rs:
+            first = rs[0]["engine"]
+            for r in rs:
+                r["first_x"] = rs[0][key] / r[key]
+    return first
 
 
 def greedy_matches(rows):
@@ -652,7 +668,8 @@ def main(argv=None):
     kernel = _core._gemm_variant()  # the CPU GEMM this processor runs
     print(f"\n{model.name} on {platform.machine()} ({cpu_name()}, CPU GEMM {kernel}), {a.threads} threads, "
           f"{date.today()}, sizes \"{a.size}\"{' ' + ' '.join(a.set) if a.set else ''}")
-    print_tables(rows, size, a.runs, ref, a.throughput_runs)
+    first = add_ratios(rows)
+    print_tables(rows, size, a.runs, ref, a.throughput_runs, first)
     first = next((r["load_to_first_token_s"] for r in rows if "load_to_first_token_s" in r), None)
     if first is not None:
         print(f"\nRuntime() to first token (converted model): {first:.2f} s")
