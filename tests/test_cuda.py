@@ -440,6 +440,22 @@ def test_recorded_decode_steps_equal_direct_launches(tiny_llama, monkeypatch, kv
         assert (lg is None and ld is None) or np.array_equal(lg, ld)
 
 
+def test_close_frees_gpu_memory(tiny_llama):
+    """close() gives the 2 GiB KV pool and the weights back to the device at
+    once (cudaFree), while the Runtime object is still referenced."""
+    import torch
+    path, _ = tiny_llama(hidden_size=256, num_attention_heads=4, dtype="bfloat16")
+    free = lambda: torch.cuda.mem_get_info()[0]
+    torch.cuda.init()
+    before = free()
+    rt = pagedrt.Runtime(path, device="cuda", kv_cache_bytes=2 << 30)
+    during = free()
+    assert before - during > (2 << 30) - (64 << 20)
+    assert len(rt.generate([[5, 6, 7]], max_tokens=3, temperature=0)[0].token_ids) == 3
+    rt.close()
+    assert free() - during > (2 << 30) - (64 << 20)
+
+
 def test_cuda_mixed_precision_is_a_clear_error(tiny_llama):
     path, _ = tiny_llama(hidden_size=256, num_attention_heads=4)
     with pytest.raises(pagedrt.Unsupported, match="activation_dtype 'float32' with bfloat16 weights"):

@@ -302,7 +302,9 @@ class Runtime:
         return self._rt.stats()
 
     def close(self) -> None:
-        """Stops the engine; requests in flight end with finish_reason "abort"."""
+        """Stops the engine; requests in flight end with finish_reason "abort".
+        The weights and the KV cache (host or GPU memory) are freed here, not
+        when the object is collected."""
         self._rt.close()
 
     def __enter__(self) -> "Runtime":

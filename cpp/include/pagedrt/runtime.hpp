@@ -113,8 +113,10 @@ class Runtime {
 
   // Stops the engine; requests in flight get a final Abort event (still
   // readable through poll). Idempotent; any thread, also several at once;
-  // returns when the engine thread has ended. Afterwards submit() throws
-  // Error(InvalidArgument), abort() returns false, poll() drains what is left.
+  // returns when the engine thread has ended and the model's weights and KV
+  // cache (host or GPU memory) are freed. Afterwards submit() throws
+  // Error(InvalidArgument), abort() returns false, poll() drains what is left,
+  // stats() keeps its last figures.
   void close();
 
  private:

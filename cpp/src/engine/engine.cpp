@@ -85,6 +85,13 @@ void Engine::stop() {
   // thread hung here when close() ran on two threads at once).
   std::lock_guard<std::mutex> lk(join_mu_);
   if (thread_.joinable()) thread_.join();
+  // The engine thread has ended and nothing reads the model, the KV cache or
+  // the backend again (poll and stats read only queues and counters): their
+  // memory, the GPU's on CUDA, goes now rather than with the Runtime object.
+  model_.reset();
+  kv_ = KvCache{};
+  backend_.reset();
+  std::vector<float>().swap(logits_);
 }
 
 // ---- engine thread ---------------------------------------------------------------

@@ -44,11 +44,9 @@ class Engine {
   bool abort(const std::string& id, int32_t index);
   std::vector<Event> poll(const std::string* id, double timeout_s);
   Stats stats() const;
-  // Ends the thread; every live request gets a final Abort event.
+  // Ends the thread; every live request gets a final Abort event. Then frees
+  // the model, the KV cache and the backend (their memory goes at once).
   void stop();
-
-  const LlamaModel& model() const { return *model_; }
-  const KvCache& kv() const { return kv_; }
 
  private:
   void loop();
