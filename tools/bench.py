@@ -128,7 +128,7 @@ def pagedrt_latency_batched(model, dtype, W, a, meter, engine):
             log(f"  {engine} batched: {rows[-1]['output_tok_s']:.1f} tok/s (runs: {', '.join(f'{x:.2f}' for x in runs)} s)")
         for r in rows:
             r.update(gpu_memory(a))
-    return rows  # the Runtime's memory goes with this frame (close() only stops its engine)
+    return rows
 
 
 def pagedrt_job(model, dtype, W, a, meter):
