@@ -34,12 +34,14 @@
 // large shapes, H200). x (at most 8 x k bf16, read by every block) goes
 // through the read-only cache.
 //
-// Registers (ptxas, sm_90): 115 for kSteps = 4, 66 for kSteps = 2, no spills:
+// Registers (ptxas, sm_90): 120 for kSteps = 4, 67 for kSteps = 2, no spills:
 // 2 and 3 blocks (16 and 24 warps) per SM. The cost does not depend on n.
-// Measured on an H100 (1 GiB copy 2.98 TB/s), n = 1..8, % of copy: qkv
-// 6144 x 4096 82, o_proj 4096 x 4096 76, gate_up 28672 x 4096 94, down
-// 4096 x 14336 92, lm head 128256 x 4096 (fp32 out) 100; cuBLASLt 76, 65, 94,
-// 85, 94. The short ones lose ~3 us per call to launch and ramp-up.
+// Measured on H100s (1 GiB copy 2.97-2.98 TB/s), n = 1, back to back with
+// programmatic dependent launch, % of copy: qkv 6144 x 4096 87-89, o_proj
+// 4096 x 4096 91-92, gate_up 28672 x 4096 94-97, down 4096 x 14336 98-102,
+// lm head 128256 x 4096 (fp32 out) 101-105; cuBLASLt 76, 67, 94-98, 87-90,
+// 93-97. Without PDL the short ones lost ~3 us a call to launch and ramp-up
+// (qkv 82, o_proj 76).
 #include <cuda_bf16.h>
 
 #include <algorithm>
