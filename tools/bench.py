@@ -78,8 +78,8 @@ def batched_row(engine, workload, meter, outputs, secs, **extra):
 
 
 def median_run(a, once):
-    """once() -> (outputs, seconds); runs it --throughput-runs times. Returns the
-    median run's (outputs, seconds) and every run's seconds."""
+    """once() -> (outputs, seconds, ...); runs it --throughput-runs times. Returns
+    the median run's tuple and every run's seconds."""
     runs = [once() for _ in range(a.throughput_runs)]
     secs = [r[1] for r in runs]
     return sorted(runs, key=lambda r: r[1])[len(runs) // 2], secs
@@ -353,10 +353,9 @@ def llamacpp_job(model, gguf_type, W, a, meter):
         for layout in a.llamacpp_kv.split(",") if a.llamacpp_kv != "auto" else [AUTO_KV[wl]]:
             meter.reset()
             if wl == "batched":  # --throughput-runs runs, the median's row
-                results = [llamacpp_batched(gguf, prompts, news, a, layout, f"{engine} {wl}")
-                           for _ in range(a.throughput_runs)]
-                outs, secs, n_ctx, used = sorted(results, key=lambda r: r[1])[len(results) // 2]
-                extra = dict(runs_s=[r[1] for r in results])
+                (outs, secs, n_ctx, used), runs = median_run(
+                    a, lambda: llamacpp_batched(gguf, prompts, news, a, layout, f"{engine} {wl}"))
+                extra = dict(runs_s=runs)
             else:
                 outs, secs, n_ctx, used = llamacpp_batched(gguf, prompts, news, a, layout, f"{engine} {wl}")
                 extra = {}
