@@ -172,6 +172,24 @@ def test_silu_mul(ops):
     assert e <= BF16_TOL
 
 
+@pytest.mark.parametrize("inter,k", [(1536, 576), (1000, 2056), (100, 64)])
+@pytest.mark.parametrize("n", [1, 2, 5, 8, 9, 40])
+def test_linear_silu_mul(ops, n, inter, k):
+    """linear_silu_mul: for n <= 8 the own GEMV computes silu(gate) * up in its
+    epilogue, after rounding both to bf16 as linear() stores them, so it must
+    equal linear + silu_mul on the GPU bitwise (n > 8 runs those two). Partial
+    last tiles (I = 100) and a k tail past whole chunks (2056) included."""
+    rng = np.random.default_rng(n * 7919 + inter)
+    x, w = bf(rng.standard_normal((n, k))), bf(rng.standard_normal((2 * inter, k)) * 0.05)
+    cpu, gpu = ops
+    fused = gpu.linear_silu_mul(x, w)
+    assert fused.shape == (n, inter)
+    assert np.array_equal(fused, gpu.silu_mul(gpu.linear(x, w, "bfloat16", False)))
+    e = rel_err(fused, cpu.linear_silu_mul(x, w))
+    record(f"linear_silu_mul[n={n},I={inter},k={k}]", e)
+    assert e <= BF16_TOL
+
+
 def rope_tables(max_pos, D, theta=10000.0):
     inv = theta ** (-np.arange(0, D, 2, dtype=np.float64) / D)
     ang = (np.arange(max_pos, dtype=np.float32)[:, None] * inv.astype(np.float32)[None, :]).astype(np.float64)
@@ -289,6 +307,8 @@ ATTN_BATCHES = {
     "decode": [(0, 1), (14, 1), (15, 1), (16, 1), (31, 1), (200, 1), (1023, 1), (2048, 1)],
     # batch 1 decode on a long context: many splits
     "decode-b1": [(3000, 1)],
+    # a short context at batch 1 and 2: up to 8 splits, merged in a thread block cluster
+    "decode-b2-short": [(200, 1), (37, 1)],
     # enough (token, kv head) items to fill the GPU: one split, written directly
     "decode-many": [(int(c), 1) for c in np.random.default_rng(9).integers(0, 100, size=300)],
     # prefill from scratch, chunked prefill over cached KV, and decodes, in one step
@@ -327,6 +347,60 @@ def test_paged_attention(ops, D, H, Hkv, kind):
     e = rel_err(ours, sdpa)
     record("paged_attention_vs_sdpa" + tag, e)
     assert e <= BF16_TOL
+
+
+@pytest.mark.parametrize("D,H,Hkv", [(64, 9, 3), (128, 32, 8), (128, 16, 16), (64, 16, 2)])
+@pytest.mark.parametrize("kind", sorted(ATTN_BATCHES))
+def test_rope_cache_attention(ops, D, H, Hkv, kind):
+    """rope_cache_attention: in decode-only steps the CUDA backend rotates q and
+    the new k inside decode attention and appends K/V there; it must equal
+    rope_and_cache + paged_attention bitwise (output and both caches), with
+    splits ("decode-b1") and without. A mixed step runs the two ops. Against
+    the CPU backend within the bf16 tolerance."""
+    rng = np.random.default_rng(zlib.crc32(f"fused {D},{H},{Hkv},{kind}".encode()))
+    b = make_batch(rng, ATTN_BATCHES[kind])
+    n = len(b["tokens"])
+    qkv = bf(rng.standard_normal((n, (H + 2 * Hkv) * D)))
+    kc = bf(rng.standard_normal((b["num_blocks"], 16, Hkv, D)))
+    vc = bf(rng.standard_normal((b["num_blocks"], 16, Hkv, D)))
+    cos, sin = rope_tables(4096, D)
+    scale = D ** -0.5
+    cpu, gpu = ops
+    set_batch(gpu, b)
+    out, k, v = gpu.rope_cache_attention(qkv, cos, sin, H, Hkv, D, scale, kc, vc)
+    q1, k1, v1 = gpu.rope_and_cache(qkv, cos, sin, H, Hkv, D, kc, vc)
+    assert np.array_equal(k, k1) and np.array_equal(v, v1)
+    assert np.array_equal(out, gpu.paged_attention(q1, k1, v1, H, Hkv, D, scale))
+    set_batch(cpu, b)
+    out_cpu, _, _ = cpu.rope_cache_attention(qkv, cos, sin, H, Hkv, D, scale, kc, vc)
+    e = rel_err(out, out_cpu)
+    record(f"rope_cache_attention[{kind},D={D},G={H // Hkv}]", e)
+    assert e <= BF16_TOL
+
+
+def test_decode_split_merge_in_clusters_equals_merge_kernel(ops, monkeypatch):
+    """Up to 8 decode splits of a (token, kv head) run as one thread block
+    cluster and merge through each other's shared memory; with
+    PAGEDRT_DECODE_CLUSTERS=0 they write partials and a second kernel merges
+    them. Both use the same merge arithmetic in the same split order, so the
+    outputs must be bitwise equal (contexts of 37 and 200: 2 to 8 splits)."""
+    monkeypatch.setenv("PAGEDRT_DECODE_CLUSTERS", "0")
+    plain = _core._Ops("cuda")
+    monkeypatch.delenv("PAGEDRT_DECODE_CLUSTERS")
+    rng = np.random.default_rng(21)
+    for D, H, Hkv in [(128, 32, 8), (64, 16, 2), (128, 8, 8), (64, 8, 1)]:
+        for seqs in ([(200, 1)], [(200, 1), (37, 1)], [(16, 1)], [(100, 1)] * 3):
+            b = make_batch(rng, seqs)
+            n = len(b["tokens"])
+            qkv = bf(rng.standard_normal((n, (H + 2 * Hkv) * D)))
+            kc = bf(rng.standard_normal((b["num_blocks"], 16, Hkv, D)))
+            vc = bf(rng.standard_normal((b["num_blocks"], 16, Hkv, D)))
+            outs = []
+            for o in (ops[1], plain):
+                set_batch(o, b)
+                outs.append(o.paged_attention(qkv, kc, vc, H, Hkv, D, D ** -0.5))
+            assert np.array_equal(outs[0], outs[1]), (D, H, Hkv, seqs)
+            assert rel_err(outs[0], contiguous_attention(b, qkv, kc, vc, H, Hkv, D, D ** -0.5)) <= BF16_TOL
 
 
 def test_unsupported_head_dim_is_a_clear_error(tiny_llama):
@@ -406,19 +480,24 @@ def test_device_greedy_equals_host_greedy(tiny_llama):
         assert td == [int(np.argmax(r)) for r in lh[-24:]]
 
 
+@pytest.mark.parametrize("switches", [("PAGEDRT_CUDA_GRAPHS", "PAGEDRT_CUDA_PDL"), ("PAGEDRT_CUDA_FUSE",),
+                                      ("PAGEDRT_DECODE_CLUSTERS",)])
 @pytest.mark.parametrize("kv_heads", [1, 2])
-def test_recorded_decode_steps_equal_direct_launches(tiny_llama, monkeypatch, kv_heads):
+def test_decode_step_switches_are_bitwise_neutral(tiny_llama, monkeypatch, kv_heads, switches):
     """Decode steps of up to 64 sequences are recorded as CUDA graphs and
     replayed, and their kernels overlap through programmatic dependent launch.
     A replay runs the same kernels on the same inputs, and each kernel waits
     for the one ahead before it reads its output, so turning both off
     (PAGEDRT_CUDA_GRAPHS=0, PAGEDRT_CUDA_PDL=0) must give bitwise the same
-    logits and tokens. One request at a time, so that both runs make the same
-    batches (requests submitted together join the engine's steps as they
-    arrive, and a batch's row count picks the GEMM: see the test above).
-    Contexts cross 64-key split boundaries (the split count changes); n = 5
-    sampling makes 5-sequence steps; a greedy request without logits takes the
-    device pick after a replay."""
+    logits and tokens. So must turning the fusions off (PAGEDRT_CUDA_FUSE=0:
+    RoPE in decode attention, SiLU·mul in the gate/up GEMV) and the split
+    merge in thread block clusters (PAGEDRT_DECODE_CLUSTERS=0). One request at a
+    time, so that both runs make the same batches (requests submitted
+    together join the engine's steps as they arrive, and a batch's row count
+    picks the GEMM: see the test above). Contexts cross 64-key split
+    boundaries (the split count changes); n = 5 sampling makes 5-sequence
+    steps; a greedy request without logits takes the device pick after a
+    replay."""
     path, _ = tiny_llama(hidden_size=256, num_attention_heads=4, num_key_value_heads=kv_heads,
                          dtype="bfloat16")
     rng = np.random.default_rng(11)
@@ -426,8 +505,8 @@ def test_recorded_decode_steps_equal_direct_launches(tiny_llama, monkeypatch, kv
     prompts = [rng.integers(3, 320, size=k).tolist() for k in lens]
     outs = {}
     for graphs in ("1", "0"):
-        monkeypatch.setenv("PAGEDRT_CUDA_GRAPHS", graphs)
-        monkeypatch.setenv("PAGEDRT_CUDA_PDL", graphs)
+        for name in switches:
+            monkeypatch.setenv(name, graphs)
         with pagedrt.Runtime(path, device="cuda", kv_cache_bytes=64 << 20, enable_prefix_caching=False) as rt:
             got = [run_all(rt, [p], max_tokens=m, ignore_eos=True, return_logits=True)[0]
                    for p, m in zip(prompts, news)]

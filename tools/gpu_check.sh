@@ -115,7 +115,7 @@ if has bench; then
   timeout 180 $PY "$REPO/tools/bench_cuda.py" gemv "$WORK/gemv.json"
   if [ -f "$LLAMA8B/config.json" ]; then
     timeout $(( $(left) - 100 > 60 ? $(left) - 100 : 60 )) $PY "$REPO/tools/bench_cuda.py" pagedrt "$WORK/pagedrt.json" "$LLAMA8B"
-    timeout 120 $PY "$REPO/tools/bench_cuda.py" launch_ab "$WORK/launch_ab.json" "$LLAMA8B"
+    timeout 240 $PY "$REPO/tools/bench_cuda.py" launch_ab "$WORK/launch_ab.json" "$LLAMA8B"
     [ "$(left)" -gt 40 ] && timeout $(( $(left) - 10 )) $PY "$REPO/tools/bench_cuda.py" hf "$WORK/hf.json" "$LLAMA8B"
   fi
   cd "$REPO"

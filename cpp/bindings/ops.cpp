@@ -114,6 +114,14 @@ class Ops {
     b_->silu_mul(g, g.dim(0), out);
     return back(out);
   }
+  // silu(gate) * up of x @ [gate; up]^T, the fused op (w: (2 I, k) bf16)
+  F32Out linear_silu_mul(F32In x, F32In w) {
+    Tensor xt = put(x, act()), wt = weight(w, act());
+    Tensor gate_up = b_->empty({xt.dim(0), wt.dim(0)}, act());
+    Tensor out = b_->empty({xt.dim(0), wt.dim(0) / 2}, act());
+    b_->linear_silu_mul(xt, wt, xt.dim(0), gate_up, out);
+    return back(out);
+  }
   F32Out gather_rows(F32In x) {
     Tensor xt = put(x, ScalarType::F32);
     Tensor out = b_->empty({static_cast<int64_t>(logit_rows_.size()), xt.dim(1)}, ScalarType::F32);
@@ -127,6 +135,16 @@ class Ops {
     Tensor k = put(k_cache, b_->kv_dtype()), v = put(v_cache, b_->kv_dtype());
     b_->rope_and_cache(q, rope, H, Hkv, D, k, v);
     return {back(q), back(k), back(v)};
+  }
+  // rope_and_cache + paged_attention, the fused op: (out, k_cache, v_cache)
+  std::tuple<F32Out, F32Out, F32Out> rope_cache_attention(F32In qkv, F32In cos, F32In sin, int64_t H, int64_t Hkv,
+                                                          int64_t D, float scale, F32In k_cache, F32In v_cache) {
+    Tensor q = put(qkv, act());
+    pagedrt::RopeTable rope{put(cos, ScalarType::F32), put(sin, ScalarType::F32)};
+    Tensor k = put(k_cache, b_->kv_dtype()), v = put(v_cache, b_->kv_dtype());
+    Tensor out = b_->empty({q.dim(0), H * D}, act());
+    b_->rope_cache_attention(q, rope, H, Hkv, D, scale, k, v, out);
+    return {back(out), back(k), back(v)};
   }
   F32Out paged_attention(F32In qkv, F32In k_cache, F32In v_cache, int64_t H, int64_t Hkv, int64_t D, float scale) {
     Tensor q = put(qkv, act()), k = put(k_cache, b_->kv_dtype()), v = put(v_cache, b_->kv_dtype());
@@ -304,9 +322,12 @@ void register_ops(nb::module_& m) {
       .def("add", &Ops::add, "residual"_a, "x"_a)
       .def("linear", &Ops::linear, "x"_a, "weight"_a, "weight_dtype"_a, "out_f32"_a)
       .def("silu_mul", &Ops::silu_mul, "gate_up"_a)
+      .def("linear_silu_mul", &Ops::linear_silu_mul, "x"_a, "weight"_a)
       .def("gather_rows", &Ops::gather_rows, "x"_a)
       .def("rope_and_cache", &Ops::rope_and_cache, "qkv"_a, "cos"_a, "sin"_a, "num_heads"_a, "num_kv_heads"_a,
            "head_dim"_a, "k_cache"_a, "v_cache"_a)
+      .def("rope_cache_attention", &Ops::rope_cache_attention, "qkv"_a, "cos"_a, "sin"_a, "num_heads"_a,
+           "num_kv_heads"_a, "head_dim"_a, "scale"_a, "k_cache"_a, "v_cache"_a)
       .def("paged_attention", &Ops::paged_attention, "qkv"_a, "k_cache"_a, "v_cache"_a, "num_heads"_a,
            "num_kv_heads"_a, "head_dim"_a, "scale"_a)
       .def("bench_paged_attention", &Ops::bench_paged_attention, "qkv"_a, "k_cache"_a, "v_cache"_a,

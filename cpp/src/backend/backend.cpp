@@ -18,6 +18,18 @@ bool cuda_available() {
 #endif
 }
 
+void Backend::rope_cache_attention(Tensor& qkv, const RopeTable& rope, int64_t num_heads, int64_t num_kv_heads,
+                                   int64_t head_dim, float scale, Tensor& k_cache, Tensor& v_cache, Tensor& out) {
+  rope_and_cache(qkv, rope, num_heads, num_kv_heads, head_dim, k_cache, v_cache);
+  paged_attention(qkv, k_cache, v_cache, num_heads, num_kv_heads, head_dim, scale, out);
+}
+
+void Backend::linear_silu_mul(const Tensor& x, const Tensor& gate_up_weight, int64_t n, Tensor& gate_up,
+                              Tensor& out) {
+  linear(x, gate_up_weight, n, gate_up);
+  silu_mul(gate_up, n, out);
+}
+
 void Backend::argmax(const Tensor&, int64_t, int32_t*) {
   throw Error(ErrorKind::Unsupported, "this backend has no device argmax (check has_argmax())");
 }

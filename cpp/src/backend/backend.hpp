@@ -115,6 +115,18 @@ class Backend {
                                float scale, Tensor& out) = 0;
   // gate_up (n, 2 * I) = [gate | up]; out (n, I) = silu(gate) * up
   virtual void silu_mul(const Tensor& gate_up, int64_t n, Tensor& out) = 0;
+
+  // Fusions: each does what the ops it names do in turn (the defaults call
+  // them), bitwise alike; a backend overrides one where a single kernel can.
+  //
+  // rope_and_cache, then paged_attention. qkv's q and k parts may be left
+  // unrotated (the CUDA backend rotates them inside decode attention).
+  virtual void rope_cache_attention(Tensor& qkv, const RopeTable& rope, int64_t num_heads, int64_t num_kv_heads,
+                                    int64_t head_dim, float scale, Tensor& k_cache, Tensor& v_cache, Tensor& out);
+  // linear(x, gate_up_weight, n, gate_up), then silu_mul(gate_up, n, out);
+  // gate_up (n, 2 I) is scratch that may be left unwritten.
+  virtual void linear_silu_mul(const Tensor& x, const Tensor& gate_up_weight, int64_t n, Tensor& gate_up,
+                               Tensor& out);
   // out (num_logits, hidden) = x[logits_indices]
   virtual void gather_rows(const Tensor& x, Tensor& out) = 0;
   // cache (num_blocks, ...): block dst = block src for every pair, in order

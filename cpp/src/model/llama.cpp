@@ -122,12 +122,10 @@ void LlamaModel::queue_step(KvCache& kv, int64_t n, int64_t num_logits) {
     else  // the previous layer's MLP output joins the residual here
       backend_.add_rms_norm(ws_.residual, ws_.proj, L.input_norm, eps, ws_.normed);
     backend_.linear(ws_.normed, L.qkv, n, ws_.qkv);                          // (n, (H + 2Hkv) D)
-    backend_.rope_and_cache(ws_.qkv, rope_, H, Hkv, D, kv.k[l], kv.v[l]);
-    backend_.paged_attention(ws_.qkv, kv.k[l], kv.v[l], H, Hkv, D, scale, ws_.attn);  // (n, H D)
+    backend_.rope_cache_attention(ws_.qkv, rope_, H, Hkv, D, scale, kv.k[l], kv.v[l], ws_.attn);  // (n, H D)
     backend_.linear(ws_.attn, L.o, n, ws_.proj);                             // (n, hidden)
     backend_.add_rms_norm(ws_.residual, ws_.proj, L.post_norm, eps, ws_.normed);
-    backend_.linear(ws_.normed, L.gate_up, n, ws_.gate_up);                  // (n, 2I)
-    backend_.silu_mul(ws_.gate_up, n, ws_.act);                              // (n, I)
+    backend_.linear_silu_mul(ws_.normed, L.gate_up, n, ws_.gate_up, ws_.act);  // (n, I), via (n, 2I)
     backend_.linear(ws_.act, L.down, n, ws_.proj);                           // (n, hidden)
   }
   if (num_logits == 0) return;

@@ -1,9 +1,11 @@
 #include "backend/cuda/cuda_backend.hpp"
 
 #include <algorithm>
+#include <climits>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "backend/cuda/cuda_check.hpp"
 #include "backend/cuda/cuda_factory.hpp"
@@ -93,6 +95,10 @@ CudaBackend::CudaBackend(ScalarType activation_dtype) : act_(activation_dtype) {
   num_sms_ = prop.multiProcessorCount;
   const char* graphs = std::getenv("PAGEDRT_CUDA_GRAPHS");
   graphs_enabled_ = !(graphs && std::strcmp(graphs, "0") == 0);
+  const char* clusters = std::getenv("PAGEDRT_DECODE_CLUSTERS");
+  clusters_ = prop.major >= 9 && !(clusters && std::strcmp(clusters, "0") == 0);
+  const char* fuse = std::getenv("PAGEDRT_CUDA_FUSE");
+  fuse_ = !(fuse && std::strcmp(fuse, "0") == 0);
   if (const char* waves = std::getenv("PAGEDRT_DECODE_SPLIT_WAVES")) split_waves_ = std::max(1, std::atoi(waves));
   const char* pdl = std::getenv("PAGEDRT_CUDA_PDL");
   set_pdl(!(pdl && std::strcmp(pdl, "0") == 0));
@@ -255,14 +261,18 @@ void CudaBackend::plan_attention(int64_t H, int64_t Hkv, int64_t D) {
     return;
   const BatchView& b = host_;
   const int64_t G = H / Hkv;
-  std::vector<int32_t> dec;
+  std::vector<DecodeItem> dec;
   std::vector<int2> tiles;
   int64_t max_ctx = 1;
   for (int32_t i = 0; i < b.num_seqs; ++i) {
     const int32_t q0 = b.query_start[i], qn = b.query_start[i + 1] - q0;
     if (qn == 1 || act_ == ScalarType::F32) {
       for (int32_t t = q0; t < q0 + qn; ++t) {
-        dec.push_back(t);
+        // A slot past int32 (2^31 cached tokens) is never written by the
+        // fused append: such steps run rope_and_cache (rope_cache_attention).
+        const int64_t slot = b.slot_mapping[t];
+        dec.push_back({t, b.positions[t] + 1, b.page_indptr[i],
+                       slot <= INT32_MAX ? static_cast<int32_t>(slot) : int32_t(-2)});
         max_ctx = std::max<int64_t>(max_ctx, b.positions[t] + 1);
       }
     } else {
@@ -289,9 +299,9 @@ void CudaBackend::plan_attention(int64_t H, int64_t Hkv, int64_t D) {
     splits = up;
   }
 
-  const size_t dec_bytes = align16(dec.size() * 4), tile_bytes = tiles.size() * sizeof(int2);
+  const size_t dec_bytes = align16(dec.size() * sizeof(DecodeItem)), tile_bytes = tiles.size() * sizeof(int2);
   uint8_t* h = plan_.host(dec_bytes + tile_bytes);
-  if (!dec.empty()) std::memcpy(h, dec.data(), dec.size() * 4);
+  if (!dec.empty()) std::memcpy(h, dec.data(), dec.size() * sizeof(DecodeItem));
   if (!tiles.empty()) std::memcpy(h + dec_bytes, tiles.data(), tile_bytes);
   plan_.upload(dec_bytes + tile_bytes, stream_);
 
@@ -310,10 +320,12 @@ void CudaBackend::plan_attention(int64_t H, int64_t Hkv, int64_t D) {
   p.num_heads = H;
   p.num_kv_heads = Hkv;
   p.head_dim = D;
-  p.decode.tokens = reinterpret_cast<const int32_t*>(plan_.device());
+  p.decode.items = reinterpret_cast<const DecodeItem*>(plan_.device());
+  p.slots_fit = std::all_of(dec.begin(), dec.end(), [](const DecodeItem& d) { return d.slot != -2; });
   p.decode.num_items = static_cast<int>(items);
   p.decode.num_splits = static_cast<int>(splits);
   p.decode.chunk = static_cast<int>(chunk);
+  p.decode.cluster = clusters_ && splits >= 2 && splits <= kMaxClusterSplits;
   p.decode.o_part = partials_;
   p.decode.lse_part = partials_ ? partials_ + items * splits * H * D : nullptr;
   p.prefill.tiles = reinterpret_cast<const int2*>(plan_.device() + dec_bytes);
@@ -500,6 +512,46 @@ void CudaBackend::silu_mul(const Tensor& gate_up, int64_t n, Tensor& out) {
     cuda::silu_mul(gate_up.as<bf16>(), n, out.dim(1), out.as<bf16>(), stream_);
   else
     cuda::silu_mul(gate_up.as<float>(), n, out.dim(1), out.as<float>(), stream_);
+}
+
+void CudaBackend::rope_cache_attention(Tensor& qkv, const RopeTable& rope, int64_t num_heads, int64_t num_kv_heads,
+                                       int64_t head_dim, float scale, Tensor& k_cache, Tensor& v_cache, Tensor& out) {
+  check_attention(num_heads, num_kv_heads, head_dim);
+  plan_attention(num_heads, num_kv_heads, head_dim);
+  // Only where every token is its sequence's only query token: a prefill
+  // token reads the keys of the tokens before it in the same step, which
+  // must be in the cache first.
+  if (!fuse_ || host_.num_tokens != host_.num_seqs || plan_info_.prefill.num_tiles != 0 || !plan_info_.slots_fit) {
+    rope_and_cache(qkv, rope, num_heads, num_kv_heads, head_dim, k_cache, v_cache);
+    paged_attention(qkv, k_cache, v_cache, num_heads, num_kv_heads, head_dim, scale, out);
+    return;
+  }
+  require(qkv.dtype == act_ && out.dtype == act_ && k_cache.dtype == act_ && v_cache.dtype == act_,
+          "rope_cache_attention: qkv, caches and out of the activation dtype");
+  auto fused = [&](auto p) {
+    p.rope_cos = rope.cos.as<float>();
+    p.rope_sin = rope.sin.as<float>();
+    p.slot_mapping = dev_.slot_mapping;
+    using T = std::remove_pointer_t<decltype(p.out)>;
+    p.k_append = k_cache.as<T>();
+    p.v_append = v_cache.as<T>();
+    decode_attention(p, plan_info_.decode, stream_);
+  };
+  if (act_ == ScalarType::BF16)
+    fused(attention_params<bf16>(qkv, k_cache, v_cache, num_heads, num_kv_heads, head_dim, scale, out));
+  else
+    fused(attention_params<float>(qkv, k_cache, v_cache, num_heads, num_kv_heads, head_dim, scale, out));
+}
+
+void CudaBackend::linear_silu_mul(const Tensor& x, const Tensor& gate_up_weight, int64_t n, Tensor& gate_up,
+                                  Tensor& out) {
+  const int64_t inter = gate_up_weight.dim(0) / 2;
+  require(out.dim(1) == inter && gate_up_weight.dim(0) == 2 * inter, "linear_silu_mul: (2 I, k) weight, (n, I) out");
+  if (fuse_ && act_ == ScalarType::BF16 && x.dtype == act_ && gate_up_weight.dtype == act_ && out.dtype == act_ &&
+      gemm_->run_silu_mul(x.data, gate_up_weight.data, out.data, n, inter, gate_up_weight.dim(1)))
+    return;
+  linear(x, gate_up_weight, n, gate_up);
+  silu_mul(gate_up, n, out);
 }
 
 void CudaBackend::gather_rows(const Tensor& x, Tensor& out) {

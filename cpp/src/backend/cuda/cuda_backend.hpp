@@ -78,6 +78,12 @@ class CudaBackend final : public Backend {
                        int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale,
                        Tensor& out) override;
   void silu_mul(const Tensor& gate_up, int64_t n, Tensor& out) override;
+  // Decode-only steps: RoPE and the KV append inside decode attention.
+  void rope_cache_attention(Tensor& qkv, const RopeTable& rope, int64_t num_heads, int64_t num_kv_heads,
+                            int64_t head_dim, float scale, Tensor& k_cache, Tensor& v_cache, Tensor& out) override;
+  // n <= 8 rows (bf16): SiLU·mul in the own GEMV's epilogue.
+  void linear_silu_mul(const Tensor& x, const Tensor& gate_up_weight, int64_t n, Tensor& gate_up,
+                       Tensor& out) override;
   void gather_rows(const Tensor& x, Tensor& out) override;
   void copy_blocks(Tensor& cache, const std::vector<BlockCopy>& copies) override;
   void to_host(const Tensor& src, int64_t numel, float* dst) override;
@@ -102,6 +108,7 @@ class CudaBackend final : public Backend {
     int64_t num_heads = 0, num_kv_heads = 0, head_dim = 0;
     DecodePlan decode{};
     PrefillPlan prefill{};
+    bool slots_fit = true;  // every decode item's KV slot fits its int32 (the fused append)
   };
   void plan_attention(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim);
   // Whether this step may be recorded: graphs on, decode only, few tokens.
@@ -131,6 +138,10 @@ class CudaBackend final : public Backend {
   float* partials_ = nullptr;           // decode split partials (o then lse)
   size_t partials_bytes_ = 0;
   bool graphs_enabled_ = true;
+  // Decode splits of up to kMaxClusterSplits merge inside a thread block
+  // cluster (sm_90) instead of a second kernel (PAGEDRT_DECODE_CLUSTERS=0: never).
+  bool clusters_ = true;
+  bool fuse_ = true;  // rope_cache_attention and linear_silu_mul fuse (PAGEDRT_CUDA_FUSE=0: never, for A/B runs)
   // Decode attention splits contexts only while the batch has fewer than this
   // many blocks per SM, up to about that many (PAGEDRT_DECODE_SPLIT_WAVES, for
   // tuning runs). Measured on the H100, batch 64 x 2,048 (512 blocks):

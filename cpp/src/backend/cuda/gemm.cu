@@ -33,6 +33,13 @@ void Gemm::run(const void* x, const void* w, void* y, int64_t n, int64_t m, int6
   run_cublaslt(x, w, y, n, m, k, out_f32, false);
 }
 
+bool Gemm::run_silu_mul(const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k) {
+  if (n == 0) return true;
+  if (!own_gemv_ || !Gemv::supports(x, w, n, 2 * m, k)) return false;
+  gemv_.run_silu_mul(x, w, y, n, m, k, stream_);
+  return true;
+}
+
 // Column-major view: C (m x n, ld m) = op(A) * B with A = W seen as (k x m, ld k)
 // transposed, B = x seen as (k x n, ld k). C is y row-major (n, m).
 void Gemm::run_cublaslt(const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k,

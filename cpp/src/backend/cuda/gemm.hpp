@@ -33,6 +33,10 @@ class Gemm {
   // fp32 (the validation mode; cuBLASLt, pure fp32 compute, no TF32) and so is y.
   void run(const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k, bool out_f32,
            bool in_f32 = false);
+  // y (n, m) bf16 = silu(x @ gate^T) * (x @ up^T), w = [gate; up] (2m, k) bf16,
+  // in one kernel where the own small-M kernel takes the shape; returns false
+  // (and does nothing) where it does not: then run() and a SiLU·mul kernel.
+  bool run_silu_mul(const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k);
 
  private:
   void run_cublaslt(const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k, bool out_f32,

@@ -47,6 +47,7 @@
 #include <algorithm>
 
 #include "backend/cuda/cuda_check.hpp"
+#include "backend/cuda/elementwise.cuh"
 #include "backend/cuda/gemv.hpp"
 #include "backend/cuda/launch.cuh"
 
@@ -85,24 +86,31 @@ __device__ __forceinline__ void mma_step(float (&acc)[2][4], const uint4& wa, co
 }
 
 // x (n, k), w (m, k) bf16; y (n, m) OutT. ks = 1 << ks_log2 warps per tile.
-template <int kSteps, typename OutT>
+// kGated: w is [gate; up] (2m, k) and y (n, m) = silu(x gate^T) * (x up^T),
+// each rounded to bf16 first as linear() would store them (so that the
+// result is bitwise silu_mul's of linear's): a tile is gate rows r .. r + 7
+// (the lanes' rows g) and up rows r .. r + 7 (their rows g + 8), so a lane
+// holds both factors of its outputs (c0 with c2, c1 with c3).
+template <int kSteps, typename OutT, bool kGated>
 __global__ void __launch_bounds__(kThreads) gemv_kernel(const __nv_bfloat16* __restrict__ x,
                                                         const __nv_bfloat16* __restrict__ w,
                                                         OutT* __restrict__ y, int n, int m, int k,
                                                         int ks_log2) {
   __shared__ float partial[kWarps][4][32];  // (warp, accumulator, lane)
 
+  constexpr int kTileRows = kGated ? 8 : 16;  // output rows of a tile
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
   const int ks = 1 << ks_log2;
   const int split = warp & (ks - 1);
-  const int row0 = (blockIdx.x * (kWarps >> ks_log2) + (warp >> ks_log2)) * 16;
+  const int row0 = (blockIdx.x * (kWarps >> ks_log2) + (warp >> ks_log2)) * kTileRows;
   const int kv = k / 8;  // 16-byte vectors per row
 
   // The lane's rows, clamped to the last row (a partial last tile loads rows
   // that it then does not store), and its x row (n <= 8; see above).
-  const uint4* wa = reinterpret_cast<const uint4*>(w) + int64_t(min(row0 + g, m - 1)) * kv + t;
-  const uint4* wb = reinterpret_cast<const uint4*>(w) + int64_t(min(row0 + g + 8, m - 1)) * kv + t;
+  const int64_t ra = min(row0 + g, m - 1), rb = kGated ? m + ra : min(row0 + g + 8, m - 1);
+  const uint4* wa = reinterpret_cast<const uint4*>(w) + ra * kv + t;
+  const uint4* wb = reinterpret_cast<const uint4*>(w) + rb * kv + t;
   const uint4* xr = reinterpret_cast<const uint4*>(x) + int64_t(min(g, n - 1)) * kv + t;
 
   float acc[2][4] = {};
@@ -119,16 +127,31 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const __nv_bfloat16* __r
 #pragma unroll
     for (int s = 0; s < kSteps; ++s) nx[s] = __ldg(xr + (c * kSteps + s) * 4);
   };
-  // W does not depend on the kernel ahead (launch.cuh): the first chunk's
-  // loads overlap that kernel; x and y wait for it. (Asking L2 for more of W
+  // W does not depend on the kernel ahead (launch.cuh): the first two
+  // chunks' loads overlap that kernel; x and y wait for it. (Asking L2 for more of W
   // up front, cp.async.bulk.prefetch, made batch-1 steps slower: 8, 16 and 32
   // MB per call cost 0.6%, 1.9% and 7.3% of TPOT on the H100.)
+  // Two chunks go out before the wait: the first into (fa, fb), the second
+  // into the loop's "next" registers, so the first iteration multiplies
+  // without loading and the registers in use stay two chunks' worth.
+  uint4 fa[kSteps], fb[kSteps];
   pdl_trigger();
-  if (row0 < m && split < chunks) load_w(split);
+  if (row0 < m && split < chunks) {
+    load_w(split);
+#pragma unroll
+    for (int s = 0; s < kSteps; ++s) fa[s] = na[s], fb[s] = nb[s];
+    if (split + ks < chunks) load_w(split + ks);
+  }
   pdl_wait();
-  if (row0 < m) {
-    if (split < chunks) load_x(split);
-    for (int c = split; c < chunks; c += ks) {
+  if (row0 < m && split < chunks) {
+    load_x(split);
+    uint4 fx[kSteps];
+#pragma unroll
+    for (int s = 0; s < kSteps; ++s) fx[s] = nx[s];
+    if (split + ks < chunks) load_x(split + ks);
+#pragma unroll
+    for (int s = 0; s < kSteps; ++s) mma_step(acc, fa[s], fb[s], fx[s]);
+    for (int c = split + ks; c < chunks; c += ks) {
       uint4 ca[kSteps], cb[kSteps], cx[kSteps];
 #pragma unroll
       for (int s = 0; s < kSteps; ++s) ca[s] = na[s], cb[s] = nb[s], cx[s] = nx[s];
@@ -136,6 +159,8 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const __nv_bfloat16* __r
 #pragma unroll
       for (int s = 0; s < kSteps; ++s) mma_step(acc, ca[s], cb[s], cx[s]);
     }
+  }
+  if (row0 < m) {
     // The steps after the last whole chunk; a lane's 8 k are all in or all out (k % 8 == 0).
     for (int s = chunks * kSteps + split; s * 32 < k; s += ks) {
       uint4 va = make_uint4(0, 0, 0, 0), vb = va, vx = va;
@@ -163,16 +188,33 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const __nv_bfloat16* __r
       for (int p = 1; p < ks; ++p) acc[0][j] += partial[warp + p][j][lane];
   }
   if (row0 >= m) return;
+  if constexpr (kGated) {
+    const int row = row0 + g;
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const int row = row0 + 8 * (j / 2) + g, tok = 2 * t + j % 2;
-    if (row < m && tok < n) store(y + int64_t(tok) * m + row, acc[0][j]);
+    for (int j = 0; j < 2; ++j) {
+      const int tok = 2 * t + j;
+      const float gate = round_to<__nv_bfloat16>(acc[0][j]), up = round_to<__nv_bfloat16>(acc[0][j + 2]);
+      if (row < m && tok < n) store(y + int64_t(tok) * m + row, silu(gate) * up);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int row = row0 + 8 * (j / 2) + g, tok = 2 * t + j % 2;
+      if (row < m && tok < n) store(y + int64_t(tok) * m + row, acc[0][j]);
+    }
   }
 }
 
-// ks: warps per tile, a power of two up to kWarps (aim: 16 warps per SM). More splits put more loads
-// in flight for shapes with few tiles; they stop where every split would have
-// less than one chunk or the grid would no longer fit the GPU at once.
+// ks: warps per tile, a power of two up to kWarps.
+// - Shapes with few tiles: more splits put more loads in flight (aim: 16 warps
+//   per SM), as long as every split has a chunk and the grid fits the GPU at once.
+// - Then any shape splits further while every split keeps at least 4 chunks:
+//   blocks of one or two tiles are small units that the block scheduler
+//   spreads evenly over the SMs. One wave of large blocks does not: 224 blocks
+//   of 8 tiles on 132 SMs leave 40 SMs one block and 92 two, and the 8B
+//   shape's gate/up GEMV (n = 1) ran at 2.82 TB/s against 3.00 TB/s as 1,792
+//   blocks of one tile (H100; the whole chain of a token's GEMMs 4.93 ->
+//   4.76-4.79 ms).
 int choose_ks_log2(int64_t tiles, int64_t chunks, int sms, int blocks_per_sm) {
   const int64_t want_warps = int64_t(sms) * 16;
   const int64_t max_blocks = int64_t(sms) * blocks_per_sm;
@@ -180,32 +222,41 @@ int choose_ks_log2(int64_t tiles, int64_t chunks, int sms, int blocks_per_sm) {
   while ((1 << lg) < kWarps && tiles * (1 << lg) < want_warps && (2 << lg) <= chunks &&
          (tiles * (2 << lg) + kWarps - 1) / kWarps <= max_blocks)
     ++lg;
+  while ((1 << lg) < kWarps && (chunks >> (lg + 1)) >= 4) ++lg;
   return lg;
 }
 
+// lg: log2 of ks; blocks: the grid (Gemv::shape).
 template <int kSteps>
-void launch_gemv(const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k, bool out_f32, int sms,
-                 int blocks_per_sm, cudaStream_t stream) {
-  const int64_t tiles = (m + 15) / 16;
-  const int lg = choose_ks_log2(tiles, k / (32 * kSteps), sms, blocks_per_sm);
-  const int64_t blocks = (tiles * (int64_t(1) << lg) + kWarps - 1) / kWarps;
+void launch_gemv(const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k, bool out_f32, bool gated,
+                 int lg, int64_t blocks, cudaStream_t stream) {
   const auto* xb = static_cast<const __nv_bfloat16*>(x);
   const auto* wb = static_cast<const __nv_bfloat16*>(w);
-  if (out_f32)
-    launch(gemv_kernel<kSteps, float>, static_cast<unsigned>(blocks), kThreads, 0, stream, xb, wb,
-           static_cast<float*>(y), int(n), int(m), int(k), lg);
+  const unsigned grid = static_cast<unsigned>(blocks);
+  auto* yb = static_cast<__nv_bfloat16*>(y);
+  if (gated)
+    launch(gemv_kernel<kSteps, __nv_bfloat16, true>, grid, kThreads, 0, stream, xb, wb, yb, int(n), int(m), int(k), lg);
+  else if (out_f32)
+    launch(gemv_kernel<kSteps, float, false>, grid, kThreads, 0, stream, xb, wb, static_cast<float*>(y), int(n),
+           int(m), int(k), lg);
   else
-    launch(gemv_kernel<kSteps, __nv_bfloat16>, static_cast<unsigned>(blocks), kThreads, 0, stream, xb, wb,
-           static_cast<__nv_bfloat16*>(y), int(n), int(m), int(k), lg);
+    launch(gemv_kernel<kSteps, __nv_bfloat16, false>, grid, kThreads, 0, stream, xb, wb, yb, int(n), int(m), int(k), lg);
 }
 
-// Resident blocks per SM of the kernel with kSteps (the smaller of its two output types).
+// How full the last wave of `blocks` is, `slots` resident at a time (1: full).
+double last_wave_fill(int64_t blocks, int64_t slots) {
+  const int64_t waves = (blocks + slots - 1) / slots;
+  return static_cast<double>(blocks) / static_cast<double>(waves * slots);
+}
+
+// Resident blocks per SM of the kernel with kSteps (the smallest over its variants).
 template <int kSteps>
 int occupancy() {
-  int a = 0, b = 0;
-  CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&a, gemv_kernel<kSteps, float>, kThreads, 0));
-  CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, gemv_kernel<kSteps, __nv_bfloat16>, kThreads, 0));
-  return std::max(1, std::min(a, b));
+  int a = 0, b = 0, c = 0;
+  CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&a, gemv_kernel<kSteps, float, false>, kThreads, 0));
+  CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, gemv_kernel<kSteps, __nv_bfloat16, false>, kThreads, 0));
+  CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&c, gemv_kernel<kSteps, __nv_bfloat16, true>, kThreads, 0));
+  return std::max(1, std::min({a, b, c}));
 }
 
 // 4 steps (128 k) per chunk from this k on, 2 below: at k = 576 four-step
@@ -214,6 +265,24 @@ int occupancy() {
 constexpr int64_t kLongRow = 2048;
 
 }  // namespace
+
+// kSteps = 4 (2 resident blocks per SM) for rows from kLongRow on, unless
+// 2 (3 per SM) fills the GPU's waves clearly better: the 8B shape's qkv
+// (6144 x 4096, n = 1) is 384 blocks, 1.45 waves of 264 with 4 steps and
+// 0.97 of 396 with 2: 19.5 -> 18.4 us (H100). o_proj and down (256 blocks:
+// 0.97 waves with 4 steps) and gate/up (1,792: 6.8 waves) stay at 4.
+Gemv::Shape Gemv::shape(int64_t tiles, int64_t k) const {
+  auto make = [&](int k_steps, int bps) {
+    const int lg = choose_ks_log2(tiles, k / (32 * k_steps), sms_, bps);
+    return Shape{k_steps, lg, (tiles * (int64_t(1) << lg) + kWarps - 1) / kWarps};
+  };
+  const Shape two = make(2, blocks_per_sm_short_);
+  if (k < kLongRow) return two;
+  const Shape four = make(4, blocks_per_sm_long_);
+  const bool two_fills = last_wave_fill(two.blocks, int64_t(sms_) * blocks_per_sm_short_) >
+                         last_wave_fill(four.blocks, int64_t(sms_) * blocks_per_sm_long_) + 0.1;
+  return two_fills ? two : four;
+}
 
 Gemv::Gemv() {
   int dev = 0;
@@ -231,10 +300,20 @@ bool Gemv::supports(const void* x, const void* w, int64_t n, int64_t m, int64_t 
 
 void Gemv::run(const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k, bool out_f32,
                cudaStream_t stream) const {
-  if (k >= kLongRow)
-    launch_gemv<4>(x, w, y, n, m, k, out_f32, sms_, blocks_per_sm_long_, stream);
+  const Shape sh = shape((m + 15) / 16, k);
+  if (sh.k_steps == 4)
+    launch_gemv<4>(x, w, y, n, m, k, out_f32, false, sh.ks_log2, sh.blocks, stream);
   else
-    launch_gemv<2>(x, w, y, n, m, k, out_f32, sms_, blocks_per_sm_short_, stream);
+    launch_gemv<2>(x, w, y, n, m, k, out_f32, false, sh.ks_log2, sh.blocks, stream);
+}
+
+void Gemv::run_silu_mul(const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k,
+                        cudaStream_t stream) const {
+  const Shape sh = shape((m + 7) / 8, k);
+  if (sh.k_steps == 4)
+    launch_gemv<4>(x, w, y, n, m, k, false, true, sh.ks_log2, sh.blocks, stream);
+  else
+    launch_gemv<2>(x, w, y, n, m, k, false, true, sh.ks_log2, sh.blocks, stream);
 }
 
 }  // namespace pagedrt::cuda

@@ -32,8 +32,20 @@ class Gemv {
   // Precondition: supports(x, w, n, m, k).
   void run(const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k, bool out_f32,
            cudaStream_t stream) const;
+  // y (n, m) bf16 = silu(x @ gate^T) * (x @ up^T) for w = [gate; up] (2m, k):
+  // linear() into (n, 2m) and silu_mul() in one kernel, bitwise the same.
+  // Precondition: supports(x, w, n, 2 m, k).
+  void run_silu_mul(const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k,
+                    cudaStream_t stream) const;
 
  private:
+  struct Shape {  // one launch: k steps per chunk (4 or 2), log2 of warps per tile, blocks
+    int k_steps;
+    int ks_log2;
+    int64_t blocks;
+  };
+  Shape shape(int64_t tiles, int64_t k) const;
+
   int sms_ = 132;                // streaming multiprocessors of the device
   int blocks_per_sm_long_ = 1;   // resident blocks per SM of the kernel for long rows (k >= 2048)
   int blocks_per_sm_short_ = 1;  // ... and for short ones

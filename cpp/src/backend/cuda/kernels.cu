@@ -4,6 +4,7 @@
 #include <cuda_fp16.h>
 
 #include "backend/cuda/cuda_check.hpp"
+#include "backend/cuda/elementwise.cuh"
 #include "backend/cuda/kernels.cuh"
 #include "backend/cuda/launch.cuh"
 
@@ -16,12 +17,6 @@ void set_pdl(bool on) { g_pdl = on; }
 bool pdl_enabled() { return g_pdl; }
 
 namespace {
-
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(bf16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ bf16 from_f<bf16>(float v) { return __float2bfloat16_rn(v); }
 
 // Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets it.
 __device__ float block_sum(float v) {
@@ -116,12 +111,14 @@ __device__ __forceinline__ void store4(bf16* p, float4 v) {
   *reinterpret_cast<uint2*>(p) = u;
 }
 
-// add_rms_norm for d % 4 == 0 and d <= 4 * kVecs * blockDim: each thread keeps
-// its kVecs 4-element pieces of the new residual in registers, so residual, x
-// and w are each read once, in one round trip (batch-1 decode: ~2x faster
-// than the strided kernel above, which reads the residual twice).
-template <typename T, int kVecs>
-__global__ void add_rms_norm_vec_kernel(float* residual, const T* x, const float* w, float eps, int d, T* out) {
+// RMSNorm for d % 4 == 0 and d <= 4 * kVecs * blockDim, fused with the
+// residual add when kAdd (residual += x, then the residual is normalized;
+// Tin = Tout = T) or of x alone (residual unused). Each thread keeps its kVecs
+// 4-element pieces of the row in registers, so every input is read once, in
+// one round trip (batch-1 decode: ~2x faster than the strided kernels above,
+// which read the row twice).
+template <typename Tin, typename Tout, int kVecs, bool kAdd>
+__global__ void norm_vec_kernel(float* residual, const Tin* x, const float* w, float eps, int d, Tout* out) {
   pdl_trigger();
   const int64_t base = int64_t(blockIdx.x) * d;
   const int n4 = d / 4;
@@ -137,10 +134,12 @@ __global__ void add_rms_norm_vec_kernel(float* residual, const T* x, const float
   for (int k = 0; k < kVecs; ++k) {
     const int i = threadIdx.x + k * blockDim.x;
     if (i < n4) {
-      float4 a = load4(residual + base + 4 * i);
-      const float4 b = load4(x + base + 4 * i);
-      a.x += b.x, a.y += b.y, a.z += b.z, a.w += b.w;
-      store4(residual + base + 4 * i, a);
+      float4 a = load4(x + base + 4 * i);
+      if constexpr (kAdd) {
+        const float4 r = load4(residual + base + 4 * i);
+        a.x += r.x, a.y += r.y, a.z += r.z, a.w += r.w;
+        store4(residual + base + 4 * i, a);
+      }
       v[k] = a;
       ss += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w;
     }
@@ -154,6 +153,31 @@ __global__ void add_rms_norm_vec_kernel(float* residual, const T* x, const float
       store4(out + base + 4 * i, make_float4(g[k].x * (v[k].x * inv), g[k].y * (v[k].y * inv),
                                              g[k].z * (v[k].z * inv), g[k].w * (v[k].w * inv)));
   }
+}
+
+// Launches norm_vec_kernel where it applies (one block per row); false where not.
+template <typename Tin, typename Tout, bool kAdd>
+bool launch_norm_vec(float* residual, const Tin* x, const float* w, float eps, int64_t n, int64_t d, Tout* out,
+                     cudaStream_t s) {
+  const int64_t n4 = d / 4;
+  if (d % 4 != 0 || n4 > 4 * 1024) return false;
+  const int vecs = n4 <= 1024 ? 1 : n4 <= 2048 ? 2 : 4;
+  const int threads = static_cast<int>(((n4 + vecs - 1) / vecs + 31) / 32 * 32);
+  const dim3 grid(static_cast<unsigned>(n));
+  if (vecs == 1) launch(norm_vec_kernel<Tin, Tout, 1, kAdd>, grid, threads, 0, s, residual, x, w, eps, int(d), out);
+  else if (vecs == 2) launch(norm_vec_kernel<Tin, Tout, 2, kAdd>, grid, threads, 0, s, residual, x, w, eps, int(d), out);
+  else launch(norm_vec_kernel<Tin, Tout, 4, kAdd>, grid, threads, 0, s, residual, x, w, eps, int(d), out);
+  return true;
+}
+
+// out (n, hidden) fp32 = table[ids], 4 elements a thread (hidden % 4 == 0).
+template <typename T>
+__global__ void embedding_vec_kernel(const T* table, int hidden, const int32_t* ids, float* out) {
+  pdl_trigger();
+  pdl_wait();
+  const int64_t t = blockIdx.y;
+  const int i = (blockIdx.x * blockDim.x + threadIdx.x) * 4;
+  if (i < hidden) store4(out + t * hidden + i, load4(table + int64_t(ids[t]) * hidden + i));
 }
 
 template <typename T>
@@ -174,7 +198,7 @@ __global__ void silu_mul_kernel(const T* gate_up, int64_t n, int64_t inter, T* o
     T* o = out + row * inter;
     for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < inter; i += int64_t(gridDim.x) * blockDim.x) {
       const float gv = to_f(g[i]);
-      o[i] = from_f<T>(gv / (1.0f + expf(-gv)) * to_f(u[i]));
+      o[i] = from_f<T>(silu(gv) * to_f(u[i]));
     }
   }
 }
@@ -214,8 +238,8 @@ __global__ void rope_and_cache_kernel(T* qkv, const float* cos, const float* sin
     const float c = cos[int64_t(positions[t]) * half + i], sn = sin[int64_t(positions[t]) * half + i];
     T* x = row + head * D;
     const float x1 = to_f(x[i]), x2 = to_f(x[i + half]);
-    const T y1 = from_f<T>(x1 * c - x2 * sn);
-    const T y2 = from_f<T>(x2 * c + x1 * sn);
+    const T y1 = from_f<T>(rope_lo(x1, x2, c, sn));
+    const T y2 = from_f<T>(rope_hi(x1, x2, c, sn));
     x[i] = y1;
     x[i + half] = y2;
     if (head >= H && slot >= 0) {
@@ -325,13 +349,18 @@ void convert(const void* src, Elem src_kind, void* dst, Elem dst_kind, int64_t n
 template <typename T>
 void embedding(const T* table, int64_t hidden, const int32_t* ids, int64_t n, float* out, cudaStream_t s) {
   if (n == 0) return;
-  launch(embedding_kernel<T>, static_cast<unsigned>(n), 256, 0, s, table, hidden, ids, out);
+  if (hidden % 4 == 0 && hidden < (int64_t(1) << 30))
+    launch(embedding_vec_kernel<T>, dim3(static_cast<unsigned>((hidden / 4 + 255) / 256), static_cast<unsigned>(n)),
+           256, 0, s, table, int(hidden), ids, out);
+  else
+    launch(embedding_kernel<T>, static_cast<unsigned>(n), 256, 0, s, table, hidden, ids, out);
 }
 
 template <typename Tin, typename Tout>
 void rms_norm(const Tin* x, const float* w, float eps, int64_t n, int64_t d, Tout* out, cudaStream_t s) {
   if (n == 0) return;
-  launch(rms_norm_kernel<Tin, Tout>, static_cast<unsigned>(n), norm_threads(d), 0, s, x, w, eps, d, out);
+  if (!launch_norm_vec<Tin, Tout, false>(nullptr, x, w, eps, n, d, out, s))
+    launch(rms_norm_kernel<Tin, Tout>, static_cast<unsigned>(n), norm_threads(d), 0, s, x, w, eps, d, out);
 }
 template void rms_norm<float, bf16>(const float*, const float*, float, int64_t, int64_t, bf16*, cudaStream_t);
 template void rms_norm<float, float>(const float*, const float*, float, int64_t, int64_t, float*, cudaStream_t);
@@ -341,17 +370,8 @@ template <typename T>
 void add_rms_norm(float* residual, const T* x, const float* w, float eps, int64_t n, int64_t d, T* out,
                   cudaStream_t s) {
   if (n == 0) return;
-  const int64_t n4 = d / 4;
-  if (d % 4 == 0 && n4 <= 4 * 1024) {
-    const int vecs = n4 <= 1024 ? 1 : n4 <= 2048 ? 2 : 4;
-    const int threads = static_cast<int>(((n4 + vecs - 1) / vecs + 31) / 32 * 32);
-    const dim3 grid(static_cast<unsigned>(n));
-    if (vecs == 1) launch(add_rms_norm_vec_kernel<T, 1>, grid, threads, 0, s, residual, x, w, eps, int(d), out);
-    else if (vecs == 2) launch(add_rms_norm_vec_kernel<T, 2>, grid, threads, 0, s, residual, x, w, eps, int(d), out);
-    else launch(add_rms_norm_vec_kernel<T, 4>, grid, threads, 0, s, residual, x, w, eps, int(d), out);
-  } else {
+  if (!launch_norm_vec<T, T, true>(residual, x, w, eps, n, d, out, s))
     launch(add_rms_norm_kernel<T>, static_cast<unsigned>(n), norm_threads(d), 0, s, residual, x, w, eps, d, out);
-  }
 }
 
 template <typename T>

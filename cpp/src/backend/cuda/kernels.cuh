@@ -77,6 +77,15 @@ struct AttentionParamsT {
   int num_heads, num_kv_heads, head_dim, block_size;
   int block_shift;  // log2(block_size) when it is a power of two, else -1
   float scale;
+  // RoPE and the KV append inside decode attention (steps where every
+  // sequence has one query token; null otherwise): q and the token's own k
+  // are read unrotated from qkv and rotated at its position, and the new K and
+  // V go to its slot and into the block's softmax straight from the block.
+  const float* rope_cos = nullptr;      // (max_positions, D / 2)
+  const float* rope_sin = nullptr;
+  const int64_t* slot_mapping = nullptr;  // (num_tokens)
+  T* k_append = nullptr;                // the caches, written
+  T* v_append = nullptr;
 };
 using AttentionParams = AttentionParamsT<bf16>;
 
@@ -92,14 +101,27 @@ __device__ __forceinline__ int64_t kv_slot(const int32_t* pages, int pos, int bs
 // `num_splits` chunks of `chunk` keys; with more than one split, partial
 // results go to o_part (num_items, num_splits, H, D) fp32 and lse_part
 // (num_items, num_splits, H) fp32 (log2 domain), then a merge writes out.
+// An item holds what the kernel would otherwise look up one load after
+// another (token -> sequence -> page table offset): made on the host.
+struct DecodeItem {
+  int32_t token;       // row of the batch
+  int32_t context;     // keys it attends to: its position + 1
+  int32_t page_start;  // its sequence's first entry in page_indices
+  int32_t slot;        // its own KV slot (the fused RoPE + append writes it), or -1
+};
 struct DecodePlan {
-  const int32_t* tokens;  // (num_items)
+  const DecodeItem* items;  // (num_items)
   int num_items;
   int num_splits;
   int chunk;
+  // 2 <= num_splits <= kMaxClusterSplits: the split blocks of an (item, kv
+  // head) run as one thread block cluster and merge through each other's
+  // shared memory, without the partials in global memory or a second kernel.
+  bool cluster;
   float* o_part;
   float* lse_part;
 };
+constexpr int kMaxClusterSplits = 8;  // the portable cluster size
 template <typename T>
 void decode_attention(const AttentionParamsT<T>& p, const DecodePlan& d, cudaStream_t s);
 

@@ -29,20 +29,37 @@ namespace pagedrt::cuda {
 void set_pdl(bool on);
 bool pdl_enabled();
 
-// kernel<<<grid, block, smem, stream>>>(args...), with PDL when enabled.
+// kernel<<<grid, block, smem, stream>>>(args...), with PDL when enabled, in
+// thread block clusters of (1, 1, cluster_z) blocks when cluster_z > 1
+// (sm_90; grid.z a multiple of cluster_z).
 template <typename... Params, typename... Args>
-void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args&&... args) {
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
+void launch_clusters(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, unsigned cluster_z,
+                     cudaStream_t stream, Args&&... args) {
+  cudaLaunchAttribute attr[2];
+  unsigned n = 0;
+  if (pdl_enabled()) {
+    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[n++].val.programmaticStreamSerializationAllowed = 1;
+  }
+  if (cluster_z > 1) {
+    attr[n].id = cudaLaunchAttributeClusterDimension;
+    attr[n].val.clusterDim.x = 1;
+    attr[n].val.clusterDim.y = 1;
+    attr[n++].val.clusterDim.z = cluster_z;
+  }
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = block;
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
   cfg.attrs = attr;
-  cfg.numAttrs = pdl_enabled() ? 1 : 0;
+  cfg.numAttrs = n;
   CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
+}
+
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args&&... args) {
+  launch_clusters(kernel, grid, block, smem, 1, stream, std::forward<Args>(args)...);
 }
 
 // Waits until the kernels ahead in the stream have finished and their writes
