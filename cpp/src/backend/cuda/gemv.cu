@@ -34,14 +34,14 @@
 // large shapes, H200). x (at most 8 x k bf16, read by every block) goes
 // through the read-only cache.
 //
-// Registers (ptxas, sm_90): 120 for kSteps = 4, 67 for kSteps = 2, no spills:
-// 2 and 3 blocks (16 and 24 warps) per SM. The cost does not depend on n.
-// Measured on H100s (1 GiB copy 2.97-2.98 TB/s), n = 1, back to back with
-// programmatic dependent launch, % of copy: qkv 6144 x 4096 87-89, o_proj
-// 4096 x 4096 91-92, gate_up 28672 x 4096 94-97, down 4096 x 14336 98-102,
-// lm head 128256 x 4096 (fp32 out) 101-105; cuBLASLt 76, 67, 94-98, 87-90,
-// 93-97. Without PDL the short ones lost ~3 us a call to launch and ramp-up
-// (qkv 82, o_proj 76).
+// Registers (ptxas, sm_90): 118-122 for kSteps = 4, 71-74 for kSteps = 2, no
+// spills: 2 and 3 blocks (16 and 24 warps) per SM. The cost does not depend on n.
+// Measured on H100s (1 GiB copy 2.96-2.98 TB/s), n = 1, back to back with
+// programmatic dependent launch, % of copy (session 4): qkv 6144 x 4096
+// 92-94 (kSteps 2; 87-89 before), o_proj 4096 x 4096 91-96, gate_up 28672 x
+// 4096 100-103 (94-97 as one wave of 8-tile blocks), down 4096 x 14336
+// 98-101, lm head 128256 x 4096 (fp32 out) 104-105; cuBLASLt 75, 67, 94, 87, 94.
+// Without PDL the short ones lost ~3 us a call to launch and ramp-up.
 #include <cuda_bf16.h>
 
 #include <algorithm>
