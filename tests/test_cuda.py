@@ -163,12 +163,13 @@ def test_linear_gemv_switch(ops, monkeypatch):
         assert e <= 1e-5, f"own kernel vs cuBLASLt, n={n} m={m} k={k}: error {e:.3e}"
 
 
-def test_silu_mul(ops):
+@pytest.mark.parametrize("inter", [1000, 1001])  # 4-element kernel / the scalar one
+def test_silu_mul(ops, inter):
     rng = np.random.default_rng(3)
-    gu = bf(rng.standard_normal((33, 2 * 1000)) * 2)
+    gu = bf(rng.standard_normal((33, 2 * inter)) * 2)
     cpu, gpu = ops
     e = rel_err(gpu.silu_mul(gu), cpu.silu_mul(gu))
-    record("silu_mul", e)
+    record(f"silu_mul[I={inter}]", e)
     assert e <= BF16_TOL
 
 

@@ -203,6 +203,25 @@ __global__ void silu_mul_kernel(const T* gate_up, int64_t n, int64_t inter, T* o
   }
 }
 
+// The same for inter % 4 == 0: 4 elements a thread (8- or 16-byte loads),
+// grid-stride over the whole (n, inter / 4) range. The scalar kernel above,
+// one element a thread in 56 blocks a row, took 90 us a call at 256 rows and
+// 8192 rows alike in the 8B shape's throughput run (14% of its wall time).
+template <typename T>
+__global__ void silu_mul_vec_kernel(const T* gate_up, int64_t n, int inter, T* out) {
+  pdl_trigger();
+  pdl_wait();
+  const int per_row = inter / 4;
+  const int64_t total = n * per_row;
+  for (int64_t q = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; q < total; q += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t row = q / per_row;
+    const int i = static_cast<int>(q - row * per_row) * 4;
+    const T* g = gate_up + row * 2 * inter + i;
+    const float4 a = load4(g), b = load4(g + inter);
+    store4(out + row * inter + i, make_float4(silu(a.x) * b.x, silu(a.y) * b.y, silu(a.z) * b.z, silu(a.w) * b.w));
+  }
+}
+
 __global__ void gather_rows_kernel(const uint8_t* x, int64_t row_bytes, const int32_t* idx, uint8_t* out) {
   pdl_trigger();
   pdl_wait();
@@ -383,6 +402,12 @@ void add(float* residual, const T* x, int64_t numel, cudaStream_t s) {
 template <typename T>
 void silu_mul(const T* gate_up, int64_t n, int64_t inter, T* out, cudaStream_t s) {
   if (n == 0) return;
+  if (inter % 4 == 0 && inter < (int64_t(1) << 30)) {
+    const int64_t blocks = (n * (inter / 4) + 255) / 256;
+    launch(silu_mul_vec_kernel<T>, static_cast<unsigned>(blocks < 4096 ? blocks : 4096), 256, 0, s, gate_up, n,
+           int(inter), out);
+    return;
+  }
   const dim3 grid(static_cast<unsigned>((inter + 255) / 256 > 64 ? 64 : (inter + 255) / 256),
                   static_cast<unsigned>(n > 65535 ? 65535 : n));
   launch(silu_mul_kernel<T>, grid, 256, 0, s, gate_up, n, inter, out);
