@@ -108,6 +108,7 @@ void Engine::loop() {
     drain_inbox();
     if (scheduler_.has_work()) step();
     publish_stats();
+    wake_pollers();
   }
   // Shutdown: whatever is still queued or running ends with an Abort event.
   drain_inbox();
@@ -116,6 +117,7 @@ void Engine::loop() {
   std::sort(live.begin(), live.end(), [](Request* a, Request* b) { return a->arrival < b->arrival; });
   for (Request* r : live) finish_request(*r, FinishReason::Abort);
   publish_stats();
+  wake_pollers();
 }
 
 void Engine::drain_inbox() {
@@ -412,10 +414,14 @@ void Engine::emit(Request& r, Sequence& s, bool finished, bool request_finished,
 
 void Engine::push_event(Event ev) {
   ev.time = std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-  {
-    std::lock_guard<std::mutex> lk(out_mu_);
-    events_.push_back(std::move(ev));
-  }
+  std::lock_guard<std::mutex> lk(out_mu_);
+  events_.push_back(std::move(ev));
+  events_pushed_ = true;
+}
+
+void Engine::wake_pollers() {
+  if (!events_pushed_) return;
+  events_pushed_ = false;
   out_cv_.notify_all();
 }
 

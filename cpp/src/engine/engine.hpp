@@ -79,7 +79,11 @@ class Engine {
   void finish_request(Request& r, FinishReason reason, const std::string& error = "");
   void emit(Request& r, Sequence& s, bool finished, bool request_finished, FinishReason reason,
             const std::string& error);
+  // Queues an event; pollers are woken once per engine iteration by
+  // wake_pollers() (a wake-up per event cost ~1 ms of host time a step at
+  // batch 256, with the GPU idle).
   void push_event(Event ev);
+  void wake_pollers();
   void drop_request(Request& r);  // after its last event: free, forget
 
   std::unique_ptr<Backend> backend_;
@@ -109,6 +113,7 @@ class Engine {
   mutable std::mutex out_mu_;
   std::condition_variable out_cv_;
   std::deque<Event> events_;
+  bool events_pushed_ = false;  // since the last wake_pollers() (engine thread only)
 
   mutable std::mutex stats_mu_;
   Stats stats_;

@@ -359,6 +359,15 @@ void CudaBackend::run_step(uint64_t key, const std::function<void()>& body) {
                    plan_info_.decode.chunk};
   auto it = graphs_.find(k);
   if (it == graphs_.end()) {
+    // A step shape seen for the first time runs directly: recording and
+    // instantiating ~300 kernels takes ~10 ms of host time with the GPU idle,
+    // more than a one-off step saves (the tail of a batched run, where the
+    // batch shrinks through sizes that each last one step). The second time
+    // it is recorded.
+    if (seen_once_.insert(k).second) {
+      if (seen_once_.size() > 4 * kMaxGraphs) seen_once_.clear();
+      return body();
+    }
     if (graphs_.size() >= kMaxGraphs) clear_graphs();
     CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
     try {

@@ -15,6 +15,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <set>
 #include <tuple>
 #include <vector>
 
@@ -64,7 +65,8 @@ class CudaBackend final : public Backend {
 
   void begin_step(const BatchView& batch) override;
   // Decode steps of up to kMaxRecordedTokens sequences are recorded into a CUDA
-  // graph per key and replayed (PAGEDRT_CUDA_GRAPHS=0 turns this off).
+  // graph per key, the second time the key comes, and replayed
+  // (PAGEDRT_CUDA_GRAPHS=0 turns this off).
   void run_step(uint64_t key, const std::function<void()>& body) override;
   void embedding(const Tensor& table, Tensor& out) override;
   void rms_norm(const Tensor& x, const Tensor& weight, float eps, int64_t n, Tensor& out) override;
@@ -152,6 +154,7 @@ class CudaBackend final : public Backend {
   // last split block instead of a second kernel 4% slower.
   int split_waves_ = 2;
   std::map<GraphKey, cudaGraphExec_t> graphs_;
+  std::set<GraphKey> seen_once_;  // keys run once, not yet recorded
 
   // weight upload: two pinned chunks, two device chunks (for conversions)
   uint8_t* load_host_[2] = {nullptr, nullptr};
