@@ -114,9 +114,10 @@ struct DecodePlan {
   int num_items;
   int num_splits;
   int chunk;
-  // 2 <= num_splits <= kMaxClusterSplits: the split blocks of an (item, kv
-  // head) run as one thread block cluster and merge through each other's
-  // shared memory, without the partials in global memory or a second kernel.
+  // Set for 2 <= num_splits <= kMaxClusterSplits when the grid fits the GPU
+  // at once: the split blocks of an (item, kv head) run as one thread block
+  // cluster and merge through each other's shared memory, without the
+  // partials in global memory or a second kernel.
   bool cluster;
   float* o_part;
   float* lse_part;
