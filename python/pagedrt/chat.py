@@ -11,6 +11,7 @@ Ctrl-C stops the current answer; Ctrl-D or /quit leaves.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 
@@ -157,6 +158,10 @@ def main(argv=None) -> int:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
+    # Ctrl-C interrupts an answer, even where the parent left SIGINT ignored
+    # (a process started in the background by a non-interactive shell inherits
+    # that, and Python then never raises KeyboardInterrupt).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from . import Runtime, SamplingParams
     from .errors import InvalidArgument
     from .models import ModelNotFoundError
