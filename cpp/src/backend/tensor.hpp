@@ -51,6 +51,14 @@ inline uint16_t f32_to_bf16(float f) {
   u += 0x7fffu + ((u >> 16) & 1u);
   return static_cast<uint16_t>(u >> 16);
 }
+
 float f16_to_f32(uint16_t h);
+
+// An element of an activation buffer (float, or uint16_t holding bf16 bits)
+// as fp32, and an fp32 value stored into one (bf16 rounds to nearest even).
+inline float to_f32(float x) { return x; }
+inline float to_f32(uint16_t x) { return bf16_to_f32(x); }
+inline void store_f32(float* p, float v) { *p = v; }
+inline void store_f32(uint16_t* p, float v) { *p = f32_to_bf16(v); }
 
 }  // namespace pagedrt

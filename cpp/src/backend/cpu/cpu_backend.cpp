@@ -93,11 +93,8 @@ Tensor CpuBackend::empty(std::vector<int64_t> shape, ScalarType dtype) {
 namespace {
 
 // Activations are float, or uint16_t holding bf16 bits; math is fp32 and a
-// bf16 value is rounded to nearest even where it is stored.
-inline float to_f32(float x) { return x; }
-inline float to_f32(uint16_t x) { return bf16_to_f32(x); }
-inline void store(float* p, float v) { *p = v; }
-inline void store(uint16_t* p, float v) { *p = f32_to_bf16(v); }
+// bf16 value is rounded to nearest even where it is stored (to_f32 and
+// store_f32, backend/tensor.hpp).
 
 // Calls f with the typed data pointer of `t` (float* or uint16_t*).
 template <typename F>
@@ -141,7 +138,7 @@ inline void rms_row(const float* x, const float* w, float eps, int64_t d, T* out
   for (; i + 16 <= d; i += 16)
     store16(out + i, _mm512_mul_ps(_mm512_loadu_ps(w + i), _mm512_mul_ps(_mm512_loadu_ps(x + i), iv)));
 #endif
-  for (; i < d; ++i) store(out + i, w[i] * (x[i] * inv));
+  for (; i < d; ++i) store_f32(out + i, w[i] * (x[i] * inv));
 }
 
 // r (n) += x (n), x fp32 or bf16
@@ -194,7 +191,7 @@ inline void silu_mul_row(const T* g, const T* u, int64_t n, T* out) {
 #endif
   for (; i < n; ++i) {
     const float gi = to_f32(g[i]);
-    store(out + i, gi / (1.0f + std::exp(-gi)) * to_f32(u[i]));
+    store_f32(out + i, gi / (1.0f + std::exp(-gi)) * to_f32(u[i]));
   }
 }
 
