@@ -285,6 +285,8 @@ std::vector<Sequence*> Engine::expand(Request& r, Sequence& s) {
 void Engine::pick_all(std::vector<Pick>& picks) {
   const int64_t vocab = model_->config().vocab_size;
   const int64_t n = static_cast<int64_t>(picks.size());
+  // Every row picked on the device (greedy on CUDA): no thread team to start.
+  if (std::none_of(picks.begin(), picks.end(), [](const Pick& k) { return k.row != nullptr; })) return;
 #pragma omp parallel num_threads(sampler_threads_) if (n > 1 && n * vocab > (1 << 16))
   {
     std::vector<float> row, logprobs;  // per thread
