@@ -6,13 +6,19 @@
 // pdl_trigger() (or exited). It must call pdl_wait() before it reads anything
 // an earlier kernel writes, or writes anything an earlier kernel reads. Every
 // kernel of a decode step triggers first thing, so a chain of small kernels
-// (RoPE, attention, merge) lets the next GEMV start early: its weights do not
-// depend on anything, so it asks L2 for them and loads its first chunk while
-// the small kernels run (gemv.cu), and the ~1-3 us of launch and ramp-up
-// between consecutive kernels of a batch-1 step mostly disappear. A waiting
-// kernel's blocks hold their SM slots, but only after the kernel ahead is
-// fully resident (it has triggered), so nothing can starve it. pdl_wait()
-// returns at once in a kernel launched without PDL.
+// (norm, attention) lets the next GEMV start early: its weights do not
+// depend on anything, so it loads its first two chunks of them while the
+// small kernels run (gemv.cu), and the ~1-3 us of launch and ramp-up between
+// consecutive kernels of a batch-1 step mostly disappear. A waiting kernel's
+// blocks hold their SM slots, but only after the kernel ahead is fully
+// resident (it has triggered), so nothing can starve it. pdl_wait() returns
+// at once in a kernel launched without PDL.
+//
+// Before pdl_wait(), read only what no step writes (weights, norm weights,
+// RoPE tables). The step's own uploads are not safe there although they
+// precede its first kernel: in replays of recorded steps (CUDA graphs),
+// decode attention reading its plan and page table before the wait saw the
+// previous step's values.
 //
 // PAGEDRT_CUDA_PDL=0 in the environment when the backend is made launches
 // everything plainly (for A/B runs); set_pdl() is called by the backend.
