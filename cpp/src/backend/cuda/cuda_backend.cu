@@ -18,12 +18,6 @@ constexpr size_t kLoadChunk = 16u << 20;  // weight upload chunk (bytes)
 
 size_t align16(size_t n) { return (n + 15) / 16 * 16; }
 
-// A switch that is on unless the environment sets it to "0" (A/B runs).
-bool env_on(const char* name) {
-  const char* v = std::getenv(name);
-  return !(v && std::strcmp(v, "0") == 0);
-}
-
 void require(bool ok, const std::string& msg) {
   if (!ok) throw Error(ErrorKind::InvalidArgument, "cuda backend: " + msg);
 }
@@ -99,11 +93,15 @@ CudaBackend::CudaBackend(ScalarType activation_dtype) : act_(activation_dtype) {
                                             std::to_string(prop.major) + "." + std::to_string(prop.minor) +
                                             "; this build runs on sm_90 (Hopper)");
   num_sms_ = prop.multiProcessorCount;
-  graphs_enabled_ = env_on("PAGEDRT_CUDA_GRAPHS");
-  clusters_ = prop.major >= 9 && env_on("PAGEDRT_DECODE_CLUSTERS");
-  fuse_ = env_on("PAGEDRT_CUDA_FUSE");
+  const char* graphs = std::getenv("PAGEDRT_CUDA_GRAPHS");
+  graphs_enabled_ = !(graphs && std::strcmp(graphs, "0") == 0);
+  const char* clusters = std::getenv("PAGEDRT_DECODE_CLUSTERS");
+  clusters_ = prop.major >= 9 && !(clusters && std::strcmp(clusters, "0") == 0);
+  const char* fuse = std::getenv("PAGEDRT_CUDA_FUSE");
+  fuse_ = !(fuse && std::strcmp(fuse, "0") == 0);
   if (const char* waves = std::getenv("PAGEDRT_DECODE_SPLIT_WAVES")) split_waves_ = std::max(1, std::atoi(waves));
-  set_pdl(env_on("PAGEDRT_CUDA_PDL"));
+  const char* pdl = std::getenv("PAGEDRT_CUDA_PDL");
+  set_pdl(!(pdl && std::strcmp(pdl, "0") == 0));
   CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   gemm_ = std::make_unique<Gemm>(stream_);
   for (int i = 0; i < 2; ++i) {
@@ -266,16 +264,15 @@ void CudaBackend::plan_attention(int64_t H, int64_t Hkv, int64_t D) {
   std::vector<DecodeItem> dec;
   std::vector<int2> tiles;
   int64_t max_ctx = 1;
-  bool slots_fit = true;
   for (int32_t i = 0; i < b.num_seqs; ++i) {
     const int32_t q0 = b.query_start[i], qn = b.query_start[i + 1] - q0;
     if (qn == 1 || act_ == ScalarType::F32) {
       for (int32_t t = q0; t < q0 + qn; ++t) {
-        // A slot past int32 (2^31 cached tokens) does not fit the item: such
-        // steps run rope_and_cache (rope_cache_attention).
+        // A slot past int32 (2^31 cached tokens) is never written by the
+        // fused append: such steps run rope_and_cache (rope_cache_attention).
         const int64_t slot = b.slot_mapping[t];
-        slots_fit = slots_fit && slot <= INT32_MAX;
-        dec.push_back({t, b.positions[t] + 1, b.page_indptr[i], slot <= INT32_MAX ? static_cast<int32_t>(slot) : -1});
+        dec.push_back({t, b.positions[t] + 1, b.page_indptr[i],
+                       slot <= INT32_MAX ? static_cast<int32_t>(slot) : int32_t(-2)});
         max_ctx = std::max<int64_t>(max_ctx, b.positions[t] + 1);
       }
     } else {
@@ -324,7 +321,7 @@ void CudaBackend::plan_attention(int64_t H, int64_t Hkv, int64_t D) {
   p.num_kv_heads = Hkv;
   p.head_dim = D;
   p.decode.items = reinterpret_cast<const DecodeItem*>(plan_.device());
-  p.slots_fit = slots_fit;
+  p.slots_fit = std::all_of(dec.begin(), dec.end(), [](const DecodeItem& d) { return d.slot != -2; });
   p.decode.num_items = static_cast<int>(items);
   p.decode.num_splits = static_cast<int>(splits);
   p.decode.chunk = static_cast<int>(chunk);
@@ -548,6 +545,7 @@ void CudaBackend::rope_cache_attention(Tensor& qkv, const RopeTable& rope, int64
   auto fused = [&](auto p) {
     p.rope_cos = rope.cos.as<float>();
     p.rope_sin = rope.sin.as<float>();
+    p.slot_mapping = dev_.slot_mapping;
     using T = std::remove_pointer_t<decltype(p.out)>;
     p.k_append = k_cache.as<T>();
     p.v_append = v_cache.as<T>();
