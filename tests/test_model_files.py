@@ -170,8 +170,8 @@ def test_abort_and_close_end_requests(good_model):
     rt = pagedrt.Runtime(good_model, device="cpu")
     a = rt.submit(list(range(3, 30)), max_tokens=400, ignore_eos=True)
     b = rt.submit(list(range(3, 30)), max_tokens=400, ignore_eos=True)
-    rt.abort(a)
-    with pytest.raises(pagedrt.InvalidArgument, match="unknown or finished request id 'no-such-request'"):
+    assert rt.abort(a) is True
+    with pytest.raises(pagedrt.InvalidArgument, match="unknown request id 'no-such-request'"):
         rt.abort("no-such-request")
     with pytest.raises(pagedrt.InvalidArgument, match="unknown or finished request id"):
         rt.poll("no-such-request")

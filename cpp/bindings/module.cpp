@@ -5,6 +5,7 @@
 // releases the GIL.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/vector.h>
@@ -49,6 +50,41 @@ struct ReleaseGil {
     while (py_finalizing()) std::this_thread::sleep_for(std::chrono::seconds(1));
     PyEval_RestoreThread(state);
   }
+};
+
+// Read-only fields that also print: repr(obj) is "Type(a=1, b='x', ...)"
+// over every field registered through it.
+template <class T>
+class Fields {
+ public:
+  Fields(nb::module_& m, const char* name) : cls_(m, name), name_(name) {}
+  template <class V>
+  Fields& ro(const char* field, V T::*member) {
+    cls_.def_ro(field, member);
+    names_.push_back(field);
+    return *this;
+  }
+  template <class F>
+  Fields& prop(const char* field, F&& getter) {
+    cls_.def_prop_ro(field, std::forward<F>(getter));
+    names_.push_back(field);
+    return *this;
+  }
+  ~Fields() {
+    cls_.def("__repr__", [type = name_, names = names_](nb::handle self) {
+      std::string out = type + "(";
+      for (size_t i = 0; i < names.size(); ++i) {
+        if (i) out += ", ";
+        out += names[i] + "=" + nb::repr(self.attr(names[i].c_str())).c_str();
+      }
+      return out + ")";
+    });
+  }
+
+ private:
+  nb::class_<T> cls_;
+  std::string name_;
+  std::vector<std::string> names_;
 };
 
 nb::object event_logits(const pagedrt::Event& ev) {
@@ -123,75 +159,76 @@ NB_MODULE(_core, m) {
       .def_rw("early_stopping", &SP::early_stopping)
       .def_rw("return_logits", &SP::return_logits);
 
-  nb::class_<pagedrt::TokenLogprob>(m, "TokenLogprob")
-      .def_ro("token", &pagedrt::TokenLogprob::token)
-      .def_ro("logprob", &pagedrt::TokenLogprob::logprob)
-      .def_ro("top_ids", &pagedrt::TokenLogprob::top_ids)
-      .def_ro("top_logprobs", &pagedrt::TokenLogprob::top_logprobs);
+  Fields<pagedrt::TokenLogprob>(m, "TokenLogprob")
+      .ro("token", &pagedrt::TokenLogprob::token)
+      .ro("logprob", &pagedrt::TokenLogprob::logprob)
+      .ro("top_ids", &pagedrt::TokenLogprob::top_ids)
+      .ro("top_logprobs", &pagedrt::TokenLogprob::top_logprobs);
 
-  nb::class_<pagedrt::Event>(m, "Event")
-      .def_ro("request_id", &pagedrt::Event::request_id)
-      .def_ro("index", &pagedrt::Event::index)
-      .def_ro("token_ids", &pagedrt::Event::token_ids)
-      .def_ro("finished", &pagedrt::Event::finished)
-      .def_ro("request_finished", &pagedrt::Event::request_finished)
-      .def_ro("logprobs", &pagedrt::Event::logprobs)
-      .def_ro("cumulative_logprob", &pagedrt::Event::cumulative_logprob)
-      .def_ro("score", &pagedrt::Event::score)
-      .def_prop_ro("finish_reason", [](const pagedrt::Event& e) -> nb::object {
+  Fields<pagedrt::Event>(m, "Event")
+      .ro("request_id", &pagedrt::Event::request_id)
+      .ro("index", &pagedrt::Event::index)
+      .ro("token_ids", &pagedrt::Event::token_ids)
+      .ro("finished", &pagedrt::Event::finished)
+      .ro("request_finished", &pagedrt::Event::request_finished)
+      .prop("finish_reason", [](const pagedrt::Event& e) -> nb::object {
         if (e.finish_reason == pagedrt::FinishReason::None) return nb::none();
         return nb::str(pagedrt::finish_reason_name(e.finish_reason));
       })
-      .def_prop_ro("error", [](const pagedrt::Event& e) -> nb::object {
+      .prop("error", [](const pagedrt::Event& e) -> nb::object {
         if (e.error.empty()) return nb::none();
         return nb::str(e.error.c_str());
       })
-      .def_ro("num_preemptions", &pagedrt::Event::num_preemptions)
-      .def_ro("time", &pagedrt::Event::time)
-      .def_prop_ro("logits", &event_logits);
+      .ro("num_preemptions", &pagedrt::Event::num_preemptions)
+      .ro("time", &pagedrt::Event::time)
+      .ro("logprobs", &pagedrt::Event::logprobs)
+      .ro("cumulative_logprob", &pagedrt::Event::cumulative_logprob)
+      .ro("score", &pagedrt::Event::score)
+      .prop("logits", &event_logits);
 
-  nb::class_<pagedrt::Stats>(m, "Stats")
-      .def_ro("num_blocks", &pagedrt::Stats::num_blocks)
-      .def_ro("block_size", &pagedrt::Stats::block_size)
-      .def_ro("blocks_used", &pagedrt::Stats::blocks_used)
-      .def_ro("blocks_free", &pagedrt::Stats::blocks_free)
-      .def_ro("blocks_cached_free", &pagedrt::Stats::blocks_cached_free)
-      .def_ro("slots_used", &pagedrt::Stats::slots_used)
-      .def_ro("waste", &pagedrt::Stats::waste)
-      .def_ro("peak_blocks_used", &pagedrt::Stats::peak_blocks_used)
-      .def_ro("waste_at_peak", &pagedrt::Stats::waste_at_peak)
-      .def_ro("blocks_logical", &pagedrt::Stats::blocks_logical)
-      .def_ro("peak_blocks_logical", &pagedrt::Stats::peak_blocks_logical)
-      .def_ro("prefix_queries", &pagedrt::Stats::prefix_queries)
-      .def_ro("prefix_hits", &pagedrt::Stats::prefix_hits)
-      .def_ro("num_copies", &pagedrt::Stats::num_copies)
-      .def_ro("tokens_per_s", &pagedrt::Stats::tokens_per_s)
-      .def_ro("kv_cache_bytes", &pagedrt::Stats::kv_cache_bytes)
-      .def_ro("num_waiting", &pagedrt::Stats::num_waiting)
-      .def_ro("num_running", &pagedrt::Stats::num_running)
-      .def_ro("num_preemptions", &pagedrt::Stats::num_preemptions)
-      .def_ro("num_steps", &pagedrt::Stats::num_steps)
-      .def_ro("prompt_tokens", &pagedrt::Stats::prompt_tokens)
-      .def_ro("generated_tokens", &pagedrt::Stats::generated_tokens);
+  Fields<pagedrt::Stats>(m, "Stats")
+      .ro("num_blocks", &pagedrt::Stats::num_blocks)
+      .ro("block_size", &pagedrt::Stats::block_size)
+      .ro("blocks_used", &pagedrt::Stats::blocks_used)
+      .ro("blocks_free", &pagedrt::Stats::blocks_free)
+      .ro("blocks_cached_free", &pagedrt::Stats::blocks_cached_free)
+      .ro("slots_used", &pagedrt::Stats::slots_used)
+      .ro("waste", &pagedrt::Stats::waste)
+      .ro("peak_blocks_used", &pagedrt::Stats::peak_blocks_used)
+      .ro("waste_at_peak", &pagedrt::Stats::waste_at_peak)
+      .ro("blocks_logical", &pagedrt::Stats::blocks_logical)
+      .ro("peak_blocks_logical", &pagedrt::Stats::peak_blocks_logical)
+      .ro("prefix_queries", &pagedrt::Stats::prefix_queries)
+      .ro("prefix_hits", &pagedrt::Stats::prefix_hits)
+      .ro("num_copies", &pagedrt::Stats::num_copies)
+      .ro("tokens_per_s", &pagedrt::Stats::tokens_per_s)
+      .ro("kv_cache_bytes", &pagedrt::Stats::kv_cache_bytes)
+      .ro("num_waiting", &pagedrt::Stats::num_waiting)
+      .ro("num_running", &pagedrt::Stats::num_running)
+      .ro("num_preemptions", &pagedrt::Stats::num_preemptions)
+      .ro("num_steps", &pagedrt::Stats::num_steps)
+      .ro("prompt_tokens", &pagedrt::Stats::prompt_tokens)
+      .ro("generated_tokens", &pagedrt::Stats::generated_tokens);
 
-  nb::class_<pagedrt::ModelInfo>(m, "ModelInfo")
-      .def_ro("architecture", &pagedrt::ModelInfo::architecture)
-      .def_ro("vocab_size", &pagedrt::ModelInfo::vocab_size)
-      .def_ro("num_layers", &pagedrt::ModelInfo::num_layers)
-      .def_ro("hidden_size", &pagedrt::ModelInfo::hidden_size)
-      .def_ro("max_model_len", &pagedrt::ModelInfo::max_model_len)
-      .def_ro("bos_token_id", &pagedrt::ModelInfo::bos_token_id)
-      .def_ro("eos_token_ids", &pagedrt::ModelInfo::eos_token_ids)
-      .def_ro("weight_dtype", &pagedrt::ModelInfo::weight_dtype)
-      .def_ro("activation_dtype", &pagedrt::ModelInfo::activation_dtype)
-      .def_ro("device", &pagedrt::ModelInfo::device);
+  Fields<pagedrt::ModelInfo>(m, "ModelInfo")
+      .ro("architecture", &pagedrt::ModelInfo::architecture)
+      .ro("vocab_size", &pagedrt::ModelInfo::vocab_size)
+      .ro("num_layers", &pagedrt::ModelInfo::num_layers)
+      .ro("hidden_size", &pagedrt::ModelInfo::hidden_size)
+      .ro("max_model_len", &pagedrt::ModelInfo::max_model_len)
+      .ro("bos_token_id", &pagedrt::ModelInfo::bos_token_id)
+      .ro("eos_token_ids", &pagedrt::ModelInfo::eos_token_ids)
+      .ro("weight_dtype", &pagedrt::ModelInfo::weight_dtype)
+      .ro("activation_dtype", &pagedrt::ModelInfo::activation_dtype)
+      .ro("device", &pagedrt::ModelInfo::device);
 
   nb::class_<pagedrt::Runtime>(m, "Runtime")
       .def("__init__",
            [](pagedrt::Runtime* self, const std::string& model_path, const std::string& device,
               const std::string& dtype, int64_t kv_cache_bytes, int32_t block_size, int32_t max_num_seqs,
               int32_t max_num_batched_tokens, int32_t max_model_len, bool enable_prefix_caching,
-              int32_t num_threads, double gpu_memory_utilization, const std::string& activation_dtype) {
+              int32_t num_threads, double gpu_memory_utilization, const std::string& activation_dtype,
+              nb::object on_load_progress) {
              pagedrt::RuntimeConfig c;
              c.activation_dtype = activation_dtype;
              c.gpu_memory_utilization = gpu_memory_utilization;
@@ -205,22 +242,36 @@ NB_MODULE(_core, m) {
              c.max_model_len = max_model_len;
              c.enable_prefix_caching = enable_prefix_caching;
              c.num_threads = num_threads;
+             if (!on_load_progress.is_none())  // borrowed: the Runtime drops it once constructed
+               c.on_load_progress = [cb = on_load_progress.ptr()](int64_t done, int64_t total) {
+                 nb::gil_scoped_acquire gil;  // the constructor runs without the GIL
+                 nb::handle fn(cb);
+                 fn(done, total);
+               };
              nb::gil_scoped_release release;
              new (self) pagedrt::Runtime(c);
            },
            "model_path"_a, "device"_a = "auto", "dtype"_a = "auto", "kv_cache_bytes"_a = 0,
            "block_size"_a = 16, "max_num_seqs"_a = 64, "max_num_batched_tokens"_a = 2048,
            "max_model_len"_a = 0, "enable_prefix_caching"_a = true, "num_threads"_a = 0,
-           "gpu_memory_utilization"_a = 0.9, "activation_dtype"_a = "auto")
-      .def("submit", &pagedrt::Runtime::submit, "prompt"_a, "params"_a, "request_id"_a = "",
-           nb::call_guard<ReleaseGil>())
+           "gpu_memory_utilization"_a = 0.9, "activation_dtype"_a = "auto", "on_load_progress"_a = nb::none())
+      .def("submit",
+           [](pagedrt::Runtime& rt, const std::vector<int32_t>& prompt, const pagedrt::SamplingParams& params,
+              const std::string& request_id, bool by_id) {
+             return rt.submit(prompt, params, request_id,
+                              by_id ? pagedrt::Delivery::ById : pagedrt::Delivery::Any);
+           },
+           "prompt"_a, "params"_a, "request_id"_a = "", "by_id"_a = false, nb::call_guard<ReleaseGil>())
       .def("poll", nb::overload_cast<double>(&pagedrt::Runtime::poll), "timeout"_a = 0.0,
            nb::call_guard<ReleaseGil>())
       .def("poll_request", nb::overload_cast<const std::string&, double>(&pagedrt::Runtime::poll),
            "request_id"_a, "timeout"_a = 0.0, nb::call_guard<ReleaseGil>())
+      .def("poll_requests", nb::overload_cast<const std::vector<std::string>&, double>(&pagedrt::Runtime::poll),
+           "request_ids"_a, "timeout"_a = 0.0, nb::call_guard<ReleaseGil>())
       .def("abort", &pagedrt::Runtime::abort, "request_id"_a, nb::call_guard<ReleaseGil>())
       .def("stop_sequence", &pagedrt::Runtime::stop_sequence, "request_id"_a, "index"_a,
            nb::call_guard<ReleaseGil>())
+      .def("release", &pagedrt::Runtime::release, "request_id"_a, nb::call_guard<ReleaseGil>())
       .def("stats", &pagedrt::Runtime::stats)
       .def("model_info", &pagedrt::Runtime::model_info)
       .def("close", &pagedrt::Runtime::close, nb::call_guard<ReleaseGil>());

@@ -118,6 +118,7 @@ Runtime::Runtime(const RuntimeConfig& config) : impl_(std::make_unique<Impl>()) 
   check_config(config);
   Impl& m = *impl_;
   m.config = config;
+  m.config.on_load_progress = nullptr;  // used only while constructing
   const std::string device = resolve_device(config.device);
   const LlamaConfig cfg = LlamaConfig::from_file(config.model_path + "/config.json");
   ScalarType wdtype = resolve_dtype(config.dtype, cfg);
@@ -143,7 +144,7 @@ Runtime::Runtime(const RuntimeConfig& config) : impl_(std::make_unique<Impl>()) 
               " exceeds the model's max_position_embeddings " + std::to_string(cfg.max_position_embeddings));
     max_len = config.max_model_len;
   }
-  auto model = std::make_unique<LlamaModel>(config.model_path, *backend, wdtype, max_len);
+  auto model = std::make_unique<LlamaModel>(config.model_path, *backend, wdtype, max_len, config.on_load_progress);
   const int64_t kv_bytes = kv_budget(config, *backend);
   KvCache kv = KvCache::allocate(*backend, cfg, config.block_size, kv_bytes);
 
@@ -173,7 +174,7 @@ Runtime::Runtime(const RuntimeConfig& config) : impl_(std::make_unique<Impl>()) 
 Runtime::~Runtime() { close(); }
 
 std::string Runtime::submit(const std::vector<int32_t>& prompt, const SamplingParams& params,
-                            const std::string& request_id) {
+                            const std::string& request_id, Delivery delivery) {
   Impl& m = *impl_;
   const std::string id = request_id.empty() ? std::to_string(m.next_id++) : request_id;
   const std::string where = "request '" + id + "': ";
@@ -184,18 +185,19 @@ std::string Runtime::submit(const std::vector<int32_t>& prompt, const SamplingPa
               " is outside the vocabulary [0, " + std::to_string(m.info.vocab_size) + ")");
   check_sampling_params(params, m.info.vocab_size, m.config.max_num_seqs, where);
   const int64_t len = static_cast<int64_t>(prompt.size());
-  if (len >= m.info.max_model_len)
-    bad_arg(where + "the prompt has " + std::to_string(len) + " tokens; max_model_len is " +
-            std::to_string(m.info.max_model_len) + " (prompt plus at least one generated token)");
+  if (len + params.max_tokens > m.info.max_model_len)
+    bad_arg(where + "prompt (" + std::to_string(len) + " tokens) + max_tokens (" +
+            std::to_string(params.max_tokens) + ") = " + std::to_string(len + params.max_tokens) +
+            " is more than max_model_len " + std::to_string(m.info.max_model_len) +
+            "; shorten the prompt or lower max_tokens");
   const int64_t bs = m.config.block_size;
   // K/V is written for every token but the last one generated.
-  const int64_t need = std::min<int64_t>(len + params.max_tokens, m.info.max_model_len) - 1;
+  const int64_t need = len + params.max_tokens - 1;
   // The prompt's blocks are shared (n > 1 and beams fork after the prompt);
   // every further sequence may need its own blocks for its output, plus a copy
   // of the shared partial block.
   const int64_t width = std::max(params.n, params.beam_width);
-  const int64_t out_len = std::min<int64_t>(params.max_tokens, m.info.max_model_len - len);
-  const int64_t blocks = (need + bs - 1) / bs + (width - 1) * ((out_len + bs - 1) / bs + 1);
+  const int64_t blocks = (need + bs - 1) / bs + (width - 1) * ((params.max_tokens + bs - 1) / bs + 1);
   const Stats st = m.engine->stats();
   if (blocks > st.num_blocks)
     bad_arg(where + "needs " + std::to_string(blocks) + " KV blocks (prompt " + std::to_string(len) +
@@ -211,14 +213,18 @@ std::string Runtime::submit(const std::vector<int32_t>& prompt, const SamplingPa
   seq->tokens = prompt;
   seq->rng = make_rng(params, 0);
   req->seqs.push_back(std::move(seq));
-  m.engine->submit(std::move(req));
+  m.engine->submit(std::move(req), delivery == Delivery::ById);
   return id;
 }
 
-std::vector<Event> Runtime::poll(double timeout_s) { return impl_->engine->poll(nullptr, timeout_s); }
+std::vector<Event> Runtime::poll(double timeout_s) { return impl_->engine->poll(timeout_s); }
 
 std::vector<Event> Runtime::poll(const std::string& request_id, double timeout_s) {
-  return impl_->engine->poll(&request_id, timeout_s);
+  return impl_->engine->poll(std::vector<std::string>{request_id}, timeout_s);
+}
+
+std::vector<Event> Runtime::poll(const std::vector<std::string>& request_ids, double timeout_s) {
+  return impl_->engine->poll(request_ids, timeout_s);
 }
 
 bool Runtime::abort(const std::string& request_id) { return impl_->engine->abort(request_id, -1); }
@@ -227,6 +233,8 @@ bool Runtime::stop_sequence(const std::string& request_id, int32_t index) {
   if (index < 0) bad_arg("request '" + request_id + "': sequence index must be >= 0");
   return impl_->engine->abort(request_id, index);
 }
+
+bool Runtime::release(const std::string& request_id) { return impl_->engine->release(request_id); }
 
 Stats Runtime::stats() const { return impl_->engine->stats(); }
 

@@ -31,7 +31,8 @@ void check_sampling_params(const SamplingParams& p, int64_t vocab, int32_t max_n
   if (p.max_tokens < 1) fail("max_tokens must be >= 1, got " + std::to_string(p.max_tokens));
   if (p.min_tokens < 0 || p.min_tokens > p.max_tokens)
     fail("min_tokens must be in [0, max_tokens], got " + std::to_string(p.min_tokens));
-  if (p.logprobs < -1 || p.logprobs > 20) fail("logprobs must be in [0, 20] (or -1: none), got " + std::to_string(p.logprobs));
+  if (p.logprobs && (*p.logprobs < 0 || *p.logprobs > 20))
+    fail("logprobs must be in [0, 20] (or unset), got " + std::to_string(*p.logprobs));
   for (int32_t t : p.stop_token_ids)
     if (t < 0 || t >= vocab) fail("stop_token_ids has " + std::to_string(t) + ", outside the vocabulary");
   for (const auto& [t, b] : p.logit_bias) {

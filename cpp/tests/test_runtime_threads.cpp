@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <chrono>
 #include <cstdlib>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <random>
@@ -111,7 +112,8 @@ void test_threads_poll_by_id() {
         for (auto& [id, count] : final_events) {
           if (count != 1) ++bad;
           ++finished;
-          if (!rt.poll(id, 0.0).empty()) ++bad;  // nothing after the final event
+          // Nothing after the final event: the id is closed once it was read.
+          CHECK_THROWS(rt.poll(id, 0.0), ErrorKind::InvalidArgument, "has finished");
         }
       }
     });
@@ -167,8 +169,8 @@ void test_threads_shared_pollers() {
         std::lock_guard<std::mutex> lk(mu);
         if (!ids.empty()) id = ids[rng() % ids.size()];
       }
-      if (!id.empty()) rt.abort(id);
-      rt.abort("no-such-request");
+      if (!id.empty()) rt.abort(id);  // true while it runs, false once it ended; never throws
+      CHECK_THROWS(rt.abort("no-such-request"), ErrorKind::InvalidArgument, "unknown request id");
       std::this_thread::sleep_for(std::chrono::milliseconds(2));
     }
   });
@@ -179,6 +181,122 @@ void test_threads_shared_pollers() {
   for (auto& kv : final_events) exactly_once += kv.second == 1;
   CHECK(exactly_once == kTotal);
   check_pool_back(rt);
+}
+
+// The routing rule under every kind of caller at once: threads that submit
+// Delivery::ById and poll their ids, threads that submit Delivery::Any and
+// poll() without an id, an aborter and a stats reader. Each caller must see
+// exactly its own requests' events, one final event each, and tokens equal to
+// the same request run alone (greedy or seeded), or a prefix when aborted.
+void test_mixed_callers() {
+  RuntimeConfig config = small_config(24);
+  config.activation_dtype = "float32";  // the alone runs and the crowded runs round alike
+  Runtime rt(config);
+  const int vocab = static_cast<int>(rt.model_info().vocab_size);
+  struct Req { std::vector<int32_t> prompt; SamplingParams params; std::vector<int32_t> alone; };
+  std::vector<Req> reqs;
+  std::mt19937 rng(42);
+  for (int i = 0; i < 16; ++i) {
+    Req r;
+    r.prompt = random_prompt(rng, vocab);
+    r.params.max_tokens = 1 + static_cast<int>(rng() % 12);
+    r.params.ignore_eos = true;
+    r.params.temperature = (i % 2) ? 0.0f : 0.9f;
+    r.params.has_seed = true;
+    r.params.seed = 7 + i;
+    const std::string id = rt.submit(r.prompt, r.params, "", Delivery::ById);
+    for (bool done = false; !done;)
+      for (const Event& ev : rt.poll(id, 1.0)) {
+        r.alone.insert(r.alone.end(), ev.token_ids.begin(), ev.token_ids.end());
+        done = ev.request_finished;
+      }
+    reqs.push_back(std::move(r));
+  }
+  std::mutex mu;
+  std::vector<std::string> all_ids;  // for the aborter
+  std::atomic<int> bad{0}, checked{0}, stopped{0};
+  // Reads until each of `mine` (id -> request index) has its final event; `poll` is
+  // the caller's own kind of poll. Checks the tokens against the alone run.
+  auto read_all = [&](std::map<std::string, int> mine, const std::function<std::vector<Event>()>& poll) {
+    std::map<std::string, std::vector<int32_t>> tokens;
+    std::map<std::string, FinishReason> reasons;
+    const double deadline = now_s() + 120.0;
+    while (reasons.size() < mine.size() && now_s() < deadline)
+      for (const Event& ev : poll()) {
+        if (!mine.count(ev.request_id) || reasons.count(ev.request_id)) { ++bad; continue; }
+        tokens[ev.request_id].insert(tokens[ev.request_id].end(), ev.token_ids.begin(), ev.token_ids.end());
+        if (ev.request_finished) reasons[ev.request_id] = ev.finish_reason;
+      }
+    for (const auto& [id, k] : mine) {
+      const std::vector<int32_t>& got = tokens[id];
+      const std::vector<int32_t>& want = reqs[k].alone;
+      auto it = reasons.find(id);
+      if (it == reasons.end()) { ++bad; continue; }
+      const bool prefix = got.size() <= want.size() && std::equal(got.begin(), got.end(), want.begin());
+      if (!prefix || (it->second == FinishReason::Length && got.size() != want.size())) ++bad;
+      if (it->second != FinishReason::Length && it->second != FinishReason::Abort) ++bad;
+      stopped += it->second == FinishReason::Abort;
+      ++checked;
+    }
+  };
+  auto submit_some = [&](std::mt19937& g, Delivery d) {
+    std::map<std::string, int> mine;
+    for (int j = 0, n = 1 + static_cast<int>(g() % 3); j < n; ++j) {
+      const int k = static_cast<int>(g() % reqs.size());
+      const std::string id = rt.submit(reqs[k].prompt, reqs[k].params, "", d);
+      mine[id] = k;
+      std::lock_guard<std::mutex> lk(mu);
+      all_ids.push_back(id);
+    }
+    return mine;
+  };
+  const int kRounds = 6 * g_scale;
+  std::atomic<int> running{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 3; ++t)  // Delivery::ById + poll(id), one request at a time
+    threads.emplace_back([&, t] {
+      ++running;
+      std::mt19937 g(100 + t);
+      for (int round = 0; round < kRounds; ++round)
+        for (const auto& [id, k] : submit_some(g, Delivery::ById)) {
+          const std::string rid = id;
+          read_all({{rid, k}}, [&] { return rt.poll(rid, 0.01); });
+        }
+      --running;
+    });
+  for (int t = 0; t < 2; ++t)  // Delivery::Any + poll() without an id
+    threads.emplace_back([&, t] {
+      ++running;
+      std::mt19937 g(200 + t);
+      for (int round = 0; round < kRounds; ++round) {
+        // One poll()-er at a time per batch: two of them would share each other's events.
+        static std::mutex any_mu;
+        std::lock_guard<std::mutex> lk(any_mu);
+        read_all(submit_some(g, Delivery::Any), [&] { return rt.poll(0.01); });
+      }
+      --running;
+    });
+  threads.emplace_back([&] {  // the aborter and stats reader
+    std::mt19937 g(300);
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    while (running > 0) {
+      std::string id;
+      {
+        std::lock_guard<std::mutex> lk(mu);
+        // one of the newest few: most likely still running
+        if (!all_ids.empty()) id = all_ids[all_ids.size() - 1 - g() % std::min<size_t>(4, all_ids.size())];
+      }
+      if (!id.empty() && g() % 2 == 0) (void)rt.abort(id);
+      (void)rt.stats();
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+  });
+  for (auto& th : threads) th.join();
+  CHECK(bad == 0);
+  CHECK(checked == static_cast<int>(all_ids.size()));
+  CHECK(rt.poll(0.0).empty());
+  check_pool_back(rt);
+  std::printf("mixed_callers: %d requests checked, %d aborted\n", checked.load(), stopped.load());
 }
 
 // close() from another thread with requests running and queued, while pollers
@@ -289,6 +407,7 @@ int main() {
   if (const char* s = std::getenv("PAGEDRT_TEST_SCALE")) g_scale = std::max(1, std::atoi(s));
   test_threads_poll_by_id();
   test_threads_shared_pollers();
+  test_mixed_callers();
   test_close_in_flight();
   test_destroy_in_flight();
   test_bad_calls_concurrently();

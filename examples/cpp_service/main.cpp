@@ -38,7 +38,8 @@ bool serve_one(pagedrt::Runtime& rt, std::mt19937& rng, int vocab, bool cancel, 
   params.temperature = (rng() % 2) ? 0.0f : 0.8f;
   params.has_seed = true;
   params.seed = rng();
-  const std::string id = rt.submit(prompt, params);
+  // ById: only poll(id) sees this request's events, whatever other threads poll.
+  const std::string id = rt.submit(prompt, params, "", pagedrt::Delivery::ById);
   ++out.requests;
   int finals = 0;
   const double deadline = now_s() + 120.0;
@@ -54,7 +55,10 @@ bool serve_one(pagedrt::Runtime& rt, std::mt19937& rng, int vocab, bool cancel, 
       }
     }
   }
-  finals += static_cast<int>(rt.poll(id, 0.0).size());  // nothing may follow the final event
+  try {  // nothing follows the final event: once it is read, the id is closed
+    finals += static_cast<int>(rt.poll(id, 0.0).size()) + 1;
+  } catch (const pagedrt::Error&) {
+  }
   return finals == 1;
 }
 

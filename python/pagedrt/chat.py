@@ -26,25 +26,44 @@ input: end a line with \\ to continue it; a line with just \"\"\" starts/ends a 
 Ctrl-C stops an answer in the middle."""
 
 
-def _parse_args(argv):
-    p = argparse.ArgumentParser(prog="pagedrt-chat", description="Chat with a local model.")
-    p.add_argument("--model", default=None,
-                   help="model folder or .gguf file (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
-    p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--max-tokens", type=int, default=512, help="tokens per answer at most")
-    p.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--top-k", type=int, default=0, help="0: off")
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None, help="make the answers reproducible")
-    p.add_argument("--max-model-len", type=int, default=0, help="context length (0: the model's)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
-    p.add_argument("--prompt", default=None,
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The epilog as written (the command list), and every option's default."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is argparse.SUPPRESS or not action.option_strings:
+            return action.help
+        return f"{action.help} (default: {action.default})"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pagedrt-chat", formatter_class=_HelpFormatter,
+        description="Chat with a local model in the terminal. Each answer streams token by token,\n"
+                    "then its speed and time to first token.",
+        epilog="commands in the chat:\n" + "\n".join(HELP.splitlines()[1:]))
+    p.add_argument("--model", default=None, metavar="DIR|FILE.gguf",
+                   help="a Hugging Face model folder or a .gguf file (converted once); "
+                        "without it, the default model SmolLM2-135M-Instruct")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run (auto: the GPU when one is visible)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="weight dtype (auto: fp32 checkpoints stay fp32, others bf16)")
+    p.add_argument("--system", default=None, metavar="TEXT", help="system prompt (none without it)")
+    p.add_argument("--max-tokens", type=int, default=512, metavar="N", help="tokens per answer at most")
+    p.add_argument("--temperature", type=float, default=0.7, metavar="T", help="0: greedy")
+    p.add_argument("--top-p", type=float, default=0.9, metavar="P", help="nucleus sampling")
+    p.add_argument("--top-k", type=int, default=0, metavar="K", help="0: off")
+    p.add_argument("--min-p", type=float, default=0.0, metavar="P", help="0: off")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R", help="1: off")
+    p.add_argument("--seed", type=int, default=None, metavar="S", help="make the answers reproducible (random without it)")
+    p.add_argument("--max-model-len", type=int, default=0, metavar="N", help="context length (0: the model's)")
+    p.add_argument("--threads", type=int, default=0, metavar="N", help="CPU threads (0: all cores)")
+    p.add_argument("--prompt", default=None, metavar="TEXT",
                    help="answer this one message and exit (no interactive loop)")
-    return p.parse_args(argv)
+    return p
+
+
+def _parse_args(argv):
+    return _parser().parse_args(argv)
 
 
 def _style(code: str, text: str) -> str:

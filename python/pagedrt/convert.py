@@ -21,6 +21,7 @@ import pathlib
 import re
 import secrets
 import struct
+import sys
 
 import numpy as np
 
@@ -259,7 +260,7 @@ def _write_safetensors(path: pathlib.Path, plan: list, dtype: str, progress: boo
     if progress:
         from tqdm.auto import tqdm
 
-        items = tqdm(plan, desc=desc, unit="tensor")
+        items = tqdm(plan, desc=desc, unit="tensor", file=sys.stderr)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         with open(tmp, "xb") as f:  # not mkstemp: that would make the file owner-only

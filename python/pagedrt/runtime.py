@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import threading
 from typing import AsyncIterator, Iterable, Iterator, Sequence, Union
 
@@ -88,6 +89,22 @@ def _accumulate(c: Completion, parts: dict[int, CompletionOutput], ev: Event) ->
         c.error = c.error or ev.error
 
 
+class _LoadBar:
+    """A progress bar over the weights' parts (embedding, layers, head), shown
+    only when loading takes more than a second (a small model loads silently)."""
+
+    def __init__(self, name: str):
+        self.name, self.bar = name, None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=total, desc=f"Loading {self.name}", unit="part", delay=1.0, file=sys.stderr)
+        self.bar.update(done - self.bar.n)
+        if done >= total:
+            self.bar.close()
+
+
 class Runtime:
     """An inference runtime holding one model, its KV-cache pool and an engine thread.
 
@@ -114,6 +131,8 @@ class Runtime:
         max_model_len: prompt plus output tokens at most (0: the model's limit).
         enable_prefix_caching: share identical prompt prefixes between requests.
         num_threads: CPU threads (0: all cores).
+        progress: say on stderr when a GGUF is converted (once), and show a bar
+            while the weights load when that takes more than a second.
 
     Every method is safe to call from several threads at once.
     """
@@ -133,8 +152,9 @@ class Runtime:
         num_threads: int = 0,
         gpu_memory_utilization: float = 0.9,
         activation_dtype: str = "auto",
+        progress: bool = True,
     ) -> None:
-        self.model_path = resolve_model(model)
+        self.model_path = resolve_model(model, progress=progress)
         has_tokenizer = any((self.model_path / f).is_file()
                             for f in ("tokenizer.json", "tokenizer.model"))
         #: None for a folder without tokenizer files: then prompts must be token ids.
@@ -144,7 +164,8 @@ class Runtime:
             block_size=block_size, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
             enable_prefix_caching=enable_prefix_caching, num_threads=num_threads,
-            gpu_memory_utilization=gpu_memory_utilization, activation_dtype=activation_dtype)
+            gpu_memory_utilization=gpu_memory_utilization, activation_dtype=activation_dtype,
+            on_load_progress=_LoadBar(self.model_path.name) if progress else None)
         self.model_info = self._rt.model_info()
         self._lock = threading.Lock()
         self._states: dict[str, _RequestState] = {}
@@ -177,103 +198,129 @@ class Runtime:
                               "messages ({'role': ..., 'content': ...} dicts)")
 
     def submit(self, prompt: Prompt, params: SamplingParams | None = None,
-               request_id: str | None = None, **overrides) -> str:
+               request_id: str | None = None, *, by_id: bool = False, **overrides) -> str:
         """Queues a request and returns its id at once.
 
         ``overrides`` set SamplingParams fields for this call
-        (``rt.submit("hi", max_tokens=8, temperature=0)``).
+        (``rt.submit("hi", max_tokens=8, temperature=0)``). With ``by_id=True``
+        only ``poll(request_id)`` sees the request's events, from the start;
+        otherwise ``poll()`` without an id sees them until the first
+        ``poll(request_id)``. A request that can never fit (prompt plus
+        ``max_tokens`` beyond ``max_model_len``, or more KV blocks than the pool
+        has) raises InvalidArgument naming the numbers.
         """
         params = (params or SamplingParams()).replace(**overrides) if overrides else (params or SamplingParams())
         if params.stop_strings and self.tokenizer is None:
             raise InvalidArgument("stop strings need a tokenizer; this model folder has none")
         ids = self.encode_prompt(prompt)
         core = params._to_core()
-        with self._lock:  # registered before the engine can answer
-            rid = self._rt.submit(ids, core, request_id or "")
+        with self._lock:  # registered before any poller can see its events
+            rid = self._rt.submit(ids, core, request_id or "", by_id)
             self._states[rid] = _RequestState(self, params, ids)
         return rid
 
-    def poll(self, request_id: str | None = None, timeout: float = 0.0) -> list[Event]:
-        """Events for any request (or only `request_id`), waiting at most `timeout`
-        seconds (the GIL is released while waiting). An unknown or already
-        finished `request_id` raises InvalidArgument. ``poll(0.1)`` means a
-        0.1 s timeout for any request."""
+    def poll(self, request_id: str | Sequence[str] | None = None, timeout: float = 0.0) -> list[Event]:
+        """Events of one request (``poll(rid)``), of several (``poll([rid, ...])``),
+        or of every request that nobody polls by id (``poll()``), waiting at most
+        `timeout` seconds for the first (the GIL is released while waiting).
+        Each event goes to exactly one caller: from the first ``poll(rid)`` on,
+        ``poll()`` never returns that request's events. An unknown or finished
+        request id raises InvalidArgument. ``poll(0.1)`` means a 0.1 s timeout
+        for any request."""
         if isinstance(request_id, (int, float)) and not isinstance(request_id, bool):
             request_id, timeout = None, float(request_id)
-        if request_id is not None:
-            with self._lock:
-                if request_id not in self._states:
-                    raise InvalidArgument(f"unknown or finished request id {request_id!r}")
         if request_id is None:
-            core_events = self._rt.poll(float(timeout))
-        else:
-            core_events = self._rt.poll_request(request_id, float(timeout))
+            return self._convert(self._rt.poll(float(timeout)))
+        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        with self._lock:
+            for rid in ids:
+                if rid not in self._states:
+                    raise InvalidArgument(f"unknown or finished request id {rid!r}")
+        return self._convert(self._rt.poll_requests(ids, float(timeout)))
+
+    def _convert(self, core_events) -> list[Event]:
         out = []
         with self._lock:
             for ce in core_events:
                 st = self._states.get(ce.request_id)
-                if st is None:
+                if st is None:  # submitted through _core directly, not through this object
                     continue
                 ev = st.convert(ce)
-                if ev is not None:
-                    out.append(ev)
-                if ce.request_finished:
+                if ev is None:
+                    continue
+                out.append(ev)
+                if ev.request_finished:
                     del self._states[ce.request_id]
+                    if not ce.request_finished:  # ended here by stop strings: the engine's tail is not wanted
+                        self._rt.release(ce.request_id)
         return out
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str) -> bool:
         """Ends a request at the next step; it still gets a final event (reason
-        "abort"). An unknown or already finished id raises InvalidArgument."""
+        "abort"). Returns True if it was running, False if it had already
+        finished (its final event may still be waiting to be polled). An id
+        this runtime never had raises InvalidArgument."""
+        return self._rt.abort(request_id)
+
+    def release(self, request_id: str) -> bool:
+        """Stops reading a request: it ends if still running, and its events,
+        queued and to come, are dropped (no final event). Same answers as
+        :meth:`abort`. The streaming helpers call this when left early."""
         with self._lock:
-            known = request_id in self._states
-        if not known or not self._rt.abort(request_id):
-            if known:  # finished in the engine; its final event is waiting to be polled
-                return
-            raise InvalidArgument(f"unknown or finished request id {request_id!r}")
+            self._states.pop(request_id, None)
+        return self._rt.release(request_id)
 
-    def generate(self, prompts: Prompt | Iterable[Prompt], params: SamplingParams | None = None,
-                 **overrides) -> list[Completion]:
-        """Submits every prompt, waits for all, and returns their completions in order."""
-        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
-                                        and isinstance(prompts[0], (int, dict))):
-            prompts = [prompts]
-        order, state = [], {}
-        for p in prompts:
-            ids = self.encode_prompt(p)
-            rid = self.submit(ids, params, **overrides)
-            order.append(rid)
-            state[rid] = Completion(rid, ids, [])
-        pending, parts = set(order), {}
-        while pending:
-            for ev in self.poll(timeout=0.05):
-                if ev.request_id in state:
-                    _accumulate(state[ev.request_id], parts.setdefault(ev.request_id, {}), ev)
-                    if ev.request_finished:
-                        pending.discard(ev.request_id)
-        for rid, outs in parts.items():
-            state[rid].outputs = [outs[i] for i in sorted(outs)]
-        return [state[r] for r in order]
-
-    def stream(self, prompt: Prompt, params: SamplingParams | None = None, **overrides) -> Iterator[Event]:
-        """Submits one request and yields its events as they come (``ev.text`` is
-        the new text). Leaving the loop early aborts the request."""
-        rid = self.submit(prompt, params, **overrides)
+    def _events(self, rid: str, timeout: float = 0.1) -> Iterator[Event]:
+        """One request's events until its last; leaving early releases it."""
         done = False
         try:
             while not done:
-                for ev in self.poll(rid, timeout=0.1):
+                for ev in self.poll(rid, timeout=timeout):
                     done = done or ev.request_finished
                     yield ev
         finally:
             if not done:
-                self.abort(rid)
+                self.release(rid)
+
+    def generate(self, prompts: Prompt | Iterable[Prompt], params: SamplingParams | None = None,
+                 **overrides) -> list[Completion]:
+        """Submits every prompt, waits for all, and returns their completions in order.
+        Safe from any number of threads at once: each call reads only its own requests."""
+        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                        and isinstance(prompts[0], (int, dict))):
+            prompts = [prompts]
+        order: list[Completion] = []
+        parts: dict[str, dict] = {}
+        pending: set[str] = set()
+        try:
+            for p in prompts:
+                ids = self.encode_prompt(p)
+                order.append(Completion(self.submit(ids, params, by_id=True, **overrides), ids, []))
+                pending.add(order[-1].request_id)
+            by_id = {c.request_id: c for c in order}
+            while pending:  # read all of them as their events come (detokenizing as the engine runs)
+                for ev in self.poll(list(pending), timeout=0.1):
+                    _accumulate(by_id[ev.request_id], parts.setdefault(ev.request_id, {}), ev)
+                    if ev.request_finished:
+                        pending.discard(ev.request_id)
+        finally:  # left early (an error, Ctrl-C): nobody will read the rest
+            for rid in pending:
+                self.release(rid)
+        for c in order:
+            c.outputs = [parts[c.request_id][i] for i in sorted(parts.get(c.request_id, {}))]
+        return order
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None, **overrides) -> Iterator[Event]:
+        """Submits one request and yields its events as they come (``ev.text`` is
+        the new text). Leaving the loop early ends the request."""
+        yield from self._events(self.submit(prompt, params, by_id=True, **overrides))
 
     async def astream(self, prompt: Prompt, params: SamplingParams | None = None,
                       **overrides) -> AsyncIterator[Event]:
         """``async for ev in rt.astream(...)``: one request's events without
         blocking the event loop (the waits run in the default executor, with
-        the GIL released). Leaving the loop early aborts the request."""
-        rid = self.submit(prompt, params, **overrides)
+        the GIL released). Leaving the loop early ends the request."""
+        rid = self.submit(prompt, params, by_id=True, **overrides)
         loop = asyncio.get_running_loop()
         done = False
         try:
@@ -283,7 +330,7 @@ class Runtime:
                     yield ev
         finally:
             if not done:
-                self.abort(rid)
+                self.release(rid)
 
     async def agenerate(self, prompt: Prompt, params: SamplingParams | None = None,
                         **overrides) -> Completion:

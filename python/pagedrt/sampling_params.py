@@ -96,7 +96,7 @@ class SamplingParams:
         p.min_tokens = whole("min_tokens", self.min_tokens)
         p.ignore_eos = bool(self.ignore_eos)
         p.stop_token_ids = [whole("stop_token_ids[]", t) for t in self.stop_token_ids]
-        p.logprobs = -1 if self.logprobs is None else whole("logprobs", self.logprobs)
+        p.logprobs = None if self.logprobs is None else whole("logprobs", self.logprobs)
         if not isinstance(self.logit_bias, dict):
             raise InvalidArgument("logit_bias must be a dict {token_id: bias}")
         p.logit_bias = [(whole("logit_bias key", int(k) if isinstance(k, str) and k.lstrip('-').isdigit() else k),

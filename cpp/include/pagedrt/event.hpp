@@ -11,7 +11,7 @@ enum class FinishReason { None, Stop, Length, Abort, Error };
 
 const char* finish_reason_name(FinishReason reason);  // "stop", "length", ...
 
-// With SamplingParams::logprobs = k >= 0, one per generated token.
+// With SamplingParams::logprobs = k set, one per generated token.
 struct TokenLogprob {
   int32_t token = 0;
   float logprob = 0.0f;              // log-softmax of the raw logits
@@ -33,8 +33,8 @@ struct Event {
   int32_t num_preemptions = 0;       // times this request was preempted so far
   double time = 0.0;                 // when the engine emitted it: steady clock seconds
                                      // (CLOCK_MONOTONIC on Linux, as Python's time.monotonic())
-  std::vector<TokenLogprob> logprobs;  // one per token in token_ids (logprobs >= 0)
-  double cumulative_logprob = 0.0;   // sum of the sequence's token logprobs so far (logprobs >= 0 or beams)
+  std::vector<TokenLogprob> logprobs;  // one per token in token_ids (logprobs set)
+  double cumulative_logprob = 0.0;   // sum of the sequence's token logprobs so far (logprobs set, or beams)
   double score = 0.0;                // beams: cumulative_logprob / length ** length_penalty
 
   // Only with SamplingParams::return_logits: (logit_rows, vocab_size) fp32,

@@ -7,9 +7,23 @@
 // Thread safety: every public method may be called from any thread at once.
 // An engine thread owned by the Runtime runs the steps; submit() and abort()
 // only queue work and return at once; poll() waits at most `timeout_s`.
+//
+// Events: each event is delivered exactly once, and each request's events
+// arrive in order, to whoever reads that request:
+//   - poll(id) returns only request `id`'s events. From the first poll(id)
+//     on (or from submit() with Delivery::ById) the request is owned by its
+//     id: poll() without an id never sees its events again.
+//   - poll() without an id returns the events of every request nobody owns,
+//     in the order they were emitted.
+//   - A reader that walks away calls release(id): the request ends if it is
+//     still running and its events, queued and to come, are dropped.
+// So a thread that submits with Delivery::ById and polls its ids never loses
+// an event to a thread that polls without an id, and the reverse. A request
+// id is in use from submit() until its final event has been read.
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -36,6 +50,16 @@ struct RuntimeConfig {
   int32_t max_model_len = 0;       // prompt + output at most; 0 = the model's max positions
   bool enable_prefix_caching = true;
   int32_t num_threads = 0;         // CPU threads; 0 = all cores
+  // Optional: called on the constructing thread while the weights load, with
+  // (parts loaded, parts in all): the embedding, each layer, the head. Not
+  // kept after the constructor returns.
+  std::function<void(int64_t done, int64_t total)> on_load_progress;
+};
+
+// Who reads a request's events (see "Events" above).
+enum class Delivery {
+  Any,   // poll() without an id, until someone polls the request by id
+  ById,  // only poll(request_id), from the start
 };
 
 struct ModelInfo {
@@ -89,24 +113,39 @@ class Runtime {
   Runtime& operator=(const Runtime&) = delete;
 
   // Queues a request and returns its id (`request_id` if given, else a fresh
-  // one). Throws Error(InvalidArgument) for an empty or out-of-vocabulary
-  // prompt, bad params, a duplicate id, or a request that can never fit.
+  // one). Throws Error(InvalidArgument) naming the problem for an empty or
+  // out-of-vocabulary prompt, bad params, an id in use, or a request that can
+  // never fit: prompt + max_tokens beyond max_model_len, or more KV blocks
+  // than the pool has (nothing is capped silently).
   std::string submit(const std::vector<int32_t>& prompt, const SamplingParams& params,
-                     const std::string& request_id = "");
+                     const std::string& request_id = "", Delivery delivery = Delivery::Any);
 
-  // Events of any request, waiting up to `timeout_s` seconds for the first.
+  // Events of the requests nobody owns, waiting up to `timeout_s` seconds for the first.
   std::vector<Event> poll(double timeout_s = 0.0);
-  // Events of one request only; others stay queued for other pollers.
+  // Events of one request only, waiting up to `timeout_s` for the first; the
+  // request is owned by its id from now on. Throws Error(InvalidArgument) for
+  // an id that is unknown, released, or whose final event was already read.
   std::vector<Event> poll(const std::string& request_id, double timeout_s);
+  // Events of any of several requests (a caller waiting for a batch), each
+  // request's in order; the same rules as poll(request_id) for each id.
+  std::vector<Event> poll(const std::vector<std::string>& request_ids, double timeout_s);
 
   // Ends a request at the next step; it still gets one final event with
-  // finish_reason Abort. Returns false if the id is unknown or already done.
+  // finish_reason Abort. Returns true if it was running, false if it had
+  // already ended (its final event may still be waiting to be read) or the
+  // runtime is closed. Throws Error(InvalidArgument) for an id this runtime
+  // never had (it remembers the last 65,536 finished ids).
   bool abort(const std::string& request_id);
 
   // Ends one sequence of a request (sample `index`) with finish_reason Stop at
   // the next step, as a host that matched a stop string on the decoded text
-  // does. Returns false if the request is unknown or done.
+  // does. Same answers as abort().
   bool stop_sequence(const std::string& request_id, int32_t index);
+
+  // The caller stops reading request `id`: it ends at the next step if it is
+  // still running, and its events, queued and to come, are dropped (no final
+  // event). Same answers as abort(); the id is free again once it has ended.
+  bool release(const std::string& request_id);
 
   Stats stats() const;
   ModelInfo model_info() const;

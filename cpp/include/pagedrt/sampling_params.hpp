@@ -18,6 +18,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -38,7 +39,7 @@ struct SamplingParams {
   int32_t min_tokens = 0;               // eos / stop tokens banned before this many
   bool ignore_eos = false;              // keep going past the model's eos ids
   std::vector<int32_t> stop_token_ids;  // extra token ids that end a sequence (kept)
-  int32_t logprobs = -1;                // >= 0: the chosen token's logprob and the top-k
+  std::optional<int32_t> logprobs;      // set (0..20): the chosen token's logprob and the top k
   std::vector<std::pair<int32_t, float>> logit_bias;  // token id -> added to its logit
 
   int32_t beam_width = 1;               // > 1: beam search (greedy; temperature ignored)

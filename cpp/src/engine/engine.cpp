@@ -29,45 +29,50 @@ Engine::~Engine() { stop(); }
 
 // ---- host-thread side ------------------------------------------------------------
 
-void Engine::submit(std::unique_ptr<Request> req) {
+void Engine::submit(std::unique_ptr<Request> req, bool owned) {
+  if (!outbox_.open(req->id, owned))
+    throw Error(ErrorKind::InvalidArgument,
+                "request_id '" + req->id + "' is already in use (its final event has not been read)");
   {
     std::lock_guard<std::mutex> lk(in_mu_);
-    if (stopping_) throw Error(ErrorKind::InvalidArgument, "the runtime is closed");
-    if (!live_ids_.insert(req->id).second)
-      throw Error(ErrorKind::InvalidArgument, "request_id '" + req->id + "' is already in use");
+    if (stopping_) {
+      outbox_.discard(req->id);
+      throw Error(ErrorKind::InvalidArgument, "the runtime is closed");
+    }
     req->arrival = next_arrival_++;
     new_requests_.push_back(std::move(req));
   }
   in_cv_.notify_one();
 }
 
+namespace {
+// abort() and release() answer for a request in `state`: true while it runs.
+bool running(Outbox::State state, const std::string& id) {
+  if (state == Outbox::State::Unknown) throw Error(ErrorKind::InvalidArgument, "unknown request id '" + id + "'");
+  return state == Outbox::State::Running;
+}
+}  // namespace
+
 bool Engine::abort(const std::string& id, int32_t index) {
+  if (!running(outbox_.state(id), id)) return false;
   {
     std::lock_guard<std::mutex> lk(in_mu_);
-    if (stopping_ || live_ids_.count(id) == 0) return false;
+    if (stopping_) return false;
     aborts_.emplace_back(id, index);
   }
   in_cv_.notify_one();
   return true;
 }
 
-std::vector<Event> Engine::poll(const std::string* id, double timeout_s) {
-  std::unique_lock<std::mutex> lk(out_mu_);
-  auto ready = [&] {
-    if (id == nullptr) return !events_.empty();
-    return std::any_of(events_.begin(), events_.end(), [&](const Event& e) { return e.request_id == *id; });
-  };
-  if (timeout_s > 0) out_cv_.wait_for(lk, std::chrono::duration<double>(timeout_s), ready);
-  std::vector<Event> out;
-  if (id == nullptr) {
-    out.assign(std::make_move_iterator(events_.begin()), std::make_move_iterator(events_.end()));
-    events_.clear();
-  } else {
-    std::deque<Event> rest;
-    for (Event& e : events_) (e.request_id == *id ? out.emplace_back(std::move(e)) : rest.emplace_back(std::move(e)));
-    events_.swap(rest);
+bool Engine::release(const std::string& id) {
+  if (!running(outbox_.release(id), id)) return false;
+  {
+    std::lock_guard<std::mutex> lk(in_mu_);
+    if (stopping_) return true;  // the shutdown ends it; its events are dropped
+    aborts_.emplace_back(id, -1);
   }
-  return out;
+  in_cv_.notify_one();
+  return true;
 }
 
 Stats Engine::stats() const {
@@ -234,7 +239,7 @@ void Engine::step() {
 bool Engine::greedy_only(const SchedulerOutput& out) const {
   for (const ScheduledSeq& s : out.scheduled) {
     const SamplingParams& p = s.req->params;
-    if (p.return_logits || p.is_beam_search() || p.logprobs >= 0 || p.n != 1) return false;
+    if (p.return_logits || p.is_beam_search() || p.logprobs || p.n != 1) return false;
     if (p.temperature != 0.0f || Sampler::needs_processing(p, s.req->num_generated(*s.seq))) return false;
   }
   return true;
@@ -304,9 +309,9 @@ void Engine::pick_all(std::vector<Pick>& picks) {
         logits = row.data();
       }
       k.token = Sampler::pick(logits, vocab, p, k.seq->rng, probs, order);
-      if (p.logprobs >= 0) {
+      if (p.logprobs) {
         Sampler::log_softmax(k.row, vocab, logprobs);
-        k.logprob = Sampler::token_logprob(logprobs, k.token, p.logprobs);
+        k.logprob = Sampler::token_logprob(logprobs, k.token, *p.logprobs);
       }
     }
   }
@@ -317,7 +322,7 @@ void Engine::apply(Pick& k) {
   Sequence& s = *k.seq;
   const SamplingParams& p = r.params;
   const int32_t tok = k.token;
-  if (p.logprobs >= 0) {
+  if (p.logprobs) {
     s.cum_logprob += k.logprob.logprob;
     s.new_logprobs.push_back(std::move(k.logprob));
   }
@@ -416,16 +421,10 @@ void Engine::emit(Request& r, Sequence& s, bool finished, bool request_finished,
 
 void Engine::push_event(Event ev) {
   ev.time = std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-  std::lock_guard<std::mutex> lk(out_mu_);
-  events_.push_back(std::move(ev));
-  events_pushed_ = true;
+  outbox_.push(std::move(ev));
 }
 
-void Engine::wake_pollers() {
-  if (!events_pushed_) return;
-  events_pushed_ = false;
-  out_cv_.notify_all();
-}
+void Engine::wake_pollers() { outbox_.notify(); }
 
 void Engine::finish_seq(Request& r, Sequence& s, FinishReason reason, const std::string& error) {
   // Free first and publish, so that a host that sees the final event also sees
@@ -467,10 +466,6 @@ void Engine::finish_request(Request& r, FinishReason reason, const std::string& 
 void Engine::drop_request(Request& r) {
   scheduler_.remove(&r);  // frees every live sequence's blocks
   for (auto& s : r.seqs) s->num_computed = 0;
-  {
-    std::lock_guard<std::mutex> lk(in_mu_);
-    live_ids_.erase(r.id);
-  }
   publish_stats();
 }
 

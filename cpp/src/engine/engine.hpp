@@ -1,9 +1,9 @@
 // engine/engine.hpp — the engine thread: schedule → batch → forward → sample
 // → update → emit, over and over.
 //
-// Host threads talk to it through two mutex-guarded queues: the inbox (new
-// requests, aborts) and the outbox (events). Nothing a host thread calls
-// waits for a step to finish.
+// Host threads talk to it through the inbox (new requests, aborts; one
+// mutex) and the outbox (events routed to their readers: engine/outbox.hpp).
+// Nothing a host thread calls waits for a step to finish.
 #pragma once
 
 #include <condition_variable>
@@ -11,7 +11,6 @@
 #include <deque>
 #include <memory>
 #include <mutex>
-#include <set>
 #include <string>
 #include <thread>
 #include <utility>
@@ -23,6 +22,7 @@
 #include "engine/block_pool.hpp"
 #include "engine/kv_cache.hpp"
 #include "engine/kv_cache_manager.hpp"
+#include "engine/outbox.hpp"
 #include "engine/sampler.hpp"
 #include "engine/scheduler.hpp"
 #include "model/llama.hpp"
@@ -37,12 +37,22 @@ class Engine {
          const SchedulerConfig& sched, bool enable_prefix_caching, int sampler_threads);
   ~Engine();  // stops the thread
 
-  // Queues a validated request. Throws Error(InvalidArgument) for a duplicate
-  // live id or after stop().
-  void submit(std::unique_ptr<Request> req);
+  // Queues a validated request; `owned`: only poll(id) reads its events.
+  // Throws Error(InvalidArgument) for an id in use or after stop().
+  void submit(std::unique_ptr<Request> req, bool owned);
   // index < 0: the whole request (Abort); else that sequence only (Stop).
+  // True when it was running; false when it had ended (or the engine is
+  // stopping); throws Error(InvalidArgument) for an unknown id.
   bool abort(const std::string& id, int32_t index);
-  std::vector<Event> poll(const std::string* id, double timeout_s);
+  // The reader is gone: ends the request if it is running and drops its
+  // events. Same answers as abort().
+  bool release(const std::string& id);
+  // Events of requests nobody owns.
+  std::vector<Event> poll(double timeout_s) { return outbox_.poll_any(timeout_s); }
+  // Events of the requests `ids` (owned from now on).
+  std::vector<Event> poll(const std::vector<std::string>& ids, double timeout_s) {
+    return outbox_.poll(ids, timeout_s);
+  }
   Stats stats() const;
   // Ends the thread; every live request gets a final Abort event. Then frees
   // the model, the KV cache and the backend (their memory goes at once).
@@ -106,14 +116,9 @@ class Engine {
   std::condition_variable in_cv_;
   std::deque<std::unique_ptr<Request>> new_requests_;
   std::vector<std::pair<std::string, int32_t>> aborts_;  // (request id, sequence index or -1)
-  std::set<std::string> live_ids_;  // submitted and not finished
   bool stopping_ = false;
 
-  // outbox
-  mutable std::mutex out_mu_;
-  std::condition_variable out_cv_;
-  std::deque<Event> events_;
-  bool events_pushed_ = false;  // since the last wake_pollers() (engine thread only)
+  Outbox outbox_;  // events, routed to their readers; also the registry of request ids
 
   mutable std::mutex stats_mu_;
   Stats stats_;

@@ -6,7 +6,7 @@
 #include <unordered_map>
 
 #if defined(__AVX512F__)
-#include <immintrin.h>
+#include "backend/cpu/simd.hpp"
 #endif
 
 namespace pagedrt {

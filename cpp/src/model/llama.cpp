@@ -45,7 +45,7 @@ RopeTable make_rope(Backend& backend, const LlamaConfig& cfg, int64_t max_positi
 }  // namespace
 
 LlamaModel::LlamaModel(const std::string& model_dir, Backend& backend, ScalarType weight_dtype,
-                       int64_t max_positions)
+                       int64_t max_positions, const std::function<void(int64_t, int64_t)>& progress)
     : cfg_(LlamaConfig::from_file(model_dir + "/config.json")),
       backend_(backend),
       weight_dtype_(weight_dtype) {
@@ -56,8 +56,13 @@ LlamaModel::LlamaModel(const std::string& model_dir, Backend& backend, ScalarTyp
   auto norm = [&](const std::string& name) {
     return backend.load_weight({&expect(ckpt, name, {hidden})}, ScalarType::F32);
   };
+  const int64_t parts = cfg_.num_layers + 2;
+  auto loaded = [&](int64_t done) {
+    if (progress) progress(done, parts);
+  };
   embed_ = backend.load_weight({&expect(ckpt, "model.embed_tokens.weight", {cfg_.vocab_size, hidden})},
                                weight_dtype);
+  loaded(1);
   for (int64_t l = 0; l < cfg_.num_layers; ++l) {
     const std::string p = "model.layers." + std::to_string(l) + ".";
     Layer layer;
@@ -75,6 +80,7 @@ LlamaModel::LlamaModel(const std::string& model_dir, Backend& backend, ScalarTyp
     layer.down = backend.load_weight({&expect(ckpt, p + "mlp.down_proj.weight", {hidden, inter})},
                                      weight_dtype);
     layers_.push_back(std::move(layer));
+    loaded(l + 2);
   }
   final_norm_ = norm("model.norm.weight");
   if (cfg_.tie_word_embeddings)
@@ -83,6 +89,7 @@ LlamaModel::LlamaModel(const std::string& model_dir, Backend& backend, ScalarTyp
     lm_head_ = backend.load_weight({&expect(ckpt, "lm_head.weight", {cfg_.vocab_size, hidden})},
                                    weight_dtype);
   rope_ = make_rope(backend, cfg_, max_positions);
+  loaded(parts);
 }
 
 void LlamaModel::ensure_workspace(int64_t tokens, int64_t logit_rows) {

@@ -5,6 +5,8 @@
 //         → norm → lm_head (only the rows the batch asks logits for)
 #pragma once
 
+#include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -20,8 +22,10 @@ class LlamaModel {
   // Reads config.json and the safetensors weights of `model_dir`; weights are
   // converted to `weight_dtype` (F32 or BF16) on `backend`. Every missing or
   // mis-shaped tensor throws Error(InvalidModel) naming the file and tensor.
+  // `progress` (may be empty) hears (parts loaded, parts in all) after the
+  // embedding, each layer and the head.
   LlamaModel(const std::string& model_dir, Backend& backend, ScalarType weight_dtype,
-             int64_t max_positions);
+             int64_t max_positions, const std::function<void(int64_t, int64_t)>& progress = {});
 
   const LlamaConfig& config() const { return cfg_; }
   ScalarType weight_dtype() const { return weight_dtype_; }

@@ -32,7 +32,7 @@
 #include "backend/cpu/vec_math.hpp"
 
 #if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
+#include "backend/cpu/simd.hpp"
 #define PAGEDRT_AVX2 1
 #endif
 #if defined(PAGEDRT_VEC512) && defined(__AVX512BF16__)

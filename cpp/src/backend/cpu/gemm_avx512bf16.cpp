@@ -19,7 +19,7 @@
 // bit); the flush only changes values below 1.2e-38, far under what an fp32
 // sum of activation products resolves.
 #if defined(__x86_64__) && defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#include <immintrin.h>
+#include "backend/cpu/simd.hpp"
 
 #include <cstdint>
 

@@ -5,7 +5,7 @@
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define PAGEDRT_VEC512 1
-#include <immintrin.h>
+#include "backend/cpu/simd.hpp"
 
 #include <cstdint>
 
