@@ -73,6 +73,15 @@ def smol(tmp_path_factory):
         yield pagedrt.default_model(progress=False)
 
 
+@pytest.fixture(scope="session")
+def tiny_sp(tmp_path_factory):
+    """A tiny random Llama (vocab 400, GQA 2) with a sentencepiece tokenizer:
+    text prompts work, and every step takes microseconds."""
+    path, _ = make_tiny_llama(tmp_path_factory.mktemp("tiny_sp") / "m", vocab_size=400, num_key_value_heads=2)
+    train_sentencepiece(path)
+    return path
+
+
 @pytest.fixture
 def tiny_llama(tmp_path):
     def make(**kw):

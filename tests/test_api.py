@@ -14,11 +14,8 @@ from pagedrt.detokenizer import IncrementalDetokenizer
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from conftest import make_tiny_llama, train_sentencepiece
-    path, _ = make_tiny_llama(tmp_path_factory.mktemp("api") / "m", vocab_size=400, num_key_value_heads=2)
-    train_sentencepiece(path)
-    return path
+def tiny(tiny_sp):
+    return tiny_sp
 
 
 def test_eight_threads_submit_and_poll_every_request_accounted_for(tiny):

@@ -25,14 +25,6 @@ DURATION_S = 10.0
 CALL_BOUND_S = 60.0   # a generate() of 3 short requests on a tiny model: well under a second alone
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from conftest import make_tiny_llama, train_sentencepiece
-    path, _ = make_tiny_llama(tmp_path_factory.mktemp("conc") / "m", vocab_size=400, num_key_value_heads=2)
-    train_sentencepiece(path)
-    return path
-
-
 def runtime(path):
     # fp32 activations: the reference run and the crowded run round alike.
     return pagedrt.Runtime(path, device="cpu", activation_dtype="float32", num_threads=2,
@@ -101,7 +93,8 @@ class Ledger:
                 self.fail(f"{kind} request {k} sample {i}: finish reason {reasons.get(i)!r}")
 
 
-def test_sixteen_threads_and_an_event_loop_lose_nothing(tiny):
+def test_sixteen_threads_and_an_event_loop_lose_nothing(tiny_sp):
+    tiny = tiny_sp
     requests = make_requests()
     want = alone(tiny, requests)
     ledger = Ledger()
@@ -143,11 +136,13 @@ def test_sixteen_threads_and_an_event_loop_lose_nothing(tiny):
                         break
                 ledger.check("stream", k, toks, reasons, want[k], leave_after is not None)
 
-        def poll_loop(rt_poll, mine: dict, t0_bound):
-            """Reads events until every request in `mine` has its final event."""
+        def poll_loop(kind, rt_poll, mine: dict):
+            """Reads events until every request in `mine` (id -> request index) has its
+            final event, then checks what came against the alone runs."""
             seen = {rid: ({}, {}, 0) for rid in mine}
-            while any(seen[r][2] == 0 for r in mine):
-                for ev in rt_poll():
+            bound = time.monotonic() + CALL_BOUND_S
+            while any(seen[r][2] == 0 for r in mine) and time.monotonic() < bound:
+                for ev in ledger.timed(kind, rt_poll):
                     if ev.request_id not in mine:
                         ledger.fail(f"event of someone else's request {ev.request_id}")
                         continue
@@ -158,35 +153,31 @@ def test_sixteen_threads_and_an_event_loop_lose_nothing(tiny):
                     if ev.finished:
                         reasons[ev.index] = ev.finish_reason
                     seen[ev.request_id] = (toks, reasons, finals + ev.request_finished)
-                if time.monotonic() > t0_bound:
-                    ledger.fail(f"no final event within {CALL_BOUND_S} s for {sorted(r for r in mine if not seen[r][2])}")
-                    return seen
-            return seen
+            for rid, (toks, reasons, finals) in seen.items():
+                if finals != 1:
+                    ledger.fail(f"{kind} {rid}: {finals} final events within {CALL_BOUND_S} s")
+                ledger.check(kind, mine[rid], toks, reasons, want[mine[rid]], False)
+
+        def submit_some(rng, most, **kw):
+            mine = {}
+            for _ in range(rng.randrange(1, most + 1)):
+                k = rng.randrange(len(requests))
+                rid = rt.submit(requests[k][0], requests[k][1], **kw)
+                mine[rid] = k
+                note(rid)
+            return mine
 
         def by_id(t):
             rng = random.Random(t)
             while time.monotonic() < deadline:
-                mine = {}
-                for _ in range(rng.randrange(1, 4)):
-                    k = rng.randrange(len(requests))
-                    rid = rt.submit(requests[k][0], requests[k][1], by_id=True)
-                    mine[rid] = k
-                    note(rid)
-                    if rng.random() < 0.2:
-                        if not isinstance(rt.abort(rid), bool):
-                            ledger.fail("abort() did not answer a bool")
-                order = list(mine)
-                seen = {}
-                bound = time.monotonic() + CALL_BOUND_S
-                for rid in order:  # one request at a time, as a service handler would
-                    seen.update(poll_loop(lambda: ledger.timed("poll(rid)", rt.poll, rid, timeout=0.02),
-                                          {rid: 0}, bound))
-                for rid, (toks, reasons, finals) in seen.items():
-                    if finals != 1:
-                        ledger.fail(f"{rid}: {finals} final events")
-                    ledger.check("poll(rid)", mine[rid], toks, reasons, want[mine[rid]], False)
+                mine = submit_some(rng, 3, by_id=True)
+                for rid in mine:
+                    if rng.random() < 0.2 and not isinstance(rt.abort(rid), bool):
+                        ledger.fail("abort() did not answer a bool")
+                for rid in mine:  # one request at a time, as a service handler would
+                    poll_loop("poll(rid)", lambda: rt.poll(rid, timeout=0.02), {rid: mine[rid]})
                 try:
-                    rt.poll(order[0])
+                    rt.poll(next(iter(mine)))
                     ledger.fail("poll() of a request whose final event was read did not raise")
                 except pagedrt.InvalidArgument:
                     pass
@@ -194,18 +185,7 @@ def test_sixteen_threads_and_an_event_loop_lose_nothing(tiny):
         def by_poll_any(t):
             rng = random.Random(t)
             while time.monotonic() < deadline:
-                mine = {}
-                for _ in range(rng.randrange(1, 5)):
-                    k = rng.randrange(len(requests))
-                    rid = rt.submit(requests[k][0], requests[k][1])
-                    mine[rid] = k
-                    note(rid)
-                seen = poll_loop(lambda: ledger.timed("poll()", rt.poll, timeout=0.02), mine,
-                                 time.monotonic() + CALL_BOUND_S)
-                for rid, (toks, reasons, finals) in seen.items():
-                    if finals != 1:
-                        ledger.fail(f"{rid}: {finals} final events")
-                    ledger.check("poll()", mine[rid], toks, reasons, want[mine[rid]], False)
+                poll_loop("poll()", lambda: rt.poll(timeout=0.02), submit_some(rng, 4))
 
         def aborter(t):
             rng = random.Random(t)

@@ -59,6 +59,9 @@ def _check(proc: subprocess.CompletedProcess, what: str) -> str:
     return proc.stdout
 
 
+BUILD_OUTPUT: dict[Path, str] = {}  # the compiler output of each tree's last build
+
+
 def cmake_build(src: Path, build: Path, targets: list[str], defines: dict[str, str]) -> Path:
     """Configures (once) and builds `targets` of the CMake project `src` in `build`."""
     gen = ["-G", "Ninja"] if NINJA else []
@@ -68,7 +71,7 @@ def cmake_build(src: Path, build: Path, targets: list[str], defines: dict[str, s
     else:
         _check(_run([CMAKE, build, *args]), f"reconfiguring {build.name}")
     tgt = [a for t in targets for a in ("--target", t)]
-    _check(_run([CMAKE, "--build", build, "-j", "2", *tgt]), f"building {build.name}")
+    BUILD_OUTPUT[build] = _check(_run([CMAKE, "--build", build, "-j", "2", *tgt]), f"building {build.name}")
     return build
 
 
@@ -116,6 +119,8 @@ def run_sanitized(binary: Path, args=(), env=None, timeout=900) -> str:
 def test_install_and_example_service(build_root, model_dir, tmp_path):
     build = cmake_build(REPO, build_root / "release", ["all"],
                         {"CMAKE_BUILD_TYPE": "Release", "PAGEDRT_BUILD_TESTS": "ON"})
+    # Warning-free with the project's flags (-Wall -Wextra; an up-to-date tree prints nothing).
+    assert "warning:" not in BUILD_OUTPUT[build], BUILD_OUTPUT[build][-6000:]
     # The plain unit tests, as a developer runs them: ctest in the build tree.
     out = _check(_run(["ctest", "--output-on-failure"], cwd=build,
                       env={"PAGEDRT_TEST_MODEL": str(model_dir)}), "ctest")
