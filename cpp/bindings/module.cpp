@@ -10,6 +10,8 @@
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/vector.h>
 
+#include <cxxabi.h>
+
 #include <chrono>
 #include <thread>
 
@@ -40,15 +42,26 @@ bool py_finalizing() {
 // CPython < 3.14 with pthread_exit(); its forced unwind through this noexcept
 // destructor called std::terminate ("terminate called without an active
 // exception", the process aborted at exit). Such a thread is parked instead,
-// as CPython 3.14 itself does, until the process ends.
+// as CPython 3.14 itself does, until the process ends: before asking for the
+// GIL when finalization has begun, and, since it may begin between that check
+// and the request (1 exit in ~15 with a thread polling every 50 ms), by
+// catching the unwind that pthread_exit() starts and never leaving the handler.
+[[noreturn]] void park_forever() {
+  for (;;) std::this_thread::sleep_for(std::chrono::seconds(1));
+}
+
 struct ReleaseGil {
   PyThreadState* state = PyEval_SaveThread();
   ReleaseGil() = default;
   ReleaseGil(const ReleaseGil&) = delete;
   ReleaseGil& operator=(const ReleaseGil&) = delete;
   ~ReleaseGil() {
-    while (py_finalizing()) std::this_thread::sleep_for(std::chrono::seconds(1));
-    PyEval_RestoreThread(state);
+    if (py_finalizing()) park_forever();
+    try {
+      PyEval_RestoreThread(state);
+    } catch (abi::__forced_unwind&) {  // pthread_exit() inside take_gil: finalization began meanwhile
+      park_forever();
+    }
   }
 };
 

@@ -159,16 +159,16 @@ Runtime::Runtime(const RuntimeConfig& config) : impl_(std::make_unique<Impl>()) 
   m.info.activation_dtype = scalar_name(act);
   m.info.device = device;
 
-  SchedulerConfig sc;
-  sc.block_size = config.block_size;
-  sc.max_num_seqs = config.max_num_seqs;
-  sc.max_num_batched_tokens = config.max_num_batched_tokens;
-  sc.max_model_len = max_len;
-  sc.eos_token_ids = m.info.eos_token_ids;
-  const int sampler_threads = config.num_threads > 0 ? config.num_threads
-                                                    : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  m.engine = std::make_unique<Engine>(std::move(backend), std::move(model), std::move(kv), sc,
-                                      config.enable_prefix_caching, sampler_threads);
+  EngineConfig ec;
+  ec.scheduler.max_num_seqs = config.max_num_seqs;
+  ec.scheduler.max_num_batched_tokens = config.max_num_batched_tokens;
+  ec.output.max_model_len = max_len;
+  ec.output.eos_token_ids = m.info.eos_token_ids;
+  ec.output.sampler_threads = config.num_threads > 0
+                                  ? config.num_threads
+                                  : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  ec.enable_prefix_caching = config.enable_prefix_caching;
+  m.engine = std::make_unique<Engine>(std::move(backend), std::move(model), std::move(kv), ec);
 }
 
 Runtime::~Runtime() { close(); }
@@ -190,14 +190,8 @@ std::string Runtime::submit(const std::vector<int32_t>& prompt, const SamplingPa
             std::to_string(params.max_tokens) + ") = " + std::to_string(len + params.max_tokens) +
             " is more than max_model_len " + std::to_string(m.info.max_model_len) +
             "; shorten the prompt or lower max_tokens");
-  const int64_t bs = m.config.block_size;
-  // K/V is written for every token but the last one generated.
-  const int64_t need = len + params.max_tokens - 1;
-  // The prompt's blocks are shared (n > 1 and beams fork after the prompt);
-  // every further sequence may need its own blocks for its output, plus a copy
-  // of the shared partial block.
   const int64_t width = std::max(params.n, params.beam_width);
-  const int64_t blocks = (need + bs - 1) / bs + (width - 1) * ((params.max_tokens + bs - 1) / bs + 1);
+  const int64_t blocks = m.engine->kv_manager().worst_case_blocks(len, params.max_tokens, width);
   const Stats st = m.engine->stats();
   if (blocks > st.num_blocks)
     bad_arg(where + "needs " + std::to_string(blocks) + " KV blocks (prompt " + std::to_string(len) +

@@ -5,3 +5,4 @@
 #include "pagedrt/event.hpp"
 #include "pagedrt/runtime.hpp"
 #include "pagedrt/sampling_params.hpp"
+#include "pagedrt/stats.hpp"

@@ -31,6 +31,7 @@
 #include "pagedrt/error.hpp"
 #include "pagedrt/event.hpp"
 #include "pagedrt/sampling_params.hpp"
+#include "pagedrt/stats.hpp"
 
 namespace pagedrt {
 
@@ -73,31 +74,6 @@ struct ModelInfo {
   std::string weight_dtype;        // "float32" or "bfloat16"
   std::string activation_dtype;    // "float32" or "bfloat16" (also the KV cache's)
   std::string device;              // "cpu" or "cuda"
-};
-
-struct Stats {
-  int64_t num_blocks = 0;          // blocks in the KV pool
-  int64_t block_size = 0;
-  int64_t blocks_used = 0;         // blocks referenced by a live sequence
-  int64_t blocks_free = 0;         // allocatable: plain free + cached free
-  int64_t blocks_cached_free = 0;  // free blocks still holding a cached prefix
-  int64_t slots_used = 0;          // token slots holding K/V of live sequences
-  double waste = 0.0;              // 1 - slots_used / (blocks_used * block_size)
-  int64_t peak_blocks_used = 0;    // since start
-  int64_t blocks_logical = 0;      // sum of live sequences' block-table lengths (without sharing)
-  int64_t peak_blocks_logical = 0; // since start
-  double waste_at_peak = 0.0;      // waste when blocks_used peaked
-  int64_t prefix_queries = 0;      // prompt tokens looked up in the prefix cache
-  int64_t prefix_hits = 0;         // of those, tokens found (not recomputed)
-  int64_t num_copies = 0;          // copy-on-write block copies
-  double tokens_per_s = 0.0;       // generated tokens per second, last 5 s
-  int64_t kv_cache_bytes = 0;
-  int64_t num_waiting = 0;
-  int64_t num_running = 0;
-  int64_t num_preemptions = 0;     // since start
-  int64_t num_steps = 0;           // engine steps since start
-  int64_t prompt_tokens = 0;       // computed since start
-  int64_t generated_tokens = 0;    // since start
 };
 
 class Runtime {

@@ -59,7 +59,10 @@ bool BlockPool::allocate(int32_t n, std::vector<int32_t>& out) {
 
 void BlockPool::incref(int32_t block) {
   Block& k = blocks_[block];
-  if (k.ref_count == 0) unlink(block);  // a cached free block comes back into use
+  if (k.ref_count == 0) {  // a cached free block comes back into use: it is full
+    unlink(block);
+    mark_filled(block, block_size_);
+  }
   ++k.ref_count;
 }
 
@@ -67,7 +70,16 @@ void BlockPool::decref(int32_t block) {
   Block& k = blocks_[block];
   assert(k.ref_count > 0);
   if (--k.ref_count > 0) return;
+  slots_used_ -= k.fill;
+  k.fill = 0;
   push(block, /*at_head=*/k.uid == 0);
+}
+
+void BlockPool::mark_filled(int32_t block, int32_t n) {
+  Block& k = blocks_[block];
+  if (n <= k.fill) return;
+  slots_used_ += n - k.fill;
+  k.fill = n;
 }
 
 void BlockPool::release(std::vector<int32_t>& table) {

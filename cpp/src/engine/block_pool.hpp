@@ -18,6 +18,11 @@
 //
 // ref_count[b] == 0  <=>  b is on the free queue (cached or not).
 // Running out is a status (allocate returns false), never an exception.
+//
+// Slots in use are counted as blocks fill (mark_filled) and free: a block's
+// fill is the token slots its owners have written (owners of a shared block
+// agree: only full blocks, or a block just forked, are shared), a cached
+// block coming back into use is full, and a freed block counts no more.
 #pragma once
 
 #include <cstdint>
@@ -36,6 +41,8 @@ class BlockPool {
   int32_t num_cached_free() const { return num_cached_free_; }
   int32_t num_used() const { return num_blocks() - num_free_; }
   int32_t ref_count(int32_t block) const { return blocks_[block].ref_count; }
+  int32_t fill(int32_t block) const { return blocks_[block].fill; }
+  int64_t slots_used() const { return slots_used_; }         // sum of fill over the blocks in use
   uint64_t uid(int32_t block) const { return blocks_[block].uid; }  // 0: not cached
 
   // Appends `n` blocks (ref count 1, cache entries evicted) to `out`, or
@@ -45,6 +52,9 @@ class BlockPool {
   void incref(int32_t block);
   // Drops one reference. note: call only on a block with ref count > 0.
   void decref(int32_t block);
+  // `block` holds K/V in at least its first `n` slots from now on.
+  // note: call only on a block with ref count > 0.
+  void mark_filled(int32_t block, int32_t n);
   // decref every block of a table, last block first (so that a sequence's tail
   // is evicted before its head, which later requests are likelier to share).
   void release(std::vector<int32_t>& table);
@@ -61,6 +71,7 @@ class BlockPool {
  private:
   struct Block {
     int32_t ref_count = 0;
+    int32_t fill = 0;              // token slots written by its owners (0 while free)
     int32_t prev = -1, next = -1;  // free-queue links
     bool in_free = false;
     uint64_t uid = 0;              // content uid when cached, else 0
@@ -77,6 +88,7 @@ class BlockPool {
   std::vector<int32_t> tokens_;  // (num_blocks, block_size) tokens of cached blocks
   int32_t head_ = -1, tail_ = -1;
   int32_t num_free_ = 0, num_cached_free_ = 0;
+  int64_t slots_used_ = 0;
   uint64_t next_uid_ = 1;
   std::unordered_multimap<uint64_t, int32_t> index_;  // key -> cached block
 };

@@ -1,5 +1,6 @@
 #include "engine/kv_cache_manager.hpp"
 
+#include <algorithm>
 #include <cassert>
 
 namespace pagedrt {
@@ -21,7 +22,14 @@ int64_t KvCacheManager::acquire_cached_prefix(SeqBlocks& seq, const int32_t* tok
     parent = pool_.uid(b);
     seq.block_uids.push_back(parent);
   }
+  logical_blocks_ += static_cast<int64_t>(seq.table.size());
   return static_cast<int64_t>(seq.table.size()) * bs;
+}
+
+int64_t KvCacheManager::worst_case_blocks(int64_t prompt_len, int64_t max_tokens, int64_t num_seqs) const {
+  const int64_t bs = pool_.block_size();
+  const int64_t written = prompt_len + max_tokens - 1;
+  return (written + bs - 1) / bs + (num_seqs - 1) * ((max_tokens + bs - 1) / bs + 1);
 }
 
 int64_t KvCacheManager::blocks_needed(const SeqBlocks& seq, int64_t num_computed, int64_t n) const {
@@ -52,7 +60,15 @@ bool KvCacheManager::allocate_slots(SeqBlocks& seq, int64_t num_computed, int64_
     ++num_copies_;
   }
   pool_.allocate(static_cast<int32_t>(fresh), seq.table);
+  logical_blocks_ += fresh;
   return true;
+}
+
+void KvCacheManager::note_computed(const SeqBlocks& seq, int64_t from, int64_t to) {
+  if (to <= from) return;
+  const int64_t bs = pool_.block_size();
+  for (int64_t i = from / bs; i <= (to - 1) / bs; ++i)
+    pool_.mark_filled(seq.table[i], static_cast<int32_t>(std::min<int64_t>(bs, to - i * bs)));
 }
 
 void KvCacheManager::cache_full_blocks(SeqBlocks& seq, const int32_t* tokens, int64_t num_computed) {
@@ -68,11 +84,13 @@ void KvCacheManager::cache_full_blocks(SeqBlocks& seq, const int32_t* tokens, in
 void KvCacheManager::fork(const SeqBlocks& parent, SeqBlocks& child) {
   assert(child.table.empty());
   for (int32_t b : parent.table) pool_.incref(b);
+  logical_blocks_ += static_cast<int64_t>(parent.table.size());
   child.table = parent.table;
   child.block_uids = parent.block_uids;
 }
 
 void KvCacheManager::free(SeqBlocks& seq) {
+  logical_blocks_ -= static_cast<int64_t>(seq.table.size());
   pool_.release(seq.table);
   seq.block_uids.clear();
 }

@@ -40,6 +40,13 @@ class KvCacheManager {
   // record_prefix_query(), once the request is admitted.
   int64_t acquire_cached_prefix(SeqBlocks& seq, const int32_t* tokens, int64_t n);
 
+  // The most blocks a request can hold at once: its prompt's blocks (shared
+  // by all its sequences), and for each further sequence (n > 1, beams) its
+  // own output blocks plus a copy of the shared partly filled block. K/V is
+  // written for every token but the last one generated. Reads only the
+  // block size: safe from any thread.
+  int64_t worst_case_blocks(int64_t prompt_len, int64_t max_tokens, int64_t num_seqs) const;
+
   // Blocks allocate_slots(seq, num_computed, n) would take (an upper bound
   // when several sequences share the block to copy).
   int64_t blocks_needed(const SeqBlocks& seq, int64_t num_computed, int64_t n) const;
@@ -55,6 +62,9 @@ class KvCacheManager {
     prefix_hits_ += hit_tokens;
   }
 
+  // Tokens [from, to) of the sequence now have their K/V in its blocks.
+  void note_computed(const SeqBlocks& seq, int64_t from, int64_t to);
+
   // Registers the full blocks among tokens[0 .. num_computed) in the prefix cache.
   void cache_full_blocks(SeqBlocks& seq, const int32_t* tokens, int64_t num_computed);
 
@@ -64,6 +74,7 @@ class KvCacheManager {
   void free(SeqBlocks& seq);
 
   int64_t num_copies() const { return num_copies_; }
+  int64_t logical_blocks() const { return logical_blocks_; }  // entries of every live block table
   int64_t prefix_queries() const { return prefix_queries_; }  // tokens looked up
   int64_t prefix_hits() const { return prefix_hits_; }        // tokens found
 
@@ -71,6 +82,7 @@ class KvCacheManager {
   BlockPool& pool_;
   bool prefix_caching_;
   int64_t num_copies_ = 0;
+  int64_t logical_blocks_ = 0;
   int64_t prefix_queries_ = 0;
   int64_t prefix_hits_ = 0;
 };

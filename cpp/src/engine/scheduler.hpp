@@ -20,12 +20,10 @@
 
 namespace pagedrt {
 
+// What the scheduler reads (RuntimeConfig holds the defaults).
 struct SchedulerConfig {
-  int32_t block_size = 16;
-  int32_t max_num_seqs = 64;
-  int32_t max_num_batched_tokens = 2048;
-  int64_t max_model_len = 2048;        // prompt + generated tokens at most
-  std::vector<int32_t> eos_token_ids;  // end a sequence unless ignore_eos
+  int32_t max_num_seqs = 0;            // live sequences at most
+  int32_t max_num_batched_tokens = 0;  // tokens one step computes at most
 };
 
 struct ScheduledSeq {

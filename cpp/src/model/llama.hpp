@@ -12,7 +12,7 @@
 #include <vector>
 
 #include "backend/backend.hpp"
-#include "engine/kv_cache.hpp"
+#include "model/kv_cache.hpp"
 #include "model/llama_config.hpp"
 
 namespace pagedrt {

@@ -1,4 +1,4 @@
-// engine/kv_cache.hpp — the paged KV storage, taken once at start-up.
+// model/kv_cache.hpp — the paged KV storage, taken once at start-up.
 //
 //   per layer l:  k[l], v[l]: (num_blocks, block_size, num_kv_heads, head_dim)
 //   in the backend's kv_dtype() (fp32 on the CPU, bf16 on CUDA)

@@ -1,4 +1,4 @@
-#include "engine/kv_cache.hpp"
+#include "model/kv_cache.hpp"
 
 #include "pagedrt/error.hpp"
 

@@ -1,0 +1,60 @@
+// engine/model_runner.hpp — everything one step does on the device.
+//
+// Owns the backend, the model and the paged KV storage. run() turns the
+// scheduler's decision into the step's flat batch (engine/batch.hpp), runs the
+// copy-on-write block copies, then the forward (which the backend may replay
+// from a recording: Backend::run_step), and hands back where each scheduled
+// sequence's logits rows are.
+//
+//   SchedulerOutput ──► Batch::build ──► copy_blocks ──► LlamaModel::forward ──► ModelOutput
+//                       (host arrays)    (K and V, every layer)   (logits or device argmax)
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "backend/backend.hpp"
+#include "engine/batch.hpp"
+#include "engine/scheduler.hpp"
+#include "model/kv_cache.hpp"
+#include "model/llama.hpp"
+
+namespace pagedrt {
+
+// A step's results, valid until the next run().
+struct ModelOutput {
+  int64_t vocab = 0;
+  const float* logits = nullptr;             // (num_logits, vocab) host fp32; null when the device picked
+  const int32_t* argmax = nullptr;           // (num_logits) greedy picks made on the device; else null
+  const std::vector<LogitsSlice>* slices = nullptr;  // one per scheduled sequence, in order
+
+  const float* row(int64_t r) const { return logits ? logits + r * vocab : nullptr; }
+};
+
+class ModelRunner {
+ public:
+  ModelRunner(std::unique_ptr<Backend> backend, std::unique_ptr<LlamaModel> model, KvCache kv);
+
+  // Can the device pick greedy tokens itself (only their ids come back)?
+  bool has_device_argmax() const { return backend_->has_argmax(); }
+  // Runs one step. `device_greedy` (needs has_device_argmax()): every sampled
+  // row is plain greedy, so only the picks leave the device. Throws what the
+  // backend throws; nothing of the step is then valid.
+  ModelOutput run(const SchedulerOutput& step, bool device_greedy);
+
+  const LlamaConfig& config() const { return model_->config(); }
+  const KvCache& kv() const { return kv_; }
+  // Frees the weights, the KV storage and the backend (GPU memory at once).
+  void release();
+
+ private:
+  std::unique_ptr<Backend> backend_;
+  std::unique_ptr<LlamaModel> model_;
+  KvCache kv_;
+  Batch batch_;
+  std::vector<float> logits_;    // (num_logits, vocab) of the current step
+  std::vector<int32_t> argmax_;  // (num_logits) greedy picks made on the device
+};
+
+}  // namespace pagedrt

@@ -1,0 +1,221 @@
+#include "engine/output_processor.hpp"
+
+#include <algorithm>
+
+#include "engine/beam_search.hpp"
+#include "engine/sampler.hpp"
+
+namespace pagedrt {
+
+OutputProcessor::OutputProcessor(const OutputConfig& config, KvCacheManager& kv, OutputSink& sink)
+    : config_(config), kv_(kv), sink_(sink) {
+  config_.sampler_threads = std::max(1, config_.sampler_threads);
+}
+
+bool OutputProcessor::greedy_only(const SchedulerOutput& step) const {
+  for (const ScheduledSeq& s : step.scheduled) {
+    const SamplingParams& p = s.req->params;
+    if (p.return_logits || p.is_beam_search() || p.logprobs || p.n != 1) return false;
+    if (p.temperature != 0.0f || Sampler::needs_processing(p, s.req->num_generated(*s.seq))) return false;
+  }
+  return true;
+}
+
+void OutputProcessor::process(const SchedulerOutput& step, const ModelOutput& out) {
+  // Phase 1: progress of every sequence. Phase 2: sampling (may end sequences
+  // and requests). Phase 3: beam groups whose beams are all at their sampling point.
+  std::vector<Pick> picks;
+  std::vector<Request*> beam_groups;
+  for (size_t i = 0; i < step.scheduled.size(); ++i) {
+    const ScheduledSeq& s = step.scheduled[i];
+    const LogitsSlice& slice = (*out.slices)[i];
+    if (!advance(s, slice, out)) continue;
+    if (s.req->params.is_beam_search()) {
+      if (std::find(beam_groups.begin(), beam_groups.end(), s.req) == beam_groups.end()) beam_groups.push_back(s.req);
+      continue;
+    }
+    const int64_t last = slice.first_row + slice.num_rows - 1;
+    for (Sequence* q : expand(*s.req, *s.seq)) {
+      Pick pick;
+      pick.req = s.req;
+      pick.seq = q;
+      pick.row = out.row(last);
+      if (out.argmax) pick.token = out.argmax[last];
+      picks.push_back(std::move(pick));
+    }
+  }
+  // Picks are independent per sequence (own row, own random stream): made in
+  // parallel, then applied in order (which may end sequences and requests).
+  pick_all(picks, out.vocab);
+  for (Pick& p : picks) apply(p);
+  for (Request* r : beam_groups) {
+    const bool all_ready = std::all_of(r->seqs.begin(), r->seqs.end(),
+                                       [](const std::unique_ptr<Sequence>& s) { return s->at_sampling_point(); });
+    if (all_ready) beam_group_step(*r);
+  }
+}
+
+bool OutputProcessor::advance(const ScheduledSeq& sc, const LogitsSlice& slice, const ModelOutput& out) {
+  Sequence& s = *sc.seq;
+  Request& r = *sc.req;
+  kv_.note_computed(s.blocks, s.num_computed, s.num_computed + sc.num_new_tokens);
+  s.num_computed += sc.num_new_tokens;
+  kv_.cache_full_blocks(s.blocks, s.tokens.data(), s.num_computed);
+  if (r.params.return_logits && slice.num_rows > 0) {
+    const float* rows = out.row(slice.first_row);
+    s.new_logits.insert(s.new_logits.end(), rows, rows + static_cast<int64_t>(slice.num_rows) * out.vocab);
+    s.new_logit_rows += slice.num_rows;
+    s.logits_reported = slice.first_pos + slice.num_rows;
+  }
+  if (!slice.samples) {
+    if (s.new_logit_rows > 0 && !r.params.is_beam_search())
+      sink_.push_event(make_event(r, s, false, false, FinishReason::None, ""));
+    return false;
+  }
+  if (r.params.is_beam_search()) Sampler::log_softmax(out.row(slice.first_row + slice.num_rows - 1), out.vocab, s.beam_logprobs);
+  return true;
+}
+
+std::vector<Sequence*> OutputProcessor::expand(Request& r, Sequence& s) {
+  if (r.expanded || r.params.n == 1) return {&s};
+  // The prompt is computed once; fork it into n sequences that share its blocks.
+  r.expanded = true;
+  std::vector<Sequence*> all = {&s};
+  for (int32_t i = 1; i < r.params.n; ++i) {
+    auto child = std::make_unique<Sequence>();
+    child->index = i;
+    child->tokens = s.tokens;
+    child->num_computed = s.num_computed;
+    child->rng = make_rng(r.params, i);
+    child->logits_reported = s.logits_reported;
+    kv_.fork(s.blocks, child->blocks);
+    all.push_back(child.get());
+    r.seqs.push_back(std::move(child));
+  }
+  return all;
+}
+
+void OutputProcessor::pick_all(std::vector<Pick>& picks, int64_t vocab) {
+  const int64_t n = static_cast<int64_t>(picks.size());
+  // Every row picked on the device (greedy on CUDA): no thread team to start.
+  if (std::none_of(picks.begin(), picks.end(), [](const Pick& k) { return k.row != nullptr; })) return;
+#pragma omp parallel num_threads(config_.sampler_threads) if (n > 1 && n * vocab > (1 << 16))
+  {
+    std::vector<float> row, logprobs;  // per thread
+    std::vector<double> probs;
+    std::vector<int32_t> order;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < n; ++i) {
+      Pick& k = picks[i];
+      if (k.row == nullptr) continue;  // picked on the device
+      const SamplingParams& p = k.req->params;
+      const float* logits = k.row;
+      if (Sampler::needs_processing(p, k.req->num_generated(*k.seq))) {
+        row.assign(k.row, k.row + vocab);
+        Sampler::process(row.data(), vocab, p, k.seq->tokens, k.req->prompt_len, config_.eos_token_ids);
+        logits = row.data();
+      }
+      k.token = Sampler::pick(logits, vocab, p, k.seq->rng, probs, order);
+      if (p.logprobs) {
+        Sampler::log_softmax(k.row, vocab, logprobs);
+        k.logprob = Sampler::token_logprob(logprobs, k.token, *p.logprobs);
+      }
+    }
+  }
+}
+
+void OutputProcessor::apply(Pick& k) {
+  Request& r = *k.req;
+  Sequence& s = *k.seq;
+  const SamplingParams& p = r.params;
+  const int32_t tok = k.token;
+  if (p.logprobs) {
+    s.cum_logprob += k.logprob.logprob;
+    s.new_logprobs.push_back(std::move(k.logprob));
+  }
+  s.tokens.push_back(tok);
+  s.new_tokens.push_back(tok);
+  sink_.count_generated(1);  // before the event: a host that sees it sees the count
+  const auto& eos = config_.eos_token_ids;
+  const auto& stops = p.stop_token_ids;
+  const bool min_reached = r.num_generated(s) > p.min_tokens;
+  FinishReason reason = FinishReason::None;
+  if (min_reached && !p.ignore_eos && std::find(eos.begin(), eos.end(), tok) != eos.end())
+    reason = FinishReason::Stop;
+  else if (min_reached && std::find(stops.begin(), stops.end(), tok) != stops.end())
+    reason = FinishReason::Stop;
+  else if (r.num_generated(s) >= p.max_tokens || s.num_tokens() >= config_.max_model_len)
+    reason = FinishReason::Length;
+  if (reason != FinishReason::None)
+    sink_.finish_seq(r, s, reason);
+  else
+    sink_.push_event(make_event(r, s, false, false, FinishReason::None, ""));
+}
+
+void OutputProcessor::beam_group_step(Request& r) {
+  std::vector<int32_t> stop_ids = r.params.stop_token_ids;
+  if (!r.params.ignore_eos)
+    for (int32_t id : config_.eos_token_ids)
+      if (std::find(stop_ids.begin(), stop_ids.end(), id) == stop_ids.end()) stop_ids.push_back(id);
+  const int64_t limit = std::min<int64_t>(r.params.max_tokens, config_.max_model_len - r.prompt_len);
+  const std::vector<BeamChoice> next = beam_step(r, stop_ids, limit);
+  sink_.count_generated(static_cast<int64_t>(r.seqs.size()));
+  if (next.empty()) {  // the search is over: the best n finished beams, best first
+    const size_t n = std::min<size_t>(static_cast<size_t>(r.params.n), r.beam_done.size());
+    std::vector<Event> finals;
+    for (size_t i = 0; i < n; ++i) {
+      const BeamHypothesis& h = r.beam_done[i];
+      Event ev;
+      ev.request_id = r.id;
+      ev.index = static_cast<int32_t>(i);
+      ev.token_ids = h.tokens;
+      ev.finished = true;
+      ev.request_finished = i + 1 == n;
+      const bool stopped = !h.tokens.empty() &&
+                           std::find(stop_ids.begin(), stop_ids.end(), h.tokens.back()) != stop_ids.end();
+      ev.finish_reason = stopped ? FinishReason::Stop : FinishReason::Length;
+      ev.num_preemptions = r.num_preemptions;
+      ev.cumulative_logprob = h.cum_logprob;
+      ev.score = h.score;
+      finals.push_back(std::move(ev));
+    }
+    sink_.finish_beams(r, std::move(finals));
+    return;
+  }
+  // New beams fork their parents' blocks; then the old beams let go of theirs.
+  std::vector<std::unique_ptr<Sequence>> beams;
+  for (size_t i = 0; i < next.size(); ++i) {
+    const Sequence& parent = *r.seqs[next[i].parent];
+    auto b = std::make_unique<Sequence>();
+    b->index = static_cast<int32_t>(i);
+    b->tokens = parent.tokens;
+    b->tokens.push_back(next[i].token);
+    b->num_computed = parent.num_computed;
+    b->cum_logprob = next[i].cum_logprob;
+    kv_.fork(parent.blocks, b->blocks);
+    beams.push_back(std::move(b));
+  }
+  for (auto& s : r.seqs) kv_.free(s->blocks);
+  r.seqs.swap(beams);
+}
+
+Event OutputProcessor::make_event(Request& r, Sequence& s, bool finished, bool request_finished,
+                                  FinishReason reason, const std::string& error) {
+  Event ev;
+  ev.request_id = r.id;
+  ev.index = s.index;
+  ev.token_ids.swap(s.new_tokens);
+  ev.logprobs.swap(s.new_logprobs);
+  ev.logits.swap(s.new_logits);
+  ev.logit_rows = s.new_logit_rows;
+  s.new_logit_rows = 0;
+  ev.finished = finished;
+  ev.request_finished = request_finished;
+  ev.finish_reason = finished ? reason : FinishReason::None;
+  ev.error = error;
+  ev.num_preemptions = r.num_preemptions;
+  ev.cumulative_logprob = s.cum_logprob;
+  return ev;
+}
+
+}  // namespace pagedrt

@@ -1,0 +1,87 @@
+// engine/output_processor.hpp — a step's logits become tokens, stop decisions
+// and events.
+//
+// For every scheduled sequence, in order:
+//   advance     num_computed moves on; newly full blocks join the prefix cache;
+//               return_logits rows are kept for the next event
+//   expand      n > 1: at its first sampling point the prompt's sequence is
+//               forked n - 1 times (all share its blocks)
+//   pick        sampling (engine/sampler.hpp), every row on its own random
+//               stream, in parallel over the rows
+//   apply       in order: append the token, logprobs, stop rules (eos,
+//               stop_token_ids, max_tokens, max_model_len), an event
+//   beams       once every live beam of a request is at its sampling point,
+//               the group picks the next beams (engine/beam_search.hpp)
+//
+// Ending a sequence or a request (freeing its blocks, its final event) is the
+// engine's business: the processor hands its results to an OutputSink.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "engine/kv_cache_manager.hpp"
+#include "engine/model_runner.hpp"
+#include "engine/request.hpp"
+#include "engine/scheduler.hpp"
+#include "pagedrt/event.hpp"
+
+namespace pagedrt {
+
+// Where the processor's results go: the engine, which owns request lifetimes,
+// the outbox and the stats.
+class OutputSink {
+ public:
+  virtual ~OutputSink() = default;
+  virtual void push_event(Event ev) = 0;
+  virtual void count_generated(int64_t tokens) = 0;
+  // Ends sequence `s` with its final event; the request ends with its last sequence.
+  virtual void finish_seq(Request& r, Sequence& s, FinishReason reason) = 0;
+  // A beam search is over: its live beams are freed and `finals` (the best
+  // beams, request_finished on the last; empty: none completed) end the request.
+  virtual void finish_beams(Request& r, std::vector<Event> finals) = 0;
+};
+
+struct OutputConfig {
+  std::vector<int32_t> eos_token_ids;  // end a sequence unless ignore_eos
+  int64_t max_model_len = 0;           // prompt + generated tokens at most
+  int sampler_threads = 1;             // threads for the picks of one step
+};
+
+class OutputProcessor {
+ public:
+  OutputProcessor(const OutputConfig& config, KvCacheManager& kv, OutputSink& sink);
+
+  // Every scheduled sequence samples plain greedy (no processing, logprobs,
+  // returned logits, beams or n > 1): the device may pick the tokens.
+  bool greedy_only(const SchedulerOutput& step) const;
+  // Applies one step's results (see above).
+  void process(const SchedulerOutput& step, const ModelOutput& out);
+
+  // An event carrying what `s` produced since its last event.
+  static Event make_event(Request& r, Sequence& s, bool finished, bool request_finished, FinishReason reason,
+                          const std::string& error);
+
+ private:
+  // One sampling decision: made by pick_all (in parallel), applied by apply (in order).
+  struct Pick {
+    Request* req = nullptr;
+    Sequence* seq = nullptr;
+    const float* row = nullptr;  // (vocab) raw logits; null: picked on the device
+    int32_t token = 0;
+    TokenLogprob logprob;
+  };
+  // Returns true when the sequence reached its sampling point.
+  bool advance(const ScheduledSeq& s, const LogitsSlice& slice, const ModelOutput& out);
+  std::vector<Sequence*> expand(Request& r, Sequence& s);
+  void pick_all(std::vector<Pick>& picks, int64_t vocab);
+  void apply(Pick& pick);
+  void beam_group_step(Request& r);
+
+  OutputConfig config_;
+  KvCacheManager& kv_;
+  OutputSink& sink_;
+};
+
+}  // namespace pagedrt

@@ -1,0 +1,59 @@
+#include "engine/stats_keeper.hpp"
+
+#include <algorithm>
+#include <chrono>
+
+namespace pagedrt {
+
+StatsKeeper::StatsKeeper(const KvCache& kv) {
+  stats_.num_blocks = kv.num_blocks;
+  stats_.block_size = kv.block_size;
+  stats_.blocks_free = kv.num_blocks;
+  stats_.kv_cache_bytes = kv.num_blocks * kv.bytes_per_block;
+}
+
+Stats StatsKeeper::get() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return stats_;
+}
+
+void StatsKeeper::count_step(int64_t preemptions, int64_t prompt_tokens) {
+  std::lock_guard<std::mutex> lk(mu_);
+  stats_.num_steps += 1;
+  stats_.num_preemptions += preemptions;
+  stats_.prompt_tokens += prompt_tokens;
+}
+
+void StatsKeeper::count_generated(int64_t tokens) {
+  std::lock_guard<std::mutex> lk(mu_);
+  stats_.generated_tokens += tokens;
+}
+
+void StatsKeeper::publish(const BlockPool& pool, const KvCacheManager& kv, const Scheduler& scheduler) {
+  const double now = std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+  std::lock_guard<std::mutex> lk(mu_);
+  Stats& s = stats_;
+  s.blocks_used = pool.num_used();
+  s.blocks_free = pool.num_free();
+  s.blocks_cached_free = pool.num_cached_free();
+  s.slots_used = pool.slots_used();
+  s.waste = s.blocks_used ? 1.0 - double(s.slots_used) / double(s.blocks_used * s.block_size) : 0.0;
+  if (s.blocks_used > s.peak_blocks_used) {
+    s.peak_blocks_used = s.blocks_used;
+    s.waste_at_peak = s.waste;
+  }
+  s.blocks_logical = kv.logical_blocks();
+  s.peak_blocks_logical = std::max(s.peak_blocks_logical, s.blocks_logical);
+  s.num_waiting = static_cast<int64_t>(scheduler.num_waiting());
+  s.num_running = static_cast<int64_t>(scheduler.num_running());
+  s.prefix_queries = kv.prefix_queries();
+  s.prefix_hits = kv.prefix_hits();
+  s.num_copies = kv.num_copies();
+  // generation rate over the last five seconds
+  rate_window_.emplace_back(now, s.generated_tokens);
+  while (rate_window_.size() > 2 && now - rate_window_.front().first > 5.0) rate_window_.pop_front();
+  const double span = now - rate_window_.front().first;
+  s.tokens_per_s = span > 0 ? double(s.generated_tokens - rate_window_.front().second) / span : 0.0;
+}
+
+}  // namespace pagedrt

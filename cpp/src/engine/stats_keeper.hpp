@@ -1,0 +1,40 @@
+// engine/stats_keeper.hpp — the figures Runtime::stats() returns, kept up to
+// date as the engine runs.
+//
+// The engine thread counts (steps, preemptions, prompt and generated tokens)
+// and publishes the pool's and the queues' state after every change that a
+// host may act on (a step, a request's end); every figure it reads is a
+// counter kept by the block pool or the KV cache manager as blocks come and
+// go, so publishing is O(1). Host threads copy the whole under one mutex.
+#pragma once
+
+#include <cstdint>
+#include <deque>
+#include <mutex>
+#include <utility>
+
+#include "engine/block_pool.hpp"
+#include "engine/kv_cache_manager.hpp"
+#include "engine/scheduler.hpp"
+#include "model/kv_cache.hpp"
+#include "pagedrt/stats.hpp"
+
+namespace pagedrt {
+
+class StatsKeeper {
+ public:
+  explicit StatsKeeper(const KvCache& kv);
+
+  Stats get() const;
+  void count_step(int64_t preemptions, int64_t prompt_tokens);
+  void count_generated(int64_t tokens);
+  // The pool, the prefix cache and the queues as they are now; the peaks.
+  void publish(const BlockPool& pool, const KvCacheManager& kv, const Scheduler& scheduler);
+
+ private:
+  mutable std::mutex mu_;
+  Stats stats_;
+  std::deque<std::pair<double, int64_t>> rate_window_;  // (seconds, generated tokens) per publish
+};
+
+}  // namespace pagedrt
