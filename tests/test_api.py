@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 import os
+import re
+import threading
 import time
 
 import numpy as np
@@ -286,9 +287,29 @@ def test_results_print_readably(tiny):
 
 def test_loading_reports_progress_part_by_part(tiny):
     seen = []
-    rt = pagedrt._core.Runtime(str(tiny), device="cpu", on_load_progress=lambda done, total: seen.append((done, total)))
+    config = pagedrt.RuntimeConfig()
+    config.model_path, config.device = str(tiny), "cpu"
+    rt = pagedrt._core.Runtime(config, on_load_progress=lambda done, total: seen.append((done, total)))
     layers = rt.model_info().num_layers
     rt.close()
     assert seen == [(k, layers + 2) for k in range(1, layers + 3)]   # embedding, each layer, head
     with pytest.raises(ZeroDivisionError):                         # an error in the callback propagates
-        pagedrt._core.Runtime(str(tiny), device="cpu", on_load_progress=lambda done, total: 1 / 0)
+        pagedrt._core.Runtime(config, on_load_progress=lambda done, total: 1 / 0)
+
+
+def test_defaults_come_from_the_cpp_runtime_config(tiny):
+    defaults = pagedrt.RuntimeConfig()
+    assert (defaults.block_size, defaults.max_num_seqs, defaults.device) == (16, 64, "auto")
+    assert repr(defaults).startswith("RuntimeConfig(model_path='', device='auto'")
+    # The docstring's "[default]" for each option is RuntimeConfig's.
+    shown = dict(re.findall(r"^\s+(\w+) \[([^\]]+)\]:", pagedrt.Runtime.__doc__, flags=re.M))
+    assert set(shown) == set(pagedrt.runtime._OPTIONS)
+    assert all(shown[k] == repr(getattr(defaults, k)).replace("'", '"') for k in shown), shown
+    with pagedrt.Runtime(tiny, device="cpu", block_size=8, kv_cache_bytes=1 << 20) as rt:
+        assert rt.stats().block_size == 8
+    with pagedrt.Runtime(tiny, device="cpu", kv_cache_bytes=1 << 20) as rt:
+        assert rt.stats().block_size == defaults.block_size
+    with pytest.raises(pagedrt.InvalidArgument, match="unknown Runtime option.*blok_size"):
+        pagedrt.Runtime(tiny, device="cpu", blok_size=8)
+    with pytest.raises(pagedrt.InvalidArgument, match="block_size"):
+        pagedrt.Runtime(tiny, device="cpu", block_size="big")

@@ -24,7 +24,7 @@ def test_bench_tiny_mode_runs_every_workload_and_writes_its_schema(tmp_path):
     data, stdout = run_tiny(tmp_path)
     rows = data["rows"]
     assert data["workloads"] == list(WORKLOADS) and data["size"] == "tiny" and not data["errors"]
-    assert data["cpu_gemm"] in pagedrt._core._gemm_variants()  # which CPU kernel the figures came from
+    assert data["cpu_gemm"] in pagedrt._testing._gemm_variants()  # which CPU kernel the figures came from
     # every dtype runs the throughput workloads; the KV workloads run with the first dtype only
     assert {(r["engine"], r["workload"]) for r in rows} == {
         *((f"pagedrt {d}", w) for d in ("bfloat16", "float32") for w in ("latency", "batched", "mixed")),

@@ -1,5 +1,5 @@
 """The block pool and KV-cache manager (the engine's own C++ code, through the
-_core._BlockManager test hook): exact block ids, ref counts and eviction order.
+_testing._BlockManager test hook): exact block ids, ref counts and eviction order.
 
 Free-queue order (see block_pool.hpp): a fresh pool hands out 0, 1, 2, ...;
 a block freed without cached content goes to the head (reused first), a block
@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import pytest
 
-from pagedrt import _core
+from pagedrt import _testing
 
 
 def manager(num_blocks=10, block_size=4, prefix=True):
-    return _core._BlockManager(num_blocks, block_size, prefix)
+    return _testing._BlockManager(num_blocks, block_size, prefix)
 
 
 def test_allocation_across_block_boundaries():

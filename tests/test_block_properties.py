@@ -1,6 +1,6 @@
 """Property tests (hypothesis) over random submit / step / fork / finish
 sequences against a tiny pool, driving the engine's own BlockPool and
-KvCacheManager through _core._BlockManager.
+KvCacheManager through _testing._BlockManager.
 
 A Python model of the KV memory follows every step: block copies are applied,
 each step's tokens are written into the slots the tables name, and every live
@@ -17,7 +17,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from pagedrt import _core
+from pagedrt import _testing
 
 BS = 4
 NUM_BLOCKS = 8
@@ -27,7 +27,7 @@ TOKENS = st.integers(0, 1)  # a tiny alphabet, so that prefixes repeat and hit t
 class BlockMachine(RuleBasedStateMachine):
     @initialize(prefix=st.booleans())
     def setup(self, prefix):
-        self.m = _core._BlockManager(NUM_BLOCKS, BS, prefix)
+        self.m = _testing._BlockManager(NUM_BLOCKS, BS, prefix)
         self.seqs = {}                                   # handle -> [tokens, num_computed]
         self.memory = {b: [None] * BS for b in range(NUM_BLOCKS)}
 

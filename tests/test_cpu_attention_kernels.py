@@ -55,12 +55,12 @@ def test_chunked_batched_prefill_and_decode_match_contiguous_attention(tiny_llam
         assert rel_err(logits, ref) <= tol, (shape, block_size, act, rel_err(logits, ref))
 
 
-# ---- op level (pagedrt._core._Ops("cpu"): fp32 activations and KV cache) -----------
+# ---- op level (pagedrt._testing._Ops("cpu"): fp32 activations and KV cache) -----------
 
 @pytest.fixture(scope="module")
 def cpu_ops():
-    from pagedrt import _core
-    return _core._Ops("cpu")
+    from pagedrt import _testing
+    return _testing._Ops("cpu")
 
 
 def set_batch(ops, rng, seqs, block_size):

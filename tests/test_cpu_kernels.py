@@ -13,9 +13,9 @@ import sys
 import numpy as np
 import pytest
 
-from pagedrt import _core
+from pagedrt import _testing
 
-VARIANTS = _core._gemm_variants()
+VARIANTS = _testing._gemm_variants()
 KNOWN = ["scalar", "avx2", "avx512", "avx512bf16"]  # narrowest first
 SIZES = [(1, 1, 1), (1, 7, 5), (3, 33, 9), (5, 100, 15), (4, 16, 64), (17, 65, 130), (2, 300, 577), (33, 70, 8)]
 
@@ -28,7 +28,7 @@ def bf16_bits(x):
 
 
 def test_the_scalar_variant_is_always_there():
-    assert "scalar" in VARIANTS and _core._gemm_variant() in VARIANTS
+    assert "scalar" in VARIANTS and _testing._gemm_variant() in VARIANTS
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -44,7 +44,7 @@ def test_gemm_matches_reference(variant, n, m, k, weights):
         w_arg, w_val = w, w
     ref = x.astype(np.float64) @ w_val.astype(np.float64).T
     for threads in (1, 2):
-        y = _core._gemm(x, w_arg, variant, threads)
+        y = _testing._gemm(x, w_arg, variant, threads)
         assert y.shape == (n, m)
         err = np.linalg.norm(y - ref) / max(np.linalg.norm(ref), 1e-30)
         assert err <= 1e-5, (variant, weights, threads, err)
@@ -54,7 +54,7 @@ def test_variants_agree_closely():
     rng = np.random.default_rng(1)
     x = rng.standard_normal((7, 257)).astype(np.float32)
     w = rng.standard_normal((129, 257)).astype(np.float32)
-    outs = [_core._gemm(x, w, v, 2) for v in VARIANTS]
+    outs = [_testing._gemm(x, w, v, 2) for v in VARIANTS]
     for a, b in itertools.combinations(outs, 2):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
@@ -62,7 +62,7 @@ def test_variants_agree_closely():
 def test_unknown_variant_is_an_error():
     x = np.ones((1, 4), np.float32)
     with pytest.raises(ValueError, match="not available"):
-        _core._gemm(x, x, "avx9000", 1)
+        _testing._gemm(x, x, "avx9000", 1)
 
 
 # n: every token-tile remainder (the dpbf16 tile is 4 tokens) and more than one tile;
@@ -89,7 +89,7 @@ def test_gemm_bf16_bf16_matches_reference(variant, n, m, k):
     ref = x64 @ w64.T
     bound = 1.01 * k * 2.0**-24 * (np.abs(x64) @ np.abs(w64).T)
     for threads in (1, 2):
-        y = _core._gemm(x_bits, w_bits, variant, threads)
+        y = _testing._gemm(x_bits, w_bits, variant, threads)
         assert y.shape == (n, m) and y.dtype == np.float32
         assert np.all(np.abs(y - ref) <= bound), (variant, threads, np.max(np.abs(y - ref) - bound))
         err = np.linalg.norm(y - ref) / max(np.linalg.norm(ref), 1e-30)
@@ -105,13 +105,13 @@ def test_gemm_bf16_bf16_equals_the_fp32_path_on_widened_x():
     for variant in VARIANTS:
         if variant == "avx512bf16":
             continue  # its own kernel: different summation order
-        np.testing.assert_array_equal(_core._gemm(x_bits, w_bits, variant, 1), _core._gemm(x_val, w_bits, variant, 1))
+        np.testing.assert_array_equal(_testing._gemm(x_bits, w_bits, variant, 1), _testing._gemm(x_val, w_bits, variant, 1))
 
 
 def test_bf16_activations_need_bf16_weights():
     x_bits, _ = bf16_bits(np.ones((2, 8), np.float32))
     with pytest.raises(ValueError, match="bf16 w"):
-        _core._gemm(x_bits, np.ones((3, 8), np.float32), "scalar", 1)
+        _testing._gemm(x_bits, np.ones((3, 8), np.float32), "scalar", 1)
 
 
 @pytest.mark.parametrize("variant", [v for v in KNOWN if v not in VARIANTS] + ["avx9000"])
@@ -119,12 +119,12 @@ def test_a_variant_that_is_not_available_raises(variant):
     x_bits, _ = bf16_bits(np.ones((1, 4), np.float32))
     for x, w in ((x_bits, x_bits), (np.ones((1, 4), np.float32), x_bits)):
         with pytest.raises(ValueError, match="not available"):
-            _core._gemm(x, w, variant, 1)
+            _testing._gemm(x, w, variant, 1)
 
 
 def test_the_widest_variant_is_chosen_and_the_environment_forces_one():
     assert VARIANTS == [v for v in KNOWN if v in VARIANTS]
-    code = "from pagedrt import _core; print(_core._gemm_variant())"
+    code = "from pagedrt import _testing; print(_testing._gemm_variant())"
     env = {k: v for k, v in os.environ.items() if k != "PAGEDRT_CPU_KERNEL"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split()[-1] == VARIANTS[-1]

@@ -18,7 +18,7 @@ import pytest
 
 import pagedrt
 from conftest import SMOL_PROMPTS, run_all
-from pagedrt import _core
+from pagedrt import _core, _testing
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not (hasattr(_core, "cuda_available") and _core.cuda_available()),
@@ -49,7 +49,7 @@ def record(name: str, value: float) -> None:
 
 @pytest.fixture(scope="module")
 def ops():
-    return _core._Ops("cpu"), _core._Ops("cuda")
+    return _testing._Ops("cpu"), _testing._Ops("cuda")
 
 
 def i32(a):
@@ -153,7 +153,7 @@ def test_linear_gemv_switch(ops, monkeypatch):
     """PAGEDRT_CUDA_GEMV=0 (read when the backend is made) sends n <= 8 to
     cuBLASLt; both paths accumulate in fp32, so they agree to fp32 rounding."""
     monkeypatch.setenv("PAGEDRT_CUDA_GEMV", "0")
-    blas = _core._Ops("cuda")
+    blas = _testing._Ops("cuda")
     monkeypatch.delenv("PAGEDRT_CUDA_GEMV")
     rng = np.random.default_rng(5)
     for n, m, k in [(1, 1000, 576), (8, 203, 1544), (3, 129, 2056)]:
@@ -386,7 +386,7 @@ def test_decode_split_merge_in_clusters_equals_merge_kernel(ops, monkeypatch):
     them. Both use the same merge arithmetic in the same split order, so the
     outputs must be bitwise equal (contexts of 37 and 200: 2 to 8 splits)."""
     monkeypatch.setenv("PAGEDRT_DECODE_CLUSTERS", "0")
-    plain = _core._Ops("cuda")
+    plain = _testing._Ops("cuda")
     monkeypatch.delenv("PAGEDRT_DECODE_CLUSTERS")
     rng = np.random.default_rng(21)
     for D, H, Hkv in [(128, 32, 8), (64, 16, 2), (128, 8, 8), (64, 8, 1)]:

@@ -245,10 +245,10 @@ def test_auto_activation_dtype_follows_weights_and_processor(tiny_llama):
     """"auto": bf16 activations only for bf16 weights on a processor with native bf16
     products (the avx512bf16 GEMM variant in use), fp32 otherwise."""
     import os
-    from pagedrt import _core
+    from pagedrt import _testing
     path, _ = tiny_llama()
     forced = os.environ.get("PAGEDRT_CPU_KERNEL")
-    native = "avx512bf16" in _core._gemm_variants() and forced in (None, "avx512bf16")
+    native = "avx512bf16" in _testing._gemm_variants() and forced in (None, "avx512bf16")
     with pagedrt.Runtime(path, device="cpu", dtype="bfloat16") as rt:
         assert rt.model_info.activation_dtype == ("bfloat16" if native else "float32")
     with pagedrt.Runtime(path, device="cpu") as rt:  # an fp32 checkpoint stays fp32

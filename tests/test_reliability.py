@@ -22,7 +22,7 @@ import textwrap
 import pytest
 
 import pagedrt
-from pagedrt import _core
+from pagedrt import _core, _testing
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def test_loading_never_runs_code_from_the_folder(model, tmp_path):
     plant_code(folder, marker)
     with pagedrt.Runtime(folder, device="cpu") as rt:
         assert rt.generate([5, 6, 7], max_tokens=3, temperature=0)[0].outputs[0].token_ids
-    _core.inspect_checkpoint(str(folder))
+    _testing.inspect_checkpoint(str(folder))
     assert not marker.exists()
 
 
@@ -120,7 +120,7 @@ def test_a_pickle_only_folder_is_refused(model, tmp_path):
     with pytest.raises(FileNotFoundError, match="not a model folder: no model.safetensors"):
         pagedrt.Runtime(folder, device="cpu")
     with pytest.raises(pagedrt.ModelError, match="no model.safetensors or model.safetensors.index.json"):
-        _core.inspect_checkpoint(str(folder))  # the C++ loader refuses it too
+        _testing.inspect_checkpoint(str(folder))  # the C++ loader refuses it too
     assert not marker.exists()
 
 
@@ -143,7 +143,7 @@ def test_chat_template_runs_in_a_sandbox(tmp_path):
 def sharded(model, dest):
     """The model as a one-shard checkpoint with an index."""
     folder = copy_model(model, dest)
-    names = [t["name"] for t in _core.inspect_checkpoint(str(folder))]
+    names = [t["name"] for t in _testing.inspect_checkpoint(str(folder))]
     (folder / "model.safetensors").rename(folder / "model-00001-of-00001.safetensors")
     (folder / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {}, "weight_map": {n: "model-00001-of-00001.safetensors" for n in names}}))

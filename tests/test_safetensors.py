@@ -1,5 +1,5 @@
 """Checkpoint reading (cpp/src/io/safetensors.cpp, json.cpp) through
-pagedrt._core.inspect_checkpoint: valid fp32/fp16/bf16 files, a 2-shard index,
+pagedrt._testing.inspect_checkpoint: valid fp32/fp16/bf16 files, a 2-shard index,
 and one broken file per check, each asserting the file and the reason appear
 in the ModelError message.
 
@@ -17,7 +17,7 @@ import pytest
 from safetensors.numpy import save_file
 
 import pagedrt
-from pagedrt import _core
+from pagedrt import _testing
 
 
 def write_raw(path: Path, header: bytes, data: bytes = b"") -> Path:
@@ -35,7 +35,7 @@ def entry(dtype: str, shape: list, offsets: list) -> dict:
 
 
 def inspect(model_dir: Path) -> list[dict]:
-    return _core.inspect_checkpoint(str(model_dir))
+    return _testing.inspect_checkpoint(str(model_dir))
 
 
 def model_error(model_dir: Path) -> str:

@@ -1,13 +1,13 @@
 """The C++ sampler against exact target distributions and a Python reference
-of the logits processing (through the _core._sample_counts and
-_core._process_logits test hooks, which call the engine's own Sampler)."""
+of the logits processing (through the _testing._sample_counts and
+_testing._process_logits test hooks, which call the engine's own Sampler)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 import pagedrt
-from pagedrt import _core
+from pagedrt import _testing
 
 LOGITS = np.array([2.0, 1.5, 1.4, 0.3, 0.0, -0.5, -1.0, 1.0, 0.9, -3.0, 0.2, 1.45], np.float32)
 DRAWS = 200_000
@@ -38,7 +38,7 @@ def target(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
 
 def counts(logits, **kw):
     params = pagedrt.SamplingParams(seed=1234, **kw)._to_core()
-    return np.array(_core._sample_counts(logits, params, DRAWS), np.float64)
+    return np.array(_testing._sample_counts(logits, params, DRAWS), np.float64)
 
 
 @pytest.mark.parametrize("kw", [
@@ -86,15 +86,15 @@ def test_greedy_long_rows(case):
     elif case == "tail":
         x[49_155] = 8.0
     want = 0 if np.isnan(x).all() else int(np.nanargmax(x))
-    got = np.nonzero(np.array(_core._sample_counts(x, pagedrt.SamplingParams(temperature=0.0)._to_core(), 3)))[0]
+    got = np.nonzero(np.array(_testing._sample_counts(x, pagedrt.SamplingParams(temperature=0.0)._to_core(), 3)))[0]
     assert got.tolist() == [want]
 
 
 def test_seeded_streams_repeat_and_differ():
     p = lambda s: pagedrt.SamplingParams(seed=s)._to_core()
-    a = _core._sample_counts(LOGITS, p(7), 1000)
-    assert a == _core._sample_counts(LOGITS, p(7), 1000)
-    assert a != _core._sample_counts(LOGITS, p(8), 1000)
+    a = _testing._sample_counts(LOGITS, p(7), 1000)
+    assert a == _testing._sample_counts(LOGITS, p(7), 1000)
+    assert a != _testing._sample_counts(LOGITS, p(8), 1000)
 
 
 def reference_process(logits, tokens, prompt_len, eos, *, logit_bias=None, min_tokens=0, ignore_eos=False,
@@ -131,7 +131,7 @@ def test_penalties_and_biases_match_reference(kw):
     tokens = rng.integers(0, 50, size=12).tolist() + [5, 5, 9, 5, 20, 9]  # prompt 12, output 6
     eos = [2, 11]
     params = pagedrt.SamplingParams(**kw)._to_core()
-    got = np.array(_core._process_logits(logits, params, tokens, 12, eos), np.float32)
+    got = np.array(_testing._process_logits(logits, params, tokens, 12, eos), np.float32)
     want = reference_process(logits, tokens, 12, eos, **kw)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     assert not np.array_equal(got, logits)  # each case changes something
@@ -142,7 +142,7 @@ def test_penalties_and_biases_match_reference(kw):
 def test_min_tokens_reached_changes_nothing():
     logits = np.linspace(-1, 1, 20).astype(np.float32)
     params = pagedrt.SamplingParams(min_tokens=2)._to_core()
-    got = np.array(_core._process_logits(logits, params, [1, 2, 3, 4, 5], 2, [7]), np.float32)
+    got = np.array(_testing._process_logits(logits, params, [1, 2, 3, 4, 5], 2, [7]), np.float32)
     assert np.array_equal(got, logits)
 
 

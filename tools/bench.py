@@ -663,8 +663,8 @@ def main(argv=None):
     ref = greedy_matches(rows)
     check_schema(rows, [w for w in selected if w in covered])
 
-    from pagedrt import _core
-    kernel = _core._gemm_variant()  # the CPU GEMM this processor runs
+    from pagedrt import _testing
+    kernel = _testing._gemm_variant()  # the CPU GEMM this processor runs
     print(f"\n{model.name} on {platform.machine()} ({cpu_name()}, CPU GEMM {kernel}), {a.threads} threads, "
           f"{date.today()}, sizes \"{a.size}\"{' ' + ' '.join(a.set) if a.set else ''}")
     first = add_ratios(rows)

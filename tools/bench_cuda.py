@@ -61,7 +61,7 @@ def ceilings():
 def attention():
     import torch
     import torch.nn.functional as F
-    from pagedrt import _core
+    from pagedrt import _testing
 
     B, C, H, Hkv, D, bs = 64, 2048, 32, 8, 128, 16
     rng = np.random.default_rng(0)
@@ -79,7 +79,7 @@ def attention():
         """Median seconds per call, contexts split while fewer than `waves` blocks per SM (None: the default)."""
         if waves:
             os.environ["PAGEDRT_DECODE_SPLIT_WAVES"] = str(waves)  # read when the backend is made
-        ops = _core._Ops("cuda")
+        ops = _testing._Ops("cuda")
         os.environ.pop("PAGEDRT_DECODE_SPLIT_WAVES", None)
         ops.set_batch(np.zeros(B, np.int32), pos, slots, np.arange(B + 1, dtype=np.int32),
                       np.full(B, C, np.int32), np.arange(0, nb + 1, C // bs, dtype=np.int32),
@@ -115,7 +115,7 @@ def gemv():
     bytes; the ratio is to a 1 GiB device-to-device copy (read + write) timed
     in the same process."""
     import torch
-    from pagedrt import _core
+    from pagedrt import _testing
 
     r = {"device": torch.cuda.get_device_name()}
     src = torch.randn(1 << 28, device="cuda")  # 1 GiB fp32
@@ -125,7 +125,7 @@ def gemv():
     r["copy_TBps"] = copy
     del src, dst
     torch.cuda.empty_cache()
-    ops = _core._Ops("cuda")
+    ops = _testing._Ops("cuda")
     rows = []
     for name, m, k, f32 in GEMV_SHAPES:
         for n in (1, 2, 4, 8):

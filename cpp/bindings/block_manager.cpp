@@ -1,4 +1,4 @@
-// bindings/block_manager.cpp — pagedrt._core._BlockManager, a test hook.
+// bindings/block_manager.cpp — pagedrt._testing._BlockManager, a test hook.
 //
 // Exposes the engine's real BlockPool + KvCacheManager on explicit sequence
 // handles so that Python tests (exact block ids, hypothesis properties) drive

@@ -1,6 +1,6 @@
 // bindings/kernels.cpp — CPU kernel test hooks: every GEMM variant on numpy inputs.
-//   _core._gemm_variants() -> ["scalar", "avx2", ...]; _core._gemm_variant() -> the one in use
-//   _core._gemm(x (n, k), w (m, k), variant, threads) -> (n, m) f32, with x f32 and w f32 or
+//   _testing._gemm_variants() -> ["scalar", "avx2", ...]; _testing._gemm_variant() -> the one in use
+//   _testing._gemm(x (n, k), w (m, k), variant, threads) -> (n, m) f32, with x f32 and w f32 or
 //   uint16 bf16 bits (gemm_f32, gemm_bf16), or both uint16 (gemm_bf16_bf16)
 // Not part of the public API.
 #include <nanobind/nanobind.h>

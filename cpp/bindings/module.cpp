@@ -1,8 +1,8 @@
-// bindings/module.cpp — pagedrt._core, the nanobind module.
+// bindings/module.cpp — pagedrt._core, the nanobind module of the public API.
 //
-// Only public headers, plus the safetensors reader for inspect_checkpoint().
-// Every call that can wait (poll, close, the constructor that loads weights)
-// releases the GIL.
+// Public headers only (cpp/include); the test hooks are pagedrt._testing
+// (bindings/testing.cpp). Every call that can wait (poll, close, the
+// constructor that loads weights) releases the GIL.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
@@ -15,17 +15,11 @@
 #include <chrono>
 #include <thread>
 
-#include "io/safetensors.hpp"
 #include "pagedrt/pagedrt.hpp"
 
 namespace nb = nanobind;
 using namespace nb::literals;
 using pagedrt::ErrorKind;
-
-void register_block_manager(nb::module_& m);  // block_manager.cpp
-void register_sampler(nb::module_& m);        // sampler.cpp
-void register_kernels(nb::module_& m);        // kernels.cpp
-void register_ops(nb::module_& m);            // ops.cpp
 
 namespace {
 
@@ -77,6 +71,13 @@ class Fields {
     names_.push_back(field);
     return *this;
   }
+  template <class V>
+  Fields& rw(const char* field, V T::*member) {
+    cls_.def_rw(field, member);
+    names_.push_back(field);
+    return *this;
+  }
+  nb::class_<T>& cls() { return cls_; }
   template <class F>
   Fields& prop(const char* field, F&& getter) {
     cls_.def_prop_ro(field, std::forward<F>(getter));
@@ -107,21 +108,6 @@ nb::object event_logits(const pagedrt::Event& ev) {
   const size_t rows = static_cast<size_t>(ev.logit_rows);
   const size_t shape[2] = {rows, data->size() / rows};
   return nb::cast(nb::ndarray<nb::numpy, float, nb::ndim<2>>(data->data(), 2, shape, owner));
-}
-
-nb::list inspect_checkpoint(const std::string& dir) {
-  pagedrt::Checkpoint ckpt = pagedrt::Checkpoint::open(dir);
-  nb::list out;
-  for (const std::string& name : ckpt.names()) {
-    const pagedrt::TensorView& t = ckpt.get(name);
-    nb::dict d;
-    d["name"] = name;
-    d["dtype"] = pagedrt::dtype_name(t.dtype);
-    d["shape"] = t.shape;
-    d["file"] = t.file;
-    out.append(d);
-  }
-  return out;
 }
 
 }  // namespace
@@ -170,7 +156,9 @@ NB_MODULE(_core, m) {
       .def_rw("beam_width", &SP::beam_width)
       .def_rw("length_penalty", &SP::length_penalty)
       .def_rw("early_stopping", &SP::early_stopping)
-      .def_rw("return_logits", &SP::return_logits);
+      .def_rw("return_logits", &SP::return_logits)
+      .def("validate", [](const SP& p) { pagedrt::validate(p); },
+           "Raises InvalidArgument naming the field for a value out of range.");
 
   Fields<pagedrt::TokenLogprob>(m, "TokenLogprob")
       .ro("token", &pagedrt::TokenLogprob::token)
@@ -235,26 +223,27 @@ NB_MODULE(_core, m) {
       .ro("activation_dtype", &pagedrt::ModelInfo::activation_dtype)
       .ro("device", &pagedrt::ModelInfo::device);
 
+  // The one source of RuntimeConfig's defaults: Python reads them from here.
+  using RC = pagedrt::RuntimeConfig;
+  Fields<RC> config(m, "RuntimeConfig");
+  config.cls().def(nb::init<>());
+  config.rw("model_path", &RC::model_path)
+      .rw("device", &RC::device)
+      .rw("dtype", &RC::dtype)
+      .rw("activation_dtype", &RC::activation_dtype)
+      .rw("kv_cache_bytes", &RC::kv_cache_bytes)
+      .rw("gpu_memory_utilization", &RC::gpu_memory_utilization)
+      .rw("block_size", &RC::block_size)
+      .rw("max_num_seqs", &RC::max_num_seqs)
+      .rw("max_num_batched_tokens", &RC::max_num_batched_tokens)
+      .rw("max_model_len", &RC::max_model_len)
+      .rw("enable_prefix_caching", &RC::enable_prefix_caching)
+      .rw("num_threads", &RC::num_threads);
+
   nb::class_<pagedrt::Runtime>(m, "Runtime")
       .def("__init__",
-           [](pagedrt::Runtime* self, const std::string& model_path, const std::string& device,
-              const std::string& dtype, int64_t kv_cache_bytes, int32_t block_size, int32_t max_num_seqs,
-              int32_t max_num_batched_tokens, int32_t max_model_len, bool enable_prefix_caching,
-              int32_t num_threads, double gpu_memory_utilization, const std::string& activation_dtype,
-              nb::object on_load_progress) {
-             pagedrt::RuntimeConfig c;
-             c.activation_dtype = activation_dtype;
-             c.gpu_memory_utilization = gpu_memory_utilization;
-             c.model_path = model_path;
-             c.device = device;
-             c.dtype = dtype;
-             c.kv_cache_bytes = kv_cache_bytes;
-             c.block_size = block_size;
-             c.max_num_seqs = max_num_seqs;
-             c.max_num_batched_tokens = max_num_batched_tokens;
-             c.max_model_len = max_model_len;
-             c.enable_prefix_caching = enable_prefix_caching;
-             c.num_threads = num_threads;
+           [](pagedrt::Runtime* self, const RC& config, nb::object on_load_progress) {
+             RC c = config;
              if (!on_load_progress.is_none())  // borrowed: the Runtime drops it once constructed
                c.on_load_progress = [cb = on_load_progress.ptr()](int64_t done, int64_t total) {
                  nb::gil_scoped_acquire gil;  // the constructor runs without the GIL
@@ -264,10 +253,7 @@ NB_MODULE(_core, m) {
              nb::gil_scoped_release release;
              new (self) pagedrt::Runtime(c);
            },
-           "model_path"_a, "device"_a = "auto", "dtype"_a = "auto", "kv_cache_bytes"_a = 0,
-           "block_size"_a = 16, "max_num_seqs"_a = 64, "max_num_batched_tokens"_a = 2048,
-           "max_model_len"_a = 0, "enable_prefix_caching"_a = true, "num_threads"_a = 0,
-           "gpu_memory_utilization"_a = 0.9, "activation_dtype"_a = "auto", "on_load_progress"_a = nb::none())
+           "config"_a, "on_load_progress"_a = nb::none())
       .def("submit",
            [](pagedrt::Runtime& rt, const std::vector<int32_t>& prompt, const pagedrt::SamplingParams& params,
               const std::string& request_id, bool by_id) {
@@ -289,11 +275,7 @@ NB_MODULE(_core, m) {
       .def("model_info", &pagedrt::Runtime::model_info)
       .def("close", &pagedrt::Runtime::close, nb::call_guard<ReleaseGil>());
 
-  register_block_manager(m);
-  register_sampler(m);
-  register_kernels(m);
-  register_ops(m);
-
-  m.def("inspect_checkpoint", &inspect_checkpoint, "model_dir"_a,
-        "List the tensors of a model folder's safetensors checkpoint (validates every file).");
+  m.def("cuda_built", &pagedrt::cuda_built, "Whether this build has the CUDA backend.");
+  m.def("cuda_available", &pagedrt::cuda_available,
+        "Whether this build has the CUDA backend and a GPU is visible.");
 }

@@ -1,4 +1,4 @@
-// bindings/ops.cpp — pagedrt._core._Ops(device), a test hook: runs single
+// bindings/ops.cpp — pagedrt._testing._Ops(device), a test hook: runs single
 // backend ops on numpy arrays so tests can hold the CUDA backend against the
 // CPU backend op by op. Not part of the public API.
 //
@@ -20,6 +20,7 @@
 #include <nanobind/stl/vector.h>
 
 #include "backend/backend.hpp"
+#include "backend/factory.hpp"
 #include "pagedrt/error.hpp"
 
 namespace nb = nanobind;
@@ -243,14 +244,11 @@ class Ops {
   }
   // Through load_weight, as the model loads a checkpoint tensor.
   Tensor weight(const F32In& a, ScalarType dtype) {
-    pagedrt::TensorView v;
-    v.name = "w";
-    v.file = "<numpy>";
-    v.dtype = pagedrt::DType::F32;
+    pagedrt::WeightView v;
+    v.type = pagedrt::WeightView::Type::F32;
     v.shape = shape_of(a);
-    v.data = reinterpret_cast<const uint8_t*>(a.data());
-    v.nbytes = a.size() * 4;
-    return b_->load_weight({&v}, dtype);
+    v.data = a.data();
+    return b_->load_weight({v}, dtype);
   }
   F32Out back(const Tensor& t) {
     std::vector<uint8_t> raw(t.nbytes());
@@ -308,9 +306,6 @@ class Ops {
 }  // namespace
 
 void register_ops(nb::module_& m) {
-  m.def("cuda_built", &pagedrt::cuda_built, "Whether this build has the CUDA backend.");
-  m.def("cuda_available", &pagedrt::cuda_available,
-        "Whether this build has the CUDA backend and a GPU is visible.");
   nb::class_<Ops>(m, "_Ops")
       .def(nb::init<const std::string&>(), "device"_a)
       .def_prop_ro("activation_dtype", &Ops::activation_dtype)

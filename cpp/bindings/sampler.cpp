@@ -1,13 +1,12 @@
 // bindings/sampler.cpp — test hooks over the engine's Sampler:
-//   _core._process_logits(logits, params, tokens, prompt_len, eos_ids) -> processed logits
-//   _core._sample_counts(logits, params, draws, seed) -> counts per token
+//   _testing._process_logits(logits, params, tokens, prompt_len, eos_ids) -> processed logits
+//   _testing._sample_counts(logits, params, draws, seed) -> counts per token
 // Not part of the public API.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/vector.h>
 
 #include "engine/sampler.hpp"
-#include "sampling_check.hpp"
 #include "pagedrt/error.hpp"
 
 namespace nb = nanobind;
@@ -43,9 +42,6 @@ std::vector<int64_t> sample_counts(Row logits, const pagedrt::SamplingParams& pa
 }  // namespace
 
 void register_sampler(nb::module_& m) {
-  m.def("_check_sampling_params", [](const pagedrt::SamplingParams& p) {
-    pagedrt::check_sampling_params(p, INT32_MAX, INT32_MAX, "");
-  });
   m.def("_process_logits", &process_logits, "logits"_a, "params"_a, "tokens"_a, "prompt_len"_a, "eos_ids"_a);
   m.def("_sample_counts", &sample_counts, "logits"_a, "params"_a, "draws"_a);
 }

@@ -8,7 +8,7 @@
 #include <thread>
 #include <atomic>
 
-#include "backend/backend.hpp"
+#include "backend/factory.hpp"
 #include "engine/engine.hpp"
 #include "io/json.hpp"
 #include "sampling_check.hpp"
@@ -144,7 +144,8 @@ Runtime::Runtime(const RuntimeConfig& config) : impl_(std::make_unique<Impl>()) 
               " exceeds the model's max_position_embeddings " + std::to_string(cfg.max_position_embeddings));
     max_len = config.max_model_len;
   }
-  auto model = std::make_unique<LlamaModel>(config.model_path, *backend, wdtype, max_len, config.on_load_progress);
+  auto model = std::make_unique<LlamaModel>(cfg, config.model_path, *backend, wdtype, max_len,
+                                            config.on_load_progress);
   const int64_t kv_bytes = kv_budget(config, *backend);
   KvCache kv = KvCache::allocate(*backend, cfg, config.block_size, kv_bytes);
 

@@ -2,6 +2,7 @@
 #include "sampling_check.hpp"
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <string>
 
@@ -51,5 +52,6 @@ void check_sampling_params(const SamplingParams& p, int64_t vocab, int32_t max_n
     fail("needs " + std::to_string(width) + " sequences at once, max_num_seqs is " + std::to_string(max_num_seqs));
 }
 
+void validate(const SamplingParams& params) { check_sampling_params(params, INT32_MAX, INT32_MAX, ""); }
 
 }  // namespace pagedrt

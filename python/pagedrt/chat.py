@@ -36,6 +36,8 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def _parser() -> argparse.ArgumentParser:
+    from ._core import RuntimeConfig
+    engine = RuntimeConfig()  # the engine's defaults, not restated here
     p = argparse.ArgumentParser(
         prog="pagedrt-chat", formatter_class=_HelpFormatter,
         description="Chat with a local model in the terminal. Each answer streams token by token,\n"
@@ -44,9 +46,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, metavar="DIR|FILE.gguf",
                    help="a Hugging Face model folder or a .gguf file (converted once); "
                         "without it, the default model SmolLM2-135M-Instruct")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run (auto: the GPU when one is visible)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="weight dtype (auto: fp32 checkpoints stay fp32, others bf16)")
+    p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"],
+                   help=f"where to run (default: {engine.device}; auto: the GPU when one is visible)")
+    p.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16"],
+                   help=f"weight dtype (default: {engine.dtype}; auto: fp32 checkpoints stay fp32, others bf16)")
     p.add_argument("--system", default=None, metavar="TEXT", help="system prompt (none without it)")
     p.add_argument("--max-tokens", type=int, default=512, metavar="N", help="tokens per answer at most")
     p.add_argument("--temperature", type=float, default=0.7, metavar="T", help="0: greedy")
@@ -55,8 +58,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--min-p", type=float, default=0.0, metavar="P", help="0: off")
     p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R", help="1: off")
     p.add_argument("--seed", type=int, default=None, metavar="S", help="make the answers reproducible (random without it)")
-    p.add_argument("--max-model-len", type=int, default=0, metavar="N", help="context length (0: the model's)")
-    p.add_argument("--threads", type=int, default=0, metavar="N", help="CPU threads (0: all cores)")
+    p.add_argument("--max-model-len", type=int, default=None, metavar="N",
+                   help=f"context length (default: {engine.max_model_len}, the model's)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help=f"CPU threads (default: {engine.num_threads}, all cores)")
     p.add_argument("--prompt", default=None, metavar="TEXT",
                    help="answer this one message and exit (no interactive loop)")
     return p

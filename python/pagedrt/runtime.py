@@ -105,6 +105,13 @@ class _LoadBar:
             self.bar.close()
 
 
+#: The engine's options and their defaults: the C++ RuntimeConfig is their one
+#: source (``print(pagedrt.RuntimeConfig())`` shows them).
+RuntimeConfig = _core.RuntimeConfig
+_OPTIONS = ("device", "dtype", "activation_dtype", "kv_cache_bytes", "gpu_memory_utilization", "block_size",
+            "max_num_seqs", "max_num_batched_tokens", "max_model_len", "enable_prefix_caching", "num_threads")
+
+
 class Runtime:
     """An inference runtime holding one model, its KV-cache pool and an engine thread.
 
@@ -112,60 +119,55 @@ class Runtime:
         model: a model folder (Hugging Face layout: config.json, safetensors,
             tokenizer.json or tokenizer.model), a ``.gguf`` file (converted once
             into the cache), or None for the default model (SmolLM2-135M-Instruct).
-        device: "auto", "cpu" or "cuda".
-        dtype: weight dtype: "auto" (fp32 checkpoints stay fp32, others bf16),
-            "float32" or "bfloat16".
-        activation_dtype: dtype of the activations between ops and of the KV
-            cache: "auto" (CUDA: bfloat16; CPU: bfloat16 for bf16 weights on a
-            processor with AVX-512 BF16, where it doubles the GEMM rate, else
+        progress: say on stderr when a GGUF is converted (once), and show a bar
+            while the weights load when that takes more than a second.
+
+    Engine options (keyword arguments; each one left out, or None, takes
+    :class:`RuntimeConfig`'s default, shown in brackets):
+
+        device ["auto"]: "auto" (the GPU when one is visible), "cpu" or "cuda".
+        dtype ["auto"]: weight dtype: "auto" (fp32 checkpoints stay fp32, others
+            bf16), "float32" or "bfloat16".
+        activation_dtype ["auto"]: dtype of the activations between ops and of
+            the KV cache: "auto" (CUDA: bfloat16; CPU: bfloat16 for bf16 weights
+            on a processor with AVX-512 BF16, where it doubles the GEMM rate, else
             float32), "float32" (exact; on CUDA only with dtype="float32") or
             "bfloat16" (half the KV memory; on the CPU the same rounding points as
             the CUDA backend). The residual stream and all accumulation stay fp32.
-        kv_cache_bytes: hard cap of the KV pool in bytes (0: 512 MiB on the CPU;
-            on a GPU, ``gpu_memory_utilization`` of the memory left after the weights).
-        gpu_memory_utilization: the fraction of free GPU memory the KV pool may take
-            when ``kv_cache_bytes`` is 0.
-        block_size: tokens per KV block.
-        max_num_seqs: sequences per engine step at most.
-        max_num_batched_tokens: tokens per engine step at most (chunked prefill).
-        max_model_len: prompt plus output tokens at most (0: the model's limit).
-        enable_prefix_caching: share identical prompt prefixes between requests.
-        num_threads: CPU threads (0: all cores).
-        progress: say on stderr when a GGUF is converted (once), and show a bar
-            while the weights load when that takes more than a second.
+        kv_cache_bytes [0]: hard cap of the KV pool in bytes (0: 512 MiB on the
+            CPU; on a GPU, ``gpu_memory_utilization`` of the memory left after the weights).
+        gpu_memory_utilization [0.9]: the fraction of free GPU memory the KV pool
+            may take when ``kv_cache_bytes`` is 0.
+        block_size [16]: tokens per KV block.
+        max_num_seqs [64]: sequences per engine step at most.
+        max_num_batched_tokens [2048]: tokens per engine step at most (chunked prefill).
+        max_model_len [0]: prompt plus output tokens at most (0: the model's limit).
+        enable_prefix_caching [True]: share identical prompt prefixes between requests.
+        num_threads [0]: CPU threads (0: all cores).
 
     Every method is safe to call from several threads at once.
     """
 
-    def __init__(
-        self,
-        model: str | os.PathLike | None = None,
-        device: str = "auto",
-        *,
-        dtype: str = "auto",
-        kv_cache_bytes: int = 0,
-        block_size: int = 16,
-        max_num_seqs: int = 64,
-        max_num_batched_tokens: int = 2048,
-        max_model_len: int = 0,
-        enable_prefix_caching: bool = True,
-        num_threads: int = 0,
-        gpu_memory_utilization: float = 0.9,
-        activation_dtype: str = "auto",
-        progress: bool = True,
-    ) -> None:
+    def __init__(self, model: str | os.PathLike | None = None, device: str | None = None, *,
+                 progress: bool = True, **options) -> None:
+        unknown = sorted(set(options) - set(_OPTIONS))
+        if unknown:
+            raise InvalidArgument(f"unknown Runtime option(s): {', '.join(unknown)} "
+                                  f"(the options: {', '.join(_OPTIONS)})")
+        config = RuntimeConfig()
+        for name, value in {"device": device, **options}.items():
+            if value is not None:
+                try:
+                    setattr(config, name, value)
+                except TypeError as e:
+                    raise InvalidArgument(f"Runtime option {name}={value!r}: {e}") from None
         self.model_path = resolve_model(model, progress=progress)
+        config.model_path = str(self.model_path)
         has_tokenizer = any((self.model_path / f).is_file()
                             for f in ("tokenizer.json", "tokenizer.model"))
         #: None for a folder without tokenizer files: then prompts must be token ids.
         self.tokenizer = Tokenizer.from_model_dir(self.model_path) if has_tokenizer else None
-        self._rt = _core.Runtime(
-            str(self.model_path), device=device, dtype=dtype, kv_cache_bytes=kv_cache_bytes,
-            block_size=block_size, max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
-            enable_prefix_caching=enable_prefix_caching, num_threads=num_threads,
-            gpu_memory_utilization=gpu_memory_utilization, activation_dtype=activation_dtype,
-            on_load_progress=_LoadBar(self.model_path.name) if progress else None)
+        self._rt = _core.Runtime(config, on_load_progress=_LoadBar(self.model_path.name) if progress else None)
         self.model_info = self._rt.model_info()
         self._lock = threading.Lock()
         self._states: dict[str, _RequestState] = {}

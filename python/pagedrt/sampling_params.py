@@ -113,5 +113,5 @@ class SamplingParams:
         if self.stop_strings and self.beam_width > 1:
             raise InvalidArgument("stop strings are not supported with beam search (use stop_token_ids)")
         p.return_logits = bool(self.return_logits)
-        _core._check_sampling_params(p)  # ranges, named; token ids are checked at submit
+        p.validate()  # ranges, each named, in C++; token ids are checked at submit
         return p

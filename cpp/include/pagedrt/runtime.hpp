@@ -57,6 +57,11 @@ struct RuntimeConfig {
   std::function<void(int64_t done, int64_t total)> on_load_progress;
 };
 
+// Whether this build has the CUDA backend, and whether a GPU is visible to it
+// (device "auto" then means "cuda").
+bool cuda_built();
+bool cuda_available();
+
 // Who reads a request's events (see "Events" above).
 enum class Delivery {
   Any,   // poll() without an id, until someone polls the request by id

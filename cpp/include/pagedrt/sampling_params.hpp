@@ -53,4 +53,9 @@ struct SamplingParams {
   bool is_beam_search() const { return beam_width > 1; }
 };
 
+// Throws Error(InvalidArgument) naming the field for a value out of its range.
+// Runtime::submit checks this too, and what depends on the model: token ids
+// against the vocabulary, n and beam_width against max_num_seqs.
+void validate(const SamplingParams& params);
+
 }  // namespace pagedrt

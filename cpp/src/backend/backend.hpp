@@ -2,16 +2,8 @@
 //
 // One Backend per device. The engine builds a BatchView on the host once per
 // step; begin_step() hands it to the backend (a device backend uploads it
-// once, the "plan"), then every layer's ops read it.
-//
-// The paged KV cache, per layer (NHD layout):
-//
-//   k_cache, v_cache: (num_blocks, block_size, num_kv_heads, head_dim)
-//
-//   a token's K/V live at flat slot  s = block_id * block_size + offset;
-//   sequence i's blocks are page_indices[page_indptr[i] .. page_indptr[i+1]),
-//   so its token at position p is in block page_indices[page_indptr[i] + p / block_size]
-//   at offset p % block_size.
+// once, the "plan"), then every layer's ops read it. The paged KV cache's
+// layout is backend/paged_kv.hpp's.
 #pragma once
 
 #include <cstdint>
@@ -20,8 +12,8 @@
 #include <string>
 #include <vector>
 
+#include "backend/paged_kv.hpp"
 #include "backend/tensor.hpp"
-#include "io/safetensors.hpp"
 
 namespace pagedrt {
 
@@ -43,10 +35,18 @@ struct BatchView {
   const int32_t* logits_indices = nullptr;  // (num_logits) rows of the batch whose logits are needed
 };
 
-// Copy-on-write: block `src`'s K/V (every layer) is copied into block `dst`.
-struct BlockCopy {
-  int32_t src = 0;
-  int32_t dst = 0;
+// A checkpoint tensor for load_weight: its bytes (a mapped file, valid during
+// the call) and what they hold. The model makes these from the safetensors
+// reader; the backends know nothing of files.
+struct WeightView {
+  enum class Type { F32, F16, BF16 };
+  Type type = Type::F32;
+  std::vector<int64_t> shape;
+  const void* data = nullptr;
+
+  int64_t numel() const;
+  size_t element_size() const { return type == Type::F32 ? 4 : 2; }
+  size_t nbytes() const { return static_cast<size_t>(numel()) * element_size(); }
 };
 
 struct RopeTable {
@@ -69,9 +69,9 @@ class Backend {
   // Waits until every op queued so far has finished (a no-op on the CPU).
   virtual void synchronize() {}
 
-  // Weights: converted from the checkpoint's dtype to `dtype` (F32 or BF16).
-  // `rows` stacks several 2-D tensors with the same column count (fused QKV).
-  virtual Tensor load_weight(const std::vector<const TensorView*>& parts, ScalarType dtype) = 0;
+  // Weights: converted from the checkpoint's type to `dtype` (F32 or BF16).
+  // Several 2-D `parts` with the same column count are stacked (fused QKV).
+  virtual Tensor load_weight(const std::vector<WeightView>& parts, ScalarType dtype) = 0;
   virtual Tensor empty(std::vector<int64_t> shape, ScalarType dtype) = 0;
   virtual Tensor from_host(const Tensor& host) = 0;
 
@@ -142,19 +142,5 @@ class Backend {
   virtual bool has_argmax() const { return false; }
   virtual void argmax(const Tensor& logits, int64_t rows, int32_t* out);
 };
-
-// `device` is "cpu" or "cuda"; throws Error(Unsupported) for a device this
-// build lacks. activation_dtype: F32 or BF16 (both devices; on CUDA, F32 is
-// the all-fp32 validation mode). `num_threads` <= 0 means all cores.
-std::unique_ptr<Backend> make_backend(const std::string& device, int num_threads,
-                                      ScalarType activation_dtype);
-
-// activation_dtype "auto": bf16 on CUDA; on the CPU bf16 when the weights
-// are bf16 and the processor multiplies bf16 natively (AVX-512 BF16: twice
-// the GEMM rate of fp32 FMA), fp32 otherwise (the exact oracle).
-ScalarType auto_activation_dtype(const std::string& device, ScalarType weight_dtype);
-
-bool cuda_built();      // this build has the CUDA backend
-bool cuda_available();  // ... and a GPU is visible
 
 }  // namespace pagedrt

@@ -16,7 +16,7 @@
 #include <utility>
 #include <vector>
 
-#include "backend/backend.hpp"
+#include "backend/paged_kv.hpp"
 #include "engine/block_pool.hpp"
 
 namespace pagedrt {

@@ -8,9 +8,9 @@
 namespace pagedrt {
 namespace {
 
-// The tensor `name`, checked against the expected shape.
-const TensorView& expect(const Checkpoint& ckpt, const std::string& name,
-                         std::vector<int64_t> shape) {
+// The tensor `name`, checked against the expected shape and dtype, as the
+// backends take it.
+WeightView expect(const Checkpoint& ckpt, const std::string& name, std::vector<int64_t> shape) {
   const TensorView& t = ckpt.get(name);
   if (t.shape != shape) {
     auto str = [](const std::vector<int64_t>& s) {
@@ -21,10 +21,18 @@ const TensorView& expect(const Checkpoint& ckpt, const std::string& name,
     throw Error(ErrorKind::InvalidModel, t.file + ": tensor '" + name + "' has shape " + str(t.shape) +
                                              ", config.json implies " + str(shape));
   }
-  if (t.dtype != DType::F32 && t.dtype != DType::F16 && t.dtype != DType::BF16)
-    throw Error(ErrorKind::InvalidModel, t.file + ": tensor '" + name + "' has dtype " +
-                                             dtype_name(t.dtype) + "; supported: F32, F16, BF16");
-  return t;
+  WeightView w;
+  switch (t.dtype) {
+    case DType::F32: w.type = WeightView::Type::F32; break;
+    case DType::F16: w.type = WeightView::Type::F16; break;
+    case DType::BF16: w.type = WeightView::Type::BF16; break;
+    default:
+      throw Error(ErrorKind::InvalidModel, t.file + ": tensor '" + name + "' has dtype " + dtype_name(t.dtype) +
+                                               "; supported: F32, F16, BF16");
+  }
+  w.shape = t.shape;
+  w.data = t.data;
+  return w;
 }
 
 RopeTable make_rope(Backend& backend, const LlamaConfig& cfg, int64_t max_positions) {
@@ -44,9 +52,10 @@ RopeTable make_rope(Backend& backend, const LlamaConfig& cfg, int64_t max_positi
 
 }  // namespace
 
-LlamaModel::LlamaModel(const std::string& model_dir, Backend& backend, ScalarType weight_dtype,
-                       int64_t max_positions, const std::function<void(int64_t, int64_t)>& progress)
-    : cfg_(LlamaConfig::from_file(model_dir + "/config.json")),
+LlamaModel::LlamaModel(const LlamaConfig& config, const std::string& model_dir, Backend& backend,
+                       ScalarType weight_dtype, int64_t max_positions,
+                       const std::function<void(int64_t, int64_t)>& progress)
+    : cfg_(config),
       backend_(backend),
       weight_dtype_(weight_dtype) {
   backend.check_attention(cfg_.num_heads, cfg_.num_kv_heads, cfg_.head_dim);
@@ -54,13 +63,13 @@ LlamaModel::LlamaModel(const std::string& model_dir, Backend& backend, ScalarTyp
   const int64_t hidden = cfg_.hidden_size, inter = cfg_.intermediate_size;
   const int64_t q_dim = cfg_.num_heads * cfg_.head_dim, kv_dim = cfg_.num_kv_heads * cfg_.head_dim;
   auto norm = [&](const std::string& name) {
-    return backend.load_weight({&expect(ckpt, name, {hidden})}, ScalarType::F32);
+    return backend.load_weight({expect(ckpt, name, {hidden})}, ScalarType::F32);
   };
   const int64_t parts = cfg_.num_layers + 2;
   auto loaded = [&](int64_t done) {
     if (progress) progress(done, parts);
   };
-  embed_ = backend.load_weight({&expect(ckpt, "model.embed_tokens.weight", {cfg_.vocab_size, hidden})},
+  embed_ = backend.load_weight({expect(ckpt, "model.embed_tokens.weight", {cfg_.vocab_size, hidden})},
                                weight_dtype);
   loaded(1);
   for (int64_t l = 0; l < cfg_.num_layers; ++l) {
@@ -68,16 +77,16 @@ LlamaModel::LlamaModel(const std::string& model_dir, Backend& backend, ScalarTyp
     Layer layer;
     layer.input_norm = norm(p + "input_layernorm.weight");
     layer.post_norm = norm(p + "post_attention_layernorm.weight");
-    layer.qkv = backend.load_weight({&expect(ckpt, p + "self_attn.q_proj.weight", {q_dim, hidden}),
-                                     &expect(ckpt, p + "self_attn.k_proj.weight", {kv_dim, hidden}),
-                                     &expect(ckpt, p + "self_attn.v_proj.weight", {kv_dim, hidden})},
+    layer.qkv = backend.load_weight({expect(ckpt, p + "self_attn.q_proj.weight", {q_dim, hidden}),
+                                     expect(ckpt, p + "self_attn.k_proj.weight", {kv_dim, hidden}),
+                                     expect(ckpt, p + "self_attn.v_proj.weight", {kv_dim, hidden})},
                                     weight_dtype);
-    layer.o = backend.load_weight({&expect(ckpt, p + "self_attn.o_proj.weight", {hidden, q_dim})},
+    layer.o = backend.load_weight({expect(ckpt, p + "self_attn.o_proj.weight", {hidden, q_dim})},
                                   weight_dtype);
-    layer.gate_up = backend.load_weight({&expect(ckpt, p + "mlp.gate_proj.weight", {inter, hidden}),
-                                         &expect(ckpt, p + "mlp.up_proj.weight", {inter, hidden})},
+    layer.gate_up = backend.load_weight({expect(ckpt, p + "mlp.gate_proj.weight", {inter, hidden}),
+                                         expect(ckpt, p + "mlp.up_proj.weight", {inter, hidden})},
                                         weight_dtype);
-    layer.down = backend.load_weight({&expect(ckpt, p + "mlp.down_proj.weight", {hidden, inter})},
+    layer.down = backend.load_weight({expect(ckpt, p + "mlp.down_proj.weight", {hidden, inter})},
                                      weight_dtype);
     layers_.push_back(std::move(layer));
     loaded(l + 2);
@@ -86,7 +95,7 @@ LlamaModel::LlamaModel(const std::string& model_dir, Backend& backend, ScalarTyp
   if (cfg_.tie_word_embeddings)
     lm_head_ = embed_;
   else
-    lm_head_ = backend.load_weight({&expect(ckpt, "lm_head.weight", {cfg_.vocab_size, hidden})},
+    lm_head_ = backend.load_weight({expect(ckpt, "lm_head.weight", {cfg_.vocab_size, hidden})},
                                    weight_dtype);
   rope_ = make_rope(backend, cfg_, max_positions);
   loaded(parts);

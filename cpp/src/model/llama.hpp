@@ -19,12 +19,13 @@ namespace pagedrt {
 
 class LlamaModel {
  public:
-  // Reads config.json and the safetensors weights of `model_dir`; weights are
-  // converted to `weight_dtype` (F32 or BF16) on `backend`. Every missing or
-  // mis-shaped tensor throws Error(InvalidModel) naming the file and tensor.
+  // Reads the safetensors weights of `model_dir` (whose config.json gave
+  // `config`); weights are converted to `weight_dtype` (F32 or BF16) on
+  // `backend`. Every missing or mis-shaped tensor throws Error(InvalidModel)
+  // naming the file and tensor.
   // `progress` (may be empty) hears (parts loaded, parts in all) after the
   // embedding, each layer and the head.
-  LlamaModel(const std::string& model_dir, Backend& backend, ScalarType weight_dtype,
+  LlamaModel(const LlamaConfig& config, const std::string& model_dir, Backend& backend, ScalarType weight_dtype,
              int64_t max_positions, const std::function<void(int64_t, int64_t)>& progress = {});
 
   const LlamaConfig& config() const { return cfg_; }

@@ -16,44 +16,41 @@
 namespace pagedrt::cpu {
 namespace {
 
-// Converts `n` elements of a checkpoint tensor into fp32 or bf16.
-void convert(const TensorView& src, ScalarType dtype, void* dst) {
+// Converts a checkpoint tensor into fp32 or bf16.
+void convert(const WeightView& src, ScalarType dtype, void* dst) {
   const int64_t n = src.numel();
   if (dtype == ScalarType::F32) {
     float* out = static_cast<float*>(dst);
-    switch (src.dtype) {
-      case DType::F32: std::memcpy(out, src.data, n * 4); return;
-      case DType::BF16: {
+    switch (src.type) {
+      case WeightView::Type::F32: std::memcpy(out, src.data, n * 4); return;
+      case WeightView::Type::BF16: {
         const uint16_t* in = reinterpret_cast<const uint16_t*>(src.data);
         for (int64_t i = 0; i < n; ++i) out[i] = bf16_to_f32(in[i]);
         return;
       }
-      case DType::F16: {
+      case WeightView::Type::F16: {
         const uint16_t* in = reinterpret_cast<const uint16_t*>(src.data);
         for (int64_t i = 0; i < n; ++i) out[i] = f16_to_f32(in[i]);
         return;
       }
-      default: break;
     }
   } else if (dtype == ScalarType::BF16) {
     uint16_t* out = static_cast<uint16_t*>(dst);
-    switch (src.dtype) {
-      case DType::BF16: std::memcpy(out, src.data, n * 2); return;
-      case DType::F32: {
+    switch (src.type) {
+      case WeightView::Type::BF16: std::memcpy(out, src.data, n * 2); return;
+      case WeightView::Type::F32: {
         const float* in = reinterpret_cast<const float*>(src.data);
         for (int64_t i = 0; i < n; ++i) out[i] = f32_to_bf16(in[i]);
         return;
       }
-      case DType::F16: {
+      case WeightView::Type::F16: {
         const uint16_t* in = reinterpret_cast<const uint16_t*>(src.data);
         for (int64_t i = 0; i < n; ++i) out[i] = f32_to_bf16(f16_to_f32(in[i]));
         return;
       }
-      default: break;
     }
   }
-  throw Error(ErrorKind::InvalidModel, src.file + ": tensor '" + src.name + "' has dtype " +
-                                           dtype_name(src.dtype) + "; supported: F32, F16, BF16");
+  throw Error(ErrorKind::InvalidArgument, std::string("weights load as float32 or bfloat16, not ") + scalar_name(dtype));
 }
 
 }  // namespace
@@ -72,16 +69,16 @@ CpuBackend::CpuBackend(int num_threads, ScalarType activation_dtype)
   }
 }
 
-Tensor CpuBackend::load_weight(const std::vector<const TensorView*>& parts, ScalarType dtype) {
+Tensor CpuBackend::load_weight(const std::vector<WeightView>& parts, ScalarType dtype) {
   int64_t rows = 0;
-  std::vector<int64_t> shape = parts[0]->shape;
-  for (const TensorView* p : parts) rows += p->shape[0];
+  std::vector<int64_t> shape = parts[0].shape;
+  for (const WeightView& p : parts) rows += p.shape[0];
   shape[0] = rows;
   Tensor t = host_empty(shape, dtype);
   uint8_t* dst = static_cast<uint8_t*>(t.data);
-  for (const TensorView* p : parts) {
-    convert(*p, dtype, dst);
-    dst += p->numel() * scalar_size(dtype);
+  for (const WeightView& p : parts) {
+    convert(p, dtype, dst);
+    dst += p.numel() * scalar_size(dtype);
   }
   return t;
 }

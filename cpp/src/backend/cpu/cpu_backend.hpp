@@ -22,7 +22,7 @@ class CpuBackend final : public Backend {
   ScalarType kv_dtype() const override { return act_; }
   int num_threads() const { return threads_; }
 
-  Tensor load_weight(const std::vector<const TensorView*>& parts, ScalarType dtype) override;
+  Tensor load_weight(const std::vector<WeightView>& parts, ScalarType dtype) override;
   Tensor empty(std::vector<int64_t> shape, ScalarType dtype) override;
   Tensor from_host(const Tensor& host) override { return host; }
 

@@ -22,13 +22,13 @@ void require(bool ok, const std::string& msg) {
   if (!ok) throw Error(ErrorKind::InvalidArgument, "cuda backend: " + msg);
 }
 
-int elem_kind(DType t) {
+int elem_kind(WeightView::Type t) {
   switch (t) {
-    case DType::F32: return static_cast<int>(Elem::F32);
-    case DType::F16: return static_cast<int>(Elem::F16);
-    case DType::BF16: return static_cast<int>(Elem::BF16);
-    default: return -1;
+    case WeightView::Type::F32: return static_cast<int>(Elem::F32);
+    case WeightView::Type::F16: return static_cast<int>(Elem::F16);
+    case WeightView::Type::BF16: return static_cast<int>(Elem::BF16);
   }
+  return -1;
 }
 
 }  // namespace
@@ -188,22 +188,19 @@ void CudaBackend::upload_chunked(const uint8_t* src, size_t bytes, uint8_t* dst,
   }
 }
 
-Tensor CudaBackend::load_weight(const std::vector<const TensorView*>& parts, ScalarType dtype) {
+Tensor CudaBackend::load_weight(const std::vector<WeightView>& parts, ScalarType dtype) {
   require(dtype == ScalarType::BF16 || dtype == ScalarType::F32, "weights load as bf16 or fp32");
   int64_t rows = 0;
-  std::vector<int64_t> shape = parts[0]->shape;
-  for (const TensorView* p : parts) rows += p->shape[0];
+  std::vector<int64_t> shape = parts[0].shape;
+  for (const WeightView& p : parts) rows += p.shape[0];
   shape[0] = rows;
   Tensor t = empty(shape, dtype);
   const int dst_kind = static_cast<int>(dtype == ScalarType::F32 ? Elem::F32 : Elem::BF16);
   uint8_t* dst = static_cast<uint8_t*>(t.data);
-  for (const TensorView* p : parts) {
-    const int kind = elem_kind(p->dtype);
-    if (kind < 0)
-      throw Error(ErrorKind::InvalidModel, p->file + ": tensor '" + p->name + "' has dtype " +
-                                               dtype_name(p->dtype) + "; supported: F32, F16, BF16");
-    upload_chunked(p->data, p->nbytes, dst, kind, dst_kind, dtype_size(p->dtype));
-    dst += p->numel() * scalar_size(dtype);
+  for (const WeightView& p : parts) {
+    upload_chunked(static_cast<const uint8_t*>(p.data), p.nbytes(), dst, elem_kind(p.type), dst_kind,
+                   p.element_size());
+    dst += p.numel() * scalar_size(dtype);
   }
   CUDA_CHECK(cudaStreamSynchronize(stream_));  // the mapping may close after this returns
   return t;

@@ -59,7 +59,7 @@ class CudaBackend final : public Backend {
   void synchronize() override;
   void check_attention(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim) const override;
 
-  Tensor load_weight(const std::vector<const TensorView*>& parts, ScalarType dtype) override;
+  Tensor load_weight(const std::vector<WeightView>& parts, ScalarType dtype) override;
   Tensor empty(std::vector<int64_t> shape, ScalarType dtype) override;
   Tensor from_host(const Tensor& host) override;
 
