@@ -13,6 +13,7 @@ GPU timings use CUDA events after warm-up, medians; inputs are random (never zer
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import statistics
@@ -207,6 +208,8 @@ def pagedrt_bench(model):
     t0 = time.perf_counter()
     outs = rt.generate(prompts, params)
     wall = time.perf_counter() - t0
+    # Greedy output of the whole run, to compare two builds bit for bit.
+    r["tokens_sha256"] = hashlib.sha256(np.array([o.token_ids for o in outs], np.int32).tobytes()).hexdigest()
     r["throughput_tokens"] = sum(len(o.token_ids) for o in outs)
     r["throughput_s"] = wall
     r["throughput_tok_per_s"] = r["throughput_tokens"] / wall

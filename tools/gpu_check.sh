@@ -3,7 +3,7 @@
 #
 #   bash tools/gpu_check.sh [STAGE ...]      (from the repo root; default: all stages)
 #
-# Stages: env build optests diag make8b smol tests e2e bench harness profile cpuscale
+# Stages: env build optests diag make8b smol tests e2e bench harness profile cpuscale abbuild ab
 #   env      nvidia-smi, versions
 #   build    pip install --no-build-isolation --no-deps . with PAGEDRT_CUDA=ON
 #   optests  tests/test_cuda.py without the model end-to-end tests (fast)
@@ -19,6 +19,10 @@
 #   profile  tools/cuda_profile.py: GPU time per kernel (batch-1 decode; 64 x 512/32)
 #   cpuscale the CPU backend on this machine's cores: tools/bench.py latency and batched,
 #            SmolLM2 bf16, pagedrt only, 1 to 16 threads (needs the smol stage)
+#   abbuild  builds the source tarball $OLD_TGZ (default .devcarry_a/old.tgz or
+#            $STASH/old.tgz: `git archive` of the commit to compare with) into $WORK/old_site
+#   ab       before/after on one card (abbuild first if needed): tools/bench_cuda.py pagedrt
+#            (batch-1 TPOT, 256 x 512/128, greedy output hash) old, new, old, new, 8B shape
 #
 # Logs and results go to $OUT (default ./out): gpu_check.log, errors.txt (measured
 # errors per test), results.json, summary.md. Nothing is fetched from a network.
@@ -139,6 +143,29 @@ if has cpuscale && [ -d "$WORK/smolpkg" ]; then
     [ "$(left)" -gt 40 ] || break
     (cd /tmp && timeout $(( $(left) - 20 )) $PY "$OLDPWD/tools/bench.py" --threads $t --peers "" --dtypes bfloat16 \
        --workloads latency,batched --runs 1 --json "$OUT/cpu_threads_$t.json" 2>/dev/null | grep -E "pagedrt|engine|threads")
+  done
+fi
+
+if (has abbuild || has ab) && [ ! -d "$WORK/old_site/pagedrt" ]; then
+  stage abbuild
+  OLD_TGZ=${OLD_TGZ:-$(ls .devcarry_a/old.tgz "$STASH/old.tgz" 2>/dev/null | head -1)}
+  if [ -n "$OLD_TGZ" ]; then
+    rm -rf "$WORK/old_src" && mkdir -p "$WORK/old_src" && tar xzf "$OLD_TGZ" -C "$WORK/old_src"
+    (cd "$WORK/old_src" && SKBUILD_CMAKE_DEFINE="PAGEDRT_CUDA=ON" timeout 400 $PY -m pip install -q \
+       --no-build-isolation --no-deps --target "$WORK/old_site" . 2>&1 | tail -5)
+    ls "$WORK/old_site/pagedrt"
+  fi
+fi
+
+if has ab && [ -f "$LLAMA8B/config.json" ] && [ -d "$WORK/old_site/pagedrt" ]; then
+  stage ab
+  for round in 1 2; do
+    for which in old new; do
+      [ "$(left)" -gt 60 ] || break
+      site=$([ $which = old ] && echo "$WORK/old_site" || echo "")
+      (cd /tmp && PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" timeout $(( $(left) - 10 )) \
+         $PY "$OLDPWD/tools/bench_cuda.py" pagedrt "$OUT/ab_${which}_$round.json" "$LLAMA8B" | tail -1)
+    done
   done
 fi
 
