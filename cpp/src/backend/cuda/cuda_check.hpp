@@ -22,6 +22,13 @@ namespace pagedrt::cuda {
                                       " in " + what + " at " + file + ":" + std::to_string(line));
 }
 
+// A backend precondition a caller broke (dtypes, shapes): an InvalidArgument.
+inline void require(bool ok, const std::string& msg) {
+  if (!ok) throw Error(ErrorKind::InvalidArgument, "cuda backend: " + msg);
+}
+
+inline size_t align16(size_t n) { return (n + 15) / 16 * 16; }
+
 }  // namespace pagedrt::cuda
 
 #define CUDA_CHECK(call)                                                              \

@@ -1,0 +1,236 @@
+// backend/cuda/cuda_ops.cu — the CUDA backend's ops: checks, then launches.
+#include "backend/cuda/cuda_backend.hpp"
+
+#include <algorithm>
+#include <climits>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+
+#include "backend/cuda/cuda_check.hpp"
+#include "backend/cuda/launch.cuh"
+
+namespace pagedrt::cuda {
+
+// ---- ops ---------------------------------------------------------------------------
+//
+// Every activation and the KV cache are act_ (bf16, or fp32 in the validation
+// mode); the residual stream is fp32 in both.
+
+void CudaBackend::embedding(const Tensor& table, Tensor& out) {
+  require(table.dtype == act_ && out.dtype == ScalarType::F32, "embedding: table of the activation dtype, fp32 out");
+  if (act_ == ScalarType::BF16)
+    cuda::embedding(table.as<bf16>(), table.dim(1), dev_.token_ids, host_.num_tokens, out.as<float>(), stream_);
+  else
+    cuda::embedding(table.as<float>(), table.dim(1), dev_.token_ids, host_.num_tokens, out.as<float>(), stream_);
+}
+
+void CudaBackend::rms_norm(const Tensor& x, const Tensor& weight, float eps, int64_t n, Tensor& out) {
+  require(weight.dtype == ScalarType::F32, "rms_norm: fp32 weight");
+  const int64_t d = weight.numel();
+  if (x.dtype == ScalarType::F32 && out.dtype == ScalarType::BF16)
+    cuda::rms_norm(x.as<float>(), weight.as<float>(), eps, n, d, out.as<bf16>(), stream_);
+  else if (x.dtype == ScalarType::F32 && out.dtype == ScalarType::F32)
+    cuda::rms_norm(x.as<float>(), weight.as<float>(), eps, n, d, out.as<float>(), stream_);
+  else if (x.dtype == ScalarType::BF16 && out.dtype == ScalarType::BF16)
+    cuda::rms_norm(x.as<bf16>(), weight.as<float>(), eps, n, d, out.as<bf16>(), stream_);
+  else
+    require(false, std::string("rms_norm: ") + scalar_name(x.dtype) + " -> " + scalar_name(out.dtype));
+}
+
+void CudaBackend::add_rms_norm(Tensor& residual, const Tensor& x, const Tensor& weight, float eps, Tensor& out) {
+  require(residual.dtype == ScalarType::F32 && x.dtype == act_ && out.dtype == act_,
+          "add_rms_norm: fp32 residual, x and out of the activation dtype");
+  if (act_ == ScalarType::BF16)
+    cuda::add_rms_norm(residual.as<float>(), x.as<bf16>(), weight.as<float>(), eps, host_.num_tokens,
+                       weight.numel(), out.as<bf16>(), stream_);
+  else
+    cuda::add_rms_norm(residual.as<float>(), x.as<float>(), weight.as<float>(), eps, host_.num_tokens,
+                       weight.numel(), out.as<float>(), stream_);
+}
+
+void CudaBackend::linear(const Tensor& x, const Tensor& weight, int64_t n, Tensor& out) {
+  require(x.dtype == act_ && weight.dtype == act_, "linear: x and weight of the activation dtype");
+  require(out.dtype == act_ || out.dtype == ScalarType::F32, "linear: out of the activation dtype or fp32");
+  gemm_->run(x.data, weight.data, out.data, n, weight.dim(0), weight.dim(1), out.dtype == ScalarType::F32,
+             act_ == ScalarType::F32);
+}
+
+void CudaBackend::add(Tensor& residual, const Tensor& x) {
+  require(residual.dtype == ScalarType::F32 && x.dtype == act_, "add: fp32 residual, x of the activation dtype");
+  const int64_t numel = int64_t(host_.num_tokens) * residual.dim(1);
+  if (act_ == ScalarType::BF16)
+    cuda::add(residual.as<float>(), x.as<bf16>(), numel, stream_);
+  else
+    cuda::add(residual.as<float>(), x.as<float>(), numel, stream_);
+}
+
+namespace {
+template <typename T, typename Arrays>
+void rope_and_cache_t(Tensor& qkv, const RopeTable& rope, const Arrays& b, int64_t n, int H, int Hkv, int D,
+                      Tensor& k_cache, Tensor& v_cache, cudaStream_t s) {
+  cuda::rope_and_cache(qkv.as<T>(), rope.cos.as<float>(), rope.sin.as<float>(), b.positions, b.slot_mapping, n, H,
+                       Hkv, D, k_cache.as<T>(), v_cache.as<T>(), s);
+}
+}  // namespace
+
+void CudaBackend::rope_and_cache(Tensor& qkv, const RopeTable& rope, int64_t num_heads, int64_t num_kv_heads,
+                                 int64_t head_dim, Tensor& k_cache, Tensor& v_cache) {
+  require(qkv.dtype == act_ && k_cache.dtype == act_, "rope_and_cache: qkv and cache of the activation dtype");
+  const int H = static_cast<int>(num_heads), Hkv = static_cast<int>(num_kv_heads), D = static_cast<int>(head_dim);
+  if (act_ == ScalarType::BF16)
+    rope_and_cache_t<bf16>(qkv, rope, dev_, host_.num_tokens, H, Hkv, D, k_cache, v_cache, stream_);
+  else
+    rope_and_cache_t<float>(qkv, rope, dev_, host_.num_tokens, H, Hkv, D, k_cache, v_cache, stream_);
+}
+
+template <typename T>
+AttentionParamsT<T> CudaBackend::attention_params(const Tensor& qkv, const Tensor& k_cache, const Tensor& v_cache,
+                                                  int64_t H, int64_t Hkv, int64_t D, float scale, Tensor& out) const {
+  AttentionParamsT<T> p;
+  p.qkv = qkv.as<T>();
+  p.k_cache = k_cache.as<T>();
+  p.v_cache = v_cache.as<T>();
+  p.out = out.as<T>();
+  p.positions = dev_.positions;
+  p.query_start = dev_.query_start;
+  p.page_indptr = dev_.page_indptr;
+  p.page_indices = dev_.page_indices;
+  p.token_seq = dev_.token_seq;
+  p.num_heads = static_cast<int>(H);
+  p.num_kv_heads = static_cast<int>(Hkv);
+  p.head_dim = static_cast<int>(D);
+  p.block_size = static_cast<int>(k_cache.dim(1));
+  p.block_shift = -1;
+  for (int sh = 0; sh < 31; ++sh)
+    if ((1 << sh) == p.block_size) p.block_shift = sh;
+  p.scale = scale;
+  return p;
+}
+
+void CudaBackend::paged_attention(const Tensor& qkv, const Tensor& k_cache, const Tensor& v_cache,
+                                  int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale,
+                                  Tensor& out) {
+  check_attention(num_heads, num_kv_heads, head_dim);
+  require(qkv.dtype == act_ && out.dtype == act_ && k_cache.dtype == act_,
+          "paged_attention: qkv, cache and out of the activation dtype");
+  plan_attention(num_heads, num_kv_heads, head_dim);
+  if (act_ == ScalarType::BF16) {
+    const AttentionParams p =
+        attention_params<bf16>(qkv, k_cache, v_cache, num_heads, num_kv_heads, head_dim, scale, out);
+    prefill_attention(p, plan_info_.prefill, stream_);
+    decode_attention(p, plan_info_.decode, stream_);
+  } else {  // every token is a decode item (plan_attention)
+    decode_attention(attention_params<float>(qkv, k_cache, v_cache, num_heads, num_kv_heads, head_dim, scale, out),
+                     plan_info_.decode, stream_);
+  }
+}
+
+void CudaBackend::silu_mul(const Tensor& gate_up, int64_t n, Tensor& out) {
+  require(gate_up.dtype == act_ && out.dtype == act_, "silu_mul: in and out of the activation dtype");
+  if (act_ == ScalarType::BF16)
+    cuda::silu_mul(gate_up.as<bf16>(), n, out.dim(1), out.as<bf16>(), stream_);
+  else
+    cuda::silu_mul(gate_up.as<float>(), n, out.dim(1), out.as<float>(), stream_);
+}
+
+void CudaBackend::rope_cache_attention(Tensor& qkv, const RopeTable& rope, int64_t num_heads, int64_t num_kv_heads,
+                                       int64_t head_dim, float scale, Tensor& k_cache, Tensor& v_cache, Tensor& out) {
+  check_attention(num_heads, num_kv_heads, head_dim);
+  plan_attention(num_heads, num_kv_heads, head_dim);
+  // Only where every token is its sequence's only query token: a prefill
+  // token reads the keys of the tokens before it in the same step, which
+  // must be in the cache first.
+  if (!fuse_ || host_.num_tokens != host_.num_seqs || plan_info_.prefill.num_tiles != 0 || !plan_info_.slots_fit) {
+    rope_and_cache(qkv, rope, num_heads, num_kv_heads, head_dim, k_cache, v_cache);
+    paged_attention(qkv, k_cache, v_cache, num_heads, num_kv_heads, head_dim, scale, out);
+    return;
+  }
+  require(qkv.dtype == act_ && out.dtype == act_ && k_cache.dtype == act_ && v_cache.dtype == act_,
+          "rope_cache_attention: qkv, caches and out of the activation dtype");
+  auto fused = [&](auto p) {
+    p.rope_cos = rope.cos.as<float>();
+    p.rope_sin = rope.sin.as<float>();
+    p.slot_mapping = dev_.slot_mapping;
+    using T = std::remove_pointer_t<decltype(p.out)>;
+    p.k_append = k_cache.as<T>();
+    p.v_append = v_cache.as<T>();
+    decode_attention(p, plan_info_.decode, stream_);
+  };
+  if (act_ == ScalarType::BF16)
+    fused(attention_params<bf16>(qkv, k_cache, v_cache, num_heads, num_kv_heads, head_dim, scale, out));
+  else
+    fused(attention_params<float>(qkv, k_cache, v_cache, num_heads, num_kv_heads, head_dim, scale, out));
+}
+
+void CudaBackend::linear_silu_mul(const Tensor& x, const Tensor& gate_up_weight, int64_t n, Tensor& gate_up,
+                                  Tensor& out) {
+  const int64_t inter = gate_up_weight.dim(0) / 2;
+  require(out.dim(1) == inter && gate_up_weight.dim(0) == 2 * inter, "linear_silu_mul: (2 I, k) weight, (n, I) out");
+  if (fuse_ && act_ == ScalarType::BF16 && x.dtype == act_ && gate_up_weight.dtype == act_ && out.dtype == act_ &&
+      gemm_->run_silu_mul(x.data, gate_up_weight.data, out.data, n, inter, gate_up_weight.dim(1)))
+    return;
+  linear(x, gate_up_weight, n, gate_up);
+  silu_mul(gate_up, n, out);
+}
+
+void CudaBackend::gather_rows(const Tensor& x, Tensor& out) {
+  require(x.dtype == out.dtype, "gather_rows: same dtype in and out");
+  cuda::gather_rows(x.data, x.dim(1) * static_cast<int64_t>(scalar_size(x.dtype)), dev_.logits_indices,
+                    host_.num_logits, out.data, stream_);
+}
+
+void CudaBackend::copy_blocks(Tensor& cache, const std::vector<BlockCopy>& copies) {
+  if (copies.empty()) return;
+  const int64_t block_bytes = static_cast<int64_t>(cache.nbytes()) / cache.dim(0);
+  uint8_t* base = static_cast<uint8_t*>(cache.data);
+  // A destination that is also a source makes the order matter: copy one by one.
+  bool chained = block_bytes % 16 != 0;
+  for (const BlockCopy& a : copies)
+    for (const BlockCopy& c : copies) chained = chained || a.dst == c.src;
+  if (chained) {
+    for (const BlockCopy& c : copies)
+      CUDA_CHECK(cudaMemcpyAsync(base + c.dst * block_bytes, base + c.src * block_bytes, block_bytes,
+                                 cudaMemcpyDeviceToDevice, stream_));
+    return;
+  }
+  const bool same = copies.size() == last_copies_.size() &&
+                    std::equal(copies.begin(), copies.end(), last_copies_.begin(),
+                               [](const BlockCopy& a, const BlockCopy& b) { return a.src == b.src && a.dst == b.dst; });
+  if (!same) {
+    int2* h = reinterpret_cast<int2*>(copies_.host(copies.size() * sizeof(int2)));
+    for (size_t i = 0; i < copies.size(); ++i) h[i] = make_int2(copies[i].src, copies[i].dst);
+    copies_.upload(copies.size() * sizeof(int2), stream_);
+    last_copies_ = copies;
+  }
+  cuda::copy_blocks(base, block_bytes, reinterpret_cast<const int2*>(copies_.device()),
+                    static_cast<int>(copies.size()), stream_);
+}
+
+void CudaBackend::to_host(const Tensor& src, int64_t numel, float* dst) {
+  require(src.dtype == ScalarType::F32, "to_host: fp32 source");
+  if (numel > 0)
+    CUDA_CHECK(cudaMemcpyAsync(dst, src.data, static_cast<size_t>(numel) * 4, cudaMemcpyDeviceToHost, stream_));
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
+void CudaBackend::argmax(const Tensor& logits, int64_t rows, int32_t* out) {
+  require(logits.dtype == ScalarType::F32 && rows <= logits.dim(0), "argmax: fp32 logits rows");
+  if (rows == 0) return;
+  const size_t bytes = static_cast<size_t>(rows) * 4, scratch = static_cast<size_t>(rows) * kArgmaxParts * 8;
+  // device: the picks, then the kernel's scratch; only the picks come back
+  int32_t* h = reinterpret_cast<int32_t*>(picks_.host(align16(bytes) + scratch));  // waits for the previous use
+  argmax_rows(logits.as<float>(), rows, logits.dim(1), reinterpret_cast<int32_t*>(picks_.device()),
+              picks_.device() + align16(bytes), stream_);
+  CUDA_CHECK(cudaMemcpyAsync(h, picks_.device(), bytes, cudaMemcpyDeviceToHost, stream_));
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
+  std::memcpy(out, h, bytes);
+}
+
+void CudaBackend::download(const Tensor& src, void* dst) {
+  CUDA_CHECK(cudaMemcpyAsync(dst, src.data, src.nbytes(), cudaMemcpyDeviceToHost, stream_));
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
+}  // namespace pagedrt::cuda

@@ -1,0 +1,214 @@
+// backend/cuda/cuda_step.cu — the CUDA backend's step: the plan uploaded once
+// per step (begin_step, plan_attention) and steps recorded as CUDA graphs.
+#include "backend/cuda/cuda_backend.hpp"
+
+#include <algorithm>
+#include <climits>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+
+#include "backend/cuda/cuda_check.hpp"
+#include "backend/cuda/launch.cuh"
+
+namespace pagedrt::cuda {
+
+// ---- the step -----------------------------------------------------------------------
+
+void CudaBackend::begin_step(const BatchView& b) {
+  CUDA_CHECK(cudaSetDevice(device_));
+  host_ = b;
+  ++step_;
+  const size_t n = b.num_tokens, s = b.num_seqs, np = b.num_seqs ? b.page_indptr[b.num_seqs] : 0;
+  // page_indices last: with the same token, sequence and logit counts every
+  // other array keeps its device address from step to step (recorded steps).
+  const size_t sizes[] = {n * 4, n * 4, n * 8, (s + 1) * 4, (s + 1) * 4, size_t(b.num_logits) * 4, n * 4, np * 4};
+  size_t off[8], total = 0;
+  for (int i = 0; i < 8; ++i) {
+    off[i] = total;
+    total += align16(sizes[i]);
+  }
+  uint8_t* h = batch_.host(total);
+  std::memcpy(h + off[0], b.token_ids, sizes[0]);
+  std::memcpy(h + off[1], b.positions, sizes[1]);
+  std::memcpy(h + off[2], b.slot_mapping, sizes[2]);
+  std::memcpy(h + off[3], b.query_start, sizes[3]);
+  std::memcpy(h + off[4], b.page_indptr, sizes[4]);
+  if (b.num_logits) std::memcpy(h + off[5], b.logits_indices, sizes[5]);
+  int32_t* seq = reinterpret_cast<int32_t*>(h + off[6]);
+  for (int32_t i = 0; i < b.num_seqs; ++i)
+    for (int32_t t = b.query_start[i]; t < b.query_start[i + 1]; ++t) seq[t] = i;
+  if (np) std::memcpy(h + off[7], b.page_indices, sizes[7]);
+  batch_.upload(total, stream_);
+  uint8_t* d = batch_.device();
+  dev_.token_ids = reinterpret_cast<const int32_t*>(d + off[0]);
+  dev_.positions = reinterpret_cast<const int32_t*>(d + off[1]);
+  dev_.slot_mapping = reinterpret_cast<const int64_t*>(d + off[2]);
+  dev_.query_start = reinterpret_cast<const int32_t*>(d + off[3]);
+  dev_.page_indptr = reinterpret_cast<const int32_t*>(d + off[4]);
+  dev_.logits_indices = reinterpret_cast<const int32_t*>(d + off[5]);
+  dev_.token_seq = reinterpret_cast<const int32_t*>(d + off[6]);
+  dev_.page_indices = reinterpret_cast<const int32_t*>(d + off[7]);
+  // The attention plan needs only the batch and the model's head counts
+  // (known from the previous step): made here, it stays out of a recording.
+  if (plan_info_.num_heads > 0) plan_attention(plan_info_.num_heads, plan_info_.num_kv_heads, plan_info_.head_dim);
+}
+
+// Decode items: the token of every sequence with one query token (in the
+// fp32 mode every token: the prefill kernel is bf16 WMMA). Prefill tiles: 64
+// (token, head) rows of every other sequence. Splits: enough
+// blocks to fill the GPU several times over (batch 1 with a long context is
+// spread over the SMs; a full batch runs one split).
+void CudaBackend::plan_attention(int64_t H, int64_t Hkv, int64_t D) {
+  if (plan_info_.step == step_ && plan_info_.num_heads == H && plan_info_.num_kv_heads == Hkv &&
+      plan_info_.head_dim == D)
+    return;
+  const BatchView& b = host_;
+  const int64_t G = H / Hkv;
+  std::vector<DecodeItem> dec;
+  std::vector<int2> tiles;
+  int64_t max_ctx = 1;
+  for (int32_t i = 0; i < b.num_seqs; ++i) {
+    const int32_t q0 = b.query_start[i], qn = b.query_start[i + 1] - q0;
+    if (qn == 1 || act_ == ScalarType::F32) {
+      for (int32_t t = q0; t < q0 + qn; ++t) {
+        // A slot past int32 (2^31 cached tokens) is never written by the
+        // fused append: such steps run rope_and_cache (rope_cache_attention).
+        const int64_t slot = b.slot_mapping[t];
+        dec.push_back({t, b.positions[t] + 1, b.page_indptr[i],
+                       slot <= INT32_MAX ? static_cast<int32_t>(slot) : int32_t(-2)});
+        max_ctx = std::max<int64_t>(max_ctx, b.positions[t] + 1);
+      }
+    } else {
+      for (int64_t r = 0; r < qn * G; r += kPrefillRows) tiles.push_back(make_int2(i, static_cast<int>(r)));
+    }
+  }
+  const int64_t keys_per_pass = D == 128 ? 32 : 64;  // key groups x unroll of the decode kernel
+  const int64_t items = static_cast<int64_t>(dec.size());
+  const int64_t base = std::max<int64_t>(1, items * Hkv);
+  const int64_t target = split_waves_ * static_cast<int64_t>(num_sms_);
+  int64_t chunk = max_ctx;
+  if (base < target) {
+    const int64_t want = (target + base - 1) / base;
+    chunk = std::max<int64_t>(keys_per_pass, (max_ctx + want - 1) / want);
+    chunk = (chunk + keys_per_pass - 1) / keys_per_pass * keys_per_pass;
+  }
+  int64_t splits = std::max<int64_t>(1, (max_ctx + chunk - 1) / chunk);
+  // A recorded step replays with its split count: round it up to a power of
+  // two (splits past the context are empty and merge as nothing), so that a
+  // growing context needs a new recording only every doubling.
+  if (recordable() && splits > 1) {
+    int64_t up = 1;
+    while (up < splits) up *= 2;
+    splits = up;
+  }
+
+  const size_t dec_bytes = align16(dec.size() * sizeof(DecodeItem)), tile_bytes = tiles.size() * sizeof(int2);
+  uint8_t* h = plan_.host(dec_bytes + tile_bytes);
+  if (!dec.empty()) std::memcpy(h, dec.data(), dec.size() * sizeof(DecodeItem));
+  if (!tiles.empty()) std::memcpy(h + dec_bytes, tiles.data(), tile_bytes);
+  plan_.upload(dec_bytes + tile_bytes, stream_);
+
+  if (splits > 1) {
+    const size_t need = static_cast<size_t>(items * splits * H) * (D + 1) * sizeof(float);
+    if (need > partials_bytes_) {
+      if (partials_) CUDA_CHECK(cudaFree(partials_));
+      partials_ = nullptr;
+      partials_bytes_ = 0;
+      CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&partials_), need * 2));
+      partials_bytes_ = need * 2;
+    }
+  }
+  AttentionPlan& p = plan_info_;
+  p.step = step_;
+  p.num_heads = H;
+  p.num_kv_heads = Hkv;
+  p.head_dim = D;
+  p.decode.items = reinterpret_cast<const DecodeItem*>(plan_.device());
+  p.slots_fit = std::all_of(dec.begin(), dec.end(), [](const DecodeItem& d) { return d.slot != -2; });
+  p.decode.num_items = static_cast<int>(items);
+  p.decode.num_splits = static_cast<int>(splits);
+  p.decode.chunk = static_cast<int>(chunk);
+  // Clusters only while every block fits the GPU at once (<= 2 per SM): a
+  // cluster's blocks wait for each other at its barrier, holding their SM
+  // slots, so with more blocks than slots the wait costs whole waves (batch
+  // 64 x 2048 in 4 splits: 306 us in clusters against 216 with the merge kernel).
+  p.decode.cluster = clusters_ && splits >= 2 && splits <= kMaxClusterSplits &&
+                     items * Hkv * splits <= 2 * static_cast<int64_t>(num_sms_);
+  p.decode.o_part = partials_;
+  p.decode.lse_part = partials_ ? partials_ + items * splits * H * D : nullptr;
+  p.prefill.tiles = reinterpret_cast<const int2*>(plan_.device() + dec_bytes);
+  p.prefill.num_tiles = static_cast<int>(tiles.size());
+}
+
+// ---- recorded steps (CUDA graphs) -----------------------------------------------------
+//
+// A decode step of a few sequences is ~10 small kernels and 4 GEMMs per layer:
+// launched one by one, the gaps between them cost ~10% of a batch-1 step. Such
+// steps are recorded once into a CUDA graph per key and replayed with one
+// launch. The key is the model's (its tensors, token and logit counts) plus
+// everything of this backend a recording captures by value: the device
+// addresses of the step's arrays and the attention plan's sizes.
+
+bool CudaBackend::recordable() const {
+  return graphs_enabled_ && host_.num_tokens > 0 && host_.num_tokens == host_.num_seqs &&
+         host_.num_tokens <= kMaxRecordedTokens;
+}
+
+void CudaBackend::run_step(uint64_t key, const std::function<void()>& body) {
+  // Only once this step's plan exists (made in begin_step from the previous
+  // step's head counts) can a recording hold it.
+  if (!recordable() || plan_info_.step != step_) return body();
+  const GraphKey k{key,
+                   batch_.device(),
+                   plan_.device(),
+                   partials_,
+                   plan_info_.decode.num_items,
+                   plan_info_.decode.num_splits,
+                   plan_info_.decode.chunk};
+  auto it = graphs_.find(k);
+  if (it == graphs_.end()) {
+    // A step shape seen for the first time runs directly: recording and
+    // instantiating ~300 kernels takes ~10 ms of host time with the GPU idle,
+    // more than a one-off step saves (the tail of a batched run, where the
+    // batch shrinks through sizes that each last one step). The second time
+    // it is recorded.
+    if (seen_once_.insert(k).second) {
+      if (seen_once_.size() > 4 * kMaxGraphs) seen_once_.clear();
+      return body();
+    }
+    if (graphs_.size() >= kMaxGraphs) clear_graphs();
+    CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+    try {
+      body();
+    } catch (...) {
+      cudaGraph_t g = nullptr;
+      cudaStreamEndCapture(stream_, &g);
+      if (g) cudaGraphDestroy(g);
+      cudaGetLastError();
+      throw;
+    }
+    cudaGraph_t graph = nullptr;
+    cudaGraphExec_t exec = nullptr;
+    cudaError_t err = cudaStreamEndCapture(stream_, &graph);
+    if (err == cudaSuccess) err = cudaGraphInstantiate(&exec, graph, 0);
+    if (graph) cudaGraphDestroy(graph);
+    if (err != cudaSuccess) {  // nothing ran: run the step directly, and stop recording
+      cudaGetLastError();
+      std::fprintf(stderr, "pagedrt: recording a decode step as a CUDA graph failed (%s); "
+                           "running steps without graphs from now on\n", cudaGetErrorString(err));
+      graphs_enabled_ = false;
+      return body();
+    }
+    it = graphs_.emplace(k, exec).first;
+  }
+  CUDA_CHECK(cudaGraphLaunch(it->second, stream_));
+}
+
+void CudaBackend::clear_graphs() {
+  for (auto& kv : graphs_) cudaGraphExecDestroy(kv.second);
+  graphs_.clear();
+}
+
+}  // namespace pagedrt::cuda
