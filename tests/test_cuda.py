@@ -567,7 +567,7 @@ def test_smollm2_greedy_matches_cpu():
     bf16 (the GPU's fast path: bf16 weights, activations and KV) against the CPU
     on the same bf16 weights with fp32 activations: reported, not required equal —
     transformers' own bf16 diverges from its fp32 on all six prompts within 32
-    tokens (docs/cuda.md). Each divergence is recorded with the CPU's top-1/top-2
+    tokens (docs/results/2026-11-cuda-log.md). Each divergence is recorded with the CPU's top-1/top-2
     logit margin there and must fall on a near-tie (margin < 1.0; bf16 activations
     move SmolLM2's logits by ~0.1); prompt logits within 6e-2."""
     try:

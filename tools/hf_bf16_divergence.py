@@ -7,7 +7,7 @@ The same 6 prompts as tests/test_cuda.py, 32 greedy tokens each, the default
 model in transformers on the CPU at fp32 and at bf16 (the same weights). Prints,
 per prompt, whether the tokens are equal, else the first differing token and
 the fp32 run's top-1 - top-2 logit margin there: the reference point for the
-GPU's bf16 divergences in docs/cuda.md.
+GPU's bf16 divergences in docs/results/2026-11-cuda-log.md.
 """
 from __future__ import annotations
 
