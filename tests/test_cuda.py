@@ -263,6 +263,16 @@ def test_copy_blocks(ops):
 
 # ---- paged attention -------------------------------------------------------------------
 
+def attention_inputs(rng, seqs, H, Hkv, D):
+    """A batch of `seqs` (make_batch) and random bf16 qkv rows and K/V caches for it."""
+    b = make_batch(rng, seqs)
+    n = len(b["tokens"])
+    qkv = bf(rng.standard_normal((n, (H + 2 * Hkv) * D)))
+    kc = bf(rng.standard_normal((b["num_blocks"], 16, Hkv, D)))
+    vc = bf(rng.standard_normal((b["num_blocks"], 16, Hkv, D)))
+    return b, qkv, kc, vc
+
+
 def contiguous_attention(b, qkv, kc, vc, H, Hkv, D, scale, block_size=16):
     """float64 attention over each sequence's K/V gathered from its blocks into one array."""
     G = H // Hkv
@@ -322,11 +332,8 @@ ATTN_BATCHES = {
 @pytest.mark.parametrize("kind", sorted(ATTN_BATCHES))
 def test_paged_attention(ops, D, H, Hkv, kind):
     rng = np.random.default_rng(zlib.crc32(f"{D},{H},{Hkv},{kind}".encode()))
-    b = make_batch(rng, ATTN_BATCHES[kind])
+    b, qkv, kc, vc = attention_inputs(rng, ATTN_BATCHES[kind], H, Hkv, D)
     n = len(b["tokens"])
-    qkv = bf(rng.standard_normal((n, (H + 2 * Hkv) * D)))
-    kc = bf(rng.standard_normal((b["num_blocks"], 16, Hkv, D)))
-    vc = bf(rng.standard_normal((b["num_blocks"], 16, Hkv, D)))
     scale = D ** -0.5
     cpu, gpu = ops
     res = []
@@ -359,11 +366,7 @@ def test_rope_cache_attention(ops, D, H, Hkv, kind):
     splits ("decode-b1") and without. A mixed step runs the two ops. Against
     the CPU backend within the bf16 tolerance."""
     rng = np.random.default_rng(zlib.crc32(f"fused {D},{H},{Hkv},{kind}".encode()))
-    b = make_batch(rng, ATTN_BATCHES[kind])
-    n = len(b["tokens"])
-    qkv = bf(rng.standard_normal((n, (H + 2 * Hkv) * D)))
-    kc = bf(rng.standard_normal((b["num_blocks"], 16, Hkv, D)))
-    vc = bf(rng.standard_normal((b["num_blocks"], 16, Hkv, D)))
+    b, qkv, kc, vc = attention_inputs(rng, ATTN_BATCHES[kind], H, Hkv, D)
     cos, sin = rope_tables(4096, D)
     scale = D ** -0.5
     cpu, gpu = ops
@@ -391,11 +394,7 @@ def test_decode_split_merge_in_clusters_equals_merge_kernel(ops, monkeypatch):
     rng = np.random.default_rng(21)
     for D, H, Hkv in [(128, 32, 8), (64, 16, 2), (128, 8, 8), (64, 8, 1)]:
         for seqs in ([(200, 1)], [(200, 1), (37, 1)], [(16, 1)], [(100, 1)] * 3):
-            b = make_batch(rng, seqs)
-            n = len(b["tokens"])
-            qkv = bf(rng.standard_normal((n, (H + 2 * Hkv) * D)))
-            kc = bf(rng.standard_normal((b["num_blocks"], 16, Hkv, D)))
-            vc = bf(rng.standard_normal((b["num_blocks"], 16, Hkv, D)))
+            b, qkv, kc, vc = attention_inputs(rng, seqs, H, Hkv, D)
             outs = []
             for o in (ops[1], plain):
                 set_batch(o, b)

@@ -19,6 +19,12 @@ namespace {
 
 constexpr size_t kLoadChunk = 16u << 20;  // weight upload chunk (bytes)
 
+// A switch that is on unless the environment sets it to "0" (A/B runs).
+bool env_on(const char* name) {
+  const char* v = std::getenv(name);
+  return !(v && std::strcmp(v, "0") == 0);
+}
+
 int elem_kind(WeightView::Type t) {
   switch (t) {
     case WeightView::Type::F32: return static_cast<int>(Elem::F32);
@@ -90,15 +96,11 @@ CudaBackend::CudaBackend(ScalarType activation_dtype) : act_(activation_dtype) {
                                             std::to_string(prop.major) + "." + std::to_string(prop.minor) +
                                             "; this build runs on sm_90 (Hopper)");
   num_sms_ = prop.multiProcessorCount;
-  const char* graphs = std::getenv("PAGEDRT_CUDA_GRAPHS");
-  graphs_enabled_ = !(graphs && std::strcmp(graphs, "0") == 0);
-  const char* clusters = std::getenv("PAGEDRT_DECODE_CLUSTERS");
-  clusters_ = prop.major >= 9 && !(clusters && std::strcmp(clusters, "0") == 0);
-  const char* fuse = std::getenv("PAGEDRT_CUDA_FUSE");
-  fuse_ = !(fuse && std::strcmp(fuse, "0") == 0);
+  graphs_enabled_ = env_on("PAGEDRT_CUDA_GRAPHS");
+  clusters_ = prop.major >= 9 && env_on("PAGEDRT_DECODE_CLUSTERS");
+  fuse_ = env_on("PAGEDRT_CUDA_FUSE");
   if (const char* waves = std::getenv("PAGEDRT_DECODE_SPLIT_WAVES")) split_waves_ = std::max(1, std::atoi(waves));
-  const char* pdl = std::getenv("PAGEDRT_CUDA_PDL");
-  set_pdl(!(pdl && std::strcmp(pdl, "0") == 0));
+  set_pdl(env_on("PAGEDRT_CUDA_PDL"));
   CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   gemm_ = std::make_unique<Gemm>(stream_);
   for (int i = 0; i < 2; ++i) {

@@ -152,7 +152,6 @@ void CudaBackend::rope_cache_attention(Tensor& qkv, const RopeTable& rope, int64
   auto fused = [&](auto p) {
     p.rope_cos = rope.cos.as<float>();
     p.rope_sin = rope.sin.as<float>();
-    p.slot_mapping = dev_.slot_mapping;
     using T = std::remove_pointer_t<decltype(p.out)>;
     p.k_append = k_cache.as<T>();
     p.v_append = v_cache.as<T>();

@@ -69,15 +69,16 @@ void CudaBackend::plan_attention(int64_t H, int64_t Hkv, int64_t D) {
   std::vector<DecodeItem> dec;
   std::vector<int2> tiles;
   int64_t max_ctx = 1;
+  bool slots_fit = true;
   for (int32_t i = 0; i < b.num_seqs; ++i) {
     const int32_t q0 = b.query_start[i], qn = b.query_start[i + 1] - q0;
     if (qn == 1 || act_ == ScalarType::F32) {
       for (int32_t t = q0; t < q0 + qn; ++t) {
-        // A slot past int32 (2^31 cached tokens) is never written by the
-        // fused append: such steps run rope_and_cache (rope_cache_attention).
+        // A slot past int32 (2^31 cached tokens) does not fit the item: such
+        // steps run rope_and_cache (rope_cache_attention).
         const int64_t slot = b.slot_mapping[t];
-        dec.push_back({t, b.positions[t] + 1, b.page_indptr[i],
-                       slot <= INT32_MAX ? static_cast<int32_t>(slot) : int32_t(-2)});
+        slots_fit = slots_fit && slot <= INT32_MAX;
+        dec.push_back({t, b.positions[t] + 1, b.page_indptr[i], slot <= INT32_MAX ? static_cast<int32_t>(slot) : -1});
         max_ctx = std::max<int64_t>(max_ctx, b.positions[t] + 1);
       }
     } else {
@@ -126,7 +127,7 @@ void CudaBackend::plan_attention(int64_t H, int64_t Hkv, int64_t D) {
   p.num_kv_heads = Hkv;
   p.head_dim = D;
   p.decode.items = reinterpret_cast<const DecodeItem*>(plan_.device());
-  p.slots_fit = std::all_of(dec.begin(), dec.end(), [](const DecodeItem& d) { return d.slot != -2; });
+  p.slots_fit = slots_fit;
   p.decode.num_items = static_cast<int>(items);
   p.decode.num_splits = static_cast<int>(splits);
   p.decode.chunk = static_cast<int>(chunk);

@@ -80,11 +80,11 @@ struct AttentionParamsT {
   // RoPE and the KV append inside decode attention (steps where every
   // sequence has one query token; null otherwise): q and the token's own k
   // are read unrotated from qkv and rotated at its position, and the new K and
-  // V go to its slot and into the block's softmax straight from the block.
-  const float* rope_cos = nullptr;      // (max_positions, D / 2)
+  // V go to its slot (DecodeItem::slot) and into the block's softmax straight
+  // from the block.
+  const float* rope_cos = nullptr;  // (max_positions, D / 2)
   const float* rope_sin = nullptr;
-  const int64_t* slot_mapping = nullptr;  // (num_tokens)
-  T* k_append = nullptr;                // the caches, written
+  T* k_append = nullptr;            // the caches, written
   T* v_append = nullptr;
 };
 using AttentionParams = AttentionParamsT<bf16>;
