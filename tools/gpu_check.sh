@@ -159,7 +159,7 @@ fi
 
 if has ab && [ -f "$LLAMA8B/config.json" ] && [ -d "$WORK/old_site/pagedrt" ]; then
   stage ab
-  for round in 1 2; do
+  for round in $(seq 1 ${AB_ROUNDS:-2}); do
     for which in old new; do
       [ "$(left)" -gt 60 ] || break
       site=$([ $which = old ] && echo "$WORK/old_site" || echo "")

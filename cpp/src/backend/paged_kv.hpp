@@ -17,7 +17,70 @@
 
 #include <cstdint>
 
+#if defined(__CUDACC__)
+#define PAGEDRT_HD __host__ __device__ __forceinline__
+#else
+#define PAGEDRT_HD inline
+#endif
+
 namespace pagedrt {
+
+// One layer's paged K and V with one step's page table: what the attention
+// kernels read and the KV append writes, on the CPU and on the GPU. The
+// backends fill it from the layer's cache tensors and the step's BatchView;
+// the kernels trust it.
+template <typename T>
+struct PagedKv {
+  T* k = nullptr;                         // (num_blocks, block_size, num_kv_heads, head_dim)
+  T* v = nullptr;                         // the same layout
+  int32_t block_size = 0;                 // tokens per block
+  int32_t block_shift = -1;               // log2(block_size) when a power of two, else -1
+  int32_t num_kv_heads = 0;               // Hkv
+  int32_t head_dim = 0;                   // D
+  int64_t token_stride = 0;               // elements from one slot to the next (NHD: Hkv * D)
+  int64_t head_stride = 0;                // elements from one kv head to the next (NHD: D)
+  const int32_t* page_indptr = nullptr;   // (num_seqs + 1): sequence i's blocks are
+  const int32_t* page_indices = nullptr;  //   page_indices[page_indptr[i] .. page_indptr[i + 1])
+
+  // Element offset of kv head `h` of flat slot `slot` in k or v.
+  PAGEDRT_HD int64_t slot_offset(int64_t slot, int64_t h) const { return slot * token_stride + h * head_stride; }
+  // Sequence `seq`'s block table.
+  PAGEDRT_HD const int32_t* pages(int seq) const { return page_indices + page_indptr[seq]; }
+  // The block holding position `pos` of a sequence whose block table is `pages`.
+  // (A shift and a mask for the usual power-of-two block sizes, not a division.)
+  PAGEDRT_HD int32_t page(const int32_t* pages, int32_t pos) const {
+    return pages[block_shift >= 0 ? pos >> block_shift : pos / block_size];
+  }
+  // Where position `pos` sits inside its block.
+  PAGEDRT_HD int32_t in_block(int32_t pos) const {
+    return block_shift >= 0 ? pos & (block_size - 1) : pos % block_size;
+  }
+  // The flat slot of position `pos` (block * block_size + offset).
+  PAGEDRT_HD int64_t slot(const int32_t* pages, int32_t pos) const {
+    const int64_t blk = page(pages, pos);
+    return (block_shift >= 0 ? blk << block_shift : blk * block_size) + in_block(pos);
+  }
+};
+
+// The NHD view of `k`/`v` (num_blocks, block_size, num_kv_heads, head_dim) with
+// a page table.
+template <typename T>
+PagedKv<T> nhd_paged_kv(T* k, T* v, int64_t block_size, int64_t num_kv_heads, int64_t head_dim,
+                        const int32_t* page_indptr, const int32_t* page_indices) {
+  PagedKv<T> kv;
+  kv.k = k;
+  kv.v = v;
+  kv.block_size = static_cast<int32_t>(block_size);
+  for (int sh = 0; sh < 31; ++sh)
+    if ((int64_t{1} << sh) == block_size) kv.block_shift = sh;
+  kv.num_kv_heads = static_cast<int32_t>(num_kv_heads);
+  kv.head_dim = static_cast<int32_t>(head_dim);
+  kv.token_stride = num_kv_heads * head_dim;
+  kv.head_stride = head_dim;
+  kv.page_indptr = page_indptr;
+  kv.page_indices = page_indices;
+  return kv;
+}
 
 // Copy-on-write: block `src`'s K/V (every layer) is copied into block `dst`
 // before the step that writes `dst`.

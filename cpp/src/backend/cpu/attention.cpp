@@ -39,13 +39,6 @@
 #define PAGEDRT_DPBF16 1
 #endif
 
-// GCC's AVX-512 intrinsics warn about their own `__Y = __Y` placeholders once
-// inlined (GCC bug 105593).
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-
 namespace pagedrt::cpu {
 namespace {
 
@@ -66,11 +59,12 @@ struct Tile {
 template <typename T>
 struct Args {
   const BatchView* b;
-  const T* qkv;      // (num_tokens, (H + 2 Hkv) D)
-  const T* k;        // (num_blocks, bs, Hkv, D)
-  const T* v;        // (num_blocks, bs, Hkv, D)
-  T* out;            // (num_tokens, H D)
-  int64_t H, Hkv, D, G, bs;
+  const T* qkv;           // (num_tokens, (H + 2 Hkv) D)
+  PagedKv<const T> kv;    // the layer's K and V and the step's page table
+  const T* k;             // kv.k, kv.v
+  const T* v;
+  T* out;                 // (num_tokens, H D)
+  int64_t H, Hkv, D, G;
   float scale;
 };
 
@@ -93,13 +87,13 @@ Scratch& scratch() {
 
 // off[p], p < ctx: where position p's row of kv head kvh starts, walking the
 // sequence's blocks; within a block consecutive positions are Hkv * D apart.
-void row_offsets(const int32_t* pages, int64_t ctx, int64_t bs, int64_t Hkv, int64_t D, int64_t kvh,
-                 int64_t* off) {
-  const int64_t ld = Hkv * D;
+template <typename T>
+void row_offsets(const PagedKv<T>& kv, const int32_t* pages, int64_t ctx, int64_t kvh, int64_t* off) {
+  const int64_t bs = kv.block_size;
   for (int64_t p = 0, blk = 0; p < ctx; ++blk) {
-    const int64_t base = static_cast<int64_t>(pages[blk]) * bs * ld + kvh * D;
+    const int64_t base = kv.slot_offset(static_cast<int64_t>(pages[blk]) * bs, kvh);
     const int64_t end = std::min(ctx, p + bs);
-    for (int64_t o = base; p < end; ++p, o += ld) off[p] = o;
+    for (int64_t o = base; p < end; ++p, o += kv.token_stride) off[p] = o;
   }
 }
 
@@ -197,7 +191,7 @@ void attend(const Args<T>& a, const Tile& tile, int64_t kvh) {
     }
   }
   sc.off.resize(ctx);
-  row_offsets(a.b->page_indices + a.b->page_indptr[tile.seq], ctx, a.bs, a.Hkv, D, kvh, sc.off.data());
+  row_offsets(a.kv, a.kv.pages(tile.seq), ctx, kvh, sc.off.data());
 #ifdef PAGEDRT_VEC512
   if (D % 16 == 0 && D <= kMaxVecDim) return attend_vec(a, R, ctx, sc);
 #endif
@@ -228,9 +222,9 @@ inline void rotate_half(T* x, const float* c, const float* s, int64_t half) {
 }  // namespace
 
 template <typename T>
-void rope_and_cache(const BatchView& b, T* qkv, const float* cos, const float* sin,
-                    const AttentionShape& s, T* k_cache, T* v_cache, int threads) {
-  const int64_t H = s.num_heads, Hkv = s.num_kv_heads, D = s.head_dim, half = D / 2;
+void rope_and_cache(const BatchView& b, T* qkv, const float* cos, const float* sin, int64_t num_heads,
+                    const PagedKv<T>& kv, int threads) {
+  const int64_t H = num_heads, Hkv = kv.num_kv_heads, D = kv.head_dim, half = D / 2;
   const int64_t row = (H + 2 * Hkv) * D;
 #pragma omp parallel for schedule(static) num_threads(threads) if (b.num_tokens > 8)
   for (int64_t t = 0; t < b.num_tokens; ++t) {
@@ -239,16 +233,18 @@ void rope_and_cache(const BatchView& b, T* qkv, const float* cos, const float* s
     const float* sn = sin + static_cast<int64_t>(b.positions[t]) * half;
     for (int64_t h = 0; h < H + Hkv; ++h) rotate_half(q + h * D, c, sn, half);
     const int64_t slot = b.slot_mapping[t];  // flat (block, offset) index
-    std::copy(q + H * D, q + (H + Hkv) * D, k_cache + slot * Hkv * D);
-    std::copy(q + (H + Hkv) * D, q + (H + 2 * Hkv) * D, v_cache + slot * Hkv * D);
+    for (int64_t h = 0; h < Hkv; ++h) {
+      std::copy(q + (H + h) * D, q + (H + h + 1) * D, kv.k + kv.slot_offset(slot, h));
+      std::copy(q + (H + Hkv + h) * D, q + (H + Hkv + h + 1) * D, kv.v + kv.slot_offset(slot, h));
+    }
   }
 }
 
 template <typename T>
-void paged_attention(const BatchView& b, const T* qkv, const T* k_cache, const T* v_cache,
-                     const AttentionShape& s, float scale, T* out, int threads) {
-  const int64_t G = s.num_heads / s.num_kv_heads;  // query heads per kv head
-  const Args<T> a{&b, qkv, k_cache, v_cache, out, s.num_heads, s.num_kv_heads, s.head_dim, G, s.block_size, scale};
+void paged_attention(const BatchView& b, const T* qkv, int64_t num_heads, const PagedKv<const T>& kv, float scale,
+                     T* out, int threads) {
+  const int64_t Hkv = kv.num_kv_heads, G = num_heads / Hkv;  // query heads per kv head
+  const Args<T> a{&b, qkv, kv, kv.k, kv.v, out, num_heads, Hkv, kv.head_dim, G, scale};
   const int32_t per_tile = static_cast<int32_t>(std::max<int64_t>(1, kTileRows / G));
   std::vector<Tile> tiles;
   for (int32_t i = 0; i < b.num_seqs; ++i)
@@ -258,18 +254,18 @@ void paged_attention(const BatchView& b, const T* qkv, const T* k_cache, const T
   std::stable_sort(tiles.begin(), tiles.end(), [&](const Tile& x, const Tile& y) {
     return b.positions[x.t0 + x.n - 1] > b.positions[y.t0 + y.n - 1];
   });
-  const int64_t items = static_cast<int64_t>(tiles.size()) * s.num_kv_heads;
+  const int64_t items = static_cast<int64_t>(tiles.size()) * Hkv;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (items > 1)
-  for (int64_t item = 0; item < items; ++item) attend(a, tiles[item / s.num_kv_heads], item % s.num_kv_heads);
+  for (int64_t item = 0; item < items; ++item) attend(a, tiles[item / Hkv], item % Hkv);
 }
 
-template void rope_and_cache<float>(const BatchView&, float*, const float*, const float*,
-                                    const AttentionShape&, float*, float*, int);
-template void rope_and_cache<uint16_t>(const BatchView&, uint16_t*, const float*, const float*,
-                                       const AttentionShape&, uint16_t*, uint16_t*, int);
-template void paged_attention<float>(const BatchView&, const float*, const float*, const float*,
-                                     const AttentionShape&, float, float*, int);
-template void paged_attention<uint16_t>(const BatchView&, const uint16_t*, const uint16_t*, const uint16_t*,
-                                        const AttentionShape&, float, uint16_t*, int);
+template void rope_and_cache<float>(const BatchView&, float*, const float*, const float*, int64_t,
+                                    const PagedKv<float>&, int);
+template void rope_and_cache<uint16_t>(const BatchView&, uint16_t*, const float*, const float*, int64_t,
+                                       const PagedKv<uint16_t>&, int);
+template void paged_attention<float>(const BatchView&, const float*, int64_t, const PagedKv<const float>&, float,
+                                     float*, int);
+template void paged_attention<uint16_t>(const BatchView&, const uint16_t*, int64_t, const PagedKv<const uint16_t>&,
+                                        float, uint16_t*, int);
 
 }  // namespace pagedrt::cpu

@@ -8,27 +8,22 @@
 #include <cstdint>
 
 #include "backend/backend.hpp"
+#include "backend/paged_kv.hpp"
 
 namespace pagedrt::cpu {
 
-struct AttentionShape {
-  int64_t num_heads = 0;     // H
-  int64_t num_kv_heads = 0;  // Hkv
-  int64_t head_dim = 0;      // D
-  int64_t block_size = 0;
-};
-
-// qkv: (num_tokens, (H + 2 Hkv) D); cos/sin: (max_positions, D / 2);
-// k_cache/v_cache: (num_blocks, block_size, Hkv, D).
+// qkv: (num_tokens, (H + 2 Hkv) D); cos/sin: (max_positions, D / 2). Rotates
+// q and k in place and writes each token's k and v at its slot
+// (b.slot_mapping) of `kv`.
 template <typename T>
-void rope_and_cache(const BatchView& b, T* qkv, const float* cos, const float* sin,
-                    const AttentionShape& s, T* k_cache, T* v_cache, int threads);
+void rope_and_cache(const BatchView& b, T* qkv, const float* cos, const float* sin, int64_t num_heads,
+                    const PagedKv<T>& kv, int threads);
 
 // out: (num_tokens, H D). Token t of sequence i attends to positions
-// 0 .. positions[t] of sequence i, read through the page table. The work is
+// 0 .. positions[t] of sequence i, read through kv's page table. The work is
 // split over `threads` as (tile of a sequence's query tokens, kv head) items.
 template <typename T>
-void paged_attention(const BatchView& b, const T* qkv, const T* k_cache, const T* v_cache,
-                     const AttentionShape& s, float scale, T* out, int threads);
+void paged_attention(const BatchView& b, const T* qkv, int64_t num_heads, const PagedKv<const T>& kv, float scale,
+                     T* out, int threads);
 
 }  // namespace pagedrt::cpu

@@ -274,21 +274,22 @@ void CpuBackend::add(Tensor& residual, const Tensor& x) {
 void CpuBackend::rope_and_cache(Tensor& qkv, const RopeTable& rope, int64_t num_heads,
                                 int64_t num_kv_heads, int64_t head_dim, Tensor& k_cache,
                                 Tensor& v_cache) {
-  AttentionShape s{num_heads, num_kv_heads, head_dim, k_cache.dim(1)};
   with_act(qkv, [&](auto* q) {
     using T = std::remove_pointer_t<decltype(q)>;
-    cpu::rope_and_cache<T>(batch_, q, rope.cos.as<float>(), rope.sin.as<float>(), s, k_cache.as<T>(),
-                           v_cache.as<T>(), threads_);
+    const PagedKv<T> kv = nhd_paged_kv(k_cache.as<T>(), v_cache.as<T>(), k_cache.dim(1), num_kv_heads, head_dim,
+                                       batch_.page_indptr, batch_.page_indices);
+    cpu::rope_and_cache<T>(batch_, q, rope.cos.as<float>(), rope.sin.as<float>(), num_heads, kv, threads_);
   });
 }
 
 void CpuBackend::paged_attention(const Tensor& qkv, const Tensor& k_cache, const Tensor& v_cache,
                                  int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                                  float scale, Tensor& out) {
-  AttentionShape s{num_heads, num_kv_heads, head_dim, k_cache.dim(1)};
   with_act(qkv, [&](const auto* q) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(q)>>;
-    cpu::paged_attention<T>(batch_, q, k_cache.as<T>(), v_cache.as<T>(), s, scale, out.as<T>(), threads_);
+    const PagedKv<const T> kv = nhd_paged_kv(k_cache.as<T>(), v_cache.as<T>(), k_cache.dim(1), num_kv_heads,
+                                             head_dim, batch_.page_indptr, batch_.page_indices);
+    cpu::paged_attention<T>(batch_, q, num_heads, kv, scale, out.as<T>(), threads_);
   });
 }
 
