@@ -46,20 +46,6 @@ struct PagedKv {
   PAGEDRT_HD int64_t slot_offset(int64_t slot, int64_t h) const { return slot * token_stride + h * head_stride; }
   // Sequence `seq`'s block table.
   PAGEDRT_HD const int32_t* pages(int seq) const { return page_indices + page_indptr[seq]; }
-  // The block holding position `pos` of a sequence whose block table is `pages`.
-  // (A shift and a mask for the usual power-of-two block sizes, not a division.)
-  PAGEDRT_HD int32_t page(const int32_t* pages, int32_t pos) const {
-    return pages[block_shift >= 0 ? pos >> block_shift : pos / block_size];
-  }
-  // Where position `pos` sits inside its block.
-  PAGEDRT_HD int32_t in_block(int32_t pos) const {
-    return block_shift >= 0 ? pos & (block_size - 1) : pos % block_size;
-  }
-  // The flat slot of position `pos` (block * block_size + offset).
-  PAGEDRT_HD int64_t slot(const int32_t* pages, int32_t pos) const {
-    const int64_t blk = page(pages, pos);
-    return (block_shift >= 0 ? blk << block_shift : blk * block_size) + in_block(pos);
-  }
 };
 
 // The NHD view of `k`/`v` (num_blocks, block_size, num_kv_heads, head_dim) with

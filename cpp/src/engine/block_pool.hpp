@@ -41,7 +41,6 @@ class BlockPool {
   int32_t num_cached_free() const { return num_cached_free_; }
   int32_t num_used() const { return num_blocks() - num_free_; }
   int32_t ref_count(int32_t block) const { return blocks_[block].ref_count; }
-  int32_t fill(int32_t block) const { return blocks_[block].fill; }
   int64_t slots_used() const { return slots_used_; }         // sum of fill over the blocks in use
   uint64_t uid(int32_t block) const { return blocks_[block].uid; }  // 0: not cached
 

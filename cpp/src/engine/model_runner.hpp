@@ -43,7 +43,6 @@ class ModelRunner {
   // backend throws; nothing of the step is then valid.
   ModelOutput run(const SchedulerOutput& step, bool device_greedy);
 
-  const LlamaConfig& config() const { return model_->config(); }
   const KvCache& kv() const { return kv_; }
   // Frees the weights, the KV storage and the backend (GPU memory at once).
   void release();

@@ -75,8 +75,6 @@ void Outbox::notify() {
   cv_.notify_all();
 }
 
-void Outbox::notify_all() { cv_.notify_all(); }
-
 std::vector<Event> Outbox::poll_any(double timeout_s) {
   std::unique_lock<std::mutex> lk(mu_);
   if (timeout_s > 0)

@@ -55,8 +55,6 @@ class Outbox {
   void push(Event ev);
   // Wakes pollers if anything was pushed since the last call.
   void notify();
-  // Wakes every poller (shutdown).
-  void notify_all();
 
   // Events of requests nobody owns, waiting up to `timeout_s` for the first.
   std::vector<Event> poll_any(double timeout_s);
