@@ -134,6 +134,8 @@ def _answer(rt, messages, params):
                 text.append(ev.text)
                 if ev.request_finished:
                     reason = "interrupted"
+        if reason is None:
+            rt.release(rid)  # its final event is late: nobody will read it
         reason = "interrupted"
     end = time.perf_counter()
     rate = (n - 1) / (end - first) if first and n > 1 and end > first else 0.0
