@@ -33,18 +33,16 @@ Outbox::State Outbox::release(const std::string& id) {
   if (it == boxes_.end()) return ended_.count(id) ? State::Ended : State::Unknown;
   Mailbox& box = it->second;
   if (box.released) return State::Ended;
-  if (box.ended) {
-    if (!box.owned)
-      shared_.erase(std::remove_if(shared_.begin(), shared_.end(), [&](const Event& e) { return e.request_id == id; }),
-                    shared_.end());
-    close_mailbox(id);
-    return State::Ended;
-  }
-  box.released = true;
+  // Drop what is queued: the box's own events, or this request's in the shared queue.
   box.events.clear();
   if (!box.owned)
     shared_.erase(std::remove_if(shared_.begin(), shared_.end(), [&](const Event& e) { return e.request_id == id; }),
                   shared_.end());
+  if (box.ended) {  // its final event was queued: nothing more will come
+    close_mailbox(id);
+    return State::Ended;
+  }
+  box.released = true;  // push() drops the rest and closes the box with the final event
   return State::Running;
 }
 
