@@ -403,6 +403,31 @@ def test_decode_split_merge_in_clusters_equals_merge_kernel(ops, monkeypatch):
             assert rel_err(outs[0], contiguous_attention(b, qkv, kc, vc, H, Hkv, D, D ** -0.5)) <= BF16_TOL
 
 
+@pytest.mark.parametrize("kernel", ["cc", "2x3", "4x3", "2x2"])
+def test_decode_kernel_forced(monkeypatch, kernel):
+    """The bf16 decode kernels the plan chooses between, each forced with
+    PAGEDRT_DECODE_KERNEL (cc: CUDA cores; WxS: tensor cores, W warps, S
+    pipeline stages): against contiguous attention on the gathered blocks, per
+    token, over contexts crossing block, tile and split boundaries, with and
+    without thread block clusters (the default plan gives batch 1 to the CUDA
+    cores and large batches to the tensor cores, so each kernel is also run
+    here where the plan would not pick it)."""
+    monkeypatch.setenv("PAGEDRT_DECODE_KERNEL", kernel)
+    gpu = _testing._Ops("cuda")
+    rng = np.random.default_rng(zlib.crc32(kernel.encode()))
+    for D, H, Hkv in [(128, 32, 8), (64, 16, 2), (128, 8, 8)]:
+        for kind in ("decode", "decode-b1", "decode-b2-short", "decode-many"):
+            b, qkv, kc, vc = attention_inputs(rng, ATTN_BATCHES[kind], H, Hkv, D)
+            set_batch(gpu, b)
+            out = gpu.paged_attention(qkv, kc, vc, H, Hkv, D, D ** -0.5)
+            ref = contiguous_attention(b, qkv, kc, vc, H, Hkv, D, D ** -0.5)
+            e = rel_err(out, ref)
+            record(f"decode_kernel_forced[{kernel},{kind},D={D},G={H // Hkv}]", e)
+            assert e <= BF16_TOL, (kind, D, H, Hkv)
+            for t in range(len(b["tokens"])):
+                assert rel_err(out[t], ref[t]) <= 2 * BF16_TOL, (kind, D, H, Hkv, t)
+
+
 def test_unsupported_head_dim_is_a_clear_error(tiny_llama):
     path, _ = tiny_llama(num_key_value_heads=2)  # head_dim 32
     with pytest.raises(pagedrt.Unsupported, match="head_dim 32"):

@@ -3,10 +3,12 @@
 process (pagedrt and transformers each hold a 16 GB model):
 
     bench_cuda.py ceilings  OUT.json            copy bandwidth, bf16 GEMM, cuBLAS at small M
-    bench_cuda.py attention OUT.json            paged decode attention, batch 64 x 2048, vs SDPA
+    bench_cuda.py attention OUT.json            paged decode attention over shapes vs SDPA, FlashInfer, copy
+    bench_cuda.py attention_sweep OUT.json      the same, pagedrt only, per decode kernel configuration
     bench_cuda.py gemv      OUT.json            own small-M GEMM vs cuBLASLt, n = 1..8, 8B shapes
     bench_cuda.py pagedrt   OUT.json MODEL_DIR  batch-1 TPOT (128/128), 256 x (512/128) throughput
     bench_cuda.py launch_ab OUT.json MODEL_DIR  batch-1 TPOT with CUDA graphs / PDL / fusions off and on
+    bench_cuda.py tpot_env  OUT.json MODEL_DIR SETTING...   batch-1 TPOT per setting ("VAR=1,VAR2=0"; "" = none)
     bench_cuda.py hf        OUT.json MODEL_DIR  the same workloads with transformers (eager+SDPA)
 
 GPU timings use CUDA events after warm-up, medians; inputs are random (never zeros).
@@ -59,45 +61,145 @@ def ceilings():
     return r
 
 
-def attention():
-    import torch
-    import torch.nn.functional as F
-    from pagedrt import _testing
+# Paged decode attention shapes: (batch, context, H, Hkv, D, block size). The
+# first five are issue 16's (Llama-3-8B heads); then GQA groups 1 and 8, block
+# size 32 and head dim 64 at batch 64 x 2,048.
+DECODE_SHAPES = [(64, 2048, 32, 8, 128, 16), (256, 1024, 32, 8, 128, 16), (512, 512, 32, 8, 128, 16),
+                 (16, 8192, 32, 8, 128, 16), (1, 32768, 32, 8, 128, 16),
+                 (64, 2048, 8, 8, 128, 16), (64, 2048, 64, 8, 128, 16), (64, 2048, 32, 8, 128, 32),
+                 (64, 2048, 32, 8, 64, 16)]
 
-    B, C, H, Hkv, D, bs = 64, 2048, 32, 8, 128, 16
-    rng = np.random.default_rng(0)
+
+def copy_tbps():
+    import torch
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    tb = 2 * a.numel() / cuda_median_ms(lambda: b.copy_(a), iters=30) / 1e9
+    del a, b
+    return tb
+
+
+def flashinfer_decode(B, C, H, Hkv, D, bs):
+    """FlashInfer's paged decode (NHD) on random K/V of the shape, median ms; None where it is not installed."""
+    try:
+        import flashinfer
+    except ImportError:
+        return None
+    import torch
+    g = torch.Generator(device="cuda").manual_seed(0)
+    pages_per = C // bs
+    kv = torch.randn(B * pages_per, 2, bs, Hkv, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    perm = torch.randperm(B * pages_per, device="cuda", generator=g).int()
+    indptr = torch.arange(0, B + 1, device="cuda", dtype=torch.int32) * pages_per
+    last = torch.full((B,), bs, device="cuda", dtype=torch.int32)
+    q = torch.randn(B, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"), "NHD")
+    w.plan(indptr, perm, last, H, Hkv, D, bs, q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16)
+    ms = cuda_median_ms(lambda: w.run(q, kv), iters=30, warmup=3)
+    del kv, w
+    torch.cuda.empty_cache()
+    return ms
+
+
+def pagedrt_attention_s(B, C, q_len, H, Hkv, D, bs, base, rng, iters=30):
+    """Median seconds of one pagedrt paged_attention call: B sequences of context C
+    whose last q_len tokens are the queries (1: decode; C: a prompt from scratch),
+    blocks in shuffled order, values tiled from `base`."""
+    from pagedrt import _testing
     nb = B * C // bs
     perm = rng.permutation(nb).astype(np.int32)
-    qkv = rng.standard_normal((B, (H + 2 * Hkv) * D), dtype=np.float32)
-    kc = rng.standard_normal((nb, bs, Hkv, D), dtype=np.float32)
-    vc = rng.standard_normal((nb, bs, Hkv, D), dtype=np.float32)
-    pos = np.full(B, C - 1, np.int32)
     table = perm.reshape(B, C // bs)
-    slots = (table[:, -1].astype(np.int64) * bs + (C - 1) % bs)
-    kv_bytes = B * C * Hkv * D * 2 * 2
+    pos = np.tile(np.arange(C - q_len, C, dtype=np.int32), B)
+    slots = (table[np.repeat(np.arange(B), q_len), pos // bs].astype(np.int64) * bs + pos % bs)
+    qkv = np.resize(base, (B * q_len, (H + 2 * Hkv) * D))
+    kc = np.resize(base[7:], (nb, bs, Hkv, D))
+    vc = np.resize(base[11:], (nb, bs, Hkv, D))
+    ops = _testing._Ops("cuda")
+    ops.set_batch(np.zeros(B * q_len, np.int32), pos, slots, np.arange(0, B * q_len + 1, q_len, dtype=np.int32),
+                  np.full(B, C, np.int32), np.arange(0, nb + 1, C // bs, dtype=np.int32), perm,
+                  np.arange(B, dtype=np.int32) * q_len + q_len - 1)
+    return statistics.median(ops.bench_paged_attention(qkv, kc, vc, H, Hkv, D, D ** -0.5, iters) for _ in range(5))
 
-    def run(waves=None):
-        """Median seconds per call, contexts split while fewer than `waves` blocks per SM (None: the default)."""
-        if waves:
-            os.environ["PAGEDRT_DECODE_SPLIT_WAVES"] = str(waves)  # read when the backend is made
-        ops = _testing._Ops("cuda")
-        os.environ.pop("PAGEDRT_DECODE_SPLIT_WAVES", None)
-        ops.set_batch(np.zeros(B, np.int32), pos, slots, np.arange(B + 1, dtype=np.int32),
-                      np.full(B, C, np.int32), np.arange(0, nb + 1, C // bs, dtype=np.int32),
-                      perm, np.arange(B, dtype=np.int32))
-        return statistics.median(ops.bench_paged_attention(qkv, kc, vc, H, Hkv, D, D ** -0.5, 50) for _ in range(5))
 
-    sec = run()
-    r = {"shape": f"batch {B} x context {C}, H {H}, Hkv {Hkv}, D {D}, block {bs}",
-         "pagedrt_us": sec * 1e6, "pagedrt_TBps": kv_bytes / sec / 1e12,
-         "split_waves_us": {w: run(w) * 1e6 for w in (2, 4, 8, 16, 32)}}
-    print("decode attention us by split waves:", {w: round(v, 1) for w, v in r["split_waves_us"].items()}, flush=True)
-    q = torch.from_numpy(qkv[:, :H * D]).to("cuda", torch.bfloat16).view(B, H, 1, D)
-    K = torch.randn(B, Hkv, C, D, device="cuda", dtype=torch.bfloat16)
-    V = torch.randn(B, Hkv, C, D, device="cuda", dtype=torch.bfloat16)
-    ms = cuda_median_ms(lambda: F.scaled_dot_product_attention(q, K, V, enable_gqa=True), iters=50)
-    r["sdpa_us"] = ms * 1e3
-    r["sdpa_TBps"] = kv_bytes / ms / 1e9
+# Prefill attention shapes (causal prompts from scratch): (batch, prompt, H, Hkv, D, block size)
+PREFILL_SHAPES = [(8, 2048, 32, 8, 128, 16), (1, 8192, 32, 8, 128, 16)]
+
+
+def attention():
+    """Paged decode attention per shape: pagedrt (shuffled block tables), its bytes
+    and fraction of the copy rate measured here, torch SDPA on the same-size K/V
+    laid contiguous, FlashInfer's paged decode where installed. Then causal
+    prefill: pagedrt's TFLOP/s against SDPA's on contiguous q/K/V."""
+    import torch
+    import torch.nn.functional as F
+
+    copy = copy_tbps()
+    r = {"device": torch.cuda.get_device_name(), "copy_TBps": copy, "shapes": [], "prefill": []}
+    try:
+        import flashinfer
+        r["flashinfer"] = flashinfer.__version__
+    except ImportError:
+        print("FlashInfer is not installed: its column stays empty", flush=True)
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal(1 << 24, dtype=np.float32)  # tiled into the inputs: timing, not values
+    print(f"copy {copy:.2f} TB/s", flush=True)
+    print(f"{'batch x ctx':>12} {'H/Hkv':>6} {'D':>4} {'blk':>4} {'pagedrt us':>10} {'TB/s':>5} "
+          f"{'copy%':>5} {'SDPA us':>8} {'FI us':>7}", flush=True)
+    for B, C, H, Hkv, D, bs in DECODE_SHAPES:
+        sec = pagedrt_attention_s(B, C, 1, H, Hkv, D, bs, base, rng)
+        kv_bytes = B * C * Hkv * D * 2 * 2
+        q = torch.randn(B, H, 1, D, device="cuda", dtype=torch.bfloat16)
+        K = torch.randn(B, Hkv, C, D, device="cuda", dtype=torch.bfloat16)
+        V = torch.randn(B, Hkv, C, D, device="cuda", dtype=torch.bfloat16)
+        sdpa = cuda_median_ms(lambda: F.scaled_dot_product_attention(q, K, V, enable_gqa=True), iters=30)
+        del q, K, V
+        torch.cuda.empty_cache()
+        fi = flashinfer_decode(B, C, H, Hkv, D, bs)
+        row = {"shape": f"{B}x{C}", "H": H, "Hkv": Hkv, "D": D, "block": bs, "bytes": kv_bytes,
+               "pagedrt_us": sec * 1e6, "pagedrt_TBps": kv_bytes / sec / 1e12,
+               "frac_copy": kv_bytes / sec / 1e12 / copy, "sdpa_us": sdpa * 1e3,
+               "sdpa_frac_copy": kv_bytes / sdpa / 1e9 / copy, "flashinfer_us": None if fi is None else fi * 1e3}
+        r["shapes"].append(row)
+        print(f"{B:>5}x{C:<6} {H:>3}/{Hkv:<2} {D:>4} {bs:>4} {row['pagedrt_us']:>10.1f} "
+              f"{row['pagedrt_TBps']:>5.2f} {100 * row['frac_copy']:>5.1f} {row['sdpa_us']:>8.1f} "
+              f"{'-' if fi is None else f'{fi * 1e3:.1f}':>7}", flush=True)
+    print(f"{'prefill':>12} {'H/Hkv':>6} {'D':>4} {'blk':>4} {'pagedrt ms':>10} {'TFLOP/s':>8} {'SDPA ms':>8} "
+          f"{'TFLOP/s':>8}", flush=True)
+    for B, S, H, Hkv, D, bs in PREFILL_SHAPES:
+        sec = pagedrt_attention_s(B, S, S, H, Hkv, D, bs, base, rng, iters=10)
+        flops = B * 4 * H * D * S * S / 2  # causal: half of Q K^T and P V
+        q = torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16)
+        K = torch.randn(B, Hkv, S, D, device="cuda", dtype=torch.bfloat16)
+        V = torch.randn(B, Hkv, S, D, device="cuda", dtype=torch.bfloat16)
+        sdpa = cuda_median_ms(lambda: F.scaled_dot_product_attention(q, K, V, is_causal=True, enable_gqa=True),
+                              iters=10) * 1e-3
+        del q, K, V
+        torch.cuda.empty_cache()
+        row = {"shape": f"{B}x{S}", "H": H, "Hkv": Hkv, "D": D, "block": bs, "flops": flops,
+               "pagedrt_ms": sec * 1e3, "pagedrt_TFLOPs": flops / sec / 1e12,
+               "sdpa_ms": sdpa * 1e3, "sdpa_TFLOPs": flops / sdpa / 1e12}
+        r["prefill"].append(row)
+        print(f"{B:>5}x{S:<6} {H:>3}/{Hkv:<2} {D:>4} {bs:>4} {row['pagedrt_ms']:>10.3f} {row['pagedrt_TFLOPs']:>8.1f} "
+              f"{row['sdpa_ms']:>8.3f} {row['sdpa_TFLOPs']:>8.1f}", flush=True)
+    return r
+
+
+def attention_sweep():
+    """pagedrt's decode attention on the first five DECODE_SHAPES under each bf16 kernel
+    configuration (PAGEDRT_DECODE_KERNEL = warps x stages): us per shape and config."""
+    configs = ["2x3", "4x3", "4x2", "2x2", "2x4"]
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal(1 << 24, dtype=np.float32)
+    r = {"configs": configs, "shapes": []}
+    print(f"{'batch x ctx':>12} " + " ".join(f"{c:>7}" for c in configs), flush=True)
+    for B, C, H, Hkv, D, bs in DECODE_SHAPES[:5]:
+        us = []
+        for cfg in configs:
+            os.environ["PAGEDRT_DECODE_KERNEL"] = cfg  # read when the backend is made
+            us.append(1e6 * pagedrt_attention_s(B, C, 1, H, Hkv, D, bs, base, rng))
+        os.environ.pop("PAGEDRT_DECODE_KERNEL", None)
+        r["shapes"].append({"shape": f"{B}x{C}", "us": dict(zip(configs, us))})
+        print(f"{B:>5}x{C:<6} " + " ".join(f"{u:>7.1f}" for u in us), flush=True)
     return r
 
 
@@ -167,29 +269,53 @@ def batch1_latency(rt, rng):
     return (stamps[0] - t_sub) * 1e3, (stamps[-1] - stamps[0]) / (len(stamps) - 1) * 1e3
 
 
+def long_ttft_ms(rt, rng, n):
+    """Time to first token of one n-token prompt (fresh random tokens, so no cached
+    prefix), the better of two after a warm-up."""
+    import pagedrt
+    params = pagedrt.SamplingParams(max_tokens=1, ignore_eos=True, temperature=0.0)
+    rt.generate([rng.integers(0, 128000, size=n).tolist()], params)
+    best = float("inf")
+    for _ in range(2):
+        prompt = rng.integers(0, 128000, size=n).tolist()
+        t0 = time.perf_counter()
+        rt.generate([prompt], params)
+        best = min(best, (time.perf_counter() - t0) * 1e3)
+    return best
+
+
 def launch_ab(model):
     """Batch-1 TPOT with CUDA graphs, programmatic dependent launch and the
     fused kernels (RoPE in decode attention, SiLU·mul in the gate/up GEMV) off
     and on (PAGEDRT_CUDA_GRAPHS, PAGEDRT_CUDA_PDL, PAGEDRT_CUDA_FUSE), one
-    Runtime per setting, same run; the last two settings twice, interleaved."""
+    Runtime per setting, same run; the last two settings twice, interleaved
+    (the better of the two kept)."""
+    flags = (("0", "0", "0"), ("1", "0", "0"), ("1", "1", "0"), ("1", "1", "1"), ("1", "1", "0"), ("1", "1", "1"))
+    setting = "PAGEDRT_CUDA_GRAPHS={},PAGEDRT_CUDA_PDL={},PAGEDRT_CUDA_FUSE={}".format
+    tpot = tpot_env(model, [setting(*f) for f in flags])
+    return {f"tpot_ms_graphs{g}_pdl{p}_fuse{f}": tpot[setting(g, p, f)] for g, p, f in flags}
+
+
+def tpot_env(model, settings):
+    """Batch-1 TPOT under each setting ("NAME=VALUE,NAME=VALUE" of environment
+    variables read when the backend is made; "" for none), one Runtime each."""
     import gc
     import pagedrt
 
     r = {}
-    settings = (("0", "0", "0"), ("1", "0", "0"), ("1", "1", "0"), ("1", "1", "1"), ("1", "1", "0"), ("1", "1", "1"))
-    for graphs, pdl, fuse in settings:
-        env = {"PAGEDRT_CUDA_GRAPHS": graphs, "PAGEDRT_CUDA_PDL": pdl, "PAGEDRT_CUDA_FUSE": fuse}
+    for setting in settings:
+        env = dict(kv.split("=", 1) for kv in setting.split(",") if kv)
         os.environ.update(env)
         rt = pagedrt.Runtime(model, device="cuda", max_num_seqs=8, kv_cache_bytes=4 << 30)
-        key = f"tpot_ms_graphs{graphs}_pdl{pdl}_fuse{fuse}"
-        _, tpot = batch1_latency(rt, np.random.default_rng(0))
-        r[key] = min(tpot, r.get(key, tpot))
+        key = setting or "default"
+        tpot = batch1_latency(rt, np.random.default_rng(0))[1]
+        r[key] = min(tpot, r.get(key, tpot))  # a setting listed twice keeps its better run
         rt.close()
         del rt
         gc.collect()
         for k in env:
             del os.environ[k]
-        print(f"graphs {graphs} pdl {pdl} fuse {fuse}: TPOT {tpot:.3f} ms", flush=True)
+        print(f"{key}: TPOT {tpot:.3f} ms", flush=True)
     return r
 
 
@@ -204,6 +330,9 @@ def pagedrt_bench(model):
     r["kv_blocks"] = rt.stats().num_blocks
     params = pagedrt.SamplingParams(max_tokens=128, ignore_eos=True, temperature=0.0)  # greedy
     r["ttft_ms"], r["tpot_ms"] = batch1_latency(rt, rng)
+    for n in (1024, 4096, 8000):
+        r[f"ttft_{n}_ms"] = long_ttft_ms(rt, rng, n)
+    print("batch 1 TTFT ms by prompt length:", {n: round(r[f"ttft_{n}_ms"], 1) for n in (1024, 4096, 8000)}, flush=True)
     prompts = [rng.integers(0, 128000, size=512).tolist() for _ in range(256)]
     t0 = time.perf_counter()
     outs = rt.generate(prompts, params)
@@ -253,8 +382,13 @@ def hf_bench(model):
 
 def main():
     part, out = sys.argv[1], sys.argv[2]
-    fn = {"ceilings": ceilings, "attention": attention, "gemv": gemv}.get(part)
-    res = fn() if fn else {"pagedrt": pagedrt_bench, "hf": hf_bench, "launch_ab": launch_ab}[part](sys.argv[3])
+    fn = {"ceilings": ceilings, "attention": attention, "attention_sweep": attention_sweep, "gemv": gemv}.get(part)
+    if fn:
+        res = fn()
+    elif part == "tpot_env":
+        res = tpot_env(sys.argv[3], sys.argv[4:])
+    else:
+        res = {"pagedrt": pagedrt_bench, "hf": hf_bench, "launch_ab": launch_ab}[part](sys.argv[3])
     json.dump(res, open(out, "w"), indent=1)
     print(part, json.dumps(res))
 

@@ -3,7 +3,7 @@
 #
 #   bash tools/gpu_check.sh [STAGE ...]      (from the repo root; default: all stages)
 #
-# Stages: env build optests diag make8b smol tests e2e bench harness profile cpuscale abbuild ab
+# Stages: env build optests diag make8b smol tests e2e bench attn harness profile cpuscale abbuild ab
 #   env      nvidia-smi, versions
 #   build    pip install --no-build-isolation --no-deps . with PAGEDRT_CUDA=ON
 #   optests  tests/test_cuda.py without the model end-to-end tests (fast)
@@ -15,6 +15,7 @@
 #   e2e      only its end-to-end tests (tiny models, SmolLM2, the 8B shape)
 #   bench    tools/bench_cuda.py: ceilings, paged attention, own GEMV vs cuBLASLt, pagedrt (and its
 #            batch-1 TPOT with CUDA graphs / PDL off and on), transformers
+#   attn     tools/bench_cuda.py attention alone (paged decode attention over shapes, the peers)
 #   harness  tools/bench.py --device cuda: the project's benchmark harness on the 8B shape
 #   profile  tools/cuda_profile.py: GPU time per kernel (batch-1 decode; 64 x 512/32)
 #   cpuscale the CPU backend on this machine's cores: tools/bench.py latency and batched,
@@ -57,6 +58,9 @@ fi
 if has build; then
   stage build
   for w in .devcarry_a/*.whl .devcarry_b/*.whl; do [ -f "$w" ] && $PY -m pip install -q --no-deps --no-index "$w" && break; done
+  # Wheels carried in .whl/: gguf (SmolLM2's converter), FlashInfer and apache-tvm-ffi (the
+  # paged-attention peer)
+  ls .whl/*.whl >/dev/null 2>&1 && $PY -m pip install -q --no-deps --no-index .whl/*.whl 2>&1 | tail -2
   SKBUILD_CMAKE_DEFINE="PAGEDRT_CUDA=ON" timeout 400 $PY -m pip install --no-build-isolation --no-deps . 2>&1 \
     | grep -vE "^\s*(Copying|copying|adding)" | tail -25
   (cd /tmp && $PY -c "import pagedrt; from pagedrt import _core; print('pagedrt', pagedrt.__file__, 'cuda_built', _core.cuda_built(), 'cuda_available', _core.cuda_available())") || exit 1
@@ -115,7 +119,7 @@ if has bench; then
   cd /tmp
   REPO=$OLDPWD
   timeout 60 $PY "$REPO/tools/bench_cuda.py" ceilings "$WORK/ceilings.json"
-  timeout 60 $PY "$REPO/tools/bench_cuda.py" attention "$WORK/attention.json"
+  timeout 240 $PY "$REPO/tools/bench_cuda.py" attention "$WORK/attention.json"
   timeout 180 $PY "$REPO/tools/bench_cuda.py" gemv "$WORK/gemv.json"
   if [ -f "$LLAMA8B/config.json" ]; then
     timeout $(( $(left) - 100 > 60 ? $(left) - 100 : 60 )) $PY "$REPO/tools/bench_cuda.py" pagedrt "$WORK/pagedrt.json" "$LLAMA8B"
@@ -123,6 +127,11 @@ if has bench; then
     [ "$(left)" -gt 40 ] && timeout $(( $(left) - 10 )) $PY "$REPO/tools/bench_cuda.py" hf "$WORK/hf.json" "$LLAMA8B"
   fi
   cd "$REPO"
+fi
+
+if has attn; then
+  stage attn
+  (cd /tmp && timeout 300 $PY "$OLDPWD/tools/bench_cuda.py" attention "$WORK/attention.json" | grep -v "^attention {")
 fi
 
 if has harness && [ -f "$LLAMA8B/config.json" ]; then
@@ -186,8 +195,16 @@ rows = [
     ("HBM copy bandwidth (TB/s)", f(g("ceilings", "copy_TBps")), "1 GiB D2D, median"),
     ("bf16 GEMM 8192^3 (TFLOP/s)", f(g("ceilings", "gemm_8192_TFLOPs"), 0), "torch/cuBLAS"),
     ("cuBLAS M=1 / 256 vs 14336x4096 (TB/s of weight)", f"{f(g('ceilings', 'cublas_M1_weight_TBps'))} / {f(g('ceilings', 'cublas_M256_weight_TBps'))}", ""),
-    ("paged decode attn b64 x 2048 (us, TB/s)", f"{f(a.get('pagedrt_us'), 1)}, {f(a.get('pagedrt_TBps'))}", "pagedrt"),
-    ("SDPA same K/V contiguous (us, TB/s)", f"{f(a.get('sdpa_us'), 1)}, {f(a.get('sdpa_TBps'))}", "torch"),
+] + [
+    (f"paged decode attn {r['shape']} H{r['H']}/{r['Hkv']} D{r['D']} blk{r['block']} (us, % copy)",
+     f"{f(r['pagedrt_us'], 1)}, {f(100 * r['frac_copy'], 0)}%",
+     f"SDPA contiguous {f(r['sdpa_us'], 1)}, FlashInfer {f(r['flashinfer_us'], 1)}")
+    for r in a.get("shapes", [])
+] + [
+    (f"prefill attn {r['shape']} causal H{r['H']}/{r['Hkv']} D{r['D']} (ms, TFLOP/s)",
+     f"{f(r['pagedrt_ms'], 3)}, {f(r['pagedrt_TFLOPs'], 0)}", f"SDPA contiguous {f(r['sdpa_ms'], 3)}, {f(r['sdpa_TFLOPs'], 0)}")
+    for r in a.get("prefill", [])
+] + [
     ("own GEMV vs cuBLASLt, n=1, gate_up / down / lm head (TB/s)",
      " / ".join(f"{gvf(s, 1, 'own')} vs {gvf(s, 1, 'cublas')}" for s in ("gate_up", "down", "lm_head")), "weight bytes"),
     ("batch-1 step's GEMMs, own vs cuBLASLt (ms)",
@@ -195,6 +212,8 @@ rows = [
      "32 layers + lm head, n=1"),
     ("batch-1 TPOT 128/128 (ms)", f"{f(p.get('tpot_ms'))} vs HF {f(h.get('tpot_ms'))}", "floor 15.0 GB / copy BW"),
     ("batch-1 TTFT 128 tokens (ms)", f(p.get("ttft_ms")), ""),
+    ("batch-1 TTFT 1,024 / 4,096 / 8,000 tokens (ms)",
+     " / ".join(f(p.get(f"ttft_{n}_ms"), 1) for n in (1024, 4096, 8000)), "issue 16: <= 200 at 8,000"),
     ("256 x 512/128 output tok/s", f"{f(p.get('throughput_tok_per_s'), 0)} vs HF b256 {f(h.get('throughput_b256_tok_per_s'), 0)} (HF b64 {f(h.get('throughput_b64_tok_per_s'), 0)})", ""),
 ]
 if g("ceilings", "copy_TBps"):

@@ -13,6 +13,16 @@
 // Which block belongs to which sequence is the engine's business (block pool,
 // block tables); the batch (backend.hpp's BatchView) carries the page table
 // of one step in CSR form.
+//
+// No sequence lengths: a query token attends to positions 0 .. its own
+// position, so each kernel bounds its keys by the query's position + 1 (a
+// decode item's context, a prefill row's causal limit). A per-sequence length
+// would be wrong for every prefill row but the last, and would have to agree
+// with the positions anyway.
+//
+// Read by: cpu/attention.cpp and cpu_backend.cpp (RoPE + append), and on the
+// GPU cuda/attention_decode.cu, attention_decode_cc.cu and attention_prefill.cu
+// (through AttentionParamsT::kv).
 #pragma once
 
 #include <cstdint>

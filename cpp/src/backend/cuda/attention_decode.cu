@@ -1,346 +1,328 @@
-// backend/cuda/attention_decode.cu — paged decode attention, split-KV.
+// backend/cuda/attention_decode.cu — paged decode attention on tensor cores
+// (bf16), split-KV.
 //
-// One block = (token, kv head, split). The G query heads of the kv head's
-// group are all handled by the block, so each K/V row is read once for the
-// group (GQA). A key row (D elements, bf16 or fp32) is read by D/8 threads,
-// 8 elements each (one 16-byte load in bf16, two in fp32);
-// the block's 128 threads hold 128 / (D/8) such key groups, each running its
-// own fp32 online softmax over every NG-th run of U keys; the groups merge in
-// shared memory at the end. Long contexts are cut into splits (more blocks
-// for small batches) whose partial results merge by log-sum-exp. In steps of
-// one query token per sequence the kernel also does rope_and_cache's work for
-// its token (AttentionParamsT::rope_cos), one kernel less per layer.
+// One block = (token, kv head, split) of W warps (DecodeConfig: 2 unless
+// told otherwise). The G <= 8 query heads that share the kv head are the rows
+// of an mma.m16n8k16 A operand (rows G .. 15 zero), so S = Q K^T and
+// O += P V run on tensor cores and every K/V row is read once for the whole
+// group. The tensor cores have throughput to spare; what matters is bytes in
+// flight: keys come in tiles of 16 W through an S-stage cp.async pipeline
+// (3), each thread copying 16-byte chunks of the tile's K and V rows (found
+// through the page table) straight into shared memory, S - 1 tiles ahead of
+// the one being multiplied. Warp w takes keys 16w .. 16w+15 of every tile
+// with its own online softmax (fp32, log2 domain); the warps merge in shared
+// memory at the end, and a context's splits merge by log-sum-exp
+// (attention_split.cuh). In steps of one query token per sequence the kernel
+// also does rope_and_cache's work for its token (AttentionParamsT::rope_cos),
+// one kernel less per layer.
 //
-//   grid (items, Hkv, splits)            block 128
-//   thread: lane = tid % (D/8) -> dims [lane*8, lane*8+8); group = tid / (D/8)
+//   grid (items, Hkv, splits)   block 32 W
+//   shared memory: S stages x (K, V) tiles of 16 W x D bf16, swizzled (mma.cuh);
+//                  2 x 3 at D = 128: 48 KB, 4 blocks per SM
 #include <cooperative_groups.h>
 
-#include <cfloat>
-
+#include "backend/cuda/attention_split.cuh"
 #include "backend/cuda/cuda_check.hpp"
 #include "backend/cuda/elementwise.cuh"
 #include "backend/cuda/kernels.cuh"
 #include "backend/cuda/launch.cuh"
+#include "backend/cuda/mma.cuh"
 
 namespace pagedrt::cuda {
 namespace {
 
 constexpr float kLog2e = 1.4426950408889634f;
+constexpr int kMaxGroup = 8;
 
-// 8 consecutive elements of T, as loaded: one uint4 of bf16, two of fp32.
-template <typename T>
-struct Raw8 {
-  static constexpr int kVecs = sizeof(T) * 8 / 16;
-  uint4 v[kVecs];
+// W warps of 16 keys each make a tile of 16 W keys; S stages of the pipeline.
+template <int D, int W, int S>
+struct DecodeSmem {
+  static constexpr int kTile = 16 * W, kStages = S, kWarps = W;
+  static_assert(kDecodeTile % kTile == 0, "splits are whole tiles");
+  static constexpr size_t stage = size_t(2) * kTile * D * 2;      // K then V tile, bf16
+  static constexpr size_t kv = 0;                                  // kStages stages
+  static constexpr size_t own = kv + kStages * stage;             // (2, D) bf16: the token's rotated k, its v
+  static constexpr size_t out = own + 2 * D * 2;                  // (8, D) fp32: this split's result (clusters)
+  static constexpr size_t lse = out + kMaxGroup * D * 4;          // (8) fp32
+  static constexpr size_t bytes = lse + kMaxGroup * 4;
+  // After the key loop the stages hold the warps' results:
+  static constexpr size_t warp_o = kv;                                   // (4, 8, D) fp32
+  static constexpr size_t warp_m = warp_o + kWarps * kMaxGroup * D * 4;  // (4, 8)
+  static constexpr size_t warp_l = warp_m + kWarps * kMaxGroup * 4;      // (4, 8)
+  static_assert(warp_l + kWarps * kMaxGroup * 4 <= own, "the warps' results fit the stages");
 };
 
-template <typename T>
-__device__ __forceinline__ Raw8<T> load8(const T* p) {
-  Raw8<T> r;
-#pragma unroll
-  for (int i = 0; i < Raw8<T>::kVecs; ++i) r.v[i] = __ldg(reinterpret_cast<const uint4*>(p) + i);
-  return r;
+__device__ __forceinline__ void unpack_bf16x2(uint32_t r, float& lo, float& hi) {
+  const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&r));
+  lo = f.x;
+  hi = f.y;
 }
 
-template <typename T>
-__device__ __forceinline__ Raw8<T> zero8() {
-  Raw8<T> r;
+// The token's own k (rotated at position pos, rounded to bf16 as
+// rope_and_cache stores it) and v of kv head kvh, chunk c (< D / 16) of each
+// half of the head: to the cache slot and to `own` (2, D) in shared memory.
+template <int D>
+__device__ void append_own_kv(const AttentionParams& p, const bf16* row, int kvh, int pos, int64_t slot, int c,
+                              bf16* own) {
+  const int H = p.num_heads, Hkv = p.kv.num_kv_heads;
+  const bf16* kr = row + int64_t(H + kvh) * D;
+  const bf16* vr = row + int64_t(H + Hkv + kvh) * D;
+  uint4 k[2] = {*reinterpret_cast<const uint4*>(kr + c * 8), *reinterpret_cast<const uint4*>(kr + D / 2 + c * 8)};
+  const uint4 v[2] = {*reinterpret_cast<const uint4*>(vr + c * 8),
+                      *reinterpret_cast<const uint4*>(vr + D / 2 + c * 8)};
+  const float* cs = p.rope_cos + int64_t(pos) * (D / 2) + c * 8;
+  const float* sn = p.rope_sin + int64_t(pos) * (D / 2) + c * 8;
+  uint32_t* lo = reinterpret_cast<uint32_t*>(&k[0]);
+  uint32_t* hi = reinterpret_cast<uint32_t*>(&k[1]);
 #pragma unroll
-  for (int i = 0; i < Raw8<T>::kVecs; ++i) r.v[i] = make_uint4(0, 0, 0, 0);
-  return r;
-}
-
-__device__ __forceinline__ void unpack8(const Raw8<bf16>& r, float* f) {
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&r.v[0]);
+  for (int j = 0; j < 4; ++j) {
+    float x1[2], x2[2], r1[2], r2[2];
+    unpack_bf16x2(lo[j], x1[0], x1[1]);
+    unpack_bf16x2(hi[j], x2[0], x2[1]);
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 x = __bfloat1622float2(h[i]);
-    f[2 * i] = x.x;
-    f[2 * i + 1] = x.y;
-  }
-}
-
-__device__ __forceinline__ void unpack8(const Raw8<float>& r, float* f) {
-  const float* x = reinterpret_cast<const float*>(&r.v[0]);
-#pragma unroll
-  for (int i = 0; i < 8; ++i) f[i] = x[i];
-}
-
-// f (values already exact in T) as 8 elements of T.
-__device__ __forceinline__ Raw8<bf16> pack8(const float* f, bf16) {
-  Raw8<bf16> r;
-  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&r.v[0]);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
-  return r;
-}
-
-__device__ __forceinline__ Raw8<float> pack8(const float* f, float) {
-  Raw8<float> r;
-  float* x = reinterpret_cast<float*>(&r.v[0]);
-#pragma unroll
-  for (int i = 0; i < 8; ++i) x[i] = f[i];
-  return r;
-}
-
-template <typename T>
-__device__ __forceinline__ void store8(T* p, const Raw8<T>& r) {
-#pragma unroll
-  for (int i = 0; i < Raw8<T>::kVecs; ++i) reinterpret_cast<uint4*>(p)[i] = r.v[i];
-}
-
-__device__ __forceinline__ void store_f(bf16* p, float v) { *p = __float2bfloat16_rn(v); }
-__device__ __forceinline__ void store_f(float* p, float v) { *p = v; }
-
-// The log-sum-exp merge of S split results of one output element, in split
-// order: lse(s) the split's log2-sum-exp (-inf: empty), o(s) its normalized
-// output. The merge kernel and the cluster merge both call it (bitwise alike).
-template <typename Lse, typename O>
-__device__ __forceinline__ float merge_splits(int S, Lse lse, O o) {
-  float M = -INFINITY;
-  for (int s = 0; s < S; ++s) M = fmaxf(M, lse(s));
-  float W = 0.0f, acc = 0.0f;
-  if (M != -INFINITY) {
-#pragma unroll 8
-    for (int s = 0; s < S; ++s) {
-      const float os = o(s), ls = lse(s);
-      const float w = ls == -INFINITY ? 0.0f : exp2f(ls - M);
-      W += w;
-      acc += w * os;
+    for (int e = 0; e < 2; ++e) {
+      const float cv = __ldg(cs + 2 * j + e), sv = __ldg(sn + 2 * j + e);
+      r1[e] = rope_lo(x1[e], x2[e], cv, sv);
+      r2[e] = rope_hi(x1[e], x2[e], cv, sv);
     }
+    lo[j] = pack_bf16x2(r1[0], r1[1]);
+    hi[j] = pack_bf16x2(r2[0], r2[1]);
   }
-  return W > 0.0f ? acc / W : 0.0f;
-}
-
-// Rotate-half RoPE of a head's dims lane * 8 .. lane * 8 + 7, held by the D / 8
-// lanes of a key group (lane < TPK / 2: the first half, paired with lane +
-// TPK / 2), at the angles c, s of those dims; rounded to T as rope_and_cache
-// would store them. Every lane of the warp must call it.
-template <typename T, int TPK>
-__device__ __forceinline__ void rope8(float (&x)[8], int lane, const float (&c)[8], const float (&s)[8]) {
-  const bool lo = lane < TPK / 2;
+  const int64_t off = p.kv.slot_offset(slot, kvh);
 #pragma unroll
-  for (int j = 0; j < 8; ++j) {
-    const float other = __shfl_xor_sync(0xffffffffu, x[j], TPK / 2);
-    x[j] = round_to<T>(lo ? rope_lo(x[j], other, c[j], s[j]) : rope_hi(other, x[j], c[j], s[j]));
+  for (int h = 0; h < 2; ++h) {
+    const int e = h * (D / 2) + c * 8;
+    *reinterpret_cast<uint4*>(p.kv.k + off + e) = k[h];
+    *reinterpret_cast<uint4*>(p.kv.v + off + e) = v[h];
+    *reinterpret_cast<uint4*>(own + e) = k[h];
+    *reinterpret_cast<uint4*>(own + D + e) = v[h];
   }
 }
 
-template <typename T, int D, int GMAX>
-__global__ void __launch_bounds__(128) decode_kernel(AttentionParamsT<T> p, DecodePlan d) {
+// This lane's part of the A operand Q (rows = the group's query heads g =
+// lane / 4 < G, zero beyond): for k-step s, q[s][0] = dims 16s + c .. +1 and
+// q[s][1] = dims 16s + 8 + c .. +1 (c = (lane % 4) * 2). With rope_cos set the
+// heads are rotated here at position pos (each rotate-half pair, dims d and
+// d + D/2, is in k-steps s and s + D/32 of the same lane) and rounded to bf16
+// as rope_and_cache would store them.
+template <int D>
+__device__ void load_q(const AttentionParams& p, const bf16* row, int kvh, int G, int pos, uint32_t (&q)[D / 16][2]) {
+  constexpr int KS = D / 16;
+  const int lane = threadIdx.x % 32, g = lane / 4, c = (lane % 4) * 2;
+  if (g >= G) {
+#pragma unroll
+    for (int s = 0; s < KS; ++s) q[s][0] = q[s][1] = 0u;
+    return;
+  }
+  const bf16* qh = row + int64_t(kvh * G + g) * D;
+#pragma unroll
+  for (int s = 0; s < KS; ++s)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) q[s][h] = *reinterpret_cast<const uint32_t*>(qh + 16 * s + 8 * h + c);
+  if (p.rope_cos == nullptr) return;
+  const float* cs = p.rope_cos + int64_t(pos) * (D / 2);
+  const float* sn = p.rope_sin + int64_t(pos) * (D / 2);
+#pragma unroll
+  for (int s = 0; s < KS / 2; ++s)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int i = 16 * s + 8 * h + c;  // the angle of dims i and i + D/2
+      const float2 cv = __ldg(reinterpret_cast<const float2*>(cs + i));
+      const float2 sv = __ldg(reinterpret_cast<const float2*>(sn + i));
+      float x1[2], x2[2];
+      unpack_bf16x2(q[s][h], x1[0], x1[1]);
+      unpack_bf16x2(q[s + KS / 2][h], x2[0], x2[1]);
+      q[s][h] = pack_bf16x2(rope_lo(x1[0], x2[0], cv.x, sv.x), rope_lo(x1[1], x2[1], cv.y, sv.y));
+      q[s + KS / 2][h] = pack_bf16x2(rope_hi(x1[0], x2[0], cv.x, sv.x), rope_hi(x1[1], x2[1], cv.y, sv.y));
+    }
+}
+
+template <int D, int W, int S>
+__global__ void __launch_bounds__(32 * W) decode_kernel(AttentionParams p, DecodePlan d) {
+  using L = DecodeSmem<D, W, S>;
+  constexpr int kTile = L::kTile, kStages = S, kWarps = W, kThreads = 32 * W;
+  constexpr int CH = D / 8, KS = D / 16, ROWS = kThreads / CH;  // chunks per row, k-steps, rows per copy pass
+  extern __shared__ __align__(128) unsigned char smem[];
   pdl_trigger();
   // Everything waits, even the plan and the page table, which the step's
-  // uploads wrote before its first kernel: read ahead of the wait, replays
-  // of recorded steps saw the previous step's (wrong attention, every time;
-  // direct launches did not).
+  // uploads wrote before its first kernel (launch.cuh).
   pdl_wait();
-  constexpr int TPK = D / 8;       // threads per key row
-  constexpr int NG = 128 / TPK;    // key groups per block
-  constexpr int U = GMAX >= 8 ? 2 : 4;  // keys per group per iteration
   const int item = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const DecodeItem it = d.items[item];
   const int t = it.token, ctx = it.context;
-  const int H = p.num_heads, Hkv = p.num_kv_heads, G = H / Hkv, bs = p.block_size;
-  const int start = split * d.chunk;
-  const int end = min(ctx, start + d.chunk);
-  const int lane = threadIdx.x % TPK, grp = threadIdx.x / TPK;
-  const int32_t* pages = p.page_indices + it.page_start;
+  const int H = p.num_heads, Hkv = p.kv.num_kv_heads, G = H / Hkv;
+  const int bs = p.kv.block_size, shift = p.kv.block_shift;  // registers, not loads in the loop
+  const int start = split * d.chunk, end = min(ctx, start + d.chunk);
+  const int ntiles = end > start ? (end - start + kTile - 1) / kTile : 0;
+  const int32_t* pages = p.kv.page_indices + it.page_start;
+  const bf16* row = p.qkv + int64_t(t) * (H + 2 * Hkv) * D;
+  bf16* own = reinterpret_cast<bf16*>(smem + L::own);
 
   // Fused RoPE + append (p.rope_cos set): the split holding the token's own
-  // key rotates it, appends it and its value to the cache, and takes both
-  // from shared memory in the loop (so nothing reads back what this kernel
-  // writes).
-  const bool fused = p.rope_cos != nullptr;
-  const bool own_new = fused && it.slot >= 0 && start < end && end == ctx;
-  __shared__ Raw8<T> sm_new[2][TPK];  // (k or v, lane)
-
-  // The KV slots of key group grp's U keys from k0 on: -1 past `end` and for
-  // the token's own key (fused: it comes from shared memory). The U page
-  // lookups all go out before any is used (one after the other, each key's
-  // slot arithmetic would wait for its lookup: U round trips), and the first
-  // keys' before the queries (a batch-1 step is all latency).
-  auto slots_of = [&](int k0, int64_t (&sl)[U]) {
-    const int shift = p.block_shift;
-    int32_t page[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int pos = k0 + u;
-      page[u] = pos < end ? pages[shift >= 0 ? pos >> shift : pos / bs] : 0;
-    }
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int pos = k0 + u, off = shift >= 0 ? pos & (bs - 1) : pos % bs;
-      sl[u] = pos < end && !(own_new && pos == ctx - 1) ? int64_t(page[u]) * bs + off : -1;
-    }
-  };
-  int64_t sl[U];
-  slots_of(start + grp * U, sl);
-
-  // This lane's 8 RoPE angles at the token's position (fused), the group's
-  // queries and (fused) the token's own k and v: all loads out before any is
-  // used.
-  float rc[8], rs[8];
-  if (fused) {
-    const int64_t a0 = int64_t(ctx - 1) * (D / 2) + (lane % (TPK / 2)) * 8;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) rc[j] = __ldg(p.rope_cos + a0 + j), rs[j] = __ldg(p.rope_sin + a0 + j);
-  }
-  const T* row = p.qkv + int64_t(t) * (H + 2 * Hkv) * D;
-  const T* qrow = row + int64_t(kvh) * G * D + lane * 8;
-  Raw8<T> qr[GMAX];
-#pragma unroll
-  for (int g = 0; g < GMAX; ++g) qr[g] = g < G ? load8(qrow + g * D) : zero8<T>();
-  const T* krow = row + int64_t(H + kvh) * D + lane * 8;
-  Raw8<T> kn, vn;
-  if (own_new) kn = load8(krow), vn = load8(krow + int64_t(Hkv) * D);
-
-  float q[GMAX][8];
-  const float qscale = p.scale * kLog2e;
-#pragma unroll
-  for (int g = 0; g < GMAX; ++g) {
-    unpack8(qr[g], q[g]);
-    if (fused && g < G) rope8<T, TPK>(q[g], lane, rc, rs);
-#pragma unroll
-    for (int j = 0; j < 8; ++j) q[g][j] *= qscale;
-  }
-
+  // key rotates it and appends it and its value to the cache, and its tile
+  // takes both from shared memory (nothing reads back what this kernel writes).
+  const bool own_new = p.rope_cos != nullptr && it.slot >= 0 && start < end && end == ctx;
   if (own_new) {
-    float kf[8];
-    unpack8(kn, kf);
-    rope8<T, TPK>(kf, lane, rc, rs);
-    kn = pack8(kf, T());
-    if (grp == 0) {
-      sm_new[0][lane] = kn;
-      sm_new[1][lane] = vn;
-      const int64_t off = (int64_t(it.slot) * Hkv + kvh) * D + lane * 8;
-      store8(p.k_append + off, kn);
-      store8(p.v_append + off, vn);
-    }
+    if (tid < CH / 2) append_own_kv<D>(p, row, kvh, ctx - 1, it.slot, tid, own);
     __syncthreads();
   }
-  float m[GMAX], l[GMAX], acc[GMAX][8];
+
+  // Tile `tile` of the split into stage `stage`: thread tid copies chunk
+  // tid % CH of rows tid / CH + ROWS i; rows past `end` are zero-filled.
+  auto load_tile = [&](int tile, int stage) {
+    bf16* ks = reinterpret_cast<bf16*>(smem + L::kv + stage * L::stage);
+    bf16* vs = ks + kTile * D;
+    const int k0 = start + tile * kTile, c = tid % CH;
 #pragma unroll
-  for (int g = 0; g < GMAX; ++g) {
-    m[g] = -INFINITY;
-    l[g] = 0.0f;
+    for (int i = 0; i < kTile / ROWS; ++i) {
+      const int r = tid / CH + i * ROWS, pos = k0 + r, e = swizzle<D>(r, c);
+      if (own_new && pos == ctx - 1) {
+        *reinterpret_cast<uint4*>(ks + e) = *reinterpret_cast<const uint4*>(own + c * 8);
+        *reinterpret_cast<uint4*>(vs + e) = *reinterpret_cast<const uint4*>(own + D + c * 8);
+        continue;
+      }
+      const bool valid = pos < end;
+      const int64_t off = valid ? p.kv.slot_offset(kv_slot(pages, pos, bs, shift), kvh) + c * 8 : 0;
+      cp_async16(ks + e, p.kv.k + off, valid ? 16 : 0);
+      cp_async16(vs + e, p.kv.v + off, valid ? 16 : 0);
+    }
+  };
 #pragma unroll
-    for (int j = 0; j < 8; ++j) acc[g][j] = 0.0f;
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < ntiles) load_tile(s, s);
+    cp_async_commit();
   }
 
-  // The trip count is the same for the whole block (shuffles need every lane);
-  // a group whose keys run past `end` masks them.
-  for (int base = start; base < end; base += NG * U) {
-    const int k0 = base + grp * U;
-    if (base != start) slots_of(k0, sl);
-    Raw8<T> kr[U], vr[U];
+  uint32_t q[KS][2];
+  load_q<D>(p, row, kvh, G, ctx - 1, q);
+  const float qscale = p.scale * kLog2e;
+  // This lane's rows: g = lane / 4 (o[n][0..1], dims 8n + c ..); o[n][2..3]
+  // are the zero rows 8 .. 15.
+  float o[D / 8][4];
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      if (own_new && k0 + u == ctx - 1) {
-        kr[u] = sm_new[0][lane];
-        vr[u] = sm_new[1][lane];
-      } else if (sl[u] >= 0) {
-        const int64_t off = (sl[u] * Hkv + kvh) * D + lane * 8;
-        kr[u] = load8(p.k_cache + off);
-        vr[u] = load8(p.v_cache + off);
-      } else {
-        kr[u] = zero8<T>();
-        vr[u] = zero8<T>();
+  for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+  float m = -INFINITY, l = 0.0f;
+  const int kr0 = warp * 16;  // this warp's keys in a tile
+
+  for (int tile = 0; tile < ntiles; ++tile) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();  // tile `tile` landed; every warp is done with the stage refilled next
+    if (tile + kStages - 1 < ntiles) load_tile(tile + kStages - 1, (tile + kStages - 1) % kStages);
+    cp_async_commit();
+    const bf16* ks = reinterpret_cast<const bf16*>(smem + L::kv + (tile % kStages) * L::stage);
+    const bf16* vs = ks + kTile * D;
+
+    float sc[2][4] = {};  // S: keys kr0 + 8n + c .. +1 (rows g)
+#pragma unroll
+    for (int s = 0; s < KS; s += 2)
+#pragma unroll
+      for (int n = 0; n < 2; ++n) {
+        uint32_t b[4];  // k-steps s and s + 1 of keys kr0 + 8n ..
+        ldmatrix_x4(b, ks + swizzle<D>(kr0 + 8 * n + (lane & 7), 2 * s + (lane >> 3)));
+        const uint32_t a0[4] = {q[s][0], 0u, q[s][1], 0u}, a1[4] = {q[s + 1][0], 0u, q[s + 1][1], 0u};
+        mma_bf16(sc[n], a0, b[0], b[1]);
+        mma_bf16(sc[n], a1, b[2], b[3]);
       }
+
+    // Online softmax over this warp's 16 keys; the 4 lanes of a row share m.
+    const int key = start + tile * kTile + kr0 + (lane % 4) * 2;
+    float sv[4] = {sc[0][0], sc[0][1], sc[1][0], sc[1][1]};
+    float mx = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      sv[j] = key + (j & 1) + 8 * (j >> 1) < end ? sv[j] * qscale : -INFINITY;
+      mx = fmaxf(mx, sv[j]);
     }
-    float s[U][GMAX];
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_new = fmaxf(m, mx);
+    const float corr = m_new == -INFINITY ? 1.0f : exp2f(m - m_new);
+    uint32_t pa[4] = {0u, 0u, 0u, 0u};  // P as the A operand: keys c .. +1 (a[0]) and 8 + c .. (a[2])
+    float psum = 0.0f;
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      float kf[8];
-      unpack8(kr[u], kf);
-#pragma unroll
-      for (int g = 0; g < GMAX; ++g) {
-        float acc_s = 0.0f;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) acc_s = fmaf(q[g][j], kf[j], acc_s);
-#pragma unroll
-        for (int o = TPK / 2; o > 0; o >>= 1) acc_s += __shfl_xor_sync(0xffffffffu, acc_s, o);
-        s[u][g] = (k0 + u < end) ? acc_s : -INFINITY;
-      }
+    for (int h = 0; h < 2; ++h) {
+      const float p0 = m_new == -INFINITY ? 0.0f : exp2f(sv[2 * h] - m_new);
+      const float p1 = m_new == -INFINITY ? 0.0f : exp2f(sv[2 * h + 1] - m_new);
+      pa[2 * h] = pack_bf16x2(p0, p1);
+      float r0, r1;  // the weights as the product sees them: numerator and l agree
+      unpack_bf16x2(pa[2 * h], r0, r1);
+      psum += r0 + r1;
     }
+    l = l * corr + psum;
+    m = m_new;
 #pragma unroll
-    for (int g = 0; g < GMAX; ++g) {
-      float mx = s[0][g];
+    for (int n = 0; n < D / 8; ++n) o[n][0] *= corr, o[n][1] *= corr;
+
 #pragma unroll
-      for (int u = 1; u < U; ++u) mx = fmaxf(mx, s[u][g]);
-      const float m_new = fmaxf(m[g], mx);
-      const float corr = m_new == -INFINITY ? 1.0f : exp2f(m[g] - m_new);
-      l[g] *= corr;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) acc[g][j] *= corr;
-      m[g] = m_new;
-    }
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      float vf[8];
-      unpack8(vr[u], vf);
-#pragma unroll
-      for (int g = 0; g < GMAX; ++g) {
-        const float pw = s[u][g] == -INFINITY ? 0.0f : exp2f(s[u][g] - m[g]);
-        l[g] += pw;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) acc[g][j] = fmaf(pw, vf[j], acc[g][j]);
-      }
+    for (int n = 0; n < D / 8; n += 2) {
+      uint32_t b[4];  // V keys kr0 .. +15 of dims 8n .. 8n + 15, transposed
+      ldmatrix_x4_trans(b, vs + swizzle<D>(kr0 + (lane & 7) + ((lane >> 3) & 1) * 8, n + (lane >> 4)));
+      mma_bf16(o[n], pa, b[0], b[1]);
+      mma_bf16(o[n + 1], pa, b[2], b[3]);
     }
   }
 
-  // Merge the NG key groups of the block.
-  __shared__ float sm_m[NG][GMAX], sm_l[NG][GMAX];
-  __shared__ float sm_acc[NG][GMAX][D];
-  __shared__ float sm_o[GMAX][D], sm_lse[GMAX];  // this split's result (cluster merge)
+  // Merge the 4 warps (their results over the stages, now free).
+  cp_async_wait<0>();
+  __syncthreads();
+  l += __shfl_xor_sync(0xffffffffu, l, 1);
+  l += __shfl_xor_sync(0xffffffffu, l, 2);
+  float* wo = reinterpret_cast<float*>(smem + L::warp_o);
+  float* wm = reinterpret_cast<float*>(smem + L::warp_m);
+  float* wl = reinterpret_cast<float*>(smem + L::warp_l);
+  const int g = lane / 4;
+  if (g < G) {
+    float* dst = wo + (warp * kMaxGroup + g) * D + (lane % 4) * 2;
 #pragma unroll
-  for (int g = 0; g < GMAX; ++g) {
-    if (lane == 0) {
-      sm_m[grp][g] = m[g];
-      sm_l[grp][g] = l[g];
-    }
-#pragma unroll
-    for (int j = 0; j < 8; ++j) sm_acc[grp][g][lane * 8 + j] = acc[g][j];
+    for (int n = 0; n < D / 8; ++n) *reinterpret_cast<float2*>(dst + 8 * n) = make_float2(o[n][0], o[n][1]);
+    if (lane % 4 == 0) wm[warp * kMaxGroup + g] = m, wl[warp * kMaxGroup + g] = l;
   }
   __syncthreads();
-  const int S = d.num_splits;
-  for (int idx = threadIdx.x; idx < G * D; idx += blockDim.x) {
-    const int g = idx / D, dd = idx % D;
+  float* sm_o = reinterpret_cast<float*>(smem + L::out);
+  float* sm_lse = reinterpret_cast<float*>(smem + L::lse);
+  const int NS = d.num_splits;
+  for (int idx = tid; idx < G * D; idx += blockDim.x) {
+    const int gg = idx / D, dd = idx % D;
     float M = -INFINITY;
-    for (int k = 0; k < NG; ++k) M = fmaxf(M, sm_m[k][g]);
-    float L = 0.0f, O = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) M = fmaxf(M, wm[w * kMaxGroup + gg]);
+    float Lsum = 0.0f, O = 0.0f;
     if (M != -INFINITY) {
-      for (int k = 0; k < NG; ++k) {
-        const float w = exp2f(sm_m[k][g] - M);
-        L += sm_l[k][g] * w;
-        O += sm_acc[k][g][dd] * w;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) {
+        const float wgt = exp2f(wm[w * kMaxGroup + gg] - M);
+        Lsum += wl[w * kMaxGroup + gg] * wgt;
+        O += wo[(w * kMaxGroup + gg) * D + dd] * wgt;
       }
     }
-    const int h = kvh * G + g;
-    if (S == 1) {
-      store_f(p.out + int64_t(t) * H * D + int64_t(h) * D + dd, L > 0.0f ? O / L : 0.0f);
+    const int h = kvh * G + gg;
+    const float val = Lsum > 0.0f ? O / Lsum : 0.0f, lse = Lsum > 0.0f ? M + log2f(Lsum) : -INFINITY;
+    if (NS == 1) {
+      store_f(p.out + int64_t(t) * H * D + int64_t(h) * D + dd, val);
     } else if (d.cluster) {
-      sm_o[g][dd] = L > 0.0f ? O / L : 0.0f;
-      if (dd == 0) sm_lse[g] = L > 0.0f ? M + log2f(L) : -INFINITY;
+      sm_o[gg * D + dd] = val;
+      if (dd == 0) sm_lse[gg] = lse;
     } else {
-      const int64_t part = int64_t(item) * S + split;
-      d.o_part[(part * H + h) * D + dd] = L > 0.0f ? O / L : 0.0f;
-      if (dd == 0) d.lse_part[part * H + h] = L > 0.0f ? M + log2f(L) : -INFINITY;
+      const int64_t part = int64_t(item) * NS + split;
+      d.o_part[(part * H + h) * D + dd] = val;
+      if (dd == 0) d.lse_part[part * H + h] = lse;
     }
   }
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   // A cluster of the S split blocks of (item, kv head): each block merges a
   // slice of the G x D outputs from every block's shared memory, then all
   // wait until every slice is read before their shared memory goes away.
-  if (S > 1 && d.cluster) {
+  if (NS > 1 && d.cluster) {
     namespace cg = cooperative_groups;
     cg::cluster_group cluster = cg::this_cluster();
     cluster.sync();
-    for (int idx = split * blockDim.x + threadIdx.x; idx < G * D; idx += S * blockDim.x) {
-      const int g = idx / D, dd = idx % D;
+    for (int idx = split * blockDim.x + tid; idx < G * D; idx += NS * blockDim.x) {
+      const int gg = idx / D, dd = idx % D;
       const float v = merge_splits(
-          S, [&](int r) { return *cluster.map_shared_rank(&sm_lse[g], r); },
-          [&](int r) { return *cluster.map_shared_rank(&sm_o[g][dd], r); });
-      store_f(p.out + int64_t(t) * H * D + int64_t(kvh * G + g) * D + dd, v);
+          NS, [&](int r) { return *cluster.map_shared_rank(&sm_lse[gg], r); },
+          [&](int r) { return *cluster.map_shared_rank(&sm_o[gg * D + dd], r); });
+      store_f(p.out + int64_t(t) * H * D + int64_t(kvh * G + gg) * D + dd, v);
     }
     cluster.sync();
   }
@@ -358,7 +340,7 @@ __global__ void merge_kernel(AttentionParamsT<T> p, DecodePlan d) {
   const int item = blockIdx.x, h = blockIdx.y, dd = threadIdx.x;
   pdl_wait();
   const int t = d.items[item].token;
-  const int H = p.num_heads, D = p.head_dim, S = d.num_splits;
+  const int H = p.num_heads, D = p.kv.head_dim, S = d.num_splits;
   const int64_t base = int64_t(item) * S;
   for (int s = dd; s < S; s += blockDim.x) lse_s[s] = d.lse_part[(base + s) * H + h];
   __syncthreads();
@@ -367,35 +349,93 @@ __global__ void merge_kernel(AttentionParamsT<T> p, DecodePlan d) {
   store_f(p.out + int64_t(t) * H * D + int64_t(h) * D + dd, v);
 }
 
-template <typename T, int D>
-void launch_d(const AttentionParamsT<T>& p, const DecodePlan& d, dim3 grid, cudaStream_t s) {
-  const int G = p.num_heads / p.num_kv_heads;
+// The kernel of a configuration, its shared memory set up once per process
+// (the attribute is per function).
+template <int D, int W, int S>
+auto decode_kernel_ready() {
+  static const bool configured = [] {
+    CUDA_CHECK(cudaFuncSetAttribute(decode_kernel<D, W, S>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    static_cast<int>(DecodeSmem<D, W, S>::bytes)));
+    return true;
+  }();
+  (void)configured;
+  return decode_kernel<D, W, S>;
+}
+
+template <int D, int W, int S>
+void launch_decode(const AttentionParams& p, const DecodePlan& d, dim3 grid, cudaStream_t s) {
   const unsigned cz = d.cluster ? static_cast<unsigned>(d.num_splits) : 1;
-  if (G == 1) launch_clusters(decode_kernel<T, D, 1>, grid, 128, 0, cz, s, p, d);
-  else if (G == 2) launch_clusters(decode_kernel<T, D, 2>, grid, 128, 0, cz, s, p, d);
-  else if (G <= 4) launch_clusters(decode_kernel<T, D, 4>, grid, 128, 0, cz, s, p, d);
-  else launch_clusters(decode_kernel<T, D, 8>, grid, 128, 0, cz, s, p, d);
+  launch_clusters(decode_kernel_ready<D, W, S>(), grid, 32 * W, DecodeSmem<D, W, S>::bytes, cz, s, p, d);
+}
+
+template <int D, int W, int S>
+int blocks_per_sm() {
+  int n = 0;
+  CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_kernel_ready<D, W, S>(), 32 * W,
+                                                           DecodeSmem<D, W, S>::bytes));
+  return n;
+}
+
+struct Launch {
+  const AttentionParams& p;
+  const DecodePlan& d;
+  dim3 grid;
+  cudaStream_t s;
+  template <int D, int W, int S>
+  void operator()() const { launch_decode<D, W, S>(p, d, grid, s); }
+};
+struct Occupancy {
+  template <int D, int W, int S>
+  int operator()() const { return blocks_per_sm<D, W, S>(); }
+};
+
+// f.operator()<D, W, S>() for head dim D and the configuration (W warps, 2
+// or 4; S stages, 2 to 4: the backend accepts no other; 128 x 2 x 3 is the
+// default branch).
+template <typename F>
+auto with_config(int D, DecodeConfig c, F&& f) {
+  const int key = (D == 128 ? 100 : 0) + c.warps * 10 + c.stages;
+  switch (key) {
+    case 122: return f.template operator()<128, 2, 2>();
+    case 124: return f.template operator()<128, 2, 4>();
+    case 142: return f.template operator()<128, 4, 2>();
+    case 143: return f.template operator()<128, 4, 3>();
+    case 144: return f.template operator()<128, 4, 4>();
+    case 22: return f.template operator()<64, 2, 2>();
+    case 23: return f.template operator()<64, 2, 3>();
+    case 24: return f.template operator()<64, 2, 4>();
+    case 42: return f.template operator()<64, 4, 2>();
+    case 43: return f.template operator()<64, 4, 3>();
+    case 44: return f.template operator()<64, 4, 4>();
+    default: return f.template operator()<128, 2, 3>();
+  }
 }
 
 }  // namespace
 
+int decode_blocks_per_sm(int head_dim, DecodeConfig c) {
+  return with_config(head_dim, c, Occupancy{});
+}
+
 bool attention_supported(int head_dim, int group) {
-  return (head_dim == 64 || head_dim == 128) && group >= 1 && group <= 8;
+  return (head_dim == 64 || head_dim == 128) && group >= 1 && group <= kMaxGroup;
 }
 
 template <typename T>
-void decode_attention(const AttentionParamsT<T>& p, const DecodePlan& d, cudaStream_t s) {
-  if (d.num_items == 0) return;
-  const dim3 grid(static_cast<unsigned>(d.num_items), static_cast<unsigned>(p.num_kv_heads),
-                  static_cast<unsigned>(d.num_splits));
-  if (p.head_dim == 128) launch_d<T, 128>(p, d, grid, s);
-  else launch_d<T, 64>(p, d, grid, s);
-  if (d.num_splits > 1 && !d.cluster)
-    launch(merge_kernel<T>, dim3(static_cast<unsigned>(d.num_items), static_cast<unsigned>(p.num_heads)),
-           static_cast<unsigned>(p.head_dim), d.num_splits * sizeof(float), s, p, d);
+void merge_decode_splits(const AttentionParamsT<T>& p, const DecodePlan& d, cudaStream_t s) {
+  launch(merge_kernel<T>, dim3(static_cast<unsigned>(d.num_items), static_cast<unsigned>(p.num_heads)),
+         static_cast<unsigned>(p.kv.head_dim), d.num_splits * sizeof(float), s, p, d);
 }
+template void merge_decode_splits<bf16>(const AttentionParamsT<bf16>&, const DecodePlan&, cudaStream_t);
+template void merge_decode_splits<float>(const AttentionParamsT<float>&, const DecodePlan&, cudaStream_t);
 
-template void decode_attention<bf16>(const AttentionParamsT<bf16>&, const DecodePlan&, cudaStream_t);
-template void decode_attention<float>(const AttentionParamsT<float>&, const DecodePlan&, cudaStream_t);
+void decode_attention(const AttentionParams& p, const DecodePlan& d, cudaStream_t s) {
+  if (d.cuda_cores) return decode_attention_cuda_cores(p, d, s);
+  if (d.num_items == 0) return;
+  const dim3 grid(static_cast<unsigned>(d.num_items), static_cast<unsigned>(p.kv.num_kv_heads),
+                  static_cast<unsigned>(d.num_splits));
+  with_config(p.kv.head_dim, d.config, Launch{p, d, grid, s});
+  if (d.num_splits > 1 && !d.cluster) merge_decode_splits(p, d, s);
+}
 
 }  // namespace pagedrt::cuda

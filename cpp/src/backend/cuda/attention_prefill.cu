@@ -1,199 +1,210 @@
-// backend/cuda/attention_prefill.cu — paged prefill attention on tensor cores.
+// backend/cuda/attention_prefill.cu — paged prefill attention on tensor cores
+// (FlashAttention-2 style: mma.sync, S, P and O in registers).
 //
 // One block = (tile of 64 rows, kv head); a row is (query token, query head of
 // the group), so the G heads sharing a kv head share every K/V tile read.
-// Keys come in tiles of 64 gathered through the page table; S = Q K^T and
-// O += P V run as bf16 WMMA with fp32 accumulation; the online softmax is in
-// fp32. Each of the 4 warps owns 16 rows of S, P and O, so between its own
-// steps a warp needs only __syncwarp(); O lives in shared memory (fp32) so
-// that its rows can be rescaled.
+// Each of the 4 warps owns 16 rows: their Q as mma A fragments, their S = Q K^T
+// and O += P V as fp32 accumulators, their online softmax (log2 domain) done
+// by the 4 lanes that hold a row. Keys come in tiles of 64 gathered through
+// the page table by cp.async into a double buffer (the next tile loads while
+// this one is multiplied), swizzled for ldmatrix (mma.cuh).
 //
 // Causal: row r sees keys 0 .. pos(r), which covers chunked prefill (the
-// earlier chunks are already in the cache) and mixed batches.
+// earlier chunks are already in the cache) and mixed batches. A warp skips
+// the tiles past its last row's position and masks only the tiles that cross
+// a position of its rows.
 //
-// shared memory (D = 128):  Q, K, V (64 x 136 bf16 each)   S (64 x 68 fp32)
-//                           P (64 x 72 bf16)   O (64 x 132 fp32)   m, l, pos (64 each)
-#include <mma.h>
-
+//   grid (tiles, Hkv), the last tiles first (they have the most keys)   block 128
+//   shared memory: Q (64 x D) + 2 x (K, V) (64 x D), bf16 = 80 KB at D = 128
 #include "backend/cuda/cuda_check.hpp"
 #include "backend/cuda/kernels.cuh"
+#include "backend/cuda/mma.cuh"
 
 namespace pagedrt::cuda {
 namespace {
 
-using namespace nvcuda;
-
-constexpr int BQ = kPrefillRows, BK = 64;
+constexpr int BQ = kPrefillRows, BK = 64, kStages = 2;
 constexpr float kLog2e = 1.4426950408889634f;
 
 template <int D>
-struct Smem {
-  static constexpr int LDQ = D + 8, LDS = BK + 4, LDP = BK + 8, LDO = D + 4;
-  static constexpr size_t q = 0;
-  static constexpr size_t k = q + size_t(BQ) * LDQ * 2;
-  static constexpr size_t v = k + size_t(BK) * LDQ * 2;
-  static constexpr size_t s = v + size_t(BK) * LDQ * 2;
-  static constexpr size_t p = s + size_t(BQ) * LDS * 4;
-  static constexpr size_t o = p + size_t(BQ) * LDP * 2;
-  static constexpr size_t m = o + size_t(BQ) * LDO * 4;
-  static constexpr size_t l = m + BQ * 4;
-  static constexpr size_t pos = l + BQ * 4;
-  static constexpr size_t bytes = pos + BQ * 4;
-  static_assert(k % 128 == 0 && s % 128 == 0 && p % 128 == 0 && o % 128 == 0 && m % 128 == 0,
-                "WMMA tiles need aligned shared memory");
+struct PrefillSmem {
+  static constexpr size_t q = 0;                             // (BQ, D) bf16
+  static constexpr size_t stage = size_t(2) * BK * D * 2;    // K then V (BK, D) bf16
+  static constexpr size_t kv = q + size_t(BQ) * D * 2;       // kStages stages
+  static constexpr size_t bytes = kv + kStages * stage;
 };
 
 template <int D>
 __global__ void __launch_bounds__(128) prefill_kernel(AttentionParams p, PrefillPlan f) {
-  using L = Smem<D>;
+  using L = PrefillSmem<D>;
+  constexpr int CH = D / 8, KS = D / 16, ROWS = 128 / CH;  // chunks per row, k-steps, rows per copy pass
   extern __shared__ __align__(128) unsigned char smem[];
   bf16* Qs = reinterpret_cast<bf16*>(smem + L::q);
-  bf16* Ks = reinterpret_cast<bf16*>(smem + L::k);
-  bf16* Vs = reinterpret_cast<bf16*>(smem + L::v);
-  float* Ss = reinterpret_cast<float*>(smem + L::s);
-  bf16* Ps = reinterpret_cast<bf16*>(smem + L::p);
-  float* Os = reinterpret_cast<float*>(smem + L::o);
-  float* row_m = reinterpret_cast<float*>(smem + L::m);
-  float* row_l = reinterpret_cast<float*>(smem + L::l);
-  int* row_pos = reinterpret_cast<int*>(smem + L::pos);
 
-  const int2 tile = f.tiles[blockIdx.x];
+  const int2 tile = f.tiles[f.num_tiles - 1 - blockIdx.x];
   const int seq = tile.x, row0 = tile.y, kvh = blockIdx.y;
-  const int H = p.num_heads, Hkv = p.num_kv_heads, G = H / Hkv, bs = p.block_size;
+  const int H = p.num_heads, Hkv = p.kv.num_kv_heads, G = H / Hkv;
+  const int bs = p.kv.block_size, shift = p.kv.block_shift;  // registers, not loads in the loop
   const int q0 = p.query_start[seq];
   const int rows_total = (p.query_start[seq + 1] - q0) * G;
   const int64_t row_stride = int64_t(H + 2 * Hkv) * D;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  constexpr int V8 = D / 8;  // 16-byte vectors per row
+  const int32_t* pages = p.kv.pages(seq);
 
-  for (int idx = tid; idx < BQ * V8; idx += blockDim.x) {
-    const int r = idx / V8, c = idx % V8, R = row0 + r;
-    uint4 v = make_uint4(0, 0, 0, 0);
-    if (R < rows_total) {
-      const int64_t tok = q0 + R / G;
-      v = *reinterpret_cast<const uint4*>(p.qkv + tok * row_stride + int64_t(kvh * G + R % G) * D + c * 8);
-    }
-    *reinterpret_cast<uint4*>(Qs + r * L::LDQ + c * 8) = v;
+  // Q rows (zeros past the sequence), in the first copy group with K/V tile 0.
+  for (int idx = tid; idx < BQ * CH; idx += 128) {
+    const int r = idx / CH, c = idx % CH, R = row0 + r;
+    const bool valid = R < rows_total;
+    const bf16* src = valid ? p.qkv + (q0 + R / G) * row_stride + int64_t(kvh * G + R % G) * D + c * 8 : p.qkv;
+    cp_async16(Qs + swizzle<D>(r, c), src, valid ? 16 : 0);
   }
-  for (int r = tid; r < BQ; r += blockDim.x) {
-    const int R = row0 + r;
-    row_pos[r] = R < rows_total ? p.positions[q0 + R / G] : -1;
-    row_m[r] = -INFINITY;
-    row_l[r] = 0.0f;
-  }
-  for (int idx = tid; idx < BQ * L::LDO; idx += blockDim.x) Os[idx] = 0.0f;
-  __syncthreads();
-
   const int last_row = min(row0 + BQ, rows_total) - 1;
   const int kmax = p.positions[q0 + last_row / G] + 1;  // keys 0 .. kmax-1 are seen by some row
-  const int32_t* pages = p.page_indices + p.page_indptr[seq];
+  const int ntiles = (kmax + BK - 1) / BK;
+
+  auto load_tile = [&](int t, int stage) {
+    bf16* ks = reinterpret_cast<bf16*>(smem + L::kv + stage * L::stage);
+    bf16* vs = ks + BK * D;
+    const int c = tid % CH;
+#pragma unroll
+    for (int i = 0; i < BK / ROWS; ++i) {
+      const int r = tid / CH + i * ROWS, pos = t * BK + r, e = swizzle<D>(r, c);
+      const bool valid = pos < kmax;
+      const int64_t off = valid ? p.kv.slot_offset(kv_slot(pages, pos, bs, shift), kvh) + c * 8 : 0;
+      cp_async16(ks + e, p.kv.k + off, valid ? 16 : 0);
+      cp_async16(vs + e, p.kv.v + off, valid ? 16 : 0);
+    }
+  };
+  load_tile(0, 0);
+  cp_async_commit();
+
+  // This lane's rows: lo = warp * 16 + lane / 4 and hi = lo + 8 (position -1: past the sequence).
+  const int r_lo = row0 + warp * 16 + lane / 4, r_hi = r_lo + 8;
+  const int pos_lo = r_lo < rows_total ? p.positions[q0 + r_lo / G] : -1;
+  const int pos_hi = r_hi < rows_total ? p.positions[q0 + r_hi / G] : -1;
+  int warp_max = max(pos_lo, pos_hi), warp_min = min(pos_lo, pos_hi);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    warp_max = max(warp_max, __shfl_xor_sync(0xffffffffu, warp_max, o));
+    warp_min = min(warp_min, __shfl_xor_sync(0xffffffffu, warp_min, o));
+  }
   const float qscale = p.scale * kLog2e;
 
-  for (int kb = 0; kb < kmax; kb += BK) {
-    for (int idx = tid; idx < BK * V8; idx += blockDim.x) {
-      const int j = idx / V8, c = idx % V8, pos = kb + j;
-      uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
-      if (pos < kmax) {
-        const int64_t slot = kv_slot(pages, pos, bs, p.block_shift);
-        const int64_t off = (slot * Hkv + kvh) * D + c * 8;
-        kv = __ldg(reinterpret_cast<const uint4*>(p.k_cache + off));
-        vv = __ldg(reinterpret_cast<const uint4*>(p.v_cache + off));
-      }
-      *reinterpret_cast<uint4*>(Ks + j * L::LDQ + c * 8) = kv;
-      *reinterpret_cast<uint4*>(Vs + j * L::LDQ + c * 8) = vv;
-    }
-    __syncthreads();
+  uint32_t qa[KS][4];
+  float o[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+  float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.0f, l_hi = 0.0f;
 
-    {  // S (this warp's 16 rows x 64 keys) = Q K^T
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> b;
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> c[BK / 16];
+  for (int t = 0; t < ntiles; ++t) {
+    cp_async_wait<0>();
+    __syncthreads();  // tile t (and Q) landed; every warp is done with the stage refilled next
+    if (t + 1 < ntiles) load_tile(t + 1, (t + 1) % kStages);
+    cp_async_commit();
+    if (t == 0) {
 #pragma unroll
-      for (int n = 0; n < BK / 16; ++n) wmma::fill_fragment(c[n], 0.0f);
-#pragma unroll
-      for (int kk = 0; kk < D; kk += 16) {
-        wmma::load_matrix_sync(a, Qs + warp * 16 * L::LDQ + kk, L::LDQ);
-#pragma unroll
-        for (int n = 0; n < BK / 16; ++n) {
-          wmma::load_matrix_sync(b, Ks + n * 16 * L::LDQ + kk, L::LDQ);
-          wmma::mma_sync(c[n], a, b, c[n]);
-        }
-      }
-#pragma unroll
-      for (int n = 0; n < BK / 16; ++n)
-        wmma::store_matrix_sync(Ss + warp * 16 * L::LDS + n * 16, c[n], L::LDS, wmma::mem_row_major);
+      for (int s = 0; s < KS; ++s)
+        ldmatrix_x4(qa[s], Qs + swizzle<D>(warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, 2 * s + (lane >> 4)));
     }
-    __syncwarp();
+    const int kb = t * BK;
+    if (kb > warp_max) continue;  // every key of the tile is past this warp's rows
+    const bf16* ks = reinterpret_cast<const bf16*>(smem + L::kv + (t % kStages) * L::stage);
+    const bf16* vs = ks + BK * D;
 
-    for (int rr = 0; rr < 16; ++rr) {  // online softmax, one row at a time, lanes over keys
-      const int r = warp * 16 + rr, pos_r = row_pos[r];
-      float s0 = Ss[r * L::LDS + lane] * qscale, s1 = Ss[r * L::LDS + lane + 32] * qscale;
-      if (kb + lane > pos_r) s0 = -INFINITY;
-      if (kb + lane + 32 > pos_r) s1 = -INFINITY;
-      float mx = fmaxf(s0, s1);
+    float sc[BK / 8][4];  // S: n-tile n = keys kb + 8n + (lane % 4) * 2 .. +1, rows lo ([0..1]) and hi ([2..3])
 #pragma unroll
-      for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-      const float m_old = row_m[r], m_new = fmaxf(m_old, mx);
-      float corr = 1.0f, p0 = 0.0f, p1 = 0.0f;
-      if (m_new != -INFINITY) {
-        corr = exp2f(m_old - m_new);
-        p0 = exp2f(s0 - m_new);
-        p1 = exp2f(s1 - m_new);
-      }
-      float sum = p0 + p1;
+    for (int n = 0; n < BK / 8; ++n) sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.0f;
 #pragma unroll
-      for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-      Ps[r * L::LDP + lane] = __float2bfloat16_rn(p0);
-      Ps[r * L::LDP + lane + 32] = __float2bfloat16_rn(p1);
-      for (int dd = lane; dd < D; dd += 32) Os[r * L::LDO + dd] *= corr;
-      __syncwarp();
-      if (lane == 0) {
-        row_m[r] = m_new;
-        row_l[r] = row_l[r] * corr + sum;
+    for (int s = 0; s < KS; s += 2)
+#pragma unroll
+      for (int n = 0; n < BK / 8; ++n) {
+        uint32_t b[4];  // k-steps s and s + 1 of keys 8n ..
+        ldmatrix_x4(b, ks + swizzle<D>(8 * n + (lane & 7), 2 * s + (lane >> 3)));
+        mma_bf16(sc[n], qa[s], b[0], b[1]);
+        mma_bf16(sc[n], qa[s + 1], b[2], b[3]);
       }
-    }
-    __syncwarp();
 
-    {  // O (16 rows x D) += P (16 x 64) V (64 x D)
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a[BK / 16];
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> b;
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> o;
+    const bool masked = kb + BK - 1 > warp_min;
+    float mx_lo = -INFINITY, mx_hi = -INFINITY;
 #pragma unroll
-      for (int kk = 0; kk < BK / 16; ++kk) wmma::load_matrix_sync(a[kk], Ps + warp * 16 * L::LDP + kk * 16, L::LDP);
+    for (int n = 0; n < BK / 8; ++n)
 #pragma unroll
-      for (int n = 0; n < D / 16; ++n) {
-        float* dst = Os + warp * 16 * L::LDO + n * 16;
-        wmma::load_matrix_sync(o, dst, L::LDO, wmma::mem_row_major);
+      for (int e = 0; e < 2; ++e) {
+        const int key = kb + 8 * n + (lane % 4) * 2 + e;
+        sc[n][e] = masked && key > pos_lo ? -INFINITY : sc[n][e] * qscale;
+        sc[n][2 + e] = masked && key > pos_hi ? -INFINITY : sc[n][2 + e] * qscale;
+        mx_lo = fmaxf(mx_lo, sc[n][e]);
+        mx_hi = fmaxf(mx_hi, sc[n][2 + e]);
+      }
 #pragma unroll
-        for (int kk = 0; kk < BK / 16; ++kk) {
-          wmma::load_matrix_sync(b, Vs + kk * 16 * L::LDQ + n * 16, L::LDQ);
-          wmma::mma_sync(o, a[kk], b, o);
-        }
-        wmma::store_matrix_sync(dst, o, L::LDO, wmma::mem_row_major);
+    for (int o2 = 1; o2 <= 2; o2 <<= 1) {
+      mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, o2));
+      mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, o2));
+    }
+    const float mn_lo = fmaxf(m_lo, mx_lo), mn_hi = fmaxf(m_hi, mx_hi);
+    const float c_lo = mn_lo == -INFINITY ? 1.0f : exp2f(m_lo - mn_lo);
+    const float c_hi = mn_hi == -INFINITY ? 1.0f : exp2f(m_hi - mn_hi);
+    const float b_lo = mn_lo == -INFINITY ? 0.0f : mn_lo, b_hi = mn_hi == -INFINITY ? 0.0f : mn_hi;
+    m_lo = mn_lo;
+    m_hi = mn_hi;
+    float s_lo = 0.0f, s_hi = 0.0f;
+#pragma unroll
+    for (int n = 0; n < BK / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        sc[n][e] = exp2f(sc[n][e] - b_lo);  // -inf (masked) -> 0
+        sc[n][2 + e] = exp2f(sc[n][2 + e] - b_hi);
+        s_lo += sc[n][e];
+        s_hi += sc[n][2 + e];
+      }
+    l_lo = l_lo * c_lo + s_lo;
+    l_hi = l_hi * c_hi + s_hi;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) o[n][0] *= c_lo, o[n][1] *= c_lo, o[n][2] *= c_hi, o[n][3] *= c_hi;
+
+#pragma unroll
+    for (int j = 0; j < BK / 16; ++j) {  // keys 16j .. 16j + 15: P as the A operand
+      const uint32_t pa[4] = {pack_bf16x2(sc[2 * j][0], sc[2 * j][1]), pack_bf16x2(sc[2 * j][2], sc[2 * j][3]),
+                              pack_bf16x2(sc[2 * j + 1][0], sc[2 * j + 1][1]),
+                              pack_bf16x2(sc[2 * j + 1][2], sc[2 * j + 1][3])};
+#pragma unroll
+      for (int n = 0; n < D / 8; n += 2) {
+        uint32_t b[4];  // V keys 16j .. +15 of dims 8n .. 8n + 15, transposed
+        ldmatrix_x4_trans(b, vs + swizzle<D>(16 * j + (lane & 7) + ((lane >> 3) & 1) * 8, n + (lane >> 4)));
+        mma_bf16(o[n], pa, b[0], b[1]);
+        mma_bf16(o[n + 1], pa, b[2], b[3]);
       }
     }
-    __syncthreads();  // Ks/Vs are overwritten next
   }
+  cp_async_wait<0>();
 
-  for (int idx = tid; idx < BQ * D; idx += blockDim.x) {
-    const int r = idx / D, dd = idx % D, R = row0 + r;
+#pragma unroll
+  for (int o2 = 1; o2 <= 2; o2 <<= 1) {
+    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, o2);
+    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, o2);
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int R = h ? r_hi : r_lo;
+    const float l = h ? l_hi : l_lo, inv = l > 0.0f ? 1.0f / l : 0.0f;
     if (R >= rows_total) continue;
-    const int64_t tok = q0 + R / G;
-    const float l = row_l[r];
-    p.out[tok * H * D + int64_t(kvh * G + R % G) * D + dd] = __float2bfloat16_rn(l > 0.0f ? Os[r * L::LDO + dd] / l : 0.0f);
+    bf16* dst = p.out + int64_t(q0 + R / G) * H * D + int64_t(kvh * G + R % G) * D + (lane % 4) * 2;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n)
+      *reinterpret_cast<uint32_t*>(dst + 8 * n) = pack_bf16x2(o[n][2 * h] * inv, o[n][2 * h + 1] * inv);
   }
 }
 
 template <int D>
 void launch_p(const AttentionParams& p, const PrefillPlan& f, cudaStream_t s) {
-  static bool configured = false;  // per process; the attribute is per function
-  if (!configured) {
+  static const bool configured = [] {  // per process; the attribute is per function
     CUDA_CHECK(cudaFuncSetAttribute(prefill_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    static_cast<int>(Smem<D>::bytes)));
-    configured = true;
-  }
-  const dim3 grid(static_cast<unsigned>(f.num_tiles), static_cast<unsigned>(p.num_kv_heads));
-  prefill_kernel<D><<<grid, 128, Smem<D>::bytes, s>>>(p, f);
+                                    static_cast<int>(PrefillSmem<D>::bytes)));
+    return true;
+  }();
+  (void)configured;
+  const dim3 grid(static_cast<unsigned>(f.num_tiles), static_cast<unsigned>(p.kv.num_kv_heads));
+  prefill_kernel<D><<<grid, 128, PrefillSmem<D>::bytes, s>>>(p, f);
   CUDA_CHECK_LAUNCH();
 }
 
@@ -201,7 +212,7 @@ void launch_p(const AttentionParams& p, const PrefillPlan& f, cudaStream_t s) {
 
 void prefill_attention(const AttentionParams& p, const PrefillPlan& f, cudaStream_t s) {
   if (f.num_tiles == 0) return;
-  if (p.head_dim == 128) launch_p<128>(p, f, s);
+  if (p.kv.head_dim == 128) launch_p<128>(p, f, s);
   else launch_p<64>(p, f, s);
 }
 

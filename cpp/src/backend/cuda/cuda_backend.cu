@@ -99,7 +99,18 @@ CudaBackend::CudaBackend(ScalarType activation_dtype) : act_(activation_dtype) {
   graphs_enabled_ = env_on("PAGEDRT_CUDA_GRAPHS");
   clusters_ = prop.major >= 9 && env_on("PAGEDRT_DECODE_CLUSTERS");
   fuse_ = env_on("PAGEDRT_CUDA_FUSE");
-  if (const char* waves = std::getenv("PAGEDRT_DECODE_SPLIT_WAVES")) split_waves_ = std::max(1, std::atoi(waves));
+  if (const char* k = std::getenv("PAGEDRT_DECODE_KERNEL")) {  // "cc", or "WxS": warps x stages
+    int w = 0, st = 0;
+    if (std::string(k) == "cc") {
+      decode_kernel_ = DecodeKernel::CudaCores;
+    } else if (std::sscanf(k, "%dx%d", &w, &st) == 2 && (w == 2 || w == 4) && st >= 2 && st <= 4) {
+      decode_config_ = DecodeConfig{w, st};
+      decode_kernel_ = DecodeKernel::TensorCores;
+    } else {
+      std::fprintf(stderr, "pagedrt: PAGEDRT_DECODE_KERNEL=%s is neither cc nor WxS (W 2 or 4, S 2 to 4); "
+                           "choosing per step\n", k);
+    }
+  }
   set_pdl(env_on("PAGEDRT_CUDA_PDL"));
   CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   gemm_ = std::make_unique<Gemm>(stream_);

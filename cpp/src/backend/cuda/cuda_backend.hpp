@@ -144,15 +144,15 @@ class CudaBackend final : public Backend {
   // cluster (sm_90) instead of a second kernel (PAGEDRT_DECODE_CLUSTERS=0: never).
   bool clusters_ = true;
   bool fuse_ = true;  // rope_cache_attention and linear_silu_mul fuse (PAGEDRT_CUDA_FUSE=0: never, for A/B runs)
-  // Decode attention splits contexts only while the batch has fewer than this
-  // many blocks per SM, up to about that many (PAGEDRT_DECODE_SPLIT_WAVES, for
-  // tuning runs). Measured on the H100, batch 64 x 2,048 (512 blocks):
-  // unsplit (2) 207 us, 2 splits (4) 215, 3 splits (8) 218, 16: 228, 32: 238.
-  // Batch 1 splits down to one pass of the kernel per split (32 keys at head
-  // dim 128): at least 128 or 256 keys per split made the 8B shape's TPOT
-  // 2% and 4% slower (H100, 128 in / 128 out), and merging the splits in the
-  // last split block instead of a second kernel 4% slower.
-  int split_waves_ = 2;
+  // The bf16 decode kernel's shape (PAGEDRT_DECODE_KERNEL=WxS, for
+  // benchmarks) and how many of its blocks the GPU holds at once, per head
+  // dim (64, 128; 0 until asked): the split policy counts waves of them.
+  DecodeConfig decode_config_{};
+  // PAGEDRT_DECODE_KERNEL=WxS forces the tensor-core kernel, =cc the
+  // CUDA-core one; unset, the plan picks per step (DecodePlan::cuda_cores).
+  enum class DecodeKernel { Auto, TensorCores, CudaCores } decode_kernel_ = DecodeKernel::Auto;
+  int decode_slots_[2] = {0, 0};
+  int64_t decode_slots(int64_t head_dim);
   std::map<GraphKey, cudaGraphExec_t> graphs_;
   std::set<GraphKey> seen_once_;  // keys run once, not yet recorded
 

@@ -90,21 +90,14 @@ AttentionParamsT<T> CudaBackend::attention_params(const Tensor& qkv, const Tenso
                                                   int64_t H, int64_t Hkv, int64_t D, float scale, Tensor& out) const {
   AttentionParamsT<T> p;
   p.qkv = qkv.as<T>();
-  p.k_cache = k_cache.as<T>();
-  p.v_cache = v_cache.as<T>();
+  // The kernels write the caches only with rope_cos set, which only
+  // rope_cache_attention sets, on caches it holds writable.
+  p.kv = nhd_paged_kv(const_cast<T*>(k_cache.as<T>()), const_cast<T*>(v_cache.as<T>()), k_cache.dim(1), Hkv, D,
+                      dev_.page_indptr, dev_.page_indices);
   p.out = out.as<T>();
   p.positions = dev_.positions;
   p.query_start = dev_.query_start;
-  p.page_indptr = dev_.page_indptr;
-  p.page_indices = dev_.page_indices;
-  p.token_seq = dev_.token_seq;
   p.num_heads = static_cast<int>(H);
-  p.num_kv_heads = static_cast<int>(Hkv);
-  p.head_dim = static_cast<int>(D);
-  p.block_size = static_cast<int>(k_cache.dim(1));
-  p.block_shift = -1;
-  for (int sh = 0; sh < 31; ++sh)
-    if ((1 << sh) == p.block_size) p.block_shift = sh;
   p.scale = scale;
   return p;
 }
@@ -152,9 +145,6 @@ void CudaBackend::rope_cache_attention(Tensor& qkv, const RopeTable& rope, int64
   auto fused = [&](auto p) {
     p.rope_cos = rope.cos.as<float>();
     p.rope_sin = rope.sin.as<float>();
-    using T = std::remove_pointer_t<decltype(p.out)>;
-    p.k_append = k_cache.as<T>();
-    p.v_append = v_cache.as<T>();
     decode_attention(p, plan_info_.decode, stream_);
   };
   if (act_ == ScalarType::BF16)

@@ -56,10 +56,8 @@ void CudaBackend::begin_step(const BatchView& b) {
 }
 
 // Decode items: the token of every sequence with one query token (in the
-// fp32 mode every token: the prefill kernel is bf16 WMMA). Prefill tiles: 64
-// (token, head) rows of every other sequence. Splits: enough
-// blocks to fill the GPU several times over (batch 1 with a long context is
-// spread over the SMs; a full batch runs one split).
+// fp32 mode every token: the prefill kernel is bf16 only). Prefill tiles: 64
+// (token, head) rows of every other sequence. Splits: below.
 void CudaBackend::plan_attention(int64_t H, int64_t Hkv, int64_t D) {
   if (plan_info_.step == step_ && plan_info_.num_heads == H && plan_info_.num_kv_heads == Hkv &&
       plan_info_.head_dim == D)
@@ -85,15 +83,23 @@ void CudaBackend::plan_attention(int64_t H, int64_t Hkv, int64_t D) {
       for (int64_t r = 0; r < qn * G; r += kPrefillRows) tiles.push_back(make_int2(i, static_cast<int>(r)));
     }
   }
-  const int64_t keys_per_pass = D == 128 ? 32 : 64;  // key groups x unroll of the decode kernel
+  // Splits: the count that takes the fewest waves of blocks times the keys
+  // each block walks, plus a fixed cost per block (its start and its merge,
+  // about two tiles). A batch that fills the GPU runs unsplit; batch 1 splits
+  // until one wave of blocks is full or every split is one tile; 16 x 8,192
+  // runs 2 splits (256 blocks of 264 slots on an H200) rather than 3 (384
+  // blocks, two waves). Chunks are whole tiles.
+  const int64_t tile = act_ == ScalarType::BF16 ? 16 * decode_config_.warps : D == 128 ? 32 : 64;
   const int64_t items = static_cast<int64_t>(dec.size());
   const int64_t base = std::max<int64_t>(1, items * Hkv);
-  const int64_t target = split_waves_ * static_cast<int64_t>(num_sms_);
-  int64_t chunk = max_ctx;
-  if (base < target) {
-    const int64_t want = (target + base - 1) / base;
-    chunk = std::max<int64_t>(keys_per_pass, (max_ctx + want - 1) / want);
-    chunk = (chunk + keys_per_pass - 1) / keys_per_pass * keys_per_pass;
+  const int64_t slots = decode_slots(D);
+  constexpr int64_t kBlockCostKeys = 128, kMaxSplits = 256;
+  auto chunk_of = [&](int64_t s) { return ((max_ctx + s - 1) / s + tile - 1) / tile * tile; };
+  int64_t chunk = chunk_of(1), best = INT64_MAX;
+  for (int64_t s = 1; s <= kMaxSplits && (s == 1 || chunk_of(s - 1) > tile); ++s) {
+    const int64_t c = chunk_of(s), used = (max_ctx + c - 1) / c;  // splits that get keys
+    const int64_t waves = (base * used + slots - 1) / slots, cost = waves * (c + kBlockCostKeys);
+    if (cost < best) best = cost, chunk = c;
   }
   int64_t splits = std::max<int64_t>(1, (max_ctx + chunk - 1) / chunk);
   // A recorded step replays with its split count: round it up to a power of
@@ -131,16 +137,32 @@ void CudaBackend::plan_attention(int64_t H, int64_t Hkv, int64_t D) {
   p.decode.num_items = static_cast<int>(items);
   p.decode.num_splits = static_cast<int>(splits);
   p.decode.chunk = static_cast<int>(chunk);
-  // Clusters only while every block fits the GPU at once (<= 2 per SM): a
-  // cluster's blocks wait for each other at its barrier, holding their SM
-  // slots, so with more blocks than slots the wait costs whole waves (batch
-  // 64 x 2048 in 4 splits: 306 us in clusters against 216 with the merge kernel).
+  // Clusters only while every block fits the GPU at once: a cluster's blocks
+  // wait for each other at its barrier, holding their SM slots, so with more
+  // blocks than slots the wait costs whole waves (batch 64 x 2048 in 4
+  // splits: 306 us in clusters against 216 with the merge kernel, H100).
+  // A cluster must also fit one GPC: on an H200, 16 x 8,192 in 4 splits (512
+  // blocks, 4 per SM) took 253 us in clusters, 64 x 2,048 unsplit (the same
+  // blocks and keys) 130: clusters only up to one block per SM.
   p.decode.cluster = clusters_ && splits >= 2 && splits <= kMaxClusterSplits &&
-                     items * Hkv * splits <= 2 * static_cast<int64_t>(num_sms_);
+                     items * Hkv * splits <= std::min<int64_t>(slots, num_sms_);
+  p.decode.config = decode_config_;
+  // Steps of at most one block per SM (batch-1 decode) are latency, not
+  // bandwidth: there the CUDA-core kernel's shorter chain before its first
+  // key load wins.
+  p.decode.cuda_cores = decode_kernel_ == DecodeKernel::CudaCores ||
+                        (decode_kernel_ == DecodeKernel::Auto && items * Hkv * splits <= num_sms_);
   p.decode.o_part = partials_;
   p.decode.lse_part = partials_ ? partials_ + items * splits * H * D : nullptr;
   p.prefill.tiles = reinterpret_cast<const int2*>(plan_.device() + dec_bytes);
   p.prefill.num_tiles = static_cast<int>(tiles.size());
+}
+
+int64_t CudaBackend::decode_slots(int64_t head_dim) {
+  if (act_ != ScalarType::BF16) return 2 * static_cast<int64_t>(num_sms_);  // the fp32 kernel: about 2 per SM
+  int& n = decode_slots_[head_dim == 128 ? 1 : 0];
+  if (n == 0) n = std::max(1, decode_blocks_per_sm(static_cast<int>(head_dim), decode_config_)) * num_sms_;
+  return n;
 }
 
 // ---- recorded steps (CUDA graphs) -----------------------------------------------------

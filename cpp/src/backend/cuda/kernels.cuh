@@ -10,6 +10,8 @@
 
 #include <cstdint>
 
+#include "backend/paged_kv.hpp"
+
 namespace pagedrt::cuda {
 
 using bf16 = __nv_bfloat16;
@@ -60,37 +62,34 @@ void copy_blocks(uint8_t* base, int64_t block_bytes, const int2* pairs, int n, c
 
 // ---- paged attention ----------------------------------------------------------
 //
-// k_cache, v_cache: (num_blocks, block_size, Hkv, D) T (NHD). The token at
-// position p of sequence i is in block page_indices[page_indptr[i] + p / bs],
-// offset p % bs. qkv rows: [q (H D) | k (Hkv D) | v (Hkv D)]; out (n, H D).
+// The cache and the step's page table come as one PagedKv view
+// (backend/paged_kv.hpp: NHD blocks; the token at position p of sequence i is
+// in block kv.pages(i)[p / block_size], offset p % block_size). qkv rows:
+// [q (H D) | k (Hkv D) | v (Hkv D)]; out (n, H D).
 template <typename T>
 struct AttentionParamsT {
   const T* qkv;
-  const T* k_cache;
-  const T* v_cache;
+  PagedKv<T> kv;                // Hkv, D and the block size are the view's
   T* out;
   const int32_t* positions;     // (num_tokens)
   const int32_t* query_start;   // (num_seqs + 1)
-  const int32_t* page_indptr;   // (num_seqs + 1)
-  const int32_t* page_indices;
-  const int32_t* token_seq;     // (num_tokens) sequence of each token
-  int num_heads, num_kv_heads, head_dim, block_size;
-  int block_shift;  // log2(block_size) when it is a power of two, else -1
+  int num_heads;                // H
   float scale;
   // RoPE and the KV append inside decode attention (steps where every
   // sequence has one query token; null otherwise): q and the token's own k
   // are read unrotated from qkv and rotated at its position, and the new K and
-  // V go to its slot (DecodeItem::slot) and into the block's softmax straight
-  // from the block.
+  // V go to its slot (DecodeItem::slot) in kv and into the block's softmax
+  // straight from the block.
   const float* rope_cos = nullptr;  // (max_positions, D / 2)
   const float* rope_sin = nullptr;
-  T* k_append = nullptr;            // the caches, written
-  T* v_append = nullptr;
 };
 using AttentionParams = AttentionParamsT<bf16>;
 
-// Flat KV slot of position `pos` through the page table (a shift and a mask
-// for the usual power-of-two block sizes instead of an integer division).
+// Flat KV slot of position `pos` of a sequence whose block table is `pages`
+// (block_shift >= 0: a shift and a mask instead of an integer division).
+// Kernels copy block_size and block_shift into registers before their key
+// loops: read from the view inside the loop, the choice between the two
+// became a branch per key (docs/results/2026-12-02.md).
 __device__ __forceinline__ int64_t kv_slot(const int32_t* pages, int pos, int bs, int shift) {
   if (shift >= 0) return (int64_t(pages[pos >> shift]) << shift) + (pos & (bs - 1));
   return int64_t(pages[pos / bs]) * bs + pos % bs;
@@ -109,7 +108,21 @@ struct DecodeItem {
   int32_t page_start;  // its sequence's first entry in page_indices
   int32_t slot;        // its own KV slot (the fused RoPE + append writes it), or -1
 };
+// The bf16 kernel's shape: `warps` warps of 16 keys make a tile, `stages`
+// tiles in the cp.async pipeline. 2 x 3 unless PAGEDRT_DECODE_KERNEL says
+// otherwise (for benchmarks: tools/bench_cuda.py attention_sweep). On an
+// H200, batch 64 x 2,048 / 256 x 1,024 / 512 x 512 took 128.8 / 265.7 / 279.9 us
+// with 2 x 3 against 141.5 / 290.7 / 310.0 with 4 x 3 (docs/results/2026-12-02.md).
+struct DecodeConfig {
+  int warps = 2;
+  int stages = 3;
+};
 struct DecodePlan {
+  DecodeConfig config;
+  // bf16 on CUDA cores (attention_decode_cc.cu) instead of tensor cores: set
+  // for steps of at most one block per SM (batch-1 decode), unless
+  // PAGEDRT_DECODE_KERNEL forces one kernel.
+  bool cuda_cores;
   const DecodeItem* items;  // (num_items)
   int num_items;
   int num_splits;
@@ -123,8 +136,15 @@ struct DecodePlan {
   float* lse_part;
 };
 constexpr int kMaxClusterSplits = 8;  // the portable cluster size
-template <typename T>
-void decode_attention(const AttentionParamsT<T>& p, const DecodePlan& d, cudaStream_t s);
+// bf16: tensor cores, keys in tiles of 16 x DecodeConfig::warps
+// (attention_decode.cu), or CUDA cores where the plan says so; fp32: CUDA cores
+// (attention_decode_cc.cu). kDecodeTile: the largest tile of a configuration.
+constexpr int kDecodeTile = 64;
+void decode_attention(const AttentionParamsT<bf16>& p, const DecodePlan& d, cudaStream_t s);
+void decode_attention_cuda_cores(const AttentionParamsT<bf16>& p, const DecodePlan& d, cudaStream_t s);
+// How many blocks of the bf16 kernel of `config` fit one SM at once.
+int decode_blocks_per_sm(int head_dim, DecodeConfig config);
+void decode_attention(const AttentionParamsT<float>& p, const DecodePlan& d, cudaStream_t s);
 
 // Prefill (bf16 only; the fp32 mode runs every token through the decode
 // kernel): tiles of 64 rows, a row being (query token, query head of the kv
