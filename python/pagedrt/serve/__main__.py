@@ -1,0 +1,6 @@
+"""python -m pagedrt.serve: the same as pagedrt-serve."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

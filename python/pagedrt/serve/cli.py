@@ -1,0 +1,98 @@
+"""pagedrt-serve: an OpenAI-compatible HTTP server on one Runtime.
+
+    pagedrt-serve                                   # the default model, 127.0.0.1:8000
+    pagedrt-serve --model DIR|FILE.gguf --port 8080 --api-key "$KEY"
+
+Every Runtime option is a flag (--max-num-seqs, --kv-cache-bytes, ...; the
+defaults are the engine's RuntimeConfig). Ctrl-C or SIGTERM stops taking
+connections, lets the requests in flight finish, and exits.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import signal
+import sys
+
+from ..runtime import _OPTIONS
+
+_HELP = {
+    "dtype": "weight dtype: auto, float32 or bfloat16",
+    "activation_dtype": "activation and KV-cache dtype: auto, float32 or bfloat16",
+    "kv_cache_bytes": "KV pool cap in bytes (0: 512 MiB on the CPU, else gpu_memory_utilization)",
+    "gpu_memory_utilization": "fraction of free GPU memory for the KV pool",
+    "block_size": "tokens per KV block",
+    "max_num_seqs": "sequences per engine step at most",
+    "max_num_batched_tokens": "tokens per engine step at most",
+    "max_model_len": "prompt plus output tokens at most (0: the model's limit)",
+    "enable_prefix_caching": "share identical prompt prefixes between requests",
+    "num_threads": "CPU threads (0: all cores)",
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    from .._core import RuntimeConfig
+    engine = RuntimeConfig()  # the engine's defaults, not restated here
+    p = argparse.ArgumentParser(prog="pagedrt-serve", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="An OpenAI-compatible HTTP server (chat and text completions, "
+                                            "streaming, /metrics) on a local model.")
+    p.add_argument("--model", default=None, metavar="DIR|FILE.gguf",
+                   help="a Hugging Face model folder or a .gguf file; without it, SmolLM2-135M-Instruct")
+    p.add_argument("--device", default=engine.device, choices=["auto", "cpu", "cuda"], help="where to run")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; 0.0.0.0 exposes the server to the network (use --api-key)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize and /detokenize")
+    p.add_argument("--served-model-name", default=None, metavar="NAME",
+                   help="the model's name in the API (default: the model folder's name)")
+    p.add_argument("--max-queue", type=int, default=1024, metavar="N",
+                   help="answer 503 with Retry-After while this many requests wait for the engine")
+    p.add_argument("--max-body-bytes", type=int, default=8 << 20, metavar="N", help="larger bodies get 413")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    for name in _OPTIONS:
+        if name == "device":
+            continue
+        default = getattr(engine, name)
+        flag = "--" + name.replace("_", "-").replace("num-threads", "threads")
+        if isinstance(default, bool):
+            p.add_argument(flag, dest=name, default=default, action=argparse.BooleanOptionalAction, help=_HELP[name])
+        else:
+            p.add_argument(flag, dest=name, type=type(default), default=default, help=_HELP[name])
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        import uvicorn
+
+        from .app import build_app
+    except ImportError as e:
+        print(f"pagedrt-serve needs the serve extra: pip install 'pagedrt[serve]' ({e})", file=sys.stderr)
+        return 2
+    from .. import Runtime
+    from ..errors import Error
+    options = {name: getattr(args, name) for name in _OPTIONS if name != "device"}
+    try:
+        rt = Runtime(args.model, device=args.device, **options)
+    except (Error, OSError, ValueError) as e:
+        print(f"pagedrt-serve: {e}", file=sys.stderr)
+        return 1
+    # a converted GGUF's cache folder ends in "-" and 12 hex digits of its hash
+    name = args.served_model_name or re.sub(r"-[0-9a-f]{12}$", "", rt.model_path.name)
+    app = build_app(rt, model_name=name, api_key=args.api_key, max_queue=args.max_queue,
+                    max_body_bytes=args.max_body_bytes)
+    print(f"pagedrt-serve: {name} on {rt.model_info.device}, http://{args.host}:{args.port}/v1", file=sys.stderr,
+          flush=True)
+    # uvicorn drains on SIGINT/SIGTERM, then raises the signal again with the
+    # handlers it found: these make that a return, so the engine closes and
+    # the exit status is 0.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    try:
+        uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)).run()
+    finally:
+        rt.close()
+    print("pagedrt-serve: stopped", file=sys.stderr)
+    return 0
