@@ -338,6 +338,19 @@ def test_api_key_and_sigterm_drain(smol):
         s.stop()
 
 
+def test_full_queue_is_503_with_retry_after(smol):
+    """--max-queue N: while N requests wait for the engine, new ones get 503 with
+    Retry-After (N = 0: every one), and nothing reaches the engine."""
+    s = Server(smol, "--max-queue", "0")
+    try:
+        status, text, headers = s.post("/v1/completions", {"prompt": "Hi", "max_tokens": 2})
+        assert status == 503 and headers.get("retry-after") == "1", (status, headers)
+        assert json.loads(text)["error"]["type"] == "server_overloaded"
+        assert s.get("/health")[0] == 200 and s.metric("pagedrt_kv_blocks_used") == 0
+    finally:
+        s.stop()
+
+
 def test_readme_curl_and_openai_examples(server):
     """The README's curl command and openai program, run as written but for the port."""
     text = README.read_text()

@@ -3,7 +3,7 @@
 #
 #   bash tools/gpu_check.sh [STAGE ...]      (from the repo root; default: all stages)
 #
-# Stages: env build optests diag make8b smol tests e2e bench attn harness profile cpuscale abbuild ab
+# Stages: env build optests diag make8b smol tests e2e bench attn serve harness profile cpuscale abbuild ab
 #   env      nvidia-smi, versions
 #   build    pip install --no-build-isolation --no-deps . with PAGEDRT_CUDA=ON
 #   optests  tests/test_cuda.py without the model end-to-end tests (fast)
@@ -16,6 +16,8 @@
 #   bench    tools/bench_cuda.py: ceilings, paged attention, own GEMV vs cuBLASLt, pagedrt (and its
 #            batch-1 TPOT with CUDA graphs / PDL off and on), transformers
 #   attn     tools/bench_cuda.py attention alone (paged decode attention over shapes, the peers)
+#   serve    tools/bench_serve.py on the 8B shape: pagedrt-serve against in-process, 64 streams
+#            (its dependencies' wheels carried in .whl/serve/)
 #   harness  tools/bench.py --device cuda: the project's benchmark harness on the 8B shape
 #   profile  tools/cuda_profile.py: GPU time per kernel (batch-1 decode; 64 x 512/32)
 #   cpuscale the CPU backend on this machine's cores: tools/bench.py latency and batched,
@@ -132,6 +134,17 @@ fi
 if has attn; then
   stage attn
   (cd /tmp && timeout 300 $PY "$OLDPWD/tools/bench_cuda.py" attention "$WORK/attention.json" | grep -v "^attention {")
+fi
+
+if has serve && [ -f "$LLAMA8B/config.json" ]; then
+  stage serve
+  # pagedrt-serve's dependencies from .whl/serve/ (fastapi, uvicorn, prometheus-client and theirs),
+  # into a folder of their own so that the machine's packages stay as they are
+  ls .whl/serve/*.whl >/dev/null 2>&1 && \
+    $PY -m pip install -q --no-deps --no-index --target "$WORK/serve_site" .whl/serve/*.whl 2>&1 | tail -2
+  (cd /tmp && PYTHONPATH="$WORK/serve_site${PYTHONPATH:+:$PYTHONPATH}" timeout $(( $(left) - 20 > 30 ? $(left) - 20 : 30 )) \
+     $PY "$OLDPWD/tools/bench_serve.py" --model "$LLAMA8B" --device cuda --clients 64 --rounds 3 \
+     --json "$OUT/serve_overhead.json" 2>&1 | grep -v "it/s\]")
 fi
 
 if has harness && [ -f "$LLAMA8B/config.json" ]; then
