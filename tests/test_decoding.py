@@ -165,6 +165,30 @@ def test_logprobs_are_log_softmax_of_the_logits(tiny):
     assert abs(out.cumulative_logprob - sum(lp.logprob for lp in out.logprobs)) < 1e-4
 
 
+def test_prompt_logprobs_are_log_softmax_of_the_prompt_logits(tiny):
+    """prompt_logprobs = k: every prompt token after the first gets its logprob
+    under the logits at the position before it (transformers as the oracle) and
+    the top k there, across chunked prefill (max_num_batched_tokens 16 < 40
+    prompt tokens) and a prompt whose prefix is already cached (a request with
+    prompt_logprobs computes its whole prompt)."""
+    path, model = tiny
+    prompt = [(7 * i) % 250 + 3 for i in range(40)]
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([prompt])).logits[0].double(), -1)
+    with runtime(path, max_num_batched_tokens=16) as rt:
+        rt.generate([prompt], temperature=0, max_tokens=2)  # its full blocks go to the prefix cache
+        for _ in range(2):
+            c = rt.generate([prompt], temperature=0, max_tokens=2, prompt_logprobs=2)[0]
+            assert len(c.prompt_logprobs) == len(prompt) - 1
+            for j, lp in enumerate(c.prompt_logprobs, start=1):
+                assert lp.token_id == prompt[j]
+                assert abs(lp.logprob - ref[j - 1, prompt[j]].item()) < 1e-4
+                assert list(lp.top_logprobs) == torch.topk(ref[j - 1], 2).indices.tolist()
+        assert rt.generate([prompt], max_tokens=2)[0].prompt_logprobs is None
+        with pytest.raises(pagedrt.InvalidArgument, match="prompt_logprobs"):
+            rt.submit(prompt, prompt_logprobs=21)
+
+
 def test_too_wide_requests_are_rejected(tiny):
     path, _ = tiny
     with runtime(path, max_num_seqs=4) as rt:

@@ -183,6 +183,13 @@ def test_completions(client, rt):
     lp = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0, logprobs=2).choices[0]
     assert "".join(lp.logprobs.tokens) == lp.text
     assert lp.logprobs.text_offset[0] == 0 and all(len(t) == 2 for t in lp.logprobs.top_logprobs)
+    # echo + logprobs: the prompt's own logprobs first (scoring, as lm-eval-harness asks for them)
+    ev = client.completions.create(model=MODEL, prompt=ids, max_tokens=1, temperature=0, echo=True,
+                                   logprobs=1).choices[0].logprobs
+    assert len(ev.tokens) == len(ids) + 1 and ev.token_logprobs[0] is None and ev.top_logprobs[0] is None
+    ref = rt.generate([ids], max_tokens=1, temperature=0, prompt_logprobs=1)[0].prompt_logprobs
+    assert len(ref) == len(ids) - 1
+    assert all(abs(a - b.logprob) < 1e-3 for a, b in zip(ev.token_logprobs[1:len(ids)], ref))
     s = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0, stream=True))
     assert "".join(c.choices[0].text for c in s if c.choices) == want.text
 

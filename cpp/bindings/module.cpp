@@ -152,6 +152,7 @@ NB_MODULE(_core, m) {
       .def_rw("ignore_eos", &SP::ignore_eos)
       .def_rw("stop_token_ids", &SP::stop_token_ids)
       .def_rw("logprobs", &SP::logprobs)
+      .def_rw("prompt_logprobs", &SP::prompt_logprobs)
       .def_rw("logit_bias", &SP::logit_bias)
       .def_rw("beam_width", &SP::beam_width)
       .def_rw("length_penalty", &SP::length_penalty)
@@ -183,6 +184,7 @@ NB_MODULE(_core, m) {
       .ro("num_preemptions", &pagedrt::Event::num_preemptions)
       .ro("time", &pagedrt::Event::time)
       .ro("logprobs", &pagedrt::Event::logprobs)
+      .ro("prompt_logprobs", &pagedrt::Event::prompt_logprobs)
       .ro("cumulative_logprob", &pagedrt::Event::cumulative_logprob)
       .ro("score", &pagedrt::Event::score)
       .prop("logits", &event_logits);

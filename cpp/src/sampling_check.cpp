@@ -34,6 +34,8 @@ void check_sampling_params(const SamplingParams& p, int64_t vocab, int32_t max_n
     fail("min_tokens must be in [0, max_tokens], got " + std::to_string(p.min_tokens));
   if (p.logprobs && (*p.logprobs < 0 || *p.logprobs > 20))
     fail("logprobs must be in [0, 20] (or unset), got " + std::to_string(*p.logprobs));
+  if (p.prompt_logprobs && (*p.prompt_logprobs < 0 || *p.prompt_logprobs > 20))
+    fail("prompt_logprobs must be in [0, 20] (or unset), got " + std::to_string(*p.prompt_logprobs));
   for (int32_t t : p.stop_token_ids)
     if (t < 0 || t >= vocab) fail("stop_token_ids has " + std::to_string(t) + ", outside the vocabulary");
   for (const auto& [t, b] : p.logit_bias) {
@@ -46,6 +48,7 @@ void check_sampling_params(const SamplingParams& p, int64_t vocab, int32_t max_n
     if (!finite(p.length_penalty)) fail("length_penalty must be finite");
     if (p.early_stopping < 0 || p.early_stopping > 2) fail("early_stopping must be false, true or \"never\"");
     if (p.return_logits) fail("return_logits is not supported with beam search");
+    if (p.prompt_logprobs) fail("prompt_logprobs is not supported with beam search");
   }
   const int32_t width = std::max(p.n, p.beam_width);
   if (width > max_num_seqs)

@@ -36,6 +36,9 @@ class Event:
     time: float = 0.0               # when the engine emitted it, on time.monotonic()'s clock
     logprobs: Optional[list[TokenLogprob]] = None
     cumulative_logprob: Optional[float] = None
+    #: prompt_logprobs set: prompt tokens 1, 2, ... as their positions are computed
+    #: (all of them by the first event with a generated token)
+    prompt_logprobs: Optional[list[TokenLogprob]] = None
     score: Optional[float] = None   # beams: cumulative_logprob / length ** length_penalty
     logits: Optional[np.ndarray] = None  # return_logits only: (rows, vocab)
 
@@ -64,6 +67,8 @@ class Completion:
     outputs: list[CompletionOutput]
     error: Optional[str] = None
     num_preemptions: int = 0
+    #: prompt_logprobs set: one per prompt token after the first
+    prompt_logprobs: Optional[list[TokenLogprob]] = None
 
     @property
     def text(self) -> str:

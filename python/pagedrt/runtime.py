@@ -54,10 +54,10 @@ class _RequestState:
         d = self._detok(ce.index)
         tokens, finished, reason = list(ce.token_ids), ce.finished, ce.finish_reason
         text = d.push(tokens, final=finished) if d else ""
-        logprobs = None
-        if self.params.logprobs is not None:
-            logprobs = [TokenLogprob(lp.token, lp.logprob, dict(zip(lp.top_ids, lp.top_logprobs)))
-                        for lp in ce.logprobs]
+        def convert(lps):
+            return [TokenLogprob(lp.token, lp.logprob, dict(zip(lp.top_ids, lp.top_logprobs))) for lp in lps]
+        logprobs = convert(ce.logprobs) if self.params.logprobs is not None else None
+        prompt_logprobs = convert(ce.prompt_logprobs) if self.params.prompt_logprobs is not None else None
         if d is not None and d.stopped and not finished:
             # A stop string matched in this event's text: end the sequence here,
             # keep the tokens through the one that completed it, stop the engine's copy.
@@ -71,6 +71,7 @@ class _RequestState:
             finish_reason=reason if finished else None,
             request_finished=(ce.request_finished and finished) or len(self.finished) >= self.expected,
             num_preemptions=ce.num_preemptions, error=ce.error, time=ce.time, logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             cumulative_logprob=ce.cumulative_logprob if tracked else None,
             score=ce.score if self.params.beam_width > 1 else None, logits=ce.logits)
 
@@ -83,6 +84,8 @@ def _accumulate(c: Completion, parts: dict[int, CompletionOutput], ev: Event) ->
     if ev.logprobs is not None:
         out.logprobs = (out.logprobs or []) + ev.logprobs
     out.cumulative_logprob, out.score = ev.cumulative_logprob, ev.score
+    if ev.prompt_logprobs:
+        c.prompt_logprobs = (c.prompt_logprobs or []) + ev.prompt_logprobs
     c.num_preemptions = ev.num_preemptions
     if ev.finished:
         out.finish_reason = ev.finish_reason

@@ -42,6 +42,9 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     logprobs: Optional[int] = None
+    #: the logprob of every prompt token after the first (and the top k at its
+    #: position), on Event.prompt_logprobs; such a request reuses no cached prefix
+    prompt_logprobs: Optional[int] = None
     logit_bias: dict[int, float] = field(default_factory=dict)
     skip_special_tokens: bool = True
     beam_width: int = 1
@@ -97,6 +100,7 @@ class SamplingParams:
         p.ignore_eos = bool(self.ignore_eos)
         p.stop_token_ids = [whole("stop_token_ids[]", t) for t in self.stop_token_ids]
         p.logprobs = None if self.logprobs is None else whole("logprobs", self.logprobs)
+        p.prompt_logprobs = None if self.prompt_logprobs is None else whole("prompt_logprobs", self.prompt_logprobs)
         if not isinstance(self.logit_bias, dict):
             raise InvalidArgument("logit_bias must be a dict {token_id: bias}")
         p.logit_bias = [(whole("logit_bias key", int(k) if isinstance(k, str) and k.lstrip('-').isdigit() else k),

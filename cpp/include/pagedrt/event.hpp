@@ -34,6 +34,10 @@ struct Event {
   double time = 0.0;                 // when the engine emitted it: steady clock seconds
                                      // (CLOCK_MONOTONIC on Linux, as Python's time.monotonic())
   std::vector<TokenLogprob> logprobs;  // one per token in token_ids (logprobs set)
+  // SamplingParams::prompt_logprobs set: prompt tokens 1, 2, ... (token 0 has
+  // no context), in order, as their positions are computed; all of them have
+  // come by the first event that carries a generated token.
+  std::vector<TokenLogprob> prompt_logprobs;
   double cumulative_logprob = 0.0;   // sum of the sequence's token logprobs so far (logprobs set, or beams)
   double score = 0.0;                // beams: cumulative_logprob / length ** length_penalty
 

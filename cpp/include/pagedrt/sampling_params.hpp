@@ -40,6 +40,10 @@ struct SamplingParams {
   bool ignore_eos = false;              // keep going past the model's eos ids
   std::vector<int32_t> stop_token_ids;  // extra token ids that end a sequence (kept)
   std::optional<int32_t> logprobs;      // set (0..20): the chosen token's logprob and the top k
+  // set (0..20): the logprob of every prompt token after the first, and the
+  // top k at its position (Event::prompt_logprobs). Such a request computes
+  // its whole prompt: it reuses no cached prefix.
+  std::optional<int32_t> prompt_logprobs;
   std::vector<std::pair<int32_t, float>> logit_bias;  // token id -> added to its logit
 
   int32_t beam_width = 1;               // > 1: beam search (greedy; temperature ignored)

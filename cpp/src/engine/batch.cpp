@@ -26,9 +26,12 @@ void Batch::build(const SchedulerOutput& sched, int32_t block_size) {
     LogitsSlice slice;
     slice.first_row = static_cast<int32_t>(logits_indices_.size());
     slice.samples = end == r.num_tokens();
-    // return_logits: every position not reported yet; else only the sampled row.
+    // return_logits (or prompt_logprobs, over the prompt): every position not
+    // reported yet; else only the sampled row.
     int64_t from = slice.samples ? end - 1 : end;
-    if (s.req->params.return_logits) from = std::max(start, std::min(from, r.logits_reported));
+    const SamplingParams& sp = s.req->params;
+    if (sp.return_logits || (sp.prompt_logprobs && r.logits_reported < s.req->prompt_len - 1))
+      from = std::max(start, std::min(from, r.logits_reported));
     slice.first_pos = from;
     const int32_t base = query_start_[query_start_.size() - 2];
     for (int64_t p = from; p < end; ++p) logits_indices_.push_back(base + static_cast<int32_t>(p - start));

@@ -15,7 +15,7 @@ OutputProcessor::OutputProcessor(const OutputConfig& config, KvCacheManager& kv,
 bool OutputProcessor::greedy_only(const SchedulerOutput& step) const {
   for (const ScheduledSeq& s : step.scheduled) {
     const SamplingParams& p = s.req->params;
-    if (p.return_logits || p.is_beam_search() || p.logprobs || p.n != 1) return false;
+    if (p.return_logits || p.prompt_logprobs || p.is_beam_search() || p.logprobs || p.n != 1) return false;
     if (p.temperature != 0.0f || Sampler::needs_processing(p, s.req->num_generated(*s.seq))) return false;
   }
   return true;
@@ -61,10 +61,23 @@ bool OutputProcessor::advance(const ScheduledSeq& sc, const LogitsSlice& slice, 
   kv_.note_computed(s.blocks, s.num_computed, s.num_computed + sc.num_new_tokens);
   s.num_computed += sc.num_new_tokens;
   kv_.cache_full_blocks(s.blocks, s.tokens.data(), s.num_computed);
-  if (r.params.return_logits && slice.num_rows > 0) {
+  if ((r.params.return_logits || r.params.prompt_logprobs) && slice.num_rows > 0) {
     const float* rows = out.row(slice.first_row);
-    s.new_logits.insert(s.new_logits.end(), rows, rows + static_cast<int64_t>(slice.num_rows) * out.vocab);
-    s.new_logit_rows += slice.num_rows;
+    if (r.params.prompt_logprobs) {
+      // Row i holds the logits at position first_pos + i, which predict the
+      // token after it: prompt tokens only (the sampled row predicts output).
+      std::vector<float> lp;
+      for (int32_t i = 0; i < slice.num_rows; ++i) {
+        const int64_t next = slice.first_pos + i + 1;
+        if (next >= r.prompt_len) break;
+        Sampler::log_softmax(rows + static_cast<int64_t>(i) * out.vocab, out.vocab, lp);
+        s.new_prompt_logprobs.push_back(Sampler::token_logprob(lp, s.tokens[next], *r.params.prompt_logprobs));
+      }
+    }
+    if (r.params.return_logits) {
+      s.new_logits.insert(s.new_logits.end(), rows, rows + static_cast<int64_t>(slice.num_rows) * out.vocab);
+      s.new_logit_rows += slice.num_rows;
+    }
     s.logits_reported = slice.first_pos + slice.num_rows;
   }
   if (!slice.samples) {
@@ -206,6 +219,7 @@ Event OutputProcessor::make_event(Request& r, Sequence& s, bool finished, bool r
   ev.index = s.index;
   ev.token_ids.swap(s.new_tokens);
   ev.logprobs.swap(s.new_logprobs);
+  ev.prompt_logprobs.swap(s.new_prompt_logprobs);
   ev.logits.swap(s.new_logits);
   ev.logit_rows = s.new_logit_rows;
   s.new_logit_rows = 0;

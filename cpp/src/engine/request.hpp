@@ -34,11 +34,12 @@ struct Sequence {
   Rng rng;
   double cum_logprob = 0.0;          // sum of generated tokens' logprobs (when tracked)
   std::vector<float> beam_logprobs;  // beams: log-softmax row held until the group step
-  int64_t logits_reported = 0;       // positions whose logits went out (return_logits)
+  int64_t logits_reported = 0;       // positions whose logits went out (return_logits, prompt_logprobs)
 
   // What the next event carries.
   std::vector<int32_t> new_tokens;
   std::vector<TokenLogprob> new_logprobs;
+  std::vector<TokenLogprob> new_prompt_logprobs;  // prompt_logprobs: since the last event
   std::vector<float> new_logits;     // (rows, vocab), only with params.return_logits
   int32_t new_logit_rows = 0;
 

@@ -70,8 +70,9 @@ SchedulerOutput Scheduler::schedule() {
     Request* req = waiting_.front();
     if (live_seqs() + req->seqs.size() > static_cast<size_t>(config_.max_num_seqs) && !running_.empty()) break;
     int64_t hit_tokens = 0;
+    // prompt_logprobs needs every prompt position computed: no cached prefix.
     for (auto& s : req->seqs)
-      if (s->blocks.table.empty()) {
+      if (s->blocks.table.empty() && !req->params.prompt_logprobs) {
         s->num_computed = kv_.acquire_cached_prefix(s->blocks, s->tokens.data(), s->num_tokens());
         hit_tokens += s->num_computed;
       }

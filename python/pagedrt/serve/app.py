@@ -233,8 +233,11 @@ class _Server:
         echo = P.typed(body, "echo", (bool,), False)
         longest = max(len(ids) for ids in prompts)
         params = P.sampling_params(body, chat=False, prompt_len=longest, max_model_len=self.max_model_len)
-        if echo and params.logprobs is not None:
-            raise P.bad("echo", "echo with logprobs is not supported (no prompt logprobs)")
+        echo_lp = echo and params.logprobs is not None  # the prompt's logprobs too (scoring, lm-eval)
+        if echo_lp and stream:
+            raise P.bad("echo", "echo with logprobs is answered without streaming only")
+        if echo_lp:
+            params = params.replace(prompt_logprobs=params.logprobs)
         self.admit()
         r = _Request(self, params.n)
         for ids in prompts:
@@ -248,18 +251,23 @@ class _Server:
                                      media_type="text/event-stream")
         n_choices = len(prompts) * params.n
         texts = {i: echoes[i // params.n] for i in range(n_choices)}
-        lps, reasons = {}, {}
+        lps, reasons, prompt_lps = {}, {}, {}
         try:
             async for ev in r.events(request):
                 i = r.choice(ev)
+                if ev.prompt_logprobs:
+                    prompt_lps.setdefault(i // params.n, []).extend(ev.prompt_logprobs)
                 texts[i] += ev.text
                 lps.setdefault(i, []).extend(ev.logprobs or [])
                 if ev.finished:
                     reasons[i] = P.finish_reason(ev.finish_reason)
         finally:
             r.close()
-        choices = [{"index": i, "text": texts[i],
-                    "logprobs": P.completion_logprobs(lps.get(i, []), self.text, 0) if want_lp else None,
+        def logprobs(i):
+            k = i // params.n
+            prompt = (prompts[k], prompt_lps.get(k, [])) if echo_lp else None
+            return P.completion_logprobs(lps.get(i, []), self.text, 0, prompt)
+        choices = [{"index": i, "text": texts[i], "logprobs": logprobs(i) if want_lp else None,
                     "finish_reason": reasons.get(i)} for i in range(n_choices)]
         return JSONResponse({**head, "choices": choices, "usage": P.usage(r.prompt_tokens, r.completion_tokens)})
 

@@ -203,14 +203,24 @@ def chat_logprobs(lps: list[TokenLogprob], text: TokenText) -> dict:
                         for lp in lps]}
 
 
-def completion_logprobs(lps: list[TokenLogprob], text: TokenText, offset: int) -> dict:
+def completion_logprobs(lps: list[TokenLogprob], text: TokenText, offset: int,
+                        prompt: Optional[tuple[list[int], list[TokenLogprob]]] = None) -> dict:
+    """The legacy logprobs object; with `prompt` (echo: its token ids and their
+    prompt logprobs) the prompt's tokens come first, the first one without a
+    logprob (it has no context)."""
+    entries: list[tuple[int, Optional[float], Optional[dict]]] = []
+    if prompt is not None:
+        ids, plps = prompt
+        entries.append((ids[0], None, None))
+        entries += [(lp.token_id, lp.logprob, lp.top_logprobs) for lp in plps]
+    entries += [(lp.token_id, lp.logprob, lp.top_logprobs) for lp in lps]
     tokens, offsets = [], []
-    for lp in lps:
+    for token_id, _, _ in entries:
         offsets.append(offset)
-        tokens.append(text(lp.token_id))
+        tokens.append(text(token_id))
         offset += len(tokens[-1])
-    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
-            "top_logprobs": [{text(t): v for t, v in lp.top_logprobs.items()} for lp in lps],
+    return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries],
+            "top_logprobs": [None if top is None else {text(t): v for t, v in top.items()} for _, _, top in entries],
             "text_offset": offsets}
 
 
