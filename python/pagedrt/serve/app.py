@@ -200,25 +200,37 @@ class _Server:
         return JSONResponse({**head, "object": "chat.completion", "choices": choices,
                              "usage": P.usage(r.prompt_tokens, r.completion_tokens)})
 
-    async def _chat_stream(self, request, r: _Request, head, want_lp, include_usage) -> AsyncIterator[str]:
-        chunk = {**head, "object": "chat.completion.chunk"}
+    async def _stream(self, request, r: _Request, head: dict, opening: list, choice, include_usage: bool
+                      ) -> AsyncIterator[str]:
+        """Server-sent events: the opening choices, then choice(event) for each
+        event (None: nothing to send), the usage chunk when asked, [DONE]; an
+        engine fault as an error object. The engine requests are closed
+        whatever happens (a client gone mid-stream cancels this generator)."""
         try:
-            for i in range(r.n):
-                yield _sse({**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                  "logprobs": None, "finish_reason": None}]})
+            for c in opening:
+                yield _sse({**head, "choices": [c]})
             async for ev in r.events(request):
-                lp = P.chat_logprobs(ev.logprobs, self.text) if want_lp and ev.logprobs else None
-                if ev.text or lp or ev.finished:
-                    yield _sse({**chunk, "choices": [{
-                        "index": r.choice(ev), "delta": {"content": ev.text} if ev.text else {}, "logprobs": lp,
-                        "finish_reason": P.finish_reason(ev.finish_reason) if ev.finished else None}]})
+                c = choice(ev)
+                if c is not None:
+                    yield _sse({**head, "choices": [c]})
             if include_usage:
-                yield _sse({**chunk, "choices": [], "usage": P.usage(r.prompt_tokens, r.completion_tokens)})
+                yield _sse({**head, "choices": [], "usage": P.usage(r.prompt_tokens, r.completion_tokens)})
             yield "data: [DONE]\n\n"
         except APIError as e:
             yield _sse(e.body())
         finally:
             r.close()
+
+    def _chat_stream(self, request, r: _Request, head, want_lp, include_usage) -> AsyncIterator[str]:
+        def choice(ev):
+            lp = P.chat_logprobs(ev.logprobs, self.text) if want_lp and ev.logprobs else None
+            if not (ev.text or lp or ev.finished):
+                return None
+            return {"index": r.choice(ev), "delta": {"content": ev.text} if ev.text else {}, "logprobs": lp,
+                    "finish_reason": P.finish_reason(ev.finish_reason) if ev.finished else None}
+        opening = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                    "finish_reason": None} for i in range(r.n)]
+        return self._stream(request, r, {**head, "object": "chat.completion.chunk"}, opening, choice, include_usage)
 
     # -- completions ----------------------------------------------------------------------
     async def completions(self, request: Request) -> Response:
@@ -271,30 +283,20 @@ class _Server:
                     "finish_reason": reasons.get(i)} for i in range(n_choices)]
         return JSONResponse({**head, "choices": choices, "usage": P.usage(r.prompt_tokens, r.completion_tokens)})
 
-    async def _completion_stream(self, request, r, head, echoes, want_lp, include_usage) -> AsyncIterator[str]:
-        offsets: dict[int, int] = {}
-        try:
-            for i in range(len(echoes) * r.n):
-                if echoes[i // r.n]:
-                    yield _sse({**head, "choices": [{"index": i, "text": echoes[i // r.n], "logprobs": None,
-                                                     "finish_reason": None}]})
-            async for ev in r.events(request):
-                i = r.choice(ev)
-                lp = None
-                if want_lp and ev.logprobs:
-                    lp = P.completion_logprobs(ev.logprobs, self.text, offsets.get(i, 0))
-                offsets[i] = offsets.get(i, 0) + len(ev.text)
-                if ev.text or lp or ev.finished:
-                    yield _sse({**head, "choices": [{
-                        "index": i, "text": ev.text, "logprobs": lp,
-                        "finish_reason": P.finish_reason(ev.finish_reason) if ev.finished else None}]})
-            if include_usage:
-                yield _sse({**head, "choices": [], "usage": P.usage(r.prompt_tokens, r.completion_tokens)})
-            yield "data: [DONE]\n\n"
-        except APIError as e:
-            yield _sse(e.body())
-        finally:
-            r.close()
+    def _completion_stream(self, request, r, head, echoes, want_lp, include_usage) -> AsyncIterator[str]:
+        offsets: dict[int, int] = {}  # text sent so far per choice (logprobs' text_offset)
+
+        def choice(ev):
+            i = r.choice(ev)
+            lp = P.completion_logprobs(ev.logprobs, self.text, offsets.get(i, 0)) if want_lp and ev.logprobs else None
+            offsets[i] = offsets.get(i, 0) + len(ev.text)
+            if not (ev.text or lp or ev.finished):
+                return None
+            return {"index": i, "text": ev.text, "logprobs": lp,
+                    "finish_reason": P.finish_reason(ev.finish_reason) if ev.finished else None}
+        opening = [{"index": i, "text": echoes[i // r.n], "logprobs": None, "finish_reason": None}
+                   for i in range(len(echoes) * r.n) if echoes[i // r.n]]
+        return self._stream(request, r, head, opening, choice, include_usage)
 
     # -- the rest -------------------------------------------------------------------------
     async def tokenize(self, request: Request) -> Response:
