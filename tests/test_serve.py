@@ -194,6 +194,26 @@ def test_completions(client, rt):
     assert "".join(c.choices[0].text for c in s if c.choices) == want.text
 
 
+def test_structured_output(client):
+    """response_format json_schema / json_object and vLLM's guided_choice and
+    guided_regex; an invalid one is a 400 naming it."""
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"],
+              "additionalProperties": False}
+    r = client.chat.completions.create(model=MODEL, messages=Q, max_tokens=40, temperature=0,
+                                       response_format={"type": "json_schema",
+                                                        "json_schema": {"name": "answer", "schema": schema}})
+    if r.choices[0].finish_reason == "stop":
+        assert set(json.loads(r.choices[0].message.content)) == {"city"}
+    r = client.chat.completions.create(model=MODEL, messages=Q, max_tokens=5, temperature=0,
+                                       extra_body={"guided_choice": ["Paris", "Lyon"]})
+    assert r.choices[0].message.content in ("Paris", "Lyon")
+    r = client.completions.create(model=MODEL, prompt="The year is", max_tokens=6, temperature=0,
+                                  extra_body={"guided_regex": " [0-9]{4}"})
+    assert re.fullmatch(r" [0-9]{4}", r.choices[0].text)
+    with pytest.raises(openai.BadRequestError, match="regex"):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=2, extra_body={"guided_regex": "[0-9"})
+
+
 def test_models_tokenize_detokenize_metrics(server, rt):
     status, body, _ = server.get("/v1/models")
     assert status == 200 and json.loads(body)["data"][0]["id"] == MODEL

@@ -110,6 +110,45 @@ nb::object event_logits(const pagedrt::Event& ev) {
   return nb::cast(nb::ndarray<nb::numpy, float, nb::ndim<2>>(data->data(), 2, shape, owner));
 }
 
+// A TokenMaskProvider made of two Python callables: fill(rows, vocab) and
+// release(request_id). The engine calls them from its own threads: each call
+// takes the GIL, and none is made once the interpreter is finalizing.
+class PyMaskProvider final : public pagedrt::TokenMaskProvider {
+ public:
+  PyMaskProvider(nb::object fill, nb::object release) : fill_(std::move(fill)), release_(std::move(release)) {}
+  ~PyMaskProvider() override {
+    if (py_finalizing()) {  // no GIL to be had: leak the two references
+      fill_.release();
+      release_.release();
+      return;
+    }
+    nb::gil_scoped_acquire gil;
+    fill_.reset();
+    release_.reset();
+  }
+  void fill(std::vector<pagedrt::MaskRow>& rows, int64_t vocab) override {
+    if (py_finalizing()) throw std::runtime_error("the Python interpreter is exiting");
+    nb::gil_scoped_acquire gil;
+    try {
+      fill_(rows, vocab);
+    } catch (nb::python_error& e) {
+      throw std::runtime_error(e.what());  // the message, without the Python exception (GIL-bound)
+    }
+  }
+  void release(const std::string& request_id) override {
+    if (py_finalizing()) return;
+    nb::gil_scoped_acquire gil;
+    try {
+      release_(request_id);
+    } catch (nb::python_error& e) {
+      e.discard_as_unraisable("pagedrt token mask provider release");
+    }
+  }
+
+ private:
+  nb::object fill_, release_;
+};
+
 }  // namespace
 
 NB_MODULE(_core, m) {
@@ -153,6 +192,7 @@ NB_MODULE(_core, m) {
       .def_rw("stop_token_ids", &SP::stop_token_ids)
       .def_rw("logprobs", &SP::logprobs)
       .def_rw("prompt_logprobs", &SP::prompt_logprobs)
+      .def_rw("masked", &SP::masked)
       .def_rw("logit_bias", &SP::logit_bias)
       .def_rw("beam_width", &SP::beam_width)
       .def_rw("length_penalty", &SP::length_penalty)
@@ -160,6 +200,24 @@ NB_MODULE(_core, m) {
       .def_rw("return_logits", &SP::return_logits)
       .def("validate", [](const SP& p) { pagedrt::validate(p); },
            "Raises InvalidArgument naming the field for a value out of range.");
+
+  nb::class_<pagedrt::MaskRow>(m, "MaskRow",
+                                "One sampling row of a masked request (valid only during fill()).")
+      .def_ro("request_id", &pagedrt::MaskRow::request_id)
+      .def_ro("index", &pagedrt::MaskRow::index)
+      .def_prop_ro("generated",
+                   [](const pagedrt::MaskRow& r) {
+                     return std::vector<int32_t>(r.generated, r.generated + r.num_generated);
+                   },
+                   "the sequence's output tokens so far")
+      .def_prop_ro("mask_address",
+                   [](const pagedrt::MaskRow& r) { return reinterpret_cast<uintptr_t>(r.mask); },
+                   "address of the row's mask: (vocab + 31) // 32 uint32 words, zeroed; bit t allows token t")
+      .def("mask", [](const pagedrt::MaskRow& r, int64_t vocab) {
+             const size_t words = static_cast<size_t>((vocab + 31) / 32);
+             return nb::ndarray<nb::numpy, uint32_t, nb::ndim<1>>(r.mask, {words}, nb::handle());
+           }, "vocab"_a, nb::rv_policy::reference,
+           "the mask as a uint32 numpy array viewing the engine's buffer (during fill() only)");
 
   Fields<pagedrt::TokenLogprob>(m, "TokenLogprob")
       .ro("token", &pagedrt::TokenLogprob::token)
@@ -273,6 +331,15 @@ NB_MODULE(_core, m) {
       .def("stop_sequence", &pagedrt::Runtime::stop_sequence, "request_id"_a, "index"_a,
            nb::call_guard<ReleaseGil>())
       .def("release", &pagedrt::Runtime::release, "request_id"_a, nb::call_guard<ReleaseGil>())
+      .def("set_token_mask_provider",
+           [](pagedrt::Runtime& rt, nb::object fill, nb::object release) {
+             if (fill.is_none()) return rt.set_token_mask_provider(nullptr);  // drop the callables
+             rt.set_token_mask_provider(std::make_shared<PyMaskProvider>(std::move(fill), std::move(release)));
+           },
+           "fill"_a.none(), "release"_a.none(),
+           "Masks for SamplingParams.masked requests: fill(rows: list[MaskRow], vocab) sets the allowed "
+           "bits of each row's mask (called from an engine thread while the step's forward runs); "
+           "release(request_id) when a masked request has ended.")
       .def("stats", &pagedrt::Runtime::stats)
       .def("model_info", &pagedrt::Runtime::model_info)
       .def("close", &pagedrt::Runtime::close, nb::call_guard<ReleaseGil>());

@@ -185,6 +185,8 @@ std::string Runtime::submit(const std::vector<int32_t>& prompt, const SamplingPa
       bad_arg(where + "prompt token " + std::to_string(prompt[i]) + " at index " + std::to_string(i) +
               " is outside the vocabulary [0, " + std::to_string(m.info.vocab_size) + ")");
   check_sampling_params(params, m.info.vocab_size, m.config.max_num_seqs, where);
+  if (params.masked && !m.engine->has_mask_provider())
+    bad_arg(where + "masked (constrained) decoding needs a TokenMaskProvider (Runtime::set_token_mask_provider)");
   const int64_t len = static_cast<int64_t>(prompt.size());
   if (len + params.max_tokens > m.info.max_model_len)
     bad_arg(where + "prompt (" + std::to_string(len) + " tokens) + max_tokens (" +
@@ -230,6 +232,10 @@ bool Runtime::stop_sequence(const std::string& request_id, int32_t index) {
 }
 
 bool Runtime::release(const std::string& request_id) { return impl_->engine->release(request_id); }
+
+void Runtime::set_token_mask_provider(std::shared_ptr<TokenMaskProvider> provider) {
+  impl_->engine->set_mask_provider(std::move(provider));
+}
 
 Stats Runtime::stats() const { return impl_->engine->stats(); }
 

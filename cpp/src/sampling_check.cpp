@@ -49,6 +49,7 @@ void check_sampling_params(const SamplingParams& p, int64_t vocab, int32_t max_n
     if (p.early_stopping < 0 || p.early_stopping > 2) fail("early_stopping must be false, true or \"never\"");
     if (p.return_logits) fail("return_logits is not supported with beam search");
     if (p.prompt_logprobs) fail("prompt_logprobs is not supported with beam search");
+    if (p.masked) fail("constrained decoding (masked) is not supported with beam search");
   }
   const int32_t width = std::max(p.n, p.beam_width);
   if (width > max_num_seqs)

@@ -11,6 +11,7 @@ Ctrl-C stops the current answer; Ctrl-D or /quit leaves.
 from __future__ import annotations
 
 import argparse
+import pathlib
 import signal
 import sys
 import time
@@ -19,7 +20,9 @@ HELP = """commands:
   /help               this list
   /reset              forget the conversation (keeps the system prompt)
   /system TEXT        set the system prompt (and reset)
-  /set PARAM VALUE    change a sampling parameter, e.g. /set temperature 0.2, /set max_tokens 64
+  /set PARAM VALUE    change a sampling parameter, e.g. /set temperature 0.2, /set max_tokens 64;
+                      structured answers: /set json_schema FILE, /set regex RE, /set choice a,b,c,
+                      /set grammar FILE (Lark or GBNF), /set json_object on (PARAM off to undo)
   /stats              KV-cache blocks, waste, prefix-cache hits, preemptions, speed
   /quit               leave (or Ctrl-D)
 input: end a line with \\ to continue it; a line with just \"\"\" starts/ends a block.
@@ -163,8 +166,14 @@ def _set_param(params, arg: str):
     current = getattr(params, name, None)
     if name not in params.__dataclass_fields__:
         raise InvalidArgument(f"unknown sampling parameter {name!r}")
-    if value.lower() in ("none", "off") and name in ("seed", "logprobs", "stop"):
+    if value.lower() in ("none", "off") and name in ("seed", "logprobs", "stop", "json_schema", "regex", "choice",
+                                                       "grammar"):
         parsed = None
+    elif name in ("json_schema", "grammar"):  # a file, or the text itself
+        path = pathlib.Path(value).expanduser()
+        parsed = path.read_text() if path.is_file() else value
+    elif name == "choice":
+        parsed = [c.strip() for c in value.split(",") if c.strip()]
     elif isinstance(current, bool):
         parsed = value.lower() in ("1", "true", "yes", "on")
     elif name in ("seed", "logprobs") or isinstance(current, int):
@@ -175,6 +184,10 @@ def _set_param(params, arg: str):
         parsed = value
     new = params.replace(**{name: parsed})
     new._to_core()  # checks the value, naming the field
+    from .structured import constraint_of, grammar_of
+    constraint = constraint_of(new)  # one constraint at most; it must compile
+    if constraint is not None:
+        grammar_of(*constraint)
     return new
 
 

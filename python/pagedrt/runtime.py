@@ -16,6 +16,7 @@ import asyncio
 import os
 import sys
 import threading
+import uuid
 from typing import AsyncIterator, Iterable, Iterator, Sequence, Union
 
 from . import _core
@@ -24,6 +25,7 @@ from .errors import InvalidArgument
 from .models import resolve_model
 from .outputs import Completion, CompletionOutput, Event, TokenLogprob
 from .sampling_params import SamplingParams
+from .structured import Constraints, constraint_of, grammar_of
 from .tokenizer import Tokenizer
 
 Prompt = Union[str, Sequence[int], Sequence[dict]]
@@ -174,6 +176,7 @@ class Runtime:
         self.model_info = self._rt.model_info()
         self._lock = threading.Lock()
         self._states: dict[str, _RequestState] = {}
+        self._structured: Constraints | None = None
 
     # -- requests ---------------------------------------------------------------------
     def encode_prompt(self, prompt: Prompt) -> list[int]:
@@ -219,10 +222,29 @@ class Runtime:
             raise InvalidArgument("stop strings need a tokenizer; this model folder has none")
         ids = self.encode_prompt(prompt)
         core = params._to_core()
-        with self._lock:  # registered before any poller can see its events
-            rid = self._rt.submit(ids, core, request_id or "", by_id)
-            self._states[rid] = _RequestState(self, params, ids)
+        constraint = constraint_of(params)
+        if constraint is not None:  # its matcher exists before the engine can ask for a mask
+            grammar = grammar_of(*constraint)
+            request_id = request_id or f"c{uuid.uuid4().hex}"
+            self._constraints().add(request_id, grammar)
+        try:
+            with self._lock:  # registered before any poller can see its events
+                rid = self._rt.submit(ids, core, request_id or "", by_id)
+                self._states[rid] = _RequestState(self, params, ids)
+        except BaseException:
+            if constraint is not None:
+                self._constraints().release(request_id)
+            raise
         return rid
+
+    def _constraints(self) -> Constraints:
+        """The structured-output matchers, made (and given to the engine) on first use."""
+        with self._lock:
+            if self._structured is None:
+                eos = (self.model_info.eos_token_ids or [0])[0]
+                self._structured = Constraints(self.model_path, self.model_info.vocab_size, eos)
+                self._rt.set_token_mask_provider(self._structured.fill, self._structured.release)
+            return self._structured
 
     def poll(self, request_id: str | Sequence[str] | None = None, timeout: float = 0.0) -> list[Event]:
         """Events of one request (``poll(rid)``), of several (``poll([rid, ...])``),
@@ -358,6 +380,8 @@ class Runtime:
         The weights and the KV cache (host or GPU memory) are freed here, not
         when the object is collected."""
         self._rt.close()
+        if self._structured is not None:  # the engine holds the matchers' callables until then
+            self._rt.set_token_mask_provider(None, None)
 
     def __enter__(self) -> "Runtime":
         return self

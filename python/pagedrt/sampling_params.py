@@ -47,6 +47,15 @@ class SamplingParams:
     prompt_logprobs: Optional[int] = None
     logit_bias: dict[int, float] = field(default_factory=dict)
     skip_special_tokens: bool = True
+    #: Structured output (at most one; pagedrt.structured, enforced by llguidance in
+    #: the sampler): a JSON schema (dict or its text), any JSON object, a regex
+    #: the whole answer matches, one of a list of strings, or a Lark grammar
+    #: (llama.cpp GBNF is converted).
+    json_schema: Union[dict, str, None] = None
+    json_object: bool = False
+    regex: Optional[str] = None
+    choice: Optional[list[str]] = None
+    grammar: Optional[str] = None
     beam_width: int = 1
     length_penalty: float = 1.0
     early_stopping: Union[bool, str] = False
@@ -117,5 +126,7 @@ class SamplingParams:
         if self.stop_strings and self.beam_width > 1:
             raise InvalidArgument("stop strings are not supported with beam search (use stop_token_ids)")
         p.return_logits = bool(self.return_logits)
+        from .structured import constraint_of
+        p.masked = constraint_of(self) is not None
         p.validate()  # ranges, each named, in C++; token ids are checked at submit
         return p

@@ -6,3 +6,4 @@
 #include "pagedrt/runtime.hpp"
 #include "pagedrt/sampling_params.hpp"
 #include "pagedrt/stats.hpp"
+#include "pagedrt/token_mask.hpp"

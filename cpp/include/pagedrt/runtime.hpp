@@ -32,6 +32,7 @@
 #include "pagedrt/event.hpp"
 #include "pagedrt/sampling_params.hpp"
 #include "pagedrt/stats.hpp"
+#include "pagedrt/token_mask.hpp"
 
 namespace pagedrt {
 
@@ -127,6 +128,11 @@ class Runtime {
   // still running, and its events, queued and to come, are dropped (no final
   // event). Same answers as abort(); the id is free again once it has ended.
   bool release(const std::string& request_id);
+
+  // The source of allowed-token masks for requests submitted with
+  // SamplingParams::masked (structured output); until one is set such requests
+  // are refused at submit. Set it once, before the first masked request.
+  void set_token_mask_provider(std::shared_ptr<TokenMaskProvider> provider);
 
   Stats stats() const;
   ModelInfo model_info() const;

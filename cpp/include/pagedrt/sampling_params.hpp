@@ -44,6 +44,9 @@ struct SamplingParams {
   // top k at its position (Event::prompt_logprobs). Such a request computes
   // its whole prompt: it reuses no cached prefix.
   std::optional<int32_t> prompt_logprobs;
+  // Each sampled token is limited to the tokens the Runtime's TokenMaskProvider
+  // allows (pagedrt/token_mask.hpp; structured output). Not with beam search.
+  bool masked = false;
   std::vector<std::pair<int32_t, float>> logit_bias;  // token id -> added to its logit
 
   int32_t beam_width = 1;               // > 1: beam search (greedy; temperature ignored)

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <future>
 
 #include "pagedrt/error.hpp"
 
@@ -103,6 +104,55 @@ void Engine::loop() {
   shutdown();
 }
 
+struct Engine::PendingMasks {
+  std::vector<uint32_t> words;
+  std::vector<MaskRow> rows;
+  std::future<void> filling;
+  StepMasks masks;
+  // Waits for the helper thread (also when the forward failed: it writes into `words`).
+  void wait() {
+    if (!filling.valid()) return;
+    try {
+      filling.get();
+    } catch (const std::exception& e) {
+      masks.error = e.what();
+      std::fill(words.begin(), words.end(), 0u);  // its rows allow nothing: they end with the error
+    }
+  }
+};
+
+void Engine::start_masks(const SchedulerOutput& step, PendingMasks& pm) {
+  const int64_t vocab = runner_.vocab_size(), words = (vocab + 31) / 32;
+  std::vector<const Sequence*> seqs;
+  for (const ScheduledSeq& s : step.scheduled) {
+    const Sequence& q = *s.seq;
+    if (!s.req->params.masked || q.num_computed + s.num_new_tokens != q.num_tokens()) continue;  // not sampling
+    MaskRow row;
+    row.request_id = s.req->id;
+    row.index = q.index;
+    row.generated = q.tokens.data() + s.req->prompt_len;
+    row.num_generated = q.num_tokens() - s.req->prompt_len;
+    pm.rows.push_back(std::move(row));
+    seqs.push_back(&q);
+  }
+  if (pm.rows.empty()) return;
+  pm.words.assign(pm.rows.size() * static_cast<size_t>(words), 0u);
+  for (size_t i = 0; i < pm.rows.size(); ++i) {
+    pm.rows[i].mask = pm.words.data() + i * words;
+    pm.masks.by_seq[seqs[i]] = pm.rows[i].mask;
+  }
+  std::shared_ptr<TokenMaskProvider> provider;
+  {
+    std::lock_guard<std::mutex> lk(mask_mu_);
+    provider = mask_provider_;
+  }
+  if (!provider) {
+    pm.masks.error = "no TokenMaskProvider is set";
+    return;
+  }
+  pm.filling = std::async(std::launch::async, [&pm, provider, vocab] { provider->fill(pm.rows, vocab); });
+}
+
 void Engine::step() {
   SchedulerOutput step = scheduler_.schedule();
   if (step.empty()) {  // nothing fits right now; a finishing request will free blocks
@@ -111,18 +161,22 @@ void Engine::step() {
   }
   // Every sampled row plain greedy: only the device's picks cross to the host.
   const bool device_greedy = runner_.has_device_argmax() && outputs_.greedy_only(step);
+  PendingMasks pm;
+  start_masks(step, pm);
   ModelOutput out;
   try {
     out = runner_.run(step, device_greedy);
   } catch (const std::exception& e) {
+    pm.wait();
     return fail_step(step, e.what());
   }
+  pm.wait();
   int64_t prompt_tokens = 0;
   for (const ScheduledSeq& s : step.scheduled)
     prompt_tokens += std::max<int64_t>(
         0, std::min<int64_t>(s.req->prompt_len, s.seq->num_computed + s.num_new_tokens) - s.seq->num_computed);
   stats_.count_step(static_cast<int64_t>(step.preempted.size()), prompt_tokens);
-  outputs_.process(step, out);
+  outputs_.process(step, out, pm.masks);
 }
 
 void Engine::fail_step(const SchedulerOutput& step, const std::string& what) {
@@ -155,7 +209,7 @@ void Engine::drain_inbox() {
     }
     for (auto& s : r.seqs)
       if (s->index == index) {
-        finish_seq(r, *s, FinishReason::Stop);
+        finish_seq(r, *s, FinishReason::Stop, "");
         break;
       }
   }
@@ -179,14 +233,14 @@ void Engine::push_event(Event ev) {
   outbox_.push(std::move(ev));
 }
 
-void Engine::finish_seq(Request& r, Sequence& s, FinishReason reason) {
+void Engine::finish_seq(Request& r, Sequence& s, FinishReason reason, const std::string& error) {
   // Free first and publish, so that a host that sees the final event also sees
   // the blocks back in stats() and can reuse the id once it read it.
   kv_manager_.free(s.blocks);
   s.num_computed = 0;
   const bool last = r.seqs.size() == 1 && (r.expanded || r.params.n == 1);
   if (last) drop_request(r);  // r and s stay alive until forget(r)
-  push_event(OutputProcessor::make_event(r, s, true, last, reason, ""));
+  push_event(OutputProcessor::make_event(r, s, true, last, reason, error));
   if (last) return forget(r);
   auto it = std::find_if(r.seqs.begin(), r.seqs.end(), [&](const std::unique_ptr<Sequence>& q) { return q.get() == &s; });
   r.seqs.erase(it);
@@ -226,6 +280,19 @@ void Engine::drop_request(Request& r) {
 
 void Engine::forget(Request& r) {
   const std::string id = r.id;
+  if (r.params.masked) {  // the provider's state for it may go
+    std::shared_ptr<TokenMaskProvider> provider;
+    {
+      std::lock_guard<std::mutex> lk(mask_mu_);
+      provider = mask_provider_;
+    }
+    if (provider) {
+      try {
+        provider->release(id);
+      } catch (const std::exception&) {  // its state leaks; the engine goes on
+      }
+    }
+  }
   requests_.erase(id);  // destroys r
 }
 

@@ -40,6 +40,7 @@
 #include "engine/stats_keeper.hpp"
 #include "pagedrt/event.hpp"
 #include "pagedrt/stats.hpp"
+#include "pagedrt/token_mask.hpp"
 
 namespace pagedrt {
 
@@ -72,6 +73,15 @@ class Engine final : private OutputSink {
     return outbox_.poll(ids, timeout_s);
   }
   Stats stats() const { return stats_.get(); }
+  // The source of masks for SamplingParams::masked requests (any thread).
+  void set_mask_provider(std::shared_ptr<TokenMaskProvider> provider) {
+    std::lock_guard<std::mutex> lk(mask_mu_);
+    mask_provider_ = std::move(provider);
+  }
+  bool has_mask_provider() const {
+    std::lock_guard<std::mutex> lk(mask_mu_);
+    return mask_provider_ != nullptr;
+  }
   // Host threads may call only worst_case_blocks() on it (it reads nothing that changes).
   const KvCacheManager& kv_manager() const { return kv_manager_; }
   // Ends the thread; every live request gets a final Abort event. Then frees
@@ -88,7 +98,11 @@ class Engine final : private OutputSink {
   // OutputSink
   void push_event(Event ev) override;
   void count_generated(int64_t tokens) override { stats_.count_generated(tokens); }
-  void finish_seq(Request& r, Sequence& s, FinishReason reason) override;
+  void finish_seq(Request& r, Sequence& s, FinishReason reason, const std::string& error) override;
+  // Starts filling the masks of this step's masked sampling rows on a helper
+  // thread (the forward runs meanwhile); wait() before the outputs use them.
+  struct PendingMasks;
+  void start_masks(const SchedulerOutput& step, PendingMasks& pm);
   void finish_beams(Request& r, std::vector<Event> finals) override;
   // Ends every live sequence of a request (abort, error, shutdown).
   void finish_request(Request& r, FinishReason reason, const std::string& error = "");
@@ -113,6 +127,9 @@ class Engine final : private OutputSink {
   uint64_t next_arrival_ = 0;
 
   Outbox outbox_;  // events, routed to their readers; also the registry of request ids
+
+  mutable std::mutex mask_mu_;  // guards mask_provider_ (set by a host thread, read by the engine)
+  std::shared_ptr<TokenMaskProvider> mask_provider_;
 
   std::mutex join_mu_;  // stop() may run on several threads at once: one joins, the others wait
   std::thread thread_;

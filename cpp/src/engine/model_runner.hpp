@@ -44,6 +44,7 @@ class ModelRunner {
   ModelOutput run(const SchedulerOutput& step, bool device_greedy);
 
   const KvCache& kv() const { return kv_; }
+  int64_t vocab_size() const { return model_->config().vocab_size; }
   // Frees the weights, the KV storage and the backend (GPU memory at once).
   void release();
 

@@ -15,13 +15,15 @@ OutputProcessor::OutputProcessor(const OutputConfig& config, KvCacheManager& kv,
 bool OutputProcessor::greedy_only(const SchedulerOutput& step) const {
   for (const ScheduledSeq& s : step.scheduled) {
     const SamplingParams& p = s.req->params;
-    if (p.return_logits || p.prompt_logprobs || p.is_beam_search() || p.logprobs || p.n != 1) return false;
+    if (p.return_logits || p.prompt_logprobs || p.masked || p.is_beam_search() || p.logprobs || p.n != 1)
+      return false;
     if (p.temperature != 0.0f || Sampler::needs_processing(p, s.req->num_generated(*s.seq))) return false;
   }
   return true;
 }
 
-void OutputProcessor::process(const SchedulerOutput& step, const ModelOutput& out) {
+void OutputProcessor::process(const SchedulerOutput& step, const ModelOutput& out, const StepMasks& masks) {
+  mask_error_ = &masks.error;
   // Phase 1: progress of every sequence. Phase 2: sampling (may end sequences
   // and requests). Phase 3: beam groups whose beams are all at their sampling point.
   std::vector<Pick> picks;
@@ -35,11 +37,14 @@ void OutputProcessor::process(const SchedulerOutput& step, const ModelOutput& ou
       continue;
     }
     const int64_t last = slice.first_row + slice.num_rows - 1;
+    // n > 1: the samples forked here all take the prompt sequence's mask (no output yet).
+    const auto m = masks.by_seq.find(s.seq);
     for (Sequence* q : expand(*s.req, *s.seq)) {
       Pick pick;
       pick.req = s.req;
       pick.seq = q;
       pick.row = out.row(last);
+      if (m != masks.by_seq.end()) pick.mask = m->second;
       if (out.argmax) pick.token = out.argmax[last];
       picks.push_back(std::move(pick));
     }
@@ -123,9 +128,14 @@ void OutputProcessor::pick_all(std::vector<Pick>& picks, int64_t vocab) {
       if (k.row == nullptr) continue;  // picked on the device
       const SamplingParams& p = k.req->params;
       const float* logits = k.row;
-      if (Sampler::needs_processing(p, k.req->num_generated(*k.seq))) {
+      const bool process = Sampler::needs_processing(p, k.req->num_generated(*k.seq));
+      if (process || k.mask) {
         row.assign(k.row, k.row + vocab);
-        Sampler::process(row.data(), vocab, p, k.seq->tokens, k.req->prompt_len, config_.eos_token_ids);
+        if (k.mask && !Sampler::apply_mask(row.data(), vocab, k.mask)) {
+          k.token = -1;
+          continue;
+        }
+        if (process) Sampler::process(row.data(), vocab, p, k.seq->tokens, k.req->prompt_len, config_.eos_token_ids);
         logits = row.data();
       }
       k.token = Sampler::pick(logits, vocab, p, k.seq->rng, probs, order);
@@ -142,6 +152,9 @@ void OutputProcessor::apply(Pick& k) {
   Sequence& s = *k.seq;
   const SamplingParams& p = r.params;
   const int32_t tok = k.token;
+  if (tok < 0)
+    return sink_.finish_seq(r, s, FinishReason::Error,
+                            mask_error_->empty() ? "the token mask allows no token" : "token mask: " + *mask_error_);
   if (p.logprobs) {
     s.cum_logprob += k.logprob.logprob;
     s.new_logprobs.push_back(std::move(k.logprob));
@@ -160,7 +173,7 @@ void OutputProcessor::apply(Pick& k) {
   else if (r.num_generated(s) >= p.max_tokens || s.num_tokens() >= config_.max_model_len)
     reason = FinishReason::Length;
   if (reason != FinishReason::None)
-    sink_.finish_seq(r, s, reason);
+    sink_.finish_seq(r, s, reason, "");
   else
     sink_.push_event(make_event(r, s, false, false, FinishReason::None, ""));
 }

@@ -7,7 +7,8 @@
 //   expand      n > 1: at its first sampling point the prompt's sequence is
 //               forked n - 1 times (all share its blocks)
 //   pick        sampling (engine/sampler.hpp), every row on its own random
-//               stream, in parallel over the rows
+//               stream, in parallel over the rows; a masked request's row
+//               first loses every token its mask (StepMasks) does not allow
 //   apply       in order: append the token, logprobs, stop rules (eos,
 //               stop_token_ids, max_tokens, max_model_len), an event
 //   beams       once every live beam of a request is at its sampling point,
@@ -19,6 +20,7 @@
 
 #include <cstdint>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "engine/kv_cache_manager.hpp"
@@ -36,8 +38,9 @@ class OutputSink {
   virtual ~OutputSink() = default;
   virtual void push_event(Event ev) = 0;
   virtual void count_generated(int64_t tokens) = 0;
-  // Ends sequence `s` with its final event; the request ends with its last sequence.
-  virtual void finish_seq(Request& r, Sequence& s, FinishReason reason) = 0;
+  // Ends sequence `s` with its final event (`error`: with finish reason Error);
+  // the request ends with its last sequence.
+  virtual void finish_seq(Request& r, Sequence& s, FinishReason reason, const std::string& error) = 0;
   // A beam search is over: its live beams are freed and `finals` (the best
   // beams, request_finished on the last; empty: none completed) end the request.
   virtual void finish_beams(Request& r, std::vector<Event> finals) = 0;
@@ -49,6 +52,14 @@ struct OutputConfig {
   int sampler_threads = 1;             // threads for the picks of one step
 };
 
+// The allowed tokens of a step's masked sampling rows (pagedrt/token_mask.hpp):
+// (vocab + 31) / 32 words per row, bit t allowing token t. `error`: what the
+// mask provider threw (its rows then allow nothing and end with it).
+struct StepMasks {
+  std::unordered_map<const Sequence*, const uint32_t*> by_seq;
+  std::string error;
+};
+
 class OutputProcessor {
  public:
   OutputProcessor(const OutputConfig& config, KvCacheManager& kv, OutputSink& sink);
@@ -57,7 +68,7 @@ class OutputProcessor {
   // returned logits, beams or n > 1): the device may pick the tokens.
   bool greedy_only(const SchedulerOutput& step) const;
   // Applies one step's results (see above).
-  void process(const SchedulerOutput& step, const ModelOutput& out);
+  void process(const SchedulerOutput& step, const ModelOutput& out, const StepMasks& masks);
 
   // An event carrying what `s` produced since its last event.
   static Event make_event(Request& r, Sequence& s, bool finished, bool request_finished, FinishReason reason,
@@ -69,7 +80,8 @@ class OutputProcessor {
     Request* req = nullptr;
     Sequence* seq = nullptr;
     const float* row = nullptr;  // (vocab) raw logits; null: picked on the device
-    int32_t token = 0;
+    const uint32_t* mask = nullptr;  // masked requests: the allowed tokens
+    int32_t token = 0;           // -1: the mask allowed no token
     TokenLogprob logprob;
   };
   // Returns true when the sequence reached its sampling point.
@@ -80,6 +92,7 @@ class OutputProcessor {
   void beam_group_step(Request& r);
 
   OutputConfig config_;
+  const std::string* mask_error_ = nullptr;  // this step's StepMasks::error
   KvCacheManager& kv_;
   OutputSink& sink_;
 };

@@ -80,6 +80,17 @@ void Sampler::process(float* logits, int64_t vocab, const SamplingParams& p,
   }
 }
 
+bool Sampler::apply_mask(float* logits, int64_t vocab, const uint32_t* mask) {
+  bool any = false;
+  for (int64_t t = 0; t < vocab; ++t) {
+    if ((mask[t >> 5] >> (t & 31)) & 1u)
+      any = true;
+    else
+      logits[t] = -std::numeric_limits<float>::infinity();
+  }
+  return any;
+}
+
 bool Sampler::needs_processing(const SamplingParams& p, int64_t generated) {
   return !p.logit_bias.empty() || generated < p.min_tokens || p.repetition_penalty != 1.0f ||
          p.frequency_penalty != 0.0f || p.presence_penalty != 0.0f;

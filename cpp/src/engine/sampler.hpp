@@ -27,6 +27,9 @@ class Sampler {
   // Whether process() would change anything for a sequence with `generated`
   // tokens (if not, the raw row can be sampled without a copy).
   static bool needs_processing(const SamplingParams& params, int64_t generated);
+  // Every token `mask` ((vocab + 31) / 32 words, bit t: token t allowed) does
+  // not allow gets logit -inf; false when it allows none.
+  static bool apply_mask(float* logits, int64_t vocab, const uint32_t* mask);
 
   // Step 4 on processed logits. `scratch` is reused between calls.
   static int32_t pick(const float* logits, int64_t vocab, const SamplingParams& params, Rng& rng,

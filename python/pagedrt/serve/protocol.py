@@ -41,8 +41,10 @@ _SAMPLING = [("n", "n", _INT), ("temperature", "temperature", _NUM), ("top_p", "
              ("repetition_penalty", "repetition_penalty", _NUM), ("min_tokens", "min_tokens", _INT),
              ("ignore_eos", "ignore_eos", _BOOL), ("skip_special_tokens", "skip_special_tokens", _BOOL),
              ("include_stop_str_in_output", "include_stop_str_in_output", _BOOL)]
+_GUIDED = {"guided_json": "json_schema", "guided_regex": "regex", "guided_choice": "choice",
+           "guided_grammar": "grammar"}  # vLLM's names of the structured-output fields
 _COMMON = {"model", "stream", "stream_options", "max_tokens", "stop", "stop_token_ids", "logit_bias", "user",
-           "logprobs"} | {name for name, _, _ in _SAMPLING}
+           "logprobs", "response_format"} | {name for name, _, _ in _SAMPLING} | set(_GUIDED)
 CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
 COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "suffix"}
 
@@ -109,12 +111,38 @@ def sampling_params(body: dict, *, chat: bool, prompt_len: int, max_model_len: i
         lp = typed(body, "logprobs", _INT)
         if lp is not None:
             kw["logprobs"] = lp
+    kw.update(structured(body))
     params = SamplingParams(**kw)
     try:
         params._to_core()
     except InvalidArgument as e:
         raise APIError(400, str(e), param=_param_of(str(e))) from None
     return params
+
+
+def structured(body: dict) -> dict:
+    """The structured-output SamplingParams fields of OpenAI's response_format
+    (json_object, json_schema) and vLLM's guided_* fields; the grammar itself
+    is checked at submit (InvalidArgument -> 400)."""
+    kw: dict[str, Any] = {}
+    rf = typed(body, "response_format", (dict,))
+    if rf is not None:
+        kind = rf.get("type")
+        if kind == "json_object":
+            kw["json_object"] = True
+        elif kind == "json_schema":
+            spec = rf.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+                raise bad("response_format", "json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}")
+            kw["json_schema"] = spec["schema"]
+        elif kind != "text":
+            raise bad("response_format", f"type must be text, json_object or json_schema, got {kind!r}")
+    for name, field in _GUIDED.items():
+        if body.get(name) is not None:
+            kw[field] = body[name]
+    if len(kw) > 1:
+        raise bad(sorted(kw)[0], "at most one of response_format and the guided_* fields per request")
+    return kw
 
 
 def _param_of(message: str) -> Optional[str]:

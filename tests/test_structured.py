@@ -1,0 +1,194 @@
+"""Structured output (SamplingParams json_schema / json_object / regex / choice /
+grammar, enforced by llguidance masks in the engine's sampler) on the default
+model, and the engine's token-mask hook itself on a tiny model."""
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import numpy as np
+import pytest
+
+import pagedrt
+from pagedrt import _core
+from pagedrt.structured import allowed_tokens
+
+ASK = [{"role": "user", "content": "Describe a fictional person as JSON."}]
+
+SCHEMAS = [
+    {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer", "minimum": 0,
+                                                                             "maximum": 120}},
+     "required": ["name", "age"], "additionalProperties": False},
+    {"type": "object", "properties": {"tags": {"type": "array", "items": {"type": "string", "enum": ["a", "b", "c"]},
+                                               "minItems": 1, "maxItems": 3}},
+     "required": ["tags"], "additionalProperties": False},
+    {"type": "object", "properties": {"score": {"type": "number", "minimum": -1, "maximum": 1},
+                                      "ok": {"type": "boolean"}, "note": {"type": "string", "maxLength": 12}},
+     "required": ["score", "ok"], "additionalProperties": False},
+    {"$defs": {"pt": {"type": "object", "properties": {"x": {"type": "integer"}, "y": {"type": "integer"}},
+                      "required": ["x", "y"], "additionalProperties": False}},
+     "type": "object", "properties": {"from": {"$ref": "#/$defs/pt"}, "to": {"$ref": "#/$defs/pt"}},
+     "required": ["from", "to"], "additionalProperties": False},
+]
+
+
+@pytest.fixture(scope="module")
+def rt(smol):
+    with pagedrt.Runtime(smol, device="cpu") as r:
+        yield r
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_json_schemas_validate(rt, temperature):
+    """Every answer that ends with "stop" parses and validates against its schema
+    (greedy and sampled; all four schemas in one batch)."""
+    outs = [rt.generate(ASK, max_tokens=120, temperature=temperature, seed=s, json_schema=schema)
+            for s, schema in enumerate(SCHEMAS)]
+    stopped = 0
+    for schema, c in zip(SCHEMAS, outs):
+        c = c[0]
+        if c.finish_reason == "stop":
+            jsonschema.validate(json.loads(c.text), schema)
+            stopped += 1
+    assert stopped >= 3, [c[0].text for c in outs]
+
+
+def test_json_object_regex_choice_grammar(rt):
+    c = rt.generate([{"role": "user", "content": "Reply with a JSON object with one key, ok, set to true."}],
+                    max_tokens=200, temperature=0, json_object=True)[0]
+    assert c.text.lstrip().startswith("{")
+    if c.finish_reason == "stop":
+        assert isinstance(json.loads(c.text), dict)
+    for pattern in (r"[0-9]{4}", r"(yes|no), because [a-z ]{3,20}\.", r"[A-Z][a-z]+ [0-9]{1,2}"):
+        c = rt.generate([{"role": "user", "content": "Answer briefly."}], max_tokens=40, temperature=0.7, seed=3,
+                        regex=pattern)[0]
+        assert c.finish_reason == "length" or re.fullmatch(pattern, c.text), (pattern, c.text)
+    labels = ["positive", "negative", "neutral"]
+    for text in ("I love it!", "This is awful.", "It is a chair."):
+        c = rt.generate([{"role": "user", "content": f"Sentiment of: {text}"}], max_tokens=10, temperature=0,
+                        choice=labels)[0]
+        assert c.text in labels and c.finish_reason == "stop"
+    c = rt.generate(ASK, max_tokens=20, temperature=0, grammar='start: "x=" NUM\nNUM: /[0-9]{1,3}/')[0]
+    assert re.fullmatch(r"x=[0-9]{1,3}", c.text), c.text
+    c = rt.generate(ASK, max_tokens=20, temperature=0, grammar='root ::= "id-" [0-9] [0-9]')[0]  # GBNF
+    assert re.fullmatch(r"id-[0-9]{2}", c.text), c.text
+
+
+def test_n_samples_each_follow_the_constraint(rt):
+    c = rt.generate(ASK, max_tokens=12, temperature=1.0, seed=5, n=3, regex=r"[a-z]{2,6}( [a-z]{2,6})?")[0]
+    assert len(c.outputs) == 3
+    for o in c.outputs:
+        assert o.finish_reason == "length" or re.fullmatch(r"[a-z]{2,6}( [a-z]{2,6})?", o.text), o.text
+
+
+def test_unconstrained_neighbours_are_unaffected(rt):
+    """Greedy requests give bitwise the same tokens alone and in a batch with
+    constrained requests."""
+    plain = [[{"role": "user", "content": q}] for q in ("Name a colour.", "Count to five.", "Say hello.")]
+    alone = [c.token_ids for c in rt.generate(plain, max_tokens=16, temperature=0)]
+    ids = [rt.submit(p, max_tokens=16, temperature=0, by_id=True) for p in plain]
+    cons = [rt.submit(ASK, max_tokens=40, temperature=0.7, seed=i, json_schema=SCHEMAS[i], by_id=True)
+            for i in range(3)]
+    got = {rid: [] for rid in ids + cons}
+    pending = set(got)
+    while pending:
+        for ev in rt.poll(list(pending), timeout=1.0):
+            got[ev.request_id] += ev.token_ids
+            if ev.request_finished:
+                pending.discard(ev.request_id)
+    assert [got[r] for r in ids] == alone
+
+
+@pytest.mark.parametrize("kw,where", [
+    (dict(regex="[0-9"), "regex"), (dict(json_schema={"type": "nope"}), "json_schema"),
+    (dict(json_schema="{not json"), "json_schema"), (dict(choice=[]), "choice"), (dict(choice=["a", 3]), "choice"),
+    (dict(grammar="start: undefined_rule"), "grammar"), (dict(regex="a", choice=["b"]), "at most one"),
+    (dict(regex="a", beam_width=2), "beam"),
+])
+def test_invalid_constraints_are_clear_errors(rt, kw, where):
+    with pytest.raises(pagedrt.InvalidArgument, match=where):
+        rt.submit("hi", max_tokens=4, **kw)
+    assert rt.generate("hi", max_tokens=2)[0].token_ids  # and it goes on
+
+
+def test_the_sampler_picks_only_masked_tokens(tiny_sp):
+    """The engine's hook: with a provider that allows a random set of tokens at
+    each step (also a single token, and the whole vocabulary), every picked
+    token is in its step's set, greedy and sampled, over several sequences."""
+    rt = pagedrt.Runtime(tiny_sp, device="cpu")
+    vocab = rt.model_info.vocab_size
+    rng = np.random.default_rng(0)
+    allowed: dict[tuple[str, int, int], set] = {}
+
+    def fill(rows, v):
+        assert v == vocab
+        for row in rows:
+            k = int(rng.integers(1, 6)) if rng.random() < 0.8 else vocab
+            toks = rng.choice(vocab, size=k, replace=False)
+            mask = row.mask(vocab)
+            for t in toks:
+                mask[t >> 5] |= np.uint32(1 << (int(t) & 31))
+            assert sorted(allowed_tokens(mask, vocab)) == sorted(int(t) for t in toks)
+            allowed[(row.request_id, row.index, len(row.generated))] = set(int(t) for t in toks)
+
+    released = []
+    rt._rt.set_token_mask_provider(fill, released.append)
+    ids = []
+    for i, temp in enumerate((0.0, 1.0, 0.7)):
+        p = _core.SamplingParams()
+        p.max_tokens, p.temperature, p.ignore_eos, p.masked = 12, temp, True, True
+        p.n = 2 if i == 2 else 1
+        ids.append(rt._rt.submit([5, 6, 7, 8 + i], p, f"m{i}", True))
+    outs: dict[tuple[str, int], list] = {}
+    pending = set(ids)
+    while pending:
+        for ev in rt._rt.poll_requests(list(pending), 1.0):
+            outs.setdefault((ev.request_id, ev.index), []).extend(ev.token_ids)
+            if ev.request_finished:
+                pending.discard(ev.request_id)
+    assert len(outs) == 4, {k: len(v) for k, v in outs.items()}
+    for (rid, index), toks in outs.items():
+        assert len(toks) == 12, {k: len(v) for k, v in outs.items()}
+        for j, t in enumerate(toks):
+            key = (rid, index, j) if (rid, index, j) in allowed else (rid, 0, j)  # n > 1: the first pick is the parent's
+            assert t in allowed[key], (rid, index, j, t)
+    assert sorted(released) == sorted(ids)
+    rt.close()
+
+
+def test_a_mask_without_tokens_or_a_failing_provider_ends_the_request_with_an_error(tiny_sp):
+    rt = pagedrt.Runtime(tiny_sp, device="cpu")
+
+    def fill(rows, vocab):
+        if any(r.request_id == "boom" for r in rows):
+            raise ValueError("matcher exploded")
+
+    rt._rt.set_token_mask_provider(fill, lambda rid: None)
+    p = _core.SamplingParams()
+    p.max_tokens, p.masked = 4, True
+    for rid, want in (("empty", "allows no token"), ("boom", "matcher exploded")):
+        rt._rt.submit([5, 6, 7], p, rid, True)
+        evs = []
+        while not (evs and evs[-1].request_finished):
+            evs += rt._rt.poll_requests([rid], 1.0)
+        assert evs[-1].finish_reason == "error" and want in evs[-1].error, evs[-1].error
+    assert rt.generate([5, 6, 7], max_tokens=3)[0].token_ids  # the engine goes on
+    rt.close()
+
+
+def test_chat_set_takes_structured_fields(tmp_path):
+    """pagedrt-chat's /set: json_schema and grammar from a file (or inline),
+    choice as a comma list, "off" to undo; a second constraint or one that does
+    not compile is refused."""
+    from pagedrt.chat import _set_param
+    schema = tmp_path / "s.json"
+    schema.write_text(json.dumps(SCHEMAS[0]))
+    p = _set_param(pagedrt.SamplingParams(), f"json_schema {schema}")
+    assert json.loads(p.json_schema) == SCHEMAS[0]
+    with pytest.raises(pagedrt.InvalidArgument, match="at most one"):
+        _set_param(p, "regex [0-9]+")
+    p = _set_param(p, "json_schema off")
+    assert p.json_schema is None and _set_param(p, "choice yes, no").choice == ["yes", "no"]
+    with pytest.raises(pagedrt.InvalidArgument, match="regex"):
+        _set_param(p, "regex [0-9")
