@@ -207,3 +207,13 @@ def test_parallel_masks_equal_sequential(smol):
             r._rt.set_token_mask_provider(r._structured.fill, r._structured.release)
             answers.append([c.text for c in r.generate(asks, max_tokens=40, temperature=0, json_schema=SCHEMAS[0])])
     assert answers[0] == answers[1]
+
+
+def test_a_sentencepiece_only_model_says_it_is_unsupported(tiny_sp):
+    """Structured output needs a tokenizer.json today: a tokenizer.model-only
+    model refuses a constraint at submit with Unsupported (and serves plain
+    requests)."""
+    with pagedrt.Runtime(tiny_sp, device="cpu") as r:
+        with pytest.raises(pagedrt.Unsupported, match="tokenizer.json"):
+            r.submit("the quick", regex="[ab]+")
+        assert r.generate("the quick", max_tokens=2)[0].token_ids
