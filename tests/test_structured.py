@@ -209,11 +209,19 @@ def test_parallel_masks_equal_sequential(smol):
     assert answers[0] == answers[1]
 
 
-def test_a_sentencepiece_only_model_says_it_is_unsupported(tiny_sp):
-    """Structured output needs a tokenizer.json today: a tokenizer.model-only
-    model refuses a constraint at submit with Unsupported (and serves plain
-    requests)."""
+def test_a_sentencepiece_model_follows_constraints(tiny_sp):
+    """A tokenizer.model-only model (sentencepiece: U+2581 spaces, byte pieces,
+    a dummy prefix that llguidance's encoder must not see) obeys regexes,
+    choices and JSON, sampled with several seeds on a random model."""
     with pagedrt.Runtime(tiny_sp, device="cpu") as r:
-        with pytest.raises(pagedrt.Unsupported, match="tokenizer.json"):
-            r.submit("the quick", regex="[ab]+")
-        assert r.generate("the quick", max_tokens=2)[0].token_ids
+        for seed in range(6):
+            for pattern in (r"[ab]{1,5}", r"the (quick|slow) [a-z]{2,8}", r"x=[0-9]{1,3};"):
+                c = r.generate("the quick", max_tokens=40, temperature=1.0, seed=seed, regex=pattern)[0]
+                assert c.finish_reason == "stop" and re.fullmatch(pattern, c.text), (pattern, c.text)
+            c = r.generate("the quick", max_tokens=40, temperature=1.0, seed=seed, choice=["hello world", "bye"])[0]
+            assert c.text in ("hello world", "bye") and c.finish_reason == "stop", c.text
+            c = r.generate("the quick", max_tokens=60, temperature=1.0, seed=seed,
+                           json_schema={"type": "object", "properties": {"n": {"type": "integer"}},
+                                        "required": ["n"], "additionalProperties": False})[0]
+            if c.finish_reason == "stop":
+                assert set(json.loads(c.text)) == {"n"}, c.text

@@ -243,7 +243,7 @@ class Runtime:
             if self._structured is None:
                 eos = (self.model_info.eos_token_ids or [0])[0]
                 self._structured = Constraints(self.model_path, self.model_info.vocab_size, eos,
-                                               parallel=self.model_info.device == "cuda")
+                                               parallel=self.model_info.device == "cuda", tokenizer=self.tokenizer)
                 self._rt.set_token_mask_provider(self._structured.fill, self._structured.release)
             return self._structured
 

@@ -75,13 +75,17 @@ class Constraints:
     """The llguidance matchers of one Runtime's constrained requests: its
     TokenMaskProvider (fill/release are called by the engine)."""
 
-    def __init__(self, model_dir, vocab: int, eos_token: int, parallel: bool = False):
+    def __init__(self, model_dir, vocab: int, eos_token: int, parallel: bool = False, tokenizer=None):
         import llguidance
         path = model_dir / "tokenizer.json"
-        if not path.is_file():
-            raise Unsupported(f"{model_dir}: structured output needs a tokenizer.json (Hugging Face tokenizers) "
-                              "model; this one has only a sentencepiece tokenizer.model")
-        self.tokenizer = llguidance.LLTokenizer(path.read_text(), n_vocab=vocab, eos_token=eos_token)
+        if path.is_file():
+            self.tokenizer = llguidance.LLTokenizer(path.read_text(), n_vocab=vocab, eos_token=eos_token)
+        elif tokenizer is not None and tokenizer._kind == "sentencepiece":
+            self.tokenizer = llguidance.LLTokenizer(
+                llguidance.TokenizerWrapper(_SentencePieceTokens(tokenizer, vocab, eos_token)), n_vocab=vocab)
+        else:
+            raise Unsupported(f"{model_dir}: structured output needs the model's tokenizer "
+                              "(tokenizer.json or tokenizer.model)")
         self.words = (vocab + 31) // 32
         self._grammars: dict[str, str] = {}
         self._matchers: dict[tuple[str, int], list] = {}  # (request, index) -> [matcher, tokens consumed]
@@ -137,6 +141,44 @@ class Constraints:
             self._grammars.pop(request_id, None)
             for key in [k for k in self._matchers if k[0] == request_id]:
                 del self._matchers[key]
+
+
+class _SentencePieceTokens:
+    """A sentencepiece tokenizer as llguidance's TokenizerWrapper reads one: each
+    id's bytes (U+2581 is a space, <0xHH> a byte; control and unknown pieces
+    are special, without bytes) and an encoder of text as it stands. That
+    encoder must not add sentencepiece's dummy prefix: llguidance encodes
+    grammar-forced text mid-answer ("ye" after "b"), where a leading U+2581
+    piece would force a space."""
+
+    def __init__(self, tokenizer, vocab: int, eos_token: int):
+        sp = self._sp = tokenizer._backend
+        self._tokenizer = tokenizer
+        self.eos_token_id, self.bos_token_id = eos_token, tokenizer.bos_token_id
+        self.tokens, self.special_token_ids = [], []
+        for i in range(vocab):
+            if i >= sp.get_piece_size() or sp.is_control(i) or sp.is_unknown(i):
+                self.tokens.append(b"")
+                self.special_token_ids.append(i)
+            elif sp.is_byte(i):
+                self.tokens.append(bytes([int(sp.id_to_piece(i)[3:5], 16)]))
+            else:
+                self.tokens.append(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+
+    def __call__(self, s: str) -> list[int]:
+        sp = self._sp
+        ids = self._tokenizer.encode(s, add_special_tokens=False)
+        # Only when the pieces spell s with one extra leading space is that
+        # space the dummy prefix (normalization may have changed s otherwise).
+        if not ids or b"".join(self.tokens[i] for i in ids) != b" " + s.encode("utf-8"):
+            return ids
+        rest = sp.id_to_piece(ids[0])[1:]  # the first piece without its space
+        if not rest:
+            return ids[1:]
+        rid = sp.piece_to_id(rest)
+        if not sp.is_unknown(rid):
+            return [rid] + ids[1:]
+        return [sp.piece_to_id(f"<0x{b:02X}>") for b in rest.encode("utf-8")] + ids[1:]
 
 
 def allowed_tokens(mask: np.ndarray, vocab: int) -> np.ndarray:
