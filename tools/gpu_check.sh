@@ -3,7 +3,7 @@
 #
 #   bash tools/gpu_check.sh [STAGE ...]      (from the repo root; default: all stages)
 #
-# Stages: env build optests diag make8b smol tests e2e bench attn serve harness profile cpuscale abbuild ab
+# Stages: env build optests diag make8b smol tests e2e bench attn serve structured harness profile cpuscale abbuild ab
 #   env      nvidia-smi, versions
 #   build    pip install --no-build-isolation --no-deps . with PAGEDRT_CUDA=ON
 #   optests  tests/test_cuda.py without the model end-to-end tests (fast)
@@ -16,6 +16,7 @@
 #   bench    tools/bench_cuda.py: ceilings, paged attention, own GEMV vs cuBLASLt, pagedrt (and its
 #            batch-1 TPOT with CUDA graphs / PDL off and on), transformers
 #   attn     tools/bench_cuda.py attention alone (paged decode attention over shapes, the peers)
+#   structured tools/bench_structured.py on SmolLM2 (needs smol): JSON-schema against plain TPOT
 #   serve    tools/bench_serve.py on the 8B shape: pagedrt-serve against in-process, 64 streams
 #            (its dependencies' wheels carried in .whl/serve/)
 #   harness  tools/bench.py --device cuda: the project's benchmark harness on the 8B shape
@@ -145,6 +146,14 @@ if has serve && [ -f "$LLAMA8B/config.json" ]; then
   (cd /tmp && PYTHONPATH="$WORK/serve_site${PYTHONPATH:+:$PYTHONPATH}" timeout $(( $(left) - 20 > 30 ? $(left) - 20 : 30 )) \
      $PY "$OLDPWD/tools/bench_serve.py" --model "$LLAMA8B" --device cuda --clients 64 --rounds 3 \
      --json "$OUT/serve_overhead.json" 2>&1 | grep -v "it/s\]")
+fi
+
+if has structured && [ -d "$WORK/smolpkg" ]; then
+  stage structured
+  # JSON-schema TPOT against unconstrained on the GPU (SmolLM2: the 8B stand-in has no tokenizer);
+  # llguidance's wheel from .whl/ (the build stage installs it)
+  (cd /tmp && PYTHONPATH="$WORK/smolpkg${PYTHONPATH:+:$PYTHONPATH}" timeout $(( $(left) - 20 > 30 ? $(left) - 20 : 30 )) \
+     $PY "$OLDPWD/tools/bench_structured.py" --device cuda --rounds 3 --json "$OUT/structured.json" 2>&1 | grep -v "it/s\]")
 fi
 
 if has harness && [ -f "$LLAMA8B/config.json" ]; then
