@@ -387,3 +387,4 @@ def test_readme_curl_and_openai_examples(server):
     program = re.search(r"```py\n(.*?)```", text, flags=re.S).group(1).replace("8000", str(server.port))
     out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and len(out.stdout.split()) >= 5, out
+    assert any(c in out.stdout.lower() for c in ("red", "blue", "green", "yellow")), out.stdout
