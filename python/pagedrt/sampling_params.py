@@ -20,6 +20,7 @@ from typing import Optional, Union
 
 from . import _core
 from .errors import InvalidArgument
+from .structured import constraint_of
 
 
 @dataclass
@@ -126,7 +127,6 @@ class SamplingParams:
         if self.stop_strings and self.beam_width > 1:
             raise InvalidArgument("stop strings are not supported with beam search (use stop_token_ids)")
         p.return_logits = bool(self.return_logits)
-        from .structured import constraint_of
         p.masked = constraint_of(self) is not None
         p.validate()  # ranges, each named, in C++; token ids are checked at submit
         return p
