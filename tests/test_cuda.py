@@ -163,6 +163,35 @@ def test_linear_gemv_switch(ops, monkeypatch):
         assert e <= 1e-5, f"own kernel vs cuBLASLt, n={n} m={m} k={k}: error {e:.3e}"
 
 
+def test_linear_search_bands(monkeypatch):
+    """PAGEDRT_GEMM_SEARCH=1: cuBLASLt's algorithm is searched (timed) at the
+    first call of each band of n (a power of two, at least 16) and reused for
+    the band's later n where cuBLASLt accepts it. Every candidate accumulates in fp32, so a searched
+    backend agrees with the heuristic's first pick to fp32 rounding (split-K
+    orders differ) and with the CPU within bf16 tolerance, for n that open a
+    band (17, 33, 129) and n that reuse one (20, 32, 100, 128)."""
+    monkeypatch.setenv("PAGEDRT_CUDA_GEMV", "0")
+    monkeypatch.setenv("PAGEDRT_GEMM_SEARCH", "0")
+    heuristic = _testing._Ops("cuda")
+    monkeypatch.setenv("PAGEDRT_GEMM_SEARCH", "1")
+    searched = _testing._Ops("cuda")
+    cpu = _testing._Ops("cpu")
+    rng = np.random.default_rng(6)
+    for m, k in [(520, 4096), (1000, 576)]:
+        w = bf(rng.standard_normal((m, k)) * 0.05)
+        for n in (17, 20, 32, 33, 100, 129, 128):
+            x = bf(rng.standard_normal((n, k)))
+            ref = cpu.linear(x, w, "bfloat16", True)
+            got = searched.linear(x, w, "bfloat16", True)
+            e_h = rel_err(got, heuristic.linear(x, w, "bfloat16", True))
+            e_c = rel_err(got, ref)
+            e16 = rel_err(searched.linear(x, w, "bfloat16", False), ref)
+            record(f"linear_search_vs_heuristic[n={n},m={m},k={k}]", e_h)
+            assert e_h <= 1e-5, f"searched vs heuristic, n={n} m={m} k={k}: {e_h:.3e}"
+            assert e_c <= 1e-4, f"searched vs CPU, n={n} m={m} k={k}: {e_c:.3e}"
+            assert e16 <= BF16_TOL, f"searched bf16 out vs CPU, n={n} m={m} k={k}: {e16:.3e}"
+
+
 @pytest.mark.parametrize("inter", [1000, 1001])  # 4-element kernel / the scalar one
 def test_silu_mul(ops, inter):
     rng = np.random.default_rng(3)
@@ -401,6 +430,30 @@ def test_decode_split_merge_in_clusters_equals_merge_kernel(ops, monkeypatch):
                 outs.append(o.paged_attention(qkv, kc, vc, H, Hkv, D, D ** -0.5))
             assert np.array_equal(outs[0], outs[1]), (D, H, Hkv, seqs)
             assert rel_err(outs[0], contiguous_attention(b, qkv, kc, vc, H, Hkv, D, D ** -0.5)) <= BF16_TOL
+
+
+@pytest.mark.parametrize("rows", ["64", "128"])
+def test_prefill_rows_forced(monkeypatch, rows):
+    """The prefill kernel's two tile heights, each forced with
+    PAGEDRT_PREFILL_ROWS (by default 128 rows at D = 128, 64 at D = 64): prompts
+    from scratch, chunked prefill over cached keys and decodes in one step,
+    prompts whose (token, head) rows end inside a tile and past several tiles,
+    G 1, 4 and 8, against contiguous attention on the gathered blocks, per
+    token."""
+    monkeypatch.setenv("PAGEDRT_PREFILL_ROWS", rows)
+    gpu = _testing._Ops("cuda")
+    rng = np.random.default_rng(int(rows))
+    seqs = [(0, 300), (200, 150), (0, 17), (5, 1), (600, 33), (0, 129)]
+    for D, H, Hkv in [(128, 32, 8), (64, 16, 2), (128, 8, 8), (64, 8, 1)]:
+        b, qkv, kc, vc = attention_inputs(rng, seqs, H, Hkv, D)
+        set_batch(gpu, b)
+        ours = gpu.paged_attention(qkv, kc, vc, H, Hkv, D, D ** -0.5)
+        ref = contiguous_attention(b, qkv, kc, vc, H, Hkv, D, D ** -0.5)
+        e = rel_err(ours, ref)
+        record(f"prefill_rows_{rows}[D={D},G={H // Hkv}]", e)
+        assert e <= BF16_TOL, (rows, D, H, Hkv, e)
+        for t in range(len(b["tokens"])):
+            assert rel_err(ours[t], ref[t]) <= 2 * BF16_TOL, (rows, D, H, Hkv, t)
 
 
 @pytest.mark.parametrize("kernel", ["cc", "2x3", "4x3", "2x2"])

@@ -6,9 +6,12 @@ process (pagedrt and transformers each hold a 16 GB model):
     bench_cuda.py attention OUT.json            paged decode attention over shapes vs SDPA, FlashInfer, copy
     bench_cuda.py attention_sweep OUT.json      the same, pagedrt only, per decode kernel configuration
     bench_cuda.py gemv      OUT.json            own small-M GEMM vs cuBLASLt, n = 1..8, 8B shapes
+    bench_cuda.py prefill   OUT.json            causal prefill attention, 64 and 128 rows a tile, vs SDPA
+    bench_cuda.py gemm      OUT.json            the 8B projections at M = 1..8192 against the roofline, torch
     bench_cuda.py pagedrt   OUT.json MODEL_DIR  batch-1 TPOT (128/128), 256 x (512/128) throughput
     bench_cuda.py launch_ab OUT.json MODEL_DIR  batch-1 TPOT with CUDA graphs / PDL / fusions off and on
     bench_cuda.py tpot_env  OUT.json MODEL_DIR SETTING...   batch-1 TPOT per setting ("VAR=1,VAR2=0"; "" = none)
+    bench_cuda.py ttft_env  OUT.json MODEL_DIR SETTING...   batch-1 TTFT at 1k/4k/8k-token prompts per setting
     bench_cuda.py hf        OUT.json MODEL_DIR  the same workloads with transformers (eager+SDPA)
 
 GPU timings use CUDA events after warm-up, medians; inputs are random (never zeros).
@@ -163,11 +166,28 @@ def attention():
         print(f"{B:>5}x{C:<6} {H:>3}/{Hkv:<2} {D:>4} {bs:>4} {row['pagedrt_us']:>10.1f} "
               f"{row['pagedrt_TBps']:>5.2f} {100 * row['frac_copy']:>5.1f} {row['sdpa_us']:>8.1f} "
               f"{'-' if fi is None else f'{fi * 1e3:.1f}':>7}", flush=True)
-    print(f"{'prefill':>12} {'H/Hkv':>6} {'D':>4} {'blk':>4} {'pagedrt ms':>10} {'TFLOP/s':>8} {'SDPA ms':>8} "
-          f"{'TFLOP/s':>8}", flush=True)
-    for B, S, H, Hkv, D, bs in PREFILL_SHAPES:
-        sec = pagedrt_attention_s(B, S, S, H, Hkv, D, bs, base, rng, iters=10)
-        flops = B * 4 * H * D * S * S / 2  # causal: half of Q K^T and P V
+    r["prefill"] = prefill_rows(base, rng, PREFILL_SHAPES, [None])
+    return r
+
+
+def prefill_rows(base, rng, shapes, rows_list):
+    """Causal prefill per shape: pagedrt's TFLOP/s for each tile height in
+    rows_list (PAGEDRT_PREFILL_ROWS; None: the default) against SDPA's on
+    contiguous q/K/V. FLOPs count half of Q K^T and P V (causal)."""
+    import torch
+    import torch.nn.functional as F
+
+    out = []
+    heads = " ".join(f"{'rows ' + (r or 'dflt'):>9}" for r in rows_list)
+    print(f"{'prefill':>12} {'H/Hkv':>6} {'D':>4} {heads} {'TFLOP/s':>8} {'SDPA ms':>8} {'TFLOP/s':>8}", flush=True)
+    for B, S, H, Hkv, D, bs in shapes:
+        flops = B * 4 * H * D * S * S / 2
+        secs = {}
+        for rows in rows_list:
+            if rows:
+                os.environ["PAGEDRT_PREFILL_ROWS"] = rows
+            secs[rows or "default"] = pagedrt_attention_s(B, S, S, H, Hkv, D, bs, base, rng, iters=10)
+            os.environ.pop("PAGEDRT_PREFILL_ROWS", None)
         q = torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16)
         K = torch.randn(B, Hkv, S, D, device="cuda", dtype=torch.bfloat16)
         V = torch.randn(B, Hkv, S, D, device="cuda", dtype=torch.bfloat16)
@@ -175,13 +195,31 @@ def attention():
                               iters=10) * 1e-3
         del q, K, V
         torch.cuda.empty_cache()
+        best = min(secs.values())
         row = {"shape": f"{B}x{S}", "H": H, "Hkv": Hkv, "D": D, "block": bs, "flops": flops,
-               "pagedrt_ms": sec * 1e3, "pagedrt_TFLOPs": flops / sec / 1e12,
+               "pagedrt_ms": best * 1e3, "pagedrt_TFLOPs": flops / best / 1e12,
+               "by_rows_ms": {k: v * 1e3 for k, v in secs.items()},
                "sdpa_ms": sdpa * 1e3, "sdpa_TFLOPs": flops / sdpa / 1e12}
-        r["prefill"].append(row)
-        print(f"{B:>5}x{S:<6} {H:>3}/{Hkv:<2} {D:>4} {bs:>4} {row['pagedrt_ms']:>10.3f} {row['pagedrt_TFLOPs']:>8.1f} "
+        out.append(row)
+        cols = " ".join(f"{v * 1e3:>9.3f}" for v in secs.values())
+        print(f"{B:>5}x{S:<6} {H:>3}/{Hkv:<2} {D:>4} {cols} {row['pagedrt_TFLOPs']:>8.1f} "
               f"{row['sdpa_ms']:>8.3f} {row['sdpa_TFLOPs']:>8.1f}", flush=True)
-    return r
+    return out
+
+
+# The prefill part: issue 16's 8 x 2,048 (GQA 4, D 128), one 8,192 and one
+# 32,768-token prompt, GQA 1 and D 64.
+PREFILL_PART_SHAPES = PREFILL_SHAPES + [(1, 32768, 32, 8, 128, 16), (8, 2048, 32, 32, 128, 16),
+                                        (8, 2048, 32, 8, 64, 16)]
+
+
+def prefill():
+    """Causal prefill attention, pagedrt at 64 and 128 rows a tile, against SDPA."""
+    import torch
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal(1 << 24, dtype=np.float32)
+    return {"device": torch.cuda.get_device_name(),
+            "prefill": prefill_rows(base, rng, PREFILL_PART_SHAPES, ["64", "128"])}
 
 
 def attention_sweep():
@@ -232,7 +270,8 @@ def gemv():
     rows = []
     for name, m, k, f32 in GEMV_SHAPES:
         for n in (1, 2, 4, 8):
-            us = {impl: ops.time_linear(n, m, k, f32, 50, impl == "own") for impl in ("own", "cublas")}
+            us = {impl: ops.time_linear(n, m, k, f32, 50, "engine" if impl == "own" else "heuristic")
+                  for impl in ("own", "cublas")}
             row = {"shape": name, "m": m, "k": k, "n": n, "out": "fp32" if f32 else "bf16"}
             for impl, t in us.items():
                 row[f"{impl}_us"] = t
@@ -250,6 +289,68 @@ def gemv():
     for impl in ("own", "cublas"):
         layer = sum(one[s][f"{impl}_us"] for s in ("qkv", "o_proj", "gate_up", "down"))
         r[f"decode_gemm_ms_{impl}"] = (32 * layer + one["lm_head"][f"{impl}_us"]) / 1e3
+    return r
+
+
+GEMM_ROWS = [1, 8, 16, 32, 64, 128, 256, 512, 2048, 8192]
+
+
+def gemm():
+    """Llama-3-8B's four projections at every M a step can have, against the
+    roofline: the time bound is max(bytes / copy bandwidth, FLOPs / bf16 GEMM
+    rate), both ceilings measured in this run (a 1 GiB copy; torch's 8192^3
+    bf16 GEMM), bytes = W + x + y. pagedrt as the engine runs it ("engine":
+    own small-M kernel at n <= 8, else cuBLASLt with the algorithm searched
+    once per band of n), cuBLASLt searched and cuBLASLt's heuristic first pick
+    (both without the own kernel), and torch.matmul (its own cuBLAS choice) on
+    the same sizes. pagedrt times come from `_Ops.time_linear` (median of 20
+    ~2 ms batches, W rotating through > 512 MiB); torch's from CUDA events
+    around a pass over > 512 MiB of W copies."""
+    import torch
+    from pagedrt import _testing
+
+    r = {"device": torch.cuda.get_device_name(), "copy_TBps": copy_tbps()}
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    r["gemm_8192_TFLOPs"] = tc = 2 * 8192 ** 3 / cuda_median_ms(lambda: a @ b, iters=20) / 1e9
+    del a, b
+    print(f"ceilings: copy {r['copy_TBps']:.2f} TB/s, bf16 GEMM 8192^3 {tc:.0f} TFLOP/s", flush=True)
+    ops = _testing._Ops("cuda")
+    impls = ("engine", "search", "heuristic")
+    print(f"{'proj':8s} {'n':>5s} {'roof us':>8s} {'bound':>5s} " +
+          " ".join(f"{i:>16s}" for i in impls + ("torch",)), flush=True)
+    rows = []
+    for name, m, k, _ in GEMV_SHAPES[:4]:
+        wbytes = m * k * 2
+        ws = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(max(2, -(-(512 << 20) // wbytes)))]
+        for n in GEMM_ROWS:
+            nbytes, flops = wbytes + 2 * n * (k + m), 2 * n * m * k
+            t_mem, t_tc = nbytes / r["copy_TBps"] / 1e6, flops / tc / 1e6
+            roof = max(t_mem, t_tc)
+            row = {"shape": name, "m": m, "k": k, "n": n, "bytes": nbytes, "flops": flops, "roof_us": roof,
+                   "bound": "mem" if t_mem >= t_tc else "tc"}
+            for impl in impls:
+                row[f"{impl}_us"] = ops.time_linear(n, m, k, False, 20, impl)
+            x = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+            y = torch.empty(n, m, device="cuda", dtype=torch.bfloat16)
+
+            def run_torch():
+                for w in ws:
+                    torch.matmul(x, w.t(), out=y)
+            row["torch_us"] = cuda_median_ms(run_torch, iters=10) * 1e3 / len(ws)
+            for impl in impls + ("torch",):
+                row[f"{impl}_roof"] = roof / row[f"{impl}_us"]
+            rows.append(row)
+            print(f"{name:8s} {n:5d} {roof:8.1f} {row['bound']:>5s} " +
+                  " ".join(f"{row[f'{i}_us']:8.1f} ({100 * row[f'{i}_roof']:3.0f}%)" for i in impls + ("torch",)),
+                  flush=True)
+        del ws
+        torch.cuda.empty_cache()
+    r["rows"] = rows
+    for impl in impls + ("torch",):
+        r[f"{impl}_min_roof"] = min(row[f"{impl}_roof"] for row in rows)
+        r[f"{impl}_at_85"] = sum(row[f"{impl}_roof"] >= 0.85 for row in rows)
+    print("rows at >= 85% of the roofline: " + ", ".join(f"{i} {r[f'{i}_at_85']}/{len(rows)}" for i in impls + ("torch",)))
     return r
 
 
@@ -319,6 +420,30 @@ def tpot_env(model, settings):
     return r
 
 
+def ttft_env(model, settings):
+    """Batch-1 time to first token at 1,024, 4,096 and 8,000-token prompts under
+    each setting (as tpot_env), one Runtime each, 8,192 tokens a step."""
+    import gc
+    import pagedrt
+
+    r = {}
+    for setting in settings:
+        env = dict(kv.split("=", 1) for kv in setting.split(",") if kv)
+        os.environ.update(env)
+        rt = pagedrt.Runtime(model, device="cuda", max_num_seqs=8, max_num_batched_tokens=8192,
+                             kv_cache_bytes=4 << 30)
+        rng = np.random.default_rng(0)
+        key = setting or "default"
+        r[key] = {n: long_ttft_ms(rt, rng, n) for n in (1024, 4096, 8000)}
+        rt.close()
+        del rt
+        gc.collect()
+        for k in env:
+            del os.environ[k]
+        print(f"{key}: TTFT ms " + " / ".join(f"{n}: {t:.1f}" for n, t in r[key].items()), flush=True)
+    return r
+
+
 def pagedrt_bench(model):
     import pagedrt
 
@@ -382,11 +507,14 @@ def hf_bench(model):
 
 def main():
     part, out = sys.argv[1], sys.argv[2]
-    fn = {"ceilings": ceilings, "attention": attention, "attention_sweep": attention_sweep, "gemv": gemv}.get(part)
+    fn = {"ceilings": ceilings, "attention": attention, "attention_sweep": attention_sweep, "gemv": gemv,
+          "gemm": gemm, "prefill": prefill}.get(part)
     if fn:
         res = fn()
     elif part == "tpot_env":
         res = tpot_env(sys.argv[3], sys.argv[4:])
+    elif part == "ttft_env":
+        res = ttft_env(sys.argv[3], sys.argv[4:])
     else:
         res = {"pagedrt": pagedrt_bench, "hf": hf_bench, "launch_ab": launch_ab}[part](sys.argv[3])
     json.dump(res, open(out, "w"), indent=1)

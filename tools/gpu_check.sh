@@ -3,7 +3,7 @@
 #
 #   bash tools/gpu_check.sh [STAGE ...]      (from the repo root; default: all stages)
 #
-# Stages: env build optests diag make8b smol tests e2e bench attn serve structured harness profile cpuscale abbuild ab
+# Stages: env build optests diag make8b smol tests e2e bench attn prefill gemm serve structured harness profile cpuscale abbuild ab
 #   env      nvidia-smi, versions
 #   build    pip install --no-build-isolation --no-deps . with PAGEDRT_CUDA=ON
 #   optests  tests/test_cuda.py without the model end-to-end tests (fast)
@@ -16,6 +16,10 @@
 #   bench    tools/bench_cuda.py: ceilings, paged attention, own GEMV vs cuBLASLt, pagedrt (and its
 #            batch-1 TPOT with CUDA graphs / PDL off and on), transformers
 #   attn     tools/bench_cuda.py attention alone (paged decode attention over shapes, the peers)
+#   prefill  tools/bench_cuda.py prefill (causal prefill attention, 64 and 128 rows a tile, SDPA), then
+#            TTFT on the 8B shape with each tile height (ttft_env)
+#   gemm     tools/bench_cuda.py gemm: the 8B projections at M = 1..8192 against the roofline
+#            (engine, cuBLASLt searched, cuBLASLt heuristic, torch)
 #   structured tools/bench_structured.py on SmolLM2 (needs smol): JSON-schema against plain TPOT
 #   serve    tools/bench_serve.py on the 8B shape: pagedrt-serve against in-process, 64 streams
 #            (its dependencies' wheels carried in .whl/serve/)
@@ -135,6 +139,18 @@ fi
 if has attn; then
   stage attn
   (cd /tmp && timeout 300 $PY "$OLDPWD/tools/bench_cuda.py" attention "$WORK/attention.json" | grep -v "^attention {")
+fi
+
+if has prefill; then
+  stage prefill
+  (cd /tmp && timeout 200 $PY "$OLDPWD/tools/bench_cuda.py" prefill "$OUT/prefill.json" | grep -v "^prefill {")
+  [ -f "$LLAMA8B/config.json" ] && (cd /tmp && timeout 200 $PY "$OLDPWD/tools/bench_cuda.py" ttft_env \
+     "$OUT/ttft_rows.json" "$LLAMA8B" PAGEDRT_PREFILL_ROWS=64 PAGEDRT_PREFILL_ROWS=128 | grep -v "^ttft_env {")
+fi
+
+if has gemm; then
+  stage gemm
+  (cd /tmp && timeout 300 $PY "$OLDPWD/tools/bench_cuda.py" gemm "$OUT/gemm.json" | grep -v "^gemm {")
 fi
 
 if has serve && [ -f "$LLAMA8B/config.json" ]; then

@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -179,24 +180,36 @@ class Ops {
   // on the GPU, on device-resident random inputs: `iters` timed batches of
   // calls back to back (host clock around each batch, after a warm-up), W
   // rotating through copies that together exceed 512 MiB so that no call finds
-  // it in L2. use_own = false times a backend made with PAGEDRT_CUDA_GEMV=0
-  // (cuBLASLt only). Benchmark hook for tools/bench_cuda.py gemv; CUDA only.
-  double time_linear(int64_t n, int64_t m, int64_t k, bool out_f32, int iters, bool use_own) {
+  // it in L2. impl: "engine" (the backend as the engine makes it: the own
+  // small-M kernel, then cuBLASLt), "search" (cuBLASLt only, its algorithm
+  // searched: PAGEDRT_CUDA_GEMV=0 PAGEDRT_GEMM_SEARCH=1) or "heuristic"
+  // (cuBLASLt's first pick: PAGEDRT_CUDA_GEMV=0 PAGEDRT_GEMM_SEARCH=0). Benchmark hook for
+  // tools/bench_cuda.py gemv and gemm; CUDA only.
+  double time_linear(int64_t n, int64_t m, int64_t k, bool out_f32, int iters, const std::string& impl) {
     if (n < 1 || m < 1 || k < 1 || iters < 1)
       throw pagedrt::Error(pagedrt::ErrorKind::InvalidArgument, "time_linear: n, m, k and iters must be positive");
+    const int which = impl == "engine" ? 0 : impl == "search" ? 1 : impl == "heuristic" ? 2 : -1;
+    if (which < 0)
+      throw pagedrt::Error(pagedrt::ErrorKind::InvalidArgument,
+                           "time_linear: impl must be 'engine', 'search' or 'heuristic', not '" + impl + "'");
     nb::gil_scoped_release release;  // no Python objects below; filling W takes a while
-    LinearBench& lb = linear_bench_[use_own ? 1 : 0];
-    if (!lb.backend) lb.backend = cuda_backend_with_gemv(use_own);
+    LinearBench& lb = linear_bench_[which];
+    if (!lb.backend)
+      lb.backend = cuda_backend_with_env({{"PAGEDRT_CUDA_GEMV", which == 0 ? "1" : "0"},
+                                          {"PAGEDRT_GEMM_SEARCH", which == 1 ? "1" : "0"}});
     pagedrt::Backend& b = *lb.backend;
-    if (lb.m != m || lb.k != k || lb.rows < n) {
+    if (lb.m != m || lb.k != k) {
       lb.w.clear();  // before the new copies: the old ones may be large
       const int64_t bytes = m * k * 2, copies = std::max<int64_t>(2, ((int64_t(512) << 20) + bytes - 1) / bytes);
-      lb.rows = std::max<int64_t>(n, 8);
-      lb.x = b.from_host(random_bf16({lb.rows, k}, 1));
       Tensor hw = random_bf16({m, k}, 2);
       for (int64_t i = 0; i < copies; ++i) lb.w.push_back(b.from_host(hw));
       lb.m = m;
       lb.k = k;
+      lb.rows = 0;
+    }
+    if (lb.rows < n) {
+      lb.rows = std::max<int64_t>(n, 8);
+      lb.x = b.from_host(random_bf16({lb.rows, k}, 1));
     }
     Tensor x = lb.x;
     x.shape = {n, k};  // the first n rows
@@ -274,13 +287,19 @@ class Ops {
     }
     return h;
   }
-  // A CUDA backend whose GEMMs use the own small-M kernel (on) or cuBLASLt
-  // only: PAGEDRT_CUDA_GEMV is read when the backend is made, so set it around that.
-  static std::unique_ptr<pagedrt::Backend> cuda_backend_with_gemv(bool on) {
-    const char* old = std::getenv("PAGEDRT_CUDA_GEMV");
-    const std::string saved = old ? old : "";
-    setenv("PAGEDRT_CUDA_GEMV", on ? "1" : "0", 1);
-    auto restore = [&] { old ? setenv("PAGEDRT_CUDA_GEMV", saved.c_str(), 1) : unsetenv("PAGEDRT_CUDA_GEMV"); };
+  // A CUDA backend made with these environment variables set (the GEMM
+  // switches are read when the backend is made); the old values come back after.
+  static std::unique_ptr<pagedrt::Backend> cuda_backend_with_env(
+      const std::vector<std::pair<std::string, std::string>>& vars) {
+    std::vector<std::pair<std::string, std::optional<std::string>>> saved;
+    for (auto& [name, value] : vars) {
+      const char* old = std::getenv(name.c_str());
+      saved.emplace_back(name, old ? std::optional<std::string>(old) : std::nullopt);
+      setenv(name.c_str(), value.c_str(), 1);
+    }
+    auto restore = [&] {
+      for (auto& [name, old] : saved) old ? setenv(name.c_str(), old->c_str(), 1) : unsetenv(name.c_str());
+    };
     try {
       auto b = pagedrt::make_backend("cuda", 0, ScalarType::BF16);
       restore();
@@ -290,6 +309,7 @@ class Ops {
       throw;
     }
   }
+
   struct LinearBench {
     std::unique_ptr<pagedrt::Backend> backend;
     int64_t m = -1, k = -1, rows = 0;
@@ -298,7 +318,7 @@ class Ops {
   };
 
   std::unique_ptr<pagedrt::Backend> b_;
-  LinearBench linear_bench_[2];  // [use_own]
+  LinearBench linear_bench_[3];  // engine, search, heuristic
   std::vector<int32_t> tok_, pos_, qs_, lens_, indptr_, pages_, logit_rows_;
   std::vector<int64_t> slot_;
 };
@@ -327,7 +347,7 @@ void register_ops(nb::module_& m) {
            "num_kv_heads"_a, "head_dim"_a, "scale"_a)
       .def("bench_paged_attention", &Ops::bench_paged_attention, "qkv"_a, "k_cache"_a, "v_cache"_a,
            "num_heads"_a, "num_kv_heads"_a, "head_dim"_a, "scale"_a, "iters"_a)
-      .def("time_linear", &Ops::time_linear, "n"_a, "m"_a, "k"_a, "out_f32"_a, "iters"_a, "use_own"_a)
+      .def("time_linear", &Ops::time_linear, "n"_a, "m"_a, "k"_a, "out_f32"_a, "iters"_a, "impl"_a)
       .def("copy_blocks", &Ops::copy_blocks, "cache"_a, "pairs"_a)
       .def("argmax", &Ops::argmax, "logits"_a);
 }

@@ -1,9 +1,9 @@
 // backend/cuda/attention_prefill.cu — paged prefill attention on tensor cores
 // (FlashAttention-2 style: mma.sync, S, P and O in registers).
 //
-// One block = (tile of 64 rows, kv head); a row is (query token, query head of
-// the group), so the G heads sharing a kv head share every K/V tile read.
-// Each of the 4 warps owns 16 rows: their Q as mma A fragments, their S = Q K^T
+// One block = (tile of BQ = 64 or 128 rows, kv head); a row is (query token,
+// query head of the group), so the G heads sharing a kv head share every K/V
+// tile read. Each of the BQ / 16 warps owns 16 rows: their Q as mma A fragments, their S = Q K^T
 // and O += P V as fp32 accumulators, their online softmax (log2 domain) done
 // by the 4 lanes that hold a row. Keys come in tiles of 64 gathered through
 // the page table by cp.async into a double buffer (the next tile loads while
@@ -14,8 +14,14 @@
 // the tiles past its last row's position and masks only the tiles that cross
 // a position of its rows.
 //
-//   grid (tiles, Hkv), the last tiles first (they have the most keys)   block 128
-//   shared memory: Q (64 x D) + 2 x (K, V) (64 x D), bf16 = 80 KB at D = 128
+//   grid (tiles, Hkv), the last tiles first (they have the most keys)   block 2 BQ threads
+//   shared memory: Q (BQ x D) + 2 x (K, V) (64 x D), bf16 = 96 KB at BQ = 128, D = 128
+//
+// BQ = 128 at D = 128: every K/V tile a block reads from L2 serves 128 rows.
+// With 64 rows (4 warps) a tile brought 64 FLOP per byte, and 8 x 2,048
+// causal ran at 185 TFLOP/s = 2.9 TB/s of tiles out of L2 (H200): the L2
+// read rate, not the tensor cores, set the pace. At 235 registers a thread
+// either way, an SM holds 8 warps: two blocks of 64 rows or one of 128.
 #include "backend/cuda/cuda_check.hpp"
 #include "backend/cuda/kernels.cuh"
 #include "backend/cuda/mma.cuh"
@@ -23,10 +29,18 @@
 namespace pagedrt::cuda {
 namespace {
 
-constexpr int BQ = kPrefillRows, BK = 64, kStages = 2;
+constexpr int BK = 64, kStages = 2;
 constexpr float kLog2e = 1.4426950408889634f;
 
-template <int D>
+// 2^x in one MUFU.EX2, subnormal results flushed to zero (exp2f keeps them, at
+// extra instructions an element); -inf -> 0.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+template <int D, int BQ>
 struct PrefillSmem {
   static constexpr size_t q = 0;                             // (BQ, D) bf16
   static constexpr size_t stage = size_t(2) * BK * D * 2;    // K then V (BK, D) bf16
@@ -34,10 +48,11 @@ struct PrefillSmem {
   static constexpr size_t bytes = kv + kStages * stage;
 };
 
-template <int D>
-__global__ void __launch_bounds__(128) prefill_kernel(AttentionParams p, PrefillPlan f) {
-  using L = PrefillSmem<D>;
-  constexpr int CH = D / 8, KS = D / 16, ROWS = 128 / CH;  // chunks per row, k-steps, rows per copy pass
+template <int D, int BQ>
+__global__ void __launch_bounds__(2 * BQ) prefill_kernel(AttentionParams p, PrefillPlan f) {
+  using L = PrefillSmem<D, BQ>;
+  constexpr int kThreads = 2 * BQ;  // BQ / 16 warps
+  constexpr int CH = D / 8, KS = D / 16, ROWS = kThreads / CH;  // chunks per row, k-steps, rows per copy pass
   extern __shared__ __align__(128) unsigned char smem[];
   bf16* Qs = reinterpret_cast<bf16*>(smem + L::q);
 
@@ -52,7 +67,7 @@ __global__ void __launch_bounds__(128) prefill_kernel(AttentionParams p, Prefill
   const int32_t* pages = p.kv.pages(seq);
 
   // Q rows (zeros past the sequence), in the first copy group with K/V tile 0.
-  for (int idx = tid; idx < BQ * CH; idx += 128) {
+  for (int idx = tid; idx < BQ * CH; idx += kThreads) {
     const int r = idx / CH, c = idx % CH, R = row0 + r;
     const bool valid = R < rows_total;
     const bf16* src = valid ? p.qkv + (q0 + R / G) * row_stride + int64_t(kvh * G + R % G) * D + c * 8 : p.qkv;
@@ -124,26 +139,34 @@ __global__ void __launch_bounds__(128) prefill_kernel(AttentionParams p, Prefill
         mma_bf16(sc[n], qa[s + 1], b[2], b[3]);
       }
 
-    const bool masked = kb + BK - 1 > warp_min;
+    // Softmax in the log2 domain with few instructions an element (issue
+    // slots, not the tensor cores, bound this loop on Hopper): the mask only
+    // on tiles that cross a row's position; the max over raw scores (scale >
+    // 0); then one FFMA and one MUFU.EX2 (flush-to-zero) an element.
+    if (kb + BK - 1 > warp_min) {
+#pragma unroll
+      for (int n = 0; n < BK / 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int key = kb + 8 * n + (lane % 4) * 2 + e;
+          if (key > pos_lo) sc[n][e] = -INFINITY;
+          if (key > pos_hi) sc[n][2 + e] = -INFINITY;
+        }
+    }
     float mx_lo = -INFINITY, mx_hi = -INFINITY;
 #pragma unroll
-    for (int n = 0; n < BK / 8; ++n)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int key = kb + 8 * n + (lane % 4) * 2 + e;
-        sc[n][e] = masked && key > pos_lo ? -INFINITY : sc[n][e] * qscale;
-        sc[n][2 + e] = masked && key > pos_hi ? -INFINITY : sc[n][2 + e] * qscale;
-        mx_lo = fmaxf(mx_lo, sc[n][e]);
-        mx_hi = fmaxf(mx_hi, sc[n][2 + e]);
-      }
+    for (int n = 0; n < BK / 8; ++n) {
+      mx_lo = fmaxf(mx_lo, fmaxf(sc[n][0], sc[n][1]));
+      mx_hi = fmaxf(mx_hi, fmaxf(sc[n][2], sc[n][3]));
+    }
 #pragma unroll
     for (int o2 = 1; o2 <= 2; o2 <<= 1) {
       mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, o2));
       mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, o2));
     }
-    const float mn_lo = fmaxf(m_lo, mx_lo), mn_hi = fmaxf(m_hi, mx_hi);
-    const float c_lo = mn_lo == -INFINITY ? 1.0f : exp2f(m_lo - mn_lo);
-    const float c_hi = mn_hi == -INFINITY ? 1.0f : exp2f(m_hi - mn_hi);
+    const float mn_lo = fmaxf(m_lo, mx_lo * qscale), mn_hi = fmaxf(m_hi, mx_hi * qscale);
+    const float c_lo = mn_lo == -INFINITY ? 1.0f : fast_exp2(m_lo - mn_lo);
+    const float c_hi = mn_hi == -INFINITY ? 1.0f : fast_exp2(m_hi - mn_hi);
     const float b_lo = mn_lo == -INFINITY ? 0.0f : mn_lo, b_hi = mn_hi == -INFINITY ? 0.0f : mn_hi;
     m_lo = mn_lo;
     m_hi = mn_hi;
@@ -152,8 +175,8 @@ __global__ void __launch_bounds__(128) prefill_kernel(AttentionParams p, Prefill
     for (int n = 0; n < BK / 8; ++n)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        sc[n][e] = exp2f(sc[n][e] - b_lo);  // -inf (masked) -> 0
-        sc[n][2 + e] = exp2f(sc[n][2 + e] - b_hi);
+        sc[n][e] = fast_exp2(fmaf(sc[n][e], qscale, -b_lo));  // -inf (masked) -> 0
+        sc[n][2 + e] = fast_exp2(fmaf(sc[n][2 + e], qscale, -b_hi));
         s_lo += sc[n][e];
         s_hi += sc[n][2 + e];
       }
@@ -195,16 +218,17 @@ __global__ void __launch_bounds__(128) prefill_kernel(AttentionParams p, Prefill
   }
 }
 
-template <int D>
+template <int D, int BQ>
 void launch_p(const AttentionParams& p, const PrefillPlan& f, cudaStream_t s) {
+  using L = PrefillSmem<D, BQ>;
   static const bool configured = [] {  // per process; the attribute is per function
-    CUDA_CHECK(cudaFuncSetAttribute(prefill_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    static_cast<int>(PrefillSmem<D>::bytes)));
+    CUDA_CHECK(cudaFuncSetAttribute(prefill_kernel<D, BQ>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    static_cast<int>(L::bytes)));
     return true;
   }();
   (void)configured;
   const dim3 grid(static_cast<unsigned>(f.num_tiles), static_cast<unsigned>(p.kv.num_kv_heads));
-  prefill_kernel<D><<<grid, 128, PrefillSmem<D>::bytes, s>>>(p, f);
+  prefill_kernel<D, BQ><<<grid, 2 * BQ, L::bytes, s>>>(p, f);
   CUDA_CHECK_LAUNCH();
 }
 
@@ -212,8 +236,10 @@ void launch_p(const AttentionParams& p, const PrefillPlan& f, cudaStream_t s) {
 
 void prefill_attention(const AttentionParams& p, const PrefillPlan& f, cudaStream_t s) {
   if (f.num_tiles == 0) return;
-  if (p.kv.head_dim == 128) launch_p<128>(p, f, s);
-  else launch_p<64>(p, f, s);
+  if (p.kv.head_dim == 128)
+    f.rows == 128 ? launch_p<128, 128>(p, f, s) : launch_p<128, 64>(p, f, s);
+  else
+    f.rows == 128 ? launch_p<64, 128>(p, f, s) : launch_p<64, 64>(p, f, s);
 }
 
 }  // namespace pagedrt::cuda

@@ -111,6 +111,12 @@ CudaBackend::CudaBackend(ScalarType activation_dtype) : act_(activation_dtype) {
                            "choosing per step\n", k);
     }
   }
+  if (const char* r = std::getenv("PAGEDRT_PREFILL_ROWS")) {
+    if (std::string(r) == "64" || std::string(r) == "128")
+      prefill_rows_ = std::atoi(r);
+    else
+      std::fprintf(stderr, "pagedrt: PAGEDRT_PREFILL_ROWS=%s is neither 64 nor 128; choosing by head dim\n", r);
+  }
   set_pdl(env_on("PAGEDRT_CUDA_PDL"));
   CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   gemm_ = std::make_unique<Gemm>(stream_);

@@ -151,6 +151,7 @@ class CudaBackend final : public Backend {
   // PAGEDRT_DECODE_KERNEL=WxS forces the tensor-core kernel, =cc the
   // CUDA-core one; unset, the plan picks per step (DecodePlan::cuda_cores).
   enum class DecodeKernel { Auto, TensorCores, CudaCores } decode_kernel_ = DecodeKernel::Auto;
+  int prefill_rows_ = 0;  // PAGEDRT_PREFILL_ROWS=64 or 128 (A/B runs); 0: prefill_rows(head dim)
   int decode_slots_[2] = {0, 0};
   int64_t decode_slots(int64_t head_dim);
   std::map<GraphKey, cudaGraphExec_t> graphs_;

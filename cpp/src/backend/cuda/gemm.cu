@@ -1,17 +1,44 @@
 #include "backend/cuda/gemm.hpp"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 
 #include "backend/cuda/cuda_check.hpp"
 
 namespace pagedrt::cuda {
 
+namespace {
+
+bool env_is(const char* name, const char* value) {
+  const char* v = std::getenv(name);
+  return v && std::strcmp(v, value) == 0;
+}
+
+// The band of n a searched algorithm serves: n rounded up to a power of two, at least 16.
+int64_t band_of(int64_t n) {
+  int64_t b = 16;
+  while (b < n) b <<= 1;
+  return b;
+}
+
+}  // namespace
+
 Gemm::Gemm(cudaStream_t stream) : stream_(stream) {
-  const char* env = std::getenv("PAGEDRT_CUDA_GEMV");
-  own_gemv_ = !(env && std::strcmp(env, "0") == 0);
+  own_gemv_ = !env_is("PAGEDRT_CUDA_GEMV", "0");
+  search_ = env_is("PAGEDRT_GEMM_SEARCH", "1");
   CUBLAS_CHECK(cublasLtCreate(&handle_));
   CUDA_CHECK(cudaMalloc(&workspace_, workspace_bytes_));
+  if (search_) {
+    int dev = 0, l2 = 0;
+    CUDA_CHECK(cudaGetDevice(&dev));
+    CUDA_CHECK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, dev));
+    flush_bytes_ = std::max<size_t>(2 * static_cast<size_t>(l2), 8u << 20);
+    CUDA_CHECK(cudaMalloc(&flush_, flush_bytes_));
+    CUDA_CHECK(cudaEventCreate(&ev_[0]));
+    CUDA_CHECK(cudaEventCreate(&ev_[1]));
+  }
 }
 
 Gemm::~Gemm() {
@@ -21,6 +48,9 @@ Gemm::~Gemm() {
     cublasLtMatrixLayoutDestroy(kv.second.c);
     cublasLtMatmulDescDestroy(kv.second.op);
   }
+  for (cudaEvent_t e : ev_)
+    if (e) cudaEventDestroy(e);
+  if (flush_) cudaFree(flush_);
   if (workspace_) cudaFree(workspace_);
   if (handle_) cublasLtDestroy(handle_);
 }
@@ -42,44 +72,130 @@ bool Gemm::run_silu_mul(const void* x, const void* w, void* y, int64_t n, int64_
 
 // Column-major view: C (m x n, ld m) = op(A) * B with A = W seen as (k x m, ld k)
 // transposed, B = x seen as (k x n, ld k). C is y row-major (n, m).
-void Gemm::run_cublaslt(const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k,
-                        bool out_f32, bool in_f32) {
-  auto key = std::make_tuple(n, m, k, out_f32, in_f32);
+Gemm::Plan Gemm::make_plan(int64_t n, int64_t m, int64_t k, bool out_f32, bool in_f32) const {
   const cudaDataType_t in_type = in_f32 ? CUDA_R_32F : CUDA_R_16BF;
+  Plan p;
+  CUBLAS_CHECK(cublasLtMatmulDescCreate(&p.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+  CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
+  CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)));
+  CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.a, in_type, k, m, k));
+  CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.b, in_type, k, n, k));
+  CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.c, out_f32 ? CUDA_R_32F : CUDA_R_16BF, m, n, m));
+  return p;
+}
+
+int Gemm::heuristic(const Plan& p, cublasLtMatmulHeuristicResult_t* res, int count, int64_t n, int64_t m,
+                    int64_t k, bool in_f32) const {
+  cublasLtMatmulPreference_t pref;
+  CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+  CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                    &workspace_bytes_, sizeof(workspace_bytes_)));
+  int found = 0;
+  cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(handle_, p.op, p.a, p.b, p.c, p.c, pref, count, res, &found);
+  cublasLtMatmulPreferenceDestroy(pref);
+  if (st != CUBLAS_STATUS_SUCCESS || found == 0)
+    throw Error(ErrorKind::Runtime, std::string("cuBLASLt has no algorithm for a ") + (in_f32 ? "fp32" : "bf16") +
+                                        " GEMM of n=" + std::to_string(n) + " m=" + std::to_string(m) +
+                                        " k=" + std::to_string(k));
+  return found;
+}
+
+bool Gemm::accepts(const Plan& p, const cublasLtMatmulAlgo_t& algo) const {
+  cublasLtMatmulHeuristicResult_t r{};
+  return cublasLtMatmulAlgoCheck(handle_, p.op, p.a, p.b, p.c, p.c, &algo, &r) == CUBLAS_STATUS_SUCCESS &&
+         r.state == CUBLAS_STATUS_SUCCESS && r.workspaceSize <= workspace_bytes_;
+}
+
+void Gemm::matmul(const Plan& p, const cublasLtMatmulAlgo_t& algo, const void* x, const void* w, void* y) {
+  const float alpha = 1.0f, beta = 0.0f;
+  CUBLAS_CHECK(cublasLtMatmul(handle_, p.op, &alpha, w, p.a, x, p.b, &beta, y, p.c, y, p.c, &algo, workspace_,
+                              workspace_bytes_, stream_));
+}
+
+// Milliseconds of one run of `algo` (the least of three, L2 flushed before each),
+// or a negative number where cuBLASLt refuses it.
+float Gemm::time_algo(const Plan& p, const cublasLtMatmulAlgo_t& algo, const void* x, const void* w, void* y) {
+  const float alpha = 1.0f, beta = 0.0f;
+  auto once = [&] {
+    return cublasLtMatmul(handle_, p.op, &alpha, w, p.a, x, p.b, &beta, y, p.c, y, p.c, &algo, workspace_,
+                          workspace_bytes_, stream_);
+  };
+  if (once() != CUBLAS_STATUS_SUCCESS) return -1.0f;  // also the warm-up run
+  float best = -1.0f;
+  for (int rep = 0; rep < 3; ++rep) {
+    CUDA_CHECK(cudaMemsetAsync(flush_, rep, flush_bytes_, stream_));
+    CUDA_CHECK(cudaEventRecord(ev_[0], stream_));
+    if (once() != CUBLAS_STATUS_SUCCESS) return -1.0f;
+    CUDA_CHECK(cudaEventRecord(ev_[1], stream_));
+    CUDA_CHECK(cudaEventSynchronize(ev_[1]));
+    float ms = 0.0f;
+    CUDA_CHECK(cudaEventElapsedTime(&ms, ev_[0], ev_[1]));
+    if (best < 0.0f || ms < best) best = ms;
+  }
+  return best;
+}
+
+void Gemm::choose(Plan& p, const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k, bool out_f32) {
+  const BandKey band{band_of(n), m, k, out_f32};
+  auto known = band_algo_.find(band);
+  if (known != band_algo_.end()) {
+    cublasLtMatmulHeuristicResult_t first{};
+    if (accepts(p, known->second)) {
+      p.algo = known->second;
+    } else {
+      heuristic(p, &first, 1, n, m, k, false);
+      p.algo = first.algo;
+    }
+    p.final = true;
+    return;
+  }
+  cublasLtMatmulHeuristicResult_t res[kSearchCandidates];
+  const int found = heuristic(p, res, kSearchCandidates, n, m, k, false);
+  p.algo = res[0].algo;
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  CUDA_CHECK(cudaStreamIsCapturing(stream_, &capture));
+  if (capture != cudaStreamCaptureStatusNone) return;  // p.final stays false: search on a direct call
+  float best = -1.0f;
+  for (int i = 0; i < found && found > 1; ++i) {
+    if (res[i].state != CUBLAS_STATUS_SUCCESS || res[i].workspaceSize > workspace_bytes_) continue;
+    const float ms = time_algo(p, res[i].algo, x, w, y);
+    if (ms >= 0.0f && (best < 0.0f || ms < best)) best = ms, p.algo = res[i].algo;
+  }
+  cudaGetLastError();  // a refused candidate leaves no sticky error; clear a non-sticky one
+  band_algo_.emplace(band, p.algo);
+  p.final = true;
+}
+
+void Gemm::run_cublaslt(const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k, bool out_f32,
+                        bool in_f32) {
+  const ShapeKey key{n, m, k, out_f32, in_f32};
   auto it = plans_.find(key);
   if (it == plans_.end()) {
-    Plan p;
-    CUBLAS_CHECK(cublasLtMatmulDescCreate(&p.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
-    const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
-    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
-    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)));
-    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.a, in_type, k, m, k));
-    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.b, in_type, k, n, k));
-    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.c, out_f32 ? CUDA_R_32F : CUDA_R_16BF, m, n, m));
-    cublasLtMatmulPreference_t pref;
-    CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
-    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                                                      &workspace_bytes_, sizeof(workspace_bytes_)));
-    cublasLtMatmulHeuristicResult_t res{};
-    int found = 0;
-    cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(handle_, p.op, p.a, p.b, p.c, p.c, pref, 1, &res, &found);
-    cublasLtMatmulPreferenceDestroy(pref);
-    if (st != CUBLAS_STATUS_SUCCESS || found == 0) {
+    Plan p = make_plan(n, m, k, out_f32, in_f32);
+    try {
+      if (search_ && !in_f32) {
+        choose(p, x, w, y, n, m, k, out_f32);
+      } else {
+        cublasLtMatmulHeuristicResult_t first{};
+        heuristic(p, &first, 1, n, m, k, in_f32);
+        p.algo = first.algo;
+        p.final = true;
+      }
+    } catch (...) {
       cublasLtMatrixLayoutDestroy(p.a);
       cublasLtMatrixLayoutDestroy(p.b);
       cublasLtMatrixLayoutDestroy(p.c);
       cublasLtMatmulDescDestroy(p.op);
-      throw Error(ErrorKind::Runtime, std::string("cuBLASLt has no algorithm for a ") + (in_f32 ? "fp32" : "bf16") +
-                                          " GEMM of n=" + std::to_string(n) +
-                                          " m=" + std::to_string(m) + " k=" + std::to_string(k));
+      throw;
     }
-    p.algo = res.algo;
     it = plans_.emplace(key, p).first;
+  } else if (!it->second.final) {
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    CUDA_CHECK(cudaStreamIsCapturing(stream_, &capture));
+    if (capture == cudaStreamCaptureStatusNone) choose(it->second, x, w, y, n, m, k, out_f32);
   }
-  const Plan& p = it->second;
-  const float alpha = 1.0f, beta = 0.0f;
-  CUBLAS_CHECK(cublasLtMatmul(handle_, p.op, &alpha, w, p.a, x, p.b, &beta, y, p.c, y, p.c, &p.algo,
-                              workspace_, workspace_bytes_, stream_));
+  matmul(it->second, it->second.algo, x, w, y);
 }
 
 }  // namespace pagedrt::cuda

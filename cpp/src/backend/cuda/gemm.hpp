@@ -5,10 +5,26 @@
 //
 // The seam for own kernels: Gemm::run() picks the implementation per shape.
 // n <= 8 rows with k a multiple of 8 go to the own small-M kernel (gemv.hpp,
-// decode); everything else, and the fp32 validation mode, to cuBLASLt
-// (algorithms chosen once per shape by its heuristic and cached).
-// PAGEDRT_CUDA_GEMV=0 in the environment when a Gemm is made (once per
-// backend) sends every shape to cuBLASLt, for A/B comparisons.
+// decode); everything else, and the fp32
+// validation mode, to cuBLASLt with its heuristic's first pick, made once per
+// shape and cached.
+//
+// Algorithm search (PAGEDRT_GEMM_SEARCH=1; off by default): the first call of
+// a band of n — n rounded up to a power of two, at least 16, with m, k and the
+// output type — times up to kSearchCandidates of the heuristic's picks on that
+// call's own operands (L2 flushed before each timed run, as a model's next
+// layer finds it) and keeps the fastest for the band; later calls in the band
+// reuse it where cuBLASLt accepts it for their n (cublasLtMatmulAlgoCheck).
+// Calls made while the stream is recorded into a CUDA graph cannot be timed:
+// they take the first pick until a direct call searches. It is off because
+// it did not pay: on the H200 (2026-12-02, tools/bench_cuda.py gemm, the 8B
+// projections at 10 values of n from 1 to 8,192) the searched pick was within
+// noise of the first pick on every shape (17 of 40 rows at >= 85% of the
+// roofline either way), and a timed choice can differ between processes.
+//
+// Environment, read when a Gemm is made (once per backend), for A/B runs:
+//   PAGEDRT_CUDA_GEMV=0    every shape to cuBLASLt
+//   PAGEDRT_GEMM_SEARCH=1  time cuBLASLt's candidates once per band (above)
 #pragma once
 
 #include <cublasLt.h>
@@ -24,6 +40,8 @@ namespace pagedrt::cuda {
 
 class Gemm {
  public:
+  static constexpr int kSearchCandidates = 8;
+
   explicit Gemm(cudaStream_t stream);
   ~Gemm();
   Gemm(const Gemm&) = delete;
@@ -38,22 +56,43 @@ class Gemm {
   // (and does nothing) where it does not: then run() and a SiLU·mul kernel.
   bool run_silu_mul(const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k);
 
- private:
-  void run_cublaslt(const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k, bool out_f32,
-                    bool in_f32);
+  // Bands searched so far (for tests and benchmarks).
+  size_t searched_bands() const { return band_algo_.size(); }
 
+ private:
   struct Plan {
     cublasLtMatmulDesc_t op = nullptr;
     cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
     cublasLtMatmulAlgo_t algo{};
+    bool final = false;  // false: the heuristic's pick, made while recording; search when a direct call comes
   };
+  using ShapeKey = std::tuple<int64_t, int64_t, int64_t, bool, bool>;  // n, m, k, out_f32, in_f32
+  using BandKey = std::tuple<int64_t, int64_t, int64_t, bool>;         // band of n, m, k, out_f32
+
+  void run_cublaslt(const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k, bool out_f32,
+                    bool in_f32);
+  Plan make_plan(int64_t n, int64_t m, int64_t k, bool out_f32, bool in_f32) const;
+  // cuBLASLt's heuristic picks for the plan, best first (at least one, or throws).
+  int heuristic(const Plan& p, cublasLtMatmulHeuristicResult_t* res, int count, int64_t n, int64_t m, int64_t k,
+                bool in_f32) const;
+  // The algorithm for a bf16 plan: the band's, or found by timing the candidates on x, w, y.
+  void choose(Plan& p, const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k, bool out_f32);
+  bool accepts(const Plan& p, const cublasLtMatmulAlgo_t& algo) const;
+  float time_algo(const Plan& p, const cublasLtMatmulAlgo_t& algo, const void* x, const void* w, void* y);
+  void matmul(const Plan& p, const cublasLtMatmulAlgo_t& algo, const void* x, const void* w, void* y);
+
   cudaStream_t stream_;
   bool own_gemv_ = true;  // false: PAGEDRT_CUDA_GEMV=0
+  bool search_ = false;   // true: PAGEDRT_GEMM_SEARCH=1
   Gemv gemv_;
   cublasLtHandle_t handle_ = nullptr;
   void* workspace_ = nullptr;
   size_t workspace_bytes_ = 32u << 20;
-  std::map<std::tuple<int64_t, int64_t, int64_t, bool, bool>, Plan> plans_;
+  void* flush_ = nullptr;  // written before each timed run to evict W from L2
+  size_t flush_bytes_ = 0;
+  cudaEvent_t ev_[2] = {nullptr, nullptr};
+  std::map<ShapeKey, Plan> plans_;
+  std::map<BandKey, cublasLtMatmulAlgo_t> band_algo_;
 };
 
 }  // namespace pagedrt::cuda

@@ -147,14 +147,18 @@ int decode_blocks_per_sm(int head_dim, DecodeConfig config);
 void decode_attention(const AttentionParamsT<float>& p, const DecodePlan& d, cudaStream_t s);
 
 // Prefill (bf16 only; the fp32 mode runs every token through the decode
-// kernel): tiles of 64 rows, a row being (query token, query head of the kv
-// head's group): tiles[i] = (sequence, first row); rows of a sequence are
-// q_len * G. Causal against everything in the cache up to each row's position.
+// kernel): tiles of `rows` rows (64 or 128), a row being (query token, query
+// head of the kv head's group): tiles[i] = (sequence, first row); rows of a
+// sequence are q_len * G. Causal against everything in the cache up to each
+// row's position.
 struct PrefillPlan {
   const int2* tiles;
   int num_tiles;
+  int rows;
 };
-constexpr int kPrefillRows = 64;
+// The tile's rows by head dim: 128 at D = 128 (8 warps; each K/V tile read
+// from L2 serves twice the rows of 64), 64 at D = 64.
+constexpr int prefill_rows(int head_dim) { return head_dim == 128 ? 128 : 64; }
 void prefill_attention(const AttentionParams& p, const PrefillPlan& f, cudaStream_t s);
 
 bool attention_supported(int head_dim, int group);
