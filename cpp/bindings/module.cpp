@@ -281,7 +281,8 @@ NB_MODULE(_core, m) {
       .ro("eos_token_ids", &pagedrt::ModelInfo::eos_token_ids)
       .ro("weight_dtype", &pagedrt::ModelInfo::weight_dtype)
       .ro("activation_dtype", &pagedrt::ModelInfo::activation_dtype)
-      .ro("device", &pagedrt::ModelInfo::device);
+      .ro("device", &pagedrt::ModelInfo::device)
+      .ro("deterministic", &pagedrt::ModelInfo::deterministic);
 
   // The one source of RuntimeConfig's defaults: Python reads them from here.
   using RC = pagedrt::RuntimeConfig;
@@ -298,7 +299,8 @@ NB_MODULE(_core, m) {
       .rw("max_num_batched_tokens", &RC::max_num_batched_tokens)
       .rw("max_model_len", &RC::max_model_len)
       .rw("enable_prefix_caching", &RC::enable_prefix_caching)
-      .rw("num_threads", &RC::num_threads);
+      .rw("num_threads", &RC::num_threads)
+      .rw("deterministic", &RC::deterministic);
 
   nb::class_<pagedrt::Runtime>(m, "Runtime")
       .def("__init__",

@@ -55,10 +55,20 @@ ScalarType parse_dtype(const std::string& s) {
   throw pagedrt::Error(pagedrt::ErrorKind::InvalidArgument, "dtype must be float32 or bfloat16, got " + s);
 }
 
+ScalarType activation_type(const std::string& device, const std::string& activation) {
+  if (activation.empty()) return device == "cuda" ? ScalarType::BF16 : ScalarType::F32;
+  if (activation == "bfloat16") return ScalarType::BF16;
+  if (activation == "float32") return ScalarType::F32;
+  throw pagedrt::Error(pagedrt::ErrorKind::InvalidArgument,
+                       "_Ops: activation must be bfloat16 or float32, not '" + activation + "'");
+}
+
 class Ops {
  public:
-  explicit Ops(const std::string& device)
-      : b_(pagedrt::make_backend(device, 0, device == "cuda" ? ScalarType::BF16 : ScalarType::F32)) {}
+  // activation: "" for the device's default (bf16 on CUDA, fp32 on the CPU), or "bfloat16" / "float32".
+  // deterministic: the CPU backend's batch-invariant kernels (make_backend).
+  explicit Ops(const std::string& device, const std::string& activation = "", bool deterministic = true)
+      : b_(pagedrt::make_backend(device, 0, activation_type(device, activation), deterministic)) {}
 
   std::string activation_dtype() const { return pagedrt::scalar_name(b_->activation_dtype()); }
 
@@ -327,7 +337,8 @@ class Ops {
 
 void register_ops(nb::module_& m) {
   nb::class_<Ops>(m, "_Ops")
-      .def(nb::init<const std::string&>(), "device"_a)
+      .def(nb::init<const std::string&, const std::string&, bool>(), "device"_a, "activation"_a = "",
+           "deterministic"_a = true)
       .def_prop_ro("activation_dtype", &Ops::activation_dtype)
       .def("set_batch", &Ops::set_batch, "token_ids"_a, "positions"_a, "slot_mapping"_a, "query_start"_a,
            "seq_lens"_a, "page_indptr"_a, "page_indices"_a, "logits_indices"_a)

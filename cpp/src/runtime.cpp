@@ -136,7 +136,14 @@ Runtime::Runtime(const RuntimeConfig& config) : impl_(std::make_unique<Impl>()) 
                       "fp32 throughout (dtype=\"float32\")");
     act = wdtype;
   }
-  std::unique_ptr<Backend> backend = make_backend(device, config.num_threads, act);
+  const bool deterministic = config.deterministic.value_or(device == "cpu");
+  if (deterministic && device != "cpu")
+    throw Error(ErrorKind::Unsupported,
+                "deterministic=True on device '" + device +
+                    "': the CUDA backend's GEMMs (cuBLASLt above 8 rows, the own kernel below) and split-KV "
+                    "decode attention change their summation order with the batch; batch-invariant results "
+                    "are available on the CPU (docs/determinism.md)");
+  std::unique_ptr<Backend> backend = make_backend(device, config.num_threads, act, deterministic);
   int64_t max_len = cfg.max_position_embeddings;
   if (config.max_model_len > 0) {
     if (config.max_model_len > cfg.max_position_embeddings)
@@ -159,6 +166,7 @@ Runtime::Runtime(const RuntimeConfig& config) : impl_(std::make_unique<Impl>()) 
   m.info.weight_dtype = scalar_name(wdtype);
   m.info.activation_dtype = scalar_name(act);
   m.info.device = device;
+  m.info.deterministic = deterministic;
 
   EngineConfig ec;
   ec.scheduler.max_num_seqs = config.max_num_seqs;

@@ -114,7 +114,8 @@ class _LoadBar:
 #: source (``print(pagedrt.RuntimeConfig())`` shows them).
 RuntimeConfig = _core.RuntimeConfig
 _OPTIONS = ("device", "dtype", "activation_dtype", "kv_cache_bytes", "gpu_memory_utilization", "block_size",
-            "max_num_seqs", "max_num_batched_tokens", "max_model_len", "enable_prefix_caching", "num_threads")
+            "max_num_seqs", "max_num_batched_tokens", "max_model_len", "enable_prefix_caching", "num_threads",
+            "deterministic")
 
 
 class Runtime:
@@ -149,6 +150,13 @@ class Runtime:
         max_model_len [0]: prompt plus output tokens at most (0: the model's limit).
         enable_prefix_caching [True]: share identical prompt prefixes between requests.
         num_threads [0]: CPU threads (0: all cores).
+        deterministic [None]: batch-invariant results: a request's logits have
+            the same bits whatever else is in its steps, however its prompt is
+            chunked or cached, after preemption, with any number of CPU threads
+            (docs/determinism.md). None: the device's default, True on the CPU
+            (where it costs nothing measurable), False on CUDA (True there raises
+            Unsupported: not implemented yet). ``model_info.deterministic`` says
+            which applies.
 
     Every method is safe to call from several threads at once.
     """

@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -52,6 +53,13 @@ struct RuntimeConfig {
   int32_t max_model_len = 0;       // prompt + output at most; 0 = the model's max positions
   bool enable_prefix_caching = true;
   int32_t num_threads = 0;         // CPU threads; 0 = all cores
+  // Batch-invariant results: a sequence's logits have the same bits whatever
+  // else runs in its steps, however its prompt is chunked, cached or
+  // recomputed after preemption (docs/determinism.md). Unset: the device's
+  // default, on for the CPU (it costs nothing measurable there), off for CUDA,
+  // whose GEMMs and split-KV attention are not invariant yet (true there is an
+  // Unsupported error).
+  std::optional<bool> deterministic;
   // Optional: called on the constructing thread while the weights load, with
   // (parts loaded, parts in all): the embedding, each layer, the head. Not
   // kept after the constructor returns.
@@ -80,6 +88,7 @@ struct ModelInfo {
   std::string weight_dtype;        // "float32" or "bfloat16"
   std::string activation_dtype;    // "float32" or "bfloat16" (also the KV cache's)
   std::string device;              // "cpu" or "cuda"
+  bool deterministic = false;      // RuntimeConfig::deterministic, resolved
 };
 
 class Runtime {

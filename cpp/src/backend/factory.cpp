@@ -33,8 +33,8 @@ bool cuda_built() {
 }
 
 std::unique_ptr<Backend> make_backend(const std::string& device, int num_threads,
-                                      ScalarType activation_dtype) {
-  if (device == "cpu") return std::make_unique<cpu::CpuBackend>(num_threads, activation_dtype);
+                                      ScalarType activation_dtype, bool deterministic) {
+  if (device == "cpu") return std::make_unique<cpu::CpuBackend>(num_threads, activation_dtype, deterministic);
   if (device == "cuda") {
 #ifdef PAGEDRT_WITH_CUDA
     return cuda::make_backend(activation_dtype);

@@ -66,6 +66,7 @@ struct Args {
   T* out;                 // (num_tokens, H D)
   int64_t H, Hkv, D, G;
   float scale;
+  bool invariant;         // scores in the order of the decode path (qk_rows)
 };
 
 // One thread's buffers, grown as needed and kept between calls.
@@ -242,9 +243,9 @@ void rope_and_cache(const BatchView& b, T* qkv, const float* cos, const float* s
 
 template <typename T>
 void paged_attention(const BatchView& b, const T* qkv, int64_t num_heads, const PagedKv<const T>& kv, float scale,
-                     T* out, int threads) {
+                     T* out, int threads, bool invariant) {
   const int64_t Hkv = kv.num_kv_heads, G = num_heads / Hkv;  // query heads per kv head
-  const Args<T> a{&b, qkv, kv, kv.k, kv.v, out, num_heads, Hkv, kv.head_dim, G, scale};
+  const Args<T> a{&b, qkv, kv, kv.k, kv.v, out, num_heads, Hkv, kv.head_dim, G, scale, invariant};
   const int32_t per_tile = static_cast<int32_t>(std::max<int64_t>(1, kTileRows / G));
   std::vector<Tile> tiles;
   for (int32_t i = 0; i < b.num_seqs; ++i)
@@ -264,8 +265,8 @@ template void rope_and_cache<float>(const BatchView&, float*, const float*, cons
 template void rope_and_cache<uint16_t>(const BatchView&, uint16_t*, const float*, const float*, int64_t,
                                        const PagedKv<uint16_t>&, int);
 template void paged_attention<float>(const BatchView&, const float*, int64_t, const PagedKv<const float>&, float,
-                                     float*, int);
+                                     float*, int, bool);
 template void paged_attention<uint16_t>(const BatchView&, const uint16_t*, int64_t, const PagedKv<const uint16_t>&,
-                                        float, uint16_t*, int);
+                                        float, uint16_t*, int, bool);
 
 }  // namespace pagedrt::cpu

@@ -22,8 +22,12 @@ void rope_and_cache(const BatchView& b, T* qkv, const float* cos, const float* s
 // out: (num_tokens, H D). Token t of sequence i attends to positions
 // 0 .. positions[t] of sequence i, read through kv's page table. The work is
 // split over `threads` as (tile of a sequence's query tokens, kv head) items.
+// invariant: every token's output has the same bits whatever tile it is in
+// (decode-sized or prefill-sized, any neighbours; see qk_rows); false lets
+// prefill-sized tiles sum each score in a shorter chain (the pre-issue-22
+// order, kept for the deterministic=False comparison).
 template <typename T>
 void paged_attention(const BatchView& b, const T* qkv, int64_t num_heads, const PagedKv<const T>& kv, float scale,
-                     T* out, int threads);
+                     T* out, int threads, bool invariant = true);
 
 }  // namespace pagedrt::cpu

@@ -55,8 +55,8 @@ void convert(const WeightView& src, ScalarType dtype, void* dst) {
 
 }  // namespace
 
-CpuBackend::CpuBackend(int num_threads, ScalarType activation_dtype)
-    : threads_(num_threads), act_(activation_dtype) {
+CpuBackend::CpuBackend(int num_threads, ScalarType activation_dtype, bool deterministic)
+    : threads_(num_threads), deterministic_(deterministic), act_(activation_dtype) {
   if (act_ != ScalarType::F32 && act_ != ScalarType::BF16)
     throw Error(ErrorKind::InvalidArgument, std::string("CPU activation dtype must be float32 or bfloat16, got ") +
                                                 scalar_name(act_));
@@ -289,7 +289,7 @@ void CpuBackend::paged_attention(const Tensor& qkv, const Tensor& k_cache, const
     using T = std::remove_const_t<std::remove_pointer_t<decltype(q)>>;
     const PagedKv<const T> kv = nhd_paged_kv(k_cache.as<T>(), v_cache.as<T>(), k_cache.dim(1), num_kv_heads,
                                              head_dim, batch_.page_indptr, batch_.page_indices);
-    cpu::paged_attention<T>(batch_, q, num_heads, kv, scale, out.as<T>(), threads_);
+    cpu::paged_attention<T>(batch_, q, num_heads, kv, scale, out.as<T>(), threads_, deterministic_);
   });
 }
 

@@ -16,7 +16,10 @@ class CpuBackend final : public Backend {
  public:
   // activation_dtype: F32 or BF16 (activations between ops and the KV cache;
   // the residual stream and every accumulation stay fp32)
-  explicit CpuBackend(int num_threads, ScalarType activation_dtype = ScalarType::F32);
+  // deterministic: every kernel gives a row the same bits whatever the batch
+  // (the default; false only changes prefill attention's summation order,
+  // for the deterministic=False comparison).
+  explicit CpuBackend(int num_threads, ScalarType activation_dtype = ScalarType::F32, bool deterministic = true);
   Device device() const override { return Device::CPU; }
   ScalarType activation_dtype() const override { return act_; }
   ScalarType kv_dtype() const override { return act_; }
@@ -46,6 +49,7 @@ class CpuBackend final : public Backend {
 
  private:
   int threads_;
+  bool deterministic_ = true;
   ScalarType act_;
   BatchView batch_;
   std::vector<float> x32_, y32_;  // fp32 staging of bf16 GEMM operands

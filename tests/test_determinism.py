@@ -1,0 +1,152 @@
+"""Deterministic results on the CPU (issue 22, docs/determinism.md): with
+deterministic=True (the CPU's default) a request's logits rows have the same
+bits whatever else runs in its steps, however its prompt is chunked or found
+in the prefix cache, after preemption by recompute, with n > 1 and with any
+number of threads. Reference: the request alone in a fresh Runtime. The rows
+compared are those of its generated positions (the engine reports each
+position's row once: the last max_tokens rows), bit for bit.
+
+deterministic=False keeps the summation order that differs between a decode
+step and a prefill tile; the tests that can fail show it does fail there."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import pagedrt
+from pagedrt import _core
+
+MAX_TOKENS = 12
+# SmolLM2's KV bytes a block (30 layers, K and V, 3 kv heads x 64, 16 tokens) per activation byte
+BLOCK_BYTES_PER_ELEM = 30 * 2 * 3 * 64 * 16
+
+
+def prompts_for(seed: int, count: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(100, 40000, size=int(n)).tolist() for n in rng.integers(20, 70, size=count)]
+
+
+def gather(rt, requests, target: int) -> tuple[list[np.ndarray], list[list[int]], object]:
+    """Submits every (prompt, params) at once; returns the target's logits rows
+    of its generated positions and its tokens, per choice index, and the
+    Runtime's stats. (Forks report from the position after the prompt: the
+    prompt's last row, which sampled their first tokens, is choice 0's.)"""
+    ids = [rt.submit(p, by_id=True, **params) for p, params in requests]
+    rows: dict[int, list] = {}
+    tokens: dict[int, list] = {}
+    pending = set(ids)
+    while pending:
+        for ev in rt.poll(list(pending), timeout=1.0):
+            assert ev.error is None, ev.error
+            if ev.request_id == ids[target]:
+                if ev.logits is not None:
+                    rows.setdefault(ev.index, []).append(np.asarray(ev.logits))
+                tokens.setdefault(ev.index, []).extend(ev.token_ids)
+            if ev.request_finished:
+                pending.discard(ev.request_id)
+    out = [np.concatenate(rows[i])[-MAX_TOKENS:] for i in sorted(rows)]
+    return out, [tokens[i] for i in sorted(tokens)], rt.stats()
+
+
+def target_params(**kw):
+    return {"max_tokens": MAX_TOKENS, "ignore_eos": True, "return_logits": True, **kw}
+
+
+def neighbour_params(rng):
+    if rng.random() < 0.5:
+        return dict(max_tokens=int(rng.integers(1, 20)), ignore_eos=True, temperature=0.0)
+    return dict(max_tokens=int(rng.integers(1, 20)), ignore_eos=True, temperature=1.0, seed=int(rng.integers(1 << 30)))
+
+
+def in_company(rt, prompt, params, seed: int, neighbours: int = 7, prefix_of_target: bool = False):
+    """The target among random neighbours, submitted in a random order; with
+    prefix_of_target one neighbour shares the target's first 48 tokens (three
+    cached blocks for the target when it comes later)."""
+    rng = np.random.default_rng(seed)
+    reqs = [(p, neighbour_params(rng)) for p in prompts_for(seed + 1, neighbours)]
+    if prefix_of_target:
+        reqs[0] = (prompt[:48] + reqs[0][0][:10], reqs[0][1])
+    pos = int(rng.integers(1 if prefix_of_target else 0, len(reqs) + 1))
+    reqs.insert(pos, (prompt, params))
+    return gather(rt, reqs, pos)
+
+
+@pytest.fixture(scope="module", params=["bfloat16", "float32"])
+def dtype(request):
+    return request.param
+
+
+def runtime(smol, dtype, **kw):
+    return pagedrt.Runtime(smol, device="cpu", dtype=dtype, activation_dtype=dtype, progress=False, **kw)
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_logits_rows_do_not_depend_on_the_batch(smol, dtype, sampled):
+    """Neighbours, a chunk budget of 8 tokens, a small KV pool that forces
+    preemptions, a cached prefix, one thread: each against the request alone."""
+    prompt = prompts_for(7, 1)[0] + prompts_for(8, 1)[0]  # 40 .. 140 tokens
+    params = target_params(temperature=0.8, seed=1234) if sampled else target_params(temperature=0.0)
+    with runtime(smol, dtype, enable_prefix_caching=False) as rt:
+        alone, alone_tokens, _ = gather(rt, [(prompt, params)], 0)
+    elem = 2 if dtype == "bfloat16" else 4
+    cases = {
+        "neighbours": dict(),
+        "chunks of 8": dict(max_num_batched_tokens=8),
+        "preemption": dict(kv_cache_bytes=14 * BLOCK_BYTES_PER_ELEM * elem, max_num_batched_tokens=64),
+        "one thread": dict(num_threads=1),
+    }
+    for name, options in cases.items():
+        with runtime(smol, dtype, **options) as rt:
+            rows, tokens, stats = in_company(rt, prompt, params, seed=len(name),
+                                             neighbours=11 if name == "preemption" else 7)
+            if name == "preemption":
+                assert stats.num_preemptions > 0, "the pool was meant to force preemptions"
+        assert tokens == alone_tokens, name
+        assert np.array_equal(rows[0], alone[0]), f"{name}: {np.count_nonzero(rows[0] != alone[0])} logits differ"
+    with runtime(smol, dtype) as rt:  # the first request leaves three blocks of the target's prompt cached
+        rows, tokens, _ = in_company(rt, prompt, params, seed=99, prefix_of_target=True)
+        assert tokens == alone_tokens
+        assert np.array_equal(rows[0], alone[0]), "prefix cache hit"
+
+
+def test_forks_match_the_request_alone(smol, dtype):
+    """n = 3 greedy choices share the prompt's blocks (copy-on-write): each
+    choice's rows equal the single request's."""
+    prompt = prompts_for(11, 1)[0]
+    with runtime(smol, dtype) as rt:
+        alone, _, _ = gather(rt, [(prompt, target_params(temperature=0.0))], 0)
+        forks, _, _ = in_company(rt, prompt, target_params(temperature=0.0, n=3), seed=5)
+    assert len(forks) == 3
+    assert np.array_equal(forks[0], alone[0])
+    for i in (1, 2):
+        assert len(forks[i]) == MAX_TOKENS - 1
+        assert np.array_equal(forks[i], alone[0][1:]), f"choice {i}"
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_decode_row_equals_prefill_row(smol, deterministic):
+    """The logits of a position computed in a decode step (one token a
+    sequence) against the same position computed as the last row of a prompt
+    (a prefill tile): equal bits with deterministic=True; with False the
+    prefill tile sums each score in another order, and some rows differ (the
+    comparison can fail)."""
+    prompt = prompts_for(3, 1)[0]
+    differ = 0
+    with runtime(smol, "bfloat16", enable_prefix_caching=False, deterministic=deterministic) as rt:
+        assert rt.model_info.deterministic is deterministic
+        rows, tokens, _ = gather(rt, [(prompt, target_params(temperature=0.0))], 0)
+        for j in range(1, 6):
+            again, _, _ = gather(rt, [(prompt + tokens[0][:j], target_params(temperature=0.0, max_tokens=1))], 0)
+            differ += not np.array_equal(again[0][-1], rows[0][j])
+    if deterministic:
+        assert differ == 0
+    else:
+        assert differ > 0, "deterministic=False was expected to give different bits somewhere"
+
+
+def test_deterministic_is_reported_and_refused_where_missing(smol):
+    with runtime(smol, "bfloat16") as rt:
+        assert rt.model_info.deterministic is True  # the CPU's default
+    if _core.cuda_available():
+        with pytest.raises(pagedrt.Unsupported, match="deterministic=True on device 'cuda'"):
+            pagedrt.Runtime(smol, device="cuda", deterministic=True, progress=False)
