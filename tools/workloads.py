@@ -120,3 +120,48 @@ def build(name: str, size: dict, tokenizer, vocab: int):
     if name in ("mixed", "waste"):
         return mixed(vocab, **s)
     return (sharing if name == "sharing" else prefix)(vocab, **s)
+
+
+# Speculative decoding (issue 23): chat prompts whose answers copy much of the
+# prompt (prompt lookup proposes from it), and open-ended ones (it cannot).
+_PARAGRAPH = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
+              "combined movable metal type, oil-based ink and a wooden screw press. Books that had taken a "
+              "scribe months to copy could now be printed by the hundred in weeks, and prices fell so far "
+              "that merchants, students and craftsmen could own them.")
+_RECORD = ("Order 4471 was placed on 12 March 2024 by Maria Lindqvist, Storgatan 14, 411 38 Gothenburg, "
+           "Sweden, for two blue ceramic teapots at 349 SEK each and one bamboo tray at 129 SEK, paid by card, "
+           "to be delivered by PostNord within five working days.")
+_CODE = ("def moving_average(values, window):\n"
+         "    result = []\n"
+         "    for i in range(len(values) - window + 1):\n"
+         "        total = 0\n"
+         "        for j in range(i, i + window):\n"
+         "            total = total + values[j]\n"
+         "        result.append(total / window)\n"
+         "    return result\n")
+SPECULATIVE_PROMPTS = {
+    "rewrite": [
+        "Repeat the following paragraph exactly, word for word:\n\n" + _PARAGRAPH,
+        "Rewrite this paragraph in the same words, but with every sentence on its own line:\n\n" + _PARAGRAPH,
+    ],
+    "extract": [
+        "From the text below, list the customer's name, street address, city and the items ordered, "
+        "copying the words from the text.\n\n" + _RECORD,
+        "Copy the sentence below and then write the order number and the date on separate lines.\n\n" + _RECORD,
+    ],
+    "edit_code": [
+        "Rename the function below to rolling_mean and return it otherwise unchanged:\n\n" + _CODE,
+        "Add a docstring to this function and return the whole function:\n\n" + _CODE,
+    ],
+    "open_ended": [
+        "Write a short poem about the sea at night.",
+        "Give three ideas for a weekend trip with children.",
+    ],
+}
+
+
+def speculative_prompts(rt) -> dict[str, list[list[int]]]:
+    """Token ids of each SPECULATIVE_PROMPTS prompt as a user chat message (the
+    Runtime's chat template), by workload."""
+    return {name: [rt.encode_prompt([{"role": "user", "content": p}]) for p in prompts]
+            for name, prompts in SPECULATIVE_PROMPTS.items()}

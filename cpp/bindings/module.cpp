@@ -198,6 +198,10 @@ NB_MODULE(_core, m) {
       .def_rw("length_penalty", &SP::length_penalty)
       .def_rw("early_stopping", &SP::early_stopping)
       .def_rw("return_logits", &SP::return_logits)
+      .def_rw("speculative", &SP::speculative)
+      .def_rw("num_speculative_tokens", &SP::num_speculative_tokens)
+      .def_rw("ngram_min", &SP::ngram_min)
+      .def_rw("ngram_max", &SP::ngram_max)
       .def("validate", [](const SP& p) { pagedrt::validate(p); },
            "Raises InvalidArgument naming the field for a value out of range.");
 
@@ -244,6 +248,8 @@ NB_MODULE(_core, m) {
       .ro("logprobs", &pagedrt::Event::logprobs)
       .ro("prompt_logprobs", &pagedrt::Event::prompt_logprobs)
       .ro("cumulative_logprob", &pagedrt::Event::cumulative_logprob)
+      .ro("spec_proposed", &pagedrt::Event::spec_proposed)
+      .ro("spec_accepted", &pagedrt::Event::spec_accepted)
       .ro("score", &pagedrt::Event::score)
       .prop("logits", &event_logits);
 
@@ -269,7 +275,9 @@ NB_MODULE(_core, m) {
       .ro("num_preemptions", &pagedrt::Stats::num_preemptions)
       .ro("num_steps", &pagedrt::Stats::num_steps)
       .ro("prompt_tokens", &pagedrt::Stats::prompt_tokens)
-      .ro("generated_tokens", &pagedrt::Stats::generated_tokens);
+      .ro("generated_tokens", &pagedrt::Stats::generated_tokens)
+      .ro("spec_proposed", &pagedrt::Stats::spec_proposed)
+      .ro("spec_accepted", &pagedrt::Stats::spec_accepted);
 
   Fields<pagedrt::ModelInfo>(m, "ModelInfo")
       .ro("architecture", &pagedrt::ModelInfo::architecture)

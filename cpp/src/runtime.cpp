@@ -171,6 +171,7 @@ Runtime::Runtime(const RuntimeConfig& config) : impl_(std::make_unique<Impl>()) 
   EngineConfig ec;
   ec.scheduler.max_num_seqs = config.max_num_seqs;
   ec.scheduler.max_num_batched_tokens = config.max_num_batched_tokens;
+  ec.scheduler.max_model_len = max_len;
   ec.output.max_model_len = max_len;
   ec.output.eos_token_ids = m.info.eos_token_ids;
   ec.output.sampler_threads = config.num_threads > 0

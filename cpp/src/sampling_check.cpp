@@ -51,6 +51,25 @@ void check_sampling_params(const SamplingParams& p, int64_t vocab, int32_t max_n
     if (p.prompt_logprobs) fail("prompt_logprobs is not supported with beam search");
     if (p.masked) fail("constrained decoding (masked) is not supported with beam search");
   }
+  if (!p.speculative.empty()) {
+    if (p.speculative == "draft")
+      throw Error(ErrorKind::Unsupported, where + "speculative=\"draft\" (a draft model) is not implemented yet; "
+                                                  "speculative=\"ngram\" is");
+    if (p.speculative != "ngram")
+      fail("speculative must be \"ngram\" (or empty: off), got \"" + p.speculative + "\"");
+    if (p.num_speculative_tokens < 1 || p.num_speculative_tokens > 16)
+      fail("num_speculative_tokens must be in [1, 16], got " + std::to_string(p.num_speculative_tokens));
+    if (p.ngram_min < 1 || p.ngram_max < p.ngram_min || p.ngram_max > 16)
+      fail("ngram_min and ngram_max must satisfy 1 <= ngram_min <= ngram_max <= 16, got " +
+           std::to_string(p.ngram_min) + " and " + std::to_string(p.ngram_max));
+    auto unsupported = [&](const char* what) {
+      throw Error(ErrorKind::Unsupported, where + "speculative decoding is not supported with " + what);
+    };
+    if (p.is_beam_search()) unsupported("beam search");
+    if (p.masked) unsupported("constrained decoding (masked)");
+    if (p.return_logits) unsupported("return_logits");
+    if (p.prompt_logprobs) unsupported("prompt_logprobs");
+  }
   const int32_t width = std::max(p.n, p.beam_width);
   if (width > max_num_seqs)
     fail("needs " + std::to_string(width) + " sequences at once, max_num_seqs is " + std::to_string(max_num_seqs));

@@ -30,6 +30,13 @@ class IncrementalDetokenizer:
         self.include_stop = include_stop_str_in_output
         self.hold = max((len(s) for s in self.stop), default=1) - 1
         self.stopped = False
+        self.consumed = 0   # tokens of the last push() used: all, or those through a stop string
+
+    def _stop_hit(self, start):
+        """The first stop string in self.text from `start`, as (index, string), or None."""
+        hits = [(self.text.find(s, start), s) for s in self.stop]
+        hits = [(i, s) for i, s in hits if i >= 0]
+        return min(hits) if hits else None
 
     def _decode(self, ids):
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip)
@@ -37,26 +44,32 @@ class IncrementalDetokenizer:
     def push(self, token_ids, final=False) -> str:
         """Adds tokens; returns the new text that can be shown now."""
         if self.stopped:
+            self.consumed = 0
             return ""
         before = len(self.text)
-        for t in token_ids:
+        start = max(0, before - self.hold)
+        self.consumed = len(token_ids)
+        for n, t in enumerate(token_ids, 1):
             self.ids.append(int(t))
             prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
             full = self._decode(self.ids[self.prefix_offset:])
             if len(full) > len(prefix) and not full.endswith("\ufffd"):
                 self.text += full[len(prefix):]
                 self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            # Several tokens at once (speculative decoding): the ones after the
+            # token that completes a stop string are not the sequence's.
+            if self.stop and n < len(token_ids) and self._stop_hit(start) is not None:
+                self.consumed = n
+                break
         if final and self.read_offset < len(self.ids):  # flush an incomplete tail as is
             prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
             self.text += self._decode(self.ids[self.prefix_offset:])[len(prefix):]
             self.read_offset = len(self.ids)
         end = len(self.text)
         if self.stop:
-            start = max(0, before - self.hold)
-            hits = [(self.text.find(s, start), s) for s in self.stop]
-            hits = [(i, s) for i, s in hits if i >= 0]
-            if hits:
-                i, s = min(hits)
+            hit = self._stop_hit(start)
+            if hit is not None:
+                i, s = hit
                 self.text = self.text[:i + (len(s) if self.include_stop else 0)]
                 self.stopped = True
                 final = True

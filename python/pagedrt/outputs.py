@@ -41,6 +41,9 @@ class Event:
     prompt_logprobs: Optional[list[TokenLogprob]] = None
     score: Optional[float] = None   # beams: cumulative_logprob / length ** length_penalty
     logits: Optional[np.ndarray] = None  # return_logits only: (rows, vocab)
+    #: speculative decoding: this sequence's proposed tokens verified so far, and of those accepted
+    spec_proposed: int = 0
+    spec_accepted: int = 0
 
 
 @dataclass
@@ -54,6 +57,8 @@ class CompletionOutput:
     cumulative_logprob: Optional[float] = None
     logprobs: Optional[list[TokenLogprob]] = None
     score: Optional[float] = None
+    spec_proposed: int = 0          # speculative decoding: proposals verified
+    spec_accepted: int = 0          # ... and accepted
 
 
 @dataclass

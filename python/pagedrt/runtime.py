@@ -56,9 +56,11 @@ class _RequestState:
         d = self._detok(ce.index)
         tokens, finished, reason = list(ce.token_ids), ce.finished, ce.finish_reason
         text = d.push(tokens, final=finished) if d else ""
+        if d is not None and d.stopped:
+            del tokens[d.consumed:]  # tokens after the one that completed the stop string
         def convert(lps):
             return [TokenLogprob(lp.token, lp.logprob, dict(zip(lp.top_ids, lp.top_logprobs))) for lp in lps]
-        logprobs = convert(ce.logprobs) if self.params.logprobs is not None else None
+        logprobs = convert(ce.logprobs)[:len(tokens)] if self.params.logprobs is not None else None
         prompt_logprobs = convert(ce.prompt_logprobs) if self.params.prompt_logprobs is not None else None
         if d is not None and d.stopped and not finished:
             # A stop string matched in this event's text: end the sequence here,
@@ -75,7 +77,8 @@ class _RequestState:
             num_preemptions=ce.num_preemptions, error=ce.error, time=ce.time, logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             cumulative_logprob=ce.cumulative_logprob if tracked else None,
-            score=ce.score if self.params.beam_width > 1 else None, logits=ce.logits)
+            score=ce.score if self.params.beam_width > 1 else None, logits=ce.logits,
+            spec_proposed=ce.spec_proposed, spec_accepted=ce.spec_accepted)
 
 
 def _accumulate(c: Completion, parts: dict[int, CompletionOutput], ev: Event) -> None:
@@ -86,6 +89,7 @@ def _accumulate(c: Completion, parts: dict[int, CompletionOutput], ev: Event) ->
     if ev.logprobs is not None:
         out.logprobs = (out.logprobs or []) + ev.logprobs
     out.cumulative_logprob, out.score = ev.cumulative_logprob, ev.score
+    out.spec_proposed, out.spec_accepted = ev.spec_proposed, ev.spec_accepted
     if ev.prompt_logprobs:
         c.prompt_logprobs = (c.prompt_logprobs or []) + ev.prompt_logprobs
     c.num_preemptions = ev.num_preemptions

@@ -63,6 +63,15 @@ class SamplingParams:
     #: Experimental, for tests and tools: events carry the raw fp32 logits of
     #: every position computed for the request.
     return_logits: bool = False
+    #: Speculative decoding (docs/speculative.md): "ngram" proposes the
+    #: continuation of the longest recent n-gram (``ngram_max`` down to
+    #: ``ngram_min`` tokens) found earlier in the prompt or output, up to
+    #: ``num_speculative_tokens`` tokens, verified in one forward: greedy output is
+    #: exactly the same as without, sampled output has the same distribution.
+    speculative: Optional[str] = None
+    num_speculative_tokens: int = 4
+    ngram_min: int = 1
+    ngram_max: int = 4
 
     @property
     def stop_strings(self) -> list[str]:
@@ -127,6 +136,12 @@ class SamplingParams:
         if self.stop_strings and self.beam_width > 1:
             raise InvalidArgument("stop strings are not supported with beam search (use stop_token_ids)")
         p.return_logits = bool(self.return_logits)
+        if self.speculative is not None and not isinstance(self.speculative, str):
+            raise InvalidArgument(f'speculative must be "ngram" or None, got {self.speculative!r}')
+        p.speculative = self.speculative or ""
+        p.num_speculative_tokens = whole("num_speculative_tokens", self.num_speculative_tokens)
+        p.ngram_min = whole("ngram_min", self.ngram_min)
+        p.ngram_max = whole("ngram_max", self.ngram_max)
         p.masked = constraint_of(self) is not None
         p.validate()  # ranges, each named, in C++; token ids are checked at submit
         return p

@@ -40,6 +40,8 @@ struct Event {
   std::vector<TokenLogprob> prompt_logprobs;
   double cumulative_logprob = 0.0;   // sum of the sequence's token logprobs so far (logprobs set, or beams)
   double score = 0.0;                // beams: cumulative_logprob / length ** length_penalty
+  int64_t spec_proposed = 0;         // speculative decoding: this sequence's proposals verified so far
+  int64_t spec_accepted = 0;         // ... and accepted
 
   // Only with SamplingParams::return_logits: (logit_rows, vocab_size) fp32,
   // row-major, one row per position computed since the last event.

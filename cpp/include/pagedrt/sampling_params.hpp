@@ -19,6 +19,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -48,6 +49,18 @@ struct SamplingParams {
   // allows (pagedrt/token_mask.hpp; structured output). Not with beam search.
   bool masked = false;
   std::vector<std::pair<int32_t, float>> logit_bias;  // token id -> added to its logit
+
+  // Speculative decoding (docs/speculative.md). "ngram": prompt lookup — the
+  // continuation of the longest recent n-gram (ngram_max down to ngram_min
+  // tokens) that occurred earlier in the prompt or output is proposed, up to
+  // num_speculative_tokens tokens, and verified in one forward: greedy keeps
+  // the longest prefix equal to the model's own picks, sampling uses
+  // rejection sampling (the output distribution is the model's). "" : off.
+  // Not with beam search, masked decoding, return_logits or prompt_logprobs.
+  std::string speculative;
+  int32_t num_speculative_tokens = 4;   // 1 .. 16: proposals a step at most
+  int32_t ngram_min = 1;                // 1 .. ngram_max
+  int32_t ngram_max = 4;                // .. 16
 
   int32_t beam_width = 1;               // > 1: beam search (greedy; temperature ignored)
   float length_penalty = 1.0f;          // beam score = sum logprob / length ** length_penalty

@@ -30,6 +30,8 @@ struct Stats {
   int64_t num_steps = 0;           // engine steps since start
   int64_t prompt_tokens = 0;       // computed since start
   int64_t generated_tokens = 0;    // since start
+  int64_t spec_proposed = 0;       // speculative decoding: proposed tokens verified, since start
+  int64_t spec_accepted = 0;       // of those, accepted
 };
 
 }  // namespace pagedrt

@@ -27,8 +27,9 @@ void Batch::build(const SchedulerOutput& sched, int32_t block_size) {
     slice.first_row = static_cast<int32_t>(logits_indices_.size());
     slice.samples = end == r.num_tokens();
     // return_logits (or prompt_logprobs, over the prompt): every position not
-    // reported yet; else only the sampled row.
-    int64_t from = slice.samples ? end - 1 : end;
+    // reported yet; speculative proposals: the rows of the last token and of
+    // each proposal; else only the sampled row.
+    int64_t from = slice.samples ? end - 1 - r.num_draft : end;
     const SamplingParams& sp = s.req->params;
     if (sp.return_logits || (sp.prompt_logprobs && r.logits_reported < s.req->prompt_len - 1))
       from = std::max(start, std::min(from, r.logits_reported));

@@ -98,6 +98,7 @@ class Engine final : private OutputSink {
   // OutputSink
   void push_event(Event ev) override;
   void count_generated(int64_t tokens) override { stats_.count_generated(tokens); }
+  void count_speculative(int64_t proposed, int64_t accepted) override { stats_.count_speculative(proposed, accepted); }
   void finish_seq(Request& r, Sequence& s, FinishReason reason, const std::string& error) override;
   // Starts filling the masks of this step's masked sampling rows on a helper
   // thread (the forward runs meanwhile); wait() before the outputs use them.

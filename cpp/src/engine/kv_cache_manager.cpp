@@ -89,6 +89,16 @@ void KvCacheManager::fork(const SeqBlocks& parent, SeqBlocks& child) {
   child.block_uids = parent.block_uids;
 }
 
+void KvCacheManager::truncate(SeqBlocks& seq, int64_t num_tokens) {
+  const int64_t bs = pool_.block_size(), keep = (num_tokens + bs - 1) / bs;
+  while (static_cast<int64_t>(seq.table.size()) > keep) {
+    pool_.decref(seq.table.back());
+    seq.table.pop_back();
+    --logical_blocks_;
+  }
+  if (static_cast<int64_t>(seq.block_uids.size()) > keep) seq.block_uids.resize(static_cast<size_t>(keep));
+}
+
 void KvCacheManager::free(SeqBlocks& seq) {
   logical_blocks_ -= static_cast<int64_t>(seq.table.size());
   pool_.release(seq.table);

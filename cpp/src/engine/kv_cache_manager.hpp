@@ -73,6 +73,11 @@ class KvCacheManager {
 
   void free(SeqBlocks& seq);
 
+  // Keeps the blocks that hold tokens [0, num_tokens) and releases the rest,
+  // last first: the tail a speculative step allocated for proposals it then
+  // rejected.
+  void truncate(SeqBlocks& seq, int64_t num_tokens);
+
   int64_t num_copies() const { return num_copies_; }
   int64_t logical_blocks() const { return logical_blocks_; }  // entries of every live block table
   int64_t prefix_queries() const { return prefix_queries_; }  // tokens looked up

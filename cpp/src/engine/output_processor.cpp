@@ -15,7 +15,8 @@ OutputProcessor::OutputProcessor(const OutputConfig& config, KvCacheManager& kv,
 bool OutputProcessor::greedy_only(const SchedulerOutput& step) const {
   for (const ScheduledSeq& s : step.scheduled) {
     const SamplingParams& p = s.req->params;
-    if (p.return_logits || p.prompt_logprobs || p.masked || p.is_beam_search() || p.logprobs || p.n != 1)
+    if (p.return_logits || p.prompt_logprobs || p.masked || p.is_beam_search() || p.logprobs || p.n != 1 ||
+        s.seq->num_draft > 0)
       return false;
     if (p.temperature != 0.0f || Sampler::needs_processing(p, s.req->num_generated(*s.seq))) return false;
   }
@@ -31,6 +32,10 @@ void OutputProcessor::process(const SchedulerOutput& step, const ModelOutput& ou
   for (size_t i = 0; i < step.scheduled.size(); ++i) {
     const ScheduledSeq& s = step.scheduled[i];
     const LogitsSlice& slice = (*out.slices)[i];
+    if (s.seq->num_draft > 0) {
+      verify(s, slice, out);
+      continue;
+    }
     if (!advance(s, slice, out)) continue;
     if (s.req->params.is_beam_search()) {
       if (std::find(beam_groups.begin(), beam_groups.end(), s.req) == beam_groups.end()) beam_groups.push_back(s.req);
@@ -52,7 +57,8 @@ void OutputProcessor::process(const SchedulerOutput& step, const ModelOutput& ou
   // Picks are independent per sequence (own row, own random stream): made in
   // parallel, then applied in order (which may end sequences and requests).
   pick_all(picks, out.vocab);
-  for (Pick& p : picks) apply(p);
+  for (Pick& p : picks)
+    if (!apply(p)) sink_.push_event(make_event(*p.req, *p.seq, false, false, FinishReason::None, ""));
   for (Request* r : beam_groups) {
     const bool all_ready = std::all_of(r->seqs.begin(), r->seqs.end(),
                                        [](const std::unique_ptr<Sequence>& s) { return s->at_sampling_point(); });
@@ -147,14 +153,16 @@ void OutputProcessor::pick_all(std::vector<Pick>& picks, int64_t vocab) {
   }
 }
 
-void OutputProcessor::apply(Pick& k) {
+bool OutputProcessor::apply(Pick& k) {
   Request& r = *k.req;
   Sequence& s = *k.seq;
   const SamplingParams& p = r.params;
   const int32_t tok = k.token;
-  if (tok < 0)
-    return sink_.finish_seq(r, s, FinishReason::Error,
-                            mask_error_->empty() ? "the token mask allows no token" : "token mask: " + *mask_error_);
+  if (tok < 0) {
+    sink_.finish_seq(r, s, FinishReason::Error,
+                     mask_error_->empty() ? "the token mask allows no token" : "token mask: " + *mask_error_);
+    return true;
+  }
   if (p.logprobs) {
     s.cum_logprob += k.logprob.logprob;
     s.new_logprobs.push_back(std::move(k.logprob));
@@ -172,10 +180,85 @@ void OutputProcessor::apply(Pick& k) {
     reason = FinishReason::Stop;
   else if (r.num_generated(s) >= p.max_tokens || s.num_tokens() >= config_.max_model_len)
     reason = FinishReason::Length;
-  if (reason != FinishReason::None)
+  if (reason != FinishReason::None) {
     sink_.finish_seq(r, s, reason, "");
-  else
-    sink_.push_event(make_event(r, s, false, false, FinishReason::None, ""));
+    return true;
+  }
+  return false;
+}
+
+// Rows slice.first_row + i, i = 0 .. k, hold the logits at positions P + i,
+// P being the sequence's last token before its k proposals d_1 .. d_k: row i
+// decides the token at P + i + 1 (d_{i+1} proposed). Tokens are decided in
+// order, each row processed with the tokens before it (penalties), until one
+// differs from its proposal (greedy) or is rejected (sampling); the last row
+// gives one more token when every proposal was kept. The K/V of positions P
+// .. P + accepted came from verified inputs: they count as computed (and may
+// enter the prefix cache); the rest is rolled back, and the blocks that held
+// only rolled-back positions return to the pool.
+void OutputProcessor::verify(const ScheduledSeq& sc, const LogitsSlice& slice, const ModelOutput& out) {
+  Sequence& s = *sc.seq;
+  Request& r = *sc.req;
+  const SamplingParams& p = r.params;
+  const int32_t k = s.num_draft;
+  const int64_t P = s.num_tokens() - k - 1;
+  const std::vector<int32_t> draft(s.tokens.end() - k, s.tokens.end());
+  s.tokens.resize(static_cast<size_t>(P + 1));
+  s.num_draft = 0;
+  std::vector<float> row, lp;
+  std::vector<double> prob;
+  std::vector<int32_t> order;
+  std::vector<Pick> picks;
+  int32_t accepted = 0;
+  for (int32_t i = 0; i <= k; ++i) {
+    const float* raw = out.row(slice.first_row + i);
+    const float* logits = raw;
+    if (Sampler::needs_processing(p, r.num_generated(s))) {  // s.tokens: the tokens before position P + i + 1
+      row.assign(raw, raw + out.vocab);
+      Sampler::process(row.data(), out.vocab, p, s.tokens, r.prompt_len, config_.eos_token_ids);
+      logits = row.data();
+    }
+    bool kept = false;
+    Pick pick;
+    pick.req = &r;
+    pick.seq = &s;
+    pick.token = i < k ? Sampler::verify_draft(logits, out.vocab, p, s.rng, draft[i], kept, prob, order)
+                       : Sampler::pick(logits, out.vocab, p, s.rng, prob, order);
+    if (p.logprobs) {
+      Sampler::log_softmax(raw, out.vocab, lp);
+      pick.logprob = Sampler::token_logprob(lp, pick.token, *p.logprobs);
+    }
+    s.tokens.push_back(pick.token);
+    picks.push_back(std::move(pick));
+    if (!kept) break;
+    ++accepted;
+  }
+  // Positions P .. P + accepted are computed; the next step computes the last token.
+  const int64_t computed = P + accepted + 1;
+  s.tokens.resize(static_cast<size_t>(computed));  // the kept proposals, for the prefix cache
+  kv_.note_computed(s.blocks, s.num_computed, computed);
+  s.num_computed = computed;
+  kv_.cache_full_blocks(s.blocks, s.tokens.data(), s.num_computed);
+  kv_.truncate(s.blocks, computed + 1);
+  s.tokens.resize(static_cast<size_t>(P + 1));  // apply() appends them again, checking each
+  s.spec_proposed += k;
+  s.spec_accepted += accepted;
+  sink_.count_speculative(k, accepted);
+  // The proposal length follows the acceptance: one more after a full
+  // acceptance, half after none; kMaxSpecMisses steps in a row with nothing
+  // accepted and the sequence stops speculating.
+  if (accepted == k) {
+    s.spec_len = std::min(s.spec_len + 1, p.num_speculative_tokens);
+    s.spec_misses = 0;
+  } else if (accepted == 0) {
+    s.spec_len = std::max(1, s.spec_len / 2);
+    if (++s.spec_misses >= kMaxSpecMisses) s.spec_off = true;
+  } else {
+    s.spec_misses = 0;
+  }
+  for (Pick& pick : picks)
+    if (apply(pick)) return;  // the sequence ended (and may be gone)
+  sink_.push_event(make_event(r, s, false, false, FinishReason::None, ""));
 }
 
 void OutputProcessor::beam_group_step(Request& r) {
@@ -242,6 +325,8 @@ Event OutputProcessor::make_event(Request& r, Sequence& s, bool finished, bool r
   ev.error = error;
   ev.num_preemptions = r.num_preemptions;
   ev.cumulative_logprob = s.cum_logprob;
+  ev.spec_proposed = s.spec_proposed;
+  ev.spec_accepted = s.spec_accepted;
   return ev;
 }
 

@@ -38,6 +38,7 @@ class OutputSink {
   virtual ~OutputSink() = default;
   virtual void push_event(Event ev) = 0;
   virtual void count_generated(int64_t tokens) = 0;
+  virtual void count_speculative(int64_t proposed, int64_t accepted) = 0;
   // Ends sequence `s` with its final event (`error`: with finish reason Error);
   // the request ends with its last sequence.
   virtual void finish_seq(Request& r, Sequence& s, FinishReason reason, const std::string& error) = 0;
@@ -88,8 +89,15 @@ class OutputProcessor {
   bool advance(const ScheduledSeq& s, const LogitsSlice& slice, const ModelOutput& out);
   std::vector<Sequence*> expand(Request& r, Sequence& s);
   void pick_all(std::vector<Pick>& picks, int64_t vocab);
-  void apply(Pick& pick);
+  // Appends the picked token and ends the sequence if it must; true when it
+  // ended (then `pick.seq`, and with the last sequence the request, are gone).
+  bool apply(Pick& pick);
+  // A sequence that verified its proposals this step (speculative decoding):
+  // keeps the accepted ones and one more token, rolls the rest back.
+  void verify(const ScheduledSeq& s, const LogitsSlice& slice, const ModelOutput& out);
   void beam_group_step(Request& r);
+
+  static constexpr int32_t kMaxSpecMisses = 8;
 
   OutputConfig config_;
   const std::string* mask_error_ = nullptr;  // this step's StepMasks::error

@@ -36,6 +36,18 @@ struct Sequence {
   std::vector<float> beam_logprobs;  // beams: log-softmax row held until the group step
   int64_t logits_reported = 0;       // positions whose logits went out (return_logits, prompt_logprobs)
 
+  // Speculative decoding (params.speculative): the proposals appended to
+  // `tokens` for this step (verified, then kept or dropped, by the output
+  // processor), the current proposal length (adapts to the acceptance) and
+  // the steps in a row in which nothing was accepted (at kMaxSpecMisses the
+  // sequence stops speculating).
+  int32_t num_draft = 0;
+  int32_t spec_len = 0;              // 0 until the first proposal: num_speculative_tokens
+  int32_t spec_misses = 0;
+  bool spec_off = false;
+  int64_t spec_proposed = 0;         // proposals verified, since submit
+  int64_t spec_accepted = 0;         // of those, kept
+
   // What the next event carries.
   std::vector<int32_t> new_tokens;
   std::vector<TokenLogprob> new_logprobs;

@@ -96,9 +96,13 @@ bool Sampler::needs_processing(const SamplingParams& p, int64_t generated) {
          p.frequency_penalty != 0.0f || p.presence_penalty != 0.0f;
 }
 
-int32_t Sampler::pick(const float* logits, int64_t vocab, const SamplingParams& p, Rng& rng,
-                      std::vector<double>& prob, std::vector<int32_t>& order) {
-  if (p.temperature == 0.0f) return static_cast<int32_t>(first_argmax(logits, vocab));
+namespace {
+
+// Step 4's distribution (temperature > 0): candidates order[0 .. n) with
+// unnormalised weights prob[0 .. n) (zero for those min_p drops); -1 when
+// every candidate is banned (-inf).
+int64_t distribution(const float* logits, int64_t vocab, const SamplingParams& p, std::vector<double>& prob,
+                     std::vector<int32_t>& order) {
   // Candidates, most likely first (ties: lower id first). Without top-k / top-p
   // the order does not matter and the full sort is skipped.
   order.resize(static_cast<size_t>(vocab));
@@ -117,7 +121,7 @@ int32_t Sampler::pick(const float* logits, int64_t vocab, const SamplingParams& 
   prob.resize(static_cast<size_t>(n));
   double sum = 0.0;
   for (int64_t i = 0; i < n; ++i) sum += (prob[i] = std::exp(static_cast<double>(logits[order[i]]) * inv_t - mx));
-  if (!(sum > 0.0)) return order[0];  // every candidate banned (-inf): fall back to the first
+  if (!(sum > 0.0)) return -1;
   if (p.top_p < 1.0f) {  // the smallest prefix (most likely first) reaching top_p
     double cum = 0.0;
     int64_t keep = 0;
@@ -133,9 +137,16 @@ int32_t Sampler::pick(const float* logits, int64_t vocab, const SamplingParams& 
     for (int64_t i = 0; i < n; ++i)
       if (prob[i] < p.min_p * pmax) prob[i] = 0.0;
   }
+  return n;
+}
+
+double uniform(Rng& rng) { return static_cast<double>(rng() >> 11) * 0x1.0p-53; }  // [0, 1)
+
+// A draw from the weights prob[0 .. n) (at least one positive).
+int32_t draw(Rng& rng, const std::vector<double>& prob, const std::vector<int32_t>& order, int64_t n) {
   double total = 0.0;
   for (int64_t i = 0; i < n; ++i) total += prob[i];
-  const double u = static_cast<double>(rng() >> 11) * 0x1.0p-53 * total;  // in [0, total)
+  const double u = uniform(rng) * total;  // in [0, total)
   double acc = 0.0;
   int64_t last = 0;
   for (int64_t i = 0; i < n; ++i) {
@@ -145,6 +156,44 @@ int32_t Sampler::pick(const float* logits, int64_t vocab, const SamplingParams& 
     if (u < acc) return order[i];
   }
   return order[last];
+}
+
+}  // namespace
+
+int32_t Sampler::pick(const float* logits, int64_t vocab, const SamplingParams& p, Rng& rng,
+                      std::vector<double>& prob, std::vector<int32_t>& order) {
+  if (p.temperature == 0.0f) return static_cast<int32_t>(first_argmax(logits, vocab));
+  const int64_t n = distribution(logits, vocab, p, prob, order);
+  if (n < 0) return order[0];  // every candidate banned (-inf): fall back to the first
+  return draw(rng, prob, order, n);
+}
+
+int32_t Sampler::verify_draft(const float* logits, int64_t vocab, const SamplingParams& p, Rng& rng,
+                              int32_t draft, bool& accepted, std::vector<double>& prob,
+                              std::vector<int32_t>& order) {
+  if (p.temperature == 0.0f) {
+    const int32_t t = static_cast<int32_t>(first_argmax(logits, vocab));
+    accepted = t == draft;
+    return t;
+  }
+  const int64_t n = distribution(logits, vocab, p, prob, order);
+  if (n < 0) {
+    accepted = order[0] == draft;
+    return order[0];
+  }
+  double total = 0.0, pd = 0.0;
+  int64_t at = -1;
+  for (int64_t i = 0; i < n; ++i) {
+    total += prob[i];
+    if (order[i] == draft) pd = prob[i], at = i;
+  }
+  // The proposal is one token for certain (q = 1 at the draft): accept with
+  // min(1, p / q) = p(draft); on rejection draw from max(p - q, 0), i.e. p
+  // without the draft, renormalised.
+  accepted = uniform(rng) * total < pd;
+  if (accepted) return draft;
+  if (at >= 0) prob[at] = 0.0;
+  return draw(rng, prob, order, n);
 }
 
 void Sampler::log_softmax(const float* logits, int64_t vocab, std::vector<float>& out) {

@@ -35,6 +35,15 @@ class Sampler {
   static int32_t pick(const float* logits, int64_t vocab, const SamplingParams& params, Rng& rng,
                       std::vector<double>& scratch, std::vector<int32_t>& order);
 
+  // Speculative decoding: the token for a position where `draft` was
+  // proposed. Greedy: the pick, accepted when it equals the draft. Sampling:
+  // the draft is accepted with probability p(draft) under pick's distribution;
+  // otherwise a token is drawn from that distribution without the draft
+  // (renormalised). Either way the token has pick's distribution exactly.
+  static int32_t verify_draft(const float* logits, int64_t vocab, const SamplingParams& params, Rng& rng,
+                              int32_t draft, bool& accepted, std::vector<double>& scratch,
+                              std::vector<int32_t>& order);
+
   // log-softmax of `logits` into `out` (vocab).
   static void log_softmax(const float* logits, int64_t vocab, std::vector<float>& out);
 

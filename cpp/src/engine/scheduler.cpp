@@ -2,13 +2,41 @@
 
 #include <algorithm>
 
+#include "engine/ngram.hpp"
+
 namespace pagedrt {
 
 Scheduler::Scheduler(const SchedulerConfig& config, KvCacheManager& kv) : config_(config), kv_(kv) {}
 
 void Scheduler::add(Request* req) { waiting_.push_back(req); }
 
+void Scheduler::draft(Request* req, int64_t budget) {
+  const SamplingParams& p = req->params;
+  if (p.speculative.empty()) return;
+  for (auto& s : req->seqs) {
+    if (s->spec_off || s->num_draft > 0 || s->num_tokens() - s->num_computed != 1) continue;
+    if (s->spec_len == 0) s->spec_len = p.num_speculative_tokens;
+    int64_t k = std::min<int64_t>(s->spec_len, p.max_tokens - req->num_generated(*s) - 1);
+    if (config_.max_model_len > 0) k = std::min<int64_t>(k, config_.max_model_len - s->num_tokens() - 1);
+    k = std::min<int64_t>(k, budget - 1);
+    if (k <= 0) continue;
+    const std::vector<int32_t> proposal = ngram_propose(s->tokens, p.ngram_min, p.ngram_max, static_cast<int32_t>(k));
+    if (proposal.empty()) continue;
+    s->tokens.insert(s->tokens.end(), proposal.begin(), proposal.end());
+    s->num_draft = static_cast<int32_t>(proposal.size());
+    budget -= s->num_draft + 1;
+  }
+}
+
+void Scheduler::undraft(Request* req) {
+  for (auto& s : req->seqs) {
+    s->tokens.resize(static_cast<size_t>(s->num_tokens() - s->num_draft));
+    s->num_draft = 0;
+  }
+}
+
 void Scheduler::preempt(Request* req) {
+  undraft(req);
   for (auto& s : req->seqs) {
     kv_.free(s->blocks);
     s->num_computed = 0;
@@ -44,7 +72,13 @@ SchedulerOutput Scheduler::schedule() {
   for (size_t i = 0; i < running_.size() && budget > 0;) {
     Request* req = running_[i];
     mine.clear();
-    const int64_t need = plan(req, budget, mine);
+    draft(req, budget);
+    int64_t need = plan(req, budget, mine);
+    if (need > kv_.pool().num_free() && !req->params.speculative.empty()) {
+      undraft(req);  // no preemption to make room for proposals
+      mine.clear();
+      need = plan(req, budget, mine);
+    }
     bool ok = !mine.empty();
     while (ok && need > kv_.pool().num_free()) {
       Request* victim = running_.back();

@@ -24,6 +24,7 @@ namespace pagedrt {
 struct SchedulerConfig {
   int32_t max_num_seqs = 0;            // live sequences at most
   int32_t max_num_batched_tokens = 0;  // tokens one step computes at most
+  int64_t max_model_len = 0;           // prompt + output tokens at most (0: no limit)
 };
 
 struct ScheduledSeq {
@@ -58,6 +59,11 @@ class Scheduler {
   int64_t plan(Request* req, int64_t budget, std::vector<ScheduledSeq>& out) const;
   void preempt(Request* req);
   size_t live_seqs() const;
+  // Speculative decoding: appends prompt-lookup proposals to the sequences of
+  // `req` at their decode point (at most budget - 1 tokens each, never past
+  // max_tokens or max_model_len); undraft() takes them back.
+  void draft(Request* req, int64_t budget);
+  static void undraft(Request* req);
 
   SchedulerConfig config_;
   KvCacheManager& kv_;

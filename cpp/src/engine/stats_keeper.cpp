@@ -29,6 +29,12 @@ void StatsKeeper::count_generated(int64_t tokens) {
   stats_.generated_tokens += tokens;
 }
 
+void StatsKeeper::count_speculative(int64_t proposed, int64_t accepted) {
+  std::lock_guard<std::mutex> lk(mu_);
+  stats_.spec_proposed += proposed;
+  stats_.spec_accepted += accepted;
+}
+
 void StatsKeeper::publish(const BlockPool& pool, const KvCacheManager& kv, const Scheduler& scheduler) {
   const double now = std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
   std::lock_guard<std::mutex> lk(mu_);

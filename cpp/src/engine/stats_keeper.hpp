@@ -28,6 +28,7 @@ class StatsKeeper {
   Stats get() const;
   void count_step(int64_t preemptions, int64_t prompt_tokens);
   void count_generated(int64_t tokens);
+  void count_speculative(int64_t proposed, int64_t accepted);
   // The pool, the prefix cache and the queues as they are now; the peaks.
   void publish(const BlockPool& pool, const KvCacheManager& kv, const Scheduler& scheduler);
 

@@ -1,0 +1,152 @@
+"""Speculative decoding by prompt lookup (issue 23, docs/speculative.md), on
+the CPU: greedy output with speculation is the output without it, token for
+token and logprob for logprob (the CPU's results are batch-invariant, so the
+verify step's rows equal the decode steps'); sampled output keeps its
+distribution (a chi-square test); rolled-back proposals leave no blocks
+behind, under preemption too."""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import pagedrt
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from workloads import speculative_prompts  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def rt(smol):
+    with pagedrt.Runtime(smol, device="cpu", progress=False) as r:
+        yield r
+
+
+@pytest.fixture(scope="module")
+def prompts(rt):
+    return speculative_prompts(rt)
+
+
+def test_greedy_equals_plain_decoding(rt, prompts):
+    """Every workload's prompts, greedy, with logprobs: the same tokens, the
+    same logprobs (top 3 too), and the copying prompts accept proposals."""
+    all_prompts = [p for ps in prompts.values() for p in ps]
+    common = dict(max_tokens=48, temperature=0.0, logprobs=3)
+    plain = rt.generate(all_prompts, **common)
+    spec = rt.generate(all_prompts, speculative="ngram", **common)
+    for i, (a, b) in enumerate(zip(plain, spec)):
+        assert b.outputs[0].token_ids == a.outputs[0].token_ids, i
+        assert b.outputs[0].logprobs == a.outputs[0].logprobs, i
+        assert a.outputs[0].spec_proposed == 0
+        assert 0 <= b.outputs[0].spec_accepted <= b.outputs[0].spec_proposed
+    copied = [c.outputs[0] for c in spec[:2]]  # the two "rewrite" prompts
+    assert all(o.spec_accepted >= 10 for o in copied), [(o.spec_proposed, o.spec_accepted) for o in copied]
+
+
+def test_mixed_batch_stops_limits_and_forks(rt, prompts):
+    """Speculative and plain requests in one batch, n = 2 greedy forks, a stop
+    string, a max_tokens that caps the proposals, num_speculative_tokens 1 and
+    16, ngram_min 2: each equals its plain run."""
+    p = prompts["rewrite"][0]
+    variants = [dict(max_tokens=40), dict(max_tokens=3), dict(max_tokens=30, n=2),
+                dict(max_tokens=40, stop=["Gutenberg"]), dict(max_tokens=30, num_speculative_tokens=1),
+                dict(max_tokens=30, num_speculative_tokens=16, ngram_min=2, ngram_max=6)]
+    plain = [rt.generate([p], temperature=0.0, **{k: v for k, v in kw.items()
+                                                  if k not in ("num_speculative_tokens", "ngram_min", "ngram_max")})[0]
+             for kw in variants]
+    ids = [rt.submit(p, by_id=True, temperature=0.0, speculative="ngram", **kw) for kw in variants]
+    ids.append(rt.submit(prompts["open_ended"][0], by_id=True, temperature=0.0, max_tokens=20))
+    tokens = {rid: {} for rid in ids}
+    pending = set(ids)
+    while pending:
+        for ev in rt.poll(list(pending), timeout=1.0):
+            assert ev.error is None
+            tokens[ev.request_id].setdefault(ev.index, []).extend(ev.token_ids)
+            if ev.request_finished:
+                pending.discard(ev.request_id)
+    for kw, want, rid in zip(variants, plain, ids):
+        got = tokens[rid]
+        assert [got[i] for i in sorted(got)] == [o.token_ids for o in want.outputs], kw
+    assert rt.stats().blocks_used == 0
+
+
+def test_rollback_frees_blocks_under_preemption(smol, prompts):
+    """A KV pool of 16 blocks and six copying requests of 107..147 prompt
+    tokens: preemptions happen, proposals are rolled back, and every token
+    equals the plain run; at the end no block is held."""
+    reqs = [p for ps in prompts.values() for p in ps][:6]
+    block_bytes = 30 * 2 * 3 * 64 * 16 * 2  # SmolLM2, bf16
+    with pagedrt.Runtime(smol, device="cpu", progress=False, kv_cache_bytes=16 * block_bytes,
+                         max_num_batched_tokens=96) as small:
+        want = [c.outputs[0].token_ids for c in small.generate(reqs, max_tokens=40, temperature=0.0)]
+        before = small.stats().num_preemptions
+        got = small.generate(reqs, max_tokens=40, temperature=0.0, speculative="ngram")
+        stats = small.stats()
+    assert [c.outputs[0].token_ids for c in got] == want
+    assert stats.num_preemptions > before
+    assert stats.blocks_used == 0 and stats.blocks_free == stats.num_blocks
+    assert 0 < stats.spec_accepted <= stats.spec_proposed
+
+
+def chi2_critical(df: int, alpha_z: float = 3.0902) -> float:
+    """Wilson–Hilferty: the chi-square quantile at 1 - alpha (z = 3.0902: alpha = 0.001)."""
+    return df * (1 - 2 / (9 * df) + alpha_z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def test_sampling_keeps_the_distribution(tiny_llama):
+    """On a tiny random model whose prompt repeats (so every step proposes),
+    with logit_bias making the proposed tokens likely (so proposals are both
+    accepted and rejected), the joint distribution of the 2nd and 3rd sampled
+    tokens over 1,500 seeds, with and without speculation, for temperature,
+    top-k and top-p: a chi-square test of homogeneity at significance 0.001
+    over the pairs seen at least 10 times in total."""
+    path, _ = tiny_llama(vocab_size=64)
+    prompt = [5, 6, 7, 8] * 6 + [5, 6]
+    bias = {7: 4.0, 8: 3.5, 5: 3.0, 6: 2.0}
+    settings = [dict(temperature=1.0), dict(temperature=0.8, top_k=6), dict(temperature=1.0, top_p=0.8)]
+    with pagedrt.Runtime(path, device="cpu", progress=False, max_num_seqs=256) as trt:
+        for s in settings:
+            counts = []
+            proposed = 0
+            for spec in (None, "ngram"):
+                ids = [trt.submit(prompt, by_id=True, max_tokens=4, ignore_eos=True, logit_bias=bias,
+                                  seed=1000 * (spec is not None) + k, speculative=spec, num_speculative_tokens=2, **s)
+                       for k in range(1500)]
+                toks = {rid: [] for rid in ids}
+                pending = set(ids)
+                while pending:
+                    for ev in trt.poll(list(pending), timeout=1.0):
+                        toks[ev.request_id] += ev.token_ids
+                        if ev.request_finished:
+                            proposed += ev.spec_proposed
+                            pending.discard(ev.request_id)
+                pairs = {}
+                for t in toks.values():
+                    pairs[(t[1], t[2])] = pairs.get((t[1], t[2]), 0) + 1
+                counts.append(pairs)
+            assert proposed > 1000, f"{s}: the repeating prompt was meant to make most requests propose ({proposed})"
+            keys = [k for k in set(counts[0]) | set(counts[1]) if counts[0].get(k, 0) + counts[1].get(k, 0) >= 10]
+            table = np.array([[c.get(k, 0) for k in keys] for c in counts], dtype=float)
+            expected = table.sum(1, keepdims=True) * table.sum(0, keepdims=True) / table.sum()
+            chi2 = float(((table - expected) ** 2 / expected).sum())
+            df = len(keys) - 1
+            assert df >= 3, s
+            assert chi2 < chi2_critical(df), f"{s}: chi2 {chi2:.1f} over {df} degrees of freedom"
+
+
+def test_errors_name_the_problem(rt):
+    with pytest.raises(pagedrt.Unsupported, match="draft model"):
+        rt.submit([1, 2, 3], speculative="draft")
+    with pytest.raises(pagedrt.InvalidArgument, match="speculative must be"):
+        rt.submit([1, 2, 3], speculative="lookahead")
+    with pytest.raises(pagedrt.InvalidArgument, match="num_speculative_tokens"):
+        rt.submit([1, 2, 3], speculative="ngram", num_speculative_tokens=0)
+    with pytest.raises(pagedrt.InvalidArgument, match="ngram_min"):
+        rt.submit([1, 2, 3], speculative="ngram", ngram_min=3, ngram_max=2)
+    with pytest.raises(pagedrt.Unsupported, match="beam search"):
+        rt.submit([1, 2, 3], speculative="ngram", beam_width=2)
+    with pytest.raises(pagedrt.Unsupported, match="return_logits"):
+        rt.submit([1, 2, 3], speculative="ngram", return_logits=True)
