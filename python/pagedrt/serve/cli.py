@@ -27,6 +27,7 @@ _HELP = {
     "max_model_len": "prompt plus output tokens at most (0: the model's limit)",
     "enable_prefix_caching": "share identical prompt prefixes between requests",
     "num_threads": "CPU threads (0: all cores)",
+    "deterministic": "batch-invariant results (default: on for the CPU, off for CUDA; docs/determinism.md)",
 }
 
 
@@ -55,7 +56,7 @@ def parser() -> argparse.ArgumentParser:
             continue
         default = getattr(engine, name)
         flag = "--" + name.replace("_", "-").replace("num-threads", "threads")
-        if isinstance(default, bool):
+        if isinstance(default, bool) or default is None:  # None: the engine decides (deterministic)
             p.add_argument(flag, dest=name, default=default, action=argparse.BooleanOptionalAction, help=_HELP[name])
         else:
             p.add_argument(flag, dest=name, type=type(default), default=default, help=_HELP[name])
