@@ -73,6 +73,20 @@ def test_mixed_batch_stops_limits_and_forks(rt, prompts):
     assert rt.stats().blocks_used == 0
 
 
+def test_tight_token_budget_with_forks(smol, prompts):
+    """A step budget of 6 tokens shared by n = 3 greedy forks of a copying
+    prompt: the proposals are sized to what is left of the budget (later forks
+    get fewer or none, and wait for the next step), each verified whole; the
+    tokens equal the plain run and every block comes back."""
+    p = prompts["rewrite"][0]
+    with pagedrt.Runtime(smol, device="cpu", progress=False, max_num_batched_tokens=6) as tight:
+        want = tight.generate([p], max_tokens=30, temperature=0.0, n=3)[0]
+        got = tight.generate([p], max_tokens=30, temperature=0.0, n=3, speculative="ngram")[0]
+        assert tight.stats().blocks_used == 0
+    assert [o.token_ids for o in got.outputs] == [o.token_ids for o in want.outputs]
+    assert sum(o.spec_accepted for o in got.outputs) > 0
+
+
 def test_rollback_frees_blocks_under_preemption(smol, prompts):
     """A KV pool of 16 blocks and six copying requests of 107..147 prompt
     tokens: preemptions happen, proposals are rolled back, and every token

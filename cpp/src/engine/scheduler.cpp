@@ -14,14 +14,24 @@ void Scheduler::draft(Request* req, int64_t budget) {
   const SamplingParams& p = req->params;
   if (p.speculative.empty()) return;
   for (auto& s : req->seqs) {
-    if (s->spec_off || s->num_draft > 0 || s->num_tokens() - s->num_computed != 1) continue;
+    const int64_t pending = s->num_tokens() - s->num_computed;  // what plan() will schedule for it
+    if (s->spec_off || s->num_draft > 0 || pending != 1) {
+      budget -= pending;
+      continue;
+    }
     if (s->spec_len == 0) s->spec_len = p.num_speculative_tokens;
     int64_t k = std::min<int64_t>(s->spec_len, p.max_tokens - req->num_generated(*s) - 1);
     if (config_.max_model_len > 0) k = std::min<int64_t>(k, config_.max_model_len - s->num_tokens() - 1);
     k = std::min<int64_t>(k, budget - 1);
-    if (k <= 0) continue;
+    if (k <= 0) {
+      budget -= 1;
+      continue;
+    }
     const std::vector<int32_t> proposal = ngram_propose(s->tokens, p.ngram_min, p.ngram_max, static_cast<int32_t>(k));
-    if (proposal.empty()) continue;
+    if (proposal.empty()) {
+      budget -= 1;
+      continue;
+    }
     s->tokens.insert(s->tokens.end(), proposal.begin(), proposal.end());
     s->num_draft = static_cast<int32_t>(proposal.size());
     budget -= s->num_draft + 1;
@@ -79,6 +89,14 @@ SchedulerOutput Scheduler::schedule() {
       mine.clear();
       need = plan(req, budget, mine);
     }
+    // A proposal is verified whole or not at all: should the budget cut one
+    // (it does not: draft() sized it to the budget), drop what does not fit.
+    for (const ScheduledSeq& s : mine)
+      if (s.seq->num_draft > 0 && s.num_new_tokens < s.seq->num_draft + 1) {
+        const int32_t drop = s.seq->num_draft + 1 - s.num_new_tokens;
+        s.seq->tokens.resize(s.seq->tokens.size() - static_cast<size_t>(drop));
+        s.seq->num_draft -= drop;
+      }
     bool ok = !mine.empty();
     while (ok && need > kv_.pool().num_free()) {
       Request* victim = running_.back();
