@@ -3,7 +3,7 @@
 #
 #   bash tools/gpu_check.sh [STAGE ...]      (from the repo root; default: all stages)
 #
-# Stages: env build optests diag make8b smol tests e2e bench attn prefill gemm serve structured harness profile cpuscale abbuild ab
+# Stages: env build optests diag make8b smol tests e2e bench attn prefill gemm serve structured masks harness profile cpuscale abbuild ab
 #   env      nvidia-smi, versions
 #   build    pip install --no-build-isolation --no-deps . with PAGEDRT_CUDA=ON
 #   optests  tests/test_cuda.py without the model end-to-end tests (fast)
@@ -21,6 +21,8 @@
 #   gemm     tools/bench_cuda.py gemm: the 8B projections at M = 1..8192 against the roofline
 #            (engine, cuBLASLt searched, cuBLASLt heuristic, torch)
 #   structured tools/bench_structured.py on SmolLM2 (needs smol): JSON-schema against plain TPOT
+#   masks    tools/bench_masks.py on SmolLM2 (needs smol): llguidance's mask cost per row, serial and
+#            on its executor with 1..16 threads, on replayed JSON answers (the host's cores)
 #   serve    tools/bench_serve.py on the 8B shape: pagedrt-serve against in-process, 64 streams
 #            (its dependencies' wheels carried in .whl/serve/)
 #   harness  tools/bench.py --device cuda: the project's benchmark harness on the 8B shape
@@ -170,6 +172,12 @@ if has structured && [ -d "$WORK/smolpkg" ]; then
   # llguidance's wheel from .whl/ (the build stage installs it)
   (cd /tmp && PYTHONPATH="$WORK/smolpkg${PYTHONPATH:+:$PYTHONPATH}" timeout $(( $(left) - 20 > 30 ? $(left) - 20 : 30 )) \
      $PY "$OLDPWD/tools/bench_structured.py" --device cuda --rounds 3 --json "$OUT/structured.json" 2>&1 | grep -v "it/s\]")
+fi
+
+if has masks && [ -d "$WORK/smolpkg" ]; then
+  stage masks
+  (cd /tmp && PYTHONPATH="$WORK/smolpkg${PYTHONPATH:+:$PYTHONPATH}" timeout 240 \
+     $PY "$OLDPWD/tools/bench_masks.py" --threads 1,2,4,8,12,16 --json "$OUT/masks.json" 2>&1 | grep -v "it/s\]")
 fi
 
 if has harness && [ -f "$LLAMA8B/config.json" ]; then

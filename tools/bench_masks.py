@@ -1,0 +1,89 @@
+#!/usr/bin/env python3
+"""Where structured output's mask time goes (issue 19): llguidance's cost per
+row on the token sequences a real run produced, outside the engine.
+
+    bench_masks.py [--model DIR|FILE.gguf] [--requests 32] [--max-tokens 64]
+                   [--threads 1,2,4,8] [--json OUT.json]
+
+First runs --requests JSON-schema requests (tools/bench_structured.py's
+schema and prompts, greedy) through a Runtime on the CPU and keeps their
+tokens; the engine's own mask time per row is printed. Then replays those
+tokens through fresh matchers, step by step as the engine meets them: every
+live row's mask computed (serially, then with llguidance's LLExecutor of each
+thread count), then each row fed its token. Prints microseconds per row and
+per step. The engine's figure against the serial replay shows what the engine
+adds (the GIL, the forward's threads); the executor's against the serial one,
+what spreading a step's rows over threads buys.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_structured import SCHEMA  # noqa: E402
+
+
+def replay(tokenizer, grammar, seqs, words, executor=None):
+    """Seconds spent computing masks, and the number of rows computed."""
+    import llguidance
+    matchers = [llguidance.LLMatcher(tokenizer, grammar) for _ in seqs]
+    buf = np.zeros((len(seqs), words), np.uint32)
+    total, rows = 0.0, 0
+    for step in range(max(len(s) for s in seqs)):
+        live = [i for i, s in enumerate(seqs) if step < len(s)]
+        t0 = time.perf_counter()
+        if executor is None:
+            for i in live:
+                matchers[i].unsafe_compute_mask_ptr(buf[i].ctypes.data, words * 4)
+        else:
+            executor.unsafe_compute_mask_ptr([(matchers[i], i) for i in live], buf.ctypes.data, words * 4, len(seqs))
+        total += time.perf_counter() - t0
+        rows += len(live)
+        for i in live:
+            matchers[i].consume_token(seqs[i][step])
+    return total, rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--threads", default="1,2,4,8")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    import llguidance
+
+    import pagedrt
+    from pagedrt.structured import grammar_of
+
+    with pagedrt.Runtime(args.model, device="cpu", progress=False) as rt:
+        prompts = [[{"role": "user", "content": f"Invent person number {i} and describe them as JSON."}]
+                   for i in range(args.requests)]
+        outs = rt.generate(prompts, max_tokens=args.max_tokens, temperature=0, json_schema=SCHEMA)
+        seqs = [o.outputs[0].token_ids for o in outs]
+        cons = rt._constraints()
+        engine_us = 1e6 * cons.fill_seconds / max(cons.fill_rows, 1)
+        tokenizer, words = cons.tokenizer, cons.words
+    grammar = grammar_of("json_schema", SCHEMA)
+    res = {"requests": args.requests, "rows_per_step_max": len(seqs), "engine_us_per_row": engine_us, "replay": {}}
+    print(f"engine (CPU run, masks beside the forward): {engine_us:.0f} us per row", flush=True)
+    t, n = replay(tokenizer, grammar, seqs, words)
+    res["replay"]["serial"] = {"us_per_row": 1e6 * t / n}
+    print(f"replay, serial:            {1e6 * t / n:6.0f} us per row", flush=True)
+    for k in (int(x) for x in args.threads.split(",")):
+        t, n = replay(tokenizer, grammar, seqs, words, llguidance.LLExecutor(num_threads=k))
+        res["replay"][f"executor_{k}"] = {"us_per_row": 1e6 * t / n}
+        print(f"replay, LLExecutor({k:2d}):    {1e6 * t / n:6.0f} us per row", flush=True)
+    if args.json:
+        json.dump(res, open(args.json, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
