@@ -150,3 +150,53 @@ def test_deterministic_is_reported_and_refused_where_missing(smol):
     if _core.cuda_available():
         with pytest.raises(pagedrt.Unsupported, match="deterministic=True on device 'cuda'"):
             pagedrt.Runtime(smol, device="cuda", deterministic=True, progress=False)
+
+
+def test_concurrent_greedy_requests_under_preemption_match_alone(smol, dtype):
+    """18 greedy requests at once in a pool small enough to preempt: each gives
+    exactly the tokens it gives alone (issue 22's end-to-end check)."""
+    prompts = prompts_for(21, 18)
+    with runtime(smol, dtype, enable_prefix_caching=False) as rt:
+        alone = [rt.generate([p], max_tokens=16, ignore_eos=True, temperature=0.0)[0].outputs[0].token_ids
+                 for p in prompts]
+    elem = 2 if dtype == "bfloat16" else 4
+    with runtime(smol, dtype, kv_cache_bytes=20 * BLOCK_BYTES_PER_ELEM * elem, max_num_batched_tokens=128) as rt:
+        together = rt.generate(prompts, max_tokens=16, ignore_eos=True, temperature=0.0)
+        assert rt.stats().num_preemptions > 0
+    assert [c.outputs[0].token_ids for c in together] == alone
+
+
+_PROCESS_SCRIPT = """
+import hashlib, sys
+import numpy as np
+import pagedrt
+model, threads, order = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+rng = np.random.default_rng(5)
+prompts = [rng.integers(100, 40000, size=int(n)).tolist() for n in rng.integers(20, 70, size=6)]
+if order == "reversed":
+    prompts = prompts[::-1]
+with pagedrt.Runtime(model, device="cpu", num_threads=threads, progress=False) as rt:
+    outs = rt.generate(prompts, max_tokens=10, ignore_eos=True, temperature=0.0, logprobs=5)
+by_prompt = {tuple(c.prompt_token_ids): c.outputs[0] for c in outs}
+h = hashlib.sha256()
+for p in sorted(by_prompt):
+    o = by_prompt[p]
+    h.update(np.array(o.token_ids, np.int32).tobytes())
+    h.update(np.array([lp.logprob for lp in o.logprobs], np.float32).tobytes())
+print(h.hexdigest())
+"""
+
+
+def test_results_reproduce_across_processes(smol):
+    """The greedy tokens and logprobs of six requests, computed in three
+    processes (2 threads; 1 thread; the requests in reverse order): the same
+    sha256 each time."""
+    import subprocess
+    import sys
+    digests = set()
+    for threads, order in ((2, "given"), (1, "given"), (2, "reversed")):
+        out = subprocess.run([sys.executable, "-c", _PROCESS_SCRIPT, str(smol), str(threads), order],
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        digests.add(out.stdout.strip().splitlines()[-1])
+    assert len(digests) == 1, digests
