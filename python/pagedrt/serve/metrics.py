@@ -32,6 +32,14 @@ class _EngineCollector:
         yield CounterMetricFamily("pagedrt_prompt_tokens", "Prompt tokens processed", s.prompt_tokens)
         yield CounterMetricFamily("pagedrt_generation_tokens", "Tokens generated", s.generated_tokens)
         yield GaugeMetricFamily("pagedrt_generation_tokens_per_second", "Recent generation rate", s.tokens_per_s)
+        yield CounterMetricFamily("pagedrt_spec_proposed_tokens", "Speculative proposals verified", s.spec_proposed)
+        yield CounterMetricFamily("pagedrt_spec_accepted_tokens", "Speculative proposals accepted", s.spec_accepted)
+        cons = self.rt._structured  # None until the first structured-output request
+        yield CounterMetricFamily("pagedrt_structured_mask_seconds",
+                                  "Time spent computing structured-output token masks (beside the forward)",
+                                  cons.fill_seconds if cons else 0.0)
+        yield CounterMetricFamily("pagedrt_structured_mask_rows", "Structured-output token-mask rows computed",
+                                  cons.fill_rows if cons else 0)
 
 
 class Metrics:
