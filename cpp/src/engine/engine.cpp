@@ -141,11 +141,7 @@ void Engine::start_masks(const SchedulerOutput& step, PendingMasks& pm) {
     pm.rows[i].mask = pm.words.data() + i * words;
     pm.masks.by_seq[seqs[i]] = pm.rows[i].mask;
   }
-  std::shared_ptr<TokenMaskProvider> provider;
-  {
-    std::lock_guard<std::mutex> lk(mask_mu_);
-    provider = mask_provider_;
-  }
+  const std::shared_ptr<TokenMaskProvider> provider = mask_provider();
   if (!provider) {
     pm.masks.error = "no TokenMaskProvider is set";
     return;
@@ -281,12 +277,7 @@ void Engine::drop_request(Request& r) {
 void Engine::forget(Request& r) {
   const std::string id = r.id;
   if (r.params.masked) {  // the provider's state for it may go
-    std::shared_ptr<TokenMaskProvider> provider;
-    {
-      std::lock_guard<std::mutex> lk(mask_mu_);
-      provider = mask_provider_;
-    }
-    if (provider) {
+    if (const std::shared_ptr<TokenMaskProvider> provider = mask_provider()) {
       try {
         provider->release(id);
       } catch (const std::exception&) {  // its state leaks; the engine goes on

@@ -78,10 +78,7 @@ class Engine final : private OutputSink {
     std::lock_guard<std::mutex> lk(mask_mu_);
     mask_provider_ = std::move(provider);
   }
-  bool has_mask_provider() const {
-    std::lock_guard<std::mutex> lk(mask_mu_);
-    return mask_provider_ != nullptr;
-  }
+  bool has_mask_provider() const { return mask_provider() != nullptr; }
   // Host threads may call only worst_case_blocks() on it (it reads nothing that changes).
   const KvCacheManager& kv_manager() const { return kv_manager_; }
   // Ends the thread; every live request gets a final Abort event. Then frees
@@ -131,6 +128,10 @@ class Engine final : private OutputSink {
 
   mutable std::mutex mask_mu_;  // guards mask_provider_ (set by a host thread, read by the engine)
   std::shared_ptr<TokenMaskProvider> mask_provider_;
+  std::shared_ptr<TokenMaskProvider> mask_provider() const {
+    std::lock_guard<std::mutex> lk(mask_mu_);
+    return mask_provider_;
+  }
 
   std::mutex join_mu_;  // stop() may run on several threads at once: one joins, the others wait
   std::thread thread_;

@@ -233,9 +233,9 @@ void OutputProcessor::verify(const ScheduledSeq& sc, const LogitsSlice& slice, c
     if (!kept) break;
     ++accepted;
   }
-  // Positions P .. P + accepted are computed; the next step computes the last token.
+  // Positions P .. P + accepted are computed (s.tokens holds them, the kept
+  // proposals, then the one token more); the next step computes that last token.
   const int64_t computed = P + accepted + 1;
-  s.tokens.resize(static_cast<size_t>(computed));  // the kept proposals, for the prefix cache
   kv_.note_computed(s.blocks, s.num_computed, computed);
   s.num_computed = computed;
   kv_.cache_full_blocks(s.blocks, s.tokens.data(), s.num_computed);

@@ -65,7 +65,7 @@ void CudaBackend::plan_attention(int64_t H, int64_t Hkv, int64_t D) {
     return;
   const BatchView& b = host_;
   const int64_t G = H / Hkv;
-  const int prefill_rows = prefill_rows_ ? prefill_rows_ : cuda::prefill_rows(static_cast<int>(D));
+  const int tile_rows = prefill_rows_ ? prefill_rows_ : prefill_rows(static_cast<int>(D));
   std::vector<DecodeItem> dec;
   std::vector<int2> tiles;
   int64_t max_ctx = 1;
@@ -82,7 +82,7 @@ void CudaBackend::plan_attention(int64_t H, int64_t Hkv, int64_t D) {
         max_ctx = std::max<int64_t>(max_ctx, b.positions[t] + 1);
       }
     } else {
-      for (int64_t r = 0; r < qn * G; r += prefill_rows) tiles.push_back(make_int2(i, static_cast<int>(r)));
+      for (int64_t r = 0; r < qn * G; r += tile_rows) tiles.push_back(make_int2(i, static_cast<int>(r)));
     }
   }
   // Splits: the count that takes the fewest waves of blocks times the keys
@@ -158,7 +158,7 @@ void CudaBackend::plan_attention(int64_t H, int64_t Hkv, int64_t D) {
   p.decode.lse_part = partials_ ? partials_ + items * splits * H * D : nullptr;
   p.prefill.tiles = reinterpret_cast<const int2*>(plan_.device() + dec_bytes);
   p.prefill.num_tiles = static_cast<int>(tiles.size());
-  p.prefill.rows = prefill_rows;
+  p.prefill.rows = tile_rows;
 }
 
 int64_t CudaBackend::decode_slots(int64_t head_dim) {
