@@ -43,10 +43,7 @@ Gemm::Gemm(cudaStream_t stream) : stream_(stream) {
 
 Gemm::~Gemm() {
   for (auto& kv : plans_) {
-    cublasLtMatrixLayoutDestroy(kv.second.a);
-    cublasLtMatrixLayoutDestroy(kv.second.b);
-    cublasLtMatrixLayoutDestroy(kv.second.c);
-    cublasLtMatmulDescDestroy(kv.second.op);
+    destroy(kv.second);
   }
   for (cudaEvent_t e : ev_)
     if (e) cudaEventDestroy(e);
@@ -107,26 +104,35 @@ bool Gemm::accepts(const Plan& p, const cublasLtMatmulAlgo_t& algo) const {
          r.state == CUBLAS_STATUS_SUCCESS && r.workspaceSize <= workspace_bytes_;
 }
 
-void Gemm::matmul(const Plan& p, const cublasLtMatmulAlgo_t& algo, const void* x, const void* w, void* y) {
+void Gemm::destroy(Plan& p) {
+  cublasLtMatrixLayoutDestroy(p.a);
+  cublasLtMatrixLayoutDestroy(p.b);
+  cublasLtMatrixLayoutDestroy(p.c);
+  cublasLtMatmulDescDestroy(p.op);
+}
+
+cublasStatus_t Gemm::matmul(const Plan& p, const cublasLtMatmulAlgo_t& algo, const void* x, const void* w,
+                            void* y) {
   const float alpha = 1.0f, beta = 0.0f;
-  CUBLAS_CHECK(cublasLtMatmul(handle_, p.op, &alpha, w, p.a, x, p.b, &beta, y, p.c, y, p.c, &algo, workspace_,
-                              workspace_bytes_, stream_));
+  return cublasLtMatmul(handle_, p.op, &alpha, w, p.a, x, p.b, &beta, y, p.c, y, p.c, &algo, workspace_,
+                        workspace_bytes_, stream_);
+}
+
+cublasLtMatmulAlgo_t Gemm::first_pick(const Plan& p, int64_t n, int64_t m, int64_t k, bool in_f32) const {
+  cublasLtMatmulHeuristicResult_t first{};
+  heuristic(p, &first, 1, n, m, k, in_f32);
+  return first.algo;
 }
 
 // Milliseconds of one run of `algo` (the least of three, L2 flushed before each),
 // or a negative number where cuBLASLt refuses it.
 float Gemm::time_algo(const Plan& p, const cublasLtMatmulAlgo_t& algo, const void* x, const void* w, void* y) {
-  const float alpha = 1.0f, beta = 0.0f;
-  auto once = [&] {
-    return cublasLtMatmul(handle_, p.op, &alpha, w, p.a, x, p.b, &beta, y, p.c, y, p.c, &algo, workspace_,
-                          workspace_bytes_, stream_);
-  };
-  if (once() != CUBLAS_STATUS_SUCCESS) return -1.0f;  // also the warm-up run
+  if (matmul(p, algo, x, w, y) != CUBLAS_STATUS_SUCCESS) return -1.0f;  // also the warm-up run
   float best = -1.0f;
   for (int rep = 0; rep < 3; ++rep) {
     CUDA_CHECK(cudaMemsetAsync(flush_, rep, flush_bytes_, stream_));
     CUDA_CHECK(cudaEventRecord(ev_[0], stream_));
-    if (once() != CUBLAS_STATUS_SUCCESS) return -1.0f;
+    if (matmul(p, algo, x, w, y) != CUBLAS_STATUS_SUCCESS) return -1.0f;
     CUDA_CHECK(cudaEventRecord(ev_[1], stream_));
     CUDA_CHECK(cudaEventSynchronize(ev_[1]));
     float ms = 0.0f;
@@ -140,13 +146,7 @@ void Gemm::choose(Plan& p, const void* x, const void* w, void* y, int64_t n, int
   const BandKey band{band_of(n), m, k, out_f32};
   auto known = band_algo_.find(band);
   if (known != band_algo_.end()) {
-    cublasLtMatmulHeuristicResult_t first{};
-    if (accepts(p, known->second)) {
-      p.algo = known->second;
-    } else {
-      heuristic(p, &first, 1, n, m, k, false);
-      p.algo = first.algo;
-    }
+    p.algo = accepts(p, known->second) ? known->second : first_pick(p, n, m, k, false);
     p.final = true;
     return;
   }
@@ -177,16 +177,11 @@ void Gemm::run_cublaslt(const void* x, const void* w, void* y, int64_t n, int64_
       if (search_ && !in_f32) {
         choose(p, x, w, y, n, m, k, out_f32);
       } else {
-        cublasLtMatmulHeuristicResult_t first{};
-        heuristic(p, &first, 1, n, m, k, in_f32);
-        p.algo = first.algo;
+        p.algo = first_pick(p, n, m, k, in_f32);
         p.final = true;
       }
     } catch (...) {
-      cublasLtMatrixLayoutDestroy(p.a);
-      cublasLtMatrixLayoutDestroy(p.b);
-      cublasLtMatrixLayoutDestroy(p.c);
-      cublasLtMatmulDescDestroy(p.op);
+      destroy(p);
       throw;
     }
     it = plans_.emplace(key, p).first;
@@ -195,7 +190,7 @@ void Gemm::run_cublaslt(const void* x, const void* w, void* y, int64_t n, int64_
     CUDA_CHECK(cudaStreamIsCapturing(stream_, &capture));
     if (capture == cudaStreamCaptureStatusNone) choose(it->second, x, w, y, n, m, k, out_f32);
   }
-  matmul(it->second, it->second.algo, x, w, y);
+  CUBLAS_CHECK(matmul(it->second, it->second.algo, x, w, y));
 }
 
 }  // namespace pagedrt::cuda

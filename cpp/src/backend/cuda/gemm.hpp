@@ -72,6 +72,7 @@ class Gemm {
   void run_cublaslt(const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k, bool out_f32,
                     bool in_f32);
   Plan make_plan(int64_t n, int64_t m, int64_t k, bool out_f32, bool in_f32) const;
+  static void destroy(Plan& p);  // its descriptor and layouts
   // cuBLASLt's heuristic picks for the plan, best first (at least one, or throws).
   int heuristic(const Plan& p, cublasLtMatmulHeuristicResult_t* res, int count, int64_t n, int64_t m, int64_t k,
                 bool in_f32) const;
@@ -79,7 +80,10 @@ class Gemm {
   void choose(Plan& p, const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k, bool out_f32);
   bool accepts(const Plan& p, const cublasLtMatmulAlgo_t& algo) const;
   float time_algo(const Plan& p, const cublasLtMatmulAlgo_t& algo, const void* x, const void* w, void* y);
-  void matmul(const Plan& p, const cublasLtMatmulAlgo_t& algo, const void* x, const void* w, void* y);
+  // y = x W^T with `algo` on the stream; the status, unchecked (a search tries candidates cuBLASLt may refuse).
+  cublasStatus_t matmul(const Plan& p, const cublasLtMatmulAlgo_t& algo, const void* x, const void* w, void* y);
+  // The heuristic's first pick for the plan (throws when there is none).
+  cublasLtMatmulAlgo_t first_pick(const Plan& p, int64_t n, int64_t m, int64_t k, bool in_f32) const;
 
   cudaStream_t stream_;
   bool own_gemv_ = true;  // false: PAGEDRT_CUDA_GEMV=0
