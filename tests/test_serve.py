@@ -390,3 +390,18 @@ def test_readme_curl_and_openai_examples(server):
     out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and len(out.stdout.split()) >= 5, out
     assert any(c in out.stdout.lower() for c in ("red", "blue", "green", "yellow")), out.stdout
+
+
+def test_cli_takes_every_runtime_option():
+    """Every Runtime option is a pagedrt-serve flag with help (a new option
+    without a help entry once kept the server from starting); the tri-state
+    deterministic parses as True, False or the engine's default (None)."""
+    from pagedrt.runtime import _OPTIONS
+    from pagedrt.serve.cli import parser
+    p = parser()
+    flags = {a.dest: a for a in p._actions}
+    for name in _OPTIONS:
+        assert name in flags and flags[name].help, name
+    assert p.parse_args([]).deterministic is None
+    assert p.parse_args(["--deterministic"]).deterministic is True
+    assert p.parse_args(["--no-deterministic"]).deterministic is False
