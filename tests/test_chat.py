@@ -26,6 +26,21 @@ def test_one_shot_answer(env):
     assert "tok/s" in out.stdout and "TTFT" in out.stdout
 
 
+def test_draft_model_gives_the_same_answer(env, smol):
+    """--draft-model (the model itself here): the same greedy answer as without
+    it, and the speed line says how many proposals were accepted."""
+    base = [sys.executable, "-m", "pagedrt.chat", "--model", str(smol), "--prompt", "Name three fruits.",
+            "--max-tokens", "24", "--temperature", "0"]
+    plain = subprocess.run(base, env=env, capture_output=True, text=True, timeout=300)
+    spec = subprocess.run(base + ["--draft-model", str(smol)], env=env, capture_output=True, text=True, timeout=300)
+    assert plain.returncode == 0 and spec.returncode == 0, spec.stderr
+    answer = lambda out: out.stdout.split("[")[0].split("loaded in")[-1].split("\n", 1)[-1]  # noqa: E731
+    assert answer(spec) == answer(plain) and answer(plain).strip()
+    assert "proposals accepted" in spec.stdout and "proposals accepted" not in plain.stdout
+    bad = subprocess.run(base + ["--speculative", "draft"], env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "--draft-model" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_interactive_session(env):
     """Two turns through stdin, history kept, then /quit."""
     cmd = [sys.executable, "-m", "pagedrt.chat", "--max-tokens", "16", "--seed", "1"]

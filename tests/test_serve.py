@@ -250,6 +250,9 @@ BAD = [  # (body or raw bytes, status, param or message part)
     ({"messages": Q, "model": "gpt-4"}, 404, "model"),
     ({"messages": Q, "max_tokens": 100000}, 400, "max_model_len"),
     ({"messages": Q, "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    ({"messages": Q, "speculative": "draft"}, 400, "draft_model"),
+    ({"messages": Q, "speculative": "ngram", "response_format": {"type": "json_object"}}, 400, "speculative"),
+    ({"messages": Q, "speculative": "ngram", "num_speculative_tokens": 99}, 400, "num_speculative_tokens"),
 ]
 
 
@@ -365,6 +368,36 @@ def test_api_key_and_sigterm_drain(smol):
         assert s.proc.wait(timeout=30) == 0
     finally:
         s.stop()
+
+
+def test_speculative_server(smol, rt):
+    """--speculative ngram with --draft-model (the model itself): greedy answers
+    equal the Runtime's without speculation; a request may ask for the draft
+    model instead; structured output and echo with logprobs are served without
+    speculation; /metrics counts the proposals."""
+    s = Server(smol, "--speculative", "ngram", "--draft-model", str(smol))
+    try:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+        msgs = [{"role": "user", "content": "Repeat exactly: the cat sat on the mat, the cat sat on the mat."}]
+        want = rt.generate(msgs, max_tokens=24, temperature=0)[0].text
+        assert c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=24, temperature=0)\
+            .choices[0].message.content == want
+        ngram = s.metric("pagedrt_spec_proposed_tokens_total")
+        assert ngram > 0
+        r = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=24, temperature=0,
+                                      extra_body={"speculative": "draft"})
+        assert r.choices[0].message.content == want
+        assert s.metric("pagedrt_spec_accepted_tokens_total") >= s.metric("pagedrt_spec_proposed_tokens_total") - ngram
+        j = c.chat.completions.create(model=MODEL, messages=Q, max_tokens=40, temperature=0,
+                                      response_format={"type": "json_object"})
+        assert j.choices[0].message.content.lstrip().startswith("{")
+        e = c.completions.create(model=MODEL, prompt="The sky is", max_tokens=2, echo=True, logprobs=1, temperature=0)
+        assert e.choices[0].logprobs.token_logprobs[0] is None  # the first prompt token has none
+    finally:
+        s.stop()
+    bad = subprocess.run([sys.executable, "-m", "pagedrt.serve", "--model", str(smol), "--speculative", "draft"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--draft-model" in bad.stderr
 
 
 def test_full_queue_is_503_with_retry_after(smol):

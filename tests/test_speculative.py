@@ -1,9 +1,12 @@
-"""Speculative decoding by prompt lookup (issue 23, docs/speculative.md), on
-the CPU: greedy output with speculation is the output without it, token for
-token and logprob for logprob (the CPU's results are batch-invariant, so the
-verify step's rows equal the decode steps'); sampled output keeps its
-distribution (a chi-square test); rolled-back proposals leave no blocks
-behind, under preemption too."""
+"""Speculative decoding by prompt lookup and by a draft model (issue 23,
+docs/speculative.md), on the CPU: greedy output with speculation is the
+output without it, token for token and logprob for logprob (the CPU's results
+are batch-invariant, so the verify step's rows equal the decode steps');
+sampled output keeps its distribution (a chi-square test); rolled-back
+proposals leave no blocks behind, in the model's pool and the draft's, under
+preemption too. A draft model that is the model itself has every proposal
+accepted; a random one has almost none accepted, and the output is exact all
+the same."""
 from __future__ import annotations
 
 import math
@@ -110,24 +113,28 @@ def chi2_critical(df: int, alpha_z: float = 3.0902) -> float:
     return df * (1 - 2 / (9 * df) + alpha_z * math.sqrt(2 / (9 * df))) ** 3
 
 
-def test_sampling_keeps_the_distribution(tiny_llama):
-    """On a tiny random model whose prompt repeats (so every step proposes),
-    with logit_bias making the proposed tokens likely (so proposals are both
-    accepted and rejected), the joint distribution of the 2nd and 3rd sampled
-    tokens over 1,500 seeds, with and without speculation, for temperature,
-    top-k and top-p: a chi-square test of homogeneity at significance 0.001
-    over the pairs seen at least 10 times in total."""
-    path, _ = tiny_llama(vocab_size=64)
+@pytest.mark.parametrize("spec", ["ngram", "draft"])
+def test_sampling_keeps_the_distribution(tiny_llama, spec):
+    """On a tiny random model whose prompt repeats (so every step proposes by
+    n-grams), with logit_bias making the proposed tokens likely (so proposals
+    are both accepted and rejected; the draft model is the tiny model itself,
+    with weights 3x the default scale so that its unbiased greedy picks are
+    accepted about a third of the time), the joint distribution of the 2nd and
+    3rd sampled tokens over 1,500 seeds, with and without speculation, for
+    temperature, top-k and top-p: a chi-square test of homogeneity at
+    significance 0.001 over the pairs seen at least 10 times in total."""
+    path, _ = tiny_llama(vocab_size=64, initializer_range=0.3 if spec == "draft" else 0.1)
     prompt = [5, 6, 7, 8] * 6 + [5, 6]
     bias = {7: 4.0, 8: 3.5, 5: 3.0, 6: 2.0}
     settings = [dict(temperature=1.0), dict(temperature=0.8, top_k=6), dict(temperature=1.0, top_p=0.8)]
-    with pagedrt.Runtime(path, device="cpu", progress=False, max_num_seqs=256) as trt:
+    draft = dict(draft_model=path) if spec == "draft" else {}
+    with pagedrt.Runtime(path, device="cpu", progress=False, max_num_seqs=256, **draft) as trt:
         for s in settings:
             counts = []
-            proposed = 0
-            for spec in (None, "ngram"):
+            proposed = accepted = 0
+            for mode in (None, spec):
                 ids = [trt.submit(prompt, by_id=True, max_tokens=4, ignore_eos=True, logit_bias=bias,
-                                  seed=1000 * (spec is not None) + k, speculative=spec, num_speculative_tokens=2, **s)
+                                  seed=1000 * (mode is not None) + k, speculative=mode, num_speculative_tokens=2, **s)
                        for k in range(1500)]
                 toks = {rid: [] for rid in ids}
                 pending = set(ids)
@@ -136,12 +143,14 @@ def test_sampling_keeps_the_distribution(tiny_llama):
                         toks[ev.request_id] += ev.token_ids
                         if ev.request_finished:
                             proposed += ev.spec_proposed
+                            accepted += ev.spec_accepted
                             pending.discard(ev.request_id)
                 pairs = {}
                 for t in toks.values():
                     pairs[(t[1], t[2])] = pairs.get((t[1], t[2]), 0) + 1
                 counts.append(pairs)
             assert proposed > 1000, f"{s}: the repeating prompt was meant to make most requests propose ({proposed})"
+            assert 0.05 * proposed < accepted < 0.95 * proposed, f"{s}: {accepted} of {proposed} accepted"
             keys = [k for k in set(counts[0]) | set(counts[1]) if counts[0].get(k, 0) + counts[1].get(k, 0) >= 10]
             table = np.array([[c.get(k, 0) for k in keys] for c in counts], dtype=float)
             expected = table.sum(1, keepdims=True) * table.sum(0, keepdims=True) / table.sum()
@@ -149,10 +158,11 @@ def test_sampling_keeps_the_distribution(tiny_llama):
             df = len(keys) - 1
             assert df >= 3, s
             assert chi2 < chi2_critical(df), f"{s}: chi2 {chi2:.1f} over {df} degrees of freedom"
+        assert trt.stats().draft_blocks_used == 0
 
 
 def test_errors_name_the_problem(rt):
-    with pytest.raises(pagedrt.Unsupported, match="draft model"):
+    with pytest.raises(pagedrt.InvalidArgument, match="draft_model"):
         rt.submit([1, 2, 3], speculative="draft")
     with pytest.raises(pagedrt.InvalidArgument, match="speculative must be"):
         rt.submit([1, 2, 3], speculative="lookahead")
@@ -164,3 +174,112 @@ def test_errors_name_the_problem(rt):
         rt.submit([1, 2, 3], speculative="ngram", beam_width=2)
     with pytest.raises(pagedrt.Unsupported, match="return_logits"):
         rt.submit([1, 2, 3], speculative="ngram", return_logits=True)
+
+
+# ---- draft models ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rt_self(smol):
+    """SmolLM2 with itself as the draft model: every proposal is the model's own pick."""
+    with pagedrt.Runtime(smol, device="cpu", progress=False, draft_model=smol) as r:
+        yield r
+
+
+def test_draft_model_itself_is_accepted_in_full(rt_self, prompts):
+    """Every workload's prompts, greedy, with logprobs: the same tokens and
+    logprobs as plain decoding, every proposal accepted (the CPU's draft
+    forwards, one token at a time, give the bits the verify step gives), and
+    both KV pools empty at the end."""
+    all_prompts = [p for ps in prompts.values() for p in ps]
+    common = dict(max_tokens=40, temperature=0.0, logprobs=3)
+    plain = rt_self.generate(all_prompts, **common)
+    spec = rt_self.generate(all_prompts, speculative="draft", **common)
+    for i, (a, b) in enumerate(zip(plain, spec)):
+        o = b.outputs[0]
+        assert o.token_ids == a.outputs[0].token_ids, i
+        assert o.logprobs == a.outputs[0].logprobs, i
+        assert o.spec_proposed >= 20 and o.spec_accepted == o.spec_proposed, (i, o.spec_proposed, o.spec_accepted)
+    stats = rt_self.stats()
+    assert stats.blocks_used == 0 and stats.draft_blocks_used == 0
+    assert stats.draft_kv_cache_bytes > 0
+    assert rt_self.model_info.draft_num_layers == rt_self.model_info.num_layers
+
+
+def test_draft_mixed_batch_with_ngram_and_plain(rt_self, prompts):
+    """Draft-model, n-gram and plain requests in one batch: n = 2 forks (the
+    second fork's shadow starts from the first's cached prompt blocks), a stop
+    string, max_tokens 3 (proposals capped), 1 and 16 proposals a step: each
+    equals its plain run."""
+    p = prompts["open_ended"][0]
+    variants = [dict(max_tokens=40, speculative="draft"), dict(max_tokens=3, speculative="draft"),
+                dict(max_tokens=30, n=2, speculative="draft"),
+                dict(max_tokens=40, stop=[" the"], speculative="draft"),
+                dict(max_tokens=30, num_speculative_tokens=1, speculative="draft"),
+                dict(max_tokens=30, num_speculative_tokens=16, speculative="draft"),
+                dict(max_tokens=30, speculative="ngram"), dict(max_tokens=30)]
+    plain_kw = [{k: v for k, v in kw.items() if k not in ("num_speculative_tokens", "speculative")} for kw in variants]
+    plain = [rt_self.generate([p], temperature=0.0, **kw)[0] for kw in plain_kw]
+    ids = [rt_self.submit(p, by_id=True, temperature=0.0, **kw) for kw in variants]
+    tokens = {rid: {} for rid in ids}
+    pending = set(ids)
+    while pending:
+        for ev in rt_self.poll(list(pending), timeout=1.0):
+            assert ev.error is None
+            tokens[ev.request_id].setdefault(ev.index, []).extend(ev.token_ids)
+            if ev.request_finished:
+                pending.discard(ev.request_id)
+    for kw, want, rid in zip(variants, plain, ids):
+        got = tokens[rid]
+        assert [got[i] for i in sorted(got)] == [o.token_ids for o in want.outputs], kw
+    stats = rt_self.stats()
+    assert stats.blocks_used == 0 and stats.draft_blocks_used == 0
+
+
+def test_random_draft_model_is_rejected_and_exact(smol, tiny_llama, prompts):
+    """A tiny random model with SmolLM2's vocabulary as the draft: almost
+    nothing is accepted, each sequence stops speculating after 8 steps in a row
+    without an accepted proposal (4 + 2 + 1 x 6 = 12 proposals at most), and the
+    output is exactly plain decoding's."""
+    draft, _ = tiny_llama(vocab_size=49152, hidden_size=64, intermediate_size=128, num_attention_heads=2,
+                          num_key_value_heads=1, max_position_embeddings=2048)
+    reqs = [p for ps in prompts.values() for p in ps][:4]
+    with pagedrt.Runtime(smol, device="cpu", progress=False, draft_model=draft) as r:
+        want = r.generate(reqs, max_tokens=40, temperature=0.0)
+        got = r.generate(reqs, max_tokens=40, temperature=0.0, speculative="draft")
+        stats = r.stats()
+    for a, b in zip(want, got):
+        o = b.outputs[0]
+        assert o.token_ids == a.outputs[0].token_ids
+        assert 8 <= o.spec_proposed <= 12 and o.spec_accepted <= 0.1 * o.spec_proposed, (o.spec_proposed, o.spec_accepted)
+    assert stats.draft_blocks_used == 0
+
+
+def test_draft_rollback_frees_blocks_under_preemption(smol, prompts):
+    """Pools of 16 blocks (the model's and the draft's) and six requests:
+    preemptions happen (a preempted request's draft shadow is freed and later
+    rebuilt), and every token equals the plain run; at the end neither pool
+    holds a block."""
+    reqs = [p for ps in prompts.values() for p in ps][:6]
+    block_bytes = 30 * 2 * 3 * 64 * 16 * 2  # SmolLM2, bf16: the model's, and as much again for the draft's
+    with pagedrt.Runtime(smol, device="cpu", progress=False, kv_cache_bytes=2 * 16 * block_bytes,
+                         max_num_batched_tokens=96, draft_model=smol) as small:
+        assert small.stats().num_blocks == 16
+        want = [c.outputs[0].token_ids for c in small.generate(reqs, max_tokens=40, temperature=0.0)]
+        before = small.stats().num_preemptions
+        got = small.generate(reqs, max_tokens=40, temperature=0.0, speculative="draft")
+        stats = small.stats()
+    assert [c.outputs[0].token_ids for c in got] == want
+    assert stats.num_preemptions > before
+    assert stats.blocks_used == 0 and stats.draft_blocks_used == 0
+    assert 0 < stats.spec_accepted <= stats.spec_proposed
+
+
+def test_draft_model_errors(smol, tiny_llama, tmp_path):
+    """A draft model of another vocabulary, a folder that is no model, and
+    speculative="draft" without a draft model: each error names it."""
+    other, _ = tiny_llama(vocab_size=320)
+    with pytest.raises(pagedrt.InvalidArgument, match="vocab_size 320 differs"):
+        pagedrt.Runtime(smol, device="cpu", progress=False, draft_model=other)
+    with pytest.raises(FileNotFoundError, match="not a model folder"):
+        pagedrt.Runtime(smol, device="cpu", progress=False, draft_model=tmp_path)

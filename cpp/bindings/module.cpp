@@ -277,7 +277,9 @@ NB_MODULE(_core, m) {
       .ro("prompt_tokens", &pagedrt::Stats::prompt_tokens)
       .ro("generated_tokens", &pagedrt::Stats::generated_tokens)
       .ro("spec_proposed", &pagedrt::Stats::spec_proposed)
-      .ro("spec_accepted", &pagedrt::Stats::spec_accepted);
+      .ro("spec_accepted", &pagedrt::Stats::spec_accepted)
+      .ro("draft_kv_cache_bytes", &pagedrt::Stats::draft_kv_cache_bytes)
+      .ro("draft_blocks_used", &pagedrt::Stats::draft_blocks_used);
 
   Fields<pagedrt::ModelInfo>(m, "ModelInfo")
       .ro("architecture", &pagedrt::ModelInfo::architecture)
@@ -290,7 +292,9 @@ NB_MODULE(_core, m) {
       .ro("weight_dtype", &pagedrt::ModelInfo::weight_dtype)
       .ro("activation_dtype", &pagedrt::ModelInfo::activation_dtype)
       .ro("device", &pagedrt::ModelInfo::device)
-      .ro("deterministic", &pagedrt::ModelInfo::deterministic);
+      .ro("deterministic", &pagedrt::ModelInfo::deterministic)
+      .ro("draft_model", &pagedrt::ModelInfo::draft_model)
+      .ro("draft_num_layers", &pagedrt::ModelInfo::draft_num_layers);
 
   // The one source of RuntimeConfig's defaults: Python reads them from here.
   using RC = pagedrt::RuntimeConfig;
@@ -308,7 +312,8 @@ NB_MODULE(_core, m) {
       .rw("max_model_len", &RC::max_model_len)
       .rw("enable_prefix_caching", &RC::enable_prefix_caching)
       .rw("num_threads", &RC::num_threads)
-      .rw("deterministic", &RC::deterministic);
+      .rw("deterministic", &RC::deterministic)
+      .rw("draft_model", &RC::draft_model);
 
   nb::class_<pagedrt::Runtime>(m, "Runtime")
       .def("__init__",

@@ -94,6 +94,19 @@ std::vector<int32_t> eos_ids(const LlamaConfig& cfg, const std::string& model_pa
   return ids;
 }
 
+// The draft model's config.json, checked against the model's: the same
+// vocabulary (a draft proposes token ids the model verifies).
+LlamaConfig draft_config(const std::string& dir, const LlamaConfig& target) {
+  struct stat st;
+  if (::stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) bad_arg("draft_model '" + dir + "' is not a folder");
+  if (!file_exists(dir + "/config.json")) throw Error(ErrorKind::InvalidModel, dir + ": config.json is missing");
+  LlamaConfig d = LlamaConfig::from_file(dir + "/config.json");
+  if (d.vocab_size != target.vocab_size)
+    bad_arg("draft_model '" + dir + "': vocab_size " + std::to_string(d.vocab_size) + " differs from the model's " +
+            std::to_string(target.vocab_size) + "; a draft model must share the model's tokenizer");
+  return d;
+}
+
 }  // namespace
 
 const char* finish_reason_name(FinishReason reason) {
@@ -153,8 +166,20 @@ Runtime::Runtime(const RuntimeConfig& config) : impl_(std::make_unique<Impl>()) 
   }
   auto model = std::make_unique<LlamaModel>(cfg, config.model_path, *backend, wdtype, max_len,
                                             config.on_load_progress);
+  DraftModel draft;
+  LlamaConfig dcfg;
+  if (!config.draft_model.empty()) {
+    dcfg = draft_config(config.draft_model, cfg);
+    draft.max_len = std::min<int64_t>(dcfg.max_position_embeddings, max_len);
+    draft.model = std::make_unique<LlamaModel>(dcfg, config.draft_model, *backend, wdtype, draft.max_len);
+  }
+  // One pool size for both caches: the draft's holds whatever the model's holds.
   const int64_t kv_bytes = kv_budget(config, *backend);
-  KvCache kv = KvCache::allocate(*backend, cfg, config.block_size, kv_bytes);
+  const int64_t block = KvCache::block_bytes(*backend, cfg, config.block_size);
+  const int64_t draft_block = draft.model ? KvCache::block_bytes(*backend, dcfg, config.block_size) : 0;
+  const int64_t num_blocks = kv_bytes / (block + draft_block);
+  KvCache kv = KvCache::allocate(*backend, cfg, config.block_size, draft.model ? num_blocks * block : kv_bytes);
+  if (draft.model) draft.kv = KvCache::allocate(*backend, dcfg, config.block_size, kv.num_blocks * draft_block);
 
   m.info.architecture = cfg.architecture;
   m.info.vocab_size = cfg.vocab_size;
@@ -167,6 +192,8 @@ Runtime::Runtime(const RuntimeConfig& config) : impl_(std::make_unique<Impl>()) 
   m.info.activation_dtype = scalar_name(act);
   m.info.device = device;
   m.info.deterministic = deterministic;
+  m.info.draft_model = config.draft_model;
+  m.info.draft_num_layers = draft.model ? dcfg.num_layers : 0;
 
   EngineConfig ec;
   ec.scheduler.max_num_seqs = config.max_num_seqs;
@@ -178,7 +205,7 @@ Runtime::Runtime(const RuntimeConfig& config) : impl_(std::make_unique<Impl>()) 
                                   ? config.num_threads
                                   : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   ec.enable_prefix_caching = config.enable_prefix_caching;
-  m.engine = std::make_unique<Engine>(std::move(backend), std::move(model), std::move(kv), ec);
+  m.engine = std::make_unique<Engine>(std::move(backend), std::move(model), std::move(kv), ec, std::move(draft));
 }
 
 Runtime::~Runtime() { close(); }
@@ -194,6 +221,8 @@ std::string Runtime::submit(const std::vector<int32_t>& prompt, const SamplingPa
       bad_arg(where + "prompt token " + std::to_string(prompt[i]) + " at index " + std::to_string(i) +
               " is outside the vocabulary [0, " + std::to_string(m.info.vocab_size) + ")");
   check_sampling_params(params, m.info.vocab_size, m.config.max_num_seqs, where);
+  if (params.speculative == "draft" && !m.engine->has_draft_model())
+    bad_arg(where + "speculative=\"draft\" needs a draft model: start the Runtime with draft_model=DIR");
   if (params.masked && !m.engine->has_mask_provider())
     bad_arg(where + "masked (constrained) decoding needs a TokenMaskProvider (Runtime::set_token_mask_provider)");
   const int64_t len = static_cast<int64_t>(prompt.size());

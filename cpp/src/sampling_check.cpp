@@ -52,11 +52,8 @@ void check_sampling_params(const SamplingParams& p, int64_t vocab, int32_t max_n
     if (p.masked) fail("constrained decoding (masked) is not supported with beam search");
   }
   if (!p.speculative.empty()) {
-    if (p.speculative == "draft")
-      throw Error(ErrorKind::Unsupported, where + "speculative=\"draft\" (a draft model) is not implemented yet; "
-                                                  "speculative=\"ngram\" is");
-    if (p.speculative != "ngram")
-      fail("speculative must be \"ngram\" (or empty: off), got \"" + p.speculative + "\"");
+    if (p.speculative != "ngram" && p.speculative != "draft")
+      fail("speculative must be \"ngram\" or \"draft\" (or empty: off), got \"" + p.speculative + "\"");
     if (p.num_speculative_tokens < 1 || p.num_speculative_tokens > 16)
       fail("num_speculative_tokens must be in [1, 16], got " + std::to_string(p.num_speculative_tokens));
     if (p.ngram_min < 1 || p.ngram_max < p.ngram_min || p.ngram_max > 16)

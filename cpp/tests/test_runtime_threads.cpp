@@ -4,6 +4,7 @@
 // (tests/test_cpp.py). Needs a model folder in PAGEDRT_TEST_MODEL (a tiny
 // random Llama from tests/conftest.py); exits 77 (skipped) without one.
 // PAGEDRT_TEST_SCALE (default 1) multiplies the request counts.
+#include <algorithm>
 #include <atomic>
 #include <cstdio>
 #include <chrono>
@@ -398,6 +399,57 @@ void test_bad_calls_concurrently() {
   CHECK(finished && tokens == 3);
 }
 
+// Speculative requests (n-gram, and the model as its own draft model) mixed
+// with plain ones from several threads, in pools small enough to preempt, with
+// aborts: every request ends once, and both pools are empty at the end.
+void test_threads_speculative() {
+  RuntimeConfig config = small_config(12);
+  config.kv_cache_bytes *= 2;  // room for the draft's 12 blocks too (the same model)
+  config.draft_model = g_model;
+  Runtime rt(config);
+  CHECK(rt.stats().num_blocks == 12);
+  const int vocab = static_cast<int>(rt.model_info().vocab_size);
+  const int kThreads = 6, kPerThread = 8 * g_scale;
+  std::atomic<int> finished{0}, bad{0};
+  std::atomic<int64_t> accepted{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t)
+    threads.emplace_back([&, t] {
+      std::mt19937 rng(500 + t);
+      for (int i = 0; i < kPerThread; ++i) {
+        SamplingParams p = random_params(rng, vocab);
+        p.speculative = (i % 3 == 0) ? "" : (i % 3 == 1) ? "ngram" : "draft";
+        p.num_speculative_tokens = 1 + static_cast<int>(rng() % 6);
+        p.max_tokens += 8;
+        std::vector<int32_t> base = random_prompt(rng, vocab), prompt;
+        base.resize(std::min<size_t>(base.size(), 20));
+        for (int r = 0; r < 3; ++r) prompt.insert(prompt.end(), base.begin(), base.end());  // repeats: n-grams match
+        const std::string id = rt.submit(prompt, p, "s" + std::to_string(t) + "-" + std::to_string(i));
+        if (rng() % 6 == 0) rt.abort(id);
+        int finals = 0;
+        for (double end = now_s() + 120; finals == 0 && now_s() < end;)
+          for (const Event& ev : rt.poll(id, 0.05)) {
+            if (ev.spec_accepted > ev.spec_proposed) ++bad;
+            if (ev.request_finished) {
+              ++finals;
+              accepted += ev.spec_accepted;
+            }
+          }
+        if (finals != 1) ++bad;
+        ++finished;
+      }
+    });
+  for (auto& th : threads) th.join();
+  CHECK(bad == 0);
+  CHECK(finished == kThreads * kPerThread);
+  check_pool_back(rt);
+  CHECK(rt.stats().draft_blocks_used == 0);
+  CHECK(accepted > 0);
+  std::printf("speculative: %lld preemptions, %lld of %lld proposals accepted\n",
+              static_cast<long long>(rt.stats().num_preemptions), static_cast<long long>(rt.stats().spec_accepted),
+              static_cast<long long>(rt.stats().spec_proposed));
+}
+
 }  // namespace
 
 int main() {
@@ -411,5 +463,6 @@ int main() {
   test_close_in_flight();
   test_destroy_in_flight();
   test_bad_calls_concurrently();
+  test_threads_speculative();
   return check::finish();
 }

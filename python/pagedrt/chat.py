@@ -65,6 +65,11 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"context length (default: {engine.max_model_len}, the model's)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help=f"CPU threads (default: {engine.num_threads}, all cores)")
+    p.add_argument("--speculative", default=None, choices=["ngram", "draft"],
+                   help="speculative decoding: ngram (prompt lookup) or draft (needs --draft-model); "
+                        "the same answers, sooner (docs/speculative.md)")
+    p.add_argument("--draft-model", default=None, metavar="DIR|FILE.gguf",
+                   help="a smaller model with the same tokenizer that proposes tokens (implies --speculative draft)")
     p.add_argument("--prompt", default=None, metavar="TEXT",
                    help="answer this one message and exit (no interactive loop)")
     return p
@@ -117,13 +122,14 @@ def _answer(rt, messages, params):
     params = params.replace(max_tokens=max(1, min(params.max_tokens, limit - prompt_len)))
     start = time.perf_counter()
     rid = rt.submit(messages, params)
-    first, n, reason, text = None, 0, None, []
+    first, n, reason, text, spec = None, 0, None, [], (0, 0)
     try:
         while reason is None:
             for ev in rt.poll(rid, timeout=0.1):
                 if ev.token_ids and first is None:
                     first = time.perf_counter()
                 n += len(ev.token_ids)
+                spec = (ev.spec_accepted, ev.spec_proposed)
                 sys.stdout.write(ev.text)
                 sys.stdout.flush()
                 text.append(ev.text)
@@ -143,7 +149,8 @@ def _answer(rt, messages, params):
     end = time.perf_counter()
     rate = (n - 1) / (end - first) if first and n > 1 and end > first else 0.0
     ttft = (first - start) * 1000 if first else 0.0
-    print("\n" + _style("2", f"[{n} tokens, {rate:.1f} tok/s, TTFT {ttft:.0f} ms, {reason}]"))
+    accepted = f", {spec[0]} of {spec[1]} proposals accepted" if spec[1] else ""
+    print("\n" + _style("2", f"[{n} tokens, {rate:.1f} tok/s, TTFT {ttft:.0f} ms{accepted}, {reason}]"))
     return "".join(text)
 
 
@@ -207,7 +214,8 @@ def main(argv=None) -> int:
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                            seed=args.seed)
+                            seed=args.seed,
+                            speculative=args.speculative or ("draft" if args.draft_model else None))
     try:
         params._to_core()
     except InvalidArgument as e:
@@ -215,9 +223,11 @@ def main(argv=None) -> int:
         return 2
     try:
         t0 = time.perf_counter()
+        if params.speculative == "draft" and not args.draft_model:
+            raise InvalidArgument("--speculative draft needs --draft-model DIR|FILE.gguf")
         rt = Runtime(args.model, device=args.device, dtype=args.dtype, num_threads=args.threads,
-                     max_model_len=args.max_model_len)
-    except (ModelNotFoundError, FileNotFoundError, ValueError) as e:
+                     max_model_len=args.max_model_len, draft_model=args.draft_model)
+    except (ModelNotFoundError, FileNotFoundError, ValueError, InvalidArgument) as e:
         print(f"pagedrt-chat: {e}", file=sys.stderr)
         return 1
     if rt.tokenizer is None or rt.tokenizer.chat_template is None:

@@ -119,7 +119,7 @@ class _LoadBar:
 RuntimeConfig = _core.RuntimeConfig
 _OPTIONS = ("device", "dtype", "activation_dtype", "kv_cache_bytes", "gpu_memory_utilization", "block_size",
             "max_num_seqs", "max_num_batched_tokens", "max_model_len", "enable_prefix_caching", "num_threads",
-            "deterministic")
+            "deterministic", "draft_model")
 
 
 class Runtime:
@@ -161,6 +161,10 @@ class Runtime:
             (where it costs nothing measurable), False on CUDA (True there raises
             Unsupported: not implemented yet). ``model_info.deterministic`` says
             which applies.
+        draft_model [""]: a smaller model with the same tokenizer (a folder or a
+            .gguf file) for speculative decoding with ``speculative="draft"``
+            (docs/speculative.md). It runs on the same device with its own KV
+            cache of as many blocks as the model's; ``kv_cache_bytes`` covers both.
 
     Every method is safe to call from several threads at once.
     """
@@ -172,6 +176,8 @@ class Runtime:
             raise InvalidArgument(f"unknown Runtime option(s): {', '.join(unknown)} "
                                   f"(the options: {', '.join(_OPTIONS)})")
         config = RuntimeConfig()
+        if options.get("draft_model"):
+            options["draft_model"] = str(resolve_model(options["draft_model"], progress=progress))
         for name, value in {"device": device, **options}.items():
             if value is not None:
                 try:

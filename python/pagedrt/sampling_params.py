@@ -68,6 +68,8 @@ class SamplingParams:
     #: ``ngram_min`` tokens) found earlier in the prompt or output, up to
     #: ``num_speculative_tokens`` tokens, verified in one forward: greedy output is
     #: exactly the same as without, sampled output has the same distribution.
+    #: "draft" has the Runtime's ``draft_model`` propose them (greedy steps of
+    #: the smaller model).
     speculative: Optional[str] = None
     num_speculative_tokens: int = 4
     ngram_min: int = 1
@@ -137,7 +139,7 @@ class SamplingParams:
             raise InvalidArgument("stop strings are not supported with beam search (use stop_token_ids)")
         p.return_logits = bool(self.return_logits)
         if self.speculative is not None and not isinstance(self.speculative, str):
-            raise InvalidArgument(f'speculative must be "ngram" or None, got {self.speculative!r}')
+            raise InvalidArgument(f'speculative must be "ngram", "draft" or None, got {self.speculative!r}')
         p.speculative = self.speculative or ""
         p.num_speculative_tokens = whole("num_speculative_tokens", self.num_speculative_tokens)
         p.ngram_min = whole("ngram_min", self.ngram_min)

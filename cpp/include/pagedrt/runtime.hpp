@@ -60,6 +60,13 @@ struct RuntimeConfig {
   // whose GEMMs and split-KV attention are not invariant yet (true there is an
   // Unsupported error).
   std::optional<bool> deterministic;
+  // Speculative decoding with a draft model (SamplingParams::speculative =
+  // "draft"; docs/speculative.md): a smaller Llama-family model folder with
+  // the same tokenizer (its vocab_size must equal the model's). It runs on the
+  // same device with the model's weight dtype and its own paged KV cache of as
+  // many blocks as the model's; kv_cache_bytes (or the GPU's share) covers
+  // both caches. Empty: none.
+  std::string draft_model;
   // Optional: called on the constructing thread while the weights load, with
   // (parts loaded, parts in all): the embedding, each layer, the head. Not
   // kept after the constructor returns.
@@ -89,6 +96,8 @@ struct ModelInfo {
   std::string activation_dtype;    // "float32" or "bfloat16" (also the KV cache's)
   std::string device;              // "cpu" or "cuda"
   bool deterministic = false;      // RuntimeConfig::deterministic, resolved
+  std::string draft_model;         // RuntimeConfig::draft_model ("" without one)
+  int64_t draft_num_layers = 0;    // the draft model's layers (0 without one)
 };
 
 class Runtime {

@@ -55,7 +55,9 @@ struct SamplingParams {
   // tokens) that occurred earlier in the prompt or output is proposed, up to
   // num_speculative_tokens tokens, and verified in one forward: greedy keeps
   // the longest prefix equal to the model's own picks, sampling uses
-  // rejection sampling (the output distribution is the model's). "" : off.
+  // rejection sampling (the output distribution is the model's). "draft":
+  // the Runtime's draft model (RuntimeConfig::draft_model) proposes them by
+  // greedy steps of its own. "" : off.
   // Not with beam search, masked decoding, return_logits or prompt_logprobs.
   std::string speculative;
   int32_t num_speculative_tokens = 4;   // 1 .. 16: proposals a step at most

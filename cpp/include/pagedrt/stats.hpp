@@ -32,6 +32,8 @@ struct Stats {
   int64_t generated_tokens = 0;    // since start
   int64_t spec_proposed = 0;       // speculative decoding: proposed tokens verified, since start
   int64_t spec_accepted = 0;       // of those, accepted
+  int64_t draft_kv_cache_bytes = 0;  // the draft model's KV pool (RuntimeConfig::draft_model), else 0
+  int64_t draft_blocks_used = 0;   // its blocks referenced by a running sequence's shadow
 };
 
 }  // namespace pagedrt

@@ -8,14 +8,22 @@
 
 namespace pagedrt {
 
-Engine::Engine(std::unique_ptr<Backend> backend, std::unique_ptr<LlamaModel> model, KvCache kv,
-               const EngineConfig& config)
-    : runner_(std::move(backend), std::move(model), std::move(kv)),
+Engine::Engine(std::shared_ptr<Backend> backend, std::unique_ptr<LlamaModel> model, KvCache kv,
+               const EngineConfig& config, DraftModel draft)
+    : runner_(backend, std::move(model), std::move(kv)),
       pool_(static_cast<int32_t>(runner_.kv().num_blocks), static_cast<int32_t>(runner_.kv().block_size)),
       kv_manager_(pool_, config.enable_prefix_caching),
       scheduler_(config.scheduler, kv_manager_),
       outputs_(config.output, kv_manager_, *this),
       stats_(runner_.kv()) {
+  if (draft.model) {
+    DrafterConfig dc;
+    dc.max_num_batched_tokens = config.scheduler.max_num_batched_tokens;
+    dc.max_model_len = config.scheduler.max_model_len;
+    dc.draft_max_len = draft.max_len;
+    dc.enable_prefix_caching = config.enable_prefix_caching;
+    drafter_ = std::make_unique<Drafter>(backend, std::move(draft.model), std::move(draft.kv), dc);
+  }
   thread_ = std::thread([this] { loop(); });
 }
 
@@ -83,6 +91,7 @@ void Engine::stop() {
   // the backend again (poll and stats read only queues and counters): their
   // memory, the GPU's on CUDA, goes now rather than with the Runtime object.
   runner_.release();
+  if (drafter_) drafter_->release();
 }
 
 // ---- engine thread ---------------------------------------------------------------
@@ -149,8 +158,22 @@ void Engine::start_masks(const SchedulerOutput& step, PendingMasks& pm) {
   pm.filling = std::async(std::launch::async, [&pm, provider, vocab] { provider->fill(pm.rows, vocab); });
 }
 
+void Engine::propose_drafts() {
+  try {
+    drafter_->propose(scheduler_.running());
+  } catch (const std::exception& e) {
+    std::vector<Request*> drafting;
+    for (Request* r : scheduler_.running())
+      if (r->params.speculative == "draft") drafting.push_back(r);
+    for (Request* r : drafting) finish_request(*r, FinishReason::Error, std::string("draft model forward failed: ") + e.what());
+  }
+}
+
 void Engine::step() {
+  if (drafter_) propose_drafts();
   SchedulerOutput step = scheduler_.schedule();
+  if (drafter_)  // a preempted request's shadows: their blocks are better used by the running ones
+    for (const Request* r : step.preempted) drafter_->forget(r->arrival);
   if (step.empty()) {  // nothing fits right now; a finishing request will free blocks
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
     return;
@@ -238,6 +261,7 @@ void Engine::finish_seq(Request& r, Sequence& s, FinishReason reason, const std:
   if (last) drop_request(r);  // r and s stay alive until forget(r)
   push_event(OutputProcessor::make_event(r, s, true, last, reason, error));
   if (last) return forget(r);
+  if (drafter_) drafter_->forget(r.arrival, s.index);
   auto it = std::find_if(r.seqs.begin(), r.seqs.end(), [&](const std::unique_ptr<Sequence>& q) { return q.get() == &s; });
   r.seqs.erase(it);
 }
@@ -270,6 +294,7 @@ void Engine::finish_request(Request& r, FinishReason reason, const std::string& 
 
 void Engine::drop_request(Request& r) {
   scheduler_.remove(&r);  // frees every live sequence's blocks
+  if (drafter_) drafter_->forget(r.arrival);
   for (auto& s : r.seqs) s->num_computed = 0;
   publish_stats();
 }

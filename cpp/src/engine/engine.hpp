@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "engine/block_pool.hpp"
+#include "engine/drafter.hpp"
 #include "engine/kv_cache_manager.hpp"
 #include "engine/model_runner.hpp"
 #include "engine/outbox.hpp"
@@ -50,10 +51,19 @@ struct EngineConfig {
   bool enable_prefix_caching = true;
 };
 
+// A draft model for speculative decoding (engine/drafter.hpp): its weights,
+// loaded on the target's backend, and its KV storage (as many blocks as the
+// target's). No model: requests with speculative "draft" are refused at submit.
+struct DraftModel {
+  std::unique_ptr<LlamaModel> model;
+  KvCache kv;
+  int64_t max_len = 0;  // positions its RoPE table covers
+};
+
 class Engine final : private OutputSink {
  public:
-  Engine(std::unique_ptr<Backend> backend, std::unique_ptr<LlamaModel> model, KvCache kv,
-         const EngineConfig& config);
+  Engine(std::shared_ptr<Backend> backend, std::unique_ptr<LlamaModel> model, KvCache kv,
+         const EngineConfig& config, DraftModel draft = {});
   ~Engine() override;  // stops the thread
 
   // Queues a validated request; `owned`: only poll(id) reads its events.
@@ -79,6 +89,7 @@ class Engine final : private OutputSink {
     mask_provider_ = std::move(provider);
   }
   bool has_mask_provider() const { return mask_provider() != nullptr; }
+  bool has_draft_model() const { return drafter_ != nullptr; }
   // Host threads may call only worst_case_blocks() on it (it reads nothing that changes).
   const KvCacheManager& kv_manager() const { return kv_manager_; }
   // Ends the thread; every live request gets a final Abort event. Then frees
@@ -92,6 +103,9 @@ class Engine final : private OutputSink {
   void shutdown();
   // A failed forward ends the step's requests with an error event.
   void fail_step(const SchedulerOutput& step, const std::string& what);
+  // Draft-model proposals for the running requests that ask for them; a
+  // failed draft forward ends those requests with an error event.
+  void propose_drafts();
   // OutputSink
   void push_event(Event ev) override;
   void count_generated(int64_t tokens) override { stats_.count_generated(tokens); }
@@ -106,9 +120,10 @@ class Engine final : private OutputSink {
   void finish_request(Request& r, FinishReason reason, const std::string& error = "");
   void drop_request(Request& r);  // before its last event: free, publish
   void forget(Request& r);        // after its last event: destroys r
-  void publish_stats() { stats_.publish(pool_, kv_manager_, scheduler_); }
+  void publish_stats() { stats_.publish(pool_, kv_manager_, scheduler_, drafter_.get()); }
 
   ModelRunner runner_;
+  std::unique_ptr<Drafter> drafter_;  // null without a draft model
   BlockPool pool_;
   KvCacheManager kv_manager_;
   Scheduler scheduler_;

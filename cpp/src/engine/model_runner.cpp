@@ -2,7 +2,7 @@
 
 namespace pagedrt {
 
-ModelRunner::ModelRunner(std::unique_ptr<Backend> backend, std::unique_ptr<LlamaModel> model, KvCache kv)
+ModelRunner::ModelRunner(std::shared_ptr<Backend> backend, std::unique_ptr<LlamaModel> model, KvCache kv)
     : backend_(std::move(backend)), model_(std::move(model)), kv_(std::move(kv)) {}
 
 ModelOutput ModelRunner::run(const SchedulerOutput& step, bool device_greedy) {

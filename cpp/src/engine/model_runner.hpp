@@ -1,6 +1,7 @@
 // engine/model_runner.hpp — everything one step does on the device.
 //
-// Owns the backend, the model and the paged KV storage. run() turns the
+// Owns the model and its paged KV storage, and shares the backend (a draft
+// model's runner uses the same one: engine/drafter.hpp). run() turns the
 // scheduler's decision into the step's flat batch (engine/batch.hpp), runs the
 // copy-on-write block copies, then the forward (which the backend may replay
 // from a recording: Backend::run_step), and hands back where each scheduled
@@ -34,7 +35,7 @@ struct ModelOutput {
 
 class ModelRunner {
  public:
-  ModelRunner(std::unique_ptr<Backend> backend, std::unique_ptr<LlamaModel> model, KvCache kv);
+  ModelRunner(std::shared_ptr<Backend> backend, std::unique_ptr<LlamaModel> model, KvCache kv);
 
   // Can the device pick greedy tokens itself (only their ids come back)?
   bool has_device_argmax() const { return backend_->has_argmax(); }
@@ -45,11 +46,12 @@ class ModelRunner {
 
   const KvCache& kv() const { return kv_; }
   int64_t vocab_size() const { return model_->config().vocab_size; }
-  // Frees the weights, the KV storage and the backend (GPU memory at once).
+  // Frees the weights and the KV storage, then drops its share of the backend
+  // (GPU memory at once).
   void release();
 
  private:
-  std::unique_ptr<Backend> backend_;
+  std::shared_ptr<Backend> backend_;
   std::unique_ptr<LlamaModel> model_;
   KvCache kv_;
   Batch batch_;

@@ -42,6 +42,7 @@ struct Sequence {
   // the steps in a row in which nothing was accepted (at kMaxSpecMisses the
   // sequence stops speculating).
   int32_t num_draft = 0;
+  std::vector<int32_t> proposal;     // speculative "draft": the draft model's tokens for the next step (engine/drafter.hpp)
   int32_t spec_len = 0;              // 0 until the first proposal: num_speculative_tokens
   int32_t spec_misses = 0;
   bool spec_off = false;

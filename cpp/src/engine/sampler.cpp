@@ -160,6 +160,10 @@ int32_t draw(Rng& rng, const std::vector<double>& prob, const std::vector<int32_
 
 }  // namespace
 
+int32_t Sampler::greedy(const float* logits, int64_t vocab) {
+  return static_cast<int32_t>(first_argmax(logits, vocab));
+}
+
 int32_t Sampler::pick(const float* logits, int64_t vocab, const SamplingParams& p, Rng& rng,
                       std::vector<double>& prob, std::vector<int32_t>& order) {
   if (p.temperature == 0.0f) return static_cast<int32_t>(first_argmax(logits, vocab));

@@ -44,6 +44,10 @@ class Sampler {
                               int32_t draft, bool& accepted, std::vector<double>& scratch,
                               std::vector<int32_t>& order);
 
+  // The greedy token: the first index of the largest logit (NaN never chosen
+  // over a number), as the device argmax picks it.
+  static int32_t greedy(const float* logits, int64_t vocab);
+
   // log-softmax of `logits` into `out` (vocab).
   static void log_softmax(const float* logits, int64_t vocab, std::vector<float>& out);
 

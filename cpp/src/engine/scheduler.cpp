@@ -15,6 +15,8 @@ void Scheduler::draft(Request* req, int64_t budget) {
   if (p.speculative.empty()) return;
   for (auto& s : req->seqs) {
     const int64_t pending = s->num_tokens() - s->num_computed;  // what plan() will schedule for it
+    std::vector<int32_t> offered;  // the draft model's proposal (Drafter::propose), used now or never
+    offered.swap(s->proposal);
     if (s->spec_off || s->num_draft > 0 || pending != 1) {
       budget -= pending;
       continue;
@@ -27,7 +29,13 @@ void Scheduler::draft(Request* req, int64_t budget) {
       budget -= 1;
       continue;
     }
-    const std::vector<int32_t> proposal = ngram_propose(s->tokens, p.ngram_min, p.ngram_max, static_cast<int32_t>(k));
+    std::vector<int32_t> proposal;
+    if (p.speculative == "draft") {
+      proposal.swap(offered);
+      if (static_cast<int64_t>(proposal.size()) > k) proposal.resize(static_cast<size_t>(k));
+    } else {
+      proposal = ngram_propose(s->tokens, p.ngram_min, p.ngram_max, static_cast<int32_t>(k));
+    }
     if (proposal.empty()) {
       budget -= 1;
       continue;

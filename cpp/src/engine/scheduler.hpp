@@ -53,14 +53,15 @@ class Scheduler {
   size_t num_waiting() const { return waiting_.size(); }
   size_t num_running() const { return running_.size(); }
   bool has_work() const { return !waiting_.empty() || !running_.empty(); }
+  const std::vector<Request*>& running() const { return running_; }  // admission order
 
  private:
   // The (sequence, tokens) pairs of `req` that fit in `budget`, and the blocks they need.
   int64_t plan(Request* req, int64_t budget, std::vector<ScheduledSeq>& out) const;
   void preempt(Request* req);
   size_t live_seqs() const;
-  // Speculative decoding: appends prompt-lookup proposals to the sequences of
-  // `req` at their decode point (at most budget - 1 tokens each, never past
+  // Speculative decoding: appends proposals (prompt lookup, or the draft
+  // model's from Sequence::proposal) to the sequences of `req` at their decode point (at most budget - 1 tokens each, never past
   // max_tokens or max_model_len); undraft() takes them back.
   void draft(Request* req, int64_t budget);
   static void undraft(Request* req);

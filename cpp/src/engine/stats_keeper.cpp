@@ -35,7 +35,8 @@ void StatsKeeper::count_speculative(int64_t proposed, int64_t accepted) {
   stats_.spec_accepted += accepted;
 }
 
-void StatsKeeper::publish(const BlockPool& pool, const KvCacheManager& kv, const Scheduler& scheduler) {
+void StatsKeeper::publish(const BlockPool& pool, const KvCacheManager& kv, const Scheduler& scheduler,
+                          const Drafter* drafter) {
   const double now = std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
   std::lock_guard<std::mutex> lk(mu_);
   Stats& s = stats_;
@@ -55,6 +56,10 @@ void StatsKeeper::publish(const BlockPool& pool, const KvCacheManager& kv, const
   s.prefix_queries = kv.prefix_queries();
   s.prefix_hits = kv.prefix_hits();
   s.num_copies = kv.num_copies();
+  if (drafter != nullptr) {
+    s.draft_kv_cache_bytes = drafter->kv_cache_bytes();
+    s.draft_blocks_used = drafter->num_blocks() - drafter->num_free_blocks();
+  }
   // generation rate over the last five seconds
   rate_window_.emplace_back(now, s.generated_tokens);
   while (rate_window_.size() > 2 && now - rate_window_.front().first > 5.0) rate_window_.pop_front();

@@ -14,6 +14,7 @@
 #include <utility>
 
 #include "engine/block_pool.hpp"
+#include "engine/drafter.hpp"
 #include "engine/kv_cache_manager.hpp"
 #include "engine/scheduler.hpp"
 #include "model/kv_cache.hpp"
@@ -30,7 +31,8 @@ class StatsKeeper {
   void count_generated(int64_t tokens);
   void count_speculative(int64_t proposed, int64_t accepted);
   // The pool, the prefix cache and the queues as they are now; the peaks.
-  void publish(const BlockPool& pool, const KvCacheManager& kv, const Scheduler& scheduler);
+  // `drafter`: null without a draft model.
+  void publish(const BlockPool& pool, const KvCacheManager& kv, const Scheduler& scheduler, const Drafter* drafter);
 
  private:
   mutable std::mutex mu_;

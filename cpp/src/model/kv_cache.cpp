@@ -4,14 +4,18 @@
 
 namespace pagedrt {
 
+int64_t KvCache::block_bytes(const Backend& backend, const LlamaConfig& cfg, int64_t block_size) {
+  const int64_t per_layer = block_size * cfg.num_kv_heads * cfg.head_dim *
+                            static_cast<int64_t>(scalar_size(backend.kv_dtype()));  // K or V
+  return per_layer * 2 * cfg.num_layers;
+}
+
 KvCache KvCache::allocate(Backend& backend, const LlamaConfig& cfg, int64_t block_size,
                           int64_t budget_bytes) {
   KvCache kv;
   kv.block_size = block_size;
   const ScalarType dtype = backend.kv_dtype();
-  const int64_t per_layer =
-      block_size * cfg.num_kv_heads * cfg.head_dim * static_cast<int64_t>(scalar_size(dtype));  // K or V
-  kv.bytes_per_block = per_layer * 2 * cfg.num_layers;
+  kv.bytes_per_block = block_bytes(backend, cfg, block_size);
   kv.num_blocks = budget_bytes / kv.bytes_per_block;
   if (kv.num_blocks < 1)
     throw Error(ErrorKind::InvalidArgument,

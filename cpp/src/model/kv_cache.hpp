@@ -22,6 +22,8 @@ struct KvCache {
   std::vector<Tensor> k;        // (num_layers) of (num_blocks, block_size, Hkv, D)
   std::vector<Tensor> v;
 
+  // Bytes of one block of `block_size` tokens, all layers, K and V.
+  static int64_t block_bytes(const Backend& backend, const LlamaConfig& cfg, int64_t block_size);
   // As many blocks as fit in `budget_bytes` (at least one). Throws
   // Error(InvalidArgument) if not even one block fits.
   static KvCache allocate(Backend& backend, const LlamaConfig& cfg, int64_t block_size,

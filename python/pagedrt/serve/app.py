@@ -21,7 +21,7 @@ from typing import AsyncIterator, Optional
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, Unsupported
 from . import protocol as P
 from .dispatcher import Dispatcher
 from .metrics import Metrics
@@ -47,7 +47,7 @@ class _Request:
         s.dispatcher.register(rid, self.queue)
         try:
             s.rt.submit(ids, params, request_id=rid)
-        except InvalidArgument as e:
+        except (InvalidArgument, Unsupported) as e:  # a combination this engine does not serve: the client's to change
             s.dispatcher.unregister(rid)
             self.close()
             raise APIError(400, str(e), param=P._param_of(str(e))) from None
@@ -117,8 +117,10 @@ def _sse(obj) -> str:
 
 
 class _Server:
-    def __init__(self, rt, model_name: str, api_key: Optional[str], max_queue: int, max_body_bytes: int):
+    def __init__(self, rt, model_name: str, api_key: Optional[str], max_queue: int, max_body_bytes: int,
+                 speculative: Optional[str]):
         self.rt, self.model_name, self.api_key = rt, model_name, api_key
+        self.speculative = speculative
         self.max_queue, self.max_body_bytes = max_queue, max_body_bytes
         self.dispatcher = Dispatcher(rt)
         self.metrics = Metrics(rt, self.dispatcher)
@@ -175,7 +177,8 @@ class _Server:
         ids = self.encode(P.chat_messages(body), "messages")
         stream = P.typed(body, "stream", (bool,), False)
         include_usage = self.stream_options(body, stream)
-        params = P.sampling_params(body, chat=True, prompt_len=len(ids), max_model_len=self.max_model_len)
+        params = P.sampling_params(body, chat=True, prompt_len=len(ids), max_model_len=self.max_model_len,
+                                   speculative=self.speculative)
         self.admit()
         r = _Request(self, params.n)
         r.submit(ids, params)
@@ -244,12 +247,11 @@ class _Server:
         include_usage = self.stream_options(body, stream)
         echo = P.typed(body, "echo", (bool,), False)
         longest = max(len(ids) for ids in prompts)
-        params = P.sampling_params(body, chat=False, prompt_len=longest, max_model_len=self.max_model_len)
-        echo_lp = echo and params.logprobs is not None  # the prompt's logprobs too (scoring, lm-eval)
+        echo_lp = echo and body.get("logprobs") is not None  # the prompt's logprobs too (scoring, lm-eval)
         if echo_lp and stream:
             raise P.bad("echo", "echo with logprobs is answered without streaming only")
-        if echo_lp:
-            params = params.replace(prompt_logprobs=params.logprobs)
+        params = P.sampling_params(body, chat=False, prompt_len=longest, max_model_len=self.max_model_len,
+                                   speculative=self.speculative, echo_logprobs=echo_lp)
         self.admit()
         r = _Request(self, params.n)
         for ids in prompts:
@@ -368,10 +370,12 @@ class _Guard:
 
 
 def build_app(rt, *, model_name: str, api_key: Optional[str] = None, max_queue: int = 1024,
-              max_body_bytes: int = 8 << 20) -> FastAPI:
+              max_body_bytes: int = 8 << 20, speculative: Optional[str] = None) -> FastAPI:
     """The ASGI application serving `rt` (a pagedrt.Runtime the caller keeps open
-    for the app's lifetime) under the name `model_name`."""
-    s = _Server(rt, model_name, api_key, max_queue, max_body_bytes)
+    for the app's lifetime) under the name `model_name`. `speculative` ("ngram"
+    or "draft"): speculative decoding for every request that sets none and can
+    use it."""
+    s = _Server(rt, model_name, api_key, max_queue, max_body_bytes, speculative)
 
     @asynccontextmanager
     async def lifespan(app):

@@ -28,6 +28,8 @@ _HELP = {
     "enable_prefix_caching": "share identical prompt prefixes between requests",
     "num_threads": "CPU threads (0: all cores)",
     "deterministic": "batch-invariant results (default: on for the CPU, off for CUDA; docs/determinism.md)",
+    "draft_model": "a smaller model (folder or .gguf) with the same tokenizer, for requests with "
+                   "speculative=\"draft\" (docs/speculative.md)",
 }
 
 
@@ -50,6 +52,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=1024, metavar="N",
                    help="answer 503 with Retry-After while this many requests wait for the engine")
     p.add_argument("--max-body-bytes", type=int, default=8 << 20, metavar="N", help="larger bodies get 413")
+    p.add_argument("--speculative", default=None, choices=["ngram", "draft"],
+                   help="speculative decoding for every request that does not set its own 'speculative' field "
+                        "and can use it (not structured output or echo with logprobs); draft needs --draft-model")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     for name in _OPTIONS:
         if name == "device":
@@ -75,6 +80,9 @@ def main(argv=None) -> int:
     from .. import Runtime
     from ..errors import Error
     options = {name: getattr(args, name) for name in _OPTIONS if name != "device"}
+    if args.speculative == "draft" and not args.draft_model:
+        print("pagedrt-serve: --speculative draft needs --draft-model DIR|FILE.gguf", file=sys.stderr)
+        return 2
     try:
         rt = Runtime(args.model, device=args.device, **options)
     except (Error, OSError, ValueError) as e:
@@ -83,7 +91,7 @@ def main(argv=None) -> int:
     # a converted GGUF's cache folder ends in "-" and 12 hex digits of its hash
     name = args.served_model_name or re.sub(r"-[0-9a-f]{12}$", "", rt.model_path.name)
     app = build_app(rt, model_name=name, api_key=args.api_key, max_queue=args.max_queue,
-                    max_body_bytes=args.max_body_bytes)
+                    max_body_bytes=args.max_body_bytes, speculative=args.speculative)
     print(f"pagedrt-serve: {name} on {rt.model_info.device}, http://{args.host}:{args.port}/v1", file=sys.stderr,
           flush=True)
     # uvicorn drains on SIGINT/SIGTERM, then raises the signal again with the

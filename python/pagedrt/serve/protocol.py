@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Any, Optional
 
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, Unsupported
 from ..outputs import TokenLogprob
 from ..sampling_params import SamplingParams
 
@@ -40,7 +40,8 @@ _SAMPLING = [("n", "n", _INT), ("temperature", "temperature", _NUM), ("top_p", "
              ("frequency_penalty", "frequency_penalty", _NUM), ("top_k", "top_k", _INT), ("min_p", "min_p", _NUM),
              ("repetition_penalty", "repetition_penalty", _NUM), ("min_tokens", "min_tokens", _INT),
              ("ignore_eos", "ignore_eos", _BOOL), ("skip_special_tokens", "skip_special_tokens", _BOOL),
-             ("include_stop_str_in_output", "include_stop_str_in_output", _BOOL)]
+             ("include_stop_str_in_output", "include_stop_str_in_output", _BOOL),
+             ("speculative", "speculative", (str,)), ("num_speculative_tokens", "num_speculative_tokens", _INT)]
 _GUIDED = {"guided_json": "json_schema", "guided_regex": "regex", "guided_choice": "choice",
            "guided_grammar": "grammar"}  # vLLM's names of the structured-output fields
 _COMMON = {"model", "stream", "stream_options", "max_tokens", "stop", "stop_token_ids", "logit_bias", "user",
@@ -68,9 +69,12 @@ def check_fields(body: dict, allowed: set, where: str) -> None:
                               f"(supported: {', '.join(sorted(allowed))})")
 
 
-def sampling_params(body: dict, *, chat: bool, prompt_len: int, max_model_len: int) -> SamplingParams:
+def sampling_params(body: dict, *, chat: bool, prompt_len: int, max_model_len: int,
+                    speculative: Optional[str] = None, echo_logprobs: bool = False) -> SamplingParams:
     """The request's SamplingParams; every value range is checked by pagedrt itself
-    (SamplingParams -> C++ validate), whose message names the field."""
+    (SamplingParams -> C++ validate), whose message names the field.
+    `speculative`: the server's default (--speculative) for a request that sets
+    none and can use it (not structured output, not echo with logprobs)."""
     kw: dict[str, Any] = {}
     for name, field, types in _SAMPLING:
         v = typed(body, name, types)
@@ -111,11 +115,16 @@ def sampling_params(body: dict, *, chat: bool, prompt_len: int, max_model_len: i
         lp = typed(body, "logprobs", _INT)
         if lp is not None:
             kw["logprobs"] = lp
-    kw.update(structured(body))
+    constraint = structured(body)
+    kw.update(constraint)
+    if echo_logprobs:  # the prompt's logprobs too (scoring, lm-eval)
+        kw["prompt_logprobs"] = kw.get("logprobs")
+    if speculative and "speculative" not in kw and not constraint and not echo_logprobs:
+        kw["speculative"] = speculative
     params = SamplingParams(**kw)
     try:
         params._to_core()
-    except InvalidArgument as e:
+    except (InvalidArgument, Unsupported) as e:
         raise APIError(400, str(e), param=_param_of(str(e))) from None
     return params
 
