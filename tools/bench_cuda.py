@@ -13,6 +13,7 @@ process (pagedrt and transformers each hold a 16 GB model):
     bench_cuda.py tpot_env  OUT.json MODEL_DIR SETTING...   batch-1 TPOT per setting ("VAR=1,VAR2=0"; "" = none)
     bench_cuda.py ttft_env  OUT.json MODEL_DIR SETTING...   batch-1 TTFT at 1k/4k/8k-token prompts per setting
     bench_cuda.py hf        OUT.json MODEL_DIR  the same workloads with transformers (eager+SDPA)
+    bench_cuda.py verify    OUT.json MODEL_DIR  speculative verify step, 1 + k positions (k = 0..8) vs batch-1 TPOT
 
 GPU timings use CUDA events after warm-up, medians; inputs are random (never zeros).
 """
@@ -505,6 +506,50 @@ def hf_bench(model):
     return r
 
 
+def verify_cost(model):
+    """The cost of a speculative verify step at batch 1 (issue 23): one
+    sequence with 1,024 tokens of context computes 1 + k positions (its last
+    token and k proposals) in one step, k = 0..8, against a batch-1 decode
+    step at the same context in the same run. The step is made as a prompt
+    whose first 1,024 tokens are in the prefix cache and whose last 1 + k are
+    new, max_tokens 1: the same kernels as a verify step (attention of 1 + k
+    query rows over the cached context, every GEMM at M = 1 + k), but logits
+    for the last row only (a verify step's lm head takes 1 + k rows: at most
+    9 x 4096 more of one weight-bound GEMM). Wall time of generate() (submit
+    to final event), the median of 7 after one warm-up; the decode step is
+    the median inter-token time of 64 greedy tokens (CUDA-graph replays)."""
+    import pagedrt
+    rng = np.random.default_rng(3)
+    ctx = 1024
+    one = pagedrt.SamplingParams(max_tokens=1, ignore_eos=True, temperature=0.0)
+    res = {"context": ctx, "rows": []}
+    with pagedrt.Runtime(model, device="cuda", max_num_seqs=8) as rt:
+        base = rng.integers(0, 128000, size=ctx).tolist()
+        rt.generate([base + [7]], one)  # base's 64 blocks enter the prefix cache
+        rid = rt.submit(base + [9], max_tokens=65, ignore_eos=True, temperature=0.0)
+        stamps, done = [], False
+        while not done:
+            for ev in rt.poll(rid, timeout=1.0):
+                stamps += [time.perf_counter()] * len(ev.token_ids)
+                done = ev.finished
+        res["decode_step_ms"] = statistics.median(np.diff(stamps[1:]).tolist()) * 1e3
+        print(f"batch-1 decode step at {ctx} tokens of context: {res['decode_step_ms']:.3f} ms", flush=True)
+        print(f"{'k':>2s} {'positions':>9s} {'step ms':>8s} {'/ decode':>8s} {'/ k=0':>6s}", flush=True)
+        for k in range(9):
+            times = []
+            for _ in range(8):
+                tail = rng.integers(0, 128000, size=k + 1).tolist()
+                t0 = time.perf_counter()
+                rt.generate([base + tail], one)
+                times.append((time.perf_counter() - t0) * 1e3)
+            row = {"k": k, "positions": k + 1, "step_ms": statistics.median(times[1:])}
+            row["vs_decode"] = row["step_ms"] / res["decode_step_ms"]
+            row["vs_k0"] = row["step_ms"] / (res["rows"][0]["step_ms"] if res["rows"] else row["step_ms"])
+            res["rows"].append(row)
+            print(f"{k:2d} {k + 1:9d} {row['step_ms']:8.3f} {row['vs_decode']:8.2f} {row['vs_k0']:6.2f}", flush=True)
+    return res
+
+
 def main():
     part, out = sys.argv[1], sys.argv[2]
     fn = {"ceilings": ceilings, "attention": attention, "attention_sweep": attention_sweep, "gemv": gemv,
@@ -516,7 +561,8 @@ def main():
     elif part == "ttft_env":
         res = ttft_env(sys.argv[3], sys.argv[4:])
     else:
-        res = {"pagedrt": pagedrt_bench, "hf": hf_bench, "launch_ab": launch_ab}[part](sys.argv[3])
+        res = {"pagedrt": pagedrt_bench, "hf": hf_bench, "launch_ab": launch_ab,
+               "verify": verify_cost}[part](sys.argv[3])
     json.dump(res, open(out, "w"), indent=1)
     print(part, json.dumps(res))
 

@@ -3,9 +3,10 @@
 #
 #   bash tools/gpu_check.sh [STAGE ...]      (from the repo root; default: all stages)
 #
-# Stages: env build optests diag make8b smol tests e2e bench attn prefill gemm serve structured masks harness profile cpuscale abbuild ab
+# Stages: env build wheels optests diag make8b smol tests e2e bench attn prefill gemm serve structured masks spec harness profile cpuscale abbuild ab
 #   env      nvidia-smi, versions
 #   build    pip install --no-build-isolation --no-deps . with PAGEDRT_CUDA=ON
+#   wheels   only the wheels carried in .whl/ (a later call of a warm machine, built already)
 #   optests  tests/test_cuda.py without the model end-to-end tests (fast)
 #   make8b   tools/make_random_llama.py -> $LLAMA8B (Llama-3-8B shape, random bf16)
 #   smol     reassembles the SmolLM2 GGUF from .devcarry_*/smol.part* (or $STASH) into a
@@ -23,6 +24,9 @@
 #   structured tools/bench_structured.py on SmolLM2 (needs smol): JSON-schema against plain TPOT
 #   masks    tools/bench_masks.py on SmolLM2 (needs smol): llguidance's mask cost per row, serial and
 #            on its executor with 1..16 threads, on replayed JSON answers (the host's cores)
+#   spec     speculative decoding: tools/bench_speculative.py on SmolLM2 (needs smol), GPU (n-gram, and
+#            SmolLM2 as its own draft) and this machine's CPU (n-gram); tools/bench_cuda.py verify on
+#            the 8B shape (a verify step of 1 + k positions, k = 0..8, against batch-1 TPOT)
 #   serve    tools/bench_serve.py on the 8B shape: pagedrt-serve against in-process, 64 streams
 #            (its dependencies' wheels carried in .whl/serve/)
 #   harness  tools/bench.py --device cuda: the project's benchmark harness on the 8B shape
@@ -73,6 +77,11 @@ if has build; then
   SKBUILD_CMAKE_DEFINE="PAGEDRT_CUDA=ON" timeout 400 $PY -m pip install --no-build-isolation --no-deps . 2>&1 \
     | grep -vE "^\s*(Copying|copying|adding)" | tail -25
   (cd /tmp && $PY -c "import pagedrt; from pagedrt import _core; print('pagedrt', pagedrt.__file__, 'cuda_built', _core.cuda_built(), 'cuda_available', _core.cuda_available())") || exit 1
+fi
+
+if has wheels; then
+  stage wheels
+  ls .whl/*.whl >/dev/null 2>&1 && $PY -m pip install -q --no-deps --no-index .whl/*.whl 2>&1 | tail -2
 fi
 
 if has optests; then
@@ -178,6 +187,20 @@ if has masks && [ -d "$WORK/smolpkg" ]; then
   stage masks
   (cd /tmp && PYTHONPATH="$WORK/smolpkg${PYTHONPATH:+:$PYTHONPATH}" timeout 240 \
      $PY "$OLDPWD/tools/bench_masks.py" --threads 1,2,4,8,12,16 --json "$OUT/masks.json" 2>&1 | grep -v "it/s\]")
+fi
+
+if has spec; then
+  stage spec
+  if [ -d "$WORK/smolpkg" ]; then
+    export PYTHONPATH="$WORK/smolpkg${PYTHONPATH:+:$PYTHONPATH}"
+    SMOL=$(cd /tmp && $PY -c "import pagedrt; print(pagedrt.default_model(progress=False))")
+    (cd /tmp && timeout 200 $PY "$OLDPWD/tools/bench_speculative.py" --device cuda --rounds 3 --draft-model "$SMOL" \
+       --json "$OUT/speculative_gpu.json" 2>&1 | grep -v "it/s\]")
+    (cd /tmp && timeout 150 $PY "$OLDPWD/tools/bench_speculative.py" --device cpu --rounds 1 \
+       --json "$OUT/speculative_cpu_host.json" 2>&1 | grep -v "it/s\]")
+  fi
+  [ -f "$LLAMA8B/config.json" ] && \
+    (cd /tmp && timeout 150 $PY "$OLDPWD/tools/bench_cuda.py" verify "$OUT/verify.json" "$LLAMA8B" | grep -v "^verify {")
 fi
 
 if has harness && [ -f "$LLAMA8B/config.json" ]; then
