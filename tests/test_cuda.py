@@ -597,6 +597,38 @@ def test_decode_step_switches_are_bitwise_neutral(tiny_llama, monkeypatch, kv_he
         assert (lg is None and ld is None) or np.array_equal(lg, ld)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_speculative_steps_recorded_are_bitwise_neutral(tiny_llama, monkeypatch, dtype):
+    """Speculative verify steps (a sequence's last token and its proposals:
+    prefill tiles of a few rows, or in fp32 decode items of one sequence) are
+    recorded as CUDA graphs like decode steps, and the draft model's steps
+    too (its own KV cache, the same backend). With PAGEDRT_CUDA_GRAPHS=0 the
+    tokens and logprobs must be bitwise the same: n-gram proposals on
+    repeating prompts, the model as its own draft, n = 2 sampled forks."""
+    path, _ = tiny_llama(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, dtype=dtype)
+    rng = np.random.default_rng(12)
+    prompts = [(rng.integers(3, 320, size=k).tolist() * 4)[:4 * k] for k in (6, 11, 30)]
+    outs = {}
+    for graphs in ("1", "0"):
+        monkeypatch.setenv("PAGEDRT_CUDA_GRAPHS", graphs)
+        with pagedrt.Runtime(path, device="cuda", dtype=dtype, kv_cache_bytes=64 << 20, draft_model=path,
+                             enable_prefix_caching=False) as rt:
+            got = []
+            for spec in ("ngram", "draft"):
+                for p in prompts:
+                    for _ in range(2):  # the second run replays what the first recorded
+                        c = rt.generate([p], max_tokens=40, ignore_eos=True, temperature=0.0, logprobs=2,
+                                        speculative=spec, num_speculative_tokens=5)[0]
+                        got.append([(o.token_ids, o.logprobs, o.spec_proposed) for o in c.outputs])
+                c = rt.generate([prompts[1]], max_tokens=30, ignore_eos=True, temperature=1.0, seed=3, n=2,
+                                logprobs=1, speculative=spec)[0]
+                got.append([(o.token_ids, o.logprobs, o.spec_proposed) for o in c.outputs])
+            assert rt.stats().blocks_used == 0 and rt.stats().draft_blocks_used == 0
+            outs[graphs] = got
+    assert sum(o[0][2] for o in outs["1"]) > 100  # proposals were verified
+    assert outs["1"] == outs["0"]
+
+
 def test_close_frees_gpu_memory(tiny_llama):
     """close() gives the 2 GiB KV pool and the weights back to the device at
     once (cudaFree), while the Runtime object is still referenced."""

@@ -64,8 +64,10 @@ class CudaBackend final : public Backend {
   Tensor from_host(const Tensor& host) override;
 
   void begin_step(const BatchView& batch) override;
-  // Decode steps of up to kMaxRecordedTokens sequences are recorded into a CUDA
-  // graph per key, the second time the key comes, and replayed
+  // Steps of up to kMaxRecordedTokens tokens, none of whose sequences has more
+  // than kMaxRecordedQuery (decode steps, and speculative verify steps: a
+  // sequence's last token and its proposals), are recorded into a CUDA graph
+  // per key, the second time the key comes, and replayed
   // (PAGEDRT_CUDA_GRAPHS=0 turns this off).
   void run_step(uint64_t key, const std::function<void()>& body) override;
   void embedding(const Tensor& table, Tensor& out) override;
@@ -113,12 +115,14 @@ class CudaBackend final : public Backend {
     bool slots_fit = true;  // every decode item's KV slot fits its int32 (the fused append)
   };
   void plan_attention(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim);
-  // Whether this step may be recorded: graphs on, decode only, few tokens.
+  // Whether this step may be recorded: graphs on, few tokens, few per sequence.
   bool recordable() const;
   void clear_graphs();
-  // (model key, batch arrays, plan arrays, partials, decode items, splits, chunk)
-  using GraphKey = std::tuple<uint64_t, const void*, const void*, const void*, int, int, int>;
+  // (model key, batch arrays, plan arrays, partials, decode items, splits,
+  // chunk, sequences, prefill tiles): everything a recording holds by value
+  using GraphKey = std::tuple<uint64_t, const void*, const void*, const void*, int, int, int, int, int>;
   static constexpr int32_t kMaxRecordedTokens = 64;
+  static constexpr int32_t kMaxRecordedQuery = 17;  // 1 + the most proposals a step verifies (16)
   static constexpr size_t kMaxGraphs = 64;
   template <typename T>
   AttentionParamsT<T> attention_params(const Tensor& qkv, const Tensor& k_cache, const Tensor& v_cache, int64_t H,

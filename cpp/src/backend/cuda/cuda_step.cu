@@ -171,15 +171,18 @@ int64_t CudaBackend::decode_slots(int64_t head_dim) {
 // ---- recorded steps (CUDA graphs) -----------------------------------------------------
 //
 // A decode step of a few sequences is ~10 small kernels and 4 GEMMs per layer:
-// launched one by one, the gaps between them cost ~10% of a batch-1 step. Such
-// steps are recorded once into a CUDA graph per key and replayed with one
-// launch. The key is the model's (its tensors, token and logit counts) plus
+// launched one by one, the gaps between them cost ~10% of a batch-1 step (on
+// a small model, half of it). Such steps, and speculative verify steps (a
+// sequence's last token and its proposals: prefill tiles of a few rows), are
+// recorded once into a CUDA graph per key and replayed with one launch. The key is the model's (its tensors, token and logit counts) plus
 // everything of this backend a recording captures by value: the device
 // addresses of the step's arrays and the attention plan's sizes.
 
 bool CudaBackend::recordable() const {
-  return graphs_enabled_ && host_.num_tokens > 0 && host_.num_tokens == host_.num_seqs &&
-         host_.num_tokens <= kMaxRecordedTokens;
+  if (!graphs_enabled_ || host_.num_tokens <= 0 || host_.num_tokens > kMaxRecordedTokens) return false;
+  for (int32_t i = 0; i < host_.num_seqs; ++i)
+    if (host_.query_start[i + 1] - host_.query_start[i] > kMaxRecordedQuery) return false;
+  return true;
 }
 
 void CudaBackend::run_step(uint64_t key, const std::function<void()>& body) {
@@ -192,7 +195,9 @@ void CudaBackend::run_step(uint64_t key, const std::function<void()>& body) {
                    partials_,
                    plan_info_.decode.num_items,
                    plan_info_.decode.num_splits,
-                   plan_info_.decode.chunk};
+                   plan_info_.decode.chunk,
+                   host_.num_seqs,  // with the two below: which of the fused and unfused attention paths
+                   plan_info_.prefill.num_tiles};
   auto it = graphs_.find(k);
   if (it == graphs_.end()) {
     // A step shape seen for the first time runs directly: recording and
