@@ -27,8 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from workloads import speculative_prompts  # noqa: E402
 
 
-def decode_rate(rt, prompt, max_tokens, spec):
-    rid = rt.submit(prompt, by_id=True, max_tokens=max_tokens, temperature=0.0, speculative=spec)
+def decode_rate(rt, prompt, max_tokens, spec, k=4):
+    rid = rt.submit(prompt, by_id=True, max_tokens=max_tokens, temperature=0.0, speculative=spec,
+                    num_speculative_tokens=k)
     times, tokens, proposed, accepted = [], [], 0, 0
     done = False
     while not done:
@@ -47,13 +48,14 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--draft-model", default=None, help="also time speculative=\"draft\" with this draft model")
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens: proposals a step at most")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import pagedrt
 
     modes = ["ngram"] + (["draft"] if args.draft_model else [])
-    res = {"device": args.device, "max_tokens": args.max_tokens, "rounds": args.rounds, "modes": modes,
+    res = {"device": args.device, "max_tokens": args.max_tokens, "rounds": args.rounds, "modes": modes, "k": args.k,
            "workloads": {}}
     with pagedrt.Runtime(args.model, device=args.device, progress=False, draft_model=args.draft_model) as rt:
         res["model"] = rt.model_path.name
@@ -71,7 +73,7 @@ def main():
                     r0, t0, _, _ = decode_rate(rt, p, args.max_tokens, None)
                     rates[None].append(r0)
                     for m in modes:
-                        r1, t1, pr, ac = decode_rate(rt, p, args.max_tokens, m)
+                        r1, t1, pr, ac = decode_rate(rt, p, args.max_tokens, m, args.k)
                         rates[m].append(r1)
                         prop[m], acc[m], differ[m] = prop[m] + pr, acc[m] + ac, differ[m] + (t0 != t1)
             row = {"plain_tok_s": statistics.median(rates[None])}

@@ -21,11 +21,13 @@
 #            TTFT on the 8B shape with each tile height (ttft_env)
 #   gemm     tools/bench_cuda.py gemm: the 8B projections at M = 1..8192 against the roofline
 #            (engine, cuBLASLt searched, cuBLASLt heuristic, torch)
-#   structured tools/bench_structured.py on SmolLM2 (needs smol): JSON-schema against plain TPOT
+#   structured tools/bench_structured.py on SmolLM2 and on the 8B shape with SmolLM2's tokenizer
+#            ($LLAMA8B_TOK, made here; needs smol): JSON-schema against plain TPOT, mask time
 #   masks    tools/bench_masks.py on SmolLM2 (needs smol): llguidance's mask cost per row, serial and
 #            on its executor with 1..16 threads, on replayed JSON answers (the host's cores)
 #   spec     speculative decoding: tools/bench_speculative.py on SmolLM2 (needs smol), GPU (n-gram, and
-#            SmolLM2 as its own draft) and this machine's CPU (n-gram); tools/bench_cuda.py verify on
+#            SmolLM2 as its own draft) and this machine's CPU (n-gram), for each k in $SPEC_K
+#            (num_speculative_tokens, default "4 8"); tools/bench_cuda.py verify on
 #            the 8B shape (a verify step of 1 + k positions, k = 0..8, against batch-1 TPOT)
 #   serve    tools/bench_serve.py on the 8B shape: pagedrt-serve against in-process, 64 streams
 #            (its dependencies' wheels carried in .whl/serve/)
@@ -45,6 +47,8 @@ OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
 WORK=${WORK:-/tmp/gpu_check}
 LLAMA8B=${LLAMA8B:-/tmp/llama8b}
+LLAMA8B_TOK=${LLAMA8B_TOK:-/tmp/llama8b_smoltok}
+SPEC_K=${SPEC_K:-4 8}
 STASH=${STASH:-/root/stash}
 BUDGET_S=${BUDGET_S:-570}
 mkdir -p "$WORK" "$STASH"
@@ -170,17 +174,23 @@ if has serve && [ -f "$LLAMA8B/config.json" ]; then
   # into a folder of their own so that the machine's packages stay as they are
   ls .whl/serve/*.whl >/dev/null 2>&1 && \
     $PY -m pip install -q --no-deps --no-index --target "$WORK/serve_site" .whl/serve/*.whl 2>&1 | tail -2
-  (cd /tmp && PYTHONPATH="$WORK/serve_site${PYTHONPATH:+:$PYTHONPATH}" timeout $(( $(left) - 20 > 30 ? $(left) - 20 : 30 )) \
+  (cd /tmp && PYTHONPATH="$WORK/serve_site${PYTHONPATH:+:$PYTHONPATH}" timeout 200 \
      $PY "$OLDPWD/tools/bench_serve.py" --model "$LLAMA8B" --device cuda --clients 64 --rounds 3 \
      --json "$OUT/serve_overhead.json" 2>&1 | grep -v "it/s\]")
 fi
 
 if has structured && [ -d "$WORK/smolpkg" ]; then
   stage structured
-  # JSON-schema TPOT against unconstrained on the GPU (SmolLM2: the 8B stand-in has no tokenizer);
+  # JSON-schema TPOT against unconstrained on the GPU: SmolLM2, and the 8B shape with SmolLM2's
+  # tokenizer ($LLAMA8B_TOK, made here: random weights, a forward of the 8B's cost);
   # llguidance's wheel from .whl/ (the build stage installs it)
-  (cd /tmp && PYTHONPATH="$WORK/smolpkg${PYTHONPATH:+:$PYTHONPATH}" timeout $(( $(left) - 20 > 30 ? $(left) - 20 : 30 )) \
-     $PY "$OLDPWD/tools/bench_structured.py" --device cuda --rounds 3 --json "$OUT/structured.json" 2>&1 | grep -v "it/s\]")
+  export PYTHONPATH="$WORK/smolpkg${PYTHONPATH:+:$PYTHONPATH}"
+  (cd /tmp && timeout 120 $PY "$OLDPWD/tools/bench_structured.py" --device cuda --rounds 3 \
+     --json "$OUT/structured.json" 2>&1 | grep -v "it/s\]")
+  SMOL=$(cd /tmp && $PY -c "import pagedrt; print(pagedrt.default_model(progress=False))")
+  [ -f "$LLAMA8B_TOK/config.json" ] || timeout 200 $PY tools/make_random_llama.py "$LLAMA8B_TOK" --tokenizer-from "$SMOL"
+  (cd /tmp && timeout $(( $(left) - 20 > 30 ? $(left) - 20 : 30 )) $PY "$OLDPWD/tools/bench_structured.py" \
+     --model "$LLAMA8B_TOK" --device cuda --rounds 3 --json "$OUT/structured_8b.json" 2>&1 | grep -v "it/s\]")
 fi
 
 if has masks && [ -d "$WORK/smolpkg" ]; then
@@ -194,10 +204,12 @@ if has spec; then
   if [ -d "$WORK/smolpkg" ]; then
     export PYTHONPATH="$WORK/smolpkg${PYTHONPATH:+:$PYTHONPATH}"
     SMOL=$(cd /tmp && $PY -c "import pagedrt; print(pagedrt.default_model(progress=False))")
-    (cd /tmp && timeout 200 $PY "$OLDPWD/tools/bench_speculative.py" --device cuda --rounds 3 --draft-model "$SMOL" \
-       --json "$OUT/speculative_gpu.json" 2>&1 | grep -v "it/s\]")
-    (cd /tmp && timeout 150 $PY "$OLDPWD/tools/bench_speculative.py" --device cpu --rounds 1 \
-       --json "$OUT/speculative_cpu_host.json" 2>&1 | grep -v "it/s\]")
+    for k in $SPEC_K; do
+      (cd /tmp && timeout 200 $PY "$OLDPWD/tools/bench_speculative.py" --device cuda --rounds 3 --k $k \
+         --draft-model "$SMOL" --json "$OUT/speculative_gpu_k$k.json" 2>&1 | grep -v "it/s\]")
+      (cd /tmp && timeout 150 $PY "$OLDPWD/tools/bench_speculative.py" --device cpu --rounds 1 --k $k \
+         --json "$OUT/speculative_cpu_host_k$k.json" 2>&1 | grep -v "it/s\]")
+    done
   fi
   [ -f "$LLAMA8B/config.json" ] && \
     (cd /tmp && timeout 150 $PY "$OLDPWD/tools/bench_cuda.py" verify "$OUT/verify.json" "$LLAMA8B" | grep -v "^verify {")

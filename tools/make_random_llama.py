@@ -4,6 +4,9 @@ on the values): config.json, sharded model-*.safetensors and the index.
 
     python tools/make_random_llama.py OUT_DIR                 # Llama-3-8B shape
     python tools/make_random_llama.py OUT_DIR --layers 2      # same widths, 2 layers
+    python tools/make_random_llama.py OUT_DIR --tokenizer-from MODEL_DIR
+        # the 8B widths with another model's tokenizer (its files, vocab size and special
+        # ids): text prompts, chat templates and structured output on a model of that size
 
 Weights are N(0, 0.02) (norms 1), drawn with a fixed seed by torch (on the GPU
 when there is one); one shard per layer, so memory stays at one layer.
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import shutil
 import time
 
 PRESETS = {
@@ -30,6 +34,8 @@ def main() -> None:
     ap.add_argument("--preset", default="llama3-8b", choices=sorted(PRESETS))
     ap.add_argument("--layers", type=int, default=None, help="override num_hidden_layers")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tokenizer-from", type=pathlib.Path, default=None, metavar="MODEL_DIR",
+                    help="take this model folder's tokenizer files, vocab size and bos/eos ids")
     args = ap.parse_args()
 
     import torch
@@ -38,6 +44,11 @@ def main() -> None:
     cfg = dict(PRESETS[args.preset])
     if args.layers is not None:
         cfg["num_hidden_layers"] = args.layers
+    special = dict(bos_token_id=128000, eos_token_id=128001)
+    if args.tokenizer_from is not None:
+        src = json.loads((args.tokenizer_from / "config.json").read_text())
+        cfg["vocab_size"] = src["vocab_size"]
+        special = {k: src[k] for k in special if k in src}
     H, Hkv, hidden = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["hidden_size"]
     D, inter, vocab = hidden // H, cfg["intermediate_size"], cfg["vocab_size"]
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -75,10 +86,14 @@ def main() -> None:
     shard("model-head.safetensors", {"model.norm.weight": ones(hidden), "lm_head.weight": rand(vocab, hidden)})
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
     config = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
-                  rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=128000,
-                  eos_token_id=128001, torch_dtype="bfloat16", attention_bias=False, mlp_bias=False,
-                  head_dim=D, **cfg)
+                  rms_norm_eps=1e-5, tie_word_embeddings=False, torch_dtype="bfloat16",
+                  attention_bias=False, mlp_bias=False, head_dim=D, **special, **cfg)
     (out / "config.json").write_text(json.dumps(config, indent=1))
+    if args.tokenizer_from is not None:
+        for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                     "generation_config.json"):
+            if (args.tokenizer_from / name).is_file():
+                shutil.copy(args.tokenizer_from / name, out / name)
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     print(f"wrote {out}: {L} layers, {size / 1e9:.2f} GB in {time.time() - t0:.1f} s")
 

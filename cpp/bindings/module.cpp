@@ -278,6 +278,10 @@ NB_MODULE(_core, m) {
       .ro("generated_tokens", &pagedrt::Stats::generated_tokens)
       .ro("spec_proposed", &pagedrt::Stats::spec_proposed)
       .ro("spec_accepted", &pagedrt::Stats::spec_accepted)
+      .ro("mask_steps", &pagedrt::Stats::mask_steps)
+      .ro("mask_rows", &pagedrt::Stats::mask_rows)
+      .ro("mask_seconds", &pagedrt::Stats::mask_seconds)
+      .ro("mask_wait_seconds", &pagedrt::Stats::mask_wait_seconds)
       .ro("draft_kv_cache_bytes", &pagedrt::Stats::draft_kv_cache_bytes)
       .ro("draft_blocks_used", &pagedrt::Stats::draft_blocks_used);
 

@@ -32,6 +32,14 @@ struct Stats {
   int64_t generated_tokens = 0;    // since start
   int64_t spec_proposed = 0;       // speculative decoding: proposed tokens verified, since start
   int64_t spec_accepted = 0;       // of those, accepted
+  // Structured output (masked requests), since start: steps that filled
+  // masks, the rows filled, the masks' wall time on their helper thread (the
+  // provider's whole call, from the step's start), and how long steps waited
+  // for them after their forward (the part the forward did not hide).
+  int64_t mask_steps = 0;
+  int64_t mask_rows = 0;
+  double mask_seconds = 0.0;
+  double mask_wait_seconds = 0.0;
   int64_t draft_kv_cache_bytes = 0;  // the draft model's KV pool (RuntimeConfig::draft_model), else 0
   int64_t draft_blocks_used = 0;   // its blocks referenced by a running sequence's shadow
 };

@@ -7,6 +7,9 @@
 #include "pagedrt/error.hpp"
 
 namespace pagedrt {
+namespace {
+double now_s() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
+}  // namespace
 
 Engine::Engine(std::shared_ptr<Backend> backend, std::unique_ptr<LlamaModel> model, KvCache kv,
                const EngineConfig& config, DraftModel draft)
@@ -116,14 +119,16 @@ void Engine::loop() {
 struct Engine::PendingMasks {
   std::vector<uint32_t> words;
   std::vector<MaskRow> rows;
-  std::future<void> filling;
+  std::future<double> filling;  // the fill's end (steady clock, seconds)
+  double start = 0.0, end = 0.0;
   StepMasks masks;
   // Waits for the helper thread (also when the forward failed: it writes into `words`).
   void wait() {
     if (!filling.valid()) return;
     try {
-      filling.get();
+      end = filling.get();
     } catch (const std::exception& e) {
+      end = now_s();
       masks.error = e.what();
       std::fill(words.begin(), words.end(), 0u);  // its rows allow nothing: they end with the error
     }
@@ -155,7 +160,11 @@ void Engine::start_masks(const SchedulerOutput& step, PendingMasks& pm) {
     pm.masks.error = "no TokenMaskProvider is set";
     return;
   }
-  pm.filling = std::async(std::launch::async, [&pm, provider, vocab] { provider->fill(pm.rows, vocab); });
+  pm.start = now_s();
+  pm.filling = std::async(std::launch::async, [&pm, provider, vocab] {
+    provider->fill(pm.rows, vocab);
+    return now_s();
+  });
 }
 
 void Engine::propose_drafts() {
@@ -189,7 +198,10 @@ void Engine::step() {
     pm.wait();
     return fail_step(step, e.what());
   }
+  const double forward_end = now_s();
   pm.wait();
+  if (pm.start > 0.0)  // masks were filled for this step
+    stats_.count_masks(static_cast<int64_t>(pm.rows.size()), pm.end - pm.start, std::max(0.0, pm.end - forward_end));
   int64_t prompt_tokens = 0;
   for (const ScheduledSeq& s : step.scheduled)
     prompt_tokens += std::max<int64_t>(
@@ -248,7 +260,7 @@ void Engine::shutdown() {
 // ---- request lifetimes --------------------------------------------------------------
 
 void Engine::push_event(Event ev) {
-  ev.time = std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+  ev.time = now_s();
   outbox_.push(std::move(ev));
 }
 

@@ -15,8 +15,7 @@ OutputProcessor::OutputProcessor(const OutputConfig& config, KvCacheManager& kv,
 bool OutputProcessor::greedy_only(const SchedulerOutput& step) const {
   for (const ScheduledSeq& s : step.scheduled) {
     const SamplingParams& p = s.req->params;
-    if (p.return_logits || p.prompt_logprobs || p.masked || p.is_beam_search() || p.logprobs || p.n != 1 ||
-        s.seq->num_draft > 0)
+    if (p.return_logits || p.prompt_logprobs || p.masked || p.is_beam_search() || p.logprobs || p.n != 1)
       return false;
     if (p.temperature != 0.0f || Sampler::needs_processing(p, s.req->num_generated(*s.seq))) return false;
   }
@@ -211,6 +210,17 @@ void OutputProcessor::verify(const ScheduledSeq& sc, const LogitsSlice& slice, c
   std::vector<Pick> picks;
   int32_t accepted = 0;
   for (int32_t i = 0; i <= k; ++i) {
+    if (out.argmax != nullptr) {  // plain greedy (greedy_only): the device's picks, no logits
+      Pick pick;
+      pick.req = &r;
+      pick.seq = &s;
+      pick.token = out.argmax[slice.first_row + i];
+      s.tokens.push_back(pick.token);
+      picks.push_back(std::move(pick));
+      if (i == k || s.tokens.back() != draft[i]) break;
+      ++accepted;
+      continue;
+    }
     const float* raw = out.row(slice.first_row + i);
     const float* logits = raw;
     if (Sampler::needs_processing(p, r.num_generated(s))) {  // s.tokens: the tokens before position P + i + 1

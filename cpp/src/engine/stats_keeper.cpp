@@ -35,6 +35,14 @@ void StatsKeeper::count_speculative(int64_t proposed, int64_t accepted) {
   stats_.spec_accepted += accepted;
 }
 
+void StatsKeeper::count_masks(int64_t rows, double seconds, double wait_seconds) {
+  std::lock_guard<std::mutex> lk(mu_);
+  stats_.mask_steps += 1;
+  stats_.mask_rows += rows;
+  stats_.mask_seconds += seconds;
+  stats_.mask_wait_seconds += wait_seconds;
+}
+
 void StatsKeeper::publish(const BlockPool& pool, const KvCacheManager& kv, const Scheduler& scheduler,
                           const Drafter* drafter) {
   const double now = std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();

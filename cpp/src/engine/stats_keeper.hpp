@@ -30,6 +30,7 @@ class StatsKeeper {
   void count_step(int64_t preemptions, int64_t prompt_tokens);
   void count_generated(int64_t tokens);
   void count_speculative(int64_t proposed, int64_t accepted);
+  void count_masks(int64_t rows, double seconds, double wait_seconds);
   // The pool, the prefix cache and the queues as they are now; the peaks.
   // `drafter`: null without a draft model.
   void publish(const BlockPool& pool, const KvCacheManager& kv, const Scheduler& scheduler, const Drafter* drafter);
