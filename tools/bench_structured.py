@@ -26,6 +26,7 @@ SCHEMA = {"type": "object", "properties": {
 
 
 def run(rt, prompts, **kw):
+    before = rt.stats()
     ids = [rt.submit(p, by_id=True, **kw) for p in prompts]
     times = {rid: [] for rid in ids}
     pending = set(ids)
@@ -37,7 +38,18 @@ def run(rt, prompts, **kw):
                 pending.discard(ev.request_id)
     wall = time.perf_counter() - t0
     tpots = [(t[-1] - t[0]) / (len(t) - 1) for t in times.values() if len(t) > 1]
-    return {"tpot_ms": 1e3 * statistics.mean(tpots), "tokens": sum(len(t) for t in times.values()), "wall_s": wall}
+    after = rt.stats()
+    steps = max(after.num_steps - before.num_steps, 1)
+    return {"tpot_ms": 1e3 * statistics.mean(tpots), "tokens": sum(len(t) for t in times.values()), "wall_s": wall,
+            "steps": steps, "wall_ms_per_step": 1e3 * wall / steps,
+            "forward_ms_per_step": 1e3 * (after.forward_seconds - before.forward_seconds) / steps,
+            "output_ms_per_step": 1e3 * (after.output_seconds - before.output_seconds) / steps,
+            "mask_wait_ms_per_step": 1e3 * (after.mask_wait_seconds - before.mask_wait_seconds) / steps}
+
+
+def breakdown(r):
+    return (f"{r['steps']} steps of {r['wall_ms_per_step']:.2f} ms: forward {r['forward_ms_per_step']:.2f}, "
+            f"waiting for masks {r['mask_wait_ms_per_step']:.2f}, outputs {r['output_ms_per_step']:.2f}")
 
 
 def main():
@@ -47,11 +59,14 @@ def main():
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="Runtime num_threads (on CUDA: the host sampler's threads; 0: all cores)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import pagedrt
 
-    rt = pagedrt.Runtime(args.model, device=args.device, max_num_seqs=max(64, args.requests))
+    rt = pagedrt.Runtime(args.model, device=args.device, max_num_seqs=max(64, args.requests),
+                         num_threads=args.threads)
     prompts = [[{"role": "user", "content": f"Invent person number {i} and describe them as JSON."}]
                for i in range(args.requests)]
     res = {"device": rt.model_info.device, "model": str(rt.model_path), "requests": args.requests,
@@ -79,6 +94,7 @@ def main():
               f"provider ({s['mask_us_per_row']:.0f} us per row), {s['mask_wall_ms_per_step']:.2f} ms on the "
               f"helper thread, {s['mask_wait_ms_per_step']:.2f} ms not hidden by the forward "
               f"({100 * s['mask_overlap']:.0f}% overlapped)", flush=True)
+        print(f"  plain: {breakdown(p)}\n  json_schema: {breakdown(s)}", flush=True)
     ratios = [s["tpot_ms"] / p["tpot_ms"] for p, s in zip(res["plain"], res["json_schema"])]
     res["tpot_ratio_median"] = statistics.median(ratios)
     print(f"json_schema / plain TPOT, median of {args.rounds}: {res['tpot_ratio_median']:.3f}")

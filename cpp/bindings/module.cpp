@@ -278,6 +278,8 @@ NB_MODULE(_core, m) {
       .ro("generated_tokens", &pagedrt::Stats::generated_tokens)
       .ro("spec_proposed", &pagedrt::Stats::spec_proposed)
       .ro("spec_accepted", &pagedrt::Stats::spec_accepted)
+      .ro("forward_seconds", &pagedrt::Stats::forward_seconds)
+      .ro("output_seconds", &pagedrt::Stats::output_seconds)
       .ro("mask_steps", &pagedrt::Stats::mask_steps)
       .ro("mask_rows", &pagedrt::Stats::mask_rows)
       .ro("mask_seconds", &pagedrt::Stats::mask_seconds)

@@ -28,6 +28,8 @@ struct Stats {
   int64_t num_running = 0;
   int64_t num_preemptions = 0;     // since start
   int64_t num_steps = 0;           // engine steps since start
+  double forward_seconds = 0.0;    // since start: the steps' forwards (batch to logits or picks on the host)
+  double output_seconds = 0.0;     // since start: the steps' output processing (sampling, stop rules, events)
   int64_t prompt_tokens = 0;       // computed since start
   int64_t generated_tokens = 0;    // since start
   int64_t spec_proposed = 0;       // speculative decoding: proposed tokens verified, since start

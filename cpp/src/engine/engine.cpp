@@ -192,6 +192,7 @@ void Engine::step() {
   PendingMasks pm;
   start_masks(step, pm);
   ModelOutput out;
+  const double forward_start = now_s();
   try {
     out = runner_.run(step, device_greedy);
   } catch (const std::exception& e) {
@@ -206,8 +207,10 @@ void Engine::step() {
   for (const ScheduledSeq& s : step.scheduled)
     prompt_tokens += std::max<int64_t>(
         0, std::min<int64_t>(s.req->prompt_len, s.seq->num_computed + s.num_new_tokens) - s.seq->num_computed);
-  stats_.count_step(static_cast<int64_t>(step.preempted.size()), prompt_tokens);
+  stats_.count_step(static_cast<int64_t>(step.preempted.size()), prompt_tokens, forward_end - forward_start);
+  const double output_start = now_s();
   outputs_.process(step, out, pm.masks);
+  stats_.count_output(now_s() - output_start);
 }
 
 void Engine::fail_step(const SchedulerOutput& step, const std::string& what) {

@@ -17,11 +17,17 @@ Stats StatsKeeper::get() const {
   return stats_;
 }
 
-void StatsKeeper::count_step(int64_t preemptions, int64_t prompt_tokens) {
+void StatsKeeper::count_step(int64_t preemptions, int64_t prompt_tokens, double forward_seconds) {
   std::lock_guard<std::mutex> lk(mu_);
   stats_.num_steps += 1;
+  stats_.forward_seconds += forward_seconds;
   stats_.num_preemptions += preemptions;
   stats_.prompt_tokens += prompt_tokens;
+}
+
+void StatsKeeper::count_output(double seconds) {
+  std::lock_guard<std::mutex> lk(mu_);
+  stats_.output_seconds += seconds;
 }
 
 void StatsKeeper::count_generated(int64_t tokens) {

@@ -27,7 +27,8 @@ class StatsKeeper {
   explicit StatsKeeper(const KvCache& kv);
 
   Stats get() const;
-  void count_step(int64_t preemptions, int64_t prompt_tokens);
+  void count_step(int64_t preemptions, int64_t prompt_tokens, double forward_seconds);
+  void count_output(double seconds);
   void count_generated(int64_t tokens);
   void count_speculative(int64_t proposed, int64_t accepted);
   void count_masks(int64_t rows, double seconds, double wait_seconds);
