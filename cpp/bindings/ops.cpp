@@ -15,6 +15,7 @@
 
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
@@ -34,6 +35,7 @@ namespace {
 using F32In = nb::ndarray<const float, nb::c_contig, nb::device::cpu>;
 using I32In = nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 using I64In = nb::ndarray<const int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using U32In2 = nb::ndarray<const uint32_t, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
 using F32Out = nb::ndarray<nb::numpy, float>;
 
 std::vector<int64_t> shape_of(const F32In& a) {
@@ -165,12 +167,20 @@ class Ops {
     return back(out);
   }
   // The backend's greedy pick per row of fp32 logits (backends with has_argmax()).
-  std::vector<int32_t> argmax(F32In logits) {
+  // With masks (num_masks, (vocab + 31) / 32) uint32 and mask_of_row (rows; -1: none): the masked pick.
+  std::vector<int32_t> argmax(F32In logits, std::optional<U32In2> masks, std::optional<I32In> mask_of_row) {
     if (!b_->has_argmax())
       throw pagedrt::Error(pagedrt::ErrorKind::Unsupported, "argmax: this backend picks on the host");
     Tensor l = put(logits, ScalarType::F32);
     std::vector<int32_t> out(static_cast<size_t>(l.dim(0)));
-    b_->argmax(l, l.dim(0), out.data());
+    pagedrt::RowMasks rm;
+    if (masks && mask_of_row) {
+      rm.mask_of_row = mask_of_row->data();
+      rm.words = masks->data();
+      rm.num_masks = static_cast<int32_t>(masks->shape(0));
+      rm.words_per_row = static_cast<int64_t>(masks->shape(1));
+    }
+    b_->argmax(l, l.dim(0), out.data(), rm);
     return out;
   }
   // Seconds per paged_attention call: `iters` calls queued back to back, after a warm-up.
@@ -360,5 +370,5 @@ void register_ops(nb::module_& m) {
            "num_heads"_a, "num_kv_heads"_a, "head_dim"_a, "scale"_a, "iters"_a)
       .def("time_linear", &Ops::time_linear, "n"_a, "m"_a, "k"_a, "out_f32"_a, "iters"_a, "impl"_a)
       .def("copy_blocks", &Ops::copy_blocks, "cache"_a, "pairs"_a)
-      .def("argmax", &Ops::argmax, "logits"_a);
+      .def("argmax", &Ops::argmax, "logits"_a, "masks"_a = nb::none(), "mask_of_row"_a = nb::none());
 }

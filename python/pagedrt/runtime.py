@@ -153,7 +153,9 @@ class Runtime:
         max_num_batched_tokens [2048]: tokens per engine step at most (chunked prefill).
         max_model_len [0]: prompt plus output tokens at most (0: the model's limit).
         enable_prefix_caching [True]: share identical prompt prefixes between requests.
-        num_threads [0]: CPU threads (0: all cores).
+        num_threads [0]: CPU threads (0: all cores); on CUDA, the host
+            sampler's threads (0: at most 4, leaving the other cores to
+            structured output's mask threads).
         deterministic [None]: batch-invariant results: a request's logits have
             the same bits whatever else is in its steps, however its prompt is
             chunked or cached, after preemption, with any number of CPU threads

@@ -52,7 +52,8 @@ struct RuntimeConfig {
   int32_t max_num_batched_tokens = 2048;  // token budget of one step
   int32_t max_model_len = 0;       // prompt + output at most; 0 = the model's max positions
   bool enable_prefix_caching = true;
-  int32_t num_threads = 0;         // CPU threads; 0 = all cores
+  int32_t num_threads = 0;         // CPU threads (on CUDA: the host sampler's); 0 = all cores
+                                   // (on CUDA: 4 at most, leaving cores to structured output's masks)
   // Batch-invariant results: a sequence's logits have the same bits whatever
   // else runs in its steps, however its prompt is chunked, cached or
   // recomputed after preemption (docs/determinism.md). Unset: the device's

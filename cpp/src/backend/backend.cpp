@@ -22,7 +22,7 @@ void Backend::linear_silu_mul(const Tensor& x, const Tensor& gate_up_weight, int
   silu_mul(gate_up, n, out);
 }
 
-void Backend::argmax(const Tensor&, int64_t, int32_t*) {
+void Backend::argmax(const Tensor&, int64_t, int32_t*, const RowMasks&) {
   throw Error(ErrorKind::Unsupported, "this backend has no device argmax (check has_argmax())");
 }
 

@@ -35,6 +35,16 @@ struct BatchView {
   const int32_t* logits_indices = nullptr;  // (num_logits) rows of the batch whose logits are needed
 };
 
+// Allowed-token masks of some logits rows, for Backend::argmax: row r may
+// pick token t only if bit t % 32 of words[mask_of_row[r] * words_per_row +
+// t / 32] is set; mask_of_row[r] < 0: no mask. Host memory, valid during the call.
+struct RowMasks {
+  const int32_t* mask_of_row = nullptr;  // (rows) or null: no row masked
+  const uint32_t* words = nullptr;       // (num_masks, words_per_row)
+  int32_t num_masks = 0;
+  int64_t words_per_row = 0;
+};
+
 // A checkpoint tensor for load_weight: its bytes (a mapped file, valid during
 // the call) and what they hold. The model makes these from the safetensors
 // reader; the backends know nothing of files.
@@ -137,10 +147,12 @@ class Backend {
   virtual void to_host(const Tensor& src, int64_t numel, float* dst) = 0;
   // Greedy picks without the logits leaving the device: out[i] (host) = the
   // first index of the largest value of row i of logits (rows, vocab) F32, NaN
-  // never chosen over a number; waits for it. Backends without it (the CPU,
-  // where the logits are host memory already) say so with has_argmax().
+  // never chosen over a number; waits for it. With `masks`, row i's tokens
+  // whose bit is clear count as -inf first (structured output), as the host
+  // sampler's Sampler::apply_mask does. Backends without it (the CPU, where
+  // the logits are host memory already) say so with has_argmax().
   virtual bool has_argmax() const { return false; }
-  virtual void argmax(const Tensor& logits, int64_t rows, int32_t* out);
+  virtual void argmax(const Tensor& logits, int64_t rows, int32_t* out, const RowMasks& masks = {});
 };
 
 }  // namespace pagedrt

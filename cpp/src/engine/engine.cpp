@@ -187,20 +187,30 @@ void Engine::step() {
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
     return;
   }
-  // Every sampled row plain greedy: only the device's picks cross to the host.
+  // Every sampled row plain greedy: only the device's picks cross to the host
+  // (structured output's rows too: their masks go to the device instead, once
+  // the helper thread has them).
   const bool device_greedy = runner_.has_device_argmax() && outputs_.greedy_only(step);
   PendingMasks pm;
   start_masks(step, pm);
+  const bool defer_picks = device_greedy && !pm.rows.empty();
   ModelOutput out;
   const double forward_start = now_s();
   try {
-    out = runner_.run(step, device_greedy);
+    out = runner_.run(step, device_greedy, defer_picks);
   } catch (const std::exception& e) {
     pm.wait();
     return fail_step(step, e.what());
   }
   const double forward_end = now_s();
   pm.wait();
+  if (defer_picks) {
+    try {
+      pick_masked(step, out, pm);
+    } catch (const std::exception& e) {
+      return fail_step(step, e.what());
+    }
+  }
   if (pm.start > 0.0)  // masks were filled for this step
     stats_.count_masks(static_cast<int64_t>(pm.rows.size()), pm.end - pm.start, std::max(0.0, pm.end - forward_end));
   int64_t prompt_tokens = 0;
@@ -211,6 +221,26 @@ void Engine::step() {
   const double output_start = now_s();
   outputs_.process(step, out, pm.masks);
   stats_.count_output(now_s() - output_start);
+}
+
+void Engine::pick_masked(const SchedulerOutput& step, ModelOutput& out, const PendingMasks& pm) {
+  const int64_t words = (runner_.vocab_size() + 31) / 32;
+  std::vector<int32_t> mask_of_row(static_cast<size_t>(out.slices->empty() ? 0 : out.slices->back().first_row +
+                                                                                     out.slices->back().num_rows),
+                                   -1);
+  for (size_t i = 0; i < step.scheduled.size(); ++i) {
+    const auto m = pm.masks.by_seq.find(step.scheduled[i].seq);
+    const LogitsSlice& slice = (*out.slices)[i];
+    if (m == pm.masks.by_seq.end() || !slice.samples) continue;
+    mask_of_row[static_cast<size_t>(slice.first_row + slice.num_rows - 1)] =
+        static_cast<int32_t>((m->second - pm.words.data()) / words);
+  }
+  RowMasks masks;
+  masks.mask_of_row = mask_of_row.data();
+  masks.words = pm.words.data();
+  masks.num_masks = static_cast<int32_t>(pm.rows.size());
+  masks.words_per_row = words;
+  runner_.pick(out, masks);
 }
 
 void Engine::fail_step(const SchedulerOutput& step, const std::string& what) {

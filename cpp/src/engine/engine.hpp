@@ -115,6 +115,9 @@ class Engine final : private OutputSink {
   // thread (the forward runs meanwhile); wait() before the outputs use them.
   struct PendingMasks;
   void start_masks(const SchedulerOutput& step, PendingMasks& pm);
+  // Greedy picks on the device for a step whose forward left its logits there
+  // (ModelRunner::run with defer_picks), its masked rows masked.
+  void pick_masked(const SchedulerOutput& step, ModelOutput& out, const PendingMasks& pm);
   void finish_beams(Request& r, std::vector<Event> finals) override;
   // Ends every live sequence of a request (abort, error, shutdown).
   void finish_request(Request& r, FinishReason reason, const std::string& error = "");

@@ -5,7 +5,7 @@ namespace pagedrt {
 ModelRunner::ModelRunner(std::shared_ptr<Backend> backend, std::unique_ptr<LlamaModel> model, KvCache kv)
     : backend_(std::move(backend)), model_(std::move(model)), kv_(std::move(kv)) {}
 
-ModelOutput ModelRunner::run(const SchedulerOutput& step, bool device_greedy) {
+ModelOutput ModelRunner::run(const SchedulerOutput& step, bool device_greedy, bool defer_picks) {
   batch_.build(step, static_cast<int32_t>(kv_.block_size));
   const BatchView& view = batch_.view();
   ModelOutput out;
@@ -21,12 +21,22 @@ ModelOutput ModelRunner::run(const SchedulerOutput& step, bool device_greedy) {
       backend_->copy_blocks(kv_.k[l], step.copies);
       backend_->copy_blocks(kv_.v[l], step.copies);
     }
+  if (device_greedy && defer_picks) {
+    model_->forward(view, kv_, nullptr, nullptr);  // the logits stay on the device for pick()
+    return out;
+  }
   model_->forward(view, kv_, logits_.data(), device_greedy ? argmax_.data() : nullptr);
   if (device_greedy)
     out.argmax = argmax_.data();
   else
     out.logits = logits_.data();
   return out;
+}
+
+void ModelRunner::pick(ModelOutput& out, const RowMasks& masks) {
+  const int64_t rows = batch_.view().num_logits;
+  model_->pick(rows, argmax_.data(), masks);
+  out.argmax = argmax_.data();
 }
 
 void ModelRunner::release() {

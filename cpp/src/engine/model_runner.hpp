@@ -40,9 +40,13 @@ class ModelRunner {
   // Can the device pick greedy tokens itself (only their ids come back)?
   bool has_device_argmax() const { return backend_->has_argmax(); }
   // Runs one step. `device_greedy` (needs has_device_argmax()): every sampled
-  // row is plain greedy, so only the picks leave the device. Throws what the
-  // backend throws; nothing of the step is then valid.
-  ModelOutput run(const SchedulerOutput& step, bool device_greedy);
+  // row is plain greedy, so only the picks leave the device; with
+  // `defer_picks` they are made by pick(), once the rows' token masks are
+  // known (the forward runs meanwhile). Throws what the backend throws;
+  // nothing of the step is then valid.
+  ModelOutput run(const SchedulerOutput& step, bool device_greedy, bool defer_picks = false);
+  // The deferred picks of the last run(): sets out.argmax.
+  void pick(ModelOutput& out, const RowMasks& masks);
 
   const KvCache& kv() const { return kv_; }
   int64_t vocab_size() const { return model_->config().vocab_size; }

@@ -15,7 +15,7 @@ OutputProcessor::OutputProcessor(const OutputConfig& config, KvCacheManager& kv,
 bool OutputProcessor::greedy_only(const SchedulerOutput& step) const {
   for (const ScheduledSeq& s : step.scheduled) {
     const SamplingParams& p = s.req->params;
-    if (p.return_logits || p.prompt_logprobs || p.masked || p.is_beam_search() || p.logprobs || p.n != 1)
+    if (p.return_logits || p.prompt_logprobs || p.is_beam_search() || p.logprobs || p.n != 1)
       return false;
     if (p.temperature != 0.0f || Sampler::needs_processing(p, s.req->num_generated(*s.seq))) return false;
   }
@@ -49,7 +49,9 @@ void OutputProcessor::process(const SchedulerOutput& step, const ModelOutput& ou
       pick.seq = q;
       pick.row = out.row(last);
       if (m != masks.by_seq.end()) pick.mask = m->second;
-      if (out.argmax) pick.token = out.argmax[last];
+      if (out.argmax) {  // picked on the device (a masked row: with its mask, when it allows a token)
+        pick.token = pick.mask && !Sampler::mask_allows_any(pick.mask, out.vocab) ? -1 : out.argmax[last];
+      }
       picks.push_back(std::move(pick));
     }
   }

@@ -66,7 +66,8 @@ class OutputProcessor {
   OutputProcessor(const OutputConfig& config, KvCacheManager& kv, OutputSink& sink);
 
   // Every scheduled sequence samples plain greedy (no processing, logprobs,
-  // returned logits, beams or n > 1): the device may pick the tokens.
+  // returned logits, beams or n > 1): the device may pick the tokens (a
+  // structured-output row's with its mask; speculative rows' each).
   bool greedy_only(const SchedulerOutput& step) const;
   // Applies one step's results (see above).
   void process(const SchedulerOutput& step, const ModelOutput& out, const StepMasks& masks);

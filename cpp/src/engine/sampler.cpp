@@ -160,6 +160,14 @@ int32_t draw(Rng& rng, const std::vector<double>& prob, const std::vector<int32_
 
 }  // namespace
 
+bool Sampler::mask_allows_any(const uint32_t* mask, int64_t vocab) {
+  const int64_t full = vocab / 32;
+  for (int64_t w = 0; w < full; ++w)
+    if (mask[w] != 0) return true;
+  const int64_t rest = vocab % 32;
+  return rest != 0 && (mask[full] & ((1u << rest) - 1u)) != 0;
+}
+
 int32_t Sampler::greedy(const float* logits, int64_t vocab) {
   return static_cast<int32_t>(first_argmax(logits, vocab));
 }

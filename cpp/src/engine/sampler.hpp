@@ -30,6 +30,8 @@ class Sampler {
   // Every token `mask` ((vocab + 31) / 32 words, bit t: token t allowed) does
   // not allow gets logit -inf; false when it allows none.
   static bool apply_mask(float* logits, int64_t vocab, const uint32_t* mask);
+  // Whether `mask` allows any token of the vocabulary.
+  static bool mask_allows_any(const uint32_t* mask, int64_t vocab);
 
   // Step 4 on processed logits. `scratch` is reused between calls.
   static int32_t pick(const float* logits, int64_t vocab, const SamplingParams& params, Rng& rng,

@@ -166,8 +166,12 @@ void LlamaModel::forward(const BatchView& batch, KvCache& kv, float* logits, int
   if (batch.num_logits == 0) return;
   if (argmax != nullptr)
     backend_.argmax(ws_.logits, batch.num_logits, argmax);
-  else
+  else if (logits != nullptr)
     backend_.to_host(ws_.logits, batch.num_logits * cfg_.vocab_size, logits);
+}
+
+void LlamaModel::pick(int64_t rows, int32_t* out, const RowMasks& masks) {
+  if (rows > 0) backend_.argmax(ws_.logits, rows, out, masks);
 }
 
 }  // namespace pagedrt

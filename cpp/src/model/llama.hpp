@@ -33,8 +33,12 @@ class LlamaModel {
 
   // Runs one step and writes (batch.num_logits, vocab) fp32 logits to
   // `logits` (host memory); or, with `argmax` (needs backend.has_argmax()),
-  // only each row's greedy token to argmax[batch.num_logits] (host memory).
+  // only each row's greedy token to argmax[batch.num_logits] (host memory);
+  // with neither, the logits stay on the device for pick().
   void forward(const BatchView& batch, KvCache& kv, float* logits, int32_t* argmax = nullptr);
+  // The greedy tokens of the last forward's `rows` logits rows, masked by
+  // `masks` (Backend::argmax), into out[rows] (host memory).
+  void pick(int64_t rows, int32_t* out, const RowMasks& masks);
 
  private:
   struct Layer {

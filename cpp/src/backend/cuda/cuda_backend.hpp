@@ -92,7 +92,7 @@ class CudaBackend final : public Backend {
   void copy_blocks(Tensor& cache, const std::vector<BlockCopy>& copies) override;
   void to_host(const Tensor& src, int64_t numel, float* dst) override;
   bool has_argmax() const override { return true; }
-  void argmax(const Tensor& logits, int64_t rows, int32_t* out) override;
+  void argmax(const Tensor& logits, int64_t rows, int32_t* out, const RowMasks& masks) override;
   void download(const Tensor& src, void* dst) override;
 
  private:
@@ -137,7 +137,7 @@ class CudaBackend final : public Backend {
 
   BatchView host_{};   // the caller's arrays, valid during the step
   uint64_t step_ = 0;
-  Staging batch_, plan_, copies_, picks_;
+  Staging batch_, plan_, copies_, picks_, masks_;
   StepArrays dev_{};
   AttentionPlan plan_info_{};
   std::vector<BlockCopy> last_copies_;  // what copies_ holds on the device

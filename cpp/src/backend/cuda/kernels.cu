@@ -311,16 +311,19 @@ __device__ void block_best(float& bv, int& bi) {
 // (a strided scan) and writes it to part_v/part_i[r * kArgmaxParts + p]. A
 // vocabulary row is spread over many SMs (one block per row took 33 us for
 // 128K logits; the step's lm head takes 350).
-__global__ void argmax_parts_kernel(const float* x, int64_t cols, float* part_v, int* part_i) {
+__global__ void argmax_parts_kernel(const float* x, int64_t cols, float* part_v, int* part_i,
+                                    const int32_t* mask_of_row, const uint32_t* mask_words, int64_t words_per_row) {
   pdl_trigger();
   pdl_wait();
   const float* row = x + int64_t(blockIdx.y) * cols;
+  const int m = mask_of_row != nullptr ? mask_of_row[blockIdx.y] : -1;
+  const uint32_t* allowed = m >= 0 ? mask_words + int64_t(m) * words_per_row : nullptr;
   const int64_t per = (cols + gridDim.x - 1) / gridDim.x;
   const int64_t begin = blockIdx.x * per, end = min(cols, begin + per);
   float bv = __int_as_float(0x7fffffff);  // NaN: loses to any number
   int bi = 0;
   for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
-    const float v = row[i];
+    const float v = allowed != nullptr && !((allowed[i >> 5] >> (i & 31)) & 1u) ? -INFINITY : row[i];
     if (better(v, static_cast<int>(i), bv, bi)) bv = v, bi = static_cast<int>(i);
   }
   block_best(bv, bi);
@@ -429,11 +432,13 @@ void rope_and_cache(T* qkv, const float* cos, const float* sin, const int32_t* p
          positions, slots, H, Hkv, D, rot_blocks, k_cache, v_cache);
 }
 
-void argmax_rows(const float* x, int64_t rows, int64_t cols, int32_t* out, void* scratch, cudaStream_t s) {
+void argmax_rows(const float* x, int64_t rows, int64_t cols, int32_t* out, void* scratch, cudaStream_t s,
+                 const int32_t* mask_of_row, const uint32_t* mask_words, int64_t words_per_row) {
   if (rows == 0) return;
   float* part_v = static_cast<float*>(scratch);
   int* part_i = reinterpret_cast<int*>(part_v + rows * kArgmaxParts);
-  launch(argmax_parts_kernel, dim3(kArgmaxParts, static_cast<unsigned>(rows)), 256, 0, s, x, cols, part_v, part_i);
+  launch(argmax_parts_kernel, dim3(kArgmaxParts, static_cast<unsigned>(rows)), 256, 0, s, x, cols, part_v, part_i,
+         mask_of_row, mask_words, words_per_row);
   launch(argmax_merge_kernel, static_cast<unsigned>(rows), 32, 0, s, part_v, part_i, kArgmaxParts, out);
 }
 

@@ -56,7 +56,11 @@ void rope_and_cache(T* qkv, const float* cos, const float* sin, const int32_t* p
 // NaN is never chosen over a number (all NaN: 0). scratch: device memory of
 // rows * kArgmaxParts * 8 bytes (each row's parts' winners).
 constexpr int kArgmaxParts = 32;
-void argmax_rows(const float* x, int64_t rows, int64_t cols, int32_t* out, void* scratch, cudaStream_t s);
+// mask_of_row (rows, device) or null: row r's tokens whose bit is clear in
+// mask_words[mask_of_row[r] * words_per_row ...] count as -inf (r's index < 0: no mask).
+void argmax_rows(const float* x, int64_t rows, int64_t cols, int32_t* out, void* scratch, cudaStream_t s,
+                 const int32_t* mask_of_row = nullptr, const uint32_t* mask_words = nullptr,
+                 int64_t words_per_row = 0);
 // block pairs[i].y = block pairs[i].x, block_bytes each (multiple of 16)
 void copy_blocks(uint8_t* base, int64_t block_bytes, const int2* pairs, int n, cudaStream_t s);
 
