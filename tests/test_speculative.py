@@ -239,8 +239,8 @@ def test_draft_mixed_batch_with_ngram_and_plain(rt_self, prompts):
 def test_random_draft_model_is_rejected_and_exact(smol, tiny_llama, prompts):
     """A tiny random model with SmolLM2's vocabulary as the draft: almost
     nothing is accepted, each sequence stops speculating after 8 steps in a row
-    without an accepted proposal (4 + 2 + 1 x 6 = 12 proposals at most), and the
-    output is exactly plain decoding's."""
+    without an accepted proposal (8 + 4 + 2 + 1 x 5 = 19 proposals at most), and
+    the output is exactly plain decoding's."""
     draft, _ = tiny_llama(vocab_size=49152, hidden_size=64, intermediate_size=128, num_attention_heads=2,
                           num_key_value_heads=1, max_position_embeddings=2048)
     reqs = [p for ps in prompts.values() for p in ps][:4]
@@ -251,7 +251,7 @@ def test_random_draft_model_is_rejected_and_exact(smol, tiny_llama, prompts):
     for a, b in zip(want, got):
         o = b.outputs[0]
         assert o.token_ids == a.outputs[0].token_ids
-        assert 8 <= o.spec_proposed <= 12 and o.spec_accepted <= 0.1 * o.spec_proposed, (o.spec_proposed, o.spec_accepted)
+        assert 8 <= o.spec_proposed <= 19 and o.spec_accepted <= 0.1 * o.spec_proposed, (o.spec_proposed, o.spec_accepted)
     assert stats.draft_blocks_used == 0
 
 

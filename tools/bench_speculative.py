@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from workloads import speculative_prompts  # noqa: E402
 
 
-def decode_rate(rt, prompt, max_tokens, spec, k=4):
+def decode_rate(rt, prompt, max_tokens, spec, k=8):
     rid = rt.submit(prompt, by_id=True, max_tokens=max_tokens, temperature=0.0, speculative=spec,
                     num_speculative_tokens=k)
     times, tokens, proposed, accepted = [], [], 0, 0
@@ -48,7 +48,7 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--draft-model", default=None, help="also time speculative=\"draft\" with this draft model")
     ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens: proposals a step at most")
+    ap.add_argument("--k", type=int, default=8, help="num_speculative_tokens: proposals a step at most")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()

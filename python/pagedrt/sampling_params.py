@@ -71,7 +71,7 @@ class SamplingParams:
     #: "draft" has the Runtime's ``draft_model`` propose them (greedy steps of
     #: the smaller model).
     speculative: Optional[str] = None
-    num_speculative_tokens: int = 4
+    num_speculative_tokens: int = 8
     ngram_min: int = 1
     ngram_max: int = 4
 

@@ -60,7 +60,7 @@ struct SamplingParams {
   // greedy steps of its own. "" : off.
   // Not with beam search, masked decoding, return_logits or prompt_logprobs.
   std::string speculative;
-  int32_t num_speculative_tokens = 4;   // 1 .. 16: proposals a step at most
+  int32_t num_speculative_tokens = 8;   // 1 .. 16: proposals a step at most (docs/speculative.md: why 8)
   int32_t ngram_min = 1;                // 1 .. ngram_max
   int32_t ngram_max = 4;                // .. 16
 
