@@ -48,7 +48,8 @@ void Drafter::sync(Shadow& sh, const Sequence& target) {
   while (common < limit && q.tokens[common] == target.tokens[common]) ++common;
   kv_.truncate(q.blocks, common);
   q.num_computed = common;
-  q.tokens = target.tokens;
+  q.tokens.resize(static_cast<size_t>(common));  // the rest as the target has it
+  q.tokens.insert(q.tokens.end(), target.tokens.begin() + common, target.tokens.end());
   sh.stable = target.num_tokens();
   if (q.blocks.table.empty())  // new (a fork, or back from preemption): its prompt may be cached
     q.num_computed = kv_.acquire_cached_prefix(q.blocks, q.tokens.data(), q.num_tokens());
