@@ -33,6 +33,22 @@ def prompts(rt):
     return speculative_prompts(rt)
 
 
+def assert_each_equals_plain(rt, ids, variants, plain):
+    """Waits for the requests `ids` (submitted together) and checks each
+    sequence's tokens against its plain run's."""
+    tokens = {rid: {} for rid in ids}
+    pending = set(ids)
+    while pending:
+        for ev in rt.poll(list(pending), timeout=1.0):
+            assert ev.error is None
+            tokens[ev.request_id].setdefault(ev.index, []).extend(ev.token_ids)
+            if ev.request_finished:
+                pending.discard(ev.request_id)
+    for kw, want, rid in zip(variants, plain, ids):
+        got = tokens[rid]
+        assert [got[i] for i in sorted(got)] == [o.token_ids for o in want.outputs], kw
+
+
 def test_greedy_equals_plain_decoding(rt, prompts):
     """Every workload's prompts, greedy, with logprobs: the same tokens, the
     same logprobs (top 3 too), and the copying prompts accept proposals."""
@@ -62,17 +78,7 @@ def test_mixed_batch_stops_limits_and_forks(rt, prompts):
              for kw in variants]
     ids = [rt.submit(p, by_id=True, temperature=0.0, speculative="ngram", **kw) for kw in variants]
     ids.append(rt.submit(prompts["open_ended"][0], by_id=True, temperature=0.0, max_tokens=20))
-    tokens = {rid: {} for rid in ids}
-    pending = set(ids)
-    while pending:
-        for ev in rt.poll(list(pending), timeout=1.0):
-            assert ev.error is None
-            tokens[ev.request_id].setdefault(ev.index, []).extend(ev.token_ids)
-            if ev.request_finished:
-                pending.discard(ev.request_id)
-    for kw, want, rid in zip(variants, plain, ids):
-        got = tokens[rid]
-        assert [got[i] for i in sorted(got)] == [o.token_ids for o in want.outputs], kw
+    assert_each_equals_plain(rt, ids, variants, plain)
     assert rt.stats().blocks_used == 0
 
 
@@ -221,17 +227,7 @@ def test_draft_mixed_batch_with_ngram_and_plain(rt_self, prompts):
     plain_kw = [{k: v for k, v in kw.items() if k not in ("num_speculative_tokens", "speculative")} for kw in variants]
     plain = [rt_self.generate([p], temperature=0.0, **kw)[0] for kw in plain_kw]
     ids = [rt_self.submit(p, by_id=True, temperature=0.0, **kw) for kw in variants]
-    tokens = {rid: {} for rid in ids}
-    pending = set(ids)
-    while pending:
-        for ev in rt_self.poll(list(pending), timeout=1.0):
-            assert ev.error is None
-            tokens[ev.request_id].setdefault(ev.index, []).extend(ev.token_ids)
-            if ev.request_finished:
-                pending.discard(ev.request_id)
-    for kw, want, rid in zip(variants, plain, ids):
-        got = tokens[rid]
-        assert [got[i] for i in sorted(got)] == [o.token_ids for o in want.outputs], kw
+    assert_each_equals_plain(rt_self, ids, variants, plain)
     stats = rt_self.stats()
     assert stats.blocks_used == 0 and stats.draft_blocks_used == 0
 
