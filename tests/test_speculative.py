@@ -96,21 +96,26 @@ def test_tight_token_budget_with_forks(smol, prompts):
     assert sum(o.spec_accepted for o in got.outputs) > 0
 
 
-def test_rollback_frees_blocks_under_preemption(smol, prompts):
-    """A KV pool of 16 blocks and six copying requests of 107..147 prompt
-    tokens: preemptions happen, proposals are rolled back, and every token
-    equals the plain run; at the end no block is held."""
+@pytest.mark.parametrize("spec", ["ngram", "draft"])
+def test_rollback_frees_blocks_under_preemption(smol, prompts, spec):
+    """A KV pool of 16 blocks (with a draft model, the model itself: a draft
+    pool of 16 more) and six copying requests of 107..147 prompt tokens:
+    preemptions happen, proposals are rolled back (a preempted request's
+    draft shadow is freed and later rebuilt), and every token equals the
+    plain run; at the end neither pool holds a block."""
     reqs = [p for ps in prompts.values() for p in ps][:6]
-    block_bytes = 30 * 2 * 3 * 64 * 16 * 2  # SmolLM2, bf16
-    with pagedrt.Runtime(smol, device="cpu", progress=False, kv_cache_bytes=16 * block_bytes,
-                         max_num_batched_tokens=96) as small:
+    block_bytes = 30 * 2 * 3 * 64 * 16 * 2  # SmolLM2, bf16: the model's, and as much again for the draft's
+    draft = dict(draft_model=smol) if spec == "draft" else {}
+    with pagedrt.Runtime(smol, device="cpu", progress=False, kv_cache_bytes=(2 if draft else 1) * 16 * block_bytes,
+                         max_num_batched_tokens=96, **draft) as small:
+        assert small.stats().num_blocks == 16
         want = [c.outputs[0].token_ids for c in small.generate(reqs, max_tokens=40, temperature=0.0)]
         before = small.stats().num_preemptions
-        got = small.generate(reqs, max_tokens=40, temperature=0.0, speculative="ngram")
+        got = small.generate(reqs, max_tokens=40, temperature=0.0, speculative=spec)
         stats = small.stats()
     assert [c.outputs[0].token_ids for c in got] == want
     assert stats.num_preemptions > before
-    assert stats.blocks_used == 0 and stats.blocks_free == stats.num_blocks
+    assert stats.blocks_used == 0 and stats.blocks_free == stats.num_blocks and stats.draft_blocks_used == 0
     assert 0 < stats.spec_accepted <= stats.spec_proposed
 
 
@@ -249,26 +254,6 @@ def test_random_draft_model_is_rejected_and_exact(smol, tiny_llama, prompts):
         assert o.token_ids == a.outputs[0].token_ids
         assert 8 <= o.spec_proposed <= 19 and o.spec_accepted <= 0.1 * o.spec_proposed, (o.spec_proposed, o.spec_accepted)
     assert stats.draft_blocks_used == 0
-
-
-def test_draft_rollback_frees_blocks_under_preemption(smol, prompts):
-    """Pools of 16 blocks (the model's and the draft's) and six requests:
-    preemptions happen (a preempted request's draft shadow is freed and later
-    rebuilt), and every token equals the plain run; at the end neither pool
-    holds a block."""
-    reqs = [p for ps in prompts.values() for p in ps][:6]
-    block_bytes = 30 * 2 * 3 * 64 * 16 * 2  # SmolLM2, bf16: the model's, and as much again for the draft's
-    with pagedrt.Runtime(smol, device="cpu", progress=False, kv_cache_bytes=2 * 16 * block_bytes,
-                         max_num_batched_tokens=96, draft_model=smol) as small:
-        assert small.stats().num_blocks == 16
-        want = [c.outputs[0].token_ids for c in small.generate(reqs, max_tokens=40, temperature=0.0)]
-        before = small.stats().num_preemptions
-        got = small.generate(reqs, max_tokens=40, temperature=0.0, speculative="draft")
-        stats = small.stats()
-    assert [c.outputs[0].token_ids for c in got] == want
-    assert stats.num_preemptions > before
-    assert stats.blocks_used == 0 and stats.draft_blocks_used == 0
-    assert 0 < stats.spec_accepted <= stats.spec_proposed
 
 
 def test_draft_model_errors(smol, tiny_llama, tmp_path):

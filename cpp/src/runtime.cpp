@@ -25,13 +25,16 @@ bool file_exists(const std::string& path) {
   return ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode);
 }
 
-void check_config(const RuntimeConfig& c) {
+// `path` (RuntimeConfig field `what`) is a folder with a config.json.
+void check_model_folder(const std::string& path, const std::string& what) {
   struct stat st;
+  if (::stat(path.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) bad_arg(what + " '" + path + "' is not a folder");
+  if (!file_exists(path + "/config.json")) throw Error(ErrorKind::InvalidModel, path + ": config.json is missing");
+}
+
+void check_config(const RuntimeConfig& c) {
   if (c.model_path.empty()) bad_arg("model_path is empty");
-  if (::stat(c.model_path.c_str(), &st) != 0 || !S_ISDIR(st.st_mode))
-    bad_arg("model path '" + c.model_path + "' is not a folder");
-  if (!file_exists(c.model_path + "/config.json"))
-    throw Error(ErrorKind::InvalidModel, c.model_path + ": config.json is missing");
+  check_model_folder(c.model_path, "model path");
   if (c.block_size < 1 || c.block_size > 1024) bad_arg("block_size must be in [1, 1024], got " + std::to_string(c.block_size));
   if (c.max_num_seqs < 1) bad_arg("max_num_seqs must be >= 1, got " + std::to_string(c.max_num_seqs));
   if (c.max_num_batched_tokens < 1)
@@ -97,9 +100,7 @@ std::vector<int32_t> eos_ids(const LlamaConfig& cfg, const std::string& model_pa
 // The draft model's config.json, checked against the model's: the same
 // vocabulary (a draft proposes token ids the model verifies).
 LlamaConfig draft_config(const std::string& dir, const LlamaConfig& target) {
-  struct stat st;
-  if (::stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) bad_arg("draft_model '" + dir + "' is not a folder");
-  if (!file_exists(dir + "/config.json")) throw Error(ErrorKind::InvalidModel, dir + ": config.json is missing");
+  check_model_folder(dir, "draft_model");
   LlamaConfig d = LlamaConfig::from_file(dir + "/config.json");
   if (d.vocab_size != target.vocab_size)
     bad_arg("draft_model '" + dir + "': vocab_size " + std::to_string(d.vocab_size) + " differs from the model's " +

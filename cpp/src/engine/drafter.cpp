@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <climits>
-#include <set>
 
 namespace pagedrt {
 
@@ -25,21 +24,6 @@ void Drafter::forget(uint64_t arrival, int32_t index) {
 }
 
 void Drafter::release() { runner_.release(); }
-
-void Drafter::sweep(const std::vector<Request*>& running) {
-  std::set<Key> live;
-  for (const Request* r : running)
-    if (r->params.speculative == "draft")
-      for (const auto& s : r->seqs) live.insert({r->arrival, s->index});
-  for (auto it = shadows_.begin(); it != shadows_.end();) {
-    if (live.count(it->first) != 0) {
-      ++it;
-      continue;
-    }
-    kv_.free(it->second->seq.blocks);
-    it = shadows_.erase(it);
-  }
-}
 
 void Drafter::sync(Shadow& sh, const Sequence& target) {
   Sequence& q = sh.seq;
@@ -86,20 +70,14 @@ void Drafter::forward(std::vector<Job>& jobs, const std::vector<std::pair<size_t
 }
 
 void Drafter::propose(const std::vector<Request*>& running) {
-  sweep(running);
   std::vector<Job> jobs;
   for (Request* r : running) {
-    const SamplingParams& p = r->params;
-    if (p.speculative != "draft") continue;
+    if (r->params.speculative != "draft") continue;
     for (auto& s : r->seqs) {
       s->proposal.clear();
-      if (s->spec_off || s->num_draft > 0 || s->num_tokens() - s->num_computed != 1) continue;
-      if (s->spec_len == 0) s->spec_len = p.num_speculative_tokens;
-      // Proposals never reach past max_tokens or max_model_len (Scheduler::draft
-      // clips them the same way, and to the step's budget), and the draft
-      // computes positions up to num_tokens + k - 2.
-      int64_t k = std::min<int64_t>(s->spec_len, p.max_tokens - r->num_generated(*s) - 1);
-      if (config_.max_model_len > 0) k = std::min<int64_t>(k, config_.max_model_len - s->num_tokens() - 1);
+      // Scheduler::draft clips the proposal the same way, and to the step's
+      // budget; the draft computes positions up to num_tokens + k - 2.
+      int64_t k = proposal_room(*r, *s, config_.max_model_len);
       k = std::min<int64_t>(k, config_.draft_max_len - s->num_tokens() + 1);
       k = std::min<int64_t>(k, config_.max_num_batched_tokens - 1);
       if (k <= 0) continue;

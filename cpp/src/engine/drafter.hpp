@@ -23,10 +23,10 @@
 //            t0 .. tP d1 .. d(k-1), valid up to where they agree, and the next
 //            propose truncates the rest (its blocks go back to the draft pool).
 //
-// Shadows of sequences that are no longer running (finished, aborted,
-// preempted) are freed at the start of each propose(), so the draft pool
-// holds only running sequences' blocks. A sequence whose shadow cannot get
-// blocks simply gets no proposal that step.
+// The engine ends the shadows of sequences that finish, are aborted or are
+// preempted (forget()), so the draft pool holds only running sequences'
+// blocks. A sequence whose shadow cannot get blocks simply gets no proposal
+// that step.
 #pragma once
 
 #include <cstdint>
@@ -68,7 +68,6 @@ class Drafter {
   int32_t num_blocks() const { return pool_.num_blocks(); }
   int64_t kv_cache_bytes() const { return kv_bytes_; }
   int32_t num_free_blocks() const { return pool_.num_free(); }
-  size_t num_shadows() const { return shadows_.size(); }
   // Frees the draft model and its KV storage (Engine::stop); the pool's
   // bookkeeping stays valid for the sequences that still exist.
   void release();
@@ -86,8 +85,6 @@ class Drafter {
     Shadow* shadow = nullptr;
     int32_t k = 0;  // proposals wanted
   };
-  // Drops the shadows of sequences not in `running`.
-  void sweep(const std::vector<Request*>& running);
   // Brings a shadow's tokens in line with its target's: keeps the agreeing
   // prefix (its K/V stay valid), frees the blocks past it.
   void sync(Shadow& sh, const Sequence& target);

@@ -225,9 +225,7 @@ void Engine::step() {
 
 void Engine::pick_masked(const SchedulerOutput& step, ModelOutput& out, const PendingMasks& pm) {
   const int64_t words = (runner_.vocab_size() + 31) / 32;
-  std::vector<int32_t> mask_of_row(static_cast<size_t>(out.slices->empty() ? 0 : out.slices->back().first_row +
-                                                                                     out.slices->back().num_rows),
-                                   -1);
+  std::vector<int32_t> mask_of_row(static_cast<size_t>(out.num_rows), -1);
   for (size_t i = 0; i < step.scheduled.size(); ++i) {
     const auto m = pm.masks.by_seq.find(step.scheduled[i].seq);
     const LogitsSlice& slice = (*out.slices)[i];

@@ -11,6 +11,7 @@ ModelOutput ModelRunner::run(const SchedulerOutput& step, bool device_greedy, bo
   ModelOutput out;
   out.vocab = model_->config().vocab_size;
   out.slices = &batch_.logits();
+  out.num_rows = view.num_logits;
   // 256 x 128K fp32 logits a step would otherwise cross to the host.
   if (device_greedy)
     argmax_.resize(static_cast<size_t>(view.num_logits));
@@ -34,8 +35,7 @@ ModelOutput ModelRunner::run(const SchedulerOutput& step, bool device_greedy, bo
 }
 
 void ModelRunner::pick(ModelOutput& out, const RowMasks& masks) {
-  const int64_t rows = batch_.view().num_logits;
-  model_->pick(rows, argmax_.data(), masks);
+  model_->pick(out.num_rows, argmax_.data(), masks);
   out.argmax = argmax_.data();
 }
 

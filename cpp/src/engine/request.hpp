@@ -14,6 +14,7 @@
 //              a new beam forks its parent's blocks, dropped beams free theirs.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -82,5 +83,17 @@ struct Request {
 
   int64_t num_generated(const Sequence& s) const { return s.num_tokens() - prompt_len; }
 };
+
+// Speculative decoding: how many proposals sequence `s` of `r` may take in
+// its next step, 0 for none. It must be at its decode point (one token to
+// compute, no proposals yet) and still speculating; proposals never reach past
+// max_tokens or max_model_len (0: no limit). The first call sets s.spec_len.
+inline int64_t proposal_room(const Request& r, Sequence& s, int64_t max_model_len) {
+  if (r.params.speculative.empty() || s.spec_off || s.num_draft > 0 || s.num_tokens() - s.num_computed != 1) return 0;
+  if (s.spec_len == 0) s.spec_len = r.params.num_speculative_tokens;
+  int64_t k = std::min<int64_t>(s.spec_len, r.params.max_tokens - r.num_generated(s) - 1);
+  if (max_model_len > 0) k = std::min<int64_t>(k, max_model_len - s.num_tokens() - 1);
+  return std::max<int64_t>(k, 0);
+}
 
 }  // namespace pagedrt

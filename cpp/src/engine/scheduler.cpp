@@ -17,16 +17,9 @@ void Scheduler::draft(Request* req, int64_t budget) {
     const int64_t pending = s->num_tokens() - s->num_computed;  // what plan() will schedule for it
     std::vector<int32_t> offered;  // the draft model's proposal (Drafter::propose), used now or never
     offered.swap(s->proposal);
-    if (s->spec_off || s->num_draft > 0 || pending != 1) {
-      budget -= pending;
-      continue;
-    }
-    if (s->spec_len == 0) s->spec_len = p.num_speculative_tokens;
-    int64_t k = std::min<int64_t>(s->spec_len, p.max_tokens - req->num_generated(*s) - 1);
-    if (config_.max_model_len > 0) k = std::min<int64_t>(k, config_.max_model_len - s->num_tokens() - 1);
-    k = std::min<int64_t>(k, budget - 1);
+    const int64_t k = std::min<int64_t>(proposal_room(*req, *s, config_.max_model_len), budget - 1);
     if (k <= 0) {
-      budget -= 1;
+      budget -= pending;
       continue;
     }
     std::vector<int32_t> proposal;
@@ -35,10 +28,6 @@ void Scheduler::draft(Request* req, int64_t budget) {
       if (static_cast<int64_t>(proposal.size()) > k) proposal.resize(static_cast<size_t>(k));
     } else {
       proposal = ngram_propose(s->tokens, p.ngram_min, p.ngram_max, static_cast<int32_t>(k));
-    }
-    if (proposal.empty()) {
-      budget -= 1;
-      continue;
     }
     s->tokens.insert(s->tokens.end(), proposal.begin(), proposal.end());
     s->num_draft = static_cast<int32_t>(proposal.size());
