@@ -438,3 +438,14 @@ def test_cli_takes_every_runtime_option():
     assert p.parse_args([]).deterministic is None
     assert p.parse_args(["--deterministic"]).deterministic is True
     assert p.parse_args(["--no-deterministic"]).deterministic is False
+
+
+def test_cli_leaves_a_core_to_the_http_layer(monkeypatch):
+    """--threads 0 on a CPU of 8 or more cores gives the engine all cores but
+    one (the server's Python would otherwise preempt an engine thread); fewer
+    cores, an explicit count, and a CUDA device keep what was asked."""
+    from pagedrt.serve import cli
+    for cores, device, asked, want in [(16, "cpu", 0, 15), (8, "cpu", 0, 7), (4, "cpu", 0, 0), (2, "cpu", 0, 0),
+                                       (16, "cpu", 12, 12), (16, "cuda", 0, 0)]:
+        monkeypatch.setattr(cli.os, "sched_getaffinity", lambda _pid, n=cores: set(range(n)))
+        assert cli.engine_threads(asked, device) == want, (cores, device, asked)

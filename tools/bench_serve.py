@@ -127,6 +127,9 @@ def main():
     ap.add_argument("--kv-cache-bytes", type=int, default=None,
                     help="KV pool of the server and of the in-process Runtime each (both live at once; "
                          "default: the engine's on the CPU, 8 GiB on a GPU)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="engine threads on the CPU, for the server and the in-process Runtime alike "
+                         "(default: what pagedrt-serve takes by default, all cores but one from 8 cores)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.kv_cache_bytes is None:
@@ -138,7 +141,10 @@ def main():
     # token's arrival: then both sides ask for logprobs=0 (a chunk per token,
     # carrying the token's logprob), and the comparison stays like for like.
     logprobs = not any((Path(model) / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
-    opts = ["--max-num-seqs", str(max(64, args.clients)), "--kv-cache-bytes", str(args.kv_cache_bytes)]
+    from pagedrt.serve.cli import engine_threads
+    threads = engine_threads(args.threads or 0, args.device)  # the same engine on both sides
+    opts = ["--max-num-seqs", str(max(64, args.clients)), "--kv-cache-bytes", str(args.kv_cache_bytes),
+            "--threads", str(threads)]
     rng = np.random.default_rng(0)
     port = free_port()
     print(f"server: pagedrt-serve --model {model} --device {args.device} {' '.join(opts)} (port {port})", flush=True)
@@ -153,7 +159,8 @@ def main():
             except OSError:
                 time.sleep(0.2)
         name = json.load(urllib.request.urlopen(url + "/v1/models"))["data"][0]["id"]
-        res = {"model": model, "device": args.device, "clients": args.clients, "prompt_len": args.prompt_len,
+        res = {"model": model, "device": args.device, "threads": threads, "clients": args.clients,
+               "prompt_len": args.prompt_len,
                "max_tokens": args.max_tokens, "server": [], "in_process": []}
         for r in range(args.rounds):
             prompts = [rng.integers(100, 40000, size=args.prompt_len).tolist() for _ in range(args.clients)]
@@ -165,7 +172,7 @@ def main():
             print(f"round {r + 1} server:     {s['tok_per_s']:8.1f} tok/s  {lat}", flush=True)
             # the in-process run needs the machine to itself: the server idles (no requests) meanwhile
             with pagedrt.Runtime(model, device=args.device, max_num_seqs=max(64, args.clients),
-                                 kv_cache_bytes=args.kv_cache_bytes, progress=False) as rt:
+                                 kv_cache_bytes=args.kv_cache_bytes, num_threads=threads, progress=False) as rt:
                 prompts = [rng.integers(100, 40000, size=args.prompt_len).tolist() for _ in range(args.clients)]
                 p = in_process(rt, prompts, args.max_tokens, logprobs)
             res["in_process"].append(p)

@@ -3,7 +3,7 @@
 #
 #   bash tools/gpu_check.sh [STAGE ...]      (from the repo root; default: all stages)
 #
-# Stages: env build wheels optests diag make8b make8btok smol tests e2e bench attn prefill gemm serve structured masks spec harness profile cpuscale abbuild ab
+# Stages: env build wheels optests diag make8b make8btok smol tests e2e bench attn prefill gemm serve servecpu structured masks spec harness profile cpuscale abbuild ab
 #   env      nvidia-smi, versions
 #   build    pip install --no-build-isolation --no-deps . with PAGEDRT_CUDA=ON
 #   wheels   only the wheels carried in .whl/ (a later call of a warm machine, built already)
@@ -18,8 +18,8 @@
 #   bench    tools/bench_cuda.py: ceilings, paged attention, own GEMV vs cuBLASLt, pagedrt (and its
 #            batch-1 TPOT with CUDA graphs / PDL off and on), transformers
 #   attn     tools/bench_cuda.py attention alone (paged decode attention over shapes, the peers)
-#   prefill  tools/bench_cuda.py prefill (causal prefill attention, 64 and 128 rows a tile, SDPA), then
-#            TTFT on the 8B shape with each tile height (ttft_env)
+#   prefill  tools/bench_cuda.py prefill (causal prefill attention: mma.sync at 64 and 128 rows a tile, wgmma; SDPA), then
+#            TTFT on the 8B shape with each kernel (ttft_env)
 #   gemm     tools/bench_cuda.py gemm: the 8B projections at M = 1..8192 against the roofline
 #            (engine, cuBLASLt searched, cuBLASLt heuristic, torch)
 #   structured tools/bench_structured.py on SmolLM2 and on the 8B shape with SmolLM2's tokenizer
@@ -33,6 +33,7 @@
 #   serve    tools/bench_serve.py on the 8B shape ($LLAMA8B_TOK when made: text, so no logprobs):
 #            pagedrt-serve against in-process, 64 streams
 #            (its dependencies' wheels carried in .whl/serve/)
+#   servecpu the same on this machine's CPU: SmolLM2 (needs smol), 64 streams, every core
 #   harness  tools/bench.py --device cuda: the project's benchmark harness on the 8B shape
 #   profile  tools/cuda_profile.py: GPU time per kernel (batch-1 decode; 64 x 512/32)
 #   cpuscale the CPU backend on this machine's cores: tools/bench.py latency and batched,
@@ -178,7 +179,7 @@ if has prefill; then
   stage prefill
   (cd /tmp && timeout 200 $PY "$OLDPWD/tools/bench_cuda.py" prefill "$OUT/prefill.json" | grep -v "^prefill {")
   [ -f "$LLAMA8B/config.json" ] && (cd /tmp && timeout 200 $PY "$OLDPWD/tools/bench_cuda.py" ttft_env \
-     "$OUT/ttft_rows.json" "$LLAMA8B" PAGEDRT_PREFILL_ROWS=64 PAGEDRT_PREFILL_ROWS=128 | grep -v "^ttft_env {")
+     "$OUT/ttft_prefill.json" "$LLAMA8B" PAGEDRT_PREFILL_KERNEL=mma PAGEDRT_PREFILL_KERNEL=wgmma | grep -v "^ttft_env {")
 fi
 
 if has gemm; then
@@ -186,18 +187,31 @@ if has gemm; then
   (cd /tmp && timeout 300 $PY "$OLDPWD/tools/bench_cuda.py" gemm "$OUT/gemm.json" | grep -v "^gemm {")
 fi
 
-if has serve && { [ -f "$LLAMA8B/config.json" ] || [ -f "$LLAMA8B_TOK/config.json" ]; }; then
-  stage serve
-  # pagedrt-serve's dependencies from .whl/serve/ (fastapi, uvicorn, prometheus-client and theirs),
-  # into a folder of their own so that the machine's packages stay as they are
+# pagedrt-serve's dependencies (fastapi, uvicorn, prometheus-client and theirs) from .whl/serve/,
+# into a folder of their own so that the machine's packages stay as they are
+serve_deps() {
+  [ -d "$WORK/serve_site/fastapi" ] && return 0
   ls .whl/serve/*.whl >/dev/null 2>&1 && \
     $PY -m pip install -q --no-deps --no-index --target "$WORK/serve_site" .whl/serve/*.whl 2>&1 | tail -2
+}
+
+if has serve && { [ -f "$LLAMA8B/config.json" ] || [ -f "$LLAMA8B_TOK/config.json" ]; }; then
+  stage serve
+  serve_deps
   # the 8B shape with a tokenizer when there is one: streams of text, no logprobs needed for chunks
   SERVE_MODEL=$LLAMA8B
   [ -f "$LLAMA8B_TOK/config.json" ] && SERVE_MODEL=$LLAMA8B_TOK
   (cd /tmp && PYTHONPATH="$WORK/serve_site${PYTHONPATH:+:$PYTHONPATH}" timeout 200 \
      $PY "$OLDPWD/tools/bench_serve.py" --model "$SERVE_MODEL" --device cuda --clients 64 --rounds 3 \
      --json "$OUT/serve_overhead.json" 2>&1 | grep -v "it/s\]")
+fi
+
+if has servecpu && [ -d "$WORK/smolpkg" ]; then
+  stage servecpu
+  serve_deps
+  (cd /tmp && PYTHONPATH="$WORK/serve_site:$WORK/smolpkg${PYTHONPATH:+:$PYTHONPATH}" timeout 240 \
+     $PY "$OLDPWD/tools/bench_serve.py" --device cpu --clients 64 --rounds 3 \
+     --json "$OUT/serve_overhead_cpu.json" 2>&1 | grep -v "it/s\]")
 fi
 
 if has structured && [ -d "$WORK/smolpkg" ]; then

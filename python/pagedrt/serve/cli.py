@@ -10,6 +10,7 @@ connections, lets the requests in flight finish, and exits.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import signal
 import sys
@@ -26,7 +27,7 @@ _HELP = {
     "max_num_batched_tokens": "tokens per engine step at most",
     "max_model_len": "prompt plus output tokens at most (0: the model's limit)",
     "enable_prefix_caching": "share identical prompt prefixes between requests",
-    "num_threads": "CPU threads (0: all cores)",
+    "num_threads": "CPU threads (0: all cores, but on a CPU of 8 or more cores one is left to the HTTP layer)",
     "deterministic": "batch-invariant results (default: on for the CPU, off for CUDA; docs/determinism.md)",
     "draft_model": "a smaller model (folder or .gguf) with the same tokenizer, for requests with "
                    "speculative=\"draft\" (docs/speculative.md)",
@@ -68,6 +69,19 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def engine_threads(num_threads: int, device: str) -> int:
+    """--threads 0 on a CPU of 8 or more cores: all but one. The server's
+    Python (uvicorn's event loop, the dispatcher, every stream's chunks) then
+    has a core of its own instead of preempting an engine thread, which stalls
+    the whole team at its next barrier (docs/benchmarks.md, server overhead).
+    On a GPU the engine's host threads are few (sampling), and below 8 cores
+    one core is too large a share."""
+    from .._core import cuda_available
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    on_cpu = device == "cpu" or (device == "auto" and not cuda_available())
+    return cores - 1 if num_threads == 0 and on_cpu and cores >= 8 else num_threads
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
@@ -83,6 +97,7 @@ def main(argv=None) -> int:
     if args.speculative == "draft" and not args.draft_model:
         print("pagedrt-serve: --speculative draft needs --draft-model DIR|FILE.gguf", file=sys.stderr)
         return 2
+    options["num_threads"] = engine_threads(args.num_threads, args.device)
     try:
         rt = Runtime(args.model, device=args.device, **options)
     except (Error, OSError, ValueError) as e:
