@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pagedrt
+from pagedrt import _testing
 
 TOOLS = pathlib.Path(__file__).resolve().parents[1] / "tools"
 WORKLOADS = ("latency", "batched", "mixed", "sharing", "prefix", "waste")
@@ -24,7 +25,7 @@ def test_bench_tiny_mode_runs_every_workload_and_writes_its_schema(tmp_path):
     data, stdout = run_tiny(tmp_path)
     rows = data["rows"]
     assert data["workloads"] == list(WORKLOADS) and data["size"] == "tiny" and not data["errors"]
-    assert data["cpu_gemm"] in pagedrt._testing._gemm_variants()  # which CPU kernel the figures came from
+    assert data["cpu_gemm"] in _testing._gemm_variants()  # which CPU kernel the figures came from
     # every dtype runs the throughput workloads; the KV workloads run with the first dtype only
     assert {(r["engine"], r["workload"]) for r in rows} == {
         *((f"pagedrt {d}", w) for d in ("bfloat16", "float32") for w in ("latency", "batched", "mixed")),
@@ -42,6 +43,17 @@ def test_bench_tiny_mode_runs_every_workload_and_writes_its_schema(tmp_path):
         first = next(r for r in rows if r["workload"] == wl)
         assert first["engine"] == "pagedrt bfloat16" and first["first_x"] == 1.0
         assert all(abs(r["first_x"] - first[key] / r[key]) < 1e-12 for r in rows if r["workload"] == wl)
+    # the host's ceilings, measured in the run (tools/cpu_ceilings.py; torch is a test extra), and each
+    # batch-1 decode rate as a fraction of one read of the weights at the measured bandwidth
+    c = data["ceilings"]
+    assert c["threads"] == 2 and c["read_GBps"] > 0 and c["read_1thread_GBps"] > 0 and c["gemm_GFLOPs"] > 0
+    assert data["weight_params"] > 0
+    for r in rows:
+        if r["workload"] == "latency":
+            bpw = 4 if "float32" in r["engine"] else 2
+            floor = c["read_GBps"] * 1e9 / (data["weight_params"] * bpw)
+            assert abs(r["floor_tok_s"] - floor) < 1e-6 * floor and abs(r["of_floor"] - r["decode_tok_s"] / floor) < 1e-9
+    assert "ceilings, measured in this run" in stdout and "of floor" in stdout
     # --throughput-runs (default 1): every run's seconds, the row's the median's
     assert all(r["runs_s"] == [r["seconds"]] for r in rows if r["workload"] == "batched")
 

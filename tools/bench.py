@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import platform
 import statistics
@@ -424,7 +425,7 @@ MEMORY = {"kv_blocks_peak": int, "kv_slots_reserved": int, "waste_at_peak": floa
 
 RSS = ("peak RSS MB", "peak_rss_mb", "f0")
 COLUMNS = {  # workload: (header, key, format) after engine [and variant]
-    "latency": [("decode tok/s", "decode_tok_s", "f1"), ("{first} ×", "first_x", "x"),
+    "latency": [("decode tok/s", "decode_tok_s", "f1"), ("{first} ×", "first_x", "x"), ("of floor", "of_floor", "pct"),
                 ("prefill tok/s", "prefill_tok_s", "f1"), ("TTFT ms", "ttft_ms", "f1"), RSS],
     "batched": [("output tok/s", "output_tok_s", "f1"), ("{first} ×", "first_x", "x"), ("seconds", "seconds", "f1"),
                 ("KV slots", "kv_slots_reserved", "int"), ("waste", "waste_at_peak", "pct"), RSS,
@@ -528,6 +529,36 @@ def add_ratios(rows):
             for r in rs:
                 r["first_x"] = rs[0][key] / r[key]
     return first
+
+
+def weight_params(model: Path) -> int:
+    """Parameters in the model's safetensors (from their headers)."""
+    n = 0
+    for f in model.glob("*.safetensors"):
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        n += sum(math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
+    return n
+
+
+# Bytes a weight takes in an engine row's format (the name of its variant).
+BYTES_PER_WEIGHT = [("float32", 4.0), ("F32", 4.0), ("bfloat16", 2.0), ("BF16", 2.0), ("float16", 2.0), ("F16", 2.0),
+                    ("Q8_0", 34 / 32), ("int8", 1.0)]
+
+
+def add_floors(rows, params, ceilings):
+    """Each batch-1 decode rate as a fraction of its bandwidth floor: the
+    tokens a second if every token read the weights once (params x bytes per
+    weight of the row's format) at the read bandwidth measured in this run,
+    with this run's threads. None where the format or the ceiling is unknown."""
+    bw = (ceilings or {}).get("read_GBps")
+    for r in rows:
+        if r["workload"] != "latency" or not bw:
+            continue
+        bpw = next((b for name, b in BYTES_PER_WEIGHT if name in r["engine"]), None)
+        if bpw:
+            r["floor_tok_s"] = bw * 1e9 / (params * bpw)
+            r["of_floor"] = r["decode_tok_s"] / r["floor_tok_s"]
 
 
 def greedy_matches(rows):
@@ -638,6 +669,11 @@ def main(argv=None):
         model = pagedrt.resolve_model(a.model)
     size = workloads.sizes(a.size, a.set)
     jobs = plan(a, selected)
+    ceilings = None
+    if a.device == "cpu":  # a CPU figure holds as a fraction of the ceilings measured with it
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from cpu_ceilings import measure
+        ceilings = measure(a.threads)
     for t in {opt for engine, opt, _ in jobs if engine == "llama.cpp"}:
         gguf_path(t)  # made here, once, not inside a timed job
     rows, errors, covered, t_start, load_start = [], [], set(), time.perf_counter(), os.getloadavg()
@@ -668,6 +704,12 @@ def main(argv=None):
     print(f"\n{model.name} on {platform.machine()} ({cpu_name()}, CPU GEMM {kernel}), {a.threads} threads, "
           f"{date.today()}, sizes \"{a.size}\"{' ' + ' '.join(a.set) if a.set else ''}")
     first = add_ratios(rows)
+    params = weight_params(model)
+    add_floors(rows, params, ceilings)
+    if ceilings and ceilings.get("read_GBps"):
+        print(f"ceilings, measured in this run: read {ceilings['read_1thread_GBps']:.1f} GB/s with 1 thread, "
+              f"{ceilings['read_GBps']:.1f} GB/s with {ceilings['threads']}; fp32 GEMM {ceilings['gemm_GFLOPs']:.0f} "
+              f"GFLOP/s ({params / 1e6:.1f}M weights: the floor of a decode step is one read of them)")
     print_tables(rows, size, a.runs, ref, a.throughput_runs, first)
     first = next((r["load_to_first_token_s"] for r in rows if "load_to_first_token_s" in r), None)
     if first is not None:
@@ -680,7 +722,7 @@ def main(argv=None):
     if a.json:
         Path(a.json).write_text(json.dumps(dict(
             model=model.name, threads=a.threads, date=str(date.today()), machine=platform.machine(), cpu=cpu_name(),
-            cpu_gemm=kernel, size=a.size, sizes=size, workloads=selected, args=vars(a), seconds=seconds, errors=errors,
+            cpu_gemm=kernel, ceilings=ceilings, weight_params=params, size=a.size, sizes=size, workloads=selected, args=vars(a), seconds=seconds, errors=errors,
             loadavg_start=load_start, loadavg_end=load, rows=rows),
             indent=2))
     if a.plot and importlib.util.find_spec("matplotlib"):
