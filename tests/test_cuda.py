@@ -463,28 +463,34 @@ def test_decode_split_merge_in_clusters_equals_merge_kernel(ops, monkeypatch):
             assert rel_err(outs[0], contiguous_attention(b, qkv, kc, vc, H, Hkv, D, D ** -0.5)) <= BF16_TOL
 
 
-@pytest.mark.parametrize("rows", ["64", "128"])
-def test_prefill_rows_forced(monkeypatch, rows):
-    """The prefill kernel's two tile heights, each forced with
-    PAGEDRT_PREFILL_ROWS (by default 128 rows at D = 128, 64 at D = 64): prompts
-    from scratch, chunked prefill over cached keys and decodes in one step,
-    prompts whose (token, head) rows end inside a tile and past several tiles,
-    G 1, 4 and 8, against contiguous attention on the gathered blocks, per
-    token."""
+@pytest.mark.parametrize("rows,kernel", [("64", "mma"), ("128", "mma"), ("128", "wgmma")])
+def test_prefill_kernel_forced(monkeypatch, capfd, rows, kernel):
+    """The prefill kernels, each forced: the mma.sync kernel's two tile
+    heights (PAGEDRT_PREFILL_ROWS; by default 128 rows at D = 128, 64 at D =
+    64) and Hopper's wgmma kernel (PAGEDRT_PREFILL_KERNEL=wgmma, 128 rows at D
+    = 128; the default there on an sm_90 GPU): prompts from scratch, chunked
+    prefill over cached keys and decodes in one step, prompts whose (token,
+    head) rows end inside a tile and past several tiles, G 1, 4 and 8, against
+    contiguous attention on the gathered blocks, per token."""
     monkeypatch.setenv("PAGEDRT_PREFILL_ROWS", rows)
+    monkeypatch.setenv("PAGEDRT_PREFILL_KERNEL", kernel)
+    torch = pytest.importorskip("torch")
+    if kernel == "wgmma" and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip(f"the wgmma kernel needs an sm_90 GPU, not {torch.cuda.get_device_name()}")
     gpu = _testing._Ops("cuda")
-    rng = np.random.default_rng(int(rows))
-    seqs = [(0, 300), (200, 150), (0, 17), (5, 1), (600, 33), (0, 129)]
-    for D, H, Hkv in [(128, 32, 8), (64, 16, 2), (128, 8, 8), (64, 8, 1)]:
+    assert "PAGEDRT_PREFILL_KERNEL" not in capfd.readouterr().err  # the kernel asked for is the one run
+    rng = np.random.default_rng(int(rows) + len(kernel))
+    seqs = [(0, 300), (200, 150), (0, 17), (5, 1), (600, 33), (0, 129), (0, 700), (130, 260)]
+    for D, H, Hkv in [(128, 32, 8), (64, 16, 2), (128, 8, 8), (64, 8, 1), (128, 64, 8)]:
         b, qkv, kc, vc = attention_inputs(rng, seqs, H, Hkv, D)
         set_batch(gpu, b)
         ours = gpu.paged_attention(qkv, kc, vc, H, Hkv, D, D ** -0.5)
         ref = contiguous_attention(b, qkv, kc, vc, H, Hkv, D, D ** -0.5)
         e = rel_err(ours, ref)
-        record(f"prefill_rows_{rows}[D={D},G={H // Hkv}]", e)
-        assert e <= BF16_TOL, (rows, D, H, Hkv, e)
+        record(f"prefill_{kernel}_{rows}[D={D},G={H // Hkv}]", e)
+        assert e <= BF16_TOL, (rows, kernel, D, H, Hkv, e)
         for t in range(len(b["tokens"])):
-            assert rel_err(ours[t], ref[t]) <= 2 * BF16_TOL, (rows, D, H, Hkv, t)
+            assert rel_err(ours[t], ref[t]) <= 2 * BF16_TOL, (rows, kernel, D, H, Hkv, t)
 
 
 @pytest.mark.parametrize("kernel", ["cc", "2x3", "4x3", "2x2"])

@@ -167,28 +167,29 @@ def attention():
         print(f"{B:>5}x{C:<6} {H:>3}/{Hkv:<2} {D:>4} {bs:>4} {row['pagedrt_us']:>10.1f} "
               f"{row['pagedrt_TBps']:>5.2f} {100 * row['frac_copy']:>5.1f} {row['sdpa_us']:>8.1f} "
               f"{'-' if fi is None else f'{fi * 1e3:.1f}':>7}", flush=True)
-    r["prefill"] = prefill_rows(base, rng, PREFILL_SHAPES, [None])
+    r["prefill"] = prefill_kernels(base, rng, PREFILL_SHAPES, [("default", {})])
     return r
 
 
-def prefill_rows(base, rng, shapes, rows_list):
-    """Causal prefill per shape: pagedrt's TFLOP/s for each tile height in
-    rows_list (PAGEDRT_PREFILL_ROWS; None: the default) against SDPA's on
+def prefill_kernels(base, rng, shapes, settings):
+    """Causal prefill per shape: pagedrt's time under each setting, a
+    (label, environment) pair read when the backend is made (e.g.
+    PAGEDRT_PREFILL_KERNEL=mma and PAGEDRT_PREFILL_ROWS=64), against SDPA's on
     contiguous q/K/V. FLOPs count half of Q K^T and P V (causal)."""
     import torch
     import torch.nn.functional as F
 
     out = []
-    heads = " ".join(f"{'rows ' + (r or 'dflt'):>9}" for r in rows_list)
+    heads = " ".join(f"{label:>9}" for label, _ in settings)
     print(f"{'prefill':>12} {'H/Hkv':>6} {'D':>4} {heads} {'TFLOP/s':>8} {'SDPA ms':>8} {'TFLOP/s':>8}", flush=True)
     for B, S, H, Hkv, D, bs in shapes:
         flops = B * 4 * H * D * S * S / 2
         secs = {}
-        for rows in rows_list:
-            if rows:
-                os.environ["PAGEDRT_PREFILL_ROWS"] = rows
-            secs[rows or "default"] = pagedrt_attention_s(B, S, S, H, Hkv, D, bs, base, rng, iters=10)
-            os.environ.pop("PAGEDRT_PREFILL_ROWS", None)
+        for label, env in settings:
+            os.environ.update(env)
+            secs[label] = pagedrt_attention_s(B, S, S, H, Hkv, D, bs, base, rng, iters=10)
+            for k in env:
+                os.environ.pop(k, None)
         q = torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16)
         K = torch.randn(B, Hkv, S, D, device="cuda", dtype=torch.bfloat16)
         V = torch.randn(B, Hkv, S, D, device="cuda", dtype=torch.bfloat16)
@@ -199,7 +200,7 @@ def prefill_rows(base, rng, shapes, rows_list):
         best = min(secs.values())
         row = {"shape": f"{B}x{S}", "H": H, "Hkv": Hkv, "D": D, "block": bs, "flops": flops,
                "pagedrt_ms": best * 1e3, "pagedrt_TFLOPs": flops / best / 1e12,
-               "by_rows_ms": {k: v * 1e3 for k, v in secs.items()},
+               "by_setting_ms": {k: v * 1e3 for k, v in secs.items()},
                "sdpa_ms": sdpa * 1e3, "sdpa_TFLOPs": flops / sdpa / 1e12}
         out.append(row)
         cols = " ".join(f"{v * 1e3:>9.3f}" for v in secs.values())
@@ -215,12 +216,16 @@ PREFILL_PART_SHAPES = PREFILL_SHAPES + [(1, 32768, 32, 8, 128, 16), (8, 2048, 32
 
 
 def prefill():
-    """Causal prefill attention, pagedrt at 64 and 128 rows a tile, against SDPA."""
+    """Causal prefill attention: the mma.sync kernel at 64 and 128 rows a tile
+    and Hopper's wgmma kernel (128 rows, D = 128 only: at D = 64 the setting
+    runs the mma.sync kernel), against SDPA."""
     import torch
     rng = np.random.default_rng(0)
     base = rng.standard_normal(1 << 24, dtype=np.float32)
-    return {"device": torch.cuda.get_device_name(),
-            "prefill": prefill_rows(base, rng, PREFILL_PART_SHAPES, ["64", "128"])}
+    settings = [("mma 64", {"PAGEDRT_PREFILL_KERNEL": "mma", "PAGEDRT_PREFILL_ROWS": "64"}),
+                ("mma 128", {"PAGEDRT_PREFILL_KERNEL": "mma", "PAGEDRT_PREFILL_ROWS": "128"}),
+                ("wgmma", {"PAGEDRT_PREFILL_KERNEL": "wgmma"})]
+    return {"device": torch.cuda.get_device_name(), "prefill": prefill_kernels(base, rng, PREFILL_PART_SHAPES, settings)}
 
 
 def attention_sweep():

@@ -31,7 +31,6 @@
 namespace pagedrt::cuda {
 namespace {
 
-constexpr float kLog2e = 1.4426950408889634f;
 constexpr int kMaxGroup = 8;
 
 // W warps of 16 keys each make a tile of 16 W keys; S stages of the pipeline.

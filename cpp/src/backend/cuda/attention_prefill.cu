@@ -30,15 +30,6 @@ namespace pagedrt::cuda {
 namespace {
 
 constexpr int BK = 64, kStages = 2;
-constexpr float kLog2e = 1.4426950408889634f;
-
-// 2^x in one MUFU.EX2, subnormal results flushed to zero (exp2f keeps them, at
-// extra instructions an element); -inf -> 0.
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
 
 template <int D, int BQ>
 struct PrefillSmem {
@@ -236,6 +227,7 @@ void launch_p(const AttentionParams& p, const PrefillPlan& f, cudaStream_t s) {
 
 void prefill_attention(const AttentionParams& p, const PrefillPlan& f, cudaStream_t s) {
   if (f.num_tiles == 0) return;
+  if (f.wgmma) return prefill_attention_wgmma(p, f, s);
   if (p.kv.head_dim == 128)
     f.rows == 128 ? launch_p<128, 128>(p, f, s) : launch_p<128, 64>(p, f, s);
   else

@@ -117,6 +117,15 @@ CudaBackend::CudaBackend(ScalarType activation_dtype) : act_(activation_dtype) {
     else
       std::fprintf(stderr, "pagedrt: PAGEDRT_PREFILL_ROWS=%s is neither 64 nor 128; choosing by head dim\n", r);
   }
+  prefill_wgmma_ = prop.major == 9 && prop.minor == 0 && prefill_wgmma_built();
+  if (const char* k = std::getenv("PAGEDRT_PREFILL_KERNEL")) {
+    if (std::string(k) == "mma")
+      prefill_wgmma_ = false;
+    else if (std::string(k) != "wgmma")
+      std::fprintf(stderr, "pagedrt: PAGEDRT_PREFILL_KERNEL=%s is neither mma nor wgmma; choosing by device\n", k);
+    else if (!prefill_wgmma_)
+      std::fprintf(stderr, "pagedrt: PAGEDRT_PREFILL_KERNEL=wgmma needs an sm_90 GPU and a build for 90a; using mma\n");
+  }
   set_pdl(env_on("PAGEDRT_CUDA_PDL"));
   CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   gemm_ = std::make_unique<Gemm>(stream_);

@@ -156,6 +156,9 @@ class CudaBackend final : public Backend {
   // CUDA-core one; unset, the plan picks per step (DecodePlan::cuda_cores).
   enum class DecodeKernel { Auto, TensorCores, CudaCores } decode_kernel_ = DecodeKernel::Auto;
   int prefill_rows_ = 0;  // PAGEDRT_PREFILL_ROWS=64 or 128 (A/B runs); 0: prefill_rows(head dim)
+  // Prefill tiles of 128 rows at D = 128 on the wgmma kernel: on an sm_90 GPU
+  // with a build that has it, unless PAGEDRT_PREFILL_KERNEL=mma.
+  bool prefill_wgmma_ = false;
   int decode_slots_[2] = {0, 0};
   int64_t decode_slots(int64_t head_dim);
   std::map<GraphKey, cudaGraphExec_t> graphs_;

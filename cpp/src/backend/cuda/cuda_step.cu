@@ -159,6 +159,7 @@ void CudaBackend::plan_attention(int64_t H, int64_t Hkv, int64_t D) {
   p.prefill.tiles = reinterpret_cast<const int2*>(plan_.device() + dec_bytes);
   p.prefill.num_tiles = static_cast<int>(tiles.size());
   p.prefill.rows = tile_rows;
+  p.prefill.wgmma = prefill_wgmma_ && D == 128 && tile_rows == 128;
 }
 
 int64_t CudaBackend::decode_slots(int64_t head_dim) {

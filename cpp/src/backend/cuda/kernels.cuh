@@ -159,11 +159,17 @@ struct PrefillPlan {
   const int2* tiles;
   int num_tiles;
   int rows;
+  // Hopper's warpgroup kernel (attention_prefill_wgmma.cu) instead of the
+  // mma.sync one: D = 128, rows = 128, a build with sm_90a on an sm_90 GPU.
+  bool wgmma;
 };
 // The tile's rows by head dim: 128 at D = 128 (8 warps; each K/V tile read
 // from L2 serves twice the rows of 64), 64 at D = 64.
 constexpr int prefill_rows(int head_dim) { return head_dim == 128 ? 128 : 64; }
 void prefill_attention(const AttentionParams& p, const PrefillPlan& f, cudaStream_t s);
+void prefill_attention_wgmma(const AttentionParams& p, const PrefillPlan& f, cudaStream_t s);
+// Whether the build holds the wgmma kernel (CUDA architectures with 90a).
+bool prefill_wgmma_built();
 
 bool attention_supported(int head_dim, int group);
 
