@@ -671,7 +671,6 @@ def main(argv=None):
     jobs = plan(a, selected)
     ceilings = None
     if a.device == "cpu":  # a CPU figure holds as a fraction of the ceilings measured with it
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         from cpu_ceilings import measure
         ceilings = measure(a.threads)
     for t in {opt for engine, opt, _ in jobs if engine == "llama.cpp"}:

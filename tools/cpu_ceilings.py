@@ -29,14 +29,15 @@ def _median_s(fn, reps):
     return statistics.median(times)
 
 
+UNMEASURED = {"read_GBps": None, "read_1thread_GBps": None, "gemm_GFLOPs": None, "threads": None}
+
+
 def measure(threads: int | None = None) -> dict:
     """The ceilings at `threads` threads (None: torch's default, every core),
     measured in a child process."""
     out = subprocess.run([sys.executable, __file__, *([str(threads)] if threads else [])], capture_output=True,
                          text=True, timeout=300)
-    return json.loads(out.stdout) if out.returncode == 0 else {
-        "read_GBps": None, "read_1thread_GBps": None, "gemm_GFLOPs": None, "threads": None,
-        "error": out.stderr[-500:]}
+    return json.loads(out.stdout) if out.returncode == 0 else {**UNMEASURED, "error": out.stderr[-500:]}
 
 
 def _measure_here(threads: int | None = None, read_bytes: int = 1 << 30, gemm_n: int = 2048, reps: int = 5) -> dict:
@@ -46,7 +47,7 @@ def _measure_here(threads: int | None = None, read_bytes: int = 1 << 30, gemm_n:
     try:
         import torch
     except ImportError:
-        return {"read_GBps": None, "read_1thread_GBps": None, "gemm_GFLOPs": None, "threads": None}
+        return UNMEASURED
     if threads:
         torch.set_num_threads(threads)
     n = torch.get_num_threads()

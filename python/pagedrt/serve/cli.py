@@ -78,8 +78,9 @@ def engine_threads(num_threads: int, device: str) -> int:
     one core is too large a share."""
     from .._core import cuda_available
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    on_cpu = device == "cpu" or (device == "auto" and not cuda_available())
-    return cores - 1 if num_threads == 0 and on_cpu and cores >= 8 else num_threads
+    if num_threads != 0 or cores < 8 or device == "cuda" or (device == "auto" and cuda_available()):
+        return num_threads
+    return cores - 1
 
 
 def main(argv=None) -> int:
