@@ -25,6 +25,7 @@
 #include "backend/cuda/cuda_check.hpp"
 #include "backend/cuda/kernels.cuh"
 #include "backend/cuda/mma.cuh"
+#include "backend/cuda/prefill_rows.cuh"
 
 namespace pagedrt::cuda {
 namespace {
@@ -130,49 +131,8 @@ __global__ void __launch_bounds__(2 * BQ) prefill_kernel(AttentionParams p, Pref
         mma_bf16(sc[n], qa[s + 1], b[2], b[3]);
       }
 
-    // Softmax in the log2 domain with few instructions an element (issue
-    // slots, not the tensor cores, bound this loop on Hopper): the mask only
-    // on tiles that cross a row's position; the max over raw scores (scale >
-    // 0); then one FFMA and one MUFU.EX2 (flush-to-zero) an element.
-    if (kb + BK - 1 > warp_min) {
-#pragma unroll
-      for (int n = 0; n < BK / 8; ++n)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int key = kb + 8 * n + (lane % 4) * 2 + e;
-          if (key > pos_lo) sc[n][e] = -INFINITY;
-          if (key > pos_hi) sc[n][2 + e] = -INFINITY;
-        }
-    }
-    float mx_lo = -INFINITY, mx_hi = -INFINITY;
-#pragma unroll
-    for (int n = 0; n < BK / 8; ++n) {
-      mx_lo = fmaxf(mx_lo, fmaxf(sc[n][0], sc[n][1]));
-      mx_hi = fmaxf(mx_hi, fmaxf(sc[n][2], sc[n][3]));
-    }
-#pragma unroll
-    for (int o2 = 1; o2 <= 2; o2 <<= 1) {
-      mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, o2));
-      mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, o2));
-    }
-    const float mn_lo = fmaxf(m_lo, mx_lo * qscale), mn_hi = fmaxf(m_hi, mx_hi * qscale);
-    const float c_lo = mn_lo == -INFINITY ? 1.0f : fast_exp2(m_lo - mn_lo);
-    const float c_hi = mn_hi == -INFINITY ? 1.0f : fast_exp2(m_hi - mn_hi);
-    const float b_lo = mn_lo == -INFINITY ? 0.0f : mn_lo, b_hi = mn_hi == -INFINITY ? 0.0f : mn_hi;
-    m_lo = mn_lo;
-    m_hi = mn_hi;
-    float s_lo = 0.0f, s_hi = 0.0f;
-#pragma unroll
-    for (int n = 0; n < BK / 8; ++n)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        sc[n][e] = fast_exp2(fmaf(sc[n][e], qscale, -b_lo));  // -inf (masked) -> 0
-        sc[n][2 + e] = fast_exp2(fmaf(sc[n][2 + e], qscale, -b_hi));
-        s_lo += sc[n][e];
-        s_hi += sc[n][2 + e];
-      }
-    l_lo = l_lo * c_lo + s_lo;
-    l_hi = l_hi * c_hi + s_hi;
+    float c_lo, c_hi;
+    online_softmax(sc, kb, kb + BK - 1 > warp_min, lane, pos_lo, pos_hi, qscale, m_lo, m_hi, l_lo, l_hi, c_lo, c_hi);
 #pragma unroll
     for (int n = 0; n < D / 8; ++n) o[n][0] *= c_lo, o[n][1] *= c_lo, o[n][2] *= c_hi, o[n][3] *= c_hi;
 
@@ -191,22 +151,7 @@ __global__ void __launch_bounds__(2 * BQ) prefill_kernel(AttentionParams p, Pref
     }
   }
   cp_async_wait<0>();
-
-#pragma unroll
-  for (int o2 = 1; o2 <= 2; o2 <<= 1) {
-    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, o2);
-    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, o2);
-  }
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int R = h ? r_hi : r_lo;
-    const float l = h ? l_hi : l_lo, inv = l > 0.0f ? 1.0f / l : 0.0f;
-    if (R >= rows_total) continue;
-    bf16* dst = p.out + int64_t(q0 + R / G) * H * D + int64_t(kvh * G + R % G) * D + (lane % 4) * 2;
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n)
-      *reinterpret_cast<uint32_t*>(dst + 8 * n) = pack_bf16x2(o[n][2 * h] * inv, o[n][2 * h + 1] * inv);
-  }
+  store_rows<D>(p, o, l_lo, l_hi, r_lo, r_hi, rows_total, q0, kvh, lane);
 }
 
 template <int D, int BQ>

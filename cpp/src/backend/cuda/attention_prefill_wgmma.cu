@@ -25,6 +25,7 @@
 #include "backend/cuda/cuda_check.hpp"
 #include "backend/cuda/kernels.cuh"
 #include "backend/cuda/mma.cuh"
+#include "backend/cuda/prefill_rows.cuh"
 #include "backend/cuda/wgmma.cuh"
 
 // The compilation passes without sm_90a see an empty kernel body, and would
@@ -152,48 +153,9 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_wgmma_kernel(AttentionPar
     wgmma_wait<0>();
     wgmma_hold(s);
 
-    // The online softmax (attention_prefill.cu): masks only on tiles that
-    // cross a row's position; the max over raw scores; one FFMA and one
-    // MUFU.EX2 an element.
-    if (kb + BK - 1 > wg_min) {
-#pragma unroll
-      for (int j = 0; j < BK / 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int key = kb + 8 * j + (lane % 4) * 2 + e;
-          if (key > pos_lo) s[4 * j + e] = -INFINITY;
-          if (key > pos_hi) s[4 * j + 2 + e] = -INFINITY;
-        }
-    }
-    float mx_lo = -INFINITY, mx_hi = -INFINITY;
-#pragma unroll
-    for (int j = 0; j < BK / 8; ++j) {
-      mx_lo = fmaxf(mx_lo, fmaxf(s[4 * j], s[4 * j + 1]));
-      mx_hi = fmaxf(mx_hi, fmaxf(s[4 * j + 2], s[4 * j + 3]));
-    }
-#pragma unroll
-    for (int o2 = 1; o2 <= 2; o2 <<= 1) {
-      mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, o2));
-      mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, o2));
-    }
-    const float mn_lo = fmaxf(m_lo, mx_lo * qscale), mn_hi = fmaxf(m_hi, mx_hi * qscale);
-    const float c_lo = mn_lo == -INFINITY ? 1.0f : fast_exp2(m_lo - mn_lo);
-    const float c_hi = mn_hi == -INFINITY ? 1.0f : fast_exp2(m_hi - mn_hi);
-    const float b_lo = mn_lo == -INFINITY ? 0.0f : mn_lo, b_hi = mn_hi == -INFINITY ? 0.0f : mn_hi;
-    m_lo = mn_lo;
-    m_hi = mn_hi;
-    float s_lo = 0.0f, s_hi = 0.0f;
-#pragma unroll
-    for (int j = 0; j < BK / 8; ++j)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        s[4 * j + e] = fast_exp2(fmaf(s[4 * j + e], qscale, -b_lo));  // -inf (masked) -> 0
-        s[4 * j + 2 + e] = fast_exp2(fmaf(s[4 * j + 2 + e], qscale, -b_hi));
-        s_lo += s[4 * j + e];
-        s_hi += s[4 * j + 2 + e];
-      }
-    l_lo = l_lo * c_lo + s_lo;
-    l_hi = l_hi * c_hi + s_hi;
+    float c_lo, c_hi;  // the accumulator as 8-column blocks, as prefill_rows.cuh reads it
+    online_softmax(reinterpret_cast<float(&)[BK / 8][4]>(s), kb, kb + BK - 1 > wg_min, lane, pos_lo, pos_hi, qscale,
+                   m_lo, m_hi, l_lo, l_hi, c_lo, c_hi);
 
     // P as the A operand of k-step j (keys 16j .. 16j + 15): blocks 2j and 2j + 1.
     uint32_t pa[BK / 16][4];
@@ -218,22 +180,7 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_wgmma_kernel(AttentionPar
     wgmma_hold(o);
   }
   cp_async_wait<0>();
-
-#pragma unroll
-  for (int o2 = 1; o2 <= 2; o2 <<= 1) {
-    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, o2);
-    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, o2);
-  }
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int R = h ? r_hi : r_lo;
-    const float l = h ? l_hi : l_lo, inv = l > 0.0f ? 1.0f / l : 0.0f;
-    if (R >= rows_total) continue;
-    bf16* dst = p.out + int64_t(q0 + R / G) * H * D + int64_t(kvh * G + R % G) * D + (lane % 4) * 2;
-#pragma unroll
-    for (int j = 0; j < D / 8; ++j)
-      *reinterpret_cast<uint32_t*>(dst + 8 * j) = pack_bf16x2(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
-  }
+  store_rows<D>(p, reinterpret_cast<const float(&)[D / 8][4]>(o), l_lo, l_hi, r_lo, r_hi, rows_total, q0, kvh, lane);
 #else
   __trap();  // built without sm_90a: prefill_wgmma_built() is false and nothing launches this
 #endif
