@@ -48,12 +48,14 @@ def test_bench_tiny_mode_runs_every_workload_and_writes_its_schema(tmp_path):
     c = data["ceilings"]
     assert c["threads"] == 2 and c["read_GBps"] > 0 and c["read_1thread_GBps"] > 0 and c["gemm_GFLOPs"] > 0
     assert data["weight_params"] > 0
+    # ... and at the weights' size in each format that ran (bf16, fp32), the floor's bandwidth
+    assert set(c["read_at_GBps"]) == {str(data["weight_params"] * 2), str(data["weight_params"] * 4)}
     for r in rows:
         if r["workload"] == "latency":
             bpw = 4 if "float32" in r["engine"] else 2
-            floor = c["read_GBps"] * 1e9 / (data["weight_params"] * bpw)
+            floor = c["read_at_GBps"][str(data["weight_params"] * bpw)] * 1e9 / (data["weight_params"] * bpw)
             assert abs(r["floor_tok_s"] - floor) < 1e-6 * floor and abs(r["of_floor"] - r["decode_tok_s"] / floor) < 1e-9
-    assert "ceilings, measured in this run" in stdout and "of floor" in stdout
+    assert "ceilings, measured in this run" in stdout and "read at the weights' size" in stdout and "of floor" in stdout
     # --throughput-runs (default 1): every run's seconds, the row's the median's
     assert all(r["runs_s"] == [r["seconds"]] for r in rows if r["workload"] == "batched")
 

@@ -546,19 +546,33 @@ BYTES_PER_WEIGHT = [("float32", 4.0), ("F32", 4.0), ("bfloat16", 2.0), ("BF16", 
                     ("Q8_0", 34 / 32), ("int8", 1.0)]
 
 
+def bytes_per_weight(engine):
+    """Bytes a weight takes in an engine row's or job's format, or None."""
+    return next((b for name, b in BYTES_PER_WEIGHT if name.lower() in engine.lower()), None)
+
+
+def weight_bytes(params, engines):
+    """The distinct sizes of the weights in the engines' formats: the working
+    sets to measure the read bandwidth at."""
+    return sorted({int(params * b) for b in map(bytes_per_weight, engines) if b})
+
+
 def add_floors(rows, params, ceilings):
     """Each batch-1 decode rate as a fraction of its bandwidth floor: the
     tokens a second if every token read the weights once (params x bytes per
     weight of the row's format) at the read bandwidth measured in this run,
-    with this run's threads. None where the format or the ceiling is unknown."""
-    bw = (ceilings or {}).get("read_GBps")
+    with this run's threads, over a buffer of the weights' size (where they
+    fit the last-level cache, decode reads them from there); over 1 GiB where
+    that size was not measured. None where the format or the ceiling is
+    unknown."""
+    c = ceilings or {}
     for r in rows:
-        if r["workload"] != "latency" or not bw:
+        bpw = bytes_per_weight(r["engine"])
+        if r["workload"] != "latency" or not c.get("read_GBps") or not bpw:
             continue
-        bpw = next((b for name, b in BYTES_PER_WEIGHT if name in r["engine"]), None)
-        if bpw:
-            r["floor_tok_s"] = bw * 1e9 / (params * bpw)
-            r["of_floor"] = r["decode_tok_s"] / r["floor_tok_s"]
+        bw = (c.get("read_at_GBps") or {}).get(str(int(params * bpw)), c["read_GBps"])
+        r["floor_tok_s"] = bw * 1e9 / (params * bpw)
+        r["of_floor"] = r["decode_tok_s"] / r["floor_tok_s"]
 
 
 def greedy_matches(rows):
@@ -669,10 +683,10 @@ def main(argv=None):
         model = pagedrt.resolve_model(a.model)
     size = workloads.sizes(a.size, a.set)
     jobs = plan(a, selected)
-    ceilings = None
+    ceilings, params = None, weight_params(model)
     if a.device == "cpu":  # a CPU figure holds as a fraction of the ceilings measured with it
         from cpu_ceilings import measure
-        ceilings = measure(a.threads)
+        ceilings = measure(a.threads, weight_bytes(params, [f"{engine} {opt}" for engine, opt, _ in jobs]))
     for t in {opt for engine, opt, _ in jobs if engine == "llama.cpp"}:
         gguf_path(t)  # made here, once, not inside a timed job
     rows, errors, covered, t_start, load_start = [], [], set(), time.perf_counter(), os.getloadavg()
@@ -703,12 +717,17 @@ def main(argv=None):
     print(f"\n{model.name} on {platform.machine()} ({cpu_name()}, CPU GEMM {kernel}), {a.threads} threads, "
           f"{date.today()}, sizes \"{a.size}\"{' ' + ' '.join(a.set) if a.set else ''}")
     first = add_ratios(rows)
-    params = weight_params(model)
     add_floors(rows, params, ceilings)
     if ceilings and ceilings.get("read_GBps"):
         print(f"ceilings, measured in this run: read {ceilings['read_1thread_GBps']:.1f} GB/s with 1 thread, "
-              f"{ceilings['read_GBps']:.1f} GB/s with {ceilings['threads']}; fp32 GEMM {ceilings['gemm_GFLOPs']:.0f} "
-              f"GFLOP/s ({params / 1e6:.1f}M weights: the floor of a decode step is one read of them)")
+              f"{ceilings['read_GBps']:.1f} GB/s with {ceilings['threads']} (1 GiB); fp32 GEMM "
+              f"{ceilings['gemm_GFLOPs']:.0f} GFLOP/s ({params / 1e6:.1f}M weights: the floor of a decode step is "
+              f"one read of them, at the read rate of their size)")
+        at = ceilings.get("read_at_GBps") or {}
+        llc = ceilings.get("llc_bytes")
+        if at:
+            print("  read at the weights' size, " + ", ".join(f"{int(b) / 1e6:.0f} MB: {v:.1f} GB/s" for b, v in at.items())
+                  + (f" (last-level cache {llc / 2**20:.0f} MiB)" if llc else ""))
     print_tables(rows, size, a.runs, ref, a.throughput_runs, first)
     first = next((r["load_to_first_token_s"] for r in rows if "load_to_first_token_s" in r), None)
     if first is not None:
