@@ -576,6 +576,30 @@ def test_tiny_llama_fp32_mode_equals_cpu(tiny_llama, kv_heads):
         assert e <= 1e-5
 
 
+def test_tiny_llama_swap_preemption_matches_a_roomy_pool(tiny_llama):
+    """preemption_mode="swap" on the GPU: in a 16-block pool, 12 requests at
+    once are preempted by copying their blocks to page-locked host memory and
+    back; each request's logits match a run in a roomy pool up to its first
+    differing token (the batches differ, and CUDA's sums with them: bf16
+    tolerance; a block that came back wrong would be far off)."""
+    path, _ = tiny_llama(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, dtype="bfloat16")
+    rng = np.random.default_rng(12)
+    prompts = [rng.integers(3, 320, size=int(k)).tolist() for k in rng.integers(5, 30, size=12)]
+    kw = dict(block_size=4, enable_prefix_caching=False)
+    with pagedrt.Runtime(path, device="cuda", kv_cache_bytes=64 << 20, **kw) as rt:
+        roomy = run_all(rt, prompts, max_tokens=10, ignore_eos=True, return_logits=True)
+        block_bytes = rt.stats().kv_cache_bytes // rt.stats().num_blocks
+    with pagedrt.Runtime(path, device="cuda", kv_cache_bytes=16 * block_bytes, preemption_mode="swap", **kw) as rt:
+        small = run_all(rt, prompts, max_tokens=10, ignore_eos=True, return_logits=True)
+        s = rt.stats()
+    assert s.num_swapped_out > 0 and s.swap_out_blocks == s.swap_in_blocks and s.swap_blocks_used == 0
+    for p, (tr, lr), (ts, ls) in zip(prompts, roomy, small):
+        k = rows_until_divergence(len(p), tr, ts)
+        e = rel_err(ls[:k], lr[:k])
+        record("tiny_llama_swap_logits", e)
+        assert e <= 2e-2
+
+
 def test_device_greedy_equals_host_greedy(tiny_llama):
     """Plain greedy batches pick their tokens on the GPU (only the ids travel);
     asking for the logits forces the host pick on the same logits: same tokens.

@@ -4,6 +4,8 @@ pool small enough that preemption happens, chunked prefill on and off, prefix
 caching on and off."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -61,23 +63,121 @@ def alone(model, workload):
         return [run_all(rt, [r])[0][0] for r in workload]
 
 
+@pytest.mark.parametrize("mode", ["recompute", "swap", "auto"])
 @pytest.mark.parametrize("chunked", [False, True], ids=["whole-prefill", "chunked-prefill"])
 @pytest.mark.parametrize("prefix", [False, True], ids=["no-prefix-cache", "prefix-cache"])
-def test_concurrent_equals_alone_under_preemption(model, workload, alone, chunked, prefix):
+def test_concurrent_equals_alone_under_preemption(model, workload, alone, chunked, prefix, mode):
+    """preemption_mode: recompute frees a victim's blocks and computes its
+    tokens again; swap copies them to host slots and back (its K/V come back
+    bit for bit); auto takes the cheaper (on the CPU a block's copy is far
+    cheaper than its tokens' forward: it swaps)."""
     # 20 blocks of 4 tokens: far less than 32 requests need at once, more than any one needs.
     with pagedrt.Runtime(model, device="cpu", block_size=BLOCK, kv_cache_bytes=20 * block_bytes(model),
                          max_num_batched_tokens=16 if chunked else 2048,
-                         enable_prefix_caching=prefix) as rt:
+                         enable_prefix_caching=prefix, preemption_mode=mode) as rt:
         assert rt.stats().num_blocks == 20
         got, preempted = run_all(rt, workload)
         stats = rt.stats()
     assert got == alone
     assert stats.num_preemptions > 0 and max(preempted.values()) > 0
     assert stats.blocks_used == 0 and stats.blocks_free == 20   # nothing leaked
+    if mode == "recompute":
+        assert stats.num_swapped_out == 0 and stats.swap_space_bytes == 0 and stats.swap_out_blocks == 0
+    else:  # preemptions swapped (but for a victim holding no block yet); every block came back
+        assert stats.swap_space_bytes == 20 * block_bytes(model)
+        assert 0.8 * stats.num_preemptions <= stats.num_swapped_out <= stats.num_preemptions
+        assert stats.swap_out_blocks == stats.swap_in_blocks > 0
+        assert stats.swap_blocks_used == 0 and stats.num_swapped == 0
     if prefix:
         assert stats.prefix_hits > 0 and stats.blocks_cached_free > 0
     else:
         assert stats.prefix_hits == 0 and stats.blocks_cached_free == 0
+
+
+FORK_REQS = [(np.random.default_rng(11 + i).integers(3, 320, size=5 + 2 * i).tolist(), i) for i in range(12)]
+
+
+def run_forks(rt):
+    """FORK_REQS at once, odd ones n = 3 seeded samples, even ones beam width
+    3: {index: tokens} per request, and each request's error ("" if none)."""
+    ids = []
+    for prompt, i in FORK_REQS:
+        kw = dict(n=3, temperature=1.0, seed=i) if i % 2 else dict(beam_width=3, temperature=0)
+        ids.append(rt.submit(prompt, max_tokens=12, ignore_eos=True, **kw))
+    out, errors, pending = {i: {} for i in ids}, {i: "" for i in ids}, set(ids)
+    deadline = time.monotonic() + 120
+    while pending:
+        assert time.monotonic() < deadline, f"requests {sorted(pending)} never finished"
+        for ev in rt.poll(timeout=1.0):
+            out[ev.request_id].setdefault(ev.index, []).extend(ev.token_ids)
+            errors[ev.request_id] = errors[ev.request_id] or (ev.error or "")
+            if ev.request_finished:
+                pending.discard(ev.request_id)
+    return [out[i] for i in ids], [errors[i] for i in ids]
+
+
+@pytest.fixture(scope="module")
+def forks_roomy(model):
+    with pagedrt.Runtime(model, device="cpu", block_size=BLOCK, enable_prefix_caching=False) as rt:
+        return run_forks(rt)
+
+
+@pytest.mark.parametrize("mode", ["auto", "swap"])
+def test_forks_and_beams_under_preemption_match_a_roomy_pool(model, forks_roomy, mode):
+    """Requests of n = 3 seeded samples and of beam width 3 share their
+    prompt's blocks between sequences; preempted by swap, a shared block goes
+    out once and comes back shared (ref counts), so each request's outputs
+    equal those of a pool where nothing is preempted."""
+    with pagedrt.Runtime(model, device="cpu", block_size=BLOCK, kv_cache_bytes=24 * block_bytes(model),
+                         enable_prefix_caching=False, preemption_mode=mode) as rt:
+        got, errors = run_forks(rt)
+        s = rt.stats()
+    assert errors == [""] * len(FORK_REQS)
+    assert got == forks_roomy[0]
+    assert s.num_preemptions > 0 and s.num_swapped_out > 0
+    if mode == "swap":  # auto may recompute a request still of one sequence (before its fork) where that was cheaper
+        assert s.num_swapped_out == s.num_preemptions
+    assert s.swap_out_blocks == s.swap_in_blocks and s.swap_blocks_used == 0 and s.blocks_used == 0
+
+
+def test_forks_preempted_by_recompute_that_cannot_fit_again_end_with_an_error(model, forks_roomy):
+    """By recompute, a request's sequences no longer share their prompt's
+    blocks: where they then need more than the pool, the request ends with an
+    error that says what to do (it used to wait forever); the others give
+    the roomy pool's outputs."""
+    with pagedrt.Runtime(model, device="cpu", block_size=BLOCK, kv_cache_bytes=24 * block_bytes(model),
+                         enable_prefix_caching=False, preemption_mode="recompute") as rt:
+        got, errors = run_forks(rt)
+        s = rt.stats()
+    failed = [i for i, e in enumerate(errors) if e]
+    assert failed, "the pool was meant to be too small for some recomputed forks"
+    assert all("no longer share their prompt's KV blocks" in errors[i] and 'preemption_mode "auto"' in errors[i]
+               for i in failed)
+    assert all(got[i] == forks_roomy[0][i] for i in range(len(FORK_REQS)) if i not in failed)
+    assert s.num_swapped_out == 0 and s.blocks_used == 0
+
+
+def test_swap_space_too_small_falls_back_to_recompute(model, workload, alone):
+    """With host slots for 3 blocks, a victim whose blocks do not fit there is
+    preempted by recompute: both kinds happen, and the outputs stay exact."""
+    with pagedrt.Runtime(model, device="cpu", block_size=BLOCK, kv_cache_bytes=20 * block_bytes(model),
+                         enable_prefix_caching=False, preemption_mode="swap",
+                         swap_space_bytes=3 * block_bytes(model)) as rt:
+        got, _ = run_all(rt, workload)
+        s = rt.stats()
+    assert got == alone
+    assert s.swap_space_bytes == 3 * block_bytes(model)
+    assert 0 < s.num_swapped_out < s.num_preemptions
+    assert s.swap_out_blocks == s.swap_in_blocks and s.swap_blocks_used == 0
+
+
+def test_preemption_options_are_checked(model):
+    with pytest.raises(pagedrt.InvalidArgument, match="preemption_mode 'sometimes' is not known"):
+        pagedrt.Runtime(model, device="cpu", preemption_mode="sometimes")
+    with pytest.raises(pagedrt.InvalidArgument, match="swap_space_bytes must be >= 0"):
+        pagedrt.Runtime(model, device="cpu", preemption_mode="swap", swap_space_bytes=-1)
+    with pytest.raises(pagedrt.InvalidArgument, match="swap_space_bytes 100 holds no KV block"):
+        pagedrt.Runtime(model, device="cpu", block_size=BLOCK, preemption_mode="swap", swap_space_bytes=100)
 
 
 def test_shared_prefix_is_computed_once(model):

@@ -118,7 +118,8 @@ class _LoadBar:
 #: source (``print(pagedrt.RuntimeConfig())`` shows them).
 RuntimeConfig = _core.RuntimeConfig
 _OPTIONS = ("device", "dtype", "activation_dtype", "kv_cache_bytes", "gpu_memory_utilization", "block_size",
-            "max_num_seqs", "max_num_batched_tokens", "max_model_len", "enable_prefix_caching", "num_threads",
+            "max_num_seqs", "max_num_batched_tokens", "max_model_len", "enable_prefix_caching",
+            "preemption_mode", "swap_space_bytes", "num_threads",
             "deterministic", "draft_model")
 
 
@@ -153,6 +154,18 @@ class Runtime:
         max_num_batched_tokens [2048]: tokens per engine step at most (chunked prefill).
         max_model_len [0]: prompt plus output tokens at most (0: the model's limit).
         enable_prefix_caching [True]: share identical prompt prefixes between requests.
+        preemption_mode ["auto"]: when a running request cannot get KV
+            blocks, the latest admitted one gives its blocks up: "recompute"
+            (freed; its tokens are computed again when it resumes), "swap"
+            (copied to host memory and back when it resumes; recompute when
+            the swap space is full) or "auto" (swap for a request of several
+            sequences, n > 1 or beams, which recomputed would no longer share
+            its prompt's blocks; for one sequence the cheaper of the two, by
+            the seconds a recomputed token and a swapped block took lately).
+            ``stats()`` counts both (``num_preemptions``, ``num_swapped_out``).
+        swap_space_bytes [0]: host memory for swapped-out blocks (page-locked
+            on CUDA; allocated at the first swap) with preemption_mode "swap"
+            or "auto"; 0: as much as the KV pool, at most 4 GiB.
         num_threads [0]: CPU threads (0: all cores); on CUDA, the host
             sampler's threads (0: at most 4, leaving the other cores to
             structured output's mask threads).

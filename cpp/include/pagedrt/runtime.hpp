@@ -52,6 +52,18 @@ struct RuntimeConfig {
   int32_t max_num_batched_tokens = 2048;  // token budget of one step
   int32_t max_model_len = 0;       // prompt + output at most; 0 = the model's max positions
   bool enable_prefix_caching = true;
+  // When a running request cannot get KV blocks, the latest admitted one
+  // gives up its blocks: "recompute" (they are freed; its tokens are computed
+  // again when it resumes), "swap" (they are copied to host memory and back
+  // when it resumes; recompute when the swap space is full) or "auto" (swap
+  // for a request of several sequences, which recomputed would no longer
+  // share its prompt's blocks; for one sequence the cheaper of the two by the
+  // seconds each took lately).
+  std::string preemption_mode = "auto";
+  // Host memory for swapped-out blocks (page-locked on CUDA; allocated at the
+  // first swap), with preemption_mode "swap" or "auto"; 0 = as much as the KV
+  // pool, at most 4 GiB.
+  int64_t swap_space_bytes = 0;
   int32_t num_threads = 0;         // CPU threads (on CUDA: the host sampler's); 0 = all cores
                                    // (on CUDA: 4 at most, leaving cores to structured output's masks)
   // Batch-invariant results: a sequence's logits have the same bits whatever

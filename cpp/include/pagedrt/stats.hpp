@@ -26,7 +26,14 @@ struct Stats {
   int64_t kv_cache_bytes = 0;
   int64_t num_waiting = 0;
   int64_t num_running = 0;
-  int64_t num_preemptions = 0;     // since start
+  int64_t num_preemptions = 0;     // since start (by recompute and by swap)
+  int64_t num_swapped_out = 0;     // of those, by swap (RuntimeConfig::preemption_mode)
+  int64_t num_swapped = 0;         // requests swapped out now, waiting to come back
+  int64_t swap_space_bytes = 0;    // host memory for swapped-out blocks
+  int64_t swap_blocks_used = 0;    // its blocks holding a swapped-out request's K/V now
+  int64_t swap_out_blocks = 0;     // blocks copied out of the pool, since start
+  int64_t swap_in_blocks = 0;      // blocks copied back, since start
+  double swap_seconds = 0.0;       // since start: issuing the swaps (and, under "auto", waiting for them)
   int64_t num_steps = 0;           // engine steps since start
   double forward_seconds = 0.0;    // since start: the steps' forwards (batch to logits or picks on the host)
   double output_seconds = 0.0;     // since start: the steps' output processing (sampling, stop rules, events)

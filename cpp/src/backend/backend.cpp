@@ -1,5 +1,7 @@
 #include "backend/backend.hpp"
 
+#include <new>
+
 #include "pagedrt/error.hpp"
 
 namespace pagedrt {
@@ -20,6 +22,11 @@ void Backend::linear_silu_mul(const Tensor& x, const Tensor& gate_up_weight, int
                               Tensor& out) {
   linear(x, gate_up_weight, n, gate_up);
   silu_mul(gate_up, n, out);
+}
+
+std::shared_ptr<void> Backend::host_alloc(size_t bytes) {
+  return std::shared_ptr<void>(::operator new(bytes, std::align_val_t(64)),
+                               [](void* p) { ::operator delete(p, std::align_val_t(64)); });
 }
 
 void Backend::argmax(const Tensor&, int64_t, int32_t*, const RowMasks&) {

@@ -141,6 +141,15 @@ class Backend {
   virtual void gather_rows(const Tensor& x, Tensor& out) = 0;
   // cache (num_blocks, ...): block dst = block src for every pair, in order
   virtual void copy_blocks(Tensor& cache, const std::vector<BlockCopy>& copies) = 0;
+  // Host memory for KV blocks swapped out of the pool (preemption by swap):
+  // page-locked on CUDA, so that swap_blocks' copies run on the stream.
+  virtual std::shared_ptr<void> host_alloc(size_t bytes);
+  // Whole blocks between cache (num_blocks, ...) and host slots of the same
+  // size (slot s at host + s * block bytes): to_host, pairs are (cache block,
+  // slot); else (slot, cache block). In stream order with the steps' kernels:
+  // a block copied out may be reused by the next kernel, a block copied in is
+  // read by the next forward.
+  virtual void swap_blocks(Tensor& cache, const std::vector<BlockCopy>& pairs, void* host, bool to_host) = 0;
   // copies all of `src` (any dtype, raw bytes) into host memory `dst`; waits for it
   virtual void download(const Tensor& src, void* dst) = 0;
   // copies `src` (device, F32) into host memory `dst` (numel floats); waits for it

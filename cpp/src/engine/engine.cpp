@@ -18,7 +18,7 @@ Engine::Engine(std::shared_ptr<Backend> backend, std::unique_ptr<LlamaModel> mod
       kv_manager_(pool_, config.enable_prefix_caching),
       scheduler_(config.scheduler, kv_manager_),
       outputs_(config.output, kv_manager_, *this),
-      stats_(runner_.kv()) {
+      stats_(runner_.kv(), config.scheduler.preemption == PreemptionMode::Recompute ? 0 : config.scheduler.swap_slots) {
   if (draft.model) {
     DrafterConfig dc;
     dc.max_num_batched_tokens = config.scheduler.max_num_batched_tokens;
@@ -27,6 +27,9 @@ Engine::Engine(std::shared_ptr<Backend> backend, std::unique_ptr<LlamaModel> mod
     dc.enable_prefix_caching = config.enable_prefix_caching;
     drafter_ = std::make_unique<Drafter>(backend, std::move(draft.model), std::move(draft.kv), dc);
   }
+  if (config.scheduler.swap_slots > 0 && config.scheduler.preemption != PreemptionMode::Recompute)
+    runner_.enable_swap(config.scheduler.swap_slots);
+  auto_preemption_ = config.scheduler.preemption == PreemptionMode::Auto;
   thread_ = std::thread([this] { loop(); });
 }
 
@@ -178,9 +181,37 @@ void Engine::propose_drafts() {
   }
 }
 
+void Engine::swap(const SchedulerOutput& step) {
+  const double start = now_s();
+  runner_.swap(step, auto_preemption_);  // Auto waits for the copies, to time them
+  const double seconds = now_s() - start;
+  const int64_t blocks = static_cast<int64_t>(step.swap_out.size() + step.swap_in.size());
+  stats_.count_swap(static_cast<int64_t>(step.swap_out.size()), static_cast<int64_t>(step.swap_in.size()),
+                    step.swapped_out, seconds);
+  if (auto_preemption_) {
+    const double round_trip = 2.0 * seconds / static_cast<double>(blocks);
+    swap_s_per_block_ = swap_s_per_block_ > 0.0 ? 0.8 * swap_s_per_block_ + 0.2 * round_trip : round_trip;
+    scheduler_.set_costs(recompute_s_per_token_, swap_s_per_block_);
+  }
+}
+
 void Engine::step() {
   if (drafter_) propose_drafts();
   SchedulerOutput step = scheduler_.schedule();
+  for (Request* r : step.unfit)
+    finish_request(*r, FinishReason::Error,
+                   "preempted by recompute, its " + std::to_string(r->seqs.size()) +
+                       " sequences no longer share their prompt's KV blocks and need more than the pool's " +
+                       std::to_string(pool_.num_blocks()) +
+                       " to compute again; use preemption_mode \"auto\" or \"swap\" (with swap space for them) "
+                       "or a larger kv_cache_bytes");
+  if (!step.swap_out.empty() || !step.swap_in.empty()) {
+    try {
+      swap(step);
+    } catch (const std::exception& e) {
+      return fail_step(step, std::string("swapping KV blocks failed: ") + e.what());
+    }
+  }
   if (drafter_)  // a preempted request's shadows: their blocks are better used by the running ones
     for (const Request* r : step.preempted) drafter_->forget(r->arrival);
   if (step.empty()) {  // nothing fits right now; a finishing request will free blocks
@@ -218,6 +249,12 @@ void Engine::step() {
     prompt_tokens += std::max<int64_t>(
         0, std::min<int64_t>(s.req->prompt_len, s.seq->num_computed + s.num_new_tokens) - s.seq->num_computed);
   stats_.count_step(static_cast<int64_t>(step.preempted.size()), prompt_tokens, forward_end - forward_start);
+  if (auto_preemption_ && prompt_tokens > 0) {  // what a token computed again costs
+    const double per_token = (forward_end - forward_start) / static_cast<double>(step.num_tokens);
+    recompute_s_per_token_ =
+        recompute_s_per_token_ > 0.0 ? 0.8 * recompute_s_per_token_ + 0.2 * per_token : per_token;
+    scheduler_.set_costs(recompute_s_per_token_, swap_s_per_block_);
+  }
   const double output_start = now_s();
   outputs_.process(step, out, pm.masks);
   stats_.count_output(now_s() - output_start);

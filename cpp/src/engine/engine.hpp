@@ -106,6 +106,8 @@ class Engine final : private OutputSink {
   // Draft-model proposals for the running requests that ask for them; a
   // failed draft forward ends those requests with an error event.
   void propose_drafts();
+  // The step's swaps (preemption by swap), timed: Auto's cost estimate.
+  void swap(const SchedulerOutput& step);
   // OutputSink
   void push_event(Event ev) override;
   void count_generated(int64_t tokens) override { stats_.count_generated(tokens); }
@@ -132,6 +134,10 @@ class Engine final : private OutputSink {
   Scheduler scheduler_;
   OutputProcessor outputs_;
   StatsKeeper stats_;
+  // PreemptionMode::Auto's estimates (moving averages; 0 until measured):
+  // seconds a token of a prefill step took, seconds to copy a block out and back.
+  bool auto_preemption_ = false;
+  double recompute_s_per_token_ = 0.0, swap_s_per_block_ = 0.0;
   std::unordered_map<std::string, std::unique_ptr<Request>> requests_;  // engine thread only
 
   // inbox

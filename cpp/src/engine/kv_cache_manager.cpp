@@ -99,6 +99,14 @@ void KvCacheManager::truncate(SeqBlocks& seq, int64_t num_tokens) {
   if (static_cast<int64_t>(seq.block_uids.size()) > keep) seq.block_uids.resize(static_cast<size_t>(keep));
 }
 
+void KvCacheManager::restore(SeqBlocks& seq, std::vector<int32_t> table, int64_t num_computed) {
+  assert(seq.table.empty());
+  seq.table = std::move(table);
+  seq.block_uids.clear();
+  logical_blocks_ += static_cast<int64_t>(seq.table.size());
+  note_computed(seq, 0, num_computed);
+}
+
 void KvCacheManager::free(SeqBlocks& seq) {
   logical_blocks_ -= static_cast<int64_t>(seq.table.size());
   pool_.release(seq.table);

@@ -73,6 +73,12 @@ class KvCacheManager {
 
   void free(SeqBlocks& seq);
 
+  // A sequence swapped back in: `table` (blocks allocated for it, one
+  // reference each of its own) holds the K/V of tokens [0, num_computed).
+  // Its blocks are not in the prefix cache: cache_full_blocks registers them
+  // again.
+  void restore(SeqBlocks& seq, std::vector<int32_t> table, int64_t num_computed);
+
   // Keeps the blocks that hold tokens [0, num_tokens) and releases the rest,
   // last first: the tail a speculative step allocated for proposals it then
   // rejected.

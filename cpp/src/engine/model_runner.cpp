@@ -34,6 +34,29 @@ ModelOutput ModelRunner::run(const SchedulerOutput& step, bool device_greedy, bo
   return out;
 }
 
+void ModelRunner::enable_swap(int64_t slots) { swap_slots_ = slots; }
+
+void ModelRunner::swap(const SchedulerOutput& step, bool wait) {
+  if (step.swap_out.empty() && step.swap_in.empty()) return;
+  if (!swap_space_)  // at the first swap: a runtime that never preempts holds no host memory for it
+    swap_space_ = backend_->host_alloc(static_cast<size_t>(swap_slots_ * kv_.bytes_per_block));
+  const size_t region = static_cast<size_t>(swap_slots_) * (kv_.k[0].nbytes() / static_cast<size_t>(kv_.num_blocks));
+  uint8_t* host = static_cast<uint8_t*>(swap_space_.get());
+  for (size_t l = 0; l < kv_.k.size(); ++l) {
+    uint8_t* hk = host + 2 * l * region;
+    uint8_t* hv = hk + region;
+    if (!step.swap_out.empty()) {
+      backend_->swap_blocks(kv_.k[l], step.swap_out, hk, true);
+      backend_->swap_blocks(kv_.v[l], step.swap_out, hv, true);
+    }
+    if (!step.swap_in.empty()) {
+      backend_->swap_blocks(kv_.k[l], step.swap_in, hk, false);
+      backend_->swap_blocks(kv_.v[l], step.swap_in, hv, false);
+    }
+  }
+  if (wait) backend_->synchronize();
+}
+
 void ModelRunner::pick(ModelOutput& out, const RowMasks& masks) {
   model_->pick(out.num_rows, argmax_.data(), masks);
   out.argmax = argmax_.data();

@@ -49,6 +49,15 @@ class ModelRunner {
   // The deferred picks of the last run(): sets out.argmax.
   void pick(ModelOutput& out, const RowMasks& masks);
 
+  // Host memory for `slots` swapped-out blocks (every layer's K and V):
+  // slots x kv().bytes_per_block bytes, page-locked on CUDA, allocated at
+  // the first swap.
+  void enable_swap(int64_t slots);
+  // The step's swaps (SchedulerOutput::swap_out, then swap_in), every layer,
+  // K and V, in stream order before the step's copies and forward; with
+  // `wait`, returns once they are done.
+  void swap(const SchedulerOutput& step, bool wait);
+
   const KvCache& kv() const { return kv_; }
   int64_t vocab_size() const { return model_->config().vocab_size; }
   // Frees the weights and the KV storage, then drops its share of the backend
@@ -62,6 +71,8 @@ class ModelRunner {
   Batch batch_;
   std::vector<float> logits_;    // (num_logits, vocab) of the current step
   std::vector<int32_t> argmax_;  // (num_logits) greedy picks made on the device
+  std::shared_ptr<void> swap_space_;  // per cache tensor (layer l: K at 2l, V at 2l + 1) swap_slots_ blocks
+  int64_t swap_slots_ = 0;
 };
 
 }  // namespace pagedrt

@@ -32,6 +32,7 @@ struct Sequence {
   std::vector<int32_t> tokens;       // prompt then generated tokens
   int64_t num_computed = 0;          // tokens whose K/V are in the cache
   SeqBlocks blocks;                  // block table and prefix-cache uids
+  std::vector<int32_t> host_table;   // swapped out: logical block -> host slot (else empty)
   Rng rng;
   double cum_logprob = 0.0;          // sum of generated tokens' logprobs (when tracked)
   std::vector<float> beam_logprobs;  // beams: log-softmax row held until the group step
@@ -73,6 +74,7 @@ struct Request {
   int64_t prompt_len = 0;
   uint64_t arrival = 0;              // submission order
   int32_t num_preemptions = 0;
+  bool swapped = false;              // preempted by swap: its K/V in host slots, waiting to come back
   std::vector<std::unique_ptr<Sequence>> seqs;  // live sequences
   bool expanded = false;             // n > 1: the prompt's sequence has been forked
 

@@ -1,12 +1,15 @@
 #include "engine/scheduler.hpp"
 
 #include <algorithm>
+#include <unordered_map>
 
 #include "engine/ngram.hpp"
 
 namespace pagedrt {
 
-Scheduler::Scheduler(const SchedulerConfig& config, KvCacheManager& kv) : config_(config), kv_(kv) {}
+Scheduler::Scheduler(const SchedulerConfig& config, KvCacheManager& kv) : config_(config), kv_(kv) {
+  for (int32_t s = config_.swap_slots - 1; s >= 0; --s) free_slots_.push_back(s);
+}
 
 void Scheduler::add(Request* req) { waiting_.push_back(req); }
 
@@ -42,15 +45,91 @@ void Scheduler::undraft(Request* req) {
   }
 }
 
-void Scheduler::preempt(Request* req) {
+int64_t Scheduler::distinct_blocks(const Request& req) {
+  std::vector<int32_t> all;
+  for (const auto& s : req.seqs) all.insert(all.end(), s->blocks.table.begin(), s->blocks.table.end());
+  std::sort(all.begin(), all.end());
+  return std::unique(all.begin(), all.end()) - all.begin();
+}
+
+int64_t Scheduler::unshared_blocks(const Request& req) const {
+  const int64_t bs = kv_.pool().block_size();
+  int64_t blocks = distinct_blocks(req);  // cached prefix blocks just taken: shared
+  for (const auto& s : req.seqs)
+    blocks += std::max<int64_t>(0, (s->num_tokens() + bs - 1) / bs - static_cast<int64_t>(s->blocks.table.size()));
+  return blocks;
+}
+
+bool Scheduler::should_swap(const Request& req) const {
+  if (config_.preemption == PreemptionMode::Recompute) return false;
+  const int64_t blocks = distinct_blocks(req);
+  if (blocks == 0 || blocks > static_cast<int64_t>(free_slots_.size())) return false;
+  if (config_.preemption == PreemptionMode::Swap || req.seqs.size() > 1) return true;
+  int64_t tokens = 0;  // what recompute would compute again, each sequence its own
+  for (const auto& s : req.seqs) tokens += s->num_computed;
+  return swap_s_per_block_ * static_cast<double>(blocks) <= recompute_s_per_token_ * static_cast<double>(tokens);
+}
+
+void Scheduler::preempt(Request* req, SchedulerOutput& out) {
   undraft(req);
-  for (auto& s : req->seqs) {
-    kv_.free(s->blocks);
-    s->num_computed = 0;
+  if (should_swap(*req)) {
+    std::unordered_map<int32_t, int32_t> slot_of;  // pool block -> host slot: a shared block goes out once
+    for (auto& s : req->seqs) {
+      s->host_table.clear();
+      for (int32_t b : s->blocks.table) {
+        auto [it, first] = slot_of.emplace(b, 0);
+        if (first) {
+          it->second = free_slots_.back();
+          free_slots_.pop_back();
+          out.swap_out.push_back({b, it->second});
+        }
+        s->host_table.push_back(it->second);
+      }
+      kv_.free(s->blocks);  // num_computed stays: the K/V come back with the blocks
+    }
+    req->swapped = true;
+    swapped_.push_back(req);
+    ++out.swapped_out;
+  } else {
+    for (auto& s : req->seqs) {
+      kv_.free(s->blocks);
+      s->num_computed = 0;
+    }
+    waiting_.push_front(req);
   }
   ++req->num_preemptions;
   running_.erase(std::find(running_.begin(), running_.end(), req));
-  waiting_.push_front(req);
+}
+
+bool Scheduler::swap_in_front(SchedulerOutput& out) {
+  Request* req = swapped_.front();
+  if (live_seqs() + req->seqs.size() > static_cast<size_t>(config_.max_num_seqs) && !running_.empty()) return false;
+  std::unordered_map<int32_t, int32_t> owners;  // host slot -> sequences holding it
+  std::vector<int32_t> slots;                   // distinct, in table order
+  for (auto& s : req->seqs)
+    for (int32_t slot : s->host_table)
+      if (owners[slot]++ == 0) slots.push_back(slot);
+  // Its blocks and room for each sequence's next block: back only to run.
+  if (static_cast<int64_t>(slots.size() + req->seqs.size()) > kv_.pool().num_free()) return false;
+  std::vector<int32_t> got;
+  kv_.pool().allocate(static_cast<int32_t>(slots.size()), got);
+  std::unordered_map<int32_t, int32_t> block_of;  // host slot -> its new pool block
+  for (size_t i = 0; i < slots.size(); ++i) {
+    block_of[slots[i]] = got[i];
+    for (int32_t r = 1; r < owners[slots[i]]; ++r) kv_.pool().incref(got[i]);
+    out.swap_in.push_back({slots[i], got[i]});
+    free_slots_.push_back(slots[i]);  // free for a later step's swap-out: copies run in stream order
+  }
+  for (auto& s : req->seqs) {
+    std::vector<int32_t> table;
+    for (int32_t slot : s->host_table) table.push_back(block_of[slot]);
+    kv_.restore(s->blocks, std::move(table), s->num_computed);
+    s->host_table.clear();
+  }
+  req->swapped = false;
+  swapped_.pop_front();
+  running_.push_back(req);
+  return true;
 }
 
 size_t Scheduler::live_seqs() const {
@@ -97,7 +176,7 @@ SchedulerOutput Scheduler::schedule() {
     bool ok = !mine.empty();
     while (ok && need > kv_.pool().num_free()) {
       Request* victim = running_.back();
-      preempt(victim);
+      preempt(victim, out);
       out.preempted.push_back(victim);
       if (victim == req) ok = false;
     }
@@ -113,9 +192,13 @@ SchedulerOutput Scheduler::schedule() {
     ++i;
   }
 
-  // Admit new work only in a step that preempted nothing: otherwise the
-  // request just put back would be overtaken.
-  while (out.preempted.empty() && !waiting_.empty() && budget > 0) {
+  // Bring swapped requests back, then admit new work, only in a step that
+  // preempted nothing: otherwise the request just put back would be
+  // overtaken (and a block copied out this step could be copied into).
+  // Requests swapped back run from the next step on.
+  while (out.preempted.empty() && !swapped_.empty() && swap_in_front(out)) {
+  }
+  while (out.preempted.empty() && swapped_.empty() && !waiting_.empty() && budget > 0) {
     Request* req = waiting_.front();
     if (live_seqs() + req->seqs.size() > static_cast<size_t>(config_.max_num_seqs) && !running_.empty()) break;
     int64_t hit_tokens = 0;
@@ -125,6 +208,15 @@ SchedulerOutput Scheduler::schedule() {
         s->num_computed = kv_.acquire_cached_prefix(s->blocks, s->tokens.data(), s->num_tokens());
         hit_tokens += s->num_computed;
       }
+    if (req->seqs.size() > 1 && unshared_blocks(*req) > kv_.pool().num_blocks()) {
+      for (auto& s : req->seqs) {
+        kv_.free(s->blocks);
+        s->num_computed = 0;
+      }
+      waiting_.pop_front();
+      out.unfit.push_back(req);
+      continue;
+    }
     mine.clear();
     if (plan(req, budget, mine) > kv_.pool().num_free()) {
       for (auto& s : req->seqs) {  // give the hits back; try again next step
@@ -155,6 +247,19 @@ void Scheduler::remove(Request* req) {
   if (r != running_.end()) running_.erase(r);
   auto w = std::find(waiting_.begin(), waiting_.end(), req);
   if (w != waiting_.end()) waiting_.erase(w);
+  auto sw = std::find(swapped_.begin(), swapped_.end(), req);
+  if (sw != swapped_.end()) {
+    swapped_.erase(sw);
+    std::vector<int32_t> slots;
+    for (auto& s : req->seqs) {
+      slots.insert(slots.end(), s->host_table.begin(), s->host_table.end());
+      s->host_table.clear();
+    }
+    std::sort(slots.begin(), slots.end());
+    slots.erase(std::unique(slots.begin(), slots.end()), slots.end());
+    free_slots_.insert(free_slots_.end(), slots.begin(), slots.end());
+    req->swapped = false;
+  }
   for (auto& s : req->seqs) kv_.free(s->blocks);
 }
 

@@ -6,9 +6,21 @@
 // for a prefill — then waiting requests are admitted (after taking their
 // prefix-cache hits) while the budget, max_num_seqs and free blocks allow.
 // When a running request cannot get its blocks, the most recently admitted
-// running request is preempted by recompute: its blocks are freed (full ones
-// stay in the prefix cache), its sequences' num_computed go back to 0 (their
-// generated tokens are kept) and it waits at the front of the queue.
+// running request is preempted, by recompute or by swap:
+//   recompute: its blocks are freed (full ones stay in the prefix cache), its
+//     sequences' num_computed go back to 0 (their generated tokens are kept)
+//     and it waits at the front of the queue, to compute its tokens again;
+//   swap: its blocks are copied to host slots (once each: blocks its
+//     sequences share stay shared) and freed; it keeps num_computed and waits
+//     in the swapped queue, which comes before the waiting one: at the end
+//     of a step that preempted nothing, it gets fresh blocks, its slots are
+//     copied back, and it runs again from where it stopped.
+// PreemptionMode::Auto swaps a request of several sequences (n > 1, beams:
+// recomputed, they would no longer share their prompt's blocks), and takes
+// the cheaper of the two for one sequence by the engine's estimates
+// (set_costs: the seconds a token's recompute and a block's swap took
+// lately); swap needs free host slots for all of the request's blocks, else
+// it is recompute.
 #pragma once
 
 #include <cstdint>
@@ -20,11 +32,15 @@
 
 namespace pagedrt {
 
+enum class PreemptionMode { Recompute, Swap, Auto };
+
 // What the scheduler reads (RuntimeConfig holds the defaults).
 struct SchedulerConfig {
   int32_t max_num_seqs = 0;            // live sequences at most
   int32_t max_num_batched_tokens = 0;  // tokens one step computes at most
   int64_t max_model_len = 0;           // prompt + output tokens at most (0: no limit)
+  PreemptionMode preemption = PreemptionMode::Recompute;
+  int32_t swap_slots = 0;              // host slots of one block each (swap space)
 };
 
 struct ScheduledSeq {
@@ -37,6 +53,15 @@ struct SchedulerOutput {
   std::vector<ScheduledSeq> scheduled;
   std::vector<Request*> preempted;  // this step
   std::vector<BlockCopy> copies;    // copy-on-write, to run before the forward
+  // Swaps, to run first (before the copies): (pool block, host slot) out of
+  // the pool, (host slot, pool block) into it.
+  std::vector<BlockCopy> swap_out, swap_in;
+  int32_t swapped_out = 0;          // requests preempted by swap this step
+  // Waiting requests that can never run again: several sequences preempted
+  // by recompute whose tokens, no longer sharing the prompt's blocks, need
+  // more blocks than the pool has. Out of the queues: the engine ends them
+  // with an error.
+  std::vector<Request*> unfit;
   int64_t num_tokens = 0;
   bool empty() const { return scheduled.empty(); }
 };
@@ -50,15 +75,32 @@ class Scheduler {
   // Drops a finished or aborted request wherever it is and frees its blocks.
   void remove(Request* req);
 
-  size_t num_waiting() const { return waiting_.size(); }
+  // Auto's estimates: seconds to compute one token again, to swap one block out and in.
+  void set_costs(double recompute_s_per_token, double swap_s_per_block) {
+    recompute_s_per_token_ = recompute_s_per_token;
+    swap_s_per_block_ = swap_s_per_block;
+  }
+
+  size_t num_waiting() const { return waiting_.size() + swapped_.size(); }
+  size_t num_swapped() const { return swapped_.size(); }
+  int32_t swap_slots_used() const { return config_.swap_slots - static_cast<int32_t>(free_slots_.size()); }
   size_t num_running() const { return running_.size(); }
-  bool has_work() const { return !waiting_.empty() || !running_.empty(); }
+  bool has_work() const { return !waiting_.empty() || !running_.empty() || !swapped_.empty(); }
   const std::vector<Request*>& running() const { return running_; }  // admission order
 
  private:
   // The (sequence, tokens) pairs of `req` that fit in `budget`, and the blocks they need.
   int64_t plan(Request* req, int64_t budget, std::vector<ScheduledSeq>& out) const;
-  void preempt(Request* req);
+  void preempt(Request* req, SchedulerOutput& out);
+  // Whether preempting `req` swaps it (by the mode, the free slots and the costs).
+  bool should_swap(const Request& req) const;
+  // The distinct blocks of the request's sequences' tables (shared ones once).
+  static int64_t distinct_blocks(const Request& req);
+  // The blocks a waiting request's sequences need to compute all their
+  // tokens: those they hold (shared ones once) and the rest, each its own.
+  int64_t unshared_blocks(const Request& req) const;
+  // The front swapped request back into the pool, if its blocks fit; false if not.
+  bool swap_in_front(SchedulerOutput& out);
   size_t live_seqs() const;
   // Speculative decoding: appends proposals (prompt lookup, or the draft
   // model's from Sequence::proposal) to the sequences of `req` at their decode point (at most budget - 1 tokens each, never past
@@ -70,6 +112,9 @@ class Scheduler {
   KvCacheManager& kv_;
   std::deque<Request*> waiting_;
   std::vector<Request*> running_;  // admission order
+  std::deque<Request*> swapped_;   // preempted by swap, in preemption order
+  std::vector<int32_t> free_slots_;  // host slots (a stack: the last freed first)
+  double recompute_s_per_token_ = 0.0, swap_s_per_block_ = 0.0;
 };
 
 }  // namespace pagedrt

@@ -5,7 +5,8 @@
 
 namespace pagedrt {
 
-StatsKeeper::StatsKeeper(const KvCache& kv) {
+StatsKeeper::StatsKeeper(const KvCache& kv, int64_t swap_slots) {
+  stats_.swap_space_bytes = swap_slots * kv.bytes_per_block;
   stats_.num_blocks = kv.num_blocks;
   stats_.block_size = kv.block_size;
   stats_.blocks_free = kv.num_blocks;
@@ -23,6 +24,14 @@ void StatsKeeper::count_step(int64_t preemptions, int64_t prompt_tokens, double 
   stats_.forward_seconds += forward_seconds;
   stats_.num_preemptions += preemptions;
   stats_.prompt_tokens += prompt_tokens;
+}
+
+void StatsKeeper::count_swap(int64_t out_blocks, int64_t in_blocks, int64_t swapped_out, double seconds) {
+  std::lock_guard<std::mutex> lk(mu_);
+  stats_.swap_out_blocks += out_blocks;
+  stats_.swap_in_blocks += in_blocks;
+  stats_.num_swapped_out += swapped_out;
+  stats_.swap_seconds += seconds;
 }
 
 void StatsKeeper::count_output(double seconds) {
@@ -67,6 +76,8 @@ void StatsKeeper::publish(const BlockPool& pool, const KvCacheManager& kv, const
   s.peak_blocks_logical = std::max(s.peak_blocks_logical, s.blocks_logical);
   s.num_waiting = static_cast<int64_t>(scheduler.num_waiting());
   s.num_running = static_cast<int64_t>(scheduler.num_running());
+  s.num_swapped = static_cast<int64_t>(scheduler.num_swapped());
+  s.swap_blocks_used = scheduler.swap_slots_used();
   s.prefix_queries = kv.prefix_queries();
   s.prefix_hits = kv.prefix_hits();
   s.num_copies = kv.num_copies();

@@ -24,11 +24,13 @@ namespace pagedrt {
 
 class StatsKeeper {
  public:
-  explicit StatsKeeper(const KvCache& kv);
+  // swap_slots: host slots of swap space (0: none).
+  StatsKeeper(const KvCache& kv, int64_t swap_slots);
 
   Stats get() const;
   void count_step(int64_t preemptions, int64_t prompt_tokens, double forward_seconds);
   void count_output(double seconds);
+  void count_swap(int64_t out_blocks, int64_t in_blocks, int64_t swapped_out, double seconds);
   void count_generated(int64_t tokens);
   void count_speculative(int64_t proposed, int64_t accepted);
   void count_masks(int64_t rows, double seconds, double wait_seconds);

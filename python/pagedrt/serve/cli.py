@@ -27,6 +27,9 @@ _HELP = {
     "max_num_batched_tokens": "tokens per engine step at most",
     "max_model_len": "prompt plus output tokens at most (0: the model's limit)",
     "enable_prefix_caching": "share identical prompt prefixes between requests",
+    "preemption_mode": "how a request gives up its KV blocks to a running one: recompute, swap (to host "
+                       "memory and back) or auto (swap for n > 1 and beams, else the cheaper)",
+    "swap_space_bytes": "host memory for swapped-out KV blocks (0: as much as the KV pool, at most 4 GiB)",
     "num_threads": "CPU threads (0: all cores, but on a CPU of 8 or more cores one is left to the HTTP layer)",
     "deterministic": "batch-invariant results (default: on for the CPU, off for CUDA; docs/determinism.md)",
     "draft_model": "a smaller model (folder or .gguf) with the same tokenizer, for requests with "

@@ -44,6 +44,7 @@ class CpuBackend final : public Backend {
   void silu_mul(const Tensor& gate_up, int64_t n, Tensor& out) override;
   void gather_rows(const Tensor& x, Tensor& out) override;
   void copy_blocks(Tensor& cache, const std::vector<BlockCopy>& copies) override;
+  void swap_blocks(Tensor& cache, const std::vector<BlockCopy>& pairs, void* host, bool to_host) override;
   void to_host(const Tensor& src, int64_t numel, float* dst) override;
   void download(const Tensor& src, void* dst) override;
 

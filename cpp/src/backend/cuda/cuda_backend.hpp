@@ -90,6 +90,8 @@ class CudaBackend final : public Backend {
                        Tensor& out) override;
   void gather_rows(const Tensor& x, Tensor& out) override;
   void copy_blocks(Tensor& cache, const std::vector<BlockCopy>& copies) override;
+  std::shared_ptr<void> host_alloc(size_t bytes) override;
+  void swap_blocks(Tensor& cache, const std::vector<BlockCopy>& pairs, void* host, bool to_host) override;
   void to_host(const Tensor& src, int64_t numel, float* dst) override;
   bool has_argmax() const override { return true; }
   void argmax(const Tensor& logits, int64_t rows, int32_t* out, const RowMasks& masks) override;
