@@ -83,9 +83,9 @@ def test_concurrent_equals_alone_under_preemption(model, workload, alone, chunke
     assert stats.blocks_used == 0 and stats.blocks_free == 20   # nothing leaked
     if mode == "recompute":
         assert stats.num_swapped_out == 0 and stats.swap_space_bytes == 0 and stats.swap_out_blocks == 0
-    else:  # preemptions swapped (but for a victim holding no block yet); every block came back
+    else:  # preemptions swapped (but for a victim holding no block yet or a full swap space); every block came back
         assert stats.swap_space_bytes == 20 * block_bytes(model)
-        assert 0.8 * stats.num_preemptions <= stats.num_swapped_out <= stats.num_preemptions
+        assert 0 < stats.num_swapped_out <= stats.num_preemptions
         assert stats.swap_out_blocks == stats.swap_in_blocks > 0
         assert stats.swap_blocks_used == 0 and stats.num_swapped == 0
     if prefix:
@@ -134,9 +134,10 @@ def test_forks_and_beams_under_preemption_match_a_roomy_pool(model, forks_roomy,
         s = rt.stats()
     assert errors == [""] * len(FORK_REQS)
     assert got == forks_roomy[0]
+    # Some preemptions may recompute: a victim holding no block yet, a full swap space (the pool's
+    # size, shared by every swapped request), and under auto a request still of one sequence (before
+    # its fork) where that was cheaper. Which ones depends on when the engine's steps meet the submits.
     assert s.num_preemptions > 0 and s.num_swapped_out > 0
-    if mode == "swap":  # auto may recompute a request still of one sequence (before its fork) where that was cheaper
-        assert s.num_swapped_out == s.num_preemptions
     assert s.swap_out_blocks == s.swap_in_blocks and s.swap_blocks_used == 0 and s.blocks_used == 0
 
 

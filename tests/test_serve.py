@@ -227,7 +227,8 @@ def test_models_tokenize_detokenize_metrics(server, rt):
     for name in ("pagedrt_http_requests_total", "pagedrt_time_to_first_token_seconds_bucket",
                  "pagedrt_inter_token_latency_seconds_bucket", "pagedrt_requests_waiting", "pagedrt_requests_running",
                  "pagedrt_kv_blocks_used", "pagedrt_kv_waste_ratio", "pagedrt_prefix_cache_hit_ratio",
-                 "pagedrt_preemptions_total", "pagedrt_generation_tokens_per_second",
+                 "pagedrt_preemptions_total", "pagedrt_preemptions_swapped_total", "pagedrt_requests_swapped",
+                 'pagedrt_swap_blocks_total{direction="out"}', "pagedrt_generation_tokens_per_second",
                  "pagedrt_spec_proposed_tokens_total", "pagedrt_spec_accepted_tokens_total",
                  "pagedrt_structured_mask_seconds_total", "pagedrt_structured_mask_rows_total"):
         assert name in text, name

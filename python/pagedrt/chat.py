@@ -160,7 +160,7 @@ def _stats_line(rt) -> str:
     return (f"KV blocks {s.blocks_used} used / {s.blocks_free} free ({s.blocks_cached_free} cached) of "
             f"{s.num_blocks} x {s.block_size} tokens; waste {100 * s.waste:.1f}% (peak "
             f"{100 * s.waste_at_peak:.1f}%); prefix hits {hit:.0f}% of {s.prefix_queries} tokens; "
-            f"preemptions {s.num_preemptions}; {s.generated_tokens} tokens generated, "
+            f"preemptions {s.num_preemptions} ({s.num_swapped_out} by swap); {s.generated_tokens} tokens generated, "
             f"{s.tokens_per_s:.1f} tok/s recently")
 
 

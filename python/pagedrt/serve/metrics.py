@@ -2,7 +2,8 @@
 
 Counters and histograms are updated as requests run; the engine's figures
 (queue, running sequences, KV blocks and waste, prefix-cache hits,
-preemptions, token rate) are read from ``Runtime.stats()`` at each scrape.
+preemptions and swaps, token rate) are read from ``Runtime.stats()`` at
+each scrape.
 """
 from __future__ import annotations
 
@@ -29,6 +30,16 @@ class _EngineCollector:
         hit = s.prefix_hits / s.prefix_queries if s.prefix_queries else 0.0
         yield GaugeMetricFamily("pagedrt_prefix_cache_hit_ratio", "Prompt blocks found in the prefix cache", hit)
         yield CounterMetricFamily("pagedrt_preemptions", "Sequences preempted for KV space", s.num_preemptions)
+        yield CounterMetricFamily("pagedrt_preemptions_swapped",
+                                  "Of the preemptions, those that swapped the request's KV blocks to host memory",
+                                  s.num_swapped_out)
+        yield GaugeMetricFamily("pagedrt_requests_swapped", "Requests whose KV blocks are in host memory now",
+                                s.num_swapped)
+        swap = CounterMetricFamily("pagedrt_swap_blocks", "KV blocks copied to and from host memory",
+                                   labels=["direction"])
+        swap.add_metric(["out"], s.swap_out_blocks)
+        swap.add_metric(["in"], s.swap_in_blocks)
+        yield swap
         yield CounterMetricFamily("pagedrt_prompt_tokens", "Prompt tokens processed", s.prompt_tokens)
         yield CounterMetricFamily("pagedrt_generation_tokens", "Tokens generated", s.generated_tokens)
         yield GaugeMetricFamily("pagedrt_generation_tokens_per_second", "Recent generation rate", s.tokens_per_s)
