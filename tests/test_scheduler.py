@@ -158,6 +158,31 @@ def test_forks_preempted_by_recompute_that_cannot_fit_again_end_with_an_error(mo
     assert s.num_swapped_out == 0 and s.blocks_used == 0
 
 
+def test_sequences_stopped_while_swapped_out_give_their_host_slots_back(model):
+    """n = 3 requests in a small pool under swap: once some request is swapped
+    out, the host stops sequence 1 of every request. A swapped-out request's
+    stopped sequence frees the host slots only it held (the others keep
+    theirs): at the end no slot and no block is held."""
+    rng = np.random.default_rng(21)
+    with pagedrt.Runtime(model, device="cpu", block_size=BLOCK, kv_cache_bytes=24 * block_bytes(model),
+                         enable_prefix_caching=False, preemption_mode="swap") as rt:
+        ids = [rt.submit(rng.integers(3, 320, size=20).tolist(), max_tokens=16, ignore_eos=True, n=3,
+                         temperature=1.0, seed=i) for i in range(12)]
+        pending, stops, deadline = set(ids), 0, time.monotonic() + 120
+        while pending:
+            assert time.monotonic() < deadline, f"requests {sorted(pending)} never finished"
+            if rt.stats().num_swapped > 0:  # some request is out: stop sequence 1 of each (again: a no-op once done)
+                for i in sorted(pending):
+                    rt._rt.stop_sequence(i, 1)
+                stops += 1
+            for ev in rt.poll(timeout=0.001):
+                if ev.request_finished:
+                    pending.discard(ev.request_id)
+        s = rt.stats()
+    assert stops > 0 and s.num_swapped_out > 0
+    assert s.swap_blocks_used == 0 and s.blocks_used == 0
+
+
 def test_swap_space_too_small_falls_back_to_recompute(model, workload, alone):
     """With host slots for 3 blocks, a victim whose blocks do not fit there is
     preempted by recompute: both kinds happen, and the outputs stay exact."""

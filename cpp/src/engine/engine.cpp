@@ -341,6 +341,7 @@ void Engine::finish_seq(Request& r, Sequence& s, FinishReason reason, const std:
   if (last) drop_request(r);  // r and s stay alive until forget(r)
   push_event(OutputProcessor::make_event(r, s, true, last, reason, error));
   if (last) return forget(r);
+  scheduler_.drop_seq(&r, &s);  // a swapped-out request: the host slots only it held
   if (drafter_) drafter_->forget(r.arrival, s.index);
   auto it = std::find_if(r.seqs.begin(), r.seqs.end(), [&](const std::unique_ptr<Sequence>& q) { return q.get() == &s; });
   r.seqs.erase(it);

@@ -242,6 +242,20 @@ SchedulerOutput Scheduler::schedule() {
   return out;
 }
 
+void Scheduler::drop_seq(Request* req, Sequence* seq) {
+  if (!req->swapped) return;
+  std::vector<int32_t> others;
+  for (auto& s : req->seqs)
+    if (s.get() != seq) others.insert(others.end(), s->host_table.begin(), s->host_table.end());
+  std::sort(others.begin(), others.end());
+  std::vector<int32_t> mine = seq->host_table;
+  std::sort(mine.begin(), mine.end());
+  mine.erase(std::unique(mine.begin(), mine.end()), mine.end());
+  for (int32_t slot : mine)
+    if (!std::binary_search(others.begin(), others.end(), slot)) free_slots_.push_back(slot);
+  seq->host_table.clear();
+}
+
 void Scheduler::remove(Request* req) {
   auto r = std::find(running_.begin(), running_.end(), req);
   if (r != running_.end()) running_.erase(r);

@@ -74,6 +74,10 @@ class Scheduler {
   SchedulerOutput schedule();
   // Drops a finished or aborted request wherever it is and frees its blocks.
   void remove(Request* req);
+  // One sequence of a live request ends (stopped by the host while others
+  // go on): where the request is swapped out, the host slots only it held
+  // are free again.
+  void drop_seq(Request* req, Sequence* seq);
 
   // Auto's estimates: seconds to compute one token again, to swap one block out and in.
   void set_costs(double recompute_s_per_token, double swap_s_per_block) {
