@@ -14,7 +14,8 @@ The acceptance rate is accepted / proposed tokens. Greedy output with
 speculation must equal the plain output on the CPU (batch-invariant): a
 difference is printed (on CUDA, whose verify and decode steps may round
 differently, it is counted). With --draft-model, speculative="draft" runs too.
-On the CPU the run also measures the host's read bandwidth and GEMM rate
+On the CPU the run also measures the host's read bandwidth (over 1 GiB and
+over the weights' size: the faster counts, as in bench.py) and GEMM rate
 (tools/cpu_ceilings.py) and prints each rate as a fraction of the bandwidth
 floor: the weights' bytes read once per token.
 """
@@ -60,13 +61,14 @@ def main():
     modes = ["ngram"] + (["draft"] if args.draft_model else [])
     res = {"device": args.device, "max_tokens": args.max_tokens, "rounds": args.rounds, "modes": modes, "k": args.k,
            "workloads": {}}
+    model = pagedrt.resolve_model(args.model, progress=False)
+    # bytes a decode step reads at least: the weights (the KV cache of a short answer is small)
+    res["weight_bytes"] = sum(f.stat().st_size for f in model.glob("*.safetensors"))
     if args.device == "cpu":  # a CPU figure holds as a fraction of the ceilings measured with it
         from cpu_ceilings import measure
-        res["ceilings"] = measure()
-    with pagedrt.Runtime(args.model, device=args.device, progress=False, draft_model=args.draft_model) as rt:
+        res["ceilings"] = measure(working_sets=[res["weight_bytes"]])
+    with pagedrt.Runtime(model, device=args.device, progress=False, draft_model=args.draft_model) as rt:
         res["model"] = rt.model_path.name
-        # bytes a decode step reads at least: the weights (the KV cache of a short answer is small)
-        res["weight_bytes"] = sum(f.stat().st_size for f in rt.model_path.glob("*.safetensors"))
         res["draft_model"] = rt.model_info.draft_model
         work = speculative_prompts(rt)
         for m in [None] + modes:
@@ -98,9 +100,11 @@ def main():
             print(line, flush=True)
     c = res.get("ceilings") or {}
     if c.get("read_GBps"):
-        floor = c["read_GBps"] * 1e9 / res["weight_bytes"]  # tok/s if a token cost one read of the weights
+        # the faster of the reads over 1 GiB and over the weights' size (bench.py's add_floors)
+        bw = max(c["read_GBps"], (c.get("read_at_GBps") or {}).get(str(res["weight_bytes"]), 0.0))
+        floor = bw * 1e9 / res["weight_bytes"]  # tok/s if a token cost one read of the weights
         res["floor_tok_s"] = floor
-        print(f"ceilings ({c['threads']} threads): read {c['read_GBps']:.1f} GB/s, fp32 GEMM "
+        print(f"ceilings ({c['threads']} threads): read {bw:.1f} GB/s, fp32 GEMM "
               f"{c['gemm_GFLOPs']:.0f} GFLOP/s; weights {res['weight_bytes'] / 1e6:.0f} MB, so the bandwidth "
               f"floor of plain decoding is {floor:.1f} tok/s", flush=True)
         for name, row in res["workloads"].items():
