@@ -89,12 +89,8 @@ __global__ void __launch_bounds__(2 * BQ) prefill_kernel(AttentionParams p, Pref
   const int r_lo = row0 + warp * 16 + lane / 4, r_hi = r_lo + 8;
   const int pos_lo = r_lo < rows_total ? p.positions[q0 + r_lo / G] : -1;
   const int pos_hi = r_hi < rows_total ? p.positions[q0 + r_hi / G] : -1;
-  int warp_max = max(pos_lo, pos_hi), warp_min = min(pos_lo, pos_hi);
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    warp_max = max(warp_max, __shfl_xor_sync(0xffffffffu, warp_max, o));
-    warp_min = min(warp_min, __shfl_xor_sync(0xffffffffu, warp_min, o));
-  }
+  int warp_min, warp_max;
+  warp_position_range(pos_lo, pos_hi, warp_min, warp_max);
   const float qscale = p.scale * kLog2e;
 
   uint32_t qa[KS][4];

@@ -111,12 +111,8 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_wgmma_kernel(AttentionPar
   const int pos_lo = r_lo < rows_total ? p.positions[q0 + r_lo / G] : -1;
   const int pos_hi = r_hi < rows_total ? p.positions[q0 + r_hi / G] : -1;
   {
-    int mx = max(pos_lo, pos_hi), mn = min(pos_lo, pos_hi);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-      mn = min(mn, __shfl_xor_sync(0xffffffffu, mn, o));
-    }
+    int mn, mx;
+    warp_position_range(pos_lo, pos_hi, mn, mx);
     if (lane == 0) warp_pos[warp][0] = mn, warp_pos[warp][1] = mx;
   }
   __syncthreads();

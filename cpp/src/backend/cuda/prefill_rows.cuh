@@ -1,7 +1,7 @@
 // backend/cuda/prefill_rows.cuh — what the two prefill attention kernels
 // (attention_prefill.cu on mma.sync, attention_prefill_wgmma.cu on wgmma) do
-// alike with a thread's two rows of a tile: the online softmax of a tile of
-// scores and the final write of O / l.
+// alike with a thread's two rows of a tile: their warp's range of positions,
+// the online softmax of a tile of scores and the final write of O / l.
 //
 // Both hold scores and O in the C-fragment layout of mma.sync m16n8 (mma.cuh;
 // a wgmma accumulator is the same per warp): block n of 8 columns is
@@ -13,6 +13,18 @@
 #include "backend/cuda/mma.cuh"
 
 namespace pagedrt::cuda {
+
+// The least and greatest of the warp's row positions pos_lo and pos_hi (-1:
+// a row past the sequence), in every lane.
+__device__ __forceinline__ void warp_position_range(int pos_lo, int pos_hi, int& mn, int& mx) {
+  mx = max(pos_lo, pos_hi);
+  mn = min(pos_lo, pos_hi);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    mn = min(mn, __shfl_xor_sync(0xffffffffu, mn, o));
+  }
+}
 
 // The online softmax of one tile of scores s (NB blocks: keys kb + 8n + (lane
 // % 4) * 2 + e) in the log2 domain, with few instructions an element (issue
