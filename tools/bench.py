@@ -561,17 +561,15 @@ def add_floors(rows, params, ceilings):
     """Each batch-1 decode rate as a fraction of its bandwidth floor: the
     tokens a second if every token read the weights once (params x bytes per
     weight of the row's format) at the read bandwidth measured in this run,
-    with this run's threads: the faster of the reads over 1 GiB and over a
-    buffer of the weights' size (where they fit the last-level cache, decode
-    reads them from there; a cache-sized probe that reads slower than the
-    DRAM one, as on the Xeon at 8 threads, is not a ceiling). None where the
+    with this run's threads (cpu_ceilings.floor_GBps: where the weights fit
+    the last-level cache, decode reads them from there). None where the
     format or the ceiling is unknown."""
-    c = ceilings or {}
+    from cpu_ceilings import floor_GBps
     for r in rows:
         bpw = bytes_per_weight(r["engine"])
-        if r["workload"] != "latency" or not c.get("read_GBps") or not bpw:
+        bw = floor_GBps(ceilings, params * bpw) if bpw else None
+        if r["workload"] != "latency" or not bw:
             continue
-        bw = max(c["read_GBps"], (c.get("read_at_GBps") or {}).get(str(int(params * bpw)), 0.0))
         r["floor_tok_s"] = bw * 1e9 / (params * bpw)
         r["of_floor"] = r["decode_tok_s"] / r["floor_tok_s"]
 

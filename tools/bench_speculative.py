@@ -99,9 +99,9 @@ def main():
             res["workloads"][name] = row
             print(line, flush=True)
     c = res.get("ceilings") or {}
-    if c.get("read_GBps"):
-        # the faster of the reads over 1 GiB and over the weights' size (bench.py's add_floors)
-        bw = max(c["read_GBps"], (c.get("read_at_GBps") or {}).get(str(res["weight_bytes"]), 0.0))
+    from cpu_ceilings import floor_GBps
+    bw = floor_GBps(c, res["weight_bytes"])
+    if bw:
         floor = bw * 1e9 / res["weight_bytes"]  # tok/s if a token cost one read of the weights
         res["floor_tok_s"] = floor
         print(f"ceilings ({c['threads']} threads): read {bw:.1f} GB/s, fp32 GEMM "

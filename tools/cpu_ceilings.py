@@ -48,6 +48,18 @@ def measure(threads: int | None = None, working_sets: list[int] = ()) -> dict:
     return json.loads(out.stdout) if out.returncode == 0 else {**UNMEASURED, "error": out.stderr[-500:]}
 
 
+def floor_GBps(ceilings: dict, weight_bytes: int) -> float | None:
+    """The read rate a decode floor counts for weights of `weight_bytes`: the
+    faster of the reads over 1 GiB and over a buffer of their size, where
+    measured (a cache-sized probe that reads slower than the DRAM one, as on
+    the H200 host's Xeon at 8 threads, is not a ceiling). None where
+    unmeasured."""
+    dram = (ceilings or {}).get("read_GBps")
+    if not dram:
+        return None
+    return max(dram, (ceilings.get("read_at_GBps") or {}).get(str(int(weight_bytes)), 0.0))
+
+
 def llc_bytes() -> int | None:
     """The size of CPU 0's last-level cache (Linux sysfs), or None."""
     sizes = []

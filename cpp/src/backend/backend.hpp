@@ -164,4 +164,19 @@ class Backend {
   virtual void argmax(const Tensor& logits, int64_t rows, int32_t* out, const RowMasks& masks = {});
 };
 
+// Backend::swap_blocks' addresses: copy(dst, src, bytes) once per pair, a
+// whole block of `cache` to or from its host slot.
+template <typename Copy>
+void for_each_swap(const Tensor& cache, const std::vector<BlockCopy>& pairs, void* host, bool to_host, Copy copy) {
+  const size_t block_bytes = cache.nbytes() / static_cast<size_t>(cache.dim(0));
+  uint8_t* base = static_cast<uint8_t*>(cache.data);
+  uint8_t* h = static_cast<uint8_t*>(host);
+  for (const BlockCopy& c : pairs) {
+    if (to_host)
+      copy(h + c.dst * block_bytes, base + c.src * block_bytes, block_bytes);
+    else
+      copy(base + c.dst * block_bytes, h + c.src * block_bytes, block_bytes);
+  }
+}
+
 }  // namespace pagedrt

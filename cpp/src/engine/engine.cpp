@@ -9,6 +9,9 @@
 namespace pagedrt {
 namespace {
 double now_s() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
+
+// Auto's cost estimates: a moving average, the first sample taken whole.
+void average_in(double& avg, double sample) { avg = avg > 0.0 ? 0.8 * avg + 0.2 * sample : sample; }
 }  // namespace
 
 Engine::Engine(std::shared_ptr<Backend> backend, std::unique_ptr<LlamaModel> model, KvCache kv,
@@ -18,7 +21,7 @@ Engine::Engine(std::shared_ptr<Backend> backend, std::unique_ptr<LlamaModel> mod
       kv_manager_(pool_, config.enable_prefix_caching),
       scheduler_(config.scheduler, kv_manager_),
       outputs_(config.output, kv_manager_, *this),
-      stats_(runner_.kv(), config.scheduler.preemption == PreemptionMode::Recompute ? 0 : config.scheduler.swap_slots) {
+      stats_(runner_.kv(), config.scheduler.swap_slots) {
   if (draft.model) {
     DrafterConfig dc;
     dc.max_num_batched_tokens = config.scheduler.max_num_batched_tokens;
@@ -27,8 +30,7 @@ Engine::Engine(std::shared_ptr<Backend> backend, std::unique_ptr<LlamaModel> mod
     dc.enable_prefix_caching = config.enable_prefix_caching;
     drafter_ = std::make_unique<Drafter>(backend, std::move(draft.model), std::move(draft.kv), dc);
   }
-  if (config.scheduler.swap_slots > 0 && config.scheduler.preemption != PreemptionMode::Recompute)
-    runner_.enable_swap(config.scheduler.swap_slots);
+  if (config.scheduler.swap_slots > 0) runner_.enable_swap(config.scheduler.swap_slots);
   auto_preemption_ = config.scheduler.preemption == PreemptionMode::Auto;
   thread_ = std::thread([this] { loop(); });
 }
@@ -189,8 +191,7 @@ void Engine::swap(const SchedulerOutput& step) {
   stats_.count_swap(static_cast<int64_t>(step.swap_out.size()), static_cast<int64_t>(step.swap_in.size()),
                     step.swapped_out, seconds);
   if (auto_preemption_) {
-    const double round_trip = 2.0 * seconds / static_cast<double>(blocks);
-    swap_s_per_block_ = swap_s_per_block_ > 0.0 ? 0.8 * swap_s_per_block_ + 0.2 * round_trip : round_trip;
+    average_in(swap_s_per_block_, 2.0 * seconds / static_cast<double>(blocks));  // out and back
     scheduler_.set_costs(recompute_s_per_token_, swap_s_per_block_);
   }
 }
@@ -250,9 +251,7 @@ void Engine::step() {
         0, std::min<int64_t>(s.req->prompt_len, s.seq->num_computed + s.num_new_tokens) - s.seq->num_computed);
   stats_.count_step(static_cast<int64_t>(step.preempted.size()), prompt_tokens, forward_end - forward_start);
   if (auto_preemption_ && prompt_tokens > 0) {  // what a token computed again costs
-    const double per_token = (forward_end - forward_start) / static_cast<double>(step.num_tokens);
-    recompute_s_per_token_ =
-        recompute_s_per_token_ > 0.0 ? 0.8 * recompute_s_per_token_ + 0.2 * per_token : per_token;
+    average_in(recompute_s_per_token_, (forward_end - forward_start) / static_cast<double>(step.num_tokens));
     scheduler_.set_costs(recompute_s_per_token_, swap_s_per_block_);
   }
   const double output_start = now_s();

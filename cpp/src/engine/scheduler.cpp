@@ -264,14 +264,7 @@ void Scheduler::remove(Request* req) {
   auto sw = std::find(swapped_.begin(), swapped_.end(), req);
   if (sw != swapped_.end()) {
     swapped_.erase(sw);
-    std::vector<int32_t> slots;
-    for (auto& s : req->seqs) {
-      slots.insert(slots.end(), s->host_table.begin(), s->host_table.end());
-      s->host_table.clear();
-    }
-    std::sort(slots.begin(), slots.end());
-    slots.erase(std::unique(slots.begin(), slots.end()), slots.end());
-    free_slots_.insert(free_slots_.end(), slots.begin(), slots.end());
+    for (auto& s : req->seqs) drop_seq(req, s.get());  // a slot shared by several goes with the last
     req->swapped = false;
   }
   for (auto& s : req->seqs) kv_.free(s->blocks);

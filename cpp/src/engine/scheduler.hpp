@@ -40,7 +40,7 @@ struct SchedulerConfig {
   int32_t max_num_batched_tokens = 0;  // tokens one step computes at most
   int64_t max_model_len = 0;           // prompt + output tokens at most (0: no limit)
   PreemptionMode preemption = PreemptionMode::Recompute;
-  int32_t swap_slots = 0;              // host slots of one block each (swap space)
+  int32_t swap_slots = 0;              // host slots of one block each (swap space); 0 under Recompute
 };
 
 struct ScheduledSeq {

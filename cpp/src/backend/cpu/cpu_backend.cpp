@@ -319,15 +319,7 @@ void CpuBackend::copy_blocks(Tensor& cache, const std::vector<BlockCopy>& copies
 }
 
 void CpuBackend::swap_blocks(Tensor& cache, const std::vector<BlockCopy>& pairs, void* host, bool to_host) {
-  const size_t block_bytes = cache.nbytes() / static_cast<size_t>(cache.dim(0));
-  uint8_t* base = static_cast<uint8_t*>(cache.data);
-  uint8_t* h = static_cast<uint8_t*>(host);
-  for (const BlockCopy& c : pairs) {
-    if (to_host)
-      std::memcpy(h + c.dst * block_bytes, base + c.src * block_bytes, block_bytes);
-    else
-      std::memcpy(base + c.dst * block_bytes, h + c.src * block_bytes, block_bytes);
-  }
+  for_each_swap(cache, pairs, host, to_host, [](void* dst, const void* src, size_t n) { std::memcpy(dst, src, n); });
 }
 
 void CpuBackend::to_host(const Tensor& src, int64_t numel, float* dst) {

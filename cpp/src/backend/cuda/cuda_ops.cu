@@ -206,17 +206,10 @@ std::shared_ptr<void> CudaBackend::host_alloc(size_t bytes) {
 // One copy a block: swaps are rare (a full pool), and a step's few hundred
 // block copies of a few KB to 64 KB each run at PCIe rate from pinned memory.
 void CudaBackend::swap_blocks(Tensor& cache, const std::vector<BlockCopy>& pairs, void* host, bool to_host) {
-  const size_t block_bytes = cache.nbytes() / static_cast<size_t>(cache.dim(0));
-  uint8_t* base = static_cast<uint8_t*>(cache.data);
-  uint8_t* h = static_cast<uint8_t*>(host);
-  for (const BlockCopy& c : pairs) {
-    if (to_host)
-      CUDA_CHECK(cudaMemcpyAsync(h + c.dst * block_bytes, base + c.src * block_bytes, block_bytes,
-                                 cudaMemcpyDeviceToHost, stream_));
-    else
-      CUDA_CHECK(cudaMemcpyAsync(base + c.dst * block_bytes, h + c.src * block_bytes, block_bytes,
-                                 cudaMemcpyHostToDevice, stream_));
-  }
+  const cudaMemcpyKind kind = to_host ? cudaMemcpyDeviceToHost : cudaMemcpyHostToDevice;
+  for_each_swap(cache, pairs, host, to_host, [&](void* dst, const void* src, size_t n) {
+    CUDA_CHECK(cudaMemcpyAsync(dst, src, n, kind, stream_));
+  });
 }
 
 void CudaBackend::to_host(const Tensor& src, int64_t numel, float* dst) {
