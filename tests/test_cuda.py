@@ -323,13 +323,13 @@ def test_copy_blocks(ops):
 
 # ---- paged attention -------------------------------------------------------------------
 
-def attention_inputs(rng, seqs, H, Hkv, D):
+def attention_inputs(rng, seqs, H, Hkv, D, block_size=16):
     """A batch of `seqs` (make_batch) and random bf16 qkv rows and K/V caches for it."""
-    b = make_batch(rng, seqs)
+    b = make_batch(rng, seqs, block_size)
     n = len(b["tokens"])
     qkv = bf(rng.standard_normal((n, (H + 2 * Hkv) * D)))
-    kc = bf(rng.standard_normal((b["num_blocks"], 16, Hkv, D)))
-    vc = bf(rng.standard_normal((b["num_blocks"], 16, Hkv, D)))
+    kc = bf(rng.standard_normal((b["num_blocks"], block_size, Hkv, D)))
+    vc = bf(rng.standard_normal((b["num_blocks"], block_size, Hkv, D)))
     return b, qkv, kc, vc
 
 
@@ -463,19 +463,20 @@ def test_decode_split_merge_in_clusters_equals_merge_kernel(ops, monkeypatch):
             assert rel_err(outs[0], contiguous_attention(b, qkv, kc, vc, H, Hkv, D, D ** -0.5)) <= BF16_TOL
 
 
-@pytest.mark.parametrize("rows,kernel", [("64", "mma"), ("128", "mma"), ("128", "wgmma")])
+@pytest.mark.parametrize("rows,kernel", [("64", "mma"), ("128", "mma"), ("128", "wgmma"), ("128", "ws")])
 def test_prefill_kernel_forced(monkeypatch, capfd, rows, kernel):
     """The prefill kernels, each forced: the mma.sync kernel's two tile
     heights (PAGEDRT_PREFILL_ROWS; by default 128 rows at D = 128, 64 at D =
-    64) and Hopper's wgmma kernel (PAGEDRT_PREFILL_KERNEL=wgmma, 128 rows at D
-    = 128; the default there on an sm_90 GPU): prompts from scratch, chunked
+    64) and Hopper's two wgmma kernels (PAGEDRT_PREFILL_KERNEL=wgmma, and =ws
+    the warp-specialized TMA one, the default on an sm_90 GPU; 128 rows at D
+    = 128, D = 64 runs mma.sync): prompts from scratch, chunked
     prefill over cached keys and decodes in one step, prompts whose (token,
     head) rows end inside a tile and past several tiles, G 1, 4 and 8, against
     contiguous attention on the gathered blocks, per token."""
     monkeypatch.setenv("PAGEDRT_PREFILL_ROWS", rows)
     monkeypatch.setenv("PAGEDRT_PREFILL_KERNEL", kernel)
     torch = pytest.importorskip("torch")
-    if kernel == "wgmma" and torch.cuda.get_device_capability() != (9, 0):
+    if kernel in ("wgmma", "ws") and torch.cuda.get_device_capability() != (9, 0):
         pytest.skip(f"the wgmma kernel needs an sm_90 GPU, not {torch.cuda.get_device_name()}")
     gpu = _testing._Ops("cuda")
     assert "PAGEDRT_PREFILL_KERNEL" not in capfd.readouterr().err  # the kernel asked for is the one run
@@ -491,6 +492,35 @@ def test_prefill_kernel_forced(monkeypatch, capfd, rows, kernel):
         assert e <= BF16_TOL, (rows, kernel, D, H, Hkv, e)
         for t in range(len(b["tokens"])):
             assert rel_err(ours[t], ref[t]) <= 2 * BF16_TOL, (rows, kernel, D, H, Hkv, t)
+
+
+@pytest.mark.parametrize("stages", ["2", "3"])
+def test_prefill_ws_block_sizes(monkeypatch, stages):
+    """The warp-specialized TMA prefill kernel (attention_prefill_ws.cu) loads
+    K/V a page a box: every power-of-two block size from 8 (a box of 128 keys
+    inside pages of 256), its 2- and 3-stage rings, G 1, 4 and 8, prompts
+    ending inside a page, a tile and a box, chunks over cached keys; block
+    sizes it does not take (4, 48) run the other wgmma kernel. Against
+    contiguous attention on the gathered blocks, per token."""
+    monkeypatch.setenv("PAGEDRT_PREFILL_KERNEL", "ws")
+    monkeypatch.setenv("PAGEDRT_PREFILL_STAGES", stages)
+    torch = pytest.importorskip("torch")
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip(f"the TMA prefill kernel needs an sm_90 GPU, not {torch.cuda.get_device_name()}")
+    gpu = _testing._Ops("cuda")
+    rng = np.random.default_rng(int(stages))
+    seqs = [(0, 300), (200, 150), (0, 17), (5, 1), (600, 33), (0, 129), (0, 520), (130, 260), (1000, 70)]
+    for bs in (8, 16, 32, 64, 128, 256, 4, 48):
+        for H, Hkv in [(32, 8), (8, 8), (64, 8)]:
+            b, qkv, kc, vc = attention_inputs(rng, seqs, H, Hkv, 128, block_size=bs)
+            set_batch(gpu, b)
+            ours = gpu.paged_attention(qkv, kc, vc, H, Hkv, 128, 128 ** -0.5)
+            ref = contiguous_attention(b, qkv, kc, vc, H, Hkv, 128, 128 ** -0.5, block_size=bs)
+            e = rel_err(ours, ref)
+            record(f"prefill_ws{stages}[bs={bs},G={H // Hkv}]", e)
+            assert e <= BF16_TOL, (stages, bs, H, Hkv, e)
+            for t in range(len(b["tokens"])):
+                assert rel_err(ours[t], ref[t]) <= 2 * BF16_TOL, (stages, bs, H, Hkv, t)
 
 
 @pytest.mark.parametrize("kernel", ["cc", "2x3", "4x3", "2x2"])

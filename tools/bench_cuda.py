@@ -217,14 +217,17 @@ PREFILL_PART_SHAPES = PREFILL_SHAPES + [(1, 32768, 32, 8, 128, 16), (8, 2048, 32
 
 def prefill():
     """Causal prefill attention: the mma.sync kernel at 64 and 128 rows a tile
-    and Hopper's wgmma kernel (128 rows, D = 128 only: at D = 64 the setting
-    runs the mma.sync kernel), against SDPA."""
+    and Hopper's two wgmma kernels (128 rows, D = 128 only: at D = 64 those
+    settings run the mma.sync kernel) — the first, and the warp-specialized
+    TMA one with 2 and 3 stages — against SDPA."""
     import torch
     rng = np.random.default_rng(0)
     base = rng.standard_normal(1 << 24, dtype=np.float32)
     settings = [("mma 64", {"PAGEDRT_PREFILL_KERNEL": "mma", "PAGEDRT_PREFILL_ROWS": "64"}),
                 ("mma 128", {"PAGEDRT_PREFILL_KERNEL": "mma", "PAGEDRT_PREFILL_ROWS": "128"}),
-                ("wgmma", {"PAGEDRT_PREFILL_KERNEL": "wgmma"})]
+                ("wgmma", {"PAGEDRT_PREFILL_KERNEL": "wgmma"}),
+                ("ws", {"PAGEDRT_PREFILL_KERNEL": "ws", "PAGEDRT_PREFILL_STAGES": "2"}),
+                ("ws 3", {"PAGEDRT_PREFILL_KERNEL": "ws", "PAGEDRT_PREFILL_STAGES": "3"})]
     return {"device": torch.cuda.get_device_name(), "prefill": prefill_kernels(base, rng, PREFILL_PART_SHAPES, settings)}
 
 

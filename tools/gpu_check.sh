@@ -18,7 +18,7 @@
 #   bench    tools/bench_cuda.py: ceilings, paged attention, own GEMV vs cuBLASLt, pagedrt (and its
 #            batch-1 TPOT with CUDA graphs / PDL off and on), transformers
 #   attn     tools/bench_cuda.py attention alone (paged decode attention over shapes, the peers)
-#   prefill  tools/bench_cuda.py prefill (causal prefill attention: mma.sync at 64 and 128 rows a tile, wgmma; SDPA), then
+#   prefill  tools/bench_cuda.py prefill (causal prefill attention: mma.sync at 64 and 128 rows a tile, wgmma, ws; SDPA), then
 #            TTFT on the 8B shape with each kernel (ttft_env)
 #   gemm     tools/bench_cuda.py gemm: the 8B projections at M = 1..8192 against the roofline
 #            (engine, cuBLASLt searched, cuBLASLt heuristic, torch)
@@ -179,7 +179,7 @@ if has prefill; then
   stage prefill
   (cd /tmp && timeout 200 $PY "$OLDPWD/tools/bench_cuda.py" prefill "$OUT/prefill.json" | grep -v "^prefill {")
   [ -f "$LLAMA8B/config.json" ] && (cd /tmp && timeout 200 $PY "$OLDPWD/tools/bench_cuda.py" ttft_env \
-     "$OUT/ttft_prefill.json" "$LLAMA8B" PAGEDRT_PREFILL_KERNEL=mma PAGEDRT_PREFILL_KERNEL=wgmma | grep -v "^ttft_env {")
+     "$OUT/ttft_prefill.json" "$LLAMA8B" PAGEDRT_PREFILL_KERNEL=mma PAGEDRT_PREFILL_KERNEL=wgmma PAGEDRT_PREFILL_KERNEL=ws | grep -v "^ttft_env {")
 fi
 
 if has gemm; then

@@ -47,6 +47,7 @@ struct PagedKv {
   int32_t block_shift = -1;               // log2(block_size) when a power of two, else -1
   int32_t num_kv_heads = 0;               // Hkv
   int32_t head_dim = 0;                   // D
+  int64_t num_blocks = 0;                 // blocks in the cache (where a kernel needs its bounds)
   int64_t token_stride = 0;               // elements from one slot to the next (NHD: Hkv * D)
   int64_t head_stride = 0;                // elements from one kv head to the next (NHD: D)
   const int32_t* page_indptr = nullptr;   // (num_seqs + 1): sequence i's blocks are

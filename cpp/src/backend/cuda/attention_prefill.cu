@@ -168,6 +168,7 @@ void launch_p(const AttentionParams& p, const PrefillPlan& f, cudaStream_t s) {
 
 void prefill_attention(const AttentionParams& p, const PrefillPlan& f, cudaStream_t s) {
   if (f.num_tiles == 0) return;
+  if (f.wgmma && f.ws && prefill_ws_fits(p)) return prefill_attention_ws(p, f, s);
   if (f.wgmma) return prefill_attention_wgmma(p, f, s);
   if (p.kv.head_dim == 128)
     f.rows == 128 ? launch_p<128, 128>(p, f, s) : launch_p<128, 64>(p, f, s);

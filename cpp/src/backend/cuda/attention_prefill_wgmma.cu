@@ -50,12 +50,6 @@ struct WgmmaSmem {
   static constexpr uint32_t alloc = bytes + 1024;   // slack to align the start to 1,024
 };
 
-// Byte offset of 16-byte chunk c (0 .. 15) of row r in a two-half tile of
-// `rows` rows.
-__device__ __forceinline__ uint32_t tile_offset(int r, int c, int rows) {
-  return uint32_t((c >> 3) * rows * 128 + r * 128 + (((c & 7) ^ (r & 7)) << 4));
-}
-
 __global__ void __launch_bounds__(kThreads, 1) prefill_wgmma_kernel(AttentionParams p, PrefillPlan f) {
 #if !defined(__CUDA_ARCH__) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using L = WgmmaSmem;

@@ -119,12 +119,21 @@ CudaBackend::CudaBackend(ScalarType activation_dtype) : act_(activation_dtype) {
   }
   prefill_wgmma_ = prop.major == 9 && prop.minor == 0 && prefill_wgmma_built();
   if (const char* k = std::getenv("PAGEDRT_PREFILL_KERNEL")) {
-    if (std::string(k) == "mma")
+    const std::string kernel = k;
+    if (kernel == "mma")
       prefill_wgmma_ = false;
-    else if (std::string(k) != "wgmma")
-      std::fprintf(stderr, "pagedrt: PAGEDRT_PREFILL_KERNEL=%s is neither mma nor wgmma; choosing by device\n", k);
+    else if (kernel != "wgmma" && kernel != "ws")
+      std::fprintf(stderr, "pagedrt: PAGEDRT_PREFILL_KERNEL=%s is none of mma, wgmma, ws; choosing by device\n", k);
     else if (!prefill_wgmma_)
-      std::fprintf(stderr, "pagedrt: PAGEDRT_PREFILL_KERNEL=wgmma needs an sm_90 GPU and a build for 90a; using mma\n");
+      std::fprintf(stderr, "pagedrt: PAGEDRT_PREFILL_KERNEL=%s needs an sm_90 GPU and a build for 90a; using mma\n",
+                   k);
+    prefill_ws_ = kernel != "wgmma";
+  }
+  if (const char* st = std::getenv("PAGEDRT_PREFILL_STAGES")) {
+    if (std::string(st) == "2" || std::string(st) == "3")
+      prefill_stages_ = std::atoi(st);
+    else
+      std::fprintf(stderr, "pagedrt: PAGEDRT_PREFILL_STAGES=%s is neither 2 nor 3; using 2\n", st);
   }
   set_pdl(env_on("PAGEDRT_CUDA_PDL"));
   CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
@@ -183,6 +192,11 @@ Tensor CudaBackend::empty(std::vector<int64_t> shape, ScalarType dtype) {
   t.storage = std::shared_ptr<void>(p, [](void* q) { cudaFree(q); });
   t.data = p;
   return t;
+}
+
+void CudaBackend::prepare_kv(Tensor& cache) {
+  CUDA_CHECK(cudaMemsetAsync(cache.data, 0, cache.nbytes(), stream_));
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
 }
 
 Tensor CudaBackend::from_host(const Tensor& host) {

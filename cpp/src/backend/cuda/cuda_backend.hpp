@@ -62,6 +62,7 @@ class CudaBackend final : public Backend {
   Tensor load_weight(const std::vector<WeightView>& parts, ScalarType dtype) override;
   Tensor empty(std::vector<int64_t> shape, ScalarType dtype) override;
   Tensor from_host(const Tensor& host) override;
+  void prepare_kv(Tensor& cache) override;
 
   void begin_step(const BatchView& batch) override;
   // Steps of up to kMaxRecordedTokens tokens, none of whose sequences has more
@@ -158,9 +159,13 @@ class CudaBackend final : public Backend {
   // CUDA-core one; unset, the plan picks per step (DecodePlan::cuda_cores).
   enum class DecodeKernel { Auto, TensorCores, CudaCores } decode_kernel_ = DecodeKernel::Auto;
   int prefill_rows_ = 0;  // PAGEDRT_PREFILL_ROWS=64 or 128 (A/B runs); 0: prefill_rows(head dim)
-  // Prefill tiles of 128 rows at D = 128 on the wgmma kernel: on an sm_90 GPU
-  // with a build that has it, unless PAGEDRT_PREFILL_KERNEL=mma.
+  // Prefill tiles of 128 rows at D = 128 on a wgmma kernel: on an sm_90 GPU
+  // with a build that has it, unless PAGEDRT_PREFILL_KERNEL=mma; the
+  // warp-specialized one (attention_prefill_ws.cu) unless =wgmma asks for
+  // the first; PAGEDRT_PREFILL_STAGES=2|3 sets its ring (A/B runs).
   bool prefill_wgmma_ = false;
+  bool prefill_ws_ = true;
+  int prefill_stages_ = 2;
   int decode_slots_[2] = {0, 0};
   int64_t decode_slots(int64_t head_dim);
   std::map<GraphKey, cudaGraphExec_t> graphs_;

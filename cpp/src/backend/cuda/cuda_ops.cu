@@ -94,6 +94,7 @@ AttentionParamsT<T> CudaBackend::attention_params(const Tensor& qkv, const Tenso
   // rope_cache_attention sets, on caches it holds writable.
   p.kv = nhd_paged_kv(const_cast<T*>(k_cache.as<T>()), const_cast<T*>(v_cache.as<T>()), k_cache.dim(1), Hkv, D,
                       dev_.page_indptr, dev_.page_indices);
+  p.kv.num_blocks = k_cache.dim(0);
   p.out = out.as<T>();
   p.positions = dev_.positions;
   p.query_start = dev_.query_start;

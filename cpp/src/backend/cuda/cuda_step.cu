@@ -160,6 +160,8 @@ void CudaBackend::plan_attention(int64_t H, int64_t Hkv, int64_t D) {
   p.prefill.num_tiles = static_cast<int>(tiles.size());
   p.prefill.rows = tile_rows;
   p.prefill.wgmma = prefill_wgmma_ && D == 128 && tile_rows == 128;
+  p.prefill.ws = prefill_ws_;
+  p.prefill.stages = prefill_stages_;
 }
 
 int64_t CudaBackend::decode_slots(int64_t head_dim) {

@@ -162,12 +162,21 @@ struct PrefillPlan {
   // Hopper's warpgroup kernel (attention_prefill_wgmma.cu) instead of the
   // mma.sync one: D = 128, rows = 128, a build with sm_90a on an sm_90 GPU.
   bool wgmma;
+  // With wgmma: the warp-specialized TMA kernel (attention_prefill_ws.cu)
+  // where the cache's block size allows (prefill_ws_fits), with `stages`
+  // (2 or 3) K/V tiles in its ring.
+  bool ws;
+  int stages;
 };
 // The tile's rows by head dim: 128 at D = 128 (8 warps; each K/V tile read
 // from L2 serves twice the rows of 64), 64 at D = 64.
 constexpr int prefill_rows(int head_dim) { return head_dim == 128 ? 128 : 64; }
 void prefill_attention(const AttentionParams& p, const PrefillPlan& f, cudaStream_t s);
 void prefill_attention_wgmma(const AttentionParams& p, const PrefillPlan& f, cudaStream_t s);
+void prefill_attention_ws(const AttentionParams& p, const PrefillPlan& f, cudaStream_t s);
+// Whether the warp-specialized kernel takes this cache: D = 128, a block size
+// that is a power of two from 8, fewer than 2^31 slots.
+bool prefill_ws_fits(const AttentionParams& p);
 // Whether the build holds the wgmma kernel (CUDA architectures with 90a).
 bool prefill_wgmma_built();
 

@@ -37,6 +37,13 @@ __device__ __forceinline__ uint64_t gmma_desc(uint32_t smem_byte_addr, uint32_t 
          (uint64_t((sbo >> 4) & 0x3FFF) << 32) | (uint64_t(1) << 62);
 }
 
+// Byte offset of 16-byte chunk c (0 .. 15) of row r in a tile of D = 128
+// bf16 columns and `rows` rows stored as two halves of 64 columns (k 0-63,
+// then 64-127), each `rows` 128-byte rows in swizzle atoms.
+__device__ __forceinline__ uint32_t tile_offset(int r, int c, int rows) {
+  return uint32_t((c >> 3) * rows * 128 + r * 128 + (((c & 7) ^ (r & 7)) << 4));
+}
+
 // The instructions exist on sm_90a only: elsewhere (other architectures, and
 // nvcc's host pass) these bodies are empty, and a kernel using them must guard
 // its own body with __CUDA_ARCH_FEAT_SM90_ALL (attention_prefill_wgmma.cu).
