@@ -509,9 +509,9 @@ def test_prefill_ws_block_sizes(monkeypatch, stages):
         pytest.skip(f"the TMA prefill kernel needs an sm_90 GPU, not {torch.cuda.get_device_name()}")
     gpu = _testing._Ops("cuda")
     rng = np.random.default_rng(int(stages))
-    seqs = [(0, 300), (200, 150), (0, 17), (5, 1), (600, 33), (0, 129), (0, 520), (130, 260), (1000, 70)]
+    seqs = [(0, 300), (200, 150), (0, 17), (5, 1), (600, 33), (0, 129), (130, 260), (1000, 70)]
     for bs in (8, 16, 32, 64, 128, 256, 4, 48):
-        for H, Hkv in [(32, 8), (8, 8), (64, 8)]:
+        for H, Hkv in [(32, 8), (8, 8), (64, 8)] if bs == 32 else [(32, 8)]:
             b, qkv, kc, vc = attention_inputs(rng, seqs, H, Hkv, 128, block_size=bs)
             set_batch(gpu, b)
             ours = gpu.paged_attention(qkv, kc, vc, H, Hkv, 128, 128 ** -0.5)

@@ -8,9 +8,9 @@
 // copied each tile themselves and met at a block barrier every tile, so the
 // tensor cores idled through every softmax (270 TFLOP/s on an H200's 8 x
 // 2,048). Here:
-//   - warpgroup 0 (one thread of it) copies K and V tiles with TMA, a page a
-//     box, into a ring of `Stages` stages, each with "full" and "empty"
-//     mbarriers for K and for V (tma.cuh); it keeps 24 registers;
+//   - warpgroup 0 (its first warp) copies K and V tiles with TMA, a page a
+//     box and a lane, into a ring of `Stages` stages, each with "full" and
+//     "empty" mbarriers for K and for V (tma.cuh); it keeps 24 registers;
 //   - warpgroups 1 and 2 own rows 0-63 and 64-127 of the tile, at 240
 //     registers; per key tile t each issues S_t = Q K_t^T and, behind it,
 //     O += P_{t-1} V_{t-1}, then runs the softmax of S_t while P V runs;
@@ -177,26 +177,34 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   __syncthreads();  // the last block-wide barrier: the producer's idle warps leave
 
-  if (tid < 128) {  // the producer
+  if (tid < 128) {  // the producer: its first warp, a box (page) a lane
     setmaxnreg_dec<24>();
-    if (tid != 0) return;
-    const int bs = p.kv.block_size, shift = p.kv.block_shift, oob = int(p.kv.num_blocks) * bs;
+    if (tid >= 32) return;
+    const int lane = tid, bs = p.kv.block_size, shift = p.kv.block_shift, oob = int(p.kv.num_blocks) * bs;
     const int32_t* pages = p.kv.pages(seq);
+    // The lane's box of tile t: its slot, looked up one tile ahead so that
+    // the page-table read is not waited for (all lanes' reads in flight at once).
+    auto slot_of = [&](int t) {
+      const int pos = t * BK + lane * box;
+      return lane * box < BK && pos < kmax ? (pages[pos >> shift] << shift) + (pos & (bs - 1)) : oob;
+    };
+    int slot = slot_of(0);
     for (int t = 0; t < ntiles; ++t) {
-      const int st = t % S;
+      const int st = t % S, next = t + 1 < ntiles ? slot_of(t + 1) : oob;
       const uint32_t empty_parity = ((t / S) & 1) ^ 1;  // the phase tile t - S released
       for (int which = 0; which < 2; ++which) {         // K, then V
         const CUtensorMap* map = which ? &vmap : &kmap;
-        const uint32_t full = bar0 + 8 * (which * S + st), dst = base + (which ? L::v : L::k) + st * 2 * L::half;
+        const uint32_t full = bar0 + 8 * (which * S + st),
+                       dst = base + (which ? L::v : L::k) + st * 2 * L::half + lane * box * 128;
         if (t >= S) mbar_wait(bar0 + 8 * ((2 + which) * S + st), empty_parity);
-        mbar_arrive_expect_tx(full, 2 * L::half);
-        for (int j = 0; j < BK; j += box) {
-          const int pos = t * BK + j;
-          const int slot = pos < kmax ? (pages[pos >> shift] << shift) + (pos & (bs - 1)) : oob;
-          tma_load_3d(dst + j * 128, map, full, 0, kvh, slot);
-          tma_load_3d(dst + L::half + j * 128, map, full, 64, kvh, slot);
+        if (lane == 0) mbar_arrive_expect_tx(full, 2 * L::half);
+        __syncwarp();  // the bytes announced before any of them land
+        if (lane * box < BK) {
+          tma_load_3d(dst, map, full, 0, kvh, slot);
+          tma_load_3d(dst + L::half, map, full, 64, kvh, slot);
         }
       }
+      slot = next;
     }
     return;
   }
