@@ -499,8 +499,9 @@ def test_prefill_ws_block_sizes(monkeypatch, stages):
     """The warp-specialized TMA prefill kernel (attention_prefill_ws.cu) loads
     K/V a page a box: every power-of-two block size from 8 (a box of 128 keys
     inside pages of 256), its 2- and 3-stage rings, G 1, 4 and 8, prompts
-    ending inside a page, a tile and a box, chunks over cached keys; block
-    sizes it does not take (4, 48) run the other wgmma kernel. Against
+    ending inside a page, a tile and a box, chunks over cached keys, more
+    work items than SMs (it is persistent); block sizes it does not take (4,
+    48) and G = 3 (its Q boxes need G | 64) run the other wgmma kernel. Against
     contiguous attention on the gathered blocks, per token."""
     monkeypatch.setenv("PAGEDRT_PREFILL_KERNEL", "ws")
     monkeypatch.setenv("PAGEDRT_PREFILL_STAGES", stages)
@@ -511,7 +512,7 @@ def test_prefill_ws_block_sizes(monkeypatch, stages):
     rng = np.random.default_rng(int(stages))
     seqs = [(0, 300), (200, 150), (0, 17), (5, 1), (600, 33), (0, 129), (130, 260), (1000, 70)]
     for bs in (8, 16, 32, 64, 128, 256, 4, 48):
-        for H, Hkv in [(32, 8), (8, 8), (64, 8)] if bs == 32 else [(32, 8)]:
+        for H, Hkv in [(32, 8), (8, 8), (64, 8), (24, 8)] if bs == 32 else [(32, 8)]:
             b, qkv, kc, vc = attention_inputs(rng, seqs, H, Hkv, 128, block_size=bs)
             set_batch(gpu, b)
             ours = gpu.paged_attention(qkv, kc, vc, H, Hkv, 128, 128 ** -0.5)

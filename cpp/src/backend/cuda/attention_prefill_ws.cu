@@ -30,6 +30,7 @@
 // read as they are (the pool starts zeroed, KvCache::allocate) and masked.
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
 
+#include <algorithm>
 #include <cstdlib>
 #include <string>
 
@@ -57,27 +58,63 @@ constexpr int kQReady = 3;    // named barriers 3 and 4: consumer c's Q has land
 template <int Stages>
 struct WsSmem {
   static constexpr uint32_t half = 128 * 128;
-  static constexpr uint32_t q = 0;
+  static constexpr uint32_t q = 0;                      // consumer c's rows at q + c * 8 KB in each half
   static constexpr uint32_t k = 2 * half;               // stage s at k + s * 2 half
   static constexpr uint32_t v = k + Stages * 2 * half;  // stage s at v + s * 2 half
   static constexpr uint32_t bytes = v + Stages * 2 * half;
   static constexpr uint32_t alloc = bytes + 1024;  // slack to align the start to 1,024
 };
 
+// The barriers, 8 bytes each from `base`: per stage full K, full V, empty K,
+// empty V; per consumer full Q, empty Q.
+template <int S>
+struct Bars {
+  uint32_t base;
+  __device__ uint32_t full_k(int st) const { return base + 8 * st; }
+  __device__ uint32_t full_v(int st) const { return base + 8 * (S + st); }
+  __device__ uint32_t empty_k(int st) const { return base + 8 * (2 * S + st); }
+  __device__ uint32_t empty_v(int st) const { return base + 8 * (3 * S + st); }
+  __device__ uint32_t full_q(int c) const { return base + 8 * (4 * S + c); }
+  __device__ uint32_t empty_q(int c) const { return base + 8 * (4 * S + 2 + c); }
+  static constexpr int count = 4 * S + 4;
+};
+
+// Work item w (0 .. tiles x Hkv - 1): the plan's tiles from the last (the
+// most keys) on, each for every kv head.
+struct Item {
+  int seq, row0, kvh, q0, rows_total, kmax, ntiles;
+  __device__ __forceinline__ Item(const AttentionParams& p, const PrefillPlan& f, int w) {
+    const int Hkv = p.kv.num_kv_heads, G = p.num_heads / Hkv;
+    const int2 tile = f.tiles[f.num_tiles - 1 - w / Hkv];
+    seq = tile.x;
+    row0 = tile.y;
+    kvh = w % Hkv;
+    q0 = p.query_start[seq];
+    rows_total = (p.query_start[seq + 1] - q0) * G;
+    const int last_row = min(row0 + BQ, rows_total) - 1;
+    kmax = p.positions[q0 + last_row / G] + 1;  // keys 0 .. kmax-1 are seen by some row
+    ntiles = (kmax + BK - 1) / BK;
+  }
+};
+
 // A consumer warpgroup's per-tile work, straight-line: the products' issue,
 // waits and barriers sit on no divergent path (ptxas would serialize wgmma).
+// Key tiles are counted per item (t: which keys) and over the block's life
+// (g: which stage, which phase).
+template <int S>
 struct Consumer {
   int c, lane, pos_lo, pos_hi;
-  uint32_t q_desc, k0, v0, bars;
+  uint32_t q_desc, k0, v0;
+  Bars<S> bars;
   float qscale;
-  float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.0f, l_hi = 0.0f, c_lo = 1.0f, c_hi = 1.0f;
+  float m_lo, m_hi, l_lo, l_hi, c_lo, c_hi;
 
-  __device__ uint32_t full_k(int s) const { return bars + 8 * s; }
-  __device__ uint32_t full_v(int s, int S) const { return bars + 8 * (S + s); }
-  __device__ uint32_t empty_k(int s, int S) const { return bars + 8 * (2 * S + s); }
-  __device__ uint32_t empty_v(int s, int S) const { return bars + 8 * (3 * S + s); }
-
-  // S = Q K^T of the tile in stage s: k-step k reads columns 16k .. 16k + 15.
+  __device__ __forceinline__ void reset() {
+    m_lo = m_hi = -INFINITY;
+    l_lo = l_hi = 0.0f;
+    c_lo = c_hi = 1.0f;
+  }
+  // S = Q K^T of the tile in stage st: k-step k reads columns 16k .. 16k + 15.
   __device__ __forceinline__ void issue_s(float (&s)[64], int st) const {
     const uint32_t kb = k0 + st * 2 * 128 * 128;
 #pragma unroll
@@ -88,7 +125,7 @@ struct Consumer {
     }
     wgmma_commit();
   }
-  // O += P V of the tile in stage s: k-step j reads keys 16j .. 16j + 15 of V.
+  // O += P V of the tile in stage st: k-step j reads keys 16j .. 16j + 15 of V.
   __device__ __forceinline__ void issue_pv(float (&o)[64], const uint32_t (&pa)[BK / 16][4], int st) const {
     const uint32_t vb = v0 + st * 2 * 128 * 128;
 #pragma unroll
@@ -118,60 +155,97 @@ struct Consumer {
   __device__ __forceinline__ void turn_begin() const { named_bar_sync(kPingPong + c, 256); }
   __device__ __forceinline__ void turn_end() const { named_bar_arrive(kPingPong + (1 - c), 256); }
 
-  // Key tile t (t >= 1): S_t, and P_{t-1} V_{t-1} behind it; S_t's softmax
-  // while P V runs; P_t packed once P V has read P_{t-1}.
-  template <bool kMask, int S>
-  __device__ __forceinline__ void step(float (&s)[64], float (&o)[64], uint32_t (&pa)[BK / 16][4], int t) {
-    const int st = t % S, pt = (t - 1) % S;
-    mbar_wait(full_k(st), (t / S) & 1);
+  // An item's first key tile (block tile g): S_0 and its softmax.
+  template <bool kMask>
+  __device__ __forceinline__ void first(float (&s)[64], uint32_t (&pa)[BK / 16][4], int g) {
+    const int st = g % S;
+    mbar_wait(bars.full_k(st), (g / S) & 1);
+    turn_begin();
+    wgmma_fence();
+    issue_s(s, st);
+    turn_end();
+    wgmma_wait<0>();
+    wgmma_hold(s);
+    mbar_arrive_lane0(bars.empty_k(st), lane);
+    softmax<kMask>(s, 0);
+    pack(s, pa);
+  }
+  // Key tile t >= 1 (block tile g): S_t, and P_{t-1} V_{t-1} behind it; S_t's
+  // softmax while P V runs; P_t packed once P V has read P_{t-1}.
+  template <bool kMask>
+  __device__ __forceinline__ void step(float (&s)[64], float (&o)[64], uint32_t (&pa)[BK / 16][4], int t, int g) {
+    const int st = g % S, pt = (g - 1) % S;
+    mbar_wait(bars.full_k(st), (g / S) & 1);
     turn_begin();
     wgmma_fence();
     issue_s(s, st);
     rescale(o);  // to the max P_{t-1} was taken at
-    mbar_wait(full_v(pt, S), ((t - 1) / S) & 1);
+    mbar_wait(bars.full_v(pt), ((g - 1) / S) & 1);
     wgmma_fence();
     issue_pv(o, pa, pt);
     turn_end();
     wgmma_wait<1>();
     wgmma_hold(s);
-    mbar_arrive_lane0(empty_k(st, S), lane);
+    mbar_arrive_lane0(bars.empty_k(st), lane);
     softmax<kMask>(s, t * BK);
     wgmma_wait<0>();
     wgmma_hold(o);
-    mbar_arrive_lane0(empty_v(pt, S), lane);
+    mbar_arrive_lane0(bars.empty_v(pt), lane);
     pack(s, pa);
+  }
+  // The item's last P V (its last key tile is block tile g).
+  __device__ __forceinline__ void last(float (&o)[64], const uint32_t (&pa)[BK / 16][4], int g) {
+    const int st = g % S;
+    rescale(o);
+    mbar_wait(bars.full_v(st), (g / S) & 1);
+    wgmma_fence();
+    issue_pv(o, pa, st);
+    wgmma_wait<0>();
+    wgmma_hold(o);
+    mbar_arrive_lane0(bars.empty_v(st), lane);
+  }
+  // A key tile past this warpgroup's rows: released as it lands (phases stay
+  // in step), and the turn taken, so the other warpgroup is never left waiting.
+  __device__ __forceinline__ void pass(int g) const {
+    const int st = g % S;
+    mbar_wait(bars.full_k(st), (g / S) & 1);
+    turn_begin();
+    turn_end();
+    mbar_arrive_lane0(bars.empty_k(st), lane);
+    mbar_wait(bars.full_v(st), (g / S) & 1);
+    mbar_arrive_lane0(bars.empty_v(st), lane);
   }
 };
 
+// Persistent: a block an SM, each taking items blockIdx.x, + gridDim.x, ...;
+// the producer runs on into the next item's Q and K/V while the consumers
+// finish one, and their tiles share one ring.
 template <int Stages>
 __global__ void __launch_bounds__(kThreads, 1)
-    prefill_ws_kernel(const __grid_constant__ CUtensorMap kmap, const __grid_constant__ CUtensorMap vmap,
-                      AttentionParams p, PrefillPlan f, int box) {
+    prefill_ws_kernel(const __grid_constant__ CUtensorMap qmap, const __grid_constant__ CUtensorMap kmap,
+                      const __grid_constant__ CUtensorMap vmap, AttentionParams p, PrefillPlan f, int box) {
 #if !defined(__CUDA_ARCH__) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using L = WsSmem<Stages>;
   constexpr int S = Stages;
   extern __shared__ unsigned char smem_raw[];
-  __shared__ alignas(8) uint64_t bars[4 * S];  // full K, full V, empty K, empty V; a stage each
-  __shared__ int warp_pos[8][2];               // each consumer warp's rows' (min, max) position
-  const uint32_t raw = smem_addr(smem_raw), base = (raw + 1023) & ~1023u, bar0 = smem_addr(bars);
-
-  const int2 tile = f.tiles[f.num_tiles - 1 - blockIdx.x];
-  const int seq = tile.x, row0 = tile.y, kvh = blockIdx.y;
-  const int H = p.num_heads, Hkv = p.kv.num_kv_heads, G = H / Hkv;
-  const int q0 = p.query_start[seq];
-  const int rows_total = (p.query_start[seq + 1] - q0) * G;
-  const int last_row = min(row0 + BQ, rows_total) - 1;
-  const int kmax = p.positions[q0 + last_row / G] + 1;  // keys 0 .. kmax-1 are seen by some row
-  const int ntiles = (kmax + BK - 1) / BK;
+  __shared__ alignas(8) uint64_t bar_mem[Bars<S>::count];
+  __shared__ int warp_pos[8][2];  // each consumer warp's rows' (min, max) position
+  const uint32_t raw = smem_addr(smem_raw), base = (raw + 1023) & ~1023u;
+  const Bars<S> bars{smem_addr(bar_mem)};
+  const int G = p.num_heads / p.kv.num_kv_heads, num_items = f.num_tiles * p.kv.num_kv_heads;
   const int tid = threadIdx.x;
 
   if (tid == 0) {
 #pragma unroll
     for (int s = 0; s < S; ++s) {
-      mbar_init(bar0 + 8 * s, 1);            // full K: the producer's arrival + the bytes
-      mbar_init(bar0 + 8 * (S + s), 1);      // full V
-      mbar_init(bar0 + 8 * (2 * S + s), 8);  // empty K: a lane of each consumer warp
-      mbar_init(bar0 + 8 * (3 * S + s), 8);  // empty V
+      mbar_init(bars.full_k(s), 1);  // the producer's arrival + the bytes
+      mbar_init(bars.full_v(s), 1);
+      mbar_init(bars.empty_k(s), 8);  // a lane of each consumer warp
+      mbar_init(bars.empty_v(s), 8);
+    }
+    for (int c = 0; c < 2; ++c) {
+      mbar_init(bars.full_q(c), 1);
+      mbar_init(bars.empty_q(c), 4);  // a lane of each of the consumer's warps
     }
     mbar_fence_init();
   }
@@ -181,125 +255,111 @@ __global__ void __launch_bounds__(kThreads, 1)
     setmaxnreg_dec<24>();
     if (tid >= 32) return;
     const int lane = tid, bs = p.kv.block_size, shift = p.kv.block_shift, oob = int(p.kv.num_blocks) * bs;
-    const int32_t* pages = p.kv.pages(seq);
-    // The lane's box of tile t: its slot, looked up one tile ahead so that
-    // the page-table read is not waited for (all lanes' reads in flight at once).
-    auto slot_of = [&](int t) {
-      const int pos = t * BK + lane * box;
-      return lane * box < BK && pos < kmax ? (pages[pos >> shift] << shift) + (pos & (bs - 1)) : oob;
-    };
-    int slot = slot_of(0);
-    for (int t = 0; t < ntiles; ++t) {
-      const int st = t % S, next = t + 1 < ntiles ? slot_of(t + 1) : oob;
-      const uint32_t empty_parity = ((t / S) & 1) ^ 1;  // the phase tile t - S released
-      for (int which = 0; which < 2; ++which) {         // K, then V
-        const CUtensorMap* map = which ? &vmap : &kmap;
-        const uint32_t full = bar0 + 8 * (which * S + st),
-                       dst = base + (which ? L::v : L::k) + st * 2 * L::half + lane * box * 128;
-        if (t >= S) mbar_wait(bar0 + 8 * ((2 + which) * S + st), empty_parity);
-        if (lane == 0) mbar_arrive_expect_tx(full, 2 * L::half);
-        __syncwarp();  // the bytes announced before any of them land
-        if (lane * box < BK) {
-          tma_load_3d(dst, map, full, 0, kvh, slot);
-          tma_load_3d(dst + L::half, map, full, 64, kvh, slot);
+    int g0 = 0;  // the block's key tiles so far
+    for (int k = 0, w = blockIdx.x; w < num_items; ++k, w += gridDim.x) {
+      const Item it(p, f, w);
+      const int32_t* pages = p.kv.pages(it.seq);
+      // The lane's box of tile t: its slot, looked up one tile ahead so that
+      // the page-table read is not waited for (all lanes' reads in flight at once).
+      auto slot_of = [&](int t) {
+        const int pos = t * BK + lane * box;
+        return lane * box < BK && pos < it.kmax ? (pages[pos >> shift] << shift) + (pos & (bs - 1)) : oob;
+      };
+      int slot = slot_of(0);
+      for (int t = 0; t < it.ntiles; ++t) {
+        const int g = g0 + t, st = g % S, next = t + 1 < it.ntiles ? slot_of(t + 1) : oob;
+        const uint32_t empty_parity = ((g / S) & 1) ^ 1;  // the phase tile g - S released
+        for (int which = 0; which < 2; ++which) {         // K, then V
+          const CUtensorMap* map = which ? &vmap : &kmap;
+          const uint32_t full = which ? bars.full_v(st) : bars.full_k(st),
+                         dst = base + (which ? L::v : L::k) + st * 2 * L::half + lane * box * 128;
+          if (g >= S) mbar_wait(which ? bars.empty_v(st) : bars.empty_k(st), empty_parity);
+          if (lane == 0) mbar_arrive_expect_tx(full, 2 * L::half);
+          __syncwarp();  // the bytes announced before any of them land
+          if (lane * box < BK) {
+            tma_load_3d(dst, map, full, 0, it.kvh, slot);
+            tma_load_3d(dst + L::half, map, full, 64, it.kvh, slot);
+          }
+          if (which == 0 && t == 0) {  // the item's Q, behind its first K tile: rows 64c .. 64c + 63 a consumer
+            if (k > 0) {
+              mbar_wait(bars.empty_q(0), (k & 1) ^ 1);
+              mbar_wait(bars.empty_q(1), (k & 1) ^ 1);
+            }
+            if (lane < 2) mbar_arrive_expect_tx(bars.full_q(lane), 2 * 64 * 128);
+            __syncwarp();
+            if (lane < 4) {  // lane: consumer lane / 2, half lane % 2
+              const int c = lane >> 1, h = lane & 1;
+              tma_load_3d(base + L::q + h * L::half + c * 64 * 128, &qmap, bars.full_q(c), h * 64, it.kvh * G,
+                          it.q0 + (it.row0 + 64 * c) / G);
+            }
+          }
         }
+        slot = next;
       }
-      slot = next;
+      g0 += it.ntiles;
     }
     return;
   }
 
   setmaxnreg_inc<240>();
   const int ct = tid - 128, c = ct / 128, warp = ct / 32, lane = ct % 32;
-  const int64_t row_stride = int64_t(H + 2 * Hkv) * D;
-  unsigned char* smem = smem_raw + (base - raw);
-  // This warpgroup's 64 rows of Q (zeros past the sequence).
-#pragma unroll
-  for (int i = 0; i < 64 * 16 / 128; ++i) {
-    const int idx = ct % 128 + i * 128, r = 64 * c + idx / 16, ch = idx % 16, R = row0 + r;
-    const bool valid = R < rows_total;
-    const bf16* src = valid ? p.qkv + (q0 + R / G) * row_stride + int64_t(kvh * G + R % G) * D + ch * 8 : p.qkv;
-    cp_async16(smem + L::q + tile_offset(r, ch, BQ), src, valid ? 16 : 0);
-  }
-  cp_async_commit();
-
-  // This thread's rows: lo = 16 warp + lane / 4 and hi = lo + 8 (position -1:
-  // past the sequence); the warpgroup's range of positions decides how many
-  // tiles it computes and from which one on it masks.
-  const int r_lo = row0 + warp * 16 + lane / 4, r_hi = r_lo + 8;
-  Consumer w;
+  Consumer<S> w;
   w.c = c;
   w.lane = lane;
-  w.pos_lo = r_lo < rows_total ? p.positions[q0 + r_lo / G] : -1;
-  w.pos_hi = r_hi < rows_total ? p.positions[q0 + r_hi / G] : -1;
   w.q_desc = base + L::q + c * 64 * 128;
   w.k0 = base + L::k;
   w.v0 = base + L::v;
-  w.bars = bar0;
+  w.bars = bars;
   w.qscale = p.scale * kLog2e;
-  {
-    int mn, mx;
-    warp_position_range(w.pos_lo, w.pos_hi, mn, mx);
-    if (lane == 0) warp_pos[warp][0] = mn, warp_pos[warp][1] = mx;
-  }
-  cp_async_wait<0>();
-  fence_proxy_async();  // this thread's Q copies, visible to wgmma after the barrier
-  named_bar_sync(kQReady + c, 128);
-  int wg_min = warp_pos[4 * c][0], wg_max = warp_pos[4 * c][1];
-#pragma unroll
-  for (int i = 1; i < 4; ++i) wg_min = min(wg_min, warp_pos[4 * c + i][0]), wg_max = max(wg_max, warp_pos[4 * c + i][1]);
-  // Tiles 0 .. nt-1 hold keys some row of this warpgroup sees; from tile nm
-  // on, some key is past a row's position (masked).
-  const int nt = wg_max < 0 ? 0 : min(ntiles, wg_max / BK + 1);
-  const int nm = min(nt, (wg_min + 1) / BK);
-
   float s[64], o[64];  // accumulators: 8-column block j in [4j .. 4j + 3] (wgmma.cuh)
   uint32_t pa[BK / 16][4];
-#pragma unroll
-  for (int i = 0; i < 64; ++i) o[i] = 0.0f;
   if (c == 1) named_bar_arrive(kPingPong, 256);  // consumer 0 issues first
-  if (nt > 0) {
-    mbar_wait(w.full_k(0), 0);
-    w.turn_begin();
-    wgmma_fence();
-    w.issue_s(s, 0);
-    w.turn_end();
-    wgmma_wait<0>();
-    wgmma_hold(s);
-    mbar_arrive_lane0(w.empty_k(0, S), lane);
-    if (nm > 0)
-      w.softmax<false>(s, 0);
-    else
-      w.softmax<true>(s, 0);
-    Consumer::pack(s, pa);
-    for (int t = 1; t < nm; ++t) w.step<false, S>(s, o, pa, t);
-    for (int t = max(nm, 1); t < nt; ++t) w.step<true, S>(s, o, pa, t);
-    // The last tile's P V.
-    const int pt = (nt - 1) % S;
-    w.rescale(o);
-    mbar_wait(w.full_v(pt, S), ((nt - 1) / S) & 1);
-    wgmma_fence();
-    w.issue_pv(o, pa, pt);
-    wgmma_wait<0>();
-    wgmma_hold(o);
-    mbar_arrive_lane0(w.empty_v(pt, S), lane);
-  }
-  // Tiles past this warpgroup's rows: released as they land (phases stay in
-  // step), and the turns taken, so the other warpgroup is never left waiting.
-  for (int t = nt; t < ntiles; ++t) {
-    const int st = t % S;
-    mbar_wait(w.full_k(st), (t / S) & 1);
-    w.turn_begin();
-    w.turn_end();
-    mbar_arrive_lane0(w.empty_k(st, S), lane);
-    mbar_wait(w.full_v(st, S), (t / S) & 1);
-    mbar_arrive_lane0(w.empty_v(st, S), lane);
+  int g0 = 0;
+  for (int k = 0, wi = blockIdx.x; wi < num_items; ++k, wi += gridDim.x) {
+    const Item it(p, f, wi);
+    // This thread's rows: lo = 16 warp + lane / 4 and hi = lo + 8 (position
+    // -1: past the sequence); the warpgroup's range of positions decides how
+    // many tiles it computes and from which one on it masks.
+    const int r_lo = it.row0 + warp * 16 + lane / 4, r_hi = r_lo + 8;
+    w.pos_lo = r_lo < it.rows_total ? p.positions[it.q0 + r_lo / G] : -1;
+    w.pos_hi = r_hi < it.rows_total ? p.positions[it.q0 + r_hi / G] : -1;
+    {
+      int mn, mx;
+      warp_position_range(w.pos_lo, w.pos_hi, mn, mx);
+      if (lane == 0) warp_pos[warp][0] = mn, warp_pos[warp][1] = mx;
+    }
+    named_bar_sync(kQReady + c, 128);
+    int wg_min = warp_pos[4 * c][0], wg_max = warp_pos[4 * c][1];
+#pragma unroll
+    for (int i = 1; i < 4; ++i)
+      wg_min = min(wg_min, warp_pos[4 * c + i][0]), wg_max = max(wg_max, warp_pos[4 * c + i][1]);
+    // Tiles 0 .. nt-1 hold keys some row of this warpgroup sees; from tile nm
+    // on, some key is past a row's position (masked).
+    const int nt = wg_max < 0 ? 0 : min(it.ntiles, wg_max / BK + 1);
+    const int nm = min(nt, (wg_min + 1) / BK);
+
+    w.reset();
+#pragma unroll
+    for (int i = 0; i < 64; ++i) o[i] = 0.0f;
+    mbar_wait(bars.full_q(c), k & 1);
+    if (nt > 0) {
+      if (nm > 0)
+        w.template first<false>(s, pa, g0);
+      else
+        w.template first<true>(s, pa, g0);
+      for (int t = 1; t < nm; ++t) w.template step<false>(s, o, pa, t, g0 + t);
+      for (int t = max(nm, 1); t < nt; ++t) w.template step<true>(s, o, pa, t, g0 + t);
+    }
+    mbar_arrive_lane0(bars.empty_q(c), lane);  // every product with this Q is done
+    if (nt > 0) w.last(o, pa, g0 + nt - 1);
+    for (int t = nt; t < it.ntiles; ++t) w.pass(g0 + t);
+    store_rows<D>(p, reinterpret_cast<const float(&)[D / 8][4]>(o), w.l_lo, w.l_hi, r_lo, r_hi, it.rows_total, it.q0,
+                  it.kvh, lane);
+    g0 += it.ntiles;
   }
   // Consumer 1 arrived once before its first turn and once after each: the
   // last of those, taken here, leaves no arrival pending at exit.
   if (c == 0) named_bar_sync(kPingPong, 256);
-  store_rows<D>(p, reinterpret_cast<const float(&)[D / 8][4]>(o), w.l_lo, w.l_hi, r_lo, r_hi, rows_total, q0, kvh,
-                lane);
 #else
   __trap();  // built without sm_90a: prefill_wgmma_built() is false and nothing launches this
 #endif
@@ -318,21 +378,32 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   return fn;
 }
 
-// One layer's K or V cache (num_blocks, block_size, Hkv, D = 128) as a 3-D
-// tensor (D, Hkv, slots) read in boxes of (64, 1, box) with the 128-byte swizzle.
-CUtensorMap cache_map(const bf16* cache, int64_t slots, int hkv, int box) {
+// A 3-D bf16 tensor (D = 128, n1, n2) with byte strides stride1 and stride2,
+// read in boxes of (64, b1, b2) with the 128-byte swizzle; reads past its
+// bounds give zeros. `what` names it in errors.
+CUtensorMap tensor_map(const bf16* data, int64_t n1, int64_t n2, int64_t stride1, int64_t stride2, int b1, int b2,
+                       const char* what) {
   CUtensorMap m;
-  const cuuint64_t dims[3] = {cuuint64_t(D), cuuint64_t(hkv), cuuint64_t(slots)};
-  const cuuint64_t strides[2] = {cuuint64_t(D) * 2, cuuint64_t(hkv) * D * 2};  // bytes, of dims 1 and 2
-  const cuuint32_t boxes[3] = {64, 1, cuuint32_t(box)}, steps[3] = {1, 1, 1};
-  const CUresult r = tensor_map_encoder()(&m, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, const_cast<bf16*>(cache), dims,
+  const cuuint64_t dims[3] = {cuuint64_t(D), cuuint64_t(n1), cuuint64_t(n2)};
+  const cuuint64_t strides[2] = {cuuint64_t(stride1), cuuint64_t(stride2)};
+  const cuuint32_t boxes[3] = {64, cuuint32_t(b1), cuuint32_t(b2)}, steps[3] = {1, 1, 1};
+  const CUresult r = tensor_map_encoder()(&m, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, const_cast<bf16*>(data), dims,
                                           strides, boxes, steps, CU_TENSOR_MAP_INTERLEAVE_NONE,
                                           CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                                           CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (r != CUDA_SUCCESS)
-    throw Error(ErrorKind::Runtime, "cuTensorMapEncodeTiled failed (" + std::to_string(int(r)) + ") for a KV cache of " +
-                                        std::to_string(slots) + " slots, " + std::to_string(hkv) + " kv heads");
+    throw Error(ErrorKind::Runtime, std::string("cuTensorMapEncodeTiled failed (") + std::to_string(int(r)) +
+                                        ") for the prefill kernel's " + what + " (128 x " + std::to_string(n1) +
+                                        " x " + std::to_string(n2) + ", box 64 x " + std::to_string(b1) + " x " +
+                                        std::to_string(b2) + ")");
   return m;
+}
+
+int sm_count() {
+  int dev = 0, n = 0;
+  CUDA_CHECK(cudaGetDevice(&dev));
+  CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+  return n;
 }
 
 template <int Stages>
@@ -343,19 +414,27 @@ void launch_ws(const AttentionParams& p, const PrefillPlan& f, int box, cudaStre
     return true;
   }();
   (void)configured;
+  static const int sms = sm_count();
+  const int64_t H = p.num_heads, Hkv = p.kv.num_kv_heads, G = H / Hkv;
   const int64_t slots = p.kv.num_blocks * p.kv.block_size;
-  const CUtensorMap km = cache_map(p.kv.k, slots, p.kv.num_kv_heads, box);
-  const CUtensorMap vm = cache_map(p.kv.v, slots, p.kv.num_kv_heads, box);
-  const dim3 grid(static_cast<unsigned>(f.num_tiles), static_cast<unsigned>(p.kv.num_kv_heads));
-  prefill_ws_kernel<Stages><<<grid, kThreads, WsSmem<Stages>::alloc, s>>>(km, vm, p, f, box);
+  // qkv (tokens, H + 2 Hkv heads, D): a consumer's 64 rows are 64 / G tokens
+  // of the group's G heads, as (token, head) rows.
+  const CUtensorMap qm =
+      tensor_map(p.qkv, H + 2 * Hkv, f.num_tokens, D * 2, (H + 2 * Hkv) * D * 2, int(G), int(64 / G), "queries");
+  // The cache (num_blocks, block_size, Hkv, D) as (D, Hkv, slots): a box is a page of one kv head.
+  const CUtensorMap km = tensor_map(p.kv.k, Hkv, slots, D * 2, Hkv * D * 2, 1, box, "K cache");
+  const CUtensorMap vm = tensor_map(p.kv.v, Hkv, slots, D * 2, Hkv * D * 2, 1, box, "V cache");
+  const int items = f.num_tiles * int(Hkv);
+  prefill_ws_kernel<Stages><<<std::min(items, sms), kThreads, WsSmem<Stages>::alloc, s>>>(qm, km, vm, p, f, box);
   CUDA_CHECK_LAUNCH();
 }
 
 }  // namespace
 
 bool prefill_ws_fits(const AttentionParams& p) {
-  const int bs = p.kv.block_size;
-  return p.kv.head_dim == D && p.kv.block_shift >= 3 && p.kv.num_blocks * bs < (int64_t{1} << 31);
+  const int G = p.num_heads / p.kv.num_kv_heads;
+  return p.kv.head_dim == D && 64 % G == 0 && p.kv.block_shift >= 3 &&
+         p.kv.num_blocks * p.kv.block_size < (int64_t{1} << 31);
 }
 
 void prefill_attention_ws(const AttentionParams& p, const PrefillPlan& f, cudaStream_t s) {

@@ -162,6 +162,7 @@ void CudaBackend::plan_attention(int64_t H, int64_t Hkv, int64_t D) {
   p.prefill.wgmma = prefill_wgmma_ && D == 128 && tile_rows == 128;
   p.prefill.ws = prefill_ws_;
   p.prefill.stages = prefill_stages_;
+  p.prefill.num_tokens = b.num_tokens;
 }
 
 int64_t CudaBackend::decode_slots(int64_t head_dim) {

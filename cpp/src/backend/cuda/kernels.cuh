@@ -167,6 +167,7 @@ struct PrefillPlan {
   // (2 or 3) K/V tiles in its ring.
   bool ws;
   int stages;
+  int num_tokens;  // the step's query tokens (rows of qkv)
 };
 // The tile's rows by head dim: 128 at D = 128 (8 warps; each K/V tile read
 // from L2 serves twice the rows of 64), 64 at D = 64.
@@ -174,8 +175,8 @@ constexpr int prefill_rows(int head_dim) { return head_dim == 128 ? 128 : 64; }
 void prefill_attention(const AttentionParams& p, const PrefillPlan& f, cudaStream_t s);
 void prefill_attention_wgmma(const AttentionParams& p, const PrefillPlan& f, cudaStream_t s);
 void prefill_attention_ws(const AttentionParams& p, const PrefillPlan& f, cudaStream_t s);
-// Whether the warp-specialized kernel takes this cache: D = 128, a block size
-// that is a power of two from 8, fewer than 2^31 slots.
+// Whether the warp-specialized kernel takes these: D = 128, G dividing 64, a
+// block size that is a power of two from 8, fewer than 2^31 slots.
 bool prefill_ws_fits(const AttentionParams& p);
 // Whether the build holds the wgmma kernel (CUDA architectures with 90a).
 bool prefill_wgmma_built();
