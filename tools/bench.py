@@ -5,6 +5,8 @@
     python tools/bench.py --workloads latency,batched --peers llama.cpp --gguf-types f16
     python tools/bench.py --workloads latency,batched --throughput-runs 3   # batched: median of 3 runs
     python tools/bench.py --workloads sharing,prefix --set prefix.requests=32
+    python tools/bench.py --workloads mixed --peers "" --dtypes bfloat16 --kv-cache-mib 48 --kv-watermark 0,0.01
+                                      # a tight KV pool: admission's watermark against none
     python tools/bench.py --tiny --json out.json                    # CI: tiny random model, pagedrt only
     python tools/bench.py --device cuda --model DIR --size paper --workloads latency,batched
                                       # a GPU: pagedrt CUDA (bf16) vs transformers bf16, same card
@@ -634,6 +636,9 @@ def parser():
                    "(both), auto (the faster one here: split for batched, unified for mixed)")
     p.add_argument("--kv-cache-mib", type=int, default=2048, help="pagedrt's KV pool for mixed/sharing/prefix")
     p.add_argument("--max-num-seqs", type=int, default=256, help="pagedrt's for mixed/sharing/prefix")
+    p.add_argument("--kv-watermark", default=None, metavar="W[,W...]",
+                   help="pagedrt's kv_watermark for mixed/sharing/prefix (default: the engine's); a comma list "
+                        "runs mixed once per value, in one process (sharing, prefix and waste take the first)")
     p.add_argument("--tiny", action="store_true", help="a tiny random model, tiny sizes, pagedrt only (CI)")
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None, help="PNG path")

@@ -44,7 +44,14 @@ def progress(msg, end=False):
         print(msg, file=sys.stderr, flush=True)
 
 
+def watermarks(a):
+    """--kv-watermark's values: [None] (the engine's default) when not given."""
+    text = getattr(a, "kv_watermark", None)
+    return [float(w) for w in text.split(",")] if text else [None]
+
+
 def runtime(model, dtype, a, **kw):
+    kw.setdefault("kv_watermark", watermarks(a)[0])  # None: the engine's default
     return pagedrt.Runtime(model, device=getattr(a, "device", "cpu"), dtype=dtype, num_threads=a.threads,
                            kv_cache_bytes=a.kv_cache_mib << 20, max_num_seqs=a.max_num_seqs, **kw)
 
@@ -74,9 +81,19 @@ def kv_fields(s):
 
 
 def mixed(model, dtype, prompts, news, a, meter, engine, with_waste):
-    """Workload 3 row, plus workload 6's rows when `with_waste`."""
+    """Workload 3 row (one per --kv-watermark value), plus workload 6's rows
+    (from the first) when `with_waste`."""
+    rows = []
+    for i, wm in enumerate(watermarks(a)):
+        rows += mixed_run(model, dtype, prompts, news, a, meter, engine, with_waste and i == 0, wm)
+    return rows
+
+
+def mixed_run(model, dtype, prompts, news, a, meter, engine, with_waste, watermark):
+    # one function per Runtime, as sharing_mode
     meter.reset()
-    with runtime(model, dtype, a) as rt:
+    variant = None if watermark is None else f"kv_watermark {watermark:g}"
+    with runtime(model, dtype, a, kv_watermark=watermark) as rt:
         max_len = rt.model_info.max_model_len
         t0 = time.perf_counter()
         reqs = {rt.submit(p, max_tokens=n, ignore_eos=True, temperature=0): [len(p), n, 0, False]
@@ -96,10 +113,10 @@ def mixed(model, dtype, prompts, news, a, meter, engine, with_waste):
                             reserve=1 - used / max(1, sum(r[0] + r[1] for r in live)),
                             max_len=1 - used / max(1, len(live) * max_len))
 
-        tokens = drain(rt, list(reqs), f"{engine} mixed", sample)
+        tokens = drain(rt, list(reqs), f"{engine} mixed" + (f" ({variant})" if variant else ""), sample)
         secs = time.perf_counter() - t0
         s = rt.stats()
-    row = dict(engine=engine, workload="mixed", variant=None, output_tok_s=tokens / secs, seconds=secs,
+    row = dict(engine=engine, workload="mixed", variant=variant, output_tok_s=tokens / secs, seconds=secs,
                output_tokens=tokens, peak_rss_mb=meter.peak(), **kv_fields(s))
     if not with_waste:
         return [row]

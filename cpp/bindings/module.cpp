@@ -326,6 +326,7 @@ NB_MODULE(_core, m) {
       .rw("enable_prefix_caching", &RC::enable_prefix_caching)
       .rw("preemption_mode", &RC::preemption_mode)
       .rw("swap_space_bytes", &RC::swap_space_bytes)
+      .rw("kv_watermark", &RC::kv_watermark)
       .rw("num_threads", &RC::num_threads)
       .rw("deterministic", &RC::deterministic)
       .rw("draft_model", &RC::draft_model);

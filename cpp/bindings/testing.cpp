@@ -1,5 +1,5 @@
 // bindings/testing.cpp — pagedrt._testing: hooks into the core's insides for
-// the tests and the benchmarks (block manager, sampler, CPU GEMM, single
+// the tests and the benchmarks (block manager, scheduler, sampler, CPU GEMM, single
 // backend ops, the safetensors reader). Not part of the public API: it is
 // built against the private headers (cpp/src) and may change at any time.
 #include <nanobind/nanobind.h>
@@ -13,6 +13,7 @@ namespace nb = nanobind;
 using namespace nb::literals;
 
 void register_block_manager(nb::module_& m);  // block_manager.cpp
+void register_scheduler(nb::module_& m);      // scheduler.cpp
 void register_sampler(nb::module_& m);        // sampler.cpp
 void register_kernels(nb::module_& m);        // kernels.cpp
 void register_ops(nb::module_& m);            // ops.cpp
@@ -52,6 +53,7 @@ NB_MODULE(_testing, m) {
     }
   });
   register_block_manager(m);
+  register_scheduler(m);
   register_sampler(m);
   register_kernels(m);
   register_ops(m);

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <sstream>
 #include <cmath>
 #include <thread>
 #include <atomic>
@@ -33,6 +34,12 @@ void check_model_folder(const std::string& path, const std::string& what) {
   if (!file_exists(path + "/config.json")) throw Error(ErrorKind::InvalidModel, path + ": config.json is missing");
 }
 
+std::string shortest(double v) {  // 0.5, not std::to_string's 0.500000
+  std::ostringstream os;
+  os << v;
+  return os.str();
+}
+
 void check_config(const RuntimeConfig& c) {
   if (c.model_path.empty()) bad_arg("model_path is empty");
   check_model_folder(c.model_path, "model path");
@@ -48,6 +55,9 @@ void check_config(const RuntimeConfig& c) {
   if (c.preemption_mode != "recompute" && c.preemption_mode != "swap" && c.preemption_mode != "auto")
     bad_arg("preemption_mode '" + c.preemption_mode + "' is not known (use \"recompute\", \"swap\" or \"auto\")");
   if (c.swap_space_bytes < 0) bad_arg("swap_space_bytes must be >= 0, got " + std::to_string(c.swap_space_bytes));
+  if (!(c.kv_watermark >= 0.0 && c.kv_watermark < 0.5))  // NaN too
+    bad_arg("kv_watermark must be in [0, 0.5) (a fraction of the KV pool's blocks), got " +
+            shortest(c.kv_watermark));
   if (c.dtype != "auto" && c.dtype != "float32" && c.dtype != "bfloat16")
     bad_arg("dtype '" + c.dtype + "' is not known (use \"auto\", \"float32\" or \"bfloat16\")");
   if (c.activation_dtype != "auto" && c.activation_dtype != "float32" && c.activation_dtype != "bfloat16")
@@ -213,6 +223,7 @@ Runtime::Runtime(const RuntimeConfig& config) : impl_(std::make_unique<Impl>()) 
   const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   ec.output.sampler_threads = config.num_threads > 0 ? config.num_threads : device == "cuda" ? std::min(4, cores) : cores;
   ec.enable_prefix_caching = config.enable_prefix_caching;
+  ec.scheduler.watermark_blocks = watermark_blocks(config.kv_watermark, kv.num_blocks);
   if (config.preemption_mode != "recompute") {
     const int64_t space = config.swap_space_bytes > 0
                               ? config.swap_space_bytes

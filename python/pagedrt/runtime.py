@@ -119,7 +119,7 @@ class _LoadBar:
 RuntimeConfig = _core.RuntimeConfig
 _OPTIONS = ("device", "dtype", "activation_dtype", "kv_cache_bytes", "gpu_memory_utilization", "block_size",
             "max_num_seqs", "max_num_batched_tokens", "max_model_len", "enable_prefix_caching",
-            "preemption_mode", "swap_space_bytes", "num_threads",
+            "preemption_mode", "swap_space_bytes", "kv_watermark", "num_threads",
             "deterministic", "draft_model")
 
 
@@ -166,6 +166,15 @@ class Runtime:
         swap_space_bytes [0]: host memory for swapped-out blocks (page-locked
             on CUDA; allocated at the first swap) with preemption_mode "swap"
             or "auto"; 0: as much as the KV pool, at most 4 GiB.
+        kv_watermark [0.01]: the fraction of the KV pool's blocks, rounded up
+            to whole blocks, that admission leaves free, in [0, 0.5): a waiting
+            request starts only if that many blocks stay free once it has the
+            blocks its prompt needs (those the prefix cache does not hold; the
+            whole prompt also under chunked prefill; one more per further
+            sequence of n > 1 or beams), so that a full pool does not admit
+            requests only to preempt running ones as they grow. It holds for
+            preempted requests coming back too, and is waived while nothing
+            runs (a request too large for it runs alone). 0: no watermark.
         num_threads [0]: CPU threads (0: all cores); on CUDA, the host
             sampler's threads (0: at most 4, leaving the other cores to
             structured output's mask threads).

@@ -64,6 +64,16 @@ struct RuntimeConfig {
   // first swap), with preemption_mode "swap" or "auto"; 0 = as much as the KV
   // pool, at most 4 GiB.
   int64_t swap_space_bytes = 0;
+  // Admission leaves at least this fraction of the pool's blocks free (rounded
+  // up to whole blocks), in [0, 0.5): a waiting request is admitted only if,
+  // with the blocks its tokens need (those the prefix cache does not hold;
+  // the whole prompt also under chunked prefill; one block per further
+  // sequence for n > 1 and beams), that many stay free, so the running
+  // requests can grow without preempting each other. It holds for requests
+  // resumed after preemption too, and is waived while nothing runs (a
+  // request larger than the pool less the watermark runs alone). 0: none (a
+  // request is admitted once its step's blocks fit).
+  double kv_watermark = 0.01;
   int32_t num_threads = 0;         // CPU threads (on CUDA: the host sampler's); 0 = all cores
                                    // (on CUDA: 4 at most, leaving cores to structured output's masks)
   // Batch-invariant results: a sequence's logits have the same bits whatever

@@ -109,8 +109,12 @@ bool Scheduler::swap_in_front(SchedulerOutput& out) {
   for (auto& s : req->seqs)
     for (int32_t slot : s->host_table)
       if (owners[slot]++ == 0) slots.push_back(slot);
-  // Its blocks and room for each sequence's next block: back only to run.
-  if (static_cast<int64_t>(slots.size() + req->seqs.size()) > kv_.pool().num_free()) return false;
+  // Its blocks and room for each sequence's next block: back only to run;
+  // and the watermark (unless nothing runs): swapped back into a full pool,
+  // it would be the first to go out again (the most recently admitted) as
+  // the others grow.
+  const int64_t need = static_cast<int64_t>(slots.size() + req->seqs.size());
+  if (need > kv_.pool().num_free() || !above_watermark(need)) return false;
   std::vector<int32_t> got;
   kv_.pool().allocate(static_cast<int32_t>(slots.size()), got);
   std::unordered_map<int32_t, int32_t> block_of;  // host slot -> its new pool block
@@ -130,6 +134,15 @@ bool Scheduler::swap_in_front(SchedulerOutput& out) {
   swapped_.pop_front();
   running_.push_back(req);
   return true;
+}
+
+int64_t Scheduler::admission_blocks(const Request& req) const {
+  int64_t blocks = 0;
+  for (const auto& s : req.seqs)
+    blocks += kv_.blocks_needed(s->blocks, s->num_computed, s->num_tokens() - s->num_computed);
+  const int64_t width = std::max(req.params.n, req.params.beam_width);
+  const bool forks_to_come = req.seqs.size() == 1 && req.seqs[0]->num_tokens() == req.prompt_len;
+  return blocks + (forks_to_come ? width - 1 : 0);
 }
 
 size_t Scheduler::live_seqs() const {
@@ -218,7 +231,15 @@ SchedulerOutput Scheduler::schedule() {
       continue;
     }
     mine.clear();
-    if (plan(req, budget, mine) > kv_.pool().num_free()) {
+    // Its step's blocks must fit; with a watermark, all it needs to reach its
+    // sampling point must leave the watermark free. That holds a request
+    // resumed after recompute too: it is the first victim should the others
+    // grow into the watermark, and computing its tokens again is the dearest
+    // preemption. It waits only while something runs (which frees its blocks
+    // as it ends), and at the front of the queue nothing overtakes it.
+    const int64_t need = plan(req, budget, mine);
+    if (need > kv_.pool().num_free() ||
+        (config_.watermark_blocks > 0 && !above_watermark(admission_blocks(*req)))) {
       for (auto& s : req->seqs) {  // give the hits back; try again next step
         kv_.free(s->blocks);
         s->num_computed = 0;

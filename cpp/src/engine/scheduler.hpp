@@ -4,7 +4,8 @@
 // none). Each step: running requests first (in admission order), each
 // sequence taking min(remaining, budget) tokens — one for a decode, a chunk
 // for a prefill — then waiting requests are admitted (after taking their
-// prefix-cache hits) while the budget, max_num_seqs and free blocks allow.
+// prefix-cache hits) while the budget, max_num_seqs and free blocks (less
+// the watermark, below) allow.
 // When a running request cannot get its blocks, the most recently admitted
 // running request is preempted, by recompute or by swap:
 //   recompute: its blocks are freed (full ones stay in the prefix cache), its
@@ -21,8 +22,22 @@
 // (set_costs: the seconds a token's recompute and a block's swap took
 // lately); swap needs free host slots for all of the request's blocks, else
 // it is recompute.
+//
+// Admission keeps a watermark (SchedulerConfig::watermark_blocks, vLLM's
+// idea): a request enters the running set (new, resumed after recompute, or
+// swapped back in) only if at least that many blocks stay free once it has
+// what it needs, so that the running requests have room to grow and a full
+// pool does not admit, then preempt, then admit again. When nothing runs the
+// watermark is waived: a request larger than the pool less the watermark
+// still runs, alone, and nothing can wait forever.
+//
+//   pool of 20, watermark 2:  [ running: 12 | free: 8 ]
+//     prompt of 5 blocks:  8 - 5 = 3 >= 2  admitted
+//     prompt of 7 blocks:  8 - 7 = 1 <  2  waits (and all behind it: FIFO)
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <deque>
 #include <vector>
@@ -41,7 +56,17 @@ struct SchedulerConfig {
   int64_t max_model_len = 0;           // prompt + output tokens at most (0: no limit)
   PreemptionMode preemption = PreemptionMode::Recompute;
   int32_t swap_slots = 0;              // host slots of one block each (swap space); 0 under Recompute
+  int32_t watermark_blocks = 0;        // free blocks admission leaves (watermark_blocks()); 0: no watermark
 };
+
+// RuntimeConfig::kv_watermark (a fraction of the pool, in [0, 0.5)) in
+// blocks: "at least fraction x num_blocks blocks stay free", so rounded up
+// (vLLM rounds down: 0.01 of a pool under 100 blocks would be none). The
+// 1e-9 keeps a product that is whole but for rounding (0.07 x 100 =
+// 7.000000000000001) from taking one more block.
+inline int32_t watermark_blocks(double fraction, int64_t num_blocks) {
+  return static_cast<int32_t>(std::max(0.0, std::ceil(fraction * static_cast<double>(num_blocks) - 1e-9)));
+}
 
 struct ScheduledSeq {
   Request* req = nullptr;
@@ -105,6 +130,16 @@ class Scheduler {
   int64_t unshared_blocks(const Request& req) const;
   // The front swapped request back into the pool, if its blocks fit; false if not.
   bool swap_in_front(SchedulerOutput& out);
+  // Blocks a waiting request (its prefix-cache hits taken) needs to reach its
+  // sampling point: every sequence's known tokens not yet in blocks, and one
+  // block for each sequence its first sampling will fork (n > 1, beams), to
+  // write its first token into (a copy of the shared last block, or a fresh
+  // one). With chunked prefill that is the whole prompt, not the step's chunk.
+  int64_t admission_blocks(const Request& req) const;
+  // Whether `need` more blocks leave the watermark free (always while nothing runs).
+  bool above_watermark(int64_t need) const {
+    return running_.empty() || need + config_.watermark_blocks <= kv_.pool().num_free();
+  }
   size_t live_seqs() const;
   // Speculative decoding: appends proposals (prompt lookup, or the draft
   // model's from Sequence::proposal) to the sequences of `req` at their decode point (at most budget - 1 tokens each, never past

@@ -30,6 +30,8 @@ _HELP = {
     "preemption_mode": "how a request gives up its KV blocks to a running one: recompute, swap (to host "
                        "memory and back) or auto (swap for n > 1 and beams, else the cheaper)",
     "swap_space_bytes": "host memory for swapped-out KV blocks (0: as much as the KV pool, at most 4 GiB)",
+    "kv_watermark": "fraction of the KV pool's blocks admission leaves free, in [0, 0.5), so that running "
+                    "requests can grow without preempting each other (0: none)",
     "num_threads": "CPU threads (0: all cores, but on a CPU of 8 or more cores one is left to the HTTP layer)",
     "deterministic": "batch-invariant results (default: on for the CPU, off for CUDA; docs/determinism.md)",
     "draft_model": "a smaller model (folder or .gguf) with the same tokenizer, for requests with "
