@@ -3,7 +3,8 @@
 pagedrt.Event objects (detokenization, stop strings, completions) costs per event.
 
     python tools/bench_events.py                        # 512 requests, 16-token prompts, 64 tokens out
-    python tools/bench_events.py --tokenizer smollm2    # SmolLM2's byte-level BPE (a 49,152 vocab)
+    python tools/bench_events.py --tokenizer sentencepiece  # tokenizer.model instead of tokenizer.json
+    python tools/bench_events.py --hidden 384           # an engine step as long as an 8B model's on an H200
     python tools/bench_events.py --profile 25           # and cProfile's top 25 of one generate()
 
 A random one-layer Llama (tests/conftest.py's make_tiny_llama; hidden 32 by
@@ -20,17 +21,20 @@ ignore_eos workload runs three ways on one Runtime, round after round:
 
 For each: wall seconds, and the polling thread's CPU time (time.thread_time:
 the waits inside poll release the GIL and take none) per event. "host us/event"
-is that CPU time over the events; "over core" subtracts the core run's. The
-engine runs on its own thread(s) meanwhile (--threads, default 1: one core
-each for the engine and the host on a 2-core machine).
+is that CPU time over the events; "over core" subtracts the core run's; "of it
+gc" is the garbage collector's share (gc.callbacks). The engine runs on its own
+thread(s) meanwhile (--threads, default 1: one core each for the engine and the
+host on a 2-core machine).
 """
 from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import json
 import pstats
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,33 +42,60 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import make_tiny_llama, train_sentencepiece  # noqa: E402
+import pagedrt
 
-import pagedrt  # noqa: E402
 
 def make_model(folder: Path, tokenizer: str, hidden: int) -> Path:
-    """A random one-layer Llama with a sentencepiece tokenizer (vocab 400, byte
-    fallback) or SmolLM2's tokenizer.json (vocab 49,152)."""
-    shape = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
-                 num_attention_heads=max(1, hidden // 16), num_key_value_heads=max(1, hidden // 16),
-                 max_position_embeddings=256)
-    if tokenizer == "sentencepiece":
-        path, _ = make_tiny_llama(folder, vocab_size=400, **shape)
-        return train_sentencepiece(path)
-    smol = pagedrt.default_model(progress=False)
-    vocab = pagedrt.Tokenizer.from_model_dir(smol).vocab_size
-    path, _ = make_tiny_llama(folder, vocab_size=vocab, **shape)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (path / name).write_bytes((smol / name).read_bytes())
+    """A random one-layer Llama with a tiny byte-level BPE tokenizer.json (the
+    tokenizers backend, as Llama-3's; vocab 367), a tiny sentencepiece model
+    (vocab 400, byte fallback) or SmolLM2's tokenizer.json (vocab 49,152).
+    Run in a child process (--make-model): torch and transformers, which make
+    it, would otherwise stay in this one and every garbage collection here
+    would walk their objects."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from conftest import make_tiny_llama, train_byte_level_bpe, train_sentencepiece
+
+    tok = folder.parent / "tokenizer"
+    if tokenizer == "bpe":
+        train_byte_level_bpe(tok)
+    elif tokenizer == "sentencepiece":
+        train_sentencepiece(tok)
+    else:
+        tok = pagedrt.default_model(progress=False)
+    path, _ = make_tiny_llama(folder, vocab_size=pagedrt.Tokenizer.from_model_dir(tok).vocab_size,
+                              hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
+                              num_attention_heads=max(1, hidden // 16), num_key_value_heads=max(1, hidden // 16),
+                              max_position_embeddings=256)
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
+        if (tok / name).is_file():
+            (path / name).write_bytes((tok / name).read_bytes())
     return path
 
 
-def timed(fn):
-    """(wall seconds, this thread's CPU seconds, fn's result)."""
+class GcClock:
+    """Seconds spent in the garbage collector since the last read()."""
+
+    def __init__(self):
+        self.total, self.start = 0.0, 0.0
+        gc.callbacks.append(self)
+
+    def __call__(self, phase, info):
+        if phase == "start":
+            self.start = time.perf_counter()
+        else:
+            self.total += time.perf_counter() - self.start
+
+    def read(self) -> float:
+        t, self.total = self.total, 0.0
+        return t
+
+
+def timed(fn, gc_clock):
+    """(wall seconds, this thread's CPU seconds, seconds in the collector, fn's result)."""
+    gc_clock.read()
     w, c = time.perf_counter(), time.thread_time()
     out = fn()
-    return time.perf_counter() - w, time.thread_time() - c, out
+    return time.perf_counter() - w, time.thread_time() - c, gc_clock.read(), out
 
 
 def run_core(rt, prompts, params) -> int:
@@ -104,19 +135,25 @@ def main(argv=None):
     ap.add_argument("--requests", type=int, default=512)
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=3, help="timed rounds (after one warm-up); medians reported")
+    ap.add_argument("--rounds", type=int, default=5, help="timed rounds (after one warm-up); medians reported")
     ap.add_argument("--threads", type=int, default=1, help="engine threads")
-    ap.add_argument("--tokenizer", default="sentencepiece", choices=["sentencepiece", "smollm2"])
+    ap.add_argument("--tokenizer", default="bpe", choices=["bpe", "sentencepiece", "smollm2"])
     ap.add_argument("--hidden", type=int, default=32,
-                    help="the model's width (32: a step of about 1 ms at batch 512 on 1 core of the 2-core VM; 384: about "
-                         "25 ms, an 8B model's step at batch 512 on an H200)")
+                    help="the model's width (32: a step of about 1 ms at batch 512 on one core of the 2-core VM; "
+                         "384: about 25 ms, an 8B model's step at batch 512 on an H200)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="also run generate() once under cProfile and print the top N by own time")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--make-model", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    if a.make_model:
+        return make_model(Path(a.make_model), a.tokenizer, a.hidden)
 
     tmp = tempfile.TemporaryDirectory()
-    model = make_model(Path(tmp.name) / "tiny", a.tokenizer, a.hidden)
+    model = Path(tmp.name) / "tiny"
+    subprocess.run([sys.executable, __file__, "--make-model", str(model), "--tokenizer", a.tokenizer,
+                    "--hidden", str(a.hidden)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    gc_clock = GcClock()
     rng = np.random.default_rng(0)
     params = pagedrt.SamplingParams(max_tokens=a.max_tokens, temperature=0.0, ignore_eos=True)
     with pagedrt.Runtime(model, device="cpu", num_threads=a.threads, max_num_seqs=a.requests,
@@ -131,11 +168,11 @@ def main(argv=None):
         for r in range(a.rounds + 1):
             for name, fn in MODES.items():
                 s0 = rt.stats()
-                wall, cpu, events = timed(lambda: fn(rt, prompts(), params))
+                wall, cpu, gc_s, events = timed(lambda: fn(rt, prompts(), params), gc_clock)
                 s1 = rt.stats()
                 engine = (s1.forward_seconds - s0.forward_seconds) + (s1.output_seconds - s0.output_seconds)
                 if r:  # round 0 warms up
-                    res[name].append(dict(wall_s=wall, host_cpu_s=cpu, events=events, engine_s=engine,
+                    res[name].append(dict(wall_s=wall, host_cpu_s=cpu, gc_s=gc_s, events=events, engine_s=engine,
                                           steps=s1.num_steps - s0.num_steps))
         if a.profile:
             prof = cProfile.Profile()
@@ -145,15 +182,15 @@ def main(argv=None):
     print(f"{a.requests} requests x {a.prompt_len}-token prompts, {a.max_tokens} tokens out, greedy; "
           f"tokenizer {a.tokenizer}; engine threads {a.threads}; median of {a.rounds} rounds")
     print(f"{'mode':<10}{'wall s':>8}{'engine s':>10}{'steps':>7}{'events':>8}{'host us/event':>15}"
-          f"{'over core':>11}{'wall / core':>13}")
+          f"{'over core':>11}{'of it gc':>10}{'wall / core':>13}")
     for m, x in med.items():
         per = 1e6 * x["host_cpu_s"] / x["events"]
         over = per - 1e6 * base["host_cpu_s"] / base["events"]
         print(f"{m:<10}{x['wall_s']:8.3f}{x['engine_s']:10.3f}{x['steps']:7.0f}{x['events']:8.0f}{per:15.2f}"
-              f"{over:11.2f}{x['wall_s'] / base['wall_s']:13.3f}")
+              f"{over:11.2f}{1e6 * x['gc_s'] / x['events']:10.2f}{x['wall_s'] / base['wall_s']:13.3f}")
         x.update(host_us_per_event=per, over_core_us_per_event=over, wall_over_core=x["wall_s"] / base["wall_s"])
     if a.profile:
-        print(f"\ncProfile of one generate() (own time, top {a.profile}):")
+        print(f"\ncProfile of one generate() (own time, top {a.profile}; poll's includes its waits):")
         pstats.Stats(prof).sort_stats("tottime").print_stats(a.profile)
     if a.json:
         Path(a.json).write_text(json.dumps(dict(args=vars(a), rounds=res, median=med), indent=1))
