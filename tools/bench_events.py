@@ -4,11 +4,11 @@ pagedrt.Event objects (detokenization, stop strings, completions) costs per even
 
     python tools/bench_events.py                        # 512 requests, 16-token prompts, 64 tokens out
     python tools/bench_events.py --tokenizer sentencepiece  # tokenizer.model instead of tokenizer.json
-    python tools/bench_events.py --hidden 384           # an engine step as long as an 8B model's on an H200
+    python tools/bench_events.py --hidden 320           # an engine step as long as an 8B model's on an H200
     python tools/bench_events.py --profile 25           # and cProfile's top 25 of one generate()
 
 A random one-layer Llama (tests/conftest.py's make_tiny_llama; hidden 32 by
-default) so that an engine step is cheap and the host's work shows; --hidden 384
+default) so that an engine step is cheap and the host's work shows; --hidden 320
 makes a step about as long as an 8B model's at batch 512 on an H200 (20-25 ms). The same greedy,
 ignore_eos workload runs three ways on one Runtime, round after round:
 
@@ -140,7 +140,7 @@ def main(argv=None):
     ap.add_argument("--tokenizer", default="bpe", choices=["bpe", "sentencepiece", "smollm2"])
     ap.add_argument("--hidden", type=int, default=32,
                     help="the model's width (32: a step of about 1 ms at batch 512 on one core of the 2-core VM; "
-                         "384: about 25 ms, an 8B model's step at batch 512 on an H200)")
+                         "320: about 20 ms, an 8B model's step at batch 512 on an H200)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="also run generate() once under cProfile and print the top N by own time")
     ap.add_argument("--json", default=None)
