@@ -89,17 +89,22 @@ def tiny_llama(tmp_path):
     return make
 
 
-def train_sentencepiece(folder: Path, vocab_size: int = 400) -> Path:
-    """Trains a Llama-style sentencepiece BPE model (identity normalizer, byte
-    fallback) on generated text; writes tokenizer.model and tokenizer_config.json."""
+def _corpus() -> list[str]:
+    """200 lines of generated text for the tiny tokenizers (a few accented words among them)."""
     import random
-
-    import sentencepiece as spm
 
     rng = random.Random(0)
     words = ("the quick brown fox jumps over a lazy dog paged attention block cache token model "
              "llama runtime kernel scheduler 42 2024 héllo naïve café").split()
-    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(200)]
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(200)]
+
+
+def train_sentencepiece(folder: Path, vocab_size: int = 400) -> Path:
+    """Trains a Llama-style sentencepiece BPE model (identity normalizer, byte
+    fallback) on generated text; writes tokenizer.model and tokenizer_config.json."""
+    import sentencepiece as spm
+
+    lines = _corpus()
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "corpus.txt").write_text("\n".join(lines), encoding="utf-8")
     spm.SentencePieceTrainer.train(
@@ -111,6 +116,24 @@ def train_sentencepiece(folder: Path, vocab_size: int = 400) -> Path:
     (folder / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
          "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False}))
+    return folder
+
+
+def train_byte_level_bpe(folder: Path, vocab_size: int = 400) -> Path:
+    """Trains a byte-level BPE tokenizer.json (GPT-2 and Llama-3 style: the 256
+    bytes, then merges; <unk> <s> </s> special at ids 0-2) on the same generated
+    text; writes tokenizer.json and tokenizer_config.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(_corpus(), trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
     return folder
 
 

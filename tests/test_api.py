@@ -335,3 +335,106 @@ def test_defaults_come_from_the_cpp_runtime_config(tiny):
         pagedrt.Runtime(tiny, device="cpu", blok_size=8)
     with pytest.raises(pagedrt.InvalidArgument, match="block_size"):
         pagedrt.Runtime(tiny, device="cpu", block_size="big")
+
+
+# ── the event path: the core's rows, batched polls ──
+
+ROW_FIELDS = ("request_id", "index", "token_ids", "finished", "request_finished", "finish_reason", "error",
+              "num_preemptions", "time", "cumulative_logprob", "score", "spec_proposed", "spec_accepted")
+
+
+def mixed_params():
+    P = pagedrt.SamplingParams
+    return [P(max_tokens=6, temperature=0, ignore_eos=True),
+            P(max_tokens=4, temperature=0, logprobs=2, ignore_eos=True),
+            P(max_tokens=3, temperature=0, prompt_logprobs=1, return_logits=True, ignore_eos=True),
+            P(max_tokens=5, n=2, temperature=1.0, seed=3, ignore_eos=True),
+            P(max_tokens=4, beam_width=2, ignore_eos=True),
+            P(max_tokens=7, temperature=0, ignore_eos=True, speculative="ngram", num_speculative_tokens=3)]
+
+
+def core_events(rt, read):
+    """The mixed requests submitted to the core (by id) and read with `read(ids)`
+    (a list of (request_id, request_finished, item)) until each one's final
+    event: each request's items, in submit order."""
+    ids = [rt._rt.submit([5, 6, 7, 5, 6, 7, 8 + i], p._to_core(), "", True) for i, p in enumerate(mixed_params())]
+    got, left = {i: [] for i in ids}, set(ids)
+    while left:
+        for rid, last, item in read(sorted(left)):
+            got[rid].append(item)
+            if last:
+                left.discard(rid)
+    return [got[i] for i in ids]
+
+
+def lp_fields(lps):
+    return [(lp.token, lp.logprob, list(lp.top_ids), list(lp.top_logprobs)) for lp in lps]
+
+
+def test_poll_rows_carry_every_field_of_the_core_events(tiny):
+    """_core.Runtime.poll_rows (what pagedrt.Runtime reads) gives, per event, the
+    fields the core's Event objects give, and the Event itself where it carries
+    logprobs, prompt logprobs or logits: the same greedy, seeded, beam and
+    speculative requests run twice, read each way."""
+    with pagedrt.Runtime(tiny, device="cpu") as rt:
+        events = core_events(rt, lambda ids: [(e.request_id, e.request_finished, e)
+                                              for e in rt._rt.poll_requests(ids, 0.1)])
+        rows = core_events(rt, lambda ids: [(r[0], r[4], r) for r in rt._rt.poll_rows(ids, 0.1)])
+        now = time.monotonic()
+    assert [len(r) for r in rows] == [len(e) for e in events]
+    for row, ev in zip((r for req in rows for r in req), (e for req in events for e in req)):
+        assert len(row) == len(ROW_FIELDS) + 1
+        for i, name in enumerate(ROW_FIELDS):
+            if name not in ("request_id", "time"):                        # they differ between the runs
+                assert row[i] == getattr(ev, name), name
+        assert isinstance(row[2], list) and isinstance(row[8], float) and now - 60 < row[8] <= now
+        extra = row[13]
+        if extra is None:
+            assert not ev.logprobs and not ev.prompt_logprobs and ev.logits is None
+            continue
+        assert lp_fields(extra.logprobs) == lp_fields(ev.logprobs)
+        assert lp_fields(extra.prompt_logprobs) == lp_fields(ev.prompt_logprobs)
+        assert (extra.logits is None) == (ev.logits is None)
+        if ev.logits is not None:
+            np.testing.assert_array_equal(extra.logits, ev.logits)
+    assert {r[13] is None for req in rows for r in req} == {True, False}  # rows of both kinds came
+
+
+def visible(ev):
+    """An Event's fields but its request id and time (logits as a list)."""
+    return (ev.index, ev.token_ids, ev.text, ev.finished, ev.finish_reason, ev.request_finished,
+            ev.num_preemptions, ev.error, ev.logprobs, ev.cumulative_logprob, ev.prompt_logprobs, ev.score,
+            None if ev.logits is None else ev.logits.tolist(), ev.spec_proposed, ev.spec_accepted)
+
+
+def test_a_batched_poll_gives_the_events_of_polls_one_request_at_a_time(tiny):
+    """poll([ids]) converts every request's events in one go: each request gets
+    the events, text and stop-string endings it gets when polled alone."""
+    prompts = ["the quick brown", "a lazy dog", "paged attention", "the model", "héllo naïve", "block cache"]
+    kws = [dict(), dict(logprobs=1), dict(stop=[" the", "a"]), dict(n=2, temperature=1.0, seed=5, stop=["o"]),
+           dict(prompt_logprobs=1, return_logits=True), dict(stop=["zzz"], include_stop_str_in_output=True)]
+
+    def run(rt, read):
+        ids = [rt.submit(p, by_id=True, **{"max_tokens": 12, "temperature": 0, "ignore_eos": True, **kw})
+               for p, kw in zip(prompts, kws)]
+        got, left = {i: [] for i in ids}, set(ids)
+        while left:
+            for ev in read(sorted(left)):
+                got[ev.request_id].append(visible(ev))
+                if ev.request_finished:
+                    left.discard(ev.request_id)
+        return [got[i] for i in ids]
+
+    with pagedrt.Runtime(tiny, device="cpu") as rt:
+        batched = run(rt, lambda ids: rt.poll(ids, timeout=0.1))
+        alone = run(rt, lambda ids: [ev for rid in ids for ev in rt.poll(rid, timeout=0.01)])
+        assert wait_idle(rt).blocks_used == 0          # the stop-string endings released their sequences
+    assert batched == alone
+    assert any(e[4] == "stop" for req in batched for e in req)
+
+
+def wait_idle(rt, seconds=5.0):
+    end = time.monotonic() + seconds
+    while time.monotonic() < end and (rt.stats().num_running or rt.stats().num_waiting):
+        time.sleep(0.02)
+    return rt.stats()

@@ -86,3 +86,16 @@ def test_bench_kv_shortcut_runs_only_the_workloads_asked(tmp_path):
     assert {(r["engine"], r["workload"]) for r in data["rows"]} == {
         ("pagedrt float32", "prefix"), ("pagedrt float32", "waste"), ("contiguous allocator", "waste")}
     assert "\nwaste: " in stdout and "\nmixed: " not in stdout
+
+
+def test_bench_events_runs_its_three_modes_on_the_same_events(tmp_path):
+    out = tmp_path / "events.json"
+    res = subprocess.run([sys.executable, str(TOOLS / "bench_events.py"), "--requests", "8", "--max-tokens", "5",
+                          "--rounds", "1", "--profile", "3", "--json", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    med = json.loads(out.read_text())["median"]
+    assert set(med) == {"core", "generate", "stream"}
+    assert {m["events"] for m in med.values()} == {8 * 5}        # every mode saw every token's event
+    assert all(m["host_us_per_event"] > 0 and m["wall_s"] > 0 for m in med.values())
+    assert "cProfile of one generate()" in res.stdout
