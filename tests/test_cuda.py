@@ -524,6 +524,38 @@ def test_prefill_ws_block_sizes(monkeypatch, stages):
                 assert rel_err(ours[t], ref[t]) <= 2 * BF16_TOL, (stages, bs, H, Hkv, t)
 
 
+@pytest.mark.parametrize("kernel", ["mma", "wgmma", "ws"])
+def test_prefill_ignores_stale_slots(monkeypatch, kernel):
+    """Slots no token of a sequence has written (past its last position in
+    its last page, and blocks it does not hold) may hold whatever a finished
+    request left, NaN and inf included: no prefill kernel's output may see
+    them (the ws kernel reads whole pages and zeroes V's stale rows before P
+    V). NaN in K, NaN and inf in V there; contiguous attention over the
+    written slots as the reference."""
+    monkeypatch.setenv("PAGEDRT_PREFILL_KERNEL", kernel)
+    torch = pytest.importorskip("torch")
+    if kernel != "mma" and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip(f"the {kernel} kernel needs an sm_90 GPU, not {torch.cuda.get_device_name()}")
+    gpu = _testing._Ops("cuda")
+    rng = np.random.default_rng(len(kernel))
+    seqs = [(0, 300), (200, 150), (0, 17), (600, 33), (0, 129), (130, 260)]
+    for bs in (16, 64):
+        b, qkv, kc, vc = attention_inputs(rng, seqs, 32, 8, 128, block_size=bs)
+        written = np.zeros(b["num_blocks"] * bs, bool)
+        for table, ctx in zip(b["tables"], b["seq_lens"]):
+            written[[table[p // bs] * bs + p % bs for p in range(ctx)]] = True
+        kc.reshape(-1, 8, 128)[~written] = np.nan
+        stale_v = vc.reshape(-1, 8, 128)
+        stale_v[~written] = np.where(rng.random((int((~written).sum()), 8, 128)) < 0.5, np.nan, np.inf)
+        set_batch(gpu, b)
+        ours = gpu.paged_attention(qkv, kc, vc, 32, 8, 128, 128 ** -0.5)
+        ref = contiguous_attention(b, qkv, kc, vc, 32, 8, 128, 128 ** -0.5, block_size=bs)
+        assert np.isfinite(ours).all(), (kernel, bs, np.argwhere(~np.isfinite(ours))[:4])
+        e = rel_err(ours, ref)
+        record(f"prefill_stale_{kernel}[bs={bs}]", e)
+        assert e <= BF16_TOL, (kernel, bs, e)
+
+
 @pytest.mark.parametrize("kernel", ["cc", "2x3", "4x3", "2x2"])
 def test_decode_kernel_forced(monkeypatch, kernel):
     """The bf16 decode kernels the plan chooses between, each forced with

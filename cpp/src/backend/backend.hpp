@@ -84,10 +84,6 @@ class Backend {
   virtual Tensor load_weight(const std::vector<WeightView>& parts, ScalarType dtype) = 0;
   virtual Tensor empty(std::vector<int64_t> shape, ScalarType dtype) = 0;
   virtual Tensor from_host(const Tensor& host) = 0;
-  // A fresh KV cache tensor made ready for the kernels: CUDA zeroes it (its
-  // TMA prefill kernel reads whole pages, slots no token has written
-  // included, and multiplies them by zero weights: a NaN there would spread).
-  virtual void prepare_kv(Tensor& cache) {}
 
   virtual void begin_step(const BatchView& batch) = 0;
 

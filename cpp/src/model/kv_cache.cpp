@@ -26,8 +26,6 @@ KvCache KvCache::allocate(Backend& backend, const LlamaConfig& cfg, int64_t bloc
     std::vector<int64_t> shape = {kv.num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim};
     kv.k.push_back(backend.empty(shape, dtype));
     kv.v.push_back(backend.empty(shape, dtype));
-    backend.prepare_kv(kv.k.back());
-    backend.prepare_kv(kv.v.back());
   }
   return kv;
 }

@@ -17,8 +17,8 @@
 //   - the two take turns to issue (named barriers 1 and 2, "ping-pong"), so
 //     one's softmax overlaps the other's products.
 //
-//   block = 3 warpgroups (384 threads), grid (tiles, Hkv), the last tiles
-//   first (they have the most keys)
+//   block = 3 warpgroups (384 threads); grid = min(work items, SMs), work
+//   item = (tile, kv head), the last tiles first (they have the most keys)
 //   shared memory: Q (128 x 128) + Stages x (K, V) (128 x 128), bf16: 160 KB
 //   at 2 stages, 224 KB at 3; the 128-byte-swizzled layout of wgmma.cuh
 //
@@ -27,17 +27,16 @@
 // Hkv, slots), so block sizes must be powers of two from 8 (smaller ones run
 // attention_prefill_wgmma.cu). Boxes wholly past the last key read the
 // tensor's out-of-bounds zeros; the last page's slots past the sequence are
-// read as they are (the pool starts zeroed, KvCache::allocate) and masked.
-#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
-
+// masked, and zeroed in V before P V reads them (a freed block holds
+// whatever its last request left there).
 #include <algorithm>
-#include <cstdlib>
 #include <string>
 
 #include "backend/cuda/cuda_check.hpp"
 #include "backend/cuda/kernels.cuh"
 #include "backend/cuda/mma.cuh"
 #include "backend/cuda/prefill_rows.cuh"
+#include "backend/cuda/tensor_map.hpp"
 #include "backend/cuda/tma.cuh"
 #include "backend/cuda/wgmma.cuh"
 #include "pagedrt/error.hpp"
@@ -51,7 +50,7 @@ namespace {
 
 constexpr int D = 128, BQ = 128, BK = 128, kThreads = 384;
 constexpr int kPingPong = 1;  // named barriers 1 and 2: consumer c waits on 1 + c
-constexpr int kQReady = 3;    // named barriers 3 and 4: consumer c's Q has landed
+constexpr int kQReady = 3;    // named barriers 3 and 4: consumer c's own (its rows' range, zeroed V rows)
 
 // Byte offsets in the (1,024-aligned) shared memory; a 128-row tile is two
 // halves of 64 columns, 16 KB each.
@@ -165,8 +164,8 @@ struct Consumer {
     issue_s(s, st);
     turn_end();
     wgmma_wait<0>();
-    wgmma_hold(s);
     mbar_arrive_lane0(bars.empty_k(st), lane);
+    wgmma_hold(s);
     softmax<kMask>(s, 0);
     pack(s, pa);
   }
@@ -181,23 +180,42 @@ struct Consumer {
     issue_s(s, st);
     rescale(o);  // to the max P_{t-1} was taken at
     mbar_wait(bars.full_v(pt), ((g - 1) / S) & 1);
+    wgmma_hold(pa);
     wgmma_fence();
     issue_pv(o, pa, pt);
     turn_end();
     wgmma_wait<1>();
-    wgmma_hold(s);
     mbar_arrive_lane0(bars.empty_k(st), lane);
+    wgmma_hold(s);  // after the arrive: the softmax may not move above it (K freed early)
     softmax<kMask>(s, t * BK);
     wgmma_wait<0>();
     wgmma_hold(o);
+    wgmma_hold(pa);
     mbar_arrive_lane0(bars.empty_v(pt), lane);
     pack(s, pa);
   }
-  // The item's last P V (its last key tile is block tile g).
-  __device__ __forceinline__ void last(float (&o)[64], const uint32_t (&pa)[BK / 16][4], int g) {
+  // The item's last P V (its last key tile is block tile g; its rows from
+  // `stale` on hold slots past the sequence, read with its last page).
+  __device__ __forceinline__ void last(float (&o)[64], uint32_t (&pa)[BK / 16][4], int g, int stale, int box,
+                                       unsigned char* smem, int ct) {
     const int st = g % S;
     rescale(o);
     mbar_wait(bars.full_v(st), (g / S) & 1);
+    if (stale < BK) {
+      // Zeros over those rows (up to the end of their page: later pages came
+      // as the tensor's zeros): P is 0 there, but 0 x NaN is NaN, and a freed
+      // block may hold anything a request left. Both warpgroups may write
+      // the same zeros; each fences its own before its product reads them.
+      const int end = min(BK, (stale + box - 1) / box * box);
+      unsigned char* v = smem + (v0 - smem_addr(smem)) + st * 2 * 128 * 128;  // the stage's V, generic
+      for (int i = ct % 128; i < (end - stale) * 16; i += 128) {
+        const int r = stale + i / 16, ch = i % 16;
+        *reinterpret_cast<uint4*>(v + tile_offset(r, ch, BK)) = make_uint4(0, 0, 0, 0);
+      }
+      fence_proxy_async();
+      named_bar_sync(kQReady + c, 128);
+    }
+    wgmma_hold(pa);
     wgmma_fence();
     issue_pv(o, pa, st);
     wgmma_wait<0>();
@@ -280,17 +298,14 @@ __global__ void __launch_bounds__(kThreads, 1)
             tma_load_3d(dst, map, full, 0, it.kvh, slot);
             tma_load_3d(dst + L::half, map, full, 64, it.kvh, slot);
           }
-          if (which == 0 && t == 0) {  // the item's Q, behind its first K tile: rows 64c .. 64c + 63 a consumer
-            if (k > 0) {
-              mbar_wait(bars.empty_q(0), (k & 1) ^ 1);
-              mbar_wait(bars.empty_q(1), (k & 1) ^ 1);
-            }
-            if (lane < 2) mbar_arrive_expect_tx(bars.full_q(lane), 2 * 64 * 128);
-            __syncwarp();
-            if (lane < 4) {  // lane: consumer lane / 2, half lane % 2
-              const int c = lane >> 1, h = lane & 1;
-              tma_load_3d(base + L::q + h * L::half + c * 64 * 128, &qmap, bars.full_q(c), h * 64, it.kvh * G,
-                          it.q0 + (it.row0 + 64 * c) / G);
+          if (which == 1 && t == 0) {  // the item's Q, behind its first K/V tile
+            for (int c = 0; c < 2; ++c) {   // rows 64c .. 64c + 63, once consumer c is done with the last item's
+              if (k > 0) mbar_wait(bars.empty_q(c), (k & 1) ^ 1);
+              if (lane == 0) mbar_arrive_expect_tx(bars.full_q(c), 2 * 64 * 128);
+              __syncwarp();
+              if (lane < 2)  // a half of D a lane
+                tma_load_3d(base + L::q + lane * L::half + c * 64 * 128, &qmap, bars.full_q(c), lane * 64,
+                            it.kvh * G, it.q0 + (it.row0 + 64 * c) / G);
             }
           }
         }
@@ -303,6 +318,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   setmaxnreg_inc<240>();
   const int ct = tid - 128, c = ct / 128, warp = ct / 32, lane = ct % 32;
+  unsigned char* smem = smem_raw + (base - raw);
   Consumer<S> w;
   w.c = c;
   w.lane = lane;
@@ -351,7 +367,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int t = max(nm, 1); t < nt; ++t) w.template step<true>(s, o, pa, t, g0 + t);
     }
     mbar_arrive_lane0(bars.empty_q(c), lane);  // every product with this Q is done
-    if (nt > 0) w.last(o, pa, g0 + nt - 1);
+    if (nt > 0) w.last(o, pa, g0 + nt - 1, nt == it.ntiles ? it.kmax - (nt - 1) * BK : BK, box, smem, ct);
     for (int t = nt; t < it.ntiles; ++t) w.pass(g0 + t);
     store_rows<D>(p, reinterpret_cast<const float(&)[D / 8][4]>(o), w.l_lo, w.l_hi, r_lo, r_hi, it.rows_total, it.q0,
                   it.kvh, lane);
@@ -365,38 +381,14 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
-// cuTensorMapEncodeTiled from the driver (through the runtime: no -lcuda).
-PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
-  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
-    void* f = nullptr;
-    cudaDriverEntryPointQueryResult found{};
-    CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &found));
-    if (found != cudaDriverEntryPointSuccess || f == nullptr)
-      throw Error(ErrorKind::Runtime, "the CUDA driver has no cuTensorMapEncodeTiled (the prefill kernel's TMA)");
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
-  }();
-  return fn;
-}
-
 // A 3-D bf16 tensor (D = 128, n1, n2) with byte strides stride1 and stride2,
-// read in boxes of (64, b1, b2) with the 128-byte swizzle; reads past its
-// bounds give zeros. `what` names it in errors.
+// read in boxes of (64, b1, b2).
 CUtensorMap tensor_map(const bf16* data, int64_t n1, int64_t n2, int64_t stride1, int64_t stride2, int b1, int b2,
                        const char* what) {
-  CUtensorMap m;
-  const cuuint64_t dims[3] = {cuuint64_t(D), cuuint64_t(n1), cuuint64_t(n2)};
-  const cuuint64_t strides[2] = {cuuint64_t(stride1), cuuint64_t(stride2)};
-  const cuuint32_t boxes[3] = {64, cuuint32_t(b1), cuuint32_t(b2)}, steps[3] = {1, 1, 1};
-  const CUresult r = tensor_map_encoder()(&m, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, const_cast<bf16*>(data), dims,
-                                          strides, boxes, steps, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                                          CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                                          CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (r != CUDA_SUCCESS)
-    throw Error(ErrorKind::Runtime, std::string("cuTensorMapEncodeTiled failed (") + std::to_string(int(r)) +
-                                        ") for the prefill kernel's " + what + " (128 x " + std::to_string(n1) +
-                                        " x " + std::to_string(n2) + ", box 64 x " + std::to_string(b1) + " x " +
-                                        std::to_string(b2) + ")");
-  return m;
+  const uint64_t dims[3] = {uint64_t(D), uint64_t(n1), uint64_t(n2)}, strides[2] = {uint64_t(stride1),
+                                                                                    uint64_t(stride2)};
+  const uint32_t box[3] = {64, uint32_t(b1), uint32_t(b2)};
+  return tensor_map_bf16(data, 3, dims, strides, box, what);
 }
 
 int sm_count() {
@@ -420,10 +412,10 @@ void launch_ws(const AttentionParams& p, const PrefillPlan& f, int box, cudaStre
   // qkv (tokens, H + 2 Hkv heads, D): a consumer's 64 rows are 64 / G tokens
   // of the group's G heads, as (token, head) rows.
   const CUtensorMap qm =
-      tensor_map(p.qkv, H + 2 * Hkv, f.num_tokens, D * 2, (H + 2 * Hkv) * D * 2, int(G), int(64 / G), "queries");
+      tensor_map(p.qkv, H + 2 * Hkv, f.num_tokens, D * 2, (H + 2 * Hkv) * D * 2, int(G), int(64 / G), "the prefill kernel's queries");
   // The cache (num_blocks, block_size, Hkv, D) as (D, Hkv, slots): a box is a page of one kv head.
-  const CUtensorMap km = tensor_map(p.kv.k, Hkv, slots, D * 2, Hkv * D * 2, 1, box, "K cache");
-  const CUtensorMap vm = tensor_map(p.kv.v, Hkv, slots, D * 2, Hkv * D * 2, 1, box, "V cache");
+  const CUtensorMap km = tensor_map(p.kv.k, Hkv, slots, D * 2, Hkv * D * 2, 1, box, "the prefill kernel's K cache");
+  const CUtensorMap vm = tensor_map(p.kv.v, Hkv, slots, D * 2, Hkv * D * 2, 1, box, "the prefill kernel's V cache");
   const int items = f.num_tiles * int(Hkv);
   prefill_ws_kernel<Stages><<<std::min(items, sms), kThreads, WsSmem<Stages>::alloc, s>>>(qm, km, vm, p, f, box);
   CUDA_CHECK_LAUNCH();

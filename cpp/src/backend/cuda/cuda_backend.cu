@@ -194,11 +194,6 @@ Tensor CudaBackend::empty(std::vector<int64_t> shape, ScalarType dtype) {
   return t;
 }
 
-void CudaBackend::prepare_kv(Tensor& cache) {
-  CUDA_CHECK(cudaMemsetAsync(cache.data, 0, cache.nbytes(), stream_));
-  CUDA_CHECK(cudaStreamSynchronize(stream_));
-}
-
 Tensor CudaBackend::from_host(const Tensor& host) {
   Tensor t = empty(host.shape, host.dtype);
   CUDA_CHECK(cudaMemcpyAsync(t.data, host.data, host.nbytes(), cudaMemcpyHostToDevice, stream_));

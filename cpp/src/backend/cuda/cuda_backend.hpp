@@ -62,7 +62,6 @@ class CudaBackend final : public Backend {
   Tensor load_weight(const std::vector<WeightView>& parts, ScalarType dtype) override;
   Tensor empty(std::vector<int64_t> shape, ScalarType dtype) override;
   Tensor from_host(const Tensor& host) override;
-  void prepare_kv(Tensor& cache) override;
 
   void begin_step(const BatchView& batch) override;
   // Steps of up to kMaxRecordedTokens tokens, none of whose sequences has more
