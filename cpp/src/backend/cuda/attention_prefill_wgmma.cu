@@ -147,15 +147,9 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_wgmma_kernel(AttentionPar
     online_softmax(reinterpret_cast<float(&)[BK / 8][4]>(s), kb, kb + BK - 1 > wg_min, lane, pos_lo, pos_hi, qscale,
                    m_lo, m_hi, l_lo, l_hi, c_lo, c_hi);
 
-    // P as the A operand of k-step j (keys 16j .. 16j + 15): blocks 2j and 2j + 1.
+    // P as the A operand of k-step j (keys 16j .. 16j + 15).
     uint32_t pa[BK / 16][4];
-#pragma unroll
-    for (int j = 0; j < BK / 16; ++j) {
-      pa[j][0] = pack_bf16x2(s[8 * j + 0], s[8 * j + 1]);
-      pa[j][1] = pack_bf16x2(s[8 * j + 2], s[8 * j + 3]);
-      pa[j][2] = pack_bf16x2(s[8 * j + 4], s[8 * j + 5]);
-      pa[j][3] = pack_bf16x2(s[8 * j + 6], s[8 * j + 7]);
-    }
+    pack_p<BK / 8>(s, pa);
 #pragma unroll
     for (int j = 0; j < D / 8; ++j) o[4 * j] *= c_lo, o[4 * j + 1] *= c_lo, o[4 * j + 2] *= c_hi, o[4 * j + 3] *= c_hi;
 

@@ -140,16 +140,6 @@ struct Consumer {
 #pragma unroll
     for (int j = 0; j < D / 8; ++j) o[4 * j] *= c_lo, o[4 * j + 1] *= c_lo, o[4 * j + 2] *= c_hi, o[4 * j + 3] *= c_hi;
   }
-  // P (exp of the scores, bf16) as the A operand of k-step j: blocks 2j, 2j + 1.
-  __device__ __forceinline__ static void pack(const float (&s)[64], uint32_t (&pa)[BK / 16][4]) {
-#pragma unroll
-    for (int j = 0; j < BK / 16; ++j) {
-      pa[j][0] = pack_bf16x2(s[8 * j + 0], s[8 * j + 1]);
-      pa[j][1] = pack_bf16x2(s[8 * j + 2], s[8 * j + 3]);
-      pa[j][2] = pack_bf16x2(s[8 * j + 4], s[8 * j + 5]);
-      pa[j][3] = pack_bf16x2(s[8 * j + 6], s[8 * j + 7]);
-    }
-  }
   // This warpgroup's turn to issue products; after issuing, the other's.
   __device__ __forceinline__ void turn_begin() const { named_bar_sync(kPingPong + c, 256); }
   __device__ __forceinline__ void turn_end() const { named_bar_arrive(kPingPong + (1 - c), 256); }
@@ -167,7 +157,7 @@ struct Consumer {
     mbar_arrive_lane0(bars.empty_k(st), lane);
     wgmma_hold(s);
     softmax<kMask>(s, 0);
-    pack(s, pa);
+    pack_p<BK / 8>(s, pa);
   }
   // Key tile t >= 1 (block tile g): S_t, and P_{t-1} V_{t-1} behind it; S_t's
   // softmax while P V runs; P_t packed once P V has read P_{t-1}.
@@ -192,7 +182,7 @@ struct Consumer {
     wgmma_hold(o);
     wgmma_hold(pa);
     mbar_arrive_lane0(bars.empty_v(pt), lane);
-    pack(s, pa);
+    pack_p<BK / 8>(s, pa);
   }
   // The item's last P V (its last key tile is block tile g; its rows from
   // `stale` on hold slots past the sequence, read with its last page).

@@ -78,6 +78,21 @@ __device__ __forceinline__ void online_softmax(float (&s)[NB][4], int kb, bool m
   l_hi = l_hi * c_hi + s_hi;
 }
 
+// exp(S - max) of a tile (NB 8-column blocks of the accumulator, as the
+// online softmax left it) as bf16 A operands of P V, a k-step of 16 keys
+// each: k-step j is blocks 2j and 2j + 1 (wgmma.cuh: an accumulator's
+// 16-column pair is a k-step's A fragment).
+template <int NB>
+__device__ __forceinline__ void pack_p(const float (&s)[NB * 4], uint32_t (&pa)[NB / 2][4]) {
+#pragma unroll
+  for (int j = 0; j < NB / 2; ++j) {
+    pa[j][0] = pack_bf16x2(s[8 * j + 0], s[8 * j + 1]);
+    pa[j][1] = pack_bf16x2(s[8 * j + 2], s[8 * j + 3]);
+    pa[j][2] = pack_bf16x2(s[8 * j + 4], s[8 * j + 5]);
+    pa[j][3] = pack_bf16x2(s[8 * j + 6], s[8 * j + 7]);
+  }
+}
+
 // O / l of this thread's rows r_lo and r_hi (tile rows counted from the
 // sequence's first; rows at or past rows_total are not written) into p.out as
 // bf16; l is summed over the 4 lanes that hold a row first.
