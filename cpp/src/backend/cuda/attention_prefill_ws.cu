@@ -402,7 +402,8 @@ void launch_ws(const AttentionParams& p, const PrefillPlan& f, int box, cudaStre
   // qkv (tokens, H + 2 Hkv heads, D): a consumer's 64 rows are 64 / G tokens
   // of the group's G heads, as (token, head) rows.
   const CUtensorMap qm =
-      tensor_map(p.qkv, H + 2 * Hkv, f.num_tokens, D * 2, (H + 2 * Hkv) * D * 2, int(G), int(64 / G), "the prefill kernel's queries");
+      tensor_map(p.qkv, H + 2 * Hkv, f.num_tokens, D * 2, (H + 2 * Hkv) * D * 2, int(G), int(64 / G),
+                 "the prefill kernel's queries");
   // The cache (num_blocks, block_size, Hkv, D) as (D, Hkv, slots): a box is a page of one kv head.
   const CUtensorMap km = tensor_map(p.kv.k, Hkv, slots, D * 2, Hkv * D * 2, 1, box, "the prefill kernel's K cache");
   const CUtensorMap vm = tensor_map(p.kv.v, Hkv, slots, D * 2, Hkv * D * 2, 1, box, "the prefill kernel's V cache");
