@@ -29,10 +29,9 @@ namespace {
 [[noreturn]] void bad(const std::string& msg) { throw pagedrt::Error(pagedrt::ErrorKind::InvalidArgument, msg); }
 
 pagedrt::PreemptionMode mode_of(const std::string& mode) {
-  if (mode == "recompute") return pagedrt::PreemptionMode::Recompute;
-  if (mode == "swap") return pagedrt::PreemptionMode::Swap;
-  if (mode == "auto") return pagedrt::PreemptionMode::Auto;
-  bad("preemption_mode '" + mode + "' is not known");
+  const auto m = pagedrt::preemption_mode_of(mode);
+  if (!m) bad("preemption_mode '" + mode + "' is not known");
+  return *m;
 }
 
 struct StepResult {

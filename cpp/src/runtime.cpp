@@ -52,7 +52,7 @@ void check_config(const RuntimeConfig& c) {
   if (!(c.gpu_memory_utilization > 0.0 && c.gpu_memory_utilization <= 1.0))
     bad_arg("gpu_memory_utilization must be in (0, 1], got " + std::to_string(c.gpu_memory_utilization));
   if (c.num_threads < 0) bad_arg("num_threads must be >= 0, got " + std::to_string(c.num_threads));
-  if (c.preemption_mode != "recompute" && c.preemption_mode != "swap" && c.preemption_mode != "auto")
+  if (!preemption_mode_of(c.preemption_mode))
     bad_arg("preemption_mode '" + c.preemption_mode + "' is not known (use \"recompute\", \"swap\" or \"auto\")");
   if (c.swap_space_bytes < 0) bad_arg("swap_space_bytes must be >= 0, got " + std::to_string(c.swap_space_bytes));
   if (!(c.kv_watermark >= 0.0 && c.kv_watermark < 0.5))  // NaN too
@@ -224,7 +224,8 @@ Runtime::Runtime(const RuntimeConfig& config) : impl_(std::make_unique<Impl>()) 
   ec.output.sampler_threads = config.num_threads > 0 ? config.num_threads : device == "cuda" ? std::min(4, cores) : cores;
   ec.enable_prefix_caching = config.enable_prefix_caching;
   ec.scheduler.watermark_blocks = watermark_blocks(config.kv_watermark, kv.num_blocks);
-  if (config.preemption_mode != "recompute") {
+  const PreemptionMode preemption = *preemption_mode_of(config.preemption_mode);  // checked by check_config
+  if (preemption != PreemptionMode::Recompute) {
     const int64_t space = config.swap_space_bytes > 0
                               ? config.swap_space_bytes
                               : std::min<int64_t>(kv.num_blocks * kv.bytes_per_block, int64_t(4) << 30);
@@ -233,7 +234,7 @@ Runtime::Runtime(const RuntimeConfig& config) : impl_(std::make_unique<Impl>()) 
       bad_arg("swap_space_bytes " + std::to_string(space) + " holds no KV block (a block is " +
               std::to_string(kv.bytes_per_block) + " bytes: every layer's K and V of block_size tokens)");
     ec.scheduler.swap_slots = static_cast<int32_t>(std::min<int64_t>(slots, std::numeric_limits<int32_t>::max()));
-    ec.scheduler.preemption = config.preemption_mode == "swap" ? PreemptionMode::Swap : PreemptionMode::Auto;
+    ec.scheduler.preemption = preemption;
   }
   m.engine = std::make_unique<Engine>(std::move(backend), std::move(model), std::move(kv), ec, std::move(draft));
 }

@@ -52,6 +52,13 @@ int64_t Scheduler::distinct_blocks(const Request& req) {
   return std::unique(all.begin(), all.end()) - all.begin();
 }
 
+void Scheduler::free_blocks(Request& req) {
+  for (auto& s : req.seqs) {
+    kv_.free(s->blocks);
+    s->num_computed = 0;
+  }
+}
+
 int64_t Scheduler::unshared_blocks(const Request& req) const {
   const int64_t bs = kv_.pool().block_size();
   int64_t blocks = distinct_blocks(req);  // cached prefix blocks just taken: shared
@@ -91,10 +98,7 @@ void Scheduler::preempt(Request* req, SchedulerOutput& out) {
     swapped_.push_back(req);
     ++out.swapped_out;
   } else {
-    for (auto& s : req->seqs) {
-      kv_.free(s->blocks);
-      s->num_computed = 0;
-    }
+    free_blocks(*req);
     waiting_.push_front(req);
   }
   ++req->num_preemptions;
@@ -222,10 +226,7 @@ SchedulerOutput Scheduler::schedule() {
         hit_tokens += s->num_computed;
       }
     if (req->seqs.size() > 1 && unshared_blocks(*req) > kv_.pool().num_blocks()) {
-      for (auto& s : req->seqs) {
-        kv_.free(s->blocks);
-        s->num_computed = 0;
-      }
+      free_blocks(*req);
       waiting_.pop_front();
       out.unfit.push_back(req);
       continue;
@@ -240,10 +241,7 @@ SchedulerOutput Scheduler::schedule() {
     const int64_t need = plan(req, budget, mine);
     if (need > kv_.pool().num_free() ||
         (config_.watermark_blocks > 0 && !above_watermark(admission_blocks(*req)))) {
-      for (auto& s : req->seqs) {  // give the hits back; try again next step
-        kv_.free(s->blocks);
-        s->num_computed = 0;
-      }
+      free_blocks(*req);  // give the hits back; try again next step
       break;
     }
     if (kv_.prefix_caching()) {

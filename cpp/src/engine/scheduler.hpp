@@ -40,6 +40,8 @@
 #include <cmath>
 #include <cstdint>
 #include <deque>
+#include <optional>
+#include <string>
 #include <vector>
 
 #include "engine/kv_cache_manager.hpp"
@@ -48,6 +50,15 @@
 namespace pagedrt {
 
 enum class PreemptionMode { Recompute, Swap, Auto };
+
+// RuntimeConfig::preemption_mode's names ("recompute", "swap", "auto"); none
+// for another.
+inline std::optional<PreemptionMode> preemption_mode_of(const std::string& name) {
+  if (name == "recompute") return PreemptionMode::Recompute;
+  if (name == "swap") return PreemptionMode::Swap;
+  if (name == "auto") return PreemptionMode::Auto;
+  return std::nullopt;
+}
 
 // What the scheduler reads (RuntimeConfig holds the defaults).
 struct SchedulerConfig {
@@ -127,6 +138,9 @@ class Scheduler {
   static int64_t distinct_blocks(const Request& req);
   // The blocks a waiting request's sequences need to compute all their
   // tokens: those they hold (shared ones once) and the rest, each its own.
+  // Every block of req's sequences back to the pool (full ones stay in the
+  // prefix cache) and nothing computed: preempted by recompute, or not admitted.
+  void free_blocks(Request& req);
   int64_t unshared_blocks(const Request& req) const;
   // The front swapped request back into the pool, if its blocks fit; false if not.
   bool swap_in_front(SchedulerOutput& out);
