@@ -226,7 +226,7 @@ def rope_tables(max_pos, D, theta=10000.0):
     return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
 
 
-@pytest.mark.parametrize("D,H,Hkv", [(64, 9, 3), (128, 32, 8)])
+@pytest.mark.parametrize("D,H,Hkv", [(36, 4, 2), (64, 9, 3), (128, 32, 8)])  # 36: one pair a thread
 def test_rope_and_cache(ops, D, H, Hkv):
     rng = np.random.default_rng(4)
     b = make_batch(rng, [(0, 20), (40, 1), (15, 3)])

@@ -302,15 +302,25 @@ def gemv():
 
 
 GEMM_ROWS = [1, 8, 16, 32, 64, 128, 256, 512, 2048, 8192]
+# Prefill steps of odd sizes (a prompt's length, a chunk's remainder), for the rounded pick.
+GEMM_ODD_ROWS = [300, 1000, 1500, 3000, 4000, 5000, 6000, 7000, 8000]
 
 
-def gemm():
+def gemm_odd():
+    """The 8B projections at odd n (GEMM_ODD_ROWS): cuBLASLt's first pick at n
+    against its first pick at n rounded up to a multiple of 256, 512 and 1,024
+    rows (PAGEDRT_GEMM_ROUND; the engine's default is 512) and the searched
+    pick, against the roofline (as gemm)."""
+    return gemm(GEMM_ODD_ROWS, ("heuristic", "round:256", "round:512", "round:1024", "search"), torch_peer=False)
+
+
+def gemm(rows_n=GEMM_ROWS, impls=("engine", "search", "heuristic"), torch_peer=True):
     """Llama-3-8B's four projections at every M a step can have, against the
     roofline: the time bound is max(bytes / copy bandwidth, FLOPs / bf16 GEMM
     rate), both ceilings measured in this run (a 1 GiB copy; torch's 8192^3
     bf16 GEMM), bytes = W + x + y. pagedrt as the engine runs it ("engine":
-    own small-M kernel at n <= 8, else cuBLASLt with the algorithm searched
-    once per band of n), cuBLASLt searched and cuBLASLt's heuristic first pick
+    own small-M kernel at n <= 8, else cuBLASLt's first pick at n rounded up
+    to a multiple of 512 rows), cuBLASLt searched and cuBLASLt's heuristic first pick
     (both without the own kernel), and torch.matmul (its own cuBLAS choice) on
     the same sizes. pagedrt times come from `_Ops.time_linear` (median of 20
     ~2 ms batches, W rotating through > 512 MiB); torch's from CUDA events
@@ -325,14 +335,14 @@ def gemm():
     del a, b
     print(f"ceilings: copy {r['copy_TBps']:.2f} TB/s, bf16 GEMM 8192^3 {tc:.0f} TFLOP/s", flush=True)
     ops = _testing._Ops("cuda")
-    impls = ("engine", "search", "heuristic")
-    print(f"{'proj':8s} {'n':>5s} {'roof us':>8s} {'bound':>5s} " +
-          " ".join(f"{i:>16s}" for i in impls + ("torch",)), flush=True)
+    shown = impls + (("torch",) if torch_peer else ())
+    print(f"{'proj':8s} {'n':>5s} {'roof us':>8s} {'bound':>5s} " + " ".join(f"{i:>16s}" for i in shown), flush=True)
     rows = []
     for name, m, k, _ in GEMV_SHAPES[:4]:
         wbytes = m * k * 2
-        ws = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(max(2, -(-(512 << 20) // wbytes)))]
-        for n in GEMM_ROWS:
+        ws = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+              for _ in range(max(2, -(-(512 << 20) // wbytes)) if torch_peer else 0)]
+        for n in rows_n:
             nbytes, flops = wbytes + 2 * n * (k + m), 2 * n * m * k
             t_mem, t_tc = nbytes / r["copy_TBps"] / 1e6, flops / tc / 1e6
             roof = max(t_mem, t_tc)
@@ -340,26 +350,28 @@ def gemm():
                    "bound": "mem" if t_mem >= t_tc else "tc"}
             for impl in impls:
                 row[f"{impl}_us"] = ops.time_linear(n, m, k, False, 20, impl)
-            x = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-            y = torch.empty(n, m, device="cuda", dtype=torch.bfloat16)
+            if torch_peer:
+                x = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+                y = torch.empty(n, m, device="cuda", dtype=torch.bfloat16)
 
-            def run_torch():
-                for w in ws:
-                    torch.matmul(x, w.t(), out=y)
-            row["torch_us"] = cuda_median_ms(run_torch, iters=10) * 1e3 / len(ws)
-            for impl in impls + ("torch",):
+                def run_torch():
+                    for w in ws:
+                        torch.matmul(x, w.t(), out=y)
+                row["torch_us"] = cuda_median_ms(run_torch, iters=10) * 1e3 / len(ws)
+            for impl in shown:
                 row[f"{impl}_roof"] = roof / row[f"{impl}_us"]
             rows.append(row)
             print(f"{name:8s} {n:5d} {roof:8.1f} {row['bound']:>5s} " +
-                  " ".join(f"{row[f'{i}_us']:8.1f} ({100 * row[f'{i}_roof']:3.0f}%)" for i in impls + ("torch",)),
-                  flush=True)
+                  " ".join(f"{row[f'{i}_us']:8.1f} ({100 * row[f'{i}_roof']:3.0f}%)" for i in shown), flush=True)
         del ws
         torch.cuda.empty_cache()
     r["rows"] = rows
-    for impl in impls + ("torch",):
+    for impl in shown:
         r[f"{impl}_min_roof"] = min(row[f"{impl}_roof"] for row in rows)
         r[f"{impl}_at_85"] = sum(row[f"{impl}_roof"] >= 0.85 for row in rows)
-    print("rows at >= 85% of the roofline: " + ", ".join(f"{i} {r[f'{i}_at_85']}/{len(rows)}" for i in impls + ("torch",)))
+        r[f"{impl}_total_us"] = sum(row[f"{impl}_us"] for row in rows)
+    print("rows at >= 85% of the roofline: " + ", ".join(f"{i} {r[f'{i}_at_85']}/{len(rows)}" for i in shown))
+    print("sum of the rows' times, us: " + ", ".join(f"{i} {r[f'{i}_total_us']:.0f}" for i in shown))
     return r
 
 
@@ -561,7 +573,7 @@ def verify_cost(model):
 def main():
     part, out = sys.argv[1], sys.argv[2]
     fn = {"ceilings": ceilings, "attention": attention, "attention_sweep": attention_sweep, "gemv": gemv,
-          "gemm": gemm, "prefill": prefill}.get(part)
+          "gemm": gemm, "gemm_odd": gemm_odd, "prefill": prefill}.get(part)
     if fn:
         res = fn()
     elif part == "tpot_env":

@@ -7,7 +7,9 @@ Runs the throughput workload of bench_cuda.py at a smaller scale (64 requests of
 512 in / 32 out: prefill-heavy steps, then batch-64 decode), batch-1 decode and
 one 8,000-token prompt (issue 16's time to first token) under torch.profiler, whose CUPTI tracing records every kernel of the process
 (pagedrt's own and cuBLASLt's, not only torch's). Prints a table per phase:
-kernel, calls, total ms, share; writes the same to OUT.json.
+kernel, calls, total ms, share, and where the wall time goes (host time before
+the first GPU event and after the last, GPU-idle gaps); writes the same to
+OUT.json. Each phase runs once unprofiled first.
 """
 from __future__ import annotations
 
@@ -31,6 +33,32 @@ def kernel_table(prof, top=14):
     return out[:top], sum(r[2] for r in out)
 
 
+def timeline(prof, outer="generate"):
+    """Where the wall time of the `outer` record_function range goes: before the
+    first GPU event (lead), after the last (tail), and GPU-idle gaps between them,
+    the largest with the names of the events on either side."""
+    cpu = [ev for ev in prof.events() if ev.name == outer]
+    gpu = sorted((ev for ev in prof.events() if ev.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
+    if not cpu or not gpu:
+        return {}
+    t0, t1 = cpu[0].time_range.start, cpu[0].time_range.end
+    gaps, end, prev = [], gpu[0].time_range.start, gpu[0].name
+    for ev in gpu:
+        if ev.time_range.start > end:
+            gaps.append((ev.time_range.start - end, prev[:60], ev.name[:60]))
+        if ev.time_range.end > end:
+            end, prev = ev.time_range.end, ev.name
+    gaps.sort(reverse=True)
+    r = {"wall_ms": (t1 - t0) / 1e3, "lead_ms": (gpu[0].time_range.start - t0) / 1e3,
+         "tail_ms": (t1 - end) / 1e3, "gaps_ms": sum(g[0] for g in gaps) / 1e3, "gaps": len(gaps),
+         "largest_gaps": [{"us": g[0], "after": g[1], "before": g[2]} for g in gaps[:8]]}
+    print(f"  timeline: wall {r['wall_ms']:.2f} ms = lead {r['lead_ms']:.2f} (host, before the first GPU event)"
+          f" + GPU span, with {r['gaps']} idle gaps of {r['gaps_ms']:.2f} ms in all, + tail {r['tail_ms']:.2f}")
+    for g in r["largest_gaps"]:
+        print(f"    gap {g['us']:8.1f} us after {g['after']} before {g['before']}")
+    return r
+
+
 def show(title, table, total, wall_ms):
     print(f"\n{title}: GPU busy {total:.1f} ms of {wall_ms:.1f} ms wall ({100 * total / wall_ms:.0f}%)")
     print(f"{'kernel':<92}{'calls':>7}{'ms':>10}{'share':>8}")
@@ -40,7 +68,7 @@ def show(title, table, total, wall_ms):
 
 def main():
     import torch
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     import pagedrt
 
@@ -56,14 +84,19 @@ def main():
         ("batch-1 prefill of 8,000 tokens (TTFT)", [rng.integers(0, 128000, size=8000).tolist()], 1),
     ]
     for title, prompts, n in phases:
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        # The same shapes once unprofiled first, so that plans and buffers are made
+        # (fresh tokens: no cached prefix).
+        rt.generate([rng.integers(0, 128000, size=len(p)).tolist() for p in prompts], max_tokens=n, **greedy)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             t0 = time.perf_counter()
-            rt.generate(prompts, max_tokens=n, **greedy)
+            with record_function("generate"):
+                rt.generate(prompts, max_tokens=n, **greedy)
             wall_ms = (time.perf_counter() - t0) * 1e3
         table, total = kernel_table(prof)
         show(title, table, total, wall_ms)
         result[title] = {"wall_ms": wall_ms, "gpu_busy_ms": total,
-                         "kernels": [{"name": k, "calls": c, "ms": ms} for k, c, ms in table]}
+                         "kernels": [{"name": k, "calls": c, "ms": ms} for k, c, ms in table],
+                         "timeline": timeline(prof)}
     rt.close()
     with open(out_path, "w") as f:
         json.dump(result, f, indent=1)
