@@ -9,7 +9,6 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
-#include <map>
 #include <optional>
 #include <string>
 #include <vector>
@@ -202,32 +201,22 @@ class Ops {
   // calls back to back (host clock around each batch, after a warm-up), W
   // rotating through copies that together exceed 512 MiB so that no call finds
   // it in L2. impl: "engine" (the backend as the engine makes it: the own
-  // small-M kernel, then cuBLASLt with the rounded pick), "search" (cuBLASLt
-  // only, its algorithm searched: PAGEDRT_CUDA_GEMV=0 PAGEDRT_GEMM_SEARCH=1),
-  // "heuristic" (cuBLASLt's first pick at n: PAGEDRT_CUDA_GEMV=0
-  // PAGEDRT_GEMM_SEARCH=0 PAGEDRT_GEMM_ROUND=0) or "round:R" (cuBLASLt's
-  // first pick at n rounded up to a multiple of R: PAGEDRT_GEMM_ROUND=R).
+  // small-M kernel, then cuBLASLt), "search" (cuBLASLt only, its algorithm
+  // searched: PAGEDRT_CUDA_GEMV=0 PAGEDRT_GEMM_SEARCH=1) or "heuristic"
+  // (cuBLASLt's first pick: PAGEDRT_CUDA_GEMV=0 PAGEDRT_GEMM_SEARCH=0).
   // Benchmark hook for tools/bench_cuda.py gemv and gemm; CUDA only.
   double time_linear(int64_t n, int64_t m, int64_t k, bool out_f32, int iters, const std::string& impl) {
     if (n < 1 || m < 1 || k < 1 || iters < 1)
       throw pagedrt::Error(pagedrt::ErrorKind::InvalidArgument, "time_linear: n, m, k and iters must be positive");
-    std::vector<std::pair<std::string, std::string>> env;
-    if (impl == "engine") {
-      env = {{"PAGEDRT_CUDA_GEMV", "1"}, {"PAGEDRT_GEMM_SEARCH", "0"}};
-    } else if (impl == "search") {
-      env = {{"PAGEDRT_CUDA_GEMV", "0"}, {"PAGEDRT_GEMM_SEARCH", "1"}};
-    } else if (impl == "heuristic") {
-      env = {{"PAGEDRT_CUDA_GEMV", "0"}, {"PAGEDRT_GEMM_SEARCH", "0"}, {"PAGEDRT_GEMM_ROUND", "0"}};
-    } else if (impl.rfind("round:", 0) == 0) {
-      env = {{"PAGEDRT_CUDA_GEMV", "0"}, {"PAGEDRT_GEMM_SEARCH", "0"}, {"PAGEDRT_GEMM_ROUND", impl.substr(6)}};
-    } else {
+    const int which = impl == "engine" ? 0 : impl == "search" ? 1 : impl == "heuristic" ? 2 : -1;
+    if (which < 0)
       throw pagedrt::Error(pagedrt::ErrorKind::InvalidArgument,
-                           "time_linear: impl must be 'engine', 'search', 'heuristic' or 'round:R', not '" + impl +
-                               "'");
-    }
+                           "time_linear: impl must be 'engine', 'search' or 'heuristic', not '" + impl + "'");
     nb::gil_scoped_release release;  // no Python objects below; filling W takes a while
-    LinearBench& lb = linear_bench_[impl];
-    if (!lb.backend) lb.backend = cuda_backend_with_env(env);
+    LinearBench& lb = linear_bench_[which];
+    if (!lb.backend)
+      lb.backend = cuda_backend_with_env({{"PAGEDRT_CUDA_GEMV", which == 0 ? "1" : "0"},
+                                          {"PAGEDRT_GEMM_SEARCH", which == 1 ? "1" : "0"}});
     pagedrt::Backend& b = *lb.backend;
     if (lb.m != m || lb.k != k) {
       lb.w.clear();  // before the new copies: the old ones may be large
@@ -349,7 +338,7 @@ class Ops {
   };
 
   std::unique_ptr<pagedrt::Backend> b_;
-  std::map<std::string, LinearBench> linear_bench_;  // by impl
+  LinearBench linear_bench_[3];  // engine, search, heuristic
   std::vector<int32_t> tok_, pos_, qs_, lens_, indptr_, pages_, logit_rows_;
   std::vector<int64_t> slot_;
 };

@@ -277,6 +277,8 @@ class Runtime:
                                           f"got {m!r}")
             text = self.tokenizer.apply_chat_template(items, add_generation_prompt=True)
             return self.tokenizer.encode(text, add_special_tokens=False)
+        if set(map(type, items)) <= {int}:  # plain ints (the common case): one pass in C, no copy
+            return items
         if all(isinstance(t, int) and not isinstance(t, bool) for t in items):
             return [int(t) for t in items]
         raise InvalidArgument("prompt must be a string, a list of token ids, or a list of chat "
@@ -294,10 +296,14 @@ class Runtime:
         ``max_tokens`` beyond ``max_model_len``, or more KV blocks than the pool
         has) raises InvalidArgument naming the numbers.
         """
+        return self._submit_ids(self.encode_prompt(prompt), params, request_id, by_id, overrides)
+
+    def _submit_ids(self, ids: list[int], params: SamplingParams | None, request_id: str | None, by_id: bool,
+                    overrides: dict) -> str:
+        """submit() of a prompt already encoded (encode_prompt's list)."""
         params = (params or SamplingParams()).replace(**overrides) if overrides else (params or SamplingParams())
         if params.stop_strings and self.tokenizer is None:
             raise InvalidArgument("stop strings need a tokenizer; this model folder has none")
-        ids = self.encode_prompt(prompt)
         core = params._to_core()
         constraint = constraint_of(params)
         if constraint is not None:  # its matcher exists before the engine can ask for a mask
@@ -402,7 +408,7 @@ class Runtime:
         try:
             for p in prompts:
                 ids = self.encode_prompt(p)
-                order.append(Completion(self.submit(ids, params, by_id=True, **overrides), ids, []))
+                order.append(Completion(self._submit_ids(ids, params, None, True, overrides), ids, []))
                 pending.add(order[-1].request_id)
                 parts[order[-1].request_id] = (order[-1], {})
             while pending:  # read all of them as their events come (detokenizing as the engine runs)

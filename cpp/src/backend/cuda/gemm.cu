@@ -28,14 +28,6 @@ int64_t band_of(int64_t n) {
 Gemm::Gemm(cudaStream_t stream) : stream_(stream) {
   own_gemv_ = !env_is("PAGEDRT_CUDA_GEMV", "0");
   search_ = env_is("PAGEDRT_GEMM_SEARCH", "1");
-  if (const char* r = std::getenv("PAGEDRT_GEMM_ROUND")) {
-    char* end = nullptr;
-    const long long v = std::strtoll(r, &end, 10);
-    if (end == r || *end != '\0' || v < 0)
-      throw Error(ErrorKind::InvalidArgument,
-                  std::string("PAGEDRT_GEMM_ROUND must be a count of rows >= 0 (0: off), not '") + r + "'");
-    round_ = v;
-  }
   CUBLAS_CHECK(cublasLtCreate(&handle_));
   CUDA_CHECK(cudaMalloc(&workspace_, workspace_bytes_));
   if (search_) {
@@ -132,21 +124,6 @@ cublasLtMatmulAlgo_t Gemm::first_pick(const Plan& p, int64_t n, int64_t m, int64
   return first.algo;
 }
 
-cublasLtMatmulAlgo_t Gemm::rounded_pick(const Plan& p, int64_t n, int64_t m, int64_t k, bool out_f32) const {
-  if (round_ <= 0 || n <= 256 || n % round_ == 0) return first_pick(p, n, m, k, false);
-  const int64_t up = (n + round_ - 1) / round_ * round_;
-  Plan r = make_plan(up, m, k, out_f32, false);
-  cublasLtMatmulAlgo_t algo{};
-  try {
-    algo = first_pick(r, up, m, k, false);
-  } catch (...) {
-    destroy(r);
-    return first_pick(p, n, m, k, false);
-  }
-  destroy(r);
-  return accepts(p, algo) ? algo : first_pick(p, n, m, k, false);
-}
-
 // Milliseconds of one run of `algo` (the least of three, L2 flushed before each),
 // or a negative number where cuBLASLt refuses it.
 float Gemm::time_algo(const Plan& p, const cublasLtMatmulAlgo_t& algo, const void* x, const void* w, void* y) {
@@ -200,7 +177,7 @@ void Gemm::run_cublaslt(const void* x, const void* w, void* y, int64_t n, int64_
       if (search_ && !in_f32) {
         choose(p, x, w, y, n, m, k, out_f32);
       } else {
-        p.algo = in_f32 ? first_pick(p, n, m, k, true) : rounded_pick(p, n, m, k, out_f32);
+        p.algo = first_pick(p, n, m, k, in_f32);
         p.final = true;
       }
     } catch (...) {

@@ -20,20 +20,14 @@
 // it did not pay: on the H200 (2026-12-02, tools/bench_cuda.py gemm, the 8B
 // projections at 10 values of n from 1 to 8,192) the searched pick was within
 // noise of the first pick on every shape (17 of 40 rows at >= 85% of the
-// roofline either way), and a timed choice can differ between processes.
-//
-// Rounded pick (PAGEDRT_GEMM_ROUND=R rows; the default is kDefaultRound): a
-// shape of n > 256 rows not a multiple of R takes the heuristic's first pick
-// for n rounded up to a multiple of R, where cuBLASLt accepts it for n
-// (cublasLtMatmulAlgoCheck), else the pick for n. The heuristic's pick at an
-// odd n can be far off its pick at a round one: o_proj (4096 x 4096) at
-// n = 8,000 ran at ~480 TFLOP/s in the 8B shape's prefill on the H200 against
-// ~800 at n = 8,192. Deterministic, as the first pick is; no timing.
+// roofline either way), and a timed choice can differ between processes; at
+// odd n (300 ... 8,000: bench_cuda.py gemm_odd, 2026-12-02) the sum over the
+// shapes was 1% apart, and so was taking the heuristic's pick for n rounded
+// up to a multiple of 256, 512 or 1,024 rows (not kept).
 //
 // Environment, read when a Gemm is made (once per backend), for A/B runs:
 //   PAGEDRT_CUDA_GEMV=0    every shape to cuBLASLt
 //   PAGEDRT_GEMM_SEARCH=1  time cuBLASLt's candidates once per band (above)
-//   PAGEDRT_GEMM_ROUND=R   the rounded pick's R (0: off)
 #pragma once
 
 #include <cublasLt.h>
@@ -50,7 +44,6 @@ namespace pagedrt::cuda {
 class Gemm {
  public:
   static constexpr int kSearchCandidates = 8;
-  static constexpr int64_t kDefaultRound = 512;
 
   explicit Gemm(cudaStream_t stream);
   ~Gemm();
@@ -94,13 +87,10 @@ class Gemm {
   cublasStatus_t matmul(const Plan& p, const cublasLtMatmulAlgo_t& algo, const void* x, const void* w, void* y);
   // The heuristic's first pick for the plan (throws when there is none).
   cublasLtMatmulAlgo_t first_pick(const Plan& p, int64_t n, int64_t m, int64_t k, bool in_f32) const;
-  // The first pick at n rounded up to a multiple of round_, where p (n rows) accepts it; else at n.
-  cublasLtMatmulAlgo_t rounded_pick(const Plan& p, int64_t n, int64_t m, int64_t k, bool out_f32) const;
 
   cudaStream_t stream_;
   bool own_gemv_ = true;  // false: PAGEDRT_CUDA_GEMV=0
   bool search_ = false;   // true: PAGEDRT_GEMM_SEARCH=1
-  int64_t round_ = kDefaultRound;  // PAGEDRT_GEMM_ROUND
   Gemv gemv_;
   cublasLtHandle_t handle_ = nullptr;
   void* workspace_ = nullptr;
