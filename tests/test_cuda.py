@@ -192,13 +192,14 @@ def test_linear_search_bands(monkeypatch):
             assert e16 <= BF16_TOL, f"searched bf16 out vs CPU, n={n} m={m} k={k}: {e16:.3e}"
 
 
-@pytest.mark.parametrize("inter", [1000, 1001])  # 4-element kernel / the scalar one
-def test_silu_mul(ops, inter):
+# 16-byte kernel (inter % 8 == 0; 70,000 rows: more than one grid's 65,535), the scalar one
+@pytest.mark.parametrize("n,inter", [(33, 1000), (33, 1004), (33, 1001), (70000, 8)])
+def test_silu_mul(ops, n, inter):
     rng = np.random.default_rng(3)
-    gu = bf(rng.standard_normal((33, 2 * inter)) * 2)
+    gu = bf(rng.standard_normal((n, 2 * inter)) * 2)
     cpu, gpu = ops
     e = rel_err(gpu.silu_mul(gu), cpu.silu_mul(gu))
-    record(f"silu_mul[I={inter}]", e)
+    record(f"silu_mul[n={n},I={inter}]", e)
     assert e <= BF16_TOL
 
 
