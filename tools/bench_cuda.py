@@ -12,6 +12,7 @@ process (pagedrt and transformers each hold a 16 GB model):
     bench_cuda.py launch_ab OUT.json MODEL_DIR  batch-1 TPOT with CUDA graphs / PDL / fusions off and on
     bench_cuda.py tpot_env  OUT.json MODEL_DIR SETTING...   batch-1 TPOT per setting ("VAR=1,VAR2=0"; "" = none)
     bench_cuda.py ttft_env  OUT.json MODEL_DIR SETTING...   batch-1 TTFT at 1k/4k/8k-token prompts per setting
+    bench_cuda.py new_shapes OUT.json MODEL_DIR SETTING...  what a never-seen step size costs, per setting
     bench_cuda.py hf        OUT.json MODEL_DIR  the same workloads with transformers (eager+SDPA)
     bench_cuda.py verify    OUT.json MODEL_DIR  speculative verify step, 1 + k positions (k = 0..8) vs batch-1 TPOT
 
@@ -469,6 +470,46 @@ def ttft_env(model, settings):
     return r
 
 
+def new_shapes(model, settings):
+    """What a step of a token count never seen before costs: batch-1 prefill
+    of 32 prompts of 1,000 ... 1,031 tokens (each a new GEMM shape), then 32
+    more of the same lengths (shapes known), per setting (as tpot_env), one
+    Runtime each; the mean extra ms of a new count. The GEMMs ask cuBLASLt's
+    heuristic per band of n (PAGEDRT_GEMM_BANDS=0: per n)."""
+    import gc
+    import pagedrt
+
+    r = {}
+    params = pagedrt.SamplingParams(max_tokens=1, ignore_eos=True, temperature=0.0)
+    for setting in settings:
+        env = dict(kv.split("=", 1) for kv in setting.split(",") if kv)
+        os.environ.update(env)
+        rt = pagedrt.Runtime(model, device="cuda", max_num_seqs=8, max_num_batched_tokens=8192,
+                             kv_cache_bytes=4 << 30)
+        rng = np.random.default_rng(0)
+        rt.generate([rng.integers(0, 128000, size=512).tolist()], params)  # warm-up
+        passes = []
+        for _ in range(2):
+            ms = []
+            for n in range(1000, 1032):
+                prompt = rng.integers(0, 128000, size=n).tolist()
+                t0 = time.perf_counter()
+                rt.generate([prompt], params)
+                ms.append((time.perf_counter() - t0) * 1e3)
+            passes.append(ms)
+        key = setting or "default"
+        r[key] = {"new_ms": statistics.mean(passes[0]), "known_ms": statistics.mean(passes[1])}
+        rt.close()
+        del rt
+        gc.collect()
+        for k in env:
+            del os.environ[k]
+        print(f"{key}: 1,000-1,031-token prefill, mean ms: new token count {r[key]['new_ms']:.2f}, "
+              f"known {r[key]['known_ms']:.2f} (+{r[key]['new_ms'] - r[key]['known_ms']:.2f} a new count)",
+              flush=True)
+    return r
+
+
 def pagedrt_bench(model):
     import pagedrt
 
@@ -584,6 +625,8 @@ def main():
         res = tpot_env(sys.argv[3], sys.argv[4:])
     elif part == "ttft_env":
         res = ttft_env(sys.argv[3], sys.argv[4:])
+    elif part == "new_shapes":
+        res = new_shapes(sys.argv[3], sys.argv[4:])
     else:
         res = {"pagedrt": pagedrt_bench, "hf": hf_bench, "launch_ab": launch_ab,
                "verify": verify_cost}[part](sys.argv[3])
