@@ -149,27 +149,6 @@ def test_linear(ops, n, m, k):
     assert e16 <= BF16_TOL, f"linear n={n} m={m} k={k}: bf16-out error {e16:.3e}"
 
 
-def test_linear_bands(ops, monkeypatch):
-    """cuBLASLt's pick per band of n (gemm.hpp: asked once per band, for the
-    band's top row count): n inside bands and at their tops agree with the CPU,
-    and with the heuristic's pick at n (PAGEDRT_GEMM_BANDS=0) to fp32 rounding."""
-    monkeypatch.setenv("PAGEDRT_GEMM_BANDS", "0")
-    exact = _testing._Ops("cuda")
-    monkeypatch.delenv("PAGEDRT_GEMM_BANDS")
-    cpu, gpu = ops
-    rng = np.random.default_rng(6)
-    for m, k in [(384, 512), (203, 1544)]:
-        w = bf(rng.standard_normal((m, k)) * 0.05)
-        for n in (65, 71, 72, 100, 129, 250, 1000, 1003, 1024, 2100):
-            x = bf(rng.standard_normal((n, k)))
-            ref = cpu.linear(x, w, "bfloat16", True)
-            got, at_n = gpu.linear(x, w, "bfloat16", True), exact.linear(x, w, "bfloat16", True)
-            record(f"linear_bands[n={n},m={m},k={k}]", rel_err(got, ref))
-            assert rel_err(got, ref) <= 1e-4, f"n={n} m={m} k={k}"
-            assert rel_err(got, at_n) <= 1e-5, f"n={n} m={m} k={k}: band pick against the pick at n"
-            assert rel_err(gpu.linear(x, w, "bfloat16", False), ref) <= BF16_TOL
-
-
 def test_linear_gemv_switch(ops, monkeypatch):
     """PAGEDRT_CUDA_GEMV=0 (read when the backend is made) sends n <= 8 to
     cuBLASLt; both paths accumulate in fp32, so they agree to fp32 rounding."""

@@ -28,7 +28,6 @@ int64_t band_of(int64_t n) {
 Gemm::Gemm(cudaStream_t stream) : stream_(stream) {
   own_gemv_ = !env_is("PAGEDRT_CUDA_GEMV", "0");
   search_ = env_is("PAGEDRT_GEMM_SEARCH", "1");
-  bands_ = !env_is("PAGEDRT_GEMM_BANDS", "0");
   CUBLAS_CHECK(cublasLtCreate(&handle_));
   CUDA_CHECK(cudaMalloc(&workspace_, workspace_bytes_));
   if (search_) {
@@ -125,38 +124,6 @@ cublasLtMatmulAlgo_t Gemm::first_pick(const Plan& p, int64_t n, int64_t m, int64
   return first.algo;
 }
 
-int64_t Gemm::pick_rows(int64_t n) {
-  if (n <= 64) return n;
-  int64_t pow2 = 64;
-  while (pow2 * 2 <= n) pow2 *= 2;
-  const int64_t step = pow2 / 8;
-  return (n + step - 1) / step * step;
-}
-
-cublasLtMatmulAlgo_t Gemm::band_pick(const Plan& p, int64_t n, int64_t m, int64_t k, bool out_f32) {
-  if (!bands_) return first_pick(p, n, m, k, false);
-  const int64_t rows = pick_rows(n);
-  const BandKey key{rows, m, k, out_f32};
-  auto it = band_pick_.find(key);
-  if (it == band_pick_.end()) {
-    cublasLtMatmulAlgo_t algo{};
-    if (rows == n) {
-      algo = first_pick(p, n, m, k, false);
-    } else {
-      Plan top = make_plan(rows, m, k, out_f32, false);
-      try {
-        algo = first_pick(top, rows, m, k, false);
-      } catch (...) {
-        destroy(top);
-        throw;
-      }
-      destroy(top);
-    }
-    it = band_pick_.emplace(key, algo).first;
-  }
-  return rows == n || accepts(p, it->second) ? it->second : first_pick(p, n, m, k, false);
-}
-
 // Milliseconds of one run of `algo` (the least of three, L2 flushed before each),
 // or a negative number where cuBLASLt refuses it.
 float Gemm::time_algo(const Plan& p, const cublasLtMatmulAlgo_t& algo, const void* x, const void* w, void* y) {
@@ -210,7 +177,7 @@ void Gemm::run_cublaslt(const void* x, const void* w, void* y, int64_t n, int64_
       if (search_ && !in_f32) {
         choose(p, x, w, y, n, m, k, out_f32);
       } else {
-        p.algo = in_f32 ? first_pick(p, n, m, k, true) : band_pick(p, n, m, k, out_f32);
+        p.algo = first_pick(p, n, m, k, in_f32);
         p.final = true;
       }
     } catch (...) {

@@ -5,20 +5,9 @@
 //
 // The seam for own kernels: Gemm::run() picks the implementation per shape.
 // n <= 8 rows with k a multiple of 8 go to the own small-M kernel (gemv.hpp,
-// decode); everything else, and the fp32 validation mode, to cuBLASLt with
-// its heuristic's first pick.
-//
-// Picks per band of n (pick_rows): cuBLASLt's heuristic is asked once per
-// band, for the band's top row count, and the pick serves every n of the band
-// that cuBLASLt accepts it for (cublasLtMatmulAlgoCheck; else the heuristic
-// at n). Bands are exact up to 64 rows, then an eighth of n's power of two
-// (65-127 by 8, ..., 4,096-8,191 by 512): ~90 bands up to 8,192 rows. Asking
-// the heuristic costs milliseconds of host time with the GPU idle, and a
-// serving engine's steps take almost every n from 1 to the token budget. The
-// pick for a band's top is as good as the pick at n: at odd n (300 ...
-// 8,000, bench_cuda.py gemm_odd, H200, 2026-12-02) the heuristic's pick at n
-// rounded up to 256, 512 or 1,024 rows summed to within 2% of its pick at n.
-// Deterministic (no timing). PAGEDRT_GEMM_BANDS=0: the heuristic at every n.
+// decode); everything else, and the fp32
+// validation mode, to cuBLASLt with its heuristic's first pick, made once per
+// shape and cached.
 //
 // Algorithm search (PAGEDRT_GEMM_SEARCH=1; off by default): the first call of
 // a band of n — n rounded up to a power of two, at least 16, with m, k and the
@@ -34,12 +23,13 @@
 // roofline either way), and a timed choice can differ between processes; at
 // odd n (300 ... 8,000: bench_cuda.py gemm_odd, 2026-12-02) the sum over the
 // shapes was 1% apart, and so was taking the heuristic's pick for n rounded
-// up to a multiple of 256, 512 or 1,024 rows (not kept).
+// up to a multiple of 256, 512 or 1,024 rows (not kept). Asking the
+// heuristic for a new shape costs no measurable time (bench_cuda.py
+// new_shapes: 32 new prefill sizes against the same sizes again, +0.02 ms).
 //
 // Environment, read when a Gemm is made (once per backend), for A/B runs:
 //   PAGEDRT_CUDA_GEMV=0    every shape to cuBLASLt
 //   PAGEDRT_GEMM_SEARCH=1  time cuBLASLt's candidates once per band (above)
-//   PAGEDRT_GEMM_BANDS=0   the heuristic's pick at every n, not per band
 #pragma once
 
 #include <cublasLt.h>
@@ -73,9 +63,6 @@ class Gemm {
 
   // Bands searched so far (for tests and benchmarks).
   size_t searched_bands() const { return band_algo_.size(); }
-  // The top of n's band of picks: n up to 64, else n rounded up to a multiple
-  // of an eighth of the largest power of two <= n.
-  static int64_t pick_rows(int64_t n);
 
  private:
   struct Plan {
@@ -102,13 +89,10 @@ class Gemm {
   cublasStatus_t matmul(const Plan& p, const cublasLtMatmulAlgo_t& algo, const void* x, const void* w, void* y);
   // The heuristic's first pick for the plan (throws when there is none).
   cublasLtMatmulAlgo_t first_pick(const Plan& p, int64_t n, int64_t m, int64_t k, bool in_f32) const;
-  // The band's pick for a bf16 plan of n rows (above), asking the heuristic once per band.
-  cublasLtMatmulAlgo_t band_pick(const Plan& p, int64_t n, int64_t m, int64_t k, bool out_f32);
 
   cudaStream_t stream_;
   bool own_gemv_ = true;  // false: PAGEDRT_CUDA_GEMV=0
   bool search_ = false;   // true: PAGEDRT_GEMM_SEARCH=1
-  bool bands_ = true;     // false: PAGEDRT_GEMM_BANDS=0
   Gemv gemv_;
   cublasLtHandle_t handle_ = nullptr;
   void* workspace_ = nullptr;
@@ -117,8 +101,7 @@ class Gemm {
   size_t flush_bytes_ = 0;
   cudaEvent_t ev_[2] = {nullptr, nullptr};
   std::map<ShapeKey, Plan> plans_;
-  std::map<BandKey, cublasLtMatmulAlgo_t> band_algo_;  // searched, per band_of(n)
-  std::map<BandKey, cublasLtMatmulAlgo_t> band_pick_;  // the heuristic's, per pick_rows(n)
+  std::map<BandKey, cublasLtMatmulAlgo_t> band_algo_;
 };
 
 }  // namespace pagedrt::cuda
