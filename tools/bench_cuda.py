@@ -13,6 +13,7 @@ process (pagedrt and transformers each hold a 16 GB model):
     bench_cuda.py tpot_env  OUT.json MODEL_DIR SETTING...   batch-1 TPOT per setting ("VAR=1,VAR2=0"; "" = none)
     bench_cuda.py ttft_env  OUT.json MODEL_DIR SETTING...   batch-1 TTFT at 1k/4k/8k-token prompts per setting
     bench_cuda.py new_shapes OUT.json MODEL_DIR SETTING...  what a never-seen step size costs, per setting
+    bench_cuda.py batch_tpot OUT.json MODEL_DIR SETTING...  decode TPOT at batch 1/16/64/128/256, per setting
     bench_cuda.py hf        OUT.json MODEL_DIR  the same workloads with transformers (eager+SDPA)
     bench_cuda.py verify    OUT.json MODEL_DIR  speculative verify step, 1 + k positions (k = 0..8) vs batch-1 TPOT
 
@@ -470,6 +471,46 @@ def ttft_env(model, settings):
     return r
 
 
+def batch_tpot(model, settings, batches=(1, 16, 64, 128, 256)):
+    """Decode TPOT at each batch size (B prompts of 128 tokens, 128 greedy new
+    tokens each, eos ignored: issue 17's table), per setting (as tpot_env), one
+    Runtime each. TPOT: the median over the batch's requests of (last
+    token's time - first token's time) / 127; the second of two rounds."""
+    import gc
+    import pagedrt
+
+    r = {}
+    params = pagedrt.SamplingParams(max_tokens=128, ignore_eos=True, temperature=0.0)
+    for setting in settings:
+        env = dict(kv.split("=", 1) for kv in setting.split(",") if kv)
+        os.environ.update(env)
+        rt = pagedrt.Runtime(model, device="cuda", max_num_seqs=max(batches), max_num_batched_tokens=8192,
+                             kv_cache_bytes=16 << 30)
+        rng = np.random.default_rng(0)
+        key = setting or "default"
+        r[key] = {}
+        for B in batches:
+            for trial in range(2):  # the first makes the step shapes (and their recordings)
+                rids = [rt.submit(rng.integers(0, 128000, size=128).tolist(), params) for _ in range(B)]
+                first, tpot, pending = {}, [], set(rids)
+                while pending:
+                    for ev in rt.poll(list(pending), timeout=1.0):
+                        now = time.perf_counter()
+                        if ev.token_ids:
+                            first.setdefault(ev.request_id, now)
+                        if ev.request_finished:
+                            pending.discard(ev.request_id)
+                            tpot.append((now - first[ev.request_id]) / 127 * 1e3)
+            r[key][B] = statistics.median(tpot)
+            print(f"{key}: batch {B:4d} TPOT {r[key][B]:.3f} ms", flush=True)
+        rt.close()
+        del rt
+        gc.collect()
+        for k in env:
+            del os.environ[k]
+    return r
+
+
 def new_shapes(model, settings):
     """What a step of a token count never seen before costs: batch-1 prefill
     of 32 prompts of 1,000 ... 1,031 tokens (each a new GEMM shape), then 32
@@ -625,6 +666,8 @@ def main():
         res = tpot_env(sys.argv[3], sys.argv[4:])
     elif part == "ttft_env":
         res = ttft_env(sys.argv[3], sys.argv[4:])
+    elif part == "batch_tpot":
+        res = batch_tpot(sys.argv[3], sys.argv[4:])
     elif part == "new_shapes":
         res = new_shapes(sys.argv[3], sys.argv[4:])
     else:
