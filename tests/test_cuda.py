@@ -722,6 +722,40 @@ def test_decode_step_switches_are_bitwise_neutral(tiny_llama, monkeypatch, kv_he
         assert (lg is None and ld is None) or np.array_equal(lg, ld)
 
 
+def test_padded_decode_steps_are_recorded_and_neutral(tiny_llama, monkeypatch):
+    """Decode steps of 65 to 512 sequences run padded to decode_bucket's sizes
+    with dummy sequences (Batch::pad) and are recorded as CUDA graphs. With
+    graphs off (the padding stays) tokens and logprobs are bitwise the same;
+    without padding (PAGEDRT_DECODE_PAD=0; other GEMM shapes) greedy tokens
+    agree up to a near-tie and logprobs to bf16 rounding. Requests of n = 70
+    (sampled, seeded) and n = 140 (greedy) decode 70 and 140 sequences a step
+    (padded to 72 and 144), then fewer as the sampled forks stop at eos."""
+    path, _ = tiny_llama(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, dtype="bfloat16")
+    rng = np.random.default_rng(13)
+    prompts = [rng.integers(3, 320, size=k).tolist() for k in (37, 90)]
+    outs, pads = {}, {}
+    for name, env in (("graphs", {}), ("no graphs", {"PAGEDRT_CUDA_GRAPHS": "0"}),
+                      ("no padding", {"PAGEDRT_DECODE_PAD": "0"})):
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        with pagedrt.Runtime(path, device="cuda", max_num_seqs=256, kv_cache_bytes=256 << 20,
+                             enable_prefix_caching=False) as rt:
+            got = []
+            for _ in range(2):  # the second run replays what the first recorded
+                c = rt.generate([prompts[0]], max_tokens=40, temperature=1.0, seed=5, n=70, logprobs=1)[0]
+                got.append([(o.token_ids, [lp.logprob for lp in o.logprobs]) for o in c.outputs])
+            c = rt.generate([prompts[1]], max_tokens=30, temperature=0.0, n=140, logprobs=1, ignore_eos=True)[0]
+            got.append([(o.token_ids, [lp.logprob for lp in o.logprobs]) for o in c.outputs])
+            outs[name], pads[name] = got, rt.stats().padded_tokens
+        for k in env:
+            monkeypatch.delenv(k)
+    assert pads["graphs"] == pads["no graphs"] > 0 and pads["no padding"] == 0
+    assert outs["graphs"] == outs["no graphs"]
+    (tg, lg), (tn, ln) = outs["graphs"][2][0], outs["no padding"][2][0]
+    k = rows_until_divergence(0, tg, tn) + 1  # up to and including the first token that differs
+    assert np.allclose(lg[:k], ln[:k], atol=5e-2)
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_speculative_steps_recorded_are_bitwise_neutral(tiny_llama, monkeypatch, dtype):
     """Speculative verify steps (a sequence's last token and its proposals:

@@ -149,6 +149,43 @@ def test_mixed_batch_equals_alone(eos_model):
     assert [[got[i][j] for j in sorted(got[i])] for i in ids] == alone
 
 
+def test_padded_decode_steps_change_no_bit(tiny, monkeypatch):
+    """Decode steps of more than 64 sequences run padded to a bucket of sizes
+    with sequences of one dummy token (Batch::pad; CUDA's default, so that
+    nearby batch sizes share a CUDA graph; PAGEDRT_DECODE_PAD=1 turns it on
+    for the CPU). The dummies write no cache slot and their rows reach no
+    request: every request's tokens, logprobs and logits rows are bitwise
+    those of unpadded steps (the CPU's rows do not depend on the batch),
+    seeded sampling included. 70 sequences decode padded to 72, then fewer
+    as requests of different lengths finish."""
+    path, _ = tiny
+    rng = np.random.default_rng(11)
+    prompts = [rng.integers(3, 320, size=int(rng.integers(2, 14))).tolist() for _ in range(70)]
+    sampled = pagedrt.SamplingParams(temperature=0.8, seed=7, max_tokens=6, ignore_eos=True, return_logits=True,
+                                     logprobs=2)
+    greedy = pagedrt.SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True, return_logits=True)
+
+    def run():
+        with runtime(path, max_num_seqs=128) as rt:
+            ids = [rt.submit(p, sampled if i % 2 else greedy, by_id=True) for i, p in enumerate(prompts)]
+            done = {}
+            for rid in ids:
+                done[rid] = list(rt._events(rid))
+            return [done[rid] for rid in ids], rt.stats().padded_tokens
+
+    plain, plain_pad = run()
+    monkeypatch.setenv("PAGEDRT_DECODE_PAD", "1")
+    padded, pads = run()
+    assert plain_pad == 0 and pads > 0
+    for a, b in zip(plain, padded):
+        assert [e.token_ids for e in a] == [e.token_ids for e in b]
+        assert [[(lp.token_id, lp.logprob) for lp in (e.logprobs or [])] for e in a] == \
+               [[(lp.token_id, lp.logprob) for lp in (e.logprobs or [])] for e in b]
+        la = [e.logits for e in a if e.logits is not None]
+        lb = [e.logits for e in b if e.logits is not None]
+        assert len(la) == len(lb) > 0 and all(np.array_equal(x, y) for x, y in zip(la, lb))
+
+
 def test_logprobs_are_log_softmax_of_the_logits(tiny):
     path, model = tiny
     prompt = list(range(100, 120))

@@ -339,6 +339,7 @@ NB_MODULE(_core, m) {
       .ro("swap_in_blocks", &pagedrt::Stats::swap_in_blocks)
       .ro("swap_seconds", &pagedrt::Stats::swap_seconds)
       .ro("num_steps", &pagedrt::Stats::num_steps)
+      .ro("padded_tokens", &pagedrt::Stats::padded_tokens)
       .ro("prompt_tokens", &pagedrt::Stats::prompt_tokens)
       .ro("generated_tokens", &pagedrt::Stats::generated_tokens)
       .ro("spec_proposed", &pagedrt::Stats::spec_proposed)

@@ -1,5 +1,7 @@
 #include "backend/backend.hpp"
 
+#include <cstdlib>
+#include <cstring>
 #include <new>
 
 #include "pagedrt/error.hpp"
@@ -27,6 +29,22 @@ void Backend::linear_silu_mul(const Tensor& x, const Tensor& gate_up_weight, int
 std::shared_ptr<void> Backend::host_alloc(size_t bytes) {
   return std::shared_ptr<void>(::operator new(bytes, std::align_val_t(64)),
                                [](void* p) { ::operator delete(p, std::align_val_t(64)); });
+}
+
+int32_t decode_bucket(int32_t tokens) {
+  if (tokens <= 64 || tokens > 512) return tokens;
+  const int32_t step = tokens <= 128 ? 8 : tokens <= 256 ? 16 : 32;
+  return (tokens + step - 1) / step * step;
+}
+
+void Backend::set_decode_padding(bool on) {
+  const char* v = std::getenv("PAGEDRT_DECODE_PAD");
+  pad_decode_ = v ? std::strcmp(v, "0") != 0 : on;
+}
+
+int32_t Backend::padded_tokens(const BatchView& b) const {
+  if (!pad_decode_ || b.num_tokens != b.num_seqs || b.num_logits != b.num_tokens) return b.num_tokens;
+  return decode_bucket(b.num_tokens);
 }
 
 void Backend::argmax(const Tensor&, int64_t, int32_t*, const RowMasks&) {

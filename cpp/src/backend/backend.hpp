@@ -23,7 +23,7 @@ struct BatchView {
   int32_t num_tokens = 0;
   const int32_t* token_ids = nullptr;     // (num_tokens)
   const int32_t* positions = nullptr;     // (num_tokens) position of each token in its sequence
-  const int64_t* slot_mapping = nullptr;  // (num_tokens) flat KV slot each token writes
+  const int64_t* slot_mapping = nullptr;  // (num_tokens) flat KV slot each token writes (-1: none, Batch::pad)
 
   int32_t num_seqs = 0;
   const int32_t* query_start = nullptr;   // (num_seqs + 1) tokens of seq i: [query_start[i], query_start[i+1])
@@ -84,6 +84,14 @@ class Backend {
   virtual Tensor load_weight(const std::vector<WeightView>& parts, ScalarType dtype) = 0;
   virtual Tensor empty(std::vector<int64_t> shape, ScalarType dtype) = 0;
   virtual Tensor from_host(const Tensor& host) = 0;
+
+  // The token count a step runs with: its own, or for a decode step (one
+  // token and one logits row a sequence) of more than 64 tokens where this
+  // backend pads, decode_bucket's, the rest sequences of one dummy token
+  // (Batch::pad) whose outputs are never read, so that steps of nearby sizes
+  // share one recording (run_step). CUDA pads (PAGEDRT_DECODE_PAD=0: not);
+  // the CPU, which records nothing, only with PAGEDRT_DECODE_PAD=1 (tests).
+  int32_t padded_tokens(const BatchView& batch) const;
 
   virtual void begin_step(const BatchView& batch) = 0;
 
@@ -162,7 +170,20 @@ class Backend {
   // the logits are host memory already) say so with has_argmax().
   virtual bool has_argmax() const { return false; }
   virtual void argmax(const Tensor& logits, int64_t rows, int32_t* out, const RowMasks& masks = {});
+
+ protected:
+  // padded_tokens pads: `on` unless PAGEDRT_DECODE_PAD says otherwise ("0" / "1").
+  void set_decode_padding(bool on);
+
+ private:
+  bool pad_decode_ = false;
 };
+
+// Decode steps of more than 64 tokens, up to 512, round up to a multiple of
+// 8 (to 128 tokens), 16 (to 256) or 32 (to 512): 24 sizes, at most 12.5%
+// dummy rows (a batch-bound step's GEMMs read the weights once whatever the
+// rows, and a dummy's attention reads one key). Others keep their count.
+int32_t decode_bucket(int32_t tokens);
 
 // Backend::swap_blocks' addresses: copy(dst, src, bytes) once per pair, a
 // whole block of `cache` to or from its host slot.

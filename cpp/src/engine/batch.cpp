@@ -40,6 +40,25 @@ void Batch::build(const SchedulerOutput& sched, int32_t block_size) {
     logits_.push_back(slice);
   }
 
+  make_view();
+}
+
+void Batch::pad(int32_t tokens) {
+  const int32_t page = page_indices_.front();
+  for (int32_t t = static_cast<int32_t>(token_ids_.size()); t < tokens; ++t) {
+    token_ids_.push_back(0);
+    positions_.push_back(0);
+    slot_mapping_.push_back(-1);
+    query_start_.push_back(t + 1);
+    seq_lens_.push_back(1);
+    page_indices_.push_back(page);
+    page_indptr_.push_back(static_cast<int32_t>(page_indices_.size()));
+    logits_indices_.push_back(t);
+  }
+  make_view();
+}
+
+void Batch::make_view() {
   view_ = BatchView{};
   view_.num_tokens = static_cast<int32_t>(token_ids_.size());
   view_.token_ids = token_ids_.data();

@@ -29,6 +29,12 @@ struct LogitsSlice {
 class Batch {
  public:
   void build(const SchedulerOutput& sched, int32_t block_size);
+  // Appends sequences of one dummy token each until there are `tokens` tokens:
+  // token 0 at position 0, no cache slot (-1: nothing is written), the first
+  // page of the step as its one page (read, never written), one logits row
+  // each after the real ones and no LogitsSlice, so nothing reads their
+  // outputs. For decode steps (Backend::padded_tokens); needs a token built.
+  void pad(int32_t tokens);
   const BatchView& view() const { return view_; }
   const std::vector<LogitsSlice>& logits() const { return logits_; }  // one per scheduled sequence
 
@@ -37,6 +43,8 @@ class Batch {
       page_indices_, logits_indices_;
   std::vector<int64_t> slot_mapping_;
   std::vector<LogitsSlice> logits_;
+  void make_view();
+
   BatchView view_;
 };
 

@@ -249,7 +249,8 @@ void Engine::step() {
   for (const ScheduledSeq& s : step.scheduled)
     prompt_tokens += std::max<int64_t>(
         0, std::min<int64_t>(s.req->prompt_len, s.seq->num_computed + s.num_new_tokens) - s.seq->num_computed);
-  stats_.count_step(static_cast<int64_t>(step.preempted.size()), prompt_tokens, forward_end - forward_start);
+  stats_.count_step(static_cast<int64_t>(step.preempted.size()), prompt_tokens, forward_end - forward_start,
+                    out.padded_tokens);
   if (auto_preemption_ && prompt_tokens > 0) {  // what a token computed again costs
     average_in(recompute_s_per_token_, (forward_end - forward_start) / static_cast<double>(step.num_tokens));
     scheduler_.set_costs(recompute_s_per_token_, swap_s_per_block_);

@@ -7,8 +7,14 @@ ModelRunner::ModelRunner(std::shared_ptr<Backend> backend, std::unique_ptr<Llama
 
 ModelOutput ModelRunner::run(const SchedulerOutput& step, bool device_greedy, bool defer_picks) {
   batch_.build(step, static_cast<int32_t>(kv_.block_size));
+  const int32_t real = batch_.view().num_tokens;
+  if (real > 0) {
+    const int32_t padded = backend_->padded_tokens(batch_.view());
+    if (padded > real) batch_.pad(padded);
+  }
   const BatchView& view = batch_.view();
   ModelOutput out;
+  out.padded_tokens = view.num_tokens - real;
   out.vocab = model_->config().vocab_size;
   out.slices = &batch_.logits();
   out.num_rows = view.num_logits;

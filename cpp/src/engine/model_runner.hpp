@@ -26,7 +26,8 @@ namespace pagedrt {
 // A step's results, valid until the next run().
 struct ModelOutput {
   int64_t vocab = 0;
-  int64_t num_rows = 0;                      // logits rows of the step
+  int64_t num_rows = 0;                      // logits rows of the step (padding rows included)
+  int64_t padded_tokens = 0;                 // dummy tokens the step ran with (Batch::pad)
   const float* logits = nullptr;             // (num_logits, vocab) host fp32; null when the device picked
   const int32_t* argmax = nullptr;           // (num_logits) greedy picks made on the device; else null
   const std::vector<LogitsSlice>* slices = nullptr;  // one per scheduled sequence, in order

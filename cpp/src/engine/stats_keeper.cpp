@@ -18,9 +18,11 @@ Stats StatsKeeper::get() const {
   return stats_;
 }
 
-void StatsKeeper::count_step(int64_t preemptions, int64_t prompt_tokens, double forward_seconds) {
+void StatsKeeper::count_step(int64_t preemptions, int64_t prompt_tokens, double forward_seconds,
+                             int64_t padded_tokens) {
   std::lock_guard<std::mutex> lk(mu_);
   stats_.num_steps += 1;
+  stats_.padded_tokens += padded_tokens;
   stats_.forward_seconds += forward_seconds;
   stats_.num_preemptions += preemptions;
   stats_.prompt_tokens += prompt_tokens;

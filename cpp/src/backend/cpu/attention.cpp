@@ -233,8 +233,8 @@ void rope_and_cache(const BatchView& b, T* qkv, const float* cos, const float* s
     const float* c = cos + static_cast<int64_t>(b.positions[t]) * half;
     const float* sn = sin + static_cast<int64_t>(b.positions[t]) * half;
     for (int64_t h = 0; h < H + Hkv; ++h) rotate_half(q + h * D, c, sn, half);
-    const int64_t slot = b.slot_mapping[t];  // flat (block, offset) index
-    for (int64_t h = 0; h < Hkv; ++h) {
+    const int64_t slot = b.slot_mapping[t];  // flat (block, offset) index; -1: a padding token, no slot
+    for (int64_t h = 0; h < Hkv && slot >= 0; ++h) {
       std::copy(q + (H + h) * D, q + (H + h + 1) * D, kv.k + kv.slot_offset(slot, h));
       std::copy(q + (H + Hkv + h) * D, q + (H + Hkv + h + 1) * D, kv.v + kv.slot_offset(slot, h));
     }

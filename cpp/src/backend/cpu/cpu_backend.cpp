@@ -67,6 +67,7 @@ CpuBackend::CpuBackend(int num_threads, ScalarType activation_dtype, bool determ
     threads_ = 1;
 #endif
   }
+  set_decode_padding(false);  // nothing to share a recording: PAGEDRT_DECODE_PAD=1 only (tests)
 }
 
 Tensor CpuBackend::load_weight(const std::vector<WeightView>& parts, ScalarType dtype) {

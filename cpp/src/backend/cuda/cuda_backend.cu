@@ -97,6 +97,9 @@ CudaBackend::CudaBackend(ScalarType activation_dtype) : act_(activation_dtype) {
                                             "; this build runs on sm_90 (Hopper)");
   num_sms_ = prop.multiProcessorCount;
   graphs_enabled_ = env_on("PAGEDRT_CUDA_GRAPHS");
+  // Padded decode steps whether or not they are recorded: graphs on and off
+  // then run the same GEMM shapes and stay bitwise alike.
+  set_decode_padding(true);
   clusters_ = prop.major >= 9 && env_on("PAGEDRT_DECODE_CLUSTERS");
   fuse_ = env_on("PAGEDRT_CUDA_FUSE");
   if (const char* k = std::getenv("PAGEDRT_DECODE_KERNEL")) {  // "cc", or "WxS": warps x stages

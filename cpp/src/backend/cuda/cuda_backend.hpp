@@ -64,10 +64,11 @@ class CudaBackend final : public Backend {
   Tensor from_host(const Tensor& host) override;
 
   void begin_step(const BatchView& batch) override;
-  // Steps of up to kMaxRecordedTokens tokens, none of whose sequences has more
-  // than kMaxRecordedQuery (decode steps, and speculative verify steps: a
-  // sequence's last token and its proposals), are recorded into a CUDA graph
-  // per key, the second time the key comes, and replayed
+  // Decode steps of up to kMaxRecordedDecodeTokens sequences (padded:
+  // padded_tokens), and steps of up to kMaxRecordedTokens tokens none of
+  // whose sequences has more than kMaxRecordedQuery (speculative verify
+  // steps: a sequence's last token and its proposals), are recorded into a
+  // CUDA graph per key, the second time the key comes, and replayed
   // (PAGEDRT_CUDA_GRAPHS=0 turns this off).
   void run_step(uint64_t key, const std::function<void()>& body) override;
   void embedding(const Tensor& table, Tensor& out) override;
@@ -123,9 +124,10 @@ class CudaBackend final : public Backend {
   // (model key, batch arrays, plan arrays, partials, decode items, splits,
   // chunk, sequences, prefill tiles): everything a recording holds by value
   using GraphKey = std::tuple<uint64_t, const void*, const void*, const void*, int, int, int, int, int>;
-  static constexpr int32_t kMaxRecordedTokens = 64;
+  static constexpr int32_t kMaxRecordedTokens = 64;        // any step of up to 17 tokens a sequence
+  static constexpr int32_t kMaxRecordedDecodeTokens = 512;  // decode steps (one token a sequence; padded)
   static constexpr int32_t kMaxRecordedQuery = 17;  // 1 + the most proposals a step verifies (16)
-  static constexpr size_t kMaxGraphs = 64;
+  static constexpr size_t kMaxGraphs = 128;
   template <typename T>
   AttentionParamsT<T> attention_params(const Tensor& qkv, const Tensor& k_cache, const Tensor& v_cache, int64_t H,
                                        int64_t Hkv, int64_t D, float scale, Tensor& out) const;

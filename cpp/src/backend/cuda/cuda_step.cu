@@ -176,14 +176,18 @@ int64_t CudaBackend::decode_slots(int64_t head_dim) {
 //
 // A decode step of a few sequences is ~10 small kernels and 4 GEMMs per layer:
 // launched one by one, the gaps between them cost ~10% of a batch-1 step (on
-// a small model, half of it). Such steps, and speculative verify steps (a
-// sequence's last token and its proposals: prefill tiles of a few rows), are
-// recorded once into a CUDA graph per key and replayed with one launch. The key is the model's (its tensors, token and logit counts) plus
+// a small model, half of it). Such steps, decode steps of up to 512
+// sequences (past 64, padded to decode_bucket's sizes: Batch::pad), and
+// speculative verify steps of up to 64 tokens (a sequence's last token and
+// its proposals: prefill tiles of a few rows), are recorded once into a CUDA
+// graph per key and replayed with one launch. The key is the model's (its tensors, token and logit counts) plus
 // everything of this backend a recording captures by value: the device
 // addresses of the step's arrays and the attention plan's sizes.
 
 bool CudaBackend::recordable() const {
-  if (!graphs_enabled_ || host_.num_tokens <= 0 || host_.num_tokens > kMaxRecordedTokens) return false;
+  if (!graphs_enabled_ || host_.num_tokens <= 0) return false;
+  if (host_.num_tokens == host_.num_seqs) return host_.num_tokens <= kMaxRecordedDecodeTokens;  // decode
+  if (host_.num_tokens > kMaxRecordedTokens) return false;
   for (int32_t i = 0; i < host_.num_seqs; ++i)
     if (host_.query_start[i + 1] - host_.query_start[i] > kMaxRecordedQuery) return false;
   return true;
