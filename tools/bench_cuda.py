@@ -21,6 +21,7 @@ GPU timings use CUDA events after warm-up, medians; inputs are random (never zer
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -421,51 +422,51 @@ def launch_ab(model):
     return {f"tpot_ms_graphs{g}_pdl{p}_fuse{f}": tpot[setting(g, p, f)] for g, p, f in flags}
 
 
-def tpot_env(model, settings):
-    """Batch-1 TPOT under each setting ("NAME=VALUE,NAME=VALUE" of environment
-    variables read when the backend is made; "" for none), one Runtime each."""
+@contextlib.contextmanager
+def runtime_under(model, setting, **kw):
+    """A CUDA Runtime made under a setting ("NAME=VALUE,NAME=VALUE" of
+    environment variables read when the backend is made; "" for none), closed
+    and its variables unset after."""
     import gc
     import pagedrt
 
-    r = {}
-    for setting in settings:
-        env = dict(kv.split("=", 1) for kv in setting.split(",") if kv)
-        os.environ.update(env)
-        rt = pagedrt.Runtime(model, device="cuda", max_num_seqs=8, kv_cache_bytes=4 << 30)
-        key = setting or "default"
-        tpot = batch1_latency(rt, np.random.default_rng(0))[1]
-        r[key] = min(tpot, r.get(key, tpot))  # a setting listed twice keeps its better run
+    env = dict(kv.split("=", 1) for kv in setting.split(",") if kv)
+    os.environ.update(env)
+    rt = pagedrt.Runtime(model, device="cuda", **kw)
+    try:
+        yield rt
+    finally:
         rt.close()
         del rt
         gc.collect()
         for k in env:
             del os.environ[k]
+
+
+def tpot_env(model, settings):
+    """Batch-1 TPOT under each setting (runtime_under), one Runtime each."""
+    r = {}
+    for setting in settings:
+        key = setting or "default"
+        with runtime_under(model, setting, max_num_seqs=8, kv_cache_bytes=4 << 30) as rt:
+            tpot = batch1_latency(rt, np.random.default_rng(0))[1]
+        r[key] = min(tpot, r.get(key, tpot))  # a setting listed twice keeps its better run
         print(f"{key}: TPOT {tpot:.3f} ms", flush=True)
     return r
 
 
 def ttft_env(model, settings):
     """Batch-1 time to first token at 1,024, 4,096 and 8,000-token prompts under
-    each setting (as tpot_env), one Runtime each, 8,192 tokens a step."""
-    import gc
-    import pagedrt
-
+    each setting (runtime_under), one Runtime each, 8,192 tokens a step."""
     r = {}
     for setting in settings:
-        env = dict(kv.split("=", 1) for kv in setting.split(",") if kv)
-        os.environ.update(env)
-        rt = pagedrt.Runtime(model, device="cuda", max_num_seqs=8, max_num_batched_tokens=8192,
-                             kv_cache_bytes=4 << 30)
-        rng = np.random.default_rng(0)
         key = setting or "default"
-        both = {n: long_ttft_ms(rt, rng, n) for n in (1024, 4096, 8000)}
+        with runtime_under(model, setting, max_num_seqs=8, max_num_batched_tokens=8192,
+                           kv_cache_bytes=4 << 30) as rt:
+            rng = np.random.default_rng(0)
+            both = {n: long_ttft_ms(rt, rng, n) for n in (1024, 4096, 8000)}
         r[key] = {n: t for n, (t, _) in both.items()}
         r[key + " forward"] = {n: f for n, (_, f) in both.items()}
-        rt.close()
-        del rt
-        gc.collect()
-        for k in env:
-            del os.environ[k]
         print(f"{key}: TTFT ms " + " / ".join(f"{n}: {t:.1f} (forward {f:.1f})" for n, (t, f) in both.items()),
               flush=True)
     return r
@@ -473,78 +474,62 @@ def ttft_env(model, settings):
 
 def batch_tpot(model, settings, batches=(1, 16, 64, 128, 256)):
     """Decode TPOT at each batch size (B prompts of 128 tokens, 128 greedy new
-    tokens each, eos ignored: issue 17's table), per setting (as tpot_env), one
+    tokens each, eos ignored: issue 17's table), per setting (runtime_under), one
     Runtime each. TPOT: the median over the batch's requests of (last
     token's time - first token's time) / 127; the second of two rounds."""
-    import gc
     import pagedrt
 
     r = {}
     params = pagedrt.SamplingParams(max_tokens=128, ignore_eos=True, temperature=0.0)
     for setting in settings:
-        env = dict(kv.split("=", 1) for kv in setting.split(",") if kv)
-        os.environ.update(env)
-        rt = pagedrt.Runtime(model, device="cuda", max_num_seqs=max(batches), max_num_batched_tokens=8192,
-                             kv_cache_bytes=16 << 30)
-        rng = np.random.default_rng(0)
         key = setting or "default"
         r[key] = {}
-        for B in batches:
-            for trial in range(2):  # the first makes the step shapes (and their recordings)
-                rids = [rt.submit(rng.integers(0, 128000, size=128).tolist(), params) for _ in range(B)]
-                first, tpot, pending = {}, [], set(rids)
-                while pending:
-                    for ev in rt.poll(list(pending), timeout=1.0):
-                        now = time.perf_counter()
-                        if ev.token_ids:
-                            first.setdefault(ev.request_id, now)
-                        if ev.request_finished:
-                            pending.discard(ev.request_id)
-                            tpot.append((now - first[ev.request_id]) / 127 * 1e3)
-            r[key][B] = statistics.median(tpot)
-            print(f"{key}: batch {B:4d} TPOT {r[key][B]:.3f} ms", flush=True)
-        rt.close()
-        del rt
-        gc.collect()
-        for k in env:
-            del os.environ[k]
+        with runtime_under(model, setting, max_num_seqs=max(batches), max_num_batched_tokens=8192,
+                           kv_cache_bytes=16 << 30) as rt:
+            rng = np.random.default_rng(0)
+            for B in batches:
+                for trial in range(2):  # the first makes the step shapes (and their recordings)
+                    rids = [rt.submit(rng.integers(0, 128000, size=128).tolist(), params) for _ in range(B)]
+                    first, tpot, pending = {}, [], set(rids)
+                    while pending:
+                        for ev in rt.poll(list(pending), timeout=1.0):
+                            now = time.perf_counter()
+                            if ev.token_ids:
+                                first.setdefault(ev.request_id, now)
+                            if ev.request_finished:
+                                pending.discard(ev.request_id)
+                                tpot.append((now - first[ev.request_id]) / 127 * 1e3)
+                r[key][B] = statistics.median(tpot)
+                print(f"{key}: batch {B:4d} TPOT {r[key][B]:.3f} ms", flush=True)
     return r
 
 
 def new_shapes(model, settings):
     """What a step of a token count never seen before costs: batch-1 prefill
     of 32 prompts of 1,000 ... 1,031 tokens (each a new GEMM shape), then 32
-    more of the same lengths (shapes known), per setting (as tpot_env), one
+    more of the same lengths (shapes known), per setting (runtime_under), one
     Runtime each; the mean extra ms of a new count (cuBLASLt's heuristic is
     asked once per new shape: on the H200, 2026-12-02, within noise of 0)."""
-    import gc
     import pagedrt
 
     r = {}
     params = pagedrt.SamplingParams(max_tokens=1, ignore_eos=True, temperature=0.0)
     for setting in settings:
-        env = dict(kv.split("=", 1) for kv in setting.split(",") if kv)
-        os.environ.update(env)
-        rt = pagedrt.Runtime(model, device="cuda", max_num_seqs=8, max_num_batched_tokens=8192,
-                             kv_cache_bytes=4 << 30)
-        rng = np.random.default_rng(0)
-        rt.generate([rng.integers(0, 128000, size=512).tolist()], params)  # warm-up
-        passes = []
-        for _ in range(2):
-            ms = []
-            for n in range(1000, 1032):
-                prompt = rng.integers(0, 128000, size=n).tolist()
-                t0 = time.perf_counter()
-                rt.generate([prompt], params)
-                ms.append((time.perf_counter() - t0) * 1e3)
-            passes.append(ms)
+        with runtime_under(model, setting, max_num_seqs=8, max_num_batched_tokens=8192,
+                           kv_cache_bytes=4 << 30) as rt:
+            rng = np.random.default_rng(0)
+            rt.generate([rng.integers(0, 128000, size=512).tolist()], params)  # warm-up
+            passes = []
+            for _ in range(2):
+                ms = []
+                for n in range(1000, 1032):
+                    prompt = rng.integers(0, 128000, size=n).tolist()
+                    t0 = time.perf_counter()
+                    rt.generate([prompt], params)
+                    ms.append((time.perf_counter() - t0) * 1e3)
+                passes.append(ms)
         key = setting or "default"
         r[key] = {"new_ms": statistics.mean(passes[0]), "known_ms": statistics.mean(passes[1])}
-        rt.close()
-        del rt
-        gc.collect()
-        for k in env:
-            del os.environ[k]
         print(f"{key}: 1,000-1,031-token prefill, mean ms: new token count {r[key]['new_ms']:.2f}, "
               f"known {r[key]['known_ms']:.2f} (+{r[key]['new_ms'] - r[key]['known_ms']:.2f} a new count)",
               flush=True)
