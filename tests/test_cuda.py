@@ -582,6 +582,41 @@ def test_decode_kernel_forced(monkeypatch, kernel):
                 assert rel_err(out[t], ref[t]) <= 2 * BF16_TOL, (kind, D, H, Hkv, t)
 
 
+@pytest.mark.parametrize("kernel", ["2x3", "4x3", "2x2"])
+def test_decode_splits_merged_by_the_last_block(monkeypatch, kernel):
+    """The tensor-core kernel's splits in global memory are merged by the last
+    split block of each (token, kv head) to finish (a ticket counter the last
+    one leaves zero). Forced split counts (PAGEDRT_DECODE_SPLITS) of 2 to 64,
+    against contiguous attention per token; bitwise equal to the thread block
+    cluster's merge where clusters apply (the same arithmetic in split order);
+    and three calls in a row equal (a ticket left nonzero would merge early in
+    the next)."""
+    rng = np.random.default_rng(zlib.crc32(f"last block {kernel}".encode()))
+    monkeypatch.setenv("PAGEDRT_DECODE_KERNEL", kernel)
+    for splits in ("2", "5", "8", "64"):
+        monkeypatch.setenv("PAGEDRT_DECODE_SPLITS", splits)
+        monkeypatch.setenv("PAGEDRT_DECODE_CLUSTERS", "0")
+        in_block = _testing._Ops("cuda")
+        monkeypatch.delenv("PAGEDRT_DECODE_CLUSTERS")
+        clustered = _testing._Ops("cuda")
+        for D, H, Hkv in [(128, 32, 8), (64, 16, 2)]:
+            for kind in ("decode-b1", "decode-b2-short", "decode"):
+                b, qkv, kc, vc = attention_inputs(rng, ATTN_BATCHES[kind], H, Hkv, D)
+                outs = []
+                for o in (in_block, in_block, in_block, clustered):
+                    set_batch(o, b)
+                    outs.append(o.paged_attention(qkv, kc, vc, H, Hkv, D, D ** -0.5))
+                tag = (kernel, splits, kind, D, H, Hkv)
+                assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2]), tag
+                assert np.array_equal(outs[0], outs[3]), tag
+                ref = contiguous_attention(b, qkv, kc, vc, H, Hkv, D, D ** -0.5)
+                e = rel_err(outs[0], ref)
+                record(f"decode_merged_in_block[{kernel},{splits},{kind},D={D},G={H // Hkv}]", e)
+                assert e <= BF16_TOL, tag
+                for t in range(len(b["tokens"])):
+                    assert rel_err(outs[0][t], ref[t]) <= 2 * BF16_TOL, tag + (t,)
+
+
 def test_unsupported_head_dim_is_a_clear_error(tiny_llama):
     path, _ = tiny_llama(num_key_value_heads=2)  # head_dim 32
     with pytest.raises(pagedrt.Unsupported, match="head_dim 32"):

@@ -253,6 +253,36 @@ def attention_sweep():
     return r
 
 
+def decode_splits():
+    """Decode attention under forced split counts (PAGEDRT_DECODE_SPLITS) and kernel
+    shapes (PAGEDRT_DECODE_KERNEL) where splits matter (long contexts, few
+    sequences): us and fraction of the copy rate per (shape, kernel, splits)."""
+    grid = {(1, 32768): (["2x3", "4x3"], [16, 32, 64]),
+            (4, 16384): (["2x3", "4x3"], [8, 16, 32]),
+            (16, 8192): (["2x3", "4x3"], [2, 4])}
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal(1 << 24, dtype=np.float32)
+    copy = copy_tbps()
+    r = {"copy_TBps": copy, "shapes": []}
+    print(f"copy {copy:.2f} TB/s", flush=True)
+    for (B, C), (kernels, splits) in grid.items():
+        kv_bytes = B * C * 8 * 128 * 2 * 2
+        row = {"shape": f"{B}x{C}", "bytes": kv_bytes, "us": {}}
+        row["default_us"] = 1e6 * pagedrt_attention_s(B, C, 1, 32, 8, 128, 16, base, rng)
+        print(f"{B}x{C}: default {row['default_us']:.1f} us ({kv_bytes / row['default_us'] / 1e6 / copy:.0%} of copy)",
+              flush=True)
+        for k in kernels:
+            for sp in splits:
+                os.environ["PAGEDRT_DECODE_KERNEL"], os.environ["PAGEDRT_DECODE_SPLITS"] = k, str(sp)
+                us = 1e6 * pagedrt_attention_s(B, C, 1, 32, 8, 128, 16, base, rng)
+                row["us"][f"{k}/{sp}"] = us
+                print(f"  {k:>4} splits {sp:>3}: {us:7.1f} us  {kv_bytes / us / 1e6 / copy:.0%}", flush=True)
+        os.environ.pop("PAGEDRT_DECODE_KERNEL", None)
+        os.environ.pop("PAGEDRT_DECODE_SPLITS", None)
+        r["shapes"].append(row)
+    return r
+
+
 # Llama-3-8B's linear layers: (name, m = out features, k = in features, fp32 out)
 GEMV_SHAPES = [("qkv", 6144, 4096, False), ("o_proj", 4096, 4096, False), ("gate_up", 28672, 4096, False),
                ("down", 4096, 14336, False), ("lm_head", 128256, 4096, True)]
@@ -644,6 +674,7 @@ def verify_cost(model):
 def main():
     part, out = sys.argv[1], sys.argv[2]
     fn = {"ceilings": ceilings, "attention": attention, "attention_sweep": attention_sweep, "gemv": gemv,
+          "decode_splits": decode_splits,
           "gemm": gemm, "gemm_odd": gemm_odd, "prefill": prefill}.get(part)
     if fn:
         res = fn()

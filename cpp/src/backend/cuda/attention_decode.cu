@@ -12,7 +12,8 @@
 // the one being multiplied. Warp w takes keys 16w .. 16w+15 of every tile
 // with its own online softmax (fp32, log2 domain); the warps merge in shared
 // memory at the end, and a context's splits merge by log-sum-exp
-// (attention_split.cuh). In steps of one query token per sequence the kernel
+// (attention_split.cuh): in a thread block cluster, or by the last split
+// block of the (token, kv head) to finish. In steps of one query token per sequence the kernel
 // also does rope_and_cache's work for its token (AttentionParamsT::rope_cos),
 // one kernel less per layer.
 //
@@ -49,6 +50,8 @@ struct DecodeSmem {
   static constexpr size_t warp_m = warp_o + kWarps * kMaxGroup * D * 4;  // (4, 8)
   static constexpr size_t warp_l = warp_m + kWarps * kMaxGroup * 4;      // (4, 8)
   static_assert(warp_l + kWarps * kMaxGroup * 4 <= own, "the warps' results fit the stages");
+  // The in-block merge of the splits: (kMaxSplits, 8) lse values over the stages.
+  static_assert(kMaxDecodeSplits * kMaxGroup * 4 <= own, "the splits' lse values fit the stages");
 };
 
 __device__ __forceinline__ void unpack_bf16x2(uint32_t r, float& lo, float& hi) {
@@ -308,6 +311,13 @@ __global__ void __launch_bounds__(32 * W) decode_kernel(AttentionParams p, Decod
       if (dd == 0) d.lse_part[part * H + h] = lse;
     }
   }
+  // Splits in global memory: the last block of (item, kv head) to finish
+  // merges them (the G x S lse values over the free stages).
+  if (NS > 1 && !d.cluster) {
+    if (last_split(d.counters + int64_t(item) * Hkv + kvh, NS))
+      merge_splits_in_block(p, d, item, kvh, t, reinterpret_cast<float*>(smem + L::kv));
+    return;
+  }
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   // A cluster of the S split blocks of (item, kv head): each block merges a
   // slice of the G x D outputs from every block's shared memory, then all
@@ -433,8 +443,7 @@ void decode_attention(const AttentionParams& p, const DecodePlan& d, cudaStream_
   if (d.num_items == 0) return;
   const dim3 grid(static_cast<unsigned>(d.num_items), static_cast<unsigned>(p.kv.num_kv_heads),
                   static_cast<unsigned>(d.num_splits));
-  with_config(p.kv.head_dim, d.config, Launch{p, d, grid, s});
-  if (d.num_splits > 1 && !d.cluster) merge_decode_splits(p, d, s);
+  with_config(p.kv.head_dim, d.config, Launch{p, d, grid, s});  // merges its own splits
 }
 
 }  // namespace pagedrt::cuda

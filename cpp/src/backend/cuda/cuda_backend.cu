@@ -114,6 +114,13 @@ CudaBackend::CudaBackend(ScalarType activation_dtype) : act_(activation_dtype) {
                            "choosing per step\n", k);
     }
   }
+  if (const char* n = std::getenv("PAGEDRT_DECODE_SPLITS")) {  // splits of every decode context (benchmarks)
+    const int v = std::atoi(n);
+    if (v >= 1 && v <= 256)
+      decode_splits_ = v;
+    else
+      std::fprintf(stderr, "pagedrt: PAGEDRT_DECODE_SPLITS=%s is not a count from 1 to 256; choosing per step\n", n);
+  }
   if (const char* r = std::getenv("PAGEDRT_PREFILL_ROWS")) {
     if (std::string(r) == "64" || std::string(r) == "128")
       prefill_rows_ = std::atoi(r);

@@ -145,16 +145,18 @@ class CudaBackend final : public Backend {
   StepArrays dev_{};
   AttentionPlan plan_info_{};
   std::vector<BlockCopy> last_copies_;  // what copies_ holds on the device
-  float* partials_ = nullptr;           // decode split partials (o then lse)
-  size_t partials_bytes_ = 0;
+  float* partials_ = nullptr;  // decode splits: merge tickets (tickets_bytes_), then partials (o, lse)
+  size_t partials_bytes_ = 0, tickets_bytes_ = 0;
   bool graphs_enabled_ = true;
   // Decode splits of up to kMaxClusterSplits merge inside a thread block
   // cluster (sm_90) instead of a second kernel (PAGEDRT_DECODE_CLUSTERS=0: never).
   bool clusters_ = true;
   bool fuse_ = true;  // rope_cache_attention and linear_silu_mul fuse (PAGEDRT_CUDA_FUSE=0: never, for A/B runs)
   // The bf16 decode kernel's shape (PAGEDRT_DECODE_KERNEL=WxS, for
-  // benchmarks) and how many of its blocks the GPU holds at once, per head
-  // dim (64, 128; 0 until asked): the split policy counts waves of them.
+  // benchmarks; unset, 2 x 3, and 4 x 3 for contexts 2 x 3 would cut into
+  // more than 32 splits). decode_slots_: how many blocks of a shape the GPU
+  // holds at once, per head dim (made when first asked): the split policy
+  // counts waves of them.
   DecodeConfig decode_config_{};
   // PAGEDRT_DECODE_KERNEL=WxS forces the tensor-core kernel, =cc the
   // CUDA-core one; unset, the plan picks per step (DecodePlan::cuda_cores).
@@ -167,8 +169,9 @@ class CudaBackend final : public Backend {
   bool prefill_wgmma_ = false;
   bool prefill_ws_ = true;
   int prefill_stages_ = 2;
-  int decode_slots_[2] = {0, 0};
-  int64_t decode_slots(int64_t head_dim);
+  int decode_splits_ = 0;  // PAGEDRT_DECODE_SPLITS: 0 = the plan chooses
+  std::map<std::pair<int, int>, int> decode_slots_;  // (head dim, warps x 10 + stages) -> blocks the GPU holds
+  int64_t decode_slots(int64_t head_dim, DecodeConfig config);
   std::map<GraphKey, cudaGraphExec_t> graphs_;
   std::set<GraphKey> seen_once_;  // keys run once, not yet recorded
 

@@ -91,17 +91,34 @@ void CudaBackend::plan_attention(int64_t H, int64_t Hkv, int64_t D) {
   // until one wave of blocks is full or every split is one tile; 16 x 8,192
   // runs 2 splits (256 blocks of 264 slots on an H200) rather than 3 (384
   // blocks, two waves). Chunks are whole tiles.
-  const int64_t tile = act_ == ScalarType::BF16 ? 16 * decode_config_.warps : D == 128 ? 32 : 64;
   const int64_t items = static_cast<int64_t>(dec.size());
   const int64_t base = std::max<int64_t>(1, items * Hkv);
-  const int64_t slots = decode_slots(D);
-  constexpr int64_t kBlockCostKeys = 128, kMaxSplits = 256;
-  auto chunk_of = [&](int64_t s) { return ((max_ctx + s - 1) / s + tile - 1) / tile * tile; };
-  int64_t chunk = chunk_of(1), best = INT64_MAX;
-  for (int64_t s = 1; s <= kMaxSplits && (s == 1 || chunk_of(s - 1) > tile); ++s) {
-    const int64_t c = chunk_of(s), used = (max_ctx + c - 1) / c;  // splits that get keys
-    const int64_t waves = (base * used + slots - 1) / slots, cost = waves * (c + kBlockCostKeys);
-    if (cost < best) best = cost, chunk = c;
+  constexpr int64_t kBlockCostKeys = 128, kMaxSplits = kMaxDecodeSplits;
+  auto chunk_of = [&](int64_t s, int64_t tile) { return ((max_ctx + s - 1) / s + tile - 1) / tile * tile; };
+  // The chunk of the fewest-cost split count for the kernel of shape c.
+  auto plan_chunk = [&](DecodeConfig c) {
+    const int64_t tile = act_ == ScalarType::BF16 ? 16 * c.warps : D == 128 ? 32 : 64;
+    const int64_t slots = decode_slots(D, c);
+    if (decode_splits_ > 0) return chunk_of(decode_splits_, tile);
+    int64_t chunk = chunk_of(1, tile), best = INT64_MAX;
+    for (int64_t s = 1; s <= kMaxSplits && (s == 1 || chunk_of(s - 1, tile) > tile); ++s) {
+      const int64_t ch = chunk_of(s, tile), used = (max_ctx + ch - 1) / ch;  // splits that get keys
+      const int64_t waves = (base * used + slots - 1) / slots, cost = waves * (ch + kBlockCostKeys);
+      if (cost < best) best = cost, chunk = ch;
+    }
+    return chunk;
+  };
+  DecodeConfig config = decode_config_;
+  int64_t chunk = plan_chunk(config);
+  // Where the default shape would cut contexts into more than 32 splits
+  // (batch 1 at 32K keys: 64), merging them costs more than the 4-warp
+  // kernel's fewer blocks lose: 1 x 32,768 on an H200 took 43.1 us with 4 x 3
+  // in 32 splits against 46.7 with 2 x 3 in 64 (same call; 4 x 16,384, 2 x 3
+  // in 16 splits: 72.2 us, 4 x 3 in 8: 75.8).
+  if (act_ == ScalarType::BF16 && decode_kernel_ == DecodeKernel::Auto && decode_splits_ == 0 &&
+      (max_ctx + chunk - 1) / chunk > 32) {
+    config = DecodeConfig{4, 3};
+    chunk = plan_chunk(config);
   }
   int64_t splits = std::max<int64_t>(1, (max_ctx + chunk - 1) / chunk);
   // A recorded step replays with its split count: round it up to a power of
@@ -119,14 +136,21 @@ void CudaBackend::plan_attention(int64_t H, int64_t Hkv, int64_t D) {
   if (!tiles.empty()) std::memcpy(h + dec_bytes, tiles.data(), tile_bytes);
   plan_.upload(dec_bytes + tile_bytes, stream_);
 
+  // The merge tickets ((items, Hkv) ints: zero, and left zero by every
+  // launch), then the partials (o, then lse), in one buffer that grows to
+  // twice what a step needs; the tickets' region keeps its place until then.
   if (splits > 1) {
-    const size_t need = static_cast<size_t>(items * splits * H) * (D + 1) * sizeof(float);
-    if (need > partials_bytes_) {
-      if (partials_) CUDA_CHECK(cudaFree(partials_));
+    const size_t tickets = align16(static_cast<size_t>(items * Hkv) * sizeof(int));
+    const size_t partial_bytes = static_cast<size_t>(items * splits * H) * (D + 1) * sizeof(float);
+    if (tickets > tickets_bytes_ || tickets_bytes_ + partial_bytes > partials_bytes_) {
+      if (partials_) CUDA_CHECK(cudaFree(partials_));  // waits for the GPU
       partials_ = nullptr;
-      partials_bytes_ = 0;
-      CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&partials_), need * 2));
-      partials_bytes_ = need * 2;
+      partials_bytes_ = tickets_bytes_ = 0;
+      clear_graphs();  // a new buffer at the old address would match their keys
+      CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&partials_), 2 * (tickets + partial_bytes)));
+      CUDA_CHECK(cudaMemset(partials_, 0, 2 * tickets));
+      partials_bytes_ = 2 * (tickets + partial_bytes);
+      tickets_bytes_ = 2 * tickets;
     }
   }
   AttentionPlan& p = plan_info_;
@@ -147,15 +171,16 @@ void CudaBackend::plan_attention(int64_t H, int64_t Hkv, int64_t D) {
   // blocks, 4 per SM) took 253 us in clusters, 64 x 2,048 unsplit (the same
   // blocks and keys) 130: clusters only up to one block per SM.
   p.decode.cluster = clusters_ && splits >= 2 && splits <= kMaxClusterSplits &&
-                     items * Hkv * splits <= std::min<int64_t>(slots, num_sms_);
-  p.decode.config = decode_config_;
+                     items * Hkv * splits <= std::min<int64_t>(decode_slots(D, config), num_sms_);
+  p.decode.config = config;
   // Steps of at most one block per SM (batch-1 decode) are latency, not
   // bandwidth: there the CUDA-core kernel's shorter chain before its first
   // key load wins.
   p.decode.cuda_cores = decode_kernel_ == DecodeKernel::CudaCores ||
                         (decode_kernel_ == DecodeKernel::Auto && items * Hkv * splits <= num_sms_);
-  p.decode.o_part = partials_;
-  p.decode.lse_part = partials_ ? partials_ + items * splits * H * D : nullptr;
+  p.decode.counters = reinterpret_cast<int*>(partials_);
+  p.decode.o_part = partials_ ? reinterpret_cast<float*>(reinterpret_cast<uint8_t*>(partials_) + tickets_bytes_) : nullptr;
+  p.decode.lse_part = partials_ ? p.decode.o_part + items * splits * H * D : nullptr;
   p.prefill.tiles = reinterpret_cast<const int2*>(plan_.device() + dec_bytes);
   p.prefill.num_tiles = static_cast<int>(tiles.size());
   p.prefill.rows = tile_rows;
@@ -165,10 +190,10 @@ void CudaBackend::plan_attention(int64_t H, int64_t Hkv, int64_t D) {
   p.prefill.num_tokens = b.num_tokens;
 }
 
-int64_t CudaBackend::decode_slots(int64_t head_dim) {
+int64_t CudaBackend::decode_slots(int64_t head_dim, DecodeConfig config) {
   if (act_ != ScalarType::BF16) return 2 * static_cast<int64_t>(num_sms_);  // the fp32 kernel: about 2 per SM
-  int& n = decode_slots_[head_dim == 128 ? 1 : 0];
-  if (n == 0) n = std::max(1, decode_blocks_per_sm(static_cast<int>(head_dim), decode_config_)) * num_sms_;
+  int& n = decode_slots_[{static_cast<int>(head_dim), config.warps * 10 + config.stages}];
+  if (n == 0) n = std::max(1, decode_blocks_per_sm(static_cast<int>(head_dim), config)) * num_sms_;
   return n;
 }
 
@@ -202,7 +227,9 @@ void CudaBackend::run_step(uint64_t key, const std::function<void()>& body) {
                    plan_.device(),
                    partials_,
                    plan_info_.decode.num_items,
-                   plan_info_.decode.num_splits,
+                   // the split count and the kernel shape (4 x 3 for splits that 2 x 3 would cut finer)
+                   plan_info_.decode.num_splits * 100 + plan_info_.decode.config.warps * 10 +
+                       plan_info_.decode.config.stages,
                    plan_info_.decode.chunk,
                    host_.num_seqs,  // with the two below: which of the fused and unfused attention paths
                    plan_info_.prefill.num_tiles};

@@ -138,8 +138,12 @@ struct DecodePlan {
   bool cluster;
   float* o_part;
   float* lse_part;
+  // (num_items, Hkv) zeros, with more than one split: the tensor-core
+  // kernel's tickets (attention_split.cuh's last_split), left zero again.
+  int* counters;
 };
 constexpr int kMaxClusterSplits = 8;  // the portable cluster size
+constexpr int kMaxDecodeSplits = 256;  // splits of one context at most
 // bf16: tensor cores, keys in tiles of 16 x DecodeConfig::warps
 // (attention_decode.cu), or CUDA cores where the plan says so; fp32: CUDA cores
 // (attention_decode_cc.cu). kDecodeTile: the largest tile of a configuration.
