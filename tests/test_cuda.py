@@ -306,6 +306,76 @@ def test_argmax_rows_masked(ops):
     assert gpu.argmax(x) == [int(np.argmax(r)) for r in x]  # no masks: as before
 
 
+def _sample(gpu, x, draws):
+    """gpu.sample over draws [(row, T, top_k, top_p, min_p, key, counter)]."""
+    cols = list(zip(*draws))
+    return gpu.sample(x, np.array(cols[0], np.int32), np.array(cols[1], np.float32), np.array(cols[2], np.int32),
+                      np.array(cols[3], np.float32), np.array(cols[4], np.float32), np.array(cols[5], np.uint64),
+                      np.array(cols[6], np.uint64))
+
+
+def test_sample_rows_match_the_reference(ops):
+    """Device sampling (Backend::sample) against tests/sampling_ref.py, a float64
+    rendering of SampleRow's rule (top-k, top-p, min-p, the Philox draw in id
+    order) written apart from the kernel: 128K-logit rows, every filter alone
+    and together, temperatures 0.3 to 2. The device's weights are 31-bit
+    fixed point from exp2f, so a token may differ only where u * total falls
+    within 1e-4 of a boundary of the cumulative weights (the margin the
+    reference reports); at most 1 draw in 100 may."""
+    from sampling_ref import draw
+    _, gpu = ops
+    rng = np.random.default_rng(31)
+    cols = 128256
+    x = (3.0 * rng.standard_normal((4, cols))).astype(np.float32)
+    x[3, :1000] = -np.inf
+    params = [(1.0, 0, 1.0, 0.0), (0.7, 50, 1.0, 0.0), (1.0, 0, 0.9, 0.0), (1.3, 0, 1.0, 0.05),
+              (0.3, 40, 0.8, 0.0), (2.0, 1000, 0.95, 0.01), (1.0, 1, 1.0, 0.0), (0.8, 0, 0.5, 0.2)]
+    draws = [(r, *p, 1000 + 17 * i, 3 + i % 5) for i, (r, p) in enumerate(
+        (r, p) for p in params for r in range(4) for _ in range(3))]
+    got = _sample(gpu, x, draws)
+    differ = 0
+    for d, g in zip(draws, got):
+        want, margin = draw(x[d[0]], *d[1:])
+        if g != want:
+            differ += 1
+            assert margin < 1e-4, (d, g, want, margin)
+    record("sample_rows_differing_draws", differ / len(draws))
+    assert differ <= len(draws) // 100
+    # top_k = 1 is greedy; a draw does not depend on the other draws of the call
+    assert [g for d, g in zip(draws, got) if d[2] == 1] == [int(np.argmax(x[d[0]])) for d in draws if d[2] == 1]
+    alone = _sample(gpu, x, draws[5:6])
+    assert alone[0] == got[5]
+
+
+def test_sample_rows_distribution(ops):
+    """4,000 draws of one 40-token row (T 0.8, top_k 25, top_p 0.9, min_p 0.02),
+    a counter each: the counts against the reference's probabilities (chi-square
+    below the 1e-6 tail for their degrees of freedom), nothing drawn outside
+    the candidates. Ties: 30 equal logits under top_k 5 keep ids 0-4, each
+    drawn about a fifth of the time."""
+    from sampling_ref import candidates
+    _, gpu = ops
+    rng = np.random.default_rng(32)
+    x = rng.standard_normal((2, 40)).astype(np.float32)
+    x[1, :30] = 1.5
+    x[1, 30:] = -2.0
+    n = 4000
+    got = np.array(_sample(gpu, x, [(0, 0.8, 25, 0.9, 0.02, 99, c) for c in range(n)]))
+    w, kept = candidates(x[0], 0.8, 25, 0.9, 0.02)
+    p = np.where(kept, w, 0.0) / np.where(kept, w, 0.0).sum()
+    counts = np.bincount(got, minlength=40)
+    assert not counts[~kept].any()
+    k = kept.nonzero()[0]
+    chi2 = float((((counts[k] - n * p[k]) ** 2) / (n * p[k])).sum())
+    # the 1e-6 upper tail of chi-square with df degrees of freedom, by Wilson-Hilferty
+    df = len(k) - 1
+    limit = df * (1 - 2 / (9 * df) + 4.753 * (2 / (9 * df)) ** 0.5) ** 3
+    record("sample_rows_chi2_over_limit", chi2 / limit)
+    assert chi2 < limit, (chi2, limit)
+    ties = np.bincount(_sample(gpu, x, [(1, 1.0, 5, 1.0, 0.0, 7, c) for c in range(1000)]), minlength=40)
+    assert ties[5:].sum() == 0 and ties[:5].min() >= 140 and ties[:5].max() <= 260, ties[:5]
+
+
 def test_copy_blocks(ops):
     rng = np.random.default_rng(5)
     cache = bf(rng.standard_normal((12, 16, 2, 64)))
@@ -716,6 +786,76 @@ def test_device_greedy_equals_host_greedy(tiny_llama):
     for (td, _), (th, lh) in zip(device, host):
         assert td == th
         assert td == [int(np.argmax(r)) for r in lh[-24:]]
+
+
+def test_device_sampling_draws_the_reference_token(tiny_llama):
+    """Sampled requests on CUDA are drawn on the device (Backend::sample): the
+    engine's key (sample_key(seed, sample index)) and counter (the sequence's
+    token count) on the right logits row. Each seeded request's first token
+    against tests/sampling_ref.py's draw from the same prompt's logits row (a
+    greedy twin with return_logits brings it back), n = 3 forks each with
+    its own key; 24 requests in one batch with a host-sampled one (logprobs)
+    among them. The fp32 mode, so that the twin's row (another batch) equals
+    the sampled requests' to ~1e-6: a token may differ only at a boundary
+    margin under 1e-4."""
+    from sampling_ref import draw, sample_key
+    path, _ = tiny_llama(hidden_size=256, num_attention_heads=4, num_key_value_heads=2)
+    rng = np.random.default_rng(17)
+    prompts = [rng.integers(3, 320, size=k).tolist() for k in rng.integers(4, 60, size=8)]
+    settings = [dict(temperature=0.9), dict(temperature=0.6, top_k=20, top_p=0.9), dict(temperature=1.4, min_p=0.05)]
+    with pagedrt.Runtime(path, device="cuda", kv_cache_bytes=64 << 20, enable_prefix_caching=False,
+                         dtype="float32") as rt:
+        rows = [lg[-1] for _, lg in run_all(rt, prompts, max_tokens=1, return_logits=True)]
+        reqs = [(i, j, 1000 + 10 * i + j) for i in range(len(prompts)) for j in range(len(settings))]
+        ids = [rt.submit(prompts[i], pagedrt.SamplingParams(max_tokens=1, seed=seed, n=3, **settings[j]))
+               for i, j, seed in reqs]
+        ids.append(rt.submit(prompts[0], pagedrt.SamplingParams(max_tokens=1, temperature=0.9, logprobs=2)))
+        got, done = {}, set()
+        while len(done) < len(ids):
+            for ev in rt.poll(timeout=1.0):
+                assert ev.error is None, ev.error
+                got.setdefault((ev.request_id, ev.index), []).extend(ev.token_ids)
+                if ev.request_finished:
+                    done.add(ev.request_id)
+    checked = differ = 0
+    for rid, (i, j, seed) in zip(ids, reqs):
+        st = settings[j]
+        for k in range(3):
+            want, margin = draw(rows[i], st["temperature"], st.get("top_k", 0), st.get("top_p", 1.0),
+                                st.get("min_p", 0.0), sample_key(seed, k), len(prompts[i]))
+            tok = got[(rid, k)]
+            checked += 1
+            if tok != [want]:
+                differ += 1
+                assert margin < 1e-4, (i, j, k, tok, want, margin)
+    assert checked == 72 and differ <= 1
+
+
+def test_device_sampling_is_batch_invariant(tiny_llama):
+    """A seeded sampled request draws the same tokens alone and inside a busy
+    batch (other sampled, greedy and host-sampled requests: logprobs and a
+    repetition penalty keep theirs on the host, so that steps mix both)."""
+    path, _ = tiny_llama(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, dtype="bfloat16")
+    rng = np.random.default_rng(19)
+    prompt = rng.integers(3, 320, size=33).tolist()
+    others = [rng.integers(3, 320, size=k).tolist() for k in (5, 70, 12, 40, 25)]
+    params = dict(max_tokens=40, temperature=0.8, top_p=0.95, seed=123, ignore_eos=True)
+    with pagedrt.Runtime(path, device="cuda", kv_cache_bytes=64 << 20, enable_prefix_caching=False) as rt:
+        alone = rt.generate([prompt], pagedrt.SamplingParams(**params))[0].outputs[0].token_ids
+        busy = [rt.submit(p, pagedrt.SamplingParams(max_tokens=30, ignore_eos=True, **extra))
+                for p, extra in zip(others, [dict(temperature=1.0), dict(temperature=0.0),
+                                             dict(temperature=0.7, logprobs=1), dict(temperature=0.9, top_k=5),
+                                             dict(temperature=1.0, repetition_penalty=1.3)])]
+        mine = rt.submit(prompt, pagedrt.SamplingParams(**params))
+        toks = {r: [] for r in busy + [mine]}
+        done = set()
+        while len(done) < len(toks):
+            for ev in rt.poll(timeout=1.0):
+                assert ev.error is None, ev.error
+                toks[ev.request_id].extend(ev.token_ids)
+                if ev.request_finished:
+                    done.add(ev.request_id)
+    assert len(alone) == 40 and toks[mine] == alone
 
 
 @pytest.mark.parametrize("switches", [("PAGEDRT_CUDA_GRAPHS", "PAGEDRT_CUDA_PDL"), ("PAGEDRT_CUDA_FUSE",),

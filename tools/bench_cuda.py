@@ -283,6 +283,47 @@ def decode_splits():
     return r
 
 
+def sampling():
+    """Device sampling (Backend::sample) of rows of Llama-3's vocabulary (128,256
+    fp32 logits) per filter set and row count, against what the same draws cost
+    in torch on the GPU (softmax, a descending sort and its cumulative sum for
+    top-k / top-p, multinomial: the usual GPU sampler) and against copying the
+    rows to the host (what host sampling needs before it starts)."""
+    import torch
+    from pagedrt import _testing
+    vocab = 128256
+    ops = _testing._Ops("cuda")
+    sets = [("T=1", 1.0, 0, 1.0, 0.0), ("top_k=50", 1.0, 50, 1.0, 0.0), ("top_p=0.9", 1.0, 0, 0.9, 0.0),
+            ("k=50 p=0.9 min_p=0.05", 0.8, 50, 0.9, 0.05)]
+    r = {"vocab": vocab, "rows": []}
+    print(f"{'rows':>5} {'filters':<22} {'pagedrt ms':>10} {'torch ms':>9} {'copy to host ms':>15}", flush=True)
+    for n in (1, 64, 256):
+        x = 4.0 * torch.randn(n, vocab, device="cuda")
+        host = torch.empty(n, vocab, pin_memory=True)
+        copy = cuda_median_ms(lambda: host.copy_(x, non_blocking=True), iters=20)
+        for name, t, k, p, mp in sets:
+            ours = 1e3 * ops.bench_sample(n, vocab, t, k, p, mp, 20)
+
+            def peer():
+                probs = torch.softmax(x / t, dim=-1)
+                if k or p < 1.0 or mp:
+                    sp, si = probs.sort(dim=-1, descending=True)
+                    keep = torch.ones_like(sp, dtype=torch.bool)
+                    if k:
+                        keep[:, k:] = False
+                    if p < 1.0:
+                        keep &= (sp.cumsum(-1) - sp) < p
+                    if mp:
+                        keep &= sp >= mp * sp[:, :1]
+                    sp = sp * keep
+                    return si.gather(1, torch.multinomial(sp, 1))
+                return torch.multinomial(probs, 1)
+            theirs = cuda_median_ms(peer, iters=20)
+            r["rows"].append({"rows": n, "filters": name, "pagedrt_ms": ours, "torch_ms": theirs, "copy_ms": copy})
+            print(f"{n:>5} {name:<22} {ours:>10.3f} {theirs:>9.3f} {copy:>15.3f}", flush=True)
+    return r
+
+
 # Llama-3-8B's linear layers: (name, m = out features, k = in features, fp32 out)
 GEMV_SHAPES = [("qkv", 6144, 4096, False), ("o_proj", 4096, 4096, False), ("gate_up", 28672, 4096, False),
                ("down", 4096, 14336, False), ("lm_head", 128256, 4096, True)]
@@ -502,15 +543,17 @@ def ttft_env(model, settings):
     return r
 
 
-def batch_tpot(model, settings, batches=(1, 16, 64, 128, 256)):
+def batch_tpot(model, settings, batches=(1, 16, 64, 128, 256), sampled=False):
     """Decode TPOT at each batch size (B prompts of 128 tokens, 128 greedy new
     tokens each, eos ignored: issue 17's table), per setting (runtime_under), one
     Runtime each. TPOT: the median over the batch's requests of (last
-    token's time - first token's time) / 127; the second of two rounds."""
+    token's time - first token's time) / 127; the second of two rounds.
+    sampled: temperature 0.8, top_p 0.95 instead of greedy."""
     import pagedrt
 
     r = {}
-    params = pagedrt.SamplingParams(max_tokens=128, ignore_eos=True, temperature=0.0)
+    params = pagedrt.SamplingParams(max_tokens=128, ignore_eos=True,
+                                    **(dict(temperature=0.8, top_p=0.95) if sampled else dict(temperature=0.0)))
     for setting in settings:
         key = setting or "default"
         r[key] = {}
@@ -674,7 +717,7 @@ def verify_cost(model):
 def main():
     part, out = sys.argv[1], sys.argv[2]
     fn = {"ceilings": ceilings, "attention": attention, "attention_sweep": attention_sweep, "gemv": gemv,
-          "decode_splits": decode_splits,
+          "decode_splits": decode_splits, "sampling": sampling,
           "gemm": gemm, "gemm_odd": gemm_odd, "prefill": prefill}.get(part)
     if fn:
         res = fn()
@@ -684,6 +727,8 @@ def main():
         res = ttft_env(sys.argv[3], sys.argv[4:])
     elif part == "batch_tpot":
         res = batch_tpot(sys.argv[3], sys.argv[4:])
+    elif part == "batch_tpot_sampled":  # device sampling against the host's: "" PAGEDRT_CUDA_SAMPLE=0
+        res = batch_tpot(sys.argv[3], sys.argv[4:], batches=(1, 64, 256), sampled=True)
     elif part == "new_shapes":
         res = new_shapes(sys.argv[3], sys.argv[4:])
     else:

@@ -36,6 +36,8 @@ using F32In = nb::ndarray<const float, nb::c_contig, nb::device::cpu>;
 using I32In = nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 using I64In = nb::ndarray<const int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 using U32In2 = nb::ndarray<const uint32_t, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
+using U64In = nb::ndarray<const uint64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using F32In1 = nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 using F32Out = nb::ndarray<nb::numpy, float>;
 
 std::vector<int64_t> shape_of(const F32In& a) {
@@ -182,6 +184,62 @@ class Ops {
     }
     b_->argmax(l, l.dim(0), out.data(), rm);
     return out;
+  }
+  // The backend's sampled token per draw i (backends with has_sample()):
+  // from row rows[i] of fp32 logits with the i-th temperature, top_k, top_p,
+  // min_p, and Philox key and counter (SampleRow).
+  std::vector<int32_t> sample(F32In logits, I32In rows, F32In1 temperature, I32In top_k, F32In1 top_p,
+                              F32In1 min_p, U64In key, U64In counter) {
+    if (!b_->has_sample()) throw pagedrt::Error(pagedrt::ErrorKind::Unsupported, "sample: this backend samples on the host");
+    const size_t n = rows.shape(0);
+    if (temperature.shape(0) != n || top_k.shape(0) != n || top_p.shape(0) != n || min_p.shape(0) != n ||
+        key.shape(0) != n || counter.shape(0) != n)
+      throw pagedrt::Error(pagedrt::ErrorKind::InvalidArgument, "sample: every per-draw array needs one entry a draw");
+    Tensor l = put(logits, ScalarType::F32);
+    std::vector<pagedrt::SampleRow> draws(n);
+    for (size_t i = 0; i < n; ++i) {
+      draws[i].row = rows.data()[i];
+      draws[i].temperature = temperature.data()[i];
+      draws[i].top_k = top_k.data()[i];
+      draws[i].top_p = top_p.data()[i];
+      draws[i].min_p = min_p.data()[i];
+      draws[i].key = key.data()[i];
+      draws[i].counter = counter.data()[i];
+    }
+    std::vector<int32_t> out(n);
+    b_->sample(l, draws.data(), static_cast<int64_t>(n), out.data());
+    return out;
+  }
+  // Seconds per sample call of `n` draws over rows of `vocab` random logits
+  // (device-resident; the draws' parameters as given for each), `iters` calls
+  // back to back after a warm-up. Benchmark hook for tools/bench_cuda.py sampling.
+  double bench_sample(int64_t n, int64_t vocab, float temperature, int32_t top_k, float top_p, float min_p,
+                      int iters) {
+    std::vector<float> host(static_cast<size_t>(n * vocab));
+    uint64_t z = 88172645463325252ull;
+    for (float& v : host) {  // xorshift normals-ish: sums of uniforms, spread like real logits
+      float acc = 0.0f;
+      for (int j = 0; j < 4; ++j) {
+        z ^= z << 13, z ^= z >> 7, z ^= z << 17;
+        acc += static_cast<float>(z >> 40) / 16777216.0f;
+      }
+      v = 4.0f * (acc - 2.0f);
+    }
+    Tensor h = pagedrt::host_empty({n, vocab}, ScalarType::F32);
+    std::memcpy(h.data, host.data(), host.size() * 4);
+    Tensor l = b_->from_host(h);
+    std::vector<pagedrt::SampleRow> draws(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) {
+      draws[i].row = static_cast<int32_t>(i);
+      draws[i].temperature = temperature, draws[i].top_k = top_k, draws[i].top_p = top_p, draws[i].min_p = min_p;
+      draws[i].key = 1234 + i, draws[i].counter = 7;
+    }
+    std::vector<int32_t> out(static_cast<size_t>(n));
+    nb::gil_scoped_release release;
+    for (int i = 0; i < 3; ++i) b_->sample(l, draws.data(), n, out.data());
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < iters; ++i) b_->sample(l, draws.data(), n, out.data());
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / iters;
   }
   // Seconds per paged_attention call: `iters` calls queued back to back, after a warm-up.
   double bench_paged_attention(F32In qkv, F32In k_cache, F32In v_cache, int64_t H, int64_t Hkv, int64_t D,
@@ -370,5 +428,9 @@ void register_ops(nb::module_& m) {
            "num_heads"_a, "num_kv_heads"_a, "head_dim"_a, "scale"_a, "iters"_a)
       .def("time_linear", &Ops::time_linear, "n"_a, "m"_a, "k"_a, "out_f32"_a, "iters"_a, "impl"_a)
       .def("copy_blocks", &Ops::copy_blocks, "cache"_a, "pairs"_a)
-      .def("argmax", &Ops::argmax, "logits"_a, "masks"_a = nb::none(), "mask_of_row"_a = nb::none());
+      .def("argmax", &Ops::argmax, "logits"_a, "masks"_a = nb::none(), "mask_of_row"_a = nb::none())
+      .def("sample", &Ops::sample, "logits"_a, "rows"_a, "temperature"_a, "top_k"_a, "top_p"_a, "min_p"_a, "key"_a,
+           "counter"_a)
+      .def("bench_sample", &Ops::bench_sample, "n"_a, "vocab"_a, "temperature"_a, "top_k"_a, "top_p"_a, "min_p"_a,
+           "iters"_a);
 }

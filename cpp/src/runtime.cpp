@@ -275,6 +275,7 @@ std::string Runtime::submit(const std::vector<int32_t>& prompt, const SamplingPa
   req->id = id;
   req->params = params;
   req->prompt_len = len;
+  req->sample_base = sample_base(params);
   auto seq = std::make_unique<Sequence>();
   seq->tokens = prompt;
   seq->rng = make_rng(params, 0);

@@ -45,6 +45,26 @@ struct RowMasks {
   int64_t words_per_row = 0;
 };
 
+// One draw for Backend::sample, from logits row `row` (temperature > 0):
+// weights w_t = exp((x_t - max) / temperature), held as fixed-point integers
+// (w * 2^31, rounded down: exact, order-free sums; a token below 2^-31 of the
+// most likely gets weight 0). Candidates: the top_k most likely (0: all; ties
+// to the lower id), then the smallest most-likely-first prefix of them
+// holding top_p of their weight (1: all), then those of at least min_p times
+// the most likely's weight (0: all). The token: the first candidate, in id
+// order, whose running weight passes floor(u * total), u the 64 bits of
+// Philox4x32-10 at (key, counter) as a fraction (backend/philox.hpp).
+struct SampleRow {
+  int32_t row = 0;
+  int32_t top_k = 0;
+  float temperature = 1.0f;
+  float top_p = 1.0f;
+  float min_p = 0.0f;
+  uint32_t unused = 0;
+  uint64_t key = 0;
+  uint64_t counter = 0;
+};
+
 // A checkpoint tensor for load_weight: its bytes (a mapped file, valid during
 // the call) and what they hold. The model makes these from the safetensors
 // reader; the backends know nothing of files.
@@ -170,6 +190,12 @@ class Backend {
   // the logits are host memory already) say so with has_argmax().
   virtual bool has_argmax() const { return false; }
   virtual void argmax(const Tensor& logits, int64_t rows, int32_t* out, const RowMasks& masks = {});
+  // Sampling without the logits leaving the device: out[i] (host) = the
+  // token of draw rows[i] (SampleRow) from logits (rows, vocab) F32; waits
+  // for it. Several draws may read one row (n > 1). has_sample(): whether
+  // the backend has it (CUDA).
+  virtual bool has_sample() const { return false; }
+  virtual void sample(const Tensor& logits, const SampleRow* rows, int64_t n, int32_t* out);
 
  protected:
   // padded_tokens pads: `on` unless PAGEDRT_DECODE_PAD says otherwise ("0" / "1").

@@ -27,11 +27,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define PAGEDRT_HD __host__ __device__ __forceinline__
-#else
-#define PAGEDRT_HD inline
-#endif
+#include "backend/hd.hpp"
 
 namespace pagedrt {
 

@@ -68,6 +68,12 @@ void ModelRunner::pick(ModelOutput& out, const RowMasks& masks) {
   out.argmax = argmax_.data();
 }
 
+void ModelRunner::sample(ModelOutput& out, const std::vector<SampleRow>& draws) {
+  sampled_.resize(draws.size());
+  model_->sample(draws, sampled_.data());
+  out.sampled = sampled_.data();
+}
+
 void ModelRunner::release() {
   model_.reset();
   kv_ = KvCache{};

@@ -30,6 +30,9 @@ struct ModelOutput {
   int64_t padded_tokens = 0;                 // dummy tokens the step ran with (Batch::pad)
   const float* logits = nullptr;             // (num_logits, vocab) host fp32; null when the device picked
   const int32_t* argmax = nullptr;           // (num_logits) greedy picks made on the device; else null
+  // The tokens of the step's device draws (OutputProcessor::device_draws, in
+  // their order); null when it has none
+  const int32_t* sampled = nullptr;
   const std::vector<LogitsSlice>* slices = nullptr;  // one per scheduled sequence, in order
 
   const float* row(int64_t r) const { return logits ? logits + r * vocab : nullptr; }
@@ -49,6 +52,11 @@ class ModelRunner {
   ModelOutput run(const SchedulerOutput& step, bool device_greedy, bool defer_picks = false);
   // The deferred picks of the last run(): sets out.argmax.
   void pick(ModelOutput& out, const RowMasks& masks);
+  // Can the device draw sampled tokens itself (Backend::has_sample)?
+  bool has_device_sample() const { return backend_->has_sample(); }
+  // The last run()'s device draws (its logits are still on the device,
+  // whether or not they were also copied out): sets out.sampled.
+  void sample(ModelOutput& out, const std::vector<SampleRow>& draws);
 
   // Host memory for `slots` swapped-out blocks (every layer's K and V):
   // slots x kv().bytes_per_block bytes, page-locked on CUDA, allocated at
@@ -72,6 +80,7 @@ class ModelRunner {
   Batch batch_;
   std::vector<float> logits_;    // (num_logits, vocab) of the current step
   std::vector<int32_t> argmax_;  // (num_logits) greedy picks made on the device
+  std::vector<int32_t> sampled_;  // the device draws' tokens
   std::shared_ptr<void> swap_space_;  // per cache tensor (layer l: K at 2l, V at 2l + 1) swap_slots_ blocks
   int64_t swap_slots_ = 0;
 };

@@ -22,12 +22,55 @@ bool OutputProcessor::greedy_only(const SchedulerOutput& step) const {
   return true;
 }
 
+bool OutputProcessor::device_only(const SchedulerOutput& step) const {
+  for (const ScheduledSeq& s : step.scheduled) {
+    const SamplingParams& p = s.req->params;
+    const int64_t generated = s.req->num_generated(*s.seq);
+    const bool greedy = !(p.return_logits || p.prompt_logprobs || p.is_beam_search() || p.logprobs || p.n != 1) &&
+                        p.temperature == 0.0f && !Sampler::needs_processing(p, generated);
+    if (!greedy && !Sampler::drawn_on_device(p, generated)) return false;
+  }
+  return true;
+}
+
+bool OutputProcessor::any_greedy(const SchedulerOutput& step) {
+  return std::any_of(step.scheduled.begin(), step.scheduled.end(),
+                     [](const ScheduledSeq& s) { return s.req->params.temperature == 0.0f; });
+}
+
+// process() below takes these tokens in this order: scheduled order, the
+// sampling rows only, n draws (indices 0 .. n - 1) where expand() forks.
+std::vector<SampleRow> OutputProcessor::device_draws(const SchedulerOutput& step, const ModelOutput& out) const {
+  std::vector<SampleRow> draws;
+  for (size_t i = 0; i < step.scheduled.size(); ++i) {
+    const ScheduledSeq& s = step.scheduled[i];
+    const LogitsSlice& slice = (*out.slices)[i];
+    const SamplingParams& p = s.req->params;
+    if (s.seq->num_draft > 0 || !slice.samples || !Sampler::drawn_on_device(p, s.req->num_generated(*s.seq)))
+      continue;
+    SampleRow d;
+    d.row = slice.first_row + slice.num_rows - 1;
+    d.temperature = p.temperature;
+    d.top_k = p.top_k;
+    d.top_p = p.top_p;
+    d.min_p = p.min_p;
+    d.counter = static_cast<uint64_t>(s.seq->num_tokens());
+    const bool forks = !s.req->expanded && p.n > 1;
+    for (int32_t k = 0; k < (forks ? p.n : 1); ++k) {
+      d.key = sample_key(s.req->sample_base, forks ? k : s.seq->index);
+      draws.push_back(d);
+    }
+  }
+  return draws;
+}
+
 void OutputProcessor::process(const SchedulerOutput& step, const ModelOutput& out, const StepMasks& masks) {
   mask_error_ = &masks.error;
   // Phase 1: progress of every sequence. Phase 2: sampling (may end sequences
   // and requests). Phase 3: beam groups whose beams are all at their sampling point.
   std::vector<Pick> picks;
   std::vector<Request*> beam_groups;
+  size_t next_draw = 0;  // into out.sampled
   for (size_t i = 0; i < step.scheduled.size(); ++i) {
     const ScheduledSeq& s = step.scheduled[i];
     const LogitsSlice& slice = (*out.slices)[i];
@@ -43,13 +86,17 @@ void OutputProcessor::process(const SchedulerOutput& step, const ModelOutput& ou
     const int64_t last = slice.first_row + slice.num_rows - 1;
     // n > 1: the samples forked here all take the prompt sequence's mask (no output yet).
     const auto m = masks.by_seq.find(s.seq);
+    const bool drawn = out.sampled && Sampler::drawn_on_device(s.req->params, s.req->num_generated(*s.seq));
     for (Sequence* q : expand(*s.req, *s.seq)) {
       Pick pick;
       pick.req = s.req;
       pick.seq = q;
       pick.row = out.row(last);
       if (m != masks.by_seq.end()) pick.mask = m->second;
-      if (out.argmax) {  // picked on the device (a masked row: with its mask, when it allows a token)
+      if (drawn) {  // drawn on the device (device_draws' order)
+        pick.row = nullptr;
+        pick.token = out.sampled[next_draw++];
+      } else if (out.argmax) {  // picked on the device (a masked row: with its mask, when it allows a token)
         pick.token = pick.mask && !Sampler::mask_allows_any(pick.mask, out.vocab) ? -1 : out.argmax[last];
       }
       picks.push_back(std::move(pick));

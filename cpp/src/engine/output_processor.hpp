@@ -69,6 +69,16 @@ class OutputProcessor {
   // returned logits, beams or n > 1): the device may pick the tokens (a
   // structured-output row's with its mask; speculative rows' each).
   bool greedy_only(const SchedulerOutput& step) const;
+  // Every scheduled sequence samples plain greedy as above or is drawn on the
+  // device (Sampler::drawn_on_device): no logits row need leave the device.
+  bool device_only(const SchedulerOutput& step) const;
+  // Whether a sequence of the step samples greedy (its pick is the argmax).
+  static bool any_greedy(const SchedulerOutput& step);
+  // The step's device draws, for a backend that samples (Backend::has_sample):
+  // every sampling row of a request drawn on the device, n of them for a
+  // request about to fork its n samples, in the order process() takes their
+  // tokens (ModelOutput::sampled).
+  std::vector<SampleRow> device_draws(const SchedulerOutput& step, const ModelOutput& out) const;
   // Applies one step's results (see above).
   void process(const SchedulerOutput& step, const ModelOutput& out, const StepMasks& masks);
 

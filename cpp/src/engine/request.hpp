@@ -77,6 +77,7 @@ struct Request {
   bool swapped = false;              // preempted by swap: its K/V in host slots, waiting to come back
   std::vector<std::unique_ptr<Sequence>> seqs;  // live sequences
   bool expanded = false;             // n > 1: the prompt's sequence has been forked
+  uint64_t sample_base = 0;          // device draws' streams: sample_key(sample_base, index)
 
   // beam search state (transformers' semantics)
   std::vector<BeamHypothesis> beam_done;  // best finished, at most beam_width, best first

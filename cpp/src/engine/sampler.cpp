@@ -39,16 +39,31 @@ int64_t first_argmax(const float* x, int64_t n) {
 
 }  // namespace
 
+uint64_t sample_key(uint64_t base, int32_t index) {
+  // splitmix64 of (base, index): distinct, well mixed streams per sample
+  uint64_t z = base + 0x9e3779b97f4a7c15ull * (static_cast<uint64_t>(index) + 1);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+uint64_t sample_base(const SamplingParams& params) {
+  if (params.has_seed) return params.seed;
+  std::random_device rd;
+  return (static_cast<uint64_t>(rd()) << 32) ^ rd();
+}
+
 Rng make_rng(const SamplingParams& params, int32_t index) {
   if (!params.has_seed) {
     std::random_device rd;
     return Rng((static_cast<uint64_t>(rd()) << 32) ^ rd() ^ (static_cast<uint64_t>(index) << 48));
   }
-  // splitmix64 of (seed, index): distinct, well mixed streams per sample
-  uint64_t z = params.seed + 0x9e3779b97f4a7c15ull * (static_cast<uint64_t>(index) + 1);
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return Rng(z ^ (z >> 31));
+  return Rng(sample_key(params.seed, index));
+}
+
+bool Sampler::drawn_on_device(const SamplingParams& p, int64_t generated) {
+  return p.temperature > 0.0f && !needs_processing(p, generated) && !p.logprobs && !p.masked &&
+         !p.is_beam_search() && p.speculative.empty() && !p.return_logits && !p.prompt_logprobs;
 }
 
 void Sampler::process(float* logits, int64_t vocab, const SamplingParams& p,

@@ -15,6 +15,12 @@ namespace pagedrt {
 // request has a seed, so its draws do not depend on anything else in the batch.
 using Rng = std::mt19937_64;
 Rng make_rng(const SamplingParams& params, int32_t index);
+// Device sampling's streams (Backend::sample, Philox): a request's base is
+// its seed, or 64 random bits when it has none (Request::sample_base);
+// sample `index` draws under key sample_key(base, index) (the value make_rng
+// seeds a seeded stream with), at counter = its token count.
+uint64_t sample_base(const SamplingParams& params);
+uint64_t sample_key(uint64_t base, int32_t index);
 
 class Sampler {
  public:
@@ -45,6 +51,14 @@ class Sampler {
   static int32_t verify_draft(const float* logits, int64_t vocab, const SamplingParams& params, Rng& rng,
                               int32_t draft, bool& accepted, std::vector<double>& scratch,
                               std::vector<int32_t>& order);
+
+  // Whether a sampled row of `params` (with `generated` tokens so far) is
+  // drawn on the device where the backend samples (Backend::has_sample):
+  // temperature > 0 and nothing the device does not do (logit bias,
+  // min_tokens, penalties, logprobs, token masks, beams, speculation,
+  // returned logits). A property of the request, never of the step: a seeded
+  // request draws the same tokens whatever shares its steps.
+  static bool drawn_on_device(const SamplingParams& params, int64_t generated);
 
   // The greedy token: the first index of the largest logit (NaN never chosen
   // over a number), as the device argmax picks it.

@@ -39,6 +39,9 @@ class LlamaModel {
   // The greedy tokens of the last forward's `rows` logits rows, masked by
   // `masks` (Backend::argmax), into out[rows] (host memory).
   void pick(int64_t rows, int32_t* out, const RowMasks& masks);
+  // Device draws (Backend::sample) from the last forward's logits rows: the
+  // token of draws[i] into out[i] (host memory).
+  void sample(const std::vector<SampleRow>& draws, int32_t* out);
 
  private:
   struct Layer {

@@ -96,6 +96,8 @@ class CudaBackend final : public Backend {
   void to_host(const Tensor& src, int64_t numel, float* dst) override;
   bool has_argmax() const override { return true; }
   void argmax(const Tensor& logits, int64_t rows, int32_t* out, const RowMasks& masks) override;
+  bool has_sample() const override { return sample_; }
+  void sample(const Tensor& logits, const SampleRow* rows, int64_t n, int32_t* out) override;  // sampling.cu
   void download(const Tensor& src, void* dst) override;
 
  private:
@@ -141,7 +143,7 @@ class CudaBackend final : public Backend {
 
   BatchView host_{};   // the caller's arrays, valid during the step
   uint64_t step_ = 0;
-  Staging batch_, plan_, copies_, picks_, masks_;
+  Staging batch_, plan_, copies_, picks_, masks_, samples_;
   StepArrays dev_{};
   AttentionPlan plan_info_{};
   std::vector<BlockCopy> last_copies_;  // what copies_ holds on the device
@@ -170,6 +172,7 @@ class CudaBackend final : public Backend {
   bool prefill_ws_ = true;
   int prefill_stages_ = 2;
   int decode_splits_ = 0;  // PAGEDRT_DECODE_SPLITS: 0 = the plan chooses
+  bool sample_ = true;  // sampled rows drawn on the GPU (PAGEDRT_CUDA_SAMPLE=0: on the host, for A/B runs)
   std::map<std::pair<int, int>, int> decode_slots_;  // (head dim, warps x 10 + stages) -> blocks the GPU holds
   int64_t decode_slots(int64_t head_dim, DecodeConfig config);
   std::map<GraphKey, cudaGraphExec_t> graphs_;
