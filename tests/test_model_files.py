@@ -140,6 +140,8 @@ def test_runtime_keeps_serving_after_bad_requests(good_model):
             rt.submit([])
         with pytest.raises(pagedrt.InvalidArgument, match="max_tokens"):
             rt.submit([1, 2], max_tokens=0)
+        with pytest.raises(pagedrt.InvalidArgument, match="logit_bias has token 5 twice"):
+            rt.submit([1, 2], logit_bias={"5": 1.0, 5: -1.0})  # "5" and 5 name one token
         with pytest.raises(pagedrt.InvalidArgument, match="max_model_len"):
             rt.submit(list(range(3, 70)))
         with pytest.raises(pagedrt.InvalidArgument, match="no tokenizer"):

@@ -59,6 +59,22 @@ def test_empirical_distribution_matches_target(kw):
     assert np.all(got[want == 0] == 0)  # filtered tokens are never drawn
 
 
+def test_top_p_nucleus_past_the_first_band():
+    """top_p sorts only the nucleus: the most likely 64 candidates, then 256
+    more, ... until the running sum reaches top_p. A 3,000-token row with 150
+    tied leaders (ids scattered) and a tail 20 nats down: top_p 0.49 keeps
+    exactly the 74 leaders of lowest id (74 / 150 is the first share past
+    0.49; ties go to the lower id, across the bands), top_p 0.999 exactly
+    the 150; every kept token is drawn."""
+    rng = np.random.default_rng(8)
+    x = np.full(3000, -20.0, np.float32)
+    leaders = np.sort(rng.choice(3000, size=150, replace=False))
+    x[leaders] = 0.0
+    for top_p, kept in ((0.49, leaders[:74]), (0.999, leaders)):
+        got = np.array(_testing._sample_counts(x, pagedrt.SamplingParams(seed=5, top_p=top_p)._to_core(), 30_000))
+        assert set(np.nonzero(got)[0].tolist()) == set(kept.tolist()), top_p
+
+
 def test_greedy_and_ties():
     assert counts(LOGITS, temperature=0.0)[0] == DRAWS
     tie = np.array([0.0, 3.0, 3.0, 1.0], np.float32)

@@ -42,6 +42,13 @@ void check_sampling_params(const SamplingParams& p, int64_t vocab, int32_t max_n
     if (t < 0 || t >= vocab) fail("logit_bias has token " + std::to_string(t) + ", outside the vocabulary");
     if (!finite(b) || b < -100 || b > 100) fail("logit_bias for token " + std::to_string(t) + " must be in [-100, 100]");
   }
+  {
+    std::vector<int32_t> ids;
+    for (const auto& [t, b] : p.logit_bias) ids.push_back(t);
+    std::sort(ids.begin(), ids.end());
+    const auto twice = std::adjacent_find(ids.begin(), ids.end());
+    if (twice != ids.end()) fail("logit_bias has token " + std::to_string(*twice) + " twice");
+  }
   if (p.beam_width < 1) fail("beam_width must be >= 1, got " + std::to_string(p.beam_width));
   if (p.is_beam_search()) {
     if (p.n > p.beam_width) fail("n (" + std::to_string(p.n) + ") must be <= beam_width (" + std::to_string(p.beam_width) + ")");

@@ -118,8 +118,9 @@ namespace {
 // every candidate is banned (-inf).
 int64_t distribution(const float* logits, int64_t vocab, const SamplingParams& p, std::vector<double>& prob,
                      std::vector<int32_t>& order) {
-  // Candidates, most likely first (ties: lower id first). Without top-k / top-p
-  // the order does not matter and the full sort is skipped.
+  // Candidates, most likely first (ties: lower id first). Without top-p the
+  // order does not matter and no sort is needed; with it, only the kept
+  // prefix is sorted (below).
   order.resize(static_cast<size_t>(vocab));
   for (int64_t i = 0; i < vocab; ++i) order[i] = static_cast<int32_t>(i);
   auto more_likely = [&](int32_t a, int32_t b) { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); };
@@ -128,23 +129,45 @@ int64_t distribution(const float* logits, int64_t vocab, const SamplingParams& p
     std::nth_element(order.begin(), order.begin() + p.top_k, order.end(), more_likely);
     n = p.top_k;
   }
-  if (p.top_p < 1.0f) std::sort(order.begin(), order.begin() + n, more_likely);
 
   const double inv_t = 1.0 / static_cast<double>(p.temperature);
   double mx = -std::numeric_limits<double>::infinity();
   for (int64_t i = 0; i < n; ++i) mx = std::max(mx, static_cast<double>(logits[order[i]]) * inv_t);
-  prob.resize(static_cast<size_t>(n));
+  auto weight = [&](int32_t t) { return std::exp(static_cast<double>(logits[t]) * inv_t - mx); };
   double sum = 0.0;
-  for (int64_t i = 0; i < n; ++i) sum += (prob[i] = std::exp(static_cast<double>(logits[order[i]]) * inv_t - mx));
-  if (!(sum > 0.0)) return -1;
-  if (p.top_p < 1.0f) {  // the smallest prefix (most likely first) reaching top_p
+  if (p.top_p < 1.0f) {
+    for (int64_t i = 0; i < n; ++i) sum += weight(order[i]);
+    if (!(sum > 0.0)) {  // every candidate banned: the first, most likely first, is the fallback
+      std::sort(order.begin(), order.begin() + n, more_likely);
+      return -1;
+    }
+    // The smallest most-likely-first prefix reaching top_p: the most likely
+    // 64, 256, 1024, ... candidates are selected (nth_element) and sorted a
+    // band at a time until the running sum gets there; a row whose mass sits
+    // in a few tokens (the usual case) never sorts the rest of the vocabulary.
     double cum = 0.0;
-    int64_t keep = 0;
-    while (keep < n) {
-      cum += prob[keep++] / sum;
-      if (cum >= p.top_p) break;
+    int64_t keep = 0, sorted = 0;
+    bool reached = false;
+    for (int64_t band = 64; !reached && sorted < n; band *= 4) {
+      const int64_t end = std::min(n, sorted + band);
+      if (end < n) std::nth_element(order.begin() + sorted, order.begin() + end, order.begin() + n, more_likely);
+      std::sort(order.begin() + sorted, order.begin() + end, more_likely);
+      sorted = end;
+      while (keep < sorted) {
+        cum += weight(order[keep++]) / sum;
+        if (cum >= p.top_p) {
+          reached = true;
+          break;
+        }
+      }
     }
     n = keep;
+    prob.resize(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) prob[i] = weight(order[i]);
+  } else {
+    prob.resize(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) sum += (prob[i] = weight(order[i]));
+    if (!(sum > 0.0)) return -1;
   }
   if (p.min_p > 0.0f) {
     double pmax = 0.0;
