@@ -376,6 +376,138 @@ def test_sample_rows_distribution(ops):
     assert ties[5:].sum() == 0 and ties[:5].min() >= 140 and ties[:5].max() <= 260, ties[:5]
 
 
+def _edits(rng, x, n_bias, n_ban, n_seen, n_count):
+    """Random edits of one row (LogitEdit: bias, ban, seen, output count), as
+    arrays sorted by token, and the row processed in fp32 the way
+    Sampler::process does it (every step one IEEE operation: penalties
+    dyadic so that f * c + p is exact)."""
+    cols = x.shape[0]
+    toks = {}
+    for kind, k in (("bias", n_bias), ("ban", n_ban), ("seen", n_seen), ("count", n_count)):
+        for t in rng.choice(cols, size=k, replace=False):
+            e = toks.setdefault(int(t), [0, 0.0, 0])
+            if kind == "bias":
+                e[0] |= 1
+                e[1] = float(np.float32(rng.uniform(-8, 8)))
+            elif kind == "ban":
+                e[0] |= 2
+            elif kind == "seen":
+                e[0] |= 4
+            else:
+                e[2] = int(rng.integers(1, 6))
+    top = int(np.argmax(x))  # the raw favourite gets the heaviest edits
+    toks.setdefault(top, [0, 0.0, 0])[0] |= 4
+    toks[top][2] = 3
+    ids = np.array(sorted(toks), np.int32)
+    flags = np.array([toks[t][0] for t in ids], np.int32)
+    bias = np.array([toks[t][1] for t in ids], np.float32)
+    count = np.array([toks[t][2] for t in ids], np.int32)
+    rep, freq, pres = np.float32(1.3), np.float32(0.375), np.float32(0.25)
+    v = x[ids].copy()
+    v = np.where(flags & 1, v + bias, v).astype(np.float32)
+    v = np.where(flags & 2, np.float32(-np.inf), v).astype(np.float32)
+    v = np.where(flags & 4, np.where(v > 0, v / rep, v * rep), v).astype(np.float32)
+    v = np.where(count > 0, v - (freq * count.astype(np.float32) + pres), v).astype(np.float32)
+    y = x.copy()
+    y[ids] = v
+    return (ids, flags, bias, count), (rep, freq, pres), y
+
+
+def test_sample_rows_process_and_logprobs(ops):
+    """Device sampling's processing and logprobs (SampleRow, LogitEdit,
+    DrawLogprobs). Processing: the row edited as Sampler::process edits it
+    (logit bias, bans, the repetition penalty on seen tokens, frequency and
+    presence penalties by output count), read through the edits without
+    changing the raw row: a greedy draw (temperature 0) is exactly numpy's
+    argmax of the processed row; sampled draws are
+    tests/sampling_ref.py's draws from it (a token may differ only within
+    1e-4 of a boundary); draws of the same row without edits see the raw
+    row; a draw of 20,000 edits (more than shared memory holds) and 520
+    edited draws (more processed copies than the backend keeps) as well.
+    Logprobs, of the raw row: the token's and the top k (0, 1, 5, 20)
+    against a float64 log-softmax (1e-4), ids in value-then-id order. Bad
+    edits (unsorted) are refused by name."""
+    from sampling_ref import draw
+    _, gpu = ops
+    rng = np.random.default_rng(41)
+    cols = 128256
+    x = (3.0 * rng.standard_normal((3, cols))).astype(np.float32)
+    edit_arrays, processed = [], []
+    for r in range(3):
+        arrays, pen, y = _edits(rng, x[r], 60, 4, 400, 120)
+        edit_arrays.append(arrays)
+        processed.append(y)
+    first = np.cumsum([0] + [len(a[0]) for a in edit_arrays])[:3]
+    cat = [np.concatenate([a[j] for a in edit_arrays]) for j in range(4)]
+    settings = [(0.0, 0, 1.0, 0.0), (1.0, 0, 1.0, 0.0), (0.7, 50, 0.9, 0.0), (1.2, 0, 0.95, 0.05)]
+    draws, edited = [], []
+    for r in range(3):
+        for i, st in enumerate(settings):
+            for e in (True, False):
+                draws.append((r, *st, 500 + 7 * len(draws), 11 + r))
+                edited.append(e)
+    n = len(draws)
+    cols_ = list(zip(*draws))
+    k_lp = np.array([[-1, 0, 1, 5, 20][i % 5] for i in range(n)], np.int32)
+    tokens, lps = gpu.sample(
+        x, np.array(cols_[0], np.int32), np.array(cols_[1], np.float32), np.array(cols_[2], np.int32),
+        np.array(cols_[3], np.float32), np.array(cols_[4], np.float32), np.array(cols_[5], np.uint64),
+        np.array(cols_[6], np.uint64), logprobs=k_lp, edit_token=cat[0], edit_flags=cat[1], edit_bias=cat[2],
+        edit_count=cat[3], first_edit=np.array([first[d[0]] for d in draws], np.int32),
+        num_edits=np.array([len(edit_arrays[d[0]][0]) if e else 0 for d, e in zip(draws, edited)], np.int32),
+        penalties=np.array([pen] * n, np.float32))
+    differ = 0
+    for i, (d, e) in enumerate(zip(draws, edited)):
+        row = processed[d[0]] if e else x[d[0]]
+        if d[1] == 0.0:
+            assert tokens[i] == int(np.argmax(row)), (i, d, e)
+        else:
+            want, margin = draw(row, *d[1:])
+            if tokens[i] != want:
+                differ += 1
+                assert margin < 1e-4, (i, d, e, tokens[i], want, margin)
+        if k_lp[i] < 0:
+            assert lps[i] is None
+            continue
+        raw = x[d[0]].astype(np.float64)
+        lse = raw.max() + np.log(np.exp(raw - raw.max()).sum())
+        lp, ids, top = lps[i]
+        assert abs(lp - (raw[tokens[i]] - lse)) < 1e-4
+        order = np.lexsort((np.arange(cols), -raw))[:k_lp[i]]
+        assert ids == order.tolist()
+        np.testing.assert_allclose(top, raw[order] - lse, atol=1e-4)
+    assert differ <= 1
+    # the processing matters: the edited greedy picks are not the raw ones
+    assert all(tokens[i] != int(np.argmax(x[d[0]])) for i, (d, e) in enumerate(zip(draws, edited))
+               if e and d[1] == 0.0)
+    # a draw with more edits than shared memory holds (~18,000) searches them in global memory
+    arrays, pen, y = _edits(rng, x[1], 100, 2, 20000, 3000)
+    many = gpu.sample(x, np.array([1, 1], np.int32), np.array([0.0, 0.9], np.float32), np.zeros(2, np.int32),
+                      np.ones(2, np.float32), np.zeros(2, np.float32), np.array([3, 4], np.uint64),
+                      np.array([5, 6], np.uint64), edit_token=arrays[0], edit_flags=arrays[1], edit_bias=arrays[2],
+                      edit_count=arrays[3], first_edit=np.zeros(2, np.int32),
+                      num_edits=np.full(2, len(arrays[0]), np.int32), penalties=np.array([pen] * 2, np.float32))
+    assert len(arrays[0]) > 20000 and many[0] == int(np.argmax(y))
+    want, margin = draw(y, 0.9, 0, 1.0, 0.0, 4, 6)
+    assert many[1] == want or margin < 1e-4
+    # 520 edited draws: more processed copies than the backend keeps (256 MB), so they read through their edits
+    m = 520
+    lots = gpu.sample(x, np.arange(m, dtype=np.int32) % 3, np.zeros(m, np.float32), np.zeros(m, np.int32),
+                      np.ones(m, np.float32), np.zeros(m, np.float32), np.zeros(m, np.uint64), np.zeros(m, np.uint64),
+                      edit_token=cat[0], edit_flags=cat[1], edit_bias=cat[2], edit_count=cat[3],
+                      first_edit=np.array([first[i % 3] for i in range(m)], np.int32),
+                      num_edits=np.array([len(edit_arrays[i % 3][0]) for i in range(m)], np.int32),
+                      penalties=np.array([pen] * m, np.float32))
+    assert lots == [int(np.argmax(processed[i % 3])) for i in range(m)]
+    with pytest.raises(pagedrt.InvalidArgument, match="increasing order"):
+        gpu.sample(x, np.zeros(1, np.int32), np.ones(1, np.float32), np.zeros(1, np.int32), np.ones(1, np.float32),
+                   np.zeros(1, np.float32), np.zeros(1, np.uint64), np.zeros(1, np.uint64),
+                   edit_token=np.array([9, 3], np.int32), edit_flags=np.ones(2, np.int32),
+                   edit_bias=np.ones(2, np.float32), edit_count=np.zeros(2, np.int32),
+                   first_edit=np.zeros(1, np.int32), num_edits=np.full(1, 2, np.int32),
+                   penalties=np.array([[1.0, 0.0, 0.0]], np.float32))
+
+
 def test_copy_blocks(ops):
     rng = np.random.default_rng(5)
     cache = bf(rng.standard_normal((12, 16, 2, 64)))
@@ -794,8 +926,8 @@ def test_device_sampling_draws_the_reference_token(tiny_llama):
     token count) on the right logits row. Each seeded request's first token
     against tests/sampling_ref.py's draw from the same prompt's logits row (a
     greedy twin with return_logits brings it back), n = 3 forks each with
-    its own key; 24 requests in one batch with a host-sampled one (logprobs)
-    among them. The fp32 mode, so that the twin's row (another batch) equals
+    its own key; 24 requests in one batch with a host-sampled one (returned
+    logits) among them. The fp32 mode, so that the twin's row (another batch) equals
     the sampled requests' to ~1e-6: a token may differ only at a boundary
     margin under 1e-4."""
     from sampling_ref import draw, sample_key
@@ -809,7 +941,7 @@ def test_device_sampling_draws_the_reference_token(tiny_llama):
         reqs = [(i, j, 1000 + 10 * i + j) for i in range(len(prompts)) for j in range(len(settings))]
         ids = [rt.submit(prompts[i], pagedrt.SamplingParams(max_tokens=1, seed=seed, n=3, **settings[j]))
                for i, j, seed in reqs]
-        ids.append(rt.submit(prompts[0], pagedrt.SamplingParams(max_tokens=1, temperature=0.9, logprobs=2)))
+        ids.append(rt.submit(prompts[0], pagedrt.SamplingParams(max_tokens=1, temperature=0.9, return_logits=True)))
         got, done = {}, set()
         while len(done) < len(ids):
             for ev in rt.poll(timeout=1.0):
@@ -833,8 +965,9 @@ def test_device_sampling_draws_the_reference_token(tiny_llama):
 
 def test_device_sampling_is_batch_invariant(tiny_llama):
     """A seeded sampled request draws the same tokens alone and inside a busy
-    batch (other sampled, greedy and host-sampled requests: logprobs and a
-    repetition penalty keep theirs on the host, so that steps mix both)."""
+    batch (other sampled, greedy, penalized and logprobs requests drawn on
+    the device, and a host-sampled one: returned logits keep its rows on the
+    host, so that steps mix both)."""
     path, _ = tiny_llama(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, dtype="bfloat16")
     rng = np.random.default_rng(19)
     prompt = rng.integers(3, 320, size=33).tolist()
@@ -844,7 +977,7 @@ def test_device_sampling_is_batch_invariant(tiny_llama):
         alone = rt.generate([prompt], pagedrt.SamplingParams(**params))[0].outputs[0].token_ids
         busy = [rt.submit(p, pagedrt.SamplingParams(max_tokens=30, ignore_eos=True, **extra))
                 for p, extra in zip(others, [dict(temperature=1.0), dict(temperature=0.0),
-                                             dict(temperature=0.7, logprobs=1), dict(temperature=0.9, top_k=5),
+                                             dict(temperature=0.7, logprobs=1), dict(temperature=0.9, top_k=5, return_logits=True),
                                              dict(temperature=1.0, repetition_penalty=1.3)])]
         mine = rt.submit(prompt, pagedrt.SamplingParams(**params))
         toks = {r: [] for r in busy + [mine]}
@@ -856,6 +989,44 @@ def test_device_sampling_is_batch_invariant(tiny_llama):
                 if ev.request_finished:
                     done.add(ev.request_id)
     assert len(alone) == 40 and toks[mine] == alone
+
+
+def test_device_processing_and_logprobs_match_the_host(tiny_llama, monkeypatch):
+    """Greedy requests that need processing (logit bias, min_tokens' bans,
+    repetition, frequency and presence penalties) or logprobs are drawn on
+    the device (stats().device_draws counts them: min_tokens' request only
+    until its 12th token) from rows it edits as the
+    host sampler does, bit for bit: the same tokens as with
+    PAGEDRT_CUDA_SAMPLE=0 (every row to the host); logprobs (of the raw
+    rows) within 1e-4 and the same top ids. Each request alone, so that both
+    runs make the same batches."""
+    path, _ = tiny_llama(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, dtype="bfloat16")
+    rng = np.random.default_rng(23)
+    prompts = [rng.integers(3, 320, size=k).tolist() for k in (7, 30, 64, 15, 48, 22)]
+    extras = [dict(repetition_penalty=1.4), dict(frequency_penalty=0.7, presence_penalty=0.4),
+              dict(logit_bias={5: 3.0, 17: -100.0, 200: 2.5}), dict(min_tokens=12, stop_token_ids=[9, 40, 77]),
+              dict(logprobs=5), dict(logprobs=20, repetition_penalty=1.2, frequency_penalty=-0.3)]
+    outs = {}
+    for sample in ("1", "0"):
+        monkeypatch.setenv("PAGEDRT_CUDA_SAMPLE", sample)
+        with pagedrt.Runtime(path, device="cuda", kv_cache_bytes=64 << 20, enable_prefix_caching=False) as rt:
+            got = []
+            for p, extra in zip(prompts, extras):
+                out = rt.generate([p], pagedrt.SamplingParams(max_tokens=30, temperature=0.0, **extra))[0].outputs[0]
+                got.append((out.token_ids, out.logprobs))
+            outs[sample] = (got, rt.stats().device_draws)
+    (dev, dev_draws), (host, host_draws) = outs["1"], outs["0"]
+    # every token drawn on the device but min_tokens' after its 12th (plain greedy then: the device argmax's)
+    assert dev_draws == sum(min(len(t), 12) if "min_tokens" in e else len(t) for (t, _), e in zip(dev, extras))
+    assert host_draws == 0
+    for (td, ld), (th, lh) in zip(dev, host):
+        assert len(td) > 0 and td == th
+        assert (ld is None) == (lh is None)
+        assert len(ld or []) == len(lh or [])
+        for a, b in zip(ld or [], lh or []):
+            assert a.token_id == b.token_id and abs(a.logprob - b.logprob) < 1e-4
+            assert list(a.top_logprobs) == list(b.top_logprobs)  # ids, most likely first
+            np.testing.assert_allclose(list(a.top_logprobs.values()), list(b.top_logprobs.values()), atol=1e-4)
 
 
 @pytest.mark.parametrize("switches", [("PAGEDRT_CUDA_GRAPHS", "PAGEDRT_CUDA_PDL"), ("PAGEDRT_CUDA_FUSE",),

@@ -293,19 +293,29 @@ def sampling():
     from pagedrt import _testing
     vocab = 128256
     ops = _testing._Ops("cuda")
-    sets = [("T=1", 1.0, 0, 1.0, 0.0), ("top_k=50", 1.0, 50, 1.0, 0.0), ("top_p=0.9", 1.0, 0, 0.9, 0.0),
-            ("k=50 p=0.9 min_p=0.05", 0.8, 50, 0.9, 0.05)]
+    sets = [("T=1", 1.0, 0, 1.0, 0.0, 0, -1), ("top_k=50", 1.0, 50, 1.0, 0.0, 0, -1),
+            ("top_p=0.9", 1.0, 0, 0.9, 0.0, 0, -1), ("k=50 p=0.9 min_p=0.05", 0.8, 50, 0.9, 0.05, 0, -1),
+            ("p=0.9, 1,000 penalized", 1.0, 0, 0.9, 0.0, 1000, -1), ("T=1, logprobs 5", 1.0, 0, 1.0, 0.0, 0, 5)]
     r = {"vocab": vocab, "rows": []}
-    print(f"{'rows':>5} {'filters':<22} {'pagedrt ms':>10} {'torch ms':>9} {'copy to host ms':>15}", flush=True)
+    print(f"{'rows':>5} {'filters':<24} {'pagedrt ms':>10} {'torch ms':>9} {'copy to host ms':>15}", flush=True)
     for n in (1, 64, 256):
         x = 4.0 * torch.randn(n, vocab, device="cuda")
         host = torch.empty(n, vocab, pin_memory=True)
         copy = cuda_median_ms(lambda: host.copy_(x, non_blocking=True), iters=20)
-        for name, t, k, p, mp in sets:
-            ours = 1e3 * ops.bench_sample(n, vocab, t, k, p, mp, 20)
+        for name, t, k, p, mp, edits, lps in sets:
+            ours = 1e3 * ops.bench_sample(n, vocab, t, k, p, mp, 20, edits, lps)
+            seen = (torch.arange(edits, device="cuda") * max(1, vocab // max(edits, 1)))[None, :] + \
+                torch.arange(n, device="cuda")[:, None]
 
             def peer():
-                probs = torch.softmax(x / t, dim=-1)
+                y = x
+                if edits:  # repetition, then frequency and presence, on the seen tokens (vLLM's way: gather, scatter)
+                    v = x.gather(1, seen)
+                    v = torch.where(v > 0, v / 1.2, v * 1.2) - 1.0
+                    y = x.scatter(1, seen, v)
+                if lps >= 0:
+                    torch.log_softmax(x, dim=-1).topk(lps, dim=-1)
+                probs = torch.softmax(y / t, dim=-1)
                 if k or p < 1.0 or mp:
                     sp, si = probs.sort(dim=-1, descending=True)
                     keep = torch.ones_like(sp, dtype=torch.bool)
@@ -320,7 +330,7 @@ def sampling():
                 return torch.multinomial(probs, 1)
             theirs = cuda_median_ms(peer, iters=20)
             r["rows"].append({"rows": n, "filters": name, "pagedrt_ms": ours, "torch_ms": theirs, "copy_ms": copy})
-            print(f"{n:>5} {name:<22} {ours:>10.3f} {theirs:>9.3f} {copy:>15.3f}", flush=True)
+            print(f"{n:>5} {name:<24} {ours:>10.3f} {theirs:>9.3f} {copy:>15.3f}", flush=True)
     return r
 
 

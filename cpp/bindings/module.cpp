@@ -342,6 +342,7 @@ NB_MODULE(_core, m) {
       .ro("padded_tokens", &pagedrt::Stats::padded_tokens)
       .ro("prompt_tokens", &pagedrt::Stats::prompt_tokens)
       .ro("generated_tokens", &pagedrt::Stats::generated_tokens)
+      .ro("device_draws", &pagedrt::Stats::device_draws)
       .ro("spec_proposed", &pagedrt::Stats::spec_proposed)
       .ro("spec_accepted", &pagedrt::Stats::spec_accepted)
       .ro("forward_seconds", &pagedrt::Stats::forward_seconds)

@@ -187,14 +187,37 @@ class Ops {
   }
   // The backend's sampled token per draw i (backends with has_sample()):
   // from row rows[i] of fp32 logits with the i-th temperature, top_k, top_p,
-  // min_p, and Philox key and counter (SampleRow).
-  std::vector<int32_t> sample(F32In logits, I32In rows, F32In1 temperature, I32In top_k, F32In1 top_p,
-                              F32In1 min_p, U64In key, U64In counter) {
+  // min_p, and Philox key and counter (SampleRow). Processing: draw i's
+  // edits are edit_*[first_edit[i] .. + num_edits[i]) (LogitEdit: token,
+  // flags, bias, count) under penalties[i] (repetition, frequency,
+  // presence). With `logprobs` (k per draw, -1: none) it returns (tokens,
+  // [(logprob, top ids, top logprobs) or None per draw]).
+  nb::object sample(F32In logits, I32In rows, F32In1 temperature, I32In top_k, F32In1 top_p, F32In1 min_p,
+                    U64In key, U64In counter, std::optional<I32In> logprobs, std::optional<I32In> edit_token,
+                    std::optional<I32In> edit_flags, std::optional<F32In1> edit_bias,
+                    std::optional<I32In> edit_count, std::optional<I32In> first_edit,
+                    std::optional<I32In> num_edits, std::optional<F32In> penalties) {
     if (!b_->has_sample()) throw pagedrt::Error(pagedrt::ErrorKind::Unsupported, "sample: this backend samples on the host");
     const size_t n = rows.shape(0);
+    auto bad = [](const std::string& what) { return pagedrt::Error(pagedrt::ErrorKind::InvalidArgument, "sample: " + what); };
     if (temperature.shape(0) != n || top_k.shape(0) != n || top_p.shape(0) != n || min_p.shape(0) != n ||
-        key.shape(0) != n || counter.shape(0) != n)
-      throw pagedrt::Error(pagedrt::ErrorKind::InvalidArgument, "sample: every per-draw array needs one entry a draw");
+        key.shape(0) != n || counter.shape(0) != n || (logprobs && logprobs->shape(0) != n))
+      throw bad("every per-draw array needs one entry a draw");
+    const bool edited = edit_token.has_value();
+    if (edited != (edit_flags && edit_bias && edit_count && first_edit && num_edits && penalties))
+      throw bad("edits need edit_token, edit_flags, edit_bias, edit_count, first_edit, num_edits and penalties");
+    std::vector<pagedrt::LogitEdit> edits;
+    if (edited) {
+      const size_t m = edit_token->shape(0);
+      if (edit_flags->shape(0) != m || edit_bias->shape(0) != m || edit_count->shape(0) != m)
+        throw bad("every edit array needs one entry an edit");
+      if (first_edit->shape(0) != n || num_edits->shape(0) != n || penalties->ndim() != 2 ||
+          penalties->shape(0) != n || penalties->shape(1) != 3)
+        throw bad("first_edit and num_edits need one entry a draw, penalties (draws, 3)");
+      for (size_t j = 0; j < m; ++j)
+        edits.push_back(pagedrt::LogitEdit{edit_token->data()[j], static_cast<uint32_t>(edit_flags->data()[j]),
+                                           edit_bias->data()[j], edit_count->data()[j]});
+    }
     Tensor l = put(logits, ScalarType::F32);
     std::vector<pagedrt::SampleRow> draws(n);
     for (size_t i = 0; i < n; ++i) {
@@ -205,16 +228,39 @@ class Ops {
       draws[i].min_p = min_p.data()[i];
       draws[i].key = key.data()[i];
       draws[i].counter = counter.data()[i];
+      if (logprobs) draws[i].logprobs = logprobs->data()[i];
+      if (edited) {
+        draws[i].first_edit = first_edit->data()[i];
+        draws[i].num_edits = num_edits->data()[i];
+        draws[i].repetition_penalty = penalties->data()[3 * i];
+        draws[i].frequency_penalty = penalties->data()[3 * i + 1];
+        draws[i].presence_penalty = penalties->data()[3 * i + 2];
+      }
     }
     std::vector<int32_t> out(n);
-    b_->sample(l, draws.data(), static_cast<int64_t>(n), out.data());
-    return out;
+    std::vector<pagedrt::DrawLogprobs> lp(logprobs ? n : 0);
+    b_->sample(l, draws.data(), static_cast<int64_t>(n), edits.data(), static_cast<int64_t>(edits.size()), out.data(),
+               logprobs ? lp.data() : nullptr);
+    if (!logprobs) return nb::cast(out);
+    nb::list per_draw;
+    for (size_t i = 0; i < n; ++i) {
+      if (draws[i].logprobs < 0) {
+        per_draw.append(nb::none());
+        continue;
+      }
+      const pagedrt::DrawLogprobs& d = lp[i];
+      per_draw.append(nb::make_tuple(d.logprob, std::vector<int32_t>(d.top_ids, d.top_ids + d.count),
+                                     std::vector<float>(d.top_logprobs, d.top_logprobs + d.count)));
+    }
+    return nb::make_tuple(out, per_draw);
   }
   // Seconds per sample call of `n` draws over rows of `vocab` random logits
   // (device-resident; the draws' parameters as given for each), `iters` calls
-  // back to back after a warm-up. Benchmark hook for tools/bench_cuda.py sampling.
+  // back to back after a warm-up; `edits` distinct tokens of each row seen
+  // once in the output (repetition 1.2, frequency 0.5, presence 0.5), and
+  // `logprobs` (-1: none). Benchmark hook for tools/bench_cuda.py sampling.
   double bench_sample(int64_t n, int64_t vocab, float temperature, int32_t top_k, float top_p, float min_p,
-                      int iters) {
+                      int iters, int32_t edits, int32_t logprobs) {
     std::vector<float> host(static_cast<size_t>(n * vocab));
     uint64_t z = 88172645463325252ull;
     for (float& v : host) {  // xorshift normals-ish: sums of uniforms, spread like real logits
@@ -233,12 +279,28 @@ class Ops {
       draws[i].row = static_cast<int32_t>(i);
       draws[i].temperature = temperature, draws[i].top_k = top_k, draws[i].top_p = top_p, draws[i].min_p = min_p;
       draws[i].key = 1234 + i, draws[i].counter = 7;
+      draws[i].logprobs = logprobs;
+    }
+    std::vector<pagedrt::LogitEdit> ed;
+    if (edits > 0) {
+      const int64_t stride = std::max<int64_t>(1, vocab / edits);
+      for (int64_t i = 0; i < n; ++i) {
+        draws[i].first_edit = static_cast<int32_t>(ed.size());
+        draws[i].num_edits = static_cast<int32_t>(std::min<int64_t>(edits, vocab));
+        draws[i].repetition_penalty = 1.2f, draws[i].frequency_penalty = 0.5f, draws[i].presence_penalty = 0.5f;
+        for (int32_t j = 0; j < draws[i].num_edits; ++j)
+          ed.push_back(pagedrt::LogitEdit{static_cast<int32_t>((j * stride + i) % vocab), pagedrt::kEditSeen, 0.0f, 1});
+        std::sort(ed.begin() + draws[i].first_edit, ed.end(),
+                  [](const pagedrt::LogitEdit& a, const pagedrt::LogitEdit& b) { return a.token < b.token; });
+      }
     }
     std::vector<int32_t> out(static_cast<size_t>(n));
+    std::vector<pagedrt::DrawLogprobs> lp(static_cast<size_t>(n));
+    const int64_t m = static_cast<int64_t>(ed.size());
     nb::gil_scoped_release release;
-    for (int i = 0; i < 3; ++i) b_->sample(l, draws.data(), n, out.data());
+    for (int i = 0; i < 3; ++i) b_->sample(l, draws.data(), n, ed.data(), m, out.data(), lp.data());
     const auto t0 = std::chrono::steady_clock::now();
-    for (int i = 0; i < iters; ++i) b_->sample(l, draws.data(), n, out.data());
+    for (int i = 0; i < iters; ++i) b_->sample(l, draws.data(), n, ed.data(), m, out.data(), lp.data());
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / iters;
   }
   // Seconds per paged_attention call: `iters` calls queued back to back, after a warm-up.
@@ -430,7 +492,9 @@ void register_ops(nb::module_& m) {
       .def("copy_blocks", &Ops::copy_blocks, "cache"_a, "pairs"_a)
       .def("argmax", &Ops::argmax, "logits"_a, "masks"_a = nb::none(), "mask_of_row"_a = nb::none())
       .def("sample", &Ops::sample, "logits"_a, "rows"_a, "temperature"_a, "top_k"_a, "top_p"_a, "min_p"_a, "key"_a,
-           "counter"_a)
+           "counter"_a, "logprobs"_a = nb::none(), "edit_token"_a = nb::none(), "edit_flags"_a = nb::none(),
+           "edit_bias"_a = nb::none(), "edit_count"_a = nb::none(), "first_edit"_a = nb::none(),
+           "num_edits"_a = nb::none(), "penalties"_a = nb::none())
       .def("bench_sample", &Ops::bench_sample, "n"_a, "vocab"_a, "temperature"_a, "top_k"_a, "top_p"_a, "min_p"_a,
-           "iters"_a);
+           "iters"_a, "edits"_a = 0, "logprobs"_a = -1);
 }

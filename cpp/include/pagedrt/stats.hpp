@@ -40,6 +40,7 @@ struct Stats {
   double output_seconds = 0.0;     // since start: the steps' output processing (sampling, stop rules, events)
   int64_t prompt_tokens = 0;       // computed since start
   int64_t generated_tokens = 0;    // since start
+  int64_t device_draws = 0;        // since start: tokens drawn on the device with its sampling (CUDA), not the host
   int64_t spec_proposed = 0;       // speculative decoding: proposed tokens verified, since start
   int64_t spec_accepted = 0;       // of those, accepted
   // Structured output (masked requests), since start: steps that filled

@@ -51,7 +51,7 @@ void Backend::argmax(const Tensor&, int64_t, int32_t*, const RowMasks&) {
   throw Error(ErrorKind::Unsupported, "this backend has no device argmax (check has_argmax())");
 }
 
-void Backend::sample(const Tensor&, const SampleRow*, int64_t, int32_t*) {
+void Backend::sample(const Tensor&, const SampleRow*, int64_t, const LogitEdit*, int64_t, int32_t*, DrawLogprobs*) {
   throw Error(ErrorKind::Unsupported, "this backend has no device sampling (check has_sample())");
 }
 

@@ -45,8 +45,11 @@ struct RowMasks {
   int64_t words_per_row = 0;
 };
 
-// One draw for Backend::sample, from logits row `row` (temperature > 0):
-// weights w_t = exp((x_t - max) / temperature), held as fixed-point integers
+// One draw for Backend::sample, from logits row `row`. First the row is
+// processed (the edits, below; the raw row stays as it is). temperature 0:
+// the token is the first index of the largest processed logit (NaN never
+// chosen), as the host's greedy pick. Else: weights
+// w_t = exp((x_t - max) / temperature), held as fixed-point integers
 // (w * 2^31, rounded down: exact, order-free sums; a token below 2^-31 of the
 // most likely gets weight 0). Candidates: the top_k most likely (0: all; ties
 // to the lower id), then the smallest most-likely-first prefix of them
@@ -54,15 +57,43 @@ struct RowMasks {
 // the most likely's weight (0: all). The token: the first candidate, in id
 // order, whose running weight passes floor(u * total), u the 64 bits of
 // Philox4x32-10 at (key, counter) as a fraction (backend/philox.hpp).
+// logprobs >= 0: the token's log-probability under the *raw* row's
+// log-softmax and the row's `logprobs` most likely tokens (DrawLogprobs).
 struct SampleRow {
   int32_t row = 0;
   int32_t top_k = 0;
   float temperature = 1.0f;
   float top_p = 1.0f;
   float min_p = 0.0f;
-  uint32_t unused = 0;
+  int32_t logprobs = -1;                 // 0..kMaxLogprobs; -1: none
   uint64_t key = 0;
   uint64_t counter = 0;
+  int32_t first_edit = 0, num_edits = 0;  // LogitEdit range: sorted by token, each token once
+  float repetition_penalty = 1.0f, frequency_penalty = 0.0f, presence_penalty = 0.0f;
+  uint32_t scratch = 0;                  // the backend's own (CUDA: which processed-row buffer the draw writes)
+};
+
+// How one token of a draw's row is processed, in Sampler::process's order:
+// x + bias (kEditBias); -inf (kEditBan: min_tokens' eos and stop ids); the
+// repetition penalty, x > 0 ? x / r : x * r (kEditSeen: in the prompt or the
+// output); then count > 0: x - fma(frequency_penalty, count, presence_penalty)
+// (count: its occurrences in the output). Every step correctly rounded fp32,
+// so the device's processed logits equal the host's bit for bit.
+enum : uint32_t { kEditBias = 1u, kEditBan = 2u, kEditSeen = 4u };
+struct LogitEdit {
+  int32_t token = 0;
+  uint32_t flags = 0;
+  float bias = 0.0f;
+  int32_t count = 0;
+};
+
+// A draw's log-probabilities (SampleRow::logprobs >= 0), of the raw row.
+constexpr int32_t kMaxLogprobs = 20;
+struct DrawLogprobs {
+  float logprob = 0.0f;  // the drawn token's
+  int32_t count = 0;     // top entries: min(logprobs, vocab), most likely first (ties: lower id)
+  int32_t top_ids[kMaxLogprobs] = {};
+  float top_logprobs[kMaxLogprobs] = {};
 };
 
 // A checkpoint tensor for load_weight: its bytes (a mapped file, valid during
@@ -191,11 +222,14 @@ class Backend {
   virtual bool has_argmax() const { return false; }
   virtual void argmax(const Tensor& logits, int64_t rows, int32_t* out, const RowMasks& masks = {});
   // Sampling without the logits leaving the device: out[i] (host) = the
-  // token of draw rows[i] (SampleRow) from logits (rows, vocab) F32; waits
-  // for it. Several draws may read one row (n > 1). has_sample(): whether
-  // the backend has it (CUDA).
+  // token of draw rows[i] (SampleRow) from logits (rows, vocab) F32, its
+  // row processed by edits[rows[i].first_edit ..] (host memory, num_edits in
+  // all); logprobs[i] (host; may be null when no draw asks) for draws with
+  // logprobs >= 0. Waits for it. Several draws may read one row (n > 1).
+  // has_sample(): whether the backend has it (CUDA).
   virtual bool has_sample() const { return false; }
-  virtual void sample(const Tensor& logits, const SampleRow* rows, int64_t n, int32_t* out);
+  virtual void sample(const Tensor& logits, const SampleRow* rows, int64_t n, const LogitEdit* edits,
+                      int64_t num_edits, int32_t* out, DrawLogprobs* logprobs);
 
  protected:
   // padded_tokens pads: `on` unless PAGEDRT_DECODE_PAD says otherwise ("0" / "1").

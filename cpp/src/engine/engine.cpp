@@ -223,8 +223,9 @@ void Engine::step() {
   // (structured output's rows too: their masks go to the device instead, once
   // the helper thread has them).
   const bool device_greedy = runner_.has_device_argmax() && outputs_.greedy_only(step);
-  // Sampled rows drawn on the device where it samples (Sampler::drawn_on_device):
-  // with only those and plain greedy rows, no logits row leaves the device.
+  // Rows drawn on the device where it samples (Sampler::drawn_on_device:
+  // sampled ones, greedy ones with processing or logprobs): with only those
+  // and plain greedy rows, no logits row leaves the device.
   const bool device_sample = runner_.has_device_sample();
   const bool device_all = !device_greedy && device_sample && outputs_.device_only(step);
   PendingMasks pm;
@@ -236,8 +237,11 @@ void Engine::step() {
     out = runner_.run(step, device_greedy || device_all, defer_picks || device_all);
     if (device_all && OutputProcessor::any_greedy(step)) runner_.pick(out, RowMasks{});
     if (device_sample) {
-      const std::vector<SampleRow> draws = outputs_.device_draws(step, out);
-      if (!draws.empty()) runner_.sample(out, draws);
+      const DeviceDraws draws = outputs_.device_draws(step, out);
+      if (!draws.rows.empty()) {
+        runner_.sample(out, draws);
+        stats_.count_device_draws(static_cast<int64_t>(draws.rows.size()));
+      }
     }
   } catch (const std::exception& e) {
     pm.wait();

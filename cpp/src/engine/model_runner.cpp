@@ -1,5 +1,7 @@
 #include "engine/model_runner.hpp"
 
+#include <algorithm>
+
 namespace pagedrt {
 
 ModelRunner::ModelRunner(std::shared_ptr<Backend> backend, std::unique_ptr<LlamaModel> model, KvCache kv)
@@ -68,10 +70,13 @@ void ModelRunner::pick(ModelOutput& out, const RowMasks& masks) {
   out.argmax = argmax_.data();
 }
 
-void ModelRunner::sample(ModelOutput& out, const std::vector<SampleRow>& draws) {
-  sampled_.resize(draws.size());
-  model_->sample(draws, sampled_.data());
+void ModelRunner::sample(ModelOutput& out, const DeviceDraws& draws) {
+  sampled_.resize(draws.rows.size());
+  const bool logprobs = std::any_of(draws.rows.begin(), draws.rows.end(), [](const SampleRow& d) { return d.logprobs >= 0; });
+  sampled_logprobs_.resize(logprobs ? draws.rows.size() : 0);
+  model_->sample(draws.rows, draws.edits, sampled_.data(), logprobs ? sampled_logprobs_.data() : nullptr);
   out.sampled = sampled_.data();
+  out.sampled_logprobs = logprobs ? sampled_logprobs_.data() : nullptr;
 }
 
 void ModelRunner::release() {

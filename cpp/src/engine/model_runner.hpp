@@ -31,11 +31,18 @@ struct ModelOutput {
   const float* logits = nullptr;             // (num_logits, vocab) host fp32; null when the device picked
   const int32_t* argmax = nullptr;           // (num_logits) greedy picks made on the device; else null
   // The tokens of the step's device draws (OutputProcessor::device_draws, in
-  // their order); null when it has none
+  // their order), and their logprobs where any asked; null when it has none
   const int32_t* sampled = nullptr;
+  const DrawLogprobs* sampled_logprobs = nullptr;
   const std::vector<LogitsSlice>* slices = nullptr;  // one per scheduled sequence, in order
 
   const float* row(int64_t r) const { return logits ? logits + r * vocab : nullptr; }
+};
+
+// A step's device draws (Backend::sample) and the edits that process their rows.
+struct DeviceDraws {
+  std::vector<SampleRow> rows;
+  std::vector<LogitEdit> edits;
 };
 
 class ModelRunner {
@@ -56,7 +63,7 @@ class ModelRunner {
   bool has_device_sample() const { return backend_->has_sample(); }
   // The last run()'s device draws (its logits are still on the device,
   // whether or not they were also copied out): sets out.sampled.
-  void sample(ModelOutput& out, const std::vector<SampleRow>& draws);
+  void sample(ModelOutput& out, const DeviceDraws& draws);
 
   // Host memory for `slots` swapped-out blocks (every layer's K and V):
   // slots x kv().bytes_per_block bytes, page-locked on CUDA, allocated at
@@ -81,6 +88,7 @@ class ModelRunner {
   std::vector<float> logits_;    // (num_logits, vocab) of the current step
   std::vector<int32_t> argmax_;  // (num_logits) greedy picks made on the device
   std::vector<int32_t> sampled_;  // the device draws' tokens
+  std::vector<DrawLogprobs> sampled_logprobs_;
   std::shared_ptr<void> swap_space_;  // per cache tensor (layer l: K at 2l, V at 2l + 1) swap_slots_ blocks
   int64_t swap_slots_ = 0;
 };

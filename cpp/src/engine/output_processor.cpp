@@ -34,14 +34,15 @@ bool OutputProcessor::device_only(const SchedulerOutput& step) const {
 }
 
 bool OutputProcessor::any_greedy(const SchedulerOutput& step) {
-  return std::any_of(step.scheduled.begin(), step.scheduled.end(),
-                     [](const ScheduledSeq& s) { return s.req->params.temperature == 0.0f; });
+  return std::any_of(step.scheduled.begin(), step.scheduled.end(), [](const ScheduledSeq& s) {
+    return s.req->params.temperature == 0.0f && !Sampler::drawn_on_device(s.req->params, s.req->num_generated(*s.seq));
+  });
 }
 
 // process() below takes these tokens in this order: scheduled order, the
 // sampling rows only, n draws (indices 0 .. n - 1) where expand() forks.
-std::vector<SampleRow> OutputProcessor::device_draws(const SchedulerOutput& step, const ModelOutput& out) const {
-  std::vector<SampleRow> draws;
+DeviceDraws OutputProcessor::device_draws(const SchedulerOutput& step, const ModelOutput& out) {
+  DeviceDraws draws;
   for (size_t i = 0; i < step.scheduled.size(); ++i) {
     const ScheduledSeq& s = step.scheduled[i];
     const LogitsSlice& slice = (*out.slices)[i];
@@ -55,10 +56,15 @@ std::vector<SampleRow> OutputProcessor::device_draws(const SchedulerOutput& step
     d.top_p = p.top_p;
     d.min_p = p.min_p;
     d.counter = static_cast<uint64_t>(s.seq->num_tokens());
+    d.logprobs = p.logprobs ? *p.logprobs : -1;
+    if (Sampler::needs_processing(p, s.req->num_generated(*s.seq))) {  // one edit range for the row's forks
+      if (edit_slot_.size() != static_cast<size_t>(out.vocab)) edit_slot_.assign(static_cast<size_t>(out.vocab), -1);
+      Sampler::device_edits(p, s.seq->tokens, s.req->prompt_len, config_.eos_token_ids, edit_slot_, draws.edits, d);
+    }
     const bool forks = !s.req->expanded && p.n > 1;
     for (int32_t k = 0; k < (forks ? p.n : 1); ++k) {
       d.key = sample_key(s.req->sample_base, forks ? k : s.seq->index);
-      draws.push_back(d);
+      draws.rows.push_back(d);
     }
   }
   return draws;
@@ -95,7 +101,15 @@ void OutputProcessor::process(const SchedulerOutput& step, const ModelOutput& ou
       if (m != masks.by_seq.end()) pick.mask = m->second;
       if (drawn) {  // drawn on the device (device_draws' order)
         pick.row = nullptr;
-        pick.token = out.sampled[next_draw++];
+        pick.token = out.sampled[next_draw];
+        if (s.req->params.logprobs) {
+          const DrawLogprobs& lp = out.sampled_logprobs[next_draw];
+          pick.logprob.token = pick.token;
+          pick.logprob.logprob = lp.logprob;
+          pick.logprob.top_ids.assign(lp.top_ids, lp.top_ids + lp.count);
+          pick.logprob.top_logprobs.assign(lp.top_logprobs, lp.top_logprobs + lp.count);
+        }
+        ++next_draw;
       } else if (out.argmax) {  // picked on the device (a masked row: with its mask, when it allows a token)
         pick.token = pick.mask && !Sampler::mask_allows_any(pick.mask, out.vocab) ? -1 : out.argmax[last];
       }

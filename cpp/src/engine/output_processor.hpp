@@ -72,13 +72,14 @@ class OutputProcessor {
   // Every scheduled sequence samples plain greedy as above or is drawn on the
   // device (Sampler::drawn_on_device): no logits row need leave the device.
   bool device_only(const SchedulerOutput& step) const;
-  // Whether a sequence of the step samples greedy (its pick is the argmax).
+  // Whether a sequence of the step samples plain greedy (its pick is the
+  // device argmax's, not a device draw).
   static bool any_greedy(const SchedulerOutput& step);
   // The step's device draws, for a backend that samples (Backend::has_sample):
   // every sampling row of a request drawn on the device, n of them for a
   // request about to fork its n samples, in the order process() takes their
-  // tokens (ModelOutput::sampled).
-  std::vector<SampleRow> device_draws(const SchedulerOutput& step, const ModelOutput& out) const;
+  // tokens (ModelOutput::sampled), with the edits that process their rows.
+  DeviceDraws device_draws(const SchedulerOutput& step, const ModelOutput& out);
   // Applies one step's results (see above).
   void process(const SchedulerOutput& step, const ModelOutput& out, const StepMasks& masks);
 
@@ -114,6 +115,7 @@ class OutputProcessor {
   const std::string* mask_error_ = nullptr;  // this step's StepMasks::error
   KvCacheManager& kv_;
   OutputSink& sink_;
+  std::vector<int32_t> edit_slot_;  // device_draws' scratch: vocab entries of -1
 };
 
 }  // namespace pagedrt

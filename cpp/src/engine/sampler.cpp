@@ -62,8 +62,45 @@ Rng make_rng(const SamplingParams& params, int32_t index) {
 }
 
 bool Sampler::drawn_on_device(const SamplingParams& p, int64_t generated) {
-  return p.temperature > 0.0f && !needs_processing(p, generated) && !p.logprobs && !p.masked &&
-         !p.is_beam_search() && p.speculative.empty() && !p.return_logits && !p.prompt_logprobs;
+  if (p.masked || p.is_beam_search() || !p.speculative.empty() || p.return_logits || p.prompt_logprobs) return false;
+  return p.temperature > 0.0f || p.logprobs || needs_processing(p, generated);
+}
+
+void Sampler::device_edits(const SamplingParams& p, const std::vector<int32_t>& tokens, int64_t prompt_len,
+                           const std::vector<int32_t>& eos_ids, std::vector<int32_t>& slot,
+                           std::vector<LogitEdit>& edits, SampleRow& d) {
+  const size_t first = edits.size();
+  auto at = [&](int32_t t) -> LogitEdit& {
+    int32_t& s = slot[static_cast<size_t>(t)];
+    if (s < 0) {
+      s = static_cast<int32_t>(edits.size() - first);
+      edits.push_back(LogitEdit{t, 0u, 0.0f, 0});
+    }
+    return edits[first + static_cast<size_t>(s)];
+  };
+  for (const auto& [id, bias] : p.logit_bias) {
+    LogitEdit& e = at(id);
+    e.flags |= kEditBias;
+    e.bias = bias;
+  }
+  const int64_t generated = static_cast<int64_t>(tokens.size()) - prompt_len;
+  if (generated < p.min_tokens) {
+    if (!p.ignore_eos)
+      for (int32_t id : eos_ids) at(id).flags |= kEditBan;
+    for (int32_t id : p.stop_token_ids) at(id).flags |= kEditBan;
+  }
+  if (p.repetition_penalty != 1.0f)
+    for (int32_t t : tokens) at(t).flags |= kEditSeen;
+  if (p.frequency_penalty != 0.0f || p.presence_penalty != 0.0f)
+    for (size_t i = static_cast<size_t>(prompt_len); i < tokens.size(); ++i) ++at(tokens[i]).count;
+  std::sort(edits.begin() + static_cast<std::ptrdiff_t>(first), edits.end(),
+            [](const LogitEdit& a, const LogitEdit& b) { return a.token < b.token; });
+  for (size_t i = first; i < edits.size(); ++i) slot[static_cast<size_t>(edits[i].token)] = -1;
+  d.first_edit = static_cast<int32_t>(first);
+  d.num_edits = static_cast<int32_t>(edits.size() - first);
+  d.repetition_penalty = p.repetition_penalty;
+  d.frequency_penalty = p.frequency_penalty;
+  d.presence_penalty = p.presence_penalty;
 }
 
 void Sampler::process(float* logits, int64_t vocab, const SamplingParams& p,
@@ -90,8 +127,8 @@ void Sampler::process(float* logits, int64_t vocab, const SamplingParams& p,
   if (p.frequency_penalty != 0.0f || p.presence_penalty != 0.0f) {
     std::unordered_map<int32_t, int32_t> counts;
     for (int64_t i = prompt_len; i < static_cast<int64_t>(tokens.size()); ++i) ++counts[tokens[i]];
-    for (const auto& [t, c] : counts)
-      logits[t] -= p.frequency_penalty * static_cast<float>(c) + p.presence_penalty;
+    for (const auto& [t, c] : counts)  // one rounding of f * c + p, as the device's (LogitEdit)
+      logits[t] -= std::fma(p.frequency_penalty, static_cast<float>(c), p.presence_penalty);
   }
 }
 

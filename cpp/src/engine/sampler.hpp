@@ -6,6 +6,7 @@
 #include <random>
 #include <vector>
 
+#include "backend/backend.hpp"
 #include "pagedrt/event.hpp"
 #include "pagedrt/sampling_params.hpp"
 
@@ -52,13 +53,23 @@ class Sampler {
                               int32_t draft, bool& accepted, std::vector<double>& scratch,
                               std::vector<int32_t>& order);
 
-  // Whether a sampled row of `params` (with `generated` tokens so far) is
-  // drawn on the device where the backend samples (Backend::has_sample):
-  // temperature > 0 and nothing the device does not do (logit bias,
-  // min_tokens, penalties, logprobs, token masks, beams, speculation,
-  // returned logits). A property of the request, never of the step: a seeded
-  // request draws the same tokens whatever shares its steps.
+  // Whether a row of `params` (with `generated` tokens so far) is drawn on
+  // the device where the backend samples (Backend::sample): a sampled row
+  // (temperature > 0) whatever it asks of processing and logprobs, a greedy
+  // one when it needs processing or logprobs (a plain greedy row is the
+  // device argmax's), never a row of token masks, beams, speculation,
+  // returned logits or prompt logprobs. For sampled rows a property of the
+  // request, never of the step: a seeded request draws the same tokens
+  // whatever shares its steps.
   static bool drawn_on_device(const SamplingParams& params, int64_t generated);
+
+  // The edits (backend.hpp's LogitEdit) with which the device processes a
+  // row as process() does: appended to `edits`, sorted by token, and d's
+  // first_edit, num_edits and penalties set. `slot`: vocab entries, each -1,
+  // left so.
+  static void device_edits(const SamplingParams& params, const std::vector<int32_t>& prompt_and_output,
+                           int64_t prompt_len, const std::vector<int32_t>& eos_ids, std::vector<int32_t>& slot,
+                           std::vector<LogitEdit>& edits, SampleRow& d);
 
   // The greedy token: the first index of the largest logit (NaN never chosen
   // over a number), as the device argmax picks it.

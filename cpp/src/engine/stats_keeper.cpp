@@ -46,6 +46,11 @@ void StatsKeeper::count_generated(int64_t tokens) {
   stats_.generated_tokens += tokens;
 }
 
+void StatsKeeper::count_device_draws(int64_t draws) {
+  std::lock_guard<std::mutex> lk(mu_);
+  stats_.device_draws += draws;
+}
+
 void StatsKeeper::count_speculative(int64_t proposed, int64_t accepted) {
   std::lock_guard<std::mutex> lk(mu_);
   stats_.spec_proposed += proposed;

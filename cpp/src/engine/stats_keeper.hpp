@@ -32,6 +32,7 @@ class StatsKeeper {
   void count_output(double seconds);
   void count_swap(int64_t out_blocks, int64_t in_blocks, int64_t swapped_out, double seconds);
   void count_generated(int64_t tokens);
+  void count_device_draws(int64_t draws);
   void count_speculative(int64_t proposed, int64_t accepted);
   void count_masks(int64_t rows, double seconds, double wait_seconds);
   // The pool, the prefix cache and the queues as they are now; the peaks.

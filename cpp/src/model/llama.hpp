@@ -39,9 +39,11 @@ class LlamaModel {
   // The greedy tokens of the last forward's `rows` logits rows, masked by
   // `masks` (Backend::argmax), into out[rows] (host memory).
   void pick(int64_t rows, int32_t* out, const RowMasks& masks);
-  // Device draws (Backend::sample) from the last forward's logits rows: the
-  // token of draws[i] into out[i] (host memory).
-  void sample(const std::vector<SampleRow>& draws, int32_t* out);
+  // Device draws (Backend::sample) from the last forward's logits rows, their
+  // rows processed by `edits`: the token of draws[i] into out[i], its
+  // logprobs into logprobs[i] where asked (host memory).
+  void sample(const std::vector<SampleRow>& draws, const std::vector<LogitEdit>& edits, int32_t* out,
+              DrawLogprobs* logprobs);
 
  private:
   struct Layer {

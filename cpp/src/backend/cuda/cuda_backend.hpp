@@ -97,7 +97,8 @@ class CudaBackend final : public Backend {
   bool has_argmax() const override { return true; }
   void argmax(const Tensor& logits, int64_t rows, int32_t* out, const RowMasks& masks) override;
   bool has_sample() const override { return sample_; }
-  void sample(const Tensor& logits, const SampleRow* rows, int64_t n, int32_t* out) override;  // sampling.cu
+  void sample(const Tensor& logits, const SampleRow* rows, int64_t n, const LogitEdit* edits, int64_t num_edits,
+              int32_t* out, DrawLogprobs* logprobs) override;  // sampling.cu
   void download(const Tensor& src, void* dst) override;
 
  private:
@@ -144,6 +145,7 @@ class CudaBackend final : public Backend {
   BatchView host_{};   // the caller's arrays, valid during the step
   uint64_t step_ = 0;
   Staging batch_, plan_, copies_, picks_, masks_, samples_;
+  Tensor processed_;  // sample(): the processed rows of draws with edits (grown as needed)
   StepArrays dev_{};
   AttentionPlan plan_info_{};
   std::vector<BlockCopy> last_copies_;  // what copies_ holds on the device
