@@ -155,6 +155,52 @@ def test_penalties_and_biases_match_reference(kw):
         assert got[2] == logits[2] and got[11] == logits[11]
 
 
+def apply_edits(x, edits):
+    """A row processed by the device's edits (backend.hpp's LogitEdit), in numpy
+    fp32: bias, ban, repetition, then frequency / presence (f * c + p exact
+    in float64 for these values, so one rounding, as the device's fma)."""
+    tok, flags, bias, count, (rep, freq, pres) = edits
+    tok, flags, count = np.array(tok, np.int64), np.array(flags, np.int64), np.array(count, np.int64)
+    v = x[tok].copy()
+    v = np.where(flags & 1, v + np.array(bias, np.float32), v).astype(np.float32)
+    v = np.where(flags & 2, np.float32(-np.inf), v).astype(np.float32)
+    rep = np.float32(rep)
+    v = np.where(flags & 4, np.where(v > 0, v / rep, v * rep), v).astype(np.float32)
+    pen = (np.float64(freq) * count + np.float64(pres)).astype(np.float32)
+    v = np.where(count > 0, v - pen, v).astype(np.float32)
+    y = x.copy()
+    y[tok] = v
+    return y
+
+
+@pytest.mark.parametrize("kw", [
+    dict(repetition_penalty=1.3),
+    dict(frequency_penalty=0.6, presence_penalty=-0.4),
+    dict(logit_bias={3: 2.5, 50: -7.0}, min_tokens=9, stop_token_ids=[4, 50]),
+    dict(repetition_penalty=0.8, frequency_penalty=1.1, presence_penalty=0.3, logit_bias={7: 1.0}, min_tokens=3),
+], ids=lambda kw: ",".join(kw))
+def test_device_edits_process_as_the_host(kw):
+    """The edits with which CUDA's sampling processes a row
+    (Sampler::device_edits: sorted, one a token) give the host's processed
+    row (Sampler::process) bit for bit, at every length of a growing
+    sequence, through one TokenHistory extended as it grows (no pass over
+    the whole sequence a step)."""
+    rng = np.random.default_rng(4)
+    vocab = 300
+    prompt = rng.integers(0, 60, 40).tolist()
+    out = rng.integers(0, 60, 30).tolist()  # a small id range: repeats in and across prompt and output
+    snapshots = [prompt + out[:i] for i in range(0, 31, 3)]
+    params = pagedrt.SamplingParams(**kw)._to_core()
+    eos = [2, 50]
+    got = _testing._device_edits(params, snapshots, len(prompt), eos)
+    assert len(got) == len(snapshots)
+    for toks, edits in zip(snapshots, got):
+        assert list(edits[0]) == sorted(set(edits[0]))
+        x = (3 * rng.standard_normal(vocab)).astype(np.float32)
+        want = np.array(_testing._process_logits(x, params, toks, len(prompt), eos), np.float32)
+        assert np.array_equal(apply_edits(x, edits), want)
+
+
 def test_min_tokens_reached_changes_nothing():
     logits = np.linspace(-1, 1, 20).astype(np.float32)
     params = pagedrt.SamplingParams(min_tokens=2)._to_core()

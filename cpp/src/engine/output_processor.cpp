@@ -58,8 +58,8 @@ DeviceDraws OutputProcessor::device_draws(const SchedulerOutput& step, const Mod
     d.counter = static_cast<uint64_t>(s.seq->num_tokens());
     d.logprobs = p.logprobs ? *p.logprobs : -1;
     if (Sampler::needs_processing(p, s.req->num_generated(*s.seq))) {  // one edit range for the row's forks
-      if (edit_slot_.size() != static_cast<size_t>(out.vocab)) edit_slot_.assign(static_cast<size_t>(out.vocab), -1);
-      Sampler::device_edits(p, s.seq->tokens, s.req->prompt_len, config_.eos_token_ids, edit_slot_, draws.edits, d);
+      Sampler::device_edits(p, s.seq->tokens, s.req->prompt_len, config_.eos_token_ids, s.seq->history, draws.edits,
+                            d);
     }
     const bool forks = !s.req->expanded && p.n > 1;
     for (int32_t k = 0; k < (forks ? p.n : 1); ++k) {
@@ -173,6 +173,7 @@ std::vector<Sequence*> OutputProcessor::expand(Request& r, Sequence& s) {
     child->tokens = s.tokens;
     child->num_computed = s.num_computed;
     child->rng = make_rng(r.params, i);
+    child->history = s.history;
     child->logits_reported = s.logits_reported;
     kv_.fork(s.blocks, child->blocks);
     all.push_back(child.get());

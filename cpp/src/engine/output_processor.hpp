@@ -115,7 +115,6 @@ class OutputProcessor {
   const std::string* mask_error_ = nullptr;  // this step's StepMasks::error
   KvCacheManager& kv_;
   OutputSink& sink_;
-  std::vector<int32_t> edit_slot_;  // device_draws' scratch: vocab entries of -1
 };
 
 }  // namespace pagedrt

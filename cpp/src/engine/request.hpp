@@ -34,6 +34,7 @@ struct Sequence {
   SeqBlocks blocks;                  // block table and prefix-cache uids
   std::vector<int32_t> host_table;   // swapped out: logical block -> host slot (else empty)
   Rng rng;
+  TokenHistory history;              // device processing's penalties (Sampler::device_edits), built as it goes
   double cum_logprob = 0.0;          // sum of generated tokens' logprobs (when tracked)
   std::vector<float> beam_logprobs;  // beams: log-softmax row held until the group step
   int64_t logits_reported = 0;       // positions whose logits went out (return_logits, prompt_logprobs)

@@ -1,6 +1,7 @@
 #include "engine/sampler.hpp"
 
 #include <algorithm>
+#include <cstdint>
 #include <cmath>
 #include <limits>
 #include <unordered_map>
@@ -66,36 +67,67 @@ bool Sampler::drawn_on_device(const SamplingParams& p, int64_t generated) {
   return p.temperature > 0.0f || p.logprobs || needs_processing(p, generated);
 }
 
-void Sampler::device_edits(const SamplingParams& p, const std::vector<int32_t>& tokens, int64_t prompt_len,
-                           const std::vector<int32_t>& eos_ids, std::vector<int32_t>& slot,
-                           std::vector<LogitEdit>& edits, SampleRow& d) {
-  const size_t first = edits.size();
-  auto at = [&](int32_t t) -> LogitEdit& {
-    int32_t& s = slot[static_cast<size_t>(t)];
-    if (s < 0) {
-      s = static_cast<int32_t>(edits.size() - first);
-      edits.push_back(LogitEdit{t, 0u, 0.0f, 0});
-    }
-    return edits[first + static_cast<size_t>(s)];
-  };
-  for (const auto& [id, bias] : p.logit_bias) {
-    LogitEdit& e = at(id);
-    e.flags |= kEditBias;
-    e.bias = bias;
+void TokenHistory::extend(const std::vector<int32_t>& tokens, int64_t prompt_len) {
+  if (len > static_cast<int64_t>(tokens.size())) {  // shorter than before (never for a drawn sequence): again
+    token.clear(), count.clear(), len = 0;
   }
+  for (; len < static_cast<int64_t>(tokens.size()); ++len) {
+    const int32_t t = tokens[static_cast<size_t>(len)];
+    const auto at = std::lower_bound(token.begin(), token.end(), t);
+    const size_t i = static_cast<size_t>(at - token.begin());
+    if (at == token.end() || *at != t) {
+      token.insert(at, t);
+      count.insert(count.begin() + static_cast<std::ptrdiff_t>(i), 0);
+    }
+    if (len >= prompt_len) ++count[i];
+  }
+}
+
+void Sampler::device_edits(const SamplingParams& p, const std::vector<int32_t>& tokens, int64_t prompt_len,
+                           const std::vector<int32_t>& eos_ids, TokenHistory& history,
+                           std::vector<LogitEdit>& edits, SampleRow& d) {
+  // The few edits not from the history (bias, min_tokens' bans), sorted and merged by token.
+  std::vector<LogitEdit> extra;
+  for (const auto& [id, bias] : p.logit_bias) extra.push_back(LogitEdit{id, kEditBias, bias, 0});
   const int64_t generated = static_cast<int64_t>(tokens.size()) - prompt_len;
   if (generated < p.min_tokens) {
     if (!p.ignore_eos)
-      for (int32_t id : eos_ids) at(id).flags |= kEditBan;
-    for (int32_t id : p.stop_token_ids) at(id).flags |= kEditBan;
+      for (int32_t id : eos_ids) extra.push_back(LogitEdit{id, kEditBan, 0.0f, 0});
+    for (int32_t id : p.stop_token_ids) extra.push_back(LogitEdit{id, kEditBan, 0.0f, 0});
   }
-  if (p.repetition_penalty != 1.0f)
-    for (int32_t t : tokens) at(t).flags |= kEditSeen;
-  if (p.frequency_penalty != 0.0f || p.presence_penalty != 0.0f)
-    for (size_t i = static_cast<size_t>(prompt_len); i < tokens.size(); ++i) ++at(tokens[i]).count;
-  std::sort(edits.begin() + static_cast<std::ptrdiff_t>(first), edits.end(),
-            [](const LogitEdit& a, const LogitEdit& b) { return a.token < b.token; });
-  for (size_t i = first; i < edits.size(); ++i) slot[static_cast<size_t>(edits[i].token)] = -1;
+  std::sort(extra.begin(), extra.end(), [](const LogitEdit& a, const LogitEdit& b) { return a.token < b.token; });
+  size_t kept = 0;  // one edit a token: flags or'ed (bias set once: logit_bias names a token once)
+  for (const LogitEdit& e : extra) {
+    if (kept > 0 && extra[kept - 1].token == e.token) {
+      extra[kept - 1].flags |= e.flags;
+      if (e.flags & kEditBias) extra[kept - 1].bias = e.bias;
+    } else {
+      extra[kept++] = e;
+    }
+  }
+  extra.resize(kept);
+
+  const bool rep = p.repetition_penalty != 1.0f, counts = p.frequency_penalty != 0.0f || p.presence_penalty != 0.0f;
+  const size_t first = edits.size();
+  size_t h = 0, x = 0, n = 0;
+  if (rep || counts) {
+    history.extend(tokens, prompt_len);
+    n = history.token.size();
+  }
+  edits.reserve(first + n + extra.size());
+  while (h < n || x < extra.size()) {
+    // the history's next token that the penalties touch
+    while (h < n && !rep && history.count[h] == 0) ++h;
+    const int32_t ht = h < n ? history.token[h] : INT32_MAX, xt = x < extra.size() ? extra[x].token : INT32_MAX;
+    if (ht == INT32_MAX && xt == INT32_MAX) break;
+    LogitEdit e = xt <= ht ? extra[x++] : LogitEdit{ht, 0u, 0.0f, 0};
+    if (e.token == ht) {
+      if (rep) e.flags |= kEditSeen;
+      if (counts) e.count = history.count[h];
+      ++h;
+    }
+    edits.push_back(e);
+  }
   d.first_edit = static_cast<int32_t>(first);
   d.num_edits = static_cast<int32_t>(edits.size() - first);
   d.repetition_penalty = p.repetition_penalty;

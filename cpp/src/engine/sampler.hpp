@@ -15,6 +15,18 @@ namespace pagedrt {
 // A sequence's random stream: seeded from (seed, sample index) when the
 // request has a seed, so its draws do not depend on anything else in the batch.
 using Rng = std::mt19937_64;
+
+// A sequence's distinct tokens, sorted, with their counts in the output: what
+// the penalties of device processing need (Sampler::device_edits), kept up to
+// date as tokens are appended (extend: O(new tokens x distinct) moves at
+// worst, no sort), so that a step costs a copy of it, not a pass over the
+// whole sequence. Tokens before `len` are in it.
+struct TokenHistory {
+  std::vector<int32_t> token;  // sorted, distinct
+  std::vector<int32_t> count;  // occurrences at positions >= prompt_len
+  int64_t len = 0;
+  void extend(const std::vector<int32_t>& prompt_and_output, int64_t prompt_len);
+};
 Rng make_rng(const SamplingParams& params, int32_t index);
 // Device sampling's streams (Backend::sample, Philox): a request's base is
 // its seed, or 64 random bits when it has none (Request::sample_base);
@@ -65,10 +77,10 @@ class Sampler {
 
   // The edits (backend.hpp's LogitEdit) with which the device processes a
   // row as process() does: appended to `edits`, sorted by token, and d's
-  // first_edit, num_edits and penalties set. `slot`: vocab entries, each -1,
-  // left so.
+  // first_edit, num_edits and penalties set. `history`: the sequence's,
+  // extended to every token of prompt_and_output first.
   static void device_edits(const SamplingParams& params, const std::vector<int32_t>& prompt_and_output,
-                           int64_t prompt_len, const std::vector<int32_t>& eos_ids, std::vector<int32_t>& slot,
+                           int64_t prompt_len, const std::vector<int32_t>& eos_ids, TokenHistory& history,
                            std::vector<LogitEdit>& edits, SampleRow& d);
 
   // The greedy token: the first index of the largest logit (NaN never chosen
