@@ -1029,6 +1029,48 @@ def test_device_processing_and_logprobs_match_the_host(tiny_llama, monkeypatch):
             np.testing.assert_allclose(list(a.top_logprobs.values()), list(b.top_logprobs.values()), atol=1e-4)
 
 
+def test_masked_greedy_rows_keep_their_masks_beside_device_draws(tiny_llama):
+    """A structured-output greedy row (its mask from the engine's token-mask
+    hook: a random 1-5 tokens a step) in the steps of requests drawn on the
+    device (sampled, and greedy with a penalty): those steps leave every
+    logit on the GPU, and the greedy row's device pick must still wait for
+    its mask. Every masked token is in its step's set."""
+    path, _ = tiny_llama(hidden_size=256, num_attention_heads=4, num_key_value_heads=2)
+    rng = np.random.default_rng(29)
+    allowed = {}
+    with pagedrt.Runtime(path, device="cuda", kv_cache_bytes=64 << 20, enable_prefix_caching=False) as rt:
+        vocab = rt.model_info.vocab_size
+
+        def fill(rows, v):
+            for row in rows:
+                toks = rng.choice(vocab, size=int(rng.integers(1, 6)), replace=False)
+                mask = row.mask(vocab)
+                for t in toks:
+                    mask[t >> 5] |= np.uint32(1 << (int(t) & 31))
+                allowed[(row.request_id, len(row.generated))] = set(int(t) for t in toks)
+
+        rt._rt.set_token_mask_provider(fill, lambda rid: None)
+        reqs = []
+        for i, (temp, masked, rep) in enumerate(((0.0, True, 1.0), (0.8, False, 1.0), (0.0, False, 1.3))):
+            p = _core.SamplingParams()
+            p.max_tokens, p.temperature, p.ignore_eos, p.masked, p.repetition_penalty = 24, temp, True, masked, rep
+            p.seed, p.has_seed = 5 + i, True
+            reqs.append(rt._rt.submit([5, 6, 7, 8 + i, 9], p, f"r{i}", True))
+        outs = {r: [] for r in reqs}
+        pending = set(reqs)
+        while pending:
+            for ev in rt._rt.poll_requests(list(pending), 1.0):
+                assert not ev.error, ev.error
+                outs[ev.request_id].extend(ev.token_ids)
+                if ev.request_finished:
+                    pending.discard(ev.request_id)
+        draws = rt.stats().device_draws
+    assert all(len(t) == 24 for t in outs.values())
+    assert draws >= 2 * 24  # the neighbours were drawn on the device
+    for j, t in enumerate(outs["r0"]):
+        assert t in allowed[("r0", j)], (j, t, allowed[("r0", j)])
+
+
 @pytest.mark.parametrize("switches", [("PAGEDRT_CUDA_GRAPHS", "PAGEDRT_CUDA_PDL"), ("PAGEDRT_CUDA_FUSE",),
                                       ("PAGEDRT_DECODE_CLUSTERS",)])
 @pytest.mark.parametrize("kv_heads", [1, 2])

@@ -230,12 +230,14 @@ void Engine::step() {
   const bool device_all = !device_greedy && device_sample && outputs_.device_only(step);
   PendingMasks pm;
   start_masks(step, pm);
-  const bool defer_picks = device_greedy && !pm.rows.empty();
+  // Masked (structured-output) greedy rows are picked once their masks are
+  // known, in a device_all step too (its sampled rows are unmasked).
+  const bool defer_picks = (device_greedy || device_all) && !pm.rows.empty();
   ModelOutput out;
   const double forward_start = now_s();
   try {
     out = runner_.run(step, device_greedy || device_all, defer_picks || device_all);
-    if (device_all && OutputProcessor::any_greedy(step)) runner_.pick(out, RowMasks{});
+    if (device_all && !defer_picks && OutputProcessor::any_greedy(step)) runner_.pick(out, RowMasks{});
     if (device_sample) {
       const DeviceDraws draws = outputs_.device_draws(step, out);
       if (!draws.rows.empty()) {

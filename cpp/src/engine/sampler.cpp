@@ -71,6 +71,16 @@ void TokenHistory::extend(const std::vector<int32_t>& tokens, int64_t prompt_len
   if (len > static_cast<int64_t>(tokens.size())) {  // shorter than before (never for a drawn sequence): again
     token.clear(), count.clear(), len = 0;
   }
+  if (len == 0 && !tokens.empty()) {  // the first build: one sort, not an insertion a token
+    token = tokens;
+    std::sort(token.begin(), token.end());
+    token.erase(std::unique(token.begin(), token.end()), token.end());
+    count.assign(token.size(), 0);
+    for (size_t i = static_cast<size_t>(std::max<int64_t>(prompt_len, 0)); i < tokens.size(); ++i)
+      ++count[static_cast<size_t>(std::lower_bound(token.begin(), token.end(), tokens[i]) - token.begin())];
+    len = static_cast<int64_t>(tokens.size());
+    return;
+  }
   for (; len < static_cast<int64_t>(tokens.size()); ++len) {
     const int32_t t = tokens[static_cast<size_t>(len)];
     const auto at = std::lower_bound(token.begin(), token.end(), t);

@@ -54,10 +54,11 @@ constexpr int kThreads = 1024;
 constexpr float kOne = 2147483648.0f;  // weight of the most likely token: 2^31
 constexpr float kLog2e = 1.4426950408889634f;
 
-// Larger logit -> larger key; NaN sorts below -inf (and weighs 0).
+// Larger logit -> larger key; NaN sorts below -inf (and weighs 0); -0 is
+// +0 (the host compares them equal and breaks the tie by id).
 __device__ __forceinline__ uint32_t order_key(float x) {
   if (isnan(x)) return 0u;
-  const uint32_t b = __float_as_uint(x);
+  const uint32_t b = x == 0.0f ? 0u : __float_as_uint(x);
   return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 
@@ -385,7 +386,7 @@ __device__ void logprobs_of(const float* x, int64_t vocab, int64_t token, int32_
     for (int32_t j = i; j > 0; --j) {
       const float a = sm.top_v[j - 1], b = sm.top_v[j];
       const int32_t ia = sm.top_id[j - 1], ib = sm.top_id[j];
-      if (order_key(a) > order_key(b) || (a == b && ia < ib)) break;
+      if (order_key(a) > order_key(b) || (order_key(a) == order_key(b) && ia < ib)) break;
       sm.top_v[j - 1] = b, sm.top_v[j] = a, sm.top_id[j - 1] = ib, sm.top_id[j] = ia;
     }
   out->logprob = x[token] - lse;
@@ -454,14 +455,19 @@ void sample_rows(const float* logits, int64_t vocab, const SampleRow* rows, int6
                  int32_t edit_slots, float* processed, int32_t* out, DrawLogprobs* logprobs, cudaStream_t s) {
   if (n == 0) return;
   // the attribute is per function: raised when a larger vocabulary's bitmap needs it
-  static std::atomic<size_t> configured{0};  // runtimes in several threads may get here together
+  // The attribute is per function and device; runtimes in several threads may get here together.
+  constexpr int kDevices = 64;
+  static std::atomic<size_t> configured[kDevices] = {};
   static std::mutex raising;
+  int device = 0;
+  CUDA_CHECK(cudaGetDevice(&device));
+  std::atomic<size_t>& mine = configured[device < kDevices ? device : kDevices - 1];
   const size_t bytes = sizeof(Smem) + bitmap_bytes(vocab) + static_cast<size_t>(edit_slots) * 8;
-  if (bytes > configured.load()) {
+  if (bytes > mine.load() || device >= kDevices) {
     std::lock_guard<std::mutex> lk(raising);
-    if (bytes > configured.load()) {  // only ever raised
+    if (bytes > mine.load() || device >= kDevices) {  // only ever raised
       CUDA_CHECK(cudaFuncSetAttribute(sample_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-      configured.store(bytes);
+      mine.store(bytes);
     }
   }
   launch(sample_kernel, static_cast<unsigned>(n), kThreads, bytes, s, logits, vocab, rows, edits, edit_slots,
