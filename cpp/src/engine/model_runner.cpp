@@ -1,7 +1,5 @@
 #include "engine/model_runner.hpp"
 
-#include <algorithm>
-
 namespace pagedrt {
 
 ModelRunner::ModelRunner(std::shared_ptr<Backend> backend, std::unique_ptr<LlamaModel> model, KvCache kv)
@@ -72,11 +70,10 @@ void ModelRunner::pick(ModelOutput& out, const RowMasks& masks) {
 
 void ModelRunner::sample(ModelOutput& out, const DeviceDraws& draws) {
   sampled_.resize(draws.rows.size());
-  const bool logprobs = std::any_of(draws.rows.begin(), draws.rows.end(), [](const SampleRow& d) { return d.logprobs >= 0; });
-  sampled_logprobs_.resize(logprobs ? draws.rows.size() : 0);
-  model_->sample(draws.rows, draws.edits, sampled_.data(), logprobs ? sampled_logprobs_.data() : nullptr);
+  sampled_logprobs_.resize(draws.rows.size());  // filled for the draws that ask (SampleRow::logprobs)
+  model_->sample(draws.rows, draws.edits, sampled_.data(), sampled_logprobs_.data());
   out.sampled = sampled_.data();
-  out.sampled_logprobs = logprobs ? sampled_logprobs_.data() : nullptr;
+  out.sampled_logprobs = sampled_logprobs_.data();
 }
 
 void ModelRunner::release() {

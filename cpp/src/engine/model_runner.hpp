@@ -31,7 +31,8 @@ struct ModelOutput {
   const float* logits = nullptr;             // (num_logits, vocab) host fp32; null when the device picked
   const int32_t* argmax = nullptr;           // (num_logits) greedy picks made on the device; else null
   // The tokens of the step's device draws (OutputProcessor::device_draws, in
-  // their order), and their logprobs where any asked; null when it has none
+  // their order), and their logprobs (set for the draws that ask); null when
+  // it has none
   const int32_t* sampled = nullptr;
   const DrawLogprobs* sampled_logprobs = nullptr;
   const std::vector<LogitsSlice>* slices = nullptr;  // one per scheduled sequence, in order

@@ -12,31 +12,31 @@ OutputProcessor::OutputProcessor(const OutputConfig& config, KvCacheManager& kv,
   config_.sampler_threads = std::max(1, config_.sampler_threads);
 }
 
+namespace {
+
+// A row whose pick is the plain argmax of its raw logits (a structured-output
+// row's: of the allowed ones): greedy, n = 1, nothing processed, no logprobs,
+// returned logits or beams.
+bool plain_greedy(const ScheduledSeq& s) {
+  const SamplingParams& p = s.req->params;
+  return !(p.return_logits || p.prompt_logprobs || p.is_beam_search() || p.logprobs || p.n != 1) &&
+         p.temperature == 0.0f && !Sampler::needs_processing(p, s.req->num_generated(*s.seq));
+}
+
+}  // namespace
+
 bool OutputProcessor::greedy_only(const SchedulerOutput& step) const {
-  for (const ScheduledSeq& s : step.scheduled) {
-    const SamplingParams& p = s.req->params;
-    if (p.return_logits || p.prompt_logprobs || p.is_beam_search() || p.logprobs || p.n != 1)
-      return false;
-    if (p.temperature != 0.0f || Sampler::needs_processing(p, s.req->num_generated(*s.seq))) return false;
-  }
-  return true;
+  return std::all_of(step.scheduled.begin(), step.scheduled.end(), plain_greedy);
 }
 
 bool OutputProcessor::device_only(const SchedulerOutput& step) const {
-  for (const ScheduledSeq& s : step.scheduled) {
-    const SamplingParams& p = s.req->params;
-    const int64_t generated = s.req->num_generated(*s.seq);
-    const bool greedy = !(p.return_logits || p.prompt_logprobs || p.is_beam_search() || p.logprobs || p.n != 1) &&
-                        p.temperature == 0.0f && !Sampler::needs_processing(p, generated);
-    if (!greedy && !Sampler::drawn_on_device(p, generated)) return false;
-  }
-  return true;
+  return std::all_of(step.scheduled.begin(), step.scheduled.end(), [](const ScheduledSeq& s) {
+    return plain_greedy(s) || Sampler::drawn_on_device(s.req->params, s.req->num_generated(*s.seq));
+  });
 }
 
 bool OutputProcessor::any_greedy(const SchedulerOutput& step) {
-  return std::any_of(step.scheduled.begin(), step.scheduled.end(), [](const ScheduledSeq& s) {
-    return s.req->params.temperature == 0.0f && !Sampler::drawn_on_device(s.req->params, s.req->num_generated(*s.seq));
-  });
+  return std::any_of(step.scheduled.begin(), step.scheduled.end(), plain_greedy);
 }
 
 // process() below takes these tokens in this order: scheduled order, the
@@ -47,8 +47,8 @@ DeviceDraws OutputProcessor::device_draws(const SchedulerOutput& step, const Mod
     const ScheduledSeq& s = step.scheduled[i];
     const LogitsSlice& slice = (*out.slices)[i];
     const SamplingParams& p = s.req->params;
-    if (s.seq->num_draft > 0 || !slice.samples || !Sampler::drawn_on_device(p, s.req->num_generated(*s.seq)))
-      continue;
+    const int64_t generated = s.req->num_generated(*s.seq);
+    if (s.seq->num_draft > 0 || !slice.samples || !Sampler::drawn_on_device(p, generated)) continue;
     SampleRow d;
     d.row = slice.first_row + slice.num_rows - 1;
     d.temperature = p.temperature;
@@ -57,7 +57,7 @@ DeviceDraws OutputProcessor::device_draws(const SchedulerOutput& step, const Mod
     d.min_p = p.min_p;
     d.counter = static_cast<uint64_t>(s.seq->num_tokens());
     d.logprobs = p.logprobs ? *p.logprobs : -1;
-    if (Sampler::needs_processing(p, s.req->num_generated(*s.seq))) {  // one edit range for the row's forks
+    if (Sampler::needs_processing(p, generated)) {  // one edit range for the row's forks
       Sampler::device_edits(p, s.seq->tokens, s.req->prompt_len, config_.eos_token_ids, s.seq->history, draws.edits,
                             d);
     }

@@ -72,8 +72,8 @@ class OutputProcessor {
   // Every scheduled sequence samples plain greedy as above or is drawn on the
   // device (Sampler::drawn_on_device): no logits row need leave the device.
   bool device_only(const SchedulerOutput& step) const;
-  // Whether a sequence of the step samples plain greedy (its pick is the
-  // device argmax's, not a device draw).
+  // Whether a sequence of the step samples plain greedy (as greedy_only
+  // means it: its pick is the device argmax's, not a device draw).
   static bool any_greedy(const SchedulerOutput& step);
   // The step's device draws, for a backend that samples (Backend::has_sample):
   // every sampling row of a request drawn on the device, n of them for a

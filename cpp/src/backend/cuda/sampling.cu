@@ -142,6 +142,20 @@ __device__ V warp_sum(V v) {
   return v;
 }
 
+// The block's sum of v, in the same order every time (warps, then the warps'
+// sums in warp order: a float sum is reproducible bit for bit); `per_warp`
+// (kWarps) is free again on return.
+template <typename V>
+__device__ V block_sum(V v, V* per_warp) {
+  v = warp_sum(v);
+  if (threadIdx.x % 32 == 0) per_warp[threadIdx.x / 32] = v;
+  __syncthreads();
+  v = 0;
+  for (int w = 0; w < kWarps; ++w) v += per_warp[w];
+  __syncthreads();
+  return v;
+}
+
 // The key value tau with above(tau) < need <= above(tau) + at(tau), where
 // above/at count (or weigh: by_weight) the tokens that `cut` keeps, by radix
 // select from the top; *left = need - above(tau).
@@ -320,12 +334,7 @@ __device__ int64_t draw(Row& r, const SampleRow& sr, int64_t fallback, Smem& sm)
       const float v = r.value(t);
       if (cut.keeps(order_key(v), t)) mass += r.weight(v);
     }
-    mass = warp_sum(mass);
-    if (threadIdx.x % 32 == 0) sm.warp_sum[threadIdx.x / 32] = mass;
-    __syncthreads();
-    mass = 0;
-    for (int w = 0; w < kWarps; ++w) mass += sm.warp_sum[w];
-    __syncthreads();
+    mass = block_sum(mass, sm.warp_sum);
     const double want = ceil(static_cast<double>(sr.top_p) * static_cast<double>(mass));
     const uint64_t need = want >= 1.0 ? static_cast<uint64_t>(want) : 1u;
     const uint32_t key = select_key<true>(r, cut, need, sm, &left);
@@ -357,11 +366,7 @@ __device__ void logprobs_of(const float* x, int64_t vocab, int64_t token, int32_
     const float v = x[t];
     if (v > -INFINITY) sum += expf(v - mx);
   }
-  sum = warp_sum(sum);
-  if (threadIdx.x % 32 == 0) sm.warp_float[threadIdx.x / 32] = sum;
-  __syncthreads();
-  sum = 0.0f;
-  for (int w = 0; w < kWarps; ++w) sum += sm.warp_float[w];  // the same order every time
+  sum = block_sum(sum, sm.warp_float);
   const float lse = mx + logf(sum);
   if (vocab < k) k = static_cast<int32_t>(vocab);
   if (k > 0) {
