@@ -151,3 +151,96 @@ def test_bad_handles_raise():
     m = manager()
     with pytest.raises(ValueError, match="no sequence 5"):
         m.table(5)
+
+
+def _drive(m, rng_seed):
+    """A fixed mix of prompts (some sharing prefixes), growth, forks and frees;
+    returns every sequence's table after each operation."""
+    import random
+    rng = random.Random(rng_seed)
+    seqs, tokens, seen = {}, {}, []
+    for step in range(120):
+        op = rng.random()
+        if op < 0.35 or not seqs:
+            s = m.new_seq()
+            toks = ([7] * 4 * rng.randint(0, 2)) + [rng.randrange(100) for _ in range(rng.randint(1, 9))]
+            hit = m.acquire_cached_prefix(s, toks)
+            if m.allocate_slots(s, hit, len(toks) - hit) is None:
+                m.free(s)
+                seen.append(None)
+                continue
+            m.cache_full_blocks(s, toks, len(toks))
+            seqs[s], tokens[s] = len(toks), toks
+        elif op < 0.65:
+            s = rng.choice(sorted(seqs))
+            n = rng.randint(1, 6)
+            if m.allocate_slots(s, seqs[s], n) is not None:
+                tokens[s] = tokens[s] + [rng.randrange(100) for _ in range(n)]
+                seqs[s] += n
+                m.cache_full_blocks(s, tokens[s], seqs[s])
+        elif op < 0.75:
+            s = rng.choice(sorted(seqs))
+            c = m.fork(s)
+            seqs[c], tokens[c] = seqs[s], list(tokens[s])
+        else:
+            s = rng.choice(sorted(seqs))
+            m.free(s)
+            del seqs[s], tokens[s]
+        seen.append({s: m.table(s) for s in sorted(seqs)})
+    return seen
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_elastic_pool_hands_out_the_ids_of_a_whole_pool(seed):
+    """An elastic pool (chunks of 3 blocks mapped on demand, block_pool.hpp)
+    gives every sequence the same block ids as a pool mapped whole, through
+    prefix hits, copy-on-write forks, frees and running out; it maps chunks
+    lowest first, only as its plain free blocks run short, and counts the
+    unmapped ones as free."""
+    whole = manager(num_blocks=24, block_size=4)
+    elastic = _testing._BlockManager(24, 4, True, 3)
+    assert elastic.num_mapped_blocks == 3 and elastic.num_free == 24
+    assert _drive(whole, seed) == _drive(elastic, seed)
+    mapped = [c for c, on in elastic.events if on]
+    assert mapped == list(range(1, len(mapped) + 1))
+    assert elastic.num_mapped_blocks == 3 * (1 + len(mapped))
+    assert (elastic.num_free, elastic.num_used) == (whole.num_free, whole.num_used)
+
+
+def test_elastic_pool_gives_back_unused_chunks():
+    """release_unused_chunks() unmaps every chunk but the first with no block
+    in use, evicting the cached prefixes it held (later lookups miss), and
+    the pool maps chunks again as it needs them."""
+    m = _testing._BlockManager(12, 4, True, 3)  # chunks [0-2] [3-5] [6-8] [9-11]
+    a, b = m.new_seq(), m.new_seq()
+    toks = list(range(24))
+    assert m.allocate_slots(a, 0, 24) == [] and m.table(a) == [0, 1, 2, 3, 4, 5]
+    m.cache_full_blocks(a, toks, 24)
+    assert m.allocate_slots(b, 0, 16) == [] and m.table(b) == [6, 7, 8, 9]
+    assert m.events == [(1, True), (2, True), (3, True)] and m.num_mapped_blocks == 12
+    m.free(a)                                        # chunks 0, 1 unused (cached), 2 and 3 held by b
+    assert m.release_unused_chunks() == 1 and m.events[-1] == (1, False)
+    assert (m.num_mapped_blocks, m.num_free, m.num_cached_free) == (9, 8, 3)
+    c = m.new_seq()
+    assert m.acquire_cached_prefix(c, toks) == 12    # blocks 0-2 still cached; 3-5 went with chunk 1
+    m.free(b)
+    assert m.release_unused_chunks() == 2 and m.num_mapped_blocks == 3
+    assert m.allocate_slots(c, 12, 8) == [] and m.table(c) == [0, 1, 2, 3, 4]
+    assert m.events[-1] == (1, True)                 # mapped again, lowest first
+
+
+def test_elastic_pool_that_cannot_map_is_full():
+    """A chunk the device cannot map: allocation fails as a full pool's does
+    (a status, nothing changed) and is tried again half a second later."""
+    import time
+    m = _testing._BlockManager(9, 4, False, 3)
+    a = m.new_seq()
+    assert m.allocate_slots(a, 0, 8) == [] and m.table(a) == [0, 1]
+    m.fail_maps = True
+    b = m.new_seq()
+    assert m.allocate_slots(b, 0, 8) is None and m.table(b) == [] and m.num_mapped_blocks == 3
+    assert m.allocate_slots(b, 0, 4) == [] and m.table(b) == [2]  # what is mapped still serves
+    m.fail_maps = False
+    assert m.allocate_slots(b, 4, 4) is None      # within half a second: not tried again
+    time.sleep(0.55)
+    assert m.allocate_slots(b, 4, 4) == [] and m.table(b) == [2, 3] and m.events == [(1, True)]

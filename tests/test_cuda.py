@@ -508,6 +508,87 @@ def test_sample_rows_process_and_logprobs(ops):
                    penalties=np.array([[1.0, 0.0, 0.0]], np.float32))
 
 
+
+def _pack_masks(allowed, cols):
+    """(num_masks, (cols + 31) / 32) uint32 words from boolean (num_masks, cols) rows."""
+    bits = np.zeros((allowed.shape[0], (cols + 31) // 32 * 32), np.uint64)
+    bits[:, :cols] = allowed
+    weights = (np.uint64(1) << np.arange(32, dtype=np.uint64))
+    return (bits.reshape(allowed.shape[0], -1, 32) * weights).sum(axis=2).astype(np.uint32)
+
+
+def test_sample_rows_masked(ops):
+    """Structured output's sampled rows on the device (SampleRow::mask): a
+    token the draw's mask does not allow is -inf before the edits, as the
+    host's Sampler::apply_mask then Sampler::process. Masks of 1, 7 and 40,000
+    tokens and one of every token but the raw favourite, alone and under
+    edits: greedy draws are numpy's argmax of the masked (processed) row,
+    sampled ones tests/sampling_ref.py's draw from it (within 1e-4 of a
+    boundary), every token allowed; logprobs stay the raw row's; 530 masked
+    draws (past the 256 MB that bound edited draws' processed copies: a
+    masked draw always gets one, the kernel masks as it writes it). A mask
+    index past the masks is refused by name."""
+    from sampling_ref import draw
+    _, gpu = ops
+    rng = np.random.default_rng(43)
+    cols = 128256
+    x = (3.0 * rng.standard_normal((2, cols))).astype(np.float32)
+    allowed = np.zeros((4, cols), bool)
+    for i, k in enumerate((1, 7, 40000)):
+        allowed[i, rng.choice(cols, size=k, replace=False)] = True
+    allowed[3] = True
+    allowed[3, int(np.argmax(x[0]))] = False
+    words = _pack_masks(allowed, cols)
+    arrays, pen, y = _edits(rng, x[0], 60, 4, 400, 120)
+    settings = [(0.0, 0, 1.0, 0.0), (1.0, 0, 1.0, 0.0), (0.8, 50, 0.9, 0.0), (1.2, 0, 0.95, 0.05)]
+    draws, masked, edited = [], [], []
+    for m in range(4):
+        for st in settings:
+            for e in (False, True):
+                draws.append((0, *st, 900 + len(draws), 5 + m))
+                masked.append(m)
+                edited.append(e)
+    draws.append((1, 1.0, 0, 1.0, 0.0, 77, 3))  # an unmasked draw beside them
+    masked.append(-1)
+    edited.append(False)
+    n = len(draws)
+    cols_ = list(zip(*draws))
+    tokens, lps = gpu.sample(
+        x, np.array(cols_[0], np.int32), np.array(cols_[1], np.float32), np.array(cols_[2], np.int32),
+        np.array(cols_[3], np.float32), np.array(cols_[4], np.float32), np.array(cols_[5], np.uint64),
+        np.array(cols_[6], np.uint64), logprobs=np.full(n, 3, np.int32), edit_token=arrays[0], edit_flags=arrays[1],
+        edit_bias=arrays[2], edit_count=arrays[3], first_edit=np.zeros(n, np.int32),
+        num_edits=np.array([len(arrays[0]) if e else 0 for e in edited], np.int32),
+        penalties=np.array([pen] * n, np.float32), masks=words, mask=np.array(masked, np.int32))
+    differ = 0
+    for i, (d, m, e) in enumerate(zip(draws, masked, edited)):
+        row = (y if e else x[d[0]]).copy()
+        if m >= 0:
+            row[~allowed[m]] = -np.inf
+            assert allowed[m, tokens[i]], (i, m, tokens[i])
+        if d[1] == 0.0:
+            assert tokens[i] == int(np.argmax(row)), (i, d, m, e)
+        else:
+            want, margin = draw(row, *d[1:])
+            if tokens[i] != want:
+                differ += 1
+                assert margin < 1e-4, (i, d, m, e, tokens[i], want, margin)
+        raw = x[d[0]].astype(np.float64)
+        lse = raw.max() + np.log(np.exp(raw - raw.max()).sum())
+        assert abs(lps[i][0] - (raw[tokens[i]] - lse)) < 1e-4
+        assert lps[i][1] == np.lexsort((np.arange(cols), -raw))[:3].tolist()
+    assert differ <= 1
+    # 530 masked draws: past the 256 MB of processed copies
+    k = 530
+    lots = gpu.sample(x, np.zeros(k, np.int32), np.zeros(k, np.float32), np.zeros(k, np.int32),
+                      np.ones(k, np.float32), np.zeros(k, np.float32), np.zeros(k, np.uint64), np.zeros(k, np.uint64),
+                      masks=words, mask=(np.arange(k) % 4).astype(np.int32))
+    assert lots == [int(np.argmax(np.where(allowed[i % 4], x[0], -np.inf))) for i in range(k)]
+    with pytest.raises(pagedrt.InvalidArgument, match="mask 4 out of range"):
+        gpu.sample(x, np.zeros(1, np.int32), np.ones(1, np.float32), np.zeros(1, np.int32), np.ones(1, np.float32),
+                   np.zeros(1, np.float32), np.zeros(1, np.uint64), np.zeros(1, np.uint64), masks=words,
+                   mask=np.array([4], np.int32))
+
 def test_copy_blocks(ops):
     rng = np.random.default_rng(5)
     cache = bf(rng.standard_normal((12, 16, 2, 64)))
@@ -1071,6 +1152,74 @@ def test_masked_greedy_rows_keep_their_masks_beside_device_draws(tiny_llama):
         assert t in allowed[("r0", j)], (j, t, allowed[("r0", j)])
 
 
+def _run_masked(rt, specs, allowed_of):
+    """Submits [(name, temperature, seed, repetition_penalty, masked)] at once
+    with the engine's token-mask hook allowing allowed_of(name, j) (a set of
+    ids; empty: none) at output position j; returns {name: (tokens, error)}."""
+    vocab = rt.model_info.vocab_size
+
+    def fill(rows, v):
+        for row in rows:
+            mask = row.mask(vocab)
+            for t in allowed_of(row.request_id, len(row.generated)):
+                mask[t >> 5] |= np.uint32(1 << (t & 31))
+
+    rt._rt.set_token_mask_provider(fill, lambda rid: None)
+    for name, temp, seed, rep, masked in specs:
+        p = _core.SamplingParams()
+        p.max_tokens, p.temperature, p.ignore_eos, p.masked, p.repetition_penalty = 20, temp, True, masked, rep
+        p.seed, p.has_seed = seed, True
+        rt._rt.submit([5, 6, 7, seed % 50 + 8, 9], p, name, True)
+    outs = {name: ([], "") for name, *_ in specs}
+    pending = set(outs)
+    while pending:
+        for ev in rt._rt.poll_requests(list(pending), 1.0):
+            outs[ev.request_id][0].extend(ev.token_ids)
+            if ev.error:
+                outs[ev.request_id] = (outs[ev.request_id][0], ev.error)
+            if ev.request_finished:
+                pending.discard(ev.request_id)
+    return outs
+
+
+def test_masked_sampled_rows_drawn_on_the_device(tiny_llama):
+    """Structured output's sampled rows are drawn on the device with their
+    masks (the engine's token-mask hook; a quarter of the vocabulary, a
+    different quarter at each position): every token allowed, the draws
+    counted in stats().device_draws, and a seeded masked request draws the
+    same tokens alone and beside greedy, sampled, penalized and other masked
+    requests. A mask that allows nothing at position 6 ends that request with
+    the error and nobody else."""
+    path, _ = tiny_llama(hidden_size=256, num_attention_heads=4, num_key_value_heads=2)
+
+    def allowed_of(name, j):
+        if name == "dead" and j == 6:
+            return set()
+        return set(range((j * 3 + len(name)) % 4, 320, 4))
+
+    lone = [("m0", 1.0, 11, 1.0, True)]
+    busy = lone + [("g", 0.0, 12, 1.0, False), ("s", 0.9, 13, 1.0, False), ("mg", 0.0, 14, 1.0, True),
+                   ("mp", 0.8, 15, 1.3, True), ("dead", 1.0, 16, 1.0, True)]
+    with pagedrt.Runtime(path, device="cuda", kv_cache_bytes=64 << 20, enable_prefix_caching=False) as rt:
+        alone = _run_masked(rt, lone, allowed_of)
+        before = rt.stats().device_draws
+        both = _run_masked(rt, busy, allowed_of)
+        draws = rt.stats().device_draws - before
+    assert alone["m0"][1] == "" and len(alone["m0"][0]) == 20
+    assert both["m0"] == alone["m0"]
+    assert len(set(alone["m0"][0])) > 3  # drawn, not picked
+    for name, *_, masked in busy:
+        toks, err = both[name]
+        if name == "dead":
+            assert "allows no token" in err and len(toks) == 6, (toks, err)
+            continue
+        assert err == "" and len(toks) == 20, (name, err)
+        for j, t in enumerate(toks):
+            assert not masked or t in allowed_of(name, j), (name, j, t)
+    # m0, s and mp drawn on the device, and dead's 7 (its last without a token); g and mg are the argmax's
+    assert draws >= 3 * 20 + 7
+
+
 @pytest.mark.parametrize("switches", [("PAGEDRT_CUDA_GRAPHS", "PAGEDRT_CUDA_PDL"), ("PAGEDRT_CUDA_FUSE",),
                                       ("PAGEDRT_DECODE_CLUSTERS",)])
 @pytest.mark.parametrize("kv_heads", [1, 2])
@@ -1369,3 +1518,48 @@ def test_llama3_8b_shape_batch_1_and_256():
                        ignore_eos=True)
         assert all(len(t) == 8 for t, _ in outs)
         assert rt.stats().blocks_used == 0
+
+
+def test_elastic_kv_pool_maps_and_gives_back_gpu_memory(tiny_llama, monkeypatch):
+    """The elastic pool on the GPU (CUDA virtual memory: backend/cuda/kv_memory.cu),
+    in chunks of the minimum (PAGEDRT_KV_CHUNK_BYTES=1: 2 MiB a tensor): 40
+    prompts of 200-400 tokens run across several chunks with the tokens of a
+    pool taken whole (fp32 mode: exact against batch shape), and 0.5 s after
+    the work ends the pool holds its first chunk again; in a second round
+    (the engine's lazy buffers made by then) the device's free memory falls
+    by what is mapped and comes back when it is given back (within 10%)."""
+    import time
+
+    import torch
+
+    path, _ = tiny_llama(hidden_size=256, num_attention_heads=4, num_key_value_heads=2)
+    rng = np.random.default_rng(47)
+    prompts = [rng.integers(3, 320, size=int(rng.integers(200, 400))).tolist() for _ in range(40)]
+    params = pagedrt.SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    monkeypatch.setenv("PAGEDRT_KV_CHUNK_BYTES", "1")
+    opts = dict(device="cuda", kv_cache_bytes=256 << 20, enable_prefix_caching=False)
+    with pagedrt.Runtime(path, elastic_kv=False, **opts) as rt:
+        want = [o.outputs[0].token_ids for o in rt.generate(prompts, params)]
+    torch.cuda.init()
+
+    def given_back(rt, first):
+        deadline = time.monotonic() + 10.0
+        while rt.stats().kv_mapped_bytes != first and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return rt.stats().kv_mapped_bytes == first
+
+    with pagedrt.Runtime(path, elastic_kv=True, kv_idle_release_s=0.5, **opts) as rt:
+        first = rt.stats().kv_mapped_bytes
+        assert 0 < first < rt.stats().kv_cache_bytes // 8
+        assert [o.outputs[0].token_ids for o in rt.generate(prompts, params)] == want
+        assert rt.stats().kv_mapped_bytes >= 3 * first
+        assert given_back(rt, first)
+        free0 = torch.cuda.mem_get_info()[0]
+        assert [o.outputs[0].token_ids for o in rt.generate(prompts, params)] == want
+        grown = rt.stats().kv_mapped_bytes
+        free1 = torch.cuda.mem_get_info()[0]
+        assert grown >= 3 * first
+        assert abs((free0 - free1) - (grown - first)) <= 0.1 * (grown - first), (free0 - free1, grown - first)
+        assert given_back(rt, first)
+        free2 = torch.cuda.mem_get_info()[0]
+        assert abs(free2 - free0) <= 0.1 * (grown - first), (free2 - free0, grown - first)

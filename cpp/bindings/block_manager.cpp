@@ -20,8 +20,22 @@ namespace {
 
 class BlockManager {
  public:
-  BlockManager(int32_t num_blocks, int32_t block_size, bool prefix_caching)
-      : pool_(check(num_blocks, block_size)), kv_(pool_, prefix_caching) {}
+  // chunk_blocks > 0: an elastic pool whose chunk maps and unmaps are only
+  // recorded (maps fail while fail_maps is set).
+  BlockManager(int32_t num_blocks, int32_t block_size, bool prefix_caching, int32_t chunk_blocks)
+      : pool_(check(num_blocks, block_size)), kv_(pool_, prefix_caching) {
+    if (chunk_blocks > 0)
+      pool_.set_chunks(
+          chunk_blocks,
+          [this](int32_t c) {
+            if (fail_maps) return false;
+            events.emplace_back(c, true);
+            return true;
+          },
+          [this](int32_t c) { events.emplace_back(c, false); });
+  }
+  std::vector<std::pair<int32_t, bool>> events;  // (chunk, mapped) in order
+  bool fail_maps = false;
 
   int new_seq() { seqs_[next_]; return next_++; }
   int64_t acquire_cached_prefix(int seq, const std::vector<int32_t>& tokens) {
@@ -75,7 +89,12 @@ class BlockManager {
 
 void register_block_manager(nb::module_& m) {
   nb::class_<BlockManager>(m, "_BlockManager")
-      .def(nb::init<int32_t, int32_t, bool>(), "num_blocks"_a, "block_size"_a, "enable_prefix_caching"_a = true)
+      .def(nb::init<int32_t, int32_t, bool, int32_t>(), "num_blocks"_a, "block_size"_a,
+           "enable_prefix_caching"_a = true, "chunk_blocks"_a = 0)
+      .def_rw("events", &BlockManager::events)
+      .def_rw("fail_maps", &BlockManager::fail_maps)
+      .def("release_unused_chunks", [](BlockManager& b) { return b.pool().release_unused_chunks(); })
+      .def_prop_ro("num_mapped_blocks", [](BlockManager& b) { return b.pool().num_mapped_blocks(); })
       .def("new_seq", &BlockManager::new_seq)
       .def("acquire_cached_prefix", &BlockManager::acquire_cached_prefix, "seq"_a, "tokens"_a)
       .def("allocate_slots", &BlockManager::allocate_slots, "seq"_a, "num_computed"_a, "n"_a)

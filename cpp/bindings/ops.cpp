@@ -190,19 +190,24 @@ class Ops {
   // min_p, and Philox key and counter (SampleRow). Processing: draw i's
   // edits are edit_*[first_edit[i] .. + num_edits[i]) (LogitEdit: token,
   // flags, bias, count) under penalties[i] (repetition, frequency,
-  // presence). With `logprobs` (k per draw, -1: none) it returns (tokens,
+  // presence). Structured output: draw i keeps only the tokens of
+  // masks[mask[i]] (masks (num_masks, (vocab + 31) / 32) uint32; -1: none).
+  // With `logprobs` (k per draw, -1: none) it returns (tokens,
   // [(logprob, top ids, top logprobs) or None per draw]).
   nb::object sample(F32In logits, I32In rows, F32In1 temperature, I32In top_k, F32In1 top_p, F32In1 min_p,
                     U64In key, U64In counter, std::optional<I32In> logprobs, std::optional<I32In> edit_token,
                     std::optional<I32In> edit_flags, std::optional<F32In1> edit_bias,
                     std::optional<I32In> edit_count, std::optional<I32In> first_edit,
-                    std::optional<I32In> num_edits, std::optional<F32In> penalties) {
+                    std::optional<I32In> num_edits, std::optional<F32In> penalties, std::optional<U32In2> masks,
+                    std::optional<I32In> mask) {
     if (!b_->has_sample()) throw pagedrt::Error(pagedrt::ErrorKind::Unsupported, "sample: this backend samples on the host");
     const size_t n = rows.shape(0);
     auto bad = [](const std::string& what) { return pagedrt::Error(pagedrt::ErrorKind::InvalidArgument, "sample: " + what); };
     if (temperature.shape(0) != n || top_k.shape(0) != n || top_p.shape(0) != n || min_p.shape(0) != n ||
-        key.shape(0) != n || counter.shape(0) != n || (logprobs && logprobs->shape(0) != n))
+        key.shape(0) != n || counter.shape(0) != n || (logprobs && logprobs->shape(0) != n) ||
+        (mask && mask->shape(0) != n))
       throw bad("every per-draw array needs one entry a draw");
+    if (mask.has_value() != masks.has_value()) throw bad("masks and mask go together");
     const bool edited = edit_token.has_value();
     if (edited != (edit_flags && edit_bias && edit_count && first_edit && num_edits && penalties))
       throw bad("edits need edit_token, edit_flags, edit_bias, edit_count, first_edit, num_edits and penalties");
@@ -229,6 +234,7 @@ class Ops {
       draws[i].key = key.data()[i];
       draws[i].counter = counter.data()[i];
       if (logprobs) draws[i].logprobs = logprobs->data()[i];
+      if (mask) draws[i].mask = mask->data()[i];
       if (edited) {
         draws[i].first_edit = first_edit->data()[i];
         draws[i].num_edits = num_edits->data()[i];
@@ -239,8 +245,14 @@ class Ops {
     }
     std::vector<int32_t> out(n);
     std::vector<pagedrt::DrawLogprobs> lp(logprobs ? n : 0);
+    pagedrt::DrawMasks dm;
+    if (masks) {
+      if (static_cast<int64_t>(masks->shape(1)) != (l.dim(1) + 31) / 32) throw bad("masks need (vocab + 31) / 32 words a row");
+      dm.words = masks->data();
+      dm.num_masks = static_cast<int32_t>(masks->shape(0));
+    }
     b_->sample(l, draws.data(), static_cast<int64_t>(n), edits.data(), static_cast<int64_t>(edits.size()), out.data(),
-               logprobs ? lp.data() : nullptr);
+               logprobs ? lp.data() : nullptr, dm);
     if (!logprobs) return nb::cast(out);
     nb::list per_draw;
     for (size_t i = 0; i < n; ++i) {
@@ -494,7 +506,7 @@ void register_ops(nb::module_& m) {
       .def("sample", &Ops::sample, "logits"_a, "rows"_a, "temperature"_a, "top_k"_a, "top_p"_a, "min_p"_a, "key"_a,
            "counter"_a, "logprobs"_a = nb::none(), "edit_token"_a = nb::none(), "edit_flags"_a = nb::none(),
            "edit_bias"_a = nb::none(), "edit_count"_a = nb::none(), "first_edit"_a = nb::none(),
-           "num_edits"_a = nb::none(), "penalties"_a = nb::none())
+           "num_edits"_a = nb::none(), "penalties"_a = nb::none(), "masks"_a = nb::none(), "mask"_a = nb::none())
       .def("bench_sample", &Ops::bench_sample, "n"_a, "vocab"_a, "temperature"_a, "top_k"_a, "top_p"_a, "min_p"_a,
            "iters"_a, "edits"_a = 0, "logprobs"_a = -1);
 }

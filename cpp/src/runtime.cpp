@@ -54,6 +54,9 @@ void check_config(const RuntimeConfig& c) {
   if (c.num_threads < 0) bad_arg("num_threads must be >= 0, got " + std::to_string(c.num_threads));
   if (!preemption_mode_of(c.preemption_mode))
     bad_arg("preemption_mode '" + c.preemption_mode + "' is not known (use \"recompute\", \"swap\" or \"auto\")");
+  if (!(c.kv_idle_release_s >= 0.0))  // NaN too
+    bad_arg("kv_idle_release_s must be >= 0 (seconds; 0: never give KV memory back), got " +
+            shortest(c.kv_idle_release_s));
   if (c.swap_space_bytes < 0) bad_arg("swap_space_bytes must be >= 0, got " + std::to_string(c.swap_space_bytes));
   if (!(c.kv_watermark >= 0.0 && c.kv_watermark < 0.5))  // NaN too
     bad_arg("kv_watermark must be in [0, 0.5) (a fraction of the KV pool's blocks), got " +
@@ -193,7 +196,8 @@ Runtime::Runtime(const RuntimeConfig& config) : impl_(std::make_unique<Impl>()) 
   const int64_t block = KvCache::block_bytes(*backend, cfg, config.block_size);
   const int64_t draft_block = draft.model ? KvCache::block_bytes(*backend, dcfg, config.block_size) : 0;
   const int64_t num_blocks = kv_bytes / (block + draft_block);
-  KvCache kv = KvCache::allocate(*backend, cfg, config.block_size, draft.model ? num_blocks * block : kv_bytes);
+  KvCache kv = KvCache::allocate(*backend, cfg, config.block_size, draft.model ? num_blocks * block : kv_bytes,
+                                 config.elastic_kv);
   if (draft.model) draft.kv = KvCache::allocate(*backend, dcfg, config.block_size, kv.num_blocks * draft_block);
 
   m.info.architecture = cfg.architecture;
@@ -223,6 +227,7 @@ Runtime::Runtime(const RuntimeConfig& config) : impl_(std::make_unique<Impl>()) 
   const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   ec.output.sampler_threads = config.num_threads > 0 ? config.num_threads : device == "cuda" ? std::min(4, cores) : cores;
   ec.enable_prefix_caching = config.enable_prefix_caching;
+  ec.kv_idle_release_s = config.kv_idle_release_s;
   ec.scheduler.watermark_blocks = watermark_blocks(config.kv_watermark, kv.num_blocks);
   const PreemptionMode preemption = *preemption_mode_of(config.preemption_mode);  // checked by check_config
   if (preemption != PreemptionMode::Recompute) {

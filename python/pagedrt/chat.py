@@ -225,8 +225,10 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         if params.speculative == "draft" and not args.draft_model:
             raise InvalidArgument("--speculative draft needs --draft-model DIR|FILE.gguf")
+        # kv_idle_release_s=0: the conversation's cached prefix stays while the user types
+        # (an elastic pool's idle release evicts the cached blocks of the chunks it gives back).
         rt = Runtime(args.model, device=args.device, dtype=args.dtype, num_threads=args.threads,
-                     max_model_len=args.max_model_len, draft_model=args.draft_model)
+                     max_model_len=args.max_model_len, draft_model=args.draft_model, kv_idle_release_s=0)
     except (ModelNotFoundError, FileNotFoundError, ValueError, InvalidArgument) as e:
         print(f"pagedrt-chat: {e}", file=sys.stderr)
         return 1

@@ -152,7 +152,8 @@ class _LoadBar:
 #: The engine's options and their defaults: the C++ RuntimeConfig is their one
 #: source (``print(pagedrt.RuntimeConfig())`` shows them).
 RuntimeConfig = _core.RuntimeConfig
-_OPTIONS = ("device", "dtype", "activation_dtype", "kv_cache_bytes", "gpu_memory_utilization", "block_size",
+_OPTIONS = ("device", "dtype", "activation_dtype", "kv_cache_bytes", "gpu_memory_utilization", "elastic_kv",
+            "kv_idle_release_s", "block_size",
             "max_num_seqs", "max_num_batched_tokens", "max_model_len", "enable_prefix_caching",
             "preemption_mode", "swap_space_bytes", "kv_watermark", "num_threads",
             "deterministic", "draft_model")
@@ -184,6 +185,18 @@ class Runtime:
             CPU; on a GPU, ``gpu_memory_utilization`` of the memory left after the weights).
         gpu_memory_utilization [0.9]: the fraction of free GPU memory the KV pool
             may take when ``kv_cache_bytes`` is 0.
+        elastic_kv [True]: the KV pool's address range is reserved whole and
+            its memory mapped in chunks as blocks are needed (CUDA virtual
+            memory management; on the CPU, pages as they are touched), up to
+            the size above, so a service embedding pagedrt keeps the GPU
+            memory it does not use; chunks with no block in use go back after
+            ``kv_idle_release_s`` without work. A chunk the device cannot map
+            makes the pool full for the moment (requests wait or are
+            preempted). ``stats().kv_mapped_bytes`` says what is mapped.
+            False: the whole pool is taken at start.
+        kv_idle_release_s [10.0]: seconds without work after which an elastic
+            pool gives its unused chunks back (0: never), evicting the cached
+            prefixes they held.
         block_size [16]: tokens per KV block.
         max_num_seqs [64]: sequences per engine step at most.
         max_num_batched_tokens [2048]: tokens per engine step at most (chunked prefill).

@@ -47,6 +47,13 @@ struct RuntimeConfig {
   int64_t kv_cache_bytes = 0;      // hard cap for the KV pool; 0 = default (512 MiB on the CPU,
                                    // gpu_memory_utilization of the free GPU memory after the weights)
   double gpu_memory_utilization = 0.9;  // CUDA, kv_cache_bytes = 0: fraction of free memory to use
+  // The KV pool's address range is reserved whole and its memory mapped in
+  // chunks as blocks are needed (CUDA virtual memory management; on the CPU,
+  // pages as they are touched), up to the size above; chunks without a block
+  // in use go back to the device after kv_idle_release_s seconds without
+  // work (0: never). false: the whole pool is taken at start.
+  bool elastic_kv = true;
+  double kv_idle_release_s = 10.0;
   int32_t block_size = 16;         // tokens per KV block
   int32_t max_num_seqs = 64;       // sequences in one step at most
   int32_t max_num_batched_tokens = 2048;  // token budget of one step

@@ -24,6 +24,7 @@ struct Stats {
   int64_t num_copies = 0;          // copy-on-write block copies
   double tokens_per_s = 0.0;       // generated tokens per second, last 5 s
   int64_t kv_cache_bytes = 0;
+  int64_t kv_mapped_bytes = 0;     // of those, backed by memory now (RuntimeConfig::elastic_kv; else all)
   int64_t num_waiting = 0;
   int64_t num_running = 0;
   int64_t num_preemptions = 0;     // since start (by recompute and by swap)

@@ -51,7 +51,8 @@ void Backend::argmax(const Tensor&, int64_t, int32_t*, const RowMasks&) {
   throw Error(ErrorKind::Unsupported, "this backend has no device argmax (check has_argmax())");
 }
 
-void Backend::sample(const Tensor&, const SampleRow*, int64_t, const LogitEdit*, int64_t, int32_t*, DrawLogprobs*) {
+void Backend::sample(const Tensor&, const SampleRow*, int64_t, const LogitEdit*, int64_t, int32_t*, DrawLogprobs*,
+                     const DrawMasks&) {
   throw Error(ErrorKind::Unsupported, "this backend has no device sampling (check has_sample())");
 }
 

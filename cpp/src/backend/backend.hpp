@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "backend/kv_memory.hpp"
 #include "backend/paged_kv.hpp"
 #include "backend/tensor.hpp"
 
@@ -59,6 +60,9 @@ struct RowMasks {
 // Philox4x32-10 at (key, counter) as a fraction (backend/philox.hpp).
 // logprobs >= 0: the token's log-probability under the *raw* row's
 // log-softmax and the row's `logprobs` most likely tokens (DrawLogprobs).
+// mask >= 0 (structured output): the tokens DrawMasks' mask `mask` does not
+// allow are -inf before anything else (the host's Sampler::apply_mask); a
+// mask that allows no token is the caller's to catch.
 struct SampleRow {
   int32_t row = 0;
   int32_t top_k = 0;
@@ -70,7 +74,16 @@ struct SampleRow {
   uint64_t counter = 0;
   int32_t first_edit = 0, num_edits = 0;  // LogitEdit range: sorted by token, each token once
   float repetition_penalty = 1.0f, frequency_penalty = 0.0f, presence_penalty = 0.0f;
+  int32_t mask = -1;                     // index into sample()'s DrawMasks; -1: none
   uint32_t scratch = 0;                  // the backend's own (CUDA: which processed-row buffer the draw writes)
+};
+
+// Allowed-token masks of Backend::sample's draws: mask i is words[i *
+// (vocab + 31) / 32 ..], bit t % 32 of word t / 32 set: token t allowed.
+// Host memory, valid during the call.
+struct DrawMasks {
+  const uint32_t* words = nullptr;  // (num_masks, (vocab + 31) / 32)
+  int32_t num_masks = 0;
 };
 
 // How one token of a draw's row is processed, in Sampler::process's order:
@@ -135,6 +148,11 @@ class Backend {
   virtual Tensor load_weight(const std::vector<WeightView>& parts, ScalarType dtype) = 0;
   virtual Tensor empty(std::vector<int64_t> shape, ScalarType dtype) = 0;
   virtual Tensor from_host(const Tensor& host) = 0;
+  // An elastic KV pool's memory (backend/kv_memory.hpp): `count` tensors of
+  // `shape` (blocks first), address ranges reserved, nothing mapped; chunks
+  // of at least `chunk_bytes` over all tensors.
+  virtual std::unique_ptr<KvMemory> reserve_kv(const std::vector<int64_t>& shape, ScalarType dtype, int64_t count,
+                                               int64_t chunk_bytes) = 0;
 
   // The token count a step runs with: its own, or for a decode step (one
   // token and one logits row a sequence) of more than 64 tokens where this
@@ -225,11 +243,12 @@ class Backend {
   // token of draw rows[i] (SampleRow) from logits (rows, vocab) F32, its
   // row processed by edits[rows[i].first_edit ..] (host memory, num_edits in
   // all); logprobs[i] (host; may be null when no draw asks) for draws with
-  // logprobs >= 0. Waits for it. Several draws may read one row (n > 1).
+  // logprobs >= 0; draws with a mask index take theirs from `masks`. Waits
+  // for it. Several draws may read one row (n > 1).
   // has_sample(): whether the backend has it (CUDA).
   virtual bool has_sample() const { return false; }
   virtual void sample(const Tensor& logits, const SampleRow* rows, int64_t n, const LogitEdit* edits,
-                      int64_t num_edits, int32_t* out, DrawLogprobs* logprobs);
+                      int64_t num_edits, int32_t* out, DrawLogprobs* logprobs, const DrawMasks& masks = {});
 
  protected:
   // padded_tokens pads: `on` unless PAGEDRT_DECODE_PAD says otherwise ("0" / "1").

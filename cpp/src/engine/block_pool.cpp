@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cassert>
+#include <chrono>
 
 namespace pagedrt {
 
@@ -45,13 +46,20 @@ void BlockPool::evict(int32_t b) {
   k.uid = k.parent_uid = k.key = 0;
 }
 
+bool BlockPool::reserve(int32_t n) {
+  while (chunk_blocks_ > 0 && unmapped_ > 0 && num_free_ - unmapped_ - num_cached_free_ < n)
+    if (!map_chunk()) break;
+  return n <= num_free_ - unmapped_;
+}
+
 bool BlockPool::allocate(int32_t n, std::vector<int32_t>& out) {
-  if (n > num_free_) return false;
+  if (!reserve(n)) return false;
   for (int32_t i = 0; i < n; ++i) {
     const int32_t b = head_;
     unlink(b);
     if (blocks_[b].uid != 0) evict(b);
     blocks_[b].ref_count = 1;
+    if (chunk_blocks_ > 0) ++in_use_[b / chunk_blocks_];
     out.push_back(b);
   }
   return true;
@@ -62,6 +70,7 @@ void BlockPool::incref(int32_t block) {
   if (k.ref_count == 0) {  // a cached free block comes back into use: it is full
     unlink(block);
     mark_filled(block, block_size_);
+    if (chunk_blocks_ > 0) ++in_use_[block / chunk_blocks_];
   }
   ++k.ref_count;
 }
@@ -70,6 +79,7 @@ void BlockPool::decref(int32_t block) {
   Block& k = blocks_[block];
   assert(k.ref_count > 0);
   if (--k.ref_count > 0) return;
+  if (chunk_blocks_ > 0) --in_use_[block / chunk_blocks_];
   slots_used_ -= k.fill;
   k.fill = 0;
   push(block, /*at_head=*/k.uid == 0);
@@ -85,6 +95,71 @@ void BlockPool::mark_filled(int32_t block, int32_t n) {
 void BlockPool::release(std::vector<int32_t>& table) {
   for (auto it = table.rbegin(); it != table.rend(); ++it) decref(*it);
   table.clear();
+}
+
+int32_t BlockPool::chunk_end(int32_t c) const {
+  return std::min<int32_t>(num_blocks(), (c + 1) * chunk_blocks_);
+}
+
+void BlockPool::set_chunks(int32_t chunk_blocks, std::function<bool(int32_t)> map,
+                           std::function<void(int32_t)> unmap) {
+  assert(num_free_ == num_blocks() && num_cached_free_ == 0);
+  if (chunk_blocks <= 0 || chunk_blocks >= num_blocks()) return;  // one chunk: nothing to map later
+  chunk_blocks_ = chunk_blocks;
+  map_ = std::move(map);
+  unmap_ = std::move(unmap);
+  const int32_t chunks = (num_blocks() + chunk_blocks - 1) / chunk_blocks;
+  mapped_.assign(static_cast<size_t>(chunks), 0);
+  in_use_.assign(static_cast<size_t>(chunks), 0);
+  mapped_[0] = 1;
+  for (int32_t b = chunk_blocks; b < num_blocks(); ++b) unlink(b);  // free, off the queue
+  unmapped_ = num_blocks() - chunk_blocks;
+  num_free_ += unmapped_;
+}
+
+bool BlockPool::map_chunk() {
+  const double now = std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+  if (now < next_map_try_) return false;
+  const int32_t c = static_cast<int32_t>(std::find(mapped_.begin(), mapped_.end(), 0) - mapped_.begin());
+  if (!map_(c)) {
+    next_map_try_ = now + 0.5;
+    return false;
+  }
+  // After the last plain free block (the cached ones, LRU, stay behind), in id order.
+  int32_t after = tail_;
+  while (after >= 0 && blocks_[after].uid != 0) after = blocks_[after].prev;
+  for (int32_t b = c * chunk_blocks_; b < chunk_end(c); ++b) {
+    Block& k = blocks_[b];
+    k.prev = after;
+    k.next = after >= 0 ? blocks_[after].next : head_;
+    if (k.next >= 0) blocks_[k.next].prev = b; else tail_ = b;
+    if (after >= 0) blocks_[after].next = b; else head_ = b;
+    k.in_free = true;
+    after = b;
+  }
+  unmapped_ -= chunk_end(c) - c * chunk_blocks_;
+  mapped_[c] = 1;
+  ++mapped_chunks_;
+  return true;
+}
+
+int32_t BlockPool::release_unused_chunks() {
+  int32_t released = 0;
+  for (int32_t c = 1; c < static_cast<int32_t>(mapped_.size()); ++c) {
+    if (!mapped_[c] || in_use_[c] > 0) continue;
+    for (int32_t b = c * chunk_blocks_; b < chunk_end(c); ++b) {
+      unlink(b);  // (uncounts it as free, and as cached free)
+      if (blocks_[b].uid != 0) evict(b);
+    }
+    const int32_t n = chunk_end(c) - c * chunk_blocks_;
+    num_free_ += n;
+    unmapped_ += n;
+    mapped_[c] = 0;
+    --mapped_chunks_;
+    unmap_(c);
+    ++released;
+  }
+  return released;
 }
 
 uint64_t BlockPool::hash_key(uint64_t parent_uid, const int32_t* tokens) const {

@@ -21,7 +21,20 @@ Engine::Engine(std::shared_ptr<Backend> backend, std::unique_ptr<LlamaModel> mod
       kv_manager_(pool_, config.enable_prefix_caching),
       scheduler_(config.scheduler, kv_manager_),
       outputs_(config.output, kv_manager_, *this),
-      stats_(runner_.kv(), config.scheduler.swap_slots) {
+      stats_(runner_.kv(), config.scheduler.swap_slots),
+      kv_idle_release_s_(config.kv_idle_release_s) {
+  if (const std::shared_ptr<KvMemory>& memory = runner_.kv().memory) {  // elastic: chunk 0 mapped, the rest on demand
+    const std::weak_ptr<KvMemory> mem = memory;  // not past the runner's release()
+    pool_.set_chunks(
+        static_cast<int32_t>(memory->chunk_blocks()),
+        [mem](int32_t c) {
+          const std::shared_ptr<KvMemory> m = mem.lock();
+          return m && m->map(c);
+        },
+        [mem](int32_t c) {
+          if (const std::shared_ptr<KvMemory> m = mem.lock()) m->unmap(c);
+        });
+  }
   if (draft.model) {
     DrafterConfig dc;
     dc.max_num_batched_tokens = config.scheduler.max_num_batched_tokens;
@@ -32,6 +45,7 @@ Engine::Engine(std::shared_ptr<Backend> backend, std::unique_ptr<LlamaModel> mod
   }
   if (config.scheduler.swap_slots > 0) runner_.enable_swap(config.scheduler.swap_slots);
   auto_preemption_ = config.scheduler.preemption == PreemptionMode::Auto;
+  publish_stats();  // the pool as it starts (an elastic one: its first chunk mapped)
   thread_ = std::thread([this] { loop(); });
 }
 
@@ -106,12 +120,21 @@ void Engine::stop() {
 
 void Engine::loop() {
   for (;;) {
+    bool idle = false;
     {
       std::unique_lock<std::mutex> lk(in_mu_);
-      in_cv_.wait(lk, [&] {
-        return stopping_ || !new_requests_.empty() || !aborts_.empty() || scheduler_.has_work();
-      });
+      auto ready = [&] { return stopping_ || !new_requests_.empty() || !aborts_.empty() || scheduler_.has_work(); };
+      if (kv_idle_release_s_ > 0.0 && pool_.has_spare_chunks())  // an elastic pool holds more than its first chunk
+        idle = !in_cv_.wait_for(lk, std::chrono::duration<double>(kv_idle_release_s_), ready);
+      else
+        in_cv_.wait(lk, ready);
       if (stopping_) break;
+    }
+    if (idle) {  // nothing to do for a while: the unused chunks go back to the device
+      runner_.synchronize();
+      pool_.release_unused_chunks();
+      publish_stats();
+      continue;
     }
     drain_inbox();
     if (scheduler_.has_work()) step();
@@ -160,6 +183,9 @@ void Engine::start_masks(const SchedulerOutput& step, PendingMasks& pm) {
     pm.rows[i].mask = pm.words.data() + i * words;
     pm.masks.by_seq[seqs[i]] = pm.rows[i].mask;
   }
+  pm.masks.words = pm.words.data();
+  pm.masks.count = static_cast<int32_t>(pm.rows.size());
+  pm.masks.words_per_row = words;
   const std::shared_ptr<TokenMaskProvider> provider = mask_provider();
   if (!provider) {
     pm.masks.error = "no TokenMaskProvider is set";
@@ -230,30 +256,33 @@ void Engine::step() {
   const bool device_all = !device_greedy && device_sample && outputs_.device_only(step);
   PendingMasks pm;
   start_masks(step, pm);
-  // Masked (structured-output) greedy rows are picked once their masks are
-  // known, in a device_all step too (its sampled rows are unmasked).
-  const bool defer_picks = (device_greedy || device_all) && !pm.rows.empty();
+  // Structured-output rows are picked and drawn once their masks are known
+  // (the helper thread fills them while the forward runs): greedy ones by the
+  // device argmax, sampled ones with the step's other device draws.
+  const bool device_picks = device_greedy || (device_all && OutputProcessor::any_greedy(step));
+  const bool defer_picks = device_picks && !pm.rows.empty();
   ModelOutput out;
   const double forward_start = now_s();
+  auto draw_on_device = [&] {
+    const DeviceDraws draws = outputs_.device_draws(step, out, pm.masks);
+    if (draws.rows.empty()) return;
+    runner_.sample(out, draws);
+    stats_.count_device_draws(static_cast<int64_t>(draws.rows.size()));
+  };
   try {
     out = runner_.run(step, device_greedy || device_all, defer_picks || device_all);
-    if (device_all && !defer_picks && OutputProcessor::any_greedy(step)) runner_.pick(out, RowMasks{});
-    if (device_sample) {
-      const DeviceDraws draws = outputs_.device_draws(step, out);
-      if (!draws.rows.empty()) {
-        runner_.sample(out, draws);
-        stats_.count_device_draws(static_cast<int64_t>(draws.rows.size()));
-      }
-    }
+    if (device_all && device_picks && !defer_picks) runner_.pick(out, RowMasks{});
+    if (device_sample && pm.rows.empty()) draw_on_device();
   } catch (const std::exception& e) {
     pm.wait();
     return fail_step(step, e.what());
   }
   const double forward_end = now_s();
   pm.wait();
-  if (defer_picks) {
+  if (!pm.rows.empty()) {
     try {
-      pick_masked(step, out, pm);
+      if (defer_picks) pick_masked(step, out, pm);
+      if (device_sample) draw_on_device();
     } catch (const std::exception& e) {
       return fail_step(step, e.what());
     }

@@ -49,6 +49,7 @@ struct EngineConfig {
   SchedulerConfig scheduler;
   OutputConfig output;
   bool enable_prefix_caching = true;
+  double kv_idle_release_s = 10.0;  // an elastic pool's unused chunks go back after this long without work (0: never)
 };
 
 // A draft model for speculative decoding (engine/drafter.hpp): its weights,
@@ -134,6 +135,7 @@ class Engine final : private OutputSink {
   Scheduler scheduler_;
   OutputProcessor outputs_;
   StatsKeeper stats_;
+  double kv_idle_release_s_ = 10.0;  // EngineConfig's
   // PreemptionMode::Auto's estimates (moving averages; 0 until measured):
   // seconds a token of a prefill step took, seconds to copy a block out and back.
   bool auto_preemption_ = false;

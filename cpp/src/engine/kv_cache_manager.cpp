@@ -50,7 +50,7 @@ bool KvCacheManager::allocate_slots(SeqBlocks& seq, int64_t num_computed, int64_
   // The block the first new token lands in, if it already exists and is shared.
   const int64_t first = num_computed / bs;
   const bool cow = n > 0 && first < have && pool_.ref_count(seq.table[first]) > 1;
-  if (fresh + (cow ? 1 : 0) > pool_.num_free()) return false;
+  if (!pool_.reserve(static_cast<int32_t>(fresh + (cow ? 1 : 0)))) return false;
   if (cow) {
     std::vector<int32_t> got;
     pool_.allocate(1, got);

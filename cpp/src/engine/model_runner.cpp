@@ -71,7 +71,7 @@ void ModelRunner::pick(ModelOutput& out, const RowMasks& masks) {
 void ModelRunner::sample(ModelOutput& out, const DeviceDraws& draws) {
   sampled_.resize(draws.rows.size());
   sampled_logprobs_.resize(draws.rows.size());  // filled for the draws that ask (SampleRow::logprobs)
-  model_->sample(draws.rows, draws.edits, sampled_.data(), sampled_logprobs_.data());
+  model_->sample(draws.rows, draws.edits, draws.masks, sampled_.data(), sampled_logprobs_.data());
   out.sampled = sampled_.data();
   out.sampled_logprobs = sampled_logprobs_.data();
 }

@@ -40,10 +40,13 @@ struct ModelOutput {
   const float* row(int64_t r) const { return logits ? logits + r * vocab : nullptr; }
 };
 
-// A step's device draws (Backend::sample) and the edits that process their rows.
+// A step's device draws (Backend::sample), the edits that process their
+// rows and the structured-output masks they index (SampleRow::mask: the
+// step's masks, owned by the engine).
 struct DeviceDraws {
   std::vector<SampleRow> rows;
   std::vector<LogitEdit> edits;
+  DrawMasks masks;
 };
 
 class ModelRunner {
@@ -76,6 +79,7 @@ class ModelRunner {
   void swap(const SchedulerOutput& step, bool wait);
 
   const KvCache& kv() const { return kv_; }
+  void synchronize() { backend_->synchronize(); }  // what the device has queued is done
   int64_t vocab_size() const { return model_->config().vocab_size; }
   // Frees the weights and the KV storage, then drops its share of the backend
   // (GPU memory at once).

@@ -41,8 +41,11 @@ bool OutputProcessor::any_greedy(const SchedulerOutput& step) {
 
 // process() below takes these tokens in this order: scheduled order, the
 // sampling rows only, n draws (indices 0 .. n - 1) where expand() forks.
-DeviceDraws OutputProcessor::device_draws(const SchedulerOutput& step, const ModelOutput& out) {
+DeviceDraws OutputProcessor::device_draws(const SchedulerOutput& step, const ModelOutput& out,
+                                          const StepMasks& masks) {
   DeviceDraws draws;
+  draws.masks.words = masks.words;
+  draws.masks.num_masks = masks.count;
   for (size_t i = 0; i < step.scheduled.size(); ++i) {
     const ScheduledSeq& s = step.scheduled[i];
     const LogitsSlice& slice = (*out.slices)[i];
@@ -57,6 +60,8 @@ DeviceDraws OutputProcessor::device_draws(const SchedulerOutput& step, const Mod
     d.min_p = p.min_p;
     d.counter = static_cast<uint64_t>(s.seq->num_tokens());
     d.logprobs = p.logprobs ? *p.logprobs : -1;
+    const auto m = masks.by_seq.find(s.seq);  // n > 1: the forks take the prompt sequence's mask
+    if (m != masks.by_seq.end()) d.mask = static_cast<int32_t>((m->second - masks.words) / masks.words_per_row);
     if (Sampler::needs_processing(p, generated)) {  // one edit range for the row's forks
       Sampler::device_edits(p, s.seq->tokens, s.req->prompt_len, config_.eos_token_ids, s.seq->history, draws.edits,
                             d);
@@ -101,7 +106,7 @@ void OutputProcessor::process(const SchedulerOutput& step, const ModelOutput& ou
       if (m != masks.by_seq.end()) pick.mask = m->second;
       if (drawn) {  // drawn on the device (device_draws' order)
         pick.row = nullptr;
-        pick.token = out.sampled[next_draw];
+        pick.token = pick.mask && !Sampler::mask_allows_any(pick.mask, out.vocab) ? -1 : out.sampled[next_draw];
         if (s.req->params.logprobs) {
           const DrawLogprobs& lp = out.sampled_logprobs[next_draw];
           pick.logprob.token = pick.token;

@@ -55,10 +55,15 @@ struct OutputConfig {
 
 // The allowed tokens of a step's masked sampling rows (pagedrt/token_mask.hpp):
 // (vocab + 31) / 32 words per row, bit t allowing token t. `error`: what the
-// mask provider threw (its rows then allow nothing and end with it).
+// mask provider threw (its rows then allow nothing and end with it). The
+// rows are `words` (count rows, one after another): a row's index is its
+// offset there over words_per_row.
 struct StepMasks {
   std::unordered_map<const Sequence*, const uint32_t*> by_seq;
   std::string error;
+  const uint32_t* words = nullptr;
+  int32_t count = 0;
+  int64_t words_per_row = 0;
 };
 
 class OutputProcessor {
@@ -78,8 +83,9 @@ class OutputProcessor {
   // The step's device draws, for a backend that samples (Backend::has_sample):
   // every sampling row of a request drawn on the device, n of them for a
   // request about to fork its n samples, in the order process() takes their
-  // tokens (ModelOutput::sampled), with the edits that process their rows.
-  DeviceDraws device_draws(const SchedulerOutput& step, const ModelOutput& out);
+  // tokens (ModelOutput::sampled), with the edits that process their rows
+  // and the masks of structured-output rows (known by then: `masks`).
+  DeviceDraws device_draws(const SchedulerOutput& step, const ModelOutput& out, const StepMasks& masks);
   // Applies one step's results (see above).
   void process(const SchedulerOutput& step, const ModelOutput& out, const StepMasks& masks);
 

@@ -63,7 +63,7 @@ Rng make_rng(const SamplingParams& params, int32_t index) {
 }
 
 bool Sampler::drawn_on_device(const SamplingParams& p, int64_t generated) {
-  if (p.masked || p.is_beam_search() || !p.speculative.empty() || p.return_logits || p.prompt_logprobs) return false;
+  if (p.is_beam_search() || !p.speculative.empty() || p.return_logits || p.prompt_logprobs) return false;
   return p.temperature > 0.0f || p.logprobs || needs_processing(p, generated);
 }
 

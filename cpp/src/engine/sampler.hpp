@@ -69,8 +69,9 @@ class Sampler {
   // the device where the backend samples (Backend::sample): a sampled row
   // (temperature > 0) whatever it asks of processing and logprobs, a greedy
   // one when it needs processing or logprobs (a plain greedy row is the
-  // device argmax's), never a row of token masks, beams, speculation,
-  // returned logits or prompt logprobs. For sampled rows a property of the
+  // device argmax's), structured output's rows too (their masks go to the
+  // device), never a row of beams, speculation, returned logits or prompt
+  // logprobs. For sampled rows a property of the
   // request, never of the step: a seeded request draws the same tokens
   // whatever shares its steps.
   static bool drawn_on_device(const SamplingParams& params, int64_t generated);

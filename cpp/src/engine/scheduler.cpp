@@ -118,7 +118,7 @@ bool Scheduler::swap_in_front(SchedulerOutput& out) {
   // it would be the first to go out again (the most recently admitted) as
   // the others grow.
   const int64_t need = static_cast<int64_t>(slots.size() + req->seqs.size());
-  if (need > kv_.pool().num_free() || !above_watermark(need)) return false;
+  if (!above_watermark(need) || !kv_.pool().reserve(static_cast<int32_t>(need))) return false;
   std::vector<int32_t> got;
   kv_.pool().allocate(static_cast<int32_t>(slots.size()), got);
   std::unordered_map<int32_t, int32_t> block_of;  // host slot -> its new pool block
@@ -177,7 +177,7 @@ SchedulerOutput Scheduler::schedule() {
     mine.clear();
     draft(req, budget);
     int64_t need = plan(req, budget, mine);
-    if (need > kv_.pool().num_free() && !req->params.speculative.empty()) {
+    if (!req->params.speculative.empty() && !kv_.pool().reserve(static_cast<int32_t>(need))) {
       undraft(req);  // no preemption to make room for proposals
       mine.clear();
       need = plan(req, budget, mine);
@@ -191,7 +191,7 @@ SchedulerOutput Scheduler::schedule() {
         s.seq->num_draft -= drop;
       }
     bool ok = !mine.empty();
-    while (ok && need > kv_.pool().num_free()) {
+    while (ok && !kv_.pool().reserve(static_cast<int32_t>(need))) {
       Request* victim = running_.back();
       preempt(victim, out);
       out.preempted.push_back(victim);
@@ -239,8 +239,8 @@ SchedulerOutput Scheduler::schedule() {
     // preemption. It waits only while something runs (which frees its blocks
     // as it ends), and at the front of the queue nothing overtakes it.
     const int64_t need = plan(req, budget, mine);
-    if (need > kv_.pool().num_free() ||
-        (config_.watermark_blocks > 0 && !above_watermark(admission_blocks(*req)))) {
+    if ((config_.watermark_blocks > 0 && !above_watermark(admission_blocks(*req))) ||
+        !kv_.pool().reserve(static_cast<int32_t>(need))) {
       free_blocks(*req);  // give the hits back; try again next step
       break;
     }

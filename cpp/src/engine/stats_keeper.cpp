@@ -11,6 +11,7 @@ StatsKeeper::StatsKeeper(const KvCache& kv, int64_t swap_slots) {
   stats_.block_size = kv.block_size;
   stats_.blocks_free = kv.num_blocks;
   stats_.kv_cache_bytes = kv.num_blocks * kv.bytes_per_block;
+  bytes_per_block_ = kv.bytes_per_block;
 }
 
 Stats StatsKeeper::get() const {
@@ -72,6 +73,7 @@ void StatsKeeper::publish(const BlockPool& pool, const KvCacheManager& kv, const
   Stats& s = stats_;
   s.blocks_used = pool.num_used();
   s.blocks_free = pool.num_free();
+  s.kv_mapped_bytes = pool.num_mapped_blocks() * bytes_per_block_;
   s.blocks_cached_free = pool.num_cached_free();
   s.slots_used = pool.slots_used();
   s.waste = s.blocks_used ? 1.0 - double(s.slots_used) / double(s.blocks_used * s.block_size) : 0.0;

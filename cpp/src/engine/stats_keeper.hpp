@@ -42,6 +42,7 @@ class StatsKeeper {
  private:
   mutable std::mutex mu_;
   Stats stats_;
+  int64_t bytes_per_block_ = 0;
   std::deque<std::pair<double, int64_t>> rate_window_;  // (seconds, generated tokens) per publish
 };
 

@@ -1,5 +1,8 @@
 #include "model/kv_cache.hpp"
 
+#include <algorithm>
+#include <cstdlib>
+
 #include "pagedrt/error.hpp"
 
 namespace pagedrt {
@@ -11,7 +14,7 @@ int64_t KvCache::block_bytes(const Backend& backend, const LlamaConfig& cfg, int
 }
 
 KvCache KvCache::allocate(Backend& backend, const LlamaConfig& cfg, int64_t block_size,
-                          int64_t budget_bytes) {
+                          int64_t budget_bytes, bool elastic, int64_t chunk_bytes) {
   KvCache kv;
   kv.block_size = block_size;
   const ScalarType dtype = backend.kv_dtype();
@@ -22,10 +25,26 @@ KvCache KvCache::allocate(Backend& backend, const LlamaConfig& cfg, int64_t bloc
                 "kv_cache_bytes=" + std::to_string(budget_bytes) + " holds no KV block (one block of " +
                     std::to_string(block_size) + " tokens needs " + std::to_string(kv.bytes_per_block) +
                     " bytes for this model)");
+  const std::vector<int64_t> shape = {kv.num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim};
+  if (!elastic) {
+    for (int64_t l = 0; l < cfg.num_layers; ++l) {
+      kv.k.push_back(backend.empty(shape, dtype));
+      kv.v.push_back(backend.empty(shape, dtype));
+    }
+    return kv;
+  }
+  if (const char* env = std::getenv("PAGEDRT_KV_CHUNK_BYTES")) chunk_bytes = std::atoll(env);
+  if (chunk_bytes <= 0) chunk_bytes = std::max<int64_t>(64ll << 20, kv.num_blocks * kv.bytes_per_block / 64);
+  kv.memory = backend.reserve_kv(shape, dtype, 2 * cfg.num_layers, chunk_bytes);
+  if (!kv.memory->map(0))
+    throw Error(ErrorKind::Runtime, "out of device memory mapping the KV pool's first chunk (" +
+                                        std::to_string(kv.memory->chunk_blocks()) + " blocks)");
   for (int64_t l = 0; l < cfg.num_layers; ++l) {
-    std::vector<int64_t> shape = {kv.num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim};
-    kv.k.push_back(backend.empty(shape, dtype));
-    kv.v.push_back(backend.empty(shape, dtype));
+    for (int which = 0; which < 2; ++which) {
+      Tensor t = kv.memory->tensors()[static_cast<size_t>(2 * l + which)];
+      t.storage = std::shared_ptr<void>(kv.memory, t.data);  // the tensors keep the memory alive
+      (which == 0 ? kv.k : kv.v).push_back(std::move(t));
+    }
   }
   return kv;
 }

@@ -174,11 +174,11 @@ void LlamaModel::pick(int64_t rows, int32_t* out, const RowMasks& masks) {
   if (rows > 0) backend_.argmax(ws_.logits, rows, out, masks);
 }
 
-void LlamaModel::sample(const std::vector<SampleRow>& draws, const std::vector<LogitEdit>& edits, int32_t* out,
-                        DrawLogprobs* logprobs) {
+void LlamaModel::sample(const std::vector<SampleRow>& draws, const std::vector<LogitEdit>& edits,
+                        const DrawMasks& masks, int32_t* out, DrawLogprobs* logprobs) {
   if (!draws.empty())
     backend_.sample(ws_.logits, draws.data(), static_cast<int64_t>(draws.size()), edits.data(),
-                    static_cast<int64_t>(edits.size()), out, logprobs);
+                    static_cast<int64_t>(edits.size()), out, logprobs, masks);
 }
 
 }  // namespace pagedrt

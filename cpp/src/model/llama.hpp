@@ -40,10 +40,10 @@ class LlamaModel {
   // `masks` (Backend::argmax), into out[rows] (host memory).
   void pick(int64_t rows, int32_t* out, const RowMasks& masks);
   // Device draws (Backend::sample) from the last forward's logits rows, their
-  // rows processed by `edits`: the token of draws[i] into out[i], its
-  // logprobs into logprobs[i] where asked (host memory).
-  void sample(const std::vector<SampleRow>& draws, const std::vector<LogitEdit>& edits, int32_t* out,
-              DrawLogprobs* logprobs);
+  // rows processed by `edits` and masked by `masks`: the token of draws[i]
+  // into out[i], its logprobs into logprobs[i] where asked (host memory).
+  void sample(const std::vector<SampleRow>& draws, const std::vector<LogitEdit>& edits, const DrawMasks& masks,
+              int32_t* out, DrawLogprobs* logprobs);
 
  private:
   struct Layer {

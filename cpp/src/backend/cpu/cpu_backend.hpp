@@ -28,6 +28,10 @@ class CpuBackend final : public Backend {
   Tensor load_weight(const std::vector<WeightView>& parts, ScalarType dtype) override;
   Tensor empty(std::vector<int64_t> shape, ScalarType dtype) override;
   Tensor from_host(const Tensor& host) override { return host; }
+  std::unique_ptr<KvMemory> reserve_kv(const std::vector<int64_t>& shape, ScalarType dtype, int64_t count,
+                                       int64_t chunk_bytes) override {
+    return std::make_unique<HostKvMemory>(shape, dtype, count, chunk_bytes);
+  }
 
   void begin_step(const BatchView& batch) override { batch_ = batch; }
   void embedding(const Tensor& table, Tensor& out) override;

@@ -56,6 +56,8 @@ class CudaBackend final : public Backend {
   ScalarType activation_dtype() const override { return act_; }
   ScalarType kv_dtype() const override { return act_; }
   int64_t memory_free() const override;
+  std::unique_ptr<KvMemory> reserve_kv(const std::vector<int64_t>& shape, ScalarType dtype, int64_t count,
+                                       int64_t chunk_bytes) override;  // kv_memory.cu
   void synchronize() override;
   void check_attention(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim) const override;
 
@@ -98,7 +100,7 @@ class CudaBackend final : public Backend {
   void argmax(const Tensor& logits, int64_t rows, int32_t* out, const RowMasks& masks) override;
   bool has_sample() const override { return sample_; }
   void sample(const Tensor& logits, const SampleRow* rows, int64_t n, const LogitEdit* edits, int64_t num_edits,
-              int32_t* out, DrawLogprobs* logprobs) override;  // sampling.cu
+              int32_t* out, DrawLogprobs* logprobs, const DrawMasks& masks) override;  // sampling.cu
   void download(const Tensor& src, void* dst) override;
 
  private:
@@ -145,7 +147,7 @@ class CudaBackend final : public Backend {
   BatchView host_{};   // the caller's arrays, valid during the step
   uint64_t step_ = 0;
   Staging batch_, plan_, copies_, picks_, masks_, samples_;
-  Tensor processed_;  // sample(): the processed rows of draws with edits (grown as needed)
+  Tensor processed_;  // sample(): the processed rows of draws with edits or masks (grown as needed)
   StepArrays dev_{};
   AttentionPlan plan_info_{};
   std::vector<BlockCopy> last_copies_;  // what copies_ holds on the device

@@ -10,6 +10,9 @@
 //      read is written once to a processed copy of the row in global memory
 //      (where the backend has room for one), which every later pass reads
 //      as a plain row: a branch in the passes' loads costs their overlap.
+//      A structured-output draw's mask (a token it does not allow is -inf)
+//      is applied only there: such draws always get a copy (a mask check
+//      in the passes cost even unmasked draws 30-70%);
 //      The raw row is left as it is, for the logprobs and the row's other
 //      draws;
 //   1. the row's maximum and its first index (the fallback when every weight
@@ -407,7 +410,8 @@ __host__ __device__ inline size_t bitmap_bytes(int64_t vocab) { return static_ca
 
 __global__ void __launch_bounds__(kThreads, 1) sample_kernel(const float* logits, int64_t vocab, const SampleRow* rows,
                                                           const LogitEdit* edits, int32_t edit_slots,
-                                                          float* processed, int32_t* out, DrawLogprobs* logprobs) {
+                                                          const uint32_t* masks, float* processed, int32_t* out,
+                                                          DrawLogprobs* logprobs) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
   uint32_t* edited = reinterpret_cast<uint32_t*>(smem_raw + sizeof(Smem));  // (vocab + 31) / 32 words
@@ -415,8 +419,8 @@ __global__ void __launch_bounds__(kThreads, 1) sample_kernel(const float* logits
   pdl_wait();
   const SampleRow sr = rows[blockIdx.x];
   Row r{logits + int64_t(sr.row) * vocab, vocab, -INFINITY, sr.temperature > 0.0f ? kLog2e / sr.temperature : 0.0f};
+  const int64_t words = (vocab + 31) / 32;
   if (sr.num_edits > 0) {  // 0. the edited tokens' bitmap
-    const int64_t words = (vocab + 31) / 32;
     for (int64_t i = threadIdx.x; i < words; i += kThreads) edited[i] = 0u;
     __syncthreads();
     const LogitEdit* e = edits + sr.first_edit;
@@ -435,13 +439,19 @@ __global__ void __launch_bounds__(kThreads, 1) sample_kernel(const float* logits
       __syncthreads();
       r.edit_token = tok, r.edit_value = val;
     }
-    if (processed != nullptr && sr.scratch != kNoScratch) {  // the processed row, once
-      float* y = processed + static_cast<int64_t>(sr.scratch) * vocab;
+  }
+  if ((sr.num_edits > 0 || sr.mask >= 0) && processed != nullptr && sr.scratch != kNoScratch) {
+    float* y = processed + static_cast<int64_t>(sr.scratch) * vocab;  // the processed row, once
+    if (sr.mask >= 0) {
+      const uint32_t* allowed = masks + sr.mask * words;
+      for (int64_t t = threadIdx.x; t < vocab; t += kThreads)
+        y[t] = (allowed[t >> 5] >> (t & 31)) & 1u ? r.value(t) : -INFINITY;
+    } else {
       for (int64_t t = threadIdx.x; t < vocab; t += kThreads) y[t] = r.value(t);
-      __syncthreads();  // the block's own global writes: visible to it past the barrier
-      r.x = y;
-      r.num_edits = 0;
     }
+    __syncthreads();  // the block's own global writes: visible to it past the barrier
+    r.x = y;
+    r.num_edits = 0;
   }
   // 1. maximum, first index of it
   const int64_t bi = first_max(vocab, [&](int64_t t) { return r.value(t); }, &r.max, sm);
@@ -457,7 +467,8 @@ __global__ void __launch_bounds__(kThreads, 1) sample_kernel(const float* logits
 }  // namespace
 
 void sample_rows(const float* logits, int64_t vocab, const SampleRow* rows, int64_t n, const LogitEdit* edits,
-                 int32_t edit_slots, float* processed, int32_t* out, DrawLogprobs* logprobs, cudaStream_t s) {
+                 int32_t edit_slots, const uint32_t* masks, float* processed, int32_t* out, DrawLogprobs* logprobs,
+                 cudaStream_t s) {
   if (n == 0) return;
   // the attribute is per function: raised when a larger vocabulary's bitmap needs it
   // The attribute is per function and device; runtimes in several threads may get here together.
@@ -475,12 +486,12 @@ void sample_rows(const float* logits, int64_t vocab, const SampleRow* rows, int6
       mine.store(bytes);
     }
   }
-  launch(sample_kernel, static_cast<unsigned>(n), kThreads, bytes, s, logits, vocab, rows, edits, edit_slots,
+  launch(sample_kernel, static_cast<unsigned>(n), kThreads, bytes, s, logits, vocab, rows, edits, edit_slots, masks,
          processed, out, logprobs);
 }
 
 void CudaBackend::sample(const Tensor& logits, const SampleRow* rows, int64_t n, const LogitEdit* edits,
-                         int64_t num_edits, int32_t* out, DrawLogprobs* logprobs) {
+                         int64_t num_edits, int32_t* out, DrawLogprobs* logprobs, const DrawMasks& masks) {
   require(logits.dtype == ScalarType::F32, "sample: fp32 logits");
   if (n == 0) return;
   const int64_t vocab = logits.dim(1);
@@ -495,8 +506,8 @@ void CudaBackend::sample(const Tensor& logits, const SampleRow* rows, int64_t n,
   }();
   if (sizeof(Smem) + bitmap_bytes(vocab) > kSmemLimit)
     require(false, "sample: a vocabulary of " + std::to_string(vocab) + " tokens is too large for the edit bitmap");
-  bool any_logprobs = false;
-  int32_t most_edits = 0, edited = 0;
+  bool any_logprobs = false, any_mask = false;
+  int32_t most_edits = 0, processed_rows = 0;
   for (int64_t i = 0; i < n; ++i) {
     const SampleRow& d = rows[i];
     auto fail = [&](const std::string& what) { require(false, "sample: draw " + std::to_string(i) + ": " + what); };
@@ -505,6 +516,8 @@ void CudaBackend::sample(const Tensor& logits, const SampleRow* rows, int64_t n,
     if (d.logprobs > kMaxLogprobs) fail("at most " + std::to_string(kMaxLogprobs) + " logprobs");
     if (d.num_edits < 0 || d.first_edit < 0 || d.first_edit + int64_t(d.num_edits) > num_edits)
       fail("edit range out of range");
+    if (d.mask < -1 || d.mask >= masks.num_masks || (d.mask >= 0 && masks.words == nullptr))
+      fail("mask " + std::to_string(d.mask) + " out of range (" + std::to_string(masks.num_masks) + " masks)");
     for (int32_t j = 0; j < d.num_edits; ++j) {
       const int32_t t = edits[d.first_edit + j].token;
       if (t < 0 || t >= vocab || (j > 0 && edits[d.first_edit + j - 1].token >= t))
@@ -512,39 +525,47 @@ void CudaBackend::sample(const Tensor& logits, const SampleRow* rows, int64_t n,
     }
     any_logprobs = any_logprobs || d.logprobs >= 0;
     most_edits = std::max(most_edits, d.num_edits);
-    edited += d.num_edits > 0;
+    processed_rows += d.num_edits > 0 || d.mask >= 0;
+    any_mask = any_mask || d.mask >= 0;
   }
-  // a processed copy of each edited draw's row, up to 256 MB (past it, the draws read through their edits)
-  const bool copies = edited > 0 && static_cast<size_t>(edited) * static_cast<size_t>(vocab) * 4 <= (256u << 20);
-  if (copies && (processed_.data == nullptr || processed_.numel() < int64_t(edited) * vocab))
-    processed_ = empty({int64_t(edited), vocab}, ScalarType::F32);
+  // a processed copy of each edited or masked draw's row, up to 256 MB (past
+  // it, the draws read through their edits) unless a draw is masked (the
+  // kernel applies masks only as it writes the copies)
+  const bool copies = processed_rows > 0 &&
+                      (any_mask || static_cast<size_t>(processed_rows) * static_cast<size_t>(vocab) * 4 <= (256u << 20));
+  if (copies && (processed_.data == nullptr || processed_.numel() < int64_t(processed_rows) * vocab))
+    processed_ = empty({int64_t(processed_rows), vocab}, ScalarType::F32);
   // shared memory for the largest draw's edits where they fit (else those draws search global memory)
   const int32_t edit_slots = static_cast<int32_t>(
       std::min<size_t>(static_cast<size_t>(most_edits), (kSmemLimit - sizeof(Smem) - bitmap_bytes(vocab)) / 8));
   require(!any_logprobs || logprobs != nullptr, "sample: a draw asks for logprobs and there is nowhere to put them");
-  // up: the draws, then the edits; down: their tokens, then the logprobs (one staging buffer)
+  // up: the draws, the edits, the masks; down: their tokens, then the logprobs (one staging buffer)
+  const size_t mask_words = static_cast<size_t>(masks.words ? masks.num_masks : 0) * static_cast<size_t>((vocab + 31) / 32);
   const size_t row_bytes = align16(static_cast<size_t>(n) * sizeof(SampleRow));
   const size_t edit_bytes = align16(static_cast<size_t>(num_edits) * sizeof(LogitEdit));
+  const size_t up_bytes = row_bytes + edit_bytes + align16(mask_words * 4);
   const size_t tok_bytes = align16(static_cast<size_t>(n) * 4);
   const size_t lp_bytes = any_logprobs ? static_cast<size_t>(n) * sizeof(DrawLogprobs) : 0;
-  uint8_t* h = samples_.host(row_bytes + edit_bytes + tok_bytes + lp_bytes);  // waits for the previous use
+  uint8_t* h = samples_.host(up_bytes + tok_bytes + lp_bytes);  // waits for the previous use
   std::memcpy(h, rows, static_cast<size_t>(n) * sizeof(SampleRow));
   SampleRow* staged = reinterpret_cast<SampleRow*>(h);
   uint32_t next_copy = 0;
-  for (int64_t i = 0; i < n; ++i) staged[i].scratch = copies && staged[i].num_edits > 0 ? next_copy++ : kNoScratch;
+  for (int64_t i = 0; i < n; ++i)
+    staged[i].scratch = copies && (staged[i].num_edits > 0 || staged[i].mask >= 0) ? next_copy++ : kNoScratch;
   if (num_edits > 0) std::memcpy(h + row_bytes, edits, static_cast<size_t>(num_edits) * sizeof(LogitEdit));
-  samples_.upload(row_bytes + edit_bytes, stream_);
+  if (mask_words > 0) std::memcpy(h + row_bytes + edit_bytes, masks.words, mask_words * 4);
+  samples_.upload(up_bytes, stream_);
   uint8_t* d = samples_.device();
-  int32_t* dev_out = reinterpret_cast<int32_t*>(d + row_bytes + edit_bytes);
-  DrawLogprobs* dev_lp = any_logprobs ? reinterpret_cast<DrawLogprobs*>(d + row_bytes + edit_bytes + tok_bytes) : nullptr;
-  sample_rows(logits.as<float>(), vocab, reinterpret_cast<const SampleRow*>(d),
-              n, reinterpret_cast<const LogitEdit*>(d + row_bytes), edit_slots,
+  int32_t* dev_out = reinterpret_cast<int32_t*>(d + up_bytes);
+  DrawLogprobs* dev_lp = any_logprobs ? reinterpret_cast<DrawLogprobs*>(d + up_bytes + tok_bytes) : nullptr;
+  sample_rows(logits.as<float>(), vocab, reinterpret_cast<const SampleRow*>(d), n,
+              reinterpret_cast<const LogitEdit*>(d + row_bytes), edit_slots,
+              mask_words > 0 ? reinterpret_cast<const uint32_t*>(d + row_bytes + edit_bytes) : nullptr,
               copies ? processed_.as<float>() : nullptr, dev_out, dev_lp, stream_);
-  CUDA_CHECK(cudaMemcpyAsync(h + row_bytes + edit_bytes, dev_out, tok_bytes + lp_bytes, cudaMemcpyDeviceToHost, stream_));
+  CUDA_CHECK(cudaMemcpyAsync(h + up_bytes, dev_out, tok_bytes + lp_bytes, cudaMemcpyDeviceToHost, stream_));
   CUDA_CHECK(cudaStreamSynchronize(stream_));
-  std::memcpy(out, h + row_bytes + edit_bytes, static_cast<size_t>(n) * 4);
-  if (any_logprobs)
-    std::memcpy(logprobs, h + row_bytes + edit_bytes + tok_bytes, static_cast<size_t>(n) * sizeof(DrawLogprobs));
+  std::memcpy(out, h + up_bytes, static_cast<size_t>(n) * 4);
+  if (any_logprobs) std::memcpy(logprobs, h + up_bytes + tok_bytes, static_cast<size_t>(n) * sizeof(DrawLogprobs));
 }
 
 }  // namespace pagedrt::cuda

@@ -1,0 +1,142 @@
+#include "backend/cuda/kv_memory.hpp"
+
+#include <cuda.h>
+#include <cudaTypedefs.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <string>
+
+#include "backend/cuda/cuda_backend.hpp"
+#include "backend/cuda/cuda_check.hpp"
+#include "pagedrt/error.hpp"
+
+namespace pagedrt::cuda {
+namespace {
+
+template <typename F>
+F driver(const char* name) {
+  void* f = nullptr;
+  cudaDriverEntryPointQueryResult found{};
+  CUDA_CHECK(cudaGetDriverEntryPointByVersion(name, &f, 12000, cudaEnableDefault, &found));
+  if (found != cudaDriverEntryPointSuccess || f == nullptr)
+    throw Error(ErrorKind::Runtime, std::string("the CUDA driver has no ") + name + " (virtual memory management)");
+  return reinterpret_cast<F>(f);
+}
+
+struct Vmm {
+  PFN_cuMemGetAllocationGranularity_v10020 granularity = driver<PFN_cuMemGetAllocationGranularity_v10020>("cuMemGetAllocationGranularity");
+  PFN_cuMemAddressReserve_v10020 reserve = driver<PFN_cuMemAddressReserve_v10020>("cuMemAddressReserve");
+  PFN_cuMemAddressFree_v10020 free = driver<PFN_cuMemAddressFree_v10020>("cuMemAddressFree");
+  PFN_cuMemCreate_v10020 create = driver<PFN_cuMemCreate_v10020>("cuMemCreate");
+  PFN_cuMemRelease_v10020 release = driver<PFN_cuMemRelease_v10020>("cuMemRelease");
+  PFN_cuMemMap_v10020 map = driver<PFN_cuMemMap_v10020>("cuMemMap");
+  PFN_cuMemUnmap_v10020 unmap = driver<PFN_cuMemUnmap_v10020>("cuMemUnmap");
+  PFN_cuMemSetAccess_v10020 access = driver<PFN_cuMemSetAccess_v10020>("cuMemSetAccess");
+};
+
+const Vmm& vmm() {
+  static const Vmm v;
+  return v;
+}
+
+CUmemAllocationProp device_prop(int device) {
+  CUmemAllocationProp prop{};
+  prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
+  prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+  prop.location.id = device;
+  return prop;
+}
+
+void check(CUresult r, const char* what, size_t bytes) {
+  if (r != CUDA_SUCCESS)
+    throw Error(ErrorKind::Runtime, std::string(what) + " failed (CUresult " + std::to_string(int(r)) + ") for " +
+                                        std::to_string(bytes) + " bytes of the KV pool");
+}
+
+}  // namespace
+
+DeviceKvMemory::DeviceKvMemory(int device, const std::vector<int64_t>& shape, ScalarType dtype, int64_t count,
+                               int64_t target_bytes)
+    : device_(device) {
+  const Vmm& v = vmm();
+  const CUmemAllocationProp prop = device_prop(device);
+  size_t gran = 0;
+  check(v.granularity(&gran, &prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM), "cuMemGetAllocationGranularity", 0);
+  num_blocks_ = shape[0];
+  int64_t block_bytes = static_cast<int64_t>(scalar_size(dtype));
+  for (size_t i = 1; i < shape.size(); ++i) block_bytes *= shape[i];
+  chunk_blocks_ = chunk_blocks_for(block_bytes, static_cast<int64_t>(gran), count, target_bytes);
+  chunk_bytes_ = static_cast<size_t>(chunk_blocks_ * block_bytes);
+  reserved_ = static_cast<size_t>(num_chunks()) * chunk_bytes_;  // whole chunks: the last one maps whole too
+  handles_.assign(static_cast<size_t>(num_chunks() * count), 0);
+  for (int64_t i = 0; i < count; ++i) {
+    CUdeviceptr p = 0;
+    const CUresult r = v.reserve(&p, reserved_, 0, 0, 0);
+    if (r != CUDA_SUCCESS) {
+      for (unsigned long long b : bases_) v.free(b, reserved_);
+      check(r, "cuMemAddressReserve", reserved_);
+    }
+    bases_.push_back(p);
+    Tensor t;
+    t.shape = shape;
+    t.dtype = dtype;
+    t.device = Device::CUDA;
+    t.data = reinterpret_cast<void*>(p);
+    tensors_.push_back(std::move(t));
+  }
+}
+
+DeviceKvMemory::~DeviceKvMemory() {
+  cudaDeviceSynchronize();  // nothing queued may touch the pool past here
+  for (int64_t c = 0; c < num_chunks(); ++c)
+    for (size_t i = 0; i < bases_.size(); ++i) unmap_tensor(c, i);
+  for (unsigned long long b : bases_) vmm().free(b, reserved_);
+}
+
+void DeviceKvMemory::unmap_tensor(int64_t chunk, size_t i) {
+  unsigned long long& h = handles_[static_cast<size_t>(chunk) * bases_.size() + i];
+  if (h == 0) return;
+  vmm().unmap(bases_[i] + static_cast<size_t>(chunk) * chunk_bytes_, chunk_bytes_);
+  vmm().release(h);
+  h = 0;
+}
+
+bool DeviceKvMemory::map(int64_t chunk) {
+  const Vmm& v = vmm();
+  const CUmemAllocationProp prop = device_prop(device_);
+  CUmemAccessDesc access{};
+  access.location = prop.location;
+  access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+  for (size_t i = 0; i < bases_.size(); ++i) {
+    const CUdeviceptr at = bases_[i] + static_cast<size_t>(chunk) * chunk_bytes_;
+    CUmemGenericAllocationHandle h = 0;
+    CUresult r = v.create(&h, chunk_bytes_, &prop, 0);
+    if (r == CUDA_SUCCESS) {
+      r = v.map(at, chunk_bytes_, 0, h, 0);
+      if (r != CUDA_SUCCESS) v.release(h);
+    }
+    if (r == CUDA_SUCCESS) {
+      handles_[static_cast<size_t>(chunk) * bases_.size() + i] = h;
+      r = v.access(at, chunk_bytes_, &access, 1);
+    }
+    if (r != CUDA_SUCCESS) {  // out of memory (or refused): undo this chunk, the pool is full for now
+      for (size_t j = 0; j <= i; ++j) unmap_tensor(chunk, j);
+      return false;
+    }
+  }
+  return true;
+}
+
+void DeviceKvMemory::unmap(int64_t chunk) {
+  for (size_t i = 0; i < bases_.size(); ++i) unmap_tensor(chunk, i);
+}
+
+std::unique_ptr<KvMemory> CudaBackend::reserve_kv(const std::vector<int64_t>& shape, ScalarType dtype, int64_t count,
+                                                  int64_t chunk_bytes) {
+  int device = 0;
+  CUDA_CHECK(cudaGetDevice(&device));
+  return std::make_unique<DeviceKvMemory>(device, shape, dtype, count, chunk_bytes);
+}
+
+}  // namespace pagedrt::cuda
