@@ -1526,8 +1526,9 @@ def test_elastic_kv_pool_maps_and_gives_back_gpu_memory(tiny_llama, monkeypatch)
     prompts of 200-400 tokens run across several chunks with the tokens of a
     pool taken whole (fp32 mode: exact against batch shape), and 0.5 s after
     the work ends the pool holds its first chunk again; in a second round
-    (the engine's lazy buffers made by then) the device's free memory falls
-    by what is mapped and comes back when it is given back (within 10%)."""
+    the device's free memory falls by at least what is mapped (less 10%; the
+    engine may make buffers or graphs besides), and giving the chunks back
+    returns what was mapped (within 10%)."""
     import time
 
     import torch
@@ -1559,7 +1560,7 @@ def test_elastic_kv_pool_maps_and_gives_back_gpu_memory(tiny_llama, monkeypatch)
         grown = rt.stats().kv_mapped_bytes
         free1 = torch.cuda.mem_get_info()[0]
         assert grown >= 3 * first
-        assert abs((free0 - free1) - (grown - first)) <= 0.1 * (grown - first), (free0 - free1, grown - first)
+        assert free0 - free1 >= 0.9 * (grown - first), (free0 - free1, grown - first)
         assert given_back(rt, first)
         free2 = torch.cuda.mem_get_info()[0]
-        assert abs(free2 - free0) <= 0.1 * (grown - first), (free2 - free0, grown - first)
+        assert abs((free2 - free1) - (grown - first)) <= 0.1 * (grown - first), (free2 - free1, grown - first)

@@ -54,8 +54,8 @@ void check_config(const RuntimeConfig& c) {
   if (c.num_threads < 0) bad_arg("num_threads must be >= 0, got " + std::to_string(c.num_threads));
   if (!preemption_mode_of(c.preemption_mode))
     bad_arg("preemption_mode '" + c.preemption_mode + "' is not known (use \"recompute\", \"swap\" or \"auto\")");
-  if (!(c.kv_idle_release_s >= 0.0))  // NaN too
-    bad_arg("kv_idle_release_s must be >= 0 (seconds; 0: never give KV memory back), got " +
+  if (!(c.kv_idle_release_s >= 0.0 && c.kv_idle_release_s <= 1e6))  // NaN and inf too
+    bad_arg("kv_idle_release_s must be in [0, 1e6] (seconds; 0: never give KV memory back), got " +
             shortest(c.kv_idle_release_s));
   if (c.swap_space_bytes < 0) bad_arg("swap_space_bytes must be >= 0, got " + std::to_string(c.swap_space_bytes));
   if (!(c.kv_watermark >= 0.0 && c.kv_watermark < 0.5))  // NaN too

@@ -150,7 +150,8 @@ class Backend {
   virtual Tensor from_host(const Tensor& host) = 0;
   // An elastic KV pool's memory (backend/kv_memory.hpp): `count` tensors of
   // `shape` (blocks first), address ranges reserved, nothing mapped; chunks
-  // of at least `chunk_bytes` over all tensors.
+  // of at least `chunk_bytes` over all tensors. Null where the device cannot
+  // (the pool is then taken whole).
   virtual std::unique_ptr<KvMemory> reserve_kv(const std::vector<int64_t>& shape, ScalarType dtype, int64_t count,
                                                int64_t chunk_bytes) = 0;
 

@@ -123,8 +123,10 @@ bool BlockPool::map_chunk() {
   const int32_t c = static_cast<int32_t>(std::find(mapped_.begin(), mapped_.end(), 0) - mapped_.begin());
   if (!map_(c)) {
     next_map_try_ = now + 0.5;
+    map_failed_ = true;
     return false;
   }
+  map_failed_ = false;
   // After the last plain free block (the cached ones, LRU, stay behind), in id order.
   int32_t after = tail_;
   while (after >= 0 && blocks_[after].uid != 0) after = blocks_[after].prev;

@@ -69,6 +69,8 @@ class BlockPool {
   int32_t num_mapped_blocks() const { return num_blocks() - unmapped_; }
   // Whether a chunk other than the first is mapped.
   bool has_spare_chunks() const { return mapped_chunks_ > 1; }
+  // Whether the last try to map a chunk failed (none has succeeded since).
+  bool map_failed() const { return map_failed_; }
   // Gives back every mapped chunk but the first with no block in use (its
   // cached blocks are evicted); returns how many. The caller makes sure the
   // device no longer touches them.
@@ -121,6 +123,7 @@ class BlockPool {
   std::vector<int32_t> in_use_;     // per chunk: blocks with ref count > 0
   int32_t mapped_chunks_ = 1, unmapped_ = 0;
   double next_map_try_ = 0.0;       // steady clock, seconds: after a failed map
+  bool map_failed_ = false;
   std::function<bool(int32_t)> map_;
   std::function<void(int32_t)> unmap_;
   int64_t slots_used_ = 0;

@@ -131,8 +131,11 @@ void Engine::loop() {
       if (stopping_) break;
     }
     if (idle) {  // nothing to do for a while: the unused chunks go back to the device
-      runner_.synchronize();
-      pool_.release_unused_chunks();
+      try {
+        runner_.synchronize();
+        pool_.release_unused_chunks();
+      } catch (const std::exception&) {  // a device error: the next step reports it; keep what is mapped
+      }
       publish_stats();
       continue;
     }
@@ -232,6 +235,12 @@ void Engine::step() {
                        std::to_string(pool_.num_blocks()) +
                        " to compute again; use preemption_mode \"auto\" or \"swap\" (with swap space for them) "
                        "or a larger kv_cache_bytes");
+  for (Request* r : step.unmapped)
+    finish_request(*r, FinishReason::Error,
+                   "out of GPU memory for the KV cache: the elastic pool could not map its next chunk (" +
+                       std::to_string(pool_.num_mapped_blocks()) + " of " + std::to_string(pool_.num_blocks()) +
+                       " blocks mapped; the device's memory is taken by something else); try again later, or "
+                       "take the pool at start with elastic_kv=False");
   if (!step.swap_out.empty() || !step.swap_in.empty()) {
     try {
       swap(step);

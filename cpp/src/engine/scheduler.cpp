@@ -242,6 +242,11 @@ SchedulerOutput Scheduler::schedule() {
     if ((config_.watermark_blocks > 0 && !above_watermark(admission_blocks(*req))) ||
         !kv_.pool().reserve(static_cast<int32_t>(need))) {
       free_blocks(*req);  // give the hits back; try again next step
+      if (running_.empty() && kv_.pool().map_failed()) {
+        waiting_.pop_front();
+        out.unmapped.push_back(req);
+        continue;
+      }
       break;
     }
     if (kv_.prefix_caching()) {

@@ -98,6 +98,10 @@ struct SchedulerOutput {
   // more blocks than the pool has. Out of the queues: the engine ends them
   // with an error.
   std::vector<Request*> unfit;
+  // The front waiting request when nothing runs and an elastic pool could
+  // not map the chunk it needs (the device's memory is taken): out of the
+  // queue, the engine ends it with an error rather than let it wait unseen.
+  std::vector<Request*> unmapped;
   int64_t num_tokens = 0;
   bool empty() const { return scheduled.empty(); }
 };

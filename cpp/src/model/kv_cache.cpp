@@ -26,16 +26,18 @@ KvCache KvCache::allocate(Backend& backend, const LlamaConfig& cfg, int64_t bloc
                     std::to_string(block_size) + " tokens needs " + std::to_string(kv.bytes_per_block) +
                     " bytes for this model)");
   const std::vector<int64_t> shape = {kv.num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim};
-  if (!elastic) {
+  if (elastic) {
+    if (const char* env = std::getenv("PAGEDRT_KV_CHUNK_BYTES")) chunk_bytes = std::atoll(env);
+    if (chunk_bytes <= 0) chunk_bytes = std::max<int64_t>(64ll << 20, kv.num_blocks * kv.bytes_per_block / 64);
+    kv.memory = backend.reserve_kv(shape, dtype, 2 * cfg.num_layers, chunk_bytes);
+  }
+  if (!kv.memory) {
     for (int64_t l = 0; l < cfg.num_layers; ++l) {
       kv.k.push_back(backend.empty(shape, dtype));
       kv.v.push_back(backend.empty(shape, dtype));
     }
     return kv;
   }
-  if (const char* env = std::getenv("PAGEDRT_KV_CHUNK_BYTES")) chunk_bytes = std::atoll(env);
-  if (chunk_bytes <= 0) chunk_bytes = std::max<int64_t>(64ll << 20, kv.num_blocks * kv.bytes_per_block / 64);
-  kv.memory = backend.reserve_kv(shape, dtype, 2 * cfg.num_layers, chunk_bytes);
   if (!kv.memory->map(0))
     throw Error(ErrorKind::Runtime, "out of device memory mapping the KV pool's first chunk (" +
                                         std::to_string(kv.memory->chunk_blocks()) + " blocks)");

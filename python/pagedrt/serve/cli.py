@@ -22,6 +22,9 @@ _HELP = {
     "activation_dtype": "activation and KV-cache dtype: auto, float32 or bfloat16",
     "kv_cache_bytes": "KV pool cap in bytes (0: 512 MiB on the CPU, else gpu_memory_utilization)",
     "gpu_memory_utilization": "fraction of free GPU memory for the KV pool",
+    "elastic_kv": "map the KV pool's memory in chunks as blocks are needed, giving unused ones back when idle "
+                  "(--no-elastic-kv: take the whole pool at start)",
+    "kv_idle_release_s": "seconds without work after which an elastic KV pool gives unused chunks back (0: never)",
     "block_size": "tokens per KV block",
     "max_num_seqs": "sequences per engine step at most",
     "max_num_batched_tokens": "tokens per engine step at most",

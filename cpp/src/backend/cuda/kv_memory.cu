@@ -67,8 +67,10 @@ DeviceKvMemory::DeviceKvMemory(int device, const std::vector<int64_t>& shape, Sc
   int64_t block_bytes = static_cast<int64_t>(scalar_size(dtype));
   for (size_t i = 1; i < shape.size(); ++i) block_bytes *= shape[i];
   chunk_blocks_ = chunk_blocks_for(block_bytes, static_cast<int64_t>(gran), count, target_bytes);
+  gran_ = gran;
   chunk_bytes_ = static_cast<size_t>(chunk_blocks_ * block_bytes);
-  reserved_ = static_cast<size_t>(num_chunks()) * chunk_bytes_;  // whole chunks: the last one maps whole too
+  tensor_bytes_ = static_cast<size_t>(num_blocks_ * block_bytes);
+  reserved_ = static_cast<size_t>(num_chunks()) * chunk_bytes_;  // address space: whole chunks
   handles_.assign(static_cast<size_t>(num_chunks() * count), 0);
   for (int64_t i = 0; i < count; ++i) {
     CUdeviceptr p = 0;
@@ -94,10 +96,16 @@ DeviceKvMemory::~DeviceKvMemory() {
   for (unsigned long long b : bases_) vmm().free(b, reserved_);
 }
 
+size_t DeviceKvMemory::bytes_of(int64_t chunk) const {
+  const size_t from = static_cast<size_t>(chunk) * chunk_bytes_;
+  const size_t held = std::min(chunk_bytes_, tensor_bytes_ - from);
+  return (held + gran_ - 1) / gran_ * gran_;  // whole granules
+}
+
 void DeviceKvMemory::unmap_tensor(int64_t chunk, size_t i) {
   unsigned long long& h = handles_[static_cast<size_t>(chunk) * bases_.size() + i];
   if (h == 0) return;
-  vmm().unmap(bases_[i] + static_cast<size_t>(chunk) * chunk_bytes_, chunk_bytes_);
+  vmm().unmap(bases_[i] + static_cast<size_t>(chunk) * chunk_bytes_, bytes_of(chunk));
   vmm().release(h);
   h = 0;
 }
@@ -108,17 +116,18 @@ bool DeviceKvMemory::map(int64_t chunk) {
   CUmemAccessDesc access{};
   access.location = prop.location;
   access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+  const size_t bytes = bytes_of(chunk);
   for (size_t i = 0; i < bases_.size(); ++i) {
     const CUdeviceptr at = bases_[i] + static_cast<size_t>(chunk) * chunk_bytes_;
     CUmemGenericAllocationHandle h = 0;
-    CUresult r = v.create(&h, chunk_bytes_, &prop, 0);
+    CUresult r = v.create(&h, bytes, &prop, 0);
     if (r == CUDA_SUCCESS) {
-      r = v.map(at, chunk_bytes_, 0, h, 0);
+      r = v.map(at, bytes, 0, h, 0);
       if (r != CUDA_SUCCESS) v.release(h);
     }
     if (r == CUDA_SUCCESS) {
       handles_[static_cast<size_t>(chunk) * bases_.size() + i] = h;
-      r = v.access(at, chunk_bytes_, &access, 1);
+      r = v.access(at, bytes, &access, 1);
     }
     if (r != CUDA_SUCCESS) {  // out of memory (or refused): undo this chunk, the pool is full for now
       for (size_t j = 0; j <= i; ++j) unmap_tensor(chunk, j);
@@ -134,8 +143,12 @@ void DeviceKvMemory::unmap(int64_t chunk) {
 
 std::unique_ptr<KvMemory> CudaBackend::reserve_kv(const std::vector<int64_t>& shape, ScalarType dtype, int64_t count,
                                                   int64_t chunk_bytes) {
-  int device = 0;
+  int device = 0, vmm_supported = 0;
   CUDA_CHECK(cudaGetDevice(&device));
+  const auto attribute = driver<PFN_cuDeviceGetAttribute_v2000>("cuDeviceGetAttribute");
+  if (attribute(&vmm_supported, CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED, device) != CUDA_SUCCESS ||
+      !vmm_supported)
+    return nullptr;  // (some virtual GPUs) the pool is taken whole
   return std::make_unique<DeviceKvMemory>(device, shape, dtype, count, chunk_bytes);
 }
 

@@ -23,11 +23,14 @@ class DeviceKvMemory final : public KvMemory {
 
  private:
   void unmap_tensor(int64_t chunk, size_t i);
+  size_t bytes_of(int64_t chunk) const;  // the chunk's mapping per tensor: the last holds only its blocks
   int device_ = 0;
   std::vector<unsigned long long> bases_;  // CUdeviceptr per tensor
   std::vector<unsigned long long> handles_;  // (chunks, count) CUmemGenericAllocationHandle; 0: unmapped
   size_t reserved_ = 0;   // bytes per tensor (whole granules)
   size_t chunk_bytes_ = 0;  // bytes per tensor and chunk
+  size_t tensor_bytes_ = 0;  // the blocks' bytes per tensor
+  size_t gran_ = 0;
 };
 
 }  // namespace pagedrt::cuda

@@ -506,7 +506,7 @@ void CudaBackend::sample(const Tensor& logits, const SampleRow* rows, int64_t n,
   }();
   if (sizeof(Smem) + bitmap_bytes(vocab) > kSmemLimit)
     require(false, "sample: a vocabulary of " + std::to_string(vocab) + " tokens is too large for the edit bitmap");
-  bool any_logprobs = false, any_mask = false;
+  bool any_logprobs = false;
   int32_t most_edits = 0, processed_rows = 0;
   for (int64_t i = 0; i < n; ++i) {
     const SampleRow& d = rows[i];
@@ -526,15 +526,16 @@ void CudaBackend::sample(const Tensor& logits, const SampleRow* rows, int64_t n,
     any_logprobs = any_logprobs || d.logprobs >= 0;
     most_edits = std::max(most_edits, d.num_edits);
     processed_rows += d.num_edits > 0 || d.mask >= 0;
-    any_mask = any_mask || d.mask >= 0;
   }
   // a processed copy of each edited or masked draw's row, up to 256 MB (past
-  // it, the draws read through their edits) unless a draw is masked (the
-  // kernel applies masks only as it writes the copies)
-  const bool copies = processed_rows > 0 &&
-                      (any_mask || static_cast<size_t>(processed_rows) * static_cast<size_t>(vocab) * 4 <= (256u << 20));
-  if (copies && (processed_.data == nullptr || processed_.numel() < int64_t(processed_rows) * vocab))
-    processed_ = empty({int64_t(processed_rows), vocab}, ScalarType::F32);
+  // it, edited draws read through their edits); masked draws get theirs
+  // whatever it takes (the kernel masks only as it writes a copy)
+  const bool edited_copies = static_cast<size_t>(processed_rows) * static_cast<size_t>(vocab) * 4 <= (256u << 20);
+  int64_t copies_needed = 0;
+  for (int64_t i = 0; i < n; ++i) copies_needed += rows[i].mask >= 0 || (edited_copies && rows[i].num_edits > 0);
+  const bool copies = copies_needed > 0;
+  if (copies && (processed_.data == nullptr || processed_.numel() < copies_needed * vocab))
+    processed_ = empty({copies_needed, vocab}, ScalarType::F32);
   // shared memory for the largest draw's edits where they fit (else those draws search global memory)
   const int32_t edit_slots = static_cast<int32_t>(
       std::min<size_t>(static_cast<size_t>(most_edits), (kSmemLimit - sizeof(Smem) - bitmap_bytes(vocab)) / 8));
@@ -551,7 +552,7 @@ void CudaBackend::sample(const Tensor& logits, const SampleRow* rows, int64_t n,
   SampleRow* staged = reinterpret_cast<SampleRow*>(h);
   uint32_t next_copy = 0;
   for (int64_t i = 0; i < n; ++i)
-    staged[i].scratch = copies && (staged[i].num_edits > 0 || staged[i].mask >= 0) ? next_copy++ : kNoScratch;
+    staged[i].scratch = staged[i].mask >= 0 || (edited_copies && staged[i].num_edits > 0) ? next_copy++ : kNoScratch;
   if (num_edits > 0) std::memcpy(h + row_bytes, edits, static_cast<size_t>(num_edits) * sizeof(LogitEdit));
   if (mask_words > 0) std::memcpy(h + row_bytes + edit_bytes, masks.words, mask_words * 4);
   samples_.upload(up_bytes, stream_);
