@@ -16,6 +16,9 @@ process (pagedrt and transformers each hold a 16 GB model):
     bench_cuda.py batch_tpot OUT.json MODEL_DIR SETTING...  decode TPOT at batch 1/16/64/128/256, per setting
     bench_cuda.py hf        OUT.json MODEL_DIR  the same workloads with transformers (eager+SDPA)
     bench_cuda.py verify    OUT.json MODEL_DIR  speculative verify step, 1 + k positions (k = 0..8) vs batch-1 TPOT
+    bench_cuda.py sampling  OUT.json            device sampling over 1 / 64 / 256 rows of 128K logits vs torch
+    bench_cuda.py elastic   OUT.json MODEL_DIR  the elastic KV pool against one taken whole: memory, tok/s
+    bench_cuda.py preemption OUT.json MODEL_DIR 256 x (512/384) in an 8 GiB pool: recompute, swap, auto
 
 GPU timings use CUDA events after warm-up, medians; inputs are random (never zeros).
 """
@@ -690,6 +693,40 @@ def elastic_bench(model):
     return r
 
 
+def preemption_bench(model):
+    """Preemption on the GPU: 256 x (512 in / 384 out) greedy requests into an
+    8 GiB pool (8B shape: ~65K token slots against the ~230K the batch would
+    hold at once), under preemption_mode "recompute", "swap" and "auto": output
+    tok/s, preemptions, blocks swapped each way and the seconds spent issuing
+    swaps (stats()), and the greedy tokens' hash (the same in all three)."""
+    import gc
+
+    import pagedrt
+
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 128000, size=512).tolist() for _ in range(256)]
+    params = pagedrt.SamplingParams(max_tokens=384, ignore_eos=True, temperature=0.0)
+    r = {}
+    for mode in ("recompute", "swap", "auto"):
+        rt = pagedrt.Runtime(model, device="cuda", max_num_seqs=256, max_num_batched_tokens=8192,
+                             kv_cache_bytes=8 << 30, preemption_mode=mode, swap_space_bytes=16 << 30, progress=False)
+        rt.generate(prompts[:4], pagedrt.SamplingParams(max_tokens=4, ignore_eos=True, temperature=0.0))  # warm-up
+        t0 = time.perf_counter()
+        outs = rt.generate(prompts, params)
+        wall = time.perf_counter() - t0
+        s = rt.stats()
+        r[mode] = {"tok_per_s": sum(len(o.token_ids) for o in outs) / wall, "seconds": wall,
+                   "preemptions": s.num_preemptions, "swapped_out": s.num_swapped_out,
+                   "swap_out_blocks": s.swap_out_blocks, "swap_in_blocks": s.swap_in_blocks,
+                   "swap_seconds": s.swap_seconds, "block_bytes": s.kv_cache_bytes // s.num_blocks,
+                   "tokens_sha256": hashlib.sha256(np.array([o.token_ids for o in outs], np.int32).tobytes()).hexdigest()}
+        rt.close()
+        del rt
+        gc.collect()
+        print(mode, {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r[mode].items()}, flush=True)
+    return r
+
+
 def hf_bench(model):
     import torch
     from transformers import AutoConfig, LlamaForCausalLM
@@ -787,7 +824,7 @@ def main():
         res = new_shapes(sys.argv[3], sys.argv[4:])
     else:
         res = {"pagedrt": pagedrt_bench, "hf": hf_bench, "launch_ab": launch_ab,
-               "verify": verify_cost, "elastic": elastic_bench}[part](sys.argv[3])
+               "verify": verify_cost, "elastic": elastic_bench, "preemption": preemption_bench}[part](sys.argv[3])
     json.dump(res, open(out, "w"), indent=1)
     print(part, json.dumps(res))
 
