@@ -213,6 +213,7 @@ void Engine::propose_drafts() {
 }
 
 void Engine::swap(const SchedulerOutput& step) {
+  runner_.ensure_swap_space();  // not timed: auto's estimate is of the copies
   const double start = now_s();
   runner_.swap(step, auto_preemption_);  // Auto waits for the copies, to time them
   const double seconds = now_s() - start;

@@ -42,10 +42,14 @@ ModelOutput ModelRunner::run(const SchedulerOutput& step, bool device_greedy, bo
 
 void ModelRunner::enable_swap(int64_t slots) { swap_slots_ = slots; }
 
-void ModelRunner::swap(const SchedulerOutput& step, bool wait) {
-  if (step.swap_out.empty() && step.swap_in.empty()) return;
+void ModelRunner::ensure_swap_space() {
   if (!swap_space_)  // at the first swap: a runtime that never preempts holds no host memory for it
     swap_space_ = backend_->host_alloc(static_cast<size_t>(swap_slots_ * kv_.bytes_per_block));
+}
+
+void ModelRunner::swap(const SchedulerOutput& step, bool wait) {
+  if (step.swap_out.empty() && step.swap_in.empty()) return;
+  ensure_swap_space();
   const size_t region = static_cast<size_t>(swap_slots_) * (kv_.k[0].nbytes() / static_cast<size_t>(kv_.num_blocks));
   uint8_t* host = static_cast<uint8_t*>(swap_space_.get());
   for (size_t l = 0; l < kv_.k.size(); ++l) {
