@@ -477,3 +477,36 @@ def test_kv_watermark_is_checked(model):
             pagedrt.Runtime(model, device="cpu", kv_watermark=bad)
     with pytest.raises(pagedrt.InvalidArgument, match="kv_watermark"):
         pagedrt.Runtime(model, device="cpu", kv_watermark="high")
+
+
+# ---- an elastic pool whose device memory is taken (elastic_kv) ------------------------------
+
+def test_elastic_pool_that_cannot_grow_waits_then_ends_a_request_alone():
+    """Pools of 20 blocks in chunks of 4 (block_pool.hpp), the device able to
+    map 2 chunks (8 blocks) between them. a (6 blocks at most) runs; b (its
+    24-token prompt: 6 blocks) cannot be mapped for beside it and waits, not
+    ended, while a runs; once a ends, b runs in a's blocks. c, alone and too
+    large for what can be mapped (40 tokens: 10 blocks), ends at admission
+    (SchedulerOutput::unmapped) once a map is tried and fails, rather than
+    waiting unseen (a failed map is tried again half a second later; until
+    then a request waits). With the memory back (map_limit raised), the same
+    request waits out that half second and runs."""
+    from pagedrt import _testing
+    s = _testing._Scheduler(20, BLOCK, chunk_blocks=4)
+    s.map_limit = 2
+    a, b = ("a", list(range(3, 19)), 8, 1), ("b", list(range(100, 124)), 2, 1)
+    log = steps(s, {1: [a], 2: [b]})
+    assert ids(log)[:8] == [["a"]] * 8 and all(rid == "b" for step in ids(log)[8:] for rid in step)
+    assert log[7][2] == ["a"] and sum(p != [] for _, p, _, _ in log) == 0
+    c = ("c", list(range(200, 240)), 1)
+    time.sleep(0.55)
+    s.add(*c)
+    r = s.step()
+    assert r.unmapped == ["c"] and r.scheduled == [] and s.num_waiting == 0
+    s.map_limit = 5
+    s.add(*c)
+    r = s.step()
+    assert r.unmapped == [] and r.scheduled == [] and s.num_waiting == 1  # the failed map's half second
+    time.sleep(0.55)
+    r = s.step()
+    assert r.unmapped == [] and r.scheduled == [("c", 0, 40)]

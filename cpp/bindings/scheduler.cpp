@@ -36,17 +36,31 @@ pagedrt::PreemptionMode mode_of(const std::string& mode) {
 
 struct StepResult {
   std::vector<std::tuple<std::string, int32_t, int32_t>> scheduled;  // (request, sequence index, tokens)
-  std::vector<std::string> preempted, finished, unfit;
+  std::vector<std::string> preempted, finished, unfit, unmapped;
 };
 
 class SchedulerHarness {
  public:
+  // chunk_blocks > 0: an elastic pool whose maps succeed while fewer than
+  // map_limit chunks are mapped (the device's memory, as another tenant leaves it).
   SchedulerHarness(int32_t num_blocks, int32_t block_size, int32_t max_num_seqs, int32_t max_num_batched_tokens,
-                   double kv_watermark, bool prefix_caching, const std::string& preemption_mode, int32_t swap_slots)
+                   double kv_watermark, bool prefix_caching, const std::string& preemption_mode, int32_t swap_slots,
+                   int32_t chunk_blocks)
       : pool_(check(num_blocks, block_size)),
         kv_(pool_, prefix_caching),
         sched_(config(max_num_seqs, max_num_batched_tokens, kv_watermark, num_blocks, preemption_mode, swap_slots),
-               kv_) {}
+               kv_) {
+    if (chunk_blocks > 0)
+      pool_.set_chunks(
+          chunk_blocks,
+          [this](int32_t) {
+            if (mapped_ >= map_limit) return false;
+            ++mapped_;
+            return true;
+          },
+          [this](int32_t) { --mapped_; });
+  }
+  int32_t map_limit = 1 << 30;
   SchedulerHarness(const SchedulerHarness&) = delete;  // (std::map of unique_ptr claims to be copyable)
 
   void add(const std::string& id, const std::vector<int32_t>& prompt, int32_t max_tokens, int32_t n) {
@@ -70,6 +84,10 @@ class SchedulerHarness {
     pagedrt::SchedulerOutput out = sched_.schedule();
     for (pagedrt::Request* r : out.unfit) {
       res.unfit.push_back(r->id);
+      end(*r);
+    }
+    for (pagedrt::Request* r : out.unmapped) {
+      res.unmapped.push_back(r->id);
       end(*r);
     }
     for (pagedrt::Request* r : out.preempted) res.preempted.push_back(r->id);
@@ -163,6 +181,7 @@ class SchedulerHarness {
   std::map<std::string, std::unique_ptr<pagedrt::Request>> requests_;
   uint64_t next_arrival_ = 0;
   int64_t preemptions_ = 0;
+  int32_t mapped_ = 1;  // chunks; the first is mapped from the start
 };
 
 }  // namespace
@@ -172,11 +191,14 @@ void register_scheduler(nb::module_& m) {
       .def_ro("scheduled", &StepResult::scheduled, "(request id, sequence index, tokens) computed this step")
       .def_ro("preempted", &StepResult::preempted)
       .def_ro("finished", &StepResult::finished)
-      .def_ro("unfit", &StepResult::unfit);
+      .def_ro("unfit", &StepResult::unfit)
+      .def_ro("unmapped", &StepResult::unmapped);
   nb::class_<SchedulerHarness>(m, "_Scheduler")
-      .def(nb::init<int32_t, int32_t, int32_t, int32_t, double, bool, const std::string&, int32_t>(), "num_blocks"_a,
-           "block_size"_a, "max_num_seqs"_a = 64, "max_num_batched_tokens"_a = 2048, "kv_watermark"_a = 0.0,
-           "enable_prefix_caching"_a = false, "preemption_mode"_a = "recompute", "swap_slots"_a = 0)
+      .def(nb::init<int32_t, int32_t, int32_t, int32_t, double, bool, const std::string&, int32_t, int32_t>(),
+           "num_blocks"_a, "block_size"_a, "max_num_seqs"_a = 64, "max_num_batched_tokens"_a = 2048,
+           "kv_watermark"_a = 0.0, "enable_prefix_caching"_a = false, "preemption_mode"_a = "recompute",
+           "swap_slots"_a = 0, "chunk_blocks"_a = 0)
+      .def_rw("map_limit", &SchedulerHarness::map_limit)
       .def("add", &SchedulerHarness::add, "request_id"_a, "prompt"_a, "max_tokens"_a, "n"_a = 1)
       .def("step", &SchedulerHarness::step)
       .def_prop_ro("running", &SchedulerHarness::running)

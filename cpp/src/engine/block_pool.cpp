@@ -47,6 +47,7 @@ void BlockPool::evict(int32_t b) {
 }
 
 bool BlockPool::reserve(int32_t n) {
+  map_failed_ = false;
   while (chunk_blocks_ > 0 && unmapped_ > 0 && num_free_ - unmapped_ - num_cached_free_ < n)
     if (!map_chunk()) break;
   return n <= num_free_ - unmapped_;
@@ -119,14 +120,13 @@ void BlockPool::set_chunks(int32_t chunk_blocks, std::function<bool(int32_t)> ma
 
 bool BlockPool::map_chunk() {
   const double now = std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-  if (now < next_map_try_) return false;
+  if (now < next_map_try_) return false;  // (map_failed_ stays false: not tried)
   const int32_t c = static_cast<int32_t>(std::find(mapped_.begin(), mapped_.end(), 0) - mapped_.begin());
   if (!map_(c)) {
     next_map_try_ = now + 0.5;
     map_failed_ = true;
     return false;
   }
-  map_failed_ = false;
   // After the last plain free block (the cached ones, LRU, stay behind), in id order.
   int32_t after = tail_;
   while (after >= 0 && blocks_[after].uid != 0) after = blocks_[after].prev;

@@ -69,7 +69,8 @@ class BlockPool {
   int32_t num_mapped_blocks() const { return num_blocks() - unmapped_; }
   // Whether a chunk other than the first is mapped.
   bool has_spare_chunks() const { return mapped_chunks_ > 1; }
-  // Whether the last try to map a chunk failed (none has succeeded since).
+  // Whether the last reserve() tried to map a chunk and could not (false
+  // while a failed map waits its half second to be tried again).
   bool map_failed() const { return map_failed_; }
   // Gives back every mapped chunk but the first with no block in use (its
   // cached blocks are evicted); returns how many. The caller makes sure the
