@@ -54,3 +54,41 @@ def test_elastic_pool_options_are_checked(tiny_llama):
         pagedrt.Runtime(path, device="cpu", kv_idle_release_s=-1.0)
     with pagedrt.Runtime(path, device="cpu", kv_cache_bytes=1 << 20, kv_idle_release_s=0.0) as rt:
         assert rt.stats().kv_mapped_bytes == rt.stats().kv_cache_bytes  # one chunk: the whole pool
+
+
+def test_every_feature_on_a_pool_of_many_small_chunks(tiny_llama, monkeypatch):
+    """Prefix hits, n = 3 forks (copy-on-write), beam search, n-gram
+    speculation (rolled-back slots) and preemption by swap and by recompute,
+    in a 128 KiB pool (64 blocks) of 16 KiB chunks given back between rounds: the same
+    tokens as the pool taken whole. An unmapped chunk is PROT_NONE on the CPU,
+    so a read or write of a block the pool has not mapped would fault here."""
+    path, _ = tiny_llama(hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
+    rng = np.random.default_rng(9)
+    system = rng.integers(3, 320, size=24).tolist()
+    prompts = [system + rng.integers(3, 320, size=int(rng.integers(5, 30))).tolist() for _ in range(10)]
+    reqs = [
+        (prompts[:4], pagedrt.SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)),
+        (prompts[4:6], pagedrt.SamplingParams(max_tokens=20, n=3, temperature=0.9, seed=3, ignore_eos=True)),
+        (prompts[6:7], pagedrt.SamplingParams(max_tokens=12, beam_width=3, ignore_eos=True)),
+        (prompts[7:10], pagedrt.SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True,
+                                               speculative="ngram", num_speculative_tokens=4)),
+    ]
+
+    def run(rt):
+        outs = []
+        for _ in range(2):
+            for p, params in reqs:
+                outs.append([[c.token_ids for c in o.outputs] for o in rt.generate(p, params)])
+            time.sleep(0.3)  # an elastic pool gives its chunks back in between
+        return outs, rt.stats()
+
+    monkeypatch.setenv("PAGEDRT_KV_CHUNK_BYTES", str(16 << 10))
+    for mode in ("swap", "recompute"):
+        opts = dict(device="cpu", kv_cache_bytes=128 << 10, block_size=4, preemption_mode=mode, kv_idle_release_s=0.2)
+        with pagedrt.Runtime(path, elastic_kv=False, **opts) as rt:
+            want, _ = run(rt)
+        with pagedrt.Runtime(path, elastic_kv=True, **opts) as rt:
+            got, stats = run(rt)
+        assert got == want
+        assert stats.num_preemptions > 0 and stats.prefix_hits > 0 and stats.num_blocks == 64
+        assert stats.kv_mapped_bytes == stats.kv_cache_bytes // 8  # given back to its first chunk

@@ -28,7 +28,7 @@ HostKvMemory::HostKvMemory(const std::vector<int64_t>& shape, ScalarType dtype, 
   chunk_blocks_ = chunk_blocks_for(block_bytes_, page, count, target_bytes);
   reserved_ = static_cast<size_t>(num_blocks_ * block_bytes_ + page - 1) / page * page;
   for (int64_t i = 0; i < count; ++i) {
-    void* p = mmap(nullptr, reserved_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    void* p = mmap(nullptr, reserved_, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (p == MAP_FAILED) {
       const std::string why = std::strerror(errno);
       for (void* q : bases_) munmap(q, reserved_);
@@ -50,10 +50,23 @@ HostKvMemory::~HostKvMemory() {
   bases_.clear();
 }
 
-void HostKvMemory::unmap(int64_t chunk) {
+bool HostKvMemory::protect(int64_t chunk, int prot) {
   const size_t from = static_cast<size_t>(chunk * chunk_blocks_ * block_bytes_);
   const size_t to = std::min(reserved_, static_cast<size_t>((chunk + 1) * chunk_blocks_ * block_bytes_));
-  for (void* p : bases_) madvise(static_cast<char*>(p) + from, to - from, MADV_DONTNEED);
+  bool ok = true;
+  for (void* p : bases_) {
+    if (prot == PROT_NONE) madvise(static_cast<char*>(p) + from, to - from, MADV_DONTNEED);
+    ok = mprotect(static_cast<char*>(p) + from, to - from, prot) == 0 && ok;
+  }
+  return ok;
 }
+
+bool HostKvMemory::map(int64_t chunk) {
+  if (protect(chunk, PROT_READ | PROT_WRITE)) return true;
+  protect(chunk, PROT_NONE);  // all or nothing
+  return false;
+}
+
+void HostKvMemory::unmap(int64_t chunk) { protect(chunk, PROT_NONE); }
 
 }  // namespace pagedrt

@@ -12,8 +12,9 @@
 //
 // CUDA: virtual memory management (cuMemAddressReserve, then cuMemCreate +
 // cuMemMap per chunk and tensor; backend/cuda/kv_memory.hpp). CPU: anonymous
-// mappings whose pages arrive on first touch; unmapping a chunk hands its
-// pages back (madvise MADV_DONTNEED).
+// mappings whose pages arrive on first touch; an unmapped chunk is PROT_NONE
+// (a stray read or write of it faults, as on the GPU, so the CPU tests catch
+// one) and unmapping hands its pages back (madvise MADV_DONTNEED).
 #pragma once
 
 #include <cstdint>
@@ -58,10 +59,11 @@ class HostKvMemory final : public KvMemory {
   // `count` tensors of `shape` and `dtype`; chunks of at least `target_bytes`.
   HostKvMemory(const std::vector<int64_t>& shape, ScalarType dtype, int64_t count, int64_t target_bytes);
   ~HostKvMemory() override;
-  bool map(int64_t) override { return true; }  // pages arrive as they are touched
+  bool map(int64_t chunk) override;  // readable and writable; pages arrive as they are touched
   void unmap(int64_t chunk) override;
 
  private:
+  bool protect(int64_t chunk, int prot);
   std::vector<void*> bases_;
   size_t reserved_ = 0;  // bytes per tensor
   int64_t block_bytes_ = 0;
