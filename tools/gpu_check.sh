@@ -3,7 +3,7 @@
 #
 #   bash tools/gpu_check.sh [STAGE ...]      (from the repo root; default: all stages)
 #
-# Stages: env build wheels optests diag make8b make8btok smol tests e2e bench attn prefill gemm serve servecpu structured masks spec harness profile cpuscale abbuild ab
+# Stages: env build wheels optests diag make8b make8btok smol tests e2e bench attn prefill gemm serve servecpu structured masks spec harness kvpool profile cpuscale abbuild ab
 #   env      nvidia-smi, versions
 #   build    pip install --no-build-isolation --no-deps . with PAGEDRT_CUDA=ON
 #   wheels   only the wheels carried in .whl/ (a later call of a warm machine, built already)
@@ -35,6 +35,8 @@
 #            (its dependencies' wheels carried in .whl/serve/)
 #   servecpu the same on this machine's CPU: SmolLM2 (needs smol), 64 streams, every core
 #   harness  tools/bench.py --device cuda: the project's benchmark harness on the 8B shape
+#   kvpool   bench_cuda.py elastic (the elastic KV pool against one taken whole: memory, tok/s) and
+#            preemption (256 x 512/384 in an 8 GiB pool: recompute, swap, auto) on the 8B shape
 #   profile  tools/cuda_profile.py: GPU time per kernel (batch-1 decode; 64 x 512/32)
 #   cpuscale the CPU backend on this machine's cores: tools/bench.py latency and batched,
 #            SmolLM2 bf16, pagedrt only, 1 to 16 threads (needs the smol stage)
@@ -93,8 +95,8 @@ fi
 
 if has optests; then
   stage optests
-  (PAGEDRT_CUDA_REPORT="$OUT/errors.txt" timeout $(( $(left) - 5 )) $PY -m pytest tests/test_cuda.py -q -rs -x \
-     -k "not smollm2 and not llama3" -p no:cacheprovider 2>&1 | tail -40)
+  (PAGEDRT_CUDA_REPORT="$OUT/errors.txt" timeout $(( $(left) - 5 )) $PY -m pytest tests/test_cuda.py -q -rs \
+     -k "not smollm2 and not llama3" -p no:cacheprovider 2>&1 | tail -60)
 fi
 
 if has diag; then
@@ -254,6 +256,14 @@ if has harness && [ -f "$LLAMA8B/config.json" ]; then
   stage harness
   (cd /tmp && timeout $(( $(left) - 20 > 30 ? $(left) - 20 : 30 )) $PY "$OLDPWD/tools/bench.py" --device cuda \
      --model "$LLAMA8B" --size paper --workloads latency,batched --runs 3 --json "$OUT/bench_harness.json")
+fi
+
+if has kvpool && [ -f "$LLAMA8B/config.json" ]; then
+  stage kvpool
+  (cd /tmp && timeout $(( $(left) - 5 > 30 ? $(left) - 5 : 30 )) $PY "$OLDPWD/tools/bench_cuda.py" elastic \
+     "$OUT/kvpool_elastic.json" "$LLAMA8B" 2>&1 | grep -v '^elastic {')
+  (cd /tmp && timeout $(( $(left) - 5 > 30 ? $(left) - 5 : 30 )) $PY "$OLDPWD/tools/bench_cuda.py" preemption \
+     "$OUT/kvpool_preemption.json" "$LLAMA8B" 2>&1 | grep -v '^preemption {')
 fi
 
 if has profile && [ -f "$LLAMA8B/config.json" ]; then
