@@ -67,7 +67,7 @@ def test_every_feature_on_a_pool_of_many_small_chunks(tiny_llama, monkeypatch):
     system = rng.integers(3, 320, size=24).tolist()
     prompts = [system + rng.integers(3, 320, size=int(rng.integers(5, 30))).tolist() for _ in range(10)]
     reqs = [
-        (prompts[:4], pagedrt.SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)),
+        (prompts, pagedrt.SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)),  # ~10 x 20 blocks
         (prompts[4:6], pagedrt.SamplingParams(max_tokens=20, n=3, temperature=0.9, seed=3, ignore_eos=True)),
         (prompts[6:7], pagedrt.SamplingParams(max_tokens=12, beam_width=3, ignore_eos=True)),
         (prompts[7:10], pagedrt.SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True,
