@@ -622,6 +622,11 @@ def new_shapes(model, settings):
     return r
 
 
+def tokens_hash(outs):
+    """sha256 of a run's generated tokens (equal-length outputs), to compare two runs bit for bit."""
+    return hashlib.sha256(np.array([o.token_ids for o in outs], np.int32).tobytes()).hexdigest()
+
+
 def pagedrt_bench(model):
     import pagedrt
 
@@ -641,7 +646,7 @@ def pagedrt_bench(model):
     outs = rt.generate(prompts, params)
     wall = time.perf_counter() - t0
     # Greedy output of the whole run, to compare two builds bit for bit.
-    r["tokens_sha256"] = hashlib.sha256(np.array([o.token_ids for o in outs], np.int32).tobytes()).hexdigest()
+    r["tokens_sha256"] = tokens_hash(outs)
     r["throughput_tokens"] = sum(len(o.token_ids) for o in outs)
     r["throughput_s"] = wall
     r["throughput_tok_per_s"] = r["throughput_tokens"] / wall
@@ -683,7 +688,7 @@ def elastic_bench(model):
         time.sleep(1.6)
         e["free_gib_after_idle"] = gib()
         e["mapped_gib_after_idle"] = rt.stats().kv_mapped_bytes / 2**30
-        e["tokens_sha256"] = hashlib.sha256(np.array([o.token_ids for o in outs], np.int32).tobytes()).hexdigest()
+        e["tokens_sha256"] = tokens_hash(outs)
         rt.close()
         del rt
         gc.collect()
@@ -719,7 +724,7 @@ def preemption_bench(model):
                    "preemptions": s.num_preemptions, "swapped_out": s.num_swapped_out,
                    "swap_out_blocks": s.swap_out_blocks, "swap_in_blocks": s.swap_in_blocks,
                    "swap_seconds": s.swap_seconds, "block_bytes": s.kv_cache_bytes // s.num_blocks,
-                   "tokens_sha256": hashlib.sha256(np.array([o.token_ids for o in outs], np.int32).tobytes()).hexdigest()}
+                   "tokens_sha256": tokens_hash(outs)}
         rt.close()
         del rt
         gc.collect()

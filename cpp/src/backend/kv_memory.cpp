@@ -19,13 +19,19 @@ int64_t KvMemory::chunk_blocks_for(int64_t block_bytes, int64_t granularity, int
   return base * times;
 }
 
+int64_t KvMemory::set_geometry(const std::vector<int64_t>& shape, ScalarType dtype, int64_t granularity,
+                               int64_t count, int64_t target_bytes) {
+  int64_t block_bytes = static_cast<int64_t>(scalar_size(dtype));
+  for (size_t i = 1; i < shape.size(); ++i) block_bytes *= shape[i];
+  num_blocks_ = shape[0];
+  chunk_blocks_ = chunk_blocks_for(block_bytes, granularity, count, target_bytes);
+  return block_bytes;
+}
+
 HostKvMemory::HostKvMemory(const std::vector<int64_t>& shape, ScalarType dtype, int64_t count,
                            int64_t target_bytes) {
-  num_blocks_ = shape[0];
-  block_bytes_ = static_cast<int64_t>(scalar_size(dtype));
-  for (size_t i = 1; i < shape.size(); ++i) block_bytes_ *= shape[i];
   const int64_t page = sysconf(_SC_PAGESIZE);
-  chunk_blocks_ = chunk_blocks_for(block_bytes_, page, count, target_bytes);
+  block_bytes_ = set_geometry(shape, dtype, page, count, target_bytes);
   reserved_ = static_cast<size_t>(num_blocks_ * block_bytes_ + page - 1) / page * page;
   for (int64_t i = 0; i < count; ++i) {
     void* p = mmap(nullptr, reserved_, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);

@@ -48,6 +48,11 @@ class KvMemory {
 
  protected:
   KvMemory() = default;
+  // Sets num_blocks_ and chunk_blocks_ for `count` tensors of `shape` in
+  // chunks of granules of `granularity` bytes (chunk_blocks_for); returns a
+  // block's bytes in one tensor.
+  int64_t set_geometry(const std::vector<int64_t>& shape, ScalarType dtype, int64_t granularity, int64_t count,
+                       int64_t target_bytes);
   std::vector<Tensor> tensors_;
   int64_t num_blocks_ = 0;
   int64_t chunk_blocks_ = 1;

@@ -315,20 +315,17 @@ void Engine::step() {
 }
 
 void Engine::pick_masked(const SchedulerOutput& step, ModelOutput& out, const PendingMasks& pm) {
-  const int64_t words = (runner_.vocab_size() + 31) / 32;
   std::vector<int32_t> mask_of_row(static_cast<size_t>(out.num_rows), -1);
   for (size_t i = 0; i < step.scheduled.size(); ++i) {
-    const auto m = pm.masks.by_seq.find(step.scheduled[i].seq);
     const LogitsSlice& slice = (*out.slices)[i];
-    if (m == pm.masks.by_seq.end() || !slice.samples) continue;
-    mask_of_row[static_cast<size_t>(slice.first_row + slice.num_rows - 1)] =
-        static_cast<int32_t>((m->second - pm.words.data()) / words);
+    if (slice.samples)
+      mask_of_row[static_cast<size_t>(slice.first_row + slice.num_rows - 1)] = pm.masks.index_of(step.scheduled[i].seq);
   }
   RowMasks masks;
   masks.mask_of_row = mask_of_row.data();
-  masks.words = pm.words.data();
-  masks.num_masks = static_cast<int32_t>(pm.rows.size());
-  masks.words_per_row = words;
+  masks.words = pm.masks.words;
+  masks.num_masks = pm.masks.count;
+  masks.words_per_row = pm.masks.words_per_row;
   runner_.pick(out, masks);
 }
 

@@ -60,8 +60,7 @@ DeviceDraws OutputProcessor::device_draws(const SchedulerOutput& step, const Mod
     d.min_p = p.min_p;
     d.counter = static_cast<uint64_t>(s.seq->num_tokens());
     d.logprobs = p.logprobs ? *p.logprobs : -1;
-    const auto m = masks.by_seq.find(s.seq);  // n > 1: the forks take the prompt sequence's mask
-    if (m != masks.by_seq.end()) d.mask = static_cast<int32_t>((m->second - masks.words) / masks.words_per_row);
+    d.mask = masks.index_of(s.seq);  // n > 1: the forks take the prompt sequence's mask
     if (Sampler::needs_processing(p, generated)) {  // one edit range for the row's forks
       Sampler::device_edits(p, s.seq->tokens, s.req->prompt_len, config_.eos_token_ids, s.seq->history, draws.edits,
                             d);
@@ -97,16 +96,19 @@ void OutputProcessor::process(const SchedulerOutput& step, const ModelOutput& ou
     const int64_t last = slice.first_row + slice.num_rows - 1;
     // n > 1: the samples forked here all take the prompt sequence's mask (no output yet).
     const auto m = masks.by_seq.find(s.seq);
+    const uint32_t* mask = m != masks.by_seq.end() ? m->second : nullptr;
     const bool drawn = out.sampled && Sampler::drawn_on_device(s.req->params, s.req->num_generated(*s.seq));
+    // Picked on the device, a row whose mask allows no token ends (-1), once for its forks.
+    const bool none_allowed = mask && (drawn || out.argmax) && !Sampler::mask_allows_any(mask, out.vocab);
     for (Sequence* q : expand(*s.req, *s.seq)) {
       Pick pick;
       pick.req = s.req;
       pick.seq = q;
       pick.row = out.row(last);
-      if (m != masks.by_seq.end()) pick.mask = m->second;
+      pick.mask = mask;
       if (drawn) {  // drawn on the device (device_draws' order)
         pick.row = nullptr;
-        pick.token = pick.mask && !Sampler::mask_allows_any(pick.mask, out.vocab) ? -1 : out.sampled[next_draw];
+        pick.token = none_allowed ? -1 : out.sampled[next_draw];
         if (s.req->params.logprobs) {
           const DrawLogprobs& lp = out.sampled_logprobs[next_draw];
           pick.logprob.token = pick.token;
@@ -116,7 +118,7 @@ void OutputProcessor::process(const SchedulerOutput& step, const ModelOutput& ou
         }
         ++next_draw;
       } else if (out.argmax) {  // picked on the device (a masked row: with its mask, when it allows a token)
-        pick.token = pick.mask && !Sampler::mask_allows_any(pick.mask, out.vocab) ? -1 : out.argmax[last];
+        pick.token = none_allowed ? -1 : out.argmax[last];
       }
       picks.push_back(std::move(pick));
     }

@@ -64,6 +64,12 @@ struct StepMasks {
   const uint32_t* words = nullptr;
   int32_t count = 0;
   int64_t words_per_row = 0;
+
+  // The index of `seq`'s row in `words`, or -1 when it has none.
+  int32_t index_of(const Sequence* seq) const {
+    const auto m = by_seq.find(seq);
+    return m == by_seq.end() ? -1 : static_cast<int32_t>((m->second - words) / words_per_row);
+  }
 };
 
 class OutputProcessor {

@@ -63,10 +63,7 @@ DeviceKvMemory::DeviceKvMemory(int device, const std::vector<int64_t>& shape, Sc
   const CUmemAllocationProp prop = device_prop(device);
   size_t gran = 0;
   check(v.granularity(&gran, &prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM), "cuMemGetAllocationGranularity", 0);
-  num_blocks_ = shape[0];
-  int64_t block_bytes = static_cast<int64_t>(scalar_size(dtype));
-  for (size_t i = 1; i < shape.size(); ++i) block_bytes *= shape[i];
-  chunk_blocks_ = chunk_blocks_for(block_bytes, static_cast<int64_t>(gran), count, target_bytes);
+  const int64_t block_bytes = set_geometry(shape, dtype, static_cast<int64_t>(gran), count, target_bytes);
   gran_ = gran;
   chunk_bytes_ = static_cast<size_t>(chunk_blocks_ * block_bytes);
   tensor_bytes_ = static_cast<size_t>(num_blocks_ * block_bytes);

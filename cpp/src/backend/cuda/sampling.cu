@@ -507,7 +507,7 @@ void CudaBackend::sample(const Tensor& logits, const SampleRow* rows, int64_t n,
   if (sizeof(Smem) + bitmap_bytes(vocab) > kSmemLimit)
     require(false, "sample: a vocabulary of " + std::to_string(vocab) + " tokens is too large for the edit bitmap");
   bool any_logprobs = false;
-  int32_t most_edits = 0, processed_rows = 0;
+  int32_t most_edits = 0, masked = 0, edited_only = 0;
   for (int64_t i = 0; i < n; ++i) {
     const SampleRow& d = rows[i];
     auto fail = [&](const std::string& what) { require(false, "sample: draw " + std::to_string(i) + ": " + what); };
@@ -525,14 +525,15 @@ void CudaBackend::sample(const Tensor& logits, const SampleRow* rows, int64_t n,
     }
     any_logprobs = any_logprobs || d.logprobs >= 0;
     most_edits = std::max(most_edits, d.num_edits);
-    processed_rows += d.num_edits > 0 || d.mask >= 0;
+    masked += d.mask >= 0;
+    edited_only += d.mask < 0 && d.num_edits > 0;
   }
   // a processed copy of each edited or masked draw's row, up to 256 MB (past
   // it, edited draws read through their edits); masked draws get theirs
   // whatever it takes (the kernel masks only as it writes a copy)
-  const bool edited_copies = static_cast<size_t>(processed_rows) * static_cast<size_t>(vocab) * 4 <= (256u << 20);
-  int64_t copies_needed = 0;
-  for (int64_t i = 0; i < n; ++i) copies_needed += rows[i].mask >= 0 || (edited_copies && rows[i].num_edits > 0);
+  const bool edited_copies =
+      static_cast<size_t>(masked + edited_only) * static_cast<size_t>(vocab) * 4 <= (256u << 20);
+  const int64_t copies_needed = masked + (edited_copies ? edited_only : 0);
   const bool copies = copies_needed > 0;
   if (copies && (processed_.data == nullptr || processed_.numel() < copies_needed * vocab))
     processed_ = empty({copies_needed, vocab}, ScalarType::F32);
