@@ -1529,9 +1529,9 @@ def test_llama3_8b_shape_batch_1_and_256():
 
 def test_elastic_kv_pool_maps_and_gives_back_gpu_memory(tiny_llama, monkeypatch):
     """The elastic pool on the GPU (CUDA virtual memory: backend/cuda/kv_memory.cu),
-    in chunks of the minimum (PAGEDRT_KV_CHUNK_BYTES=1: 2 MiB a tensor): 40
+    in chunks of the minimum (PAGEDRT_KV_CHUNK_BYTES=1: 2 MiB a tensor): 80
     prompts of 200-400 tokens run across several chunks with the tokens of a
-    pool taken whole (fp32 mode: exact against batch shape), and 0.5 s after
+    pool taken whole (fp32 mode: exact whatever the batches), and 0.5 s after
     the work ends the pool holds its first chunk again; in a second round
     the device's free memory falls by at least what is mapped (less 10%; the
     engine may make buffers or graphs besides), and giving the chunks back
@@ -1542,10 +1542,14 @@ def test_elastic_kv_pool_maps_and_gives_back_gpu_memory(tiny_llama, monkeypatch)
 
     path, _ = tiny_llama(hidden_size=256, num_attention_heads=4, num_key_value_heads=2)
     rng = np.random.default_rng(47)
-    prompts = [rng.integers(3, 320, size=int(rng.integers(200, 400))).tolist() for _ in range(40)]
+    # 80 prompts of ~300 tokens (~1,600 blocks at their peak) against chunks of
+    # 256 blocks (2 MiB a tensor, fp32 K/V of 2 kv heads x 64): at least 3 chunks.
+    # fp32 (the validation mode): the tokens do not depend on how arrivals batch.
+    prompts = [rng.integers(3, 320, size=int(rng.integers(200, 400))).tolist() for _ in range(80)]
     params = pagedrt.SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     monkeypatch.setenv("PAGEDRT_KV_CHUNK_BYTES", "1")
-    opts = dict(device="cuda", kv_cache_bytes=256 << 20, enable_prefix_caching=False)
+    opts = dict(device="cuda", kv_cache_bytes=256 << 20, enable_prefix_caching=False, max_num_batched_tokens=8192,
+                dtype="float32")
     with pagedrt.Runtime(path, elastic_kv=False, **opts) as rt:
         want = [o.outputs[0].token_ids for o in rt.generate(prompts, params)]
     torch.cuda.init()
