@@ -151,6 +151,8 @@ class CudaBackend final : public Backend {
   StepArrays dev_{};
   AttentionPlan plan_info_{};
   std::vector<BlockCopy> last_copies_;  // what copies_ holds on the device
+  Staging swaps_[2];                    // swap_blocks' pairs: [0] into the pool, [1] out of it
+  std::vector<BlockCopy> last_swaps_[2];  // what each holds on the device
   float* partials_ = nullptr;  // decode splits: merge tickets (tickets_bytes_), then partials (o, lse)
   size_t partials_bytes_ = 0, tickets_bytes_ = 0;
   bool graphs_enabled_ = true;

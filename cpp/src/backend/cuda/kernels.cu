@@ -405,7 +405,22 @@ __global__ void copy_blocks_kernel(uint8_t* base, int64_t block_bytes, const int
     dst[i] = src[i];
 }
 
+// One block of threads a pair: 16 bytes a thread a step, the host side
+// through the bus (posted writes out; reads in, many in flight).
+__global__ void swap_blocks_kernel(uint8_t* base, uint8_t* host, int64_t block_bytes, const int2* pairs, bool to_host) {
+  const int2 pr = pairs[blockIdx.x];
+  const uint4* src = reinterpret_cast<const uint4*>(to_host ? base + int64_t(pr.x) * block_bytes
+                                                            : host + int64_t(pr.x) * block_bytes);
+  uint4* dst = reinterpret_cast<uint4*>(to_host ? host + int64_t(pr.y) * block_bytes : base + int64_t(pr.y) * block_bytes);
+  for (int64_t i = threadIdx.x; i < block_bytes / 16; i += blockDim.x) dst[i] = src[i];
+}
+
 }  // namespace
+
+void swap_blocks(uint8_t* base, uint8_t* host, int64_t block_bytes, const int2* pairs, int n, bool to_host,
+                 cudaStream_t s) {
+  if (n > 0) launch(swap_blocks_kernel, static_cast<unsigned>(n), 256, 0, s, base, host, block_bytes, pairs, to_host);
+}
 
 void convert(const void* src, Elem src_kind, void* dst, Elem dst_kind, int64_t n, cudaStream_t s) {
   if (n == 0) return;

@@ -63,6 +63,11 @@ void argmax_rows(const float* x, int64_t rows, int64_t cols, int32_t* out, void*
                  int64_t words_per_row = 0);
 // block pairs[i].y = block pairs[i].x, block_bytes each (multiple of 16)
 void copy_blocks(uint8_t* base, int64_t block_bytes, const int2* pairs, int n, cudaStream_t s);
+// Whole blocks between a cache (base) and page-locked host slots (host,
+// mapped: written or read over the bus by the kernel), block_bytes % 16 == 0;
+// to_host: pairs (cache block, slot), else (slot, cache block).
+void swap_blocks(uint8_t* base, uint8_t* host, int64_t block_bytes, const int2* pairs, int n, bool to_host,
+                 cudaStream_t s);
 
 // ---- paged attention ----------------------------------------------------------
 //
