@@ -1575,3 +1575,86 @@ def test_elastic_kv_pool_maps_and_gives_back_gpu_memory(tiny_llama, monkeypatch)
         assert given_back(rt, first)
         free2 = torch.cuda.mem_get_info()[0]
         assert abs((free2 - free1) - (grown - first)) <= 0.1 * (grown - first), (free2 - free1, grown - first)
+
+
+def _collect(rt, prompts, params):
+    """Every request's (token ids, finish reason, logprobs) by sample index."""
+    ids = [rt.submit(p, sp) for p, sp in zip(prompts, params)]
+    got = {rid: {} for rid in ids}
+    done = set()
+    while len(done) < len(ids):
+        for ev in rt.poll(timeout=5.0):
+            assert ev.error is None, ev.error
+            toks, reason, lps = got[ev.request_id].setdefault(ev.index, ([], [None], []))
+            toks.extend(ev.token_ids)
+            lps.extend((lp.token_id, lp.logprob) for lp in ev.logprobs or [])
+            if ev.finished:
+                reason[0] = ev.finish_reason
+            if ev.request_finished:
+                done.add(ev.request_id)
+    return [got[rid] for rid in ids]
+
+
+def test_async_scheduling_gives_the_tokens_of_steps_one_at_a_time(tiny_llama):
+    """Async scheduling on the GPU (the default: steps launched before the one
+    ahead is processed, placeholder ids fed on the device by feed_tokens,
+    results copied back by collect()): 40 requests — greedy with stop tokens,
+    seeded top-p sampling with logprobs (device draws fed forward), n = 2
+    after its fork, a repetition penalty (steps one at a time between
+    pipelined ones) — in a pool that preempts, give the tokens, finish reasons
+    and logprobs (within 1e-4) of async_scheduling="off". The fp32 mode, so
+    that the batches' different make-up (an ended request's blocks come back
+    a step later) changes no token."""
+    path, _ = tiny_llama(hidden_size=256, num_attention_heads=4, num_key_value_heads=2)
+    rng = np.random.default_rng(23)
+    prompts = [rng.integers(3, 320, size=int(rng.integers(3, 60))).tolist() for _ in range(40)]
+    params = []
+    for i in range(40):
+        k = i % 5
+        mt = int(rng.integers(1, 40))
+        if k == 0:
+            params.append(pagedrt.SamplingParams(max_tokens=mt, temperature=0.0,
+                                                 stop_token_ids=[int(t) for t in rng.integers(3, 320, size=16)]))
+        elif k == 1:
+            params.append(pagedrt.SamplingParams(max_tokens=mt, temperature=0.8, top_p=0.9, seed=i, logprobs=2))
+        elif k == 2:
+            params.append(pagedrt.SamplingParams(max_tokens=mt, temperature=0.7, n=2, seed=i))
+        elif k == 3 and i % 2:
+            params.append(pagedrt.SamplingParams(max_tokens=mt, temperature=0.0, repetition_penalty=1.2))
+        else:
+            params.append(pagedrt.SamplingParams(max_tokens=mt, temperature=0.0, ignore_eos=True))
+    outs, stats = {}, {}
+    for mode in ("off", "auto"):
+        with pagedrt.Runtime(path, device="cuda", dtype="float32", kv_cache_bytes=3 << 20, block_size=8,
+                             async_scheduling=mode) as rt:
+            outs[mode] = _collect(rt, prompts, params)
+            stats[mode] = rt.stats()
+            assert stats[mode].blocks_used == 0
+    assert stats["off"].async_steps == 0 and stats["auto"].async_steps > 0
+    assert stats["auto"].num_preemptions > 0
+    for a, b in zip(outs["auto"], outs["off"]):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k][0] == b[k][0] and a[k][1] == b[k][1]
+            assert [t for t, _ in a[k][2]] == [t for t, _ in b[k][2]]
+            assert np.allclose([v for _, v in a[k][2]], [v for _, v in b[k][2]], atol=1e-4)
+
+
+def test_async_scheduling_bf16_decode_is_bitwise_unchanged(tiny_llama):
+    """bf16 (the fast path), greedy and seeded sampling, one request at a time
+    (so both runs have the same batches): with async scheduling every decode
+    step is pipelined, replaying its recorded graph with the ids fed on the
+    device, and the tokens are bitwise those of steps one at a time."""
+    path, _ = tiny_llama(hidden_size=256, num_attention_heads=4, num_key_value_heads=2)
+    rng = np.random.default_rng(29)
+    prompts = [rng.integers(3, 320, size=int(rng.integers(5, 40))).tolist() for _ in range(6)]
+    params = [pagedrt.SamplingParams(max_tokens=48, ignore_eos=True, **(dict(temperature=0.9, seed=i) if i % 2 else
+                                                                        dict(temperature=0.0)))
+              for i in range(len(prompts))]
+    outs = {}
+    for mode in ("off", "on"):
+        with pagedrt.Runtime(path, device="cuda", kv_cache_bytes=64 << 20, async_scheduling=mode) as rt:
+            outs[mode] = [_collect(rt, [p], [sp]) for p, sp in zip(prompts, params)]
+            if mode == "on":
+                assert rt.stats().async_steps >= 6 * 46
+    assert outs["on"] == outs["off"]

@@ -509,12 +509,15 @@ def launch_ab(model):
 @contextlib.contextmanager
 def runtime_under(model, setting, **kw):
     """A CUDA Runtime made under a setting ("NAME=VALUE,NAME=VALUE" of
-    environment variables read when the backend is made; "" for none), closed
-    and its variables unset after."""
+    environment variables read when the backend is made, or of Runtime
+    options where NAME is lower case: async_scheduling=off; "" for none),
+    closed and its variables unset after."""
     import gc
     import pagedrt
 
-    env = dict(kv.split("=", 1) for kv in setting.split(",") if kv)
+    pairs = dict(kv.split("=", 1) for kv in setting.split(",") if kv)
+    env = {k: v for k, v in pairs.items() if not k.islower()}
+    kw.update({k: v for k, v in pairs.items() if k.islower()})
     os.environ.update(env)
     rt = pagedrt.Runtime(model, device="cuda", **kw)
     try:

@@ -57,6 +57,8 @@ void check_config(const RuntimeConfig& c) {
   if (!(c.kv_idle_release_s >= 0.0 && c.kv_idle_release_s <= 1e6))  // NaN and inf too
     bad_arg("kv_idle_release_s must be in [0, 1e6] (seconds; 0: never give KV memory back), got " +
             shortest(c.kv_idle_release_s));
+  if (c.async_scheduling != "auto" && c.async_scheduling != "on" && c.async_scheduling != "off")
+    bad_arg("async_scheduling '" + c.async_scheduling + "' is not known (use \"auto\", \"on\" or \"off\")");
   if (c.swap_space_bytes < 0) bad_arg("swap_space_bytes must be >= 0, got " + std::to_string(c.swap_space_bytes));
   if (!(c.kv_watermark >= 0.0 && c.kv_watermark < 0.5))  // NaN too
     bad_arg("kv_watermark must be in [0, 0.5) (a fraction of the KV pool's blocks), got " +
@@ -228,6 +230,7 @@ Runtime::Runtime(const RuntimeConfig& config) : impl_(std::make_unique<Impl>()) 
   ec.output.sampler_threads = config.num_threads > 0 ? config.num_threads : device == "cuda" ? std::min(4, cores) : cores;
   ec.enable_prefix_caching = config.enable_prefix_caching;
   ec.kv_idle_release_s = config.kv_idle_release_s;
+  ec.async_scheduling = config.async_scheduling == "on" || (config.async_scheduling == "auto" && backend->defers_results());
   ec.scheduler.watermark_blocks = watermark_blocks(config.kv_watermark, kv.num_blocks);
   const PreemptionMode preemption = *preemption_mode_of(config.preemption_mode);  // checked by check_config
   if (preemption != PreemptionMode::Recompute) {

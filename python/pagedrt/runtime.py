@@ -153,7 +153,7 @@ class _LoadBar:
 #: source (``print(pagedrt.RuntimeConfig())`` shows them).
 RuntimeConfig = _core.RuntimeConfig
 _OPTIONS = ("device", "dtype", "activation_dtype", "kv_cache_bytes", "gpu_memory_utilization", "elastic_kv",
-            "kv_idle_release_s", "block_size",
+            "kv_idle_release_s", "async_scheduling", "block_size",
             "max_num_seqs", "max_num_batched_tokens", "max_model_len", "enable_prefix_caching",
             "preemption_mode", "swap_space_bytes", "kv_watermark", "num_threads",
             "deterministic", "draft_model")
@@ -197,6 +197,13 @@ class Runtime:
         kv_idle_release_s [10.0]: seconds without work after which an elastic
             pool gives its unused chunks back (0: never), evicting the cached
             prefixes they held.
+        async_scheduling ["auto"]: the engine schedules and launches the next
+            step while the device runs the current one, and reads the current
+            one's tokens after; steps with structured output, penalties, beams,
+            n > 1 forks, speculation, returned logits or prompt logprobs run
+            one at a time. "auto": on where the device runs steps
+            asynchronously (CUDA); "on": also on the CPU (where it gains
+            nothing and delays each token's event by a step: for tests); "off".
         block_size [16]: tokens per KV block.
         max_num_seqs [64]: sequences per engine step at most.
         max_num_batched_tokens [2048]: tokens per engine step at most (chunked prefill).

@@ -54,6 +54,15 @@ struct RuntimeConfig {
   // work (0: never). false: the whole pool is taken at start.
   bool elastic_kv = true;
   double kv_idle_release_s = 10.0;
+  // Async scheduling: the engine schedules and launches step n + 1 while the
+  // device runs step n, and reads step n's tokens after (steps whose every
+  // row is picked or drawn on the device, without structured output,
+  // penalties, beams, n > 1 forks, speculation, returned logits or prompt
+  // logprobs; the others run one at a time). "auto": on where the device runs
+  // steps asynchronously (CUDA); "on": also on the CPU, whose steps finish
+  // as they are launched (each token's event then waits for the next step:
+  // only for tests); "off".
+  std::string async_scheduling = "auto";
   int32_t block_size = 16;         // tokens per KV block
   int32_t max_num_seqs = 64;       // sequences in one step at most
   int32_t max_num_batched_tokens = 2048;  // token budget of one step

@@ -36,6 +36,7 @@ struct Stats {
   int64_t swap_in_blocks = 0;      // blocks copied back, since start
   double swap_seconds = 0.0;       // since start: issuing the swaps (and, under "auto", waiting for them)
   int64_t num_steps = 0;           // engine steps since start
+  int64_t async_steps = 0;         // of those, launched before the step ahead was processed (async scheduling)
   int64_t padded_tokens = 0;       // since start: dummy tokens decode steps ran with (Backend::padded_tokens)
   double forward_seconds = 0.0;    // since start: the steps' forwards (batch to logits or picks on the host)
   double output_seconds = 0.0;     // since start: the steps' output processing (sampling, stop rules, events)

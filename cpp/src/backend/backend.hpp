@@ -18,6 +18,13 @@
 
 namespace pagedrt {
 
+// Where a fed-back token comes from: source >= 0: row `source` of that step's
+// argmax; else its draw -1 - source (Backend::sample's order).
+struct TokenFeedback {
+  int32_t token = 0;
+  int32_t source = 0;
+};
+
 // One engine step, flattened. All arrays are host memory owned by the caller
 // and valid until the step ends.
 struct BatchView {
@@ -34,6 +41,15 @@ struct BatchView {
 
   int32_t num_logits = 0;
   const int32_t* logits_indices = nullptr;  // (num_logits) rows of the batch whose logits are needed
+
+  // Async scheduling (engine/engine.hpp): tokens whose ids an earlier step
+  // picked or drew on the device and the host has not read yet. For a backend
+  // that defers_results(): token_ids[feedback[i].token] is a placeholder and
+  // the id is that step's (the one end_results() gave `feedback_ticket`).
+  // Empty for the others: the engine writes the ids itself.
+  int32_t num_feedback = 0;
+  const TokenFeedback* feedback = nullptr;
+  int32_t feedback_ticket = 0;
 };
 
 // Allowed-token masks of some logits rows, for Backend::argmax: row r may
@@ -234,7 +250,7 @@ class Backend {
   virtual void to_host(const Tensor& src, int64_t numel, float* dst) = 0;
   // Greedy picks without the logits leaving the device: out[i] (host) = the
   // first index of the largest value of row i of logits (rows, vocab) F32, NaN
-  // never chosen over a number; waits for it. With `masks`, row i's tokens
+  // never chosen over a number; waits for it (unless deferred, below). With `masks`, row i's tokens
   // whose bit is clear count as -inf first (structured output), as the host
   // sampler's Sampler::apply_mask does. Backends without it (the CPU, where
   // the logits are host memory already) say so with has_argmax().
@@ -250,6 +266,18 @@ class Backend {
   virtual bool has_sample() const { return false; }
   virtual void sample(const Tensor& logits, const SampleRow* rows, int64_t n, const LogitEdit* edits,
                       int64_t num_edits, int32_t* out, DrawLogprobs* logprobs, const DrawMasks& masks = {});
+
+  // Async scheduling: between begin_results(true) and end_results(), argmax()
+  // and sample() queue their work and the copies of their results and return
+  // at once; their `out` arrays (which must stay valid) are written by
+  // collect(ticket), which waits for them. The ticket also names the step in
+  // a later BatchView::feedback. Backends whose ops finish on the calling
+  // thread (the CPU) have nothing to defer: defers_results() is false and
+  // the rest does nothing. Two steps' results may be outstanding at once.
+  virtual bool defers_results() const { return false; }
+  virtual void begin_results(bool defer) {}
+  virtual int32_t end_results() { return 0; }
+  virtual void collect(int32_t ticket) {}
 
  protected:
   // padded_tokens pads: `on` unless PAGEDRT_DECODE_PAD says otherwise ("0" / "1").

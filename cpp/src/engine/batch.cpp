@@ -1,19 +1,24 @@
 #include "engine/batch.hpp"
 
 #include <algorithm>
+#include <stdexcept>
 
 namespace pagedrt {
 
 void Batch::build(const SchedulerOutput& sched, int32_t block_size) {
   token_ids_.clear(); positions_.clear(); slot_mapping_.clear();
   query_start_.assign(1, 0); seq_lens_.clear(); page_indptr_.assign(1, 0);
-  page_indices_.clear(); logits_indices_.clear(); logits_.clear();
+  page_indices_.clear(); logits_indices_.clear(); logits_.clear(); feedback_.clear();
 
   for (const ScheduledSeq& s : sched.scheduled) {
     const Sequence& r = *s.seq;
     const int64_t start = r.num_computed, end = start + s.num_new_tokens;
     for (int64_t p = start; p < end; ++p) {
-      token_ids_.push_back(r.tokens[p]);
+      if (r.tokens[p] < 0) {  // a placeholder: the newest pending token (the scheduler computes no other)
+        if (p != r.num_tokens() - 1) throw std::logic_error("Batch::build: a placeholder token before the last");
+        feedback_.push_back({static_cast<int32_t>(token_ids_.size()), r.pending_source});
+      }
+      token_ids_.push_back(std::max(r.tokens[p], 0));
       positions_.push_back(static_cast<int32_t>(p));
       slot_mapping_.push_back(static_cast<int64_t>(r.blocks.table[p / block_size]) * block_size +
                               p % block_size);
@@ -58,6 +63,16 @@ void Batch::pad(int32_t tokens) {
   make_view();
 }
 
+void Batch::feed_from(int32_t ticket) {
+  feedback_ticket_ = ticket;
+  make_view();
+}
+
+void Batch::clear_feedback() {
+  feedback_.clear();
+  make_view();
+}
+
 void Batch::make_view() {
   view_ = BatchView{};
   view_.num_tokens = static_cast<int32_t>(token_ids_.size());
@@ -71,6 +86,9 @@ void Batch::make_view() {
   view_.page_indices = page_indices_.data();
   view_.num_logits = static_cast<int32_t>(logits_indices_.size());
   view_.logits_indices = logits_indices_.data();
+  view_.num_feedback = static_cast<int32_t>(feedback_.size());
+  view_.feedback = feedback_.empty() ? nullptr : feedback_.data();
+  view_.feedback_ticket = feedback_ticket_;
 }
 
 }  // namespace pagedrt

@@ -37,12 +37,21 @@ class Batch {
   void pad(int32_t tokens);
   const BatchView& view() const { return view_; }
   const std::vector<LogitsSlice>& logits() const { return logits_; }  // one per scheduled sequence
+  // Placeholder tokens (async scheduling: Sequence::pending), built as id 0:
+  // the backend writes them (feed_from) or the caller does (set_token, then
+  // clear_feedback).
+  const std::vector<TokenFeedback>& feedback() const { return feedback_; }
+  void feed_from(int32_t ticket);
+  void set_token(int32_t i, int32_t id) { token_ids_[static_cast<size_t>(i)] = id; }
+  void clear_feedback();
 
  private:
   std::vector<int32_t> token_ids_, positions_, query_start_, seq_lens_, page_indptr_,
       page_indices_, logits_indices_;
   std::vector<int64_t> slot_mapping_;
   std::vector<LogitsSlice> logits_;
+  std::vector<TokenFeedback> feedback_;
+  int32_t feedback_ticket_ = 0;
   void make_view();
 
   BatchView view_;

@@ -43,6 +43,7 @@ Engine::Engine(std::shared_ptr<Backend> backend, std::unique_ptr<LlamaModel> mod
     dc.enable_prefix_caching = config.enable_prefix_caching;
     drafter_ = std::make_unique<Drafter>(backend, std::move(draft.model), std::move(draft.kv), dc);
   }
+  async_ = config.async_scheduling && !drafter_;  // a draft model's forward runs between steps
   if (config.scheduler.swap_slots > 0) runner_.enable_swap(config.scheduler.swap_slots);
   auto_preemption_ = config.scheduler.preemption == PreemptionMode::Auto;
   publish_stats();  // the pool as it starts (an elastic one: its first chunk mapped)
@@ -123,8 +124,10 @@ void Engine::loop() {
     bool idle = false;
     {
       std::unique_lock<std::mutex> lk(in_mu_);
-      auto ready = [&] { return stopping_ || !new_requests_.empty() || !aborts_.empty() || scheduler_.has_work(); };
-      if (kv_idle_release_s_ > 0.0 && pool_.has_spare_chunks())  // an elastic pool holds more than its first chunk
+      auto ready = [&] {
+        return stopping_ || !new_requests_.empty() || !aborts_.empty() || scheduler_.has_work() || launched_;
+      };
+      if (kv_idle_release_s_ > 0.0 && pool_.has_spare_chunks() && !launched_)  // an elastic pool holds more than its first chunk
         idle = !in_cv_.wait_for(lk, std::chrono::duration<double>(kv_idle_release_s_), ready);
       else
         in_cv_.wait(lk, ready);
@@ -140,7 +143,8 @@ void Engine::loop() {
       continue;
     }
     drain_inbox();
-    if (scheduler_.has_work()) step();
+    if (scheduler_.has_work() || launched_) step();
+    release_retired();
     publish_stats();
     outbox_.notify();  // once per iteration: a wake-up per event cost ~1 ms a step at batch 256
   }
@@ -226,6 +230,45 @@ void Engine::swap(const SchedulerOutput& step) {
   }
 }
 
+struct Engine::Launched {
+  SchedulerOutput step;
+  ModelOutput out;
+  std::vector<int32_t> sources;  // OutputProcessor::launched's
+  int32_t ticket = 0;            // ModelRunner::end_results's
+  uint64_t id = 0;
+  double start = 0.0;            // launch (steady clock, seconds)
+  int64_t prompt_tokens = 0;
+};
+
+void Engine::finish_launched() {
+  if (!launched_) return;
+  const std::unique_ptr<Launched> l = std::move(launched_);
+  try {
+    runner_.collect(l->ticket);
+  } catch (const std::exception& e) {
+    fail_step(l->step, e.what());
+    steps_processed_ = l->id;
+    return;
+  }
+  // The device ran this step from its launch or from the end of the one before, whichever came later.
+  const double end = now_s(), seconds = end - std::max(l->start, last_collect_);
+  last_collect_ = end;
+  stats_.count_step(static_cast<int64_t>(l->step.preempted.size()), l->prompt_tokens, seconds, l->out.padded_tokens,
+                    true);
+  if (auto_preemption_ && l->prompt_tokens > 0) {
+    average_in(recompute_s_per_token_, seconds / static_cast<double>(l->step.num_tokens));
+    scheduler_.set_costs(recompute_s_per_token_, swap_s_per_block_);
+  }
+  outputs_.process_launched(l->step, l->out, l->sources);
+  stats_.count_output(now_s() - end);
+  steps_processed_ = l->id;
+}
+
+void Engine::release_retired() {
+  while (!retired_requests_.empty() && retired_requests_.front().first <= steps_processed_) retired_requests_.pop_front();
+  while (!retired_seqs_.empty() && retired_seqs_.front().first <= steps_processed_) retired_seqs_.pop_front();
+}
+
 void Engine::step() {
   if (drafter_) propose_drafts();
   SchedulerOutput step = scheduler_.schedule();
@@ -252,6 +295,7 @@ void Engine::step() {
   if (drafter_)  // a preempted request's shadows: their blocks are better used by the running ones
     for (const Request* r : step.preempted) drafter_->forget(r->arrival);
   if (step.empty()) {  // nothing fits right now; a finishing request will free blocks
+    if (launched_) return finish_launched();
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
     return;
   }
@@ -271,22 +315,52 @@ void Engine::step() {
   // device argmax, sampled ones with the step's other device draws.
   const bool device_picks = device_greedy || (device_all && OutputProcessor::any_greedy(step));
   const bool defer_picks = device_picks && !pm.rows.empty();
+  // Async scheduling: launched now, processed in the next iteration (after
+  // the next step is launched).
+  const bool pipelined =
+      async_ && pm.rows.empty() && (device_greedy || device_all) && OutputProcessor::pipelinable(step);
+  int64_t prompt_tokens = 0;
+  for (const ScheduledSeq& s : step.scheduled)
+    prompt_tokens += std::max<int64_t>(
+        0, std::min<int64_t>(s.req->prompt_len, s.seq->num_computed + s.num_new_tokens) - s.seq->num_computed);
+  const uint64_t id = ++steps_launched_;
   ModelOutput out;
   const double forward_start = now_s();
   auto draw_on_device = [&] {
-    const DeviceDraws draws = outputs_.device_draws(step, out, pm.masks);
+    DeviceDraws draws = outputs_.device_draws(step, out, pm.masks);
     if (draws.rows.empty()) return;
     runner_.sample(out, draws);
+    out.first_draw = std::move(draws.first_draw);
     stats_.count_device_draws(static_cast<int64_t>(draws.rows.size()));
   };
+  std::unique_ptr<Launched> l;
   try {
-    out = runner_.run(step, device_greedy || device_all, defer_picks || device_all);
+    out = runner_.run(step, device_greedy || device_all, defer_picks || device_all, pipelined);
     if (device_all && device_picks && !defer_picks) runner_.pick(out, RowMasks{});
     if (device_sample && pm.rows.empty()) draw_on_device();
+    if (pipelined) {
+      l = std::make_unique<Launched>();
+      l->ticket = runner_.end_results();
+    }
   } catch (const std::exception& e) {
     pm.wait();
-    return fail_step(step, e.what());
+    finish_launched();
+    fail_step(step, e.what());
+    steps_processed_ = id;
+    return;
   }
+  if (pipelined) {  // counted done now; read after the step ahead of it is processed
+    l->sources = outputs_.launched(step, out);
+    l->id = id;
+    l->start = forward_start;
+    l->prompt_tokens = prompt_tokens;
+    l->step = std::move(step);
+    l->out = std::move(out);
+    finish_launched();
+    launched_ = std::move(l);
+    return;
+  }
+  finish_launched();  // the step ahead of this one (its results are in: this step's waited)
   const double forward_end = now_s();
   pm.wait();
   if (!pm.rows.empty()) {
@@ -294,15 +368,13 @@ void Engine::step() {
       if (defer_picks) pick_masked(step, out, pm);
       if (device_sample) draw_on_device();
     } catch (const std::exception& e) {
-      return fail_step(step, e.what());
+      fail_step(step, e.what());
+      steps_processed_ = id;
+      return;
     }
   }
   if (pm.start > 0.0)  // masks were filled for this step
     stats_.count_masks(static_cast<int64_t>(pm.rows.size()), pm.end - pm.start, std::max(0.0, pm.end - forward_end));
-  int64_t prompt_tokens = 0;
-  for (const ScheduledSeq& s : step.scheduled)
-    prompt_tokens += std::max<int64_t>(
-        0, std::min<int64_t>(s.req->prompt_len, s.seq->num_computed + s.num_new_tokens) - s.seq->num_computed);
   stats_.count_step(static_cast<int64_t>(step.preempted.size()), prompt_tokens, forward_end - forward_start,
                     out.padded_tokens);
   if (auto_preemption_ && prompt_tokens > 0) {  // what a token computed again costs
@@ -312,6 +384,7 @@ void Engine::step() {
   const double output_start = now_s();
   outputs_.process(step, out, pm.masks);
   stats_.count_output(now_s() - output_start);
+  steps_processed_ = id;
 }
 
 void Engine::pick_masked(const SchedulerOutput& step, ModelOutput& out, const PendingMasks& pm) {
@@ -332,7 +405,7 @@ void Engine::pick_masked(const SchedulerOutput& step, ModelOutput& out, const Pe
 void Engine::fail_step(const SchedulerOutput& step, const std::string& what) {
   std::vector<Request*> failed;
   for (const ScheduledSeq& s : step.scheduled)
-    if (std::find(failed.begin(), failed.end(), s.req) == failed.end()) failed.push_back(s.req);
+    if (!s.req->done && std::find(failed.begin(), failed.end(), s.req) == failed.end()) failed.push_back(s.req);
   for (Request* r : failed) finish_request(*r, FinishReason::Error, "forward failed: " + what);
 }
 
@@ -367,6 +440,13 @@ void Engine::drain_inbox() {
 
 // Whatever is still queued or running ends with an Abort event, oldest first.
 void Engine::shutdown() {
+  if (launched_) {  // its results are not needed: every request ends with Abort
+    try {
+      runner_.collect(launched_->ticket);
+    } catch (const std::exception&) {
+    }
+    launched_.reset();
+  }
   drain_inbox();
   std::vector<Request*> live;
   for (auto& kv : requests_) live.push_back(kv.second.get());
@@ -388,6 +468,9 @@ void Engine::finish_seq(Request& r, Sequence& s, FinishReason reason, const std:
   // the blocks back in stats() and can reuse the id once it read it.
   kv_manager_.free(s.blocks);
   s.num_computed = 0;
+  s.done = true;
+  s.tokens.resize(static_cast<size_t>(s.num_known()));  // placeholders of launched steps: never read now
+  s.pending = 0;
   const bool last = r.seqs.size() == 1 && (r.expanded || r.params.n == 1);
   if (last) drop_request(r);  // r and s stay alive until forget(r)
   push_event(OutputProcessor::make_event(r, s, true, last, reason, error));
@@ -395,12 +478,14 @@ void Engine::finish_seq(Request& r, Sequence& s, FinishReason reason, const std:
   scheduler_.drop_seq(&r, &s);  // a swapped-out request: the host slots only it held
   if (drafter_) drafter_->forget(r.arrival, s.index);
   auto it = std::find_if(r.seqs.begin(), r.seqs.end(), [&](const std::unique_ptr<Sequence>& q) { return q.get() == &s; });
+  retire(std::move(*it));
   r.seqs.erase(it);
 }
 
 void Engine::finish_beams(Request& r, std::vector<Event> finals) {
   if (finals.empty()) return finish_request(r, FinishReason::Length);  // defensive: no hypothesis at all
   drop_request(r);  // frees the live beams' blocks
+  for (auto& b : r.seqs) retire(std::move(b));
   r.seqs.clear();
   for (Event& ev : finals) push_event(std::move(ev));
   forget(r);
@@ -427,7 +512,11 @@ void Engine::finish_request(Request& r, FinishReason reason, const std::string& 
 void Engine::drop_request(Request& r) {
   scheduler_.remove(&r);  // frees every live sequence's blocks
   if (drafter_) drafter_->forget(r.arrival);
-  for (auto& s : r.seqs) s->num_computed = 0;
+  r.done = true;
+  for (auto& s : r.seqs) {
+    s->num_computed = 0;
+    s->done = true;
+  }
   publish_stats();
 }
 
@@ -441,7 +530,9 @@ void Engine::forget(Request& r) {
       }
     }
   }
-  requests_.erase(id);  // destroys r
+  auto it = requests_.find(id);
+  retire(std::move(it->second));  // destroyed once no launched step names it
+  requests_.erase(it);
 }
 
 }  // namespace pagedrt

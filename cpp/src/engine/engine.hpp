@@ -10,6 +10,20 @@
 //        │ OutputSink (this)
 //   finish_seq / finish_beams      free blocks, final events, forget the request
 //
+// Async scheduling (EngineConfig::async_scheduling): a step whose rows are
+// all picked or drawn on the device (OutputProcessor::pipelinable) is
+// launched with its results deferred, counted done at once (placeholder
+// tokens, Sequence::pending) and processed in the next iteration, after the
+// next step is scheduled and launched; that step's placeholder tokens take
+// their ids on the device (BatchView::feedback). So the host schedules,
+// builds and launches step n + 1 while the device runs step n:
+//
+//   host:    sched n+1 | launch n+1 | wait n, process n | sched n+2 | launch n+2 | wait n+1 ...
+//   device:  ........ step n ..........|........ step n+1 ...........|.... step n+2
+//
+// A sequence that ends in step n has had step n + 1 compute one row for it,
+// which nobody reads; an ended request stays in memory until every step
+// launched before its end is processed (retired_*).
 // Host threads talk to it through the inbox (new requests, aborts; in_mu_)
 // and the outbox (events routed to their readers, engine/outbox.hpp). Nothing
 // a host thread calls waits for a step to finish.
@@ -50,6 +64,7 @@ struct EngineConfig {
   OutputConfig output;
   bool enable_prefix_caching = true;
   double kv_idle_release_s = 10.0;  // an elastic pool's unused chunks go back after this long without work (0: never)
+  bool async_scheduling = false;    // launch step n + 1 before reading step n's tokens (where the step allows)
 };
 
 // A draft model for speculative decoding (engine/drafter.hpp): its weights,
@@ -127,6 +142,22 @@ class Engine final : private OutputSink {
   void drop_request(Request& r);  // before its last event: free, publish
   void forget(Request& r);        // after its last event: destroys r
   void publish_stats() { stats_.publish(pool_, kv_manager_, scheduler_, drafter_.get()); }
+
+  // Async scheduling: the launched step whose results are not read yet.
+  struct Launched;
+  std::unique_ptr<Launched> launched_;
+  // Collects and processes it (nothing when there is none).
+  void finish_launched();
+  // Moves an ended request or sequence out of the way until the steps
+  // launched so far are processed (a launched step may still name it).
+  void retire(std::unique_ptr<Request> r) { retired_requests_.emplace_back(steps_launched_, std::move(r)); }
+  void retire(std::unique_ptr<Sequence> s) { retired_seqs_.emplace_back(steps_launched_, std::move(s)); }
+  void release_retired();
+  bool async_ = false;  // EngineConfig::async_scheduling
+  uint64_t steps_launched_ = 0, steps_processed_ = 0;  // step ids: the last launched, the last processed
+  double last_collect_ = 0.0;  // when the last launched step's results came in
+  std::deque<std::pair<uint64_t, std::unique_ptr<Request>>> retired_requests_;
+  std::deque<std::pair<uint64_t, std::unique_ptr<Sequence>>> retired_seqs_;
 
   ModelRunner runner_;
   std::unique_ptr<Drafter> drafter_;  // null without a draft model

@@ -5,8 +5,21 @@ namespace pagedrt {
 ModelRunner::ModelRunner(std::shared_ptr<Backend> backend, std::unique_ptr<LlamaModel> model, KvCache kv)
     : backend_(std::move(backend)), model_(std::move(model)), kv_(std::move(kv)) {}
 
-ModelOutput ModelRunner::run(const SchedulerOutput& step, bool device_greedy, bool defer_picks) {
+ModelOutput ModelRunner::run(const SchedulerOutput& step, bool device_greedy, bool defer_picks, bool deferred) {
+  cur_ ^= 1;
+  backend_->begin_results(deferred);
   batch_.build(step, static_cast<int32_t>(kv_.block_size));
+  if (!batch_.feedback().empty()) {
+    if (backend_->defers_results()) {
+      batch_.feed_from(fed_ticket_);
+    } else {  // the results are here already
+      const Results& from = results_[fed_];
+      for (const TokenFeedback& f : batch_.feedback())
+        batch_.set_token(f.token, f.source >= 0 ? from.argmax.at(static_cast<size_t>(f.source))
+                                                : from.sampled.at(static_cast<size_t>(-1 - f.source)));
+      batch_.clear_feedback();
+    }
+  }
   const int32_t real = batch_.view().num_tokens;
   if (real > 0) {
     const int32_t padded = backend_->padded_tokens(batch_.view());
@@ -19,8 +32,9 @@ ModelOutput ModelRunner::run(const SchedulerOutput& step, bool device_greedy, bo
   out.slices = &batch_.logits();
   out.num_rows = view.num_logits;
   // 256 x 128K fp32 logits a step would otherwise cross to the host.
+  std::vector<int32_t>& argmax = results_[cur_].argmax;
   if (device_greedy)
-    argmax_.resize(static_cast<size_t>(view.num_logits));
+    argmax.resize(static_cast<size_t>(view.num_logits));
   else
     logits_.resize(static_cast<size_t>(view.num_logits) * out.vocab);
   if (!step.copies.empty())
@@ -32,9 +46,9 @@ ModelOutput ModelRunner::run(const SchedulerOutput& step, bool device_greedy, bo
     model_->forward(view, kv_, nullptr, nullptr);  // the logits stay on the device for pick()
     return out;
   }
-  model_->forward(view, kv_, logits_.data(), device_greedy ? argmax_.data() : nullptr);
+  model_->forward(view, kv_, logits_.data(), device_greedy ? argmax.data() : nullptr);
   if (device_greedy)
-    out.argmax = argmax_.data();
+    out.argmax = argmax.data();
   else
     out.logits = logits_.data();
   return out;
@@ -68,16 +82,24 @@ void ModelRunner::swap(const SchedulerOutput& step, bool wait) {
 }
 
 void ModelRunner::pick(ModelOutput& out, const RowMasks& masks) {
-  model_->pick(out.num_rows, argmax_.data(), masks);
-  out.argmax = argmax_.data();
+  std::vector<int32_t>& argmax = results_[cur_].argmax;
+  model_->pick(out.num_rows, argmax.data(), masks);
+  out.argmax = argmax.data();
 }
 
 void ModelRunner::sample(ModelOutput& out, const DeviceDraws& draws) {
-  sampled_.resize(draws.rows.size());
-  sampled_logprobs_.resize(draws.rows.size());  // filled for the draws that ask (SampleRow::logprobs)
-  model_->sample(draws.rows, draws.edits, draws.masks, sampled_.data(), sampled_logprobs_.data());
-  out.sampled = sampled_.data();
-  out.sampled_logprobs = sampled_logprobs_.data();
+  Results& r = results_[cur_];
+  r.sampled.resize(draws.rows.size());
+  r.sampled_logprobs.resize(draws.rows.size());  // filled for the draws that ask (SampleRow::logprobs)
+  model_->sample(draws.rows, draws.edits, draws.masks, r.sampled.data(), r.sampled_logprobs.data());
+  out.sampled = r.sampled.data();
+  out.sampled_logprobs = r.sampled_logprobs.data();
+}
+
+int32_t ModelRunner::end_results() {
+  fed_ = cur_;
+  fed_ticket_ = backend_->end_results();
+  return fed_ticket_;
 }
 
 void ModelRunner::release() {

@@ -36,6 +36,9 @@ struct ModelOutput {
   const int32_t* sampled = nullptr;
   const DrawLogprobs* sampled_logprobs = nullptr;
   const std::vector<LogitsSlice>* slices = nullptr;  // one per scheduled sequence, in order
+  // Per scheduled sequence, the index of its first device draw (its forks'
+  // follow), -1 for none; empty when the step has none.
+  std::vector<int32_t> first_draw;
 
   const float* row(int64_t r) const { return logits ? logits + r * vocab : nullptr; }
 };
@@ -47,6 +50,7 @@ struct DeviceDraws {
   std::vector<SampleRow> rows;
   std::vector<LogitEdit> edits;
   DrawMasks masks;
+  std::vector<int32_t> first_draw;  // ModelOutput::first_draw's
 };
 
 class ModelRunner {
@@ -60,7 +64,19 @@ class ModelRunner {
   // `defer_picks` they are made by pick(), once the rows' token masks are
   // known (the forward runs meanwhile). Throws what the backend throws;
   // nothing of the step is then valid.
-  ModelOutput run(const SchedulerOutput& step, bool device_greedy, bool defer_picks = false);
+  //
+  // Async scheduling: a `deferred` step's picks and draws (pick(), sample())
+  // are queued and read back by collect(end_results()), so that the host can
+  // schedule and launch the next step meanwhile; out.argmax and out.sampled
+  // are filled then (two steps' outputs may be alive at once). Tokens of a
+  // step that are placeholders (Sequence::pending) take the ids of the last
+  // deferred step's results: on the device where the backend defers, else
+  // here.
+  ModelOutput run(const SchedulerOutput& step, bool device_greedy, bool defer_picks = false, bool deferred = false);
+  // After a deferred run() (and its pick() / sample()): the ticket collect() takes.
+  int32_t end_results();
+  // Waits for a deferred step's results and writes them into its ModelOutput's arrays.
+  void collect(int32_t ticket) { backend_->collect(ticket); }
   // The deferred picks of the last run(): sets out.argmax.
   void pick(ModelOutput& out, const RowMasks& masks);
   // Can the device draw sampled tokens itself (Backend::has_sample)?
@@ -95,9 +111,17 @@ class ModelRunner {
   KvCache kv_;
   Batch batch_;
   std::vector<float> logits_;    // (num_logits, vocab) of the current step
-  std::vector<int32_t> argmax_;  // (num_logits) greedy picks made on the device
-  std::vector<int32_t> sampled_;  // the device draws' tokens
-  std::vector<DrawLogprobs> sampled_logprobs_;
+  // A step's device results; two, by step parity: a deferred step's are
+  // written at collect(), after the next step has run.
+  struct Results {
+    std::vector<int32_t> argmax;   // (num_logits) greedy picks made on the device
+    std::vector<int32_t> sampled;  // the device draws' tokens
+    std::vector<DrawLogprobs> sampled_logprobs;
+  };
+  Results results_[2];
+  int cur_ = 0;          // the current step's
+  int fed_ = 0;          // the last deferred step's (its results feed placeholders)
+  int32_t fed_ticket_ = 0;
   std::shared_ptr<void> swap_space_;  // per cache tensor (layer l: K at 2l, V at 2l + 1) swap_slots_ blocks
   int64_t swap_slots_ = 0;
 };

@@ -46,12 +46,14 @@ DeviceDraws OutputProcessor::device_draws(const SchedulerOutput& step, const Mod
   DeviceDraws draws;
   draws.masks.words = masks.words;
   draws.masks.num_masks = masks.count;
+  draws.first_draw.assign(step.scheduled.size(), -1);
   for (size_t i = 0; i < step.scheduled.size(); ++i) {
     const ScheduledSeq& s = step.scheduled[i];
     const LogitsSlice& slice = (*out.slices)[i];
     const SamplingParams& p = s.req->params;
     const int64_t generated = s.req->num_generated(*s.seq);
-    if (s.seq->num_draft > 0 || !slice.samples || !Sampler::drawn_on_device(p, generated)) continue;
+    if (s.seq->done || s.seq->num_draft > 0 || !slice.samples || !Sampler::drawn_on_device(p, generated)) continue;
+    draws.first_draw[i] = static_cast<int32_t>(draws.rows.size());
     SampleRow d;
     d.row = slice.first_row + slice.num_rows - 1;
     d.temperature = p.temperature;
@@ -80,10 +82,10 @@ void OutputProcessor::process(const SchedulerOutput& step, const ModelOutput& ou
   // and requests). Phase 3: beam groups whose beams are all at their sampling point.
   std::vector<Pick> picks;
   std::vector<Request*> beam_groups;
-  size_t next_draw = 0;  // into out.sampled
   for (size_t i = 0; i < step.scheduled.size(); ++i) {
     const ScheduledSeq& s = step.scheduled[i];
     const LogitsSlice& slice = (*out.slices)[i];
+    if (s.seq->done) continue;  // ended since the step was launched (async scheduling)
     if (s.seq->num_draft > 0) {
       verify(s, slice, out);
       continue;
@@ -97,7 +99,8 @@ void OutputProcessor::process(const SchedulerOutput& step, const ModelOutput& ou
     // n > 1: the samples forked here all take the prompt sequence's mask (no output yet).
     const auto m = masks.by_seq.find(s.seq);
     const uint32_t* mask = m != masks.by_seq.end() ? m->second : nullptr;
-    const bool drawn = out.sampled && Sampler::drawn_on_device(s.req->params, s.req->num_generated(*s.seq));
+    int32_t next_draw = out.first_draw.empty() ? -1 : out.first_draw[i];  // into out.sampled
+    const bool drawn = out.sampled && next_draw >= 0;
     // Picked on the device, a row whose mask allows no token ends (-1), once for its forks.
     const bool none_allowed = mask && (drawn || out.argmax) && !Sampler::mask_allows_any(mask, out.vocab);
     for (Sequence* q : expand(*s.req, *s.seq)) {
@@ -223,6 +226,67 @@ void OutputProcessor::pick_all(std::vector<Pick>& picks, int64_t vocab) {
   }
 }
 
+bool OutputProcessor::pipelinable(const SchedulerOutput& step) {
+  return std::all_of(step.scheduled.begin(), step.scheduled.end(), [](const ScheduledSeq& s) {
+    const SamplingParams& p = s.req->params;
+    const int64_t generated = s.req->num_generated(*s.seq);
+    return !p.masked && p.speculative.empty() && s.seq->num_draft == 0 && (p.n == 1 || s.req->expanded) &&
+           !p.is_beam_search() && !p.return_logits && !p.prompt_logprobs &&
+           !Sampler::needs_processing(p, generated) && (plain_greedy(s) || Sampler::drawn_on_device(p, generated));
+  });
+}
+
+std::vector<int32_t> OutputProcessor::launched(const SchedulerOutput& step, const ModelOutput& out) {
+  std::vector<int32_t> sources(step.scheduled.size(), kNoSource);
+  for (size_t i = 0; i < step.scheduled.size(); ++i) {
+    const ScheduledSeq& sc = step.scheduled[i];
+    Sequence& s = *sc.seq;
+    const LogitsSlice& slice = (*out.slices)[i];
+    kv_.note_computed(s.blocks, s.num_computed, s.num_computed + sc.num_new_tokens);
+    s.num_computed += sc.num_new_tokens;
+    kv_.cache_full_blocks(s.blocks, s.tokens.data(), std::min(s.num_computed, s.num_known()));
+    if (!slice.samples) continue;
+    const int32_t draw = out.first_draw.empty() ? -1 : out.first_draw[i];
+    sources[i] = draw >= 0 ? -1 - draw : slice.first_row + slice.num_rows - 1;
+    s.tokens.push_back(-1);
+    ++s.pending;
+    s.pending_source = sources[i];
+    s.ends_pending = sc.req->num_generated(s) >= sc.req->params.max_tokens || s.num_tokens() >= config_.max_model_len;
+  }
+  return sources;
+}
+
+void OutputProcessor::process_launched(const SchedulerOutput& step, const ModelOutput& out,
+                                       const std::vector<int32_t>& sources) {
+  static const std::string kNoError;
+  mask_error_ = &kNoError;
+  for (size_t i = 0; i < step.scheduled.size(); ++i) {
+    const ScheduledSeq& sc = step.scheduled[i];
+    const int32_t source = sources[i];
+    if (sc.seq->done || source == kNoSource) continue;
+    Pick pick;
+    pick.req = sc.req;
+    pick.seq = sc.seq;
+    if (source >= 0) {
+      pick.token = out.argmax[source];
+    } else {
+      const int32_t draw = -1 - source;
+      pick.token = out.sampled[draw];
+      if (sc.req->params.logprobs) {
+        const DrawLogprobs& lp = out.sampled_logprobs[draw];
+        pick.logprob.token = pick.token;
+        pick.logprob.logprob = lp.logprob;
+        pick.logprob.top_ids.assign(lp.top_ids, lp.top_ids + lp.count);
+        pick.logprob.top_logprobs.assign(lp.top_logprobs, lp.top_logprobs + lp.count);
+      }
+    }
+    if (apply(pick)) continue;  // ended (and may be gone)
+    Sequence& s = *sc.seq;
+    kv_.cache_full_blocks(s.blocks, s.tokens.data(), std::min(s.num_computed, s.num_known()));
+    sink_.push_event(make_event(*sc.req, s, false, false, FinishReason::None, ""));
+  }
+}
+
 bool OutputProcessor::apply(Pick& k) {
   Request& r = *k.req;
   Sequence& s = *k.seq;
@@ -237,18 +301,24 @@ bool OutputProcessor::apply(Pick& k) {
     s.cum_logprob += k.logprob.logprob;
     s.new_logprobs.push_back(std::move(k.logprob));
   }
-  s.tokens.push_back(tok);
+  if (s.pending > 0) {  // async scheduling: the oldest placeholder is this token
+    s.tokens[static_cast<size_t>(s.num_tokens() - s.pending)] = tok;
+    --s.pending;
+  } else {
+    s.tokens.push_back(tok);
+  }
   s.new_tokens.push_back(tok);
   sink_.count_generated(1);  // before the event: a host that sees it sees the count
   const auto& eos = config_.eos_token_ids;
   const auto& stops = p.stop_token_ids;
-  const bool min_reached = r.num_generated(s) > p.min_tokens;
+  const int64_t length = s.num_known(), generated = length - r.prompt_len;  // up to this token
+  const bool min_reached = generated > p.min_tokens;
   FinishReason reason = FinishReason::None;
   if (min_reached && !p.ignore_eos && std::find(eos.begin(), eos.end(), tok) != eos.end())
     reason = FinishReason::Stop;
   else if (min_reached && std::find(stops.begin(), stops.end(), tok) != stops.end())
     reason = FinishReason::Stop;
-  else if (r.num_generated(s) >= p.max_tokens || s.num_tokens() >= config_.max_model_len)
+  else if (generated >= p.max_tokens || length >= config_.max_model_len)
     reason = FinishReason::Length;
   if (reason != FinishReason::None) {
     sink_.finish_seq(r, s, reason, "");

@@ -18,6 +18,7 @@
 // engine's business: the processor hands its results to an OutputSink.
 #pragma once
 
+#include <climits>
 #include <cstdint>
 #include <string>
 #include <unordered_map>
@@ -92,8 +93,27 @@ class OutputProcessor {
   // tokens (ModelOutput::sampled), with the edits that process their rows
   // and the masks of structured-output rows (known by then: `masks`).
   DeviceDraws device_draws(const SchedulerOutput& step, const ModelOutput& out, const StepMasks& masks);
-  // Applies one step's results (see above).
+  // Applies one step's results (see above). Sequences ended since the step
+  // was launched (Sequence::done) are skipped.
   void process(const SchedulerOutput& step, const ModelOutput& out, const StepMasks& masks);
+
+  // Async scheduling (engine/engine.hpp). Whether a step may be launched
+  // before the step ahead of it is processed and processed after the next
+  // one is launched: every row picked or drawn on the device from what the
+  // host knows at launch (no structured output, penalties, logit bias or
+  // min_tokens bans, beams, n > 1 forks, speculation, returned logits or
+  // prompt logprobs).
+  static bool pipelinable(const SchedulerOutput& step);
+  // A pipelinable step just launched: its sequences advance (num_computed;
+  // full blocks whose ids are known join the prefix cache) and each sampling
+  // one gets a placeholder token (Sequence::pending), so that the next
+  // schedule() sees the step done. Returns where each scheduled sequence's
+  // token is in the step's results (TokenFeedback::source; kNoSource: none).
+  std::vector<int32_t> launched(const SchedulerOutput& step, const ModelOutput& out);
+  // Its results, once collected: each placeholder takes its token, then the
+  // stop rules and events as process() (skipping sequences ended meanwhile).
+  void process_launched(const SchedulerOutput& step, const ModelOutput& out, const std::vector<int32_t>& sources);
+  static constexpr int32_t kNoSource = INT32_MIN;
 
   // An event carrying what `s` produced since its last event.
   static Event make_event(Request& r, Sequence& s, bool finished, bool request_finished, FinishReason reason,

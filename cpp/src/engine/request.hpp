@@ -59,7 +59,21 @@ struct Sequence {
   std::vector<float> new_logits;     // (rows, vocab), only with params.return_logits
   int32_t new_logit_rows = 0;
 
+  // Async scheduling (engine/engine.hpp): the last `pending` entries of
+  // `tokens` are placeholders (-1) for ids that launched steps picked or drew
+  // on the device and the host has not read yet (at most 2: the step being
+  // processed and the one launched after it); `pending_source` is where the
+  // newest comes from in its step (TokenFeedback::source); `ends_pending`:
+  // that token ends the sequence by length (max_tokens, max_model_len), so
+  // it is not scheduled again. `done`: the sequence ended; a launched step's
+  // record of it is skipped.
+  int32_t pending = 0;
+  int32_t pending_source = 0;
+  bool ends_pending = false;
+  bool done = false;
+
   int64_t num_tokens() const { return static_cast<int64_t>(tokens.size()); }
+  int64_t num_known() const { return num_tokens() - pending; }  // tokens whose ids the host has
   bool at_sampling_point() const { return num_computed == num_tokens(); }
 };
 
@@ -79,6 +93,7 @@ struct Request {
   std::vector<std::unique_ptr<Sequence>> seqs;  // live sequences
   bool expanded = false;             // n > 1: the prompt's sequence has been forked
   uint64_t sample_base = 0;          // device draws' streams: sample_key(sample_base, index)
+  bool done = false;                 // ended (async scheduling: a launched step may still name it)
 
   // beam search state (transformers' semantics)
   std::vector<BeamHypothesis> beam_done;  // best finished, at most beam_width, best first

@@ -158,6 +158,7 @@ size_t Scheduler::live_seqs() const {
 int64_t Scheduler::plan(Request* req, int64_t budget, std::vector<ScheduledSeq>& out) const {
   int64_t blocks = 0;
   for (auto& s : req->seqs) {
+    if (s->ends_pending) continue;  // its pending token is its last (async scheduling): nothing to compute
     const int64_t n = std::min(s->num_tokens() - s->num_computed, budget);
     if (n <= 0) continue;
     out.push_back({req, s.get(), static_cast<int32_t>(n)});

@@ -20,9 +20,10 @@ Stats StatsKeeper::get() const {
 }
 
 void StatsKeeper::count_step(int64_t preemptions, int64_t prompt_tokens, double forward_seconds,
-                             int64_t padded_tokens) {
+                             int64_t padded_tokens, bool async) {
   std::lock_guard<std::mutex> lk(mu_);
   stats_.num_steps += 1;
+  stats_.async_steps += async ? 1 : 0;
   stats_.padded_tokens += padded_tokens;
   stats_.forward_seconds += forward_seconds;
   stats_.num_preemptions += preemptions;

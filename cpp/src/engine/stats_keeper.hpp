@@ -28,7 +28,8 @@ class StatsKeeper {
   StatsKeeper(const KvCache& kv, int64_t swap_slots);
 
   Stats get() const;
-  void count_step(int64_t preemptions, int64_t prompt_tokens, double forward_seconds, int64_t padded_tokens);
+  void count_step(int64_t preemptions, int64_t prompt_tokens, double forward_seconds, int64_t padded_tokens,
+                  bool async = false);
   void count_output(double seconds);
   void count_swap(int64_t out_blocks, int64_t in_blocks, int64_t swapped_out, double seconds);
   void count_generated(int64_t tokens);

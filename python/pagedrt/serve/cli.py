@@ -25,6 +25,7 @@ _HELP = {
     "elastic_kv": "map the KV pool's memory in chunks as blocks are needed, giving unused ones back when idle "
                   "(--no-elastic-kv: take the whole pool at start)",
     "kv_idle_release_s": "seconds without work after which an elastic KV pool gives unused chunks back (0: never)",
+    "async_scheduling": "launch the next engine step while the device runs the current one: auto (on CUDA), on or off",
     "block_size": "tokens per KV block",
     "max_num_seqs": "sequences per engine step at most",
     "max_num_batched_tokens": "tokens per engine step at most",

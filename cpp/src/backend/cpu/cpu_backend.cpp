@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 #include "backend/cpu/gemm.hpp"
@@ -328,5 +329,26 @@ void CpuBackend::to_host(const Tensor& src, int64_t numel, float* dst) {
 }
 
 void CpuBackend::download(const Tensor& src, void* dst) { std::memcpy(dst, src.data, src.nbytes()); }
+
+void CpuBackend::argmax(const Tensor& logits, int64_t rows, int32_t* out, const RowMasks& masks) {
+  if (logits.dtype != ScalarType::F32 || rows > logits.dim(0))
+    throw Error(ErrorKind::Runtime, "argmax: fp32 logits rows");
+  const int64_t vocab = logits.dim(1);
+  const float* x = logits.as<float>();
+#pragma omp parallel for num_threads(threads_) if (rows > 1 && rows * vocab > (1 << 18))
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = x + r * vocab;
+    const int32_t m = masks.mask_of_row != nullptr ? masks.mask_of_row[r] : -1;
+    const uint32_t* allowed = m >= 0 ? masks.words + m * masks.words_per_row : nullptr;
+    float best = -std::numeric_limits<float>::infinity();
+    int64_t at = 0;  // every value -inf or NaN: the first, as Sampler::greedy
+    bool found = false;
+    for (int64_t t = 0; t < vocab; ++t) {
+      if (allowed != nullptr && !((allowed[t >> 5] >> (t & 31)) & 1u)) continue;
+      if (row[t] > best || (!found && row[t] == best)) best = row[t], at = t, found = true;
+    }
+    out[r] = static_cast<int32_t>(at);
+  }
+}
 
 }  // namespace pagedrt::cpu

@@ -51,6 +51,11 @@ class CpuBackend final : public Backend {
   void swap_blocks(Tensor& cache, const std::vector<BlockCopy>& pairs, void* host, bool to_host) override;
   void to_host(const Tensor& src, int64_t numel, float* dst) override;
   void download(const Tensor& src, void* dst) override;
+  // The host sampler's greedy pick (first index of the largest, NaN never
+  // chosen), done where the logits are: steps of plain greedy rows copy no
+  // logits, and async scheduling (engine/engine.hpp) feeds the ids forward.
+  bool has_argmax() const override { return true; }
+  void argmax(const Tensor& logits, int64_t rows, int32_t* out, const RowMasks& masks) override;
 
  private:
   int threads_;

@@ -163,6 +163,7 @@ CudaBackend::~CudaBackend() {
     if (load_done_[i]) cudaEventDestroy(load_done_[i]);
     if (load_host_[i]) cudaFreeHost(load_host_[i]);
     if (load_dev_[i]) cudaFree(load_dev_[i]);
+    if (results_done_[i]) cudaEventDestroy(results_done_[i]);
   }
   if (partials_) cudaFree(partials_);
   gemm_.reset();

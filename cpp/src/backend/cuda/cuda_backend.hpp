@@ -101,6 +101,10 @@ class CudaBackend final : public Backend {
   bool has_sample() const override { return sample_; }
   void sample(const Tensor& logits, const SampleRow* rows, int64_t n, const LogitEdit* edits, int64_t num_edits,
               int32_t* out, DrawLogprobs* logprobs, const DrawMasks& masks) override;  // sampling.cu
+  bool defers_results() const override { return true; }
+  void begin_results(bool defer) override;
+  int32_t end_results() override;
+  void collect(int32_t ticket) override;
   void download(const Tensor& src, void* dst) override;
 
  private:
@@ -146,7 +150,21 @@ class CudaBackend final : public Backend {
 
   BatchView host_{};   // the caller's arrays, valid during the step
   uint64_t step_ = 0;
-  Staging batch_, plan_, copies_, picks_, masks_, samples_;
+  Staging batch_, plan_, copies_, masks_;
+  // Results of a step (argmax's picks, sample's draws), two steps' worth for
+  // async scheduling: a step uses slot_ (begin_results alternates it); a
+  // deferred step's copies to the caller wait in pending_ until collect().
+  struct HostCopy {
+    const void* src;  // pinned
+    void* dst;
+    size_t bytes;
+  };
+  Staging picks_[2], samples_[2];
+  const int32_t* draws_dev_[2] = {};  // sample()'s tokens on the device, per slot
+  std::vector<HostCopy> pending_[2];
+  cudaEvent_t results_done_[2] = {};
+  int slot_ = 0;
+  bool defer_ = false;
   Tensor processed_;  // sample(): the processed rows of draws with edits or masks (grown as needed)
   StepArrays dev_{};
   AttentionPlan plan_info_{};

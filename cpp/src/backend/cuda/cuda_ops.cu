@@ -268,12 +268,38 @@ void CudaBackend::argmax(const Tensor& logits, int64_t rows, int32_t* out, const
   }
   const size_t bytes = static_cast<size_t>(rows) * 4, scratch = static_cast<size_t>(rows) * kArgmaxParts * 8;
   // device: the picks, then the kernel's scratch; only the picks come back
-  int32_t* h = reinterpret_cast<int32_t*>(picks_.host(align16(bytes) + scratch));  // waits for the previous use
-  argmax_rows(logits.as<float>(), rows, vocab, reinterpret_cast<int32_t*>(picks_.device()),
-              picks_.device() + align16(bytes), stream_, mask_of_row, mask_words, masks.words_per_row);
-  CUDA_CHECK(cudaMemcpyAsync(h, picks_.device(), bytes, cudaMemcpyDeviceToHost, stream_));
+  Staging& picks = picks_[slot_];
+  int32_t* h = reinterpret_cast<int32_t*>(picks.host(align16(bytes) + scratch));
+  argmax_rows(logits.as<float>(), rows, vocab, reinterpret_cast<int32_t*>(picks.device()),
+              picks.device() + align16(bytes), stream_, mask_of_row, mask_words, masks.words_per_row);
+  CUDA_CHECK(cudaMemcpyAsync(h, picks.device(), bytes, cudaMemcpyDeviceToHost, stream_));
+  if (defer_) return pending_[slot_].push_back({h, out, bytes});
   CUDA_CHECK(cudaStreamSynchronize(stream_));
   std::memcpy(out, h, bytes);
+}
+
+// ---- deferred results (async scheduling) ----------------------------------------------
+
+void CudaBackend::begin_results(bool defer) {
+  slot_ ^= 1;
+  pending_[slot_].clear();  // a step whose results nobody collected (its forward failed)
+  defer_ = defer;
+}
+
+int32_t CudaBackend::end_results() {
+  if (results_done_[slot_] == nullptr) CUDA_CHECK(cudaEventCreateWithFlags(&results_done_[slot_], cudaEventDisableTiming));
+  CUDA_CHECK(cudaEventRecord(results_done_[slot_], stream_));
+  defer_ = false;
+  return slot_;
+}
+
+void CudaBackend::collect(int32_t ticket) {
+  require(ticket == 0 || ticket == 1, "collect: ticket " + std::to_string(ticket) + " is not end_results()'s");
+  std::vector<HostCopy>& copies = pending_[ticket];
+  if (copies.empty()) return;
+  CUDA_CHECK(cudaEventSynchronize(results_done_[ticket]));
+  for (const HostCopy& c : copies) std::memcpy(c.dst, c.src, c.bytes);
+  copies.clear();
 }
 
 void CudaBackend::download(const Tensor& src, void* dst) {

@@ -21,11 +21,13 @@ void CudaBackend::begin_step(const BatchView& b) {
   host_ = b;
   ++step_;
   const size_t n = b.num_tokens, s = b.num_seqs, np = b.num_seqs ? b.page_indptr[b.num_seqs] : 0;
-  // page_indices last: with the same token, sequence and logit counts every
-  // other array keeps its device address from step to step (recorded steps).
-  const size_t sizes[] = {n * 4, n * 4, n * 8, (s + 1) * 4, (s + 1) * 4, size_t(b.num_logits) * 4, n * 4, np * 4};
-  size_t off[8], total = 0;
-  for (int i = 0; i < 8; ++i) {
+  // page_indices, then the fed-back tokens (async scheduling), last: with the
+  // same token, sequence and logit counts every other array keeps its device
+  // address from step to step (recorded steps).
+  const size_t nf = static_cast<size_t>(b.num_feedback);
+  const size_t sizes[] = {n * 4, n * 4, n * 8, (s + 1) * 4, (s + 1) * 4, size_t(b.num_logits) * 4, n * 4, np * 4, nf * 8};
+  size_t off[9], total = 0;
+  for (int i = 0; i < 9; ++i) {
     off[i] = total;
     total += align16(sizes[i]);
   }
@@ -40,8 +42,16 @@ void CudaBackend::begin_step(const BatchView& b) {
   for (int32_t i = 0; i < b.num_seqs; ++i)
     for (int32_t t = b.query_start[i]; t < b.query_start[i + 1]; ++t) seq[t] = i;
   if (np) std::memcpy(h + off[7], b.page_indices, sizes[7]);
+  if (nf) std::memcpy(h + off[8], b.feedback, sizes[8]);
   batch_.upload(total, stream_);
   uint8_t* d = batch_.device();
+  static_assert(sizeof(TokenFeedback) == sizeof(int2), "TokenFeedback is read as int2");
+  if (nf) {  // before anything reads the ids (a recorded step reads them at the same address)
+    const int t = b.feedback_ticket;
+    require(t == 0 || t == 1, "begin_step: feedback ticket " + std::to_string(t) + " is not end_results()'s");
+    feed_tokens(reinterpret_cast<int32_t*>(d + off[0]), reinterpret_cast<const int2*>(d + off[8]), static_cast<int>(nf),
+                reinterpret_cast<const int32_t*>(picks_[t].device()), draws_dev_[t], stream_);
+  }
   dev_.token_ids = reinterpret_cast<const int32_t*>(d + off[0]);
   dev_.positions = reinterpret_cast<const int32_t*>(d + off[1]);
   dev_.slot_mapping = reinterpret_cast<const int64_t*>(d + off[2]);

@@ -415,7 +415,16 @@ __global__ void swap_blocks_kernel(uint8_t* base, uint8_t* host, int64_t block_b
   for (int64_t i = threadIdx.x; i < block_bytes / 16; i += blockDim.x) dst[i] = src[i];
 }
 
+__global__ void feed_tokens_kernel(int32_t* tokens, const int2* fb, int n, const int32_t* picks, const int32_t* draws) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) tokens[fb[i].x] = fb[i].y >= 0 ? picks[fb[i].y] : draws[-1 - fb[i].y];
+}
+
 }  // namespace
+
+void feed_tokens(int32_t* tokens, const int2* fb, int n, const int32_t* picks, const int32_t* draws, cudaStream_t s) {
+  if (n > 0) feed_tokens_kernel<<<(n + 255) / 256, 256, 0, s>>>(tokens, fb, n, picks, draws);
+}
 
 void swap_blocks(uint8_t* base, uint8_t* host, int64_t block_bytes, const int2* pairs, int n, bool to_host,
                  cudaStream_t s) {

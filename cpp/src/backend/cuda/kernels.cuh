@@ -63,6 +63,9 @@ void argmax_rows(const float* x, int64_t rows, int64_t cols, int32_t* out, void*
                  int64_t words_per_row = 0);
 // block pairs[i].y = block pairs[i].x, block_bytes each (multiple of 16)
 void copy_blocks(uint8_t* base, int64_t block_bytes, const int2* pairs, int n, cudaStream_t s);
+// Async scheduling: tokens[fb[i].x] = fb[i].y >= 0 ? picks[fb[i].y] : draws[-1 - fb[i].y], i < n
+// (the previous step's device results fed into this step's token ids).
+void feed_tokens(int32_t* tokens, const int2* fb, int n, const int32_t* picks, const int32_t* draws, cudaStream_t s);
 // Whole blocks between a cache (base) and page-locked host slots (host,
 // mapped: written or read over the bus by the kernel), block_bytes % 16 == 0;
 // to_host: pairs (cache block, slot), else (slot, cache block).

@@ -548,7 +548,8 @@ void CudaBackend::sample(const Tensor& logits, const SampleRow* rows, int64_t n,
   const size_t up_bytes = row_bytes + edit_bytes + align16(mask_words * 4);
   const size_t tok_bytes = align16(static_cast<size_t>(n) * 4);
   const size_t lp_bytes = any_logprobs ? static_cast<size_t>(n) * sizeof(DrawLogprobs) : 0;
-  uint8_t* h = samples_.host(up_bytes + tok_bytes + lp_bytes);  // waits for the previous use
+  Staging& samples = samples_[slot_];
+  uint8_t* h = samples.host(up_bytes + tok_bytes + lp_bytes);  // waits for the previous use
   std::memcpy(h, rows, static_cast<size_t>(n) * sizeof(SampleRow));
   SampleRow* staged = reinterpret_cast<SampleRow*>(h);
   uint32_t next_copy = 0;
@@ -556,15 +557,22 @@ void CudaBackend::sample(const Tensor& logits, const SampleRow* rows, int64_t n,
     staged[i].scratch = staged[i].mask >= 0 || (edited_copies && staged[i].num_edits > 0) ? next_copy++ : kNoScratch;
   if (num_edits > 0) std::memcpy(h + row_bytes, edits, static_cast<size_t>(num_edits) * sizeof(LogitEdit));
   if (mask_words > 0) std::memcpy(h + row_bytes + edit_bytes, masks.words, mask_words * 4);
-  samples_.upload(up_bytes, stream_);
-  uint8_t* d = samples_.device();
+  samples.upload(up_bytes, stream_);
+  uint8_t* d = samples.device();
   int32_t* dev_out = reinterpret_cast<int32_t*>(d + up_bytes);
   DrawLogprobs* dev_lp = any_logprobs ? reinterpret_cast<DrawLogprobs*>(d + up_bytes + tok_bytes) : nullptr;
   sample_rows(logits.as<float>(), vocab, reinterpret_cast<const SampleRow*>(d), n,
               reinterpret_cast<const LogitEdit*>(d + row_bytes), edit_slots,
               mask_words > 0 ? reinterpret_cast<const uint32_t*>(d + row_bytes + edit_bytes) : nullptr,
               copies ? processed_.as<float>() : nullptr, dev_out, dev_lp, stream_);
+  draws_dev_[slot_] = dev_out;  // for a later step's feedback (async scheduling)
   CUDA_CHECK(cudaMemcpyAsync(h + up_bytes, dev_out, tok_bytes + lp_bytes, cudaMemcpyDeviceToHost, stream_));
+  if (defer_) {
+    pending_[slot_].push_back({h + up_bytes, out, static_cast<size_t>(n) * 4});
+    if (any_logprobs)
+      pending_[slot_].push_back({h + up_bytes + tok_bytes, logprobs, static_cast<size_t>(n) * sizeof(DrawLogprobs)});
+    return;
+  }
   CUDA_CHECK(cudaStreamSynchronize(stream_));
   std::memcpy(out, h + up_bytes, static_cast<size_t>(n) * 4);
   if (any_logprobs) std::memcpy(logprobs, h + up_bytes + tok_bytes, static_cast<size_t>(n) * sizeof(DrawLogprobs));
