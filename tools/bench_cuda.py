@@ -14,6 +14,7 @@ process (pagedrt and transformers each hold a 16 GB model):
     bench_cuda.py ttft_env  OUT.json MODEL_DIR SETTING...   batch-1 TTFT at 1k/4k/8k-token prompts per setting
     bench_cuda.py new_shapes OUT.json MODEL_DIR SETTING...  what a never-seen step size costs, per setting
     bench_cuda.py batch_tpot OUT.json MODEL_DIR SETTING...  decode TPOT at batch 1/16/64/128/256, per setting
+    bench_cuda.py throughput OUT.json MODEL_DIR SETTING...  256 x (512/128) greedy output tok/s, per setting
     bench_cuda.py hf        OUT.json MODEL_DIR  the same workloads with transformers (eager+SDPA)
     bench_cuda.py verify    OUT.json MODEL_DIR  speculative verify step, 1 + k positions (k = 0..8) vs batch-1 TPOT
     bench_cuda.py sampling  OUT.json            device sampling over 1 / 64 / 256 rows of 128K logits vs torch
@@ -657,6 +658,32 @@ def pagedrt_bench(model):
     return r
 
 
+def throughput_env(model, settings, n=256, prompt=512, new=128):
+    """n x (prompt in / new out) greedy output tok/s per setting (runtime_under:
+    async_scheduling=off against the default, say), the better of two runs
+    after a warm-up, one Runtime each; the greedy tokens' hash."""
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 128000, size=prompt).tolist() for _ in range(n)]
+    r = {}
+    for setting in settings:
+        key = setting or "default"
+        with runtime_under(model, setting, max_num_seqs=256, max_num_batched_tokens=8192) as rt:
+            import pagedrt
+            params = pagedrt.SamplingParams(max_tokens=new, ignore_eos=True, temperature=0.0)
+            rt.generate(prompts[:8], pagedrt.SamplingParams(max_tokens=4, ignore_eos=True, temperature=0.0))
+            best = None
+            for _ in range(2):
+                t0 = time.perf_counter()
+                outs = rt.generate(prompts, params)
+                tps = sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t0)
+                best = max(best or 0.0, tps)
+            st = rt.stats()
+            r[key] = {"tok_per_s": best, "async_steps": st.async_steps, "num_steps": st.num_steps,
+                      "tokens_sha256": tokens_hash(outs)}
+        print(f"{key}: {n} x {prompt}/{new} {best:,.0f} output tok/s", r[key], flush=True)
+    return r
+
+
 def elastic_bench(model):
     """The elastic KV pool against one taken whole (RuntimeConfig::elastic_kv),
     8B shape, default pool (gpu_memory_utilization 0.9): start-up seconds,
@@ -824,6 +851,8 @@ def main():
         res = tpot_env(sys.argv[3], sys.argv[4:])
     elif part == "ttft_env":
         res = ttft_env(sys.argv[3], sys.argv[4:])
+    elif part == "throughput":  # 256 x 512/128 under settings: "" async_scheduling=off
+        res = throughput_env(sys.argv[3], sys.argv[4:])
     elif part == "batch_tpot":
         res = batch_tpot(sys.argv[3], sys.argv[4:])
     elif part == "batch_tpot_sampled":  # device sampling against the host's: "" PAGEDRT_CUDA_SAMPLE=0

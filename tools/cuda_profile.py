@@ -1,7 +1,11 @@
 #!/usr/bin/env python3
 """Where a pagedrt CUDA step spends its GPU time, kernel by kernel.
 
-    cuda_profile.py OUT.json MODEL_DIR
+    cuda_profile.py OUT.json MODEL_DIR [ASYNC_SCHEDULING [PHASES]]
+
+ASYNC_SCHEDULING: the Runtime option ("auto", the default; "off": steps one at
+a time, for the idle gaps before and after). PHASES: comma-separated indices
+of the phases below (default: all).
 
 Runs the throughput workload of bench_cuda.py at a smaller scale (64 requests of
 512 in / 32 out: prefill-heavy steps, then batch-64 decode), batch-256 decode
@@ -74,8 +78,9 @@ def main():
     import pagedrt
 
     out_path, model = sys.argv[1], sys.argv[2]
+    mode = sys.argv[3] if len(sys.argv) > 3 else "auto"
     rng = np.random.default_rng(0)
-    rt = pagedrt.Runtime(model, device="cuda", max_num_seqs=256, max_num_batched_tokens=8192)
+    rt = pagedrt.Runtime(model, device="cuda", max_num_seqs=256, max_num_batched_tokens=8192, async_scheduling=mode)
     greedy = dict(ignore_eos=True, temperature=0.0)
     rt.generate([rng.integers(0, 128000, size=64).tolist()] * 4, max_tokens=4, **greedy)  # warm-up
     result = {"device": torch.cuda.get_device_name()}
@@ -85,6 +90,9 @@ def main():
         ("batch-256 decode (16 in, 64 out)", [rng.integers(0, 128000, size=16).tolist() for _ in range(256)], 64),
         ("batch-1 prefill of 8,000 tokens (TTFT)", [rng.integers(0, 128000, size=8000).tolist()], 1),
     ]
+    if len(sys.argv) > 4:
+        phases = [phases[int(i)] for i in sys.argv[4].split(",")]
+    result["async_scheduling"] = mode
     for title, prompts, n in phases:
         # The same shapes once unprofiled first, so that plans and buffers are made
         # (fresh tokens: no cached prefix).
