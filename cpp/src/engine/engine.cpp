@@ -218,6 +218,7 @@ void Engine::propose_drafts() {
 
 void Engine::swap(const SchedulerOutput& step) {
   runner_.ensure_swap_space();  // not timed: auto's estimate is of the copies
+  if (auto_preemption_ && launched_) runner_.synchronize();  // nor the launched step's forward
   const double start = now_s();
   runner_.swap(step, auto_preemption_);  // Auto waits for the copies, to time them
   const double seconds = now_s() - start;
@@ -360,8 +361,8 @@ void Engine::step() {
     launched_ = std::move(l);
     return;
   }
-  finish_launched();  // the step ahead of this one (its results are in: this step's waited)
   const double forward_end = now_s();
+  finish_launched();  // the step ahead of this one (its results are in: this step's waited)
   pm.wait();
   if (!pm.rows.empty()) {
     try {
@@ -531,6 +532,7 @@ void Engine::forget(Request& r) {
     }
   }
   auto it = requests_.find(id);
+  if (it == requests_.end()) return;
   retire(std::move(it->second));  // destroyed once no launched step names it
   requests_.erase(it);
 }

@@ -74,7 +74,7 @@ void KvCacheManager::note_computed(const SeqBlocks& seq, int64_t from, int64_t t
 void KvCacheManager::cache_full_blocks(SeqBlocks& seq, const int32_t* tokens, int64_t num_computed) {
   if (!prefix_caching_) return;
   const int64_t bs = pool_.block_size();
-  const int64_t full = num_computed / bs;
+  const int64_t full = std::min<int64_t>(num_computed / bs, static_cast<int64_t>(seq.table.size()));
   for (int64_t i = static_cast<int64_t>(seq.block_uids.size()); i < full; ++i) {
     const uint64_t parent = i == 0 ? 0 : seq.block_uids[i - 1];
     seq.block_uids.push_back(pool_.cache(seq.table[i], parent, tokens + i * bs));

@@ -282,7 +282,9 @@ void OutputProcessor::process_launched(const SchedulerOutput& step, const ModelO
     }
     if (apply(pick)) continue;  // ended (and may be gone)
     Sequence& s = *sc.seq;
-    kv_.cache_full_blocks(s.blocks, s.tokens.data(), std::min(s.num_computed, s.num_known()));
+    // Swapped out since launch (the next schedule preempted it): its blocks
+    // are gone, its num_computed kept for the way back; they are cached then.
+    if (!sc.req->swapped) kv_.cache_full_blocks(s.blocks, s.tokens.data(), std::min(s.num_computed, s.num_known()));
     sink_.push_event(make_event(*sc.req, s, false, false, FinishReason::None, ""));
   }
 }
