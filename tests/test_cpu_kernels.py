@@ -31,10 +31,20 @@ def test_the_scalar_variant_is_always_there():
     assert "scalar" in VARIANTS and _testing._gemm_variant() in VARIANTS
 
 
+@pytest.fixture(params=["l1", "l2"])
+def prefetch(request):
+    """The decode kernels' prefetch hint (backend/cpu/gemm.hpp: calibrated per
+    process in the engine; set here in the test module's copy): a hint, so
+    the results must not depend on it."""
+    _testing._set_prefetch(request.param)
+    yield request.param
+    _testing._set_prefetch("l1")
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("n,m,k", SIZES)
 @pytest.mark.parametrize("weights", ["float32", "bfloat16"])
-def test_gemm_matches_reference(variant, n, m, k, weights):
+def test_gemm_matches_reference(variant, n, m, k, weights, prefetch):
     rng = np.random.default_rng(n * 1000 + m * 10 + k)
     x = rng.standard_normal((n, k)).astype(np.float32)
     w = rng.standard_normal((m, k)).astype(np.float32)
@@ -74,7 +84,7 @@ BF16_MK = [(1, 1), (5, 7), (3, 31), (7, 33), (9, 100), (13, 576), (35, 1544)]
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("n", BF16_N)
 @pytest.mark.parametrize("m,k", BF16_MK)
-def test_gemm_bf16_bf16_matches_reference(variant, n, m, k):
+def test_gemm_bf16_bf16_matches_reference(variant, n, m, k, prefetch):
     """bf16 x and W: every product of two bf16 values is exact in fp32 (8 + 8
     significand bits), so the only error is that of the fp32 additions, in any
     order: |y - ref| <= k * 2**-24 * (|x| @ |W|^T) per element (the gamma_k
@@ -131,3 +141,37 @@ def test_the_widest_variant_is_chosen_and_the_environment_forces_one():
     out = subprocess.run([sys.executable, "-c", code], env={**env, "PAGEDRT_CPU_KERNEL": "scalar"},
                          capture_output=True, text=True, check=True)
     assert out.stdout.split()[-1] == "scalar"
+
+
+def _gemm_info_after_a_runtime(path, env):
+    """_core.cpu_gemm_info() in a fresh process that made one CPU Runtime."""
+    code = ("import pagedrt\n"
+            f"with pagedrt.Runtime({str(path)!r}, device='cpu', num_threads=2): pass\n"
+            "print(pagedrt._core.cpu_gemm_info())\n")
+    clean = {k: v for k, v in os.environ.items() if k != "PAGEDRT_CPU_PREFETCH"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**clean, **env})
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_the_prefetch_hint_is_calibrated_once_per_process(tmp_path):
+    """The first CPU Runtime times the decode kernel with each hint over 64 MiB
+    of weights and keeps the faster: the info line names both rates and the
+    faster one's hint; PAGEDRT_CPU_PREFETCH sets the hint without timing."""
+    import re
+
+    from conftest import make_tiny_llama
+    path, _ = make_tiny_llama(tmp_path / "m")
+    variant = _testing._gemm_variant()
+    info = _gemm_info_after_a_runtime(path, {})
+    assert info.startswith(variant + ", prefetch "), info
+    if variant == "scalar":
+        return
+    m = re.search(r"prefetch (l1|l2) \(calibrated: l2 ([0-9.]+) GB/s, l1 ([0-9.]+) GB/s, 2 threads\)", info)
+    assert m, info
+    l2, l1 = float(m.group(2)), float(m.group(3))
+    assert (m.group(1) == ("l2" if l2 > l1 else "l1") or l1 == l2) and min(l1, l2) > 0
+    for hint in ("l1", "l2"):
+        assert _gemm_info_after_a_runtime(path, {"PAGEDRT_CPU_PREFETCH": hint}).endswith(
+            f"prefetch {hint} (PAGEDRT_CPU_PREFETCH)")

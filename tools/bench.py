@@ -144,6 +144,8 @@ def pagedrt_job(model, dtype, W, a, meter):
         rows += bench_kv.sharing(model, dtype, *W["sharing"], a, meter, engine)
     if "prefix" in W:
         rows += bench_kv.prefix(model, dtype, *W["prefix"], a, meter, engine)
+    if a.device == "cpu":  # calibrated at the first Runtime of this process (backend/cpu/gemm.hpp)
+        print(f"  {engine}: CPU GEMM {pagedrt._core.cpu_gemm_info()}", flush=True)
     return rows
 
 

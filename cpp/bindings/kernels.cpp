@@ -46,5 +46,11 @@ nb::ndarray<nb::numpy, float, nb::ndim<2>> gemm(Mat x, Mat w, const std::string&
 void register_kernels(nb::module_& m) {
   m.def("_gemm_variants", &pagedrt::cpu::gemm_variants);
   m.def("_gemm_variant", &pagedrt::cpu::gemm_variant);
+  m.def("_gemm_prefetch", &pagedrt::cpu::gemm_prefetch_name);  // the decode kernels' prefetch hint and how it was chosen
+  m.def("_calibrate_prefetch", &pagedrt::cpu::calibrate_prefetch, "threads"_a);
+  m.def("_set_prefetch", [](const std::string& to) {  // this module's copy of the kernels only
+    if (to != "l1" && to != "l2") throw nb::value_error("prefetch: l1 or l2");
+    pagedrt::cpu::g_prefetch = to == "l2" ? pagedrt::cpu::PrefetchTo::L2 : pagedrt::cpu::PrefetchTo::L1;
+  });
   m.def("_gemm", &gemm, "x"_a, "w"_a, "variant"_a, "threads"_a = 1);
 }

@@ -454,6 +454,8 @@ NB_MODULE(_core, m) {
       .def("model_info", &pagedrt::Runtime::model_info)
       .def("close", &pagedrt::Runtime::close, nb::call_guard<ReleaseGil>());
 
+  m.def("cpu_gemm_info", &pagedrt::cpu_gemm_info,
+        "The CPU GEMM kernels this process runs and their decode prefetch hint, with how it was chosen.");
   m.def("cuda_built", &pagedrt::cuda_built, "Whether this build has the CUDA backend.");
   m.def("cuda_available", &pagedrt::cuda_available,
         "Whether this build has the CUDA backend and a GPU is visible.");

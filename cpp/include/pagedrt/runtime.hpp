@@ -116,6 +116,10 @@ struct RuntimeConfig {
 // (device "auto" then means "cuda").
 bool cuda_built();
 bool cuda_available();
+// The CPU GEMM kernels this process runs and their decode prefetch hint,
+// with how it was chosen (calibrated at the first CPU runtime, or
+// PAGEDRT_CPU_PREFETCH): "avx512bf16, prefetch l2 (calibrated: ...)".
+std::string cpu_gemm_info();
 
 // Who reads a request's events (see "Events" above).
 enum class Delivery {

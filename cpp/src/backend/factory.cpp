@@ -24,6 +24,8 @@ ScalarType auto_activation_dtype(const std::string& device, ScalarType weight_dt
                                                                                  : ScalarType::F32;
 }
 
+std::string cpu_gemm_info() { return cpu::gemm_variant() + ", prefetch " + cpu::gemm_prefetch_name(); }
+
 bool cuda_built() {
 #ifdef PAGEDRT_WITH_CUDA
   return true;

@@ -69,6 +69,7 @@ CpuBackend::CpuBackend(int num_threads, ScalarType activation_dtype, bool determ
 #endif
   }
   set_decode_padding(false);  // nothing to share a recording: PAGEDRT_DECODE_PAD=1 only (tests)
+  cpu::calibrate_prefetch(threads_);  // the decode GEMV's prefetch hint, once per process (gemm.hpp)
 }
 
 Tensor CpuBackend::load_weight(const std::vector<WeightView>& parts, ScalarType dtype) {

@@ -26,6 +26,19 @@ void gemm_bf16_bf16(const uint16_t* x, const uint16_t* w, float* y, int64_t n, i
 const std::string& gemm_variant();
 std::vector<std::string> gemm_variants();
 
+// Where the decode kernels (one to four tokens) ask for the next task's
+// weight rows while the current ones stream: into L2 or into L1. Which is
+// faster depends on the machine (a 2-core Zen 5 VM: 18 GB/s with L1, 33 with
+// L2, over 269 MB of SmolLM2 shapes; the kernels were tuned where L1 won), so
+// calibrate_prefetch() times both once per process over 64 MiB of weights
+// (~30 ms) and keeps the faster; PAGEDRT_CPU_PREFETCH=l1|l2 sets it instead.
+enum class PrefetchTo { L1, L2 };
+PrefetchTo gemm_prefetch();
+void calibrate_prefetch(int threads);  // once per process; later calls return at once
+std::string gemm_prefetch_name();      // "l2", "l1", with how it was chosen
+// Internal: the hint the kernels read (set by calibrate_prefetch; L1 until then).
+extern PrefetchTo g_prefetch;
+
 // Operand types of one GEMM call, named x type x W type.
 enum class GemmOperands {
   F32xF32,    // gemm_f32

@@ -113,14 +113,26 @@ inline void micro(const uint16_t* x, const uint16_t* w, float* y, int64_t k, int
 }
 #undef PAGEDRT_UNROLL
 
+// The last token tile: the next task's rows asked for in L1, or where
+// gemm_prefetch() says when it is the only tile (decode: n <= kT; larger n
+// asked L2 in their first tile already).
+template <int T, int R>
+inline void last_tile(bool only, const uint16_t* x, const uint16_t* w, float* y, int64_t k, int64_t ldy) {
+  if (only && g_prefetch == PrefetchTo::L2)
+    micro<T, R, kToL2>(x, w, y, k, ldy);
+  else
+    micro<T, R, kToL1>(x, w, y, k, ldy);
+}
+
 // The last n % kT tokens, T < kT of them (prefetching: it is the last token tile).
 template <int T, int R>
-inline void token_tail(int64_t left, const uint16_t* x, const uint16_t* w, float* y, int64_t k, int64_t ldy) {
+inline void token_tail(bool only, int64_t left, const uint16_t* x, const uint16_t* w, float* y, int64_t k,
+                       int64_t ldy) {
   if constexpr (T > 0) {
     if (left == T)
-      micro<T, R, kToL1>(x, w, y, k, ldy);
+      last_tile<T, R>(only, x, w, y, k, ldy);
     else
-      token_tail<T - 1, R>(left, x, w, y, k, ldy);
+      token_tail<T - 1, R>(only, left, x, w, y, k, ldy);
   }
 }
 
@@ -128,8 +140,10 @@ inline void token_tail(int64_t left, const uint16_t* x, const uint16_t* w, float
 // tile asks L2 for the next task's rows, a whole task's time ahead of their
 // use (weights streaming from DRAM at n = 32, 2 threads: 630-650 -> 650-720
 // GFLOP/s); the last one asks L1 (earlier, the x rows streaming through L1
-// would evict them). (Repacking W so that a task reads it front to back
-// instead of 6 interleaved rows changed nothing: tried, same session.)
+// would evict them). A step of at most kT tokens has one tile: it asks where
+// gemm_prefetch() says (L1 where this was tuned; L2 by 1.8x at n = 1 on a
+// Zen 5 VM). (Repacking W so that a task reads it front to back instead of
+// 6 interleaved rows changed nothing: tried, same session.)
 template <int R>
 inline void rows_block(const uint16_t* x, const uint16_t* w, float* y, int64_t n, int64_t m, int64_t k) {
   int64_t t = 0;
@@ -139,9 +153,9 @@ inline void rows_block(const uint16_t* x, const uint16_t* w, float* y, int64_t n
   }
   for (; t + kT < n; t += kT) micro<kT, R, kNone>(x + t * k, w, y + t * m, k, m);
   if (n - t == kT)
-    micro<kT, R, kToL1>(x + t * k, w, y + t * m, k, m);
+    last_tile<kT, R>(t == 0, x + t * k, w, y + t * m, k, m);
   else
-    token_tail<kT - 1, R>(n - t, x + t * k, w, y + t * m, k, m);
+    token_tail<kT - 1, R>(t == 0, n - t, x + t * k, w, y + t * m, k, m);
 }
 
 // The last m % kR rows, R < kR of them.
