@@ -7,6 +7,7 @@
 #include <cstring>
 #include <limits>
 #include <mutex>
+#include <thread>
 
 #include "pagedrt/error.hpp"
 
@@ -123,46 +124,56 @@ std::once_flag g_calibrated;
 PrefetchTo gemm_prefetch() { return g_prefetch; }
 std::string gemm_prefetch_name() { return g_prefetch_how; }
 
+namespace {
+void calibrate(int threads);
+}  // namespace
+
 void calibrate_prefetch(int threads) {
-  std::call_once(g_calibrated, [threads] {
-    if (const char* e = std::getenv("PAGEDRT_CPU_PREFETCH"); e != nullptr && (!std::strcmp(e, "l1") || !std::strcmp(e, "l2"))) {
-      g_prefetch = !std::strcmp(e, "l2") ? PrefetchTo::L2 : PrefetchTo::L1;
-      g_prefetch_how = std::string(e) + " (PAGEDRT_CPU_PREFETCH)";
-      return;
-    }
-    const Variant& v = chosen();
-    if (v.name == "scalar") {
-      g_prefetch_how = "none (scalar kernel)";
-      return;
-    }
-    // One decode token against 64 MiB of bf16 rows (more than most last-level
-    // caches), each hint three times, alternating; the faster minimum wins.
-    constexpr int64_t k = 1024, m = (int64_t(64) << 20) / (2 * k);
-    std::vector<uint16_t> w(static_cast<size_t>(m * k), 0x3c00), xb(k, 0x3c00);  // bf16 1.0
-    std::vector<float> xf(k, 1.0f), y(static_cast<size_t>(m));
-    auto pass = [&](PrefetchTo p) {
-      g_prefetch = p;
-      const auto t0 = std::chrono::steady_clock::now();
-      if (v.name == "avx512bf16")
-        v.bf16_bf16(xb.data(), w.data(), y.data(), 1, m, k, threads);
-      else
-        v.bf16(xf.data(), w.data(), y.data(), 1, m, k, threads);
-      return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    };
-    pass(PrefetchTo::L1);  // the first touch of the pages and the threads' start, untimed
-    double l1 = std::numeric_limits<double>::infinity(), l2 = l1;
-    for (int r = 0; r < 3; ++r) {
-      l2 = std::min(l2, pass(PrefetchTo::L2));
-      l1 = std::min(l1, pass(PrefetchTo::L1));
-    }
-    g_prefetch = l2 < l1 ? PrefetchTo::L2 : PrefetchTo::L1;
-    char how[96];
-    const double bytes = 2.0 * static_cast<double>(m * k) / 1e9;
-    std::snprintf(how, sizeof how, "%s (calibrated: l2 %.1f GB/s, l1 %.1f GB/s, %d threads)",
-                  l2 < l1 ? "l2" : "l1", bytes / l2, bytes / l1, threads);
-    g_prefetch_how = how;
-  });
+  // On a thread of its own: the OpenMP team its kernel calls start goes with
+  // it, rather than staying with the caller's thread beside the engine's.
+  std::call_once(g_calibrated, [threads] { std::thread([threads] { calibrate(threads); }).join(); });
 }
+
+namespace {
+void calibrate(int threads) {
+  if (const char* e = std::getenv("PAGEDRT_CPU_PREFETCH"); e != nullptr && (!std::strcmp(e, "l1") || !std::strcmp(e, "l2"))) {
+    g_prefetch = !std::strcmp(e, "l2") ? PrefetchTo::L2 : PrefetchTo::L1;
+    g_prefetch_how = std::string(e) + " (PAGEDRT_CPU_PREFETCH)";
+    return;
+  }
+  const Variant& v = chosen();
+  if (v.name == "scalar") {
+    g_prefetch_how = "none (scalar kernel)";
+    return;
+  }
+  // One decode token against 64 MiB of bf16 rows (more than most last-level
+  // caches), each hint three times, alternating; the faster minimum wins.
+  constexpr int64_t k = 1024, m = (int64_t(64) << 20) / (2 * k);
+  std::vector<uint16_t> w(static_cast<size_t>(m * k), 0x3c00), xb(k, 0x3c00);  // bf16 1.0
+  std::vector<float> xf(k, 1.0f), y(static_cast<size_t>(m));
+  auto pass = [&](PrefetchTo p) {
+    g_prefetch = p;
+    const auto t0 = std::chrono::steady_clock::now();
+    if (v.name == "avx512bf16")
+      v.bf16_bf16(xb.data(), w.data(), y.data(), 1, m, k, threads);
+    else
+      v.bf16(xf.data(), w.data(), y.data(), 1, m, k, threads);
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  };
+  pass(PrefetchTo::L1);  // the first touch of the pages and the threads' start, untimed
+  double l1 = std::numeric_limits<double>::infinity(), l2 = l1;
+  for (int r = 0; r < 3; ++r) {
+    l2 = std::min(l2, pass(PrefetchTo::L2));
+    l1 = std::min(l1, pass(PrefetchTo::L1));
+  }
+  g_prefetch = l2 < l1 ? PrefetchTo::L2 : PrefetchTo::L1;
+  char how[96];
+  const double bytes = 2.0 * static_cast<double>(m * k) / 1e9;
+  std::snprintf(how, sizeof how, "%s (calibrated: l2 %.1f GB/s, l1 %.1f GB/s, %d threads)",
+                l2 < l1 ? "l2" : "l1", bytes / l2, bytes / l1, threads);
+  g_prefetch_how = how;
+}
+}  // namespace
 
 float* gemm_scratch(int64_t count) {
   // Grows to the largest call on this thread and stays: no allocation per call.
