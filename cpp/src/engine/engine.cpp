@@ -362,7 +362,7 @@ void Engine::step() {
     return;
   }
   const double forward_end = now_s();
-  finish_launched();  // the step ahead of this one (its results are in: this step's waited)
+  finish_launched();  // the step ahead of this one (collect waits only for its results, queued before this step)
   pm.wait();
   if (!pm.rows.empty()) {
     try {
