@@ -23,6 +23,16 @@ bool plain_greedy(const ScheduledSeq& s) {
          p.temperature == 0.0f && !Sampler::needs_processing(p, s.req->num_generated(*s.seq));
 }
 
+// A device draw's logprobs (Backend::sample) as an event carries them.
+TokenLogprob drawn_logprob(const DrawLogprobs& lp, int32_t token) {
+  TokenLogprob t;
+  t.token = token;
+  t.logprob = lp.logprob;
+  t.top_ids.assign(lp.top_ids, lp.top_ids + lp.count);
+  t.top_logprobs.assign(lp.top_logprobs, lp.top_logprobs + lp.count);
+  return t;
+}
+
 }  // namespace
 
 bool OutputProcessor::greedy_only(const SchedulerOutput& step) const {
@@ -112,13 +122,7 @@ void OutputProcessor::process(const SchedulerOutput& step, const ModelOutput& ou
       if (drawn) {  // drawn on the device (device_draws' order)
         pick.row = nullptr;
         pick.token = none_allowed ? -1 : out.sampled[next_draw];
-        if (s.req->params.logprobs) {
-          const DrawLogprobs& lp = out.sampled_logprobs[next_draw];
-          pick.logprob.token = pick.token;
-          pick.logprob.logprob = lp.logprob;
-          pick.logprob.top_ids.assign(lp.top_ids, lp.top_ids + lp.count);
-          pick.logprob.top_logprobs.assign(lp.top_logprobs, lp.top_logprobs + lp.count);
-        }
+        if (s.req->params.logprobs) pick.logprob = drawn_logprob(out.sampled_logprobs[next_draw], pick.token);
         ++next_draw;
       } else if (out.argmax) {  // picked on the device (a masked row: with its mask, when it allows a token)
         pick.token = none_allowed ? -1 : out.argmax[last];
@@ -141,9 +145,7 @@ void OutputProcessor::process(const SchedulerOutput& step, const ModelOutput& ou
 bool OutputProcessor::advance(const ScheduledSeq& sc, const LogitsSlice& slice, const ModelOutput& out) {
   Sequence& s = *sc.seq;
   Request& r = *sc.req;
-  kv_.note_computed(s.blocks, s.num_computed, s.num_computed + sc.num_new_tokens);
-  s.num_computed += sc.num_new_tokens;
-  kv_.cache_full_blocks(s.blocks, s.tokens.data(), s.num_computed);
+  count_computed(sc);
   if ((r.params.return_logits || r.params.prompt_logprobs) && slice.num_rows > 0) {
     const float* rows = out.row(slice.first_row);
     if (r.params.prompt_logprobs) {
@@ -226,6 +228,20 @@ void OutputProcessor::pick_all(std::vector<Pick>& picks, int64_t vocab) {
   }
 }
 
+void OutputProcessor::count_computed(const ScheduledSeq& sc) {
+  Sequence& s = *sc.seq;
+  kv_.note_computed(s.blocks, s.num_computed, s.num_computed + sc.num_new_tokens);
+  s.num_computed += sc.num_new_tokens;
+  cache_known(s);
+}
+
+void OutputProcessor::cache_known(Sequence& s) {
+  // A sequence swapped out since its step was launched has no blocks now
+  // (cache_full_blocks stops at the table's end); they are cached again after
+  // they come back.
+  kv_.cache_full_blocks(s.blocks, s.tokens.data(), std::min(s.num_computed, s.num_known()));
+}
+
 bool OutputProcessor::pipelinable(const SchedulerOutput& step) {
   return std::all_of(step.scheduled.begin(), step.scheduled.end(), [](const ScheduledSeq& s) {
     const SamplingParams& p = s.req->params;
@@ -242,9 +258,7 @@ std::vector<int32_t> OutputProcessor::launched(const SchedulerOutput& step, cons
     const ScheduledSeq& sc = step.scheduled[i];
     Sequence& s = *sc.seq;
     const LogitsSlice& slice = (*out.slices)[i];
-    kv_.note_computed(s.blocks, s.num_computed, s.num_computed + sc.num_new_tokens);
-    s.num_computed += sc.num_new_tokens;
-    kv_.cache_full_blocks(s.blocks, s.tokens.data(), std::min(s.num_computed, s.num_known()));
+    count_computed(sc);
     if (!slice.samples) continue;
     const int32_t draw = out.first_draw.empty() ? -1 : out.first_draw[i];
     sources[i] = draw >= 0 ? -1 - draw : slice.first_row + slice.num_rows - 1;
@@ -272,20 +286,11 @@ void OutputProcessor::process_launched(const SchedulerOutput& step, const ModelO
     } else {
       const int32_t draw = -1 - source;
       pick.token = out.sampled[draw];
-      if (sc.req->params.logprobs) {
-        const DrawLogprobs& lp = out.sampled_logprobs[draw];
-        pick.logprob.token = pick.token;
-        pick.logprob.logprob = lp.logprob;
-        pick.logprob.top_ids.assign(lp.top_ids, lp.top_ids + lp.count);
-        pick.logprob.top_logprobs.assign(lp.top_logprobs, lp.top_logprobs + lp.count);
-      }
+      if (sc.req->params.logprobs) pick.logprob = drawn_logprob(out.sampled_logprobs[draw], pick.token);
     }
     if (apply(pick)) continue;  // ended (and may be gone)
-    Sequence& s = *sc.seq;
-    // Swapped out since launch (the next schedule preempted it): its blocks
-    // are gone, its num_computed kept for the way back; they are cached then.
-    if (!sc.req->swapped) kv_.cache_full_blocks(s.blocks, s.tokens.data(), std::min(s.num_computed, s.num_known()));
-    sink_.push_event(make_event(*sc.req, s, false, false, FinishReason::None, ""));
+    cache_known(*sc.seq);
+    sink_.push_event(make_event(*sc.req, *sc.seq, false, false, FinishReason::None, ""));
   }
 }
 

@@ -129,6 +129,10 @@ class OutputProcessor {
     int32_t token = 0;           // -1: the mask allowed no token
     TokenLogprob logprob;
   };
+  // The step's tokens of `sc` count as computed (num_computed, the pool's
+  // fill) and its full blocks whose ids are known join the prefix cache.
+  void count_computed(const ScheduledSeq& sc);
+  void cache_known(Sequence& s);
   // Returns true when the sequence reached its sampling point.
   bool advance(const ScheduledSeq& s, const LogitsSlice& slice, const ModelOutput& out);
   std::vector<Sequence*> expand(Request& r, Sequence& s);
