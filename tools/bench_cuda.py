@@ -15,6 +15,7 @@ process (pagedrt and transformers each hold a 16 GB model):
     bench_cuda.py new_shapes OUT.json MODEL_DIR SETTING...  what a never-seen step size costs, per setting
     bench_cuda.py batch_tpot OUT.json MODEL_DIR SETTING...  decode TPOT at batch 1/16/64/128/256, per setting
     bench_cuda.py throughput OUT.json MODEL_DIR SETTING...  256 x (512/128) greedy output tok/s, per setting
+    bench_cuda.py throughput_long OUT.json MODEL_DIR SETTING...  512 x (1024/1024), the same way
     bench_cuda.py hf        OUT.json MODEL_DIR  the same workloads with transformers (eager+SDPA)
     bench_cuda.py verify    OUT.json MODEL_DIR  speculative verify step, 1 + k positions (k = 0..8) vs batch-1 TPOT
     bench_cuda.py sampling  OUT.json            device sampling over 1 / 64 / 256 rows of 128K logits vs torch
@@ -856,6 +857,8 @@ def main():
         res = ttft_env(sys.argv[3], sys.argv[4:])
     elif part == "throughput":  # 256 x 512/128 under settings: "" async_scheduling=off
         res = throughput_env(sys.argv[3], sys.argv[4:])
+    elif part == "throughput_long":  # 512 x 1024/1024 (issue 17's long workload) under settings
+        res = throughput_env(sys.argv[3], sys.argv[4:], n=512, prompt=1024, new=1024)
     elif part == "batch_tpot":
         res = batch_tpot(sys.argv[3], sys.argv[4:])
     elif part == "batch_tpot_sampled":  # device sampling against the host's: "" PAGEDRT_CUDA_SAMPLE=0
