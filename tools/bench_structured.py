@@ -3,12 +3,15 @@
 ones on the same prompts, all submitted at once, one Runtime, rounds alternating.
 
     bench_structured.py [--model DIR|FILE.gguf] [--device cpu] [--requests 32] [--max-tokens 64]
-                        [--rounds 3] [--json OUT.json]
+                        [--rounds 3] [--lend auto|0|both] [--json OUT.json]
 
 TPOT per request = (time of its last token - time of its first) / (tokens - 1),
 from the engine's event times; the mean over requests is compared. The mask
 provider's time (llguidance, on an engine helper thread while the forward runs)
-is printed per step and per row.
+is printed per step and per row. --lend: the cores a CPU forward leaves the
+masks while they are filled (TokenMaskProvider::threads): auto (the
+provider's), 0 (none), or both (each round runs the JSON requests both ways:
+an A/B in one process; the ratio printed is auto's).
 """
 from __future__ import annotations
 
@@ -61,6 +64,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0,
                     help="Runtime num_threads (on CUDA: the host sampler's threads; 0: all cores)")
+    ap.add_argument("--lend", default="auto", choices=("auto", "0", "both"))
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import pagedrt
@@ -73,8 +77,19 @@ def main():
            "plain": [], "json_schema": []}
     rt.generate(prompts[:2], max_tokens=4, json_schema=SCHEMA)  # compiles llguidance's tokenizer once
     cons = rt._constraints()
+    lend = {"auto": [cons.busy_threads], "0": [0], "both": [cons.busy_threads, 0]}[args.lend]
+    res["lent_threads"] = lend[0]
+    if len(lend) > 1:
+        res["json_schema_lent_0"] = []
     for r in range(args.rounds):
         p = run(rt, prompts, max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
+        for threads in lend[1:]:  # the B of an A/B: run first, so that A runs last as before
+            rt._rt.set_token_mask_provider(cons.fill, cons.release, threads)
+            b = run(rt, prompts, max_tokens=args.max_tokens, temperature=0, json_schema=SCHEMA)
+            res["json_schema_lent_0"].append(b)
+            print(f"round {r + 1}: json_schema lending {threads} cores: TPOT {b['tpot_ms']:.2f} ms "
+                  f"({b['tpot_ms'] / p['tpot_ms']:.3f}x plain)", flush=True)
+        rt._rt.set_token_mask_provider(cons.fill, cons.release, lend[0])
         f0, c0, n0 = cons.fill_seconds, cons.fill_calls, cons.fill_rows
         e0 = rt.stats()
         s = run(rt, prompts, max_tokens=args.max_tokens, temperature=0, json_schema=SCHEMA)
@@ -90,6 +105,7 @@ def main():
         res["plain"].append(p)
         res["json_schema"].append(s)
         print(f"round {r + 1}: TPOT plain {p['tpot_ms']:.2f} ms, json_schema {s['tpot_ms']:.2f} ms "
+              f"(lending {lend[0]} cores) "
               f"({s['tpot_ms'] / p['tpot_ms']:.3f}x); masks {s['mask_ms_per_step']:.2f} ms per step in the "
               f"provider ({s['mask_us_per_row']:.0f} us per row), {s['mask_wall_ms_per_step']:.2f} ms on the "
               f"helper thread, {s['mask_wait_ms_per_step']:.2f} ms not hidden by the forward "

@@ -173,7 +173,9 @@ nb::list event_rows(std::vector<pagedrt::Event>&& events) {
 // takes the GIL, and none is made once the interpreter is finalizing.
 class PyMaskProvider final : public pagedrt::TokenMaskProvider {
  public:
-  PyMaskProvider(nb::object fill, nb::object release) : fill_(std::move(fill)), release_(std::move(release)) {}
+  PyMaskProvider(nb::object fill, nb::object release, int threads)
+      : fill_(std::move(fill)), release_(std::move(release)), threads_(std::max(0, threads)) {}
+  int threads() const override { return threads_; }
   ~PyMaskProvider() override {
     if (py_finalizing()) {  // no GIL to be had: leak the two references
       fill_.release();
@@ -205,6 +207,7 @@ class PyMaskProvider final : public pagedrt::TokenMaskProvider {
 
  private:
   nb::object fill_, release_;
+  int threads_;
 };
 
 }  // namespace
@@ -442,14 +445,16 @@ NB_MODULE(_core, m) {
            nb::call_guard<ReleaseGil>())
       .def("release", &pagedrt::Runtime::release, "request_id"_a, nb::call_guard<ReleaseGil>())
       .def("set_token_mask_provider",
-           [](pagedrt::Runtime& rt, nb::object fill, nb::object release) {
+           [](pagedrt::Runtime& rt, nb::object fill, nb::object release, int threads) {
              if (fill.is_none()) return rt.set_token_mask_provider(nullptr);  // drop the callables
-             rt.set_token_mask_provider(std::make_shared<PyMaskProvider>(std::move(fill), std::move(release)));
+             rt.set_token_mask_provider(
+                 std::make_shared<PyMaskProvider>(std::move(fill), std::move(release), threads));
            },
-           "fill"_a.none(), "release"_a.none(),
+           "fill"_a.none(), "release"_a.none(), "threads"_a = 1,
            "Masks for SamplingParams.masked requests: fill(rows: list[MaskRow], vocab) sets the allowed "
            "bits of each row's mask (called from an engine thread while the step's forward runs); "
-           "release(request_id) when a masked request has ended.")
+           "release(request_id) when a masked request has ended. threads: the host threads fill keeps "
+           "busy (a CPU forward leaves them that many cores while it runs; 0: none).")
       .def("stats", &pagedrt::Runtime::stats)
       .def("model_info", &pagedrt::Runtime::model_info)
       .def("close", &pagedrt::Runtime::close, nb::call_guard<ReleaseGil>());

@@ -25,7 +25,7 @@ from .errors import InvalidArgument
 from .models import resolve_model
 from .outputs import Completion, CompletionOutput, Event, TokenLogprob
 from .sampling_params import SamplingParams
-from .structured import Constraints, constraint_of, grammar_of
+from .structured import Constraints, constraint_of, grammar_of, mask_threads
 from .tokenizer import Tokenizer
 
 Prompt = Union[str, Sequence[int], Sequence[dict]]
@@ -274,6 +274,7 @@ class Runtime:
         self._lock = threading.Lock()
         self._states: dict[str, _RequestState] = {}
         self._structured: Constraints | None = None
+        self._num_threads = config.num_threads
 
     # -- requests ---------------------------------------------------------------------
     def encode_prompt(self, prompt: Prompt) -> list[int]:
@@ -345,9 +346,11 @@ class Runtime:
         with self._lock:
             if self._structured is None:
                 eos = (self.model_info.eos_token_ids or [0])[0]
+                threads = mask_threads(self.model_info.device, self._num_threads)
                 self._structured = Constraints(self.model_path, self.model_info.vocab_size, eos,
-                                               parallel=self.model_info.device == "cuda", tokenizer=self.tokenizer)
-                self._rt.set_token_mask_provider(self._structured.fill, self._structured.release)
+                                               threads=threads, tokenizer=self.tokenizer)
+                self._rt.set_token_mask_provider(self._structured.fill, self._structured.release,
+                                                 self._structured.busy_threads)
             return self._structured
 
     def poll(self, request_id: str | Sequence[str] | None = None, timeout: float = 0.0) -> list[Event]:

@@ -72,11 +72,28 @@ def grammar_of(field: str, value) -> str:
     return grammar
 
 
+def mask_threads(device: str, forward_threads: int = 0) -> Optional[int]:
+    """Constraints' `threads` for a Runtime on `device` whose CPU forward runs
+    `forward_threads` threads (0: every core): PAGEDRT_MASK_THREADS when set.
+    On the GPU the forward leaves the host's cores free: llguidance's pool at
+    its default size (None). On the CPU the forward lends the masks cores
+    while they are filled (TokenMaskProvider::threads): one, serially on the
+    helper thread, up to 7 cores; from 8 cores on a pool of one in eight
+    (16-core Xeon, 32 JSON rows: 194 us a row serially, 113 on 2 threads)."""
+    if os.environ.get("PAGEDRT_MASK_THREADS"):
+        return int(os.environ["PAGEDRT_MASK_THREADS"])
+    if device == "cuda":
+        return None
+    cores = forward_threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                else os.cpu_count() or 1)
+    return 0 if cores < 8 else cores // 8
+
+
 class Constraints:
     """The llguidance matchers of one Runtime's constrained requests: its
     TokenMaskProvider (fill/release are called by the engine)."""
 
-    def __init__(self, model_dir, vocab: int, eos_token: int, parallel: bool = False, tokenizer=None):
+    def __init__(self, model_dir, vocab: int, eos_token: int, threads: Optional[int] = 0, tokenizer=None):
         import llguidance
         path = model_dir / "tokenizer.json"
         if path.is_file():
@@ -92,13 +109,13 @@ class Constraints:
         self._matchers: dict[tuple[str, int], list] = {}  # (request, index) -> [matcher, tokens consumed]
         self._lock = threading.Lock()
         self.fill_seconds, self.fill_calls, self.fill_rows = 0.0, 0, 0  # for tools/bench_structured.py
-        # parallel: a step's masks on llguidance's own threads, for the GPU, whose
-        # forward leaves the host's cores free. With the CPU backend the forward
-        # has every core: masks in this one thread, beside it (2-core VM, 32 JSON
-        # rows: 7.7 ms a step this way, 10 ms on the pool).
-        # PAGEDRT_MASK_THREADS: the executor's threads (default: llguidance's, 80% of the cores).
-        threads = int(os.environ.get("PAGEDRT_MASK_THREADS", "0")) or None
-        self._executor = llguidance.LLExecutor(num_threads=threads) if parallel else None
+        # threads (mask_threads): 0 computes a step's masks one after another on
+        # the engine's helper thread; k > 0 on an llguidance executor of k
+        # threads, None of llguidance's default size (80% of the cores).
+        self._executor = None if threads == 0 else llguidance.LLExecutor(num_threads=threads)
+        #: the host threads a fill keeps busy (Runtime.set_token_mask_provider's
+        #: `threads`: a CPU forward leaves them that many cores meanwhile).
+        self.busy_threads = 1 if threads == 0 else threads or max(1, (os.cpu_count() or 1) * 4 // 5)
 
     def add(self, request_id: str, grammar: str) -> None:
         with self._lock:

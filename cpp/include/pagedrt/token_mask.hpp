@@ -34,6 +34,10 @@ class TokenMaskProvider {
   virtual void fill(std::vector<MaskRow>& rows, int64_t vocab) = 0;
   // A masked request ended (whatever the reason): its state may go.
   virtual void release(const std::string& request_id) = 0;
+  // The host threads fill() keeps busy. While it runs, a CPU backend's
+  // forward leaves that many of its cores to it (the rest of the step gets
+  // them back as soon as the masks are done).
+  virtual int threads() const { return 1; }
 };
 
 }  // namespace pagedrt

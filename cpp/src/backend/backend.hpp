@@ -278,6 +278,10 @@ class Backend {
   virtual void begin_results(bool defer) {}
   virtual int32_t end_results() { return 0; }
   virtual void collect(int32_t ticket) {}
+  // n of the host cores the backend's ops use are busy with other host work
+  // (structured output's masks, filled beside the forward) until lent 0: a
+  // backend that computes on host threads runs its ops on that many fewer.
+  virtual void lend_threads(int n) {}
 
  protected:
   // padded_tokens pads: `on` unless PAGEDRT_DECODE_PAD says otherwise ("0" / "1").

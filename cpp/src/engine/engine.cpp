@@ -199,10 +199,24 @@ void Engine::start_masks(const SchedulerOutput& step, PendingMasks& pm) {
     return;
   }
   pm.start = now_s();
-  pm.filling = std::async(std::launch::async, [&pm, provider, vocab] {
-    provider->fill(pm.rows, vocab);
-    return now_s();
-  });
+  // The fill's threads get cores of their own while it runs (a CPU forward
+  // that kept every core left the masks to queue behind its team's threads:
+  // 16-core Xeon, 32 JSON rows, forwards 7-11 ms longer a step).
+  struct GiveBack {
+    ModelRunner& runner;
+    ~GiveBack() { runner.lend_threads(0); }
+  };
+  runner_.lend_threads(provider->threads());
+  try {
+    pm.filling = std::async(std::launch::async, [this, &pm, provider, vocab] {
+      GiveBack give_back{runner_};
+      provider->fill(pm.rows, vocab);
+      return now_s();
+    });
+  } catch (...) {  // no thread to be had
+    runner_.lend_threads(0);
+    throw;
+  }
 }
 
 void Engine::propose_drafts() {

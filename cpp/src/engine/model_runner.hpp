@@ -100,6 +100,7 @@ class ModelRunner {
 
   const KvCache& kv() const { return kv_; }
   void synchronize() { backend_->synchronize(); }  // what the device has queued is done
+  void lend_threads(int n) { backend_->lend_threads(n); }  // Backend::lend_threads
   int64_t vocab_size() const { return model_->config().vocab_size; }
   // Frees the weights and the KV storage, then drops its share of the backend
   // (GPU memory at once).

@@ -221,7 +221,7 @@ void CpuBackend::embedding(const Tensor& table, Tensor& out) {
 void CpuBackend::rms_norm(const Tensor& x, const Tensor& weight, float eps, int64_t n, Tensor& out) {
   const int64_t d = weight.numel();
   with_act(out, [&](auto* y) {
-#pragma omp parallel for schedule(static) num_threads(threads_) if (n * d >= kParallelElements)
+#pragma omp parallel for schedule(static) num_threads(team()) if (n * d >= kParallelElements)
     for (int64_t t = 0; t < n; ++t) rms_row(x.as<float>() + t * d, weight.as<float>(), eps, d, y + t * d);
   });
 }
@@ -234,7 +234,7 @@ void CpuBackend::add_rms_norm(Tensor& residual, const Tensor& x, const Tensor& w
   with_act(x, [&](const auto* xi) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(xi)>>;
     T* y = out.as<T>();
-#pragma omp parallel for schedule(static) num_threads(threads_) if (n * d >= kParallelElements)
+#pragma omp parallel for schedule(static) num_threads(team()) if (n * d >= kParallelElements)
     for (int64_t t = 0; t < n; ++t) {
       add_row(r + t * d, xi + t * d, d);
       rms_row(r + t * d, weight.as<float>(), eps, d, y + t * d);
@@ -251,8 +251,8 @@ void CpuBackend::linear(const Tensor& x, const Tensor& weight, int64_t n, Tensor
   }
   if (x.dtype == ScalarType::BF16 && weight.dtype == ScalarType::BF16) {
     // bf16 x bf16 with fp32 accumulation (VDPBF16PS where the processor has it)
-    gemm_bf16_bf16(x.as<uint16_t>(), weight.as<uint16_t>(), yf, n, m, k, threads_);
-    if (out.dtype == ScalarType::BF16) narrow_rows(yf, n, m, out.as<uint16_t>(), threads_);
+    gemm_bf16_bf16(x.as<uint16_t>(), weight.as<uint16_t>(), yf, n, m, k, team());
+    if (out.dtype == ScalarType::BF16) narrow_rows(yf, n, m, out.as<uint16_t>(), team());
     return;
   }
   // bf16 activations with fp32 weights: widened to fp32 (exact)
@@ -263,10 +263,10 @@ void CpuBackend::linear(const Tensor& x, const Tensor& weight, int64_t n, Tensor
     xf = x32_.data();
   }
   if (weight.dtype == ScalarType::F32)
-    gemm_f32(xf, weight.as<float>(), yf, n, m, k, threads_);
+    gemm_f32(xf, weight.as<float>(), yf, n, m, k, team());
   else
-    gemm_bf16(xf, weight.as<uint16_t>(), yf, n, m, k, threads_);
-  if (out.dtype == ScalarType::BF16) narrow_rows(yf, n, m, out.as<uint16_t>(), threads_);
+    gemm_bf16(xf, weight.as<uint16_t>(), yf, n, m, k, team());
+  if (out.dtype == ScalarType::BF16) narrow_rows(yf, n, m, out.as<uint16_t>(), team());
 }
 
 void CpuBackend::add(Tensor& residual, const Tensor& x) {
@@ -281,7 +281,7 @@ void CpuBackend::rope_and_cache(Tensor& qkv, const RopeTable& rope, int64_t num_
     using T = std::remove_pointer_t<decltype(q)>;
     const PagedKv<T> kv = nhd_paged_kv(k_cache.as<T>(), v_cache.as<T>(), k_cache.dim(1), num_kv_heads, head_dim,
                                        batch_.page_indptr, batch_.page_indices);
-    cpu::rope_and_cache<T>(batch_, q, rope.cos.as<float>(), rope.sin.as<float>(), num_heads, kv, threads_);
+    cpu::rope_and_cache<T>(batch_, q, rope.cos.as<float>(), rope.sin.as<float>(), num_heads, kv, team());
   });
 }
 
@@ -292,7 +292,7 @@ void CpuBackend::paged_attention(const Tensor& qkv, const Tensor& k_cache, const
     using T = std::remove_const_t<std::remove_pointer_t<decltype(q)>>;
     const PagedKv<const T> kv = nhd_paged_kv(k_cache.as<T>(), v_cache.as<T>(), k_cache.dim(1), num_kv_heads,
                                              head_dim, batch_.page_indptr, batch_.page_indices);
-    cpu::paged_attention<T>(batch_, q, num_heads, kv, scale, out.as<T>(), threads_, deterministic_);
+    cpu::paged_attention<T>(batch_, q, num_heads, kv, scale, out.as<T>(), team(), deterministic_);
   });
 }
 
@@ -301,7 +301,7 @@ void CpuBackend::silu_mul(const Tensor& gate_up, int64_t n, Tensor& out) {
   with_act(gate_up, [&](const auto* gu) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(gu)>>;
     T* y = out.as<T>();
-#pragma omp parallel for schedule(static) num_threads(threads_) if (n * inter >= kParallelElements)
+#pragma omp parallel for schedule(static) num_threads(team()) if (n * inter >= kParallelElements)
     for (int64_t t = 0; t < n; ++t) silu_mul_row(gu + t * 2 * inter, gu + t * 2 * inter + inter, inter, y + t * inter);
   });
 }
@@ -336,7 +336,7 @@ void CpuBackend::argmax(const Tensor& logits, int64_t rows, int32_t* out, const 
     throw Error(ErrorKind::Runtime, "argmax: fp32 logits rows");
   const int64_t vocab = logits.dim(1);
   const float* x = logits.as<float>();
-#pragma omp parallel for num_threads(threads_) if (rows > 1 && rows * vocab > (1 << 18))
+#pragma omp parallel for num_threads(team()) if (rows > 1 && rows * vocab > (1 << 18))
   for (int64_t r = 0; r < rows; ++r) {
     const float* row = x + r * vocab;
     const int32_t m = masks.mask_of_row != nullptr ? masks.mask_of_row[r] : -1;

@@ -5,6 +5,8 @@
 // reference); AVX2/AVX-512 kernels where the build has them, OpenMP threads.
 #pragma once
 
+#include <algorithm>
+#include <atomic>
 #include <vector>
 
 #include "backend/backend.hpp"
@@ -24,6 +26,10 @@ class CpuBackend final : public Backend {
   ScalarType activation_dtype() const override { return act_; }
   ScalarType kv_dtype() const override { return act_; }
   int num_threads() const { return threads_; }
+  // Cores lent to the structured-output masks while they are filled beside
+  // the forward: each op's team is threads_ - n (at least 1) until lent 0.
+  // Threads split rows, never a reduction, so no result changes.
+  void lend_threads(int n) override { lent_.store(n, std::memory_order_relaxed); }
 
   Tensor load_weight(const std::vector<WeightView>& parts, ScalarType dtype) override;
   Tensor empty(std::vector<int64_t> shape, ScalarType dtype) override;
@@ -58,7 +64,10 @@ class CpuBackend final : public Backend {
   void argmax(const Tensor& logits, int64_t rows, int32_t* out, const RowMasks& masks) override;
 
  private:
+  int team() const { return std::max(1, threads_ - lent_.load(std::memory_order_relaxed)); }
+
   int threads_;
+  std::atomic<int> lent_{0};
   bool deterministic_ = true;
   ScalarType act_;
   BatchView batch_;
