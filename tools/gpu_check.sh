@@ -3,7 +3,7 @@
 #
 #   bash tools/gpu_check.sh [STAGE ...]      (from the repo root; default: all stages)
 #
-# Stages: env build wheels optests diag make8b make8btok smol tests e2e bench attn prefill gemm serve servecpu structured masks spec harness kvpool profile cpuscale abbuild ab
+# Stages: env build wheels optests diag make8b make8btok smol tests e2e bench attn prefill gemm serve servecpu structured masks spec harness kvpool profile cpuscale lcpp xeon abbuild ab
 #   env      nvidia-smi, versions
 #   build    pip install --no-build-isolation --no-deps . with PAGEDRT_CUDA=ON
 #   wheels   only the wheels carried in .whl/ (a later call of a warm machine, built already)
@@ -40,6 +40,10 @@
 #   profile  tools/cuda_profile.py: GPU time per kernel (batch-1 decode; 64 x 512/32)
 #   cpuscale the CPU backend on this machine's cores: tools/bench.py latency and batched,
 #            SmolLM2 bf16, pagedrt only, 1 to 16 threads (needs the smol stage)
+#   lcpp     builds llama-cpp-python for this host's CPU from .devcarry_b/lcpp_slim.tar.xz (or $STASH)
+#   xeon     this host's CPU on SmolLM2 (needs smol): bench_structured.py --device cpu --lend both, then
+#            tools/bench.py latency,batched against llama.cpp F16/BF16 (after lcpp) at $XEON_THREADS
+#            ("16 8")
 #   abbuild  builds the source tarball $OLD_TGZ (default .devcarry_a/old.tgz or
 #            $STASH/old.tgz: `git archive` of the commit to compare with) into $WORK/old_site
 #   ab       before/after on one card (abbuild first if needed): tools/bench_cuda.py pagedrt
@@ -278,6 +282,39 @@ if has cpuscale && [ -d "$WORK/smolpkg" ]; then
     [ "$(left)" -gt 40 ] || break
     (cd /tmp && timeout $(( $(left) - 20 )) $PY "$OLDPWD/tools/bench.py" --threads $t --peers "" --dtypes bfloat16 \
        --workloads latency,batched --runs 1 --json "$OUT/cpu_threads_$t.json" 2>/dev/null | grep -E "pagedrt|engine|threads")
+  done
+fi
+
+if has lcpp && [ ! -d "$WORK/lcpp_site/llama_cpp" ]; then
+  stage lcpp
+  # llama-cpp-python from a slimmed sdist (.devcarry_b/lcpp_slim.tar.xz: the PyPI sdist less
+  # llama.cpp's models, docs, git history and GPU backends' sources), built for this CPU
+  LC=$(ls .devcarry_b/lcpp_slim.tar.xz "$STASH/lcpp_slim.tar.xz" 2>/dev/null | head -1)
+  if [ -n "$LC" ]; then
+    rm -rf "$WORK/lcpp_src" && mkdir -p "$WORK/lcpp_src" && tar xJf "$LC" -C "$WORK/lcpp_src"
+    (cd "$WORK"/lcpp_src/llama_cpp_python-* && CMAKE_ARGS="-DGGML_NATIVE=ON" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
+       timeout 400 $PY -m pip install -q --no-build-isolation --no-deps --target "$WORK/lcpp_site" . 2>&1 | tail -3)
+    ls .whl/diskcache-*.whl >/dev/null 2>&1 && \
+      $PY -m pip install -q --no-deps --no-index --target "$WORK/lcpp_site" .whl/diskcache-*.whl 2>&1 | tail -2
+  else
+    echo "no lcpp_slim.tar.xz carried: llama.cpp is not a peer here"
+  fi
+fi
+
+if has xeon && [ -d "$WORK/smolpkg" ]; then
+  stage xeon
+  # This host's CPU: structured output (masks lent cores against none, one process), then
+  # batch-1 and batched decode against llama.cpp F16/BF16 (GGUFs re-encoded with llama.cpp's gguf-py)
+  export PYTHONPATH="$WORK/smolpkg${PYTHONPATH:+:$PYTHONPATH}"
+  (cd /tmp && timeout 150 $PY "$OLDPWD/tools/bench_structured.py" --device cpu --rounds 3 --lend both \
+     --json "$OUT/structured_cpu.json" 2>&1 | grep -v "it/s\]")
+  LCP=$(ls -d "$WORK"/lcpp_src/llama_cpp_python-*/vendor/llama.cpp/gguf-py 2>/dev/null | head -1)
+  PEERS=""; [ -d "$WORK/lcpp_site/llama_cpp" ] && PEERS=llama.cpp
+  for t in ${XEON_THREADS:-16 8}; do
+    [ "$(left)" -gt 60 ] || break
+    (cd /tmp && PYTHONPATH="$WORK/lcpp_site:$LCP:$PYTHONPATH" timeout $(( $(left) - 20 )) $PY "$OLDPWD/tools/bench.py" \
+       --threads $t --peers "$PEERS" --gguf-types f16,bf16 --dtypes bfloat16 --workloads latency,batched \
+       --json "$OUT/xeon_threads_$t.json" 2>&1 | grep -vE "it/s\]|^\s*$" | tail -30)
   done
 fi
 
