@@ -2,6 +2,7 @@
 //   _testing._gemm_variants() -> ["scalar", "avx2", ...]; _testing._gemm_variant() -> the one in use
 //   _testing._gemm(x (n, k), w (m, k), variant, threads) -> (n, m) f32, with x f32 and w f32 or
 //   uint16 bf16 bits (gemm_f32, gemm_bf16), or both uint16 (gemm_bf16_bf16)
+//   _testing._e4m3_encode(x f32 (n,)) -> (n,) uint8; _testing._e4m3_decode(codes) -> (n,) f32
 // Not part of the public API.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
@@ -9,6 +10,7 @@
 #include <nanobind/stl/vector.h>
 
 #include "backend/cpu/gemm.hpp"
+#include "backend/fp8.hpp"
 #include "pagedrt/error.hpp"
 
 namespace nb = nanobind;
@@ -41,6 +43,25 @@ nb::ndarray<nb::numpy, float, nb::ndim<2>> gemm(Mat x, Mat w, const std::string&
   return nb::ndarray<nb::numpy, float, nb::ndim<2>>(y, 2, shape, owner);
 }
 
+// fp8 e4m3 codes of fp32 values (backend/fp8.hpp), and back.
+nb::ndarray<nb::numpy, uint8_t, nb::ndim<1>> e4m3_encode(nb::ndarray<float, nb::c_contig, nb::device::cpu, nb::ndim<1>> x) {
+  const size_t n = x.shape(0);
+  auto* y = new uint8_t[n];
+  nb::capsule owner(y, [](void* p) noexcept { delete[] static_cast<uint8_t*>(p); });
+  for (size_t i = 0; i < n; ++i) y[i] = pagedrt::float_to_e4m3(x.data()[i]);
+  const size_t shape[1] = {n};
+  return nb::ndarray<nb::numpy, uint8_t, nb::ndim<1>>(y, 1, shape, owner);
+}
+
+nb::ndarray<nb::numpy, float, nb::ndim<1>> e4m3_decode(nb::ndarray<uint8_t, nb::c_contig, nb::device::cpu, nb::ndim<1>> x) {
+  const size_t n = x.shape(0);
+  auto* y = new float[n];
+  nb::capsule owner(y, [](void* p) noexcept { delete[] static_cast<float*>(p); });
+  for (size_t i = 0; i < n; ++i) y[i] = pagedrt::e4m3_to_float(x.data()[i]);
+  const size_t shape[1] = {n};
+  return nb::ndarray<nb::numpy, float, nb::ndim<1>>(y, 1, shape, owner);
+}
+
 }  // namespace
 
 void register_kernels(nb::module_& m) {
@@ -53,4 +74,7 @@ void register_kernels(nb::module_& m) {
     pagedrt::cpu::g_prefetch = to == "l2" ? pagedrt::cpu::PrefetchTo::L2 : pagedrt::cpu::PrefetchTo::L1;
   });
   m.def("_gemm", &gemm, "x"_a, "w"_a, "variant"_a, "threads"_a = 1);
+  m.def("_e4m3_encode", &e4m3_encode, "x"_a, "fp8 e4m3 codes (uint8) of 1-D float32 values: nearest, ties to even, "
+        "saturating at 448");
+  m.def("_e4m3_decode", &e4m3_decode, "codes"_a, "the float32 values of 1-D e4m3 codes (uint8)");
 }

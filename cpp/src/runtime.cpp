@@ -91,10 +91,12 @@ std::string resolve_device(const std::string& device) {
   return device;
 }
 
-// config.json's torch_dtype decides "auto": fp32 checkpoints stay fp32, the rest run bf16.
+// config.json's torch_dtype decides "auto": fp32 checkpoints stay fp32, the rest run bf16
+// (fp8 checkpoints too: their weights are dequantized at load, model/quantization.hpp).
 ScalarType resolve_dtype(const std::string& dtype, const LlamaConfig& cfg) {
   if (dtype == "float32") return ScalarType::F32;
   if (dtype == "bfloat16") return ScalarType::BF16;
+  if (cfg.quant.any()) return ScalarType::BF16;
   return (cfg.torch_dtype == "float32" || cfg.torch_dtype.empty()) ? ScalarType::F32 : ScalarType::BF16;
 }
 

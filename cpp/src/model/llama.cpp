@@ -1,6 +1,7 @@
 #include "model/llama.hpp"
 
 #include <cmath>
+#include <deque>
 
 #include "io/safetensors.hpp"
 #include "pagedrt/error.hpp"
@@ -9,8 +10,10 @@ namespace pagedrt {
 namespace {
 
 // The tensor `name`, checked against the expected shape and dtype, as the
-// backends take it.
-WeightView expect(const Checkpoint& ckpt, const std::string& name, std::vector<int64_t> shape) {
+// backends take it. An fp8 weight is dequantized into `keep` (which must
+// outlive the view) and given as fp32.
+WeightView expect(const Checkpoint& ckpt, const std::string& name, std::vector<int64_t> shape,
+                  const QuantConfig& quant = {}, std::deque<std::vector<float>>* keep = nullptr) {
   const TensorView& t = ckpt.get(name);
   if (t.shape != shape) {
     auto str = [](const std::vector<int64_t>& s) {
@@ -26,9 +29,19 @@ WeightView expect(const Checkpoint& ckpt, const std::string& name, std::vector<i
     case DType::F32: w.type = WeightView::Type::F32; break;
     case DType::F16: w.type = WeightView::Type::F16; break;
     case DType::BF16: w.type = WeightView::Type::BF16; break;
+    case DType::F8_E4M3:
+      if (keep != nullptr) {
+        keep->push_back(dequantize_fp8(ckpt, name, t, quant));
+        w.type = WeightView::Type::F32;
+        w.shape = t.shape;
+        w.data = keep->back().data();
+        return w;
+      }
+      [[fallthrough]];
     default:
       throw Error(ErrorKind::InvalidModel, t.file + ": tensor '" + name + "' has dtype " + dtype_name(t.dtype) +
-                                               "; supported: F32, F16, BF16");
+                                               "; supported: F32, F16, BF16, and F8_E4M3 for the projection "
+                                               "weights (with their scales)");
   }
   w.shape = t.shape;
   w.data = t.data;
@@ -74,29 +87,35 @@ LlamaModel::LlamaModel(const LlamaConfig& config, const std::string& model_dir, 
   loaded(1);
   for (int64_t l = 0; l < cfg_.num_layers; ++l) {
     const std::string p = "model.layers." + std::to_string(l) + ".";
+    std::deque<std::vector<float>> keep;  // this layer's fp8 weights, dequantized
+    auto proj = [&](const std::string& name, std::vector<int64_t> shape) {
+      return expect(ckpt, name, std::move(shape), cfg_.quant, &keep);
+    };
     Layer layer;
     layer.input_norm = norm(p + "input_layernorm.weight");
     layer.post_norm = norm(p + "post_attention_layernorm.weight");
-    layer.qkv = backend.load_weight({expect(ckpt, p + "self_attn.q_proj.weight", {q_dim, hidden}),
-                                     expect(ckpt, p + "self_attn.k_proj.weight", {kv_dim, hidden}),
-                                     expect(ckpt, p + "self_attn.v_proj.weight", {kv_dim, hidden})},
+    layer.qkv = backend.load_weight({proj(p + "self_attn.q_proj.weight", {q_dim, hidden}),
+                                     proj(p + "self_attn.k_proj.weight", {kv_dim, hidden}),
+                                     proj(p + "self_attn.v_proj.weight", {kv_dim, hidden})},
                                     weight_dtype);
-    layer.o = backend.load_weight({expect(ckpt, p + "self_attn.o_proj.weight", {hidden, q_dim})},
+    layer.o = backend.load_weight({proj(p + "self_attn.o_proj.weight", {hidden, q_dim})},
                                   weight_dtype);
-    layer.gate_up = backend.load_weight({expect(ckpt, p + "mlp.gate_proj.weight", {inter, hidden}),
-                                         expect(ckpt, p + "mlp.up_proj.weight", {inter, hidden})},
+    layer.gate_up = backend.load_weight({proj(p + "mlp.gate_proj.weight", {inter, hidden}),
+                                         proj(p + "mlp.up_proj.weight", {inter, hidden})},
                                         weight_dtype);
-    layer.down = backend.load_weight({expect(ckpt, p + "mlp.down_proj.weight", {hidden, inter})},
+    layer.down = backend.load_weight({proj(p + "mlp.down_proj.weight", {hidden, inter})},
                                      weight_dtype);
     layers_.push_back(std::move(layer));
     loaded(l + 2);
   }
   final_norm_ = norm("model.norm.weight");
-  if (cfg_.tie_word_embeddings)
+  if (cfg_.tie_word_embeddings) {
     lm_head_ = embed_;
-  else
-    lm_head_ = backend.load_weight({expect(ckpt, "lm_head.weight", {cfg_.vocab_size, hidden})},
+  } else {
+    std::deque<std::vector<float>> keep;  // an fp8 lm head, dequantized
+    lm_head_ = backend.load_weight({expect(ckpt, "lm_head.weight", {cfg_.vocab_size, hidden}, cfg_.quant, &keep)},
                                    weight_dtype);
+  }
   rope_ = make_rope(backend, cfg_, max_positions);
   loaded(parts);
 }

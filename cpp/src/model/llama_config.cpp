@@ -164,6 +164,7 @@ LlamaConfig from_value(const json::Value& root, const std::string& where) {
   const json::Value* dt = root.find("torch_dtype");
   if (dt == nullptr || dt->is_null()) dt = root.find("dtype");
   if (dt != nullptr && dt->is_string()) cfg.torch_dtype = dt->as_string("");
+  cfg.quant = parse_quantization(root.find("quantization_config"), where);
   return cfg;
 }
 

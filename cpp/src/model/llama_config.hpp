@@ -5,6 +5,8 @@
 #include <string>
 #include <vector>
 
+#include "model/quantization.hpp"
+
 namespace pagedrt {
 
 struct RopeScaling {
@@ -33,6 +35,7 @@ struct LlamaConfig {
   int32_t bos_token_id = -1;    // -1: none
   std::vector<int32_t> eos_token_ids;
   std::string torch_dtype;      // as written, may be empty
+  QuantConfig quant;            // quantization_config (fp8 weights), none when absent
 
   // Parses and validates `path` (config.json). Throws Error(InvalidModel)
   // naming the file and the field for anything missing, mistyped, out of

@@ -1,0 +1,140 @@
+#include "model/quantization.hpp"
+
+#include <cstring>
+
+#include "backend/fp8.hpp"
+#include "io/json.hpp"
+#include "io/safetensors.hpp"
+#include "pagedrt/error.hpp"
+
+namespace pagedrt {
+namespace {
+
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::string r = "[";
+  for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
+  return r + "]";
+}
+
+// A scale tensor's values as fp32 (F32, BF16 or F16 in the file).
+std::vector<float> scale_values(const TensorView& s) {
+  std::vector<float> out(static_cast<size_t>(s.numel()));
+  for (size_t i = 0; i < out.size(); ++i) {
+    if (s.dtype == DType::F32) {
+      std::memcpy(&out[i], s.data + 4 * i, 4);
+    } else if (s.dtype == DType::BF16) {
+      uint16_t h;
+      std::memcpy(&h, s.data + 2 * i, 2);
+      const uint32_t bits = static_cast<uint32_t>(h) << 16;
+      std::memcpy(&out[i], &bits, 4);
+    } else if (s.dtype == DType::F16) {
+      uint16_t h;
+      std::memcpy(&h, s.data + 2 * i, 2);
+      const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16, exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu;
+      float v = exp == 0 ? static_cast<float>(man) * (1.0f / 16777216.0f)  // subnormal: man x 2^-24
+                         : 0.0f;
+      uint32_t bits;
+      if (exp == 0) {
+        std::memcpy(&bits, &v, 4);
+        bits |= sign;
+      } else if (exp == 0x1Fu) {
+        bits = sign | 0x7F800000u | (man << 13);
+      } else {
+        bits = sign | ((exp + 112u) << 23) | (man << 13);
+      }
+      std::memcpy(&out[i], &bits, 4);
+    } else {
+      throw Error(ErrorKind::InvalidModel, s.file + ": scale tensor '" + s.name + "' has dtype " +
+                                               dtype_name(s.dtype) + "; supported: F32, BF16, F16");
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+QuantConfig parse_quantization(const json::Value* q, const std::string& where) {
+  QuantConfig c;
+  if (q == nullptr || q->is_null()) return c;
+  const std::string at = where + ": field 'quantization_config'";
+  q->as_object(at);
+  const json::Value* m = q->find("quant_method");
+  if (m == nullptr || !m->is_string())
+    throw Error(ErrorKind::InvalidModel, at + " has no quant_method string");
+  c.method = m->as_string(at + ".quant_method");
+  if (c.method != "fp8" && c.method != "fbgemm_fp8" && c.method != "compressed-tensors")
+    throw Error(ErrorKind::Unsupported, at + ": quant_method '" + c.method +
+                                            "' is not supported (fp8 checkpoints load: fp8, fbgemm_fp8, "
+                                            "compressed-tensors with fp8 weights)");
+  if (c.method == "compressed-tensors") {
+    const json::Value* f = q->find("format");
+    const std::string format = f != nullptr && f->is_string() ? f->as_string("") : "";
+    if (format != "float-quantized" && format != "naive-quantized")
+      throw Error(ErrorKind::Unsupported, at + ": compressed-tensors format '" + format +
+                                              "' is not supported (fp8 weights: float-quantized, naive-quantized)");
+  }
+  const json::Value* b = q->find("weight_block_size");
+  if (b != nullptr && !b->is_null()) {
+    const std::vector<json::Value>& v = b->as_array(at + ".weight_block_size");
+    if (v.size() != 2) throw Error(ErrorKind::InvalidModel, at + ".weight_block_size must be [rows, cols]");
+    c.block_rows = v[0].as_int(at + ".weight_block_size");
+    c.block_cols = v[1].as_int(at + ".weight_block_size");
+    if (c.block_rows <= 0 || c.block_cols <= 0)
+      throw Error(ErrorKind::InvalidModel, at + ".weight_block_size must be positive");
+  }
+  return c;
+}
+
+std::vector<float> dequantize_fp8(const Checkpoint& ckpt, const std::string& name, const TensorView& w,
+                                  const QuantConfig& q) {
+  const std::string what = w.file + ": fp8 tensor '" + name + "'";
+  if (w.shape.size() != 2) throw Error(ErrorKind::InvalidModel, what + " is not a matrix");
+  const int64_t rows = w.shape[0], cols = w.shape[1];
+  const std::string per = name + "_scale", block = name + "_scale_inv";
+  std::vector<float> out(static_cast<size_t>(rows * cols));
+  // (row, col) -> the scale that covers it
+  std::vector<float> s;
+  int64_t br = 0, bc = 0, grid_cols = 1;
+  if (ckpt.has(per)) {
+    const TensorView& t = ckpt.get(per);
+    s = scale_values(t);
+    const int64_t n = t.numel();
+    const bool channel = n == rows && (t.shape.size() == 1 || (t.shape.size() == 2 && t.shape[1] == 1));
+    if (n == 1) {
+      br = rows, bc = cols;  // one block: the tensor
+    } else if (channel) {
+      br = 1, bc = cols;
+    } else {
+      throw Error(ErrorKind::InvalidModel, t.file + ": scale '" + per + "' has shape " + shape_str(t.shape) +
+                                               "; for a " + shape_str(w.shape) + " weight it must be one value (per "
+                                               "tensor) or [" + std::to_string(rows) + "] / [" +
+                                               std::to_string(rows) + ", 1] (per channel)");
+    }
+  } else if (ckpt.has(block)) {
+    const TensorView& t = ckpt.get(block);
+    if (q.block_rows == 0)
+      throw Error(ErrorKind::InvalidModel, t.file + ": block scale '" + block +
+                                               "' but config.json's quantization_config has no weight_block_size");
+    br = q.block_rows, bc = q.block_cols;
+    const std::vector<int64_t> want = {(rows + br - 1) / br, (cols + bc - 1) / bc};
+    if (t.shape != want)
+      throw Error(ErrorKind::InvalidModel, t.file + ": block scale '" + block + "' has shape " + shape_str(t.shape) +
+                                               ", weight_block_size " + std::to_string(br) + " x " +
+                                               std::to_string(bc) + " implies " + shape_str(want));
+    s = scale_values(t);
+  } else {
+    throw Error(ErrorKind::InvalidModel, what + " has no scale ('" + per + "' or '" + block + "')");
+  }
+  grid_cols = (cols + bc - 1) / bc;
+  float lut[256];
+  for (int i = 0; i < 256; ++i) lut[i] = e4m3_to_float(static_cast<uint8_t>(i));
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* code = w.data + r * cols;
+    float* o = out.data() + r * cols;
+    const float* srow = s.data() + (r / br) * grid_cols;
+    for (int64_t c = 0; c < cols; ++c) o[c] = lut[code[c]] * srow[c / bc];
+  }
+  return out;
+}
+
+}  // namespace pagedrt

@@ -1,0 +1,160 @@
+"""fp8 (e4m3) weights (issue 21): the codec, and Hugging Face fp8 checkpoints
+loaded by dequantizing at load.
+
+- The codec (backend/fp8.hpp) against torch.float8_e4m3fn: every one of the
+  256 codes decodes to torch's value, and 10^6 values plus edge cases encode
+  to torch's codes (nearest, ties to even, saturating at 448).
+- Checkpoints from tools/make_fp8_checkpoint.py in its three layouts (per
+  channel, per tensor, 128 x 128 blocks; a tiny random Llama, blocks of 32
+  there): pagedrt's logits against transformers running the same model with
+  each weight replaced by torch's dequantization of the file (codes as
+  float8_e4m3fn times the scales): relative error <= 1e-4, greedy tokens
+  equal, as tests/test_forward.py holds plain checkpoints. Against the
+  unquantized model the logits must move (the quantization is not a no-op).
+- Errors: a missing scale, a scale of the wrong shape, block scales without
+  weight_block_size, and another quant_method, each named.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import pagedrt
+from test_forward import reference_greedy, reference_logits, rel_err, run_request
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tools"))
+import make_fp8_checkpoint  # noqa: E402
+
+REL_TOL = 1e-4
+
+
+def test_e4m3_codec_matches_torch():
+    from pagedrt._testing import _e4m3_decode, _e4m3_encode
+    codes = np.arange(256, dtype=np.uint8)
+    ours = _e4m3_decode(codes)
+    ref = torch.from_numpy(codes).view(torch.float8_e4m3fn).float().numpy()
+    assert np.array_equal(np.isnan(ours), np.isnan(ref)) and np.isnan(ref).sum() == 2  # 0x7F, 0xFF
+    assert np.array_equal(ours[~np.isnan(ref)], ref[~np.isnan(ref)])
+    rng = np.random.default_rng(0)
+    x = np.concatenate([
+        (rng.standard_normal(1_000_000) * 40).astype(np.float32),
+        (2.0 ** np.arange(-12, 9, 0.125)).astype(np.float32),           # every binade, subnormals too
+        ref[np.isfinite(ref)],                                            # every code's value: exact
+        (ref[np.isfinite(ref)][:-1] + np.diff(ref[np.isfinite(ref)]) / 2).astype(np.float32),  # ties
+        np.array([448, 449, 463.9, 464, 500, 1e9, -1e9, np.inf, -np.inf, 0.0, -0.0], np.float32)])
+    mine = _e4m3_encode(np.ascontiguousarray(x))
+    want = torch.from_numpy(x).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+    assert np.array_equal(mine, want), np.flatnonzero(mine != want)[:10]
+    assert _e4m3_encode(np.array([1e30, -1e30, 449.0], np.float32)).tolist() == [0x7E, 0xFE, 0x7E]  # saturate
+
+
+def dequantized_reference(fp8_dir: pathlib.Path, block: int):
+    """transformers' LlamaForCausalLM (fp32) holding torch's dequantization of
+    every fp8 weight of `fp8_dir`."""
+    from safetensors.torch import load_file
+    from transformers import LlamaForCausalLM
+    tensors = {}
+    for f in sorted(fp8_dir.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    state = {}
+    for name, t in tensors.items():
+        if name.endswith(("_scale", "_scale_inv")):
+            continue
+        if t.dtype == torch.float8_e4m3fn:
+            w = t.float()
+            if name + "_scale" in tensors:
+                w = w * tensors[name + "_scale"].float()  # () or (out, 1): broadcasts
+            else:
+                s = tensors[name + "_scale_inv"].float()
+                s = s.repeat_interleave(block, 0).repeat_interleave(block, 1)[:w.shape[0], :w.shape[1]]
+                w = w * s
+            state[name] = w
+        else:
+            state[name] = t.float()
+    config = json.loads((fp8_dir / "config.json").read_text())
+    config.pop("quantization_config")
+    model = LlamaForCausalLM.from_pretrained(None, config=type(LlamaForCausalLM.config_class())(**config),
+                                             state_dict=state, dtype=torch.float32).eval()
+    return model
+
+
+@pytest.mark.parametrize("scheme", ["channel", "tensor", "block"])
+def test_fp8_checkpoint_matches_its_dequantization(tiny_llama, tmp_path, scheme):
+    path, model = tiny_llama(num_key_value_heads=2, hidden_size=96, intermediate_size=200)
+    out = tmp_path / f"fp8-{scheme}"
+    make_fp8_checkpoint.main([str(path), str(out), "--scheme", scheme, "--block", "32"])
+    q = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert q["quant_method"] == {"channel": "fbgemm_fp8", "tensor": "compressed-tensors", "block": "fp8"}[scheme]
+    ref = dequantized_reference(out, 32)
+    prompt = np.random.default_rng(3).integers(3, 320, size=37).tolist()
+    with pagedrt.Runtime(out, device="cpu", num_threads=2, dtype="float32", activation_dtype="float32") as rt:
+        assert rt.model_info.weight_dtype == "float32"
+        tokens, logits, _ = run_request(rt, prompt, max_tokens=24, ignore_eos=True, return_logits=True)
+    assert tokens == reference_greedy(ref, prompt, 24)
+    want = reference_logits(ref, prompt + tokens[:-1])
+    assert rel_err(logits, want) <= REL_TOL
+    # The quantization moved the logits: this compared fp8 weights, not the originals.
+    assert rel_err(logits, reference_logits(model, prompt + tokens[:-1])) > 10 * REL_TOL
+    # "auto" runs an fp8 checkpoint's weights in bf16 (its torch_dtype, and fp8 values fit bf16's range)
+    with pagedrt.Runtime(out, device="cpu", num_threads=2) as rt:
+        assert rt.model_info.weight_dtype == "bfloat16"
+
+
+def fp8_copy(tiny_llama, tmp_path, scheme="channel"):
+    path, _ = tiny_llama(num_key_value_heads=2)
+    out = tmp_path / "fp8"
+    make_fp8_checkpoint.main([str(path), str(out), "--scheme", scheme, "--block", "32"])
+    return out
+
+
+def edit_safetensors(folder: pathlib.Path, edit):
+    """Rewrites every shard (and the index) with edit(name -> (dtype, array)) applied."""
+    weight_map = {}
+    for f in folder.glob("*.safetensors"):
+        raw = f.read_bytes()
+        n = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8:8 + n])
+        tensors = {}
+        np_types = {"F8_E4M3": np.uint8, "F32": np.float32, "BF16": np.uint16}
+        for name, t in header.items():
+            if name == "__metadata__":
+                continue
+            a, b = t["data_offsets"]
+            tensors[name] = (t["dtype"], np.frombuffer(raw[8 + n + a:8 + n + b], np_types[t["dtype"]]).reshape(t["shape"]))
+        edit(tensors)
+        make_fp8_checkpoint.write_safetensors(f, tensors)
+        weight_map.update({name: f.name for name in tensors})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def test_fp8_checkpoint_errors_name_the_problem(tiny_llama, tmp_path):
+    out = fp8_copy(tiny_llama, tmp_path)
+    name = "model.layers.1.mlp.down_proj.weight"
+    edit_safetensors(out, lambda t: t.pop(name + "_scale", None))
+    with pytest.raises(pagedrt.ModelError, match=rf"fp8 tensor '{name}' has no scale"):
+        pagedrt.Runtime(out, device="cpu")
+
+    out = fp8_copy(tiny_llama, tmp_path / "b")
+    def bad_shape(t):
+        if name + "_scale" in t:
+            t[name + "_scale"] = ("F32", np.ones((3, 2), np.float32))
+    edit_safetensors(out, bad_shape)
+    with pytest.raises(pagedrt.ModelError, match=rf"scale '{name}_scale' has shape \[3, 2\]"):
+        pagedrt.Runtime(out, device="cpu")
+
+    out = fp8_copy(tiny_llama, tmp_path / "c", scheme="block")
+    cfg = json.loads((out / "config.json").read_text())
+    del cfg["quantization_config"]["weight_block_size"]
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(pagedrt.ModelError, match="no weight_block_size"):
+        pagedrt.Runtime(out, device="cpu")
+
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(pagedrt.Unsupported, match="quant_method 'gptq' is not supported"):
+        pagedrt.Runtime(out, device="cpu")
