@@ -43,23 +43,15 @@ nb::ndarray<nb::numpy, float, nb::ndim<2>> gemm(Mat x, Mat w, const std::string&
   return nb::ndarray<nb::numpy, float, nb::ndim<2>>(y, 2, shape, owner);
 }
 
-// fp8 e4m3 codes of fp32 values (backend/fp8.hpp), and back.
-nb::ndarray<nb::numpy, uint8_t, nb::ndim<1>> e4m3_encode(nb::ndarray<float, nb::c_contig, nb::device::cpu, nb::ndim<1>> x) {
+// f applied to each of a 1-D array's values: the fp8 e4m3 codec (backend/fp8.hpp) both ways.
+template <typename In, typename Out, typename F>
+nb::ndarray<nb::numpy, Out, nb::ndim<1>> map1d(nb::ndarray<In, nb::c_contig, nb::device::cpu, nb::ndim<1>> x, F f) {
   const size_t n = x.shape(0);
-  auto* y = new uint8_t[n];
-  nb::capsule owner(y, [](void* p) noexcept { delete[] static_cast<uint8_t*>(p); });
-  for (size_t i = 0; i < n; ++i) y[i] = pagedrt::float_to_e4m3(x.data()[i]);
+  auto* y = new Out[n];
+  nb::capsule owner(y, [](void* p) noexcept { delete[] static_cast<Out*>(p); });
+  for (size_t i = 0; i < n; ++i) y[i] = f(x.data()[i]);
   const size_t shape[1] = {n};
-  return nb::ndarray<nb::numpy, uint8_t, nb::ndim<1>>(y, 1, shape, owner);
-}
-
-nb::ndarray<nb::numpy, float, nb::ndim<1>> e4m3_decode(nb::ndarray<uint8_t, nb::c_contig, nb::device::cpu, nb::ndim<1>> x) {
-  const size_t n = x.shape(0);
-  auto* y = new float[n];
-  nb::capsule owner(y, [](void* p) noexcept { delete[] static_cast<float*>(p); });
-  for (size_t i = 0; i < n; ++i) y[i] = pagedrt::e4m3_to_float(x.data()[i]);
-  const size_t shape[1] = {n};
-  return nb::ndarray<nb::numpy, float, nb::ndim<1>>(y, 1, shape, owner);
+  return nb::ndarray<nb::numpy, Out, nb::ndim<1>>(y, 1, shape, owner);
 }
 
 }  // namespace
@@ -74,7 +66,11 @@ void register_kernels(nb::module_& m) {
     pagedrt::cpu::g_prefetch = to == "l2" ? pagedrt::cpu::PrefetchTo::L2 : pagedrt::cpu::PrefetchTo::L1;
   });
   m.def("_gemm", &gemm, "x"_a, "w"_a, "variant"_a, "threads"_a = 1);
-  m.def("_e4m3_encode", &e4m3_encode, "x"_a, "fp8 e4m3 codes (uint8) of 1-D float32 values: nearest, ties to even, "
+  m.def("_e4m3_encode", [](nb::ndarray<float, nb::c_contig, nb::device::cpu, nb::ndim<1>> x) {
+          return map1d<float, uint8_t>(x, [](float v) { return pagedrt::float_to_e4m3(v); });
+        }, "x"_a, "fp8 e4m3 codes (uint8) of 1-D float32 values: nearest, ties to even, "
         "saturating at 448");
-  m.def("_e4m3_decode", &e4m3_decode, "codes"_a, "the float32 values of 1-D e4m3 codes (uint8)");
+  m.def("_e4m3_decode", [](nb::ndarray<uint8_t, nb::c_contig, nb::device::cpu, nb::ndim<1>> x) {
+          return map1d<uint8_t, float>(x, [](uint8_t c) { return pagedrt::e4m3_to_float(c); });
+        }, "codes"_a, "the float32 values of 1-D e4m3 codes (uint8)");
 }
