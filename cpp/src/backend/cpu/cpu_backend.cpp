@@ -201,6 +201,13 @@ void narrow_rows(const float* src, int64_t n, int64_t m, uint16_t* dst, int thre
   for (int64_t t = 0; t < n; ++t) narrow(src + t * m, m, dst + t * m);
 }
 
+// Staging that only grows: resize() zero-fills what it adds, and the
+// projections of a layer alternate between sizes (a 32-row SmolLM2 decode
+// step refilled ~11 MB a step, 1.7% of its time, by shrinking and growing).
+void grow(std::vector<float>& v, int64_t n) {
+  if (v.size() < static_cast<size_t>(n)) v.resize(static_cast<size_t>(n));
+}
+
 }  // namespace
 
 void CpuBackend::embedding(const Tensor& table, Tensor& out) {
@@ -246,7 +253,7 @@ void CpuBackend::linear(const Tensor& x, const Tensor& weight, int64_t n, Tensor
   const int64_t m = weight.dim(0), k = weight.dim(1);
   float* yf = out.as<float>();
   if (out.dtype == ScalarType::BF16) {
-    y32_.resize(static_cast<size_t>(n * m));
+    grow(y32_, n * m);
     yf = y32_.data();
   }
   if (x.dtype == ScalarType::BF16 && weight.dtype == ScalarType::BF16) {
@@ -258,7 +265,7 @@ void CpuBackend::linear(const Tensor& x, const Tensor& weight, int64_t n, Tensor
   // bf16 activations with fp32 weights: widened to fp32 (exact)
   const float* xf = x.as<float>();
   if (x.dtype == ScalarType::BF16) {
-    x32_.resize(static_cast<size_t>(n * k));
+    grow(x32_, n * k);
     widen(x.as<uint16_t>(), n * k, x32_.data());
     xf = x32_.data();
   }
