@@ -93,7 +93,7 @@ def test_fp8_checkpoint_matches_its_dequantization(tiny_llama, tmp_path, scheme)
     ref = dequantized_reference(out, 32)
     prompt = np.random.default_rng(3).integers(3, 320, size=37).tolist()
     with pagedrt.Runtime(out, device="cpu", num_threads=2, dtype="float32", activation_dtype="float32") as rt:
-        assert rt.model_info.weight_dtype == "float32"
+        assert rt.model_info.weight_dtype == "float32" and rt.model_info.quantization == q["quant_method"]
         tokens, logits, _ = run_request(rt, prompt, max_tokens=24, ignore_eos=True, return_logits=True)
     assert tokens == reference_greedy(ref, prompt, 24)
     want = reference_logits(ref, prompt + tokens[:-1])
@@ -103,6 +103,8 @@ def test_fp8_checkpoint_matches_its_dequantization(tiny_llama, tmp_path, scheme)
     # "auto" runs an fp8 checkpoint's weights in bf16 (its torch_dtype, and fp8 values fit bf16's range)
     with pagedrt.Runtime(out, device="cpu", num_threads=2) as rt:
         assert rt.model_info.weight_dtype == "bfloat16"
+    with pagedrt.Runtime(path, device="cpu", num_threads=2) as rt:
+        assert rt.model_info.quantization == ""
 
 
 def fp8_copy(tiny_llama, tmp_path, scheme="channel"):

@@ -3,7 +3,7 @@
 #
 #   bash tools/gpu_check.sh [STAGE ...]      (from the repo root; default: all stages)
 #
-# Stages: env build wheels optests diag make8b make8btok smol tests e2e bench attn prefill gemm serve servecpu structured masks spec harness kvpool profile cpuscale lcpp xeon abbuild ab
+# Stages: env build wheels optests diag make8b make8btok smol tests e2e bench attn prefill gemm serve servecpu structured masks spec harness kvpool profile cpuscale fp8q lcpp xeon abbuild ab
 #   env      nvidia-smi, versions
 #   build    pip install --no-build-isolation --no-deps . with PAGEDRT_CUDA=ON
 #   wheels   only the wheels carried in .whl/ (a later call of a warm machine, built already)
@@ -40,6 +40,8 @@
 #   profile  tools/cuda_profile.py: GPU time per kernel (batch-1 decode; 64 x 512/32)
 #   cpuscale the CPU backend on this machine's cores: tools/bench.py latency and batched,
 #            SmolLM2 bf16, pagedrt only, 1 to 16 threads (needs the smol stage)
+#   fp8q     tools/fp8_quality.py --device cuda on SmolLM2 (needs smol): fp8 weights' top-1 agreement and
+#            perplexity against bf16
 #   lcpp     builds llama-cpp-python for this host's CPU from .devcarry_b/lcpp_slim.tar.xz (or $STASH)
 #   xeon     this host's CPU on SmolLM2 (needs smol): bench_structured.py --device cpu --lend both, then
 #            tools/bench.py latency,batched against llama.cpp F16/BF16 (after lcpp) at $XEON_THREADS
@@ -283,6 +285,13 @@ if has cpuscale && [ -d "$WORK/smolpkg" ]; then
     (cd /tmp && timeout $(( $(left) - 20 )) $PY "$OLDPWD/tools/bench.py" --threads $t --peers "" --dtypes bfloat16 \
        --workloads latency,batched --runs 1 --json "$OUT/cpu_threads_$t.json" 2>/dev/null | grep -E "pagedrt|engine|threads")
   done
+fi
+
+if has fp8q && [ -d "$WORK/smolpkg" ]; then
+  stage fp8q
+  # fp8 weights' quality on SmolLM2 on the GPU (issue 21): tools/fp8_quality.py --device cuda
+  (cd /tmp && PYTHONPATH="$WORK/smolpkg${PYTHONPATH:+:$PYTHONPATH}" timeout 240 $PY "$OLDPWD/tools/fp8_quality.py" \
+     --device cuda --json "$OUT/fp8_quality_cuda.json" 2>&1 | grep -vE "it/s\]|tensors$")
 fi
 
 if has lcpp && [ ! -d "$WORK/lcpp_site/llama_cpp" ]; then

@@ -368,6 +368,7 @@ NB_MODULE(_core, m) {
       .ro("bos_token_id", &pagedrt::ModelInfo::bos_token_id)
       .ro("eos_token_ids", &pagedrt::ModelInfo::eos_token_ids)
       .ro("weight_dtype", &pagedrt::ModelInfo::weight_dtype)
+      .ro("quantization", &pagedrt::ModelInfo::quantization)
       .ro("activation_dtype", &pagedrt::ModelInfo::activation_dtype)
       .ro("device", &pagedrt::ModelInfo::device)
       .ro("deterministic", &pagedrt::ModelInfo::deterministic)

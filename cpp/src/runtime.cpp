@@ -212,6 +212,7 @@ Runtime::Runtime(const RuntimeConfig& config) : impl_(std::make_unique<Impl>()) 
   m.info.bos_token_id = cfg.bos_token_id;
   m.info.eos_token_ids = eos_ids(cfg, config.model_path);
   m.info.weight_dtype = scalar_name(wdtype);
+  m.info.quantization = cfg.quant.method;
   m.info.activation_dtype = scalar_name(act);
   m.info.device = device;
   m.info.deterministic = deterministic;

@@ -136,6 +136,7 @@ struct ModelInfo {
   int32_t bos_token_id = -1;
   std::vector<int32_t> eos_token_ids;
   std::string weight_dtype;        // "float32" or "bfloat16"
+  std::string quantization;        // the checkpoint's quant_method ("fp8", "fbgemm_fp8", "compressed-tensors"), "" for none
   std::string activation_dtype;    // "float32" or "bfloat16" (also the KV cache's)
   std::string device;              // "cpu" or "cuda"
   bool deterministic = false;      // RuntimeConfig::deterministic, resolved
