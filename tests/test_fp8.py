@@ -156,7 +156,33 @@ def test_fp8_checkpoint_errors_name_the_problem(tiny_llama, tmp_path):
     with pytest.raises(pagedrt.ModelError, match="no weight_block_size"):
         pagedrt.Runtime(out, device="cpu")
 
+    out = fp8_copy(tiny_llama, tmp_path / "d")
+    def nan_code(t):
+        if name in t:
+            codes = t[name][1].copy()
+            codes[2, 5] = 0xFF
+            t[name] = ("F8_E4M3", codes)
+    edit_safetensors(out, nan_code)
+    with pytest.raises(pagedrt.ModelError, match=rf"'{name}': element \(2, 5\) is an e4m3 NaN"):
+        pagedrt.Runtime(out, device="cpu")
+
     cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4}
     (out / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(pagedrt.Unsupported, match="quant_method 'gptq' is not supported"):
         pagedrt.Runtime(out, device="cpu")
+
+
+def test_compressed_tensors_dense_is_no_quantization(tiny_llama):
+    """compressed-tensors' "dense" format (sparsity metadata, plain weights)
+    loads as an unquantized checkpoint; its int4 packing is refused by name."""
+    path, _ = tiny_llama(num_key_value_heads=2)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "compressed-tensors", "format": "dense"}
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pagedrt.Runtime(path, device="cpu") as rt:
+        assert rt.model_info.quantization == ""
+        assert len(rt.generate([[5, 6, 7]], max_tokens=3, temperature=0)[0].token_ids) == 3
+    cfg["quantization_config"]["format"] = "pack-quantized"
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(pagedrt.Unsupported, match="compressed-tensors format 'pack-quantized'"):
+        pagedrt.Runtime(path, device="cpu")

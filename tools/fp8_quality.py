@@ -53,11 +53,13 @@ def corpus() -> str:
     return "\n\n".join(parts)
 
 
-def score(model_dir, ids, windows, device, ref_top=None):
-    """(argmax per position, sum of next-token log-probabilities, positions) over the windows."""
+def score(model_dir, ids, windows, device, dtype=None):
+    """(argmax per position, sum of next-token log-probabilities, positions, weight dtype) over the windows."""
     import pagedrt
     tops, nll, n = [], 0.0, 0
-    with pagedrt.Runtime(model_dir, device=device, max_model_len=2048, max_num_batched_tokens=2048) as rt:
+    with pagedrt.Runtime(model_dir, device=device, dtype=dtype, max_model_len=2048,
+                         max_num_batched_tokens=2048) as rt:
+        dtype = rt.model_info.weight_dtype
         for a, b in windows:
             rid = rt.submit(ids[a:b], pagedrt.SamplingParams(max_tokens=1, temperature=0, return_logits=True,
                                                             ignore_eos=True))
@@ -74,7 +76,7 @@ def score(model_dir, ids, windows, device, ref_top=None):
             nll -= float(logp[np.arange(len(nxt)), nxt].sum())
             n += len(nxt)
             tops.append(logits.argmax(axis=1))
-    return np.concatenate(tops), nll, n
+    return np.concatenate(tops), nll, n, dtype
 
 
 def main(argv=None):
@@ -96,19 +98,19 @@ def main(argv=None):
     ids = ids[:need]
     windows = [(s, min(s + a.window, len(ids))) for s in range(0, len(ids) - 1, a.window - 1)]
     t0 = time.perf_counter()
-    base_top, base_nll, n = score(src, ids, windows, a.device)
+    base_top, base_nll, n, dtype = score(src, ids, windows, a.device)
     res = {"model": str(src), "device": a.device, "positions": n, "window": a.window,
            "text": f"docstrings of {len(MODULES)} Python {sys.version.split()[0]} stdlib modules",
-           "bf16": {"ppl": math.exp(base_nll / n)}}
-    print(f"{src.name}: {n} positions, perplexity {res['bf16']['ppl']:.4f} ({time.perf_counter() - t0:.1f} s)",
+           "weight_dtype": dtype, "original": {"ppl": math.exp(base_nll / n)}}
+    print(f"{src.name}: {n} positions, perplexity {res['original']['ppl']:.4f} ({time.perf_counter() - t0:.1f} s)",
           flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for scheme in a.schemes.split(","):
             out = pathlib.Path(tmp) / scheme
             make_fp8_checkpoint.main([str(src), str(out), "--scheme", scheme])
-            top, nll, _ = score(out, ids, windows, a.device)
+            top, nll, _, _ = score(out, ids, windows, a.device, dtype)  # the original's dtype
             ppl = math.exp(nll / n)
-            r = res[f"fp8_{scheme}"] = {"ppl": ppl, "ppl_ratio": ppl / res["bf16"]["ppl"],
+            r = res[f"fp8_{scheme}"] = {"ppl": ppl, "ppl_ratio": ppl / res["original"]["ppl"],
                                         "top1_agreement": float((top == base_top).mean())}
             print(f"fp8 weights, {scheme} scales: top-1 agreement {100 * r['top1_agreement']:.2f}%, perplexity "
                   f"{ppl:.4f} ({100 * (r['ppl_ratio'] - 1):+.2f}%)", flush=True)

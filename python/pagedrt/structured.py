@@ -81,7 +81,11 @@ def mask_threads(device: str, forward_threads: int = 0) -> Optional[int]:
     helper thread, up to 7 cores; from 8 cores on a pool of one in eight
     (16-core Xeon, 32 JSON rows: 194 us a row serially, 113 on 2 threads)."""
     if os.environ.get("PAGEDRT_MASK_THREADS"):
-        return int(os.environ["PAGEDRT_MASK_THREADS"])
+        value = os.environ["PAGEDRT_MASK_THREADS"]
+        if not value.isdigit():
+            raise InvalidArgument(f"PAGEDRT_MASK_THREADS={value!r}: a count of threads (0: one after another "
+                                  "on the helper thread)")
+        return int(value)
     if device == "cuda":
         return None
     cores = forward_threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")

@@ -206,7 +206,7 @@ void Engine::start_masks(const SchedulerOutput& step, PendingMasks& pm) {
     ModelRunner& runner;
     ~GiveBack() { runner.lend_threads(0); }
   };
-  runner_.lend_threads(provider->threads());
+  runner_.lend_threads(std::max(0, provider->threads()));
   try {
     pm.filling = std::async(std::launch::async, [this, &pm, provider, vocab] {
       GiveBack give_back{runner_};

@@ -1,5 +1,7 @@
 #include "model/quantization.hpp"
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "backend/fp8.hpp"
@@ -67,9 +69,14 @@ QuantConfig parse_quantization(const json::Value* q, const std::string& where) {
                                             "' is not supported (fp8 checkpoints load: fp8, fbgemm_fp8, "
                                             "compressed-tensors with fp8 weights)");
   if (c.method == "compressed-tensors") {
+    // "dense": no quantization (sparsity metadata only); integer packings are
+    // not fp8. Any other format (absent, "mixed", per group) is checked per
+    // tensor: an F8_E4M3 weight needs its scale, other dtypes are refused by name.
     const json::Value* f = q->find("format");
     const std::string format = f != nullptr && f->is_string() ? f->as_string("") : "";
-    if (format != "float-quantized" && format != "naive-quantized")
+    if (format == "dense") return QuantConfig{};
+    if (format == "pack-quantized" || format == "int-quantized" || format == "marlin-24" ||
+        format == "nvfp4-pack-quantized")
       throw Error(ErrorKind::Unsupported, at + ": compressed-tensors format '" + format +
                                               "' is not supported (fp8 weights: float-quantized, naive-quantized)");
   }
@@ -79,8 +86,8 @@ QuantConfig parse_quantization(const json::Value* q, const std::string& where) {
     if (v.size() != 2) throw Error(ErrorKind::InvalidModel, at + ".weight_block_size must be [rows, cols]");
     c.block_rows = v[0].as_int(at + ".weight_block_size");
     c.block_cols = v[1].as_int(at + ".weight_block_size");
-    if (c.block_rows <= 0 || c.block_cols <= 0)
-      throw Error(ErrorKind::InvalidModel, at + ".weight_block_size must be positive");
+    if (c.block_rows <= 0 || c.block_cols <= 0 || c.block_rows > (1 << 20) || c.block_cols > (1 << 20))
+      throw Error(ErrorKind::InvalidModel, at + ".weight_block_size must be in [1, 2^20]");
   }
   return c;
 }
@@ -116,7 +123,7 @@ std::vector<float> dequantize_fp8(const Checkpoint& ckpt, const std::string& nam
       throw Error(ErrorKind::InvalidModel, t.file + ": block scale '" + block +
                                                "' but config.json's quantization_config has no weight_block_size");
     br = q.block_rows, bc = q.block_cols;
-    const std::vector<int64_t> want = {(rows + br - 1) / br, (cols + bc - 1) / bc};
+    const std::vector<int64_t> want = {(rows - 1) / br + 1, (cols - 1) / bc + 1};
     if (t.shape != want)
       throw Error(ErrorKind::InvalidModel, t.file + ": block scale '" + block + "' has shape " + shape_str(t.shape) +
                                                ", weight_block_size " + std::to_string(br) + " x " +
@@ -125,14 +132,25 @@ std::vector<float> dequantize_fp8(const Checkpoint& ckpt, const std::string& nam
   } else {
     throw Error(ErrorKind::InvalidModel, what + " has no scale ('" + per + "' or '" + block + "')");
   }
-  grid_cols = (cols + bc - 1) / bc;
+  for (size_t i = 0; i < s.size(); ++i)
+    if (!std::isfinite(s[i]))
+      throw Error(ErrorKind::InvalidModel, what + ": scale " + std::to_string(i) + " is " + std::to_string(s[i]));
+  grid_cols = (cols - 1) / bc + 1;
   float lut[256];
   for (int i = 0; i < 256; ++i) lut[i] = e4m3_to_float(static_cast<uint8_t>(i));
   for (int64_t r = 0; r < rows; ++r) {
     const uint8_t* code = w.data + r * cols;
     float* o = out.data() + r * cols;
     const float* srow = s.data() + (r / br) * grid_cols;
-    for (int64_t c = 0; c < cols; ++c) o[c] = lut[code[c]] * srow[c / bc];
+    for (int64_t c0 = 0; c0 < cols; c0 += bc) {  // a block of columns shares its scale
+      const float sc = srow[c0 / bc];
+      for (int64_t c = c0; c < std::min(cols, c0 + bc); ++c) {
+        if ((code[c] & 0x7Fu) == 0x7Fu)
+          throw Error(ErrorKind::InvalidModel, what + ": element (" + std::to_string(r) + ", " + std::to_string(c) +
+                                                   ") is an e4m3 NaN");
+        o[c] = lut[code[c]] * sc;
+      }
+    }
   }
   return out;
 }

@@ -31,13 +31,15 @@ struct QuantConfig {
   bool any() const { return !method.empty(); }
 };
 
-// config.json's quantization_config (null or absent: none). Throws
-// Error(Unsupported) naming the method for anything but fp8 weights.
+// config.json's quantization_config (null or absent: none; compressed-tensors
+// "dense": none). Throws Error(Unsupported) naming the method or format for
+// anything but fp8 weights.
 QuantConfig parse_quantization(const json::Value* q, const std::string& where);
 
 // The fp32 values of the F8_E4M3 weight `w` (named `name` in `ckpt`): its
 // codes times the scales (see above). Throws Error(InvalidModel) naming the
-// file and tensor when the scale is missing or its shape fits no layout.
+// file and tensor when the scale is missing, its shape fits no layout, a
+// scale is not finite or a code is e4m3's NaN.
 std::vector<float> dequantize_fp8(const Checkpoint& ckpt, const std::string& name, const TensorView& w,
                                   const QuantConfig& q);
 

@@ -61,13 +61,12 @@ CpuBackend::CpuBackend(int num_threads, ScalarType activation_dtype, bool determ
   if (act_ != ScalarType::F32 && act_ != ScalarType::BF16)
     throw Error(ErrorKind::InvalidArgument, std::string("CPU activation dtype must be float32 or bfloat16, got ") +
                                                 scalar_name(act_));
-  if (threads_ <= 0) {
 #ifdef _OPENMP
-    threads_ = omp_get_num_procs();
+  cores_ = omp_get_num_procs();
 #else
-    threads_ = 1;
+  cores_ = 1;
 #endif
-  }
+  if (threads_ <= 0) threads_ = cores_;
   set_decode_padding(false);  // nothing to share a recording: PAGEDRT_DECODE_PAD=1 only (tests)
   cpu::calibrate_prefetch(threads_);  // the decode GEMV's prefetch hint, once per process (gemm.hpp)
 }

@@ -27,9 +27,10 @@ class CpuBackend final : public Backend {
   ScalarType kv_dtype() const override { return act_; }
   int num_threads() const { return threads_; }
   // Cores lent to the structured-output masks while they are filled beside
-  // the forward: each op's team is threads_ - n (at least 1) until lent 0.
-  // Threads split rows, never a reduction, so no result changes.
-  void lend_threads(int n) override { lent_.store(n, std::memory_order_relaxed); }
+  // the forward: each op's team leaves them free (at most the cores less n,
+  // at least 1) until lent 0; a team that leaves enough cores idle already
+  // keeps its size. Threads split rows, never a reduction, so no result changes.
+  void lend_threads(int n) override { lent_.store(std::max(0, n), std::memory_order_relaxed); }
 
   Tensor load_weight(const std::vector<WeightView>& parts, ScalarType dtype) override;
   Tensor empty(std::vector<int64_t> shape, ScalarType dtype) override;
@@ -64,9 +65,10 @@ class CpuBackend final : public Backend {
   void argmax(const Tensor& logits, int64_t rows, int32_t* out, const RowMasks& masks) override;
 
  private:
-  int team() const { return std::max(1, threads_ - lent_.load(std::memory_order_relaxed)); }
+  int team() const { return std::max(1, std::min(threads_, cores_ - lent_.load(std::memory_order_relaxed))); }
 
   int threads_;
+  int cores_ = 1;  // the processors this process may run on (omp_get_num_procs)
   std::atomic<int> lent_{0};
   bool deterministic_ = true;
   ScalarType act_;
