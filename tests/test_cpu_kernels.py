@@ -175,3 +175,21 @@ def test_the_prefetch_hint_is_calibrated_once_per_process(tmp_path):
     for hint in ("l1", "l2"):
         assert _gemm_info_after_a_runtime(path, {"PAGEDRT_CPU_PREFETCH": hint}).endswith(
             f"prefetch {hint} (PAGEDRT_CPU_PREFETCH)")
+
+
+def test_lent_threads_leave_cores_to_the_masks():
+    """Backend::lend_threads (structured output's masks, filled beside the
+    forward): a CPU backend on every core runs its ops on the cores less those
+    lent, at least one, and on all of them again once lent 0; a negative lend
+    counts as none."""
+    cores = len(os.sched_getaffinity(0))
+    ops = _testing._Ops("cpu")  # every core
+    assert ops.host_threads() == cores
+    ops.lend_threads(1)
+    assert ops.host_threads() == max(1, cores - 1)
+    ops.lend_threads(cores + 5)
+    assert ops.host_threads() == 1
+    ops.lend_threads(-3)
+    assert ops.host_threads() == cores
+    ops.lend_threads(0)
+    assert ops.host_threads() == cores

@@ -118,16 +118,7 @@ def edit_safetensors(folder: pathlib.Path, edit):
     """Rewrites every shard (and the index) with edit(name -> (dtype, array)) applied."""
     weight_map = {}
     for f in folder.glob("*.safetensors"):
-        raw = f.read_bytes()
-        n = int.from_bytes(raw[:8], "little")
-        header = json.loads(raw[8:8 + n])
-        tensors = {}
-        np_types = {"F8_E4M3": np.uint8, "F32": np.float32, "BF16": np.uint16}
-        for name, t in header.items():
-            if name == "__metadata__":
-                continue
-            a, b = t["data_offsets"]
-            tensors[name] = (t["dtype"], np.frombuffer(raw[8 + n + a:8 + n + b], np_types[t["dtype"]]).reshape(t["shape"]))
+        tensors = make_fp8_checkpoint.read_safetensors(f)
         edit(tensors)
         make_fp8_checkpoint.write_safetensors(f, tensors)
         weight_map.update({name: f.name for name in tensors})

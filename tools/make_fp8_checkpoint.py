@@ -26,31 +26,37 @@ import sys
 
 import numpy as np
 
+from pagedrt.convert import to_bfloat16_bits
+
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 E4M3_MAX = 448.0
 
 
-def read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
-    """Every tensor of one file as float32 (F32, F16, BF16)."""
+STORAGE = {"F32": "<f4", "F16": "<f2", "BF16": "<u2", "F8_E4M3": "u1"}  # safetensors dtype -> numpy storage
+
+
+def read_safetensors(path: pathlib.Path) -> dict[str, tuple[str, np.ndarray]]:
+    """Every tensor of one file: name -> (safetensors dtype, array of its stored bits), in file order."""
     raw = path.read_bytes()
     n = struct.unpack("<Q", raw[:8])[0]
     header = json.loads(raw[8:8 + n])
-    base, out = 8 + n, {}
+    out = {}
     for name, t in header.items():
         if name == "__metadata__":
             continue
+        if t["dtype"] not in STORAGE:
+            sys.exit(f"{path}: tensor {name} has dtype {t['dtype']}; this tool reads {', '.join(STORAGE)}")
         a, b = t["data_offsets"]
-        buf = raw[base + a:base + b]
-        if t["dtype"] == "F32":
-            v = np.frombuffer(buf, "<f4")
-        elif t["dtype"] == "F16":
-            v = np.frombuffer(buf, "<f2").astype(np.float32)
-        elif t["dtype"] == "BF16":
-            v = (np.frombuffer(buf, "<u2").astype(np.uint32) << 16).view(np.float32)
-        else:
-            sys.exit(f"{path}: tensor {name} has dtype {t['dtype']}; this tool reads F32, F16 and BF16")
-        out[name] = v.reshape(t["shape"])
+        out[name] = (t["dtype"], np.frombuffer(raw[8 + n + a:8 + n + b], STORAGE[t["dtype"]]).reshape(t["shape"]))
     return out
+
+
+def as_float32(dtype: str, bits: np.ndarray) -> np.ndarray:
+    if dtype == "BF16":
+        return (bits.astype(np.uint32) << 16).view(np.float32)
+    if dtype in ("F32", "F16"):
+        return bits.astype(np.float32)
+    sys.exit(f"a {dtype} tensor is already quantized")
 
 
 def write_safetensors(path: pathlib.Path, tensors: dict[str, tuple[str, np.ndarray]]) -> None:
@@ -68,12 +74,6 @@ def write_safetensors(path: pathlib.Path, tensors: dict[str, tuple[str, np.ndarr
         f.write(text)
         for b in blobs:
             f.write(b)
-
-
-def bf16_bits(x: np.ndarray) -> np.ndarray:
-    """float32 -> bf16 bits, nearest even (as pagedrt's converter)."""
-    u = np.ascontiguousarray(x, np.float32).view(np.uint32)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
 
 
 def quantize(w: np.ndarray, scheme: str, block: int) -> tuple[np.ndarray, np.ndarray]:
@@ -115,13 +115,14 @@ def main(argv=None) -> None:
         out_name = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
         out: dict[str, tuple[str, np.ndarray]] = {}
         tensors = read_safetensors(path)
-        for j, (name, w) in enumerate(tensors.items()):
+        for j, (name, (dtype, bits)) in enumerate(tensors.items()):
+            w = as_float32(dtype, bits)
             if any(f".{p}.weight" in name for p in PROJ):
                 codes, scale = quantize(w, a.scheme, a.block)
                 out[name] = ("F8_E4M3", codes)
                 out[name + suffix] = ("F32", scale)
             else:
-                out[name] = ("BF16", bf16_bits(w))
+                out[name] = ("BF16", to_bfloat16_bits(w))
             print(f"\r{path.name}: {j + 1}/{len(tensors)} tensors", end="", file=sys.stderr, flush=True)
         print(file=sys.stderr)
         write_safetensors(a.out / out_name, out)

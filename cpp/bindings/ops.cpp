@@ -75,6 +75,8 @@ class Ops {
       : b_(pagedrt::make_backend(device, 0, activation_type(device, activation), deterministic)) {}
 
   std::string activation_dtype() const { return pagedrt::scalar_name(b_->activation_dtype()); }
+  void lend_threads(int n) { b_->lend_threads(n); }
+  int host_threads() const { return b_->host_threads(); }
 
   void set_batch(I32In token_ids, I32In positions, I64In slots, I32In query_start, I32In seq_lens,
                  I32In page_indptr, I32In page_indices, I32In logits_indices) {
@@ -482,6 +484,8 @@ void register_ops(nb::module_& m) {
       .def(nb::init<const std::string&, const std::string&, bool>(), "device"_a, "activation"_a = "",
            "deterministic"_a = true)
       .def_prop_ro("activation_dtype", &Ops::activation_dtype)
+      .def("lend_threads", &Ops::lend_threads, "n"_a)  // Backend::lend_threads
+      .def("host_threads", &Ops::host_threads)          // the threads the next host op runs on
       .def("set_batch", &Ops::set_batch, "token_ids"_a, "positions"_a, "slot_mapping"_a, "query_start"_a,
            "seq_lens"_a, "page_indptr"_a, "page_indices"_a, "logits_indices"_a)
       .def("embedding", &Ops::embedding, "table"_a, "weight_dtype"_a)

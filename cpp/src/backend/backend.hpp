@@ -282,6 +282,8 @@ class Backend {
   // (structured output's masks, filled beside the forward) until lent 0: a
   // backend that computes on host threads runs its ops on that many fewer.
   virtual void lend_threads(int n) {}
+  // The host threads the backend's next op runs on (0: it computes elsewhere).
+  virtual int host_threads() const { return 0; }
 
  protected:
   // padded_tokens pads: `on` unless PAGEDRT_DECODE_PAD says otherwise ("0" / "1").

@@ -165,6 +165,12 @@ const char* dtype_name(DType dtype) {
   return "?";
 }
 
+std::string shape_str(const std::vector<int64_t>& shape) {
+  std::string r = "[";
+  for (size_t i = 0; i < shape.size(); ++i) r += (i ? ", " : "") + std::to_string(shape[i]);
+  return r + "]";
+}
+
 int64_t TensorView::numel() const {
   // A zero dimension first: [2^62, 2^62, 0] is a valid empty tensor whose
   // other dimensions overflow. Otherwise numel <= nbytes < 2^63 (checked in open).

@@ -37,6 +37,8 @@ struct TensorView {
   int64_t numel() const;
 };
 
+std::string shape_str(const std::vector<int64_t>& shape);  // "[3, 4]", for messages
+
 constexpr uint64_t kMaxHeaderBytes = 100ull << 20;  // 100 MiB
 
 // Parses and validates a whole safetensors image held in memory (what open()

@@ -15,15 +15,9 @@ namespace {
 WeightView expect(const Checkpoint& ckpt, const std::string& name, std::vector<int64_t> shape,
                   const QuantConfig& quant = {}, std::deque<std::vector<float>>* keep = nullptr) {
   const TensorView& t = ckpt.get(name);
-  if (t.shape != shape) {
-    auto str = [](const std::vector<int64_t>& s) {
-      std::string r = "[";
-      for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
-      return r + "]";
-    };
-    throw Error(ErrorKind::InvalidModel, t.file + ": tensor '" + name + "' has shape " + str(t.shape) +
-                                             ", config.json implies " + str(shape));
-  }
+  if (t.shape != shape)
+    throw Error(ErrorKind::InvalidModel, t.file + ": tensor '" + name + "' has shape " + shape_str(t.shape) +
+                                             ", config.json implies " + shape_str(shape));
   WeightView w;
   switch (t.dtype) {
     case DType::F32: w.type = WeightView::Type::F32; break;

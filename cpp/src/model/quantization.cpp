@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "backend/fp8.hpp"
+#include "backend/tensor.hpp"
 #include "io/json.hpp"
 #include "io/safetensors.hpp"
 #include "pagedrt/error.hpp"
@@ -12,43 +13,20 @@
 namespace pagedrt {
 namespace {
 
-std::string shape_str(const std::vector<int64_t>& s) {
-  std::string r = "[";
-  for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
-  return r + "]";
-}
-
 // A scale tensor's values as fp32 (F32, BF16 or F16 in the file).
 std::vector<float> scale_values(const TensorView& s) {
+  if (s.dtype != DType::F32 && s.dtype != DType::BF16 && s.dtype != DType::F16)
+    throw Error(ErrorKind::InvalidModel, s.file + ": scale tensor '" + s.name + "' has dtype " +
+                                             dtype_name(s.dtype) + "; supported: F32, BF16, F16");
   std::vector<float> out(static_cast<size_t>(s.numel()));
   for (size_t i = 0; i < out.size(); ++i) {
+    uint16_t h;
     if (s.dtype == DType::F32) {
       std::memcpy(&out[i], s.data + 4 * i, 4);
-    } else if (s.dtype == DType::BF16) {
-      uint16_t h;
-      std::memcpy(&h, s.data + 2 * i, 2);
-      const uint32_t bits = static_cast<uint32_t>(h) << 16;
-      std::memcpy(&out[i], &bits, 4);
-    } else if (s.dtype == DType::F16) {
-      uint16_t h;
-      std::memcpy(&h, s.data + 2 * i, 2);
-      const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16, exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu;
-      float v = exp == 0 ? static_cast<float>(man) * (1.0f / 16777216.0f)  // subnormal: man x 2^-24
-                         : 0.0f;
-      uint32_t bits;
-      if (exp == 0) {
-        std::memcpy(&bits, &v, 4);
-        bits |= sign;
-      } else if (exp == 0x1Fu) {
-        bits = sign | 0x7F800000u | (man << 13);
-      } else {
-        bits = sign | ((exp + 112u) << 23) | (man << 13);
-      }
-      std::memcpy(&out[i], &bits, 4);
-    } else {
-      throw Error(ErrorKind::InvalidModel, s.file + ": scale tensor '" + s.name + "' has dtype " +
-                                               dtype_name(s.dtype) + "; supported: F32, BF16, F16");
+      continue;
     }
+    std::memcpy(&h, s.data + 2 * i, 2);
+    out[i] = s.dtype == DType::BF16 ? bf16_to_f32(h) : f16_to_f32(h);
   }
   return out;
 }

@@ -31,6 +31,7 @@ class CpuBackend final : public Backend {
   // at least 1) until lent 0; a team that leaves enough cores idle already
   // keeps its size. Threads split rows, never a reduction, so no result changes.
   void lend_threads(int n) override { lent_.store(std::max(0, n), std::memory_order_relaxed); }
+  int host_threads() const override { return team(); }
 
   Tensor load_weight(const std::vector<WeightView>& parts, ScalarType dtype) override;
   Tensor empty(std::vector<int64_t> shape, ScalarType dtype) override;

@@ -119,22 +119,7 @@ PrefetchTo g_prefetch = PrefetchTo::L1;
 namespace {
 std::string g_prefetch_how = "l1 (not calibrated)";
 std::once_flag g_calibrated;
-}  // namespace
 
-PrefetchTo gemm_prefetch() { return g_prefetch; }
-std::string gemm_prefetch_name() { return g_prefetch_how; }
-
-namespace {
-void calibrate(int threads);
-}  // namespace
-
-void calibrate_prefetch(int threads) {
-  // On a thread of its own: the OpenMP team its kernel calls start goes with
-  // it, rather than staying with the caller's thread beside the engine's.
-  std::call_once(g_calibrated, [threads] { std::thread([threads] { calibrate(threads); }).join(); });
-}
-
-namespace {
 void calibrate(int threads) {
   if (const char* e = std::getenv("PAGEDRT_CPU_PREFETCH"); e != nullptr && (!std::strcmp(e, "l1") || !std::strcmp(e, "l2"))) {
     g_prefetch = !std::strcmp(e, "l2") ? PrefetchTo::L2 : PrefetchTo::L1;
@@ -174,6 +159,14 @@ void calibrate(int threads) {
   g_prefetch_how = how;
 }
 }  // namespace
+
+std::string gemm_prefetch_name() { return g_prefetch_how; }
+
+void calibrate_prefetch(int threads) {
+  // On a thread of its own: the OpenMP team its kernel calls start goes with
+  // it, rather than staying with the caller's thread beside the engine's.
+  std::call_once(g_calibrated, [threads] { std::thread([threads] { calibrate(threads); }).join(); });
+}
 
 float* gemm_scratch(int64_t count) {
   // Grows to the largest call on this thread and stays: no allocation per call.

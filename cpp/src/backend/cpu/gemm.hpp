@@ -33,7 +33,6 @@ std::vector<std::string> gemm_variants();
 // calibrate_prefetch() times both once per process over 64 MiB of weights
 // (~30 ms) and keeps the faster; PAGEDRT_CPU_PREFETCH=l1|l2 sets it instead.
 enum class PrefetchTo { L1, L2 };
-PrefetchTo gemm_prefetch();
 void calibrate_prefetch(int threads);  // once per process; later calls return at once
 std::string gemm_prefetch_name();      // "l2", "l1", with how it was chosen
 // Internal: the hint the kernels read (set by calibrate_prefetch; L1 until then).

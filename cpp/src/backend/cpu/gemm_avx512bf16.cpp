@@ -114,7 +114,7 @@ inline void micro(const uint16_t* x, const uint16_t* w, float* y, int64_t k, int
 #undef PAGEDRT_UNROLL
 
 // The last token tile: the next task's rows asked for in L1, or where
-// gemm_prefetch() says when it is the only tile (decode: n <= kT; larger n
+// g_prefetch says when it is the only tile (decode: n <= kT; larger n
 // asked L2 in their first tile already).
 template <int T, int R>
 inline void last_tile(bool only, const uint16_t* x, const uint16_t* w, float* y, int64_t k, int64_t ldy) {
@@ -141,7 +141,7 @@ inline void token_tail(bool only, int64_t left, const uint16_t* x, const uint16_
 // use (weights streaming from DRAM at n = 32, 2 threads: 630-650 -> 650-720
 // GFLOP/s); the last one asks L1 (earlier, the x rows streaming through L1
 // would evict them). A step of at most kT tokens has one tile: it asks where
-// gemm_prefetch() says (L1 where this was tuned; L2 by 1.8x at n = 1 on a
+// g_prefetch says (L1 where this was tuned; L2 by 1.8x at n = 1 on a
 // Zen 5 VM). (Repacking W so that a task reads it front to back instead of
 // 6 interleaved rows changed nothing: tried, same session.)
 template <int R>
