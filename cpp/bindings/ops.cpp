@@ -4,7 +4,9 @@
 //
 // Inputs are float32 (int32/int64 for the batch); each is converted to the
 // dtype the model would hand the op (activation_dtype(), fp32 for the
-// residual, kv_dtype() for caches); outputs come back as float32.
+// residual, kv_dtype() for caches); outputs come back as float32. With
+// kv_cache_dtype "fp8" the caches are uint8 arrays of paged_kv.hpp's Fp8Kv
+// blocks, (num_blocks, block_size, row_bytes), in and out as they are.
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
@@ -39,6 +41,8 @@ using U32In2 = nb::ndarray<const uint32_t, nb::ndim<2>, nb::c_contig, nb::device
 using U64In = nb::ndarray<const uint64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 using F32In1 = nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 using F32Out = nb::ndarray<nb::numpy, float>;
+using CacheIn = nb::ndarray<nb::c_contig, nb::device::cpu>;  // float32, or uint8 fp8 blocks
+using U8Out = nb::ndarray<nb::numpy, uint8_t>;
 
 std::vector<int64_t> shape_of(const F32In& a) {
   std::vector<int64_t> s;
@@ -71,8 +75,14 @@ class Ops {
  public:
   // activation: "" for the device's default (bf16 on CUDA, fp32 on the CPU), or "bfloat16" / "float32".
   // deterministic: the CPU backend's batch-invariant kernels (make_backend).
-  explicit Ops(const std::string& device, const std::string& activation = "", bool deterministic = true)
-      : b_(pagedrt::make_backend(device, 0, activation_type(device, activation), deterministic)) {}
+  // kv_cache_dtype: "" (the activations') or "fp8".
+  explicit Ops(const std::string& device, const std::string& activation = "", bool deterministic = true,
+               const std::string& kv_cache_dtype = "")
+      : b_(pagedrt::make_backend(device, 0, activation_type(device, activation), deterministic)) {
+    if (!kv_cache_dtype.empty() && kv_cache_dtype != "fp8")
+      throw pagedrt::Error(pagedrt::ErrorKind::InvalidArgument, "_Ops: kv_cache_dtype must be '' or 'fp8'");
+    b_->use_fp8_kv(kv_cache_dtype == "fp8");
+  }
 
   std::string activation_dtype() const { return pagedrt::scalar_name(b_->activation_dtype()); }
   void lend_threads(int n) { b_->lend_threads(n); }
@@ -146,26 +156,28 @@ class Ops {
     b_->gather_rows(xt, out);
     return back(out);
   }
-  std::tuple<F32Out, F32Out, F32Out> rope_and_cache(F32In qkv, F32In cos, F32In sin, int64_t H, int64_t Hkv,
-                                                    int64_t D, F32In k_cache, F32In v_cache) {
+  std::tuple<F32Out, nb::object, nb::object> rope_and_cache(F32In qkv, F32In cos, F32In sin, int64_t H, int64_t Hkv,
+                                                            int64_t D, CacheIn k_cache, CacheIn v_cache) {
     Tensor q = put(qkv, act());
     pagedrt::RopeTable rope{put(cos, ScalarType::F32), put(sin, ScalarType::F32)};
-    Tensor k = put(k_cache, b_->kv_dtype()), v = put(v_cache, b_->kv_dtype());
+    Tensor k = put_cache(k_cache), v = put_cache(v_cache);
     b_->rope_and_cache(q, rope, H, Hkv, D, k, v);
-    return {back(q), back(k), back(v)};
+    return {back(q), back_cache(k), back_cache(v)};
   }
   // rope_and_cache + paged_attention, the fused op: (out, k_cache, v_cache)
-  std::tuple<F32Out, F32Out, F32Out> rope_cache_attention(F32In qkv, F32In cos, F32In sin, int64_t H, int64_t Hkv,
-                                                          int64_t D, float scale, F32In k_cache, F32In v_cache) {
+  std::tuple<F32Out, nb::object, nb::object> rope_cache_attention(F32In qkv, F32In cos, F32In sin, int64_t H,
+                                                                  int64_t Hkv, int64_t D, float scale,
+                                                                  CacheIn k_cache, CacheIn v_cache) {
     Tensor q = put(qkv, act());
     pagedrt::RopeTable rope{put(cos, ScalarType::F32), put(sin, ScalarType::F32)};
-    Tensor k = put(k_cache, b_->kv_dtype()), v = put(v_cache, b_->kv_dtype());
+    Tensor k = put_cache(k_cache), v = put_cache(v_cache);
     Tensor out = b_->empty({q.dim(0), H * D}, act());
     b_->rope_cache_attention(q, rope, H, Hkv, D, scale, k, v, out);
-    return {back(out), back(k), back(v)};
+    return {back(out), back_cache(k), back_cache(v)};
   }
-  F32Out paged_attention(F32In qkv, F32In k_cache, F32In v_cache, int64_t H, int64_t Hkv, int64_t D, float scale) {
-    Tensor q = put(qkv, act()), k = put(k_cache, b_->kv_dtype()), v = put(v_cache, b_->kv_dtype());
+  F32Out paged_attention(F32In qkv, CacheIn k_cache, CacheIn v_cache, int64_t H, int64_t Hkv, int64_t D,
+                         float scale) {
+    Tensor q = put(qkv, act()), k = put_cache(k_cache), v = put_cache(v_cache);
     Tensor out = b_->empty({q.dim(0), H * D}, act());
     b_->paged_attention(q, k, v, H, Hkv, D, scale, out);
     return back(out);
@@ -318,9 +330,9 @@ class Ops {
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / iters;
   }
   // Seconds per paged_attention call: `iters` calls queued back to back, after a warm-up.
-  double bench_paged_attention(F32In qkv, F32In k_cache, F32In v_cache, int64_t H, int64_t Hkv, int64_t D,
+  double bench_paged_attention(F32In qkv, CacheIn k_cache, CacheIn v_cache, int64_t H, int64_t Hkv, int64_t D,
                                float scale, int iters) {
-    Tensor q = put(qkv, act()), k = put(k_cache, b_->kv_dtype()), v = put(v_cache, b_->kv_dtype());
+    Tensor q = put(qkv, act()), k = put_cache(k_cache), v = put_cache(v_cache);
     Tensor out = b_->empty({q.dim(0), H * D}, act());
     nb::gil_scoped_release release;
     for (int i = 0; i < 3; ++i) b_->paged_attention(q, k, v, H, Hkv, D, scale, out);
@@ -382,8 +394,8 @@ class Ops {
     std::nth_element(t.begin(), t.begin() + t.size() / 2, t.end());
     return t[t.size() / 2];
   }
-  F32Out copy_blocks(F32In cache, const std::vector<std::pair<int32_t, int32_t>>& pairs) {
-    Tensor c = put(cache, b_->kv_dtype());
+  nb::object copy_blocks(CacheIn cache, const std::vector<std::pair<int32_t, int32_t>>& pairs) {
+    Tensor c = put_cache(cache);
     std::vector<pagedrt::BlockCopy> copies;
     for (auto& p : pairs) {
       if (p.first < 0 || p.second < 0 || p.first >= c.dim(0) || p.second >= c.dim(0))
@@ -391,23 +403,45 @@ class Ops {
       copies.push_back({p.first, p.second});
     }
     b_->copy_blocks(c, copies);
-    return back(c);
+    return back_cache(c);
   }
 
  private:
   ScalarType act() const { return b_->activation_dtype(); }
 
   // A host tensor of `dtype` holding the float32 array, then on the device.
-  Tensor put(const F32In& a, ScalarType dtype) {
-    Tensor h = pagedrt::host_empty(shape_of(a), dtype);
+  Tensor put(const F32In& a, ScalarType dtype) { return put(a.data(), shape_of(a), dtype); }
+  Tensor put(const float* a, std::vector<int64_t> shape, ScalarType dtype) {
+    Tensor h = pagedrt::host_empty(std::move(shape), dtype);
     const int64_t n = h.numel();
     if (dtype == ScalarType::F32) {
-      std::memcpy(h.data, a.data(), n * 4);
+      std::memcpy(h.data, a, n * 4);
     } else {
       uint16_t* d = h.as<uint16_t>();
-      for (int64_t i = 0; i < n; ++i) d[i] = pagedrt::f32_to_bf16(a.data()[i]);
+      for (int64_t i = 0; i < n; ++i) d[i] = pagedrt::f32_to_bf16(a[i]);
     }
     return b_->from_host(h);
+  }
+  // A KV cache: float32 values in kv_dtype(), or with fp8 KV the uint8 blocks as they are.
+  Tensor put_cache(const CacheIn& a) {
+    std::vector<int64_t> shape;
+    for (size_t i = 0; i < a.ndim(); ++i) shape.push_back(static_cast<int64_t>(a.shape(i)));
+    const bool fp8 = b_->kv_dtype() == ScalarType::F8E4M3;
+    if (fp8 != (a.dtype() == nb::dtype<uint8_t>()) || (!fp8 && a.dtype() != nb::dtype<float>()))
+      throw pagedrt::Error(pagedrt::ErrorKind::InvalidArgument,
+                           fp8 ? "_Ops: an fp8 cache is a uint8 array" : "_Ops: a cache is a float32 array");
+    if (!fp8) return put(static_cast<const float*>(a.data()), shape, b_->kv_dtype());
+    Tensor h = pagedrt::host_empty(shape, ScalarType::F8E4M3);
+    std::memcpy(h.data, a.data(), h.nbytes());
+    return b_->from_host(h);
+  }
+  nb::object back_cache(const Tensor& t) {
+    if (t.dtype != ScalarType::F8E4M3) return nb::cast(back(t));
+    auto* raw = new std::vector<uint8_t>(t.nbytes());
+    b_->download(t, raw->data());
+    nb::capsule owner(raw, [](void* p) noexcept { delete static_cast<std::vector<uint8_t>*>(p); });
+    std::vector<size_t> sh(t.shape.begin(), t.shape.end());
+    return nb::cast(U8Out(raw->data(), sh.size(), sh.data(), owner));
   }
   // Through load_weight, as the model loads a checkpoint tensor.
   Tensor weight(const F32In& a, ScalarType dtype) {
@@ -481,8 +515,8 @@ class Ops {
 
 void register_ops(nb::module_& m) {
   nb::class_<Ops>(m, "_Ops")
-      .def(nb::init<const std::string&, const std::string&, bool>(), "device"_a, "activation"_a = "",
-           "deterministic"_a = true)
+      .def(nb::init<const std::string&, const std::string&, bool, const std::string&>(), "device"_a,
+           "activation"_a = "", "deterministic"_a = true, "kv_cache_dtype"_a = "")
       .def_prop_ro("activation_dtype", &Ops::activation_dtype)
       .def("lend_threads", &Ops::lend_threads, "n"_a)  // Backend::lend_threads
       .def("host_threads", &Ops::host_threads)          // the threads the next host op runs on

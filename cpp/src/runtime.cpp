@@ -68,6 +68,15 @@ void check_config(const RuntimeConfig& c) {
   if (c.activation_dtype != "auto" && c.activation_dtype != "float32" && c.activation_dtype != "bfloat16")
     bad_arg("activation_dtype '" + c.activation_dtype +
             "' is not known (use \"auto\", \"float32\" or \"bfloat16\")");
+  if (c.kv_cache_dtype == "fp8_e5m2")
+    throw Error(ErrorKind::Unsupported,
+                "kv_cache_dtype 'fp8_e5m2': pagedrt stores fp8 KV as e4m3 with a scale per token and kv head "
+                "(use \"fp8\")");
+  if (c.kv_cache_dtype != "auto" && c.kv_cache_dtype != "fp8" && c.kv_cache_dtype != "fp8_e4m3")
+    bad_arg("kv_cache_dtype '" + c.kv_cache_dtype + "' is not known (use \"auto\" or \"fp8\")");
+  if (c.kv_cache_dtype != "auto" && !fp8_block_size_ok(c.block_size))
+    bad_arg("kv_cache_dtype '" + c.kv_cache_dtype + "' needs a block_size that is a power of two or a multiple of "
+            "16, got " + std::to_string(c.block_size));
 }
 
 // The KV pool: kv_cache_bytes when given; on a GPU, gpu_memory_utilization of
@@ -179,6 +188,7 @@ Runtime::Runtime(const RuntimeConfig& config) : impl_(std::make_unique<Impl>()) 
                     "decode attention change their summation order with the batch; batch-invariant results "
                     "are available on the CPU (docs/determinism.md)");
   std::unique_ptr<Backend> backend = make_backend(device, config.num_threads, act, deterministic);
+  backend->use_fp8_kv(config.kv_cache_dtype != "auto");
   int64_t max_len = cfg.max_position_embeddings;
   if (config.max_model_len > 0) {
     if (config.max_model_len > cfg.max_position_embeddings)
@@ -214,6 +224,7 @@ Runtime::Runtime(const RuntimeConfig& config) : impl_(std::make_unique<Impl>()) 
   m.info.weight_dtype = scalar_name(wdtype);
   m.info.quantization = cfg.quant.method;
   m.info.activation_dtype = scalar_name(act);
+  m.info.kv_cache_dtype = scalar_name(backend->kv_dtype());
   m.info.device = device;
   m.info.deterministic = deterministic;
   m.info.draft_model = config.draft_model;

@@ -152,7 +152,7 @@ class _LoadBar:
 #: The engine's options and their defaults: the C++ RuntimeConfig is their one
 #: source (``print(pagedrt.RuntimeConfig())`` shows them).
 RuntimeConfig = _core.RuntimeConfig
-_OPTIONS = ("device", "dtype", "activation_dtype", "kv_cache_bytes", "gpu_memory_utilization", "elastic_kv",
+_OPTIONS = ("device", "dtype", "activation_dtype", "kv_cache_dtype", "kv_cache_bytes", "gpu_memory_utilization", "elastic_kv",
             "kv_idle_release_s", "async_scheduling", "block_size",
             "max_num_seqs", "max_num_batched_tokens", "max_model_len", "enable_prefix_caching",
             "preemption_mode", "swap_space_bytes", "kv_watermark", "num_threads",
@@ -181,6 +181,12 @@ class Runtime:
             float32), "float32" (exact; on CUDA only with dtype="float32") or
             "bfloat16" (half the KV memory; on the CPU the same rounding points as
             the CUDA backend). The residual stream and all accumulation stay fp32.
+        kv_cache_dtype ["auto"]: the KV cache's element type: "auto" (the
+            activations') or "fp8" (e4m3 codes with a power-of-two scale per
+            token and kv head, dequantized inside the attention kernels: about
+            twice bf16's tokens in the same bytes, 3.9 times fp32's;
+            ``model_info.kv_cache_dtype`` says which applies). Needs a
+            block_size that is a power of two or a multiple of 16.
         kv_cache_bytes [0]: hard cap of the KV pool in bytes (0: 512 MiB on the
             CPU; on a GPU, ``gpu_memory_utilization`` of the memory left after the weights).
         gpu_memory_utilization [0.9]: the fraction of free GPU memory the KV pool

@@ -44,6 +44,12 @@ struct RuntimeConfig {
   std::string activation_dtype = "auto";  // activations between ops and the KV cache: "auto"
                                    // (cuda: as the weights; cpu: bfloat16 for bf16 weights on a
                                    // processor with AVX-512 BF16, else float32), "float32", "bfloat16"
+  // The KV cache's element type: "auto" (the activations'), or "fp8" (also
+  // "fp8_e4m3"): e4m3 codes with a power-of-two scale per token and kv head,
+  // dequantized inside the attention kernels: about twice the tokens of bf16
+  // in the same bytes (backend/paged_kv.hpp's Fp8Kv). The draft model's
+  // cache follows it.
+  std::string kv_cache_dtype = "auto";
   int64_t kv_cache_bytes = 0;      // hard cap for the KV pool; 0 = default (512 MiB on the CPU,
                                    // gpu_memory_utilization of the free GPU memory after the weights)
   double gpu_memory_utilization = 0.9;  // CUDA, kv_cache_bytes = 0: fraction of free memory to use
@@ -137,7 +143,8 @@ struct ModelInfo {
   std::vector<int32_t> eos_token_ids;
   std::string weight_dtype;        // "float32" or "bfloat16"
   std::string quantization;        // the checkpoint's quant_method ("fp8", "fbgemm_fp8", "compressed-tensors"), "" for none
-  std::string activation_dtype;    // "float32" or "bfloat16" (also the KV cache's)
+  std::string activation_dtype;    // "float32" or "bfloat16"
+  std::string kv_cache_dtype;      // the KV cache's: the activation dtype's name, or "float8_e4m3fn"
   std::string device;              // "cpu" or "cuda"
   bool deterministic = false;      // RuntimeConfig::deterministic, resolved
   std::string draft_model;         // RuntimeConfig::draft_model ("" without one)

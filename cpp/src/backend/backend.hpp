@@ -149,9 +149,12 @@ class Backend {
   virtual ~Backend() = default;
   virtual Device device() const = 0;
   // dtype of the activations between ops (the residual stream stays fp32 on
-  // every backend) and of the KV cache. CPU: F32/F32; CUDA: BF16/BF16.
+  // every backend) and of the KV cache: the activations' (CPU: F32 or BF16;
+  // CUDA: BF16, or F32 for validation), or F8E4M3 after use_fp8_kv(true)
+  // (kv_cache_dtype "fp8": paged_kv.hpp's Fp8Kv blocks).
   virtual ScalarType activation_dtype() const = 0;
-  virtual ScalarType kv_dtype() const = 0;
+  ScalarType kv_dtype() const { return fp8_kv_ ? ScalarType::F8E4M3 : activation_dtype(); }
+  void use_fp8_kv(bool on) { fp8_kv_ = on; }
   // Bytes of device memory free now; -1 where that is not a fixed pool (CPU).
   virtual int64_t memory_free() const { return -1; }
   // Throws Error(Unsupported) for an attention shape this backend has no kernel for.
@@ -291,6 +294,7 @@ class Backend {
 
  private:
   bool pad_decode_ = false;
+  bool fp8_kv_ = false;
 };
 
 // Decode steps of more than 64 tokens, up to 512, round up to a multiple of

@@ -63,4 +63,32 @@ PAGEDRT_HD uint8_t float_to_e4m3(float f) {
   return static_cast<uint8_t>(sign | code);
 }
 
+// fp8 KV rows (kv_cache_dtype "fp8", paged_kv.hpp's Fp8Kv): each (token, kv
+// head) row of K or V is stored as codes e4m3(x * 2^-e) with one exponent e
+// of its own, the smallest with max |x| <= 448 * 2^e, so that the row's
+// largest value lands in e4m3's top binade (224, 448] and nothing saturates.
+// A power of two keeps dequantization exact: e4m3(code) * 2^e has 4
+// significant bits and is the same number in fp32 and bf16.
+constexpr int kKvExpMin = -110, kKvExpMax = 119;  // 2^(e + 8) stays a normal float
+
+PAGEDRT_HD int kv_row_exponent(float amax) {
+  uint32_t bits;
+  std::memcpy(&bits, &amax, 4);
+  bits &= 0x7FFFFFFFu;
+  if (bits < 0x0D000000u) return kKvExpMin;  // below 2^-101 (and 0): the smallest exponent
+  if (bits >= 0x7F800000u) return kKvExpMax;  // inf / NaN: the codes saturate or stay NaN
+  // amax = m 2^e0, m in [1, 2); 448 = 1.75 2^8: e = e0 - 8, one more when m > 1.75
+  const int e0 = static_cast<int>(bits >> 23) - 127;
+  const int e = e0 - 8 + ((bits & 0x7FFFFFu) > 0x600000u ? 1 : 0);
+  return e < kKvExpMin ? kKvExpMin : e > kKvExpMax ? kKvExpMax : e;
+}
+
+// 2^e as a float, for e in [-126, 127]
+PAGEDRT_HD float exp2_int(int e) {
+  const uint32_t bits = static_cast<uint32_t>(e + 127) << 23;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
 }  // namespace pagedrt

@@ -75,6 +75,76 @@ PagedKv<T> nhd_paged_kv(T* k, T* v, int64_t block_size, int64_t num_kv_heads, in
   return kv;
 }
 
+// fp8 KV blocks (kv_cache_dtype "fp8"). A layer's K (or V) cache is a byte
+// tensor (num_blocks, block_size, row_bytes); block b, block_bytes =
+// block_size * row_bytes bytes at b * block_bytes, holds
+//
+//   codes (block_size, Hkv, D) e4m3, then
+//   exps  (Hkv, block_size) int8, padded to 16 bytes (fp8_exp_bytes),
+//
+// and element d of kv head h of the token at offset o is
+// e4m3_to_float(code[o][h][d]) * 2^exps[h][o] (backend/fp8.hpp's
+// kv_row_exponent). Each row carries its own power-of-two scale: quantizing
+// a token needs nothing but its own values (so results stay batch-invariant,
+// docs/determinism.md), no row saturates, and the scale costs 1 byte in D
+// (a block of 16 tokens, 8 kv heads, D 128: 16,512 bytes against 65,536 in
+// bf16). Blocks stay whole byte ranges, so copy-on-write, swaps and the
+// elastic pool move them as any other cache's.
+constexpr int64_t fp8_exp_bytes(int64_t block_size, int64_t num_kv_heads) {
+  return (block_size * num_kv_heads + 15) / 16 * 16;
+}
+// Bytes of one token row of the tensor: a whole number when block_size is a
+// power of two or a multiple of 16 (fp8_block_size_ok).
+constexpr int64_t fp8_row_bytes(int64_t block_size, int64_t num_kv_heads, int64_t head_dim) {
+  return num_kv_heads * head_dim + fp8_exp_bytes(block_size, num_kv_heads) / block_size;
+}
+constexpr bool fp8_block_size_ok(int64_t block_size) {
+  return block_size > 0 && (block_size % 16 == 0 || (block_size & (block_size - 1)) == 0);
+}
+
+struct Fp8Kv {
+  uint8_t* k = nullptr;                   // (num_blocks, block_bytes)
+  uint8_t* v = nullptr;
+  int32_t block_size = 0;
+  int32_t block_shift = -1;               // log2(block_size) when a power of two, else -1
+  int32_t num_kv_heads = 0;
+  int32_t head_dim = 0;
+  int64_t num_blocks = 0;
+  int64_t block_bytes = 0;
+  int64_t exp_start = 0;                  // block_size * Hkv * D: where a block's exps begin
+  const int32_t* page_indptr = nullptr;   // as PagedKv's
+  const int32_t* page_indices = nullptr;
+
+  // Byte offsets, in k or v, of the codes and of the exponent of kv head h of
+  // the token at offset o of block `block`.
+  PAGEDRT_HD int64_t code_offset(int64_t block, int64_t o, int64_t h) const {
+    return block * block_bytes + (o * num_kv_heads + h) * head_dim;
+  }
+  PAGEDRT_HD int64_t exp_offset(int64_t block, int64_t o, int64_t h) const {
+    return block * block_bytes + exp_start + h * block_size + o;
+  }
+  PAGEDRT_HD const int32_t* pages(int seq) const { return page_indices + page_indptr[seq]; }
+};
+
+// The Fp8Kv of byte caches k/v (num_blocks, block_size, row_bytes) with a page table.
+inline Fp8Kv fp8_paged_kv(uint8_t* k, uint8_t* v, int64_t num_blocks, int64_t block_size, int64_t num_kv_heads,
+                          int64_t head_dim, const int32_t* page_indptr, const int32_t* page_indices) {
+  Fp8Kv kv;
+  kv.k = k;
+  kv.v = v;
+  kv.block_size = static_cast<int32_t>(block_size);
+  for (int sh = 0; sh < 31; ++sh)
+    if ((int64_t{1} << sh) == block_size) kv.block_shift = sh;
+  kv.num_kv_heads = static_cast<int32_t>(num_kv_heads);
+  kv.head_dim = static_cast<int32_t>(head_dim);
+  kv.num_blocks = num_blocks;
+  kv.block_bytes = block_size * fp8_row_bytes(block_size, num_kv_heads, head_dim);
+  kv.exp_start = block_size * num_kv_heads * head_dim;
+  kv.page_indptr = page_indptr;
+  kv.page_indices = page_indices;
+  return kv;
+}
+
 // Copy-on-write: block `src`'s K/V (every layer) is copied into block `dst`
 // before the step that writes `dst`.
 struct BlockCopy {

@@ -14,6 +14,7 @@ size_t scalar_size(ScalarType t) {
     case ScalarType::BF16: return 2;
     case ScalarType::I32: return 4;
     case ScalarType::I64: return 8;
+    case ScalarType::F8E4M3: return 1;
   }
   return 0;
 }
@@ -24,6 +25,7 @@ const char* scalar_name(ScalarType t) {
     case ScalarType::BF16: return "bfloat16";
     case ScalarType::I32: return "int32";
     case ScalarType::I64: return "int64";
+    case ScalarType::F8E4M3: return "float8_e4m3fn";
   }
   return "?";
 }

@@ -12,7 +12,7 @@
 namespace pagedrt {
 
 enum class Device { CPU, CUDA };
-enum class ScalarType { F32, BF16, I32, I64 };
+enum class ScalarType { F32, BF16, I32, I64, F8E4M3 };  // F8E4M3: fp8 KV blocks (paged_kv.hpp's Fp8Kv)
 
 size_t scalar_size(ScalarType t);
 const char* scalar_name(ScalarType t);  // "float32", "bfloat16", ...

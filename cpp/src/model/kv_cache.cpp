@@ -7,9 +7,24 @@
 
 namespace pagedrt {
 
+namespace {
+
+// One block of one layer's K (or V) cache: (block_size, row) elements.
+std::vector<int64_t> block_shape(ScalarType dtype, const LlamaConfig& cfg, int64_t block_size) {
+  if (dtype == ScalarType::F8E4M3) {
+    if (!fp8_block_size_ok(block_size))
+      throw Error(ErrorKind::InvalidArgument, "kv_cache_dtype 'fp8' needs a block_size that is a power of two or "
+                                              "a multiple of 16, got " + std::to_string(block_size));
+    return {block_size, fp8_row_bytes(block_size, cfg.num_kv_heads, cfg.head_dim)};  // paged_kv.hpp's Fp8Kv
+  }
+  return {block_size, cfg.num_kv_heads, cfg.head_dim};
+}
+
+}  // namespace
+
 int64_t KvCache::block_bytes(const Backend& backend, const LlamaConfig& cfg, int64_t block_size) {
-  const int64_t per_layer = block_size * cfg.num_kv_heads * cfg.head_dim *
-                            static_cast<int64_t>(scalar_size(backend.kv_dtype()));  // K or V
+  int64_t per_layer = static_cast<int64_t>(scalar_size(backend.kv_dtype()));  // K or V
+  for (int64_t d : block_shape(backend.kv_dtype(), cfg, block_size)) per_layer *= d;
   return per_layer * 2 * cfg.num_layers;
 }
 
@@ -25,7 +40,8 @@ KvCache KvCache::allocate(Backend& backend, const LlamaConfig& cfg, int64_t bloc
                 "kv_cache_bytes=" + std::to_string(budget_bytes) + " holds no KV block (one block of " +
                     std::to_string(block_size) + " tokens needs " + std::to_string(kv.bytes_per_block) +
                     " bytes for this model)");
-  const std::vector<int64_t> shape = {kv.num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim};
+  std::vector<int64_t> shape = block_shape(dtype, cfg, block_size);
+  shape.insert(shape.begin(), kv.num_blocks);
   if (elastic) {
     if (const char* env = std::getenv("PAGEDRT_KV_CHUNK_BYTES")) chunk_bytes = std::atoll(env);
     if (chunk_bytes <= 0) chunk_bytes = std::max<int64_t>(64ll << 20, kv.num_blocks * kv.bytes_per_block / 64);

@@ -1,7 +1,8 @@
 // model/kv_cache.hpp — the paged KV storage, taken once at start-up.
 //
 //   per layer l:  k[l], v[l]: (num_blocks, block_size, num_kv_heads, head_dim)
-//   in the backend's kv_dtype() (fp32 on the CPU, bf16 on CUDA)
+//   in the backend's kv_dtype() (the activations' dtype), or with fp8 KV
+//   (num_blocks, block_size, row_bytes) bytes (backend/paged_kv.hpp's Fp8Kv)
 //
 // Which block belongs to which sequence is the BlockPool's and the block
 // tables' business; this is only the memory. An elastic cache (`memory` set)
@@ -23,7 +24,7 @@ struct KvCache {
   int64_t num_blocks = 0;
   int64_t block_size = 0;
   int64_t bytes_per_block = 0;  // all layers, K and V
-  std::vector<Tensor> k;        // (num_layers) of (num_blocks, block_size, Hkv, D)
+  std::vector<Tensor> k;        // (num_layers) of (num_blocks, block_size, Hkv, D) or fp8 bytes
   std::vector<Tensor> v;
   std::shared_ptr<KvMemory> memory;  // elastic: the tensors' memory, chunk 0 mapped; else null
 

@@ -29,6 +29,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "backend/cpu/kv_fp8.hpp"
 #include "backend/cpu/vec_math.hpp"
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -67,6 +68,7 @@ struct Args {
   int64_t H, Hkv, D, G;
   float scale;
   bool invariant;         // scores in the order of the decode path (qk_rows)
+  const Fp8Kv* fp8;       // set: the cache is fp8 (kv is unused), its rows dequantized per item
 };
 
 // One thread's buffers, grown as needed and kept between calls.
@@ -80,6 +82,7 @@ struct Scratch {
   std::vector<int64_t> qfoff; // (R) offset of each row in qf
   std::vector<float> acc;     // (D) one output row (portable path)
   std::vector<float> inv;     // (R) 1 / softmax denominator
+  std::vector<float> kd, vd;  // (ctx, D) an fp8 item's K and V rows, dequantized (as T)
 };
 Scratch& scratch() {
   static thread_local Scratch s;
@@ -172,27 +175,53 @@ void attend_rows(const Args<T>& a, int64_t R, Scratch& sc) {
 #endif
 
 
+// An fp8 cache's K and V rows of kv head kvh, positions 0 .. ctx of sequence
+// `seq`, dequantized into sc.kd / sc.vd as T (exact), and the Args that read
+// them there: off[p] = p D.
+template <typename T>
+Args<T> dequantize_rows(const Args<T>& a, int32_t seq, int64_t ctx, int64_t kvh, Scratch& sc) {
+  const Fp8Kv& kv = *a.fp8;
+  const int64_t D = a.D, bs = kv.block_size;
+  const size_t floats = (static_cast<size_t>(ctx * D) * sizeof(T) + sizeof(float) - 1) / sizeof(float);
+  if (sc.kd.size() < floats) sc.kd.resize(floats), sc.vd.resize(floats);
+  T* kd = reinterpret_cast<T*>(sc.kd.data());
+  T* vd = reinterpret_cast<T*>(sc.vd.data());
+  const int32_t* pages = kv.pages(seq);
+  for (int64_t p = 0; p < ctx; ++p) {
+    const int64_t block = pages[p / bs], o = p % bs;
+    const int64_t c = kv.code_offset(block, o, kvh), e = kv.exp_offset(block, o, kvh);
+    dequantize_kv_row(kv.k + c, static_cast<int8_t>(kv.k[e]), D, kd + p * D);
+    dequantize_kv_row(kv.v + c, static_cast<int8_t>(kv.v[e]), D, vd + p * D);
+    sc.off[p] = p * D;
+  }
+  Args<T> b = a;
+  b.k = kd;
+  b.v = vd;
+  return b;
+}
+
 // One work item: the rows of `tile` under kv head kvh.
 template <typename T>
-void attend(const Args<T>& a, const Tile& tile, int64_t kvh) {
+void attend(const Args<T>& a0, const Tile& tile, int64_t kvh) {
   Scratch& sc = scratch();
-  const int64_t G = a.G, D = a.D, R = tile.n * G;
-  const int64_t row = (a.H + 2 * a.Hkv) * D;
+  const int64_t G = a0.G, D = a0.D, R = tile.n * G;
+  const int64_t row = (a0.H + 2 * a0.Hkv) * D;
   sc.ctx.resize(R);
   sc.qoff.resize(R);
   sc.ooff.resize(R);
   int64_t ctx = 0;
   for (int64_t j = 0, r = 0; j < tile.n; ++j) {
-    const int64_t t = tile.t0 + j, c = static_cast<int64_t>(a.b->positions[t]) + 1;
+    const int64_t t = tile.t0 + j, c = static_cast<int64_t>(a0.b->positions[t]) + 1;
     ctx = std::max(ctx, c);
     for (int64_t g = 0; g < G; ++g, ++r) {
       sc.ctx[r] = c;
       sc.qoff[r] = t * row + (kvh * G + g) * D;
-      sc.ooff[r] = t * a.H * D + (kvh * G + g) * D;
+      sc.ooff[r] = t * a0.H * D + (kvh * G + g) * D;
     }
   }
   sc.off.resize(ctx);
-  row_offsets(a.kv, a.kv.pages(tile.seq), ctx, kvh, sc.off.data());
+  if (a0.fp8 == nullptr) row_offsets(a0.kv, a0.kv.pages(tile.seq), ctx, kvh, sc.off.data());
+  const Args<T> a = a0.fp8 != nullptr ? dequantize_rows(a0, tile.seq, ctx, kvh, sc) : a0;
 #ifdef PAGEDRT_VEC512
   if (D % 16 == 0 && D <= kMaxVecDim) return attend_vec(a, R, ctx, sc);
 #endif
@@ -241,11 +270,12 @@ void rope_and_cache(const BatchView& b, T* qkv, const float* cos, const float* s
   }
 }
 
+namespace {
+
 template <typename T>
-void paged_attention(const BatchView& b, const T* qkv, int64_t num_heads, const PagedKv<const T>& kv, float scale,
-                     T* out, int threads, bool invariant) {
-  const int64_t Hkv = kv.num_kv_heads, G = num_heads / Hkv;  // query heads per kv head
-  const Args<T> a{&b, qkv, kv, kv.k, kv.v, out, num_heads, Hkv, kv.head_dim, G, scale, invariant};
+void run_tiles(const Args<T>& a, int threads) {
+  const BatchView& b = *a.b;
+  const int64_t Hkv = a.Hkv, G = a.G;
   const int32_t per_tile = static_cast<int32_t>(std::max<int64_t>(1, kTileRows / G));
   std::vector<Tile> tiles;
   for (int32_t i = 0; i < b.num_seqs; ++i)
@@ -260,6 +290,46 @@ void paged_attention(const BatchView& b, const T* qkv, int64_t num_heads, const 
   for (int64_t item = 0; item < items; ++item) attend(a, tiles[item / Hkv], item % Hkv);
 }
 
+}  // namespace
+
+template <typename T>
+void paged_attention(const BatchView& b, const T* qkv, int64_t num_heads, const PagedKv<const T>& kv, float scale,
+                     T* out, int threads, bool invariant) {
+  const int64_t Hkv = kv.num_kv_heads, G = num_heads / Hkv;  // query heads per kv head
+  run_tiles(Args<T>{&b, qkv, kv, kv.k, kv.v, out, num_heads, Hkv, kv.head_dim, G, scale, invariant, nullptr}, threads);
+}
+
+template <typename T>
+void paged_attention(const BatchView& b, const T* qkv, int64_t num_heads, const Fp8Kv& kv, float scale, T* out,
+                     int threads, bool invariant) {
+  const int64_t Hkv = kv.num_kv_heads, G = num_heads / Hkv;
+  run_tiles(Args<T>{&b, qkv, PagedKv<const T>{}, nullptr, nullptr, out, num_heads, Hkv, kv.head_dim, G, scale,
+                    invariant, &kv},
+            threads);
+}
+
+template <typename T>
+void rope_and_cache(const BatchView& b, T* qkv, const float* cos, const float* sin, int64_t num_heads,
+                    const Fp8Kv& kv, int threads) {
+  const int64_t H = num_heads, Hkv = kv.num_kv_heads, D = kv.head_dim, half = D / 2;
+  const int64_t row = (H + 2 * Hkv) * D, bs = kv.block_size;
+#pragma omp parallel for schedule(static) num_threads(threads) if (b.num_tokens > 8)
+  for (int64_t t = 0; t < b.num_tokens; ++t) {
+    T* q = qkv + t * row;
+    const float* c = cos + static_cast<int64_t>(b.positions[t]) * half;
+    const float* sn = sin + static_cast<int64_t>(b.positions[t]) * half;
+    for (int64_t h = 0; h < H + Hkv; ++h) rotate_half(q + h * D, c, sn, half);
+    const int64_t slot = b.slot_mapping[t];
+    if (slot < 0) continue;
+    const int64_t block = slot / bs, o = slot % bs;
+    for (int64_t h = 0; h < Hkv; ++h) {
+      const int64_t code = kv.code_offset(block, o, h), e = kv.exp_offset(block, o, h);
+      kv.k[e] = static_cast<uint8_t>(quantize_kv_row(q + (H + h) * D, D, kv.k + code));
+      kv.v[e] = static_cast<uint8_t>(quantize_kv_row(q + (H + Hkv + h) * D, D, kv.v + code));
+    }
+  }
+}
+
 template void rope_and_cache<float>(const BatchView&, float*, const float*, const float*, int64_t,
                                     const PagedKv<float>&, int);
 template void rope_and_cache<uint16_t>(const BatchView&, uint16_t*, const float*, const float*, int64_t,
@@ -268,5 +338,11 @@ template void paged_attention<float>(const BatchView&, const float*, int64_t, co
                                      float*, int, bool);
 template void paged_attention<uint16_t>(const BatchView&, const uint16_t*, int64_t, const PagedKv<const uint16_t>&,
                                         float, uint16_t*, int, bool);
+template void paged_attention<float>(const BatchView&, const float*, int64_t, const Fp8Kv&, float, float*, int, bool);
+template void paged_attention<uint16_t>(const BatchView&, const uint16_t*, int64_t, const Fp8Kv&, float, uint16_t*,
+                                        int, bool);
+template void rope_and_cache<float>(const BatchView&, float*, const float*, const float*, int64_t, const Fp8Kv&, int);
+template void rope_and_cache<uint16_t>(const BatchView&, uint16_t*, const float*, const float*, int64_t, const Fp8Kv&,
+                                       int);
 
 }  // namespace pagedrt::cpu

@@ -30,4 +30,15 @@ template <typename T>
 void paged_attention(const BatchView& b, const T* qkv, int64_t num_heads, const PagedKv<const T>& kv, float scale,
                      T* out, int threads, bool invariant = true);
 
+// The same on an fp8 cache (paged_kv.hpp's Fp8Kv): each token's k and v rows
+// quantized with their own exponents; attention reads the rows of a work
+// item dequantized (exactly) to T, so its results are those of the T
+// kernel on the dequantized cache, bit for bit.
+template <typename T>
+void rope_and_cache(const BatchView& b, T* qkv, const float* cos, const float* sin, int64_t num_heads,
+                    const Fp8Kv& kv, int threads);
+template <typename T>
+void paged_attention(const BatchView& b, const T* qkv, int64_t num_heads, const Fp8Kv& kv, float scale, T* out,
+                     int threads, bool invariant = true);
+
 }  // namespace pagedrt::cpu

@@ -285,6 +285,11 @@ void CpuBackend::rope_and_cache(Tensor& qkv, const RopeTable& rope, int64_t num_
                                 Tensor& v_cache) {
   with_act(qkv, [&](auto* q) {
     using T = std::remove_pointer_t<decltype(q)>;
+    if (k_cache.dtype == ScalarType::F8E4M3) {
+      const Fp8Kv kv = fp8_paged_kv(k_cache.as<uint8_t>(), v_cache.as<uint8_t>(), k_cache.dim(0), k_cache.dim(1),
+                                    num_kv_heads, head_dim, batch_.page_indptr, batch_.page_indices);
+      return cpu::rope_and_cache<T>(batch_, q, rope.cos.as<float>(), rope.sin.as<float>(), num_heads, kv, team());
+    }
     const PagedKv<T> kv = nhd_paged_kv(k_cache.as<T>(), v_cache.as<T>(), k_cache.dim(1), num_kv_heads, head_dim,
                                        batch_.page_indptr, batch_.page_indices);
     cpu::rope_and_cache<T>(batch_, q, rope.cos.as<float>(), rope.sin.as<float>(), num_heads, kv, team());
@@ -296,6 +301,12 @@ void CpuBackend::paged_attention(const Tensor& qkv, const Tensor& k_cache, const
                                  float scale, Tensor& out) {
   with_act(qkv, [&](const auto* q) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(q)>>;
+    if (k_cache.dtype == ScalarType::F8E4M3) {
+      const Fp8Kv kv = fp8_paged_kv(const_cast<uint8_t*>(k_cache.as<uint8_t>()),
+                                    const_cast<uint8_t*>(v_cache.as<uint8_t>()), k_cache.dim(0), k_cache.dim(1),
+                                    num_kv_heads, head_dim, batch_.page_indptr, batch_.page_indices);
+      return cpu::paged_attention<T>(batch_, q, num_heads, kv, scale, out.as<T>(), team(), deterministic_);
+    }
     const PagedKv<const T> kv = nhd_paged_kv(k_cache.as<T>(), v_cache.as<T>(), k_cache.dim(1), num_kv_heads,
                                              head_dim, batch_.page_indptr, batch_.page_indices);
     cpu::paged_attention<T>(batch_, q, num_heads, kv, scale, out.as<T>(), team(), deterministic_);

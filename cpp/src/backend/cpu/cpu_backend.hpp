@@ -24,7 +24,6 @@ class CpuBackend final : public Backend {
   explicit CpuBackend(int num_threads, ScalarType activation_dtype = ScalarType::F32, bool deterministic = true);
   Device device() const override { return Device::CPU; }
   ScalarType activation_dtype() const override { return act_; }
-  ScalarType kv_dtype() const override { return act_; }
   int num_threads() const { return threads_; }
   // Cores lent to the structured-output masks while they are filled beside
   // the forward: each op's team leaves them free (at most the cores less n,

@@ -54,7 +54,6 @@ class CudaBackend final : public Backend {
   ~CudaBackend() override;
   Device device() const override { return Device::CUDA; }
   ScalarType activation_dtype() const override { return act_; }
-  ScalarType kv_dtype() const override { return act_; }
   int64_t memory_free() const override;
   std::unique_ptr<KvMemory> reserve_kv(const std::vector<int64_t>& shape, ScalarType dtype, int64_t count,
                                        int64_t chunk_bytes) override;  // kv_memory.cu

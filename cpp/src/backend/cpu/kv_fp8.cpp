@@ -1,0 +1,65 @@
+// fp8 KV rows on the CPU. Dequantizing widens each code to the fp16 bit
+// pattern with the same digits, (code & 0x7F) << 7 and the sign on top:
+// e4m3's 4 exponent bits (bias 7) land in fp16's 5 (bias 15), so the fp16
+// number is the e4m3 one times 2^-8, subnormals included. VCVTPH2PS makes it
+// fp32 exactly (it does not flush fp16 subnormals), and a multiply by
+// 2^(e + 8) restores the scale: exact, as every value has 4 significant bits.
+#include "backend/cpu/kv_fp8.hpp"
+
+#include <algorithm>
+#include <cmath>
+
+#include "backend/fp8.hpp"
+#include "backend/tensor.hpp"
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include "backend/cpu/vec_math.hpp"  // PAGEDRT_VEC512, store16
+#elif defined(__AVX2__) && defined(__F16C__)
+#include "backend/cpu/simd.hpp"
+#define PAGEDRT_KV_F16C 1
+#endif
+
+namespace pagedrt::cpu {
+
+template <typename T>
+int8_t quantize_kv_row(const T* x, int64_t n, uint8_t* codes) {
+  float amax = 0.0f;
+  for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(to_f32(x[i])));
+  const int e = kv_row_exponent(amax);
+  const float inv = exp2_int(-e);  // exact: x * 2^-e only moves the exponent
+  for (int64_t i = 0; i < n; ++i) codes[i] = float_to_e4m3(to_f32(x[i]) * inv);
+  return static_cast<int8_t>(e);
+}
+
+template <typename T>
+void dequantize_kv_row(const uint8_t* codes, int e, int64_t n, T* out) {
+  const float s = exp2_int(e);
+  int64_t i = 0;
+#if defined(PAGEDRT_VEC512)
+  const __m512 sv = _mm512_set1_ps(exp2_int(e + 8));
+  for (; i + 16 <= n; i += 16) {
+    const __m256i c = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + i)));
+    const __m256i h = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(c, _mm256_set1_epi16(0x80)), 8),
+                                      _mm256_slli_epi16(_mm256_and_si256(c, _mm256_set1_epi16(0x7F)), 7));
+    store16(out + i, _mm512_mul_ps(_mm512_cvtph_ps(h), sv));
+  }
+#elif defined(PAGEDRT_KV_F16C)
+  if constexpr (sizeof(T) == 4) {
+    const __m256 sv = _mm256_set1_ps(exp2_int(e + 8));
+    for (; i + 8 <= n; i += 8) {
+      const __m128i c = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + i)));
+      const __m128i h = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(c, _mm_set1_epi16(0x80)), 8),
+                                     _mm_slli_epi16(_mm_and_si128(c, _mm_set1_epi16(0x7F)), 7));
+      _mm256_storeu_ps(reinterpret_cast<float*>(out + i), _mm256_mul_ps(_mm256_cvtph_ps(h), sv));
+    }
+  }
+#endif
+  for (; i < n; ++i) store_f32(out + i, e4m3_to_float(codes[i]) * s);
+}
+
+template int8_t quantize_kv_row<float>(const float*, int64_t, uint8_t*);
+template int8_t quantize_kv_row<uint16_t>(const uint16_t*, int64_t, uint8_t*);
+template void dequantize_kv_row<float>(const uint8_t*, int, int64_t, float*);
+template void dequantize_kv_row<uint16_t>(const uint8_t*, int, int64_t, uint16_t*);
+
+}  // namespace pagedrt::cpu
