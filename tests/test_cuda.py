@@ -1658,3 +1658,97 @@ def test_async_scheduling_bf16_decode_is_bitwise_unchanged(tiny_llama):
             if mode == "on":
                 assert rt.stats().async_steps >= 6 * 46
     assert outs["on"] == outs["off"]
+
+
+# ---- fp8 KV cache (kv_cache_dtype="fp8") ---------------------------------------
+
+@pytest.fixture(scope="module")
+def fp8_ops():
+    return _testing._Ops("cpu", "bfloat16", kv_cache_dtype="fp8"), _testing._Ops("cuda", kv_cache_dtype="fp8")
+
+
+@pytest.mark.parametrize("D,H,Hkv", [(64, 9, 3), (128, 32, 8)])
+def test_fp8_kv_rope_and_cache(fp8_ops, D, H, Hkv):
+    """The GPU's fp8 cache against the CPU's (bf16 activations both): the rotated q
+    within the bf16 tolerance, and every written row's dequantized values within
+    one e4m3 step of the top binade (32 / 448 of the row's largest magnitude:
+    the two may round a bf16 apart before quantizing), most codes equal; bytes
+    of slots not written are left alone."""
+    from test_fp8_kv import dequantize, pack, unpack
+    rng = np.random.default_rng(11)
+    b = make_batch(rng, [(0, 20), (40, 1), (15, 3)])
+    n = len(b["tokens"])
+    qkv = bf(rng.standard_normal((n, (H + 2 * Hkv) * D)) * 10.0 ** rng.uniform(-3, 3, (n, 1)))
+    cos, sin = rope_tables(128, D)
+    codes = rng.integers(0, 256, (b["num_blocks"], 16, Hkv, D), dtype=np.uint8)
+    start = pack(codes, rng.integers(-5, 5, (b["num_blocks"], 16, Hkv)).astype(np.int8))
+    res = []
+    for o in fp8_ops:
+        set_batch(o, b)
+        res.append(o.rope_and_cache(qkv, cos, sin, H, Hkv, D, start, start.copy()))
+    (q0, k0, v0), (q1, k1, v1) = res
+    assert rel_err(q1, q0) <= BF16_TOL
+    written = np.zeros((b["num_blocks"], 16), bool)
+    for s in b["slots"]:
+        written[s // 16, s % 16] = True
+    for got, want in ((k1, k0), (v1, v0)):
+        assert np.array_equal(got[~written], start[~written])
+        g, w = dequantize(*unpack(got, Hkv, D)), dequantize(*unpack(want, Hkv, D))
+        amax = np.abs(w).max(-1, keepdims=True)
+        assert np.all(np.abs(g - w)[written] <= (amax * 32 / 448)[written])
+        same = (unpack(got, Hkv, D)[0] == unpack(want, Hkv, D)[0])[written].mean()
+        record(f"fp8_kv_codes_equal[D={D}]", same)
+        assert same >= 0.98
+
+
+@pytest.mark.parametrize("D,H,Hkv", [(64, 9, 3), (128, 32, 8), (128, 8, 8)])
+@pytest.mark.parametrize("kind", sorted(ATTN_BATCHES))
+def test_fp8_kv_paged_attention(fp8_ops, D, H, Hkv, kind):
+    """Attention on a random fp8 cache (decode items on the fp8 decode kernel,
+    prefill tiles on blocks dequantized to bf16) against the CPU backend's on
+    the same cache and float64 attention on the dequantized values: within the
+    bf16 tolerance, per token too."""
+    from test_fp8_kv import random_fp8_cache
+    rng = np.random.default_rng(zlib.crc32(f"fp8 {D},{H},{Hkv},{kind}".encode()))
+    b, qkv, _, _ = attention_inputs(rng, ATTN_BATCHES[kind], H, Hkv, D)
+    k8, kd = random_fp8_cache(rng, b["num_blocks"], 16, Hkv, D)
+    v8, vd = random_fp8_cache(rng, b["num_blocks"], 16, Hkv, D)
+    scale = D ** -0.5
+    res = []
+    for o in fp8_ops:
+        set_batch(o, b)
+        res.append(o.paged_attention(qkv, k8, v8, H, Hkv, D, scale))
+    oracle, ours = res
+    ref = contiguous_attention(b, qkv, kd, vd, H, Hkv, D, scale)
+    tag = f"[{kind},D={D},G={H // Hkv}]"
+    e_cpu, e_ref = rel_err(ours, oracle), rel_err(ours, ref)
+    record("fp8_kv_attention_vs_cpu" + tag, e_cpu)
+    assert e_cpu <= BF16_TOL and e_ref <= BF16_TOL
+    for t in range(len(b["tokens"])):
+        assert rel_err(ours[t], ref[t]) <= 2 * BF16_TOL, t
+
+
+def test_fp8_kv_end_to_end_matches_the_cpu(tiny_llama):
+    """A tiny bf16 model with kv_cache_dtype="fp8" on the GPU against the CPU's
+    fp8 run: chunked prefill (prefill tiles read dequantized blocks), decode
+    (the fp8 decode kernel), CUDA graphs; logits within 2e-2 up to the first
+    token where the two greedy runs part; the pool holds about twice the bf16
+    pool's blocks in the same bytes."""
+    path, _ = tiny_llama(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, dtype="bfloat16")
+    rng = np.random.default_rng(8)
+    prompts = [rng.integers(3, 320, n).tolist() for n in (37, 5, 90)]
+    got = {}
+    for dev in ("cpu", "cuda"):
+        with pagedrt.Runtime(path, device=dev, kv_cache_dtype="fp8", activation_dtype="bfloat16",
+                             max_num_batched_tokens=32, kv_cache_bytes=16 << 20) as rt:
+            assert rt.model_info.kv_cache_dtype == "float8_e4m3fn"
+            got[dev] = run_all(rt, prompts, max_tokens=8, ignore_eos=True, return_logits=True)
+            blocks = rt.stats().num_blocks
+    with pagedrt.Runtime(path, device="cuda", kv_cache_bytes=16 << 20) as rt:
+        assert blocks >= 1.9 * rt.stats().num_blocks
+    for p, (t0, l0), (t1, l1) in zip(prompts, got["cpu"], got["cuda"]):
+        same = next((i for i, (a, c) in enumerate(zip(t0, t1)) if a != c), len(t0))
+        n = len(p) + same  # rows up to and including the one that chose the first differing token
+        e = rel_err(l1[:n], l0[:n])
+        record("fp8_kv_e2e_logits", e)
+        assert e <= 2e-2 and same >= 1

@@ -113,10 +113,11 @@ def flashinfer_decode(B, C, H, Hkv, D, bs):
     return ms
 
 
-def pagedrt_attention_s(B, C, q_len, H, Hkv, D, bs, base, rng, iters=30):
+def pagedrt_attention_s(B, C, q_len, H, Hkv, D, bs, base, rng, iters=30, fp8=False):
     """Median seconds of one pagedrt paged_attention call: B sequences of context C
     whose last q_len tokens are the queries (1: decode; C: a prompt from scratch),
-    blocks in shuffled order, values tiled from `base`."""
+    blocks in shuffled order, values tiled from `base` (fp8: an fp8 cache of
+    codes and exponents tiled from it, kv_cache_dtype="fp8")."""
     from pagedrt import _testing
     nb = B * C // bs
     perm = rng.permutation(nb).astype(np.int32)
@@ -126,7 +127,12 @@ def pagedrt_attention_s(B, C, q_len, H, Hkv, D, bs, base, rng, iters=30):
     qkv = np.resize(base, (B * q_len, (H + 2 * Hkv) * D))
     kc = np.resize(base[7:], (nb, bs, Hkv, D))
     vc = np.resize(base[11:], (nb, bs, Hkv, D))
-    ops = _testing._Ops("cuda")
+    if fp8:  # row bytes: codes, then each block's exponents (16-byte padded; 0x38 = 1.0, exponent 0)
+        row = Hkv * D + -(-bs * Hkv // 16) * 16 // bs
+        kc = np.full((nb, bs, row), 0x38, np.uint8)
+        kc.reshape(nb, -1)[:, bs * Hkv * D:] = 0
+        vc = kc.copy()
+    ops = _testing._Ops("cuda", kv_cache_dtype="fp8" if fp8 else "")
     ops.set_batch(np.zeros(B * q_len, np.int32), pos, slots, np.arange(0, B * q_len + 1, q_len, dtype=np.int32),
                   np.full(B, C, np.int32), np.arange(0, nb + 1, C // bs, dtype=np.int32), perm,
                   np.arange(B, dtype=np.int32) * q_len + q_len - 1)
@@ -176,6 +182,39 @@ def attention():
               f"{row['pagedrt_TBps']:>5.2f} {100 * row['frac_copy']:>5.1f} {row['sdpa_us']:>8.1f} "
               f"{'-' if fi is None else f'{fi * 1e3:.1f}':>7}", flush=True)
     r["prefill"] = prefill_kernels(base, rng, PREFILL_SHAPES, [("default", {})])
+    return r
+
+
+def attention_fp8():
+    """Paged decode attention on an fp8 cache (kv_cache_dtype="fp8") per
+    DECODE_SHAPES against the bf16 cache in the same process: time, the fp8
+    bytes it must read (codes and one exponent a row) and their fraction of the
+    copy rate (issue 21: >= 85% at 64 x 2,048); then causal prefill on 8 x 2,048,
+    whose blocks are dequantized to bf16 first."""
+    copy = copy_tbps()
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal(1 << 24, dtype=np.float32)
+    r = {"copy_TBps": copy, "decode": [], "prefill": []}
+    print(f"copy {copy:.2f} TB/s", flush=True)
+    print(f"{'batch x ctx':>12} {'H/Hkv':>6} {'D':>4} {'blk':>4} {'bf16 us':>8} {'fp8 us':>8} {'fp8 TB/s':>8} "
+          f"{'copy%':>5}", flush=True)
+    for B, C, H, Hkv, D, bs in DECODE_SHAPES:
+        b16 = pagedrt_attention_s(B, C, 1, H, Hkv, D, bs, base, rng)
+        f8 = pagedrt_attention_s(B, C, 1, H, Hkv, D, bs, base, rng, fp8=True)
+        nbytes = B * C * Hkv * (D + 1) * 2
+        row = {"shape": f"{B}x{C}", "H": H, "Hkv": Hkv, "D": D, "block": bs, "fp8_bytes": nbytes,
+               "bf16_us": b16 * 1e6, "fp8_us": f8 * 1e6, "fp8_TBps": nbytes / f8 / 1e12,
+               "frac_copy": nbytes / f8 / 1e12 / copy}
+        r["decode"].append(row)
+        print(f"{B:>5}x{C:<6} {H:>3}/{Hkv:<2} {D:>4} {bs:>4} {row['bf16_us']:>8.1f} {row['fp8_us']:>8.1f} "
+              f"{row['fp8_TBps']:>8.2f} {100 * row['frac_copy']:>5.1f}", flush=True)
+    for B, S, H, Hkv, D, bs in PREFILL_SHAPES[:1]:
+        flops = B * 4 * H * D * S * S / 2
+        b16 = pagedrt_attention_s(B, S, S, H, Hkv, D, bs, base, rng, iters=10)
+        f8 = pagedrt_attention_s(B, S, S, H, Hkv, D, bs, base, rng, iters=10, fp8=True)
+        r["prefill"].append({"shape": f"{B}x{S}", "bf16_ms": b16 * 1e3, "fp8_ms": f8 * 1e3,
+                             "bf16_TFLOPs": flops / b16 / 1e12, "fp8_TFLOPs": flops / f8 / 1e12})
+        print(f"prefill {B}x{S}: bf16 {b16 * 1e3:.3f} ms, fp8 {f8 * 1e3:.3f} ms", flush=True)
     return r
 
 
@@ -847,6 +886,7 @@ def verify_cost(model):
 def main():
     part, out = sys.argv[1], sys.argv[2]
     fn = {"ceilings": ceilings, "attention": attention, "attention_sweep": attention_sweep, "gemv": gemv,
+          "attention_fp8": attention_fp8,
           "decode_splits": decode_splits, "sampling": sampling,
           "gemm": gemm, "gemm_odd": gemm_odd, "prefill": prefill}.get(part)
     if fn:

@@ -1,9 +1,13 @@
 #!/usr/bin/env python3
-"""fp8 weights' quality on real weights (issue 21): teacher-forced top-1
-agreement with the unquantized model and perplexity, over real English text.
+"""fp8 weights' and the fp8 KV cache's quality on real weights (issue 21):
+teacher-forced top-1 agreement with the unquantized model and perplexity,
+over real English text.
 
     fp8_quality.py [--model DIR|FILE.gguf] [--device cpu|cuda] [--positions 3000]
-                   [--schemes channel,tensor,block] [--json OUT.json]
+                   [--schemes kv,channel,tensor,block,channel+kv] [--json OUT.json]
+
+Schemes: "kv" is the original weights with kv_cache_dtype="fp8"; "channel",
+"tensor" and "block" are fp8 weights with those scales; "S+kv" is both.
 
 The model (default: SmolLM2-135M-Instruct, converted) and its fp8 copies
 (tools/make_fp8_checkpoint.py, one per scheme, in a temporary folder) each
@@ -53,11 +57,11 @@ def corpus() -> str:
     return "\n\n".join(parts)
 
 
-def score(model_dir, ids, windows, device, dtype=None):
+def score(model_dir, ids, windows, device, dtype=None, kv_cache_dtype="auto"):
     """(argmax per position, sum of next-token log-probabilities, positions, weight dtype) over the windows."""
     import pagedrt
     tops, nll, n = [], 0.0, 0
-    with pagedrt.Runtime(model_dir, device=device, dtype=dtype, max_model_len=2048,
+    with pagedrt.Runtime(model_dir, device=device, dtype=dtype, max_model_len=2048, kv_cache_dtype=kv_cache_dtype,
                          max_num_batched_tokens=2048) as rt:
         dtype = rt.model_info.weight_dtype
         for a, b in windows:
@@ -85,7 +89,7 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--positions", type=int, default=3000)
     ap.add_argument("--window", type=int, default=1024)
-    ap.add_argument("--schemes", default="channel,tensor,block")
+    ap.add_argument("--schemes", default="kv,channel,tensor,block,channel+kv")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     import pagedrt
@@ -106,13 +110,19 @@ def main(argv=None):
           flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for scheme in a.schemes.split(","):
-            out = pathlib.Path(tmp) / scheme
-            make_fp8_checkpoint.main([str(src), str(out), "--scheme", scheme])
-            top, nll, _, _ = score(out, ids, windows, a.device, dtype)  # the original's dtype
+            weights = scheme.removesuffix("+kv").removesuffix("kv")
+            kv = "fp8" if scheme.endswith("kv") else "auto"
+            out = src
+            if weights:
+                out = pathlib.Path(tmp) / weights
+                if not out.exists():
+                    make_fp8_checkpoint.main([str(src), str(out), "--scheme", weights])
+            top, nll, _, _ = score(out, ids, windows, a.device, dtype, kv)  # the original's dtype
             ppl = math.exp(nll / n)
             r = res[f"fp8_{scheme}"] = {"ppl": ppl, "ppl_ratio": ppl / res["original"]["ppl"],
                                         "top1_agreement": float((top == base_top).mean())}
-            print(f"fp8 weights, {scheme} scales: top-1 agreement {100 * r['top1_agreement']:.2f}%, perplexity "
+            what = " and ".join(([f"fp8 weights ({weights} scales)"] if weights else []) + (["fp8 KV"] if kv != "auto" else []))
+            print(f"{what}: top-1 agreement {100 * r['top1_agreement']:.2f}%, perplexity "
                   f"{ppl:.4f} ({100 * (r['ppl_ratio'] - 1):+.2f}%)", flush=True)
     if a.json:
         pathlib.Path(a.json).write_text(json.dumps(res, indent=1))

@@ -3,11 +3,12 @@
 #
 #   bash tools/gpu_check.sh [STAGE ...]      (from the repo root; default: all stages)
 #
-# Stages: env build wheels optests diag make8b make8btok smol tests e2e bench attn prefill gemm serve servecpu structured masks spec harness kvpool profile cpuscale fp8q lcpp xeon abbuild ab
+# Stages: env build wheels optests fp8kv diag make8b make8btok smol tests e2e bench attn prefill gemm serve servecpu structured masks spec harness kvpool profile cpuscale fp8q lcpp xeon abbuild ab
 #   env      nvidia-smi, versions
 #   build    pip install --no-build-isolation --no-deps . with PAGEDRT_CUDA=ON
 #   wheels   only the wheels carried in .whl/ (a later call of a warm machine, built already)
 #   optests  tests/test_cuda.py without the model end-to-end tests (fast)
+#   fp8kv    tools/bench_cuda.py attention_fp8: decode attention on an fp8 KV cache against bf16 (issue 21)
 #   make8b   tools/make_random_llama.py -> $LLAMA8B (Llama-3-8B shape, random bf16)
 #   make8btok the same with SmolLM2's tokenizer -> $LLAMA8B_TOK (from .devcarry_c/smoltok, or after smol)
 #   smol     reassembles the SmolLM2 GGUF from .devcarry_*/smol.part* (or $STASH) into a
@@ -103,6 +104,11 @@ if has optests; then
   stage optests
   (PAGEDRT_CUDA_REPORT="$OUT/errors.txt" timeout $(( $(left) - 5 )) $PY -m pytest tests/test_cuda.py -q -rs \
      -k "not smollm2 and not llama3" -p no:cacheprovider 2>&1 | tail -60)
+fi
+
+if has fp8kv; then
+  stage fp8kv
+  (cd /tmp && timeout 200 $PY "$OLDPWD/tools/bench_cuda.py" attention_fp8 "$OUT/attention_fp8.json" | grep -v "^attention_fp8 {")
 fi
 
 if has diag; then

@@ -189,6 +189,11 @@ Runtime::Runtime(const RuntimeConfig& config) : impl_(std::make_unique<Impl>()) 
                     "are available on the CPU (docs/determinism.md)");
   std::unique_ptr<Backend> backend = make_backend(device, config.num_threads, act, deterministic);
   backend->use_fp8_kv(config.kv_cache_dtype != "auto");
+  if (config.kv_cache_dtype != "auto" && device == "cuda" && (act != ScalarType::BF16 || config.block_size % 4 != 0))
+    throw Error(ErrorKind::Unsupported,
+                "kv_cache_dtype '" + config.kv_cache_dtype + "' on device 'cuda' needs bf16 activations and a "
+                "block_size that is a multiple of 4 (got " + scalar_name(act) + ", " +
+                std::to_string(config.block_size) + ")");
   int64_t max_len = cfg.max_position_embeddings;
   if (config.max_model_len > 0) {
     if (config.max_model_len > cfg.max_position_embeddings)

@@ -20,12 +20,19 @@
 //   grid (items, Hkv, splits)   block 32 W
 //   shared memory: S stages x (K, V) tiles of 16 W x D bf16, swizzled (mma.cuh);
 //                  2 x 3 at D = 128: 48 KB, 4 blocks per SM
+//
+// On an fp8 cache (F8, paged_kv.hpp's Fp8Kv) the stages hold the tiles' raw
+// codes and their rows' exponents (16 W x D bytes each, 4 exponents a
+// cp.async), and each tile, once landed, is converted by all threads into
+// one bf16 tile (exactly: kv_fp8.cuh) that the unchanged tensor-core code
+// reads; the own-token fusion (rope_cos) is not used there.
 #include <cooperative_groups.h>
 
 #include "backend/cuda/attention_split.cuh"
 #include "backend/cuda/cuda_check.hpp"
 #include "backend/cuda/elementwise.cuh"
 #include "backend/cuda/kernels.cuh"
+#include "backend/cuda/kv_fp8.cuh"
 #include "backend/cuda/launch.cuh"
 #include "backend/cuda/mma.cuh"
 
@@ -35,13 +42,15 @@ namespace {
 constexpr int kMaxGroup = 8;
 
 // W warps of 16 keys each make a tile of 16 W keys; S stages of the pipeline.
-template <int D, int W, int S>
+template <int D, int W, int S, bool F8 = false>
 struct DecodeSmem {
   static constexpr int kTile = 16 * W, kStages = S, kWarps = W;
   static_assert(kDecodeTile % kTile == 0, "splits are whole tiles");
-  static constexpr size_t stage = size_t(2) * kTile * D * 2;      // K then V tile, bf16
+  // K then V tile, bf16; fp8: K then V codes, then K and V exponents (kTile each)
+  static constexpr size_t stage = F8 ? size_t(2) * kTile * D + 2 * kTile : size_t(2) * kTile * D * 2;
   static constexpr size_t kv = 0;                                  // kStages stages
-  static constexpr size_t own = kv + kStages * stage;             // (2, D) bf16: the token's rotated k, its v
+  static constexpr size_t work = (kv + kStages * stage + 127) / 128 * 128;  // fp8: the converted K, V tile
+  static constexpr size_t own = F8 ? work + size_t(2) * kTile * D * 2 : kv + kStages * stage;  // (2, D) bf16: the token's rotated k, its v
   static constexpr size_t out = own + 2 * D * 2;                  // (8, D) fp32: this split's result (clusters)
   static constexpr size_t lse = out + kMaxGroup * D * 4;          // (8) fp32
   static constexpr size_t bytes = lse + kMaxGroup * 4;
@@ -53,6 +62,12 @@ struct DecodeSmem {
   // The in-block merge of the splits: (kMaxSplits, 8) lse values over the stages.
   static_assert(kMaxDecodeSplits * kMaxGroup * 4 <= own, "the splits' lse values fit the stages");
 };
+
+// 4 bytes global -> shared (src_bytes 0: zeros).
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes)
+               : "memory");
+}
 
 __device__ __forceinline__ void unpack_bf16x2(uint32_t r, float& lo, float& hi) {
   const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&r));
@@ -139,9 +154,9 @@ __device__ void load_q(const AttentionParams& p, const bf16* row, int kvh, int G
     }
 }
 
-template <int D, int W, int S>
+template <int D, int W, int S, bool F8>
 __global__ void __launch_bounds__(32 * W) decode_kernel(AttentionParams p, DecodePlan d) {
-  using L = DecodeSmem<D, W, S>;
+  using L = DecodeSmem<D, W, S, F8>;
   constexpr int kTile = L::kTile, kStages = S, kWarps = W, kThreads = 32 * W;
   constexpr int CH = D / 8, KS = D / 16, ROWS = kThreads / CH;  // chunks per row, k-steps, rows per copy pass
   extern __shared__ __align__(128) unsigned char smem[];
@@ -164,7 +179,7 @@ __global__ void __launch_bounds__(32 * W) decode_kernel(AttentionParams p, Decod
   // Fused RoPE + append (p.rope_cos set): the split holding the token's own
   // key rotates it and appends it and its value to the cache, and its tile
   // takes both from shared memory (nothing reads back what this kernel writes).
-  const bool own_new = p.rope_cos != nullptr && it.slot >= 0 && start < end && end == ctx;
+  const bool own_new = !F8 && p.rope_cos != nullptr && it.slot >= 0 && start < end && end == ctx;
   if (own_new) {
     if (tid < CH / 2) append_own_kv<D>(p, row, kvh, ctx - 1, it.slot, tid, own);
     __syncthreads();
@@ -173,6 +188,34 @@ __global__ void __launch_bounds__(32 * W) decode_kernel(AttentionParams p, Decod
   // Tile `tile` of the split into stage `stage`: thread tid copies chunk
   // tid % CH of rows tid / CH + ROWS i; rows past `end` are zero-filled.
   auto load_tile = [&](int tile, int stage) {
+    if constexpr (F8) {  // codes in 16-byte chunks of 16; exponents 4 rows a thread (block_size % 4 == 0)
+      constexpr int CB = D / 16, RB = kThreads / CB;
+      uint8_t* kc = smem + L::kv + stage * L::stage;
+      uint8_t* vc = kc + kTile * D;
+      uint8_t* ke = vc + kTile * D;
+      const Fp8Kv& f = p.fp8;
+      const int k0 = start + tile * kTile, c = tid % CB;
+#pragma unroll
+      for (int i = 0; i < kTile / RB; ++i) {
+        const int r = tid / CB + i * RB, pos = k0 + r;
+        const bool valid = pos < end;
+        const int64_t off = valid ? f.code_offset(pages[shift >= 0 ? pos >> shift : pos / bs],
+                                                  shift >= 0 ? pos & (bs - 1) : pos % bs, kvh) + c * 16
+                                  : 0;
+        cp_async16(kc + r * D + c * 16, f.k + off, valid ? 16 : 0);
+        cp_async16(vc + r * D + c * 16, f.v + off, valid ? 16 : 0);
+      }
+      if (tid < kTile / 4) {
+        const int pos = k0 + 4 * tid;
+        const bool valid = pos < end;
+        const int64_t off = valid ? f.exp_offset(pages[shift >= 0 ? pos >> shift : pos / bs],
+                                                 shift >= 0 ? pos & (bs - 1) : pos % bs, kvh)
+                                  : 0;
+        cp_async4(ke + 4 * tid, f.k + off, valid ? 4 : 0);
+        cp_async4(ke + kTile + 4 * tid, f.v + off, valid ? 4 : 0);
+      }
+      return;
+    }
     bf16* ks = reinterpret_cast<bf16*>(smem + L::kv + stage * L::stage);
     bf16* vs = ks + kTile * D;
     const int k0 = start + tile * kTile, c = tid % CH;
@@ -213,6 +256,19 @@ __global__ void __launch_bounds__(32 * W) decode_kernel(AttentionParams p, Decod
     if (tile + kStages - 1 < ntiles) load_tile(tile + kStages - 1, (tile + kStages - 1) % kStages);
     cp_async_commit();
     const bf16* ks = reinterpret_cast<const bf16*>(smem + L::kv + (tile % kStages) * L::stage);
+    if constexpr (F8) {  // the landed codes to the bf16 tile, 8 a thread a pass
+      const uint8_t* kc = smem + L::kv + (tile % kStages) * L::stage;
+      bf16* kw = reinterpret_cast<bf16*>(smem + L::work);
+#pragma unroll
+      for (int i = tid; i < 2 * kTile * (D / 8); i += kThreads) {
+        const int which = i / (kTile * (D / 8)), r = (i / (D / 8)) % kTile, c = i % (D / 8);
+        const uint2 codes = *reinterpret_cast<const uint2*>(kc + which * kTile * D + r * D + c * 8);
+        const float scale = kv_row_scale(static_cast<int8_t>(kc[2 * kTile * D + which * kTile + r]));
+        *reinterpret_cast<uint4*>(kw + which * kTile * D + swizzle<D>(r, c)) = e4m3_x8(codes, scale);
+      }
+      __syncthreads();
+      ks = kw;
+    }
     const bf16* vs = ks + kTile * D;
 
     float sc[2][4] = {};  // S: keys kr0 + 8n + c .. +1 (rows g)
@@ -360,42 +416,48 @@ __global__ void merge_kernel(AttentionParamsT<T> p, DecodePlan d) {
 
 // The kernel of a configuration, its shared memory set up once per process
 // (the attribute is per function).
-template <int D, int W, int S>
+template <int D, int W, int S, bool F8>
 auto decode_kernel_ready() {
   static const bool configured = [] {
-    CUDA_CHECK(cudaFuncSetAttribute(decode_kernel<D, W, S>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    static_cast<int>(DecodeSmem<D, W, S>::bytes)));
+    CUDA_CHECK(cudaFuncSetAttribute(decode_kernel<D, W, S, F8>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    static_cast<int>(DecodeSmem<D, W, S, F8>::bytes)));
     return true;
   }();
   (void)configured;
-  return decode_kernel<D, W, S>;
+  return decode_kernel<D, W, S, F8>;
 }
 
-template <int D, int W, int S>
+template <int D, int W, int S, bool F8>
 void launch_decode(const AttentionParams& p, const DecodePlan& d, dim3 grid, cudaStream_t s) {
   const unsigned cz = d.cluster ? static_cast<unsigned>(d.num_splits) : 1;
-  launch_clusters(decode_kernel_ready<D, W, S>(), grid, 32 * W, DecodeSmem<D, W, S>::bytes, cz, s, p, d);
+  launch_clusters(decode_kernel_ready<D, W, S, F8>(), grid, 32 * W, DecodeSmem<D, W, S, F8>::bytes, cz, s, p, d);
 }
 
-template <int D, int W, int S>
+template <int D, int W, int S, bool F8>
 int blocks_per_sm() {
   int n = 0;
-  CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_kernel_ready<D, W, S>(), 32 * W,
-                                                           DecodeSmem<D, W, S>::bytes));
+  CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_kernel_ready<D, W, S, F8>(), 32 * W,
+                                                           DecodeSmem<D, W, S, F8>::bytes));
   return n;
 }
 
+// An fp8 cache runs the 2- or 4-warp kernel of 3 stages (the shapes the
+// plan picks by default); other forced shapes take the nearest of those.
 struct Launch {
   const AttentionParams& p;
   const DecodePlan& d;
   dim3 grid;
   cudaStream_t s;
   template <int D, int W, int S>
-  void operator()() const { launch_decode<D, W, S>(p, d, grid, s); }
+  void operator()() const {
+    if (p.fp8.k == nullptr) return launch_decode<D, W, S, false>(p, d, grid, s);
+    launch_decode<D, W == 4 ? 4 : 2, 3, true>(p, d, grid, s);
+  }
 };
 struct Occupancy {
+  bool fp8;
   template <int D, int W, int S>
-  int operator()() const { return blocks_per_sm<D, W, S>(); }
+  int operator()() const { return fp8 ? blocks_per_sm<D, W == 4 ? 4 : 2, 3, true>() : blocks_per_sm<D, W, S, false>(); }
 };
 
 // f.operator()<D, W, S>() for head dim D and the configuration (W warps, 2
@@ -422,8 +484,8 @@ auto with_config(int D, DecodeConfig c, F&& f) {
 
 }  // namespace
 
-int decode_blocks_per_sm(int head_dim, DecodeConfig c) {
-  return with_config(head_dim, c, Occupancy{});
+int decode_blocks_per_sm(int head_dim, DecodeConfig c, bool fp8) {
+  return with_config(head_dim, c, Occupancy{fp8});
 }
 
 bool attention_supported(int head_dim, int group) {

@@ -166,6 +166,7 @@ CudaBackend::~CudaBackend() {
     if (results_done_[i]) cudaEventDestroy(results_done_[i]);
   }
   if (partials_) cudaFree(partials_);
+  if (fp8_scratch_) cudaFree(fp8_scratch_);
   gemm_.reset();
   if (stream_) cudaStreamDestroy(stream_);
 }

@@ -124,6 +124,12 @@ class CudaBackend final : public Backend {
     DecodePlan decode{};
     PrefillPlan prefill{};
     bool slots_fit = true;  // every decode item's KV slot fits its int32 (the fused append)
+    // fp8 KV with prefill tiles: the prefill sequences' blocks, dequantized
+    // to bf16 into fp8_scratch_ before the prefill kernel (its page table:
+    // fp8_pages, page_indices with those entries renumbered 0 .. num_fp8_pages).
+    const int32_t* fp8_src = nullptr;    // (num_fp8_pages) cache blocks
+    const int32_t* fp8_pages = nullptr;  // (page_indptr[num_seqs]) renumbered page table
+    int64_t num_fp8_pages = 0;
   };
   void plan_attention(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim);
   // Whether this step may be recorded: graphs on, few tokens, few per sequence.
@@ -136,6 +142,8 @@ class CudaBackend final : public Backend {
   static constexpr int32_t kMaxRecordedDecodeTokens = 512;  // decode steps (one token a sequence; padded)
   static constexpr int32_t kMaxRecordedQuery = 17;  // 1 + the most proposals a step verifies (16)
   static constexpr size_t kMaxGraphs = 128;
+  void paged_attention_fp8(const Tensor& qkv, const Tensor& k_cache, const Tensor& v_cache, int64_t num_heads,
+                           int64_t num_kv_heads, int64_t head_dim, float scale, Tensor& out);
   template <typename T>
   AttentionParamsT<T> attention_params(const Tensor& qkv, const Tensor& k_cache, const Tensor& v_cache, int64_t H,
                                        int64_t Hkv, int64_t D, float scale, Tensor& out) const;
@@ -170,6 +178,8 @@ class CudaBackend final : public Backend {
   std::vector<BlockCopy> last_copies_;  // what copies_ holds on the device
   Staging swaps_[2];                    // swap_blocks' pairs: [0] into the pool, [1] out of it
   std::vector<BlockCopy> last_swaps_[2];  // what each holds on the device
+  bf16* fp8_scratch_ = nullptr;  // fp8 KV prefill: (2, pages, block_size, Hkv, D) bf16, grown as needed
+  size_t fp8_scratch_bytes_ = 0;
   float* partials_ = nullptr;  // decode splits: merge tickets (tickets_bytes_), then partials (o, lse)
   size_t partials_bytes_ = 0, tickets_bytes_ = 0;
   bool graphs_enabled_ = true;
@@ -196,7 +206,7 @@ class CudaBackend final : public Backend {
   int prefill_stages_ = 2;
   int decode_splits_ = 0;  // PAGEDRT_DECODE_SPLITS: 0 = the plan chooses
   bool sample_ = true;  // sampled rows drawn on the GPU (PAGEDRT_CUDA_SAMPLE=0: on the host, for A/B runs)
-  std::map<std::pair<int, int>, int> decode_slots_;  // (head dim, warps x 10 + stages) -> blocks the GPU holds
+  std::map<std::pair<int, int>, int> decode_slots_;  // (head dim, fp8 x 100 + warps x 10 + stages) -> blocks the GPU holds
   int64_t decode_slots(int64_t head_dim, DecodeConfig config);
   std::map<GraphKey, cudaGraphExec_t> graphs_;
   std::set<GraphKey> seen_once_;  // keys run once, not yet recorded

@@ -75,10 +75,27 @@ void rope_and_cache_t(Tensor& qkv, const RopeTable& rope, const Arrays& b, int64
 }
 }  // namespace
 
+namespace {
+// The fp8 view of byte caches (num_blocks, block_size, row_bytes) with the step's page table.
+Fp8Kv fp8_view(const Tensor& k_cache, const Tensor& v_cache, int64_t Hkv, int64_t D, const int32_t* indptr,
+               const int32_t* indices) {
+  return fp8_paged_kv(const_cast<uint8_t*>(k_cache.as<uint8_t>()), const_cast<uint8_t*>(v_cache.as<uint8_t>()),
+                      k_cache.dim(0), k_cache.dim(1), Hkv, D, indptr, indices);
+}
+}  // namespace
+
 void CudaBackend::rope_and_cache(Tensor& qkv, const RopeTable& rope, int64_t num_heads, int64_t num_kv_heads,
                                  int64_t head_dim, Tensor& k_cache, Tensor& v_cache) {
-  require(qkv.dtype == act_ && k_cache.dtype == act_, "rope_and_cache: qkv and cache of the activation dtype");
   const int H = static_cast<int>(num_heads), Hkv = static_cast<int>(num_kv_heads), D = static_cast<int>(head_dim);
+  if (k_cache.dtype == ScalarType::F8E4M3) {  // rotate in place, then quantize k and v into the slots
+    require(qkv.dtype == act_ && act_ == ScalarType::BF16, "rope_and_cache: an fp8 cache with bf16 activations");
+    cuda::rope_and_cache<bf16>(qkv.as<bf16>(), rope.cos.as<float>(), rope.sin.as<float>(), dev_.positions,
+                               dev_.slot_mapping, host_.num_tokens, H, Hkv, D, nullptr, nullptr, stream_);
+    cuda::quantize_kv(qkv.as<bf16>(), dev_.slot_mapping, host_.num_tokens, H,
+                      fp8_view(k_cache, v_cache, Hkv, D, dev_.page_indptr, dev_.page_indices), stream_);
+    return;
+  }
+  require(qkv.dtype == act_ && k_cache.dtype == act_, "rope_and_cache: qkv and cache of the activation dtype");
   if (act_ == ScalarType::BF16)
     rope_and_cache_t<bf16>(qkv, rope, dev_, host_.num_tokens, H, Hkv, D, k_cache, v_cache, stream_);
   else
@@ -107,6 +124,8 @@ void CudaBackend::paged_attention(const Tensor& qkv, const Tensor& k_cache, cons
                                   int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale,
                                   Tensor& out) {
   check_attention(num_heads, num_kv_heads, head_dim);
+  if (k_cache.dtype == ScalarType::F8E4M3) return paged_attention_fp8(qkv, k_cache, v_cache, num_heads, num_kv_heads,
+                                                                      head_dim, scale, out);
   require(qkv.dtype == act_ && out.dtype == act_ && k_cache.dtype == act_,
           "paged_attention: qkv, cache and out of the activation dtype");
   plan_attention(num_heads, num_kv_heads, head_dim);
@@ -119,6 +138,49 @@ void CudaBackend::paged_attention(const Tensor& qkv, const Tensor& k_cache, cons
     decode_attention(attention_params<float>(qkv, k_cache, v_cache, num_heads, num_kv_heads, head_dim, scale, out),
                      plan_info_.decode, stream_);
   }
+}
+
+// fp8 KV: decode items read the fp8 blocks (attention_decode.cu's F8 form);
+// prefill tiles read their sequences' blocks dequantized to bf16 in
+// fp8_scratch_ through the renumbered page table (plan_attention), with the
+// bf16 prefill kernels unchanged.
+void CudaBackend::paged_attention_fp8(const Tensor& qkv, const Tensor& k_cache, const Tensor& v_cache,
+                                      int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale,
+                                      Tensor& out) {
+  require(qkv.dtype == ScalarType::BF16 && out.dtype == ScalarType::BF16 && v_cache.dtype == ScalarType::F8E4M3,
+          "paged_attention: an fp8 cache with bf16 activations");
+  plan_attention(num_heads, num_kv_heads, head_dim);
+  const AttentionPlan& plan = plan_info_;
+  const Fp8Kv fp8 = fp8_view(k_cache, v_cache, num_kv_heads, head_dim, dev_.page_indptr, dev_.page_indices);
+  AttentionParams p;
+  p.qkv = qkv.as<bf16>();
+  p.out = out.as<bf16>();
+  p.positions = dev_.positions;
+  p.query_start = dev_.query_start;
+  p.num_heads = static_cast<int>(num_heads);
+  p.scale = scale;
+  if (plan.prefill.num_tiles > 0) {
+    const int64_t block_elems = k_cache.dim(1) * num_kv_heads * head_dim;
+    const size_t need = static_cast<size_t>(2 * plan.num_fp8_pages * block_elems) * sizeof(bf16);
+    if (need > fp8_scratch_bytes_) {
+      if (fp8_scratch_) CUDA_CHECK(cudaFree(fp8_scratch_));  // waits for the GPU
+      fp8_scratch_ = nullptr;
+      fp8_scratch_bytes_ = 0;
+      CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&fp8_scratch_), need + need / 2));
+      fp8_scratch_bytes_ = need + need / 2;
+    }
+    bf16* ks = fp8_scratch_;
+    bf16* vs = fp8_scratch_ + plan.num_fp8_pages * block_elems;
+    cuda::dequantize_kv_blocks(fp8, plan.fp8_src, plan.num_fp8_pages, ks, vs, stream_);
+    p.kv = nhd_paged_kv(ks, vs, k_cache.dim(1), num_kv_heads, head_dim, dev_.page_indptr, plan.fp8_pages);
+    p.kv.num_blocks = plan.num_fp8_pages;
+    prefill_attention(p, plan.prefill, stream_);
+  }
+  p.kv = nhd_paged_kv<bf16>(nullptr, nullptr, k_cache.dim(1), num_kv_heads, head_dim, dev_.page_indptr,
+                            dev_.page_indices);
+  p.kv.num_blocks = k_cache.dim(0);
+  p.fp8 = fp8;
+  decode_attention(p, plan.decode, stream_);
 }
 
 void CudaBackend::silu_mul(const Tensor& gate_up, int64_t n, Tensor& out) {
@@ -136,7 +198,8 @@ void CudaBackend::rope_cache_attention(Tensor& qkv, const RopeTable& rope, int64
   // Only where every token is its sequence's only query token: a prefill
   // token reads the keys of the tokens before it in the same step, which
   // must be in the cache first.
-  if (!fuse_ || host_.num_tokens != host_.num_seqs || plan_info_.prefill.num_tiles != 0 || !plan_info_.slots_fit) {
+  if (!fuse_ || host_.num_tokens != host_.num_seqs || plan_info_.prefill.num_tiles != 0 || !plan_info_.slots_fit ||
+      k_cache.dtype == ScalarType::F8E4M3) {  // fp8: no fused append (rope_and_cache quantizes)
     rope_and_cache(qkv, rope, num_heads, num_kv_heads, head_dim, k_cache, v_cache);
     paged_attention(qkv, k_cache, v_cache, num_heads, num_kv_heads, head_dim, scale, out);
     return;

@@ -140,11 +140,29 @@ void CudaBackend::plan_attention(int64_t H, int64_t Hkv, int64_t D) {
     splits = up;
   }
 
-  const size_t dec_bytes = align16(dec.size() * sizeof(DecodeItem)), tile_bytes = tiles.size() * sizeof(int2);
-  uint8_t* h = plan_.host(dec_bytes + tile_bytes);
+  // fp8 KV: the blocks of the sequences with prefill tiles, in page-table
+  // order, and the page table with their entries renumbered (fp8 prefill).
+  std::vector<int32_t> fp8_src, fp8_pages;
+  if (kv_dtype() == ScalarType::F8E4M3 && !tiles.empty()) {
+    const int32_t np = b.page_indptr[b.num_seqs];
+    fp8_pages.assign(b.page_indices, b.page_indices + np);
+    for (int32_t i = 0; i < b.num_seqs; ++i)
+      if (b.query_start[i + 1] - b.query_start[i] > 1)
+        for (int32_t j = b.page_indptr[i]; j < b.page_indptr[i + 1]; ++j) {
+          fp8_pages[j] = static_cast<int32_t>(fp8_src.size());
+          fp8_src.push_back(b.page_indices[j]);
+        }
+  }
+  const size_t dec_bytes = align16(dec.size() * sizeof(DecodeItem)), tile_bytes = align16(tiles.size() * sizeof(int2));
+  const size_t src_bytes = align16(fp8_src.size() * 4), pages_bytes = fp8_pages.size() * 4;
+  uint8_t* h = plan_.host(dec_bytes + tile_bytes + src_bytes + pages_bytes);
   if (!dec.empty()) std::memcpy(h, dec.data(), dec.size() * sizeof(DecodeItem));
-  if (!tiles.empty()) std::memcpy(h + dec_bytes, tiles.data(), tile_bytes);
-  plan_.upload(dec_bytes + tile_bytes, stream_);
+  if (!tiles.empty()) std::memcpy(h + dec_bytes, tiles.data(), tiles.size() * sizeof(int2));
+  if (!fp8_src.empty()) {
+    std::memcpy(h + dec_bytes + tile_bytes, fp8_src.data(), fp8_src.size() * 4);
+    std::memcpy(h + dec_bytes + tile_bytes + src_bytes, fp8_pages.data(), pages_bytes);
+  }
+  plan_.upload(dec_bytes + tile_bytes + src_bytes + pages_bytes, stream_);
 
   // The merge tickets ((items, Hkv) ints: zero, and left zero by every
   // launch), then the partials (o, then lse), in one buffer that grows to
@@ -186,11 +204,15 @@ void CudaBackend::plan_attention(int64_t H, int64_t Hkv, int64_t D) {
   // Steps of at most one block per SM (batch-1 decode) are latency, not
   // bandwidth: there the CUDA-core kernel's shorter chain before its first
   // key load wins.
-  p.decode.cuda_cores = decode_kernel_ == DecodeKernel::CudaCores ||
-                        (decode_kernel_ == DecodeKernel::Auto && items * Hkv * splits <= num_sms_);
+  p.decode.cuda_cores = kv_dtype() != ScalarType::F8E4M3 &&  // the fp8 cache: tensor cores only
+                        (decode_kernel_ == DecodeKernel::CudaCores ||
+                         (decode_kernel_ == DecodeKernel::Auto && items * Hkv * splits <= num_sms_));
   p.decode.counters = reinterpret_cast<int*>(partials_);
   p.decode.o_part = partials_ ? reinterpret_cast<float*>(reinterpret_cast<uint8_t*>(partials_) + tickets_bytes_) : nullptr;
   p.decode.lse_part = partials_ ? p.decode.o_part + items * splits * H * D : nullptr;
+  p.fp8_src = reinterpret_cast<const int32_t*>(plan_.device() + dec_bytes + tile_bytes);
+  p.fp8_pages = reinterpret_cast<const int32_t*>(plan_.device() + dec_bytes + tile_bytes + src_bytes);
+  p.num_fp8_pages = static_cast<int64_t>(fp8_src.size());
   p.prefill.tiles = reinterpret_cast<const int2*>(plan_.device() + dec_bytes);
   p.prefill.num_tiles = static_cast<int>(tiles.size());
   p.prefill.rows = tile_rows;
@@ -202,8 +224,9 @@ void CudaBackend::plan_attention(int64_t H, int64_t Hkv, int64_t D) {
 
 int64_t CudaBackend::decode_slots(int64_t head_dim, DecodeConfig config) {
   if (act_ != ScalarType::BF16) return 2 * static_cast<int64_t>(num_sms_);  // the fp32 kernel: about 2 per SM
-  int& n = decode_slots_[{static_cast<int>(head_dim), config.warps * 10 + config.stages}];
-  if (n == 0) n = std::max(1, decode_blocks_per_sm(static_cast<int>(head_dim), config)) * num_sms_;
+  const bool fp8 = kv_dtype() == ScalarType::F8E4M3;
+  int& n = decode_slots_[{static_cast<int>(head_dim), (fp8 ? 100 : 0) + config.warps * 10 + config.stages}];
+  if (n == 0) n = std::max(1, decode_blocks_per_sm(static_cast<int>(head_dim), config, fp8)) * num_sms_;
   return n;
 }
 
@@ -222,6 +245,7 @@ int64_t CudaBackend::decode_slots(int64_t head_dim, DecodeConfig config) {
 bool CudaBackend::recordable() const {
   if (!graphs_enabled_ || host_.num_tokens <= 0) return false;
   if (host_.num_tokens == host_.num_seqs) return host_.num_tokens <= kMaxRecordedDecodeTokens;  // decode
+  if (kv_dtype() == ScalarType::F8E4M3) return false;  // its prefill scratch may be reallocated
   if (host_.num_tokens > kMaxRecordedTokens) return false;
   for (int32_t i = 0; i < host_.num_seqs; ++i)
     if (host_.query_start[i + 1] - host_.query_start[i] > kMaxRecordedQuery) return false;

@@ -292,7 +292,7 @@ __global__ void rope_and_cache_kernel(T* qkv, const float* cos, const float* sin
     const int head = j / pieces, i = (j % pieces) * kW;
     const int64_t at = int64_t(positions[t]) * half + i;
     T* x = row + head * D;
-    T* kc = head >= H && slot >= 0 ? k_cache + slot * Hkv * D + (head - H) * D : nullptr;
+    T* kc = head >= H && slot >= 0 && k_cache ? k_cache + slot * Hkv * D + (head - H) * D : nullptr;
     if constexpr (kW == 4) {
       const float4 a = load4(x + i), b = load4(x + i + half), c = load4(cos + at), sn = load4(sin + at);
       const float4 lo = make_float4(rope_lo(a.x, b.x, c.x, sn.x), rope_lo(a.y, b.y, c.y, sn.y),
@@ -497,7 +497,7 @@ void rope_and_cache(T* qkv, const float* cos, const float* sin, const int32_t* p
   if (n == 0) return;
   const int w = D % 8 == 0 ? 4 : 1;  // pairs a thread
   const int rot_blocks = ((H + Hkv) * (D / 2 / w) + 255) / 256;
-  const int v_blocks = (Hkv * D * int(sizeof(T)) / 16 + 255) / 256;  // D is 64 or 128: whole 16-byte pieces
+  const int v_blocks = v_cache ? (Hkv * D * int(sizeof(T)) / 16 + 255) / 256 : 0;  // D 64 or 128: whole 16-byte pieces
   const dim3 grid(static_cast<unsigned>(n), rot_blocks + v_blocks);
   if (w == 4)
     launch(rope_and_cache_kernel<T, 4>, grid, 256, 0, s, qkv, cos, sin, positions, slots, H, Hkv, D, rot_blocks,

@@ -47,11 +47,21 @@ void gather_rows(const void* x, int64_t row_bytes, const int32_t* idx, int64_t n
                  cudaStream_t s);
 // Rotates q and k of qkv (n, (H + 2 Hkv) D) in place (rotate-half RoPE, fp32
 // math, cos/sin (max_pos, D/2) fp32) and writes k, v to the cache slots
-// (slot < 0: not written). D a multiple of 8 (v moves in 16-byte pieces).
+// (slot < 0: not written; null caches: none written). D a multiple of 8 (v
+// moves in 16-byte pieces).
 template <typename T>
 void rope_and_cache(T* qkv, const float* cos, const float* sin, const int32_t* positions,
                     const int64_t* slots, int64_t n, int H, int Hkv, int D, T* k_cache, T* v_cache,
                     cudaStream_t s);
+// fp8 KV (paged_kv.hpp's Fp8Kv; kv_fp8.cu). quantize_kv: the k and v rows of
+// qkv (n, (H + 2 Hkv) D), rotated, to their slots' codes and exponents
+// (slot < 0: none), as the CPU's quantize_kv_row. dequantize_kv_blocks: block
+// src[s] of kv's K and V to block s of k_out / v_out (num, block_size, Hkv,
+// D) bf16, exactly. D 64 or 128.
+template <typename T>
+void quantize_kv(const T* qkv, const int64_t* slots, int64_t n, int H, const Fp8Kv& kv, cudaStream_t s);
+void dequantize_kv_blocks(const Fp8Kv& kv, const int32_t* src, int64_t num, bf16* k_out, bf16* v_out,
+                          cudaStream_t s);
 // out[r] = first index of the largest value of row r of x (rows, cols) fp32;
 // NaN is never chosen over a number (all NaN: 0). scratch: device memory of
 // rows * kArgmaxParts * 8 bytes (each row's parts' winners).
@@ -94,6 +104,9 @@ struct AttentionParamsT {
   // straight from the block.
   const float* rope_cos = nullptr;  // (max_positions, D / 2)
   const float* rope_sin = nullptr;
+  // fp8 KV (kv_cache_dtype "fp8"): decode attention reads this cache (bf16
+  // activations only; kv then holds no cache); null k: kv's.
+  Fp8Kv fp8;
 };
 using AttentionParams = AttentionParamsT<bf16>;
 
@@ -158,8 +171,8 @@ constexpr int kMaxDecodeSplits = 256;  // splits of one context at most
 constexpr int kDecodeTile = 64;
 void decode_attention(const AttentionParamsT<bf16>& p, const DecodePlan& d, cudaStream_t s);
 void decode_attention_cuda_cores(const AttentionParamsT<bf16>& p, const DecodePlan& d, cudaStream_t s);
-// How many blocks of the bf16 kernel of `config` fit one SM at once.
-int decode_blocks_per_sm(int head_dim, DecodeConfig config);
+// How many blocks of the bf16 kernel of `config` (fp8: its fp8 form) fit one SM at once.
+int decode_blocks_per_sm(int head_dim, DecodeConfig config, bool fp8 = false);
 void decode_attention(const AttentionParamsT<float>& p, const DecodePlan& d, cudaStream_t s);
 
 // Prefill (bf16 only; the fp32 mode runs every token through the decode
