@@ -1691,9 +1691,12 @@ def test_fp8_kv_rope_and_cache(fp8_ops, D, H, Hkv):
     written = np.zeros((b["num_blocks"], 16), bool)
     for s in b["slots"]:
         written[s // 16, s % 16] = True
+    s_codes, s_exps = unpack(start, Hkv, D)
     for got, want in ((k1, k0), (v1, v0)):
-        assert np.array_equal(got[~written], start[~written])
-        g, w = dequantize(*unpack(got, Hkv, D)), dequantize(*unpack(want, Hkv, D))
+        codes_g, exps_g = unpack(got, Hkv, D)
+        assert np.array_equal(codes_g[~written], s_codes[~written])
+        assert np.array_equal(exps_g[~written], s_exps[~written])
+        g, w = dequantize(codes_g, exps_g), dequantize(*unpack(want, Hkv, D))
         amax = np.abs(w).max(-1, keepdims=True)
         assert np.all(np.abs(g - w)[written] <= (amax * 32 / 448)[written])
         same = (unpack(got, Hkv, D)[0] == unpack(want, Hkv, D)[0])[written].mean()

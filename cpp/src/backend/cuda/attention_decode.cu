@@ -24,8 +24,13 @@
 // On an fp8 cache (F8, paged_kv.hpp's Fp8Kv) the stages hold the tiles' raw
 // codes and their rows' exponents (16 W x D bytes each, 4 exponents a
 // cp.async), and each tile, once landed, is converted by all threads into
-// one bf16 tile (exactly: kv_fp8.cuh) that the unchanged tensor-core code
-// reads; the own-token fusion (rope_cos) is not used there.
+// one fp16 tile of the codes' values (exact, one instruction a pair:
+// kv_fp8.cuh) that the tensor-core code reads with fp16 products. The
+// exponents stay out of the tiles: a key's K exponent scales its score, its
+// V exponent its weight in P V (relative to the largest so far, so P stays
+// within fp16; o carries that largest as a power of two), and q goes to
+// fp16 with a power-of-two scale per row. The own-token fusion (rope_cos)
+// is not used there.
 #include <cooperative_groups.h>
 
 #include "backend/cuda/attention_split.cuh"
@@ -49,7 +54,7 @@ struct DecodeSmem {
   // K then V tile, bf16; fp8: K then V codes, then K and V exponents (kTile each)
   static constexpr size_t stage = F8 ? size_t(2) * kTile * D + 2 * kTile : size_t(2) * kTile * D * 2;
   static constexpr size_t kv = 0;                                  // kStages stages
-  static constexpr size_t work = (kv + kStages * stage + 127) / 128 * 128;  // fp8: the converted K, V tile
+  static constexpr size_t work = (kv + kStages * stage + 127) / 128 * 128;  // fp8: the converted K, V tile (fp16)
   static constexpr size_t own = F8 ? work + size_t(2) * kTile * D * 2 : kv + kStages * stage;  // (2, D) bf16: the token's rotated k, its v
   static constexpr size_t out = own + 2 * D * 2;                  // (8, D) fp32: this split's result (clusters)
   static constexpr size_t lse = out + kMaxGroup * D * 4;          // (8) fp32
@@ -154,6 +159,45 @@ __device__ void load_q(const AttentionParams& p, const bf16* row, int kvh, int G
     }
 }
 
+// fp8: a V exponent byte as an int in the quantizer's range (a byte never
+// written, of a masked key, stays finite); kNoExp: no key yet.
+constexpr int kNoExp = -100000;
+__device__ __forceinline__ int kv_exp(uint8_t b) {
+  const int e = static_cast<int8_t>(b);
+  return e < kKvExpMin ? kKvExpMin : e > kKvExpMax ? kKvExpMax : e;
+}
+
+// fp8: the A operand q (bf16) as fp16 for the fp16 products, each row scaled
+// by 2^-e so that its largest magnitude falls in [2^8, 2^9) (exact: bf16's
+// 8 bits fit fp16's 11, and the range keeps them normal); returns this
+// lane's row's 2^e, which the scores take back.
+template <int D>
+__device__ float q_to_f16(uint32_t (&q)[D / 16][2]) {
+  float mx = 0.0f;
+#pragma unroll
+  for (int s = 0; s < D / 16; ++s)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float lo, hi;
+      unpack_bf16x2(q[s][h], lo, hi);
+      mx = fmaxf(mx, fmaxf(fabsf(lo), fabsf(hi)));
+    }
+  mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+  mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+  int e = static_cast<int>((__float_as_uint(mx) >> 23) & 0xFF) - 127 - 8;
+  e = e < -100 ? -100 : e > 100 ? 100 : e;
+  const float inv = ldexpf(1.0f, -e);
+#pragma unroll
+  for (int s = 0; s < D / 16; ++s)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float lo, hi;
+      unpack_bf16x2(q[s][h], lo, hi);
+      q[s][h] = pack_f16x2(lo * inv, hi * inv);
+    }
+  return ldexpf(1.0f, e);
+}
+
 template <int D, int W, int S, bool F8>
 __global__ void __launch_bounds__(32 * W) decode_kernel(AttentionParams p, DecodePlan d) {
   using L = DecodeSmem<D, W, S, F8>;
@@ -241,7 +285,9 @@ __global__ void __launch_bounds__(32 * W) decode_kernel(AttentionParams p, Decod
 
   uint32_t q[KS][2];
   load_q<D>(p, row, kvh, G, ctx - 1, q);
-  const float qscale = p.scale * kLog2e;
+  float qscale = p.scale * kLog2e;
+  if constexpr (F8) qscale *= q_to_f16<D>(q);
+  int vexp = kNoExp;  // fp8: o holds the output times 2^-vexp (the largest V exponent so far)
   // This lane's rows: g = lane / 4 (o[n][0..1], dims 8n + c ..); o[n][2..3]
   // are the zero rows 8 .. 15.
   float o[D / 8][4];
@@ -256,18 +302,20 @@ __global__ void __launch_bounds__(32 * W) decode_kernel(AttentionParams p, Decod
     if (tile + kStages - 1 < ntiles) load_tile(tile + kStages - 1, (tile + kStages - 1) % kStages);
     cp_async_commit();
     const bf16* ks = reinterpret_cast<const bf16*>(smem + L::kv + (tile % kStages) * L::stage);
-    if constexpr (F8) {  // the landed codes to the bf16 tile, 8 a thread a pass
+    const uint8_t* kexp = nullptr;  // fp8: the tile's K exponents, then V's
+    if constexpr (F8) {  // the landed codes to fp16 tiles (unscaled, exact), 8 a thread a pass
       const uint8_t* kc = smem + L::kv + (tile % kStages) * L::stage;
       bf16* kw = reinterpret_cast<bf16*>(smem + L::work);
 #pragma unroll
       for (int i = tid; i < 2 * kTile * (D / 8); i += kThreads) {
         const int which = i / (kTile * (D / 8)), r = (i / (D / 8)) % kTile, c = i % (D / 8);
         const uint2 codes = *reinterpret_cast<const uint2*>(kc + which * kTile * D + r * D + c * 8);
-        const float scale = kv_row_scale(static_cast<int8_t>(kc[2 * kTile * D + which * kTile + r]));
-        *reinterpret_cast<uint4*>(kw + which * kTile * D + swizzle<D>(r, c)) = e4m3_x8(codes, scale);
+        const uint2 lo = e4m3_x4_f16(codes.x), hi = e4m3_x4_f16(codes.y);
+        *reinterpret_cast<uint4*>(kw + which * kTile * D + swizzle<D>(r, c)) = make_uint4(lo.x, lo.y, hi.x, hi.y);
       }
       __syncthreads();
       ks = kw;
+      kexp = kc + 2 * kTile * D;
     }
     const bf16* vs = ks + kTile * D;
 
@@ -279,46 +327,95 @@ __global__ void __launch_bounds__(32 * W) decode_kernel(AttentionParams p, Decod
         uint32_t b[4];  // k-steps s and s + 1 of keys kr0 + 8n ..
         ldmatrix_x4(b, ks + swizzle<D>(kr0 + 8 * n + (lane & 7), 2 * s + (lane >> 3)));
         const uint32_t a0[4] = {q[s][0], 0u, q[s][1], 0u}, a1[4] = {q[s + 1][0], 0u, q[s + 1][1], 0u};
-        mma_bf16(sc[n], a0, b[0], b[1]);
-        mma_bf16(sc[n], a1, b[2], b[3]);
+        if constexpr (F8) {
+          mma_f16(sc[n], a0, b[0], b[1]);
+          mma_f16(sc[n], a1, b[2], b[3]);
+        } else {
+          mma_bf16(sc[n], a0, b[0], b[1]);
+          mma_bf16(sc[n], a1, b[2], b[3]);
+        }
       }
 
     // Online softmax over this warp's 16 keys; the 4 lanes of a row share m.
     const int key = start + tile * kTile + kr0 + (lane % 4) * 2;
     float sv[4] = {sc[0][0], sc[0][1], sc[1][0], sc[1][1]};
     float mx = -INFINITY;
+    int ve[4] = {kNoExp, kNoExp, kNoExp, kNoExp}, vmax = kNoExp;  // fp8: the keys' V exponents
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      sv[j] = key + (j & 1) + 8 * (j >> 1) < end ? sv[j] * qscale : -INFINITY;
+      const int r = kr0 + (lane % 4) * 2 + (j & 1) + 8 * (j >> 1);
+      const bool valid = key + (j & 1) + 8 * (j >> 1) < end;
+      float f = qscale;
+      if constexpr (F8) {  // each key's own scale: 2^e on its score, and its V exponent
+        if (valid) f *= exp2_int(kv_exp(kexp[r])), ve[j] = kv_exp(kexp[kTile + r]);
+        vmax = max(vmax, ve[j]);
+      }
+      sv[j] = valid ? sv[j] * f : -INFINITY;
       mx = fmaxf(mx, sv[j]);
     }
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
     const float m_new = fmaxf(m, mx);
     const float corr = m_new == -INFINITY ? 1.0f : exp2f(m - m_new);
+    float ocorr = corr;  // o's: fp8 adds the change of its V exponent
     uint32_t pa[4] = {0u, 0u, 0u, 0u};  // P as the A operand: keys c .. +1 (a[0]) and 8 + c .. (a[2])
     float psum = 0.0f;
+    if constexpr (F8) {
+      // P V in fp16: each key's weight times 2^(its V exponent - the largest so
+      // far), at most 1, so nothing overflows fp16; o follows the largest.
+      vmax = max(vmax, __shfl_xor_sync(0xffffffffu, vmax, 1));
+      vmax = max(vmax, __shfl_xor_sync(0xffffffffu, vmax, 2));
+      const int vnew = max(vexp, vmax);
+      if (vexp != kNoExp) ocorr *= ldexpf(1.0f, vexp - vnew);
+      vexp = vnew;
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const float p0 = m_new == -INFINITY ? 0.0f : exp2f(sv[2 * h] - m_new);
-      const float p1 = m_new == -INFINITY ? 0.0f : exp2f(sv[2 * h + 1] - m_new);
-      pa[2 * h] = pack_bf16x2(p0, p1);
-      float r0, r1;  // the weights as the product sees them: numerator and l agree
-      unpack_bf16x2(pa[2 * h], r0, r1);
-      psum += r0 + r1;
+      for (int h = 0; h < 2; ++h) {
+        float w[2], r[2];
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float pj = m_new == -INFINITY ? 0.0f : exp2f(sv[2 * h + e] - m_new);
+          w[e] = ve[2 * h + e] == kNoExp ? 0.0f : ldexpf(pj, ve[2 * h + e] - vnew);
+        }
+        pa[2 * h] = pack_f16x2(w[0], w[1]);
+        const float2 back = __half22float2(*reinterpret_cast<const __half2*>(&pa[2 * h]));
+        r[0] = back.x, r[1] = back.y;  // the weights as the product sees them: numerator and l agree
+#pragma unroll
+        for (int e = 0; e < 2; ++e)
+          if (ve[2 * h + e] != kNoExp) psum += ldexpf(r[e], vnew - ve[2 * h + e]);
+      }
+    } else {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float p0 = m_new == -INFINITY ? 0.0f : exp2f(sv[2 * h] - m_new);
+        const float p1 = m_new == -INFINITY ? 0.0f : exp2f(sv[2 * h + 1] - m_new);
+        pa[2 * h] = pack_bf16x2(p0, p1);
+        float r0, r1;  // the weights as the product sees them: numerator and l agree
+        unpack_bf16x2(pa[2 * h], r0, r1);
+        psum += r0 + r1;
+      }
     }
     l = l * corr + psum;
     m = m_new;
 #pragma unroll
-    for (int n = 0; n < D / 8; ++n) o[n][0] *= corr, o[n][1] *= corr;
+    for (int n = 0; n < D / 8; ++n) o[n][0] *= ocorr, o[n][1] *= ocorr;
 
 #pragma unroll
     for (int n = 0; n < D / 8; n += 2) {
       uint32_t b[4];  // V keys kr0 .. +15 of dims 8n .. 8n + 15, transposed
       ldmatrix_x4_trans(b, vs + swizzle<D>(kr0 + (lane & 7) + ((lane >> 3) & 1) * 8, n + (lane >> 4)));
-      mma_bf16(o[n], pa, b[0], b[1]);
-      mma_bf16(o[n + 1], pa, b[2], b[3]);
+      if constexpr (F8) {
+        mma_f16(o[n], pa, b[0], b[1]);
+        mma_f16(o[n + 1], pa, b[2], b[3]);
+      } else {
+        mma_bf16(o[n], pa, b[0], b[1]);
+        mma_bf16(o[n + 1], pa, b[2], b[3]);
+      }
     }
+  }
+  if constexpr (F8) {  // o to the output's own scale
+    const float f = vexp == kNoExp ? 0.0f : ldexpf(1.0f, vexp);
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) o[n][0] *= f, o[n][1] *= f;
   }
 
   // Merge the 4 warps (their results over the stages, now free).

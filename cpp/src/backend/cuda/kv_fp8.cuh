@@ -30,6 +30,16 @@ __device__ __forceinline__ __nv_bfloat162 e4m3_pair(uint32_t w, float scale) {
   return __floats2bfloat162_rn(f.x * scale, f.y * scale);
 }
 
+// 4 codes (a word) as 4 fp16 (two f16x2 words), unscaled: exact (the
+// hardware conversion, sm_89 on).
+__device__ __forceinline__ uint2 e4m3_x4_f16(uint32_t w) {
+  uint2 r;
+  asm("{\n.reg .b16 lo, hi;\nmov.b32 {lo, hi}, %2;\ncvt.rn.f16x2.e4m3x2 %0, lo;\ncvt.rn.f16x2.e4m3x2 %1, hi;\n}"
+      : "=r"(r.x), "=r"(r.y)
+      : "r"(w));
+  return r;
+}
+
 // 8 codes (two words) as 8 bf16 in a uint4, times scale.
 __device__ __forceinline__ uint4 e4m3_x8(uint2 c, float scale) {
   uint4 r;
