@@ -98,7 +98,7 @@ def pagedrt_latency_batched(model, dtype, W, a, meter, engine):
     # No prefix cache: the latency runs repeat one prompt, the batched runs one
     # prompt set, and the peers compute every prompt anew.
     with pagedrt.Runtime(model, device=a.device, dtype=dtype, num_threads=a.threads, enable_prefix_caching=False,
-                         **gpu) as rt:
+                         kv_cache_dtype=a.kv_cache_dtype, **gpu) as rt:
         load = time.perf_counter() - t0
         if "latency" in W:
             (prompt,), (new,) = W["latency"]
@@ -631,6 +631,8 @@ def parser():
     p.add_argument("--throughput-runs", type=int, default=1,
                    help="runs of the batched workload per engine; the median's row (runs_s in the JSON has all)")
     p.add_argument("--dtypes", default="bfloat16,float32", help="pagedrt weight dtypes")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                   help="pagedrt's KV cache element type (latency and batched workloads)")
     p.add_argument("--peers", default="llama.cpp,ctranslate2,transformers")
     p.add_argument("--gguf-types", default="q4_1,f16,bf16", help="llama.cpp weights to run")
     p.add_argument("--llamacpp-kv", default="auto", help="llama.cpp KV layout for batched/mixed: split (a "

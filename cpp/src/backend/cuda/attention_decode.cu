@@ -166,6 +166,10 @@ __device__ __forceinline__ int kv_exp(uint8_t b) {
   const int e = static_cast<int8_t>(b);
   return e < kKvExpMin ? kKvExpMin : e > kKvExpMax ? kKvExpMax : e;
 }
+// 2^d for d <= 127 in a few integer instructions (fp8.hpp's exp2_int); below
+// the normal range 0 (a weight under 2^-126 of the largest adds nothing an
+// fp16 product can hold).
+__device__ __forceinline__ float pow2(int d) { return d < -126 ? 0.0f : exp2_int(d); }
 
 // fp8: the A operand q (bf16) as fp16 for the fp16 products, each row scaled
 // by 2^-e so that its largest magnitude falls in [2^8, 2^9) (exact: bf16's
@@ -366,7 +370,7 @@ __global__ void __launch_bounds__(32 * W) decode_kernel(AttentionParams p, Decod
       vmax = max(vmax, __shfl_xor_sync(0xffffffffu, vmax, 1));
       vmax = max(vmax, __shfl_xor_sync(0xffffffffu, vmax, 2));
       const int vnew = max(vexp, vmax);
-      if (vexp != kNoExp) ocorr *= ldexpf(1.0f, vexp - vnew);
+      if (vexp != kNoExp) ocorr *= pow2(vexp - vnew);
       vexp = vnew;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -374,14 +378,14 @@ __global__ void __launch_bounds__(32 * W) decode_kernel(AttentionParams p, Decod
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const float pj = m_new == -INFINITY ? 0.0f : exp2f(sv[2 * h + e] - m_new);
-          w[e] = ve[2 * h + e] == kNoExp ? 0.0f : ldexpf(pj, ve[2 * h + e] - vnew);
+          w[e] = ve[2 * h + e] == kNoExp ? 0.0f : pj * pow2(ve[2 * h + e] - vnew);
         }
         pa[2 * h] = pack_f16x2(w[0], w[1]);
         const float2 back = __half22float2(*reinterpret_cast<const __half2*>(&pa[2 * h]));
         r[0] = back.x, r[1] = back.y;  // the weights as the product sees them: numerator and l agree
 #pragma unroll
         for (int e = 0; e < 2; ++e)
-          if (ve[2 * h + e] != kNoExp) psum += ldexpf(r[e], vnew - ve[2 * h + e]);
+          if (ve[2 * h + e] != kNoExp && r[e] != 0.0f) psum += r[e] * pow2(vnew - ve[2 * h + e]);
       }
     } else {
 #pragma unroll
@@ -413,7 +417,7 @@ __global__ void __launch_bounds__(32 * W) decode_kernel(AttentionParams p, Decod
     }
   }
   if constexpr (F8) {  // o to the output's own scale
-    const float f = vexp == kNoExp ? 0.0f : ldexpf(1.0f, vexp);
+    const float f = vexp == kNoExp ? 0.0f : exp2_int(vexp);
 #pragma unroll
     for (int n = 0; n < D / 8; ++n) o[n][0] *= f, o[n][1] *= f;
   }
