@@ -1,5 +1,9 @@
-"""fp8 (e4m3) weights (issue 21): the codec, and Hugging Face fp8 checkpoints
-loaded by dequantizing at load.
+"""fp8 (e4m3) weights (issue 21): the codec, Hugging Face fp8 checkpoints, and
+quantization="fp8" (each projection quantized per output channel at load).
+
+On the CPU the projections stay fp8 in memory (a checkpoint's codes as they
+are where it has a scale per tensor or per channel); the GEMM dequantizes
+rows exactly, so the references below are the dequantized weights.
 
 - The codec (backend/fp8.hpp) against torch.float8_e4m3fn: every one of the
   256 codes decodes to torch's value, and 10^6 values plus edge cases encode
@@ -92,17 +96,18 @@ def test_fp8_checkpoint_matches_its_dequantization(tiny_llama, tmp_path, scheme)
     assert q["quant_method"] == {"channel": "fbgemm_fp8", "tensor": "compressed-tensors", "block": "fp8"}[scheme]
     ref = dequantized_reference(out, 32)
     prompt = np.random.default_rng(3).integers(3, 320, size=37).tolist()
+    kept = "float8_e4m3fn" if scheme != "block" else None  # block scales: dequantized at load
     with pagedrt.Runtime(out, device="cpu", num_threads=2, dtype="float32", activation_dtype="float32") as rt:
-        assert rt.model_info.weight_dtype == "float32" and rt.model_info.quantization == q["quant_method"]
+        assert rt.model_info.weight_dtype == (kept or "float32") and rt.model_info.quantization == q["quant_method"]
         tokens, logits, _ = run_request(rt, prompt, max_tokens=24, ignore_eos=True, return_logits=True)
     assert tokens == reference_greedy(ref, prompt, 24)
     want = reference_logits(ref, prompt + tokens[:-1])
     assert rel_err(logits, want) <= REL_TOL
     # The quantization moved the logits: this compared fp8 weights, not the originals.
     assert rel_err(logits, reference_logits(model, prompt + tokens[:-1])) > 10 * REL_TOL
-    # "auto" runs an fp8 checkpoint's weights in bf16 (its torch_dtype, and fp8 values fit bf16's range)
+    # "auto": the rest in bf16 (its torch_dtype, and fp8 values fit bf16's range)
     with pagedrt.Runtime(out, device="cpu", num_threads=2) as rt:
-        assert rt.model_info.weight_dtype == "bfloat16"
+        assert rt.model_info.weight_dtype == (kept or "bfloat16")
     with pagedrt.Runtime(path, device="cpu", num_threads=2) as rt:
         assert rt.model_info.quantization == ""
 
@@ -177,3 +182,66 @@ def test_compressed_tensors_dense_is_no_quantization(tiny_llama):
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(pagedrt.Unsupported, match="compressed-tensors format 'pack-quantized'"):
         pagedrt.Runtime(path, device="cpu")
+
+
+def quantize_rows(w):
+    """The reference of quantization="fp8": per row scale max |row| / 448 (fp32; 1 for a
+    zero row), codes torch's e4m3 rounding of w / scale. Returns the dequantized fp32 rows."""
+    w = np.asarray(w, np.float32)
+    amax = np.abs(w).max(1)
+    scale = np.where(amax > 0, amax / np.float32(448.0), np.float32(1.0)).astype(np.float32)
+    codes = torch.from_numpy((w / scale[:, None]).astype(np.float32)).to(torch.float8_e4m3fn)
+    return (codes.float().numpy() * scale[:, None]).astype(np.float32)
+
+
+@pytest.mark.parametrize("act", ["float32", "bfloat16"])
+@pytest.mark.parametrize("n,m,k", [(1, 48, 64), (3, 50, 200), (33, 200, 96), (100, 97, 1536)])
+def test_fp8_linear_is_the_product_of_the_quantized_weights(act, n, m, k):
+    """The CPU linear on fp8 weights (rows in tasks of 48, dequantized exactly):
+    within 1e-5 (relative, fp32 sums) of float64 x @ W^T on the reference
+    quantization, with rows of very different scales and a zero row."""
+    from pagedrt import _testing
+    ops = _testing._Ops("cpu", act)
+    rng = np.random.default_rng(n * 1000 + m + k)
+    w = (rng.standard_normal((m, k)) * 10.0 ** rng.uniform(-3, 2, (m, 1))).astype(np.float32)
+    w[m // 2] = 0.0
+    x = rng.standard_normal((n, k)).astype(np.float32)
+    if act == "bfloat16":  # the op rounds x to bf16 first
+        x = torch.from_numpy(x).to(torch.bfloat16).float().numpy()
+    ops.set_batch(*(np.zeros(n, np.int32),) * 2, np.zeros(n, np.int64), np.array([0, n], np.int32),
+                  np.array([n], np.int32), np.array([0, 1], np.int32), np.array([0], np.int32),
+                  np.array([n - 1], np.int32))
+    y = ops.linear(x, w, "fp8", True)
+    ref = x.astype(np.float64) @ quantize_rows(w).astype(np.float64).T
+    assert rel_err(y, ref) <= 1e-5
+    assert np.all(y[:, m // 2] == 0)
+    assert rel_err(y, x.astype(np.float64) @ w.astype(np.float64).T) > 1e-3  # the weights were rounded
+
+
+def test_quantization_fp8_matches_transformers_on_the_quantized_weights(tiny_llama):
+    """Runtime(quantization="fp8") on a tiny fp32 model, fp32 activations: logits
+    within 1e-4 of transformers holding every projection's reference
+    quantization, greedy tokens equal, and far from the unquantized model."""
+    path, model = tiny_llama(num_key_value_heads=2, hidden_size=96, intermediate_size=200)
+    import copy
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer in ref.model.layers:
+            for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                        layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+                lin.weight.copy_(torch.from_numpy(quantize_rows(lin.weight.numpy())))
+    prompt = np.random.default_rng(4).integers(3, 320, size=37).tolist()
+    with pagedrt.Runtime(path, device="cpu", num_threads=2, dtype="float32", activation_dtype="float32",
+                         quantization="fp8") as rt:
+        assert rt.model_info.weight_dtype == "float8_e4m3fn" and rt.model_info.quantization == "fp8"
+        tokens, logits, _ = run_request(rt, prompt, max_tokens=24, ignore_eos=True, return_logits=True)
+    assert tokens == reference_greedy(ref, prompt, 24)
+    want = reference_logits(ref, prompt + tokens[:-1])
+    assert rel_err(logits, want) <= REL_TOL
+    assert rel_err(logits, reference_logits(model, prompt + tokens[:-1])) > 10 * REL_TOL
+
+
+def test_quantization_is_checked(tiny_llama):
+    path, _ = tiny_llama()
+    with pytest.raises(pagedrt.InvalidArgument, match="quantization 'int4' is not known"):
+        pagedrt.Runtime(path, device="cpu", quantization="int4")

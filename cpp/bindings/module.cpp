@@ -385,6 +385,7 @@ NB_MODULE(_core, m) {
       .rw("dtype", &RC::dtype)
       .rw("activation_dtype", &RC::activation_dtype)
       .rw("kv_cache_dtype", &RC::kv_cache_dtype)
+      .rw("quantization", &RC::quantization)
       .rw("kv_cache_bytes", &RC::kv_cache_bytes)
       .rw("gpu_memory_utilization", &RC::gpu_memory_utilization)
       .rw("elastic_kv", &RC::elastic_kv)

@@ -60,7 +60,8 @@ F32Out make_out(std::vector<float>&& v, const std::vector<int64_t>& shape) {
 ScalarType parse_dtype(const std::string& s) {
   if (s == "float32") return ScalarType::F32;
   if (s == "bfloat16") return ScalarType::BF16;
-  throw pagedrt::Error(pagedrt::ErrorKind::InvalidArgument, "dtype must be float32 or bfloat16, got " + s);
+  if (s == "fp8") return ScalarType::F8E4M3;  // weights: quantized per row (backend.hpp's host_fp8_weight)
+  throw pagedrt::Error(pagedrt::ErrorKind::InvalidArgument, "dtype must be float32, bfloat16 or fp8, got " + s);
 }
 
 ScalarType activation_type(const std::string& device, const std::string& activation) {

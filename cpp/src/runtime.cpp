@@ -68,6 +68,8 @@ void check_config(const RuntimeConfig& c) {
   if (c.activation_dtype != "auto" && c.activation_dtype != "float32" && c.activation_dtype != "bfloat16")
     bad_arg("activation_dtype '" + c.activation_dtype +
             "' is not known (use \"auto\", \"float32\" or \"bfloat16\")");
+  if (!c.quantization.empty() && c.quantization != "fp8")
+    bad_arg("quantization '" + c.quantization + "' is not known (use \"\" for none or \"fp8\")");
   if (c.kv_cache_dtype == "fp8_e5m2")
     throw Error(ErrorKind::Unsupported,
                 "kv_cache_dtype 'fp8_e5m2': pagedrt stores fp8 KV as e4m3 with a scale per token and kv head "
@@ -189,6 +191,13 @@ Runtime::Runtime(const RuntimeConfig& config) : impl_(std::make_unique<Impl>()) 
                     "are available on the CPU (docs/determinism.md)");
   std::unique_ptr<Backend> backend = make_backend(device, config.num_threads, act, deterministic);
   backend->use_fp8_kv(config.kv_cache_dtype != "auto");
+  if (config.quantization == "fp8" && !backend->has_fp8_weights())
+    throw Error(ErrorKind::Unsupported, "quantization 'fp8' on device '" + device +
+                                            "': this backend has no fp8 GEMMs yet (the CPU backend runs fp8 weights)");
+  // fp8 projections: asked for, or an fp8 checkpoint with a scale per row, on a backend that runs them
+  auto fp8_projections = [&](const LlamaConfig& c) {
+    return config.quantization == "fp8" || (c.quant.any() && c.quant.block_rows == 0 && backend->has_fp8_weights());
+  };
   if (config.kv_cache_dtype != "auto" && device == "cuda" && (act != ScalarType::BF16 || config.block_size % 4 != 0))
     throw Error(ErrorKind::Unsupported,
                 "kv_cache_dtype '" + config.kv_cache_dtype + "' on device 'cuda' needs bf16 activations and a "
@@ -202,13 +211,14 @@ Runtime::Runtime(const RuntimeConfig& config) : impl_(std::make_unique<Impl>()) 
     max_len = config.max_model_len;
   }
   auto model = std::make_unique<LlamaModel>(cfg, config.model_path, *backend, wdtype, max_len,
-                                            config.on_load_progress);
+                                            config.on_load_progress, fp8_projections(cfg));
   DraftModel draft;
   LlamaConfig dcfg;
   if (!config.draft_model.empty()) {
     dcfg = draft_config(config.draft_model, cfg);
     draft.max_len = std::min<int64_t>(dcfg.max_position_embeddings, max_len);
-    draft.model = std::make_unique<LlamaModel>(dcfg, config.draft_model, *backend, wdtype, draft.max_len);
+    draft.model = std::make_unique<LlamaModel>(dcfg, config.draft_model, *backend, wdtype, draft.max_len,
+                                               std::function<void(int64_t, int64_t)>{}, fp8_projections(dcfg));
   }
   // One pool size for both caches: the draft's holds whatever the model's holds.
   const int64_t kv_bytes = kv_budget(config, *backend);
@@ -226,8 +236,8 @@ Runtime::Runtime(const RuntimeConfig& config) : impl_(std::make_unique<Impl>()) 
   m.info.max_model_len = max_len;
   m.info.bos_token_id = cfg.bos_token_id;
   m.info.eos_token_ids = eos_ids(cfg, config.model_path);
-  m.info.weight_dtype = scalar_name(wdtype);
-  m.info.quantization = cfg.quant.method;
+  m.info.weight_dtype = fp8_projections(cfg) ? scalar_name(ScalarType::F8E4M3) : scalar_name(wdtype);
+  m.info.quantization = cfg.quant.any() ? cfg.quant.method : config.quantization;
   m.info.activation_dtype = scalar_name(act);
   m.info.kv_cache_dtype = scalar_name(backend->kv_dtype());
   m.info.device = device;

@@ -152,7 +152,7 @@ class _LoadBar:
 #: The engine's options and their defaults: the C++ RuntimeConfig is their one
 #: source (``print(pagedrt.RuntimeConfig())`` shows them).
 RuntimeConfig = _core.RuntimeConfig
-_OPTIONS = ("device", "dtype", "activation_dtype", "kv_cache_dtype", "kv_cache_bytes", "gpu_memory_utilization", "elastic_kv",
+_OPTIONS = ("device", "dtype", "activation_dtype", "quantization", "kv_cache_dtype", "kv_cache_bytes", "gpu_memory_utilization", "elastic_kv",
             "kv_idle_release_s", "async_scheduling", "block_size",
             "max_num_seqs", "max_num_batched_tokens", "max_model_len", "enable_prefix_caching",
             "preemption_mode", "swap_space_bytes", "kv_watermark", "num_threads",
@@ -181,6 +181,13 @@ class Runtime:
             float32), "float32" (exact; on CUDA only with dtype="float32") or
             "bfloat16" (half the KV memory; on the CPU the same rounding points as
             the CUDA backend). The residual stream and all accumulation stay fp32.
+        quantization [""]: "fp8" quantizes each layer's seven projection
+            weights to e4m3 with a scale per output channel at load (no file
+            written; embeddings, norms and the lm head stay as they are): half
+            the memory of bf16 weights. CPU only so far. "" keeps the
+            checkpoint's weights (an fp8 checkpoint with a scale per tensor or
+            per channel keeps its codes on the CPU). ``model_info.weight_dtype``
+            says "float8_e4m3fn" where the projections are fp8.
         kv_cache_dtype ["auto"]: the KV cache's element type: "auto" (the
             activations') or "fp8" (e4m3 codes with a power-of-two scale per
             token and kv head, dequantized inside the attention kernels: about

@@ -44,6 +44,13 @@ struct RuntimeConfig {
   std::string activation_dtype = "auto";  // activations between ops and the KV cache: "auto"
                                    // (cuda: as the weights; cpu: bfloat16 for bf16 weights on a
                                    // processor with AVX-512 BF16, else float32), "float32", "bfloat16"
+  // Weight quantization at load: "" (none: the checkpoint's weights as they
+  // are; an fp8 checkpoint with a scale per tensor or per channel keeps its
+  // codes where the device runs fp8 weights, the CPU), or "fp8": each layer's
+  // seven projections quantized to e4m3 with a scale per output channel (max
+  // |row| / 448), no file written; embeddings, norms and the lm head stay as
+  // they are. CPU only so far (the CUDA backend raises Unsupported).
+  std::string quantization;
   // The KV cache's element type: "auto" (the activations'), or "fp8" (also
   // "fp8_e4m3"): e4m3 codes with a power-of-two scale per token and kv head,
   // dequantized inside the attention kernels: about twice the tokens of bf16
@@ -141,8 +148,8 @@ struct ModelInfo {
   int64_t max_model_len = 0;
   int32_t bos_token_id = -1;
   std::vector<int32_t> eos_token_ids;
-  std::string weight_dtype;        // "float32" or "bfloat16"
-  std::string quantization;        // the checkpoint's quant_method ("fp8", "fbgemm_fp8", "compressed-tensors"), "" for none
+  std::string weight_dtype;        // "float32" or "bfloat16"; "float8_e4m3fn" where the projections are fp8 (the rest is bf16 or fp32)
+  std::string quantization;        // the checkpoint's quant_method ("fp8", "fbgemm_fp8", "compressed-tensors"), or "fp8" (RuntimeConfig::quantization); "" for none
   std::string activation_dtype;    // "float32" or "bfloat16"
   std::string kv_cache_dtype;      // the KV cache's: the activation dtype's name, or "float8_e4m3fn"
   std::string device;              // "cpu" or "cuda"

@@ -1,5 +1,11 @@
 #include "backend/backend.hpp"
 
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "backend/fp8.hpp"
+
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -7,6 +13,40 @@
 #include "pagedrt/error.hpp"
 
 namespace pagedrt {
+
+Tensor host_fp8_weight(const std::vector<WeightView>& parts) {
+  int64_t rows = 0;
+  for (const WeightView& p : parts) rows += p.shape[0];
+  const int64_t k = parts[0].shape[1];
+  Tensor t = host_empty({rows, k}, ScalarType::F8E4M3);
+  t.row_scale = std::make_shared<Tensor>(host_empty({rows}, ScalarType::F32));
+  uint8_t* codes = t.as<uint8_t>();
+  float* scale = t.row_scale->as<float>();
+  std::vector<float> row(static_cast<size_t>(k));
+  for (const WeightView& p : parts) {
+    const int64_t n = p.shape[0];
+    if (p.type == WeightView::Type::F8E4M3) {
+      std::memcpy(codes, p.data, static_cast<size_t>(n * k));
+      std::memcpy(scale, p.row_scale, static_cast<size_t>(n) * 4);
+    } else {
+      for (int64_t r = 0; r < n; ++r) {
+        float amax = 0.0f;
+        for (int64_t c = 0; c < k; ++c) {
+          const int64_t i = r * k + c;
+          row[c] = p.type == WeightView::Type::F32    ? static_cast<const float*>(p.data)[i]
+                   : p.type == WeightView::Type::BF16 ? bf16_to_f32(static_cast<const uint16_t*>(p.data)[i])
+                                                      : f16_to_f32(static_cast<const uint16_t*>(p.data)[i]);
+          amax = std::max(amax, std::fabs(row[c]));
+        }
+        scale[r] = amax > 0.0f && std::isfinite(amax) ? amax / kE4m3Max : 1.0f;
+        for (int64_t c = 0; c < k; ++c) codes[r * k + c] = float_to_e4m3(row[c] / scale[r]);
+      }
+    }
+    codes += n * k;
+    scale += n;
+  }
+  return t;
+}
 
 int64_t WeightView::numel() const {
   int64_t n = 1;

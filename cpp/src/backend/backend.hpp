@@ -129,13 +129,14 @@ struct DrawLogprobs {
 // the call) and what they hold. The model makes these from the safetensors
 // reader; the backends know nothing of files.
 struct WeightView {
-  enum class Type { F32, F16, BF16 };
+  enum class Type { F32, F16, BF16, F8E4M3 };
   Type type = Type::F32;
   std::vector<int64_t> shape;
   const void* data = nullptr;
+  const float* row_scale = nullptr;  // F8E4M3: (rows) each row's scale (a checkpoint's codes, kept as they are)
 
   int64_t numel() const;
-  size_t element_size() const { return type == Type::F32 ? 4 : 2; }
+  size_t element_size() const { return type == Type::F32 ? 4 : type == Type::F8E4M3 ? 1 : 2; }
   size_t nbytes() const { return static_cast<size_t>(numel()) * element_size(); }
 };
 
@@ -162,9 +163,13 @@ class Backend {
   // Waits until every op queued so far has finished (a no-op on the CPU).
   virtual void synchronize() {}
 
-  // Weights: converted from the checkpoint's type to `dtype` (F32 or BF16).
-  // Several 2-D `parts` with the same column count are stacked (fused QKV).
+  // Weights: converted from the checkpoint's type to `dtype` (F32 or BF16;
+  // F8E4M3 where has_fp8_weights(): fp8 views kept as they are, the others
+  // quantized per row, host_fp8_weight). Several 2-D `parts` with the same
+  // column count are stacked (fused QKV).
   virtual Tensor load_weight(const std::vector<WeightView>& parts, ScalarType dtype) = 0;
+  // Whether linear() takes F8E4M3 weights (RuntimeConfig::quantization "fp8").
+  virtual bool has_fp8_weights() const { return false; }
   virtual Tensor empty(std::vector<int64_t> shape, ScalarType dtype) = 0;
   virtual Tensor from_host(const Tensor& host) = 0;
   // An elastic KV pool's memory (backend/kv_memory.hpp): `count` tensors of
@@ -296,6 +301,12 @@ class Backend {
   bool pad_decode_ = false;
   bool fp8_kv_ = false;
 };
+
+// The stacked `parts` as an fp8 weight in host memory (Tensor::row_scale
+// set): F8E4M3 views' codes and scales as they are; other rows quantized
+// with scale max |row| / 448 (1 for a zero row), codes rounded to nearest
+// even (backend/fp8.hpp).
+Tensor host_fp8_weight(const std::vector<WeightView>& parts);
 
 // Decode steps of more than 64 tokens, up to 512, round up to a multiple of
 // 8 (to 128 tokens), 16 (to 256) or 32 (to 512): 24 sizes, at most 12.5%

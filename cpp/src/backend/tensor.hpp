@@ -23,6 +23,9 @@ struct Tensor {
   ScalarType dtype = ScalarType::F32;
   Device device = Device::CPU;
   std::vector<int64_t> shape;
+  // fp8 weights (dtype F8E4M3, (rows, k)): (rows) fp32 on the same device;
+  // row r's values are e4m3_to_float(code) * row_scale[r]. Null otherwise.
+  std::shared_ptr<Tensor> row_scale;
 
   int64_t numel() const;
   int64_t dim(int i) const { return shape[i < 0 ? shape.size() + i : i]; }

@@ -11,9 +11,11 @@ namespace {
 
 // The tensor `name`, checked against the expected shape and dtype, as the
 // backends take it. An fp8 weight is dequantized into `keep` (which must
-// outlive the view) and given as fp32.
+// outlive the view) and given as fp32; with `codes`, where it has a scale
+// per row, it is given as it is with those scales (kept in `keep`).
 WeightView expect(const Checkpoint& ckpt, const std::string& name, std::vector<int64_t> shape,
-                  const QuantConfig& quant = {}, std::deque<std::vector<float>>* keep = nullptr) {
+                  const QuantConfig& quant = {}, std::deque<std::vector<float>>* keep = nullptr,
+                  bool codes = false) {
   const TensorView& t = ckpt.get(name);
   if (t.shape != shape)
     throw Error(ErrorKind::InvalidModel, t.file + ": tensor '" + name + "' has shape " + shape_str(t.shape) +
@@ -24,6 +26,17 @@ WeightView expect(const Checkpoint& ckpt, const std::string& name, std::vector<i
     case DType::F16: w.type = WeightView::Type::F16; break;
     case DType::BF16: w.type = WeightView::Type::BF16; break;
     case DType::F8_E4M3:
+      if (keep != nullptr && codes) {
+        std::vector<float> scales = fp8_row_scales(ckpt, name, t, quant);
+        if (!scales.empty()) {
+          keep->push_back(std::move(scales));
+          w.type = WeightView::Type::F8E4M3;
+          w.shape = t.shape;
+          w.data = t.data;
+          w.row_scale = keep->back().data();
+          return w;
+        }
+      }
       if (keep != nullptr) {
         keep->push_back(dequantize_fp8(ckpt, name, t, quant));
         w.type = WeightView::Type::F32;
@@ -61,7 +74,7 @@ RopeTable make_rope(Backend& backend, const LlamaConfig& cfg, int64_t max_positi
 
 LlamaModel::LlamaModel(const LlamaConfig& config, const std::string& model_dir, Backend& backend,
                        ScalarType weight_dtype, int64_t max_positions,
-                       const std::function<void(int64_t, int64_t)>& progress)
+                       const std::function<void(int64_t, int64_t)>& progress, bool fp8_projections)
     : cfg_(config),
       backend_(backend),
       weight_dtype_(weight_dtype) {
@@ -83,22 +96,23 @@ LlamaModel::LlamaModel(const LlamaConfig& config, const std::string& model_dir, 
     const std::string p = "model.layers." + std::to_string(l) + ".";
     std::deque<std::vector<float>> keep;  // this layer's fp8 weights, dequantized
     auto proj = [&](const std::string& name, std::vector<int64_t> shape) {
-      return expect(ckpt, name, std::move(shape), cfg_.quant, &keep);
+      return expect(ckpt, name, std::move(shape), cfg_.quant, &keep, fp8_projections);
     };
+    const ScalarType pd = fp8_projections ? ScalarType::F8E4M3 : weight_dtype;
     Layer layer;
     layer.input_norm = norm(p + "input_layernorm.weight");
     layer.post_norm = norm(p + "post_attention_layernorm.weight");
     layer.qkv = backend.load_weight({proj(p + "self_attn.q_proj.weight", {q_dim, hidden}),
                                      proj(p + "self_attn.k_proj.weight", {kv_dim, hidden}),
                                      proj(p + "self_attn.v_proj.weight", {kv_dim, hidden})},
-                                    weight_dtype);
+                                    pd);
     layer.o = backend.load_weight({proj(p + "self_attn.o_proj.weight", {hidden, q_dim})},
-                                  weight_dtype);
+                                  pd);
     layer.gate_up = backend.load_weight({proj(p + "mlp.gate_proj.weight", {inter, hidden}),
                                          proj(p + "mlp.up_proj.weight", {inter, hidden})},
-                                        weight_dtype);
+                                        pd);
     layer.down = backend.load_weight({proj(p + "mlp.down_proj.weight", {hidden, inter})},
-                                     weight_dtype);
+                                     pd);
     layers_.push_back(std::move(layer));
     loaded(l + 2);
   }

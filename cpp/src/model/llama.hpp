@@ -21,12 +21,16 @@ class LlamaModel {
  public:
   // Reads the safetensors weights of `model_dir` (whose config.json gave
   // `config`); weights are converted to `weight_dtype` (F32 or BF16) on
-  // `backend`. Every missing or mis-shaped tensor throws Error(InvalidModel)
-  // naming the file and tensor.
+  // `backend`, the seven projections of each layer to fp8 (F8E4M3, a scale
+  // per row) with `fp8_projections` (backend.has_fp8_weights(): an fp8
+  // checkpoint's per-tensor or per-channel codes kept as they are, any other
+  // weight quantized). Every missing or mis-shaped tensor throws
+  // Error(InvalidModel) naming the file and tensor.
   // `progress` (may be empty) hears (parts loaded, parts in all) after the
   // embedding, each layer and the head.
   LlamaModel(const LlamaConfig& config, const std::string& model_dir, Backend& backend, ScalarType weight_dtype,
-             int64_t max_positions, const std::function<void(int64_t, int64_t)>& progress = {});
+             int64_t max_positions, const std::function<void(int64_t, int64_t)>& progress = {},
+             bool fp8_projections = false);
 
   const LlamaConfig& config() const { return cfg_; }
   ScalarType weight_dtype() const { return weight_dtype_; }

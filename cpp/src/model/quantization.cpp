@@ -70,16 +70,21 @@ QuantConfig parse_quantization(const json::Value* q, const std::string& where) {
   return c;
 }
 
-std::vector<float> dequantize_fp8(const Checkpoint& ckpt, const std::string& name, const TensorView& w,
-                                  const QuantConfig& q) {
+namespace {
+
+// The scales of fp8 weight `w` as a grid: s[(r / br) * ((cols - 1) / bc + 1) + c / bc] covers (r, c).
+struct ScaleGrid {
+  std::vector<float> s;
+  int64_t br = 0, bc = 0;
+};
+
+ScaleGrid scale_grid(const Checkpoint& ckpt, const std::string& name, const TensorView& w, const QuantConfig& q) {
   const std::string what = w.file + ": fp8 tensor '" + name + "'";
   if (w.shape.size() != 2) throw Error(ErrorKind::InvalidModel, what + " is not a matrix");
   const int64_t rows = w.shape[0], cols = w.shape[1];
   const std::string per = name + "_scale", block = name + "_scale_inv";
-  std::vector<float> out(static_cast<size_t>(rows * cols));
-  // (row, col) -> the scale that covers it
   std::vector<float> s;
-  int64_t br = 0, bc = 0, grid_cols = 1;
+  int64_t br = 0, bc = 0;
   if (ckpt.has(per)) {
     const TensorView& t = ckpt.get(per);
     s = scale_values(t);
@@ -113,21 +118,47 @@ std::vector<float> dequantize_fp8(const Checkpoint& ckpt, const std::string& nam
   for (size_t i = 0; i < s.size(); ++i)
     if (!std::isfinite(s[i]))
       throw Error(ErrorKind::InvalidModel, what + ": scale " + std::to_string(i) + " is " + std::to_string(s[i]));
-  grid_cols = (cols - 1) / bc + 1;
+  return {std::move(s), br, bc};
+}
+
+// Throws Error(InvalidModel) naming the first e4m3 NaN code of `w`.
+void check_codes(const TensorView& w, const std::string& name) {
+  const int64_t cols = w.shape[1];
+  for (int64_t i = 0, n = w.numel(); i < n; ++i)
+    if ((w.data[i] & 0x7Fu) == 0x7Fu)
+      throw Error(ErrorKind::InvalidModel, w.file + ": fp8 tensor '" + name + "': element (" +
+                                               std::to_string(i / cols) + ", " + std::to_string(i % cols) +
+                                               ") is an e4m3 NaN");
+}
+
+}  // namespace
+
+std::vector<float> fp8_row_scales(const Checkpoint& ckpt, const std::string& name, const TensorView& w,
+                                  const QuantConfig& q) {
+  const ScaleGrid g = scale_grid(ckpt, name, w, q);
+  const int64_t rows = w.shape[0], cols = w.shape[1];
+  if (g.bc < cols) return {};  // column blocks: no scale per row
+  check_codes(w, name);
+  std::vector<float> out(static_cast<size_t>(rows));
+  for (int64_t r = 0; r < rows; ++r) out[r] = g.s[r / g.br];
+  return out;
+}
+
+std::vector<float> dequantize_fp8(const Checkpoint& ckpt, const std::string& name, const TensorView& w,
+                                  const QuantConfig& q) {
+  const ScaleGrid g = scale_grid(ckpt, name, w, q);
+  check_codes(w, name);
+  const int64_t rows = w.shape[0], cols = w.shape[1], grid_cols = (cols - 1) / g.bc + 1;
+  std::vector<float> out(static_cast<size_t>(rows * cols));
   float lut[256];
   for (int i = 0; i < 256; ++i) lut[i] = e4m3_to_float(static_cast<uint8_t>(i));
   for (int64_t r = 0; r < rows; ++r) {
     const uint8_t* code = w.data + r * cols;
     float* o = out.data() + r * cols;
-    const float* srow = s.data() + (r / br) * grid_cols;
-    for (int64_t c0 = 0; c0 < cols; c0 += bc) {  // a block of columns shares its scale
-      const float sc = srow[c0 / bc];
-      for (int64_t c = c0; c < std::min(cols, c0 + bc); ++c) {
-        if ((code[c] & 0x7Fu) == 0x7Fu)
-          throw Error(ErrorKind::InvalidModel, what + ": element (" + std::to_string(r) + ", " + std::to_string(c) +
-                                                   ") is an e4m3 NaN");
-        o[c] = lut[code[c]] * sc;
-      }
+    const float* srow = g.s.data() + (r / g.br) * grid_cols;
+    for (int64_t c0 = 0; c0 < cols; c0 += g.bc) {  // a block of columns shares its scale
+      const float sc = srow[c0 / g.bc];
+      for (int64_t c = c0; c < std::min(cols, c0 + g.bc); ++c) o[c] = lut[code[c]] * sc;
     }
   }
   return out;

@@ -42,5 +42,10 @@ QuantConfig parse_quantization(const json::Value* q, const std::string& where);
 // scale is not finite or a code is e4m3's NaN.
 std::vector<float> dequantize_fp8(const Checkpoint& ckpt, const std::string& name, const TensorView& w,
                                   const QuantConfig& q);
+// Where fp8 weight `w` has one scale per row (`<name>_scale`, per tensor or
+// per channel): those scales, its codes checked as dequantize_fp8 checks them,
+// so the codes can be kept as they are; empty for block scales.
+std::vector<float> fp8_row_scales(const Checkpoint& ckpt, const std::string& name, const TensorView& w,
+                                  const QuantConfig& q);
 
 }  // namespace pagedrt

@@ -20,6 +20,8 @@ from ..runtime import _OPTIONS
 _HELP = {
     "dtype": "weight dtype: auto, float32 or bfloat16",
     "activation_dtype": "activation and KV-cache dtype: auto, float32 or bfloat16",
+    "quantization": "weight quantization at load: \"\" (none) or fp8 (each projection to e4m3 with a scale per "
+                    "output channel; CPU only so far)",
     "kv_cache_dtype": "KV cache element type: auto (the activations') or fp8 (e4m3 with a scale per token and "
                       "kv head: about twice the tokens in the same memory)",
     "kv_cache_bytes": "KV pool cap in bytes (0: 512 MiB on the CPU, else gpu_memory_utilization)",

@@ -34,6 +34,7 @@ void convert(const WeightView& src, ScalarType dtype, void* dst) {
         for (int64_t i = 0; i < n; ++i) out[i] = f16_to_f32(in[i]);
         return;
       }
+      case WeightView::Type::F8E4M3: break;  // fp8 codes load only as fp8 (host_fp8_weight)
     }
   } else if (dtype == ScalarType::BF16) {
     uint16_t* out = static_cast<uint16_t*>(dst);
@@ -49,6 +50,7 @@ void convert(const WeightView& src, ScalarType dtype, void* dst) {
         for (int64_t i = 0; i < n; ++i) out[i] = f32_to_bf16(f16_to_f32(in[i]));
         return;
       }
+      case WeightView::Type::F8E4M3: break;
     }
   }
   throw Error(ErrorKind::InvalidArgument, std::string("weights load as float32 or bfloat16, not ") + scalar_name(dtype));
@@ -72,6 +74,7 @@ CpuBackend::CpuBackend(int num_threads, ScalarType activation_dtype, bool determ
 }
 
 Tensor CpuBackend::load_weight(const std::vector<WeightView>& parts, ScalarType dtype) {
+  if (dtype == ScalarType::F8E4M3) return host_fp8_weight(parts);
   int64_t rows = 0;
   std::vector<int64_t> shape = parts[0].shape;
   for (const WeightView& p : parts) rows += p.shape[0];
@@ -254,6 +257,13 @@ void CpuBackend::linear(const Tensor& x, const Tensor& weight, int64_t n, Tensor
   if (out.dtype == ScalarType::BF16) {
     grow(y32_, n * m);
     yf = y32_.data();
+  }
+  if (weight.dtype == ScalarType::F8E4M3) {  // codes dequantized per task of rows (gemm.hpp)
+    const bool xb = x.dtype == ScalarType::BF16;
+    gemm_f8(xb ? nullptr : x.as<float>(), xb ? x.as<uint16_t>() : nullptr, weight.as<uint8_t>(),
+            weight.row_scale->as<float>(), yf, n, m, k, team());
+    if (out.dtype == ScalarType::BF16) narrow_rows(yf, n, m, out.as<uint16_t>(), team());
+    return;
   }
   if (x.dtype == ScalarType::BF16 && weight.dtype == ScalarType::BF16) {
     // bf16 x bf16 with fp32 accumulation (VDPBF16PS where the processor has it)

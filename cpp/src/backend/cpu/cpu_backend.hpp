@@ -24,6 +24,7 @@ class CpuBackend final : public Backend {
   explicit CpuBackend(int num_threads, ScalarType activation_dtype = ScalarType::F32, bool deterministic = true);
   Device device() const override { return Device::CPU; }
   ScalarType activation_dtype() const override { return act_; }
+  bool has_fp8_weights() const override { return true; }
   int num_threads() const { return threads_; }
   // Cores lent to the structured-output masks while they are filled beside
   // the forward: each op's team leaves them free (at most the cores less n,

@@ -9,6 +9,7 @@
 #include <mutex>
 #include <thread>
 
+#include "backend/cpu/kv_fp8.hpp"
 #include "pagedrt/error.hpp"
 
 namespace pagedrt::cpu {
@@ -84,6 +85,36 @@ void gemm_bf16(const float* x, const uint16_t* w, float* y, int64_t n, int64_t m
 
 void gemm_bf16_bf16(const uint16_t* x, const uint16_t* w, float* y, int64_t n, int64_t m, int64_t k, int threads) {
   chosen().bf16_bf16(x, w, y, n, m, k, threads);
+}
+
+void gemm_f8(const float* xf, const uint16_t* xb, const uint8_t* w, const float* scale, float* y, int64_t n,
+             int64_t m, int64_t k, int threads) {
+  const Variant& v = chosen();
+#ifdef PAGEDRT_HAVE_AVX512BF16_KERNEL
+  // Decode (one token tile): codes widened in registers, each weight once.
+  // More tokens would widen every weight once per tile of 4: the buffer below
+  // widens them once per call (SmolLM2, 2 threads: 32-row steps at half the
+  // rate in registers).
+  if (xb != nullptr && n <= 4 && v.name == "avx512bf16")
+    return avx512bf16::gemm_bf16_f8(xb, w, scale, y, n, m, k, threads);
+#endif
+  const int64_t tasks = (m + kFp8Rows - 1) / kFp8Rows;
+  const bool parallel = threads > 1 && tasks > 1;
+#pragma omp parallel for schedule(static) num_threads(threads) if (parallel)
+  for (int64_t task = 0; task < tasks; ++task) {
+    static thread_local std::vector<uint16_t> buf;  // (rows, k) bf16
+    static thread_local std::vector<float> part;    // (n, rows)
+    const int64_t r0 = task * kFp8Rows, rows = std::min(kFp8Rows, m - r0);
+    if (buf.size() < static_cast<size_t>(kFp8Rows * k)) buf.resize(static_cast<size_t>(kFp8Rows * k));
+    if (part.size() < static_cast<size_t>(n * kFp8Rows)) part.resize(static_cast<size_t>(n * kFp8Rows));
+    for (int64_t r = 0; r < rows; ++r) dequantize_kv_row(w + (r0 + r) * k, 0, k, buf.data() + r * k);
+    if (xb != nullptr)
+      v.bf16_bf16(xb, buf.data(), part.data(), n, rows, k, 1);
+    else
+      v.bf16(xf, buf.data(), part.data(), n, rows, k, 1);
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t r = 0; r < rows; ++r) y[t * m + r0 + r] = part[t * rows + r] * scale[r0 + r];
+  }
 }
 
 const std::string& gemm_variant() { return chosen().name; }

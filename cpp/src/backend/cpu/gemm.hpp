@@ -22,6 +22,17 @@ void gemm_f32(const float* x, const float* w, float* y, int64_t n, int64_t m, in
 void gemm_bf16(const float* x, const uint16_t* w, float* y, int64_t n, int64_t m, int64_t k, int threads);
 void gemm_bf16_bf16(const uint16_t* x, const uint16_t* w, float* y, int64_t n, int64_t m, int64_t k, int threads);
 
+// W (m, k) fp8 e4m3 codes with a scale per row (Tensor::row_scale): y[t][r]
+// = scale[r] * dot(x[t], e4m3(W[r])). x is fp32 (xf) or bf16 (xb; the other
+// null). Decode steps (n <= 4) with bf16 activations on avx512bf16 widen the
+// codes in registers (avx512bf16::gemm_bf16_f8); otherwise the rows go in tasks of
+// kFp8Rows, each dequantized into the thread's buffer as bf16 (exact: every
+// e4m3 value is a bf16) and multiplied there by the variant's bf16 kernel on
+// one thread, then scaled.
+constexpr int64_t kFp8Rows = 48;
+void gemm_f8(const float* xf, const uint16_t* xb, const uint8_t* w, const float* scale, float* y, int64_t n,
+             int64_t m, int64_t k, int threads);
+
 // The variant gemm_* use, and every variant this build and processor can run.
 const std::string& gemm_variant();
 std::vector<std::string> gemm_variants();
@@ -72,6 +83,9 @@ PAGEDRT_GEMM_DECLARE(avx512)
 // avx512bf16 has only its own gemm_bf16_bf16; its fp32-activation calls are avx512's.
 namespace avx512bf16 {
 void gemm_bf16_bf16(const uint16_t* x, const uint16_t* w, float* y, int64_t n, int64_t m, int64_t k, int threads);
+// gemm_f8's bf16-activation case, the codes widened in registers (no buffer)
+void gemm_bf16_f8(const uint16_t* x, const uint8_t* w, const float* scale, float* y, int64_t n, int64_t m, int64_t k,
+                  int threads);
 }
 
 }  // namespace pagedrt::cpu

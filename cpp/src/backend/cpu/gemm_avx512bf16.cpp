@@ -47,6 +47,22 @@ constexpr int kLanes = 32;  // bf16 per 512-bit load
 inline __m512bh load(const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
 inline __m512bh load(const uint16_t* p, __mmask32 mask) { return (__m512bh)_mm512_maskz_loadu_epi16(mask, p); }
 
+// 32 fp8 weights (e4m3 codes) as 32 bf16 of their values times 2^-8: each
+// code's bits moved into an fp16 with the same digits ((c & 0x7F) << 7, the
+// sign on top: subnormals included), widened to fp32 and narrowed to bf16,
+// all exact (4 significant bits). gemm_bf16_f8 takes the 2^8 back with the
+// row's scale.
+inline __m512bh widen_e4m3(__m256i c8) {
+  const __m512i c = _mm512_cvtepu8_epi16(c8);
+  const __m512i h = _mm512_or_si512(_mm512_slli_epi16(_mm512_and_si512(c, _mm512_set1_epi16(0x80)), 8),
+                                    _mm512_slli_epi16(_mm512_and_si512(c, _mm512_set1_epi16(0x7F)), 7));
+  const __m512 lo = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
+  const __m512 hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
+  return _mm512_cvtne2ps_pbh(hi, lo);
+}
+inline __m512bh load(const uint8_t* p) { return widen_e4m3(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+inline __m512bh load(const uint8_t* p, __mmask32 mask) { return widen_e4m3(_mm256_maskz_loadu_epi8(mask, p)); }
+
 // The lane sums of four vectors, as one (4) vector: ~13 instructions against
 // ~32 for four separate horizontal sums. Within each 128-bit block:
 //   unpack ps + add:  [a0 a1 a0 a1] (lanes 0+2, 1+3), same for a2, a3
@@ -71,8 +87,8 @@ inline __m128 sum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
 enum Prefetch { kNone, kToL2, kToL1 };
 
 // T tokens x R weight rows: y[t][r] = dot(x[t], w[r]), prefetching the next R rows as P says.
-template <int T, int R, Prefetch P>
-inline void micro(const uint16_t* x, const uint16_t* w, float* y, int64_t k, int64_t ldy) {
+template <int T, int R, Prefetch P, typename W>
+inline void micro(const uint16_t* x, const W* w, float* y, int64_t k, int64_t ldy) {
   __m512 acc[T][R];
   PAGEDRT_UNROLL for (int t = 0; t < T; ++t)
     PAGEDRT_UNROLL for (int r = 0; r < R; ++r) acc[t][r] = _mm512_setzero_ps();
@@ -116,8 +132,8 @@ inline void micro(const uint16_t* x, const uint16_t* w, float* y, int64_t k, int
 // The last token tile: the next task's rows asked for in L1, or where
 // g_prefetch says when it is the only tile (decode: n <= kT; larger n
 // asked L2 in their first tile already).
-template <int T, int R>
-inline void last_tile(bool only, const uint16_t* x, const uint16_t* w, float* y, int64_t k, int64_t ldy) {
+template <int T, int R, typename W>
+inline void last_tile(bool only, const uint16_t* x, const W* w, float* y, int64_t k, int64_t ldy) {
   if (only && g_prefetch == PrefetchTo::L2)
     micro<T, R, kToL2>(x, w, y, k, ldy);
   else
@@ -125,8 +141,8 @@ inline void last_tile(bool only, const uint16_t* x, const uint16_t* w, float* y,
 }
 
 // The last n % kT tokens, T < kT of them (prefetching: it is the last token tile).
-template <int T, int R>
-inline void token_tail(bool only, int64_t left, const uint16_t* x, const uint16_t* w, float* y, int64_t k,
+template <int T, int R, typename W>
+inline void token_tail(bool only, int64_t left, const uint16_t* x, const W* w, float* y, int64_t k,
                        int64_t ldy) {
   if constexpr (T > 0) {
     if (left == T)
@@ -144,8 +160,8 @@ inline void token_tail(bool only, int64_t left, const uint16_t* x, const uint16_
 // g_prefetch says (L1 where this was tuned; L2 by 1.8x at n = 1 on a
 // Zen 5 VM). (Repacking W so that a task reads it front to back instead of
 // 6 interleaved rows changed nothing: tried, same session.)
-template <int R>
-inline void rows_block(const uint16_t* x, const uint16_t* w, float* y, int64_t n, int64_t m, int64_t k) {
+template <int R, typename W>
+inline void rows_block(const uint16_t* x, const W* w, float* y, int64_t n, int64_t m, int64_t k) {
   int64_t t = 0;
   if (t + kT < n) {
     micro<kT, R, kToL2>(x, w, y, k, m);
@@ -159,8 +175,8 @@ inline void rows_block(const uint16_t* x, const uint16_t* w, float* y, int64_t n
 }
 
 // The last m % kR rows, R < kR of them.
-template <int R>
-inline void row_tail(int64_t left, const uint16_t* x, const uint16_t* w, float* y, int64_t n, int64_t m, int64_t k) {
+template <int R, typename W>
+inline void row_tail(int64_t left, const uint16_t* x, const W* w, float* y, int64_t n, int64_t m, int64_t k) {
   if constexpr (R > 0) {
     if (left == R)
       rows_block<R>(x, w, y, n, m, k);
@@ -170,6 +186,22 @@ inline void row_tail(int64_t left, const uint16_t* x, const uint16_t* w, float* 
 }
 
 }  // namespace
+
+void gemm_bf16_f8(const uint16_t* x, const uint8_t* w, const float* scale, float* y, int64_t n, int64_t m, int64_t k,
+                  int threads) {
+  const int64_t tasks = (m + kR - 1) / kR;
+  const bool parallel = threads > 1 && m * k * (n > 1 ? n : 1) > (1 << 15);
+#pragma omp parallel for schedule(static) num_threads(threads) if (parallel)
+  for (int64_t task = 0; task < tasks; ++task) {
+    const int64_t r = task * kR;
+    if (r + kR <= m)
+      rows_block<kR>(x, w + r * k, y + r, n, m, k);
+    else
+      row_tail<kR - 1>(m - r, x, w + r * k, y + r, n, m, k);
+    for (int64_t t = 0; t < n; ++t)  // the rows' scales, and the 2^8 the widening took off
+      for (int64_t j = r; j < (r + kR < m ? r + kR : m); ++j) y[t * m + j] *= scale[j] * 256.0f;
+  }
+}
 
 void gemm_bf16_bf16(const uint16_t* x, const uint16_t* w, float* y, int64_t n, int64_t m, int64_t k, int threads) {
   // One task per kR output rows; its weight rows stay in L1 while all token tiles pass over them.

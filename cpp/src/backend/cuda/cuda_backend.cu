@@ -30,6 +30,7 @@ int elem_kind(WeightView::Type t) {
     case WeightView::Type::F32: return static_cast<int>(Elem::F32);
     case WeightView::Type::F16: return static_cast<int>(Elem::F16);
     case WeightView::Type::BF16: return static_cast<int>(Elem::BF16);
+    case WeightView::Type::F8E4M3: break;  // no fp8 weights here (has_fp8_weights() is false)
   }
   return -1;
 }
