@@ -31,12 +31,23 @@ __device__ __forceinline__ __nv_bfloat162 e4m3_pair(uint32_t w, float scale) {
 }
 
 // 4 codes (a word) as 4 fp16 (two f16x2 words), unscaled: exact (the
-// hardware conversion, sm_89 on).
+// hardware conversion from sm_89 on; before it, the same digits moved into
+// fp16, e4m3_pair's way, times 2^8: exact, as every value fits fp16).
 __device__ __forceinline__ uint2 e4m3_x4_f16(uint32_t w) {
   uint2 r;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 890
+  auto pair = [](uint32_t v) {
+    const uint32_t h = ((v & 0x80u) << 8) | ((v & 0x7Fu) << 7) | ((v & 0x8000u) << 16) | ((v & 0x7F00u) << 15);
+    const __half2 x = __hmul2(*reinterpret_cast<const __half2*>(&h), __float2half2_rn(256.0f));
+    return *reinterpret_cast<const uint32_t*>(&x);
+  };
+  r.x = pair(w & 0xFFFFu);
+  r.y = pair(w >> 16);
+#else
   asm("{\n.reg .b16 lo, hi;\nmov.b32 {lo, hi}, %2;\ncvt.rn.f16x2.e4m3x2 %0, lo;\ncvt.rn.f16x2.e4m3x2 %1, hi;\n}"
       : "=r"(r.x), "=r"(r.y)
       : "r"(w));
+#endif
   return r;
 }
 
