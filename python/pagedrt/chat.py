@@ -53,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"where to run (default: {engine.device}; auto: the GPU when one is visible)")
     p.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16"],
                    help=f"weight dtype (default: {engine.dtype}; auto: fp32 checkpoints stay fp32, others bf16)")
+    p.add_argument("--quantization", default=None, choices=["fp8"],
+                   help="quantize the projection weights at load: fp8 (e4m3, a scale per output channel: "
+                        "half the memory of bf16; on the CPU faster decoding, slightly less accurate)")
     p.add_argument("--kv-cache-dtype", default=None, choices=["auto", "fp8"],
                    help=f"KV cache element type (default: {engine.kv_cache_dtype}; fp8: e4m3 with a scale per "
                         "token and kv head, about twice the tokens in the same memory)")
@@ -231,7 +234,7 @@ def main(argv=None) -> int:
         # kv_idle_release_s=0: the conversation's cached prefix stays while the user types
         # (an elastic pool's idle release evicts the cached blocks of the chunks it gives back).
         rt = Runtime(args.model, device=args.device, dtype=args.dtype, num_threads=args.threads,
-                     kv_cache_dtype=args.kv_cache_dtype,
+                     kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
                      max_model_len=args.max_model_len, draft_model=args.draft_model, kv_idle_release_s=0)
     except (ModelNotFoundError, FileNotFoundError, ValueError, InvalidArgument) as e:
         print(f"pagedrt-chat: {e}", file=sys.stderr)
