@@ -1755,3 +1755,16 @@ def test_fp8_kv_end_to_end_matches_the_cpu(tiny_llama):
         e = rel_err(l1[:n], l0[:n])
         record("fp8_kv_e2e_logits", e)
         assert e <= 2e-2 and same >= 1
+
+
+def test_fp8_options_that_cuda_lacks_are_clear_errors(tiny_llama):
+    """quantization="fp8" (no fp8 GEMMs on CUDA yet) and an fp8 KV cache with fp32
+    activations or a block size that is not a multiple of 4 raise Unsupported
+    naming what is missing."""
+    path, _ = tiny_llama(hidden_size=256, num_attention_heads=4, num_key_value_heads=2)
+    with pytest.raises(pagedrt.Unsupported, match="quantization 'fp8' on device 'cuda'"):
+        pagedrt.Runtime(path, device="cuda", quantization="fp8")
+    with pytest.raises(pagedrt.Unsupported, match="needs bf16 activations"):
+        pagedrt.Runtime(path, device="cuda", kv_cache_dtype="fp8", dtype="float32")
+    with pytest.raises(pagedrt.Unsupported, match="multiple of 4"):
+        pagedrt.Runtime(path, device="cuda", kv_cache_dtype="fp8", block_size=2)
