@@ -307,3 +307,24 @@ def test_fp8_kv_options_are_checked(tiny_llama):
         pagedrt.Runtime(path, device="cpu", kv_cache_dtype="int8")
     with pytest.raises(pagedrt.InvalidArgument, match="power of two or a multiple of 16, got 12"):
         pagedrt.Runtime(path, device="cpu", kv_cache_dtype="fp8", block_size=12)
+
+
+def test_fp8_kv_forks_and_beams_under_swap_match_a_roomy_pool(tmp_path_factory):
+    """n = 3 seeded samples and beam width 3 on fp8 blocks: shared prompt blocks,
+    copy-on-write and beams' block tables, swapped out and back in a small pool,
+    give the outputs of a roomy fp8 pool (as tests/test_scheduler.py holds
+    for the activation-dtype cache)."""
+    from conftest import make_tiny_llama
+    from test_scheduler import BLOCK, FORK_REQS, run_forks
+    path, _ = make_tiny_llama(tmp_path_factory.mktemp("fp8forks") / "m", num_key_value_heads=2,
+                              num_hidden_layers=2, hidden_size=64, intermediate_size=128)
+    base = dict(device="cpu", block_size=BLOCK, enable_prefix_caching=False, kv_cache_dtype="fp8")
+    with pagedrt.Runtime(path, **base) as rt:
+        roomy, errors = run_forks(rt)
+        block = rt.stats().kv_cache_bytes // rt.stats().num_blocks
+    assert errors == [""] * len(FORK_REQS)
+    with pagedrt.Runtime(path, **base, kv_cache_bytes=24 * block, preemption_mode="swap") as rt:
+        got, errors = run_forks(rt)
+        s = rt.stats()
+    assert errors == [""] * len(FORK_REQS) and got == roomy
+    assert s.num_swapped_out > 0 and s.swap_out_blocks == s.swap_in_blocks and s.blocks_used == 0
