@@ -1768,3 +1768,46 @@ def test_fp8_options_that_cuda_lacks_are_clear_errors(tiny_llama):
         pagedrt.Runtime(path, device="cuda", kv_cache_dtype="fp8", dtype="float32")
     with pytest.raises(pagedrt.Unsupported, match="multiple of 4"):
         pagedrt.Runtime(path, device="cuda", kv_cache_dtype="fp8", block_size=2)
+
+
+@pytest.mark.parametrize("kind", ["decode", "decode-b1", "mixed"])
+def test_fp8_kv_attention_with_exponents_far_apart(fp8_ops, kind):
+    """V rows whose exponents spread over 2^-40 .. 2^0 (zero rows among them) and
+    K rows over 2^-12 .. 2^2, and exponent bytes of every slot no sequence
+    holds set to the extremes (-128, 127): the GPU's fp8 attention against the
+    CPU's on the same cache within the bf16 tolerance. The decode kernel
+    weighs P V relative to the largest V exponent so far; a key far below it
+    must still count in the softmax's denominator."""
+    from test_fp8_kv import dequantize, pack
+    H, Hkv, D = 32, 8, 128
+    rng = np.random.default_rng(zlib.crc32(f"fp8 wide {kind}".encode()))
+    b, qkv, _, _ = attention_inputs(rng, ATTN_BATCHES[kind], H, Hkv, D)
+    nb = b["num_blocks"]
+    caches = []
+    for lo, hi in ((-12, 3), (-40, 1)):
+        codes = rng.integers(0, 256, (nb, 16, Hkv, D), dtype=np.uint8)
+        codes[(codes & 0x7F) == 0x7F] = 0x3C
+        exps = rng.integers(lo, hi, (nb, 16, Hkv)).astype(np.int8)
+        if lo == -40:
+            zero = rng.random((nb, 16, Hkv)) < 0.1
+            codes[zero] = 0
+            exps[zero] = -110
+        held = np.zeros((nb, 16), bool)
+        for s in b["slots"]:
+            held[s // 16, s % 16] = True
+        for table, ctx in zip(b["tables"], b["seq_lens"]):
+            for p in range(ctx):
+                held[table[p // 16], p % 16] = True
+        exps[~held] = rng.choice(np.array([-128, 127], np.int8), size=exps[~held].shape)
+        caches.append(pack(codes, exps))
+    k8, v8 = caches
+    res = []
+    for o in fp8_ops:
+        set_batch(o, b)
+        res.append(o.paged_attention(qkv, k8, v8, H, Hkv, D, D ** -0.5))
+    oracle, ours = res
+    e = rel_err(ours, oracle)
+    record(f"fp8_kv_attention_wide_exponents[{kind}]", e)
+    assert e <= BF16_TOL
+    for t in range(len(b["tokens"])):
+        assert rel_err(ours[t], oracle[t]) <= 2 * BF16_TOL, t

@@ -245,3 +245,31 @@ def test_quantization_is_checked(tiny_llama):
     path, _ = tiny_llama()
     with pytest.raises(pagedrt.InvalidArgument, match="quantization 'int4' is not known"):
         pagedrt.Runtime(path, device="cpu", quantization="int4")
+
+
+def test_fp8_checkpoint_keeps_unquantized_projections_as_they_are(tiny_llama, tmp_path):
+    """A per-channel fp8 checkpoint whose layer-0 o_proj and up_proj were left in
+    fp32 (as compressed-tensors' ignore lists leave layers): on the CPU the fp8
+    groups keep their codes, o_proj loads unquantized and the gate/up group,
+    half fp8, is dequantized: logits within 1e-4 of transformers on exactly
+    those weights (quantizing the fp32 ones would move them ~1e-2)."""
+    path, model = tiny_llama(num_key_value_heads=2, hidden_size=96, intermediate_size=200)
+    out = tmp_path / "fp8-mixed"
+    make_fp8_checkpoint.main([str(path), str(out), "--scheme", "channel"])
+    keep = {"model.layers.0.self_attn.o_proj.weight", "model.layers.0.mlp.up_proj.weight"}
+    originals = {name: p.detach().numpy().astype(np.float32) for name, p in model.named_parameters() if name in keep}
+
+    def unquantize(tensors):
+        for name in keep:
+            if name in tensors:
+                tensors[name] = ("F32", originals[name])
+                tensors.pop(name + "_scale", None)
+
+    edit_safetensors(out, unquantize)
+    ref = dequantized_reference(out, 32)
+    prompt = np.random.default_rng(5).integers(3, 320, size=30).tolist()
+    with pagedrt.Runtime(out, device="cpu", num_threads=2, dtype="float32", activation_dtype="float32") as rt:
+        assert rt.model_info.weight_dtype == "float8_e4m3fn"
+        tokens, logits, _ = run_request(rt, prompt, max_tokens=12, ignore_eos=True, return_logits=True)
+    assert tokens == reference_greedy(ref, prompt, 12)
+    assert rel_err(logits, reference_logits(ref, prompt + tokens[:-1])) <= REL_TOL

@@ -194,9 +194,11 @@ Runtime::Runtime(const RuntimeConfig& config) : impl_(std::make_unique<Impl>()) 
   if (config.quantization == "fp8" && !backend->has_fp8_weights())
     throw Error(ErrorKind::Unsupported, "quantization 'fp8' on device '" + device +
                                             "': this backend has no fp8 GEMMs yet (the CPU backend runs fp8 weights)");
-  // fp8 projections: asked for, or an fp8 checkpoint with a scale per row, on a backend that runs them
+  // fp8 projections: asked for, or an fp8 checkpoint's (scales per tensor or per channel) on a backend that runs them
   auto fp8_projections = [&](const LlamaConfig& c) {
-    return config.quantization == "fp8" || (c.quant.any() && c.quant.block_rows == 0 && backend->has_fp8_weights());
+    if (config.quantization == "fp8") return Fp8Projections::All;
+    return c.quant.any() && c.quant.block_rows == 0 && backend->has_fp8_weights() ? Fp8Projections::Checkpoint
+                                                                                : Fp8Projections::None;
   };
   if (config.kv_cache_dtype != "auto" && device == "cuda" && (act != ScalarType::BF16 || config.block_size % 4 != 0))
     throw Error(ErrorKind::Unsupported,
@@ -236,7 +238,7 @@ Runtime::Runtime(const RuntimeConfig& config) : impl_(std::make_unique<Impl>()) 
   m.info.max_model_len = max_len;
   m.info.bos_token_id = cfg.bos_token_id;
   m.info.eos_token_ids = eos_ids(cfg, config.model_path);
-  m.info.weight_dtype = fp8_projections(cfg) ? scalar_name(ScalarType::F8E4M3) : scalar_name(wdtype);
+  m.info.weight_dtype = fp8_projections(cfg) != Fp8Projections::None ? scalar_name(ScalarType::F8E4M3) : scalar_name(wdtype);
   m.info.quantization = cfg.quant.any() ? cfg.quant.method : config.quantization;
   m.info.activation_dtype = scalar_name(act);
   m.info.kv_cache_dtype = scalar_name(backend->kv_dtype());

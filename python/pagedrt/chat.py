@@ -215,7 +215,7 @@ def main(argv=None) -> int:
     # that, and Python then never raises KeyboardInterrupt).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     from . import Runtime, SamplingParams
-    from .errors import InvalidArgument
+    from .errors import InvalidArgument, Unsupported
     from .models import ModelNotFoundError
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -236,7 +236,7 @@ def main(argv=None) -> int:
         rt = Runtime(args.model, device=args.device, dtype=args.dtype, num_threads=args.threads,
                      kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
                      max_model_len=args.max_model_len, draft_model=args.draft_model, kv_idle_release_s=0)
-    except (ModelNotFoundError, FileNotFoundError, ValueError, InvalidArgument) as e:
+    except (ModelNotFoundError, FileNotFoundError, ValueError, InvalidArgument, Unsupported) as e:
         print(f"pagedrt-chat: {e}", file=sys.stderr)
         return 1
     if rt.tokenizer is None or rt.tokenizer.chat_template is None:

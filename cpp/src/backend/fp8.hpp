@@ -75,7 +75,7 @@ PAGEDRT_HD int kv_row_exponent(float amax) {
   uint32_t bits;
   std::memcpy(&bits, &amax, 4);
   bits &= 0x7FFFFFFFu;
-  if (bits < 0x0D000000u) return kKvExpMin;  // below 2^-101 (and 0): the smallest exponent
+  if (bits < 0x00800000u) return kKvExpMin;  // 0 and subnormals: the smallest exponent
   if (bits >= 0x7F800000u) return kKvExpMax;  // inf / NaN: the codes saturate or stay NaN
   // amax = m 2^e0, m in [1, 2); 448 = 1.75 2^8: e = e0 - 8, one more when m > 1.75
   const int e0 = static_cast<int>(bits >> 23) - 127;

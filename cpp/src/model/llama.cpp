@@ -74,7 +74,7 @@ RopeTable make_rope(Backend& backend, const LlamaConfig& cfg, int64_t max_positi
 
 LlamaModel::LlamaModel(const LlamaConfig& config, const std::string& model_dir, Backend& backend,
                        ScalarType weight_dtype, int64_t max_positions,
-                       const std::function<void(int64_t, int64_t)>& progress, bool fp8_projections)
+                       const std::function<void(int64_t, int64_t)>& progress, Fp8Projections fp8)
     : cfg_(config),
       backend_(backend),
       weight_dtype_(weight_dtype) {
@@ -94,25 +94,31 @@ LlamaModel::LlamaModel(const LlamaConfig& config, const std::string& model_dir, 
   loaded(1);
   for (int64_t l = 0; l < cfg_.num_layers; ++l) {
     const std::string p = "model.layers." + std::to_string(l) + ".";
-    std::deque<std::vector<float>> keep;  // this layer's fp8 weights, dequantized
-    auto proj = [&](const std::string& name, std::vector<int64_t> shape) {
-      return expect(ckpt, name, std::move(shape), cfg_.quant, &keep, fp8_projections);
+    std::deque<std::vector<float>> keep;  // this layer's fp8 weights' scales, or their dequantized values
+    // A fused group of projections (name, shape): fp8 where `fp8` says, else the weight dtype.
+    auto group = [&](std::vector<std::pair<std::string, std::vector<int64_t>>> parts) {
+      std::vector<WeightView> views;
+      for (auto& [name, shape] : parts)
+        views.push_back(expect(ckpt, name, shape, cfg_.quant, &keep, fp8 != Fp8Projections::None));
+      bool all_fp8 = true;
+      for (const WeightView& v : views) all_fp8 = all_fp8 && v.type == WeightView::Type::F8E4M3;
+      if (fp8 == Fp8Projections::All || (fp8 == Fp8Projections::Checkpoint && all_fp8))
+        return backend.load_weight(views, ScalarType::F8E4M3);
+      if (fp8 != Fp8Projections::None && !all_fp8) {  // fp8 parts of a mixed group: dequantized
+        views.clear();
+        for (auto& [name, shape] : parts) views.push_back(expect(ckpt, name, shape, cfg_.quant, &keep));
+      }
+      return backend.load_weight(views, weight_dtype);
     };
-    const ScalarType pd = fp8_projections ? ScalarType::F8E4M3 : weight_dtype;
     Layer layer;
     layer.input_norm = norm(p + "input_layernorm.weight");
     layer.post_norm = norm(p + "post_attention_layernorm.weight");
-    layer.qkv = backend.load_weight({proj(p + "self_attn.q_proj.weight", {q_dim, hidden}),
-                                     proj(p + "self_attn.k_proj.weight", {kv_dim, hidden}),
-                                     proj(p + "self_attn.v_proj.weight", {kv_dim, hidden})},
-                                    pd);
-    layer.o = backend.load_weight({proj(p + "self_attn.o_proj.weight", {hidden, q_dim})},
-                                  pd);
-    layer.gate_up = backend.load_weight({proj(p + "mlp.gate_proj.weight", {inter, hidden}),
-                                         proj(p + "mlp.up_proj.weight", {inter, hidden})},
-                                        pd);
-    layer.down = backend.load_weight({proj(p + "mlp.down_proj.weight", {hidden, inter})},
-                                     pd);
+    layer.qkv = group({{p + "self_attn.q_proj.weight", {q_dim, hidden}},
+                       {p + "self_attn.k_proj.weight", {kv_dim, hidden}},
+                       {p + "self_attn.v_proj.weight", {kv_dim, hidden}}});
+    layer.o = group({{p + "self_attn.o_proj.weight", {hidden, q_dim}}});
+    layer.gate_up = group({{p + "mlp.gate_proj.weight", {inter, hidden}}, {p + "mlp.up_proj.weight", {inter, hidden}}});
+    layer.down = group({{p + "mlp.down_proj.weight", {hidden, inter}}});
     layers_.push_back(std::move(layer));
     loaded(l + 2);
   }

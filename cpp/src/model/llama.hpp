@@ -17,20 +17,26 @@
 
 namespace pagedrt {
 
+// Which projection weights load as fp8 (F8E4M3, a scale per row; needs
+// backend.has_fp8_weights()). Checkpoint: a fused group (QKV, gate and up,
+// o, down) whose every part is fp8 with a scale per tensor or per channel
+// keeps its codes; other groups load at the weight dtype. All: every
+// projection, quantized per row where it is not such fp8 already
+// (RuntimeConfig::quantization "fp8").
+enum class Fp8Projections { None, Checkpoint, All };
+
 class LlamaModel {
  public:
   // Reads the safetensors weights of `model_dir` (whose config.json gave
   // `config`); weights are converted to `weight_dtype` (F32 or BF16) on
-  // `backend`, the seven projections of each layer to fp8 (F8E4M3, a scale
-  // per row) with `fp8_projections` (backend.has_fp8_weights(): an fp8
-  // checkpoint's per-tensor or per-channel codes kept as they are, any other
-  // weight quantized). Every missing or mis-shaped tensor throws
+  // `backend`, each layer's projections to fp8 as `fp8` says. Every missing
+  // or mis-shaped tensor throws
   // Error(InvalidModel) naming the file and tensor.
   // `progress` (may be empty) hears (parts loaded, parts in all) after the
   // embedding, each layer and the head.
   LlamaModel(const LlamaConfig& config, const std::string& model_dir, Backend& backend, ScalarType weight_dtype,
              int64_t max_positions, const std::function<void(int64_t, int64_t)>& progress = {},
-             bool fp8_projections = false);
+             Fp8Projections fp8 = Fp8Projections::None);
 
   const LlamaConfig& config() const { return cfg_; }
   ScalarType weight_dtype() const { return weight_dtype_; }

@@ -366,7 +366,10 @@ __global__ void __launch_bounds__(32 * W) decode_kernel(AttentionParams p, Decod
     float psum = 0.0f;
     if constexpr (F8) {
       // P V in fp16: each key's weight times 2^(its V exponent - the largest so
-      // far), at most 1, so nothing overflows fp16; o follows the largest.
+      // far), at most 1, so nothing overflows fp16; o follows the largest. l
+      // takes the weights themselves: a key whose V is far below the largest
+      // (a zero row: 2^-110) vanishes from P V, as its product would, but not
+      // from the softmax's denominator.
       vmax = max(vmax, __shfl_xor_sync(0xffffffffu, vmax, 1));
       vmax = max(vmax, __shfl_xor_sync(0xffffffffu, vmax, 2));
       const int vnew = max(vexp, vmax);
@@ -374,18 +377,14 @@ __global__ void __launch_bounds__(32 * W) decode_kernel(AttentionParams p, Decod
       vexp = vnew;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        float w[2], r[2];
+        float w[2];
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const float pj = m_new == -INFINITY ? 0.0f : exp2f(sv[2 * h + e] - m_new);
+          const float pj = m_new == -INFINITY ? 0.0f : exp2f(sv[2 * h + e] - m_new);  // 0 for a masked key
           w[e] = ve[2 * h + e] == kNoExp ? 0.0f : pj * pow2(ve[2 * h + e] - vnew);
+          psum += pj;
         }
         pa[2 * h] = pack_f16x2(w[0], w[1]);
-        const float2 back = __half22float2(*reinterpret_cast<const __half2*>(&pa[2 * h]));
-        r[0] = back.x, r[1] = back.y;  // the weights as the product sees them: numerator and l agree
-#pragma unroll
-        for (int e = 0; e < 2; ++e)
-          if (ve[2 * h + e] != kNoExp && r[e] != 0.0f) psum += r[e] * pow2(vnew - ve[2 * h + e]);
       }
     } else {
 #pragma unroll

@@ -79,6 +79,9 @@ namespace {
 // The fp8 view of byte caches (num_blocks, block_size, row_bytes) with the step's page table.
 Fp8Kv fp8_view(const Tensor& k_cache, const Tensor& v_cache, int64_t Hkv, int64_t D, const int32_t* indptr,
                const int32_t* indices) {
+  require(k_cache.shape.size() == 3 && k_cache.shape == v_cache.shape && k_cache.dim(1) % 4 == 0 &&
+              k_cache.dim(2) == fp8_row_bytes(k_cache.dim(1), Hkv, D) && (D == 64 || D == 128),
+          "fp8 KV caches (num_blocks, block_size % 4 == 0, fp8_row_bytes) and head_dim 64 or 128");
   return fp8_paged_kv(const_cast<uint8_t*>(k_cache.as<uint8_t>()), const_cast<uint8_t*>(v_cache.as<uint8_t>()),
                       k_cache.dim(0), k_cache.dim(1), Hkv, D, indptr, indices);
 }
