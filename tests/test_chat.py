@@ -50,6 +50,17 @@ def test_interactive_session(env):
     assert out.stdout.count("tok/s") == 2
 
 
+def test_fp8_weights_and_kv_cache(env):
+    """--quantization fp8 --kv-cache-dtype fp8: the banner names the fp8 weights and
+    the answer is still right."""
+    out = subprocess.run([sys.executable, "-m", "pagedrt.chat", "--quantization", "fp8", "--kv-cache-dtype", "fp8",
+                          "--device", "cpu", "--prompt", "What is the capital of France?", "--max-tokens", "24",
+                          "--system", "Answer in one short sentence.", "--temperature", "0"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "float8_e4m3fn" in out.stdout and "Paris" in out.stdout
+
+
 def test_bad_model_path_is_a_clear_error(env, tmp_path):
     out = subprocess.run([sys.executable, "-m", "pagedrt.chat", "--model", str(tmp_path / "nope")],
                          env=env, capture_output=True, text=True, timeout=120)

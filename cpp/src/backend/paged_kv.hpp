@@ -55,6 +55,13 @@ struct PagedKv {
   PAGEDRT_HD const int32_t* pages(int seq) const { return page_indices + page_indptr[seq]; }
 };
 
+// log2(block_size) when it is a power of two, else -1 (the views' block_shift).
+inline int32_t block_shift_of(int64_t block_size) {
+  for (int sh = 0; sh < 31; ++sh)
+    if ((int64_t{1} << sh) == block_size) return sh;
+  return -1;
+}
+
 // The NHD view of `k`/`v` (num_blocks, block_size, num_kv_heads, head_dim) with
 // a page table.
 template <typename T>
@@ -64,8 +71,7 @@ PagedKv<T> nhd_paged_kv(T* k, T* v, int64_t block_size, int64_t num_kv_heads, in
   kv.k = k;
   kv.v = v;
   kv.block_size = static_cast<int32_t>(block_size);
-  for (int sh = 0; sh < 31; ++sh)
-    if ((int64_t{1} << sh) == block_size) kv.block_shift = sh;
+  kv.block_shift = block_shift_of(block_size);
   kv.num_kv_heads = static_cast<int32_t>(num_kv_heads);
   kv.head_dim = static_cast<int32_t>(head_dim);
   kv.token_stride = num_kv_heads * head_dim;
@@ -133,8 +139,7 @@ inline Fp8Kv fp8_paged_kv(uint8_t* k, uint8_t* v, int64_t num_blocks, int64_t bl
   kv.k = k;
   kv.v = v;
   kv.block_size = static_cast<int32_t>(block_size);
-  for (int sh = 0; sh < 31; ++sh)
-    if ((int64_t{1} << sh) == block_size) kv.block_shift = sh;
+  kv.block_shift = block_shift_of(block_size);
   kv.num_kv_heads = static_cast<int32_t>(num_kv_heads);
   kv.head_dim = static_cast<int32_t>(head_dim);
   kv.num_blocks = num_blocks;

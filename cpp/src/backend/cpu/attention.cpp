@@ -187,12 +187,14 @@ Args<T> dequantize_rows(const Args<T>& a, int32_t seq, int64_t ctx, int64_t kvh,
   T* kd = reinterpret_cast<T*>(sc.kd.data());
   T* vd = reinterpret_cast<T*>(sc.vd.data());
   const int32_t* pages = kv.pages(seq);
-  for (int64_t p = 0; p < ctx; ++p) {
-    const int64_t block = pages[p / bs], o = p % bs;
-    const int64_t c = kv.code_offset(block, o, kvh), e = kv.exp_offset(block, o, kvh);
-    dequantize_kv_row(kv.k + c, static_cast<int8_t>(kv.k[e]), D, kd + p * D);
-    dequantize_kv_row(kv.v + c, static_cast<int8_t>(kv.v[e]), D, vd + p * D);
-    sc.off[p] = p * D;
+  for (int64_t p = 0, blk = 0; p < ctx; ++blk) {  // block by block, as row_offsets walks them
+    const int64_t block = pages[blk], end = std::min(ctx, p + bs);
+    for (int64_t o = 0; p < end; ++p, ++o) {
+      const int64_t c = kv.code_offset(block, o, kvh), e = kv.exp_offset(block, o, kvh);
+      dequantize_kv_row(kv.k + c, static_cast<int8_t>(kv.k[e]), D, kd + p * D);
+      dequantize_kv_row(kv.v + c, static_cast<int8_t>(kv.v[e]), D, vd + p * D);
+      sc.off[p] = p * D;
+    }
   }
   Args<T> b = a;
   b.k = kd;

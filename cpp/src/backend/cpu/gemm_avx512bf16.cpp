@@ -187,34 +187,38 @@ inline void row_tail(int64_t left, const uint16_t* x, const W* w, float* y, int6
 
 }  // namespace
 
-void gemm_bf16_f8(const uint16_t* x, const uint8_t* w, const float* scale, float* y, int64_t n, int64_t m, int64_t k,
-                  int threads) {
+namespace {
+
+// One task per kR output rows; its weight rows stay in L1 while all token
+// tiles pass over them. fp8 weights (W = uint8_t) are then scaled per row:
+// scale[r] and the 2^8 the widening took off.
+template <typename W>
+void gemm_tasks(const uint16_t* x, const W* w, const float* scale, float* y, int64_t n, int64_t m, int64_t k,
+                int threads) {
   const int64_t tasks = (m + kR - 1) / kR;
   const bool parallel = threads > 1 && m * k * (n > 1 ? n : 1) > (1 << 15);
 #pragma omp parallel for schedule(static) num_threads(threads) if (parallel)
   for (int64_t task = 0; task < tasks; ++task) {
-    const int64_t r = task * kR;
-    if (r + kR <= m)
+    const int64_t r = task * kR, end = r + kR < m ? r + kR : m;
+    if (end - r == kR)
       rows_block<kR>(x, w + r * k, y + r, n, m, k);
     else
-      row_tail<kR - 1>(m - r, x, w + r * k, y + r, n, m, k);
-    for (int64_t t = 0; t < n; ++t)  // the rows' scales, and the 2^8 the widening took off
-      for (int64_t j = r; j < (r + kR < m ? r + kR : m); ++j) y[t * m + j] *= scale[j] * 256.0f;
+      row_tail<kR - 1>(end - r, x, w + r * k, y + r, n, m, k);
+    if (scale != nullptr)
+      for (int64_t t = 0; t < n; ++t)
+        for (int64_t j = r; j < end; ++j) y[t * m + j] *= scale[j] * 256.0f;
   }
 }
 
+}  // namespace
+
+void gemm_bf16_f8(const uint16_t* x, const uint8_t* w, const float* scale, float* y, int64_t n, int64_t m, int64_t k,
+                  int threads) {
+  gemm_tasks(x, w, scale, y, n, m, k, threads);
+}
+
 void gemm_bf16_bf16(const uint16_t* x, const uint16_t* w, float* y, int64_t n, int64_t m, int64_t k, int threads) {
-  // One task per kR output rows; its weight rows stay in L1 while all token tiles pass over them.
-  const int64_t tasks = (m + kR - 1) / kR;
-  const bool parallel = threads > 1 && m * k * (n > 1 ? n : 1) > (1 << 15);
-#pragma omp parallel for schedule(static) num_threads(threads) if (parallel)
-  for (int64_t task = 0; task < tasks; ++task) {
-    const int64_t r = task * kR;
-    if (r + kR <= m)
-      rows_block<kR>(x, w + r * k, y + r, n, m, k);
-    else
-      row_tail<kR - 1>(m - r, x, w + r * k, y + r, n, m, k);
-  }
+  gemm_tasks(x, w, nullptr, y, n, m, k, threads);
 }
 
 }  // namespace pagedrt::cpu::avx512bf16

@@ -177,14 +177,13 @@ __device__ __forceinline__ float pow2(int d) { return d < -126 ? 0.0f : exp2_int
 // lane's row's 2^e, which the scores take back.
 template <int D>
 __device__ float q_to_f16(uint32_t (&q)[D / 16][2]) {
-  float mx = 0.0f;
+  float mx = 0.0f, v[D / 16][2][2];
 #pragma unroll
   for (int s = 0; s < D / 16; ++s)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      float lo, hi;
-      unpack_bf16x2(q[s][h], lo, hi);
-      mx = fmaxf(mx, fmaxf(fabsf(lo), fabsf(hi)));
+      unpack_bf16x2(q[s][h], v[s][h][0], v[s][h][1]);
+      mx = fmaxf(mx, fmaxf(fabsf(v[s][h][0]), fabsf(v[s][h][1])));
     }
   mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
   mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
@@ -194,11 +193,7 @@ __device__ float q_to_f16(uint32_t (&q)[D / 16][2]) {
 #pragma unroll
   for (int s = 0; s < D / 16; ++s)
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      float lo, hi;
-      unpack_bf16x2(q[s][h], lo, hi);
-      q[s][h] = pack_f16x2(lo * inv, hi * inv);
-    }
+    for (int h = 0; h < 2; ++h) q[s][h] = pack_f16x2(v[s][h][0] * inv, v[s][h][1] * inv);
   return ldexpf(1.0f, e);
 }
 
@@ -243,22 +238,20 @@ __global__ void __launch_bounds__(32 * W) decode_kernel(AttentionParams p, Decod
       uint8_t* ke = vc + kTile * D;
       const Fp8Kv& f = p.fp8;
       const int k0 = start + tile * kTile, c = tid % CB;
+      auto block = [&](int pos) { return pages[shift >= 0 ? pos >> shift : pos / bs]; };
+      auto offset = [&](int pos) { return shift >= 0 ? pos & (bs - 1) : pos % bs; };
 #pragma unroll
       for (int i = 0; i < kTile / RB; ++i) {
         const int r = tid / CB + i * RB, pos = k0 + r;
         const bool valid = pos < end;
-        const int64_t off = valid ? f.code_offset(pages[shift >= 0 ? pos >> shift : pos / bs],
-                                                  shift >= 0 ? pos & (bs - 1) : pos % bs, kvh) + c * 16
-                                  : 0;
+        const int64_t off = valid ? f.code_offset(block(pos), offset(pos), kvh) + c * 16 : 0;
         cp_async16(kc + r * D + c * 16, f.k + off, valid ? 16 : 0);
         cp_async16(vc + r * D + c * 16, f.v + off, valid ? 16 : 0);
       }
       if (tid < kTile / 4) {
         const int pos = k0 + 4 * tid;
         const bool valid = pos < end;
-        const int64_t off = valid ? f.exp_offset(pages[shift >= 0 ? pos >> shift : pos / bs],
-                                                 shift >= 0 ? pos & (bs - 1) : pos % bs, kvh)
-                                  : 0;
+        const int64_t off = valid ? f.exp_offset(block(pos), offset(pos), kvh) : 0;
         cp_async4(ke + 4 * tid, f.k + off, valid ? 4 : 0);
         cp_async4(ke + kTile + 4 * tid, f.v + off, valid ? 4 : 0);
       }
@@ -331,13 +324,8 @@ __global__ void __launch_bounds__(32 * W) decode_kernel(AttentionParams p, Decod
         uint32_t b[4];  // k-steps s and s + 1 of keys kr0 + 8n ..
         ldmatrix_x4(b, ks + swizzle<D>(kr0 + 8 * n + (lane & 7), 2 * s + (lane >> 3)));
         const uint32_t a0[4] = {q[s][0], 0u, q[s][1], 0u}, a1[4] = {q[s + 1][0], 0u, q[s + 1][1], 0u};
-        if constexpr (F8) {
-          mma_f16(sc[n], a0, b[0], b[1]);
-          mma_f16(sc[n], a1, b[2], b[3]);
-        } else {
-          mma_bf16(sc[n], a0, b[0], b[1]);
-          mma_bf16(sc[n], a1, b[2], b[3]);
-        }
+        mma_16816<F8>(sc[n], a0, b[0], b[1]);  // fp8: fp16 tiles and q
+        mma_16816<F8>(sc[n], a1, b[2], b[3]);
       }
 
     // Online softmax over this warp's 16 keys; the 4 lanes of a row share m.
@@ -406,13 +394,8 @@ __global__ void __launch_bounds__(32 * W) decode_kernel(AttentionParams p, Decod
     for (int n = 0; n < D / 8; n += 2) {
       uint32_t b[4];  // V keys kr0 .. +15 of dims 8n .. 8n + 15, transposed
       ldmatrix_x4_trans(b, vs + swizzle<D>(kr0 + (lane & 7) + ((lane >> 3) & 1) * 8, n + (lane >> 4)));
-      if constexpr (F8) {
-        mma_f16(o[n], pa, b[0], b[1]);
-        mma_f16(o[n + 1], pa, b[2], b[3]);
-      } else {
-        mma_bf16(o[n], pa, b[0], b[1]);
-        mma_bf16(o[n + 1], pa, b[2], b[3]);
-      }
+      mma_16816<F8>(o[n], pa, b[0], b[1]);
+      mma_16816<F8>(o[n + 1], pa, b[2], b[3]);
     }
   }
   if constexpr (F8) {  // o to the output's own scale
