@@ -154,14 +154,10 @@ void CudaBackend::paged_attention_fp8(const Tensor& qkv, const Tensor& k_cache, 
           "paged_attention: an fp8 cache with bf16 activations");
   plan_attention(num_heads, num_kv_heads, head_dim);
   const AttentionPlan& plan = plan_info_;
-  const Fp8Kv fp8 = fp8_view(k_cache, v_cache, num_kv_heads, head_dim, dev_.page_indptr, dev_.page_indices);
-  AttentionParams p;
-  p.qkv = qkv.as<bf16>();
-  p.out = out.as<bf16>();
-  p.positions = dev_.positions;
-  p.query_start = dev_.query_start;
-  p.num_heads = static_cast<int>(num_heads);
-  p.scale = scale;
+  // The bf16 kernels' parameters; kv's pointers are replaced below (prefill: the
+  // scratch; decode: none, it reads p.fp8).
+  AttentionParams p = attention_params<bf16>(qkv, k_cache, v_cache, num_heads, num_kv_heads, head_dim, scale, out);
+  p.fp8 = fp8_view(k_cache, v_cache, num_kv_heads, head_dim, dev_.page_indptr, dev_.page_indices);
   if (plan.prefill.num_tiles > 0) {
     const int64_t block_elems = k_cache.dim(1) * num_kv_heads * head_dim;
     const size_t need = static_cast<size_t>(2 * plan.num_fp8_pages * block_elems) * sizeof(bf16);
@@ -174,15 +170,14 @@ void CudaBackend::paged_attention_fp8(const Tensor& qkv, const Tensor& k_cache, 
     }
     bf16* ks = fp8_scratch_;
     bf16* vs = fp8_scratch_ + plan.num_fp8_pages * block_elems;
-    cuda::dequantize_kv_blocks(fp8, plan.fp8_src, plan.num_fp8_pages, ks, vs, stream_);
-    p.kv = nhd_paged_kv(ks, vs, k_cache.dim(1), num_kv_heads, head_dim, dev_.page_indptr, plan.fp8_pages);
-    p.kv.num_blocks = plan.num_fp8_pages;
-    prefill_attention(p, plan.prefill, stream_);
+    cuda::dequantize_kv_blocks(p.fp8, plan.fp8_src, plan.num_fp8_pages, ks, vs, stream_);
+    AttentionParams pf = p;
+    pf.fp8 = Fp8Kv{};
+    pf.kv = nhd_paged_kv(ks, vs, k_cache.dim(1), num_kv_heads, head_dim, dev_.page_indptr, plan.fp8_pages);
+    pf.kv.num_blocks = plan.num_fp8_pages;
+    prefill_attention(pf, plan.prefill, stream_);
   }
-  p.kv = nhd_paged_kv<bf16>(nullptr, nullptr, k_cache.dim(1), num_kv_heads, head_dim, dev_.page_indptr,
-                            dev_.page_indices);
-  p.kv.num_blocks = k_cache.dim(0);
-  p.fp8 = fp8;
+  p.kv.k = p.kv.v = nullptr;
   decode_attention(p, plan.decode, stream_);
 }
 
