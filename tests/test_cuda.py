@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -1758,12 +1759,16 @@ def test_fp8_kv_end_to_end_matches_the_cpu(tiny_llama):
 
 
 def test_fp8_options_that_cuda_lacks_are_clear_errors(tiny_llama):
-    """quantization="fp8" (no fp8 GEMMs on CUDA yet) and an fp8 KV cache with fp32
-    activations or a block size that is not a multiple of 4 raise Unsupported
-    naming what is missing."""
+    """quantization="fp8" with fp32 activations (the validation mode has no fp8
+    GEMMs) or rows that are not a multiple of 16 elements, and an fp8 KV cache
+    with fp32 activations or a block size that is not a multiple of 4 raise
+    Unsupported naming what is missing."""
     path, _ = tiny_llama(hidden_size=256, num_attention_heads=4, num_key_value_heads=2)
-    with pytest.raises(pagedrt.Unsupported, match="quantization 'fp8' on device 'cuda'"):
-        pagedrt.Runtime(path, device="cuda", quantization="fp8")
+    with pytest.raises(pagedrt.Unsupported, match="quantization 'fp8' on device 'cuda'.*bfloat16 activations"):
+        pagedrt.Runtime(path, device="cuda", quantization="fp8", activation_dtype="float32")
+    odd, _ = tiny_llama(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, intermediate_size=200)
+    with pytest.raises(pagedrt.Unsupported, match="multiple of 16 elements.*\\(256, 200\\)"):
+        pagedrt.Runtime(odd, device="cuda", quantization="fp8")
     with pytest.raises(pagedrt.Unsupported, match="needs bf16 activations"):
         pagedrt.Runtime(path, device="cuda", kv_cache_dtype="fp8", dtype="float32")
     with pytest.raises(pagedrt.Unsupported, match="multiple of 4"):
@@ -1811,3 +1816,124 @@ def test_fp8_kv_attention_with_exponents_far_apart(fp8_ops, kind):
     assert e <= BF16_TOL
     for t in range(len(b["tokens"])):
         assert rel_err(ours[t], oracle[t]) <= 2 * BF16_TOL, t
+
+
+# ---- fp8 weights (quantization="fp8": W8A8 on the GPU) -------------------------
+#
+# The GPU quantizes x per token (max |row| / 448) before every fp8 projection
+# and multiplies e4m3 codes (own kernel for n <= 8, cuBLASLt above), so the
+# reference is the float64 product of both operands' dequantized codes.
+
+FP8_GEMM_TOL = 5e-3  # fp32 out: fp8 tensor-core sums against float64
+
+
+def fp8_rows(a) -> np.ndarray:
+    """Per-row e4m3 quantization as pagedrt makes it (scale max |row| / 448, 1 for
+    a zero row; torch's rounding of a / scale): the dequantized rows, float64."""
+    import torch
+    a = np.asarray(a, np.float32)
+    amax = np.abs(a).max(1)
+    s = np.where(amax > 0, amax / np.float32(448.0), np.float32(1.0)).astype(np.float32)
+    codes = torch.from_numpy(np.ascontiguousarray(a / s[:, None])).to(torch.float8_e4m3fn).float().numpy()
+    return codes.astype(np.float64) * s[:, None]
+
+
+# n <= 8: the own kernel (k = 1552 and 2064 leave a one-step tail past whole
+# 64-code steps; 64 is a single step); n >= 9: cuBLASLt's fp8 GEMM.
+FP8_SHAPES = [(384, 512), (48, 64), (1008, 576), (208, 1552), (128, 2064)]
+
+
+@pytest.mark.parametrize("m,k", FP8_SHAPES)
+@pytest.mark.parametrize("n", [1, 3, 8, 9, 64, 300])
+def test_fp8_linear(ops, n, m, k):
+    """linear() on fp8 weights: rows of x and W at scales 1e-2 .. 1e2 and a zero
+    row of W; fp32 out within FP8_GEMM_TOL of the float64 product of the
+    quantized operands, bf16 out within the bf16 tolerance, and both far from the
+    unquantized product (the rounding is real)."""
+    rng = np.random.default_rng(n * 31 + m + k)
+    x = bf(rng.standard_normal((n, k)) * 10.0 ** rng.uniform(-2, 2, (n, 1)))
+    w = (rng.standard_normal((m, k)) * 10.0 ** rng.uniform(-3, 1, (m, 1))).astype(np.float32)
+    w[m // 2] = 0.0
+    ref = fp8_rows(x) @ fp8_rows(w).T
+    gpu = ops[1]
+    y32, y16 = gpu.linear(x, w, "fp8", True), gpu.linear(x, w, "fp8", False)
+    e32, e16 = rel_err(y32, ref), rel_err(y16, ref)
+    record(f"fp8_linear_f32out[n={n},m={m},k={k}]", e32)
+    record(f"fp8_linear_bf16out[n={n},m={m},k={k}]", e16)
+    assert e32 <= FP8_GEMM_TOL, f"fp8 linear n={n} m={m} k={k}: fp32-out error {e32:.3e}"
+    assert e16 <= BF16_TOL, f"fp8 linear n={n} m={m} k={k}: bf16-out error {e16:.3e}"
+    assert np.all(y32[:, m // 2] == 0)
+    assert rel_err(y32, x.astype(np.float64) @ w.astype(np.float64).T) > 4 * FP8_GEMM_TOL
+
+
+@pytest.mark.parametrize("inter,k", [(1536, 576), (1008, 2064), (112, 64)])
+@pytest.mark.parametrize("n", [1, 5, 8, 9, 40])
+def test_fp8_linear_silu_mul(ops, n, inter, k):
+    """linear_silu_mul on fp8 [gate; up]: for n <= 8 the own kernel's epilogue,
+    bitwise linear + silu_mul on the GPU; within the bf16 tolerance of
+    silu(gate) * up on the float64 products of the quantized operands."""
+    rng = np.random.default_rng(n * 7919 + inter + 1)
+    x, w = bf(rng.standard_normal((n, k))), (rng.standard_normal((2 * inter, k)) * 0.05).astype(np.float32)
+    gpu = ops[1]
+    fused = gpu.linear_silu_mul(x, w, "fp8")
+    assert fused.shape == (n, inter)
+    assert np.array_equal(fused, gpu.silu_mul(gpu.linear(x, w, "fp8", False)))
+    gu = fp8_rows(x) @ fp8_rows(w).T
+    g, u = gu[:, :inter], gu[:, inter:]
+    e = rel_err(fused, g / (1.0 + np.exp(-g)) * u)
+    record(f"fp8_linear_silu_mul[n={n},I={inter},k={k}]", e)
+    assert e <= BF16_TOL
+
+
+def w8a8_reference(model, ids, dequantize_w=True):
+    """test_forward's bf16-rounding reference with every projection W8A8 as the GPU
+    runs it: x quantized per token, W per output channel (dequantize_w=False: W
+    holds a checkpoint's dequantized codes already)."""
+    import torch
+    from test_forward import reference_logits_bf16_activations
+
+    def lin(x, w):
+        wd = fp8_rows(w.detach().numpy()) if dequantize_w else w.detach().numpy().astype(np.float64)
+        return torch.from_numpy(fp8_rows(x.numpy()) @ wd.T).float()
+    return reference_logits_bf16_activations(model, ids, linear=lin)
+
+
+def test_quantization_fp8_on_the_gpu_matches_a_w8a8_reference(tiny_llama):
+    """Runtime(device="cuda", quantization="fp8") on a tiny bf16 model: prefill in
+    chunks of 16 tokens (cuBLASLt's fp8 GEMM), decode one token at a time (the
+    own kernel, recorded steps): logits within 2e-2 of the W8A8 reference and at
+    least twice as far from the same reference without quantization."""
+    from test_forward import reference_logits_bf16_activations, run_request
+    path, model = tiny_llama(hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
+                             intermediate_size=512, dtype="bfloat16")
+    prompt = np.random.default_rng(9).integers(3, 320, 37).tolist()
+    with pagedrt.Runtime(path, device="cuda", quantization="fp8", max_num_batched_tokens=16) as rt:
+        assert rt.model_info.weight_dtype == "float8_e4m3fn" and rt.model_info.quantization == "fp8"
+        tokens, logits, _ = run_request(rt, prompt, max_tokens=12, ignore_eos=True, return_logits=True)
+    ids = prompt + tokens[:-1]
+    e = rel_err(logits, w8a8_reference(model, ids))
+    plain = rel_err(logits, reference_logits_bf16_activations(model, ids))
+    record("fp8_weights_e2e_logits", e)
+    record("fp8_weights_e2e_vs_unquantized", plain)
+    assert e <= 2e-2 and plain > 2 * e
+
+
+def test_fp8_checkpoint_on_the_gpu_keeps_its_codes(tiny_llama, tmp_path):
+    """A per-channel fp8 checkpoint (tools/make_fp8_checkpoint.py) loads on the GPU
+    as fp8 codes with the file's scales: logits within 2e-2 of the W8A8 reference
+    on the file's dequantized weights."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import make_fp8_checkpoint
+    from test_fp8 import dequantized_reference
+    from test_forward import run_request
+    path, _ = tiny_llama(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, intermediate_size=512)
+    out = tmp_path / "fp8-channel"
+    make_fp8_checkpoint.main([str(path), str(out), "--scheme", "channel"])
+    prompt = np.random.default_rng(10).integers(3, 320, 29).tolist()
+    with pagedrt.Runtime(out, device="cuda") as rt:
+        assert rt.model_info.weight_dtype == "float8_e4m3fn"
+        tokens, logits, _ = run_request(rt, prompt, max_tokens=8, ignore_eos=True, return_logits=True)
+    e = rel_err(logits, w8a8_reference(dequantized_reference(out, 32), prompt + tokens[:-1], dequantize_w=False))
+    record("fp8_checkpoint_e2e_logits", e)
+    assert e <= 2e-2

@@ -171,10 +171,13 @@ def bf16r(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.bfloat16).to(torch.float32)
 
 
-def reference_logits_bf16_activations(model, ids):
+def reference_logits_bf16_activations(model, ids, linear=None):
     """transformers' weights, fp32 math, values rounded to bf16 wherever pagedrt stores
     a bf16 activation (norm outputs, every projection output, q/k after RoPE, the
-    attention output, silu*up) and fp32 where it keeps fp32 (residual, logits)."""
+    attention output, silu*up) and fp32 where it keeps fp32 (residual, logits).
+    linear(x, weight) makes the projections (x @ weight.T unless given; the lm head
+    always is)."""
+    lin = linear or (lambda x, w: x @ w.T)
     cfg, m = model.config, model.model
     H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
     D = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
@@ -195,17 +198,17 @@ def reference_logits_bf16_activations(model, ids):
         for L in m.layers:
             a = L.self_attn
             h = norm(x, L.input_layernorm)
-            q = rope(bf16r(h @ a.q_proj.weight.T).view(T, H, D), cos, sin)
-            k = rope(bf16r(h @ a.k_proj.weight.T).view(T, Hkv, D), cos, sin)
-            v = bf16r(h @ a.v_proj.weight.T).view(T, Hkv, D)
+            q = rope(bf16r(lin(h, a.q_proj.weight)).view(T, H, D), cos, sin)
+            k = rope(bf16r(lin(h, a.k_proj.weight)).view(T, Hkv, D), cos, sin)
+            v = bf16r(lin(h, a.v_proj.weight)).view(T, Hkv, D)
             k, v = (t.repeat_interleave(H // Hkv, dim=1) for t in (k, v))
             s = torch.einsum("thd,shd->hts", q, k) / D ** 0.5
             p = torch.softmax(s.masked_fill(~causal, float("-inf")), -1)
             o = bf16r(torch.einsum("hts,shd->thd", p, v).reshape(T, H * D))
-            x = x + bf16r(o @ a.o_proj.weight.T)
+            x = x + bf16r(lin(o, a.o_proj.weight))
             h = norm(x, L.post_attention_layernorm)
-            g, u = bf16r(h @ L.mlp.gate_proj.weight.T), bf16r(h @ L.mlp.up_proj.weight.T)
-            x = x + bf16r(bf16r(torch.nn.functional.silu(g) * u) @ L.mlp.down_proj.weight.T)
+            g, u = bf16r(lin(h, L.mlp.gate_proj.weight)), bf16r(lin(h, L.mlp.up_proj.weight))
+            x = x + bf16r(lin(bf16r(torch.nn.functional.silu(g) * u), L.mlp.down_proj.weight))
         return (norm(x, m.norm) @ model.lm_head.weight.T).numpy()
 
 

@@ -500,6 +500,66 @@ def gemm(rows_n=GEMM_ROWS, impls=("engine", "search", "heuristic"), torch_peer=T
     return r
 
 
+def gemm_fp8(rows_n=GEMM_ROWS):
+    """The 8B projections with fp8 weights (quantization="fp8", W8A8) against
+    bf16, per M, against the fp8 roofline: max(bytes / copy bandwidth, FLOPs /
+    fp8 GEMM rate), both ceilings measured in this run (a 1 GiB copy; torch's
+    8192^3 e4m3 _scaled_mm), bytes = W (1 byte a weight) + x (bf16) + y (bf16).
+    pagedrt's fp8 time includes quantizing x per token (a kernel of its own).
+    The peer: torch._scaled_mm with row-wise scales on already quantized x."""
+    import torch
+    from pagedrt import _testing
+
+    r = {"device": torch.cuda.get_device_name(), "copy_TBps": copy_tbps()}
+    a = torch.randn(8192, 8192, device="cuda").to(torch.float8_e4m3fn)
+    b = torch.randn(8192, 8192, device="cuda").to(torch.float8_e4m3fn)
+    one = torch.ones((), device="cuda")
+    r["fp8_gemm_8192_TFLOPs"] = tc = 2 * 8192 ** 3 / cuda_median_ms(
+        lambda: torch._scaled_mm(a, b.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16), iters=20) / 1e9
+    del a, b
+    print(f"ceilings: copy {r['copy_TBps']:.2f} TB/s, fp8 GEMM 8192^3 {tc:.0f} TFLOP/s", flush=True)
+    ops = _testing._Ops("cuda")
+    print(f"{'proj':8s} {'n':>5s} {'roof us':>8s} {'bound':>5s} {'fp8':>16s} {'bf16':>9s} {'torch fp8':>16s}",
+          flush=True)
+    rows = []
+    for name, m, k, _ in GEMV_SHAPES[:4]:
+        copies = max(2, -(-(512 << 20) // (m * k)))
+        ws = [torch.randn(m, k, device="cuda").to(torch.float8_e4m3fn) for _ in range(copies)]
+        sw = torch.ones(1, m, device="cuda")
+        for n in rows_n:
+            nbytes, flops = m * k + 2 * n * (k + m), 2 * n * m * k
+            t_mem, t_tc = nbytes / r["copy_TBps"] / 1e6, flops / tc / 1e6
+            roof = max(t_mem, t_tc)
+            row = {"shape": name, "m": m, "k": k, "n": n, "bytes": nbytes, "flops": flops, "roof_us": roof,
+                   "bound": "mem" if t_mem >= t_tc else "tc",
+                   "fp8_us": ops.time_linear(n, m, k, False, 20, "fp8"),
+                   "bf16_us": ops.time_linear(n, m, k, False, 20, "engine")}
+            x = torch.randn(n, k, device="cuda").to(torch.float8_e4m3fn)
+            sx = torch.ones(n, 1, device="cuda")
+            try:
+                def run_torch():
+                    for w in ws:
+                        torch._scaled_mm(x, w.t(), scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16)
+                row["torch_us"] = cuda_median_ms(run_torch, iters=10) * 1e3 / len(ws)
+            except RuntimeError as e:  # row-wise scales need a recent torch and cuBLASLt
+                row["torch_us"], row["torch_error"] = float("nan"), str(e).splitlines()[0]
+            for impl in ("fp8", "torch"):
+                row[f"{impl}_roof"] = roof / row[f"{impl}_us"]
+            row["fp8_vs_bf16"] = row["bf16_us"] / row["fp8_us"]
+            rows.append(row)
+            print(f"{name:8s} {n:5d} {roof:8.1f} {row['bound']:>5s} {row['fp8_us']:8.1f} ({100 * row['fp8_roof']:3.0f}%) "
+                  f"{row['bf16_us']:9.1f} {row['torch_us']:8.1f} ({100 * row['torch_roof']:3.0f}%)", flush=True)
+        del ws
+        torch.cuda.empty_cache()
+    r["rows"] = rows
+    r["fp8_at_85"] = sum(row["fp8_roof"] >= 0.85 for row in rows)
+    r["fp8_total_us"] = sum(row["fp8_us"] for row in rows)
+    r["bf16_total_us"] = sum(row["bf16_us"] for row in rows)
+    print(f"fp8 rows at >= 85% of the fp8 roofline: {r['fp8_at_85']}/{len(rows)}; sum of times fp8 "
+          f"{r['fp8_total_us']:.0f} us, bf16 {r['bf16_total_us']:.0f} us")
+    return r
+
+
 def batch1_latency(rt, rng):
     """(TTFT ms, TPOT ms) of one 128-token prompt, 128 greedy tokens, after a warm-up (second trial)."""
     import pagedrt
@@ -888,7 +948,7 @@ def main():
     fn = {"ceilings": ceilings, "attention": attention, "attention_sweep": attention_sweep, "gemv": gemv,
           "attention_fp8": attention_fp8,
           "decode_splits": decode_splits, "sampling": sampling,
-          "gemm": gemm, "gemm_odd": gemm_odd, "prefill": prefill}.get(part)
+          "gemm": gemm, "gemm_odd": gemm_odd, "gemm_fp8": gemm_fp8, "prefill": prefill}.get(part)
     if fn:
         res = fn()
     elif part == "tpot_env":

@@ -3,12 +3,16 @@
 #
 #   bash tools/gpu_check.sh [STAGE ...]      (from the repo root; default: all stages)
 #
-# Stages: env build wheels optests fp8kv diag make8b make8btok smol tests e2e bench attn prefill gemm serve servecpu structured masks spec harness kvpool profile cpuscale fp8q lcpp xeon abbuild ab
+# Stages: env build wheels optests fp8kv fp8gemm fp8e2e diag make8b make8btok smol tests e2e bench attn prefill gemm serve servecpu structured masks spec harness kvpool profile cpuscale fp8q lcpp xeon abbuild ab
 #   env      nvidia-smi, versions
 #   build    pip install --no-build-isolation --no-deps . with PAGEDRT_CUDA=ON
 #   wheels   only the wheels carried in .whl/ (a later call of a warm machine, built already)
 #   optests  tests/test_cuda.py without the model end-to-end tests (fast)
 #   fp8kv    tools/bench_cuda.py attention_fp8: decode attention on an fp8 KV cache against bf16 (issue 21)
+#   fp8gemm  tools/bench_cuda.py gemm_fp8: the 8B projections with fp8 weights (W8A8) against bf16 and the
+#            fp8 roofline, torch._scaled_mm beside them (issue 21)
+#   fp8e2e   the 8B shape (after make8b) with quantization=fp8: batch-1 TPOT against bf16, then
+#            512 x 1,024/1,024 output tok/s with fp8 weights and KV against bf16 ($FP8_E2E: "tpot long")
 #   make8b   tools/make_random_llama.py -> $LLAMA8B (Llama-3-8B shape, random bf16)
 #   make8btok the same with SmolLM2's tokenizer -> $LLAMA8B_TOK (from .devcarry_c/smoltok, or after smol)
 #   smol     reassembles the SmolLM2 GGUF from .devcarry_*/smol.part* (or $STASH) into a
@@ -111,6 +115,11 @@ if has fp8kv; then
   (cd /tmp && timeout 200 $PY "$OLDPWD/tools/bench_cuda.py" attention_fp8 "$OUT/attention_fp8.json" | grep -v "^attention_fp8 {")
 fi
 
+if has fp8gemm; then
+  stage fp8gemm
+  (cd /tmp && timeout $(( $(left) - 10 )) $PY "$OLDPWD/tools/bench_cuda.py" gemm_fp8 "$OUT/gemm_fp8.json" | grep -v "^gemm_fp8 {")
+fi
+
 if has diag; then
   stage diag
   timeout 120 $PY tools/cuda_diag.py "$WORK/diag" 2>&1 | grep -v "it/s\]"
@@ -119,6 +128,19 @@ fi
 if has make8b; then
   stage make8b
   [ -f "$LLAMA8B/config.json" ] || timeout 200 $PY tools/make_random_llama.py "$LLAMA8B"
+fi
+
+if has fp8e2e && [ -f "$LLAMA8B/config.json" ]; then
+  stage fp8e2e
+  for part in ${FP8_E2E:-tpot long}; do
+    [ "$(left)" -gt 60 ] || break
+    case $part in
+      tpot) (cd /tmp && timeout $(( $(left) - 10 )) $PY "$OLDPWD/tools/bench_cuda.py" tpot_env "$OUT/fp8_tpot.json" \
+               "$LLAMA8B" "" quantization=fp8 quantization=fp8,kv_cache_dtype=fp8 | grep -v "^tpot_env {") ;;
+      long) (cd /tmp && timeout $(( $(left) - 10 )) $PY "$OLDPWD/tools/bench_cuda.py" throughput_long \
+               "$OUT/fp8_long.json" "$LLAMA8B" quantization=fp8,kv_cache_dtype=fp8 "" | grep -v "^throughput_long {") ;;
+    esac
+  done
 fi
 
 # The 8B shape with SmolLM2's tokenizer (random weights; text prompts, chat, structured output

@@ -143,9 +143,10 @@ class Ops {
     b_->silu_mul(g, g.dim(0), out);
     return back(out);
   }
-  // silu(gate) * up of x @ [gate; up]^T, the fused op (w: (2 I, k) bf16)
-  F32Out linear_silu_mul(F32In x, F32In w) {
-    Tensor xt = put(x, act()), wt = weight(w, act());
+  // silu(gate) * up of x @ [gate; up]^T, the fused op (w: (2 I, k), loaded as
+  // wdtype: "" for the activations' dtype, or "fp8")
+  F32Out linear_silu_mul(F32In x, F32In w, const std::string& wdtype) {
+    Tensor xt = put(x, act()), wt = weight(w, wdtype.empty() ? act() : parse_dtype(wdtype));
     Tensor gate_up = b_->empty({xt.dim(0), wt.dim(0)}, act());
     Tensor out = b_->empty({xt.dim(0), wt.dim(0) / 2}, act());
     b_->linear_silu_mul(xt, wt, xt.dim(0), gate_up, out);
@@ -350,26 +351,34 @@ class Ops {
   // it in L2. impl: "engine" (the backend as the engine makes it: the own
   // small-M kernel, then cuBLASLt), "search" (cuBLASLt only, its algorithm
   // searched: PAGEDRT_CUDA_GEMV=0 PAGEDRT_GEMM_SEARCH=1) or "heuristic"
-  // (cuBLASLt's first pick: PAGEDRT_CUDA_GEMV=0 PAGEDRT_GEMM_SEARCH=0).
+  // (cuBLASLt's first pick: PAGEDRT_CUDA_GEMV=0 PAGEDRT_GEMM_SEARCH=0), or
+  // "fp8" (the engine's path with W quantized per row to e4m3 at load: x
+  // quantized per token, then the own kernel or cuBLASLt's fp8 GEMM).
   // Benchmark hook for tools/bench_cuda.py gemv and gemm; CUDA only.
   double time_linear(int64_t n, int64_t m, int64_t k, bool out_f32, int iters, const std::string& impl) {
     if (n < 1 || m < 1 || k < 1 || iters < 1)
       throw pagedrt::Error(pagedrt::ErrorKind::InvalidArgument, "time_linear: n, m, k and iters must be positive");
-    const int which = impl == "engine" ? 0 : impl == "search" ? 1 : impl == "heuristic" ? 2 : -1;
+    const int which = impl == "engine" ? 0 : impl == "search" ? 1 : impl == "heuristic" ? 2 : impl == "fp8" ? 3 : -1;
     if (which < 0)
       throw pagedrt::Error(pagedrt::ErrorKind::InvalidArgument,
-                           "time_linear: impl must be 'engine', 'search' or 'heuristic', not '" + impl + "'");
+                           "time_linear: impl must be 'engine', 'search', 'heuristic' or 'fp8', not '" + impl + "'");
     nb::gil_scoped_release release;  // no Python objects below; filling W takes a while
     LinearBench& lb = linear_bench_[which];
     if (!lb.backend)
-      lb.backend = cuda_backend_with_env({{"PAGEDRT_CUDA_GEMV", which == 0 ? "1" : "0"},
+      lb.backend = cuda_backend_with_env({{"PAGEDRT_CUDA_GEMV", which == 0 || which == 3 ? "1" : "0"},
                                           {"PAGEDRT_GEMM_SEARCH", which == 1 ? "1" : "0"}});
     pagedrt::Backend& b = *lb.backend;
     if (lb.m != m || lb.k != k) {
       lb.w.clear();  // before the new copies: the old ones may be large
-      const int64_t bytes = m * k * 2, copies = std::max<int64_t>(2, ((int64_t(512) << 20) + bytes - 1) / bytes);
+      const int64_t bytes = m * k * (which == 3 ? 1 : 2);
+      const int64_t copies = std::max<int64_t>(2, ((int64_t(512) << 20) + bytes - 1) / bytes);
       Tensor hw = random_bf16({m, k}, 2);
-      for (int64_t i = 0; i < copies; ++i) lb.w.push_back(b.from_host(hw));
+      pagedrt::WeightView v;
+      v.type = pagedrt::WeightView::Type::BF16;
+      v.shape = {m, k};
+      v.data = hw.data;
+      for (int64_t i = 0; i < copies; ++i)
+        lb.w.push_back(which == 3 ? b.load_weight({v}, ScalarType::F8E4M3) : b.from_host(hw));
       lb.m = m;
       lb.k = k;
       lb.rows = 0;
@@ -503,11 +512,11 @@ class Ops {
     std::unique_ptr<pagedrt::Backend> backend;
     int64_t m = -1, k = -1, rows = 0;
     Tensor x;               // (rows, k) bf16
-    std::vector<Tensor> w;  // copies of (m, k) bf16
+    std::vector<Tensor> w;  // copies of (m, k) bf16 (fp8: e4m3 with row scales)
   };
 
   std::unique_ptr<pagedrt::Backend> b_;
-  LinearBench linear_bench_[3];  // engine, search, heuristic
+  LinearBench linear_bench_[4];  // engine, search, heuristic, fp8
   std::vector<int32_t> tok_, pos_, qs_, lens_, indptr_, pages_, logit_rows_;
   std::vector<int64_t> slot_;
 };
@@ -529,7 +538,7 @@ void register_ops(nb::module_& m) {
       .def("add", &Ops::add, "residual"_a, "x"_a)
       .def("linear", &Ops::linear, "x"_a, "weight"_a, "weight_dtype"_a, "out_f32"_a)
       .def("silu_mul", &Ops::silu_mul, "gate_up"_a)
-      .def("linear_silu_mul", &Ops::linear_silu_mul, "x"_a, "weight"_a)
+      .def("linear_silu_mul", &Ops::linear_silu_mul, "x"_a, "weight"_a, "weight_dtype"_a = "")
       .def("gather_rows", &Ops::gather_rows, "x"_a)
       .def("rope_and_cache", &Ops::rope_and_cache, "qkv"_a, "cos"_a, "sin"_a, "num_heads"_a, "num_kv_heads"_a,
            "head_dim"_a, "k_cache"_a, "v_cache"_a)

@@ -193,7 +193,8 @@ Runtime::Runtime(const RuntimeConfig& config) : impl_(std::make_unique<Impl>()) 
   backend->use_fp8_kv(config.kv_cache_dtype != "auto");
   if (config.quantization == "fp8" && !backend->has_fp8_weights())
     throw Error(ErrorKind::Unsupported, "quantization 'fp8' on device '" + device +
-                                            "': this backend has no fp8 GEMMs yet (the CPU backend runs fp8 weights)");
+                                            "': its fp8 GEMMs need bfloat16 activations on an sm_89 or newer GPU (the CPU runs fp8 weights "
+                                            "with either activation dtype)");
   // fp8 projections: asked for, or an fp8 checkpoint's (scales per tensor or per channel) on a backend that runs them
   auto fp8_projections = [&](const LlamaConfig& c) {
     if (config.quantization == "fp8") return Fp8Projections::All;

@@ -12,6 +12,7 @@
 
 #include "backend/cuda/cuda_check.hpp"
 #include "backend/cuda/cuda_factory.hpp"
+#include "backend/cuda/fp8_rows.hpp"
 #include "backend/cuda/launch.cuh"
 
 namespace pagedrt::cuda {
@@ -97,6 +98,7 @@ CudaBackend::CudaBackend(ScalarType activation_dtype) : act_(activation_dtype) {
                                             std::to_string(prop.major) + "." + std::to_string(prop.minor) +
                                             "; this build runs on sm_90 (Hopper)");
   num_sms_ = prop.multiProcessorCount;
+  fp8_weights_ = act_ == ScalarType::BF16 && (prop.major > 8 || (prop.major == 8 && prop.minor >= 9));
   graphs_enabled_ = env_on("PAGEDRT_CUDA_GRAPHS");
   // Padded decode steps whether or not they are recorded: graphs on and off
   // then run the same GEMM shapes and stay bitwise alike.
@@ -168,6 +170,7 @@ CudaBackend::~CudaBackend() {
   }
   if (partials_) cudaFree(partials_);
   if (fp8_scratch_) cudaFree(fp8_scratch_);
+  if (fp8_act_) cudaFree(fp8_act_);
   gemm_.reset();
   if (stream_) cudaStreamDestroy(stream_);
 }
@@ -237,7 +240,8 @@ void CudaBackend::upload_chunked(const uint8_t* src, size_t bytes, uint8_t* dst,
 }
 
 Tensor CudaBackend::load_weight(const std::vector<WeightView>& parts, ScalarType dtype) {
-  require(dtype == ScalarType::BF16 || dtype == ScalarType::F32, "weights load as bf16 or fp32");
+  if (dtype == ScalarType::F8E4M3) return load_fp8_weight(parts);
+  require(dtype == ScalarType::BF16 || dtype == ScalarType::F32, "weights load as bf16, fp32 or fp8");
   int64_t rows = 0;
   std::vector<int64_t> shape = parts[0].shape;
   for (const WeightView& p : parts) rows += p.shape[0];
@@ -252,6 +256,64 @@ Tensor CudaBackend::load_weight(const std::vector<WeightView>& parts, ScalarType
   }
   CUDA_CHECK(cudaStreamSynchronize(stream_));  // the mapping may close after this returns
   return t;
+}
+
+// Codes of fp8 parts are copied with their scales; the others go up as fp32
+// (a part at a time) and are quantized per row there, as the CPU would.
+Tensor CudaBackend::load_fp8_weight(const std::vector<WeightView>& parts) {
+  require(fp8_weights_, "load_weight: fp8 weights need bf16 activations on an sm_89+ GPU");
+  int64_t rows = 0;
+  for (const WeightView& p : parts) rows += p.shape[0];
+  const int64_t k = parts[0].shape[1];
+  if (k % 16 != 0)
+    throw Error(ErrorKind::Unsupported, "device 'cuda': fp8 weights need rows of a multiple of 16 elements; a weight "
+                                        "of shape (" + std::to_string(rows) + ", " + std::to_string(k) +
+                                        ") has " + std::to_string(k) + " (use quantization=\"\" or device=\"cpu\")");
+  Tensor t = empty({rows, k}, ScalarType::F8E4M3);
+  t.row_scale = std::make_shared<Tensor>(empty({rows}, ScalarType::F32));
+  uint8_t* codes = t.as<uint8_t>();
+  float* scale = t.row_scale->as<float>();
+  for (const WeightView& p : parts) {
+    const int64_t n = p.shape[0];
+    if (p.type == WeightView::Type::F8E4M3) {
+      upload_chunked(static_cast<const uint8_t*>(p.data), static_cast<size_t>(n * k), codes, -1, -1, 1);
+      CUDA_CHECK(cudaMemcpyAsync(scale, p.row_scale, static_cast<size_t>(n) * 4, cudaMemcpyHostToDevice, stream_));
+    } else {
+      Tensor values = empty({n, k}, ScalarType::F32);
+      upload_chunked(static_cast<const uint8_t*>(p.data), p.nbytes(), values.as<uint8_t>(), elem_kind(p.type),
+                     static_cast<int>(Elem::F32), p.element_size());
+      quantize_weight_rows(values.as<float>(), codes, scale, n, k, stream_);
+      CUDA_CHECK(cudaStreamSynchronize(stream_));  // before `values` is freed
+    }
+    codes += n * k;
+    scale += n;
+  }
+  CUDA_CHECK(cudaStreamSynchronize(stream_));  // the mapping may close after this returns
+  fp8_max_k_ = std::max(fp8_max_k_, k);
+  return t;
+}
+
+void CudaBackend::ensure_fp8_act(int64_t n, int64_t k) {
+  const size_t need = align16(static_cast<size_t>(n * k)) + static_cast<size_t>(n) * 4;
+  if (need <= fp8_act_bytes_) return;
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  CUDA_CHECK(cudaStreamIsCapturing(stream_, &capture));
+  require(capture == cudaStreamCaptureStatusNone, "fp8 linear: the activation scratch outgrew a recorded step");
+  if (fp8_act_) CUDA_CHECK(cudaFree(fp8_act_));  // waits for the GPU
+  fp8_act_ = nullptr;
+  fp8_act_bytes_ = 0;
+  clear_graphs();  // a new buffer at the old address would match their keys
+  CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&fp8_act_), need + need / 2));
+  fp8_act_bytes_ = need + need / 2;
+}
+
+const uint8_t* CudaBackend::quantize_act(const Tensor& x, int64_t n, int64_t k, const float** scale) {
+  require(x.dtype == ScalarType::BF16, "linear: fp8 weights take bf16 x");
+  ensure_fp8_act(n, k);
+  float* s = reinterpret_cast<float*>(fp8_act_ + align16(static_cast<size_t>(n * k)));
+  quantize_act_rows(x.as<bf16>(), fp8_act_, s, n, k, stream_);
+  *scale = s;
+  return fp8_act_;
 }
 
 }  // namespace pagedrt::cuda

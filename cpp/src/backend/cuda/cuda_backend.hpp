@@ -61,6 +61,9 @@ class CudaBackend final : public Backend {
   void check_attention(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim) const override;
 
   Tensor load_weight(const std::vector<WeightView>& parts, ScalarType dtype) override;
+  // fp8 weights (W8A8): bf16 activations on an sm_89+ GPU; linear() quantizes
+  // x per token (fp8_rows.hpp) and multiplies e4m3 codes (Gemm::run_f8).
+  bool has_fp8_weights() const override { return fp8_weights_; }
   Tensor empty(std::vector<int64_t> shape, ScalarType dtype) override;
   Tensor from_host(const Tensor& host) override;
 
@@ -148,6 +151,12 @@ class CudaBackend final : public Backend {
   AttentionParamsT<T> attention_params(const Tensor& qkv, const Tensor& k_cache, const Tensor& v_cache, int64_t H,
                                        int64_t Hkv, int64_t D, float scale, Tensor& out) const;
   void upload_chunked(const uint8_t* src, size_t bytes, uint8_t* dst, int src_kind, int dst_kind, size_t elem);
+  // The stacked parts as e4m3 codes with a scale per row (codes kept, others quantized on the device).
+  Tensor load_fp8_weight(const std::vector<WeightView>& parts);
+  // x (n, k) quantized per token into fp8_act_ (grown first where it is too
+  // small); returns the codes, *scale the (n) scales.
+  const uint8_t* quantize_act(const Tensor& x, int64_t n, int64_t k, const float** scale);
+  void ensure_fp8_act(int64_t n, int64_t k);
 
   int device_ = 0;
   int num_sms_ = 132;
@@ -178,6 +187,10 @@ class CudaBackend final : public Backend {
   std::vector<BlockCopy> last_copies_;  // what copies_ holds on the device
   Staging swaps_[2];                    // swap_blocks' pairs: [0] into the pool, [1] out of it
   std::vector<BlockCopy> last_swaps_[2];  // what each holds on the device
+  bool fp8_weights_ = false;      // has_fp8_weights()
+  int64_t fp8_max_k_ = 0;         // the longest row of the fp8 weights loaded (0: none)
+  uint8_t* fp8_act_ = nullptr;    // fp8 weights: x's codes (n, k), then its scales (n); grown in begin_step
+  size_t fp8_act_bytes_ = 0;
   bf16* fp8_scratch_ = nullptr;  // fp8 KV prefill: (2, pages, block_size, Hkv, D) bf16, grown as needed
   size_t fp8_scratch_bytes_ = 0;
   float* partials_ = nullptr;  // decode splits: merge tickets (tickets_bytes_), then partials (o, lse)

@@ -51,8 +51,16 @@ void CudaBackend::add_rms_norm(Tensor& residual, const Tensor& x, const Tensor& 
 }
 
 void CudaBackend::linear(const Tensor& x, const Tensor& weight, int64_t n, Tensor& out) {
-  require(x.dtype == act_ && weight.dtype == act_, "linear: x and weight of the activation dtype");
   require(out.dtype == act_ || out.dtype == ScalarType::F32, "linear: out of the activation dtype or fp32");
+  if (weight.dtype == ScalarType::F8E4M3) {  // x quantized per token, then e4m3 x e4m3 (W8A8)
+    const int64_t m = weight.dim(0), k = weight.dim(1);
+    const float* xs = nullptr;
+    const uint8_t* xq = quantize_act(x, n, k, &xs);
+    gemm_->run_f8(xq, xs, weight.data, weight.row_scale->as<float>(), out.data, n, m, k,
+                  out.dtype == ScalarType::F32);
+    return;
+  }
+  require(x.dtype == act_ && weight.dtype == act_, "linear: x and weight of the activation dtype");
   gemm_->run(x.data, weight.data, out.data, n, weight.dim(0), weight.dim(1), out.dtype == ScalarType::F32,
              act_ == ScalarType::F32);
 }
@@ -219,6 +227,16 @@ void CudaBackend::linear_silu_mul(const Tensor& x, const Tensor& gate_up_weight,
                                   Tensor& out) {
   const int64_t inter = gate_up_weight.dim(0) / 2;
   require(out.dim(1) == inter && gate_up_weight.dim(0) == 2 * inter, "linear_silu_mul: (2 I, k) weight, (n, I) out");
+  if (gate_up_weight.dtype == ScalarType::F8E4M3) {
+    const int64_t k = gate_up_weight.dim(1);
+    const float* xs = nullptr;
+    const uint8_t* xq = quantize_act(x, n, k, &xs);
+    const float* ws = gate_up_weight.row_scale->as<float>();
+    if (fuse_ && gemm_->run_silu_mul_f8(xq, xs, gate_up_weight.data, ws, out.data, n, inter, k)) return;
+    gemm_->run_f8(xq, xs, gate_up_weight.data, ws, gate_up.data, n, 2 * inter, k, false);
+    silu_mul(gate_up, n, out);
+    return;
+  }
   if (fuse_ && act_ == ScalarType::BF16 && x.dtype == act_ && gate_up_weight.dtype == act_ && out.dtype == act_ &&
       gemm_->run_silu_mul(x.data, gate_up_weight.data, out.data, n, inter, gate_up_weight.dim(1)))
     return;

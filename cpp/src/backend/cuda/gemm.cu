@@ -60,6 +60,23 @@ void Gemm::run(const void* x, const void* w, void* y, int64_t n, int64_t m, int6
   run_cublaslt(x, w, y, n, m, k, out_f32, false);
 }
 
+void Gemm::run_f8(const void* xq, const float* xs, const void* w, const float* ws, void* y, int64_t n, int64_t m,
+                  int64_t k, bool out_f32) {
+  if (n == 0) return;
+  if (own_gemv_ && Gemv::supports_f8(xq, w, n, m, k)) return gemv_.run_f8(xq, xs, w, ws, y, n, m, k, out_f32, stream_);
+  Plan& p = plan(n, m, k, out_f32, In::F8, xq, w, y, ws, xs);
+  set_scales(p, ws, xs);  // this call's (a recording keeps them by value)
+  CUBLAS_CHECK(matmul(p, p.algo, xq, w, y));
+}
+
+bool Gemm::run_silu_mul_f8(const void* xq, const float* xs, const void* w, const float* ws, void* y, int64_t n,
+                           int64_t m, int64_t k) {
+  if (n == 0) return true;
+  if (!own_gemv_ || !Gemv::supports_f8(xq, w, n, 2 * m, k)) return false;
+  gemv_.run_silu_mul_f8(xq, xs, w, ws, y, n, m, k, stream_);
+  return true;
+}
+
 bool Gemm::run_silu_mul(const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k) {
   if (n == 0) return true;
   if (!own_gemv_ || !Gemv::supports(x, w, n, 2 * m, k)) return false;
@@ -69,13 +86,20 @@ bool Gemm::run_silu_mul(const void* x, const void* w, void* y, int64_t n, int64_
 
 // Column-major view: C (m x n, ld m) = op(A) * B with A = W seen as (k x m, ld k)
 // transposed, B = x seen as (k x n, ld k). C is y row-major (n, m).
-Gemm::Plan Gemm::make_plan(int64_t n, int64_t m, int64_t k, bool out_f32, bool in_f32) const {
-  const cudaDataType_t in_type = in_f32 ? CUDA_R_32F : CUDA_R_16BF;
+// fp8 (In::F8): e4m3 A and B (A transposed, as cuBLASLt's fp8 GEMMs want),
+// scaled by vectors: A's per row of W (m), B's per row of x (n).
+Gemm::Plan Gemm::make_plan(int64_t n, int64_t m, int64_t k, bool out_f32, In in) const {
+  const cudaDataType_t in_type = in == In::F32 ? CUDA_R_32F : in == In::F8 ? CUDA_R_8F_E4M3 : CUDA_R_16BF;
   Plan p;
   CUBLAS_CHECK(cublasLtMatmulDescCreate(&p.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
   const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
   CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
   CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)));
+  if (in == In::F8) {
+    const int32_t mode = CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &mode, sizeof(mode)));
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &mode, sizeof(mode)));
+  }
   CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.a, in_type, k, m, k));
   CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.b, in_type, k, n, k));
   CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.c, out_f32 ? CUDA_R_32F : CUDA_R_16BF, m, n, m));
@@ -83,7 +107,7 @@ Gemm::Plan Gemm::make_plan(int64_t n, int64_t m, int64_t k, bool out_f32, bool i
 }
 
 int Gemm::heuristic(const Plan& p, cublasLtMatmulHeuristicResult_t* res, int count, int64_t n, int64_t m,
-                    int64_t k, bool in_f32) const {
+                    int64_t k, In in) const {
   cublasLtMatmulPreference_t pref;
   CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
   CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
@@ -92,7 +116,8 @@ int Gemm::heuristic(const Plan& p, cublasLtMatmulHeuristicResult_t* res, int cou
   cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(handle_, p.op, p.a, p.b, p.c, p.c, pref, count, res, &found);
   cublasLtMatmulPreferenceDestroy(pref);
   if (st != CUBLAS_STATUS_SUCCESS || found == 0)
-    throw Error(ErrorKind::Runtime, std::string("cuBLASLt has no algorithm for a ") + (in_f32 ? "fp32" : "bf16") +
+    throw Error(ErrorKind::Runtime, std::string("cuBLASLt has no algorithm for a ") +
+                                        (in == In::F32 ? "fp32" : in == In::F8 ? "fp8 (per-row scaled)" : "bf16") +
                                         " GEMM of n=" + std::to_string(n) + " m=" + std::to_string(m) +
                                         " k=" + std::to_string(k));
   return found;
@@ -118,9 +143,9 @@ cublasStatus_t Gemm::matmul(const Plan& p, const cublasLtMatmulAlgo_t& algo, con
                         workspace_bytes_, stream_);
 }
 
-cublasLtMatmulAlgo_t Gemm::first_pick(const Plan& p, int64_t n, int64_t m, int64_t k, bool in_f32) const {
+cublasLtMatmulAlgo_t Gemm::first_pick(const Plan& p, int64_t n, int64_t m, int64_t k, In in) const {
   cublasLtMatmulHeuristicResult_t first{};
-  heuristic(p, &first, 1, n, m, k, in_f32);
+  heuristic(p, &first, 1, n, m, k, in);
   return first.algo;
 }
 
@@ -146,12 +171,12 @@ void Gemm::choose(Plan& p, const void* x, const void* w, void* y, int64_t n, int
   const BandKey band{band_of(n), m, k, out_f32};
   auto known = band_algo_.find(band);
   if (known != band_algo_.end()) {
-    p.algo = accepts(p, known->second) ? known->second : first_pick(p, n, m, k, false);
+    p.algo = accepts(p, known->second) ? known->second : first_pick(p, n, m, k, In::BF16);
     p.final = true;
     return;
   }
   cublasLtMatmulHeuristicResult_t res[kSearchCandidates];
-  const int found = heuristic(p, res, kSearchCandidates, n, m, k, false);
+  const int found = heuristic(p, res, kSearchCandidates, n, m, k, In::BF16);
   p.algo = res[0].algo;
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   CUDA_CHECK(cudaStreamIsCapturing(stream_, &capture));
@@ -167,17 +192,23 @@ void Gemm::choose(Plan& p, const void* x, const void* w, void* y, int64_t n, int
   p.final = true;
 }
 
-void Gemm::run_cublaslt(const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k, bool out_f32,
-                        bool in_f32) {
-  const ShapeKey key{n, m, k, out_f32, in_f32};
+void Gemm::set_scales(Plan& p, const float* a_scale, const float* b_scale) {
+  CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &a_scale, sizeof(a_scale)));
+  CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &b_scale, sizeof(b_scale)));
+}
+
+Gemm::Plan& Gemm::plan(int64_t n, int64_t m, int64_t k, bool out_f32, In in, const void* x, const void* w, void* y,
+                       const float* a_scale, const float* b_scale) {
+  const ShapeKey key{n, m, k, out_f32, in};
   auto it = plans_.find(key);
   if (it == plans_.end()) {
-    Plan p = make_plan(n, m, k, out_f32, in_f32);
+    Plan p = make_plan(n, m, k, out_f32, in);
     try {
-      if (search_ && !in_f32) {
+      if (in == In::F8) set_scales(p, a_scale, b_scale);  // before the heuristic looks at the plan
+      if (search_ && in == In::BF16) {
         choose(p, x, w, y, n, m, k, out_f32);
       } else {
-        p.algo = first_pick(p, n, m, k, in_f32);
+        p.algo = first_pick(p, n, m, k, in);
         p.final = true;
       }
     } catch (...) {
@@ -190,7 +221,13 @@ void Gemm::run_cublaslt(const void* x, const void* w, void* y, int64_t n, int64_
     CUDA_CHECK(cudaStreamIsCapturing(stream_, &capture));
     if (capture == cudaStreamCaptureStatusNone) choose(it->second, x, w, y, n, m, k, out_f32);
   }
-  CUBLAS_CHECK(matmul(it->second, it->second.algo, x, w, y));
+  return it->second;
+}
+
+void Gemm::run_cublaslt(const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k, bool out_f32,
+                        bool in_f32) {
+  Plan& p = plan(n, m, k, out_f32, in_f32 ? In::F32 : In::BF16, x, w, y);
+  CUBLAS_CHECK(matmul(p, p.algo, x, w, y));
 }
 
 }  // namespace pagedrt::cuda

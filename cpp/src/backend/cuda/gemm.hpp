@@ -61,6 +61,16 @@ class Gemm {
   // (and does nothing) where it does not: then run() and a SiLU·mul kernel.
   bool run_silu_mul(const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k);
 
+  // fp8: y (n, m) = (xq (n, k) @ w (m, k)^T) * ws[r] * xs[t] for e4m3 codes
+  // xq, w with fp32 scales per token xs (n) and per output channel ws (m):
+  // the own kernel for n <= 8 (Gemv::run_f8), else cuBLASLt's fp8 GEMM with
+  // outer-vector scales (CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F). k % 16 == 0.
+  void run_f8(const void* xq, const float* xs, const void* w, const float* ws, void* y, int64_t n, int64_t m,
+              int64_t k, bool out_f32);
+  // silu(gate) * up, as run_silu_mul, on fp8 [gate; up] with ws (2m); false where the own kernel does not take it.
+  bool run_silu_mul_f8(const void* xq, const float* xs, const void* w, const float* ws, void* y, int64_t n, int64_t m,
+                       int64_t k);
+
   // Bands searched so far (for tests and benchmarks).
   size_t searched_bands() const { return band_algo_.size(); }
 
@@ -71,16 +81,21 @@ class Gemm {
     cublasLtMatmulAlgo_t algo{};
     bool final = false;  // false: the heuristic's pick, made while recording; search when a direct call comes
   };
-  using ShapeKey = std::tuple<int64_t, int64_t, int64_t, bool, bool>;  // n, m, k, out_f32, in_f32
+  enum class In { BF16, F32, F8 };  // the operands' type
+  using ShapeKey = std::tuple<int64_t, int64_t, int64_t, bool, In>;  // n, m, k, out_f32, operands
   using BandKey = std::tuple<int64_t, int64_t, int64_t, bool>;         // band of n, m, k, out_f32
 
   void run_cublaslt(const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k, bool out_f32,
                     bool in_f32);
-  Plan make_plan(int64_t n, int64_t m, int64_t k, bool out_f32, bool in_f32) const;
+  Plan make_plan(int64_t n, int64_t m, int64_t k, bool out_f32, In in) const;
+  // The plan of a shape, made (and its algorithm picked) on first use; fp8 plans get the scales given.
+  Plan& plan(int64_t n, int64_t m, int64_t k, bool out_f32, In in, const void* x, const void* w, void* y,
+             const float* a_scale = nullptr, const float* b_scale = nullptr);
+  static void set_scales(Plan& p, const float* a_scale, const float* b_scale);  // an fp8 plan's scale vectors
   static void destroy(Plan& p);  // its descriptor and layouts
   // cuBLASLt's heuristic picks for the plan, best first (at least one, or throws).
   int heuristic(const Plan& p, cublasLtMatmulHeuristicResult_t* res, int count, int64_t n, int64_t m, int64_t k,
-                bool in_f32) const;
+                In in) const;
   // The algorithm for a bf16 plan: the band's, or found by timing the candidates on x, w, y.
   void choose(Plan& p, const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k, bool out_f32);
   bool accepts(const Plan& p, const cublasLtMatmulAlgo_t& algo) const;
@@ -88,7 +103,7 @@ class Gemm {
   // y = x W^T with `algo` on the stream; the status, unchecked (a search tries candidates cuBLASLt may refuse).
   cublasStatus_t matmul(const Plan& p, const cublasLtMatmulAlgo_t& algo, const void* x, const void* w, void* y);
   // The heuristic's first pick for the plan (throws when there is none).
-  cublasLtMatmulAlgo_t first_pick(const Plan& p, int64_t n, int64_t m, int64_t k, bool in_f32) const;
+  cublasLtMatmulAlgo_t first_pick(const Plan& p, int64_t n, int64_t m, int64_t k, In in) const;
 
   cudaStream_t stream_;
   bool own_gemv_ = true;  // false: PAGEDRT_CUDA_GEMV=0

@@ -45,6 +45,7 @@
 #include <cuda_bf16.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "backend/cuda/cuda_check.hpp"
 #include "backend/cuda/elementwise.cuh"
@@ -67,7 +68,7 @@ __device__ __forceinline__ uint4 load_stream(const uint4* p) {
 }
 
 // c (16 x 8, fp32) += A (16 x 16, bf16, row-major) * B (16 x 8, bf16, column-major)
-__device__ __forceinline__ void mma_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+__device__ __forceinline__ void mma_16816_bf16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                           uint32_t b0, uint32_t b1) {
   asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};"
@@ -78,24 +79,44 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], uint32_t a0, uint32_t a
 __device__ __forceinline__ void store(float* p, float v) { *p = v; }
 __device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
-// One step (32 k): acc[0] takes the .x/.y half, acc[1] the .z/.w half (two
-// independent mma chains). wa, wb: W rows g and g + 8; xv: x row g.
+// c (16 x 8, fp32) += A (16 x 32, e4m3, row-major) * B (32 x 8, e4m3, column-major), sm_89+.
+// Fragments as m16n8k16's with 4 codes a register: a0 row g k 4t..4t+3, a1
+// row g + 8, a2 and a3 the same at k + 16; b0 k 4t..4t+3 of column g, b1 k + 16.
+__device__ __forceinline__ void mma_16832_e4m3(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                               uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// One step (32 k of bf16, 64 k of e4m3: 16 bytes a lane): acc[0] takes the
+// .x/.y half, acc[1] the .z/.w half (two independent mma chains). wa, wb: W
+// rows g and g + 8; xv: x row g.
+template <bool kF8>
 __device__ __forceinline__ void mma_step(float (&acc)[2][4], const uint4& wa, const uint4& wb, const uint4& xv) {
-  mma_16816(acc[0], wa.x, wb.x, wa.y, wb.y, xv.x, xv.y);
-  mma_16816(acc[1], wa.z, wb.z, wa.w, wb.w, xv.z, xv.w);
+  if constexpr (kF8) {
+    mma_16832_e4m3(acc[0], wa.x, wb.x, wa.y, wb.y, xv.x, xv.y);
+    mma_16832_e4m3(acc[1], wa.z, wb.z, wa.w, wb.w, xv.z, xv.w);
+  } else {
+    mma_16816_bf16(acc[0], wa.x, wb.x, wa.y, wb.y, xv.x, xv.y);
+    mma_16816_bf16(acc[1], wa.z, wb.z, wa.w, wb.w, xv.z, xv.w);
+  }
 }
 
 // x (n, k), w (m, k) bf16; y (n, m) OutT. ks = 1 << ks_log2 warps per tile.
+// kF8: x and w are e4m3 codes (16 a load, 64 k a step) with a scale per row
+// of each (xscale (n), wscale (m, or 2m gated)): y = acc * wscale[row] * xscale[tok].
 // kGated: w is [gate; up] (2m, k) and y (n, m) = silu(x gate^T) * (x up^T),
 // each rounded to bf16 first as linear() would store them (so that the
 // result is bitwise silu_mul's of linear's): a tile is gate rows r .. r + 7
 // (the lanes' rows g) and up rows r .. r + 7 (their rows g + 8), so a lane
 // holds both factors of its outputs (c0 with c2, c1 with c3).
-template <int kSteps, typename OutT, bool kGated>
-__global__ void __launch_bounds__(kThreads) gemv_kernel(const __nv_bfloat16* __restrict__ x,
-                                                        const __nv_bfloat16* __restrict__ w,
-                                                        OutT* __restrict__ y, int n, int m, int k,
-                                                        int ks_log2) {
+template <int kSteps, typename OutT, bool kGated, bool kF8>
+__global__ void __launch_bounds__(kThreads) gemv_kernel(const void* __restrict__ x, const void* __restrict__ w,
+                                                        const float* __restrict__ xscale,
+                                                        const float* __restrict__ wscale, OutT* __restrict__ y,
+                                                        int n, int m, int k, int ks_log2) {
   __shared__ float partial[kWarps][4][32];  // (warp, accumulator, lane)
 
   constexpr int kTileRows = kGated ? 8 : 16;  // output rows of a tile
@@ -104,7 +125,9 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const __nv_bfloat16* __r
   const int ks = 1 << ks_log2;
   const int split = warp & (ks - 1);
   const int row0 = (blockIdx.x * (kWarps >> ks_log2) + (warp >> ks_log2)) * kTileRows;
-  const int kv = k / 8;  // 16-byte vectors per row
+  constexpr int kPerVec = kF8 ? 16 : 8;  // k of a 16-byte vector
+  constexpr int kStepK = 4 * kPerVec;     // k of a step (the 4 lanes t side by side)
+  const int kv = k / kPerVec;             // 16-byte vectors per row
 
   // The lane's rows, clamped to the last row (a partial last tile loads rows
   // that it then does not store), and its x row (n <= 8; see above).
@@ -114,7 +137,7 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const __nv_bfloat16* __r
   const uint4* xr = reinterpret_cast<const uint4*>(x) + int64_t(min(g, n - 1)) * kv + t;
 
   float acc[2][4] = {};
-  const int chunks = k / (32 * kSteps);
+  const int chunks = k / (kStepK * kSteps);
   uint4 na[kSteps], nb[kSteps], nx[kSteps];  // the next chunk, in flight
   auto load_w = [&](int c) {
 #pragma unroll
@@ -150,26 +173,26 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const __nv_bfloat16* __r
     for (int s = 0; s < kSteps; ++s) fx[s] = nx[s];
     if (split + ks < chunks) load_x(split + ks);
 #pragma unroll
-    for (int s = 0; s < kSteps; ++s) mma_step(acc, fa[s], fb[s], fx[s]);
+    for (int s = 0; s < kSteps; ++s) mma_step<kF8>(acc, fa[s], fb[s], fx[s]);
     for (int c = split + ks; c < chunks; c += ks) {
       uint4 ca[kSteps], cb[kSteps], cx[kSteps];
 #pragma unroll
       for (int s = 0; s < kSteps; ++s) ca[s] = na[s], cb[s] = nb[s], cx[s] = nx[s];
       if (c + ks < chunks) load_w(c + ks), load_x(c + ks);
 #pragma unroll
-      for (int s = 0; s < kSteps; ++s) mma_step(acc, ca[s], cb[s], cx[s]);
+      for (int s = 0; s < kSteps; ++s) mma_step<kF8>(acc, ca[s], cb[s], cx[s]);
     }
   }
   if (row0 < m) {
-    // The steps after the last whole chunk; a lane's 8 k are all in or all out (k % 8 == 0).
-    for (int s = chunks * kSteps + split; s * 32 < k; s += ks) {
+    // The steps after the last whole chunk; a lane's vector is all in or all out (k % kPerVec == 0).
+    for (int s = chunks * kSteps + split; s * kStepK < k; s += ks) {
       uint4 va = make_uint4(0, 0, 0, 0), vb = va, vx = va;
       if (s * 4 + t < kv) {
         va = load_stream(wa + s * 4);
         vb = load_stream(wb + s * 4);
         vx = __ldg(xr + s * 4);
       }
-      mma_step(acc, va, vb, vx);
+      mma_step<kF8>(acc, va, vb, vx);
     }
   }
 #pragma unroll
@@ -188,19 +211,24 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const __nv_bfloat16* __r
       for (int p = 1; p < ks; ++p) acc[0][j] += partial[warp + p][j][lane];
   }
   if (row0 >= m) return;
+  // The scales of row r (of w's 2m rows when gated) and token tok: 1 for bf16.
+  auto scaled = [&](float v, int r, int tok) { return kF8 ? v * wscale[r] * xscale[tok] : v; };
   if constexpr (kGated) {
     const int row = row0 + g;
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       const int tok = 2 * t + j;
-      const float gate = round_to<__nv_bfloat16>(acc[0][j]), up = round_to<__nv_bfloat16>(acc[0][j + 2]);
-      if (row < m && tok < n) store(y + int64_t(tok) * m + row, silu(gate) * up);
+      if (row < m && tok < n) {
+        const float gate = round_to<__nv_bfloat16>(scaled(acc[0][j], row, tok));
+        const float up = round_to<__nv_bfloat16>(scaled(acc[0][j + 2], m + row, tok));
+        store(y + int64_t(tok) * m + row, silu(gate) * up);
+      }
     }
   } else {
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int row = row0 + 8 * (j / 2) + g, tok = 2 * t + j % 2;
-      if (row < m && tok < n) store(y + int64_t(tok) * m + row, acc[0][j]);
+      if (row < m && tok < n) store(y + int64_t(tok) * m + row, scaled(acc[0][j], row, tok));
     }
   }
 }
@@ -226,21 +254,21 @@ int choose_ks_log2(int64_t tiles, int64_t chunks, int sms, int blocks_per_sm) {
   return lg;
 }
 
-// lg: log2 of ks; blocks: the grid (Gemv::shape).
-template <int kSteps>
-void launch_gemv(const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k, bool out_f32, bool gated,
-                 int lg, int64_t blocks, cudaStream_t stream) {
-  const auto* xb = static_cast<const __nv_bfloat16*>(x);
-  const auto* wb = static_cast<const __nv_bfloat16*>(w);
+// lg: log2 of ks; blocks: the grid (Gemv::shape). xs, ws: fp8 scales (null: bf16).
+template <int kSteps, bool kF8>
+void launch_gemv(const void* x, const void* w, const float* xs, const float* ws, void* y, int64_t n, int64_t m,
+                 int64_t k, bool out_f32, bool gated, int lg, int64_t blocks, cudaStream_t stream) {
   const unsigned grid = static_cast<unsigned>(blocks);
   auto* yb = static_cast<__nv_bfloat16*>(y);
   if (gated)
-    launch(gemv_kernel<kSteps, __nv_bfloat16, true>, grid, kThreads, 0, stream, xb, wb, yb, int(n), int(m), int(k), lg);
-  else if (out_f32)
-    launch(gemv_kernel<kSteps, float, false>, grid, kThreads, 0, stream, xb, wb, static_cast<float*>(y), int(n),
+    launch(gemv_kernel<kSteps, __nv_bfloat16, true, kF8>, grid, kThreads, 0, stream, x, w, xs, ws, yb, int(n),
            int(m), int(k), lg);
+  else if (out_f32)
+    launch(gemv_kernel<kSteps, float, false, kF8>, grid, kThreads, 0, stream, x, w, xs, ws, static_cast<float*>(y),
+           int(n), int(m), int(k), lg);
   else
-    launch(gemv_kernel<kSteps, __nv_bfloat16, false>, grid, kThreads, 0, stream, xb, wb, yb, int(n), int(m), int(k), lg);
+    launch(gemv_kernel<kSteps, __nv_bfloat16, false, kF8>, grid, kThreads, 0, stream, x, w, xs, ws, yb, int(n),
+           int(m), int(k), lg);
 }
 
 // How full the last wave of `blocks` is, `slots` resident at a time (1: full).
@@ -252,11 +280,19 @@ double last_wave_fill(int64_t blocks, int64_t slots) {
 // Resident blocks per SM of the kernel with kSteps (the smallest over its variants).
 template <int kSteps>
 int occupancy() {
-  int a = 0, b = 0, c = 0;
-  CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&a, gemv_kernel<kSteps, float, false>, kThreads, 0));
-  CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, gemv_kernel<kSteps, __nv_bfloat16, false>, kThreads, 0));
-  CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&c, gemv_kernel<kSteps, __nv_bfloat16, true>, kThreads, 0));
-  return std::max(1, std::min({a, b, c}));
+  int least = 1 << 30;
+  auto take = [&](auto kernel) {
+    int b = 0;
+    CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, kernel, kThreads, 0));
+    least = std::min(least, b);
+  };
+  take(gemv_kernel<kSteps, float, false, false>);
+  take(gemv_kernel<kSteps, __nv_bfloat16, false, false>);
+  take(gemv_kernel<kSteps, __nv_bfloat16, true, false>);
+  take(gemv_kernel<kSteps, float, false, true>);
+  take(gemv_kernel<kSteps, __nv_bfloat16, false, true>);
+  take(gemv_kernel<kSteps, __nv_bfloat16, true, true>);
+  return std::max(1, least);
 }
 
 // 4 steps (128 k) per chunk from this k on, 2 below: at k = 576 four-step
@@ -298,22 +334,45 @@ bool Gemv::supports(const void* x, const void* w, int64_t n, int64_t m, int64_t 
          k < (int64_t(1) << 30) && addr % 16 == 0;
 }
 
+bool Gemv::supports_f8(const void* x, const void* w, int64_t n, int64_t m, int64_t k) {
+  return supports(x, w, n, m, k) && k % 16 == 0;
+}
+
+// An fp8 row of k codes is as many bytes as a bf16 row of k / 2: the same
+// chunks, so the same shape.
+void Gemv::launch_any(const void* x, const void* w, const float* xs, const float* ws, void* y, int64_t n, int64_t m,
+                      int64_t k, bool out_f32, bool gated, bool f8, cudaStream_t stream) const {
+  const Shape sh = shape((m + (gated ? 7 : 15)) / (gated ? 8 : 16), f8 ? k / 2 : k);
+  auto go = [&](auto steps, auto fp8) {
+    launch_gemv<decltype(steps)::value, decltype(fp8)::value>(x, w, xs, ws, y, n, m, k, out_f32, gated, sh.ks_log2,
+                                                             sh.blocks, stream);
+  };
+  using Four = std::integral_constant<int, 4>;
+  using Two = std::integral_constant<int, 2>;
+  if (f8)
+    sh.k_steps == 4 ? go(Four{}, std::true_type{}) : go(Two{}, std::true_type{});
+  else
+    sh.k_steps == 4 ? go(Four{}, std::false_type{}) : go(Two{}, std::false_type{});
+}
+
 void Gemv::run(const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k, bool out_f32,
                cudaStream_t stream) const {
-  const Shape sh = shape((m + 15) / 16, k);
-  if (sh.k_steps == 4)
-    launch_gemv<4>(x, w, y, n, m, k, out_f32, false, sh.ks_log2, sh.blocks, stream);
-  else
-    launch_gemv<2>(x, w, y, n, m, k, out_f32, false, sh.ks_log2, sh.blocks, stream);
+  launch_any(x, w, nullptr, nullptr, y, n, m, k, out_f32, false, false, stream);
 }
 
 void Gemv::run_silu_mul(const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k,
                         cudaStream_t stream) const {
-  const Shape sh = shape((m + 7) / 8, k);
-  if (sh.k_steps == 4)
-    launch_gemv<4>(x, w, y, n, m, k, false, true, sh.ks_log2, sh.blocks, stream);
-  else
-    launch_gemv<2>(x, w, y, n, m, k, false, true, sh.ks_log2, sh.blocks, stream);
+  launch_any(x, w, nullptr, nullptr, y, n, m, k, false, true, false, stream);
+}
+
+void Gemv::run_f8(const void* xq, const float* xs, const void* w, const float* ws, void* y, int64_t n, int64_t m,
+                  int64_t k, bool out_f32, cudaStream_t stream) const {
+  launch_any(xq, w, xs, ws, y, n, m, k, out_f32, false, true, stream);
+}
+
+void Gemv::run_silu_mul_f8(const void* xq, const float* xs, const void* w, const float* ws, void* y, int64_t n,
+                           int64_t m, int64_t k, cudaStream_t stream) const {
+  launch_any(xq, w, xs, ws, y, n, m, k, false, true, true, stream);
 }
 
 }  // namespace pagedrt::cuda

@@ -9,6 +9,11 @@
 // of W in flight to saturate HBM; the arithmetic runs on the tensor cores
 // (mma.sync m16n8k16, W as the 16-row A operand, the n <= 8 rows of x as the
 // 8 columns of B), so its cost does not grow with n.
+//
+// fp8 (run_f8): W and x are e4m3 codes with an fp32 scale per row of each
+// (W's per output channel, x's per token: fp8_rows.hpp); the same kernel
+// moves 16 codes a load and multiplies with mma.sync m16n8k32 e4m3 (sm_89+),
+// scaling each output by its row's and token's scales.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -27,6 +32,8 @@ class Gemv {
   // Whether run() takes this call: 1 <= n <= kMaxRows, k a positive multiple
   // of 8 (16-byte rows) and x, w 16-byte aligned. Others go to cuBLASLt.
   static bool supports(const void* x, const void* w, int64_t n, int64_t m, int64_t k);
+  // The same for run_f8(): k a multiple of 16 (16-byte rows of codes).
+  static bool supports_f8(const void* x, const void* w, int64_t n, int64_t m, int64_t k);
 
   // y (n, m) = x (n, k) @ w (m, k)^T; y fp32 when out_f32, else bf16.
   // Precondition: supports(x, w, n, m, k).
@@ -37,6 +44,13 @@ class Gemv {
   // Precondition: supports(x, w, n, 2 m, k).
   void run_silu_mul(const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k,
                     cudaStream_t stream) const;
+  // fp8: y (n, m) = (xq (n, k) @ w (m, k)^T) * ws[r] * xs[t], codes e4m3,
+  // ws (m) and xs (n) fp32. Precondition: supports_f8(xq, w, n, m, k).
+  void run_f8(const void* xq, const float* xs, const void* w, const float* ws, void* y, int64_t n, int64_t m,
+              int64_t k, bool out_f32, cudaStream_t stream) const;
+  // silu(gate) * up on fp8 [gate; up] (2m, k) with ws (2m). Precondition: supports_f8(xq, w, n, 2 m, k).
+  void run_silu_mul_f8(const void* xq, const float* xs, const void* w, const float* ws, void* y, int64_t n,
+                       int64_t m, int64_t k, cudaStream_t stream) const;
 
  private:
   struct Shape {  // one launch: k steps per chunk (4 or 2), log2 of warps per tile, blocks
@@ -45,6 +59,8 @@ class Gemv {
     int64_t blocks;
   };
   Shape shape(int64_t tiles, int64_t k) const;
+  void launch_any(const void* x, const void* w, const float* xs, const float* ws, void* y, int64_t n, int64_t m,
+                  int64_t k, bool out_f32, bool gated, bool f8, cudaStream_t stream) const;
 
   int sms_ = 132;                // streaming multiprocessors of the device
   int blocks_per_sm_long_ = 1;   // resident blocks per SM of the kernel for long rows (k >= 2048)
