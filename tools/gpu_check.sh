@@ -7,7 +7,8 @@
 #   env      nvidia-smi, versions
 #   build    pip install --no-build-isolation --no-deps . with PAGEDRT_CUDA=ON
 #   wheels   only the wheels carried in .whl/ (a later call of a warm machine, built already)
-#   optests  tests/test_cuda.py without the model end-to-end tests (fast)
+#   optests  tests/test_cuda.py without the model end-to-end tests (fast; $OPTESTS_K: a -k expression
+#            to narrow it further); the whole pytest output in $OUT/optests.txt
 #   fp8kv    tools/bench_cuda.py attention_fp8: decode attention on an fp8 KV cache against bf16 (issue 21)
 #   fp8gemm  tools/bench_cuda.py gemm_fp8: the 8B projections with fp8 weights (W8A8) against bf16 and the
 #            fp8 roofline, torch._scaled_mm beside them (issue 21)
@@ -106,8 +107,9 @@ fi
 
 if has optests; then
   stage optests
-  (PAGEDRT_CUDA_REPORT="$OUT/errors.txt" timeout $(( $(left) - 5 )) $PY -m pytest tests/test_cuda.py -q -rs \
-     -k "not smollm2 and not llama3" -p no:cacheprovider 2>&1 | tail -60)
+  (PAGEDRT_CUDA_REPORT="$OUT/errors.txt" timeout $(( $(left) - 5 )) $PY -m pytest tests/test_cuda.py -q -rfEs \
+     -k "not smollm2 and not llama3${OPTESTS_K:+ and ($OPTESTS_K)}" -p no:cacheprovider > "$OUT/optests.txt" 2>&1
+   grep -E "^(FAILED|ERROR|SKIPPED)|passed|failed" "$OUT/optests.txt" | tail -40)
 fi
 
 if has fp8kv; then
