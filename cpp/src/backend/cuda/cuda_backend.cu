@@ -265,10 +265,10 @@ Tensor CudaBackend::load_fp8_weight(const std::vector<WeightView>& parts) {
   int64_t rows = 0;
   for (const WeightView& p : parts) rows += p.shape[0];
   const int64_t k = parts[0].shape[1];
-  if (k % 16 != 0)
-    throw Error(ErrorKind::Unsupported, "device 'cuda': fp8 weights need rows of a multiple of 16 elements; a weight "
-                                        "of shape (" + std::to_string(rows) + ", " + std::to_string(k) +
-                                        ") has " + std::to_string(k) + " (use quantization=\"\" or device=\"cpu\")");
+  if (k % 16 != 0 || rows % 16 != 0)  // 16-byte rows of codes; cuBLASLt's fp8 layouts
+    throw Error(ErrorKind::Unsupported, "device 'cuda': fp8 weights need both dimensions a multiple of 16 elements; "
+                                        "a weight of shape (" + std::to_string(rows) + ", " + std::to_string(k) +
+                                        ") is not (use quantization=\"\" or device=\"cpu\")");
   Tensor t = empty({rows, k}, ScalarType::F8E4M3);
   t.row_scale = std::make_shared<Tensor>(empty({rows}, ScalarType::F32));
   uint8_t* codes = t.as<uint8_t>();
