@@ -1760,7 +1760,8 @@ def test_fp8_kv_end_to_end_matches_the_cpu(tiny_llama):
 
 def test_fp8_options_that_cuda_lacks_are_clear_errors(tiny_llama):
     """quantization="fp8" with fp32 activations (the validation mode has no fp8
-    GEMMs) or weights whose dimensions are not multiples of 16, and an fp8 KV cache
+    GEMMs) or weights whose dimensions are not multiples of 16 (an fp8
+    checkpoint of that shape loads, that group dequantized), and an fp8 KV cache
     with fp32 activations or a block size that is not a multiple of 4 raise
     Unsupported naming what is missing."""
     path, _ = tiny_llama(hidden_size=256, num_attention_heads=4, num_key_value_heads=2)
@@ -1769,6 +1770,16 @@ def test_fp8_options_that_cuda_lacks_are_clear_errors(tiny_llama):
     odd, _ = tiny_llama(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, intermediate_size=200)
     with pytest.raises(pagedrt.Unsupported, match="multiple of 16 elements.*\\(256, 200\\)"):
         pagedrt.Runtime(odd, device="cuda", quantization="fp8")
+    # an fp8 checkpoint of that shape loads: the group the fp8 GEMMs cannot take is dequantized
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import make_fp8_checkpoint
+    from test_forward import run_request
+    out = odd.parent / (odd.name + "-fp8")
+    make_fp8_checkpoint.main([str(odd), str(out), "--scheme", "channel"])
+    with pagedrt.Runtime(out, device="cuda") as rt:
+        tokens, logits, _ = run_request(rt, [5, 6, 7], max_tokens=4, ignore_eos=True, return_logits=True)
+    assert len(tokens) == 4 and np.isfinite(logits).all()
     with pytest.raises(pagedrt.Unsupported, match="needs bf16 activations"):
         pagedrt.Runtime(path, device="cuda", kv_cache_dtype="fp8", dtype="float32")
     with pytest.raises(pagedrt.Unsupported, match="multiple of 4"):
@@ -1918,8 +1929,9 @@ def check_fp8_model(rt, model, quantize_w, tag):
     from test_forward import run_request
     alone = np.array([run_request(rt, p, max_tokens=1, ignore_eos=True, return_logits=True)[1][0]
                       for p in FP8_FIRSTS])  # steps of 1 token: the own kernel
+    # submitted together: steps of up to 16 tokens, cuBLASLt where one holds more than 8
     together = np.array([lg[0] for _, lg in run_all(rt, FP8_FIRSTS, max_tokens=1, ignore_eos=True,
-                                                    return_logits=True)])  # one step of 16: cuBLASLt
+                                                    return_logits=True)])
     ref = np.array([w8a8_reference(model, p, quantize_w)[0] for p in FP8_FIRSTS])
     a16 = np.array([w8a8_reference(model, p, quantize_w, quantize_x=False)[0] for p in FP8_FIRSTS])
     e1, d1 = rel_err(alone, ref), rel_err(alone, a16)

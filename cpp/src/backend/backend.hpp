@@ -170,6 +170,9 @@ class Backend {
   virtual Tensor load_weight(const std::vector<WeightView>& parts, ScalarType dtype) = 0;
   // Whether linear() takes F8E4M3 weights (RuntimeConfig::quantization "fp8").
   virtual bool has_fp8_weights() const { return false; }
+  // Whether its fp8 GEMMs take a weight of (rows, k) (CUDA: both multiples of
+  // 16); an fp8 checkpoint's group that they do not take loads dequantized.
+  virtual bool fp8_shape_ok(int64_t rows, int64_t k) const { return true; }
   virtual Tensor empty(std::vector<int64_t> shape, ScalarType dtype) = 0;
   virtual Tensor from_host(const Tensor& host) = 0;
   // An elastic KV pool's memory (backend/kv_memory.hpp): `count` tensors of

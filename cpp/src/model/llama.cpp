@@ -101,10 +101,13 @@ LlamaModel::LlamaModel(const LlamaConfig& config, const std::string& model_dir, 
       for (auto& [name, shape] : parts)
         views.push_back(expect(ckpt, name, shape, cfg_.quant, &keep, fp8 != Fp8Projections::None));
       bool all_fp8 = true;
-      for (const WeightView& v : views) all_fp8 = all_fp8 && v.type == WeightView::Type::F8E4M3;
-      if (fp8 == Fp8Projections::All || (fp8 == Fp8Projections::Checkpoint && all_fp8))
+      int64_t rows = 0;
+      for (const WeightView& v : views) all_fp8 = all_fp8 && v.type == WeightView::Type::F8E4M3, rows += v.shape[0];
+      // A checkpoint's codes stay where the backend's fp8 GEMMs take the group's shape.
+      const bool keep_codes = all_fp8 && backend.fp8_shape_ok(rows, views[0].shape[1]);
+      if (fp8 == Fp8Projections::All || (fp8 == Fp8Projections::Checkpoint && keep_codes))
         return backend.load_weight(views, ScalarType::F8E4M3);
-      if (fp8 != Fp8Projections::None && !all_fp8) {  // fp8 parts of a mixed group: dequantized
+      if (fp8 != Fp8Projections::None && !keep_codes) {  // fp8 parts of a mixed or odd-shaped group: dequantized
         views.clear();
         for (auto& [name, shape] : parts) views.push_back(expect(ckpt, name, shape, cfg_.quant, &keep));
       }

@@ -265,7 +265,7 @@ Tensor CudaBackend::load_fp8_weight(const std::vector<WeightView>& parts) {
   int64_t rows = 0;
   for (const WeightView& p : parts) rows += p.shape[0];
   const int64_t k = parts[0].shape[1];
-  if (k % 16 != 0 || rows % 16 != 0)  // 16-byte rows of codes; cuBLASLt's fp8 layouts
+  if (!fp8_shape_ok(rows, k))  // 16-byte rows of codes; cuBLASLt's fp8 layouts
     throw Error(ErrorKind::Unsupported, "device 'cuda': fp8 weights need both dimensions a multiple of 16 elements; "
                                         "a weight of shape (" + std::to_string(rows) + ", " + std::to_string(k) +
                                         ") is not (use quantization=\"\" or device=\"cpu\")");

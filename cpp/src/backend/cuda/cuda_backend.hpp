@@ -64,6 +64,7 @@ class CudaBackend final : public Backend {
   // fp8 weights (W8A8): bf16 activations on an sm_89+ GPU; linear() quantizes
   // x per token (fp8_rows.hpp) and multiplies e4m3 codes (Gemm::run_f8).
   bool has_fp8_weights() const override { return fp8_weights_; }
+  bool fp8_shape_ok(int64_t rows, int64_t k) const override { return rows % 16 == 0 && k % 16 == 0; }
   Tensor empty(std::vector<int64_t> shape, ScalarType dtype) override;
   Tensor from_host(const Tensor& host) override;
 
