@@ -218,6 +218,32 @@ def test_fp8_linear_is_the_product_of_the_quantized_weights(act, n, m, k):
     assert rel_err(y, x.astype(np.float64) @ w.astype(np.float64).T) > 1e-3  # the weights were rounded
 
 
+@pytest.mark.parametrize("n", [1, 3, 4, 9])
+def test_fp8_linear_widens_every_code_exactly(n):
+    """The GEMM's widening of e4m3 codes (bf16 activations: in registers for steps
+    of up to 4 tokens, into a bf16 buffer beyond) is exact for every finite code,
+    subnormals included: W's rows each hold all 254 finite values (max 448, so the
+    scale is 1 and the codes are the values' own), x is one-hot, y is W's columns
+    bit for bit."""
+    from pagedrt import _testing
+    ops = _testing._Ops("cpu", "bfloat16")
+    codes = np.array([c for c in range(256) if c & 0x7F != 0x7F], np.uint8)
+    vals = torch.from_numpy(codes).view(torch.float8_e4m3fn).float().numpy()
+    k, m = 256, 48
+    w = np.zeros((m, k), np.float32)
+    for r in range(m):
+        w[r, :len(vals)] = np.roll(vals, 5 * r)
+    for start in range(0, len(vals), n):
+        cols = [(start + t) % len(vals) for t in range(n)]
+        x = np.zeros((n, k), np.float32)
+        x[np.arange(n), cols] = 1.0
+        ops.set_batch(*(np.zeros(n, np.int32),) * 2, np.zeros(n, np.int64), np.array([0, n], np.int32),
+                      np.array([n], np.int32), np.array([0, 1], np.int32), np.array([0], np.int32),
+                      np.array([n - 1], np.int32))
+        y = ops.linear(x, w, "fp8", True)
+        assert np.array_equal(y, w[:, cols].T), (n, cols)
+
+
 def test_quantization_fp8_matches_transformers_on_the_quantized_weights(tiny_llama):
     """Runtime(quantization="fp8") on a tiny fp32 model, fp32 activations: logits
     within 1e-4 of transformers holding every projection's reference

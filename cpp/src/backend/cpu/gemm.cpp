@@ -107,7 +107,12 @@ void gemm_f8(const float* xf, const uint16_t* xb, const uint8_t* w, const float*
     const int64_t r0 = task * kFp8Rows, rows = std::min(kFp8Rows, m - r0);
     if (buf.size() < static_cast<size_t>(kFp8Rows * k)) buf.resize(static_cast<size_t>(kFp8Rows * k));
     if (part.size() < static_cast<size_t>(n * kFp8Rows)) part.resize(static_cast<size_t>(n * kFp8Rows));
-    for (int64_t r = 0; r < rows; ++r) dequantize_kv_row(w + (r0 + r) * k, 0, k, buf.data() + r * k);
+#ifdef PAGEDRT_HAVE_AVX512BF16_KERNEL
+    if (v.name == "avx512bf16")  // the rows are contiguous: widened as one run
+      avx512bf16::widen_f8(w + r0 * k, rows * k, buf.data());
+    else
+#endif
+      for (int64_t r = 0; r < rows; ++r) dequantize_kv_row(w + (r0 + r) * k, 0, k, buf.data() + r * k);
     if (xb != nullptr)
       v.bf16_bf16(xb, buf.data(), part.data(), n, rows, k, 1);
     else

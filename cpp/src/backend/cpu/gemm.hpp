@@ -83,6 +83,8 @@ PAGEDRT_GEMM_DECLARE(avx512)
 // avx512bf16 has only its own gemm_bf16_bf16; its fp32-activation calls are avx512's.
 namespace avx512bf16 {
 void gemm_bf16_bf16(const uint16_t* x, const uint16_t* w, float* y, int64_t n, int64_t m, int64_t k, int threads);
+// count e4m3 codes as bf16 values, exactly (gemm_f8's buffer; count % 32 == 0 or not)
+void widen_f8(const uint8_t* w, int64_t count, uint16_t* out);
 // gemm_f8's bf16-activation case, the codes widened in registers (no buffer)
 void gemm_bf16_f8(const uint16_t* x, const uint8_t* w, const float* scale, float* y, int64_t n, int64_t m, int64_t k,
                   int threads);
