@@ -38,7 +38,7 @@ Tensor host_fp8_weight(const std::vector<WeightView>& parts) {
                                                       : f16_to_f32(static_cast<const uint16_t*>(p.data)[i]);
           amax = std::max(amax, std::fabs(row[c]));
         }
-        scale[r] = amax > 0.0f && std::isfinite(amax) ? amax / kE4m3Max : 1.0f;
+        scale[r] = e4m3_row_scale(amax);
         for (int64_t c = 0; c < k; ++c) codes[r * k + c] = float_to_e4m3(row[c] / scale[r]);
       }
     }

@@ -32,6 +32,12 @@ PAGEDRT_HD float e4m3_to_float(uint8_t b) {
   return f;
 }
 
+// A row's scale for per-row quantization (fp8 weights and activations):
+// max |row| / 448, or 1 for a zero or non-finite max.
+PAGEDRT_HD float e4m3_row_scale(float amax) {
+  return amax > 0.0f && amax <= 3.402823466e38f ? amax / kE4m3Max : 1.0f;
+}
+
 // Round to nearest, ties to even; magnitudes past 448 saturate to 448 (as
 // torch's conversion with saturation and every fp8 inference engine do);
 // NaN stays NaN (0x7F with its sign).

@@ -108,6 +108,8 @@ void gemm_f8(const float* xf, const uint16_t* xb, const uint8_t* w, const float*
     if (buf.size() < static_cast<size_t>(kFp8Rows * k)) buf.resize(static_cast<size_t>(kFp8Rows * k));
     if (part.size() < static_cast<size_t>(n * kFp8Rows)) part.resize(static_cast<size_t>(n * kFp8Rows));
 #ifdef PAGEDRT_HAVE_AVX512BF16_KERNEL
+    // the same widening as dequantize_kv_row's (e4m3_avx512.hpp), here also in
+    // portable builds, where only the avx512bf16 kernel's file is built for AVX-512
     if (v.name == "avx512bf16")  // the rows are contiguous: widened as one run
       avx512bf16::widen_f8(w + r0 * k, rows * k, buf.data());
     else

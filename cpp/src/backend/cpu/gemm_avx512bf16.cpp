@@ -30,6 +30,7 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 
+#include "backend/cpu/e4m3_avx512.hpp"
 #include "backend/cpu/gemm.hpp"
 
 namespace pagedrt::cpu::avx512bf16 {
@@ -47,26 +48,8 @@ constexpr int kLanes = 32;  // bf16 per 512-bit load
 inline __m512bh load(const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
 inline __m512bh load(const uint16_t* p, __mmask32 mask) { return (__m512bh)_mm512_maskz_loadu_epi16(mask, p); }
 
-// 32 fp8 weights (e4m3 codes) as 32 bf16 of their values, exactly, in 7
-// integer instructions: a normal code's exponent and mantissa bits move up by
-// 4 into the bf16 fields and its exponent gains 120 (bf16's bias 127 less
-// e4m3's 7); a subnormal code (exponent 0: m 2^-9, m = c & 7) takes its value
-// from a table indexed by the code's low 5 bits; the sign goes on top. (The
-// fp16 route it replaces, two VCVTPH2PS and a VCVTNE2PS2BF16, cost about as
-// much again: fp8 decode on Zen 4 ran at 45% of its floor with it.)
-inline __m512bh widen_e4m3(__m256i c8) {
-  // m 2^-9 as bf16 bits for m = 0..7 (the rest of the 32 entries unused)
-  const __m512i kSubnormal = _mm512_setr_epi32(0x3B000000, 0x3BC03B80, 0x3C203C00, 0x3C603C40, 0, 0, 0, 0, 0,
-                                                      0, 0, 0, 0, 0, 0, 0);
-  const __m512i c = _mm512_cvtepu8_epi16(c8);
-  const __m512i mag = _mm512_slli_epi16(_mm512_and_si512(c, _mm512_set1_epi16(0x7F)), 4);
-  const __mmask32 sub = _mm512_testn_epi16_mask(c, _mm512_set1_epi16(0x78));
-  __m512i v = _mm512_add_epi16(mag, _mm512_set1_epi16(120 << 7));
-  v = _mm512_mask_permutexvar_epi16(v, sub, c, kSubnormal);
-  // v | (c << 8 & 0x8000): the sign
-  return (__m512bh)_mm512_ternarylogic_epi32(v, _mm512_slli_epi16(c, 8), _mm512_set1_epi16(static_cast<int16_t>(0x8000)),
-                                             0xF8);
-}
+// 32 fp8 weights (e4m3 codes) as 32 bf16 of their values, exactly (e4m3_avx512.hpp).
+inline __m512bh widen_e4m3(__m256i c8) { return (__m512bh)e4m3_to_bf16_bits(c8); }
 inline __m512bh load(const uint8_t* p) { return widen_e4m3(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
 inline __m512bh load(const uint8_t* p, __mmask32 mask) { return widen_e4m3(_mm256_maskz_loadu_epi8(mask, p)); }
 

@@ -1,4 +1,5 @@
-// fp8 KV rows on the CPU. Dequantizing widens each code to the fp16 bit
+// fp8 KV rows on the CPU. bf16 rows take e4m3_avx512.hpp's widening and the
+// row's exponent added to the exponent field. fp32 rows widen each code to the fp16 bit
 // pattern with the same digits, (code & 0x7F) << 7 and the sign on top:
 // e4m3's 4 exponent bits (bias 7) land in fp16's 5 (bias 15), so the fp16
 // number is the e4m3 one times 2^-8, subnormals included. VCVTPH2PS makes it
@@ -6,9 +7,17 @@
 // 2^(e + 8) restores the scale: exact, as every value has 4 significant bits.
 #include "backend/cpu/kv_fp8.hpp"
 
+// GCC's AVX-512 intrinsics warn about their own `__Y = __Y` placeholders once
+// inlined (GCC bug 105593; as in gemm_avx512bf16.cpp).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
 #include <algorithm>
 #include <cmath>
 
+#include "backend/cpu/e4m3_avx512.hpp"
 #include "backend/fp8.hpp"
 #include "backend/tensor.hpp"
 
@@ -35,19 +44,14 @@ template <typename T>
 void dequantize_kv_row(const uint8_t* codes, int e, int64_t n, T* out) {
   const float s = exp2_int(e);
   int64_t i = 0;
-#if defined(PAGEDRT_VEC512) && defined(__AVX512BF16__)
+#if defined(PAGEDRT_VEC512)
   if constexpr (sizeof(T) == 2) {
-    // bf16 out: the fp16 values narrowed to bf16 (exact), then e + 8 added to
-    // the exponent field of every nonzero lane (the results stay normal:
-    // e4m3's 2^-9 .. 448 times 2^-8 times 2^(e + 8), e in the quantizer's range).
-    const __m512i add = _mm512_set1_epi16(static_cast<int16_t>((e + 8) * 128));
+    // bf16 out: the codes' values as bf16 (exact, e4m3_avx512.hpp), then e
+    // added to the exponent field of every nonzero lane (the results stay
+    // normal: e4m3's 2^-9 .. 448 times 2^e, e in the quantizer's range).
+    const __m512i add = _mm512_set1_epi16(static_cast<int16_t>(e * 128));
     for (; i + 32 <= n; i += 32) {
-      const __m512i c = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + i)));
-      const __m512i h = _mm512_or_si512(_mm512_slli_epi16(_mm512_and_si512(c, _mm512_set1_epi16(0x80)), 8),
-                                        _mm512_slli_epi16(_mm512_and_si512(c, _mm512_set1_epi16(0x7F)), 7));
-      const __m512 lo = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
-      const __m512 hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
-      const __m512i b = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+      const __m512i b = e4m3_to_bf16_bits(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + i)));
       const __m512i r = _mm512_mask_add_epi16(b, _mm512_test_epi16_mask(b, _mm512_set1_epi16(0x7FFF)), b, add);
       _mm512_storeu_si512(out + i, r);
     }

@@ -308,7 +308,7 @@ void CudaBackend::ensure_fp8_act(int64_t n, int64_t k) {
 }
 
 const uint8_t* CudaBackend::quantize_act(const Tensor& x, int64_t n, int64_t k, const float** scale) {
-  require(x.dtype == ScalarType::BF16, "linear: fp8 weights take bf16 x");
+  require(x.dtype == ScalarType::BF16 && x.dim(1) == k, "linear: fp8 weights take bf16 x of their k columns");
   ensure_fp8_act(n, k);
   float* s = reinterpret_cast<float*>(fp8_act_ + align16(static_cast<size_t>(n * k)));
   quantize_act_rows(x.as<bf16>(), fp8_act_, s, n, k, stream_);

@@ -24,10 +24,6 @@ __device__ float block_max(float v) {
   return v;
 }
 
-__device__ __forceinline__ float row_scale(float amax) {
-  return amax > 0.0f && amax <= 3.402823466e38f ? amax / kE4m3Max : 1.0f;
-}
-
 // x (n, k) bf16, k % 8 == 0 and 16-byte rows: 8 values a load, codes with
 // cvt.rn.satfinite.e4m3x2 (NaN stays NaN).
 __global__ void __launch_bounds__(kThreads) act_rows_kernel(const __nv_bfloat16* __restrict__ x,
@@ -48,7 +44,7 @@ __global__ void __launch_bounds__(kThreads) act_rows_kernel(const __nv_bfloat16*
       amax = fmaxf(amax, fmaxf(fabsf(f.x), fabsf(f.y)));
     }
   }
-  const float s = row_scale(block_max(amax));
+  const float s = e4m3_row_scale(block_max(amax));
   if (threadIdx.x == 0) scale[row] = s;
   uint2* qr = reinterpret_cast<uint2*>(q + row * k);
   for (int i = threadIdx.x; i < vecs; i += kThreads) {
@@ -71,7 +67,7 @@ __global__ void __launch_bounds__(kThreads) weight_rows_kernel(const float* __re
   const float* wr = w + row * k;
   float amax = 0.0f;
   for (int64_t i = threadIdx.x; i < k; i += kThreads) amax = fmaxf(amax, fabsf(wr[i]));
-  const float s = row_scale(block_max(amax));
+  const float s = e4m3_row_scale(block_max(amax));
   if (threadIdx.x == 0) scale[row] = s;
   for (int64_t i = threadIdx.x; i < k; i += kThreads) q[row * k + i] = float_to_e4m3(wr[i] / s);
 }
