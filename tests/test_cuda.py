@@ -1732,6 +1732,42 @@ def test_fp8_kv_paged_attention(fp8_ops, D, H, Hkv, kind):
         assert rel_err(ours[t], ref[t]) <= 2 * BF16_TOL, t
 
 
+@pytest.mark.parametrize("kernel", ["2x2", "2x3", "4x4", "2x6", "4x8"])
+def test_fp8_kv_decode_kernel_forced(monkeypatch, kernel):
+    """The fp8 decode kernel in each shape PAGEDRT_DECODE_KERNEL can force (W
+    warps, S stages a warp), its splits merged in thread block clusters, by the
+    last split block, and unsplit: against float64 attention on the dequantized
+    cache, per token too, over contexts crossing block, tile and split
+    boundaries; the two merges bitwise alike."""
+    from test_fp8_kv import random_fp8_cache
+    monkeypatch.setenv("PAGEDRT_DECODE_KERNEL", kernel)
+    rng = np.random.default_rng(zlib.crc32(f"fp8 forced {kernel}".encode()))
+    for splits in ("", "3", "64"):
+        if splits:
+            monkeypatch.setenv("PAGEDRT_DECODE_SPLITS", splits)
+        monkeypatch.setenv("PAGEDRT_DECODE_CLUSTERS", "0")
+        in_block = _testing._Ops("cuda", kv_cache_dtype="fp8")
+        monkeypatch.delenv("PAGEDRT_DECODE_CLUSTERS")
+        clustered = _testing._Ops("cuda", kv_cache_dtype="fp8")
+        for D, H, Hkv in [(128, 32, 8), (64, 9, 3), (128, 8, 8)]:
+            for kind in ("decode", "decode-b1", "decode-b2-short", "decode-many"):
+                b, qkv, _, _ = attention_inputs(rng, ATTN_BATCHES[kind], H, Hkv, D)
+                k8, kd = random_fp8_cache(rng, b["num_blocks"], 16, Hkv, D)
+                v8, vd = random_fp8_cache(rng, b["num_blocks"], 16, Hkv, D)
+                outs = []
+                for o in (in_block, clustered):
+                    set_batch(o, b)
+                    outs.append(o.paged_attention(qkv, k8, v8, H, Hkv, D, D ** -0.5))
+                tag = (kernel, splits, kind, D, H, Hkv)
+                assert np.array_equal(outs[0], outs[1]), tag
+                ref = contiguous_attention(b, qkv, kd, vd, H, Hkv, D, D ** -0.5)
+                e = rel_err(outs[0], ref)
+                record(f"fp8_decode_kernel_forced[{kernel},{splits or 'plan'},{kind},D={D},G={H // Hkv}]", e)
+                assert e <= BF16_TOL, tag
+                for t in range(len(b["tokens"])):
+                    assert rel_err(outs[0][t], ref[t]) <= 2 * BF16_TOL, tag + (t,)
+
+
 def test_fp8_kv_end_to_end_matches_the_cpu(tiny_llama):
     """A tiny bf16 model with kv_cache_dtype="fp8" on the GPU against the CPU's
     fp8 run: chunked prefill (prefill tiles read dequantized blocks), decode

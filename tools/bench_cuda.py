@@ -185,12 +185,26 @@ def attention():
     return r
 
 
+FP8_SWEEP_SHAPES = [(64, 2048, 32, 8, 128, 16), (512, 512, 32, 8, 128, 16), (1, 32768, 32, 8, 128, 16)]
+
+
+def attention_probe():
+    """A few launches of the decode kernels on 64 x 2,048 (32/8, D 128),
+    bf16 then fp8 cache, for a profiler to attach to (gpu_check stage ncu)."""
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal(1 << 24, dtype=np.float32)
+    B, C, H, Hkv, D, bs = FP8_SWEEP_SHAPES[0]
+    return {"bf16_us": pagedrt_attention_s(B, C, 1, H, Hkv, D, bs, base, rng, iters=3) * 1e6,
+            "fp8_us": pagedrt_attention_s(B, C, 1, H, Hkv, D, bs, base, rng, iters=3, fp8=True) * 1e6}
+
+
 def attention_fp8():
     """Paged decode attention on an fp8 cache (kv_cache_dtype="fp8") per
     DECODE_SHAPES against the bf16 cache in the same process: time, the fp8
     bytes it must read (codes and one exponent a row) and their fraction of the
-    copy rate (issue 21: >= 85% at 64 x 2,048); then causal prefill on 8 x 2,048,
-    whose blocks are dequantized to bf16 first."""
+    copy rate (issue 21: >= 85% at 64 x 2,048); the fp8 kernel's shapes
+    (PAGEDRT_DECODE_KERNEL=WxS) on FP8_SWEEP_SHAPES; then causal prefill on
+    8 x 2,048, whose blocks are dequantized to bf16 first."""
     copy = copy_tbps()
     rng = np.random.default_rng(0)
     base = rng.standard_normal(1 << 24, dtype=np.float32)
@@ -208,6 +222,18 @@ def attention_fp8():
         r["decode"].append(row)
         print(f"{B:>5}x{C:<6} {H:>3}/{Hkv:<2} {D:>4} {bs:>4} {row['bf16_us']:>8.1f} {row['fp8_us']:>8.1f} "
               f"{row['fp8_TBps']:>8.2f} {100 * row['frac_copy']:>5.1f}", flush=True)
+    # The fp8 kernel's shapes (W warps x S stages a warp), forced, on three of the shapes
+    r["shapes"] = []
+    print(f"{'W x S':>6} " + " ".join(f"{f'{B}x{C} us':>12}" for B, C, *_ in FP8_SWEEP_SHAPES), flush=True)
+    for cfg in ("2x3", "2x4", "2x6", "2x8", "4x4", "4x6"):
+        os.environ["PAGEDRT_DECODE_KERNEL"] = cfg
+        us = [pagedrt_attention_s(B, C, 1, H, Hkv, D, bs, base, rng, fp8=True) * 1e6
+              for B, C, H, Hkv, D, bs in FP8_SWEEP_SHAPES]
+        os.environ.pop("PAGEDRT_DECODE_KERNEL")
+        r["shapes"].append({"config": cfg, "us": us,
+                            "frac_copy": [B * C * Hkv * (D + 1) * 2 / (u * 1e-6) / 1e12 / copy
+                                          for (B, C, H, Hkv, D, bs), u in zip(FP8_SWEEP_SHAPES, us)]})
+        print(f"{cfg:>6} " + " ".join(f"{u:>12.1f}" for u in us), flush=True)
     for B, S, H, Hkv, D, bs in PREFILL_SHAPES[:1]:
         flops = B * 4 * H * D * S * S / 2
         b16 = pagedrt_attention_s(B, S, S, H, Hkv, D, bs, base, rng, iters=10)
@@ -946,7 +972,7 @@ def verify_cost(model):
 def main():
     part, out = sys.argv[1], sys.argv[2]
     fn = {"ceilings": ceilings, "attention": attention, "attention_sweep": attention_sweep, "gemv": gemv,
-          "attention_fp8": attention_fp8,
+          "attention_fp8": attention_fp8, "attention_probe": attention_probe,
           "decode_splits": decode_splits, "sampling": sampling,
           "gemm": gemm, "gemm_odd": gemm_odd, "gemm_fp8": gemm_fp8, "prefill": prefill}.get(part)
     if fn:

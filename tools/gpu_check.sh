@@ -3,12 +3,14 @@
 #
 #   bash tools/gpu_check.sh [STAGE ...]      (from the repo root; default: all stages)
 #
-# Stages: env build wheels optests fp8kv fp8gemm fp8e2e diag make8b make8bfp8 make8btok smol tests e2e bench attn prefill gemm serve servecpu structured masks spec harness kvpool profile cpuscale fp8q lcpp xeon abbuild ab
+# Stages: env build wheels optests ncu fp8kv fp8gemm fp8e2e diag make8b make8bfp8 make8btok smol tests e2e bench attn prefill gemm serve servecpu structured masks spec harness kvpool profile cpuscale fp8q lcpp xeon abbuild ab
 #   env      nvidia-smi, versions
 #   build    pip install --no-build-isolation --no-deps . with PAGEDRT_CUDA=ON
 #   wheels   only the wheels carried in .whl/ (a later call of a warm machine, built already)
 #   optests  tests/test_cuda.py without the model end-to-end tests (fast; $OPTESTS_K: a -k expression
 #            to narrow it further); the whole pytest output in $OUT/optests.txt
+#   ncu      Nsight Compute sections of one bf16 and one fp8-cache decode kernel launch (64 x 2,048)
+#            -> $OUT/ncu_{bf16,fp8}.txt (hardware counters only on a runtime that exposes them)
 #   fp8kv    tools/bench_cuda.py attention_fp8: decode attention on an fp8 KV cache against bf16 (issue 21)
 #   fp8gemm  tools/bench_cuda.py gemm_fp8: the 8B projections with fp8 weights (W8A8) against bf16 and the
 #            fp8 roofline, torch._scaled_mm beside them (issue 21)
@@ -115,9 +117,23 @@ if has optests; then
    grep -E "^(FAILED|ERROR|SKIPPED)|passed|failed" "$OUT/optests.txt" | tail -40)
 fi
 
+if has ncu; then
+  stage ncu
+  # Nsight Compute on the decode kernels (bf16 and fp8 cache, 64 x 2,048): speed of light, warp
+  # stalls, scheduler, memory; counters only where the machine's runtime exposes them
+  (cd /tmp && timeout 240 ncu --clock-control none --kernel-name regex:decode --launch-skip 6 --launch-count 1 \
+     --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
+     --section Occupancy --section LaunchStats $PY "$OLDPWD/tools/bench_cuda.py" attention_probe "$OUT/probe_bf16.json" \
+     > "$OUT/ncu_bf16.txt" 2>&1; tail -5 "$OUT/ncu_bf16.txt")
+  (cd /tmp && timeout 240 ncu --clock-control none --kernel-name regex:decode_fp8 --launch-skip 6 --launch-count 1 \
+     --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
+     --section Occupancy --section LaunchStats $PY "$OLDPWD/tools/bench_cuda.py" attention_probe "$OUT/probe_fp8.json" \
+     > "$OUT/ncu_fp8.txt" 2>&1; tail -5 "$OUT/ncu_fp8.txt")
+fi
+
 if has fp8kv; then
   stage fp8kv
-  (cd /tmp && timeout 200 $PY "$OLDPWD/tools/bench_cuda.py" attention_fp8 "$OUT/attention_fp8.json" | grep -v "^attention_fp8 {")
+  (cd /tmp && timeout 300 $PY "$OLDPWD/tools/bench_cuda.py" attention_fp8 "$OUT/attention_fp8.json" | grep -v "^attention_fp8 {")
 fi
 
 if has fp8gemm; then

@@ -21,64 +21,33 @@
 //   shared memory: S stages x (K, V) tiles of 16 W x D bf16, swizzled (mma.cuh);
 //                  2 x 3 at D = 128: 48 KB, 4 blocks per SM
 //
-// On an fp8 cache (F8, paged_kv.hpp's Fp8Kv) the stages hold the tiles' raw
-// codes and their rows' exponents (16 W x D bytes each, 4 exponents a
-// cp.async), and each tile, once landed, is converted by all threads into
-// one fp16 tile of the codes' values (exact, one instruction a pair:
-// kv_fp8.cuh) that the tensor-core code reads with fp16 products. The
-// exponents stay out of the tiles: a key's K exponent scales its score, its
-// V exponent its weight in P V (relative to the largest so far, so P stays
-// within fp16; o carries that largest as a power of two), and q goes to
-// fp16 with a power-of-two scale per row. The own-token fusion (rope_cos)
-// is not used there.
-#include <cooperative_groups.h>
+// An fp8 cache runs attention_decode_fp8.cu's kernel instead.
+#include <algorithm>
 
-#include "backend/cuda/attention_split.cuh"
+#include "backend/cuda/attention_decode.cuh"
 #include "backend/cuda/cuda_check.hpp"
 #include "backend/cuda/elementwise.cuh"
 #include "backend/cuda/kernels.cuh"
-#include "backend/cuda/kv_fp8.cuh"
 #include "backend/cuda/launch.cuh"
-#include "backend/cuda/mma.cuh"
 
 namespace pagedrt::cuda {
 namespace {
 
-constexpr int kMaxGroup = 8;
-
 // W warps of 16 keys each make a tile of 16 W keys; S stages of the pipeline.
-template <int D, int W, int S, bool F8 = false>
+template <int D, int W, int S>
 struct DecodeSmem {
-  static constexpr int kTile = 16 * W, kStages = S, kWarps = W;
+  static constexpr int kTile = 16 * W, kStages = S;
   static_assert(kDecodeTile % kTile == 0, "splits are whole tiles");
-  // K then V tile, bf16; fp8: K then V codes, then K and V exponents (kTile each)
-  static constexpr size_t stage = F8 ? size_t(2) * kTile * D + 2 * kTile : size_t(2) * kTile * D * 2;
-  static constexpr size_t kv = 0;                                  // kStages stages
-  static constexpr size_t work = (kv + kStages * stage + 127) / 128 * 128;  // fp8: the converted K, V tile (fp16)
-  static constexpr size_t own = F8 ? work + size_t(2) * kTile * D * 2 : kv + kStages * stage;  // (2, D) bf16: the token's rotated k, its v
-  static constexpr size_t out = own + 2 * D * 2;                  // (8, D) fp32: this split's result (clusters)
-  static constexpr size_t lse = out + kMaxGroup * D * 4;          // (8) fp32
+  static constexpr size_t stage = size_t(2) * kTile * D * 2;  // K then V tile, bf16
+  static constexpr size_t kv = 0;                             // kStages stages
+  static constexpr size_t own = kv + kStages * stage;         // (2, D) bf16: the token's rotated k, its v
+  static constexpr size_t out = own + 2 * D * 2;              // (8, D) fp32: this split's result (clusters)
+  static constexpr size_t lse = out + kMaxGroup * D * 4;      // (8) fp32
   static constexpr size_t bytes = lse + kMaxGroup * 4;
-  // After the key loop the stages hold the warps' results:
-  static constexpr size_t warp_o = kv;                                   // (4, 8, D) fp32
-  static constexpr size_t warp_m = warp_o + kWarps * kMaxGroup * D * 4;  // (4, 8)
-  static constexpr size_t warp_l = warp_m + kWarps * kMaxGroup * 4;      // (4, 8)
-  static_assert(warp_l + kWarps * kMaxGroup * 4 <= own, "the warps' results fit the stages");
-  // The in-block merge of the splits: (kMaxSplits, 8) lse values over the stages.
-  static_assert(kMaxDecodeSplits * kMaxGroup * 4 <= own, "the splits' lse values fit the stages");
+  // After the key loop the stages hold the warps' results and the in-block
+  // merge's lse values (finish_decode).
+  static_assert(DecodeEpilogueSmem<D, W>::need <= own, "the epilogue's results fit the stages");
 };
-
-// 4 bytes global -> shared (src_bytes 0: zeros).
-__device__ __forceinline__ void cp_async4(void* dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes)
-               : "memory");
-}
-
-__device__ __forceinline__ void unpack_bf16x2(uint32_t r, float& lo, float& hi) {
-  const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&r));
-  lo = f.x;
-  hi = f.y;
-}
 
 // The token's own k (rotated at position pos, rounded to bf16 as
 // rope_and_cache stores it) and v of kv head kvh, chunk c (< D / 16) of each
@@ -159,48 +128,10 @@ __device__ void load_q(const AttentionParams& p, const bf16* row, int kvh, int G
     }
 }
 
-// fp8: a V exponent byte as an int in the quantizer's range (a byte never
-// written, of a masked key, stays finite); kNoExp: no key yet.
-constexpr int kNoExp = -100000;
-__device__ __forceinline__ int kv_exp(uint8_t b) {
-  const int e = static_cast<int8_t>(b);
-  return e < kKvExpMin ? kKvExpMin : e > kKvExpMax ? kKvExpMax : e;
-}
-// 2^d for d <= 127 in a few integer instructions (fp8.hpp's exp2_int); below
-// the normal range 0 (a weight under 2^-126 of the largest adds nothing an
-// fp16 product can hold).
-__device__ __forceinline__ float pow2(int d) { return d < -126 ? 0.0f : exp2_int(d); }
-
-// fp8: the A operand q (bf16) as fp16 for the fp16 products, each row scaled
-// by 2^-e so that its largest magnitude falls in [2^8, 2^9) (exact: bf16's
-// 8 bits fit fp16's 11, and the range keeps them normal); returns this
-// lane's row's 2^e, which the scores take back.
-template <int D>
-__device__ float q_to_f16(uint32_t (&q)[D / 16][2]) {
-  float mx = 0.0f, v[D / 16][2][2];
-#pragma unroll
-  for (int s = 0; s < D / 16; ++s)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      unpack_bf16x2(q[s][h], v[s][h][0], v[s][h][1]);
-      mx = fmaxf(mx, fmaxf(fabsf(v[s][h][0]), fabsf(v[s][h][1])));
-    }
-  mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-  mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-  int e = static_cast<int>((__float_as_uint(mx) >> 23) & 0xFF) - 127 - 8;
-  e = e < -100 ? -100 : e > 100 ? 100 : e;
-  const float inv = ldexpf(1.0f, -e);
-#pragma unroll
-  for (int s = 0; s < D / 16; ++s)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) q[s][h] = pack_f16x2(v[s][h][0] * inv, v[s][h][1] * inv);
-  return ldexpf(1.0f, e);
-}
-
-template <int D, int W, int S, bool F8>
+template <int D, int W, int S>
 __global__ void __launch_bounds__(32 * W) decode_kernel(AttentionParams p, DecodePlan d) {
-  using L = DecodeSmem<D, W, S, F8>;
-  constexpr int kTile = L::kTile, kStages = S, kWarps = W, kThreads = 32 * W;
+  using L = DecodeSmem<D, W, S>;
+  constexpr int kTile = L::kTile, kStages = S, kThreads = 32 * W;
   constexpr int CH = D / 8, KS = D / 16, ROWS = kThreads / CH;  // chunks per row, k-steps, rows per copy pass
   extern __shared__ __align__(128) unsigned char smem[];
   pdl_trigger();
@@ -222,7 +153,7 @@ __global__ void __launch_bounds__(32 * W) decode_kernel(AttentionParams p, Decod
   // Fused RoPE + append (p.rope_cos set): the split holding the token's own
   // key rotates it and appends it and its value to the cache, and its tile
   // takes both from shared memory (nothing reads back what this kernel writes).
-  const bool own_new = !F8 && p.rope_cos != nullptr && it.slot >= 0 && start < end && end == ctx;
+  const bool own_new = p.rope_cos != nullptr && it.slot >= 0 && start < end && end == ctx;
   if (own_new) {
     if (tid < CH / 2) append_own_kv<D>(p, row, kvh, ctx - 1, it.slot, tid, own);
     __syncthreads();
@@ -231,32 +162,6 @@ __global__ void __launch_bounds__(32 * W) decode_kernel(AttentionParams p, Decod
   // Tile `tile` of the split into stage `stage`: thread tid copies chunk
   // tid % CH of rows tid / CH + ROWS i; rows past `end` are zero-filled.
   auto load_tile = [&](int tile, int stage) {
-    if constexpr (F8) {  // codes in 16-byte chunks of 16; exponents 4 rows a thread (block_size % 4 == 0)
-      constexpr int CB = D / 16, RB = kThreads / CB;
-      uint8_t* kc = smem + L::kv + stage * L::stage;
-      uint8_t* vc = kc + kTile * D;
-      uint8_t* ke = vc + kTile * D;
-      const Fp8Kv& f = p.fp8;
-      const int k0 = start + tile * kTile, c = tid % CB;
-      auto block = [&](int pos) { return pages[shift >= 0 ? pos >> shift : pos / bs]; };
-      auto offset = [&](int pos) { return shift >= 0 ? pos & (bs - 1) : pos % bs; };
-#pragma unroll
-      for (int i = 0; i < kTile / RB; ++i) {
-        const int r = tid / CB + i * RB, pos = k0 + r;
-        const bool valid = pos < end;
-        const int64_t off = valid ? f.code_offset(block(pos), offset(pos), kvh) + c * 16 : 0;
-        cp_async16(kc + r * D + c * 16, f.k + off, valid ? 16 : 0);
-        cp_async16(vc + r * D + c * 16, f.v + off, valid ? 16 : 0);
-      }
-      if (tid < kTile / 4) {
-        const int pos = k0 + 4 * tid;
-        const bool valid = pos < end;
-        const int64_t off = valid ? f.exp_offset(block(pos), offset(pos), kvh) : 0;
-        cp_async4(ke + 4 * tid, f.k + off, valid ? 4 : 0);
-        cp_async4(ke + kTile + 4 * tid, f.v + off, valid ? 4 : 0);
-      }
-      return;
-    }
     bf16* ks = reinterpret_cast<bf16*>(smem + L::kv + stage * L::stage);
     bf16* vs = ks + kTile * D;
     const int k0 = start + tile * kTile, c = tid % CH;
@@ -282,9 +187,7 @@ __global__ void __launch_bounds__(32 * W) decode_kernel(AttentionParams p, Decod
 
   uint32_t q[KS][2];
   load_q<D>(p, row, kvh, G, ctx - 1, q);
-  float qscale = p.scale * kLog2e;
-  if constexpr (F8) qscale *= q_to_f16<D>(q);
-  int vexp = kNoExp;  // fp8: o holds the output times 2^-vexp (the largest V exponent so far)
+  const float qscale = p.scale * kLog2e;
   // This lane's rows: g = lane / 4 (o[n][0..1], dims 8n + c ..); o[n][2..3]
   // are the zero rows 8 .. 15.
   float o[D / 8][4];
@@ -299,21 +202,6 @@ __global__ void __launch_bounds__(32 * W) decode_kernel(AttentionParams p, Decod
     if (tile + kStages - 1 < ntiles) load_tile(tile + kStages - 1, (tile + kStages - 1) % kStages);
     cp_async_commit();
     const bf16* ks = reinterpret_cast<const bf16*>(smem + L::kv + (tile % kStages) * L::stage);
-    const uint8_t* kexp = nullptr;  // fp8: the tile's K exponents, then V's
-    if constexpr (F8) {  // the landed codes to fp16 tiles (unscaled, exact), 8 a thread a pass
-      const uint8_t* kc = smem + L::kv + (tile % kStages) * L::stage;
-      bf16* kw = reinterpret_cast<bf16*>(smem + L::work);
-#pragma unroll
-      for (int i = tid; i < 2 * kTile * (D / 8); i += kThreads) {
-        const int which = i / (kTile * (D / 8)), r = (i / (D / 8)) % kTile, c = i % (D / 8);
-        const uint2 codes = *reinterpret_cast<const uint2*>(kc + which * kTile * D + r * D + c * 8);
-        const uint2 lo = e4m3_x4_f16(codes.x), hi = e4m3_x4_f16(codes.y);
-        *reinterpret_cast<uint4*>(kw + which * kTile * D + swizzle<D>(r, c)) = make_uint4(lo.x, lo.y, hi.x, hi.y);
-      }
-      __syncthreads();
-      ks = kw;
-      kexp = kc + 2 * kTile * D;
-    }
     const bf16* vs = ks + kTile * D;
 
     float sc[2][4] = {};  // S: keys kr0 + 8n + c .. +1 (rows g)
@@ -324,157 +212,50 @@ __global__ void __launch_bounds__(32 * W) decode_kernel(AttentionParams p, Decod
         uint32_t b[4];  // k-steps s and s + 1 of keys kr0 + 8n ..
         ldmatrix_x4(b, ks + swizzle<D>(kr0 + 8 * n + (lane & 7), 2 * s + (lane >> 3)));
         const uint32_t a0[4] = {q[s][0], 0u, q[s][1], 0u}, a1[4] = {q[s + 1][0], 0u, q[s + 1][1], 0u};
-        mma_16816<F8>(sc[n], a0, b[0], b[1]);  // fp8: fp16 tiles and q
-        mma_16816<F8>(sc[n], a1, b[2], b[3]);
+        mma_16816(sc[n], a0, b[0], b[1]);
+        mma_16816(sc[n], a1, b[2], b[3]);
       }
 
     // Online softmax over this warp's 16 keys; the 4 lanes of a row share m.
     const int key = start + tile * kTile + kr0 + (lane % 4) * 2;
     float sv[4] = {sc[0][0], sc[0][1], sc[1][0], sc[1][1]};
     float mx = -INFINITY;
-    int ve[4] = {kNoExp, kNoExp, kNoExp, kNoExp}, vmax = kNoExp;  // fp8: the keys' V exponents
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const int r = kr0 + (lane % 4) * 2 + (j & 1) + 8 * (j >> 1);
       const bool valid = key + (j & 1) + 8 * (j >> 1) < end;
-      float f = qscale;
-      if constexpr (F8) {  // each key's own scale: 2^e on its score, and its V exponent
-        if (valid) f *= exp2_int(kv_exp(kexp[r])), ve[j] = kv_exp(kexp[kTile + r]);
-        vmax = max(vmax, ve[j]);
-      }
-      sv[j] = valid ? sv[j] * f : -INFINITY;
+      sv[j] = valid ? sv[j] * qscale : -INFINITY;
       mx = fmaxf(mx, sv[j]);
     }
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
     const float m_new = fmaxf(m, mx);
     const float corr = m_new == -INFINITY ? 1.0f : exp2f(m - m_new);
-    float ocorr = corr;  // o's: fp8 adds the change of its V exponent
     uint32_t pa[4] = {0u, 0u, 0u, 0u};  // P as the A operand: keys c .. +1 (a[0]) and 8 + c .. (a[2])
     float psum = 0.0f;
-    if constexpr (F8) {
-      // P V in fp16: each key's weight times 2^(its V exponent - the largest so
-      // far), at most 1, so nothing overflows fp16; o follows the largest. l
-      // takes the weights themselves: a key whose V is far below the largest
-      // (a zero row: 2^-110) vanishes from P V, as its product would, but not
-      // from the softmax's denominator.
-      vmax = max(vmax, __shfl_xor_sync(0xffffffffu, vmax, 1));
-      vmax = max(vmax, __shfl_xor_sync(0xffffffffu, vmax, 2));
-      const int vnew = max(vexp, vmax);
-      if (vexp != kNoExp) ocorr *= pow2(vexp - vnew);
-      vexp = vnew;
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        float w[2];
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float pj = m_new == -INFINITY ? 0.0f : exp2f(sv[2 * h + e] - m_new);  // 0 for a masked key
-          w[e] = ve[2 * h + e] == kNoExp ? 0.0f : pj * pow2(ve[2 * h + e] - vnew);
-          psum += pj;
-        }
-        pa[2 * h] = pack_f16x2(w[0], w[1]);
-      }
-    } else {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const float p0 = m_new == -INFINITY ? 0.0f : exp2f(sv[2 * h] - m_new);
-        const float p1 = m_new == -INFINITY ? 0.0f : exp2f(sv[2 * h + 1] - m_new);
-        pa[2 * h] = pack_bf16x2(p0, p1);
-        float r0, r1;  // the weights as the product sees them: numerator and l agree
-        unpack_bf16x2(pa[2 * h], r0, r1);
-        psum += r0 + r1;
-      }
+    for (int h = 0; h < 2; ++h) {
+      const float p0 = m_new == -INFINITY ? 0.0f : exp2f(sv[2 * h] - m_new);
+      const float p1 = m_new == -INFINITY ? 0.0f : exp2f(sv[2 * h + 1] - m_new);
+      pa[2 * h] = pack_bf16x2(p0, p1);
+      float r0, r1;  // the weights as the product sees them: numerator and l agree
+      unpack_bf16x2(pa[2 * h], r0, r1);
+      psum += r0 + r1;
     }
     l = l * corr + psum;
     m = m_new;
 #pragma unroll
-    for (int n = 0; n < D / 8; ++n) o[n][0] *= ocorr, o[n][1] *= ocorr;
+    for (int n = 0; n < D / 8; ++n) o[n][0] *= corr, o[n][1] *= corr;
 
 #pragma unroll
     for (int n = 0; n < D / 8; n += 2) {
       uint32_t b[4];  // V keys kr0 .. +15 of dims 8n .. 8n + 15, transposed
       ldmatrix_x4_trans(b, vs + swizzle<D>(kr0 + (lane & 7) + ((lane >> 3) & 1) * 8, n + (lane >> 4)));
-      mma_16816<F8>(o[n], pa, b[0], b[1]);
-      mma_16816<F8>(o[n + 1], pa, b[2], b[3]);
+      mma_16816(o[n], pa, b[0], b[1]);
+      mma_16816(o[n + 1], pa, b[2], b[3]);
     }
   }
-  if constexpr (F8) {  // o to the output's own scale
-    const float f = vexp == kNoExp ? 0.0f : exp2_int(vexp);
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n) o[n][0] *= f, o[n][1] *= f;
-  }
-
-  // Merge the 4 warps (their results over the stages, now free).
-  cp_async_wait<0>();
-  __syncthreads();
-  l += __shfl_xor_sync(0xffffffffu, l, 1);
-  l += __shfl_xor_sync(0xffffffffu, l, 2);
-  float* wo = reinterpret_cast<float*>(smem + L::warp_o);
-  float* wm = reinterpret_cast<float*>(smem + L::warp_m);
-  float* wl = reinterpret_cast<float*>(smem + L::warp_l);
-  const int g = lane / 4;
-  if (g < G) {
-    float* dst = wo + (warp * kMaxGroup + g) * D + (lane % 4) * 2;
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n) *reinterpret_cast<float2*>(dst + 8 * n) = make_float2(o[n][0], o[n][1]);
-    if (lane % 4 == 0) wm[warp * kMaxGroup + g] = m, wl[warp * kMaxGroup + g] = l;
-  }
-  __syncthreads();
-  float* sm_o = reinterpret_cast<float*>(smem + L::out);
-  float* sm_lse = reinterpret_cast<float*>(smem + L::lse);
-  const int NS = d.num_splits;
-  for (int idx = tid; idx < G * D; idx += blockDim.x) {
-    const int gg = idx / D, dd = idx % D;
-    float M = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) M = fmaxf(M, wm[w * kMaxGroup + gg]);
-    float Lsum = 0.0f, O = 0.0f;
-    if (M != -INFINITY) {
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) {
-        const float wgt = exp2f(wm[w * kMaxGroup + gg] - M);
-        Lsum += wl[w * kMaxGroup + gg] * wgt;
-        O += wo[(w * kMaxGroup + gg) * D + dd] * wgt;
-      }
-    }
-    const int h = kvh * G + gg;
-    const float val = Lsum > 0.0f ? O / Lsum : 0.0f, lse = Lsum > 0.0f ? M + log2f(Lsum) : -INFINITY;
-    if (NS == 1) {
-      store_f(p.out + int64_t(t) * H * D + int64_t(h) * D + dd, val);
-    } else if (d.cluster) {
-      sm_o[gg * D + dd] = val;
-      if (dd == 0) sm_lse[gg] = lse;
-    } else {
-      const int64_t part = int64_t(item) * NS + split;
-      d.o_part[(part * H + h) * D + dd] = val;
-      if (dd == 0) d.lse_part[part * H + h] = lse;
-    }
-  }
-  // Splits in global memory: the last block of (item, kv head) to finish
-  // merges them (the G x S lse values over the free stages).
-  if (NS > 1 && !d.cluster) {
-    if (last_split(d.counters + int64_t(item) * Hkv + kvh, NS))
-      merge_splits_in_block(p, d, item, kvh, t, reinterpret_cast<float*>(smem + L::kv));
-    return;
-  }
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  // A cluster of the S split blocks of (item, kv head): each block merges a
-  // slice of the G x D outputs from every block's shared memory, then all
-  // wait until every slice is read before their shared memory goes away.
-  if (NS > 1 && d.cluster) {
-    namespace cg = cooperative_groups;
-    cg::cluster_group cluster = cg::this_cluster();
-    cluster.sync();
-    for (int idx = split * blockDim.x + tid; idx < G * D; idx += NS * blockDim.x) {
-      const int gg = idx / D, dd = idx % D;
-      const float v = merge_splits(
-          NS, [&](int r) { return *cluster.map_shared_rank(&sm_lse[gg], r); },
-          [&](int r) { return *cluster.map_shared_rank(&sm_o[gg * D + dd], r); });
-      store_f(p.out + int64_t(t) * H * D + int64_t(kvh * G + gg) * D + dd, v);
-    }
-    cluster.sync();
-  }
-#endif
+  finish_decode<D, W, 8, 1>(p, d, smem, reinterpret_cast<float*>(smem + L::out),
+                            reinterpret_cast<float*>(smem + L::lse), item, kvh, t, split, o, m, l);
 }
 
 // grid (items, H), block D, S floats of shared memory:
@@ -499,76 +280,97 @@ __global__ void merge_kernel(AttentionParamsT<T> p, DecodePlan d) {
 
 // The kernel of a configuration, its shared memory set up once per process
 // (the attribute is per function).
-template <int D, int W, int S, bool F8>
+template <int D, int W, int S>
 auto decode_kernel_ready() {
   static const bool configured = [] {
-    CUDA_CHECK(cudaFuncSetAttribute(decode_kernel<D, W, S, F8>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    static_cast<int>(DecodeSmem<D, W, S, F8>::bytes)));
+    CUDA_CHECK(cudaFuncSetAttribute(decode_kernel<D, W, S>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    static_cast<int>(DecodeSmem<D, W, S>::bytes)));
     return true;
   }();
   (void)configured;
-  return decode_kernel<D, W, S, F8>;
+  return decode_kernel<D, W, S>;
 }
 
-template <int D, int W, int S, bool F8>
+template <int D, int W, int S>
 void launch_decode(const AttentionParams& p, const DecodePlan& d, dim3 grid, cudaStream_t s) {
   const unsigned cz = d.cluster ? static_cast<unsigned>(d.num_splits) : 1;
-  launch_clusters(decode_kernel_ready<D, W, S, F8>(), grid, 32 * W, DecodeSmem<D, W, S, F8>::bytes, cz, s, p, d);
+  launch_clusters(decode_kernel_ready<D, W, S>(), grid, 32 * W, DecodeSmem<D, W, S>::bytes, cz, s, p, d);
 }
 
-template <int D, int W, int S, bool F8>
+template <int D, int W, int S>
 int blocks_per_sm() {
   int n = 0;
-  CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_kernel_ready<D, W, S, F8>(), 32 * W,
-                                                           DecodeSmem<D, W, S, F8>::bytes));
+  CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_kernel_ready<D, W, S>(), 32 * W,
+                                                           DecodeSmem<D, W, S>::bytes));
   return n;
 }
 
-// An fp8 cache runs the 2- or 4-warp kernel of 3 stages (the shapes the
-// plan picks by default); other forced shapes take the nearest of those.
+// The bf16 kernel or, on an fp8 cache (p.fp8.k set), attention_decode_fp8.cu's.
 struct Launch {
   const AttentionParams& p;
   const DecodePlan& d;
   dim3 grid;
   cudaStream_t s;
-  template <int D, int W, int S>
+  template <int D, int W, int S, bool F8>
   void operator()() const {
-    if (p.fp8.k == nullptr) return launch_decode<D, W, S, false>(p, d, grid, s);
-    launch_decode<D, W == 4 ? 4 : 2, 3, true>(p, d, grid, s);
+    if constexpr (F8)
+      launch_decode_fp8<D, W, S>(p, d, grid, s);
+    else
+      launch_decode<D, W, S>(p, d, grid, s);
   }
 };
 struct Occupancy {
-  bool fp8;
-  template <int D, int W, int S>
-  int operator()() const { return fp8 ? blocks_per_sm<D, W == 4 ? 4 : 2, 3, true>() : blocks_per_sm<D, W, S, false>(); }
+  template <int D, int W, int S, bool F8>
+  int operator()() const {
+    if constexpr (F8)
+      return decode_fp8_blocks_per_sm<D, W, S>();
+    else
+      return blocks_per_sm<D, W, S>();
+  }
 };
 
-// f.operator()<D, W, S>() for head dim D and the configuration (W warps, 2
-// or 4; S stages, 2 to 4: the backend accepts no other; 128 x 2 x 3 is the
-// default branch).
-template <typename F>
+// f.operator()<D, W, S, F8>() for head dim D and the configuration: W warps,
+// 2 or 4; S stages, 2 to 4 for bf16 (more runs 4), 2, 3, 4, 6 or 8 on an fp8
+// cache (5 and 7 run 4 and 6); the backend accepts no other W and S
+// (cuda_backend.cu). 128 x 2 x 3 is the default branch.
+template <bool F8, typename F>
 auto with_config(int D, DecodeConfig c, F&& f) {
-  const int key = (D == 128 ? 100 : 0) + c.warps * 10 + c.stages;
+  const int st = F8 ? (c.stages == 5 || c.stages == 7 ? c.stages - 1 : c.stages) : std::min(c.stages, 4);
+  const int key = (D == 128 ? 100 : 0) + c.warps * 10 + st;
   switch (key) {
-    case 122: return f.template operator()<128, 2, 2>();
-    case 124: return f.template operator()<128, 2, 4>();
-    case 142: return f.template operator()<128, 4, 2>();
-    case 143: return f.template operator()<128, 4, 3>();
-    case 144: return f.template operator()<128, 4, 4>();
-    case 22: return f.template operator()<64, 2, 2>();
-    case 23: return f.template operator()<64, 2, 3>();
-    case 24: return f.template operator()<64, 2, 4>();
-    case 42: return f.template operator()<64, 4, 2>();
-    case 43: return f.template operator()<64, 4, 3>();
-    case 44: return f.template operator()<64, 4, 4>();
-    default: return f.template operator()<128, 2, 3>();
+    case 122: return f.template operator()<128, 2, 2, F8>();
+    case 124: return f.template operator()<128, 2, 4, F8>();
+    case 142: return f.template operator()<128, 4, 2, F8>();
+    case 143: return f.template operator()<128, 4, 3, F8>();
+    case 144: return f.template operator()<128, 4, 4, F8>();
+    case 22: return f.template operator()<64, 2, 2, F8>();
+    case 23: return f.template operator()<64, 2, 3, F8>();
+    case 24: return f.template operator()<64, 2, 4, F8>();
+    case 42: return f.template operator()<64, 4, 2, F8>();
+    case 43: return f.template operator()<64, 4, 3, F8>();
+    case 44: return f.template operator()<64, 4, 4, F8>();
+    default: break;
   }
+  if constexpr (F8) {
+    switch (key) {
+      case 126: return f.template operator()<128, 2, 6, F8>();
+      case 128: return f.template operator()<128, 2, 8, F8>();
+      case 146: return f.template operator()<128, 4, 6, F8>();
+      case 148: return f.template operator()<128, 4, 8, F8>();
+      case 26: return f.template operator()<64, 2, 6, F8>();
+      case 28: return f.template operator()<64, 2, 8, F8>();
+      case 46: return f.template operator()<64, 4, 6, F8>();
+      case 48: return f.template operator()<64, 4, 8, F8>();
+      default: break;
+    }
+  }
+  return f.template operator()<128, 2, 3, F8>();
 }
 
 }  // namespace
 
 int decode_blocks_per_sm(int head_dim, DecodeConfig c, bool fp8) {
-  return with_config(head_dim, c, Occupancy{fp8});
+  return fp8 ? with_config<true>(head_dim, c, Occupancy{}) : with_config<false>(head_dim, c, Occupancy{});
 }
 
 bool attention_supported(int head_dim, int group) {
@@ -588,7 +390,11 @@ void decode_attention(const AttentionParams& p, const DecodePlan& d, cudaStream_
   if (d.num_items == 0) return;
   const dim3 grid(static_cast<unsigned>(d.num_items), static_cast<unsigned>(p.kv.num_kv_heads),
                   static_cast<unsigned>(d.num_splits));
-  with_config(p.kv.head_dim, d.config, Launch{p, d, grid, s});  // merges its own splits
+  // merges its own splits
+  if (p.fp8.k != nullptr)
+    with_config<true>(p.kv.head_dim, d.config, Launch{p, d, grid, s});
+  else
+    with_config<false>(p.kv.head_dim, d.config, Launch{p, d, grid, s});
 }
 
 }  // namespace pagedrt::cuda

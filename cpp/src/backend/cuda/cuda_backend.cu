@@ -110,11 +110,11 @@ CudaBackend::CudaBackend(ScalarType activation_dtype) : act_(activation_dtype) {
     int w = 0, st = 0;
     if (std::string(k) == "cc") {
       decode_kernel_ = DecodeKernel::CudaCores;
-    } else if (std::sscanf(k, "%dx%d", &w, &st) == 2 && (w == 2 || w == 4) && st >= 2 && st <= 4) {
+    } else if (std::sscanf(k, "%dx%d", &w, &st) == 2 && (w == 2 || w == 4) && st >= 2 && st <= 8) {
       decode_config_ = DecodeConfig{w, st};
       decode_kernel_ = DecodeKernel::TensorCores;
     } else {
-      std::fprintf(stderr, "pagedrt: PAGEDRT_DECODE_KERNEL=%s is neither cc nor WxS (W 2 or 4, S 2 to 4); "
+      std::fprintf(stderr, "pagedrt: PAGEDRT_DECODE_KERNEL=%s is neither cc nor WxS (W 2 or 4, S 2 to 8); "
                            "choosing per step\n", k);
     }
   }

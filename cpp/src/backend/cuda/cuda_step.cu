@@ -120,14 +120,15 @@ void CudaBackend::plan_attention(int64_t H, int64_t Hkv, int64_t D) {
     }
     return chunk;
   };
-  DecodeConfig config = decode_config_;
+  const bool fp8 = kv_dtype() == ScalarType::F8E4M3;
+  DecodeConfig config = fp8 && decode_kernel_ == DecodeKernel::Auto ? kFp8DecodeConfig : decode_config_;
   int64_t chunk = plan_chunk(config);
   // Where the default shape would cut contexts into more than 32 splits
   // (batch 1 at 32K keys: 64), merging them costs more than the 4-warp
   // kernel's fewer blocks lose: 1 x 32,768 on an H200 took 43.1 us with 4 x 3
   // in 32 splits against 46.7 with 2 x 3 in 64 (same call; 4 x 16,384, 2 x 3
   // in 16 splits: 72.2 us, 4 x 3 in 8: 75.8).
-  if (act_ == ScalarType::BF16 && decode_kernel_ == DecodeKernel::Auto && decode_splits_ == 0 &&
+  if (act_ == ScalarType::BF16 && !fp8 && decode_kernel_ == DecodeKernel::Auto && decode_splits_ == 0 &&
       (max_ctx + chunk - 1) / chunk > 32) {
     config = DecodeConfig{4, 3};
     chunk = plan_chunk(config);
@@ -206,7 +207,7 @@ void CudaBackend::plan_attention(int64_t H, int64_t Hkv, int64_t D) {
   // Steps of at most one block per SM (batch-1 decode) are latency, not
   // bandwidth: there the CUDA-core kernel's shorter chain before its first
   // key load wins.
-  p.decode.cuda_cores = kv_dtype() != ScalarType::F8E4M3 &&  // the fp8 cache: tensor cores only
+  p.decode.cuda_cores = !fp8 &&  // the fp8 cache: tensor cores only
                         (decode_kernel_ == DecodeKernel::CudaCores ||
                          (decode_kernel_ == DecodeKernel::Auto && items * Hkv * splits <= num_sms_));
   p.decode.counters = reinterpret_cast<int*>(partials_);

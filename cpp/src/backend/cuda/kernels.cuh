@@ -138,10 +138,14 @@ struct DecodeItem {
 // otherwise (for benchmarks: tools/bench_cuda.py attention_sweep). On an
 // H200, batch 64 x 2,048 / 256 x 1,024 / 512 x 512 took 128.8 / 265.7 / 279.9 us
 // with 2 x 3 against 141.5 / 290.7 / 310.0 with 4 x 3 (docs/results/2026-12-02.md).
+// S above 4 runs 4 in bf16; the fp8 cache's kernel (attention_decode_fp8.cu:
+// S stages a warp) takes 2, 3, 4, 6 or 8 (5 and 7 run 4 and 6) and runs
+// kFp8DecodeConfig unless told otherwise.
 struct DecodeConfig {
   int warps = 2;
   int stages = 3;
 };
+constexpr DecodeConfig kFp8DecodeConfig{2, 4};
 struct DecodePlan {
   DecodeConfig config;
   // bf16 on CUDA cores (attention_decode_cc.cu) instead of tensor cores: set

@@ -1,0 +1,370 @@
+// backend/cuda/attention_decode_fp8.cu — paged decode attention on an fp8 KV
+// cache (paged_kv.hpp's Fp8Kv: e4m3 codes, one power-of-two exponent a row),
+// on tensor cores with fp16 products.
+//
+// A block is a (token, kv head, split) of W warps, as in the bf16 kernel
+// (attention_decode.cu), but each warp runs its own pipeline: warp w takes
+// keys 16 (W j + w) .. + 15 of the split (j = 0, 1, ..) through S stages of
+// its own, so warps wait only for their own copies (a __syncwarp a tile, no
+// block barrier in the key loop). The codes stay codes in shared memory:
+// every lane reads the bytes of its B fragments and widens them in registers
+// (cvt.rn.f16x2.e4m3x2: exact), with no conversion pass over the tile.
+//
+//   K, B(k = dim, n = key): the sum over dims may take them in any order, so
+//     lane (g = lane / 4, c = lane % 4) reads D / 4 adjacent bytes of its key
+//     (one or two 16-byte loads), and k-step s takes bytes 4s .. 4s + 3 of
+//     them as k = 2c, 2c + 1, 2c + 8, 2c + 9; q's A operand is loaded in that
+//     order too (load_q_fp8).
+//   V, B(k = key, n = dim): keys are ordered so that a lane's k = 2c, 2c + 1,
+//     2c + 8, 2c + 9 are the tile's rows 4c .. 4c + 3 (so K's n-column g of
+//     n-tile n is row 4 (g / 2) + 2n + g % 2, and a lane's four scores are
+//     rows 4c .. 4c + 3), and dims so that column g of n-tile t is dim
+//     (D / 8) g + t: a lane reads D / 8 adjacent bytes of four rows (16-byte
+//     loads at D = 128) and pairs them by key with byte permutes.
+//
+// Tiles of codes are swizzled by 16-byte chunk (code_chunk) so that both
+// reads are free of bank conflicts at D = 128. The exponents stay out of the
+// products: a key's K exponent scales its score, its V exponent its weight
+// in P V (relative to the largest so far, so that P stays within fp16; o
+// carries that largest as a power of two), and q goes to fp16 with a
+// power-of-two scale per row.
+//
+//   grid (items, Hkv, splits)   block 32 W
+//   shared memory: W x S tiles of (K codes, V codes: 16 x D bytes each; 16 K
+//                  and 16 V exponents): 2 x 4 at D = 128, 33 KB
+#include "backend/cuda/attention_decode.cuh"
+#include "backend/cuda/cuda_check.hpp"
+#include "backend/cuda/kv_fp8.cuh"
+#include "backend/cuda/launch.cuh"
+
+namespace pagedrt::cuda {
+namespace {
+
+template <int D, int W, int S>
+struct Fp8DecodeSmem {
+  static constexpr size_t codes = size_t(16) * D;      // one tile's K (or V) codes
+  static constexpr size_t tile = 2 * codes + 2 * 16;   // K codes, V codes, K exponents, V exponents
+  static constexpr size_t stages = size_t(W) * S * tile;  // warp w's stage s: tile (w S + s)
+  static constexpr size_t need = DecodeEpilogueSmem<D, W>::need;
+  static constexpr size_t out = ((stages > need ? stages : need) + 15) / 16 * 16;  // (8, D) fp32
+  static constexpr size_t lse = out + kMaxGroup * D * 4;                            // (8) fp32
+  static constexpr size_t bytes = lse + kMaxGroup * 4;
+  static_assert(tile % 16 == 0, "tiles of 16-byte chunks");
+};
+
+// Byte offset of 16-byte chunk `c` of row `r` in a tile of codes: the chunk
+// index XOR bits of the row, so that K's reads (rows 4q + {0, 1} or
+// 4q + {2, 3}, chunks of all four c) and V's (rows 4c + i of all four c,
+// chunks g) of a quarter warp fall in 8 different bank groups. At D = 64 two
+// rows share a 128-byte line and V's 8-byte reads conflict 2-way.
+template <int D>
+__device__ __forceinline__ int code_chunk(int r, int c) {
+  if constexpr (D == 128) return r * 128 + ((c ^ ((((r >> 2) & 3) << 1) | (r & 1))) << 4);
+  return r * 64 + ((c ^ ((r >> 2) & 3)) << 4);
+}
+
+// A V exponent byte as an int in the quantizer's range (a byte never
+// written, of a masked key, stays finite); kNoExp: no key yet.
+constexpr int kNoExp = -100000;
+__device__ __forceinline__ int kv_exp(uint32_t b) {
+  const int e = static_cast<int8_t>(b & 0xFFu);
+  return e < kKvExpMin ? kKvExpMin : e > kKvExpMax ? kKvExpMax : e;
+}
+// 2^d for d <= 127 in a few integer instructions (fp8.hpp's exp2_int); below
+// the normal range 0 (a weight under 2^-126 of the largest adds nothing an
+// fp16 product can hold).
+__device__ __forceinline__ float pow2(int d) { return d < -126 ? 0.0f : exp2_int(d); }
+
+// This lane's A operand q in K's dim order: k-step s holds dims
+// c D/4 + 4s .. + 3 (c = lane % 4) of row g = lane / 4 (zero for g >= G), as
+// fp16 scaled by 2^-e so that the row's largest magnitude falls in
+// [2^8, 2^9) (exact: bf16's 8 bits fit fp16's 11, and the range keeps them
+// normal). q[s] is k-step s's whole A operand, its zero rows 8 .. 15
+// included (kept in place: no moves to build it a tile). Returns the row's
+// 2^e, which the scores take back.
+template <int D>
+__device__ float load_q_fp8(const bf16* row, int kvh, int G, uint32_t (&q)[D / 16][4]) {
+  constexpr int KS = D / 16;
+  const int lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+  float v[KS][4];
+#pragma unroll
+  for (int s = 0; s < KS; ++s) {
+    uint2 w = make_uint2(0u, 0u);
+    if (g < G) w = *reinterpret_cast<const uint2*>(row + int64_t(kvh * G + g) * D + c * (D / 4) + 4 * s);
+    unpack_bf16x2(w.x, v[s][0], v[s][1]);
+    unpack_bf16x2(w.y, v[s][2], v[s][3]);
+  }
+  float mx = 0.0f;
+#pragma unroll
+  for (int s = 0; s < KS; ++s)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) mx = fmaxf(mx, fabsf(v[s][e]));
+  mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+  mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+  int e = static_cast<int>((__float_as_uint(mx) >> 23) & 0xFF) - 127 - 8;
+  e = e < -100 ? -100 : e > 100 ? 100 : e;
+  const float inv = ldexpf(1.0f, -e);
+#pragma unroll
+  for (int s = 0; s < KS; ++s) {
+    q[s][0] = pack_f16x2(v[s][0] * inv, v[s][1] * inv);
+    q[s][2] = pack_f16x2(v[s][2] * inv, v[s][3] * inv);
+    q[s][1] = q[s][3] = 0u;
+  }
+  return ldexpf(1.0f, e);
+}
+
+// kWhole: block_size is a multiple of 16, so a warp's tile of 16 keys lies in one block.
+template <int D, int W, int S, bool kWhole>
+__global__ void __launch_bounds__(32 * W) decode_fp8_kernel(AttentionParams p, DecodePlan d) {
+  using L = Fp8DecodeSmem<D, W, S>;
+  constexpr int KS = D / 16, NT = D / 8, VW = D / 32;  // k-steps, n-tiles of P V, V words a row a lane
+  extern __shared__ __align__(128) unsigned char smem[];
+  pdl_trigger();
+  pdl_wait();  // everything, the plan and the page table too, comes from the step (launch.cuh)
+  const int item = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+  const DecodeItem it = d.items[item];
+  const int t = it.token, ctx = it.context;
+  const int H = p.num_heads, Hkv = p.kv.num_kv_heads, G = H / Hkv;
+  const Fp8Kv& f = p.fp8;
+  const int bs = f.block_size, shift = f.block_shift;
+  const int start = split * d.chunk, end = min(ctx, start + d.chunk);
+  const int ntiles = end > start ? (end - start + 16 * W - 1) / (16 * W) : 0;  // each warp's
+  const int32_t* pages = p.kv.page_indices + it.page_start;
+  unsigned char* ring = smem + size_t(warp) * S * L::tile;
+
+  // This warp's tile of keys k0 .. k0 + 15 into `st`: lane copies chunk
+  // lane % CB of rows lane / CB + RP i (rows past `end` zero-filled); lanes
+  // 0-3 K's exponents of rows 4 lane .. (block_size % 4 == 0: one block),
+  // lanes 4-7 V's. kWhole: one page-table read and a row stride (the
+  // common case); else each row finds its own.
+  const int64_t row_stride = int64_t(Hkv) * D;
+  constexpr int CB = D / 16, RP = 32 / CB;  // a lane's chunk of a row; rows a pass
+  const int cc = lane % CB;
+  const int64_t lane_code = (lane / CB) * row_stride + cc * 16;  // kWhole: from the tile's first code
+  auto load_tile = [&](int k0, unsigned char* st) {
+    auto block = [&](int pos) { return pages[shift >= 0 ? pos >> shift : pos / bs]; };
+    auto offset = [&](int pos) { return shift >= 0 ? pos & (bs - 1) : pos % bs; };
+    if constexpr (kWhole) {
+      if (k0 >= end) {  // a warp's tile past the split's end: zeros, no page to look up
+#pragma unroll
+        for (int i = 0; i < 16 / RP; ++i) {
+          const int at = code_chunk<D>(lane / CB + i * RP, cc);
+          cp_async16(st + at, f.k, 0);
+          cp_async16(st + L::codes + at, f.v, 0);
+        }
+        return;
+      }
+      const int64_t blk = block(k0), o0 = offset(k0);
+      const int64_t tile0 = blk * f.block_bytes + (o0 * Hkv + kvh) * D;
+      const uint8_t* kp = f.k + tile0 + lane_code;
+      const uint8_t* vp = f.v + tile0 + lane_code;
+#pragma unroll
+      for (int i = 0; i < 16 / RP; ++i) {
+        const int r = lane / CB + i * RP;
+        const int n = k0 + r < end ? 16 : 0;
+        const int at = code_chunk<D>(r, cc);
+        cp_async16(st + at, n ? kp + i * RP * row_stride : f.k, n);
+        cp_async16(st + L::codes + at, n ? vp + i * RP * row_stride : f.v, n);
+      }
+      if (lane < 8) {
+        const int r = 4 * (lane & 3);
+        const bool valid = k0 + r < end;
+        const int64_t off = valid ? blk * f.block_bytes + f.exp_start + int64_t(kvh) * bs + o0 + r : 0;
+        cp_async4(st + 2 * L::codes + (lane >> 2) * 16 + r, (lane < 4 ? f.k : f.v) + off, valid ? 4 : 0);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < 16 / RP; ++i) {
+        const int r = lane / CB + i * RP, pos = k0 + r;
+        const bool valid = pos < end;
+        const int64_t off = valid ? f.code_offset(block(pos), offset(pos), kvh) + cc * 16 : 0;
+        const int at = code_chunk<D>(r, cc);
+        cp_async16(st + at, f.k + off, valid ? 16 : 0);
+        cp_async16(st + L::codes + at, f.v + off, valid ? 16 : 0);
+      }
+      if (lane < 8) {
+        const int r = 4 * (lane & 3), pos = k0 + r;
+        const bool valid = pos < end;
+        const int64_t off = valid ? f.exp_offset(block(pos), offset(pos), kvh) : 0;
+        cp_async4(st + 2 * L::codes + (lane >> 2) * 16 + r, (lane < 4 ? f.k : f.v) + off, valid ? 4 : 0);
+      }
+    }
+  };
+  auto tile_start = [&](int j) { return start + 16 * (W * j + warp); };
+#pragma unroll
+  for (int s = 0; s < S - 1; ++s) {
+    if (s < ntiles) load_tile(tile_start(s), ring + s * L::tile);
+    cp_async_commit();
+  }
+
+  uint32_t q[KS][4];
+  const float qscale = p.scale * kLog2e * load_q_fp8<D>(p.qkv + int64_t(t) * (H + 2 * Hkv) * D, kvh, G, q);
+  int vexp = kNoExp;  // o holds the output times 2^-vexp (the largest V exponent so far)
+  float o[NT][4];  // o[n][0..1]: row g, dims (D / 8) (2c + e) + n; o[n][2..3]: the zero rows 8 .. 15
+#pragma unroll
+  for (int n = 0; n < NT; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+  float m = -INFINITY, l = 0.0f;
+
+  for (int j = 0; j < ntiles; ++j) {
+    cp_async_wait<S - 2>();
+    __syncwarp();  // tile j landed for every lane; every lane is done with the stage refilled next
+    if (j + S - 1 < ntiles) load_tile(tile_start(j + S - 1), ring + ((j + S - 1) % S) * L::tile);
+    cp_async_commit();
+    const unsigned char* st = ring + (j % S) * L::tile;
+
+    float sc[2][2][4] = {};  // S: n-tile n, columns 2c + e = rows 4c + 2n + e; even and odd k-steps apart
+#pragma unroll
+    for (int n = 0; n < 2; ++n) {
+      const int r = 4 * (g >> 1) + 2 * n + (g & 1);  // column g's row
+      uint32_t kw[KS];  // bytes c D/4 .. of row r
+#pragma unroll
+      for (int h = 0; h < D / 64; ++h) {
+        const uint4 v = *reinterpret_cast<const uint4*>(st + code_chunk<D>(r, (D / 64) * c + h));
+        kw[4 * h] = v.x, kw[4 * h + 1] = v.y, kw[4 * h + 2] = v.z, kw[4 * h + 3] = v.w;
+      }
+#pragma unroll
+      for (int s = 0; s < KS; ++s) {
+        const uint2 b = e4m3_x4_f16(kw[s]);
+        mma_16816<true>(sc[n][s & 1], q[s], b.x, b.y);
+      }
+    }
+
+    // Online softmax over this warp's 16 keys; the 4 lanes of a row share m.
+    // Scores j = 2n + e are rows 4c + j, whose exponents are one word.
+    const int key = tile_start(j) + 4 * c;
+    const uint32_t kx = *reinterpret_cast<const uint32_t*>(st + 2 * L::codes + 4 * c);
+    const uint32_t vx = *reinterpret_cast<const uint32_t*>(st + 2 * L::codes + 16 + 4 * c);
+    float sv[4] = {sc[0][0][0] + sc[0][1][0], sc[0][0][1] + sc[0][1][1], sc[1][0][0] + sc[1][1][0],
+                   sc[1][0][1] + sc[1][1][1]};
+    float mx = -INFINITY;
+    int ve[4], vmax = kNoExp;  // the keys' V exponents
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const bool valid = key + i < end;
+      ve[i] = valid ? kv_exp(vx >> (8 * i)) : kNoExp;
+      vmax = max(vmax, ve[i]);
+      sv[i] = valid ? sv[i] * (qscale * exp2_int(kv_exp(kx >> (8 * i)))) : -INFINITY;
+      mx = fmaxf(mx, sv[i]);
+    }
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_new = fmaxf(m, mx);
+    const float corr = m_new == -INFINITY ? 1.0f : fast_exp2(m - m_new);
+    // P V in fp16: each key's weight times 2^(its V exponent - the largest so
+    // far), at most 1, so nothing overflows fp16; o follows the largest. l
+    // takes the weights themselves: a key whose V is far below the largest
+    // (a zero row: 2^-110) vanishes from P V, as its product would, but not
+    // from the softmax's denominator.
+    vmax = max(vmax, __shfl_xor_sync(0xffffffffu, vmax, 1));
+    vmax = max(vmax, __shfl_xor_sync(0xffffffffu, vmax, 2));
+    const int vnew = max(vexp, vmax);
+    const float ocorr = vexp == kNoExp ? corr : corr * pow2(vexp - vnew);
+    vexp = vnew;
+    uint32_t pa[4] = {0u, 0u, 0u, 0u};  // P as the A operand: rows 4c, 4c+1 (a[0]) and 4c+2, 4c+3 (a[2])
+    float psum = 0.0f;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float w[2];
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float pj = m_new == -INFINITY ? 0.0f : fast_exp2(sv[2 * h + e] - m_new);  // 0 for a masked key
+        w[e] = ve[2 * h + e] == kNoExp ? 0.0f : pj * pow2(ve[2 * h + e] - vnew);
+        psum += pj;
+      }
+      pa[2 * h] = pack_f16x2(w[0], w[1]);
+    }
+    l = l * corr + psum;
+    m = m_new;
+    if (__any_sync(0xffffffffu, ocorr != 1.0f)) {  // once the maxima settle, most tiles change nothing
+#pragma unroll
+      for (int n = 0; n < NT; ++n) o[n][0] *= ocorr, o[n][1] *= ocorr;
+    }
+
+    // V: rows 4c .. 4c + 3, bytes (D / 8) g .. of each; byte b of word w is
+    // dim (D / 8) g + 4w + b, n-tile 4w + b's column g.
+    uint32_t vw[4][VW];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const unsigned char* vr = st + L::codes;
+      if constexpr (D == 128) {
+        const uint4 v = *reinterpret_cast<const uint4*>(vr + code_chunk<D>(4 * c + i, g));
+        vw[i][0] = v.x, vw[i][1] = v.y, vw[i][2] = v.z, vw[i][3] = v.w;
+      } else {
+        const uint2 v = *reinterpret_cast<const uint2*>(vr + code_chunk<D>(4 * c + i, g >> 1) + (g & 1) * 8);
+        vw[i][0] = v.x, vw[i][1] = v.y;
+      }
+    }
+#pragma unroll
+    for (int w = 0; w < VW; ++w) {
+      // Bytes b of rows (0, 1) and of rows (2, 3) side by side: keys k = 2c, 2c + 1
+      // and 2c + 8, 2c + 9 of dims b = 0, 1 (lo) and 2, 3 (hi).
+      const uint2 lo01 = e4m3_x4_f16(__byte_perm(vw[0][w], vw[1][w], 0x5140));
+      const uint2 lo23 = e4m3_x4_f16(__byte_perm(vw[2][w], vw[3][w], 0x5140));
+      const uint2 hi01 = e4m3_x4_f16(__byte_perm(vw[0][w], vw[1][w], 0x7362));
+      const uint2 hi23 = e4m3_x4_f16(__byte_perm(vw[2][w], vw[3][w], 0x7362));
+      mma_16816<true>(o[4 * w], pa, lo01.x, lo23.x);
+      mma_16816<true>(o[4 * w + 1], pa, lo01.y, lo23.y);
+      mma_16816<true>(o[4 * w + 2], pa, hi01.x, hi23.x);
+      mma_16816<true>(o[4 * w + 3], pa, hi01.y, hi23.y);
+    }
+  }
+  {  // o to the output's own scale
+    const float s = vexp == kNoExp ? 0.0f : exp2_int(vexp);
+#pragma unroll
+    for (int n = 0; n < NT; ++n) o[n][0] *= s, o[n][1] *= s;
+  }
+  finish_decode<D, W, 1, D / 8>(p, d, smem, reinterpret_cast<float*>(smem + L::out),
+                                reinterpret_cast<float*>(smem + L::lse), item, kvh, t, split, o, m, l);
+}
+
+// The kernel of a configuration, its shared memory set up once per process.
+template <int D, int W, int S, bool kWhole>
+auto decode_fp8_ready() {
+  static const bool configured = [] {
+    CUDA_CHECK(cudaFuncSetAttribute(decode_fp8_kernel<D, W, S, kWhole>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    static_cast<int>(Fp8DecodeSmem<D, W, S>::bytes)));
+    return true;
+  }();
+  (void)configured;
+  return decode_fp8_kernel<D, W, S, kWhole>;
+}
+
+}  // namespace
+
+template <int D, int W, int S>
+void launch_decode_fp8(const AttentionParams& p, const DecodePlan& d, dim3 grid, cudaStream_t s) {
+  const unsigned cz = d.cluster ? static_cast<unsigned>(d.num_splits) : 1;
+  const size_t smem = Fp8DecodeSmem<D, W, S>::bytes;
+  if (p.fp8.block_size % 16 == 0)
+    launch_clusters(decode_fp8_ready<D, W, S, true>(), grid, 32 * W, smem, cz, s, p, d);
+  else
+    launch_clusters(decode_fp8_ready<D, W, S, false>(), grid, 32 * W, smem, cz, s, p, d);
+}
+
+// (the same for both kernels of a configuration: the same shared memory, about the same registers)
+template <int D, int W, int S>
+int decode_fp8_blocks_per_sm() {
+  int n = 0;
+  CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_fp8_ready<D, W, S, true>(), 32 * W,
+                                                           Fp8DecodeSmem<D, W, S>::bytes));
+  return n;
+}
+
+#define PAGEDRT_DECODE_FP8(D, W, S)                                                                       \
+  template void launch_decode_fp8<D, W, S>(const AttentionParams&, const DecodePlan&, dim3, cudaStream_t); \
+  template int decode_fp8_blocks_per_sm<D, W, S>();
+#define PAGEDRT_DECODE_FP8_S(D, W) \
+  PAGEDRT_DECODE_FP8(D, W, 2)      \
+  PAGEDRT_DECODE_FP8(D, W, 3)      \
+  PAGEDRT_DECODE_FP8(D, W, 4)      \
+  PAGEDRT_DECODE_FP8(D, W, 6)      \
+  PAGEDRT_DECODE_FP8(D, W, 8)
+PAGEDRT_DECODE_FP8_S(64, 2)
+PAGEDRT_DECODE_FP8_S(64, 4)
+PAGEDRT_DECODE_FP8_S(128, 2)
+PAGEDRT_DECODE_FP8_S(128, 4)
+#undef PAGEDRT_DECODE_FP8_S
+#undef PAGEDRT_DECODE_FP8
+
+}  // namespace pagedrt::cuda
