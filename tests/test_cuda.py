@@ -1732,15 +1732,18 @@ def test_fp8_kv_paged_attention(fp8_ops, D, H, Hkv, kind):
         assert rel_err(ours[t], ref[t]) <= 2 * BF16_TOL, t
 
 
+@pytest.mark.parametrize("form", ["", "swap"])
 @pytest.mark.parametrize("kernel", ["2x2", "2x3", "4x4", "2x6", "4x8"])
-def test_fp8_kv_decode_kernel_forced(monkeypatch, kernel):
-    """The fp8 decode kernel in each shape PAGEDRT_DECODE_KERNEL can force (W
-    warps, S stages a warp), its splits merged in thread block clusters, by the
-    last split block, and unsplit: against float64 attention on the dequantized
+def test_fp8_kv_decode_kernel_forced(monkeypatch, kernel, form):
+    """The fp8 decode kernels (PAGEDRT_DECODE_FP8: the default, and "swap",
+    S^T = K q^T) in each shape PAGEDRT_DECODE_KERNEL can force (W warps, S
+    stages a warp), their splits merged in thread block clusters, by the last
+    split block, and unsplit: against float64 attention on the dequantized
     cache, per token too, over contexts crossing block, tile and split
     boundaries; the two merges bitwise alike."""
     from test_fp8_kv import random_fp8_cache
     monkeypatch.setenv("PAGEDRT_DECODE_KERNEL", kernel)
+    monkeypatch.setenv("PAGEDRT_DECODE_FP8", form)
     rng = np.random.default_rng(zlib.crc32(f"fp8 forced {kernel}".encode()))
     for splits in ("", "3", "64"):
         if splits:
@@ -1762,7 +1765,8 @@ def test_fp8_kv_decode_kernel_forced(monkeypatch, kernel):
                 assert np.array_equal(outs[0], outs[1]), tag
                 ref = contiguous_attention(b, qkv, kd, vd, H, Hkv, D, D ** -0.5)
                 e = rel_err(outs[0], ref)
-                record(f"fp8_decode_kernel_forced[{kernel},{splits or 'plan'},{kind},D={D},G={H // Hkv}]", e)
+                record(f"fp8_decode_kernel_forced[{form or 'plain'},{kernel},{splits or 'plan'},{kind},D={D},"
+                       f"G={H // Hkv}]", e)
                 assert e <= BF16_TOL, tag
                 for t in range(len(b["tokens"])):
                     assert rel_err(outs[0][t], ref[t]) <= 2 * BF16_TOL, tag + (t,)

@@ -211,29 +211,38 @@ def attention_fp8():
     r = {"copy_TBps": copy, "decode": [], "prefill": []}
     print(f"copy {copy:.2f} TB/s", flush=True)
     print(f"{'batch x ctx':>12} {'H/Hkv':>6} {'D':>4} {'blk':>4} {'bf16 us':>8} {'fp8 us':>8} {'fp8 TB/s':>8} "
-          f"{'copy%':>5}", flush=True)
+          f"{'copy%':>5} {'swap us':>8} {'copy%':>5}", flush=True)
     for B, C, H, Hkv, D, bs in DECODE_SHAPES:
         b16 = pagedrt_attention_s(B, C, 1, H, Hkv, D, bs, base, rng)
         f8 = pagedrt_attention_s(B, C, 1, H, Hkv, D, bs, base, rng, fp8=True)
+        os.environ["PAGEDRT_DECODE_FP8"] = "swap"
+        sw = pagedrt_attention_s(B, C, 1, H, Hkv, D, bs, base, rng, fp8=True)
+        os.environ.pop("PAGEDRT_DECODE_FP8")
         nbytes = B * C * Hkv * (D + 1) * 2
         row = {"shape": f"{B}x{C}", "H": H, "Hkv": Hkv, "D": D, "block": bs, "fp8_bytes": nbytes,
                "bf16_us": b16 * 1e6, "fp8_us": f8 * 1e6, "fp8_TBps": nbytes / f8 / 1e12,
-               "frac_copy": nbytes / f8 / 1e12 / copy}
+               "frac_copy": nbytes / f8 / 1e12 / copy, "swap_us": sw * 1e6,
+               "swap_frac_copy": nbytes / sw / 1e12 / copy}
         r["decode"].append(row)
         print(f"{B:>5}x{C:<6} {H:>3}/{Hkv:<2} {D:>4} {bs:>4} {row['bf16_us']:>8.1f} {row['fp8_us']:>8.1f} "
-              f"{row['fp8_TBps']:>8.2f} {100 * row['frac_copy']:>5.1f}", flush=True)
+              f"{row['fp8_TBps']:>8.2f} {100 * row['frac_copy']:>5.1f} {row['swap_us']:>8.1f} "
+              f"{100 * row['swap_frac_copy']:>5.1f}", flush=True)
     # The fp8 kernel's shapes (W warps x S stages a warp), forced, on three of the shapes
     r["shapes"] = []
-    print(f"{'W x S':>6} " + " ".join(f"{f'{B}x{C} us':>12}" for B, C, *_ in FP8_SWEEP_SHAPES), flush=True)
-    for cfg in ("2x3", "2x4", "2x6", "2x8", "4x4", "4x6"):
-        os.environ["PAGEDRT_DECODE_KERNEL"] = cfg
+    print(f"{'W x S':>8} " + " ".join(f"{f'{B}x{C} us':>12}" for B, C, *_ in FP8_SWEEP_SHAPES), flush=True)
+    for cfg in ("2x3", "2x4", "2x6", "2x8", "4x4", "4x6", "swap 2x3", "swap 2x4", "swap 2x6", "swap 4x4",
+                "swap 4x6"):
+        if cfg.startswith("swap"):
+            os.environ["PAGEDRT_DECODE_FP8"] = "swap"
+        os.environ["PAGEDRT_DECODE_KERNEL"] = cfg.split()[-1]
         us = [pagedrt_attention_s(B, C, 1, H, Hkv, D, bs, base, rng, fp8=True) * 1e6
               for B, C, H, Hkv, D, bs in FP8_SWEEP_SHAPES]
         os.environ.pop("PAGEDRT_DECODE_KERNEL")
+        os.environ.pop("PAGEDRT_DECODE_FP8", None)
         r["shapes"].append({"config": cfg, "us": us,
                             "frac_copy": [B * C * Hkv * (D + 1) * 2 / (u * 1e-6) / 1e12 / copy
                                           for (B, C, H, Hkv, D, bs), u in zip(FP8_SWEEP_SHAPES, us)]})
-        print(f"{cfg:>6} " + " ".join(f"{u:>12.1f}" for u in us), flush=True)
+        print(f"{cfg:>8} " + " ".join(f"{u:>12.1f}" for u in us), flush=True)
     for B, S, H, Hkv, D, bs in PREFILL_SHAPES[:1]:
         flops = B * 4 * H * D * S * S / 2
         b16 = pagedrt_attention_s(B, S, S, H, Hkv, D, bs, base, rng, iters=10)

@@ -45,6 +45,10 @@ struct DecodeEpilogueSmem {
   static constexpr size_t need = warps_end > lse_values ? warps_end : lse_values;
 };
 
+template <int D, int W>
+__device__ void merge_decode_block(const AttentionParams& p, const DecodePlan& d, unsigned char* smem, float* sm_o,
+                                   float* sm_lse, int item, int kvh, int t, int split);
+
 // The end of a decode block: its W warps' online softmax results (o: the
 // C fragments of D / 8 n-tiles, rows lane / 4, the zero rows 8..15 in
 // o[n][2..3]; m, l: per lane's row, l not yet summed over the row's 4
@@ -74,6 +78,21 @@ __device__ void finish_decode(const AttentionParams& p, const DecodePlan& d, uns
     for (int n = 0; n < D / 8; ++n) dst[n * kN] = o[n][0], dst[n * kN + kC] = o[n][1];
     if (lane % 4 == 0) wm[warp * kMaxGroup + g] = m, wl[warp * kMaxGroup + g] = l;
   }
+  merge_decode_block<D, W>(p, d, smem, sm_o, sm_lse, item, kvh, t, split);
+}
+
+// finish_decode's second half: the W warps' results (DecodeEpilogueSmem's
+// warp_o, warp_m, warp_l, written by every warp) merged into the split's
+// result, which goes to the output, the cluster's merge, or o_part / lse_part.
+template <int D, int W>
+__device__ void merge_decode_block(const AttentionParams& p, const DecodePlan& d, unsigned char* smem, float* sm_o,
+                                   float* sm_lse, int item, int kvh, int t, int split) {
+  using E = DecodeEpilogueSmem<D, W>;
+  const int tid = threadIdx.x;
+  const int H = p.num_heads, Hkv = p.kv.num_kv_heads, G = H / Hkv;
+  const float* wo = reinterpret_cast<const float*>(smem + E::warp_o);
+  const float* wm = reinterpret_cast<const float*>(smem + E::warp_m);
+  const float* wl = reinterpret_cast<const float*>(smem + E::warp_l);
   __syncthreads();
   const int NS = d.num_splits;
   for (int idx = tid; idx < G * D; idx += blockDim.x) {

@@ -79,11 +79,12 @@ __device__ __forceinline__ float pow2(int d) { return d < -126 ? 0.0f : exp2_int
 // c D/4 + 4s .. + 3 (c = lane % 4) of row g = lane / 4 (zero for g >= G), as
 // fp16 scaled by 2^-e so that the row's largest magnitude falls in
 // [2^8, 2^9) (exact: bf16's 8 bits fit fp16's 11, and the range keeps them
-// normal). q[s] is k-step s's whole A operand, its zero rows 8 .. 15
-// included (kept in place: no moves to build it a tile). Returns the row's
-// 2^e, which the scores take back.
-template <int D>
-__device__ float load_q_fp8(const bf16* row, int kvh, int G, uint32_t (&q)[D / 16][4]) {
+// normal). R = 4: q[s] is k-step s's whole A operand, its zero rows 8 .. 15
+// included (kept in place: no moves to build it a tile); R = 2: the B
+// operand of S^T = K q^T (the swapped kernel), dims .. + 1 and + 2 .. + 3.
+// Returns the row's 2^e, which the scores take back.
+template <int D, int R>
+__device__ float load_q_fp8(const bf16* row, int kvh, int G, uint32_t (&q)[D / 16][R]) {
   constexpr int KS = D / 16;
   const int lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
   float v[KS][4];
@@ -107,44 +108,39 @@ __device__ float load_q_fp8(const bf16* row, int kvh, int G, uint32_t (&q)[D / 1
 #pragma unroll
   for (int s = 0; s < KS; ++s) {
     q[s][0] = pack_f16x2(v[s][0] * inv, v[s][1] * inv);
-    q[s][2] = pack_f16x2(v[s][2] * inv, v[s][3] * inv);
-    q[s][1] = q[s][3] = 0u;
+    q[s][R / 2] = pack_f16x2(v[s][2] * inv, v[s][3] * inv);
+    if constexpr (R == 4) q[s][1] = q[s][3] = 0u;
   }
   return ldexpf(1.0f, e);
 }
 
-// kWhole: block_size is a multiple of 16, so a warp's tile of 16 keys lies in one block.
+// A warp's tile of keys k0 .. k0 + 15 into `st` (a stage of
+// Fp8DecodeSmem): lane copies chunk lane % CB of rows lane / CB + RP i (rows
+// past `end` zero-filled); lanes 0-3 K's exponents of rows 4 lane ..
+// (block_size % 4 == 0: one block), lanes 4-7 V's. kWhole (block_size a
+// multiple of 16, so the tile lies in one block): one page-table read and a
+// row stride, the common case; else each row finds its own.
 template <int D, int W, int S, bool kWhole>
-__global__ void __launch_bounds__(32 * W) decode_fp8_kernel(AttentionParams p, DecodePlan d) {
+struct Fp8TileLoader {
+  static constexpr int CB = D / 16, RP = 32 / CB;  // a lane's chunk of a row; rows a pass
   using L = Fp8DecodeSmem<D, W, S>;
-  constexpr int KS = D / 16, NT = D / 8, VW = D / 32;  // k-steps, n-tiles of P V, V words a row a lane
-  extern __shared__ __align__(128) unsigned char smem[];
-  pdl_trigger();
-  pdl_wait();  // everything, the plan and the page table too, comes from the step (launch.cuh)
-  const int item = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
-  const DecodeItem it = d.items[item];
-  const int t = it.token, ctx = it.context;
-  const int H = p.num_heads, Hkv = p.kv.num_kv_heads, G = H / Hkv;
-  const Fp8Kv& f = p.fp8;
-  const int bs = f.block_size, shift = f.block_shift;
-  const int start = split * d.chunk, end = min(ctx, start + d.chunk);
-  const int ntiles = end > start ? (end - start + 16 * W - 1) / (16 * W) : 0;  // each warp's
-  const int32_t* pages = p.kv.page_indices + it.page_start;
-  unsigned char* ring = smem + size_t(warp) * S * L::tile;
+  const Fp8Kv& f;
+  const int32_t* pages;
+  int end, kvh, lane, cc;
+  int64_t row_stride, lane_code;  // kWhole: the lane's first code from the tile's
 
-  // This warp's tile of keys k0 .. k0 + 15 into `st`: lane copies chunk
-  // lane % CB of rows lane / CB + RP i (rows past `end` zero-filled); lanes
-  // 0-3 K's exponents of rows 4 lane .. (block_size % 4 == 0: one block),
-  // lanes 4-7 V's. kWhole: one page-table read and a row stride (the
-  // common case); else each row finds its own.
-  const int64_t row_stride = int64_t(Hkv) * D;
-  constexpr int CB = D / 16, RP = 32 / CB;  // a lane's chunk of a row; rows a pass
-  const int cc = lane % CB;
-  const int64_t lane_code = (lane / CB) * row_stride + cc * 16;  // kWhole: from the tile's first code
-  auto load_tile = [&](int k0, unsigned char* st) {
-    auto block = [&](int pos) { return pages[shift >= 0 ? pos >> shift : pos / bs]; };
-    auto offset = [&](int pos) { return shift >= 0 ? pos & (bs - 1) : pos % bs; };
+  __device__ Fp8TileLoader(const Fp8Kv& f_, const int32_t* pages_, int end_, int kvh_, int lane_)
+      : f(f_), pages(pages_), end(end_), kvh(kvh_), lane(lane_), cc(lane_ % CB) {
+    row_stride = int64_t(f.num_kv_heads) * D;
+    lane_code = (lane / CB) * row_stride + cc * 16;
+  }
+  __device__ int64_t block(int pos) const {
+    return pages[f.block_shift >= 0 ? pos >> f.block_shift : pos / f.block_size];
+  }
+  __device__ int offset(int pos) const {
+    return f.block_shift >= 0 ? pos & (f.block_size - 1) : pos % f.block_size;
+  }
+  __device__ void operator()(int k0, unsigned char* st) const {
     if constexpr (kWhole) {
       if (k0 >= end) {  // a warp's tile past the split's end: zeros, no page to look up
 #pragma unroll
@@ -156,7 +152,7 @@ __global__ void __launch_bounds__(32 * W) decode_fp8_kernel(AttentionParams p, D
         return;
       }
       const int64_t blk = block(k0), o0 = offset(k0);
-      const int64_t tile0 = blk * f.block_bytes + (o0 * Hkv + kvh) * D;
+      const int64_t tile0 = blk * f.block_bytes + (o0 * f.num_kv_heads + kvh) * D;
       const uint8_t* kp = f.k + tile0 + lane_code;
       const uint8_t* vp = f.v + tile0 + lane_code;
 #pragma unroll
@@ -170,7 +166,7 @@ __global__ void __launch_bounds__(32 * W) decode_fp8_kernel(AttentionParams p, D
       if (lane < 8) {
         const int r = 4 * (lane & 3);
         const bool valid = k0 + r < end;
-        const int64_t off = valid ? blk * f.block_bytes + f.exp_start + int64_t(kvh) * bs + o0 + r : 0;
+        const int64_t off = valid ? blk * f.block_bytes + f.exp_start + int64_t(kvh) * f.block_size + o0 + r : 0;
         cp_async4(st + 2 * L::codes + (lane >> 2) * 16 + r, (lane < 4 ? f.k : f.v) + off, valid ? 4 : 0);
       }
     } else {
@@ -190,7 +186,29 @@ __global__ void __launch_bounds__(32 * W) decode_fp8_kernel(AttentionParams p, D
         cp_async4(st + 2 * L::codes + (lane >> 2) * 16 + r, (lane < 4 ? f.k : f.v) + off, valid ? 4 : 0);
       }
     }
-  };
+  }
+};
+
+// kWhole: block_size is a multiple of 16, so a warp's tile of 16 keys lies in one block.
+template <int D, int W, int S, bool kWhole>
+__global__ void __launch_bounds__(32 * W) decode_fp8_kernel(AttentionParams p, DecodePlan d) {
+  using L = Fp8DecodeSmem<D, W, S>;
+  constexpr int KS = D / 16, NT = D / 8, VW = D / 32;  // k-steps, n-tiles of P V, V words a row a lane
+  extern __shared__ __align__(128) unsigned char smem[];
+  pdl_trigger();
+  pdl_wait();  // everything, the plan and the page table too, comes from the step (launch.cuh)
+  const int item = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+  const DecodeItem it = d.items[item];
+  const int t = it.token, ctx = it.context;
+  const int H = p.num_heads, Hkv = p.kv.num_kv_heads, G = H / Hkv;
+  const Fp8Kv& f = p.fp8;
+  const int start = split * d.chunk, end = min(ctx, start + d.chunk);
+  const int ntiles = end > start ? (end - start + 16 * W - 1) / (16 * W) : 0;  // each warp's
+  const int32_t* pages = p.kv.page_indices + it.page_start;
+  unsigned char* ring = smem + size_t(warp) * S * L::tile;
+
+  const Fp8TileLoader<D, W, S, kWhole> load_tile{f, pages, end, kvh, lane};
   auto tile_start = [&](int j) { return start + 16 * (W * j + warp); };
 #pragma unroll
   for (int s = 0; s < S - 1; ++s) {
@@ -199,7 +217,7 @@ __global__ void __launch_bounds__(32 * W) decode_fp8_kernel(AttentionParams p, D
   }
 
   uint32_t q[KS][4];
-  const float qscale = p.scale * kLog2e * load_q_fp8<D>(p.qkv + int64_t(t) * (H + 2 * Hkv) * D, kvh, G, q);
+  const float qscale = p.scale * kLog2e * load_q_fp8<D, 4>(p.qkv + int64_t(t) * (H + 2 * Hkv) * D, kvh, G, q);
   int vexp = kNoExp;  // o holds the output times 2^-vexp (the largest V exponent so far)
   float o[NT][4];  // o[n][0..1]: row g, dims (D / 8) (2c + e) + n; o[n][2..3]: the zero rows 8 .. 15
 #pragma unroll
@@ -318,36 +336,232 @@ __global__ void __launch_bounds__(32 * W) decode_fp8_kernel(AttentionParams p, D
                                 reinterpret_cast<float*>(smem + L::lse), item, kvh, t, split, o, m, l);
 }
 
-// The kernel of a configuration, its shared memory set up once per process.
+// The swapped form (DecodePlan::fp8_swap: PAGEDRT_DECODE_FP8=swap, while it
+// is measured against the one above): S^T = K q^T and O^T = V^T P^T, so the group's heads are
+// the 8-wide N of both products instead of rows of a 16-row A operand (no
+// zero rows to hold, half the mma, half the accumulators). K's rows are the
+// A operand's M (lane's rows r0 = 4 (g / 2) + g % 2 and r0 + 2, as M rows g
+// and g + 8), q the B operand (load_q_fp8<D, 2>); the scores' C fragment
+// holds keys r0, r0 + 2 of heads 2c, 2c + 1, whose softmax reduces over the
+// 8 lanes of a c; P^T's two 8 x 8 halves, transposed by movmatrix, are the
+// B operand of O^T = V^T P^T (k = the scores' M rows: rows 4c .. 4c + 3 for
+// a lane); V^T the A operand: m-tile t's M row g is dim (D / 8) g + 2t,
+// row g + 8 dim (D / 8) g + 2t + 1, so a lane still reads D / 8 adjacent
+// bytes of rows 4c .. 4c + 3 and pairs them by key with byte permutes.
 template <int D, int W, int S, bool kWhole>
+__global__ void __launch_bounds__(32 * W) decode_fp8_swap_kernel(AttentionParams p, DecodePlan d) {
+  using L = Fp8DecodeSmem<D, W, S>;
+  using E = DecodeEpilogueSmem<D, W>;
+  constexpr int KS = D / 16, MT = D / 16, VW = D / 32;  // k-steps of q k, m-tiles of P V, V words a row a lane
+  extern __shared__ __align__(128) unsigned char smem[];
+  pdl_trigger();
+  pdl_wait();  // everything, the plan and the page table too, comes from the step (launch.cuh)
+  const int item = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+  const DecodeItem it = d.items[item];
+  const int t = it.token, ctx = it.context;
+  const int H = p.num_heads, Hkv = p.kv.num_kv_heads, G = H / Hkv;
+  const Fp8Kv& f = p.fp8;
+  const int start = split * d.chunk, end = min(ctx, start + d.chunk);
+  const int ntiles = end > start ? (end - start + 16 * W - 1) / (16 * W) : 0;  // each warp's
+  const int32_t* pages = p.kv.page_indices + it.page_start;
+  unsigned char* ring = smem + size_t(warp) * S * L::tile;
+
+  const Fp8TileLoader<D, W, S, kWhole> load_tile{f, pages, end, kvh, lane};
+  auto tile_start = [&](int j) { return start + 16 * (W * j + warp); };
+#pragma unroll
+  for (int s = 0; s < S - 1; ++s) {
+    if (s < ntiles) load_tile(tile_start(s), ring + s * L::tile);
+    cp_async_commit();
+  }
+
+  uint32_t q[KS][2];  // head g's B operand
+  const float qrow = load_q_fp8<D, 2>(p.qkv + int64_t(t) * (H + 2 * Hkv) * D, kvh, G, q);
+  float qs[2];  // the scale of this lane's score columns, heads 2c and 2c + 1 (lanes 8c and 8c + 4 hold them)
+  qs[0] = p.scale * kLog2e * __shfl_sync(0xffffffffu, qrow, 8 * c);
+  qs[1] = p.scale * kLog2e * __shfl_sync(0xffffffffu, qrow, 8 * c + 4);
+  int vexp = kNoExp;  // o holds the output times 2^-vexp (the largest V exponent so far)
+  // o[t]: O^T's m-tile t: [0], [1] dim (D / 8) g + 2t of heads 2c, 2c + 1; [2], [3] the next dim
+  float o[MT][4];
+#pragma unroll
+  for (int i = 0; i < MT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // heads 2c, 2c + 1
+  const int r0 = 4 * (g >> 1) + (g & 1);  // this lane's K rows: r0 (M row g), r0 + 2 (M row g + 8)
+
+  for (int j = 0; j < ntiles; ++j) {
+    cp_async_wait<S - 2>();
+    __syncwarp();  // tile j landed for every lane; every lane is done with the stage refilled next
+    if (j + S - 1 < ntiles) load_tile(tile_start(j + S - 1), ring + ((j + S - 1) % S) * L::tile);
+    cp_async_commit();
+    const unsigned char* st = ring + (j % S) * L::tile;
+
+    // S^T: keys r0, r0 + 2 of heads 2c, 2c + 1; even and odd k-steps apart
+    float sc[2][4] = {};
+    {
+      uint32_t ka[KS], kb[KS];  // bytes c D/4 .. of rows r0 and r0 + 2
+#pragma unroll
+      for (int h = 0; h < D / 64; ++h) {
+        const uint4 va = *reinterpret_cast<const uint4*>(st + code_chunk<D>(r0, (D / 64) * c + h));
+        const uint4 vb = *reinterpret_cast<const uint4*>(st + code_chunk<D>(r0 + 2, (D / 64) * c + h));
+        ka[4 * h] = va.x, ka[4 * h + 1] = va.y, ka[4 * h + 2] = va.z, ka[4 * h + 3] = va.w;
+        kb[4 * h] = vb.x, kb[4 * h + 1] = vb.y, kb[4 * h + 2] = vb.z, kb[4 * h + 3] = vb.w;
+      }
+#pragma unroll
+      for (int s = 0; s < KS; ++s) {
+        const uint2 x = e4m3_x4_f16(ka[s]), y = e4m3_x4_f16(kb[s]);
+        const uint32_t a[4] = {x.x, y.x, x.y, y.y};
+        mma_16816<true>(sc[s & 1], a, q[s][0], q[s][1]);
+      }
+    }
+    float sv[2][2] = {{sc[0][0] + sc[1][0], sc[0][1] + sc[1][1]},   // key r0: heads 2c, 2c + 1
+                      {sc[0][2] + sc[1][2], sc[0][3] + sc[1][3]}};  // key r0 + 2
+
+    // Online softmax per head over the tile's 16 keys (the 8 lanes of a c).
+    const uint32_t kx = *reinterpret_cast<const uint32_t*>(st + 2 * L::codes + 4 * (g >> 1));
+    const uint32_t vx = *reinterpret_cast<const uint32_t*>(st + 2 * L::codes + 16 + 4 * (g >> 1));
+    const int key0 = tile_start(j) + r0;
+    int ve[2];
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const bool valid = key0 + 2 * i < end;
+      const int byte = 8 * ((g & 1) + 2 * i);
+      ve[i] = valid ? kv_exp(vx >> byte) : kNoExp;
+      const float ks = exp2_int(kv_exp(kx >> byte));
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        sv[i][e] = valid ? sv[i][e] * (qs[e] * ks) : -INFINITY;
+        mx[e] = fmaxf(mx[e], sv[i][e]);
+      }
+    }
+    int vmax = max(ve[0], ve[1]);
+#pragma unroll
+    for (int off = 4; off < 32; off <<= 1) {
+      mx[0] = fmaxf(mx[0], __shfl_xor_sync(0xffffffffu, mx[0], off));
+      mx[1] = fmaxf(mx[1], __shfl_xor_sync(0xffffffffu, mx[1], off));
+      vmax = max(vmax, __shfl_xor_sync(0xffffffffu, vmax, off));
+    }
+    // P V in fp16 relative to the largest V exponent so far, as above.
+    const int vnew = max(vexp, vmax);
+    const float vcorr = vexp == kNoExp ? 1.0f : pow2(vexp - vnew);
+    vexp = vnew;
+    float w[2][2], ocorr[2];  // w[key][head]
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const float m_new = fmaxf(m[e], mx[e]);
+      const float corr = m_new == -INFINITY ? 1.0f : fast_exp2(m[e] - m_new);
+      float psum = 0.0f;
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const float pj = m_new == -INFINITY ? 0.0f : fast_exp2(sv[i][e] - m_new);  // 0 for a masked key
+        w[i][e] = ve[i] == kNoExp ? 0.0f : pj * pow2(ve[i] - vnew);
+        psum += pj;
+      }
+      l[e] = l[e] * corr + psum;
+      m[e] = m_new;
+      ocorr[e] = corr * vcorr;
+    }
+    if (__any_sync(0xffffffffu, ocorr[0] != 1.0f || ocorr[1] != 1.0f)) {
+#pragma unroll
+      for (int i = 0; i < MT; ++i) o[i][0] *= ocorr[0], o[i][1] *= ocorr[1], o[i][2] *= ocorr[0], o[i][3] *= ocorr[1];
+    }
+    // P^T's halves (M rows 0-7, 8-15 by heads), transposed: the B operand, k = 2c, 2c + 1 and 2c + 8, 2c + 9
+    const uint32_t pb0 = movmatrix_trans(pack_f16x2(w[0][0], w[0][1]));
+    const uint32_t pb1 = movmatrix_trans(pack_f16x2(w[1][0], w[1][1]));
+
+    // V^T: rows 4c .. 4c + 3 (k = 2c, 2c + 1, 2c + 8, 2c + 9), bytes (D / 8) g .. of each;
+    // byte b of word w is M row g (b even) or g + 8 (b odd) of m-tile 2w + b / 2.
+    uint32_t vw[4][VW];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const unsigned char* vr = st + L::codes;
+      if constexpr (D == 128) {
+        const uint4 v = *reinterpret_cast<const uint4*>(vr + code_chunk<D>(4 * c + i, g));
+        vw[i][0] = v.x, vw[i][1] = v.y, vw[i][2] = v.z, vw[i][3] = v.w;
+      } else {
+        const uint2 v = *reinterpret_cast<const uint2*>(vr + code_chunk<D>(4 * c + i, g >> 1) + (g & 1) * 8);
+        vw[i][0] = v.x, vw[i][1] = v.y;
+      }
+    }
+#pragma unroll
+    for (int wd = 0; wd < VW; ++wd) {
+      const uint2 lo01 = e4m3_x4_f16(__byte_perm(vw[0][wd], vw[1][wd], 0x5140));
+      const uint2 lo23 = e4m3_x4_f16(__byte_perm(vw[2][wd], vw[3][wd], 0x5140));
+      const uint2 hi01 = e4m3_x4_f16(__byte_perm(vw[0][wd], vw[1][wd], 0x7362));
+      const uint2 hi23 = e4m3_x4_f16(__byte_perm(vw[2][wd], vw[3][wd], 0x7362));
+      const uint32_t a0[4] = {lo01.x, lo01.y, lo23.x, lo23.y}, a1[4] = {hi01.x, hi01.y, hi23.x, hi23.y};
+      mma_16816<true>(o[2 * wd], a0, pb0, pb1);
+      mma_16816<true>(o[2 * wd + 1], a1, pb0, pb1);
+    }
+  }
+  {  // o to the output's own scale
+    const float sc = vexp == kNoExp ? 0.0f : exp2_int(vexp);
+#pragma unroll
+    for (int i = 0; i < MT; ++i) o[i][0] *= sc, o[i][1] *= sc, o[i][2] *= sc, o[i][3] *= sc;
+  }
+#pragma unroll
+  for (int off = 4; off < 32; off <<= 1) {
+    l[0] += __shfl_xor_sync(0xffffffffu, l[0], off);
+    l[1] += __shfl_xor_sync(0xffffffffu, l[1], off);
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // every warp is done with the stages, where the warps' results go
+  float* wo = reinterpret_cast<float*>(smem + E::warp_o);
+  float* wm = reinterpret_cast<float*>(smem + E::warp_m);
+  float* wl = reinterpret_cast<float*>(smem + E::warp_l);
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    const int h = 2 * c + e;
+    if (h < G) {
+      float* dst = wo + (warp * kMaxGroup + h) * D + (D / 8) * g;
+#pragma unroll
+      for (int i = 0; i < MT; ++i) dst[2 * i] = o[i][e], dst[2 * i + 1] = o[i][2 + e];
+      if (g == 0) wm[warp * kMaxGroup + h] = m[e], wl[warp * kMaxGroup + h] = l[e];
+    }
+  }
+  merge_decode_block<D, W>(p, d, smem, reinterpret_cast<float*>(smem + L::out),
+                           reinterpret_cast<float*>(smem + L::lse), item, kvh, t, split);
+}
+
+// The kernel of a configuration, its shared memory set up once per process.
+template <int D, int W, int S, bool kWhole, bool kSwap>
 auto decode_fp8_ready() {
+  constexpr auto kernel = kSwap ? decode_fp8_swap_kernel<D, W, S, kWhole> : decode_fp8_kernel<D, W, S, kWhole>;
   static const bool configured = [] {
-    CUDA_CHECK(cudaFuncSetAttribute(decode_fp8_kernel<D, W, S, kWhole>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     static_cast<int>(Fp8DecodeSmem<D, W, S>::bytes)));
     return true;
   }();
   (void)configured;
-  return decode_fp8_kernel<D, W, S, kWhole>;
+  return kernel;
+}
+
+template <int D, int W, int S, bool kSwap>
+void launch_fp8(const AttentionParams& p, const DecodePlan& d, dim3 grid, cudaStream_t s) {
+  const unsigned cz = d.cluster ? static_cast<unsigned>(d.num_splits) : 1;
+  const size_t smem = Fp8DecodeSmem<D, W, S>::bytes;
+  if (p.fp8.block_size % 16 == 0)
+    launch_clusters(decode_fp8_ready<D, W, S, true, kSwap>(), grid, 32 * W, smem, cz, s, p, d);
+  else
+    launch_clusters(decode_fp8_ready<D, W, S, false, kSwap>(), grid, 32 * W, smem, cz, s, p, d);
 }
 
 }  // namespace
 
 template <int D, int W, int S>
 void launch_decode_fp8(const AttentionParams& p, const DecodePlan& d, dim3 grid, cudaStream_t s) {
-  const unsigned cz = d.cluster ? static_cast<unsigned>(d.num_splits) : 1;
-  const size_t smem = Fp8DecodeSmem<D, W, S>::bytes;
-  if (p.fp8.block_size % 16 == 0)
-    launch_clusters(decode_fp8_ready<D, W, S, true>(), grid, 32 * W, smem, cz, s, p, d);
+  if (d.fp8_swap)
+    launch_fp8<D, W, S, true>(p, d, grid, s);
   else
-    launch_clusters(decode_fp8_ready<D, W, S, false>(), grid, 32 * W, smem, cz, s, p, d);
+    launch_fp8<D, W, S, false>(p, d, grid, s);
 }
 
-// (the same for both kernels of a configuration: the same shared memory, about the same registers)
+// (alike for every kernel of a configuration: the same shared memory, which limits them)
 template <int D, int W, int S>
 int decode_fp8_blocks_per_sm() {
   int n = 0;
-  CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_fp8_ready<D, W, S, true>(), 32 * W,
-                                                           Fp8DecodeSmem<D, W, S>::bytes));
+  const size_t smem = Fp8DecodeSmem<D, W, S>::bytes;
+  CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_fp8_ready<D, W, S, true, false>(), 32 * W, smem));
   return n;
 }
 

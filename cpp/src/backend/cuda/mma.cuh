@@ -65,6 +65,15 @@ __device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], 
   mma_16816(d, a, b0, b1);
 }
 
+// An 8 x 8 matrix of 16-bit values held as ldmatrix and the C fragments hold
+// it (lane / 4's row, columns (lane % 4) * 2 ..): this lane's part of its
+// transpose, in the same layout (sm_75+).
+__device__ __forceinline__ uint32_t movmatrix_trans(uint32_t x) {
+  uint32_t y;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+  return y;
+}
+
 constexpr float kLog2e = 1.4426950408889634f;
 
 // 2^x in one MUFU.EX2, subnormal results flushed to zero (exp2f keeps them, at
