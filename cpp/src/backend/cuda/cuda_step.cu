@@ -127,10 +127,12 @@ void CudaBackend::plan_attention(int64_t H, int64_t Hkv, int64_t D) {
   // (batch 1 at 32K keys: 64), merging them costs more than the 4-warp
   // kernel's fewer blocks lose: 1 x 32,768 on an H200 took 43.1 us with 4 x 3
   // in 32 splits against 46.7 with 2 x 3 in 64 (same call; 4 x 16,384, 2 x 3
-  // in 16 splits: 72.2 us, 4 x 3 in 8: 75.8).
-  if (act_ == ScalarType::BF16 && !fp8 && decode_kernel_ == DecodeKernel::Auto && decode_splits_ == 0 &&
+  // in 16 splits: 72.2 us, 4 x 3 in 8: 75.8). The fp8 cache's kernel the
+  // same with its stages: 1 x 32,768 took 30.8 us with 4 x 4 against 42.2
+  // with 2 x 4 (H200, 2026-12-04, bench_cuda.py attention_fp8).
+  if (act_ == ScalarType::BF16 && decode_kernel_ == DecodeKernel::Auto && decode_splits_ == 0 &&
       (max_ctx + chunk - 1) / chunk > 32) {
-    config = DecodeConfig{4, 3};
+    config = DecodeConfig{4, fp8 ? kFp8DecodeConfig.stages : 3};
     chunk = plan_chunk(config);
   }
   int64_t splits = std::max<int64_t>(1, (max_ctx + chunk - 1) / chunk);
