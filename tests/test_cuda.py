@@ -2016,6 +2016,33 @@ def test_quantization_fp8_on_the_gpu_matches_a_w8a8_reference(tiny_llama):
         check_fp8_model(rt, model, True, "fp8_weights_e2e")
 
 
+def test_fp8_norm_codes_are_bitwise_neutral(tiny_llama, monkeypatch):
+    """With fp8 weights each norm also writes its output's codes and scale,
+    which the next fp8 linear takes instead of quantizing its x again (one
+    kernel fewer before qkv and before gate/up). The codes are those the
+    quantizing kernel makes from the stored bf16 rows, so turning the fusions
+    off (PAGEDRT_CUDA_FUSE=0: that one, RoPE in decode attention, SiLU·mul in
+    the gate/up GEMV, each bitwise neutral) gives bitwise the same tokens and
+    logits: a prompt in chunks of 16 (cuBLASLt's fp8 GEMM above 8 rows), then
+    recorded decode steps of one and of five sequences (the own GEMV)."""
+    path, _ = tiny_llama(hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=512, dtype="bfloat16")
+    rng = np.random.default_rng(21)
+    prompts = [rng.integers(3, 320, size=k).tolist() for k in (37, 6)]
+    outs = {}
+    for fuse in ("1", "0"):
+        monkeypatch.setenv("PAGEDRT_CUDA_FUSE", fuse)
+        with pagedrt.Runtime(path, device="cuda", quantization="fp8", max_num_batched_tokens=16,
+                             enable_prefix_caching=False) as rt:
+            got = [run_all(rt, [prompts[0]], max_tokens=20, ignore_eos=True, return_logits=True)[0]]
+            got.append(run_all(rt, [prompts[1]], max_tokens=12, ignore_eos=True, return_logits=True, n=5,
+                               temperature=1.0, seed=3)[0])
+            outs[fuse] = got
+    for (t1, l1), (t0, l0) in zip(outs["1"], outs["0"]):
+        assert len(t1) > 0 and t1 == t0
+        assert np.array_equal(l1, l0)
+
+
 def test_fp8_checkpoint_on_the_gpu_keeps_its_codes(tiny_llama, tmp_path):
     """A per-channel fp8 checkpoint (tools/make_fp8_checkpoint.py) loads on the GPU
     as fp8 codes with the file's scales: check_fp8_model against the W8A8

@@ -310,11 +310,20 @@ void CudaBackend::ensure_fp8_act(int64_t n, int64_t k) {
 
 const uint8_t* CudaBackend::quantize_act(const Tensor& x, int64_t n, int64_t k, const float** scale) {
   require(x.dtype == ScalarType::BF16 && x.dim(1) == k, "linear: fp8 weights take bf16 x of their k columns");
+  const bool ready = fp8_pending_.x == x.data && fp8_pending_.n == n && fp8_pending_.k == k;
+  fp8_pending_ = {};
   ensure_fp8_act(n, k);
   float* s = reinterpret_cast<float*>(fp8_act_ + align16(static_cast<size_t>(n * k)));
-  quantize_act_rows(x.as<bf16>(), fp8_act_, s, n, k, stream_);
+  if (!ready) quantize_act_rows(x.as<bf16>(), fp8_act_, s, n, k, stream_);  // else the norm wrote them
   *scale = s;
   return fp8_act_;
+}
+
+Fp8Out CudaBackend::fp8_norm_out(const Tensor& out, int64_t n, int64_t d) const {
+  const size_t need = align16(static_cast<size_t>(n * d)) + static_cast<size_t>(n) * 4;
+  if (!fuse_ || fp8_max_k_ == 0 || out.dtype != ScalarType::BF16 || fp8_act_ == nullptr || need > fp8_act_bytes_)
+    return {};
+  return Fp8Out{fp8_act_, reinterpret_cast<float*>(fp8_act_ + align16(static_cast<size_t>(n * d)))};
 }
 
 }  // namespace pagedrt::cuda

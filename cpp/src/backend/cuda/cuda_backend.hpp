@@ -192,6 +192,16 @@ class CudaBackend final : public Backend {
   int64_t fp8_max_k_ = 0;         // the longest row of the fp8 weights loaded (0: none)
   uint8_t* fp8_act_ = nullptr;    // fp8 weights: x's codes (n, k), then its scales (n); grown in begin_step
   size_t fp8_act_bytes_ = 0;
+  // The norm whose output's codes fp8_act_ holds (written with it: fp8_norm_out),
+  // for the next linear to take instead of quantizing x again; any linear
+  // clears it, as does begin_step. x null: none.
+  struct Fp8Pending {
+    const void* x = nullptr;
+    int64_t n = 0, k = 0;
+  } fp8_pending_;
+  // Where a norm of (n, d) bf16 rows writes its codes as well (none: q null):
+  // with fp8 weights and the fusions on, where fp8_act_ holds them.
+  Fp8Out fp8_norm_out(const Tensor& out, int64_t n, int64_t d) const;
   bf16* fp8_scratch_ = nullptr;  // fp8 KV prefill: (2, pages, block_size, Hkv, D) bf16, grown as needed
   size_t fp8_scratch_bytes_ = 0;
   float* partials_ = nullptr;  // decode splits: merge tickets (tickets_bytes_), then partials (o, lse)

@@ -26,32 +26,41 @@ void CudaBackend::embedding(const Tensor& table, Tensor& out) {
     cuda::embedding(table.as<float>(), table.dim(1), dev_.token_ids, host_.num_tokens, out.as<float>(), stream_);
 }
 
+// With fp8 weights a norm's bf16 output also goes out as the codes the next
+// fp8 linear takes (fp8_norm_out, fp8_pending_): one quantizing kernel fewer
+// before qkv and before gate/up in every layer.
 void CudaBackend::rms_norm(const Tensor& x, const Tensor& weight, float eps, int64_t n, Tensor& out) {
   require(weight.dtype == ScalarType::F32, "rms_norm: fp32 weight");
   const int64_t d = weight.numel();
+  const Fp8Out f8 = fp8_norm_out(out, n, d);
+  bool coded = false;
   if (x.dtype == ScalarType::F32 && out.dtype == ScalarType::BF16)
-    cuda::rms_norm(x.as<float>(), weight.as<float>(), eps, n, d, out.as<bf16>(), stream_);
+    coded = cuda::rms_norm(x.as<float>(), weight.as<float>(), eps, n, d, out.as<bf16>(), stream_, f8);
   else if (x.dtype == ScalarType::F32 && out.dtype == ScalarType::F32)
     cuda::rms_norm(x.as<float>(), weight.as<float>(), eps, n, d, out.as<float>(), stream_);
   else if (x.dtype == ScalarType::BF16 && out.dtype == ScalarType::BF16)
-    cuda::rms_norm(x.as<bf16>(), weight.as<float>(), eps, n, d, out.as<bf16>(), stream_);
+    coded = cuda::rms_norm(x.as<bf16>(), weight.as<float>(), eps, n, d, out.as<bf16>(), stream_, f8);
   else
     require(false, std::string("rms_norm: ") + scalar_name(x.dtype) + " -> " + scalar_name(out.dtype));
+  fp8_pending_ = coded ? Fp8Pending{out.data, n, d} : Fp8Pending{};
 }
 
 void CudaBackend::add_rms_norm(Tensor& residual, const Tensor& x, const Tensor& weight, float eps, Tensor& out) {
   require(residual.dtype == ScalarType::F32 && x.dtype == act_ && out.dtype == act_,
           "add_rms_norm: fp32 residual, x and out of the activation dtype");
+  const int64_t n = host_.num_tokens, d = weight.numel();
+  bool coded = false;
   if (act_ == ScalarType::BF16)
-    cuda::add_rms_norm(residual.as<float>(), x.as<bf16>(), weight.as<float>(), eps, host_.num_tokens,
-                       weight.numel(), out.as<bf16>(), stream_);
+    coded = cuda::add_rms_norm(residual.as<float>(), x.as<bf16>(), weight.as<float>(), eps, n, d, out.as<bf16>(),
+                               stream_, fp8_norm_out(out, n, d));
   else
-    cuda::add_rms_norm(residual.as<float>(), x.as<float>(), weight.as<float>(), eps, host_.num_tokens,
-                       weight.numel(), out.as<float>(), stream_);
+    cuda::add_rms_norm(residual.as<float>(), x.as<float>(), weight.as<float>(), eps, n, d, out.as<float>(), stream_);
+  fp8_pending_ = coded ? Fp8Pending{out.data, n, d} : Fp8Pending{};
 }
 
 void CudaBackend::linear(const Tensor& x, const Tensor& weight, int64_t n, Tensor& out) {
   require(out.dtype == act_ || out.dtype == ScalarType::F32, "linear: out of the activation dtype or fp32");
+  if (weight.dtype != ScalarType::F8E4M3) fp8_pending_ = {};  // (an fp8 one takes it or clears it: quantize_act)
   if (weight.dtype == ScalarType::F8E4M3) {  // x quantized per token, then e4m3 x e4m3 (W8A8)
     const int64_t m = weight.dim(0), k = weight.dim(1);
     const float* xs = nullptr;
@@ -237,6 +246,7 @@ void CudaBackend::linear_silu_mul(const Tensor& x, const Tensor& gate_up_weight,
     silu_mul(gate_up, n, out);
     return;
   }
+  fp8_pending_ = {};
   if (fuse_ && act_ == ScalarType::BF16 && x.dtype == act_ && gate_up_weight.dtype == act_ && out.dtype == act_ &&
       gemm_->run_silu_mul(x.data, gate_up_weight.data, out.data, n, inter, gate_up_weight.dim(1)))
     return;

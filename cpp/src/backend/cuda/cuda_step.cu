@@ -65,6 +65,7 @@ void CudaBackend::begin_step(const BatchView& b) {
   if (plan_info_.num_heads > 0) plan_attention(plan_info_.num_heads, plan_info_.num_kv_heads, plan_info_.head_dim);
   // fp8 weights: x's codes for this step's tokens, grown here (outside a recording)
   if (fp8_max_k_ > 0) ensure_fp8_act(b.num_tokens, fp8_max_k_);
+  fp8_pending_ = {};
 }
 
 // Decode items: the token of every sequence with one query token (in the

@@ -2,11 +2,15 @@
 // embedding, RMSNorm (fused with the residual add), SiLU·mul, RoPE + KV
 // append, row gathers and block copies. fp32 math everywhere.
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
+
+#include <type_traits>
 
 #include "backend/cuda/cuda_check.hpp"
 #include "backend/cuda/elementwise.cuh"
 #include "backend/cuda/kernels.cuh"
 #include "backend/cuda/launch.cuh"
+#include "backend/fp8.hpp"
 
 namespace pagedrt::cuda {
 
@@ -29,6 +33,20 @@ __device__ float block_sum(float v) {
   const int nw = blockDim.x / 32;
   v = lane < nw ? part[lane] : 0.0f;
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Max over the block (as block_sum); every thread gets it.
+__device__ float block_max(float v) {
+  __shared__ float part[32];
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();  // part[] may still be read by a previous call
+  if (lane == 0) part[warp] = v;
+  __syncthreads();
+  const int nw = blockDim.x / 32;
+  v = lane < nw ? part[lane] : 0.0f;
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
 }
 
@@ -111,14 +129,24 @@ __device__ __forceinline__ void store4(bf16* p, float4 v) {
   *reinterpret_cast<uint2*>(p) = u;
 }
 
+// v as bf16 stores it, back in fp32.
+__device__ __forceinline__ float4 as_stored_bf16(float4 v) {
+  return make_float4(__bfloat162float(__float2bfloat16_rn(v.x)), __bfloat162float(__float2bfloat16_rn(v.y)),
+                     __bfloat162float(__float2bfloat16_rn(v.z)), __bfloat162float(__float2bfloat16_rn(v.w)));
+}
+
 // RMSNorm for d % 4 == 0 and d <= 4 * kVecs * blockDim, fused with the
 // residual add when kAdd (residual += x, then the residual is normalized;
 // Tin = Tout = T) or of x alone (residual unused). Each thread keeps its kVecs
 // 4-element pieces of the row in registers, so every input is read once, in
 // one round trip (batch-1 decode: ~2x faster than the strided kernels above,
-// which read the row twice).
-template <typename Tin, typename Tout, int kVecs, bool kAdd>
-__global__ void norm_vec_kernel(float* residual, const Tin* x, const float* w, float eps, int d, Tout* out) {
+// which read the row twice). kQuant (Tout bf16): the row's bf16 values also
+// as e4m3 codes with the row's scale, as quantize_act_rows makes them from
+// the stored row (the same max, the same quotients), one kernel fewer before
+// an fp8 GEMM.
+template <typename Tin, typename Tout, int kVecs, bool kAdd, bool kQuant>
+__global__ void norm_vec_kernel(float* residual, const Tin* x, const float* w, float eps, int d, Tout* out,
+                                Fp8Out f8) {
   pdl_trigger();
   const int64_t base = int64_t(blockIdx.x) * d;
   const int n4 = d / 4;
@@ -146,27 +174,62 @@ __global__ void norm_vec_kernel(float* residual, const Tin* x, const float* w, f
   }
   ss = block_sum(ss);
   const float inv = 1.0f / sqrtf(ss / static_cast<float>(d) + eps);
+  float amax = 0.0f;
 #pragma unroll
   for (int k = 0; k < kVecs; ++k) {
     const int i = threadIdx.x + k * blockDim.x;
-    if (i < n4)
-      store4(out + base + 4 * i, make_float4(g[k].x * (v[k].x * inv), g[k].y * (v[k].y * inv),
-                                             g[k].z * (v[k].z * inv), g[k].w * (v[k].w * inv)));
+    if (i < n4) {
+      const float4 y = make_float4(g[k].x * (v[k].x * inv), g[k].y * (v[k].y * inv), g[k].z * (v[k].z * inv),
+                                   g[k].w * (v[k].w * inv));
+      store4(out + base + 4 * i, y);
+      if constexpr (kQuant) {  // the values as stored
+        const float4 r = as_stored_bf16(y);
+        v[k] = r;
+        amax = fmaxf(amax, fmaxf(fmaxf(fabsf(r.x), fabsf(r.y)), fmaxf(fabsf(r.z), fabsf(r.w))));
+      }
+    }
+  }
+  if constexpr (kQuant) {
+    const float sc = e4m3_row_scale(block_max(amax));
+    if (threadIdx.x == 0) f8.scale[blockIdx.x] = sc;
+#pragma unroll
+    for (int k = 0; k < kVecs; ++k) {
+      const int i = threadIdx.x + k * blockDim.x;
+      if (i < n4) {
+        const uint32_t lo = __nv_cvt_float2_to_fp8x2(make_float2(v[k].x / sc, v[k].y / sc), __NV_SATFINITE, __NV_E4M3);
+        const uint32_t hi = __nv_cvt_float2_to_fp8x2(make_float2(v[k].z / sc, v[k].w / sc), __NV_SATFINITE, __NV_E4M3);
+        *reinterpret_cast<uint32_t*>(f8.q + base + 4 * i) = lo | (hi << 16);
+      }
+    }
   }
 }
 
-// Launches norm_vec_kernel where it applies (one block per row); false where not.
+// Launches norm_vec_kernel where it applies (one block per row); false where
+// not. With f8.q set (and Tout bf16) the codes too.
 template <typename Tin, typename Tout, bool kAdd>
 bool launch_norm_vec(float* residual, const Tin* x, const float* w, float eps, int64_t n, int64_t d, Tout* out,
-                     cudaStream_t s) {
+                     cudaStream_t s, Fp8Out f8) {
   const int64_t n4 = d / 4;
   if (d % 4 != 0 || n4 > 4 * 1024) return false;
   const int vecs = n4 <= 1024 ? 1 : n4 <= 2048 ? 2 : 4;
   const int threads = static_cast<int>(((n4 + vecs - 1) / vecs + 31) / 32 * 32);
   const dim3 grid(static_cast<unsigned>(n));
-  if (vecs == 1) launch(norm_vec_kernel<Tin, Tout, 1, kAdd>, grid, threads, 0, s, residual, x, w, eps, int(d), out);
-  else if (vecs == 2) launch(norm_vec_kernel<Tin, Tout, 2, kAdd>, grid, threads, 0, s, residual, x, w, eps, int(d), out);
-  else launch(norm_vec_kernel<Tin, Tout, 4, kAdd>, grid, threads, 0, s, residual, x, w, eps, int(d), out);
+  auto go = [&](auto vecs_c, auto quant_c) {
+    launch(norm_vec_kernel<Tin, Tout, decltype(vecs_c)::value, kAdd, decltype(quant_c)::value>, grid, threads, 0, s,
+           residual, x, w, eps, int(d), out, f8);
+  };
+  auto with_vecs = [&](auto quant_c) {
+    if (vecs == 1) go(std::integral_constant<int, 1>{}, quant_c);
+    else if (vecs == 2) go(std::integral_constant<int, 2>{}, quant_c);
+    else go(std::integral_constant<int, 4>{}, quant_c);
+  };
+  if constexpr (std::is_same_v<Tout, bf16>) {
+    if (f8.q != nullptr) {
+      with_vecs(std::true_type{});
+      return true;
+    }
+  }
+  with_vecs(std::false_type{});
   return true;
 }
 
@@ -448,21 +511,25 @@ void embedding(const T* table, int64_t hidden, const int32_t* ids, int64_t n, fl
 }
 
 template <typename Tin, typename Tout>
-void rms_norm(const Tin* x, const float* w, float eps, int64_t n, int64_t d, Tout* out, cudaStream_t s) {
-  if (n == 0) return;
-  if (!launch_norm_vec<Tin, Tout, false>(nullptr, x, w, eps, n, d, out, s))
-    launch(rms_norm_kernel<Tin, Tout>, static_cast<unsigned>(n), norm_threads(d), 0, s, x, w, eps, d, out);
+bool rms_norm(const Tin* x, const float* w, float eps, int64_t n, int64_t d, Tout* out, cudaStream_t s, Fp8Out f8) {
+  if (n == 0) return false;
+  if (launch_norm_vec<Tin, Tout, false>(nullptr, x, w, eps, n, d, out, s, f8))
+    return std::is_same_v<Tout, bf16> && f8.q != nullptr;
+  launch(rms_norm_kernel<Tin, Tout>, static_cast<unsigned>(n), norm_threads(d), 0, s, x, w, eps, d, out);
+  return false;
 }
-template void rms_norm<float, bf16>(const float*, const float*, float, int64_t, int64_t, bf16*, cudaStream_t);
-template void rms_norm<float, float>(const float*, const float*, float, int64_t, int64_t, float*, cudaStream_t);
-template void rms_norm<bf16, bf16>(const bf16*, const float*, float, int64_t, int64_t, bf16*, cudaStream_t);
+template bool rms_norm<float, bf16>(const float*, const float*, float, int64_t, int64_t, bf16*, cudaStream_t, Fp8Out);
+template bool rms_norm<float, float>(const float*, const float*, float, int64_t, int64_t, float*, cudaStream_t,
+                                     Fp8Out);
+template bool rms_norm<bf16, bf16>(const bf16*, const float*, float, int64_t, int64_t, bf16*, cudaStream_t, Fp8Out);
 
 template <typename T>
-void add_rms_norm(float* residual, const T* x, const float* w, float eps, int64_t n, int64_t d, T* out,
-                  cudaStream_t s) {
-  if (n == 0) return;
-  if (!launch_norm_vec<T, T, true>(residual, x, w, eps, n, d, out, s))
-    launch(add_rms_norm_kernel<T>, static_cast<unsigned>(n), norm_threads(d), 0, s, residual, x, w, eps, d, out);
+bool add_rms_norm(float* residual, const T* x, const float* w, float eps, int64_t n, int64_t d, T* out,
+                  cudaStream_t s, Fp8Out f8) {
+  if (n == 0) return false;
+  if (launch_norm_vec<T, T, true>(residual, x, w, eps, n, d, out, s, f8)) return std::is_same_v<T, bf16> && f8.q != nullptr;
+  launch(add_rms_norm_kernel<T>, static_cast<unsigned>(n), norm_threads(d), 0, s, residual, x, w, eps, d, out);
+  return false;
 }
 
 template <typename T>
@@ -527,7 +594,8 @@ void copy_blocks(uint8_t* base, int64_t block_bytes, const int2* pairs, int n, c
 
 #define PAGEDRT_INSTANTIATE(T)                                                                               \
   template void embedding<T>(const T*, int64_t, const int32_t*, int64_t, float*, cudaStream_t);              \
-  template void add_rms_norm<T>(float*, const T*, const float*, float, int64_t, int64_t, T*, cudaStream_t);  \
+  template bool add_rms_norm<T>(float*, const T*, const float*, float, int64_t, int64_t, T*, cudaStream_t,    \
+                                Fp8Out);                                                                      \
   template void add<T>(float*, const T*, int64_t, cudaStream_t);                                             \
   template void silu_mul<T>(const T*, int64_t, int64_t, T*, cudaStream_t);                                   \
   template void rope_and_cache<T>(T*, const float*, const float*, const int32_t*, const int64_t*, int64_t, int, \

@@ -29,13 +29,22 @@ void convert(const void* src, Elem src_kind, void* dst, Elem dst_kind, int64_t n
 // out (n, hidden) fp32 = table (vocab, hidden) T [ids]
 template <typename T>
 void embedding(const T* table, int64_t hidden, const int32_t* ids, int64_t n, float* out, cudaStream_t s);
-// out = x / sqrt(mean(x^2) + eps) * w, per row of x (n, d); x fp32 or bf16, out bf16 or fp32
+// A norm's output also as the input of fp8 GEMMs (fp8_rows.hpp's activations:
+// bitwise quantize_act_rows of the bf16 rows it writes): codes q (n, d) e4m3,
+// scale (n). Null q: none.
+struct Fp8Out {
+  uint8_t* q = nullptr;
+  float* scale = nullptr;
+};
+// out = x / sqrt(mean(x^2) + eps) * w, per row of x (n, d); x fp32 or bf16, out bf16 or fp32.
+// Returns whether it also wrote f8 (bf16 out, a row the one-pass kernel takes).
 template <typename Tin, typename Tout>
-void rms_norm(const Tin* x, const float* w, float eps, int64_t n, int64_t d, Tout* out, cudaStream_t s);
-// residual (n, d) fp32 += x (T); out (T) = rms_norm(residual) * w
+bool rms_norm(const Tin* x, const float* w, float eps, int64_t n, int64_t d, Tout* out, cudaStream_t s,
+              Fp8Out f8 = {});
+// residual (n, d) fp32 += x (T); out (T) = rms_norm(residual) * w; f8 as rms_norm's
 template <typename T>
-void add_rms_norm(float* residual, const T* x, const float* w, float eps, int64_t n, int64_t d, T* out,
-                  cudaStream_t s);
+bool add_rms_norm(float* residual, const T* x, const float* w, float eps, int64_t n, int64_t d, T* out,
+                  cudaStream_t s, Fp8Out f8 = {});
 // residual (fp32) += x (T), numel elements
 template <typename T>
 void add(float* residual, const T* x, int64_t numel, cudaStream_t s);
