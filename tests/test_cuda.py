@@ -1917,6 +1917,31 @@ def test_fp8_linear(ops, n, m, k):
     assert rel_err(y32, x.astype(np.float64) @ w.astype(np.float64).T) > 4 * FP8_GEMM_TOL
 
 
+@pytest.mark.parametrize("d", [576, 4096, 8192, 16384])
+@pytest.mark.parametrize("n", [1, 7, 12])
+def test_fp8_linear_after_a_norm_takes_its_codes(ops, n, d):
+    """An fp8 linear right after a norm takes the codes and scales the norm
+    kernel wrote with its bf16 output (norm_linear: the two ops as a forward
+    runs them) instead of quantizing x itself: bitwise the same product as
+    the linear on the norm's stored output (which quantizes it), for rows of
+    every width the one-pass norm takes (1, 2 and 4 pieces a thread), n on
+    the own GEMV and on cuBLASLt, rows at scales 1e-3 .. 1e3, a zero row and
+    a row with one outlier."""
+    rng = np.random.default_rng(n * 101 + d)
+    x = (rng.standard_normal((n, d)) * 10.0 ** rng.uniform(-3, 3, (n, 1))).astype(np.float32)
+    x[0] = 0.0
+    if n > 1:
+        x[1, d // 3] = 1e4
+    g = (1.0 + 0.1 * rng.standard_normal(d)).astype(np.float32)
+    w = (rng.standard_normal((64, d)) * 0.05).astype(np.float32)
+    gpu = ops[1]
+    normed = gpu.rms_norm(x, g, 1e-5)
+    apart = gpu.linear(normed, w, "fp8", False)  # quantizes the stored rows (and sizes the scratch)
+    together = gpu.norm_linear(x, g, 1e-5, w, "fp8")
+    assert np.isfinite(together).all()
+    assert np.array_equal(together, apart)
+
+
 @pytest.mark.parametrize("inter,k", [(1536, 576), (1008, 2064), (112, 64)])
 @pytest.mark.parametrize("n", [1, 5, 8, 9, 40])
 def test_fp8_linear_silu_mul(ops, n, inter, k):

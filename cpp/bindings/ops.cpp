@@ -137,6 +137,17 @@ class Ops {
     b_->linear(xt, wt, xt.dim(0), out);
     return back(out);
   }
+  // linear(rms_norm(x) * norm_w, w) as a forward runs them: both outputs
+  // allocated first, so nothing comes between the two ops (with fp8 weights
+  // on CUDA the linear takes the codes the norm wrote).
+  F32Out norm_linear(F32In x, F32In norm_w, float eps, F32In w, const std::string& wdtype) {
+    Tensor xt = put(x, ScalarType::F32), gt = weight(norm_w, ScalarType::F32), wt = weight(w, parse_dtype(wdtype));
+    Tensor normed = b_->empty(xt.shape, act());
+    Tensor out = b_->empty({xt.dim(0), wt.dim(0)}, act());
+    b_->rms_norm(xt, gt, eps, xt.dim(0), normed);
+    b_->linear(normed, wt, xt.dim(0), out);
+    return back(out);
+  }
   F32Out silu_mul(F32In gate_up) {
     Tensor g = put(gate_up, act());
     Tensor out = b_->empty({g.dim(0), g.dim(1) / 2}, act());
@@ -537,6 +548,7 @@ void register_ops(nb::module_& m) {
       .def("add_rms_norm", &Ops::add_rms_norm, "residual"_a, "x"_a, "weight"_a, "eps"_a)
       .def("add", &Ops::add, "residual"_a, "x"_a)
       .def("linear", &Ops::linear, "x"_a, "weight"_a, "weight_dtype"_a, "out_f32"_a)
+      .def("norm_linear", &Ops::norm_linear, "x"_a, "norm_weight"_a, "eps"_a, "weight"_a, "weight_dtype"_a)
       .def("silu_mul", &Ops::silu_mul, "gate_up"_a)
       .def("linear_silu_mul", &Ops::linear_silu_mul, "x"_a, "weight"_a, "weight_dtype"_a = "")
       .def("gather_rows", &Ops::gather_rows, "x"_a)

@@ -194,6 +194,10 @@ void CudaBackend::check_attention(int64_t num_heads, int64_t num_kv_heads, int64
 }
 
 Tensor CudaBackend::empty(std::vector<int64_t> shape, ScalarType dtype) {
+  // A new tensor may take a freed one's address: a norm's codes pending for
+  // that address would be taken for its contents (op-level callers allocate
+  // between ops; a step's forward allocates nothing).
+  fp8_pending_ = {};
   Tensor t;
   t.shape = std::move(shape);
   t.dtype = dtype;
@@ -312,7 +316,9 @@ const uint8_t* CudaBackend::quantize_act(const Tensor& x, int64_t n, int64_t k, 
   require(x.dtype == ScalarType::BF16 && x.dim(1) == k, "linear: fp8 weights take bf16 x of their k columns");
   const bool ready = fp8_pending_.x == x.data && fp8_pending_.n == n && fp8_pending_.k == k;
   fp8_pending_ = {};
+  const uint8_t* before = fp8_act_;
   ensure_fp8_act(n, k);
+  require(!ready || fp8_act_ == before, "fp8 linear: the activation scratch moved under a norm's codes");
   float* s = reinterpret_cast<float*>(fp8_act_ + align16(static_cast<size_t>(n * k)));
   if (!ready) quantize_act_rows(x.as<bf16>(), fp8_act_, s, n, k, stream_);  // else the norm wrote them
   *scale = s;
