@@ -1936,8 +1936,11 @@ def test_fp8_linear_after_a_norm_takes_its_codes(ops, n, d):
     w = (rng.standard_normal((64, d)) * 0.05).astype(np.float32)
     gpu = ops[1]
     normed = gpu.rms_norm(x, g, 1e-5)
+    taken = gpu.fp8_norm_codes_taken()
     apart = gpu.linear(normed, w, "fp8", False)  # quantizes the stored rows (and sizes the scratch)
+    assert gpu.fp8_norm_codes_taken() == taken  # (the norm's codes were dropped with the new tensors)
     together = gpu.norm_linear(x, g, 1e-5, w, "fp8")
+    assert gpu.fp8_norm_codes_taken() == taken + 1  # the linear took the norm's codes
     assert np.isfinite(together).all()
     assert np.array_equal(together, apart)
 

@@ -148,6 +148,7 @@ class Ops {
     b_->linear(normed, wt, xt.dim(0), out);
     return back(out);
   }
+  int64_t fp8_norm_codes_taken() const { return b_->fp8_norm_codes_taken(); }
   F32Out silu_mul(F32In gate_up) {
     Tensor g = put(gate_up, act());
     Tensor out = b_->empty({g.dim(0), g.dim(1) / 2}, act());
@@ -549,6 +550,7 @@ void register_ops(nb::module_& m) {
       .def("add", &Ops::add, "residual"_a, "x"_a)
       .def("linear", &Ops::linear, "x"_a, "weight"_a, "weight_dtype"_a, "out_f32"_a)
       .def("norm_linear", &Ops::norm_linear, "x"_a, "norm_weight"_a, "eps"_a, "weight"_a, "weight_dtype"_a)
+      .def("fp8_norm_codes_taken", &Ops::fp8_norm_codes_taken)
       .def("silu_mul", &Ops::silu_mul, "gate_up"_a)
       .def("linear_silu_mul", &Ops::linear_silu_mul, "x"_a, "weight"_a, "weight_dtype"_a = "")
       .def("gather_rows", &Ops::gather_rows, "x"_a)

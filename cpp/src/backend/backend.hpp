@@ -173,6 +173,9 @@ class Backend {
   // Whether its fp8 GEMMs take a weight of (rows, k) (CUDA: both multiples of
   // 16); an fp8 checkpoint's group that they do not take loads dequantized.
   virtual bool fp8_shape_ok(int64_t rows, int64_t k) const { return true; }
+  // How many fp8 linears have taken their x's codes from the norm before them
+  // instead of quantizing x (CUDA's fused norm codes; tests read it).
+  virtual int64_t fp8_norm_codes_taken() const { return 0; }
   virtual Tensor empty(std::vector<int64_t> shape, ScalarType dtype) = 0;
   virtual Tensor from_host(const Tensor& host) = 0;
   // An elastic KV pool's memory (backend/kv_memory.hpp): `count` tensors of

@@ -320,7 +320,10 @@ const uint8_t* CudaBackend::quantize_act(const Tensor& x, int64_t n, int64_t k, 
   ensure_fp8_act(n, k);
   require(!ready || fp8_act_ == before, "fp8 linear: the activation scratch moved under a norm's codes");
   float* s = reinterpret_cast<float*>(fp8_act_ + align16(static_cast<size_t>(n * k)));
-  if (!ready) quantize_act_rows(x.as<bf16>(), fp8_act_, s, n, k, stream_);  // else the norm wrote them
+  if (ready)
+    ++fp8_codes_taken_;  // the norm wrote them
+  else
+    quantize_act_rows(x.as<bf16>(), fp8_act_, s, n, k, stream_);
   *scale = s;
   return fp8_act_;
 }

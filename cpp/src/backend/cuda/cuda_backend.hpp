@@ -65,6 +65,7 @@ class CudaBackend final : public Backend {
   // x per token (fp8_rows.hpp) and multiplies e4m3 codes (Gemm::run_f8).
   bool has_fp8_weights() const override { return fp8_weights_; }
   bool fp8_shape_ok(int64_t rows, int64_t k) const override { return rows % 16 == 0 && k % 16 == 0; }
+  int64_t fp8_norm_codes_taken() const override { return fp8_codes_taken_; }
   Tensor empty(std::vector<int64_t> shape, ScalarType dtype) override;
   Tensor from_host(const Tensor& host) override;
 
@@ -199,6 +200,7 @@ class CudaBackend final : public Backend {
     const void* x = nullptr;
     int64_t n = 0, k = 0;
   } fp8_pending_;
+  int64_t fp8_codes_taken_ = 0;  // linears that took a norm's codes
   // Where a norm of (n, d) bf16 rows writes its codes as well (none: q null):
   // with fp8 weights and the fusions on, where fp8_act_ holds them.
   Fp8Out fp8_norm_out(const Tensor& out, int64_t n, int64_t d) const;
