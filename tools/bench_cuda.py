@@ -188,6 +188,22 @@ def attention():
 FP8_SWEEP_SHAPES = [(64, 2048, 32, 8, 128, 16), (512, 512, 32, 8, 128, 16), (1, 32768, 32, 8, 128, 16)]
 
 
+@contextlib.contextmanager
+def environ(env):
+    """Environment variables set for the block (read when a backend is made), then unset."""
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k in env:
+            os.environ.pop(k, None)
+
+
+def fp8_kv_bytes(B, C, Hkv, D):
+    """The bytes decode reads from an fp8 cache: K and V codes and one exponent a row."""
+    return B * C * Hkv * (D + 1) * 2
+
+
 def attention_probe():
     """A few launches of the decode kernels on 64 x 2,048 (32/8, D 128),
     bf16 then fp8 cache, for a profiler to attach to (gpu_check stage ncu)."""
@@ -215,10 +231,9 @@ def attention_fp8():
     for B, C, H, Hkv, D, bs in DECODE_SHAPES:
         b16 = pagedrt_attention_s(B, C, 1, H, Hkv, D, bs, base, rng)
         f8 = pagedrt_attention_s(B, C, 1, H, Hkv, D, bs, base, rng, fp8=True)
-        os.environ["PAGEDRT_DECODE_FP8"] = "swap"
-        sw = pagedrt_attention_s(B, C, 1, H, Hkv, D, bs, base, rng, fp8=True)
-        os.environ.pop("PAGEDRT_DECODE_FP8")
-        nbytes = B * C * Hkv * (D + 1) * 2
+        with environ({"PAGEDRT_DECODE_FP8": "swap"}):
+            sw = pagedrt_attention_s(B, C, 1, H, Hkv, D, bs, base, rng, fp8=True)
+        nbytes = fp8_kv_bytes(B, C, Hkv, D)
         row = {"shape": f"{B}x{C}", "H": H, "Hkv": Hkv, "D": D, "block": bs, "fp8_bytes": nbytes,
                "bf16_us": b16 * 1e6, "fp8_us": f8 * 1e6, "fp8_TBps": nbytes / f8 / 1e12,
                "frac_copy": nbytes / f8 / 1e12 / copy, "swap_us": sw * 1e6,
@@ -232,15 +247,14 @@ def attention_fp8():
     print(f"{'W x S':>8} " + " ".join(f"{f'{B}x{C} us':>12}" for B, C, *_ in FP8_SWEEP_SHAPES), flush=True)
     for cfg in ("2x3", "2x4", "2x6", "2x8", "4x4", "4x6", "swap 2x3", "swap 2x4", "swap 2x6", "swap 4x4",
                 "swap 4x6"):
+        env = {"PAGEDRT_DECODE_KERNEL": cfg.split()[-1]}
         if cfg.startswith("swap"):
-            os.environ["PAGEDRT_DECODE_FP8"] = "swap"
-        os.environ["PAGEDRT_DECODE_KERNEL"] = cfg.split()[-1]
-        us = [pagedrt_attention_s(B, C, 1, H, Hkv, D, bs, base, rng, fp8=True) * 1e6
-              for B, C, H, Hkv, D, bs in FP8_SWEEP_SHAPES]
-        os.environ.pop("PAGEDRT_DECODE_KERNEL")
-        os.environ.pop("PAGEDRT_DECODE_FP8", None)
+            env["PAGEDRT_DECODE_FP8"] = "swap"
+        with environ(env):
+            us = [pagedrt_attention_s(B, C, 1, H, Hkv, D, bs, base, rng, fp8=True) * 1e6
+                  for B, C, H, Hkv, D, bs in FP8_SWEEP_SHAPES]
         r["shapes"].append({"config": cfg, "us": us,
-                            "frac_copy": [B * C * Hkv * (D + 1) * 2 / (u * 1e-6) / 1e12 / copy
+                            "frac_copy": [fp8_kv_bytes(B, C, Hkv, D) / (u * 1e-6) / 1e12 / copy
                                           for (B, C, H, Hkv, D, bs), u in zip(FP8_SWEEP_SHAPES, us)]})
         print(f"{cfg:>8} " + " ".join(f"{u:>12.1f}" for u in us), flush=True)
     for B, S, H, Hkv, D, bs in PREFILL_SHAPES[:1]:
@@ -268,10 +282,8 @@ def prefill_kernels(base, rng, shapes, settings):
         flops = B * 4 * H * D * S * S / 2
         secs = {}
         for label, env in settings:
-            os.environ.update(env)
-            secs[label] = pagedrt_attention_s(B, S, S, H, Hkv, D, bs, base, rng, iters=10)
-            for k in env:
-                os.environ.pop(k, None)
+            with environ(env):
+                secs[label] = pagedrt_attention_s(B, S, S, H, Hkv, D, bs, base, rng, iters=10)
         q = torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16)
         K = torch.randn(B, Hkv, S, D, device="cuda", dtype=torch.bfloat16)
         V = torch.randn(B, Hkv, S, D, device="cuda", dtype=torch.bfloat16)

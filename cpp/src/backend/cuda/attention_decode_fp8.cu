@@ -189,6 +189,81 @@ struct Fp8TileLoader {
   }
 };
 
+// What both kernels know of their block and warp: its (item, kv head,
+// split), the split's keys start .. end, this warp's share of them (tiles j
+// of keys tile_start(j) ..) and its ring of S stages, filled by `load`.
+template <int D, int W, int S, bool kWhole>
+struct Fp8DecodeWarp {
+  using L = Fp8DecodeSmem<D, W, S>;
+  const int item = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+  const DecodeItem it;
+  const int start, end;
+  const int ntiles;  // each warp's
+  unsigned char* const ring;
+  const Fp8TileLoader<D, W, S, kWhole> load;
+
+  __device__ Fp8DecodeWarp(const AttentionParams& p, const DecodePlan& d, unsigned char* smem)
+      : it(d.items[item]),
+        start(split * d.chunk),
+        end(min(it.context, start + d.chunk)),
+        ntiles(end > start ? (end - start + 16 * W - 1) / (16 * W) : 0),
+        ring(smem + size_t(warp) * S * L::tile),
+        load(p.fp8, p.kv.page_indices + it.page_start, end, kvh, lane) {}
+
+  __device__ int tile_start(int j) const { return start + 16 * (W * j + warp); }
+  // The first S - 1 tiles into their stages.
+  __device__ void prefetch() const {
+#pragma unroll
+    for (int s = 0; s < S - 1; ++s) {
+      if (s < ntiles) load(tile_start(s), ring + s * L::tile);
+      cp_async_commit();
+    }
+  }
+  // Tile j's stage once it has landed for every lane, tile j + S - 1 on its
+  // way into the stage every lane is done with.
+  __device__ const unsigned char* stage(int j) const {
+    cp_async_wait<S - 2>();
+    __syncwarp();
+    if (j + S - 1 < ntiles) load(tile_start(j + S - 1), ring + ((j + S - 1) % S) * L::tile);
+    cp_async_commit();
+    return ring + (j % S) * L::tile;
+  }
+  // The token's row of qkv.
+  __device__ const bf16* q_row(const AttentionParams& p) const {
+    return p.qkv + int64_t(it.token) * (p.num_heads + 2 * p.kv.num_kv_heads) * D;
+  }
+};
+
+// Word w of a lane's four V rows (load_v_rows) paired by key and widened:
+// bytes b of rows (0, 1) and of rows (2, 3) side by side, as fp16 pairs
+// (keys k = 2c, 2c + 1 and 2c + 8, 2c + 9): .x of lo the byte 0 pairs, .y
+// byte 1's; hi bytes 2 and 3.
+struct VPairs {
+  uint2 lo01, lo23, hi01, hi23;
+};
+template <int VW>
+__device__ __forceinline__ VPairs v_pairs(const uint32_t (&vw)[4][VW], int w) {
+  return {e4m3_x4_f16(__byte_perm(vw[0][w], vw[1][w], 0x5140)), e4m3_x4_f16(__byte_perm(vw[2][w], vw[3][w], 0x5140)),
+          e4m3_x4_f16(__byte_perm(vw[0][w], vw[1][w], 0x7362)), e4m3_x4_f16(__byte_perm(vw[2][w], vw[3][w], 0x7362))};
+}
+
+// A lane's V bytes of a tile (V's codes `v`): rows 4c .. 4c + 3, D / 8 bytes
+// from (D / 8) g of each, as words.
+template <int D>
+__device__ __forceinline__ void load_v_rows(const unsigned char* v, int c, int g, uint32_t (&vw)[4][D / 32]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if constexpr (D == 128) {
+      const uint4 x = *reinterpret_cast<const uint4*>(v + code_chunk<D>(4 * c + i, g));
+      vw[i][0] = x.x, vw[i][1] = x.y, vw[i][2] = x.z, vw[i][3] = x.w;
+    } else {
+      const uint2 x = *reinterpret_cast<const uint2*>(v + code_chunk<D>(4 * c + i, g >> 1) + (g & 1) * 8);
+      vw[i][0] = x.x, vw[i][1] = x.y;
+    }
+  }
+}
+
 // kWhole: block_size is a multiple of 16, so a warp's tile of 16 keys lies in one block.
 template <int D, int W, int S, bool kWhole>
 __global__ void __launch_bounds__(32 * W) decode_fp8_kernel(AttentionParams p, DecodePlan d) {
@@ -197,39 +272,20 @@ __global__ void __launch_bounds__(32 * W) decode_fp8_kernel(AttentionParams p, D
   extern __shared__ __align__(128) unsigned char smem[];
   pdl_trigger();
   pdl_wait();  // everything, the plan and the page table too, comes from the step (launch.cuh)
-  const int item = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
-  const DecodeItem it = d.items[item];
-  const int t = it.token, ctx = it.context;
-  const int H = p.num_heads, Hkv = p.kv.num_kv_heads, G = H / Hkv;
-  const Fp8Kv& f = p.fp8;
-  const int start = split * d.chunk, end = min(ctx, start + d.chunk);
-  const int ntiles = end > start ? (end - start + 16 * W - 1) / (16 * W) : 0;  // each warp's
-  const int32_t* pages = p.kv.page_indices + it.page_start;
-  unsigned char* ring = smem + size_t(warp) * S * L::tile;
-
-  const Fp8TileLoader<D, W, S, kWhole> load_tile{f, pages, end, kvh, lane};
-  auto tile_start = [&](int j) { return start + 16 * (W * j + warp); };
-#pragma unroll
-  for (int s = 0; s < S - 1; ++s) {
-    if (s < ntiles) load_tile(tile_start(s), ring + s * L::tile);
-    cp_async_commit();
-  }
+  const Fp8DecodeWarp<D, W, S, kWhole> b(p, d, smem);
+  const int g = b.g, c = b.c, end = b.end, G = p.num_heads / p.kv.num_kv_heads;
+  b.prefetch();
 
   uint32_t q[KS][4];
-  const float qscale = p.scale * kLog2e * load_q_fp8<D, 4>(p.qkv + int64_t(t) * (H + 2 * Hkv) * D, kvh, G, q);
+  const float qscale = p.scale * kLog2e * load_q_fp8<D, 4>(b.q_row(p), b.kvh, G, q);
   int vexp = kNoExp;  // o holds the output times 2^-vexp (the largest V exponent so far)
   float o[NT][4];  // o[n][0..1]: row g, dims (D / 8) (2c + e) + n; o[n][2..3]: the zero rows 8 .. 15
 #pragma unroll
   for (int n = 0; n < NT; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
   float m = -INFINITY, l = 0.0f;
 
-  for (int j = 0; j < ntiles; ++j) {
-    cp_async_wait<S - 2>();
-    __syncwarp();  // tile j landed for every lane; every lane is done with the stage refilled next
-    if (j + S - 1 < ntiles) load_tile(tile_start(j + S - 1), ring + ((j + S - 1) % S) * L::tile);
-    cp_async_commit();
-    const unsigned char* st = ring + (j % S) * L::tile;
+  for (int j = 0; j < b.ntiles; ++j) {
+    const unsigned char* st = b.stage(j);
 
     float sc[2][2][4] = {};  // S: n-tile n, columns 2c + e = rows 4c + 2n + e; even and odd k-steps apart
 #pragma unroll
@@ -250,7 +306,7 @@ __global__ void __launch_bounds__(32 * W) decode_fp8_kernel(AttentionParams p, D
 
     // Online softmax over this warp's 16 keys; the 4 lanes of a row share m.
     // Scores j = 2n + e are rows 4c + j, whose exponents are one word.
-    const int key = tile_start(j) + 4 * c;
+    const int key = b.tile_start(j) + 4 * c;
     const uint32_t kx = *reinterpret_cast<const uint32_t*>(st + 2 * L::codes + 4 * c);
     const uint32_t vx = *reinterpret_cast<const uint32_t*>(st + 2 * L::codes + 16 + 4 * c);
     float sv[4] = {sc[0][0][0] + sc[0][1][0], sc[0][0][1] + sc[0][1][1], sc[1][0][0] + sc[1][1][0],
@@ -302,29 +358,14 @@ __global__ void __launch_bounds__(32 * W) decode_fp8_kernel(AttentionParams p, D
     // V: rows 4c .. 4c + 3, bytes (D / 8) g .. of each; byte b of word w is
     // dim (D / 8) g + 4w + b, n-tile 4w + b's column g.
     uint32_t vw[4][VW];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const unsigned char* vr = st + L::codes;
-      if constexpr (D == 128) {
-        const uint4 v = *reinterpret_cast<const uint4*>(vr + code_chunk<D>(4 * c + i, g));
-        vw[i][0] = v.x, vw[i][1] = v.y, vw[i][2] = v.z, vw[i][3] = v.w;
-      } else {
-        const uint2 v = *reinterpret_cast<const uint2*>(vr + code_chunk<D>(4 * c + i, g >> 1) + (g & 1) * 8);
-        vw[i][0] = v.x, vw[i][1] = v.y;
-      }
-    }
+    load_v_rows<D>(st + L::codes, c, g, vw);
 #pragma unroll
     for (int w = 0; w < VW; ++w) {
-      // Bytes b of rows (0, 1) and of rows (2, 3) side by side: keys k = 2c, 2c + 1
-      // and 2c + 8, 2c + 9 of dims b = 0, 1 (lo) and 2, 3 (hi).
-      const uint2 lo01 = e4m3_x4_f16(__byte_perm(vw[0][w], vw[1][w], 0x5140));
-      const uint2 lo23 = e4m3_x4_f16(__byte_perm(vw[2][w], vw[3][w], 0x5140));
-      const uint2 hi01 = e4m3_x4_f16(__byte_perm(vw[0][w], vw[1][w], 0x7362));
-      const uint2 hi23 = e4m3_x4_f16(__byte_perm(vw[2][w], vw[3][w], 0x7362));
-      mma_16816<true>(o[4 * w], pa, lo01.x, lo23.x);
-      mma_16816<true>(o[4 * w + 1], pa, lo01.y, lo23.y);
-      mma_16816<true>(o[4 * w + 2], pa, hi01.x, hi23.x);
-      mma_16816<true>(o[4 * w + 3], pa, hi01.y, hi23.y);
+      const VPairs v = v_pairs(vw, w);  // dims b = 0, 1 (lo) and 2, 3 (hi)
+      mma_16816<true>(o[4 * w], pa, v.lo01.x, v.lo23.x);
+      mma_16816<true>(o[4 * w + 1], pa, v.lo01.y, v.lo23.y);
+      mma_16816<true>(o[4 * w + 2], pa, v.hi01.x, v.hi23.x);
+      mma_16816<true>(o[4 * w + 3], pa, v.hi01.y, v.hi23.y);
     }
   }
   {  // o to the output's own scale
@@ -333,7 +374,8 @@ __global__ void __launch_bounds__(32 * W) decode_fp8_kernel(AttentionParams p, D
     for (int n = 0; n < NT; ++n) o[n][0] *= s, o[n][1] *= s;
   }
   finish_decode<D, W, 1, D / 8>(p, d, smem, reinterpret_cast<float*>(smem + L::out),
-                                reinterpret_cast<float*>(smem + L::lse), item, kvh, t, split, o, m, l);
+                                reinterpret_cast<float*>(smem + L::lse), b.item, b.kvh, b.it.token, b.split, o, m,
+                                l);
 }
 
 // The swapped form (DecodePlan::fp8_swap: PAGEDRT_DECODE_FP8=swap, while it
@@ -356,27 +398,12 @@ __global__ void __launch_bounds__(32 * W) decode_fp8_swap_kernel(AttentionParams
   extern __shared__ __align__(128) unsigned char smem[];
   pdl_trigger();
   pdl_wait();  // everything, the plan and the page table too, comes from the step (launch.cuh)
-  const int item = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
-  const DecodeItem it = d.items[item];
-  const int t = it.token, ctx = it.context;
-  const int H = p.num_heads, Hkv = p.kv.num_kv_heads, G = H / Hkv;
-  const Fp8Kv& f = p.fp8;
-  const int start = split * d.chunk, end = min(ctx, start + d.chunk);
-  const int ntiles = end > start ? (end - start + 16 * W - 1) / (16 * W) : 0;  // each warp's
-  const int32_t* pages = p.kv.page_indices + it.page_start;
-  unsigned char* ring = smem + size_t(warp) * S * L::tile;
-
-  const Fp8TileLoader<D, W, S, kWhole> load_tile{f, pages, end, kvh, lane};
-  auto tile_start = [&](int j) { return start + 16 * (W * j + warp); };
-#pragma unroll
-  for (int s = 0; s < S - 1; ++s) {
-    if (s < ntiles) load_tile(tile_start(s), ring + s * L::tile);
-    cp_async_commit();
-  }
+  const Fp8DecodeWarp<D, W, S, kWhole> b(p, d, smem);
+  const int g = b.g, c = b.c, end = b.end, G = p.num_heads / p.kv.num_kv_heads;
+  b.prefetch();
 
   uint32_t q[KS][2];  // head g's B operand
-  const float qrow = load_q_fp8<D, 2>(p.qkv + int64_t(t) * (H + 2 * Hkv) * D, kvh, G, q);
+  const float qrow = load_q_fp8<D, 2>(b.q_row(p), b.kvh, G, q);
   float qs[2];  // the scale of this lane's score columns, heads 2c and 2c + 1 (lanes 8c and 8c + 4 hold them)
   qs[0] = p.scale * kLog2e * __shfl_sync(0xffffffffu, qrow, 8 * c);
   qs[1] = p.scale * kLog2e * __shfl_sync(0xffffffffu, qrow, 8 * c + 4);
@@ -388,12 +415,8 @@ __global__ void __launch_bounds__(32 * W) decode_fp8_swap_kernel(AttentionParams
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // heads 2c, 2c + 1
   const int r0 = 4 * (g >> 1) + (g & 1);  // this lane's K rows: r0 (M row g), r0 + 2 (M row g + 8)
 
-  for (int j = 0; j < ntiles; ++j) {
-    cp_async_wait<S - 2>();
-    __syncwarp();  // tile j landed for every lane; every lane is done with the stage refilled next
-    if (j + S - 1 < ntiles) load_tile(tile_start(j + S - 1), ring + ((j + S - 1) % S) * L::tile);
-    cp_async_commit();
-    const unsigned char* st = ring + (j % S) * L::tile;
+  for (int j = 0; j < b.ntiles; ++j) {
+    const unsigned char* st = b.stage(j);
 
     // S^T: keys r0, r0 + 2 of heads 2c, 2c + 1; even and odd k-steps apart
     float sc[2][4] = {};
@@ -419,7 +442,7 @@ __global__ void __launch_bounds__(32 * W) decode_fp8_swap_kernel(AttentionParams
     // Online softmax per head over the tile's 16 keys (the 8 lanes of a c).
     const uint32_t kx = *reinterpret_cast<const uint32_t*>(st + 2 * L::codes + 4 * (g >> 1));
     const uint32_t vx = *reinterpret_cast<const uint32_t*>(st + 2 * L::codes + 16 + 4 * (g >> 1));
-    const int key0 = tile_start(j) + r0;
+    const int key0 = b.tile_start(j) + r0;
     int ve[2];
     float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
@@ -472,24 +495,11 @@ __global__ void __launch_bounds__(32 * W) decode_fp8_swap_kernel(AttentionParams
     // V^T: rows 4c .. 4c + 3 (k = 2c, 2c + 1, 2c + 8, 2c + 9), bytes (D / 8) g .. of each;
     // byte b of word w is M row g (b even) or g + 8 (b odd) of m-tile 2w + b / 2.
     uint32_t vw[4][VW];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const unsigned char* vr = st + L::codes;
-      if constexpr (D == 128) {
-        const uint4 v = *reinterpret_cast<const uint4*>(vr + code_chunk<D>(4 * c + i, g));
-        vw[i][0] = v.x, vw[i][1] = v.y, vw[i][2] = v.z, vw[i][3] = v.w;
-      } else {
-        const uint2 v = *reinterpret_cast<const uint2*>(vr + code_chunk<D>(4 * c + i, g >> 1) + (g & 1) * 8);
-        vw[i][0] = v.x, vw[i][1] = v.y;
-      }
-    }
+    load_v_rows<D>(st + L::codes, c, g, vw);
 #pragma unroll
     for (int wd = 0; wd < VW; ++wd) {
-      const uint2 lo01 = e4m3_x4_f16(__byte_perm(vw[0][wd], vw[1][wd], 0x5140));
-      const uint2 lo23 = e4m3_x4_f16(__byte_perm(vw[2][wd], vw[3][wd], 0x5140));
-      const uint2 hi01 = e4m3_x4_f16(__byte_perm(vw[0][wd], vw[1][wd], 0x7362));
-      const uint2 hi23 = e4m3_x4_f16(__byte_perm(vw[2][wd], vw[3][wd], 0x7362));
-      const uint32_t a0[4] = {lo01.x, lo01.y, lo23.x, lo23.y}, a1[4] = {hi01.x, hi01.y, hi23.x, hi23.y};
+      const VPairs v = v_pairs(vw, wd);
+      const uint32_t a0[4] = {v.lo01.x, v.lo01.y, v.lo23.x, v.lo23.y}, a1[4] = {v.hi01.x, v.hi01.y, v.hi23.x, v.hi23.y};
       mma_16816<true>(o[2 * wd], a0, pb0, pb1);
       mma_16816<true>(o[2 * wd + 1], a1, pb0, pb1);
     }
@@ -513,14 +523,14 @@ __global__ void __launch_bounds__(32 * W) decode_fp8_swap_kernel(AttentionParams
   for (int e = 0; e < 2; ++e) {
     const int h = 2 * c + e;
     if (h < G) {
-      float* dst = wo + (warp * kMaxGroup + h) * D + (D / 8) * g;
+      float* dst = wo + (b.warp * kMaxGroup + h) * D + (D / 8) * g;
 #pragma unroll
       for (int i = 0; i < MT; ++i) dst[2 * i] = o[i][e], dst[2 * i + 1] = o[i][2 + e];
-      if (g == 0) wm[warp * kMaxGroup + h] = m[e], wl[warp * kMaxGroup + h] = l[e];
+      if (g == 0) wm[b.warp * kMaxGroup + h] = m[e], wl[b.warp * kMaxGroup + h] = l[e];
     }
   }
   merge_decode_block<D, W>(p, d, smem, reinterpret_cast<float*>(smem + L::out),
-                           reinterpret_cast<float*>(smem + L::lse), item, kvh, t, split);
+                           reinterpret_cast<float*>(smem + L::lse), b.item, b.kvh, b.it.token, b.split);
 }
 
 // The kernel of a configuration, its shared memory set up once per process.

@@ -299,7 +299,7 @@ Tensor CudaBackend::load_fp8_weight(const std::vector<WeightView>& parts) {
 }
 
 void CudaBackend::ensure_fp8_act(int64_t n, int64_t k) {
-  const size_t need = align16(static_cast<size_t>(n * k)) + static_cast<size_t>(n) * 4;
+  const size_t need = fp8_act_size(n, k);
   if (need <= fp8_act_bytes_) return;
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   CUDA_CHECK(cudaStreamIsCapturing(stream_, &capture));
@@ -319,7 +319,7 @@ const uint8_t* CudaBackend::quantize_act(const Tensor& x, int64_t n, int64_t k, 
   const uint8_t* before = fp8_act_;
   ensure_fp8_act(n, k);
   require(!ready || fp8_act_ == before, "fp8 linear: the activation scratch moved under a norm's codes");
-  float* s = reinterpret_cast<float*>(fp8_act_ + align16(static_cast<size_t>(n * k)));
+  float* s = reinterpret_cast<float*>(fp8_act_ + fp8_act_scale_offset(n, k));
   if (ready)
     ++fp8_codes_taken_;  // the norm wrote them
   else
@@ -329,10 +329,10 @@ const uint8_t* CudaBackend::quantize_act(const Tensor& x, int64_t n, int64_t k, 
 }
 
 Fp8Out CudaBackend::fp8_norm_out(const Tensor& out, int64_t n, int64_t d) const {
-  const size_t need = align16(static_cast<size_t>(n * d)) + static_cast<size_t>(n) * 4;
-  if (!fuse_ || fp8_max_k_ == 0 || out.dtype != ScalarType::BF16 || fp8_act_ == nullptr || need > fp8_act_bytes_)
+  if (!fuse_ || fp8_max_k_ == 0 || out.dtype != ScalarType::BF16 || fp8_act_ == nullptr ||
+      fp8_act_size(n, d) > fp8_act_bytes_)
     return {};
-  return Fp8Out{fp8_act_, reinterpret_cast<float*>(fp8_act_ + align16(static_cast<size_t>(n * d)))};
+  return Fp8Out{fp8_act_, reinterpret_cast<float*>(fp8_act_ + fp8_act_scale_offset(n, d))};
 }
 
 }  // namespace pagedrt::cuda

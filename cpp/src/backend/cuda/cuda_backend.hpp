@@ -159,6 +159,11 @@ class CudaBackend final : public Backend {
   // small); returns the codes, *scale the (n) scales.
   const uint8_t* quantize_act(const Tensor& x, int64_t n, int64_t k, const float** scale);
   void ensure_fp8_act(int64_t n, int64_t k);
+  // fp8_act_'s layout for x (n, k): its bytes, and where the scales start.
+  static size_t fp8_act_scale_offset(int64_t n, int64_t k) { return (static_cast<size_t>(n * k) + 15) / 16 * 16; }
+  static size_t fp8_act_size(int64_t n, int64_t k) {
+    return fp8_act_scale_offset(n, k) + static_cast<size_t>(n) * 4;
+  }
 
   int device_ = 0;
   int num_sms_ = 132;

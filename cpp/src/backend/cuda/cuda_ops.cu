@@ -60,8 +60,7 @@ void CudaBackend::add_rms_norm(Tensor& residual, const Tensor& x, const Tensor& 
 
 void CudaBackend::linear(const Tensor& x, const Tensor& weight, int64_t n, Tensor& out) {
   require(out.dtype == act_ || out.dtype == ScalarType::F32, "linear: out of the activation dtype or fp32");
-  if (weight.dtype != ScalarType::F8E4M3) fp8_pending_ = {};  // (an fp8 one takes it or clears it: quantize_act)
-  if (weight.dtype == ScalarType::F8E4M3) {  // x quantized per token, then e4m3 x e4m3 (W8A8)
+  if (weight.dtype == ScalarType::F8E4M3) {  // (quantize_act takes a norm's pending codes or drops them)  // x quantized per token, then e4m3 x e4m3 (W8A8)
     const int64_t m = weight.dim(0), k = weight.dim(1);
     const float* xs = nullptr;
     const uint8_t* xq = quantize_act(x, n, k, &xs);
@@ -69,6 +68,7 @@ void CudaBackend::linear(const Tensor& x, const Tensor& weight, int64_t n, Tenso
                   out.dtype == ScalarType::F32);
     return;
   }
+  fp8_pending_ = {};
   require(x.dtype == act_ && weight.dtype == act_, "linear: x and weight of the activation dtype");
   gemm_->run(x.data, weight.data, out.data, n, weight.dim(0), weight.dim(1), out.dtype == ScalarType::F32,
              act_ == ScalarType::F32);
