@@ -1732,18 +1732,45 @@ def test_fp8_kv_paged_attention(fp8_ops, D, H, Hkv, kind):
         assert rel_err(ours[t], ref[t]) <= 2 * BF16_TOL, t
 
 
-@pytest.mark.parametrize("form", ["", "swap"])
+@pytest.mark.parametrize("D,H,Hkv", [(64, 9, 3), (128, 32, 8), (128, 8, 8)])
+@pytest.mark.parametrize("kind", sorted(ATTN_BATCHES))
+def test_fp8_kv_rope_cache_attention(fp8_ops, D, H, Hkv, kind):
+    """rope_cache_attention on an fp8 cache: in decode-only steps the fp8
+    decode kernel rotates q and the new k and quantizes k and v into their
+    slots itself; it must equal rope_and_cache + paged_attention bitwise
+    (output, and both caches' codes and exponents), with splits ("decode-b1")
+    and without. A mixed step runs the two ops. Against the CPU backend's fp8
+    run within the bf16 tolerance."""
+    from test_fp8_kv import random_fp8_cache
+    rng = np.random.default_rng(zlib.crc32(f"fp8 fused {D},{H},{Hkv},{kind}".encode()))
+    b, qkv, _, _ = attention_inputs(rng, ATTN_BATCHES[kind], H, Hkv, D)
+    k8, _ = random_fp8_cache(rng, b["num_blocks"], 16, Hkv, D)
+    v8, _ = random_fp8_cache(rng, b["num_blocks"], 16, Hkv, D)
+    cos, sin = rope_tables(4096, D)
+    scale = D ** -0.5
+    cpu, gpu = fp8_ops
+    set_batch(gpu, b)
+    out, k, v = gpu.rope_cache_attention(qkv, cos, sin, H, Hkv, D, scale, k8, v8)
+    q1, k1, v1 = gpu.rope_and_cache(qkv, cos, sin, H, Hkv, D, k8, v8)
+    assert not np.array_equal(k1, k8) and not np.array_equal(v1, v8)  # the step wrote its slots
+    assert np.array_equal(k, k1) and np.array_equal(v, v1)
+    assert np.array_equal(out, gpu.paged_attention(q1, k1, v1, H, Hkv, D, scale))
+    set_batch(cpu, b)
+    out_cpu, _, _ = cpu.rope_cache_attention(qkv, cos, sin, H, Hkv, D, scale, k8, v8)
+    e = rel_err(out, out_cpu)
+    record(f"fp8_kv_rope_cache_attention[{kind},D={D},G={H // Hkv}]", e)
+    assert e <= BF16_TOL
+
+
 @pytest.mark.parametrize("kernel", ["2x2", "2x3", "4x4", "2x6", "4x8"])
-def test_fp8_kv_decode_kernel_forced(monkeypatch, kernel, form):
-    """The fp8 decode kernels (PAGEDRT_DECODE_FP8: the default, and "swap",
-    S^T = K q^T) in each shape PAGEDRT_DECODE_KERNEL can force (W warps, S
-    stages a warp), their splits merged in thread block clusters, by the last
-    split block, and unsplit: against float64 attention on the dequantized
-    cache, per token too, over contexts crossing block, tile and split
-    boundaries; the two merges bitwise alike."""
+def test_fp8_kv_decode_kernel_forced(monkeypatch, kernel):
+    """The fp8 decode kernel in each shape PAGEDRT_DECODE_KERNEL can force (W
+    warps, S stages a warp), its splits merged in thread block clusters, by
+    the last split block, and unsplit: against float64 attention on the
+    dequantized cache, per token too, over contexts crossing block, tile and
+    split boundaries; the two merges bitwise alike."""
     from test_fp8_kv import random_fp8_cache
     monkeypatch.setenv("PAGEDRT_DECODE_KERNEL", kernel)
-    monkeypatch.setenv("PAGEDRT_DECODE_FP8", form)
     rng = np.random.default_rng(zlib.crc32(f"fp8 forced {kernel}".encode()))
     for splits in ("", "3", "64"):
         if splits:
@@ -1765,8 +1792,7 @@ def test_fp8_kv_decode_kernel_forced(monkeypatch, kernel, form):
                 assert np.array_equal(outs[0], outs[1]), tag
                 ref = contiguous_attention(b, qkv, kd, vd, H, Hkv, D, D ** -0.5)
                 e = rel_err(outs[0], ref)
-                record(f"fp8_decode_kernel_forced[{form or 'plain'},{kernel},{splits or 'plan'},{kind},D={D},"
-                       f"G={H // Hkv}]", e)
+                record(f"fp8_decode_kernel_forced[{kernel},{splits or 'plan'},{kind},D={D},G={H // Hkv}]", e)
                 assert e <= BF16_TOL, tag
                 for t in range(len(b["tokens"])):
                     assert rel_err(outs[0][t], ref[t]) <= 2 * BF16_TOL, tag + (t,)

@@ -185,7 +185,8 @@ def attention():
     return r
 
 
-FP8_SWEEP_SHAPES = [(64, 2048, 32, 8, 128, 16), (512, 512, 32, 8, 128, 16), (1, 32768, 32, 8, 128, 16)]
+FP8_SWEEP_SHAPES = [(64, 2048, 32, 8, 128, 16), (256, 1024, 32, 8, 128, 16), (512, 512, 32, 8, 128, 16),
+                    (16, 8192, 32, 8, 128, 16), (1, 32768, 32, 8, 128, 16), (1, 256, 32, 8, 128, 16)]
 
 
 @contextlib.contextmanager
@@ -219,7 +220,8 @@ def attention_fp8():
     DECODE_SHAPES against the bf16 cache in the same process: time, the fp8
     bytes it must read (codes and one exponent a row) and their fraction of the
     copy rate (issue 21: >= 85% at 64 x 2,048); the fp8 kernel's shapes
-    (PAGEDRT_DECODE_KERNEL=WxS) on FP8_SWEEP_SHAPES; then causal prefill on
+    (PAGEDRT_DECODE_KERNEL=WxS) and split counts (PAGEDRT_DECODE_SPLITS) on
+    FP8_SWEEP_SHAPES, the plan's own choice first; then causal prefill on
     8 x 2,048, whose blocks are dequantized to bf16 first."""
     copy = copy_tbps()
     rng = np.random.default_rng(0)
@@ -227,36 +229,32 @@ def attention_fp8():
     r = {"copy_TBps": copy, "decode": [], "prefill": []}
     print(f"copy {copy:.2f} TB/s", flush=True)
     print(f"{'batch x ctx':>12} {'H/Hkv':>6} {'D':>4} {'blk':>4} {'bf16 us':>8} {'fp8 us':>8} {'fp8 TB/s':>8} "
-          f"{'copy%':>5} {'swap us':>8} {'copy%':>5}", flush=True)
+          f"{'copy%':>5}", flush=True)
     for B, C, H, Hkv, D, bs in DECODE_SHAPES:
         b16 = pagedrt_attention_s(B, C, 1, H, Hkv, D, bs, base, rng)
         f8 = pagedrt_attention_s(B, C, 1, H, Hkv, D, bs, base, rng, fp8=True)
-        with environ({"PAGEDRT_DECODE_FP8": "swap"}):
-            sw = pagedrt_attention_s(B, C, 1, H, Hkv, D, bs, base, rng, fp8=True)
         nbytes = fp8_kv_bytes(B, C, Hkv, D)
         row = {"shape": f"{B}x{C}", "H": H, "Hkv": Hkv, "D": D, "block": bs, "fp8_bytes": nbytes,
                "bf16_us": b16 * 1e6, "fp8_us": f8 * 1e6, "fp8_TBps": nbytes / f8 / 1e12,
-               "frac_copy": nbytes / f8 / 1e12 / copy, "swap_us": sw * 1e6,
-               "swap_frac_copy": nbytes / sw / 1e12 / copy}
+               "frac_copy": nbytes / f8 / 1e12 / copy}
         r["decode"].append(row)
         print(f"{B:>5}x{C:<6} {H:>3}/{Hkv:<2} {D:>4} {bs:>4} {row['bf16_us']:>8.1f} {row['fp8_us']:>8.1f} "
-              f"{row['fp8_TBps']:>8.2f} {100 * row['frac_copy']:>5.1f} {row['swap_us']:>8.1f} "
-              f"{100 * row['swap_frac_copy']:>5.1f}", flush=True)
-    # The fp8 kernel's shapes (W warps x S stages a warp), forced, on three of the shapes
+              f"{row['fp8_TBps']:>8.2f} {100 * row['frac_copy']:>5.1f}", flush=True)
+    # The fp8 kernel's shapes (W warps x S stages a warp) and split counts, forced, on the sweep's shapes
     r["shapes"] = []
-    print(f"{'W x S':>8} " + " ".join(f"{f'{B}x{C} us':>12}" for B, C, *_ in FP8_SWEEP_SHAPES), flush=True)
-    for cfg in ("2x3", "2x4", "2x6", "2x8", "4x4", "4x6", "swap 2x3", "swap 2x4", "swap 2x6", "swap 4x4",
-                "swap 4x6"):
-        env = {"PAGEDRT_DECODE_KERNEL": cfg.split()[-1]}
-        if cfg.startswith("swap"):
-            env["PAGEDRT_DECODE_FP8"] = "swap"
+    print(f"{'W x S/splits':>12} " + " ".join(f"{f'{B}x{C} us':>12}" for B, C, *_ in FP8_SWEEP_SHAPES), flush=True)
+    configs = [("plan", {})] + [(cfg, {"PAGEDRT_DECODE_KERNEL": cfg}) for cfg in ("2x3", "2x6", "4x4")]
+    configs += [(f"2x4/{n}", {"PAGEDRT_DECODE_KERNEL": "2x4", "PAGEDRT_DECODE_SPLITS": str(n)})
+                for n in (1, 2, 3, 4, 8, 16, 32)]
+    configs += [("2x6/1", {"PAGEDRT_DECODE_KERNEL": "2x6", "PAGEDRT_DECODE_SPLITS": "1"})]
+    for cfg, env in configs:
         with environ(env):
             us = [pagedrt_attention_s(B, C, 1, H, Hkv, D, bs, base, rng, fp8=True) * 1e6
                   for B, C, H, Hkv, D, bs in FP8_SWEEP_SHAPES]
         r["shapes"].append({"config": cfg, "us": us,
                             "frac_copy": [fp8_kv_bytes(B, C, Hkv, D) / (u * 1e-6) / 1e12 / copy
                                           for (B, C, H, Hkv, D, bs), u in zip(FP8_SWEEP_SHAPES, us)]})
-        print(f"{cfg:>8} " + " ".join(f"{u:>12.1f}" for u in us), flush=True)
+        print(f"{cfg:>12} " + " ".join(f"{u:>12.1f}" for u in us), flush=True)
     for B, S, H, Hkv, D, bs in PREFILL_SHAPES[:1]:
         flops = B * 4 * H * D * S * S / 2
         b16 = pagedrt_attention_s(B, S, S, H, Hkv, D, bs, base, rng, iters=10)

@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Where a pagedrt CUDA step spends its GPU time, kernel by kernel.
 
-    cuda_profile.py OUT.json MODEL_DIR [ASYNC_SCHEDULING [PHASES]]
+    cuda_profile.py OUT.json MODEL_DIR [ASYNC_SCHEDULING [PHASES [OPTIONS]]]
 
 ASYNC_SCHEDULING: the Runtime option ("auto", the default; "off": steps one at
 a time, for the idle gaps before and after). PHASES: comma-separated indices
-of the phases below (default: all).
+of the phases below (default: all). OPTIONS: more Runtime options, "k=v,k=v"
+(e.g. "quantization=fp8,kv_cache_dtype=fp8").
 
 Runs the throughput workload of bench_cuda.py at a smaller scale (64 requests of
 512 in / 32 out: prefill-heavy steps, then batch-64 decode), batch-256 decode
@@ -80,7 +81,9 @@ def main():
     out_path, model = sys.argv[1], sys.argv[2]
     mode = sys.argv[3] if len(sys.argv) > 3 else "auto"
     rng = np.random.default_rng(0)
-    rt = pagedrt.Runtime(model, device="cuda", max_num_seqs=256, max_num_batched_tokens=8192, async_scheduling=mode)
+    extra = dict(kv.split("=", 1) for kv in sys.argv[5].split(",")) if len(sys.argv) > 5 and sys.argv[5] else {}
+    rt = pagedrt.Runtime(model, device="cuda", max_num_seqs=256, max_num_batched_tokens=8192,
+                         async_scheduling=mode, **extra)
     greedy = dict(ignore_eos=True, temperature=0.0)
     rt.generate([rng.integers(0, 128000, size=64).tolist()] * 4, max_tokens=4, **greedy)  # warm-up
     result = {"device": torch.cuda.get_device_name()}
@@ -93,6 +96,7 @@ def main():
     if len(sys.argv) > 4:
         phases = [phases[int(i)] for i in sys.argv[4].split(",")]
     result["async_scheduling"] = mode
+    result["options"] = extra
     for title, prompts, n in phases:
         # The same shapes once unprofiled first, so that plans and buffers are made
         # (fresh tokens: no cached prefix).

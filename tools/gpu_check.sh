@@ -16,7 +16,6 @@
 #            fp8 roofline, torch._scaled_mm beside them (issue 21)
 #   fp8e2e   the 8B shape (after make8b) with quantization=fp8: batch-1 TPOT against bf16, then
 #            512 x 1,024/1,024 output tok/s with fp8 weights and KV against bf16 ($FP8_E2E: "tpot long";
-#            "swap": 512 x 1,024/1,024 with fp8 weights and KV, the plain fp8 decode kernel against the swapped;
 #            "ckpt": batch-1 TPOT of the fp8 checkpoint $LLAMA8B_FP8, codes loaded as they are, after make8bfp8)
 #   make8b   tools/make_random_llama.py -> $LLAMA8B (Llama-3-8B shape, random bf16)
 #   make8bfp8 tools/make_fp8_checkpoint.py $LLAMA8B -> $LLAMA8B_FP8 (per-channel e4m3 projections; after make8b)
@@ -166,9 +165,6 @@ if has fp8e2e && [ -f "$LLAMA8B/config.json" ]; then
                "$LLAMA8B" "" quantization=fp8 quantization=fp8,kv_cache_dtype=fp8 | grep -v "^tpot_env {") ;;
       long) (cd /tmp && timeout $(( $(left) - 10 )) $PY "$OLDPWD/tools/bench_cuda.py" throughput_long \
                "$OUT/fp8_long.json" "$LLAMA8B" quantization=fp8,kv_cache_dtype=fp8 "" | grep -v "^throughput_long {") ;;
-      swap) (cd /tmp && timeout $(( $(left) - 10 )) $PY "$OLDPWD/tools/bench_cuda.py" throughput_long \
-               "$OUT/fp8_long_swap.json" "$LLAMA8B" quantization=fp8,kv_cache_dtype=fp8 \
-               quantization=fp8,kv_cache_dtype=fp8,PAGEDRT_DECODE_FP8=swap | grep -v "^throughput_long {") ;;
       ckpt) [ -f "$LLAMA8B_FP8/config.json" ] && (cd /tmp && timeout $(( $(left) - 10 )) $PY \
                "$OLDPWD/tools/bench_cuda.py" tpot_env "$OUT/fp8_ckpt_tpot.json" "$LLAMA8B_FP8" "" \
                kv_cache_dtype=fp8 | grep -v "^tpot_env {") ;;

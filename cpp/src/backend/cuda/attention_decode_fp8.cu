@@ -7,33 +7,47 @@
 // keys 16 (W j + w) .. + 15 of the split (j = 0, 1, ..) through S stages of
 // its own, so warps wait only for their own copies (a __syncwarp a tile, no
 // block barrier in the key loop). The codes stay codes in shared memory:
-// every lane reads the bytes of its B fragments and widens them in registers
+// every lane reads the bytes of its fragments and widens them in registers
 // (cvt.rn.f16x2.e4m3x2: exact), with no conversion pass over the tile.
 //
-//   K, B(k = dim, n = key): the sum over dims may take them in any order, so
-//     lane (g = lane / 4, c = lane % 4) reads D / 4 adjacent bytes of its key
-//     (one or two 16-byte loads), and k-step s takes bytes 4s .. 4s + 3 of
-//     them as k = 2c, 2c + 1, 2c + 8, 2c + 9; q's A operand is loaded in that
-//     order too (load_q_fp8).
-//   V, B(k = key, n = dim): keys are ordered so that a lane's k = 2c, 2c + 1,
-//     2c + 8, 2c + 9 are the tile's rows 4c .. 4c + 3 (so K's n-column g of
-//     n-tile n is row 4 (g / 2) + 2n + g % 2, and a lane's four scores are
-//     rows 4c .. 4c + 3), and dims so that column g of n-tile t is dim
-//     (D / 8) g + t: a lane reads D / 8 adjacent bytes of four rows (16-byte
-//     loads at D = 128) and pairs them by key with byte permutes.
+// The products run transposed, S^T = K q^T and O^T = V^T P^T, so that the
+// group's G <= 8 query heads are the 8-wide N of both (no zero rows in a
+// 16-row operand: half the mma of Q K^T's form, half the accumulators;
+// H200, 256 x 1,024: 147 us against 158).
+//
+//   K, A(m = key, k = dim): the sum over dims may take them in any order, so
+//     lane (g = lane / 4, c = lane % 4) reads D / 4 adjacent bytes of each of
+//     its two keys (M rows g and g + 8: tile rows r0 = 4 (g / 2) + g % 2 and
+//     r0 + 2), and k-step s takes bytes 4s .. 4s + 3 of them as k = 2c,
+//     2c + 1, 2c + 8, 2c + 9; q, the B operand, is loaded in that order too
+//     (load_q_fp8). The scores' C fragment holds keys r0, r0 + 2 of heads 2c,
+//     2c + 1; each head's softmax reduces over the 8 lanes of a c.
+//   P^T's two 8 x 8 halves, transposed by movmatrix, are the B operand of
+//     O^T = V^T P^T, k = the keys 4c .. 4c + 3 of a lane.
+//   V^T, A(m = dim, k = key): m-tile t's M row g is dim (D / 8) g + 2t, row
+//     g + 8 dim (D / 8) g + 2t + 1, so a lane reads D / 8 adjacent bytes of
+//     its rows 4c .. 4c + 3 (16-byte loads at D = 128) and pairs them by key
+//     with byte permutes.
 //
 // Tiles of codes are swizzled by 16-byte chunk (code_chunk) so that both
 // reads are free of bank conflicts at D = 128. The exponents stay out of the
 // products: a key's K exponent scales its score, its V exponent its weight
 // in P V (relative to the largest so far, so that P stays within fp16; o
 // carries that largest as a power of two), and q goes to fp16 with a
-// power-of-two scale per row.
+// power-of-two scale per head.
+//
+// In steps of one query token per sequence (AttentionParams::rope_cos set,
+// rope_cache_attention) the kernel also does rope_and_cache's work: every
+// block rotates q as it loads it, and the split holding the token's own key
+// quantizes the rotated k and the v into their slot before its loads, so no
+// rope or quantize kernel runs between the qkv projection and attention.
 //
 //   grid (items, Hkv, splits)   block 32 W
 //   shared memory: W x S tiles of (K codes, V codes: 16 x D bytes each; 16 K
 //                  and 16 V exponents): 2 x 4 at D = 128, 33 KB
 #include "backend/cuda/attention_decode.cuh"
 #include "backend/cuda/cuda_check.hpp"
+#include "backend/cuda/elementwise.cuh"
 #include "backend/cuda/kv_fp8.cuh"
 #include "backend/cuda/launch.cuh"
 
@@ -75,25 +89,43 @@ __device__ __forceinline__ int kv_exp(uint32_t b) {
 // fp16 product can hold).
 __device__ __forceinline__ float pow2(int d) { return d < -126 ? 0.0f : exp2_int(d); }
 
-// This lane's A operand q in K's dim order: k-step s holds dims
-// c D/4 + 4s .. + 3 (c = lane % 4) of row g = lane / 4 (zero for g >= G), as
-// fp16 scaled by 2^-e so that the row's largest magnitude falls in
-// [2^8, 2^9) (exact: bf16's 8 bits fit fp16's 11, and the range keeps them
-// normal). R = 4: q[s] is k-step s's whole A operand, its zero rows 8 .. 15
-// included (kept in place: no moves to build it a tile); R = 2: the B
-// operand of S^T = K q^T (the swapped kernel), dims .. + 1 and + 2 .. + 3.
-// Returns the row's 2^e, which the scores take back.
-template <int D, int R>
-__device__ float load_q_fp8(const bf16* row, int kvh, int G, uint32_t (&q)[D / 16][R]) {
+// This lane's B operand q of S^T = K q^T in K's dim order: k-step s holds
+// dims c D/4 + 4s .. + 3 (c = lane % 4) of head g = lane / 4 (zero for
+// g >= G), q[s][0] the first two and q[s][1] the next, as fp16 scaled by
+// 2^-e so that the head's largest magnitude falls in [2^8, 2^9) (exact:
+// bf16's 8 bits fit fp16's 11, and the range keeps them normal). With cs and
+// sn (the position's rope_cos and rope_sin rows) the head is rotated first,
+// each dim with its rotate-half partner (dim +- D/2, read here too), and
+// rounded to bf16 as rope_and_cache stores it. Returns the head's 2^e, which
+// the scores take back.
+template <int D>
+__device__ float load_q_fp8(const bf16* row, int kvh, int G, const float* cs, const float* sn,
+                            uint32_t (&q)[D / 16][2]) {
   constexpr int KS = D / 16;
   const int lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+  const bf16* qh = row + int64_t(kvh * G + g) * D;
+  const bool lo = c < 2;  // this lane's dims are in the first half
   float v[KS][4];
 #pragma unroll
   for (int s = 0; s < KS; ++s) {
+    const int i = c * (D / 4) + 4 * s;
     uint2 w = make_uint2(0u, 0u);
-    if (g < G) w = *reinterpret_cast<const uint2*>(row + int64_t(kvh * G + g) * D + c * (D / 4) + 4 * s);
+    if (g < G) w = *reinterpret_cast<const uint2*>(qh + i);
     unpack_bf16x2(w.x, v[s][0], v[s][1]);
     unpack_bf16x2(w.y, v[s][2], v[s][3]);
+    if (cs != nullptr && g < G) {
+      const int j = lo ? i : i - D / 2;  // the angle's index
+      const uint2 pw = *reinterpret_cast<const uint2*>(qh + (lo ? i + D / 2 : i - D / 2));
+      float x[4];
+      unpack_bf16x2(pw.x, x[0], x[1]);
+      unpack_bf16x2(pw.y, x[2], x[3]);
+      const float4 cv = __ldg(reinterpret_cast<const float4*>(cs + j));
+      const float4 sv = __ldg(reinterpret_cast<const float4*>(sn + j));
+      const float cc[4] = {cv.x, cv.y, cv.z, cv.w}, ss[4] = {sv.x, sv.y, sv.z, sv.w};
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        v[s][e] = round_to<bf16>(lo ? rope_lo(v[s][e], x[e], cc[e], ss[e]) : rope_hi(x[e], v[s][e], cc[e], ss[e]));
+    }
   }
   float mx = 0.0f;
 #pragma unroll
@@ -108,10 +140,37 @@ __device__ float load_q_fp8(const bf16* row, int kvh, int G, uint32_t (&q)[D / 1
 #pragma unroll
   for (int s = 0; s < KS; ++s) {
     q[s][0] = pack_f16x2(v[s][0] * inv, v[s][1] * inv);
-    q[s][R / 2] = pack_f16x2(v[s][2] * inv, v[s][3] * inv);
-    if constexpr (R == 4) q[s][1] = q[s][3] = 0u;
+    q[s][1] = pack_f16x2(v[s][2] * inv, v[s][3] * inv);
   }
   return ldexpf(1.0f, e);
+}
+
+// The token's own k of kv head kvh (rotated at position pos and rounded to
+// bf16, as rope_and_cache stores it), or its v (is_v), quantized into its
+// slot as quantize_kv would (store_kv_row) by one warp: lane l takes dims
+// l D/32 .. + D/32 - 1 and their rotate-half partners.
+template <int D>
+__device__ void append_own_fp8(const AttentionParams& p, const bf16* row, int kvh, int pos, int64_t slot, bool is_v,
+                               int lane) {
+  constexpr int kPer = D / 32;
+  const Fp8Kv& f = p.fp8;
+  const bf16* x = row + int64_t(p.num_heads + (is_v ? f.num_kv_heads : 0) + kvh) * D;
+  const int i0 = lane * kPer;
+  float v[kPer];
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) v[i] = to_f(x[i0 + i]);
+  if (!is_v) {
+    const bool lo = i0 < D / 2;
+    const int j0 = lo ? i0 : i0 - D / 2, partner = lo ? i0 + D / 2 : i0 - D / 2;
+    const float* cs = p.rope_cos + int64_t(pos) * (D / 2) + j0;
+    const float* sn = p.rope_sin + int64_t(pos) * (D / 2) + j0;
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const float y = to_f(x[partner + i]), cv = __ldg(cs + i), sv = __ldg(sn + i);
+      v[i] = round_to<bf16>(lo ? rope_lo(v[i], y, cv, sv) : rope_hi(y, v[i], cv, sv));
+    }
+  }
+  store_kv_row<D>(v, lane, f, is_v ? f.v : f.k, slot / f.block_size, slot % f.block_size, kvh);
 }
 
 // A warp's tile of keys k0 .. k0 + 15 into `st` (a stage of
@@ -264,134 +323,10 @@ __device__ __forceinline__ void load_v_rows(const unsigned char* v, int c, int g
   }
 }
 
-// kWhole: block_size is a multiple of 16, so a warp's tile of 16 keys lies in one block.
+// kWhole: block_size is a multiple of 16, so a warp's tile of 16 keys lies in
+// one block. The layout of the operands: the file's head.
 template <int D, int W, int S, bool kWhole>
 __global__ void __launch_bounds__(32 * W) decode_fp8_kernel(AttentionParams p, DecodePlan d) {
-  using L = Fp8DecodeSmem<D, W, S>;
-  constexpr int KS = D / 16, NT = D / 8, VW = D / 32;  // k-steps, n-tiles of P V, V words a row a lane
-  extern __shared__ __align__(128) unsigned char smem[];
-  pdl_trigger();
-  pdl_wait();  // everything, the plan and the page table too, comes from the step (launch.cuh)
-  const Fp8DecodeWarp<D, W, S, kWhole> b(p, d, smem);
-  const int g = b.g, c = b.c, end = b.end, G = p.num_heads / p.kv.num_kv_heads;
-  b.prefetch();
-
-  uint32_t q[KS][4];
-  const float qscale = p.scale * kLog2e * load_q_fp8<D, 4>(b.q_row(p), b.kvh, G, q);
-  int vexp = kNoExp;  // o holds the output times 2^-vexp (the largest V exponent so far)
-  float o[NT][4];  // o[n][0..1]: row g, dims (D / 8) (2c + e) + n; o[n][2..3]: the zero rows 8 .. 15
-#pragma unroll
-  for (int n = 0; n < NT; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
-  float m = -INFINITY, l = 0.0f;
-
-  for (int j = 0; j < b.ntiles; ++j) {
-    const unsigned char* st = b.stage(j);
-
-    float sc[2][2][4] = {};  // S: n-tile n, columns 2c + e = rows 4c + 2n + e; even and odd k-steps apart
-#pragma unroll
-    for (int n = 0; n < 2; ++n) {
-      const int r = 4 * (g >> 1) + 2 * n + (g & 1);  // column g's row
-      uint32_t kw[KS];  // bytes c D/4 .. of row r
-#pragma unroll
-      for (int h = 0; h < D / 64; ++h) {
-        const uint4 v = *reinterpret_cast<const uint4*>(st + code_chunk<D>(r, (D / 64) * c + h));
-        kw[4 * h] = v.x, kw[4 * h + 1] = v.y, kw[4 * h + 2] = v.z, kw[4 * h + 3] = v.w;
-      }
-#pragma unroll
-      for (int s = 0; s < KS; ++s) {
-        const uint2 b = e4m3_x4_f16(kw[s]);
-        mma_16816<true>(sc[n][s & 1], q[s], b.x, b.y);
-      }
-    }
-
-    // Online softmax over this warp's 16 keys; the 4 lanes of a row share m.
-    // Scores j = 2n + e are rows 4c + j, whose exponents are one word.
-    const int key = b.tile_start(j) + 4 * c;
-    const uint32_t kx = *reinterpret_cast<const uint32_t*>(st + 2 * L::codes + 4 * c);
-    const uint32_t vx = *reinterpret_cast<const uint32_t*>(st + 2 * L::codes + 16 + 4 * c);
-    float sv[4] = {sc[0][0][0] + sc[0][1][0], sc[0][0][1] + sc[0][1][1], sc[1][0][0] + sc[1][1][0],
-                   sc[1][0][1] + sc[1][1][1]};
-    float mx = -INFINITY;
-    int ve[4], vmax = kNoExp;  // the keys' V exponents
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const bool valid = key + i < end;
-      ve[i] = valid ? kv_exp(vx >> (8 * i)) : kNoExp;
-      vmax = max(vmax, ve[i]);
-      sv[i] = valid ? sv[i] * (qscale * exp2_int(kv_exp(kx >> (8 * i)))) : -INFINITY;
-      mx = fmaxf(mx, sv[i]);
-    }
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    const float m_new = fmaxf(m, mx);
-    const float corr = m_new == -INFINITY ? 1.0f : fast_exp2(m - m_new);
-    // P V in fp16: each key's weight times 2^(its V exponent - the largest so
-    // far), at most 1, so nothing overflows fp16; o follows the largest. l
-    // takes the weights themselves: a key whose V is far below the largest
-    // (a zero row: 2^-110) vanishes from P V, as its product would, but not
-    // from the softmax's denominator.
-    vmax = max(vmax, __shfl_xor_sync(0xffffffffu, vmax, 1));
-    vmax = max(vmax, __shfl_xor_sync(0xffffffffu, vmax, 2));
-    const int vnew = max(vexp, vmax);
-    const float ocorr = vexp == kNoExp ? corr : corr * pow2(vexp - vnew);
-    vexp = vnew;
-    uint32_t pa[4] = {0u, 0u, 0u, 0u};  // P as the A operand: rows 4c, 4c+1 (a[0]) and 4c+2, 4c+3 (a[2])
-    float psum = 0.0f;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      float w[2];
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const float pj = m_new == -INFINITY ? 0.0f : fast_exp2(sv[2 * h + e] - m_new);  // 0 for a masked key
-        w[e] = ve[2 * h + e] == kNoExp ? 0.0f : pj * pow2(ve[2 * h + e] - vnew);
-        psum += pj;
-      }
-      pa[2 * h] = pack_f16x2(w[0], w[1]);
-    }
-    l = l * corr + psum;
-    m = m_new;
-    if (__any_sync(0xffffffffu, ocorr != 1.0f)) {  // once the maxima settle, most tiles change nothing
-#pragma unroll
-      for (int n = 0; n < NT; ++n) o[n][0] *= ocorr, o[n][1] *= ocorr;
-    }
-
-    // V: rows 4c .. 4c + 3, bytes (D / 8) g .. of each; byte b of word w is
-    // dim (D / 8) g + 4w + b, n-tile 4w + b's column g.
-    uint32_t vw[4][VW];
-    load_v_rows<D>(st + L::codes, c, g, vw);
-#pragma unroll
-    for (int w = 0; w < VW; ++w) {
-      const VPairs v = v_pairs(vw, w);  // dims b = 0, 1 (lo) and 2, 3 (hi)
-      mma_16816<true>(o[4 * w], pa, v.lo01.x, v.lo23.x);
-      mma_16816<true>(o[4 * w + 1], pa, v.lo01.y, v.lo23.y);
-      mma_16816<true>(o[4 * w + 2], pa, v.hi01.x, v.hi23.x);
-      mma_16816<true>(o[4 * w + 3], pa, v.hi01.y, v.hi23.y);
-    }
-  }
-  {  // o to the output's own scale
-    const float s = vexp == kNoExp ? 0.0f : exp2_int(vexp);
-#pragma unroll
-    for (int n = 0; n < NT; ++n) o[n][0] *= s, o[n][1] *= s;
-  }
-  finish_decode<D, W, 1, D / 8>(p, d, smem, reinterpret_cast<float*>(smem + L::out),
-                                reinterpret_cast<float*>(smem + L::lse), b.item, b.kvh, b.it.token, b.split, o, m,
-                                l);
-}
-
-// The swapped form (DecodePlan::fp8_swap: PAGEDRT_DECODE_FP8=swap, while it
-// is measured against the one above): S^T = K q^T and O^T = V^T P^T, so the group's heads are
-// the 8-wide N of both products instead of rows of a 16-row A operand (no
-// zero rows to hold, half the mma, half the accumulators). K's rows are the
-// A operand's M (lane's rows r0 = 4 (g / 2) + g % 2 and r0 + 2, as M rows g
-// and g + 8), q the B operand (load_q_fp8<D, 2>); the scores' C fragment
-// holds keys r0, r0 + 2 of heads 2c, 2c + 1, whose softmax reduces over the
-// 8 lanes of a c; P^T's two 8 x 8 halves, transposed by movmatrix, are the
-// B operand of O^T = V^T P^T (k = the scores' M rows: rows 4c .. 4c + 3 for
-// a lane); V^T the A operand: m-tile t's M row g is dim (D / 8) g + 2t,
-// row g + 8 dim (D / 8) g + 2t + 1, so a lane still reads D / 8 adjacent
-// bytes of rows 4c .. 4c + 3 and pairs them by key with byte permutes.
-template <int D, int W, int S, bool kWhole>
-__global__ void __launch_bounds__(32 * W) decode_fp8_swap_kernel(AttentionParams p, DecodePlan d) {
   using L = Fp8DecodeSmem<D, W, S>;
   using E = DecodeEpilogueSmem<D, W>;
   constexpr int KS = D / 16, MT = D / 16, VW = D / 32;  // k-steps of q k, m-tiles of P V, V words a row a lane
@@ -400,10 +335,22 @@ __global__ void __launch_bounds__(32 * W) decode_fp8_swap_kernel(AttentionParams
   pdl_wait();  // everything, the plan and the page table too, comes from the step (launch.cuh)
   const Fp8DecodeWarp<D, W, S, kWhole> b(p, d, smem);
   const int g = b.g, c = b.c, end = b.end, G = p.num_heads / p.kv.num_kv_heads;
+  const bf16* row = b.q_row(p);
+  const float *cs = nullptr, *sn = nullptr;
+  if (p.rope_cos != nullptr) {  // fused RoPE + append: the file's head
+    cs = p.rope_cos + int64_t(b.it.context - 1) * (D / 2);
+    sn = p.rope_sin + int64_t(b.it.context - 1) * (D / 2);
+    // The split holding the token's own key writes it (warp 0) and its v
+    // (warp 1) into the slot; the barrier makes them every warp's to load.
+    if (b.it.slot >= 0 && b.start < end && end == b.it.context) {
+      if (b.warp < 2) append_own_fp8<D>(p, row, b.kvh, b.it.context - 1, b.it.slot, b.warp == 1, b.lane);
+      __syncthreads();
+    }
+  }
   b.prefetch();
 
   uint32_t q[KS][2];  // head g's B operand
-  const float qrow = load_q_fp8<D, 2>(b.q_row(p), b.kvh, G, q);
+  const float qrow = load_q_fp8<D>(row, b.kvh, G, cs, sn, q);
   float qs[2];  // the scale of this lane's score columns, heads 2c and 2c + 1 (lanes 8c and 8c + 4 hold them)
   qs[0] = p.scale * kLog2e * __shfl_sync(0xffffffffu, qrow, 8 * c);
   qs[1] = p.scale * kLog2e * __shfl_sync(0xffffffffu, qrow, 8 * c + 4);
@@ -534,9 +481,9 @@ __global__ void __launch_bounds__(32 * W) decode_fp8_swap_kernel(AttentionParams
 }
 
 // The kernel of a configuration, its shared memory set up once per process.
-template <int D, int W, int S, bool kWhole, bool kSwap>
+template <int D, int W, int S, bool kWhole>
 auto decode_fp8_ready() {
-  constexpr auto kernel = kSwap ? decode_fp8_swap_kernel<D, W, S, kWhole> : decode_fp8_kernel<D, W, S, kWhole>;
+  constexpr auto kernel = decode_fp8_kernel<D, W, S, kWhole>;
   static const bool configured = [] {
     CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     static_cast<int>(Fp8DecodeSmem<D, W, S>::bytes)));
@@ -546,24 +493,16 @@ auto decode_fp8_ready() {
   return kernel;
 }
 
-template <int D, int W, int S, bool kSwap>
-void launch_fp8(const AttentionParams& p, const DecodePlan& d, dim3 grid, cudaStream_t s) {
-  const unsigned cz = d.cluster ? static_cast<unsigned>(d.num_splits) : 1;
-  const size_t smem = Fp8DecodeSmem<D, W, S>::bytes;
-  if (p.fp8.block_size % 16 == 0)
-    launch_clusters(decode_fp8_ready<D, W, S, true, kSwap>(), grid, 32 * W, smem, cz, s, p, d);
-  else
-    launch_clusters(decode_fp8_ready<D, W, S, false, kSwap>(), grid, 32 * W, smem, cz, s, p, d);
-}
-
 }  // namespace
 
 template <int D, int W, int S>
 void launch_decode_fp8(const AttentionParams& p, const DecodePlan& d, dim3 grid, cudaStream_t s) {
-  if (d.fp8_swap)
-    launch_fp8<D, W, S, true>(p, d, grid, s);
+  const unsigned cz = d.cluster ? static_cast<unsigned>(d.num_splits) : 1;
+  const size_t smem = Fp8DecodeSmem<D, W, S>::bytes;
+  if (p.fp8.block_size % 16 == 0)
+    launch_clusters(decode_fp8_ready<D, W, S, true>(), grid, 32 * W, smem, cz, s, p, d);
   else
-    launch_fp8<D, W, S, false>(p, d, grid, s);
+    launch_clusters(decode_fp8_ready<D, W, S, false>(), grid, 32 * W, smem, cz, s, p, d);
 }
 
 // (alike for every kernel of a configuration: the same shared memory, which limits them)
@@ -571,7 +510,7 @@ template <int D, int W, int S>
 int decode_fp8_blocks_per_sm() {
   int n = 0;
   const size_t smem = Fp8DecodeSmem<D, W, S>::bytes;
-  CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_fp8_ready<D, W, S, true, false>(), 32 * W, smem));
+  CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_fp8_ready<D, W, S, true>(), 32 * W, smem));
   return n;
 }
 

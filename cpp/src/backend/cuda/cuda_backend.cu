@@ -118,7 +118,6 @@ CudaBackend::CudaBackend(ScalarType activation_dtype) : act_(activation_dtype) {
                            "choosing per step\n", k);
     }
   }
-  if (const char* k = std::getenv("PAGEDRT_DECODE_FP8")) fp8_decode_swap_ = std::string(k) == "swap";
   if (const char* n = std::getenv("PAGEDRT_DECODE_SPLITS")) {  // splits of every decode context (benchmarks)
     const int v = std::atoi(n);
     if (v >= 1 && v <= 256)

@@ -227,7 +227,6 @@ class CudaBackend final : public Backend {
   // PAGEDRT_DECODE_KERNEL=WxS forces the tensor-core kernel, =cc the
   // CUDA-core one; unset, the plan picks per step (DecodePlan::cuda_cores).
   enum class DecodeKernel { Auto, TensorCores, CudaCores } decode_kernel_ = DecodeKernel::Auto;
-  bool fp8_decode_swap_ = false;  // PAGEDRT_DECODE_FP8=swap (DecodePlan::fp8_swap)
   int prefill_rows_ = 0;  // PAGEDRT_PREFILL_ROWS=64 or 128 (A/B runs); 0: prefill_rows(head dim)
   // Prefill tiles of 128 rows at D = 128 on a wgmma kernel: on an sm_90 GPU
   // with a build that has it, unless PAGEDRT_PREFILL_KERNEL=mma; the

@@ -213,10 +213,20 @@ void CudaBackend::rope_cache_attention(Tensor& qkv, const RopeTable& rope, int64
   // Only where every token is its sequence's only query token: a prefill
   // token reads the keys of the tokens before it in the same step, which
   // must be in the cache first.
-  if (!fuse_ || host_.num_tokens != host_.num_seqs || plan_info_.prefill.num_tiles != 0 || !plan_info_.slots_fit ||
-      k_cache.dtype == ScalarType::F8E4M3) {  // fp8: no fused append (rope_and_cache quantizes)
+  if (!fuse_ || host_.num_tokens != host_.num_seqs || plan_info_.prefill.num_tiles != 0 || !plan_info_.slots_fit) {
     rope_and_cache(qkv, rope, num_heads, num_kv_heads, head_dim, k_cache, v_cache);
     paged_attention(qkv, k_cache, v_cache, num_heads, num_kv_heads, head_dim, scale, out);
+    return;
+  }
+  if (k_cache.dtype == ScalarType::F8E4M3) {  // the fp8 kernel rotates, quantizes and appends (attention_decode_fp8.cu)
+    require(qkv.dtype == ScalarType::BF16 && out.dtype == ScalarType::BF16 && v_cache.dtype == ScalarType::F8E4M3,
+            "rope_cache_attention: an fp8 cache with bf16 activations");
+    AttentionParams p = attention_params<bf16>(qkv, k_cache, v_cache, num_heads, num_kv_heads, head_dim, scale, out);
+    p.fp8 = fp8_view(k_cache, v_cache, num_kv_heads, head_dim, dev_.page_indptr, dev_.page_indices);
+    p.kv.k = p.kv.v = nullptr;
+    p.rope_cos = rope.cos.as<float>();
+    p.rope_sin = rope.sin.as<float>();
+    decode_attention(p, plan_info_.decode, stream_);
     return;
   }
   require(qkv.dtype == act_ && out.dtype == act_ && k_cache.dtype == act_ && v_cache.dtype == act_,

@@ -207,7 +207,6 @@ void CudaBackend::plan_attention(int64_t H, int64_t Hkv, int64_t D) {
   p.decode.cluster = clusters_ && splits >= 2 && splits <= kMaxClusterSplits &&
                      items * Hkv * splits <= std::min<int64_t>(decode_slots(D, config), num_sms_);
   p.decode.config = config;
-  p.decode.fp8_swap = fp8 && fp8_decode_swap_;
   // Steps of at most one block per SM (batch-1 decode) are latency, not
   // bandwidth: there the CUDA-core kernel's shorter chain before its first
   // key load wins.

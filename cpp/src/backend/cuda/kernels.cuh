@@ -162,9 +162,6 @@ struct DecodePlan {
   // for steps of at most one block per SM (batch-1 decode), unless
   // PAGEDRT_DECODE_KERNEL forces one kernel.
   bool cuda_cores;
-  // An fp8 cache: attention_decode_fp8.cu's swapped kernel (S^T = K q^T),
-  // PAGEDRT_DECODE_FP8=swap, while the two are measured against each other.
-  bool fp8_swap;
   const DecodeItem* items;  // (num_items)
   int num_items;
   int num_splits;

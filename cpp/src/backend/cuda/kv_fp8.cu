@@ -11,41 +11,21 @@
 namespace pagedrt::cuda {
 namespace {
 
-// Row w of the token's [k heads | v heads] into its slot: the largest magnitude by
-// shuffles, its exponent (kv_row_exponent), then D / 32 codes a lane.
+// Row w of the token's [k heads | v heads] into its slot (store_kv_row).
 template <typename T, int D>
 __device__ void quantize_row(const T* qkv, int64_t t, int64_t slot, int H, int w, int lane, const Fp8Kv& kv) {
   const int Hkv = kv.num_kv_heads;
   const bool is_v = w >= Hkv;
-  const int h = is_v ? w - Hkv : w;
   const T* x = qkv + t * int64_t(H + 2 * Hkv) * D + int64_t(H + w) * D;
-  constexpr int kPer = D / 32;
-  float v[kPer], amax = 0.0f;
+  float v[D / 32];
 #pragma unroll
-  for (int i = 0; i < kPer; ++i) amax = fmaxf(amax, fabsf(v[i] = to_f(x[lane * kPer + i])));
-#pragma unroll
-  for (int o = 16; o > 0; o /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-  const int e = kv_row_exponent(amax);
-  const float inv = exp2_int(-e);
-  const int64_t block = slot / kv.block_size, off = slot % kv.block_size;
-  uint8_t* base = is_v ? kv.v : kv.k;
-  uint8_t* codes = base + kv.code_offset(block, off, h) + lane * kPer;
-  uint8_t c[kPer];
-#pragma unroll
-  for (int i = 0; i < kPer; ++i) c[i] = float_to_e4m3(v[i] * inv);
-  if constexpr (kPer == 4) {
-    *reinterpret_cast<uint32_t*>(codes) = c[0] | (c[1] << 8) | (c[2] << 16) | (uint32_t(c[3]) << 24);
-  } else {
-#pragma unroll
-    for (int i = 0; i < kPer; ++i) codes[i] = c[i];
-  }
-  if (lane == 0) base[kv.exp_offset(block, off, h)] = static_cast<uint8_t>(static_cast<int8_t>(e));
+  for (int i = 0; i < D / 32; ++i) v[i] = to_f(x[lane * (D / 32) + i]);
+  store_kv_row<D>(v, lane, kv, is_v ? kv.v : kv.k, slot / kv.block_size, slot % kv.block_size, is_v ? w - Hkv : w);
 }
 
 // grid (n tokens), block 32 x min(2 Hkv, 32): warp w quantizes rows w, w +
 // warps, ... of the token's [k heads | v heads] (rotated already) into its
-// slot: the largest magnitude by shuffles, its exponent (kv_row_exponent),
-// then D / 32 codes a lane.
+// slot.
 template <typename T, int D>
 __global__ void quantize_kv_kernel(const T* qkv, const int64_t* slots, int H, Fp8Kv kv) {
   pdl_trigger();

@@ -1,5 +1,6 @@
-// backend/cuda/kv_fp8.cuh — e4m3 KV codes to bf16 on the device, shared by the
-// fp8 KV kernels (kv_fp8.cu) and fp8 decode attention (attention_decode.cu).
+// backend/cuda/kv_fp8.cuh — e4m3 KV codes from and to the device's values, shared
+// by the fp8 KV kernels (kv_fp8.cu) and fp8 decode attention
+// (attention_decode_fp8.cu).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -8,6 +9,7 @@
 #include <cstdint>
 
 #include "backend/fp8.hpp"
+#include "backend/paged_kv.hpp"
 
 namespace pagedrt::cuda {
 
@@ -60,6 +62,34 @@ __device__ __forceinline__ uint4 e4m3_x8(uint2 c, float scale) {
   o[2] = e4m3_pair(c.y, scale);
   o[3] = e4m3_pair(c.y >> 16, scale);
   return r;
+}
+
+// One warp stores a row of D values (lane l holds dims l D/32 .. + D/32 - 1)
+// as kv head h of the token at offset `off` of block `block` of `base` (kv.k
+// or kv.v): the largest magnitude by shuffles, its exponent
+// (kv_row_exponent), then D / 32 codes a lane and lane 0 the exponent byte.
+template <int D>
+__device__ void store_kv_row(const float (&x)[D / 32], int lane, const Fp8Kv& kv, uint8_t* base, int64_t block,
+                             int64_t off, int h) {
+  constexpr int kPer = D / 32;
+  float amax = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) amax = fmaxf(amax, fabsf(x[i]));
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  const int e = kv_row_exponent(amax);
+  const float inv = exp2_int(-e);
+  uint8_t* codes = base + kv.code_offset(block, off, h) + lane * kPer;
+  uint8_t c[kPer];
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) c[i] = float_to_e4m3(x[i] * inv);
+  if constexpr (kPer == 4) {
+    *reinterpret_cast<uint32_t*>(codes) = c[0] | (c[1] << 8) | (c[2] << 16) | (uint32_t(c[3]) << 24);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) codes[i] = c[i];
+  }
+  if (lane == 0) base[kv.exp_offset(block, off, h)] = static_cast<uint8_t>(static_cast<int8_t>(e));
 }
 
 }  // namespace pagedrt::cuda
