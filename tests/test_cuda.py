@@ -1732,6 +1732,32 @@ def test_fp8_kv_paged_attention(fp8_ops, D, H, Hkv, kind):
         assert rel_err(ours[t], ref[t]) <= 2 * BF16_TOL, t
 
 
+def test_fp8_decode_plan_takes_the_measured_shapes(monkeypatch):
+    """The fp8 decode plan's shape rules (cuda_step.cu), chosen from H200
+    timings (an H100's 132 SMs and 228 KB plan alike): 2 x 6 where that plans
+    at least 2,048 keys a block (64 x 2,048 unsplit; 16 x 8,192), 2 x 4 on
+    shorter chunks (512 x 512; batch 1 at 256 keys), 4 warps where 2 would
+    cut a context into more than 32 splits (1 x 32,768); the splits cover
+    every context. PAGEDRT_DECODE_KERNEL overrides them."""
+    ops = _testing._Ops("cuda", kv_cache_dtype="fp8")
+    rng = np.random.default_rng(5)
+
+    def plan(o, B, C):
+        set_batch(o, make_batch(rng, [(C - 1, 1)] * B))
+        warps, stages, splits, chunk = o.decode_plan(32, 8, 128)
+        assert splits * chunk >= C, (B, C)
+        return warps, stages, splits, chunk
+
+    assert plan(ops, 64, 2048)[:3] == (2, 6, 1)
+    warps, stages, _, chunk = plan(ops, 16, 8192)
+    assert (warps, stages) == (2, 6) and chunk >= 2048
+    assert plan(ops, 512, 512)[:2] == (2, 4)
+    assert plan(ops, 1, 256)[:2] == (2, 4)
+    assert plan(ops, 1, 32768)[0] == 4
+    monkeypatch.setenv("PAGEDRT_DECODE_KERNEL", "2x3")
+    assert plan(_testing._Ops("cuda", kv_cache_dtype="fp8"), 64, 2048)[:2] == (2, 3)
+
+
 @pytest.mark.parametrize("D,H,Hkv", [(64, 9, 3), (128, 32, 8), (128, 8, 8)])
 @pytest.mark.parametrize("kind", sorted(ATTN_BATCHES))
 def test_fp8_kv_rope_cache_attention(fp8_ops, D, H, Hkv, kind):
@@ -1739,8 +1765,9 @@ def test_fp8_kv_rope_cache_attention(fp8_ops, D, H, Hkv, kind):
     decode kernel rotates q and the new k and quantizes k and v into their
     slots itself; it must equal rope_and_cache + paged_attention bitwise
     (output, and both caches' codes and exponents), with splits ("decode-b1")
-    and without. A mixed step runs the two ops. Against the CPU backend's fp8
-    run within the bf16 tolerance."""
+    and without. A mixed step, and a decode step of more blocks than SMs, run
+    the two ops. Against the CPU backend's fp8 run within the bf16
+    tolerance."""
     from test_fp8_kv import random_fp8_cache
     rng = np.random.default_rng(zlib.crc32(f"fp8 fused {D},{H},{Hkv},{kind}".encode()))
     b, qkv, _, _ = attention_inputs(rng, ATTN_BATCHES[kind], H, Hkv, D)

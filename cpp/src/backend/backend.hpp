@@ -176,6 +176,10 @@ class Backend {
   // How many fp8 linears have taken their x's codes from the norm before them
   // instead of quantizing x (CUDA's fused norm codes; tests read it).
   virtual int64_t fp8_norm_codes_taken() const { return 0; }
+  // The shape of this step's decode attention for these head counts: (warps,
+  // stages, splits, keys a split) of a backend that plans one (CUDA; tests
+  // read it), else empty.
+  virtual std::vector<int64_t> decode_plan(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim) { return {}; }
   virtual Tensor empty(std::vector<int64_t> shape, ScalarType dtype) = 0;
   virtual Tensor from_host(const Tensor& host) = 0;
   // An elastic KV pool's memory (backend/kv_memory.hpp): `count` tensors of

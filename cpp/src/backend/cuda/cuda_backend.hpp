@@ -66,6 +66,7 @@ class CudaBackend final : public Backend {
   bool has_fp8_weights() const override { return fp8_weights_; }
   bool fp8_shape_ok(int64_t rows, int64_t k) const override { return rows % 16 == 0 && k % 16 == 0; }
   int64_t fp8_norm_codes_taken() const override { return fp8_codes_taken_; }
+  std::vector<int64_t> decode_plan(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim) override;
   Tensor empty(std::vector<int64_t> shape, ScalarType dtype) override;
   Tensor from_host(const Tensor& host) override;
 

@@ -124,6 +124,17 @@ void CudaBackend::plan_attention(int64_t H, int64_t Hkv, int64_t D) {
   const bool fp8 = kv_dtype() == ScalarType::F8E4M3;
   DecodeConfig config = fp8 && decode_kernel_ == DecodeKernel::Auto ? kFp8DecodeConfig : decode_config_;
   int64_t chunk = plan_chunk(config);
+  // The fp8 kernel with 6 stages a warp where its own plan gives each block
+  // at least 2,048 keys: the deeper pipeline wins on long chunks, the
+  // shallower one's more blocks an SM on short ones. H200 (bench_cuda.py
+  // attention_fp8, 2026-12-04), 2 x 6 against 2 x 4 as each plans: 64 x 2,048
+  // 76.3 against 88.0 us (2,048 keys a block against 3 splits of 704),
+  // 16 x 8,192 81.0 against 86.5; 256 x 1,024 (1,024 keys) 153.7 against
+  // 152.1 and 512 x 512 166.3 against 155.1 keep 2 x 4.
+  if (fp8 && decode_kernel_ == DecodeKernel::Auto && decode_splits_ == 0) {
+    const int64_t deep = plan_chunk(kFp8DeepDecodeConfig);
+    if (deep >= 2048) config = kFp8DeepDecodeConfig, chunk = deep;
+  }
   // Where the default shape would cut contexts into more than 32 splits
   // (batch 1 at 32K keys: 64), merging them costs more than the 4-warp
   // kernel's fewer blocks lose: 1 x 32,768 on an H200 took 43.1 us with 4 x 3
@@ -226,6 +237,12 @@ void CudaBackend::plan_attention(int64_t H, int64_t Hkv, int64_t D) {
   p.prefill.ws = prefill_ws_;
   p.prefill.stages = prefill_stages_;
   p.prefill.num_tokens = b.num_tokens;
+}
+
+std::vector<int64_t> CudaBackend::decode_plan(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim) {
+  plan_attention(num_heads, num_kv_heads, head_dim);
+  const DecodePlan& d = plan_info_.decode;
+  return {d.config.warps, d.config.stages, d.num_splits, d.chunk};
 }
 
 int64_t CudaBackend::decode_slots(int64_t head_dim, DecodeConfig config) {

@@ -149,13 +149,15 @@ struct DecodeItem {
 // with 2 x 3 against 141.5 / 290.7 / 310.0 with 4 x 3 (docs/results/2026-12-02.md).
 // S above 4 runs 4 in bf16; the fp8 cache's kernel (attention_decode_fp8.cu:
 // S stages a warp) takes 2, 3, 4, 6 or 8 (5 and 7 run 4 and 6) and runs
-// kFp8DecodeConfig unless told otherwise (4 warps where 2 would cut a context
-// into more than 32 splits, as for bf16: cuda_step.cu).
+// kFp8DecodeConfig unless told otherwise (kFp8DeepDecodeConfig where that
+// plans at least 2,048 keys a block; 4 warps where 2 would cut a context into
+// more than 32 splits, as for bf16: cuda_step.cu).
 struct DecodeConfig {
   int warps = 2;
   int stages = 3;
 };
 constexpr DecodeConfig kFp8DecodeConfig{2, 4};
+constexpr DecodeConfig kFp8DeepDecodeConfig{2, 6};  // contexts of long chunks (cuda_step.cu)
 struct DecodePlan {
   DecodeConfig config;
   // bf16 on CUDA cores (attention_decode_cc.cu) instead of tensor cores: set
