@@ -1758,16 +1758,17 @@ def test_fp8_decode_plan_takes_the_measured_shapes(monkeypatch):
     assert plan(_testing._Ops("cuda", kv_cache_dtype="fp8"), 64, 2048)[:2] == (2, 3)
 
 
+@pytest.mark.parametrize("kernel", ["", "cc"])
 @pytest.mark.parametrize("D,H,Hkv", [(64, 9, 3), (128, 32, 8), (128, 8, 8)])
 @pytest.mark.parametrize("kind", sorted(ATTN_BATCHES))
-def test_fp8_kv_rope_cache_attention(fp8_ops, D, H, Hkv, kind):
+def test_fp8_kv_rope_cache_attention(fp8_ops, monkeypatch, D, H, Hkv, kind, kernel):
     """rope_cache_attention on an fp8 cache: in decode-only steps the fp8
-    decode kernel rotates q and the new k and quantizes k and v into their
-    slots itself; it must equal rope_and_cache + paged_attention bitwise
-    (output, and both caches' codes and exponents), with splits ("decode-b1")
-    and without. A mixed step, and a decode step of more blocks than SMs, run
-    the two ops. Against the CPU backend's fp8 run within the bf16
-    tolerance."""
+    decode kernel (the tensor-core one; "cc": the CUDA-core one, forced)
+    rotates q and the new k and quantizes k and v into their slots itself; it
+    must equal rope_and_cache + paged_attention bitwise (output, and both
+    caches' codes and exponents), with splits ("decode-b1") and without. A
+    mixed step, and a decode step of more blocks than SMs, run the two ops.
+    Against the CPU backend's fp8 run within the bf16 tolerance."""
     from test_fp8_kv import random_fp8_cache
     rng = np.random.default_rng(zlib.crc32(f"fp8 fused {D},{H},{Hkv},{kind}".encode()))
     b, qkv, _, _ = attention_inputs(rng, ATTN_BATCHES[kind], H, Hkv, D)
@@ -1776,6 +1777,9 @@ def test_fp8_kv_rope_cache_attention(fp8_ops, D, H, Hkv, kind):
     cos, sin = rope_tables(4096, D)
     scale = D ** -0.5
     cpu, gpu = fp8_ops
+    if kernel:
+        monkeypatch.setenv("PAGEDRT_DECODE_KERNEL", kernel)
+        gpu = _testing._Ops("cuda", kv_cache_dtype="fp8")
     set_batch(gpu, b)
     out, k, v = gpu.rope_cache_attention(qkv, cos, sin, H, Hkv, D, scale, k8, v8)
     q1, k1, v1 = gpu.rope_and_cache(qkv, cos, sin, H, Hkv, D, k8, v8)
@@ -1785,17 +1789,18 @@ def test_fp8_kv_rope_cache_attention(fp8_ops, D, H, Hkv, kind):
     set_batch(cpu, b)
     out_cpu, _, _ = cpu.rope_cache_attention(qkv, cos, sin, H, Hkv, D, scale, k8, v8)
     e = rel_err(out, out_cpu)
-    record(f"fp8_kv_rope_cache_attention[{kind},D={D},G={H // Hkv}]", e)
+    record(f"fp8_kv_rope_cache_attention[{kernel or 'tc'},{kind},D={D},G={H // Hkv}]", e)
     assert e <= BF16_TOL
 
 
-@pytest.mark.parametrize("kernel", ["2x2", "2x3", "4x4", "2x6", "4x8"])
+@pytest.mark.parametrize("kernel", ["2x2", "2x3", "4x4", "2x6", "4x8", "cc"])
 def test_fp8_kv_decode_kernel_forced(monkeypatch, kernel):
     """The fp8 decode kernel in each shape PAGEDRT_DECODE_KERNEL can force (W
-    warps, S stages a warp), its splits merged in thread block clusters, by
-    the last split block, and unsplit: against float64 attention on the
-    dequantized cache, per token too, over contexts crossing block, tile and
-    split boundaries; the two merges bitwise alike."""
+    warps, S stages a warp; "cc": the CUDA-core kernel's fp8 form), its
+    splits merged in thread block clusters, by the last split block, and
+    unsplit: against float64 attention on the dequantized cache, per token
+    too, over contexts crossing block, tile and split boundaries; the two
+    merges bitwise alike."""
     from test_fp8_kv import random_fp8_cache
     monkeypatch.setenv("PAGEDRT_DECODE_KERNEL", kernel)
     rng = np.random.default_rng(zlib.crc32(f"fp8 forced {kernel}".encode()))

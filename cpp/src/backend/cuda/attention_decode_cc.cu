@@ -2,12 +2,14 @@
 // split-KV: the fp32 mode's kernel, and the bf16 kernel of steps with few
 // blocks (batch-1 decode), where a block's latency, not bandwidth, is the
 // step's cost (the plan chooses: DecodePlan::cuda_cores). The tensor-core
-// kernel is attention_decode.cu.
+// kernels are attention_decode.cu and attention_decode_fp8.cu.
 //
 // One block = (token, kv head, split). The G query heads of the kv head's
 // group are all handled by the block, so each K/V row is read once for the
 // group (GQA). A key row (D elements, bf16 or fp32) is read by D/8 threads,
-// 8 elements each (one 16-byte load in bf16, two in fp32);
+// 8 elements each (one 16-byte load in bf16, two in fp32; on an fp8 cache,
+// F8, 8 codes, an 8-byte load, and the row's exponent byte, widened exactly
+// and scaled by it);
 // the block's 128 threads hold 128 / (D/8) such key groups, each running its
 // own fp32 online softmax over every NG-th run of U keys; the groups merge in
 // shared memory at the end. Long contexts are cut into splits (more blocks
@@ -20,11 +22,13 @@
 #include <cooperative_groups.h>
 
 #include <cfloat>
+#include <type_traits>
 
 #include "backend/cuda/attention_split.cuh"
 #include "backend/cuda/cuda_check.hpp"
 #include "backend/cuda/elementwise.cuh"
 #include "backend/cuda/kernels.cuh"
+#include "backend/cuda/kv_fp8.cuh"
 #include "backend/cuda/launch.cuh"
 
 namespace pagedrt::cuda {
@@ -94,6 +98,70 @@ __device__ __forceinline__ void store8(T* p, const Raw8<T>& r) {
   for (int i = 0; i < Raw8<T>::kVecs; ++i) reinterpret_cast<uint4*>(p)[i] = r.v[i];
 }
 
+// 8 dims of a row of an fp8 cache (paged_kv.hpp's Fp8Kv): their e4m3 codes
+// and the row's exponent byte, as loaded.
+struct F8Raw8 {
+  uint2 codes;
+  int8_t exp;
+};
+
+// codes * 2^exp, exactly: each code widened to fp16 (exact), the exponent
+// clamped to the quantizer's range as the other fp8 kernels clamp a byte no
+// kernel wrote (a masked row's).
+__device__ __forceinline__ void unpack8(const F8Raw8& r, float* f) {
+  const int e = r.exp < kKvExpMin ? kKvExpMin : r.exp > kKvExpMax ? kKvExpMax : r.exp;
+  const float sc = exp2_int(e);
+  const uint2 a = e4m3_x4_f16(r.codes.x), b = e4m3_x4_f16(r.codes.y);
+  const uint32_t h[4] = {a.x, a.y, b.x, b.y};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 x = __half22float2(*reinterpret_cast<const __half2*>(&h[i]));
+    f[2 * i] = x.x * sc;
+    f[2 * i + 1] = x.y * sc;
+  }
+}
+
+// A row of D values held 8 a lane by the TPK lanes of a key group, quantized
+// as store_kv_row (kv_fp8.cuh) would: the largest magnitude over the group by
+// shuffles (every lane of the warp must call it), its exponent, the codes.
+template <int TPK>
+__device__ __forceinline__ F8Raw8 quantize8(const float (&x)[8]) {
+  float amax = 0.0f;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) amax = fmaxf(amax, fabsf(x[j]));
+#pragma unroll
+  for (int o = TPK / 2; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  const int e = kv_row_exponent(amax);
+  const float inv = exp2_int(-e);
+  uint32_t w[2] = {0u, 0u};
+#pragma unroll
+  for (int j = 0; j < 8; ++j) w[j / 4] |= uint32_t(float_to_e4m3(x[j] * inv)) << (8 * (j % 4));
+  return {make_uint2(w[0], w[1]), static_cast<int8_t>(e)};
+}
+
+// A key's K or V row of the cache (F8: p.fp8's k or v; else p.kv's) at the
+// flat slot `slot`, lane's 8 dims.
+template <typename T, bool F8>
+using KvRaw8 = std::conditional_t<F8, F8Raw8, Raw8<T>>;
+template <typename T, bool F8>
+__device__ __forceinline__ KvRaw8<T, F8> load_kv8(const AttentionParamsT<T>& p, bool is_v, int64_t slot, int kvh,
+                                                   int lane, int bs, int shift) {
+  if constexpr (F8) {
+    const Fp8Kv& f = p.fp8;
+    const int64_t blk = shift >= 0 ? slot >> shift : slot / bs, o = shift >= 0 ? slot & (bs - 1) : slot % bs;
+    const uint8_t* base = is_v ? f.v : f.k;
+    return {__ldg(reinterpret_cast<const uint2*>(base + f.code_offset(blk, o, kvh) + lane * 8)),
+            static_cast<int8_t>(__ldg(base + f.exp_offset(blk, o, kvh)))};
+  } else {
+    return load8((is_v ? p.kv.v : p.kv.k) + p.kv.slot_offset(slot, kvh) + lane * 8);
+  }
+}
+template <typename T, bool F8>
+__device__ __forceinline__ KvRaw8<T, F8> zero_kv8() {
+  if constexpr (F8) return {make_uint2(0u, 0u), 0};
+  else return zero8<T>();
+}
+
 // Rotate-half RoPE of a head's dims lane * 8 .. lane * 8 + 7, held by the D / 8
 // lanes of a key group (lane < TPK / 2: the first half, paired with lane +
 // TPK / 2), at the angles c, s of those dims; rounded to T as rope_and_cache
@@ -108,7 +176,9 @@ __device__ __forceinline__ void rope8(float (&x)[8], int lane, const float (&c)[
   }
 }
 
-template <typename T, int D, int GMAX>
+// F8: the cache is p.fp8's (bf16 activations): keys and values widened from
+// their codes; the fused append quantizes the token's own k and v.
+template <typename T, bool F8, int D, int GMAX>
 __global__ void __launch_bounds__(128) decode_kernel(AttentionParamsT<T> p, DecodePlan d) {
   pdl_trigger();
   // Everything waits, even the plan and the page table, which the step's
@@ -135,7 +205,8 @@ __global__ void __launch_bounds__(128) decode_kernel(AttentionParamsT<T> p, Deco
   // writes).
   const bool fused = p.rope_cos != nullptr;
   const bool own_new = fused && it.slot >= 0 && start < end && end == ctx;
-  __shared__ Raw8<T> sm_new[2][TPK];  // (k or v, lane)
+  using Row = KvRaw8<T, F8>;
+  __shared__ Row sm_new[2][TPK];  // (k or v, lane): F8, the codes the cache gets
 
   // The KV slots of key group grp's U keys from k0 on: -1 past `end` and for
   // the token's own key (fused: it comes from shared memory). The U page
@@ -190,13 +261,32 @@ __global__ void __launch_bounds__(128) decode_kernel(AttentionParamsT<T> p, Deco
     float kf[8];
     unpack8(kn, kf);
     rope8<T, TPK>(kf, lane, rc, rs);
-    kn = pack8(kf, T());
-    if (grp == 0) {
-      sm_new[0][lane] = kn;
-      sm_new[1][lane] = vn;
-      const int64_t off = p.kv.slot_offset(it.slot, kvh) + lane * 8;
-      store8(p.kv.k + off, kn);
-      store8(p.kv.v + off, vn);
+    if constexpr (F8) {  // quantized as quantize_kv would; the loop reads these codes back
+      float vf[8];
+      unpack8(vn, vf);
+      const F8Raw8 kq = quantize8<TPK>(kf), vq = quantize8<TPK>(vf);
+      if (grp == 0) {
+        sm_new[0][lane] = kq;
+        sm_new[1][lane] = vq;
+        const Fp8Kv& f = p.fp8;
+        const int64_t blk = shift >= 0 ? it.slot >> shift : it.slot / bs;
+        const int64_t o = shift >= 0 ? it.slot & (bs - 1) : it.slot % bs;
+        *reinterpret_cast<uint2*>(f.k + f.code_offset(blk, o, kvh) + lane * 8) = kq.codes;
+        *reinterpret_cast<uint2*>(f.v + f.code_offset(blk, o, kvh) + lane * 8) = vq.codes;
+        if (lane == 0) {
+          f.k[f.exp_offset(blk, o, kvh)] = static_cast<uint8_t>(kq.exp);
+          f.v[f.exp_offset(blk, o, kvh)] = static_cast<uint8_t>(vq.exp);
+        }
+      }
+    } else {
+      kn = pack8(kf, T());
+      if (grp == 0) {
+        sm_new[0][lane] = kn;
+        sm_new[1][lane] = vn;
+        const int64_t off = p.kv.slot_offset(it.slot, kvh) + lane * 8;
+        store8(p.kv.k + off, kn);
+        store8(p.kv.v + off, vn);
+      }
     }
     __syncthreads();
   }
@@ -214,19 +304,18 @@ __global__ void __launch_bounds__(128) decode_kernel(AttentionParamsT<T> p, Deco
   for (int base = start; base < end; base += NG * U) {
     const int k0 = base + grp * U;
     if (base != start) slots_of(k0, sl);
-    Raw8<T> kr[U], vr[U];
+    Row kr[U], vr[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       if (own_new && k0 + u == ctx - 1) {
         kr[u] = sm_new[0][lane];
         vr[u] = sm_new[1][lane];
       } else if (sl[u] >= 0) {
-        const int64_t off = p.kv.slot_offset(sl[u], kvh) + lane * 8;
-        kr[u] = load8(p.kv.k + off);
-        vr[u] = load8(p.kv.v + off);
+        kr[u] = load_kv8<T, F8>(p, false, sl[u], kvh, lane, bs, shift);
+        vr[u] = load_kv8<T, F8>(p, true, sl[u], kvh, lane, bs, shift);
       } else {
-        kr[u] = zero8<T>();
-        vr[u] = zero8<T>();
+        kr[u] = zero_kv8<T, F8>();
+        vr[u] = zero_kv8<T, F8>();
       }
     }
     float s[U][GMAX];
@@ -329,14 +418,14 @@ __global__ void __launch_bounds__(128) decode_kernel(AttentionParamsT<T> p, Deco
 #endif
 }
 
-template <typename T, int D>
+template <typename T, bool F8, int D>
 void launch_d(const AttentionParamsT<T>& p, const DecodePlan& d, dim3 grid, cudaStream_t s) {
   const int G = p.num_heads / p.kv.num_kv_heads;
   const unsigned cz = d.cluster ? static_cast<unsigned>(d.num_splits) : 1;
-  if (G == 1) launch_clusters(decode_kernel<T, D, 1>, grid, 128, 0, cz, s, p, d);
-  else if (G == 2) launch_clusters(decode_kernel<T, D, 2>, grid, 128, 0, cz, s, p, d);
-  else if (G <= 4) launch_clusters(decode_kernel<T, D, 4>, grid, 128, 0, cz, s, p, d);
-  else launch_clusters(decode_kernel<T, D, 8>, grid, 128, 0, cz, s, p, d);
+  if (G == 1) launch_clusters(decode_kernel<T, F8, D, 1>, grid, 128, 0, cz, s, p, d);
+  else if (G == 2) launch_clusters(decode_kernel<T, F8, D, 2>, grid, 128, 0, cz, s, p, d);
+  else if (G <= 4) launch_clusters(decode_kernel<T, F8, D, 4>, grid, 128, 0, cz, s, p, d);
+  else launch_clusters(decode_kernel<T, F8, D, 8>, grid, 128, 0, cz, s, p, d);
 }
 
 }  // namespace
@@ -346,8 +435,16 @@ void decode_cuda_cores(const AttentionParamsT<T>& p, const DecodePlan& d, cudaSt
   if (d.num_items == 0) return;
   const dim3 grid(static_cast<unsigned>(d.num_items), static_cast<unsigned>(p.kv.num_kv_heads),
                   static_cast<unsigned>(d.num_splits));
-  if (p.kv.head_dim == 128) launch_d<T, 128>(p, d, grid, s);
-  else launch_d<T, 64>(p, d, grid, s);
+  if constexpr (std::is_same_v<T, bf16>) {
+    if (p.fp8.k != nullptr) {  // an fp8 cache (bf16 activations only)
+      if (p.kv.head_dim == 128) launch_d<T, true, 128>(p, d, grid, s);
+      else launch_d<T, true, 64>(p, d, grid, s);
+      if (d.num_splits > 1 && !d.cluster) merge_decode_splits(p, d, s);
+      return;
+    }
+  }
+  if (p.kv.head_dim == 128) launch_d<T, false, 128>(p, d, grid, s);
+  else launch_d<T, false, 64>(p, d, grid, s);
   if (d.num_splits > 1 && !d.cluster) merge_decode_splits(p, d, s);
 }
 

@@ -220,10 +220,11 @@ void CudaBackend::plan_attention(int64_t H, int64_t Hkv, int64_t D) {
   p.decode.config = config;
   // Steps of at most one block per SM (batch-1 decode) are latency, not
   // bandwidth: there the CUDA-core kernel's shorter chain before its first
-  // key load wins.
-  p.decode.cuda_cores = !fp8 &&  // the fp8 cache: tensor cores only
-                        (decode_kernel_ == DecodeKernel::CudaCores ||
-                         (decode_kernel_ == DecodeKernel::Auto && items * Hkv * splits <= num_sms_));
+  // key load wins (bf16; on an fp8 cache it runs only when forced,
+  // PAGEDRT_DECODE_KERNEL=cc, until it is measured against the fp8
+  // tensor-core kernel).
+  p.decode.cuda_cores = decode_kernel_ == DecodeKernel::CudaCores ||
+                        (!fp8 && decode_kernel_ == DecodeKernel::Auto && items * Hkv * splits <= num_sms_);
   p.decode.counters = reinterpret_cast<int*>(partials_);
   p.decode.o_part = partials_ ? reinterpret_cast<float*>(reinterpret_cast<uint8_t*>(partials_) + tickets_bytes_) : nullptr;
   p.decode.lse_part = partials_ ? p.decode.o_part + items * splits * H * D : nullptr;
