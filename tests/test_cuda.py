@@ -712,19 +712,27 @@ def test_rope_cache_attention(ops, D, H, Hkv, kind):
     the CPU backend within the bf16 tolerance."""
     rng = np.random.default_rng(zlib.crc32(f"fused {D},{H},{Hkv},{kind}".encode()))
     b, qkv, kc, vc = attention_inputs(rng, ATTN_BATCHES[kind], H, Hkv, D)
+    cpu, gpu = ops
+    e = fused_against_unfused(cpu, gpu, b, qkv, kc, vc, H, Hkv, D)
+    record(f"rope_cache_attention[{kind},D={D},G={H // Hkv}]", e)
+    assert e <= BF16_TOL
+
+
+def fused_against_unfused(cpu, gpu, b, qkv, kc, vc, H, Hkv, D):
+    """gpu's rope_cache_attention on batch b against its rope_and_cache +
+    paged_attention: the output and both caches bitwise equal (and the caches
+    written); returns the output's error against cpu's rope_cache_attention."""
     cos, sin = rope_tables(4096, D)
     scale = D ** -0.5
-    cpu, gpu = ops
     set_batch(gpu, b)
     out, k, v = gpu.rope_cache_attention(qkv, cos, sin, H, Hkv, D, scale, kc, vc)
     q1, k1, v1 = gpu.rope_and_cache(qkv, cos, sin, H, Hkv, D, kc, vc)
+    assert not np.array_equal(k1, kc) and not np.array_equal(v1, vc)  # the step wrote its slots
     assert np.array_equal(k, k1) and np.array_equal(v, v1)
     assert np.array_equal(out, gpu.paged_attention(q1, k1, v1, H, Hkv, D, scale))
     set_batch(cpu, b)
     out_cpu, _, _ = cpu.rope_cache_attention(qkv, cos, sin, H, Hkv, D, scale, kc, vc)
-    e = rel_err(out, out_cpu)
-    record(f"rope_cache_attention[{kind},D={D},G={H // Hkv}]", e)
-    assert e <= BF16_TOL
+    return rel_err(out, out_cpu)
 
 
 def test_decode_split_merge_in_clusters_equals_merge_kernel(ops, monkeypatch):
@@ -1774,21 +1782,11 @@ def test_fp8_kv_rope_cache_attention(fp8_ops, monkeypatch, D, H, Hkv, kind, kern
     b, qkv, _, _ = attention_inputs(rng, ATTN_BATCHES[kind], H, Hkv, D)
     k8, _ = random_fp8_cache(rng, b["num_blocks"], 16, Hkv, D)
     v8, _ = random_fp8_cache(rng, b["num_blocks"], 16, Hkv, D)
-    cos, sin = rope_tables(4096, D)
-    scale = D ** -0.5
     cpu, gpu = fp8_ops
     if kernel:
         monkeypatch.setenv("PAGEDRT_DECODE_KERNEL", kernel)
         gpu = _testing._Ops("cuda", kv_cache_dtype="fp8")
-    set_batch(gpu, b)
-    out, k, v = gpu.rope_cache_attention(qkv, cos, sin, H, Hkv, D, scale, k8, v8)
-    q1, k1, v1 = gpu.rope_and_cache(qkv, cos, sin, H, Hkv, D, k8, v8)
-    assert not np.array_equal(k1, k8) and not np.array_equal(v1, v8)  # the step wrote its slots
-    assert np.array_equal(k, k1) and np.array_equal(v, v1)
-    assert np.array_equal(out, gpu.paged_attention(q1, k1, v1, H, Hkv, D, scale))
-    set_batch(cpu, b)
-    out_cpu, _, _ = cpu.rope_cache_attention(qkv, cos, sin, H, Hkv, D, scale, k8, v8)
-    e = rel_err(out, out_cpu)
+    e = fused_against_unfused(cpu, gpu, b, qkv, k8, v8, H, Hkv, D)
     record(f"fp8_kv_rope_cache_attention[{kernel or 'tc'},{kind},D={D},G={H // Hkv}]", e)
     assert e <= BF16_TOL
 
