@@ -5,8 +5,12 @@
 
 ASYNC_SCHEDULING: the Runtime option ("auto", the default; "off": steps one at
 a time, for the idle gaps before and after). PHASES: comma-separated indices
-of the phases below (default: all). OPTIONS: more Runtime options, "k=v,k=v"
-(e.g. "quantization=fp8,kv_cache_dtype=fp8").
+of the phases below (default: all). OPTIONS: "NAME=VALUE,..." of Runtime
+options (lower-case names: "quantization=fp8,kv_cache_dtype=fp8") and
+environment variables read when the backend is made (upper case:
+PAGEDRT_CUDA_PDL=0 gives each kernel's own time, without programmatic
+dependent launch's overlap, which makes a small kernel's span include the
+wait for the kernel before it).
 
 Runs the throughput workload of bench_cuda.py at a smaller scale (64 requests of
 512 in / 32 out: prefill-heavy steps, then batch-64 decode), batch-256 decode
@@ -20,6 +24,7 @@ OUT.json. Each phase runs once unprofiled first.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -81,7 +86,9 @@ def main():
     out_path, model = sys.argv[1], sys.argv[2]
     mode = sys.argv[3] if len(sys.argv) > 3 else "auto"
     rng = np.random.default_rng(0)
-    extra = dict(kv.split("=", 1) for kv in sys.argv[5].split(",")) if len(sys.argv) > 5 and sys.argv[5] else {}
+    pairs = dict(kv.split("=", 1) for kv in sys.argv[5].split(",")) if len(sys.argv) > 5 and sys.argv[5] else {}
+    extra = {k: v for k, v in pairs.items() if k.islower()}
+    os.environ.update({k: v for k, v in pairs.items() if not k.islower()})
     rt = pagedrt.Runtime(model, device="cuda", max_num_seqs=256, max_num_batched_tokens=8192,
                          async_scheduling=mode, **extra)
     greedy = dict(ignore_eos=True, temperature=0.0)
@@ -96,7 +103,7 @@ def main():
     if len(sys.argv) > 4:
         phases = [phases[int(i)] for i in sys.argv[4].split(",")]
     result["async_scheduling"] = mode
-    result["options"] = extra
+    result["options"] = pairs
     for title, prompts, n in phases:
         # The same shapes once unprofiled first, so that plans and buffers are made
         # (fresh tokens: no cached prefix).

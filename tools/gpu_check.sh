@@ -48,7 +48,9 @@
 #   harness  tools/bench.py --device cuda: the project's benchmark harness on the 8B shape
 #   kvpool   bench_cuda.py elastic (the elastic KV pool against one taken whole: memory, tok/s) and
 #            preemption (256 x 512/384 in an 8 GiB pool: recompute, swap, auto) on the 8B shape
-#   profile  tools/cuda_profile.py: GPU time per kernel (batch-1 decode; 64 x 512/32)
+#   profile  tools/cuda_profile.py: GPU time per kernel (batch-1 decode; 64 x 512/32); $PROFILE: runs of
+#            "NAME PHASES OPTIONS" separated by ";" (e.g. "fp8 0 quantization=fp8,PAGEDRT_CUDA_PDL=0")
+#            -> $OUT/profile_NAME.json
 #   cpuscale the CPU backend on this machine's cores: tools/bench.py latency and batched,
 #            SmolLM2 bf16, pagedrt only, 1 to 16 threads (needs the smol stage)
 #   fp8q     tools/fp8_quality.py --device cuda on SmolLM2 (needs smol): fp8 weights' top-1 agreement and
@@ -333,7 +335,15 @@ fi
 
 if has profile && [ -f "$LLAMA8B/config.json" ]; then
   stage profile
-  (cd /tmp && timeout $(( $(left) - 20 > 30 ? $(left) - 20 : 30 )) $PY "$OLDPWD/tools/cuda_profile.py" "$OUT/profile.json" "$LLAMA8B")
+  # $PROFILE: runs of "NAME PHASES OPTIONS" (cuda_profile.py's arguments), ";" between runs; default one run, all phases
+  IFS=';' read -ra runs <<< "${PROFILE:-all}"
+  for run in "${runs[@]}"; do
+    read -r name phases opts <<< "$run"
+    [ "$(left)" -gt 40 ] || break
+    args=(); [ -n "${phases:-}" ] && args=(auto "$phases" ${opts:-})
+    (cd /tmp && timeout $(( $(left) - 20 > 30 ? $(left) - 20 : 30 )) $PY "$OLDPWD/tools/cuda_profile.py" \
+       "$OUT/profile_$name.json" "$LLAMA8B" "${args[@]}")
+  done
 fi
 
 if has cpuscale && [ -d "$WORK/smolpkg" ]; then
