@@ -261,7 +261,7 @@ __global__ void __launch_bounds__(128) decode_kernel(AttentionParamsT<T> p, Deco
     float kf[8];
     unpack8(kn, kf);
     rope8<T, TPK>(kf, lane, rc, rs);
-    if constexpr (F8) {  // quantized as quantize_kv would; the loop reads these codes back
+    if constexpr (F8) {  // quantized as quantize_kv would; the loop takes these codes from sm_new
       float vf[8];
       unpack8(vn, vf);
       const F8Raw8 kq = quantize8<TPK>(kf), vq = quantize8<TPK>(vf);
