@@ -205,6 +205,20 @@ def fp8_kv_bytes(B, C, Hkv, D):
     return B * C * Hkv * (D + 1) * 2
 
 
+def decode_plan(B, C, H, Hkv, D, bs, fp8=False):
+    """The decode plan's (warps, stages, splits, keys a split) for B sequences
+    of context C (the batch only: no cache is made)."""
+    from pagedrt import _testing
+    ops = _testing._Ops("cuda", kv_cache_dtype="fp8" if fp8 else "")
+    nb = B * C // bs
+    pos = np.full(B, C - 1, np.int32)
+    slots = (np.arange(B, dtype=np.int64) * (C // bs) + (C - 1) // bs) * bs + (C - 1) % bs
+    ops.set_batch(np.zeros(B, np.int32), pos, slots, np.arange(B + 1, dtype=np.int32), np.full(B, C, np.int32),
+                  np.arange(0, nb + 1, C // bs, dtype=np.int32), np.arange(nb, dtype=np.int32),
+                  np.arange(B, dtype=np.int32))
+    return tuple(ops.decode_plan(H, Hkv, D))
+
+
 def attention_probe():
     """A few launches of the decode kernels on 64 x 2,048 (32/8, D 128),
     bf16 then fp8 cache, for a profiler to attach to (gpu_check stage ncu)."""
@@ -255,6 +269,9 @@ def attention_fp8():
                             "frac_copy": [fp8_kv_bytes(B, C, Hkv, D) / (u * 1e-6) / 1e12 / copy
                                           for (B, C, H, Hkv, D, bs), u in zip(FP8_SWEEP_SHAPES, us)]})
         print(f"{cfg:>12} " + " ".join(f"{u:>12.1f}" for u in us), flush=True)
+    plans = [decode_plan(B, C, H, Hkv, D, bs, fp8=True) for B, C, H, Hkv, D, bs in FP8_SWEEP_SHAPES]
+    r["plans"] = [{"warps": w, "stages": st, "splits": n, "chunk": ch} for w, st, n, ch in plans]
+    print(f"{'plan chose':>12} " + " ".join(f"{f'{w}x{st}/{n}':>12}" for w, st, n, _ in plans), flush=True)
     for B, S, H, Hkv, D, bs in PREFILL_SHAPES[:1]:
         flops = B * 4 * H * D * S * S / 2
         b16 = pagedrt_attention_s(B, S, S, H, Hkv, D, bs, base, rng, iters=10)
