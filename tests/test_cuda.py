@@ -2001,6 +2001,31 @@ def test_fp8_linear_after_a_norm_takes_its_codes(ops, n, d):
     assert np.array_equal(together, apart)
 
 
+@pytest.mark.parametrize("k", [64, 576, 4096, 14336])
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_fp8_linear_quantizes_x_in_the_gemv(ops, monkeypatch, n, k):
+    """An fp8 linear of up to 2 rows without a norm's codes quantizes x in the
+    GEMV's prologue (Gemv::run_f8_quant_x) instead of in a kernel of its own:
+    bitwise the output of the two kernels (PAGEDRT_FP8_GEMV_QUANT=0), bf16 and
+    fp32 out, rows at scales 1e-3 .. 1e3 and a zero row; 3 rows take the
+    quantizing kernel (the count does not move)."""
+    rng = np.random.default_rng(n * 31 + k)
+    x = bf(rng.standard_normal((n, k)) * 10.0 ** rng.uniform(-3, 3, (n, 1)))
+    if n > 1:
+        x[1] = 0.0
+    w = (rng.standard_normal((48, k)) * 0.05).astype(np.float32)
+    gpu = ops[1]
+    monkeypatch.setenv("PAGEDRT_FP8_GEMV_QUANT", "0")
+    apart = _testing._Ops("cuda")
+    for out_f32 in (False, True):
+        before = gpu.fp8_x_quantized_in_gemv()
+        got = gpu.linear(x, w, "fp8", out_f32)
+        assert gpu.fp8_x_quantized_in_gemv() == before + (n <= 2)
+        want = apart.linear(x, w, "fp8", out_f32)
+        assert apart.fp8_x_quantized_in_gemv() == 0
+        assert np.isfinite(got).all() and np.array_equal(got, want), out_f32
+
+
 @pytest.mark.parametrize("inter,k", [(1536, 576), (1008, 2064), (112, 64)])
 @pytest.mark.parametrize("n", [1, 5, 8, 9, 40])
 def test_fp8_linear_silu_mul(ops, n, inter, k):

@@ -149,6 +149,7 @@ class Ops {
     return back(out);
   }
   int64_t fp8_norm_codes_taken() const { return b_->fp8_norm_codes_taken(); }
+  int64_t fp8_x_quantized_in_gemv() const { return b_->fp8_x_quantized_in_gemv(); }
   std::vector<int64_t> decode_plan(int64_t H, int64_t Hkv, int64_t D) { return b_->decode_plan(H, Hkv, D); }
   F32Out silu_mul(F32In gate_up) {
     Tensor g = put(gate_up, act());
@@ -552,6 +553,7 @@ void register_ops(nb::module_& m) {
       .def("linear", &Ops::linear, "x"_a, "weight"_a, "weight_dtype"_a, "out_f32"_a)
       .def("norm_linear", &Ops::norm_linear, "x"_a, "norm_weight"_a, "eps"_a, "weight"_a, "weight_dtype"_a)
       .def("fp8_norm_codes_taken", &Ops::fp8_norm_codes_taken)
+      .def("fp8_x_quantized_in_gemv", &Ops::fp8_x_quantized_in_gemv)
       .def("decode_plan", &Ops::decode_plan, "num_heads"_a, "num_kv_heads"_a, "head_dim"_a)
       .def("silu_mul", &Ops::silu_mul, "gate_up"_a)
       .def("linear_silu_mul", &Ops::linear_silu_mul, "x"_a, "weight"_a, "weight_dtype"_a = "")

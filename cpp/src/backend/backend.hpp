@@ -176,6 +176,9 @@ class Backend {
   // How many fp8 linears have taken their x's codes from the norm before them
   // instead of quantizing x (CUDA's fused norm codes; tests read it).
   virtual int64_t fp8_norm_codes_taken() const { return 0; }
+  // How many fp8 linears have quantized x inside their GEMM instead of in a
+  // kernel of its own (CUDA, up to 2 rows; tests read it).
+  virtual int64_t fp8_x_quantized_in_gemv() const { return 0; }
   // The shape of this step's decode attention for these head counts: (warps,
   // stages, splits, keys a split) of a backend that plans one (CUDA; tests
   // read it), else empty.

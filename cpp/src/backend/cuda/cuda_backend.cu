@@ -105,6 +105,7 @@ CudaBackend::CudaBackend(ScalarType activation_dtype) : act_(activation_dtype) {
   set_decode_padding(true);
   clusters_ = prop.major >= 9 && env_on("PAGEDRT_DECODE_CLUSTERS");
   fuse_ = env_on("PAGEDRT_CUDA_FUSE");
+  gemv_quant_x_ = fuse_ && env_on("PAGEDRT_FP8_GEMV_QUANT");
   sample_ = env_on("PAGEDRT_CUDA_SAMPLE");
   if (const char* k = std::getenv("PAGEDRT_DECODE_KERNEL")) {  // "cc", or "WxS": warps x stages
     int w = 0, st = 0;

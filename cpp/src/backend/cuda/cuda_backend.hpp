@@ -66,6 +66,7 @@ class CudaBackend final : public Backend {
   bool has_fp8_weights() const override { return fp8_weights_; }
   bool fp8_shape_ok(int64_t rows, int64_t k) const override { return rows % 16 == 0 && k % 16 == 0; }
   int64_t fp8_norm_codes_taken() const override { return fp8_codes_taken_; }
+  int64_t fp8_x_quantized_in_gemv() const override { return fp8_gemv_quantized_; }
   std::vector<int64_t> decode_plan(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim) override;
   Tensor empty(std::vector<int64_t> shape, ScalarType dtype) override;
   Tensor from_host(const Tensor& host) override;
@@ -207,6 +208,7 @@ class CudaBackend final : public Backend {
     int64_t n = 0, k = 0;
   } fp8_pending_;
   int64_t fp8_codes_taken_ = 0;  // linears that took a norm's codes
+  int64_t fp8_gemv_quantized_ = 0;  // fp8 linears whose GEMV quantized x itself (Gemm::run_f8_quant_x)
   // Where a norm of (n, d) bf16 rows writes its codes as well (none: q null):
   // with fp8 weights and the fusions on, where fp8_act_ holds them.
   Fp8Out fp8_norm_out(const Tensor& out, int64_t n, int64_t d) const;
@@ -219,6 +221,9 @@ class CudaBackend final : public Backend {
   // cluster (sm_90) instead of a second kernel (PAGEDRT_DECODE_CLUSTERS=0: never).
   bool clusters_ = true;
   bool fuse_ = true;  // rope_cache_attention and linear_silu_mul fuse (PAGEDRT_CUDA_FUSE=0: never, for A/B runs)
+  // fp8 linears of up to 2 rows quantize x inside the GEMV (Gemm::run_f8_quant_x;
+  // PAGEDRT_FP8_GEMV_QUANT=0 or PAGEDRT_CUDA_FUSE=0: a kernel of its own, for A/B runs)
+  bool gemv_quant_x_ = true;
   // The bf16 decode kernel's shape (PAGEDRT_DECODE_KERNEL=WxS, for
   // benchmarks; unset, 2 x 3, and 4 x 3 for contexts 2 x 3 would cut into
   // more than 32 splits). decode_slots_: how many blocks of a shape the GPU

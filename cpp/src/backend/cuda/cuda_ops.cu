@@ -60,8 +60,19 @@ void CudaBackend::add_rms_norm(Tensor& residual, const Tensor& x, const Tensor& 
 
 void CudaBackend::linear(const Tensor& x, const Tensor& weight, int64_t n, Tensor& out) {
   require(out.dtype == act_ || out.dtype == ScalarType::F32, "linear: out of the activation dtype or fp32");
-  if (weight.dtype == ScalarType::F8E4M3) {  // (quantize_act takes a norm's pending codes or drops them)  // x quantized per token, then e4m3 x e4m3 (W8A8)
+  if (weight.dtype == ScalarType::F8E4M3) {  // x quantized per token, then e4m3 x e4m3 (W8A8)
     const int64_t m = weight.dim(0), k = weight.dim(1);
+    // Without a norm's codes for x, a GEMV of up to 2 rows quantizes x itself
+    // (Gemv::run_f8_quant_x: batch-1 decode's o_proj and down); else
+    // quantize_act takes a norm's pending codes or quantizes x.
+    const bool pending = fp8_pending_.x == x.data && fp8_pending_.n == n && fp8_pending_.k == k;
+    if (gemv_quant_x_ && !pending && x.dtype == ScalarType::BF16 && x.dim(1) == k &&
+        gemm_->run_f8_quant_x(x.data, weight.data, weight.row_scale->as<float>(), out.data, n, m, k,
+                              out.dtype == ScalarType::F32)) {
+      fp8_pending_ = {};
+      ++fp8_gemv_quantized_;
+      return;
+    }
     const float* xs = nullptr;
     const uint8_t* xq = quantize_act(x, n, k, &xs);
     gemm_->run_f8(xq, xs, weight.data, weight.row_scale->as<float>(), out.data, n, m, k,

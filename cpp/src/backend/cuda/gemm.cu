@@ -69,6 +69,14 @@ void Gemm::run_f8(const void* xq, const float* xs, const void* w, const float* w
   CUBLAS_CHECK(matmul(p, p.algo, xq, w, y));
 }
 
+bool Gemm::run_f8_quant_x(const void* x, const void* w, const float* ws, void* y, int64_t n, int64_t m, int64_t k,
+                          bool out_f32) {
+  if (n == 0) return true;
+  if (!own_gemv_ || !Gemv::supports_f8_quant_x(x, w, n, m, k)) return false;
+  gemv_.run_f8_quant_x(x, w, ws, y, n, m, k, out_f32, stream_);
+  return true;
+}
+
 bool Gemm::run_silu_mul_f8(const void* xq, const float* xs, const void* w, const float* ws, void* y, int64_t n,
                            int64_t m, int64_t k) {
   if (n == 0) return true;

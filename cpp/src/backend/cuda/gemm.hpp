@@ -67,6 +67,11 @@ class Gemm {
   // outer-vector scales (CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F). k % 16 == 0.
   void run_f8(const void* xq, const float* xs, const void* w, const float* ws, void* y, int64_t n, int64_t m,
               int64_t k, bool out_f32);
+  // run_f8 on bf16 x, quantized per token inside the own kernel
+  // (Gemv::run_f8_quant_x: n <= 2); false (and nothing done) where it does
+  // not take the call: then quantize_act_rows and run_f8.
+  bool run_f8_quant_x(const void* x, const void* w, const float* ws, void* y, int64_t n, int64_t m, int64_t k,
+                      bool out_f32);
   // silu(gate) * up, as run_silu_mul, on fp8 [gate; up] with ws (2m); false where the own kernel does not take it.
   bool run_silu_mul_f8(const void* xq, const float* xs, const void* w, const float* ws, void* y, int64_t n, int64_t m,
                        int64_t k);

@@ -43,6 +43,7 @@
 // 98-101, lm head 128256 x 4096 (fp32 out) 104-105; cuBLASLt 75, 67, 94, 87, 94.
 // Without PDL the short ones lost ~3 us a call to launch and ramp-up.
 #include <cuda_bf16.h>
+#include <cuda_fp8.h>
 
 #include <algorithm>
 #include <type_traits>
@@ -51,6 +52,7 @@
 #include "backend/cuda/elementwise.cuh"
 #include "backend/cuda/gemv.hpp"
 #include "backend/cuda/launch.cuh"
+#include "backend/fp8.hpp"
 
 namespace pagedrt::cuda {
 namespace {
@@ -74,6 +76,61 @@ __device__ __forceinline__ void mma_16816_bf16(float (&c)[4], uint32_t a0, uint3
       "{%0, %1, %2, %3};"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// x's 16 bytes: through the read-only cache from global memory, or (kQuantX)
+// from the codes the block wrote to shared memory.
+template <bool kShared>
+__device__ __forceinline__ uint4 x_vec(const uint4* p) {
+  if constexpr (kShared)
+    return *p;
+  else
+    return __ldg(p);
+}
+
+// kQuantX's prologue: the n rows of bf16 x (n, k) as e4m3 codes into q (n, k)
+// and their scales into scale (n), in shared memory, exactly as
+// act_rows_kernel (fp8_rows.cu) writes them: the row's largest magnitude,
+// e4m3_row_scale of it, codes of x / scale by cvt.rn.satfinite.e4m3x2, so
+// the product is bitwise the one after a quantizing kernel.
+__device__ void quantize_x_rows(const __nv_bfloat16* __restrict__ x, int n, int k, uint8_t* q, float* scale) {
+  __shared__ float part[kWarps];
+  const int vecs = k / 8, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int r = 0; r < n; ++r) {
+    const uint4* xr = reinterpret_cast<const uint4*>(x + int64_t(r) * k);
+    float amax = 0.0f;
+    for (int i = threadIdx.x; i < vecs; i += kThreads) {
+      const uint4 v = __ldg(xr + i);
+      const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float2 f = __bfloat1622float2(h[j]);
+        amax = fmaxf(amax, fmaxf(fabsf(f.x), fabsf(f.y)));
+      }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    if (lane == 0) part[warp] = amax;
+    __syncthreads();
+    amax = part[0];
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) amax = fmaxf(amax, part[w]);
+    const float s = e4m3_row_scale(amax);
+    if (threadIdx.x == 0) scale[r] = s;
+    uint2* qr = reinterpret_cast<uint2*>(q + int64_t(r) * k);
+    for (int i = threadIdx.x; i < vecs; i += kThreads) {
+      const uint4 v = __ldg(xr + i);
+      const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+      uint32_t c[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float2 f = __bfloat1622float2(h[j]);
+        c[j] = __nv_cvt_float2_to_fp8x2(make_float2(f.x / s, f.y / s), __NV_SATFINITE, __NV_E4M3);
+      }
+      qr[i] = make_uint2(c[0] | (c[1] << 16), c[2] | (c[3] << 16));
+    }
+    __syncthreads();  // part[] is the next row's; the codes are every warp's
+  }
 }
 
 __device__ __forceinline__ void store(float* p, float v) { *p = v; }
@@ -107,17 +164,22 @@ __device__ __forceinline__ void mma_step(float (&acc)[2][4], const uint4& wa, co
 // x (n, k), w (m, k) bf16; y (n, m) OutT. ks = 1 << ks_log2 warps per tile.
 // kF8: x and w are e4m3 codes (16 a load, 64 k a step) with a scale per row
 // of each (xscale (n), wscale (m, or 2m gated)): y = acc * wscale[row] * xscale[tok].
+// kQuantX (with kF8): x is bf16 and xscale unused; every block quantizes x
+// into its shared memory first (quantize_x_rows: dynamic shared memory of
+// n k codes, then n scales), one quantizing kernel fewer before the GEMV.
 // kGated: w is [gate; up] (2m, k) and y (n, m) = silu(x gate^T) * (x up^T),
 // each rounded to bf16 first as linear() would store them (so that the
 // result is bitwise silu_mul's of linear's): a tile is gate rows r .. r + 7
 // (the lanes' rows g) and up rows r .. r + 7 (their rows g + 8), so a lane
 // holds both factors of its outputs (c0 with c2, c1 with c3).
-template <int kSteps, typename OutT, bool kGated, bool kF8>
+template <int kSteps, typename OutT, bool kGated, bool kF8, bool kQuantX = false>
 __global__ void __launch_bounds__(kThreads) gemv_kernel(const void* __restrict__ x, const void* __restrict__ w,
                                                         const float* __restrict__ xscale,
                                                         const float* __restrict__ wscale, OutT* __restrict__ y,
                                                         int n, int m, int k, int ks_log2) {
+  static_assert(kF8 || !kQuantX, "x is quantized for fp8 weights only");
   __shared__ float partial[kWarps][4][32];  // (warp, accumulator, lane)
+  extern __shared__ __align__(16) uint8_t x_codes[];  // kQuantX: (n, k) codes, then (n) scales
 
   constexpr int kTileRows = kGated ? 8 : 16;  // output rows of a tile
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -134,7 +196,9 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const void* __restrict__
   const int64_t ra = min(row0 + g, m - 1), rb = kGated ? m + ra : min(row0 + g + 8, m - 1);
   const uint4* wa = reinterpret_cast<const uint4*>(w) + ra * kv + t;
   const uint4* wb = reinterpret_cast<const uint4*>(w) + rb * kv + t;
-  const uint4* xr = reinterpret_cast<const uint4*>(x) + int64_t(min(g, n - 1)) * kv + t;
+  const uint4* xr = reinterpret_cast<const uint4*>(kQuantX ? static_cast<const void*>(x_codes) : x) +
+                    int64_t(min(g, n - 1)) * kv + t;
+  const float* xs = kQuantX ? reinterpret_cast<const float*>(x_codes + int64_t(n) * k) : xscale;
 
   float acc[2][4] = {};
   const int chunks = k / (kStepK * kSteps);
@@ -148,7 +212,7 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const void* __restrict__
   };
   auto load_x = [&](int c) {
 #pragma unroll
-    for (int s = 0; s < kSteps; ++s) nx[s] = __ldg(xr + (c * kSteps + s) * 4);
+    for (int s = 0; s < kSteps; ++s) nx[s] = x_vec<kQuantX>(xr + (c * kSteps + s) * 4);
   };
   // W does not depend on the kernel ahead (launch.cuh): the first two
   // chunks' loads overlap that kernel; x and y wait for it. (Asking L2 for more of W
@@ -166,6 +230,9 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const void* __restrict__
     if (split + ks < chunks) load_w(split + ks);
   }
   pdl_wait();
+  if constexpr (kQuantX)
+    quantize_x_rows(static_cast<const __nv_bfloat16*>(x), n, k, x_codes,
+                    reinterpret_cast<float*>(x_codes + int64_t(n) * k));
   if (row0 < m && split < chunks) {
     load_x(split);
     uint4 fx[kSteps];
@@ -190,7 +257,7 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const void* __restrict__
       if (s * 4 + t < kv) {
         va = load_stream(wa + s * 4);
         vb = load_stream(wb + s * 4);
-        vx = __ldg(xr + s * 4);
+        vx = x_vec<kQuantX>(xr + s * 4);
       }
       mma_step<kF8>(acc, va, vb, vx);
     }
@@ -212,7 +279,7 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const void* __restrict__
   }
   if (row0 >= m) return;
   // The scales of row r (of w's 2m rows when gated) and token tok: 1 for bf16.
-  auto scaled = [&](float v, int r, int tok) { return kF8 ? v * wscale[r] * xscale[tok] : v; };
+  auto scaled = [&](float v, int r, int tok) { return kF8 ? v * wscale[r] * xs[tok] : v; };
   if constexpr (kGated) {
     const int row = row0 + g;
 #pragma unroll
@@ -269,6 +336,20 @@ void launch_gemv(const void* x, const void* w, const float* xs, const float* ws,
   else
     launch(gemv_kernel<kSteps, __nv_bfloat16, false, kF8>, grid, kThreads, 0, stream, x, w, xs, ws, yb, int(n),
            int(m), int(k), lg);
+}
+
+// kQuantX: bf16 x quantized by each block (n * k codes and n scales of dynamic shared memory).
+template <int kSteps>
+void launch_gemv_quant_x(const void* x, const void* w, const float* ws, void* y, int64_t n, int64_t m, int64_t k,
+                         bool out_f32, int lg, int64_t blocks, cudaStream_t stream) {
+  const unsigned grid = static_cast<unsigned>(blocks);
+  const size_t smem = static_cast<size_t>(n * k + n * 4);
+  if (out_f32)
+    launch(gemv_kernel<kSteps, float, false, true, true>, grid, kThreads, smem, stream, x, w, nullptr, ws,
+           static_cast<float*>(y), int(n), int(m), int(k), lg);
+  else
+    launch(gemv_kernel<kSteps, __nv_bfloat16, false, true, true>, grid, kThreads, smem, stream, x, w, nullptr, ws,
+           static_cast<__nv_bfloat16*>(y), int(n), int(m), int(k), lg);
 }
 
 // How full the last wave of `blocks` is, `slots` resident at a time (1: full).
@@ -338,6 +419,10 @@ bool Gemv::supports_f8(const void* x, const void* w, int64_t n, int64_t m, int64
   return supports(x, w, n, m, k) && k % 16 == 0;
 }
 
+bool Gemv::supports_f8_quant_x(const void* x, const void* w, int64_t n, int64_t m, int64_t k) {
+  return supports_f8(x, w, n, m, k) && n <= kMaxQuantXRows && n * k + n * 4 <= kMaxQuantXBytes;
+}
+
 // An fp8 row of k codes is as many bytes as a bf16 row of k / 2: the same
 // chunks, so the same shape.
 void Gemv::launch_any(const void* x, const void* w, const float* xs, const float* ws, void* y, int64_t n, int64_t m,
@@ -368,6 +453,15 @@ void Gemv::run_silu_mul(const void* x, const void* w, void* y, int64_t n, int64_
 void Gemv::run_f8(const void* xq, const float* xs, const void* w, const float* ws, void* y, int64_t n, int64_t m,
                   int64_t k, bool out_f32, cudaStream_t stream) const {
   launch_any(xq, w, xs, ws, y, n, m, k, out_f32, false, true, stream);
+}
+
+void Gemv::run_f8_quant_x(const void* x, const void* w, const float* ws, void* y, int64_t n, int64_t m, int64_t k,
+                          bool out_f32, cudaStream_t stream) const {
+  const Shape sh = shape((m + 15) / 16, k / 2);
+  if (sh.k_steps == 4)
+    launch_gemv_quant_x<4>(x, w, ws, y, n, m, k, out_f32, sh.ks_log2, sh.blocks, stream);
+  else
+    launch_gemv_quant_x<2>(x, w, ws, y, n, m, k, out_f32, sh.ks_log2, sh.blocks, stream);
 }
 
 void Gemv::run_silu_mul_f8(const void* xq, const float* xs, const void* w, const float* ws, void* y, int64_t n,

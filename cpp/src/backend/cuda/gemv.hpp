@@ -34,6 +34,11 @@ class Gemv {
   static bool supports(const void* x, const void* w, int64_t n, int64_t m, int64_t k);
   // The same for run_f8(): k a multiple of 16 (16-byte rows of codes).
   static bool supports_f8(const void* x, const void* w, int64_t n, int64_t m, int64_t k);
+  // The same for run_f8_quant_x(): also n <= kMaxQuantXRows and x's codes and
+  // scales within kMaxQuantXBytes of shared memory a block.
+  static constexpr int64_t kMaxQuantXRows = 2;
+  static constexpr int64_t kMaxQuantXBytes = 32 * 1024;
+  static bool supports_f8_quant_x(const void* x, const void* w, int64_t n, int64_t m, int64_t k);
 
   // y (n, m) = x (n, k) @ w (m, k)^T; y fp32 when out_f32, else bf16.
   // Precondition: supports(x, w, n, m, k).
@@ -48,6 +53,12 @@ class Gemv {
   // ws (m) and xs (n) fp32. Precondition: supports_f8(xq, w, n, m, k).
   void run_f8(const void* xq, const float* xs, const void* w, const float* ws, void* y, int64_t n, int64_t m,
               int64_t k, bool out_f32, cudaStream_t stream) const;
+  // run_f8 on bf16 x (n, k): each block quantizes x per row into its shared
+  // memory first, exactly as quantize_act_rows would (fp8_rows.hpp), so y is
+  // bitwise run_f8's after that kernel, without launching it (batch-1
+  // decode: o_proj's and down's inputs). Precondition: supports_f8_quant_x(x, w, n, m, k).
+  void run_f8_quant_x(const void* x, const void* w, const float* ws, void* y, int64_t n, int64_t m, int64_t k,
+                      bool out_f32, cudaStream_t stream) const;
   // silu(gate) * up on fp8 [gate; up] (2m, k) with ws (2m). Precondition: supports_f8(xq, w, n, 2 m, k).
   void run_silu_mul_f8(const void* xq, const float* xs, const void* w, const float* ws, void* y, int64_t n,
                        int64_t m, int64_t k, cudaStream_t stream) const;
