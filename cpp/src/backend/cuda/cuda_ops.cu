@@ -71,6 +71,9 @@ void CudaBackend::linear(const Tensor& x, const Tensor& weight, int64_t n, Tenso
                               out.dtype == ScalarType::F32)) {
       fp8_pending_ = {};
       ++fp8_gemv_quantized_;
+      // The scratch is still sized as quantize_act would size it: the norms
+      // write their codes only where it holds them (fp8_norm_out).
+      ensure_fp8_act(n, k);
       return;
     }
     const float* xs = nullptr;
