@@ -4,6 +4,7 @@
 
 #include <cuda_fp8.h>
 
+#include "backend/cuda/fp8_rows.cuh"
 #include "backend/cuda/launch.cuh"
 #include "backend/fp8.hpp"
 
@@ -34,30 +35,9 @@ __global__ void __launch_bounds__(kThreads) act_rows_kernel(const __nv_bfloat16*
   const int64_t row = blockIdx.x;
   const uint4* xr = reinterpret_cast<const uint4*>(x + row * k);
   const int vecs = k / 8;
-  float amax = 0.0f;
-  for (int i = threadIdx.x; i < vecs; i += kThreads) {
-    const uint4 v = xr[i];
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const float2 f = __bfloat1622float2(h[j]);
-      amax = fmaxf(amax, fmaxf(fabsf(f.x), fabsf(f.y)));
-    }
-  }
-  const float s = e4m3_row_scale(block_max(amax));
+  const float s = e4m3_row_scale(block_max(row_amax_part(xr, vecs, kThreads)));
   if (threadIdx.x == 0) scale[row] = s;
-  uint2* qr = reinterpret_cast<uint2*>(q + row * k);
-  for (int i = threadIdx.x; i < vecs; i += kThreads) {
-    const uint4 v = xr[i];
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-    uint32_t c[4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const float2 f = __bfloat1622float2(h[j]);
-      c[j] = __nv_cvt_float2_to_fp8x2(make_float2(f.x / s, f.y / s), __NV_SATFINITE, __NV_E4M3);
-    }
-    qr[i] = make_uint2(c[0] | (c[1] << 16), c[2] | (c[3] << 16));
-  }
+  row_codes_part(xr, reinterpret_cast<uint2*>(q + row * k), vecs, kThreads, s);
 }
 
 // w (m, k) fp32: codes by float_to_e4m3, bit for bit the CPU's.

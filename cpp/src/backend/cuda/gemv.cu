@@ -43,13 +43,13 @@
 // 98-101, lm head 128256 x 4096 (fp32 out) 104-105; cuBLASLt 75, 67, 94, 87, 94.
 // Without PDL the short ones lost ~3 us a call to launch and ramp-up.
 #include <cuda_bf16.h>
-#include <cuda_fp8.h>
 
 #include <algorithm>
 #include <type_traits>
 
 #include "backend/cuda/cuda_check.hpp"
 #include "backend/cuda/elementwise.cuh"
+#include "backend/cuda/fp8_rows.cuh"
 #include "backend/cuda/gemv.hpp"
 #include "backend/cuda/launch.cuh"
 #include "backend/fp8.hpp"
@@ -90,24 +90,15 @@ __device__ __forceinline__ uint4 x_vec(const uint4* p) {
 
 // kQuantX's prologue: the n rows of bf16 x (n, k) as e4m3 codes into q (n, k)
 // and their scales into scale (n), in shared memory, exactly as
-// act_rows_kernel (fp8_rows.cu) writes them: the row's largest magnitude,
-// e4m3_row_scale of it, codes of x / scale by cvt.rn.satfinite.e4m3x2, so
-// the product is bitwise the one after a quantizing kernel.
+// act_rows_kernel (fp8_rows.cu) writes them (fp8_rows.cuh: the row's largest
+// magnitude, e4m3_row_scale of it, codes of x / scale), so the product is
+// bitwise the one after a quantizing kernel.
 __device__ void quantize_x_rows(const __nv_bfloat16* __restrict__ x, int n, int k, uint8_t* q, float* scale) {
   __shared__ float part[kWarps];
   const int vecs = k / 8, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   for (int r = 0; r < n; ++r) {
     const uint4* xr = reinterpret_cast<const uint4*>(x + int64_t(r) * k);
-    float amax = 0.0f;
-    for (int i = threadIdx.x; i < vecs; i += kThreads) {
-      const uint4 v = __ldg(xr + i);
-      const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float2 f = __bfloat1622float2(h[j]);
-        amax = fmaxf(amax, fmaxf(fabsf(f.x), fabsf(f.y)));
-      }
-    }
+    float amax = row_amax_part(xr, vecs, kThreads);
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
     if (lane == 0) part[warp] = amax;
@@ -117,18 +108,7 @@ __device__ void quantize_x_rows(const __nv_bfloat16* __restrict__ x, int n, int 
     for (int w = 1; w < kWarps; ++w) amax = fmaxf(amax, part[w]);
     const float s = e4m3_row_scale(amax);
     if (threadIdx.x == 0) scale[r] = s;
-    uint2* qr = reinterpret_cast<uint2*>(q + int64_t(r) * k);
-    for (int i = threadIdx.x; i < vecs; i += kThreads) {
-      const uint4 v = __ldg(xr + i);
-      const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-      uint32_t c[4];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float2 f = __bfloat1622float2(h[j]);
-        c[j] = __nv_cvt_float2_to_fp8x2(make_float2(f.x / s, f.y / s), __NV_SATFINITE, __NV_E4M3);
-      }
-      qr[i] = make_uint2(c[0] | (c[1] << 16), c[2] | (c[3] << 16));
-    }
+    row_codes_part(xr, reinterpret_cast<uint2*>(q + int64_t(r) * k), vecs, kThreads, s);
     __syncthreads();  // part[] is the next row's; the codes are every warp's
   }
 }
