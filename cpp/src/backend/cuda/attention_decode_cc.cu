@@ -122,21 +122,25 @@ __device__ __forceinline__ void unpack8(const F8Raw8& r, float* f) {
 }
 
 // A row of D values held 8 a lane by the TPK lanes of a key group, quantized
-// as store_kv_row (kv_fp8.cuh) would: the largest magnitude over the group by
-// shuffles (every lane of the warp must call it), its exponent, the codes.
+// as store_kv_row (kv_fp8.cuh) would (kv_row_codes; every lane of the warp
+// must call it).
 template <int TPK>
 __device__ __forceinline__ F8Raw8 quantize8(const float (&x)[8]) {
-  float amax = 0.0f;
-#pragma unroll
-  for (int j = 0; j < 8; ++j) amax = fmaxf(amax, fabsf(x[j]));
-#pragma unroll
-  for (int o = TPK / 2; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-  const int e = kv_row_exponent(amax);
-  const float inv = exp2_int(-e);
+  uint8_t c[8];
+  const int e = kv_row_codes<8, TPK>(x, c);
   uint32_t w[2] = {0u, 0u};
 #pragma unroll
-  for (int j = 0; j < 8; ++j) w[j / 4] |= uint32_t(float_to_e4m3(x[j] * inv)) << (8 * (j % 4));
+  for (int j = 0; j < 8; ++j) w[j / 4] |= uint32_t(c[j]) << (8 * (j % 4));
   return {make_uint2(w[0], w[1]), static_cast<int8_t>(e)};
+}
+
+// A flat KV slot's block and offset in it (shift >= 0: a shift and a mask).
+struct SlotPlace {
+  int64_t block, offset;
+};
+__device__ __forceinline__ SlotPlace slot_place(int64_t slot, int bs, int shift) {
+  if (shift >= 0) return {slot >> shift, slot & (bs - 1)};
+  return {slot / bs, slot % bs};
 }
 
 // A key's K or V row of the cache (F8: p.fp8's k or v; else p.kv's) at the
@@ -148,10 +152,10 @@ __device__ __forceinline__ KvRaw8<T, F8> load_kv8(const AttentionParamsT<T>& p, 
                                                    int lane, int bs, int shift) {
   if constexpr (F8) {
     const Fp8Kv& f = p.fp8;
-    const int64_t blk = shift >= 0 ? slot >> shift : slot / bs, o = shift >= 0 ? slot & (bs - 1) : slot % bs;
+    const SlotPlace at = slot_place(slot, bs, shift);
     const uint8_t* base = is_v ? f.v : f.k;
-    return {__ldg(reinterpret_cast<const uint2*>(base + f.code_offset(blk, o, kvh) + lane * 8)),
-            static_cast<int8_t>(__ldg(base + f.exp_offset(blk, o, kvh)))};
+    return {__ldg(reinterpret_cast<const uint2*>(base + f.code_offset(at.block, at.offset, kvh) + lane * 8)),
+            static_cast<int8_t>(__ldg(base + f.exp_offset(at.block, at.offset, kvh)))};
   } else {
     return load8((is_v ? p.kv.v : p.kv.k) + p.kv.slot_offset(slot, kvh) + lane * 8);
   }
@@ -269,13 +273,14 @@ __global__ void __launch_bounds__(128) decode_kernel(AttentionParamsT<T> p, Deco
         sm_new[0][lane] = kq;
         sm_new[1][lane] = vq;
         const Fp8Kv& f = p.fp8;
-        const int64_t blk = shift >= 0 ? it.slot >> shift : it.slot / bs;
-        const int64_t o = shift >= 0 ? it.slot & (bs - 1) : it.slot % bs;
-        *reinterpret_cast<uint2*>(f.k + f.code_offset(blk, o, kvh) + lane * 8) = kq.codes;
-        *reinterpret_cast<uint2*>(f.v + f.code_offset(blk, o, kvh) + lane * 8) = vq.codes;
+        const SlotPlace at = slot_place(it.slot, bs, shift);
+        const int64_t codes = f.code_offset(at.block, at.offset, kvh) + lane * 8;
+        const int64_t exp = f.exp_offset(at.block, at.offset, kvh);
+        *reinterpret_cast<uint2*>(f.k + codes) = kq.codes;
+        *reinterpret_cast<uint2*>(f.v + codes) = vq.codes;
         if (lane == 0) {
-          f.k[f.exp_offset(blk, o, kvh)] = static_cast<uint8_t>(kq.exp);
-          f.v[f.exp_offset(blk, o, kvh)] = static_cast<uint8_t>(vq.exp);
+          f.k[exp] = static_cast<uint8_t>(kq.exp);
+          f.v[exp] = static_cast<uint8_t>(vq.exp);
         }
       }
     } else {

@@ -314,7 +314,7 @@ void CudaBackend::ensure_fp8_act(int64_t n, int64_t k) {
 
 const uint8_t* CudaBackend::quantize_act(const Tensor& x, int64_t n, int64_t k, const float** scale) {
   require(x.dtype == ScalarType::BF16 && x.dim(1) == k, "linear: fp8 weights take bf16 x of their k columns");
-  const bool ready = fp8_pending_.x == x.data && fp8_pending_.n == n && fp8_pending_.k == k;
+  const bool ready = fp8_codes_pending(x, n, k);
   fp8_pending_ = {};
   const uint8_t* before = fp8_act_;
   ensure_fp8_act(n, k);

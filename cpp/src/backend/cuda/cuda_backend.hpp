@@ -160,6 +160,10 @@ class CudaBackend final : public Backend {
   // x (n, k) quantized per token into fp8_act_ (grown first where it is too
   // small); returns the codes, *scale the (n) scales.
   const uint8_t* quantize_act(const Tensor& x, int64_t n, int64_t k, const float** scale);
+  // Whether the norm before wrote x's (n, k) codes into fp8_act_ (fp8_pending_).
+  bool fp8_codes_pending(const Tensor& x, int64_t n, int64_t k) const {
+    return fp8_pending_.x == x.data && fp8_pending_.n == n && fp8_pending_.k == k;
+  }
   void ensure_fp8_act(int64_t n, int64_t k);
   // fp8_act_'s layout for x (n, k): its bytes, and where the scales start.
   static size_t fp8_act_scale_offset(int64_t n, int64_t k) { return (static_cast<size_t>(n * k) + 15) / 16 * 16; }

@@ -65,8 +65,7 @@ void CudaBackend::linear(const Tensor& x, const Tensor& weight, int64_t n, Tenso
     // Without a norm's codes for x, a GEMV of up to 2 rows quantizes x itself
     // (Gemv::run_f8_quant_x: batch-1 decode's o_proj and down); else
     // quantize_act takes a norm's pending codes or quantizes x.
-    const bool pending = fp8_pending_.x == x.data && fp8_pending_.n == n && fp8_pending_.k == k;
-    if (gemv_quant_x_ && !pending && x.dtype == ScalarType::BF16 && x.dim(1) == k &&
+    if (gemv_quant_x_ && !fp8_codes_pending(x, n, k) && x.dtype == ScalarType::BF16 && x.dim(1) == k &&
         gemm_->run_f8_quant_x(x.data, weight.data, weight.row_scale->as<float>(), out.data, n, m, k,
                               out.dtype == ScalarType::F32)) {
       fp8_pending_ = {};
@@ -146,6 +145,10 @@ AttentionParamsT<T> CudaBackend::attention_params(const Tensor& qkv, const Tenso
   p.kv = nhd_paged_kv(const_cast<T*>(k_cache.as<T>()), const_cast<T*>(v_cache.as<T>()), k_cache.dim(1), Hkv, D,
                       dev_.page_indptr, dev_.page_indices);
   p.kv.num_blocks = k_cache.dim(0);
+  if (k_cache.dtype == ScalarType::F8E4M3) {  // kv keeps the shape and page table; the codes are p.fp8's
+    p.fp8 = fp8_view(k_cache, v_cache, Hkv, D, dev_.page_indptr, dev_.page_indices);
+    p.kv.k = p.kv.v = nullptr;
+  }
   p.out = out.as<T>();
   p.positions = dev_.positions;
   p.query_start = dev_.query_start;
@@ -185,10 +188,9 @@ void CudaBackend::paged_attention_fp8(const Tensor& qkv, const Tensor& k_cache, 
           "paged_attention: an fp8 cache with bf16 activations");
   plan_attention(num_heads, num_kv_heads, head_dim);
   const AttentionPlan& plan = plan_info_;
-  // The bf16 kernels' parameters; kv's pointers are replaced below (prefill: the
-  // scratch; decode: none, it reads p.fp8).
-  AttentionParams p = attention_params<bf16>(qkv, k_cache, v_cache, num_heads, num_kv_heads, head_dim, scale, out);
-  p.fp8 = fp8_view(k_cache, v_cache, num_kv_heads, head_dim, dev_.page_indptr, dev_.page_indices);
+  // Decode reads p.fp8; prefill's kv is replaced below by the scratch.
+  const AttentionParams p =
+      attention_params<bf16>(qkv, k_cache, v_cache, num_heads, num_kv_heads, head_dim, scale, out);
   if (plan.prefill.num_tiles > 0) {
     const int64_t block_elems = k_cache.dim(1) * num_kv_heads * head_dim;
     const size_t need = static_cast<size_t>(2 * plan.num_fp8_pages * block_elems) * sizeof(bf16);
@@ -208,7 +210,6 @@ void CudaBackend::paged_attention_fp8(const Tensor& qkv, const Tensor& k_cache, 
     pf.kv.num_blocks = plan.num_fp8_pages;
     prefill_attention(pf, plan.prefill, stream_);
   }
-  p.kv.k = p.kv.v = nullptr;
   decode_attention(p, plan.decode, stream_);
 }
 
@@ -226,12 +227,12 @@ void CudaBackend::rope_cache_attention(Tensor& qkv, const RopeTable& rope, int64
   plan_attention(num_heads, num_kv_heads, head_dim);
   // Only where every token is its sequence's only query token: a prefill
   // token reads the keys of the tokens before it in the same step, which
-  // must be in the cache first.
-  // The fp8 kernel's append (attention_decode_fp8.cu) delays its block's
-  // first load, which costs more than two small kernels once the grid is
-  // more than a block an SM: fused only up to that (H200, 8B shape with fp8
-  // weights and KV: batch-1 TPOT 3.36 ms fused against 3.45 unfused, 512 x
-  // 1,024/1,024 14,558 tok/s fused against 15,069, 2026-12-04).
+  // must be in the cache first. On an fp8 cache only up to a block an SM:
+  // the fp8 kernel's append (attention_decode_fp8.cu) delays its block's
+  // first load, which costs more than two small kernels in bigger grids
+  // (H200, 8B shape with fp8 weights and KV: batch-1 TPOT 3.36 ms fused
+  // against 3.45 unfused, 512 x 1,024/1,024 14,558 tok/s fused against
+  // 15,069, 2026-12-04).
   const bool fp8 = k_cache.dtype == ScalarType::F8E4M3;
   const int64_t blocks = int64_t(plan_info_.decode.num_items) * num_kv_heads * plan_info_.decode.num_splits;
   if (!fuse_ || host_.num_tokens != host_.num_seqs || plan_info_.prefill.num_tiles != 0 || !plan_info_.slots_fit ||
@@ -240,19 +241,13 @@ void CudaBackend::rope_cache_attention(Tensor& qkv, const RopeTable& rope, int64
     paged_attention(qkv, k_cache, v_cache, num_heads, num_kv_heads, head_dim, scale, out);
     return;
   }
-  if (fp8) {  // the fp8 kernel rotates, quantizes and appends (attention_decode_fp8.cu)
-    require(qkv.dtype == ScalarType::BF16 && out.dtype == ScalarType::BF16 && v_cache.dtype == ScalarType::F8E4M3,
+  if (fp8)  // the fp8 kernels rotate, quantize and append (attention_decode_fp8.cu, attention_decode_cc.cu)
+    require(act_ == ScalarType::BF16 && qkv.dtype == act_ && out.dtype == act_ &&
+                v_cache.dtype == ScalarType::F8E4M3,
             "rope_cache_attention: an fp8 cache with bf16 activations");
-    AttentionParams p = attention_params<bf16>(qkv, k_cache, v_cache, num_heads, num_kv_heads, head_dim, scale, out);
-    p.fp8 = fp8_view(k_cache, v_cache, num_kv_heads, head_dim, dev_.page_indptr, dev_.page_indices);
-    p.kv.k = p.kv.v = nullptr;
-    p.rope_cos = rope.cos.as<float>();
-    p.rope_sin = rope.sin.as<float>();
-    decode_attention(p, plan_info_.decode, stream_);
-    return;
-  }
-  require(qkv.dtype == act_ && out.dtype == act_ && k_cache.dtype == act_ && v_cache.dtype == act_,
-          "rope_cache_attention: qkv, caches and out of the activation dtype");
+  else
+    require(qkv.dtype == act_ && out.dtype == act_ && k_cache.dtype == act_ && v_cache.dtype == act_,
+            "rope_cache_attention: qkv, caches and out of the activation dtype");
   auto fused = [&](auto p) {
     p.rope_cos = rope.cos.as<float>();
     p.rope_sin = rope.sin.as<float>();

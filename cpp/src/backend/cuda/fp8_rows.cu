@@ -4,6 +4,7 @@
 
 #include <cuda_fp8.h>
 
+#include "backend/cuda/block_reduce.cuh"
 #include "backend/cuda/fp8_rows.cuh"
 #include "backend/cuda/launch.cuh"
 #include "backend/fp8.hpp"
@@ -12,18 +13,6 @@ namespace pagedrt::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-
-// The block's max of v (every thread gets it).
-__device__ float block_max(float v) {
-  __shared__ float part[kThreads / 32];
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  if (threadIdx.x % 32 == 0) part[threadIdx.x / 32] = v;
-  __syncthreads();
-  v = part[0];
-#pragma unroll
-  for (int w = 1; w < kThreads / 32; ++w) v = fmaxf(v, part[w]);
-  return v;
-}
 
 // x (n, k) bf16, k % 8 == 0 and 16-byte rows: 8 values a load, codes with
 // cvt.rn.satfinite.e4m3x2 (NaN stays NaN).

@@ -47,6 +47,7 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "backend/cuda/block_reduce.cuh"
 #include "backend/cuda/cuda_check.hpp"
 #include "backend/cuda/elementwise.cuh"
 #include "backend/cuda/fp8_rows.cuh"
@@ -94,23 +95,14 @@ __device__ __forceinline__ uint4 x_vec(const uint4* p) {
 // magnitude, e4m3_row_scale of it, codes of x / scale), so the product is
 // bitwise the one after a quantizing kernel.
 __device__ void quantize_x_rows(const __nv_bfloat16* __restrict__ x, int n, int k, uint8_t* q, float* scale) {
-  __shared__ float part[kWarps];
-  const int vecs = k / 8, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int vecs = k / 8;
   for (int r = 0; r < n; ++r) {
     const uint4* xr = reinterpret_cast<const uint4*>(x + int64_t(r) * k);
-    float amax = row_amax_part(xr, vecs, kThreads);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-    if (lane == 0) part[warp] = amax;
-    __syncthreads();
-    amax = part[0];
-#pragma unroll
-    for (int w = 1; w < kWarps; ++w) amax = fmaxf(amax, part[w]);
-    const float s = e4m3_row_scale(amax);
+    const float s = e4m3_row_scale(block_max(row_amax_part(xr, vecs, kThreads)));
     if (threadIdx.x == 0) scale[r] = s;
     row_codes_part(xr, reinterpret_cast<uint2*>(q + int64_t(r) * k), vecs, kThreads, s);
-    __syncthreads();  // part[] is the next row's; the codes are every warp's
   }
+  __syncthreads();  // the codes and scales are every warp's
 }
 
 __device__ __forceinline__ void store(float* p, float v) { *p = v; }

@@ -64,25 +64,34 @@ __device__ __forceinline__ uint4 e4m3_x8(uint2 c, float scale) {
   return r;
 }
 
-// One warp stores a row of D values (lane l holds dims l D/32 .. + D/32 - 1)
-// as kv head h of the token at offset `off` of block `block` of `base` (kv.k
-// or kv.v): the largest magnitude by shuffles, its exponent
-// (kv_row_exponent), then D / 32 codes a lane and lane 0 the exponent byte.
-template <int D>
-__device__ void store_kv_row(const float (&x)[D / 32], int lane, const Fp8Kv& kv, uint8_t* base, int64_t block,
-                             int64_t off, int h) {
-  constexpr int kPer = D / 32;
+// A KV row held kPer values a lane by an aligned group of kLanes lanes of
+// a warp (every lane of the warp must call it), as the fp8 cache stores it:
+// the row's largest magnitude by shuffles within the group, its exponent
+// (kv_row_exponent, returned) and this lane's codes of x / 2^e.
+template <int kPer, int kLanes>
+__device__ __forceinline__ int kv_row_codes(const float (&x)[kPer], uint8_t (&c)[kPer]) {
   float amax = 0.0f;
 #pragma unroll
   for (int i = 0; i < kPer; ++i) amax = fmaxf(amax, fabsf(x[i]));
 #pragma unroll
-  for (int o = 16; o > 0; o /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  for (int o = kLanes / 2; o > 0; o /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
   const int e = kv_row_exponent(amax);
   const float inv = exp2_int(-e);
-  uint8_t* codes = base + kv.code_offset(block, off, h) + lane * kPer;
-  uint8_t c[kPer];
 #pragma unroll
   for (int i = 0; i < kPer; ++i) c[i] = float_to_e4m3(x[i] * inv);
+  return e;
+}
+
+// One warp stores a row of D values (lane l holds dims l D/32 .. + D/32 - 1)
+// as kv head h of the token at offset `off` of block `block` of `base` (kv.k
+// or kv.v): kv_row_codes, then D / 32 codes a lane and lane 0 the exponent byte.
+template <int D>
+__device__ void store_kv_row(const float (&x)[D / 32], int lane, const Fp8Kv& kv, uint8_t* base, int64_t block,
+                             int64_t off, int h) {
+  constexpr int kPer = D / 32;
+  uint8_t c[kPer];
+  const int e = kv_row_codes<kPer, 32>(x, c);
+  uint8_t* codes = base + kv.code_offset(block, off, h) + lane * kPer;
   if constexpr (kPer == 4) {
     *reinterpret_cast<uint32_t*>(codes) = c[0] | (c[1] << 8) | (c[2] << 16) | (uint32_t(c[3]) << 24);
   } else {
