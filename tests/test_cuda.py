@@ -618,6 +618,17 @@ def attention_inputs(rng, seqs, H, Hkv, D, block_size=16):
     return b, qkv, kc, vc
 
 
+def assert_close_per_token(ours, ref, name, tag):
+    """ours (tokens, ...) within BF16_TOL of ref over the batch (recorded as
+    `name`) and within twice that per token: a wrong sequence hides in a norm
+    over the batch. tag: the case, for the assertion's message."""
+    e = rel_err(ours, ref)
+    record(name, e)
+    assert e <= BF16_TOL, tag + (e,)
+    for t in range(len(ref)):
+        assert rel_err(ours[t], ref[t]) <= 2 * BF16_TOL, tag + (t,)
+
+
 def contiguous_attention(b, qkv, kc, vc, H, Hkv, D, scale, block_size=16):
     """float64 attention over each sequence's K/V gathered from its blocks into one array."""
     G = H // Hkv
@@ -780,11 +791,7 @@ def test_prefill_kernel_forced(monkeypatch, capfd, rows, kernel):
         set_batch(gpu, b)
         ours = gpu.paged_attention(qkv, kc, vc, H, Hkv, D, D ** -0.5)
         ref = contiguous_attention(b, qkv, kc, vc, H, Hkv, D, D ** -0.5)
-        e = rel_err(ours, ref)
-        record(f"prefill_{kernel}_{rows}[D={D},G={H // Hkv}]", e)
-        assert e <= BF16_TOL, (rows, kernel, D, H, Hkv, e)
-        for t in range(len(b["tokens"])):
-            assert rel_err(ours[t], ref[t]) <= 2 * BF16_TOL, (rows, kernel, D, H, Hkv, t)
+        assert_close_per_token(ours, ref, f"prefill_{kernel}_{rows}[D={D},G={H // Hkv}]", (rows, kernel, D, H, Hkv))
 
 
 @pytest.mark.parametrize("stages", ["2", "3"])
@@ -810,11 +817,7 @@ def test_prefill_ws_block_sizes(monkeypatch, stages):
             set_batch(gpu, b)
             ours = gpu.paged_attention(qkv, kc, vc, H, Hkv, 128, 128 ** -0.5)
             ref = contiguous_attention(b, qkv, kc, vc, H, Hkv, 128, 128 ** -0.5, block_size=bs)
-            e = rel_err(ours, ref)
-            record(f"prefill_ws{stages}[bs={bs},G={H // Hkv}]", e)
-            assert e <= BF16_TOL, (stages, bs, H, Hkv, e)
-            for t in range(len(b["tokens"])):
-                assert rel_err(ours[t], ref[t]) <= 2 * BF16_TOL, (stages, bs, H, Hkv, t)
+            assert_close_per_token(ours, ref, f"prefill_ws{stages}[bs={bs},G={H // Hkv}]", (stages, bs, H, Hkv))
 
 
 @pytest.mark.parametrize("kernel", ["mma", "wgmma", "ws"])
@@ -867,11 +870,8 @@ def test_decode_kernel_forced(monkeypatch, kernel):
             set_batch(gpu, b)
             out = gpu.paged_attention(qkv, kc, vc, H, Hkv, D, D ** -0.5)
             ref = contiguous_attention(b, qkv, kc, vc, H, Hkv, D, D ** -0.5)
-            e = rel_err(out, ref)
-            record(f"decode_kernel_forced[{kernel},{kind},D={D},G={H // Hkv}]", e)
-            assert e <= BF16_TOL, (kind, D, H, Hkv)
-            for t in range(len(b["tokens"])):
-                assert rel_err(out[t], ref[t]) <= 2 * BF16_TOL, (kind, D, H, Hkv, t)
+            assert_close_per_token(out, ref, f"decode_kernel_forced[{kernel},{kind},D={D},G={H // Hkv}]",
+                                   (kind, D, H, Hkv))
 
 
 @pytest.mark.parametrize("kernel", ["2x3", "4x3", "2x2"])
@@ -902,11 +902,8 @@ def test_decode_splits_merged_by_the_last_block(monkeypatch, kernel):
                 assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2]), tag
                 assert np.array_equal(outs[0], outs[3]), tag
                 ref = contiguous_attention(b, qkv, kc, vc, H, Hkv, D, D ** -0.5)
-                e = rel_err(outs[0], ref)
-                record(f"decode_merged_in_block[{kernel},{splits},{kind},D={D},G={H // Hkv}]", e)
-                assert e <= BF16_TOL, tag
-                for t in range(len(b["tokens"])):
-                    assert rel_err(outs[0][t], ref[t]) <= 2 * BF16_TOL, tag + (t,)
+                assert_close_per_token(outs[0], ref,
+                                       f"decode_merged_in_block[{kernel},{splits},{kind},D={D},G={H // Hkv}]", tag)
 
 
 def test_unsupported_head_dim_is_a_clear_error(tiny_llama):
@@ -1821,11 +1818,9 @@ def test_fp8_kv_decode_kernel_forced(monkeypatch, kernel):
                 tag = (kernel, splits, kind, D, H, Hkv)
                 assert np.array_equal(outs[0], outs[1]), tag
                 ref = contiguous_attention(b, qkv, kd, vd, H, Hkv, D, D ** -0.5)
-                e = rel_err(outs[0], ref)
-                record(f"fp8_decode_kernel_forced[{kernel},{splits or 'plan'},{kind},D={D},G={H // Hkv}]", e)
-                assert e <= BF16_TOL, tag
-                for t in range(len(b["tokens"])):
-                    assert rel_err(outs[0][t], ref[t]) <= 2 * BF16_TOL, tag + (t,)
+                assert_close_per_token(
+                    outs[0], ref, f"fp8_decode_kernel_forced[{kernel},{splits or 'plan'},{kind},D={D},G={H // Hkv}]",
+                    tag)
 
 
 def test_fp8_kv_end_to_end_matches_the_cpu(tiny_llama):
@@ -1918,11 +1913,7 @@ def test_fp8_kv_attention_with_exponents_far_apart(fp8_ops, kind):
         set_batch(o, b)
         res.append(o.paged_attention(qkv, k8, v8, H, Hkv, D, D ** -0.5))
     oracle, ours = res
-    e = rel_err(ours, oracle)
-    record(f"fp8_kv_attention_wide_exponents[{kind}]", e)
-    assert e <= BF16_TOL
-    for t in range(len(b["tokens"])):
-        assert rel_err(ours[t], oracle[t]) <= 2 * BF16_TOL, t
+    assert_close_per_token(ours, oracle, f"fp8_kv_attention_wide_exponents[{kind}]", (kind,))
 
 
 # ---- fp8 weights (quantization="fp8": W8A8 on the GPU) -------------------------
