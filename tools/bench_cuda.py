@@ -113,17 +113,26 @@ def flashinfer_decode(B, C, H, Hkv, D, bs):
     return ms
 
 
+def paged_batch(B, C, q_len, bs, rng):
+    """B sequences of context C whose last q_len tokens are the queries, their
+    blocks in shuffled order: the number of blocks, and _Ops.set_batch's arrays."""
+    nb = B * C // bs
+    perm = rng.permutation(nb).astype(np.int32)
+    table = perm.reshape(B, C // bs)
+    pos = np.tile(np.arange(C - q_len, C, dtype=np.int32), B)
+    slots = (table[np.repeat(np.arange(B), q_len), pos // bs].astype(np.int64) * bs + pos % bs)
+    return nb, (np.zeros(B * q_len, np.int32), pos, slots, np.arange(0, B * q_len + 1, q_len, dtype=np.int32),
+                np.full(B, C, np.int32), np.arange(0, nb + 1, C // bs, dtype=np.int32), perm,
+                np.arange(B, dtype=np.int32) * q_len + q_len - 1)
+
+
 def pagedrt_attention_s(B, C, q_len, H, Hkv, D, bs, base, rng, iters=30, fp8=False):
     """Median seconds of one pagedrt paged_attention call: B sequences of context C
     whose last q_len tokens are the queries (1: decode; C: a prompt from scratch),
     blocks in shuffled order, values tiled from `base` (fp8: an fp8 cache of
     codes and exponents tiled from it, kv_cache_dtype="fp8")."""
     from pagedrt import _testing
-    nb = B * C // bs
-    perm = rng.permutation(nb).astype(np.int32)
-    table = perm.reshape(B, C // bs)
-    pos = np.tile(np.arange(C - q_len, C, dtype=np.int32), B)
-    slots = (table[np.repeat(np.arange(B), q_len), pos // bs].astype(np.int64) * bs + pos % bs)
+    nb, batch = paged_batch(B, C, q_len, bs, rng)
     qkv = np.resize(base, (B * q_len, (H + 2 * Hkv) * D))
     kc = np.resize(base[7:], (nb, bs, Hkv, D))
     vc = np.resize(base[11:], (nb, bs, Hkv, D))
@@ -133,9 +142,7 @@ def pagedrt_attention_s(B, C, q_len, H, Hkv, D, bs, base, rng, iters=30, fp8=Fal
         kc.reshape(nb, -1)[:, bs * Hkv * D:] = 0
         vc = kc.copy()
     ops = _testing._Ops("cuda", kv_cache_dtype="fp8" if fp8 else "")
-    ops.set_batch(np.zeros(B * q_len, np.int32), pos, slots, np.arange(0, B * q_len + 1, q_len, dtype=np.int32),
-                  np.full(B, C, np.int32), np.arange(0, nb + 1, C // bs, dtype=np.int32), perm,
-                  np.arange(B, dtype=np.int32) * q_len + q_len - 1)
+    ops.set_batch(*batch)
     return statistics.median(ops.bench_paged_attention(qkv, kc, vc, H, Hkv, D, D ** -0.5, iters) for _ in range(5))
 
 
@@ -210,12 +217,7 @@ def decode_plan(B, C, H, Hkv, D, bs, fp8=False):
     of context C (the batch only: no cache is made)."""
     from pagedrt import _testing
     ops = _testing._Ops("cuda", kv_cache_dtype="fp8" if fp8 else "")
-    nb = B * C // bs
-    pos = np.full(B, C - 1, np.int32)
-    slots = (np.arange(B, dtype=np.int64) * (C // bs) + (C - 1) // bs) * bs + (C - 1) % bs
-    ops.set_batch(np.zeros(B, np.int32), pos, slots, np.arange(B + 1, dtype=np.int32), np.full(B, C, np.int32),
-                  np.arange(0, nb + 1, C // bs, dtype=np.int32), np.arange(nb, dtype=np.int32),
-                  np.arange(B, dtype=np.int32))
+    ops.set_batch(*paged_batch(B, C, 1, bs, np.random.default_rng(0))[1])
     return tuple(ops.decode_plan(H, Hkv, D))
 
 
@@ -669,6 +671,14 @@ def launch_ab(model):
     return {f"tpot_ms_graphs{g}_pdl{p}_fuse{f}": tpot[setting(g, p, f)] for g, p, f in flags}
 
 
+def split_setting(setting):
+    """"NAME=VALUE,NAME=VALUE" as (environment variables: upper-case names,
+    Runtime options: lower-case ones)."""
+    pairs = dict(kv.split("=", 1) for kv in setting.split(",") if kv)
+    return ({k: v for k, v in pairs.items() if not k.islower()},
+            {k: v for k, v in pairs.items() if k.islower()})
+
+
 @contextlib.contextmanager
 def runtime_under(model, setting, **kw):
     """A CUDA Runtime made under a setting ("NAME=VALUE,NAME=VALUE" of
@@ -678,9 +688,8 @@ def runtime_under(model, setting, **kw):
     import gc
     import pagedrt
 
-    pairs = dict(kv.split("=", 1) for kv in setting.split(",") if kv)
-    env = {k: v for k, v in pairs.items() if not k.islower()}
-    kw.update({k: v for k, v in pairs.items() if k.islower()})
+    env, options = split_setting(setting)
+    kw.update(options)
     os.environ.update(env)
     rt = pagedrt.Runtime(model, device="cuda", **kw)
     try:

@@ -86,9 +86,9 @@ def main():
     out_path, model = sys.argv[1], sys.argv[2]
     mode = sys.argv[3] if len(sys.argv) > 3 else "auto"
     rng = np.random.default_rng(0)
-    pairs = dict(kv.split("=", 1) for kv in sys.argv[5].split(",")) if len(sys.argv) > 5 and sys.argv[5] else {}
-    extra = {k: v for k, v in pairs.items() if k.islower()}
-    os.environ.update({k: v for k, v in pairs.items() if not k.islower()})
+    from bench_cuda import split_setting
+    env, extra = split_setting(sys.argv[5] if len(sys.argv) > 5 else "")
+    os.environ.update(env)
     rt = pagedrt.Runtime(model, device="cuda", max_num_seqs=256, max_num_batched_tokens=8192,
                          async_scheduling=mode, **extra)
     greedy = dict(ignore_eos=True, temperature=0.0)
@@ -103,7 +103,7 @@ def main():
     if len(sys.argv) > 4:
         phases = [phases[int(i)] for i in sys.argv[4].split(",")]
     result["async_scheduling"] = mode
-    result["options"] = pairs
+    result["options"] = {**env, **extra}
     for title, prompts, n in phases:
         # The same shapes once unprofiled first, so that plans and buffers are made
         # (fresh tokens: no cached prefix).
