@@ -1743,33 +1743,37 @@ def test_fp8_decode_plan_takes_the_measured_shapes(monkeypatch):
     at least 2,048 keys a block (64 x 2,048 unsplit; 16 x 8,192), 2 x 4 on
     shorter chunks (512 x 512; batch 1 at 256 keys), 4 warps where 2 would
     cut a context into more than 32 splits (1 x 32,768); the splits cover
-    every context. PAGEDRT_DECODE_KERNEL overrides them."""
+    every context. The CUDA-core kernel exactly where the grid is at most one
+    block an SM (batch 1 at 256 keys), as on a bf16 cache.
+    PAGEDRT_DECODE_KERNEL overrides them."""
     ops = _testing._Ops("cuda", kv_cache_dtype="fp8")
     rng = np.random.default_rng(5)
 
     def plan(o, B, C):
         set_batch(o, make_batch(rng, [(C - 1, 1)] * B))
-        warps, stages, splits, chunk = o.decode_plan(32, 8, 128)
+        warps, stages, splits, chunk, cc = o.decode_plan(32, 8, 128)
         assert splits * chunk >= C, (B, C)
-        return warps, stages, splits, chunk
+        return warps, stages, splits, chunk, cc
 
     assert plan(ops, 64, 2048)[:3] == (2, 6, 1)
     warps, stages, _, chunk = plan(ops, 16, 8192)
     assert (warps, stages) == (2, 6) and chunk >= 2048
     assert plan(ops, 512, 512)[:2] == (2, 4)
     assert plan(ops, 1, 256)[:2] == (2, 4)
+    assert plan(ops, 1, 256)[4] == 1  # 8 blocks a split
     assert plan(ops, 1, 32768)[0] == 4
+    assert [plan(ops, B, C)[4] for B, C in ((64, 2048), (16, 8192), (512, 512), (1, 32768))] == [0] * 4
     monkeypatch.setenv("PAGEDRT_DECODE_KERNEL", "2x3")
     assert plan(_testing._Ops("cuda", kv_cache_dtype="fp8"), 64, 2048)[:2] == (2, 3)
 
 
-@pytest.mark.parametrize("kernel", ["", "cc"])
+@pytest.mark.parametrize("kernel", ["", "cc", "2x4"])
 @pytest.mark.parametrize("D,H,Hkv", [(64, 9, 3), (128, 32, 8), (128, 8, 8)])
 @pytest.mark.parametrize("kind", sorted(ATTN_BATCHES))
 def test_fp8_kv_rope_cache_attention(fp8_ops, monkeypatch, D, H, Hkv, kind, kernel):
     """rope_cache_attention on an fp8 cache: in decode-only steps the fp8
-    decode kernel (the tensor-core one; "cc": the CUDA-core one, forced)
-    rotates q and the new k and quantizes k and v into their slots itself; it
+    decode kernel (the plan's; "cc": the CUDA-core one, forced; "2x4": the
+    tensor-core one, forced) rotates q and the new k and quantizes k and v into their slots itself; it
     must equal rope_and_cache + paged_attention bitwise (output, and both
     caches' codes and exponents), with splits ("decode-b1") and without. A
     mixed step, and a decode step of more blocks than SMs, run the two ops.
@@ -1784,7 +1788,7 @@ def test_fp8_kv_rope_cache_attention(fp8_ops, monkeypatch, D, H, Hkv, kind, kern
         monkeypatch.setenv("PAGEDRT_DECODE_KERNEL", kernel)
         gpu = _testing._Ops("cuda", kv_cache_dtype="fp8")
     e = fused_against_unfused(cpu, gpu, b, qkv, k8, v8, H, Hkv, D)
-    record(f"fp8_kv_rope_cache_attention[{kernel or 'tc'},{kind},D={D},G={H // Hkv}]", e)
+    record(f"fp8_kv_rope_cache_attention[{kernel or 'plan'},{kind},D={D},G={H // Hkv}]", e)
     assert e <= BF16_TOL
 
 

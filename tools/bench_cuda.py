@@ -213,8 +213,9 @@ def fp8_kv_bytes(B, C, Hkv, D):
 
 
 def decode_plan(B, C, H, Hkv, D, bs, fp8=False):
-    """The decode plan's (warps, stages, splits, keys a split) for B sequences
-    of context C (the batch only: no cache is made)."""
+    """The decode plan's (warps, stages, splits, keys a split, 1 where the
+    CUDA-core kernel runs it) for B sequences of context C (the batch only: no
+    cache is made)."""
     from pagedrt import _testing
     ops = _testing._Ops("cuda", kv_cache_dtype="fp8" if fp8 else "")
     ops.set_batch(*paged_batch(B, C, 1, bs, np.random.default_rng(0))[1])
@@ -259,7 +260,7 @@ def attention_fp8():
     # The fp8 kernel's shapes (W warps x S stages a warp) and split counts, forced, on the sweep's shapes
     r["shapes"] = []
     print(f"{'W x S/splits':>12} " + " ".join(f"{f'{B}x{C} us':>12}" for B, C, *_ in FP8_SWEEP_SHAPES), flush=True)
-    configs = [("plan", {})] + [(cfg, {"PAGEDRT_DECODE_KERNEL": cfg}) for cfg in ("2x3", "2x6", "4x4")]
+    configs = [("plan", {})] + [(cfg, {"PAGEDRT_DECODE_KERNEL": cfg}) for cfg in ("2x3", "2x6", "4x4", "cc")]
     configs += [(f"2x4/{n}", {"PAGEDRT_DECODE_KERNEL": "2x4", "PAGEDRT_DECODE_SPLITS": str(n)})
                 for n in (1, 2, 3, 4, 8, 16, 32)]
     configs += [("2x6/1", {"PAGEDRT_DECODE_KERNEL": "2x6", "PAGEDRT_DECODE_SPLITS": "1"})]
@@ -272,8 +273,10 @@ def attention_fp8():
                                           for (B, C, H, Hkv, D, bs), u in zip(FP8_SWEEP_SHAPES, us)]})
         print(f"{cfg:>12} " + " ".join(f"{u:>12.1f}" for u in us), flush=True)
     plans = [decode_plan(B, C, H, Hkv, D, bs, fp8=True) for B, C, H, Hkv, D, bs in FP8_SWEEP_SHAPES]
-    r["plans"] = [{"warps": w, "stages": st, "splits": n, "chunk": ch} for w, st, n, ch in plans]
-    print(f"{'plan chose':>12} " + " ".join(f"{f'{w}x{st}/{n}':>12}" for w, st, n, _ in plans), flush=True)
+    r["plans"] = [{"warps": w, "stages": st, "splits": n, "chunk": ch, "cuda_cores": bool(cc)}
+                  for w, st, n, ch, cc in plans]
+    print(f"{'plan chose':>12} " + " ".join(f"{f'cc/{n}' if cc else f'{w}x{st}/{n}':>12}" for w, st, n, _, cc in plans),
+          flush=True)
     for B, S, H, Hkv, D, bs in PREFILL_SHAPES[:1]:
         flops = B * 4 * H * D * S * S / 2
         b16 = pagedrt_attention_s(B, S, S, H, Hkv, D, bs, base, rng, iters=10)
@@ -621,6 +624,40 @@ def gemm_fp8(rows_n=GEMM_ROWS):
     r["bf16_total_us"] = sum(row["bf16_us"] for row in rows)
     print(f"fp8 rows at >= 85% of the fp8 roofline: {r['fp8_at_85']}/{len(rows)}; sum of times fp8 "
           f"{r['fp8_total_us']:.0f} us, bf16 {r['bf16_total_us']:.0f} us")
+    return r
+
+
+def fp8_decode_chain():
+    """A batch-1 decode step's GEMMs alone with fp8 weights (n = 1, the own
+    GEMV, back to back with PDL as `gemv` times them): qkv, o_proj, gate_up
+    and down in e4m3, the lm head in bf16 (fp32 out), each against the copy
+    rate for its weight bytes; the chain is 32 layers + the lm head, against
+    its floor (the step's weight bytes / copy). Twice: x quantized in the
+    GEMV's prologue (the default) and by a kernel of its own
+    (PAGEDRT_FP8_GEMV_QUANT=0). Batch-1 TPOT minus the chain is what the
+    rest of the step costs (norms, attention, RoPE, sampling, gaps)."""
+    from pagedrt import _testing
+
+    copy = copy_tbps()
+    r = {"copy_TBps": copy, "runs": {}}
+    print(f"copy {copy:.2f} TB/s", flush=True)
+    for label, env in (("prologue", {}), ("kernel", {"PAGEDRT_FP8_GEMV_QUANT": "0"})):
+        with environ(env):
+            ops = _testing._Ops("cuda")
+            run, total_bytes = {}, 0
+            for name, m, k, f32 in GEMV_SHAPES:
+                fp8 = name != "lm_head"
+                us = ops.time_linear(1, m, k, f32, 30, "fp8" if fp8 else "engine")
+                nbytes = m * k * (1 if fp8 else 2)
+                run[name] = {"us": us, "bytes": nbytes, "frac_copy": nbytes / us / 1e6 / copy}
+                total_bytes += nbytes * (1 if name == "lm_head" else 32)
+                print(f"{label:8s} {name:8s} {us:7.1f} us {100 * run[name]['frac_copy']:5.1f}% of copy", flush=True)
+            chain = (32 * sum(run[s]["us"] for s in ("qkv", "o_proj", "gate_up", "down")) + run["lm_head"]["us"]) / 1e3
+            floor = total_bytes / copy / 1e9
+            run.update(chain_ms=chain, floor_ms=floor, weight_bytes=total_bytes)
+            print(f"{label:8s} chain {chain:.3f} ms, floor {floor:.3f} ms ({100 * floor / chain:.1f}%)", flush=True)
+            r["runs"][label] = run
+            del ops
     return r
 
 
@@ -1019,7 +1056,8 @@ def main():
     fn = {"ceilings": ceilings, "attention": attention, "attention_sweep": attention_sweep, "gemv": gemv,
           "attention_fp8": attention_fp8, "attention_probe": attention_probe,
           "decode_splits": decode_splits, "sampling": sampling,
-          "gemm": gemm, "gemm_odd": gemm_odd, "gemm_fp8": gemm_fp8, "prefill": prefill}.get(part)
+          "gemm": gemm, "gemm_odd": gemm_odd, "gemm_fp8": gemm_fp8, "fp8_decode_chain": fp8_decode_chain,
+          "prefill": prefill}.get(part)
     if fn:
         res = fn()
     elif part == "tpot_env":

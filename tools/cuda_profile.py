@@ -14,8 +14,9 @@ wait for the kernel before it).
 
 Runs the throughput workload of bench_cuda.py at a smaller scale (64 requests of
 512 in / 32 out: prefill-heavy steps, then batch-64 decode), batch-256 decode
-(256 requests of 16 in / 64 out), batch-1 decode and
-one 8,000-token prompt (issue 16's time to first token) under torch.profiler, whose CUPTI tracing records every kernel of the process
+(256 requests of 16 in / 64 out), batch-1 decode,
+one 8,000-token prompt (issue 16's time to first token) and a long mix (256
+requests of 1,024 in / 128 out: issue 17's and 21's long workload, shorter) under torch.profiler, whose CUPTI tracing records every kernel of the process
 (pagedrt's own and cuBLASLt's, not only torch's). Prints a table per phase:
 kernel, calls, total ms, share, and where the wall time goes (host time before
 the first GPU event and after the last, GPU-idle gaps); writes the same to
@@ -99,6 +100,7 @@ def main():
         ("64 x (512 in / 32 out)", [rng.integers(0, 128000, size=512).tolist() for _ in range(64)], 32),
         ("batch-256 decode (16 in, 64 out)", [rng.integers(0, 128000, size=16).tolist() for _ in range(256)], 64),
         ("batch-1 prefill of 8,000 tokens (TTFT)", [rng.integers(0, 128000, size=8000).tolist()], 1),
+        ("256 x (1,024 in / 128 out)", [rng.integers(0, 128000, size=1024).tolist() for _ in range(256)], 128),
     ]
     if len(sys.argv) > 4:
         phases = [phases[int(i)] for i in sys.argv[4].split(",")]

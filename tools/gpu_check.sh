@@ -15,9 +15,10 @@
 #   fp8gemm  tools/bench_cuda.py gemm_fp8: the 8B projections with fp8 weights (W8A8) against bf16 and the
 #            fp8 roofline, torch._scaled_mm beside them (issue 21)
 #   fp8e2e   the 8B shape (after make8b) with quantization=fp8: batch-1 TPOT against bf16 (x quantized in the
-#            GEMV and by a kernel, PAGEDRT_FP8_GEMV_QUANT=0, twice interleaved; with fp8 KV also on the
-#            CUDA-core decode kernel, PAGEDRT_DECODE_KERNEL=cc), then
+#            GEMV and by a kernel, PAGEDRT_FP8_GEMV_QUANT=0; with fp8 KV on the plan's decode kernel, the
+#            CUDA-core one, and on the tensor-core one, PAGEDRT_DECODE_KERNEL=2x4), then
 #            512 x 1,024/1,024 output tok/s with fp8 weights and KV against bf16 ($FP8_E2E: "tpot long";
+#            "chain": bench_cuda.py fp8_decode_chain, a batch-1 step's GEMMs alone against their floor;
 #            "ckpt": batch-1 TPOT of the fp8 checkpoint $LLAMA8B_FP8, codes loaded as they are, after make8bfp8)
 #   make8b   tools/make_random_llama.py -> $LLAMA8B (Llama-3-8B shape, random bf16)
 #   make8bfp8 tools/make_fp8_checkpoint.py $LLAMA8B -> $LLAMA8B_FP8 (per-channel e4m3 projections; after make8b)
@@ -166,9 +167,11 @@ if has fp8e2e && [ -f "$LLAMA8B/config.json" ]; then
     [ "$(left)" -gt 60 ] || break
     case $part in
       tpot) (cd /tmp && timeout $(( $(left) - 10 )) $PY "$OLDPWD/tools/bench_cuda.py" tpot_env "$OUT/fp8_tpot.json" \
-               "$LLAMA8B" "" quantization=fp8 quantization=fp8,PAGEDRT_FP8_GEMV_QUANT=0 quantization=fp8 \
-               quantization=fp8,PAGEDRT_FP8_GEMV_QUANT=0 quantization=fp8,kv_cache_dtype=fp8 \
-               quantization=fp8,kv_cache_dtype=fp8,PAGEDRT_DECODE_KERNEL=cc | grep -v "^tpot_env {") ;;
+               "$LLAMA8B" "" quantization=fp8 quantization=fp8,PAGEDRT_FP8_GEMV_QUANT=0 \
+               quantization=fp8,kv_cache_dtype=fp8 quantization=fp8,kv_cache_dtype=fp8,PAGEDRT_DECODE_KERNEL=2x4 \
+               | grep -v "^tpot_env {") ;;
+      chain) (cd /tmp && timeout $(( $(left) - 10 )) $PY "$OLDPWD/tools/bench_cuda.py" fp8_decode_chain \
+               "$OUT/fp8_chain.json" | grep -v "^fp8_decode_chain {") ;;
       long) (cd /tmp && timeout $(( $(left) - 10 )) $PY "$OLDPWD/tools/bench_cuda.py" throughput_long \
                "$OUT/fp8_long.json" "$LLAMA8B" quantization=fp8,kv_cache_dtype=fp8 "" | grep -v "^throughput_long {") ;;
       ckpt) [ -f "$LLAMA8B_FP8/config.json" ] && (cd /tmp && timeout $(( $(left) - 10 )) $PY \

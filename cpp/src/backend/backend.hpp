@@ -180,8 +180,8 @@ class Backend {
   // kernel of its own (CUDA, up to 2 rows; tests read it).
   virtual int64_t fp8_x_quantized_in_gemv() const { return 0; }
   // The shape of this step's decode attention for these head counts: (warps,
-  // stages, splits, keys a split) of a backend that plans one (CUDA; tests
-  // read it), else empty.
+  // stages, splits, keys a split, 1 where the CUDA-core kernel runs it) of a
+  // backend that plans one (CUDA; tests read it), else empty.
   virtual std::vector<int64_t> decode_plan(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim) { return {}; }
   virtual Tensor empty(std::vector<int64_t> shape, ScalarType dtype) = 0;
   virtual Tensor from_host(const Tensor& host) = 0;

@@ -21,11 +21,11 @@ __device__ float block_reduce(float v, Op op, float none) {
   for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
 }
-__device__ float block_sum(float v) {
+__device__ inline float block_sum(float v) {
   return block_reduce(v, [](float a, float b) { return a + b; }, 0.0f);
 }
 // (of magnitudes: 0 is the identity)
-__device__ float block_max(float v) {
+__device__ inline float block_max(float v) {
   return block_reduce(v, [](float a, float b) { return fmaxf(a, b); }, 0.0f);
 }
 
