@@ -1756,7 +1756,7 @@ def test_fp8_decode_plan_takes_the_measured_shapes(monkeypatch):
         return warps, stages, splits, chunk, cc
 
     assert plan(ops, 64, 2048)[:3] == (2, 6, 1)
-    warps, stages, _, chunk = plan(ops, 16, 8192)
+    warps, stages, _, chunk, _ = plan(ops, 16, 8192)
     assert (warps, stages) == (2, 6) and chunk >= 2048
     assert plan(ops, 512, 512)[:2] == (2, 4)
     assert plan(ops, 1, 256)[:2] == (2, 4)
@@ -1987,11 +1987,11 @@ def test_fp8_linear_after_a_norm_takes_its_codes(ops, n, d):
     w = (rng.standard_normal((64, d)) * 0.05).astype(np.float32)
     gpu = ops[1]
     normed = gpu.rms_norm(x, g, 1e-5)
-    taken = gpu.fp8_norm_codes_taken()
+    taken = gpu.fp8_codes_taken()
     apart = gpu.linear(normed, w, "fp8", False)  # quantizes the stored rows (and sizes the scratch)
-    assert gpu.fp8_norm_codes_taken() == taken  # (the norm's codes were dropped with the new tensors)
+    assert gpu.fp8_codes_taken() == taken  # (the norm's codes were dropped with the new tensors)
     together = gpu.norm_linear(x, g, 1e-5, w, "fp8")
-    assert gpu.fp8_norm_codes_taken() == taken + 1  # the linear took the norm's codes
+    assert gpu.fp8_codes_taken() == taken + 1  # the linear took the norm's codes
     assert np.isfinite(together).all()
     assert np.array_equal(together, apart)
 
@@ -2019,6 +2019,32 @@ def test_fp8_linear_quantizes_x_in_the_gemv(ops, monkeypatch, n, k):
         want = apart.linear(x, w, "fp8", out_f32)
         assert apart.fp8_x_quantized_in_gemv() == 0
         assert np.isfinite(got).all() and np.array_equal(got, want), out_f32
+
+
+@pytest.mark.parametrize("inter", [64, 6000, 14336, 20000, 40000])
+@pytest.mark.parametrize("n", [3, 12, 300])
+def test_fp8_down_takes_the_silu_mul_codes(ops, n, inter):
+    """With fp8 weights, where cuBLASLt runs gate/up (n > 8), silu_mul also
+    writes its rows' codes and scales and down takes them (mlp: the two ops
+    as a forward runs them) instead of quantizing its x: bitwise the product of
+    down on silu_mul's stored output, which quantizes it, for rows of 1, 2, 4
+    and 8 pieces a thread; the count moves by one exactly there (n <= 8: the
+    gate/up GEMV's epilogue makes the products, and nothing is taken; rows
+    past 32,768: silu_mul alone, then the quantizing kernel). Rows at scales
+    1e-3 .. 1e3 and a zero row."""
+    rng = np.random.default_rng(n * 131 + inter)
+    k = 256
+    x = bf(rng.standard_normal((n, k)) * 10.0 ** rng.uniform(-3, 3, (n, 1)))
+    x[0] = 0.0
+    wgu = (rng.standard_normal((2 * inter, k)) * 0.05).astype(np.float32)
+    wd = (rng.standard_normal((48, inter)) * 0.05).astype(np.float32)
+    gpu = ops[1]
+    apart = gpu.linear(gpu.linear_silu_mul(x, wgu, "fp8"), wd, "fp8", False)  # (also sizes the scratch)
+    taken = gpu.fp8_codes_taken()
+    together = gpu.mlp(x, wgu, wd, "fp8")
+    assert gpu.fp8_codes_taken() == taken + (8 < n and inter <= 32768)
+    assert np.isfinite(together).all() and np.abs(together[1:]).max() > 0
+    assert np.array_equal(together, apart)
 
 
 @pytest.mark.parametrize("inter,k", [(1536, 576), (1008, 2064), (112, 64)])

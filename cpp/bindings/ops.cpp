@@ -148,7 +148,7 @@ class Ops {
     b_->linear(normed, wt, xt.dim(0), out);
     return back(out);
   }
-  int64_t fp8_norm_codes_taken() const { return b_->fp8_norm_codes_taken(); }
+  int64_t fp8_codes_taken() const { return b_->fp8_codes_taken(); }
   int64_t fp8_x_quantized_in_gemv() const { return b_->fp8_x_quantized_in_gemv(); }
   std::vector<int64_t> decode_plan(int64_t H, int64_t Hkv, int64_t D) { return b_->decode_plan(H, Hkv, D); }
   F32Out silu_mul(F32In gate_up) {
@@ -164,6 +164,18 @@ class Ops {
     Tensor gate_up = b_->empty({xt.dim(0), wt.dim(0)}, act());
     Tensor out = b_->empty({xt.dim(0), wt.dim(0) / 2}, act());
     b_->linear_silu_mul(xt, wt, xt.dim(0), gate_up, out);
+    return back(out);
+  }
+  // down(silu(gate) * up) of x, the two ops as a forward runs them (outputs
+  // allocated first: with fp8 weights on CUDA, down takes the codes silu_mul
+  // wrote); wgu (2 I, k), wd (k_out, I), both loaded as wdtype.
+  F32Out mlp(F32In x, F32In wgu, F32In wd, const std::string& wdtype) {
+    Tensor xt = put(x, act()), gu = weight(wgu, parse_dtype(wdtype)), dt = weight(wd, parse_dtype(wdtype));
+    Tensor gate_up = b_->empty({xt.dim(0), gu.dim(0)}, act());
+    Tensor mid = b_->empty({xt.dim(0), gu.dim(0) / 2}, act());
+    Tensor out = b_->empty({xt.dim(0), dt.dim(0)}, act());
+    b_->linear_silu_mul(xt, gu, xt.dim(0), gate_up, mid);
+    b_->linear(mid, dt, xt.dim(0), out);
     return back(out);
   }
   F32Out gather_rows(F32In x) {
@@ -552,11 +564,12 @@ void register_ops(nb::module_& m) {
       .def("add", &Ops::add, "residual"_a, "x"_a)
       .def("linear", &Ops::linear, "x"_a, "weight"_a, "weight_dtype"_a, "out_f32"_a)
       .def("norm_linear", &Ops::norm_linear, "x"_a, "norm_weight"_a, "eps"_a, "weight"_a, "weight_dtype"_a)
-      .def("fp8_norm_codes_taken", &Ops::fp8_norm_codes_taken)
+      .def("fp8_codes_taken", &Ops::fp8_codes_taken)
       .def("fp8_x_quantized_in_gemv", &Ops::fp8_x_quantized_in_gemv)
       .def("decode_plan", &Ops::decode_plan, "num_heads"_a, "num_kv_heads"_a, "head_dim"_a)
       .def("silu_mul", &Ops::silu_mul, "gate_up"_a)
       .def("linear_silu_mul", &Ops::linear_silu_mul, "x"_a, "weight"_a, "weight_dtype"_a = "")
+      .def("mlp", &Ops::mlp, "x"_a, "gate_up"_a, "down"_a, "weight_dtype"_a)
       .def("gather_rows", &Ops::gather_rows, "x"_a)
       .def("rope_and_cache", &Ops::rope_and_cache, "qkv"_a, "cos"_a, "sin"_a, "num_heads"_a, "num_kv_heads"_a,
            "head_dim"_a, "k_cache"_a, "v_cache"_a)

@@ -173,9 +173,10 @@ class Backend {
   // Whether its fp8 GEMMs take a weight of (rows, k) (CUDA: both multiples of
   // 16); an fp8 checkpoint's group that they do not take loads dequantized.
   virtual bool fp8_shape_ok(int64_t rows, int64_t k) const { return true; }
-  // How many fp8 linears have taken their x's codes from the norm before them
-  // instead of quantizing x (CUDA's fused norm codes; tests read it).
-  virtual int64_t fp8_norm_codes_taken() const { return 0; }
+  // How many fp8 linears have taken their x's codes from the op before them (a
+  // norm, or silu_mul after a cuBLASLt gate/up GEMM) instead of quantizing x
+  // (CUDA's fused codes; tests read it).
+  virtual int64_t fp8_codes_taken() const { return 0; }
   // How many fp8 linears have quantized x inside their GEMM instead of in a
   // kernel of its own (CUDA, up to 2 rows; tests read it).
   virtual int64_t fp8_x_quantized_in_gemv() const { return 0; }

@@ -321,7 +321,7 @@ const uint8_t* CudaBackend::quantize_act(const Tensor& x, int64_t n, int64_t k, 
   require(!ready || fp8_act_ == before, "fp8 linear: the activation scratch moved under a norm's codes");
   float* s = reinterpret_cast<float*>(fp8_act_ + fp8_act_scale_offset(n, k));
   if (ready)
-    ++fp8_codes_taken_;  // the norm wrote them
+    ++fp8_codes_taken_;  // the norm or silu_mul wrote them
   else
     quantize_act_rows(x.as<bf16>(), fp8_act_, s, n, k, stream_);
   *scale = s;

@@ -65,7 +65,7 @@ class CudaBackend final : public Backend {
   // x per token (fp8_rows.hpp) and multiplies e4m3 codes (Gemm::run_f8).
   bool has_fp8_weights() const override { return fp8_weights_; }
   bool fp8_shape_ok(int64_t rows, int64_t k) const override { return rows % 16 == 0 && k % 16 == 0; }
-  int64_t fp8_norm_codes_taken() const override { return fp8_codes_taken_; }
+  int64_t fp8_codes_taken() const override { return fp8_codes_taken_; }
   int64_t fp8_x_quantized_in_gemv() const override { return fp8_gemv_quantized_; }
   std::vector<int64_t> decode_plan(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim) override;
   Tensor empty(std::vector<int64_t> shape, ScalarType dtype) override;
@@ -204,14 +204,14 @@ class CudaBackend final : public Backend {
   int64_t fp8_max_k_ = 0;         // the longest row of the fp8 weights loaded (0: none)
   uint8_t* fp8_act_ = nullptr;    // fp8 weights: x's codes (n, k), then its scales (n); grown in begin_step
   size_t fp8_act_bytes_ = 0;
-  // The norm whose output's codes fp8_act_ holds (written with it: fp8_norm_out),
-  // for the next linear to take instead of quantizing x again; any linear
-  // clears it, as does begin_step. x null: none.
+  // The op (a norm, silu_mul) whose output's codes fp8_act_ holds (written
+  // with it: fp8_norm_out), for the next linear to take instead of quantizing
+  // x again; any linear clears it, as does begin_step. x null: none.
   struct Fp8Pending {
     const void* x = nullptr;
     int64_t n = 0, k = 0;
   } fp8_pending_;
-  int64_t fp8_codes_taken_ = 0;  // linears that took a norm's codes
+  int64_t fp8_codes_taken_ = 0;  // linears that took a norm's or silu_mul's codes
   int64_t fp8_gemv_quantized_ = 0;  // fp8 linears whose GEMV quantized x itself (Gemm::run_f8_quant_x)
   // Where a norm of (n, d) bf16 rows writes its codes as well (none: q null):
   // with fp8 weights and the fusions on, where fp8_act_ holds them.

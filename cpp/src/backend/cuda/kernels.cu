@@ -291,6 +291,51 @@ __global__ void silu_mul_vec_kernel(const T* gate_up, int64_t n, int inter, T* o
   }
 }
 
+// silu_mul_vec_kernel's row with its e4m3 codes (silu_mul_codes): one block a
+// row, each thread keeping its kVecs pieces of 8 (as stored in bf16) in
+// registers for the row's scale, so the products are read by nobody again
+// (against silu_mul then quantize_act_rows: 7 bytes moved an element instead
+// of 9, and one kernel fewer before down in prefill and batched decode).
+template <int kVecs>
+__global__ void __launch_bounds__(512) silu_mul_codes_kernel(const bf16* gate_up, int inter, bf16* out, Fp8Out f8) {
+  pdl_trigger();
+  pdl_wait();
+  const int64_t row = blockIdx.x;
+  const bf16* g = gate_up + row * 2 * inter;
+  const int n8 = inter / 8;
+  float v[kVecs][8];
+  float amax = 0.0f;
+#pragma unroll
+  for (int k = 0; k < kVecs; ++k) {
+    const int i = threadIdx.x + k * blockDim.x;
+    if (i < n8) {
+      float b[8];
+      load16(g + 8 * i, v[k]);
+      load16(g + inter + 8 * i, b);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        v[k][e] = round_to<bf16>(silu(v[k][e]) * b[e]);  // as stored
+        amax = fmaxf(amax, fabsf(v[k][e]));
+      }
+      store16(out + row * inter + 8 * i, v[k]);
+    }
+  }
+  const float sc = e4m3_row_scale(block_max(amax));
+  if (threadIdx.x == 0) f8.scale[row] = sc;
+#pragma unroll
+  for (int k = 0; k < kVecs; ++k) {
+    const int i = threadIdx.x + k * blockDim.x;
+    if (i < n8) {
+      uint32_t c[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        c[j] = __nv_cvt_float2_to_fp8x2(make_float2(v[k][2 * j] / sc, v[k][2 * j + 1] / sc), __NV_SATFINITE,
+                                        __NV_E4M3);
+      *reinterpret_cast<uint2*>(f8.q + row * inter + 8 * i) = make_uint2(c[0] | (c[1] << 16), c[2] | (c[3] << 16));
+    }
+  }
+}
+
 __global__ void gather_rows_kernel(const uint8_t* x, int64_t row_bytes, const int32_t* idx, uint8_t* out) {
   pdl_trigger();
   pdl_wait();
@@ -523,6 +568,21 @@ void silu_mul(const T* gate_up, int64_t n, int64_t inter, T* out, cudaStream_t s
   const dim3 grid(static_cast<unsigned>((inter + 255) / 256 > 64 ? 64 : (inter + 255) / 256),
                   static_cast<unsigned>(n > 65535 ? 65535 : n));
   launch(silu_mul_kernel<T>, grid, 256, 0, s, gate_up, n, inter, out);
+}
+
+bool silu_mul_codes(const bf16* gate_up, int64_t n, int64_t inter, bf16* out, cudaStream_t s, Fp8Out f8) {
+  const int64_t n8 = inter / 8;
+  if (inter % 8 != 0 || n8 > 8 * 512 || f8.q == nullptr) return false;
+  if (n == 0) return true;
+  const int vecs = n8 <= 512 ? 1 : n8 <= 1024 ? 2 : n8 <= 2048 ? 4 : 8;  // at most 512 threads
+  const int threads = static_cast<int>(((n8 + vecs - 1) / vecs + 31) / 32 * 32);
+  const dim3 grid(static_cast<unsigned>(n));
+  auto go = [&](auto kernel) { launch(kernel, grid, threads, 0, s, gate_up, int(inter), out, f8); };
+  if (vecs == 1) go(silu_mul_codes_kernel<1>);
+  else if (vecs == 2) go(silu_mul_codes_kernel<2>);
+  else if (vecs == 4) go(silu_mul_codes_kernel<4>);
+  else go(silu_mul_codes_kernel<8>);
+  return true;
 }
 
 void gather_rows(const void* x, int64_t row_bytes, const int32_t* idx, int64_t n, void* out, cudaStream_t s) {

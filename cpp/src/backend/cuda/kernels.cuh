@@ -51,6 +51,10 @@ void add(float* residual, const T* x, int64_t numel, cudaStream_t s);
 // gate_up (n, 2 I) T -> out (n, I) = silu(gate) * up
 template <typename T>
 void silu_mul(const T* gate_up, int64_t n, int64_t inter, T* out, cudaStream_t s);
+// The same in bf16, out's rows also as f8's codes and scales (Fp8Out: the
+// next fp8 GEMM's x, bitwise quantize_act_rows of the stored rows); one block
+// a row. Returns false, launching nothing, where I % 8 != 0 or I > 32,768.
+bool silu_mul_codes(const bf16* gate_up, int64_t n, int64_t inter, bf16* out, cudaStream_t s, Fp8Out f8);
 // out row i = x row idx[i], rows of row_bytes bytes
 void gather_rows(const void* x, int64_t row_bytes, const int32_t* idx, int64_t n, void* out,
                  cudaStream_t s);
