@@ -177,6 +177,41 @@ def test_paged_attention_on_fp8_is_attention_on_the_dequantized_cache(ops, act, 
         t += new
 
 
+@pytest.mark.parametrize("act", ["float32", "bfloat16"])
+def test_nan_codes_read_as_nan(ops, act):
+    """A NaN code (0x7F / 0xFF: what the quantizer makes of a NaN) reads as NaN
+    wherever it sits in a row (the vector routes' lanes as the scalar tail's),
+    as on the GPU: a key's NaN makes its sequence's rows NaN at that kv
+    head's query heads, a value's NaN those heads' one dimension; every other
+    output is bitwise the run without them."""
+    _, fp8 = ops[act]
+    rng = np.random.default_rng(17)
+    G, Hkv, D, bs = 2, 2, 64, 16
+    H = G * Hkv
+    seqs = [(0, 19), (37, 1), (5, 30)]
+    tables, num_blocks = set_batch(fp8, rng, seqs, bs)
+    T = sum(n for _, n in seqs)
+    qkv = rng.standard_normal((T, (H + 2 * Hkv) * D)).astype(np.float32)
+    kc = rng.integers(0, 256, (num_blocks, bs, Hkv, D), dtype=np.uint8)
+    vc = rng.integers(0, 256, (num_blocks, bs, Hkv, D), dtype=np.uint8)
+    for c in (kc, vc):
+        c[(c & 0x7F) == 0x7F] = 0x3C
+    ke = rng.integers(-9, 3, (num_blocks, bs, Hkv)).astype(np.int8)
+    ve = rng.integers(-9, 3, (num_blocks, bs, Hkv)).astype(np.int8)
+    clean = fp8.paged_attention(qkv, pack(kc, ke), pack(vc, ve), H, Hkv, D, D ** -0.5)
+    assert np.isfinite(clean).all()
+    kn, vn = kc.copy(), vc.copy()
+    kn[tables[1][10 // bs], 10 % bs, 1, 5] = 0x7F  # sequence 1, cached token 10, kv head 1, dim 5
+    vn[tables[2][3 // bs], 3 % bs, 0, 60] = 0xFF  # sequence 2, cached token 3, kv head 0, dim 60
+    got = fp8.paged_attention(qkv, pack(kn, ke), pack(vn, ve), H, Hkv, D, D ** -0.5).reshape(T, H, D)
+    want = clean.reshape(T, H, D)
+    nan = np.zeros((T, H, D), bool)
+    nan[19:20, G:2 * G, :] = True  # sequence 1's row, kv head 1's query heads
+    nan[20:50, :G, 60] = True  # sequence 2's rows (all after token 3), kv head 0's heads, dim 60
+    assert np.array_equal(np.isnan(got), nan)
+    assert np.array_equal(got[~nan], want[~nan])
+
+
 def test_copy_blocks_copies_codes_and_exponents(ops):
     _, fp8 = ops["float32"]
     rng = np.random.default_rng(3)

@@ -10,7 +10,8 @@
 // indexed by the code's low 5 bits; the sign goes on top. (The fp16 route it
 // replaced, two VCVTPH2PS and a VCVTNE2PS2BF16, cost about as much again:
 // fp8 decode on Zen 4 ran at 45% of its floor with it.) NaN codes come out
-// as 480 with their sign, as the fp16 route made them.
+// as 480 with their sign: weights never hold them (a checkpoint's NaN codes
+// are refused at load), and kv_fp8.cpp marks them NaN itself.
 #pragma once
 
 #if defined(__AVX512BW__)
