@@ -632,16 +632,19 @@ def fp8_decode_chain():
     GEMV, back to back with PDL as `gemv` times them): qkv, o_proj, gate_up
     and down in e4m3, the lm head in bf16 (fp32 out), each against the copy
     rate for its weight bytes; the chain is 32 layers + the lm head, against
-    its floor (the step's weight bytes / copy). Twice: x quantized in the
+    its floor (the step's weight bytes / copy). Four ways: x quantized in the
     GEMV's prologue (the default) and by a kernel of its own
-    (PAGEDRT_FP8_GEMV_QUANT=0). Batch-1 TPOT minus the chain is what the
-    rest of the step costs (norms, attention, RoPE, sampling, gaps)."""
+    (PAGEDRT_FP8_GEMV_QUANT=0); every shape at 2 and at 4 steps a chunk
+    (PAGEDRT_GEMV_STEPS: 2 leaves a block slot an SM for the next GEMV).
+    Batch-1 TPOT minus the chain is what the rest of the step costs (norms,
+    attention, RoPE, sampling, gaps)."""
     from pagedrt import _testing
 
     copy = copy_tbps()
     r = {"copy_TBps": copy, "runs": {}}
     print(f"copy {copy:.2f} TB/s", flush=True)
-    for label, env in (("prologue", {}), ("kernel", {"PAGEDRT_FP8_GEMV_QUANT": "0"})):
+    for label, env in (("prologue", {}), ("kernel", {"PAGEDRT_FP8_GEMV_QUANT": "0"}),
+                       ("steps2", {"PAGEDRT_GEMV_STEPS": "2"}), ("steps4", {"PAGEDRT_GEMV_STEPS": "4"})):
         with environ(env):
             ops = _testing._Ops("cuda")
             run, total_bytes = {}, 0

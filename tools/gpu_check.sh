@@ -16,7 +16,8 @@
 #            fp8 roofline, torch._scaled_mm beside them (issue 21)
 #   fp8e2e   the 8B shape (after make8b) with quantization=fp8: batch-1 TPOT against bf16 (x quantized in the
 #            GEMV and by a kernel, PAGEDRT_FP8_GEMV_QUANT=0; with fp8 KV on the plan's decode kernel, the
-#            CUDA-core one, and on the tensor-core one, PAGEDRT_DECODE_KERNEL=2x4), then
+#            CUDA-core one, and on the tensor-core one, PAGEDRT_DECODE_KERNEL=2x4; bf16 and fp8 with the GEMV
+#            at 2 steps a chunk, PAGEDRT_GEMV_STEPS=2), then
 #            512 x 1,024/1,024 output tok/s with fp8 weights and KV against bf16 ($FP8_E2E: "tpot long";
 #            "chain": bench_cuda.py fp8_decode_chain, a batch-1 step's GEMMs alone against their floor;
 #            "ckpt": batch-1 TPOT of the fp8 checkpoint $LLAMA8B_FP8, codes loaded as they are, after make8bfp8)
@@ -169,6 +170,7 @@ if has fp8e2e && [ -f "$LLAMA8B/config.json" ]; then
       tpot) (cd /tmp && timeout $(( $(left) - 10 )) $PY "$OLDPWD/tools/bench_cuda.py" tpot_env "$OUT/fp8_tpot.json" \
                "$LLAMA8B" "" quantization=fp8 quantization=fp8,PAGEDRT_FP8_GEMV_QUANT=0 \
                quantization=fp8,kv_cache_dtype=fp8 quantization=fp8,kv_cache_dtype=fp8,PAGEDRT_DECODE_KERNEL=2x4 \
+               PAGEDRT_GEMV_STEPS=2 quantization=fp8,PAGEDRT_GEMV_STEPS=2 \
                | grep -v "^tpot_env {") ;;
       chain) (cd /tmp && timeout $(( $(left) - 10 )) $PY "$OLDPWD/tools/bench_cuda.py" fp8_decode_chain \
                "$OUT/fp8_chain.json" | grep -v "^fp8_decode_chain {") ;;

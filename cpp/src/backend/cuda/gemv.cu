@@ -45,6 +45,9 @@
 #include <cuda_bf16.h>
 
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
 #include <type_traits>
 
 #include "backend/cuda/block_reduce.cuh"
@@ -366,8 +369,9 @@ Gemv::Shape Gemv::shape(int64_t tiles, int64_t k) const {
     return Shape{k_steps, lg, (tiles * (int64_t(1) << lg) + kWarps - 1) / kWarps};
   };
   const Shape two = make(2, blocks_per_sm_short_);
-  if (k < kLongRow) return two;
+  if (forced_steps_ == 2 || (k < kLongRow && forced_steps_ != 4)) return two;
   const Shape four = make(4, blocks_per_sm_long_);
+  if (forced_steps_ == 4) return four;
   const bool two_fills = last_wave_fill(two.blocks, int64_t(sms_) * blocks_per_sm_short_) >
                          last_wave_fill(four.blocks, int64_t(sms_) * blocks_per_sm_long_) + 0.1;
   return two_fills ? two : four;
@@ -379,6 +383,12 @@ Gemv::Gemv() {
   CUDA_CHECK(cudaDeviceGetAttribute(&sms_, cudaDevAttrMultiProcessorCount, dev));
   blocks_per_sm_long_ = occupancy<4>();
   blocks_per_sm_short_ = occupancy<2>();
+  if (const char* s = std::getenv("PAGEDRT_GEMV_STEPS")) {
+    if (std::string(s) == "2" || std::string(s) == "4")
+      forced_steps_ = std::atoi(s);
+    else
+      std::fprintf(stderr, "pagedrt: PAGEDRT_GEMV_STEPS=%s is neither 2 nor 4; choosing per shape\n", s);
+  }
 }
 
 bool Gemv::supports(const void* x, const void* w, int64_t n, int64_t m, int64_t k) {

@@ -26,7 +26,9 @@ class Gemv {
  public:
   static constexpr int64_t kMaxRows = 8;  // n, the rows of x one call takes
 
-  // Reads the SM count and the kernel's occupancy on the current device.
+  // Reads the SM count and the kernel's occupancy on the current device, and
+  // PAGEDRT_GEMV_STEPS (2 or 4 steps a chunk for every shape, for A/B runs:
+  // 2 leaves a third block slot an SM for the next kernel of a chain).
   Gemv();
 
   // Whether run() takes this call: 1 <= n <= kMaxRows, k a positive multiple
@@ -76,6 +78,7 @@ class Gemv {
   int sms_ = 132;                // streaming multiprocessors of the device
   int blocks_per_sm_long_ = 1;   // resident blocks per SM of the kernel for long rows (k >= 2048)
   int blocks_per_sm_short_ = 1;  // ... and for short ones
+  int forced_steps_ = 0;         // PAGEDRT_GEMV_STEPS (2 or 4: every launch's steps a chunk); 0: per shape
 };
 
 }  // namespace pagedrt::cuda
