@@ -713,10 +713,10 @@ def launch_ab(model):
 
 def split_setting(setting):
     """"NAME=VALUE,NAME=VALUE" as (environment variables: upper-case names,
-    Runtime options: lower-case ones)."""
+    Runtime options: lower-case ones, whole numbers as ints: max_num_seqs=512)."""
     pairs = dict(kv.split("=", 1) for kv in setting.split(",") if kv)
     return ({k: v for k, v in pairs.items() if not k.islower()},
-            {k: v for k, v in pairs.items() if k.islower()})
+            {k: int(v) if v.isdigit() else v for k, v in pairs.items() if k.islower()})
 
 
 @contextlib.contextmanager

@@ -90,8 +90,8 @@ def main():
     from bench_cuda import split_setting
     env, extra = split_setting(sys.argv[5] if len(sys.argv) > 5 else "")
     os.environ.update(env)
-    rt = pagedrt.Runtime(model, device="cuda", max_num_seqs=256, max_num_batched_tokens=8192,
-                         async_scheduling=mode, **extra)
+    rt = pagedrt.Runtime(model, device="cuda", **{"max_num_seqs": 256, "max_num_batched_tokens": 8192,
+                                                  "async_scheduling": mode, **extra})
     greedy = dict(ignore_eos=True, temperature=0.0)
     rt.generate([rng.integers(0, 128000, size=64).tolist()] * 4, max_tokens=4, **greedy)  # warm-up
     result = {"device": torch.cuda.get_device_name()}

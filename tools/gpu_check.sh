@@ -18,7 +18,8 @@
 #            GEMV and by a kernel, PAGEDRT_FP8_GEMV_QUANT=0; with fp8 KV on the plan's decode kernel, the
 #            CUDA-core one, and on the tensor-core one, PAGEDRT_DECODE_KERNEL=2x4; bf16 and fp8 with the GEMV
 #            at 2 steps a chunk, PAGEDRT_GEMV_STEPS=2), then
-#            512 x 1,024/1,024 output tok/s with fp8 weights and KV against bf16 ($FP8_E2E: "tpot long";
+#            512 x 1,024/1,024 output tok/s with fp8 weights and KV (at most 256 sequences a step, and 512) against
+#            bf16 ($FP8_E2E: "tpot long";
 #            "chain": bench_cuda.py fp8_decode_chain, a batch-1 step's GEMMs alone against their floor;
 #            "ckpt": batch-1 TPOT of the fp8 checkpoint $LLAMA8B_FP8, codes loaded as they are, after make8bfp8)
 #   make8b   tools/make_random_llama.py -> $LLAMA8B (Llama-3-8B shape, random bf16)
@@ -175,7 +176,8 @@ if has fp8e2e && [ -f "$LLAMA8B/config.json" ]; then
       chain) (cd /tmp && timeout $(( $(left) - 10 )) $PY "$OLDPWD/tools/bench_cuda.py" fp8_decode_chain \
                "$OUT/fp8_chain.json" | grep -v "^fp8_decode_chain {") ;;
       long) (cd /tmp && timeout $(( $(left) - 10 )) $PY "$OLDPWD/tools/bench_cuda.py" throughput_long \
-               "$OUT/fp8_long.json" "$LLAMA8B" quantization=fp8,kv_cache_dtype=fp8 "" | grep -v "^throughput_long {") ;;
+               "$OUT/fp8_long.json" "$LLAMA8B" quantization=fp8,kv_cache_dtype=fp8 \
+               quantization=fp8,kv_cache_dtype=fp8,max_num_seqs=512 "" | grep -v "^throughput_long {") ;;
       ckpt) [ -f "$LLAMA8B_FP8/config.json" ] && (cd /tmp && timeout $(( $(left) - 10 )) $PY \
                "$OLDPWD/tools/bench_cuda.py" tpot_env "$OUT/fp8_ckpt_tpot.json" "$LLAMA8B_FP8" "" \
                kv_cache_dtype=fp8 | grep -v "^tpot_env {") ;;
