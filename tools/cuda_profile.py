@@ -120,9 +120,9 @@ def main():
         result[title] = {"wall_ms": wall_ms, "gpu_busy_ms": total,
                          "kernels": [{"name": k, "calls": c, "ms": ms} for k, c, ms in table],
                          "timeline": timeline(prof)}
+        with open(out_path, "w") as f:  # after every phase: a run cut short keeps the phases it finished
+            json.dump(result, f, indent=1)
     rt.close()
-    with open(out_path, "w") as f:
-        json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":
