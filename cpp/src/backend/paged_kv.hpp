@@ -129,6 +129,17 @@ struct Fp8Kv {
   PAGEDRT_HD int64_t exp_offset(int64_t block, int64_t o, int64_t h) const {
     return block * block_bytes + exp_start + h * block_size + o;
   }
+  // The same for the token at a flat slot (block * block_size + offset).
+  PAGEDRT_HD int64_t slot_code_offset(int64_t slot, int64_t h) const {
+    return code_offset(slot_block(slot), slot_in_block(slot), h);
+  }
+  PAGEDRT_HD int64_t slot_exp_offset(int64_t slot, int64_t h) const {
+    return exp_offset(slot_block(slot), slot_in_block(slot), h);
+  }
+  PAGEDRT_HD int64_t slot_block(int64_t slot) const { return block_shift >= 0 ? slot >> block_shift : slot / block_size; }
+  PAGEDRT_HD int64_t slot_in_block(int64_t slot) const {
+    return block_shift >= 0 ? slot & (block_size - 1) : slot % block_size;
+  }
   PAGEDRT_HD const int32_t* pages(int seq) const { return page_indices + page_indptr[seq]; }
 };
 

@@ -314,7 +314,7 @@ template <typename T>
 void rope_and_cache(const BatchView& b, T* qkv, const float* cos, const float* sin, int64_t num_heads,
                     const Fp8Kv& kv, int threads) {
   const int64_t H = num_heads, Hkv = kv.num_kv_heads, D = kv.head_dim, half = D / 2;
-  const int64_t row = (H + 2 * Hkv) * D, bs = kv.block_size;
+  const int64_t row = (H + 2 * Hkv) * D;
 #pragma omp parallel for schedule(static) num_threads(threads) if (b.num_tokens > 8)
   for (int64_t t = 0; t < b.num_tokens; ++t) {
     T* q = qkv + t * row;
@@ -323,9 +323,8 @@ void rope_and_cache(const BatchView& b, T* qkv, const float* cos, const float* s
     for (int64_t h = 0; h < H + Hkv; ++h) rotate_half(q + h * D, c, sn, half);
     const int64_t slot = b.slot_mapping[t];
     if (slot < 0) continue;
-    const int64_t block = slot / bs, o = slot % bs;
     for (int64_t h = 0; h < Hkv; ++h) {
-      const int64_t code = kv.code_offset(block, o, h), e = kv.exp_offset(block, o, h);
+      const int64_t code = kv.slot_code_offset(slot, h), e = kv.slot_exp_offset(slot, h);
       kv.k[e] = static_cast<uint8_t>(quantize_kv_row(q + (H + h) * D, D, kv.k + code));
       kv.v[e] = static_cast<uint8_t>(quantize_kv_row(q + (H + Hkv + h) * D, D, kv.v + code));
     }

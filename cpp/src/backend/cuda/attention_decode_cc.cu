@@ -134,28 +134,18 @@ __device__ __forceinline__ F8Raw8 quantize8(const float (&x)[8]) {
   return {make_uint2(w[0], w[1]), static_cast<int8_t>(e)};
 }
 
-// A flat KV slot's block and offset in it (shift >= 0: a shift and a mask).
-struct SlotPlace {
-  int64_t block, offset;
-};
-__device__ __forceinline__ SlotPlace slot_place(int64_t slot, int bs, int shift) {
-  if (shift >= 0) return {slot >> shift, slot & (bs - 1)};
-  return {slot / bs, slot % bs};
-}
-
 // A key's K or V row of the cache (F8: p.fp8's k or v; else p.kv's) at the
 // flat slot `slot`, lane's 8 dims.
 template <typename T, bool F8>
 using KvRaw8 = std::conditional_t<F8, F8Raw8, Raw8<T>>;
 template <typename T, bool F8>
 __device__ __forceinline__ KvRaw8<T, F8> load_kv8(const AttentionParamsT<T>& p, bool is_v, int64_t slot, int kvh,
-                                                   int lane, int bs, int shift) {
+                                                   int lane) {
   if constexpr (F8) {
     const Fp8Kv& f = p.fp8;
-    const SlotPlace at = slot_place(slot, bs, shift);
     const uint8_t* base = is_v ? f.v : f.k;
-    return {__ldg(reinterpret_cast<const uint2*>(base + f.code_offset(at.block, at.offset, kvh) + lane * 8)),
-            static_cast<int8_t>(__ldg(base + f.exp_offset(at.block, at.offset, kvh)))};
+    return {__ldg(reinterpret_cast<const uint2*>(base + f.slot_code_offset(slot, kvh) + lane * 8)),
+            static_cast<int8_t>(__ldg(base + f.slot_exp_offset(slot, kvh)))};
   } else {
     return load8((is_v ? p.kv.v : p.kv.k) + p.kv.slot_offset(slot, kvh) + lane * 8);
   }
@@ -273,9 +263,8 @@ __global__ void __launch_bounds__(128) decode_kernel(AttentionParamsT<T> p, Deco
         sm_new[0][lane] = kq;
         sm_new[1][lane] = vq;
         const Fp8Kv& f = p.fp8;
-        const SlotPlace at = slot_place(it.slot, bs, shift);
-        const int64_t codes = f.code_offset(at.block, at.offset, kvh) + lane * 8;
-        const int64_t exp = f.exp_offset(at.block, at.offset, kvh);
+        const int64_t codes = f.slot_code_offset(it.slot, kvh) + lane * 8;
+        const int64_t exp = f.slot_exp_offset(it.slot, kvh);
         *reinterpret_cast<uint2*>(f.k + codes) = kq.codes;
         *reinterpret_cast<uint2*>(f.v + codes) = vq.codes;
         if (lane == 0) {
@@ -316,8 +305,8 @@ __global__ void __launch_bounds__(128) decode_kernel(AttentionParamsT<T> p, Deco
         kr[u] = sm_new[0][lane];
         vr[u] = sm_new[1][lane];
       } else if (sl[u] >= 0) {
-        kr[u] = load_kv8<T, F8>(p, false, sl[u], kvh, lane, bs, shift);
-        vr[u] = load_kv8<T, F8>(p, true, sl[u], kvh, lane, bs, shift);
+        kr[u] = load_kv8<T, F8>(p, false, sl[u], kvh, lane);
+        vr[u] = load_kv8<T, F8>(p, true, sl[u], kvh, lane);
       } else {
         kr[u] = zero_kv8<T, F8>();
         vr[u] = zero_kv8<T, F8>();

@@ -170,7 +170,7 @@ __device__ void append_own_fp8(const AttentionParams& p, const bf16* row, int kv
       v[i] = round_to<bf16>(lo ? rope_lo(v[i], y, cv, sv) : rope_hi(y, v[i], cv, sv));
     }
   }
-  store_kv_row<D>(v, lane, f, is_v ? f.v : f.k, slot / f.block_size, slot % f.block_size, kvh);
+  store_kv_row<D>(v, lane, f, is_v ? f.v : f.k, slot, kvh);
 }
 
 // A warp's tile of keys k0 .. k0 + 15 into `st` (a stage of
@@ -248,9 +248,9 @@ struct Fp8TileLoader {
   }
 };
 
-// What both kernels know of their block and warp: its (item, kv head,
-// split), the split's keys start .. end, this warp's share of them (tiles j
-// of keys tile_start(j) ..) and its ring of S stages, filled by `load`.
+// What the kernel knows of its block and warp: its (item, kv head, split),
+// the split's keys start .. end, this warp's share of them (tiles j of keys
+// tile_start(j) ..) and its ring of S stages, filled by `load`.
 template <int D, int W, int S, bool kWhole>
 struct Fp8DecodeWarp {
   using L = Fp8DecodeSmem<D, W, S>;

@@ -131,6 +131,9 @@ class CudaBackend final : public Backend {
     DecodePlan decode{};
     PrefillPlan prefill{};
     bool slots_fit = true;  // every decode item's KV slot fits its int32 (the fused append)
+    // Decode's grid is at most a block an SM (batch-1 decode): latency, not
+    // bandwidth (the CUDA-core kernel's steps; an fp8 cache's fused append).
+    bool decode_one_wave = false;
     // fp8 KV with prefill tiles: the prefill sequences' blocks, dequantized
     // to bf16 into fp8_scratch_ before the prefill kernel (its page table:
     // fp8_pages, page_indices with those entries renumbered 0 .. num_fp8_pages).
@@ -160,7 +163,7 @@ class CudaBackend final : public Backend {
   // x (n, k) quantized per token into fp8_act_ (grown first where it is too
   // small); returns the codes, *scale the (n) scales.
   const uint8_t* quantize_act(const Tensor& x, int64_t n, int64_t k, const float** scale);
-  // Whether the norm before wrote x's (n, k) codes into fp8_act_ (fp8_pending_).
+  // Whether the op before (a norm, silu_mul) wrote x's (n, k) codes into fp8_act_ (fp8_pending_).
   bool fp8_codes_pending(const Tensor& x, int64_t n, int64_t k) const {
     return fp8_pending_.x == x.data && fp8_pending_.n == n && fp8_pending_.k == k;
   }

@@ -227,16 +227,15 @@ void CudaBackend::rope_cache_attention(Tensor& qkv, const RopeTable& rope, int64
   plan_attention(num_heads, num_kv_heads, head_dim);
   // Only where every token is its sequence's only query token: a prefill
   // token reads the keys of the tokens before it in the same step, which
-  // must be in the cache first. On an fp8 cache only up to a block an SM:
-  // the fp8 kernel's append (attention_decode_fp8.cu) delays its block's
+  // must be in the cache first. On an fp8 cache only up to a block an SM
+  // (where the plan runs the CUDA-core kernel): the append delays the split's
   // first load, which costs more than two small kernels in bigger grids
-  // (H200, 8B shape with fp8 weights and KV: batch-1 TPOT 3.36 ms fused
-  // against 3.45 unfused, 512 x 1,024/1,024 14,558 tok/s fused against
-  // 15,069, 2026-12-04).
+  // (H200, 8B shape with fp8 weights and KV, on the tensor-core kernel:
+  // batch-1 TPOT 3.36 ms fused against 3.45 unfused, 512 x 1,024/1,024
+  // 14,558 tok/s fused against 15,069, 2026-12-04).
   const bool fp8 = k_cache.dtype == ScalarType::F8E4M3;
-  const int64_t blocks = int64_t(plan_info_.decode.num_items) * num_kv_heads * plan_info_.decode.num_splits;
   if (!fuse_ || host_.num_tokens != host_.num_seqs || plan_info_.prefill.num_tiles != 0 || !plan_info_.slots_fit ||
-      (fp8 && blocks > num_sms_)) {
+      (fp8 && !plan_info_.decode_one_wave)) {
     rope_and_cache(qkv, rope, num_heads, num_kv_heads, head_dim, k_cache, v_cache);
     paged_attention(qkv, k_cache, v_cache, num_heads, num_kv_heads, head_dim, scale, out);
     return;

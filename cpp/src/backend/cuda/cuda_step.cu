@@ -223,8 +223,9 @@ void CudaBackend::plan_attention(int64_t H, int64_t Hkv, int64_t D) {
   // key load wins, on bf16 and fp8 caches alike (H200, 8B shape with fp8
   // weights and KV, fused RoPE + append: batch-1 TPOT 2.99 ms against 3.35
   // on the fp8 tensor-core kernel, 2026-12-04).
+  p.decode_one_wave = items * Hkv * splits <= num_sms_;
   p.decode.cuda_cores = decode_kernel_ == DecodeKernel::CudaCores ||
-                        (decode_kernel_ == DecodeKernel::Auto && items * Hkv * splits <= num_sms_);
+                        (decode_kernel_ == DecodeKernel::Auto && p.decode_one_wave);
   p.decode.counters = reinterpret_cast<int*>(partials_);
   p.decode.o_part = partials_ ? reinterpret_cast<float*>(reinterpret_cast<uint8_t*>(partials_) + tickets_bytes_) : nullptr;
   p.decode.lse_part = partials_ ? p.decode.o_part + items * splits * H * D : nullptr;

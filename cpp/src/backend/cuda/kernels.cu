@@ -9,6 +9,7 @@
 #include "backend/cuda/block_reduce.cuh"
 #include "backend/cuda/cuda_check.hpp"
 #include "backend/cuda/elementwise.cuh"
+#include "backend/cuda/fp8_rows.cuh"
 #include "backend/cuda/kernels.cuh"
 #include "backend/cuda/launch.cuh"
 #include "backend/fp8.hpp"
@@ -168,11 +169,7 @@ __global__ void norm_vec_kernel(float* residual, const Tin* x, const float* w, f
 #pragma unroll
     for (int k = 0; k < kVecs; ++k) {
       const int i = threadIdx.x + k * blockDim.x;
-      if (i < n4) {
-        const uint32_t lo = __nv_cvt_float2_to_fp8x2(make_float2(v[k].x / sc, v[k].y / sc), __NV_SATFINITE, __NV_E4M3);
-        const uint32_t hi = __nv_cvt_float2_to_fp8x2(make_float2(v[k].z / sc, v[k].w / sc), __NV_SATFINITE, __NV_E4M3);
-        *reinterpret_cast<uint32_t*>(f8.q + base + 4 * i) = lo | (hi << 16);
-      }
+      if (i < n4) *reinterpret_cast<uint32_t*>(f8.q + base + 4 * i) = codes4(v[k].x, v[k].y, v[k].z, v[k].w, sc);
     }
   }
 }
@@ -326,12 +323,9 @@ __global__ void __launch_bounds__(512) silu_mul_codes_kernel(const bf16* gate_up
   for (int k = 0; k < kVecs; ++k) {
     const int i = threadIdx.x + k * blockDim.x;
     if (i < n8) {
-      uint32_t c[4];
-#pragma unroll
-      for (int j = 0; j < 4; ++j)
-        c[j] = __nv_cvt_float2_to_fp8x2(make_float2(v[k][2 * j] / sc, v[k][2 * j + 1] / sc), __NV_SATFINITE,
-                                        __NV_E4M3);
-      *reinterpret_cast<uint2*>(f8.q + row * inter + 8 * i) = make_uint2(c[0] | (c[1] << 16), c[2] | (c[3] << 16));
+      const float* x = v[k];
+      *reinterpret_cast<uint2*>(f8.q + row * inter + 8 * i) =
+          make_uint2(codes4(x[0], x[1], x[2], x[3], sc), codes4(x[4], x[5], x[6], x[7], sc));
     }
   }
 }

@@ -20,7 +20,7 @@ __device__ void quantize_row(const T* qkv, int64_t t, int64_t slot, int H, int w
   float v[D / 32];
 #pragma unroll
   for (int i = 0; i < D / 32; ++i) v[i] = to_f(x[lane * (D / 32) + i]);
-  store_kv_row<D>(v, lane, kv, is_v ? kv.v : kv.k, slot / kv.block_size, slot % kv.block_size, is_v ? w - Hkv : w);
+  store_kv_row<D>(v, lane, kv, is_v ? kv.v : kv.k, slot, is_v ? w - Hkv : w);
 }
 
 // grid (n tokens), block 32 x min(2 Hkv, 32): warp w quantizes rows w, w +

@@ -83,22 +83,22 @@ __device__ __forceinline__ int kv_row_codes(const float (&x)[kPer], uint8_t (&c)
 }
 
 // One warp stores a row of D values (lane l holds dims l D/32 .. + D/32 - 1)
-// as kv head h of the token at offset `off` of block `block` of `base` (kv.k
-// or kv.v): kv_row_codes, then D / 32 codes a lane and lane 0 the exponent byte.
+// as kv head h of the token at flat slot `slot` of `base` (kv.k or kv.v):
+// kv_row_codes, then D / 32 codes a lane and lane 0 the exponent byte.
 template <int D>
-__device__ void store_kv_row(const float (&x)[D / 32], int lane, const Fp8Kv& kv, uint8_t* base, int64_t block,
-                             int64_t off, int h) {
+__device__ void store_kv_row(const float (&x)[D / 32], int lane, const Fp8Kv& kv, uint8_t* base, int64_t slot,
+                             int h) {
   constexpr int kPer = D / 32;
   uint8_t c[kPer];
   const int e = kv_row_codes<kPer, 32>(x, c);
-  uint8_t* codes = base + kv.code_offset(block, off, h) + lane * kPer;
+  uint8_t* codes = base + kv.slot_code_offset(slot, h) + lane * kPer;
   if constexpr (kPer == 4) {
     *reinterpret_cast<uint32_t*>(codes) = c[0] | (c[1] << 8) | (c[2] << 16) | (uint32_t(c[3]) << 24);
   } else {
 #pragma unroll
     for (int i = 0; i < kPer; ++i) codes[i] = c[i];
   }
-  if (lane == 0) base[kv.exp_offset(block, off, h)] = static_cast<uint8_t>(static_cast<int8_t>(e));
+  if (lane == 0) base[kv.slot_exp_offset(slot, h)] = static_cast<uint8_t>(static_cast<int8_t>(e));
 }
 
 }  // namespace pagedrt::cuda
