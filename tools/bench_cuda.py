@@ -488,12 +488,16 @@ def gemv():
                   f"{row['cublas_TBps']:.2f} TB/s ({100 * row['cublas_vs_copy']:.0f}%) | x{row['speedup']:.2f}",
                   flush=True)
     r["rows"] = rows
-    # One batch-1 decode step's GEMMs: 32 layers of qkv, o, gate_up, down, and the lm head.
     one = {row["shape"]: row for row in rows if row["n"] == 1}
     for impl in ("own", "cublas"):
-        layer = sum(one[s][f"{impl}_us"] for s in ("qkv", "o_proj", "gate_up", "down"))
-        r[f"decode_gemm_ms_{impl}"] = (32 * layer + one["lm_head"][f"{impl}_us"]) / 1e3
+        r[f"decode_gemm_ms_{impl}"] = decode_chain_ms({s: row[f"{impl}_us"] for s, row in one.items()})
     return r
+
+
+def decode_chain_ms(us):
+    """One batch-1 decode step's GEMMs (the 8B shape), ms, from µs per
+    GEMV_SHAPES name: 32 layers of qkv, o_proj, gate_up and down, and the lm head."""
+    return (32 * sum(us[s] for s in ("qkv", "o_proj", "gate_up", "down")) + us["lm_head"]) / 1e3
 
 
 GEMM_ROWS = [1, 8, 16, 32, 64, 128, 256, 512, 2048, 8192]
@@ -655,7 +659,7 @@ def fp8_decode_chain():
                 run[name] = {"us": us, "bytes": nbytes, "frac_copy": nbytes / us / 1e6 / copy}
                 total_bytes += nbytes * (1 if name == "lm_head" else 32)
                 print(f"{label:8s} {name:8s} {us:7.1f} us {100 * run[name]['frac_copy']:5.1f}% of copy", flush=True)
-            chain = (32 * sum(run[s]["us"] for s in ("qkv", "o_proj", "gate_up", "down")) + run["lm_head"]["us"]) / 1e3
+            chain = decode_chain_ms({s: run[s]["us"] for s in run})
             floor = total_bytes / copy / 1e9
             run.update(chain_ms=chain, floor_ms=floor, weight_bytes=total_bytes)
             print(f"{label:8s} chain {chain:.3f} ms, floor {floor:.3f} ms ({100 * floor / chain:.1f}%)", flush=True)
@@ -730,16 +734,14 @@ def runtime_under(model, setting, **kw):
 
     env, options = split_setting(setting)
     kw.update(options)
-    os.environ.update(env)
-    rt = pagedrt.Runtime(model, device="cuda", **kw)
-    try:
-        yield rt
-    finally:
-        rt.close()
-        del rt
-        gc.collect()
-        for k in env:
-            del os.environ[k]
+    with environ(env):
+        rt = pagedrt.Runtime(model, device="cuda", **kw)
+        try:
+            yield rt
+        finally:
+            rt.close()
+            del rt
+            gc.collect()
 
 
 def tpot_env(model, settings):
