@@ -61,6 +61,15 @@ def test_fp8_weights_and_kv_cache(env):
     assert "float8_e4m3fn" in out.stdout and "Paris" in out.stdout
 
 
+def test_tensor_parallel_flag(env):
+    """--tensor-parallel-size reaches the Runtime: SmolLM2's 9 heads do not
+    divide by 2, which is a one-line error naming the field."""
+    out = subprocess.run([sys.executable, "-m", "pagedrt.chat", "--device", "cpu", "--tensor-parallel-size", "2",
+                          "--prompt", "Hi", "--max-tokens", "4"], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "tensor_parallel_size 2 does not divide the model's num_attention_heads (9)" in out.stderr
+
+
 def test_bad_model_path_is_a_clear_error(env, tmp_path):
     out = subprocess.run([sys.executable, "-m", "pagedrt.chat", "--model", str(tmp_path / "nope")],
                          env=env, capture_output=True, text=True, timeout=120)

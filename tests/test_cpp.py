@@ -164,9 +164,11 @@ def readme_program(prefix: Path, tmp_path: Path):
 
 @pytest.mark.parametrize("kind", ["tsan", "asan"])
 def test_unit_tests_sanitized(build_root, model_dir, kind):
-    build = sanitizer_build(build_root, kind, ["test_parsers", "test_runtime_threads", "test_speculation"])
+    build = sanitizer_build(build_root, kind, ["test_parsers", "test_runtime_threads", "test_speculation",
+                                               "test_collectives"])
     assert re.search(r" 0 failed", run_sanitized(build / "test_parsers"))
     assert re.search(r" 0 failed", run_sanitized(build / "test_speculation"))
+    assert re.search(r" 0 failed", run_sanitized(build / "test_collectives"))
     out = run_sanitized(build / "test_runtime_threads", env={"PAGEDRT_TEST_MODEL": str(model_dir)})
     assert "SKIPPED" not in out and re.search(r"\d+ passed, 0 failed", out), out
 

@@ -3,7 +3,7 @@
 #
 #   bash tools/gpu_check.sh [STAGE ...]      (from the repo root; default: all stages)
 #
-# Stages: env build wheels optests ncu fp8kv fp8gemm fp8e2e diag make8b make8bfp8 make8btok smol tests e2e bench attn prefill gemm serve servecpu structured masks spec harness kvpool profile cpuscale fp8q lcpp xeon abbuild ab
+# Stages: env build wheels optests ncu fp8kv fp8gemm fp8e2e diag make8b make8bfp8 make8btok smol tests e2e bench attn prefill gemm serve servecpu structured masks spec harness kvpool tp profile cpuscale fp8q lcpp xeon abbuild ab
 #   env      nvidia-smi, versions
 #   build    pip install --no-build-isolation --no-deps . with PAGEDRT_CUDA=ON
 #   wheels   only the wheels carried in .whl/ (a later call of a warm machine, built already)
@@ -52,6 +52,10 @@
 #   harness  tools/bench.py --device cuda: the project's benchmark harness on the 8B shape
 #   kvpool   bench_cuda.py elastic (the elastic KV pool against one taken whole: memory, tok/s) and
 #            preemption (256 x 512/384 in an 8 GiB pool: recompute, swap, auto) on the 8B shape
+#   tp       tensor parallelism on the GPUs present (issue 24; NVLink multicast off): tests/test_cuda_tp.py and
+#            tests/test_tensor_parallel.py, then on the 8B shape (after make8b) batch-1 TPOT and 256 x 512/128
+#            tok/s at TP = 1, 2 (4, 8 where present) with the copy ceiling; $TP70B=1 also writes the
+#            Llama-3-70B shape to $LLAMA70B ($TP70B_LAYERS: fewer layers) for the test that loads it at TP 4 or 8
 #   profile  tools/cuda_profile.py: GPU time per kernel (batch-1 decode; 64 x 512/32); $PROFILE: runs of
 #            "NAME PHASES OPTIONS" separated by ";" (e.g. "fp8 0 quantization=fp8,PAGEDRT_CUDA_PDL=0")
 #            -> $OUT/profile_NAME.json
@@ -77,6 +81,7 @@ WORK=${WORK:-/tmp/gpu_check}
 LLAMA8B=${LLAMA8B:-/tmp/llama8b}
 LLAMA8B_TOK=${LLAMA8B_TOK:-/tmp/llama8b_smoltok}
 LLAMA8B_FP8=${LLAMA8B_FP8:-/tmp/llama8b_fp8}
+LLAMA70B=${LLAMA70B:-/tmp/llama70b}
 SPEC_K=${SPEC_K:-4 8}
 STASH=${STASH:-/root/stash}
 BUDGET_S=${BUDGET_S:-570}
@@ -340,6 +345,31 @@ if has kvpool && [ -f "$LLAMA8B/config.json" ]; then
      "$OUT/kvpool_elastic.json" "$LLAMA8B" 2>&1 | grep -v '^elastic {')
   (cd /tmp && timeout $(( $(left) - 5 > 30 ? $(left) - 5 : 30 )) $PY "$OLDPWD/tools/bench_cuda.py" preemption \
      "$OUT/kvpool_preemption.json" "$LLAMA8B" 2>&1 | grep -v '^preemption {')
+fi
+
+if has tp; then
+  stage tp
+  # NVLink multicast stays off (the device machines' rule; also for programs this starts)
+  export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+  NGPU=$(nvidia-smi -L | wc -l)
+  echo "GPUs: $NGPU; NCCL: $($PY -c 'import nvidia.nccl, os; print(os.path.dirname(nvidia.nccl.__file__))' 2>&1 | tail -1)"
+  [ -f "$LLAMA8B/config.json" ] && export PAGEDRT_LLAMA8B_DIR="$LLAMA8B"
+  if [ -n "${TP70B:-}" ] && [ "$NGPU" -ge 4 ]; then
+    [ -f "$LLAMA70B/config.json" ] || timeout $(( $(left) / 2 )) $PY tools/make_random_llama.py "$LLAMA70B" \
+      --preset llama3-70b ${TP70B_LAYERS:+--layers $TP70B_LAYERS}
+    export PAGEDRT_LLAMA70B_DIR="$LLAMA70B"
+  fi
+  (timeout $(( $(left) - 120 > 60 ? $(left) - 120 : 60 )) $PY -m pytest tests/test_cuda_tp.py tests/test_tensor_parallel.py \
+     -q -rs -p no:cacheprovider --durations=5 2>&1 | tail -30)
+  if [ -f "$LLAMA8B/config.json" ] && [ "$NGPU" -ge 2 ]; then
+    SIZES="tensor_parallel_size=2"; [ "$NGPU" -ge 4 ] && SIZES="$SIZES tensor_parallel_size=4"
+    [ "$NGPU" -ge 8 ] && SIZES="$SIZES tensor_parallel_size=8"
+    (cd /tmp && $PY "$OLDPWD/tools/bench_cuda.py" ceilings "$OUT/tp_ceilings.json" 2>&1 | tail -3)
+    (cd /tmp && timeout $(( $(left) - 10 > 30 ? $(left) - 10 : 30 )) $PY "$OLDPWD/tools/bench_cuda.py" tpot_env \
+       "$OUT/tp_tpot.json" "$LLAMA8B" "" $SIZES 2>&1 | grep TPOT)
+    (cd /tmp && timeout $(( $(left) - 10 > 30 ? $(left) - 10 : 30 )) $PY "$OLDPWD/tools/bench_cuda.py" throughput \
+       "$OUT/tp_throughput.json" "$LLAMA8B" "" $SIZES 2>&1 | grep "tok/s")
+  fi
 fi
 
 if has profile && [ -f "$LLAMA8B/config.json" ]; then

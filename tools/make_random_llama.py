@@ -4,6 +4,7 @@ on the values): config.json, sharded model-*.safetensors and the index.
 
     python tools/make_random_llama.py OUT_DIR                 # Llama-3-8B shape
     python tools/make_random_llama.py OUT_DIR --layers 2      # same widths, 2 layers
+    python tools/make_random_llama.py OUT_DIR --preset llama3-70b   # Llama-3-70B shape (141 GB)
     python tools/make_random_llama.py OUT_DIR --tokenizer-from MODEL_DIR
         # the 8B widths with another model's tokenizer (its files, vocab size and special
         # ids): text prompts, chat templates and structured output on a model of that size
@@ -25,6 +26,12 @@ PRESETS = {
                       rope_theta=500000.0, max_position_embeddings=8192,
                       rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
                                         high_freq_factor=4.0, original_max_position_embeddings=8192)),
+    # tensor parallelism (docs/tensor_parallel.md): 141 GB of bf16, more than one H200 holds
+    "llama3-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                       num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
+                       rope_theta=500000.0, max_position_embeddings=8192,
+                       rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                         high_freq_factor=4.0, original_max_position_embeddings=8192)),
 }
 
 

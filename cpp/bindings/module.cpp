@@ -374,7 +374,8 @@ NB_MODULE(_core, m) {
       .ro("device", &pagedrt::ModelInfo::device)
       .ro("deterministic", &pagedrt::ModelInfo::deterministic)
       .ro("draft_model", &pagedrt::ModelInfo::draft_model)
-      .ro("draft_num_layers", &pagedrt::ModelInfo::draft_num_layers);
+      .ro("draft_num_layers", &pagedrt::ModelInfo::draft_num_layers)
+      .ro("tensor_parallel_size", &pagedrt::ModelInfo::tensor_parallel_size);
 
   // The one source of RuntimeConfig's defaults: Python reads them from here.
   using RC = pagedrt::RuntimeConfig;
@@ -401,7 +402,8 @@ NB_MODULE(_core, m) {
       .rw("kv_watermark", &RC::kv_watermark)
       .rw("num_threads", &RC::num_threads)
       .rw("deterministic", &RC::deterministic)
-      .rw("draft_model", &RC::draft_model);
+      .rw("draft_model", &RC::draft_model)
+      .rw("tensor_parallel_size", &RC::tensor_parallel_size);
 
   nb::class_<pagedrt::Runtime>(m, "Runtime")
       .def("__init__",

@@ -108,10 +108,10 @@ class Ops {
     b_->begin_step(v);
   }
 
-  F32Out embedding(F32In table, const std::string& wdtype) {
+  F32Out embedding(F32In table, const std::string& wdtype, int64_t first_id) {
     Tensor t = weight(table, parse_dtype(wdtype));
     Tensor out = b_->empty({static_cast<int64_t>(tok_.size()), t.dim(1)}, ScalarType::F32);
-    b_->embedding(t, out);
+    b_->embedding(t, first_id, out);
     return back(out);
   }
   F32Out rms_norm(F32In x, F32In w, float eps) {
@@ -558,7 +558,7 @@ void register_ops(nb::module_& m) {
       .def("host_threads", &Ops::host_threads)          // the threads the next host op runs on
       .def("set_batch", &Ops::set_batch, "token_ids"_a, "positions"_a, "slot_mapping"_a, "query_start"_a,
            "seq_lens"_a, "page_indptr"_a, "page_indices"_a, "logits_indices"_a)
-      .def("embedding", &Ops::embedding, "table"_a, "weight_dtype"_a)
+      .def("embedding", &Ops::embedding, "table"_a, "weight_dtype"_a, "first_id"_a = 0)
       .def("rms_norm", &Ops::rms_norm, "x"_a, "weight"_a, "eps"_a)
       .def("add_rms_norm", &Ops::add_rms_norm, "residual"_a, "x"_a, "weight"_a, "eps"_a)
       .def("add", &Ops::add, "residual"_a, "x"_a)

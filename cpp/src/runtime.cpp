@@ -10,8 +10,11 @@
 #include <thread>
 #include <atomic>
 
+#include "backend/collectives.hpp"
 #include "backend/factory.hpp"
 #include "engine/engine.hpp"
+#include "engine/rank_threads.hpp"
+#include "model/tp_plan.hpp"
 #include "io/json.hpp"
 #include "sampling_check.hpp"
 
@@ -76,6 +79,9 @@ void check_config(const RuntimeConfig& c) {
                 "(use \"fp8\")");
   if (c.kv_cache_dtype != "auto" && c.kv_cache_dtype != "fp8" && c.kv_cache_dtype != "fp8_e4m3")
     bad_arg("kv_cache_dtype '" + c.kv_cache_dtype + "' is not known (use \"auto\" or \"fp8\")");
+  if (c.tensor_parallel_size != 1 && c.tensor_parallel_size != 2 && c.tensor_parallel_size != 4 &&
+      c.tensor_parallel_size != 8)
+    bad_arg("tensor_parallel_size must be 1, 2, 4 or 8, got " + std::to_string(c.tensor_parallel_size));
   if (c.kv_cache_dtype != "auto" && !fp8_block_size_ok(c.block_size))
     bad_arg("kv_cache_dtype '" + c.kv_cache_dtype + "' needs a block_size that is a power of two or a multiple of "
             "16, got " + std::to_string(c.block_size));
@@ -189,8 +195,26 @@ Runtime::Runtime(const RuntimeConfig& config) : impl_(std::make_unique<Impl>()) 
                     "': the CUDA backend's GEMMs (cuBLASLt above 8 rows, the own kernel below) and split-KV "
                     "decode attention change their summation order with the batch; batch-invariant results "
                     "are available on the CPU (docs/determinism.md)");
-  std::unique_ptr<Backend> backend = make_backend(device, config.num_threads, act, deterministic);
-  backend->use_fp8_kv(config.kv_cache_dtype != "auto");
+  const int tp = config.tensor_parallel_size;
+  if (tp > 1 && device != "cpu")
+    throw Error(ErrorKind::Unsupported,
+                "tensor_parallel_size " + std::to_string(tp) + " on device '" + device +
+                    "': the CUDA ranks' NCCL collectives are not built yet; tensor parallelism runs on the CPU "
+                    "backend so far (docs/tensor_parallel.md)");
+  if (tp > 1 && !config.draft_model.empty())
+    throw Error(ErrorKind::Unsupported, "draft_model with tensor_parallel_size " + std::to_string(tp) +
+                                            ": a draft model runs on one device; use speculative=\"ngram\"");
+  const TpPlan plan = TpPlan::make(cfg, 0, tp);  // throws naming the config field tp does not divide
+  // Each rank's backend gets its share of the threads.
+  const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  const int rank_threads = tp == 1 ? config.num_threads
+                                   : std::max(1, (config.num_threads > 0 ? config.num_threads : cores) / tp);
+  auto rank_backend = [&] {
+    std::unique_ptr<Backend> b = make_backend(device, rank_threads, act, deterministic);
+    b->use_fp8_kv(config.kv_cache_dtype != "auto");
+    return b;
+  };
+  std::unique_ptr<Backend> backend = rank_backend();
   if (config.quantization == "fp8" && !backend->has_fp8_weights())
     throw Error(ErrorKind::Unsupported, "quantization 'fp8' on device '" + device +
                                             "': its fp8 GEMMs need bfloat16 activations on an sm_89 or newer GPU (the CPU runs fp8 weights "
@@ -213,8 +237,30 @@ Runtime::Runtime(const RuntimeConfig& config) : impl_(std::make_unique<Impl>()) 
               " exceeds the model's max_position_embeddings " + std::to_string(cfg.max_position_embeddings));
     max_len = config.max_model_len;
   }
-  auto model = std::make_unique<LlamaModel>(cfg, config.model_path, *backend, wdtype, max_len,
-                                            config.on_load_progress, fp8_projections(cfg));
+  std::unique_ptr<LlamaModel> model;
+  TensorParallel ranks;
+  if (tp == 1) {
+    model = std::make_unique<LlamaModel>(cfg, config.model_path, *backend, wdtype, max_len, config.on_load_progress,
+                                         fp8_projections(cfg));
+  } else {  // every rank loads its shard at once, on a thread of its own
+    auto group = std::make_shared<HostGroup>(tp);
+    for (int r = 0; r < tp; ++r) ranks.comms.push_back(group->rank(r));
+    ranks.group = group;
+    ranks.peers.resize(static_cast<size_t>(tp - 1));
+    for (ModelRank& p : ranks.peers) p.backend = rank_backend();
+    std::vector<std::unique_ptr<LlamaModel>> models(static_cast<size_t>(tp));
+    RankThreads(tp).run(
+        [&](int r) {
+          Backend& b = r == 0 ? *backend : *ranks.peers[static_cast<size_t>(r - 1)].backend;
+          models[static_cast<size_t>(r)] = std::make_unique<LlamaModel>(
+              cfg, config.model_path, b, wdtype, max_len,
+              r == 0 ? config.on_load_progress : std::function<void(int64_t, int64_t)>{}, fp8_projections(cfg),
+              TpPlan::make(cfg, r, tp), ranks.comms[static_cast<size_t>(r)].get());
+        },
+        [] {});
+    model = std::move(models[0]);
+    for (int r = 1; r < tp; ++r) ranks.peers[static_cast<size_t>(r - 1)].model = std::move(models[static_cast<size_t>(r)]);
+  }
   DraftModel draft;
   LlamaConfig dcfg;
   if (!config.draft_model.empty()) {
@@ -223,14 +269,20 @@ Runtime::Runtime(const RuntimeConfig& config) : impl_(std::make_unique<Impl>()) 
     draft.model = std::make_unique<LlamaModel>(dcfg, config.draft_model, *backend, wdtype, draft.max_len,
                                                std::function<void(int64_t, int64_t)>{}, fp8_projections(dcfg));
   }
-  // One pool size for both caches: the draft's holds whatever the model's holds.
-  const int64_t kv_bytes = kv_budget(config, *backend);
-  const int64_t block = KvCache::block_bytes(*backend, cfg, config.block_size);
+  // One pool size for both caches: the draft's holds whatever the model's
+  // holds. Tensor parallelism: each rank holds its kv heads' share of every
+  // block, and a 1/tp share of the budget.
+  const int64_t kv_bytes = kv_budget(config, *backend) / tp;
+  const LlamaConfig rank_cfg = plan.local(cfg);
+  const int64_t block = KvCache::block_bytes(*backend, rank_cfg, config.block_size);
   const int64_t draft_block = draft.model ? KvCache::block_bytes(*backend, dcfg, config.block_size) : 0;
   const int64_t num_blocks = kv_bytes / (block + draft_block);
-  KvCache kv = KvCache::allocate(*backend, cfg, config.block_size, draft.model ? num_blocks * block : kv_bytes,
+  KvCache kv = KvCache::allocate(*backend, rank_cfg, config.block_size, draft.model ? num_blocks * block : kv_bytes,
                                  config.elastic_kv);
   if (draft.model) draft.kv = KvCache::allocate(*backend, dcfg, config.block_size, kv.num_blocks * draft_block);
+  for (ModelRank& p : ranks.peers)  // as many blocks as rank 0's, in chunks alike
+    p.kv = KvCache::allocate(*p.backend, rank_cfg, config.block_size, kv.num_blocks * block, config.elastic_kv);
+  const int64_t block_bytes = kv.bytes_per_block * tp;  // every rank's share of a block
 
   m.info.architecture = cfg.architecture;
   m.info.vocab_size = cfg.vocab_size;
@@ -247,6 +299,7 @@ Runtime::Runtime(const RuntimeConfig& config) : impl_(std::make_unique<Impl>()) 
   m.info.deterministic = deterministic;
   m.info.draft_model = config.draft_model;
   m.info.draft_num_layers = draft.model ? dcfg.num_layers : 0;
+  m.info.tensor_parallel_size = tp;
 
   EngineConfig ec;
   ec.scheduler.max_num_seqs = config.max_num_seqs;
@@ -258,7 +311,6 @@ Runtime::Runtime(const RuntimeConfig& config) : impl_(std::make_unique<Impl>()) 
   // team spins between steps, and with every core in it llguidance's mask
   // threads got a fifth of their speed (8B shape, 32 JSON rows on 16 cores:
   // 67 us a row against 33; the team of 4 samples 32 rows in 0.7 ms).
-  const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   ec.output.sampler_threads = config.num_threads > 0 ? config.num_threads : device == "cuda" ? std::min(4, cores) : cores;
   ec.enable_prefix_caching = config.enable_prefix_caching;
   ec.kv_idle_release_s = config.kv_idle_release_s;
@@ -268,15 +320,16 @@ Runtime::Runtime(const RuntimeConfig& config) : impl_(std::make_unique<Impl>()) 
   if (preemption != PreemptionMode::Recompute) {
     const int64_t space = config.swap_space_bytes > 0
                               ? config.swap_space_bytes
-                              : std::min<int64_t>(kv.num_blocks * kv.bytes_per_block, int64_t(4) << 30);
-    const int64_t slots = space / kv.bytes_per_block;
+                              : std::min<int64_t>(kv.num_blocks * block_bytes, int64_t(4) << 30);
+    const int64_t slots = space / block_bytes;
     if (slots < 1)
       bad_arg("swap_space_bytes " + std::to_string(space) + " holds no KV block (a block is " +
-              std::to_string(kv.bytes_per_block) + " bytes: every layer's K and V of block_size tokens)");
+              std::to_string(block_bytes) + " bytes: every layer's K and V of block_size tokens)");
     ec.scheduler.swap_slots = static_cast<int32_t>(std::min<int64_t>(slots, std::numeric_limits<int32_t>::max()));
     ec.scheduler.preemption = preemption;
   }
-  m.engine = std::make_unique<Engine>(std::move(backend), std::move(model), std::move(kv), ec, std::move(draft));
+  m.engine = std::make_unique<Engine>(std::move(backend), std::move(model), std::move(kv), ec, std::move(draft),
+                                      std::move(ranks));
 }
 
 Runtime::~Runtime() { close(); }

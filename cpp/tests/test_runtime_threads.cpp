@@ -3,7 +3,9 @@
 // requests in flight. Built plain, with ThreadSanitizer and with ASan+UBSan
 // (tests/test_cpp.py). Needs a model folder in PAGEDRT_TEST_MODEL (a tiny
 // random Llama from tests/conftest.py); exits 77 (skipped) without one.
-// PAGEDRT_TEST_SCALE (default 1) multiplies the request counts.
+// PAGEDRT_TEST_SCALE (default 1) multiplies the request counts. Some tests
+// run again with tensor_parallel_size 2: the ranks' threads and collectives
+// beside the callers' threads.
 #include <algorithm>
 #include <atomic>
 #include <cstdio>
@@ -26,6 +28,7 @@ namespace {
 
 std::string g_model;
 int g_scale = 1;
+int g_tp = 1;  // tensor_parallel_size of small_config's runtimes
 
 double now_s() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
@@ -38,6 +41,7 @@ RuntimeConfig small_config(int64_t blocks) {
   c.device = "cpu";
   c.num_threads = 2;
   c.block_size = 16;
+  c.tensor_parallel_size = g_tp;
   Runtime probe([&] { RuntimeConfig p = c; p.kv_cache_bytes = 1 << 20; return p; }());
   const Stats st = probe.stats();
   c.kv_cache_bytes = blocks * (st.kv_cache_bytes / st.num_blocks);
@@ -464,5 +468,9 @@ int main() {
   test_destroy_in_flight();
   test_bad_calls_concurrently();
   test_threads_speculative();
+  g_tp = 2;
+  test_threads_poll_by_id();
+  test_close_in_flight();
+  test_destroy_in_flight();
   return check::finish();
 }

@@ -76,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
                         "the same answers, sooner (docs/speculative.md)")
     p.add_argument("--draft-model", default=None, metavar="DIR|FILE.gguf",
                    help="a smaller model with the same tokenizer that proposes tokens (implies --speculative draft)")
+    p.add_argument("--tensor-parallel-size", type=int, default=None, metavar="N",
+                   help="split the model over N ranks (1, 2, 4, 8; the model's heads must divide by it; "
+                        "docs/tensor_parallel.md)")
     p.add_argument("--prompt", default=None, metavar="TEXT",
                    help="answer this one message and exit (no interactive loop)")
     return p
@@ -235,7 +238,8 @@ def main(argv=None) -> int:
         # (an elastic pool's idle release evicts the cached blocks of the chunks it gives back).
         rt = Runtime(args.model, device=args.device, dtype=args.dtype, num_threads=args.threads,
                      kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
-                     max_model_len=args.max_model_len, draft_model=args.draft_model, kv_idle_release_s=0)
+                     max_model_len=args.max_model_len, draft_model=args.draft_model, kv_idle_release_s=0,
+                     tensor_parallel_size=args.tensor_parallel_size)
     except (ModelNotFoundError, FileNotFoundError, ValueError, InvalidArgument, Unsupported) as e:
         print(f"pagedrt-chat: {e}", file=sys.stderr)
         return 1
@@ -243,7 +247,8 @@ def main(argv=None) -> int:
         print(f"pagedrt-chat: {rt.model_path} has no chat template (tokenizer_config.json)", file=sys.stderr)
         return 1
     info = rt.model_info
-    print(f"pagedrt-chat: {rt.model_path.name} ({info.weight_dtype}, {info.device}, context "
+    device = info.device if info.tensor_parallel_size == 1 else f"{info.device} x {info.tensor_parallel_size} ranks"
+    print(f"pagedrt-chat: {rt.model_path.name} ({info.weight_dtype}, {device}, context "
           f"{info.max_model_len}) loaded in {time.perf_counter() - t0:.2f} s. /help lists commands.")
     system = args.system
     messages = [{"role": "system", "content": system}] if system else []

@@ -156,7 +156,26 @@ _OPTIONS = ("device", "dtype", "activation_dtype", "quantization", "kv_cache_dty
             "kv_idle_release_s", "async_scheduling", "block_size",
             "max_num_seqs", "max_num_batched_tokens", "max_model_len", "enable_prefix_caching",
             "preemption_mode", "swap_space_bytes", "kv_watermark", "num_threads",
-            "deterministic", "draft_model")
+            "deterministic", "draft_model", "tensor_parallel_size")
+
+
+def _point_to_nccl() -> None:
+    """Tensor parallelism on CUDA loads NCCL at run time: from
+    PAGEDRT_NCCL_LIBRARY, which this sets to the nvidia-nccl wheel's library
+    when that is installed and the variable is not set (else the loader's
+    path finds libnccl.so.2, or the Runtime says it cannot)."""
+    if os.environ.get("PAGEDRT_NCCL_LIBRARY"):
+        return
+    import importlib.util
+    try:
+        spec = importlib.util.find_spec("nvidia.nccl")
+    except (ImportError, ValueError):
+        return
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        lib = os.path.join(folder, "lib", "libnccl.so.2")
+        if os.path.isfile(lib):
+            os.environ["PAGEDRT_NCCL_LIBRARY"] = lib
+            return
 
 
 class Runtime:
@@ -257,6 +276,15 @@ class Runtime:
             .gguf file) for speculative decoding with ``speculative="draft"``
             (docs/speculative.md). It runs on the same device with its own KV
             cache of as many blocks as the model's; ``kv_cache_bytes`` covers both.
+        tensor_parallel_size [1]: 1, 2, 4 or 8 ranks, each holding its share
+            of every layer's heads and MLP columns, of the vocabulary's
+            embedding and lm head rows, and of every KV block's kv heads, with
+            one engine, scheduler and block pool (docs/tensor_parallel.md). The
+            model's attention heads, kv heads and intermediate size must divide
+            by it. On the CPU the ranks are thread teams of ``num_threads`` /
+            size exchanging partial sums in memory; CUDA (a GPU a rank, over
+            NCCL) raises Unsupported: not built yet. ``kv_cache_bytes`` is the
+            pool over all ranks.
 
     Every method is safe to call from several threads at once.
     """
@@ -276,6 +304,8 @@ class Runtime:
                     setattr(config, name, value)
                 except TypeError as e:
                     raise InvalidArgument(f"Runtime option {name}={value!r}: {e}") from None
+        if config.tensor_parallel_size > 1:
+            _point_to_nccl()
         self.model_path = resolve_model(model, progress=progress)
         config.model_path = str(self.model_path)
         has_tokenizer = any((self.model_path / f).is_file()

@@ -119,6 +119,15 @@ struct RuntimeConfig {
   // many blocks as the model's; kv_cache_bytes (or the GPU's share) covers
   // both caches. Empty: none.
   std::string draft_model;
+  // Tensor parallelism (docs/tensor_parallel.md): 1, 2, 4 or 8 ranks, each
+  // holding its share of every layer's heads and MLP columns, of the
+  // embedding and lm head's vocabulary, and of every KV block's kv heads; one
+  // engine, one scheduler, one logical block pool. The model's attention
+  // heads, kv heads and intermediate size must divide by it. On the CPU the
+  // ranks are teams of num_threads / size threads exchanging partial results
+  // in memory; on CUDA (one GPU a rank, over NCCL) it is not built yet
+  // (Unsupported). kv_cache_bytes is the pool over all ranks.
+  int32_t tensor_parallel_size = 1;
   // Optional: called on the constructing thread while the weights load, with
   // (parts loaded, parts in all): the embedding, each layer, the head. Not
   // kept after the constructor returns.
@@ -156,6 +165,7 @@ struct ModelInfo {
   bool deterministic = false;      // RuntimeConfig::deterministic, resolved
   std::string draft_model;         // RuntimeConfig::draft_model ("" without one)
   int64_t draft_num_layers = 0;    // the draft model's layers (0 without one)
+  int32_t tensor_parallel_size = 1;  // RuntimeConfig::tensor_parallel_size
 };
 
 class Runtime {

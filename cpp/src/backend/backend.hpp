@@ -215,8 +215,10 @@ class Backend {
   // (always F32), embedding's out (F32: it starts the residual), linear's out
   // (activation_dtype() or F32, for the logits) and gather_rows (any dtype).
   //
-  // out (num_tokens, hidden) = table[token_ids]
-  virtual void embedding(const Tensor& table, Tensor& out) = 0;
+  // out (num_tokens, hidden) = table (rows, hidden) [token_ids - first_id];
+  // zero rows for ids outside [first_id, first_id + rows) (a vocabulary-parallel
+  // shard of the table, model/tp_plan.hpp)
+  virtual void embedding(const Tensor& table, int64_t first_id, Tensor& out) = 0;
   // out = rms_norm(x) * weight over the first n rows of x (n, hidden); may be in place
   virtual void rms_norm(const Tensor& x, const Tensor& weight, float eps, int64_t n, Tensor& out) = 0;
   // residual += x; out = rms_norm(residual) * weight, over the batch's tokens

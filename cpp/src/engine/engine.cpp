@@ -15,24 +15,33 @@ void average_in(double& avg, double sample) { avg = avg > 0.0 ? 0.8 * avg + 0.2 
 }  // namespace
 
 Engine::Engine(std::shared_ptr<Backend> backend, std::unique_ptr<LlamaModel> model, KvCache kv,
-               const EngineConfig& config, DraftModel draft)
-    : runner_(backend, std::move(model), std::move(kv)),
+               const EngineConfig& config, DraftModel draft, TensorParallel tp)
+    : runner_(backend, std::move(model), std::move(kv), std::move(tp)),
       pool_(static_cast<int32_t>(runner_.kv().num_blocks), static_cast<int32_t>(runner_.kv().block_size)),
       kv_manager_(pool_, config.enable_prefix_caching),
       scheduler_(config.scheduler, kv_manager_),
       outputs_(config.output, kv_manager_, *this),
-      stats_(runner_.kv(), config.scheduler.swap_slots),
+      stats_(runner_.kv(), runner_.bytes_per_block(), config.scheduler.swap_slots),
       kv_idle_release_s_(config.kv_idle_release_s) {
   if (const std::shared_ptr<KvMemory>& memory = runner_.kv().memory) {  // elastic: chunk 0 mapped, the rest on demand
-    const std::weak_ptr<KvMemory> mem = memory;  // not past the runner's release()
+    // every rank's memory (tensor parallelism), not past the runner's release()
+    std::vector<std::weak_ptr<KvMemory>> mems;
+    for (const std::shared_ptr<KvMemory>& m : runner_.kv_memories()) mems.push_back(m);
     pool_.set_chunks(
         static_cast<int32_t>(memory->chunk_blocks()),
-        [mem](int32_t c) {
-          const std::shared_ptr<KvMemory> m = mem.lock();
-          return m && m->map(c);
+        [mems](int32_t c) {
+          for (size_t i = 0; i < mems.size(); ++i) {
+            const std::shared_ptr<KvMemory> m = mems[i].lock();
+            if (m && m->map(c)) continue;
+            for (size_t j = 0; j < i; ++j)  // all ranks or none
+              if (const std::shared_ptr<KvMemory> done = mems[j].lock()) done->unmap(c);
+            return false;
+          }
+          return true;
         },
-        [mem](int32_t c) {
-          if (const std::shared_ptr<KvMemory> m = mem.lock()) m->unmap(c);
+        [mems](int32_t c) {
+          for (const std::weak_ptr<KvMemory>& mem : mems)
+            if (const std::shared_ptr<KvMemory> m = mem.lock()) m->unmap(c);
         });
   }
   if (draft.model) {

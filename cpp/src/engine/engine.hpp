@@ -78,8 +78,10 @@ struct DraftModel {
 
 class Engine final : private OutputSink {
  public:
+  // `backend`, `model` and `kv` are rank 0's under tensor parallelism (`tp`:
+  // ModelRunner's).
   Engine(std::shared_ptr<Backend> backend, std::unique_ptr<LlamaModel> model, KvCache kv,
-         const EngineConfig& config, DraftModel draft = {});
+         const EngineConfig& config, DraftModel draft = {}, TensorParallel tp = {});
   ~Engine() override;  // stops the thread
 
   // Queues a validated request; `owned`: only poll(id) reads its events.

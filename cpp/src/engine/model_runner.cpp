@@ -2,8 +2,35 @@
 
 namespace pagedrt {
 
-ModelRunner::ModelRunner(std::shared_ptr<Backend> backend, std::unique_ptr<LlamaModel> model, KvCache kv)
-    : backend_(std::move(backend)), model_(std::move(model)), kv_(std::move(kv)) {}
+ModelRunner::ModelRunner(std::shared_ptr<Backend> backend, std::unique_ptr<LlamaModel> model, KvCache kv,
+                         TensorParallel tp)
+    : backend_(std::move(backend)), model_(std::move(model)), kv_(std::move(kv)), tp_(std::move(tp)) {
+  if (!tp_.peers.empty()) threads_ = std::make_unique<RankThreads>(tensor_parallel_size());
+}
+
+std::vector<std::shared_ptr<KvMemory>> ModelRunner::kv_memories() const {
+  std::vector<std::shared_ptr<KvMemory>> out;
+  if (kv_.memory) out.push_back(kv_.memory);
+  for (const ModelRank& p : tp_.peers)
+    if (p.kv.memory) out.push_back(p.kv.memory);
+  return out;
+}
+
+int64_t ModelRunner::bytes_per_block() const {
+  int64_t bytes = kv_.bytes_per_block;
+  for (const ModelRank& p : tp_.peers) bytes += p.kv.bytes_per_block;
+  return bytes;
+}
+
+void ModelRunner::synchronize() {
+  backend_->synchronize();
+  for (ModelRank& p : tp_.peers) p.backend->synchronize();
+}
+
+void ModelRunner::lend_threads(int n) {
+  backend_->lend_threads(n);
+  for (ModelRank& p : tp_.peers) p.backend->lend_threads(n);
+}
 
 ModelOutput ModelRunner::run(const SchedulerOutput& step, bool device_greedy, bool defer_picks, bool deferred) {
   cur_ ^= 1;
@@ -37,16 +64,38 @@ ModelOutput ModelRunner::run(const SchedulerOutput& step, bool device_greedy, bo
     argmax.resize(static_cast<size_t>(view.num_logits));
   else
     logits_.resize(static_cast<size_t>(view.num_logits) * out.vocab);
-  if (!step.copies.empty())
-    for (size_t l = 0; l < kv_.k.size(); ++l) {
-      backend_->copy_blocks(kv_.k[l], step.copies);
-      backend_->copy_blocks(kv_.v[l], step.copies);
+  auto copy_blocks = [&](Backend& backend, KvCache& kv) {
+    for (size_t l = 0; l < kv.k.size(); ++l) {
+      backend.copy_blocks(kv.k[l], step.copies);
+      backend.copy_blocks(kv.v[l], step.copies);
     }
-  if (device_greedy && defer_picks) {
-    model_->forward(view, kv_, nullptr, nullptr);  // the logits stay on the device for pick()
-    return out;
+  };
+  if (!step.copies.empty()) {
+    copy_blocks(*backend_, kv_);
+    for (ModelRank& p : tp_.peers) copy_blocks(*p.backend, p.kv);
   }
-  model_->forward(view, kv_, logits_.data(), device_greedy ? argmax.data() : nullptr);
+  const bool picks_later = device_greedy && defer_picks;  // the logits stay on the device for pick()
+  auto forward = [&] {
+    if (picks_later)
+      model_->forward(view, kv_, nullptr, nullptr);
+    else
+      model_->forward(view, kv_, logits_.data(), device_greedy ? argmax.data() : nullptr);
+  };
+  if (tp_.peers.empty()) {
+    forward();
+  } else {
+    tp_.comms[0]->recover();  // after a failed step: no rank is inside one now
+    threads_->run(
+        [&](int r) {
+          if (r == 0)
+            forward();
+          else
+            tp_.peers[static_cast<size_t>(r - 1)].model->forward(view, tp_.peers[static_cast<size_t>(r - 1)].kv,
+                                                                  nullptr, nullptr);
+        },
+        [&] { tp_.comms[0]->abort(); });
+  }
+  if (picks_later) return out;
   if (device_greedy)
     out.argmax = argmax.data();
   else
@@ -57,28 +106,36 @@ ModelOutput ModelRunner::run(const SchedulerOutput& step, bool device_greedy, bo
 void ModelRunner::enable_swap(int64_t slots) { swap_slots_ = slots; }
 
 void ModelRunner::ensure_swap_space() {
-  if (!swap_space_)  // at the first swap: a runtime that never preempts holds no host memory for it
-    swap_space_ = backend_->host_alloc(static_cast<size_t>(swap_slots_ * kv_.bytes_per_block));
+  if (!swap_space_.empty()) return;  // at the first swap: a runtime that never preempts holds no host memory for it
+  swap_space_.push_back(backend_->host_alloc(static_cast<size_t>(swap_slots_ * kv_.bytes_per_block)));
+  for (ModelRank& p : tp_.peers)
+    swap_space_.push_back(p.backend->host_alloc(static_cast<size_t>(swap_slots_ * p.kv.bytes_per_block)));
+}
+
+void ModelRunner::swap_rank(Backend& backend, KvCache& kv, void* space, const SchedulerOutput& step) {
+  const size_t region = static_cast<size_t>(swap_slots_) * (kv.k[0].nbytes() / static_cast<size_t>(kv.num_blocks));
+  uint8_t* host = static_cast<uint8_t*>(space);
+  for (size_t l = 0; l < kv.k.size(); ++l) {
+    uint8_t* hk = host + 2 * l * region;
+    uint8_t* hv = hk + region;
+    if (!step.swap_out.empty()) {
+      backend.swap_blocks(kv.k[l], step.swap_out, hk, true);
+      backend.swap_blocks(kv.v[l], step.swap_out, hv, true);
+    }
+    if (!step.swap_in.empty()) {
+      backend.swap_blocks(kv.k[l], step.swap_in, hk, false);
+      backend.swap_blocks(kv.v[l], step.swap_in, hv, false);
+    }
+  }
 }
 
 void ModelRunner::swap(const SchedulerOutput& step, bool wait) {
   if (step.swap_out.empty() && step.swap_in.empty()) return;
   ensure_swap_space();
-  const size_t region = static_cast<size_t>(swap_slots_) * (kv_.k[0].nbytes() / static_cast<size_t>(kv_.num_blocks));
-  uint8_t* host = static_cast<uint8_t*>(swap_space_.get());
-  for (size_t l = 0; l < kv_.k.size(); ++l) {
-    uint8_t* hk = host + 2 * l * region;
-    uint8_t* hv = hk + region;
-    if (!step.swap_out.empty()) {
-      backend_->swap_blocks(kv_.k[l], step.swap_out, hk, true);
-      backend_->swap_blocks(kv_.v[l], step.swap_out, hv, true);
-    }
-    if (!step.swap_in.empty()) {
-      backend_->swap_blocks(kv_.k[l], step.swap_in, hk, false);
-      backend_->swap_blocks(kv_.v[l], step.swap_in, hv, false);
-    }
-  }
-  if (wait) backend_->synchronize();
+  swap_rank(*backend_, kv_, swap_space_[0].get(), step);
+  for (size_t r = 0; r < tp_.peers.size(); ++r)
+    swap_rank(*tp_.peers[r].backend, tp_.peers[r].kv, swap_space_[r + 1].get(), step);
+  if (wait) synchronize();
 }
 
 void ModelRunner::pick(ModelOutput& out, const RowMasks& masks) {
@@ -103,6 +160,8 @@ int32_t ModelRunner::end_results() {
 }
 
 void ModelRunner::release() {
+  threads_.reset();
+  tp_ = TensorParallel{};
   model_.reset();
   kv_ = KvCache{};
   backend_.reset();

@@ -16,7 +16,9 @@
 #include <vector>
 
 #include "backend/backend.hpp"
+#include "backend/collectives.hpp"
 #include "engine/batch.hpp"
+#include "engine/rank_threads.hpp"
 #include "engine/scheduler.hpp"
 #include "model/kv_cache.hpp"
 #include "model/llama.hpp"
@@ -53,9 +55,29 @@ struct DeviceDraws {
   std::vector<int32_t> first_draw;  // ModelOutput::first_draw's
 };
 
+// One rank of a tensor-parallel model (model/tp_plan.hpp) after the first:
+// its device, its shard of the weights, and its kv heads' share of every
+// block (as many blocks as rank 0's: one logical pool).
+struct ModelRank {
+  std::shared_ptr<Backend> backend;
+  std::unique_ptr<LlamaModel> model;
+  KvCache kv;
+};
+// What the ranks of a tensor-parallel model share; empty without one.
+struct TensorParallel {
+  std::shared_ptr<void> group;                      // what their collectives share (a HostGroup)
+  std::vector<std::unique_ptr<Collectives>> comms;  // rank r's at r; the models point to them
+  std::vector<ModelRank> peers;                     // ranks 1 .. size - 1
+};
+
 class ModelRunner {
  public:
-  ModelRunner(std::shared_ptr<Backend> backend, std::unique_ptr<LlamaModel> model, KvCache kv);
+  // `backend`, `model` and `kv` are rank 0's under tensor parallelism (`tp`):
+  // every rank runs each forward at once, on a thread of its own, and every
+  // block copy and swap; rank 0's logits are the step's, and its backend
+  // picks and draws.
+  ModelRunner(std::shared_ptr<Backend> backend, std::unique_ptr<LlamaModel> model, KvCache kv,
+              TensorParallel tp = {});
 
   // Can the device pick greedy tokens itself (only their ids come back)?
   bool has_device_argmax() const { return backend_->has_argmax(); }
@@ -98,9 +120,15 @@ class ModelRunner {
   // `wait`, returns once they are done.
   void swap(const SchedulerOutput& step, bool wait);
 
+  // Rank 0's KV storage (every rank's has as many blocks).
   const KvCache& kv() const { return kv_; }
-  void synchronize() { backend_->synchronize(); }  // what the device has queued is done
-  void lend_threads(int n) { backend_->lend_threads(n); }  // Backend::lend_threads
+  // Every rank's elastic KV memory, rank order (empty when the pool is taken whole).
+  std::vector<std::shared_ptr<KvMemory>> kv_memories() const;
+  // Bytes of one block over every rank (KvCache::bytes_per_block's sum).
+  int64_t bytes_per_block() const;
+  int tensor_parallel_size() const { return static_cast<int>(tp_.peers.size()) + 1; }
+  void synchronize();  // what every rank's device has queued is done
+  void lend_threads(int n);  // Backend::lend_threads, every rank's
   int64_t vocab_size() const { return model_->config().vocab_size; }
   // Frees the weights and the KV storage, then drops its share of the backend
   // (GPU memory at once).
@@ -123,8 +151,14 @@ class ModelRunner {
   int cur_ = 0;          // the current step's
   int fed_ = 0;          // the last deferred step's (its results feed placeholders)
   int32_t fed_ticket_ = 0;
-  std::shared_ptr<void> swap_space_;  // per cache tensor (layer l: K at 2l, V at 2l + 1) swap_slots_ blocks
+  // Each of `kv`'s tensors' (layer l: K at 2l, V at 2l + 1) `swap_slots_`
+  // blocks of host memory, one region after the other.
+  void swap_rank(Backend& backend, KvCache& kv, void* space, const SchedulerOutput& step);
+
+  std::vector<std::shared_ptr<void>> swap_space_;  // per rank: swap_rank's regions
   int64_t swap_slots_ = 0;
+  TensorParallel tp_;
+  std::unique_ptr<RankThreads> threads_;  // ranks 1 ..'s forwards (tensor parallelism)
 };
 
 }  // namespace pagedrt

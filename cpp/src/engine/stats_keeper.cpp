@@ -5,13 +5,13 @@
 
 namespace pagedrt {
 
-StatsKeeper::StatsKeeper(const KvCache& kv, int64_t swap_slots) {
-  stats_.swap_space_bytes = swap_slots * kv.bytes_per_block;
+StatsKeeper::StatsKeeper(const KvCache& kv, int64_t bytes_per_block, int64_t swap_slots) {
+  stats_.swap_space_bytes = swap_slots * bytes_per_block;
   stats_.num_blocks = kv.num_blocks;
   stats_.block_size = kv.block_size;
   stats_.blocks_free = kv.num_blocks;
-  stats_.kv_cache_bytes = kv.num_blocks * kv.bytes_per_block;
-  bytes_per_block_ = kv.bytes_per_block;
+  stats_.kv_cache_bytes = kv.num_blocks * bytes_per_block;
+  bytes_per_block_ = bytes_per_block;
 }
 
 Stats StatsKeeper::get() const {

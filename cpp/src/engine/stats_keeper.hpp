@@ -25,7 +25,8 @@ namespace pagedrt {
 class StatsKeeper {
  public:
   // swap_slots: host slots of swap space (0: none).
-  StatsKeeper(const KvCache& kv, int64_t swap_slots);
+  // bytes_per_block: one block over every rank of a tensor-parallel model (else kv's)
+  StatsKeeper(const KvCache& kv, int64_t bytes_per_block, int64_t swap_slots);
 
   Stats get() const;
   void count_step(int64_t preemptions, int64_t prompt_tokens, double forward_seconds, int64_t padded_tokens,

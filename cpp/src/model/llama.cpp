@@ -1,6 +1,8 @@
 #include "model/llama.hpp"
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <deque>
 
 #include "io/safetensors.hpp"
@@ -55,6 +57,53 @@ WeightView expect(const Checkpoint& ckpt, const std::string& name, std::vector<i
   return w;
 }
 
+// A tensor-parallel rank's part of a 2-D weight (model/tp_plan.hpp): rows
+// or columns [first, first + count); dim -1: all of it.
+struct Slice {
+  int dim = -1;
+  int64_t first = 0, count = 0;
+};
+
+// `w` cut to `slice`: rows are a view of the same bytes (an fp8 view's
+// scales follow); columns are copied into `keep`, which must outlive the view.
+WeightView cut(WeightView w, const Slice& slice, std::deque<std::vector<uint8_t>>& keep) {
+  if (slice.dim < 0) return w;
+  const size_t es = w.element_size();
+  const int64_t rows = w.shape[0], cols = w.shape[1];
+  const uint8_t* src = static_cast<const uint8_t*>(w.data);
+  if (slice.dim == 0) {
+    w.data = src + static_cast<size_t>(slice.first * cols) * es;
+    if (w.row_scale != nullptr) w.row_scale += slice.first;
+    w.shape[0] = slice.count;
+    return w;
+  }
+  keep.emplace_back(static_cast<size_t>(rows * slice.count) * es);
+  uint8_t* dst = keep.back().data();
+  for (int64_t r = 0; r < rows; ++r)
+    std::memcpy(dst + static_cast<size_t>(r * slice.count) * es, src + static_cast<size_t>(r * cols + slice.first) * es,
+                static_cast<size_t>(slice.count) * es);
+  w.data = dst;
+  w.shape[1] = slice.count;
+  return w;
+}
+
+// A rank's rows of the embedding or the lm head (vocab, hidden): plan.vocab_rows
+// of them from plan.vocab_first(), zero rows past the vocabulary (copied into
+// `keep` then).
+WeightView vocab_rows(WeightView w, const TpPlan& plan, std::deque<std::vector<uint8_t>>& keep) {
+  if (!plan.sharded()) return w;
+  const int64_t have = std::max<int64_t>(0, std::min(plan.vocab_rows, w.shape[0] - plan.vocab_first()));
+  if (have == plan.vocab_rows) return cut(w, {0, plan.vocab_first(), have}, keep);
+  const size_t row_bytes = static_cast<size_t>(w.shape[1]) * w.element_size();
+  keep.emplace_back(static_cast<size_t>(plan.vocab_rows) * row_bytes, uint8_t{0});
+  if (have > 0)
+    std::memcpy(keep.back().data(), static_cast<const uint8_t*>(w.data) + plan.vocab_first() * row_bytes,
+                static_cast<size_t>(have) * row_bytes);
+  w.data = keep.back().data();
+  w.shape[0] = plan.vocab_rows;
+  return w;
+}
+
 RopeTable make_rope(Backend& backend, const LlamaConfig& cfg, int64_t max_positions) {
   const std::vector<double> inv = cfg.rope_inv_freq();
   const int64_t half = cfg.head_dim / 2;
@@ -74,14 +123,26 @@ RopeTable make_rope(Backend& backend, const LlamaConfig& cfg, int64_t max_positi
 
 LlamaModel::LlamaModel(const LlamaConfig& config, const std::string& model_dir, Backend& backend,
                        ScalarType weight_dtype, int64_t max_positions,
-                       const std::function<void(int64_t, int64_t)>& progress, Fp8Projections fp8)
-    : cfg_(config),
+                       const std::function<void(int64_t, int64_t)>& progress, Fp8Projections fp8, const TpPlan& plan,
+                       Collectives* comm)
+    : plan_(plan.size > 1 ? plan : TpPlan::make(config, 0, 1)),
+      comm_(plan_.sharded() ? comm : nullptr),
       backend_(backend),
       weight_dtype_(weight_dtype) {
+  if (plan_.sharded() && comm == nullptr)
+    throw Error(ErrorKind::Runtime, "LlamaModel: a tensor-parallel rank without collectives");
+  cfg_ = plan_.local(config);
   backend.check_attention(cfg_.num_heads, cfg_.num_kv_heads, cfg_.head_dim);
   const Checkpoint ckpt = Checkpoint::open(model_dir);
-  const int64_t hidden = cfg_.hidden_size, inter = cfg_.intermediate_size;
-  const int64_t q_dim = cfg_.num_heads * cfg_.head_dim, kv_dim = cfg_.num_kv_heads * cfg_.head_dim;
+  // The whole model's shapes (the checkpoint's), and this rank's slices of them.
+  const int64_t hidden = config.hidden_size, inter = config.intermediate_size, D = config.head_dim;
+  const int64_t q_dim = config.num_heads * D, kv_dim = config.num_kv_heads * D;
+  const int r = plan_.rank;
+  auto slice = [&](int dim, int64_t first, int64_t count) { return plan_.sharded() ? Slice{dim, first, count} : Slice{}; };
+  const Slice q_rows = slice(0, r * plan_.q_heads * D, plan_.q_heads * D);
+  const Slice kv_rows = slice(0, r * plan_.kv_heads * D, plan_.kv_heads * D);
+  const Slice q_cols = slice(1, r * plan_.q_heads * D, plan_.q_heads * D);
+  const Slice mlp_rows = slice(0, r * plan_.inter, plan_.inter), mlp_cols = slice(1, r * plan_.inter, plan_.inter);
   auto norm = [&](const std::string& name) {
     return backend.load_weight({expect(ckpt, name, {hidden})}, ScalarType::F32);
   };
@@ -89,17 +150,42 @@ LlamaModel::LlamaModel(const LlamaConfig& config, const std::string& model_dir, 
   auto loaded = [&](int64_t done) {
     if (progress) progress(done, parts);
   };
-  embed_ = backend.load_weight({expect(ckpt, "model.embed_tokens.weight", {cfg_.vocab_size, hidden})},
-                               weight_dtype);
+  {
+    std::deque<std::vector<uint8_t>> bytes;  // a rank's padded rows
+    embed_ = backend.load_weight(
+        {vocab_rows(expect(ckpt, "model.embed_tokens.weight", {cfg_.vocab_size, hidden}), plan_, bytes)},
+        weight_dtype);
+  }
   loaded(1);
   for (int64_t l = 0; l < cfg_.num_layers; ++l) {
     const std::string p = "model.layers." + std::to_string(l) + ".";
-    std::deque<std::vector<float>> keep;  // this layer's fp8 weights' scales, or their dequantized values
-    // A fused group of projections (name, shape): fp8 where `fp8` says, else the weight dtype.
-    auto group = [&](std::vector<std::pair<std::string, std::vector<int64_t>>> parts) {
-      std::vector<WeightView> views;
-      for (auto& [name, shape] : parts)
-        views.push_back(expect(ckpt, name, shape, cfg_.quant, &keep, fp8 != Fp8Projections::None));
+    std::deque<std::vector<float>> keep;     // this layer's fp8 weights' scales, or their dequantized values
+    std::deque<std::vector<uint8_t>> bytes;  // this rank's columns of a row-parallel weight
+    std::deque<Tensor> whole_rows;           // such a weight quantized whole (fp8: its rows' scales)
+    struct Part {
+      std::string name;
+      std::vector<int64_t> shape;  // in the checkpoint
+      Slice slice;                 // this rank's
+    };
+    // A fused group of projections: fp8 where `fp8` says, else the weight dtype.
+    auto group = [&](const std::vector<Part>& parts) {
+      auto views_of = [&](bool codes) {
+        std::vector<WeightView> views;
+        for (const Part& part : parts) {
+          WeightView v = expect(ckpt, part.name, part.shape, cfg_.quant, &keep, codes);
+          if (fp8 == Fp8Projections::All && codes && part.slice.dim == 1 && v.type != WeightView::Type::F8E4M3) {
+            // Quantized before it is cut: each rank's columns keep the whole
+            // row's scale, so the ranks' sum is the unsharded product.
+            whole_rows.push_back(host_fp8_weight({v}));
+            v.type = WeightView::Type::F8E4M3;
+            v.data = whole_rows.back().data;
+            v.row_scale = whole_rows.back().row_scale->as<float>();
+          }
+          views.push_back(cut(v, part.slice, bytes));
+        }
+        return views;
+      };
+      std::vector<WeightView> views = views_of(fp8 != Fp8Projections::None);
       bool all_fp8 = true;
       int64_t rows = 0;
       for (const WeightView& v : views) all_fp8 = all_fp8 && v.type == WeightView::Type::F8E4M3, rows += v.shape[0];
@@ -107,21 +193,20 @@ LlamaModel::LlamaModel(const LlamaConfig& config, const std::string& model_dir, 
       const bool keep_codes = all_fp8 && backend.fp8_shape_ok(rows, views[0].shape[1]);
       if (fp8 == Fp8Projections::All || (fp8 == Fp8Projections::Checkpoint && keep_codes))
         return backend.load_weight(views, ScalarType::F8E4M3);
-      if (fp8 != Fp8Projections::None && !keep_codes) {  // fp8 parts of a mixed or odd-shaped group: dequantized
-        views.clear();
-        for (auto& [name, shape] : parts) views.push_back(expect(ckpt, name, shape, cfg_.quant, &keep));
-      }
+      if (fp8 != Fp8Projections::None && !keep_codes)  // fp8 parts of a mixed or odd-shaped group: dequantized
+        views = views_of(false);
       return backend.load_weight(views, weight_dtype);
     };
     Layer layer;
     layer.input_norm = norm(p + "input_layernorm.weight");
     layer.post_norm = norm(p + "post_attention_layernorm.weight");
-    layer.qkv = group({{p + "self_attn.q_proj.weight", {q_dim, hidden}},
-                       {p + "self_attn.k_proj.weight", {kv_dim, hidden}},
-                       {p + "self_attn.v_proj.weight", {kv_dim, hidden}}});
-    layer.o = group({{p + "self_attn.o_proj.weight", {hidden, q_dim}}});
-    layer.gate_up = group({{p + "mlp.gate_proj.weight", {inter, hidden}}, {p + "mlp.up_proj.weight", {inter, hidden}}});
-    layer.down = group({{p + "mlp.down_proj.weight", {hidden, inter}}});
+    layer.qkv = group({{p + "self_attn.q_proj.weight", {q_dim, hidden}, q_rows},
+                       {p + "self_attn.k_proj.weight", {kv_dim, hidden}, kv_rows},
+                       {p + "self_attn.v_proj.weight", {kv_dim, hidden}, kv_rows}});
+    layer.o = group({{p + "self_attn.o_proj.weight", {hidden, q_dim}, q_cols}});
+    layer.gate_up = group({{p + "mlp.gate_proj.weight", {inter, hidden}, mlp_rows},
+                           {p + "mlp.up_proj.weight", {inter, hidden}, mlp_rows}});
+    layer.down = group({{p + "mlp.down_proj.weight", {hidden, inter}, mlp_cols}});
     layers_.push_back(std::move(layer));
     loaded(l + 2);
   }
@@ -130,8 +215,10 @@ LlamaModel::LlamaModel(const LlamaConfig& config, const std::string& model_dir, 
     lm_head_ = embed_;
   } else {
     std::deque<std::vector<float>> keep;  // an fp8 lm head, dequantized
-    lm_head_ = backend.load_weight({expect(ckpt, "lm_head.weight", {cfg_.vocab_size, hidden}, cfg_.quant, &keep)},
-                                   weight_dtype);
+    std::deque<std::vector<uint8_t>> bytes;
+    lm_head_ = backend.load_weight(
+        {vocab_rows(expect(ckpt, "lm_head.weight", {cfg_.vocab_size, hidden}, cfg_.quant, &keep), plan_, bytes)},
+        weight_dtype);
   }
   rope_ = make_rope(backend, cfg_, max_positions);
   loaded(parts);
@@ -157,7 +244,8 @@ void LlamaModel::ensure_workspace(int64_t tokens, int64_t logit_rows) {
     ws_.logit_rows = logit_rows;
     ws_.last_res = backend_.empty({logit_rows, cfg_.hidden_size}, ScalarType::F32);
     ws_.last = backend_.empty({logit_rows, cfg_.hidden_size}, act);
-    ws_.logits = backend_.empty({logit_rows, cfg_.vocab_size}, ScalarType::F32);
+    if (plan_.rank == 0) ws_.logits = backend_.empty({logit_rows, cfg_.vocab_size}, ScalarType::F32);
+    if (plan_.sharded()) ws_.part_logits = backend_.empty({logit_rows, plan_.vocab_rows}, ScalarType::F32);
   }
 }
 
@@ -166,7 +254,13 @@ void LlamaModel::queue_step(KvCache& kv, int64_t n, int64_t num_logits) {
   const int64_t H = cfg_.num_heads, Hkv = cfg_.num_kv_heads, D = cfg_.head_dim;
   const float eps = static_cast<float>(cfg_.rms_norm_eps);
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  backend_.embedding(embed_, ws_.residual);  // residual (n, hidden)
+  const int64_t hidden = cfg_.hidden_size;
+  // Tensor parallelism: the sum over the ranks of the partial rows each computed.
+  auto all_reduce = [&](Tensor& x) {
+    if (comm_ != nullptr) comm_->all_reduce_sum(x, n * hidden);
+  };
+  backend_.embedding(embed_, plan_.vocab_first(), ws_.residual);  // residual (n, hidden)
+  all_reduce(ws_.residual);  // one rank holds each token's row, the others add zeros
   for (size_t l = 0; l < layers_.size(); ++l) {
     Layer& L = layers_[l];
     if (l == 0)
@@ -176,15 +270,22 @@ void LlamaModel::queue_step(KvCache& kv, int64_t n, int64_t num_logits) {
     backend_.linear(ws_.normed, L.qkv, n, ws_.qkv);                          // (n, (H + 2Hkv) D)
     backend_.rope_cache_attention(ws_.qkv, rope_, H, Hkv, D, scale, kv.k[l], kv.v[l], ws_.attn);  // (n, H D)
     backend_.linear(ws_.attn, L.o, n, ws_.proj);                             // (n, hidden)
+    all_reduce(ws_.proj);
     backend_.add_rms_norm(ws_.residual, ws_.proj, L.post_norm, eps, ws_.normed);
     backend_.linear_silu_mul(ws_.normed, L.gate_up, n, ws_.gate_up, ws_.act);  // (n, I), via (n, 2I)
     backend_.linear(ws_.act, L.down, n, ws_.proj);                           // (n, hidden)
+    all_reduce(ws_.proj);
   }
   if (num_logits == 0) return;
   backend_.add(ws_.residual, ws_.proj);
   backend_.gather_rows(ws_.residual, ws_.last_res);  // (num_logits, hidden)
   backend_.rms_norm(ws_.last_res, final_norm_, eps, num_logits, ws_.last);  // final norm, gathered rows only
-  backend_.linear(ws_.last, lm_head_, num_logits, ws_.logits);          // (num_logits, vocab)
+  if (comm_ == nullptr) {
+    backend_.linear(ws_.last, lm_head_, num_logits, ws_.logits);  // (num_logits, vocab)
+    return;
+  }
+  backend_.linear(ws_.last, lm_head_, num_logits, ws_.part_logits);  // (num_logits, vocab_rows)
+  comm_->gather_columns(ws_.part_logits, num_logits, plan_.vocab_rows, ws_.logits, cfg_.vocab_size);  // rank 0's
 }
 
 void LlamaModel::forward(const BatchView& batch, KvCache& kv, float* logits, int32_t* argmax) {

@@ -12,8 +12,10 @@
 #include <vector>
 
 #include "backend/backend.hpp"
+#include "backend/collectives.hpp"
 #include "model/kv_cache.hpp"
 #include "model/llama_config.hpp"
+#include "model/tp_plan.hpp"
 
 namespace pagedrt {
 
@@ -34,11 +36,18 @@ class LlamaModel {
   // Error(InvalidModel) naming the file and tensor.
   // `progress` (may be empty) hears (parts loaded, parts in all) after the
   // embedding, each layer and the head.
+  // A rank of a tensor-parallel model (plan.size > 1) loads only its shard
+  // of each tensor (model/tp_plan.hpp) and exchanges partial results through
+  // `comm` in its forward, which every rank runs at once on its own thread;
+  // rank 0 ends with the whole logits.
   LlamaModel(const LlamaConfig& config, const std::string& model_dir, Backend& backend, ScalarType weight_dtype,
              int64_t max_positions, const std::function<void(int64_t, int64_t)>& progress = {},
-             Fp8Projections fp8 = Fp8Projections::None);
+             Fp8Projections fp8 = Fp8Projections::None, const TpPlan& plan = {}, Collectives* comm = nullptr);
 
+  // The rank's config: its heads and MLP share (TpPlan::local); the whole
+  // model's without tensor parallelism.
   const LlamaConfig& config() const { return cfg_; }
+  const TpPlan& plan() const { return plan_; }
   ScalarType weight_dtype() const { return weight_dtype_; }
 
   // Runs one step and writes (batch.num_logits, vocab) fp32 logits to
@@ -80,7 +89,8 @@ class LlamaModel {
     Tensor act;       // (tokens, I)
     Tensor last_res;  // (logit_rows, hidden) fp32: residual rows whose logits are needed
     Tensor last;      // (logit_rows, hidden) their final norm
-    Tensor logits;    // (logit_rows, vocab) fp32
+    Tensor logits;    // (logit_rows, vocab) fp32; under tensor parallelism rank 0's only
+    Tensor part_logits;  // (logit_rows, plan_.vocab_rows) fp32: a rank's columns (tensor parallelism)
   };
   void ensure_workspace(int64_t tokens, int64_t logit_rows);
   // Queues one step's ops, embedding to logits, for n tokens (their ids and
@@ -88,10 +98,12 @@ class LlamaModel {
   void queue_step(KvCache& kv, int64_t n, int64_t num_logits);
 
   LlamaConfig cfg_;
+  TpPlan plan_;
+  Collectives* comm_;  // null without tensor parallelism
   Backend& backend_;
   ScalarType weight_dtype_;
-  Tensor embed_;    // (vocab, hidden)
-  Tensor lm_head_;  // (vocab, hidden); shares embed_'s storage when tied
+  Tensor embed_;    // (vocab, hidden); a rank's (plan_.vocab_rows, hidden)
+  Tensor lm_head_;  // as embed_; shares embed_'s storage when tied
   Tensor final_norm_;
   std::vector<Layer> layers_;
   RopeTable rope_;

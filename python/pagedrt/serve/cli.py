@@ -44,6 +44,8 @@ _HELP = {
     "deterministic": "batch-invariant results (default: on for the CPU, off for CUDA; docs/determinism.md)",
     "draft_model": "a smaller model (folder or .gguf) with the same tokenizer, for requests with "
                    "speculative=\"draft\" (docs/speculative.md)",
+    "tensor_parallel_size": "split the model over 1, 2, 4 or 8 ranks (its heads must divide by it; "
+                            "docs/tensor_parallel.md)",
 }
 
 

@@ -212,13 +212,15 @@ void grow(std::vector<float>& v, int64_t n) {
 
 }  // namespace
 
-void CpuBackend::embedding(const Tensor& table, Tensor& out) {
-  const int64_t hidden = table.dim(1);
+void CpuBackend::embedding(const Tensor& table, int64_t first_id, Tensor& out) {
+  const int64_t rows = table.dim(0), hidden = table.dim(1);
   float* y = out.as<float>();
   for (int32_t t = 0; t < batch_.num_tokens; ++t) {
-    const int64_t id = batch_.token_ids[t];
+    const int64_t id = batch_.token_ids[t] - first_id;
     float* dst = y + t * hidden;
-    if (table.dtype == ScalarType::F32) {
+    if (id < 0 || id >= rows) {  // another rank's row (vocabulary-parallel)
+      std::fill(dst, dst + hidden, 0.0f);
+    } else if (table.dtype == ScalarType::F32) {
       std::memcpy(dst, table.as<float>() + id * hidden, hidden * 4);
     } else {
       const uint16_t* src = table.as<uint16_t>() + id * hidden;

@@ -42,7 +42,7 @@ class CpuBackend final : public Backend {
   }
 
   void begin_step(const BatchView& batch) override { batch_ = batch; }
-  void embedding(const Tensor& table, Tensor& out) override;
+  void embedding(const Tensor& table, int64_t first_id, Tensor& out) override;
   void rms_norm(const Tensor& x, const Tensor& weight, float eps, int64_t n, Tensor& out) override;
   void add_rms_norm(Tensor& residual, const Tensor& x, const Tensor& weight, float eps,
                     Tensor& out) override;

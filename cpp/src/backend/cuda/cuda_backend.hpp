@@ -79,7 +79,7 @@ class CudaBackend final : public Backend {
   // CUDA graph per key, the second time the key comes, and replayed
   // (PAGEDRT_CUDA_GRAPHS=0 turns this off).
   void run_step(uint64_t key, const std::function<void()>& body) override;
-  void embedding(const Tensor& table, Tensor& out) override;
+  void embedding(const Tensor& table, int64_t first_id, Tensor& out) override;
   void rms_norm(const Tensor& x, const Tensor& weight, float eps, int64_t n, Tensor& out) override;
   void add_rms_norm(Tensor& residual, const Tensor& x, const Tensor& weight, float eps,
                     Tensor& out) override;

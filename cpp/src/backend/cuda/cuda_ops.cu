@@ -18,12 +18,14 @@ namespace pagedrt::cuda {
 // Every activation and the KV cache are act_ (bf16, or fp32 in the validation
 // mode); the residual stream is fp32 in both.
 
-void CudaBackend::embedding(const Tensor& table, Tensor& out) {
+void CudaBackend::embedding(const Tensor& table, int64_t first_id, Tensor& out) {
   require(table.dtype == act_ && out.dtype == ScalarType::F32, "embedding: table of the activation dtype, fp32 out");
   if (act_ == ScalarType::BF16)
-    cuda::embedding(table.as<bf16>(), table.dim(1), dev_.token_ids, host_.num_tokens, out.as<float>(), stream_);
+    cuda::embedding(table.as<bf16>(), table.dim(0), table.dim(1), first_id, dev_.token_ids, host_.num_tokens,
+                    out.as<float>(), stream_);
   else
-    cuda::embedding(table.as<float>(), table.dim(1), dev_.token_ids, host_.num_tokens, out.as<float>(), stream_);
+    cuda::embedding(table.as<float>(), table.dim(0), table.dim(1), first_id, dev_.token_ids, host_.num_tokens,
+                    out.as<float>(), stream_);
 }
 
 // With fp8 weights a norm's bf16 output also goes out as the codes the next

@@ -42,13 +42,21 @@ __global__ void convert_kernel(const void* src, int sk, void* dst, int dk, int64
   }
 }
 
+// out (n, hidden) fp32 = table[ids - first]; zero rows for ids outside the
+// table's `rows` (a vocabulary-parallel shard, model/tp_plan.hpp).
 template <typename T>
-__global__ void embedding_kernel(const T* table, int64_t hidden, const int32_t* ids, float* out) {
+__global__ void embedding_kernel(const T* table, int64_t hidden, int64_t first, int64_t rows, const int32_t* ids,
+                                 float* out) {
   pdl_trigger();
   pdl_wait();
   const int64_t t = blockIdx.x;
-  const T* src = table + int64_t(ids[t]) * hidden;
+  const int64_t id = int64_t(ids[t]) - first;
   float* dst = out + t * hidden;
+  if (id < 0 || id >= rows) {
+    for (int64_t i = threadIdx.x; i < hidden; i += blockDim.x) dst[i] = 0.0f;
+    return;
+  }
+  const T* src = table + id * hidden;
   for (int64_t i = threadIdx.x; i < hidden; i += blockDim.x) dst[i] = to_f(src[i]);
 }
 
@@ -203,14 +211,20 @@ bool launch_norm_vec(float* residual, const Tin* x, const float* w, float eps, i
   return true;
 }
 
-// out (n, hidden) fp32 = table[ids], 4 elements a thread (hidden % 4 == 0).
+// embedding_kernel's, 4 elements a thread (hidden % 4 == 0).
 template <typename T>
-__global__ void embedding_vec_kernel(const T* table, int hidden, const int32_t* ids, float* out) {
+__global__ void embedding_vec_kernel(const T* table, int hidden, int64_t first, int64_t rows, const int32_t* ids,
+                                     float* out) {
   pdl_trigger();
   pdl_wait();
   const int64_t t = blockIdx.y;
   const int i = (blockIdx.x * blockDim.x + threadIdx.x) * 4;
-  if (i < hidden) store4(out + t * hidden + i, load4(table + int64_t(ids[t]) * hidden + i));
+  if (i >= hidden) return;
+  const int64_t id = int64_t(ids[t]) - first;
+  if (id < 0 || id >= rows)
+    store4(out + t * hidden + i, make_float4(0.0f, 0.0f, 0.0f, 0.0f));
+  else
+    store4(out + t * hidden + i, load4(table + id * hidden + i));
 }
 
 template <typename T>
@@ -513,13 +527,14 @@ void convert(const void* src, Elem src_kind, void* dst, Elem dst_kind, int64_t n
 }
 
 template <typename T>
-void embedding(const T* table, int64_t hidden, const int32_t* ids, int64_t n, float* out, cudaStream_t s) {
+void embedding(const T* table, int64_t rows, int64_t hidden, int64_t first, const int32_t* ids, int64_t n, float* out,
+               cudaStream_t s) {
   if (n == 0) return;
   if (hidden % 4 == 0 && hidden < (int64_t(1) << 30))
     launch(embedding_vec_kernel<T>, dim3(static_cast<unsigned>((hidden / 4 + 255) / 256), static_cast<unsigned>(n)),
-           256, 0, s, table, int(hidden), ids, out);
+           256, 0, s, table, int(hidden), first, rows, ids, out);
   else
-    launch(embedding_kernel<T>, static_cast<unsigned>(n), 256, 0, s, table, hidden, ids, out);
+    launch(embedding_kernel<T>, static_cast<unsigned>(n), 256, 0, s, table, hidden, first, rows, ids, out);
 }
 
 template <typename Tin, typename Tout>
@@ -620,7 +635,7 @@ void copy_blocks(uint8_t* base, int64_t block_bytes, const int2* pairs, int n, c
 }
 
 #define PAGEDRT_INSTANTIATE(T)                                                                               \
-  template void embedding<T>(const T*, int64_t, const int32_t*, int64_t, float*, cudaStream_t);              \
+  template void embedding<T>(const T*, int64_t, int64_t, int64_t, const int32_t*, int64_t, float*, cudaStream_t); \
   template bool add_rms_norm<T>(float*, const T*, const float*, float, int64_t, int64_t, T*, cudaStream_t,    \
                                 Fp8Out);                                                                      \
   template void add<T>(float*, const T*, int64_t, cudaStream_t);                                             \

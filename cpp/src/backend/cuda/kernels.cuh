@@ -26,9 +26,11 @@ void convert(const void* src, Elem src_kind, void* dst, Elem dst_kind, int64_t n
 // validation against the CPU). Every launcher below with T is instantiated
 // for both.
 //
-// out (n, hidden) fp32 = table (vocab, hidden) T [ids]
+// out (n, hidden) fp32 = table (rows, hidden) T [ids - first]; zero rows for
+// ids outside [first, first + rows) (a vocabulary-parallel shard)
 template <typename T>
-void embedding(const T* table, int64_t hidden, const int32_t* ids, int64_t n, float* out, cudaStream_t s);
+void embedding(const T* table, int64_t rows, int64_t hidden, int64_t first, const int32_t* ids, int64_t n, float* out,
+               cudaStream_t s);
 // A norm's output also as the input of fp8 GEMMs (fp8_rows.hpp's activations:
 // bitwise quantize_act_rows of the bf16 rows it writes): codes q (n, d) e4m3,
 // scale (n). Null q: none.
