@@ -104,6 +104,23 @@ def test_embedding_gather_rows_add(ops):
     assert rel_err(a1, a0) <= 1e-6
 
 
+@pytest.mark.parametrize("hidden", [256, 62])  # the 4-wide kernel and the strided one
+def test_embedding_of_a_vocabulary_shard(ops, hidden):
+    """A tensor-parallel rank's embedding (model/tp_plan.hpp): rows
+    [400, 700) of the vocabulary; ids outside them give zero rows."""
+    rng = np.random.default_rng(1)
+    b = make_batch(rng, [(0, 5), (3, 1), (0, 9)])
+    b["tokens"] = [int(t) for t in rng.choice([5, 399, 400, 401, 650, 699, 700, 999], size=len(b["tokens"]))]
+    full = bf(rng.standard_normal((1000, hidden)))
+    outs = []
+    for o in ops:
+        set_batch(o, b)
+        outs.append(o.embedding(full[400:700], "bfloat16", first_id=400))
+    ids = np.array(b["tokens"])
+    want = np.where(((ids >= 400) & (ids < 700))[:, None], full[ids], 0.0)
+    assert np.array_equal(outs[0], want) and np.array_equal(outs[1], want)
+
+
 # d % 4 == 0 up to 16384 takes the register-resident add_rms_norm (1, 2 or 4
 # pieces of 4 per thread); d = 62 and 16388 take the strided kernel.
 @pytest.mark.parametrize("n,d", [(1, 576), (37, 4096), (3, 8192), (2, 16384), (2, 16388), (2, 62)])

@@ -18,7 +18,7 @@ import pagedrt
 from conftest import run_all
 from pagedrt import _core
 
-GPUS = _core.cuda_device_count() if hasattr(_core, "cuda_device_count") else 0
+GPUS = _core.cuda_device_count()
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(GPUS < 2, reason=f"tensor parallelism on CUDA needs 2+ GPUs ({GPUS} visible)")]

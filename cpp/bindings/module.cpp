@@ -470,4 +470,6 @@ NB_MODULE(_core, m) {
   m.def("cuda_built", &pagedrt::cuda_built, "Whether this build has the CUDA backend.");
   m.def("cuda_available", &pagedrt::cuda_available,
         "Whether this build has the CUDA backend and a GPU is visible.");
+  m.def("cuda_device_count", &pagedrt::cuda_device_count,
+        "The GPUs visible to this process (0 without the CUDA backend).");
 }

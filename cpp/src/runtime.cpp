@@ -196,25 +196,28 @@ Runtime::Runtime(const RuntimeConfig& config) : impl_(std::make_unique<Impl>()) 
                     "decode attention change their summation order with the batch; batch-invariant results "
                     "are available on the CPU (docs/determinism.md)");
   const int tp = config.tensor_parallel_size;
-  if (tp > 1 && device != "cpu")
-    throw Error(ErrorKind::Unsupported,
-                "tensor_parallel_size " + std::to_string(tp) + " on device '" + device +
-                    "': the CUDA ranks' NCCL collectives are not built yet; tensor parallelism runs on the CPU "
-                    "backend so far (docs/tensor_parallel.md)");
+  if (tp > 1 && device == "cuda" && cuda_built() && tp > cuda_device_count())
+    bad_arg("tensor_parallel_size " + std::to_string(tp) + " needs " + std::to_string(tp) + " GPUs; " +
+            std::to_string(cuda_device_count()) + " visible (CUDA_VISIBLE_DEVICES)");
+  if (tp > 1 && device == "cuda" && config.async_scheduling == "on")
+    throw Error(ErrorKind::Unsupported, "async_scheduling 'on' with tensor_parallel_size " + std::to_string(tp) +
+                                            " on CUDA: the ranks take each step's tokens from the host");
   if (tp > 1 && !config.draft_model.empty())
     throw Error(ErrorKind::Unsupported, "draft_model with tensor_parallel_size " + std::to_string(tp) +
                                             ": a draft model runs on one device; use speculative=\"ngram\"");
   const TpPlan plan = TpPlan::make(cfg, 0, tp);  // throws naming the config field tp does not divide
-  // Each rank's backend gets its share of the threads.
+  // Each rank's backend: on the CPU a share of the threads, on CUDA a GPU
+  // (rank r: the r-th visible).
   const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  const int rank_threads = tp == 1 ? config.num_threads
-                                   : std::max(1, (config.num_threads > 0 ? config.num_threads : cores) / tp);
-  auto rank_backend = [&] {
-    std::unique_ptr<Backend> b = make_backend(device, rank_threads, act, deterministic);
+  const int rank_threads = tp == 1 || device != "cpu"
+                               ? config.num_threads
+                               : std::max(1, (config.num_threads > 0 ? config.num_threads : cores) / tp);
+  auto rank_backend = [&](int r) {
+    std::unique_ptr<Backend> b = make_backend(device, rank_threads, act, deterministic, tp > 1 ? r : -1);
     b->use_fp8_kv(config.kv_cache_dtype != "auto");
     return b;
   };
-  std::unique_ptr<Backend> backend = rank_backend();
+  std::unique_ptr<Backend> backend = rank_backend(0);
   if (config.quantization == "fp8" && !backend->has_fp8_weights())
     throw Error(ErrorKind::Unsupported, "quantization 'fp8' on device '" + device +
                                             "': its fp8 GEMMs need bfloat16 activations on an sm_89 or newer GPU (the CPU runs fp8 weights "
@@ -243,15 +246,18 @@ Runtime::Runtime(const RuntimeConfig& config) : impl_(std::make_unique<Impl>()) 
     model = std::make_unique<LlamaModel>(cfg, config.model_path, *backend, wdtype, max_len, config.on_load_progress,
                                          fp8_projections(cfg));
   } else {  // every rank loads its shard at once, on a thread of its own
-    auto group = std::make_shared<HostGroup>(tp);
-    for (int r = 0; r < tp; ++r) ranks.comms.push_back(group->rank(r));
-    ranks.group = group;
     ranks.peers.resize(static_cast<size_t>(tp - 1));
-    for (ModelRank& p : ranks.peers) p.backend = rank_backend();
+    std::vector<Backend*> all{backend.get()};
+    for (int r = 1; r < tp; ++r) {
+      ranks.peers[static_cast<size_t>(r - 1)].backend = rank_backend(r);
+      all.push_back(ranks.peers[static_cast<size_t>(r - 1)].backend.get());
+    }
+    ranks.comms = make_collectives(device, all, ranks.group);
     std::vector<std::unique_ptr<LlamaModel>> models(static_cast<size_t>(tp));
     RankThreads(tp).run(
         [&](int r) {
-          Backend& b = r == 0 ? *backend : *ranks.peers[static_cast<size_t>(r - 1)].backend;
+          Backend& b = *all[static_cast<size_t>(r)];
+          b.make_current();
           models[static_cast<size_t>(r)] = std::make_unique<LlamaModel>(
               cfg, config.model_path, b, wdtype, max_len,
               r == 0 ? config.on_load_progress : std::function<void(int64_t, int64_t)>{}, fp8_projections(cfg),
@@ -260,6 +266,7 @@ Runtime::Runtime(const RuntimeConfig& config) : impl_(std::make_unique<Impl>()) 
         [] {});
     model = std::move(models[0]);
     for (int r = 1; r < tp; ++r) ranks.peers[static_cast<size_t>(r - 1)].model = std::move(models[static_cast<size_t>(r)]);
+    backend->make_current();  // the rest of the set-up is rank 0's, unless it says otherwise
   }
   DraftModel draft;
   LlamaConfig dcfg;
@@ -271,8 +278,18 @@ Runtime::Runtime(const RuntimeConfig& config) : impl_(std::make_unique<Impl>()) 
   }
   // One pool size for both caches: the draft's holds whatever the model's
   // holds. Tensor parallelism: each rank holds its kv heads' share of every
-  // block, and a 1/tp share of the budget.
-  const int64_t kv_bytes = kv_budget(config, *backend) / tp;
+  // block: a 1/tp share of kv_cache_bytes, or on GPUs the budget of the one
+  // with the least memory free.
+  int64_t kv_bytes = kv_budget(config, *backend);
+  if (tp > 1 && config.kv_cache_bytes == 0 && backend->memory_free() >= 0) {
+    for (ModelRank& p : ranks.peers) {
+      p.backend->make_current();
+      kv_bytes = std::min(kv_bytes, kv_budget(config, *p.backend));
+    }
+    backend->make_current();
+  } else {
+    kv_bytes /= tp;
+  }
   const LlamaConfig rank_cfg = plan.local(cfg);
   const int64_t block = KvCache::block_bytes(*backend, rank_cfg, config.block_size);
   const int64_t draft_block = draft.model ? KvCache::block_bytes(*backend, dcfg, config.block_size) : 0;
@@ -280,8 +297,11 @@ Runtime::Runtime(const RuntimeConfig& config) : impl_(std::make_unique<Impl>()) 
   KvCache kv = KvCache::allocate(*backend, rank_cfg, config.block_size, draft.model ? num_blocks * block : kv_bytes,
                                  config.elastic_kv);
   if (draft.model) draft.kv = KvCache::allocate(*backend, dcfg, config.block_size, kv.num_blocks * draft_block);
-  for (ModelRank& p : ranks.peers)  // as many blocks as rank 0's, in chunks alike
+  for (ModelRank& p : ranks.peers) {  // as many blocks as rank 0's, in chunks alike
+    p.backend->make_current();
     p.kv = KvCache::allocate(*p.backend, rank_cfg, config.block_size, kv.num_blocks * block, config.elastic_kv);
+  }
+  backend->make_current();
   const int64_t block_bytes = kv.bytes_per_block * tp;  // every rank's share of a block
 
   m.info.architecture = cfg.architecture;
@@ -314,7 +334,10 @@ Runtime::Runtime(const RuntimeConfig& config) : impl_(std::make_unique<Impl>()) 
   ec.output.sampler_threads = config.num_threads > 0 ? config.num_threads : device == "cuda" ? std::min(4, cores) : cores;
   ec.enable_prefix_caching = config.enable_prefix_caching;
   ec.kv_idle_release_s = config.kv_idle_release_s;
-  ec.async_scheduling = config.async_scheduling == "on" || (config.async_scheduling == "auto" && backend->defers_results());
+  // Tensor parallelism on CUDA: the ranks' steps take their tokens from the
+  // host (a deferred step's would be on rank 0's GPU only).
+  ec.async_scheduling = config.async_scheduling == "on" ||
+                        (config.async_scheduling == "auto" && backend->defers_results() && tp == 1);
   ec.scheduler.watermark_blocks = watermark_blocks(config.kv_watermark, kv.num_blocks);
   const PreemptionMode preemption = *preemption_mode_of(config.preemption_mode);  // checked by check_config
   if (preemption != PreemptionMode::Recompute) {

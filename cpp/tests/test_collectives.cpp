@@ -92,10 +92,12 @@ void test_gather_columns_with_padding() {
   Tensor out = host_floats(std::vector<float>(static_cast<size_t>(rows * vocab), -1.0f));
   Tensor unused = host_floats(std::vector<float>(static_cast<size_t>(rows * vocab), -1.0f));
   RankThreads threads(size);
+  Tensor no_scratch;  // the in-memory gather takes none
+  CHECK(comms[0]->gather_scratch(rows, cols) == 0);
   threads.run(
       [&](int r) {
         comms[static_cast<size_t>(r)]->gather_columns(parts[static_cast<size_t>(r)], rows, cols, r == 0 ? out : unused,
-                                                      vocab);
+                                                      vocab, no_scratch);
       },
       [] {});
   for (int64_t i = 0; i < rows; ++i)

@@ -282,9 +282,10 @@ class Runtime:
             one engine, scheduler and block pool (docs/tensor_parallel.md). The
             model's attention heads, kv heads and intermediate size must divide
             by it. On the CPU the ranks are thread teams of ``num_threads`` /
-            size exchanging partial sums in memory; CUDA (a GPU a rank, over
-            NCCL) raises Unsupported: not built yet. ``kv_cache_bytes`` is the
-            pool over all ranks.
+            size exchanging partial sums in memory; on CUDA rank r takes the
+            r-th visible GPU and the ranks exchange over NCCL (the
+            nvidia-nccl wheel's, or libnccl.so.2; not yet run on several
+            GPUs). ``kv_cache_bytes`` is the pool over all ranks.
 
     Every method is safe to call from several threads at once.
     """

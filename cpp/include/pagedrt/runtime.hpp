@@ -125,8 +125,9 @@ struct RuntimeConfig {
   // engine, one scheduler, one logical block pool. The model's attention
   // heads, kv heads and intermediate size must divide by it. On the CPU the
   // ranks are teams of num_threads / size threads exchanging partial results
-  // in memory; on CUDA (one GPU a rank, over NCCL) it is not built yet
-  // (Unsupported). kv_cache_bytes is the pool over all ranks.
+  // in memory; on CUDA rank r takes the r-th visible GPU and the ranks
+  // exchange over NCCL, loaded at run time (not yet run on several GPUs).
+  // kv_cache_bytes is the pool over all ranks.
   int32_t tensor_parallel_size = 1;
   // Optional: called on the constructing thread while the weights load, with
   // (parts loaded, parts in all): the embedding, each layer, the head. Not
@@ -138,6 +139,9 @@ struct RuntimeConfig {
 // (device "auto" then means "cuda").
 bool cuda_built();
 bool cuda_available();
+// The GPUs visible to this process (CUDA_VISIBLE_DEVICES): a CUDA runtime of
+// tensor_parallel_size N takes the first N.
+int cuda_device_count();
 // The CPU GEMM kernels this process runs and their decode prefetch hint,
 // with how it was chosen (calibrated at the first CPU runtime, or
 // PAGEDRT_CPU_PREFETCH): "avx512bf16, prefetch l2 (calibrated: ...)".

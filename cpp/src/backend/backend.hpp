@@ -162,6 +162,10 @@ class Backend {
   virtual void check_attention(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim) const {}
   // Waits until every op queued so far has finished (a no-op on the CPU).
   virtual void synchronize() {}
+  // Makes this backend's device the calling thread's current one (CUDA:
+  // cudaSetDevice; nothing on the CPU). The ranks of a tensor-parallel model
+  // have a GPU each: a thread calls this before it queues another rank's ops.
+  virtual void make_current() {}
 
   // Weights: converted from the checkpoint's type to `dtype` (F32 or BF16;
   // F8E4M3 where has_fp8_weights(): fp8 views kept as they are, the others

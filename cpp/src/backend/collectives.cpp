@@ -31,7 +31,8 @@ class HostCollectives final : public Collectives {
       for (int64_t i = 0; i < numel; ++i) store_f32(x.as<uint16_t>() + i, sum_[static_cast<size_t>(i)]);
   }
 
-  void gather_columns(const Tensor& part, int64_t rows, int64_t cols, Tensor& out, int64_t out_cols) override {
+  void gather_columns(const Tensor& part, int64_t rows, int64_t cols, Tensor& out, int64_t out_cols,
+                      Tensor&) override {
     offer(part.data);
     if (rank_ == 0)
       for (int r = 0; r < group_.size_; ++r) {

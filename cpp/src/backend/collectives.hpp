@@ -28,8 +28,11 @@ class Collectives {
   virtual void all_reduce_sum(Tensor& x, int64_t numel) = 0;
   // Rank 0's out (rows, out_cols) fp32 := the ranks' part (rows, cols) fp32
   // side by side, rank r's at columns [r * cols, min(out_cols, (r + 1) * cols));
-  // the other ranks' out is not touched.
-  virtual void gather_columns(const Tensor& part, int64_t rows, int64_t cols, Tensor& out, int64_t out_cols) = 0;
+  // the other ranks' out is not touched. `scratch`: gather_scratch(rows,
+  // cols) fp32 elements on every rank's device (an empty tensor for 0).
+  virtual void gather_columns(const Tensor& part, int64_t rows, int64_t cols, Tensor& out, int64_t out_cols,
+                              Tensor& scratch) = 0;
+  virtual int64_t gather_scratch(int64_t rows, int64_t cols) const { return 0; }
   // A rank that failed mid-step: every rank waiting in a collective, and every
   // later collective, throws Error(Runtime) instead of waiting for it, until
   // recover() (called when no rank is inside a step).

@@ -10,11 +10,13 @@
 
 namespace pagedrt {
 
-bool cuda_available() {
+bool cuda_available() { return cuda_device_count() > 0; }
+
+int cuda_device_count() {
 #ifdef PAGEDRT_WITH_CUDA
-  return cuda::device_count() > 0;
+  return cuda::device_count();
 #else
-  return false;
+  return 0;
 #endif
 }
 
@@ -35,11 +37,11 @@ bool cuda_built() {
 }
 
 std::unique_ptr<Backend> make_backend(const std::string& device, int num_threads,
-                                      ScalarType activation_dtype, bool deterministic) {
+                                      ScalarType activation_dtype, bool deterministic, int device_index) {
   if (device == "cpu") return std::make_unique<cpu::CpuBackend>(num_threads, activation_dtype, deterministic);
   if (device == "cuda") {
 #ifdef PAGEDRT_WITH_CUDA
-    return cuda::make_backend(activation_dtype);
+    return cuda::make_backend(activation_dtype, device_index);
 #else
     throw Error(ErrorKind::Unsupported,
                 "device 'cuda': this pagedrt build has no CUDA backend (rebuild with the CUDA "
@@ -48,6 +50,23 @@ std::unique_ptr<Backend> make_backend(const std::string& device, int num_threads
   }
   throw Error(ErrorKind::InvalidArgument,
               "device '" + device + "' is not known (use \"auto\", \"cpu\" or \"cuda\")");
+}
+
+std::vector<std::unique_ptr<Collectives>> make_collectives(const std::string& device,
+                                                           const std::vector<Backend*>& ranks,
+                                                           std::shared_ptr<void>& group) {
+  if (device == "cuda") {
+#ifdef PAGEDRT_WITH_CUDA
+    return cuda::make_collectives(ranks);
+#else
+    throw Error(ErrorKind::Unsupported, "device 'cuda': this pagedrt build has no CUDA backend");
+#endif
+  }
+  auto host = std::make_shared<HostGroup>(static_cast<int>(ranks.size()));
+  std::vector<std::unique_ptr<Collectives>> comms;
+  for (size_t r = 0; r < ranks.size(); ++r) comms.push_back(host->rank(static_cast<int>(r)));
+  group = host;
+  return comms;
 }
 
 }  // namespace pagedrt

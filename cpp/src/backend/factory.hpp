@@ -3,8 +3,10 @@
 
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "backend/backend.hpp"
+#include "backend/collectives.hpp"
 
 namespace pagedrt {
 
@@ -13,8 +15,16 @@ namespace pagedrt {
 // the all-fp32 validation mode). `num_threads` <= 0 means all cores.
 // deterministic (CPU): batch-invariant kernels (CpuBackend); CUDA ignores it
 // (the Runtime refuses deterministic=True there).
+// device_index (CUDA): the GPU of those visible, -1 the current one (the CPU ignores it).
 std::unique_ptr<Backend> make_backend(const std::string& device, int num_threads,
-                                      ScalarType activation_dtype, bool deterministic = true);
+                                      ScalarType activation_dtype, bool deterministic = true, int device_index = -1);
+
+// The collectives of a tensor-parallel model's ranks (ranks[r]: rank r's
+// backend): in memory for CPU backends (a HostGroup, which `group` keeps
+// alive), over NCCL for CUDA ones (backend/cuda/nccl.hpp; `group` stays empty).
+std::vector<std::unique_ptr<Collectives>> make_collectives(const std::string& device,
+                                                           const std::vector<Backend*>& ranks,
+                                                           std::shared_ptr<void>& group);
 
 // activation_dtype "auto": bf16 on CUDA; on the CPU bf16 when the weights
 // are bf16 and the processor multiplies bf16 natively (AVX-512 BF16: twice
@@ -23,5 +33,6 @@ ScalarType auto_activation_dtype(const std::string& device, ScalarType weight_dt
 
 bool cuda_built();      // this build has the CUDA backend
 bool cuda_available();  // ... and a GPU is visible
+int cuda_device_count();  // the GPUs visible (0 without the CUDA backend)
 
 }  // namespace pagedrt

@@ -22,9 +22,18 @@ int64_t ModelRunner::bytes_per_block() const {
   return bytes;
 }
 
+void ModelRunner::on_peers(const std::function<void(ModelRank&)>& fn) {
+  if (tp_.peers.empty()) return;
+  for (ModelRank& p : tp_.peers) {
+    p.backend->make_current();
+    fn(p);
+  }
+  backend_->make_current();
+}
+
 void ModelRunner::synchronize() {
   backend_->synchronize();
-  for (ModelRank& p : tp_.peers) p.backend->synchronize();
+  on_peers([](ModelRank& p) { p.backend->synchronize(); });
 }
 
 void ModelRunner::lend_threads(int n) {
@@ -72,7 +81,7 @@ ModelOutput ModelRunner::run(const SchedulerOutput& step, bool device_greedy, bo
   };
   if (!step.copies.empty()) {
     copy_blocks(*backend_, kv_);
-    for (ModelRank& p : tp_.peers) copy_blocks(*p.backend, p.kv);
+    on_peers([&](ModelRank& p) { copy_blocks(*p.backend, p.kv); });
   }
   const bool picks_later = device_greedy && defer_picks;  // the logits stay on the device for pick()
   auto forward = [&] {
@@ -87,11 +96,14 @@ ModelOutput ModelRunner::run(const SchedulerOutput& step, bool device_greedy, bo
     tp_.comms[0]->recover();  // after a failed step: no rank is inside one now
     threads_->run(
         [&](int r) {
-          if (r == 0)
+          if (r == 0) {
+            backend_->make_current();
             forward();
-          else
-            tp_.peers[static_cast<size_t>(r - 1)].model->forward(view, tp_.peers[static_cast<size_t>(r - 1)].kv,
-                                                                  nullptr, nullptr);
+            return;
+          }
+          ModelRank& p = tp_.peers[static_cast<size_t>(r - 1)];
+          p.backend->make_current();  // the rank's thread stays on its GPU
+          p.model->forward(view, p.kv, nullptr, nullptr);
         },
         [&] { tp_.comms[0]->abort(); });
   }
@@ -108,8 +120,9 @@ void ModelRunner::enable_swap(int64_t slots) { swap_slots_ = slots; }
 void ModelRunner::ensure_swap_space() {
   if (!swap_space_.empty()) return;  // at the first swap: a runtime that never preempts holds no host memory for it
   swap_space_.push_back(backend_->host_alloc(static_cast<size_t>(swap_slots_ * kv_.bytes_per_block)));
-  for (ModelRank& p : tp_.peers)
+  on_peers([&](ModelRank& p) {
     swap_space_.push_back(p.backend->host_alloc(static_cast<size_t>(swap_slots_ * p.kv.bytes_per_block)));
+  });
 }
 
 void ModelRunner::swap_rank(Backend& backend, KvCache& kv, void* space, const SchedulerOutput& step) {
@@ -133,8 +146,8 @@ void ModelRunner::swap(const SchedulerOutput& step, bool wait) {
   if (step.swap_out.empty() && step.swap_in.empty()) return;
   ensure_swap_space();
   swap_rank(*backend_, kv_, swap_space_[0].get(), step);
-  for (size_t r = 0; r < tp_.peers.size(); ++r)
-    swap_rank(*tp_.peers[r].backend, tp_.peers[r].kv, swap_space_[r + 1].get(), step);
+  size_t r = 0;
+  on_peers([&](ModelRank& p) { swap_rank(*p.backend, p.kv, swap_space_[++r].get(), step); });
   if (wait) synchronize();
 }
 

@@ -12,6 +12,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -151,6 +152,8 @@ class ModelRunner {
   int cur_ = 0;          // the current step's
   int fed_ = 0;          // the last deferred step's (its results feed placeholders)
   int32_t fed_ticket_ = 0;
+  // fn(rank) for ranks 1 .., each with its device current; rank 0's after.
+  void on_peers(const std::function<void(ModelRank&)>& fn);
   // Each of `kv`'s tensors' (layer l: K at 2l, V at 2l + 1) `swap_slots_`
   // blocks of host memory, one region after the other.
   void swap_rank(Backend& backend, KvCache& kv, void* space, const SchedulerOutput& step);

@@ -245,7 +245,11 @@ void LlamaModel::ensure_workspace(int64_t tokens, int64_t logit_rows) {
     ws_.last_res = backend_.empty({logit_rows, cfg_.hidden_size}, ScalarType::F32);
     ws_.last = backend_.empty({logit_rows, cfg_.hidden_size}, act);
     if (plan_.rank == 0) ws_.logits = backend_.empty({logit_rows, cfg_.vocab_size}, ScalarType::F32);
-    if (plan_.sharded()) ws_.part_logits = backend_.empty({logit_rows, plan_.vocab_rows}, ScalarType::F32);
+    if (plan_.sharded()) {
+      ws_.part_logits = backend_.empty({logit_rows, plan_.vocab_rows}, ScalarType::F32);
+      if (const int64_t n = comm_->gather_scratch(logit_rows, plan_.vocab_rows); n > 0)
+        ws_.gathered = backend_.empty({n}, ScalarType::F32);
+    }
   }
 }
 
@@ -285,7 +289,8 @@ void LlamaModel::queue_step(KvCache& kv, int64_t n, int64_t num_logits) {
     return;
   }
   backend_.linear(ws_.last, lm_head_, num_logits, ws_.part_logits);  // (num_logits, vocab_rows)
-  comm_->gather_columns(ws_.part_logits, num_logits, plan_.vocab_rows, ws_.logits, cfg_.vocab_size);  // rank 0's
+  comm_->gather_columns(ws_.part_logits, num_logits, plan_.vocab_rows, ws_.logits, cfg_.vocab_size,
+                        ws_.gathered);  // rank 0's
 }
 
 void LlamaModel::forward(const BatchView& batch, KvCache& kv, float* logits, int32_t* argmax) {

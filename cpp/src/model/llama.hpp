@@ -91,6 +91,7 @@ class LlamaModel {
     Tensor last;      // (logit_rows, hidden) their final norm
     Tensor logits;    // (logit_rows, vocab) fp32; under tensor parallelism rank 0's only
     Tensor part_logits;  // (logit_rows, plan_.vocab_rows) fp32: a rank's columns (tensor parallelism)
+    Tensor gathered;     // Collectives::gather_scratch's, where the collectives need one
   };
   void ensure_workspace(int64_t tokens, int64_t logit_rows);
   // Queues one step's ops, embedding to logits, for n tokens (their ids and

@@ -12,6 +12,7 @@
 
 #include "backend/cuda/cuda_check.hpp"
 #include "backend/cuda/cuda_factory.hpp"
+#include "backend/cuda/nccl.hpp"
 #include "backend/cuda/fp8_rows.hpp"
 #include "backend/cuda/launch.cuh"
 
@@ -49,13 +50,27 @@ int device_count() {
   return n;
 }
 
-std::unique_ptr<Backend> make_backend(ScalarType activation_dtype) {
-  if (device_count() == 0)
+std::unique_ptr<Backend> make_backend(ScalarType activation_dtype, int device_index) {
+  const int gpus = device_count();
+  if (gpus == 0)
     throw Error(ErrorKind::Unsupported, "device 'cuda': no CUDA GPU is visible to this process");
+  if (device_index >= gpus)
+    throw Error(ErrorKind::InvalidArgument, "device 'cuda': no GPU " + std::to_string(device_index) + " (" +
+                                                std::to_string(gpus) + " visible)");
   if (activation_dtype != ScalarType::BF16 && activation_dtype != ScalarType::F32)
     throw Error(ErrorKind::Unsupported, std::string("device 'cuda': activation dtype ") +
                                             scalar_name(activation_dtype) + " (supported: bfloat16, float32)");
-  return std::make_unique<CudaBackend>(activation_dtype);
+  return std::make_unique<CudaBackend>(activation_dtype, device_index);
+}
+
+std::vector<std::unique_ptr<Collectives>> make_collectives(const std::vector<Backend*>& ranks) {
+  std::vector<CudaBackend*> cuda;
+  for (Backend* b : ranks) {
+    auto* c = dynamic_cast<CudaBackend*>(b);
+    if (c == nullptr) throw Error(ErrorKind::Runtime, "make_collectives: a rank that is not on a CUDA backend");
+    cuda.push_back(c);
+  }
+  return nccl_collectives(cuda);
 }
 
 // ---- Staging ----------------------------------------------------------------------
@@ -89,7 +104,8 @@ void Staging::upload(size_t bytes, cudaStream_t stream) {
 
 // ---- CudaBackend: memory ------------------------------------------------------------
 
-CudaBackend::CudaBackend(ScalarType activation_dtype) : act_(activation_dtype) {
+CudaBackend::CudaBackend(ScalarType activation_dtype, int device_index) : act_(activation_dtype) {
+  if (device_index >= 0) CUDA_CHECK(cudaSetDevice(device_index));
   CUDA_CHECK(cudaGetDevice(&device_));
   cudaDeviceProp prop;
   CUDA_CHECK(cudaGetDeviceProperties(&prop, device_));
@@ -161,6 +177,7 @@ CudaBackend::CudaBackend(ScalarType activation_dtype) : act_(activation_dtype) {
 }
 
 CudaBackend::~CudaBackend() {
+  cudaSetDevice(device_);  // a tensor-parallel rank's may be destroyed on another rank's thread
   if (stream_) cudaStreamSynchronize(stream_);
   clear_graphs();
   for (int i = 0; i < 2; ++i) {
@@ -183,6 +200,8 @@ int64_t CudaBackend::memory_free() const {
 }
 
 void CudaBackend::synchronize() { CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+
+void CudaBackend::make_current() { CUDA_CHECK(cudaSetDevice(device_)); }
 
 void CudaBackend::check_attention(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim) const {
   const int64_t group = num_heads / num_kv_heads;

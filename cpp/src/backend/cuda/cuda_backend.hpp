@@ -50,8 +50,12 @@ class CudaBackend final : public Backend {
   // activation_dtype BF16: bf16 weights, activations and KV (the fast path);
   // F32: fp32 everywhere (the validation mode: the CPU backend's numbers up to
   // the order of fp32 sums).
-  explicit CudaBackend(ScalarType activation_dtype);
+  // device_index: the GPU (of those visible), -1 for the current one.
+  explicit CudaBackend(ScalarType activation_dtype, int device_index = -1);
   ~CudaBackend() override;
+  int device_index() const { return device_; }
+  cudaStream_t stream() const { return stream_; }  // every op's (the NCCL calls' too: backend/cuda/nccl.hpp)
+  void make_current() override;
   Device device() const override { return Device::CUDA; }
   ScalarType activation_dtype() const override { return act_; }
   int64_t memory_free() const override;
