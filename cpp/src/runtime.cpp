@@ -299,7 +299,8 @@ Runtime::Runtime(const RuntimeConfig& config) : impl_(std::make_unique<Impl>()) 
   if (draft.model) draft.kv = KvCache::allocate(*backend, dcfg, config.block_size, kv.num_blocks * draft_block);
   for (ModelRank& p : ranks.peers) {  // as many blocks as rank 0's, in chunks alike
     p.backend->make_current();
-    p.kv = KvCache::allocate(*p.backend, rank_cfg, config.block_size, kv.num_blocks * block, config.elastic_kv);
+    p.kv = KvCache::allocate(*p.backend, rank_cfg, config.block_size, kv.num_blocks * block,
+                             config.elastic_kv && kv.memory != nullptr);  // chunks are mapped as rank 0's are
   }
   backend->make_current();
   const int64_t block_bytes = kv.bytes_per_block * tp;  // every rank's share of a block

@@ -214,6 +214,10 @@ class Backend {
   // sizes, so a tensor that is reallocated, or a size that changes, must
   // change the key. Host-side results (to_host, argmax) stay outside body.
   virtual void run_step(uint64_t key, const std::function<void()>& body) { body(); }
+  // Drops run_step's recordings (without waiting for the device); later
+  // steps record afresh. Tensor parallelism on CUDA: NCCL keeps its
+  // communicators while a recording that captured them lives.
+  virtual void forget_steps() {}
 
   // Dtypes: x/out of the ops below are activation_dtype(), except `residual`
   // (always F32), embedding's out (F32: it starts the residual), linear's out

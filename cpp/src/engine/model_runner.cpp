@@ -24,9 +24,14 @@ int64_t ModelRunner::bytes_per_block() const {
 
 void ModelRunner::on_peers(const std::function<void(ModelRank&)>& fn) {
   if (tp_.peers.empty()) return;
-  for (ModelRank& p : tp_.peers) {
-    p.backend->make_current();
-    fn(p);
+  try {
+    for (ModelRank& p : tp_.peers) {
+      p.backend->make_current();
+      fn(p);
+    }
+  } catch (...) {
+    backend_->make_current();
+    throw;
   }
   backend_->make_current();
 }
@@ -42,6 +47,7 @@ void ModelRunner::lend_threads(int n) {
 }
 
 ModelOutput ModelRunner::run(const SchedulerOutput& step, bool device_greedy, bool defer_picks, bool deferred) {
+  if (!tp_.peers.empty()) backend_->make_current();
   cur_ ^= 1;
   backend_->begin_results(deferred);
   batch_.build(step, static_cast<int32_t>(kv_.block_size));
@@ -84,28 +90,32 @@ ModelOutput ModelRunner::run(const SchedulerOutput& step, bool device_greedy, bo
     on_peers([&](ModelRank& p) { copy_blocks(*p.backend, p.kv); });
   }
   const bool picks_later = device_greedy && defer_picks;  // the logits stay on the device for pick()
-  auto forward = [&] {
-    if (picks_later)
-      model_->forward(view, kv_, nullptr, nullptr);
-    else
-      model_->forward(view, kv_, logits_.data(), device_greedy ? argmax.data() : nullptr);
-  };
+  float* logits = picks_later || device_greedy ? nullptr : logits_.data();
+  int32_t* picks = picks_later || !device_greedy ? nullptr : argmax.data();
   if (tp_.peers.empty()) {
-    forward();
+    model_->forward(view, kv_, logits, picks);
   } else {
+    // Every rank queues its forward on its own thread; only then does rank 0
+    // wait for its logits (on a GPU, a rank that failed leaves the others'
+    // collectives waiting for it: nothing here waits on them).
     tp_.comms[0]->recover();  // after a failed step: no rank is inside one now
-    threads_->run(
-        [&](int r) {
-          if (r == 0) {
-            backend_->make_current();
-            forward();
-            return;
-          }
-          ModelRank& p = tp_.peers[static_cast<size_t>(r - 1)];
-          p.backend->make_current();  // the rank's thread stays on its GPU
-          p.model->forward(view, p.kv, nullptr, nullptr);
-        },
-        [&] { tp_.comms[0]->abort(); });
+    try {
+      threads_->run(
+          [&](int r) {
+            ModelRank* p = r == 0 ? nullptr : &tp_.peers[static_cast<size_t>(r - 1)];
+            (p ? *p->backend : *backend_).make_current();  // the rank's thread stays on its GPU
+            if (p)
+              p->model->forward(view, p->kv, nullptr, nullptr);
+            else
+              model_->forward(view, kv_, nullptr, nullptr);
+          },
+          [&] { tp_.comms[0]->abort(); });
+    } catch (...) {
+      tp_failed_ = true;
+      throw;
+    }
+    if (view.num_logits > 0 && (logits != nullptr || picks != nullptr))
+      model_->read_logits(view.num_logits, logits, picks);
   }
   if (picks_later) return out;
   if (device_greedy)
@@ -119,6 +129,7 @@ void ModelRunner::enable_swap(int64_t slots) { swap_slots_ = slots; }
 
 void ModelRunner::ensure_swap_space() {
   if (!swap_space_.empty()) return;  // at the first swap: a runtime that never preempts holds no host memory for it
+  if (!tp_.peers.empty()) backend_->make_current();
   swap_space_.push_back(backend_->host_alloc(static_cast<size_t>(swap_slots_ * kv_.bytes_per_block)));
   on_peers([&](ModelRank& p) {
     swap_space_.push_back(p.backend->host_alloc(static_cast<size_t>(swap_slots_ * p.kv.bytes_per_block)));
@@ -145,6 +156,7 @@ void ModelRunner::swap_rank(Backend& backend, KvCache& kv, void* space, const Sc
 void ModelRunner::swap(const SchedulerOutput& step, bool wait) {
   if (step.swap_out.empty() && step.swap_in.empty()) return;
   ensure_swap_space();
+  if (!tp_.peers.empty()) backend_->make_current();
   swap_rank(*backend_, kv_, swap_space_[0].get(), step);
   size_t r = 0;
   on_peers([&](ModelRank& p) { swap_rank(*p.backend, p.kv, swap_space_[++r].get(), step); });
@@ -172,8 +184,29 @@ int32_t ModelRunner::end_results() {
   return fed_ticket_;
 }
 
+ModelRunner::~ModelRunner() { release(); }
+
 void ModelRunner::release() {
   threads_.reset();
+  if (!tp_.peers.empty() && backend_) {
+    // The ranks' recordings go before the collectives, which wait for them
+    // (NCCL), and the collectives before the backends, which wait for their
+    // streams (after a failed step only an aborted communicator ends the
+    // collectives the failed rank never joined).
+    try {
+      if (!tp_failed_) synchronize();
+    } catch (const std::exception&) {  // a device error: the step that met it has reported it
+    }
+    backend_->forget_steps();
+    on_peers([](ModelRank& p) { p.backend->forget_steps(); });
+    tp_.comms.clear();
+    tp_.group.reset();
+    on_peers([](ModelRank& p) {
+      p.model.reset();
+      p.kv = KvCache{};
+      p.backend.reset();
+    });
+  }
   tp_ = TensorParallel{};
   model_.reset();
   kv_ = KvCache{};

@@ -79,6 +79,7 @@ class ModelRunner {
   // picks and draws.
   ModelRunner(std::shared_ptr<Backend> backend, std::unique_ptr<LlamaModel> model, KvCache kv,
               TensorParallel tp = {});
+  ~ModelRunner();  // release()
 
   // Can the device pick greedy tokens itself (only their ids come back)?
   bool has_device_argmax() const { return backend_->has_argmax(); }
@@ -162,6 +163,7 @@ class ModelRunner {
   int64_t swap_slots_ = 0;
   TensorParallel tp_;
   std::unique_ptr<RankThreads> threads_;  // ranks 1 ..'s forwards (tensor parallelism)
+  bool tp_failed_ = false;                // a rank's forward threw: its group is aborted
 };
 
 }  // namespace pagedrt

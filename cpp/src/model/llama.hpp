@@ -55,6 +55,10 @@ class LlamaModel {
   // only each row's greedy token to argmax[batch.num_logits] (host memory);
   // with neither, the logits stay on the device for pick().
   void forward(const BatchView& batch, KvCache& kv, float* logits, int32_t* argmax = nullptr);
+  // What forward() writes to `logits` or `argmax`, for the last forward's
+  // first `rows` logits rows, after one that kept them on the device (a
+  // tensor-parallel step reads rank 0's once every rank has queued its work).
+  void read_logits(int64_t rows, float* logits, int32_t* argmax);
   // The greedy tokens of the last forward's `rows` logits rows, masked by
   // `masks` (Backend::argmax), into out[rows] (host memory).
   void pick(int64_t rows, int32_t* out, const RowMasks& masks);

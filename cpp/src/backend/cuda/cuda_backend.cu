@@ -177,6 +177,8 @@ CudaBackend::CudaBackend(ScalarType activation_dtype, int device_index) : act_(a
 }
 
 CudaBackend::~CudaBackend() {
+  int current = device_;
+  cudaGetDevice(&current);
   cudaSetDevice(device_);  // a tensor-parallel rank's may be destroyed on another rank's thread
   if (stream_) cudaStreamSynchronize(stream_);
   clear_graphs();
@@ -191,6 +193,7 @@ CudaBackend::~CudaBackend() {
   if (fp8_act_) cudaFree(fp8_act_);
   gemm_.reset();
   if (stream_) cudaStreamDestroy(stream_);
+  cudaSetDevice(current);  // the caller's, as it was
 }
 
 int64_t CudaBackend::memory_free() const {

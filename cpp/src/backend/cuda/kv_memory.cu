@@ -87,10 +87,14 @@ DeviceKvMemory::DeviceKvMemory(int device, const std::vector<int64_t>& shape, Sc
 }
 
 DeviceKvMemory::~DeviceKvMemory() {
+  int current = device_;
+  cudaGetDevice(&current);
+  cudaSetDevice(device_);   // a tensor-parallel rank's pool may go on another rank's thread
   cudaDeviceSynchronize();  // nothing queued may touch the pool past here
   for (int64_t c = 0; c < num_chunks(); ++c)
     for (size_t i = 0; i < bases_.size(); ++i) unmap_tensor(c, i);
   for (unsigned long long b : bases_) vmm().free(b, reserved_);
+  cudaSetDevice(current);
 }
 
 size_t DeviceKvMemory::bytes_of(int64_t chunk) const {

@@ -69,20 +69,18 @@ void check(NcclResult r, const std::string& what) {
   if (r != 0) throw Error(ErrorKind::Runtime, "NCCL " + what + ": " + nccl().error_string(r));
 }
 
-// The communicators of every rank, from one ncclCommInitAll.
+// The communicators of every rank, from one ncclCommInitAll. A rank that
+// fails only marks the group aborted: the other ranks may be inside an NCCL
+// call at that moment, and NCCL waits, to free a communicator, for the CUDA
+// graphs that captured it. The communicators go when the group does, after
+// every rank's recordings (ModelRunner::release): destroyed, or aborted (which
+// also ends the collectives the failed rank never joined) after a failure.
 struct NcclGroup {
   std::vector<NcclComm> comms;
-  std::mutex mu;
   std::atomic<bool> aborted{false};
 
   ~NcclGroup() {
-    if (aborted.load()) return;  // ncclCommAbort freed them
-    for (NcclComm c : comms) nccl().comm_destroy(c);
-  }
-  void abort() {
-    std::lock_guard<std::mutex> lock(mu);
-    if (aborted.exchange(true)) return;
-    for (NcclComm c : comms) nccl().comm_abort(c);  // ends their pending kernels too
+    for (NcclComm c : comms) aborted.load() ? nccl().comm_abort(c) : nccl().comm_destroy(c);
   }
 };
 
@@ -123,7 +121,7 @@ class NcclCollectives final : public Collectives {
     }
   }
 
-  void abort() override { group_->abort(); }
+  void abort() override { group_->aborted = true; }
   // An aborted NCCL group cannot be brought back (its communicators are
   // gone, and recorded steps hold them): every later step fails.
   void recover() override { check_live(); }
