@@ -125,6 +125,19 @@ def test_engine_features_under_tensor_parallelism(tiny_llama):
     assert samples[2] == samples[1]
 
 
+def test_async_scheduling_under_tensor_parallelism(tiny_llama):
+    """async_scheduling="on" (the CPU's test mode): a step's tokens are fed to
+    every rank from the host; the greedy tokens are transformers'."""
+    path, model = tiny_llama(num_attention_heads=4, num_key_value_heads=2)
+    rng = np.random.default_rng(7)
+    prompts = [rng.integers(3, 320, size=int(n)).tolist() for n in (4, 19, 33)]
+    with pagedrt.Runtime(path, device="cpu", num_threads=2, activation_dtype="float32", tensor_parallel_size=2,
+                         async_scheduling="on") as rt:
+        got = run_all(rt, prompts, max_tokens=16, ignore_eos=True)
+        assert rt.stats().async_steps > 0
+    assert [t for t, _ in got] == [reference_greedy(model, p, 16) for p in prompts]
+
+
 def test_sharded_logits_are_batch_invariant(tiny_llama):
     """deterministic (the CPU's default) holds across ranks: the ranks' sums
     are added in rank order, so a request's logits rows have the same bits

@@ -37,6 +37,9 @@ void ModelRunner::on_peers(const std::function<void(ModelRank&)>& fn) {
 }
 
 void ModelRunner::synchronize() {
+  // After a rank failed on a GPU, the others' collectives wait for it until
+  // release(): nothing may wait for them (every later step fails at once).
+  if (tp_failed_) return;
   backend_->synchronize();
   on_peers([](ModelRank& p) { p.backend->synchronize(); });
 }
@@ -194,7 +197,7 @@ void ModelRunner::release() {
     // streams (after a failed step only an aborted communicator ends the
     // collectives the failed rank never joined).
     try {
-      if (!tp_failed_) synchronize();
+      synchronize();  // not after a failed step
     } catch (const std::exception&) {  // a device error: the step that met it has reported it
     }
     backend_->forget_steps();
