@@ -1,6 +1,7 @@
 #include "backend/collectives.hpp"
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 
 #include "pagedrt/error.hpp"
@@ -78,34 +79,57 @@ HostGroup::HostGroup(int size) : size_(size), shared_(static_cast<size_t>(size),
 
 std::unique_ptr<Collectives> HostGroup::rank(int r) { return std::make_unique<HostCollectives>(*this, r); }
 
+namespace {
+
+Error aborted_error() {
+  return Error(ErrorKind::Runtime, "tensor-parallel step aborted: another rank failed (its error is reported)");
+}
+
+}  // namespace
+
 void HostGroup::arrive_and_wait() {
-  std::unique_lock<std::mutex> lock(mu_);
-  auto aborted = [] {
-    return Error(ErrorKind::Runtime, "tensor-parallel step aborted: another rank failed (its error is reported)");
-  };
-  if (aborted_) throw aborted();
-  const uint64_t gen = generation_;
-  if (++arrived_ == size_) {
-    arrived_ = 0;
-    ++generation_;
+  if (aborted_.load(std::memory_order_acquire)) throw aborted_error();
+  // The generation cannot move before this rank arrives: read it first.
+  const uint64_t gen = generation_.load(std::memory_order_acquire);
+  if (arrived_.fetch_add(1, std::memory_order_acq_rel) + 1 == size_) {
+    arrived_.store(0, std::memory_order_relaxed);  // before the release below: the next round counts from 0
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      generation_.store(gen + 1, std::memory_order_release);
+    }
     cv_.notify_all();
     return;
   }
-  cv_.wait(lock, [&] { return generation_ != gen || aborted_; });
-  if (generation_ == gen) throw aborted();
+  auto passed = [&] { return generation_.load(std::memory_order_acquire) != gen; };
+  // ~50 us of spinning before sleeping: a condition variable's wake-up costs
+  // tens of microseconds, a layer's collectives come every few hundred.
+  const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(50);
+  for (int i = 0;; ++i) {
+    if (passed()) return;
+    if (aborted_.load(std::memory_order_acquire)) throw aborted_error();
+    if ((i & 63) == 63 && std::chrono::steady_clock::now() > until) break;
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+  }
+  std::unique_lock<std::mutex> lock(mu_);
+  cv_.wait(lock, [&] { return passed() || aborted_.load(std::memory_order_acquire); });
+  if (!passed()) throw aborted_error();
 }
 
 void HostGroup::abort() {
-  std::lock_guard<std::mutex> lock(mu_);
-  aborted_ = true;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    aborted_.store(true, std::memory_order_release);
+  }
   cv_.notify_all();
 }
 
 void HostGroup::recover() {
   std::lock_guard<std::mutex> lock(mu_);
-  aborted_ = false;
-  arrived_ = 0;
-  ++generation_;
+  aborted_.store(false, std::memory_order_release);
+  arrived_.store(0, std::memory_order_relaxed);
+  generation_.fetch_add(1, std::memory_order_acq_rel);
 }
 
 }  // namespace pagedrt

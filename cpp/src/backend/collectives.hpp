@@ -8,6 +8,7 @@
 // tests' reference for the sharding, and ranks on the sockets of one host).
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <memory>
@@ -52,17 +53,19 @@ class HostGroup {
 
  private:
   friend class HostCollectives;
-  // Waits until every rank has arrived (a barrier); throws once aborted.
+  // Waits until every rank has arrived (a barrier); throws once aborted. A
+  // rank spins for a while (a layer's other ranks are usually microseconds
+  // behind: two barriers a collective, two collectives a layer), then sleeps.
   void arrive_and_wait();
   void abort();
   void recover();
 
   const int size_;
-  std::mutex mu_;
+  std::mutex mu_;  // the sleepers' (with cv_), and shared_
   std::condition_variable cv_;
-  int arrived_ = 0;
-  uint64_t generation_ = 0;
-  bool aborted_ = false;
+  std::atomic<int> arrived_{0};
+  std::atomic<uint64_t> generation_{0};  // barriers passed
+  std::atomic<bool> aborted_{false};
   std::vector<const void*> shared_;  // per rank: the tensor it offers in the current collective
 };
 
