@@ -193,3 +193,18 @@ def test_lent_threads_leave_cores_to_the_masks():
     assert ops.host_threads() == cores
     ops.lend_threads(0)
     assert ops.host_threads() == cores
+
+
+def test_a_tensor_parallel_rank_lends_from_its_share_of_the_cores():
+    """Backend::share_host: a rank of 2 counts half the cores as its own, so
+    a lend shrinks its team within that half (without it, a team of half the
+    cores would never shrink: the other half looks idle)."""
+    cores = len(os.sched_getaffinity(0))
+    ops = _testing._Ops("cpu")
+    ops.share_host(2)
+    half = max(1, cores // 2)
+    assert ops.host_threads() == half
+    ops.lend_threads(1)
+    assert ops.host_threads() == max(1, half - 1)
+    ops.lend_threads(0)
+    assert ops.host_threads() == half

@@ -138,6 +138,27 @@ def test_async_scheduling_under_tensor_parallelism(tiny_llama):
     assert [t for t, _ in got] == [reference_greedy(model, p, 16) for p in prompts]
 
 
+def test_structured_output_under_tensor_parallelism(tiny_sp):
+    """Constrained requests at TP = 2 (the masks filled beside the ranks'
+    forwards, which lend them cores together): regexes and choices hold,
+    and each seeded answer equals TP = 1's."""
+    import re
+    answers = {}
+    for size in (1, 2):
+        with pagedrt.Runtime(tiny_sp, device="cpu", num_threads=2, activation_dtype="float32",
+                             tensor_parallel_size=size) as rt:
+            got = []
+            for seed in range(3):
+                c = rt.generate("the quick", max_tokens=40, temperature=1.0, seed=seed, regex=r"x=[0-9]{1,3};")[0]
+                assert c.finish_reason == "stop" and re.fullmatch(r"x=[0-9]{1,3};", c.text), c.text
+                d = rt.generate("the quick", max_tokens=40, temperature=1.0, seed=seed, choice=["hello world", "bye"])[0]
+                assert d.text in ("hello world", "bye") and d.finish_reason == "stop", d.text
+                got += [c.text, d.text]
+            answers[size] = got
+            assert rt.stats().mask_rows > 0
+    assert answers[2] == answers[1]
+
+
 def test_sharded_logits_are_batch_invariant(tiny_llama):
     """deterministic (the CPU's default) holds across ranks: the ranks' sums
     are added in rank order, so a request's logits rows have the same bits

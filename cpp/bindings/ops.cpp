@@ -87,6 +87,7 @@ class Ops {
 
   std::string activation_dtype() const { return pagedrt::scalar_name(b_->activation_dtype()); }
   void lend_threads(int n) { b_->lend_threads(n); }
+  void share_host(int ranks) { b_->share_host(ranks); }
   int host_threads() const { return b_->host_threads(); }
 
   void set_batch(I32In token_ids, I32In positions, I64In slots, I32In query_start, I32In seq_lens,
@@ -555,6 +556,7 @@ void register_ops(nb::module_& m) {
            "activation"_a = "", "deterministic"_a = true, "kv_cache_dtype"_a = "")
       .def_prop_ro("activation_dtype", &Ops::activation_dtype)
       .def("lend_threads", &Ops::lend_threads, "n"_a)  // Backend::lend_threads
+      .def("share_host", &Ops::share_host, "ranks"_a)  // Backend::share_host
       .def("host_threads", &Ops::host_threads)          // the threads the next host op runs on
       .def("set_batch", &Ops::set_batch, "token_ids"_a, "positions"_a, "slot_mapping"_a, "query_start"_a,
            "seq_lens"_a, "page_indptr"_a, "page_indices"_a, "logits_indices"_a)

@@ -215,6 +215,7 @@ Runtime::Runtime(const RuntimeConfig& config) : impl_(std::make_unique<Impl>()) 
   auto rank_backend = [&](int r) {
     std::unique_ptr<Backend> b = make_backend(device, rank_threads, act, deterministic, tp > 1 ? r : -1);
     b->use_fp8_kv(config.kv_cache_dtype != "auto");
+    b->share_host(tp);
     return b;
   };
   std::unique_ptr<Backend> backend = rank_backend(0);

@@ -314,6 +314,10 @@ class Backend {
   // (structured output's masks, filled beside the forward) until lent 0: a
   // backend that computes on host threads runs its ops on that many fewer.
   virtual void lend_threads(int n) {}
+  // One of `ranks` tensor-parallel ranks on the host's cores (the CPU): its
+  // ops count 1/ranks of the cores as theirs, so that lend_threads leaves
+  // cores free of the ranks' teams together.
+  virtual void share_host(int ranks) {}
   // The host threads the backend's next op runs on (0: it computes elsewhere).
   virtual int host_threads() const { return 0; }
 

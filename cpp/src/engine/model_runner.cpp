@@ -45,8 +45,11 @@ void ModelRunner::synchronize() {
 }
 
 void ModelRunner::lend_threads(int n) {
-  backend_->lend_threads(n);
-  for (ModelRank& p : tp_.peers) p.backend->lend_threads(n);
+  // Tensor parallelism: the ranks' teams lend n cores together, rank r
+  // n / size of them and one more while r < n % size (Backend::share_host).
+  const int size = tensor_parallel_size(), each = std::max(0, n) / size, extra = std::max(0, n) % size;
+  backend_->lend_threads(each + (extra > 0 ? 1 : 0));
+  for (int r = 1; r < size; ++r) tp_.peers[static_cast<size_t>(r - 1)].backend->lend_threads(each + (r < extra ? 1 : 0));
 }
 
 ModelOutput ModelRunner::run(const SchedulerOutput& step, bool device_greedy, bool defer_picks, bool deferred) {
