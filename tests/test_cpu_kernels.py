@@ -208,3 +208,5 @@ def test_a_tensor_parallel_rank_lends_from_its_share_of_the_cores():
     assert ops.host_threads() == max(1, half - 1)
     ops.lend_threads(0)
     assert ops.host_threads() == half
+    ops.share_host(2)  # a share of all the cores, not of the share
+    assert ops.host_threads() == half

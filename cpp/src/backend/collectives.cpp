@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <thread>
 
 #include "pagedrt/error.hpp"
 
@@ -75,7 +76,9 @@ class HostCollectives final : public Collectives {
   std::vector<float> sum_;
 };
 
-HostGroup::HostGroup(int size) : size_(size), shared_(static_cast<size_t>(size), nullptr) {}
+HostGroup::HostGroup(int size)
+    : size_(size), spin_(static_cast<unsigned>(size) <= std::thread::hardware_concurrency()),
+      shared_(static_cast<size_t>(size), nullptr) {}
 
 std::unique_ptr<Collectives> HostGroup::rank(int r) { return std::make_unique<HostCollectives>(*this, r); }
 
@@ -102,9 +105,11 @@ void HostGroup::arrive_and_wait() {
   }
   auto passed = [&] { return generation_.load(std::memory_order_acquire) != gen; };
   // ~50 us of spinning before sleeping: a condition variable's wake-up costs
-  // tens of microseconds, a layer's collectives come every few hundred.
-  const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(50);
-  for (int i = 0;; ++i) {
+  // tens of microseconds, a layer's collectives come every few hundred. Not
+  // where the ranks outnumber the cores: the spinners would take the late
+  // rank's.
+  const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_ ? 50 : 0);
+  for (int i = 0; spin_; ++i) {
     if (passed()) return;
     if (aborted_.load(std::memory_order_acquire)) throw aborted_error();
     if ((i & 63) == 63 && std::chrono::steady_clock::now() > until) break;

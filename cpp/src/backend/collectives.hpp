@@ -61,6 +61,7 @@ class HostGroup {
   void recover();
 
   const int size_;
+  const bool spin_;  // the ranks have a core each
   std::mutex mu_;  // the sleepers' (with cv_), and shared_
   std::condition_variable cv_;
   std::atomic<int> arrived_{0};

@@ -36,10 +36,16 @@ void ModelRunner::on_peers(const std::function<void(ModelRank&)>& fn) {
   backend_->make_current();
 }
 
+void ModelRunner::recover_group() {
+  tp_.comms[0]->recover();  // no rank is inside a step now; NCCL: throws after a failure
+  tp_failed_ = false;
+}
+
 void ModelRunner::synchronize() {
   // After a rank failed on a GPU, the others' collectives wait for it until
-  // release(): nothing may wait for them (every later step fails at once).
-  if (tp_failed_) return;
+  // release(): nothing may wait for them, so this throws the group's error
+  // (on the CPU the group recovers and this goes on).
+  if (tp_failed_) recover_group();
   backend_->synchronize();
   on_peers([](ModelRank& p) { p.backend->synchronize(); });
 }
@@ -104,7 +110,7 @@ ModelOutput ModelRunner::run(const SchedulerOutput& step, bool device_greedy, bo
     // Every rank queues its forward on its own thread; only then does rank 0
     // wait for its logits (on a GPU, a rank that failed leaves the others'
     // collectives waiting for it: nothing here waits on them).
-    tp_.comms[0]->recover();  // after a failed step: no rank is inside one now
+    recover_group();  // after a failed step
     try {
       threads_->run(
           [&](int r) {
@@ -116,12 +122,13 @@ ModelOutput ModelRunner::run(const SchedulerOutput& step, bool device_greedy, bo
               model_->forward(view, kv_, nullptr, nullptr);
           },
           [&] { tp_.comms[0]->abort(); });
+      if (view.num_logits > 0 && (logits != nullptr || picks != nullptr))
+        model_->read_logits(view.num_logits, logits, picks);  // a device error of rank 0's shows here
     } catch (...) {
       tp_failed_ = true;
+      tp_.comms[0]->abort();
       throw;
     }
-    if (view.num_logits > 0 && (logits != nullptr || picks != nullptr))
-      model_->read_logits(view.num_logits, logits, picks);
   }
   if (picks_later) return out;
   if (device_greedy)
@@ -199,19 +206,22 @@ void ModelRunner::release() {
     // (NCCL), and the collectives before the backends, which wait for their
     // streams (after a failed step only an aborted communicator ends the
     // collectives the failed rank never joined).
+    // Nothing here throws: forget_steps and the destructors switch to their
+    // own GPU themselves.
     try {
-      synchronize();  // not after a failed step
-    } catch (const std::exception&) {  // a device error: the step that met it has reported it
+      synchronize();  // throws after a failed step
+    } catch (const std::exception&) {  // the step that met it has reported it: end the collectives
+      tp_.comms[0]->abort();
     }
     backend_->forget_steps();
-    on_peers([](ModelRank& p) { p.backend->forget_steps(); });
+    for (ModelRank& p : tp_.peers) p.backend->forget_steps();
     tp_.comms.clear();
     tp_.group.reset();
-    on_peers([](ModelRank& p) {
+    for (ModelRank& p : tp_.peers) {
       p.model.reset();
       p.kv = KvCache{};
       p.backend.reset();
-    });
+    }
   }
   tp_ = TensorParallel{};
   model_.reset();

@@ -155,6 +155,8 @@ class ModelRunner {
   int32_t fed_ticket_ = 0;
   // fn(rank) for ranks 1 .., each with its device current; rank 0's after.
   void on_peers(const std::function<void(ModelRank&)>& fn);
+  // The collectives ready for a step after a failed one (Collectives::recover).
+  void recover_group();
   // Each of `kv`'s tensors' (layer l: K at 2l, V at 2l + 1) `swap_slots_`
   // blocks of host memory, one region after the other.
   void swap_rank(Backend& backend, KvCache& kv, void* space, const SchedulerOutput& step);
@@ -163,7 +165,7 @@ class ModelRunner {
   int64_t swap_slots_ = 0;
   TensorParallel tp_;
   std::unique_ptr<RankThreads> threads_;  // ranks 1 ..'s forwards (tensor parallelism)
-  bool tp_failed_ = false;                // a rank's forward threw: its group is aborted
+  bool tp_failed_ = false;                // a step failed: its group is aborted until recover_group()
 };
 
 }  // namespace pagedrt

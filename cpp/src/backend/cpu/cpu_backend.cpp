@@ -64,9 +64,9 @@ CpuBackend::CpuBackend(int num_threads, ScalarType activation_dtype, bool determ
     throw Error(ErrorKind::InvalidArgument, std::string("CPU activation dtype must be float32 or bfloat16, got ") +
                                                 scalar_name(act_));
 #ifdef _OPENMP
-  cores_ = omp_get_num_procs();
+  cores_ = all_cores_ = omp_get_num_procs();
 #else
-  cores_ = 1;
+  cores_ = all_cores_ = 1;
 #endif
   if (threads_ <= 0) threads_ = cores_;
   set_decode_padding(false);  // nothing to share a recording: PAGEDRT_DECODE_PAD=1 only (tests)

@@ -31,7 +31,7 @@ class CpuBackend final : public Backend {
   // at least 1) until lent 0; a team that leaves enough cores idle already
   // keeps its size. Threads split rows, never a reduction, so no result changes.
   void lend_threads(int n) override { lent_.store(std::max(0, n), std::memory_order_relaxed); }
-  void share_host(int ranks) override { cores_ = std::max(1, cores_ / std::max(1, ranks)); }
+  void share_host(int ranks) override { cores_ = std::max(1, all_cores_ / std::max(1, ranks)); }
   int host_threads() const override { return team(); }
 
   Tensor load_weight(const std::vector<WeightView>& parts, ScalarType dtype) override;
@@ -70,7 +70,8 @@ class CpuBackend final : public Backend {
   int team() const { return std::max(1, std::min(threads_, cores_ - lent_.load(std::memory_order_relaxed))); }
 
   int threads_;
-  int cores_ = 1;  // the processors this process may run on (omp_get_num_procs), or a rank's share
+  int all_cores_ = 1;  // the processors this process may run on (omp_get_num_procs)
+  int cores_ = 1;      // those, or a tensor-parallel rank's share of them (share_host)
   std::atomic<int> lent_{0};
   bool deterministic_ = true;
   ScalarType act_;

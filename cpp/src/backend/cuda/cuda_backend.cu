@@ -206,6 +206,14 @@ void CudaBackend::synchronize() { CUDA_CHECK(cudaStreamSynchronize(stream_)); }
 
 void CudaBackend::make_current() { CUDA_CHECK(cudaSetDevice(device_)); }
 
+void CudaBackend::forget_steps() {
+  int current = device_;
+  cudaGetDevice(&current);
+  cudaSetDevice(device_);
+  clear_graphs();
+  cudaSetDevice(current);
+}
+
 void CudaBackend::check_attention(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim) const {
   const int64_t group = num_heads / num_kv_heads;
   if (!attention_supported(static_cast<int>(head_dim), static_cast<int>(group)))

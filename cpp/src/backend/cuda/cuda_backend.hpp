@@ -56,7 +56,7 @@ class CudaBackend final : public Backend {
   int device_index() const { return device_; }
   cudaStream_t stream() const { return stream_; }  // every op's (the NCCL calls' too: backend/cuda/nccl.hpp)
   void make_current() override;
-  void forget_steps() override { clear_graphs(); }
+  void forget_steps() override;  // on its own GPU, the caller's given back; throws nothing
   Device device() const override { return Device::CUDA; }
   ScalarType activation_dtype() const override { return act_; }
   int64_t memory_free() const override;

@@ -144,8 +144,8 @@ void DeviceKvMemory::unmap(int64_t chunk) {
 
 std::unique_ptr<KvMemory> CudaBackend::reserve_kv(const std::vector<int64_t>& shape, ScalarType dtype, int64_t count,
                                                   int64_t chunk_bytes) {
-  int device = 0, vmm_supported = 0;
-  CUDA_CHECK(cudaGetDevice(&device));
+  const int device = device_;  // this backend's GPU (a tensor-parallel rank's), whatever is current
+  int vmm_supported = 0;
   const auto attribute = driver<PFN_cuDeviceGetAttribute_v2000>("cuDeviceGetAttribute");
   if (attribute(&vmm_supported, CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED, device) != CUDA_SUCCESS ||
       !vmm_supported)
