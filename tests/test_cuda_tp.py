@@ -91,6 +91,28 @@ def test_llama3_70b_shape_loads_and_runs():
         assert rt.stats().blocks_used == 0
 
 
+def test_devices_choose_the_ranks_gpus(tiny_llama):
+    """devices=[...]: the ranks run on the GPUs named, in that order; a GPU
+    not visible or named twice is an error naming it."""
+    path, _ = tiny_llama(hidden_size=256, num_attention_heads=8, num_key_value_heads=8, intermediate_size=512)
+    pick = [GPUS - 1, 0]
+    with pagedrt.Runtime(path, device="cuda", dtype="float32", tensor_parallel_size=2, devices=pick) as rt:
+        assert rt.model_info.devices == pick
+        [(toks, _)] = run_all(rt, [[5, 6, 7, 8]], max_tokens=8, ignore_eos=True)
+    with pagedrt.Runtime(path, device="cuda", dtype="float32") as rt:
+        assert rt.model_info.devices == [0]
+        [(ref, _)] = run_all(rt, [[5, 6, 7, 8]], max_tokens=8, ignore_eos=True)
+    assert toks == ref
+    with pagedrt.Runtime(path, device="cuda", dtype="float32", devices=[GPUS - 1]) as rt:  # one rank, not GPU 0
+        assert rt.model_info.devices == [GPUS - 1]
+        [(one, _)] = run_all(rt, [[5, 6, 7, 8]], max_tokens=8, ignore_eos=True)
+    assert one == ref
+    with pytest.raises(pagedrt.InvalidArgument, match=f"devices\\[1\\] is GPU {GPUS}; {GPUS} visible"):
+        pagedrt.Runtime(path, device="cuda", tensor_parallel_size=2, devices=[0, GPUS])
+    with pytest.raises(pagedrt.InvalidArgument, match="devices names GPU 0 twice"):
+        pagedrt.Runtime(path, device="cuda", tensor_parallel_size=2, devices=[0, 0])
+
+
 @pytest.mark.skipif(GPUS >= 8, reason="every size up to 8 has its GPUs here")
 def test_more_ranks_than_gpus(tiny_llama):
     path, _ = tiny_llama(hidden_size=256, num_attention_heads=8, num_key_value_heads=8, intermediate_size=512)

@@ -188,6 +188,14 @@ def test_tensor_parallel_errors(tiny_llama):
         pagedrt.Runtime(odd, device="cpu", tensor_parallel_size=4)
     with pytest.raises(pagedrt.Unsupported, match="draft_model with tensor_parallel_size 2"):
         pagedrt.Runtime(path, device="cpu", tensor_parallel_size=2, draft_model=str(path))
+    with pytest.raises(pagedrt.InvalidArgument, match="devices names GPUs .*device is 'cpu'"):
+        pagedrt.Runtime(path, device="cpu", devices=[0])
+    with pytest.raises(pagedrt.InvalidArgument, match="devices has 1 GPUs for tensor_parallel_size 2: one a rank"):
+        pagedrt.Runtime(path, device="cuda", tensor_parallel_size=2, devices=[0])
+    with pytest.raises(pagedrt.InvalidArgument, match="unknown Runtime option"):
+        pagedrt.Runtime(path, device="cpu", gpus=[0])
+    with pagedrt.Runtime(path, device="cpu", tensor_parallel_size=2) as rt:
+        assert rt.model_info.devices == []  # no GPUs on the CPU
     from pagedrt import _core
     if not _core.cuda_built():
         with pytest.raises(pagedrt.Unsupported, match="this pagedrt build has no CUDA backend"):

@@ -375,7 +375,8 @@ NB_MODULE(_core, m) {
       .ro("deterministic", &pagedrt::ModelInfo::deterministic)
       .ro("draft_model", &pagedrt::ModelInfo::draft_model)
       .ro("draft_num_layers", &pagedrt::ModelInfo::draft_num_layers)
-      .ro("tensor_parallel_size", &pagedrt::ModelInfo::tensor_parallel_size);
+      .ro("tensor_parallel_size", &pagedrt::ModelInfo::tensor_parallel_size)
+      .ro("devices", &pagedrt::ModelInfo::devices);
 
   // The one source of RuntimeConfig's defaults: Python reads them from here.
   using RC = pagedrt::RuntimeConfig;
@@ -403,7 +404,8 @@ NB_MODULE(_core, m) {
       .rw("num_threads", &RC::num_threads)
       .rw("deterministic", &RC::deterministic)
       .rw("draft_model", &RC::draft_model)
-      .rw("tensor_parallel_size", &RC::tensor_parallel_size);
+      .rw("tensor_parallel_size", &RC::tensor_parallel_size)
+      .rw("devices", &RC::devices);
 
   nb::class_<pagedrt::Runtime>(m, "Runtime")
       .def("__init__",

@@ -196,9 +196,25 @@ Runtime::Runtime(const RuntimeConfig& config) : impl_(std::make_unique<Impl>()) 
                     "decode attention change their summation order with the batch; batch-invariant results "
                     "are available on the CPU (docs/determinism.md)");
   const int tp = config.tensor_parallel_size;
-  if (tp > 1 && device == "cuda" && cuda_built() && tp > cuda_device_count())
-    bad_arg("tensor_parallel_size " + std::to_string(tp) + " needs " + std::to_string(tp) + " GPUs; " +
-            std::to_string(cuda_device_count()) + " visible (CUDA_VISIBLE_DEVICES)");
+  if (!config.devices.empty() && device != "cuda")
+    bad_arg("devices names GPUs (the ranks' on device 'cuda'); device is '" + device + "'");
+  if (!config.devices.empty() && static_cast<int>(config.devices.size()) != tp)
+    bad_arg("devices has " + std::to_string(config.devices.size()) + " GPUs for tensor_parallel_size " +
+            std::to_string(tp) + ": one a rank");
+  if (device == "cuda" && cuda_built()) {
+    const int visible = cuda_device_count();
+    if (config.devices.empty() && tp > 1 && tp > visible)
+      bad_arg("tensor_parallel_size " + std::to_string(tp) + " needs " + std::to_string(tp) + " GPUs; " +
+              std::to_string(visible) + " visible (CUDA_VISIBLE_DEVICES)");
+    for (size_t r = 0; r < config.devices.size(); ++r) {
+      const int d = config.devices[r];
+      if (d < 0 || d >= visible)
+        bad_arg("devices[" + std::to_string(r) + "] is GPU " + std::to_string(d) + "; " + std::to_string(visible) +
+                " visible (CUDA_VISIBLE_DEVICES): 0 to " + std::to_string(visible - 1));
+      for (size_t q = 0; q < r; ++q)
+        if (config.devices[q] == d) bad_arg("devices names GPU " + std::to_string(d) + " twice: one rank a GPU");
+    }
+  }
   if (tp > 1 && device == "cuda" && config.async_scheduling == "on")
     throw Error(ErrorKind::Unsupported, "async_scheduling 'on' with tensor_parallel_size " + std::to_string(tp) +
                                             " on CUDA: the ranks take each step's tokens from the host");
@@ -212,8 +228,10 @@ Runtime::Runtime(const RuntimeConfig& config) : impl_(std::make_unique<Impl>()) 
   const int rank_threads = tp == 1 || device != "cpu"
                                ? config.num_threads
                                : std::max(1, (config.num_threads > 0 ? config.num_threads : cores) / tp);
+  // the GPU of rank r: devices[r], or the r-th visible (one rank: the current GPU)
+  auto gpu_of = [&](int r) { return !config.devices.empty() ? config.devices[static_cast<size_t>(r)] : tp > 1 ? r : -1; };
   auto rank_backend = [&](int r) {
-    std::unique_ptr<Backend> b = make_backend(device, rank_threads, act, deterministic, tp > 1 ? r : -1);
+    std::unique_ptr<Backend> b = make_backend(device, rank_threads, act, deterministic, gpu_of(r));
     b->use_fp8_kv(config.kv_cache_dtype != "auto");
     b->share_host(tp);
     return b;
@@ -322,6 +340,10 @@ Runtime::Runtime(const RuntimeConfig& config) : impl_(std::make_unique<Impl>()) 
   m.info.draft_model = config.draft_model;
   m.info.draft_num_layers = draft.model ? dcfg.num_layers : 0;
   m.info.tensor_parallel_size = tp;
+  if (backend->device_index() >= 0) {
+    m.info.devices.push_back(backend->device_index());
+    for (const ModelRank& p : ranks.peers) m.info.devices.push_back(p.backend->device_index());
+  }
 
   EngineConfig ec;
   ec.scheduler.max_num_seqs = config.max_num_seqs;

@@ -156,7 +156,7 @@ _OPTIONS = ("device", "dtype", "activation_dtype", "quantization", "kv_cache_dty
             "kv_idle_release_s", "async_scheduling", "block_size",
             "max_num_seqs", "max_num_batched_tokens", "max_model_len", "enable_prefix_caching",
             "preemption_mode", "swap_space_bytes", "kv_watermark", "num_threads",
-            "deterministic", "draft_model", "tensor_parallel_size")
+            "deterministic", "draft_model", "tensor_parallel_size", "devices")
 
 
 def _point_to_nccl() -> None:
@@ -286,6 +286,10 @@ class Runtime:
             r-th visible GPU and the ranks exchange over NCCL (the
             nvidia-nccl wheel's, or libnccl.so.2; not yet run on several
             GPUs). ``kv_cache_bytes`` is the pool over all ranks.
+        devices [[]]: CUDA: the GPU of each rank (indices among those
+            visible), as many as ``tensor_parallel_size``, all different;
+            [] takes the first ones (one rank: the current GPU).
+            ``model_info.devices`` says which run.
 
     Every method is safe to call from several threads at once.
     """

@@ -129,6 +129,11 @@ struct RuntimeConfig {
   // exchange over NCCL, loaded at run time (not yet run on several GPUs).
   // kv_cache_bytes is the pool over all ranks.
   int32_t tensor_parallel_size = 1;
+  // CUDA: the GPUs (indices among those visible, CUDA_VISIBLE_DEVICES) rank
+  // r runs on: devices[r]; as many as tensor_parallel_size, all different.
+  // Empty: the first tensor_parallel_size visible (one rank: the current GPU).
+  // The constructing thread is left on rank 0's GPU.
+  std::vector<int32_t> devices;
   // Optional: called on the constructing thread while the weights load, with
   // (parts loaded, parts in all): the embedding, each layer, the head. Not
   // kept after the constructor returns.
@@ -170,6 +175,7 @@ struct ModelInfo {
   std::string draft_model;         // RuntimeConfig::draft_model ("" without one)
   int64_t draft_num_layers = 0;    // the draft model's layers (0 without one)
   int32_t tensor_parallel_size = 1;  // RuntimeConfig::tensor_parallel_size
+  std::vector<int32_t> devices;      // the GPU of each rank (CUDA); empty on the CPU
 };
 
 class Runtime {

@@ -149,6 +149,8 @@ class Backend {
  public:
   virtual ~Backend() = default;
   virtual Device device() const = 0;
+  // The GPU it runs on (an index among those visible); -1 on the CPU.
+  virtual int device_index() const { return -1; }
   // dtype of the activations between ops (the residual stream stays fp32 on
   // every backend) and of the KV cache: the activations' (CPU: F32 or BF16;
   // CUDA: BF16, or F32 for validation), or F8E4M3 after use_fp8_kv(true)

@@ -46,6 +46,7 @@ void ModelRunner::synchronize() {
   // release(): nothing may wait for them, so this throws the group's error
   // (on the CPU the group recovers and this goes on).
   if (tp_failed_) recover_group();
+  backend_->make_current();
   backend_->synchronize();
   on_peers([](ModelRank& p) { p.backend->synchronize(); });
 }
@@ -59,7 +60,7 @@ void ModelRunner::lend_threads(int n) {
 }
 
 ModelOutput ModelRunner::run(const SchedulerOutput& step, bool device_greedy, bool defer_picks, bool deferred) {
-  if (!tp_.peers.empty()) backend_->make_current();
+  backend_->make_current();  // the engine thread's GPU is rank 0's (RuntimeConfig::devices)
   cur_ ^= 1;
   backend_->begin_results(deferred);
   batch_.build(step, static_cast<int32_t>(kv_.block_size));
@@ -142,7 +143,7 @@ void ModelRunner::enable_swap(int64_t slots) { swap_slots_ = slots; }
 
 void ModelRunner::ensure_swap_space() {
   if (!swap_space_.empty()) return;  // at the first swap: a runtime that never preempts holds no host memory for it
-  if (!tp_.peers.empty()) backend_->make_current();
+  backend_->make_current();
   swap_space_.push_back(backend_->host_alloc(static_cast<size_t>(swap_slots_ * kv_.bytes_per_block)));
   on_peers([&](ModelRank& p) {
     swap_space_.push_back(p.backend->host_alloc(static_cast<size_t>(swap_slots_ * p.kv.bytes_per_block)));
@@ -169,7 +170,7 @@ void ModelRunner::swap_rank(Backend& backend, KvCache& kv, void* space, const Sc
 void ModelRunner::swap(const SchedulerOutput& step, bool wait) {
   if (step.swap_out.empty() && step.swap_in.empty()) return;
   ensure_swap_space();
-  if (!tp_.peers.empty()) backend_->make_current();
+  backend_->make_current();
   swap_rank(*backend_, kv_, swap_space_[0].get(), step);
   size_t r = 0;
   on_peers([&](ModelRank& p) { swap_rank(*p.backend, p.kv, swap_space_[++r].get(), step); });

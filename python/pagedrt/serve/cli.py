@@ -46,6 +46,7 @@ _HELP = {
                    "speculative=\"draft\" (docs/speculative.md)",
     "tensor_parallel_size": "split the model over 1, 2, 4 or 8 ranks (its heads must divide by it; "
                             "docs/tensor_parallel.md)",
+    "devices": "CUDA: the GPU of each rank, comma-separated indices among those visible (default: the first ones)",
 }
 
 
@@ -79,6 +80,9 @@ def parser() -> argparse.ArgumentParser:
         flag = "--" + name.replace("_", "-").replace("num-threads", "threads")
         if isinstance(default, bool) or default is None:  # None: the engine decides (deterministic)
             p.add_argument(flag, dest=name, default=default, action=argparse.BooleanOptionalAction, help=_HELP[name])
+        elif isinstance(default, list):  # devices: "0,1"
+            p.add_argument(flag, dest=name, default=default, metavar="I,J,...", help=_HELP[name],
+                           type=lambda text: [int(x) for x in text.split(",") if x.strip()])
         else:
             p.add_argument(flag, dest=name, type=type(default), default=default, help=_HELP[name])
     return p

@@ -53,7 +53,7 @@ class CudaBackend final : public Backend {
   // device_index: the GPU (of those visible), -1 for the current one.
   explicit CudaBackend(ScalarType activation_dtype, int device_index = -1);
   ~CudaBackend() override;
-  int device_index() const { return device_; }
+  int device_index() const override { return device_; }
   cudaStream_t stream() const { return stream_; }  // every op's (the NCCL calls' too: backend/cuda/nccl.hpp)
   void make_current() override;
   void forget_steps() override;  // on its own GPU, the caller's given back; throws nothing
