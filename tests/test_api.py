@@ -324,7 +324,7 @@ def test_defaults_come_from_the_cpp_runtime_config(tiny):
     assert (defaults.block_size, defaults.max_num_seqs, defaults.device) == (16, 64, "auto")
     assert repr(defaults).startswith("RuntimeConfig(model_path='', device='auto'")
     # The docstring's "[default]" for each option is RuntimeConfig's.
-    shown = dict(re.findall(r"^\s+(\w+) \[([^\]]+)\]:", pagedrt.Runtime.__doc__, flags=re.M))
+    shown = dict(re.findall(r"^\s+(\w+) \[(.+?)\]:", pagedrt.Runtime.__doc__, flags=re.M))  # devices [[]]
     assert set(shown) == set(pagedrt.runtime._OPTIONS)
     assert all(shown[k] == repr(getattr(defaults, k)).replace("'", '"') for k in shown), shown
     with pagedrt.Runtime(tiny, device="cpu", block_size=8, kv_cache_bytes=1 << 20) as rt:

@@ -440,6 +440,7 @@ def test_cli_takes_every_runtime_option():
     assert p.parse_args(["--deterministic"]).deterministic is True
     assert p.parse_args(["--no-deterministic"]).deterministic is False
     assert p.parse_args([]).kv_watermark == 0.01 and p.parse_args(["--kv-watermark", "0.05"]).kv_watermark == 0.05
+    assert p.parse_args([]).devices == [] and p.parse_args(["--devices", "2,0"]).devices == [2, 0]
 
 
 def test_cli_leaves_a_core_to_the_http_layer(monkeypatch):
