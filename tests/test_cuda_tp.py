@@ -17,6 +17,7 @@ import pytest
 import pagedrt
 from conftest import run_all
 from pagedrt import _core
+from test_cuda import rel_err
 
 GPUS = _core.cuda_device_count()
 
@@ -24,12 +25,6 @@ pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(GPUS < 2, reason=f"tensor parallelism on CUDA needs 2+ GPUs ({GPUS} visible)")]
 
 SIZES = [n for n in (2, 4, 8) if n <= GPUS]
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    assert np.isfinite(a).all()
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 @pytest.mark.parametrize("tp", SIZES)

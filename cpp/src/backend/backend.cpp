@@ -4,15 +4,45 @@
 #include <cmath>
 #include <cstring>
 
-#include "backend/fp8.hpp"
-
 #include <cstdlib>
-#include <cstring>
 #include <new>
+
+#include "backend/fp8.hpp"
 
 #include "pagedrt/error.hpp"
 
 namespace pagedrt {
+
+namespace {
+
+// Columns [first, first + count) of each row of an F32 / F16 / BF16 view p
+// (rows, k) as e4m3 codes (rows, count), with the whole row's scale.
+void quantize_rows(const WeightView& p, int64_t first, int64_t count, uint8_t* codes, float* scale) {
+  const int64_t n = p.shape[0], k = p.shape[1];
+  auto value = [&](int64_t i) {
+    return p.type == WeightView::Type::F32    ? static_cast<const float*>(p.data)[i]
+           : p.type == WeightView::Type::BF16 ? bf16_to_f32(static_cast<const uint16_t*>(p.data)[i])
+                                              : f16_to_f32(static_cast<const uint16_t*>(p.data)[i]);
+  };
+  // Rows are independent (the same codes whatever the thread count): an
+  // 8B model's 7B projection weights take ~70 s on one core.
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < n; ++r) {
+    float amax = 0.0f;
+    for (int64_t c = 0; c < k; ++c) amax = std::max(amax, std::fabs(value(r * k + c)));
+    scale[r] = e4m3_row_scale(amax);
+    for (int64_t c = 0; c < count; ++c) codes[r * count + c] = float_to_e4m3(value(r * k + first + c) / scale[r]);
+  }
+}
+
+}  // namespace
+
+Tensor host_fp8_columns(const WeightView& w, int64_t first, int64_t count) {
+  Tensor t = host_empty({w.shape[0], count}, ScalarType::F8E4M3);
+  t.row_scale = std::make_shared<Tensor>(host_empty({w.shape[0]}, ScalarType::F32));
+  quantize_rows(w, first, count, t.as<uint8_t>(), t.row_scale->as<float>());
+  return t;
+}
 
 Tensor host_fp8_weight(const std::vector<WeightView>& parts) {
   int64_t rows = 0;
@@ -28,22 +58,7 @@ Tensor host_fp8_weight(const std::vector<WeightView>& parts) {
       std::memcpy(codes, p.data, static_cast<size_t>(n * k));
       std::memcpy(scale, p.row_scale, static_cast<size_t>(n) * 4);
     } else {
-      auto value = [&](int64_t i) {
-        return p.type == WeightView::Type::F32    ? static_cast<const float*>(p.data)[i]
-               : p.type == WeightView::Type::BF16 ? bf16_to_f32(static_cast<const uint16_t*>(p.data)[i])
-                                                  : f16_to_f32(static_cast<const uint16_t*>(p.data)[i]);
-      };
-      // Rows are independent (the same codes whatever the thread count): an
-      // 8B model's 7B projection weights take ~70 s on one core.
-      uint8_t* q = codes;
-      float* sc = scale;
-#pragma omp parallel for schedule(static)
-      for (int64_t r = 0; r < n; ++r) {
-        float amax = 0.0f;
-        for (int64_t c = 0; c < k; ++c) amax = std::max(amax, std::fabs(value(r * k + c)));
-        sc[r] = e4m3_row_scale(amax);
-        for (int64_t c = 0; c < k; ++c) q[r * k + c] = float_to_e4m3(value(r * k + c) / sc[r]);
-      }
+      quantize_rows(p, 0, k, codes, scale);
     }
     codes += n * k;
     scale += n;

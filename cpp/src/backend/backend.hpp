@@ -337,6 +337,10 @@ class Backend {
 // with scale max |row| / 448 (1 for a zero row), codes rounded to nearest
 // even (backend/fp8.hpp).
 Tensor host_fp8_weight(const std::vector<WeightView>& parts);
+// Columns [first, first + count) of an F32 / F16 / BF16 view w (rows, k) as
+// host_fp8_weight({w}) quantizes them: each row's scale is the whole row's
+// (a tensor-parallel rank's share of a row-parallel weight, model/llama.cpp).
+Tensor host_fp8_columns(const WeightView& w, int64_t first, int64_t count);
 
 // Decode steps of more than 64 tokens, up to 512, round up to a multiple of
 // 8 (to 128 tokens), 16 (to 256) or 32 (to 512): 24 sizes, at most 12.5%

@@ -51,12 +51,10 @@ class HostCollectives final : public Collectives {
   void recover() override { group_.recover(); }
 
  private:
-  // Publishes this rank's tensor and waits for every rank's.
+  // Publishes this rank's tensor and waits for every rank's (the barrier's
+  // atomics order the write before the others' reads).
   void offer(const void* data) {
-    {
-      std::lock_guard<std::mutex> lock(group_.mu_);
-      group_.shared_[static_cast<size_t>(rank_)] = data;
-    }
+    group_.shared_[static_cast<size_t>(rank_)] = data;
     group_.arrive_and_wait();
   }
   // sum_ = the ranks' first numel elements summed in rank order (fp32)

@@ -62,7 +62,7 @@ class HostGroup {
 
   const int size_;
   const bool spin_;  // the ranks have a core each
-  std::mutex mu_;  // the sleepers' (with cv_), and shared_
+  std::mutex mu_;  // the sleepers' (with cv_)
   std::condition_variable cv_;
   std::atomic<int> arrived_{0};
   std::atomic<uint64_t> generation_{0};  // barriers passed

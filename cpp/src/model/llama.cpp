@@ -5,7 +5,6 @@
 #include <cstring>
 #include <deque>
 
-#include "backend/fp8.hpp"
 #include "io/safetensors.hpp"
 #include "pagedrt/error.hpp"
 
@@ -88,37 +87,6 @@ WeightView cut(WeightView w, const Slice& slice, std::deque<std::vector<uint8_t>
   return w;
 }
 
-// Columns [first, first + count) of a 2-D F32 / F16 / BF16 view as fp8 codes
-// with the *whole* row's scale (max |row| / 448, as host_fp8_weight gives the
-// unsharded weight): a tensor-parallel rank's share of a row-parallel weight
-// under quantization "fp8", so that the ranks' partial products add up to
-// the unsharded one. Codes and scales go into `keep` (which must outlive the view).
-WeightView quantized_columns(const WeightView& w, int64_t first, int64_t count, std::deque<std::vector<uint8_t>>& keep) {
-  const int64_t rows = w.shape[0], cols = w.shape[1];
-  auto value = [&](int64_t i) {
-    return w.type == WeightView::Type::F32    ? static_cast<const float*>(w.data)[i]
-           : w.type == WeightView::Type::BF16 ? bf16_to_f32(static_cast<const uint16_t*>(w.data)[i])
-                                              : f16_to_f32(static_cast<const uint16_t*>(w.data)[i]);
-  };
-  keep.emplace_back(static_cast<size_t>(rows * count));
-  uint8_t* codes = keep.back().data();
-  keep.emplace_back(static_cast<size_t>(rows) * sizeof(float));
-  float* scale = reinterpret_cast<float*>(keep.back().data());
-#pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
-    float amax = 0.0f;
-    for (int64_t c = 0; c < cols; ++c) amax = std::max(amax, std::fabs(value(r * cols + c)));
-    scale[r] = e4m3_row_scale(amax);
-    for (int64_t c = 0; c < count; ++c) codes[r * count + c] = float_to_e4m3(value(r * cols + first + c) / scale[r]);
-  }
-  WeightView q;
-  q.type = WeightView::Type::F8E4M3;
-  q.shape = {rows, count};
-  q.data = codes;
-  q.row_scale = scale;
-  return q;
-}
-
 // A rank's rows of the embedding or the lm head (vocab, hidden): plan.vocab_rows
 // of them from plan.vocab_first(), zero rows past the vocabulary (copied into
 // `keep` then).
@@ -192,7 +160,8 @@ LlamaModel::LlamaModel(const LlamaConfig& config, const std::string& model_dir, 
   for (int64_t l = 0; l < cfg_.num_layers; ++l) {
     const std::string p = "model.layers." + std::to_string(l) + ".";
     std::deque<std::vector<float>> keep;     // this layer's fp8 weights' scales, or their dequantized values
-    std::deque<std::vector<uint8_t>> bytes;  // this rank's columns of a row-parallel weight (or their fp8 codes)
+    std::deque<std::vector<uint8_t>> bytes;  // this rank's columns of a row-parallel weight
+    std::deque<Tensor> fp8_columns;          // or their fp8 codes (host_fp8_columns)
     struct Part {
       std::string name;
       std::vector<int64_t> shape;  // in the checkpoint
@@ -204,10 +173,18 @@ LlamaModel::LlamaModel(const LlamaConfig& config, const std::string& model_dir, 
         std::vector<WeightView> views;
         for (const Part& part : parts) {
           const WeightView v = expect(ckpt, part.name, part.shape, cfg_.quant, &keep, codes);
-          if (fp8 == Fp8Projections::All && codes && part.slice.dim == 1 && v.type != WeightView::Type::F8E4M3)
-            views.push_back(quantized_columns(v, part.slice.first, part.slice.count, bytes));
-          else
+          if (fp8 == Fp8Projections::All && codes && part.slice.dim == 1 && v.type != WeightView::Type::F8E4M3) {
+            // quantized with the whole row's scale, so the ranks' partial products add up to the unsharded one
+            const Tensor& q = fp8_columns.emplace_back(host_fp8_columns(v, part.slice.first, part.slice.count));
+            WeightView w;
+            w.type = WeightView::Type::F8E4M3;
+            w.shape = q.shape;
+            w.data = q.data;
+            w.row_scale = q.row_scale->as<float>();
+            views.push_back(w);
+          } else {
             views.push_back(cut(v, part.slice, bytes));
+          }
         }
         return views;
       };
