@@ -717,10 +717,12 @@ def launch_ab(model):
 
 def split_setting(setting):
     """"NAME=VALUE,NAME=VALUE" as (environment variables: upper-case names,
-    Runtime options: lower-case ones, whole numbers as ints: max_num_seqs=512)."""
+    Runtime options: lower-case ones, whole numbers as ints: max_num_seqs=512,
+    true / false as booleans: deterministic=true)."""
     pairs = dict(kv.split("=", 1) for kv in setting.split(",") if kv)
+    flags = {"true": True, "false": False}
     return ({k: v for k, v in pairs.items() if not k.islower()},
-            {k: int(v) if v.isdigit() else v for k, v in pairs.items() if k.islower()})
+            {k: int(v) if v.isdigit() else flags.get(v.lower(), v) for k, v in pairs.items() if k.islower()})
 
 
 @contextlib.contextmanager

@@ -3,7 +3,7 @@
 #
 #   bash tools/gpu_check.sh [STAGE ...]      (from the repo root; default: all stages)
 #
-# Stages: env build wheels optests ncu fp8kv fp8gemm fp8e2e diag make8b make8bfp8 make8btok smol tests e2e bench attn prefill gemm serve servecpu structured masks spec harness kvpool tp profile cpuscale fp8q lcpp xeon abbuild ab
+# Stages: env build wheels optests ncu fp8kv fp8gemm fp8e2e diag make8b make8bfp8 make8btok smol tests e2e bench attn prefill gemm serve servecpu structured masks spec harness kvpool tp det profile cpuscale fp8q lcpp xeon abbuild ab
 #   env      nvidia-smi, versions
 #   build    pip install --no-build-isolation --no-deps . with PAGEDRT_CUDA=ON
 #   wheels   only the wheels carried in .whl/ (a later call of a warm machine, built already)
@@ -56,6 +56,12 @@
 #            tests/test_tensor_parallel.py, then on the 8B shape (after make8b) batch-1 TPOT and 256 x 512/128
 #            tok/s at TP = 1, 2 (4, 8 where present) with the copy ceiling; $TP70B=1 also writes the
 #            Llama-3-70B shape to $LLAMA70B ($TP70B_LAYERS: fewer layers) for the test that loads it at TP 4 or 8
+#   det      the batch-invariant mode (issue 22; needs smol, and make8b for the 8B parts):
+#            tests/test_cuda_determinism.py and tests/test_determinism.py (CPU and CUDA cases, the 8B
+#            shape's end-to-end one), then its cost: bench_determinism.py --device cuda on SmolLM2
+#            (TTFT, batch-1 TPOT, 256 x 512/128), and on the 8B shape batch-1 TPOT and 256 x 512/128
+#            with deterministic off and on, alternating, and with the pinned GEMMs picked at n = 16 and
+#            256 ($DET_GEMM_N: "16 256") -> $OUT/det_*.json
 #   profile  tools/cuda_profile.py: GPU time per kernel (batch-1 decode; 64 x 512/32); $PROFILE: runs of
 #            "NAME PHASES OPTIONS" separated by ";" (e.g. "fp8 0 quantization=fp8,PAGEDRT_CUDA_PDL=0")
 #            -> $OUT/profile_NAME.json
@@ -369,6 +375,23 @@ if has tp; then
        "$OUT/tp_tpot.json" "$LLAMA8B" "" $SIZES 2>&1 | grep TPOT)
     (cd /tmp && timeout $(( $(left) - 10 > 30 ? $(left) - 10 : 30 )) $PY "$OLDPWD/tools/bench_cuda.py" throughput \
        "$OUT/tp_throughput.json" "$LLAMA8B" "" $SIZES 2>&1 | grep "tok/s")
+  fi
+fi
+
+if has det; then
+  stage det
+  [ -f "$LLAMA8B/config.json" ] && export PAGEDRT_LLAMA8B_DIR="$LLAMA8B"
+  (timeout $(( $(left) / 2 > 60 ? $(left) / 2 : 60 )) $PY -m pytest tests/test_cuda_determinism.py \
+     tests/test_determinism.py -q -rs -p no:cacheprovider --durations=5 2>&1 | tee "$OUT/det_tests.txt" | tail -30)
+  (timeout $(( $(left) / 3 > 60 ? $(left) / 3 : 60 )) $PY tools/bench_determinism.py --device cuda --rounds 2 \
+     --batch 256 --batch-prompt 512 --batch-new 128 --json "$OUT/det_smollm2.json" 2>&1 | tail -4)
+  if [ -f "$LLAMA8B/config.json" ]; then
+    DET="deterministic=true"
+    for n in ${DET_GEMM_N:-16 256}; do DET="$DET deterministic=true,PAGEDRT_DET_GEMM_N=$n"; done
+    (cd /tmp && timeout $(( $(left) / 2 > 30 ? $(left) / 2 : 30 )) $PY "$OLDPWD/tools/bench_cuda.py" tpot_env \
+       "$OUT/det_tpot_8b.json" "$LLAMA8B" "" $DET "" deterministic=true 2>&1 | grep TPOT)
+    (cd /tmp && timeout $(( $(left) - 10 > 30 ? $(left) - 10 : 30 )) $PY "$OLDPWD/tools/bench_cuda.py" throughput \
+       "$OUT/det_throughput_8b.json" "$LLAMA8B" "" $DET 2>&1 | grep "tok/s")
   fi
 fi
 

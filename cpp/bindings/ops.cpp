@@ -75,11 +75,13 @@ ScalarType activation_type(const std::string& device, const std::string& activat
 class Ops {
  public:
   // activation: "" for the device's default (bf16 on CUDA, fp32 on the CPU), or "bfloat16" / "float32".
-  // deterministic: the CPU backend's batch-invariant kernels (make_backend).
+  // deterministic: the batch-invariant kernels (make_backend); unset, the
+  // Runtime's default for the device (the CPU's on, CUDA's off).
   // kv_cache_dtype: "" (the activations') or "fp8".
-  explicit Ops(const std::string& device, const std::string& activation = "", bool deterministic = true,
-               const std::string& kv_cache_dtype = "")
-      : b_(pagedrt::make_backend(device, 0, activation_type(device, activation), deterministic)) {
+  explicit Ops(const std::string& device, const std::string& activation = "",
+               std::optional<bool> deterministic = std::nullopt, const std::string& kv_cache_dtype = "")
+      : b_(pagedrt::make_backend(device, 0, activation_type(device, activation),
+                                 deterministic.value_or(device != "cuda"))) {
     if (!kv_cache_dtype.empty() && kv_cache_dtype != "fp8")
       throw pagedrt::Error(pagedrt::ErrorKind::InvalidArgument, "_Ops: kv_cache_dtype must be '' or 'fp8'");
     b_->use_fp8_kv(kv_cache_dtype == "fp8");
@@ -552,8 +554,8 @@ class Ops {
 
 void register_ops(nb::module_& m) {
   nb::class_<Ops>(m, "_Ops")
-      .def(nb::init<const std::string&, const std::string&, bool, const std::string&>(), "device"_a,
-           "activation"_a = "", "deterministic"_a = true, "kv_cache_dtype"_a = "")
+      .def(nb::init<const std::string&, const std::string&, std::optional<bool>, const std::string&>(), "device"_a,
+           "activation"_a = "", "deterministic"_a = nb::none(), "kv_cache_dtype"_a = "")
       .def_prop_ro("activation_dtype", &Ops::activation_dtype)
       .def("lend_threads", &Ops::lend_threads, "n"_a)  // Backend::lend_threads
       .def("share_host", &Ops::share_host, "ranks"_a)  // Backend::share_host

@@ -189,13 +189,25 @@ Runtime::Runtime(const RuntimeConfig& config) : impl_(std::make_unique<Impl>()) 
     act = wdtype;
   }
   const bool deterministic = config.deterministic.value_or(device == "cpu");
-  if (deterministic && device != "cpu")
-    throw Error(ErrorKind::Unsupported,
-                "deterministic=True on device '" + device +
-                    "': the CUDA backend's GEMMs (cuBLASLt above 8 rows, the own kernel below) and split-KV "
-                    "decode attention change their summation order with the batch; batch-invariant results "
-                    "are available on the CPU (docs/determinism.md)");
   const int tp = config.tensor_parallel_size;
+  // CUDA's batch-invariant mode (CudaBackend) covers bf16 and fp32 weights
+  // and caches on one GPU: fp8 GEMMs have no pinned algorithm, the fp8
+  // cache's decode kernels no tile-for-tile twin of prefill, and NCCL picks
+  // its all-reduce's order by message size, i.e. by the batch.
+  auto refuse_deterministic = [&](const std::string& what, const std::string& why) {
+    throw Error(ErrorKind::Unsupported, "deterministic=True with " + what + " on device 'cuda': " + why +
+                                            " (docs/determinism.md)");
+  };
+  if (deterministic && device == "cuda") {
+    if (config.quantization == "fp8")
+      refuse_deterministic("quantization 'fp8'", "fp8 GEMMs have no batch-invariant algorithm");
+    if (config.kv_cache_dtype != "auto")
+      refuse_deterministic("kv_cache_dtype '" + config.kv_cache_dtype + "'",
+                           "the fp8 cache's decode kernels sum in another order than its prefill");
+    if (tp > 1)
+      refuse_deterministic("tensor_parallel_size " + std::to_string(tp),
+                           "NCCL chooses its all-reduce's summation order by message size, i.e. by the batch");
+  }
   if (!config.devices.empty() && device != "cuda")
     bad_arg("devices names GPUs (the ranks' on device 'cuda'); device is '" + device + "'");
   if (!config.devices.empty() && static_cast<int>(config.devices.size()) != tp)
@@ -247,6 +259,10 @@ Runtime::Runtime(const RuntimeConfig& config) : impl_(std::make_unique<Impl>()) 
     return c.quant.any() && c.quant.block_rows == 0 && backend->has_fp8_weights() ? Fp8Projections::Checkpoint
                                                                                 : Fp8Projections::None;
   };
+  if (deterministic && device == "cuda" && fp8_projections(cfg) != Fp8Projections::None)
+    refuse_deterministic("the fp8 checkpoint '" + config.model_path + "'",
+                         "fp8 GEMMs have no batch-invariant algorithm, and CUDA runs an fp8 checkpoint's "
+                         "projections in fp8");
   if (config.kv_cache_dtype != "auto" && device == "cuda" && (act != ScalarType::BF16 || config.block_size % 4 != 0))
     throw Error(ErrorKind::Unsupported,
                 "kv_cache_dtype '" + config.kv_cache_dtype + "' on device 'cuda' needs bf16 activations and a "

@@ -269,9 +269,10 @@ class Runtime:
             the same bits whatever else is in its steps, however its prompt is
             chunked or cached, after preemption, with any number of CPU threads
             (docs/determinism.md). None: the device's default, True on the CPU
-            (where it costs nothing measurable), False on CUDA (True there raises
-            Unsupported: not implemented yet). ``model_info.deterministic`` says
-            which applies.
+            (where it costs nothing measurable), False on CUDA (where True gives
+            up the own small-batch GEMM kernel and split-KV decode attention, and
+            raises Unsupported with fp8 weights or cache or tensor_parallel_size
+            > 1). ``model_info.deterministic`` says which applies.
         draft_model [""]: a smaller model with the same tokenizer (a folder or a
             .gguf file) for speculative decoding with ``speculative="draft"``
             (docs/speculative.md). It runs on the same device with its own KV

@@ -108,9 +108,10 @@ struct RuntimeConfig {
   // Batch-invariant results: a sequence's logits have the same bits whatever
   // else runs in its steps, however its prompt is chunked, cached or
   // recomputed after preemption (docs/determinism.md). Unset: the device's
-  // default, on for the CPU (it costs nothing measurable there), off for CUDA,
-  // whose GEMMs and split-KV attention are not invariant yet (true there is an
-  // Unsupported error).
+  // default, on for the CPU (it costs nothing measurable there), off for CUDA
+  // (its batch-invariant mode gives up the own small-n GEMM kernel and
+  // split-KV decode attention; with fp8 weights or cache, or tensor
+  // parallelism, true there is an Unsupported error).
   std::optional<bool> deterministic;
   // Speculative decoding with a draft model (SamplingParams::speculative =
   // "draft"; docs/speculative.md): a smaller Llama-family model folder with

@@ -41,7 +41,7 @@ std::unique_ptr<Backend> make_backend(const std::string& device, int num_threads
   if (device == "cpu") return std::make_unique<cpu::CpuBackend>(num_threads, activation_dtype, deterministic);
   if (device == "cuda") {
 #ifdef PAGEDRT_WITH_CUDA
-    return cuda::make_backend(activation_dtype, device_index);
+    return cuda::make_backend(activation_dtype, device_index, deterministic);
 #else
     throw Error(ErrorKind::Unsupported,
                 "device 'cuda': this pagedrt build has no CUDA backend (rebuild with the CUDA "

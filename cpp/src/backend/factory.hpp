@@ -13,8 +13,8 @@ namespace pagedrt {
 // `device` is "cpu" or "cuda"; throws Error(Unsupported) for a device this
 // build lacks. activation_dtype: F32 or BF16 (both devices; on CUDA, F32 is
 // the all-fp32 validation mode). `num_threads` <= 0 means all cores.
-// deterministic (CPU): batch-invariant kernels (CpuBackend); CUDA ignores it
-// (the Runtime refuses deterministic=True there).
+// deterministic: batch-invariant kernels (CpuBackend; CudaBackend's mode, which
+// the Runtime asks for only with bf16 or fp32 weights and a bf16 or fp32 cache).
 // device_index (CUDA): the GPU of those visible, -1 the current one (the CPU ignores it).
 std::unique_ptr<Backend> make_backend(const std::string& device, int num_threads,
                                       ScalarType activation_dtype, bool deterministic = true, int device_index = -1);

@@ -50,7 +50,7 @@ int device_count() {
   return n;
 }
 
-std::unique_ptr<Backend> make_backend(ScalarType activation_dtype, int device_index) {
+std::unique_ptr<Backend> make_backend(ScalarType activation_dtype, int device_index, bool deterministic) {
   const int gpus = device_count();
   if (gpus == 0)
     throw Error(ErrorKind::Unsupported, "device 'cuda': no CUDA GPU is visible to this process");
@@ -60,7 +60,7 @@ std::unique_ptr<Backend> make_backend(ScalarType activation_dtype, int device_in
   if (activation_dtype != ScalarType::BF16 && activation_dtype != ScalarType::F32)
     throw Error(ErrorKind::Unsupported, std::string("device 'cuda': activation dtype ") +
                                             scalar_name(activation_dtype) + " (supported: bfloat16, float32)");
-  return std::make_unique<CudaBackend>(activation_dtype, device_index);
+  return std::make_unique<CudaBackend>(activation_dtype, device_index, deterministic);
 }
 
 std::vector<std::unique_ptr<Collectives>> make_collectives(const std::vector<Backend*>& ranks) {
@@ -104,7 +104,8 @@ void Staging::upload(size_t bytes, cudaStream_t stream) {
 
 // ---- CudaBackend: memory ------------------------------------------------------------
 
-CudaBackend::CudaBackend(ScalarType activation_dtype, int device_index) : act_(activation_dtype) {
+CudaBackend::CudaBackend(ScalarType activation_dtype, int device_index, bool deterministic)
+    : deterministic_(deterministic), act_(activation_dtype) {
   if (device_index >= 0) CUDA_CHECK(cudaSetDevice(device_index));
   CUDA_CHECK(cudaGetDevice(&device_));
   cudaDeviceProp prop;
@@ -168,7 +169,7 @@ CudaBackend::CudaBackend(ScalarType activation_dtype, int device_index) : act_(a
   }
   set_pdl(env_on("PAGEDRT_CUDA_PDL"));
   CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-  gemm_ = std::make_unique<Gemm>(stream_);
+  gemm_ = std::make_unique<Gemm>(stream_, deterministic_);
   for (int i = 0; i < 2; ++i) {
     CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&load_host_[i]), kLoadChunk, cudaHostAllocDefault));
     CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&load_dev_[i]), kLoadChunk));

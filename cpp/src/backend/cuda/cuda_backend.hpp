@@ -51,7 +51,16 @@ class CudaBackend final : public Backend {
   // F32: fp32 everywhere (the validation mode: the CPU backend's numbers up to
   // the order of fp32 sums).
   // device_index: the GPU (of those visible), -1 for the current one.
-  explicit CudaBackend(ScalarType activation_dtype, int device_index = -1);
+  // deterministic: the batch-invariant mode (issue 22, docs/determinism.md):
+  // a token's every result has the same bits whatever else is in its step,
+  // however its sequence's tokens are split between prefill chunks and
+  // decode steps, with or without CUDA graphs. Every GEMM shape runs one
+  // pinned cuBLASLt algorithm for all n (Gemm); attention runs every token of
+  // a bf16 model through the prefill kernel's tiles (plan_attention), and
+  // every token of an fp32 one through the CUDA-core kernel unsplit; RoPE and
+  // the KV append are never fused into attention. fp8 weights and caches are
+  // not served in it.
+  explicit CudaBackend(ScalarType activation_dtype, int device_index = -1, bool deterministic = false);
   ~CudaBackend() override;
   int device_index() const override { return device_; }
   cudaStream_t stream() const { return stream_; }  // every op's (the NCCL calls' too: backend/cuda/nccl.hpp)
@@ -181,6 +190,7 @@ class CudaBackend final : public Backend {
 
   int device_ = 0;
   int num_sms_ = 132;
+  bool deterministic_ = false;  // the batch-invariant mode (the constructor)
   ScalarType act_ = ScalarType::BF16;
   cudaStream_t stream_ = nullptr;
   std::unique_ptr<Gemm> gemm_;

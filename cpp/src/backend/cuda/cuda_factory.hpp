@@ -15,7 +15,9 @@ int device_count();
 // A backend on GPU `device_index` of those visible (-1: the current device);
 // throws Error(Unsupported) when no GPU is visible. activation_dtype: BF16
 // (the fast path) or F32 (fp32 weights, activations and KV: the validation mode).
-std::unique_ptr<Backend> make_backend(ScalarType activation_dtype, int device_index = -1);
+// deterministic: the batch-invariant mode (CudaBackend).
+std::unique_ptr<Backend> make_backend(ScalarType activation_dtype, int device_index = -1,
+                                      bool deterministic = false);
 // The collectives of tensor-parallel ranks on CUDA backends (ranks[r]: rank
 // r's, a GPU each), over NCCL loaded at run time (backend/cuda/nccl.hpp).
 std::vector<std::unique_ptr<Collectives>> make_collectives(const std::vector<Backend*>& ranks);

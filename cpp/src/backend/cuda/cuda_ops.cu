@@ -236,7 +236,8 @@ void CudaBackend::rope_cache_attention(Tensor& qkv, const RopeTable& rope, int64
   // batch-1 TPOT 3.36 ms fused against 3.45 unfused, 512 x 1,024/1,024
   // 14,558 tok/s fused against 15,069, 2026-12-04).
   const bool fp8 = k_cache.dtype == ScalarType::F8E4M3;
-  if (!fuse_ || host_.num_tokens != host_.num_seqs || plan_info_.prefill.num_tiles != 0 || !plan_info_.slots_fit ||
+  if (!fuse_ || deterministic_ || host_.num_tokens != host_.num_seqs || plan_info_.prefill.num_tiles != 0 ||
+      !plan_info_.slots_fit ||
       (fp8 && !plan_info_.decode_one_wave)) {
     rope_and_cache(qkv, rope, num_heads, num_kv_heads, head_dim, k_cache, v_cache);
     paged_attention(qkv, k_cache, v_cache, num_heads, num_kv_heads, head_dim, scale, out);

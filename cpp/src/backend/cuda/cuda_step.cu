@@ -72,6 +72,18 @@ void CudaBackend::begin_step(const BatchView& b) {
 // fp32 mode every token: the prefill kernel is bf16 only). Prefill tiles: 64
 // or 128 (token, head) rows (prefill_rows; PAGEDRT_PREFILL_ROWS for A/B runs)
 // of every other sequence. Splits: below.
+//
+// The batch-invariant mode (deterministic_) plans so that a token's
+// attention is the same arithmetic in every step: bf16, every sequence's
+// tokens as prefill tiles, a decode token too (its G rows in a tile of its
+// own). A tile's row sums its scores over 16 dims a k-step, walks the keys
+// in tiles of 64 (BK) from key 0 with one online softmax, and its result
+// depends on its own q, keys and position only: the other rows of the tile
+// are other rows of the same mma, keys past a row's position add exactly
+// zero (exp2 of -inf) and rescale by exactly one, and the kernel (mma,
+// wgmma, or the warp-specialized one) is fixed by the model and pool, not the
+// batch. fp32: every token a decode item, one split (the CUDA-core kernel
+// walks the whole context from key 0 in an order set by the head dim).
 void CudaBackend::plan_attention(int64_t H, int64_t Hkv, int64_t D) {
   if (plan_info_.step == step_ && plan_info_.num_heads == H && plan_info_.num_kv_heads == Hkv &&
       plan_info_.head_dim == D)
@@ -85,7 +97,7 @@ void CudaBackend::plan_attention(int64_t H, int64_t Hkv, int64_t D) {
   bool slots_fit = true;
   for (int32_t i = 0; i < b.num_seqs; ++i) {
     const int32_t q0 = b.query_start[i], qn = b.query_start[i + 1] - q0;
-    if (qn == 1 || act_ == ScalarType::F32) {
+    if (act_ == ScalarType::F32 || (qn == 1 && !deterministic_)) {
       for (int32_t t = q0; t < q0 + qn; ++t) {
         // A slot past int32 (2^31 cached tokens) does not fit the item: such
         // steps run rope_and_cache (rope_cache_attention).
@@ -151,6 +163,12 @@ void CudaBackend::plan_attention(int64_t H, int64_t Hkv, int64_t D) {
   // A recorded step replays with its split count: round it up to a power of
   // two (splits past the context are empty and merge as nothing), so that a
   // growing context needs a new recording only every doubling.
+  if (deterministic_) {
+    require(act_ == ScalarType::F32 || dec.empty(), "plan_attention: a decode item in the batch-invariant bf16 plan");
+    require(kv_dtype() != ScalarType::F8E4M3, "plan_attention: the batch-invariant mode has no fp8 KV cache");
+    splits = 1;  // chunk_of(1, tile) >= every context: each block walks its token's from key 0
+    chunk = chunk_of(1, act_ == ScalarType::BF16 ? 16 * config.warps : D == 128 ? 32 : 64);
+  }
   if (recordable() && splits > 1) {
     int64_t up = 1;
     while (up < splits) up *= 2;

@@ -1,6 +1,7 @@
 #include "backend/cuda/gemm.hpp"
 
 #include <algorithm>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -25,9 +26,17 @@ int64_t band_of(int64_t n) {
 
 }  // namespace
 
-Gemm::Gemm(cudaStream_t stream) : stream_(stream) {
-  own_gemv_ = !env_is("PAGEDRT_CUDA_GEMV", "0");
-  search_ = env_is("PAGEDRT_GEMM_SEARCH", "1");
+Gemm::Gemm(cudaStream_t stream, bool deterministic) : stream_(stream), deterministic_(deterministic) {
+  own_gemv_ = !env_is("PAGEDRT_CUDA_GEMV", "0") && !deterministic;
+  search_ = env_is("PAGEDRT_GEMM_SEARCH", "1") && !deterministic;
+  if (const char* v = std::getenv("PAGEDRT_DET_GEMM_N")) {
+    const long long n = std::atoll(v);
+    if (n >= 1 && n <= 65536)
+      pin_n_ = n;
+    else
+      std::fprintf(stderr, "pagedrt: PAGEDRT_DET_GEMM_N=%s is not a row count from 1 to 65536; using %lld\n", v,
+                   static_cast<long long>(kPinN));
+  }
   CUBLAS_CHECK(cublasLtCreate(&handle_));
   CUDA_CHECK(cudaMalloc(&workspace_, workspace_bytes_));
   if (search_) {
@@ -60,9 +69,16 @@ void Gemm::run(const void* x, const void* w, void* y, int64_t n, int64_t m, int6
   run_cublaslt(x, w, y, n, m, k, out_f32, false);
 }
 
+void Gemm::require_no_fp8(const char* what) const {
+  if (deterministic_)
+    throw Error(ErrorKind::Unsupported, std::string(what) + ": fp8 GEMMs have no batch-invariant algorithm "
+                                                            "(deterministic=True on CUDA takes bf16 or fp32 weights)");
+}
+
 void Gemm::run_f8(const void* xq, const float* xs, const void* w, const float* ws, void* y, int64_t n, int64_t m,
                   int64_t k, bool out_f32) {
   if (n == 0) return;
+  require_no_fp8("Gemm::run_f8");
   if (own_gemv_ && Gemv::supports_f8(xq, w, n, m, k)) return gemv_.run_f8(xq, xs, w, ws, y, n, m, k, out_f32, stream_);
   Plan& p = plan(n, m, k, out_f32, In::F8, xq, w, y, ws, xs);
   set_scales(p, ws, xs);  // this call's (a recording keeps them by value)
@@ -72,6 +88,7 @@ void Gemm::run_f8(const void* xq, const float* xs, const void* w, const float* w
 bool Gemm::run_f8_quant_x(const void* x, const void* w, const float* ws, void* y, int64_t n, int64_t m, int64_t k,
                           bool out_f32) {
   if (n == 0) return true;
+  require_no_fp8("Gemm::run_f8_quant_x");
   if (!own_gemv_ || !Gemv::supports_f8_quant_x(x, w, n, m, k)) return false;
   gemv_.run_f8_quant_x(x, w, ws, y, n, m, k, out_f32, stream_);
   return true;
@@ -80,13 +97,14 @@ bool Gemm::run_f8_quant_x(const void* x, const void* w, const float* ws, void* y
 bool Gemm::run_silu_mul_f8(const void* xq, const float* xs, const void* w, const float* ws, void* y, int64_t n,
                            int64_t m, int64_t k) {
   if (n == 0) return true;
+  require_no_fp8("Gemm::run_silu_mul_f8");
   if (!own_gemv_ || !Gemv::supports_f8(xq, w, n, 2 * m, k)) return false;
   gemv_.run_silu_mul_f8(xq, xs, w, ws, y, n, m, k, stream_);
   return true;
 }
 
 bool Gemm::run_silu_mul(const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k) {
-  if (n == 0) return true;
+  if (n == 0) return true;  // own_gemv_ is off in the batch-invariant mode: run() and silu_mul then
   if (!own_gemv_ || !Gemv::supports(x, w, n, 2 * m, k)) return false;
   gemv_.run_silu_mul(x, w, y, n, m, k, stream_);
   return true;
@@ -213,7 +231,15 @@ Gemm::Plan& Gemm::plan(int64_t n, int64_t m, int64_t k, bool out_f32, In in, con
     Plan p = make_plan(n, m, k, out_f32, in);
     try {
       if (in == In::F8) set_scales(p, a_scale, b_scale);  // before the heuristic looks at the plan
-      if (search_ && in == In::BF16) {
+      if (deterministic_) {
+        p.algo = pinned(m, k, out_f32, in);
+        p.final = true;
+        if (!accepts(p, p.algo))
+          throw Error(ErrorKind::Runtime,
+                      "batch-invariant GEMM: cuBLASLt refuses the algorithm pinned for m=" + std::to_string(m) +
+                          " k=" + std::to_string(k) + " at n=" + std::to_string(n) +
+                          " (deterministic=True cannot run this shape in the same order as the others)");
+      } else if (search_ && in == In::BF16) {
         choose(p, x, w, y, n, m, k, out_f32);
       } else {
         p.algo = first_pick(p, n, m, k, in);
@@ -230,6 +256,60 @@ Gemm::Plan& Gemm::plan(int64_t n, int64_t m, int64_t k, bool out_f32, In in, con
     if (capture == cudaStreamCaptureStatusNone) choose(it->second, x, w, y, n, m, k, out_f32);
   }
   return it->second;
+}
+
+// The first of the heuristic's candidates for n = pin_n_ that splits no k and
+// that cuBLASLt accepts at every probe n (gemm.hpp). Asked without workspace:
+// split-k and stream-k algorithms need one for their partial sums.
+const cublasLtMatmulAlgo_t& Gemm::pinned(int64_t m, int64_t k, bool out_f32, In in) {
+  const PinKey key{m, k, out_f32, in};
+  auto it = pinned_.find(key);
+  if (it != pinned_.end()) return it->second;
+  Plan rep = make_plan(pin_n_, m, k, out_f32, in);
+  cublasLtMatmulHeuristicResult_t res[kPinCandidates];
+  int found = 0;
+  {
+    cublasLtMatmulPreference_t pref;
+    CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+    const size_t no_workspace = 0;
+    const uint32_t reductions = CUBLASLT_REDUCTION_SCHEME_NONE;
+    cublasStatus_t st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                             &no_workspace, sizeof(no_workspace));
+    if (st == CUBLAS_STATUS_SUCCESS)
+      st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &reductions,
+                                                sizeof(reductions));
+    if (st == CUBLAS_STATUS_SUCCESS)
+      st = cublasLtMatmulAlgoGetHeuristic(handle_, rep.op, rep.a, rep.b, rep.c, rep.c, pref, kPinCandidates, res,
+                                          &found);
+    cublasLtMatmulPreferenceDestroy(pref);
+    if (st != CUBLAS_STATUS_SUCCESS) found = 0;
+  }
+  destroy(rep);
+  for (int i = 0; i < found; ++i) {
+    if (res[i].state != CUBLAS_STATUS_SUCCESS || res[i].workspaceSize != 0) continue;
+    int32_t splits = 1;
+    uint32_t scheme = CUBLASLT_REDUCTION_SCHEME_NONE;
+    size_t written = 0;
+    if (cublasLtMatmulAlgoConfigGetAttribute(&res[i].algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &splits, sizeof(splits),
+                                             &written) != CUBLAS_STATUS_SUCCESS ||
+        cublasLtMatmulAlgoConfigGetAttribute(&res[i].algo, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, &scheme,
+                                             sizeof(scheme), &written) != CUBLAS_STATUS_SUCCESS)
+      continue;
+    if (splits > 1 || scheme != CUBLASLT_REDUCTION_SCHEME_NONE) continue;
+    bool every_n = true;
+    for (int64_t n : kPinProbes) {
+      Plan probe = make_plan(n, m, k, out_f32, in);
+      every_n = accepts(probe, res[i].algo);
+      destroy(probe);
+      if (!every_n) break;
+    }
+    if (every_n) return pinned_.emplace(key, res[i].algo).first->second;
+  }
+  throw Error(ErrorKind::Runtime,
+              std::string("batch-invariant GEMM: none of cuBLASLt's ") + std::to_string(found) +
+                  " candidates for a " + (in == In::F32 ? "fp32" : "bf16") + " GEMM of m=" + std::to_string(m) +
+                  " k=" + std::to_string(k) +
+                  " splits no k and runs every n (deterministic=True cannot run this weight shape)");
 }
 
 void Gemm::run_cublaslt(const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k, bool out_f32,

@@ -27,9 +27,28 @@
 // heuristic for a new shape costs no measurable time (bench_cuda.py
 // new_shapes: 32 new prefill sizes against the same sizes again, +0.02 ms).
 //
+// Batch-invariant mode (deterministic: Runtime(deterministic=True), issue 22):
+// a row of y must have the same bits whatever n is. The own kernel above
+// splits k between warps and cuBLASLt picks its algorithm (tile, split-k)
+// per n, so neither holds across n. Here every n of one weight shape (m, k,
+// output and operand types) runs one cuBLASLt algorithm, pinned on the
+// shape's first call: the heuristic's first candidate for n = kPinN (64;
+// PAGEDRT_DET_GEMM_N for A/B runs) that splits no k (one split, no
+// reduction scheme, no workspace) and that cuBLASLt accepts at every probe n
+// (kPinProbes). Without a k split each element of y is one accumulation
+// chain over k in the kernel's fixed order, and the algorithm's tiles only
+// decide which block computes it: a row's bits do not depend on n (checked
+// on the GPU: tests/test_cuda_determinism.py). A shape no candidate serves,
+// or an n the pinned algorithm refuses, throws (never a silent fallback to
+// another order). The pick is the heuristic's, never timed: a timed choice
+// could differ between processes, and results must reproduce across them.
+// fp8 operands are not served (the Runtime refuses deterministic=True with
+// fp8 weights on CUDA).
+//
 // Environment, read when a Gemm is made (once per backend), for A/B runs:
 //   PAGEDRT_CUDA_GEMV=0    every shape to cuBLASLt
 //   PAGEDRT_GEMM_SEARCH=1  time cuBLASLt's candidates once per band (above)
+//   PAGEDRT_DET_GEMM_N=N   the n whose heuristic picks the pinned algorithms (batch-invariant mode)
 #pragma once
 
 #include <cublasLt.h>
@@ -46,8 +65,14 @@ namespace pagedrt::cuda {
 class Gemm {
  public:
   static constexpr int kSearchCandidates = 8;
+  static constexpr int kPinCandidates = 16;
+  static constexpr int64_t kPinN = 64;
+  // n at which a pinned algorithm must be accepted: batch-1 decode, the own
+  // kernel's edge, odd sizes, a large prefill.
+  static constexpr int64_t kPinProbes[] = {1, 2, 7, 8, 9, 17, 63, 64, 65, 255, 256, 1000, 4096, 16384};
 
-  explicit Gemm(cudaStream_t stream);
+  // deterministic: the batch-invariant mode (above).
+  explicit Gemm(cudaStream_t stream, bool deterministic = false);
   ~Gemm();
   Gemm(const Gemm&) = delete;
   Gemm& operator=(const Gemm&) = delete;
@@ -78,6 +103,7 @@ class Gemm {
 
   // Bands searched so far (for tests and benchmarks).
   size_t searched_bands() const { return band_algo_.size(); }
+  bool deterministic() const { return deterministic_; }
 
  private:
   struct Plan {
@@ -89,6 +115,7 @@ class Gemm {
   enum class In { BF16, F32, F8 };  // the operands' type
   using ShapeKey = std::tuple<int64_t, int64_t, int64_t, bool, In>;  // n, m, k, out_f32, operands
   using BandKey = std::tuple<int64_t, int64_t, int64_t, bool>;         // band of n, m, k, out_f32
+  using PinKey = std::tuple<int64_t, int64_t, bool, In>;               // m, k, out_f32, operands
 
   void run_cublaslt(const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k, bool out_f32,
                     bool in_f32);
@@ -109,10 +136,15 @@ class Gemm {
   cublasStatus_t matmul(const Plan& p, const cublasLtMatmulAlgo_t& algo, const void* x, const void* w, void* y);
   // The heuristic's first pick for the plan (throws when there is none).
   cublasLtMatmulAlgo_t first_pick(const Plan& p, int64_t n, int64_t m, int64_t k, In in) const;
+  // The batch-invariant mode's algorithm of a weight shape (made on first use; throws where none serves).
+  const cublasLtMatmulAlgo_t& pinned(int64_t m, int64_t k, bool out_f32, In in);
+  void require_no_fp8(const char* what) const;
 
   cudaStream_t stream_;
   bool own_gemv_ = true;  // false: PAGEDRT_CUDA_GEMV=0
   bool search_ = false;   // true: PAGEDRT_GEMM_SEARCH=1
+  bool deterministic_ = false;
+  int64_t pin_n_ = kPinN;  // PAGEDRT_DET_GEMM_N
   Gemv gemv_;
   cublasLtHandle_t handle_ = nullptr;
   void* workspace_ = nullptr;
@@ -122,6 +154,7 @@ class Gemm {
   cudaEvent_t ev_[2] = {nullptr, nullptr};
   std::map<ShapeKey, Plan> plans_;
   std::map<BandKey, cublasLtMatmulAlgo_t> band_algo_;
+  std::map<PinKey, cublasLtMatmulAlgo_t> pinned_;
 };
 
 }  // namespace pagedrt::cuda

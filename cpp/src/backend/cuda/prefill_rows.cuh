@@ -59,8 +59,12 @@ __device__ __forceinline__ void online_softmax(float (&s)[NB][4], int kb, bool m
     mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, o2));
   }
   const float mn_lo = fmaxf(m_lo, mx_lo * qscale), mn_hi = fmaxf(m_hi, mx_hi * qscale);
-  c_lo = mn_lo == -INFINITY ? 1.0f : fast_exp2(m_lo - mn_lo);
-  c_hi = mn_hi == -INFINITY ? 1.0f : fast_exp2(m_hi - mn_hi);
+  // Exactly one where the max stays (also both -inf): a tile with none of a
+  // row's keys (past its position, in a tile its warp's other rows need)
+  // then leaves the row's m, l and O with the same bits, as the
+  // batch-invariant mode needs (cuda_step.cu's plan_attention).
+  c_lo = mn_lo == m_lo ? 1.0f : fast_exp2(m_lo - mn_lo);
+  c_hi = mn_hi == m_hi ? 1.0f : fast_exp2(m_hi - mn_hi);
   const float b_lo = mn_lo == -INFINITY ? 0.0f : mn_lo, b_hi = mn_hi == -INFINITY ? 0.0f : mn_hi;
   m_lo = mn_lo;
   m_hi = mn_hi;
