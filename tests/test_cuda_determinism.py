@@ -90,12 +90,13 @@ def set_batch(o, b):
                 i32(b["logits_indices"]))
 
 
-def token_in_two_steps(o, rng, H, Hkv, D, context, chunk):
-    """The output rows of one token (position context - 1 of a sequence): as
-    the last of a prefill chunk of `chunk` tokens beside a long prompt, and
-    as the only token of a decode step beside 5 other decoding sequences of
-    other lengths. The same K/V cache (random, every position present) and
-    the same q row in both."""
+def token_in_two_steps(o, rng, H, Hkv, D, context, chunk, back=0):
+    """The output rows of one token (position context - 1 - back of a
+    sequence): in a prefill chunk of the `chunk` tokens up to position
+    context - 1, beside a long prompt (the last of the chunk, or `back`
+    tokens before its end), and as the only token of a decode step beside 5
+    other decoding sequences of other lengths. The same K/V cache (random,
+    every position present) and the same q row in both."""
     blocks_target = -(-context // BLOCK)
     others = [3000, 17, 40, 1, 900, 256]  # neighbour lengths
     need = blocks_target + sum(-(-(c + 1) // BLOCK) for c in others) + 2
@@ -117,12 +118,12 @@ def token_in_two_steps(o, rng, H, Hkv, D, context, chunk):
     s1 = [(tables[0], 0, 200), (target_table, context - chunk, chunk)]
     b1 = build_batch(s1, num_blocks)
     qkv1 = bf(rng.standard_normal((len(b1["tokens"]), row)))
-    qkv1[-1] = q_target
+    qkv1[-1 - back] = q_target
     set_batch(o, b1)
-    out1 = o.paged_attention(qkv1, kc, vc, H, Hkv, D, scale)[-1]
+    out1 = o.paged_attention(qkv1, kc, vc, H, Hkv, D, scale)[-1 - back]
 
     # step 2: decode, the target third of six
-    s2 = [(tables[i], others[i], 1) for i in (0, 1)] + [(target_table, context - 1, 1)] + \
+    s2 = [(tables[i], others[i], 1) for i in (0, 1)] + [(target_table, context - 1 - back, 1)] + \
          [(tables[i], others[i], 1) for i in (2, 3, 4)]
     b2 = build_batch(s2, num_blocks)
     qkv2 = bf(rng.standard_normal((len(b2["tokens"]), row)))
@@ -139,6 +140,19 @@ def test_attention_token_same_in_prefill_and_decode(H, Hkv, D, context, chunk):
     rng = np.random.default_rng(H * 1000 + context)
     a, b = token_in_two_steps(ops_of(True), rng, H, Hkv, D, context, chunk)
     assert np.isfinite(a).all()
+    differ = np.count_nonzero(a != b)
+    assert differ == 0, f"{differ} of {a.size} outputs differ between the prefill chunk and the decode step"
+
+
+@pytest.mark.parametrize("H,Hkv,D", [(9, 3, 64), (32, 8, 128)])
+@pytest.mark.parametrize("back", [74, 30, 3])
+def test_attention_mid_chunk_token_same_in_prefill_and_decode(H, Hkv, D, back):
+    """A token inside a chunk (positions 100 .. 199; the target at 125, 169 or
+    196): the later tokens of its warp (or warpgroup) need a key tile past
+    its position, which must leave its softmax state with the same bits
+    (masked keys add exactly zero, the rescale factor is exactly one)."""
+    rng = np.random.default_rng(H * 100 + back)
+    a, b = token_in_two_steps(ops_of(True), rng, H, Hkv, D, 200, 100, back=back)
     differ = np.count_nonzero(a != b)
     assert differ == 0, f"{differ} of {a.size} outputs differ between the prefill chunk and the decode step"
 

@@ -291,6 +291,7 @@ Tensor CudaBackend::load_weight(const std::vector<WeightView>& parts, ScalarType
     dst += p.numel() * scalar_size(dtype);
   }
   CUDA_CHECK(cudaStreamSynchronize(stream_));  // the mapping may close after this returns
+  if (deterministic_ && shape.size() == 2) gemm_->pin(shape[0], shape[1], dtype == ScalarType::F32);
   return t;
 }
 

@@ -77,7 +77,8 @@ void CudaBackend::begin_step(const BatchView& b) {
 // attention is the same arithmetic in every step: bf16, every sequence's
 // tokens as prefill tiles, a decode token too (its G rows in a tile of its
 // own). A tile's row sums its scores over 16 dims a k-step, walks the keys
-// in tiles of 64 (BK) from key 0 with one online softmax, and its result
+// in tiles of the kernel's fixed BK (64; 128 in the wgmma kernels) from key
+// 0 with one online softmax, and its result
 // depends on its own q, keys and position only: the other rows of the tile
 // are other rows of the same mma, keys past a row's position add exactly
 // zero (exp2 of -inf) and rescale by exactly one, and the kernel (mma,
@@ -166,8 +167,11 @@ void CudaBackend::plan_attention(int64_t H, int64_t Hkv, int64_t D) {
   if (deterministic_) {
     require(act_ == ScalarType::F32 || dec.empty(), "plan_attention: a decode item in the batch-invariant bf16 plan");
     require(kv_dtype() != ScalarType::F8E4M3, "plan_attention: the batch-invariant mode has no fp8 KV cache");
-    splits = 1;  // chunk_of(1, tile) >= every context: each block walks its token's from key 0
-    chunk = chunk_of(1, act_ == ScalarType::BF16 ? 16 * config.warps : D == 128 ? 32 : 64);
+    // One split; a chunk longer than any context (each block walks its token's
+    // from key 0) and the same in every step, so that recorded fp32 decode
+    // steps keep their key as contexts grow.
+    splits = 1;
+    chunk = int64_t{1} << 30;
   }
   if (recordable() && splits > 1) {
     int64_t up = 1;

@@ -151,8 +151,10 @@ int Gemm::heuristic(const Plan& p, cublasLtMatmulHeuristicResult_t* res, int cou
 
 bool Gemm::accepts(const Plan& p, const cublasLtMatmulAlgo_t& algo) const {
   cublasLtMatmulHeuristicResult_t r{};
+  // The batch-invariant mode runs without workspace: whatever would need one
+  // (partial sums of a k split) is refused at every n, not only at pin_n_.
   return cublasLtMatmulAlgoCheck(handle_, p.op, p.a, p.b, p.c, p.c, &algo, &r) == CUBLAS_STATUS_SUCCESS &&
-         r.state == CUBLAS_STATUS_SUCCESS && r.workspaceSize <= workspace_bytes_;
+         r.state == CUBLAS_STATUS_SUCCESS && r.workspaceSize <= (deterministic_ ? 0 : workspace_bytes_);
 }
 
 void Gemm::destroy(Plan& p) {
@@ -165,8 +167,8 @@ void Gemm::destroy(Plan& p) {
 cublasStatus_t Gemm::matmul(const Plan& p, const cublasLtMatmulAlgo_t& algo, const void* x, const void* w,
                             void* y) {
   const float alpha = 1.0f, beta = 0.0f;
-  return cublasLtMatmul(handle_, p.op, &alpha, w, p.a, x, p.b, &beta, y, p.c, y, p.c, &algo, workspace_,
-                        workspace_bytes_, stream_);
+  return cublasLtMatmul(handle_, p.op, &alpha, w, p.a, x, p.b, &beta, y, p.c, y, p.c, &algo,
+                        deterministic_ ? nullptr : workspace_, deterministic_ ? 0 : workspace_bytes_, stream_);
 }
 
 cublasLtMatmulAlgo_t Gemm::first_pick(const Plan& p, int64_t n, int64_t m, int64_t k, In in) const {
@@ -235,8 +237,8 @@ Gemm::Plan& Gemm::plan(int64_t n, int64_t m, int64_t k, bool out_f32, In in, con
         p.algo = pinned(m, k, out_f32, in);
         p.final = true;
         if (!accepts(p, p.algo))
-          throw Error(ErrorKind::Runtime,
-                      "batch-invariant GEMM: cuBLASLt refuses the algorithm pinned for m=" + std::to_string(m) +
+          throw Error(ErrorKind::Unsupported,
+                      "deterministic=True on CUDA: cuBLASLt refuses the algorithm pinned for m=" + std::to_string(m) +
                           " k=" + std::to_string(k) + " at n=" + std::to_string(n) +
                           " (deterministic=True cannot run this shape in the same order as the others)");
       } else if (search_ && in == In::BF16) {
@@ -259,32 +261,32 @@ Gemm::Plan& Gemm::plan(int64_t n, int64_t m, int64_t k, bool out_f32, In in, con
 }
 
 // The first of the heuristic's candidates for n = pin_n_ that splits no k and
-// that cuBLASLt accepts at every probe n (gemm.hpp). Asked without workspace:
-// split-k and stream-k algorithms need one for their partial sums.
+// that cuBLASLt accepts at every probe n without workspace (gemm.hpp): split-k
+// and stream-k algorithms need one for their partial sums. (No reduction
+// scheme mask: NONE is 0, not a bit, and the candidates' own split count and
+// scheme are checked instead.)
 const cublasLtMatmulAlgo_t& Gemm::pinned(int64_t m, int64_t k, bool out_f32, In in) {
   const PinKey key{m, k, out_f32, in};
   auto it = pinned_.find(key);
   if (it != pinned_.end()) return it->second;
-  Plan rep = make_plan(pin_n_, m, k, out_f32, in);
   cublasLtMatmulHeuristicResult_t res[kPinCandidates];
   int found = 0;
+  cublasStatus_t st = CUBLAS_STATUS_SUCCESS;
   {
     cublasLtMatmulPreference_t pref;
     CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
     const size_t no_workspace = 0;
-    const uint32_t reductions = CUBLASLT_REDUCTION_SCHEME_NONE;
-    cublasStatus_t st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                                                             &no_workspace, sizeof(no_workspace));
-    if (st == CUBLAS_STATUS_SUCCESS)
-      st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &reductions,
-                                                sizeof(reductions));
-    if (st == CUBLAS_STATUS_SUCCESS)
+    st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &no_workspace,
+                                              sizeof(no_workspace));
+    if (st == CUBLAS_STATUS_SUCCESS) {
+      Plan rep = make_plan(pin_n_, m, k, out_f32, in);
       st = cublasLtMatmulAlgoGetHeuristic(handle_, rep.op, rep.a, rep.b, rep.c, rep.c, pref, kPinCandidates, res,
                                           &found);
+      destroy(rep);
+    }
     cublasLtMatmulPreferenceDestroy(pref);
     if (st != CUBLAS_STATUS_SUCCESS) found = 0;
   }
-  destroy(rep);
   for (int i = 0; i < found; ++i) {
     if (res[i].state != CUBLAS_STATUS_SUCCESS || res[i].workspaceSize != 0) continue;
     int32_t splits = 1;
@@ -305,11 +307,22 @@ const cublasLtMatmulAlgo_t& Gemm::pinned(int64_t m, int64_t k, bool out_f32, In 
     }
     if (every_n) return pinned_.emplace(key, res[i].algo).first->second;
   }
-  throw Error(ErrorKind::Runtime,
-              std::string("batch-invariant GEMM: none of cuBLASLt's ") + std::to_string(found) +
-                  " candidates for a " + (in == In::F32 ? "fp32" : "bf16") + " GEMM of m=" + std::to_string(m) +
-                  " k=" + std::to_string(k) +
-                  " splits no k and runs every n (deterministic=True cannot run this weight shape)");
+  throw Error(ErrorKind::Unsupported,
+              std::string("deterministic=True on CUDA: none of cuBLASLt's ") + std::to_string(found) +
+                  " candidates (heuristic status " + std::to_string(static_cast<int>(st)) + ") for a " +
+                  (in == In::F32 ? "fp32" : "bf16") + " GEMM of a (" + std::to_string(m) + ", " +
+                  std::to_string(k) + ") weight with " + (out_f32 ? "fp32" : "bf16") +
+                  " output splits no k and runs every n; this model cannot run batch-invariant here");
+}
+
+void Gemm::pin(int64_t m, int64_t k, bool in_f32) {
+  if (!deterministic_) return;
+  if (in_f32) {
+    pinned(m, k, true, In::F32);
+  } else {
+    pinned(m, k, false, In::BF16);
+    pinned(m, k, true, In::BF16);  // an lm head's (fp32 logits)
+  }
 }
 
 void Gemm::run_cublaslt(const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k, bool out_f32,

@@ -31,16 +31,16 @@
 // a row of y must have the same bits whatever n is. The own kernel above
 // splits k between warps and cuBLASLt picks its algorithm (tile, split-k)
 // per n, so neither holds across n. Here every n of one weight shape (m, k,
-// output and operand types) runs one cuBLASLt algorithm, pinned on the
-// shape's first call: the heuristic's first candidate for n = kPinN (64;
+// output and operand types) runs one cuBLASLt algorithm, pinned when the
+// weight loads (pin()): the heuristic's first candidate for n = kPinN (64;
 // PAGEDRT_DET_GEMM_N for A/B runs) that splits no k (one split, no
-// reduction scheme, no workspace) and that cuBLASLt accepts at every probe n
-// (kPinProbes). Without a k split each element of y is one accumulation
+// reduction scheme) and that cuBLASLt accepts without workspace at every
+// probe n (kPinProbes); every call then runs without workspace. Without a k split each element of y is one accumulation
 // chain over k in the kernel's fixed order, and the algorithm's tiles only
 // decide which block computes it: a row's bits do not depend on n (checked
 // on the GPU: tests/test_cuda_determinism.py). A shape no candidate serves,
 // or an n the pinned algorithm refuses, throws (never a silent fallback to
-// another order). The pick is the heuristic's, never timed: a timed choice
+// another order; Unsupported, naming the shape). The pick is the heuristic's, never timed: a timed choice
 // could differ between processes, and results must reproduce across them.
 // fp8 operands are not served (the Runtime refuses deterministic=True with
 // fp8 weights on CUDA).
@@ -100,6 +100,12 @@ class Gemm {
   // silu(gate) * up, as run_silu_mul, on fp8 [gate; up] with ws (2m); false where the own kernel does not take it.
   bool run_silu_mul_f8(const void* xq, const float* xs, const void* w, const float* ws, void* y, int64_t n, int64_t m,
                        int64_t k);
+
+  // The batch-invariant mode: pins the algorithms of a (m, k) weight's GEMMs
+  // now (bf16 operands: bf16 and fp32 output; in_f32: fp32), so that a shape
+  // no algorithm serves fails when the model loads, not in a request's step.
+  // Nothing in the default mode.
+  void pin(int64_t m, int64_t k, bool in_f32);
 
   // Bands searched so far (for tests and benchmarks).
   size_t searched_bands() const { return band_algo_.size(); }
