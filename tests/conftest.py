@@ -162,3 +162,23 @@ def run_all(rt, prompts, **params):
                 assert ev.error is None, ev.error
                 done.add(ev.request_id)
     return [(got[i][0], np.concatenate(got[i][1]) if got[i][1] else None) for i in ids]
+
+
+def paged_batch(specs, block_size=16, token=lambda: 1) -> dict:
+    """A step's batch arrays (the backend's BatchView, as _testing._Ops.set_batch
+    takes them) for specs of (block table, tokens already cached, tokens of
+    this step) per sequence: slots follow the tables; token() gives each new
+    token's id, in order."""
+    b = dict(tokens=[], positions=[], slots=[], query_start=[0], seq_lens=[], page_indptr=[0],
+             page_indices=[], logits_indices=[])
+    for table, cached, new in specs:
+        for p in range(cached, cached + new):
+            b["tokens"].append(token())
+            b["positions"].append(p)
+            b["slots"].append(table[p // block_size] * block_size + p % block_size)
+        b["query_start"].append(len(b["tokens"]))
+        b["seq_lens"].append(cached + new)
+        b["page_indices"] += table
+        b["page_indptr"].append(len(b["page_indices"]))
+        b["logits_indices"].append(len(b["tokens"]) - 1)
+    return b

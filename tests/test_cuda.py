@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import pagedrt
-from conftest import SMOL_PROMPTS, run_all
+from conftest import SMOL_PROMPTS, paged_batch, run_all
 from pagedrt import _core, _testing
 
 pytestmark = [pytest.mark.cuda,
@@ -72,18 +72,9 @@ def make_batch(rng, seqs, block_size=16, extra_blocks=7, vocab=1000):
     for k in need:
         tables.append(perm[at:at + k].tolist())
         at += k
-    b = dict(tokens=[], positions=[], slots=[], query_start=[0], seq_lens=[], page_indptr=[0],
-             page_indices=[], logits_indices=[], tables=tables, num_blocks=num_blocks, seqs=seqs)
-    for (cached, new), table in zip(seqs, tables):
-        for p in range(cached, cached + new):
-            b["tokens"].append(int(rng.integers(0, vocab)))
-            b["positions"].append(p)
-            b["slots"].append(table[p // block_size] * block_size + p % block_size)
-        b["query_start"].append(len(b["tokens"]))
-        b["seq_lens"].append(cached + new)
-        b["page_indices"] += table
-        b["page_indptr"].append(len(b["page_indices"]))
-        b["logits_indices"].append(len(b["tokens"]) - 1)
+    b = paged_batch([(table, cached, new) for (cached, new), table in zip(seqs, tables)], block_size,
+                    lambda: int(rng.integers(0, vocab)))
+    b.update(tables=tables, num_blocks=num_blocks, seqs=seqs)
     return b
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import paged_batch
 from pagedrt import _core, _testing
 
 pytestmark = pytest.mark.skipif(not _core.cuda_available(), reason="no CUDA GPU visible")
@@ -66,21 +67,9 @@ BLOCK = 16
 
 def build_batch(specs, num_blocks):
     """specs: (table, cached, new) per sequence: its block ids, tokens already in
-    the cache, tokens of this step. Slots follow the tables."""
-    b = dict(tokens=[], positions=[], slots=[], query_start=[0], seq_lens=[], page_indptr=[0],
-             page_indices=[], logits_indices=[])
-    for table, cached, new in specs:
-        assert -(-(cached + new) // BLOCK) <= len(table) and max(table) < num_blocks
-        for p in range(cached, cached + new):
-            b["tokens"].append(1)
-            b["positions"].append(p)
-            b["slots"].append(table[p // BLOCK] * BLOCK + p % BLOCK)
-        b["query_start"].append(len(b["tokens"]))
-        b["seq_lens"].append(cached + new)
-        b["page_indices"] += table
-        b["page_indptr"].append(len(b["page_indices"]))
-        b["logits_indices"].append(len(b["tokens"]) - 1)
-    return b
+    the cache, tokens of this step."""
+    assert all(-(-(c + n) // BLOCK) <= len(t) and max(t) < num_blocks for t, c, n in specs)
+    return paged_batch(specs, BLOCK)
 
 
 def set_batch(o, b):

@@ -220,6 +220,15 @@ class Backend {
   // steps record afresh. Tensor parallelism on CUDA: NCCL keeps its
   // communicators while a recording that captured them lives.
   virtual void forget_steps() {}
+  // Marks the end of the work queued so far (CUDA: an event on the stream),
+  // for step_finished(). Nothing on the CPU, whose ops finish as they return.
+  virtual void mark_step_end() {}
+  // Whether the work queued up to mark_step_end() has finished, without
+  // waiting; throws Error(Runtime) naming the device where it failed (a
+  // kernel's fault). Tensor-parallel ranks on GPUs are waited for by polling
+  // this: a rank whose kernels fault never joins its next collective, and a
+  // blocking wait on another rank would never return.
+  virtual bool step_finished() { return true; }
 
   // Dtypes: x/out of the ops below are activation_dtype(), except `residual`
   // (always F32), embedding's out (F32: it starts the residual), linear's out

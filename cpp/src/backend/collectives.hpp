@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <vector>
 
 #include "backend/tensor.hpp"
@@ -39,6 +40,9 @@ class Collectives {
   // recover() (called when no rank is inside a step).
   virtual void abort() = 0;
   virtual void recover() = 0;
+  // An error the group met on its own, outside any call (NCCL's asynchronous
+  // errors), or "" (none; the host group never has one).
+  virtual std::string async_error() const { return {}; }
 };
 
 // The collectives of `size` ranks whose tensors are host memory (CPU

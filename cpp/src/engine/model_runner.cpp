@@ -1,5 +1,11 @@
 #include "engine/model_runner.hpp"
 
+#include <chrono>
+#include <string>
+#include <thread>
+
+#include "pagedrt/error.hpp"
+
 namespace pagedrt {
 
 ModelRunner::ModelRunner(std::shared_ptr<Backend> backend, std::unique_ptr<LlamaModel> model, KvCache kv,
@@ -34,6 +40,32 @@ void ModelRunner::on_peers(const std::function<void(ModelRank&)>& fn) {
     throw;
   }
   backend_->make_current();
+}
+
+void ModelRunner::wait_for_ranks() {
+  const auto start = std::chrono::steady_clock::now();
+  for (;;) {
+    bool done = true;
+    for (size_t r = 0; r <= tp_.peers.size(); ++r) {
+      Backend& b = r == 0 ? *backend_ : *tp_.peers[r - 1].backend;
+      try {
+        done = b.step_finished() && done;
+      } catch (const Error& e) {
+        throw Error(e.kind(), "tensor-parallel rank " + std::to_string(r) + ": " + e.what());
+      }
+    }
+    for (const auto& c : tp_.comms) {
+      const std::string error = c->async_error();
+      if (!error.empty()) throw Error(ErrorKind::Runtime, "tensor-parallel step: " + error);
+    }
+    if (done) return;
+    // As a blocking wait would: spin (yielding) through a step's few
+    // milliseconds, then nap (a long prefill, or a rank that hangs without an error).
+    if (std::chrono::steady_clock::now() - start < std::chrono::milliseconds(5))
+      std::this_thread::yield();
+    else
+      std::this_thread::sleep_for(std::chrono::microseconds(20));
+  }
 }
 
 void ModelRunner::recover_group() {
@@ -121,8 +153,10 @@ ModelOutput ModelRunner::run(const SchedulerOutput& step, bool device_greedy, bo
               p->model->forward(view, p->kv, nullptr, nullptr);
             else
               model_->forward(view, kv_, nullptr, nullptr);
+            (p ? *p->backend : *backend_).mark_step_end();
           },
           [&] { tp_.comms[0]->abort(); });
+      wait_for_ranks();
       if (view.num_logits > 0 && (logits != nullptr || picks != nullptr))
         model_->read_logits(view.num_logits, logits, picks);  // a device error of rank 0's shows here
     } catch (...) {

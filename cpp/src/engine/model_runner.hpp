@@ -157,6 +157,11 @@ class ModelRunner {
   void on_peers(const std::function<void(ModelRank&)>& fn);
   // The collectives ready for a step after a failed one (Collectives::recover).
   void recover_group();
+  // Until every rank's queued step has finished (Backend::step_finished),
+  // polling every rank and the group's asynchronous errors, so that a rank
+  // whose kernels fault is an error here, not a wait forever for its part of
+  // a collective. Throws naming the rank.
+  void wait_for_ranks();
   // Each of `kv`'s tensors' (layer l: K at 2l, V at 2l + 1) `swap_slots_`
   // blocks of host memory, one region after the other.
   void swap_rank(Backend& backend, KvCache& kv, void* space, const SchedulerOutput& step);

@@ -170,6 +170,7 @@ CudaBackend::CudaBackend(ScalarType activation_dtype, int device_index, bool det
   set_pdl(env_on("PAGEDRT_CUDA_PDL"));
   CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   gemm_ = std::make_unique<Gemm>(stream_, deterministic_);
+  CUDA_CHECK(cudaEventCreateWithFlags(&step_end_, cudaEventDisableTiming));
   for (int i = 0; i < 2; ++i) {
     CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&load_host_[i]), kLoadChunk, cudaHostAllocDefault));
     CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&load_dev_[i]), kLoadChunk));
@@ -189,12 +190,23 @@ CudaBackend::~CudaBackend() {
     if (load_dev_[i]) cudaFree(load_dev_[i]);
     if (results_done_[i]) cudaEventDestroy(results_done_[i]);
   }
+  if (step_end_) cudaEventDestroy(step_end_);
   if (partials_) cudaFree(partials_);
   if (fp8_scratch_) cudaFree(fp8_scratch_);
   if (fp8_act_) cudaFree(fp8_act_);
   gemm_.reset();
   if (stream_) cudaStreamDestroy(stream_);
   cudaSetDevice(current);  // the caller's, as it was
+}
+
+void CudaBackend::mark_step_end() { CUDA_CHECK(cudaEventRecord(step_end_, stream_)); }
+
+bool CudaBackend::step_finished() {
+  const cudaError_t e = cudaEventQuery(step_end_);  // an event of another GPU than the current is fine
+  if (e == cudaSuccess) return true;
+  if (e == cudaErrorNotReady) return false;
+  cudaGetLastError();
+  throw Error(ErrorKind::Runtime, "GPU " + std::to_string(device_) + ": " + cudaGetErrorString(e));
 }
 
 int64_t CudaBackend::memory_free() const {

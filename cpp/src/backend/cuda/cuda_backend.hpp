@@ -66,6 +66,8 @@ class CudaBackend final : public Backend {
   cudaStream_t stream() const { return stream_; }  // every op's (the NCCL calls' too: backend/cuda/nccl.hpp)
   void make_current() override;
   void forget_steps() override;  // on its own GPU, the caller's given back; throws nothing
+  void mark_step_end() override;  // an event on the stream
+  bool step_finished() override;  // that event's state; a failure names the GPU
   Device device() const override { return Device::CUDA; }
   ScalarType activation_dtype() const override { return act_; }
   int64_t memory_free() const override;
@@ -191,6 +193,7 @@ class CudaBackend final : public Backend {
   int device_ = 0;
   int num_sms_ = 132;
   bool deterministic_ = false;  // the batch-invariant mode (the constructor)
+  cudaEvent_t step_end_ = nullptr;  // mark_step_end()'s
   ScalarType act_ = ScalarType::BF16;
   cudaStream_t stream_ = nullptr;
   std::unique_ptr<Gemm> gemm_;

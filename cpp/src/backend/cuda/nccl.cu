@@ -18,6 +18,7 @@ namespace {
 using NcclComm = struct ncclComm*;
 using NcclResult = int;
 constexpr int kNcclFloat32 = 7, kNcclBfloat16 = 9, kNcclSum = 0;
+constexpr NcclResult kNcclInProgress = 7;
 
 struct NcclLib {
   NcclResult (*comm_init_all)(NcclComm*, int, const int*) = nullptr;
@@ -27,6 +28,7 @@ struct NcclLib {
   NcclResult (*comm_destroy)(NcclComm) = nullptr;
   const char* (*error_string)(NcclResult) = nullptr;
   NcclResult (*get_version)(int*) = nullptr;
+  NcclResult (*async_error)(NcclComm, NcclResult*) = nullptr;  // ncclCommGetAsyncError
   std::string error;  // why it could not be loaded; empty when it was
 };
 
@@ -56,6 +58,7 @@ const NcclLib& nccl() {
     lib.comm_destroy = reinterpret_cast<decltype(lib.comm_destroy)>(sym("ncclCommDestroy"));
     lib.error_string = reinterpret_cast<decltype(lib.error_string)>(sym("ncclGetErrorString"));
     lib.get_version = reinterpret_cast<decltype(lib.get_version)>(sym("ncclGetVersion"));
+    lib.async_error = reinterpret_cast<decltype(lib.async_error)>(sym("ncclCommGetAsyncError"));
     int version = 0;
     if (lib.error.empty() && (lib.get_version(&version) != 0 || version < 21000))  // bf16 came in 2.10
       lib.error = path + " is NCCL " + std::to_string(version) + "; pagedrt needs 2.10 or newer (bf16)";
@@ -121,6 +124,11 @@ class NcclCollectives final : public Collectives {
   }
 
   void abort() override { group_->aborted = true; }
+  std::string async_error() const override {
+    NcclResult r = 0;
+    if (group_->aborted.load() || nccl().async_error(comm(), &r) != 0 || r == 0 || r == kNcclInProgress) return {};
+    return std::string("NCCL (rank ") + std::to_string(rank_) + "): " + nccl().error_string(r);
+  }
   // An aborted NCCL group cannot be brought back (its communicators are
   // gone, and recorded steps hold them): every later step fails.
   void recover() override { check_live(); }
