@@ -161,9 +161,6 @@ void CudaBackend::plan_attention(int64_t H, int64_t Hkv, int64_t D) {
     chunk = plan_chunk(config);
   }
   int64_t splits = std::max<int64_t>(1, (max_ctx + chunk - 1) / chunk);
-  // A recorded step replays with its split count: round it up to a power of
-  // two (splits past the context are empty and merge as nothing), so that a
-  // growing context needs a new recording only every doubling.
   if (deterministic_) {
     require(act_ == ScalarType::F32 || dec.empty(), "plan_attention: a decode item in the batch-invariant bf16 plan");
     require(kv_dtype() != ScalarType::F8E4M3, "plan_attention: the batch-invariant mode has no fp8 KV cache");
@@ -173,6 +170,9 @@ void CudaBackend::plan_attention(int64_t H, int64_t Hkv, int64_t D) {
     splits = 1;
     chunk = int64_t{1} << 30;
   }
+  // A recorded step replays with its split count: round it up to a power of
+  // two (splits past the context are empty and merge as nothing), so that a
+  // growing context needs a new recording only every doubling.
   if (recordable() && splits > 1) {
     int64_t up = 1;
     while (up < splits) up *= 2;
