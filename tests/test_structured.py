@@ -206,7 +206,8 @@ def test_parallel_masks_equal_sequential(smol):
         with pagedrt.Runtime(smol, device="cpu") as r:
             info = r.model_info
             r._structured = Constraints(r.model_path, info.vocab_size, info.eos_token_ids[0], threads=threads)
-            r._rt.set_token_mask_provider(r._structured.fill, r._structured.release, r._structured.busy_threads)
+            r._rt.set_token_mask_provider(r._structured.fill, r._structured.release, r._structured.busy_threads,
+                                          r._structured.validate)
             answers.append([c.text for c in r.generate(asks, max_tokens=40, temperature=0, json_schema=SCHEMAS[0])])
     assert answers[0] == answers[1]
 
@@ -227,3 +228,79 @@ def test_a_sentencepiece_model_follows_constraints(tiny_sp):
                                         "required": ["n"], "additionalProperties": False})[0]
             if c.finish_reason == "stop":
                 assert set(json.loads(c.text)) == {"n"}, c.text
+
+
+# ---- checked picks (pagedrt/token_mask.hpp: plain greedy rows picked without a mask, the pick validated) ----
+
+def _json_run(r, validate, asks, schema):
+    """Greedy answers to `asks` under one JSON schema, all at once, with the
+    Runtime's constraints as the provider validating with `validate` (None:
+    every row masked before its pick); and the stats' checked / refused rows."""
+    cons = r._constraints()
+    r._rt.set_token_mask_provider(cons.fill, cons.release, cons.busy_threads, validate)
+    before = r.stats()
+    outs = [c.outputs[0].token_ids for c in r.generate(asks, max_tokens=48, temperature=0, json_schema=schema)]
+    after = r.stats()
+    return outs, after.mask_rows_checked - before.mask_rows_checked, after.mask_rows_refused - before.mask_rows_refused
+
+
+def test_checked_picks_give_the_masked_picks(smol):
+    """12 greedy JSON requests at once: the tokens with checked picks equal, one
+    for one, those with a mask before every pick; most picks were checked and
+    kept, some refused (both paths ran). A validator that refuses everything,
+    and one that raises, give the same tokens too (every row falls back to its
+    mask)."""
+    asks = [[{"role": "user", "content": f"Invent person number {i} and describe them as JSON."}] for i in range(12)]
+    with pagedrt.Runtime(smol, device="cpu") as r:
+        cons = r._constraints()
+        masked, checked0, _ = _json_run(r, None, asks, SCHEMAS[0])
+        assert checked0 == 0
+        checked, n_checked, n_refused = _json_run(r, cons.validate, asks, SCHEMAS[0])
+        assert checked == masked
+        assert n_checked > 100 and 0 < n_refused < n_checked / 2, (n_checked, n_refused)
+
+        def boom(rows, tokens):
+            raise RuntimeError("validator exploded")
+
+        for validate in (lambda rows, tokens: bytes(len(rows)), boom):
+            again, n, refused = _json_run(r, validate, asks, SCHEMAS[0])
+            assert again == masked and n > 0 and refused == n
+
+
+def test_checked_picks_beside_other_requests_and_constraints(smol):
+    """Checked rows in one batch with regex, choice and unconstrained requests:
+    each answer equals the one it gives with a mask before every pick."""
+    kinds = [dict(json_schema=SCHEMAS[1]), dict(regex=r"[0-9]{3}-[a-z]{2,4}"),
+             dict(choice=["red", "green", "blue"]), dict(), dict(json_schema=SCHEMAS[3])]
+    asks = [[{"role": "user", "content": f"Answer question {i}."}] for i in range(len(kinds))]
+    results = []
+    with pagedrt.Runtime(smol, device="cpu") as r:
+        cons = r._constraints()
+        for validate in (None, cons.validate):
+            r._rt.set_token_mask_provider(cons.fill, cons.release, cons.busy_threads, validate)
+            ids = [r.submit(a, by_id=True, max_tokens=32, temperature=0, **k) for a, k in zip(asks, kinds)]
+            toks = {rid: [] for rid in ids}
+            pending = set(ids)
+            while pending:
+                for ev in r.poll(list(pending), timeout=1.0):
+                    toks[ev.request_id] += ev.token_ids
+                    if ev.request_finished:
+                        pending.discard(ev.request_id)
+            results.append([toks[i] for i in ids])
+        assert r.stats().mask_rows_checked > 0
+    assert results[0] == results[1]
+
+
+def test_a_validator_that_allows_everything_lets_invalid_picks_through(tiny_sp):
+    """The check is what keeps a pick in the grammar: on a random tiny model, a
+    validator that says yes to every token lets answers leave the regex (the
+    comparison above can fail)."""
+    with pagedrt.Runtime(tiny_sp, device="cpu") as r:
+        cons = r._constraints()
+        outs = {}
+        for name, validate in (("checked", cons.validate), ("yes", lambda rows, tokens: bytes([1]) * len(rows))):
+            r._rt.set_token_mask_provider(cons.fill, cons.release, cons.busy_threads, validate)
+            outs[name] = [c.text for c in r.generate(["a b c"] * 4, max_tokens=12, temperature=0,
+                                                     regex=r"(yes|no)( maybe)*")]
+    assert all(re.fullmatch(r"(yes|no)( maybe)*", t) for t in outs["checked"]), outs["checked"]
+    assert not all(re.fullmatch(r"(yes|no)( maybe)*", t) for t in outs["yes"]), outs["yes"]

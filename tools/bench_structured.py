@@ -3,7 +3,7 @@
 ones on the same prompts, all submitted at once, one Runtime, rounds alternating.
 
     bench_structured.py [--model DIR|FILE.gguf] [--device cpu] [--requests 32] [--max-tokens 64]
-                        [--rounds 3] [--lend auto|0|both] [--json OUT.json]
+                        [--rounds 3] [--lend auto|0|both] [--checked on|off|both] [--json OUT.json]
 
 TPOT per request = (time of its last token - time of its first) / (tokens - 1),
 from the engine's event times; the mean over requests is compared. The mask
@@ -11,7 +11,10 @@ provider's time (llguidance, on an engine helper thread while the forward runs)
 is printed per step and per row. --lend: the cores a CPU forward leaves the
 masks while they are filled (TokenMaskProvider::threads): auto (the
 provider's), 0 (none), or both (each round runs the JSON requests both ways:
-an A/B in one process; the ratio printed is auto's).
+an A/B in one process; the ratio printed is auto's). --checked: the engine's
+checked picks (pagedrt/token_mask.hpp: a plain greedy row is picked without
+its mask and the pick validated; a refused one is masked and picked again):
+on, off (a mask before every pick), or both (an A/B, as --lend both).
 """
 from __future__ import annotations
 
@@ -47,12 +50,16 @@ def run(rt, prompts, **kw):
             "steps": steps, "wall_ms_per_step": 1e3 * wall / steps,
             "forward_ms_per_step": 1e3 * (after.forward_seconds - before.forward_seconds) / steps,
             "output_ms_per_step": 1e3 * (after.output_seconds - before.output_seconds) / steps,
-            "mask_wait_ms_per_step": 1e3 * (after.mask_wait_seconds - before.mask_wait_seconds) / steps}
+            "mask_wait_ms_per_step": 1e3 * (after.mask_wait_seconds - before.mask_wait_seconds) / steps,
+            "rows_checked": after.mask_rows_checked - before.mask_rows_checked,
+            "rows_refused": after.mask_rows_refused - before.mask_rows_refused}
 
 
 def breakdown(r):
     return (f"{r['steps']} steps of {r['wall_ms_per_step']:.2f} ms: forward {r['forward_ms_per_step']:.2f}, "
-            f"waiting for masks {r['mask_wait_ms_per_step']:.2f}, outputs {r['output_ms_per_step']:.2f}")
+            f"waiting for masks {r['mask_wait_ms_per_step']:.2f}, outputs {r['output_ms_per_step']:.2f}"
+            + (f"; picks checked without a mask {r['rows_checked']}, refused {r['rows_refused']}"
+               if r["rows_checked"] else ""))
 
 
 def main():
@@ -65,6 +72,9 @@ def main():
     ap.add_argument("--threads", type=int, default=0,
                     help="Runtime num_threads (on CUDA: the host sampler's threads; 0: all cores)")
     ap.add_argument("--lend", default="auto", choices=("auto", "0", "both"))
+    ap.add_argument("--checked", default="on", choices=("on", "off", "both"),
+                    help="checked picks (plain greedy rows picked without a mask, then validated); "
+                         "both: also a JSON run with a mask before every pick")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import pagedrt
@@ -78,18 +88,25 @@ def main():
     rt.generate(prompts[:2], max_tokens=4, json_schema=SCHEMA)  # compiles llguidance's tokenizer once
     cons = rt._constraints()
     lend = {"auto": [cons.busy_threads], "0": [0], "both": [cons.busy_threads, 0]}[args.lend]
+    validate = None if args.checked == "off" else cons.validate
     res["lent_threads"] = lend[0]
-    if len(lend) > 1:
-        res["json_schema_lent_0"] = []
+    res["checked_picks"] = validate is not None
+    # the B runs of the A/Bs: (name, lent threads, validate)
+    others = [(f"json_schema_lent_{t}", t, validate) for t in lend[1:]]
+    if args.checked == "both":
+        others.append(("json_schema_unchecked", lend[0], None))
+    for name, _, _ in others:
+        res[name] = []
     for r in range(args.rounds):
         p = run(rt, prompts, max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
-        for threads in lend[1:]:  # the B of an A/B: run first, so that A runs last as before
-            rt._rt.set_token_mask_provider(cons.fill, cons.release, threads)
+        for name, threads, check in others:  # run first, so that A runs last as before
+            rt._rt.set_token_mask_provider(cons.fill, cons.release, threads, check)
             b = run(rt, prompts, max_tokens=args.max_tokens, temperature=0, json_schema=SCHEMA)
-            res["json_schema_lent_0"].append(b)
-            print(f"round {r + 1}: json_schema lending {threads} cores: TPOT {b['tpot_ms']:.2f} ms "
+            res[name].append(b)
+            print(f"round {r + 1}: json_schema lending {threads} cores, picks "
+                  f"{'checked' if check else 'masked first'}: TPOT {b['tpot_ms']:.2f} ms "
                   f"({b['tpot_ms'] / p['tpot_ms']:.3f}x plain)", flush=True)
-        rt._rt.set_token_mask_provider(cons.fill, cons.release, lend[0])
+        rt._rt.set_token_mask_provider(cons.fill, cons.release, lend[0], validate)
         f0, c0, n0 = cons.fill_seconds, cons.fill_calls, cons.fill_rows
         e0 = rt.stats()
         s = run(rt, prompts, max_tokens=args.max_tokens, temperature=0, json_schema=SCHEMA)
@@ -114,6 +131,10 @@ def main():
     ratios = [s["tpot_ms"] / p["tpot_ms"] for p, s in zip(res["plain"], res["json_schema"])]
     res["tpot_ratio_median"] = statistics.median(ratios)
     print(f"json_schema / plain TPOT, median of {args.rounds}: {res['tpot_ratio_median']:.3f}")
+    for name, _, _ in others:
+        med = statistics.median(b["tpot_ms"] / p["tpot_ms"] for p, b in zip(res["plain"], res[name]))
+        res[name + "_ratio_median"] = med
+        print(f"{name} / plain TPOT, median of {args.rounds}: {med:.3f}")
     if args.json:
         json.dump(res, open(args.json, "w"), indent=1)
     rt.close()

@@ -13,6 +13,7 @@
 #include <cxxabi.h>
 
 #include <chrono>
+#include <cstring>
 #include <thread>
 
 #include "pagedrt/pagedrt.hpp"
@@ -173,18 +174,39 @@ nb::list event_rows(std::vector<pagedrt::Event>&& events) {
 // takes the GIL, and none is made once the interpreter is finalizing.
 class PyMaskProvider final : public pagedrt::TokenMaskProvider {
  public:
-  PyMaskProvider(nb::object fill, nb::object release, int threads)
-      : fill_(std::move(fill)), release_(std::move(release)), threads_(std::max(0, threads)) {}
+  PyMaskProvider(nb::object fill, nb::object release, int threads, nb::object validate)
+      : fill_(std::move(fill)), release_(std::move(release)), validate_(std::move(validate)),
+        threads_(std::max(0, threads)) {}
   int threads() const override { return threads_; }
+  bool validates() const override { return !validate_.is_none(); }
+  // validate(rows, tokens) -> bytes-like of len(rows), nonzero where the token is allowed.
+  void validate(std::vector<pagedrt::MaskRow>& rows, const int32_t* tokens, uint8_t* ok) override {
+    if (py_finalizing()) throw std::runtime_error("the Python interpreter is exiting");
+    nb::gil_scoped_acquire gil;
+    try {
+      nb::object res = validate_(rows, std::vector<int32_t>(tokens, tokens + rows.size()));
+      const nb::bytes b = nb::cast<nb::bytes>(res);
+      if (b.size() != rows.size())
+        throw std::runtime_error("validate returned " + std::to_string(b.size()) + " answers for " +
+                                 std::to_string(rows.size()) + " rows");
+      std::memcpy(ok, b.c_str(), rows.size());
+    } catch (nb::python_error& e) {
+      throw std::runtime_error(e.what());
+    } catch (nb::cast_error&) {
+      throw std::runtime_error("validate must return bytes (one a row)");
+    }
+  }
   ~PyMaskProvider() override {
-    if (py_finalizing()) {  // no GIL to be had: leak the two references
+    if (py_finalizing()) {  // no GIL to be had: leak the references
       fill_.release();
       release_.release();
+      validate_.release();
       return;
     }
     nb::gil_scoped_acquire gil;
     fill_.reset();
     release_.reset();
+    validate_.reset();
   }
   void fill(std::vector<pagedrt::MaskRow>& rows, int64_t vocab) override {
     if (py_finalizing()) throw std::runtime_error("the Python interpreter is exiting");
@@ -206,7 +228,7 @@ class PyMaskProvider final : public pagedrt::TokenMaskProvider {
   }
 
  private:
-  nb::object fill_, release_;
+  nb::object fill_, release_, validate_;
   int threads_;
 };
 
@@ -356,6 +378,8 @@ NB_MODULE(_core, m) {
       .ro("mask_rows", &pagedrt::Stats::mask_rows)
       .ro("mask_seconds", &pagedrt::Stats::mask_seconds)
       .ro("mask_wait_seconds", &pagedrt::Stats::mask_wait_seconds)
+      .ro("mask_rows_checked", &pagedrt::Stats::mask_rows_checked)
+      .ro("mask_rows_refused", &pagedrt::Stats::mask_rows_refused)
       .ro("draft_kv_cache_bytes", &pagedrt::Stats::draft_kv_cache_bytes)
       .ro("draft_blocks_used", &pagedrt::Stats::draft_blocks_used);
 
@@ -453,16 +477,18 @@ NB_MODULE(_core, m) {
            nb::call_guard<ReleaseGil>())
       .def("release", &pagedrt::Runtime::release, "request_id"_a, nb::call_guard<ReleaseGil>())
       .def("set_token_mask_provider",
-           [](pagedrt::Runtime& rt, nb::object fill, nb::object release, int threads) {
+           [](pagedrt::Runtime& rt, nb::object fill, nb::object release, int threads, nb::object validate) {
              if (fill.is_none()) return rt.set_token_mask_provider(nullptr);  // drop the callables
-             rt.set_token_mask_provider(
-                 std::make_shared<PyMaskProvider>(std::move(fill), std::move(release), threads));
+             rt.set_token_mask_provider(std::make_shared<PyMaskProvider>(std::move(fill), std::move(release),
+                                                                         threads, std::move(validate)));
            },
-           "fill"_a.none(), "release"_a.none(), "threads"_a = 1,
+           "fill"_a.none(), "release"_a.none(), "threads"_a = 1, "validate"_a = nb::none(),
            "Masks for SamplingParams.masked requests: fill(rows: list[MaskRow], vocab) sets the allowed "
            "bits of each row's mask (called from an engine thread while the step's forward runs); "
            "release(request_id) when a masked request has ended. threads: the host threads fill keeps "
-           "busy (a CPU forward leaves them that many cores while it runs; 0: none).")
+           "busy (a CPU forward leaves them that many cores while it runs; 0: none). validate(rows, "
+           "tokens) -> bytes (optional): whether each row may take the token, for the checked picks of "
+           "plain greedy rows (pagedrt/token_mask.hpp): a row whose unmasked pick it allows needs no mask.")
       .def("stats", &pagedrt::Runtime::stats)
       .def("model_info", &pagedrt::Runtime::model_info)
       .def("close", &pagedrt::Runtime::close, nb::call_guard<ReleaseGil>());

@@ -399,7 +399,7 @@ class Runtime:
                 self._structured = Constraints(self.model_path, self.model_info.vocab_size, eos,
                                                threads=threads, tokenizer=self.tokenizer)
                 self._rt.set_token_mask_provider(self._structured.fill, self._structured.release,
-                                                 self._structured.busy_threads)
+                                                 self._structured.busy_threads, self._structured.validate)
             return self._structured
 
     def poll(self, request_id: str | Sequence[str] | None = None, timeout: float = 0.0) -> list[Event]:

@@ -113,6 +113,7 @@ class Constraints:
         self._matchers: dict[tuple[str, int], list] = {}  # (request, index) -> [matcher, tokens consumed]
         self._lock = threading.Lock()
         self.fill_seconds, self.fill_calls, self.fill_rows = 0.0, 0, 0  # for tools/bench_structured.py
+        self.validate_seconds, self.validate_rows = 0.0, 0
         # threads (mask_threads): 0 computes a step's masks one after another on
         # the engine's helper thread; k > 0 on an llguidance executor of k
         # threads, None of llguidance's default size (80% of the cores).
@@ -125,27 +126,49 @@ class Constraints:
         with self._lock:
             self._grammars[request_id] = grammar
 
+    def _matcher(self, row):
+        """The row's matcher, made on first use and fed the tokens the row has
+        generated since; None once the request was released."""
+        import llguidance
+        key = (row.request_id, row.index)
+        with self._lock:
+            state = self._matchers.get(key)
+            if state is None:
+                grammar = self._grammars.get(row.request_id)
+                if grammar is None:
+                    return None
+                state = self._matchers[key] = [llguidance.LLMatcher(self.tokenizer, grammar), 0]
+        matcher, done = state
+        generated = row.generated
+        if len(generated) > done:
+            matcher.consume_tokens(generated[done:])
+            state[1] = len(generated)
+        return matcher
+
+    def validate(self, rows, tokens) -> bytes:
+        """The engine's checked picks (pagedrt/token_mask.hpp): one byte a row,
+        1 where its matcher may take the token next (a plain greedy row's pick
+        made without a mask), 0 where not (the row then gets its mask)."""
+        t0 = time.perf_counter()
+        ok = bytearray(len(rows))
+        for i, (row, token) in enumerate(zip(rows, tokens)):
+            matcher = self._matcher(row)
+            if matcher is not None and not matcher.is_error() and matcher.validate_tokens([token]) == 1:
+                ok[i] = 1
+        self.validate_seconds += time.perf_counter() - t0
+        self.validate_rows += len(rows)
+        return bytes(ok)
+
     def fill(self, rows, vocab: int) -> None:
         """Feeds each row's matcher its new tokens, then computes every mask at once
         on llguidance's threads (the engine's rows are one contiguous block, in
         order; their addresses are checked)."""
-        import llguidance
         t0 = time.perf_counter()
         batch: list[tuple] = []
         for i, row in enumerate(rows):
-            key = (row.request_id, row.index)
-            with self._lock:
-                state = self._matchers.get(key)
-                if state is None:
-                    grammar = self._grammars.get(row.request_id)
-                    if grammar is None:
-                        continue  # released meanwhile: its mask stays empty
-                    state = self._matchers[key] = [llguidance.LLMatcher(self.tokenizer, grammar), 0]
-            matcher, done = state
-            generated = row.generated
-            if len(generated) > done:
-                matcher.consume_tokens(generated[done:])
-                state[1] = len(generated)
+            matcher = self._matcher(row)
+            if matcher is None:
+                continue  # released meanwhile: its mask stays empty
             if not matcher.is_error():
                 batch.append((matcher, i))
         if batch:

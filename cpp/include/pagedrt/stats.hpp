@@ -53,6 +53,10 @@ struct Stats {
   int64_t mask_rows = 0;
   double mask_seconds = 0.0;
   double mask_wait_seconds = 0.0;
+  // Checked picks (token_mask.hpp): rows picked without a mask and checked,
+  // and of those, rows whose pick the provider refused (masked and picked again).
+  int64_t mask_rows_checked = 0;
+  int64_t mask_rows_refused = 0;
   int64_t draft_kv_cache_bytes = 0;  // the draft model's KV pool (RuntimeConfig::draft_model), else 0
   int64_t draft_blocks_used = 0;   // its blocks referenced by a running sequence's shadow
 };

@@ -7,6 +7,15 @@
 // runs, and the sampler removes every token outside the mask before any other
 // processing (penalties, temperature, top-k/p). A grammar engine (Python:
 // llguidance) implements the provider.
+//
+// Checked picks: a provider that can say whether one token is allowed
+// (validates(); llguidance does it ~50x faster than a mask) lets the engine
+// skip the mask of a plain greedy row: the row is picked without a mask,
+// and the pick is kept where the provider allows it (the argmax over every
+// token is then the argmax over the allowed ones, ties included). A row
+// whose pick is refused gets its mask at once and is picked again, and its
+// sequence's next steps are masked before the pick, as without checks
+// (Engine: kEagerMaskSteps). The tokens are those a masked pick gives.
 #pragma once
 
 #include <cstdint>
@@ -38,6 +47,14 @@ class TokenMaskProvider {
   // forward leaves that many of its cores to it (the rest of the step gets
   // them back as soon as the masks are done).
   virtual int threads() const { return 1; }
+  // Checked picks (above): whether validate() is implemented.
+  virtual bool validates() const { return false; }
+  // ok[i] = 1 where rows[i]'s next token may be tokens[i] (after its
+  // generated tokens), else 0. Runs on the engine's thread, after the
+  // forward; an exception counts every row as refused (their masks decide).
+  virtual void validate(std::vector<MaskRow>& rows, const int32_t* tokens, uint8_t* ok) {
+    (void)rows, (void)tokens, (void)ok;
+  }
 };
 
 }  // namespace pagedrt

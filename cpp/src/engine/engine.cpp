@@ -53,6 +53,7 @@ Engine::Engine(std::shared_ptr<Backend> backend, std::unique_ptr<LlamaModel> mod
     drafter_ = std::make_unique<Drafter>(backend, std::move(draft.model), std::move(draft.kv), dc);
   }
   async_ = config.async_scheduling && !drafter_;  // a draft model's forward runs between steps
+  if (const char* v = std::getenv("PAGEDRT_CHECKED_PICKS")) checked_picks_ = std::string(v) != "0";
   if (config.scheduler.swap_slots > 0) runner_.enable_swap(config.scheduler.swap_slots);
   auto_preemption_ = config.scheduler.preemption == PreemptionMode::Auto;
   publish_stats();  // the pool as it starts (an elastic one: its first chunk mapped)
@@ -163,6 +164,10 @@ void Engine::loop() {
 struct Engine::PendingMasks {
   std::vector<uint32_t> words;
   std::vector<MaskRow> rows;
+  std::vector<Sequence*> seqs;   // rows[i]'s
+  size_t eager = 0;              // rows filled on the helper thread (the first), before check_picks adds any
+  std::vector<MaskRow> later;    // checked picks: rows without a mask (yet), and their sequences
+  std::vector<Sequence*> later_seqs;
   std::future<double> filling;  // the fill's end (steady clock, seconds)
   double start = 0.0, end = 0.0;
   StepMasks masks;
@@ -179,25 +184,31 @@ struct Engine::PendingMasks {
   }
 };
 
-void Engine::start_masks(const SchedulerOutput& step, PendingMasks& pm) {
+void Engine::start_masks(const SchedulerOutput& step, PendingMasks& pm, bool checked) {
   const int64_t vocab = runner_.vocab_size(), words = (vocab + 31) / 32;
-  std::vector<const Sequence*> seqs;
   for (const ScheduledSeq& s : step.scheduled) {
-    const Sequence& q = *s.seq;
+    Sequence& q = *s.seq;
     if (!s.req->params.masked || q.num_computed + s.num_new_tokens != q.num_tokens()) continue;  // not sampling
     MaskRow row;
     row.request_id = s.req->id;
     row.index = q.index;
     row.generated = q.tokens.data() + s.req->prompt_len;
     row.num_generated = q.num_tokens() - s.req->prompt_len;
+    if (checked && q.num_draft == 0 && q.mask_eager == 0) {
+      pm.later.push_back(std::move(row));
+      pm.later_seqs.push_back(&q);
+      continue;
+    }
+    if (q.mask_eager > 0) --q.mask_eager;
     pm.rows.push_back(std::move(row));
-    seqs.push_back(&q);
+    pm.seqs.push_back(&q);
   }
+  pm.eager = pm.rows.size();
   if (pm.rows.empty()) return;
   pm.words.assign(pm.rows.size() * static_cast<size_t>(words), 0u);
   for (size_t i = 0; i < pm.rows.size(); ++i) {
     pm.rows[i].mask = pm.words.data() + i * words;
-    pm.masks.by_seq[seqs[i]] = pm.rows[i].mask;
+    pm.masks.by_seq[pm.seqs[i]] = pm.rows[i].mask;
   }
   pm.masks.words = pm.words.data();
   pm.masks.count = static_cast<int32_t>(pm.rows.size());
@@ -333,16 +344,20 @@ void Engine::step() {
   const bool device_sample = runner_.has_device_sample();
   const bool device_all = !device_greedy && device_sample && outputs_.device_only(step);
   PendingMasks pm;
-  start_masks(step, pm);
+  {
+    const std::shared_ptr<TokenMaskProvider> provider = mask_provider();
+    start_masks(step, pm, checked_picks_ && device_greedy && provider && provider->validates());
+  }
   // Structured-output rows are picked and drawn once their masks are known
   // (the helper thread fills them while the forward runs): greedy ones by the
   // device argmax, sampled ones with the step's other device draws.
   const bool device_picks = device_greedy || (device_all && OutputProcessor::any_greedy(step));
-  const bool defer_picks = device_picks && !pm.rows.empty();
+  const bool defer_picks = device_picks && (!pm.rows.empty() || !pm.later.empty());
   // Async scheduling: launched now, processed in the next iteration (after
   // the next step is launched).
   const bool pipelined =
-      async_ && pm.rows.empty() && (device_greedy || device_all) && OutputProcessor::pipelinable(step);
+      async_ && pm.rows.empty() && pm.later.empty() && (device_greedy || device_all) &&
+      OutputProcessor::pipelinable(step);
   int64_t prompt_tokens = 0;
   for (const ScheduledSeq& s : step.scheduled)
     prompt_tokens += std::max<int64_t>(
@@ -387,9 +402,10 @@ void Engine::step() {
   const double forward_end = now_s();
   finish_launched();  // the step ahead of this one (collect waits only for its results, queued before this step)
   pm.wait();
-  if (!pm.rows.empty()) {
+  if (!pm.rows.empty() || !pm.later.empty()) {
     try {
       if (defer_picks) pick_masked(step, out, pm);
+      if (!pm.later.empty()) check_picks(step, out, pm);
       if (device_sample) draw_on_device();
     } catch (const std::exception& e) {
       fail_step(step, e.what());
@@ -398,7 +414,7 @@ void Engine::step() {
     }
   }
   if (pm.start > 0.0)  // masks were filled for this step
-    stats_.count_masks(static_cast<int64_t>(pm.rows.size()), pm.end - pm.start, std::max(0.0, pm.end - forward_end));
+    stats_.count_masks(static_cast<int64_t>(pm.eager), pm.end - pm.start, std::max(0.0, pm.end - forward_end));
   stats_.count_step(static_cast<int64_t>(step.preempted.size()), prompt_tokens, forward_end - forward_start,
                     out.padded_tokens);
   if (auto_preemption_ && prompt_tokens > 0) {  // what a token computed again costs
@@ -419,11 +435,78 @@ void Engine::pick_masked(const SchedulerOutput& step, ModelOutput& out, const Pe
       mask_of_row[static_cast<size_t>(slice.first_row + slice.num_rows - 1)] = pm.masks.index_of(step.scheduled[i].seq);
   }
   RowMasks masks;
-  masks.mask_of_row = mask_of_row.data();
-  masks.words = pm.masks.words;
-  masks.num_masks = pm.masks.count;
-  masks.words_per_row = pm.masks.words_per_row;
+  if (pm.masks.count > 0) {  // else (only checked picks) every row unmasked
+    masks.mask_of_row = mask_of_row.data();
+    masks.words = pm.masks.words;
+    masks.num_masks = pm.masks.count;
+    masks.words_per_row = pm.masks.words_per_row;
+  }
   runner_.pick(out, masks);
+}
+
+void Engine::check_picks(const SchedulerOutput& step, ModelOutput& out, PendingMasks& pm) {
+  const std::shared_ptr<TokenMaskProvider> provider = mask_provider();
+  const size_t n = pm.later.size();
+  std::vector<int32_t> tokens(n, -1);
+  for (size_t i = 0; i < step.scheduled.size(); ++i) {
+    const auto at = std::find(pm.later_seqs.begin(), pm.later_seqs.end(), step.scheduled[i].seq);
+    if (at == pm.later_seqs.end()) continue;
+    const LogitsSlice& slice = (*out.slices)[i];
+    tokens[static_cast<size_t>(at - pm.later_seqs.begin())] = out.argmax[slice.first_row + slice.num_rows - 1];
+  }
+  std::vector<uint8_t> ok(n, 0);
+  if (provider) {
+    try {
+      provider->validate(pm.later, tokens.data(), ok.data());
+    } catch (const std::exception&) {
+      std::fill(ok.begin(), ok.end(), uint8_t{0});  // every row refused: its mask decides (and reports)
+    }
+  }
+  std::vector<size_t> refused;
+  for (size_t i = 0; i < n; ++i) {
+    Sequence& q = *pm.later_seqs[i];
+    if (ok[i] && tokens[i] >= 0) {
+      q.mask_refusals = 0;
+      continue;
+    }
+    refused.push_back(i);
+    q.mask_eager = std::min(kMaxEagerMaskSteps, int32_t{1} << std::min(q.mask_refusals, 6));
+    ++q.mask_refusals;
+  }
+  stats_.count_checked_picks(static_cast<int64_t>(n), static_cast<int64_t>(refused.size()));
+  if (refused.empty()) return;
+  // The refused rows' masks, after the eager rows' (whose masks are filled:
+  // pm.wait() came first) in one block, as pick() takes them.
+  const int64_t vocab = runner_.vocab_size(), words = (vocab + 31) / 32;
+  const size_t eager = pm.rows.size();
+  for (size_t i : refused) {
+    pm.rows.push_back(pm.later[i]);
+    pm.seqs.push_back(pm.later_seqs[i]);
+  }
+  pm.words.resize(pm.rows.size() * static_cast<size_t>(words), 0u);
+  pm.masks.by_seq.clear();
+  for (size_t i = 0; i < pm.rows.size(); ++i) {
+    pm.rows[i].mask = pm.words.data() + i * words;
+    pm.masks.by_seq[pm.seqs[i]] = pm.rows[i].mask;
+  }
+  pm.masks.words = pm.words.data();
+  pm.masks.count = static_cast<int32_t>(pm.rows.size());
+  pm.masks.words_per_row = words;
+  std::vector<MaskRow> fill(pm.rows.begin() + static_cast<std::ptrdiff_t>(eager), pm.rows.end());
+  const double start = now_s();
+  if (!provider) {
+    pm.masks.error = "no TokenMaskProvider is set";
+  } else {
+    try {
+      provider->fill(fill, vocab);
+    } catch (const std::exception& e) {
+      pm.masks.error = e.what();
+      std::fill(pm.words.begin() + static_cast<std::ptrdiff_t>(eager * words), pm.words.end(), 0u);
+    }
+  }
+  const double took = now_s() - start;
+  stats_.count_masks(static_cast<int64_t>(fill.size()), took, took);  // on the step's path: all waited for
+  pick_masked(step, out, pm);
 }
 
 void Engine::fail_step(const SchedulerOutput& step, const std::string& what) {

@@ -133,11 +133,24 @@ class Engine final : private OutputSink {
   void finish_seq(Request& r, Sequence& s, FinishReason reason, const std::string& error) override;
   // Starts filling the masks of this step's masked sampling rows on a helper
   // thread (the forward runs meanwhile); wait() before the outputs use them.
+  // checked: the step's picks are plain greedy on the device and the
+  // provider validates: rows of sequences not in their eager steps are left
+  // to check_picks() (pm.later) instead.
   struct PendingMasks;
-  void start_masks(const SchedulerOutput& step, PendingMasks& pm);
+  void start_masks(const SchedulerOutput& step, PendingMasks& pm, bool checked);
   // Greedy picks on the device for a step whose forward left its logits there
   // (ModelRunner::run with defer_picks), its masked rows masked.
   void pick_masked(const SchedulerOutput& step, ModelOutput& out, const PendingMasks& pm);
+  // The checked picks of pm.later: the provider validates each row's unmasked
+  // pick; refused rows get their masks now (appended to pm's) and the step is
+  // picked again. A sequence whose check was refused is masked before its
+  // pick (eagerly, while the forward runs) for its next 1, 2, 4 ... up to
+  // kMaxEagerMaskSteps steps, doubling with each refusal in a row: a model
+  // that follows its grammar is checked nearly every step, one that does
+  // not (a random one) is masked nearly every step, as without checks.
+  void check_picks(const SchedulerOutput& step, ModelOutput& out, PendingMasks& pm);
+  static constexpr int32_t kMaxEagerMaskSteps = 64;
+  bool checked_picks_ = true;  // PAGEDRT_CHECKED_PICKS=0: every masked row's mask before its pick (A/B runs)
   void finish_beams(Request& r, std::vector<Event> finals) override;
   // Ends every live sequence of a request (abort, error, shutdown).
   void finish_request(Request& r, FinishReason reason, const std::string& error = "");

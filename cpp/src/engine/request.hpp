@@ -51,6 +51,11 @@ struct Sequence {
   bool spec_off = false;
   int64_t spec_proposed = 0;         // proposals verified, since submit
   int64_t spec_accepted = 0;         // of those, kept
+  // Structured output's checked picks (pagedrt/token_mask.hpp): steps left in
+  // which this sequence's mask comes before its pick (after a refused pick),
+  // and its checks refused in a row (each doubles the eager steps that follow).
+  int32_t mask_eager = 0;
+  int32_t mask_refusals = 0;
 
   // What the next event carries.
   std::vector<int32_t> new_tokens;

@@ -67,6 +67,12 @@ void StatsKeeper::count_masks(int64_t rows, double seconds, double wait_seconds)
   stats_.mask_wait_seconds += wait_seconds;
 }
 
+void StatsKeeper::count_checked_picks(int64_t checked, int64_t refused) {
+  std::lock_guard<std::mutex> lk(mu_);
+  stats_.mask_rows_checked += checked;
+  stats_.mask_rows_refused += refused;
+}
+
 void StatsKeeper::publish(const BlockPool& pool, const KvCacheManager& kv, const Scheduler& scheduler,
                           const Drafter* drafter) {
   const double now = std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();

@@ -37,6 +37,7 @@ class StatsKeeper {
   void count_device_draws(int64_t draws);
   void count_speculative(int64_t proposed, int64_t accepted);
   void count_masks(int64_t rows, double seconds, double wait_seconds);
+  void count_checked_picks(int64_t checked, int64_t refused);  // Stats::mask_rows_checked, _refused
   // The pool, the prefix cache and the queues as they are now; the peaks.
   // `drafter`: null without a draft model.
   void publish(const BlockPool& pool, const KvCacheManager& kv, const Scheduler& scheduler, const Drafter* drafter);
