@@ -505,7 +505,8 @@ void Engine::check_picks(const SchedulerOutput& step, ModelOutput& out, PendingM
     }
   }
   const double took = now_s() - start;
-  stats_.count_masks(static_cast<int64_t>(fill.size()), took, took);  // on the step's path: all waited for
+  // on the step's path: all of it waited for; a step that also filled eagerly is counted once
+  stats_.count_masks(static_cast<int64_t>(fill.size()), took, took, pm.eager == 0);
   pick_masked(step, out, pm);
 }
 

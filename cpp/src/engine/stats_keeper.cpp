@@ -59,9 +59,9 @@ void StatsKeeper::count_speculative(int64_t proposed, int64_t accepted) {
   stats_.spec_accepted += accepted;
 }
 
-void StatsKeeper::count_masks(int64_t rows, double seconds, double wait_seconds) {
+void StatsKeeper::count_masks(int64_t rows, double seconds, double wait_seconds, bool new_step) {
   std::lock_guard<std::mutex> lk(mu_);
-  stats_.mask_steps += 1;
+  stats_.mask_steps += new_step ? 1 : 0;
   stats_.mask_rows += rows;
   stats_.mask_seconds += seconds;
   stats_.mask_wait_seconds += wait_seconds;

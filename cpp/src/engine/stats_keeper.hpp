@@ -36,7 +36,8 @@ class StatsKeeper {
   void count_generated(int64_t tokens);
   void count_device_draws(int64_t draws);
   void count_speculative(int64_t proposed, int64_t accepted);
-  void count_masks(int64_t rows, double seconds, double wait_seconds);
+  // new_step: the step's first fill (Stats::mask_steps counts steps, not fills).
+  void count_masks(int64_t rows, double seconds, double wait_seconds, bool new_step = true);
   void count_checked_picks(int64_t checked, int64_t refused);  // Stats::mask_rows_checked, _refused
   // The pool, the prefix cache and the queues as they are now; the peaks.
   // `drafter`: null without a draft model.
