@@ -166,8 +166,9 @@ struct Engine::PendingMasks {
   std::vector<MaskRow> rows;
   std::vector<Sequence*> seqs;   // rows[i]'s
   size_t eager = 0;              // rows filled on the helper thread (the first), before check_picks adds any
-  std::vector<MaskRow> later;    // checked picks: rows without a mask (yet), and their sequences
-  std::vector<Sequence*> later_seqs;
+  std::vector<MaskRow> later;    // checked picks: rows without a mask (yet), their sequences and
+  std::vector<Sequence*> later_seqs;  // their places in the step's schedule
+  std::vector<size_t> later_at;
   std::future<double> filling;  // the fill's end (steady clock, seconds)
   double start = 0.0, end = 0.0;
   StepMasks masks;
@@ -186,7 +187,8 @@ struct Engine::PendingMasks {
 
 void Engine::start_masks(const SchedulerOutput& step, PendingMasks& pm, bool checked) {
   const int64_t vocab = runner_.vocab_size(), words = (vocab + 31) / 32;
-  for (const ScheduledSeq& s : step.scheduled) {
+  for (size_t at = 0; at < step.scheduled.size(); ++at) {
+    const ScheduledSeq& s = step.scheduled[at];
     Sequence& q = *s.seq;
     if (!s.req->params.masked || q.num_computed + s.num_new_tokens != q.num_tokens()) continue;  // not sampling
     MaskRow row;
@@ -197,6 +199,7 @@ void Engine::start_masks(const SchedulerOutput& step, PendingMasks& pm, bool che
     if (checked && q.num_draft == 0 && q.mask_eager == 0) {
       pm.later.push_back(std::move(row));
       pm.later_seqs.push_back(&q);
+      pm.later_at.push_back(at);
       continue;
     }
     if (q.mask_eager > 0) --q.mask_eager;
@@ -447,12 +450,10 @@ void Engine::pick_masked(const SchedulerOutput& step, ModelOutput& out, const Pe
 void Engine::check_picks(const SchedulerOutput& step, ModelOutput& out, PendingMasks& pm) {
   const std::shared_ptr<TokenMaskProvider> provider = mask_provider();
   const size_t n = pm.later.size();
-  std::vector<int32_t> tokens(n, -1);
-  for (size_t i = 0; i < step.scheduled.size(); ++i) {
-    const auto at = std::find(pm.later_seqs.begin(), pm.later_seqs.end(), step.scheduled[i].seq);
-    if (at == pm.later_seqs.end()) continue;
-    const LogitsSlice& slice = (*out.slices)[i];
-    tokens[static_cast<size_t>(at - pm.later_seqs.begin())] = out.argmax[slice.first_row + slice.num_rows - 1];
+  std::vector<int32_t> tokens(n);
+  for (size_t i = 0; i < n; ++i) {  // each row's unmasked pick: its slice's last row
+    const LogitsSlice& slice = (*out.slices)[pm.later_at[i]];
+    tokens[i] = out.argmax[slice.first_row + slice.num_rows - 1];
   }
   std::vector<uint8_t> ok(n, 0);
   if (provider) {
