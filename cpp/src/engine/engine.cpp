@@ -172,6 +172,19 @@ struct Engine::PendingMasks {
   std::future<double> filling;  // the fill's end (steady clock, seconds)
   double start = 0.0, end = 0.0;
   StepMasks masks;
+  // `words` sized for every row (zeros for new ones), and each row's mask, by_seq
+  // and masks' block pointed into it (again after rows were added).
+  void lay_out(int64_t words_per_row) {
+    words.resize(rows.size() * static_cast<size_t>(words_per_row), 0u);
+    masks.by_seq.clear();
+    for (size_t i = 0; i < rows.size(); ++i) {
+      rows[i].mask = words.data() + i * words_per_row;
+      masks.by_seq[seqs[i]] = rows[i].mask;
+    }
+    masks.words = words.data();
+    masks.count = static_cast<int32_t>(rows.size());
+    masks.words_per_row = words_per_row;
+  }
   // Waits for the helper thread (also when the forward failed: it writes into `words`).
   void wait() {
     if (!filling.valid()) return;
@@ -208,14 +221,7 @@ void Engine::start_masks(const SchedulerOutput& step, PendingMasks& pm, bool che
   }
   pm.eager = pm.rows.size();
   if (pm.rows.empty()) return;
-  pm.words.assign(pm.rows.size() * static_cast<size_t>(words), 0u);
-  for (size_t i = 0; i < pm.rows.size(); ++i) {
-    pm.rows[i].mask = pm.words.data() + i * words;
-    pm.masks.by_seq[pm.seqs[i]] = pm.rows[i].mask;
-  }
-  pm.masks.words = pm.words.data();
-  pm.masks.count = static_cast<int32_t>(pm.rows.size());
-  pm.masks.words_per_row = words;
+  pm.lay_out(words);
   const std::shared_ptr<TokenMaskProvider> provider = mask_provider();
   if (!provider) {
     pm.masks.error = "no TokenMaskProvider is set";
@@ -484,15 +490,7 @@ void Engine::check_picks(const SchedulerOutput& step, ModelOutput& out, PendingM
     pm.rows.push_back(pm.later[i]);
     pm.seqs.push_back(pm.later_seqs[i]);
   }
-  pm.words.resize(pm.rows.size() * static_cast<size_t>(words), 0u);
-  pm.masks.by_seq.clear();
-  for (size_t i = 0; i < pm.rows.size(); ++i) {
-    pm.rows[i].mask = pm.words.data() + i * words;
-    pm.masks.by_seq[pm.seqs[i]] = pm.rows[i].mask;
-  }
-  pm.masks.words = pm.words.data();
-  pm.masks.count = static_cast<int32_t>(pm.rows.size());
-  pm.masks.words_per_row = words;
+  pm.lay_out(words);
   std::vector<MaskRow> fill(pm.rows.begin() + static_cast<std::ptrdiff_t>(eager), pm.rows.end());
   const double start = now_s();
   if (!provider) {
