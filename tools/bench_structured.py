@@ -108,6 +108,7 @@ def main():
                   f"({b['tpot_ms'] / p['tpot_ms']:.3f}x plain)", flush=True)
         rt._rt.set_token_mask_provider(cons.fill, cons.release, lend[0], validate)
         f0, c0, n0 = cons.fill_seconds, cons.fill_calls, cons.fill_rows
+        v0, vn0 = cons.validate_seconds, cons.validate_rows
         e0 = rt.stats()
         s = run(rt, prompts, max_tokens=args.max_tokens, temperature=0, json_schema=SCHEMA)
         e1 = rt.stats()
@@ -115,6 +116,9 @@ def main():
         steps = max(e1.mask_steps - e0.mask_steps, 1)
         s["mask_ms_per_step"] = 1e3 * (cons.fill_seconds - f0) / max(calls, 1)  # inside the provider's fill
         s["mask_us_per_row"] = 1e6 * (cons.fill_seconds - f0) / max(rows, 1)
+        # checked picks: the provider's validate() (on the engine's thread, after the forward, the GIL's wait excluded)
+        s["validate_us_per_row"] = 1e6 * (cons.validate_seconds - v0) / max(cons.validate_rows - vn0, 1)
+        s["validate_ms_per_step"] = 1e3 * (cons.validate_seconds - v0) / max(s["steps"], 1)
         # the engine's view: the helper thread's whole call (the GIL's wait too), and what the forward did not hide
         s["mask_wall_ms_per_step"] = 1e3 * (e1.mask_seconds - e0.mask_seconds) / steps
         s["mask_wait_ms_per_step"] = 1e3 * (e1.mask_wait_seconds - e0.mask_wait_seconds) / steps
@@ -126,7 +130,8 @@ def main():
               f"({s['tpot_ms'] / p['tpot_ms']:.3f}x); masks {s['mask_ms_per_step']:.2f} ms per step in the "
               f"provider ({s['mask_us_per_row']:.0f} us per row), {s['mask_wall_ms_per_step']:.2f} ms on the "
               f"helper thread, {s['mask_wait_ms_per_step']:.2f} ms not hidden by the forward "
-              f"({100 * s['mask_overlap']:.0f}% overlapped)", flush=True)
+              f"({100 * s['mask_overlap']:.0f}% overlapped); checks {s['validate_ms_per_step']:.2f} ms per step "
+              f"({s['validate_us_per_row']:.1f} us per row)", flush=True)
         print(f"  plain: {breakdown(p)}\n  json_schema: {breakdown(s)}", flush=True)
     ratios = [s["tpot_ms"] / p["tpot_ms"] for p, s in zip(res["plain"], res["json_schema"])]
     res["tpot_ratio_median"] = statistics.median(ratios)

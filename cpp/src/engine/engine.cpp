@@ -209,7 +209,9 @@ void Engine::start_masks(const SchedulerOutput& step, PendingMasks& pm, bool che
     row.index = q.index;
     row.generated = q.tokens.data() + s.req->prompt_len;
     row.num_generated = q.num_tokens() - s.req->prompt_len;
-    if (checked && q.num_draft == 0 && q.mask_eager == 0) {
+    // A sequence's first row is masked first: its provider state (a grammar's
+    // matcher) is made with it, on the helper thread, behind the prompt's forward.
+    if (checked && q.num_draft == 0 && q.mask_eager == 0 && row.num_generated > 0) {
       pm.later.push_back(std::move(row));
       pm.later_seqs.push_back(&q);
       pm.later_at.push_back(at);
