@@ -304,3 +304,20 @@ def test_a_validator_that_allows_everything_lets_invalid_picks_through(tiny_sp):
                                                      regex=r"(yes|no)( maybe)*")]
     assert all(re.fullmatch(r"(yes|no)( maybe)*", t) for t in outs["checked"]), outs["checked"]
     assert not all(re.fullmatch(r"(yes|no)( maybe)*", t) for t in outs["yes"]), outs["yes"]
+
+
+def test_constrained_answers_survive_preemption(smol):
+    """12 greedy JSON requests in a pool small enough to preempt (recompute):
+    the same tokens as in a roomy pool, with checked picks and masking first
+    alike (a resumed sequence's matcher has its tokens already; the engine
+    feeds it only what came since)."""
+    asks = [[{"role": "user", "content": f"Invent person number {i} and describe them as JSON."}] for i in range(12)]
+    block_bytes = 30 * 2 * 3 * 64 * 16 * 2  # SmolLM2's bf16 KV block
+    with pagedrt.Runtime(smol, device="cpu") as r:
+        roomy, _, _ = _json_run(r, r._constraints().validate, asks, SCHEMAS[0])
+    for checked in (True, False):
+        with pagedrt.Runtime(smol, device="cpu", kv_cache_bytes=24 * block_bytes, enable_prefix_caching=False) as r:
+            tight, n, _ = _json_run(r, r._constraints().validate if checked else None, asks, SCHEMAS[0])
+            assert r.stats().num_preemptions > 0, "the pool was meant to force preemptions"
+        assert tight == roomy, checked
+        assert (n > 0) == checked
