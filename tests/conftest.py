@@ -182,3 +182,20 @@ def paged_batch(specs, block_size=16, token=lambda: 1) -> dict:
         b["page_indptr"].append(len(b["page_indices"]))
         b["logits_indices"].append(len(b["tokens"]) - 1)
     return b
+
+
+def bf(x):
+    """float32 values rounded to the nearest bf16 (ties to even), kept as float32."""
+    import numpy as np
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
+    return u.astype(np.uint32).view(np.float32)
+
+
+def set_batch(ops, b) -> None:
+    """paged_batch's arrays into a _testing._Ops (its next ops' step)."""
+    import numpy as np
+    i32 = lambda a: np.ascontiguousarray(a, np.int32)  # noqa: E731
+    ops.set_batch(i32(b["tokens"]), i32(b["positions"]), np.ascontiguousarray(b["slots"], np.int64),
+                  i32(b["query_start"]), i32(b["seq_lens"]), i32(b["page_indptr"]), i32(b["page_indices"]),
+                  i32(b["logits_indices"]))

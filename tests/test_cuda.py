@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import pagedrt
-from conftest import SMOL_PROMPTS, paged_batch, run_all
+from conftest import SMOL_PROMPTS, bf, paged_batch, run_all, set_batch
 from pagedrt import _core, _testing
 
 pytestmark = [pytest.mark.cuda,
@@ -26,13 +26,6 @@ pytestmark = [pytest.mark.cuda,
                                  reason="no CUDA GPU visible to pagedrt")]
 
 BF16_TOL = 1e-2
-
-
-def bf(x) -> np.ndarray:
-    """float32 values rounded to the nearest bf16 (ties to even), kept as float32."""
-    u = np.ascontiguousarray(x, np.float32).view(np.uint32).astype(np.uint64)
-    u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
-    return u.astype(np.uint32).view(np.float32)
 
 
 def rel_err(a, b) -> float:
@@ -51,16 +44,6 @@ def record(name: str, value: float) -> None:
 @pytest.fixture(scope="module")
 def ops():
     return _testing._Ops("cpu"), _testing._Ops("cuda")
-
-
-def i32(a):
-    return np.ascontiguousarray(a, np.int32)
-
-
-def set_batch(o, b):
-    o.set_batch(i32(b["tokens"]), i32(b["positions"]), np.ascontiguousarray(b["slots"], np.int64),
-                i32(b["query_start"]), i32(b["seq_lens"]), i32(b["page_indptr"]), i32(b["page_indices"]),
-                i32(b["logits_indices"]))
 
 
 def make_batch(rng, seqs, block_size=16, extra_blocks=7, vocab=1000):

@@ -19,16 +19,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import paged_batch
+from conftest import bf, paged_batch, set_batch
 from pagedrt import _core, _testing
 
 pytestmark = pytest.mark.skipif(not _core.cuda_available(), reason="no CUDA GPU visible")
-
-
-def bf(x) -> np.ndarray:
-    """x rounded to bf16 (nearest even), as float32."""
-    u = np.ascontiguousarray(x, np.float32).view(np.uint32)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).view(np.float32)
 
 
 def ops_of(deterministic: bool, activation: str = "bfloat16"):
@@ -70,13 +64,6 @@ def build_batch(specs, num_blocks):
     the cache, tokens of this step."""
     assert all(-(-(c + n) // BLOCK) <= len(t) and max(t) < num_blocks for t, c, n in specs)
     return paged_batch(specs, BLOCK)
-
-
-def set_batch(o, b):
-    i32 = lambda a: np.ascontiguousarray(a, np.int32)  # noqa: E731
-    o.set_batch(i32(b["tokens"]), i32(b["positions"]), np.ascontiguousarray(b["slots"], np.int64),
-                i32(b["query_start"]), i32(b["seq_lens"]), i32(b["page_indptr"]), i32(b["page_indices"]),
-                i32(b["logits_indices"]))
 
 
 def token_in_two_steps(o, rng, H, Hkv, D, context, chunk, back=0):

@@ -95,26 +95,6 @@ def runtime(smol, dtype, device="cpu", **kw):
     return pagedrt.Runtime(smol, device=device, dtype=dtype, activation_dtype=dtype, progress=False, **kw)
 
 
-class _Env:
-    """Environment variables set while a Runtime is made (the CUDA backend reads
-    PAGEDRT_CUDA_GRAPHS when it starts)."""
-
-    def __init__(self, **env):
-        self.env, self.old = env, {}
-
-    def __enter__(self):
-        for k, v in self.env.items():
-            self.old[k] = os.environ.get(k)
-            os.environ[k] = v
-
-    def __exit__(self, *exc):
-        for k, v in self.old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 @pytest.mark.parametrize("sampled", [False, True])
 def test_logits_rows_do_not_depend_on_the_batch(smol, device, dtype, sampled):
     """Neighbours, a chunk budget of 8 tokens, a small KV pool that forces
@@ -135,7 +115,9 @@ def test_logits_rows_do_not_depend_on_the_batch(smol, device, dtype, sampled):
         del cases["one thread"]
         cases["no CUDA graphs"] = (dict(), {"PAGEDRT_CUDA_GRAPHS": "0"})
     for name, (options, env) in cases.items():
-        with _Env(**env):
+        with pytest.MonkeyPatch.context() as mp:  # the CUDA backend reads PAGEDRT_CUDA_GRAPHS when it starts
+            for name_, value in env.items():
+                mp.setenv(name_, value)
             rt = runtime(smol, dtype, device, **options)
         with rt:
             rows, tokens, stats = in_company(rt, prompt, params, seed=len(name),

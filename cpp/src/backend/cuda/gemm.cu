@@ -154,7 +154,7 @@ bool Gemm::accepts(const Plan& p, const cublasLtMatmulAlgo_t& algo) const {
   // The batch-invariant mode runs without workspace: whatever would need one
   // (partial sums of a k split) is refused at every n, not only at pin_n_.
   return cublasLtMatmulAlgoCheck(handle_, p.op, p.a, p.b, p.c, p.c, &algo, &r) == CUBLAS_STATUS_SUCCESS &&
-         r.state == CUBLAS_STATUS_SUCCESS && r.workspaceSize <= (deterministic_ ? 0 : workspace_bytes_);
+         r.state == CUBLAS_STATUS_SUCCESS && r.workspaceSize <= workspace_bytes_;
 }
 
 void Gemm::destroy(Plan& p) {
@@ -168,7 +168,7 @@ cublasStatus_t Gemm::matmul(const Plan& p, const cublasLtMatmulAlgo_t& algo, con
                             void* y) {
   const float alpha = 1.0f, beta = 0.0f;
   return cublasLtMatmul(handle_, p.op, &alpha, w, p.a, x, p.b, &beta, y, p.c, y, p.c, &algo,
-                        deterministic_ ? nullptr : workspace_, deterministic_ ? 0 : workspace_bytes_, stream_);
+                        workspace_, workspace_bytes_, stream_);
 }
 
 cublasLtMatmulAlgo_t Gemm::first_pick(const Plan& p, int64_t n, int64_t m, int64_t k, In in) const {
@@ -260,59 +260,68 @@ Gemm::Plan& Gemm::plan(int64_t n, int64_t m, int64_t k, bool out_f32, In in, con
   return it->second;
 }
 
-// The first of the heuristic's candidates for n = pin_n_ that splits no k and
-// that cuBLASLt accepts at every probe n without workspace (gemm.hpp): split-k
-// and stream-k algorithms need one for their partial sums. (No reduction
-// scheme mask: NONE is 0, not a bit, and the candidates' own split count and
-// scheme are checked instead.)
+// The first of the heuristic's candidates (asked at n = pin_n_, then at 256,
+// 16 and 1) whose configuration splits no k (one split, no reduction scheme)
+// and that cuBLASLt accepts at every probe n (gemm.hpp). Where none is, the
+// error counts why each was refused.
 const cublasLtMatmulAlgo_t& Gemm::pinned(int64_t m, int64_t k, bool out_f32, In in) {
   const PinKey key{m, k, out_f32, in};
   auto it = pinned_.find(key);
   if (it != pinned_.end()) return it->second;
-  cublasLtMatmulHeuristicResult_t res[kPinCandidates];
-  int found = 0;
-  cublasStatus_t st = CUBLAS_STATUS_SUCCESS;
-  {
-    cublasLtMatmulPreference_t pref;
-    CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
-    const size_t no_workspace = 0;
-    st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &no_workspace,
-                                              sizeof(no_workspace));
-    if (st == CUBLAS_STATUS_SUCCESS) {
-      Plan rep = make_plan(pin_n_, m, k, out_f32, in);
-      st = cublasLtMatmulAlgoGetHeuristic(handle_, rep.op, rep.a, rep.b, rep.c, rep.c, pref, kPinCandidates, res,
-                                          &found);
-      destroy(rep);
+  int seen = 0, bad_state = 0, no_config = 0, split = 0;
+  std::string refused_at;
+  for (const int64_t ask : {pin_n_, int64_t{256}, int64_t{16}, int64_t{1}}) {
+    cublasLtMatmulHeuristicResult_t res[kPinCandidates];
+    Plan rep = make_plan(ask, m, k, out_f32, in);
+    int found = 0;
+    try {
+      found = heuristic(rep, res, kPinCandidates, ask, m, k, in);
+    } catch (const Error&) {
+      found = 0;
     }
-    cublasLtMatmulPreferenceDestroy(pref);
-    if (st != CUBLAS_STATUS_SUCCESS) found = 0;
-  }
-  for (int i = 0; i < found; ++i) {
-    if (res[i].state != CUBLAS_STATUS_SUCCESS || res[i].workspaceSize != 0) continue;
-    int32_t splits = 1;
-    uint32_t scheme = CUBLASLT_REDUCTION_SCHEME_NONE;
-    size_t written = 0;
-    if (cublasLtMatmulAlgoConfigGetAttribute(&res[i].algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &splits, sizeof(splits),
-                                             &written) != CUBLAS_STATUS_SUCCESS ||
-        cublasLtMatmulAlgoConfigGetAttribute(&res[i].algo, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, &scheme,
-                                             sizeof(scheme), &written) != CUBLAS_STATUS_SUCCESS)
-      continue;
-    if (splits > 1 || scheme != CUBLASLT_REDUCTION_SCHEME_NONE) continue;
-    bool every_n = true;
-    for (int64_t n : kPinProbes) {
-      Plan probe = make_plan(n, m, k, out_f32, in);
-      every_n = accepts(probe, res[i].algo);
-      destroy(probe);
-      if (!every_n) break;
+    destroy(rep);
+    for (int i = 0; i < found; ++i) {
+      ++seen;
+      if (res[i].state != CUBLAS_STATUS_SUCCESS) {
+        ++bad_state;
+        continue;
+      }
+      int32_t splits = 1;
+      uint32_t scheme = CUBLASLT_REDUCTION_SCHEME_NONE;
+      size_t written = 0;
+      if (cublasLtMatmulAlgoConfigGetAttribute(&res[i].algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &splits,
+                                               sizeof(splits), &written) != CUBLAS_STATUS_SUCCESS ||
+          cublasLtMatmulAlgoConfigGetAttribute(&res[i].algo, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, &scheme,
+                                               sizeof(scheme), &written) != CUBLAS_STATUS_SUCCESS) {
+        ++no_config;
+        continue;
+      }
+      if (splits > 1 || scheme != CUBLASLT_REDUCTION_SCHEME_NONE) {
+        ++split;
+        continue;
+      }
+      int64_t refused = 0;
+      for (int64_t n : kPinProbes) {
+        Plan probe = make_plan(n, m, k, out_f32, in);
+        const bool ok = accepts(probe, res[i].algo);
+        destroy(probe);
+        if (!ok) {
+          refused = n;
+          break;
+        }
+      }
+      if (refused == 0) return pinned_.emplace(key, res[i].algo).first->second;
+      refused_at += (refused_at.empty() ? "" : ", ") + std::to_string(refused);
     }
-    if (every_n) return pinned_.emplace(key, res[i].algo).first->second;
   }
   throw Error(ErrorKind::Unsupported,
-              std::string("deterministic=True on CUDA: none of cuBLASLt's ") + std::to_string(found) +
-                  " candidates (heuristic status " + std::to_string(static_cast<int>(st)) + ") for a " +
-                  (in == In::F32 ? "fp32" : "bf16") + " GEMM of a (" + std::to_string(m) + ", " +
-                  std::to_string(k) + ") weight with " + (out_f32 ? "fp32" : "bf16") +
-                  " output splits no k and runs every n; this model cannot run batch-invariant here");
+              std::string("deterministic=True on CUDA: none of cuBLASLt's ") + std::to_string(seen) +
+                  " candidates for a " + (in == In::F32 ? "fp32" : "bf16") + " GEMM of a (" + std::to_string(m) +
+                  ", " + std::to_string(k) + ") weight with " + (out_f32 ? "fp32" : "bf16") +
+                  " output splits no k and runs every n (" + std::to_string(bad_state) + " not runnable, " +
+                  std::to_string(no_config) + " without a readable configuration, " + std::to_string(split) +
+                  " splitting k, the rest refused at n = " + (refused_at.empty() ? "-" : refused_at) +
+                  "); this model cannot run batch-invariant here");
 }
 
 void Gemm::pin(int64_t m, int64_t k, bool in_f32) {

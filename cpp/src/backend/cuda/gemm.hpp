@@ -65,7 +65,7 @@ namespace pagedrt::cuda {
 class Gemm {
  public:
   static constexpr int kSearchCandidates = 8;
-  static constexpr int kPinCandidates = 16;
+  static constexpr int kPinCandidates = 32;
   static constexpr int64_t kPinN = 64;
   // n at which a pinned algorithm must be accepted: batch-1 decode, the own
   // kernel's edge, odd sizes, a large prefill.
