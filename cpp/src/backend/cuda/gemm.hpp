@@ -32,15 +32,17 @@
 // splits k between warps and cuBLASLt picks its algorithm (tile, split-k)
 // per n, so neither holds across n. Here every n of one weight shape (m, k,
 // output and operand types) runs one cuBLASLt algorithm, pinned when the
-// weight loads (pin()): the heuristic's first candidate for n = kPinN (64;
-// PAGEDRT_DET_GEMM_N for A/B runs) that splits no k (one split, no
-// reduction scheme) and that cuBLASLt accepts without workspace at every
-// probe n (kPinProbes); every call then runs without workspace. Without a k split each element of y is one accumulation
-// chain over k in the kernel's fixed order, and the algorithm's tiles only
+// weight loads (pin()): the first of the heuristic's candidates, asked at n =
+// kPinN (64; PAGEDRT_DET_GEMM_N for A/B runs), then at 256, 16 and 1, that
+// splits no k (one split, no reduction scheme) and that cuBLASLt accepts at
+// every probe n (kPinProbes). (Asked without workspace, the H200's cuBLASLt
+// offered none: 2026-12-05.) Without a k split each element of y is one
+// accumulation chain over k in the kernel's fixed order, and the tiles only
 // decide which block computes it: a row's bits do not depend on n (checked
 // on the GPU: tests/test_cuda_determinism.py). A shape no candidate serves,
 // or an n the pinned algorithm refuses, throws (never a silent fallback to
-// another order; Unsupported, naming the shape). The pick is the heuristic's, never timed: a timed choice
+// another order; Unsupported, naming the shape and why each candidate was
+// refused). The pick is the heuristic's, never timed: a timed choice
 // could differ between processes, and results must reproduce across them.
 // fp8 operands are not served (the Runtime refuses deterministic=True with
 // fp8 weights on CUDA).
