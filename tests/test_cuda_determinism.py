@@ -3,11 +3,15 @@ _Ops("cuda", deterministic=True) must give a row the same bits whatever else
 is in the call. The end-to-end checks (logits rows of whole requests, on
 SmolLM2 and the 8B shape) are tests/test_determinism.py's CUDA cases.
 
-- linear: the rows of x @ W^T computed with n = 1 .. 4,096 rows around them
-  equal, bit for bit, the same rows of one large call (every n of a weight
-  shape runs one pinned cuBLASLt algorithm); with deterministic=False the own
-  small-n kernel and cuBLASLt's per-n picks give other bits somewhere (the
-  comparison can fail).
+- linear: the rows of x @ W^T computed with n = 1 .. 257 rows around them
+  equal, bit for bit, the same rows of one 600-row call (bf16: InvariantGemm,
+  the GEMV's order of sums at every n, through the GEMV, the tiled kernel's
+  three small-n tiles and its large one; fp32: one pinned cuBLASLt
+  algorithm), and the 600-row call is x @ W^T (float64 reference); with
+  deterministic=False the own small-n kernel and cuBLASLt's per-n picks give
+  other bits somewhere (the comparison can fail).
+- gate/up with SiLU·mul: the fused GEMV (n <= 8) gives the bits of the
+  GEMM-then-SiLU·mul path of 600 rows.
 - attention: a token's output computed as the last of a prefill chunk and as
   a decode step's only token, among other sequences of other lengths, is the
   same bits (every token through the prefill kernel's tiles); with
@@ -31,8 +35,11 @@ def ops_of(deterministic: bool, activation: str = "bfloat16"):
 
 # ---- linear ----------------------------------------------------------------------------
 
-# (m, k): SmolLM2's gate_up and down, a shape past the own kernel's k split, and an lm head's.
-@pytest.mark.parametrize("m,k", [(3072, 576), (576, 1536), (4096, 4096), (8192, 576)])
+# (m, k): SmolLM2's gate_up and down, a shape past the own kernel's k split,
+# an lm head's, and two with k past the last whole chunk (steps of 32 k split
+# by the last 8-k vector: 1,000 = 15 chunks of 64 + 40; 2,056 = 16 of 128 + 8)
+# and m not a multiple of any tile.
+@pytest.mark.parametrize("m,k", [(3072, 576), (576, 1536), (4096, 4096), (8192, 576), (200, 1000), (1000, 2056)])
 @pytest.mark.parametrize("activation,out_f32", [("bfloat16", False), ("bfloat16", True), ("float32", True)])
 def test_linear_rows_do_not_depend_on_n(m, k, activation, out_f32):
     rng = np.random.default_rng(m + k)
@@ -42,6 +49,9 @@ def test_linear_rows_do_not_depend_on_n(m, k, activation, out_f32):
     wdtype = activation
     det = ops_of(True, activation)
     full = det.linear(x, w, wdtype, out_f32)
+    ref = x.astype(np.float64) @ w.astype(np.float64).T
+    tol = (1e-5 if activation == "float32" else 1e-4 if out_f32 else 8e-3) * np.abs(ref).max()
+    assert np.abs(full - ref).max() <= tol, f"the {total}-row call is not x @ W^T: {np.abs(full - ref).max()} > {tol}"
     for n in (1, 2, 7, 8, 9, 16, 33, 64, 65, 257):
         for start in (0, 5, total - n):
             part = det.linear(x[start:start + n], w, wdtype, out_f32)
@@ -52,6 +62,25 @@ def test_linear_rows_do_not_depend_on_n(m, k, activation, out_f32):
         whole = fast.linear(x, w, wdtype, out_f32)
         differ = sum(np.count_nonzero(fast.linear(x[:n], w, wdtype, out_f32) != whole[:n]) for n in (1, 8, 9, 64))
         assert differ > 0, "deterministic=False was expected to give other bits at some n"
+
+
+@pytest.mark.parametrize("inter,k", [(1536, 576), (500, 1000)])
+def test_fused_silu_mul_rows_equal_the_unfused_path(inter, k):
+    # n <= 8 runs gate/up and SiLU·mul as one GEMV kernel, more rows run the
+    # tiled GEMM into (n, 2 inter) and then SiLU·mul: the same bits a row.
+    rng = np.random.default_rng(inter)
+    x = bf(rng.standard_normal((600, k)))
+    w = bf(rng.standard_normal((2 * inter, k)) * k ** -0.5)
+    det = ops_of(True)
+    full = det.linear_silu_mul(x, w, "bfloat16")
+    gu = x.astype(np.float64) @ w.astype(np.float64).T
+    ref = gu[:, :inter] / (1 + np.exp(-gu[:, :inter])) * gu[:, inter:]
+    assert np.abs(full - ref).max() <= 2e-2 * np.abs(ref).max()
+    for n in (1, 3, 8, 9):
+        for start in (0, 100):
+            part = det.linear_silu_mul(x[start:start + n], w, "bfloat16")
+            differ = np.count_nonzero(part != full[start:start + n])
+            assert differ == 0, f"n={n} at row {start}: {differ} of {part.size} values differ from the 600-row call"
 
 
 # ---- attention -------------------------------------------------------------------------

@@ -511,6 +511,14 @@ def gemm_odd():
     return gemm(GEMM_ODD_ROWS, ("heuristic", "search"), torch_peer=False)
 
 
+def gemm_invariant():
+    """deterministic=True's GEMMs (InvariantGemm: the own GEMV's order at every
+    n) against the default engine's (own GEMV, then cuBLASLt's first pick),
+    the 8B projections at every M of GEMM_ROWS and 300, against the roofline
+    (as gemm)."""
+    return gemm(sorted(GEMM_ROWS + [300]), ("engine", "invariant"), torch_peer=False)
+
+
 def gemm(rows_n=GEMM_ROWS, impls=("engine", "search", "heuristic"), torch_peer=True):
     """Llama-3-8B's four projections at every M a step can have, against the
     roofline: the time bound is max(bytes / copy bandwidth, FLOPs / bf16 GEMM
@@ -1063,7 +1071,8 @@ def main():
     fn = {"ceilings": ceilings, "attention": attention, "attention_sweep": attention_sweep, "gemv": gemv,
           "attention_fp8": attention_fp8, "attention_probe": attention_probe,
           "decode_splits": decode_splits, "sampling": sampling,
-          "gemm": gemm, "gemm_odd": gemm_odd, "gemm_fp8": gemm_fp8, "fp8_decode_chain": fp8_decode_chain,
+          "gemm": gemm, "gemm_odd": gemm_odd, "gemm_invariant": gemm_invariant, "gemm_fp8": gemm_fp8,
+          "fp8_decode_chain": fp8_decode_chain,
           "prefill": prefill}.get(part)
     if fn:
         res = fn()

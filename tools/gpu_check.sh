@@ -58,10 +58,11 @@
 #            Llama-3-70B shape to $LLAMA70B ($TP70B_LAYERS: fewer layers) for the test that loads it at TP 4 or 8
 #   det      the batch-invariant mode (issue 22; needs smol, and make8b for the 8B parts):
 #            tests/test_cuda_determinism.py and tests/test_determinism.py (its CUDA cases, the 8B
-#            shape's end-to-end one; the CPU cases run in CI), then its cost: bench_determinism.py --device cuda on SmolLM2
+#            shape's end-to-end one; the CPU cases run in CI), then its cost: bench_cuda.py gemm_invariant
+#            (its GEMMs against the default's, 8B projections), bench_determinism.py --device cuda on SmolLM2
 #            (TTFT, batch-1 TPOT, 256 x 512/128), and on the 8B shape batch-1 TPOT and 256 x 512/128
-#            with deterministic off and on, alternating, and with the pinned GEMMs picked at n = 16 and
-#            256 ($DET_GEMM_N: "16 256") -> $OUT/det_*.json
+#            with deterministic off and on, alternating ($DET_GEMM_N="16 256" adds runs with cuBLASLt's
+#            pinned algorithms picked at those n: only shapes InvariantGemm does not take use them) -> $OUT/det_*.json
 #   profile  tools/cuda_profile.py: GPU time per kernel (batch-1 decode; 64 x 512/32); $PROFILE: runs of
 #            "NAME PHASES OPTIONS" separated by ";" (e.g. "fp8 0 quantization=fp8,PAGEDRT_CUDA_PDL=0")
 #            -> $OUT/profile_NAME.json
@@ -385,11 +386,13 @@ if has det; then
   (timeout $(( $(left) / 2 > 60 ? $(left) / 2 : 60 )) $PY -m pytest tests/test_cuda_determinism.py \
      tests/test_determinism.py -k "not cpu" -q -rs -p no:cacheprovider --durations=5 2>&1 \
      | tee "$OUT/det_tests.txt" | tail -30)
+  (cd /tmp && timeout $(( $(left) / 4 > 60 ? $(left) / 4 : 60 )) $PY "$OLDPWD/tools/bench_cuda.py" gemm_invariant \
+     "$OUT/det_gemm.json" 2>&1 | tail -48)
   (timeout $(( $(left) / 3 > 60 ? $(left) / 3 : 60 )) $PY tools/bench_determinism.py --device cuda --rounds 2 \
      --batch 256 --batch-prompt 512 --batch-new 128 --json "$OUT/det_smollm2.json" 2>&1 | tail -4)
   if [ -f "$LLAMA8B/config.json" ]; then
     DET="deterministic=true"
-    for n in ${DET_GEMM_N:-16 256}; do DET="$DET deterministic=true,PAGEDRT_DET_GEMM_N=$n"; done
+    for n in ${DET_GEMM_N:-}; do DET="$DET deterministic=true,PAGEDRT_DET_GEMM_N=$n"; done
     (cd /tmp && timeout $(( $(left) / 2 > 30 ? $(left) / 2 : 30 )) $PY "$OLDPWD/tools/bench_cuda.py" tpot_env \
        "$OUT/det_tpot_8b.json" "$LLAMA8B" "" $DET "" deterministic=true 2>&1 | grep TPOT)
     (cd /tmp && timeout $(( $(left) - 10 > 30 ? $(left) - 10 : 30 )) $PY "$OLDPWD/tools/bench_cuda.py" throughput \

@@ -382,20 +382,28 @@ class Ops {
   // searched: PAGEDRT_CUDA_GEMV=0 PAGEDRT_GEMM_SEARCH=1) or "heuristic"
   // (cuBLASLt's first pick: PAGEDRT_CUDA_GEMV=0 PAGEDRT_GEMM_SEARCH=0), or
   // "fp8" (the engine's path with W quantized per row to e4m3 at load: x
-  // quantized per token, then the own kernel or cuBLASLt's fp8 GEMM).
+  // quantized per token, then the own kernel or cuBLASLt's fp8 GEMM), or
+  // "invariant" (deterministic=True's: InvariantGemm, invariant_gemm.hpp).
   // Benchmark hook for tools/bench_cuda.py gemv and gemm; CUDA only.
   double time_linear(int64_t n, int64_t m, int64_t k, bool out_f32, int iters, const std::string& impl) {
     if (n < 1 || m < 1 || k < 1 || iters < 1)
       throw pagedrt::Error(pagedrt::ErrorKind::InvalidArgument, "time_linear: n, m, k and iters must be positive");
-    const int which = impl == "engine" ? 0 : impl == "search" ? 1 : impl == "heuristic" ? 2 : impl == "fp8" ? 3 : -1;
+    const int which = impl == "engine"      ? 0
+                      : impl == "search"    ? 1
+                      : impl == "heuristic" ? 2
+                      : impl == "fp8"       ? 3
+                      : impl == "invariant" ? 4
+                                            : -1;
     if (which < 0)
       throw pagedrt::Error(pagedrt::ErrorKind::InvalidArgument,
-                           "time_linear: impl must be 'engine', 'search', 'heuristic' or 'fp8', not '" + impl + "'");
+                           "time_linear: impl must be 'engine', 'search', 'heuristic', 'fp8' or 'invariant', not '" +
+                               impl + "'");
     nb::gil_scoped_release release;  // no Python objects below; filling W takes a while
     LinearBench& lb = linear_bench_[which];
     if (!lb.backend)
       lb.backend = cuda_backend_with_env({{"PAGEDRT_CUDA_GEMV", which == 0 || which == 3 ? "1" : "0"},
-                                          {"PAGEDRT_GEMM_SEARCH", which == 1 ? "1" : "0"}});
+                                          {"PAGEDRT_GEMM_SEARCH", which == 1 ? "1" : "0"}},
+                                         which == 4);
     pagedrt::Backend& b = *lb.backend;
     if (lb.m != m || lb.k != k) {
       lb.w.clear();  // before the new copies: the old ones may be large
@@ -516,8 +524,9 @@ class Ops {
   }
   // A CUDA backend made with these environment variables set (the GEMM
   // switches are read when the backend is made); the old values come back after.
+  // A CUDA backend made with `vars` set in the environment; deterministic: the batch-invariant mode.
   static std::unique_ptr<pagedrt::Backend> cuda_backend_with_env(
-      const std::vector<std::pair<std::string, std::string>>& vars) {
+      const std::vector<std::pair<std::string, std::string>>& vars, bool deterministic = false) {
     std::vector<std::pair<std::string, std::optional<std::string>>> saved;
     for (auto& [name, value] : vars) {
       const char* old = std::getenv(name.c_str());
@@ -528,7 +537,7 @@ class Ops {
       for (auto& [name, old] : saved) old ? setenv(name.c_str(), old->c_str(), 1) : unsetenv(name.c_str());
     };
     try {
-      auto b = pagedrt::make_backend("cuda", 0, ScalarType::BF16);
+      auto b = pagedrt::make_backend("cuda", 0, ScalarType::BF16, deterministic);
       restore();
       return b;
     } catch (...) {
@@ -545,7 +554,7 @@ class Ops {
   };
 
   std::unique_ptr<pagedrt::Backend> b_;
-  LinearBench linear_bench_[4];  // engine, search, heuristic, fp8
+  LinearBench linear_bench_[5];  // engine, search, heuristic, fp8, invariant (deterministic=True's)
   std::vector<int32_t> tok_, pos_, qs_, lens_, indptr_, pages_, logit_rows_;
   std::vector<int64_t> slot_;
 };

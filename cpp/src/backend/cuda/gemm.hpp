@@ -28,24 +28,30 @@
 // new_shapes: 32 new prefill sizes against the same sizes again, +0.02 ms).
 //
 // Batch-invariant mode (deterministic: Runtime(deterministic=True), issue 22):
-// a row of y must have the same bits whatever n is. The own kernel above
-// splits k between warps and cuBLASLt picks its algorithm (tile, split-k)
-// per n, so neither holds across n. Here every n of one weight shape (m, k,
-// output and operand types) runs one cuBLASLt algorithm, pinned when the
-// weight loads (pin()): the first of the heuristic's candidates, asked at n =
-// kPinN (64; PAGEDRT_DET_GEMM_N for A/B runs), then at 256, 16 and 1, that
-// splits no k (one split, no reduction scheme) and that cuBLASLt accepts at
-// every probe n (kPinProbes). (Asked without workspace, the H200's cuBLASLt
-// offered none: 2026-12-05.) Without a k split each element of y is one
-// accumulation chain over k in the kernel's fixed order, and the tiles only
-// decide which block computes it: a row's bits do not depend on n (checked
-// on the GPU: tests/test_cuda_determinism.py). A shape no candidate serves,
-// or an n the pinned algorithm refuses, throws (never a silent fallback to
-// another order; Unsupported, naming the shape and why each candidate was
-// refused). The pick is the heuristic's, never timed: a timed choice
-// could differ between processes, and results must reproduce across them.
-// fp8 operands are not served (the Runtime refuses deterministic=True with
-// fp8 weights on CUDA).
+// a row of y must have the same bits whatever n is. The default kernels do
+// not hold that across n: the own GEMV splits k between warps, cuBLASLt picks
+// its algorithm (tile, split-k) per n. Here:
+// - bf16 weights with k a multiple of 8 (every Llama shape): InvariantGemm
+//   (invariant_gemm.hpp), the own GEMV's order of sums for every n: the GEMV
+//   itself (one chain a split) at n <= 8, a tiled kernel walking the same
+//   steps above. The fused SiLU·mul GEMV runs at n <= 8 in that order.
+// - fp32 (the validation mode) and other bf16 shapes: every n of a weight
+//   shape (m, k, output and operand types) runs one cuBLASLt algorithm,
+//   pinned when the weight loads (pin()): the first of the heuristic's
+//   candidates, asked at n = kPinN (64; PAGEDRT_DET_GEMM_N for A/B runs),
+//   then at 256, 16 and 1, that splits no k (one split, no reduction
+//   scheme) and that cuBLASLt accepts at every probe n (kPinProbes). (Asked
+//   without workspace, the H200's cuBLASLt offered none: 2026-12-05.)
+//   Without a k split each element of y is one accumulation chain over k in
+//   the kernel's fixed order, and the tiles only decide which block computes
+//   it. A shape no candidate serves, or an n the pinned algorithm refuses,
+//   throws (never a silent fallback to another order; Unsupported, naming
+//   the shape and why each candidate was refused). The pick is the
+//   heuristic's, never timed: a timed choice could differ between processes,
+//   and results must reproduce across them.
+// Both are checked on the GPU (tests/test_cuda_determinism.py). fp8 operands
+// are not served (the Runtime refuses deterministic=True with fp8 weights on
+// CUDA).
 //
 // Environment, read when a Gemm is made (once per backend), for A/B runs:
 //   PAGEDRT_CUDA_GEMV=0    every shape to cuBLASLt
@@ -61,6 +67,7 @@
 #include <tuple>
 
 #include "backend/cuda/gemv.hpp"
+#include "backend/cuda/invariant_gemm.hpp"
 
 namespace pagedrt::cuda {
 
@@ -103,8 +110,9 @@ class Gemm {
   bool run_silu_mul_f8(const void* xq, const float* xs, const void* w, const float* ws, void* y, int64_t n, int64_t m,
                        int64_t k);
 
-  // The batch-invariant mode: pins the algorithms of a (m, k) weight's GEMMs
-  // now (bf16 operands: bf16 and fp32 output; in_f32: fp32), so that a shape
+  // The batch-invariant mode: pins the cuBLASLt algorithms of a (m, k)
+  // weight's GEMMs now where InvariantGemm does not take them (in_f32: fp32;
+  // bf16 operands: bf16 and fp32 output), so that a shape
   // no algorithm serves fails when the model loads, not in a request's step.
   // Nothing in the default mode.
   void pin(int64_t m, int64_t k, bool in_f32);
@@ -154,6 +162,7 @@ class Gemm {
   bool deterministic_ = false;
   int64_t pin_n_ = kPinN;  // PAGEDRT_DET_GEMM_N
   Gemv gemv_;
+  InvariantGemm invariant_{gemv_};  // the batch-invariant mode's bf16 GEMMs
   cublasLtHandle_t handle_ = nullptr;
   void* workspace_ = nullptr;
   size_t workspace_bytes_ = 32u << 20;

@@ -125,9 +125,15 @@ __device__ __forceinline__ void mma_16832_e4m3(float (&c)[4], uint32_t a0, uint3
 // One step (32 k of bf16, 64 k of e4m3: 16 bytes a lane): acc[0] takes the
 // .x/.y half, acc[1] the .z/.w half (two independent mma chains). wa, wb: W
 // rows g and g + 8; xv: x row g.
-template <bool kF8>
+// kOneChain (the batch-invariant order, invariant_gemm.hpp): both halves into
+// acc[0], .x/.y first.
+template <bool kF8, bool kOneChain = false>
 __device__ __forceinline__ void mma_step(float (&acc)[2][4], const uint4& wa, const uint4& wb, const uint4& xv) {
-  if constexpr (kF8) {
+  if constexpr (kOneChain) {
+    static_assert(!kF8, "the batch-invariant order is bf16's");
+    mma_16816_bf16(acc[0], wa.x, wb.x, wa.y, wb.y, xv.x, xv.y);
+    mma_16816_bf16(acc[0], wa.z, wb.z, wa.w, wb.w, xv.z, xv.w);
+  } else if constexpr (kF8) {
     mma_16832_e4m3(acc[0], wa.x, wb.x, wa.y, wb.y, xv.x, xv.y);
     mma_16832_e4m3(acc[1], wa.z, wb.z, wa.w, wb.w, xv.z, xv.w);
   } else {
@@ -147,7 +153,9 @@ __device__ __forceinline__ void mma_step(float (&acc)[2][4], const uint4& wa, co
 // result is bitwise silu_mul's of linear's): a tile is gate rows r .. r + 7
 // (the lanes' rows g) and up rows r .. r + 7 (their rows g + 8), so a lane
 // holds both factors of its outputs (c0 with c2, c1 with c3).
-template <int kSteps, typename OutT, bool kGated, bool kF8, bool kQuantX = false>
+// kOneChain: one accumulation chain a split instead of two (the order that
+// invariant_gemm.cu's kernel for n > 8 repeats; bf16 only).
+template <int kSteps, typename OutT, bool kGated, bool kF8, bool kQuantX = false, bool kOneChain = false>
 __global__ void __launch_bounds__(kThreads) gemv_kernel(const void* __restrict__ x, const void* __restrict__ w,
                                                         const float* __restrict__ xscale,
                                                         const float* __restrict__ wscale, OutT* __restrict__ y,
@@ -215,14 +223,14 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const void* __restrict__
     for (int s = 0; s < kSteps; ++s) fx[s] = nx[s];
     if (split + ks < chunks) load_x(split + ks);
 #pragma unroll
-    for (int s = 0; s < kSteps; ++s) mma_step<kF8>(acc, fa[s], fb[s], fx[s]);
+    for (int s = 0; s < kSteps; ++s) mma_step<kF8, kOneChain>(acc, fa[s], fb[s], fx[s]);
     for (int c = split + ks; c < chunks; c += ks) {
       uint4 ca[kSteps], cb[kSteps], cx[kSteps];
 #pragma unroll
       for (int s = 0; s < kSteps; ++s) ca[s] = na[s], cb[s] = nb[s], cx[s] = nx[s];
       if (c + ks < chunks) load_w(c + ks), load_x(c + ks);
 #pragma unroll
-      for (int s = 0; s < kSteps; ++s) mma_step<kF8>(acc, ca[s], cb[s], cx[s]);
+      for (int s = 0; s < kSteps; ++s) mma_step<kF8, kOneChain>(acc, ca[s], cb[s], cx[s]);
     }
   }
   if (row0 < m) {
@@ -234,11 +242,13 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const void* __restrict__
         vb = load_stream(wb + s * 4);
         vx = x_vec<kQuantX>(xr + s * 4);
       }
-      mma_step<kF8>(acc, va, vb, vx);
+      mma_step<kF8, kOneChain>(acc, va, vb, vx);
     }
   }
+  if constexpr (!kOneChain) {
 #pragma unroll
-  for (int j = 0; j < 4; ++j) acc[0][j] += acc[1][j];
+    for (int j = 0; j < 4; ++j) acc[0][j] += acc[1][j];
+  }
 
   // Splits 1.. of each tile hand their sums to split 0 (fixed order: deterministic).
   if (ks > 1) {
@@ -296,21 +306,22 @@ int choose_ks_log2(int64_t tiles, int64_t chunks, int sms, int blocks_per_sm) {
   return lg;
 }
 
-// lg: log2 of ks; blocks: the grid (Gemv::shape). xs, ws: fp8 scales (null: bf16).
-template <int kSteps, bool kF8>
+// lg: log2 of ks; blocks: the grid (Gemv::shape). xs, ws: fp8 scales (null:
+// bf16). one_chain: the batch-invariant order (bf16 only).
+template <int kSteps, bool kF8, bool kOneChain = false>
 void launch_gemv(const void* x, const void* w, const float* xs, const float* ws, void* y, int64_t n, int64_t m,
                  int64_t k, bool out_f32, bool gated, int lg, int64_t blocks, cudaStream_t stream) {
   const unsigned grid = static_cast<unsigned>(blocks);
   auto* yb = static_cast<__nv_bfloat16*>(y);
   if (gated)
-    launch(gemv_kernel<kSteps, __nv_bfloat16, true, kF8>, grid, kThreads, 0, stream, x, w, xs, ws, yb, int(n),
-           int(m), int(k), lg);
+    launch(gemv_kernel<kSteps, __nv_bfloat16, true, kF8, false, kOneChain>, grid, kThreads, 0, stream, x, w, xs, ws,
+           yb, int(n), int(m), int(k), lg);
   else if (out_f32)
-    launch(gemv_kernel<kSteps, float, false, kF8>, grid, kThreads, 0, stream, x, w, xs, ws, static_cast<float*>(y),
-           int(n), int(m), int(k), lg);
+    launch(gemv_kernel<kSteps, float, false, kF8, false, kOneChain>, grid, kThreads, 0, stream, x, w, xs, ws,
+           static_cast<float*>(y), int(n), int(m), int(k), lg);
   else
-    launch(gemv_kernel<kSteps, __nv_bfloat16, false, kF8>, grid, kThreads, 0, stream, x, w, xs, ws, yb, int(n),
-           int(m), int(k), lg);
+    launch(gemv_kernel<kSteps, __nv_bfloat16, false, kF8, false, kOneChain>, grid, kThreads, 0, stream, x, w, xs, ws,
+           yb, int(n), int(m), int(k), lg);
 }
 
 // kQuantX: bf16 x quantized by each block (n * k codes and n scales of dynamic shared memory).
@@ -408,33 +419,42 @@ bool Gemv::supports_f8_quant_x(const void* x, const void* w, int64_t n, int64_t 
 // An fp8 row of k codes is as many bytes as a bf16 row of k / 2: the same
 // chunks, so the same shape.
 void Gemv::launch_any(const void* x, const void* w, const float* xs, const float* ws, void* y, int64_t n, int64_t m,
-                      int64_t k, bool out_f32, bool gated, bool f8, cudaStream_t stream) const {
+                      int64_t k, bool out_f32, bool gated, bool f8, bool invariant, cudaStream_t stream) const {
   const Shape sh = shape((m + (gated ? 7 : 15)) / (gated ? 8 : 16), f8 ? k / 2 : k);
-  auto go = [&](auto steps, auto fp8) {
-    launch_gemv<decltype(steps)::value, decltype(fp8)::value>(x, w, xs, ws, y, n, m, k, out_f32, gated, sh.ks_log2,
-                                                             sh.blocks, stream);
+  auto go = [&](auto steps, auto fp8, auto one_chain) {
+    launch_gemv<decltype(steps)::value, decltype(fp8)::value, decltype(one_chain)::value>(
+        x, w, xs, ws, y, n, m, k, out_f32, gated, sh.ks_log2, sh.blocks, stream);
   };
   using Four = std::integral_constant<int, 4>;
   using Two = std::integral_constant<int, 2>;
+  using Yes = std::true_type;
+  using No = std::false_type;
   if (f8)
-    sh.k_steps == 4 ? go(Four{}, std::true_type{}) : go(Two{}, std::true_type{});
+    sh.k_steps == 4 ? go(Four{}, Yes{}, No{}) : go(Two{}, Yes{}, No{});
+  else if (invariant)
+    sh.k_steps == 4 ? go(Four{}, No{}, Yes{}) : go(Two{}, No{}, Yes{});
   else
-    sh.k_steps == 4 ? go(Four{}, std::false_type{}) : go(Two{}, std::false_type{});
+    sh.k_steps == 4 ? go(Four{}, No{}, No{}) : go(Two{}, No{}, No{});
+}
+
+Gemv::Order Gemv::order(int64_t m, int64_t k) const {
+  const Shape sh = shape((m + 15) / 16, k);
+  return Order{sh.k_steps, 1 << sh.ks_log2};
 }
 
 void Gemv::run(const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k, bool out_f32,
-               cudaStream_t stream) const {
-  launch_any(x, w, nullptr, nullptr, y, n, m, k, out_f32, false, false, stream);
+               cudaStream_t stream, bool invariant) const {
+  launch_any(x, w, nullptr, nullptr, y, n, m, k, out_f32, false, false, invariant, stream);
 }
 
 void Gemv::run_silu_mul(const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k,
-                        cudaStream_t stream) const {
-  launch_any(x, w, nullptr, nullptr, y, n, m, k, false, true, false, stream);
+                        cudaStream_t stream, bool invariant) const {
+  launch_any(x, w, nullptr, nullptr, y, n, m, k, false, true, false, invariant, stream);
 }
 
 void Gemv::run_f8(const void* xq, const float* xs, const void* w, const float* ws, void* y, int64_t n, int64_t m,
                   int64_t k, bool out_f32, cudaStream_t stream) const {
-  launch_any(xq, w, xs, ws, y, n, m, k, out_f32, false, true, stream);
+  launch_any(xq, w, xs, ws, y, n, m, k, out_f32, false, true, false, stream);
 }
 
 void Gemv::run_f8_quant_x(const void* x, const void* w, const float* ws, void* y, int64_t n, int64_t m, int64_t k,
@@ -448,7 +468,7 @@ void Gemv::run_f8_quant_x(const void* x, const void* w, const float* ws, void* y
 
 void Gemv::run_silu_mul_f8(const void* xq, const float* xs, const void* w, const float* ws, void* y, int64_t n,
                            int64_t m, int64_t k, cudaStream_t stream) const {
-  launch_any(xq, w, xs, ws, y, n, m, k, false, true, true, stream);
+  launch_any(xq, w, xs, ws, y, n, m, k, false, true, true, false, stream);
 }
 
 }  // namespace pagedrt::cuda

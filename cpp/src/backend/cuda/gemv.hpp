@@ -43,14 +43,28 @@ class Gemv {
   static bool supports_f8_quant_x(const void* x, const void* w, int64_t n, int64_t m, int64_t k);
 
   // y (n, m) = x (n, k) @ w (m, k)^T; y fp32 when out_f32, else bf16.
+  // invariant: each split of k is one accumulation chain instead of two, the
+  // order InvariantGemm's kernel for more rows repeats (invariant_gemm.hpp).
   // Precondition: supports(x, w, n, m, k).
   void run(const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k, bool out_f32,
-           cudaStream_t stream) const;
+           cudaStream_t stream, bool invariant = false) const;
   // y (n, m) bf16 = silu(x @ gate^T) * (x @ up^T) for w = [gate; up] (2m, k):
-  // linear() into (n, 2m) and silu_mul() in one kernel, bitwise the same.
+  // linear() into (n, 2m) and silu_mul() in one kernel, bitwise the same
+  // (with the same invariant).
   // Precondition: supports(x, w, n, 2 m, k).
   void run_silu_mul(const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k,
-                    cudaStream_t stream) const;
+                    cudaStream_t stream, bool invariant = false) const;
+
+  // How run() splits the k of an (m, k) weight (gemv.cu): ks splits (a power
+  // of two), split p taking the chunks of k_steps steps of 32 k numbered p,
+  // p + ks, ..., then the steps past the last whole chunk numbered p, p + ks,
+  // ... after them; split 0's sum plus split 1's, and so on in order. It
+  // depends on the shape and the GPU, never on n.
+  struct Order {
+    int k_steps;
+    int ks;
+  };
+  Order order(int64_t m, int64_t k) const;
   // fp8: y (n, m) = (xq (n, k) @ w (m, k)^T) * ws[r] * xs[t], codes e4m3,
   // ws (m) and xs (n) fp32. Precondition: supports_f8(xq, w, n, m, k).
   void run_f8(const void* xq, const float* xs, const void* w, const float* ws, void* y, int64_t n, int64_t m,
@@ -73,7 +87,7 @@ class Gemv {
   };
   Shape shape(int64_t tiles, int64_t k) const;
   void launch_any(const void* x, const void* w, const float* xs, const float* ws, void* y, int64_t n, int64_t m,
-                  int64_t k, bool out_f32, bool gated, bool f8, cudaStream_t stream) const;
+                  int64_t k, bool out_f32, bool gated, bool f8, bool invariant, cudaStream_t stream) const;
 
   int sms_ = 132;                // streaming multiprocessors of the device
   int blocks_per_sm_long_ = 1;   // resident blocks per SM of the kernel for long rows (k >= 2048)

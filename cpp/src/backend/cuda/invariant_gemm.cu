@@ -1,0 +1,267 @@
+// backend/cuda/invariant_gemm.cu — the batch-invariant GEMM of
+// invariant_gemm.hpp: the own GEMV's order (one chain a split) for any n.
+//
+// The tiled kernel. A block computes a tile of kBM rows of W by kBN rows of x
+// (y's tile, transposed); its warps are kWM x kWN, each kMT m16 tiles of W by
+// kNT n8 tiles of x. It walks the steps (32 k) of the GEMV's order:
+//
+//   order: split 0's chunks 0, ks, 2 ks, ... (k_steps steps each), then its
+//          steps past the last whole chunk (chunks k_steps + 0, + ks, ...);
+//          split 1's the same from 1; ...  (a table in shared memory, built
+//          once a block; the last step of a split marked)
+//
+// one step a pipeline stage: W's kBM x 32 and x's kBN x 32 bf16 copied by
+// cp.async into a ring of kStages stages (zeros past k, past m and past n,
+// as the GEMV multiplies zeros past k). A lane (g = lane / 4, t = lane % 4)
+// takes the 16 bytes at k 8t .. 8t + 7 of its rows, exactly the GEMV's
+// fragments: mma.m16n8k16 on .x/.y (rows g and g + 8 of W, column g of x),
+// then on .z/.w, into one running chain per split. At a split's last step
+// the chain is added to the splits' sum (split 0's becomes it; kept in
+// shared memory, where registers would spill) and restarts from zero; splits
+// without steps add +0, as the GEMV's partials do.
+//
+//   shared memory: W ring (kStages, kBM, 64 bytes) | x ring (kStages, kBN, 64 bytes) |
+//                  the splits' sums (kBM kBN fp32) | order (steps, 2 bytes)
+//   A row of a stage is 64 bytes, so the 8 lanes of a quarter-warp read two
+//   consecutive rows' 128 bytes: no bank conflicts.
+//
+// Blocks are numbered in groups of kGroup tiles of W by every tile of x, so
+// the blocks resident at once share their W rows and x rows in L2.
+#include "backend/cuda/invariant_gemm.hpp"
+
+#include <cuda_bf16.h>
+
+#include <atomic>
+#include <string>
+
+#include "backend/cuda/cuda_check.hpp"
+#include "backend/cuda/launch.cuh"
+#include "backend/cuda/mma.cuh"
+
+namespace pagedrt::cuda {
+namespace {
+
+constexpr int kStepK = 32;           // k of a step
+constexpr int kRowBytes = 64;        // a row's bytes in a stage (one step of bf16)
+constexpr uint16_t kLastOfSplit = 0x8000;
+constexpr int kGroup = 8;            // tiles of W a group of blocks shares
+constexpr int kOrderBytes = static_cast<int>(InvariantGemm::kMaxK / kStepK) * 2;
+
+// c (16 x 8, fp32) += A (16 x 16, bf16) B (16 x 8, bf16): gemv.cu's instruction.
+__device__ __forceinline__ void mma_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                          uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Steps of split p (Gemv::Order): its chunks' and its steps' past the chunks.
+__device__ __forceinline__ int split_steps(int p, int chunks, int tail, int k_steps, int ks) {
+  const int c = p < chunks ? (chunks - 1 - p) / ks + 1 : 0;
+  const int s = p < tail ? (tail - 1 - p) / ks + 1 : 0;
+  return c * k_steps + s;
+}
+
+__device__ __forceinline__ void store(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+
+template <int kBM, int kBN, int kWM, int kWN, int kStages, typename OutT>
+__global__ void __launch_bounds__(kWM* kWN * 32)
+    invariant_gemm_kernel(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w,
+                          OutT* __restrict__ y, int n, int m, int k, int k_steps, int ks) {
+  constexpr int kThreads = kWM * kWN * 32;
+  constexpr int kMT = kBM / (kWM * 16), kNT = kBN / (kWN * 8);
+  static_assert(kMT * kWM * 16 == kBM && kNT * kWN * 8 == kBN, "warp tiles cover the block tile");
+  extern __shared__ __align__(16) uint8_t smem[];
+  uint8_t* w_ring = smem;
+  uint8_t* x_ring = smem + kStages * kBM * kRowBytes;
+  float* sums = reinterpret_cast<float*>(x_ring + kStages * kBN * kRowBytes);  // (kMT kNT 4, kThreads)
+  uint16_t* order = reinterpret_cast<uint16_t*>(sums + kMT * kNT * 4 * kThreads);
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int g = lane / 4, t = lane % 4;
+  const int warp_m = warp % kWM, warp_n = warp / kWM;
+
+  // This block's tile (grouped numbering, above).
+  const int tiles_m = (m + kBM - 1) / kBM, tiles_n = (n + kBN - 1) / kBN;
+  const int per_group = kGroup * tiles_n;
+  const int first_m = static_cast<int>(blockIdx.x) / per_group * kGroup;
+  const int group_m = min(kGroup, tiles_m - first_m);
+  const int in_group = static_cast<int>(blockIdx.x) % per_group;
+  const int m0 = (first_m + in_group % group_m) * kBM;
+  const int n0 = in_group / group_m * kBN;
+
+  // The order of steps: thread p < ks writes split p's.
+  const int steps = (k + kStepK - 1) / kStepK;
+  const int chunks = k / (kStepK * k_steps);
+  const int tail = steps - chunks * k_steps;
+  if (tid < ks) {
+    int i = 0;
+    for (int q = 0; q < tid; ++q) i += split_steps(q, chunks, tail, k_steps, ks);
+    const int first = i;
+    for (int c = tid; c < chunks; c += ks)
+      for (int s = 0; s < k_steps; ++s) order[i++] = static_cast<uint16_t>(c * k_steps + s);
+    for (int s = chunks * k_steps + tid; s < steps; s += ks) order[i++] = static_cast<uint16_t>(s);
+    if (i > first) order[i - 1] |= kLastOfSplit;
+  }
+  int empty = 0;  // splits without a step: the last ones
+  for (int p = 0; p < ks; ++p) empty += split_steps(p, chunks, tail, k_steps, ks) == 0;
+  pdl_trigger();
+  __syncthreads();
+  pdl_wait();
+
+  const int kv = k / 8;  // 16-byte vectors of a row
+  auto load = [&](int stage, int step) {
+    uint8_t* wd = w_ring + stage * kBM * kRowBytes;
+    for (int i = tid; i < kBM * 4; i += kThreads) {
+      const int r = i / 4, v = step * 4 + i % 4;
+      const bool in = m0 + r < m && v < kv;
+      cp_async16(wd + i * 16, in ? static_cast<const void*>(w + int64_t(m0 + r) * k + int64_t(v) * 8) : w,
+                 in ? 16 : 0);
+    }
+    uint8_t* xd = x_ring + stage * kBN * kRowBytes;
+    for (int i = tid; i < kBN * 4; i += kThreads) {
+      const int r = i / 4, v = step * 4 + i % 4;
+      const bool in = n0 + r < n && v < kv;
+      cp_async16(xd + i * 16, in ? static_cast<const void*>(x + int64_t(n0 + r) * k + int64_t(v) * 8) : x,
+                 in ? 16 : 0);
+    }
+  };
+
+  // The running chain in registers; the splits' sum in shared memory (each
+  // thread its own words, kThreads apart: no conflicts), where registers
+  // would spill.
+  float acc[kMT][kNT][4];
+#pragma unroll
+  for (int a = 0; a < kMT; ++a)
+#pragma unroll
+    for (int b = 0; b < kNT; ++b)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[a][b][j] = 0.f;
+  float* sum = sums + tid;
+  auto sum_at = [&](int a, int b, int j) -> float& { return sum[((a * kNT + b) * 4 + j) * kThreads]; };
+  bool folded = false;  // a split's chain is in the sum
+
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < steps) load(s, order[s] & ~kLastOfSplit);
+    cp_async_commit();
+  }
+  for (int i = 0; i < steps; ++i) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();  // stage i is in; every warp is done with stage i - 1, which the next load reuses
+    const int next = i + kStages - 1;
+    if (next < steps) load(next % kStages, order[next] & ~kLastOfSplit);
+    cp_async_commit();
+
+    const uint8_t* ws = w_ring + (i % kStages) * kBM * kRowBytes;
+    const uint8_t* xs = x_ring + (i % kStages) * kBN * kRowBytes;
+    uint4 wa[kMT], wb[kMT];  // rows g and g + 8 of each m16 tile; x's fragments one n8 tile at a time
+#pragma unroll
+    for (int a = 0; a < kMT; ++a) {
+      const int r = (warp_m * kMT + a) * 16 + g;
+      wa[a] = *reinterpret_cast<const uint4*>(ws + r * kRowBytes + t * 16);
+      wb[a] = *reinterpret_cast<const uint4*>(ws + (r + 8) * kRowBytes + t * 16);
+    }
+#pragma unroll
+    for (int b = 0; b < kNT; ++b) {
+      const uint4 xv = *reinterpret_cast<const uint4*>(xs + ((warp_n * kNT + b) * 8 + g) * kRowBytes + t * 16);
+#pragma unroll
+      for (int a = 0; a < kMT; ++a) {
+        mma_16816(acc[a][b], wa[a].x, wb[a].x, wa[a].y, wb[a].y, xv.x, xv.y);
+        mma_16816(acc[a][b], wa[a].z, wb[a].z, wa[a].w, wb[a].w, xv.z, xv.w);
+      }
+    }
+    if (order[i] & kLastOfSplit) {
+#pragma unroll
+      for (int a = 0; a < kMT; ++a)
+#pragma unroll
+        for (int b = 0; b < kNT; ++b)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            sum_at(a, b, j) = folded ? sum_at(a, b, j) + acc[a][b][j] : acc[a][b][j];
+            acc[a][b][j] = 0.f;
+          }
+      folded = true;
+    }
+  }
+
+#pragma unroll
+  for (int a = 0; a < kMT; ++a)
+#pragma unroll
+    for (int b = 0; b < kNT; ++b)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        float v = sum_at(a, b, j);
+        for (int e = 0; e < empty; ++e) v += 0.f;
+        const int row = m0 + (warp_m * kMT + a) * 16 + g + 8 * (j / 2);
+        const int tok = n0 + (warp_n * kNT + b) * 8 + 2 * t + j % 2;
+        if (row < m && tok < n) store(y + int64_t(tok) * m + row, v);
+      }
+}
+
+// One configuration: the block tile, warps and stages, launched for bf16 or fp32 y.
+template <int kBM, int kBN, int kWM, int kWN, int kStages>
+void launch_tiled(const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k, bool out_f32,
+                  Gemv::Order order, cudaStream_t stream) {
+  constexpr int kThreads = kWM * kWN * 32;
+  constexpr size_t kRing = size_t(kStages) * (kBM + kBN) * kRowBytes + size_t(kBM) * kBN * 4;  // and the sums
+  const size_t smem = kRing + size_t((k + kStepK - 1) / kStepK) * 2;
+  const int64_t blocks = (m + kBM - 1) / kBM * ((n + kBN - 1) / kBN);
+  if (blocks >= (int64_t(1) << 31) || n >= (int64_t(1) << 31))
+    throw Error(ErrorKind::InvalidArgument, "InvariantGemm: " + std::to_string(n) + " rows of x are too many");
+  auto go = [&](auto kernel, auto* out) {
+    // The largest dynamic shared memory any call of this kernel asks for, set once a device.
+    static std::atomic<uint64_t> set_on{0};
+    int dev = 0;
+    CUDA_CHECK(cudaGetDevice(&dev));
+    if (dev < 64 && !(set_on.load() >> dev & 1)) {
+      CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(kRing + kOrderBytes)));
+      set_on.fetch_or(uint64_t(1) << dev);
+    }
+    launch(kernel, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), smem, stream,
+           static_cast<const __nv_bfloat16*>(x), static_cast<const __nv_bfloat16*>(w), out, int(n), int(m), int(k),
+           order.k_steps, order.ks);
+  };
+  if (out_f32)
+    go(invariant_gemm_kernel<kBM, kBN, kWM, kWN, kStages, float>, static_cast<float*>(y));
+  else
+    go(invariant_gemm_kernel<kBM, kBN, kWM, kWN, kStages, __nv_bfloat16>, static_cast<__nv_bfloat16*>(y));
+}
+
+}  // namespace
+
+// n <= 8: the GEMV. 9 ... 64 rows: blocks of 64 rows of W by 16, 32 or 64 of
+// x (4 warps, each 16 rows of W by all of the block's x), 8 stages: the
+// weights stream through many blocks. More: 128 x 128 blocks (8 warps of 32
+// x 64), 4 stages.
+void InvariantGemm::run(const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k, bool out_f32,
+                        cudaStream_t stream) const {
+  if (n == 0) return;
+  if (!supports_shape(m, k) || (reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(w)) % 16 != 0)
+    throw Error(ErrorKind::InvalidArgument,
+                "InvariantGemm: a (" + std::to_string(m) + ", " + std::to_string(k) +
+                    ") weight needs k a multiple of 8 up to " + std::to_string(kMaxK) +
+                    " and 16-byte aligned x and W");
+  if (n <= Gemv::kMaxRows) return gemv_.run(x, w, y, n, m, k, out_f32, stream, true);
+  const Gemv::Order order = gemv_.order(m, k);
+  if (n <= 16)
+    launch_tiled<64, 16, 4, 1, 8>(x, w, y, n, m, k, out_f32, order, stream);
+  else if (n <= 32)
+    launch_tiled<64, 32, 4, 1, 8>(x, w, y, n, m, k, out_f32, order, stream);
+  else if (n <= 64)
+    launch_tiled<64, 64, 4, 1, 8>(x, w, y, n, m, k, out_f32, order, stream);
+  else
+    launch_tiled<128, 128, 4, 2, 4>(x, w, y, n, m, k, out_f32, order, stream);
+}
+
+bool InvariantGemm::run_silu_mul(const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k,
+                                 cudaStream_t stream) const {
+  if (n > Gemv::kMaxRows || !Gemv::supports(x, w, n, 2 * m, k) || 2 * m >= (int64_t(1) << 30)) return false;
+  gemv_.run_silu_mul(x, w, y, n, m, k, stream, true);
+  return true;
+}
+
+}  // namespace pagedrt::cuda
