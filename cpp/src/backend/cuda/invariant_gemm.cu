@@ -31,7 +31,6 @@
 
 #include <cuda_bf16.h>
 
-#include <atomic>
 #include <string>
 
 #include "backend/cuda/cuda_check.hpp"
@@ -203,40 +202,57 @@ __global__ void __launch_bounds__(kWM* kWN * 32)
 
 // One configuration: the block tile, warps and stages, launched for bf16 or fp32 y.
 template <int kBM, int kBN, int kWM, int kWN, int kStages>
-void launch_tiled(const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k, bool out_f32,
-                  Gemv::Order order, cudaStream_t stream) {
-  constexpr int kThreads = kWM * kWN * 32;
-  constexpr size_t kRing = size_t(kStages) * (kBM + kBN) * kRowBytes + size_t(kBM) * kBN * 4;  // and the sums
-  const size_t smem = kRing + size_t((k + kStepK - 1) / kStepK) * 2;
-  const int64_t blocks = (m + kBM - 1) / kBM * ((n + kBN - 1) / kBN);
-  if (blocks >= (int64_t(1) << 31) || n >= (int64_t(1) << 31))
-    throw Error(ErrorKind::InvalidArgument, "InvariantGemm: " + std::to_string(n) + " rows of x are too many");
-  auto go = [&](auto kernel, auto* out) {
-    // The largest dynamic shared memory any call of this kernel asks for, set once a device.
-    static std::atomic<uint64_t> set_on{0};
-    int dev = 0;
-    CUDA_CHECK(cudaGetDevice(&dev));
-    if (dev < 64 && !(set_on.load() >> dev & 1)) {
-      CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(kRing + kOrderBytes)));
-      set_on.fetch_or(uint64_t(1) << dev);
-    }
-    launch(kernel, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), smem, stream,
-           static_cast<const __nv_bfloat16*>(x), static_cast<const __nv_bfloat16*>(w), out, int(n), int(m), int(k),
-           order.k_steps, order.ks);
-  };
-  if (out_f32)
-    go(invariant_gemm_kernel<kBM, kBN, kWM, kWN, kStages, float>, static_cast<float*>(y));
-  else
-    go(invariant_gemm_kernel<kBM, kBN, kWM, kWN, kStages, __nv_bfloat16>, static_cast<__nv_bfloat16*>(y));
-}
+struct Tiled {
+  static constexpr int kThreads = kWM * kWN * 32;
+  static constexpr size_t kFixed = size_t(kStages) * (kBM + kBN) * kRowBytes + size_t(kBM) * kBN * 4;  // rings, sums
 
-}  // namespace
+  // The most dynamic shared memory a call asks for (k = kMaxK), allowed on the current GPU.
+  static void allow() {
+    const int most = static_cast<int>(kFixed + kOrderBytes);
+    CUDA_CHECK(cudaFuncSetAttribute(invariant_gemm_kernel<kBM, kBN, kWM, kWN, kStages, float>,
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize, most));
+    CUDA_CHECK(cudaFuncSetAttribute(invariant_gemm_kernel<kBM, kBN, kWM, kWN, kStages, __nv_bfloat16>,
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize, most));
+  }
+
+  static void run(const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k, bool out_f32,
+                  Gemv::Order order, cudaStream_t stream) {
+    const size_t smem = kFixed + size_t((k + kStepK - 1) / kStepK) * 2;
+    const int64_t blocks = (m + kBM - 1) / kBM * ((n + kBN - 1) / kBN);
+    if (blocks >= (int64_t(1) << 31) || n >= (int64_t(1) << 31))
+      throw Error(ErrorKind::InvalidArgument, "InvariantGemm: " + std::to_string(n) + " rows of x are too many");
+    auto go = [&](auto kernel, auto* out) {
+      launch(kernel, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), smem, stream,
+             static_cast<const __nv_bfloat16*>(x), static_cast<const __nv_bfloat16*>(w), out, int(n), int(m),
+             int(k), order.k_steps, order.ks);
+    };
+    if (out_f32)
+      go(invariant_gemm_kernel<kBM, kBN, kWM, kWN, kStages, float>, static_cast<float*>(y));
+    else
+      go(invariant_gemm_kernel<kBM, kBN, kWM, kWN, kStages, __nv_bfloat16>, static_cast<__nv_bfloat16*>(y));
+  }
+};
 
 // n <= 8: the GEMV. 9 ... 64 rows: blocks of 64 rows of W by 16, 32 or 64 of
 // x (4 warps, each 16 rows of W by all of the block's x), 8 stages: the
 // weights stream through many blocks. More: 128 x 128 blocks (8 warps of 32
 // x 64), 4 stages.
+using Tiled16 = Tiled<64, 16, 4, 1, 8>;
+using Tiled32 = Tiled<64, 32, 4, 1, 8>;
+using Tiled64 = Tiled<64, 64, 4, 1, 8>;
+using Tiled128 = Tiled<128, 128, 4, 2, 4>;
+
+}  // namespace
+
+// Set while no stream is being recorded (a kernel's attribute is not a
+// stream operation; the backend makes its Gemm before any step).
+InvariantGemm::InvariantGemm(const Gemv& gemv) : gemv_(gemv) {
+  Tiled16::allow();
+  Tiled32::allow();
+  Tiled64::allow();
+  Tiled128::allow();
+}
+
 void InvariantGemm::run(const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k, bool out_f32,
                         cudaStream_t stream) const {
   if (n == 0) return;
@@ -248,13 +264,13 @@ void InvariantGemm::run(const void* x, const void* w, void* y, int64_t n, int64_
   if (n <= Gemv::kMaxRows) return gemv_.run(x, w, y, n, m, k, out_f32, stream, true);
   const Gemv::Order order = gemv_.order(m, k);
   if (n <= 16)
-    launch_tiled<64, 16, 4, 1, 8>(x, w, y, n, m, k, out_f32, order, stream);
+    Tiled16::run(x, w, y, n, m, k, out_f32, order, stream);
   else if (n <= 32)
-    launch_tiled<64, 32, 4, 1, 8>(x, w, y, n, m, k, out_f32, order, stream);
+    Tiled32::run(x, w, y, n, m, k, out_f32, order, stream);
   else if (n <= 64)
-    launch_tiled<64, 64, 4, 1, 8>(x, w, y, n, m, k, out_f32, order, stream);
+    Tiled64::run(x, w, y, n, m, k, out_f32, order, stream);
   else
-    launch_tiled<128, 128, 4, 2, 4>(x, w, y, n, m, k, out_f32, order, stream);
+    Tiled128::run(x, w, y, n, m, k, out_f32, order, stream);
 }
 
 bool InvariantGemm::run_silu_mul(const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k,

@@ -35,7 +35,8 @@ class InvariantGemm {
   // k at most kMaxK: the kernel keeps its step order in shared memory (2 bytes a step).
   static constexpr int64_t kMaxK = 131072;
 
-  explicit InvariantGemm(const Gemv& gemv) : gemv_(gemv) {}
+  // Allows the tiled kernels their shared memory on the current GPU.
+  explicit InvariantGemm(const Gemv& gemv);
 
   // Whether a weight's shape can run here at every n: k a positive multiple of
   // 8 up to kMaxK (x, w and y must then be 16-byte aligned).
