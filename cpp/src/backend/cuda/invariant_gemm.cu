@@ -233,13 +233,13 @@ struct Tiled {
   }
 };
 
-// n <= 8: the GEMV. 9 ... 64 rows: blocks of 64 rows of W by 16, 32 or 64 of
-// x (4 warps, each 16 rows of W by all of the block's x), 8 stages: the
-// weights stream through many blocks. More: 128 x 128 blocks (8 warps of 32
-// x 64), 4 stages.
-using Tiled16 = Tiled<64, 16, 4, 1, 8>;
-using Tiled32 = Tiled<64, 32, 4, 1, 8>;
-using Tiled64 = Tiled<64, 64, 4, 1, 8>;
+// n <= 8: the GEMV. 9 ... 64 rows: blocks of 32 rows of W by 16, 32 or 64 of
+// x (2 warps, each 16 rows of W by all of the block's x), 8 stages: W streams
+// through many blocks (the 8B shape's smallest, 4,096 rows, makes 128). More:
+// 128 x 128 blocks (8 warps of 32 x 64), 4 stages.
+using Tiled16 = Tiled<32, 16, 2, 1, 8>;
+using Tiled32 = Tiled<32, 32, 2, 1, 8>;
+using Tiled64 = Tiled<32, 64, 2, 1, 8>;
 using Tiled128 = Tiled<128, 128, 4, 2, 4>;
 
 }  // namespace
