@@ -10,8 +10,8 @@
 //          split 1's the same from 1; ...  (a table in shared memory, built
 //          once a block; the last step of a split marked)
 //
-// one step a pipeline stage: W's kBM x 32 and x's kBN x 32 bf16 copied by
-// cp.async into a ring of kStages stages (zeros past k, past m and past n,
+// kPer steps a pipeline stage: W's kBM x 32 and x's kBN x 32 bf16 a step copied
+// by cp.async into a ring of kStages stages (zeros past k, past m and past n,
 // as the GEMV multiplies zeros past k). A lane (g = lane / 4, t = lane % 4)
 // takes the 16 bytes at k 8t .. 8t + 7 of its rows, exactly the GEMV's
 // fragments: mma.m16n8k16 on .x/.y (rows g and g + 8 of W, column g of x),
@@ -20,7 +20,7 @@
 // shared memory, where registers would spill) and restarts from zero; splits
 // without steps add +0, as the GEMV's partials do.
 //
-//   shared memory: W ring (kStages, kBM, 64 bytes) | x ring (kStages, kBN, 64 bytes) |
+//   shared memory: W ring (kStages kPer, kBM, 64 bytes) | x ring (kStages kPer, kBN, 64 bytes) |
 //                  the splits' sums (kBM kBN fp32) | order (steps, 2 bytes)
 //   A row of a stage is 64 bytes, so the 8 lanes of a quarter-warp read two
 //   consecutive rows' 128 bytes: no bank conflicts.
@@ -65,7 +65,7 @@ __device__ __forceinline__ int split_steps(int p, int chunks, int tail, int k_st
 __device__ __forceinline__ void store(float* p, float v) { *p = v; }
 __device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
-template <int kBM, int kBN, int kWM, int kWN, int kStages, typename OutT>
+template <int kBM, int kBN, int kWM, int kWN, int kStages, int kPer, typename OutT>
 __global__ void __launch_bounds__(kWM* kWN * 32)
     invariant_gemm_kernel(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w,
                           OutT* __restrict__ y, int n, int m, int k, int k_steps, int ks) {
@@ -74,8 +74,9 @@ __global__ void __launch_bounds__(kWM* kWN * 32)
   static_assert(kMT * kWM * 16 == kBM && kNT * kWN * 8 == kBN, "warp tiles cover the block tile");
   extern __shared__ __align__(16) uint8_t smem[];
   uint8_t* w_ring = smem;
-  uint8_t* x_ring = smem + kStages * kBM * kRowBytes;
-  float* sums = reinterpret_cast<float*>(x_ring + kStages * kBN * kRowBytes);  // (kMT kNT 4, kThreads)
+  constexpr int kSlots = kStages * kPer;  // one step's rows each
+  uint8_t* x_ring = smem + kSlots * kBM * kRowBytes;
+  float* sums = reinterpret_cast<float*>(x_ring + kSlots * kBN * kRowBytes);  // (kMT kNT 4, kThreads)
   uint16_t* order = reinterpret_cast<uint16_t*>(sums + kMT * kNT * 4 * kThreads);
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -111,15 +112,15 @@ __global__ void __launch_bounds__(kWM* kWN * 32)
   pdl_wait();
 
   const int kv = k / 8;  // 16-byte vectors of a row
-  auto load = [&](int stage, int step) {
-    uint8_t* wd = w_ring + stage * kBM * kRowBytes;
+  auto load = [&](int slot, int step) {
+    uint8_t* wd = w_ring + slot * kBM * kRowBytes;
     for (int i = tid; i < kBM * 4; i += kThreads) {
       const int r = i / 4, v = step * 4 + i % 4;
       const bool in = m0 + r < m && v < kv;
       cp_async16(wd + i * 16, in ? static_cast<const void*>(w + int64_t(m0 + r) * k + int64_t(v) * 8) : w,
                  in ? 16 : 0);
     }
-    uint8_t* xd = x_ring + stage * kBN * kRowBytes;
+    uint8_t* xd = x_ring + slot * kBN * kRowBytes;
     for (int i = tid; i < kBN * 4; i += kThreads) {
       const int r = i / 4, v = step * 4 + i % 4;
       const bool in = n0 + r < n && v < kv;
@@ -142,47 +143,59 @@ __global__ void __launch_bounds__(kWM* kWN * 32)
   auto sum_at = [&](int a, int b, int j) -> float& { return sum[((a * kNT + b) * 4 + j) * kThreads]; };
   bool folded = false;  // a split's chain is in the sum
 
+  // A stage is kPer consecutive steps of the order (the last one may be short).
+  const int stages = (steps + kPer - 1) / kPer;
+  auto load_stage = [&](int stage, int first) {
+#pragma unroll
+    for (int e = 0; e < kPer; ++e)
+      if (first + e < steps) load(stage * kPer + e, order[first + e] & ~kLastOfSplit);
+  };
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < steps) load(s, order[s] & ~kLastOfSplit);
+    if (s < stages) load_stage(s, s * kPer);
     cp_async_commit();
   }
-  for (int i = 0; i < steps; ++i) {
+  for (int i = 0; i < stages; ++i) {
     cp_async_wait<kStages - 2>();
     __syncthreads();  // stage i is in; every warp is done with stage i - 1, which the next load reuses
     const int next = i + kStages - 1;
-    if (next < steps) load(next % kStages, order[next] & ~kLastOfSplit);
+    if (next < stages) load_stage(next % kStages, next * kPer);
     cp_async_commit();
 
-    const uint8_t* ws = w_ring + (i % kStages) * kBM * kRowBytes;
-    const uint8_t* xs = x_ring + (i % kStages) * kBN * kRowBytes;
-    uint4 wa[kMT], wb[kMT];  // rows g and g + 8 of each m16 tile; x's fragments one n8 tile at a time
 #pragma unroll
-    for (int a = 0; a < kMT; ++a) {
-      const int r = (warp_m * kMT + a) * 16 + g;
-      wa[a] = *reinterpret_cast<const uint4*>(ws + r * kRowBytes + t * 16);
-      wb[a] = *reinterpret_cast<const uint4*>(ws + (r + 8) * kRowBytes + t * 16);
-    }
-#pragma unroll
-    for (int b = 0; b < kNT; ++b) {
-      const uint4 xv = *reinterpret_cast<const uint4*>(xs + ((warp_n * kNT + b) * 8 + g) * kRowBytes + t * 16);
+    for (int e = 0; e < kPer; ++e) {
+      const int at = i * kPer + e;  // the step's place in the order
+      if (at >= steps) break;
+      const uint8_t* ws = w_ring + ((i % kStages) * kPer + e) * kBM * kRowBytes;
+      const uint8_t* xs = x_ring + ((i % kStages) * kPer + e) * kBN * kRowBytes;
+      uint4 wa[kMT], wb[kMT];  // rows g and g + 8 of each m16 tile; x's fragments one n8 tile at a time
 #pragma unroll
       for (int a = 0; a < kMT; ++a) {
-        mma_16816(acc[a][b], wa[a].x, wb[a].x, wa[a].y, wb[a].y, xv.x, xv.y);
-        mma_16816(acc[a][b], wa[a].z, wb[a].z, wa[a].w, wb[a].w, xv.z, xv.w);
+        const int r = (warp_m * kMT + a) * 16 + g;
+        wa[a] = *reinterpret_cast<const uint4*>(ws + r * kRowBytes + t * 16);
+        wb[a] = *reinterpret_cast<const uint4*>(ws + (r + 8) * kRowBytes + t * 16);
       }
-    }
-    if (order[i] & kLastOfSplit) {
 #pragma unroll
-      for (int a = 0; a < kMT; ++a)
+      for (int b = 0; b < kNT; ++b) {
+        const uint4 xv = *reinterpret_cast<const uint4*>(xs + ((warp_n * kNT + b) * 8 + g) * kRowBytes + t * 16);
 #pragma unroll
-        for (int b = 0; b < kNT; ++b)
+        for (int a = 0; a < kMT; ++a) {
+          mma_16816(acc[a][b], wa[a].x, wb[a].x, wa[a].y, wb[a].y, xv.x, xv.y);
+          mma_16816(acc[a][b], wa[a].z, wb[a].z, wa[a].w, wb[a].w, xv.z, xv.w);
+        }
+      }
+      if (order[at] & kLastOfSplit) {
 #pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            sum_at(a, b, j) = folded ? sum_at(a, b, j) + acc[a][b][j] : acc[a][b][j];
-            acc[a][b][j] = 0.f;
-          }
-      folded = true;
+        for (int a = 0; a < kMT; ++a)
+#pragma unroll
+          for (int b = 0; b < kNT; ++b)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+              sum_at(a, b, j) = folded ? sum_at(a, b, j) + acc[a][b][j] : acc[a][b][j];
+              acc[a][b][j] = 0.f;
+            }
+        folded = true;
+      }
     }
   }
 
@@ -201,17 +214,17 @@ __global__ void __launch_bounds__(kWM* kWN * 32)
 }
 
 // One configuration: the block tile, warps and stages, launched for bf16 or fp32 y.
-template <int kBM, int kBN, int kWM, int kWN, int kStages>
+template <int kBM, int kBN, int kWM, int kWN, int kStages, int kPer>
 struct Tiled {
   static constexpr int kThreads = kWM * kWN * 32;
-  static constexpr size_t kFixed = size_t(kStages) * (kBM + kBN) * kRowBytes + size_t(kBM) * kBN * 4;  // rings, sums
+  static constexpr size_t kFixed = size_t(kStages) * kPer * (kBM + kBN) * kRowBytes + size_t(kBM) * kBN * 4;  // rings, sums
 
   // The most dynamic shared memory a call asks for (k = kMaxK), allowed on the current GPU.
   static void allow() {
     const int most = static_cast<int>(kFixed + kOrderBytes);
-    CUDA_CHECK(cudaFuncSetAttribute(invariant_gemm_kernel<kBM, kBN, kWM, kWN, kStages, float>,
+    CUDA_CHECK(cudaFuncSetAttribute(invariant_gemm_kernel<kBM, kBN, kWM, kWN, kStages, kPer, float>,
                                     cudaFuncAttributeMaxDynamicSharedMemorySize, most));
-    CUDA_CHECK(cudaFuncSetAttribute(invariant_gemm_kernel<kBM, kBN, kWM, kWN, kStages, __nv_bfloat16>,
+    CUDA_CHECK(cudaFuncSetAttribute(invariant_gemm_kernel<kBM, kBN, kWM, kWN, kStages, kPer, __nv_bfloat16>,
                                     cudaFuncAttributeMaxDynamicSharedMemorySize, most));
   }
 
@@ -227,20 +240,23 @@ struct Tiled {
              int(k), order.k_steps, order.ks);
     };
     if (out_f32)
-      go(invariant_gemm_kernel<kBM, kBN, kWM, kWN, kStages, float>, static_cast<float*>(y));
+      go(invariant_gemm_kernel<kBM, kBN, kWM, kWN, kStages, kPer, float>, static_cast<float*>(y));
     else
-      go(invariant_gemm_kernel<kBM, kBN, kWM, kWN, kStages, __nv_bfloat16>, static_cast<__nv_bfloat16*>(y));
+      go(invariant_gemm_kernel<kBM, kBN, kWM, kWN, kStages, kPer, __nv_bfloat16>, static_cast<__nv_bfloat16*>(y));
   }
 };
 
 // n <= 8: the GEMV. 9 ... 64 rows: blocks of 32 rows of W by 16, 32 or 64 of
-// x (2 warps, each 16 rows of W by all of the block's x), 8 stages: W streams
-// through many blocks (the 8B shape's smallest, 4,096 rows, makes 128). More:
-// 128 x 128 blocks (8 warps of 32 x 64), 4 stages.
-using Tiled16 = Tiled<32, 16, 2, 1, 8>;
-using Tiled32 = Tiled<32, 32, 2, 1, 8>;
-using Tiled64 = Tiled<32, 64, 2, 1, 8>;
-using Tiled128 = Tiled<128, 128, 4, 2, 4>;
+// x (2 warps, each 16 rows of W by all of the block's x), stages of 4 steps,
+// 6 or 4 of them: W streams through many blocks (the 8B shape's smallest,
+// 4,096 rows, makes 128), with 48-72 KB of loads in flight a block. More:
+// 128 x 128 blocks (8 warps of 32 x 64), 3 stages of 2 steps. (Session 25's
+// first run, one step a stage, 8 or 4 stages: every block waited ~0.6-0.9
+// us a step, 10-19% of the roofline.)
+using Tiled16 = Tiled<32, 16, 2, 1, 6, 4>;
+using Tiled32 = Tiled<32, 32, 2, 1, 6, 4>;
+using Tiled64 = Tiled<32, 64, 2, 1, 4, 4>;
+using Tiled128 = Tiled<128, 128, 4, 2, 3, 2>;
 
 }  // namespace
 
