@@ -111,22 +111,38 @@ __global__ void __launch_bounds__(kWM* kWN * 32)
   __syncthreads();
   pdl_wait();
 
+  // Each thread copies the same 16-byte vector q of a step for kWCopies rows
+  // of W and kXCopies of x: their addresses are set once here (rows past m or
+  // n read nothing and write zeros).
+  constexpr int kWCopies = kBM * 4 / kThreads, kXCopies = kBN * 4 / kThreads;
+  static_assert(kWCopies * kThreads == kBM * 4 && kXCopies * kThreads == kBN * 4, "whole copies a thread");
   const int kv = k / 8;  // 16-byte vectors of a row
+  const int q = tid % 4;
+  const __nv_bfloat16* w_src[kWCopies];
+  const __nv_bfloat16* x_src[kXCopies];
+  bool w_in[kWCopies], x_in[kXCopies];
+#pragma unroll
+  for (int j = 0; j < kWCopies; ++j) {
+    const int r = (tid + j * kThreads) / 4;
+    w_in[j] = m0 + r < m;
+    w_src[j] = w + int64_t(w_in[j] ? m0 + r : 0) * k + q * 8;
+  }
+#pragma unroll
+  for (int j = 0; j < kXCopies; ++j) {
+    const int r = (tid + j * kThreads) / 4;
+    x_in[j] = n0 + r < n;
+    x_src[j] = x + int64_t(x_in[j] ? n0 + r : 0) * k + q * 8;
+  }
   auto load = [&](int slot, int step) {
-    uint8_t* wd = w_ring + slot * kBM * kRowBytes;
-    for (int i = tid; i < kBM * 4; i += kThreads) {
-      const int r = i / 4, v = step * 4 + i % 4;
-      const bool in = m0 + r < m && v < kv;
-      cp_async16(wd + i * 16, in ? static_cast<const void*>(w + int64_t(m0 + r) * k + int64_t(v) * 8) : w,
-                 in ? 16 : 0);
-    }
-    uint8_t* xd = x_ring + slot * kBN * kRowBytes;
-    for (int i = tid; i < kBN * 4; i += kThreads) {
-      const int r = i / 4, v = step * 4 + i % 4;
-      const bool in = n0 + r < n && v < kv;
-      cp_async16(xd + i * 16, in ? static_cast<const void*>(x + int64_t(n0 + r) * k + int64_t(v) * 8) : x,
-                 in ? 16 : 0);
-    }
+    const bool k_in = step * 4 + q < kv;
+    uint8_t* wd = w_ring + slot * kBM * kRowBytes + tid * 16;
+#pragma unroll
+    for (int j = 0; j < kWCopies; ++j)
+      cp_async16(wd + j * kThreads * 16, w_src[j] + (k_in ? step * kStepK : 0), w_in[j] && k_in ? 16 : 0);
+    uint8_t* xd = x_ring + slot * kBN * kRowBytes + tid * 16;
+#pragma unroll
+    for (int j = 0; j < kXCopies; ++j)
+      cp_async16(xd + j * kThreads * 16, x_src[j] + (k_in ? step * kStepK : 0), x_in[j] && k_in ? 16 : 0);
   };
 
   // The running chain in registers; the splits' sum in shared memory (each
