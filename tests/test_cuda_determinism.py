@@ -6,8 +6,9 @@ SmolLM2 and the 8B shape) are tests/test_determinism.py's CUDA cases.
 - linear: the rows of x @ W^T computed with n = 1 .. 257 rows around them
   equal, bit for bit, the same rows of one 600-row call (bf16: InvariantGemm,
   the GEMV's order of sums at every n, through the GEMV, the tiled kernel's
-  three small-n tiles and its large one; fp32: one pinned cuBLASLt
-  algorithm), and the 600-row call is x @ W^T (float64 reference); with
+  three small-n tiles and its large one, and with PAGEDRT_DET_GEMM=cublaslt
+  one pinned cuBLASLt algorithm; fp32: the latter), and the 600-row call is
+  x @ W^T (float64 reference); with
   deterministic=False the own small-n kernel and cuBLASLt's per-n picks give
   other bits somewhere (the comparison can fail).
 - gate/up with SiLU·mul: the fused GEMV (n <= 8) gives the bits of the
@@ -40,8 +41,12 @@ def ops_of(deterministic: bool, activation: str = "bfloat16"):
 # by the last 8-k vector: 1,000 = 15 chunks of 64 + 40; 2,056 = 16 of 128 + 8)
 # and m not a multiple of any tile.
 @pytest.mark.parametrize("m,k", [(3072, 576), (576, 1536), (4096, 4096), (8192, 576), (200, 1000), (1000, 2056)])
-@pytest.mark.parametrize("activation,out_f32", [("bfloat16", False), ("bfloat16", True), ("float32", True)])
-def test_linear_rows_do_not_depend_on_n(m, k, activation, out_f32):
+@pytest.mark.parametrize("activation,out_f32,route", [("bfloat16", False, "own"), ("bfloat16", True, "own"),
+                                                       ("bfloat16", False, "cublaslt"), ("float32", True, "own")])
+def test_linear_rows_do_not_depend_on_n(m, k, activation, out_f32, route, monkeypatch):
+    # route: PAGEDRT_DET_GEMM, read when the backend is made (bf16: InvariantGemm
+    # or pinned cuBLASLt algorithms; fp32 always the latter).
+    monkeypatch.setenv("PAGEDRT_DET_GEMM", route)
     rng = np.random.default_rng(m + k)
     total = 600
     x = bf(rng.standard_normal((total, k)))
@@ -57,7 +62,7 @@ def test_linear_rows_do_not_depend_on_n(m, k, activation, out_f32):
             part = det.linear(x[start:start + n], w, wdtype, out_f32)
             differ = np.count_nonzero(part != full[start:start + n])
             assert differ == 0, f"n={n} at row {start}: {differ} of {part.size} values differ from the n={total} call"
-    if activation == "bfloat16":  # the default mode picks per n: some row differs (the comparison can fail)
+    if activation == "bfloat16" and route == "own":  # the default mode picks per n: some row differs (the comparison can fail)
         fast = ops_of(False, activation)
         whole = fast.linear(x, w, wdtype, out_f32)
         differ = sum(np.count_nonzero(fast.linear(x[:n], w, wdtype, out_f32) != whole[:n]) for n in (1, 8, 9, 64))

@@ -29,6 +29,9 @@ int64_t band_of(int64_t n) {
 Gemm::Gemm(cudaStream_t stream, bool deterministic) : stream_(stream), deterministic_(deterministic) {
   own_gemv_ = !env_is("PAGEDRT_CUDA_GEMV", "0") && !deterministic;
   search_ = env_is("PAGEDRT_GEMM_SEARCH", "1") && !deterministic;
+  invariant_own_ = deterministic && !env_is("PAGEDRT_DET_GEMM", "cublaslt");
+  if (const char* v = std::getenv("PAGEDRT_DET_GEMM"); v && std::strcmp(v, "own") != 0 && std::strcmp(v, "cublaslt") != 0)
+    std::fprintf(stderr, "pagedrt: PAGEDRT_DET_GEMM=%s is neither 'own' nor 'cublaslt'; using 'own'\n", v);
   if (const char* v = std::getenv("PAGEDRT_DET_GEMM_N")) {
     const long long n = std::atoll(v);
     if (n >= 1 && n <= 65536)
@@ -65,7 +68,7 @@ void Gemm::run(const void* x, const void* w, void* y, int64_t n, int64_t m, int6
                bool in_f32) {
   if (n == 0) return;
   if (in_f32) return run_cublaslt(x, w, y, n, m, k, true, true);
-  if (deterministic_ && InvariantGemm::supports_shape(m, k)) return invariant_.run(x, w, y, n, m, k, out_f32, stream_);
+  if (invariant_own_ && InvariantGemm::supports_shape(m, k)) return invariant_.run(x, w, y, n, m, k, out_f32, stream_);
   if (own_gemv_ && Gemv::supports(x, w, n, m, k)) return gemv_.run(x, w, y, n, m, k, out_f32, stream_);
   run_cublaslt(x, w, y, n, m, k, out_f32, false);
 }
@@ -107,7 +110,7 @@ bool Gemm::run_silu_mul_f8(const void* xq, const float* xs, const void* w, const
 bool Gemm::run_silu_mul(const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k) {
   if (n == 0) return true;
   if (deterministic_)  // n <= 8 in the GEMV's batch-invariant order; else run() and silu_mul, bitwise the same
-    return InvariantGemm::supports_shape(2 * m, k) && invariant_.run_silu_mul(x, w, y, n, m, k, stream_);
+    return invariant_own_ && InvariantGemm::supports_shape(2 * m, k) && invariant_.run_silu_mul(x, w, y, n, m, k, stream_);
   if (!own_gemv_ || !Gemv::supports(x, w, n, 2 * m, k)) return false;
   gemv_.run_silu_mul(x, w, y, n, m, k, stream_);
   return true;
@@ -331,7 +334,7 @@ void Gemm::pin(int64_t m, int64_t k, bool in_f32) {
   if (!deterministic_) return;
   if (in_f32) {
     pinned(m, k, true, In::F32);
-  } else if (!InvariantGemm::supports_shape(m, k)) {  // else the own kernels (run())
+  } else if (!invariant_own_ || !InvariantGemm::supports_shape(m, k)) {  // else the own kernels (run())
     pinned(m, k, false, In::BF16);
     pinned(m, k, true, In::BF16);  // an lm head's (fp32 logits)
   }

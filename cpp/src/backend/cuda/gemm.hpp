@@ -35,7 +35,9 @@
 //   (invariant_gemm.hpp), the own GEMV's order of sums for every n: the GEMV
 //   itself (one chain a split) at n <= 8, a tiled kernel walking the same
 //   steps above. The fused SiLU·mul GEMV runs at n <= 8 in that order.
-// - fp32 (the validation mode) and other bf16 shapes: every n of a weight
+// - fp32 (the validation mode), other bf16 shapes, and every bf16 shape with
+//   PAGEDRT_DET_GEMM=cublaslt (faster at large n until InvariantGemm's tiled
+//   kernel is: docs/determinism.md): every n of a weight
 //   shape (m, k, output and operand types) runs one cuBLASLt algorithm,
 //   pinned when the weight loads (pin()): the first of the heuristic's
 //   candidates, asked at n = kPinN (64; PAGEDRT_DET_GEMM_N for A/B runs),
@@ -56,6 +58,9 @@
 // Environment, read when a Gemm is made (once per backend), for A/B runs:
 //   PAGEDRT_CUDA_GEMV=0    every shape to cuBLASLt
 //   PAGEDRT_GEMM_SEARCH=1  time cuBLASLt's candidates once per band (above)
+//   PAGEDRT_DET_GEMM=cublaslt  the batch-invariant mode's bf16 GEMMs on pinned cuBLASLt
+//                          algorithms instead of InvariantGemm (another order of sums,
+//                          so other bits; faster at large n, slower at n <= 8: docs/determinism.md)
 //   PAGEDRT_DET_GEMM_N=N   the n whose heuristic picks the pinned algorithms (batch-invariant mode)
 #pragma once
 
@@ -160,6 +165,7 @@ class Gemm {
   bool own_gemv_ = true;  // false: PAGEDRT_CUDA_GEMV=0
   bool search_ = false;   // true: PAGEDRT_GEMM_SEARCH=1
   bool deterministic_ = false;
+  bool invariant_own_ = false;  // the batch-invariant mode's bf16 GEMMs: InvariantGemm (PAGEDRT_DET_GEMM=own, the default)
   int64_t pin_n_ = kPinN;  // PAGEDRT_DET_GEMM_N
   Gemv gemv_;
   InvariantGemm invariant_{gemv_};  // the batch-invariant mode's bf16 GEMMs
