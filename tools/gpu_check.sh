@@ -61,8 +61,8 @@
 #            shape's end-to-end one; the CPU cases run in CI), then its cost: bench_cuda.py gemm_invariant
 #            (its GEMMs against the default's, 8B projections; DET_GEMM_BENCH=0 skips it), bench_determinism.py --device cuda on SmolLM2
 #            (TTFT, batch-1 TPOT, 256 x 512/128), and on the 8B shape batch-1 TPOT and 256 x 512/128
-#            with deterministic off and on, alternating ($DET_GEMM_N="16 256" adds runs with cuBLASLt's
-#            pinned algorithms picked at those n: only shapes InvariantGemm does not take use them) -> $OUT/det_*.json
+#            with deterministic off, on, and on with PAGEDRT_DET_GEMM=cublaslt ($DET_GEMM_N="16 256" adds
+#            runs of the latter with the pinned algorithms picked at those n) -> $OUT/det_*.json
 #   profile  tools/cuda_profile.py: GPU time per kernel (batch-1 decode; 64 x 512/32); $PROFILE: runs of
 #            "NAME PHASES OPTIONS" separated by ";" (e.g. "fp8 0 quantization=fp8,PAGEDRT_CUDA_PDL=0")
 #            -> $OUT/profile_NAME.json
@@ -391,8 +391,8 @@ if has det; then
   (timeout $(( $(left) / 3 > 60 ? $(left) / 3 : 60 )) $PY tools/bench_determinism.py --device cuda --rounds 2 \
      --batch 256 --batch-prompt 512 --batch-new 128 --json "$OUT/det_smollm2.json" 2>&1 | tail -4)
   if [ -f "$LLAMA8B/config.json" ]; then
-    DET="deterministic=true"
-    for n in ${DET_GEMM_N:-}; do DET="$DET deterministic=true,PAGEDRT_DET_GEMM_N=$n"; done
+    DET="deterministic=true deterministic=true,PAGEDRT_DET_GEMM=cublaslt"
+    for n in ${DET_GEMM_N:-}; do DET="$DET deterministic=true,PAGEDRT_DET_GEMM=cublaslt,PAGEDRT_DET_GEMM_N=$n"; done
     (cd /tmp && timeout $(( $(left) / 2 > 30 ? $(left) / 2 : 30 )) $PY "$OLDPWD/tools/bench_cuda.py" tpot_env \
        "$OUT/det_tpot_8b.json" "$LLAMA8B" "" $DET "" deterministic=true 2>&1 | grep TPOT)
     (cd /tmp && timeout $(( $(left) - 10 > 30 ? $(left) - 10 : 30 )) $PY "$OLDPWD/tools/bench_cuda.py" throughput \
