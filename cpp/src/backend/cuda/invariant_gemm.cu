@@ -266,12 +266,14 @@ struct Tiled {
 // x (2 warps, each 16 rows of W by all of the block's x), stages of 4 steps,
 // 6 or 4 of them: W streams through many blocks (the 8B shape's smallest,
 // 4,096 rows, makes 128), with 48-72 KB of loads in flight a block. More:
-// 128 x 128 blocks (16 warps of 32 x 32), 3 stages of 2 steps. (Session 25,
-// H200: 8 warps of 32 x 64 reached 24-26% of the roofline at n >= 2,048;
-// Nsight Compute: 2 warps a scheduler, 0.45 of them eligible, an issue every
-// 2.7 cycles, mostly waiting on fixed-latency dependencies. The 16-row to
-// 64-row tiles went from 7-20% to 15-63% once each thread's copy addresses
-// were set once a block.)
+// 128 x 128 blocks (16 warps of 32 x 32), 3 stages of 2 steps. Measured on
+// H200s (session 25, docs/determinism.md): 10-63% of the roofline at 16 ...
+// 128 rows, 24-26% from 2,048 (cuBLASLt's wgmma kernels: 57-110%). Nsight
+// Compute with 8 warps of 32 x 64: 2 warps a scheduler, 0.45 of them
+// eligible, an issue every 2.7 cycles, mostly waiting on fixed-latency
+// dependencies; 16 warps measured the same. An mma.sync kernel will not
+// reach wgmma's rate; wgmma sums as mma.sync does (tools/mma_order_probe.cu),
+// so a wgmma kernel in this order is the way on.
 using Tiled16 = Tiled<32, 16, 2, 1, 6, 4>;
 using Tiled32 = Tiled<32, 32, 2, 1, 6, 4>;
 using Tiled64 = Tiled<32, 64, 2, 1, 4, 4>;
