@@ -56,6 +56,7 @@
 #include "backend/cuda/fp8_rows.cuh"
 #include "backend/cuda/gemv.hpp"
 #include "backend/cuda/launch.cuh"
+#include "backend/cuda/mma.cuh"
 #include "backend/fp8.hpp"
 
 namespace pagedrt::cuda {
@@ -71,15 +72,6 @@ __device__ __forceinline__ uint4 load_stream(const uint4* p) {
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                : "l"(p));
   return v;
-}
-
-// c (16 x 8, fp32) += A (16 x 16, bf16, row-major) * B (16 x 8, bf16, column-major)
-__device__ __forceinline__ void mma_16816_bf16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                          uint32_t b0, uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
 // x's 16 bytes: through the read-only cache from global memory, or (kQuantX)
@@ -131,14 +123,14 @@ template <bool kF8, bool kOneChain = false>
 __device__ __forceinline__ void mma_step(float (&acc)[2][4], const uint4& wa, const uint4& wb, const uint4& xv) {
   if constexpr (kOneChain) {
     static_assert(!kF8, "the batch-invariant order is bf16's");
-    mma_16816_bf16(acc[0], wa.x, wb.x, wa.y, wb.y, xv.x, xv.y);
-    mma_16816_bf16(acc[0], wa.z, wb.z, wa.w, wb.w, xv.z, xv.w);
+    mma_bf16(acc[0], wa.x, wb.x, wa.y, wb.y, xv.x, xv.y);
+    mma_bf16(acc[0], wa.z, wb.z, wa.w, wb.w, xv.z, xv.w);
   } else if constexpr (kF8) {
     mma_16832_e4m3(acc[0], wa.x, wb.x, wa.y, wb.y, xv.x, xv.y);
     mma_16832_e4m3(acc[1], wa.z, wb.z, wa.w, wb.w, xv.z, xv.w);
   } else {
-    mma_16816_bf16(acc[0], wa.x, wb.x, wa.y, wb.y, xv.x, xv.y);
-    mma_16816_bf16(acc[1], wa.z, wb.z, wa.w, wb.w, xv.z, xv.w);
+    mma_bf16(acc[0], wa.x, wb.x, wa.y, wb.y, xv.x, xv.y);
+    mma_bf16(acc[1], wa.z, wb.z, wa.w, wb.w, xv.z, xv.w);
   }
 }
 

@@ -46,15 +46,6 @@ constexpr uint16_t kLastOfSplit = 0x8000;
 constexpr int kGroup = 8;            // tiles of W a group of blocks shares
 constexpr int kOrderBytes = static_cast<int>(InvariantGemm::kMaxK / kStepK) * 2;
 
-// c (16 x 8, fp32) += A (16 x 16, bf16) B (16 x 8, bf16): gemv.cu's instruction.
-__device__ __forceinline__ void mma_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                          uint32_t b0, uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
 // Steps of split p (Gemv::Order): its chunks' and its steps' past the chunks.
 __device__ __forceinline__ int split_steps(int p, int chunks, int tail, int k_steps, int ks) {
   const int c = p < chunks ? (chunks - 1 - p) / ks + 1 : 0;
@@ -196,8 +187,8 @@ __global__ void __launch_bounds__(kWM* kWN * 32)
         const uint4 xv = *reinterpret_cast<const uint4*>(xs + ((warp_n * kNT + b) * 8 + g) * kRowBytes + t * 16);
 #pragma unroll
         for (int a = 0; a < kMT; ++a) {
-          mma_16816(acc[a][b], wa[a].x, wb[a].x, wa[a].y, wb[a].y, xv.x, xv.y);
-          mma_16816(acc[a][b], wa[a].z, wb[a].z, wa[a].w, wb[a].w, xv.z, xv.w);
+          mma_bf16(acc[a][b], wa[a].x, wb[a].x, wa[a].y, wb[a].y, xv.x, xv.y);
+          mma_bf16(acc[a][b], wa[a].z, wb[a].z, wa[a].w, wb[a].w, xv.z, xv.w);
         }
       }
       if (order[at] & kLastOfSplit) {

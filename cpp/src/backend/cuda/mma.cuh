@@ -64,6 +64,16 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
 __device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   mma_16816(d, a, b0, b1);
 }
+// The same with A's four registers given one by one, as plain asm (ptxas may
+// move it among other work): the GEMV's instruction (gemv.cu) and
+// InvariantGemm's, which must sum alike (invariant_gemm.hpp).
+__device__ __forceinline__ void mma_bf16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
 
 // An 8 x 8 matrix of 16-bit values held as ldmatrix and the C fragments hold
 // it (lane / 4's row, columns (lane % 4) * 2 ..): this lane's part of its
