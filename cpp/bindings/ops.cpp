@@ -522,9 +522,9 @@ class Ops {
     }
     return h;
   }
-  // A CUDA backend made with these environment variables set (the GEMM
-  // switches are read when the backend is made); the old values come back after.
-  // A CUDA backend made with `vars` set in the environment; deterministic: the batch-invariant mode.
+  // A CUDA backend made with `vars` set in the environment (the GEMM switches
+  // are read when the backend is made; the old values come back after);
+  // deterministic: the batch-invariant mode.
   static std::unique_ptr<pagedrt::Backend> cuda_backend_with_env(
       const std::vector<std::pair<std::string, std::string>>& vars, bool deterministic = false) {
     std::vector<std::pair<std::string, std::optional<std::string>>> saved;

@@ -68,7 +68,7 @@ void Gemm::run(const void* x, const void* w, void* y, int64_t n, int64_t m, int6
                bool in_f32) {
   if (n == 0) return;
   if (in_f32) return run_cublaslt(x, w, y, n, m, k, true, true);
-  if (invariant_own_ && InvariantGemm::supports_shape(m, k)) return invariant_.run(x, w, y, n, m, k, out_f32, stream_);
+  if (invariant_takes(m, k)) return invariant_.run(x, w, y, n, m, k, out_f32, stream_);
   if (own_gemv_ && Gemv::supports(x, w, n, m, k)) return gemv_.run(x, w, y, n, m, k, out_f32, stream_);
   run_cublaslt(x, w, y, n, m, k, out_f32, false);
 }
@@ -110,7 +110,7 @@ bool Gemm::run_silu_mul_f8(const void* xq, const float* xs, const void* w, const
 bool Gemm::run_silu_mul(const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k) {
   if (n == 0) return true;
   if (deterministic_)  // n <= 8 in the GEMV's batch-invariant order; else run() and silu_mul, bitwise the same
-    return invariant_own_ && InvariantGemm::supports_shape(2 * m, k) && invariant_.run_silu_mul(x, w, y, n, m, k, stream_);
+    return invariant_takes(2 * m, k) && invariant_.run_silu_mul(x, w, y, n, m, k, stream_);
   if (!own_gemv_ || !Gemv::supports(x, w, n, 2 * m, k)) return false;
   gemv_.run_silu_mul(x, w, y, n, m, k, stream_);
   return true;
@@ -157,8 +157,6 @@ int Gemm::heuristic(const Plan& p, cublasLtMatmulHeuristicResult_t* res, int cou
 
 bool Gemm::accepts(const Plan& p, const cublasLtMatmulAlgo_t& algo) const {
   cublasLtMatmulHeuristicResult_t r{};
-  // The batch-invariant mode runs without workspace: whatever would need one
-  // (partial sums of a k split) is refused at every n, not only at pin_n_.
   return cublasLtMatmulAlgoCheck(handle_, p.op, p.a, p.b, p.c, p.c, &algo, &r) == CUBLAS_STATUS_SUCCESS &&
          r.state == CUBLAS_STATUS_SUCCESS && r.workspaceSize <= workspace_bytes_;
 }
@@ -334,7 +332,7 @@ void Gemm::pin(int64_t m, int64_t k, bool in_f32) {
   if (!deterministic_) return;
   if (in_f32) {
     pinned(m, k, true, In::F32);
-  } else if (!invariant_own_ || !InvariantGemm::supports_shape(m, k)) {  // else the own kernels (run())
+  } else if (!invariant_takes(m, k)) {
     pinned(m, k, false, In::BF16);
     pinned(m, k, true, In::BF16);  // an lm head's (fp32 logits)
   }

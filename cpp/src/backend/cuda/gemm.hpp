@@ -160,6 +160,8 @@ class Gemm {
   // The batch-invariant mode's algorithm of a weight shape (made on first use; throws where none serves).
   const cublasLtMatmulAlgo_t& pinned(int64_t m, int64_t k, bool out_f32, In in);
   void require_no_fp8(const char* what) const;
+  // The batch-invariant mode's bf16 GEMMs of an (m, k) weight run InvariantGemm (else pinned cuBLASLt).
+  bool invariant_takes(int64_t m, int64_t k) const { return invariant_own_ && InvariantGemm::supports_shape(m, k); }
 
   cudaStream_t stream_;
   bool own_gemv_ = true;  // false: PAGEDRT_CUDA_GEMV=0
