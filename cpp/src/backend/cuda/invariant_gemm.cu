@@ -138,14 +138,17 @@ __global__ void __launch_bounds__(kWM* kWN * 32)
 
   // The running chain in registers; the splits' sum in shared memory (each
   // thread its own words, kThreads apart: no conflicts), where registers
-  // would spill.
+  // would spill. each(f): f(a, b, j) for every accumulator of the thread.
+  auto each = [](auto&& f) {
+#pragma unroll
+    for (int a = 0; a < kMT; ++a)
+#pragma unroll
+      for (int b = 0; b < kNT; ++b)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) f(a, b, j);
+  };
   float acc[kMT][kNT][4];
-#pragma unroll
-  for (int a = 0; a < kMT; ++a)
-#pragma unroll
-    for (int b = 0; b < kNT; ++b)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) acc[a][b][j] = 0.f;
+  each([&](int a, int b, int j) { acc[a][b][j] = 0.f; });
   float* sum = sums + tid;
   auto sum_at = [&](int a, int b, int j) -> float& { return sum[((a * kNT + b) * 4 + j) * kThreads]; };
   bool folded = false;  // a split's chain is in the sum
@@ -192,32 +195,22 @@ __global__ void __launch_bounds__(kWM* kWN * 32)
         }
       }
       if (order[at] & kLastOfSplit) {
-#pragma unroll
-        for (int a = 0; a < kMT; ++a)
-#pragma unroll
-          for (int b = 0; b < kNT; ++b)
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-              sum_at(a, b, j) = folded ? sum_at(a, b, j) + acc[a][b][j] : acc[a][b][j];
-              acc[a][b][j] = 0.f;
-            }
+        each([&](int a, int b, int j) {
+          sum_at(a, b, j) = folded ? sum_at(a, b, j) + acc[a][b][j] : acc[a][b][j];
+          acc[a][b][j] = 0.f;
+        });
         folded = true;
       }
     }
   }
 
-#pragma unroll
-  for (int a = 0; a < kMT; ++a)
-#pragma unroll
-    for (int b = 0; b < kNT; ++b)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        float v = sum_at(a, b, j);
-        for (int e = 0; e < empty; ++e) v += 0.f;
-        const int row = m0 + (warp_m * kMT + a) * 16 + g + 8 * (j / 2);
-        const int tok = n0 + (warp_n * kNT + b) * 8 + 2 * t + j % 2;
-        if (row < m && tok < n) store(y + int64_t(tok) * m + row, v);
-      }
+  each([&](int a, int b, int j) {
+    float v = sum_at(a, b, j);
+    for (int e = 0; e < empty; ++e) v += 0.f;
+    const int row = m0 + (warp_m * kMT + a) * 16 + g + 8 * (j / 2);
+    const int tok = n0 + (warp_n * kNT + b) * 8 + 2 * t + j % 2;
+    if (row < m && tok < n) store(y + int64_t(tok) * m + row, v);
+  });
 }
 
 // One configuration: the block tile, warps and stages, launched for bf16 or fp32 y.
@@ -303,7 +296,7 @@ void InvariantGemm::run(const void* x, const void* w, void* y, int64_t n, int64_
 
 bool InvariantGemm::run_silu_mul(const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k,
                                  cudaStream_t stream) const {
-  if (n > Gemv::kMaxRows || !Gemv::supports(x, w, n, 2 * m, k) || 2 * m >= (int64_t(1) << 30)) return false;
+  if (n > Gemv::kMaxRows || !Gemv::supports(x, w, n, 2 * m, k)) return false;
   gemv_.run_silu_mul(x, w, y, n, m, k, stream, true);
   return true;
 }
