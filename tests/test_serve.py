@@ -223,7 +223,12 @@ def test_models_tokenize_detokenize_metrics(server, rt):
     assert json.loads(server.post("/tokenize", {"messages": Q})[1])["count"] == len(rt.encode_prompt(Q))
     status, body, _ = server.post("/detokenize", {"tokens": toks})
     assert status == 200 and json.loads(body)["prompt"] == "Hello world"
+    status, body, _ = server.post("/v1/completions", {"model": MODEL, "prompt": "The year is", "max_tokens": 6,
+                                                      "temperature": 1.0, "seed": 3, "guided_regex": " [0-9]{4}"})
+    assert status == 200, body  # a sampled constrained answer: a mask for each of its tokens
     text = server.get("/metrics")[1]
+    rows = re.search(r"^pagedrt_structured_mask_rows_total (\S+)$", text, re.M)
+    assert rows and float(rows.group(1)) >= 5, rows
     for name in ("pagedrt_http_requests_total", "pagedrt_time_to_first_token_seconds_bucket",
                  "pagedrt_inter_token_latency_seconds_bucket", "pagedrt_requests_waiting", "pagedrt_requests_running",
                  "pagedrt_kv_blocks_used", "pagedrt_kv_waste_ratio", "pagedrt_prefix_cache_hit_ratio",

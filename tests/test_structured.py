@@ -195,7 +195,7 @@ def test_chat_set_takes_structured_fields(tmp_path):
 
 
 def test_parallel_masks_equal_sequential(smol):
-    """Masks on an llguidance pool (the GPU's way, and a many-core CPU's) give
+    """Masks on a pool of threads (the GPU's way, and a many-core CPU's) give
     the same greedy answers as masks one after another on the helper thread,
     several rows per step; the CPU forward runs on the one core the pool
     leaves it here (2 threads lent)."""
@@ -206,8 +206,7 @@ def test_parallel_masks_equal_sequential(smol):
         with pagedrt.Runtime(smol, device="cpu") as r:
             info = r.model_info
             r._structured = Constraints(r.model_path, info.vocab_size, info.eos_token_ids[0], threads=threads)
-            r._rt.set_token_mask_provider(r._structured.fill, r._structured.release, r._structured.busy_threads,
-                                          r._structured.validate)
+            r._structured.install(r._rt)
             answers.append([c.text for c in r.generate(asks, max_tokens=40, temperature=0, json_schema=SCHEMAS[0])])
     assert answers[0] == answers[1]
 

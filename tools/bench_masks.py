@@ -69,7 +69,8 @@ def main():
         outs = rt.generate(prompts, max_tokens=args.max_tokens, temperature=0, json_schema=SCHEMA)
         seqs = [o.outputs[0].token_ids for o in outs]
         cons = rt._constraints()
-        engine_us = 1e6 * cons.fill_seconds / max(cons.fill_rows, 1)
+        counters = cons.counters()
+        engine_us = 1e6 * counters["fill_seconds"] / max(counters["fill_rows"], 1)
         tokenizer, words = cons.tokenizer, cons.words
     grammar = grammar_of("json_schema", SCHEMA)
     res = {"requests": args.requests, "rows_per_step_max": len(seqs), "engine_us_per_row": engine_us, "replay": {}}

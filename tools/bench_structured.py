@@ -8,7 +8,7 @@ ones on the same prompts, all submitted at once, one Runtime, rounds alternating
 TPOT per request = (time of its last token - time of its first) / (tokens - 1),
 from the engine's event times; the mean over requests is compared. The mask
 provider's time (llguidance, on an engine helper thread while the forward runs)
-is printed per step and per row. --lend: the cores a CPU forward leaves the
+is printed per step and per row (C++: pagedrt/llguidance_masks.hpp). --lend: the cores a CPU forward leaves the
 masks while they are filled (TokenMaskProvider::threads): auto (the
 provider's), 0 (none), or both (each round runs the JSON requests both ways:
 an A/B in one process; the ratio printed is auto's). --checked: the engine's
@@ -87,39 +87,40 @@ def main():
            "plain": [], "json_schema": []}
     rt.generate(prompts[:2], max_tokens=4, json_schema=SCHEMA)  # compiles llguidance's tokenizer once
     cons = rt._constraints()
+    res["llguidance"] = cons.masks.version
     lend = {"auto": [cons.busy_threads], "0": [0], "both": [cons.busy_threads, 0]}[args.lend]
-    validate = None if args.checked == "off" else cons.validate
+    checked = args.checked != "off"
     res["lent_threads"] = lend[0]
-    res["checked_picks"] = validate is not None
-    # the B runs of the A/Bs: (name, lent threads, validate)
-    others = [(f"json_schema_lent_{t}", t, validate) for t in lend[1:]]
+    res["checked_picks"] = checked
+    # the B runs of the A/Bs: (name, lent threads, checked)
+    others = [(f"json_schema_lent_{t}", t, checked) for t in lend[1:]]
     if args.checked == "both":
-        others.append(("json_schema_unchecked", lend[0], None))
+        others.append(("json_schema_unchecked", lend[0], False))
     for name, _, _ in others:
         res[name] = []
     for r in range(args.rounds):
         p = run(rt, prompts, max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
         for name, threads, check in others:  # run first, so that A runs last as before
-            rt._rt.set_token_mask_provider(cons.fill, cons.release, threads, check)
+            cons.install(rt._rt, threads, check)
             b = run(rt, prompts, max_tokens=args.max_tokens, temperature=0, json_schema=SCHEMA)
             res[name].append(b)
             print(f"round {r + 1}: json_schema lending {threads} cores, picks "
                   f"{'checked' if check else 'masked first'}: TPOT {b['tpot_ms']:.2f} ms "
                   f"({b['tpot_ms'] / p['tpot_ms']:.3f}x plain)", flush=True)
-        rt._rt.set_token_mask_provider(cons.fill, cons.release, lend[0], validate)
-        f0, c0, n0 = cons.fill_seconds, cons.fill_calls, cons.fill_rows
-        v0, vn0 = cons.validate_seconds, cons.validate_rows
-        e0 = rt.stats()
+        cons.install(rt._rt, lend[0], checked)
+        c0, e0 = cons.counters(), rt.stats()
         s = run(rt, prompts, max_tokens=args.max_tokens, temperature=0, json_schema=SCHEMA)
-        e1 = rt.stats()
-        calls, rows = cons.fill_calls - c0, cons.fill_rows - n0
+        c1, e1 = cons.counters(), rt.stats()
+        d = {k: c1[k] - c0[k] for k in c1}
         steps = max(e1.mask_steps - e0.mask_steps, 1)
-        s["mask_ms_per_step"] = 1e3 * (cons.fill_seconds - f0) / max(calls, 1)  # inside the provider's fill
-        s["mask_us_per_row"] = 1e6 * (cons.fill_seconds - f0) / max(rows, 1)
-        # checked picks: the provider's validate() (on the engine's thread, after the forward, the GIL's wait excluded)
-        s["validate_us_per_row"] = 1e6 * (cons.validate_seconds - v0) / max(cons.validate_rows - vn0, 1)
-        s["validate_ms_per_step"] = 1e3 * (cons.validate_seconds - v0) / max(s["steps"], 1)
-        # the engine's view: the helper thread's whole call (the GIL's wait too), and what the forward did not hide
+        s["mask_ms_per_step"] = 1e3 * d["fill_seconds"] / max(d["fill_calls"], 1)  # inside the provider's fill
+        s["mask_us_per_row"] = 1e6 * d["fill_seconds"] / max(d["fill_rows"], 1)
+        # checked picks: the provider's validate() (on the engine's thread, after the forward)
+        s["validate_us_per_row"] = 1e6 * d["validate_seconds"] / max(d["validate_rows"], 1)
+        s["validate_ms_per_step"] = 1e3 * d["validate_seconds"] / max(s["steps"], 1)
+        # the model's tokenizer, asked for text the grammar forces (kept answers; a miss goes to Python)
+        s["tokenize_calls"], s["tokenize_misses"] = d["tokenize_calls"], d["tokenize_misses"]
+        # the engine's view: the helper thread's whole call, and what the forward did not hide
         s["mask_wall_ms_per_step"] = 1e3 * (e1.mask_seconds - e0.mask_seconds) / steps
         s["mask_wait_ms_per_step"] = 1e3 * (e1.mask_wait_seconds - e0.mask_wait_seconds) / steps
         s["mask_overlap"] = 1 - s["mask_wait_ms_per_step"] / max(s["mask_wall_ms_per_step"], 1e-9)
@@ -131,7 +132,8 @@ def main():
               f"provider ({s['mask_us_per_row']:.0f} us per row), {s['mask_wall_ms_per_step']:.2f} ms on the "
               f"helper thread, {s['mask_wait_ms_per_step']:.2f} ms not hidden by the forward "
               f"({100 * s['mask_overlap']:.0f}% overlapped); checks {s['validate_ms_per_step']:.2f} ms per step "
-              f"({s['validate_us_per_row']:.1f} us per row)", flush=True)
+              f"({s['validate_us_per_row']:.1f} us per row); tokenizer asked {s['tokenize_calls']} times, "
+              f"{s['tokenize_misses']} not kept", flush=True)
         print(f"  plain: {breakdown(p)}\n  json_schema: {breakdown(s)}", flush=True)
     ratios = [s["tpot_ms"] / p["tpot_ms"] for p, s in zip(res["plain"], res["json_schema"])]
     res["tpot_ratio_median"] = statistics.median(ratios)

@@ -17,20 +17,15 @@
 #include <thread>
 
 #include "pagedrt/pagedrt.hpp"
+#include "python_exit.hpp"
 
 namespace nb = nanobind;
 using namespace nb::literals;
 using pagedrt::ErrorKind;
 
-namespace {
+void bind_llguidance_masks(nb::module_& m);  // bindings/llguidance_masks.cpp
 
-bool py_finalizing() {
-#if PY_VERSION_HEX >= 0x030D0000
-  return Py_IsFinalizing() != 0;
-#else
-  return _Py_IsFinalizing() != 0;
-#endif
-}
+namespace {
 
 // nb::gil_scoped_release, safe at interpreter exit. A daemon thread that comes
 // back from a blocking call (poll) while the interpreter finalizes is ended by
@@ -492,6 +487,8 @@ NB_MODULE(_core, m) {
       .def("stats", &pagedrt::Runtime::stats)
       .def("model_info", &pagedrt::Runtime::model_info)
       .def("close", &pagedrt::Runtime::close, nb::call_guard<ReleaseGil>());
+
+  bind_llguidance_masks(m);
 
   m.def("cpu_gemm_info", &pagedrt::cpu_gemm_info,
         "The CPU GEMM kernels this process runs and their decode prefetch hint, with how it was chosen.");

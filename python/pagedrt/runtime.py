@@ -379,7 +379,10 @@ class Runtime:
         if constraint is not None:  # its matcher exists before the engine can ask for a mask
             grammar = grammar_of(*constraint)
             request_id = request_id or f"c{uuid.uuid4().hex}"
-            self._constraints().add(request_id, grammar)
+            try:
+                self._constraints().add(request_id, grammar)
+            except InvalidArgument as e:
+                raise InvalidArgument(f"{constraint[0]}: {e}") from None
         try:
             with self._lock:  # registered before any poller can see its events
                 rid = self._rt.submit(ids, core, request_id or "", by_id)
@@ -398,8 +401,7 @@ class Runtime:
                 threads = mask_threads(self.model_info.device, self._num_threads)
                 self._structured = Constraints(self.model_path, self.model_info.vocab_size, eos,
                                                threads=threads, tokenizer=self.tokenizer)
-                self._rt.set_token_mask_provider(self._structured.fill, self._structured.release,
-                                                 self._structured.busy_threads, self._structured.validate)
+                self._structured.install(self._rt)
             return self._structured
 
     def poll(self, request_id: str | Sequence[str] | None = None, timeout: float = 0.0) -> list[Event]:

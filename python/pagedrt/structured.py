@@ -3,19 +3,22 @@ json_object, regex, choice, grammar) as llguidance grammars, and the token-mask
 provider that enforces them in the engine's sampler.
 
 A constrained request is submitted with the C++ flag ``masked``; at each step
-the engine asks this provider for the allowed tokens of its sampling rows (on
-an engine thread, while the forward runs) and the sampler drops every other
-token before any other processing. Each sequence has its own llguidance
-matcher, fed the tokens the sequence has produced since the last mask (n > 1
-samples start from a fresh one and catch up). When the grammar is complete
-only the end-of-sequence token is allowed, so the answer ends with "stop".
+the engine asks the provider (C++, pagedrt/llguidance_masks.hpp, calling
+llguidance's C API in the wheel's own library) for the allowed tokens of its
+sampling rows, on host threads while the forward runs, and the sampler drops
+every other token before any other processing. Each sequence has its own
+llguidance matcher, fed the tokens the sequence has produced since the last
+mask (n > 1 samples start from a fresh one and catch up). When the grammar is
+complete only the end-of-sequence token is allowed, so the answer ends with
+"stop". Grammars are compiled once per distinct constraint (the last 64 kept,
+here as text and in C++ as matchers).
 """
 from __future__ import annotations
 
 import json
 import os
 import threading
-import time
+from collections import OrderedDict
 from typing import Optional
 
 import numpy as np
@@ -34,9 +37,32 @@ def constraint_of(params) -> Optional[tuple[str, object]]:
     return given[0] if given else None
 
 
+_GRAMMARS: OrderedDict = OrderedDict()  # (field, value) as JSON -> grammar: the last 64 distinct
+_GRAMMARS_LOCK = threading.Lock()
+
+
 def grammar_of(field: str, value) -> str:
     """The llguidance grammar of a constraint; InvalidArgument with the
-    library's message (naming the field) when it does not compile."""
+    library's message (naming the field) when it does not compile. A
+    constraint seen before is not compiled again."""
+    try:
+        key = json.dumps([field, value], sort_keys=True)
+    except (TypeError, ValueError):  # not JSON (a bad value): compiled, to say why
+        key = None
+    with _GRAMMARS_LOCK:
+        if key in _GRAMMARS:
+            _GRAMMARS.move_to_end(key)
+            return _GRAMMARS[key]
+    grammar = _compile(field, value)
+    if key is not None:
+        with _GRAMMARS_LOCK:
+            _GRAMMARS[key] = grammar
+            if len(_GRAMMARS) > 64:
+                _GRAMMARS.popitem(last=False)
+    return grammar
+
+
+def _compile(field: str, value) -> str:
     import llguidance
     M = llguidance.LLMatcher
     try:
@@ -94,11 +120,14 @@ def mask_threads(device: str, forward_threads: int = 0) -> Optional[int]:
 
 
 class Constraints:
-    """The llguidance matchers of one Runtime's constrained requests: its
-    TokenMaskProvider (fill/release are called by the engine)."""
+    """The llguidance matchers of one Runtime's constrained requests, held in
+    C++ (pagedrt/llguidance_masks.hpp: the engine asks them for masks and
+    checks without Python). fill/validate/release are also callable from
+    Python, for a provider that wraps them (tests)."""
 
     def __init__(self, model_dir, vocab: int, eos_token: int, threads: Optional[int] = 0, tokenizer=None):
         import llguidance
+        from . import _core
         path = model_dir / "tokenizer.json"
         if path.is_file():
             self.tokenizer = llguidance.LLTokenizer(path.read_text(), n_vocab=vocab, eos_token=eos_token)
@@ -109,85 +138,59 @@ class Constraints:
             raise Unsupported(f"{model_dir}: structured output needs the model's tokenizer "
                               "(tokenizer.json or tokenizer.model)")
         self.words = (vocab + 31) // 32
-        self._grammars: dict[str, str] = {}
-        self._matchers: dict[tuple[str, int], list] = {}  # (request, index) -> [matcher, tokens consumed]
-        self._lock = threading.Lock()
-        self.fill_seconds, self.fill_calls, self.fill_rows = 0.0, 0, 0  # for tools/bench_structured.py
-        self.validate_seconds, self.validate_rows = 0.0, 0
         # threads (mask_threads): 0 computes a step's masks one after another on
-        # the engine's helper thread; k > 0 on an llguidance executor of k
-        # threads, None of llguidance's default size (80% of the cores).
-        self._executor = None if threads == 0 else llguidance.LLExecutor(num_threads=threads)
-        #: the host threads a fill keeps busy (Runtime.set_token_mask_provider's
-        #: `threads`: a CPU forward leaves them that many cores meanwhile).
-        self.busy_threads = 1 if threads == 0 else threads or max(1, (os.cpu_count() or 1) * 4 // 5)
+        # the engine's helper thread; k > 0 on k threads, None on 80% of the cores.
+        if threads is None:
+            threads = max(1, (os.cpu_count() or 1) * 4 // 5)
+        #: the host threads a fill keeps busy (a CPU forward leaves them that many cores meanwhile).
+        self.busy_threads = max(1, threads)
+        # The C++ side builds its own llguidance tokenizer from the token bytes of
+        # this one: the same token trie, whatever the tokenizer's kind.
+        self.masks = _core.LlguidanceMasks(llguidance._lib.__file__, vocab, eos_token,
+                                           token_bytes(self.tokenizer, vocab), threads=threads,
+                                           tokenize=self.tokenizer.tokenize_bytes)
+
+    def install(self, runtime_core, threads: int = -1, checked: bool = True) -> None:
+        """Gives `runtime_core` (a _core.Runtime) these masks. threads: the cores
+        a CPU forward leaves them while they are filled (-1: busy_threads);
+        checked: plain greedy picks checked instead of masked first."""
+        from . import _core
+        _core.set_llguidance_masks(runtime_core, self.masks, threads, checked)
 
     def add(self, request_id: str, grammar: str) -> None:
-        with self._lock:
-            self._grammars[request_id] = grammar
-
-    def _matcher(self, row):
-        """The row's matcher, made on first use and fed the tokens the row has
-        generated since; None once the request was released."""
-        import llguidance
-        key = (row.request_id, row.index)
-        with self._lock:
-            state = self._matchers.get(key)
-            if state is None:
-                grammar = self._grammars.get(row.request_id)
-                if grammar is None:
-                    return None
-                state = self._matchers[key] = [llguidance.LLMatcher(self.tokenizer, grammar), 0]
-        matcher, done = state
-        generated = row.generated
-        if len(generated) > done:
-            matcher.consume_tokens(generated[done:])
-            state[1] = len(generated)
-        return matcher
+        """The request's matcher (a copy of its grammar's, compiled once per
+        distinct grammar); InvalidArgument when llguidance refuses it."""
+        self.masks.add(request_id, "llguidance", grammar)
 
     def validate(self, rows, tokens) -> bytes:
         """The engine's checked picks (pagedrt/token_mask.hpp): one byte a row,
-        1 where its matcher may take the token next (a plain greedy row's pick
-        made without a mask), 0 where not (the row then gets its mask)."""
-        t0 = time.perf_counter()
-        ok = bytearray(len(rows))
-        for i, (row, token) in enumerate(zip(rows, tokens)):
-            matcher = self._matcher(row)
-            if matcher is not None and not matcher.is_error() and matcher.validate_tokens([token]) == 1:
-                ok[i] = 1
-        self.validate_seconds += time.perf_counter() - t0
-        self.validate_rows += len(rows)
-        return bytes(ok)
+        1 where its matcher may take the token next."""
+        return self.masks.validate(rows, list(tokens))
 
     def fill(self, rows, vocab: int) -> None:
-        """Feeds each row's matcher its new tokens, then computes every mask at once
-        on llguidance's threads (the engine's rows are one contiguous block, in
-        order; their addresses are checked)."""
-        t0 = time.perf_counter()
-        batch: list[tuple] = []
-        for i, row in enumerate(rows):
-            matcher = self._matcher(row)
-            if matcher is None:
-                continue  # released meanwhile: its mask stays empty
-            if not matcher.is_error():
-                batch.append((matcher, i))
-        if batch:
-            base, stride = rows[0].mask_address, self.words * 4
-            if self._executor is not None and all(r.mask_address == base + i * stride
-                                                  for i, r in enumerate(rows)):
-                self._executor.unsafe_compute_mask_ptr(batch, base, stride, len(rows))
-            else:
-                for matcher, i in batch:
-                    matcher.unsafe_compute_mask_ptr(rows[i].mask_address, stride)
-        self.fill_seconds += time.perf_counter() - t0
-        self.fill_calls += 1
-        self.fill_rows += len(rows)
+        self.masks.fill(rows, vocab)
 
     def release(self, request_id: str) -> None:
-        with self._lock:
-            self._grammars.pop(request_id, None)
-            for key in [k for k in self._matchers if k[0] == request_id]:
-                del self._matchers[key]
+        self.masks.release(request_id)
+
+    def counters(self) -> dict:
+        """Seconds inside fill() and validate() and their rows; compiles and cache hits."""
+        return self.masks.counters()
+
+
+def token_bytes(tokenizer, vocab: int) -> list[bytes]:
+    """Each id's bytes in an llguidance tokenizer's trie: a special token's are
+    0xFF and its name, an id without any is empty."""
+    out = []
+    for i in range(vocab):
+        b = tokenizer.decode_bytes([i])
+        if tokenizer.is_special_token(i):
+            out.append(b"\xff" + b)
+        elif b == b"<[%d]>" % i:  # decode's stand-in for an id without bytes
+            out.append(b"")
+        else:
+            out.append(b)
+    return out
 
 
 class _SentencePieceTokens:

@@ -3,6 +3,7 @@
 
 #include "pagedrt/error.hpp"
 #include "pagedrt/event.hpp"
+#include "pagedrt/llguidance_masks.hpp"
 #include "pagedrt/runtime.hpp"
 #include "pagedrt/sampling_params.hpp"
 #include "pagedrt/stats.hpp"

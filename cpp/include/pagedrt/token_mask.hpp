@@ -55,6 +55,13 @@ class TokenMaskProvider {
   virtual void validate(std::vector<MaskRow>& rows, const int32_t* tokens, uint8_t* ok) {
     (void)rows, (void)tokens, (void)ok;
   }
+  // Checked picks: the rows validate() will be asked about after this step's
+  // forward, given on the helper thread while the forward runs (before
+  // fill() of the step's masked rows): a provider may bring their state up
+  // to date meanwhile (llguidance: feed each matcher the tokens since its
+  // last row), leaving validate() only the check. The rows' masks are not
+  // laid out (mask is null). An exception is ignored.
+  virtual void prepare(std::vector<MaskRow>& rows) { (void)rows; }
 };
 
 }  // namespace pagedrt

@@ -209,9 +209,7 @@ void Engine::start_masks(const SchedulerOutput& step, PendingMasks& pm, bool che
     row.index = q.index;
     row.generated = q.tokens.data() + s.req->prompt_len;
     row.num_generated = q.num_tokens() - s.req->prompt_len;
-    // A sequence's first row is masked first: its provider state (a grammar's
-    // matcher) is made with it, on the helper thread, behind the prompt's forward.
-    if (checked && q.num_draft == 0 && q.mask_eager == 0 && row.num_generated > 0) {
+    if (checked && q.num_draft == 0 && q.mask_eager == 0) {
       pm.later.push_back(std::move(row));
       pm.later_seqs.push_back(&q);
       pm.later_at.push_back(at);
@@ -222,14 +220,17 @@ void Engine::start_masks(const SchedulerOutput& step, PendingMasks& pm, bool che
     pm.seqs.push_back(&q);
   }
   pm.eager = pm.rows.size();
-  if (pm.rows.empty()) return;
-  pm.lay_out(words);
+  if (pm.rows.empty() && pm.later.empty()) return;
   const std::shared_ptr<TokenMaskProvider> provider = mask_provider();
-  if (!provider) {
-    pm.masks.error = "no TokenMaskProvider is set";
-    return;
+  if (!pm.rows.empty()) {
+    pm.lay_out(words);
+    if (!provider) {
+      pm.masks.error = "no TokenMaskProvider is set";
+      return;
+    }
+    pm.start = now_s();
   }
-  pm.start = now_s();
+  if (!provider) return;  // check_picks reports it
   // The fill's threads get cores of their own while it runs (a CPU forward
   // that kept every core left the masks to queue behind its team's threads:
   // 16-core Xeon, 32 JSON rows, forwards 7-11 ms longer a step).
@@ -237,11 +238,17 @@ void Engine::start_masks(const SchedulerOutput& step, PendingMasks& pm, bool che
     ModelRunner& runner;
     ~GiveBack() { runner.lend_threads(0); }
   };
-  runner_.lend_threads(std::max(0, provider->threads()));
+  if (!pm.rows.empty()) runner_.lend_threads(std::max(0, provider->threads()));
   try {
     pm.filling = std::async(std::launch::async, [this, &pm, provider, vocab] {
       GiveBack give_back{runner_};
-      provider->fill(pm.rows, vocab);
+      if (!pm.later.empty()) {
+        try {
+          provider->prepare(pm.later);  // the checked rows: only their check left for after the forward
+        } catch (const std::exception&) {  // validate() catches them up itself
+        }
+      }
+      if (!pm.rows.empty()) provider->fill(pm.rows, vocab);
       return now_s();
     });
   } catch (...) {  // no thread to be had
@@ -621,6 +628,16 @@ void Engine::finish_request(Request& r, FinishReason reason, const std::string& 
 void Engine::drop_request(Request& r) {
   scheduler_.remove(&r);  // frees every live sequence's blocks
   if (drafter_) drafter_->forget(r.arrival);
+  // The mask provider's state for it may go: before the final event, so that
+  // a host that read it may constrain a new request of the same id at once.
+  if (r.params.masked) {
+    if (const std::shared_ptr<TokenMaskProvider> provider = mask_provider()) {
+      try {
+        provider->release(r.id);
+      } catch (const std::exception&) {  // its state leaks; the engine goes on
+      }
+    }
+  }
   r.done = true;
   for (auto& s : r.seqs) {
     s->num_computed = 0;
@@ -631,14 +648,6 @@ void Engine::drop_request(Request& r) {
 
 void Engine::forget(Request& r) {
   const std::string id = r.id;
-  if (r.params.masked) {  // the provider's state for it may go
-    if (const std::shared_ptr<TokenMaskProvider> provider = mask_provider()) {
-      try {
-        provider->release(id);
-      } catch (const std::exception&) {  // its state leaks; the engine goes on
-      }
-    }
-  }
   auto it = requests_.find(id);
   if (it == requests_.end()) return;
   retire(std::move(it->second));  // destroyed once no launched step names it

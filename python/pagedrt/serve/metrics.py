@@ -46,11 +46,12 @@ class _EngineCollector:
         yield CounterMetricFamily("pagedrt_spec_proposed_tokens", "Speculative proposals verified", s.spec_proposed)
         yield CounterMetricFamily("pagedrt_spec_accepted_tokens", "Speculative proposals accepted", s.spec_accepted)
         cons = self.rt._structured  # None until the first structured-output request
+        c = cons.counters() if cons else {"fill_seconds": 0.0, "fill_rows": 0}
         yield CounterMetricFamily("pagedrt_structured_mask_seconds",
                                   "Time spent computing structured-output token masks (beside the forward)",
-                                  cons.fill_seconds if cons else 0.0)
+                                  c["fill_seconds"])
         yield CounterMetricFamily("pagedrt_structured_mask_rows", "Structured-output token-mask rows computed",
-                                  cons.fill_rows if cons else 0)
+                                  c["fill_rows"])
 
 
 class Metrics:

@@ -1,0 +1,173 @@
+"""Structured output's C++ mask provider (pagedrt/llguidance_masks.hpp, which
+calls llguidance's C API in the wheel's own library): its masks against
+llguidance's Python matchers, its compiled-constraint cache, its tokenizer's
+kept answers, and its errors."""
+from __future__ import annotations
+
+import random
+import re
+
+import llguidance
+import numpy as np
+import pytest
+
+import pagedrt
+from pagedrt import _core
+from pagedrt.structured import Constraints, allowed_tokens, grammar_of
+
+from test_structured import SCHEMAS
+
+CONSTRAINTS = [("json_schema", s) for s in SCHEMAS] + [
+    ("regex", r"[0-9]{3}-[a-z]{2,4}( [A-Z]+)?"), ("choice", ["red", "green", "blue", "dark green"]),
+    ("json_object", True), ("grammar", 'start: "a" b* c\nb: " x" | " y"\nc: "!" | "?"'),
+]
+
+
+def _walks_agree(cons, vocab, walks=3, steps=40, seed=0):
+    """Random walks through each constraint's allowed tokens: at every step the
+    C++ mask of sequence `walk` (fed the walk's tokens so far) is bitwise
+    llguidance's Python matcher's. Returns the masks compared."""
+    rng = random.Random(seed)
+    words = (vocab + 31) // 32
+    compared = 0
+    for ci, (field, value) in enumerate(CONSTRAINTS):
+        grammar = grammar_of(field, value)
+        cons.add(f"w{ci}", grammar)
+        for walk in range(walks):
+            py = llguidance.LLMatcher(cons.tokenizer, grammar)
+            generated = []
+            for _ in range(steps):
+                want = np.frombuffer(py.compute_bitmask(), dtype=np.uint32)[:words]
+                got = cons.masks.mask(f"w{ci}", walk, generated, vocab)
+                assert np.array_equal(got, want), (field, value, walk, generated)
+                compared += 1
+                allowed = allowed_tokens(want, vocab)
+                if py.is_stopped() or len(allowed) == 0:
+                    break
+                token = int(rng.choice(list(allowed)))
+                assert py.consume_token(token)
+                generated.append(token)
+        cons.release(f"w{ci}")
+    return compared
+
+
+def test_masks_equal_llguidance_python_on_smollm2(smol):
+    """SmolLM2's byte-level BPE (tokenizer.json): the C++ masks are llguidance's
+    Python ones at every step of random walks through nine constraints, forced
+    text (JSON keys) included: the model's tokenizer is what makes those agree
+    (without it llguidance allows any tokens that spell the forced text)."""
+    with pagedrt.Runtime(smol, device="cpu") as r:
+        cons = r._constraints()
+        assert _walks_agree(cons, r.model_info.vocab_size) > 200
+        c = cons.counters()
+        assert c["tokenize_calls"] > 0 and c["tokenize_misses"] <= c["tokenize_calls"]
+
+
+def test_masks_equal_llguidance_python_on_sentencepiece(tiny_sp):
+    """A sentencepiece model (U+2581 spaces, byte pieces, control pieces as
+    special tokens): the token bytes handed to C++ rebuild the same trie."""
+    with pagedrt.Runtime(tiny_sp, device="cpu") as r:
+        cons = r._constraints()
+        assert _walks_agree(cons, r.model_info.vocab_size, steps=25) > 100
+
+
+def test_without_the_models_tokenizer_forced_text_may_come_in_any_tokens(smol):
+    """The comparison above can fail: with no tokenizer (llguidance's greedy
+    stand-in), a JSON key's first token is any prefix of it, not only the
+    model's own token for it."""
+    with pagedrt.Runtime(smol, device="cpu") as r:
+        info = r.model_info
+        cons = r._constraints()
+        bare = _core.LlguidanceMasks(llguidance._lib.__file__, info.vocab_size, info.eos_token_ids[0],
+                                     pagedrt.structured.token_bytes(cons.tokenizer, info.vocab_size))
+        grammar = grammar_of("json_schema", SCHEMAS[0])
+        for masks in (cons.masks, bare):
+            masks.add("k", "llguidance", grammar)
+        brace = cons.tokenizer.tokenize_str('{"')
+        tight = allowed_tokens(cons.masks.mask("k", 0, brace, info.vocab_size), info.vocab_size)
+        loose = allowed_tokens(bare.mask("k", 0, brace, info.vocab_size), info.vocab_size)
+        assert len(tight) == 1 and set(tight) < set(loose), (tight, loose)
+
+
+def test_a_constraint_is_compiled_once(smol):
+    """Three requests with one schema and one with another: two compiles, two
+    found compiled; and the same answers as each alone."""
+    with pagedrt.Runtime(smol, device="cpu") as r:
+        r.generate("hi", max_tokens=1, json_schema=SCHEMAS[2])  # the provider exists
+        before = r._constraints().counters()
+        ask = [{"role": "user", "content": "Describe a point as JSON."}]
+        outs = r.generate([ask] * 3, max_tokens=24, temperature=0, json_schema=SCHEMAS[3])
+        outs += r.generate(ask, max_tokens=24, temperature=0, json_schema=SCHEMAS[1])
+        after = r._constraints().counters()
+        assert after["compiles"] - before["compiles"] == 2
+        assert after["compile_hits"] - before["compile_hits"] == 2
+        assert len({tuple(o.outputs[0].token_ids) for o in outs[:3]}) == 1
+
+
+def test_a_finished_request_id_takes_a_new_constraint_at_once(tiny_sp):
+    """The engine drops a request's matchers before its final event: a host that
+    read it resubmits the id with another constraint, which is the one obeyed."""
+    with pagedrt.Runtime(tiny_sp, device="cpu") as r:
+        for pattern in (r"[ab]{2,4}", r"x=[0-9]{1,3};", r"(yes|no)!"):
+            rid = r.submit("the quick", request_id="same", max_tokens=20, temperature=1.0, seed=1, regex=pattern)
+            text = []
+            done = False
+            while not done:
+                for ev in r.poll(rid, timeout=1.0):
+                    text.append(ev.text)
+                    done = done or ev.request_finished
+            assert re.fullmatch(pattern, "".join(text)), (pattern, text)
+
+
+def test_a_running_request_id_cannot_be_constrained_twice(tiny_sp):
+    with pagedrt.Runtime(tiny_sp, device="cpu") as r:
+        r.submit("the quick", request_id="dup", max_tokens=200, ignore_eos=True, regex="[a-z ]+")
+        with pytest.raises(pagedrt.InvalidArgument, match="'dup'"):
+            r.submit("the quick", request_id="dup", max_tokens=4, regex="[0-9]+")
+        r.abort("dup")
+        assert r.generate("the quick", max_tokens=8, temperature=0, regex="[0-9]{2}")[0].text.isdigit()
+
+
+def test_errors_name_the_library_and_the_tokenizer(tmp_path):
+    bad = tmp_path / "libnot_llguidance.so"
+    bad.write_bytes(b"not a library")
+    with pytest.raises(pagedrt.Unsupported, match="libnot_llguidance.so"):
+        _core.LlguidanceMasks(str(bad), 8, 0, [b"a"] * 8)
+    lib = llguidance._lib.__file__
+    with pytest.raises(pagedrt.InvalidArgument, match="3 token strings for a vocabulary of 8"):
+        _core.LlguidanceMasks(lib, 8, 0, [b"a", b"b", b"c"])
+    with pytest.raises(pagedrt.InvalidArgument, match="eos token 9"):
+        _core.LlguidanceMasks(lib, 8, 9, [b"a"] * 8)
+    masks = _core.LlguidanceMasks(lib, 4, 0, [b"\xff<eos>", b"a", b"b", b"ab"])
+    with pytest.raises(pagedrt.InvalidArgument, match="regex"):
+        masks.add("r", "regex", "[0-9")
+    masks.add("r", "regex", "(ab)+")
+    assert list(allowed_tokens(masks.mask("r", 0, [], 4), 4)) == [1, 3]  # "a" or "ab"
+    assert list(allowed_tokens(masks.mask("r", 0, [3], 4), 4)) == [0, 1, 3]  # done, or more
+    assert masks.mask("gone", 0, [], 4).sum() == 0  # never added (or released): no token
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the failure, reported once
+def test_a_failing_tokenizer_leaves_masks_valid(smol):
+    """A tokenizer that raises: forced text is spelled by C++ (the longest
+    tokens first) and the answer still follows its schema. Without that
+    stand-in, llguidance took the empty spelling for the model's and stopped
+    the answer with a parser error."""
+    import json
+    import jsonschema
+
+    with pagedrt.Runtime(smol, device="cpu") as r:
+        info = r.model_info
+        cons = r._constraints()
+
+        def boom(b):
+            raise RuntimeError("tokenizer exploded")
+
+        cons.masks = _core.LlguidanceMasks(llguidance._lib.__file__, info.vocab_size, info.eos_token_ids[0],
+                                           pagedrt.structured.token_bytes(cons.tokenizer, info.vocab_size),
+                                           tokenize=boom)
+        cons.install(r._rt)
+        ask = [{"role": "user", "content": "Describe a fictional person as JSON."}]
+        c = r.generate(ask, max_tokens=80, temperature=0, json_schema=SCHEMAS[0])[0]
+        assert c.finish_reason == "stop", c.text
+        jsonschema.validate(json.loads(c.text), SCHEMAS[0])
