@@ -122,7 +122,7 @@ def test_install_and_example_service(build_root, model_dir, tmp_path):
     # Warning-free with the project's flags (-Wall -Wextra; an up-to-date tree prints nothing).
     assert "warning:" not in BUILD_OUTPUT[build], BUILD_OUTPUT[build][-6000:]
     # The plain unit tests, as a developer runs them: ctest in the build tree.
-    out = _check(_run(["ctest", "--output-on-failure"], cwd=build,
+    out = _check(_run(["ctest", "--output-on-failure", "-E", "test_llguidance_masks"], cwd=build,
                       env={"PAGEDRT_TEST_MODEL": str(model_dir)}), "ctest")
     assert "100% tests passed" in out and "Skipped" not in out, out
     prefix = tmp_path / "prefix"
@@ -160,17 +160,49 @@ def readme_program(prefix: Path, tmp_path: Path):
     assert bad.returncode == 1 and "hello: model path" in bad.stdout and "is not a folder" in bad.stdout, bad.stdout
 
 
+# ---- structured output from C++ -------------------------------------------------------------
+
+def llguidance_env() -> dict[str, str]:
+    """Where cpp/tests/test_llguidance_masks.cpp finds llguidance's C API: the
+    Python wheel's library, which needs libpython's symbols (a shared
+    libpython, opened first). Empty when this Python has none."""
+    import sysconfig
+
+    import llguidance
+    libpython = Path(sysconfig.get_config_var("LIBDIR") or "/") / (sysconfig.get_config_var("LDLIBRARY") or "-")
+    if not (sysconfig.get_config_var("Py_ENABLE_SHARED") and libpython.is_file()):
+        return {}
+    return {"PAGEDRT_TEST_LLGUIDANCE": llguidance._lib.__file__, "PAGEDRT_TEST_LIBPYTHON": str(libpython)}
+
+
+def test_structured_output_from_cpp(build_root, model_dir):
+    """cpp/tests/test_llguidance_masks.cpp: a C++ Runtime with LlguidanceMasks."""
+    env = llguidance_env()
+    if not env:
+        pytest.skip("this Python has no shared libpython: the wheel's llguidance library cannot be "
+                    "loaded outside a Python process")
+    build = cmake_build(REPO, build_root / "release", ["test_llguidance_masks"],
+                        {"CMAKE_BUILD_TYPE": "Release", "PAGEDRT_BUILD_TESTS": "ON"})
+    out = _check(_run([build / "test_llguidance_masks"], timeout=300,
+                      env={"PAGEDRT_TEST_MODEL": str(model_dir), **env}), "test_llguidance_masks")
+    assert "SKIPPED" not in out and re.search(r"\d+ passed, 0 failed", out), out
+
+
 # ---- the C++ unit tests under sanitizers ----------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["tsan", "asan"])
 def test_unit_tests_sanitized(build_root, model_dir, kind):
     build = sanitizer_build(build_root, kind, ["test_parsers", "test_runtime_threads", "test_speculation",
-                                               "test_collectives"])
+                                               "test_collectives", "test_llguidance_masks"])
     assert re.search(r" 0 failed", run_sanitized(build / "test_parsers"))
     assert re.search(r" 0 failed", run_sanitized(build / "test_speculation"))
     assert re.search(r" 0 failed", run_sanitized(build / "test_collectives"))
     out = run_sanitized(build / "test_runtime_threads", env={"PAGEDRT_TEST_MODEL": str(model_dir)})
     assert "SKIPPED" not in out and re.search(r"\d+ passed, 0 failed", out), out
+    env = llguidance_env()
+    if env:  # the mask pool's threads and locks (llguidance's own code is not instrumented)
+        out = run_sanitized(build / "test_llguidance_masks", env={"PAGEDRT_TEST_MODEL": str(model_dir), **env})
+        assert "SKIPPED" not in out and re.search(r"\d+ passed, 0 failed", out), out
 
 
 # ---- fuzzing ------------------------------------------------------------------------------
