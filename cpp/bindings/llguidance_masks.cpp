@@ -30,8 +30,7 @@ struct PyCallable {
   explicit PyCallable(nb::object f) : fn(f.release().ptr()) {}
   ~PyCallable() {
     if (py_finalizing()) return;
-    nb::gil_scoped_acquire gil;
-    Py_DECREF(fn);
+    with_gil([this] { Py_DECREF(fn); });
   }
 };
 
@@ -40,14 +39,17 @@ std::function<std::vector<int32_t>(const std::string&)> tokenize_in_python(nb::o
   auto callable = std::make_shared<PyCallable>(std::move(fn));
   return [callable](const std::string& bytes) {
     if (py_finalizing()) throw std::runtime_error("the Python interpreter is exiting");
-    nb::gil_scoped_acquire gil;
-    try {
-      return nb::cast<std::vector<int32_t>>(nb::handle(callable->fn)(nb::bytes(bytes.data(), bytes.size())));
-    } catch (nb::python_error& e) {  // C++ spells the text instead (LlguidanceMasks)
-      if (!callable->failed) e.discard_as_unraisable("pagedrt structured output's tokenize (reported once)");
-      callable->failed = true;
-      throw std::runtime_error("tokenize failed");
-    }
+    return with_gil([&] {
+      try {
+        return nb::cast<std::vector<int32_t>>(nb::handle(callable->fn)(nb::bytes(bytes.data(), bytes.size())));
+      } catch (nb::python_error& e) {  // C++ spells the text instead (LlguidanceMasks)
+        if (!callable->failed) e.discard_as_unraisable("pagedrt structured output's tokenize (reported once)");
+        callable->failed = true;
+        throw std::runtime_error("tokenize failed");
+      } catch (nb::cast_error&) {
+        throw std::runtime_error("tokenize must return a list of token ids");
+      }
+    });
   };
 }
 
@@ -163,7 +165,8 @@ void bind_llguidance_masks(nb::module_& m) {
         d["tokenize_calls"] = c.tokenize_calls;
         d["tokenize_misses"] = c.tokenize_misses;
         return d;
-      }, "Time inside fill() and validate(), their rows, and constraints compiled or found compiled.");
+      }, "Time inside fill(), validate() and prepare(), their rows, the constraints compiled or found "
+         "compiled, and the tokenizer's calls and misses.");
 
   m.def("set_llguidance_masks",
         [](pagedrt::Runtime& rt, MasksHandle& h, int threads, bool checked) {

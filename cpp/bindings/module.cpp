@@ -31,14 +31,11 @@ namespace {
 // back from a blocking call (poll) while the interpreter finalizes is ended by
 // CPython < 3.14 with pthread_exit(); its forced unwind through this noexcept
 // destructor called std::terminate ("terminate called without an active
-// exception", the process aborted at exit). Such a thread is parked instead,
-// as CPython 3.14 itself does, until the process ends: before asking for the
-// GIL when finalization has begun, and, since it may begin between that check
-// and the request (1 exit in ~15 with a thread polling every 50 ms), by
-// catching the unwind that pthread_exit() starts and never leaving the handler.
-[[noreturn]] void park_forever() {
-  for (;;) std::this_thread::sleep_for(std::chrono::seconds(1));
-}
+// exception", the process aborted at exit). Such a thread is parked instead
+// (python_exit.hpp): before asking for the GIL when finalization has begun,
+// and, since it may begin between that check and the request (1 exit in ~15
+// with a thread polling every 50 ms), by catching the unwind that
+// pthread_exit() starts and never leaving the handler.
 
 struct ReleaseGil {
   PyThreadState* state = PyEval_SaveThread();

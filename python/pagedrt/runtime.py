@@ -381,8 +381,8 @@ class Runtime:
             request_id = request_id or f"c{uuid.uuid4().hex}"
             try:
                 self._constraints().add(request_id, grammar)
-            except InvalidArgument as e:
-                raise InvalidArgument(f"{constraint[0]}: {e}") from None
+            except InvalidArgument as e:  # the grammar's kind ("llguidance: ...") named as the field
+                raise InvalidArgument(f"{constraint[0]}: {str(e).removeprefix('llguidance: ')}") from None
         try:
             with self._lock:  # registered before any poller can see its events
                 rid = self._rt.submit(ids, core, request_id or "", by_id)

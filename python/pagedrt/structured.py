@@ -101,8 +101,8 @@ def _compile(field: str, value) -> str:
 def mask_threads(device: str, forward_threads: int = 0) -> Optional[int]:
     """Constraints' `threads` for a Runtime on `device` whose CPU forward runs
     `forward_threads` threads (0: every core): PAGEDRT_MASK_THREADS when set.
-    On the GPU the forward leaves the host's cores free: llguidance's pool at
-    its default size (None). On the CPU the forward lends the masks cores
+    On the GPU the forward leaves the host's cores free: a pool of 80% of
+    them (None). On the CPU the forward lends the masks cores
     while they are filled (TokenMaskProvider::threads): one, serially on the
     helper thread, up to 7 cores; from 8 cores on a pool of one in eight
     (16-core Xeon, 32 JSON rows: 194 us a row serially, 113 on 2 threads)."""

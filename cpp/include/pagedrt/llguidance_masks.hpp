@@ -11,7 +11,8 @@
 //
 // llguidance is loaded at run time from `library` (pagedrt does not link it):
 // libllguidance.so built from its Rust crate, or, in a Python process, the
-// PyPI wheel's llguidance/_lib.abi3.so, which exports the same C API.
+// PyPI wheel's llguidance/_lib.abi3.so, which exports the same C API
+// (llguidance 1.7.4 or newer).
 //
 //   auto masks = std::make_shared<pagedrt::LlguidanceMasks>(lib, tokenizer, 4);
 //   rt.set_token_mask_provider(masks);
@@ -71,7 +72,8 @@ class LlguidanceMasks final : public TokenMaskProvider {
   void validate(std::vector<MaskRow>& rows, const int32_t* tokens, uint8_t* ok) override;
   void prepare(std::vector<MaskRow>& rows) override;
 
-  // Time spent inside fill() and validate(), and their rows (benchmarks).
+  // Time spent inside fill(), validate() and prepare(), their rows, the
+  // constraints compiled or found compiled, and the tokenizer's use (benchmarks).
   struct Counters {
     double fill_seconds = 0.0, validate_seconds = 0.0, prepare_seconds = 0.0;
     int64_t fill_calls = 0, fill_rows = 0, validate_rows = 0, compiles = 0, compile_hits = 0;

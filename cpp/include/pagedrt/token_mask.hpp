@@ -5,8 +5,8 @@
 // TokenMaskProvider (Runtime::set_token_mask_provider). The engine asks for the
 // masks of a step's sampling rows on a helper thread while the step's forward
 // runs, and the sampler removes every token outside the mask before any other
-// processing (penalties, temperature, top-k/p). A grammar engine (Python:
-// llguidance) implements the provider.
+// processing (penalties, temperature, top-k/p). A grammar engine implements
+// the provider: pagedrt::LlguidanceMasks (pagedrt/llguidance_masks.hpp).
 //
 // Checked picks: a provider that can say whether one token is allowed
 // (validates(); llguidance does it ~50x faster than a mask) lets the engine

@@ -209,7 +209,11 @@ void Engine::start_masks(const SchedulerOutput& step, PendingMasks& pm, bool che
     row.index = q.index;
     row.generated = q.tokens.data() + s.req->prompt_len;
     row.num_generated = q.num_tokens() - s.req->prompt_len;
-    if (checked && q.num_draft == 0 && q.mask_eager == 0) {
+    // A sequence's first row is masked first, behind the prompt's forward: a
+    // model's first token is seldom the grammar's (SmolLM2's JSON answers
+    // opened with "```" or text: 32 of 32 first checks refused, each then
+    // masked on the step's path).
+    if (checked && q.num_draft == 0 && q.mask_eager == 0 && row.num_generated > 0) {
       pm.later.push_back(std::move(row));
       pm.later_seqs.push_back(&q);
       pm.later_at.push_back(at);

@@ -134,8 +134,9 @@ class Engine final : private OutputSink {
   // Starts filling the masks of this step's masked sampling rows on a helper
   // thread (the forward runs meanwhile); wait() before the outputs use them.
   // checked: the step's picks are plain greedy on the device and the
-  // provider validates: rows of sequences not in their eager steps (nor
-  // drafting) are left to check_picks() (pm.later) instead.
+  // provider validates: rows of sequences not in their eager steps (nor at
+  // their first token, nor drafting) are left to check_picks() (pm.later)
+  // instead, and given to the provider's prepare() meanwhile.
   struct PendingMasks;
   void start_masks(const SchedulerOutput& step, PendingMasks& pm, bool checked);
   // Greedy picks on the device for a step whose forward left its logits there

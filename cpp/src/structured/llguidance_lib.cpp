@@ -27,7 +27,7 @@ const Api& load(const std::string& path) {
     void* p = dlsym(h, name);
     if (p == nullptr)
       throw Error(ErrorKind::Unsupported, "structured output: '" + path + "' has no function " + name +
-                                              " (llguidance's C API, version 1.x, is needed)");
+                                              " (llguidance's C API, 1.7.4 or newer, is needed)");
     fn = reinterpret_cast<std::remove_reference_t<decltype(fn)>>(p);
   };
   sym(api->get_version, "llg_get_version");

@@ -5,7 +5,8 @@
 // from a path the caller gives, either a libllguidance.so built from its Rust
 // crate or, in a Python process, the PyPI wheel's llguidance/_lib.abi3.so,
 // which exports the same llg_* functions. Only the calls pagedrt makes are
-// declared here, with the types of the library's llguidance.h (version 1.x).
+// declared here, with the types of the library's llguidance.h (1.7.4 or newer:
+// llg_new_tokenizer_v2 came in 1.7.0, llg_get_version in 1.7.4).
 #pragma once
 
 #include <cstddef>

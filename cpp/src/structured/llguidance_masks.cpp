@@ -40,6 +40,8 @@ struct Tokenize {
 
   // Where the tokenizer fails: the longest token that starts the rest of the
   // text, again and again (a spelling of the text, if not the model's own).
+  // Needs each id's bytes (LlguidanceTokenizer::tokens); with a tokenizer.json
+  // it has none and gives no tokens (llguidance then forces none).
   std::vector<uint32_t> greedy(const std::string& text) {
     std::lock_guard<std::mutex> lock(mu);
     if (id_of.empty() && tokens != nullptr) {
@@ -82,10 +84,8 @@ struct Tokenize {
       if (!found) {
         try {
           for (int32_t id : t.fn(text)) ids.push_back(static_cast<uint32_t>(id));
-        } catch (...) {  // not kept: the tokenizer may answer next time
+        } catch (...) {  // kept too: llguidance may ask twice for one text and must get one answer
           ids = t.greedy(text);
-          std::copy_n(ids.begin(), std::min(ids.size(), out_len), out);
-          return ids.size();
         }
         std::lock_guard<std::mutex> lock(t.mu);
         ++t.misses;
@@ -111,6 +111,7 @@ struct LlguidanceMasks::Impl {
   };
   // One sequence of a constrained request.
   struct Sequence {
+    std::mutex mu;  // one caller at a time (the engine never makes two; other callers might)
     llg::Matcher* matcher = nullptr;
     int64_t consumed = 0;  // the sequence's generated tokens the matcher has taken
   };
@@ -125,6 +126,12 @@ struct LlguidanceMasks::Impl {
     ~Constrained() {
       for (auto& [index, s] : seqs) api.free_matcher(s.matcher);
     }
+  };
+  // A sequence's matcher, held (its request kept alive, its lock taken) while it is used.
+  struct Held {
+    std::shared_ptr<Constrained> request;
+    std::unique_lock<std::mutex> lock;
+    llg::Matcher* matcher = nullptr;  // null: the request was released (or never added)
   };
 
   std::vector<std::string> tokens;  // each id's bytes (empty with a tokenizer.json)
@@ -180,6 +187,8 @@ struct LlguidanceMasks::Impl {
       compiled = std::make_shared<Compiled>(api, m);
     }
     std::lock_guard<std::mutex> lock(mu);
+    for (const auto& [k, c] : cache)
+      if (k == key) return c;  // compiled meanwhile by another caller: one copy kept
     cache.emplace_front(key, compiled);
     if (cache.size() > kCompiledKept) cache.pop_back();  // requests using it keep it alive
     std::lock_guard<std::mutex> c(counters_mu);
@@ -194,18 +203,21 @@ struct LlguidanceMasks::Impl {
   }
 
   // The row's matcher, made on first use (a copy of its request's) and fed
-  // the tokens the sequence generated since; null once the request was released.
-  llg::Matcher* matcher(const MaskRow& row, std::shared_ptr<Constrained>& hold) {
-    hold = find(row.request_id);
-    if (!hold) return nullptr;
+  // the tokens the sequence generated since.
+  Held matcher(const MaskRow& row) {
+    Held held;
+    held.request = find(row.request_id);
+    if (!held.request) return held;
+    Constrained& r = *held.request;
     Sequence* s = nullptr;
     {
-      std::lock_guard<std::mutex> lock(hold->mu);
-      s = &hold->seqs[row.index];
-      if (s->matcher == nullptr) {
-        std::lock_guard<std::mutex> c(hold->compiled->mu);
-        s->matcher = api.clone_matcher(hold->compiled->matcher);
-      }
+      std::lock_guard<std::mutex> lock(r.mu);
+      s = &r.seqs[row.index];
+    }
+    held.lock = std::unique_lock<std::mutex>(s->mu);
+    if (s->matcher == nullptr) {
+      std::lock_guard<std::mutex> c(r.compiled->mu);
+      s->matcher = api.clone_matcher(r.compiled->matcher);
     }
     if (row.num_generated > s->consumed) {
       static_assert(sizeof(int32_t) == sizeof(uint32_t), "token ids are passed as they are");
@@ -215,7 +227,8 @@ struct LlguidanceMasks::Impl {
       (void)api.matcher_rollback(s->matcher, static_cast<size_t>(s->consumed - row.num_generated));
     }
     s->consumed = row.num_generated;  // a refused token leaves the matcher in its error state, which stays
-    return s->matcher;
+    held.matcher = s->matcher;
+    return held;
   }
 
   // job(i) for every i < n, on the pool where there is one and n is worth it.
@@ -308,8 +321,8 @@ void LlguidanceMasks::fill(std::vector<MaskRow>& rows, int64_t vocab) {
   const size_t words = static_cast<size_t>((vocab + 31) / 32);
   im.for_rows(rows.size(), 2, [&](size_t i) {
     MaskRow& row = rows[i];
-    std::shared_ptr<Impl::Constrained> hold;
-    llg::Matcher* m = im.matcher(row, hold);
+    const Impl::Held held = im.matcher(row);
+    llg::Matcher* m = held.matcher;
     if (m == nullptr || im.api.matcher_is_error(m)) return;  // released, or broken: the mask stays empty
     const size_t size = im.api.matcher_get_mask_byte_size(m);
     int32_t rc;
@@ -332,8 +345,8 @@ void LlguidanceMasks::validate(std::vector<MaskRow>& rows, const int32_t* tokens
   Impl& im = *impl_;
   const double start = now_s();
   im.for_rows(rows.size(), 16, [&](size_t i) {
-    std::shared_ptr<Impl::Constrained> hold;
-    llg::Matcher* m = im.matcher(rows[i], hold);
+    const Impl::Held held = im.matcher(rows[i]);
+    llg::Matcher* m = held.matcher;
     const uint32_t token = static_cast<uint32_t>(tokens[i]);
     ok[i] = m != nullptr && tokens[i] >= 0 && !im.api.matcher_is_error(m) &&
             im.api.matcher_validate_tokens(m, &token, 1) == 1;
@@ -346,10 +359,7 @@ void LlguidanceMasks::validate(std::vector<MaskRow>& rows, const int32_t* tokens
 void LlguidanceMasks::prepare(std::vector<MaskRow>& rows) {
   Impl& im = *impl_;
   const double start = now_s();
-  for (const MaskRow& row : rows) {
-    std::shared_ptr<Impl::Constrained> hold;
-    im.matcher(row, hold);
-  }
+  for (const MaskRow& row : rows) im.matcher(row);
   std::lock_guard<std::mutex> lock(im.counters_mu);
   im.counters.prepare_seconds += now_s() - start;
 }
