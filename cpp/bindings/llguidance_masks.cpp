@@ -119,8 +119,9 @@ void bind_llguidance_masks(nb::module_& m) {
       .def("validate",
            [](MasksHandle& h, std::vector<pagedrt::MaskRow> rows, const std::vector<int32_t>& tokens) {
              if (tokens.size() != rows.size())
-               throw pagedrt::Error(pagedrt::ErrorKind::InvalidArgument,
-                                    std::to_string(tokens.size()) + " tokens for " + std::to_string(rows.size()) + " rows");
+               throw pagedrt::Error(pagedrt::ErrorKind::InvalidArgument, std::to_string(tokens.size()) +
+                                                                          " tokens for " +
+                                                                          std::to_string(rows.size()) + " rows");
              std::string ok(rows.size(), '\0');
              {
                nb::gil_scoped_release release;

@@ -174,7 +174,8 @@ class Constraints:
         self.masks.release(request_id)
 
     def counters(self) -> dict:
-        """Seconds inside fill() and validate() and their rows; compiles and cache hits."""
+        """Seconds inside fill(), validate() and prepare() and their rows; constraints
+        compiled and found compiled; the tokenizer's calls and misses."""
         return self.masks.counters()
 
 

@@ -251,7 +251,8 @@ LlguidanceMasks::LlguidanceMasks(const std::string& library, const LlguidanceTok
     : impl_(std::make_unique<Impl>(library)) {
   Impl& im = *impl_;
   if (tok.vocab <= 0 || tok.vocab > (int64_t{1} << 30))
-    throw Error(ErrorKind::InvalidArgument, "structured output: vocab " + std::to_string(tok.vocab) + " is not a vocabulary size");
+    throw Error(ErrorKind::InvalidArgument,
+                "structured output: vocab " + std::to_string(tok.vocab) + " is not a vocabulary size");
   if (tok.eos < 0 || tok.eos >= tok.vocab)
     throw Error(ErrorKind::InvalidArgument, "structured output: eos token " + std::to_string(tok.eos) +
                                                 " is outside the vocabulary of " + std::to_string(tok.vocab));
@@ -285,7 +286,8 @@ LlguidanceMasks::LlguidanceMasks(const std::string& library, const LlguidanceTok
   char error[1024] = {};
   im.tokenizer = im.api.new_tokenizer_v2(&init, error, sizeof(error));
   if (im.tokenizer == nullptr)
-    throw Error(ErrorKind::InvalidArgument, std::string("structured output: llguidance refused the tokenizer: ") + error);
+    throw Error(ErrorKind::InvalidArgument,
+                std::string("structured output: llguidance refused the tokenizer: ") + error);
   im.api.constraint_init_set_defaults(&im.init, im.tokenizer);
   im.threads = std::max(0, threads);
   if (im.threads > 1) im.pool = std::make_unique<RankThreads>(im.threads);
@@ -295,12 +297,14 @@ LlguidanceMasks::~LlguidanceMasks() = default;
 
 void LlguidanceMasks::add(const std::string& request_id, const std::string& kind, const std::string& data) {
   Impl& im = *impl_;
-  if (im.find(request_id))
-    throw Error(ErrorKind::InvalidArgument, "request '" + request_id + "' is already constrained (a request with this id is running)");
+  const auto taken = [&] {
+    return Error(ErrorKind::InvalidArgument,
+                 "request '" + request_id + "' is already constrained (a request with this id is running)");
+  };
+  if (im.find(request_id)) throw taken();
   auto r = std::make_shared<Impl::Constrained>(im.api, im.compile(kind, data));
   std::lock_guard<std::mutex> lock(im.mu);
-  if (!im.requests.emplace(request_id, std::move(r)).second)
-    throw Error(ErrorKind::InvalidArgument, "request '" + request_id + "' is already constrained (a request with this id is running)");
+  if (!im.requests.emplace(request_id, std::move(r)).second) throw taken();
 }
 
 void LlguidanceMasks::release(const std::string& request_id) {
