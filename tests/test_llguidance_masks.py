@@ -171,3 +171,23 @@ def test_a_failing_tokenizer_leaves_masks_valid(smol):
         c = r.generate(ask, max_tokens=80, temperature=0, json_schema=SCHEMAS[0])[0]
         assert c.finish_reason == "stop", c.text
         jsonschema.validate(json.loads(c.text), SCHEMAS[0])
+
+
+def test_a_broken_matcher_ends_its_sequence_with_llguidances_reason(tiny_sp):
+    """A pick the grammar forbids, let through by a validator that allows its
+    first check and refuses every one after, leaves the sequence's matcher in
+    its error state: the next (refused) row's mask allows nothing, and the
+    sequence ends with an error carrying llguidance's reason (MaskRow.error),
+    not only "allows no token"."""
+    with pagedrt.Runtime(tiny_sp, device="cpu") as r:
+        cons = r._constraints()
+        checks = []
+
+        def validate(rows, tokens):
+            checks.append(len(rows))
+            return bytes([1 if len(checks) == 1 else 0]) * len(rows)
+
+        r._rt.set_token_mask_provider(cons.fill, cons.release, cons.busy_threads, validate)
+        c = r.generate("a b c", max_tokens=12, temperature=0, regex=r"(yes|no)( maybe)*")[0]
+        assert c.finish_reason == "error", c.text
+        assert c.error.startswith("token mask: llguidance: "), c.error

@@ -158,16 +158,23 @@ def test_the_sampler_picks_only_masked_tokens(tiny_sp):
 
 
 def test_a_mask_without_tokens_or_a_failing_provider_ends_the_request_with_an_error(tiny_sp):
+    """A row left allowing nothing ends its sequence with an error, carrying the
+    row's reason where the provider gave one (MaskRow.error); a provider that
+    raises ends the rows' requests with its message."""
     rt = pagedrt.Runtime(tiny_sp, device="cpu")
 
     def fill(rows, vocab):
         if any(r.request_id == "boom" for r in rows):
             raise ValueError("matcher exploded")
+        for r in rows:
+            if r.request_id == "why":
+                r.error = "the grammar is stuck"
 
     rt._rt.set_token_mask_provider(fill, lambda rid: None)
     p = _core.SamplingParams()
     p.max_tokens, p.masked = 4, True
-    for rid, want in (("empty", "allows no token"), ("boom", "matcher exploded")):
+    for rid, want in (("empty", "the token mask allows no token"), ("why", "token mask: the grammar is stuck"),
+                      ("boom", "matcher exploded")):
         rt._rt.submit([5, 6, 7], p, rid, True)
         evs = []
         while not (evs and evs[-1].request_finished):

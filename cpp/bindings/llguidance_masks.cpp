@@ -113,9 +113,18 @@ void bind_llguidance_masks(nb::module_& m) {
       .def("release", [](MasksHandle& h, const std::string& request_id) { h.masks->release(request_id); },
            "request_id"_a, nb::call_guard<nb::gil_scoped_release>())
       .def("fill",
-           [](MasksHandle& h, std::vector<pagedrt::MaskRow> rows, int64_t vocab) { h.masks->fill(rows, vocab); },
-           "rows"_a, "vocab"_a, nb::call_guard<nb::gil_scoped_release>(),
-           "TokenMaskProvider::fill, for a Python provider that wraps this one.")
+           [](MasksHandle& h, nb::list rows, int64_t vocab) {
+             std::vector<pagedrt::MaskRow> v;
+             for (nb::handle r : rows) v.push_back(nb::cast<const pagedrt::MaskRow&>(r));
+             {
+               nb::gil_scoped_release release;
+               h.masks->fill(v, vocab);
+             }
+             for (size_t i = 0; i < v.size(); ++i) nb::cast<pagedrt::MaskRow&>(rows[i]).error = v[i].error;
+           },
+           "rows"_a, "vocab"_a,
+           "TokenMaskProvider::fill, for a Python provider that wraps this one (each row's error set where "
+           "its mask allows nothing).")
       .def("validate",
            [](MasksHandle& h, std::vector<pagedrt::MaskRow> rows, const std::vector<int32_t>& tokens) {
              if (tokens.size() != rows.size())

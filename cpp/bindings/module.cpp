@@ -204,7 +204,9 @@ class PyMaskProvider final : public pagedrt::TokenMaskProvider {
     if (py_finalizing()) throw std::runtime_error("the Python interpreter is exiting");
     nb::gil_scoped_acquire gil;
     try {
-      fill_(rows, vocab);
+      const nb::list list = nb::cast<nb::list>(nb::cast(rows));  // copies (their masks point into the engine's buffer)
+      fill_(list, vocab);
+      for (size_t i = 0; i < rows.size(); ++i) rows[i].error = nb::cast<const pagedrt::MaskRow&>(list[i]).error;
     } catch (nb::python_error& e) {
       throw std::runtime_error(e.what());  // the message, without the Python exception (GIL-bound)
     }
@@ -284,6 +286,8 @@ NB_MODULE(_core, m) {
                                 "One sampling row of a masked request (valid only during fill()).")
       .def_ro("request_id", &pagedrt::MaskRow::request_id)
       .def_ro("index", &pagedrt::MaskRow::index)
+      .def_rw("error", &pagedrt::MaskRow::error,
+              "why fill() leaves the row allowing no token: the sequence's error event says it")
       .def_prop_ro("generated",
                    [](const pagedrt::MaskRow& r) {
                      return std::vector<int32_t>(r.generated, r.generated + r.num_generated);

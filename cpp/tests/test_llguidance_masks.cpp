@@ -135,6 +135,18 @@ void test_errors() {
   CHECK_THROWS(masks.add("r", "regex", "a"), ErrorKind::InvalidArgument, "'r' is already constrained");
   masks.release("r");
   masks.add("r", "regex", "a");  // released: the id is free again
+  // A row whose sequence holds a token its grammar forbids allows nothing, and says why.
+  std::vector<uint32_t> words(4, 0u);
+  const std::vector<int32_t> forbidden = {1};  // "\xff<s1>": not a digit
+  masks.add("d", "regex", "[0-9]+");
+  std::vector<MaskRow> rows(1);
+  rows[0].request_id = "d";
+  rows[0].generated = forbidden.data();
+  rows[0].num_generated = 1;
+  rows[0].mask = words.data();
+  masks.fill(rows, 128);
+  CHECK(words == std::vector<uint32_t>(4, 0u));
+  CHECK(rows[0].error.find("llguidance: ") == 0);
   tok.tokens.pop_back();
   CHECK_THROWS(LlguidanceMasks(g_library, tok, 0), ErrorKind::InvalidArgument, "127 token strings");
 }

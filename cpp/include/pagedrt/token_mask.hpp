@@ -31,6 +31,7 @@ struct MaskRow {
   const int32_t* generated = nullptr;  // its output tokens so far
   int64_t num_generated = 0;
   uint32_t* mask = nullptr;            // (vocab + 31) / 32 words, zeroed: set bit t to allow token t
+  std::string error;                   // fill() may say why it allows no token: the sequence's error event says it
 };
 
 class TokenMaskProvider {
@@ -39,7 +40,7 @@ class TokenMaskProvider {
   // Fills every row's mask (bit t of word t / 32 allows token t). Runs on an
   // engine helper thread; an exception ends the rows' requests with an error
   // event carrying its message, and a row left without any allowed token ends
-  // its sequence with an error.
+  // its sequence with an error (carrying the row's `error` where set).
   virtual void fill(std::vector<MaskRow>& rows, int64_t vocab) = 0;
   // A masked request ended (whatever the reason): its state may go.
   virtual void release(const std::string& request_id) = 0;

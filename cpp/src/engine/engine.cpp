@@ -195,6 +195,12 @@ struct Engine::PendingMasks {
       masks.error = e.what();
       std::fill(words.begin(), words.end(), 0u);  // its rows allow nothing: they end with the error
     }
+    note_errors();
+  }
+  // The reasons the provider gave for rows that allow nothing (MaskRow::error).
+  void note_errors() {
+    for (size_t i = 0; i < rows.size(); ++i)
+      if (!rows[i].error.empty()) masks.row_errors[seqs[i]] = rows[i].error;
   }
 };
 
@@ -511,6 +517,8 @@ void Engine::check_picks(const SchedulerOutput& step, ModelOutput& out, PendingM
   } else {
     try {
       provider->fill(fill, vocab);
+      for (size_t k = 0; k < fill.size(); ++k) pm.rows[eager + k].error = std::move(fill[k].error);
+      pm.note_errors();
     } catch (const std::exception& e) {
       pm.masks.error = e.what();
       std::fill(pm.words.begin() + static_cast<std::ptrdiff_t>(eager * words), pm.words.end(), 0u);

@@ -87,7 +87,7 @@ DeviceDraws OutputProcessor::device_draws(const SchedulerOutput& step, const Mod
 }
 
 void OutputProcessor::process(const SchedulerOutput& step, const ModelOutput& out, const StepMasks& masks) {
-  mask_error_ = &masks.error;
+  masks_ = &masks;
   // Phase 1: progress of every sequence. Phase 2: sampling (may end sequences
   // and requests). Phase 3: beam groups whose beams are all at their sampling point.
   std::vector<Pick> picks;
@@ -272,8 +272,8 @@ std::vector<int32_t> OutputProcessor::launched(const SchedulerOutput& step, cons
 
 void OutputProcessor::process_launched(const SchedulerOutput& step, const ModelOutput& out,
                                        const std::vector<int32_t>& sources) {
-  static const std::string kNoError;
-  mask_error_ = &kNoError;
+  static const StepMasks kNoMasks;
+  masks_ = &kNoMasks;
   for (size_t i = 0; i < step.scheduled.size(); ++i) {
     const ScheduledSeq& sc = step.scheduled[i];
     const int32_t source = sources[i];
@@ -300,8 +300,9 @@ bool OutputProcessor::apply(Pick& k) {
   const SamplingParams& p = r.params;
   const int32_t tok = k.token;
   if (tok < 0) {
+    const std::string& why = masks_->error_of(&s);
     sink_.finish_seq(r, s, FinishReason::Error,
-                     mask_error_->empty() ? "the token mask allows no token" : "token mask: " + *mask_error_);
+                     why.empty() ? "the token mask allows no token" : "token mask: " + why);
     return true;
   }
   if (p.logprobs) {

@@ -61,11 +61,17 @@ struct OutputConfig {
 // offset there over words_per_row.
 struct StepMasks {
   std::unordered_map<const Sequence*, const uint32_t*> by_seq;
-  std::string error;
+  std::string error;                                           // the provider failed: every row allows nothing
+  std::unordered_map<const Sequence*, std::string> row_errors;  // MaskRow::error of rows that set one
   const uint32_t* words = nullptr;
   int32_t count = 0;
   int64_t words_per_row = 0;
 
+  // Why `seq`'s mask allows no token, as far as the provider said ("" if not).
+  const std::string& error_of(const Sequence* seq) const {
+    const auto e = row_errors.find(seq);
+    return e != row_errors.end() ? e->second : error;
+  }
   // The index of `seq`'s row in `words`, or -1 when it has none.
   int32_t index_of(const Sequence* seq) const {
     const auto m = by_seq.find(seq);
@@ -148,7 +154,7 @@ class OutputProcessor {
   static constexpr int32_t kMaxSpecMisses = 8;
 
   OutputConfig config_;
-  const std::string* mask_error_ = nullptr;  // this step's StepMasks::error
+  const StepMasks* masks_ = nullptr;  // this step's
   KvCacheManager& kv_;
   OutputSink& sink_;
 };

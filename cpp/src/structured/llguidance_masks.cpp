@@ -289,6 +289,11 @@ LlguidanceMasks::LlguidanceMasks(const std::string& library, const LlguidanceTok
     throw Error(ErrorKind::InvalidArgument,
                 std::string("structured output: llguidance refused the tokenizer: ") + error);
   im.api.constraint_init_set_defaults(&im.init, im.tokenizer);
+  // Nothing on the host's stderr: a matcher's error reaches the sequence's
+  // error event (MaskRow::error). LlgConstraintInit starts {tokenizer pointer,
+  // uint32 log_buffer_level, uint32 log_stderr_level, ...} in every 1.x.
+  const uint32_t quiet = 0;
+  std::memcpy(im.init.bytes + sizeof(void*) + sizeof(uint32_t), &quiet, sizeof(quiet));
   im.threads = std::max(0, threads);
   if (im.threads > 1) im.pool = std::make_unique<RankThreads>(im.threads);
 }
@@ -327,7 +332,13 @@ void LlguidanceMasks::fill(std::vector<MaskRow>& rows, int64_t vocab) {
     MaskRow& row = rows[i];
     const Impl::Held held = im.matcher(row);
     llg::Matcher* m = held.matcher;
-    if (m == nullptr || im.api.matcher_is_error(m)) return;  // released, or broken: the mask stays empty
+    if (m == nullptr) return;  // released (the request is ending): the mask stays empty
+    const auto broken = [&] {   // the mask stays empty, and the sequence's error says why
+      const char* why = im.api.matcher_get_error(m);
+      row.error = std::string("llguidance: ") + (why != nullptr ? why : "the matcher failed");
+      while (!row.error.empty() && (row.error.back() == '\n' || row.error.back() == ' ')) row.error.pop_back();
+    };
+    if (im.api.matcher_is_error(m)) return broken();
     const size_t size = im.api.matcher_get_mask_byte_size(m);
     int32_t rc;
     if (size == words * 4) {
@@ -337,7 +348,10 @@ void LlguidanceMasks::fill(std::vector<MaskRow>& rows, int64_t vocab) {
       rc = im.api.matcher_compute_mask_into(m, all.data(), size);
       std::copy_n(all.begin(), std::min(all.size(), words), row.mask);
     }
-    if (rc != 0) std::fill_n(row.mask, words, 0u);
+    if (rc != 0) {
+      std::fill_n(row.mask, words, 0u);
+      broken();
+    }
   });
   std::lock_guard<std::mutex> lock(im.counters_mu);
   im.counters.fill_seconds += now_s() - start;
