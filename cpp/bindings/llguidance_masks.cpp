@@ -22,16 +22,10 @@ struct MasksHandle {
   std::shared_ptr<pagedrt::LlguidanceMasks> masks;
 };
 
-// A Python callable kept by C++ that may drop it on a thread of its own: the
-// reference goes with the GIL taken, or is left (the interpreter exiting).
 struct PyCallable {
-  PyObject* fn;
+  PyRef fn;
   bool failed = false;  // reported once (the GIL guards it)
-  explicit PyCallable(nb::object f) : fn(f.release().ptr()) {}
-  ~PyCallable() {
-    if (py_finalizing()) return;
-    with_gil([this] { Py_DECREF(fn); });
-  }
+  explicit PyCallable(nb::object f) : fn(std::move(f)) {}
 };
 
 // The model's tokenizer as a Python callable (bytes -> list[int]), for llguidance's mask threads.
@@ -41,7 +35,7 @@ std::function<std::vector<int32_t>(const std::string&)> tokenize_in_python(nb::o
     if (py_finalizing()) throw std::runtime_error("the Python interpreter is exiting");
     return with_gil([&] {
       try {
-        return nb::cast<std::vector<int32_t>>(nb::handle(callable->fn)(nb::bytes(bytes.data(), bytes.size())));
+        return nb::cast<std::vector<int32_t>>(callable->fn.get()(nb::bytes(bytes.data(), bytes.size())));
       } catch (nb::python_error& e) {  // C++ spells the text instead (LlguidanceMasks)
         if (!callable->failed) e.discard_as_unraisable("pagedrt structured output's tokenize (reported once)");
         callable->failed = true;

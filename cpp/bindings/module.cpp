@@ -170,13 +170,13 @@ class PyMaskProvider final : public pagedrt::TokenMaskProvider {
       : fill_(std::move(fill)), release_(std::move(release)), validate_(std::move(validate)),
         threads_(std::max(0, threads)) {}
   int threads() const override { return threads_; }
-  bool validates() const override { return !validate_.is_none(); }
+  bool validates() const override { return !validate_.get().is_none(); }
   // validate(rows, tokens) -> bytes-like of len(rows), nonzero where the token is allowed.
   void validate(std::vector<pagedrt::MaskRow>& rows, const int32_t* tokens, uint8_t* ok) override {
     if (py_finalizing()) throw std::runtime_error("the Python interpreter is exiting");
     nb::gil_scoped_acquire gil;
     try {
-      nb::object res = validate_(rows, std::vector<int32_t>(tokens, tokens + rows.size()));
+      nb::object res = validate_.get()(rows, std::vector<int32_t>(tokens, tokens + rows.size()));
       const nb::bytes b = nb::cast<nb::bytes>(res);
       if (b.size() != rows.size())
         throw std::runtime_error("validate returned " + std::to_string(b.size()) + " answers for " +
@@ -188,24 +188,12 @@ class PyMaskProvider final : public pagedrt::TokenMaskProvider {
       throw std::runtime_error("validate must return bytes (one a row)");
     }
   }
-  ~PyMaskProvider() override {
-    if (py_finalizing()) {  // no GIL to be had: leak the references
-      fill_.release();
-      release_.release();
-      validate_.release();
-      return;
-    }
-    nb::gil_scoped_acquire gil;
-    fill_.reset();
-    release_.reset();
-    validate_.reset();
-  }
   void fill(std::vector<pagedrt::MaskRow>& rows, int64_t vocab) override {
     if (py_finalizing()) throw std::runtime_error("the Python interpreter is exiting");
     nb::gil_scoped_acquire gil;
     try {
       const nb::list list = nb::cast<nb::list>(nb::cast(rows));  // copies (their masks point into the engine's buffer)
-      fill_(list, vocab);
+      fill_.get()(list, vocab);
       for (size_t i = 0; i < rows.size(); ++i) rows[i].error = nb::cast<const pagedrt::MaskRow&>(list[i]).error;
     } catch (nb::python_error& e) {
       throw std::runtime_error(e.what());  // the message, without the Python exception (GIL-bound)
@@ -215,14 +203,14 @@ class PyMaskProvider final : public pagedrt::TokenMaskProvider {
     if (py_finalizing()) return;
     nb::gil_scoped_acquire gil;
     try {
-      release_(request_id);
+      release_.get()(request_id);
     } catch (nb::python_error& e) {
       e.discard_as_unraisable("pagedrt token mask provider release");
     }
   }
 
  private:
-  nb::object fill_, release_, validate_;
+  PyRef fill_, release_, validate_;  // dropped with the GIL, or left at exit
   int threads_;
 };
 

@@ -2,7 +2,7 @@
 // for code on threads of the engine's (an engine, mask or poll thread).
 #pragma once
 
-#include <Python.h>
+#include <nanobind/nanobind.h>
 #include <cxxabi.h>
 
 #include <chrono>
@@ -41,3 +41,20 @@ auto with_gil(Fn&& fn) {
   } release{state};
   return fn();
 }
+
+// A Python object kept by C++, which may drop it on a thread of its own: the
+// reference goes with the GIL taken, or is left when the interpreter exits.
+class PyRef {
+ public:
+  explicit PyRef(nanobind::object o) : p_(o.release().ptr()) {}
+  PyRef(const PyRef&) = delete;
+  PyRef& operator=(const PyRef&) = delete;
+  ~PyRef() {
+    if (py_finalizing()) return;
+    with_gil([this] { Py_DECREF(p_); });
+  }
+  nanobind::handle get() const { return p_; }  // call with the GIL held
+
+ private:
+  PyObject* p_;
+};
