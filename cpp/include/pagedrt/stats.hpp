@@ -46,9 +46,10 @@ struct Stats {
   int64_t spec_proposed = 0;       // speculative decoding: proposed tokens verified, since start
   int64_t spec_accepted = 0;       // of those, accepted
   // Structured output (masked requests), since start: steps that filled
-  // masks, the rows filled, the masks' wall time on their helper thread (the
-  // provider's whole call, from the step's start), and how long steps waited
-  // for them after their forward (the part the forward did not hide).
+  // masks, the rows filled, the masks' wall time (the provider's fill()
+  // calls: on the helper thread while the forward runs, and refused checks'
+  // after it; not prepare()), and how long steps waited for them after their
+  // forward (the part the forward did not hide).
   int64_t mask_steps = 0;
   int64_t mask_rows = 0;
   double mask_seconds = 0.0;

@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <chrono>
-#include <future>
 
 #include "pagedrt/error.hpp"
 
@@ -169,9 +168,19 @@ struct Engine::PendingMasks {
   std::vector<MaskRow> later;    // checked picks: rows without a mask (yet), their sequences and
   std::vector<Sequence*> later_seqs;  // their places in the step's schedule
   std::vector<size_t> later_at;
-  std::future<double> filling;  // the fill's end (steady clock, seconds)
-  double start = 0.0, end = 0.0;
+  HelperThread* filling = nullptr;  // the engine's, while it runs this step's fill
+  double start = 0.0, end = 0.0;    // the fill's (steady clock, seconds; set on the helper thread)
   StepMasks masks;
+  PendingMasks() = default;
+  PendingMasks(const PendingMasks&) = delete;
+  PendingMasks& operator=(const PendingMasks&) = delete;
+  ~PendingMasks() {  // a step that threw before wait(): the helper writes into `words`
+    if (!filling) return;
+    try {
+      filling->wait();
+    } catch (...) {
+    }
+  }
   // `words` sized for every row (zeros for new ones), and each row's mask, by_seq
   // and masks' block pointed into it (again after rows were added).
   void lay_out(int64_t words_per_row) {
@@ -187,9 +196,10 @@ struct Engine::PendingMasks {
   }
   // Waits for the helper thread (also when the forward failed: it writes into `words`).
   void wait() {
-    if (!filling.valid()) return;
+    if (!filling) return;
+    HelperThread* helper = std::exchange(filling, nullptr);
     try {
-      end = filling.get();
+      helper->wait();
     } catch (const std::exception& e) {
       end = now_s();
       masks.error = e.what();
@@ -238,7 +248,6 @@ void Engine::start_masks(const SchedulerOutput& step, PendingMasks& pm, bool che
       pm.masks.error = "no TokenMaskProvider is set";
       return;
     }
-    pm.start = now_s();
   }
   if (!provider) return;  // check_picks reports it
   // The fill's threads get cores of their own while it runs (a CPU forward
@@ -250,7 +259,7 @@ void Engine::start_masks(const SchedulerOutput& step, PendingMasks& pm, bool che
   };
   if (!pm.rows.empty()) runner_.lend_threads(std::max(0, provider->threads()));
   try {
-    pm.filling = std::async(std::launch::async, [this, &pm, provider, vocab] {
+    mask_helper_.start([this, &pm, provider, vocab] {
       GiveBack give_back{runner_};
       if (!pm.later.empty()) {
         try {
@@ -258,9 +267,13 @@ void Engine::start_masks(const SchedulerOutput& step, PendingMasks& pm, bool che
         } catch (const std::exception&) {  // validate() catches them up itself
         }
       }
-      if (!pm.rows.empty()) provider->fill(pm.rows, vocab);
-      return now_s();
+      if (!pm.rows.empty()) {
+        pm.start = now_s();  // mask_seconds counts the fill alone
+        provider->fill(pm.rows, vocab);
+      }
+      pm.end = now_s();
     });
+    pm.filling = &mask_helper_;
   } catch (...) {  // no thread to be had
     runner_.lend_threads(0);
     throw;

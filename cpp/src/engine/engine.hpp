@@ -46,6 +46,7 @@
 
 #include "engine/block_pool.hpp"
 #include "engine/drafter.hpp"
+#include "engine/helper_thread.hpp"
 #include "engine/kv_cache_manager.hpp"
 #include "engine/model_runner.hpp"
 #include "engine/outbox.hpp"
@@ -205,6 +206,7 @@ class Engine final : private OutputSink {
     std::lock_guard<std::mutex> lk(mask_mu_);
     return mask_provider_;
   }
+  HelperThread mask_helper_;  // fills a step's masks while its forward runs (start_masks)
 
   std::mutex join_mu_;  // stop() may run on several threads at once: one joins, the others wait
   std::thread thread_;
