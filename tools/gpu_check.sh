@@ -41,9 +41,10 @@
 #            ($LLAMA8B_TOK, made here; needs smol): JSON-schema against plain TPOT, mask time
 #   masks    tools/bench_masks.py on SmolLM2 (needs smol): llguidance's mask cost per row, serial and
 #            on its executor with 1..16 threads, on replayed JSON answers (the host's cores)
-#   spec     speculative decoding: tools/bench_speculative.py on SmolLM2 (needs smol), GPU (n-gram, and
-#            SmolLM2 as its own draft) and this machine's CPU (n-gram), for each k in $SPEC_K
-#            (num_speculative_tokens, default "4 8"); tools/bench_cuda.py verify on
+#   spec     speculative decoding: tools/bench_speculative.py on SmolLM2 (needs smol), GPU (n-gram
+#            with each ngram_min of $SPEC_NGRAM_MIN, default "1,2", and SmolLM2 as its own draft)
+#            and this machine's CPU (n-gram), for each k in $SPEC_K (num_speculative_tokens,
+#            default "8"); tools/bench_cuda.py verify on
 #            the 8B shape (a verify step of 1 + k positions, k = 0..8, against batch-1 TPOT)
 #   serve    tools/bench_serve.py on the 8B shape ($LLAMA8B_TOK when made: text, so no logprobs):
 #            pagedrt-serve against in-process, 64 streams
@@ -89,7 +90,8 @@ LLAMA8B=${LLAMA8B:-/tmp/llama8b}
 LLAMA8B_TOK=${LLAMA8B_TOK:-/tmp/llama8b_smoltok}
 LLAMA8B_FP8=${LLAMA8B_FP8:-/tmp/llama8b_fp8}
 LLAMA70B=${LLAMA70B:-/tmp/llama70b}
-SPEC_K=${SPEC_K:-4 8}
+SPEC_K=${SPEC_K:-8}
+SPEC_NGRAM_MIN=${SPEC_NGRAM_MIN:-1,2}
 STASH=${STASH:-/root/stash}
 BUDGET_S=${BUDGET_S:-570}
 mkdir -p "$WORK" "$STASH"
@@ -331,8 +333,8 @@ if has spec; then
     export PYTHONPATH="$WORK/smolpkg${PYTHONPATH:+:$PYTHONPATH}"
     SMOL=$(cd /tmp && $PY -c "import pagedrt; print(pagedrt.default_model(progress=False))")
     for k in $SPEC_K; do
-      (cd /tmp && timeout 200 $PY "$OLDPWD/tools/bench_speculative.py" --device cuda --rounds 3 --k $k \
-         --draft-model "$SMOL" --json "$OUT/speculative_gpu_k$k.json" 2>&1 | grep -v "it/s\]")
+      (cd /tmp && timeout 260 $PY "$OLDPWD/tools/bench_speculative.py" --device cuda --rounds 3 --k $k \
+         --ngram-min "$SPEC_NGRAM_MIN" --draft-model "$SMOL" --json "$OUT/speculative_gpu_k$k.json" 2>&1 | grep -v "it/s\]")
       (cd /tmp && timeout 150 $PY "$OLDPWD/tools/bench_speculative.py" --device cpu --rounds 1 --k $k \
          --json "$OUT/speculative_cpu_host_k$k.json" 2>&1 | grep -v "it/s\]")
     done

@@ -160,8 +160,62 @@ SPECULATIVE_PROMPTS = {
 }
 
 
-def speculative_prompts(rt) -> dict[str, list[list[int]]]:
-    """Token ids of each SPECULATIVE_PROMPTS prompt as a user chat message (the
-    Runtime's chat template), by workload."""
-    return {name: [rt.encode_prompt([{"role": "user", "content": p}]) for p in prompts]
-            for name, prompts in SPECULATIVE_PROMPTS.items()}
+# A second set of the same four kinds, three prompts each, never used to
+# choose a setting: a default chosen on SPECULATIVE_PROMPTS is checked here
+# (`bench_speculative.py --prompts other`).
+_PARAGRAPH_2 = ("Photosynthesis takes place mainly in the leaves of green plants. Chlorophyll in the chloroplasts "
+                "absorbs light, and the plant uses that energy to turn carbon dioxide from the air and water from "
+                "the soil into glucose, releasing oxygen as a by-product. The glucose feeds the plant's growth or "
+                "is stored as starch.")
+_RECORD_2 = ("Invoice 2093, dated 3 June 2025, from Brightline Office Supply, 88 Harbour Road, Leeds LS2 7QT, to "
+             "Kestrel Design Ltd: 10 packs of A4 paper at 4.50 GBP, 3 black toner cartridges at 39.99 GBP, "
+             "payment due within 30 days by bank transfer.")
+_CODE_2 = ("def count_words(text):\n"
+           "    counts = {}\n"
+           "    for word in text.split():\n"
+           "        word = word.lower()\n"
+           "        if word in counts:\n"
+           "            counts[word] = counts[word] + 1\n"
+           "        else:\n"
+           "            counts[word] = 1\n"
+           "    return counts\n")
+_CODE_3 = ("class Stack:\n"
+           "    def __init__(self):\n"
+           "        self.items = []\n"
+           "\n"
+           "    def push(self, item):\n"
+           "        self.items.append(item)\n"
+           "\n"
+           "    def pop(self):\n"
+           "        return self.items.pop()\n")
+SPECULATIVE_PROMPTS_OTHER = {
+    "rewrite": [
+        "Copy this paragraph exactly:\n\n" + _PARAGRAPH_2,
+        "Fix any spelling mistakes in this text and return it:\n\n" + _PARAGRAPH_2.replace("absorbs", "absorbes"),
+        "Put each sentence of this paragraph on a new line:\n\n" + _PARAGRAPH_2,
+    ],
+    "extract": [
+        "List the seller, the buyer and each item with its price, using the words of the text.\n\n" + _RECORD_2,
+        "Copy the invoice below, then give its number and date.\n\n" + _RECORD_2,
+        "Which address appears in this text? Quote it.\n\n" + _RECORD_2,
+    ],
+    "edit_code": [
+        "Rename the variable counts to freq in this function and return the function:\n\n" + _CODE_2,
+        "Add a method peek to this class that returns the last item without removing it. "
+        "Return the whole class.\n\n" + _CODE_3,
+        "Add comments to this code:\n\n" + _CODE_2,
+    ],
+    "open_ended": [
+        "What are the benefits of regular exercise?",
+        "Tell me a short story about a lost dog.",
+        "Explain how a rainbow forms.",
+    ],
+}
+
+
+def speculative_prompts(rt, prompts: dict[str, list[str]] = SPECULATIVE_PROMPTS) -> dict[str, list[list[int]]]:
+    """Token ids of each prompt of `prompts` (SPECULATIVE_PROMPTS or
+    SPECULATIVE_PROMPTS_OTHER) as a user chat message (the Runtime's chat
+    template), by workload."""
+    return {name: [rt.encode_prompt([{"role": "user", "content": p}]) for p in texts]
+            for name, texts in prompts.items()}

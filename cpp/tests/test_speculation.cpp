@@ -1,6 +1,8 @@
 // test_speculation.cpp — the pieces of speculative decoding below the engine:
-// prompt-lookup proposals (engine/ngram.hpp) and the rollback of a block
-// table's tail (KvCacheManager::truncate), with exact block ids and counts.
+// prompt-lookup proposals (engine/ngram.hpp), the proposal length and pauses
+// of a sequence (engine/request.hpp: proposal_room, adapt_proposals,
+// count_pause) and the rollback of a block table's tail
+// (KvCacheManager::truncate), with exact block ids and counts.
 #include <cstdint>
 #include <vector>
 
@@ -8,6 +10,7 @@
 #include "engine/block_pool.hpp"
 #include "engine/kv_cache_manager.hpp"
 #include "engine/ngram.hpp"
+#include "engine/request.hpp"
 
 using pagedrt::ngram_propose;
 using V = std::vector<int32_t>;
@@ -31,6 +34,59 @@ void proposals() {
   // A longer n with a match beats a shorter one with a more recent match:
   // "4 2" at 1..2 (then 8) against "2" at 5 (then 2... the 2-gram wins).
   CHECK((ngram_propose({0, 4, 2, 8, 8, 2, 2, 4, 2}, 1, 2, 1) == V{8}));
+}
+
+// Steps of a sequence at its decode point: `steps` misses (nothing kept).
+void miss(pagedrt::Sequence& s, int steps) {
+  for (int i = 0; i < steps; ++i) pagedrt::adapt_proposals(s, s.spec_len, 0, 8);
+}
+
+// How many decode steps without proposals until the sequence may propose again.
+int pause_steps(const pagedrt::Request& r, pagedrt::Sequence& s) {
+  int steps = 0;
+  while (pagedrt::proposal_room(r, s, 0) == 0 && steps < 5000) {
+    pagedrt::count_pause(s);
+    ++steps;
+  }
+  return steps;
+}
+
+void proposal_length_and_pauses() {
+  pagedrt::Request r;
+  r.params.speculative = "ngram";
+  r.params.num_speculative_tokens = 8;
+  r.params.max_tokens = 100000;
+  r.prompt_len = 4;
+  pagedrt::Sequence s;
+  s.tokens = {1, 2, 3, 4, 5};
+  s.num_computed = 4;  // its decode point: one token to compute
+  CHECK(pagedrt::proposal_room(r, s, 0) == 8 && s.spec_len == 8);
+  // Misses halve the length: 8 4 2 1 1 1 1 1 proposed, 19 in all; the 8th pauses it.
+  miss(s, 7);
+  CHECK(s.spec_len == 1 && s.spec_pause == 0 && pagedrt::proposal_room(r, s, 0) == 1);
+  miss(s, 1);
+  CHECK(s.spec_pause == 16 && pagedrt::proposal_room(r, s, 0) == 0);
+  CHECK(pause_steps(r, s) == 16);
+  // After a pause a single miss pauses it again, twice as long, up to 64x.
+  for (int want : {32, 64, 128, 256, 512, 1024, 1024}) {
+    miss(s, 1);
+    CHECK(pause_steps(r, s) == want);
+  }
+  // A kept proposal ends the doubling; a full acceptance lengthens by one.
+  pagedrt::adapt_proposals(s, 1, 1, 8);
+  CHECK(s.spec_len == 2 && s.spec_misses == 0 && s.spec_pauses == 0);
+  pagedrt::adapt_proposals(s, 2, 1, 8);  // part kept: same length, misses forgiven
+  CHECK(s.spec_len == 2);
+  for (int i = 0; i < 10; ++i) pagedrt::adapt_proposals(s, s.spec_len, s.spec_len, 8);
+  CHECK(s.spec_len == 8);  // capped at num_speculative_tokens
+  miss(s, 7);
+  CHECK(s.spec_pause == 0);
+  miss(s, 1);
+  CHECK(pause_steps(r, s) == 16);  // back to the first pause's length
+  // Room is clipped by max_tokens: 1 of 3 generated, the step's own pick is the 2nd, one proposal the 3rd.
+  r.params.max_tokens = 3;
+  s.spec_len = 8;
+  CHECK(pagedrt::proposal_room(r, s, 0) == 1);
 }
 
 void rollback() {
@@ -62,6 +118,7 @@ void rollback() {
 
 int main() {
   proposals();
+  proposal_length_and_pauses();
   rollback();
   return check::finish();
 }

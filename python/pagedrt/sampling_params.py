@@ -72,7 +72,8 @@ class SamplingParams:
     #: the smaller model).
     speculative: Optional[str] = None
     num_speculative_tokens: int = 8
-    ngram_min: int = 1
+    #: 2: a single matching token predicts poorly (docs/speculative.md).
+    ngram_min: int = 2
     ngram_max: int = 4
 
     @property

@@ -61,7 +61,7 @@ struct SamplingParams {
   // Not with beam search, masked decoding, return_logits or prompt_logprobs.
   std::string speculative;
   int32_t num_speculative_tokens = 8;   // 1 .. 16: proposals a step at most (docs/speculative.md: why 8)
-  int32_t ngram_min = 1;                // 1 .. ngram_max
+  int32_t ngram_min = 2;                // 1 .. ngram_max (docs/speculative.md: why 2)
   int32_t ngram_max = 4;                // .. 16
 
   int32_t beam_width = 1;               // > 1: beam search (greedy; temperature ignored)

@@ -403,18 +403,7 @@ void OutputProcessor::verify(const ScheduledSeq& sc, const LogitsSlice& slice, c
   s.spec_proposed += k;
   s.spec_accepted += accepted;
   sink_.count_speculative(k, accepted);
-  // The proposal length follows the acceptance: one more after a full
-  // acceptance, half after none; kMaxSpecMisses steps in a row with nothing
-  // accepted and the sequence stops speculating.
-  if (accepted == k) {
-    s.spec_len = std::min(s.spec_len + 1, p.num_speculative_tokens);
-    s.spec_misses = 0;
-  } else if (accepted == 0) {
-    s.spec_len = std::max(1, s.spec_len / 2);
-    if (++s.spec_misses >= kMaxSpecMisses) s.spec_off = true;
-  } else {
-    s.spec_misses = 0;
-  }
+  adapt_proposals(s, k, accepted, p.num_speculative_tokens);
   for (Pick& pick : picks)
     if (apply(pick)) return;  // the sequence ended (and may be gone)
   sink_.push_event(make_event(r, s, false, false, FinishReason::None, ""));

@@ -151,8 +151,6 @@ class OutputProcessor {
   void verify(const ScheduledSeq& s, const LogitsSlice& slice, const ModelOutput& out);
   void beam_group_step(Request& r);
 
-  static constexpr int32_t kMaxSpecMisses = 8;
-
   OutputConfig config_;
   const StepMasks* masks_ = nullptr;  // this step's
   KvCacheManager& kv_;

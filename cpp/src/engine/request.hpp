@@ -41,14 +41,16 @@ struct Sequence {
 
   // Speculative decoding (params.speculative): the proposals appended to
   // `tokens` for this step (verified, then kept or dropped, by the output
-  // processor), the current proposal length (adapts to the acceptance) and
-  // the steps in a row in which nothing was accepted (at kMaxSpecMisses the
-  // sequence stops speculating).
+  // processor), the current proposal length (adapts to the acceptance), the
+  // steps in a row in which nothing was accepted (at kMaxSpecMisses the
+  // sequence pauses: it proposes nothing for its next spec_pause steps) and
+  // the pauses since a proposal was last accepted (each twice as long).
   int32_t num_draft = 0;
   std::vector<int32_t> proposal;     // speculative "draft": the draft model's tokens for the next step (engine/drafter.hpp)
   int32_t spec_len = 0;              // 0 until the first proposal: num_speculative_tokens
   int32_t spec_misses = 0;
-  bool spec_off = false;
+  int32_t spec_pause = 0;
+  int32_t spec_pauses = 0;
   int64_t spec_proposed = 0;         // proposals verified, since submit
   int64_t spec_accepted = 0;         // of those, kept
   // Structured output's checked picks (pagedrt/token_mask.hpp): steps left in
@@ -110,14 +112,43 @@ struct Request {
 
 // Speculative decoding: how many proposals sequence `s` of `r` may take in
 // its next step, 0 for none. It must be at its decode point (one token to
-// compute, no proposals yet) and still speculating; proposals never reach past
+// compute, no proposals yet) and not pausing; proposals never reach past
 // max_tokens or max_model_len (0: no limit). The first call sets s.spec_len.
 inline int64_t proposal_room(const Request& r, Sequence& s, int64_t max_model_len) {
-  if (r.params.speculative.empty() || s.spec_off || s.num_draft > 0 || s.num_tokens() - s.num_computed != 1) return 0;
+  if (r.params.speculative.empty() || s.spec_pause > 0 || s.num_draft > 0) return 0;
+  if (s.num_tokens() - s.num_computed != 1) return 0;
   if (s.spec_len == 0) s.spec_len = r.params.num_speculative_tokens;
   int64_t k = std::min<int64_t>(s.spec_len, r.params.max_tokens - r.num_generated(s) - 1);
   if (max_model_len > 0) k = std::min<int64_t>(k, max_model_len - s.num_tokens() - 1);
   return std::max<int64_t>(k, 0);
+}
+
+// After a step that verified `proposed` proposals of `s` and kept `accepted`:
+// the next proposal length follows the acceptance, one more after a full
+// acceptance (up to max_len), half after none. kMaxSpecMisses steps in a row
+// with nothing kept and the sequence pauses (proposes nothing) for its next
+// kSpecPauseSteps decode steps; after a pause one more miss pauses it again,
+// twice as long (up to 64x). A kept proposal ends the doubling. (A permanent
+// stop lost every later copy: SmolLM2's edit_code answers open with new text.)
+constexpr int32_t kMaxSpecMisses = 8;
+constexpr int32_t kSpecPauseSteps = 16;
+inline void adapt_proposals(Sequence& s, int32_t proposed, int32_t accepted, int32_t max_len) {
+  if (accepted > 0) {
+    if (accepted == proposed) s.spec_len = std::min(s.spec_len + 1, max_len);
+    s.spec_misses = 0;
+    s.spec_pauses = 0;
+    return;
+  }
+  s.spec_len = std::max(1, s.spec_len / 2);
+  if (++s.spec_misses < kMaxSpecMisses) return;
+  s.spec_pause = kSpecPauseSteps << std::min(s.spec_pauses, 6);
+  ++s.spec_pauses;
+  s.spec_misses = kMaxSpecMisses - 1;
+}
+
+// `s` takes a decode step without proposals: a pause has one step less to run.
+inline void count_pause(Sequence& s) {
+  if (s.spec_pause > 0) --s.spec_pause;
 }
 
 }  // namespace pagedrt

@@ -22,6 +22,7 @@ void Scheduler::draft(Request* req, int64_t budget) {
     offered.swap(s->proposal);
     const int64_t k = std::min<int64_t>(proposal_room(*req, *s, config_.max_model_len), budget - 1);
     if (k <= 0) {
+      if (pending == 1) count_pause(*s);
       budget -= pending;
       continue;
     }
