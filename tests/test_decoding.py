@@ -44,6 +44,29 @@ def test_seeded_request_is_the_same_alone_and_in_a_busy_batch(tiny):
     assert len({tuple(t) for t in outputs(alone)}) == 3  # the three samples differ
 
 
+def _unseeded_samples(path, prompt, count):
+    with runtime(path) as rt:
+        got = rt.generate([prompt] * count, temperature=1.0, max_tokens=12, ignore_eos=True, n=2)
+    return [tuple(t) for c in got for t in outputs(c)]
+
+
+def test_unseeded_requests_draw_their_own_streams(tiny):
+    """Requests without a seed (and the n = 2 samples of each) draw distinct
+    streams: 16 samples of 12 tokens of one prompt at temperature 1 from a
+    320-token vocabulary are all different; so are those of two processes
+    forked from one that drew before (the streams' entropy is read once a
+    process and keyed by the process id)."""
+    import multiprocessing
+    path, _ = tiny
+    prompt = list(range(5, 25))
+    samples = _unseeded_samples(path, prompt, 8)
+    assert len(set(samples)) == 16, samples
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(2) as pool:
+        forked = pool.starmap(_unseeded_samples, [(path, prompt, 2), (path, prompt, 2)])
+    assert not set(forked[0]) & set(forked[1]), forked
+
+
 def test_n4_shares_the_prompt_blocks(tiny):
     path, _ = tiny
     prompt = list(range(10, 72))             # 62 tokens: 15 full blocks and one half-full
