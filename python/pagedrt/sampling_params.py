@@ -83,11 +83,10 @@ class SamplingParams:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
     def replace(self, **changes) -> "SamplingParams":
-        names = {f.name for f in fields(self)}
-        unknown = sorted(set(changes) - names)
+        unknown = sorted(changes.keys() - _FIELDS)
         if unknown:
             raise InvalidArgument(f"unknown sampling parameter(s): {', '.join(unknown)}")
-        return SamplingParams(**{**{f.name: getattr(self, f.name) for f in fields(self)}, **changes})
+        return SamplingParams(**{**self.__dict__, **changes})  # once a submit with overrides: no fields() walk
 
     def _to_core(self) -> _core.SamplingParams:
         """The C++ parameters; the C++ side checks every numeric range."""
@@ -148,3 +147,6 @@ class SamplingParams:
         p.masked = constraint_of(self) is not None
         p.validate()  # ranges, each named, in C++; token ids are checked at submit
         return p
+
+
+_FIELDS = frozenset(f.name for f in fields(SamplingParams))
