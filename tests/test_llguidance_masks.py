@@ -191,3 +191,49 @@ def test_a_broken_matcher_ends_its_sequence_with_llguidances_reason(tiny_sp):
         c = r.generate("a b c", max_tokens=12, temperature=0, regex=r"(yes|no)( maybe)*")[0]
         assert c.finish_reason == "error", c.text
         assert c.error.startswith("token mask: llguidance: "), c.error
+
+
+def test_rows_with_proposals_take_only_what_the_constraint_allows(smol):
+    """Speculative verify rows (pagedrt/token_mask.hpp): the row after i
+    proposals has the mask llguidance's Python matcher gives after the same
+    tokens; a proposal the constraint refuses is not taken (the rows after it
+    get the allowed prefix's mask, and the matcher does not break); the next
+    step's rows, which drop the rejected proposals, roll the matcher back."""
+    with pagedrt.Runtime(smol, device="cpu") as r:
+        vocab = r.model_info.vocab_size
+        words = (vocab + 31) // 32
+        cons = r._constraints()
+        grammar = grammar_of("json_schema", SCHEMAS[0])
+        tok = cons.tokenizer
+
+        def python_mask(tokens):
+            m = llguidance.LLMatcher(tok, grammar)
+            assert m.consume_tokens(tokens), tokens
+            return np.frombuffer(m.compute_bitmask(), dtype=np.uint32)[:words]
+
+        cons.masks.add("p", "llguidance", grammar)
+        verified = tok.tokenize_str('{"name": "Ad')
+        good = tok.tokenize_str('a", "age": 3')
+        for i in range(len(good) + 1):  # one step: rows after 0 .. k proposals, all allowed
+            got = cons.masks.mask("p", 0, verified + good[:i], vocab, num_proposed=i)
+            assert np.array_equal(got, python_mask(verified + good[:i])), i
+        # A refused proposal (an opening brace where the string has ended) in the middle: the rows
+        # after it keep the mask of what came before it, and the matcher still serves the sequence.
+        brace = tok.tokenize_str("{")
+        at = next(j for j in range(1, len(good) + 1)
+                  if llguidance.LLMatcher(tok, grammar).validate_tokens(verified + good[:j] + brace)
+                  == len(verified) + j)
+        bad = good[:at] + brace + good[at:]
+        for i in range(len(bad) + 1):
+            got = cons.masks.mask("p", 0, verified + bad[:i], vocab, num_proposed=i)
+            assert np.array_equal(got, python_mask(verified + bad[:min(i, at)])), i
+        # The next step: `at` proposals were kept and another token picked (a space), then new proposals.
+        picked = verified + good[:at] + tok.tokenize_str(" ")
+        after = tok.tokenize_str('"age"')
+        for i in range(len(after) + 1):
+            got = cons.masks.mask("p", 0, picked + after[:i], vocab, num_proposed=i)
+            assert np.array_equal(got, python_mask(picked + after[:i])), i
+        # A verified token the constraint refuses still breaks the matcher: the mask is empty and says why.
+        broken = cons.masks.mask("p", 0, picked + tok.tokenize_str("{"), vocab, num_proposed=0)
+        assert not broken.any()
+        cons.masks.release("p")

@@ -257,7 +257,6 @@ BAD = [  # (body or raw bytes, status, param or message part)
     ({"messages": Q, "max_tokens": 100000}, 400, "max_model_len"),
     ({"messages": Q, "stream_options": {"include_usage": True}}, 400, "stream_options"),
     ({"messages": Q, "speculative": "draft"}, 400, "draft_model"),
-    ({"messages": Q, "speculative": "ngram", "response_format": {"type": "json_object"}}, 400, "speculative"),
     ({"messages": Q, "speculative": "ngram", "num_speculative_tokens": 99}, 400, "num_speculative_tokens"),
 ]
 
@@ -379,8 +378,9 @@ def test_api_key_and_sigterm_drain(smol):
 def test_speculative_server(smol, rt):
     """--speculative ngram with --draft-model (the model itself): greedy answers
     equal the Runtime's without speculation; a request may ask for the draft
-    model instead; structured output and echo with logprobs are served without
-    speculation; /metrics counts the proposals."""
+    model instead; structured output is served speculatively too (the same
+    answer as the Runtime's without speculation); echo with logprobs is served
+    without; /metrics counts the proposals."""
     s = Server(smol, "--speculative", "ngram", "--draft-model", str(smol))
     try:
         c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
@@ -394,9 +394,12 @@ def test_speculative_server(smol, rt):
                                       extra_body={"speculative": "draft"})
         assert r.choices[0].message.content == want
         assert s.metric("pagedrt_spec_accepted_tokens_total") >= s.metric("pagedrt_spec_proposed_tokens_total") - ngram
+        proposed = s.metric("pagedrt_spec_proposed_tokens_total")
         j = c.chat.completions.create(model=MODEL, messages=Q, max_tokens=40, temperature=0,
                                       response_format={"type": "json_object"})
+        assert j.choices[0].message.content == rt.generate(Q, max_tokens=40, temperature=0, json_object=True)[0].text
         assert j.choices[0].message.content.lstrip().startswith("{")
+        assert s.metric("pagedrt_spec_proposed_tokens_total") > proposed
         e = c.completions.create(model=MODEL, prompt="The sky is", max_tokens=2, echo=True, logprobs=1, temperature=0)
         assert e.choices[0].logprobs.token_logprobs[0] is None  # the first prompt token has none
     finally:

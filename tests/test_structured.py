@@ -327,3 +327,44 @@ def test_constrained_answers_survive_preemption(smol):
             assert r.stats().num_preemptions > 0, "the pool was meant to force preemptions"
         assert tight == roomy, checked
         assert (n > 0) == checked
+
+
+RECORD = ("Order 4471 was placed on 12 March 2024 by Maria Lindqvist, Storgatan 14, 411 38 Gothenburg, Sweden, "
+          "for two blue ceramic teapots at 349 SEK each, paid by card.")
+ORDER = {"type": "object", "properties": {"order": {"type": "integer"}, "customer": {"type": "string"},
+                                          "street": {"type": "string"}, "city": {"type": "string"}},
+         "required": ["order", "customer", "street", "city"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("spec", ["ngram", "draft"])
+def test_speculative_structured_output_equals_plain(smol, spec):
+    """Speculative decoding under a JSON schema and a regex (each verify row
+    masked with the grammar's state after the proposals before it): greedy
+    answers equal, token for token, those without speculation; proposals were
+    accepted; refused ones were not (the answers validate). Sampled answers
+    (n = 2, seeded) validate too, and repeat with the same seed."""
+    ask = [{"role": "user", "content": "Copy the order number, customer, street and city from this text "
+                                       "into JSON.\n\n" + RECORD}]
+    regex = r"Order [0-9]+ by [A-Z][a-z]+ [A-Z][a-z]+, [A-Za-z0-9 ]+\."
+    ask_re = [{"role": "user", "content": "Summarise in one sentence who placed which order.\n\n" + RECORD}]
+    draft = dict(draft_model=smol) if spec == "draft" else {}
+    with pagedrt.Runtime(smol, device="cpu", **draft) as r:
+        for prompt, kw in ((ask, dict(json_schema=ORDER)), (ask_re, dict(regex=regex))):
+            plain = r.generate(prompt, max_tokens=64, temperature=0, **kw)[0].outputs[0]
+            fast = r.generate(prompt, max_tokens=64, temperature=0, speculative=spec, **kw)[0].outputs[0]
+            assert fast.token_ids == plain.token_ids, (kw, fast.text, plain.text)
+            assert fast.spec_accepted > 0, (kw, fast.spec_proposed)
+            assert fast.finish_reason == "stop", fast
+            if "json_schema" in kw:
+                jsonschema.validate(json.loads(fast.text), ORDER)
+            else:
+                assert re.fullmatch(regex, fast.text), fast.text
+        sampled = [r.generate(ask, max_tokens=64, temperature=0.8, seed=7, n=2, speculative=spec,
+                              json_schema=ORDER)[0] for _ in range(2)]
+        assert [o.token_ids for o in sampled[0].outputs] == [o.token_ids for o in sampled[1].outputs]
+        for o in sampled[0].outputs:
+            if o.finish_reason == "stop":
+                jsonschema.validate(json.loads(o.text), ORDER)
+        assert sum(o.spec_proposed for o in sampled[0].outputs) > 0
+        stats = r.stats()
+        assert stats.blocks_used == 0 and stats.draft_blocks_used == 0

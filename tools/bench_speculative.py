@@ -3,7 +3,8 @@
 decoding, batch 1 (issue 23; docs/speculative.md).
 
     bench_speculative.py [--model DIR|FILE.gguf] [--device cpu] [--max-tokens 128]
-                         [--draft-model DIR|FILE.gguf] [--ngram-min 2[,1...]] [--prompts other] [--rounds 3]
+                         [--draft-model DIR|FILE.gguf] [--ngram-min 2[,1...]] [--prompts other|json]
+                         [--rounds 3]
                          [--json OUT.json]
 
 For each workload of tools/workloads.py SPECULATIVE_PROMPTS (rewrite,
@@ -15,7 +16,9 @@ The acceptance rate is accepted / proposed tokens; tok/step is decode
 tokens per step (the gain before a verify step's extra cost, the same on
 every device). --ngram-min 1,2 times n-grams with each ngram_min (columns
 ngram_n1, ngram_n2). --prompts other takes SPECULATIVE_PROMPTS_OTHER
-instead: prompts of the same kinds that no default was chosen on. Greedy
+instead: prompts of the same kinds that no default was chosen on;
+--prompts json takes SPECULATIVE_JSON: JSON answers under a schema
+(structured output), with and without speculation. Greedy
 output with speculation must equal the plain output on the CPU (batch-invariant): a
 difference is printed (on CUDA, whose verify and decode steps may round
 differently, it is counted). With --draft-model, speculative="draft" runs too.
@@ -33,12 +36,15 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from workloads import SPECULATIVE_PROMPTS, SPECULATIVE_PROMPTS_OTHER, speculative_prompts  # noqa: E402
+from workloads import (SPECULATIVE_JSON, SPECULATIVE_PROMPTS, SPECULATIVE_PROMPTS_OTHER,  # noqa: E402
+                       speculative_prompts)
 
 
 def decode_rate(rt, prompt, max_tokens, spec, k=8, ngram_min=2):
-    rid = rt.submit(prompt, by_id=True, max_tokens=max_tokens, temperature=0.0, speculative=spec,
-                    num_speculative_tokens=k, ngram_min=ngram_min)
+    """prompt: (token ids, extra SamplingParams fields such as json_schema)."""
+    ids, extra = prompt
+    rid = rt.submit(ids, by_id=True, max_tokens=max_tokens, temperature=0.0, speculative=spec,
+                    num_speculative_tokens=k, ngram_min=ngram_min, **extra)
     times, tokens, proposed, accepted = [], [], 0, 0
     done = False
     steps = -1  # decode steps: the events that carry tokens, less the prompt's
@@ -60,8 +66,9 @@ def main():
     ap.add_argument("--draft-model", default=None, help="also time speculative=\"draft\" with this draft model")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--k", type=int, default=8, help="num_speculative_tokens: proposals a step at most")
-    ap.add_argument("--prompts", default="benchmark", choices=["benchmark", "other"],
-                    help="SPECULATIVE_PROMPTS, or SPECULATIVE_PROMPTS_OTHER (no default was chosen on them)")
+    ap.add_argument("--prompts", default="benchmark", choices=["benchmark", "other", "json"],
+                    help="SPECULATIVE_PROMPTS, SPECULATIVE_PROMPTS_OTHER (no default was chosen on them) or "
+                         "SPECULATIVE_JSON (structured output)")
     ap.add_argument("--ngram-min", default="2", help="ngram_min, or several (1,2): each timed as its own mode")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", default=None)
@@ -85,9 +92,14 @@ def main():
     with pagedrt.Runtime(model, device=args.device, progress=False, draft_model=args.draft_model) as rt:
         res["model"] = rt.model_path.name
         res["draft_model"] = rt.model_info.draft_model
-        work = speculative_prompts(rt, SPECULATIVE_PROMPTS_OTHER if args.prompts == "other" else SPECULATIVE_PROMPTS)
+        if args.prompts == "json":
+            work = {name: [(rt.encode_prompt([{"role": "user", "content": text}]), {"json_schema": schema})
+                           for text, schema in items] for name, items in SPECULATIVE_JSON.items()}
+        else:
+            texts = SPECULATIVE_PROMPTS_OTHER if args.prompts == "other" else SPECULATIVE_PROMPTS
+            work = {name: [(ids, {}) for ids in lst] for name, lst in speculative_prompts(rt, texts).items()}
         for m in [None] + modes:
-            decode_rate(rt, work["open_ended"][0], 8, *spec_of.get(m, (None, 2)))  # warm-up
+            decode_rate(rt, work[list(work)[-1]][0], 8, *spec_of.get(m, (None, 2)))  # warm-up
         print(f"{'workload':11s} {'plain tok/s':>11s}"
               + "".join(f" {m + ' tok/s':>11s} {'speed-up':>8s} {'accepted':>9s} {'tok/step':>8s}" for m in modes),
               flush=True)

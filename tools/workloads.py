@@ -213,6 +213,35 @@ SPECULATIVE_PROMPTS_OTHER = {
 }
 
 
+# Structured output with speculation: JSON answers under a schema, whose
+# values the first two workloads copy from the prompt (`bench_speculative.py
+# --prompts json`): (prompt, schema) pairs.
+_ORDER_SCHEMA = {"type": "object", "properties": {"order": {"type": "integer"}, "customer": {"type": "string"},
+                                                  "street": {"type": "string"}, "city": {"type": "string"},
+                                                  "items": {"type": "array", "items": {"type": "string"}}},
+                 "required": ["order", "customer", "street", "city", "items"], "additionalProperties": False}
+_INVOICE_SCHEMA = {"type": "object", "properties": {"invoice": {"type": "integer"}, "date": {"type": "string"},
+                                                    "seller": {"type": "string"}, "buyer": {"type": "string"},
+                                                    "address": {"type": "string"}},
+                   "required": ["invoice", "date", "seller", "buyer", "address"], "additionalProperties": False}
+_PERSON_SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
+                                                   "city": {"type": "string"}, "hobbies": {"type": "array",
+                                                                                           "items": {"type": "string"}}},
+                  "required": ["name", "age", "city", "hobbies"], "additionalProperties": False}
+SPECULATIVE_JSON = {
+    "extract_json": [
+        ("Copy the order number, the customer, the street, the city and the items from this text into JSON.\n\n"
+         + _RECORD, _ORDER_SCHEMA),
+        ("Copy the invoice number, its date, the seller, the buyer and the seller's address from this text into "
+         "JSON.\n\n" + _RECORD_2, _INVOICE_SCHEMA),
+    ],
+    "invent_json": [
+        ("Describe a fictional person as JSON.", _PERSON_SCHEMA),
+        ("Invent a customer order as JSON.", _ORDER_SCHEMA),
+    ],
+}
+
+
 def speculative_prompts(rt, prompts: dict[str, list[str]] = SPECULATIVE_PROMPTS) -> dict[str, list[list[int]]]:
     """Token ids of each prompt of `prompts` (SPECULATIVE_PROMPTS or
     SPECULATIVE_PROMPTS_OTHER) as a user chat message (the Runtime's chat

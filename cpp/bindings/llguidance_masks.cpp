@@ -6,6 +6,7 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include <algorithm>
 #include <functional>
 #include <memory>
 
@@ -135,7 +136,7 @@ void bind_llguidance_masks(nb::module_& m) {
            "rows"_a, "tokens"_a, "TokenMaskProvider::validate: one byte a row, 1 where the row may take its token.")
       .def("mask",
            [](MasksHandle& h, const std::string& request_id, int32_t index, const std::vector<int32_t>& generated,
-              int64_t vocab) {
+              int64_t vocab, int64_t num_proposed) {
              auto* words = new std::vector<uint32_t>(static_cast<size_t>((vocab + 31) / 32), 0u);
              nb::capsule owner(words, [](void* p) noexcept { delete static_cast<std::vector<uint32_t>*>(p); });
              std::vector<pagedrt::MaskRow> rows(1);
@@ -143,6 +144,7 @@ void bind_llguidance_masks(nb::module_& m) {
              rows[0].index = index;
              rows[0].generated = generated.data();
              rows[0].num_generated = static_cast<int64_t>(generated.size());
+             rows[0].num_proposed = std::clamp<int64_t>(num_proposed, 0, rows[0].num_generated);
              rows[0].mask = words->data();
              {
                nb::gil_scoped_release release;
@@ -150,9 +152,10 @@ void bind_llguidance_masks(nb::module_& m) {
              }
              return nb::ndarray<nb::numpy, uint32_t, nb::ndim<1>>(words->data(), {words->size()}, owner);
            },
-           "request_id"_a, "index"_a, "generated"_a, "vocab"_a,
-           "The mask fill() gives sequence `index` of the request after `generated` (tests, tools): "
-           "(vocab + 31) // 32 uint32 words, bit t allowing token t.")
+           "request_id"_a, "index"_a, "generated"_a, "vocab"_a, "num_proposed"_a = 0,
+           "The mask fill() gives sequence `index` of the request after `generated`, whose last "
+           "`num_proposed` are speculative proposals (tests, tools): (vocab + 31) // 32 uint32 words, bit t "
+           "allowing token t.")
       .def_prop_ro("threads", [](const MasksHandle& h) { return h.masks->threads(); })
       .def_prop_ro("version", [](const MasksHandle& h) { return h.masks->version(); })
       .def("counters", [](const MasksHandle& h) {

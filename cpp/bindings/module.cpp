@@ -281,6 +281,8 @@ NB_MODULE(_core, m) {
                      return std::vector<int32_t>(r.generated, r.generated + r.num_generated);
                    },
                    "the sequence's output tokens so far")
+      .def_ro("num_proposed", &pagedrt::MaskRow::num_proposed,
+              "of `generated`, the last ones are unverified speculative proposals (pagedrt/token_mask.hpp)")
       .def_prop_ro("mask_address",
                    [](const pagedrt::MaskRow& r) { return reinterpret_cast<uintptr_t>(r.mask); },
                    "address of the row's mask: (vocab + 31) // 32 uint32 words, zeroed; bit t allows token t")

@@ -70,7 +70,6 @@ void check_sampling_params(const SamplingParams& p, int64_t vocab, int32_t max_n
       throw Error(ErrorKind::Unsupported, where + "speculative decoding is not supported with " + what);
     };
     if (p.is_beam_search()) unsupported("beam search");
-    if (p.masked) unsupported("constrained decoding (masked)");
     if (p.return_logits) unsupported("return_logits");
     if (p.prompt_logprobs) unsupported("prompt_logprobs");
   }

@@ -95,17 +95,27 @@ void test_requests_follow_their_constraints(int threads) {
   };
   // Round 0 greedy only (its steps' picks are checked against the grammar
   // from each sequence's second token on), round 1 sampled, with n = 2 for
-  // some; the same ids again (released before their final events).
-  for (int round = 0; round < 2; ++round) {
+  // some; the same ids again (released before their final events). Round 2:
+  // round 0 with speculative n-grams (each verify row masked after the
+  // proposals before it; the proposals the grammar refuses not taken): the
+  // same answers.
+  std::vector<std::string> greedy(cases.size());
+  for (int round = 0; round < 3; ++round) {
     std::vector<std::string> ids;
     for (size_t i = 0; i < cases.size(); ++i) {
       const std::string id = "c" + std::to_string(i);
       masks->add(id, cases[i].kind, cases[i].data);
-      const SamplingParams p = round == 0 ? masked(0.0f, 0) : masked(1.0f, 7 * i, i % 2 ? 2 : 1);
+      SamplingParams p = round == 1 ? masked(1.0f, 7 * i, i % 2 ? 2 : 1) : masked(0.0f, 0);
+      if (round == 2) {
+        p.speculative = "ngram";
+        p.ngram_min = 1;
+      }
       ids.push_back(rt.submit({5, 6, 7, static_cast<int32_t>(8 + i)}, p, id, Delivery::ById));
     }
     for (size_t i = 0; i < ids.size(); ++i) {
       const Answer a = collect(rt, ids[i], tok);
+      if (round == 0) greedy[i] = a.text.at(0);
+      if (round == 2) CHECK(a.text.at(0) == greedy[i]);
       CHECK(!a.text.empty());
       for (const auto& [index, text] : a.text) {
         const bool ok = std::regex_match(text, std::regex(cases[i].pattern));
@@ -116,8 +126,9 @@ void test_requests_follow_their_constraints(int threads) {
     }
   }
   const LlguidanceMasks::Counters k = masks->counters();
-  CHECK(k.compiles == static_cast<int64_t>(cases.size()));  // the second round found them compiled
-  CHECK(k.compile_hits == static_cast<int64_t>(cases.size()));
+  CHECK(k.compiles == static_cast<int64_t>(cases.size()));  // the later rounds found them compiled
+  CHECK(k.compile_hits == 2 * static_cast<int64_t>(cases.size()));
+  CHECK(rt.stats().spec_proposed > 0);
   CHECK(k.validate_rows > 0);  // round 0's picks were checked
   CHECK(k.fill_rows > 0);
   rt.close();

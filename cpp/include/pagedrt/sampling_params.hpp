@@ -58,7 +58,7 @@ struct SamplingParams {
   // rejection sampling (the output distribution is the model's). "draft":
   // the Runtime's draft model (RuntimeConfig::draft_model) proposes them by
   // greedy steps of its own. "" : off.
-  // Not with beam search, masked decoding, return_logits or prompt_logprobs.
+  // Not with beam search, return_logits or prompt_logprobs.
   std::string speculative;
   int32_t num_speculative_tokens = 8;   // 1 .. 16: proposals a step at most (docs/speculative.md: why 8)
   int32_t ngram_min = 2;                // 1 .. ngram_max (docs/speculative.md: why 2)

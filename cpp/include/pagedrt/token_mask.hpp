@@ -16,6 +16,14 @@
 // whose pick is refused gets its mask at once and is picked again, and its
 // sequence's next steps are masked before the pick, as without checks
 // (Engine: kEagerMaskSteps). The tokens are those a masked pick gives.
+//
+// Speculative decoding: a verify step of k proposals asks for k + 1 rows of a
+// sequence, the i-th after the sequence's tokens and its first i proposals
+// (MaskRow::num_proposed = i). A proposal the constraint refuses is never
+// accepted (the row before it does not allow it), so the rows after it are
+// never used: a provider may give them any mask, and must not take the
+// refused proposal as the sequence's. The next step's rows may drop
+// proposals the last step's rows took (the rejected ones).
 #pragma once
 
 #include <cstdint>
@@ -30,6 +38,7 @@ struct MaskRow {
   int32_t index = 0;                   // the sequence (sample) index
   const int32_t* generated = nullptr;  // its output tokens so far
   int64_t num_generated = 0;
+  int64_t num_proposed = 0;            // of those, the last ones are unverified proposals (speculative decoding)
   uint32_t* mask = nullptr;            // (vocab + 31) / 32 words, zeroed: set bit t to allow token t
   std::string error;                   // fill() may say why it allows no token: the sequence's error event says it
 };

@@ -188,7 +188,7 @@ struct Engine::PendingMasks {
     masks.by_seq.clear();
     for (size_t i = 0; i < rows.size(); ++i) {
       rows[i].mask = words.data() + i * words_per_row;
-      masks.by_seq[seqs[i]] = rows[i].mask;
+      masks.by_seq.emplace(seqs[i], rows[i].mask);  // a verify step's rows follow its first
     }
     masks.words = words.data();
     masks.count = static_cast<int32_t>(rows.size());
@@ -210,7 +210,7 @@ struct Engine::PendingMasks {
   // The reasons the provider gave for rows that allow nothing (MaskRow::error).
   void note_errors() {
     for (size_t i = 0; i < rows.size(); ++i)
-      if (!rows[i].error.empty()) masks.row_errors[seqs[i]] = rows[i].error;
+      if (!rows[i].error.empty()) masks.row_errors.emplace(seqs[i], rows[i].error);  // its first row's
   }
 };
 
@@ -225,6 +225,14 @@ void Engine::start_masks(const SchedulerOutput& step, PendingMasks& pm, bool che
     row.index = q.index;
     row.generated = q.tokens.data() + s.req->prompt_len;
     row.num_generated = q.num_tokens() - s.req->prompt_len;
+    if (q.num_draft > 0) {  // a verify step: a row for each position, the i-th after i proposals (token_mask.hpp)
+      row.num_generated -= q.num_draft;
+      for (int32_t i = 0; i <= q.num_draft; ++i, ++row.num_generated, ++row.num_proposed) {
+        pm.rows.push_back(row);
+        pm.seqs.push_back(&q);
+      }
+      continue;
+    }
     // A sequence's first row is masked first, behind the prompt's forward: a
     // model's first token is seldom the grammar's (SmolLM2's JSON answers
     // opened with "```" or text: 32 of 32 first checks refused, each then
@@ -472,8 +480,14 @@ void Engine::pick_masked(const SchedulerOutput& step, ModelOutput& out, const Pe
   std::vector<int32_t> mask_of_row(static_cast<size_t>(out.num_rows), -1);
   for (size_t i = 0; i < step.scheduled.size(); ++i) {
     const LogitsSlice& slice = (*out.slices)[i];
-    if (slice.samples)
-      mask_of_row[static_cast<size_t>(slice.first_row + slice.num_rows - 1)] = pm.masks.index_of(step.scheduled[i].seq);
+    const Sequence* q = step.scheduled[i].seq;
+    const int32_t mask = pm.masks.index_of(q);
+    if (!slice.samples || mask < 0) continue;
+    if (q->num_draft > 0) {  // a verify step: each row its own mask, in order
+      for (int32_t r = 0; r < slice.num_rows; ++r) mask_of_row[static_cast<size_t>(slice.first_row + r)] = mask + r;
+    } else {
+      mask_of_row[static_cast<size_t>(slice.first_row + slice.num_rows - 1)] = mask;
+    }
   }
   RowMasks masks;
   if (pm.masks.count > 0) {  // else (only checked picks) every row unmasked

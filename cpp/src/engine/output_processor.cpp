@@ -343,7 +343,9 @@ bool OutputProcessor::apply(Pick& k) {
 // gives one more token when every proposal was kept. The K/V of positions P
 // .. P + accepted came from verified inputs: they count as computed (and may
 // enter the prefix cache); the rest is rolled back, and the blocks that held
-// only rolled-back positions return to the pool.
+// only rolled-back positions return to the pool. Structured output: row i
+// takes the i-th of the sequence's masks (the grammar's after i proposals),
+// before any processing; a proposal its mask refuses is never accepted.
 void OutputProcessor::verify(const ScheduledSeq& sc, const LogitsSlice& slice, const ModelOutput& out) {
   Sequence& s = *sc.seq;
   Request& r = *sc.req;
@@ -358,12 +360,15 @@ void OutputProcessor::verify(const ScheduledSeq& sc, const LogitsSlice& slice, c
   std::vector<int32_t> order;
   std::vector<Pick> picks;
   int32_t accepted = 0;
+  const auto m = masks_->by_seq.find(&s);
+  const uint32_t* masks = m != masks_->by_seq.end() ? m->second : nullptr;  // k + 1 of them
   for (int32_t i = 0; i <= k; ++i) {
+    const uint32_t* mask = masks ? masks + i * masks_->words_per_row : nullptr;
     if (out.argmax != nullptr) {  // plain greedy (greedy_only): the device's picks, no logits
       Pick pick;
       pick.req = &r;
       pick.seq = &s;
-      pick.token = out.argmax[slice.first_row + i];
+      pick.token = mask && !Sampler::mask_allows_any(mask, out.vocab) ? -1 : out.argmax[slice.first_row + i];
       s.tokens.push_back(pick.token);
       picks.push_back(std::move(pick));
       if (i == k || s.tokens.back() != draft[i]) break;
@@ -372,15 +377,21 @@ void OutputProcessor::verify(const ScheduledSeq& sc, const LogitsSlice& slice, c
     }
     const float* raw = out.row(slice.first_row + i);
     const float* logits = raw;
-    if (Sampler::needs_processing(p, r.num_generated(s))) {  // s.tokens: the tokens before position P + i + 1
-      row.assign(raw, raw + out.vocab);
-      Sampler::process(row.data(), out.vocab, p, s.tokens, r.prompt_len, config_.eos_token_ids);
-      logits = row.data();
-    }
     bool kept = false;
     Pick pick;
     pick.req = &r;
     pick.seq = &s;
+    const bool process = Sampler::needs_processing(p, r.num_generated(s));
+    if (process || mask) {  // s.tokens: the tokens before position P + i + 1
+      row.assign(raw, raw + out.vocab);
+      if (mask && !Sampler::apply_mask(row.data(), out.vocab, mask)) {
+        pick.token = -1;  // apply() ends the sequence with the mask's error
+        picks.push_back(std::move(pick));
+        break;
+      }
+      if (process) Sampler::process(row.data(), out.vocab, p, s.tokens, r.prompt_len, config_.eos_token_ids);
+      logits = row.data();
+    }
     pick.token = i < k ? Sampler::verify_draft(logits, out.vocab, p, s.rng, draft[i], kept, prob, order)
                        : Sampler::pick(logits, out.vocab, p, s.rng, prob, order);
     if (p.logprobs) {

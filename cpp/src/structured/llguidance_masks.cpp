@@ -8,6 +8,7 @@
 #include <map>
 #include <mutex>
 #include <unordered_map>
+#include <vector>
 
 #include "engine/rank_threads.hpp"
 #include "pagedrt/error.hpp"
@@ -113,7 +114,8 @@ struct LlguidanceMasks::Impl {
   struct Sequence {
     std::mutex mu;  // one caller at a time (the engine never makes two; other callers might)
     llg::Matcher* matcher = nullptr;
-    int64_t consumed = 0;  // the sequence's generated tokens the matcher has taken
+    std::vector<int32_t> taken;  // the tokens the matcher has taken (a refused one too: it broke on it)
+    int64_t verified = 0;        // the first `verified` of them are the sequence's (not proposals)
   };
   // A constrained request: its compiled constraint and its sequences' matchers.
   // Freed by its last holder: a fill may hold it when the request is released.
@@ -202,8 +204,11 @@ struct LlguidanceMasks::Impl {
     return it == requests.end() ? nullptr : it->second;
   }
 
-  // The row's matcher, made on first use (a copy of its request's) and fed
-  // the tokens the sequence generated since.
+  // The row's matcher, made on first use (a copy of its request's) and
+  // brought to the row's tokens: rolled back to where they part from what it
+  // took (rejected proposals of an earlier row), then fed the rest. Of the
+  // row's proposals it takes only those the constraint allows (a refused one
+  // makes the row unreachable, and would break the matcher).
   Held matcher(const MaskRow& row) {
     Held held;
     held.request = find(row.request_id);
@@ -219,16 +224,37 @@ struct LlguidanceMasks::Impl {
       std::lock_guard<std::mutex> c(r.compiled->mu);
       s->matcher = api.clone_matcher(r.compiled->matcher);
     }
-    if (row.num_generated > s->consumed) {
-      static_assert(sizeof(int32_t) == sizeof(uint32_t), "token ids are passed as they are");
-      (void)api.matcher_consume_tokens(s->matcher, reinterpret_cast<const uint32_t*>(row.generated) + s->consumed,
-                                       static_cast<size_t>(row.num_generated - s->consumed));
-    } else if (row.num_generated < s->consumed) {  // the sequence was cut back (not done by the engine today)
-      (void)api.matcher_rollback(s->matcher, static_cast<size_t>(s->consumed - row.num_generated));
-    }
-    s->consumed = row.num_generated;  // a refused token leaves the matcher in its error state, which stays
+    catch_up(*s, row);
     held.matcher = s->matcher;
     return held;
+  }
+
+  void catch_up(Sequence& s, const MaskRow& row) {
+    static_assert(sizeof(int32_t) == sizeof(uint32_t), "token ids are passed as they are");
+    const int32_t* tokens = row.generated;
+    const int64_t n = row.num_generated, verified = std::max<int64_t>(0, n - row.num_proposed);
+    const int64_t had = static_cast<int64_t>(s.taken.size());
+    s.verified = std::min(s.verified, n);  // (a sequence cut back: the engine does not today)
+    // The sequence's own tokens never change, so only proposals taken since may differ.
+    int64_t same = std::min(s.verified, had);
+    while (same < std::min(had, n) && s.taken[static_cast<size_t>(same)] == tokens[same]) ++same;
+    if (same < had) {  // a matcher broken by a token stays broken (llguidance refuses the rollback)
+      (void)api.matcher_rollback(s.matcher, static_cast<size_t>(had - same));
+      s.taken.resize(static_cast<size_t>(same));
+    }
+    if (same < verified) {  // a refused token leaves the matcher in its error state, which stays
+      (void)api.matcher_consume_tokens(s.matcher, reinterpret_cast<const uint32_t*>(tokens) + same,
+                                       static_cast<size_t>(verified - same));
+      s.taken.insert(s.taken.end(), tokens + same, tokens + verified);
+    }
+    s.verified = std::max(s.verified, verified);
+    const int64_t from = static_cast<int64_t>(s.taken.size());
+    if (from >= verified && from < n && !api.matcher_is_error(s.matcher)) {  // proposals: the allowed ones
+      const uint32_t* p = reinterpret_cast<const uint32_t*>(tokens) + from;
+      const int32_t ok = api.matcher_validate_tokens(s.matcher, p, static_cast<size_t>(n - from));
+      if (ok > 0 && api.matcher_consume_tokens(s.matcher, p, static_cast<size_t>(ok)) == 0)
+        s.taken.insert(s.taken.end(), tokens + from, tokens + from + ok);
+    }
   }
 
   // job(i) for every i < n, on the pool where there is one and n is worth it.

@@ -74,7 +74,7 @@ def sampling_params(body: dict, *, chat: bool, prompt_len: int, max_model_len: i
     """The request's SamplingParams; every value range is checked by pagedrt itself
     (SamplingParams -> C++ validate), whose message names the field.
     `speculative`: the server's default (--speculative) for a request that sets
-    none and can use it (not structured output, not echo with logprobs)."""
+    none and can use it (not echo with logprobs)."""
     kw: dict[str, Any] = {}
     for name, field, types in _SAMPLING:
         v = typed(body, name, types)
@@ -119,7 +119,7 @@ def sampling_params(body: dict, *, chat: bool, prompt_len: int, max_model_len: i
     kw.update(constraint)
     if echo_logprobs:  # the prompt's logprobs too (scoring, lm-eval)
         kw["prompt_logprobs"] = kw.get("logprobs")
-    if speculative and "speculative" not in kw and not constraint and not echo_logprobs:
+    if speculative and "speculative" not in kw and not echo_logprobs:
         kw["speculative"] = speculative
     params = SamplingParams(**kw)
     try:
