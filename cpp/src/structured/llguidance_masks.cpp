@@ -134,6 +134,7 @@ struct LlguidanceMasks::Impl {
     std::shared_ptr<Constrained> request;
     std::unique_lock<std::mutex> lock;
     llg::Matcher* matcher = nullptr;  // null: the request was released (or never added)
+    bool at_row = true;               // false: it stopped before a proposal the constraint refuses
   };
 
   std::vector<std::string> tokens;  // each id's bytes (empty with a tokenizer.json)
@@ -226,6 +227,7 @@ struct LlguidanceMasks::Impl {
     }
     catch_up(*s, row);
     held.matcher = s->matcher;
+    held.at_row = static_cast<int64_t>(s->taken.size()) >= row.num_generated;
     return held;
   }
 
@@ -365,6 +367,11 @@ void LlguidanceMasks::fill(std::vector<MaskRow>& rows, int64_t vocab) {
       while (!row.error.empty() && (row.error.back() == '\n' || row.error.back() == ' ')) row.error.pop_back();
     };
     if (im.api.matcher_is_error(m)) return broken();
+    if (!held.at_row) {  // after a refused proposal: never used (the row before refuses it), so no mask computed
+      std::fill_n(row.mask, words, ~0u);  // every token
+      if (vocab % 32) row.mask[words - 1] = (1u << (vocab % 32)) - 1;
+      return;
+    }
     const size_t size = im.api.matcher_get_mask_byte_size(m);
     int32_t rc;
     if (size == words * 4) {
