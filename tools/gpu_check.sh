@@ -37,7 +37,8 @@
 #            TTFT on the 8B shape with each kernel (ttft_env)
 #   gemm     tools/bench_cuda.py gemm: the 8B projections at M = 1..8192 against the roofline
 #            (engine, cuBLASLt searched, cuBLASLt heuristic, torch)
-#   structured tools/bench_structured.py --checked both on SmolLM2 and on the 8B shape with SmolLM2's tokenizer
+#   structured tests/test_cuda.py -k structured, then tools/bench_structured.py --checked both on SmolLM2
+#            and on the 8B shape with SmolLM2's tokenizer
 #            ($LLAMA8B_TOK, made here; needs smol): JSON-schema against plain TPOT, mask time
 #   masks    tools/bench_masks.py on SmolLM2 (needs smol): llguidance's mask cost per row, serial and
 #            on its executor with 1..16 threads, on replayed JSON answers (the host's cores)
@@ -312,6 +313,8 @@ if has structured && [ -d "$WORK/smolpkg" ]; then
   # tokenizer ($LLAMA8B_TOK, made here: random weights, a forward of the 8B's cost);
   # llguidance's wheel from .whl/ (the build stage installs it)
   export PYTHONPATH="$WORK/smolpkg${PYTHONPATH:+:$PYTHONPATH}"
+  # first the structured-output tests on the GPU (device picks with masks; verify steps' masks per row)
+  (timeout 240 $PY -m pytest tests/test_cuda.py -q -rs -p no:cacheprovider -k "structured" 2>&1 | tail -15)
   (cd /tmp && timeout 150 $PY "$OLDPWD/tools/bench_structured.py" --device cuda --rounds 3 --checked both \
      --json "$OUT/structured.json" 2>&1 | grep -v "it/s\]")
   SMOL=$(cd /tmp && $PY -c "import pagedrt; print(pagedrt.default_model(progress=False))")
