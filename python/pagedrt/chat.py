@@ -187,7 +187,7 @@ def _set_param(params, arg: str):
         parsed = None
     elif name in ("json_schema", "grammar"):  # a file, or the text itself
         path = pathlib.Path(value).expanduser()
-        parsed = path.read_text() if path.is_file() else value
+        parsed = path.read_text().strip() if path.is_file() else value
     elif name == "choice":
         parsed = [c.strip() for c in value.split(",") if c.strip()]
     elif isinstance(current, bool):
