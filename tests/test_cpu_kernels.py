@@ -6,6 +6,7 @@ fp32-summation bound per element (see test_gemm_bf16_bf16_matches_reference)."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import pytest
 from pagedrt import _testing
 
 VARIANTS = _testing._gemm_variants()
-KNOWN = ["scalar", "avx2", "avx512", "avx512bf16"]  # narrowest first
+KNOWN = ["scalar", "avx2", "avx512", "avx512bf16", "amx"]  # narrowest first
 SIZES = [(1, 1, 1), (1, 7, 5), (3, 33, 9), (5, 100, 15), (4, 16, 64), (17, 65, 130), (2, 300, 577), (33, 70, 8)]
 
 
@@ -113,8 +114,8 @@ def test_gemm_bf16_bf16_equals_the_fp32_path_on_widened_x():
     x_bits, x_val = bf16_bits(rng.standard_normal((6, 130)))
     w_bits, _ = bf16_bits(rng.standard_normal((37, 130)))
     for variant in VARIANTS:
-        if variant == "avx512bf16":
-            continue  # its own kernel: different summation order
+        if variant in ("avx512bf16", "amx"):
+            continue  # their own kernels: other summation orders
         np.testing.assert_array_equal(_testing._gemm(x_bits, w_bits, variant, 1), _testing._gemm(x_val, w_bits, variant, 1))
 
 
@@ -133,14 +134,70 @@ def test_a_variant_that_is_not_available_raises(variant):
 
 
 def test_the_widest_variant_is_chosen_and_the_environment_forces_one():
+    """The widest variant but amx (its batch-1 decode is slower; gemm_amx.cpp)
+    unless the environment names one."""
     assert VARIANTS == [v for v in KNOWN if v in VARIANTS]
     code = "from pagedrt import _testing; print(_testing._gemm_variant())"
     env = {k: v for k, v in os.environ.items() if k != "PAGEDRT_CPU_KERNEL"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.split()[-1] == VARIANTS[-1]
-    out = subprocess.run([sys.executable, "-c", code], env={**env, "PAGEDRT_CPU_KERNEL": "scalar"},
-                         capture_output=True, text=True, check=True)
-    assert out.stdout.split()[-1] == "scalar"
+    assert out.stdout.split()[-1] == [v for v in VARIANTS if v != "amx"][-1]
+    for forced in ["scalar"] + [v for v in VARIANTS if v == "amx"]:
+        out = subprocess.run([sys.executable, "-c", code], env={**env, "PAGEDRT_CPU_KERNEL": forced},
+                             capture_output=True, text=True, check=True)
+        assert out.stdout.split()[-1] == forced
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_rows_bits_do_not_depend_on_the_batch(variant):
+    """bf16 x bf16 (the model's GEMMs): each row of y is bitwise the same
+    computed alone, in a batch of 2 .. 40 rows, at any place in it, with 1 or
+    2 threads; at shapes amx tiles (k % 32 == 0, m % 16 == 0) and shapes it
+    leaves to avx512bf16."""
+    rng = np.random.default_rng(11)
+    for m, k in [(64, 576), (48, 1536), (40, 96), (33, 100)]:
+        x_bits, _ = bf16_bits(rng.standard_normal((40, k)))
+        w_bits, _ = bf16_bits(rng.standard_normal((m, k)) * 0.05)
+        alone = np.concatenate([_testing._gemm(x_bits[i:i + 1].copy(), w_bits, variant, 1) for i in range(40)])
+        for n in (2, 5, 16, 17, 33, 40):
+            for threads in (1, 2):
+                start = (n * 7) % (40 - n + 1)
+                y = _testing._gemm(x_bits[start:start + n].copy(), w_bits, variant, threads)
+                np.testing.assert_array_equal(y, alone[start:start + n], err_msg=f"{variant} m={m} k={k} n={n}")
+
+
+@pytest.mark.skipif("amx" not in VARIANTS, reason="no AMX-BF16 here (or Linux refused this process the tile state)")
+def test_amx_runtime_gives_a_requests_logits_whatever_the_batch(tmp_path):
+    """PAGEDRT_CPU_KERNEL=amx, a bf16 model whose shapes amx tiles: a request's
+    logits alone and beside seven others (its prefill and decode steps then
+    hold 8 rows, its own in other tiles) are bitwise the same, as they are
+    with avx512bf16."""
+    from conftest import make_tiny_llama
+    path, _ = make_tiny_llama(tmp_path / "m", dtype="bfloat16", hidden_size=64, intermediate_size=128,
+                              num_attention_heads=2, num_key_value_heads=1)
+    code = ("import json, pagedrt, numpy as np\n"
+            f"with pagedrt.Runtime({str(path)!r}, device='cpu', num_threads=2) as rt:\n"
+            "    kw = dict(max_tokens=6, temperature=0, ignore_eos=True, return_logits=True, by_id=True)\n"
+            "    def run(others):\n"
+            "        ids = [rt.submit([5, 9, 17, 33, 65, 129, 257, 6], **kw)]\n"
+            "        ids += [rt.submit([3 + i, 40 + 7 * i, 11] * (i + 1), **kw) for i in range(others)]\n"
+            "        rows, pending = [], set(ids)\n"
+            "        while pending:\n"
+            "            for ev in rt.poll(list(pending), timeout=1.0):\n"
+            "                if ev.request_id == ids[0] and ev.logits is not None: rows.append(ev.logits)\n"
+            "                if ev.request_finished: pending.discard(ev.request_id)\n"
+            "        return np.concatenate(rows)\n"
+            "    alone, busy = run(0), run(7)\n"
+            "    same = alone.shape == busy.shape and bool(np.array_equal(alone, busy))\n"
+            "    print(json.dumps([pagedrt._core.cpu_gemm_info().split(',')[0], same, len(alone)]))\n")
+    env = {k: v for k, v in os.environ.items() if k != "PAGEDRT_CPU_KERNEL"}
+    runs = {}
+    for kernel in ("amx", "avx512bf16"):
+        out = subprocess.run([sys.executable, "-c", code], env={**env, "PAGEDRT_CPU_KERNEL": kernel},
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        runs[kernel] = json.loads(out.stdout.strip().splitlines()[-1])
+    assert runs["amx"][0] == "amx" and runs["amx"][1] and runs["amx"][2] > 8, runs["amx"]  # prompt and decode rows
+    assert runs["avx512bf16"][1]
 
 
 def _gemm_info_after_a_runtime(path, env):

@@ -246,12 +246,10 @@ def test_activation_dtype_is_checked(tiny_llama):
 
 def test_auto_activation_dtype_follows_weights_and_processor(tiny_llama):
     """"auto": bf16 activations only for bf16 weights on a processor with native bf16
-    products (the avx512bf16 GEMM variant in use), fp32 otherwise."""
-    import os
+    products (the avx512bf16 or amx GEMM variant in use), fp32 otherwise."""
     from pagedrt import _testing
     path, _ = tiny_llama()
-    forced = os.environ.get("PAGEDRT_CPU_KERNEL")
-    native = "avx512bf16" in _testing._gemm_variants() and forced in (None, "avx512bf16")
+    native = _testing._gemm_variant() in ("avx512bf16", "amx")
     with pagedrt.Runtime(path, device="cpu", dtype="bfloat16") as rt:
         assert rt.model_info.activation_dtype == ("bfloat16" if native else "float32")
     with pagedrt.Runtime(path, device="cpu") as rt:  # an fp32 checkpoint stays fp32

@@ -9,6 +9,11 @@
 #include <mutex>
 #include <thread>
 
+#if defined(__x86_64__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #include "backend/cpu/kv_fp8.hpp"
 #include "pagedrt/error.hpp"
 
@@ -46,6 +51,28 @@ bool has_avx512bf16() {
 #endif
 }
 
+// AMX-BF16, and Linux lets this process use the tile state (asked for once:
+// arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)).
+bool has_amx() {
+#ifdef PAGEDRT_HAVE_AMX_KERNEL
+  static const bool ok = [] {
+    if (!has_avx512bf16() || !__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-bf16")) return false;
+    constexpr long kReqXcompPerm = 0x1023, kXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXtiledata) == 0;
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
+#ifdef PAGEDRT_HAVE_AMX_KERNEL
+void amx_bf16_bf16(const uint16_t* x, const uint16_t* w, float* y, int64_t n, int64_t m, int64_t k, int threads) {
+  if (amx::takes(m, k)) return amx::gemm_bf16_bf16(x, w, y, n, m, k, threads);
+  avx512bf16::gemm_bf16_bf16(x, w, y, n, m, k, threads);  // the shape's own path, for every n
+}
+#endif
+
 // Narrowest first.
 std::vector<Variant> available() {
   std::vector<Variant> v = {{"scalar", scalar::gemm_f32, scalar::gemm_bf16, scalar::gemm_bf16_bf16}};
@@ -58,6 +85,9 @@ std::vector<Variant> available() {
   if (has_avx512bf16())
     v.push_back({"avx512bf16", avx512::gemm_f32, avx512::gemm_bf16, avx512bf16::gemm_bf16_bf16});
 #endif
+#ifdef PAGEDRT_HAVE_AMX_KERNEL
+  if (has_amx()) v.push_back({"amx", avx512::gemm_f32, avx512::gemm_bf16, amx_bf16_bf16});
+#endif
   return v;
 }
 
@@ -68,7 +98,10 @@ const Variant& chosen() {
     if (force != nullptr)
       for (const Variant& x : all)
         if (x.name == force) return x;
-    return all.back();  // the widest
+    // The widest, but amx only when asked for: its batch-1 decode streams the
+    // weights at ~0.75x avx512bf16's rate (gemm_amx.cpp), and a token's bits
+    // must not depend on the batch, so it cannot take only the larger steps.
+    return all.back().name == "amx" && all.size() > 1 ? all[all.size() - 2] : all.back();
   }();
   return v;
 }
