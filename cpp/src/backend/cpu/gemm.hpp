@@ -7,9 +7,9 @@
 // Kernel variants: "scalar" (any processor), "avx2" (AVX2 + FMA), "avx512"
 // (AVX-512F), "avx512bf16" (AVX-512 BF16: VDPBF16PS for gemm_bf16_bf16,
 // the avx512 kernels otherwise) and "amx" (AMX-BF16 tiles for gemm_bf16_bf16
-// where the shape allows, avx512bf16 otherwise), the last four on x86-64. Variants without a
-// bf16 dot product convert bf16 activations to fp32 (exact) and use their fp32
-// kernel. The widest one the processor supports but amx is chosen once at
+// where the shape allows, avx512bf16 otherwise), the last four on x86-64.
+// Variants without a bf16 dot product convert bf16 activations to fp32
+// (exact) and use their fp32 kernel. The widest one the processor supports but amx is chosen once at
 // start-up; the environment variable PAGEDRT_CPU_KERNEL=<variant> forces
 // another (amx: 2.4x the batched throughput, 0.78x batch-1 decode where it
 // was measured; gemm_amx.cpp).

@@ -1,7 +1,7 @@
 // The AMX GEMM for bf16 activations and bf16 weights (Intel AMX-BF16: Sapphire
 // Rapids and later), built with -mamx-tile -mamx-bf16 -mavx512f (CMakeLists.txt)
 // on x86-64 only; gemm.cpp calls it only when the processor has AMX and Linux
-// granted this process the tile state (arch_prctl, amx_usable()).
+// granted this process the tile state (arch_prctl: has_amx() there).
 //
 //   y (n, m) fp32 = x (n, k) bf16 @ W (m, k)^T bf16, fp32 accumulation.
 //
