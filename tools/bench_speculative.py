@@ -3,25 +3,23 @@
 decoding, batch 1 (issue 23; docs/speculative.md).
 
     bench_speculative.py [--model DIR|FILE.gguf] [--device cpu] [--max-tokens 128]
-                         [--draft-model DIR|FILE.gguf] [--ngram-min 2[,1...]] [--prompts other|json]
-                         [--rounds 3]
-                         [--json OUT.json]
+                         [--draft-model DIR|FILE.gguf] [--ngram-min 2[,1...]]
+                         [--prompts benchmark|other|json] [--rounds 3] [--json OUT.json]
 
 For each workload of tools/workloads.py SPECULATIVE_PROMPTS (rewrite,
 extract, edit_code: answers that copy the prompt; open_ended: answers that do
 not), each prompt alone, greedy: decode tokens/s = (tokens - 1) / (time of
 the last token - time of the first), with speculative="ngram" and without,
 alternating, one warm-up first; the speed-up is the ratio of the medians.
-The acceptance rate is accepted / proposed tokens; tok/step is decode
-tokens per step (the gain before a verify step's extra cost, the same on
-every device). --ngram-min 1,2 times n-grams with each ngram_min (columns
-ngram_n1, ngram_n2). --prompts other takes SPECULATIVE_PROMPTS_OTHER
-instead: prompts of the same kinds that no default was chosen on;
---prompts json takes SPECULATIVE_JSON: JSON answers under a schema
-(structured output), with and without speculation. Greedy
-output with speculation must equal the plain output on the CPU (batch-invariant): a
-difference is printed (on CUDA, whose verify and decode steps may round
-differently, it is counted). With --draft-model, speculative="draft" runs too.
+The acceptance rate is accepted / proposed tokens; tok/step is decode tokens
+per step (the gain before a verify step's extra cost, the same on every
+device). --ngram-min 1,2 times n-grams with each ngram_min (columns ngram_n1,
+ngram_n2). --prompts other takes SPECULATIVE_PROMPTS_OTHER instead (prompts
+of the same kinds that no default was chosen on); --prompts json takes
+SPECULATIVE_JSON (JSON answers under a schema: structured output with and
+without speculation). Greedy output with speculation must equal the plain
+output on the CPU (batch-invariant): a difference is printed (on CUDA, whose
+verify and decode steps may round differently, it is counted). With --draft-model, speculative="draft" runs too.
 On the CPU the run also measures the host's read bandwidth (over 1 GiB and
 over the weights' size: the faster counts, as in bench.py) and GEMM rate
 (tools/cpu_ceilings.py) and prints each rate as a fraction of the bandwidth
