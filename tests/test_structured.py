@@ -238,14 +238,14 @@ def test_a_sentencepiece_model_follows_constraints(tiny_sp):
 
 # ---- checked picks (pagedrt/token_mask.hpp: plain greedy rows picked without a mask, the pick validated) ----
 
-def _json_run(r, validate, asks, schema):
+def _json_run(r, validate, asks, schema, **kw):
     """Greedy answers to `asks` under one JSON schema, all at once, with the
     Runtime's constraints as the provider validating with `validate` (None:
     every row masked before its pick); and the stats' checked / refused rows."""
     cons = r._constraints()
     r._rt.set_token_mask_provider(cons.fill, cons.release, cons.busy_threads, validate)
     before = r.stats()
-    outs = [c.outputs[0].token_ids for c in r.generate(asks, max_tokens=48, temperature=0, json_schema=schema)]
+    outs = [c.outputs[0].token_ids for c in r.generate(asks, max_tokens=48, temperature=0, json_schema=schema, **kw)]
     after = r.stats()
     return outs, after.mask_rows_checked - before.mask_rows_checked, after.mask_rows_refused - before.mask_rows_refused
 
@@ -316,17 +316,22 @@ def test_constrained_answers_survive_preemption(smol):
     """12 greedy JSON requests in a pool small enough to preempt (recompute):
     the same tokens as in a roomy pool, with checked picks and masking first
     alike (a resumed sequence's matcher has its tokens already; the engine
-    feeds it only what came since)."""
+    feeds it only what came since), and with speculative n-grams (verify rows
+    masked, rejected proposals rolled back in the matchers and the pool)."""
     asks = [[{"role": "user", "content": f"Invent person number {i} and describe them as JSON."}] for i in range(12)]
     block_bytes = 30 * 2 * 3 * 64 * 16 * 2  # SmolLM2's bf16 KV block
     with pagedrt.Runtime(smol, device="cpu") as r:
         roomy, _, _ = _json_run(r, r._constraints().validate, asks, SCHEMAS[0])
-    for checked in (True, False):
+    for checked, spec in ((True, None), (False, None), (True, "ngram")):
         with pagedrt.Runtime(smol, device="cpu", kv_cache_bytes=24 * block_bytes, enable_prefix_caching=False) as r:
-            tight, n, _ = _json_run(r, r._constraints().validate if checked else None, asks, SCHEMAS[0])
-            assert r.stats().num_preemptions > 0, "the pool was meant to force preemptions"
-        assert tight == roomy, checked
+            tight, n, _ = _json_run(r, r._constraints().validate if checked else None, asks, SCHEMAS[0],
+                                    speculative=spec)
+            stats = r.stats()
+            assert stats.num_preemptions > 0, "the pool was meant to force preemptions"
+            assert stats.blocks_used == 0
+        assert tight == roomy, (checked, spec)
         assert (n > 0) == checked
+        assert (stats.spec_proposed > 0) == (spec is not None)
 
 
 RECORD = ("Order 4471 was placed on 12 March 2024 by Maria Lindqvist, Storgatan 14, 411 38 Gothenburg, Sweden, "
