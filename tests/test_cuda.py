@@ -1465,9 +1465,13 @@ def test_smollm2_speculative_structured_device_picks_equal_host_picks():
     """Speculative decoding under a JSON schema on the GPU (issues 19 and 23):
     a verify step's rows are picked on the device, each with its own mask
     (the grammar's after the proposals before it; Engine::pick_masked);
-    asking for logprobs sends the same logits to the host's verify instead.
-    The same tokens either way, proposals accepted, and every answer that
-    ends with "stop" has the schema's keys."""
+    asking for logprobs sends the logits to the host's verify instead. The
+    same tokens either way up to a near-tie: the CUDA backend is not
+    batch-invariant and the two runs' steps are computed apart, so where they
+    part the host's logprobs of its pick and of the device's must be within
+    0.5 (bf16), as in test_smollm2_speculative_equals_plain (measured on an
+    H100: one of four answers parted, at a margin of 0.065). Proposals are
+    accepted, and every answer that ends with "stop" has the schema's keys."""
     import json
     pytest.importorskip("llguidance")
     try:
@@ -1478,18 +1482,26 @@ def test_smollm2_speculative_structured_device_picks_equal_host_picks():
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
     from workloads import SPECULATIVE_JSON
     pairs = [p for items in SPECULATIVE_JSON.values() for p in items]
-    accepted = 0
+    accepted, parted = 0, 0
     with pagedrt.Runtime(model, device="cuda", kv_cache_bytes=256 << 20) as rt:
         for text, schema in pairs:
             ask = [{"role": "user", "content": text}]
             kw = dict(max_tokens=64, temperature=0.0, json_schema=schema, speculative="ngram")
             device = rt.generate(ask, **kw)[0].outputs[0]
-            host = rt.generate(ask, logprobs=1, **kw)[0].outputs[0]
-            assert device.token_ids == host.token_ids, (device.text, host.text)
+            host = rt.generate(ask, logprobs=5, **kw)[0].outputs[0]
+            at = next((i for i, (a, b) in enumerate(zip(device.token_ids, host.token_ids)) if a != b), None)
+            if at is not None:
+                parted += 1
+                top = host.logprobs[at].top_logprobs
+                assert device.token_ids[at] in top, (text, at, top)
+                assert top[host.token_ids[at]] - top[device.token_ids[at]] < 0.5, (text, at, top)
+            else:
+                assert device.token_ids == host.token_ids
             accepted += device.spec_accepted
             if device.finish_reason == "stop":  # the schema's keys, no others (jsonschema is not needed here)
                 assert set(json.loads(device.text)) == set(schema["required"]), device.text
         assert rt.stats().blocks_used == 0
+    assert parted <= len(pairs) // 2, parted
     assert accepted > 10
 
 
