@@ -163,7 +163,8 @@ nb::list event_rows(std::vector<pagedrt::Event>&& events) {
 
 // A TokenMaskProvider made of two Python callables: fill(rows, vocab) and
 // release(request_id). The engine calls them from its own threads: each call
-// takes the GIL, and none is made once the interpreter is finalizing.
+// takes the GIL through with_gil (python_exit.hpp: a thread caught by the
+// interpreter's exit is parked), and none is made once it is finalizing.
 class PyMaskProvider final : public pagedrt::TokenMaskProvider {
  public:
   PyMaskProvider(nb::object fill, nb::object release, int threads, nb::object validate)
@@ -174,39 +175,42 @@ class PyMaskProvider final : public pagedrt::TokenMaskProvider {
   // validate(rows, tokens) -> bytes-like of len(rows), nonzero where the token is allowed.
   void validate(std::vector<pagedrt::MaskRow>& rows, const int32_t* tokens, uint8_t* ok) override {
     if (py_finalizing()) throw std::runtime_error("the Python interpreter is exiting");
-    nb::gil_scoped_acquire gil;
-    try {
-      nb::object res = validate_.get()(rows, std::vector<int32_t>(tokens, tokens + rows.size()));
-      const nb::bytes b = nb::cast<nb::bytes>(res);
-      if (b.size() != rows.size())
-        throw std::runtime_error("validate returned " + std::to_string(b.size()) + " answers for " +
-                                 std::to_string(rows.size()) + " rows");
-      std::memcpy(ok, b.c_str(), rows.size());
-    } catch (nb::python_error& e) {
-      throw std::runtime_error(e.what());
-    } catch (nb::cast_error&) {
-      throw std::runtime_error("validate must return bytes (one a row)");
-    }
+    with_gil([&] {
+      try {
+        nb::object res = validate_.get()(rows, std::vector<int32_t>(tokens, tokens + rows.size()));
+        const nb::bytes b = nb::cast<nb::bytes>(res);
+        if (b.size() != rows.size())
+          throw std::runtime_error("validate returned " + std::to_string(b.size()) + " answers for " +
+                                   std::to_string(rows.size()) + " rows");
+        std::memcpy(ok, b.c_str(), rows.size());
+      } catch (nb::python_error& e) {
+        throw std::runtime_error(e.what());
+      } catch (nb::cast_error&) {
+        throw std::runtime_error("validate must return bytes (one a row)");
+      }
+    });
   }
   void fill(std::vector<pagedrt::MaskRow>& rows, int64_t vocab) override {
     if (py_finalizing()) throw std::runtime_error("the Python interpreter is exiting");
-    nb::gil_scoped_acquire gil;
-    try {
-      const nb::list list = nb::cast<nb::list>(nb::cast(rows));  // copies (their masks point into the engine's buffer)
-      fill_.get()(list, vocab);
-      for (size_t i = 0; i < rows.size(); ++i) rows[i].error = nb::cast<const pagedrt::MaskRow&>(list[i]).error;
-    } catch (nb::python_error& e) {
-      throw std::runtime_error(e.what());  // the message, without the Python exception (GIL-bound)
-    }
+    with_gil([&] {
+      try {
+        const nb::list list = nb::cast<nb::list>(nb::cast(rows));  // copies (their masks point into the engine's)
+        fill_.get()(list, vocab);
+        for (size_t i = 0; i < rows.size(); ++i) rows[i].error = nb::cast<const pagedrt::MaskRow&>(list[i]).error;
+      } catch (nb::python_error& e) {
+        throw std::runtime_error(e.what());  // the message, without the Python exception (GIL-bound)
+      }
+    });
   }
   void release(const std::string& request_id) override {
     if (py_finalizing()) return;
-    nb::gil_scoped_acquire gil;
-    try {
-      release_.get()(request_id);
-    } catch (nb::python_error& e) {
-      e.discard_as_unraisable("pagedrt token mask provider release");
-    }
+    with_gil([&] {
+      try {
+        release_.get()(request_id);
+      } catch (nb::python_error& e) {
+        e.discard_as_unraisable("pagedrt token mask provider release");
+      }
+    });
   }
 
  private:

@@ -22,8 +22,7 @@ int cuda_device_count() {
 
 ScalarType auto_activation_dtype(const std::string& device, ScalarType weight_dtype) {
   if (device == "cuda") return ScalarType::BF16;
-  const std::string& v = cpu::gemm_variant();  // the variants with a bf16 x bf16 kernel of their own
-  return weight_dtype == ScalarType::BF16 && (v == "avx512bf16" || v == "amx") ? ScalarType::BF16 : ScalarType::F32;
+  return weight_dtype == ScalarType::BF16 && cpu::gemm_bf16_native() ? ScalarType::BF16 : ScalarType::F32;
 }
 
 std::string cpu_gemm_info() { return cpu::gemm_variant() + ", prefetch " + cpu::gemm_prefetch_name(); }

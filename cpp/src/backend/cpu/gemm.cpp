@@ -159,6 +159,8 @@ void gemm_f8(const float* xf, const uint16_t* xb, const uint8_t* w, const float*
 
 const std::string& gemm_variant() { return chosen().name; }
 
+bool gemm_bf16_native() { return chosen().name == "avx512bf16" || chosen().name == "amx"; }
+
 std::vector<std::string> gemm_variants() {
   std::vector<std::string> names;
   for (const Variant& v : available()) names.push_back(v.name);

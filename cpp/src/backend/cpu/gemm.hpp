@@ -38,6 +38,9 @@ void gemm_f8(const float* xf, const uint16_t* xb, const uint8_t* w, const float*
 
 // The variant gemm_* use, and every variant this build and processor can run.
 const std::string& gemm_variant();
+// Whether that variant multiplies bf16 activations natively (avx512bf16, amx):
+// the CPU backend then keeps activations in bf16 for bf16 weights.
+bool gemm_bf16_native();
 std::vector<std::string> gemm_variants();
 
 // Where the decode kernels (one to four tokens) ask for the next task's
