@@ -165,17 +165,42 @@ def test_a_rows_bits_do_not_depend_on_the_batch(variant):
                 np.testing.assert_array_equal(y, alone[start:start + n], err_msg=f"{variant} m={m} k={k} n={n}")
 
 
+def test_any_order_gemm_takes_amx_tiles_from_five_tokens():
+    """deterministic=False's bf16 GEMM: steps of 1-4 tokens give the chosen
+    variant's bits, larger ones amx's where this processor has AMX (and the
+    shape is one amx tiles), the chosen variant's elsewhere; amx's bits differ
+    from avx512bf16's somewhere, so the comparison can tell them apart."""
+    rng = np.random.default_rng(12)
+    chosen = _testing._gemm_variant()
+    tiles = _testing._gemm_amx_for_large_steps()
+    assert tiles == ("amx" in VARIANTS and chosen == "avx512bf16")
+    differ = 0
+    for m, k in [(64, 576), (40, 96)]:
+        x_bits, _ = bf16_bits(rng.standard_normal((33, k)))
+        w_bits, _ = bf16_bits(rng.standard_normal((m, k)) * 0.05)
+        for n in (1, 4, 5, 16, 33):
+            y = _testing._gemm(x_bits[:n].copy(), w_bits, "any_order", 2)
+            amx = tiles and n >= 5 and k % 32 == 0 and m % 16 == 0
+            want = _testing._gemm(x_bits[:n].copy(), w_bits, "amx" if amx else chosen, 2)
+            np.testing.assert_array_equal(y, want, err_msg=f"m={m} k={k} n={n}")
+            if amx:
+                differ += not np.array_equal(y, _testing._gemm(x_bits[:n].copy(), w_bits, chosen, 2))
+    if tiles:
+        assert differ > 0, "amx was expected to sum in another order than " + chosen
+
+
 @pytest.mark.skipif("amx" not in VARIANTS, reason="no AMX-BF16 here (or Linux refused this process the tile state)")
 def test_amx_runtime_gives_a_requests_logits_whatever_the_batch(tmp_path):
     """PAGEDRT_CPU_KERNEL=amx, a bf16 model whose shapes amx tiles: a request's
     logits alone and beside seven others (its prefill and decode steps then
     hold 8 rows, its own in other tiles) are bitwise the same, as they are
-    with avx512bf16."""
+    with avx512bf16 (deterministic=True: on a processor with AMX the default
+    is False, which takes amx for the larger steps only)."""
     from conftest import make_tiny_llama
     path, _ = make_tiny_llama(tmp_path / "m", dtype="bfloat16", hidden_size=64, intermediate_size=128,
                               num_attention_heads=2, num_key_value_heads=1)
     code = ("import json, pagedrt, numpy as np\n"
-            f"with pagedrt.Runtime({str(path)!r}, device='cpu', num_threads=2) as rt:\n"
+            f"with pagedrt.Runtime({str(path)!r}, device='cpu', num_threads=2, deterministic=True) as rt:\n"
             "    kw = dict(max_tokens=6, temperature=0, ignore_eos=True, return_logits=True, by_id=True)\n"
             "    def run(others):\n"
             "        ids = [rt.submit([5, 9, 17, 33, 65, 129, 257, 6], **kw)]\n"

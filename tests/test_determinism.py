@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import pagedrt
+from pagedrt import _testing
 from pagedrt import _core
 
 MAX_TOKENS = 12
@@ -169,10 +170,16 @@ def test_decode_row_equals_prefill_row(smol, device, deterministic):
 
 
 def test_deterministic_defaults_and_refusals(smol):
-    """The CPU's default is on; CUDA's off, on where asked. CUDA refuses it with
-    fp8 weights, an fp8 cache and tensor parallelism, naming each (checked
-    before any GPU is touched, so a CPU-only build says so too)."""
-    with pagedrt.Runtime(smol, device="cpu", progress=False) as rt:
+    """The CPU's default is on, but off for bf16 where the processor has AMX
+    (deterministic=False multiplies larger steps on AMX tiles); CUDA's off, on
+    where asked. CUDA refuses it with fp8 weights, an fp8 cache and tensor
+    parallelism, naming each (checked before any GPU is touched, so a CPU-only
+    build says so too)."""
+    amx = _testing._gemm_amx_for_large_steps()
+    for dtype, on in (("float32", True), ("bfloat16", not amx)):
+        with pagedrt.Runtime(smol, device="cpu", dtype=dtype, activation_dtype=dtype, progress=False) as rt:
+            assert rt.model_info.deterministic is on, dtype
+    with pagedrt.Runtime(smol, device="cpu", dtype="bfloat16", deterministic=True, progress=False) as rt:
         assert rt.model_info.deterministic is True
     for options, named in ((dict(quantization="fp8"), "quantization 'fp8'"),
                            (dict(kv_cache_dtype="fp8"), "kv_cache_dtype 'fp8'"),

@@ -300,7 +300,8 @@ def test_fp8_kv_results_do_not_depend_on_the_batch(tiny_llama):
     rng = np.random.default_rng(5)
     shared = rng.integers(3, 320, 24).tolist()
     prompts = [shared + rng.integers(3, 320, n).tolist() for n in (5, 17, 30, 9, 40, 3)]
-    base = dict(device="cpu", activation_dtype="bfloat16", kv_cache_dtype="fp8", block_size=8, num_threads=2)
+    base = dict(device="cpu", activation_dtype="bfloat16", kv_cache_dtype="fp8", block_size=8, num_threads=2,
+                deterministic=True)
     alone = []
     with pagedrt.Runtime(path, **base, enable_prefix_caching=False) as rt:
         for p in prompts:

@@ -22,9 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from workloads import speculative_prompts  # noqa: E402
 
 
+# deterministic=True throughout: on a processor with AMX the CPU's default is
+# False, and a verify step's rows (5 tokens or more: AMX tiles) would then sum
+# in another order than a plain decode step's, so a near-tie could part them.
 @pytest.fixture(scope="module")
 def rt(smol):
-    with pagedrt.Runtime(smol, device="cpu", progress=False) as r:
+    with pagedrt.Runtime(smol, device="cpu", progress=False, deterministic=True) as r:
         yield r
 
 
@@ -88,7 +91,7 @@ def test_tight_token_budget_with_forks(smol, prompts):
     get fewer or none, and wait for the next step), each verified whole; the
     tokens equal the plain run and every block comes back."""
     p = prompts["rewrite"][0]
-    with pagedrt.Runtime(smol, device="cpu", progress=False, max_num_batched_tokens=6) as tight:
+    with pagedrt.Runtime(smol, device="cpu", progress=False, deterministic=True, max_num_batched_tokens=6) as tight:
         want = tight.generate([p], max_tokens=30, temperature=0.0, n=3)[0]
         got = tight.generate([p], max_tokens=30, temperature=0.0, n=3, speculative="ngram")[0]
         assert tight.stats().blocks_used == 0
@@ -106,7 +109,7 @@ def test_rollback_frees_blocks_under_preemption(smol, prompts, spec):
     reqs = [p for ps in prompts.values() for p in ps][:6]
     block_bytes = 30 * 2 * 3 * 64 * 16 * 2  # SmolLM2, bf16: the model's, and as much again for the draft's
     draft = dict(draft_model=smol) if spec == "draft" else {}
-    with pagedrt.Runtime(smol, device="cpu", progress=False, kv_cache_bytes=(2 if draft else 1) * 16 * block_bytes,
+    with pagedrt.Runtime(smol, device="cpu", progress=False, deterministic=True, kv_cache_bytes=(2 if draft else 1) * 16 * block_bytes,
                          max_num_batched_tokens=96, **draft) as small:
         assert small.stats().num_blocks == 16
         want = [c.outputs[0].token_ids for c in small.generate(reqs, max_tokens=40, temperature=0.0)]
@@ -139,7 +142,7 @@ def test_sampling_keeps_the_distribution(tiny_llama, spec):
     bias = {7: 4.0, 8: 3.5, 5: 3.0, 6: 2.0}
     settings = [dict(temperature=1.0), dict(temperature=0.8, top_k=6), dict(temperature=1.0, top_p=0.8)]
     draft = dict(draft_model=path) if spec == "draft" else {}
-    with pagedrt.Runtime(path, device="cpu", progress=False, max_num_seqs=256, **draft) as trt:
+    with pagedrt.Runtime(path, device="cpu", progress=False, deterministic=True, max_num_seqs=256, **draft) as trt:
         for s in settings:
             counts = []
             proposed = accepted = 0
@@ -194,7 +197,7 @@ def test_errors_name_the_problem(rt):
 @pytest.fixture(scope="module")
 def rt_self(smol):
     """SmolLM2 with itself as the draft model: every proposal is the model's own pick."""
-    with pagedrt.Runtime(smol, device="cpu", progress=False, draft_model=smol) as r:
+    with pagedrt.Runtime(smol, device="cpu", progress=False, deterministic=True, draft_model=smol) as r:
         yield r
 
 
@@ -247,7 +250,7 @@ def test_random_draft_model_is_rejected_and_exact(smol, tiny_llama, prompts):
     draft, _ = tiny_llama(vocab_size=49152, hidden_size=64, intermediate_size=128, num_attention_heads=2,
                           num_key_value_heads=1, max_position_embeddings=2048)
     reqs = [p for ps in prompts.values() for p in ps][:4]
-    with pagedrt.Runtime(smol, device="cpu", progress=False, draft_model=draft) as r:
+    with pagedrt.Runtime(smol, device="cpu", progress=False, deterministic=True, draft_model=draft) as r:
         want = r.generate(reqs, max_tokens=40, temperature=0.0)
         got = r.generate(reqs, max_tokens=40, temperature=0.0, speculative="draft")
         stats = r.stats()
@@ -263,6 +266,6 @@ def test_draft_model_errors(smol, tiny_llama, tmp_path):
     speculative="draft" without a draft model: each error names it."""
     other, _ = tiny_llama(vocab_size=320)
     with pytest.raises(pagedrt.InvalidArgument, match="vocab_size 320 differs"):
-        pagedrt.Runtime(smol, device="cpu", progress=False, draft_model=other)
+        pagedrt.Runtime(smol, device="cpu", progress=False, deterministic=True, draft_model=other)
     with pytest.raises(FileNotFoundError, match="not a model folder"):
-        pagedrt.Runtime(smol, device="cpu", progress=False, draft_model=tmp_path)
+        pagedrt.Runtime(smol, device="cpu", progress=False, deterministic=True, draft_model=tmp_path)

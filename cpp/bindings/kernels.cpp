@@ -1,7 +1,8 @@
 // bindings/kernels.cpp — CPU kernel test hooks: every GEMM variant on numpy inputs.
 //   _testing._gemm_variants() -> ["scalar", "avx2", ...]; _testing._gemm_variant() -> the one in use
 //   _testing._gemm(x (n, k), w (m, k), variant, threads) -> (n, m) f32, with x f32 and w f32 or
-//   uint16 bf16 bits (gemm_f32, gemm_bf16), or both uint16 (gemm_bf16_bf16)
+//   uint16 bf16 bits (gemm_f32, gemm_bf16), or both uint16 (gemm_bf16_bf16; variant "any_order":
+//   deterministic=False's, gemm_bf16_bf16_any_order); _testing._gemm_amx_for_large_steps() -> whether it tiles
 //   _testing._e4m3_encode(x f32 (n,)) -> (n,) uint8; _testing._e4m3_decode(codes) -> (n,) f32
 // Not part of the public API.
 #include <nanobind/nanobind.h>
@@ -59,6 +60,7 @@ nb::ndarray<nb::numpy, Out, nb::ndim<1>> map1d(nb::ndarray<In, nb::c_contig, nb:
 void register_kernels(nb::module_& m) {
   m.def("_gemm_variants", &pagedrt::cpu::gemm_variants);
   m.def("_gemm_variant", &pagedrt::cpu::gemm_variant);
+  m.def("_gemm_amx_for_large_steps", &pagedrt::cpu::gemm_amx_for_large_steps);
   m.def("_gemm_prefetch", &pagedrt::cpu::gemm_prefetch_name);  // the decode kernels' prefetch hint and how it was chosen
   m.def("_calibrate_prefetch", &pagedrt::cpu::calibrate_prefetch, "threads"_a);
   m.def("_set_prefetch", [](const std::string& to) {  // this module's copy of the kernels only

@@ -188,7 +188,8 @@ Runtime::Runtime(const RuntimeConfig& config) : impl_(std::make_unique<Impl>()) 
                       "fp32 throughout (dtype=\"float32\")");
     act = wdtype;
   }
-  const bool deterministic = config.deterministic.value_or(device == "cpu");
+  const bool deterministic = config.deterministic.value_or(
+      auto_deterministic(device, wdtype, act, config.quantization == "fp8" || cfg.quant.any()));
   const int tp = config.tensor_parallel_size;
   // CUDA's batch-invariant mode (CudaBackend) covers bf16 and fp32 weights
   // and caches on one GPU: fp8 GEMMs have no pinned algorithm, the fp8

@@ -269,7 +269,9 @@ class Runtime:
             the same bits whatever else is in its steps, however its prompt is
             chunked or cached, after preemption, with any number of CPU threads
             (docs/determinism.md). None: the device's default, True on the CPU
-            (where it costs nothing measurable), False on CUDA (where True gives
+            (where it costs nothing measurable) but for bf16 weights on a
+            processor with AMX (where False multiplies steps of 5 tokens or
+            more on AMX tiles: 2.8x the prefill rate), False on CUDA (where True gives
             up the own small-batch GEMM kernel and split-KV decode attention, and
             raises Unsupported with fp8 weights or cache or tensor_parallel_size
             > 1). ``model_info.deterministic`` says which applies.

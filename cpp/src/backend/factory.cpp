@@ -25,6 +25,14 @@ ScalarType auto_activation_dtype(const std::string& device, ScalarType weight_dt
   return weight_dtype == ScalarType::BF16 && cpu::gemm_bf16_native() ? ScalarType::BF16 : ScalarType::F32;
 }
 
+bool auto_deterministic(const std::string& device, ScalarType weight_dtype, ScalarType activation_dtype,
+                        bool fp8_weights) {
+  if (device != "cpu") return false;
+  const bool amx_would_run = weight_dtype == ScalarType::BF16 && activation_dtype == ScalarType::BF16 &&
+                             !fp8_weights && cpu::gemm_amx_for_large_steps();
+  return !amx_would_run;
+}
+
 std::string cpu_gemm_info() { return cpu::gemm_variant() + ", prefetch " + cpu::gemm_prefetch_name(); }
 
 bool cuda_built() {

@@ -31,6 +31,16 @@ std::vector<std::unique_ptr<Collectives>> make_collectives(const std::string& de
 // the GEMM rate of fp32 FMA), fp32 otherwise (the exact oracle).
 ScalarType auto_activation_dtype(const std::string& device, ScalarType weight_dtype);
 
+// deterministic unset (RuntimeConfig::deterministic): on where the
+// batch-invariant kernels cost nothing measurable (issue 22's rule: < 2%),
+// i.e. on the CPU, but for bf16 weights and activations on a processor with
+// AMX, where deterministic=False multiplies steps of 5 tokens or more on
+// AMX tiles (cpu/gemm.hpp: 2.7x the prefill rate, 2.4x batched decode on a
+// 2-core Xeon VM) and the batch-invariant GEMM cannot; off on CUDA (1.4x
+// batch-1 TPOT there: docs/determinism.md).
+bool auto_deterministic(const std::string& device, ScalarType weight_dtype, ScalarType activation_dtype,
+                        bool fp8_weights);
+
 bool cuda_built();      // this build has the CUDA backend
 bool cuda_available();  // ... and a GPU is visible
 int cuda_device_count();  // the GPUs visible (0 without the CUDA backend)

@@ -268,8 +268,12 @@ void CpuBackend::linear(const Tensor& x, const Tensor& weight, int64_t n, Tensor
     return;
   }
   if (x.dtype == ScalarType::BF16 && weight.dtype == ScalarType::BF16) {
-    // bf16 x bf16 with fp32 accumulation (VDPBF16PS where the processor has it)
-    gemm_bf16_bf16(x.as<uint16_t>(), weight.as<uint16_t>(), yf, n, m, k, team());
+    // bf16 x bf16 with fp32 accumulation (VDPBF16PS where the processor has
+    // it; with deterministic=False, AMX tiles for larger steps where it has those)
+    if (deterministic_)
+      gemm_bf16_bf16(x.as<uint16_t>(), weight.as<uint16_t>(), yf, n, m, k, team());
+    else
+      gemm_bf16_bf16_any_order(x.as<uint16_t>(), weight.as<uint16_t>(), yf, n, m, k, team());
     if (out.dtype == ScalarType::BF16) narrow_rows(yf, n, m, out.as<uint16_t>(), team());
     return;
   }

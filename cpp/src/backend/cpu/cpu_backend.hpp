@@ -19,8 +19,9 @@ class CpuBackend final : public Backend {
   // activation_dtype: F32 or BF16 (activations between ops and the KV cache;
   // the residual stream and every accumulation stay fp32)
   // deterministic: every kernel gives a row the same bits whatever the batch
-  // (the default; false only changes prefill attention's summation order,
-  // for the deterministic=False comparison).
+  // (the default). false changes prefill attention's summation order and, on
+  // a processor with AMX, takes AMX tiles for the bf16 GEMMs of steps of
+  // kAmxMinTokens tokens or more (gemm.hpp).
   explicit CpuBackend(int num_threads, ScalarType activation_dtype = ScalarType::F32, bool deterministic = true);
   Device device() const override { return Device::CPU; }
   ScalarType activation_dtype() const override { return act_; }

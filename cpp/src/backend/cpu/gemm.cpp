@@ -120,6 +120,17 @@ void gemm_bf16_bf16(const uint16_t* x, const uint16_t* w, float* y, int64_t n, i
   chosen().bf16_bf16(x, w, y, n, m, k, threads);
 }
 
+bool gemm_amx_for_large_steps() { return has_amx() && chosen().name == "avx512bf16"; }
+
+void gemm_bf16_bf16_any_order(const uint16_t* x, const uint16_t* w, float* y, int64_t n, int64_t m, int64_t k,
+                              int threads) {
+#ifdef PAGEDRT_HAVE_AMX_KERNEL
+  if (n >= kAmxMinTokens && amx::takes(m, k) && gemm_amx_for_large_steps())
+    return amx::gemm_bf16_bf16(x, w, y, n, m, k, threads);
+#endif
+  chosen().bf16_bf16(x, w, y, n, m, k, threads);
+}
+
 void gemm_f8(const float* xf, const uint16_t* xb, const uint8_t* w, const float* scale, float* y, int64_t n,
              int64_t m, int64_t k, int threads) {
   const Variant& v = chosen();
@@ -169,6 +180,9 @@ std::vector<std::string> gemm_variants() {
 
 void gemm_with(const std::string& variant, GemmOperands operands, const void* x, const void* w, float* y,
                int64_t n, int64_t m, int64_t k, int threads) {
+  if (variant == "any_order" && operands == GemmOperands::Bf16xBf16)
+    return gemm_bf16_bf16_any_order(static_cast<const uint16_t*>(x), static_cast<const uint16_t*>(w), y, n, m, k,
+                                    threads);
   for (const Variant& v : available())
     if (v.name == variant) {
       switch (operands) {

@@ -11,8 +11,9 @@
 // Variants without a bf16 dot product convert bf16 activations to fp32
 // (exact) and use their fp32 kernel. The widest one the processor supports but amx is chosen once at
 // start-up; the environment variable PAGEDRT_CPU_KERNEL=<variant> forces
-// another (amx: 2.4x the batched throughput, 0.78x batch-1 decode where it
-// was measured; gemm_amx.cpp).
+// another (amx for every step: 2.4x the batched throughput, 0.8x batch-1
+// decode where it was measured; gemm_amx.cpp). Without it, amx runs the
+// larger steps of deterministic=False (gemm_bf16_bf16_any_order).
 #pragma once
 
 #include <cstdint>
@@ -24,6 +25,20 @@ namespace pagedrt::cpu {
 void gemm_f32(const float* x, const float* w, float* y, int64_t n, int64_t m, int64_t k, int threads);
 void gemm_bf16(const float* x, const uint16_t* w, float* y, int64_t n, int64_t m, int64_t k, int threads);
 void gemm_bf16_bf16(const uint16_t* x, const uint16_t* w, float* y, int64_t n, int64_t m, int64_t k, int threads);
+
+// deterministic=False's bf16 GEMM: steps of more than kAmxMinTokens - 1
+// tokens on AMX tiles where the chosen variant is avx512bf16, the processor
+// has AMX and amx::takes the shape; gemm_bf16_bf16 otherwise. A row's bits
+// then depend on the step's size (AMX sums in another order than
+// VDPBF16PS), which is why the deterministic default does not take it
+// (docs/determinism.md). Measured on a 2-core Xeon VM with AMX, SmolLM2's
+// shapes: 5 tokens 0.88x avx512bf16's time, 8 tokens 0.57x, 32 tokens 0.22x;
+// 4 tokens 1.15x, 1 token 1.37x (gemm_amx.cpp).
+constexpr int64_t kAmxMinTokens = 5;
+void gemm_bf16_bf16_any_order(const uint16_t* x, const uint16_t* w, float* y, int64_t n, int64_t m, int64_t k,
+                              int threads);
+// Whether gemm_bf16_bf16_any_order takes AMX tiles for some steps here.
+bool gemm_amx_for_large_steps();
 
 // W (m, k) fp8 e4m3 codes with a scale per row (Tensor::row_scale): y[t][r]
 // = scale[r] * dot(x[t], e4m3(W[r])). x is fp32 (xf) or bf16 (xb; the other
@@ -62,8 +77,8 @@ enum class GemmOperands {
   Bf16xBf16,  // gemm_bf16_bf16
 };
 
-// One call through a named variant (for tests); x and w point at the types
-// `operands` names. Throws Error(InvalidArgument) for a variant that is not available.
+// One call through a named variant (for tests; "any_order" with bf16 x bf16:
+// gemm_bf16_bf16_any_order); x and w point at the types `operands` names. Throws Error(InvalidArgument) for a variant that is not available.
 void gemm_with(const std::string& variant, GemmOperands operands, const void* x, const void* w, float* y,
                int64_t n, int64_t m, int64_t k, int threads);
 

@@ -14,25 +14,30 @@
 // (n x k bf16, cheap next to the weights), fewer tokens padded with zeros.
 // C tiles are (16 weight rows x 16 tokens), written transposed into y.
 //
-// Every n takes this path, one token or 512, so a token's result never
-// depends on what else is in the step (docs/determinism.md): AMX sums each
-// element in its own order, not VDPBF16PS's (its results differ from the
-// avx512bf16 variant's in the last bits, as the variants always did).
-// Shapes it cannot take (k not a multiple of 32, m of 16) go to the
+// Within this kernel every n takes the same path, one token or 512, so with
+// PAGEDRT_CPU_KERNEL=amx a token's result never depends on what else is in
+// the step (docs/determinism.md): AMX sums each element in its own order, not
+// VDPBF16PS's (its results differ from the avx512bf16 variant's in the last
+// bits). Shapes it cannot take (k not a multiple of 32, m of 16) go to the
 // avx512bf16 kernel, for every n alike.
 //
-// Not the default (PAGEDRT_CPU_KERNEL=amx chooses it): on a 2-core Xeon VM
-// with AMX (SmolLM2, bf16, 2 threads, 2026-12-05) it took 32 prompts x 128
-// new tokens from 254-256 to 618-627 output tok/s, but batch-1 decode from
-// 83-86 to 64-70 tok/s: a task's 32 weight rows are 32 streams of 64-byte
-// lines a k step (and the next task's 32 prefetched), where the avx512bf16
-// kernel streams 6; staging the rows through L1 with AVX-512 loads, or 48
-// and 64 rows a task, did not help. Weights repacked at load into tile order
-// (a task's k steps one contiguous stream, 2 KB a step) are the next step: a
-// standalone GEMV over SmolLM2's shapes, same VM, read them at 20.8-21.1
-// GB/s with a prefetch 4 steps ahead, against 22.1 for avx512bf16 and 18.0
-// for this kernel (11.3 row-major without its prefetch). The backend must
-// then know a linear's weight from a table's (tied embeddings read rows).
+// Where it runs: steps of 5 tokens or more with deterministic=False (the
+// default for bf16 on a processor with AMX; gemm.hpp's
+// gemm_bf16_bf16_any_order), and every step with PAGEDRT_CPU_KERNEL=amx.
+// Not every step by default: on a 2-core Xeon VM with AMX (SmolLM2, bf16, 2
+// threads, 2026-12-05) it took 32 prompts x 128 new tokens from 254-256 to
+// 618-627 output tok/s, but batch-1 decode from 83-86 to 64-70 tok/s: a
+// task's 32 weight rows are 32 streams of 64-byte lines a k step (and the
+// next task's 32 prefetched), where the avx512bf16 kernel streams 6; staging
+// the rows through L1 with AVX-512 loads, or 48 and 64 rows a task, did not
+// help. Tried since (standalone, the same VM, 2026-12-05): weights packed at
+// load as the B operand in pairs of k (16 rows a contiguous stream, 1 KB a k
+// step) with the tokens as A, as stored, four row groups in flight: 9.2 ms
+// over 255 MB of SmolLM2 shapes at one token against 4.5 for avx512bf16 (with
+// a prefetch 4 steps ahead no better); and a VDPBF16PS kernel cannot stand in
+// for AMX at small n with the same bits: a probe found TDPBF16PS's sums of
+// more than one pair of k differ from VDPBF16PS's pair-by-pair order (either
+// pair order) in most elements.
 #if defined(__x86_64__) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512F__)
 #include <immintrin.h>
 
