@@ -29,6 +29,7 @@ import pytest
 import torch
 
 import pagedrt
+from pagedrt import _testing
 from test_forward import reference_greedy, reference_logits, rel_err, run_request
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tools"))
@@ -299,3 +300,26 @@ def test_fp8_checkpoint_keeps_unquantized_projections_as_they_are(tiny_llama, tm
         tokens, logits, _ = run_request(rt, prompt, max_tokens=12, ignore_eos=True, return_logits=True)
     assert tokens == reference_greedy(ref, prompt, 12)
     assert rel_err(logits, reference_logits(ref, prompt + tokens[:-1])) <= REL_TOL
+
+
+def test_quantization_fp8_bf16_any_order_is_close_to_the_deterministic_run(tiny_llama):
+    """quantization="fp8" with bf16 activations: deterministic=False (on a
+    processor with AMX: steps of 5+ tokens on AMX tiles, each 48-row task's
+    dequantized rows) gives logits within 2e-2 of deterministic=True (the
+    VDPBF16PS kernel for every step) and, where AMX runs, other bits somewhere
+    (the two paths are told apart). The widths are large enough for that: at
+    hidden 128 and 256 every sum of fp8 x bf16 products came out exact in fp32
+    in both orders, and the rows were equal bit for bit."""
+    path, _ = tiny_llama(num_key_value_heads=2, hidden_size=512, intermediate_size=1536)
+    prompt = np.random.default_rng(6).integers(3, 320, size=40).tolist()
+    runs = {}
+    for det in (True, False):
+        with pagedrt.Runtime(path, device="cpu", num_threads=2, activation_dtype="bfloat16", quantization="fp8",
+                             max_num_batched_tokens=16, deterministic=det) as rt:
+            assert rt.model_info.deterministic is det
+            runs[det] = run_request(rt, prompt, max_tokens=6, ignore_eos=True, return_logits=True)[:2]
+    # the first row (the prompt's chunks of 16, 16 and 8 tokens) always; the rest where the tokens agree
+    rows = len(runs[True][1]) if runs[True][0] == runs[False][0] else 1
+    assert rel_err(runs[False][1][:rows], runs[True][1][:rows]) <= 2e-2
+    if _testing._gemm_amx_for_large_steps():
+        assert not np.array_equal(runs[False][1][0], runs[True][1][0]), "AMX was expected to sum in another order"

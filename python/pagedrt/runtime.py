@@ -269,7 +269,7 @@ class Runtime:
             the same bits whatever else is in its steps, however its prompt is
             chunked or cached, after preemption, with any number of CPU threads
             (docs/determinism.md). None: the device's default, True on the CPU
-            (where it costs nothing measurable) but for bf16 weights on a
+            (where it costs nothing measurable) but for bf16 activations on a
             processor with AMX (where False multiplies steps of 5 tokens or
             more on AMX tiles: 2.8x the prefill rate), False on CUDA (where True gives
             up the own small-batch GEMM kernel and split-KV decode attention, and

@@ -109,7 +109,7 @@ struct RuntimeConfig {
   // else runs in its steps, however its prompt is chunked, cached or
   // recomputed after preemption (docs/determinism.md). Unset: the device's
   // default, on for the CPU (it costs nothing measurable there) but for bf16
-  // weights on a processor with AMX (where off multiplies steps of 5 tokens
+  // activations on a processor with AMX (where off multiplies steps of 5 tokens
   // or more on AMX tiles, 2.8x the prefill rate), off for CUDA
   // (its batch-invariant mode gives up the own small-n GEMM kernel and
   // split-KV decode attention; with fp8 weights or cache, or tensor

@@ -28,8 +28,8 @@ ScalarType auto_activation_dtype(const std::string& device, ScalarType weight_dt
 bool auto_deterministic(const std::string& device, ScalarType weight_dtype, ScalarType activation_dtype,
                         bool fp8_weights) {
   if (device != "cpu") return false;
-  const bool amx_would_run = weight_dtype == ScalarType::BF16 && activation_dtype == ScalarType::BF16 &&
-                             !fp8_weights && cpu::gemm_amx_for_large_steps();
+  const bool amx_would_run = activation_dtype == ScalarType::BF16 &&
+                             (weight_dtype == ScalarType::BF16 || fp8_weights) && cpu::gemm_amx_for_large_steps();
   return !amx_would_run;
 }
 

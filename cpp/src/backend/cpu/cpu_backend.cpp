@@ -263,7 +263,7 @@ void CpuBackend::linear(const Tensor& x, const Tensor& weight, int64_t n, Tensor
   if (weight.dtype == ScalarType::F8E4M3) {  // codes dequantized per task of rows (gemm.hpp)
     const bool xb = x.dtype == ScalarType::BF16;
     gemm_f8(xb ? nullptr : x.as<float>(), xb ? x.as<uint16_t>() : nullptr, weight.as<uint8_t>(),
-            weight.row_scale->as<float>(), yf, n, m, k, team());
+            weight.row_scale->as<float>(), yf, n, m, k, team(), !deterministic_);
     if (out.dtype == ScalarType::BF16) narrow_rows(yf, n, m, out.as<uint16_t>(), team());
     return;
   }

@@ -132,8 +132,10 @@ void gemm_bf16_bf16_any_order(const uint16_t* x, const uint16_t* w, float* y, in
 }
 
 void gemm_f8(const float* xf, const uint16_t* xb, const uint8_t* w, const float* scale, float* y, int64_t n,
-             int64_t m, int64_t k, int threads) {
+             int64_t m, int64_t k, int threads, bool any_order) {
   const Variant& v = chosen();
+  const bool tiles = any_order && xb != nullptr && n >= kAmxMinTokens && gemm_amx_for_large_steps();
+  (void)tiles;  // without the amx kernel in the build
 #ifdef PAGEDRT_HAVE_AVX512BF16_KERNEL
   // Decode (one token tile): codes widened in registers, each weight once.
   // More tokens would widen every weight once per tile of 4: the buffer below
@@ -159,6 +161,11 @@ void gemm_f8(const float* xf, const uint16_t* xb, const uint8_t* w, const float*
     else
 #endif
       for (int64_t r = 0; r < rows; ++r) dequantize_kv_row(w + (r0 + r) * k, 0, k, buf.data() + r * k);
+#ifdef PAGEDRT_HAVE_AMX_KERNEL
+    if (tiles && amx::takes(rows, k))
+      amx::gemm_bf16_bf16(xb, buf.data(), part.data(), n, rows, k, 1);
+    else
+#endif
     if (xb != nullptr)
       v.bf16_bf16(xb, buf.data(), part.data(), n, rows, k, 1);
     else

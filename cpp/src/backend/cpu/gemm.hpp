@@ -46,10 +46,12 @@ bool gemm_amx_for_large_steps();
 // codes in registers (avx512bf16::gemm_bf16_f8); otherwise the rows go in tasks of
 // kFp8Rows, each dequantized into the thread's buffer as bf16 (exact: every
 // e4m3 value is a bf16) and multiplied there by the variant's bf16 kernel on
-// one thread, then scaled.
+// one thread, then scaled. any_order (deterministic=False): steps of
+// kAmxMinTokens or more with bf16 activations multiply each task's rows on
+// AMX tiles where gemm_amx_for_large_steps() (as gemm_bf16_bf16_any_order).
 constexpr int64_t kFp8Rows = 48;
 void gemm_f8(const float* xf, const uint16_t* xb, const uint8_t* w, const float* scale, float* y, int64_t n,
-             int64_t m, int64_t k, int threads);
+             int64_t m, int64_t k, int threads, bool any_order = false);
 
 // The variant gemm_* use, and every variant this build and processor can run.
 const std::string& gemm_variant();
