@@ -134,8 +134,9 @@ void gemm_bf16_bf16_any_order(const uint16_t* x, const uint16_t* w, float* y, in
 void gemm_f8(const float* xf, const uint16_t* xb, const uint8_t* w, const float* scale, float* y, int64_t n,
              int64_t m, int64_t k, int threads, bool any_order) {
   const Variant& v = chosen();
+#ifdef PAGEDRT_HAVE_AMX_KERNEL
   const bool tiles = any_order && xb != nullptr && n >= kAmxMinTokens && gemm_amx_for_large_steps();
-  (void)tiles;  // without the amx kernel in the build
+#endif
 #ifdef PAGEDRT_HAVE_AVX512BF16_KERNEL
   // Decode (one token tile): codes widened in registers, each weight once.
   // More tokens would widen every weight once per tile of 4: the buffer below

@@ -80,7 +80,8 @@ enum class GemmOperands {
 };
 
 // One call through a named variant (for tests; "any_order" with bf16 x bf16:
-// gemm_bf16_bf16_any_order); x and w point at the types `operands` names. Throws Error(InvalidArgument) for a variant that is not available.
+// gemm_bf16_bf16_any_order); x and w point at the types `operands` names.
+// Throws Error(InvalidArgument) for a variant that is not available.
 void gemm_with(const std::string& variant, GemmOperands operands, const void* x, const void* w, float* y,
                int64_t n, int64_t m, int64_t k, int threads);
 
