@@ -4,6 +4,10 @@ llguidance's Python matchers, its compiled-constraint cache, its tokenizer's
 kept answers, and its errors."""
 from __future__ import annotations
 
+# SmolLM2 runs with deterministic=True here: its tests compare tokens across
+# batch compositions, and on a processor with AMX the bf16 default is False
+# (a row's bits then depend on its step's size: docs/determinism.md).
+
 import random
 import re
 
@@ -56,7 +60,7 @@ def test_masks_equal_llguidance_python_on_smollm2(smol):
     Python ones at every step of random walks through nine constraints, forced
     text (JSON keys) included: the model's tokenizer is what makes those agree
     (without it llguidance allows any tokens that spell the forced text)."""
-    with pagedrt.Runtime(smol, device="cpu") as r:
+    with pagedrt.Runtime(smol, device="cpu", deterministic=True) as r:
         cons = r._constraints()
         assert _walks_agree(cons, r.model_info.vocab_size) > 200
         c = cons.counters()
@@ -75,7 +79,7 @@ def test_without_the_models_tokenizer_forced_text_may_come_in_any_tokens(smol):
     """The comparison above can fail: with no tokenizer (llguidance's greedy
     stand-in), a JSON key's first token is any prefix of it, not only the
     model's own token for it."""
-    with pagedrt.Runtime(smol, device="cpu") as r:
+    with pagedrt.Runtime(smol, device="cpu", deterministic=True) as r:
         info = r.model_info
         cons = r._constraints()
         bare = _core.LlguidanceMasks(llguidance._lib.__file__, info.vocab_size, info.eos_token_ids[0],
@@ -92,7 +96,7 @@ def test_without_the_models_tokenizer_forced_text_may_come_in_any_tokens(smol):
 def test_a_constraint_is_compiled_once(smol):
     """Three requests with one schema and one with another: two compiles, two
     found compiled; and the same answers as each alone."""
-    with pagedrt.Runtime(smol, device="cpu") as r:
+    with pagedrt.Runtime(smol, device="cpu", deterministic=True) as r:
         r.generate("hi", max_tokens=1, json_schema=SCHEMAS[2])  # the provider exists
         before = r._constraints().counters()
         ask = [{"role": "user", "content": "Describe a point as JSON."}]
@@ -156,7 +160,7 @@ def test_a_failing_tokenizer_leaves_masks_valid(smol):
     import json
     import jsonschema
 
-    with pagedrt.Runtime(smol, device="cpu") as r:
+    with pagedrt.Runtime(smol, device="cpu", deterministic=True) as r:
         info = r.model_info
         cons = r._constraints()
 
@@ -200,7 +204,7 @@ def test_rows_with_proposals_take_only_what_the_constraint_allows(smol):
     which are never used, allow every token without a mask computed, and the
     matcher does not break); the next step's rows, which drop the rejected
     proposals, roll the matcher back."""
-    with pagedrt.Runtime(smol, device="cpu") as r:
+    with pagedrt.Runtime(smol, device="cpu", deterministic=True) as r:
         vocab = r.model_info.vocab_size
         words = (vocab + 31) // 32
         cons = r._constraints()
