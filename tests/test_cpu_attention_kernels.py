@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 import pagedrt
+from pagedrt import _testing
 from conftest import run_all
 from test_forward import REL_TOL, reference_logits, reference_logits_bf16_activations, rel_err
 
@@ -36,21 +37,28 @@ SHAPES = {  # name: (num_attention_heads, num_key_value_heads, head_dim, hidden_
 }
 
 
-@pytest.mark.parametrize("act", ["float32", "bfloat16"])
+@pytest.mark.parametrize("act", ["float32", "bfloat16", "bfloat16-any-order"])
 @pytest.mark.parametrize("block_size", [16, 5])
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_chunked_batched_prefill_and_decode_match_contiguous_attention(tiny_llama, shape, block_size, act):
+    """bfloat16-any-order: deterministic=False, whose prefill tiles take P V on
+    AMX tiles where the processor has them (P rounded to bf16)."""
     H, Hkv, D, hidden = SHAPES[shape]
     path, model = tiny_llama(num_attention_heads=H, num_key_value_heads=Hkv, head_dim=D, hidden_size=hidden)
     rng = np.random.default_rng(H * 1000 + D)
     prompts = [rng.integers(3, 320, size=n).tolist() for n in (45, 9, 70)]
+    deterministic = act != "bfloat16-any-order"
+    act = act.removesuffix("-any-order")
     with pagedrt.Runtime(path, device="cpu", activation_dtype=act, block_size=block_size,
-                         max_num_batched_tokens=13, num_threads=2) as rt:
+                         max_num_batched_tokens=13, num_threads=2, deterministic=deterministic) as rt:
         got = run_all(rt, prompts, max_tokens=5, ignore_eos=True, return_logits=True)
-    reference = reference_logits if act == "float32" else reference_logits_bf16_activations
     tol = REL_TOL if act == "float32" else 8e-3
     for (tokens, logits), prompt in zip(got, prompts):
-        ref = reference(model, prompt + tokens[:-1])
+        if act == "float32":
+            ref = reference_logits(model, prompt + tokens[:-1])
+        else:  # the AMX P V (deterministic=False, head dims of the vector path) rounds P to bf16
+            round_p = not deterministic and _testing._gemm_amx_for_large_steps() and D % 16 == 0
+            ref = reference_logits_bf16_activations(model, prompt + tokens[:-1], round_p=round_p)
         assert logits.shape == ref.shape
         assert rel_err(logits, ref) <= tol, (shape, block_size, act, rel_err(logits, ref))
 

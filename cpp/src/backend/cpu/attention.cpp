@@ -16,7 +16,10 @@
 //                                R <= 4 (decode) K is read in place instead
 //                                (qk_units)
 //   P = exp(S - rowmax), 0 past each row's causal end (positions[t] + 1)
-//   O (R, D) = (P V) / rowsum    V rows widened to fp32, P stays fp32
+//   O (R, D) = (P V) / rowsum    V rows widened to fp32, P stays fp32 (with
+//                                deterministic=False on a processor with AMX,
+//                                R > 4 and a bf16 cache: AMX tiles, P in
+//                                bf16, attention_amx.cpp)
 //
 // S stays whole in per-thread scratch (R x ctx fp32: 768 KiB for 48 rows at
 // 4096 keys). Without AVX-512, or for a head dim that is not a multiple of 16,
@@ -29,6 +32,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "backend/cpu/gemm.hpp"
 #include "backend/cpu/kv_fp8.hpp"
 #include "backend/cpu/vec_math.hpp"
 

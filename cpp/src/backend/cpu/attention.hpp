@@ -41,4 +41,14 @@ template <typename T>
 void paged_attention(const BatchView& b, const T* qkv, int64_t num_heads, const Fp8Kv& kv, float scale, T* out,
                      int threads, bool invariant = true);
 
+// P V of a prefill tile on AMX tiles (attention_amx.cpp; built where the
+// compiler has AMX, called where gemm_amx_for_large_steps()): out row r (D
+// bf16 at out + ooff[r]) = inv[r] * sum over keys p < nk of bf16(P[r][p]) *
+// V_p (D bf16 at v + off[p]); P (R, ldp) fp32, zero past each row's end.
+// D % 16 == 0, D <= 256.
+namespace amx {
+void pv_bf16(const float* P, int64_t R, int64_t ldp, int64_t nk, const uint16_t* v, const int64_t* off, int64_t D,
+             const float* inv, uint16_t* out, const int64_t* ooff);
+}
+
 }  // namespace pagedrt::cpu

@@ -1,0 +1,149 @@
+// P V of CPU prefill attention on Intel AMX tiles (deterministic=False,
+// bf16 caches; attention.cpp's attend_vec calls it for tiles of more than 4
+// rows where gemm_amx_for_large_steps()). Built with -mamx-tile -mamx-bf16
+// -mavx512f -mavx512bf16 -mavx512bw (CMakeLists.txt) on x86-64 only.
+//
+//   out[r] (D bf16) = inv[r] * sum_{p < nk} bf16(P[r][p]) * V_p,   r < R
+//
+// TDPBF16PS multiplies A (16 rows x 32 bf16) by B (32 x 16 in pairs) into C
+// (16 x 16 fp32). A is 16 rows of P over 32 keys, rounded to bf16 once (the
+// precision FlashAttention's bf16 kernels keep; the VDPBF16PS path keeps P
+// in fp32, so the two differ in the last bits of a bf16 output); B is V over
+// the same 32 keys and 16 of its columns, in pairs of keys ("VNNI": row q
+// holds keys 2q and 2q + 1 of each column). V's rows are gathered from their
+// pages into that layout once per work item, P's rows once, then every
+// (16 rows, 16 columns) block of O is a chain of 32-key steps in key order.
+#if defined(__x86_64__) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "backend/cpu/attention.hpp"
+
+namespace pagedrt::cpu::amx {
+namespace {
+
+constexpr int64_t kRows = 16;  // a tile's rows (of P, of O)
+constexpr int64_t kKeys = 32;  // keys a step: A's 64-byte rows
+constexpr int kOutTiles = 4;   // C tiles 0-3: 64 columns of O at a time
+
+struct TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tiles 0-3: C, 4: A (P), 5-6: B (V)
+void configure() {
+  TileConfig c;
+  for (int t = 0; t < 7; ++t) {
+    c.rows[t] = kRows;
+    c.colsb[t] = 64;
+  }
+  _tile_loadconfig(&c);
+}
+
+// One thread's buffers, kept between calls.
+struct Buffers {
+  std::vector<uint16_t> p;  // (R rounded up to 16, kp) bf16 P, zeros past R and nk
+  std::vector<uint16_t> v;  // (kp / 2, D, 2) V in pairs of keys, zeros past nk
+  std::vector<float> c;     // (16, 16) one C tile, 64-byte aligned within
+};
+Buffers& buffers() {
+  static thread_local Buffers b;
+  return b;
+}
+
+// 32 bf16 lanes: a[0], b[0], a[1], b[1], ... a[15], b[15]
+inline __m512i interleave(const uint16_t* a, const uint16_t* b) {
+  const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                       21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m256i va = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a));
+  const __m256i vb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
+  return _mm512_permutexvar_epi16(idx, _mm512_inserti64x4(_mm512_zextsi256_si512(va), vb, 1));
+}
+
+// C tile `tile` into out's rows r0 .. r0 + rows, columns d0 .. d0 + 16, times inv[r]
+void store(int tile, float* c, uint16_t* out, const int64_t* ooff, const float* inv, int64_t r0, int64_t rows,
+           int64_t d0) {
+  switch (tile) {  // the tile number must be a constant
+    case 0: _tile_stored(0, c, 64); break;
+    case 1: _tile_stored(1, c, 64); break;
+    case 2: _tile_stored(2, c, 64); break;
+    default: _tile_stored(3, c, 64); break;
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    const __m512 y = _mm512_mul_ps(_mm512_load_ps(c + i * kRows), _mm512_set1_ps(inv[r0 + i]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + ooff[r0 + i] + d0), (__m256i)_mm512_cvtneps_pbh(y));
+  }
+}
+
+}  // namespace
+
+void pv_bf16(const float* P, int64_t R, int64_t ldp, int64_t nk, const uint16_t* v, const int64_t* off, int64_t D,
+             const float* inv, uint16_t* out, const int64_t* ooff) {
+  Buffers& b = buffers();
+  const int64_t kp = (nk + kKeys - 1) / kKeys * kKeys, rp = (R + kRows - 1) / kRows * kRows;
+  b.p.assign(static_cast<size_t>(rp * kp), 0);
+  b.v.resize(static_cast<size_t>(kp * D));
+  b.c.resize(kRows * kRows + 16);
+  float* c = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(b.c.data()) + 63) & ~uintptr_t{63});
+  for (int64_t r = 0; r < R; ++r) {  // P's rows to bf16 (round to nearest even); zeros past nk stay
+    const float* src = P + r * ldp;
+    uint16_t* dst = b.p.data() + r * kp;
+    int64_t p = 0;
+    for (; p + 16 <= nk; p += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + p), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + p)));
+    if (p < nk) {
+      const __mmask16 m = static_cast<__mmask16>((1u << (nk - p)) - 1);
+      _mm256_mask_storeu_epi16(dst + p, m, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, src + p)));
+    }
+  }
+  static const uint16_t zeros[256] = {};
+  for (int64_t q = 0; q < kp / 2; ++q) {  // V's rows 2q, 2q + 1 into pairs, 16 columns at a time
+    const uint16_t* a = 2 * q < nk ? v + off[2 * q] : zeros;
+    const uint16_t* e = 2 * q + 1 < nk ? v + off[2 * q + 1] : zeros;
+    uint16_t* dst = b.v.data() + q * D * 2;
+    for (int64_t d = 0; d < D; d += 16) _mm512_storeu_si512(dst + 2 * d, interleave(a + d, e + d));
+  }
+  configure();
+  const int64_t pstride = kp * 2, vstride = D * 4;  // bytes a row of P, of V's pairs
+  for (int64_t r0 = 0; r0 < R; r0 += kRows) {
+    const int64_t rows = R - r0 < kRows ? R - r0 : kRows;
+    const uint16_t* a = b.p.data() + r0 * kp;
+    for (int64_t d0 = 0; d0 < D; d0 += kOutTiles * 16) {
+      const int64_t tiles = (D - d0) / 16 < kOutTiles ? (D - d0) / 16 : kOutTiles;
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t k0 = 0; k0 < kp; k0 += kKeys) {
+        _tile_loadd(4, a + k0, pstride);
+        const uint16_t* bv = b.v.data() + (k0 / 2) * D * 2 + 2 * d0;  // pairs k0/2 .., columns d0 ..
+        _tile_loadd(5, bv, vstride);
+        _tile_dpbf16ps(0, 4, 5);
+        if (tiles > 1) {
+          _tile_loadd(6, bv + 32, vstride);
+          _tile_dpbf16ps(1, 4, 6);
+        }
+        if (tiles > 2) {
+          _tile_loadd(5, bv + 64, vstride);
+          _tile_dpbf16ps(2, 4, 5);
+        }
+        if (tiles > 3) {
+          _tile_loadd(6, bv + 96, vstride);
+          _tile_dpbf16ps(3, 4, 6);
+        }
+      }
+      for (int t = 0; t < tiles; ++t) store(t, c, out, ooff, inv, r0, rows, d0 + 16 * t);
+    }
+  }
+  _tile_release();
+}
+
+}  // namespace pagedrt::cpu::amx
+#endif
