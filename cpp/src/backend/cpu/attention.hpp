@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "backend/backend.hpp"
 #include "backend/paged_kv.hpp"
@@ -41,12 +42,20 @@ template <typename T>
 void paged_attention(const BatchView& b, const T* qkv, int64_t num_heads, const Fp8Kv& kv, float scale, T* out,
                      int threads, bool invariant = true);
 
-// P V of a prefill tile on AMX tiles (attention_amx.cpp; built where the
-// compiler has AMX, called where gemm_amx_for_large_steps()): out row r (D
-// bf16 at out + ooff[r]) = inv[r] * sum over keys p < nk of bf16(P[r][p]) *
-// V_p (D bf16 at v + off[p]); P (R, ldp) fp32, zero past each row's end.
-// D % 16 == 0, D <= 256.
+// A prefill tile's Q K^T and P V on AMX tiles (attention_amx.cpp; built
+// where the compiler has AMX, called where gemm_amx_for_large_steps(), for
+// bf16, D % 32 == 0, D <= 256), between tiles_begin() and tiles_end() on the
+// calling thread.
 namespace amx {
+void tiles_begin();
+void tiles_end();
+// Q's R rows (D bf16 at q + qoff[r]) as qb (R rounded up to 16, D), zeros past R
+void gather_q(const uint16_t* q, const int64_t* qoff, int64_t R, int64_t D, std::vector<uint16_t>& qb);
+// s[r][0 .. 16) (row stride lds) = scale * q_r . key j, r < R, for the 16 keys
+// of kt ((D / 2, 16) words: pairs of D of each key, attention's transpose_keys)
+void qk_chunk(const uint16_t* qb, int64_t R, int64_t D, const float* kt, float scale, float* s, int64_t lds);
+// out row r (D bf16 at out + ooff[r]) = inv[r] * sum over keys p < nk of
+// bf16(P[r][p]) * V_p (D bf16 at v + off[p]); P (R, ldp) fp32, zero past each row's end
 void pv_bf16(const float* P, int64_t R, int64_t ldp, int64_t nk, const uint16_t* v, const int64_t* off, int64_t D,
              const float* inv, uint16_t* out, const int64_t* ooff);
 }

@@ -1,11 +1,15 @@
-// P V of CPU prefill attention on Intel AMX tiles (deterministic=False,
-// bf16 caches; attention.cpp's attend_vec calls it for tiles of more than 4
-// rows where gemm_amx_for_large_steps()). Built with -mamx-tile -mamx-bf16
-// -mavx512f -mavx512bf16 -mavx512bw (CMakeLists.txt) on x86-64 only.
+// CPU prefill attention's Q K^T and P V on Intel AMX tiles (deterministic=False,
+// bf16 caches; attention_avx512.inc's attend_amx calls them for tiles of more
+// than 4 rows where gemm_amx_for_large_steps()). Built with -mamx-tile
+// -mamx-bf16 -mavx512f -mavx512bw -mavx512vl -mavx512bf16 (CMakeLists.txt) on
+// x86-64 only.
 //
+//   S (R, 16) = scale * Q K^T, 16 keys a call: A = 16 query rows x 32 of D,
+//   B = the keys' words (pairs of D) as attend_vec's transpose_keys lays them
+//   out = (16 pairs x 16 keys), C = 16 rows x 16 keys.
 //   out[r] (D bf16) = inv[r] * sum_{p < nk} bf16(P[r][p]) * V_p,   r < R
 //
-// TDPBF16PS multiplies A (16 rows x 32 bf16) by B (32 x 16 in pairs) into C
+// For P V TDPBF16PS multiplies A (16 rows x 32 bf16) by B (32 x 16 in pairs) into C
 // (16 x 16 fp32). A is 16 rows of P over 32 keys, rounded to bf16 once (the
 // precision FlashAttention's bf16 kernels keep; the VDPBF16PS path keeps P
 // in fp32, so the two differ in the last bits of a bf16 output); B is V over
@@ -44,6 +48,9 @@ void configure() {
     c.rows[t] = kRows;
     c.colsb[t] = 64;
   }
+  // GCC does not see ldtilecfg read c: without the barrier it dropped the
+  // stores above (rows and widths of 0: a fault at the first tile load)
+  __asm__ __volatile__("" : : "r"(&c) : "memory");
   _tile_loadconfig(&c);
 }
 
@@ -84,6 +91,31 @@ void store(int tile, float* c, uint16_t* out, const int64_t* ooff, const float* 
 
 }  // namespace
 
+void tiles_begin() { configure(); }
+void tiles_end() { _tile_release(); }
+
+void gather_q(const uint16_t* q, const int64_t* qoff, int64_t R, int64_t D, std::vector<uint16_t>& qb) {
+  const int64_t rp = (R + kRows - 1) / kRows * kRows;
+  qb.assign(static_cast<size_t>(rp * D), 0);
+  for (int64_t r = 0; r < R; ++r) std::memcpy(qb.data() + r * D, q + qoff[r], static_cast<size_t>(D) * 2);
+}
+
+void qk_chunk(const uint16_t* qb, int64_t R, int64_t D, const float* kt, float scale, float* s, int64_t lds) {
+  alignas(64) float c[kRows * kRows];
+  const __m512 sv = _mm512_set1_ps(scale);
+  for (int64_t r0 = 0; r0 < R; r0 += kRows) {
+    _tile_zero(0);
+    for (int64_t d0 = 0; d0 < D; d0 += kKeys) {  // 32 of D a step: kt's rows d0 / 2 .. d0 / 2 + 16
+      _tile_loadd(4, qb + r0 * D + d0, D * 2);
+      _tile_loadd(5, kt + (d0 / 2) * kRows, 64);
+      _tile_dpbf16ps(0, 4, 5);
+    }
+    _tile_stored(0, c, 64);
+    const int64_t rows = R - r0 < kRows ? R - r0 : kRows;
+    for (int64_t i = 0; i < rows; ++i) _mm512_storeu_ps(s + (r0 + i) * lds, _mm512_mul_ps(_mm512_load_ps(c + i * kRows), sv));
+  }
+}
+
 void pv_bf16(const float* P, int64_t R, int64_t ldp, int64_t nk, const uint16_t* v, const int64_t* off, int64_t D,
              const float* inv, uint16_t* out, const int64_t* ooff) {
   Buffers& b = buffers();
@@ -110,7 +142,6 @@ void pv_bf16(const float* P, int64_t R, int64_t ldp, int64_t nk, const uint16_t*
     uint16_t* dst = b.v.data() + q * D * 2;
     for (int64_t d = 0; d < D; d += 16) _mm512_storeu_si512(dst + 2 * d, interleave(a + d, e + d));
   }
-  configure();
   const int64_t pstride = kp * 2, vstride = D * 4;  // bytes a row of P, of V's pairs
   for (int64_t r0 = 0; r0 < R; r0 += kRows) {
     const int64_t rows = R - r0 < kRows ? R - r0 : kRows;
@@ -142,7 +173,6 @@ void pv_bf16(const float* P, int64_t R, int64_t ldp, int64_t nk, const uint16_t*
       for (int t = 0; t < tiles; ++t) store(t, c, out, ooff, inv, r0, rows, d0 + 16 * t);
     }
   }
-  _tile_release();
 }
 
 }  // namespace pagedrt::cpu::amx

@@ -69,6 +69,7 @@ void configure() {
     c.rows[t] = kRows;
     c.colsb[t] = 64;
   }
+  __asm__ __volatile__("" : : "r"(&c) : "memory");  // GCC does not see ldtilecfg read c (attention_amx.cpp)
   _tile_loadconfig(&c);
 }
 
