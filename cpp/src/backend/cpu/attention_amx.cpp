@@ -24,6 +24,7 @@
 #include <cstring>
 #include <vector>
 
+#include "backend/cpu/amx_tiles.hpp"
 #include "backend/cpu/attention.hpp"
 
 namespace pagedrt::cpu::amx {
@@ -33,26 +34,8 @@ constexpr int64_t kRows = 16;  // a tile's rows (of P, of O)
 constexpr int64_t kKeys = 32;  // keys a step: A's 64-byte rows
 constexpr int kOutTiles = 4;   // C tiles 0-3: 64 columns of O at a time
 
-struct TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-// Tiles 0-3: C, 4: A (P), 5-6: B (V)
-void configure() {
-  TileConfig c;
-  for (int t = 0; t < 7; ++t) {
-    c.rows[t] = kRows;
-    c.colsb[t] = 64;
-  }
-  // GCC does not see ldtilecfg read c: without the barrier it dropped the
-  // stores above (rows and widths of 0: a fault at the first tile load)
-  __asm__ __volatile__("" : : "r"(&c) : "memory");
-  _tile_loadconfig(&c);
-}
+// Tiles 0-3: C, 4: A (Q, P), 5-6: B (K, V)
+void configure() { configure_tiles(7); }
 
 // One thread's buffers, kept between calls.
 struct Buffers {

@@ -44,6 +44,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "backend/cpu/amx_tiles.hpp"
 #include "backend/cpu/gemm.hpp"
 
 namespace pagedrt::cpu::amx {
@@ -54,24 +55,8 @@ constexpr int kK = 32;        // bf16 of k a step (64 bytes a tile row)
 constexpr int kRowTiles = 2;  // weight-row tiles a task: 32 rows of W
 constexpr int kTokTiles = 2;  // token tiles at once: 32 tokens
 
-struct TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
 // Tiles 0-3: C (row tile i x token tile j at 2 i + j), 4-5: A, 6-7: B.
-void configure() {
-  TileConfig c;
-  for (int t = 0; t < 8; ++t) {
-    c.rows[t] = kRows;
-    c.colsb[t] = 64;
-  }
-  __asm__ __volatile__("" : : "r"(&c) : "memory");  // GCC does not see ldtilecfg read c (attention_amx.cpp)
-  _tile_loadconfig(&c);
-}
+void configure() { configure_tiles(8); }
 
 // x (n, k) into blocks of 16 tokens: block b, pair r, token j -> the two bf16
 // x[16 b + j][2 r .. 2 r + 1] at uint32 (b * k / 2 + r) * 16 + j; zeros past n.
