@@ -271,7 +271,7 @@ class Runtime:
             (docs/determinism.md). None: the device's default, True on the CPU
             (where it costs nothing measurable) but for bf16 activations on a
             processor with AMX (where False multiplies steps of 5 tokens or
-            more on AMX tiles: 2.8x the prefill rate), False on CUDA (where True gives
+            more on AMX tiles: 3.4x the prefill rate), False on CUDA (where True gives
             up the own small-batch GEMM kernel and split-KV decode attention, and
             raises Unsupported with fp8 weights or cache or tensor_parallel_size
             > 1). ``model_info.deterministic`` says which applies.

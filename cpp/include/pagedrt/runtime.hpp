@@ -110,7 +110,7 @@ struct RuntimeConfig {
   // recomputed after preemption (docs/determinism.md). Unset: the device's
   // default, on for the CPU (it costs nothing measurable there) but for bf16
   // activations on a processor with AMX (where off multiplies steps of 5 tokens
-  // or more on AMX tiles, 2.8x the prefill rate), off for CUDA
+  // or more on AMX tiles, 3.4x the prefill rate), off for CUDA
   // (its batch-invariant mode gives up the own small-n GEMM kernel and
   // split-KV decode attention; with fp8 weights or cache, or tensor
   // parallelism, true there is an Unsupported error).

@@ -34,9 +34,10 @@ ScalarType auto_activation_dtype(const std::string& device, ScalarType weight_dt
 // deterministic unset (RuntimeConfig::deterministic): on where the
 // batch-invariant kernels cost nothing measurable (issue 22's rule: < 2%),
 // i.e. on the CPU, but for bf16 activations with bf16 or fp8 weights on a
-// processor with AMX, where deterministic=False multiplies steps of 5 tokens or more on
-// AMX tiles (cpu/gemm.hpp: 2.7x the prefill rate, 2.4x batched decode on a
-// 2-core Xeon VM) and the batch-invariant GEMM cannot; off on CUDA (1.4x
+// processor with AMX, where deterministic=False multiplies steps of 5 tokens
+// or more and prefill attention on AMX tiles (cpu/gemm.hpp,
+// cpu/attention_amx.cpp: 3.4x the prefill rate, 2.4x batched decode on a
+// 2-core Xeon VM) and the batch-invariant kernels cannot; off on CUDA (1.4x
 // batch-1 TPOT there: docs/determinism.md).
 bool auto_deterministic(const std::string& device, ScalarType weight_dtype, ScalarType activation_dtype,
                         bool fp8_weights);
