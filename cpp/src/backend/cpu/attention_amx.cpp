@@ -50,11 +50,11 @@ Buffers& buffers() {
 
 // 32 bf16 lanes: a[0], b[0], a[1], b[1], ... a[15], b[15]
 inline __m512i interleave(const uint16_t* a, const uint16_t* b) {
-  const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
-                                       21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  const __m256i va = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a));
-  const __m256i vb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
-  return _mm512_permutexvar_epi16(idx, _mm512_inserti64x4(_mm512_zextsi256_si512(va), vb, 1));
+  // lane 2i <- a[i] (index i), lane 2i + 1 <- b[i] (index 32 + i)
+  const __m512i idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
+                                       37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i va = _mm512_maskz_loadu_epi16(0xFFFF, a), vb = _mm512_maskz_loadu_epi16(0xFFFF, b);
+  return _mm512_permutex2var_epi16(va, idx, vb);
 }
 
 // C tile `tile` into out's rows r0 .. r0 + rows, columns d0 .. d0 + 16, times inv[r]
