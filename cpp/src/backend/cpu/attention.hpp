@@ -6,7 +6,6 @@
 #pragma once
 
 #include <cstdint>
-#include <vector>
 
 #include "backend/backend.hpp"
 #include "backend/paged_kv.hpp"
@@ -49,8 +48,9 @@ void paged_attention(const BatchView& b, const T* qkv, int64_t num_heads, const 
 namespace amx {
 void tiles_begin();
 void tiles_end();
-// Q's R rows (D bf16 at q + qoff[r]) as qb (R rounded up to 16, D), zeros past R
-void gather_q(const uint16_t* q, const int64_t* qoff, int64_t R, int64_t D, std::vector<uint16_t>& qb);
+// Q's R rows (D bf16 at q + qoff[r]) as (R rounded up to 16, D), zeros past
+// R, in the calling thread's buffer (valid until its next call)
+const uint16_t* gather_q(const uint16_t* q, const int64_t* qoff, int64_t R, int64_t D);
 // s[r][0 .. 16) (row stride lds) = scale * q_r . key j, r < R, for the 16 keys
 // of kt ((D / 2, 16) words: pairs of D of each key, attention's transpose_keys)
 void qk_chunk(const uint16_t* qb, int64_t R, int64_t D, const float* kt, float scale, float* s, int64_t lds);

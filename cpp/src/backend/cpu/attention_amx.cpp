@@ -39,9 +39,9 @@ void configure() { configure_tiles(7); }
 
 // One thread's buffers, kept between calls.
 struct Buffers {
+  std::vector<uint16_t> q;  // (R rounded up to 16, D) bf16 Q, zeros past R
   std::vector<uint16_t> p;  // (R rounded up to 16, kp) bf16 P, zeros past R and nk
   std::vector<uint16_t> v;  // (kp / 2, D, 2) V in pairs of keys, zeros past nk
-  std::vector<float> c;     // (16, 16) one C tile, 64-byte aligned within
 };
 Buffers& buffers() {
   static thread_local Buffers b;
@@ -77,10 +77,12 @@ void store(int tile, float* c, uint16_t* out, const int64_t* ooff, const float* 
 void tiles_begin() { configure(); }
 void tiles_end() { _tile_release(); }
 
-void gather_q(const uint16_t* q, const int64_t* qoff, int64_t R, int64_t D, std::vector<uint16_t>& qb) {
+const uint16_t* gather_q(const uint16_t* q, const int64_t* qoff, int64_t R, int64_t D) {
+  std::vector<uint16_t>& qb = buffers().q;
   const int64_t rp = (R + kRows - 1) / kRows * kRows;
   qb.assign(static_cast<size_t>(rp * D), 0);
   for (int64_t r = 0; r < R; ++r) std::memcpy(qb.data() + r * D, q + qoff[r], static_cast<size_t>(D) * 2);
+  return qb.data();
 }
 
 void qk_chunk(const uint16_t* qb, int64_t R, int64_t D, const float* kt, float scale, float* s, int64_t lds) {
@@ -105,8 +107,7 @@ void pv_bf16(const float* P, int64_t R, int64_t ldp, int64_t nk, const uint16_t*
   const int64_t kp = (nk + kKeys - 1) / kKeys * kKeys, rp = (R + kRows - 1) / kRows * kRows;
   b.p.assign(static_cast<size_t>(rp * kp), 0);
   b.v.resize(static_cast<size_t>(kp * D));
-  b.c.resize(kRows * kRows + 16);
-  float* c = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(b.c.data()) + 63) & ~uintptr_t{63});
+  alignas(64) float c[kRows * kRows];
   for (int64_t r = 0; r < R; ++r) {  // P's rows to bf16 (round to nearest even); zeros past nk stay
     const float* src = P + r * ldp;
     uint16_t* dst = b.p.data() + r * kp;

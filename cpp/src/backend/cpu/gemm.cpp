@@ -99,8 +99,9 @@ const Variant& chosen() {
       for (const Variant& x : all)
         if (x.name == force) return x;
     // The widest, but amx only when asked for: its batch-1 decode streams the
-    // weights at ~0.75x avx512bf16's rate (gemm_amx.cpp), and a token's bits
-    // must not depend on the batch, so it cannot take only the larger steps.
+    // weights at ~0.75x avx512bf16's rate (gemm_amx.cpp); it takes the larger
+    // steps only where a token's bits may depend on the batch
+    // (deterministic=False: gemm_bf16_bf16_any_order).
     return all.back().name == "amx" && all.size() > 1 ? all[all.size() - 2] : all.back();
   }();
   return v;
@@ -120,12 +121,22 @@ void gemm_bf16_bf16(const uint16_t* x, const uint16_t* w, float* y, int64_t n, i
   chosen().bf16_bf16(x, w, y, n, m, k, threads);
 }
 
-bool gemm_amx_for_large_steps() { return has_amx() && chosen().name == "avx512bf16"; }
+bool gemm_amx_for_large_steps() {
+  static const bool on = has_amx() && chosen().name == "avx512bf16";
+  return on;
+}
+
+#ifdef PAGEDRT_HAVE_AMX_KERNEL
+namespace {
+// Whether deterministic=False's GEMMs take a step of n tokens to AMX tiles.
+bool amx_step(int64_t n) { return n >= kAmxMinTokens && gemm_amx_for_large_steps(); }
+}  // namespace
+#endif
 
 void gemm_bf16_bf16_any_order(const uint16_t* x, const uint16_t* w, float* y, int64_t n, int64_t m, int64_t k,
                               int threads) {
 #ifdef PAGEDRT_HAVE_AMX_KERNEL
-  if (n >= kAmxMinTokens && amx::takes(m, k) && gemm_amx_for_large_steps())
+  if (amx_step(n) && amx::takes(m, k))
     return amx::gemm_bf16_bf16(x, w, y, n, m, k, threads);
 #endif
   chosen().bf16_bf16(x, w, y, n, m, k, threads);
@@ -135,7 +146,7 @@ void gemm_f8(const float* xf, const uint16_t* xb, const uint8_t* w, const float*
              int64_t m, int64_t k, int threads, bool any_order) {
   const Variant& v = chosen();
 #ifdef PAGEDRT_HAVE_AMX_KERNEL
-  const bool tiles = any_order && xb != nullptr && n >= kAmxMinTokens && gemm_amx_for_large_steps();
+  const bool tiles = any_order && xb != nullptr && amx_step(n);
 #endif
 #ifdef PAGEDRT_HAVE_AVX512BF16_KERNEL
   // Decode (one token tile): codes widened in registers, each weight once.
