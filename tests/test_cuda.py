@@ -1682,6 +1682,42 @@ def test_async_scheduling_gives_the_tokens_of_steps_one_at_a_time(tiny_llama):
             assert np.allclose([v for _, v in a[k][2]], [v for _, v in b[k][2]], atol=1e-4)
 
 
+def test_async_scheduling_takes_structured_output_steps(tiny_llama):
+    """Structured output under async scheduling on the GPU (issue 19): a step
+    with masked rows is launched before the one ahead is processed, its masks
+    filled once that step's tokens are in (while its forward runs) and its
+    masked picks and draws queued after the forward, their ids fed to the
+    next step on the device. Greedy and seeded sampled requests under a
+    regex, a choice and a JSON schema beside plain ones, in a pool that
+    preempts, give the tokens and finish reasons of async_scheduling="off"
+    (fp32: the batches' different make-up changes no token), and most steps
+    are launched ahead."""
+    from conftest import train_sentencepiece
+    path, _ = tiny_llama(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, vocab_size=400)
+    train_sentencepiece(path)
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"],
+              "additionalProperties": False}
+    kinds = [dict(regex=r"x=[0-9]{1,3};"), dict(choice=["hello world", "bye"]), dict(json_schema=schema),
+             dict(regex=r"the (quick|slow) [a-z]{2,8}"), dict()]
+    prompts, params = [], []
+    for i in range(30):
+        sampled = dict(temperature=0.9, seed=i) if i % 3 == 1 else dict(temperature=0.0)
+        prompts.append(f"the quick {i} " * (1 + i % 4))
+        params.append(pagedrt.SamplingParams(max_tokens=12 + i % 20, **sampled, **kinds[i % len(kinds)]))
+    outs, stats = {}, {}
+    for mode in ("off", "auto"):
+        with pagedrt.Runtime(path, device="cuda", dtype="float32", kv_cache_bytes=1 << 20, block_size=8,
+                             async_scheduling=mode) as rt:
+            outs[mode] = _collect(rt, prompts, params)
+            stats[mode] = rt.stats()
+            assert stats[mode].blocks_used == 0
+    assert stats["off"].async_steps == 0 and stats["auto"].async_steps >= 0.8 * stats["auto"].num_steps
+    assert stats["auto"].mask_rows > 0 and stats["auto"].num_preemptions > 0
+    assert outs["auto"] == outs["off"]
+    stopped = [o[0][1][0] for o, sp in zip(outs["off"], params) if sp.regex or sp.choice or sp.json_schema]
+    assert stopped.count("stop") >= 6, stopped  # the constraints ended answers
+
+
 def test_async_scheduling_bf16_decode_is_bitwise_unchanged(tiny_llama):
     """bf16 (the fast path), greedy and seeded sampling, one request at a time
     (so both runs have the same batches): with async scheduling every decode

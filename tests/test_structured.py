@@ -116,11 +116,14 @@ def test_invalid_constraints_are_clear_errors(rt, kw, where):
     assert rt.generate("hi", max_tokens=2)[0].token_ids  # and it goes on
 
 
-def test_the_sampler_picks_only_masked_tokens(tiny_sp):
+@pytest.mark.parametrize("async_scheduling", ["off", "on"])
+def test_the_sampler_picks_only_masked_tokens(tiny_sp, async_scheduling):
     """The engine's hook: with a provider that allows a random set of tokens at
     each step (also a single token, and the whole vocabulary), every picked
-    token is in its step's set, greedy and sampled, over several sequences."""
-    rt = pagedrt.Runtime(tiny_sp, device="cpu")
+    token is in its step's set, greedy and sampled, over several sequences.
+    With async scheduling the greedy rows' steps are launched ahead: a row
+    must still see only known tokens (no placeholder)."""
+    rt = pagedrt.Runtime(tiny_sp, device="cpu", async_scheduling=async_scheduling)
     vocab = rt.model_info.vocab_size
     rng = np.random.default_rng(0)
     allowed: dict[tuple[str, int, int], set] = {}
@@ -128,6 +131,7 @@ def test_the_sampler_picks_only_masked_tokens(tiny_sp):
     def fill(rows, v):
         assert v == vocab
         for row in rows:
+            assert all(t >= 0 for t in row.generated), list(row.generated)
             k = int(rng.integers(1, 6)) if rng.random() < 0.8 else vocab
             toks = rng.choice(vocab, size=k, replace=False)
             mask = row.mask(vocab)
@@ -161,11 +165,13 @@ def test_the_sampler_picks_only_masked_tokens(tiny_sp):
     rt.close()
 
 
-def test_a_mask_without_tokens_or_a_failing_provider_ends_the_request_with_an_error(tiny_sp):
+@pytest.mark.parametrize("async_scheduling", ["off", "on"])
+def test_a_mask_without_tokens_or_a_failing_provider_ends_the_request_with_an_error(tiny_sp, async_scheduling):
     """A row left allowing nothing ends its sequence with an error, carrying the
     row's reason where the provider gave one (MaskRow.error); a provider that
-    raises ends the rows' requests with its message."""
-    rt = pagedrt.Runtime(tiny_sp, device="cpu")
+    raises ends the rows' requests with its message. With async scheduling
+    the step after such a row is already launched (its token fed as 0)."""
+    rt = pagedrt.Runtime(tiny_sp, device="cpu", async_scheduling=async_scheduling)
 
     def fill(rows, vocab):
         if any(r.request_id == "boom" for r in rows):
@@ -173,6 +179,8 @@ def test_a_mask_without_tokens_or_a_failing_provider_ends_the_request_with_an_er
         for r in rows:
             if r.request_id == "why":
                 r.error = "the grammar is stuck"
+            elif r.request_id == "empty" and len(r.generated) < 2:  # two tokens, then none allowed
+                r.mask(vocab)[0] = np.uint32(1 << 9)
 
     rt._rt.set_token_mask_provider(fill, lambda rid: None)
     p = _core.SamplingParams()
@@ -184,8 +192,59 @@ def test_a_mask_without_tokens_or_a_failing_provider_ends_the_request_with_an_er
         while not (evs and evs[-1].request_finished):
             evs += rt._rt.poll_requests([rid], 1.0)
         assert evs[-1].finish_reason == "error" and want in evs[-1].error, evs[-1].error
+        assert [t for ev in evs for t in ev.token_ids] == ([9, 9] if rid == "empty" else [])
     assert rt.generate([5, 6, 7], max_tokens=3)[0].token_ids  # the engine goes on
     rt.close()
+
+
+def _constrained_mix(r, sampled):
+    """Greedy requests under a regex, a choice and a JSON schema beside plain
+    greedy ones (and, with `sampled`, seeded sampled constrained ones, which
+    the CPU draws on the host), all at once: (token ids, finish reason) each."""
+    jobs = [dict(regex=r"x=[0-9]{1,3};"), dict(choice=["hello world", "bye"]),
+            dict(json_schema={"type": "object", "properties": {"n": {"type": "integer"}},
+                              "required": ["n"], "additionalProperties": False}),
+            dict(regex=r"the (quick|slow) [a-z]{2,8}"), dict(), dict(ignore_eos=True)]
+    params = [pagedrt.SamplingParams(max_tokens=24 + 3 * i, temperature=0.0, **kw) for i, kw in enumerate(jobs)]
+    if sampled:
+        params += [pagedrt.SamplingParams(max_tokens=20, temperature=1.0, seed=i, regex=r"[ab]{1,9}")
+                   for i in range(2)]
+    ids = [r.submit(f"the quick {i}", sp, by_id=True) for i, sp in enumerate(params)]
+    got = {rid: ([], [None]) for rid in ids}
+    pending = set(ids)
+    while pending:
+        for ev in r.poll(list(pending), timeout=5.0):
+            got[ev.request_id][0].extend(ev.token_ids)
+            if ev.request_finished:
+                got[ev.request_id][1][0] = ev.finish_reason
+                pending.discard(ev.request_id)
+    return [(toks, reason[0]) for toks, reason in (got[rid] for rid in ids)]
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_structured_steps_pipelined_give_the_synchronous_tokens(tiny_sp, sampled):
+    """Async scheduling takes steps with structured output: each masked row's
+    mask is filled once the step ahead is processed and its pick queued after
+    the forward. Every token and finish reason equals the synchronous run's
+    (CPU: exact whatever the batch), and with only greedy requests nearly
+    every step is launched ahead. Seeded sampled constrained requests (drawn
+    on the host: their steps are not pipelined), let in as greedy ones end,
+    make the greedy rows' masks follow a launched step's placeholder: filled
+    after it is processed."""
+    runs = []
+    for mode in ("off", "on"):
+        # sampled: at most 4 running, so that a sampled request comes in as a greedy one ends
+        with pagedrt.Runtime(tiny_sp, device="cpu", block_size=4, async_scheduling=mode,
+                             max_num_seqs=4 if sampled else 256) as r:
+            runs.append((_constrained_mix(r, sampled), r.stats()))
+    (want, st_off), (got, st_on) = runs
+    assert got == want
+    assert sum(1 for toks, reason in want[:4] if reason == "stop") >= 2, want  # the constraints ended answers
+    assert st_off.async_steps == 0 and st_on.mask_rows == st_off.mask_rows > 0
+    if sampled:
+        assert 0 < st_on.async_steps < st_on.num_steps
+    else:
+        assert st_on.async_steps >= 0.9 * st_on.num_steps, (st_on.async_steps, st_on.num_steps)
 
 
 def test_chat_set_takes_structured_fields(tmp_path):

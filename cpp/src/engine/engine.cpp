@@ -53,6 +53,7 @@ Engine::Engine(std::shared_ptr<Backend> backend, std::unique_ptr<LlamaModel> mod
   }
   async_ = config.async_scheduling && !drafter_;  // a draft model's forward runs between steps
   if (const char* v = std::getenv("PAGEDRT_CHECKED_PICKS")) checked_picks_ = std::string(v) != "0";
+  if (const char* v = std::getenv("PAGEDRT_PIPELINED_MASKS")) pipeline_masks_ = std::string(v) != "0";
   if (config.scheduler.swap_slots > 0) runner_.enable_swap(config.scheduler.swap_slots);
   auto_preemption_ = config.scheduler.preemption == PreemptionMode::Auto;
   publish_stats();  // the pool as it starts (an elastic one: its first chunk mapped)
@@ -163,10 +164,12 @@ void Engine::loop() {
 struct Engine::PendingMasks {
   std::vector<uint32_t> words;
   std::vector<MaskRow> rows;
-  std::vector<Sequence*> seqs;   // rows[i]'s
-  size_t eager = 0;              // rows filled on the helper thread (the first), before check_picks adds any
+  std::vector<Sequence*> seqs;      // rows[i]'s
+  std::vector<const Request*> reqs;  // rows[i]'s (MaskRow::generated is set when filled)
+  size_t eager = 0;              // rows filled before the picks (the first), before check_picks adds any
   std::vector<MaskRow> later;    // checked picks: rows without a mask (yet), their sequences and
   std::vector<Sequence*> later_seqs;  // their places in the step's schedule
+  std::vector<const Request*> later_reqs;
   std::vector<size_t> later_at;
   HelperThread* filling = nullptr;  // the engine's, while it runs this step's fill
   double start = 0.0, end = 0.0;    // the fill's (steady clock, seconds; set on the helper thread)
@@ -180,6 +183,21 @@ struct Engine::PendingMasks {
       filling->wait();
     } catch (...) {
     }
+  }
+  // Whether a row's sequence still holds a placeholder its fill would read:
+  // the token of a launched step not processed yet (async scheduling).
+  bool reads_pending() const {
+    for (size_t i = 0; i < rows.size(); ++i)
+      if (rows[i].num_generated > seqs[i]->num_known() - reqs[i]->prompt_len) return true;
+    for (size_t i = 0; i < later.size(); ++i)
+      if (later[i].num_generated > later_seqs[i]->num_known() - later_reqs[i]->prompt_len) return true;
+    return false;
+  }
+  // Each row's output tokens, where they are now (a launched step's
+  // placeholder may have grown `tokens` since the row was planned).
+  static void point_to_tokens(std::vector<MaskRow>& rs, const std::vector<Sequence*>& qs,
+                              const std::vector<const Request*>& req) {
+    for (size_t i = 0; i < rs.size(); ++i) rs[i].generated = qs[i]->tokens.data() + req[i]->prompt_len;
   }
   // `words` sized for every row (zeros for new ones), and each row's mask, by_seq
   // and masks' block pointed into it (again after rows were added).
@@ -214,7 +232,7 @@ struct Engine::PendingMasks {
   }
 };
 
-void Engine::start_masks(const SchedulerOutput& step, PendingMasks& pm, bool checked) {
+void Engine::plan_masks(const SchedulerOutput& step, PendingMasks& pm, bool checked) {
   const int64_t vocab = runner_.vocab_size(), words = (vocab + 31) / 32;
   for (size_t at = 0; at < step.scheduled.size(); ++at) {
     const ScheduledSeq& s = step.scheduled[at];
@@ -223,13 +241,13 @@ void Engine::start_masks(const SchedulerOutput& step, PendingMasks& pm, bool che
     MaskRow row;
     row.request_id = s.req->id;
     row.index = q.index;
-    row.generated = q.tokens.data() + s.req->prompt_len;
-    row.num_generated = q.num_tokens() - s.req->prompt_len;
+    row.num_generated = q.num_tokens() - s.req->prompt_len;  // a launched step's placeholder too: known once filled
     if (q.num_draft > 0) {  // a verify step: a row for each position, the i-th after i proposals (token_mask.hpp)
       row.num_generated -= q.num_draft;
       for (int32_t i = 0; i <= q.num_draft; ++i, ++row.num_generated, ++row.num_proposed) {
         pm.rows.push_back(row);
         pm.seqs.push_back(&q);
+        pm.reqs.push_back(s.req);
       }
       continue;
     }
@@ -240,24 +258,31 @@ void Engine::start_masks(const SchedulerOutput& step, PendingMasks& pm, bool che
     if (checked && q.num_draft == 0 && q.mask_eager == 0 && row.num_generated > 0) {
       pm.later.push_back(std::move(row));
       pm.later_seqs.push_back(&q);
+      pm.later_reqs.push_back(s.req);
       pm.later_at.push_back(at);
       continue;
     }
     if (q.mask_eager > 0) --q.mask_eager;
     pm.rows.push_back(std::move(row));
     pm.seqs.push_back(&q);
+    pm.reqs.push_back(s.req);
   }
   pm.eager = pm.rows.size();
-  if (pm.rows.empty() && pm.later.empty()) return;
-  const std::shared_ptr<TokenMaskProvider> provider = mask_provider();
   if (!pm.rows.empty()) {
     pm.lay_out(words);
-    if (!provider) {
-      pm.masks.error = "no TokenMaskProvider is set";
-      return;
-    }
+    if (!mask_provider()) pm.masks.error = "no TokenMaskProvider is set";
   }
-  if (!provider) return;  // check_picks reports it
+}
+
+void Engine::start_masks(PendingMasks& pm) {
+  if (pm.rows.empty() && pm.later.empty()) return;
+  const int64_t vocab = runner_.vocab_size();
+  const std::shared_ptr<TokenMaskProvider> provider = mask_provider();
+  if (!provider) return;  // plan_masks said so; check_picks reports it for checked rows
+  if (pm.reads_pending())  // the helper would race the step ahead's processing for the token
+    throw Error(ErrorKind::Runtime, "structured output: a mask filled before the token it follows is known");
+  PendingMasks::point_to_tokens(pm.rows, pm.seqs, pm.reqs);
+  PendingMasks::point_to_tokens(pm.later, pm.later_seqs, pm.later_reqs);
   // The fill's threads get cores of their own while it runs (a CPU forward
   // that kept every core left the masks to queue behind its team's threads:
   // 16-core Xeon, 32 JSON rows, forwards 7-11 ms longer a step).
@@ -286,6 +311,43 @@ void Engine::start_masks(const SchedulerOutput& step, PendingMasks& pm, bool che
     runner_.lend_threads(0);
     throw;
   }
+}
+
+void Engine::fill_masks_now(PendingMasks& pm) {
+  PendingMasks::point_to_tokens(pm.later, pm.later_seqs, pm.later_reqs);  // check_picks' rows
+  if (pm.rows.empty()) return;
+  const std::shared_ptr<TokenMaskProvider> provider = mask_provider();
+  if (!provider) return;  // plan_masks set the error
+  // Rows of sequences the step before ended are read by no one: left empty.
+  std::vector<MaskRow> live;
+  std::vector<size_t> at;
+  for (size_t i = 0; i < pm.rows.size(); ++i) {
+    if (pm.seqs[i]->done) continue;
+    pm.rows[i].generated = pm.seqs[i]->tokens.data() + pm.reqs[i]->prompt_len;
+    live.push_back(pm.rows[i]);
+    at.push_back(i);
+  }
+  const double start = now_s();
+  if (!live.empty()) {
+    try {
+      provider->fill(live, runner_.vocab_size());
+      for (size_t k = 0; k < live.size(); ++k) pm.rows[at[k]].error = std::move(live[k].error);
+      pm.note_errors();
+    } catch (const std::exception& e) {
+      pm.masks.error = e.what();
+      std::fill(pm.words.begin(), pm.words.end(), 0u);  // its rows allow nothing: they end with the error
+    }
+  }
+  pm.start = start;
+  pm.end = now_s();
+  // Waited for: the device was idle by then (its forward done: conservative,
+  // all of the fill), or not at all. The CPU's forward is done at launch.
+  bool idle = true;
+  try {
+    idle = runner_.forward_finished();
+  } catch (const std::exception&) {  // the device's fault: the step's collect reports it
+  }
+  stats_.count_masks(static_cast<int64_t>(live.size()), pm.end - pm.start, idle ? pm.end - pm.start : 0.0);
 }
 
 void Engine::propose_drafts() {
@@ -322,6 +384,8 @@ struct Engine::Launched {
   uint64_t id = 0;
   double start = 0.0;            // launch (steady clock, seconds)
   int64_t prompt_tokens = 0;
+  std::vector<uint32_t> mask_words;  // structured output's rows: their masks (a row that allows none ends)
+  StepMasks masks;
 };
 
 void Engine::finish_launched() {
@@ -343,7 +407,7 @@ void Engine::finish_launched() {
     average_in(recompute_s_per_token_, seconds / static_cast<double>(l->step.num_tokens));
     scheduler_.set_costs(recompute_s_per_token_, swap_s_per_block_);
   }
-  outputs_.process_launched(l->step, l->out, l->sources);
+  outputs_.process_launched(l->step, l->out, l->sources, l->masks);
   stats_.count_output(now_s() - end);
   steps_processed_ = l->id;
 }
@@ -392,21 +456,32 @@ void Engine::step() {
   // and plain greedy rows, no logits row leaves the device.
   const bool device_sample = runner_.has_device_sample();
   const bool device_all = !device_greedy && device_sample && outputs_.device_only(step);
+  // Async scheduling: launched now, processed in the next iteration (after
+  // the next step is launched). Structured output's rows too: their masks are
+  // filled once the step ahead is processed (they need its tokens), while the
+  // device runs this step's forward, and their picks queued after it.
+  const std::shared_ptr<TokenMaskProvider> provider = mask_provider();
+  const bool pipelined = async_ && (device_greedy || device_all) &&
+                         OutputProcessor::pipelinable(step, pipeline_masks_ && provider != nullptr);
   PendingMasks pm;
-  {
-    const std::shared_ptr<TokenMaskProvider> provider = mask_provider();
-    start_masks(step, pm, checked_picks_ && device_greedy && provider && provider->validates());
+  plan_masks(step, pm, !pipelined && checked_picks_ && device_greedy && provider && provider->validates());
+  const bool masks_later = pipelined && !pm.rows.empty();
+  // A row whose sequence still waits for a launched step's token is filled
+  // once that step is processed (after this one's launch), not beside it.
+  const bool fill_after = masks_later || pm.reads_pending();
+  if (!fill_after) {
+    try {
+      start_masks(pm);
+    } catch (const std::exception& e) {  // the masked rows allow nothing: their sequences end with this error
+      pm.masks.error = e.what();
+      std::fill(pm.words.begin(), pm.words.end(), 0u);
+    }
   }
   // Structured-output rows are picked and drawn once their masks are known
   // (the helper thread fills them while the forward runs): greedy ones by the
   // device argmax, sampled ones with the step's other device draws.
   const bool device_picks = device_greedy || (device_all && OutputProcessor::any_greedy(step));
   const bool defer_picks = device_picks && (!pm.rows.empty() || !pm.later.empty());
-  // Async scheduling: launched now, processed in the next iteration (after
-  // the next step is launched).
-  const bool pipelined =
-      async_ && pm.rows.empty() && pm.later.empty() && (device_greedy || device_all) &&
-      OutputProcessor::pipelinable(step);
   int64_t prompt_tokens = 0;
   for (const ScheduledSeq& s : step.scheduled)
     prompt_tokens += std::max<int64_t>(
@@ -421,14 +496,20 @@ void Engine::step() {
     out.first_draw = std::move(draws.first_draw);
     stats_.count_device_draws(static_cast<int64_t>(draws.rows.size()));
   };
+  DeviceDraws later_draws;  // masks_later: planned now (launched() needs their order), drawn once the masks are in
   std::unique_ptr<Launched> l;
   try {
     out = runner_.run(step, device_greedy || device_all, defer_picks || device_all, pipelined);
     if (device_all && device_picks && !defer_picks) runner_.pick(out, RowMasks{});
     if (device_sample && pm.rows.empty()) draw_on_device();
+    if (masks_later && device_sample) {
+      later_draws = outputs_.device_draws(step, out, pm.masks);
+      out.first_draw = later_draws.first_draw;
+    }
+    if (masks_later) runner_.mark_forward_end();
     if (pipelined) {
       l = std::make_unique<Launched>();
-      l->ticket = runner_.end_results();
+      if (!masks_later) l->ticket = runner_.end_results();
     }
   } catch (const std::exception& e) {
     pm.wait();
@@ -445,12 +526,35 @@ void Engine::step() {
     l->step = std::move(step);
     l->out = std::move(out);
     finish_launched();
+    if (masks_later) {
+      try {
+        fill_masks_now(pm);
+        if (device_picks) pick_masked(l->step, l->out, pm);
+        if (!later_draws.rows.empty()) {
+          runner_.sample(l->out, later_draws);
+          stats_.count_device_draws(static_cast<int64_t>(later_draws.rows.size()));
+        }
+        l->ticket = runner_.end_results();
+      } catch (const std::exception& e) {
+        fail_step(l->step, e.what());
+        steps_processed_ = id;
+        return;
+      }
+      l->mask_words = std::move(pm.words);  // masks.by_seq points into them (a moved vector keeps its block)
+      l->masks = std::move(pm.masks);
+    }
     launched_ = std::move(l);
     return;
   }
   const double forward_end = now_s();
   finish_launched();  // the step ahead of this one (collect waits only for its results, queued before this step)
-  pm.wait();
+  if (fill_after) {
+    fill_masks_now(pm);
+  } else {
+    pm.wait();
+    if (pm.start > 0.0)  // masks were filled for this step
+      stats_.count_masks(static_cast<int64_t>(pm.eager), pm.end - pm.start, std::max(0.0, pm.end - forward_end));
+  }
   if (!pm.rows.empty() || !pm.later.empty()) {
     try {
       if (defer_picks) pick_masked(step, out, pm);
@@ -462,8 +566,6 @@ void Engine::step() {
       return;
     }
   }
-  if (pm.start > 0.0)  // masks were filled for this step
-    stats_.count_masks(static_cast<int64_t>(pm.eager), pm.end - pm.start, std::max(0.0, pm.end - forward_end));
   stats_.count_step(static_cast<int64_t>(step.preempted.size()), prompt_tokens, forward_end - forward_start,
                     out.padded_tokens);
   if (auto_preemption_ && prompt_tokens > 0) {  // what a token computed again costs

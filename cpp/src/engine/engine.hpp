@@ -132,14 +132,21 @@ class Engine final : private OutputSink {
   void count_generated(int64_t tokens) override { stats_.count_generated(tokens); }
   void count_speculative(int64_t proposed, int64_t accepted) override { stats_.count_speculative(proposed, accepted); }
   void finish_seq(Request& r, Sequence& s, FinishReason reason, const std::string& error) override;
-  // Starts filling the masks of this step's masked sampling rows on a helper
-  // thread (the forward runs meanwhile); wait() before the outputs use them.
-  // checked: the step's picks are plain greedy on the device and the
-  // provider validates: rows of sequences not in their eager steps (nor at
-  // their first token, nor drafting) are left to check_picks() (pm.later)
-  // instead, and given to the provider's prepare() meanwhile.
+  // The rows of this step's masked sampling sequences, laid out (zeroed),
+  // not filled yet. checked: the step's picks are plain greedy on the device
+  // and the provider validates: rows of sequences not in their eager steps
+  // (nor at their first token, nor drafting) are left to check_picks()
+  // (pm.later) instead.
   struct PendingMasks;
-  void start_masks(const SchedulerOutput& step, PendingMasks& pm, bool checked);
+  void plan_masks(const SchedulerOutput& step, PendingMasks& pm, bool checked);
+  // Starts filling the planned masks on a helper thread (the forward runs
+  // meanwhile; pm.later go to the provider's prepare()); wait() before the
+  // outputs use them.
+  void start_masks(PendingMasks& pm);
+  // Fills the planned masks here and now, once the tokens they follow are
+  // known (async scheduling: after the step ahead is processed, while the
+  // device runs this one). Rows of sequences that have ended are left empty.
+  void fill_masks_now(PendingMasks& pm);
   // Greedy picks on the device for a step whose forward left its logits there
   // (ModelRunner::run with defer_picks), its masked rows masked.
   void pick_masked(const SchedulerOutput& step, ModelOutput& out, const PendingMasks& pm);
@@ -153,6 +160,10 @@ class Engine final : private OutputSink {
   void check_picks(const SchedulerOutput& step, ModelOutput& out, PendingMasks& pm);
   static constexpr int32_t kMaxEagerMaskSteps = 64;
   bool checked_picks_ = true;  // PAGEDRT_CHECKED_PICKS=0: every masked row's mask before its pick (A/B runs)
+  // Async scheduling takes steps with structured output too (their masks
+  // before every pick: a checked pick refused would change a token already
+  // fed to the next step); PAGEDRT_PIPELINED_MASKS=0 leaves them synchronous (A/B runs).
+  bool pipeline_masks_ = true;
   void finish_beams(Request& r, std::vector<Event> finals) override;
   // Ends every live sequence of a request (abort, error, shutdown).
   void finish_request(Request& r, FinishReason reason, const std::string& error = "");

@@ -1,5 +1,6 @@
 #include "engine/model_runner.hpp"
 
+#include <algorithm>
 #include <chrono>
 #include <string>
 #include <thread>
@@ -101,9 +102,11 @@ ModelOutput ModelRunner::run(const SchedulerOutput& step, bool device_greedy, bo
       batch_.feed_from(fed_ticket_);
     } else {  // the results are here already
       const Results& from = results_[fed_];
-      for (const TokenFeedback& f : batch_.feedback())
-        batch_.set_token(f.token, f.source >= 0 ? from.argmax.at(static_cast<size_t>(f.source))
-                                                : from.sampled.at(static_cast<size_t>(-1 - f.source)));
+      for (const TokenFeedback& f : batch_.feedback()) {
+        const int32_t t = f.source >= 0 ? from.argmax.at(static_cast<size_t>(f.source))
+                                        : from.sampled.at(static_cast<size_t>(-1 - f.source));
+        batch_.set_token(f.token, std::max(t, 0));  // none (a mask that allowed nothing): its sequence ends, row unread
+      }
       batch_.clear_feedback();
     }
   }

@@ -242,11 +242,11 @@ void OutputProcessor::cache_known(Sequence& s) {
   kv_.cache_full_blocks(s.blocks, s.tokens.data(), std::min(s.num_computed, s.num_known()));
 }
 
-bool OutputProcessor::pipelinable(const SchedulerOutput& step) {
-  return std::all_of(step.scheduled.begin(), step.scheduled.end(), [](const ScheduledSeq& s) {
+bool OutputProcessor::pipelinable(const SchedulerOutput& step, bool masked_ok) {
+  return std::all_of(step.scheduled.begin(), step.scheduled.end(), [masked_ok](const ScheduledSeq& s) {
     const SamplingParams& p = s.req->params;
     const int64_t generated = s.req->num_generated(*s.seq);
-    return !p.masked && p.speculative.empty() && s.seq->num_draft == 0 && (p.n == 1 || s.req->expanded) &&
+    return (!p.masked || masked_ok) && p.speculative.empty() && s.seq->num_draft == 0 && (p.n == 1 || s.req->expanded) &&
            !p.is_beam_search() && !p.return_logits && !p.prompt_logprobs &&
            !Sampler::needs_processing(p, generated) && (plain_greedy(s) || Sampler::drawn_on_device(p, generated));
   });
@@ -271,9 +271,8 @@ std::vector<int32_t> OutputProcessor::launched(const SchedulerOutput& step, cons
 }
 
 void OutputProcessor::process_launched(const SchedulerOutput& step, const ModelOutput& out,
-                                       const std::vector<int32_t>& sources) {
-  static const StepMasks kNoMasks;
-  masks_ = &kNoMasks;
+                                       const std::vector<int32_t>& sources, const StepMasks& masks) {
+  masks_ = &masks;
   for (size_t i = 0; i < step.scheduled.size(); ++i) {
     const ScheduledSeq& sc = step.scheduled[i];
     const int32_t source = sources[i];
@@ -281,7 +280,10 @@ void OutputProcessor::process_launched(const SchedulerOutput& step, const ModelO
     Pick pick;
     pick.req = sc.req;
     pick.seq = sc.seq;
-    if (source >= 0) {
+    const auto m = masks.by_seq.find(sc.seq);
+    if (m != masks.by_seq.end() && !Sampler::mask_allows_any(m->second, out.vocab)) {
+      pick.token = -1;  // apply() ends it with the mask's error
+    } else if (source >= 0) {
       pick.token = out.argmax[source];
     } else {
       const int32_t draw = -1 - source;
@@ -292,6 +294,8 @@ void OutputProcessor::process_launched(const SchedulerOutput& step, const ModelO
     cache_known(*sc.seq);
     sink_.push_event(make_event(*sc.req, *sc.seq, false, false, FinishReason::None, ""));
   }
+  static const StepMasks kNoMasks;
+  masks_ = &kNoMasks;  // `masks` goes with its step
 }
 
 bool OutputProcessor::apply(Pick& k) {

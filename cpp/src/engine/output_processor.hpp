@@ -106,10 +106,11 @@ class OutputProcessor {
   // Async scheduling (engine/engine.hpp). Whether a step may be launched
   // before the step ahead of it is processed and processed after the next
   // one is launched: every row picked or drawn on the device from what the
-  // host knows at launch (no structured output, penalties, logit bias or
-  // min_tokens bans, beams, n > 1 forks, speculation, returned logits or
-  // prompt logprobs).
-  static bool pipelinable(const SchedulerOutput& step);
+  // host knows at launch (no penalties, logit bias or min_tokens bans,
+  // beams, n > 1 forks, speculation, returned logits or prompt logprobs),
+  // and, unless `masked_ok`, no structured output (the engine then picks its
+  // rows once their masks are filled, after the step ahead is processed).
+  static bool pipelinable(const SchedulerOutput& step, bool masked_ok = false);
   // A pipelinable step just launched: its sequences advance (num_computed;
   // full blocks whose ids are known join the prefix cache) and each sampling
   // one gets a placeholder token (Sequence::pending), so that the next
@@ -117,8 +118,10 @@ class OutputProcessor {
   // token is in the step's results (TokenFeedback::source; kNoSource: none).
   std::vector<int32_t> launched(const SchedulerOutput& step, const ModelOutput& out);
   // Its results, once collected: each placeholder takes its token, then the
-  // stop rules and events as process() (skipping sequences ended meanwhile).
-  void process_launched(const SchedulerOutput& step, const ModelOutput& out, const std::vector<int32_t>& sources);
+  // stop rules and events as process() (skipping sequences ended meanwhile);
+  // a row whose mask (`masks`) allows no token ends its sequence with an error.
+  void process_launched(const SchedulerOutput& step, const ModelOutput& out, const std::vector<int32_t>& sources,
+                        const StepMasks& masks);
   static constexpr int32_t kNoSource = INT32_MIN;
 
   // An event carrying what `s` produced since its last event.

@@ -506,7 +506,9 @@ __global__ void swap_blocks_kernel(uint8_t* base, uint8_t* host, int64_t block_b
 
 __global__ void feed_tokens_kernel(int32_t* tokens, const int2* fb, int n, const int32_t* picks, const int32_t* draws) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i < n) tokens[fb[i].x] = fb[i].y >= 0 ? picks[fb[i].y] : draws[-1 - fb[i].y];
+  if (i >= n) return;
+  const int32_t t = fb[i].y >= 0 ? picks[fb[i].y] : draws[-1 - fb[i].y];
+  tokens[fb[i].x] = t < 0 ? 0 : t;  // none (a mask that allowed nothing): its sequence ends, this row unread
 }
 
 }  // namespace
