@@ -171,6 +171,8 @@ struct Engine::PendingMasks {
   std::vector<Sequence*> later_seqs;  // their places in the step's schedule
   std::vector<const Request*> later_reqs;
   std::vector<size_t> later_at;
+  std::vector<MaskRow> live;       // start_live_masks: the rows of sequences not ended, filled
+  std::vector<size_t> live_at;     // their places in `rows`
   HelperThread* filling = nullptr;  // the engine's, while it runs this step's fill
   double start = 0.0, end = 0.0;    // the fill's (steady clock, seconds; set on the helper thread)
   StepMasks masks;
@@ -223,6 +225,7 @@ struct Engine::PendingMasks {
       masks.error = e.what();
       std::fill(words.begin(), words.end(), 0u);  // its rows allow nothing: they end with the error
     }
+    for (size_t k = 0; k < live.size(); ++k) rows[live_at[k]].error = std::move(live[k].error);
     note_errors();
   }
   // The reasons the provider gave for rows that allow nothing (MaskRow::error).
@@ -313,41 +316,37 @@ void Engine::start_masks(PendingMasks& pm) {
   }
 }
 
-void Engine::fill_masks_now(PendingMasks& pm) {
+void Engine::start_live_masks(PendingMasks& pm) {
   PendingMasks::point_to_tokens(pm.later, pm.later_seqs, pm.later_reqs);  // check_picks' rows
   if (pm.rows.empty()) return;
   const std::shared_ptr<TokenMaskProvider> provider = mask_provider();
   if (!provider) return;  // plan_masks set the error
   // Rows of sequences the step before ended are read by no one: left empty.
-  std::vector<MaskRow> live;
-  std::vector<size_t> at;
   for (size_t i = 0; i < pm.rows.size(); ++i) {
     if (pm.seqs[i]->done) continue;
     pm.rows[i].generated = pm.seqs[i]->tokens.data() + pm.reqs[i]->prompt_len;
-    live.push_back(pm.rows[i]);
-    at.push_back(i);
+    pm.live.push_back(pm.rows[i]);
+    pm.live_at.push_back(i);
   }
-  const double start = now_s();
-  if (!live.empty()) {
-    try {
-      provider->fill(live, runner_.vocab_size());
-      for (size_t k = 0; k < live.size(); ++k) pm.rows[at[k]].error = std::move(live[k].error);
-      pm.note_errors();
-    } catch (const std::exception& e) {
-      pm.masks.error = e.what();
-      std::fill(pm.words.begin(), pm.words.end(), 0u);  // its rows allow nothing: they end with the error
-    }
-  }
-  pm.start = start;
-  pm.end = now_s();
-  // Waited for: the device was idle by then (its forward done: conservative,
-  // all of the fill), or not at all. The CPU's forward is done at launch.
-  bool idle = true;
+  if (pm.live.empty()) return;
+  struct GiveBack {
+    ModelRunner& runner;
+    ~GiveBack() { runner.lend_threads(0); }
+  };
+  const int64_t vocab = runner_.vocab_size();
+  runner_.lend_threads(std::max(0, provider->threads()));
   try {
-    idle = runner_.forward_finished();
-  } catch (const std::exception&) {  // the device's fault: the step's collect reports it
+    mask_helper_.start([this, &pm, provider, vocab] {
+      GiveBack give_back{runner_};
+      pm.start = now_s();
+      provider->fill(pm.live, vocab);
+      pm.end = now_s();
+    });
+    pm.filling = &mask_helper_;
+  } catch (const std::exception& e) {  // no thread to be had: the rows allow nothing, their sequences end with it
+    runner_.lend_threads(0);
+    pm.masks.error = e.what();
   }
-  stats_.count_masks(static_cast<int64_t>(live.size()), pm.end - pm.start, idle ? pm.end - pm.start : 0.0);
 }
 
 void Engine::propose_drafts() {
@@ -384,12 +383,45 @@ struct Engine::Launched {
   uint64_t id = 0;
   double start = 0.0;            // launch (steady clock, seconds)
   int64_t prompt_tokens = 0;
-  std::vector<uint32_t> mask_words;  // structured output's rows: their masks (a row that allows none ends)
+  // Structured output's rows (masks_later): their masks, filling on the
+  // helper thread until complete_launch() queues the picks and draws that
+  // read them; then the masks (a row that allows none ends its sequence).
+  std::unique_ptr<PendingMasks> pm;
+  DeviceDraws draws;
+  bool device_picks = false;
+  std::vector<uint32_t> mask_words;
   StepMasks masks;
 };
 
+bool Engine::complete_launch() {
+  if (!launched_ || !launched_->pm) return true;
+  Launched& l = *launched_;
+  PendingMasks& pm = *l.pm;
+  const double wait_start = now_s();
+  pm.wait();
+  if (pm.start > 0.0)  // waited: what the engine's own work since the fill began did not hide
+    stats_.count_masks(static_cast<int64_t>(pm.live.size()), pm.end - pm.start, now_s() - wait_start);
+  try {
+    if (l.device_picks) pick_masked(l.step, l.out, pm);
+    if (!l.draws.rows.empty()) {
+      runner_.sample(l.out, l.draws);
+      stats_.count_device_draws(static_cast<int64_t>(l.draws.rows.size()));
+    }
+    l.ticket = runner_.end_results();
+  } catch (const std::exception& e) {
+    const std::unique_ptr<Launched> failed = std::move(launched_);
+    fail_step(failed->step, e.what());
+    steps_processed_ = failed->id;
+    return false;
+  }
+  l.mask_words = std::move(pm.words);  // masks.by_seq points into them (a moved vector keeps its block)
+  l.masks = std::move(pm.masks);
+  l.pm.reset();
+  return true;
+}
+
 void Engine::finish_launched() {
-  if (!launched_) return;
+  if (!complete_launch() || !launched_) return;
   const std::unique_ptr<Launched> l = std::move(launched_);
   try {
     runner_.collect(l->ticket);
@@ -433,6 +465,9 @@ void Engine::step() {
                        std::to_string(pool_.num_mapped_blocks()) + " of " + std::to_string(pool_.num_blocks()) +
                        " blocks mapped; the device's memory is taken by something else); try again later, or "
                        "take the pool at start with elastic_kv=False");
+  // The launched step's structured-output picks (their masks filled while
+  // this step was scheduled), queued before anything of this step.
+  if (!complete_launch()) return fail_step(step, "the step ahead of this one failed");
   if (!step.swap_out.empty() || !step.swap_in.empty()) {
     try {
       swap(step);
@@ -463,7 +498,8 @@ void Engine::step() {
   const std::shared_ptr<TokenMaskProvider> provider = mask_provider();
   const bool pipelined = async_ && (device_greedy || device_all) &&
                          OutputProcessor::pipelinable(step, pipeline_masks_ && provider != nullptr);
-  PendingMasks pm;
+  auto pm_owned = std::make_unique<PendingMasks>();  // masks_later: goes with the launched step
+  PendingMasks& pm = *pm_owned;
   plan_masks(step, pm, !pipelined && checked_picks_ && device_greedy && provider && provider->validates());
   const bool masks_later = pipelined && !pm.rows.empty();
   // A row whose sequence still waits for a launched step's token is filled
@@ -506,7 +542,6 @@ void Engine::step() {
       later_draws = outputs_.device_draws(step, out, pm.masks);
       out.first_draw = later_draws.first_draw;
     }
-    if (masks_later) runner_.mark_forward_end();
     if (pipelined) {
       l = std::make_unique<Launched>();
       if (!masks_later) l->ticket = runner_.end_results();
@@ -526,35 +561,22 @@ void Engine::step() {
     l->step = std::move(step);
     l->out = std::move(out);
     finish_launched();
-    if (masks_later) {
-      try {
-        fill_masks_now(pm);
-        if (device_picks) pick_masked(l->step, l->out, pm);
-        if (!later_draws.rows.empty()) {
-          runner_.sample(l->out, later_draws);
-          stats_.count_device_draws(static_cast<int64_t>(later_draws.rows.size()));
-        }
-        l->ticket = runner_.end_results();
-      } catch (const std::exception& e) {
-        fail_step(l->step, e.what());
-        steps_processed_ = id;
-        return;
-      }
-      l->mask_words = std::move(pm.words);  // masks.by_seq points into them (a moved vector keeps its block)
-      l->masks = std::move(pm.masks);
+    if (masks_later) {  // the fill runs while the engine schedules the next step; complete_launch() picks
+      start_live_masks(pm);
+      l->pm = std::move(pm_owned);
+      l->draws = std::move(later_draws);
+      l->device_picks = device_picks;
     }
     launched_ = std::move(l);
     return;
   }
   const double forward_end = now_s();
   finish_launched();  // the step ahead of this one (collect waits only for its results, queued before this step)
-  if (fill_after) {
-    fill_masks_now(pm);
-  } else {
-    pm.wait();
-    if (pm.start > 0.0)  // masks were filled for this step
-      stats_.count_masks(static_cast<int64_t>(pm.eager), pm.end - pm.start, std::max(0.0, pm.end - forward_end));
-  }
+  if (fill_after) start_live_masks(pm);  // its tokens are all known now
+  pm.wait();
+  if (pm.start > 0.0)  // masks were filled for this step
+    stats_.count_masks(static_cast<int64_t>(fill_after ? pm.live.size() : pm.eager), pm.end - pm.start,
+                       std::max(0.0, pm.end - (fill_after ? pm.start : forward_end)));
   if (!pm.rows.empty() || !pm.later.empty()) {
     try {
       if (defer_picks) pick_masked(step, out, pm);
@@ -698,6 +720,12 @@ void Engine::drain_inbox() {
 // Whatever is still queued or running ends with an Abort event, oldest first.
 void Engine::shutdown() {
   if (launched_) {  // its results are not needed: every request ends with Abort
+    if (launched_->pm) {  // its picks were never queued: only its masks' fill to wait for
+      launched_->pm->wait();
+      launched_.reset();
+    }
+  }
+  if (launched_) {
     try {
       runner_.collect(launched_->ticket);
     } catch (const std::exception&) {

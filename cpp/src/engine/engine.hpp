@@ -143,10 +143,11 @@ class Engine final : private OutputSink {
   // meanwhile; pm.later go to the provider's prepare()); wait() before the
   // outputs use them.
   void start_masks(PendingMasks& pm);
-  // Fills the planned masks here and now, once the tokens they follow are
-  // known (async scheduling: after the step ahead is processed, while the
-  // device runs this one). Rows of sequences that have ended are left empty.
-  void fill_masks_now(PendingMasks& pm);
+  // Starts filling the planned masks on the helper thread once the tokens
+  // they follow are known (async scheduling: after the step ahead is
+  // processed, while the device runs this one). Rows of sequences that have
+  // ended are left empty.
+  void start_live_masks(PendingMasks& pm);
   // Greedy picks on the device for a step whose forward left its logits there
   // (ModelRunner::run with defer_picks), its masked rows masked.
   void pick_masked(const SchedulerOutput& step, ModelOutput& out, const PendingMasks& pm);
@@ -176,6 +177,11 @@ class Engine final : private OutputSink {
   std::unique_ptr<Launched> launched_;
   // Collects and processes it (nothing when there is none).
   void finish_launched();
+  // A launched step with structured output (its masks filling since the step
+  // ahead was processed): waits for the masks and queues its picks and
+  // draws, once the engine has scheduled the next step meanwhile. False when
+  // that failed (the step's requests end with the error).
+  bool complete_launch();
   // Moves an ended request or sequence out of the way until the steps
   // launched so far are processed (a launched step may still name it).
   void retire(std::unique_ptr<Request> r) { retired_requests_.emplace_back(steps_launched_, std::move(r)); }

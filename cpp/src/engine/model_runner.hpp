@@ -130,10 +130,6 @@ class ModelRunner {
   int64_t bytes_per_block() const;
   int tensor_parallel_size() const { return static_cast<int>(tp_.peers.size()) + 1; }
   void synchronize();  // what every rank's device has queued is done
-  // Marks the end of the work rank 0's device has queued so far; whether it
-  // has finished, without waiting (Backend::mark_step_end, step_finished).
-  void mark_forward_end() { backend_->mark_step_end(); }
-  bool forward_finished() { return backend_->step_finished(); }
   void lend_threads(int n);  // Backend::lend_threads, every rank's
   int64_t vocab_size() const { return model_->config().vocab_size; }
   // Frees the weights and the KV storage, then drops its share of the backend
