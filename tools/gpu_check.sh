@@ -318,17 +318,17 @@ if has structured && [ -d "$WORK/smolpkg" ]; then
   (timeout 240 $PY -m pytest tests/test_cuda.py -q -rs -p no:cacheprovider -k "structured" 2>&1 | tail -15)
   # async scheduling takes the JSON steps (masks filled while the next forward runs), then the A/B:
   # PAGEDRT_PIPELINED_MASKS=0 (steps one at a time, checked picks and masked first)
-  (cd /tmp && timeout 150 $PY "$OLDPWD/tools/bench_structured.py" --device cuda --rounds 3 \
+  (cd /tmp && timeout 150 $PY "$OLDPWD/tools/bench_structured.py" --device cuda --rounds 5 --max-tokens 128 \
      --json "$OUT/structured.json" 2>&1 | grep -v "it/s\]")
-  (cd /tmp && PAGEDRT_PIPELINED_MASKS=0 timeout 150 $PY "$OLDPWD/tools/bench_structured.py" --device cuda --rounds 3 \
+  (cd /tmp && PAGEDRT_PIPELINED_MASKS=0 timeout 150 $PY "$OLDPWD/tools/bench_structured.py" --device cuda --rounds 5 --max-tokens 128 \
      --checked both --json "$OUT/structured_sync.json" 2>&1 | grep -v "it/s\]")
   SMOL=$(cd /tmp && $PY -c "import pagedrt; print(pagedrt.default_model(progress=False))")
   make8btok
   (cd /tmp && timeout $(( $(left) / 2 > 30 ? $(left) / 2 : 30 )) $PY "$OLDPWD/tools/bench_structured.py" \
-     --model "$LLAMA8B_TOK" --device cuda --rounds 3 --json "$OUT/structured_8b.json" 2>&1 \
+     --model "$LLAMA8B_TOK" --device cuda --rounds 5 --max-tokens 128 --json "$OUT/structured_8b.json" 2>&1 \
      | grep -v "it/s\]")
   (cd /tmp && PAGEDRT_PIPELINED_MASKS=0 timeout $(( $(left) - 20 > 30 ? $(left) - 20 : 30 )) $PY \
-     "$OLDPWD/tools/bench_structured.py" --model "$LLAMA8B_TOK" --device cuda --rounds 3 --checked off \
+     "$OLDPWD/tools/bench_structured.py" --model "$LLAMA8B_TOK" --device cuda --rounds 5 --max-tokens 128 --checked off \
      --json "$OUT/structured_8b_sync.json" 2>&1 | grep -v "it/s\]")
 fi
 
