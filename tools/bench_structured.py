@@ -50,6 +50,8 @@ def run(rt, prompts, **kw):
             "steps": steps, "wall_ms_per_step": 1e3 * wall / steps,
             "forward_ms_per_step": 1e3 * (after.forward_seconds - before.forward_seconds) / steps,
             "output_ms_per_step": 1e3 * (after.output_seconds - before.output_seconds) / steps,
+            "launch_ms_per_step": 1e3 * (after.launch_seconds - before.launch_seconds) / steps,
+            "collect_wait_ms_per_step": 1e3 * (after.collect_wait_seconds - before.collect_wait_seconds) / steps,
             "mask_wait_ms_per_step": 1e3 * (after.mask_wait_seconds - before.mask_wait_seconds) / steps,
             "async_steps": after.async_steps - before.async_steps,
             "rows_checked": after.mask_rows_checked - before.mask_rows_checked,
@@ -58,7 +60,8 @@ def run(rt, prompts, **kw):
 
 def breakdown(r):
     return (f"{r['steps']} steps of {r['wall_ms_per_step']:.2f} ms ({r['async_steps']} launched ahead): "
-            f"forward {r['forward_ms_per_step']:.2f}, "
+            f"forward {r['forward_ms_per_step']:.2f}, launching {r['launch_ms_per_step']:.2f}, "
+            f"waiting for the device {r['collect_wait_ms_per_step']:.2f}, "
             f"waiting for masks {r['mask_wait_ms_per_step']:.2f}, outputs {r['output_ms_per_step']:.2f}"
             + (f"; picks checked without a mask {r['rows_checked']}, refused {r['rows_refused']}"
                if r["rows_checked"] else ""))

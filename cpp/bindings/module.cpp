@@ -364,6 +364,8 @@ NB_MODULE(_core, m) {
       .ro("spec_accepted", &pagedrt::Stats::spec_accepted)
       .ro("forward_seconds", &pagedrt::Stats::forward_seconds)
       .ro("output_seconds", &pagedrt::Stats::output_seconds)
+      .ro("launch_seconds", &pagedrt::Stats::launch_seconds)
+      .ro("collect_wait_seconds", &pagedrt::Stats::collect_wait_seconds)
       .ro("mask_steps", &pagedrt::Stats::mask_steps)
       .ro("mask_rows", &pagedrt::Stats::mask_rows)
       .ro("mask_seconds", &pagedrt::Stats::mask_seconds)

@@ -40,6 +40,12 @@ struct Stats {
   int64_t padded_tokens = 0;       // since start: dummy tokens decode steps ran with (Backend::padded_tokens)
   double forward_seconds = 0.0;    // since start: the steps' forwards (batch to logits or picks on the host)
   double output_seconds = 0.0;     // since start: the steps' output processing (sampling, stop rules, events)
+  // Async scheduling, since start: the host's time launching pipelined steps
+  // (building the batch, queueing the forward and the picks), and its time
+  // waiting for a launched step's results (the device was still busy: a
+  // host that is never waiting holds the device up).
+  double launch_seconds = 0.0;
+  double collect_wait_seconds = 0.0;
   int64_t prompt_tokens = 0;       // computed since start
   int64_t generated_tokens = 0;    // since start
   int64_t device_draws = 0;        // since start: tokens drawn on the device with its sampling (CUDA), not the host

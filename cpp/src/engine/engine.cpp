@@ -401,6 +401,7 @@ bool Engine::complete_launch() {
   pm.wait();
   if (pm.start > 0.0)  // waited: what the engine's own work since the fill began did not hide
     stats_.count_masks(static_cast<int64_t>(pm.live.size()), pm.end - pm.start, now_s() - wait_start);
+  const double launch_start = now_s();
   try {
     if (l.device_picks) pick_masked(l.step, l.out, pm);
     if (!l.draws.rows.empty()) {
@@ -414,6 +415,7 @@ bool Engine::complete_launch() {
     steps_processed_ = failed->id;
     return false;
   }
+  stats_.count_launch(now_s() - launch_start);
   l.mask_words = std::move(pm.words);  // masks.by_seq points into them (a moved vector keeps its block)
   l.masks = std::move(pm.masks);
   l.pm.reset();
@@ -423,6 +425,7 @@ bool Engine::complete_launch() {
 void Engine::finish_launched() {
   if (!complete_launch() || !launched_) return;
   const std::unique_ptr<Launched> l = std::move(launched_);
+  const double wait_start = now_s();
   try {
     runner_.collect(l->ticket);
   } catch (const std::exception& e) {
@@ -432,6 +435,7 @@ void Engine::finish_launched() {
   }
   // The device ran this step from its launch or from the end of the one before, whichever came later.
   const double end = now_s(), seconds = end - std::max(l->start, last_collect_);
+  stats_.count_collect_wait(end - wait_start);
   last_collect_ = end;
   stats_.count_step(static_cast<int64_t>(l->step.preempted.size()), l->prompt_tokens, seconds, l->out.padded_tokens,
                     true);
@@ -554,6 +558,7 @@ void Engine::step() {
     return;
   }
   if (pipelined) {  // counted done now; read after the step ahead of it is processed
+    stats_.count_launch(now_s() - forward_start);
     l->sources = outputs_.launched(step, out);
     l->id = id;
     l->start = forward_start;

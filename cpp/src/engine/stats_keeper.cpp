@@ -43,6 +43,16 @@ void StatsKeeper::count_output(double seconds) {
   stats_.output_seconds += seconds;
 }
 
+void StatsKeeper::count_launch(double seconds) {
+  std::lock_guard<std::mutex> lk(mu_);
+  stats_.launch_seconds += seconds;
+}
+
+void StatsKeeper::count_collect_wait(double seconds) {
+  std::lock_guard<std::mutex> lk(mu_);
+  stats_.collect_wait_seconds += seconds;
+}
+
 void StatsKeeper::count_generated(int64_t tokens) {
   std::lock_guard<std::mutex> lk(mu_);
   stats_.generated_tokens += tokens;
