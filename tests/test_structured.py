@@ -240,7 +240,8 @@ def test_structured_steps_pipelined_give_the_synchronous_tokens(tiny_sp, sampled
     (want, st_off), (got, st_on) = runs
     assert got == want
     assert sum(1 for toks, reason in want[:4] if reason == "stop") >= 2, want  # the constraints ended answers
-    assert st_off.async_steps == 0 and st_on.mask_rows == st_off.mask_rows > 0
+    # pipelined, a sequence's last step also fills the row after it (its end is not yet known): one row more at most
+    assert st_off.async_steps == 0 and 0 < st_off.mask_rows <= st_on.mask_rows <= st_off.mask_rows + len(want)
     if sampled:
         assert 0 < st_on.async_steps < st_on.num_steps
     else:

@@ -171,8 +171,37 @@ struct Engine::PendingMasks {
   std::vector<Sequence*> later_seqs;  // their places in the step's schedule
   std::vector<const Request*> later_reqs;
   std::vector<size_t> later_at;
-  std::vector<MaskRow> live;       // start_live_masks: the rows of sequences not ended, filled
+  std::vector<MaskRow> live;       // start_live_masks / start_masks_ahead: the rows filled (sequences not ended)
   std::vector<size_t> live_at;     // their places in `rows`
+  // start_masks_ahead: the live rows' output tokens, copied before the launch;
+  // a row whose last token was the step ahead's pick gets it from that
+  // step's results (arena index, OutputProcessor::launched's source).
+  std::vector<int32_t> arena;
+  std::vector<std::pair<size_t, int32_t>> resolve;
+  // The step ahead's results, collected on the helper thread before the fill
+  // (finish_launched waits for this instead of collecting them itself).
+  struct Ahead {
+    int32_t ticket = -1;  // none
+    const int32_t* argmax = nullptr;
+    const int32_t* sampled = nullptr;
+    std::mutex mu;
+    std::condition_variable cv;
+    bool done = false;
+    std::string error;
+    void finish(std::string e) {
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        error = std::move(e);
+        done = true;
+      }
+      cv.notify_one();
+    }
+    void wait() {  // throws the collect's error
+      std::unique_lock<std::mutex> lock(mu);
+      cv.wait(lock, [&] { return done; });
+      if (!error.empty()) throw Error(ErrorKind::Runtime, error);
+    }
+  } ahead;
   HelperThread* filling = nullptr;  // the engine's, while it runs this step's fill
   double start = 0.0, end = 0.0;    // the fill's (steady clock, seconds; set on the helper thread)
   StepMasks masks;
@@ -422,12 +451,88 @@ bool Engine::complete_launch() {
   return true;
 }
 
+void Engine::start_masks_ahead(PendingMasks& pm) {
+  if (pm.rows.empty()) return;
+  const std::shared_ptr<TokenMaskProvider> provider = mask_provider();
+  if (!provider) return;  // plan_masks set the error
+  // Where each sequence's pending token is in the step ahead's results.
+  std::unordered_map<const Sequence*, int32_t> source;
+  if (launched_) {
+    for (size_t k = 0; k < launched_->step.scheduled.size(); ++k)
+      source.emplace(launched_->step.scheduled[k].seq, launched_->sources[k]);
+    pm.ahead.ticket = launched_->ticket;
+    pm.ahead.argmax = launched_->out.argmax;
+    pm.ahead.sampled = launched_->out.sampled;
+  }
+  std::vector<size_t> offset;
+  for (size_t i = 0; i < pm.rows.size(); ++i) {
+    const Sequence& q = *pm.seqs[i];
+    if (q.done) continue;  // ended: its row is read by no one, left empty
+    const auto s = source.find(&q);
+    if (q.pending > 1 || (q.pending == 1 && (s == source.end() || s->second == OutputProcessor::kNoSource)))
+      continue;  // (never: one launched step at most) left empty, the sequence ends with an error
+    const int64_t prompt = pm.reqs[i]->prompt_len;
+    offset.push_back(pm.arena.size());
+    pm.arena.insert(pm.arena.end(), q.tokens.begin() + prompt, q.tokens.begin() + q.num_known());
+    if (q.pending == 1) {
+      pm.resolve.emplace_back(pm.arena.size(), s->second);
+      pm.arena.push_back(-1);
+    }
+    pm.live.push_back(pm.rows[i]);
+    pm.live_at.push_back(i);
+  }
+  for (size_t k = 0; k < pm.live.size(); ++k) pm.live[k].generated = pm.arena.data() + offset[k];
+  if (pm.live.empty() && pm.ahead.ticket < 0) return;
+  struct GiveBack {
+    ModelRunner& runner;
+    ~GiveBack() { runner.lend_threads(0); }
+  };
+  const int64_t vocab = runner_.vocab_size();
+  runner_.lend_threads(std::max(0, provider->threads()));
+  try {
+    mask_helper_.start([this, &pm, provider, vocab] {
+      GiveBack give_back{runner_};
+      if (pm.ahead.ticket >= 0) {
+        std::string error;
+        try {
+          runner_.collect(pm.ahead.ticket);
+        } catch (const std::exception& e) {
+          error = e.what();
+        }
+        const bool failed = !error.empty();
+        pm.ahead.finish(std::move(error));
+        if (failed) return;  // the step ahead fails (finish_launched); this one's forward will too
+        for (const auto& [at, from] : pm.resolve)
+          pm.arena[at] = from >= 0 ? pm.ahead.argmax[from] : pm.ahead.sampled[-1 - from];
+      }
+      if (pm.live.empty()) return;
+      pm.start = now_s();
+      provider->fill(pm.live, vocab);
+      pm.end = now_s();
+    });
+    pm.filling = &mask_helper_;
+  } catch (const std::exception& e) {  // no thread to be had: the rows allow nothing, their sequences end with it
+    runner_.lend_threads(0);
+    pm.masks.error = e.what();
+    pm.live.clear();
+    pm.ahead.ticket = -1;  // finish_launched collects the step ahead itself
+  }
+  if (pm.ahead.ticket >= 0) collecting_ = &pm;
+}
+
 void Engine::finish_launched() {
-  if (!complete_launch() || !launched_) return;
+  if (!complete_launch() || !launched_) {
+    collecting_ = nullptr;
+    return;
+  }
+  PendingMasks* collector = std::exchange(collecting_, nullptr);
   const std::unique_ptr<Launched> l = std::move(launched_);
   const double wait_start = now_s();
   try {
-    runner_.collect(l->ticket);
+    if (collector)
+      collector->ahead.wait();  // collected on the helper thread, which fills the next step's masks next
+    else
+      runner_.collect(l->ticket);
   } catch (const std::exception& e) {
     fail_step(l->step, e.what());
     steps_processed_ = l->id;
@@ -507,9 +612,12 @@ void Engine::step() {
   plan_masks(step, pm, !pipelined && checked_picks_ && device_greedy && provider && provider->validates());
   const bool masks_later = pipelined && !pm.rows.empty();
   // A row whose sequence still waits for a launched step's token is filled
-  // once that step is processed (after this one's launch), not beside it.
-  const bool fill_after = masks_later || pm.reads_pending();
-  if (!fill_after) {
+  // once that step's results are in: pipelined, on the helper thread, which
+  // collects them first while this step is launched; else after that.
+  const bool fill_after = !masks_later && pm.reads_pending();
+  if (masks_later) {
+    start_masks_ahead(pm);
+  } else if (!fill_after) {
     try {
       start_masks(pm);
     } catch (const std::exception& e) {  // the masked rows allow nothing: their sequences end with this error
@@ -567,7 +675,6 @@ void Engine::step() {
     l->out = std::move(out);
     finish_launched();
     if (masks_later) {  // the fill runs while the engine schedules the next step; complete_launch() picks
-      start_live_masks(pm);
       l->pm = std::move(pm_owned);
       l->draws = std::move(later_draws);
       l->device_picks = device_picks;

@@ -148,6 +148,12 @@ class Engine final : private OutputSink {
   // processed, while the device runs this one). Rows of sequences that have
   // ended are left empty.
   void start_live_masks(PendingMasks& pm);
+  // A pipelined step's masks, started before its launch: on the helper
+  // thread, which first collects the launched step's results (the tokens the
+  // rows follow; finish_launched waits for that instead of collecting), then
+  // fills, while this engine thread launches the step and processes the one
+  // ahead. The rows' tokens are copied now.
+  void start_masks_ahead(PendingMasks& pm);
   // Greedy picks on the device for a step whose forward left its logits there
   // (ModelRunner::run with defer_picks), its masked rows masked.
   void pick_masked(const SchedulerOutput& step, ModelOutput& out, const PendingMasks& pm);
@@ -175,6 +181,7 @@ class Engine final : private OutputSink {
   // Async scheduling: the launched step whose results are not read yet.
   struct Launched;
   std::unique_ptr<Launched> launched_;
+  PendingMasks* collecting_ = nullptr;  // its helper collects launched_'s results (start_masks_ahead)
   // Collects and processes it (nothing when there is none).
   void finish_launched();
   // A launched step with structured output (its masks filling since the step
