@@ -49,7 +49,10 @@ class TokenMaskProvider {
   // Fills every row's mask (bit t of word t / 32 allows token t). Runs on an
   // engine helper thread; an exception ends the rows' requests with an error
   // event carrying its message, and a row left without any allowed token ends
-  // its sequence with an error (carrying the row's `error` where set).
+  // its sequence with an error (carrying the row's `error` where set). Under
+  // async scheduling a row may follow a token that ends its sequence (the
+  // engine does not know yet; release() may come meanwhile, from the
+  // engine's thread): whatever its mask, it is not read.
   virtual void fill(std::vector<MaskRow>& rows, int64_t vocab) = 0;
   // A masked request ended (whatever the reason): its state may go.
   virtual void release(const std::string& request_id) = 0;
