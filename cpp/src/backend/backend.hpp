@@ -317,6 +317,9 @@ class Backend {
   // a later BatchView::feedback. Backends whose ops finish on the calling
   // thread (the CPU) have nothing to defer: defers_results() is false and
   // the rest does nothing. Two steps' results may be outstanding at once.
+  // collect(t) may run on another thread while this one launches the next
+  // step (begin_results .. end_results of the other ticket): it touches only
+  // ticket t's copies and event.
   virtual bool defers_results() const { return false; }
   virtual void begin_results(bool defer) {}
   virtual int32_t end_results() { return 0; }

@@ -100,7 +100,12 @@ class ModelRunner {
   // After a deferred run() (and its pick() / sample()): the ticket collect() takes.
   int32_t end_results();
   // Waits for a deferred step's results and writes them into its ModelOutput's arrays.
-  void collect(int32_t ticket) { backend_->collect(ticket); }
+  // Any thread (the engine's helper collects them while the engine thread
+  // launches the next step, whose results are the other ticket's).
+  void collect(int32_t ticket) {
+    backend_->make_current();
+    backend_->collect(ticket);
+  }
   // The deferred picks of the last run(): sets out.argmax.
   void pick(ModelOutput& out, const RowMasks& masks);
   // Can the device draw sampled tokens itself (Backend::has_sample)?
