@@ -49,6 +49,9 @@ def test_chunked_batched_prefill_and_decode_match_contiguous_attention(tiny_llam
     prompts = [rng.integers(3, 320, size=n).tolist() for n in (45, 9, 70)]
     deterministic = act != "bfloat16-any-order"
     act = act.removesuffix("-any-order")
+    # AMX attention (deterministic=False, D % 32 == 0) rounds P to bf16 (that it runs exactly
+    # there: test_prefill_tiles_take_amx_tiles_exactly_where_allowed)
+    round_p = act == "bfloat16" and not deterministic and _testing._gemm_amx_for_large_steps() and D % 32 == 0
     with pagedrt.Runtime(path, device="cpu", activation_dtype=act, block_size=block_size,
                          max_num_batched_tokens=13, num_threads=2, deterministic=deterministic) as rt:
         got = run_all(rt, prompts, max_tokens=5, ignore_eos=True, return_logits=True)
@@ -56,8 +59,7 @@ def test_chunked_batched_prefill_and_decode_match_contiguous_attention(tiny_llam
     for (tokens, logits), prompt in zip(got, prompts):
         if act == "float32":
             ref = reference_logits(model, prompt + tokens[:-1])
-        else:  # AMX attention (deterministic=False, D % 32 == 0) rounds P to bf16
-            round_p = not deterministic and _testing._gemm_amx_for_large_steps() and D % 32 == 0
+        else:
             ref = reference_logits_bf16_activations(model, prompt + tokens[:-1], round_p=round_p)
         assert logits.shape == ref.shape
         assert rel_err(logits, ref) <= tol, (shape, block_size, act, rel_err(logits, ref))
@@ -115,6 +117,42 @@ def test_paged_attention_matches_contiguous_numpy(cpu_ops, G, D, block_size):
         p = np.exp(s - s.max(-1, keepdims=True))
         ref = np.einsum("hts,shd->thd", p / p.sum(-1, keepdims=True), np.repeat(v, G, axis=1))
         assert np.max(np.abs(out[t:t + new] - ref.reshape(new, H * D))) <= 1e-5, (cached, new)
+        t += new
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+@pytest.mark.parametrize("D", [64, 48])
+def test_prefill_tiles_take_amx_tiles_exactly_where_allowed(deterministic, D):
+    """bf16 prefill tiles (more than 4 rows) run on AMX tiles exactly where
+    deterministic=False, the processor has AMX and D % 32 == 0 (the count of
+    tiles that path ran, _attention_amx_tiles: a silent fall-back to the
+    VDPBF16PS path would pass the reference tests too); either way within
+    bf16's tolerance of the float64 attention (2e-2 of the largest |out|)."""
+    from pagedrt import _testing
+    ops = _testing._Ops("cpu", "bfloat16", deterministic)
+    rng = np.random.default_rng(D + deterministic)
+    H, Hkv = 4, 2
+    seqs = [(5, 30), (0, 19), (40, 1)]
+    tables, num_blocks = set_batch(ops, rng, seqs, 16)
+    T = sum(n for _, n in seqs)
+    qkv = rng.standard_normal((T, (H + 2 * Hkv) * D)).astype(np.float32)
+    k_cache = rng.standard_normal((num_blocks, 16, Hkv, D)).astype(np.float32)
+    v_cache = rng.standard_normal((num_blocks, 16, Hkv, D)).astype(np.float32)
+    before = _testing._attention_amx_tiles()
+    out = np.asarray(ops.paged_attention(qkv, k_cache, v_cache, H, Hkv, D, D ** -0.5), np.float64)
+    took = _testing._attention_amx_tiles() > before
+    assert took == (not deterministic and _testing._gemm_amx_for_large_steps() and D % 32 == 0)
+    t = 0
+    for (cached, new), table in zip(seqs, tables):
+        ctx = cached + new
+        k = np.repeat(k_cache[table].reshape(-1, Hkv, D)[:ctx], H // Hkv, axis=1).astype(np.float64)
+        v = np.repeat(v_cache[table].reshape(-1, Hkv, D)[:ctx], H // Hkv, axis=1).astype(np.float64)
+        q = qkv[t:t + new, :H * D].reshape(new, H, D).astype(np.float64)
+        s = np.einsum("thd,shd->hts", q, k) * D ** -0.5
+        s[:, np.arange(new)[:, None] + cached < np.arange(ctx)[None, :]] = -np.inf
+        p = np.exp(s - s.max(-1, keepdims=True))
+        ref = np.einsum("hts,shd->thd", p / p.sum(-1, keepdims=True), v).reshape(new, H * D)
+        assert np.max(np.abs(out[t:t + new] - ref)) <= 2e-2 * np.max(np.abs(ref)), (cached, new)
         t += new
 
 

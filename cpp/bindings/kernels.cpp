@@ -10,6 +10,7 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include "backend/cpu/attention.hpp"
 #include "backend/cpu/gemm.hpp"
 #include "backend/fp8.hpp"
 #include "pagedrt/error.hpp"
@@ -61,6 +62,7 @@ void register_kernels(nb::module_& m) {
   m.def("_gemm_variants", &pagedrt::cpu::gemm_variants);
   m.def("_gemm_variant", &pagedrt::cpu::gemm_variant);
   m.def("_gemm_amx_for_large_steps", &pagedrt::cpu::gemm_amx_for_large_steps);
+  m.def("_attention_amx_tiles", &pagedrt::cpu::attention_amx_tiles);  // prefill tiles the AMX attention took
   m.def("_gemm_prefetch", &pagedrt::cpu::gemm_prefetch_name);  // the decode kernels' prefetch hint and how it was chosen
   m.def("_calibrate_prefetch", &pagedrt::cpu::calibrate_prefetch, "threads"_a);
   m.def("_set_prefetch", [](const std::string& to) {  // this module's copy of the kernels only

@@ -29,6 +29,7 @@
 #include "backend/cpu/attention.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <type_traits>
@@ -174,6 +175,8 @@ void attend_rows(const Args<T>& a, int64_t R, Scratch& sc) {
   }
 }
 
+std::atomic<int64_t> g_amx_tiles{0};  // attention_amx_tiles()
+
 // ---- AVX-512 path (attention_avx512.inc: attend_vec) -------------------------------
 
 #ifdef PAGEDRT_VEC512
@@ -258,6 +261,8 @@ inline void rotate_half(T* x, const float* c, const float* s, int64_t half) {
 }
 
 }  // namespace
+
+int64_t attention_amx_tiles() { return g_amx_tiles.load(std::memory_order_relaxed); }
 
 template <typename T>
 void rope_and_cache(const BatchView& b, T* qkv, const float* cos, const float* sin, int64_t num_heads,

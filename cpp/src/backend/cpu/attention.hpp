@@ -41,6 +41,10 @@ template <typename T>
 void paged_attention(const BatchView& b, const T* qkv, int64_t num_heads, const Fp8Kv& kv, float scale, T* out,
                      int threads, bool invariant = true);
 
+// Prefill tiles taken by the AMX path since start (every thread; the tests
+// check that the path they hold to its reference is the one that ran).
+int64_t attention_amx_tiles();
+
 // A prefill tile's Q K^T and P V on AMX tiles (attention_amx.cpp; built
 // where the compiler has AMX, called where gemm_amx_for_large_steps(), for
 // bf16, D % 32 == 0, D <= 256), between tiles_begin() and tiles_end() on the
