@@ -601,9 +601,10 @@ void Engine::step() {
   const bool device_sample = runner_.has_device_sample();
   const bool device_all = !device_greedy && device_sample && outputs_.device_only(step);
   // Async scheduling: launched now, processed in the next iteration (after
-  // the next step is launched). Structured output's rows too: their masks are
-  // filled once the step ahead is processed (they need its tokens), while the
-  // device runs this step's forward, and their picks queued after it.
+  // the next step is launched). Structured output's rows too: their masks
+  // need the step ahead's tokens, so the helper thread collects that step's
+  // results, then fills them while the device runs this step's forward; their
+  // picks are queued once the next step is scheduled (complete_launch).
   const std::shared_ptr<TokenMaskProvider> provider = mask_provider();
   const bool pipelined = async_ && (device_greedy || device_all) &&
                          OutputProcessor::pipelinable(step, pipeline_masks_ && provider != nullptr);
@@ -674,7 +675,7 @@ void Engine::step() {
     l->step = std::move(step);
     l->out = std::move(out);
     finish_launched();
-    if (masks_later) {  // the fill runs while the engine schedules the next step; complete_launch() picks
+    if (masks_later) {  // filling on the helper thread; complete_launch() queues the picks
       l->pm = std::move(pm_owned);
       l->draws = std::move(later_draws);
       l->device_picks = device_picks;
