@@ -171,7 +171,7 @@ struct Engine::PendingMasks {
   std::vector<Sequence*> later_seqs;  // their places in the step's schedule
   std::vector<const Request*> later_reqs;
   std::vector<size_t> later_at;
-  std::vector<MaskRow> live;       // start_live_masks / start_masks_ahead: the rows filled (sequences not ended)
+  std::vector<MaskRow> live;       // start_masks_ahead: the rows filled (sequences not ended)
   std::vector<size_t> live_at;     // their places in `rows`
   // start_masks_ahead: the live rows' output tokens, copied before the launch;
   // a row whose last token was the step ahead's pick gets it from that
@@ -306,6 +306,27 @@ void Engine::plan_masks(const SchedulerOutput& step, PendingMasks& pm, bool chec
   }
 }
 
+void Engine::on_helper(PendingMasks& pm, int lend, std::function<void()> job) {
+  // The fill's threads get cores of their own while it runs (a CPU forward
+  // that kept every core left the masks to queue behind its team's threads:
+  // 16-core Xeon, 32 JSON rows, forwards 7-11 ms longer a step).
+  struct GiveBack {
+    ModelRunner& runner;
+    ~GiveBack() { runner.lend_threads(0); }
+  };
+  runner_.lend_threads(std::max(0, lend));
+  try {
+    mask_helper_.start([this, job = std::move(job)] {
+      GiveBack give_back{runner_};
+      job();
+    });
+    pm.filling = &mask_helper_;
+  } catch (...) {  // no thread to be had
+    runner_.lend_threads(0);
+    throw;
+  }
+}
+
 void Engine::start_masks(PendingMasks& pm) {
   if (pm.rows.empty() && pm.later.empty()) return;
   const int64_t vocab = runner_.vocab_size();
@@ -315,67 +336,19 @@ void Engine::start_masks(PendingMasks& pm) {
     throw Error(ErrorKind::Runtime, "structured output: a mask filled before the token it follows is known");
   PendingMasks::point_to_tokens(pm.rows, pm.seqs, pm.reqs);
   PendingMasks::point_to_tokens(pm.later, pm.later_seqs, pm.later_reqs);
-  // The fill's threads get cores of their own while it runs (a CPU forward
-  // that kept every core left the masks to queue behind its team's threads:
-  // 16-core Xeon, 32 JSON rows, forwards 7-11 ms longer a step).
-  struct GiveBack {
-    ModelRunner& runner;
-    ~GiveBack() { runner.lend_threads(0); }
-  };
-  if (!pm.rows.empty()) runner_.lend_threads(std::max(0, provider->threads()));
-  try {
-    mask_helper_.start([this, &pm, provider, vocab] {
-      GiveBack give_back{runner_};
-      if (!pm.later.empty()) {
-        try {
-          provider->prepare(pm.later);  // the checked rows: only their check left for after the forward
-        } catch (const std::exception&) {  // validate() catches them up itself
-        }
+  on_helper(pm, pm.rows.empty() ? 0 : provider->threads(), [&pm, provider, vocab] {
+    if (!pm.later.empty()) {
+      try {
+        provider->prepare(pm.later);  // the checked rows: only their check left for after the forward
+      } catch (const std::exception&) {  // validate() catches them up itself
       }
-      if (!pm.rows.empty()) {
-        pm.start = now_s();  // mask_seconds counts the fill alone
-        provider->fill(pm.rows, vocab);
-      }
-      pm.end = now_s();
-    });
-    pm.filling = &mask_helper_;
-  } catch (...) {  // no thread to be had
-    runner_.lend_threads(0);
-    throw;
-  }
-}
-
-void Engine::start_live_masks(PendingMasks& pm) {
-  PendingMasks::point_to_tokens(pm.later, pm.later_seqs, pm.later_reqs);  // check_picks' rows
-  if (pm.rows.empty()) return;
-  const std::shared_ptr<TokenMaskProvider> provider = mask_provider();
-  if (!provider) return;  // plan_masks set the error
-  // Rows of sequences the step before ended are read by no one: left empty.
-  for (size_t i = 0; i < pm.rows.size(); ++i) {
-    if (pm.seqs[i]->done) continue;
-    pm.rows[i].generated = pm.seqs[i]->tokens.data() + pm.reqs[i]->prompt_len;
-    pm.live.push_back(pm.rows[i]);
-    pm.live_at.push_back(i);
-  }
-  if (pm.live.empty()) return;
-  struct GiveBack {
-    ModelRunner& runner;
-    ~GiveBack() { runner.lend_threads(0); }
-  };
-  const int64_t vocab = runner_.vocab_size();
-  runner_.lend_threads(std::max(0, provider->threads()));
-  try {
-    mask_helper_.start([this, &pm, provider, vocab] {
-      GiveBack give_back{runner_};
-      pm.start = now_s();
-      provider->fill(pm.live, vocab);
-      pm.end = now_s();
-    });
-    pm.filling = &mask_helper_;
-  } catch (const std::exception& e) {  // no thread to be had: the rows allow nothing, their sequences end with it
-    runner_.lend_threads(0);
-    pm.masks.error = e.what();
-  }
+    }
+    if (!pm.rows.empty()) {
+      pm.start = now_s();  // mask_seconds counts the fill alone
+      provider->fill(pm.rows, vocab);
+    }
+    pm.end = now_s();
+  });
 }
 
 void Engine::propose_drafts() {
@@ -483,15 +456,9 @@ void Engine::start_masks_ahead(PendingMasks& pm) {
   }
   for (size_t k = 0; k < pm.live.size(); ++k) pm.live[k].generated = pm.arena.data() + offset[k];
   if (pm.live.empty() && pm.ahead.ticket < 0) return;
-  struct GiveBack {
-    ModelRunner& runner;
-    ~GiveBack() { runner.lend_threads(0); }
-  };
   const int64_t vocab = runner_.vocab_size();
-  runner_.lend_threads(std::max(0, provider->threads()));
   try {
-    mask_helper_.start([this, &pm, provider, vocab] {
-      GiveBack give_back{runner_};
+    on_helper(pm, pm.live.empty() ? 0 : provider->threads(), [this, &pm, provider, vocab] {
       if (pm.ahead.ticket >= 0) {
         std::string error;
         try {
@@ -510,9 +477,7 @@ void Engine::start_masks_ahead(PendingMasks& pm) {
       provider->fill(pm.live, vocab);
       pm.end = now_s();
     });
-    pm.filling = &mask_helper_;
   } catch (const std::exception& e) {  // no thread to be had: the rows allow nothing, their sequences end with it
-    runner_.lend_threads(0);
     pm.masks.error = e.what();
     pm.live.clear();
     pm.ahead.ticket = -1;  // finish_launched collects the step ahead itself
@@ -610,15 +575,20 @@ void Engine::step() {
                          OutputProcessor::pipelinable(step, pipeline_masks_ && provider != nullptr);
   auto pm_owned = std::make_unique<PendingMasks>();  // masks_later: goes with the launched step
   PendingMasks& pm = *pm_owned;
-  plan_masks(step, pm, !pipelined && checked_picks_ && device_greedy && provider && provider->validates());
+  // A masked row that follows a launched step's token (a placeholder yet) is
+  // filled once that step's results are in: the helper thread collects them
+  // first (start_masks_ahead), so such a step masks its rows first.
+  const bool follows_launched =
+      launched_ != nullptr && std::any_of(step.scheduled.begin(), step.scheduled.end(), [](const ScheduledSeq& s) {
+        return s.req->params.masked && s.seq->pending > 0;
+      });
+  plan_masks(step, pm,
+             !pipelined && !follows_launched && checked_picks_ && device_greedy && provider && provider->validates());
   const bool masks_later = pipelined && !pm.rows.empty();
-  // A row whose sequence still waits for a launched step's token is filled
-  // once that step's results are in: pipelined, on the helper thread, which
-  // collects them first while this step is launched; else after that.
-  const bool fill_after = !masks_later && pm.reads_pending();
-  if (masks_later) {
+  const bool ahead = masks_later || (follows_launched && !pm.rows.empty());
+  if (ahead) {
     start_masks_ahead(pm);
-  } else if (!fill_after) {
+  } else {
     try {
       start_masks(pm);
     } catch (const std::exception& e) {  // the masked rows allow nothing: their sequences end with this error
@@ -685,11 +655,10 @@ void Engine::step() {
   }
   const double forward_end = now_s();
   finish_launched();  // the step ahead of this one (collect waits only for its results, queued before this step)
-  if (fill_after) start_live_masks(pm);  // its tokens are all known now
   pm.wait();
   if (pm.start > 0.0)  // masks were filled for this step
-    stats_.count_masks(static_cast<int64_t>(fill_after ? pm.live.size() : pm.eager), pm.end - pm.start,
-                       std::max(0.0, pm.end - (fill_after ? pm.start : forward_end)));
+    stats_.count_masks(static_cast<int64_t>(ahead ? pm.live.size() : pm.eager), pm.end - pm.start,
+                       std::max(0.0, pm.end - forward_end));
   if (!pm.rows.empty() || !pm.later.empty()) {
     try {
       if (defer_picks) pick_masked(step, out, pm);

@@ -36,6 +36,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -143,16 +144,15 @@ class Engine final : private OutputSink {
   // meanwhile; pm.later go to the provider's prepare()); wait() before the
   // outputs use them.
   void start_masks(PendingMasks& pm);
-  // Starts filling the planned masks on the helper thread once the tokens
-  // they follow are known (async scheduling: after the step ahead is
-  // processed, while the device runs this one). Rows of sequences that have
-  // ended are left empty.
-  void start_live_masks(PendingMasks& pm);
-  // A pipelined step's masks, started before its launch: on the helper
-  // thread, which first collects the launched step's results (the tokens the
-  // rows follow; finish_launched waits for that instead of collecting), then
-  // fills, while this engine thread launches the step and processes the one
-  // ahead. The rows' tokens are copied now.
+  // Runs `job` (a fill) on the helper thread, the CPU forward lending it
+  // `lend` cores meanwhile (TokenMaskProvider::threads); pm.wait() waits.
+  void on_helper(PendingMasks& pm, int lend, std::function<void()> job);
+  // Masks whose rows follow a launched step's tokens (a pipelined step's,
+  // or any step's after one), started before the launch: on the helper
+  // thread, which first collects the launched step's results (finish_launched
+  // waits for that instead of collecting), then fills, while this engine
+  // thread launches the step and processes the one ahead. The rows' known
+  // tokens are copied now.
   void start_masks_ahead(PendingMasks& pm);
   // Greedy picks on the device for a step whose forward left its logits there
   // (ModelRunner::run with defer_picks), its masked rows masked.
