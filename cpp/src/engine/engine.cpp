@@ -539,8 +539,9 @@ void Engine::step() {
                        std::to_string(pool_.num_mapped_blocks()) + " of " + std::to_string(pool_.num_blocks()) +
                        " blocks mapped; the device's memory is taken by something else); try again later, or "
                        "take the pool at start with elastic_kv=False");
-  // The launched step's structured-output picks (their masks filled while
-  // this step was scheduled), queued before anything of this step.
+  // The launched step's structured-output picks (their masks filling on the
+  // helper thread since the step ahead's results came in), queued before
+  // anything of this step.
   if (!complete_launch()) return fail_step(step, "the step ahead of this one failed");
   if (!step.swap_out.empty() || !step.swap_in.empty()) {
     try {
