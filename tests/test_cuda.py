@@ -1637,6 +1637,19 @@ def _collect(rt, prompts, params):
     return [got[rid] for rid in ids]
 
 
+def _off_and_auto(path, prompts, params, kv_cache_bytes):
+    """_collect's results and the stats with async_scheduling "off" and "auto"
+    (fp32, blocks of 8), every block back at the end."""
+    outs, stats = {}, {}
+    for mode in ("off", "auto"):
+        with pagedrt.Runtime(path, device="cuda", dtype="float32", kv_cache_bytes=kv_cache_bytes, block_size=8,
+                             async_scheduling=mode) as rt:
+            outs[mode] = _collect(rt, prompts, params)
+            stats[mode] = rt.stats()
+            assert stats[mode].blocks_used == 0
+    return outs, stats
+
+
 def test_async_scheduling_gives_the_tokens_of_steps_one_at_a_time(tiny_llama):
     """Async scheduling on the GPU (the default: steps launched before the one
     ahead is processed, placeholder ids fed on the device by feed_tokens,
@@ -1665,13 +1678,7 @@ def test_async_scheduling_gives_the_tokens_of_steps_one_at_a_time(tiny_llama):
             params.append(pagedrt.SamplingParams(max_tokens=mt, temperature=0.0, repetition_penalty=1.2))
         else:
             params.append(pagedrt.SamplingParams(max_tokens=mt, temperature=0.0, ignore_eos=True))
-    outs, stats = {}, {}
-    for mode in ("off", "auto"):
-        with pagedrt.Runtime(path, device="cuda", dtype="float32", kv_cache_bytes=3 << 20, block_size=8,
-                             async_scheduling=mode) as rt:
-            outs[mode] = _collect(rt, prompts, params)
-            stats[mode] = rt.stats()
-            assert stats[mode].blocks_used == 0
+    outs, stats = _off_and_auto(path, prompts, params, 3 << 20)
     assert stats["off"].async_steps == 0 and stats["auto"].async_steps > 0
     assert stats["auto"].num_preemptions > 0
     for a, b in zip(outs["auto"], outs["off"]):
@@ -1704,13 +1711,7 @@ def test_async_scheduling_takes_structured_output_steps(tiny_llama):
         sampled = dict(temperature=0.9, seed=i) if i % 3 == 1 else dict(temperature=0.0)
         prompts.append(f"the quick {i} " * (1 + i % 4))
         params.append(pagedrt.SamplingParams(max_tokens=12 + i % 20, **sampled, **kinds[i % len(kinds)]))
-    outs, stats = {}, {}
-    for mode in ("off", "auto"):
-        with pagedrt.Runtime(path, device="cuda", dtype="float32", kv_cache_bytes=1 << 20, block_size=8,
-                             async_scheduling=mode) as rt:
-            outs[mode] = _collect(rt, prompts, params)
-            stats[mode] = rt.stats()
-            assert stats[mode].blocks_used == 0
+    outs, stats = _off_and_auto(path, prompts, params, 1 << 20)
     assert stats["off"].async_steps == 0 and stats["auto"].async_steps >= 0.8 * stats["auto"].num_steps
     assert stats["auto"].mask_rows > 0 and stats["auto"].num_preemptions > 0
     assert outs["auto"] == outs["off"]
