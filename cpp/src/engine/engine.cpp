@@ -215,15 +215,6 @@ struct Engine::PendingMasks {
     } catch (...) {
     }
   }
-  // Whether a row's sequence still holds a placeholder its fill would read:
-  // the token of a launched step not processed yet (async scheduling).
-  bool reads_pending() const {
-    for (size_t i = 0; i < rows.size(); ++i)
-      if (rows[i].num_generated > seqs[i]->num_known() - reqs[i]->prompt_len) return true;
-    for (size_t i = 0; i < later.size(); ++i)
-      if (later[i].num_generated > later_seqs[i]->num_known() - later_reqs[i]->prompt_len) return true;
-    return false;
-  }
   // Each row's output tokens, where they are now (a launched step's
   // placeholder may have grown `tokens` since the row was planned).
   static void point_to_tokens(std::vector<MaskRow>& rs, const std::vector<Sequence*>& qs,
@@ -332,8 +323,6 @@ void Engine::start_masks(PendingMasks& pm) {
   const int64_t vocab = runner_.vocab_size();
   const std::shared_ptr<TokenMaskProvider> provider = mask_provider();
   if (!provider) return;  // plan_masks said so; check_picks reports it for checked rows
-  if (pm.reads_pending())  // the helper would race the step ahead's processing for the token
-    throw Error(ErrorKind::Runtime, "structured output: a mask filled before the token it follows is known");
   PendingMasks::point_to_tokens(pm.rows, pm.seqs, pm.reqs);
   PendingMasks::point_to_tokens(pm.later, pm.later_seqs, pm.later_reqs);
   on_helper(pm, pm.rows.empty() ? 0 : provider->threads(), [&pm, provider, vocab] {
