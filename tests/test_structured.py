@@ -222,30 +222,36 @@ def _constrained_mix(r, sampled):
 
 
 @pytest.mark.parametrize("sampled", [False, True])
-def test_structured_steps_pipelined_give_the_synchronous_tokens(tiny_sp, sampled):
+def test_structured_steps_pipelined_give_the_synchronous_tokens(tiny_sp, sampled, monkeypatch):
     """Async scheduling takes steps with structured output: each masked row's
     mask is filled once the step ahead is processed and its pick queued after
-    the forward. Every token and finish reason equals the synchronous run's
-    (CPU: exact whatever the batch), and with only greedy requests nearly
-    every step is launched ahead. Seeded sampled constrained requests (drawn
-    on the host: their steps are not pipelined), let in as greedy ones end,
-    make the greedy rows' masks follow a launched step's placeholder: filled
-    after it is processed."""
+    the forward, behind the gate the fill opens (Backend::queue_gated_masks;
+    PAGEDRT_GATED_MASKS=0: after waiting for the fill). Every token and
+    finish reason equals the synchronous run's (CPU: exact whatever the
+    batch), gated or not, and with only greedy requests nearly every step is
+    launched ahead. Seeded sampled constrained requests (drawn on the host:
+    their steps are not pipelined), let in as greedy ones end, make the greedy
+    rows' masks follow a launched step's placeholder: filled after it is
+    processed."""
     runs = []
-    for mode in ("off", "on"):
+    for mode, gated in (("off", "1"), ("on", "1"), ("on", "0")):
+        monkeypatch.setenv("PAGEDRT_GATED_MASKS", gated)  # read when the engine starts
         # sampled: at most 4 running, so that a sampled request comes in as a greedy one ends
         with pagedrt.Runtime(tiny_sp, device="cpu", block_size=4, async_scheduling=mode,
                              max_num_seqs=4 if sampled else 256) as r:
             runs.append((_constrained_mix(r, sampled), r.stats()))
-    (want, st_off), (got, st_on) = runs
-    assert got == want
+    (want, st_off), (got, st_on), (got_ungated, st_ungated) = runs
+    assert got == want and got_ungated == want
     assert sum(1 for toks, reason in want[:4] if reason == "stop") >= 2, want  # the constraints ended answers
     # pipelined, a sequence's last step also fills the row after it (its end is not yet known): one row more at most
     assert st_off.async_steps == 0 and 0 < st_off.mask_rows <= st_on.mask_rows <= st_off.mask_rows + len(want)
+    assert st_off.gated_mask_steps == 0 and st_ungated.gated_mask_steps == 0
+    assert 0 < st_on.gated_mask_steps <= st_on.async_steps
     if sampled:
         assert 0 < st_on.async_steps < st_on.num_steps
     else:
         assert st_on.async_steps >= 0.9 * st_on.num_steps, (st_on.async_steps, st_on.num_steps)
+        assert st_on.gated_mask_steps >= 0.8 * st_on.mask_steps, (st_on.gated_mask_steps, st_on.mask_steps)
 
 
 def test_chat_set_takes_structured_fields(tmp_path):

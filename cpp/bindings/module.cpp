@@ -368,6 +368,7 @@ NB_MODULE(_core, m) {
       .ro("collect_wait_seconds", &pagedrt::Stats::collect_wait_seconds)
       .ro("mask_steps", &pagedrt::Stats::mask_steps)
       .ro("mask_rows", &pagedrt::Stats::mask_rows)
+      .ro("gated_mask_steps", &pagedrt::Stats::gated_mask_steps)
       .ro("mask_seconds", &pagedrt::Stats::mask_seconds)
       .ro("mask_wait_seconds", &pagedrt::Stats::mask_wait_seconds)
       .ro("mask_rows_checked", &pagedrt::Stats::mask_rows_checked)

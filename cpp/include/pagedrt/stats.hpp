@@ -58,6 +58,11 @@ struct Stats {
   // forward (the part the forward did not hide).
   int64_t mask_steps = 0;
   int64_t mask_rows = 0;
+  // Of the pipelined steps with masks, those whose picks went through the
+  // gate the masks' fill opens (Backend::queue_gated_masks: on CUDA queued
+  // before the masks are filled, so that the next step's forward follows
+  // them without the host waiting; the CPU waits for the gate).
+  int64_t gated_mask_steps = 0;
   double mask_seconds = 0.0;
   double mask_wait_seconds = 0.0;
   // Checked picks (token_mask.hpp): rows picked without a mask and checked,

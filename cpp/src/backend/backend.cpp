@@ -4,7 +4,9 @@
 #include <cmath>
 #include <cstring>
 
+#include <condition_variable>
 #include <cstdlib>
+#include <mutex>
 #include <new>
 
 #include "backend/fp8.hpp"
@@ -103,6 +105,36 @@ void Backend::set_decode_padding(bool on) {
 int32_t Backend::padded_tokens(const BatchView& b) const {
   if (!pad_decode_ || b.num_tokens != b.num_seqs || b.num_logits != b.num_tokens) return b.num_tokens;
   return decode_bucket(b.num_tokens);
+}
+
+struct Backend::HostGate {
+  std::mutex mu;
+  std::condition_variable cv;
+  uint64_t opened = 0;
+  std::vector<uint32_t> words;
+};
+
+uint32_t* Backend::mask_gate(size_t words) {
+  if (!gate_) gate_ = std::make_shared<HostGate>();
+  if (gate_->words.size() < words) gate_->words.resize(words);
+  return gate_->words.data();
+}
+
+const uint32_t* Backend::queue_gated_masks(uint64_t id, size_t words) {
+  if (!gate_ || gate_->words.size() < words)
+    throw Error(ErrorKind::Runtime, "queue_gated_masks: " + std::to_string(words) + " words past mask_gate()'s buffer");
+  std::unique_lock<std::mutex> lock(gate_->mu);
+  gate_->cv.wait(lock, [&] { return gate_->opened >= id; });
+  return gate_->words.data();
+}
+
+void Backend::open_mask_gate(uint64_t id) {
+  if (!gate_) return;
+  {
+    std::lock_guard<std::mutex> lock(gate_->mu);
+    gate_->opened = std::max(gate_->opened, id);
+  }
+  gate_->cv.notify_all();
 }
 
 void Backend::argmax(const Tensor&, int64_t, int32_t*, const RowMasks&) {

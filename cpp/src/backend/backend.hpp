@@ -54,12 +54,15 @@ struct BatchView {
 
 // Allowed-token masks of some logits rows, for Backend::argmax: row r may
 // pick token t only if bit t % 32 of words[mask_of_row[r] * words_per_row +
-// t / 32] is set; mask_of_row[r] < 0: no mask. Host memory, valid during the call.
+// t / 32] is set; mask_of_row[r] < 0: no mask. Host memory, valid during the
+// call; `gated`: `words` is what Backend::queue_gated_masks returned (read in
+// stream order, after the gate opens).
 struct RowMasks {
   const int32_t* mask_of_row = nullptr;  // (rows) or null: no row masked
   const uint32_t* words = nullptr;       // (num_masks, words_per_row)
   int32_t num_masks = 0;
   int64_t words_per_row = 0;
+  bool gated = false;
 };
 
 // One draw for Backend::sample, from logits row `row`. First the row is
@@ -96,10 +99,11 @@ struct SampleRow {
 
 // Allowed-token masks of Backend::sample's draws: mask i is words[i *
 // (vocab + 31) / 32 ..], bit t % 32 of word t / 32 set: token t allowed.
-// Host memory, valid during the call.
+// Host memory, valid during the call; `gated` as RowMasks'.
 struct DrawMasks {
   const uint32_t* words = nullptr;  // (num_masks, (vocab + 31) / 32)
   int32_t num_masks = 0;
+  bool gated = false;
 };
 
 // How one token of a draw's row is processed, in Sampler::process's order:
@@ -324,6 +328,21 @@ class Backend {
   virtual void begin_results(bool defer) {}
   virtual int32_t end_results() { return 0; }
   virtual void collect(int32_t ticket) {}
+  // Picks and draws queued before the host has their masks (async
+  // scheduling's structured steps: the masks are filled while the step's
+  // forward runs, and the next step goes into the queue behind their picks
+  // without waiting for them). mask_gate(words): host memory for `words`
+  // uint32 (pinned on a GPU), the same buffer until a call asks for more.
+  // queue_gated_masks(id, words): in stream order, waits until
+  // open_mask_gate(id), then takes the buffer's first `words` words as they
+  // are (a GPU copies them to its memory); returns where argmax() and
+  // sample() read them (RowMasks::gated). open_mask_gate(id): any thread,
+  // before or after the queue, once the buffer holds the masks; ids grow
+  // from 1, one per gate. Here (a backend whose ops finish on the calling
+  // thread) queue_gated_masks waits on the calling thread.
+  virtual uint32_t* mask_gate(size_t words);
+  virtual const uint32_t* queue_gated_masks(uint64_t id, size_t words);
+  virtual void open_mask_gate(uint64_t id);
   // n of the host cores the backend's ops use are busy with other host work
   // (structured output's masks, filled beside the forward) until lent 0: a
   // backend that computes on host threads runs its ops on that many fewer.
@@ -342,6 +361,8 @@ class Backend {
  private:
   bool pad_decode_ = false;
   bool fp8_kv_ = false;
+  struct HostGate;  // mask_gate's buffer and the last id opened
+  std::shared_ptr<HostGate> gate_;
 };
 
 // The stacked `parts` as an fp8 weight in host memory (Tensor::row_scale

@@ -54,6 +54,7 @@ Engine::Engine(std::shared_ptr<Backend> backend, std::unique_ptr<LlamaModel> mod
   async_ = config.async_scheduling && !drafter_;  // a draft model's forward runs between steps
   if (const char* v = std::getenv("PAGEDRT_CHECKED_PICKS")) checked_picks_ = std::string(v) != "0";
   if (const char* v = std::getenv("PAGEDRT_PIPELINED_MASKS")) pipeline_masks_ = std::string(v) != "0";
+  if (const char* v = std::getenv("PAGEDRT_GATED_MASKS")) gate_masks_ = std::string(v) != "0";
   if (config.scheduler.swap_slots > 0) runner_.enable_swap(config.scheduler.swap_slots);
   auto_preemption_ = config.scheduler.preemption == PreemptionMode::Auto;
   publish_stats();  // the pool as it starts (an elastic one: its first chunk mapped)
@@ -171,9 +172,9 @@ struct Engine::PendingMasks {
   std::vector<Sequence*> later_seqs;  // their places in the step's schedule
   std::vector<const Request*> later_reqs;
   std::vector<size_t> later_at;
-  std::vector<MaskRow> live;       // start_masks_ahead: the rows filled (sequences not ended)
+  std::vector<MaskRow> live;       // plan_ahead: the rows filled (sequences not ended)
   std::vector<size_t> live_at;     // their places in `rows`
-  // start_masks_ahead: the live rows' output tokens, copied before the launch;
+  // plan_ahead: the live rows' output tokens, copied before the launch;
   // a row whose last token was the step ahead's pick gets it from that
   // step's results (arena index, OutputProcessor::launched's source).
   std::vector<int32_t> arena;
@@ -203,6 +204,9 @@ struct Engine::PendingMasks {
     }
   } ahead;
   HelperThread* filling = nullptr;  // the engine's, while it runs this step's fill
+  // fill_ahead with a gate: its id (0: none); the fill copies `words` into
+  // the backend's gate buffer before it opens it.
+  uint64_t gate = 0;
   double start = 0.0, end = 0.0;    // the fill's (steady clock, seconds; set on the helper thread)
   StepMasks masks;
   PendingMasks() = default;
@@ -375,27 +379,36 @@ struct Engine::Launched {
   double start = 0.0;            // launch (steady clock, seconds)
   int64_t prompt_tokens = 0;
   // Structured output's rows (masks_later): their masks, filling on the
-  // helper thread until complete_launch() queues the picks and draws that
-  // read them; then the masks (a row that allows none ends its sequence).
+  // helper thread until complete_launch() has queued the picks and draws
+  // that read them (picks_queued) and settle_launch() has waited for them;
+  // then the masks (a row that allows none ends its sequence).
   std::unique_ptr<PendingMasks> pm;
   DeviceDraws draws;
   bool device_picks = false;
+  bool picks_queued = false;
   std::vector<uint32_t> mask_words;
   StepMasks masks;
 };
 
 bool Engine::complete_launch() {
-  if (!launched_ || !launched_->pm) return true;
+  if (!launched_ || !launched_->pm || launched_->picks_queued) return true;
   Launched& l = *launched_;
   PendingMasks& pm = *l.pm;
-  const double wait_start = now_s();
-  pm.wait();
-  if (pm.start > 0.0)  // waited: what the engine's own work since the fill began did not hide
-    stats_.count_masks(static_cast<int64_t>(pm.live.size()), pm.end - pm.start, now_s() - wait_start);
+  const bool gated = pm.gate != 0;
+  if (!gated) {
+    const double wait_start = now_s();
+    pm.wait();
+    if (pm.start > 0.0)  // waited: what the engine's own work since the fill began did not hide
+      stats_.count_masks(static_cast<int64_t>(pm.live.size()), pm.end - pm.start, now_s() - wait_start);
+  }
   const double launch_start = now_s();
   try {
-    if (l.device_picks) pick_masked(l.step, l.out, pm);
+    // Gated: the device reads the masks once the fill has opened the gate.
+    const uint32_t* words = gated ? runner_.queue_gated_masks(pm.gate, pm.words.size()) : pm.masks.words;
+    if (l.device_picks) pick_masked(l.step, l.out, pm, words, gated);
     if (!l.draws.rows.empty()) {
+      l.draws.masks.words = words;
+      l.draws.masks.gated = gated;
       runner_.sample(l.out, l.draws);
       stats_.count_device_draws(static_cast<int64_t>(l.draws.rows.size()));
     }
@@ -406,17 +419,29 @@ bool Engine::complete_launch() {
     steps_processed_ = failed->id;
     return false;
   }
-  stats_.count_launch(now_s() - launch_start);
-  l.mask_words = std::move(pm.words);  // masks.by_seq points into them (a moved vector keeps its block)
-  l.masks = std::move(pm.masks);
-  l.pm.reset();
+  stats_.count_launch(now_s() - launch_start, gated);
+  l.picks_queued = true;
+  if (!gated) settle_launch();
   return true;
 }
 
-void Engine::start_masks_ahead(PendingMasks& pm) {
-  if (pm.rows.empty()) return;
-  const std::shared_ptr<TokenMaskProvider> provider = mask_provider();
-  if (!provider) return;  // plan_masks set the error
+void Engine::settle_launch() {
+  if (!launched_ || !launched_->pm || !launched_->picks_queued) return;
+  Launched& l = *launched_;
+  PendingMasks& pm = *l.pm;
+  if (pm.gate != 0) {
+    const double wait_start = now_s();
+    pm.wait();
+    if (pm.start > 0.0)  // what the engine's own work since the fill began did not hide
+      stats_.count_masks(static_cast<int64_t>(pm.live.size()), pm.end - pm.start, now_s() - wait_start);
+  }
+  l.mask_words = std::move(pm.words);  // masks.by_seq points into them (a moved vector keeps its block)
+  l.masks = std::move(pm.masks);
+  l.pm.reset();
+}
+
+void Engine::plan_ahead(PendingMasks& pm) {
+  if (pm.rows.empty() || !mask_provider()) return;  // no provider: plan_masks set the error
   // Where each sequence's pending token is in the step ahead's results.
   std::unordered_map<const Sequence*, int32_t> source;
   if (launched_) {
@@ -444,10 +469,34 @@ void Engine::start_masks_ahead(PendingMasks& pm) {
     pm.live_at.push_back(i);
   }
   for (size_t k = 0; k < pm.live.size(); ++k) pm.live[k].generated = pm.arena.data() + offset[k];
-  if (pm.live.empty() && pm.ahead.ticket < 0) return;
+}
+
+void Engine::fill_ahead(PendingMasks& pm, bool gate) {
+  if (pm.rows.empty() || (pm.live.empty() && pm.ahead.ticket < 0)) return;
+  const std::shared_ptr<TokenMaskProvider> provider = mask_provider();
+  if (!provider) return;
   const int64_t vocab = runner_.vocab_size();
+  const uint64_t gate_id = gate ? last_gate_ + 1 : 0;
+  uint32_t* gate_words = gate ? runner_.mask_gate(pm.words.size()) : nullptr;
   try {
-    on_helper(pm, pm.live.empty() ? 0 : provider->threads(), [this, &pm, provider, vocab] {
+    on_helper(pm, pm.live.empty() ? 0 : provider->threads(), [this, &pm, provider, vocab, gate_id, gate_words] {
+      // However the job ends, a gate opens (its picks would wait for it for
+      // ever): with the masks, or with none allowed after a failure.
+      struct Open {
+        ModelRunner& runner;
+        const PendingMasks& pm;
+        uint64_t id;
+        uint32_t* words;
+        bool filled = false;
+        ~Open() {
+          if (id == 0) return;
+          if (filled)
+            std::copy(pm.words.begin(), pm.words.end(), words);
+          else
+            std::fill_n(words, pm.words.size(), 0u);
+          runner.open_mask_gate(id);
+        }
+      } open{runner_, pm, gate_id, gate_words};
       if (pm.ahead.ticket >= 0) {
         std::string error;
         try {
@@ -461,15 +510,22 @@ void Engine::start_masks_ahead(PendingMasks& pm) {
         for (const auto& [at, from] : pm.resolve)
           pm.arena[at] = from >= 0 ? pm.ahead.argmax[from] : pm.ahead.sampled[-1 - from];
       }
-      if (pm.live.empty()) return;
-      pm.start = now_s();
-      provider->fill(pm.live, vocab);
-      pm.end = now_s();
+      if (!pm.live.empty()) {
+        pm.start = now_s();
+        provider->fill(pm.live, vocab);
+        pm.end = now_s();
+      }
+      open.filled = true;
     });
   } catch (const std::exception& e) {  // no thread to be had: the rows allow nothing, their sequences end with it
     pm.masks.error = e.what();
     pm.live.clear();
     pm.ahead.ticket = -1;  // finish_launched collects the step ahead itself
+    return;
+  }
+  if (gate) {
+    pm.gate = gate_id;
+    last_gate_ = gate_id;
   }
   if (pm.ahead.ticket >= 0) collecting_ = &pm;
 }
@@ -479,6 +535,7 @@ void Engine::finish_launched() {
     collecting_ = nullptr;
     return;
   }
+  settle_launch();
   PendingMasks* collector = std::exchange(collecting_, nullptr);
   const std::unique_ptr<Launched> l = std::move(launched_);
   const double wait_start = now_s();
@@ -567,7 +624,7 @@ void Engine::step() {
   PendingMasks& pm = *pm_owned;
   // A masked row that follows a launched step's token (a placeholder yet) is
   // filled once that step's results are in: the helper thread collects them
-  // first (start_masks_ahead), so such a step masks its rows first.
+  // first (plan_ahead, fill_ahead), so such a step masks its rows first.
   const bool follows_launched =
       launched_ != nullptr && std::any_of(step.scheduled.begin(), step.scheduled.end(), [](const ScheduledSeq& s) {
         return s.req->params.masked && s.seq->pending > 0;
@@ -577,8 +634,9 @@ void Engine::step() {
   const bool masks_later = pipelined && !pm.rows.empty();
   const bool ahead = masks_later || (follows_launched && !pm.rows.empty());
   if (ahead) {
-    start_masks_ahead(pm);
+    plan_ahead(pm);
   } else {
+    if (!pm.rows.empty() || !pm.later.empty()) settle_launch();  // the helper thread free
     try {
       start_masks(pm);
     } catch (const std::exception& e) {  // the masked rows allow nothing: their sequences end with this error
@@ -626,8 +684,13 @@ void Engine::step() {
     steps_processed_ = id;
     return;
   }
+  const double launch_end = now_s();
+  if (ahead) {  // the helper thread is free once the launched step's own fill is done
+    settle_launch();
+    fill_ahead(pm, masks_later && gate_masks_);
+  }
   if (pipelined) {  // counted done now; read after the step ahead of it is processed
-    stats_.count_launch(now_s() - forward_start);
+    stats_.count_launch(launch_end - forward_start);
     l->sources = outputs_.launched(step, out);
     l->id = id;
     l->start = forward_start;
@@ -672,7 +735,8 @@ void Engine::step() {
   steps_processed_ = id;
 }
 
-void Engine::pick_masked(const SchedulerOutput& step, ModelOutput& out, const PendingMasks& pm) {
+void Engine::pick_masked(const SchedulerOutput& step, ModelOutput& out, const PendingMasks& pm,
+                         const uint32_t* words, bool gated) {
   std::vector<int32_t> mask_of_row(static_cast<size_t>(out.num_rows), -1);
   for (size_t i = 0; i < step.scheduled.size(); ++i) {
     const LogitsSlice& slice = (*out.slices)[i];
@@ -688,7 +752,8 @@ void Engine::pick_masked(const SchedulerOutput& step, ModelOutput& out, const Pe
   RowMasks masks;
   if (pm.masks.count > 0) {  // else (only checked picks) every row unmasked
     masks.mask_of_row = mask_of_row.data();
-    masks.words = pm.masks.words;
+    masks.words = words != nullptr ? words : pm.masks.words;
+    masks.gated = gated;
     masks.num_masks = pm.masks.count;
     masks.words_per_row = pm.masks.words_per_row;
   }
@@ -792,9 +857,9 @@ void Engine::drain_inbox() {
 // Whatever is still queued or running ends with an Abort event, oldest first.
 void Engine::shutdown() {
   if (launched_) {  // its results are not needed: every request ends with Abort
-    if (launched_->pm) {  // its picks were never queued: only its masks' fill to wait for
+    if (launched_->pm) {  // its masks' fill to wait for (it opens a gate its picks wait behind)
       launched_->pm->wait();
-      launched_.reset();
+      if (!launched_->picks_queued) launched_.reset();  // nothing of it to collect
     }
   }
   if (launched_) {

@@ -148,15 +148,22 @@ class Engine final : private OutputSink {
   // `lend` cores meanwhile (TokenMaskProvider::threads); pm.wait() waits.
   void on_helper(PendingMasks& pm, int lend, std::function<void()> job);
   // Masks whose rows follow a launched step's tokens (a pipelined step's,
-  // or any step's after one), started before the launch: on the helper
-  // thread, which first collects the launched step's results (finish_launched
-  // waits for that instead of collecting), then fills, while this engine
-  // thread launches the step and processes the one ahead. The rows' known
-  // tokens are copied now.
-  void start_masks_ahead(PendingMasks& pm);
+  // or any step's after one). plan_ahead, before the step's launch: the
+  // rows' known tokens are copied, and where the launched step's picks will
+  // be. fill_ahead, after it (once the launched step's own fill is done:
+  // settle_launch): on the helper thread, which first collects the launched
+  // step's results (finish_launched waits for that instead of collecting),
+  // then fills, while this engine thread processes the step ahead and
+  // schedules and launches the next. `gate`: the step's picks will be queued
+  // before the fill is done (complete_launch), gated on it: the fill ends by
+  // copying the masks into the backend's gate buffer and opening the gate.
+  void plan_ahead(PendingMasks& pm);
+  void fill_ahead(PendingMasks& pm, bool gate);
   // Greedy picks on the device for a step whose forward left its logits there
-  // (ModelRunner::run with defer_picks), its masked rows masked.
-  void pick_masked(const SchedulerOutput& step, ModelOutput& out, const PendingMasks& pm);
+  // (ModelRunner::run with defer_picks), its masked rows masked: by pm's
+  // masks, or by `words` where given (gated: Backend::queue_gated_masks's).
+  void pick_masked(const SchedulerOutput& step, ModelOutput& out, const PendingMasks& pm,
+                   const uint32_t* words = nullptr, bool gated = false);
   // The checked picks of pm.later: the provider validates each row's unmasked
   // pick; refused rows get their masks now (appended to pm's) and the step is
   // picked again. A sequence whose check was refused is masked before its
@@ -171,6 +178,11 @@ class Engine final : private OutputSink {
   // before every pick: a checked pick refused would change a token already
   // fed to the next step); PAGEDRT_PIPELINED_MASKS=0 leaves them synchronous (A/B runs).
   bool pipeline_masks_ = true;
+  // Their picks and draws queued behind a gate the fill opens (Backend::
+  // queue_gated_masks), so that the next step is launched without waiting
+  // for the masks; PAGEDRT_GATED_MASKS=0 waits for them first (A/B runs).
+  bool gate_masks_ = true;
+  uint64_t last_gate_ = 0;  // the last gate id given to a fill
   void finish_beams(Request& r, std::vector<Event> finals) override;
   // Ends every live sequence of a request (abort, error, shutdown).
   void finish_request(Request& r, FinishReason reason, const std::string& error = "");
@@ -181,14 +193,18 @@ class Engine final : private OutputSink {
   // Async scheduling: the launched step whose results are not read yet.
   struct Launched;
   std::unique_ptr<Launched> launched_;
-  PendingMasks* collecting_ = nullptr;  // its helper collects launched_'s results (start_masks_ahead)
+  PendingMasks* collecting_ = nullptr;  // its helper collects launched_'s results (fill_ahead)
   // Collects and processes it (nothing when there is none).
   void finish_launched();
   // A launched step with structured output (its masks filling since the step
-  // ahead was processed): waits for the masks and queues its picks and
-  // draws, once the engine has scheduled the next step meanwhile. False when
-  // that failed (the step's requests end with the error).
+  // ahead was processed): queues its picks and draws, once the engine has
+  // scheduled the next step meanwhile; behind the fill's gate where it has
+  // one, else after waiting for the masks. False when that failed (the
+  // step's requests end with the error).
   bool complete_launch();
+  // After complete_launch: waits for a gated fill and keeps the masks with
+  // the launched step (its outputs read them).
+  void settle_launch();
   // Moves an ended request or sequence out of the way until the steps
   // launched so far are processed (a launched step may still name it).
   void retire(std::unique_ptr<Request> r) { retired_requests_.emplace_back(steps_launched_, std::move(r)); }

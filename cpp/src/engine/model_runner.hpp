@@ -108,6 +108,15 @@ class ModelRunner {
   }
   // The deferred picks of the last run(): sets out.argmax.
   void pick(ModelOutput& out, const RowMasks& masks);
+  // Masks the host fills while picks that read them are already queued
+  // (Backend::mask_gate, queue_gated_masks, open_mask_gate; rank 0's, whose
+  // backend picks and draws). open_mask_gate: any thread.
+  uint32_t* mask_gate(size_t words) { return backend_->mask_gate(words); }
+  const uint32_t* queue_gated_masks(uint64_t id, size_t words) {
+    backend_->make_current();
+    return backend_->queue_gated_masks(id, words);
+  }
+  void open_mask_gate(uint64_t id) { backend_->open_mask_gate(id); }
   // Can the device draw sampled tokens itself (Backend::has_sample)?
   bool has_device_sample() const { return backend_->has_sample(); }
   // The last run()'s device draws (its logits are still on the device,

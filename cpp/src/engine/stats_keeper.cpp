@@ -43,9 +43,10 @@ void StatsKeeper::count_output(double seconds) {
   stats_.output_seconds += seconds;
 }
 
-void StatsKeeper::count_launch(double seconds) {
+void StatsKeeper::count_launch(double seconds, bool gated) {
   std::lock_guard<std::mutex> lk(mu_);
   stats_.launch_seconds += seconds;
+  stats_.gated_mask_steps += gated ? 1 : 0;
 }
 
 void StatsKeeper::count_collect_wait(double seconds) {

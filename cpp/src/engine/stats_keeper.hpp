@@ -32,7 +32,7 @@ class StatsKeeper {
   void count_step(int64_t preemptions, int64_t prompt_tokens, double forward_seconds, int64_t padded_tokens,
                   bool async = false);
   void count_output(double seconds);
-  void count_launch(double seconds);        // Stats::launch_seconds
+  void count_launch(double seconds, bool gated = false);  // Stats::launch_seconds, gated_mask_steps
   void count_collect_wait(double seconds);  // Stats::collect_wait_seconds
   void count_swap(int64_t out_blocks, int64_t in_blocks, int64_t swapped_out, double seconds);
   void count_generated(int64_t tokens);

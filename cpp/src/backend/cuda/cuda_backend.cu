@@ -182,6 +182,7 @@ CudaBackend::~CudaBackend() {
   int current = device_;
   cudaGetDevice(&current);
   cudaSetDevice(device_);  // a tensor-parallel rank's may be destroyed on another rank's thread
+  if (gate_flag_) *gate_flag_ = gate_queued_;  // a gated copy nobody will open (the engine is gone) passes
   if (stream_) cudaStreamSynchronize(stream_);
   clear_graphs();
   for (int i = 0; i < 2; ++i) {
@@ -191,6 +192,10 @@ CudaBackend::~CudaBackend() {
     if (results_done_[i]) cudaEventDestroy(results_done_[i]);
   }
   if (step_end_) cudaEventDestroy(step_end_);
+  if (gate_copied_) cudaEventDestroy(gate_copied_);
+  if (gate_host_) cudaFreeHost(gate_host_);
+  if (gate_dev_) cudaFree(gate_dev_);
+  if (gate_flag_) cudaFreeHost(const_cast<uint32_t*>(gate_flag_));
   if (partials_) cudaFree(partials_);
   if (fp8_scratch_) cudaFree(fp8_scratch_);
   if (fp8_act_) cudaFree(fp8_act_);

@@ -127,6 +127,9 @@ class CudaBackend final : public Backend {
   void begin_results(bool defer) override;
   int32_t end_results() override;
   void collect(int32_t ticket) override;
+  uint32_t* mask_gate(size_t words) override;
+  const uint32_t* queue_gated_masks(uint64_t id, size_t words) override;
+  void open_mask_gate(uint64_t id) override;
   void download(const Tensor& src, void* dst) override;
 
  private:
@@ -216,6 +219,17 @@ class CudaBackend final : public Backend {
   int slot_ = 0;
   bool defer_ = false;
   Tensor processed_;  // sample(): the processed rows of draws with edits or masks (grown as needed)
+  // mask_gate(): the host buffer (pinned), its device copy, their capacity
+  // in words, and the event after the last gated copy; the gate's flag
+  // (pinned and mapped: the stream waits on it, cuStreamWaitValue32, until
+  // open_mask_gate writes an id at least the one queued) and the last id queued.
+  uint32_t* gate_host_ = nullptr;
+  uint32_t* gate_dev_ = nullptr;
+  size_t gate_cap_ = 0;
+  cudaEvent_t gate_copied_ = nullptr;
+  volatile uint32_t* gate_flag_ = nullptr;
+  void* gate_flag_dev_ = nullptr;
+  uint32_t gate_queued_ = 0;
   StepArrays dev_{};
   AttentionPlan plan_info_{};
   std::vector<BlockCopy> last_copies_;  // what copies_ holds on the device

@@ -8,6 +8,11 @@
 #include <cstring>
 #include <type_traits>
 
+#include <cuda.h>
+#include <cudaTypedefs.h>
+
+#include <atomic>
+
 #include "backend/cuda/cuda_check.hpp"
 #include "backend/cuda/launch.cuh"
 
@@ -378,18 +383,19 @@ void CudaBackend::argmax(const Tensor& logits, int64_t rows, int32_t* out, const
   // Masks (structured output): each row's mask index, then the masks' words,
   // up in one copy (32 JSON rows of a 49K vocabulary: 200 KB against the
   // 6.3 MB of logits the host sampler would need).
+  // Gated masks (queue_gated_masks) are on the device already: only the index goes up.
   const int32_t* mask_of_row = nullptr;
   const uint32_t* mask_words = nullptr;
   if (masks.mask_of_row != nullptr && masks.num_masks > 0) {
     require(masks.words_per_row == (vocab + 31) / 32, "argmax: masks of (vocab + 31) / 32 words a row");
     const size_t index_bytes = align16(static_cast<size_t>(rows) * 4),
-                 word_bytes = static_cast<size_t>(masks.num_masks) * masks.words_per_row * 4;
+                 word_bytes = masks.gated ? 0 : static_cast<size_t>(masks.num_masks) * masks.words_per_row * 4;
     uint8_t* h = masks_.host(index_bytes + word_bytes);
     std::memcpy(h, masks.mask_of_row, static_cast<size_t>(rows) * 4);
-    std::memcpy(h + index_bytes, masks.words, word_bytes);
+    if (word_bytes) std::memcpy(h + index_bytes, masks.words, word_bytes);
     masks_.upload(index_bytes + word_bytes, stream_);
     mask_of_row = reinterpret_cast<const int32_t*>(masks_.device());
-    mask_words = reinterpret_cast<const uint32_t*>(masks_.device() + index_bytes);
+    mask_words = masks.gated ? masks.words : reinterpret_cast<const uint32_t*>(masks_.device() + index_bytes);
   }
   const size_t bytes = static_cast<size_t>(rows) * 4, scratch = static_cast<size_t>(rows) * kArgmaxParts * 8;
   // device: the picks, then the kernel's scratch; only the picks come back
@@ -401,6 +407,61 @@ void CudaBackend::argmax(const Tensor& logits, int64_t rows, int32_t* out, const
   if (defer_) return pending_[slot_].push_back({h, out, bytes});
   CUDA_CHECK(cudaStreamSynchronize(stream_));
   std::memcpy(out, h, bytes);
+}
+
+// ---- gated masks (async scheduling's structured steps) ----------------------------------
+
+uint32_t* CudaBackend::mask_gate(size_t words) {
+  CUDA_CHECK(cudaSetDevice(device_));
+  if (gate_flag_ == nullptr) {
+    void* flag = nullptr;
+    CUDA_CHECK(cudaHostAlloc(&flag, 64, cudaHostAllocMapped));
+    gate_flag_ = static_cast<volatile uint32_t*>(flag);
+    *gate_flag_ = 0;
+    CUDA_CHECK(cudaHostGetDevicePointer(&gate_flag_dev_, flag, 0));
+    CUDA_CHECK(cudaEventCreateWithFlags(&gate_copied_, cudaEventDisableTiming));
+  }
+  if (words > gate_cap_) {  // the last gated copy must be done with the old buffers (it waits for its gate)
+    CUDA_CHECK(cudaEventSynchronize(gate_copied_));
+    if (gate_host_) CUDA_CHECK(cudaFreeHost(gate_host_));
+    if (gate_dev_) CUDA_CHECK(cudaFree(gate_dev_));
+    gate_host_ = gate_dev_ = nullptr;
+    const size_t cap = std::max<size_t>(2 * words, 4096);
+    CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&gate_host_), cap * 4, cudaHostAllocDefault));
+    CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&gate_dev_), cap * 4));
+    gate_cap_ = cap;
+  }
+  return gate_host_;
+}
+
+const uint32_t* CudaBackend::queue_gated_masks(uint64_t id, size_t words) {
+  require(gate_flag_ != nullptr && words <= gate_cap_,
+          "queue_gated_masks: " + std::to_string(words) + " words past mask_gate()'s buffer");
+  static const PFN_cuStreamWaitValue32_v11070 wait_value = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuStreamWaitValue32", &f, 12000, cudaEnableDefault, &found));
+    if (found != cudaDriverEntryPointSuccess || f == nullptr)
+      throw Error(ErrorKind::Runtime, "the CUDA driver has no cuStreamWaitValue32");
+    return reinterpret_cast<PFN_cuStreamWaitValue32_v11070>(f);
+  }();
+  CUDA_CHECK(cudaSetDevice(device_));
+  // GEQ compares (int32_t)(flag - id) >= 0: ids wrap at 2^32 without harm
+  gate_queued_ = static_cast<uint32_t>(id);
+  const CUresult r = wait_value(reinterpret_cast<CUstream>(stream_), reinterpret_cast<CUdeviceptr>(gate_flag_dev_),
+                                gate_queued_, CU_STREAM_WAIT_VALUE_GEQ);
+  if (r != CUDA_SUCCESS)
+    throw Error(ErrorKind::Runtime, "cuStreamWaitValue32 failed (CUresult " + std::to_string(static_cast<int>(r)) + ")");
+  if (words > 0) CUDA_CHECK(cudaMemcpyAsync(gate_dev_, gate_host_, words * 4, cudaMemcpyHostToDevice, stream_));
+  CUDA_CHECK(cudaEventRecord(gate_copied_, stream_));
+  return gate_dev_;
+}
+
+void CudaBackend::open_mask_gate(uint64_t id) {
+  if (gate_flag_ == nullptr) return;
+  std::atomic_thread_fence(std::memory_order_release);  // the buffer's words before the flag
+  const uint32_t v = static_cast<uint32_t>(id);
+  if (static_cast<int32_t>(v - *gate_flag_) > 0) *gate_flag_ = v;
 }
 
 // ---- deferred results (async scheduling) ----------------------------------------------

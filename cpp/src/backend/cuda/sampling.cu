@@ -541,8 +541,10 @@ void CudaBackend::sample(const Tensor& logits, const SampleRow* rows, int64_t n,
   const int32_t edit_slots = static_cast<int32_t>(
       std::min<size_t>(static_cast<size_t>(most_edits), (kSmemLimit - sizeof(Smem) - bitmap_bytes(vocab)) / 8));
   require(!any_logprobs || logprobs != nullptr, "sample: a draw asks for logprobs and there is nowhere to put them");
-  // up: the draws, the edits, the masks; down: their tokens, then the logprobs (one staging buffer)
-  const size_t mask_words = static_cast<size_t>(masks.words ? masks.num_masks : 0) * static_cast<size_t>((vocab + 31) / 32);
+  // up: the draws, the edits, the masks (gated ones are on the device already); down: their tokens, then the
+  // logprobs (one staging buffer)
+  const size_t mask_words =
+      static_cast<size_t>(masks.words && !masks.gated ? masks.num_masks : 0) * static_cast<size_t>((vocab + 31) / 32);
   const size_t row_bytes = align16(static_cast<size_t>(n) * sizeof(SampleRow));
   const size_t edit_bytes = align16(static_cast<size_t>(num_edits) * sizeof(LogitEdit));
   const size_t up_bytes = row_bytes + edit_bytes + align16(mask_words * 4);
@@ -563,7 +565,9 @@ void CudaBackend::sample(const Tensor& logits, const SampleRow* rows, int64_t n,
   DrawLogprobs* dev_lp = any_logprobs ? reinterpret_cast<DrawLogprobs*>(d + up_bytes + tok_bytes) : nullptr;
   sample_rows(logits.as<float>(), vocab, reinterpret_cast<const SampleRow*>(d), n,
               reinterpret_cast<const LogitEdit*>(d + row_bytes), edit_slots,
-              mask_words > 0 ? reinterpret_cast<const uint32_t*>(d + row_bytes + edit_bytes) : nullptr,
+              masks.gated  ? masks.words
+              : mask_words > 0 ? reinterpret_cast<const uint32_t*>(d + row_bytes + edit_bytes)
+                               : nullptr,
               copies ? processed_.as<float>() : nullptr, dev_out, dev_lp, stream_);
   draws_dev_[slot_] = dev_out;  // for a later step's feedback (async scheduling)
   CUDA_CHECK(cudaMemcpyAsync(h + up_bytes, dev_out, tok_bytes + lp_bytes, cudaMemcpyDeviceToHost, stream_));
