@@ -364,34 +364,48 @@ def attention_sweep():
     return r
 
 
-def decode_splits():
+# decode_splits' grid: (batch, context, head dim) -> (kernel shapes, split counts).
+SPLIT_GRID = {(1, 32768, 128): (["2x3", "4x3"], [16, 32, 64]),
+              (4, 16384, 128): (["2x3", "4x3"], [8, 16, 32]),
+              (16, 8192, 128): (["2x3", "4x3"], [2, 4])}
+# decode_sweep's: the shapes still short of issue 16's fractions (1 x 32,768 at 75%, D 64 at 90%).
+SWEEP_GRID = {(1, 32768, 128): (["2x3", "4x3", "4x4", "4x2", "2x4"], [8, 16, 32, 64]),
+              (64, 2048, 64): (["2x3", "4x3", "4x4", "2x4", "4x2", "2x2"], [1, 2, 3, 4]),
+              (16, 8192, 64): (["2x3", "4x3", "4x4", "2x4"], [1, 2, 4, 8])}
+
+
+def decode_splits(grid=None):
     """Decode attention under forced split counts (PAGEDRT_DECODE_SPLITS) and kernel
     shapes (PAGEDRT_DECODE_KERNEL) where splits matter (long contexts, few
-    sequences): us and fraction of the copy rate per (shape, kernel, splits)."""
-    grid = {(1, 32768): (["2x3", "4x3"], [16, 32, 64]),
-            (4, 16384): (["2x3", "4x3"], [8, 16, 32]),
-            (16, 8192): (["2x3", "4x3"], [2, 4])}
+    sequences): us and fraction of the copy rate per (shape, kernel, splits),
+    32 query heads over 8 kv heads, block 16."""
     rng = np.random.default_rng(0)
     base = rng.standard_normal(1 << 24, dtype=np.float32)
     copy = copy_tbps()
     r = {"copy_TBps": copy, "shapes": []}
     print(f"copy {copy:.2f} TB/s", flush=True)
-    for (B, C), (kernels, splits) in grid.items():
-        kv_bytes = B * C * 8 * 128 * 2 * 2
-        row = {"shape": f"{B}x{C}", "bytes": kv_bytes, "us": {}}
-        row["default_us"] = 1e6 * pagedrt_attention_s(B, C, 1, 32, 8, 128, 16, base, rng)
-        print(f"{B}x{C}: default {row['default_us']:.1f} us ({kv_bytes / row['default_us'] / 1e6 / copy:.0%} of copy)",
-              flush=True)
+    for (B, C, D), (kernels, splits) in (grid or SPLIT_GRID).items():
+        kv_bytes = B * C * 8 * D * 2 * 2
+        row = {"shape": f"{B}x{C}", "D": D, "bytes": kv_bytes, "us": {},
+               "plan": decode_plan(B, C, 32, 8, D, 16)}
+        row["default_us"] = 1e6 * pagedrt_attention_s(B, C, 1, 32, 8, D, 16, base, rng)
+        print(f"{B}x{C} D {D}: default {row['default_us']:.1f} us ({kv_bytes / row['default_us'] / 1e6 / copy:.0%} "
+              f"of copy; plan {row['plan']})", flush=True)
         for k in kernels:
             for sp in splits:
                 os.environ["PAGEDRT_DECODE_KERNEL"], os.environ["PAGEDRT_DECODE_SPLITS"] = k, str(sp)
-                us = 1e6 * pagedrt_attention_s(B, C, 1, 32, 8, 128, 16, base, rng)
+                us = 1e6 * pagedrt_attention_s(B, C, 1, 32, 8, D, 16, base, rng)
                 row["us"][f"{k}/{sp}"] = us
                 print(f"  {k:>4} splits {sp:>3}: {us:7.1f} us  {kv_bytes / us / 1e6 / copy:.0%}", flush=True)
         os.environ.pop("PAGEDRT_DECODE_KERNEL", None)
         os.environ.pop("PAGEDRT_DECODE_SPLITS", None)
         r["shapes"].append(row)
     return r
+
+
+def decode_sweep():
+    """decode_splits over SWEEP_GRID."""
+    return decode_splits(SWEEP_GRID)
 
 
 def sampling():
@@ -1070,7 +1084,7 @@ def main():
     part, out = sys.argv[1], sys.argv[2]
     fn = {"ceilings": ceilings, "attention": attention, "attention_sweep": attention_sweep, "gemv": gemv,
           "attention_fp8": attention_fp8, "attention_probe": attention_probe,
-          "decode_splits": decode_splits, "sampling": sampling,
+          "decode_splits": decode_splits, "decode_sweep": decode_sweep, "sampling": sampling,
           "gemm": gemm, "gemm_odd": gemm_odd, "gemm_invariant": gemm_invariant, "gemm_fp8": gemm_fp8,
           "fp8_decode_chain": fp8_decode_chain,
           "prefill": prefill}.get(part)
