@@ -45,3 +45,19 @@ inline size_t align16(size_t n) { return (n + 15) / 16 * 16; }
 
 // After every kernel launch: a bad launch configuration shows here, not later.
 #define CUDA_CHECK_LAUNCH() CUDA_CHECK(cudaGetLastError())
+
+namespace pagedrt::cuda {
+
+// A driver API function through the runtime (cudaGetDriverEntryPointByVersion:
+// no -lcuda); an Error naming it and what it is `for` where the driver has none.
+template <typename F>
+F driver_function(const char* name, const char* for_what) {
+  void* f = nullptr;
+  cudaDriverEntryPointQueryResult found{};
+  CUDA_CHECK(cudaGetDriverEntryPointByVersion(name, &f, 12000, cudaEnableDefault, &found));
+  if (found != cudaDriverEntryPointSuccess || f == nullptr)
+    throw Error(ErrorKind::Runtime, std::string("the CUDA driver has no ") + name + " (" + for_what + ")");
+  return reinterpret_cast<F>(f);
+}
+
+}  // namespace pagedrt::cuda

@@ -437,14 +437,8 @@ uint32_t* CudaBackend::mask_gate(size_t words) {
 const uint32_t* CudaBackend::queue_gated_masks(uint64_t id, size_t words) {
   require(gate_flag_ != nullptr && words <= gate_cap_,
           "queue_gated_masks: " + std::to_string(words) + " words past mask_gate()'s buffer");
-  static const PFN_cuStreamWaitValue32_v11070 wait_value = [] {
-    void* f = nullptr;
-    cudaDriverEntryPointQueryResult found{};
-    CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuStreamWaitValue32", &f, 12000, cudaEnableDefault, &found));
-    if (found != cudaDriverEntryPointSuccess || f == nullptr)
-      throw Error(ErrorKind::Runtime, "the CUDA driver has no cuStreamWaitValue32");
-    return reinterpret_cast<PFN_cuStreamWaitValue32_v11070>(f);
-  }();
+  static const auto wait_value =
+      driver_function<PFN_cuStreamWaitValue32_v11070>("cuStreamWaitValue32", "gated structured-output masks");
   CUDA_CHECK(cudaSetDevice(device_));
   // GEQ compares (int32_t)(flag - id) >= 0: ids wrap at 2^32 without harm
   gate_queued_ = static_cast<uint32_t>(id);

@@ -16,12 +16,7 @@ namespace {
 
 template <typename F>
 F driver(const char* name) {
-  void* f = nullptr;
-  cudaDriverEntryPointQueryResult found{};
-  CUDA_CHECK(cudaGetDriverEntryPointByVersion(name, &f, 12000, cudaEnableDefault, &found));
-  if (found != cudaDriverEntryPointSuccess || f == nullptr)
-    throw Error(ErrorKind::Runtime, std::string("the CUDA driver has no ") + name + " (virtual memory management)");
-  return reinterpret_cast<F>(f);
+  return driver_function<F>(name, "virtual memory management");
 }
 
 struct Vmm {
