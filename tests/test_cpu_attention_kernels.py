@@ -79,6 +79,13 @@ def set_batch(ops, rng, seqs, block_size):
     need = [-(-(c + n) // block_size) for c, n in seqs]
     perm = rng.permutation(sum(need) + 3)
     tables = np.split(perm[:sum(need)], np.cumsum(need)[:-1])
+    set_tables(ops, seqs, tables, block_size)
+    return tables, len(perm)
+
+
+def set_tables(ops, seqs, tables, block_size):
+    """The batch of seqs ((cached, new) tokens each) on the given block tables."""
+    need = [len(t) for t in tables]
     positions = np.concatenate([np.arange(c, c + n) for c, n in seqs])
     slots = np.concatenate([t[np.arange(c, c + n) // block_size] * block_size + np.arange(c, c + n) % block_size
                             for (c, n), t in zip(seqs, tables)])
@@ -86,7 +93,6 @@ def set_batch(ops, rng, seqs, block_size):
     ops.set_batch(i32(np.zeros(len(positions))), i32(positions), np.ascontiguousarray(slots, np.int64),
                   i32(np.cumsum([0] + [n for _, n in seqs])), i32([c + n for c, n in seqs]),
                   i32(np.cumsum([0] + need)), i32(np.concatenate(tables)), i32([len(positions) - 1]))
-    return tables, len(perm)
 
 
 @pytest.mark.parametrize("block_size", [16, 5])
@@ -118,6 +124,44 @@ def test_paged_attention_matches_contiguous_numpy(cpu_ops, G, D, block_size):
         ref = np.einsum("hts,shd->thd", p / p.sum(-1, keepdims=True), np.repeat(v, G, axis=1))
         assert np.max(np.abs(out[t:t + new] - ref.reshape(new, H * D))) <= 1e-5, (cached, new)
         t += new
+
+
+@pytest.mark.parametrize("act", ["float32", "bfloat16"])
+@pytest.mark.parametrize("G,D", [(1, 64), (3, 64), (4, 128), (2, 32), (3, 48)])
+def test_decode_tokens_by_token_or_by_kv_head_agree_bitwise(act, G, D):
+    """A decode-only step with tokens enough for every thread takes each
+    token's kv heads as one item (attend_heads: a position's heads are one
+    run of the block), a step of one token an item per kv head (attend): each
+    token's output has the same bits either way (the batch-invariant mode
+    rests on it), and is within tolerance of float64 attention on the
+    gathered blocks."""
+    from pagedrt import _testing
+    ops = _testing._Ops("cpu", act)
+    rng = np.random.default_rng(G * 1000 + D)
+    Hkv, bs = 3, 16
+    H = G * Hkv
+    seqs = [(c, 1) for c in (0, 14, 15, 16, 90, 199, 32, 63, 4)]  # contexts crossing blocks and 16-key chunks
+    need = [-(-(c + 1) // bs) for c, _ in seqs]
+    perm = rng.permutation(sum(need) + 2)
+    tables = np.split(perm[:sum(need)], np.cumsum(need)[:-1])
+    qkv = rng.standard_normal((len(seqs), (H + 2 * Hkv) * D)).astype(np.float32)
+    k_cache = rng.standard_normal((len(perm), bs, Hkv, D)).astype(np.float32)
+    v_cache = rng.standard_normal((len(perm), bs, Hkv, D)).astype(np.float32)
+    set_tables(ops, seqs, tables, bs)
+    together = ops.paged_attention(qkv, k_cache, v_cache, H, Hkv, D, D ** -0.5)
+    tol = 1e-5 if act == "float32" else 2e-2
+    for i, ((cached, _), table) in enumerate(zip(seqs, tables)):
+        set_tables(ops, [(cached, 1)], [table], bs)
+        alone = ops.paged_attention(qkv[i:i + 1], k_cache, v_cache, H, Hkv, D, D ** -0.5)
+        assert np.array_equal(alone[0], together[i]), (i, cached)
+        ctx = cached + 1
+        k = k_cache[table].reshape(-1, Hkv, D)[:ctx].astype(np.float64)
+        v = v_cache[table].reshape(-1, Hkv, D)[:ctx].astype(np.float64)
+        q = qkv[i, :H * D].reshape(H, D).astype(np.float64)
+        s = np.einsum("hd,shd->hs", q, np.repeat(k, G, axis=1)) * D ** -0.5
+        p = np.exp(s - s.max(-1, keepdims=True))
+        ref = np.einsum("hs,shd->hd", p / p.sum(-1, keepdims=True), np.repeat(v, G, axis=1)).reshape(-1)
+        assert np.max(np.abs(together[i] - ref)) <= tol * max(1.0, np.abs(ref).max()), (i, cached)
 
 
 @pytest.mark.parametrize("deterministic", [True, False])

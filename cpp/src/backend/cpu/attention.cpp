@@ -31,6 +31,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -240,6 +241,25 @@ void attend(const Args<T>& a0, const Tile& tile, int64_t kvh) {
   attend_rows(a, R, sc);
 }
 
+#ifdef PAGEDRT_VEC512
+// A decode token's every kv head as one item (attend_heads).
+template <typename T>
+void attend_token(const Args<T>& a, const Tile& tile) {
+  Scratch& sc = scratch();
+  const int64_t D = a.D, R = a.Hkv * a.G, t = tile.t0, row = (a.H + 2 * a.Hkv) * D;
+  const int64_t ctx = static_cast<int64_t>(a.b->positions[t]) + 1;
+  sc.qoff.resize(R);
+  sc.ooff.resize(R);
+  for (int64_t r = 0; r < R; ++r) {  // query head r = kvh G + g
+    sc.qoff[r] = t * row + r * D;
+    sc.ooff[r] = t * a.H * D + r * D;
+  }
+  sc.off.resize(ctx);
+  row_offsets(a.kv, a.kv.pages(tile.seq), ctx, 0, sc.off.data());
+  attend_heads(a, ctx, sc);
+}
+#endif
+
 // x (2 half) := (x1 c - x2 s, x2 c + x1 s), x1 = x[0 .. half), x2 = x[half .. 2 half):
 // the rotate-half RoPE of transformers' Llama, in fp32
 template <typename T>
@@ -298,6 +318,25 @@ void run_tiles(const Args<T>& a, int threads) {
   std::stable_sort(tiles.begin(), tiles.end(), [&](const Tile& x, const Tile& y) {
     return b.positions[x.t0 + x.n - 1] > b.positions[y.t0 + y.n - 1];
   });
+#ifdef PAGEDRT_VEC512
+  // Decode tokens, where there are enough for every thread: all kv heads of
+  // a token in one item (attend_heads; Zen 4, 32 sequences x ~200 keys,
+  // SmolLM2: an item per kv head spent a quarter of the batched decode step
+  // waiting on its strided K and V reads). PAGEDRT_CPU_DECODE_HEADS=0: an
+  // item per kv head (A/B runs).
+  static const bool heads_together = [] {
+    const char* e = std::getenv("PAGEDRT_CPU_DECODE_HEADS");
+    return e == nullptr || std::strcmp(e, "0") != 0;
+  }();
+  if (heads_together && a.fp8 == nullptr && heads_in_one_item<T>(a.D, G) &&
+      static_cast<int64_t>(tiles.size()) >= 2 * threads &&
+      std::all_of(tiles.begin(), tiles.end(), [](const Tile& t) { return t.n == 1; })) {
+    const int64_t n = static_cast<int64_t>(tiles.size());
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t i = 0; i < n; ++i) attend_token(a, tiles[i]);
+    return;
+  }
+#endif
   const int64_t items = static_cast<int64_t>(tiles.size()) * Hkv;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (items > 1)
   for (int64_t item = 0; item < items; ++item) attend(a, tiles[item / Hkv], item % Hkv);
