@@ -225,8 +225,8 @@ def _constrained_mix(r, sampled):
 def test_structured_steps_pipelined_give_the_synchronous_tokens(tiny_sp, sampled, monkeypatch):
     """Async scheduling takes steps with structured output: each masked row's
     mask is filled once the step ahead is processed and its pick queued after
-    the forward, behind the gate the fill opens (PAGEDRT_GATED_MASKS=1:
-    Backend::queue_gated_masks) or after waiting for the fill. Every token and
+    the forward, behind the gate the fill opens (Backend::queue_gated_masks;
+    PAGEDRT_GATED_MASKS=0: after waiting for the fill). Every token and
     finish reason equals the synchronous run's (CPU: exact whatever the
     batch), gated or not, and with only greedy requests nearly every step is
     launched ahead. Seeded sampled constrained requests (drawn on the host:

@@ -38,7 +38,7 @@
 #   gemm     tools/bench_cuda.py gemm: the 8B projections at M = 1..8192 against the roofline
 #            (engine, cuBLASLt searched, cuBLASLt heuristic, torch)
 #   structured tests/test_cuda.py -k structured, then tools/bench_structured.py on SmolLM2 and the 8B shape,
-#              async scheduling's pipelined JSON steps against PAGEDRT_GATED_MASKS=1 (SmolLM2) and
+#              async scheduling's pipelined JSON steps against PAGEDRT_GATED_MASKS=0 (SmolLM2) and
 #              PAGEDRT_PIPELINED_MASKS=0
 #            and on the 8B shape with SmolLM2's tokenizer
 #            ($LLAMA8B_TOK, made here; needs smol): JSON-schema against plain TPOT, mask time
@@ -317,13 +317,13 @@ if has structured && [ -d "$WORK/smolpkg" ]; then
   export PYTHONPATH="$WORK/smolpkg${PYTHONPATH:+:$PYTHONPATH}"
   # first the structured-output tests on the GPU (device picks with masks; verify steps' masks per row)
   (timeout 240 $PY -m pytest tests/test_cuda.py -q -rs -p no:cacheprovider -k "structured" 2>&1 | tail -15)
-  # async scheduling takes the JSON steps (masks filled while the next forward runs), then the A/Bs:
-  # PAGEDRT_GATED_MASKS=1 (the picks queued behind the fill's gate, before the masks are in) and
-  # PAGEDRT_PIPELINED_MASKS=0 (steps one at a time, checked picks and masked first)
+  # async scheduling takes the JSON steps (masks filled while the next forward runs, the picks queued
+  # behind the fill's gate), then the A/Bs: PAGEDRT_GATED_MASKS=0 (the picks queued once the masks are
+  # in) and PAGEDRT_PIPELINED_MASKS=0 (steps one at a time, checked picks and masked first)
   (cd /tmp && timeout 150 $PY "$OLDPWD/tools/bench_structured.py" --device cuda --rounds 5 --max-tokens 128 \
      --json "$OUT/structured.json" 2>&1 | grep -v "it/s\]")
-  (cd /tmp && PAGEDRT_GATED_MASKS=1 timeout 150 $PY "$OLDPWD/tools/bench_structured.py" --device cuda --rounds 5 \
-     --max-tokens 128 --json "$OUT/structured_gated.json" 2>&1 | grep -v "it/s\]")
+  (cd /tmp && PAGEDRT_GATED_MASKS=0 timeout 150 $PY "$OLDPWD/tools/bench_structured.py" --device cuda --rounds 5 \
+     --max-tokens 128 --json "$OUT/structured_ungated.json" 2>&1 | grep -v "it/s\]")
   (cd /tmp && PAGEDRT_PIPELINED_MASKS=0 timeout 150 $PY "$OLDPWD/tools/bench_structured.py" --device cuda --rounds 5 --max-tokens 128 \
      --checked both --json "$OUT/structured_sync.json" 2>&1 | grep -v "it/s\]")
   SMOL=$(cd /tmp && $PY -c "import pagedrt; print(pagedrt.default_model(progress=False))")

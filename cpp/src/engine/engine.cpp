@@ -54,7 +54,7 @@ Engine::Engine(std::shared_ptr<Backend> backend, std::unique_ptr<LlamaModel> mod
   async_ = config.async_scheduling && !drafter_;  // a draft model's forward runs between steps
   if (const char* v = std::getenv("PAGEDRT_CHECKED_PICKS")) checked_picks_ = std::string(v) != "0";
   if (const char* v = std::getenv("PAGEDRT_PIPELINED_MASKS")) pipeline_masks_ = std::string(v) != "0";
-  if (const char* v = std::getenv("PAGEDRT_GATED_MASKS")) gate_masks_ = std::string(v) == "1";
+  if (const char* v = std::getenv("PAGEDRT_GATED_MASKS")) gate_masks_ = std::string(v) != "0";
   if (config.scheduler.swap_slots > 0) runner_.enable_swap(config.scheduler.swap_slots);
   auto_preemption_ = config.scheduler.preemption == PreemptionMode::Auto;
   publish_stats();  // the pool as it starts (an elastic one: its first chunk mapped)

@@ -180,9 +180,8 @@ class Engine final : private OutputSink {
   bool pipeline_masks_ = true;
   // Their picks and draws queued behind a gate the fill opens (Backend::
   // queue_gated_masks), so that the next step is launched without waiting
-  // for the masks: PAGEDRT_GATED_MASKS=1. Off by default until its CUDA
-  // side has run on a GPU (session 30 got none); the CPU tests set it.
-  bool gate_masks_ = false;
+  // for the masks; PAGEDRT_GATED_MASKS=0 waits for them first (A/B runs).
+  bool gate_masks_ = true;
   uint64_t last_gate_ = 0;  // the last gate id given to a fill
   void finish_beams(Request& r, std::vector<Event> finals) override;
   // Ends every live sequence of a request (abort, error, shutdown).
