@@ -395,12 +395,7 @@ bool Engine::complete_launch() {
   Launched& l = *launched_;
   PendingMasks& pm = *l.pm;
   const bool gated = pm.gate != 0;
-  if (!gated) {
-    const double wait_start = now_s();
-    pm.wait();
-    if (pm.start > 0.0)  // waited: what the engine's own work since the fill began did not hide
-      stats_.count_masks(static_cast<int64_t>(pm.live.size()), pm.end - pm.start, now_s() - wait_start);
-  }
+  if (!gated) wait_fill(pm);
   const double launch_start = now_s();
   try {
     // Gated: the device reads the masks once the fill has opened the gate.
@@ -425,16 +420,18 @@ bool Engine::complete_launch() {
   return true;
 }
 
+void Engine::wait_fill(PendingMasks& pm) {
+  const double wait_start = now_s();
+  pm.wait();
+  if (pm.start > 0.0)  // waited: what the engine's own work since the fill began did not hide
+    stats_.count_masks(static_cast<int64_t>(pm.live.size()), pm.end - pm.start, now_s() - wait_start);
+}
+
 void Engine::settle_launch() {
   if (!launched_ || !launched_->pm || !launched_->picks_queued) return;
   Launched& l = *launched_;
   PendingMasks& pm = *l.pm;
-  if (pm.gate != 0) {
-    const double wait_start = now_s();
-    pm.wait();
-    if (pm.start > 0.0)  // what the engine's own work since the fill began did not hide
-      stats_.count_masks(static_cast<int64_t>(pm.live.size()), pm.end - pm.start, now_s() - wait_start);
-  }
+  if (pm.gate != 0) wait_fill(pm);
   l.mask_words = std::move(pm.words);  // masks.by_seq points into them (a moved vector keeps its block)
   l.masks = std::move(pm.masks);
   l.pm.reset();

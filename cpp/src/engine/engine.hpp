@@ -205,6 +205,8 @@ class Engine final : private OutputSink {
   // After complete_launch: waits for a gated fill and keeps the masks with
   // the launched step (its outputs read them).
   void settle_launch();
+  // Waits for a launched step's fill (ahead of its step), counting its masks.
+  void wait_fill(PendingMasks& pm);
   // Moves an ended request or sequence out of the way until the steps
   // launched so far are processed (a launched step may still name it).
   void retire(std::unique_ptr<Request> r) { retired_requests_.emplace_back(steps_launched_, std::move(r)); }
