@@ -372,29 +372,45 @@ SPLIT_GRID = {(1, 32768, 128): (["2x3", "4x3"], [16, 32, 64]),
 SWEEP_GRID = {(1, 32768, 128): (["2x3", "4x3", "4x4", "4x2", "2x4"], [8, 16, 32, 64]),
               (64, 2048, 64): (["2x3", "4x3", "4x4", "2x4", "4x2", "2x2"], [1, 2, 3, 4]),
               (16, 8192, 64): (["2x3", "4x3", "4x4", "2x4"], [1, 2, 4, 8])}
+# d64_sweep's: head dim 64 across batch shapes, 32/8 heads and SmolLM2's 9/3;
+# split count 0 is the plan's own for that kernel.
+D64_GRID = {(256, 1024, 64): (["2x3", "4x3"], [0, 1, 2]),
+            (512, 512, 64): (["2x3", "4x3"], [0, 1]),
+            (64, 2048, 64): (["2x3", "4x3"], [0, 1, 2]),
+            (16, 8192, 64): (["2x3", "4x3"], [0, 4, 8]),
+            (4, 8192, 64): (["2x3", "4x3"], [0, 8, 16]),
+            (64, 2048, 64, 9, 3): (["2x3", "4x3"], [0, 1, 2]),
+            (256, 1024, 64, 9, 3): (["2x3", "4x3"], [0, 1]),
+            (8, 4096, 64, 9, 3): (["2x3", "4x3"], [0, 4, 8])}
 
 
 def decode_splits(grid=None):
-    """Decode attention under forced split counts (PAGEDRT_DECODE_SPLITS) and kernel
-    shapes (PAGEDRT_DECODE_KERNEL) where splits matter (long contexts, few
-    sequences): us and fraction of the copy rate per (shape, kernel, splits),
-    32 query heads over 8 kv heads, block 16."""
+    """Decode attention under forced split counts (PAGEDRT_DECODE_SPLITS; 0: the
+    plan's) and kernel shapes (PAGEDRT_DECODE_KERNEL) where splits matter (long
+    contexts, few sequences): us and fraction of the copy rate per (shape,
+    kernel, splits); grid keys (B, C, D[, H, Hkv]), heads 32 over 8 unless
+    given, block 16."""
     rng = np.random.default_rng(0)
     base = rng.standard_normal(1 << 24, dtype=np.float32)
     copy = copy_tbps()
     r = {"copy_TBps": copy, "shapes": []}
     print(f"copy {copy:.2f} TB/s", flush=True)
-    for (B, C, D), (kernels, splits) in (grid or SPLIT_GRID).items():
-        kv_bytes = B * C * 8 * D * 2 * 2
-        row = {"shape": f"{B}x{C}", "D": D, "bytes": kv_bytes, "us": {},
-               "plan": decode_plan(B, C, 32, 8, D, 16)}
-        row["default_us"] = 1e6 * pagedrt_attention_s(B, C, 1, 32, 8, D, 16, base, rng)
-        print(f"{B}x{C} D {D}: default {row['default_us']:.1f} us ({kv_bytes / row['default_us'] / 1e6 / copy:.0%} "
+    for key, (kernels, splits) in (grid or SPLIT_GRID).items():
+        B, C, D, H, Hkv = key + (32, 8)[len(key) - 3:]
+        kv_bytes = B * C * Hkv * D * 2 * 2
+        row = {"shape": f"{B}x{C}", "D": D, "H": H, "Hkv": Hkv, "bytes": kv_bytes, "us": {},
+               "plan": decode_plan(B, C, H, Hkv, D, 16)}
+        row["default_us"] = 1e6 * pagedrt_attention_s(B, C, 1, H, Hkv, D, 16, base, rng)
+        print(f"{B}x{C} D {D} heads {H}/{Hkv}: default {row['default_us']:.1f} us ({kv_bytes / row['default_us'] / 1e6 / copy:.0%} "
               f"of copy; plan {row['plan']})", flush=True)
         for k in kernels:
             for sp in splits:
-                os.environ["PAGEDRT_DECODE_KERNEL"], os.environ["PAGEDRT_DECODE_SPLITS"] = k, str(sp)
-                us = 1e6 * pagedrt_attention_s(B, C, 1, 32, 8, D, 16, base, rng)
+                os.environ["PAGEDRT_DECODE_KERNEL"] = k
+                if sp:
+                    os.environ["PAGEDRT_DECODE_SPLITS"] = str(sp)
+                else:
+                    os.environ.pop("PAGEDRT_DECODE_SPLITS", None)
+                us = 1e6 * pagedrt_attention_s(B, C, 1, H, Hkv, D, 16, base, rng)
                 row["us"][f"{k}/{sp}"] = us
                 print(f"  {k:>4} splits {sp:>3}: {us:7.1f} us  {kv_bytes / us / 1e6 / copy:.0%}", flush=True)
         os.environ.pop("PAGEDRT_DECODE_KERNEL", None)
@@ -406,6 +422,11 @@ def decode_splits(grid=None):
 def decode_sweep():
     """decode_splits over SWEEP_GRID."""
     return decode_splits(SWEEP_GRID)
+
+
+def d64_sweep():
+    """decode_splits over D64_GRID (the head-dim-64 plan rule's evidence)."""
+    return decode_splits(D64_GRID)
 
 
 def sampling():
@@ -1084,7 +1105,7 @@ def main():
     part, out = sys.argv[1], sys.argv[2]
     fn = {"ceilings": ceilings, "attention": attention, "attention_sweep": attention_sweep, "gemv": gemv,
           "attention_fp8": attention_fp8, "attention_probe": attention_probe,
-          "decode_splits": decode_splits, "decode_sweep": decode_sweep, "sampling": sampling,
+          "decode_splits": decode_splits, "decode_sweep": decode_sweep, "d64_sweep": d64_sweep, "sampling": sampling,
           "gemm": gemm, "gemm_odd": gemm_odd, "gemm_invariant": gemm_invariant, "gemm_fp8": gemm_fp8,
           "fp8_decode_chain": fp8_decode_chain,
           "prefill": prefill}.get(part)

@@ -136,6 +136,12 @@ void CudaBackend::plan_attention(int64_t H, int64_t Hkv, int64_t D) {
   };
   const bool fp8 = kv_dtype() == ScalarType::F8E4M3;
   DecodeConfig config = fp8 && decode_kernel_ == DecodeKernel::Auto ? kFp8DecodeConfig : decode_config_;
+  // bf16 at head dim 64: 4 warps (64-key tiles: 8 KB of K a stage, where 2
+  // warps' 32-key tiles move 4 KB). H200, bench_cuda.py decode_sweep
+  // (2026-12-06): 64 x 2,048 unsplit 66.7 us (96% of copy) against 2 x 3's
+  // 73.9 in 2 splits; 16 x 8,192 in 4 splits 70.8 (90%) against 73.5 in 8.
+  if (!fp8 && act_ == ScalarType::BF16 && D == 64 && decode_kernel_ == DecodeKernel::Auto)
+    config = DecodeConfig{4, 3};
   int64_t chunk = plan_chunk(config);
   // The fp8 kernel with 6 stages a warp where its own plan gives each block
   // at least 2,048 keys: the deeper pipeline wins on long chunks, the
