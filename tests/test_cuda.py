@@ -1844,21 +1844,25 @@ def test_fp8_decode_plan_takes_the_measured_shapes(monkeypatch):
 
 
 def test_bf16_decode_plan_takes_four_warps_at_head_dim_64():
-    """bf16 decode at head dim 64 plans the 4-warp kernel (4 x 3), with the
-    split counts its own cost model gives: 64 x 2,048 unsplit, 16 x 8,192 in
-    4 splits (H200: 96% and 90% of copy, against 2 x 3's 87%); head dim 128
-    keeps 2 x 3 on 64 x 2,048."""
+    """bf16 decode at head dim 64 plans the 4-warp kernel (4 x 3) where the
+    unsplit batch is under 5 blocks an SM, with the split counts its own cost
+    model gives: 64 x 2,048 unsplit, 16 x 8,192 in 4 splits (H200: 96% and
+    90% of copy, against 2 x 3's 87%); batches of more blocks keep 2 x 3
+    (256 x 1,024 at 32/8 and 9/3 heads), and so does head dim 128."""
     ops = _testing._Ops("cuda")
     rng = np.random.default_rng(7)
 
-    def plan(B, C, D):
+    def plan(B, C, D, H=32, Hkv=8):
         set_batch(ops, make_batch(rng, [(C - 1, 1)] * B))
-        warps, stages, splits, chunk, cc = ops.decode_plan(32, 8, D)
+        warps, stages, splits, chunk, cc = ops.decode_plan(H, Hkv, D)
         assert splits * chunk >= C and cc == 0, (B, C, D)
         return warps, stages, splits
 
     assert plan(64, 2048, 64) == (4, 3, 1)
     assert plan(16, 8192, 64) == (4, 3, 4)
+    assert plan(64, 2048, 64, 9, 3)[:2] == (4, 3)
+    assert plan(256, 1024, 64)[:2] == (2, 3)
+    assert plan(256, 1024, 64, 9, 3)[:2] == (2, 3)
     assert plan(64, 2048, 128)[:2] == (2, 3)
 
 

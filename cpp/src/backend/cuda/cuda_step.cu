@@ -136,11 +136,17 @@ void CudaBackend::plan_attention(int64_t H, int64_t Hkv, int64_t D) {
   };
   const bool fp8 = kv_dtype() == ScalarType::F8E4M3;
   DecodeConfig config = fp8 && decode_kernel_ == DecodeKernel::Auto ? kFp8DecodeConfig : decode_config_;
-  // bf16 at head dim 64: 4 warps (64-key tiles: 8 KB of K a stage, where 2
-  // warps' 32-key tiles move 4 KB). H200, bench_cuda.py decode_sweep
-  // (2026-12-06): 64 x 2,048 unsplit 66.7 us (96% of copy) against 2 x 3's
-  // 73.9 in 2 splits; 16 x 8,192 in 4 splits 70.8 (90%) against 73.5 in 8.
-  if (!fp8 && act_ == ScalarType::BF16 && D == 64 && decode_kernel_ == DecodeKernel::Auto)
+  // bf16 at head dim 64 where the unsplit batch is under 5 blocks an SM: 4
+  // warps (64-key tiles, 8 KB of K a stage where 2 warps' 32-key tiles move
+  // 4 KB). Past that, 2 x 3's more blocks an SM win. H200, bench_cuda.py
+  // d64_sweep (2026-12-06), us as each plans, 4 x 3 against 2 x 3: 32/8 heads
+  // 64 x 2,048 67.0 (96% of copy) against 73.6, 16 x 8,192 70.7 against 73.8,
+  // 4 x 8,192 23.7 against 25.7; 9/3 heads 64 x 2,048 35.9 against 40.7,
+  // 8 x 4,096 13.7 against 16.8; but 256 x 1,024 (2,048 blocks) 136.0 against
+  // 131.9, 512 x 512 140.0 against 136.1, 9/3 256 x 1,024 (768) 64.4 against
+  // 60.2.
+  if (!fp8 && act_ == ScalarType::BF16 && D == 64 && decode_kernel_ == DecodeKernel::Auto &&
+      base < 5 * static_cast<int64_t>(num_sms_))
     config = DecodeConfig{4, 3};
   int64_t chunk = plan_chunk(config);
   // The fp8 kernel with 6 stages a warp where its own plan gives each block
