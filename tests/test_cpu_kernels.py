@@ -259,6 +259,41 @@ def test_the_prefetch_hint_is_calibrated_once_per_process(tmp_path):
             f"prefetch {hint} (PAGEDRT_CPU_PREFETCH)")
 
 
+def test_the_prefetch_hint_is_re_tuned_on_decode_calls(tmp_path):
+    """After calibrating, the decode GEMMs are timed in windows of 256 calls
+    and the other hint tried now and then (backend/cpu/prefetch_tuner.hpp;
+    its choices are checked on simulated rates in
+    cpp/tests/test_prefetch_tuner.cpp): a process that decoded 64 tokens of a
+    tiny model (a few GEMMs a token) has counted windows; PAGEDRT_CPU_PREFETCH_RETUNE=0
+    keeps the calibrated hint untimed; =1 re-tunes from a hint that was set."""
+    import re
+
+    from conftest import make_tiny_llama
+    if _testing._gemm_variant() == "scalar":
+        pytest.skip("the scalar kernel has no prefetch hint")
+    path, _ = make_tiny_llama(tmp_path / "m")
+    code = ("import pagedrt\n"
+            f"with pagedrt.Runtime({str(path)!r}, device='cpu', num_threads=2) as rt:\n"
+            "    rt.generate([[5, 9, 17]], max_tokens=64, ignore_eos=True, temperature=0)\n"
+            "print(pagedrt._core.cpu_gemm_info())\n")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PAGEDRT_CPU_PREFETCH")}
+
+    def info(env):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                             env={**clean, **env})
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip().splitlines()[-1]
+
+    m = re.search(r"\(calibrated: .*\); re-tuned ([0-9]+) times in ([0-9]+) windows, now (l1|l2)$", info({}))
+    assert m and int(m.group(2)) >= 2 and int(m.group(1)) <= int(m.group(2)), m
+    off = info({"PAGEDRT_CPU_PREFETCH_RETUNE": "0"})
+    assert "(calibrated: " in off and "re-tuned" not in off, off
+    forced = info({"PAGEDRT_CPU_PREFETCH": "l1", "PAGEDRT_CPU_PREFETCH_RETUNE": "1"})
+    assert re.search(r"prefetch l1 \(PAGEDRT_CPU_PREFETCH\); re-tuned [0-9]+ times in [0-9]+ windows, now (l1|l2)$",
+                     forced), forced
+    assert info({"PAGEDRT_CPU_PREFETCH": "l2"}).endswith("prefetch l2 (PAGEDRT_CPU_PREFETCH)")
+
+
 def test_lent_threads_leave_cores_to_the_masks():
     """Backend::lend_threads (structured output's masks, filled beside the
     forward): a CPU backend on every core runs its ops on the cores less those

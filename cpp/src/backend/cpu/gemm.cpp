@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <mutex>
 #include <thread>
 
@@ -107,18 +108,54 @@ const Variant& chosen() {
   return v;
 }
 
+// The prefetch tuner (gemm.hpp), from calibrate_prefetch on unless the hint
+// was fixed; g_tune_mu guards it (engines on several threads share it).
+std::mutex g_tune_mu;
+std::unique_ptr<PrefetchTuner> g_tuner;
+std::atomic<bool> g_tuning{false};
+
+// The steps the hint applies to: one token tile (4 tokens in the bf16-native
+// kernels, 1 in gemm_kernel.inc's).
+int64_t hint_tokens() {
+  static const int64_t n = chosen().name == "avx512bf16" || chosen().name == "amx" ? 4 : 1;
+  return n;
+}
+
+// Runs a GEMM `call` of n tokens over `bytes` of weights; a decode call is
+// timed for the tuner, under the hint it gives.
+template <typename F>
+void decode_call(int64_t n, double bytes, F&& call) {
+  if (n > hint_tokens() || !g_tuning.load(std::memory_order_acquire)) return call();
+  PrefetchTo ran;
+  {
+    std::lock_guard<std::mutex> lk(g_tune_mu);
+    ran = g_tuner->hint();
+    g_prefetch = ran;
+  }
+  const auto t0 = std::chrono::steady_clock::now();
+  call();
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::lock_guard<std::mutex> lk(g_tune_mu);
+  g_tuner->record(ran, bytes, seconds);
+  g_prefetch = g_tuner->hint();
+}
+
+double weight_bytes(int64_t m, int64_t k, int64_t element) {
+  return static_cast<double>(m) * static_cast<double>(k) * static_cast<double>(element);
+}
+
 }  // namespace
 
 void gemm_f32(const float* x, const float* w, float* y, int64_t n, int64_t m, int64_t k, int threads) {
-  chosen().f32(x, w, y, n, m, k, threads);
+  decode_call(n, weight_bytes(m, k, 4), [&] { chosen().f32(x, w, y, n, m, k, threads); });
 }
 
 void gemm_bf16(const float* x, const uint16_t* w, float* y, int64_t n, int64_t m, int64_t k, int threads) {
-  chosen().bf16(x, w, y, n, m, k, threads);
+  decode_call(n, weight_bytes(m, k, 2), [&] { chosen().bf16(x, w, y, n, m, k, threads); });
 }
 
 void gemm_bf16_bf16(const uint16_t* x, const uint16_t* w, float* y, int64_t n, int64_t m, int64_t k, int threads) {
-  chosen().bf16_bf16(x, w, y, n, m, k, threads);
+  decode_call(n, weight_bytes(m, k, 2), [&] { chosen().bf16_bf16(x, w, y, n, m, k, threads); });
 }
 
 bool gemm_amx_for_large_steps() {
@@ -139,7 +176,7 @@ void gemm_bf16_bf16_any_order(const uint16_t* x, const uint16_t* w, float* y, in
   if (amx_step(n) && amx::takes(m, k))
     return amx::gemm_bf16_bf16(x, w, y, n, m, k, threads);
 #endif
-  chosen().bf16_bf16(x, w, y, n, m, k, threads);
+  gemm_bf16_bf16(x, w, y, n, m, k, threads);
 }
 
 void gemm_f8(const float* xf, const uint16_t* xb, const uint8_t* w, const float* scale, float* y, int64_t n,
@@ -154,7 +191,7 @@ void gemm_f8(const float* xf, const uint16_t* xb, const uint8_t* w, const float*
   // widens them once per call (SmolLM2, 2 threads: 32-row steps at half the
   // rate in registers).
   if (xb != nullptr && n <= 4 && v.name == "avx512bf16")
-    return avx512bf16::gemm_bf16_f8(xb, w, scale, y, n, m, k, threads);
+    return decode_call(n, weight_bytes(m, k, 1), [&] { avx512bf16::gemm_bf16_f8(xb, w, scale, y, n, m, k, threads); });
 #endif
   const int64_t tasks = (m + kFp8Rows - 1) / kFp8Rows;
   const bool parallel = threads > 1 && tasks > 1;
@@ -220,16 +257,29 @@ void gemm_with(const std::string& variant, GemmOperands operands, const void* x,
   throw Error(ErrorKind::InvalidArgument, "GEMM variant '" + variant + "' is not available here");
 }
 
-PrefetchTo g_prefetch = PrefetchTo::L1;
+std::atomic<PrefetchTo> g_prefetch{PrefetchTo::L1};
 
 namespace {
 std::string g_prefetch_how = "l1 (not calibrated)";
+// The tuner's windows: 256 decode calls (about two SmolLM2 tokens), one in
+// 32 on the other hint (~3% of decode calls; a wrong one costs up to a third
+// of their speed), taken where 5% faster than the window before it.
+constexpr int64_t kTuneWindow = 256, kTuneExplore = 32;
+constexpr double kTuneMargin = 0.05;
 std::once_flag g_calibrated;
+
+void start_tuning() {
+  std::lock_guard<std::mutex> lk(g_tune_mu);
+  g_tuner = std::make_unique<PrefetchTuner>(g_prefetch.load(), kTuneWindow, kTuneExplore, kTuneMargin);
+  g_tuning.store(true, std::memory_order_release);
+}
 
 void calibrate(int threads) {
   if (const char* e = std::getenv("PAGEDRT_CPU_PREFETCH"); e != nullptr && (!std::strcmp(e, "l1") || !std::strcmp(e, "l2"))) {
     g_prefetch = !std::strcmp(e, "l2") ? PrefetchTo::L2 : PrefetchTo::L1;
     g_prefetch_how = std::string(e) + " (PAGEDRT_CPU_PREFETCH)";
+    if (const char* r = std::getenv("PAGEDRT_CPU_PREFETCH_RETUNE"); r != nullptr && !std::strcmp(r, "1"))
+      start_tuning();  // from the hint given (benchmarks: a wrong start, re-tuned)
     return;
   }
   const Variant& v = chosen();
@@ -263,10 +313,18 @@ void calibrate(int threads) {
   std::snprintf(how, sizeof how, "%s (calibrated: l2 %.1f GB/s, l1 %.1f GB/s, %d threads)",
                 l2 < l1 ? "l2" : "l1", bytes / l2, bytes / l1, threads);
   g_prefetch_how = how;
+  const char* retune = std::getenv("PAGEDRT_CPU_PREFETCH_RETUNE");
+  if (retune == nullptr || std::strcmp(retune, "0") != 0) start_tuning();
 }
 }  // namespace
 
-std::string gemm_prefetch_name() { return g_prefetch_how; }
+std::string gemm_prefetch_name() {
+  std::lock_guard<std::mutex> lk(g_tune_mu);
+  if (!g_tuner) return g_prefetch_how;
+  const PrefetchTuner& t = *g_tuner;
+  return g_prefetch_how + "; re-tuned " + std::to_string(t.switches()) + " times in " + std::to_string(t.windows()) +
+         " windows, now " + (t.best() == PrefetchTo::L2 ? "l2" : "l1");
+}
 
 void calibrate_prefetch(int threads) {
   // On a thread of its own: the OpenMP team its kernel calls start goes with

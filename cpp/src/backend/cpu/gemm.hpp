@@ -16,9 +16,12 @@
 // larger steps of deterministic=False (gemm_bf16_bf16_any_order).
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <string>
 #include <vector>
+
+#include "backend/cpu/prefetch_tuner.hpp"
 
 namespace pagedrt::cpu {
 
@@ -66,11 +69,16 @@ std::vector<std::string> gemm_variants();
 // L2, over 269 MB of SmolLM2 shapes; the kernels were tuned where L1 won), so
 // calibrate_prefetch() times both once per process over 64 MiB of weights
 // (~30 ms) and keeps the faster; PAGEDRT_CPU_PREFETCH=l1|l2 sets it instead.
-enum class PrefetchTo { L1, L2 };
+// On a VM the faster one changes with the minute: after calibrating, the
+// decode calls themselves are timed and the other hint tried now and then
+// (PrefetchTuner: one window of 256 calls in 32, taken where 5% faster);
+// PAGEDRT_CPU_PREFETCH_RETUNE=0 keeps the calibrated hint, =1 re-tunes from
+// a PAGEDRT_CPU_PREFETCH one too.
 void calibrate_prefetch(int threads);  // once per process; later calls return at once
-std::string gemm_prefetch_name();      // "l2", "l1", with how it was chosen
-// Internal: the hint the kernels read (set by calibrate_prefetch; L1 until then).
-extern PrefetchTo g_prefetch;
+std::string gemm_prefetch_name();      // "l2", "l1", with how it was chosen (and re-tuned)
+// Internal: the hint the kernels read (set by calibrate_prefetch and the
+// tuner; L1 until then).
+extern std::atomic<PrefetchTo> g_prefetch;
 
 // Operand types of one GEMM call, named x type x W type.
 enum class GemmOperands {
