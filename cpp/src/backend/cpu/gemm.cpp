@@ -262,7 +262,7 @@ std::atomic<PrefetchTo> g_prefetch{PrefetchTo::L1};
 namespace {
 std::string g_prefetch_how = "l1 (not calibrated)";
 // The tuner's windows: 256 decode calls (about two SmolLM2 tokens), one in
-// 32 on the other hint (~3% of decode calls; a wrong one costs up to a third
+// 33 on the other hint (~3% of decode calls; a wrong one costs up to a third
 // of their speed), taken where 5% faster than the window before it.
 constexpr int64_t kTuneWindow = 256, kTuneExplore = 32;
 constexpr double kTuneMargin = 0.05;

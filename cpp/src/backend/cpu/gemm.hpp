@@ -71,7 +71,7 @@ std::vector<std::string> gemm_variants();
 // (~30 ms) and keeps the faster; PAGEDRT_CPU_PREFETCH=l1|l2 sets it instead.
 // On a VM the faster one changes with the minute: after calibrating, the
 // decode calls themselves are timed and the other hint tried now and then
-// (PrefetchTuner: one window of 256 calls in 32, taken where 5% faster);
+// (PrefetchTuner: one window of 256 calls in 33, taken where 5% faster);
 // PAGEDRT_CPU_PREFETCH_RETUNE=0 keeps the calibrated hint, =1 re-tunes from
 // a PAGEDRT_CPU_PREFETCH one too.
 void calibrate_prefetch(int threads);  // once per process; later calls return at once
