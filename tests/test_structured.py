@@ -254,6 +254,50 @@ def test_structured_steps_pipelined_give_the_synchronous_tokens(tiny_sp, sampled
         assert st_on.gated_mask_steps >= 0.8 * st_on.mask_steps, (st_on.gated_mask_steps, st_on.mask_steps)
 
 
+def test_step_trace_orders_each_steps_events(tiny_sp, tmp_path, monkeypatch):
+    """PAGEDRT_STEP_TRACE=FILE (diagnostics, tools/step_trace.py): each engine
+    appends its steps' host events at shutdown. On pipelined structured steps
+    behind the gate: every step is scheduled, launched and processed once, in
+    that order; a step's masks are filled after the step ahead's results are
+    collected and before its gate opens; gates opened = gated steps counted in
+    stats(). Without the variable nothing is written."""
+    import pathlib
+    import sys
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tools"))
+    import step_trace
+
+    path = tmp_path / "trace.txt"
+    monkeypatch.setenv("PAGEDRT_GATED_MASKS", "1")
+    monkeypatch.setenv("PAGEDRT_STEP_TRACE", str(path))
+    with pagedrt.Runtime(tiny_sp, device="cpu", block_size=4, async_scheduling="on") as r:
+        _constrained_mix(r, False)
+        st = r.stats()
+    engines = step_trace.sections(path.read_text().splitlines())
+    assert len(engines) == 1
+    at: dict[int, dict[str, list[float]]] = {}
+    for t, what, step in engines[0]:
+        at.setdefault(step, {}).setdefault(what, []).append(t)
+    assert sorted(at) == list(range(1, st.num_steps + 1))
+    for s, ev in at.items():
+        one = {k: v[0] for k, v in ev.items()}
+        assert all(len(ev[k]) == 1 for k in ("scheduled", "launch", "launched", "processed")), (s, ev)
+        assert one["scheduled"] <= one["launch"] <= one["launched"] <= one["processed"], (s, one)
+        if "fill_start" in one:
+            assert one["fill_start"] <= one["fill_end"] <= one.get("gate_open", one["fill_end"]), (s, one)
+            ahead = at.get(s - 1, {}).get("collected")
+            assert ahead is None or ahead[0] <= one["fill_start"], (s, one)
+    assert sum("gate_open" in ev for ev in at.values()) == st.gated_mask_steps > 0
+    res, steps = step_trace.intervals(engines[0])
+    assert steps == st.num_steps and len(res["fill"]) > 0 and min(res["launch (host)"]) >= 0
+    assert step_trace.main([str(path)]) == 0
+
+    monkeypatch.delenv("PAGEDRT_STEP_TRACE")
+    path.unlink()
+    with pagedrt.Runtime(tiny_sp, device="cpu", block_size=4) as r:
+        r.generate(["the quick"], max_tokens=4)
+    assert not path.exists()
+
+
 def test_chat_set_takes_structured_fields(tmp_path):
     """pagedrt-chat's /set: json_schema and grammar from a file (or inline),
     choice as a comma list, "off" to undo; a second constraint or one that does

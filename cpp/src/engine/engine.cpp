@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
+#include <cstdlib>
 
 #include "pagedrt/error.hpp"
 
@@ -22,6 +24,7 @@ Engine::Engine(std::shared_ptr<Backend> backend, std::unique_ptr<LlamaModel> mod
       outputs_(config.output, kv_manager_, *this),
       stats_(runner_.kv(), runner_.bytes_per_block(), config.scheduler.swap_slots),
       kv_idle_release_s_(config.kv_idle_release_s) {
+  if (const char* t = std::getenv("PAGEDRT_STEP_TRACE")) trace_path_ = t;
   if (const std::shared_ptr<KvMemory>& memory = runner_.kv().memory) {  // elastic: chunk 0 mapped, the rest on demand
     // every rank's memory (tensor parallelism), not past the runner's release()
     std::vector<std::weak_ptr<KvMemory>> mems;
@@ -126,6 +129,27 @@ void Engine::stop() {
   // memory, the GPU's on CUDA, goes now rather than with the Runtime object.
   runner_.release();
   if (drafter_) drafter_->release();
+  if (!trace_path_.empty() && !trace_.empty()) {
+    std::lock_guard<std::mutex> tl(trace_mu_);
+    // Appended: each engine of the process (Runtime) adds its own section.
+    if (FILE* f = std::fopen(trace_path_.c_str(), "a")) {
+      std::fprintf(f, "# pagedrt step trace: seconds event step\n");
+      for (const auto& [what, step, t] : trace_)
+        std::fprintf(f, "%.6f %s %llu\n", t, what, static_cast<unsigned long long>(step));
+      std::fclose(f);
+    } else {
+      std::fprintf(stderr, "pagedrt: PAGEDRT_STEP_TRACE=%s could not be opened to write the step trace\n",
+                   trace_path_.c_str());
+    }
+    trace_.clear();
+  }
+}
+
+void Engine::trace(const char* what, uint64_t step, double t) {
+  if (trace_path_.empty()) return;
+  if (t == 0.0) t = now_s();
+  std::lock_guard<std::mutex> lk(trace_mu_);
+  trace_.emplace_back(what, step, t);
 }
 
 // ---- engine thread ---------------------------------------------------------------
@@ -396,6 +420,7 @@ bool Engine::complete_launch() {
   PendingMasks& pm = *l.pm;
   const bool gated = pm.gate != 0;
   if (!gated) wait_fill(pm);
+  trace("picks_queue", l.id);
   const double launch_start = now_s();
   try {
     // Gated: the device reads the masks once the fill has opened the gate.
@@ -431,7 +456,9 @@ void Engine::settle_launch() {
   if (!launched_ || !launched_->pm || !launched_->picks_queued) return;
   Launched& l = *launched_;
   PendingMasks& pm = *l.pm;
+  trace("settle_wait", l.id);
   if (pm.gate != 0) wait_fill(pm);
+  trace("settled", l.id);
   l.mask_words = std::move(pm.words);  // masks.by_seq points into them (a moved vector keeps its block)
   l.masks = std::move(pm.masks);
   l.pm.reset();
@@ -474,9 +501,10 @@ void Engine::fill_ahead(PendingMasks& pm, bool gate) {
   if (!provider) return;
   const int64_t vocab = runner_.vocab_size();
   const uint64_t gate_id = gate ? last_gate_ + 1 : 0;
+  const uint64_t step_id = steps_launched_;
   uint32_t* gate_words = gate ? runner_.mask_gate(pm.words.size()) : nullptr;
   try {
-    on_helper(pm, pm.live.empty() ? 0 : provider->threads(), [this, &pm, provider, vocab, gate_id, gate_words] {
+    on_helper(pm, pm.live.empty() ? 0 : provider->threads(), [this, &pm, provider, vocab, gate_id, gate_words, step_id] {
       // However the job ends, a gate opens (its picks would wait for it for
       // ever): with the masks, or with none allowed after a failure.
       struct Open {
@@ -485,15 +513,19 @@ void Engine::fill_ahead(PendingMasks& pm, bool gate) {
         uint64_t id;
         uint32_t* words;
         bool filled = false;
+        Engine* engine;
+        uint64_t step;
         ~Open() {
           if (id == 0) return;
+          engine->trace("gate_open", step);
           if (filled)
             std::copy(pm.words.begin(), pm.words.end(), words);
           else
             std::fill_n(words, pm.words.size(), 0u);
           runner.open_mask_gate(id);
         }
-      } open{runner_, pm, gate_id, gate_words};
+      } open{runner_, pm, gate_id, gate_words, false, this, step_id};
+      trace("job_start", step_id);
       if (pm.ahead.ticket >= 0) {
         std::string error;
         try {
@@ -502,6 +534,7 @@ void Engine::fill_ahead(PendingMasks& pm, bool gate) {
           error = e.what();
         }
         const bool failed = !error.empty();
+        trace("collected", step_id - 1);
         pm.ahead.finish(std::move(error));
         if (failed) return;  // the step ahead fails (finish_launched); this one's forward will too
         for (const auto& [at, from] : pm.resolve)
@@ -509,8 +542,10 @@ void Engine::fill_ahead(PendingMasks& pm, bool gate) {
       }
       if (!pm.live.empty()) {
         pm.start = now_s();
+        trace("fill_start", step_id);
         provider->fill(pm.live, vocab);
         pm.end = now_s();
+        trace("fill_end", step_id);
       }
       open.filled = true;
     });
@@ -535,6 +570,7 @@ void Engine::finish_launched() {
   settle_launch();
   PendingMasks* collector = std::exchange(collecting_, nullptr);
   const std::unique_ptr<Launched> l = std::move(launched_);
+  trace("finish_wait", l->id);
   const double wait_start = now_s();
   try {
     if (collector)
@@ -556,8 +592,10 @@ void Engine::finish_launched() {
     average_in(recompute_s_per_token_, seconds / static_cast<double>(l->step.num_tokens));
     scheduler_.set_costs(recompute_s_per_token_, swap_s_per_block_);
   }
+  trace("finish_got", l->id);
   outputs_.process_launched(l->step, l->out, l->sources, l->masks);
   stats_.count_output(now_s() - end);
+  trace("processed", l->id);
   steps_processed_ = l->id;
 }
 
@@ -567,6 +605,7 @@ void Engine::release_retired() {
 }
 
 void Engine::step() {
+  const double scheduled = trace_path_.empty() ? 0.0 : now_s();
   if (drafter_) propose_drafts();
   SchedulerOutput step = scheduler_.schedule();
   for (Request* r : step.unfit)
@@ -653,6 +692,8 @@ void Engine::step() {
   const uint64_t id = ++steps_launched_;
   ModelOutput out;
   const double forward_start = now_s();
+  trace("scheduled", id, scheduled);
+  trace("launch", id, forward_start);
   auto draw_on_device = [&] {
     DeviceDraws draws = outputs_.device_draws(step, out, pm.masks);
     if (draws.rows.empty()) return;
@@ -682,6 +723,7 @@ void Engine::step() {
     return;
   }
   const double launch_end = now_s();
+  trace("launched", id);
   if (ahead) {  // the helper thread is free once the launched step's own fill is done
     settle_launch();
     fill_ahead(pm, masks_later && gate_masks_);
@@ -730,6 +772,7 @@ void Engine::step() {
   outputs_.process(step, out, pm.masks);
   stats_.count_output(now_s() - output_start);
   steps_processed_ = id;
+  trace("processed", id);
 }
 
 void Engine::pick_masked(const SchedulerOutput& step, ModelOutput& out, const PendingMasks& pm,

@@ -41,6 +41,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -249,6 +250,14 @@ class Engine final : private OutputSink {
     return mask_provider_;
   }
   HelperThread mask_helper_;  // fills a step's masks while its forward runs (start_masks)
+  // PAGEDRT_STEP_TRACE=FILE (diagnostics): the host's events of each step
+  // (scheduled, launched, masks filled, gate opened, results collected,
+  // processed) as "seconds event step" lines, appended to FILE at stop();
+  // tools/step_trace.py reads them
+  void trace(const char* what, uint64_t step, double t = 0.0);  // t 0: now
+  std::string trace_path_;
+  std::mutex trace_mu_;
+  std::vector<std::tuple<const char*, uint64_t, double>> trace_;
 
   std::mutex join_mu_;  // stop() may run on several threads at once: one joins, the others wait
   std::thread thread_;

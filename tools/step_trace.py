@@ -1,0 +1,114 @@
+#!/usr/bin/env python3
+"""Reads a step trace (PAGEDRT_STEP_TRACE=FILE: each engine of the process
+appends the host's events of its steps at shutdown) and prints, per engine,
+the medians of the intervals between a step's events: where a step's time
+goes on the host, and for structured-output steps pipelined behind the mask
+gate (docs/architecture.md, "Async scheduling") how the fill, the gate and
+the results line up.
+
+    PAGEDRT_STEP_TRACE=/tmp/trace.txt python my_script.py
+    python tools/step_trace.py /tmp/trace.txt [--json OUT.json]
+
+Events (each "seconds event step"; step is the step's id, counted from 1):
+  scheduled    the engine began scheduling the step
+  launch       its forward is being launched (run) ... launched: done
+  picks_queue  its masked picks queued (gated: before its masks exist)
+  settle_wait  the engine waits for its fill ... settled: the fill is done
+  job_start    the helper thread's job for its masks begins
+  collected    its results collected (by the helper, for the next step's masks)
+  fill_start   its masks being filled ... fill_end: filled
+  gate_open    its gate opened (the device may read its masks)
+  finish_wait  the engine waits for its results ... finish_got: they are in
+  processed    its outputs processed (tokens out, requests advanced)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+
+# (name, from event of step s (or s - 1 with "prev:"), to event of step s)
+INTERVALS = [
+    ("schedule", "scheduled", "launch"),
+    ("launch (host)", "launch", "launched"),
+    ("step period (processed to processed)", "prev:processed", "processed"),
+    ("fill", "fill_start", "fill_end"),
+    ("fill end to gate open", "fill_end", "gate_open"),
+    ("gate open to results in", "gate_open", "collected"),
+    ("results in (step ahead) to fill start", "prev:collected", "fill_start"),
+    ("helper job start to step ahead's results", "job_start", "prev:collected"),
+    ("engine waits for the fill", "settle_wait", "settled"),
+    ("engine waits for results", "finish_wait", "finish_got"),
+    ("process outputs", "finish_got", "processed"),
+    ("launched to processed", "launched", "processed"),
+]
+
+
+def sections(lines):
+    """The trace's engines: lists of (seconds, event, step)."""
+    out, cur = [], None
+    for line in lines:
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("#"):
+            cur = []
+            out.append(cur)
+            continue
+        if cur is None:  # a file without headers: one engine
+            cur = []
+            out.append(cur)
+        t, what, step = line.split()
+        cur.append((float(t), what, int(step)))
+    return out
+
+
+def intervals(events):
+    """{interval name: [ms per step]} of one engine's events."""
+    at: dict[int, dict[str, float]] = {}
+    for t, what, step in events:
+        at.setdefault(step, {}).setdefault(what, t)  # the first time (a step's event happens once)
+    res: dict[str, list[float]] = {}
+    for s, ev in at.items():
+        for name, a, b in INTERVALS:
+            def when(e):
+                if e.startswith("prev:"):
+                    return at.get(s - 1, {}).get(e[5:])
+                return ev.get(e)
+            ta, tb = when(a), when(b)
+            if ta is not None and tb is not None:
+                res.setdefault(name, []).append(1e3 * (tb - ta))
+    return res, len(at)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("trace")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    with open(args.trace) as f:
+        engines = sections(f)
+    report = []
+    for i, events in enumerate(engines):
+        res, steps = intervals(events)
+        print(f"engine {i + 1}: {steps} steps, {len(events)} events")
+        rows = {}
+        for name, _, _ in INTERVALS:
+            v = sorted(res.get(name, []))
+            if not v:
+                continue
+            rows[name] = {"steps": len(v), "median_ms": statistics.median(v), "p10_ms": v[len(v) // 10],
+                          "p90_ms": v[len(v) * 9 // 10]}
+            r = rows[name]
+            print(f"  {name:42s} {r['steps']:6d} steps  median {r['median_ms']:8.3f} ms  "
+                  f"p10 {r['p10_ms']:8.3f}  p90 {r['p90_ms']:8.3f}")
+        report.append({"steps": steps, "events": len(events), "intervals": rows})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
