@@ -129,13 +129,14 @@ void Engine::stop() {
   // memory, the GPU's on CUDA, goes now rather than with the Runtime object.
   runner_.release();
   if (drafter_) drafter_->release();
+  std::lock_guard<std::mutex> tl(trace_mu_);
   if (!trace_path_.empty() && !trace_.empty()) {
-    std::lock_guard<std::mutex> tl(trace_mu_);
     // Appended: each engine of the process (Runtime) adds its own section.
     if (FILE* f = std::fopen(trace_path_.c_str(), "a")) {
       std::fprintf(f, "# pagedrt step trace: seconds event step\n");
       for (const auto& [what, step, t] : trace_)
         std::fprintf(f, "%.6f %s %llu\n", t, what, static_cast<unsigned long long>(step));
+      if (trace_dropped_ > 0) std::fprintf(f, "# %lld later events dropped\n", static_cast<long long>(trace_dropped_));
       std::fclose(f);
     } else {
       std::fprintf(stderr, "pagedrt: PAGEDRT_STEP_TRACE=%s could not be opened to write the step trace\n",
@@ -149,7 +150,10 @@ void Engine::trace(const char* what, uint64_t step, double t) {
   if (trace_path_.empty()) return;
   if (t == 0.0) t = now_s();
   std::lock_guard<std::mutex> lk(trace_mu_);
-  trace_.emplace_back(what, step, t);
+  if (trace_.size() < kMaxTraceEvents)
+    trace_.emplace_back(what, step, t);
+  else
+    ++trace_dropped_;
 }
 
 // ---- engine thread ---------------------------------------------------------------
@@ -504,7 +508,8 @@ void Engine::fill_ahead(PendingMasks& pm, bool gate) {
   const uint64_t step_id = steps_launched_;
   uint32_t* gate_words = gate ? runner_.mask_gate(pm.words.size()) : nullptr;
   try {
-    on_helper(pm, pm.live.empty() ? 0 : provider->threads(), [this, &pm, provider, vocab, gate_id, gate_words, step_id] {
+    const int lend = pm.live.empty() ? 0 : provider->threads();
+    on_helper(pm, lend, [this, &pm, provider, vocab, gate_id, gate_words, step_id] {
       // However the job ends, a gate opens (its picks would wait for it for
       // ever): with the masks, or with none allowed after a failure.
       struct Open {

@@ -257,7 +257,9 @@ class Engine final : private OutputSink {
   void trace(const char* what, uint64_t step, double t = 0.0);  // t 0: now
   std::string trace_path_;
   std::mutex trace_mu_;
-  std::vector<std::tuple<const char*, uint64_t, double>> trace_;
+  std::vector<std::tuple<const char*, uint64_t, double>> trace_;  // (event, step, seconds)
+  static constexpr size_t kMaxTraceEvents = size_t{1} << 22;        // ~100 MB; later ones counted
+  int64_t trace_dropped_ = 0;
 
   std::mutex join_mu_;  // stop() may run on several threads at once: one joins, the others wait
   std::thread thread_;
