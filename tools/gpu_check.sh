@@ -3,7 +3,7 @@
 #
 #   bash tools/gpu_check.sh [STAGE ...]      (from the repo root; default: all stages)
 #
-# Stages: env build wheels optests ncu fp8kv fp8gemm fp8e2e diag make8b make8bfp8 make8btok smol tests e2e bench attn prefill gemm serve servecpu structured masks spec harness kvpool tp det profile cpuscale fp8q lcpp xeon abbuild ab
+# Stages: env build wheels optests ncu fp8kv fp8gemm fp8e2e diag make8b make8bfp8 make8btok smol tests e2e bench attn prefill gemm serve servecpu structured steptrace masks spec harness kvpool tp det profile cpuscale fp8q lcpp xeon abbuild ab
 #   env      nvidia-smi, versions
 #   build    pip install --no-build-isolation --no-deps . with PAGEDRT_CUDA=ON
 #   wheels   only the wheels carried in .whl/ (a later call of a warm machine, built already)
@@ -42,6 +42,8 @@
 #              PAGEDRT_PIPELINED_MASKS=0
 #            and on the 8B shape with SmolLM2's tokenizer
 #            ($LLAMA8B_TOK, made here; needs smol): JSON-schema against plain TPOT, mask time
+#   steptrace bench_structured.py on SmolLM2 (needs smol) with PAGEDRT_STEP_TRACE (and PAGEDRT_GATE_TIMING=1),
+#            then tools/step_trace.py: the host's intervals of each JSON step -> $OUT/step_trace.{txt,json}
 #   masks    tools/bench_masks.py on SmolLM2 (needs smol): llguidance's mask cost per row, serial and
 #            on its executor with 1..16 threads, on replayed JSON answers (the host's cores)
 #   spec     speculative decoding: tools/bench_speculative.py on SmolLM2 (needs smol), GPU (n-gram
@@ -334,6 +336,17 @@ if has structured && [ -d "$WORK/smolpkg" ]; then
   (cd /tmp && PAGEDRT_PIPELINED_MASKS=0 timeout $(( $(left) - 20 > 30 ? $(left) - 20 : 30 )) $PY \
      "$OLDPWD/tools/bench_structured.py" --model "$LLAMA8B_TOK" --device cuda --rounds 5 --max-tokens 128 --checked off \
      --json "$OUT/structured_8b_sync.json" 2>&1 | grep -v "it/s\]")
+fi
+
+if has steptrace && [ -d "$WORK/smolpkg" ]; then
+  stage steptrace
+  # issue 19: where a gated JSON step's period goes (PAGEDRT_STEP_TRACE, tools/step_trace.py; with
+  # PAGEDRT_GATE_TIMING=1 where the build has it, the GPU's forward / gate stall / picks too)
+  rm -f "$OUT/step_trace.txt"
+  (cd /tmp && PYTHONPATH="$WORK/smolpkg${PYTHONPATH:+:$PYTHONPATH}" PAGEDRT_STEP_TRACE="$OUT/step_trace.txt" \
+     PAGEDRT_GATE_TIMING=1 timeout 120 $PY "$OLDPWD/tools/bench_structured.py" --device cuda --rounds 2 \
+     --max-tokens 128 2>&1 | grep -v "it/s\]")
+  [ -f "$OUT/step_trace.txt" ] && $PY tools/step_trace.py "$OUT/step_trace.txt" --json "$OUT/step_trace.json"
 fi
 
 if has masks && [ -d "$WORK/smolpkg" ]; then
