@@ -13,7 +13,7 @@ Events (each "seconds event step"; step is the step's id, counted from 1):
   scheduled    the engine began scheduling the step
   launch       its forward is being launched (run) ... launched: done
   picks_queue  its masked picks queued (gated: before its masks exist)
-  settle_wait  the engine waits for its fill ... settled: the fill is done
+  settle_wait  the engine waits for its gated fill ... settled: the fill is done
   job_start    the helper thread's job for its masks begins
   collected    its results collected (by the helper, for the next step's masks)
   fill_start   its masks being filled ... fill_end: filled
@@ -69,14 +69,13 @@ def intervals(events):
     at: dict[int, dict[str, float]] = {}
     for t, what, step in events:
         at.setdefault(step, {}).setdefault(what, t)  # the first time (a step's event happens once)
+    def when(s, e):  # event e of step s ("prev:" e: of step s - 1)
+        return at.get(s - 1, {}).get(e[5:]) if e.startswith("prev:") else at[s].get(e)
+
     res: dict[str, list[float]] = {}
-    for s, ev in at.items():
+    for s in at:
         for name, a, b in INTERVALS:
-            def when(e):
-                if e.startswith("prev:"):
-                    return at.get(s - 1, {}).get(e[5:])
-                return ev.get(e)
-            ta, tb = when(a), when(b)
+            ta, tb = when(s, a), when(s, b)
             if ta is not None and tb is not None:
                 res.setdefault(name, []).append(1e3 * (tb - ta))
     return res, len(at)

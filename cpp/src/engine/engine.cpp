@@ -460,9 +460,11 @@ void Engine::settle_launch() {
   if (!launched_ || !launched_->pm || !launched_->picks_queued) return;
   Launched& l = *launched_;
   PendingMasks& pm = *l.pm;
-  trace("settle_wait", l.id);
-  if (pm.gate != 0) wait_fill(pm);
-  trace("settled", l.id);
+  if (pm.gate != 0) {
+    trace("settle_wait", l.id);
+    wait_fill(pm);
+    trace("settled", l.id);
+  }
   l.mask_words = std::move(pm.words);  // masks.by_seq points into them (a moved vector keeps its block)
   l.masks = std::move(pm.masks);
   l.pm.reset();

@@ -122,16 +122,12 @@ int64_t hint_tokens() {
 }
 
 // Runs a GEMM `call` of n tokens over `bytes` of weights; a decode call is
-// timed for the tuner, under the hint it gives.
+// timed for the tuner, under the hint in force (the tuner's, set after each
+// record; a call that began before a change is left out by record()).
 template <typename F>
 void decode_call(int64_t n, double bytes, F&& call) {
   if (n > hint_tokens() || !g_tuning.load(std::memory_order_acquire)) return call();
-  PrefetchTo ran;
-  {
-    std::lock_guard<std::mutex> lk(g_tune_mu);
-    ran = g_tuner->hint();
-    g_prefetch = ran;
-  }
+  const PrefetchTo ran = g_prefetch.load();
   const auto t0 = std::chrono::steady_clock::now();
   call();
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
