@@ -136,6 +136,7 @@ CudaBackend::CudaBackend(ScalarType activation_dtype, int device_index, bool det
                            "choosing per step\n", k);
     }
   }
+  if (const char* g = std::getenv("PAGEDRT_GATE_TIMING")) gate_timing_ = std::string(g) == "1";
   if (const char* n = std::getenv("PAGEDRT_DECODE_SPLITS")) {  // splits of every decode context (benchmarks)
     const int v = std::atoi(n);
     if (v >= 1 && v <= 256)
@@ -184,6 +185,18 @@ CudaBackend::~CudaBackend() {
   cudaSetDevice(device_);  // a tensor-parallel rank's may be destroyed on another rank's thread
   if (gate_flag_) *gate_flag_ = gate_queued_;  // a gated copy nobody will open (the engine is gone) passes
   if (stream_) cudaStreamSynchronize(stream_);
+  if (!gate_ms_.empty()) {
+    for (int k = 0; k < 3; ++k) {
+      std::vector<float> v;
+      for (const auto& g : gate_ms_) v.push_back(g[k]);
+      std::sort(v.begin(), v.end());
+      std::fprintf(stderr, "pagedrt: gated steps %zu, %s median %.3f ms (p10 %.3f, p90 %.3f)\n", v.size(),
+                   k == 0 ? "forward (results to wait)" : k == 1 ? "stall (wait and copy)" : "picks (copy to results)",
+                   v[v.size() / 2], v[v.size() / 10], v[v.size() * 9 / 10]);
+    }
+  }
+  for (auto& e : gate_events_)
+    for (auto& v : e) cudaEventDestroy(v);
   clear_graphs();
   for (int i = 0; i < 2; ++i) {
     if (load_done_[i]) cudaEventDestroy(load_done_[i]);

@@ -17,6 +17,7 @@
 #include <memory>
 #include <set>
 #include <tuple>
+#include <array>
 #include <vector>
 
 #include "backend/backend.hpp"
@@ -230,6 +231,16 @@ class CudaBackend final : public Backend {
   volatile uint32_t* gate_flag_ = nullptr;
   void* gate_flag_dev_ = nullptr;
   uint32_t gate_queued_ = 0;
+  // PAGEDRT_GATE_TIMING=1 (diagnostics): timed events around each gated copy
+  // (before the wait, after the copy) and at its step's end_results; the
+  // destructor prints the medians of forward (previous end to this wait),
+  // stall (the wait and copy) and picks (copy to results).
+  bool gate_timing_ = false;
+  bool gate_pending_timing_ = false;
+  std::vector<std::array<cudaEvent_t, 3>> gate_events_;  // ring of (before wait, after copy, results)
+  size_t gate_event_next_ = 0;
+  std::vector<std::array<float, 3>> gate_ms_;  // (forward, stall, picks)
+  void time_gates(size_t slot);
   StepArrays dev_{};
   AttentionPlan plan_info_{};
   std::vector<BlockCopy> last_copies_;  // what copies_ holds on the device

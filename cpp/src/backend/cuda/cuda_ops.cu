@@ -442,13 +442,41 @@ const uint32_t* CudaBackend::queue_gated_masks(uint64_t id, size_t words) {
   CUDA_CHECK(cudaSetDevice(device_));
   // GEQ compares (int32_t)(flag - id) >= 0: ids wrap at 2^32 without harm
   gate_queued_ = static_cast<uint32_t>(id);
+  size_t slot = 0;
+  if (gate_timing_) {
+    if (gate_events_.empty()) {
+      gate_events_.resize(8);
+      for (auto& e : gate_events_)
+        for (auto& v : e) CUDA_CHECK(cudaEventCreate(&v));
+    }
+    slot = gate_event_next_++ % gate_events_.size();
+    if (gate_event_next_ > gate_events_.size()) time_gates(slot);
+    CUDA_CHECK(cudaEventRecord(gate_events_[slot][0], stream_));
+  }
   const CUresult r = wait_value(reinterpret_cast<CUstream>(stream_), reinterpret_cast<CUdeviceptr>(gate_flag_dev_),
                                 gate_queued_, CU_STREAM_WAIT_VALUE_GEQ);
   if (r != CUDA_SUCCESS)
     throw Error(ErrorKind::Runtime, "cuStreamWaitValue32 failed (CUresult " + std::to_string(static_cast<int>(r)) + ")");
   if (words > 0) CUDA_CHECK(cudaMemcpyAsync(gate_dev_, gate_host_, words * 4, cudaMemcpyHostToDevice, stream_));
   CUDA_CHECK(cudaEventRecord(gate_copied_, stream_));
+  if (gate_timing_) {
+    CUDA_CHECK(cudaEventRecord(gate_events_[slot][1], stream_));
+    gate_pending_timing_ = true;
+  }
   return gate_dev_;
+}
+
+void CudaBackend::time_gates(size_t slot) {
+  // slot's events are a ring's length old: done long ago (or never recorded: skipped)
+  const size_t prev = (slot + gate_events_.size() - 1) % gate_events_.size();
+  float fwd = 0.0f, stall = 0.0f, picks = 0.0f;
+  if (cudaEventElapsedTime(&fwd, gate_events_[prev][2], gate_events_[slot][0]) != cudaSuccess ||
+      cudaEventElapsedTime(&stall, gate_events_[slot][0], gate_events_[slot][1]) != cudaSuccess ||
+      cudaEventElapsedTime(&picks, gate_events_[slot][1], gate_events_[slot][2]) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return;
+  }
+  gate_ms_.push_back({fwd, stall, picks});
 }
 
 void CudaBackend::open_mask_gate(uint64_t id) {
@@ -469,6 +497,10 @@ void CudaBackend::begin_results(bool defer) {
 int32_t CudaBackend::end_results() {
   if (results_done_[slot_] == nullptr) CUDA_CHECK(cudaEventCreateWithFlags(&results_done_[slot_], cudaEventDisableTiming));
   CUDA_CHECK(cudaEventRecord(results_done_[slot_], stream_));
+  if (gate_pending_timing_) {
+    CUDA_CHECK(cudaEventRecord(gate_events_[(gate_event_next_ - 1) % gate_events_.size()][2], stream_));
+    gate_pending_timing_ = false;
+  }
   defer_ = false;
   return slot_;
 }
