@@ -209,6 +209,29 @@ def test_padded_decode_steps_change_no_bit(tiny, monkeypatch):
         assert len(la) == len(lb) > 0 and all(np.array_equal(x, y) for x, y in zip(la, lb))
 
 
+@pytest.mark.parametrize("seqs,bucket", [(2, 2), (3, 4), (5, 8), (12, 16), (63, 64)])
+def test_small_decode_batches_pad_to_their_bucket(tiny, monkeypatch, seqs, bucket):
+    """Decode steps of 3 to 64 sequences pad too (to 4, to 8, then to a
+    multiple of 8), so that a batch shrinking as its requests end replays a
+    few CUDA graphs instead of recording each size. One request of n = `seqs`
+    seeded samples of 9 tokens decodes 8 steps of `seqs` sequences after its
+    prefill: exactly (bucket - seqs) dummies a step, and every sample's tokens
+    and logprobs bitwise those unpadded."""
+    path, _ = tiny
+    prompt = np.random.default_rng(seqs).integers(3, 320, size=7).tolist()
+
+    def run():
+        with runtime(path, max_num_seqs=128) as rt:
+            c = rt.generate([prompt], max_tokens=9, temperature=0.8, seed=3, n=seqs, logprobs=1, ignore_eos=True)[0]
+            return [(o.token_ids, [lp.logprob for lp in o.logprobs]) for o in c.outputs], rt.stats().padded_tokens
+
+    plain, plain_pad = run()
+    monkeypatch.setenv("PAGEDRT_DECODE_PAD", "1")
+    padded, pads = run()
+    assert plain_pad == 0 and pads == 8 * (bucket - seqs)
+    assert len(padded) == seqs and padded == plain
+
+
 def test_logprobs_are_log_softmax_of_the_logits(tiny):
     path, model = tiny
     prompt = list(range(100, 120))

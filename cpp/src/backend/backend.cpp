@@ -92,7 +92,8 @@ std::shared_ptr<void> Backend::host_alloc(size_t bytes) {
 }
 
 int32_t decode_bucket(int32_t tokens) {
-  if (tokens <= 64 || tokens > 512) return tokens;
+  if (tokens <= 2 || tokens > 512) return tokens;
+  if (tokens <= 8) return tokens <= 4 ? 4 : 8;
   const int32_t step = tokens <= 128 ? 8 : tokens <= 256 ? 16 : 32;
   return (tokens + step - 1) / step * step;
 }

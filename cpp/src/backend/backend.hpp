@@ -204,7 +204,7 @@ class Backend {
                                                int64_t chunk_bytes) = 0;
 
   // The token count a step runs with: its own, or for a decode step (one
-  // token and one logits row a sequence) of more than 64 tokens where this
+  // token and one logits row a sequence) of more than 2 tokens where this
   // backend pads, decode_bucket's, the rest sequences of one dummy token
   // (Batch::pad) whose outputs are never read, so that steps of nearby sizes
   // share one recording (run_step). CUDA pads (PAGEDRT_DECODE_PAD=0: not);
@@ -375,10 +375,14 @@ Tensor host_fp8_weight(const std::vector<WeightView>& parts);
 // (a tensor-parallel rank's share of a row-parallel weight, model/llama.cpp).
 Tensor host_fp8_columns(const WeightView& w, int64_t first, int64_t count);
 
-// Decode steps of more than 64 tokens, up to 512, round up to a multiple of
-// 8 (to 128 tokens), 16 (to 256) or 32 (to 512): 24 sizes, at most 12.5%
-// dummy rows (a batch-bound step's GEMMs read the weights once whatever the
-// rows, and a dummy's attention reads one key). Others keep their count.
+// Decode steps of 3 to 512 tokens round up: to 4, to 8, then to a multiple of
+// 8 (to 128 tokens), 16 (to 256) or 32 (to 512): 35 sizes with 1 and 2, so
+// that a batch shrinking as its requests end replays a few recordings rather
+// than recording each size (SmolLM2's JSON rounds stalled 1-11 ms of host
+// time a size, H100 step trace 2026-12-06). Dummy rows cost little: a decode
+// step's GEMMs read the weights once whatever the rows (at most 12.5% dummies
+// past 64; 3 of 8 at 5), and a dummy's attention reads one key. Others keep
+// their count.
 int32_t decode_bucket(int32_t tokens);
 
 // Backend::swap_blocks' addresses: copy(dst, src, bytes) once per pair, a

@@ -185,10 +185,15 @@ void CudaBackend::plan_attention(int64_t H, int64_t Hkv, int64_t D) {
   // A recorded step replays with its split count: round it up to a power of
   // two (splits past the context are empty and merge as nothing), so that a
   // growing context needs a new recording only every doubling.
+  // An unsplit one takes a chunk past any context, so that its key does not
+  // change with every tile the longest context grows (the kernels walk keys
+  // [split * chunk, min(context, (split + 1) * chunk))).
   if (recordable() && splits > 1) {
     int64_t up = 1;
     while (up < splits) up *= 2;
     splits = up;
+  } else if (recordable()) {
+    chunk = int64_t{1} << 30;
   }
 
   // fp8 KV: the blocks of the sequences with prefill tiles, in page-table
