@@ -106,6 +106,14 @@ def test_a_constraint_is_compiled_once(smol):
         assert after["compiles"] - before["compiles"] == 2
         assert after["compile_hits"] - before["compile_hits"] == 2
         assert len({tuple(o.outputs[0].token_ids) for o in outs[:3]}) == 1
+        # the fills' row timing: a row within its fill, the longest within the rows' sum,
+        # which the pool's threads can at most multiply
+        d = {k: after[k] - before[k] for k in after}
+        threads = r._constraints().masks.threads
+        assert d["fill_calls"] > 0 and 0 < d["fill_longest_row_seconds"] <= d["fill_row_seconds"]
+        assert d["fill_longest_row_seconds"] <= d["fill_seconds"]
+        assert d["fill_row_seconds"] <= threads * d["fill_seconds"]
+        assert 0 <= d["fill_first_rows_start_seconds"] <= d["fill_seconds"]
 
 
 def test_a_finished_request_id_takes_a_new_constraint_at_once(tiny_sp):

@@ -120,6 +120,10 @@ def main():
         steps = max(e1.mask_steps - e0.mask_steps, 1)
         s["mask_ms_per_step"] = 1e3 * d["fill_seconds"] / max(d["fill_calls"], 1)  # inside the provider's fill
         s["mask_us_per_row"] = 1e6 * d["fill_seconds"] / max(d["fill_rows"], 1)
+        # a fill on the pool: its longest row, its rows' times summed, the pool's wake-up (its first rows' starts)
+        s["mask_longest_row_ms_per_step"] = 1e3 * d["fill_longest_row_seconds"] / max(d["fill_calls"], 1)
+        s["mask_rows_sum_ms_per_step"] = 1e3 * d["fill_row_seconds"] / max(d["fill_calls"], 1)
+        s["mask_first_rows_start_ms_per_step"] = 1e3 * d["fill_first_rows_start_seconds"] / max(d["fill_calls"], 1)
         # checked picks: the provider's validate() (on the engine's thread, after the forward)
         s["validate_us_per_row"] = 1e6 * d["validate_seconds"] / max(d["validate_rows"], 1)
         s["validate_ms_per_step"] = 1e3 * d["validate_seconds"] / max(s["steps"], 1)
@@ -139,6 +143,9 @@ def main():
               f"({100 * s['mask_overlap']:.0f}% overlapped); checks {s['validate_ms_per_step']:.2f} ms per step "
               f"({s['validate_us_per_row']:.1f} us per row); tokenizer asked {s['tokenize_calls']} times, "
               f"{s['tokenize_misses']} not kept", flush=True)
+        print(f"  a fill: {s['mask_ms_per_step']:.3f} ms; its longest row {s['mask_longest_row_ms_per_step']:.3f}, "
+              f"rows summed {s['mask_rows_sum_ms_per_step']:.3f}, first rows begun by "
+              f"{s['mask_first_rows_start_ms_per_step']:.3f} ms", flush=True)
         print(f"  plain: {breakdown(p)}\n  json_schema: {breakdown(s)}", flush=True)
     ratios = [s["tpot_ms"] / p["tpot_ms"] for p, s in zip(res["plain"], res["json_schema"])]
     res["tpot_ratio_median"] = statistics.median(ratios)

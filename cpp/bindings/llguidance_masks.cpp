@@ -164,6 +164,9 @@ void bind_llguidance_masks(nb::module_& m) {
         d["fill_seconds"] = c.fill_seconds;
         d["fill_calls"] = c.fill_calls;
         d["fill_rows"] = c.fill_rows;
+        d["fill_row_seconds"] = c.fill_row_seconds;
+        d["fill_longest_row_seconds"] = c.fill_longest_row_seconds;
+        d["fill_first_rows_start_seconds"] = c.fill_first_rows_start_seconds;
         d["validate_seconds"] = c.validate_seconds;
         d["prepare_seconds"] = c.prepare_seconds;
         d["validate_rows"] = c.validate_rows;
@@ -173,7 +176,8 @@ void bind_llguidance_masks(nb::module_& m) {
         d["tokenize_misses"] = c.tokenize_misses;
         return d;
       }, "Time inside fill(), validate() and prepare(), their rows, the constraints compiled or found "
-         "compiled, and the tokenizer's calls and misses.");
+         "compiled, and the tokenizer's calls and misses; of fill()'s rows, their times summed, the longest "
+         "of each fill and the latest start of its first rows (each summed over fills).");
 
   m.def("set_llguidance_masks",
         [](pagedrt::Runtime& rt, MasksHandle& h, int threads, bool checked) {

@@ -76,6 +76,10 @@ class LlguidanceMasks final : public TokenMaskProvider {
   // constraints compiled or found compiled, and the tokenizer's use (benchmarks).
   struct Counters {
     double fill_seconds = 0.0, validate_seconds = 0.0, prepare_seconds = 0.0;
+    // A fill's rows on the pool: their times summed, its longest row, and when
+    // its first rows began (the latest of the first `threads` rows' starts:
+    // the pool's wake-up), each summed over fills.
+    double fill_row_seconds = 0.0, fill_longest_row_seconds = 0.0, fill_first_rows_start_seconds = 0.0;
     int64_t fill_calls = 0, fill_rows = 0, validate_rows = 0, compiles = 0, compile_hits = 0;
     int64_t tokenize_calls = 0, tokenize_misses = 0;  // LlguidanceTokenizer::tokenize: asked, not yet kept
   };

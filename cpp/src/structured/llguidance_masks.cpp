@@ -8,6 +8,7 @@
 #include <map>
 #include <mutex>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "engine/rank_threads.hpp"
@@ -356,7 +357,14 @@ void LlguidanceMasks::fill(std::vector<MaskRow>& rows, int64_t vocab) {
   Impl& im = *impl_;
   const double start = now_s();
   const size_t words = static_cast<size_t>((vocab + 31) / 32);
+  std::vector<std::pair<double, double>> when(rows.size());  // (start, end) of each row, from `start`
   im.for_rows(rows.size(), 2, [&](size_t i) {
+    const double t0 = now_s();
+    struct Timed {
+      std::pair<double, double>& w;
+      double start, t0;
+      ~Timed() { w = {t0 - start, now_s() - start}; }
+    } timed{when[i], start, t0};
     MaskRow& row = rows[i];
     const Impl::Held held = im.matcher(row);
     llg::Matcher* m = held.matcher;
@@ -386,8 +394,18 @@ void LlguidanceMasks::fill(std::vector<MaskRow>& rows, int64_t vocab) {
       broken();
     }
   });
+  double sum = 0.0, longest = 0.0, first_rows = 0.0;
+  const size_t first = std::min(when.size(), static_cast<size_t>(std::max(1, im.threads)));
+  for (size_t i = 0; i < when.size(); ++i) {
+    sum += when[i].second - when[i].first;
+    longest = std::max(longest, when[i].second - when[i].first);
+    if (i < first) first_rows = std::max(first_rows, when[i].first);
+  }
   std::lock_guard<std::mutex> lock(im.counters_mu);
   im.counters.fill_seconds += now_s() - start;
+  im.counters.fill_row_seconds += sum;
+  im.counters.fill_longest_row_seconds += longest;
+  im.counters.fill_first_rows_start_seconds += first_rows;
   ++im.counters.fill_calls;
   im.counters.fill_rows += static_cast<int64_t>(rows.size());
 }
