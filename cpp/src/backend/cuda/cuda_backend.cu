@@ -117,6 +117,7 @@ CudaBackend::CudaBackend(ScalarType activation_dtype, int device_index, bool det
   num_sms_ = prop.multiProcessorCount;
   fp8_weights_ = act_ == ScalarType::BF16 && (prop.major > 8 || (prop.major == 8 && prop.minor >= 9));
   graphs_enabled_ = env_on("PAGEDRT_CUDA_GRAPHS");
+  if (const char* g = std::getenv("PAGEDRT_GRAPH_LOG")) graph_log_ = std::string(g) == "1";
   // Padded decode steps whether or not they are recorded: graphs on and off
   // then run the same GEMM shapes and stay bitwise alike.
   set_decode_padding(true);

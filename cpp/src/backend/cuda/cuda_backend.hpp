@@ -267,6 +267,7 @@ class CudaBackend final : public Backend {
   float* partials_ = nullptr;  // decode splits: merge tickets (tickets_bytes_), then partials (o, lse)
   size_t partials_bytes_ = 0, tickets_bytes_ = 0;
   bool graphs_enabled_ = true;
+  bool graph_log_ = false;  // PAGEDRT_GRAPH_LOG=1: each key run first or recorded, on stderr (diagnostics)
   // Decode splits of up to kMaxClusterSplits merge inside a thread block
   // cluster (sm_90) instead of a second kernel (PAGEDRT_DECODE_CLUSTERS=0: never).
   bool clusters_ = true;

@@ -338,6 +338,12 @@ void CudaBackend::run_step(uint64_t key, const std::function<void()>& body) {
     // more than a one-off step saves (the tail of a batched run, where the
     // batch shrinks through sizes that each last one step). The second time
     // it is recorded.
+    if (graph_log_) {
+      std::fprintf(stderr, "pagedrt graph: %s key %016llx batch %p plan %p partials %p items %d splits/shape %d chunk %d "
+                           "seqs %d tiles %d (%zu recorded)\n", seen_once_.count(k) ? "record" : "first",
+                   static_cast<unsigned long long>(key), std::get<1>(k), std::get<2>(k), std::get<3>(k),
+                   std::get<4>(k), std::get<5>(k), std::get<6>(k), std::get<7>(k), std::get<8>(k), graphs_.size());
+    }
     if (seen_once_.insert(k).second) {
       if (seen_once_.size() > 4 * kMaxGraphs) seen_once_.clear();
       return body();
