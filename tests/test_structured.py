@@ -289,6 +289,10 @@ def test_step_trace_orders_each_steps_events(tiny_sp, tmp_path, monkeypatch):
     assert sum("gate_open" in ev for ev in at.values()) == st.gated_mask_steps > 0
     res, steps = step_trace.intervals(engines[0])
     assert steps == st.num_steps and len(res["fill"]) > 0 and min(res["launch (host)"]) >= 0
+    kinds = step_trace.by_kind(engines[0])
+    filled = sum("fill_start" in ev for ev in at.values())
+    assert kinds["masked"]["steps"] == filled and kinds["plain"]["steps"] == st.num_steps - filled
+    assert sum(b["steps"] for b in kinds["masked_by_fill"]) == kinds["masked"]["period_steps"] > 0
     assert step_trace.main([str(path)]) == 0
 
     monkeypatch.delenv("PAGEDRT_STEP_TRACE")

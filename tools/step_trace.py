@@ -81,6 +81,44 @@ def intervals(events):
     return res, len(at)
 
 
+FILL_BANDS_MS = (0.0, 0.4, 0.8, 1.2, float("inf"))
+SLOW_LAUNCH_MS = 0.5
+
+
+def by_kind(events):
+    """Masked steps (a fill) against the others: the step period of those whose
+    step ahead is of the same kind, the host launches past SLOW_LAUNCH_MS (a
+    step shape run first or recorded as a CUDA graph), and the masked steps'
+    period by the length of their fill (where the fill, not the GPU, sets it)."""
+    at: dict[int, dict[str, float]] = {}
+    for t, what, step in events:
+        at.setdefault(step, {}).setdefault(what, t)
+    masked = {s for s, ev in at.items() if "fill_start" in ev and "fill_end" in ev}
+    out = {}
+    for kind, mine in (("masked", True), ("plain", False)):
+        steps = [s for s in at if (s in masked) == mine]
+        period = [1e3 * (at[s]["processed"] - at[s - 1]["processed"]) for s in steps
+                  if s - 1 in at and ((s - 1) in masked) == mine and "processed" in at[s]
+                  and "processed" in at[s - 1]]
+        launches = [1e3 * (at[s]["launched"] - at[s]["launch"]) for s in steps
+                    if "launch" in at[s] and "launched" in at[s]]
+        slow = [v for v in launches if v > SLOW_LAUNCH_MS]
+        out[kind] = {"steps": len(steps), "period_steps": len(period),
+                     "period_mean_ms": statistics.fmean(period) if period else None,
+                     "period_median_ms": statistics.median(period) if period else None,
+                     "slow_launches": len(slow), "slow_launch_ms": sum(slow)}
+    bands = []
+    for lo, hi in zip(FILL_BANDS_MS, FILL_BANDS_MS[1:]):
+        v = [1e3 * (at[s]["processed"] - at[s - 1]["processed"]) for s in masked
+             if s - 1 in masked and "processed" in at[s] and "processed" in at[s - 1]
+             and lo <= 1e3 * (at[s]["fill_end"] - at[s]["fill_start"]) < hi]
+        bands.append({"fill_from_ms": lo, "fill_to_ms": hi, "steps": len(v),
+                      "period_median_ms": statistics.median(v) if v else None,
+                      "period_mean_ms": statistics.fmean(v) if v else None})
+    out["masked_by_fill"] = bands
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("trace")
@@ -102,7 +140,18 @@ def main(argv=None):
             r = rows[name]
             print(f"  {name:42s} {r['steps']:6d} steps  median {r['median_ms']:8.3f} ms  "
                   f"p10 {r['p10_ms']:8.3f}  p90 {r['p90_ms']:8.3f}")
-        report.append({"steps": steps, "events": len(events), "intervals": rows})
+        kinds = by_kind(events)
+        for kind in ("masked", "plain"):
+            k = kinds[kind]
+            if k["period_steps"]:
+                print(f"  {kind} steps: {k['steps']}, period mean {k['period_mean_ms']:.3f} ms, median "
+                      f"{k['period_median_ms']:.3f}; {k['slow_launches']} launches over {SLOW_LAUNCH_MS} ms "
+                      f"({k['slow_launch_ms']:.1f} ms in all)")
+        for b in kinds["masked_by_fill"]:
+            if b["steps"]:
+                print(f"  masked steps filled in {b['fill_from_ms']:.1f}-{b['fill_to_ms']:.1f} ms: {b['steps']:4d}, "
+                      f"period median {b['period_median_ms']:.3f} ms, mean {b['period_mean_ms']:.3f}")
+        report.append({"steps": steps, "events": len(events), "intervals": rows, "by_kind": kinds})
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
