@@ -4,7 +4,9 @@ appends the host's events of its steps at shutdown) and prints, per engine,
 the medians of the intervals between a step's events: where a step's time
 goes on the host, and for structured-output steps pipelined behind the mask
 gate (docs/architecture.md, "Async scheduling") how the fill, the gate and
-the results line up.
+the results line up. Then masked steps against plain ones: their periods, the
+host launches past 0.5 ms (a step shape run first or recorded as a CUDA
+graph), and the masked steps' period by the length of their fill.
 
     PAGEDRT_STEP_TRACE=/tmp/trace.txt python my_script.py
     python tools/step_trace.py /tmp/trace.txt [--json OUT.json]
