@@ -230,7 +230,17 @@ void CudaBackend::plan_attention(int64_t H, int64_t Hkv, int64_t D) {
       if (partials_) CUDA_CHECK(cudaFree(partials_));  // waits for the GPU
       partials_ = nullptr;
       partials_bytes_ = tickets_bytes_ = 0;
-      clear_graphs();  // a new buffer at the old address would match their keys
+      // A new buffer at the old address would match the keys of split steps
+      // (their partials' offsets differ): those go. Unsplit steps never touch
+      // the buffer and key without it (run_step), so their recordings stay.
+      for (auto it = graphs_.begin(); it != graphs_.end();) {
+        if (std::get<3>(it->first) == nullptr) {
+          ++it;
+          continue;
+        }
+        cudaGraphExecDestroy(it->second);
+        it = graphs_.erase(it);
+      }
       CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&partials_), 2 * (tickets + partial_bytes)));
       CUDA_CHECK(cudaMemset(partials_, 0, 2 * tickets));
       partials_bytes_ = 2 * (tickets + partial_bytes);
@@ -323,7 +333,7 @@ void CudaBackend::run_step(uint64_t key, const std::function<void()>& body) {
   const GraphKey k{key,
                    batch_.device(),
                    plan_.device(),
-                   partials_,
+                   plan_info_.decode.num_splits > 1 ? partials_ : nullptr,  // only split steps use them
                    plan_info_.decode.num_items,
                    // the split count and the kernel shape (4 x 3 for splits that 2 x 3 would cut finer)
                    plan_info_.decode.num_splits * 100 + plan_info_.decode.config.warps * 10 +
