@@ -467,16 +467,19 @@ const uint32_t* CudaBackend::queue_gated_masks(uint64_t id, size_t words) {
 }
 
 void CudaBackend::time_gates(size_t slot) {
-  // slot's events are a ring's length old: done long ago (or never recorded: skipped)
-  const size_t prev = (slot + gate_events_.size() - 1) % gate_events_.size();
+  // `slot`, about to be reused, holds the oldest gated step of the ring; the
+  // next slot the one after it, whose forward ran from the oldest's results
+  // to its own wait. Both are a ring's length old: done long ago (or not
+  // yet, or never recorded: skipped).
+  const size_t next = (slot + 1) % gate_events_.size();
   float fwd = 0.0f, stall = 0.0f, picks = 0.0f;
-  if (cudaEventElapsedTime(&fwd, gate_events_[prev][2], gate_events_[slot][0]) != cudaSuccess ||
-      cudaEventElapsedTime(&stall, gate_events_[slot][0], gate_events_[slot][1]) != cudaSuccess ||
-      cudaEventElapsedTime(&picks, gate_events_[slot][1], gate_events_[slot][2]) != cudaSuccess) {
+  if (cudaEventElapsedTime(&fwd, gate_events_[slot][2], gate_events_[next][0]) != cudaSuccess ||
+      cudaEventElapsedTime(&stall, gate_events_[next][0], gate_events_[next][1]) != cudaSuccess ||
+      cudaEventElapsedTime(&picks, gate_events_[next][1], gate_events_[next][2]) != cudaSuccess) {
     (void)cudaGetLastError();
     return;
   }
-  gate_ms_.push_back({fwd, stall, picks});
+  if (fwd >= 0.0f && picks >= 0.0f) gate_ms_.push_back({fwd, stall, picks});
 }
 
 void CudaBackend::open_mask_gate(uint64_t id) {
