@@ -1290,6 +1290,33 @@ def test_padded_decode_steps_are_recorded_and_neutral(tiny_llama, monkeypatch):
     assert np.allclose(lg[:k], ln[:k], atol=5e-2)
 
 
+@pytest.mark.parametrize("pad", ["1", "0"])
+def test_a_shrinking_batch_decodes_at_its_buckets(tiny_llama, monkeypatch, capfd, pad):
+    """Seven greedy requests of 4 to 16 tokens: the decode batch shrinks 7, 6,
+    ..., 1 as they end. Padded (the default), its decode steps run, and are
+    keyed and recorded, only at decode_bucket's sizes (8, 4, 2, 1), as
+    PAGEDRT_GRAPH_LOG's lines show; with PAGEDRT_DECODE_PAD=0 at every size
+    (the check can fail)."""
+    import re
+    path, _ = tiny_llama(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, dtype="bfloat16")
+    rng = np.random.default_rng(29)
+    prompts = [rng.integers(3, 320, size=k).tolist() for k in (9, 14, 20, 11, 30, 7, 17)]
+    monkeypatch.setenv("PAGEDRT_GRAPH_LOG", "1")
+    monkeypatch.setenv("PAGEDRT_DECODE_PAD", pad)
+    with pagedrt.Runtime(path, device="cuda", kv_cache_bytes=64 << 20, enable_prefix_caching=False) as rt:
+        for _ in range(2):
+            got = run_all(rt, prompts, max_tokens=[4, 6, 8, 10, 12, 14, 16], ignore_eos=True)
+            assert [len(t) for t, _ in got] == [4, 6, 8, 10, 12, 14, 16]
+    lines = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("pagedrt graph:")]
+    decode = [ln for ln in lines if ln.endswith(")") and " tiles 0 " in ln]
+    sizes = {int(re.search(r" seqs (\d+) ", ln).group(1)) for ln in decode}
+    assert decode and all(" items " in ln for ln in decode)
+    if pad == "1":
+        assert sizes <= {8, 4, 2, 1} and 8 in sizes, sizes
+    else:
+        assert {7, 6, 5, 3} <= sizes, sizes
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_speculative_steps_recorded_are_bitwise_neutral(tiny_llama, monkeypatch, dtype):
     """Speculative verify steps (a sequence's last token and its proposals:
