@@ -159,6 +159,43 @@ def test_errors_name_the_library_and_the_tokenizer(tmp_path):
     assert masks.mask("gone", 0, [], 4).sum() == 0  # never added (or released): no token
 
 
+def test_the_tries_slices_change_no_mask_and_a_bad_one_is_refused(smol, monkeypatch):
+    """pagedrt cuts llguidance's token trie into more slices than the library
+    (structured.trie_slices: strings of at most 1-8 ... 24 characters); a
+    mask must not depend on them. Along SmolLM2 JSON walks inside bounded
+    strings, the masks with pagedrt's slices, with none at all and with the
+    library's defaults are the same words; PAGEDRT_MASK_SLICES=default asks
+    for the defaults; a slice that is not a regex is refused, naming it."""
+    with pagedrt.Runtime(smol, device="cpu") as r:
+        info, cons = r.model_info, r._constraints()
+        V = info.vocab_size
+        tokens = pagedrt.structured.token_bytes(cons.tokenizer, V)
+        lib = llguidance._lib.__file__
+        kinds = {"pagedrt's": pagedrt.structured.trie_slices(), "none": ["x{1000}"], "defaults": []}
+        masks = {k: _core.LlguidanceMasks(lib, V, info.eos_token_ids[0], tokens, slices=v) for k, v in kinds.items()}
+        schema = {"type": "object", "properties": {"a": {"type": "string", "maxLength": 7},
+                                                   "b": {"type": "string", "maxLength": 19}},
+                  "required": ["a", "b"], "additionalProperties": False}
+        for m in masks.values():
+            m.add("s", "llguidance", grammar_of("json_schema", schema))
+        rng = np.random.default_rng(3)
+        text = cons.tokenizer.tokenize_str('{"a": "')
+        compared = 0
+        for _ in range(40):  # random allowed tokens from inside "a"'s string on
+            got = {k: m.mask("s", 0, text, V) for k, m in masks.items()}
+            assert all(np.array_equal(got["defaults"], g) for g in got.values()), len(text)
+            allowed = allowed_tokens(got["defaults"], V)
+            if len(allowed) == 0:
+                break
+            text = text + [int(rng.choice(allowed))]
+            compared += 1
+        assert compared >= 10
+    monkeypatch.setenv("PAGEDRT_MASK_SLICES", "default")
+    assert pagedrt.structured.trie_slices() == []
+    with pytest.raises(pagedrt.InvalidArgument, match="(?s)refused the tokenizer.*unclosed"):
+        _core.LlguidanceMasks(llguidance._lib.__file__, 4, 0, [b"\xff<eos>", b"a", b"b", b"ab"], slices=["[0-9"])
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the failure, reported once
 def test_a_failing_tokenizer_leaves_masks_valid(smol):
     """A tokenizer that raises: forced text is spelled by C++ (the longest

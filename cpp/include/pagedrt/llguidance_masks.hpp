@@ -45,6 +45,11 @@ struct LlguidanceTokenizer {
   // llguidance does with a canonical tokenizer. Empty: forced text may come
   // in any tokens that spell it (llguidance's greedy stand-in tokenizer).
   std::function<std::vector<int32_t>(const std::string& bytes)> tokenize;
+  // The regexes that cut the token trie into slices for llguidance's slicer
+  // (a mask takes a slice whole where the lexer allows all of it, and walks
+  // the rest token by token); empty: the library's defaults. Masks are the
+  // same whatever the slices, only their cost differs.
+  std::vector<std::string> slices;
 };
 
 class LlguidanceMasks final : public TokenMaskProvider {

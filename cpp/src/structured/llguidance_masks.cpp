@@ -296,6 +296,10 @@ LlguidanceMasks::LlguidanceMasks(const std::string& library, const LlguidanceTok
   } else {
     init.use_approximate_greedy_tokenize_fn = true;
   }
+  std::vector<const char*> slices;  // argv style: null-terminated (read while the tokenizer is made)
+  for (const std::string& r : tok.slices) slices.push_back(r.c_str());
+  slices.push_back(nullptr);
+  if (!tok.slices.empty()) init.slices = slices.data();
   std::vector<uint32_t> lens;
   std::string bytes;
   if (!tok.tokenizer_json.empty()) {
