@@ -3,7 +3,7 @@
 #
 #   bash tools/gpu_check.sh [STAGE ...]      (from the repo root; default: all stages)
 #
-# Stages: env build wheels optests ncu fp8kv fp8gemm fp8e2e diag make8b make8bfp8 make8btok smol tests e2e bench attn prefill gemm serve servecpu structured steptrace masks spec harness kvpool tp det profile cpuscale fp8q lcpp xeon abbuild ab
+# Stages: env build wheels optests ncu fp8kv fp8gemm fp8e2e diag make8b make8bfp8 make8btok smol tests e2e bench attn prefill gemm serve servecpu structured steptrace structab masks spec harness kvpool tp det profile cpuscale fp8q lcpp xeon abbuild ab
 #   env      nvidia-smi, versions
 #   build    pip install --no-build-isolation --no-deps . with PAGEDRT_CUDA=ON
 #   wheels   only the wheels carried in .whl/ (a later call of a warm machine, built already)
@@ -44,6 +44,8 @@
 #            ($LLAMA8B_TOK, made here; needs smol): JSON-schema against plain TPOT, mask time
 #   steptrace bench_structured.py on SmolLM2 (needs smol) with PAGEDRT_STEP_TRACE (and PAGEDRT_GATE_TIMING=1),
 #            then tools/step_trace.py: the host's intervals of each JSON step -> $OUT/step_trace.{txt,json}
+#   structab bench_structured.py on SmolLM2 (needs smol): the default against PAGEDRT_MASK_SLICES=default
+#            (llguidance's own trie slices) and PAGEDRT_DECODE_PAD=0, 3 rounds each, alternating twice
 #   masks    tools/bench_masks.py on SmolLM2 (needs smol): llguidance's mask cost per row, serial and
 #            on its executor with 1..16 threads, on replayed JSON answers (the host's cores)
 #   spec     speculative decoding: tools/bench_speculative.py on SmolLM2 (needs smol), GPU (n-gram
@@ -347,6 +349,20 @@ if has steptrace && [ -d "$WORK/smolpkg" ]; then
      PAGEDRT_GATE_TIMING=1 timeout 120 $PY "$OLDPWD/tools/bench_structured.py" --device cuda --rounds 2 \
      --max-tokens 128 2>&1 | grep -v "it/s\]")
   [ -f "$OUT/step_trace.txt" ] && $PY tools/step_trace.py "$OUT/step_trace.txt" --json "$OUT/step_trace.json"
+fi
+
+if has structab && [ -d "$WORK/smolpkg" ]; then
+  stage structab
+  # issue 19's A/Bs on SmolLM2: the default against the library's own trie slices and against no
+  # small-batch padding, each 3 rounds, alternating twice
+  for pass in 1 2; do
+    for e in "PAGEDRT_AB=default" "PAGEDRT_MASK_SLICES=default" "PAGEDRT_DECODE_PAD=0"; do
+      echo "--- $e (pass $pass)"
+      (cd /tmp && PYTHONPATH="$WORK/smolpkg${PYTHONPATH:+:$PYTHONPATH}" env "$e" timeout 90 \
+         $PY "$OLDPWD/tools/bench_structured.py" --device cuda --rounds 3 --max-tokens 128 \
+         --json "$OUT/structab_${e%%=*}_$pass.json" 2>&1 | grep -E "^round|a fill|median")
+    done
+  done
 fi
 
 if has masks && [ -d "$WORK/smolpkg" ]; then
