@@ -66,11 +66,17 @@ def sections(lines):
     return out
 
 
-def intervals(events):
-    """{interval name: [ms per step]} of one engine's events."""
+def by_step(events):
+    """{step: {event: seconds}}: the first time of each (a step's event happens once)."""
     at: dict[int, dict[str, float]] = {}
     for t, what, step in events:
-        at.setdefault(step, {}).setdefault(what, t)  # the first time (a step's event happens once)
+        at.setdefault(step, {}).setdefault(what, t)
+    return at
+
+
+def intervals(events):
+    """{interval name: [ms per step]} of one engine's events."""
+    at = by_step(events)
     def when(s, e):  # event e of step s ("prev:" e: of step s - 1)
         return at.get(s - 1, {}).get(e[5:]) if e.startswith("prev:") else at[s].get(e)
 
@@ -92,27 +98,27 @@ def by_kind(events):
     step ahead is of the same kind, the host launches past SLOW_LAUNCH_MS (a
     step shape run first or recorded as a CUDA graph), and the masked steps'
     period by the length of their fill (where the fill, not the GPU, sets it)."""
-    at: dict[int, dict[str, float]] = {}
-    for t, what, step in events:
-        at.setdefault(step, {}).setdefault(what, t)
+    at = by_step(events)
     masked = {s for s, ev in at.items() if "fill_start" in ev and "fill_end" in ev}
+
+    def period(s):  # ms from the step ahead's outputs processed to this one's, or None
+        a, b = at.get(s - 1, {}).get("processed"), at[s].get("processed")
+        return None if a is None or b is None else 1e3 * (b - a)
+
     out = {}
     for kind, mine in (("masked", True), ("plain", False)):
         steps = [s for s in at if (s in masked) == mine]
-        period = [1e3 * (at[s]["processed"] - at[s - 1]["processed"]) for s in steps
-                  if s - 1 in at and ((s - 1) in masked) == mine and "processed" in at[s]
-                  and "processed" in at[s - 1]]
+        period_ms = [p for s in steps if ((s - 1) in masked) == mine and (p := period(s)) is not None]
         launches = [1e3 * (at[s]["launched"] - at[s]["launch"]) for s in steps
                     if "launch" in at[s] and "launched" in at[s]]
         slow = [v for v in launches if v > SLOW_LAUNCH_MS]
-        out[kind] = {"steps": len(steps), "period_steps": len(period),
-                     "period_mean_ms": statistics.fmean(period) if period else None,
-                     "period_median_ms": statistics.median(period) if period else None,
+        out[kind] = {"steps": len(steps), "period_steps": len(period_ms),
+                     "period_mean_ms": statistics.fmean(period_ms) if period_ms else None,
+                     "period_median_ms": statistics.median(period_ms) if period_ms else None,
                      "slow_launches": len(slow), "slow_launch_ms": sum(slow)}
     bands = []
     for lo, hi in zip(FILL_BANDS_MS, FILL_BANDS_MS[1:]):
-        v = [1e3 * (at[s]["processed"] - at[s - 1]["processed"]) for s in masked
-             if s - 1 in masked and "processed" in at[s] and "processed" in at[s - 1]
+        v = [p for s in masked if s - 1 in masked and (p := period(s)) is not None
              and lo <= 1e3 * (at[s]["fill_end"] - at[s]["fill_start"]) < hi]
         bands.append({"fill_from_ms": lo, "fill_to_ms": hi, "steps": len(v),
                       "period_median_ms": statistics.median(v) if v else None,
