@@ -364,7 +364,7 @@ void LlguidanceMasks::fill(std::vector<MaskRow>& rows, int64_t vocab) {
   std::vector<std::pair<double, double>> when(rows.size());  // (start, end) of each row, from `start`
   im.for_rows(rows.size(), 2, [&](size_t i) {
     const double t0 = now_s();
-    struct Timed {
+    struct Timed {  // the row's (start, end), whichever return below ends it
       std::pair<double, double>& w;
       double start, t0;
       ~Timed() { w = {t0 - start, now_s() - start}; }
