@@ -9,8 +9,9 @@ First runs --requests JSON-schema requests (tools/bench_structured.py's
 schema and prompts, greedy) through a Runtime on the CPU and keeps their
 tokens; the engine's own mask time per row is printed. Then replays those
 tokens through fresh matchers, step by step as the engine meets them: every
-live row's mask computed (serially, then with llguidance's LLExecutor of each
-thread count), then each row fed its token. Prints microseconds per row and
+live row's mask computed (serially with llguidance's trie slices and with the
+engine's, structured.trie_slices; then on llguidance's LLExecutor of each
+thread count, with the engine's), then each row fed its token. Prints microseconds per row and
 per step. The engine's figure against the serial replay shows what the engine
 adds (the GIL, the forward's threads); the executor's against the serial one,
 what spreading a step's rows over threads buys.
@@ -30,24 +31,29 @@ from bench_structured import SCHEMA  # noqa: E402
 
 
 def replay(tokenizer, grammar, seqs, words, executor=None):
-    """Seconds spent computing masks, and the number of rows computed."""
+    """Seconds spent computing masks, the number of rows computed, and (serially)
+    the sum over steps of each step's longest row."""
     import llguidance
     matchers = [llguidance.LLMatcher(tokenizer, grammar) for _ in seqs]
     buf = np.zeros((len(seqs), words), np.uint32)
-    total, rows = 0.0, 0
+    total, rows, longest = 0.0, 0, 0.0
     for step in range(max(len(s) for s in seqs)):
         live = [i for i, s in enumerate(seqs) if step < len(s)]
         t0 = time.perf_counter()
         if executor is None:
+            worst = 0.0
             for i in live:
+                r0 = time.perf_counter()
                 matchers[i].unsafe_compute_mask_ptr(buf[i].ctypes.data, words * 4)
+                worst = max(worst, time.perf_counter() - r0)
+            longest += worst
         else:
             executor.unsafe_compute_mask_ptr([(matchers[i], i) for i in live], buf.ctypes.data, words * 4, len(seqs))
         total += time.perf_counter() - t0
         rows += len(live)
         for i in live:
             matchers[i].consume_token(seqs[i][step])
-    return total, rows
+    return total, rows, longest
 
 
 def main():
@@ -61,7 +67,7 @@ def main():
     import llguidance
 
     import pagedrt
-    from pagedrt.structured import grammar_of
+    from pagedrt.structured import grammar_of, trie_slices
 
     with pagedrt.Runtime(args.model, device="cpu", progress=False) as rt:
         prompts = [[{"role": "user", "content": f"Invent person number {i} and describe them as JSON."}]
@@ -75,11 +81,17 @@ def main():
     grammar = grammar_of("json_schema", SCHEMA)
     res = {"requests": args.requests, "rows_per_step_max": len(seqs), "engine_us_per_row": engine_us, "replay": {}}
     print(f"engine (CPU run, masks beside the forward): {engine_us:.0f} us per row", flush=True)
-    t, n = replay(tokenizer, grammar, seqs, words)
-    res["replay"]["serial"] = {"us_per_row": 1e6 * t / n}
-    print(f"replay, serial:            {1e6 * t / n:6.0f} us per row", flush=True)
+    steps = max(len(s) for s in seqs)
+    # The engine's trie slices (structured.trie_slices) against llguidance's own: the same masks
+    sliced = tokenizer.with_slices(trie_slices()) if trie_slices() else tokenizer
+    for name, tok in (("llguidance's slices", tokenizer), ("pagedrt's slices", sliced)):
+        t, n, longest = replay(tok, grammar, seqs, words)
+        res["replay"]["serial" if tok is sliced else "serial_library_slices"] = {
+            "us_per_row": 1e6 * t / n, "longest_row_us_per_step": 1e6 * longest / steps}
+        print(f"replay, serial, {name:20s} {1e6 * t / n:6.0f} us per row, a step's longest row "
+              f"{1e6 * longest / steps:6.0f} us", flush=True)
     for k in (int(x) for x in args.threads.split(",")):
-        t, n = replay(tokenizer, grammar, seqs, words, llguidance.LLExecutor(num_threads=k))
+        t, n, _ = replay(sliced, grammar, seqs, words, llguidance.LLExecutor(num_threads=k))
         res["replay"][f"executor_{k}"] = {"us_per_row": 1e6 * t / n}
         print(f"replay, LLExecutor({k:2d}):    {1e6 * t / n:6.0f} us per row", flush=True)
     if args.json:

@@ -46,7 +46,8 @@
 #            then tools/step_trace.py: the host's intervals of each JSON step -> $OUT/step_trace.{txt,json}
 #   structab bench_structured.py on SmolLM2 (needs smol): the default against PAGEDRT_MASK_SLICES=default
 #            (llguidance's own trie slices) and PAGEDRT_DECODE_PAD=0, 3 rounds each, alternating twice
-#   masks    tools/bench_masks.py on SmolLM2 (needs smol): llguidance's mask cost per row, serial and
+#   masks    tools/bench_masks.py on SmolLM2 (needs smol): llguidance's mask cost per row, serial (its trie slices
+#            and the engine's) and
 #            on its executor with 1..16 threads, on replayed JSON answers (the host's cores)
 #   spec     speculative decoding: tools/bench_speculative.py on SmolLM2 (needs smol), GPU (n-gram
 #            with each ngram_min of $SPEC_NGRAM_MIN, default "1,2", and SmolLM2 as its own draft)
