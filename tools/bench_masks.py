@@ -83,7 +83,8 @@ def main():
     print(f"engine (CPU run, masks beside the forward): {engine_us:.0f} us per row", flush=True)
     steps = max(len(s) for s in seqs)
     # The engine's trie slices (structured.trie_slices) against llguidance's own: the same masks
-    sliced = tokenizer.with_slices(trie_slices()) if trie_slices() else tokenizer
+    slices = trie_slices()
+    sliced = tokenizer.with_slices(slices) if slices else tokenizer
     for name, tok in (("llguidance's slices", tokenizer), ("pagedrt's slices", sliced)):
         t, n, longest = replay(tok, grammar, seqs, words)
         res["replay"]["serial" if tok is sliced else "serial_library_slices"] = {

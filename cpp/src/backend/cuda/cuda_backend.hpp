@@ -164,7 +164,7 @@ class CudaBackend final : public Backend {
   void plan_attention(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim);
   // Whether this step may be recorded: graphs on, few tokens, few per sequence.
   bool recordable() const;
-  void clear_graphs();
+  void clear_graphs(bool split_steps_only = false);  // split steps only: those keyed with the partials
   // (model key, batch arrays, plan arrays, partials, decode items, splits,
   // chunk, sequences, prefill tiles): everything a recording holds by value
   using GraphKey = std::tuple<uint64_t, const void*, const void*, const void*, int, int, int, int, int>;

@@ -233,14 +233,7 @@ void CudaBackend::plan_attention(int64_t H, int64_t Hkv, int64_t D) {
       // A new buffer at the old address would match the keys of split steps
       // (their partials' offsets differ): those go. Unsplit steps never touch
       // the buffer and key without it (run_step), so their recordings stay.
-      for (auto it = graphs_.begin(); it != graphs_.end();) {
-        if (std::get<3>(it->first) == nullptr) {
-          ++it;
-          continue;
-        }
-        cudaGraphExecDestroy(it->second);
-        it = graphs_.erase(it);
-      }
+      clear_graphs(/*split_steps_only=*/true);
       CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&partials_), 2 * (tickets + partial_bytes)));
       CUDA_CHECK(cudaMemset(partials_, 0, 2 * tickets));
       partials_bytes_ = 2 * (tickets + partial_bytes);
@@ -386,9 +379,15 @@ void CudaBackend::run_step(uint64_t key, const std::function<void()>& body) {
   CUDA_CHECK(cudaGraphLaunch(it->second, stream_));
 }
 
-void CudaBackend::clear_graphs() {
-  for (auto& kv : graphs_) cudaGraphExecDestroy(kv.second);
-  graphs_.clear();
+void CudaBackend::clear_graphs(bool split_steps_only) {
+  for (auto it = graphs_.begin(); it != graphs_.end();) {
+    if (split_steps_only && std::get<3>(it->first) == nullptr) {  // keyed without partials: unsplit
+      ++it;
+      continue;
+    }
+    cudaGraphExecDestroy(it->second);
+    it = graphs_.erase(it);
+  }
 }
 
 }  // namespace pagedrt::cuda
