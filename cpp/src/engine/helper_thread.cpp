@@ -65,7 +65,10 @@ void HelperThread::work() {
     job = nullptr;  // what it holds goes before the caller hears it returned
     {
       std::lock_guard<std::mutex> lock(mu_);
-      error_ = error;
+      // Moved, not copied: this thread keeps no reference to the exception,
+      // so the last one (and the exception's destruction) is the waiter's,
+      // after the lock (TSan saw this thread's delete race the waiter's read).
+      error_ = std::move(error);
       finished_ = true;
     }
     done_.notify_one();
