@@ -1957,8 +1957,10 @@ def test_fp8_kv_end_to_end_matches_the_cpu(tiny_llama):
     """A tiny bf16 model with kv_cache_dtype="fp8" on the GPU against the CPU's
     fp8 run: chunked prefill (prefill tiles read dequantized blocks), decode
     (the fp8 decode kernel), CUDA graphs; logits within 2e-2 up to the first
-    token where the two greedy runs part; the pool holds about twice the bf16
-    pool's blocks in the same bytes."""
+    token where the two greedy runs part, and a parting only at a near-tie (the
+    CPU's top-1 over the GPU's pick by under 2e-2 of the row's largest |logit|:
+    the random model's first token once tied so on an H100 host, margin in the
+    report); the pool holds about twice the bf16 pool's blocks in the same bytes."""
     path, _ = tiny_llama(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, dtype="bfloat16")
     rng = np.random.default_rng(8)
     prompts = [rng.integers(3, 320, n).tolist() for n in (37, 5, 90)]
@@ -1976,7 +1978,12 @@ def test_fp8_kv_end_to_end_matches_the_cpu(tiny_llama):
         n = len(p) + same  # rows up to and including the one that chose the first differing token
         e = rel_err(l1[:n], l0[:n])
         record("fp8_kv_e2e_logits", e)
-        assert e <= 2e-2 and same >= 1
+        assert e <= 2e-2
+        if same < len(t0):
+            row = np.asarray(l0[n - 1], np.float64)
+            margin = row[t0[same]] - row[t1[same]]
+            record("fp8_kv_e2e_parting_margin", margin)
+            assert margin < 2e-2 * np.abs(row).max(), (same, margin, np.abs(row).max())
 
 
 def test_fp8_options_that_cuda_lacks_are_clear_errors(tiny_llama):
