@@ -383,6 +383,13 @@ D64_GRID = {(256, 1024, 64): (["2x3", "4x3"], [0, 1, 2]),
             (256, 1024, 64, 9, 3): (["2x3", "4x3"], [0, 1]),
             (8, 4096, 64, 9, 3): (["2x3", "4x3"], [0, 4, 8])}
 
+# decode_short's: many sequences at short contexts, as in issue 17's batch-256 decode step (128 in /
+# 128 out: 129 to 256 keys), where the plan runs every item unsplit; the kernel shapes forced, 0: the plan's splits.
+SHORT_GRID = {(256, 160, 128): (["2x2", "2x3", "2x4", "4x2", "4x3"], [0]),
+              (256, 256, 128): (["2x2", "2x3", "2x4", "4x2", "4x3"], [0]),
+              (512, 128, 128): (["2x2", "2x3", "4x2", "4x3"], [0]),
+              (128, 512, 128): (["2x2", "2x3", "4x2", "4x3"], [0])}
+
 
 def decode_splits(grid=None):
     """Decode attention under forced split counts (PAGEDRT_DECODE_SPLITS; 0: the
@@ -422,6 +429,11 @@ def decode_splits(grid=None):
 def decode_sweep():
     """decode_splits over SWEEP_GRID."""
     return decode_splits(SWEEP_GRID)
+
+
+def decode_short():
+    """decode_splits over SHORT_GRID (short contexts at serving batch sizes)."""
+    return decode_splits(SHORT_GRID)
 
 
 def d64_sweep():
@@ -1105,7 +1117,7 @@ def main():
     part, out = sys.argv[1], sys.argv[2]
     fn = {"ceilings": ceilings, "attention": attention, "attention_sweep": attention_sweep, "gemv": gemv,
           "attention_fp8": attention_fp8, "attention_probe": attention_probe,
-          "decode_splits": decode_splits, "decode_sweep": decode_sweep, "d64_sweep": d64_sweep, "sampling": sampling,
+          "decode_splits": decode_splits, "decode_sweep": decode_sweep, "decode_short": decode_short, "d64_sweep": d64_sweep, "sampling": sampling,
           "gemm": gemm, "gemm_odd": gemm_odd, "gemm_invariant": gemm_invariant, "gemm_fp8": gemm_fp8,
           "fp8_decode_chain": fp8_decode_chain,
           "prefill": prefill}.get(part)

@@ -16,7 +16,10 @@ Runs the throughput workload of bench_cuda.py at a smaller scale (64 requests of
 512 in / 32 out: prefill-heavy steps, then batch-64 decode), batch-256 decode
 (256 requests of 16 in / 64 out), batch-1 decode,
 one 8,000-token prompt (issue 16's time to first token) and a long mix (256
-requests of 1,024 in / 128 out: issue 17's and 21's long workload, shorter) under torch.profiler, whose CUPTI tracing records every kernel of the process
+requests of 1,024 in / 128 out: issue 17's and 21's long workload, shorter) and
+batch-256 decode at issue 17's 128 in (its prompts cached by the unprofiled run,
+so that only their last block is prefilled; tools/peer_profile.py profiles the
+torch.compile peer at that shape) under torch.profiler, whose CUPTI tracing records every kernel of the process
 (pagedrt's own and cuBLASLt's, not only torch's). Prints a table per phase:
 kernel, calls, total ms, share, and where the wall time goes (host time before
 the first GPU event and after the last, GPU-idle gaps); writes the same to
@@ -101,6 +104,10 @@ def main():
         ("batch-256 decode (16 in, 64 out)", [rng.integers(0, 128000, size=16).tolist() for _ in range(256)], 64),
         ("batch-1 prefill of 8,000 tokens (TTFT)", [rng.integers(0, 128000, size=8000).tolist()], 1),
         ("256 x (1,024 in / 128 out)", [rng.integers(0, 128000, size=1024).tolist() for _ in range(256)], 128),
+        # issue 17's batch TPOT shape (bench_cuda.py batch_tpot at 256), beside peer_profile.py's table:
+        # its prompts are cached by the unprofiled run, so the table is the decode steps'
+        ("batch-256 decode (128 in cached, 64 out)", [rng.integers(0, 128000, size=128).tolist() for _ in range(256)],
+         64),
     ]
     if len(sys.argv) > 4:
         phases = [phases[int(i)] for i in sys.argv[4].split(",")]
@@ -109,13 +116,15 @@ def main():
     for title, prompts, n in phases:
         # The same shapes once unprofiled first, so that plans and buffers are made
         # (fresh tokens: no cached prefix).
-        rt.generate([rng.integers(0, 128000, size=len(p)).tolist() for p in prompts], max_tokens=n, **greedy)
+        cached = "cached" in title
+        rt.generate(prompts if cached else [rng.integers(0, 128000, size=len(p)).tolist() for p in prompts],
+                    max_tokens=n, **greedy)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             t0 = time.perf_counter()
             with record_function("generate"):
                 rt.generate(prompts, max_tokens=n, **greedy)
             wall_ms = (time.perf_counter() - t0) * 1e3
-        table, total = kernel_table(prof)
+        table, total = kernel_table(prof, top=int(os.environ.get("PROFILE_TOP", 14)))
         show(title, table, total, wall_ms)
         result[title] = {"wall_ms": wall_ms, "gpu_busy_ms": total,
                          "kernels": [{"name": k, "calls": c, "ms": ms} for k, c, ms in table],
