@@ -269,3 +269,27 @@ def test_draft_model_errors(smol, tiny_llama, tmp_path):
         pagedrt.Runtime(smol, device="cpu", progress=False, deterministic=True, draft_model=other)
     with pytest.raises(FileNotFoundError, match="not a model folder"):
         pagedrt.Runtime(smol, device="cpu", progress=False, deterministic=True, draft_model=tmp_path)
+
+
+def test_spec_bound_replays_the_engines_rule(rt, prompts):
+    """tools/spec_bound.py replays an answer under the engine's proposal rule
+    (without its pauses and adaptive draft length, so it may only take fewer
+    steps): the engine's decode steps with speculative="ngram" are at least
+    the replay's and within a tenth of them on copying prompts (a replay
+    that proposed otherwise than engine/ngram.cpp would part from it), and
+    the oracle never takes more steps than the engine's rule."""
+    from spec_bound import PROPOSERS, tokens_per_step
+    for kind in ("rewrite", "extract"):
+        for ids in prompts[kind]:
+            rid = rt.submit(ids, by_id=True, max_tokens=48, temperature=0.0, speculative="ngram",
+                            num_speculative_tokens=8)
+            answer, steps, done = [], -1, False  # decode steps: the token events after the prompt's
+            while not done:
+                for ev in rt.poll(rid, timeout=1.0):
+                    steps += bool(ev.token_ids)
+                    answer += ev.token_ids
+                    done |= ev.request_finished
+            replay, _ = tokens_per_step(list(ids), answer, 8, **PROPOSERS["engine"])
+            oracle, _ = tokens_per_step(list(ids), answer, 8, **PROPOSERS["oracle"])
+            assert replay - 1 <= steps <= 1.1 * (replay - 1) + 1, (kind, steps, replay)
+            assert oracle <= replay < len(answer), (kind, oracle, replay, len(answer))

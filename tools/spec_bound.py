@@ -67,8 +67,10 @@ PROPOSERS = {
 
 
 def tokens_per_step(prompt, answer, k, **rule):
-    """(steps, verify steps) to produce `answer` after `prompt` with `rule`."""
-    i = steps = verifies = 0
+    """(steps, verify steps) to produce `answer` after `prompt` with `rule`; the
+    first step is the prompt's (its token proposes nothing)."""
+    i = steps = int(len(answer) > 0)
+    verifies = 0
     while i < len(answer):
         cands = candidates(prompt + answer[:i], k, **rule)
         best = 0
