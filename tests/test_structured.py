@@ -317,6 +317,12 @@ def test_chat_set_takes_structured_fields(tmp_path):
     assert p.json_schema is None and _set_param(p, "choice yes, no").choice == ["yes", "no"]
     with pytest.raises(pagedrt.InvalidArgument, match="regex"):
         _set_param(p, "regex [0-9")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"type": "object"')
+    with pytest.raises(pagedrt.InvalidArgument, match=f"^json_schema from {bad}: Expecting ','"):
+        _set_param(p, f"json_schema {bad}")  # the file named, the message once
+    with pytest.raises(pagedrt.InvalidArgument, match="neither a file nor an inline JSON object"):
+        _set_param(p, f"json_schema {tmp_path / 'missing.json'}")
 
 
 def test_parallel_masks_equal_sequential(smol):

@@ -187,7 +187,13 @@ def _set_param(params, arg: str):
         parsed = None
     elif name in ("json_schema", "grammar"):  # a file, or the text itself
         path = pathlib.Path(value).expanduser()
-        parsed = path.read_text().strip() if path.is_file() else value
+        source = f"{name} from {path}" if path.exists() and not path.is_dir() else name
+        if source == name and name == "json_schema" and not value.lstrip().startswith("{"):
+            raise InvalidArgument(f"json_schema: {value!r} is neither a file nor an inline JSON object")
+        try:
+            parsed = path.read_text().strip() if source != name else value
+        except OSError as e:
+            raise InvalidArgument(f"{source}: {e.strerror or e}") from None
     elif name == "choice":
         parsed = [c.strip() for c in value.split(",") if c.strip()]
     elif isinstance(current, bool):
@@ -199,11 +205,17 @@ def _set_param(params, arg: str):
     else:
         parsed = value
     new = params.replace(**{name: parsed})
-    new._to_core()  # checks the value, naming the field
     from .structured import constraint_of, grammar_of
-    constraint = constraint_of(new)  # one constraint at most; it must compile
-    if constraint is not None:
-        grammar_of(*constraint)
+    try:
+        new._to_core()  # checks the value, naming the field
+        constraint = constraint_of(new)  # one constraint at most; it must compile
+        if constraint is not None:
+            grammar_of(*constraint)
+    except InvalidArgument as e:
+        if name in ("json_schema", "grammar") and source != name:  # say which file it came from
+            message = str(e)
+            raise InvalidArgument(f"{source}: {message.removeprefix(name + ': ')}") from None
+        raise
     return new
 
 
