@@ -3,7 +3,7 @@
 #
 #   bash tools/gpu_check.sh [STAGE ...]      (from the repo root; default: all stages)
 #
-# Stages: env build wheels optests ncu fp8kv fp8gemm fp8e2e diag make8b make8bfp8 make8btok smol tests e2e bench attn prefill gemm serve servecpu structured steptrace structab masks spec harness kvpool tp det profile cpuscale fp8q lcpp xeon abbuild ab
+# Stages: env build wheels optests ncu fp8kv fp8gemm fp8e2e diag make8b make8bfp8 make8btok smol tests e2e bench attn prefill gemm serve servecpu structured steptrace structab masks spec harness kvpool tp det b256 profile cpuscale fp8q lcpp xeon abbuild ab
 #   env      nvidia-smi, versions
 #   build    pip install --no-build-isolation --no-deps . with PAGEDRT_CUDA=ON
 #   wheels   only the wheels carried in .whl/ (a later call of a warm machine, built already)
@@ -72,6 +72,10 @@
 #            (TTFT, batch-1 TPOT, 256 x 512/128), and on the 8B shape batch-1 TPOT and 256 x 512/128
 #            with deterministic off, on, and on with PAGEDRT_DET_GEMM=cublaslt ($DET_GEMM_N="16 256" adds
 #            runs of the latter with the pinned algorithms picked at those n) -> $OUT/det_*.json
+#   b256     issue 17 on the 8B shape (after make8b): bench_cuda.py batch_tpot, cuda_profile.py's batch-256 phase
+#            (prompts cached: the decode steps' kernels), then the torch.compile peer (.devcarry_c/torch_compile_llama.py)
+#            under tools/peer_profile.py at batch 256 and its TPOT at $B256_PEER_BATCHES ("256 64 16 1": ~40-60 s of
+#            compile each) -> $OUT/b256_*.json
 #   profile  tools/cuda_profile.py: GPU time per kernel (batch-1 decode; 64 x 512/32); $PROFILE: runs of
 #            "NAME PHASES OPTIONS" separated by ";" (e.g. "fp8 0 quantization=fp8,PAGEDRT_CUDA_PDL=0")
 #            -> $OUT/profile_NAME.json
@@ -444,6 +448,25 @@ if has det; then
        "$OUT/det_tpot_8b.json" "$LLAMA8B" "" $DET "" deterministic=true 2>&1 | grep TPOT)
     (cd /tmp && timeout $(( $(left) - 10 > 30 ? $(left) - 10 : 30 )) $PY "$OLDPWD/tools/bench_cuda.py" throughput \
        "$OUT/det_throughput_8b.json" "$LLAMA8B" "" $DET 2>&1 | grep "tok/s")
+  fi
+fi
+
+if has b256 && [ -f "$LLAMA8B/config.json" ]; then
+  stage b256
+  # issue 17's batch TPOT table and its batch-256 step kernel by kernel, pagedrt and the torch.compile peer
+  # (.devcarry_c/torch_compile_llama.py, copied from ../shared/peers) in one call
+  PEER=$(ls .devcarry_c/torch_compile_llama.py 2>/dev/null)
+  (cd /tmp && timeout 150 $PY "$OLDPWD/tools/bench_cuda.py" batch_tpot "$OUT/b256_batch_tpot.json" "$LLAMA8B" "" 2>&1 \
+     | grep TPOT)
+  (cd /tmp && PROFILE_TOP=30 timeout 120 $PY "$OLDPWD/tools/cuda_profile.py" "$OUT/b256_profile.json" "$LLAMA8B" auto 5 \
+     2>&1 | grep -v "it/s\]")
+  if [ -n "$PEER" ]; then
+    (cd /tmp && timeout 150 $PY "$OLDPWD/tools/peer_profile.py" "$OUT/b256_peer_profile.json" "$OLDPWD/$PEER" 256 128 64 \
+       2>&1 | grep -v Warn)
+    (cd /tmp && PEER_RUNS=2 timeout $(( $(left) - 10 > 30 ? $(left) - 10 : 30 )) $PY "$OLDPWD/$PEER" ${B256_PEER_BATCHES:-256 64 16 1} \
+       2>&1 | tee "$OUT/b256_peer_tpot.jsonl" | grep tpot)
+  else
+    echo "no .devcarry_c/torch_compile_llama.py carried: the peer is not run"
   fi
 fi
 
