@@ -115,7 +115,8 @@ def main():
     result["options"] = {**env, **extra}
     for title, prompts, n in phases:
         # The same shapes once unprofiled first, so that plans and buffers are made
-        # (fresh tokens: no cached prefix).
+        # (fresh tokens: no cached prefix; a "cached" phase runs its own prompts
+        # first, so that the profiled run finds them in the prefix cache).
         cached = "cached" in title
         rt.generate(prompts if cached else [rng.integers(0, 128000, size=len(p)).tolist() for p in prompts],
                     max_tokens=n, **greedy)

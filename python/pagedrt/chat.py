@@ -180,6 +180,7 @@ def _set_param(params, arg: str):
     if not name or not value:
         raise InvalidArgument("usage: /set PARAM VALUE")
     current = getattr(params, name, None)
+    source = name  # where the value came from: "json_schema from FILE" when read from a file
     if name not in params.__dataclass_fields__:
         raise InvalidArgument(f"unknown sampling parameter {name!r}")
     if value.lower() in ("none", "off") and name in ("seed", "logprobs", "stop", "json_schema", "regex", "choice",
@@ -212,7 +213,7 @@ def _set_param(params, arg: str):
         if constraint is not None:
             grammar_of(*constraint)
     except InvalidArgument as e:
-        if name in ("json_schema", "grammar") and source != name:  # say which file it came from
+        if source != name:  # say which file it came from
             message = str(e)
             raise InvalidArgument(f"{source}: {message.removeprefix(name + ': ')}") from None
         raise
