@@ -45,8 +45,9 @@
 #   steptrace bench_structured.py on SmolLM2 (needs smol) with PAGEDRT_STEP_TRACE (and PAGEDRT_GATE_TIMING=1),
 #            then tools/step_trace.py: the host's intervals of each JSON step -> $OUT/step_trace.{txt,json}
 #   structab bench_structured.py on SmolLM2 (needs smol): the default against PAGEDRT_MASK_SPIN_US=0 (the
-#            mask pool sleeps between fills) and PAGEDRT_MASK_SLICES=default (llguidance's own trie slices),
-#            3 rounds each, alternating twice
+#            mask pool sleeps between fills), PAGEDRT_MASK_ORDER=index (rows in the engine's order, not
+#            slowest first) and PAGEDRT_MASK_SLICES=default (llguidance's own trie slices), 3 rounds each,
+#            alternating twice
 #   masks    tools/bench_masks.py on SmolLM2 (needs smol): llguidance's mask cost per row, serial (its trie slices
 #            and the engine's) and
 #            on its executor with 1..16 threads, on replayed JSON answers (the host's cores)
@@ -359,10 +360,10 @@ fi
 
 if has structab && [ -d "$WORK/smolpkg" ]; then
   stage structab
-  # issue 19's A/Bs on SmolLM2: the default against a mask pool that sleeps between fills and against
-  # the library's own trie slices, each 3 rounds, alternating twice
+  # issue 19's A/Bs on SmolLM2: the default against a mask pool that sleeps between fills, that takes
+  # the rows in the engine's order, and against the library's own trie slices, each 3 rounds, alternating twice
   for pass in 1 2; do
-    for e in "PAGEDRT_AB=default" "PAGEDRT_MASK_SPIN_US=0" "PAGEDRT_MASK_SLICES=default"; do
+    for e in "PAGEDRT_AB=default" "PAGEDRT_MASK_SPIN_US=0" "PAGEDRT_MASK_ORDER=index" "PAGEDRT_MASK_SLICES=default"; do
       echo "--- $e (pass $pass)"
       (cd /tmp && PYTHONPATH="$WORK/smolpkg${PYTHONPATH:+:$PYTHONPATH}" env "$e" timeout 90 \
          $PY "$OLDPWD/tools/bench_structured.py" --device cuda --rounds 3 --max-tokens 128 \

@@ -3,10 +3,12 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <list>
 #include <map>
 #include <mutex>
+#include <numeric>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -117,6 +119,7 @@ struct LlguidanceMasks::Impl {
     llg::Matcher* matcher = nullptr;
     std::vector<int32_t> taken;  // the tokens the matcher has taken (a refused one too: it broke on it)
     int64_t verified = 0;        // the first `verified` of them are the sequence's (not proposals)
+    std::atomic<double> last_seconds{0.0};  // its last row's time: a fill on the pool starts the slowest first
   };
   // A constrained request: its compiled constraint and its sequences' matchers.
   // Freed by its last holder: a fill may hold it when the request is released.
@@ -136,6 +139,7 @@ struct LlguidanceMasks::Impl {
     std::unique_lock<std::mutex> lock;
     llg::Matcher* matcher = nullptr;  // null: the request was released (or never added)
     bool at_row = true;               // false: it stopped before a proposal the constraint refuses
+    std::atomic<double>* seconds = nullptr;  // where the row's time goes (Sequence::last_seconds)
   };
 
   std::vector<std::string> tokens;  // each id's bytes (empty with a tokenizer.json)
@@ -146,6 +150,11 @@ struct LlguidanceMasks::Impl {
   int threads = 0;
   std::unique_ptr<RankThreads> pool;  // threads - 1 of them (the asking thread is the first)
   std::mutex pool_mu;                 // one fill or validate on the pool at a time
+  // A fill on the pool takes its rows slowest first, by each sequence's last
+  // row (PAGEDRT_MASK_ORDER=index: in the engine's order). A fill lasts about
+  // its longest row plus the rows its thread ran before it; the slow rows are
+  // a bounded string's last characters, several steps in a row.
+  bool order_by_cost = true;
 
   std::mutex mu;  // guards `requests` and the cache
   std::unordered_map<std::string, std::shared_ptr<Constrained>> requests;
@@ -228,6 +237,7 @@ struct LlguidanceMasks::Impl {
     }
     catch_up(*s, row);
     held.matcher = s->matcher;
+    held.seconds = &s->last_seconds;
     held.at_row = static_cast<int64_t>(s->taken.size()) >= row.num_generated;
     return held;
   }
@@ -258,6 +268,15 @@ struct LlguidanceMasks::Impl {
       if (ok > 0 && api.matcher_consume_tokens(s.matcher, p, static_cast<size_t>(ok)) == 0)
         s.taken.insert(s.taken.end(), tokens + from, tokens + from + ok);
     }
+  }
+
+  // The last row's time of each row's sequence (0 for one not seen yet).
+  double last_seconds(const MaskRow& row) {
+    const std::shared_ptr<Constrained> r = find(row.request_id);
+    if (!r) return 0.0;
+    std::lock_guard<std::mutex> lock(r->mu);
+    const auto it = r->seqs.find(row.index);
+    return it == r->seqs.end() ? 0.0 : it->second.last_seconds.load(std::memory_order_relaxed);
   }
 
   // job(i) for every i < n, on the pool where there is one and n is worth it.
@@ -330,6 +349,8 @@ LlguidanceMasks::LlguidanceMasks(const std::string& library, const LlguidanceTok
   std::memcpy(im.init.bytes + sizeof(void*) + sizeof(uint32_t), &quiet, sizeof(quiet));
   im.threads = std::max(0, threads);
   if (im.threads > 1) im.pool = std::make_unique<RankThreads>(im.threads, spin_seconds);
+  if (const char* e = std::getenv("PAGEDRT_MASK_ORDER"); e != nullptr && std::strcmp(e, "index") == 0)
+    im.order_by_cost = false;
 }
 
 LlguidanceMasks::~LlguidanceMasks() = default;
@@ -363,7 +384,15 @@ void LlguidanceMasks::fill(std::vector<MaskRow>& rows, int64_t vocab) {
   const double start = now_s();
   const size_t words = static_cast<size_t>((vocab + 31) / 32);
   std::vector<std::pair<double, double>> when(rows.size());  // (start, end) of each row, from `start`
-  im.for_rows(rows.size(), 2, [&](size_t i) {
+  std::vector<size_t> order(rows.size());  // the rows as the pool takes them
+  std::iota(order.begin(), order.end(), size_t{0});
+  if (im.pool && im.order_by_cost && rows.size() > static_cast<size_t>(im.threads)) {
+    std::vector<double> last(rows.size());
+    for (size_t i = 0; i < rows.size(); ++i) last[i] = im.last_seconds(rows[i]);
+    std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return last[a] > last[b]; });
+  }
+  im.for_rows(rows.size(), 2, [&](size_t j) {
+    const size_t i = order[j];
     const double t0 = now_s();
     struct Timed {  // the row's (start, end), whichever return below ends it
       std::pair<double, double>& w;
@@ -372,6 +401,13 @@ void LlguidanceMasks::fill(std::vector<MaskRow>& rows, int64_t vocab) {
     } timed{when[i], start, t0};
     MaskRow& row = rows[i];
     const Impl::Held held = im.matcher(row);
+    struct Kept {  // the row's time for the next fill's order; made after `held`, so gone before it
+      std::atomic<double>* seconds;
+      double t0;
+      ~Kept() {
+        if (seconds != nullptr) seconds->store(now_s() - t0, std::memory_order_relaxed);
+      }
+    } kept{held.seconds, t0};
     llg::Matcher* m = held.matcher;
     if (m == nullptr) return;  // released (the request is ending): the mask stays empty
     const auto broken = [&] {   // the mask stays empty, and the sequence's error says why
