@@ -437,10 +437,11 @@ void LlguidanceMasks::fill(std::vector<MaskRow>& rows, int64_t vocab) {
   });
   double sum = 0.0, longest = 0.0, first_rows = 0.0;
   const size_t first = std::min(when.size(), static_cast<size_t>(std::max(1, im.threads)));
-  for (size_t i = 0; i < when.size(); ++i) {
+  for (size_t j = 0; j < when.size(); ++j) {
+    const size_t i = order[j];  // the first rows are the first the pool took
     sum += when[i].second - when[i].first;
     longest = std::max(longest, when[i].second - when[i].first);
-    if (i < first) first_rows = std::max(first_rows, when[i].first);
+    if (j < first) first_rows = std::max(first_rows, when[i].first);
   }
   std::lock_guard<std::mutex> lock(im.counters_mu);
   im.counters.fill_seconds += now_s() - start;
