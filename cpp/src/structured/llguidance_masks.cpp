@@ -139,7 +139,7 @@ struct LlguidanceMasks::Impl {
     std::unique_lock<std::mutex> lock;
     llg::Matcher* matcher = nullptr;  // null: the request was released (or never added)
     bool at_row = true;               // false: it stopped before a proposal the constraint refuses
-    std::atomic<double>* seconds = nullptr;  // where the row's time goes (Sequence::last_seconds)
+    Sequence* sequence = nullptr;     // its sequence (kept alive by `request`)
   };
 
   std::vector<std::string> tokens;  // each id's bytes (empty with a tokenizer.json)
@@ -222,14 +222,9 @@ struct LlguidanceMasks::Impl {
   // makes the row unreachable, and would break the matcher).
   Held matcher(const MaskRow& row) {
     Held held;
-    held.request = find(row.request_id);
-    if (!held.request) return held;
+    Sequence* s = sequence(row, held.request);
+    if (s == nullptr) return held;
     Constrained& r = *held.request;
-    Sequence* s = nullptr;
-    {
-      std::lock_guard<std::mutex> lock(r.mu);
-      s = &r.seqs[row.index];
-    }
     held.lock = std::unique_lock<std::mutex>(s->mu);
     if (s->matcher == nullptr) {
       std::lock_guard<std::mutex> c(r.compiled->mu);
@@ -237,7 +232,7 @@ struct LlguidanceMasks::Impl {
     }
     catch_up(*s, row);
     held.matcher = s->matcher;
-    held.seconds = &s->last_seconds;
+    held.sequence = s;
     held.at_row = static_cast<int64_t>(s->taken.size()) >= row.num_generated;
     return held;
   }
@@ -270,13 +265,20 @@ struct LlguidanceMasks::Impl {
     }
   }
 
-  // The last row's time of each row's sequence (0 for one not seen yet).
+  // The row's sequence, made on first use, and its request in `request`
+  // (which keeps it alive); null for a request released (or never added).
+  Sequence* sequence(const MaskRow& row, std::shared_ptr<Constrained>& request) {
+    request = find(row.request_id);
+    if (!request) return nullptr;
+    std::lock_guard<std::mutex> lock(request->mu);
+    return &request->seqs[row.index];
+  }
+
+  // The last row's time of the row's sequence (0 for one not seen yet).
   double last_seconds(const MaskRow& row) {
-    const std::shared_ptr<Constrained> r = find(row.request_id);
-    if (!r) return 0.0;
-    std::lock_guard<std::mutex> lock(r->mu);
-    const auto it = r->seqs.find(row.index);
-    return it == r->seqs.end() ? 0.0 : it->second.last_seconds.load(std::memory_order_relaxed);
+    std::shared_ptr<Constrained> request;
+    const Sequence* s = sequence(row, request);
+    return s == nullptr ? 0.0 : s->last_seconds.load(std::memory_order_relaxed);
   }
 
   // job(i) for every i < n, on the pool where there is one and n is worth it.
@@ -407,7 +409,7 @@ void LlguidanceMasks::fill(std::vector<MaskRow>& rows, int64_t vocab) {
       ~Kept() {
         if (seconds != nullptr) seconds->store(now_s() - t0, std::memory_order_relaxed);
       }
-    } kept{held.seconds, t0};
+    } kept{held.sequence != nullptr ? &held.sequence->last_seconds : nullptr, t0};
     llg::Matcher* m = held.matcher;
     if (m == nullptr) return;  // released (the request is ending): the mask stays empty
     const auto broken = [&] {   // the mask stays empty, and the sequence's error says why
