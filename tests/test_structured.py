@@ -325,21 +325,20 @@ def test_chat_set_takes_structured_fields(tmp_path):
         _set_param(p, f"json_schema {tmp_path / 'missing.json'}")
 
 
-def test_mask_pool_spins_only_on_the_gpu(monkeypatch):
-    """mask_spin_us: the GPU's pool watches 500 us for the next fill, the CPU's
-    (cores lent by the forward) never; PAGEDRT_MASK_SPIN_US overrides both and
-    a bad value names the variable."""
+def test_mask_pool_spins_only_when_asked(monkeypatch):
+    """mask_spin_us: the pool sleeps between fills unless PAGEDRT_MASK_SPIN_US
+    says how long to watch, and a bad value names the variable."""
     from pagedrt.structured import mask_spin_us
     monkeypatch.delenv("PAGEDRT_MASK_SPIN_US", raising=False)
-    assert mask_spin_us("cuda") == 500.0 and mask_spin_us("cpu") == 0.0
+    assert mask_spin_us() == 0.0
     monkeypatch.setenv("PAGEDRT_MASK_SPIN_US", "0")
-    assert mask_spin_us("cuda") == 0.0
+    assert mask_spin_us() == 0.0
     monkeypatch.setenv("PAGEDRT_MASK_SPIN_US", "1500")
-    assert mask_spin_us("cpu") == 1500.0
+    assert mask_spin_us() == 1500.0
     for bad in ("-1", "soon", "2e6"):
         monkeypatch.setenv("PAGEDRT_MASK_SPIN_US", bad)
         with pytest.raises(pagedrt.InvalidArgument, match="PAGEDRT_MASK_SPIN_US"):
-            mask_spin_us("cuda")
+            mask_spin_us()
 
 
 def test_parallel_masks_equal_sequential(smol):

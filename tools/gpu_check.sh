@@ -3,7 +3,7 @@
 #
 #   bash tools/gpu_check.sh [STAGE ...]      (from the repo root; default: all stages)
 #
-# Stages: env build wheels optests ncu fp8kv fp8gemm fp8e2e diag make8b make8bfp8 make8btok smol tests e2e bench attn prefill gemm serve servecpu structured steptrace structab masks spec harness kvpool tp det b256 profile cpuscale fp8q lcpp xeon abbuild ab
+# Stages: env build wheels optests ncu fp8kv fp8gemm fp8e2e diag make8b make8bfp8 make8btok smol tests e2e bench attn prefill gemm serve servecpu structured steptrace graphlog structold structab masks spec harness kvpool tp det b256 profile cpuscale fp8q lcpp xeon abbuild ab
 #   env      nvidia-smi, versions
 #   build    pip install --no-build-isolation --no-deps . with PAGEDRT_CUDA=ON
 #   wheels   only the wheels carried in .whl/ (a later call of a warm machine, built already)
@@ -44,10 +44,16 @@
 #            ($LLAMA8B_TOK, made here; needs smol): JSON-schema against plain TPOT, mask time
 #   steptrace bench_structured.py on SmolLM2 (needs smol) with PAGEDRT_STEP_TRACE (and PAGEDRT_GATE_TIMING=1),
 #            then tools/step_trace.py: the host's intervals of each JSON step -> $OUT/step_trace.{txt,json}
-#   structab bench_structured.py on SmolLM2 (needs smol): the default against PAGEDRT_MASK_SPIN_US=0 (the
-#            mask pool sleeps between fills), PAGEDRT_MASK_ORDER=index (rows in the engine's order, not
-#            slowest first) and PAGEDRT_MASK_SLICES=default (llguidance's own trie slices), 3 rounds each,
-#            alternating twice
+#   structab bench_structured.py on SmolLM2 (needs smol): the default against PAGEDRT_GRAPH_RECORD_WINDOW=0 (a
+#            step shape recorded whenever it comes a second time) and PAGEDRT_CHAINED_FILLS=0 (a step's fill
+#            queued on the helper only after the engine settled the one ahead), 3 rounds each, alternating
+#            $STRUCTAB_PASSES (3) times; $STRUCTAB_ENVS replaces the list (e.g. PAGEDRT_MASK_SPIN_US=500, PAGEDRT_MASK_ORDER=index:
+#            rows in the engine's order; PAGEDRT_MASK_SLICES=default: llguidance's own trie slices)
+#   graphlog bench_structured.py on SmolLM2 (needs smol), 3 rounds, with PAGEDRT_GRAPH_LOG=1 and the step trace:
+#            each step shape run directly, recorded or run again -> $OUT/graph_log.txt, graphlog_trace.txt
+#            ($GRAPHLOG_ENV: a VAR=value for the run, e.g. PAGEDRT_GRAPH_RECORD_WINDOW=0)
+#   structold bench_structured.py on SmolLM2 (needs smol, abbuild): the build of $OLD_TGZ against this one,
+#            3 rounds each, alternating $STRUCTAB_PASSES (3) times -> $OUT/structold_{old,new}_PASS.json
 #   masks    tools/bench_masks.py on SmolLM2 (needs smol): llguidance's mask cost per row, serial (its trie slices
 #            and the engine's) and
 #            on its executor with 1..16 threads, on replayed JSON answers (the host's cores)
@@ -358,12 +364,24 @@ if has steptrace && [ -d "$WORK/smolpkg" ]; then
   [ -f "$OUT/step_trace.txt" ] && $PY tools/step_trace.py "$OUT/step_trace.txt" --json "$OUT/step_trace.json"
 fi
 
+if has graphlog && [ -d "$WORK/smolpkg" ]; then
+  stage graphlog
+  # which step shapes run directly, are recorded or replayed in SmolLM2's plain and JSON rounds
+  # (PAGEDRT_GRAPH_LOG=1 with the step trace; $GRAPHLOG_ENV: e.g. PAGEDRT_GRAPH_RECORD_WINDOW=0, the old policy)
+  (cd /tmp && PYTHONPATH="$WORK/smolpkg${PYTHONPATH:+:$PYTHONPATH}" PAGEDRT_GRAPH_LOG=1 \
+     PAGEDRT_STEP_TRACE="$OUT/graphlog_trace.txt" env ${GRAPHLOG_ENV:-PAGEDRT_AB=default} timeout 90 \
+     $PY "$OLDPWD/tools/bench_structured.py" --device cuda --rounds 3 --max-tokens 128 2> "$OUT/graph_log.txt" \
+     | grep -E "^round|median")
+  grep -c "pagedrt graph" "$OUT/graph_log.txt"
+  grep "pagedrt graph" "$OUT/graph_log.txt" | awk '{print $5}' | sort | uniq -c
+fi
+
 if has structab && [ -d "$WORK/smolpkg" ]; then
   stage structab
-  # issue 19's A/Bs on SmolLM2: the default against a mask pool that sleeps between fills, that takes
-  # the rows in the engine's order, and against the library's own trie slices, each 3 rounds, alternating twice
-  for pass in 1 2; do
-    for e in "PAGEDRT_AB=default" "PAGEDRT_MASK_SPIN_US=0" "PAGEDRT_MASK_ORDER=index" "PAGEDRT_MASK_SLICES=default"; do
+  # issue 19's A/Bs on SmolLM2: the default against shapes recorded whenever they come again and fills
+  # settled before the next is queued, each 3 rounds, alternating
+  for pass in $(seq 1 ${STRUCTAB_PASSES:-3}); do
+    for e in ${STRUCTAB_ENVS:-PAGEDRT_AB=default PAGEDRT_GRAPH_RECORD_WINDOW=0 PAGEDRT_CHAINED_FILLS=0}; do
       echo "--- $e (pass $pass)"
       (cd /tmp && PYTHONPATH="$WORK/smolpkg${PYTHONPATH:+:$PYTHONPATH}" env "$e" timeout 90 \
          $PY "$OLDPWD/tools/bench_structured.py" --device cuda --rounds 3 --max-tokens 128 \
@@ -535,7 +553,7 @@ if has xeon && [ -d "$WORK/smolpkg" ]; then
   done
 fi
 
-if (has abbuild || has ab) && [ ! -d "$WORK/old_site/pagedrt" ]; then
+if (has abbuild || has ab || has structold) && [ ! -d "$WORK/old_site/pagedrt" ]; then
   stage abbuild
   OLD_TGZ=${OLD_TGZ:-$(ls .devcarry_a/old.tgz "$STASH/old.tgz" 2>/dev/null | head -1)}
   if [ -n "$OLD_TGZ" ]; then
@@ -544,6 +562,21 @@ if (has abbuild || has ab) && [ ! -d "$WORK/old_site/pagedrt" ]; then
        --no-build-isolation --no-deps --target "$WORK/old_site" . 2>&1 | tail -5)
     ls "$WORK/old_site/pagedrt"
   fi
+fi
+
+if has structold && [ -d "$WORK/smolpkg" ] && [ -d "$WORK/old_site/pagedrt" ]; then
+  stage structold
+  # issue 19 before/after on one machine: bench_structured.py on SmolLM2 with the build of $OLD_TGZ
+  # (abbuild) and this one, alternating $STRUCTAB_PASSES (3) times
+  for pass in $(seq 1 ${STRUCTAB_PASSES:-3}); do
+    for side in old new; do
+      echo "--- $side (pass $pass)"
+      site=""; [ $side = old ] && site="$WORK/old_site:"
+      (cd /tmp && PYTHONPATH="$site$WORK/smolpkg${PYTHONPATH:+:$PYTHONPATH}" timeout 90 \
+         $PY "$OLDPWD/tools/bench_structured.py" --device cuda --rounds 3 --max-tokens 128 \
+         --json "$OUT/structold_${side}_$pass.json" 2>&1 | grep -E "^round|a fill|median")
+    done
+  done
 fi
 
 if has ab && [ -f "$LLAMA8B/config.json" ] && [ -d "$WORK/old_site/pagedrt" ]; then

@@ -403,7 +403,7 @@ class Runtime:
                 threads = mask_threads(self.model_info.device, self._num_threads)
                 self._structured = Constraints(self.model_path, self.model_info.vocab_size, eos,
                                                threads=threads, tokenizer=self.tokenizer,
-                                               spin_us=mask_spin_us(self.model_info.device))
+                                               spin_us=mask_spin_us())
                 self._structured.install(self._rt)
             return self._structured
 

@@ -119,14 +119,14 @@ def mask_threads(device: str, forward_threads: int = 0) -> Optional[int]:
     return 0 if cores < 8 else cores // 8
 
 
-def mask_spin_us(device: str) -> float:
+def mask_spin_us() -> float:
     """How long the mask pool's threads watch for the next fill before they
-    sleep (Constraints' `spin_us`): PAGEDRT_MASK_SPIN_US when set (0: never).
-    On the GPU 500 us, which covers the gap between fills at a small model's
-    ~1 ms steps, where the fill is on the step's critical path and a wake-up
-    of 12 sleeping threads took ~40 us (H100 host); longer gaps sleep after
-    it. On the CPU 0: the pool's cores are lent by the forward, which wants
-    them back at once."""
+    sleep (Constraints' `spin_us`): PAGEDRT_MASK_SPIN_US when set, else 0
+    (never). Spinning 500 us on an H100's host, where a fill comes every ~1 ms
+    step of a small model, gained nothing measurable against sleeping (SmolLM2's
+    JSON / plain TPOT within the rounds' noise, 5 pairs on two machines, 4 of
+    them no worse at 0); on the CPU the pool's cores are lent by the forward,
+    which wants them back at once."""
     value = os.environ.get("PAGEDRT_MASK_SPIN_US")
     if value:
         try:
@@ -136,7 +136,7 @@ def mask_spin_us(device: str) -> float:
         if not 0.0 <= spin <= 1e6:
             raise InvalidArgument(f"PAGEDRT_MASK_SPIN_US={value!r}: microseconds from 0 to 1,000,000")
         return spin
-    return 500.0 if device == "cuda" else 0.0
+    return 0.0
 
 
 class Constraints:

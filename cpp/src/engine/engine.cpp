@@ -56,6 +56,7 @@ Engine::Engine(std::shared_ptr<Backend> backend, std::unique_ptr<LlamaModel> mod
   }
   async_ = config.async_scheduling && !drafter_;  // a draft model's forward runs between steps
   if (const char* v = std::getenv("PAGEDRT_CHECKED_PICKS")) checked_picks_ = std::string(v) != "0";
+  if (const char* v = std::getenv("PAGEDRT_CHAINED_FILLS")) chain_fills_ = std::string(v) != "0";
   if (const char* v = std::getenv("PAGEDRT_PIPELINED_MASKS")) pipeline_masks_ = std::string(v) != "0";
   if (const char* v = std::getenv("PAGEDRT_GATED_MASKS")) gate_masks_ = std::string(v) != "0";
   if (config.scheduler.swap_slots > 0) runner_.enable_swap(config.scheduler.swap_slots);
@@ -232,6 +233,7 @@ struct Engine::PendingMasks {
     }
   } ahead;
   HelperThread* filling = nullptr;  // the engine's, while it runs this step's fill
+  uint64_t ticket = 0;              // the fill's job on it
   // fill_ahead with a gate: its id (0: none); the fill copies `words` into
   // the backend's gate buffer before it opens it.
   uint64_t gate = 0;
@@ -243,7 +245,7 @@ struct Engine::PendingMasks {
   ~PendingMasks() {  // a step that threw before wait(): the helper writes into `words`
     if (!filling) return;
     try {
-      filling->wait();
+      filling->wait(ticket);
     } catch (...) {
     }
   }
@@ -271,7 +273,7 @@ struct Engine::PendingMasks {
     if (!filling) return;
     HelperThread* helper = std::exchange(filling, nullptr);
     try {
-      helper->wait();
+      helper->wait(ticket);
     } catch (const std::exception& e) {
       end = now_s();
       masks.error = e.what();
@@ -337,9 +339,13 @@ void Engine::on_helper(PendingMasks& pm, int lend, std::function<void()> job) {
     ModelRunner& runner;
     ~GiveBack() { runner.lend_threads(0); }
   };
-  runner_.lend_threads(std::max(0, lend));
+  lend = std::max(0, lend);
+  runner_.lend_threads(lend);
   try {
-    mask_helper_.start([this, job = std::move(job)] {
+    // Lent again as the job starts: a job queued behind another (chained
+    // fills) runs after that one's GiveBack.
+    pm.ticket = mask_helper_.start([this, lend, job = std::move(job)] {
+      runner_.lend_threads(lend);
       GiveBack give_back{runner_};
       job();
     });
@@ -731,9 +737,15 @@ void Engine::step() {
   }
   const double launch_end = now_s();
   trace("launched", id);
-  if (ahead) {  // the helper thread is free once the launched step's own fill is done
-    settle_launch();
+  if (ahead) {
+    // Chained (gated steps): this step's fill is queued on the helper thread
+    // behind the launched step's, which may still run; the helper goes from
+    // that fill's gate to collecting its step's results and filling this
+    // step's at once, not after the engine thread has woken and settled.
+    const bool chained = chain_fills_ && masks_later && gate_masks_;
+    if (!chained) settle_launch();
     fill_ahead(pm, masks_later && gate_masks_);
+    settle_launch();
   }
   if (pipelined) {  // counted done now; read after the step ahead of it is processed
     stats_.count_launch(launch_end - forward_start);

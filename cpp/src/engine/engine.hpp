@@ -183,6 +183,11 @@ class Engine final : private OutputSink {
   // queue_gated_masks), so that the next step is launched without waiting
   // for the masks; PAGEDRT_GATED_MASKS=0 waits for them first (A/B runs).
   bool gate_masks_ = true;
+  // A gated step's fill queued on the helper thread behind the launched
+  // step's (HelperThread runs them in order), so that the helper collects
+  // the launched step's results as soon as its gate is open;
+  // PAGEDRT_CHAINED_FILLS=0 settles the launched step's fill first (A/B runs).
+  bool chain_fills_ = true;
   uint64_t last_gate_ = 0;  // the last gate id given to a fill
   void finish_beams(Request& r, std::vector<Event> finals) override;
   // Ends every live sequence of a request (abort, error, shutdown).

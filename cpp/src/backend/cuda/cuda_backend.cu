@@ -118,6 +118,14 @@ CudaBackend::CudaBackend(ScalarType activation_dtype, int device_index, bool det
   fp8_weights_ = act_ == ScalarType::BF16 && (prop.major > 8 || (prop.major == 8 && prop.minor >= 9));
   graphs_enabled_ = env_on("PAGEDRT_CUDA_GRAPHS");
   if (const char* g = std::getenv("PAGEDRT_GRAPH_LOG")) graph_log_ = std::string(g) == "1";
+  if (const char* w = std::getenv("PAGEDRT_GRAPH_RECORD_WINDOW")) {
+    char* end = nullptr;
+    const long long v = std::strtoll(w, &end, 10);
+    if (end == w || *end != '\0' || v < 0)
+      throw Error(ErrorKind::InvalidArgument,
+                  std::string("PAGEDRT_GRAPH_RECORD_WINDOW='") + w + "': a number of steps, 0 or more");
+    record_window_ = static_cast<uint64_t>(v);
+  }
   // Padded decode steps whether or not they are recorded: graphs on and off
   // then run the same GEMM shapes and stay bitwise alike.
   set_decode_padding(true);

@@ -297,7 +297,11 @@ class CudaBackend final : public Backend {
   std::map<std::pair<int, int>, int> decode_slots_;  // (head dim, fp8 x 100 + warps x 10 + stages) -> blocks the GPU holds
   int64_t decode_slots(int64_t head_dim, DecodeConfig config);
   std::map<GraphKey, cudaGraphExec_t> graphs_;
-  std::set<GraphKey> seen_once_;  // keys run once, not yet recorded
+  // Keys run directly, not yet recorded, and the step (step_) each was last
+  // seen at: a key seen again within record_window_ steps is recorded
+  // (PAGEDRT_GRAPH_RECORD_WINDOW; 0: whenever it comes again).
+  std::map<GraphKey, uint64_t> seen_at_;
+  uint64_t record_window_ = 32;
 
   // weight upload: two pinned chunks, two device chunks (for conversions)
   uint8_t* load_host_[2] = {nullptr, nullptr};

@@ -421,7 +421,11 @@ uint32_t* CudaBackend::mask_gate(size_t words) {
     CUDA_CHECK(cudaHostGetDevicePointer(&gate_flag_dev_, flag, 0));
     CUDA_CHECK(cudaEventCreateWithFlags(&gate_copied_, cudaEventDisableTiming));
   }
-  if (words > gate_cap_) {  // the last gated copy must be done with the old buffers (it waits for its gate)
+  if (words > gate_cap_) {
+    // The last gated copy must be done with the old buffers (it waits for its
+    // gate). With chained fills the step ahead's fill may still be running
+    // and write the old host buffer before it opens that gate: the copy, and
+    // so this wait, come after that write.
     CUDA_CHECK(cudaEventSynchronize(gate_copied_));
     if (gate_host_) CUDA_CHECK(cudaFreeHost(gate_host_));
     if (gate_dev_) CUDA_CHECK(cudaFree(gate_dev_));

@@ -337,20 +337,30 @@ void CudaBackend::run_step(uint64_t key, const std::function<void()>& body) {
   auto it = graphs_.find(k);
   if (it == graphs_.end()) {
     // A step shape seen for the first time runs directly: recording and
-    // instantiating ~300 kernels takes ~10 ms of host time with the GPU idle,
-    // more than a one-off step saves (the tail of a batched run, where the
-    // batch shrinks through sizes that each last one step). The second time
-    // it is recorded.
+    // instantiating ~300 kernels takes ~7-10 ms of host time with the GPU
+    // idle, more than a one-off step saves (the tail of a batched run, where
+    // the batch shrinks through sizes that each last one step). It is
+    // recorded when it comes again within record_window_ steps: a shape that
+    // recurs only now and then (a batch's first steps, once per batch of
+    // requests) keeps running directly (~1-2 ms of launches) rather than
+    // being recorded once for nothing.
+    auto seen = seen_at_.find(k);
+    const bool record =
+        seen != seen_at_.end() && (record_window_ == 0 || step_ - seen->second <= record_window_);
     if (graph_log_) {
-      std::fprintf(stderr, "pagedrt graph: %s key %016llx batch %p plan %p partials %p items %d splits/shape %d chunk %d "
-                           "seqs %d tiles %d (%zu recorded)\n", seen_once_.count(k) ? "record" : "first",
-                   static_cast<unsigned long long>(key), std::get<1>(k), std::get<2>(k), std::get<3>(k),
-                   std::get<4>(k), std::get<5>(k), std::get<6>(k), std::get<7>(k), std::get<8>(k), graphs_.size());
+      std::fprintf(stderr, "pagedrt graph: step %llu %s key %016llx batch %p plan %p partials %p items %d "
+                           "splits/shape %d chunk %d seqs %d tiles %d (%zu recorded)\n",
+                   static_cast<unsigned long long>(step_),
+                   record ? "record" : seen == seen_at_.end() ? "first" : "again", static_cast<unsigned long long>(key),
+                   std::get<1>(k), std::get<2>(k), std::get<3>(k), std::get<4>(k), std::get<5>(k), std::get<6>(k),
+                   std::get<7>(k), std::get<8>(k), graphs_.size());
     }
-    if (seen_once_.insert(k).second) {
-      if (seen_once_.size() > 4 * kMaxGraphs) seen_once_.clear();
+    if (!record) {
+      if (seen == seen_at_.end() && seen_at_.size() >= 4 * kMaxGraphs) seen_at_.clear();
+      seen_at_[k] = step_;
       return body();
     }
+    seen_at_.erase(seen);
     if (graphs_.size() >= kMaxGraphs) clear_graphs();
     CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
     try {
