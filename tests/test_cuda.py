@@ -1317,6 +1317,41 @@ def test_a_shrinking_batch_decodes_at_its_buckets(tiny_llama, monkeypatch, capfd
         assert {7, 6, 5, 3} <= sizes, sizes
 
 
+@pytest.mark.parametrize("window", ["4", "0"])
+def test_a_shape_is_recorded_only_when_it_comes_again_soon(tiny_llama, monkeypatch, capfd, window):
+    """PAGEDRT_GRAPH_RECORD_WINDOW (session 34): one decode step of a single
+    sequence, then 13 steps of two sequences, then one step of a single
+    sequence of the same length again. With a window of 4 steps that second
+    sighting runs directly ("again", as PAGEDRT_GRAPH_LOG's lines say), with 0
+    (any earlier sighting counts) it is recorded; the two-sequence steps,
+    which come back at once, are recorded either way. A warm-up of four long
+    prompts first takes the step arrays and the split partials to their
+    largest, so that no later step's key moves with a reallocated buffer."""
+    import re
+    path, _ = tiny_llama(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, dtype="bfloat16")
+    rng = np.random.default_rng(31)
+    warm = [rng.integers(3, 320, size=200).tolist() for _ in range(4)]
+    one = rng.integers(3, 320, size=40).tolist()
+    two = [rng.integers(3, 320, size=40).tolist() for _ in range(2)]
+    monkeypatch.setenv("PAGEDRT_GRAPH_LOG", "1")
+    monkeypatch.setenv("PAGEDRT_GRAPH_RECORD_WINDOW", window)
+    with pagedrt.Runtime(path, device="cuda", kv_cache_bytes=64 << 20, enable_prefix_caching=False) as rt:
+        run_all(rt, warm, max_tokens=3, ignore_eos=True)
+        capfd.readouterr()
+        run_all(rt, [one], max_tokens=2, ignore_eos=True)  # its prefill, then one decode step
+        run_all(rt, two, max_tokens=14, ignore_eos=True)   # 13 decode steps of two
+        run_all(rt, [one], max_tokens=2, ignore_eos=True)  # the one-sequence step again
+    lines = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("pagedrt graph:")]
+    seen = [(int(m.group(1)), m.group(2), int(m.group(3)))
+            for m in (re.search(r"step (\d+) (\w+) key .* seqs (\d+) tiles 0 ", ln) for ln in lines) if m]
+    ones = [(step, kind) for step, kind, seqs in seen if seqs == 1]
+    twos = [kind for _, kind, seqs in seen if seqs == 2]
+    assert len(ones) == 2 and ones[0][1] == "first", lines
+    assert ones[1][0] - ones[0][0] > 4, ones
+    assert ones[1][1] == ("again" if window == "4" else "record"), lines
+    assert twos == ["first", "record"], lines
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_speculative_steps_recorded_are_bitwise_neutral(tiny_llama, monkeypatch, dtype):
     """Speculative verify steps (a sequence's last token and its proposals:
