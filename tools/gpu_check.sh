@@ -50,7 +50,8 @@
 #            $STRUCTAB_PASSES (3) times; $STRUCTAB_ENVS replaces the list (e.g. PAGEDRT_MASK_SPIN_US=500, PAGEDRT_MASK_ORDER=index:
 #            rows in the engine's order; PAGEDRT_MASK_SLICES=default: llguidance's own trie slices)
 #   graphlog bench_structured.py on SmolLM2 (needs smol), 3 rounds, with PAGEDRT_GRAPH_LOG=1 and the step trace:
-#            each step shape run directly, recorded or run again -> $OUT/graph_log.txt, graphlog_trace.txt
+#            each step shape run directly, recorded or run again, each step's host time (the slowest printed)
+#            -> $OUT/graph_log.txt, graphlog_trace.txt
 #            ($GRAPHLOG_ENV: a VAR=value for the run, e.g. PAGEDRT_GRAPH_RECORD_WINDOW=0)
 #   structold bench_structured.py on SmolLM2 (needs smol, abbuild): the build of $OLD_TGZ against this one,
 #            3 rounds each, alternating $STRUCTAB_PASSES (3) times -> $OUT/structold_{old,new}_PASS.json
@@ -374,6 +375,8 @@ if has graphlog && [ -d "$WORK/smolpkg" ]; then
      | grep -E "^round|median")
   grep -c "pagedrt graph" "$OUT/graph_log.txt"
   grep "pagedrt graph" "$OUT/graph_log.txt" | awk '{print $5}' | sort | uniq -c
+  echo "slowest steps on the host (begin_step + run_step):"
+  grep "pagedrt step" "$OUT/graph_log.txt" | awk '{t=$(NF-4)+$(NF-1); print t, $0}' | sort -rn | head -12 | cut -d' ' -f2-
 fi
 
 if has structab && [ -d "$WORK/smolpkg" ]; then

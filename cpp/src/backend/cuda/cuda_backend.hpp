@@ -13,6 +13,7 @@
 #include <cuda_runtime.h>
 
 #include <functional>
+#include <chrono>
 #include <map>
 #include <memory>
 #include <set>
@@ -268,6 +269,8 @@ class CudaBackend final : public Backend {
   size_t partials_bytes_ = 0, tickets_bytes_ = 0;
   bool graphs_enabled_ = true;
   bool graph_log_ = false;  // PAGEDRT_GRAPH_LOG=1: each key run first or recorded, on stderr (diagnostics)
+  // PAGEDRT_GRAPH_LOG=1: when begin_step began (its host time, to run_step's start, goes in run_step's line)
+  std::chrono::steady_clock::time_point begin_start_{};
   // Decode splits of up to kMaxClusterSplits merge inside a thread block
   // cluster (sm_90) instead of a second kernel (PAGEDRT_DECODE_CLUSTERS=0: never).
   bool clusters_ = true;

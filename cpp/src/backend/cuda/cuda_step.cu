@@ -17,6 +17,7 @@ namespace pagedrt::cuda {
 // ---- the step -----------------------------------------------------------------------
 
 void CudaBackend::begin_step(const BatchView& b) {
+  if (graph_log_) begin_start_ = std::chrono::steady_clock::now();
   CUDA_CHECK(cudaSetDevice(device_));
   host_ = b;
   ++step_;
@@ -320,9 +321,30 @@ bool CudaBackend::recordable() const {
 }
 
 void CudaBackend::run_step(uint64_t key, const std::function<void()>& body) {
+  // PAGEDRT_GRAPH_LOG=1: each step's host time, begin_step's and this
+  // function's (its kernels queued directly, recorded and launched, or a
+  // recording replayed), where it was not a replay or took over 0.5 ms.
+  struct Timed {
+    const CudaBackend& b;
+    const char* kind = "replayed";
+    std::chrono::steady_clock::time_point start = std::chrono::steady_clock::now();
+    ~Timed() {
+      if (!b.graph_log_) return;
+      const auto end = std::chrono::steady_clock::now();
+      const double begin_ms = std::chrono::duration<double, std::milli>(start - b.begin_start_).count();
+      const double run_ms = std::chrono::duration<double, std::milli>(end - start).count();
+      if (std::strcmp(kind, "replayed") == 0 && run_ms < 0.5) return;
+      std::fprintf(stderr, "pagedrt step: step %llu %s tokens %d seqs %d tiles %d: begin_step %.3f ms, run %.3f ms\n",
+                   static_cast<unsigned long long>(b.step_), kind, b.host_.num_tokens, b.host_.num_seqs,
+                   b.plan_info_.prefill.num_tiles, begin_ms, run_ms);
+    }
+  } timed{*this};
   // Only once this step's plan exists (made in begin_step from the previous
   // step's head counts) can a recording hold it.
-  if (!recordable() || plan_info_.step != step_) return body();
+  if (!recordable() || plan_info_.step != step_) {
+    timed.kind = !graphs_enabled_ ? "direct (graphs off)" : !recordable() ? "direct (not recordable)" : "direct (no plan yet)";
+    return body();
+  }
   const GraphKey k{key,
                    batch_.device(),
                    plan_.device(),
@@ -358,9 +380,11 @@ void CudaBackend::run_step(uint64_t key, const std::function<void()>& body) {
     if (!record) {
       if (seen == seen_at_.end() && seen_at_.size() >= 4 * kMaxGraphs) seen_at_.clear();
       seen_at_[k] = step_;
+      timed.kind = "direct";
       return body();
     }
     seen_at_.erase(seen);
+    timed.kind = "recorded";
     if (graphs_.size() >= kMaxGraphs) clear_graphs();
     CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
     try {
