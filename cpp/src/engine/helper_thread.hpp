@@ -18,8 +18,8 @@
 #include <exception>
 #include <functional>
 #include <map>
-#include <set>
 #include <mutex>
+#include <set>
 #include <thread>
 
 namespace pagedrt {
