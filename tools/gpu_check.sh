@@ -47,7 +47,7 @@
 #   structab bench_structured.py on SmolLM2 (needs smol): the default against PAGEDRT_GRAPH_RECORD_WINDOW=0 (a
 #            step shape recorded whenever it comes a second time) and PAGEDRT_CHAINED_FILLS=0 (a step's fill
 #            queued on the helper only after the engine settled the one ahead), 3 rounds each, alternating
-#            $STRUCTAB_PASSES (3) times; $STRUCTAB_ENVS replaces the list (e.g. PAGEDRT_MASK_SPIN_US=500, PAGEDRT_MASK_ORDER=index:
+#            $STRUCTAB_PASSES (3) times; $STRUCTAB_ENVS replaces the list (e.g. PAGEDRT_MASK_ORDER=index:
 #            rows in the engine's order; PAGEDRT_MASK_SLICES=default: llguidance's own trie slices)
 #   graphlog bench_structured.py on SmolLM2 (needs smol), 3 rounds, with PAGEDRT_GRAPH_LOG=1 and the step trace:
 #            each step shape run directly, recorded or run again, each step's host time (the slowest printed)
@@ -125,6 +125,13 @@ PY=${PY:-python3}
 STAGES=${*:-env build make8b smol tests bench harness}
 
 left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
+# structab / structold: bench_structured.py on SmolLM2, 3 rounds of 128 tokens -> $OUT/$1.json; $2: a
+# PYTHONPATH entry before the SmolLM2 stand-in ("" for none); $3: one VAR=value for the run
+smol_structured() {
+  (cd /tmp && PYTHONPATH="$2$WORK/smolpkg${PYTHONPATH:+:$PYTHONPATH}" env "$3" timeout 90 \
+     $PY "$OLDPWD/tools/bench_structured.py" --device cuda --rounds 3 --max-tokens 128 \
+     --json "$OUT/$1.json" 2>&1 | grep -E "^round|a fill|median")
+}
 stage() { echo; echo "=== $1 (t=$(( $(date +%s) - START ))s, $(left)s left) ==="; }
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 
@@ -386,9 +393,7 @@ if has structab && [ -d "$WORK/smolpkg" ]; then
   for pass in $(seq 1 ${STRUCTAB_PASSES:-3}); do
     for e in ${STRUCTAB_ENVS:-PAGEDRT_AB=default PAGEDRT_GRAPH_RECORD_WINDOW=0 PAGEDRT_CHAINED_FILLS=0}; do
       echo "--- $e (pass $pass)"
-      (cd /tmp && PYTHONPATH="$WORK/smolpkg${PYTHONPATH:+:$PYTHONPATH}" env "$e" timeout 90 \
-         $PY "$OLDPWD/tools/bench_structured.py" --device cuda --rounds 3 --max-tokens 128 \
-         --json "$OUT/structab_${e%%=*}_$pass.json" 2>&1 | grep -E "^round|a fill|median")
+      smol_structured "structab_${e%%=*}_$pass" "" "$e"
     done
   done
 fi
@@ -575,9 +580,7 @@ if has structold && [ -d "$WORK/smolpkg" ] && [ -d "$WORK/old_site/pagedrt" ]; t
     for side in old new; do
       echo "--- $side (pass $pass)"
       site=""; [ $side = old ] && site="$WORK/old_site:"
-      (cd /tmp && PYTHONPATH="$site$WORK/smolpkg${PYTHONPATH:+:$PYTHONPATH}" timeout 90 \
-         $PY "$OLDPWD/tools/bench_structured.py" --device cuda --rounds 3 --max-tokens 128 \
-         --json "$OUT/structold_${side}_$pass.json" 2>&1 | grep -E "^round|a fill|median")
+      smol_structured "structold_${side}_$pass" "$site" PAGEDRT_AB=$side
     done
   done
 fi

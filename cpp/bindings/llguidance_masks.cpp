@@ -80,7 +80,7 @@ void bind_llguidance_masks(nb::module_& m) {
       .def("__init__",
            [](MasksHandle* self, const std::string& library, int64_t vocab, int32_t eos, nb::list tokens,
               const std::string& tokenizer_json, int threads, nb::object tokenize,
-              std::vector<std::string> slices, double spin_us) {
+              std::vector<std::string> slices) {
              pagedrt::LlguidanceTokenizer tok;
              tok.slices = std::move(slices);
              if (!tokenize.is_none()) tok.tokenize = tokenize_in_python(std::move(tokenize));
@@ -93,16 +93,15 @@ void bind_llguidance_masks(nb::module_& m) {
                tok.tokens.emplace_back(b.c_str(), b.size());
              }
              nb::gil_scoped_release release;
-             new (self) MasksHandle{std::make_shared<LlguidanceMasks>(library, tok, threads, spin_us * 1e-6)};
+             new (self) MasksHandle{std::make_shared<LlguidanceMasks>(library, tok, threads)};
            },
            "library"_a, "vocab"_a, "eos"_a, "tokens"_a, "tokenizer_json"_a = "", "threads"_a = 0,
-           "tokenize"_a = nb::none(), "slices"_a = std::vector<std::string>{}, "spin_us"_a = 0.0,
+           "tokenize"_a = nb::none(), "slices"_a = std::vector<std::string>{},
            "library: llguidance's shared object (the wheel's llguidance/_lib.abi3.so); tokens: each id's "
            "bytes (a special token's: 0xFF and its name), or [] with tokenizer_json; threads: 0 computes "
            "a step's masks one after another, k > 0 on k threads; tokenize: the model's tokenizer, "
            "bytes -> list[int] (LlguidanceTokenizer::tokenize), or None; slices: the token trie's slices "
-           "for llguidance's slicer (regexes; [] for the library's defaults); spin_us: how long the "
-           "threads watch for the next fill before they sleep (0: at once; for cores nothing else needs).")
+           "for llguidance's slicer (regexes; [] for the library's defaults).")
       .def("add",
            [](MasksHandle& h, const std::string& request_id, const std::string& kind, const std::string& data) {
              h.masks->add(request_id, kind, data);

@@ -25,7 +25,7 @@ from .errors import InvalidArgument
 from .models import resolve_model
 from .outputs import Completion, CompletionOutput, Event, TokenLogprob
 from .sampling_params import SamplingParams
-from .structured import Constraints, constraint_of, grammar_of, mask_spin_us, mask_threads
+from .structured import Constraints, constraint_of, grammar_of, mask_threads
 from .tokenizer import Tokenizer
 
 Prompt = Union[str, Sequence[int], Sequence[dict]]
@@ -402,8 +402,7 @@ class Runtime:
                 eos = (self.model_info.eos_token_ids or [0])[0]
                 threads = mask_threads(self.model_info.device, self._num_threads)
                 self._structured = Constraints(self.model_path, self.model_info.vocab_size, eos,
-                                               threads=threads, tokenizer=self.tokenizer,
-                                               spin_us=mask_spin_us())
+                                               threads=threads, tokenizer=self.tokenizer)
                 self._structured.install(self._rt)
             return self._structured
 

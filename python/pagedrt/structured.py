@@ -119,34 +119,13 @@ def mask_threads(device: str, forward_threads: int = 0) -> Optional[int]:
     return 0 if cores < 8 else cores // 8
 
 
-def mask_spin_us() -> float:
-    """How long the mask pool's threads watch for the next fill before they
-    sleep (Constraints' `spin_us`): PAGEDRT_MASK_SPIN_US when set, else 0
-    (never). Spinning 500 us on an H100's host, where a fill comes every ~1 ms
-    step of a small model, gained nothing measurable against sleeping (SmolLM2's
-    JSON / plain TPOT within the rounds' noise, 5 pairs on two machines, 4 of
-    them no worse at 0); on the CPU the pool's cores are lent by the forward,
-    which wants them back at once."""
-    value = os.environ.get("PAGEDRT_MASK_SPIN_US")
-    if value:
-        try:
-            spin = float(value)
-        except ValueError:
-            spin = -1.0
-        if not 0.0 <= spin <= 1e6:
-            raise InvalidArgument(f"PAGEDRT_MASK_SPIN_US={value!r}: microseconds from 0 to 1,000,000")
-        return spin
-    return 0.0
-
-
 class Constraints:
     """The llguidance matchers of one Runtime's constrained requests, held in
     C++ (pagedrt/llguidance_masks.hpp: the engine asks them for masks and
     checks without Python). fill/validate/release are also callable from
     Python, for a provider that wraps them (tests)."""
 
-    def __init__(self, model_dir, vocab: int, eos_token: int, threads: Optional[int] = 0, tokenizer=None,
-                 spin_us: float = 0.0):
+    def __init__(self, model_dir, vocab: int, eos_token: int, threads: Optional[int] = 0, tokenizer=None):
         import llguidance
         from . import _core
         path = model_dir / "tokenizer.json"
@@ -161,7 +140,6 @@ class Constraints:
         self.words = (vocab + 31) // 32
         # threads (mask_threads): 0 computes a step's masks one after another on
         # the engine's helper thread; k > 0 on k threads, None on 80% of the cores.
-        # spin_us (mask_spin_us): how long those threads watch for the next fill.
         if threads is None:
             threads = max(1, (os.cpu_count() or 1) * 4 // 5)
         #: the host threads a fill keeps busy (a CPU forward leaves them that many cores meanwhile).
@@ -170,8 +148,7 @@ class Constraints:
         # this one: the same token trie, whatever the tokenizer's kind.
         self.masks = _core.LlguidanceMasks(llguidance._lib.__file__, vocab, eos_token,
                                            token_bytes(self.tokenizer, vocab), threads=threads,
-                                           tokenize=self.tokenizer.tokenize_bytes, slices=trie_slices(),
-                                           spin_us=spin_us)
+                                           tokenize=self.tokenizer.tokenize_bytes, slices=trie_slices())
 
     def install(self, runtime_core, threads: int = -1, checked: bool = True) -> None:
         """Gives `runtime_core` (a _core.Runtime) these masks. threads: the cores

@@ -56,14 +56,9 @@ class LlguidanceMasks final : public TokenMaskProvider {
  public:
   // threads: 0 computes a step's masks one after another on the thread that
   // asks; k > 0 on k threads (the asking one and k - 1 of this object's).
-  // spin_seconds > 0: the k - 1 threads watch for the next step's masks that
-  // long after each fill before they sleep (no wake-up when the next comes
-  // within it: for a pool on cores nothing else needs, as a GPU's host's;
-  // never where the threads share cores with other work).
   // Error (Unsupported) when the library cannot be loaded, (InvalidArgument)
   // when the tokenizer is refused.
-  LlguidanceMasks(const std::string& library, const LlguidanceTokenizer& tokenizer, int threads,
-                  double spin_seconds = 0.0);
+  LlguidanceMasks(const std::string& library, const LlguidanceTokenizer& tokenizer, int threads);
   ~LlguidanceMasks() override;
   LlguidanceMasks(const LlguidanceMasks&) = delete;
   LlguidanceMasks& operator=(const LlguidanceMasks&) = delete;

@@ -297,8 +297,7 @@ struct LlguidanceMasks::Impl {
   }
 };
 
-LlguidanceMasks::LlguidanceMasks(const std::string& library, const LlguidanceTokenizer& tok, int threads,
-                                 double spin_seconds)
+LlguidanceMasks::LlguidanceMasks(const std::string& library, const LlguidanceTokenizer& tok, int threads)
     : impl_(std::make_unique<Impl>(library)) {
   Impl& im = *impl_;
   if (tok.vocab <= 0 || tok.vocab > (int64_t{1} << 30))
@@ -350,7 +349,7 @@ LlguidanceMasks::LlguidanceMasks(const std::string& library, const LlguidanceTok
   const uint32_t quiet = 0;
   std::memcpy(im.init.bytes + sizeof(void*) + sizeof(uint32_t), &quiet, sizeof(quiet));
   im.threads = std::max(0, threads);
-  if (im.threads > 1) im.pool = std::make_unique<RankThreads>(im.threads, spin_seconds);
+  if (im.threads > 1) im.pool = std::make_unique<RankThreads>(im.threads);
   if (const char* e = std::getenv("PAGEDRT_MASK_ORDER"); e != nullptr && std::strcmp(e, "index") == 0)
     im.order_by_cost = false;
 }
