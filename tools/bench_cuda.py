@@ -865,34 +865,42 @@ def batch_tpot(model, settings, batches=(1, 16, 64, 128, 256), sampled=False):
 
 
 def new_shapes(model, settings):
-    """What a step of a token count never seen before costs: batch-1 prefill
-    of 32 prompts of 1,000 ... 1,031 tokens (each a new GEMM shape), then 32
-    more of the same lengths (shapes known), per setting (runtime_under), one
-    Runtime each; the mean extra ms of a new count (cuBLASLt's heuristic is
-    asked once per new shape: on the H200, 2026-12-02, within noise of 0)."""
+    """What a step of a token count never seen before costs, per setting
+    (runtime_under), one Runtime each: batch-1 prefills of 16 small counts
+    (17 ... 272 tokens, the sizes of a serving run's mixed steps) and 16 large
+    ones (1,000 ... 1,015), each a new GEMM shape, then the same counts again
+    (shapes known); wall ms per request, means. Session 35 (H100, CUDA 13):
+    cuBLASLt's heuristic asked per exact count cost 1-2 ms of host time per
+    new shape, so a new count's step 3-11 ms where known counts take 2 on a
+    SmolLM2-sized model; PAGEDRT_GEMM_BANDS=0 is that rule, the default asks
+    once per band of counts (gemm.hpp)."""
     import pagedrt
 
     r = {}
     params = pagedrt.SamplingParams(max_tokens=1, ignore_eos=True, temperature=0.0)
+    counts = {"small": [17 + 17 * i for i in range(16)], "large": list(range(1000, 1016))}  # 17 ... 272
     for setting in settings:
-        with runtime_under(model, setting, max_num_seqs=8, max_num_batched_tokens=8192,
-                           kv_cache_bytes=4 << 30) as rt:
-            rng = np.random.default_rng(0)
-            rt.generate([rng.integers(0, 128000, size=512).tolist()], params)  # warm-up
-            passes = []
-            for _ in range(2):
-                ms = []
-                for n in range(1000, 1032):
-                    prompt = rng.integers(0, 128000, size=n).tolist()
-                    t0 = time.perf_counter()
-                    rt.generate([prompt], params)
-                    ms.append((time.perf_counter() - t0) * 1e3)
-                passes.append(ms)
         key = setting or "default"
-        r[key] = {"new_ms": statistics.mean(passes[0]), "known_ms": statistics.mean(passes[1])}
-        print(f"{key}: 1,000-1,031-token prefill, mean ms: new token count {r[key]['new_ms']:.2f}, "
-              f"known {r[key]['known_ms']:.2f} (+{r[key]['new_ms'] - r[key]['known_ms']:.2f} a new count)",
-              flush=True)
+        r[key] = {}
+        with runtime_under(model, setting, max_num_seqs=8, max_num_batched_tokens=8192,
+                           kv_cache_bytes=2 << 30) as rt:
+            rng = np.random.default_rng(0)
+            vocab = min(rt.model_info.vocab_size, 32000)
+            rt.generate([rng.integers(3, vocab, size=512).tolist()], params)  # warm-up
+            for name, ns in counts.items():
+                passes = []
+                for _ in range(2):
+                    ms = []
+                    for n in ns:
+                        prompt = rng.integers(3, vocab, size=n).tolist()
+                        t0 = time.perf_counter()
+                        rt.generate([prompt], params)
+                        ms.append((time.perf_counter() - t0) * 1e3)
+                    passes.append(ms)
+                new, known = statistics.mean(passes[0]), statistics.mean(passes[1])
+                r[key][name] = {"counts": ns, "new_ms": new, "known_ms": known, "new_max_ms": max(passes[0])}
+                print(f"{key}: {name} counts {ns[0]}-{ns[-1]}, mean ms a request: new {new:.2f} "
+                      f"(max {max(passes[0]):.2f}), known {known:.2f} (+{new - known:.2f} a new count)", flush=True)
     return r
 
 

@@ -3,7 +3,7 @@
 #
 #   bash tools/gpu_check.sh [STAGE ...]      (from the repo root; default: all stages)
 #
-# Stages: env build wheels optests ncu fp8kv fp8gemm fp8e2e diag make8b make8bfp8 make8btok smol tests e2e bench attn prefill gemm serve servecpu structured steptrace graphlog structold structab masks spec harness kvpool tp det b256 profile cpuscale fp8q lcpp xeon abbuild ab
+# Stages: env build wheels optests ncu fp8kv fp8gemm fp8e2e diag make8b newshapes make8bfp8 make8btok smol tests e2e bench attn prefill gemm serve servecpu structured steptrace graphlog structold structab masks spec harness kvpool tp det b256 profile cpuscale fp8q lcpp xeon abbuild ab
 #   env      nvidia-smi, versions
 #   build    pip install --no-build-isolation --no-deps . with PAGEDRT_CUDA=ON
 #   wheels   only the wheels carried in .whl/ (a later call of a warm machine, built already)
@@ -23,6 +23,9 @@
 #            "chain": bench_cuda.py fp8_decode_chain, a batch-1 step's GEMMs alone against their floor;
 #            "ckpt": batch-1 TPOT of the fp8 checkpoint $LLAMA8B_FP8, codes loaded as they are, after make8bfp8)
 #   make8b   tools/make_random_llama.py -> $LLAMA8B (Llama-3-8B shape, random bf16)
+#   newshapes bench_cuda.py new_shapes: a never-seen token count's step against a known one, cuBLASLt's
+#            heuristic asked per band of counts (default) and per count (PAGEDRT_GEMM_BANDS=0), on SmolLM2's
+#            widths (random, $SMOLRAND, made here) and the 8B shape (after make8b)
 #   make8bfp8 tools/make_fp8_checkpoint.py $LLAMA8B -> $LLAMA8B_FP8 (per-channel e4m3 projections; after make8b)
 #   make8btok the same with SmolLM2's tokenizer -> $LLAMA8B_TOK (from .devcarry_c/smoltok, or after smol)
 #   smol     reassembles the SmolLM2 GGUF from .devcarry_*/smol.part* (or $STASH) into a
@@ -47,8 +50,9 @@
 #   structab bench_structured.py on SmolLM2 (needs smol): the default against PAGEDRT_GRAPH_RECORD_WINDOW=0 (a
 #            step shape recorded whenever it comes a second time) and PAGEDRT_CHAINED_FILLS=0 (a step's fill
 #            queued on the helper only after the engine settled the one ahead), 3 rounds each, alternating
-#            $STRUCTAB_PASSES (3) times; $STRUCTAB_ENVS replaces the list (e.g. PAGEDRT_MASK_ORDER=index:
-#            rows in the engine's order; PAGEDRT_MASK_SLICES=default: llguidance's own trie slices)
+#            $STRUCTAB_PASSES (3) times; $STRUCTAB_ENVS replaces the list, the default run included
+#            (PAGEDRT_AB=default stands for it; e.g. PAGEDRT_MASK_ORDER=index: rows in the engine's order;
+#            PAGEDRT_MASK_SLICES=default: llguidance's own trie slices)
 #   graphlog bench_structured.py on SmolLM2 (needs smol), 3 rounds, with PAGEDRT_GRAPH_LOG=1 and the step trace:
 #            each step shape run directly, recorded or run again, each step's host time (the slowest printed)
 #            -> $OUT/graph_log.txt, graphlog_trace.txt
@@ -109,6 +113,7 @@ mkdir -p "$OUT"
 WORK=${WORK:-/tmp/gpu_check}
 LLAMA8B=${LLAMA8B:-/tmp/llama8b}
 LLAMA8B_TOK=${LLAMA8B_TOK:-/tmp/llama8b_smoltok}
+SMOLRAND=${SMOLRAND:-/tmp/smollm2_random}
 LLAMA8B_FP8=${LLAMA8B_FP8:-/tmp/llama8b_fp8}
 LLAMA70B=${LLAMA70B:-/tmp/llama70b}
 SPEC_K=${SPEC_K:-8}
@@ -197,6 +202,16 @@ fi
 if has make8b; then
   stage make8b
   [ -f "$LLAMA8B/config.json" ] || timeout 200 $PY tools/make_random_llama.py "$LLAMA8B"
+fi
+
+if has newshapes; then
+  stage newshapes
+  [ -f "$SMOLRAND/config.json" ] || timeout 100 $PY tools/make_random_llama.py "$SMOLRAND" --preset smollm2-135m
+  for model in "$SMOLRAND" "$LLAMA8B"; do
+    [ -f "$model/config.json" ] && [ "$(left)" -gt 60 ] || continue
+    (cd /tmp && timeout $(( $(left) - 10 )) $PY "$OLDPWD/tools/bench_cuda.py" new_shapes \
+       "$OUT/new_shapes_$(basename "$model").json" "$model" "" PAGEDRT_GEMM_BANDS=0 | grep -v "^new_shapes {")
+  done
 fi
 
 if has make8bfp8 && [ -f "$LLAMA8B/config.json" ]; then

@@ -5,6 +5,7 @@ on the values): config.json, sharded model-*.safetensors and the index.
     python tools/make_random_llama.py OUT_DIR                 # Llama-3-8B shape
     python tools/make_random_llama.py OUT_DIR --layers 2      # same widths, 2 layers
     python tools/make_random_llama.py OUT_DIR --preset llama3-70b   # Llama-3-70B shape (141 GB)
+    python tools/make_random_llama.py OUT_DIR --preset smollm2-135m # SmolLM2-135M's widths, random
     python tools/make_random_llama.py OUT_DIR --tokenizer-from MODEL_DIR
         # the 8B widths with another model's tokenizer (its files, vocab size and special
         # ids): text prompts, chat templates and structured output on a model of that size
@@ -26,6 +27,10 @@ PRESETS = {
                       rope_theta=500000.0, max_position_embeddings=8192,
                       rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
                                         high_freq_factor=4.0, original_max_position_embeddings=8192)),
+    # SmolLM2-135M's widths (the default model): what host time costs where the GPU's work is small
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                         rope_theta=100000.0, max_position_embeddings=8192, bos_token_id=1, eos_token_id=2),
     # tensor parallelism (docs/tensor_parallel.md): 141 GB of bf16, more than one H200 holds
     "llama3-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
                        num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
@@ -51,7 +56,7 @@ def main() -> None:
     cfg = dict(PRESETS[args.preset])
     if args.layers is not None:
         cfg["num_hidden_layers"] = args.layers
-    special = dict(bos_token_id=128000, eos_token_id=128001)
+    special = dict(bos_token_id=cfg.pop("bos_token_id", 128000), eos_token_id=cfg.pop("eos_token_id", 128001))
     if args.tokenizer_from is not None:
         src = json.loads((args.tokenizer_from / "config.json").read_text())
         cfg["vocab_size"] = src["vocab_size"]

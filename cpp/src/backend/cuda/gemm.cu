@@ -29,6 +29,7 @@ int64_t band_of(int64_t n) {
 Gemm::Gemm(cudaStream_t stream, bool deterministic) : stream_(stream), deterministic_(deterministic) {
   own_gemv_ = !env_is("PAGEDRT_CUDA_GEMV", "0") && !deterministic;
   search_ = env_is("PAGEDRT_GEMM_SEARCH", "1") && !deterministic;
+  bands_ = !env_is("PAGEDRT_GEMM_BANDS", "0");
   invariant_own_ = deterministic && !env_is("PAGEDRT_DET_GEMM", "cublaslt");
   if (const char* v = std::getenv("PAGEDRT_DET_GEMM"); v && std::strcmp(v, "own") != 0 && std::strcmp(v, "cublaslt") != 0)
     std::fprintf(stderr, "pagedrt: PAGEDRT_DET_GEMM=%s is neither 'own' nor 'cublaslt'; using 'own'\n", v);
@@ -86,7 +87,7 @@ void Gemm::run_f8(const void* xq, const float* xs, const void* w, const float* w
   if (own_gemv_ && Gemv::supports_f8(xq, w, n, m, k)) return gemv_.run_f8(xq, xs, w, ws, y, n, m, k, out_f32, stream_);
   Plan& p = plan(n, m, k, out_f32, In::F8, xq, w, y, ws, xs);
   set_scales(p, ws, xs);  // this call's (a recording keeps them by value)
-  CUBLAS_CHECK(matmul(p, p.algo, xq, w, y));
+  launch(p, n, m, k, In::F8, xq, w, y);
 }
 
 bool Gemm::run_f8_quant_x(const void* x, const void* w, const float* ws, void* y, int64_t n, int64_t m, int64_t k,
@@ -181,6 +182,40 @@ cublasLtMatmulAlgo_t Gemm::first_pick(const Plan& p, int64_t n, int64_t m, int64
   return first.algo;
 }
 
+cublasLtMatmulAlgo_t Gemm::band_pick(const Plan& p, int64_t n, int64_t m, int64_t k, bool out_f32, In in,
+                                     const float* a_scale, const float* b_scale) {
+  const int64_t band = band_of(n);
+  auto it = band_pick_.find(PickKey{band, m, k, out_f32, in});
+  if (it == band_pick_.end()) {
+    cublasLtMatmulAlgo_t algo{};
+    if (band == n) {
+      algo = first_pick(p, n, m, k, in);
+    } else {
+      Plan top = make_plan(band, m, k, out_f32, in);
+      try {
+        if (in == In::F8) set_scales(top, a_scale, b_scale);
+        algo = first_pick(top, band, m, k, in);
+      } catch (...) {
+        destroy(top);
+        throw;
+      }
+      destroy(top);
+    }
+    it = band_pick_.emplace(PickKey{band, m, k, out_f32, in}, algo).first;
+  }
+  return it->second;
+}
+
+void Gemm::launch(Plan& p, int64_t n, int64_t m, int64_t k, In in, const void* x, const void* w, void* y) {
+  cublasStatus_t st = matmul(p, p.algo, x, w, y);
+  if (st != CUBLAS_STATUS_SUCCESS && p.from_band) {  // refused before anything ran: this n's own pick
+    p.algo = first_pick(p, n, m, k, in);
+    st = matmul(p, p.algo, x, w, y);
+  }
+  p.from_band = false;
+  CUBLAS_CHECK(st);
+}
+
 // Milliseconds of one run of `algo` (the least of three, L2 flushed before each),
 // or a negative number where cuBLASLt refuses it.
 float Gemm::time_algo(const Plan& p, const cublasLtMatmulAlgo_t& algo, const void* x, const void* w, void* y) {
@@ -248,7 +283,8 @@ Gemm::Plan& Gemm::plan(int64_t n, int64_t m, int64_t k, bool out_f32, In in, con
       } else if (search_ && in == In::BF16) {
         choose(p, x, w, y, n, m, k, out_f32);
       } else {
-        p.algo = first_pick(p, n, m, k, in);
+        p.from_band = bands_ && band_of(n) != n;
+        p.algo = bands_ ? band_pick(p, n, m, k, out_f32, in, a_scale, b_scale) : first_pick(p, n, m, k, in);
         p.final = true;
       }
     } catch (...) {
@@ -341,7 +377,7 @@ void Gemm::pin(int64_t m, int64_t k, bool in_f32) {
 void Gemm::run_cublaslt(const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k, bool out_f32,
                         bool in_f32) {
   Plan& p = plan(n, m, k, out_f32, in_f32 ? In::F32 : In::BF16, x, w, y);
-  CUBLAS_CHECK(matmul(p, p.algo, x, w, y));
+  launch(p, n, m, k, in_f32 ? In::F32 : In::BF16, x, w, y);
 }
 
 }  // namespace pagedrt::cuda

@@ -6,8 +6,16 @@
 // The seam for own kernels: Gemm::run() picks the implementation per shape.
 // n <= 8 rows with k a multiple of 8 go to the own small-M kernel (gemv.hpp,
 // decode); everything else, and the fp32
-// validation mode, to cuBLASLt with its heuristic's first pick, made once per
-// shape and cached.
+// validation mode, to cuBLASLt with its heuristic's first pick, asked once per
+// band of n (n rounded up to a power of two, at least 16: the pick for the
+// band's top n, with m, k, the output and operand types) and used for every n
+// in the band (where cuBLASLt refuses it at some n, that n's own pick: the
+// call's status says so, nothing is launched). Asking per exact n cost 1-2 ms of host time per new
+// shape on an H100 (CUDA 13), 3-11 ms a step of a never-seen token count on
+// a SmolLM2-sized model, where known counts launch in 2 ms: a serving run's
+// mixed steps, whose token counts rarely repeat, paid it again and again
+// (session 35: tools/bench_cuda.py new_shapes).
+// PAGEDRT_GEMM_BANDS=0 asks per exact n (the rule before, for A/B runs).
 //
 // Algorithm search (PAGEDRT_GEMM_SEARCH=1; off by default): the first call of
 // a band of n — n rounded up to a power of two, at least 16, with m, k and the
@@ -57,6 +65,7 @@
 //
 // Environment, read when a Gemm is made (once per backend), for A/B runs:
 //   PAGEDRT_CUDA_GEMV=0    every shape to cuBLASLt
+//   PAGEDRT_GEMM_BANDS=0   cuBLASLt's heuristic asked per exact n, not per band (above)
 //   PAGEDRT_GEMM_SEARCH=1  time cuBLASLt's candidates once per band (above)
 //   PAGEDRT_DET_GEMM=cublaslt  the batch-invariant mode's bf16 GEMMs on pinned cuBLASLt
 //                          algorithms instead of InvariantGemm (another order of sums,
@@ -132,11 +141,13 @@ class Gemm {
     cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
     cublasLtMatmulAlgo_t algo{};
     bool final = false;  // false: the heuristic's pick, made while recording; search when a direct call comes
+    bool from_band = false;  // the band's pick, not yet run at this n: the n's own pick where cuBLASLt refuses it
   };
   enum class In { BF16, F32, F8 };  // the operands' type
   using ShapeKey = std::tuple<int64_t, int64_t, int64_t, bool, In>;  // n, m, k, out_f32, operands
   using BandKey = std::tuple<int64_t, int64_t, int64_t, bool>;         // band of n, m, k, out_f32
   using PinKey = std::tuple<int64_t, int64_t, bool, In>;               // m, k, out_f32, operands
+  using PickKey = std::tuple<int64_t, int64_t, int64_t, bool, In>;     // band of n, m, k, out_f32, operands
 
   void run_cublaslt(const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k, bool out_f32,
                     bool in_f32);
@@ -157,6 +168,12 @@ class Gemm {
   cublasStatus_t matmul(const Plan& p, const cublasLtMatmulAlgo_t& algo, const void* x, const void* w, void* y);
   // The heuristic's first pick for the plan (throws when there is none).
   cublasLtMatmulAlgo_t first_pick(const Plan& p, int64_t n, int64_t m, int64_t k, In in) const;
+  // The heuristic's first pick for n's band (asked at the band's top n once).
+  cublasLtMatmulAlgo_t band_pick(const Plan& p, int64_t n, int64_t m, int64_t k, bool out_f32, In in,
+                                 const float* a_scale, const float* b_scale);
+  // matmul with the plan's algorithm; a band's pick that cuBLASLt refuses at
+  // this n is replaced by the n's own first pick (once) and run again.
+  void launch(Plan& p, int64_t n, int64_t m, int64_t k, In in, const void* x, const void* w, void* y);
   // The batch-invariant mode's algorithm of a weight shape (made on first use; throws where none serves).
   const cublasLtMatmulAlgo_t& pinned(int64_t m, int64_t k, bool out_f32, In in);
   void require_no_fp8(const char* what) const;
@@ -166,6 +183,7 @@ class Gemm {
   cudaStream_t stream_;
   bool own_gemv_ = true;  // false: PAGEDRT_CUDA_GEMV=0
   bool search_ = false;   // true: PAGEDRT_GEMM_SEARCH=1
+  bool bands_ = true;     // false: PAGEDRT_GEMM_BANDS=0
   bool deterministic_ = false;
   bool invariant_own_ = false;  // the batch-invariant mode's bf16 GEMMs: InvariantGemm (PAGEDRT_DET_GEMM=own, the default)
   int64_t pin_n_ = kPinN;  // PAGEDRT_DET_GEMM_N
@@ -178,7 +196,8 @@ class Gemm {
   size_t flush_bytes_ = 0;
   cudaEvent_t ev_[2] = {nullptr, nullptr};
   std::map<ShapeKey, Plan> plans_;
-  std::map<BandKey, cublasLtMatmulAlgo_t> band_algo_;
+  std::map<BandKey, cublasLtMatmulAlgo_t> band_algo_;  // searched (PAGEDRT_GEMM_SEARCH=1)
+  std::map<PickKey, cublasLtMatmulAlgo_t> band_pick_;  // the heuristic's, per band
   std::map<PinKey, cublasLtMatmulAlgo_t> pinned_;
 };
 
