@@ -155,64 +155,49 @@ def test_linear_gemv_switch(ops, monkeypatch):
         assert e <= 1e-5, f"own kernel vs cuBLASLt, n={n} m={m} k={k}: error {e:.3e}"
 
 
-def test_linear_search_bands(monkeypatch):
-    """PAGEDRT_GEMM_SEARCH=1: cuBLASLt's algorithm is searched (timed) at the
-    first call of each band of n (a power of two, at least 16) and reused for
-    the band's later n where cuBLASLt accepts it. Every candidate accumulates in fp32, so a searched
-    backend agrees with the heuristic's first pick to fp32 rounding (split-K
-    orders differ) and with the CPU within bf16 tolerance, for n that open a
-    band (17, 33, 129) and n that reuse one (20, 32, 100, 128)."""
-    monkeypatch.setenv("PAGEDRT_CUDA_GEMV", "0")
-    monkeypatch.setenv("PAGEDRT_GEMM_SEARCH", "0")
-    heuristic = _testing._Ops("cuda")
-    monkeypatch.setenv("PAGEDRT_GEMM_SEARCH", "1")
-    searched = _testing._Ops("cuda")
-    cpu = _testing._Ops("cpu")
-    rng = np.random.default_rng(6)
-    for m, k in [(520, 4096), (1000, 576)]:
-        w = bf(rng.standard_normal((m, k)) * 0.05)
-        for n in (17, 20, 32, 33, 100, 129, 128):
-            x = bf(rng.standard_normal((n, k)))
-            ref = cpu.linear(x, w, "bfloat16", True)
-            got = searched.linear(x, w, "bfloat16", True)
-            e_h = rel_err(got, heuristic.linear(x, w, "bfloat16", True))
-            e_c = rel_err(got, ref)
-            e16 = rel_err(searched.linear(x, w, "bfloat16", False), ref)
-            record(f"linear_search_vs_heuristic[n={n},m={m},k={k}]", e_h)
-            assert e_h <= 1e-5, f"searched vs heuristic, n={n} m={m} k={k}: {e_h:.3e}"
-            assert e_c <= 1e-4, f"searched vs CPU, n={n} m={m} k={k}: {e_c:.3e}"
-            assert e16 <= BF16_TOL, f"searched bf16 out vs CPU, n={n} m={m} k={k}: {e16:.3e}"
+# (variant's setting, the baseline's, seed, weight shapes, n)
+LINEAR_PICKS = {
+    # PAGEDRT_GEMM_SEARCH=1: cuBLASLt's algorithm searched (timed) at the first
+    # call of each band of n and reused for the band's later n where cuBLASLt
+    # accepts it; n that open a band (17, 33, 129) and n that reuse one.
+    "searched_vs_first_pick": (("PAGEDRT_GEMM_SEARCH", "1"), ("PAGEDRT_GEMM_SEARCH", "0"), 6,
+                               [(520, 4096), (1000, 576)], (17, 20, 32, 33, 100, 129, 128)),
+    # The default: the heuristic asked once per band (its pick for the band's
+    # top n) for every n of the band (session 35: asking per exact n cost 1-2
+    # ms of host time per new shape), against PAGEDRT_GEMM_BANDS=0 (per n); n
+    # at a band's top (16, 32, 128) and inside one (17, 20, 100, 129, 1000).
+    "band_vs_exact": (("PAGEDRT_GEMM_BANDS", "1"), ("PAGEDRT_GEMM_BANDS", "0"), 7,
+                      [(1536, 576), (1000, 4096)], (17, 20, 16, 32, 100, 128, 129, 1000)),
+}
 
 
-def test_linear_heuristic_per_band(monkeypatch):
-    """cuBLASLt's heuristic is asked once per band of n (a power of two, at
-    least 16: its pick for the band's top n) and that pick serves every n of
-    the band cuBLASLt accepts it for (session 35: asking per exact n cost 1-2
-    ms of host time per new shape). PAGEDRT_GEMM_BANDS=0 asks per n. Both
-    accumulate in fp32, so they agree to fp32 rounding (split-k orders may
-    differ), and each agrees with the CPU within bf16 tolerance: n at a
-    band's top (16, 32, 128), inside one (17, 20, 100, 129, 1000), fp32 and
-    bf16 output, a SmolLM2 width and an 8B one."""
+@pytest.mark.parametrize("case", sorted(LINEAR_PICKS))
+def test_linear_algorithm_picks_agree(monkeypatch, case):
+    """cuBLASLt algorithms picked two ways (LINEAR_PICKS) for the same GEMMs
+    (n > 8: the own GEMV off). Every candidate accumulates in fp32, so the
+    two agree to fp32 rounding (split-k orders may differ), and the variant
+    agrees with the CPU within bf16 tolerance, fp32 and bf16 output."""
+    (var, on), (base_var, off), seed, shapes, ns = LINEAR_PICKS[case]
     monkeypatch.setenv("PAGEDRT_CUDA_GEMV", "0")
-    monkeypatch.setenv("PAGEDRT_GEMM_BANDS", "0")
-    exact = _testing._Ops("cuda")
-    monkeypatch.delenv("PAGEDRT_GEMM_BANDS")
-    banded = _testing._Ops("cuda")
+    monkeypatch.setenv(base_var, off)
+    base = _testing._Ops("cuda")
+    monkeypatch.setenv(var, on)
+    variant = _testing._Ops("cuda")
     cpu = _testing._Ops("cpu")
-    rng = np.random.default_rng(7)
-    for m, k in [(1536, 576), (1000, 4096)]:
+    rng = np.random.default_rng(seed)
+    for m, k in shapes:
         w = bf(rng.standard_normal((m, k)) * 0.05)
-        for n in (17, 20, 16, 32, 100, 128, 129, 1000):
+        for n in ns:
             x = bf(rng.standard_normal((n, k)))
             ref = cpu.linear(x, w, "bfloat16", True)
-            got = banded.linear(x, w, "bfloat16", True)
-            e_x = rel_err(got, exact.linear(x, w, "bfloat16", True))
+            got = variant.linear(x, w, "bfloat16", True)
+            e_b = rel_err(got, base.linear(x, w, "bfloat16", True))
             e_c = rel_err(got, ref)
-            e16 = rel_err(banded.linear(x, w, "bfloat16", False), ref)
-            record(f"linear_band_vs_exact[n={n},m={m},k={k}]", e_x)
-            assert e_x <= 1e-5, f"band's pick vs n's own, n={n} m={m} k={k}: {e_x:.3e}"
-            assert e_c <= 1e-4, f"band's pick vs CPU, n={n} m={m} k={k}: {e_c:.3e}"
-            assert e16 <= BF16_TOL, f"band's pick, bf16 out vs CPU, n={n} m={m} k={k}: {e16:.3e}"
+            e16 = rel_err(variant.linear(x, w, "bfloat16", False), ref)
+            record(f"linear_{case}[n={n},m={m},k={k}]", e_b)
+            assert e_b <= 1e-5, f"{case}, n={n} m={m} k={k}: {e_b:.3e}"
+            assert e_c <= 1e-4, f"{case}: {var}={on} vs CPU, n={n} m={m} k={k}: {e_c:.3e}"
+            assert e16 <= BF16_TOL, f"{case}: {var}={on}, bf16 out vs CPU, n={n} m={m} k={k}: {e16:.3e}"
 
 
 # 16-byte kernel (inter % 8 == 0; 70,000 rows: more than one grid's 65,535), the scalar one
