@@ -10,11 +10,11 @@
 // band of n (n rounded up to a power of two, at least 16: the pick for the
 // band's top n, with m, k, the output and operand types) and used for every n
 // in the band (where cuBLASLt refuses it at some n, that n's own pick: the
-// call's status says so, nothing is launched). Asking per exact n cost 1-2 ms of host time per new
-// shape on an H100 (CUDA 13), 3-11 ms a step of a never-seen token count on
-// a SmolLM2-sized model, where known counts launch in 2 ms: a serving run's
-// mixed steps, whose token counts rarely repeat, paid it again and again
-// (session 35: tools/bench_cuda.py new_shapes).
+// call's status says so, nothing is launched). Asking per exact n cost 1-2
+// ms of host time per new shape on an H100 (CUDA 13), 3-11 ms a step of a
+// never-seen token count on a SmolLM2-sized model, where known counts launch
+// in 2 ms: a serving run's mixed steps, whose token counts rarely repeat,
+// paid it again and again (session 35: tools/bench_cuda.py new_shapes).
 // PAGEDRT_GEMM_BANDS=0 asks per exact n (the rule before, for A/B runs).
 //
 // Algorithm search (PAGEDRT_GEMM_SEARCH=1; off by default): the first call of
