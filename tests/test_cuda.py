@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import argmax_cases
 import pagedrt
 from conftest import SMOL_PROMPTS, bf, paged_batch, run_all, set_batch
 from pagedrt import _core, _testing
@@ -263,53 +264,22 @@ def test_rope_and_cache(ops, D, H, Hkv):
 
 def test_argmax_rows(ops):
     """The device greedy pick (32 parts per row, then their winners) against
-    numpy's rule: the first index of the largest value, NaN never chosen over a
-    number, an all-NaN row gives 0. Ties sit in different parts of a row."""
+    numpy's rule (argmax_cases.py): the first index of the largest value, NaN
+    never chosen over a number, an all-NaN row gives 0. Ties sit in
+    different parts of a row."""
     _, gpu = ops
-    rng = np.random.default_rng(12)
-    cols = 128256
-    x = rng.standard_normal((6, cols)).astype(np.float32)
-    x[1, [5000, 90000]] = 50.0            # a tie across parts: the first wins
-    x[2, :] = np.nan
-    x[2, 77777] = -3.0                    # one number among NaN
-    x[3, :] = np.nan                      # all NaN
-    x[4, :] = -np.inf
-    x[4, 120000] = -1e30                  # everything else -inf
-    x[5, 100:200] = np.nan                # NaN beside the real maximum
-    x[5, 64000] = 40.0
-    want = [int(np.nanargmax(r)) if not np.isnan(r).all() else 0 for r in x]
+    x, want = argmax_cases.unmasked_rows()
     assert gpu.argmax(x) == want
-    small = rng.standard_normal((3, 37)).astype(np.float32)  # fewer columns than parts
+    small = np.random.default_rng(12).standard_normal((3, 37)).astype(np.float32)  # fewer columns than parts
     assert gpu.argmax(small) == [int(np.argmax(r)) for r in small]
 
 
 def test_argmax_rows_masked(ops):
     """The device pick with allowed-token masks (structured output) against the
-    host sampler's rule: masked-out logits count as -inf, then the first index
-    of the largest value. A vocabulary that is not a multiple of 32, a row
-    without a mask, a mask with one token allowed (not the row's maximum),
-    rows sharing a mask, a mask whose allowed logits are all -inf."""
+    host sampler's rule (argmax_cases.py): masked-out logits count as -inf,
+    then the first index of the largest value."""
     _, gpu = ops
-    rng = np.random.default_rng(13)
-    cols = 49157
-    words = (cols + 31) // 32
-    x = rng.standard_normal((6, cols)).astype(np.float32)
-    masks = rng.integers(0, 2**32, size=(4, words), dtype=np.uint64).astype(np.uint32)
-    masks[1] = 0
-    masks[1, 40000 // 32] = 1 << (40000 % 32)  # only token 40000
-    masks[2] &= 0x0F0F0F0F
-    masks[3] = 0
-    masks[3, 7 // 32] = 1 << 7
-    x[5, 7] = -np.inf                          # its only allowed token is -inf
-    mask_of_row = np.array([0, -1, 1, 2, 2, 3], dtype=np.int32)
-    want = []
-    for r in range(6):
-        row = x[r].copy()
-        if mask_of_row[r] >= 0:
-            bits = np.unpackbits(masks[mask_of_row[r]].view(np.uint8), bitorder="little")[:cols].astype(bool)
-            row[~bits] = -np.inf
-        want.append(int(np.argmax(row)))
-    assert want[2] == 40000 and want[5] == 0  # all -inf: the first index, as on the host
+    x, masks, mask_of_row, want = argmax_cases.masked_rows()
     assert gpu.argmax(x, masks, mask_of_row) == want
     assert gpu.argmax(x) == [int(np.argmax(r)) for r in x]  # no masks: as before
 

@@ -81,6 +81,23 @@ def test_greedy_and_ties():
     assert counts(tie, temperature=0.0)[1] == DRAWS  # ties go to the lowest id
 
 
+def test_cpu_backend_argmax_rows():
+    """The CPU backend's greedy pick (CpuBackend::argmax: backend/argmax.hpp's
+    first_argmax, the Sampler's too) against numpy's rule (argmax_cases.py):
+    ties, NaN beside numbers, all NaN, all -inf but one; a vocabulary that is
+    not a multiple of 16; with allowed-token masks (structured output), rows
+    sharing a mask, one allowed token, allowed tokens all -inf."""
+    import argmax_cases
+    cpu = _testing._Ops("cpu")
+    x, want = argmax_cases.unmasked_rows()
+    assert cpu.argmax(x) == want
+    small = np.random.default_rng(4).standard_normal((3, 37)).astype(np.float32)  # a 5-value tail
+    assert cpu.argmax(small) == [int(np.argmax(r)) for r in small]
+    x, masks, mask_of_row, want = argmax_cases.masked_rows()
+    assert cpu.argmax(x, masks, mask_of_row) == want
+    assert cpu.argmax(x) == [int(np.argmax(r)) for r in x]
+
+
 @pytest.mark.parametrize("case", ["plain", "tie", "nan", "all_nan", "neg_inf", "tail"])
 def test_greedy_long_rows(case):
     """Greedy over a vocabulary-sized row (the vectorized scan and its scalar

@@ -9,37 +9,10 @@
 #include <limits>
 #include <unordered_map>
 
-#if defined(__AVX512F__)
-#include "backend/cpu/simd.hpp"
-#endif
+#include "backend/argmax.hpp"
 
 namespace pagedrt {
 namespace {
-
-// The first index of the largest value; NaN is never chosen over a number
-// (all NaN: 0). Two passes, vectorized: the largest number, then where it
-// first is (a 49,152-logit row: ~10x faster than a compare-and-branch scan).
-int64_t first_argmax(const float* x, int64_t n) {
-  float best = -std::numeric_limits<float>::infinity();
-  int64_t i = 0;
-#if defined(__AVX512F__)
-  __m512 m = _mm512_set1_ps(best);
-  for (; i + 16 <= n; i += 16) m = _mm512_max_ps(_mm512_loadu_ps(x + i), m);  // NaN x: keeps m
-  best = _mm512_reduce_max_ps(m);
-#endif
-  for (; i < n; ++i)
-    if (x[i] > best) best = x[i];
-  i = 0;
-#if defined(__AVX512F__)
-  const __m512 b = _mm512_set1_ps(best);
-  for (; i + 16 <= n; i += 16)
-    if (const __mmask16 eq = _mm512_cmpeq_ps_mask(_mm512_loadu_ps(x + i), b))
-      return i + __builtin_ctz(static_cast<unsigned>(eq));
-#endif
-  for (; i < n; ++i)
-    if (x[i] == best) return i;
-  return 0;  // every value NaN
-}
 
 // splitmix64: the n-th value of the sequence that starts at base
 uint64_t splitmix64(uint64_t base, uint64_t n) {

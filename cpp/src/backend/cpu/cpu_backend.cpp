@@ -6,6 +6,7 @@
 #include <limits>
 #include <type_traits>
 
+#include "backend/argmax.hpp"
 #include "backend/cpu/gemm.hpp"
 #include "backend/cpu/vec_math.hpp"
 #include "pagedrt/error.hpp"
@@ -371,18 +372,9 @@ void CpuBackend::argmax(const Tensor& logits, int64_t rows, int32_t* out, const 
   const float* x = logits.as<float>();
 #pragma omp parallel for num_threads(team()) if (rows > 1 && rows * vocab > (1 << 18))
   for (int64_t r = 0; r < rows; ++r) {
-    const float* row = x + r * vocab;
     const int32_t m = masks.mask_of_row != nullptr ? masks.mask_of_row[r] : -1;
     const uint32_t* allowed = m >= 0 ? masks.words + m * masks.words_per_row : nullptr;
-    constexpr float best_floor = -std::numeric_limits<float>::infinity();
-    float best = best_floor;
-    int64_t at = 0;  // every value NaN: the first, as Sampler::greedy
-    bool found = false;
-    for (int64_t t = 0; t < vocab; ++t) {  // a token the mask does not allow counts as -inf
-      const float v = allowed == nullptr || ((allowed[t >> 5] >> (t & 31)) & 1u) ? row[t] : best_floor;
-      if (v > best || (!found && v == best)) best = v, at = t, found = true;
-    }
-    out[r] = static_cast<int32_t>(at);
+    out[r] = static_cast<int32_t>(first_argmax(x + r * vocab, vocab, allowed));
   }
 }
 
