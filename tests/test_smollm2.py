@@ -4,6 +4,8 @@ same folder for 32 tokens. (test_convert.py checks that the converted tensors
 equal what transformers' own GGUF loader produces.)"""
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -30,12 +32,16 @@ def test_greedy_equals_transformers(smol, hf_model):
 
 
 def hf_greedy(model, ids, n):
-    """transformers' greedy decoding with its KV cache, eos ignored (as ignore_eos=True)."""
+    """transformers' greedy decoding with its KV cache, eos ignored (as ignore_eos=True).
+    The cache goes in and out as `cache` where transformers names it so (5.x;
+    `past_key_values` before, deprecated since)."""
+    new_name = "cache" in inspect.signature(model.forward).parameters
     with torch.no_grad():
         res = model(torch.tensor([ids]), use_cache=True)
         out = [int(res.logits[0, -1].argmax())]
         while len(out) < n:
-            res = model(torch.tensor([[out[-1]]]), past_key_values=res.past_key_values, use_cache=True)
+            past = res.cache if new_name else res.past_key_values
+            res = model(torch.tensor([[out[-1]]]), **{"cache" if new_name else "past_key_values": past}, use_cache=True)
             out.append(int(res.logits[0, -1].argmax()))
     return out
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -170,6 +171,9 @@ def transformers_job(model, _, W, a, meter):
     m = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=dt).eval().to(a.device)
     engine, rows = f"transformers {'bfloat16' if cuda else 'float32'}", []
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    # the KV cache's name: `cache` in transformers 5.x, `past_key_values` before (deprecated since)
+    cache_arg = "cache" if "cache" in inspect.signature(m.forward).parameters else "past_key_values"
+    hf_cache = lambda res: getattr(res, cache_arg)  # noqa: E731
     with torch.inference_mode():
         if "latency" in W:
             (prompt,), (new,) = W["latency"]
@@ -177,12 +181,12 @@ def transformers_job(model, _, W, a, meter):
             for r in range(a.runs + 1):
                 start = time.perf_counter()
                 res = m(torch.tensor([prompt], device=a.device), use_cache=True)
-                past, tok = res.past_key_values, res.logits[0, -1].argmax()
+                past, tok = hf_cache(res), res.logits[0, -1].argmax()
                 sync()
                 first = time.perf_counter()
                 for _ in range(new - 1):
-                    res = m(tok.view(1, 1), past_key_values=past, use_cache=True)
-                    past, tok = res.past_key_values, res.logits[0, -1].argmax()
+                    res = m(tok.view(1, 1), **{cache_arg: past}, use_cache=True)
+                    past, tok = hf_cache(res), res.logits[0, -1].argmax()
                 sync()
                 samples += [(first - start, time.perf_counter() - first)] if r else []
                 log(f"  transformers latency run {r}: decode {(new - 1) / (time.perf_counter() - first):.1f} tok/s")

@@ -11,6 +11,8 @@ GPU's bf16 divergences in docs/results/2026-11-cuda-log.md.
 """
 from __future__ import annotations
 
+import inspect
+
 import sys
 from pathlib import Path
 
@@ -28,10 +30,12 @@ def greedy(model, prompt):
     """(tokens, top-1 - top-2 margin at each step), with the KV cache."""
     ids, margins, past = list(prompt), [], None
     inp = torch.tensor([ids])
+    # the KV cache's name: `cache` in transformers 5.x, `past_key_values` before (deprecated since)
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with torch.no_grad():
         for _ in range(N):
-            out = model(inp, past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = model(inp, **{name: past}, use_cache=True)
+            past = getattr(out, name)
             logits = out.logits[0, -1].float()
             top = torch.topk(logits, 2).values
             margins.append(float(top[0] - top[1]))
