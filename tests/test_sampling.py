@@ -82,7 +82,7 @@ def test_greedy_and_ties():
 
 
 def test_cpu_backend_argmax_rows():
-    """The CPU backend's greedy pick (CpuBackend::argmax: backend/argmax.hpp's
+    """The CPU backend's greedy pick (CpuBackend::argmax: backend/cpu/argmax.hpp's
     first_argmax, the Sampler's too) against numpy's rule (argmax_cases.py):
     ties, NaN beside numbers, all NaN, all -inf but one; a vocabulary that is
     not a multiple of 16; with allowed-token masks (structured output), rows

@@ -6,7 +6,7 @@
 #include <limits>
 #include <type_traits>
 
-#include "backend/argmax.hpp"
+#include "backend/cpu/argmax.hpp"
 #include "backend/cpu/gemm.hpp"
 #include "backend/cpu/vec_math.hpp"
 #include "pagedrt/error.hpp"

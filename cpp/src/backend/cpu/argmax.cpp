@@ -1,4 +1,4 @@
-#include "backend/argmax.hpp"
+#include "backend/cpu/argmax.hpp"
 
 #include <limits>
 
@@ -6,7 +6,7 @@
 #include "backend/cpu/simd.hpp"
 #endif
 
-namespace pagedrt {
+namespace pagedrt::cpu {
 
 namespace {
 
@@ -52,4 +52,4 @@ int64_t first_argmax(const float* x, int64_t n, const uint32_t* allowed) {
   return 0;  // every value NaN
 }
 
-}  // namespace pagedrt
+}  // namespace pagedrt::cpu
