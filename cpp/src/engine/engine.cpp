@@ -745,7 +745,7 @@ void Engine::step() {
     const bool chained = chain_fills_ && masks_later && gate_masks_;
     if (!chained) settle_launch();
     fill_ahead(pm, masks_later && gate_masks_);
-    settle_launch();
+    if (chained) settle_launch();
   }
   if (pipelined) {  // counted done now; read after the step ahead of it is processed
     stats_.count_launch(launch_end - forward_start);

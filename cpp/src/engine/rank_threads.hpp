@@ -1,5 +1,7 @@
-// engine/rank_threads.hpp — a thread for each rank of a tensor-parallel model
-// (model/tp_plan.hpp) but the first, which runs on the engine's own thread.
+// engine/rank_threads.hpp — a team of threads that run one job at once: a
+// thread for each rank of a tensor-parallel model (model/tp_plan.hpp) but the
+// first, which runs on the caller's own thread; or the structured-output mask
+// pool (structured/llguidance_masks.cpp), each thread taking rows.
 //
 // Every rank's forward must run at once: each waits for the others inside
 // the collectives (backend/collectives.hpp).

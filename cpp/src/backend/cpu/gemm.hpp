@@ -93,6 +93,28 @@ enum class GemmOperands {
 void gemm_with(const std::string& variant, GemmOperands operands, const void* x, const void* w, float* y,
                int64_t n, int64_t m, int64_t k, int threads);
 
+// Internal: the CPU GEMMs' work split. Steps of many tokens go in panels of
+// tokens whose x rows (x_row_bytes each) fit in 256 KiB of L2, a multiple of
+// `tile` tokens: each thread runs its share of the tasks (static: the same
+// share for every panel, so no barrier between panels) over one panel, then
+// the next, so that every task reads the panel's x from L2 rather than L3 (at
+// 2,048 tokens SmolLM2's x is 2.4 MB, more than a Zen 4 core's 1 MB of L2);
+// the weights are read once a panel. task(t0, np, i): task i over tokens
+// [t0, t0 + np). A row's sums do not depend on its panel: the same bits.
+// (A template in the per-ISA files' own flags; no library code.)
+constexpr int64_t kPanelBytes = 256 << 10;
+template <typename Task>
+inline void panel_tasks(int64_t n, int64_t x_row_bytes, int64_t tile, int64_t tasks, int threads, bool parallel,
+                        const Task& task) {
+  const int64_t fit = kPanelBytes / x_row_bytes / tile * tile, panel = fit > tile ? fit : tile;  // tokens a panel
+#pragma omp parallel num_threads(threads) if (parallel)
+  for (int64_t t0 = 0; t0 < n; t0 += panel) {
+    const int64_t np = n - t0 < panel ? n - t0 : panel;
+#pragma omp for schedule(static) nowait
+    for (int64_t i = 0; i < tasks; ++i) task(t0, np, i);
+  }
+}
+
 // Internal: a buffer of at least `count` floats owned by the calling thread,
 // valid until its next call; the converting variants put fp32 copies of bf16
 // activations there. (Defined in gemm.cpp: library code such as std::vector

@@ -180,39 +180,24 @@ inline void row_tail(int64_t left, const uint16_t* x, const W* w, float* y, int6
 namespace {
 
 // One task per kR output rows; its weight rows stay in L1 while the token
-// tiles pass over them. Steps of many tokens (prefill) go in panels of
-// tokens whose x rows fit in L2 (kPanelBytes): each thread runs its tasks
-// over one panel, then over the next, so that x is read from L2 by every
-// task rather than from L3 (at 2,048 tokens x is 2.4 MB for k = 576, more
-// than a Zen 4 core's 1 MB of L2), and the weights (the tasks' rows, from
-// L3 or memory) once per panel. A row's sums are the same whatever its panel
-// or tile (micro's chain over k), so the results are the same bits.
-constexpr int64_t kPanelBytes = 256 << 10;
-
+// tiles of a panel pass over them (panel_tasks). fp8 weights (W = uint8_t)
+// are then scaled per row.
 template <typename W>
 void gemm_tasks(const uint16_t* x, const W* w, const float* scale, float* y, int64_t n, int64_t m, int64_t k,
                 int threads) {
-  const int64_t tasks = (m + kR - 1) / kR;
-  const int64_t fit = kPanelBytes / (2 * k) / kT * kT, panel = fit > kT ? fit : kT;  // tokens a panel
   const bool parallel = threads > 1 && m * k * (n > 1 ? n : 1) > (1 << 15);
-#pragma omp parallel num_threads(threads) if (parallel)
-  for (int64_t t0 = 0; t0 < n; t0 += panel) {
-    const int64_t np = n - t0 < panel ? n - t0 : panel;
+  panel_tasks(n, 2 * k, kT, (m + kR - 1) / kR, threads, parallel, [&](int64_t t0, int64_t np, int64_t task) {
     const uint16_t* xp = x + t0 * k;
     float* yp = y + t0 * m;
-    // The same tasks on each thread for every panel (static), so no barrier between panels.
-#pragma omp for schedule(static) nowait
-    for (int64_t task = 0; task < tasks; ++task) {
-      const int64_t r = task * kR, end = r + kR < m ? r + kR : m;
-      if (end - r == kR)
-        rows_block<kR>(xp, w + r * k, yp + r, np, m, k);
-      else
-        row_tail<kR - 1>(end - r, xp, w + r * k, yp + r, np, m, k);
-      if (scale != nullptr)
-        for (int64_t t = 0; t < np; ++t)
-          for (int64_t j = r; j < end; ++j) yp[t * m + j] *= scale[j];
-    }
-  }
+    const int64_t r = task * kR, end = r + kR < m ? r + kR : m;
+    if (end - r == kR)
+      rows_block<kR>(xp, w + r * k, yp + r, np, m, k);
+    else
+      row_tail<kR - 1>(end - r, xp, w + r * k, yp + r, np, m, k);
+    if (scale != nullptr)
+      for (int64_t t = 0; t < np; ++t)
+        for (int64_t j = r; j < end; ++j) yp[t * m + j] *= scale[j];
+  });
 }
 
 }  // namespace

@@ -12,8 +12,8 @@
 
 #include <cuda_runtime.h>
 
-#include <functional>
 #include <chrono>
+#include <functional>
 #include <map>
 #include <memory>
 #include <set>
