@@ -227,12 +227,29 @@ LlamaModel::LlamaModel(const LlamaConfig& config, const std::string& model_dir, 
   loaded(parts);
 }
 
+namespace {
+
+// The rows a workspace grown for `need` rows gets: `need` rounded up to a
+// power of two, at least 16. Growing to the exact count reallocated the
+// activations (cudaFree waits for the device) and made every recorded step
+// shape record again (the workspace's generation is part of its key) at each
+// step longer than any before, a dozen times in a serving run's first
+// minute; by powers of two it grows a few times, to under twice the need.
+int64_t workspace_rows(int64_t need) {
+  int64_t rows = 16;
+  while (rows < need) rows <<= 1;
+  return rows;
+}
+
+}  // namespace
+
 void LlamaModel::ensure_workspace(int64_t tokens, int64_t logit_rows) {
   const ScalarType act = backend_.activation_dtype();
   if (tokens > ws_.tokens) {
     ++ws_.generation;
     const int64_t hidden = cfg_.hidden_size, D = cfg_.head_dim;
     const int64_t H = cfg_.num_heads, Hkv = cfg_.num_kv_heads, inter = cfg_.intermediate_size;
+    tokens = workspace_rows(tokens);
     ws_.tokens = tokens;
     ws_.residual = backend_.empty({tokens, hidden}, ScalarType::F32);
     ws_.normed = backend_.empty({tokens, hidden}, act);
@@ -244,6 +261,7 @@ void LlamaModel::ensure_workspace(int64_t tokens, int64_t logit_rows) {
   }
   if (logit_rows > ws_.logit_rows) {
     ++ws_.generation;
+    logit_rows = workspace_rows(logit_rows);
     ws_.logit_rows = logit_rows;
     ws_.last_res = backend_.empty({logit_rows, cfg_.hidden_size}, ScalarType::F32);
     ws_.last = backend_.empty({logit_rows, cfg_.hidden_size}, act);

@@ -77,7 +77,8 @@ class LlamaModel {
     Tensor gate_up;     // (2 I, hidden)
     Tensor down;        // (hidden, I)
   };
-  // Activations for up to `tokens` tokens; grown on demand, never shrunk.
+  // Activations for up to `tokens` tokens; grown on demand (by powers of
+  // two: workspace_rows in llama.cpp), never shrunk.
   // The residual stream is fp32 on every backend; the rest is the backend's
   // activation_dtype() (fp32 on the CPU, bf16 on CUDA); logits are fp32.
   struct Workspace {
