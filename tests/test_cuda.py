@@ -201,6 +201,30 @@ def test_linear_algorithm_picks_agree(monkeypatch, case):
             assert e16 <= BF16_TOL, f"{case}: {var}={on}, bf16 out vs CPU, n={n} m={m} k={k}: {e16:.3e}"
 
 
+@pytest.mark.parametrize("wdtype", ["bfloat16", "fp8"])
+def test_warm_linear_asks_every_band_at_once(monkeypatch, wdtype):
+    """Backend::warm_linear asks cuBLASLt's heuristic for each band of n up
+    to max_rows at once (16 ... 1,024 for 1,000 rows: 7 bands; 16 ... 128 for
+    100: 4), asking again for none; linears of n in those bands then ask
+    nothing, and give the bits of a backend that asked at the step (the same
+    band, the same pick), which asks once per band it meets (4 + 2)."""
+    monkeypatch.delenv("PAGEDRT_GEMM_BANDS", raising=False)
+    monkeypatch.delenv("PAGEDRT_GEMM_SEARCH", raising=False)
+    warm, cold = _testing._Ops("cuda"), _testing._Ops("cuda")
+    rng = np.random.default_rng(11)
+    w = bf(rng.standard_normal((1536, 576)) * 0.05)
+    assert warm.warm_linear(w, wdtype, 1000, False) == 7
+    assert warm.warm_linear(w, wdtype, 1000, False) == 7  # known bands: nothing asked
+    assert warm.warm_linear(w, wdtype, 100, True) == 11
+    assert cold.gemm_picks_asked() == 0
+    for n, out_f32 in [(9, False), (17, False), (100, False), (1000, False), (1024, False), (9, True), (100, True)]:
+        x = bf(rng.standard_normal((n, 576)))
+        got, want = warm.linear(x, w, wdtype, out_f32), cold.linear(x, w, wdtype, out_f32)
+        assert warm.gemm_picks_asked() == 11, f"n={n}: a warmed band was asked again"
+        np.testing.assert_array_equal(got, want, err_msg=f"n={n} out_f32={out_f32}")
+    assert cold.gemm_picks_asked() == 6  # bf16 out: bands 16, 32, 128, 1,024; fp32 out: 16, 128
+
+
 # 16-byte kernel (inter % 8 == 0; 70,000 rows: more than one grid's 65,535), the scalar one
 @pytest.mark.parametrize("n,inter", [(33, 1000), (33, 1004), (33, 1001), (70000, 8)])
 def test_silu_mul(ops, n, inter):

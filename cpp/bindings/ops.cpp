@@ -140,6 +140,13 @@ class Ops {
     b_->linear(xt, wt, xt.dim(0), out);
     return back(out);
   }
+  // Backend::warm_linear for linear(x, w) of up to max_rows rows; the heuristic's count after.
+  int64_t warm_linear(F32In w, const std::string& wdtype, int64_t max_rows, bool out_f32) {
+    Tensor wt = weight(w, parse_dtype(wdtype));
+    b_->warm_linear(wt, max_rows, out_f32 ? ScalarType::F32 : act());
+    return b_->gemm_picks_asked();
+  }
+  int64_t gemm_picks_asked() const { return b_->gemm_picks_asked(); }
   // linear(rms_norm(x) * norm_w, w) as a forward runs them: both outputs
   // allocated first, so nothing comes between the two ops (with fp8 weights
   // on CUDA the linear takes the codes the norm wrote).
@@ -576,6 +583,8 @@ void register_ops(nb::module_& m) {
       .def("add_rms_norm", &Ops::add_rms_norm, "residual"_a, "x"_a, "weight"_a, "eps"_a)
       .def("add", &Ops::add, "residual"_a, "x"_a)
       .def("linear", &Ops::linear, "x"_a, "weight"_a, "weight_dtype"_a, "out_f32"_a)
+      .def("warm_linear", &Ops::warm_linear, "weight"_a, "weight_dtype"_a, "max_rows"_a, "out_f32"_a)
+      .def("gemm_picks_asked", &Ops::gemm_picks_asked)  // Backend::gemm_picks_asked
       .def("norm_linear", &Ops::norm_linear, "x"_a, "norm_weight"_a, "eps"_a, "weight"_a, "weight_dtype"_a)
       .def("fp8_codes_taken", &Ops::fp8_codes_taken)
       .def("fp8_x_quantized_in_gemv", &Ops::fp8_x_quantized_in_gemv)

@@ -281,6 +281,7 @@ Runtime::Runtime(const RuntimeConfig& config) : impl_(std::make_unique<Impl>()) 
   if (tp == 1) {
     model = std::make_unique<LlamaModel>(cfg, config.model_path, *backend, wdtype, max_len, config.on_load_progress,
                                          fp8_projections(cfg));
+    model->warm_up(config.max_num_batched_tokens, config.max_num_seqs);
   } else {  // every rank loads its shard at once, on a thread of its own
     ranks.peers.resize(static_cast<size_t>(tp - 1));
     std::vector<Backend*> all{backend.get()};
@@ -298,6 +299,7 @@ Runtime::Runtime(const RuntimeConfig& config) : impl_(std::make_unique<Impl>()) 
               cfg, config.model_path, b, wdtype, max_len,
               r == 0 ? config.on_load_progress : std::function<void(int64_t, int64_t)>{}, fp8_projections(cfg),
               TpPlan::make(cfg, r, tp), ranks.comms[static_cast<size_t>(r)].get());
+          models[static_cast<size_t>(r)]->warm_up(config.max_num_batched_tokens, config.max_num_seqs);
         },
         [] {});
     model = std::move(models[0]);
@@ -311,6 +313,7 @@ Runtime::Runtime(const RuntimeConfig& config) : impl_(std::make_unique<Impl>()) 
     draft.max_len = std::min<int64_t>(dcfg.max_position_embeddings, max_len);
     draft.model = std::make_unique<LlamaModel>(dcfg, config.draft_model, *backend, wdtype, draft.max_len,
                                                std::function<void(int64_t, int64_t)>{}, fp8_projections(dcfg));
+    draft.model->warm_up(config.max_num_batched_tokens, config.max_num_seqs);
   }
   // One pool size for both caches: the draft's holds whatever the model's
   // holds. Tensor parallelism: each rank holds its kv heads' share of every

@@ -183,6 +183,12 @@ class Backend {
   // Whether its fp8 GEMMs take a weight of (rows, k) (CUDA: both multiples of
   // 16); an fp8 checkpoint's group that they do not take loads dequantized.
   virtual bool fp8_shape_ok(int64_t rows, int64_t k) const { return true; }
+  // Prepares now what linear() with `weight` and up to `max_rows` rows of
+  // `out_dtype` output will need, so no step waits for it (CUDA: cuBLASLt's
+  // algorithm picks, one per band of rows: Gemm::warm). Nothing on the CPU.
+  virtual void warm_linear(const Tensor& weight, int64_t max_rows, ScalarType out_dtype) {}
+  // How many times cuBLASLt's heuristic was asked for an algorithm (CUDA; tests read it).
+  virtual int64_t gemm_picks_asked() const { return 0; }
   // How many fp8 linears have taken their x's codes from the op before them (a
   // norm, or silu_mul after a cuBLASLt gate/up GEMM) instead of quantizing x
   // (CUDA's fused codes; tests read it).

@@ -243,6 +243,13 @@ int64_t workspace_rows(int64_t need) {
 
 }  // namespace
 
+void LlamaModel::warm_up(int64_t max_tokens, int64_t max_logit_rows) {
+  const ScalarType act = backend_.activation_dtype();
+  for (const Layer& L : layers_)  // alike in every layer (the backend asks once per shape)
+    for (const Tensor* w : {&L.qkv, &L.o, &L.gate_up, &L.down}) backend_.warm_linear(*w, max_tokens, act);
+  backend_.warm_linear(lm_head_, max_logit_rows, ScalarType::F32);
+}
+
 void LlamaModel::ensure_workspace(int64_t tokens, int64_t logit_rows) {
   const ScalarType act = backend_.activation_dtype();
   if (tokens > ws_.tokens) {

@@ -50,6 +50,11 @@ class LlamaModel {
   const TpPlan& plan() const { return plan_; }
   ScalarType weight_dtype() const { return weight_dtype_; }
 
+  // Prepares the backend for steps of up to max_tokens tokens and
+  // max_logit_rows logits rows (Backend::warm_linear for each projection and
+  // the head), so that the first steps of new sizes do not wait for it.
+  void warm_up(int64_t max_tokens, int64_t max_logit_rows);
+
   // Runs one step and writes (batch.num_logits, vocab) fp32 logits to
   // `logits` (host memory); or, with `argmax` (needs backend.has_argmax()),
   // only each row's greedy token to argmax[batch.num_logits] (host memory);

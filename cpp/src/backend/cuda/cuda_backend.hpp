@@ -83,6 +83,8 @@ class CudaBackend final : public Backend {
   // x per token (fp8_rows.hpp) and multiplies e4m3 codes (Gemm::run_f8).
   bool has_fp8_weights() const override { return fp8_weights_; }
   bool fp8_shape_ok(int64_t rows, int64_t k) const override { return rows % 16 == 0 && k % 16 == 0; }
+  void warm_linear(const Tensor& weight, int64_t max_rows, ScalarType out_dtype) override;
+  int64_t gemm_picks_asked() const override;
   int64_t fp8_codes_taken() const override { return fp8_codes_taken_; }
   int64_t fp8_x_quantized_in_gemv() const override { return fp8_gemv_quantized_; }
   std::vector<int64_t> decode_plan(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim) override;

@@ -266,6 +266,15 @@ void CudaBackend::rope_cache_attention(Tensor& qkv, const RopeTable& rope, int64
     fused(attention_params<float>(qkv, k_cache, v_cache, num_heads, num_kv_heads, head_dim, scale, out));
 }
 
+void CudaBackend::warm_linear(const Tensor& weight, int64_t max_rows, ScalarType out_dtype) {
+  if (weight.shape.size() != 2) return;
+  const bool f8 = weight.dtype == ScalarType::F8E4M3;
+  gemm_->warm(weight.dim(0), weight.dim(1), out_dtype == ScalarType::F32, act_ == ScalarType::F32, f8,
+              f8 ? weight.row_scale->as<float>() : nullptr, max_rows);
+}
+
+int64_t CudaBackend::gemm_picks_asked() const { return gemm_->picks_asked(); }
+
 void CudaBackend::linear_silu_mul(const Tensor& x, const Tensor& gate_up_weight, int64_t n, Tensor& gate_up,
                                   Tensor& out) {
   const int64_t inter = gate_up_weight.dim(0) / 2;

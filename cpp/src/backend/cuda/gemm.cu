@@ -146,6 +146,7 @@ int Gemm::heuristic(const Plan& p, cublasLtMatmulHeuristicResult_t* res, int cou
   CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                                                     &workspace_bytes_, sizeof(workspace_bytes_)));
   int found = 0;
+  ++picks_asked_;
   cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(handle_, p.op, p.a, p.b, p.c, p.c, pref, count, res, &found);
   cublasLtMatmulPreferenceDestroy(pref);
   if (st != CUBLAS_STATUS_SUCCESS || found == 0)
@@ -204,6 +205,26 @@ cublasLtMatmulAlgo_t Gemm::band_pick(const Plan& p, int64_t n, int64_t m, int64_
     it = band_pick_.emplace(PickKey{band, m, k, out_f32, in}, algo).first;
   }
   return it->second;
+}
+
+void Gemm::warm(int64_t m, int64_t k, bool out_f32, bool in_f32, bool in_f8, const float* ws, int64_t max_n) {
+  if (deterministic_ || search_ || !bands_ || max_n < 1) return;
+  const In in = in_f32 ? In::F32 : in_f8 ? In::F8 : In::BF16;
+  if (in_f32) out_f32 = true;
+  for (int64_t band = 16;; band <<= 1) {
+    if (band_pick_.count(PickKey{band, m, k, out_f32, in}) == 0) {
+      Plan p = make_plan(band, m, k, out_f32, in);
+      try {
+        if (in == In::F8) set_scales(p, ws, ws);  // the heuristic reads no scale; the steps set theirs
+        band_pick(p, band, m, k, out_f32, in, ws, ws);
+      } catch (const Error&) {  // no algorithm at this band: the step that needs one says so
+        destroy(p);
+        return;
+      }
+      destroy(p);
+    }
+    if (band >= max_n) return;
+  }
 }
 
 void Gemm::launch(Plan& p, int64_t n, int64_t m, int64_t k, In in, const void* x, const void* w, void* y) {
