@@ -269,7 +269,7 @@ void CudaBackend::rope_cache_attention(Tensor& qkv, const RopeTable& rope, int64
 void CudaBackend::warm_linear(const Tensor& weight, int64_t max_rows, ScalarType out_dtype) {
   if (weight.shape.size() != 2) return;
   const bool f8 = weight.dtype == ScalarType::F8E4M3;
-  gemm_->warm(weight.dim(0), weight.dim(1), out_dtype == ScalarType::F32, act_ == ScalarType::F32, f8,
+  gemm_->warm(weight.data, weight.dim(0), weight.dim(1), out_dtype == ScalarType::F32, act_ == ScalarType::F32, f8,
               f8 ? weight.row_scale->as<float>() : nullptr, max_rows);
 }
 

@@ -5,6 +5,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "backend/cuda/cuda_check.hpp"
 
@@ -207,23 +208,50 @@ cublasLtMatmulAlgo_t Gemm::band_pick(const Plan& p, int64_t n, int64_t m, int64_
   return it->second;
 }
 
-void Gemm::warm(int64_t m, int64_t k, bool out_f32, bool in_f32, bool in_f8, const float* ws, int64_t max_n) {
+void Gemm::warm(const void* w, int64_t m, int64_t k, bool out_f32, bool in_f32, bool in_f8, const float* ws,
+                int64_t max_n) {
   if (deterministic_ || search_ || !bands_ || max_n < 1) return;
   const In in = in_f32 ? In::F32 : in_f8 ? In::F8 : In::BF16;
   if (in_f32) out_f32 = true;
+  std::vector<int64_t> bands;  // not yet picked
   for (int64_t band = 16;; band <<= 1) {
-    if (band_pick_.count(PickKey{band, m, k, out_f32, in}) == 0) {
-      Plan p = make_plan(band, m, k, out_f32, in);
-      try {
-        if (in == In::F8) set_scales(p, ws, ws);  // the heuristic reads no scale; the steps set theirs
-        band_pick(p, band, m, k, out_f32, in, ws, ws);
-      } catch (const Error&) {  // no algorithm at this band: the step that needs one says so
-        destroy(p);
-        return;
-      }
-      destroy(p);
+    if (band_pick_.count(PickKey{band, m, k, out_f32, in}) == 0) bands.push_back(band);
+    if (band >= max_n) break;
+  }
+  if (bands.empty()) return;
+  // Scratch rows for one run of each band's algorithm at the band's smallest
+  // n (x, y and fp8's per-row scales; their contents do not matter): the
+  // first launch of a cuBLASLt kernel loads it (~1-2 ms of host time).
+  auto round_up = [](size_t b) { return (b + 255) / 256 * 256; };
+  const int64_t rows = bands.back() / 2 + 1;
+  const size_t in_size = in == In::F32 ? 4 : in == In::F8 ? 1 : 2;
+  const size_t x_bytes = round_up(rows * k * in_size), y_bytes = round_up(rows * m * (out_f32 ? 4 : 2));
+  uint8_t* scratch = nullptr;
+  if (cudaMalloc(&scratch, x_bytes + y_bytes + rows * 4) != cudaSuccess) {
+    cudaGetLastError();  // no room: the picks only
+    scratch = nullptr;
+  }
+  for (const int64_t band : bands) {
+    Plan top = make_plan(band, m, k, out_f32, in);
+    cublasLtMatmulAlgo_t algo{};
+    try {
+      if (in == In::F8) set_scales(top, ws, ws);  // the heuristic is asked with the weight's scales in both
+      algo = band_pick(top, band, m, k, out_f32, in, ws, ws);
+    } catch (const Error&) {  // no algorithm at this band: the step that needs one says so
+      destroy(top);
+      break;
     }
-    if (band >= max_n) return;
+    destroy(top);
+    if (scratch == nullptr) continue;
+    const int64_t n = band / 2 + 1;
+    Plan run = make_plan(n, m, k, out_f32, in);
+    if (in == In::F8) set_scales(run, ws, reinterpret_cast<const float*>(scratch + x_bytes + y_bytes));
+    matmul(run, algo, scratch, w, scratch + x_bytes);  // a refusal: the step takes the n's own pick (launch)
+    destroy(run);
+  }
+  if (scratch != nullptr) {
+    CUDA_CHECK(cudaStreamSynchronize(stream_));
+    CUDA_CHECK(cudaFree(scratch));
   }
 }
 

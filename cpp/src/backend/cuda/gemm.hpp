@@ -131,15 +131,18 @@ class Gemm {
   // Nothing in the default mode.
   void pin(int64_t m, int64_t k, bool in_f32);
 
-  // Asks cuBLASLt's heuristic now for every band of n from 16 up to max_n's
-  // of an (m, k) weight's GEMMs (in: bf16, fp32 or fp8 operands; fp8 takes
-  // the weight's scales ws), so that no step waits for it: a band's first
-  // sighting cost 5-7 ms of host time in a step on an H100 (session 36,
-  // SmolLM2's shapes), paid in the first requests of a run. Nothing where
+  // Prepares now every band of n from 16 up to max_n's for an (m, k)
+  // weight w's GEMMs (in: bf16, fp32 or fp8 operands; fp8 with the weight's
+  // scales ws), so that no step waits for it: asks cuBLASLt's heuristic for
+  // the band's pick and runs that algorithm once at the band's smallest n on
+  // scratch rows (a cuBLASLt kernel's first launch loads it). A band's first
+  // sighting in a step cost 7-10 ms of host time on an H100 with SmolLM2's
+  // shapes (session 36), paid in the first requests of a run. Nothing where
   // picks are not asked per band (PAGEDRT_GEMM_BANDS=0, the search, the
   // batch-invariant mode); a band cuBLASLt has no algorithm for is left to
   // the step that needs it (which then fails as it would have).
-  void warm(int64_t m, int64_t k, bool out_f32, bool in_f32, bool in_f8, const float* ws, int64_t max_n);
+  void warm(const void* w, int64_t m, int64_t k, bool out_f32, bool in_f32, bool in_f8, const float* ws,
+            int64_t max_n);
   // Bands searched so far (for tests and benchmarks).
   size_t searched_bands() const { return band_algo_.size(); }
   // Times cuBLASLt's heuristic was asked (tests).
