@@ -873,7 +873,9 @@ def new_shapes(model, settings):
     cuBLASLt's heuristic asked per exact count cost 1-2 ms of host time per
     new shape, so a new count's step 3-11 ms where known counts take 2 on a
     SmolLM2-sized model; PAGEDRT_GEMM_BANDS=0 is that rule, the default asks
-    once per band of counts (gemm.hpp)."""
+    once per band of counts, when the model loads, and runs each band's
+    algorithm once there (gemm.hpp: session 36, a new count then costs
+    nothing)."""
     import pagedrt
 
     r = {}

@@ -568,9 +568,13 @@ if has xeon && [ -d "$WORK/smolpkg" ]; then
      --json "$OUT/structured_cpu.json" 2>&1 | grep -v "it/s\]")
   LCP=$(ls -d "$WORK"/lcpp_src/llama_cpp_python-*/vendor/llama.cpp/gguf-py 2>/dev/null | head -1)
   PEERS=""; [ -d "$WORK/lcpp_site/llama_cpp" ] && PEERS=llama.cpp
+  # llama.cpp's library died in its tokenizer's set-up (SIGSEGV, sessions 17 and 36) under this
+  # host's Python unless the system's libstdc++ is loaded first (session 36: it then runs)
+  PRE=$(ls /usr/lib/x86_64-linux-gnu/libstdc++.so.6 2>/dev/null)
   for t in ${XEON_THREADS:-16 8}; do
     [ "$(left)" -gt 60 ] || break
-    (cd /tmp && PYTHONPATH="$WORK/lcpp_site:$LCP:$PYTHONPATH" timeout $(( $(left) - 20 )) $PY "$OLDPWD/tools/bench.py" \
+    (cd /tmp && LD_PRELOAD="$PRE${LD_PRELOAD:+:$LD_PRELOAD}" PYTHONPATH="$WORK/lcpp_site:$LCP:$PYTHONPATH" \
+       timeout $(( $(left) - 20 )) $PY "$OLDPWD/tools/bench.py" \
        --threads $t --peers "$PEERS" --gguf-types f16,bf16 --dtypes bfloat16 --workloads latency,batched \
        --json "$OUT/xeon_threads_$t.json" 2>&1 | grep -vE "it/s\]|^\s*$" | tail -30)
   done
