@@ -233,8 +233,9 @@ namespace {
 // power of two, at least 16. Growing to the exact count reallocated the
 // activations (cudaFree waits for the device) and made every recorded step
 // shape record again (the workspace's generation is part of its key) at each
-// step longer than any before, a dozen times in a serving run's first
-// minute; by powers of two it grows a few times, to under twice the need.
+// step longer than any before (16 times in bench_cuda.py new_shapes' 1,000 ...
+// 1,015-token prefills); by powers of two it grows at most once per doubling,
+// to under twice the need.
 int64_t workspace_rows(int64_t need) {
   int64_t rows = 16;
   while (rows < need) rows <<= 1;
