@@ -221,13 +221,18 @@ void Gemm::warm(const void* w, int64_t m, int64_t k, bool out_f32, bool in_f32, 
   if (bands.empty()) return;
   // Scratch rows for one run of each band's algorithm at the band's smallest
   // n (x, y and fp8's per-row scales; their contents do not matter): the
-  // first launch of a cuBLASLt kernel loads it (~1-2 ms of host time).
-  auto round_up = [](size_t b) { return (b + 255) / 256 * 256; };
-  const int64_t rows = bands.back() / 2 + 1;
+  // first launch of a cuBLASLt kernel loads it (~1-2 ms of host time). At
+  // most kWarmScratchBytes: a band whose rows need more gets its pick only.
+  constexpr size_t kWarmScratchBytes = size_t{512} << 20;
   const size_t in_size = in == In::F32 ? 4 : in == In::F8 ? 1 : 2;
+  const size_t row_bytes = static_cast<size_t>(k) * in_size + static_cast<size_t>(m) * (out_f32 ? 4 : 2) + 4;
+  int64_t rows = 0;  // the most rows a run takes
+  for (const int64_t band : bands)
+    if (static_cast<size_t>(band / 2 + 1) * row_bytes + 512 <= kWarmScratchBytes) rows = band / 2 + 1;
+  auto round_up = [](size_t b) { return (b + 255) / 256 * 256; };
   const size_t x_bytes = round_up(rows * k * in_size), y_bytes = round_up(rows * m * (out_f32 ? 4 : 2));
   uint8_t* scratch = nullptr;
-  if (cudaMalloc(&scratch, x_bytes + y_bytes + rows * 4) != cudaSuccess) {
+  if (rows > 0 && cudaMalloc(&scratch, x_bytes + y_bytes + rows * 4) != cudaSuccess) {
     cudaGetLastError();  // no room: the picks only
     scratch = nullptr;
   }
@@ -242,8 +247,8 @@ void Gemm::warm(const void* w, int64_t m, int64_t k, bool out_f32, bool in_f32, 
       break;
     }
     destroy(top);
-    if (scratch == nullptr) continue;
     const int64_t n = band / 2 + 1;
+    if (scratch == nullptr || n > rows) continue;
     Plan run = make_plan(n, m, k, out_f32, in);
     if (in == In::F8) set_scales(run, ws, reinterpret_cast<const float*>(scratch + x_bytes + y_bytes));
     matmul(run, algo, scratch, w, scratch + x_bytes);  // a refusal: the step takes the n's own pick (launch)
