@@ -31,9 +31,9 @@
 // roofline either way), and a timed choice can differ between processes; at
 // odd n (300 ... 8,000: bench_cuda.py gemm_odd, 2026-12-02) the sum over the
 // shapes was 1% apart, and so was taking the heuristic's pick for n rounded
-// up to a multiple of 256, 512 or 1,024 rows (not kept). Asking the
-// heuristic for a new shape costs no measurable time (bench_cuda.py
-// new_shapes: 32 new prefill sizes against the same sizes again, +0.02 ms).
+// up to a multiple of 256, 512 or 1,024 rows (not kept). (Asking the
+// heuristic for a new shape measured +0.02 ms then, 8B prefill sizes on the
+// H200; on an H100 with CUDA 13 it cost 1-2 ms a shape: the bands above.)
 //
 // Batch-invariant mode (deterministic: Runtime(deterministic=True), issue 22):
 // a row of y must have the same bits whatever n is. The default kernels do
