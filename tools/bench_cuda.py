@@ -875,35 +875,62 @@ def new_shapes(model, settings):
     SmolLM2-sized model; PAGEDRT_GEMM_BANDS=0 is that rule, the default asks
     once per band of counts, when the model loads, and runs each band's
     algorithm once there (gemm.hpp: session 36, a new count then costs
-    nothing)."""
+    nothing). Beside the wall time, each request's host ms in run_step (its
+    kernels queued), from the PAGEDRT_GRAPH_LOG lines the backend writes to
+    the process's stderr (captured in a file while the setting runs)."""
+    import re
+    import tempfile
+
     import pagedrt
 
     r = {}
     params = pagedrt.SamplingParams(max_tokens=1, ignore_eos=True, temperature=0.0)
     counts = {"small": [17 + 17 * i for i in range(16)], "large": list(range(1000, 1016))}  # 17 ... 272
+    run_ms = re.compile(r"^pagedrt step: .* run ([0-9.]+) ms$", re.M)
     for setting in settings:
         key = setting or "default"
         r[key] = {}
-        with runtime_under(model, setting, max_num_seqs=8, max_num_batched_tokens=8192,
-                           kv_cache_bytes=2 << 30) as rt:
+        logged = f"PAGEDRT_GRAPH_LOG=1,{setting}" if setting else "PAGEDRT_GRAPH_LOG=1"
+        with tempfile.TemporaryFile() as log, stderr_to(log), runtime_under(
+                model, logged, max_num_seqs=8, max_num_batched_tokens=8192, kv_cache_bytes=2 << 30) as rt:
             rng = np.random.default_rng(0)
             vocab = min(rt.model_info.vocab_size, 32000)
             rt.generate([rng.integers(3, vocab, size=512).tolist()], params)  # warm-up
+
+            def request(n):  # (wall ms, run_step host ms) of one batch-1 prefill of n tokens
+                prompt = rng.integers(3, vocab, size=n).tolist()
+                start = log.seek(0, os.SEEK_END)
+                t0 = time.perf_counter()
+                rt.generate([prompt], params)
+                wall = (time.perf_counter() - t0) * 1e3
+                log.seek(start)
+                return wall, sum(float(v) for v in run_ms.findall(log.read().decode(errors="replace")))
+
             for name, ns in counts.items():
-                passes = []
-                for _ in range(2):
-                    ms = []
-                    for n in ns:
-                        prompt = rng.integers(3, vocab, size=n).tolist()
-                        t0 = time.perf_counter()
-                        rt.generate([prompt], params)
-                        ms.append((time.perf_counter() - t0) * 1e3)
-                    passes.append(ms)
-                new, known = statistics.mean(passes[0]), statistics.mean(passes[1])
-                r[key][name] = {"counts": ns, "new_ms": new, "known_ms": known, "new_max_ms": max(passes[0])}
+                passes = [[request(n) for n in ns] for _ in range(2)]
+                (new, new_run), (known, known_run) = [
+                    (statistics.mean(w for w, _ in p), statistics.mean(h for _, h in p)) for p in passes]
+                r[key][name] = {"counts": ns, "new_ms": new, "known_ms": known,
+                                "new_max_ms": max(w for w, _ in passes[0]),
+                                "new_run_step_ms": new_run, "known_run_step_ms": known_run}
                 print(f"{key}: {name} counts {ns[0]}-{ns[-1]}, mean ms a request: new {new:.2f} "
-                      f"(max {max(passes[0]):.2f}), known {known:.2f} (+{new - known:.2f} a new count)", flush=True)
+                      f"(max {r[key][name]['new_max_ms']:.2f}), known {known:.2f} (+{new - known:.2f} a new count); "
+                      f"host ms in run_step: new {new_run:.2f}, known {known_run:.2f}", flush=True)
     return r
+
+
+@contextlib.contextmanager
+def stderr_to(f):
+    """File descriptor 2 (the C++ library's stderr) into the open file f while the block runs."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(f.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def tokens_hash(outs):
