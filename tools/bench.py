@@ -31,6 +31,7 @@ import json
 import math
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -679,6 +680,14 @@ def cpu_name():
         return platform.processor()
 
 
+def system_libstdcxx() -> str | None:
+    """The system's libstdc++ where there is one and it is not preloaded already."""
+    for p in ("/usr/lib/x86_64-linux-gnu/libstdc++.so.6", "/usr/lib64/libstdc++.so.6", "/usr/lib/libstdc++.so.6"):
+        if os.path.isfile(p) and p not in os.environ.get("LD_PRELOAD", ""):
+            return p
+    return None
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     a = parser().parse_args(argv)
@@ -717,6 +726,12 @@ def main(argv=None):
                    "--runs", str(a.runs), "--workloads", ",".join(wl), "--worker", f"{engine}:{opt}",
                    "--worker-out", str(out)]
             rc = subprocess.run(cmd).returncode
+            if rc == -signal.SIGSEGV and engine == "llama.cpp" and (pre := system_libstdcxx()):
+                # llama.cpp's library died in its tokenizer's set-up under a Python whose own
+                # libstdc++ came first (a GPU host's, sessions 17 and 36); with the system's it ran
+                log(f"  {label} died (SIGSEGV); again with {pre} preloaded")
+                env = dict(os.environ, LD_PRELOAD=":".join(filter(None, [pre, os.environ.get("LD_PRELOAD")])))
+                rc = subprocess.run(cmd, env=env).returncode
             if rc == 0 and out.is_file():
                 rows += json.loads(out.read_text())
                 covered.update(wl)
