@@ -4,7 +4,8 @@ same folder for 32 tokens. (test_convert.py checks that the converted tensors
 equal what transformers' own GGUF loader produces.)"""
 from __future__ import annotations
 
-import inspect
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,9 @@ import torch
 
 import pagedrt
 from conftest import SMOL_PROMPTS
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from hf_cache import cache_arg  # noqa: E402
 
 N = 32
 
@@ -32,16 +36,14 @@ def test_greedy_equals_transformers(smol, hf_model):
 
 
 def hf_greedy(model, ids, n):
-    """transformers' greedy decoding with its KV cache, eos ignored (as ignore_eos=True).
-    The cache goes in and out as `cache` where transformers names it so (5.x;
-    `past_key_values` before, deprecated since)."""
-    new_name = "cache" in inspect.signature(model.forward).parameters
+    """transformers' greedy decoding with its KV cache, eos ignored (as ignore_eos=True);
+    the cache under the name the installed transformers takes (tools/hf_cache.py)."""
+    name = cache_arg(model)
     with torch.no_grad():
         res = model(torch.tensor([ids]), use_cache=True)
         out = [int(res.logits[0, -1].argmax())]
         while len(out) < n:
-            past = res.cache if new_name else res.past_key_values
-            res = model(torch.tensor([[out[-1]]]), **{"cache" if new_name else "past_key_values": past}, use_cache=True)
+            res = model(torch.tensor([[out[-1]]]), **{name: getattr(res, name)}, use_cache=True)
             out.append(int(res.logits[0, -1].argmax()))
     return out
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import inspect
 import json
 import math
 import os
@@ -42,6 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_kv  # noqa: E402
+import hf_cache  # noqa: E402
 import workloads  # noqa: E402
 
 import pagedrt  # noqa: E402
@@ -172,9 +172,7 @@ def transformers_job(model, _, W, a, meter):
     m = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=dt).eval().to(a.device)
     engine, rows = f"transformers {'bfloat16' if cuda else 'float32'}", []
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    # the KV cache's name: `cache` in transformers 5.x, `past_key_values` before (deprecated since)
-    cache_arg = "cache" if "cache" in inspect.signature(m.forward).parameters else "past_key_values"
-    hf_cache = lambda res: getattr(res, cache_arg)  # noqa: E731
+    cache_arg = hf_cache.cache_arg(m)  # `cache` or `past_key_values`, as the installed transformers names it
     with torch.inference_mode():
         if "latency" in W:
             (prompt,), (new,) = W["latency"]
@@ -182,12 +180,12 @@ def transformers_job(model, _, W, a, meter):
             for r in range(a.runs + 1):
                 start = time.perf_counter()
                 res = m(torch.tensor([prompt], device=a.device), use_cache=True)
-                past, tok = hf_cache(res), res.logits[0, -1].argmax()
+                past, tok = getattr(res, cache_arg), res.logits[0, -1].argmax()
                 sync()
                 first = time.perf_counter()
                 for _ in range(new - 1):
                     res = m(tok.view(1, 1), **{cache_arg: past}, use_cache=True)
-                    past, tok = hf_cache(res), res.logits[0, -1].argmax()
+                    past, tok = getattr(res, cache_arg), res.logits[0, -1].argmax()
                 sync()
                 samples += [(first - start, time.perf_counter() - first)] if r else []
                 log(f"  transformers latency run {r}: decode {(new - 1) / (time.perf_counter() - first):.1f} tok/s")

@@ -11,8 +11,6 @@ GPU's bf16 divergences in docs/results/2026-11-cuda-log.md.
 """
 from __future__ import annotations
 
-import inspect
-
 import sys
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from transformers import AutoModelForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import pagedrt  # noqa: E402
 from conftest import SMOL_PROMPTS  # noqa: E402
+from hf_cache import cache_arg  # noqa: E402
 
 N = 32
 
@@ -30,8 +29,7 @@ def greedy(model, prompt):
     """(tokens, top-1 - top-2 margin at each step), with the KV cache."""
     ids, margins, past = list(prompt), [], None
     inp = torch.tensor([ids])
-    # the KV cache's name: `cache` in transformers 5.x, `past_key_values` before (deprecated since)
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    name = cache_arg(model)  # `cache` or `past_key_values`, as the installed transformers names it
     with torch.no_grad():
         for _ in range(N):
             out = model(inp, **{name: past}, use_cache=True)
