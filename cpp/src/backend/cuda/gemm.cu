@@ -237,21 +237,17 @@ void Gemm::warm(const void* w, int64_t m, int64_t k, bool out_f32, bool in_f32, 
     scratch = nullptr;
   }
   for (const int64_t band : bands) {
-    Plan top = make_plan(band, m, k, out_f32, in);
-    cublasLtMatmulAlgo_t algo{};
+    const int64_t n = band / 2 + 1;  // the band's smallest n: band_pick asks at its top
+    const bool runs = scratch != nullptr && n <= rows;
+    Plan run = make_plan(n, m, k, out_f32, in);
     try {
-      if (in == In::F8) set_scales(top, ws, ws);  // the heuristic is asked with the weight's scales in both
-      algo = band_pick(top, band, m, k, out_f32, in, ws, ws);
+      if (in == In::F8) set_scales(run, ws, runs ? reinterpret_cast<const float*>(scratch + x_bytes + y_bytes) : ws);
+      const cublasLtMatmulAlgo_t algo = band_pick(run, n, m, k, out_f32, in, ws, ws);
+      if (runs) matmul(run, algo, scratch, w, scratch + x_bytes);  // a refusal: the step takes the n's own pick
     } catch (const Error&) {  // no algorithm at this band: the step that needs one says so
-      destroy(top);
+      destroy(run);
       break;
     }
-    destroy(top);
-    const int64_t n = band / 2 + 1;
-    if (scratch == nullptr || n > rows) continue;
-    Plan run = make_plan(n, m, k, out_f32, in);
-    if (in == In::F8) set_scales(run, ws, reinterpret_cast<const float*>(scratch + x_bytes + y_bytes));
-    matmul(run, algo, scratch, w, scratch + x_bytes);  // a refusal: the step takes the n's own pick (launch)
     destroy(run);
   }
   if (scratch != nullptr) {
