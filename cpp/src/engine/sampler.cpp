@@ -276,7 +276,7 @@ int32_t Sampler::greedy(const float* logits, int64_t vocab) {
 
 int32_t Sampler::pick(const float* logits, int64_t vocab, const SamplingParams& p, Rng& rng,
                       std::vector<double>& prob, std::vector<int32_t>& order) {
-  if (p.temperature == 0.0f) return static_cast<int32_t>(cpu::first_argmax(logits, vocab));
+  if (p.temperature == 0.0f) return greedy(logits, vocab);
   const int64_t n = distribution(logits, vocab, p, prob, order);
   if (n < 0) return order[0];  // every candidate banned (-inf): fall back to the first
   return draw(rng, prob, order, n);
@@ -286,7 +286,7 @@ int32_t Sampler::verify_draft(const float* logits, int64_t vocab, const Sampling
                               int32_t draft, bool& accepted, std::vector<double>& prob,
                               std::vector<int32_t>& order) {
   if (p.temperature == 0.0f) {
-    const int32_t t = static_cast<int32_t>(cpu::first_argmax(logits, vocab));
+    const int32_t t = greedy(logits, vocab);
     accepted = t == draft;
     return t;
   }
