@@ -569,13 +569,11 @@ if has xeon && [ -d "$WORK/smolpkg" ]; then
      --json "$OUT/structured_cpu.json" 2>&1 | grep -v "it/s\]")
   LCP=$(ls -d "$WORK"/lcpp_src/llama_cpp_python-*/vendor/llama.cpp/gguf-py 2>/dev/null | head -1)
   PEERS=""; [ -d "$WORK/lcpp_site/llama_cpp" ] && PEERS=llama.cpp
-  # llama.cpp's library died in its tokenizer's set-up (SIGSEGV, sessions 17 and 36) under this
-  # host's Python unless the system's libstdc++ is loaded first (session 36: it then runs)
-  PRE=$(ls /usr/lib/x86_64-linux-gnu/libstdc++.so.6 2>/dev/null)
+  # (llama.cpp's worker dies in its tokenizer's set-up under this host's Python: bench.py runs it
+  # again with the system's libstdc++ preloaded, sessions 17 and 36)
   for t in ${XEON_THREADS:-16 8}; do
     [ "$(left)" -gt 60 ] || break
-    (cd /tmp && LD_PRELOAD="$PRE${LD_PRELOAD:+:$LD_PRELOAD}" PYTHONPATH="$WORK/lcpp_site:$LCP:$PYTHONPATH" \
-       timeout $(( $(left) - 20 )) $PY "$OLDPWD/tools/bench.py" \
+    (cd /tmp && PYTHONPATH="$WORK/lcpp_site:$LCP:$PYTHONPATH" timeout $(( $(left) - 20 )) $PY "$OLDPWD/tools/bench.py" \
        --threads $t --peers "$PEERS" --gguf-types f16,bf16 --dtypes bfloat16 --workloads latency,batched \
        --json "$OUT/xeon_threads_$t.json" 2>&1 | grep -vE "it/s\]|^\s*$" | tail -30)
   done
