@@ -3,7 +3,8 @@
 ones on the same prompts, all submitted at once, one Runtime, rounds alternating.
 
     bench_structured.py [--model DIR|FILE.gguf] [--device cpu] [--requests 32] [--max-tokens 64]
-                        [--rounds 3] [--lend auto|0|both] [--checked on|off|both] [--json OUT.json]
+                        [--rounds 3] [--lend auto|0|both] [--checked on|off|both]
+                        [--schema bounded|unbounded] [--json OUT.json]
 
 TPOT per request = (time of its last token - time of its first) / (tokens - 1),
 from the engine's event times; the mean over requests is compared. The mask
@@ -15,6 +16,8 @@ an A/B in one process; the ratio printed is auto's). --checked: the engine's
 checked picks (pagedrt/token_mask.hpp: a plain greedy row is picked without
 its mask and the pick validated; a refused one is masked and picked again):
 on, off (a mask before every pick), or both (an A/B, as --lend both).
+--schema: the schema below (bounded) or the same without its strings'
+maxLength (unbounded: where llguidance's masks cost ~10x less, schema_of).
 """
 from __future__ import annotations
 
@@ -29,6 +32,22 @@ SCHEMA = {"type": "object", "properties": {
                                                                                      "maxLength": 12},
                                                           "maxItems": 4}},
     "required": ["name", "age", "city", "tags"], "additionalProperties": False}
+
+
+def schema_of(kind: str) -> dict:
+    """The benchmark's schema ("bounded", as above) or the same without its
+    strings' maxLength ("unbounded"). llguidance takes a slice of its token
+    trie whole only inside a lexeme with an unbounded repeat: inside a string
+    with a maxLength every mask walks the whole trie (~0.35-0.55 ms a row on
+    a Zen 4 core against ~0.01 ms unbounded; docs/benchmarks.md)."""
+    if kind == "bounded":
+        return SCHEMA
+
+    def strip(node):
+        if isinstance(node, dict):
+            return {k: strip(v) for k, v in node.items() if k != "maxLength"}
+        return [strip(v) for v in node] if isinstance(node, list) else node
+    return strip(SCHEMA)
 
 
 def run(rt, prompts, **kw):
@@ -80,17 +99,20 @@ def main():
     ap.add_argument("--checked", default="on", choices=("on", "off", "both"),
                     help="checked picks (plain greedy rows picked without a mask, then validated); "
                          "both: also a JSON run with a mask before every pick")
+    ap.add_argument("--schema", default="bounded", choices=("bounded", "unbounded"),
+                    help="the JSON schema: bounded (strings with maxLength) or unbounded (the same without)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import pagedrt
+    schema = schema_of(args.schema)
 
     rt = pagedrt.Runtime(args.model, device=args.device, max_num_seqs=max(64, args.requests),
                          num_threads=args.threads)
     prompts = [[{"role": "user", "content": f"Invent person number {i} and describe them as JSON."}]
                for i in range(args.requests)]
     res = {"device": rt.model_info.device, "model": str(rt.model_path), "requests": args.requests,
-           "plain": [], "json_schema": []}
-    rt.generate(prompts[:2], max_tokens=4, json_schema=SCHEMA)  # compiles llguidance's tokenizer once
+           "schema": args.schema, "plain": [], "json_schema": []}
+    rt.generate(prompts[:2], max_tokens=4, json_schema=schema)  # compiles llguidance's tokenizer once
     cons = rt._constraints()
     res["llguidance"] = cons.masks.version
     lend = {"auto": [cons.busy_threads], "0": [0], "both": [cons.busy_threads, 0]}[args.lend]
@@ -107,14 +129,14 @@ def main():
         p = run(rt, prompts, max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
         for name, threads, check in others:  # run first, so that A runs last as before
             cons.install(rt._rt, threads, check)
-            b = run(rt, prompts, max_tokens=args.max_tokens, temperature=0, json_schema=SCHEMA)
+            b = run(rt, prompts, max_tokens=args.max_tokens, temperature=0, json_schema=schema)
             res[name].append(b)
             print(f"round {r + 1}: json_schema lending {threads} cores, picks "
                   f"{'checked' if check else 'masked first'}: TPOT {b['tpot_ms']:.2f} ms "
                   f"({b['tpot_ms'] / p['tpot_ms']:.3f}x plain)", flush=True)
         cons.install(rt._rt, lend[0], checked)
         c0, e0 = cons.counters(), rt.stats()
-        s = run(rt, prompts, max_tokens=args.max_tokens, temperature=0, json_schema=SCHEMA)
+        s = run(rt, prompts, max_tokens=args.max_tokens, temperature=0, json_schema=schema)
         c1, e1 = cons.counters(), rt.stats()
         d = {k: c1[k] - c0[k] for k in c1}
         steps = max(e1.mask_steps - e0.mask_steps, 1)

@@ -131,11 +131,12 @@ STAGES=${*:-env build make8b smol tests bench harness}
 
 left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
 # structab / structold: bench_structured.py on SmolLM2, 3 rounds of 128 tokens -> $OUT/$1.json; $2: a
-# PYTHONPATH entry before the SmolLM2 stand-in ("" for none); $3: one VAR=value for the run
+# PYTHONPATH entry before the SmolLM2 stand-in ("" for none); $3: one VAR=value for the run;
+# $STRUCTURED_SCHEMA: its --schema (bounded, the default; unbounded: the strings without maxLength)
 smol_structured() {
   (cd /tmp && PYTHONPATH="$2$WORK/smolpkg${PYTHONPATH:+:$PYTHONPATH}" env "$3" timeout 90 \
      $PY "$OLDPWD/tools/bench_structured.py" --device cuda --rounds 3 --max-tokens 128 \
-     --json "$OUT/$1.json" 2>&1 | grep -E "^round|a fill|median")
+     --schema "${STRUCTURED_SCHEMA:-bounded}" --json "$OUT/$1.json" 2>&1 | grep -E "^round|a fill|median")
 }
 stage() { echo; echo "=== $1 (t=$(( $(date +%s) - START ))s, $(left)s left) ==="; }
 has() { [[ " $STAGES " == *" $1 "* ]]; }
