@@ -15,9 +15,9 @@ thread count, with the engine's), then each row fed its token. Prints microsecon
 per step. The engine's figure against the serial replay shows what the engine
 adds (the GIL, the forward's threads); the executor's against the serial one,
 what spreading a step's rows over threads buys. The serial replays print
-the rows' median, 90th percentile and slowest time too: inside a string with
-a maxLength (--schema bounded, bench_structured's) llguidance walks its whole
-token trie for each mask; --schema unbounded drops the maxLength.
+the rows' median, 90th percentile and slowest time too: near a string's
+maxLength (--schema bounded, bench_structured's) llguidance walks every
+token longer than what is left; --schema unbounded drops the maxLength.
 """
 from __future__ import annotations
 

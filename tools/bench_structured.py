@@ -36,10 +36,10 @@ SCHEMA = {"type": "object", "properties": {
 
 def schema_of(kind: str) -> dict:
     """The benchmark's schema ("bounded", as above) or the same without its
-    strings' maxLength ("unbounded"). llguidance takes a slice of its token
-    trie whole only inside a lexeme with an unbounded repeat: inside a string
-    with a maxLength every mask walks the whole trie (~0.35-0.55 ms a row on
-    a Zen 4 core against ~0.01 ms unbounded; docs/benchmarks.md)."""
+    strings' maxLength ("unbounded"). Near a string's maxLength llguidance
+    walks every token longer than what is left (0.2-0.35 ms a row on a Zen 4
+    core in the last ~10 characters; ~0.01 ms a row unbounded; docs/benchmarks.md,
+    "Structured output's slow rows")."""
     if kind == "bounded":
         return SCHEMA
 
