@@ -6,7 +6,7 @@ what two known remedies would buy: a reference Llama forward in PyTorch
 times it: backend/fp8.hpp's kv_row_exponent), against the same forward
 unrounded, teacher-forced over the text tools/fp8_quality.py reads.
 
-    fp8_kv_probe.py [--model DIR] [--positions 4096]
+    fp8_kv_probe.py [--model DIR|FILE.gguf] [--positions 4096]
                     [--modes kv,k,v,kv-amax,kv-s4,k-mean16,...] [--json OUT.json]
 
 Modes (each also rounds V, but "k" and "v", which round only one of them):
@@ -140,7 +140,7 @@ class Llama:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=None, help="a converted Llama folder (default: SmolLM2, converted)")
+    ap.add_argument("--model", default=None, help="a Llama folder or .gguf file (default: SmolLM2, converted)")
     ap.add_argument("--positions", type=int, default=4096, help="tokens of text, in windows of 1,024")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--json", default=None)
@@ -148,13 +148,12 @@ def main(argv=None):
     import torch
 
     import pagedrt
-    from pagedrt.tokenizer import Tokenizer
     modes = args.modes.split(",")
     for m in modes:
         if m not in MODES:
             ap.error(f"--modes: {m!r} is not one of {', '.join(MODES)}")
-    folder = pathlib.Path(args.model or pagedrt.default_model(progress=False))
-    ids = Tokenizer.from_model_dir(folder).encode(corpus(), add_special_tokens=False)
+    folder = pagedrt.resolve_model(args.model, progress=False)  # as fp8_quality.py: a folder, a .gguf or the default
+    ids = pagedrt.Tokenizer.from_model_dir(folder).encode(corpus(), add_special_tokens=False)
     windows = [ids[s:s + WINDOW] for s in range(0, min(len(ids), args.positions), WINDOW)]
     windows = [w for w in windows if len(w) > 1]
     model = Llama(folder)
