@@ -222,3 +222,75 @@ def test_norms_add_and_silu_mul_match_numpy(cpu_ops, n, d):
     gate_up = np.concatenate([g, u], axis=1).astype(np.float32)
     g64, u64 = gate_up[:, :d].astype(np.float64), gate_up[:, d:].astype(np.float64)
     assert rel_err(cpu_ops.silu_mul(gate_up), g64 / (1 + np.exp(-g64)) * u64) <= 1e-6
+
+
+@pytest.fixture
+def split_rule():
+    """Sets the CPU attention's split rule of this module's kernels for a test
+    (attention_split_rule: -1 the default, 1 wider), and puts the one before back."""
+    from pagedrt import _testing
+    before = _testing._attention_split_rule()
+    yield _testing._set_attention_split_rule
+    _testing._set_attention_split_rule(before)
+
+
+@pytest.mark.parametrize("act", ["float32", "bfloat16"])
+@pytest.mark.parametrize("G,D,Hkv", [(3, 64, 1), (4, 128, 1), (1, 64, 1), (3, 64, 3), (2, 128, 3), (4, 64, 5)])
+@pytest.mark.parametrize("rule", [-1, 1])
+def test_a_decode_token_split_across_the_team_keeps_its_bits(act, G, D, Hkv, rule, split_rule):
+    """A decode step whose (token, kv head) items leave more than half the
+    team idle (rule -1, the default; rule 1 also where fewer than twice the
+    team's items do not divide among it) splits each token across every
+    thread (attend_token_split: a thread a run of keys for Q K^T, then of
+    output columns for P V), from 512 keys of context on: its output has the
+    bits of one thread's (the items path, lend_threads leaving one core), and
+    is within tolerance of float64 attention on the gathered blocks;
+    _attention_split_tokens counts the tokens that took the split, so a
+    silent fall-back, or a split where the rule says none, fails (a build
+    without AVX-512, or without AVX-512 BF16 for bf16, has no such path: it
+    must not count any). Needs 2 cores (CI's machine has them)."""
+    import os
+    from pagedrt import _testing
+    if (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()) < 2:
+        pytest.skip("one core: no team to split across")
+    ops = _testing._Ops("cpu", act)
+    threads = ops.host_threads()
+    if threads < 2:
+        pytest.skip("the backend runs one thread here")
+    split_rule(rule)
+    takes = 2 * Hkv <= threads if rule == -1 else Hkv < 2 * threads and Hkv % threads != 0
+    built = int(_testing._attention_split_built(act == "bfloat16") and takes)
+    rng = np.random.default_rng(G * 1000 + D + Hkv)
+    H, bs = G * Hkv, 16
+    tol = 1e-5 if act == "float32" else 2e-2
+    for cached in (511, 600, 1037, 4100):  # 512 keys (the first split), chunk and block tails, long contexts
+        need = -(-(cached + 1) // bs)
+        table = rng.permutation(need + 3)[:need]
+        qkv = rng.standard_normal((1, (H + 2 * Hkv) * D)).astype(np.float32)
+        k_cache = rng.standard_normal((need + 3, bs, Hkv, D)).astype(np.float32)
+        v_cache = rng.standard_normal((need + 3, bs, Hkv, D)).astype(np.float32)
+        set_tables(ops, [(cached, 1)], [table], bs)
+        before = _testing._attention_split_tokens()
+        split = ops.paged_attention(qkv, k_cache, v_cache, H, Hkv, D, D ** -0.5)
+        assert _testing._attention_split_tokens() == before + built, cached
+        ops.lend_threads(ops.host_threads() - 1)  # a team of one
+        try:
+            one = ops.paged_attention(qkv, k_cache, v_cache, H, Hkv, D, D ** -0.5)
+        finally:
+            ops.lend_threads(0)
+        assert _testing._attention_split_tokens() == before + built, cached
+        assert np.array_equal(split, one), cached
+        ctx = cached + 1
+        k = k_cache[table].reshape(-1, Hkv, D)[:ctx].astype(np.float64)
+        v = v_cache[table].reshape(-1, Hkv, D)[:ctx].astype(np.float64)
+        q = qkv[0, :H * D].reshape(H, D).astype(np.float64)
+        s = np.einsum("hd,shd->hs", q, np.repeat(k, G, axis=1)) * D ** -0.5
+        p = np.exp(s - s.max(-1, keepdims=True))
+        ref = np.einsum("hs,shd->hd", p / p.sum(-1, keepdims=True), np.repeat(v, G, axis=1)).reshape(-1)
+        assert np.max(np.abs(split[0] - ref)) <= tol * max(1.0, np.abs(ref).max()), cached
+    set_tables(ops, [(510, 1)], [np.arange(32)], bs)  # 511 keys: the items path
+    before = _testing._attention_split_tokens()
+    ops.paged_attention(rng.standard_normal((1, (H + 2 * Hkv) * D)).astype(np.float32),
+                        rng.standard_normal((32, bs, Hkv, D)).astype(np.float32),
+                        rng.standard_normal((32, bs, Hkv, D)).astype(np.float32), H, Hkv, D, D ** -0.5)
+    assert _testing._attention_split_tokens() == before

@@ -63,6 +63,10 @@ void register_kernels(nb::module_& m) {
   m.def("_gemm_variant", &pagedrt::cpu::gemm_variant);
   m.def("_gemm_amx_for_large_steps", &pagedrt::cpu::gemm_amx_for_large_steps);
   m.def("_attention_amx_tiles", &pagedrt::cpu::attention_amx_tiles);  // prefill tiles the AMX attention took
+  m.def("_attention_split_tokens", &pagedrt::cpu::attention_split_tokens);  // decode tokens split across threads
+  m.def("_attention_split_built", &pagedrt::cpu::attention_split_built, "bf16"_a);
+  m.def("_attention_split_rule", &pagedrt::cpu::attention_split_rule);
+  m.def("_set_attention_split_rule", &pagedrt::cpu::set_attention_split_rule, "rule"_a);
   m.def("_gemm_prefetch", &pagedrt::cpu::gemm_prefetch_name);  // the decode kernels' prefetch hint and how it was chosen
   m.def("_calibrate_prefetch", &pagedrt::cpu::calibrate_prefetch, "threads"_a);
   m.def("_set_prefetch", [](const std::string& to) {  // this module's copy of the kernels only

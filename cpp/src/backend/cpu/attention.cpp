@@ -23,6 +23,11 @@
 // bf16 (attend_amx, attention_amx.cpp): 2.2-2.4x the attention rate of a
 // 2-core Xeon VM's prefill.
 //
+// A decode step whose (token, kv head) items would leave more than half the
+// threads idle (batch 1 on many cores) splits each token across the team
+// instead (attend_token_split, attention_avx512.inc): Q K^T by runs of keys,
+// the softmax by rows, P V by cache lines of output columns; the same bits.
+//
 // S stays whole in per-thread scratch (R x ctx fp32: 768 KiB for 48 rows at
 // 4096 keys). Without AVX-512, or for a head dim that is not a multiple of 16,
 // attend_rows does the same one row at a time.
@@ -35,6 +40,10 @@
 #include <cstring>
 #include <type_traits>
 #include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "backend/cpu/gemm.hpp"
 #include "backend/cpu/kv_fp8.hpp"
@@ -176,7 +185,19 @@ void attend_rows(const Args<T>& a, int64_t R, Scratch& sc) {
   }
 }
 
-std::atomic<int64_t> g_amx_tiles{0};  // attention_amx_tiles()
+std::atomic<int64_t> g_amx_tiles{0};    // attention_amx_tiles()
+std::atomic<int64_t> g_split_tokens{0};  // attention_split_tokens()
+
+// attention_split_rule(): -1 the default, 0 never, 1 wider (run_tiles); -2 not read yet.
+std::atomic<int> g_split_rule{-2};
+
+// Keys from which a decode token with too few items for the team is split
+// across it (attend_token_split). The 16-core Xeon of the GPU host, SmolLM2's
+// widths, 16 threads, batch-1 TPOT against the items path (tools/bench_context.py,
+// 2026-12-06): 8,000 keys 5.1 against 11.0-12.0 ms, 4,000 3.7 against 5.7,
+// 2,000 3.5 and 4.7 against 3.6 and 5.9 (two runs); 256 to 1,024 within the
+// shared host's noise.
+constexpr int64_t kSplitMinKeys = 512;
 
 // ---- AVX-512 path (attention_avx512.inc: attend_vec) -------------------------------
 
@@ -283,6 +304,27 @@ inline void rotate_half(T* x, const float* c, const float* s, int64_t half) {
 }  // namespace
 
 int64_t attention_amx_tiles() { return g_amx_tiles.load(std::memory_order_relaxed); }
+int64_t attention_split_tokens() { return g_split_tokens.load(std::memory_order_relaxed); }
+
+int attention_split_rule() {
+  int rule = g_split_rule.load(std::memory_order_relaxed);
+  if (rule == -2) {
+    const char* e = std::getenv("PAGEDRT_CPU_SPLIT_DECODE");
+    rule = e == nullptr ? -1 : std::atoi(e) == 0 ? 0 : 1;
+    g_split_rule.store(rule, std::memory_order_relaxed);
+  }
+  return rule;
+}
+
+void set_attention_split_rule(int rule) { g_split_rule.store(rule < 0 ? -1 : rule == 0 ? 0 : 1); }
+
+bool attention_split_built(bool bf16) {
+#ifdef PAGEDRT_VEC512
+  return bf16 ? heads_in_one_item<uint16_t>(64, 1) : heads_in_one_item<float>(64, 1);
+#else
+  return false;
+#endif
+}
 
 template <typename T>
 void rope_and_cache(const BatchView& b, T* qkv, const float* cos, const float* sin, int64_t num_heads,
@@ -336,8 +378,27 @@ void run_tiles(const Args<T>& a, int threads) {
     for (int64_t i = 0; i < n; ++i) attend_token(a, tiles[i]);
     return;
   }
-#endif
+  // Decode tokens whose (token, kv head) items leave more than half the team
+  // idle (batch 1: SmolLM2's 3 kv heads on 16 threads, a Llama-3-8B's 8):
+  // a token at a time on every thread, where its context is long enough
+  // (tiles are longest first). Not where the items nearly fill the team: on a
+  // 2-core Zen 4 VM, 3 kv heads on 2 threads, split tokens made batch-1 TPOT
+  // at 8,000 tokens of context ~5-10% slower (docs/benchmarks.md, session
+  // 38). attention_split_rule(): PAGEDRT_CPU_SPLIT_DECODE=0 never; =1 also
+  // wherever items < 2 x threads do not divide evenly (A/B runs).
+  const int split_rule = attention_split_rule();
   const int64_t items = static_cast<int64_t>(tiles.size()) * Hkv;
+  const bool few = split_rule == 1 ? items < 2 * threads && items % threads != 0 : 2 * items <= threads;
+  if (split_rule != 0 && few && threads > 1 && a.fp8 == nullptr && heads_in_one_item<T>(a.D, G) &&
+      !tiles.empty() && b.positions[tiles[0].t0] + 1 >= kSplitMinKeys &&
+      std::all_of(tiles.begin(), tiles.end(), [](const Tile& t) { return t.n == 1; })) {
+    for (const Tile& t : tiles) attend_token_split(a, t, threads, scratch());
+    g_split_tokens.fetch_add(static_cast<int64_t>(tiles.size()), std::memory_order_relaxed);
+    return;
+  }
+#else
+  const int64_t items = static_cast<int64_t>(tiles.size()) * Hkv;
+#endif
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (items > 1)
   for (int64_t item = 0; item < items; ++item) attend(a, tiles[item / Hkv], item % Hkv);
 }

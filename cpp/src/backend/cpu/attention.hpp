@@ -44,6 +44,18 @@ void paged_attention(const BatchView& b, const T* qkv, int64_t num_heads, const 
 // Prefill tiles taken by the AMX path since start (every thread; the tests
 // check that the path they hold to its reference is the one that ran).
 int64_t attention_amx_tiles();
+// Decode tokens attention split across the team (a thread a run of keys,
+// then of output columns; the same bits as one thread's), every thread since start.
+int64_t attention_split_tokens();
+// Whether this build has that path for bf16 (true) or fp32 activations: AVX-512
+// (and AVX-512 BF16 for bf16) where attention.cpp was compiled.
+bool attention_split_built(bool bf16);
+// When a decode step takes that path: -1 where its (token, kv head) items fill
+// at most half the team (the default), 0 never, 1 also wherever fewer than
+// twice the team's items do not divide among it. PAGEDRT_CPU_SPLIT_DECODE=0/1
+// sets it at start; set_attention_split_rule for tests (this module's kernels).
+int attention_split_rule();
+void set_attention_split_rule(int rule);
 
 // A prefill tile's Q K^T and P V on AMX tiles (attention_amx.cpp; built
 // where the compiler has AMX, called where gemm_amx_for_large_steps(), for
