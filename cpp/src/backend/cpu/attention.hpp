@@ -44,7 +44,7 @@ void paged_attention(const BatchView& b, const T* qkv, int64_t num_heads, const 
 // Prefill tiles taken by the AMX path since start (every thread; the tests
 // check that the path they hold to its reference is the one that ran).
 int64_t attention_amx_tiles();
-// Decode tokens attention split across the team (a thread a run of keys,
+// Decode tokens whose attention was split across the team (a thread a run of keys,
 // then of output columns; the same bits as one thread's), every thread since start.
 int64_t attention_split_tokens();
 // Whether this build has that path for bf16 (true) or fp32 activations: AVX-512
