@@ -835,6 +835,12 @@ def batch_tpot(model, settings, batches=(1, 16, 64, 128, 256), sampled=False):
     tokens each, eos ignored: issue 17's table), per setting (runtime_under), one
     Runtime each. TPOT: the median over the batch's requests of (last
     token's time - first token's time) / 127; the second of two rounds.
+    Beside it ("steady"), the median over requests of the time a token once
+    every request of the batch has its first one: from 128 sequences up the
+    prompts (B x 128 tokens) take more than one 8,192-token step, and the
+    requests served first decode beside the later prompts' prefill steps,
+    which TPOT counts and a static batch (the torch.compile peer: every
+    prefill, then every decode step) does not.
     sampled: temperature 0.8, top_p 0.95 instead of greedy."""
     import pagedrt
 
@@ -851,16 +857,27 @@ def batch_tpot(model, settings, batches=(1, 16, 64, 128, 256), sampled=False):
                 for trial in range(2):  # the first makes the step shapes (and their recordings)
                     rids = [rt.submit(rng.integers(0, 128000, size=128).tolist(), params) for _ in range(B)]
                     first, tpot, pending = {}, [], set(rids)
+                    arrivals = {rid: [] for rid in rids}  # (time, tokens) of each event with tokens
                     while pending:
                         for ev in rt.poll(list(pending), timeout=1.0):
                             now = time.perf_counter()
                             if ev.token_ids:
                                 first.setdefault(ev.request_id, now)
+                                arrivals[ev.request_id].append((now, len(ev.token_ids)))
                             if ev.request_finished:
                                 pending.discard(ev.request_id)
                                 tpot.append((now - first[ev.request_id]) / 127 * 1e3)
+                    all_started = max(first.values())
+                    steady = []
+                    for got in arrivals.values():
+                        after = [(t, n) for t, n in got if t > all_started]
+                        if len(after) > 1:
+                            steady.append((after[-1][0] - after[0][0]) / sum(n for _, n in after[1:]) * 1e3)
                 r[key][B] = statistics.median(tpot)
-                print(f"{key}: batch {B:4d} TPOT {r[key][B]:.3f} ms", flush=True)
+                r[key][f"{B}_steady"] = statistics.median(steady) if steady else None
+                print(f"{key}: batch {B:4d} TPOT {r[key][B]:.3f} ms"
+                      + (f", steady {r[key][f'{B}_steady']:.3f} ms (once every request has its first token)"
+                         if steady else ""), flush=True)
     return r
 
 
