@@ -3,7 +3,7 @@
 #
 #   bash tools/gpu_check.sh [STAGE ...]      (from the repo root; default: all stages)
 #
-# Stages: env build wheels optests ncu fp8kv fp8gemm fp8e2e diag make8b newshapes make8bfp8 make8btok smol tests e2e bench attn prefill gemm serve servecpu structured steptrace graphlog structold structab masks spec harness kvpool tp det b256 profile cpuscale fp8q lcpp xeon abbuild ab
+# Stages: env build wheels optests ncu fp8kv fp8gemm fp8e2e diag make8b newshapes make8bfp8 make8btok smol tests e2e bench attn prefill gemm serve servecpu structured steptrace graphlog structold structab masks spec harness kvpool tp det b256 profile cpuscale context fp8q lcpp xeon abbuild ab
 #   env      nvidia-smi, versions
 #   build    pip install --no-build-isolation --no-deps . with PAGEDRT_CUDA=ON
 #   wheels   only the wheels carried in .whl/ (a later call of a warm machine, built already)
@@ -94,6 +94,10 @@
 #            -> $OUT/profile_NAME.json
 #   cpuscale the CPU backend on this machine's cores: tools/bench.py latency and batched,
 #            SmolLM2 bf16, pagedrt only, 1 to 16 threads (needs the smol stage)
+#   context  the CPU backend on this machine's cores (issue 20): tools/bench_context.py, batch-1 TPOT at 16, 2,000
+#            and 8,000 tokens of context, a decode token split across the team (the default where its items
+#            leave half the threads idle) against PAGEDRT_CPU_SPLIT_DECODE=0, SmolLM2's widths (random,
+#            $SMOLRAND, made here), at $CONTEXT_THREADS ("16 8") threads -> $OUT/context_T*.json
 #   fp8q     tools/fp8_quality.py --device cuda on SmolLM2 (needs smol): fp8 weights' top-1 agreement and
 #            perplexity against bf16
 #   lcpp     builds llama-cpp-python for this host's CPU from .devcarry_b/lcpp_slim.tar.xz (or $STASH)
@@ -535,6 +539,17 @@ if has cpuscale && [ -d "$WORK/smolpkg" ]; then
     [ "$(left)" -gt 40 ] || break
     (cd /tmp && timeout $(( $(left) - 20 )) $PY "$OLDPWD/tools/bench.py" --threads $t --peers "" --dtypes bfloat16 \
        --workloads latency,batched --runs 1 --json "$OUT/cpu_threads_$t.json" 2>/dev/null | grep -E "pagedrt|engine|threads")
+  done
+fi
+
+if has context; then
+  stage context
+  [ -f "$SMOLRAND/config.json" ] || timeout 100 $PY tools/make_random_llama.py "$SMOLRAND" --preset smollm2-135m >/dev/null
+  for t in ${CONTEXT_THREADS:-16 8}; do
+    [ "$(left)" -gt 60 ] || break
+    (cd /tmp && timeout $(( $(left) - 20 )) $PY "$OLDPWD/tools/bench_context.py" --model "$SMOLRAND" --threads "$t" \
+       --contexts 16,2000,8000 --new 64 --pairs 3 --ab PAGEDRT_CPU_SPLIT_DECODE=0 --json "$OUT/context_T$t.json" 2>&1 \
+       | tail -5)
   done
 fi
 
