@@ -144,6 +144,8 @@ smol_structured() {
 }
 stage() { echo; echo "=== $1 (t=$(( $(date +%s) - START ))s, $(left)s left) ==="; }
 has() { [[ " $STAGES " == *" $1 "* ]]; }
+# a random model of SmolLM2-135M's widths at $SMOLRAND (newshapes, context), made once
+smolrand() { [ -f "$SMOLRAND/config.json" ] || timeout 100 $PY tools/make_random_llama.py "$SMOLRAND" --preset smollm2-135m; }
 
 if has env; then
   stage env
@@ -211,7 +213,7 @@ fi
 
 if has newshapes; then
   stage newshapes
-  [ -f "$SMOLRAND/config.json" ] || timeout 100 $PY tools/make_random_llama.py "$SMOLRAND" --preset smollm2-135m
+  smolrand
   for model in "$SMOLRAND" "$LLAMA8B"; do
     [ -f "$model/config.json" ] && [ "$(left)" -gt 60 ] || continue
     (cd /tmp && timeout $(( $(left) - 10 )) $PY "$OLDPWD/tools/bench_cuda.py" new_shapes \
@@ -544,7 +546,7 @@ fi
 
 if has context; then
   stage context
-  [ -f "$SMOLRAND/config.json" ] || timeout 100 $PY tools/make_random_llama.py "$SMOLRAND" --preset smollm2-135m >/dev/null
+  smolrand >/dev/null
   for t in ${CONTEXT_THREADS:-16 8}; do
     [ "$(left)" -gt 60 ] || break
     (cd /tmp && timeout $(( $(left) - 20 )) $PY "$OLDPWD/tools/bench_context.py" --model "$SMOLRAND" --threads "$t" \
