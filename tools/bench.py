@@ -540,13 +540,17 @@ def add_ratios(rows):
 
 
 def weight_params(model: Path) -> int:
-    """Parameters in the model's safetensors (from their headers)."""
-    n = 0
+    """Parameters a decode token reads, from the safetensors' headers: every
+    tensor's but the embedding table's where the model has an lm_head of its
+    own (a token reads one row of the table; a tied table is the lm head)."""
+    shapes = {}
     for f in model.glob("*.safetensors"):
         with open(f, "rb") as fh:
             header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
-        n += sum(math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
-    return n
+        shapes.update((k, t["shape"]) for k, t in header.items() if k != "__metadata__")
+    if "lm_head.weight" in shapes:
+        shapes.pop("model.embed_tokens.weight", None)
+    return sum(math.prod(shape) for shape in shapes.values())
 
 
 # Bytes a weight takes in an engine row's format (the name of its variant).

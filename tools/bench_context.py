@@ -15,7 +15,10 @@ mean of the two short runs in the same process), which takes out most of a
 shared VM's drift between runs. --ab: settings "VAR=value[,VAR=value]"
 separated by ";", each run against the default (no variable set); the
 greedy tokens must agree between settings that change no arithmetic, and the
-table says whether they did.
+table says whether they did. On the CPU the run first measures the machine's
+ceilings (tools/cpu_ceilings.py, at --threads) and gives each TPOT as a
+fraction of its bandwidth floor: a token reads the weights and the context's
+K and V once, (weight bytes + mean context x KV bytes a token) / read rate.
 """
 from __future__ import annotations
 
@@ -25,6 +28,9 @@ import os
 import statistics
 import subprocess
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # cpu_ceilings, bench
+from bench import weight_params  # noqa: E402
 
 
 def one_run(model, device, threads, contexts, new) -> dict:
@@ -41,6 +47,9 @@ def one_run(model, device, threads, contexts, new) -> dict:
     rng = np.random.default_rng(0)
     out, digest = [], hashlib.sha256()
     with pagedrt.Runtime(model, **kw) as rt:
+        st = rt.stats()
+        kv_token = st.kv_cache_bytes / (st.num_blocks * st.block_size)  # every layer's K and V of one token
+        weights = weight_params(rt.model_path) * {"float32": 4}.get(rt.model_info.weight_dtype, 2)  # bf16, fp16
         for n in list(contexts) + [contexts[0]]:
             rid = rt.submit(rng.integers(100, 30000, size=n).tolist(), by_id=True, max_tokens=new,
                             ignore_eos=True, temperature=0.0)
@@ -52,7 +61,8 @@ def one_run(model, device, threads, contexts, new) -> dict:
                         digest.update(np.asarray(ev.token_ids, np.int64).tobytes())
                     done = ev.request_finished
             out.append((times[-1] - times[0]) / (len(times) - 1) * 1e3)
-    return {"tpot_ms": out, "tokens_sha256": digest.hexdigest()[:16]}
+    return {"tpot_ms": out, "tokens_sha256": digest.hexdigest()[:16], "weight_bytes": weights,
+            "kv_bytes_per_token": kv_token}
 
 
 def main(argv=None):
@@ -79,6 +89,13 @@ def main(argv=None):
            str(args.threads), "--contexts", args.contexts, "--new", str(args.new)]
     if args.model:
         cmd += ["--model", args.model]
+    ceilings = None
+    if args.device == "cpu":  # a CPU figure holds as a fraction of the ceilings measured with it
+        import pagedrt
+        from cpu_ceilings import measure
+        # the working set at which to measure the read rate too: the weights in bf16
+        ceilings = measure(args.threads or None,
+                           working_sets=[2 * weight_params(pagedrt.resolve_model(args.model, progress=False))])
     runs = {name: [] for name, _ in settings}
     for i in range(args.pairs):
         for name, env in settings:
@@ -101,10 +118,31 @@ def main(argv=None):
         summary[name] = {"tpot_ms_median": med, "relative_to_first_median": rel, "tokens": hashes, "runs": rs}
         print(f"| {name} | " + " | ".join(f"{m:.2f}" for m in med) + " | "
               + " | ".join(f"{x:.3f}" for x in rel) + f" | {', '.join(hashes)} |")
+    floors = floor_ms(ceilings, runs, contexts, args.new)
+    if floors:
+        print(f"\nceilings ({ceilings['threads']} threads): read {floors['read_GBps']:.1f} GB/s, fp32 GEMM "
+              f"{ceilings['gemm_GFLOPs']:.0f} GFLOP/s; bandwidth floor a token "
+              + ", ".join(f"{n}: {m:.2f} ms" for n, m in zip(contexts, floors["ms"])))
+        for name, row in summary.items():
+            row["of_floor"] = [f / t for f, t in zip(floors["ms"], row["tpot_ms_median"])]
+            print(f"  {name}: of the floor " + ", ".join(f"{n}: {x:.2f}" for n, x in zip(contexts, row["of_floor"])))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": args.device, "threads": args.threads, "contexts": contexts, "new": args.new,
-                       "settings": summary}, f, indent=1)
+                       "ceilings": ceilings, "floor": floors, "settings": summary}, f, indent=1)
+
+
+def floor_ms(ceilings, runs, contexts, new):
+    """ms a token at each context if it cost one read of the weights and of its
+    mean context's K and V (the prompt plus half the new tokens) at the
+    ceilings' read rate (cpu_ceilings.floor_GBps); None where unmeasured."""
+    from cpu_ceilings import floor_GBps
+    first = next(iter(runs.values()))[0]
+    bw = floor_GBps(ceilings, first["weight_bytes"])
+    if not bw:
+        return None
+    per = [(first["weight_bytes"] + (n + new / 2) * first["kv_bytes_per_token"]) for n in contexts]
+    return {"read_GBps": bw, "bytes": per, "ms": [b / (bw * 1e9) * 1e3 for b in per]}
 
 
 if __name__ == "__main__":
