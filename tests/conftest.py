@@ -141,6 +141,23 @@ def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
+def finished_events(rt, ids, timeout=1.0, deadline_s=600.0):
+    """Yields the events of the requests `ids` (submitted already) until every one
+    has finished (its request_finished event is the last it yields); fails
+    when some are still running after deadline_s seconds. rt: a pagedrt.Runtime,
+    or its _core.Runtime (poll_requests)."""
+    import time
+    pending = set(ids)
+    deadline = time.monotonic() + deadline_s
+    poll = rt.poll_requests if hasattr(rt, "poll_requests") else rt.poll
+    while pending:
+        assert time.monotonic() < deadline, f"requests {sorted(pending)} never finished"
+        for ev in poll(list(pending), timeout):
+            yield ev
+            if ev.request_finished:
+                pending.discard(ev.request_id)
+
+
 def run_all(rt, prompts, **params):
     """Submits every prompt at once (greedy unless told otherwise) and waits for all;
     returns (tokens, logits rows or None) per prompt, in order. Fails on an error event.
@@ -152,15 +169,11 @@ def run_all(rt, prompts, **params):
     per = per if isinstance(per, (list, tuple)) else [per] * len(prompts)
     ids = [rt.submit(list(p), pagedrt.SamplingParams(max_tokens=m, **params)) for p, m in zip(prompts, per)]
     got = {i: ([], []) for i in ids}
-    done = set()
-    while len(done) < len(ids):
-        for ev in rt.poll(timeout=1.0):
-            got[ev.request_id][0].extend(ev.token_ids)
-            if ev.logits is not None:
-                got[ev.request_id][1].append(ev.logits)
-            if ev.request_finished:
-                assert ev.error is None, ev.error
-                done.add(ev.request_id)
+    for ev in finished_events(rt, ids):
+        got[ev.request_id][0].extend(ev.token_ids)
+        if ev.logits is not None:
+            got[ev.request_id][1].append(ev.logits)
+        assert ev.error is None, ev.error
     return [(got[i][0], np.concatenate(got[i][1]) if got[i][1] else None) for i in ids]
 
 

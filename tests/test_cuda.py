@@ -19,7 +19,7 @@ import pytest
 
 import argmax_cases
 import pagedrt
-from conftest import SMOL_PROMPTS, bf, paged_batch, run_all, set_batch
+from conftest import SMOL_PROMPTS, bf, finished_events, paged_batch, run_all, set_batch
 from pagedrt import _core, _testing
 
 pytestmark = [pytest.mark.cuda,
@@ -1030,13 +1030,10 @@ def test_device_sampling_draws_the_reference_token(tiny_llama):
         ids = [rt.submit(prompts[i], pagedrt.SamplingParams(max_tokens=1, seed=seed, n=3, **settings[j]))
                for i, j, seed in reqs]
         ids.append(rt.submit(prompts[0], pagedrt.SamplingParams(max_tokens=1, temperature=0.9, return_logits=True)))
-        got, done = {}, set()
-        while len(done) < len(ids):
-            for ev in rt.poll(timeout=1.0):
-                assert ev.error is None, ev.error
-                got.setdefault((ev.request_id, ev.index), []).extend(ev.token_ids)
-                if ev.request_finished:
-                    done.add(ev.request_id)
+        got = {}
+        for ev in finished_events(rt, ids):
+            assert ev.error is None, ev.error
+            got.setdefault((ev.request_id, ev.index), []).extend(ev.token_ids)
     checked = differ = 0
     for rid, (i, j, seed) in zip(ids, reqs):
         st = settings[j]
@@ -1069,13 +1066,9 @@ def test_device_sampling_is_batch_invariant(tiny_llama):
                                              dict(temperature=1.0, repetition_penalty=1.3)])]
         mine = rt.submit(prompt, pagedrt.SamplingParams(**params))
         toks = {r: [] for r in busy + [mine]}
-        done = set()
-        while len(done) < len(toks):
-            for ev in rt.poll(timeout=1.0):
-                assert ev.error is None, ev.error
-                toks[ev.request_id].extend(ev.token_ids)
-                if ev.request_finished:
-                    done.add(ev.request_id)
+        for ev in finished_events(rt, toks):
+            assert ev.error is None, ev.error
+            toks[ev.request_id].extend(ev.token_ids)
     assert len(alone) == 40 and toks[mine] == alone
 
 
@@ -1145,13 +1138,9 @@ def test_masked_greedy_rows_keep_their_masks_beside_device_draws(tiny_llama):
             p.seed, p.has_seed = 5 + i, True
             reqs.append(rt._rt.submit([5, 6, 7, 8 + i, 9], p, f"r{i}", True))
         outs = {r: [] for r in reqs}
-        pending = set(reqs)
-        while pending:
-            for ev in rt._rt.poll_requests(list(pending), 1.0):
-                assert not ev.error, ev.error
-                outs[ev.request_id].extend(ev.token_ids)
-                if ev.request_finished:
-                    pending.discard(ev.request_id)
+        for ev in finished_events(rt._rt, reqs):
+            assert not ev.error, ev.error
+            outs[ev.request_id].extend(ev.token_ids)
         draws = rt.stats().device_draws
     assert all(len(t) == 24 for t in outs.values())
     assert draws >= 2 * 24  # the neighbours were drawn on the device
@@ -1178,14 +1167,10 @@ def _run_masked(rt, specs, allowed_of):
         p.seed, p.has_seed = seed, True
         rt._rt.submit([5, 6, 7, seed % 50 + 8, 9], p, name, True)
     outs = {name: ([], "") for name, *_ in specs}
-    pending = set(outs)
-    while pending:
-        for ev in rt._rt.poll_requests(list(pending), 1.0):
-            outs[ev.request_id][0].extend(ev.token_ids)
-            if ev.error:
-                outs[ev.request_id] = (outs[ev.request_id][0], ev.error)
-            if ev.request_finished:
-                pending.discard(ev.request_id)
+    for ev in finished_events(rt._rt, outs):
+        outs[ev.request_id][0].extend(ev.token_ids)
+        if ev.error:
+            outs[ev.request_id] = (outs[ev.request_id][0], ev.error)
     return outs
 
 
@@ -1514,14 +1499,11 @@ def test_smollm2_structured_device_picks_equal_host_picks():
         def first_of_pair(**neighbour):  # asks[0]'s tokens beside asks[1] (8 steps of 2 rows either way)
             ids = [rt.submit(asks[0], by_id=True, max_tokens=8, temperature=0.0, ignore_eos=True),
                    rt.submit(asks[1], by_id=True, max_tokens=8, temperature=0.0, ignore_eos=True, **neighbour)]
-            got, pending = [], set(ids)
-            while pending:
-                for ev in rt.poll(list(pending), timeout=1.0):
-                    assert ev.error is None, ev.error
-                    if ev.request_id == ids[0]:
-                        got += ev.token_ids
-                    if ev.request_finished:
-                        pending.discard(ev.request_id)
+            got = []
+            for ev in finished_events(rt, ids):
+                assert ev.error is None, ev.error
+                if ev.request_id == ids[0]:
+                    got += ev.token_ids
             return got
         plain, beside = first_of_pair(), first_of_pair(json_schema=schema)
     stopped = 0
@@ -1698,17 +1680,13 @@ def _collect(rt, prompts, params):
     """Every request's (token ids, finish reason, logprobs) by sample index."""
     ids = [rt.submit(p, sp) for p, sp in zip(prompts, params)]
     got = {rid: {} for rid in ids}
-    done = set()
-    while len(done) < len(ids):
-        for ev in rt.poll(timeout=5.0):
-            assert ev.error is None, ev.error
-            toks, reason, lps = got[ev.request_id].setdefault(ev.index, ([], [None], []))
-            toks.extend(ev.token_ids)
-            lps.extend((lp.token_id, lp.logprob) for lp in ev.logprobs or [])
-            if ev.finished:
-                reason[0] = ev.finish_reason
-            if ev.request_finished:
-                done.add(ev.request_id)
+    for ev in finished_events(rt, ids, timeout=5.0):
+        assert ev.error is None, ev.error
+        toks, reason, lps = got[ev.request_id].setdefault(ev.index, ([], [None], []))
+        toks.extend(ev.token_ids)
+        lps.extend((lp.token_id, lp.logprob) for lp in ev.logprobs or [])
+        if ev.finished:
+            reason[0] = ev.finish_reason
     return [got[rid] for rid in ids]
 
 

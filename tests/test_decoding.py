@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import pagedrt
+from conftest import finished_events
 
 BLOCK = 4
 
@@ -163,12 +164,8 @@ def test_mixed_batch_equals_alone(eos_model):
     with runtime(path, max_num_batched_tokens=20) as rt:
         ids = [rt.submit(p, **kw) for p, kw in reqs]
         got = {i: {} for i in ids}
-        done = set()
-        while len(done) < len(ids):
-            for ev in rt.poll(timeout=1.0):
-                got[ev.request_id].setdefault(ev.index, []).extend(ev.token_ids)
-                if ev.request_finished:
-                    done.add(ev.request_id)
+        for ev in finished_events(rt, ids):
+            got[ev.request_id].setdefault(ev.index, []).extend(ev.token_ids)
     assert [[got[i][j] for j in sorted(got[i])] for i in ids] == alone
 
 

@@ -21,6 +21,7 @@ import pytest
 import pagedrt
 from pagedrt import _testing
 from pagedrt import _core
+from conftest import finished_events
 
 MAX_TOKENS = 12
 # SmolLM2's KV bytes a block (30 layers, K and V, 3 kv heads x 64, 16 tokens) per activation byte
@@ -40,16 +41,12 @@ def gather(rt, requests, target: int) -> tuple[list[np.ndarray], list[list[int]]
     ids = [rt.submit(p, by_id=True, **params) for p, params in requests]
     rows: dict[int, list] = {}
     tokens: dict[int, list] = {}
-    pending = set(ids)
-    while pending:
-        for ev in rt.poll(list(pending), timeout=1.0):
-            assert ev.error is None, ev.error
-            if ev.request_id == ids[target]:
-                if ev.logits is not None:
-                    rows.setdefault(ev.index, []).append(np.asarray(ev.logits))
-                tokens.setdefault(ev.index, []).extend(ev.token_ids)
-            if ev.request_finished:
-                pending.discard(ev.request_id)
+    for ev in finished_events(rt, ids):
+        assert ev.error is None, ev.error
+        if ev.request_id == ids[target]:
+            if ev.logits is not None:
+                rows.setdefault(ev.index, []).append(np.asarray(ev.logits))
+            tokens.setdefault(ev.index, []).extend(ev.token_ids)
     out = [np.concatenate(rows[i])[-MAX_TOKENS:] for i in sorted(rows)]
     return out, [tokens[i] for i in sorted(tokens)], rt.stats()
 

@@ -17,7 +17,8 @@ import pytest
 
 import pagedrt
 from pagedrt import _core
-from pagedrt.structured import Constraints, allowed_tokens, grammar_of
+from pagedrt.structured import allowed_tokens, grammar_of
+from conftest import finished_events
 
 from test_structured import SCHEMAS
 
@@ -122,12 +123,7 @@ def test_a_finished_request_id_takes_a_new_constraint_at_once(tiny_sp):
     with pagedrt.Runtime(tiny_sp, device="cpu") as r:
         for pattern in (r"[ab]{2,4}", r"x=[0-9]{1,3};", r"(yes|no)!"):
             rid = r.submit("the quick", request_id="same", max_tokens=20, temperature=1.0, seed=1, regex=pattern)
-            text = []
-            done = False
-            while not done:
-                for ev in r.poll(rid, timeout=1.0):
-                    text.append(ev.text)
-                    done = done or ev.request_finished
+            text = [ev.text for ev in finished_events(r, [rid])]
             assert re.fullmatch(pattern, "".join(text)), (pattern, text)
 
 

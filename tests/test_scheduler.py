@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import pagedrt
+from conftest import finished_events
 
 BLOCK = 4
 
@@ -46,14 +47,12 @@ def workload():
 
 def run_all(rt, reqs):
     ids = [rt.submit(p, max_tokens=m, ignore_eos=True, temperature=0) for p, m in reqs]
-    out, done, preempted = {i: [] for i in ids}, set(), {}
-    while len(done) < len(ids):
-        for ev in rt.poll(timeout=1.0):
-            out[ev.request_id] += ev.token_ids
-            preempted[ev.request_id] = ev.num_preemptions
-            if ev.finished:
-                assert ev.finish_reason == "length", ev.error
-                done.add(ev.request_id)
+    out, preempted = {i: [] for i in ids}, {}
+    for ev in finished_events(rt, ids):
+        out[ev.request_id] += ev.token_ids
+        preempted[ev.request_id] = ev.num_preemptions
+        if ev.finished:
+            assert ev.finish_reason == "length", ev.error
     return [out[i] for i in ids], preempted
 
 
@@ -105,15 +104,10 @@ def run_forks(rt):
     for prompt, i in FORK_REQS:
         kw = dict(n=3, temperature=1.0, seed=i) if i % 2 else dict(beam_width=3, temperature=0)
         ids.append(rt.submit(prompt, max_tokens=12, ignore_eos=True, **kw))
-    out, errors, pending = {i: {} for i in ids}, {i: "" for i in ids}, set(ids)
-    deadline = time.monotonic() + 120
-    while pending:
-        assert time.monotonic() < deadline, f"requests {sorted(pending)} never finished"
-        for ev in rt.poll(timeout=1.0):
-            out[ev.request_id].setdefault(ev.index, []).extend(ev.token_ids)
-            errors[ev.request_id] = errors[ev.request_id] or (ev.error or "")
-            if ev.request_finished:
-                pending.discard(ev.request_id)
+    out, errors = {i: {} for i in ids}, {i: "" for i in ids}
+    for ev in finished_events(rt, ids, deadline_s=120):
+        out[ev.request_id].setdefault(ev.index, []).extend(ev.token_ids)
+        errors[ev.request_id] = errors[ev.request_id] or (ev.error or "")
     return [out[i] for i in ids], [errors[i] for i in ids]
 
 

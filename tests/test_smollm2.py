@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import pagedrt
-from conftest import SMOL_PROMPTS
+from conftest import SMOL_PROMPTS, finished_events
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from hf_cache import cache_arg  # noqa: E402
@@ -52,12 +52,7 @@ def test_logits_match_transformers(smol, hf_model):
     ids = pagedrt.Tokenizer.from_model_dir(smol).encode(SMOL_PROMPTS[2])
     with pagedrt.Runtime(smol, device="cpu", dtype="float32") as rt:
         rid = rt.submit(ids, max_tokens=1, return_logits=True, temperature=0)
-        rows, done = [], False
-        while not done:
-            for ev in rt.poll(rid, timeout=1.0):
-                if ev.logits is not None:
-                    rows.append(ev.logits)
-                done = ev.finished
+        rows = [ev.logits for ev in finished_events(rt, [rid]) if ev.logits is not None]
     ours = np.concatenate(rows).astype(np.float64)
     with torch.no_grad():
         ref = hf_model(torch.tensor([ids])).logits[0].double().numpy()

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import pagedrt
+from conftest import finished_events
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from workloads import speculative_prompts  # noqa: E402
@@ -40,13 +41,9 @@ def assert_each_equals_plain(rt, ids, variants, plain):
     """Waits for the requests `ids` (submitted together) and checks each
     sequence's tokens against its plain run's."""
     tokens = {rid: {} for rid in ids}
-    pending = set(ids)
-    while pending:
-        for ev in rt.poll(list(pending), timeout=1.0):
-            assert ev.error is None
-            tokens[ev.request_id].setdefault(ev.index, []).extend(ev.token_ids)
-            if ev.request_finished:
-                pending.discard(ev.request_id)
+    for ev in finished_events(rt, ids):
+        assert ev.error is None
+        tokens[ev.request_id].setdefault(ev.index, []).extend(ev.token_ids)
     for kw, want, rid in zip(variants, plain, ids):
         got = tokens[rid]
         assert [got[i] for i in sorted(got)] == [o.token_ids for o in want.outputs], kw
@@ -152,14 +149,11 @@ def test_sampling_keeps_the_distribution(tiny_llama, spec):
                                   ngram_min=1, **s)
                        for k in range(1500)]
                 toks = {rid: [] for rid in ids}
-                pending = set(ids)
-                while pending:
-                    for ev in trt.poll(list(pending), timeout=1.0):
-                        toks[ev.request_id] += ev.token_ids
-                        if ev.request_finished:
-                            proposed += ev.spec_proposed
-                            accepted += ev.spec_accepted
-                            pending.discard(ev.request_id)
+                for ev in finished_events(trt, ids):
+                    toks[ev.request_id] += ev.token_ids
+                    if ev.request_finished:
+                        proposed += ev.spec_proposed
+                        accepted += ev.spec_accepted
                 pairs = {}
                 for t in toks.values():
                     pairs[(t[1], t[2])] = pairs.get((t[1], t[2]), 0) + 1
@@ -283,12 +277,10 @@ def test_spec_bound_replays_the_engines_rule(rt, prompts):
         for ids in prompts[kind]:
             rid = rt.submit(ids, by_id=True, max_tokens=48, temperature=0.0, speculative="ngram",
                             num_speculative_tokens=8)
-            answer, steps, done = [], -1, False  # decode steps: the token events after the prompt's
-            while not done:
-                for ev in rt.poll(rid, timeout=1.0):
-                    steps += bool(ev.token_ids)
-                    answer += ev.token_ids
-                    done |= ev.request_finished
+            answer, steps = [], -1  # decode steps: the token events after the prompt's
+            for ev in finished_events(rt, [rid]):
+                steps += bool(ev.token_ids)
+                answer += ev.token_ids
             replay, _ = tokens_per_step(list(ids), answer, 8, **PROPOSERS["engine"])
             oracle, _ = tokens_per_step(list(ids), answer, 8, **PROPOSERS["oracle"])
             assert replay - 1 <= steps <= 1.1 * (replay - 1) + 1, (kind, steps, replay)

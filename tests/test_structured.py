@@ -17,6 +17,7 @@ import pytest
 import pagedrt
 from pagedrt import _core
 from pagedrt.structured import allowed_tokens
+from conftest import finished_events
 
 ASK = [{"role": "user", "content": "Describe a fictional person as JSON."}]
 
@@ -95,12 +96,8 @@ def test_unconstrained_neighbours_are_unaffected(rt):
     cons = [rt.submit(ASK, max_tokens=40, temperature=0.7, seed=i, json_schema=SCHEMAS[i], by_id=True)
             for i in range(3)]
     got = {rid: [] for rid in ids + cons}
-    pending = set(got)
-    while pending:
-        for ev in rt.poll(list(pending), timeout=1.0):
-            got[ev.request_id] += ev.token_ids
-            if ev.request_finished:
-                pending.discard(ev.request_id)
+    for ev in finished_events(rt, got):
+        got[ev.request_id] += ev.token_ids
     assert [got[r] for r in ids] == alone
 
 
@@ -149,12 +146,8 @@ def test_the_sampler_picks_only_masked_tokens(tiny_sp, async_scheduling):
         p.n = 2 if i == 2 else 1
         ids.append(rt._rt.submit([5, 6, 7, 8 + i], p, f"m{i}", True))
     outs: dict[tuple[str, int], list] = {}
-    pending = set(ids)
-    while pending:
-        for ev in rt._rt.poll_requests(list(pending), 1.0):
-            outs.setdefault((ev.request_id, ev.index), []).extend(ev.token_ids)
-            if ev.request_finished:
-                pending.discard(ev.request_id)
+    for ev in finished_events(rt._rt, ids):
+        outs.setdefault((ev.request_id, ev.index), []).extend(ev.token_ids)
     assert len(outs) == 4, {k: len(v) for k, v in outs.items()}
     for (rid, index), toks in outs.items():
         assert len(toks) == 12, {k: len(v) for k, v in outs.items()}
@@ -211,13 +204,10 @@ def _constrained_mix(r, sampled):
                    for i in range(2)]
     ids = [r.submit(f"the quick {i}", sp, by_id=True) for i, sp in enumerate(params)]
     got = {rid: ([], [None]) for rid in ids}
-    pending = set(ids)
-    while pending:
-        for ev in r.poll(list(pending), timeout=5.0):
-            got[ev.request_id][0].extend(ev.token_ids)
-            if ev.request_finished:
-                got[ev.request_id][1][0] = ev.finish_reason
-                pending.discard(ev.request_id)
+    for ev in finished_events(r, ids, timeout=5.0):
+        got[ev.request_id][0].extend(ev.token_ids)
+        if ev.request_finished:
+            got[ev.request_id][1][0] = ev.finish_reason
     return [(toks, reason[0]) for toks, reason in (got[rid] for rid in ids)]
 
 
@@ -410,12 +400,8 @@ def test_checked_picks_beside_other_requests_and_constraints(smol):
             r._rt.set_token_mask_provider(cons.fill, cons.release, cons.busy_threads, validate)
             ids = [r.submit(a, by_id=True, max_tokens=32, temperature=0, **k) for a, k in zip(asks, kinds)]
             toks = {rid: [] for rid in ids}
-            pending = set(ids)
-            while pending:
-                for ev in r.poll(list(pending), timeout=1.0):
-                    toks[ev.request_id] += ev.token_ids
-                    if ev.request_finished:
-                        pending.discard(ev.request_id)
+            for ev in finished_events(r, ids):
+                toks[ev.request_id] += ev.token_ids
             results.append([toks[i] for i in ids])
         assert r.stats().mask_rows_checked > 0
     assert results[0] == results[1]

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import pagedrt
-from conftest import run_all
+from conftest import finished_events, run_all
 from test_forward import reference_greedy, reference_logits, rel_err, run_request
 
 REL_TOL = 1e-4
@@ -115,11 +115,8 @@ def test_engine_features_under_tensor_parallelism(tiny_llama):
             rid = rt.submit(prompts[2], pagedrt.SamplingParams(n=3, temperature=1.0, seed=11, max_tokens=12,
                                                                ignore_eos=True))
             outs = {}
-            done = False
-            while not done:
-                for ev in rt.poll(rid, timeout=1.0):
-                    outs.setdefault(ev.index, []).extend(ev.token_ids)
-                    done = done or ev.request_finished
+            for ev in finished_events(rt, [rid]):
+                outs.setdefault(ev.index, []).extend(ev.token_ids)
             samples[size] = outs
             assert rt.stats().blocks_used == 0
     assert samples[2] == samples[1]
