@@ -5,7 +5,8 @@
 #
 # Stages: env build wheels optests ncu fp8kv fp8gemm fp8e2e diag make8b newshapes make8bfp8 make8btok smol tests e2e bench attn prefill gemm serve servecpu structured steptrace graphlog structold structab masks spec harness kvpool tp det b256 profile cpuscale context fp8q lcpp xeon abbuild ab
 #   env      nvidia-smi, versions
-#   build    pip install --no-build-isolation --no-deps . with PAGEDRT_CUDA=ON
+#   build    pip install --no-build-isolation --no-deps . with PAGEDRT_CUDA=ON (or, in seconds, the wheel
+#            tools/gpu_wheel.sh built of the same sources, carried in .devcarry_c)
 #   wheels   only the wheels carried in .whl/ (a later call of a warm machine, built already)
 #   optests  tests/test_cuda.py without the model end-to-end tests (fast; $OPTESTS_K: a -k expression
 #            to narrow it further); the whole pytest output in $OUT/optests.txt
@@ -129,6 +130,8 @@ START=$(date +%s)
 LOG="$OUT/gpu_check.log"
 exec > >(tee -a "$LOG") 2>&1
 export PYTHONUNBUFFERED=1 PAGEDRT_CACHE="$WORK/cache" PATH="/usr/local/cuda/bin:$PATH"
+# A wheel built elsewhere (tools/gpu_wheel.sh) finds the toolkit's libcublasLt.so.13 here
+export LD_LIBRARY_PATH="/usr/local/cuda/lib64:/usr/local/cuda/targets/x86_64-linux/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export CMAKE_BUILD_PARALLEL_LEVEL=$(nproc)
 PY=${PY:-python3}
 STAGES=${*:-env build make8b smol tests bench harness}
@@ -161,8 +164,19 @@ if has build; then
   # Wheels carried in .whl/: gguf (SmolLM2's converter), FlashInfer and apache-tvm-ffi (the
   # paged-attention peer)
   ls .whl/*.whl >/dev/null 2>&1 && $PY -m pip install -q --no-deps --no-index .whl/*.whl 2>&1 | tail -2
-  SKBUILD_CMAKE_DEFINE="PAGEDRT_CUDA=ON" timeout 400 $PY -m pip install --no-build-isolation --no-deps . 2>&1 \
-    | grep -vE "^\s*(Copying|copying|adding)" | tail -25
+  # The wheel tools/gpu_wheel.sh built from these very sources, where it was carried: seconds, not minutes
+  wheel=$(ls .devcarry_c/pagedrt-*.whl 2>/dev/null | head -1)
+  if [ -n "$wheel" ] && [ -f .devcarry_c/wheel.sources ] \
+     && [ "$(head -1 .devcarry_c/wheel.sources)" = "# count $(find cpp third_party -type f | wc -l)" ] \
+     && tail -n +2 .devcarry_c/wheel.sources | sha256sum -c --quiet - >/dev/null 2>&1 \
+     && $PY -m pip install -q --no-deps --no-index --force-reinstall "$wheel" \
+     && (cd /tmp && $PY -c "from pagedrt import _core; assert _core.cuda_available()"); then
+    echo "installed the carried $wheel (built from these sources)"
+  else
+    [ -n "$wheel" ] && echo "the carried $wheel is not of these sources (or did not load): compiling"
+    SKBUILD_CMAKE_DEFINE="PAGEDRT_CUDA=ON" timeout 400 $PY -m pip install --no-build-isolation --no-deps . 2>&1 \
+      | grep -vE "^\s*(Copying|copying|adding)" | tail -25
+  fi
   (cd /tmp && $PY -c "import pagedrt; from pagedrt import _core; print('pagedrt', pagedrt.__file__, 'cuda_built', _core.cuda_built(), 'cuda_available', _core.cuda_available())") || exit 1
 fi
 
