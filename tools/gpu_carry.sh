@@ -9,6 +9,7 @@
 #   .devcarry_c/smoltok/     SmolLM2's config and tokenizer files (make8btok), from the converted default model
 #   .devcarry_c/torch_compile_llama.py   issue 17's peer, from ../shared/peers
 #   .whl/                    gguf, llguidance and diskcache wheels (pip download; the GPU host has no network)
+#   (.devcarry_c/pagedrt-*.whl, the CUDA wheel that spares a call its build: tools/gpu_wheel.sh, after each source change)
 #
 # Each call carries at most 64 MiB, the tree included: .devcarry_a and .devcarry_b never go together.
 # Not made here: .devcarry_b/lcpp_slim.tar.xz (llama-cpp-python's sdist less llama.cpp's models, docs and
