@@ -11,6 +11,9 @@
 # toolkit's lib folder on LD_LIBRARY_PATH). wheel.sources lists the sources it was built from with
 # their sha256 and how many files cpp/ and third_party/ hold: gpu_check.sh's build stage installs the
 # wheel only where every listed file is unchanged and none was added, else it compiles as before.
+# Its C++ is built for the GPU hosts' Xeons (-march=sapphirerapids, $WHEEL_MARCH; AVX-512 BF16 and AMX,
+# as a build there with -march=native has them), not for this machine: a host whose processor cannot
+# run it fails the build stage's import check, and the stage compiles there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY312=${PY312:-$(ls -d /root/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | tail -1)}
@@ -20,7 +23,8 @@ rm -rf build/gpu_wheel .devcarry_c/pagedrt-*.whl
 mkdir -p .devcarry_c
 echo "building the CUDA wheel with $PY312 (sm_90a; a few minutes on 2 cores)..."
 time $PY312 -m pip wheel . -q --no-build-isolation --no-deps -w .devcarry_c \
-  -Ccmake.define.PAGEDRT_CUDA=ON -Cbuild-dir=build/gpu_wheel
+  -Ccmake.define.PAGEDRT_CUDA=ON -Ccmake.define.PAGEDRT_NATIVE=OFF \
+  -Ccmake.define.CMAKE_CXX_FLAGS="-march=${WHEEL_MARCH:-sapphirerapids}" -Cbuild-dir=build/gpu_wheel
 {
   echo "# count $(find cpp third_party -type f | wc -l)"
   git ls-files -co --exclude-standard cpp python third_party CMakeLists.txt pyproject.toml | sort | xargs sha256sum
