@@ -360,7 +360,12 @@ void run_tiles(const Args<T>& a, int threads) {
   std::stable_sort(tiles.begin(), tiles.end(), [&](const Tile& x, const Tile& y) {
     return b.positions[x.t0 + x.n - 1] > b.positions[y.t0 + y.n - 1];
   });
+  const int64_t items = static_cast<int64_t>(tiles.size()) * Hkv;
 #ifdef PAGEDRT_VEC512
+  // Decode tokens (one query row each) whose kv heads the AVX-512 kernels
+  // can take as one unit: the two decode paths below.
+  const bool whole_tokens = a.fp8 == nullptr && heads_in_one_item<T>(a.D, G) &&
+                            std::all_of(tiles.begin(), tiles.end(), [](const Tile& t) { return t.n == 1; });
   // Decode tokens, where there are enough for every thread: all kv heads of
   // a token in one item (attend_heads; Zen 4, 32 sequences x ~200 keys,
   // SmolLM2: an item per kv head spent a quarter of the batched decode step
@@ -370,9 +375,7 @@ void run_tiles(const Args<T>& a, int threads) {
     const char* e = std::getenv("PAGEDRT_CPU_DECODE_HEADS");
     return e == nullptr || std::strcmp(e, "0") != 0;
   }();
-  if (heads_together && a.fp8 == nullptr && heads_in_one_item<T>(a.D, G) &&
-      static_cast<int64_t>(tiles.size()) >= 2 * threads &&
-      std::all_of(tiles.begin(), tiles.end(), [](const Tile& t) { return t.n == 1; })) {
+  if (heads_together && whole_tokens && static_cast<int64_t>(tiles.size()) >= 2 * threads) {
     const int64_t n = static_cast<int64_t>(tiles.size());
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
     for (int64_t i = 0; i < n; ++i) attend_token(a, tiles[i]);
@@ -387,17 +390,13 @@ void run_tiles(const Args<T>& a, int threads) {
   // 38). attention_split_rule(): PAGEDRT_CPU_SPLIT_DECODE=0 never; =1 also
   // wherever items < 2 x threads do not divide evenly (A/B runs).
   const int split_rule = attention_split_rule();
-  const int64_t items = static_cast<int64_t>(tiles.size()) * Hkv;
   const bool few = split_rule == 1 ? items < 2 * threads && items % threads != 0 : 2 * items <= threads;
-  if (split_rule != 0 && few && threads > 1 && a.fp8 == nullptr && heads_in_one_item<T>(a.D, G) &&
-      !tiles.empty() && b.positions[tiles[0].t0] + 1 >= kSplitMinKeys &&
-      std::all_of(tiles.begin(), tiles.end(), [](const Tile& t) { return t.n == 1; })) {
+  if (split_rule != 0 && few && threads > 1 && whole_tokens && !tiles.empty() &&
+      b.positions[tiles[0].t0] + 1 >= kSplitMinKeys) {
     for (const Tile& t : tiles) attend_token_split(a, t, threads, scratch());
     g_split_tokens.fetch_add(static_cast<int64_t>(tiles.size()), std::memory_order_relaxed);
     return;
   }
-#else
-  const int64_t items = static_cast<int64_t>(tiles.size()) * Hkv;
 #endif
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (items > 1)
   for (int64_t item = 0; item < items; ++item) attend(a, tiles[item / Hkv], item % Hkv);
