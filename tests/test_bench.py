@@ -6,6 +6,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 import pagedrt
 from pagedrt import _testing
 
@@ -79,6 +81,27 @@ def test_bench_tiny_mode_runs_every_workload_and_writes_its_schema(tmp_path):
         assert f"\n{wl}: " in stdout
     assert "Runtime() to first token" in stdout and "decode tok/s" in stdout and "greedy = pagedrt float32" in stdout
     assert "pagedrt bfloat16 ×" in stdout
+
+
+def test_bench_rounds_alternate_the_engines_and_take_medians_of_each_rounds_own_figures(tmp_path):
+    data, stdout = run_tiny(tmp_path, "bench.py", "--workloads", "latency", "--rounds", "3")
+    rows, params = data["rows"], data["weight_params"]
+    assert len(data["ceilings_by_round"]) == 3 and all(c["read_GBps"] > 0 for c in data["ceilings_by_round"])
+    assert [r["engine"] for r in rows] == ["pagedrt bfloat16", "pagedrt float32"]
+    for r in rows:
+        assert len(r["rounds"]) == 3
+        bpw = 4 if "float32" in r["engine"] else 2
+        for x, c in zip(r["rounds"], data["ceilings_by_round"]):  # each round against its own probe
+            bw = max(c["read_GBps"], c["read_at_GBps"][str(params * bpw)])
+            assert abs(x["floor_tok_s"] - bw * 1e9 / (params * bpw)) < 1e-6 * x["floor_tok_s"]
+            assert abs(x["of_floor"] - x["decode_tok_s"] / x["floor_tok_s"]) < 1e-9
+        for key in ("decode_tok_s", "of_floor", "first_x"):  # the medians of the rounds' own figures
+            assert r[key] == sorted(x[key] for x in r["rounds"])[1]
+    # the ratio is taken within each round (engines seconds apart), not between the medians
+    bf16, f32 = rows
+    assert [x["first_x"] for x in f32["rounds"]] == [
+        pytest.approx(a["decode_tok_s"] / b["decode_tok_s"], rel=1e-12) for a, b in zip(bf16["rounds"], f32["rounds"])]
+    assert "ceilings, measured before round 3" in stdout and "latency, round by round" in stdout
 
 
 def test_bench_kv_shortcut_runs_only_the_workloads_asked(tmp_path):

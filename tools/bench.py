@@ -4,6 +4,7 @@
     python tools/bench.py --json bench.json --plot bench.png       # all workloads, every peer installed
     python tools/bench.py --workloads latency,batched --peers llama.cpp --gguf-types f16
     python tools/bench.py --workloads latency,batched --throughput-runs 3   # batched: median of 3 runs
+    python tools/bench.py --workloads latency --peers llama.cpp --rounds 5  # a noisy VM: engines alternating
     python tools/bench.py --workloads sharing,prefix --set prefix.requests=32
     python tools/bench.py --workloads mixed --peers "" --dtypes bfloat16 --kv-cache-mib 48 --kv-watermark 0,0.01
                                       # a tight KV pool: admission's watermark against none
@@ -639,6 +640,10 @@ def parser():
                         "other peers are CPU engines and are skipped")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs", type=int, default=3, help="timed latency runs (after one warm-up)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="every engine this many times, alternating, the probe again before each round; the "
+                        "tables give each figure's median over the rounds, a ratio or fraction of the floor "
+                        "the median of each round's own (for VMs whose bandwidth drifts between engines)")
     p.add_argument("--throughput-runs", type=int, default=1,
                    help="runs of the batched workload per engine; the median's row (runs_s in the JSON has all)")
     p.add_argument("--dtypes", default="bfloat16,float32", help="pagedrt weight dtypes")
@@ -690,9 +695,75 @@ def system_libstdcxx() -> str | None:
     return None
 
 
+def run_jobs(jobs, argv, a, model, t_start, errors, covered, prefix=""):
+    """One process an engine, in `jobs`' order; the rows they wrote, each tagged with its job."""
+    rows = []
+    for k, (engine, opt, wl) in enumerate(jobs, 1):
+        label = f"{engine} {opt}".strip()
+        log(f"{prefix}[{k}/{len(jobs)}] {label}: {', '.join(wl)}  ({time.perf_counter() - t_start:.0f} s so far)")
+        with tempfile.TemporaryDirectory() as d:
+            out = Path(d) / "rows.json"
+            cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--model", str(model), "--size", a.size,
+                   "--runs", str(a.runs), "--workloads", ",".join(wl), "--worker", f"{engine}:{opt}",
+                   "--worker-out", str(out)]
+            rc = subprocess.run(cmd).returncode
+            if rc == -signal.SIGSEGV and engine == "llama.cpp" and (pre := system_libstdcxx()):
+                # llama.cpp's library died in its tokenizer's set-up under a Python whose own
+                # libstdc++ came first (a GPU host's, sessions 17 and 36); with the system's it ran
+                log(f"  {label} died (SIGSEGV); again with {pre} preloaded")
+                env = dict(os.environ, LD_PRELOAD=":".join(filter(None, [pre, os.environ.get("LD_PRELOAD")])))
+                rc = subprocess.run(cmd, env=env).returncode
+            if rc == 0 and out.is_file():
+                rows += [dict(row, _job=f"{engine}:{opt}") for row in json.loads(out.read_text())]
+                covered.update(wl)
+            elif engine == "pagedrt":
+                raise SystemExit(f"{label} failed (exit status {rc})")
+            else:
+                errors.append(f"{label}: exit status {rc}")
+                log(f"  {label} failed (exit status {rc}); going on without it")
+    return rows
+
+
+def merge_rounds(rounds, params):
+    """Each round's ratios and floor fractions from its own rows and probe, then
+    one row per (job, workload, variant): every number the median over the
+    rounds that have the row (the per-round figures kept under "rounds")."""
+    for rows, ceilings in rounds:
+        first = add_ratios(rows)
+        add_floors(rows, params, ceilings)
+    if len(rounds) == 1:
+        return first, rounds[0][0]
+    merged = []
+    for row in rounds[0][0]:
+        key = (row["_job"], row["workload"], row.get("variant"))
+        same = [x for rows, _ in rounds for x in rows if (x["_job"], x["workload"], x.get("variant")) == key]
+        out = dict(row)
+        for k, v in row.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                vals = [x[k] for x in same if isinstance(x.get(k), (int, float))]
+                out[k] = statistics.median(vals) if isinstance(v, float) else int(statistics.median(vals))
+        out["rounds"] = [{k: x.get(k) for k in ("decode_tok_s", "output_tok_s", "first_x", "of_floor", "floor_tok_s")
+                          if x.get(k) is not None} for x in same]
+        merged.append(out)
+    return first, merged
+
+
+def print_rounds(rows):
+    """With --rounds: each batch-1 row's figures round by round (the tables give their medians)."""
+    lat = [r for r in rows if r["workload"] == "latency" and r.get("rounds")]
+    if not lat:
+        return
+    print("\nlatency, round by round (decode tok/s, x the first engine, of the floor):")
+    for r in lat:
+        print(f"  {r['engine']:<18}" + "  ".join(
+            f"{x['decode_tok_s']:6.1f} {x.get('first_x', 0):.2f}x {x.get('of_floor', 0):6.1%}" for x in r["rounds"]))
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     a = parser().parse_args(argv)
+    if a.rounds < 1:
+        raise SystemExit(f"--rounds {a.rounds}: at least 1")
     if a.device == "cuda" and not any(x.startswith("--dtypes") for x in argv):
         a.dtypes = "bfloat16"  # float32 on the GPU is the validation mode, not a contender
     if a.worker:
@@ -718,31 +789,18 @@ def main(argv=None):
         ceilings = measure(a.threads, weight_bytes(params, [f"{engine} {opt}" for engine, opt, _ in jobs]))
     for t in {opt for engine, opt, _ in jobs if engine == "llama.cpp"}:
         gguf_path(t)  # made here, once, not inside a timed job
-    rows, errors, covered, t_start, load_start = [], [], set(), time.perf_counter(), os.getloadavg()
-    for k, (engine, opt, wl) in enumerate(jobs, 1):
-        label = f"{engine} {opt}".strip()
-        log(f"[{k}/{len(jobs)}] {label}: {', '.join(wl)}  ({time.perf_counter() - t_start:.0f} s so far)")
-        with tempfile.TemporaryDirectory() as d:
-            out = Path(d) / "rows.json"
-            cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--model", str(model), "--size", a.size,
-                   "--runs", str(a.runs), "--workloads", ",".join(wl), "--worker", f"{engine}:{opt}",
-                   "--worker-out", str(out)]
-            rc = subprocess.run(cmd).returncode
-            if rc == -signal.SIGSEGV and engine == "llama.cpp" and (pre := system_libstdcxx()):
-                # llama.cpp's library died in its tokenizer's set-up under a Python whose own
-                # libstdc++ came first (a GPU host's, sessions 17 and 36); with the system's it ran
-                log(f"  {label} died (SIGSEGV); again with {pre} preloaded")
-                env = dict(os.environ, LD_PRELOAD=":".join(filter(None, [pre, os.environ.get("LD_PRELOAD")])))
-                rc = subprocess.run(cmd, env=env).returncode
-            if rc == 0 and out.is_file():
-                rows += json.loads(out.read_text())
-                covered.update(wl)
-            elif engine == "pagedrt":
-                raise SystemExit(f"{label} failed (exit status {rc})")
-            else:
-                errors.append(f"{label}: exit status {rc}")
-                log(f"  {label} failed (exit status {rc}); going on without it")
+    t_start, load_start = time.perf_counter(), os.getloadavg()
+    rounds, errors, covered = [], [], set()
+    job_index = {f"{engine}:{opt}": i for i, (engine, opt, _) in enumerate(jobs)}
+    for r in range(a.rounds):
+        if r > 0 and a.device == "cpu":  # the bandwidth a round's figures are fractions of, measured again
+            ceilings = measure(a.threads, weight_bytes(params, [f"{engine} {opt}" for engine, opt, _ in jobs]))
+        order = jobs[r % len(jobs):] + jobs[:r % len(jobs)]  # each engine first in some round
+        got = run_jobs(order, argv, a, model, t_start, errors, covered, f"round {r + 1}/{a.rounds} " * (a.rounds > 1))
+        got.sort(key=lambda row: job_index[row["_job"]])  # the first job's rows first: ratios are to it
+        rounds.append((got, ceilings))
     seconds = time.perf_counter() - t_start
+    first, rows = merge_rounds(rounds, params)
     rows = [r for r in rows if r["workload"] in selected]
     ref = greedy_matches(rows)
     check_schema(rows, [w for w in selected if w in covered])
@@ -751,10 +809,11 @@ def main(argv=None):
     kernel = _testing._gemm_variant()  # the CPU GEMM this processor runs
     print(f"\n{model.name} on {platform.machine()} ({cpu_name()}, CPU GEMM {kernel}), {a.threads} threads, "
           f"{date.today()}, sizes \"{a.size}\"{' ' + ' '.join(a.set) if a.set else ''}")
-    first = add_ratios(rows)
-    add_floors(rows, params, ceilings)
-    if ceilings and ceilings.get("read_GBps"):
-        print(f"ceilings, measured in this run: read {ceilings['read_1thread_GBps']:.1f} GB/s with 1 thread, "
+    for r, (_, ceilings) in enumerate(rounds):
+        if not (ceilings and ceilings.get("read_GBps")):
+            continue
+        when = f"before round {r + 1}" if len(rounds) > 1 else "in this run"
+        print(f"ceilings, measured {when}: read {ceilings['read_1thread_GBps']:.1f} GB/s with 1 thread, "
               f"{ceilings['read_GBps']:.1f} GB/s with {ceilings['threads']} (1 GiB); fp32 GEMM "
               f"{ceilings['gemm_GFLOPs']:.0f} GFLOP/s ({params / 1e6:.1f}M weights: the floor of a decode step is "
               f"one read of them, at the read rate of their size)")
@@ -764,6 +823,7 @@ def main(argv=None):
             print("  read at the weights' size, " + ", ".join(f"{int(b) / 1e6:.0f} MB: {v:.1f} GB/s" for b, v in at.items())
                   + (f" (last-level cache {llc / 2**20:.0f} MiB)" if llc else ""))
     print_tables(rows, size, a.runs, ref, a.throughput_runs, first)
+    print_rounds(rows)
     first = next((r["load_to_first_token_s"] for r in rows if "load_to_first_token_s" in r), None)
     if first is not None:
         print(f"\nRuntime() to first token (converted model): {first:.2f} s")
@@ -775,7 +835,7 @@ def main(argv=None):
     if a.json:
         Path(a.json).write_text(json.dumps(dict(
             model=model.name, threads=a.threads, date=str(date.today()), machine=platform.machine(), cpu=cpu_name(),
-            cpu_gemm=kernel, ceilings=ceilings, weight_params=params, size=a.size, sizes=size, workloads=selected, args=vars(a), seconds=seconds, errors=errors,
+            cpu_gemm=kernel, ceilings=ceilings, ceilings_by_round=[c for _, c in rounds], weight_params=params, size=a.size, sizes=size, workloads=selected, args=vars(a), seconds=seconds, errors=errors,
             loadavg_start=load_start, loadavg_end=load, rows=rows),
             indent=2))
     if a.plot and importlib.util.find_spec("matplotlib"):
