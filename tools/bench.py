@@ -749,14 +749,19 @@ def merge_rounds(rounds, params):
 
 
 def print_rounds(rows):
-    """With --rounds: each batch-1 row's figures round by round (the tables give their medians)."""
-    lat = [r for r in rows if r["workload"] == "latency" and r.get("rounds")]
-    if not lat:
-        return
-    print("\nlatency, round by round (decode tok/s, x the first engine, of the floor):")
-    for r in lat:
-        print(f"  {r['engine']:<18}" + "  ".join(
-            f"{x['decode_tok_s']:6.1f} {x.get('first_x', 0):.2f}x {x.get('of_floor', 0):6.1%}" for x in r["rounds"]))
+    """With --rounds: the throughput rows' figures round by round (the tables give their medians)."""
+    for wl, key in RATIO_KEYS.items():
+        rs = [r for r in rows if r["workload"] == wl and r.get("rounds")]
+        if not rs:
+            continue
+        floor = wl == "latency"
+        print(f"\n{wl}, round by round ({key.replace('_', ' ').replace(' s', '/s')}, x the first engine"
+              + (", of the floor):" if floor else "):"))
+        names = [r["engine"] + (f" ({r['variant']})" if r.get("variant") else "") for r in rs]
+        for r, name in zip(rs, names):
+            print(f"  {name:<{max(map(len, names))}}" + "  ".join(
+                f"{x[key]:7.1f} {x.get('first_x', 0):.2f}x" + (f" {x.get('of_floor', 0):6.1%}" if floor else "")
+                for x in r["rounds"]))
 
 
 def main(argv=None):
