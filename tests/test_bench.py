@@ -87,6 +87,7 @@ def test_bench_rounds_alternate_the_engines_and_take_medians_of_each_rounds_own_
     data, stdout = run_tiny(tmp_path, "bench.py", "--workloads", "latency", "--rounds", "3")
     rows, params = data["rows"], data["weight_params"]
     assert len(data["ceilings_by_round"]) == 3 and all(c["read_GBps"] > 0 for c in data["ceilings_by_round"])
+    assert data["ceilings"] == data["ceilings_by_round"][0]
     assert [r["engine"] for r in rows] == ["pagedrt bfloat16", "pagedrt float32"]
     for r in rows:
         assert len(r["rounds"]) == 3

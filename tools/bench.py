@@ -733,10 +733,13 @@ def merge_rounds(rounds, params):
         add_floors(rows, params, ceilings)
     if len(rounds) == 1:
         return first, rounds[0][0]
-    merged = []
-    for row in rounds[0][0]:
-        key = (row["_job"], row["workload"], row.get("variant"))
-        same = [x for rows, _ in rounds for x in rows if (x["_job"], x["workload"], x.get("variant")) == key]
+    key = lambda x: (x["_job"], x["workload"], x.get("variant"))  # noqa: E731
+    merged, seen = [], set()
+    for row in (x for rows, _ in rounds for x in rows):  # a row is kept where any round has it (a peer may fail once)
+        if key(row) in seen:
+            continue
+        seen.add(key(row))
+        same = [x for rows, _ in rounds for x in rows if key(x) == key(row)]
         out = dict(row)
         for k, v in row.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -814,16 +817,17 @@ def main(argv=None):
     kernel = _testing._gemm_variant()  # the CPU GEMM this processor runs
     print(f"\n{model.name} on {platform.machine()} ({cpu_name()}, CPU GEMM {kernel}), {a.threads} threads, "
           f"{date.today()}, sizes \"{a.size}\"{' ' + ' '.join(a.set) if a.set else ''}")
-    for r, (_, ceilings) in enumerate(rounds):
-        if not (ceilings and ceilings.get("read_GBps")):
+    ceilings = rounds[0][1]  # the JSON's "ceilings": the first round's (every round's in "ceilings_by_round")
+    for r, (_, c) in enumerate(rounds):
+        if not (c and c.get("read_GBps")):
             continue
         when = f"before round {r + 1}" if len(rounds) > 1 else "in this run"
-        print(f"ceilings, measured {when}: read {ceilings['read_1thread_GBps']:.1f} GB/s with 1 thread, "
-              f"{ceilings['read_GBps']:.1f} GB/s with {ceilings['threads']} (1 GiB); fp32 GEMM "
-              f"{ceilings['gemm_GFLOPs']:.0f} GFLOP/s ({params / 1e6:.1f}M weights: the floor of a decode step is "
+        print(f"ceilings, measured {when}: read {c['read_1thread_GBps']:.1f} GB/s with 1 thread, "
+              f"{c['read_GBps']:.1f} GB/s with {c['threads']} (1 GiB); fp32 GEMM "
+              f"{c['gemm_GFLOPs']:.0f} GFLOP/s ({params / 1e6:.1f}M weights: the floor of a decode step is "
               f"one read of them, at the read rate of their size)")
-        at = ceilings.get("read_at_GBps") or {}
-        llc = ceilings.get("llc_bytes")
+        at = c.get("read_at_GBps") or {}
+        llc = c.get("llc_bytes")
         if at:
             print("  read at the weights' size, " + ", ".join(f"{int(b) / 1e6:.0f} MB: {v:.1f} GB/s" for b, v in at.items())
                   + (f" (last-level cache {llc / 2**20:.0f} MiB)" if llc else ""))
