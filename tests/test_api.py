@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import subprocess
@@ -438,3 +439,31 @@ def wait_idle(rt, seconds=5.0):
     while time.monotonic() < end and (rt.stats().num_running or rt.stats().num_waiting):
         time.sleep(0.02)
     return rt.stats()
+
+
+def test_default_sampling_params_come_from_generation_config(tiny_llama, tmp_path):
+    """Runtime.default_sampling_params(): the model's generation_config.json settings (as vLLM's
+    get_default_sampling_params), the rest SamplingParams' defaults; a bad value names the file and field."""
+    from pagedrt.errors import InvalidArgument
+    from pagedrt.sampling_params import generation_settings
+
+    path, _ = tiny_llama()
+    gen = path / "generation_config.json"
+    base = json.loads(gen.read_text()) if gen.is_file() else {}
+    gen.write_text(json.dumps({**base, "temperature": 0.3, "top_k": 20, "top_p": None, "do_sample": True}))
+    with pagedrt.Runtime(path, device="cpu", kv_cache_bytes=1 << 20) as rt:
+        p = rt.default_sampling_params()
+        assert (p.temperature, p.top_k, p.top_p, p.min_p) == (0.3, 20, 1.0, 0.0)  # null: not set
+        assert rt.default_sampling_params(temperature=0.0, max_tokens=5).temperature == 0.0
+        assert pagedrt.SamplingParams().temperature == 1.0  # the class's own defaults stay fixed
+        gen.unlink()
+        assert rt.default_sampling_params() == pagedrt.SamplingParams()  # no file: the defaults
+    for body, field in (({"temperature": "hot"}, "temperature"), ({"top_p": 1.5}, "top_p"),
+                        ({"top_k": 2.5}, "top_k"), ({"repetition_penalty": True}, "repetition_penalty")):
+        f = tmp_path / "generation_config.json"
+        f.write_text(json.dumps(body))
+        with pytest.raises(InvalidArgument, match=re.escape(str(f)) + ".*" + field):
+            generation_settings(f)
+    f.write_text("{not json")
+    with pytest.raises(InvalidArgument, match="not readable as JSON"):
+        generation_settings(f)

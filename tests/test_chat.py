@@ -26,6 +26,32 @@ def test_one_shot_answer(env):
     assert "tok/s" in out.stdout and "TTFT" in out.stdout
 
 
+def test_sampling_defaults_are_the_models_then_the_flags(env, tmp_path):
+    """The model's generation_config.json settings, the chat's own where it has none (the default
+    model), a flag over either; the line under the banner says which."""
+    from types import SimpleNamespace
+
+    from pagedrt.chat import _FALLBACK, _sampling
+
+    exe = shutil.which("pagedrt-chat")
+    cmd = [exe] if exe else [sys.executable, "-m", "pagedrt.chat"]
+    out = subprocess.run(cmd + ["--prompt", "Hi.", "--max-tokens", "4", "--seed", "1"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "sampling: temperature 0.7, top_p 0.9 (pagedrt-chat's defaults;" in out.stdout
+
+    args = lambda **kw: SimpleNamespace(**{k: kw.get(k) for k in  # noqa: E731
+                                           ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")})
+    (tmp_path / "generation_config.json").write_text('{"temperature": 0.3, "top_k": 40, "eos_token_id": 2}')
+    assert _sampling(args(), tmp_path) == ({**_FALLBACK, "temperature": 0.3, "top_k": 40},
+                                           "the model's generation_config.json")
+    assert _sampling(args(temperature=0.0, min_p=0.1), tmp_path)[0] == {
+        **_FALLBACK, "temperature": 0.0, "top_k": 40, "min_p": 0.1}
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": 2}')
+    assert _sampling(args(), tmp_path) == (_FALLBACK, "pagedrt-chat's defaults")
+    assert _sampling(args(top_p=0.5), tmp_path) == ({**_FALLBACK, "top_p": 0.5}, "pagedrt-chat's defaults and flags")
+
+
 def test_draft_model_gives_the_same_answer(env, smol):
     """--draft-model (the model itself here): the same greedy answer as without
     it, and the speed line says how many proposals were accepted."""
@@ -34,7 +60,7 @@ def test_draft_model_gives_the_same_answer(env, smol):
     plain = subprocess.run(base, env=env, capture_output=True, text=True, timeout=300)
     spec = subprocess.run(base + ["--draft-model", str(smol)], env=env, capture_output=True, text=True, timeout=300)
     assert plain.returncode == 0 and spec.returncode == 0, spec.stderr
-    answer = lambda out: out.stdout.split("[")[0].split("loaded in")[-1].split("\n", 1)[-1]  # noqa: E731
+    answer = lambda out: out.stdout.split("[")[0].split("/set changes them)")[-1]  # noqa: E731  (after the banner)
     assert answer(spec) == answer(plain) and answer(plain).strip()
     assert "proposals accepted" in spec.stdout and "proposals accepted" not in plain.stdout
     bad = subprocess.run(base + ["--speculative", "draft"], env=env, capture_output=True, text=True, timeout=120)

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import pagedrt
 from pagedrt import models
 from pagedrt.convert import convert_gguf, to_bfloat16_bits
 from pagedrt.models import ModelNotFoundError, default_model, resolve_model
@@ -151,6 +152,7 @@ def test_smol_config_equals_transformers(smol):
     assert raw["rms_norm_eps"] == 1e-5  # the float32 value, printed shortest
     gen = json.loads((smol / "generation_config.json").read_text())
     assert (gen["bos_token_id"], gen["eos_token_id"]) == (1, 2)
+    assert not {"temperature", "top_p", "top_k"} & set(gen)  # the GGUF recommends no sampling settings
     # transformers loads the folder as an ordinary checkpoint, nothing missing or left over
     _, info = AutoModelForCausalLM.from_pretrained(smol, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
@@ -499,6 +501,42 @@ def test_tiny_gguf_round_trip(tiny_gguf, tmp_path):
         low = load_file(str(low_dir / "model.safetensors"))
         for name, want in hf.items():
             assert torch.equal(low[_hf_name(name)], torch.from_numpy(want).to(torch_dtype)), (dtype, name)
+
+
+def test_gguf_sampling_settings_reach_generation_config(sp_model, tmp_path):
+    """general.sampling.* (llama.cpp's names) become generation_config.json's (transformers' names)."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(sp_model / "tokenizer.model"))
+
+    def add_vocab(w, **sampling):
+        w.add_tokenizer_model("llama")
+        w.add_token_list([sp.id_to_piece(i) for i in range(sp.get_piece_size())])
+        w.add_token_scores([sp.get_score(i) for i in range(sp.get_piece_size())])
+        w.add_token_types([2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1
+                           for i in range(sp.get_piece_size())])
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+        w.add_unk_token_id(0)
+        for key, value in sampling.items():
+            (w.add_int32 if isinstance(value, int) else w.add_float32 if isinstance(value, float) else w.add_string)(
+                "general.sampling." + key, value)
+
+    path = tmp_path / "sampled.gguf"
+    _write_tiny_llama_gguf(path, sp.get_piece_size(),
+                           lambda w: add_vocab(w, temp=0.6, top_p=0.95, top_k=40, penalty_repeat=1.1, min_p=0.05))
+    gen = json.loads((convert_gguf(path, tmp_path / "out", progress=False) / "generation_config.json").read_text())
+    assert {k: gen[k] for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")} == {
+        "temperature": 0.6, "top_p": 0.95, "top_k": 40, "min_p": 0.05, "repetition_penalty": 1.1}
+    assert isinstance(gen["top_k"], int)
+    with pagedrt.Runtime(tmp_path / "out", device="cpu", kv_cache_bytes=1 << 20, progress=False) as rt:
+        p = rt.default_sampling_params()  # what pagedrt-chat starts from
+        assert (p.temperature, p.top_p, p.top_k, p.min_p, p.repetition_penalty) == (0.6, 0.95, 40, 0.05, 1.1)
+
+    bad = tmp_path / "bad.gguf"
+    _write_tiny_llama_gguf(bad, sp.get_piece_size(), lambda w: add_vocab(w, temp="warm"))
+    with pytest.raises(ValueError, match=r"bad\.gguf.*general\.sampling\.temp"):
+        convert_gguf(bad, tmp_path / "bad", progress=False)
 
 
 def test_resolve_model_converts_gguf_into_cache(tiny_gguf, tmp_path, monkeypatch):

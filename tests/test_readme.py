@@ -42,7 +42,8 @@ def test_chat_usage_is_what_help_prints(monkeypatch):
     usage = re.search(r"```\n(usage: pagedrt-chat.*?)```", README.read_text(), flags=re.S).group(1)
     assert usage.split() == _parser().format_usage().split()
     help_text = _parser().format_help()
-    for default in ("(default: 512)", "(default: 0.7)", "(default: 0.9)", "/set PARAM VALUE", "/stats", "/quit"):
+    for default in ("(default: 512)", "generation_config.json, else 0.7)", "generation_config.json, else 0.9)",
+                    "/set PARAM VALUE", "/stats", "/quit"):
         assert default in help_text
 
 

@@ -38,6 +38,22 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{action.help} (default: {action.default})"
 
 
+# The sampling for a model whose generation_config.json recommends none (the default
+# model's recommends temperature 0.2, top_p 0.9: its card's); flags override both.
+_FALLBACK = {"temperature": 0.7, "top_p": 0.9}
+_SAMPLING_FLAGS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def _sampling(args, model_path):
+    """(settings, where from): the fallback, the model's generation_config.json over it, the flags over both."""
+    from .sampling_params import generation_settings
+    flags = {k: getattr(args, k) for k in _SAMPLING_FLAGS if getattr(args, k) is not None}
+    model = generation_settings(pathlib.Path(model_path) / "generation_config.json")
+    settings = {**_FALLBACK, **model, **flags}
+    source = "the model's generation_config.json" if model else "pagedrt-chat's defaults"
+    return settings, source + (" and flags" if flags else "")
+
+
 def _parser() -> argparse.ArgumentParser:
     from ._core import RuntimeConfig
     engine = RuntimeConfig()  # the engine's defaults, not restated here
@@ -61,11 +77,15 @@ def _parser() -> argparse.ArgumentParser:
                         "token and kv head, about twice the tokens in the same memory)")
     p.add_argument("--system", default=None, metavar="TEXT", help="system prompt (none without it)")
     p.add_argument("--max-tokens", type=int, default=512, metavar="N", help="tokens per answer at most")
-    p.add_argument("--temperature", type=float, default=0.7, metavar="T", help="0: greedy")
-    p.add_argument("--top-p", type=float, default=0.9, metavar="P", help="nucleus sampling")
-    p.add_argument("--top-k", type=int, default=0, metavar="K", help="0: off")
-    p.add_argument("--min-p", type=float, default=0.0, metavar="P", help="0: off")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R", help="1: off")
+    model_s = " (default: the model's generation_config.json, else {})"
+    p.add_argument("--temperature", type=float, default=None, metavar="T",
+                   help="0: greedy" + model_s.format(_FALLBACK["temperature"]))
+    p.add_argument("--top-p", type=float, default=None, metavar="P",
+                   help="nucleus sampling" + model_s.format(_FALLBACK["top_p"]))
+    p.add_argument("--top-k", type=int, default=None, metavar="K", help="0: off" + model_s.format("0"))
+    p.add_argument("--min-p", type=float, default=None, metavar="P", help="0: off" + model_s.format("0"))
+    p.add_argument("--repetition-penalty", type=float, default=None, metavar="R",
+                   help="1: off" + model_s.format("1"))
     p.add_argument("--seed", type=int, default=None, metavar="S", help="make the answers reproducible (random without it)")
     p.add_argument("--max-model-len", type=int, default=None, metavar="N",
                    help=f"context length (default: {engine.max_model_len}, the model's)")
@@ -235,10 +255,9 @@ def main(argv=None) -> int:
     from .structured import constraint_of
     from .models import ModelNotFoundError
 
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                            seed=args.seed,
-                            speculative=args.speculative or ("draft" if args.draft_model else None))
+    params = SamplingParams(max_tokens=args.max_tokens, seed=args.seed,
+                            speculative=args.speculative or ("draft" if args.draft_model else None),
+                            **{k: getattr(args, k) for k in _SAMPLING_FLAGS if getattr(args, k) is not None})
     try:
         params._to_core()
     except InvalidArgument as e:
@@ -260,10 +279,19 @@ def main(argv=None) -> int:
     if rt.tokenizer is None or rt.tokenizer.chat_template is None:
         print(f"pagedrt-chat: {rt.model_path} has no chat template (tokenizer_config.json)", file=sys.stderr)
         return 1
+    try:
+        settings, source = _sampling(args, rt.model_path)
+    except InvalidArgument as e:  # the model's file: said, and the flags and defaults used without it
+        print(f"pagedrt-chat: {e}; its sampling settings are not used", file=sys.stderr)
+        settings, source = {**_FALLBACK, **{k: getattr(params, k) for k in _SAMPLING_FLAGS
+                                             if getattr(args, k) is not None}}, "pagedrt-chat's defaults"
+    params = params.replace(**settings)
     info = rt.model_info
     device = info.device if info.tensor_parallel_size == 1 else f"{info.device} x {info.tensor_parallel_size} ranks"
     print(f"pagedrt-chat: {rt.model_path.name} ({info.weight_dtype}, {device}, context "
           f"{info.max_model_len}) loaded in {time.perf_counter() - t0:.2f} s. /help lists commands.")
+    shown = ", ".join(f"{k} {v:g}" for k, v in settings.items())
+    print(_style("2", f"sampling: {shown} ({source}; /set changes them)"))
     system = args.system
     messages = [{"role": "system", "content": system}] if system else []
     with rt:

@@ -26,7 +26,13 @@ import sys
 import numpy as np
 
 # Bump when the output of the converter changes: models.py keys its cache on it.
-CONVERTER_VERSION = "1"
+# 2: generation_config.json carries the file's sampling settings (general.sampling.*).
+CONVERTER_VERSION = "2"
+
+# GGUF's recommended sampling settings (general.sampling.*, written by llama.cpp's
+# converters from a model's generation_config.json) → generation_config.json's keys.
+_SAMPLING_KEYS = {"temp": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                  "penalty_repeat": "repetition_penalty"}
 
 _DTYPES = {  # name → (safetensors dtype, numpy storage dtype)
     "float32": ("F32", np.dtype("<f4")),
@@ -59,9 +65,12 @@ def convert_gguf(gguf_path, out_dir, *, dtype: str = "float32", progress: bool =
     """Convert a Llama-architecture GGUF file into a Hugging Face folder at `out_dir`.
 
     Every tensor is dequantized (Q4_1, Q8_0, F16, … via `gguf.quants`) into
-    `dtype` ("float32", "bfloat16" or "float16"). Raises ValueError naming the
-    file for a broken file or an architecture other than llama, and
-    NotImplementedError for GGUF features the converter does not handle yet.
+    `dtype` ("float32", "bfloat16" or "float16"). generation_config.json gets
+    the file's recommended sampling settings where it has them
+    (general.sampling.temp, top_p, top_k, min_p, penalty_repeat, under
+    transformers' names). Raises ValueError naming the file for a broken file
+    or an architecture other than llama, and NotImplementedError for GGUF
+    features the converter does not handle yet.
     """
     import gguf
 
@@ -88,6 +97,7 @@ def convert_gguf(gguf_path, out_dir, *, dtype: str = "float32", progress: bool =
     config["torch_dtype"] = config["dtype"] = dtype
     _write_json(out / "config.json", config)
     gen = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
+    gen.update(_sampling(meta, path))
     _write_json(out / "generation_config.json", gen)
     _write_tokenizer(meta, out, config)
     _write_safetensors(out / "model.safetensors", plan, dtype, progress, desc=f"Converting {path.name}")
@@ -109,6 +119,19 @@ class _Metadata:
         if value is None:
             raise ValueError(f"{self.path}: missing metadata key {key!r}")
         return value
+
+
+def _sampling(meta: _Metadata, path: pathlib.Path) -> dict:
+    """The file's general.sampling.* settings under generation_config.json's names."""
+    out = {}
+    for key, name in _SAMPLING_KEYS.items():
+        value = meta.get("general.sampling." + key)
+        if value is None:
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ValueError(f"{path}: metadata key 'general.sampling.{key}' is {value!r}, not a number")
+        out[name] = int(value) if name == "top_k" else _short_float(value)
+    return out
 
 
 def _short_float(x: float) -> float:

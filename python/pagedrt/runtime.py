@@ -532,6 +532,16 @@ class Runtime:
         c.outputs = _outputs(parts)
         return c
 
+    def default_sampling_params(self, **overrides) -> SamplingParams:
+        """The model's recommended sampling settings (temperature, top_p, top_k,
+        min_p, repetition_penalty from its generation_config.json, as vLLM's
+        ``LLM.get_default_sampling_params()``; the default model's are its model
+        card's, temperature 0.2 and top_p 0.9), `overrides` over them.
+        ``SamplingParams()`` itself keeps its fixed defaults (temperature 1.0):
+        this is what pagedrt-chat starts from. Raises InvalidArgument naming
+        the file and the field for a value it cannot take."""
+        return SamplingParams.from_generation_config(self.model_path / "generation_config.json").replace(**overrides)
+
     # -- state ------------------------------------------------------------------------
     def stats(self):
         """KV blocks used/free/cached, slots, waste, prefix hits, preemptions, tok/s."""

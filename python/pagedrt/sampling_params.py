@@ -23,6 +23,10 @@ from .errors import InvalidArgument
 from .structured import constraint_of
 
 
+# generation_config.json's sampling keys that SamplingParams.from_generation_config reads.
+_GENERATION_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
 @dataclass
 class SamplingParams:
     """How one request decodes. Invalid values raise InvalidArgument naming the field."""
@@ -81,6 +85,14 @@ class SamplingParams:
         if self.stop is None:
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    @classmethod
+    def from_generation_config(cls, path) -> "SamplingParams":
+        """The settings a model recommends, from its generation_config.json (as
+        vLLM's ``generation_config="auto"`` reads it): ``temperature``,
+        ``top_p``, ``top_k``, ``min_p`` and ``repetition_penalty`` where the
+        file has them (generation_settings), every other field its default."""
+        return cls(**generation_settings(path))
 
     def replace(self, **changes) -> "SamplingParams":
         unknown = sorted(changes.keys() - _FIELDS)
@@ -150,3 +162,35 @@ class SamplingParams:
 
 
 _FIELDS = frozenset(f.name for f in fields(SamplingParams))
+
+
+def generation_settings(path) -> dict:
+    """The sampling settings a generation_config.json names, as SamplingParams
+    fields: ``temperature``, ``top_p``, ``top_k``, ``min_p`` and
+    ``repetition_penalty`` where present and not null; {} for a missing file.
+    A value that is not a number, or out of range, raises InvalidArgument
+    naming the file and the field."""
+    import json
+    import pathlib
+
+    path = pathlib.Path(path)
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise InvalidArgument(f"{path}: not readable as JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise InvalidArgument(f"{path}: not a JSON object")
+    found = {k: config[k] for k in _GENERATION_KEYS if config.get(k) is not None}
+    for k, v in found.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise InvalidArgument(f"{path}: {k} must be a number, got {v!r}")
+        if k == "top_k" and v != int(v):
+            raise InvalidArgument(f"{path}: top_k must be a whole number, got {v!r}")
+        found[k] = int(v) if k == "top_k" else float(v)  # top_k 0: off, as in transformers
+    try:
+        SamplingParams(**found)._to_core()  # the ranges, checked where every request's are
+    except InvalidArgument as e:
+        raise InvalidArgument(f"{path}: {e}") from None
+    return found
