@@ -38,8 +38,10 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{action.help} (default: {action.default})"
 
 
-# The sampling for a model whose generation_config.json recommends none (the default
-# model's recommends temperature 0.2, top_p 0.9: its card's); flags override both.
+# The sampling for settings a model's generation_config.json does not recommend (the
+# default model's recommends none); flags override both. Its card's example uses 0.2 / 0.9:
+# on three factual questions, 100 draws each, that answered right 54, 38 and 52 times
+# against 66, 53 and 64 at these (session 40), so these stay.
 _FALLBACK = {"temperature": 0.7, "top_p": 0.9}
 _SAMPLING_FLAGS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 

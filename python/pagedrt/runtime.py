@@ -535,11 +535,11 @@ class Runtime:
     def default_sampling_params(self, **overrides) -> SamplingParams:
         """The model's recommended sampling settings (temperature, top_p, top_k,
         min_p, repetition_penalty from its generation_config.json, as vLLM's
-        ``LLM.get_default_sampling_params()``; the default model's are its model
-        card's, temperature 0.2 and top_p 0.9), `overrides` over them.
-        ``SamplingParams()`` itself keeps its fixed defaults (temperature 1.0):
-        this is what pagedrt-chat starts from. Raises InvalidArgument naming
-        the file and the field for a value it cannot take."""
+        ``LLM.get_default_sampling_params()``; SamplingParams' own defaults for
+        those it does not name), `overrides` over them. ``SamplingParams()``
+        itself keeps its fixed defaults (temperature 1.0). Raises
+        InvalidArgument naming the file and the field for a value it cannot
+        take."""
         return SamplingParams.from_generation_config(self.model_path / "generation_config.json").replace(**overrides)
 
     # -- state ------------------------------------------------------------------------
