@@ -409,6 +409,42 @@ def test_speculative_server(smol, rt):
     assert bad.returncode == 2 and "--draft-model" in bad.stderr
 
 
+def test_omitted_sampling_fields_come_from_the_models_generation_config(smol, rt, tmp_path):
+    """--generation-config auto (the default): a request that omits temperature gets the model's
+    generation_config.json value (0 here: greedy, the Runtime's greedy answer every time); one that
+    sets it keeps its own; a bad value stops the server at start naming the file and field."""
+    from pagedrt.serve import protocol as P
+
+    body = {"messages": Q}
+    p = P.sampling_params(body, chat=True, prompt_len=8, max_model_len=64, defaults={"temperature": 0.0, "top_k": 5})
+    assert (p.temperature, p.top_k) == (0.0, 5)
+    p = P.sampling_params({**body, "temperature": 0.5}, chat=True, prompt_len=8, max_model_len=64,
+                          defaults={"temperature": 0.0})
+    assert p.temperature == 0.5 and P.sampling_params(body, chat=True, prompt_len=8, max_model_len=64).temperature == 1.0
+
+    model = tmp_path / "smol-greedy"
+    model.mkdir()
+    for f in smol.iterdir():
+        if f.is_file() and f.name != "generation_config.json":
+            (model / f.name).symlink_to(f)
+    gen = json.loads((smol / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps({**gen, "temperature": 0.0}))
+    s = Server(model, "--served-model-name", MODEL)
+    try:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+        want = rt.generate(Q, max_tokens=16, temperature=0)[0].text
+        got = [c.chat.completions.create(model=MODEL, messages=Q, max_tokens=16).choices[0].message.content
+               for _ in range(3)]
+        assert got == [want] * 3
+    finally:
+        s.stop()
+    (model / "generation_config.json").write_text(json.dumps({**gen, "top_p": "high"}))
+    bad = subprocess.run([sys.executable, "-m", "pagedrt.serve", "--model", str(model), "--device", "cpu"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "generation_config.json: top_p must be a number" in bad.stderr, bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
 def test_full_queue_is_503_with_retry_after(smol):
     """--max-queue N: while N requests wait for the engine, new ones get 503 with
     Retry-After (N = 0: every one), and nothing reaches the engine."""

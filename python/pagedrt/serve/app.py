@@ -118,9 +118,9 @@ def _sse(obj) -> str:
 
 class _Server:
     def __init__(self, rt, model_name: str, api_key: Optional[str], max_queue: int, max_body_bytes: int,
-                 speculative: Optional[str]):
+                 speculative: Optional[str], sampling_defaults: dict):
         self.rt, self.model_name, self.api_key = rt, model_name, api_key
-        self.speculative = speculative
+        self.speculative, self.sampling_defaults = speculative, sampling_defaults
         self.max_queue, self.max_body_bytes = max_queue, max_body_bytes
         self.dispatcher = Dispatcher(rt)
         self.metrics = Metrics(rt, self.dispatcher)
@@ -178,7 +178,7 @@ class _Server:
         stream = P.typed(body, "stream", (bool,), False)
         include_usage = self.stream_options(body, stream)
         params = P.sampling_params(body, chat=True, prompt_len=len(ids), max_model_len=self.max_model_len,
-                                   speculative=self.speculative)
+                                   speculative=self.speculative, defaults=self.sampling_defaults)
         self.admit()
         r = _Request(self, params.n)
         r.submit(ids, params)
@@ -251,7 +251,7 @@ class _Server:
         if echo_lp and stream:
             raise P.bad("echo", "echo with logprobs is answered without streaming only")
         params = P.sampling_params(body, chat=False, prompt_len=longest, max_model_len=self.max_model_len,
-                                   speculative=self.speculative, echo_logprobs=echo_lp)
+                                   speculative=self.speculative, defaults=self.sampling_defaults, echo_logprobs=echo_lp)
         self.admit()
         r = _Request(self, params.n)
         for ids in prompts:
@@ -370,12 +370,14 @@ class _Guard:
 
 
 def build_app(rt, *, model_name: str, api_key: Optional[str] = None, max_queue: int = 1024,
-              max_body_bytes: int = 8 << 20, speculative: Optional[str] = None) -> FastAPI:
+              max_body_bytes: int = 8 << 20, speculative: Optional[str] = None,
+              sampling_defaults: Optional[dict] = None) -> FastAPI:
     """The ASGI application serving `rt` (a pagedrt.Runtime the caller keeps open
     for the app's lifetime) under the name `model_name`. `speculative` ("ngram"
     or "draft"): speculative decoding for every request that sets none and can
-    use it."""
-    s = _Server(rt, model_name, api_key, max_queue, max_body_bytes, speculative)
+    use it. `sampling_defaults`: SamplingParams fields for those a request
+    omits (pagedrt-serve passes the model's generation_config.json settings)."""
+    s = _Server(rt, model_name, api_key, max_queue, max_body_bytes, speculative, dict(sampling_defaults or {}))
 
     @asynccontextmanager
     async def lifespan(app):

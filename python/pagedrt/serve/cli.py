@@ -72,6 +72,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--speculative", default=None, choices=["ngram", "draft"],
                    help="speculative decoding for every request that does not set its own 'speculative' field "
                         "and can use it (not structured output or echo with logprobs); draft needs --draft-model")
+    p.add_argument("--generation-config", default="auto", choices=["auto", "none"],
+                   help="auto: a request's omitted temperature, top_p, top_k, min_p and repetition_penalty come "
+                        "from the model's generation_config.json, as vLLM's server takes them; none: "
+                        "SamplingParams' fixed defaults (temperature 1.0, ...)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     for name in _OPTIONS:
         if name == "device":
@@ -123,12 +127,23 @@ def main(argv=None) -> int:
     except (Error, OSError, ValueError) as e:
         print(f"pagedrt-serve: {e}", file=sys.stderr)
         return 1
+    defaults = {}
+    if args.generation_config == "auto":
+        from ..sampling_params import generation_settings
+        try:
+            defaults = generation_settings(rt.model_path / "generation_config.json")
+        except Error as e:
+            rt.close()
+            print(f"pagedrt-serve: {e} (--generation-config none serves without it)", file=sys.stderr)
+            return 1
     # a converted GGUF's cache folder ends in "-" and 12 hex digits of its hash
     name = args.served_model_name or re.sub(r"-[0-9a-f]{12}$", "", rt.model_path.name)
     app = build_app(rt, model_name=name, api_key=args.api_key, max_queue=args.max_queue,
-                    max_body_bytes=args.max_body_bytes, speculative=args.speculative)
-    print(f"pagedrt-serve: {name} on {rt.model_info.device}, http://{args.host}:{args.port}/v1", file=sys.stderr,
-          flush=True)
+                    max_body_bytes=args.max_body_bytes, speculative=args.speculative, sampling_defaults=defaults)
+    said = ", ".join(f"{k} {v:g}" for k, v in defaults.items())
+    print(f"pagedrt-serve: {name} on {rt.model_info.device}, http://{args.host}:{args.port}/v1"
+          + (f"; a request's omitted sampling fields from its generation_config.json: {said}" if said else ""),
+          file=sys.stderr, flush=True)
     # uvicorn drains on SIGINT/SIGTERM, then raises the signal again with the
     # handlers it found: these make that a return, so the engine closes and
     # the exit status is 0.

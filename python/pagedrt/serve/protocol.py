@@ -70,12 +70,15 @@ def check_fields(body: dict, allowed: set, where: str) -> None:
 
 
 def sampling_params(body: dict, *, chat: bool, prompt_len: int, max_model_len: int,
-                    speculative: Optional[str] = None, echo_logprobs: bool = False) -> SamplingParams:
+                    speculative: Optional[str] = None, echo_logprobs: bool = False,
+                    defaults: Optional[dict] = None) -> SamplingParams:
     """The request's SamplingParams; every value range is checked by pagedrt itself
     (SamplingParams -> C++ validate), whose message names the field.
     `speculative`: the server's default (--speculative) for a request that sets
-    none and can use it (not echo with logprobs)."""
-    kw: dict[str, Any] = {}
+    none and can use it (not echo with logprobs). `defaults`: SamplingParams
+    fields for those the request omits (the model's generation_config.json
+    settings under --generation-config auto)."""
+    kw: dict[str, Any] = dict(defaults or {})
     for name, field, types in _SAMPLING:
         v = typed(body, name, types)
         if v is not None:
