@@ -279,6 +279,13 @@ def test_first_conversion_says_what_where_and_how_large(tmp_path, monkeypatch, c
     assert f"{final} (5 MiB)" in err, err
     assert models._convert_cached(gguf, "fake", tmp_path / "cache", progress=True) == final
     assert capsys.readouterr().err == ""  # the converted folder is loaded silently
+    # a new conversion (another dtype here; a new converter version alike) names the earlier one, which stays
+    other = models._convert_cached(gguf, "fake", tmp_path / "cache", progress=True, dtype="bfloat16")
+    err = capsys.readouterr().err
+    assert other != final and final.is_dir()
+    assert f"an earlier conversion of the same model is in the cache (5 MiB), unused by this pagedrt: {final}" in err
+    (tmp_path / "cache" / "fake-extra-123456789abc").mkdir()  # another model's name: not this one's
+    assert models._older_conversions(other, "fake") == [final]
 
 
 def test_default_model_without_package(monkeypatch):

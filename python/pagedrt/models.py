@@ -18,6 +18,7 @@ import hashlib
 import importlib.util
 import os
 import pathlib
+import re
 import secrets
 import shutil
 import sys
@@ -128,9 +129,23 @@ def _convert_cached(gguf: pathlib.Path, name: str, cache_dir, progress: bool, dt
         _move_into_place(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    size = sum(f.stat().st_size for f in final.iterdir() if f.is_file())
+    size = _folder_bytes(final)
     say(f"converted in {time.monotonic() - t0:.1f} s: {final} ({_mib(size)})")
+    for old in _older_conversions(final, name):  # said, not removed: an older pagedrt may still use one
+        say(f"an earlier conversion of the same model is in the cache ({_mib(_folder_bytes(old))}), "
+            f"unused by this pagedrt: {old}; remove it if no older pagedrt reads it")
     return final
+
+
+def _older_conversions(final: pathlib.Path, name: str) -> list[pathlib.Path]:
+    """Other complete folders `name`-<12 hex digits> beside `final` (another file, dtype or converter version)."""
+    pattern = re.compile(re.escape(name) + r"-[0-9a-f]{12}")
+    return sorted(d for d in final.parent.iterdir()
+                  if d != final and d.is_dir() and pattern.fullmatch(d.name) and (d / _COMPLETE).is_file())
+
+
+def _folder_bytes(folder: pathlib.Path) -> int:
+    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
 
 
 def _mib(nbytes: int) -> str:
