@@ -792,17 +792,16 @@ def main(argv=None):
     size = workloads.sizes(a.size, a.set)
     jobs = plan(a, selected)
     ceilings, params = None, weight_params(model)
-    if a.device == "cpu":  # a CPU figure holds as a fraction of the ceilings measured with it
-        from cpu_ceilings import measure
-        ceilings = measure(a.threads, weight_bytes(params, [f"{engine} {opt}" for engine, opt, _ in jobs]))
+    sizes = weight_bytes(params, [f"{engine} {opt}" for engine, opt, _ in jobs])  # the probe's working sets
     for t in {opt for engine, opt, _ in jobs if engine == "llama.cpp"}:
         gguf_path(t)  # made here, once, not inside a timed job
     t_start, load_start = time.perf_counter(), os.getloadavg()
     rounds, errors, covered = [], [], set()
     job_index = {f"{engine}:{opt}": i for i, (engine, opt, _) in enumerate(jobs)}
     for r in range(a.rounds):
-        if r > 0 and a.device == "cpu":  # the bandwidth a round's figures are fractions of, measured again
-            ceilings = measure(a.threads, weight_bytes(params, [f"{engine} {opt}" for engine, opt, _ in jobs]))
+        if a.device == "cpu":  # a CPU figure holds as a fraction of the ceilings measured with it: each round's
+            from cpu_ceilings import measure
+            ceilings = measure(a.threads, sizes)
         order = jobs[r % len(jobs):] + jobs[:r % len(jobs)]  # each engine first in some round
         got = run_jobs(order, argv, a, model, t_start, errors, covered, f"round {r + 1}/{a.rounds} " * (a.rounds > 1))
         got.sort(key=lambda row: job_index[row["_job"]])  # the first job's rows first: ratios are to it

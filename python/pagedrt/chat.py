@@ -43,14 +43,25 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 # on three factual questions, 100 draws each, that answered right 54, 38 and 52 times
 # against 66, 53 and 64 at these (session 40), so these stay.
 _FALLBACK = {"temperature": 0.7, "top_p": 0.9}
-_SAMPLING_FLAGS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def _flags(args) -> dict:
+    """The sampling flags given on the command line (those generation_config.json may also name)."""
+    from .sampling_params import _GENERATION_KEYS
+    return {k: getattr(args, k) for k in _GENERATION_KEYS if getattr(args, k) is not None}
 
 
 def _sampling(args, model_path):
-    """(settings, where from): the fallback, the model's generation_config.json over it, the flags over both."""
+    """(settings, where from): the fallback, the model's generation_config.json over it, the flags over both.
+    A file the chat cannot take is said on stderr and left out."""
+    from .errors import InvalidArgument
     from .sampling_params import generation_settings
-    flags = {k: getattr(args, k) for k in _SAMPLING_FLAGS if getattr(args, k) is not None}
-    model = generation_settings(pathlib.Path(model_path) / "generation_config.json")
+    flags = _flags(args)
+    try:
+        model = generation_settings(pathlib.Path(model_path) / "generation_config.json")
+    except InvalidArgument as e:
+        print(f"pagedrt-chat: {e}; its sampling settings are not used", file=sys.stderr)
+        model = {}
     settings = {**_FALLBACK, **model, **flags}
     source = "the model's generation_config.json" if model else "pagedrt-chat's defaults"
     return settings, source + (" and flags" if flags else "")
@@ -259,7 +270,7 @@ def main(argv=None) -> int:
 
     params = SamplingParams(max_tokens=args.max_tokens, seed=args.seed,
                             speculative=args.speculative or ("draft" if args.draft_model else None),
-                            **{k: getattr(args, k) for k in _SAMPLING_FLAGS if getattr(args, k) is not None})
+                            **_flags(args))
     try:
         params._to_core()
     except InvalidArgument as e:
@@ -281,12 +292,7 @@ def main(argv=None) -> int:
     if rt.tokenizer is None or rt.tokenizer.chat_template is None:
         print(f"pagedrt-chat: {rt.model_path} has no chat template (tokenizer_config.json)", file=sys.stderr)
         return 1
-    try:
-        settings, source = _sampling(args, rt.model_path)
-    except InvalidArgument as e:  # the model's file: said, and the flags and defaults used without it
-        print(f"pagedrt-chat: {e}; its sampling settings are not used", file=sys.stderr)
-        settings, source = {**_FALLBACK, **{k: getattr(params, k) for k in _SAMPLING_FLAGS
-                                             if getattr(args, k) is not None}}, "pagedrt-chat's defaults"
+    settings, source = _sampling(args, rt.model_path)
     params = params.replace(**settings)
     info = rt.model_info
     device = info.device if info.tensor_parallel_size == 1 else f"{info.device} x {info.tensor_parallel_size} ranks"

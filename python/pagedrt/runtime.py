@@ -24,7 +24,7 @@ from .detokenizer import IncrementalDetokenizer
 from .errors import InvalidArgument
 from .models import resolve_model
 from .outputs import Completion, CompletionOutput, Event, TokenLogprob
-from .sampling_params import SamplingParams
+from .sampling_params import SamplingParams, generation_settings
 from .structured import Constraints, constraint_of, grammar_of, mask_threads
 from .tokenizer import Tokenizer
 
@@ -540,7 +540,8 @@ class Runtime:
         itself keeps its fixed defaults (temperature 1.0). Raises
         InvalidArgument naming the file and the field for a value it cannot
         take."""
-        return SamplingParams.from_generation_config(self.model_path / "generation_config.json").replace(**overrides)
+        settings = generation_settings(self.model_path / "generation_config.json")
+        return SamplingParams(**settings).replace(**overrides)  # an unknown override: InvalidArgument naming it
 
     # -- state ------------------------------------------------------------------------
     def stats(self):

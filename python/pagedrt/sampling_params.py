@@ -23,7 +23,7 @@ from .errors import InvalidArgument
 from .structured import constraint_of
 
 
-# generation_config.json's sampling keys that SamplingParams.from_generation_config reads.
+# generation_config.json's sampling keys (generation_settings; pagedrt-chat's flags of the same names).
 _GENERATION_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
@@ -85,14 +85,6 @@ class SamplingParams:
         if self.stop is None:
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
-
-    @classmethod
-    def from_generation_config(cls, path) -> "SamplingParams":
-        """The settings a model recommends, from its generation_config.json (as
-        vLLM's ``generation_config="auto"`` reads it): ``temperature``,
-        ``top_p``, ``top_k``, ``min_p`` and ``repetition_penalty`` where the
-        file has them (generation_settings), every other field its default."""
-        return cls(**generation_settings(path))
 
     def replace(self, **changes) -> "SamplingParams":
         unknown = sorted(changes.keys() - _FIELDS)
