@@ -98,7 +98,8 @@
 #   context  the CPU backend on this machine's cores (issue 20): tools/bench_context.py, batch-1 TPOT at 16, 2,000
 #            and 8,000 tokens of context, a decode token split across the team (the default where its items
 #            leave half the threads idle) against PAGEDRT_CPU_SPLIT_DECODE=0, SmolLM2's widths (random,
-#            $SMOLRAND, made here), at $CONTEXT_THREADS ("16 8") threads -> $OUT/context_T*.json
+#            $SMOLRAND, made here), at $CONTEXT_THREADS ("16 8") threads -> $OUT/context_T*.json;
+#            $CONTEXT_LENGTHS, $CONTEXT_PAIRS (3) and $CONTEXT_AB (bench_context.py's --ab) change them
 #   fp8q     tools/fp8_quality.py --device cuda on SmolLM2 (needs smol): fp8 weights' top-1 agreement and
 #            perplexity against bf16
 #   lcpp     builds llama-cpp-python for this host's CPU from .devcarry_b/lcpp_slim.tar.xz (or $STASH)
@@ -167,7 +168,7 @@ if has build; then
   # The wheel tools/gpu_wheel.sh built from these very sources, where it was carried: seconds, not minutes
   wheel=$(ls .devcarry_c/pagedrt-*.whl 2>/dev/null | head -1)
   if [ -n "$wheel" ] && [ -f .devcarry_c/wheel.sources ] \
-     && [ "$(head -1 .devcarry_c/wheel.sources)" = "# count $(find cpp third_party -type f | wc -l)" ] \
+     && [ "$(head -1 .devcarry_c/wheel.sources)" = "# count $(find cpp third_party python -type f -not -path '*/__pycache__/*' | wc -l)" ] \
      && tail -n +2 .devcarry_c/wheel.sources | sha256sum -c --quiet - >/dev/null 2>&1 \
      && $PY -m pip install -q --no-deps --no-index --force-reinstall "$wheel" \
      && (cd /tmp && $PY -c "from pagedrt import _core; assert _core.cuda_available()"); then
@@ -564,7 +565,8 @@ if has context; then
   for t in ${CONTEXT_THREADS:-16 8}; do
     [ "$(left)" -gt 60 ] || break
     (cd /tmp && timeout $(( $(left) - 20 )) $PY "$OLDPWD/tools/bench_context.py" --model "$SMOLRAND" --threads "$t" \
-       --contexts 16,2000,8000 --new 64 --pairs 3 --ab PAGEDRT_CPU_SPLIT_DECODE=0 --json "$OUT/context_T$t.json" 2>&1 \
+       --contexts "${CONTEXT_LENGTHS:-16,2000,8000}" --new 64 --pairs "${CONTEXT_PAIRS:-3}" \
+       --ab "${CONTEXT_AB:-PAGEDRT_CPU_SPLIT_DECODE=0}" --json "$OUT/context_T$t.json" 2>&1 \
        | tail -5)
   done
 fi

@@ -9,7 +9,7 @@
 # ($PY312, default pyenv's), against cuBLASLt from PyPI's nvidia-cublas 13.0 (this machine's CUDA 13.0
 # toolkit has nvcc and no cuBLAS; the wheel loads the host's libcublasLt.so.13: gpu_check.sh puts the
 # toolkit's lib folder on LD_LIBRARY_PATH). wheel.sources lists the sources it was built from with
-# their sha256 and how many files cpp/ and third_party/ hold: gpu_check.sh's build stage installs the
+# their sha256 and how many files cpp/, third_party/ and python/ hold (__pycache__ aside): gpu_check.sh's build stage installs the
 # wheel only where every listed file is unchanged and none was added, else it compiles as before.
 # Its C++ is built for the GPU hosts' Xeons (-march=sapphirerapids, $WHEEL_MARCH; AVX-512 BF16 and AMX,
 # as a build there with -march=native has them), not for this machine: a host whose processor cannot
@@ -26,7 +26,7 @@ time $PY312 -m pip wheel . -q --no-build-isolation --no-deps -w .devcarry_c \
   -Ccmake.define.PAGEDRT_CUDA=ON -Ccmake.define.PAGEDRT_NATIVE=OFF \
   -Ccmake.define.CMAKE_CXX_FLAGS="-march=${WHEEL_MARCH:-sapphirerapids}" -Cbuild-dir=build/gpu_wheel
 {
-  echo "# count $(find cpp third_party -type f | wc -l)"
+  echo "# count $(find cpp third_party python -type f -not -path '*/__pycache__/*' | wc -l)"
   git ls-files -co --exclude-standard cpp python third_party CMakeLists.txt pyproject.toml | sort | xargs sha256sum
 } > .devcarry_c/wheel.sources
 ls -la .devcarry_c/pagedrt-*.whl
