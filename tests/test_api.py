@@ -464,6 +464,8 @@ def test_default_sampling_params_come_from_generation_config(tiny_llama, tmp_pat
         f.write_text(json.dumps(body))
         with pytest.raises(InvalidArgument, match=re.escape(str(f)) + ".*" + field):
             generation_settings(f)
+        with pytest.raises(InvalidArgument, match=re.escape(str(f)) + ".*" + field):
+            generation_settings(tmp_path)  # a model folder: its generation_config.json
     f.write_text("{not json")
     with pytest.raises(InvalidArgument, match="not readable as JSON"):
         generation_settings(f)

@@ -58,7 +58,7 @@ def _sampling(args, model_path):
     from .sampling_params import generation_settings
     flags = _flags(args)
     try:
-        model = generation_settings(pathlib.Path(model_path) / "generation_config.json")
+        model = generation_settings(model_path)
     except InvalidArgument as e:
         print(f"pagedrt-chat: {e}; its sampling settings are not used", file=sys.stderr)
         model = {}

@@ -540,7 +540,7 @@ class Runtime:
         itself keeps its fixed defaults (temperature 1.0). Raises
         InvalidArgument naming the file and the field for a value it cannot
         take."""
-        settings = generation_settings(self.model_path / "generation_config.json")
+        settings = generation_settings(self.model_path)
         return SamplingParams(**settings).replace(**overrides)  # an unknown override: InvalidArgument naming it
 
     # -- state ------------------------------------------------------------------------

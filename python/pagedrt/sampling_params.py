@@ -157,8 +157,9 @@ _FIELDS = frozenset(f.name for f in fields(SamplingParams))
 
 
 def generation_settings(path) -> dict:
-    """The sampling settings a generation_config.json names, as SamplingParams
-    fields: ``temperature``, ``top_p``, ``top_k``, ``min_p`` and
+    """The sampling settings a generation_config.json names (`path`: the
+    file, or a model folder holding it), as SamplingParams fields:
+    ``temperature``, ``top_p``, ``top_k``, ``min_p`` and
     ``repetition_penalty`` where present and not null; {} for a missing file.
     A value that is not a number, or out of range, raises InvalidArgument
     naming the file and the field."""
@@ -166,6 +167,8 @@ def generation_settings(path) -> dict:
     import pathlib
 
     path = pathlib.Path(path)
+    if path.is_dir():
+        path = path / "generation_config.json"
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

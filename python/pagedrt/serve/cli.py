@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     if args.generation_config == "auto":
         from ..sampling_params import generation_settings
         try:
-            defaults = generation_settings(rt.model_path / "generation_config.json")
+            defaults = generation_settings(rt.model_path)
         except Error as e:
             rt.close()
             print(f"pagedrt-serve: {e} (--generation-config none serves without it)", file=sys.stderr)
