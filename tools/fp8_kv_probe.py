@@ -41,7 +41,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from fp8_quality import corpus  # noqa: E402
 
 MODES = ("kv", "k", "v", "kv-amax", "kv-s4", "k-mean16", "k-hadamard", "k-mean16-hadamard", "kv-amax-mean16",
-         "kv-amax-hadamard")
+         "kv-amax-hadamard", "kv-amax-mean16-hadamard", "kv-s4-hadamard", "kv-s4-mean16-hadamard")
 WINDOW = 1024
 
 
