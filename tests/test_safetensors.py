@@ -191,3 +191,27 @@ def test_index_without_weight_map(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text('{"metadata": {}}')
     msg = model_error(tmp_path)
     assert "model.safetensors.index.json: missing field 'weight_map'" in msg, msg
+
+
+def test_loading_holds_the_weights_about_once(tmp_path):
+    """Checkpoint::release: the loader drops each layer's mapped pages once it has copied them,
+    so the process's peak RSS while loading a bf16 model into bf16 weights grows by about the
+    weights' size, not by the copies and the whole mapped file together (twice it before)."""
+    import subprocess
+    import sys
+
+    from conftest import make_tiny_llama
+    path, _ = make_tiny_llama(tmp_path / "m", dtype="bfloat16", vocab_size=2048, hidden_size=512,
+                              intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+                              num_key_value_heads=8)
+    weights = (path / "model.safetensors").stat().st_size
+    code = (
+        "import re, pathlib, pagedrt\n"
+        "status = lambda key: int(re.search(key + r':\\s+(\\d+)', pathlib.Path('/proc/self/status').read_text())[1])\n"
+        "before = status('VmRSS')\n"
+        f"rt = pagedrt.Runtime({str(path)!r}, device='cpu', dtype='bfloat16', kv_cache_bytes=1 << 20)\n"
+        "print(status('VmHWM') - before)\n")
+    grew = int(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                              timeout=120).stdout.split()[-1]) * 1024
+    assert weights > 50 << 20
+    assert grew < 1.4 * weights, f"peak RSS grew by {grew / 2**20:.1f} MiB loading {weights / 2**20:.1f} MiB of weights"

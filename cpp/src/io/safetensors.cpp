@@ -10,6 +10,7 @@
 
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -308,6 +309,16 @@ const TensorView& Checkpoint::get(const std::string& name) const {
   auto it = by_name_.find(name);
   if (it == by_name_.end()) fail(dir_ + ": tensor '" + name + "' is missing");
   return *it->second;
+}
+
+void Checkpoint::release(const std::string& prefix) const {
+  static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  for (auto it = by_name_.lower_bound(prefix); it != by_name_.end() && it->first.compare(0, prefix.size(), prefix) == 0;
+       ++it) {
+    const uintptr_t begin = (reinterpret_cast<uintptr_t>(it->second->data) + page - 1) / page * page;
+    const uintptr_t end = (reinterpret_cast<uintptr_t>(it->second->data) + it->second->nbytes) / page * page;
+    if (end > begin) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);  // advice: failure is harmless
+  }
 }
 
 std::vector<std::string> Checkpoint::names() const {

@@ -156,6 +156,7 @@ LlamaModel::LlamaModel(const LlamaConfig& config, const std::string& model_dir, 
         {vocab_rows(expect(ckpt, "model.embed_tokens.weight", {cfg_.vocab_size, hidden}), plan_, bytes)},
         weight_dtype);
   }
+  ckpt.release("model.embed_tokens.weight");  // copied: its mapped pages go (Checkpoint::release)
   loaded(1);
   for (int64_t l = 0; l < cfg_.num_layers; ++l) {
     const std::string p = "model.layers." + std::to_string(l) + ".";
@@ -211,6 +212,7 @@ LlamaModel::LlamaModel(const LlamaConfig& config, const std::string& model_dir, 
                            {p + "mlp.up_proj.weight", {inter, hidden}, mlp_rows}});
     layer.down = group({{p + "mlp.down_proj.weight", {hidden, inter}, mlp_cols}});
     layers_.push_back(std::move(layer));
+    ckpt.release(p);
     loaded(l + 2);
   }
   final_norm_ = norm("model.norm.weight");
@@ -222,6 +224,7 @@ LlamaModel::LlamaModel(const LlamaConfig& config, const std::string& model_dir, 
     lm_head_ = backend.load_weight(
         {vocab_rows(expect(ckpt, "lm_head.weight", {cfg_.vocab_size, hidden}, cfg_.quant, &keep), plan_, bytes)},
         weight_dtype);
+    ckpt.release("lm_head.weight");
   }
   rope_ = make_rope(backend, cfg_, max_positions);
   loaded(parts);
