@@ -39,6 +39,7 @@ def test_sampling_defaults_are_the_models_then_the_flags(env, tmp_path):
                          env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "sampling: temperature 0.7, top_p 0.9 (pagedrt-chat's defaults;" in out.stdout
+    assert out.stdout.startswith("pagedrt-chat: SmolLM2-135M-Instruct (")  # the cache folder's hash left out
 
     args = lambda **kw: SimpleNamespace(**{k: kw.get(k) for k in  # noqa: E731
                                            ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")})

@@ -266,7 +266,7 @@ def main(argv=None) -> int:
     from . import Runtime, SamplingParams
     from .errors import InvalidArgument, Unsupported
     from .structured import constraint_of
-    from .models import ModelNotFoundError
+    from .models import ModelNotFoundError, display_name
 
     params = SamplingParams(max_tokens=args.max_tokens, seed=args.seed,
                             speculative=args.speculative or ("draft" if args.draft_model else None),
@@ -296,7 +296,7 @@ def main(argv=None) -> int:
     params = params.replace(**settings)
     info = rt.model_info
     device = info.device if info.tensor_parallel_size == 1 else f"{info.device} x {info.tensor_parallel_size} ranks"
-    print(f"pagedrt-chat: {rt.model_path.name} ({info.weight_dtype}, {device}, context "
+    print(f"pagedrt-chat: {display_name(rt.model_path)} ({info.weight_dtype}, {device}, context "
           f"{info.max_model_len}) loaded in {time.perf_counter() - t0:.2f} s. /help lists commands.")
     shown = ", ".join(f"{k} {v:g}" for k, v in settings.items())
     print(_style("2", f"sampling: {shown} ({source}; /set changes them)"))

@@ -137,6 +137,12 @@ def _convert_cached(gguf: pathlib.Path, name: str, cache_dir, progress: bool, dt
     return final
 
 
+def display_name(model_path) -> str:
+    """A model folder's name as people say it: a converted GGUF's cache folder
+    without the "-" and 12 hex digits of its conversion's hash."""
+    return re.sub(r"-[0-9a-f]{12}$", "", pathlib.Path(model_path).name)
+
+
 def _older_conversions(final: pathlib.Path, name: str) -> list[pathlib.Path]:
     """Other complete folders `name`-<12 hex digits> beside `final` (another file, dtype or converter version)."""
     pattern = re.compile(re.escape(name) + r"-[0-9a-f]{12}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import signal
 import sys
 
@@ -117,6 +116,7 @@ def main(argv=None) -> int:
         return 2
     from .. import Runtime
     from ..errors import Error
+    from ..models import display_name
     options = {name: getattr(args, name) for name in _OPTIONS if name != "device"}
     if args.speculative == "draft" and not args.draft_model:
         print("pagedrt-serve: --speculative draft needs --draft-model DIR|FILE.gguf", file=sys.stderr)
@@ -136,8 +136,7 @@ def main(argv=None) -> int:
             rt.close()
             print(f"pagedrt-serve: {e} (--generation-config none serves without it)", file=sys.stderr)
             return 1
-    # a converted GGUF's cache folder ends in "-" and 12 hex digits of its hash
-    name = args.served_model_name or re.sub(r"-[0-9a-f]{12}$", "", rt.model_path.name)
+    name = args.served_model_name or display_name(rt.model_path)
     app = build_app(rt, model_name=name, api_key=args.api_key, max_queue=args.max_queue,
                     max_body_bytes=args.max_body_bytes, speculative=args.speculative, sampling_defaults=defaults)
     said = ", ".join(f"{k} {v:g}" for k, v in defaults.items())
