@@ -31,7 +31,7 @@ def test_sampling_defaults_are_the_models_then_the_flags(env, tmp_path):
     model), a flag over either; the line under the banner says which."""
     from types import SimpleNamespace
 
-    from pagedrt.chat import _FALLBACK, _sampling
+    from pagedrt.chat import _FALLBACK, _flags, _sampling
 
     exe = shutil.which("pagedrt-chat")
     cmd = [exe] if exe else [sys.executable, "-m", "pagedrt.chat"]
@@ -44,13 +44,13 @@ def test_sampling_defaults_are_the_models_then_the_flags(env, tmp_path):
     args = lambda **kw: SimpleNamespace(**{k: kw.get(k) for k in  # noqa: E731
                                            ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")})
     (tmp_path / "generation_config.json").write_text('{"temperature": 0.3, "top_k": 40, "eos_token_id": 2}')
-    assert _sampling(args(), tmp_path) == ({**_FALLBACK, "temperature": 0.3, "top_k": 40},
+    assert _sampling(_flags(args()), tmp_path) == ({**_FALLBACK, "temperature": 0.3, "top_k": 40},
                                            "the model's generation_config.json")
-    assert _sampling(args(temperature=0.0, min_p=0.1), tmp_path)[0] == {
+    assert _sampling(_flags(args(temperature=0.0, min_p=0.1)), tmp_path)[0] == {
         **_FALLBACK, "temperature": 0.0, "top_k": 40, "min_p": 0.1}
     (tmp_path / "generation_config.json").write_text('{"eos_token_id": 2}')
-    assert _sampling(args(), tmp_path) == (_FALLBACK, "pagedrt-chat's defaults")
-    assert _sampling(args(top_p=0.5), tmp_path) == ({**_FALLBACK, "top_p": 0.5}, "pagedrt-chat's defaults and flags")
+    assert _sampling(_flags(args()), tmp_path) == (_FALLBACK, "pagedrt-chat's defaults")
+    assert _sampling(_flags(args(top_p=0.5)), tmp_path) == ({**_FALLBACK, "top_p": 0.5}, "pagedrt-chat's defaults and flags")
 
 
 def test_draft_model_gives_the_same_answer(env, smol):

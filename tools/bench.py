@@ -793,6 +793,8 @@ def main(argv=None):
     jobs = plan(a, selected)
     ceilings, params = None, weight_params(model)
     sizes = weight_bytes(params, [f"{engine} {opt}" for engine, opt, _ in jobs])  # the probe's working sets
+    if a.device == "cpu":
+        from cpu_ceilings import measure
     for t in {opt for engine, opt, _ in jobs if engine == "llama.cpp"}:
         gguf_path(t)  # made here, once, not inside a timed job
     t_start, load_start = time.perf_counter(), os.getloadavg()
@@ -800,7 +802,6 @@ def main(argv=None):
     job_index = {f"{engine}:{opt}": i for i, (engine, opt, _) in enumerate(jobs)}
     for r in range(a.rounds):
         if a.device == "cpu":  # a CPU figure holds as a fraction of the ceilings measured with it: each round's
-            from cpu_ceilings import measure
             ceilings = measure(a.threads, sizes)
         order = jobs[r % len(jobs):] + jobs[:r % len(jobs)]  # each engine first in some round
         got = run_jobs(order, argv, a, model, t_start, errors, covered, f"round {r + 1}/{a.rounds} " * (a.rounds > 1))

@@ -169,7 +169,7 @@ if has build; then
   # The wheel tools/gpu_wheel.sh built from these very sources, where it was carried: seconds, not minutes
   wheel=$(ls .devcarry_c/pagedrt-*.whl 2>/dev/null | head -1)
   if [ -n "$wheel" ] && [ -f .devcarry_c/wheel.sources ] \
-     && [ "$(head -1 .devcarry_c/wheel.sources)" = "# count $(find cpp third_party python -type f -not -path '*/__pycache__/*' | wc -l)" ] \
+     && [ "$(head -1 .devcarry_c/wheel.sources)" = "$(source tools/wheel_sources.sh; wheel_sources_count)" ] \
      && tail -n +2 .devcarry_c/wheel.sources | sha256sum -c --quiet - >/dev/null 2>&1 \
      && $PY -m pip install -q --no-deps --no-index --force-reinstall "$wheel" \
      && (cd /tmp && $PY -c "from pagedrt import _core; assert _core.cuda_available()"); then

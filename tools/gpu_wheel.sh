@@ -16,6 +16,7 @@
 # run it fails the build stage's import check, and the stage compiles there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source tools/wheel_sources.sh
 PY312=${PY312:-$(ls -d /root/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | tail -1)}
 [ -x "$PY312" ] || { echo "no Python 3.12 here (set PY312): the GPU host's is 3.12" >&2; exit 1; }
 $PY312 -m pip install -q nanobind scikit-build-core cmake ninja "nvidia-cublas==13.0.*" 2>&1 | grep -v WARNING || true
@@ -26,7 +27,7 @@ time $PY312 -m pip wheel . -q --no-build-isolation --no-deps -w .devcarry_c \
   -Ccmake.define.PAGEDRT_CUDA=ON -Ccmake.define.PAGEDRT_NATIVE=OFF \
   -Ccmake.define.CMAKE_CXX_FLAGS="-march=${WHEEL_MARCH:-sapphirerapids}" -Cbuild-dir=build/gpu_wheel
 {
-  echo "# count $(find cpp third_party python -type f -not -path '*/__pycache__/*' | wc -l)"
+  wheel_sources_count
   git ls-files -co --exclude-standard cpp python third_party CMakeLists.txt pyproject.toml | sort | xargs sha256sum
 } > .devcarry_c/wheel.sources
 ls -la .devcarry_c/pagedrt-*.whl

@@ -51,12 +51,11 @@ def _flags(args) -> dict:
     return {k: getattr(args, k) for k in _GENERATION_KEYS if getattr(args, k) is not None}
 
 
-def _sampling(args, model_path):
-    """(settings, where from): the fallback, the model's generation_config.json over it, the flags over both.
-    A file the chat cannot take is said on stderr and left out."""
+def _sampling(flags: dict, model_path):
+    """(settings, where from): the fallback, the model's generation_config.json over it, the flags
+    (_flags) over both. A file the chat cannot take is said on stderr and left out."""
     from .errors import InvalidArgument
     from .sampling_params import generation_settings
-    flags = _flags(args)
     try:
         model = generation_settings(model_path)
     except InvalidArgument as e:
@@ -268,9 +267,9 @@ def main(argv=None) -> int:
     from .structured import constraint_of
     from .models import ModelNotFoundError, display_name
 
+    flags = _flags(args)
     params = SamplingParams(max_tokens=args.max_tokens, seed=args.seed,
-                            speculative=args.speculative or ("draft" if args.draft_model else None),
-                            **_flags(args))
+                            speculative=args.speculative or ("draft" if args.draft_model else None), **flags)
     try:
         params._to_core()
     except InvalidArgument as e:
@@ -292,7 +291,7 @@ def main(argv=None) -> int:
     if rt.tokenizer is None or rt.tokenizer.chat_template is None:
         print(f"pagedrt-chat: {rt.model_path} has no chat template (tokenizer_config.json)", file=sys.stderr)
         return 1
-    settings, source = _sampling(args, rt.model_path)
+    settings, source = _sampling(flags, rt.model_path)
     params = params.replace(**settings)
     info = rt.model_info
     device = info.device if info.tensor_parallel_size == 1 else f"{info.device} x {info.tensor_parallel_size} ranks"

@@ -93,12 +93,17 @@ def _default_gguf() -> pathlib.Path:
     )
 
 
+# A converted GGUF's cache folder: "<name>-<the conversion's key>", the key this many hex digits.
+_KEY_DIGITS = 12
+_KEY_SUFFIX = rf"-[0-9a-f]{{{_KEY_DIGITS}}}"
+
+
 def _cache_key(gguf: pathlib.Path, dtype: str) -> str:
     from .convert import CONVERTER_VERSION
 
     st = gguf.stat()
     ident = f"{st.st_size}:{st.st_mtime_ns}:{CONVERTER_VERSION}:{dtype}"
-    return hashlib.sha256(ident.encode()).hexdigest()[:12]
+    return hashlib.sha256(ident.encode()).hexdigest()[:_KEY_DIGITS]
 
 
 def _convert_cached(gguf: pathlib.Path, name: str, cache_dir, progress: bool, dtype: str = "float32",
@@ -139,13 +144,13 @@ def _convert_cached(gguf: pathlib.Path, name: str, cache_dir, progress: bool, dt
 
 def display_name(model_path) -> str:
     """A model folder's name as people say it: a converted GGUF's cache folder
-    without the "-" and 12 hex digits of its conversion's hash."""
-    return re.sub(r"-[0-9a-f]{12}$", "", pathlib.Path(model_path).name)
+    without the "-" and hex digits of its conversion's key."""
+    return re.sub(_KEY_SUFFIX + "$", "", pathlib.Path(model_path).name)
 
 
 def _older_conversions(final: pathlib.Path, name: str) -> list[pathlib.Path]:
-    """Other complete folders `name`-<12 hex digits> beside `final` (another file, dtype or converter version)."""
-    pattern = re.compile(re.escape(name) + r"-[0-9a-f]{12}")
+    """Other complete folders `name`-<key> beside `final` (another file, dtype or converter version)."""
+    pattern = re.compile(re.escape(name) + _KEY_SUFFIX)
     return sorted(d for d in final.parent.iterdir()
                   if d != final and d.is_dir() and pattern.fullmatch(d.name) and (d / _COMPLETE).is_file())
 
