@@ -255,6 +255,11 @@ void gemm_with(const std::string& variant, GemmOperands operands, const void* x,
 
 std::atomic<PrefetchTo> g_prefetch{PrefetchTo::L1};
 
+const bool g_balance_tasks = [] {
+  const char* e = std::getenv("PAGEDRT_CPU_BALANCE");
+  return e == nullptr || std::strcmp(e, "0") != 0;
+}();
+
 namespace {
 std::string g_prefetch_how = "l1 (not calibrated)";
 // The tuner's windows: 256 decode calls (about two SmolLM2 tokens), one in
