@@ -194,8 +194,9 @@ def test_structured_output_from_cpp(build_root, model_dir):
 def test_unit_tests_sanitized(build_root, model_dir, kind):
     build = sanitizer_build(build_root, kind, ["test_parsers", "test_runtime_threads", "test_speculation",
                                                "test_collectives", "test_helper_thread", "test_llguidance_masks",
-                                               "test_rank_threads"])
-    for name in ["test_parsers", "test_speculation", "test_collectives", "test_helper_thread", "test_rank_threads"]:
+                                               "test_rank_threads", "test_team"])
+    for name in ["test_parsers", "test_speculation", "test_collectives", "test_helper_thread", "test_rank_threads",
+                 "test_team"]:
         assert re.search(r" 0 failed", run_sanitized(build / name)), name
     out = run_sanitized(build / "test_runtime_threads", env={"PAGEDRT_TEST_MODEL": str(model_dir)})
     assert "SKIPPED" not in out and re.search(r"\d+ passed, 0 failed", out), out

@@ -1,70 +1,68 @@
 // tools/fork_join_probe.cpp — what a thread team's fork and join cost on this machine (issue 20):
-// a libgomp parallel-for region (what each CPU kernel call opens), an orphaned `omp for` inside one
-// persistent region (a barrier a call), and a pool of spinning threads (one store to start them, a
-// counter to join), each timed over N empty calls at T threads. A decode token of SmolLM2 runs ~150
-// regions, so at 16 threads a few microseconds each is a visible share of a 3 ms token.
+// a libgomp parallel-for region (what the CPU kernels opened until session 42), an orphaned `omp
+// for` inside one persistent region (a barrier a call), and pagedrt's own team (backend/team.cpp,
+// what they open now: PAGEDRT_CPU_TEAM=omp makes it libgomp's), a region alone and with a barrier
+// inside, each timed over N empty calls at T threads. A decode token of SmolLM2 runs ~150 regions,
+// so at 16 threads a few microseconds each is a visible share of a 3 ms token.
 //
-//   g++ -O2 -march=native -fopenmp tools/fork_join_probe.cpp -o /tmp/fork_join_probe -lpthread
+//   g++ -O2 -march=native -fopenmp -Icpp/src tools/fork_join_probe.cpp cpp/src/backend/team.cpp \
+//       -o /tmp/fork_join_probe -lpthread
 //   /tmp/fork_join_probe T [N]        (gpu_check.sh's context stage runs it at $CONTEXT_THREADS)
 //
-// The 2-core AMD VM (session 41): 0.75 / 0.31 / 0.33 us at T = 2.
+// The 2-core AMD VM (session 41): libgomp region 0.75 us, barrier 0.31 at T = 2. The H100 host's
+// 16-core Xeon (session 42): 6.83 / 1.98 us at T = 16, 2.77 / 0.97 at T = 8 (a spinning pool with
+// one shared join counter, this probe's third column then: 3.67 and 1.49).
 #include <omp.h>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <thread>
-#include <vector>
-#include <immintrin.h>
-struct alignas(64) Pad { std::atomic<uint64_t> v{0}; };
-struct Pool {
-  int T; std::vector<std::thread> th; Pad epoch; Pad done; std::atomic<bool> stop{false};
-  void (*fn)(void*, int) = nullptr; void* arg = nullptr;
-  explicit Pool(int t): T(t) {
-    for (int i = 1; i < T; ++i) th.emplace_back([this, i] {
-      uint64_t seen = 0;
-      for (;;) {
-        uint64_t e;
-        while ((e = epoch.v.load(std::memory_order_acquire)) == seen) { if (stop) return; _mm_pause(); }
-        seen = e; fn(arg, i); done.v.fetch_add(1, std::memory_order_acq_rel);
-      }
-    });
-  }
-  template <class F> void run(F& f) {
-    fn = [](void* a, int i) { (*static_cast<F*>(a))(i); }; arg = &f;
-    done.v.store(0, std::memory_order_relaxed);
-    epoch.v.fetch_add(1, std::memory_order_release);
-    f(0);
-    while (done.v.load(std::memory_order_acquire) != (uint64_t)(T - 1)) _mm_pause();
-  }
-  ~Pool() { stop = true; epoch.v.fetch_add(1); for (auto& t : th) t.join(); }
-};
+
+#include "backend/team.hpp"
+// Each way timed after the others' threads have gone to sleep (libgomp's spin for a while after a
+// region, and would share the cores with the next way's).
+template <typename Calls>
+static double timed(int N, void (*rest)(), const Calls& calls) {
+  rest();
+  const auto a = std::chrono::steady_clock::now();
+  for (int i = 0; i < N; ++i) calls();
+  return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - a).count() / N;
+}
+
 int main(int argc, char** argv) {
-  int T = argc > 1 ? atoi(argv[1]) : omp_get_max_threads();
+  const int T = argc > 1 ? atoi(argv[1]) : omp_get_max_threads();
   const int N = argc > 2 ? atoi(argv[2]) : 100000;
   volatile int sink = 0;
-  auto us = [&](auto a, auto b) { return std::chrono::duration<double, std::micro>(b - a).count() / N; };
+  auto rest = [] { std::this_thread::sleep_for(std::chrono::milliseconds(200)); };
   for (int rep = 0; rep < 3; ++rep) {
-    auto t0 = std::chrono::steady_clock::now();
-    for (int i = 0; i < N; ++i) {
+    const double region = timed(N, rest, [&] {
 #pragma omp parallel for schedule(static) num_threads(T)
-      for (int j = 0; j < T; ++j) sink += j;
-    }
-    auto t1 = std::chrono::steady_clock::now();
-#pragma omp parallel num_threads(T)
-    for (int i = 0; i < N; ++i) {
-#pragma omp for schedule(static)
-      for (int j = 0; j < T; ++j) sink += j;
-    }
-    auto t2 = std::chrono::steady_clock::now();
-    double pool_us;
+      for (int j = 0; j < T; ++j) sink = sink + j;
+    });
+    double barrier;
     {
-      Pool p(T);
-      auto f = [&](int i) { sink += i; };
-      auto a = std::chrono::steady_clock::now();
-      for (int i = 0; i < N; ++i) p.run(f);
-      pool_us = us(a, std::chrono::steady_clock::now());
+      rest();
+      const auto a = std::chrono::steady_clock::now();
+#pragma omp parallel num_threads(T)
+      for (int i = 0; i < N; ++i) {
+#pragma omp for schedule(static)
+        for (int j = 0; j < T; ++j) sink = sink + j;
+      }
+      barrier = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - a).count() / N;
     }
-    printf("T=%2d omp region %.3f us, omp-for barrier %.3f us, spin pool %.3f us\n", T, us(t0, t1), us(t1, t2), pool_us);
+    const double team = timed(N, rest, [&] {
+      pagedrt::parallel(T, [&](const pagedrt::Region& r) {
+        if (r.rank == 0) sink = sink + 1;
+      });
+    });
+    const double team_barrier = timed(N, rest, [&] {
+      pagedrt::parallel(T, [&](const pagedrt::Region& r) {
+        if (r.rank == 0) sink = sink + 1;
+        r.barrier();
+      });
+    });
+    printf("T=%2d omp region %.3f us, omp-for barrier %.3f us, pagedrt team region (%s) %.3f us, + a barrier %.3f us\n",
+           T, region, barrier, pagedrt::team_kind(), team, team_barrier);
   }
 }

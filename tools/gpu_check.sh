@@ -100,7 +100,7 @@
 #            leave half the threads idle) against PAGEDRT_CPU_SPLIT_DECODE=0, SmolLM2's widths (random,
 #            $SMOLRAND, made here), at $CONTEXT_THREADS ("16 8") threads -> $OUT/context_T*.json;
 #            $CONTEXT_LENGTHS, $CONTEXT_PAIRS (3) and $CONTEXT_AB (bench_context.py's --ab) change them;
-#            first tools/fork_join_probe.cpp at those thread counts (a team's fork and join, three ways)
+#            first tools/fork_join_probe.cpp at those thread counts (a team's fork and join: libgomp's, its barrier, pagedrt's own)
 #   fp8q     tools/fp8_quality.py --device cuda on SmolLM2 (needs smol): fp8 weights' top-1 agreement and
 #            perplexity against bf16
 #   lcpp     builds llama-cpp-python for this host's CPU from .devcarry_b/lcpp_slim.tar.xz (or $STASH)
@@ -563,7 +563,7 @@ fi
 if has context; then
   stage context
   smolrand >/dev/null
-  g++ -O2 -march=native -fopenmp tools/fork_join_probe.cpp -o "$WORK/fork_join_probe" -lpthread \
+  g++ -O2 -march=native -fopenmp -Icpp/src tools/fork_join_probe.cpp cpp/src/backend/team.cpp -o "$WORK/fork_join_probe" -lpthread \
     && for t in ${CONTEXT_THREADS:-16 8}; do "$WORK/fork_join_probe" "$t" 30000 | tail -1; done
   for t in ${CONTEXT_THREADS:-16 8}; do
     [ "$(left)" -gt 60 ] || break

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "backend/team.hpp"
 #include "engine/beam_search.hpp"
 #include "engine/sampler.hpp"
 
@@ -198,13 +199,13 @@ void OutputProcessor::pick_all(std::vector<Pick>& picks, int64_t vocab) {
   const int64_t n = static_cast<int64_t>(picks.size());
   // Every row picked on the device (greedy on CUDA): no thread team to start.
   if (std::none_of(picks.begin(), picks.end(), [](const Pick& k) { return k.row != nullptr; })) return;
-#pragma omp parallel num_threads(config_.sampler_threads) if (n > 1 && n * vocab > (1 << 16))
-  {
+  const int threads = n > 1 && n * vocab > (1 << 16) ? config_.sampler_threads : 1;
+  alignas(64) int64_t next = 0;  // the next row to claim
+  parallel(threads, [&](const Region&) {
     std::vector<float> row, logprobs;  // per thread
     std::vector<double> probs;
     std::vector<int32_t> order;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t i = 0; i < n; ++i) {
+    for (int64_t i; (i = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED)) < n;) {
       Pick& k = picks[i];
       if (k.row == nullptr) continue;  // picked on the device
       const SamplingParams& p = k.req->params;
@@ -225,7 +226,7 @@ void OutputProcessor::pick_all(std::vector<Pick>& picks, int64_t vocab) {
         k.logprob = Sampler::token_logprob(logprobs, k.token, *p.logprobs);
       }
     }
-  }
+  });
 }
 
 void OutputProcessor::count_computed(const ScheduledSeq& sc) {

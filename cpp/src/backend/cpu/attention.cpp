@@ -41,13 +41,10 @@
 #include <type_traits>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #include "backend/cpu/gemm.hpp"
 #include "backend/cpu/kv_fp8.hpp"
 #include "backend/cpu/vec_math.hpp"
+#include "backend/team.hpp"
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include "backend/cpu/simd.hpp"
@@ -331,8 +328,7 @@ void rope_and_cache(const BatchView& b, T* qkv, const float* cos, const float* s
                     const PagedKv<T>& kv, int threads) {
   const int64_t H = num_heads, Hkv = kv.num_kv_heads, D = kv.head_dim, half = D / 2;
   const int64_t row = (H + 2 * Hkv) * D;
-#pragma omp parallel for schedule(static) num_threads(threads) if (b.num_tokens > 8)
-  for (int64_t t = 0; t < b.num_tokens; ++t) {
+  parallel_for(b.num_tokens, b.num_tokens > 8 ? threads : 1, [&](int64_t t) {
     T* q = qkv + t * row;  // (H + Hkv, D) rotated: the q heads then the k heads
     const float* c = cos + static_cast<int64_t>(b.positions[t]) * half;
     const float* sn = sin + static_cast<int64_t>(b.positions[t]) * half;
@@ -342,7 +338,7 @@ void rope_and_cache(const BatchView& b, T* qkv, const float* cos, const float* s
       std::copy(q + (H + h) * D, q + (H + h + 1) * D, kv.k + kv.slot_offset(slot, h));
       std::copy(q + (H + Hkv + h) * D, q + (H + Hkv + h + 1) * D, kv.v + kv.slot_offset(slot, h));
     }
-  }
+  });
 }
 
 namespace {
@@ -377,8 +373,7 @@ void run_tiles(const Args<T>& a, int threads) {
   }();
   if (heads_together && whole_tokens && static_cast<int64_t>(tiles.size()) >= 2 * threads) {
     const int64_t n = static_cast<int64_t>(tiles.size());
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-    for (int64_t i = 0; i < n; ++i) attend_token(a, tiles[i]);
+    parallel_for_dynamic(n, threads, [&](int64_t i) { attend_token(a, tiles[i]); });
     return;
   }
   // Decode tokens whose (token, kv head) items leave more than half the team
@@ -398,8 +393,7 @@ void run_tiles(const Args<T>& a, int threads) {
     return;
   }
 #endif
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (items > 1)
-  for (int64_t item = 0; item < items; ++item) attend(a, tiles[item / Hkv], item % Hkv);
+  parallel_for_dynamic(items, threads, [&](int64_t item) { attend(a, tiles[item / Hkv], item % Hkv); });
 }
 
 }  // namespace
@@ -425,20 +419,19 @@ void rope_and_cache(const BatchView& b, T* qkv, const float* cos, const float* s
                     const Fp8Kv& kv, int threads) {
   const int64_t H = num_heads, Hkv = kv.num_kv_heads, D = kv.head_dim, half = D / 2;
   const int64_t row = (H + 2 * Hkv) * D;
-#pragma omp parallel for schedule(static) num_threads(threads) if (b.num_tokens > 8)
-  for (int64_t t = 0; t < b.num_tokens; ++t) {
+  parallel_for(b.num_tokens, b.num_tokens > 8 ? threads : 1, [&](int64_t t) {
     T* q = qkv + t * row;
     const float* c = cos + static_cast<int64_t>(b.positions[t]) * half;
     const float* sn = sin + static_cast<int64_t>(b.positions[t]) * half;
     for (int64_t h = 0; h < H + Hkv; ++h) rotate_half(q + h * D, c, sn, half);
     const int64_t slot = b.slot_mapping[t];
-    if (slot < 0) continue;
+    if (slot < 0) return;
     for (int64_t h = 0; h < Hkv; ++h) {
       const int64_t code = kv.slot_code_offset(slot, h), e = kv.slot_exp_offset(slot, h);
       kv.k[e] = static_cast<uint8_t>(quantize_kv_row(q + (H + h) * D, D, kv.k + code));
       kv.v[e] = static_cast<uint8_t>(quantize_kv_row(q + (H + Hkv + h) * D, D, kv.v + code));
     }
-  }
+  });
 }
 
 template void rope_and_cache<float>(const BatchView&, float*, const float*, const float*, int64_t,

@@ -9,6 +9,7 @@
 #include "backend/cpu/argmax.hpp"
 #include "backend/cpu/gemm.hpp"
 #include "backend/cpu/vec_math.hpp"
+#include "backend/team.hpp"
 #include "pagedrt/error.hpp"
 
 #ifdef _OPENMP
@@ -204,8 +205,7 @@ inline void silu_mul_row(const T* g, const T* u, int64_t n, T* out) {
 
 // narrow() over rows of a GEMM's output, split over threads for prefill-sized outputs.
 void narrow_rows(const float* src, int64_t n, int64_t m, uint16_t* dst, int threads) {
-#pragma omp parallel for schedule(static) num_threads(threads) if (n * m >= kParallelElements && n > 1)
-  for (int64_t t = 0; t < n; ++t) narrow(src + t * m, m, dst + t * m);
+  parallel_for(n, n * m >= kParallelElements ? threads : 1, [&](int64_t t) { narrow(src + t * m, m, dst + t * m); });
 }
 
 // Staging that only grows: resize() zero-fills what it adds, and the
@@ -237,8 +237,8 @@ void CpuBackend::embedding(const Tensor& table, int64_t first_id, Tensor& out) {
 void CpuBackend::rms_norm(const Tensor& x, const Tensor& weight, float eps, int64_t n, Tensor& out) {
   const int64_t d = weight.numel();
   with_act(out, [&](auto* y) {
-#pragma omp parallel for schedule(static) num_threads(team()) if (n * d >= kParallelElements)
-    for (int64_t t = 0; t < n; ++t) rms_row(x.as<float>() + t * d, weight.as<float>(), eps, d, y + t * d);
+    parallel_for(n, n * d >= kParallelElements ? team() : 1,
+                 [&](int64_t t) { rms_row(x.as<float>() + t * d, weight.as<float>(), eps, d, y + t * d); });
   });
 }
 
@@ -250,11 +250,10 @@ void CpuBackend::add_rms_norm(Tensor& residual, const Tensor& x, const Tensor& w
   with_act(x, [&](const auto* xi) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(xi)>>;
     T* y = out.as<T>();
-#pragma omp parallel for schedule(static) num_threads(team()) if (n * d >= kParallelElements)
-    for (int64_t t = 0; t < n; ++t) {
+    parallel_for(n, n * d >= kParallelElements ? team() : 1, [&](int64_t t) {
       add_row(r + t * d, xi + t * d, d);
       rms_row(r + t * d, weight.as<float>(), eps, d, y + t * d);
-    }
+    });
   });
 }
 
@@ -339,8 +338,9 @@ void CpuBackend::silu_mul(const Tensor& gate_up, int64_t n, Tensor& out) {
   with_act(gate_up, [&](const auto* gu) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(gu)>>;
     T* y = out.as<T>();
-#pragma omp parallel for schedule(static) num_threads(team()) if (n * inter >= kParallelElements)
-    for (int64_t t = 0; t < n; ++t) silu_mul_row(gu + t * 2 * inter, gu + t * 2 * inter + inter, inter, y + t * inter);
+    parallel_for(n, n * inter >= kParallelElements ? team() : 1, [&](int64_t t) {
+      silu_mul_row(gu + t * 2 * inter, gu + t * 2 * inter + inter, inter, y + t * inter);
+    });
   });
 }
 
@@ -374,12 +374,11 @@ void CpuBackend::argmax(const Tensor& logits, int64_t rows, int32_t* out, const 
     throw Error(ErrorKind::Runtime, "argmax: fp32 logits rows");
   const int64_t vocab = logits.dim(1);
   const float* x = logits.as<float>();
-#pragma omp parallel for num_threads(team()) if (rows > 1 && rows * vocab > (1 << 18))
-  for (int64_t r = 0; r < rows; ++r) {
+  parallel_for(rows, rows * vocab > (1 << 18) ? team() : 1, [&](int64_t r) {
     const int32_t m = masks.mask_of_row != nullptr ? masks.mask_of_row[r] : -1;
     const uint32_t* allowed = m >= 0 ? masks.words + m * masks.words_per_row : nullptr;
     out[r] = static_cast<int32_t>(first_argmax(x + r * vocab, vocab, allowed));
-  }
+  });
 }
 
 }  // namespace pagedrt::cpu

@@ -2,7 +2,8 @@
 // activations and KV cache (the oracle every other backend is tested
 // against), or bf16 ones (half the KV memory, and the same rounding points as
 // the CUDA backend, which makes it that backend's matched-precision
-// reference); AVX2/AVX-512 kernels where the build has them, OpenMP threads.
+// reference); AVX2/AVX-512 kernels where the build has them, on the calling
+// thread's team (backend/team.hpp).
 #pragma once
 
 #include <algorithm>

@@ -191,8 +191,7 @@ void gemm_f8(const float* xf, const uint16_t* xb, const uint8_t* w, const float*
 #endif
   const int64_t tasks = (m + kFp8Rows - 1) / kFp8Rows;
   const bool parallel = threads > 1 && tasks > 1;
-#pragma omp parallel for schedule(static) num_threads(threads) if (parallel)
-  for (int64_t task = 0; task < tasks; ++task) {
+  parallel_for(tasks, parallel ? threads : 1, [&](int64_t task) {
     static thread_local std::vector<uint16_t> buf;  // (rows, k) bf16
     static thread_local std::vector<float> part;    // (n, rows)
     const int64_t r0 = task * kFp8Rows, rows = std::min(kFp8Rows, m - r0);
@@ -217,7 +216,7 @@ void gemm_f8(const float* xf, const uint16_t* xb, const uint8_t* w, const float*
       v.bf16(xf, buf.data(), part.data(), n, rows, k, 1);
     for (int64_t t = 0; t < n; ++t)
       for (int64_t r = 0; r < rows; ++r) y[t * m + r0 + r] = part[t * rows + r] * scale[r0 + r];
-  }
+  });
 }
 
 const std::string& gemm_variant() { return chosen().name; }

@@ -22,10 +22,7 @@
 #include <vector>
 
 #include "backend/cpu/prefetch_tuner.hpp"
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "backend/team.hpp"
 
 namespace pagedrt::cpu {
 
@@ -113,13 +110,15 @@ constexpr int64_t kPanelBytes = 256 << 10;
 extern const bool g_balance_tasks;
 
 // Internal: tasks [0, tasks) over a team of `threads`, each task run once.
-// Thread s takes the tasks of its own contiguous share (the static split's)
+// Rank s takes the tasks of its own contiguous share (the static split's)
 // front to back, a few a claim, then claims what is left of the next shares
 // (s + 1, s + 2, ... wrapping). A thread that the machine holds up (a VM's
 // vCPU, another process) no longer holds up the whole team at the region's
 // end: with the static split 9-12% of a decode token's samples were threads
-// waiting for the other in libgomp on a 2-core VM. Who runs a task does not
-// change its sums: the same bits.
+// waiting for the other in libgomp on a 2-core VM (no gain there); on the
+// 16-core Xeon of a GPU host, on the own team, 1.18x batch-1 decode
+// (docs/benchmarks.md, session 42). Who runs a task does not change its
+// sums: the same bits.
 template <typename Task>
 inline void balanced_tasks(int64_t tasks, int threads, const Task& task) {
   struct alignas(64) Share {
@@ -130,15 +129,9 @@ inline void balanced_tasks(int64_t tasks, int threads, const Task& task) {
   Share share[kMaxShares];
   for (int s = 0; s < shares; ++s) share[s] = {tasks * s / shares, tasks * (s + 1) / shares};
   const int64_t per = tasks / shares, claim = per >= 16 ? per / 8 : per >= 4 ? 2 : 1;  // tasks a claim
-#pragma omp parallel num_threads(shares)
-  {
-#ifdef _OPENMP
-    const int me = omp_get_thread_num();
-#else
-    const int me = 0;
-#endif
-    for (int j = 0; j < shares; ++j) {
-      Share& sh = share[(me + j) % shares];
+  parallel(shares, [&](const Region& r) {
+    for (int j = 0; j < shares; ++j) {  // every share, so a region of fewer ranks (nested: one) runs them all
+      Share& sh = share[(r.rank + j) % shares];
       if (j > 0 && __atomic_load_n(&sh.next, __ATOMIC_RELAXED) >= sh.end) continue;  // a read before a claim
       for (;;) {
         const int64_t i = __atomic_fetch_add(&sh.next, claim, __ATOMIC_RELAXED);
@@ -147,7 +140,7 @@ inline void balanced_tasks(int64_t tasks, int threads, const Task& task) {
         for (int64_t t = i; t < e; ++t) task(t);
       }
     }
-  }
+  });
 }
 
 template <typename Task>
@@ -158,12 +151,13 @@ inline void panel_tasks(int64_t n, int64_t x_row_bytes, int64_t tile, int64_t ta
     balanced_tasks(tasks, threads, [&](int64_t i) { task(0, n, i); });
     return;
   }
-#pragma omp parallel num_threads(threads) if (parallel)
-  for (int64_t t0 = 0; t0 < n; t0 += panel) {
-    const int64_t np = n - t0 < panel ? n - t0 : panel;
-#pragma omp for schedule(static) nowait
-    for (int64_t i = 0; i < tasks; ++i) task(t0, np, i);
-  }
+  pagedrt::parallel(parallel ? threads : 1, [&](const Region& r) {
+    const int64_t i0 = r.begin(tasks), i1 = r.end(tasks);  // the same share for every panel: no barrier
+    for (int64_t t0 = 0; t0 < n; t0 += panel) {
+      const int64_t np = n - t0 < panel ? n - t0 : panel;
+      for (int64_t i = i0; i < i1; ++i) task(t0, np, i);
+    }
+  });
 }
 
 // Internal: a buffer of at least `count` floats owned by the calling thread,

@@ -158,12 +158,10 @@ void gemm_bf16_bf16(const uint16_t* x, const uint16_t* w, float* y, int64_t n, i
   pack_tokens(x, n, k, xp);
   const bool parallel = threads > 1 && m * k * (n > 1 ? n : 1) > (1 << 15);
   const int64_t tasks = (m + kRowTiles * kRows - 1) / (kRowTiles * kRows);
-#pragma omp parallel num_threads(threads) if (parallel)
-  {
+  pagedrt::parallel(parallel ? threads : 1, [&](const Region& reg) {
     configure();  // the tile configuration is the thread's
     alignas(64) float scratch[kRows * kRows];
-#pragma omp for schedule(static)
-    for (int64_t task = 0; task < tasks; ++task) {
+    for (int64_t task = reg.begin(tasks); task < reg.end(tasks); ++task) {
       const int64_t r0 = task * kRowTiles * kRows;
       if (r0 + kRowTiles * kRows <= m)
         rows_task(xp, w, y, n, m, k, r0, scratch);
@@ -171,7 +169,7 @@ void gemm_bf16_bf16(const uint16_t* x, const uint16_t* w, float* y, int64_t n, i
         row_task(xp, w, y, n, m, k, r0, scratch);
     }
     _tile_release();  // tiles back to their initial state: a context switch then saves none of them
-  }
+  });
 }
 
 }  // namespace pagedrt::cpu::amx
