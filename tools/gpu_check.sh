@@ -100,7 +100,8 @@
 #            leave half the threads idle) against PAGEDRT_CPU_SPLIT_DECODE=0, SmolLM2's widths (random,
 #            $SMOLRAND, made here), at $CONTEXT_THREADS ("16 8") threads -> $OUT/context_T*.json;
 #            $CONTEXT_LENGTHS, $CONTEXT_PAIRS (3) and $CONTEXT_AB (bench_context.py's --ab) change them;
-#            first tools/fork_join_probe.cpp at those thread counts (a team's fork and join: libgomp's, its barrier, pagedrt's own)
+#            first tools/fork_join_probe.cpp at those thread counts (a team's fork and join: libgomp's, its barrier, pagedrt's own);
+#            $CONTEXT_BATCHED rounds (0) of bench.py's batched workload, the default and each $CONTEXT_AB alternating
 #   fp8q     tools/fp8_quality.py --device cuda on SmolLM2 (needs smol): fp8 weights' top-1 agreement and
 #            perplexity against bf16
 #   lcpp     builds llama-cpp-python for this host's CPU from .devcarry_b/lcpp_slim.tar.xz (or $STASH)
@@ -571,6 +572,19 @@ if has context; then
        --contexts "${CONTEXT_LENGTHS:-16,2000,8000}" --new 64 --pairs "${CONTEXT_PAIRS:-3}" \
        --ab "${CONTEXT_AB:-PAGEDRT_CPU_SPLIT_DECODE=0}" --json "$OUT/context_T$t.json" 2>&1 \
        | tail -5)
+    # 32 prompts x 128 new (bench.py batched, random ids) $CONTEXT_BATCHED rounds, the default and
+    # each $CONTEXT_AB setting alternating -> $OUT/context_batched_T<t>_<round>_<setting #>.json
+    for r in $(seq 1 "${CONTEXT_BATCHED:-0}"); do
+      i=0
+      for s in "" $(echo "${CONTEXT_AB:-PAGEDRT_CPU_SPLIT_DECODE=0}" | tr ';' ' '); do
+        [ "$(left)" -gt 40 ] || break
+        echo "batched T=$t round $r: ${s:-default}"
+        (cd /tmp && env ${s//,/ } timeout $(( $(left) - 20 )) $PY "$OLDPWD/tools/bench.py" --model "$SMOLRAND" \
+           --threads "$t" --peers "" --dtypes bfloat16 --workloads batched \
+           --json "$OUT/context_batched_T${t}_${r}_$i.json" 2>&1 | grep -E "tok/s" | head -1)
+        i=$((i + 1))
+      done
+    done
   done
 fi
 
