@@ -374,8 +374,13 @@ Runtime::Runtime(const RuntimeConfig& config) : impl_(std::make_unique<Impl>()) 
   // The host sampler's threads. On CUDA at most 4 by default: the sampler's
   // team spins between steps, and with every core in it llguidance's mask
   // threads got a fifth of their speed (8B shape, 32 JSON rows on 16 cores:
-  // 67 us a row against 33; the team of 4 samples 32 rows in 0.7 ms).
-  ec.output.sampler_threads = config.num_threads > 0 ? config.num_threads : device == "cuda" ? std::min(4, cores) : cores;
+  // 67 us a row against 33; the team of 4 samples 32 rows in 0.7 ms). On
+  // the CPU the kernels' own count (a tensor-parallel rank's share of the
+  // cores): the engine thread's team then keeps one size, and a region of
+  // another size would leave workers to sleep and wake each step.
+  ec.output.sampler_threads = device == "cpu"          ? backend->host_threads()
+                              : config.num_threads > 0 ? config.num_threads
+                                                       : std::min(4, cores);
   ec.enable_prefix_caching = config.enable_prefix_caching;
   ec.kv_idle_release_s = config.kv_idle_release_s;
   // Tensor parallelism on CUDA: the ranks' steps take their tokens from the
