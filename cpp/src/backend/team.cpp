@@ -16,6 +16,10 @@
 #include <utility>
 #include <vector>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #define PAGEDRT_PAUSE() _mm_pause()
@@ -107,7 +111,8 @@ class Team {
       const Line& d = done_[static_cast<size_t>(r)];
       spin_until([&] { return d.v.load(std::memory_order_acquire) == e; });
     }
-    if (error == nullptr && worker_error_ != nullptr) error = std::exchange(worker_error_, nullptr);  // (a read: the line stays shared)
+    // (read before it is written: the line stays shared with the spinning workers)
+    if (error == nullptr && worker_error_ != nullptr) error = std::exchange(worker_error_, nullptr);
     if (error != nullptr) std::rethrow_exception(error);
   }
 
@@ -183,7 +188,30 @@ void forked_child() { g_fork_generation.fetch_add(1); }
 
 }  // namespace
 
-bool team_run(int threads, void (*fn)(void*, const Region&), void* ctx) {
+namespace {
+
+// OpenMP's region; an exception may not leave it, so the first is rethrown after.
+void omp_run(int threads, void (*fn)(void*, const Region&), void* ctx) {
+  std::exception_ptr error;
+#pragma omp parallel num_threads(threads)
+  {
+    try {
+#ifdef _OPENMP
+      fn(ctx, Region{omp_get_thread_num(), omp_get_num_threads(), nullptr});
+#else
+      fn(ctx, Region{});
+#endif
+    } catch (...) {
+#pragma omp critical(pagedrt_region_error)
+      if (error == nullptr) error = std::current_exception();
+    }
+  }
+  if (error != nullptr) std::rethrow_exception(error);
+}
+
+}  // namespace
+
+void team_run(int threads, void (*fn)(void*, const Region&), void* ctx) {
   static const int procs = [] {
     pthread_atfork(nullptr, nullptr, forked_child);
     return processors();
@@ -192,11 +220,8 @@ bool team_run(int threads, void (*fn)(void*, const Region&), void* ctx) {
 #ifdef _OPENMP
   nested = nested || omp_in_parallel();
 #endif
-  if (nested) {  // inside a region: this thread alone
-    fn(ctx, Region{});
-    return true;
-  }
-  if (!own_team_on() || threads > procs || threads > 0xffff) return false;
+  if (nested) return fn(ctx, Region{});  // inside a region: this thread alone
+  if (!own_team_on() || threads > procs || threads > 0xffff) return omp_run(threads, fn, ctx);
   if (t_team != nullptr && t_team->generation() != g_fork_generation.load())
     (void)t_team.release();  // a forked child: the workers are the parent's; the team is left unjoined
   if (t_team == nullptr || t_team->workers() < threads - 1) {
@@ -208,7 +233,6 @@ bool team_run(int threads, void (*fn)(void*, const Region&), void* ctx) {
     ~InRegion() { Team::t_in_team = false; }
   } in_region;
   t_team->run(threads, fn, ctx);
-  return true;
 }
 
 void Region::barrier() const {

@@ -20,11 +20,6 @@
 #pragma once
 
 #include <cstdint>
-#include <exception>
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 namespace pagedrt {
 
@@ -42,10 +37,12 @@ struct Region {
   [[gnu::always_inline]] int64_t end(int64_t n) const { return n * (rank + 1) / size; }
 };
 
-// Internal: runs fn(ctx, region) on ranks [0, threads) of the calling thread's
-// team, the caller as rank 0 (inside a region: on the caller alone), and
-// returns true; false (nothing run) where OpenMP is to run it (above).
-bool team_run(int threads, void (*fn)(void*, const Region&), void* ctx);
+// Internal: runs fn(ctx, region) on ranks [0, threads): the calling thread's
+// team, the caller as rank 0, or OpenMP's (above), or inside a region the
+// caller alone. (Out of line, OpenMP's region too: the per-ISA kernel files
+// include this header with their own flags, so no library code is inlined
+// into them from here.)
+void team_run(int threads, void (*fn)(void*, const Region&), void* ctx);
 
 // body(const Region&) on `threads` threads (one: here, on the caller). An
 // exception thrown on any rank is rethrown here once every rank is done (a
@@ -56,23 +53,8 @@ inline void parallel(int threads, const Body& body) {
     body(Region{});
     return;
   }
-  auto trampoline = [](void* ctx, const Region& r) { (*static_cast<const Body*>(ctx))(r); };
-  if (team_run(threads, trampoline, const_cast<Body*>(&body))) return;
-  std::exception_ptr error;  // the first rank's to throw, rethrown here (an exception may not leave an OpenMP region)
-#pragma omp parallel num_threads(threads)
-  {
-    try {
-#ifdef _OPENMP
-      body(Region{omp_get_thread_num(), omp_get_num_threads(), nullptr});
-#else
-      body(Region{});
-#endif
-    } catch (...) {
-#pragma omp critical(pagedrt_region_error)
-      if (error == nullptr) error = std::current_exception();
-    }
-  }
-  if (error != nullptr) std::rethrow_exception(error);
+  team_run(threads, [](void* ctx, const Region& r) { (*static_cast<const Body*>(ctx))(r); },
+           const_cast<Body*>(&body));
 }
 
 // fn(i) for i in [0, n), each rank its contiguous share (OpenMP's static schedule).
