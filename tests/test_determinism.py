@@ -244,15 +244,18 @@ print(h.hexdigest())
 
 
 def test_results_reproduce_across_processes(smol, device):
-    """The greedy tokens and logprobs of six requests, computed in three
-    processes (2 threads; 1 thread; the requests in reverse order): the same
-    sha256 each time."""
+    """The greedy tokens and logprobs of six requests, computed in four
+    processes (2 threads; 1 thread; the requests in reverse order; 2 threads
+    on libgomp's regions instead of pagedrt's own team, PAGEDRT_CPU_TEAM=omp):
+    the same sha256 each time."""
+    import os
     import subprocess
     import sys
     digests = set()
-    for threads, order in ((2, "given"), (1, "given"), (2, "reversed")):
+    for threads, order, team in ((2, "given", "team"), (1, "given", "team"), (2, "reversed", "team"),
+                                 (2, "given", "omp")):
         out = subprocess.run([sys.executable, "-c", _PROCESS_SCRIPT, str(smol), str(threads), order, device],
-                             capture_output=True, text=True, timeout=300)
+                             capture_output=True, text=True, timeout=300, env={**os.environ, "PAGEDRT_CPU_TEAM": team})
         assert out.returncode == 0, out.stderr[-2000:]
         digests.add(out.stdout.strip().splitlines()[-1])
     assert len(digests) == 1, digests

@@ -6,7 +6,8 @@
 // regions of several calling threads at once; an exception on any rank
 // reaches the caller and the team goes on; a forked child gets a team of its
 // own (where libgomp's region would hang). PAGEDRT_CPU_TEAM=omp runs the same
-// checks on OpenMP's regions, the fork's aside. Built plain, with ThreadSanitizer and with ASan+UBSan (tests/test_cpp.py).
+// checks on OpenMP's regions, the fork's aside. Built plain, with
+// ThreadSanitizer and with ASan+UBSan (tests/test_cpp.py).
 #include <sched.h>
 #include <sys/wait.h>
 #include <unistd.h>
