@@ -95,7 +95,7 @@ class Team {
   void run(int size, void (*fn)(void*, const Region&), void* ctx) {
     fn_ = fn;
     ctx_ = ctx;
-    const uint64_t e = ++epoch_;
+    const uint64_t e = (word_.v.load(std::memory_order_relaxed) >> 16) + 1;  // only this thread stores word_
     word_.v.store(e << 16 | static_cast<uint64_t>(size), std::memory_order_seq_cst);
     if (sleepers_.load(std::memory_order_seq_cst) > 0) {
       std::lock_guard<std::mutex> lock(mutex_);
@@ -164,7 +164,6 @@ class Team {
   }
 
   Line word_;  // the current region: its number << 16 | its size
-  uint64_t epoch_ = 0;
   void (*fn_)(void*, const Region&) = nullptr;  // the current region's, written before word_
   void* ctx_ = nullptr;
   std::vector<Line> done_;  // done_[rank]: the last region number rank finished

@@ -200,31 +200,28 @@ void OutputProcessor::pick_all(std::vector<Pick>& picks, int64_t vocab) {
   // Every row picked on the device (greedy on CUDA): no thread team to start.
   if (std::none_of(picks.begin(), picks.end(), [](const Pick& k) { return k.row != nullptr; })) return;
   const int threads = n > 1 && n * vocab > (1 << 16) ? config_.sampler_threads : 1;
-  alignas(64) int64_t next = 0;  // the next row to claim
-  parallel(threads, [&](const Region&) {
-    std::vector<float> row, logprobs;  // per thread
-    std::vector<double> probs;
-    std::vector<int32_t> order;
-    for (int64_t i; (i = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED)) < n;) {
-      Pick& k = picks[i];
-      if (k.row == nullptr) continue;  // picked on the device
-      const SamplingParams& p = k.req->params;
-      const float* logits = k.row;
-      const bool process = Sampler::needs_processing(p, k.req->num_generated(*k.seq));
-      if (process || k.mask) {
-        row.assign(k.row, k.row + vocab);
-        if (k.mask && !Sampler::apply_mask(row.data(), vocab, k.mask)) {
-          k.token = -1;
-          continue;
-        }
-        if (process) Sampler::process(row.data(), vocab, p, k.seq->tokens, k.req->prompt_len, config_.eos_token_ids);
-        logits = row.data();
+  parallel_for_dynamic(n, threads, [&](int64_t i) {
+    thread_local std::vector<float> row, logprobs;  // the thread's, kept between steps
+    thread_local std::vector<double> probs;
+    thread_local std::vector<int32_t> order;
+    Pick& k = picks[i];
+    if (k.row == nullptr) return;  // picked on the device
+    const SamplingParams& p = k.req->params;
+    const float* logits = k.row;
+    const bool process = Sampler::needs_processing(p, k.req->num_generated(*k.seq));
+    if (process || k.mask) {
+      row.assign(k.row, k.row + vocab);
+      if (k.mask && !Sampler::apply_mask(row.data(), vocab, k.mask)) {
+        k.token = -1;
+        return;
       }
-      k.token = Sampler::pick(logits, vocab, p, k.seq->rng, probs, order);
-      if (p.logprobs) {
-        Sampler::log_softmax(k.row, vocab, logprobs);
-        k.logprob = Sampler::token_logprob(logprobs, k.token, *p.logprobs);
-      }
+      if (process) Sampler::process(row.data(), vocab, p, k.seq->tokens, k.req->prompt_len, config_.eos_token_ids);
+      logits = row.data();
+    }
+    k.token = Sampler::pick(logits, vocab, p, k.seq->rng, probs, order);
+    if (p.logprobs) {
+      Sampler::log_softmax(k.row, vocab, logprobs);
+      k.logprob = Sampler::token_logprob(logprobs, k.token, *p.logprobs);
     }
   });
 }
