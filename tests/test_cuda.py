@@ -768,6 +768,46 @@ def test_decode_split_merge_in_clusters_equals_merge_kernel(ops, monkeypatch):
             assert rel_err(outs[0], contiguous_attention(b, qkv, kc, vc, H, Hkv, D, D ** -0.5)) <= BF16_TOL
 
 
+@pytest.mark.parametrize("cache", ["bf16", "fp8"])
+@pytest.mark.parametrize("kernel", ["cc", "2x3", "4x3"])
+def test_decode_grid_order_is_bitwise_neutral(monkeypatch, kernel, cache):
+    """The decode kernels' grid puts the kv heads of an item innermost (so
+    the blocks that run together read its pages whole); PAGEDRT_DECODE_GRID=items
+    puts the items innermost, as before. Only the order in which blocks start
+    differs: the outputs must be bitwise equal, for each kernel forced, on a
+    bf16 and an fp8 cache, unsplit and in 5 splits (merged by the last block
+    and in clusters), and close to contiguous attention."""
+    from test_fp8_kv import random_fp8_cache
+    rng = np.random.default_rng(zlib.crc32(f"grid {kernel} {cache}".encode()))
+    monkeypatch.setenv("PAGEDRT_DECODE_KERNEL", kernel)
+    kv = "fp8" if cache == "fp8" else ""
+    for splits, clusters in (("", "1"), ("5", "0"), ("5", "1")):
+        if splits:
+            monkeypatch.setenv("PAGEDRT_DECODE_SPLITS", splits)
+        monkeypatch.setenv("PAGEDRT_DECODE_CLUSTERS", clusters)
+        heads = _testing._Ops("cuda", kv_cache_dtype=kv)
+        monkeypatch.setenv("PAGEDRT_DECODE_GRID", "items")
+        items = _testing._Ops("cuda", kv_cache_dtype=kv)
+        monkeypatch.delenv("PAGEDRT_DECODE_GRID")
+        for D, H, Hkv in [(128, 32, 8), (64, 9, 3)]:
+            for kind in ("decode", "decode-b2-short", "decode-many"):
+                b, qkv, kc, vc = attention_inputs(rng, ATTN_BATCHES[kind], H, Hkv, D)
+                if cache == "fp8":
+                    kc, kc_ref = random_fp8_cache(rng, b["num_blocks"], 16, Hkv, D)
+                    vc, vc_ref = random_fp8_cache(rng, b["num_blocks"], 16, Hkv, D)
+                else:
+                    kc_ref, vc_ref = kc, vc
+                outs = []
+                for o in (heads, items):
+                    set_batch(o, b)
+                    outs.append(o.paged_attention(qkv, kc, vc, H, Hkv, D, D ** -0.5))
+                tag = (kernel, cache, splits, clusters, kind, D, H, Hkv)
+                assert np.array_equal(outs[0], outs[1]), tag
+                ref = contiguous_attention(b, qkv, kc_ref, vc_ref, H, Hkv, D, D ** -0.5)
+                assert_close_per_token(outs[0], ref, f"decode_grid[{kernel},{cache},{splits or 'plan'},{kind},D={D}]",
+                                       tag)
+
+
 @pytest.mark.parametrize("rows,kernel", [("64", "mma"), ("128", "mma"), ("128", "wgmma"), ("128", "ws")])
 def test_prefill_kernel_forced(monkeypatch, capfd, rows, kernel):
     """The prefill kernels, each forced: the mma.sync kernel's two tile

@@ -5,6 +5,7 @@ process (pagedrt and transformers each hold a 16 GB model):
     bench_cuda.py ceilings  OUT.json            copy bandwidth, bf16 GEMM, cuBLAS at small M
     bench_cuda.py attention OUT.json            paged decode attention over shapes vs SDPA, FlashInfer, copy
     bench_cuda.py attention_sweep OUT.json      the same, pagedrt only, per decode kernel configuration
+    bench_cuda.py decode_grid OUT.json          decode attention, kv heads innermost in the grid vs items (A/B)
     bench_cuda.py gemv      OUT.json            own small-M GEMM vs cuBLASLt, n = 1..8, 8B shapes
     bench_cuda.py prefill   OUT.json            causal prefill attention, 64 and 128 rows a tile, vs SDPA
     bench_cuda.py gemm      OUT.json            the 8B projections at M = 1..8192 against the roofline, torch
@@ -361,6 +362,38 @@ def attention_sweep():
         os.environ.pop("PAGEDRT_DECODE_KERNEL", None)
         r["shapes"].append({"shape": f"{B}x{C}", "us": dict(zip(configs, us))})
         print(f"{B:>5}x{C:<6} " + " ".join(f"{u:>7.1f}" for u in us), flush=True)
+    return r
+
+
+def decode_grid(rounds=2):
+    """Decode attention with the grid's kv heads innermost (the default) against
+    items innermost (PAGEDRT_DECODE_GRID=items), alternating, `rounds` each, on
+    DECODE_SHAPES (bf16) and FP8_SWEEP_SHAPES' first five (fp8 cache): the
+    median us of each order and its fraction of the copy rate, per shape."""
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal(1 << 24, dtype=np.float32)
+    copy = copy_tbps()
+    r = {"copy_TBps": copy, "shapes": []}
+    print(f"copy {copy:.2f} TB/s", flush=True)
+    print(f"{'cache':>5} {'batch x ctx':>12} {'H/Hkv':>6} {'D':>4} {'blk':>4} {'heads us':>9} {'copy%':>6} "
+          f"{'items us':>9} {'copy%':>6} {'items/heads':>11}", flush=True)
+    cases = [(False, s) for s in DECODE_SHAPES] + [(True, s) for s in FP8_SWEEP_SHAPES[:5]]
+    for fp8, (B, C, H, Hkv, D, bs) in cases:
+        kv_bytes = fp8_kv_bytes(B, C, Hkv, D) if fp8 else B * C * Hkv * D * 2 * 2
+        us = {"heads": [], "items": []}
+        for _ in range(rounds):
+            for order in us:
+                with environ({"PAGEDRT_DECODE_GRID": order}):
+                    us[order].append(1e6 * pagedrt_attention_s(B, C, 1, H, Hkv, D, bs, base, rng, fp8=fp8))
+        med = {k: statistics.median(v) for k, v in us.items()}
+        row = {"cache": "fp8" if fp8 else "bf16", "shape": f"{B}x{C}", "H": H, "Hkv": Hkv, "D": D, "block": bs,
+               "bytes": kv_bytes, "us": us, "heads_us": med["heads"], "items_us": med["items"],
+               "heads_frac_copy": kv_bytes / med["heads"] / 1e6 / copy,
+               "items_frac_copy": kv_bytes / med["items"] / 1e6 / copy}
+        r["shapes"].append(row)
+        print(f"{row['cache']:>5} {B:>5}x{C:<6} {H:>3}/{Hkv:<2} {D:>4} {bs:>4} {med['heads']:>9.1f} "
+              f"{100 * row['heads_frac_copy']:>6.1f} {med['items']:>9.1f} {100 * row['items_frac_copy']:>6.1f} "
+              f"{med['items'] / med['heads']:>11.3f}", flush=True)
     return r
 
 
@@ -1176,7 +1209,7 @@ def main():
     part, out = sys.argv[1], sys.argv[2]
     fn = {"ceilings": ceilings, "attention": attention, "attention_sweep": attention_sweep, "gemv": gemv,
           "attention_fp8": attention_fp8, "attention_probe": attention_probe,
-          "decode_splits": decode_splits, "decode_sweep": decode_sweep, "decode_short": decode_short, "d64_sweep": d64_sweep, "sampling": sampling,
+          "decode_splits": decode_splits, "decode_sweep": decode_sweep, "decode_grid": decode_grid, "decode_short": decode_short, "d64_sweep": d64_sweep, "sampling": sampling,
           "gemm": gemm, "gemm_odd": gemm_odd, "gemm_invariant": gemm_invariant, "gemm_fp8": gemm_fp8,
           "fp8_decode_chain": fp8_decode_chain,
           "prefill": prefill}.get(part)

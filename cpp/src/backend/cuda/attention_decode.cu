@@ -17,7 +17,7 @@
 // also does rope_and_cache's work for its token (AttentionParamsT::rope_cos),
 // one kernel less per layer.
 //
-//   grid (items, Hkv, splits)   block 32 W
+//   grid (Hkv, items, splits) or (items, Hkv, splits) (DecodePlan::heads_first)   block 32 W
 //   shared memory: S stages x (K, V) tiles of 16 W x D bf16, swizzled (mma.cuh);
 //                  2 x 3 at D = 128: 48 KB, 4 blocks per SM
 //
@@ -138,7 +138,8 @@ __global__ void __launch_bounds__(32 * W) decode_kernel(AttentionParams p, Decod
   // Everything waits, even the plan and the page table, which the step's
   // uploads wrote before its first kernel (launch.cuh).
   pdl_wait();
-  const int item = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
+  const int2 ik = decode_block(d);
+  const int item = ik.x, kvh = ik.y, split = blockIdx.z;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const DecodeItem it = d.items[item];
   const int t = it.token, ctx = it.context;
@@ -388,8 +389,7 @@ template void merge_decode_splits<float>(const AttentionParamsT<float>&, const D
 void decode_attention(const AttentionParams& p, const DecodePlan& d, cudaStream_t s) {
   if (d.cuda_cores) return decode_attention_cuda_cores(p, d, s);
   if (d.num_items == 0) return;
-  const dim3 grid(static_cast<unsigned>(d.num_items), static_cast<unsigned>(p.kv.num_kv_heads),
-                  static_cast<unsigned>(d.num_splits));
+  const dim3 grid = decode_grid(d, p.kv.num_kv_heads);
   // merges its own splits
   if (p.fp8.k != nullptr)
     with_config<true>(p.kv.head_dim, d.config, Launch{p, d, grid, s});

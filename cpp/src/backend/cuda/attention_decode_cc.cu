@@ -17,7 +17,7 @@
 // one query token per sequence the kernel also does rope_and_cache's work for
 // its token (AttentionParamsT::rope_cos), one kernel less per layer.
 //
-//   grid (items, Hkv, splits)            block 128
+//   grid (Hkv, items, splits) or (items, Hkv, splits) (DecodePlan::heads_first)   block 128
 //   thread: lane = tid % (D/8) -> dims [lane*8, lane*8+8); group = tid / (D/8)
 #include <cooperative_groups.h>
 
@@ -183,7 +183,8 @@ __global__ void __launch_bounds__(128) decode_kernel(AttentionParamsT<T> p, Deco
   constexpr int TPK = D / 8;       // threads per key row
   constexpr int NG = 128 / TPK;    // key groups per block
   constexpr int U = GMAX >= 8 ? 2 : 4;  // keys per group per iteration
-  const int item = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
+  const int2 ik = decode_block(d);
+  const int item = ik.x, kvh = ik.y, split = blockIdx.z;
   const DecodeItem it = d.items[item];
   const int t = it.token, ctx = it.context;
   const int H = p.num_heads, Hkv = p.kv.num_kv_heads, G = H / Hkv, bs = p.kv.block_size;
@@ -427,8 +428,7 @@ void launch_d(const AttentionParamsT<T>& p, const DecodePlan& d, dim3 grid, cuda
 template <typename T>
 void decode_cuda_cores(const AttentionParamsT<T>& p, const DecodePlan& d, cudaStream_t s) {
   if (d.num_items == 0) return;
-  const dim3 grid(static_cast<unsigned>(d.num_items), static_cast<unsigned>(p.kv.num_kv_heads),
-                  static_cast<unsigned>(d.num_splits));
+  const dim3 grid = decode_grid(d, p.kv.num_kv_heads);
   if constexpr (std::is_same_v<T, bf16>) {
     if (p.fp8.k != nullptr) {  // an fp8 cache (bf16 activations only)
       if (p.kv.head_dim == 128) launch_d<T, true, 128>(p, d, grid, s);

@@ -42,7 +42,7 @@
 // quantizes the rotated k and the v into their slot before its loads, so no
 // rope or quantize kernel runs between the qkv projection and attention.
 //
-//   grid (items, Hkv, splits)   block 32 W
+//   grid (Hkv, items, splits) or (items, Hkv, splits) (DecodePlan::heads_first)   block 32 W
 //   shared memory: W x S tiles of (K codes, V codes: 16 x D bytes each; 16 K
 //                  and 16 V exponents): 2 x 4 at D = 128, 33 KB
 #include "backend/cuda/attention_decode.cuh"
@@ -254,7 +254,7 @@ struct Fp8TileLoader {
 template <int D, int W, int S, bool kWhole>
 struct Fp8DecodeWarp {
   using L = Fp8DecodeSmem<D, W, S>;
-  const int item = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
+  const int item, kvh, split = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
   const DecodeItem it;
   const int start, end;
@@ -263,7 +263,9 @@ struct Fp8DecodeWarp {
   const Fp8TileLoader<D, W, S, kWhole> load;
 
   __device__ Fp8DecodeWarp(const AttentionParams& p, const DecodePlan& d, unsigned char* smem)
-      : it(d.items[item]),
+      : item(decode_block(d).x),
+        kvh(decode_block(d).y),
+        it(d.items[item]),
         start(split * d.chunk),
         end(min(it.context, start + d.chunk)),
         ntiles(end > start ? (end - start + 16 * W - 1) / (16 * W) : 0),

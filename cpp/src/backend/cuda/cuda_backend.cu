@@ -153,6 +153,12 @@ CudaBackend::CudaBackend(ScalarType activation_dtype, int device_index, bool det
     else
       std::fprintf(stderr, "pagedrt: PAGEDRT_DECODE_SPLITS=%s is not a count from 1 to 256; choosing per step\n", n);
   }
+  if (const char* g = std::getenv("PAGEDRT_DECODE_GRID")) {  // the decode grid's order (A/B runs)
+    if (std::string(g) == "items" || std::string(g) == "heads")
+      decode_heads_first_ = std::string(g) == "heads";
+    else
+      std::fprintf(stderr, "pagedrt: PAGEDRT_DECODE_GRID=%s is neither heads nor items; kv heads innermost\n", g);
+  }
   if (const char* r = std::getenv("PAGEDRT_PREFILL_ROWS")) {
     if (std::string(r) == "64" || std::string(r) == "128")
       prefill_rows_ = std::atoi(r);

@@ -298,6 +298,7 @@ class CudaBackend final : public Backend {
   bool prefill_ws_ = true;
   int prefill_stages_ = 2;
   int decode_splits_ = 0;  // PAGEDRT_DECODE_SPLITS: 0 = the plan chooses
+  bool decode_heads_first_ = true;  // PAGEDRT_DECODE_GRID=items: the decode grid's items innermost (A/B runs)
   bool sample_ = true;  // sampled rows drawn on the GPU (PAGEDRT_CUDA_SAMPLE=0: on the host, for A/B runs)
   std::map<std::pair<int, int>, int> decode_slots_;  // (head dim, fp8 x 100 + warps x 10 + stages) -> blocks the GPU holds
   int64_t decode_slots(int64_t head_dim, DecodeConfig config);

@@ -261,6 +261,7 @@ void CudaBackend::plan_attention(int64_t H, int64_t Hkv, int64_t D) {
   p.decode.cluster = clusters_ && splits >= 2 && splits <= kMaxClusterSplits &&
                      items * Hkv * splits <= std::min<int64_t>(decode_slots(D, config), num_sms_);
   p.decode.config = config;
+  p.decode.heads_first = decode_heads_first_ && items <= 65535;  // the grid's y holds 65,535
   // Steps of at most one block per SM (batch-1 decode) are latency, not
   // bandwidth: there the CUDA-core kernel's shorter chain before its first
   // key load wins, on bf16 and fp8 caches alike (H200, 8B shape with fp8

@@ -184,6 +184,12 @@ struct DecodePlan {
   // (num_items, Hkv) zeros, with more than one split: the tensor-core
   // kernel's tickets (attention_split.cuh's last_split), left zero again.
   int* counters;
+  // The grid's order: (Hkv, items, splits) where set, else (items, Hkv,
+  // splits). A block reads one kv head's 256-byte run of each 2 KB token row
+  // (NHD, 8 kv heads, D 128); with the kv heads innermost the blocks of an
+  // item run side by side and read its pages whole. Only the order in which
+  // blocks start changes: no bit of the output (decode_grid, decode_block).
+  bool heads_first;
 };
 constexpr int kMaxClusterSplits = 8;  // the portable cluster size
 constexpr int kMaxDecodeSplits = 256;  // splits of one context at most
@@ -191,6 +197,16 @@ constexpr int kMaxDecodeSplits = 256;  // splits of one context at most
 // (attention_decode.cu), or CUDA cores where the plan says so; fp32: CUDA cores
 // (attention_decode_cc.cu). kDecodeTile: the largest tile of a configuration.
 constexpr int kDecodeTile = 64;
+// The decode kernels' grid (DecodePlan::heads_first) and, in a kernel, its
+// block's (item, kv head).
+inline dim3 decode_grid(const DecodePlan& d, int num_kv_heads) {
+  const auto items = static_cast<unsigned>(d.num_items), heads = static_cast<unsigned>(num_kv_heads);
+  const auto splits = static_cast<unsigned>(d.num_splits);
+  return d.heads_first ? dim3(heads, items, splits) : dim3(items, heads, splits);
+}
+__device__ __forceinline__ int2 decode_block(const DecodePlan& d) {
+  return d.heads_first ? make_int2(blockIdx.y, blockIdx.x) : make_int2(blockIdx.x, blockIdx.y);
+}
 void decode_attention(const AttentionParamsT<bf16>& p, const DecodePlan& d, cudaStream_t s);
 void decode_attention_cuda_cores(const AttentionParamsT<bf16>& p, const DecodePlan& d, cudaStream_t s);
 // How many blocks of the bf16 kernel of `config` (fp8: its fp8 form) fit one SM at once.
