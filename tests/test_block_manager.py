@@ -244,3 +244,26 @@ def test_elastic_pool_that_cannot_map_is_full():
     assert m.allocate_slots(b, 4, 4) is None      # within half a second: not tried again
     time.sleep(0.55)
     assert m.allocate_slots(b, 4, 4) == [] and m.table(b) == [2, 3] and m.events == [(1, True)]
+
+
+def test_elastic_pool_maps_ahead():
+    """map_ahead(n) (the engine's, after each launch) maps chunks lowest first
+    until n plain free blocks are mapped: cached free blocks do not count and
+    none is evicted; it maps nothing where they are there already or no chunk
+    is left, and stops at a chunk the device cannot map."""
+    m = _testing._BlockManager(12, 4, True, 3)  # chunks [0-2] [3-5] [6-8] [9-11]
+    assert m.map_ahead(3) == 0 and m.num_mapped_blocks == 3 and m.events == []
+    assert m.map_ahead(4) == 1 and m.events == [(1, True)] and m.num_mapped_blocks == 6
+    a, toks = m.new_seq(), list(range(16))
+    assert m.allocate_slots(a, 0, 16) == [] and m.table(a) == [0, 1, 2, 3] and len(m.events) == 1
+    m.cache_full_blocks(a, toks, 16)
+    m.free(a)  # blocks 0-3 cached free, 4 and 5 plain
+    assert m.map_ahead(5) == 1 and m.events[-1] == (2, True) and m.num_cached_free == 4
+    b = m.new_seq()
+    assert m.acquire_cached_prefix(b, toks) == 12  # the prefix is still there (its last block recomputed)
+    assert m.map_ahead(100) == 1 and m.num_mapped_blocks == 12 and m.map_ahead(100) == 0
+    f = _testing._BlockManager(12, 4, True, 3)
+    f.fail_maps = True
+    assert f.map_ahead(6) == 0 and f.num_mapped_blocks == 3 and f.num_free == 12
+    c = f.new_seq()
+    assert f.allocate_slots(c, 0, 12) == [] and f.table(c) == [0, 1, 2]  # what is mapped still serves

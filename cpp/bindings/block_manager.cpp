@@ -94,6 +94,7 @@ void register_block_manager(nb::module_& m) {
       .def_rw("events", &BlockManager::events)
       .def_rw("fail_maps", &BlockManager::fail_maps)
       .def("release_unused_chunks", [](BlockManager& b) { return b.pool().release_unused_chunks(); })
+      .def("map_ahead", [](BlockManager& b, int32_t spare) { return b.pool().map_ahead(spare); }, "spare"_a)
       .def_prop_ro("num_mapped_blocks", [](BlockManager& b) { return b.pool().num_mapped_blocks(); })
       .def("new_seq", &BlockManager::new_seq)
       .def("acquire_cached_prefix", &BlockManager::acquire_cached_prefix, "seq"_a, "tokens"_a)

@@ -145,6 +145,15 @@ bool BlockPool::map_chunk() {
   return true;
 }
 
+int32_t BlockPool::map_ahead(int32_t spare) {
+  const bool failed = map_failed_;
+  int32_t mapped = 0;
+  while (chunk_blocks_ > 0 && unmapped_ > 0 && num_free_ - unmapped_ - num_cached_free_ < spare && map_chunk())
+    ++mapped;
+  map_failed_ = failed;
+  return mapped;
+}
+
 int32_t BlockPool::release_unused_chunks() {
   int32_t released = 0;
   for (int32_t c = 1; c < static_cast<int32_t>(mapped_.size()); ++c) {

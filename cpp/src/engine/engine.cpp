@@ -46,6 +46,12 @@ Engine::Engine(std::shared_ptr<Backend> backend, std::unique_ptr<LlamaModel> mod
             if (const std::shared_ptr<KvMemory> m = mem.lock()) m->unmap(c);
         });
   }
+  if (runner_.kv().memory) {
+    const char* v = std::getenv("PAGEDRT_KV_MAP_AHEAD");
+    if (v == nullptr || std::string(v) != "0")
+      map_ahead_blocks_ = static_cast<int32_t>((config.scheduler.max_num_batched_tokens + runner_.kv().block_size - 1) /
+                                               runner_.kv().block_size);
+  }
   if (draft.model) {
     DrafterConfig dc;
     dc.max_num_batched_tokens = config.scheduler.max_num_batched_tokens;
@@ -737,6 +743,7 @@ void Engine::step() {
   }
   const double launch_end = now_s();
   trace("launched", id);
+  if (map_ahead_blocks_ > 0) pool_.map_ahead(map_ahead_blocks_);  // while the device runs the step
   if (ahead) {
     // Chained (gated steps): this step's fill is queued on the helper thread
     // behind the launched step's, which may still run; the helper goes from

@@ -232,6 +232,10 @@ class Engine final : private OutputSink {
   OutputProcessor outputs_;
   StatsKeeper stats_;
   double kv_idle_release_s_ = 10.0;  // EngineConfig's
+  // An elastic pool's plain free blocks mapped ahead after each launch (a
+  // full step's: max_num_batched_tokens / block_size; BlockPool::map_ahead);
+  // PAGEDRT_KV_MAP_AHEAD=0: none, chunks mapped only as a step needs them (A/B runs).
+  int32_t map_ahead_blocks_ = 0;
   // PreemptionMode::Auto's estimates (moving averages; 0 until measured):
   // seconds a token of a prefill step took, seconds to copy a block out and back.
   bool auto_preemption_ = false;
