@@ -294,6 +294,22 @@ def test_the_prefetch_hint_is_re_tuned_on_decode_calls(tmp_path):
     assert info({"PAGEDRT_CPU_PREFETCH": "l2"}).endswith("prefetch l2 (PAGEDRT_CPU_PREFETCH)")
 
 
+def test_default_threads_follow_the_affinity_mask():
+    """The CPU backend's default thread count is the processors the process
+    may run on (its affinity mask, as a container or taskset sets it), not
+    the machine's: a process restricted to one core runs its ops on one
+    thread, one on every core on them all (backend/team.hpp's host_processors)."""
+    code = ("import os, sys\n"
+            "if sys.argv[1] == '1': os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
+            "from pagedrt import _testing\n"
+            "print(_testing._Ops('cpu').host_threads(), len(os.sched_getaffinity(0)))\n")
+    for one in ("1", "0"):
+        out = subprocess.run([sys.executable, "-c", code, one], capture_output=True, text=True, check=True).stdout
+        threads, allowed = map(int, out.split())
+        assert threads == allowed and (allowed == 1 or one == "0"), (one, out)
+    assert allowed == len(os.sched_getaffinity(0))
+
+
 def test_lent_threads_leave_cores_to_the_masks():
     """Backend::lend_threads (structured output's masks, filled beside the
     forward): a CPU backend on every core runs its ops on the cores less those

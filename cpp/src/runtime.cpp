@@ -7,11 +7,11 @@
 #include <limits>
 #include <sstream>
 #include <cmath>
-#include <thread>
 #include <atomic>
 
 #include "backend/collectives.hpp"
 #include "backend/factory.hpp"
+#include "backend/team.hpp"
 #include "engine/engine.hpp"
 #include "engine/rank_threads.hpp"
 #include "model/tp_plan.hpp"
@@ -237,7 +237,7 @@ Runtime::Runtime(const RuntimeConfig& config) : impl_(std::make_unique<Impl>()) 
   const TpPlan plan = TpPlan::make(cfg, 0, tp);  // throws naming the config field tp does not divide
   // Each rank's backend: on the CPU a share of the threads, on CUDA a GPU
   // (rank r: the r-th visible).
-  const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  const int cores = host_processors();
   const int rank_threads = tp == 1 || device != "cpu"
                                ? config.num_threads
                                : std::max(1, (config.num_threads > 0 ? config.num_threads : cores) / tp);

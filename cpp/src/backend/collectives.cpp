@@ -3,8 +3,8 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
-#include <thread>
 
+#include "backend/team.hpp"
 #include "pagedrt/error.hpp"
 
 namespace pagedrt {
@@ -75,7 +75,7 @@ class HostCollectives final : public Collectives {
 };
 
 HostGroup::HostGroup(int size)
-    : size_(size), spin_(static_cast<unsigned>(size) <= std::thread::hardware_concurrency()),
+    : size_(size), spin_(size <= host_processors()),
       shared_(static_cast<size_t>(size), nullptr) {}
 
 std::unique_ptr<Collectives> HostGroup::rank(int r) { return std::make_unique<HostCollectives>(*this, r); }

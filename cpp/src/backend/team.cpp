@@ -4,6 +4,7 @@
 #include <pthread.h>
 #include <sched.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -48,12 +49,6 @@ std::chrono::microseconds spin_time() {
   return t;
 }
 
-// The processors this process may run on.
-int processors() {
-  cpu_set_t set;
-  if (sched_getaffinity(0, sizeof(set), &set) == 0) return CPU_COUNT(&set);
-  return static_cast<int>(std::thread::hardware_concurrency());
-}
 
 // Waits, pausing, until done() holds; yields the core after the first few
 // thousand pauses, so that a thread that shares it (another process, a
@@ -210,10 +205,16 @@ void omp_run(int threads, void (*fn)(void*, const Region&), void* ctx) {
 
 }  // namespace
 
+int host_processors() {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+  return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+}
+
 void team_run(int threads, void (*fn)(void*, const Region&), void* ctx) {
   static const int procs = [] {
     pthread_atfork(nullptr, nullptr, forked_child);
-    return processors();
+    return host_processors();
   }();
   bool nested = Team::t_in_team;
 #ifdef _OPENMP

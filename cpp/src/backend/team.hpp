@@ -37,6 +37,12 @@ struct Region {
   [[gnu::always_inline]] int64_t end(int64_t n) const { return n * (rank + 1) / size; }
 };
 
+// The processors this process may run on (its affinity mask: a container's
+// or taskset's cores, not the machine's), the default thread count of the
+// CPU backend, of its tensor-parallel ranks together, and the line past
+// which neither the team nor the ranks' collectives spin.
+int host_processors();
+
 // Internal: runs fn(ctx, region) on ranks [0, threads): the calling thread's
 // team, the caller as rank 0, or OpenMP's (above), or inside a region the
 // caller alone. (Out of line, OpenMP's region too: the per-ISA kernel files

@@ -12,9 +12,6 @@
 #include "backend/team.hpp"
 #include "pagedrt/error.hpp"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 namespace pagedrt::cpu {
 namespace {
@@ -65,11 +62,7 @@ CpuBackend::CpuBackend(int num_threads, ScalarType activation_dtype, bool determ
   if (act_ != ScalarType::F32 && act_ != ScalarType::BF16)
     throw Error(ErrorKind::InvalidArgument, std::string("CPU activation dtype must be float32 or bfloat16, got ") +
                                                 scalar_name(act_));
-#ifdef _OPENMP
-  cores_ = all_cores_ = omp_get_num_procs();
-#else
-  cores_ = all_cores_ = 1;
-#endif
+  cores_ = all_cores_ = host_processors();
   if (threads_ <= 0) threads_ = cores_;
   set_decode_padding(false);  // nothing to share a recording: PAGEDRT_DECODE_PAD=1 only (tests)
   cpu::calibrate_prefetch(threads_);  // the decode GEMV's prefetch hint, once per process (gemm.hpp)

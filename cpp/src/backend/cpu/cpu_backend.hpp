@@ -72,7 +72,7 @@ class CpuBackend final : public Backend {
   int team() const { return std::max(1, std::min(threads_, cores_ - lent_.load(std::memory_order_relaxed))); }
 
   int threads_;
-  int all_cores_ = 1;  // the processors this process may run on (omp_get_num_procs)
+  int all_cores_ = 1;  // the processors this process may run on (host_processors)
   int cores_ = 1;      // those, or a tensor-parallel rank's share of them (share_host)
   std::atomic<int> lent_{0};
   bool deterministic_ = true;
