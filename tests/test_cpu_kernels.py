@@ -310,6 +310,52 @@ def test_default_threads_follow_the_affinity_mask():
     assert allowed == len(os.sched_getaffinity(0))
 
 
+@pytest.mark.parametrize("case", ["v2", "v2_nested", "v2_parent", "v1", "v1_unlimited", "v1_container_root",
+                                  "hybrid", "none"])
+def test_cgroup_cpu_quota_caps_the_cores(tmp_path, case):
+    """A cgroup CPU quota caps the cores the backend counts (host_processors:
+    a container run with --cpus 2 on a large machine gets 2 threads, not one
+    per core): quota / period rounded up, the smallest over the process's
+    cgroup and its ancestors, v2 (cpu.max) or v1 (cpu.cfs_quota_us /
+    cpu.cfs_period_us under the cpu controller's hierarchy), on fake
+    /proc/self/cgroup files and cgroup trees."""
+    def put(rel, text):
+        f = tmp_path / "fs" / rel
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(text)
+    proc, want = {
+        "v2": ("0::/\n", 2), "v2_nested": ("0::/a/b\n", 1), "v2_parent": ("0::/a/c\n", 3),
+        "v1": ("5:cpuacct,cpu:/docker/x\n", 3), "v1_unlimited": ("5:cpu,cpuacct:/docker/y\n", 0),
+        "v1_container_root": ("5:cpu:/docker/z\n", 4), "hybrid": ("4:memory:/m\n3:cpu:/\n0::/\n", 2),
+        "none": ("0::/\n", 0)}[case]
+    if case == "v2":
+        put("cpu.max", "200000 100000\n")
+    elif case in ("v2_nested", "v2_parent"):
+        put("a/cpu.max", "250000 100000\n")  # 2.5 CPUs: 3
+        put("a/b/cpu.max", "50000 100000\n")
+        put("a/c/cpu.max", "max 100000\n")
+    elif case == "v1":
+        put("cpuacct,cpu/docker/x/cpu.cfs_quota_us", "300000\n")
+        put("cpuacct,cpu/docker/x/cpu.cfs_period_us", "100000\n")
+    elif case == "v1_unlimited":
+        put("cpu,cpuacct/docker/y/cpu.cfs_quota_us", "-1\n")
+        put("cpu,cpuacct/docker/y/cpu.cfs_period_us", "100000\n")
+    elif case == "v1_container_root":  # no cgroup namespace: the host's path, the container's cgroup at the mount
+        put("cpu/cpu.cfs_quota_us", "400000\n")
+        put("cpu/cpu.cfs_period_us", "100000\n")
+    elif case == "hybrid":  # v2 mounted beside v1 without the cpu controller; v1's cpu hierarchy has the quota
+        put("unified/cgroup.procs", "")
+        put("cpu/cpu.cfs_quota_us", "150000\n")
+        put("cpu/cpu.cfs_period_us", "100000\n")
+    put("proc_cgroup", proc)
+    assert _testing.cgroup_cpu_limit(str(tmp_path / "fs" / "proc_cgroup"), str(tmp_path / "fs")) == want
+    if case == "none":
+        assert _testing.cgroup_cpu_limit(str(tmp_path / "missing"), str(tmp_path)) == 0
+        quota = _testing.cgroup_cpu_limit("/proc/self/cgroup", "/sys/fs/cgroup")  # this machine's own
+        cores = len(os.sched_getaffinity(0))
+        assert _testing.host_processors() == (min(cores, quota) if quota else cores)
+
+
 def test_lent_threads_leave_cores_to_the_masks():
     """Backend::lend_threads (structured output's masks, filled beside the
     forward): a CPU backend on every core runs its ops on the cores less those

@@ -6,6 +6,7 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include "backend/team.hpp"
 #include "io/safetensors.hpp"
 #include "pagedrt/error.hpp"
 
@@ -57,6 +58,13 @@ NB_MODULE(_testing, m) {
   register_sampler(m);
   register_kernels(m);
   register_ops(m);
+  m.def(
+      "cgroup_cpu_limit",
+      [](const std::string& proc_cgroup, const std::string& root) {
+        return pagedrt::cgroup_cpu_limit(proc_cgroup.c_str(), root.c_str());
+      },
+      "proc_cgroup"_a, "root"_a, "The CPUs a cgroup quota gives (0: none), read from a /proc/self/cgroup file and a mount root.");
+  m.def("host_processors", &pagedrt::host_processors, "The processors the CPU backend counts as this process's.");
   m.def("inspect_checkpoint", &inspect_checkpoint, "model_dir"_a,
         "List the tensors of a model folder's safetensors checkpoint (validates every file).");
 }

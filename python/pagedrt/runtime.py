@@ -262,8 +262,9 @@ class Runtime:
             requests only to preempt running ones as they grow. It holds for
             preempted requests coming back too, and is waived while nothing
             runs (a request too large for it runs alone). 0: no watermark.
-        num_threads [0]: CPU threads (0: every core the process may run on,
-            its affinity mask as a container or taskset sets it); on CUDA, the host
+        num_threads [0]: CPU threads (0: every core the process may run on:
+            its affinity mask, at most its cgroup's CPU quota, as a container
+            or taskset sets them); on CUDA, the host
             sampler's threads (0: at most 4, leaving the other cores to
             structured output's mask threads).
         deterministic [None]: batch-invariant results: a request's logits have

@@ -103,7 +103,7 @@ struct RuntimeConfig {
   // request larger than the pool less the watermark runs alone). 0: none (a
   // request is admitted once its step's blocks fit).
   double kv_watermark = 0.01;
-  int32_t num_threads = 0;         // CPU threads (on CUDA: the host sampler's); 0 = every core the process may run on (its affinity mask)
+  int32_t num_threads = 0;         // CPU threads (on CUDA: the host sampler's); 0 = every core the process may run on (its affinity mask, at most its cgroup CPU quota)
                                    // (on CUDA: 4 at most, leaving cores to structured output's masks)
   // Batch-invariant results: a sequence's logits have the same bits whatever
   // else runs in its steps, however its prompt is chunked, cached or

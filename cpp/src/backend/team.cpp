@@ -7,12 +7,15 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <condition_variable>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <fstream>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -205,10 +208,65 @@ void omp_run(int threads, void (*fn)(void*, const Region&), void* ctx) {
 
 }  // namespace
 
+int cgroup_cpu_limit(const char* proc_cgroup, const char* root) {
+  // The CPUs of one cgroup folder's quota, or 0: v2 "max 100000" / "200000
+  // 100000"; v1 a quota of -1 is none.
+  auto folder_limit = [](const std::string& dir, bool v2) -> int {
+    double quota = -1.0, period = 0.0;
+    if (v2) {
+      std::ifstream f(dir + "/cpu.max");
+      std::string q;
+      if (!(f >> q >> period) || q == "max") return 0;
+      quota = std::atof(q.c_str());
+    } else {
+      std::ifstream fq(dir + "/cpu.cfs_quota_us"), fp(dir + "/cpu.cfs_period_us");
+      if (!(fq >> quota) || !(fp >> period)) return 0;
+    }
+    if (quota <= 0.0 || period <= 0.0) return 0;
+    return std::max(1, static_cast<int>(std::ceil(quota / period - 1e-9)));
+  };
+  // The smallest limit of `path` and its ancestors under `mount`.
+  auto walk = [&](const std::string& mount, std::string path, bool v2) {
+    int limit = 0;
+    for (;;) {
+      const int l = folder_limit(mount + (path == "/" ? "" : path), v2);
+      if (l > 0) limit = limit > 0 ? std::min(limit, l) : l;
+      if (path.empty() || path == "/") return limit;
+      const size_t slash = path.find_last_of('/');
+      path = slash == 0 || slash == std::string::npos ? "/" : path.substr(0, slash);
+    }
+  };
+  std::ifstream in(proc_cgroup);
+  std::string line;
+  int limit = 0;
+  auto take = [&](int l) { if (l > 0) limit = limit > 0 ? std::min(limit, l) : l; };
+  while (std::getline(in, line)) {  // "hierarchy:controllers:path"
+    const size_t a = line.find(':'), b = a == std::string::npos ? a : line.find(':', a + 1);
+    if (b == std::string::npos) continue;
+    const std::string controllers = line.substr(a + 1, b - a - 1), path = line.substr(b + 1);
+    if (line.compare(0, a, "0") == 0 && controllers.empty()) {  // v2
+      take(walk(root, path, true));
+      continue;
+    }
+    bool cpu = false;  // v1: the hierarchy holding the cpu controller ("cpu,cpuacct", "cpu")
+    for (size_t i = 0; i <= controllers.size();) {
+      const size_t j = std::min(controllers.find(',', i), controllers.size());
+      cpu = cpu || controllers.compare(i, j - i, "cpu") == 0;
+      i = j + 1;
+    }
+    if (!cpu) continue;
+    for (const std::string& mount : {std::string(root) + "/" + controllers, std::string(root) + "/cpu"})
+      take(walk(mount, path, false));
+  }
+  return limit;
+}
+
 int host_processors() {
   cpu_set_t set;
-  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
-  return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  int n = sched_getaffinity(0, sizeof(set), &set) == 0 ? CPU_COUNT(&set)
+                                                      : static_cast<int>(std::thread::hardware_concurrency());
+  if (const int quota = cgroup_cpu_limit("/proc/self/cgroup", "/sys/fs/cgroup"); quota > 0) n = std::min(n, quota);
+  return std::max(1, n);
 }
 
 void team_run(int threads, void (*fn)(void*, const Region&), void* ctx) {

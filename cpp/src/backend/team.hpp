@@ -37,11 +37,21 @@ struct Region {
   [[gnu::always_inline]] int64_t end(int64_t n) const { return n * (rank + 1) / size; }
 };
 
-// The processors this process may run on (its affinity mask: a container's
-// or taskset's cores, not the machine's), the default thread count of the
-// CPU backend, of its tensor-parallel ranks together, and the line past
-// which neither the team nor the ranks' collectives spin.
+// The processors this process may run on: its affinity mask (a container's
+// or taskset's cores, not the machine's), at most its cgroup's CPU quota
+// (cgroup_cpu_limit: a container run with --cpus 2 on 64 cores gets 2). The
+// default thread count of the CPU backend, of its tensor-parallel ranks
+// together, and the line past which neither the team nor the ranks'
+// collectives spin (threads spinning past a quota would spend it waiting).
 int host_processors();
+
+// The CPUs a cgroup quota gives the process, quota / period rounded up, the
+// smallest over its cgroup and the cgroup's ancestors (v2: cpu.max; v1:
+// cpu.cfs_quota_us and cpu.cfs_period_us under the hierarchy holding the
+// cpu controller); 0 where none is set or nothing can be read. proc_cgroup:
+// the /proc/self/cgroup file; root: where the hierarchies are mounted
+// (/sys/fs/cgroup).
+int cgroup_cpu_limit(const char* proc_cgroup, const char* root);
 
 // Internal: runs fn(ctx, region) on ranks [0, threads): the calling thread's
 // team, the caller as rank 0, or OpenMP's (above), or inside a region the
