@@ -52,7 +52,6 @@ std::chrono::microseconds spin_time() {
   return t;
 }
 
-
 // Waits, pausing, until done() holds; yields the core after the first few
 // thousand pauses, so that a thread that shares it (another process, a
 // machine's other guest) can finish the work this one waits for.
@@ -209,6 +208,8 @@ void omp_run(int threads, void (*fn)(void*, const Region&), void* ctx) {
 }  // namespace
 
 int cgroup_cpu_limit(const char* proc_cgroup, const char* root) {
+  // The smaller of two limits, 0 being none.
+  auto smaller = [](int a, int b) { return a > 0 && b > 0 ? std::min(a, b) : std::max(a, b); };
   // The CPUs of one cgroup folder's quota, or 0: v2 "max 100000" / "200000
   // 100000"; v1 a quota of -1 is none.
   auto folder_limit = [](const std::string& dir, bool v2) -> int {
@@ -229,8 +230,7 @@ int cgroup_cpu_limit(const char* proc_cgroup, const char* root) {
   auto walk = [&](const std::string& mount, std::string path, bool v2) {
     int limit = 0;
     for (;;) {
-      const int l = folder_limit(mount + (path == "/" ? "" : path), v2);
-      if (l > 0) limit = limit > 0 ? std::min(limit, l) : l;
+      limit = smaller(limit, folder_limit(mount + (path == "/" ? "" : path), v2));
       if (path.empty() || path == "/") return limit;
       const size_t slash = path.find_last_of('/');
       path = slash == 0 || slash == std::string::npos ? "/" : path.substr(0, slash);
@@ -239,13 +239,12 @@ int cgroup_cpu_limit(const char* proc_cgroup, const char* root) {
   std::ifstream in(proc_cgroup);
   std::string line;
   int limit = 0;
-  auto take = [&](int l) { if (l > 0) limit = limit > 0 ? std::min(limit, l) : l; };
   while (std::getline(in, line)) {  // "hierarchy:controllers:path"
     const size_t a = line.find(':'), b = a == std::string::npos ? a : line.find(':', a + 1);
     if (b == std::string::npos) continue;
     const std::string controllers = line.substr(a + 1, b - a - 1), path = line.substr(b + 1);
     if (line.compare(0, a, "0") == 0 && controllers.empty()) {  // v2
-      take(walk(root, path, true));
+      limit = smaller(limit, walk(root, path, true));
       continue;
     }
     bool cpu = false;  // v1: the hierarchy holding the cpu controller ("cpu,cpuacct", "cpu")
@@ -256,7 +255,7 @@ int cgroup_cpu_limit(const char* proc_cgroup, const char* root) {
     }
     if (!cpu) continue;
     for (const std::string& mount : {std::string(root) + "/" + controllers, std::string(root) + "/cpu"})
-      take(walk(mount, path, false));
+      limit = smaller(limit, walk(mount, path, false));
   }
   return limit;
 }
