@@ -3,7 +3,7 @@
 #
 #   bash tools/gpu_check.sh [STAGE ...]      (from the repo root; default: all stages)
 #
-# Stages: env build wheels optests ncu fp8kv fp8gemm fp8e2e diag make8b newshapes make8bfp8 make8btok smol tests e2e bench attn prefill gemm serve servecpu structured steptrace graphlog structold structab masks spec harness kvpool tp det b256 profile cpuscale context fp8q lcpp xeon abbuild ab
+# Stages: env build wheels optests ncu fp8kv fp8gemm fp8e2e diag make8b newshapes make8bfp8 make8btok smol tests e2e bench attn grid prefill gemm serve servecpu structured steptrace graphlog structold structab masks spec harness kvpool tp det b256 profile cpuscale context fp8q lcpp xeon abbuild ab
 #   env      nvidia-smi, versions
 #   build    pip install --no-build-isolation --no-deps . with PAGEDRT_CUDA=ON (or, in seconds, the wheel
 #            tools/gpu_wheel.sh built of the same sources, carried in .devcarry_c)
@@ -37,6 +37,8 @@
 #   bench    tools/bench_cuda.py: ceilings, paged attention, own GEMV vs cuBLASLt, pagedrt (and its
 #            batch-1 TPOT with CUDA graphs / PDL off and on), transformers
 #   attn     tools/bench_cuda.py attention alone (paged decode attention over shapes, the peers)
+#   grid     tools/bench_cuda.py decode_grid: decode attention with an item's kv heads innermost in the grid (the
+#            default) against items innermost (PAGEDRT_DECODE_GRID=items), bf16 and fp8 caches -> $OUT/decode_grid.json
 #   prefill  tools/bench_cuda.py prefill (causal prefill attention: mma.sync at 64 and 128 rows a tile, wgmma, ws; SDPA), then
 #            TTFT on the 8B shape with each kernel (ttft_env)
 #   gemm     tools/bench_cuda.py gemm: the 8B projections at M = 1..8192 against the roofline
@@ -333,6 +335,11 @@ fi
 if has attn; then
   stage attn
   (cd /tmp && timeout 300 $PY "$OLDPWD/tools/bench_cuda.py" attention "$WORK/attention.json" | grep -v "^attention {")
+fi
+
+if has grid; then
+  stage grid
+  (cd /tmp && timeout $(( $(left) - 5 )) $PY "$OLDPWD/tools/bench_cuda.py" decode_grid "$OUT/decode_grid.json" | grep -v "^decode_grid {")
 fi
 
 if has prefill; then
