@@ -40,17 +40,14 @@ int main(int argc, char** argv) {
 #pragma omp parallel for schedule(static) num_threads(T)
       for (int j = 0; j < T; ++j) sink = sink + j;
     });
-    double barrier;
-    {
-      rest();
-      const auto a = std::chrono::steady_clock::now();
+    // one region of N work-shared loops: a barrier each
+    const double barrier = timed(1, rest, [&] {
 #pragma omp parallel num_threads(T)
       for (int i = 0; i < N; ++i) {
 #pragma omp for schedule(static)
         for (int j = 0; j < T; ++j) sink = sink + j;
       }
-      barrier = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - a).count() / N;
-    }
+    }) / N;
     const double team = timed(N, rest, [&] {
       pagedrt::parallel(T, [&](const pagedrt::Region& r) {
         if (r.rank == 0) sink = sink + 1;
