@@ -182,10 +182,6 @@ thread_local std::unique_ptr<Team> t_team;  // the calling thread's
 
 void forked_child() { g_fork_generation.fetch_add(1); }
 
-}  // namespace
-
-namespace {
-
 // OpenMP's region; an exception may not leave it, so the first is rethrown after.
 void omp_run(int threads, void (*fn)(void*, const Region&), void* ctx) {
   std::exception_ptr error;
@@ -254,8 +250,9 @@ int cgroup_cpu_limit(const char* proc_cgroup, const char* root) {
       i = j + 1;
     }
     if (!cpu) continue;
-    for (const std::string& mount : {std::string(root) + "/" + controllers, std::string(root) + "/cpu"})
-      limit = smaller(limit, walk(mount, path, false));
+    limit = smaller(limit, walk(std::string(root) + "/" + controllers, path, false));
+    if (controllers != "cpu")  // also where the hierarchy is mounted as "cpu" (a link, or the cpu controller alone)
+      limit = smaller(limit, walk(std::string(root) + "/cpu", path, false));
   }
   return limit;
 }

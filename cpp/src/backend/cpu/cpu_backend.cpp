@@ -12,7 +12,6 @@
 #include "backend/team.hpp"
 #include "pagedrt/error.hpp"
 
-
 namespace pagedrt::cpu {
 namespace {
 
