@@ -101,6 +101,35 @@ def test_chunked_prefill_small_blocks_and_batching(tiny_llama):
         assert rel_err(logits, ref) <= REL_TOL
 
 
+@pytest.mark.parametrize("chunk", [None, 8])
+def test_last_layer_runs_on_the_logit_rows(tiny_llama, chunk):
+    """Past the last layer's attention a step computes only the rows whose
+    logits it reads (LlamaModel::queue_step): a 37-token prompt's prefill reads
+    one row; in 8-token chunks most chunks read none, and three requests in
+    flight make steps of decodes and a chunk. Each generated token's top-5
+    logprobs against transformers' log-softmax at its position (relative
+    error <= 1e-4) and the greedy tokens equal to transformers'; the same
+    requests with every prompt row a logit row (prompt_logprobs: no row
+    dropped) give the same tokens."""
+    path, model = tiny_llama(num_key_value_heads=2)
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(3, 320, size=n).tolist() for n in (37, 21, 9)]
+    kw = dict(max_num_batched_tokens=chunk) if chunk else {}
+    with pagedrt.Runtime(path, device="cpu", num_threads=2, activation_dtype="float32", **kw) as rt:
+        outs = [o.outputs[0] for o in rt.generate(prompts, temperature=0, max_tokens=8, logprobs=5, ignore_eos=True)]
+        full = [o.outputs[0] for o in rt.generate(prompts, temperature=0, max_tokens=8, prompt_logprobs=1,
+                                                  ignore_eos=True)]
+    for prompt, out, every in zip(prompts, outs, full):
+        tokens = list(out.token_ids)
+        assert tokens == reference_greedy(model, prompt, 8) == list(every.token_ids)
+        ref = torch.log_softmax(torch.from_numpy(reference_logits(model, prompt + tokens[:-1])), -1).numpy()
+        for i, lp in enumerate(out.logprobs):
+            row = ref[len(prompt) - 1 + i]
+            top = sorted(lp.top_logprobs)
+            assert top == sorted(np.argsort(row)[-5:].tolist()), (i, top)
+            assert rel_err([lp.top_logprobs[t] for t in top], row[top]) <= REL_TOL, i
+
+
 def test_eos_stops_and_max_tokens(tiny_llama):
     path, model = tiny_llama()
     prompt = [5, 9, 11, 200, 17]

@@ -126,12 +126,12 @@ class Ops {
   std::pair<F32Out, F32Out> add_rms_norm(F32In residual, F32In x, F32In w, float eps) {
     Tensor r = put(residual, ScalarType::F32), xt = put(x, act()), wt = weight(w, ScalarType::F32);
     Tensor out = b_->empty(r.shape, act());
-    b_->add_rms_norm(r, xt, wt, eps, out);
+    b_->add_rms_norm(r, xt, wt, eps, r.dim(0), out);
     return {back(r), back(out)};
   }
   F32Out add(F32In residual, F32In x) {
     Tensor r = put(residual, ScalarType::F32), xt = put(x, act());
-    b_->add(r, xt);
+    b_->add(r, xt, r.dim(0));
     return back(r);
   }
   F32Out linear(F32In x, F32In w, const std::string& wdtype, bool out_f32) {

@@ -250,14 +250,14 @@ class Backend {
   virtual void embedding(const Tensor& table, int64_t first_id, Tensor& out) = 0;
   // out = rms_norm(x) * weight over the first n rows of x (n, hidden); may be in place
   virtual void rms_norm(const Tensor& x, const Tensor& weight, float eps, int64_t n, Tensor& out) = 0;
-  // residual += x; out = rms_norm(residual) * weight, over the batch's tokens
-  virtual void add_rms_norm(Tensor& residual, const Tensor& x, const Tensor& weight, float eps,
+  // residual += x; out = rms_norm(residual) * weight, over the first n rows
+  virtual void add_rms_norm(Tensor& residual, const Tensor& x, const Tensor& weight, float eps, int64_t n,
                             Tensor& out) = 0;
   // out (n, out_features) = x (n, in_features) @ weight (out_features, in_features)^T;
   // only the first `n` rows of x and out are used.
   virtual void linear(const Tensor& x, const Tensor& weight, int64_t n, Tensor& out) = 0;
-  // residual += x (n, hidden)
-  virtual void add(Tensor& residual, const Tensor& x) = 0;
+  // residual += x over the first n rows (n, hidden)
+  virtual void add(Tensor& residual, const Tensor& x, int64_t n) = 0;
   // qkv (num_tokens, (H + 2 * Hkv) * D): rotates the q and k parts in place
   // (rotate-half RoPE at each token's position) and writes k and v into the
   // cache slots of the batch's slot_mapping.

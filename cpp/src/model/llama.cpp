@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 
@@ -132,6 +133,8 @@ LlamaModel::LlamaModel(const LlamaConfig& config, const std::string& model_dir, 
   if (plan_.sharded() && comm == nullptr)
     throw Error(ErrorKind::Runtime, "LlamaModel: a tensor-parallel rank without collectives");
   cfg_ = plan_.local(config);
+  // PAGEDRT_LAST_LAYER=all: the last layer on every row, as before session 44 (A/B runs)
+  if (const char* v = std::getenv("PAGEDRT_LAST_LAYER")) logit_rows_only_ = std::string(v) != "all";
   backend.check_attention(cfg_.num_heads, cfg_.num_kv_heads, cfg_.head_dim);
   const Checkpoint ckpt = Checkpoint::open(model_dir);
   // The whole model's shapes (the checkpoint's), and this rank's slices of them.
@@ -275,6 +278,7 @@ void LlamaModel::ensure_workspace(int64_t tokens, int64_t logit_rows) {
     logit_rows = workspace_rows(logit_rows);
     ws_.logit_rows = logit_rows;
     ws_.last_res = backend_.empty({logit_rows, cfg_.hidden_size}, ScalarType::F32);
+    ws_.last_attn = backend_.empty({logit_rows, cfg_.num_heads * cfg_.head_dim}, act);
     ws_.last = backend_.empty({logit_rows, cfg_.hidden_size}, act);
     if (plan_.rank == 0) ws_.logits = backend_.empty({logit_rows, cfg_.vocab_size}, ScalarType::F32);
     if (plan_.sharded()) {
@@ -292,29 +296,47 @@ void LlamaModel::queue_step(KvCache& kv, int64_t n, int64_t num_logits) {
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const int64_t hidden = cfg_.hidden_size;
   // Tensor parallelism: the sum over the ranks of the partial rows each computed.
-  auto all_reduce = [&](Tensor& x) {
-    if (comm_ != nullptr) comm_->all_reduce_sum(x, n * hidden);
+  auto all_reduce = [&](Tensor& x, int64_t rows) {
+    if (comm_ != nullptr) comm_->all_reduce_sum(x, rows * hidden);
   };
+  // Past the last layer's attention only the rows whose logits are read
+  // matter (every token's K and V are cached by then): where a step reads
+  // fewer (a prompt's prefill, a chunk of it without any), that layer's
+  // o_proj, norm and MLP run on those rows alone, gathered.
+  const bool narrow = logit_rows_only_ && num_logits < n;
   backend_.embedding(embed_, plan_.vocab_first(), ws_.residual);  // residual (n, hidden)
-  all_reduce(ws_.residual);  // one rank holds each token's row, the others add zeros
+  all_reduce(ws_.residual, n);  // one rank holds each token's row, the others add zeros
   for (size_t l = 0; l < layers_.size(); ++l) {
     Layer& L = layers_[l];
     if (l == 0)
       backend_.rms_norm(ws_.residual, L.input_norm, eps, n, ws_.normed);
     else  // the previous layer's MLP output joins the residual here
-      backend_.add_rms_norm(ws_.residual, ws_.proj, L.input_norm, eps, ws_.normed);
+      backend_.add_rms_norm(ws_.residual, ws_.proj, L.input_norm, eps, n, ws_.normed);
     backend_.linear(ws_.normed, L.qkv, n, ws_.qkv);                          // (n, (H + 2Hkv) D)
     backend_.rope_cache_attention(ws_.qkv, rope_, H, Hkv, D, scale, kv.k[l], kv.v[l], ws_.attn);  // (n, H D)
-    backend_.linear(ws_.attn, L.o, n, ws_.proj);                             // (n, hidden)
-    all_reduce(ws_.proj);
-    backend_.add_rms_norm(ws_.residual, ws_.proj, L.post_norm, eps, ws_.normed);
-    backend_.linear_silu_mul(ws_.normed, L.gate_up, n, ws_.gate_up, ws_.act);  // (n, I), via (n, 2I)
-    backend_.linear(ws_.act, L.down, n, ws_.proj);                           // (n, hidden)
-    all_reduce(ws_.proj);
+    Tensor* residual = &ws_.residual;
+    const Tensor* attn = &ws_.attn;
+    int64_t rows = n;
+    if (narrow && l + 1 == layers_.size()) {
+      if (num_logits == 0) return;
+      backend_.gather_rows(ws_.attn, ws_.last_attn);     // (num_logits, H D)
+      backend_.gather_rows(ws_.residual, ws_.last_res);  // (num_logits, hidden)
+      residual = &ws_.last_res, attn = &ws_.last_attn, rows = num_logits;
+    }
+    backend_.linear(*attn, L.o, rows, ws_.proj);  // (rows, hidden)
+    all_reduce(ws_.proj, rows);
+    backend_.add_rms_norm(*residual, ws_.proj, L.post_norm, eps, rows, ws_.normed);
+    backend_.linear_silu_mul(ws_.normed, L.gate_up, rows, ws_.gate_up, ws_.act);  // (rows, I), via (rows, 2I)
+    backend_.linear(ws_.act, L.down, rows, ws_.proj);                           // (rows, hidden)
+    all_reduce(ws_.proj, rows);
   }
   if (num_logits == 0) return;
-  backend_.add(ws_.residual, ws_.proj);
-  backend_.gather_rows(ws_.residual, ws_.last_res);  // (num_logits, hidden)
+  if (narrow) {
+    backend_.add(ws_.last_res, ws_.proj, num_logits);
+  } else {
+    backend_.add(ws_.residual, ws_.proj, n);
+    backend_.gather_rows(ws_.residual, ws_.last_res);  // (num_logits, hidden)
+  }
   backend_.rms_norm(ws_.last_res, final_norm_, eps, num_logits, ws_.last);  // final norm, gathered rows only
   if (comm_ == nullptr) {
     backend_.linear(ws_.last, lm_head_, num_logits, ws_.logits);  // (num_logits, vocab)

@@ -98,12 +98,14 @@ class LlamaModel {
     Tensor gate_up;   // (tokens, 2 I)
     Tensor act;       // (tokens, I)
     Tensor last_res;  // (logit_rows, hidden) fp32: residual rows whose logits are needed
+    Tensor last_attn; // (logit_rows, H D): the last layer's attention rows of those (queue_step)
     Tensor last;      // (logit_rows, hidden) their final norm
     Tensor logits;    // (logit_rows, vocab) fp32; under tensor parallelism rank 0's only
     Tensor part_logits;  // (logit_rows, plan_.vocab_rows) fp32: a rank's columns (tensor parallelism)
     Tensor gathered;     // Collectives::gather_scratch's, where the collectives need one
   };
   void ensure_workspace(int64_t tokens, int64_t logit_rows);
+  bool logit_rows_only_ = true;  // the last layer past attention on the logit rows alone (queue_step)
   // Queues one step's ops, embedding to logits, for n tokens (their ids and
   // positions: the backend's current step) and num_logits logit rows.
   void queue_step(KvCache& kv, int64_t n, int64_t num_logits);

@@ -235,9 +235,9 @@ void CpuBackend::rms_norm(const Tensor& x, const Tensor& weight, float eps, int6
 }
 
 // residual += x, then out = rms_norm(residual), row by row while the row is in L1
-void CpuBackend::add_rms_norm(Tensor& residual, const Tensor& x, const Tensor& weight, float eps,
+void CpuBackend::add_rms_norm(Tensor& residual, const Tensor& x, const Tensor& weight, float eps, int64_t n,
                               Tensor& out) {
-  const int64_t n = batch_.num_tokens, d = weight.numel();
+  const int64_t d = weight.numel();
   float* r = residual.as<float>();
   with_act(x, [&](const auto* xi) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(xi)>>;
@@ -287,9 +287,8 @@ void CpuBackend::linear(const Tensor& x, const Tensor& weight, int64_t n, Tensor
   if (out.dtype == ScalarType::BF16) narrow_rows(yf, n, m, out.as<uint16_t>(), team());
 }
 
-void CpuBackend::add(Tensor& residual, const Tensor& x) {
-  const int64_t n = static_cast<int64_t>(batch_.num_tokens) * residual.dim(1);
-  with_act(x, [&](const auto* xi) { add_row(residual.as<float>(), xi, n); });
+void CpuBackend::add(Tensor& residual, const Tensor& x, int64_t n) {
+  with_act(x, [&](const auto* xi) { add_row(residual.as<float>(), xi, n * residual.dim(1)); });
 }
 
 void CpuBackend::rope_and_cache(Tensor& qkv, const RopeTable& rope, int64_t num_heads,

@@ -47,10 +47,10 @@ class CpuBackend final : public Backend {
   void begin_step(const BatchView& batch) override { batch_ = batch; }
   void embedding(const Tensor& table, int64_t first_id, Tensor& out) override;
   void rms_norm(const Tensor& x, const Tensor& weight, float eps, int64_t n, Tensor& out) override;
-  void add_rms_norm(Tensor& residual, const Tensor& x, const Tensor& weight, float eps,
+  void add_rms_norm(Tensor& residual, const Tensor& x, const Tensor& weight, float eps, int64_t n,
                     Tensor& out) override;
   void linear(const Tensor& x, const Tensor& weight, int64_t n, Tensor& out) override;
-  void add(Tensor& residual, const Tensor& x) override;
+  void add(Tensor& residual, const Tensor& x, int64_t n) override;
   void rope_and_cache(Tensor& qkv, const RopeTable& rope, int64_t num_heads, int64_t num_kv_heads,
                       int64_t head_dim, Tensor& k_cache, Tensor& v_cache) override;
   void paged_attention(const Tensor& qkv, const Tensor& k_cache, const Tensor& v_cache,

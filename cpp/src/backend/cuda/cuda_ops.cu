@@ -52,10 +52,11 @@ void CudaBackend::rms_norm(const Tensor& x, const Tensor& weight, float eps, int
   fp8_pending_ = coded ? Fp8Pending{out.data, n, d} : Fp8Pending{};
 }
 
-void CudaBackend::add_rms_norm(Tensor& residual, const Tensor& x, const Tensor& weight, float eps, Tensor& out) {
+void CudaBackend::add_rms_norm(Tensor& residual, const Tensor& x, const Tensor& weight, float eps, int64_t n,
+                               Tensor& out) {
   require(residual.dtype == ScalarType::F32 && x.dtype == act_ && out.dtype == act_,
           "add_rms_norm: fp32 residual, x and out of the activation dtype");
-  const int64_t n = host_.num_tokens, d = weight.numel();
+  const int64_t d = weight.numel();
   bool coded = false;
   if (act_ == ScalarType::BF16)
     coded = cuda::add_rms_norm(residual.as<float>(), x.as<bf16>(), weight.as<float>(), eps, n, d, out.as<bf16>(),
@@ -94,9 +95,9 @@ void CudaBackend::linear(const Tensor& x, const Tensor& weight, int64_t n, Tenso
              act_ == ScalarType::F32);
 }
 
-void CudaBackend::add(Tensor& residual, const Tensor& x) {
+void CudaBackend::add(Tensor& residual, const Tensor& x, int64_t n) {
   require(residual.dtype == ScalarType::F32 && x.dtype == act_, "add: fp32 residual, x of the activation dtype");
-  const int64_t numel = int64_t(host_.num_tokens) * residual.dim(1);
+  const int64_t numel = n * residual.dim(1);
   if (act_ == ScalarType::BF16)
     cuda::add(residual.as<float>(), x.as<bf16>(), numel, stream_);
   else
