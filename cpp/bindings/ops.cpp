@@ -161,6 +161,7 @@ class Ops {
   int64_t fp8_codes_taken() const { return b_->fp8_codes_taken(); }
   int64_t fp8_x_quantized_in_gemv() const { return b_->fp8_x_quantized_in_gemv(); }
   std::vector<int64_t> decode_plan(int64_t H, int64_t Hkv, int64_t D) { return b_->decode_plan(H, Hkv, D); }
+  std::vector<int64_t> prefill_plan(int64_t H, int64_t Hkv, int64_t D) { return b_->prefill_plan(H, Hkv, D); }
   F32Out silu_mul(F32In gate_up) {
     Tensor g = put(gate_up, act());
     Tensor out = b_->empty({g.dim(0), g.dim(1) / 2}, act());
@@ -589,6 +590,7 @@ void register_ops(nb::module_& m) {
       .def("fp8_codes_taken", &Ops::fp8_codes_taken)
       .def("fp8_x_quantized_in_gemv", &Ops::fp8_x_quantized_in_gemv)
       .def("decode_plan", &Ops::decode_plan, "num_heads"_a, "num_kv_heads"_a, "head_dim"_a)
+      .def("prefill_plan", &Ops::prefill_plan, "num_heads"_a, "num_kv_heads"_a, "head_dim"_a)
       .def("silu_mul", &Ops::silu_mul, "gate_up"_a)
       .def("linear_silu_mul", &Ops::linear_silu_mul, "x"_a, "weight"_a, "weight_dtype"_a = "")
       .def("mlp", &Ops::mlp, "x"_a, "gate_up"_a, "down"_a, "weight_dtype"_a)

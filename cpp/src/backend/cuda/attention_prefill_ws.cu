@@ -18,7 +18,8 @@
 //     one's softmax overlaps the other's products.
 //
 //   block = 3 warpgroups (384 threads); grid = min(work items, SMs), work
-//   item = (tile, kv head), the last tiles first (they have the most keys)
+//   item = (tile, kv head), the plan's last tiles (the most keys) first,
+//   dealt a round at a time in a snake (item_of)
 //   shared memory: Q (128 x 128) + Stages x (K, V) (128 x 128), bf16: 160 KB
 //   at 2 stages, 224 KB at 3; the 128-byte-swizzled layout of wgmma.cuh
 //
@@ -95,6 +96,13 @@ struct Item {
     ntiles = (kmax + BK - 1) / BK;
   }
 };
+
+// The block's item of round k (PrefillPlan::snake): the rounds' items in
+// block order, every other round reversed; -1 past the last.
+__device__ __forceinline__ int item_of(const PrefillPlan& f, int k, int num_items) {
+  const int b = f.snake && (k & 1) ? gridDim.x - 1 - blockIdx.x : blockIdx.x, w = k * gridDim.x + b;
+  return w < num_items ? w : -1;
+}
 
 // A consumer warpgroup's per-tile work, straight-line: the products' issue,
 // waits and barriers sit on no divergent path (ptxas would serialize wgmma).
@@ -225,7 +233,7 @@ struct Consumer {
   }
 };
 
-// Persistent: a block an SM, each taking items blockIdx.x, + gridDim.x, ...;
+// Persistent: a block an SM, each taking an item a round (item_of);
 // the producer runs on into the next item's Q and K/V while the consumers
 // finish one, and their tiles share one ring.
 template <int Stages>
@@ -264,7 +272,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (tid >= 32) return;
     const int lane = tid, bs = p.kv.block_size, shift = p.kv.block_shift, oob = int(p.kv.num_blocks) * bs;
     int g0 = 0;  // the block's key tiles so far
-    for (int k = 0, w = blockIdx.x; w < num_items; ++k, w += gridDim.x) {
+    for (int k = 0, w = item_of(f, 0, num_items); w >= 0; ++k, w = item_of(f, k, num_items)) {
       const Item it(p, f, w);
       const int32_t* pages = p.kv.pages(it.seq);
       // The lane's box of tile t: its slot, looked up one tile ahead so that
@@ -321,7 +329,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint32_t pa[BK / 16][4];
   if (c == 1) named_bar_arrive(kPingPong, 256);  // consumer 0 issues first
   int g0 = 0;
-  for (int k = 0, wi = blockIdx.x; wi < num_items; ++k, wi += gridDim.x) {
+  for (int k = 0, wi = item_of(f, 0, num_items); wi >= 0; ++k, wi = item_of(f, k, num_items)) {
     const Item it(p, f, wi);
     // This thread's rows: lo = 16 warp + lane / 4 and hi = lo + 8 (position
     // -1: past the sequence); the warpgroup's range of positions decides how

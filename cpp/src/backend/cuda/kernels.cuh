@@ -230,6 +230,12 @@ struct PrefillPlan {
   // (2 or 3) K/V tiles in its ring.
   bool ws;
   int stages;
+  // The persistent kernel's deal: round r of its items runs blocks in
+  // reverse order where r is odd (a snake), so that with tiles sorted by
+  // keys (CudaBackend::order_tiles_by_keys) each block's sum of keys is
+  // about the same (8,000 causal tokens: the slowest block's keys 1.004x
+  // the mean, 1.064x round-robin); false: round-robin.
+  bool snake;
   int num_tokens;  // the step's query tokens (rows of qkv)
 };
 // The tile's rows by head dim: 128 at D = 128 (8 warps; each K/V tile read
