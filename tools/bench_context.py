@@ -9,7 +9,8 @@ run, the settings alternating (--pairs rounds).
 
 Each run loads one Runtime and decodes --new greedy tokens after a prompt of
 random token ids of each length, the first length again at the end; TPOT =
-(last token's time - first's) / (tokens - 1), from the engine's events. A
+(last token's time - first's) / (tokens - 1), from the engine's events (and
+the time from the submit to the first token: TTFT, the prompt's prefill). A
 run's TPOT at each length is also given against its first length's (the
 mean of the two short runs in the same process), which takes out most of a
 shared VM's drift between runs. --ab: settings "VAR=value[,VAR=value]"
@@ -45,12 +46,13 @@ def one_run(model, device, threads, contexts, new) -> dict:
     if threads:
         kw["num_threads"] = threads
     rng = np.random.default_rng(0)
-    out, digest = [], hashlib.sha256()
+    out, ttft, digest = [], [], hashlib.sha256()
     with pagedrt.Runtime(model, **kw) as rt:
         st = rt.stats()
         kv_token = st.kv_cache_bytes / (st.num_blocks * st.block_size)  # every layer's K and V of one token
         weights = weight_params(rt.model_path) * {"float32": 4}.get(rt.model_info.weight_dtype, 2)  # bf16, fp16
         for n in list(contexts) + [contexts[0]]:
+            t0 = time.perf_counter()
             rid = rt.submit(rng.integers(100, 30000, size=n).tolist(), by_id=True, max_tokens=new,
                             ignore_eos=True, temperature=0.0)
             times, done = [], False
@@ -61,7 +63,8 @@ def one_run(model, device, threads, contexts, new) -> dict:
                         digest.update(np.asarray(ev.token_ids, np.int64).tobytes())
                     done = ev.request_finished
             out.append((times[-1] - times[0]) / (len(times) - 1) * 1e3)
-    return {"tpot_ms": out, "tokens_sha256": digest.hexdigest()[:16], "weight_bytes": weights,
+            ttft.append((times[0] - t0) * 1e3)
+    return {"tpot_ms": out, "ttft_ms": ttft, "tokens_sha256": digest.hexdigest()[:16], "weight_bytes": weights,
             "kv_bytes_per_token": kv_token}
 
 
@@ -118,6 +121,11 @@ def main(argv=None):
         summary[name] = {"tpot_ms_median": med, "relative_to_first_median": rel, "tokens": hashes, "runs": rs}
         print(f"| {name} | " + " | ".join(f"{m:.2f}" for m in med) + " | "
               + " | ".join(f"{x:.3f}" for x in rel) + f" | {', '.join(hashes)} |")
+    print(f"\n| setting | " + " | ".join(f"TTFT at {n} (median ms)" for n in contexts) + " |")
+    print("|---|" + "---:|" * len(contexts))
+    for name, rs in runs.items():
+        summary[name]["ttft_ms_median"] = [statistics.median(r["ttft_ms"][j] for r in rs) for j in range(len(contexts))]
+        print(f"| {name} | " + " | ".join(f"{m:.1f}" for m in summary[name]["ttft_ms_median"]) + " |")
     floors = floor_ms(ceilings, runs, contexts, args.new)
     if floors:
         print(f"\nceilings ({ceilings['threads']} threads): read {floors['read_GBps']:.1f} GB/s, fp32 GEMM "
