@@ -893,38 +893,37 @@ def test_prefill_ignores_stale_slots(monkeypatch, kernel):
         assert e <= BF16_TOL, (kernel, bs, e)
 
 
-def test_prefill_tiles_start_by_keys_and_change_no_bits(monkeypatch):
-    """A step's prefill tiles start most keys first over all its sequences
-    (CudaBackend::order_tiles_by_keys; ties: the later sequence first), and
-    the warp-specialized kernel deals them in a snake (item_of); with
-    PAGEDRT_PREFILL_ORDER=rows they start as before, each sequence's last
-    tile first, the last sequence first. The order moves no bits: every
-    prefill kernel's output is the same in both orders (a step of 26 tiles,
-    208 work items: more than one round of SMs), and close to contiguous
+def test_prefill_deal_is_a_snake_for_one_prompt_and_changes_no_bits(monkeypatch):
+    """A step's prefill tiles start each sequence's last (most keys) first,
+    the last sequence first; where they are one prompt's, the warp-specialized
+    kernel deals its rounds of items in a snake (item_of), else round-robin,
+    and PAGEDRT_PREFILL_DEAL=rounds deals every step round-robin. The deal
+    moves no bits: each prefill kernel's output is the same both ways for a
+    1,200-token prompt (38 tiles, 304 work items: more than a round of SMs)
+    and a step of several prompts and chunks, and close to contiguous
     attention on the gathered blocks."""
     torch = pytest.importorskip("torch")
     H, Hkv, D, G = 32, 8, 128, 4
-    seqs = [(0, 300), (200, 150), (0, 17), (5, 1), (600, 33), (0, 129), (1000, 70)]
-    tiles = [(i, r, c + min(r + 128, n * G) // G)  # (sequence, first row, keys its last row sees)
-             for i, (c, n) in enumerate(seqs) if n > 1 for r in range(0, n * G, 128)]
-    want_keys = [t for _, t in sorted(((k, j), (i, r)) for j, (i, r, k) in enumerate(tiles))][::-1]
-    want_rows = [(i, r) for i, r, _ in tiles][::-1]
-    rng = np.random.default_rng(44)
-    b, qkv, kc, vc = attention_inputs(rng, seqs, H, Hkv, D)
-    ref = contiguous_attention(b, qkv, kc, vc, H, Hkv, D, D ** -0.5)
+    batches = {"one prompt": [(0, 1200)],
+               "several": [(0, 300), (200, 150), (0, 17), (5, 1), (600, 33), (0, 129), (1000, 70)]}
     kernels = ["mma"] + (["wgmma", "ws"] if torch.cuda.get_device_capability() == (9, 0) else [])
-    for kernel in kernels:
-        monkeypatch.setenv("PAGEDRT_PREFILL_KERNEL", kernel)
-        outs = []
-        for order, want in (("keys", want_keys), ("rows", want_rows)):
-            monkeypatch.setenv("PAGEDRT_PREFILL_ORDER", order)
-            o = _testing._Ops("cuda")
-            set_batch(o, b)
-            plan = o.prefill_plan(H, Hkv, D)
-            assert list(zip(plan[::2], plan[1::2])) == want, (kernel, order)
-            outs.append(o.paged_attention(qkv, kc, vc, H, Hkv, D, D ** -0.5))
-        assert np.array_equal(outs[0], outs[1]), kernel
-        assert_close_per_token(outs[0], ref, f"prefill_order[{kernel}]", (kernel,))
+    rng = np.random.default_rng(44)
+    for name, seqs in batches.items():
+        tiles = [(i, r) for i, (c, n) in enumerate(seqs) if n > 1 for r in range(0, n * G, 128)][::-1]
+        b, qkv, kc, vc = attention_inputs(rng, seqs, H, Hkv, D)
+        ref = contiguous_attention(b, qkv, kc, vc, H, Hkv, D, D ** -0.5)
+        for kernel in kernels:
+            monkeypatch.setenv("PAGEDRT_PREFILL_KERNEL", kernel)
+            outs = []
+            for deal, snake in (("snake", int(len(seqs) == 1)), ("rounds", 0)):
+                monkeypatch.setenv("PAGEDRT_PREFILL_DEAL", deal)
+                o = _testing._Ops("cuda")
+                set_batch(o, b)
+                plan = o.prefill_plan(H, Hkv, D)
+                assert plan[0] == snake and list(zip(plan[1::2], plan[2::2])) == tiles, (name, kernel, deal)
+                outs.append(o.paged_attention(qkv, kc, vc, H, Hkv, D, D ** -0.5))
+            assert np.array_equal(outs[0], outs[1]), (name, kernel)
+            assert_close_per_token(outs[0], ref, f"prefill_deal[{kernel},{name}]", (name, kernel))
 
 
 @pytest.mark.parametrize("kernel", ["cc", "2x3", "4x3", "2x2"])

@@ -346,36 +346,36 @@ def prefill():
     return {"device": torch.cuda.get_device_name(), "prefill": prefill_kernels(base, rng, PREFILL_PART_SHAPES, settings)}
 
 
-# prefill_order's shapes: one prompt of each TTFT length and issue 16's
-# batched shape, GQA 4, D 128, 16-token pages; and 4 prompts of 1,000 to
-# 4,000 tokens in one step.
-ORDER_SHAPES = [(1, 1024, 32, 8, 128, 16), (1, 2048, 32, 8, 128, 16), (1, 4096, 32, 8, 128, 16),
+# prefill_deal's shapes: one prompt of each TTFT length and 32,768, and
+# issue 16's batched shape (several prompts: dealt round-robin either way),
+# GQA 4, D 128, 16-token pages.
+DEAL_SHAPES = [(1, 1024, 32, 8, 128, 16), (1, 2048, 32, 8, 128, 16), (1, 4096, 32, 8, 128, 16),
                 (1, 8000, 32, 8, 128, 16), (8, 2048, 32, 8, 128, 16), (1, 32768, 32, 8, 128, 16)]
 
 
-def prefill_order(rounds=2):
-    """The warp-specialized prefill kernel with its tiles sorted by keys and
-    dealt in a snake (the default) against the plan's (sequence, row) order
-    dealt round-robin (PAGEDRT_PREFILL_ORDER=rows), alternating, `rounds`
-    each, on ORDER_SHAPES: the median ms of each and rows / keys."""
+def prefill_deal(rounds=2):
+    """The warp-specialized prefill kernel with a prompt's tiles dealt in a
+    snake (the default) against round-robin (PAGEDRT_PREFILL_DEAL=rounds),
+    alternating, `rounds` each, on DEAL_SHAPES: the median ms of each and
+    rounds / snake."""
     import torch
     rng = np.random.default_rng(0)
     base = rng.standard_normal(1 << 24, dtype=np.float32)
     out = []
-    print(f"{'prefill':>12} {'keys ms':>8} {'TFLOP/s':>8} {'rows ms':>8} {'TFLOP/s':>8} {'rows/keys':>9}", flush=True)
-    for B, S, H, Hkv, D, bs in ORDER_SHAPES:
+    print(f"{'prefill':>12} {'snake ms':>8} {'TFLOP/s':>8} {'rounds ms':>9} {'TFLOP/s':>8} {'ratio':>6}", flush=True)
+    for B, S, H, Hkv, D, bs in DEAL_SHAPES:
         flops = B * 4 * H * D * S * S / 2
-        t = {"keys": [], "rows": []}
+        t = {"snake": [], "rounds": []}
         for _ in range(rounds):
-            for order in t:
-                with environ({"PAGEDRT_PREFILL_KERNEL": "ws", "PAGEDRT_PREFILL_ORDER": order}):
-                    t[order].append(pagedrt_attention_s(B, S, S, H, Hkv, D, bs, base, rng, iters=10))
-        k, r = float(np.median(t["keys"])), float(np.median(t["rows"]))
-        out.append({"shape": f"{B}x{S}", "flops": flops, "keys_ms": k * 1e3, "rows_ms": r * 1e3,
-                    "keys_TFLOPs": flops / k / 1e12, "rows_TFLOPs": flops / r / 1e12, "rows_over_keys": r / k})
-        print(f"{B:>5}x{S:<6} {k * 1e3:>8.3f} {flops / k / 1e12:>8.1f} {r * 1e3:>8.3f} {flops / r / 1e12:>8.1f} "
-              f"{r / k:>9.3f}", flush=True)
-    return {"device": torch.cuda.get_device_name(), "prefill_order": out}
+            for deal in t:
+                with environ({"PAGEDRT_PREFILL_KERNEL": "ws", "PAGEDRT_PREFILL_DEAL": deal}):
+                    t[deal].append(pagedrt_attention_s(B, S, S, H, Hkv, D, bs, base, rng, iters=10))
+        k, r = float(np.median(t["snake"])), float(np.median(t["rounds"]))
+        out.append({"shape": f"{B}x{S}", "flops": flops, "snake_ms": k * 1e3, "rounds_ms": r * 1e3,
+                    "snake_TFLOPs": flops / k / 1e12, "rounds_TFLOPs": flops / r / 1e12, "rounds_over_snake": r / k})
+        print(f"{B:>5}x{S:<6} {k * 1e3:>8.3f} {flops / k / 1e12:>8.1f} {r * 1e3:>9.3f} {flops / r / 1e12:>8.1f} "
+              f"{r / k:>6.3f}", flush=True)
+    return {"device": torch.cuda.get_device_name(), "prefill_deal": out}
 
 
 def attention_sweep():
@@ -1244,7 +1244,7 @@ def main():
           "decode_splits": decode_splits, "decode_sweep": decode_sweep, "decode_grid": decode_grid, "decode_short": decode_short, "d64_sweep": d64_sweep, "sampling": sampling,
           "gemm": gemm, "gemm_odd": gemm_odd, "gemm_invariant": gemm_invariant, "gemm_fp8": gemm_fp8,
           "fp8_decode_chain": fp8_decode_chain,
-          "prefill": prefill, "prefill_order": prefill_order}.get(part)
+          "prefill": prefill, "prefill_deal": prefill_deal}.get(part)
     if fn:
         res = fn()
     elif part == "tpot_env":

@@ -3,7 +3,7 @@
 #
 #   bash tools/gpu_check.sh [STAGE ...]      (from the repo root; default: all stages)
 #
-# Stages: env build wheels optests ncu fp8kv fp8gemm fp8e2e diag make8b newshapes make8bfp8 make8btok smol tests e2e bench attn grid prefill order gemm serve servecpu structured steptrace graphlog structold structab masks spec harness kvpool tp det b256 profile cpuscale context fp8q lcpp xeon abbuild ab
+# Stages: env build wheels optests ncu fp8kv fp8gemm fp8e2e diag make8b newshapes make8bfp8 make8btok smol tests e2e bench attn grid prefill deal gemm serve servecpu structured steptrace graphlog structold structab masks spec harness kvpool tp det b256 profile cpuscale context fp8q lcpp xeon abbuild ab
 #   env      nvidia-smi, versions
 #   build    pip install --no-build-isolation --no-deps . with PAGEDRT_CUDA=ON (or, in seconds, the wheel
 #            tools/gpu_wheel.sh built of the same sources, carried in .devcarry_c)
@@ -41,10 +41,10 @@
 #            default) against items innermost (PAGEDRT_DECODE_GRID=items), bf16 and fp8 caches -> $OUT/decode_grid.json
 #   prefill  tools/bench_cuda.py prefill (causal prefill attention: mma.sync at 64 and 128 rows a tile, wgmma, ws; SDPA), then
 #            TTFT on the 8B shape with each kernel (ttft_env)
-#   order    tools/bench_cuda.py prefill_order: the ws prefill kernel with tiles by keys in a snake (the
-#            default) against PAGEDRT_PREFILL_ORDER=rows, alternating; then TTFT on the 8B shape (after make8b):
-#            the default, the old order, the last layer on every row (PAGEDRT_LAST_LAYER=all), both old, the
-#            default again (ttft_env)
+#   deal     tools/bench_cuda.py prefill_deal: the ws prefill kernel with a prompt's tiles dealt in a snake (the
+#            default) against PAGEDRT_PREFILL_DEAL=rounds, alternating; then TTFT on the 8B shape (after make8b):
+#            the default, the last layer on every row (PAGEDRT_LAST_LAYER=all), and both as before session 44
+#            (ttft_env)
 #   gemm     tools/bench_cuda.py gemm: the 8B projections at M = 1..8192 against the roofline
 #            (engine, cuBLASLt searched, cuBLASLt heuristic, torch)
 #   structured tests/test_cuda.py -k structured, then tools/bench_structured.py on SmolLM2 and the 8B shape,
@@ -353,13 +353,12 @@ if has prefill; then
      "$OUT/ttft_prefill.json" "$LLAMA8B" PAGEDRT_PREFILL_KERNEL=mma PAGEDRT_PREFILL_KERNEL=wgmma PAGEDRT_PREFILL_KERNEL=ws | grep -v "^ttft_env {")
 fi
 
-if has order; then
-  stage order
-  (cd /tmp && timeout 200 $PY "$OLDPWD/tools/bench_cuda.py" prefill_order "$OUT/prefill_order.json" \
-     | grep -v "^prefill_order {")
-  [ -f "$LLAMA8B/config.json" ] && (cd /tmp && timeout 300 $PY "$OLDPWD/tools/bench_cuda.py" ttft_env \
-     "$OUT/ttft_order.json" "$LLAMA8B" "" PAGEDRT_PREFILL_ORDER=rows PAGEDRT_LAST_LAYER=all \
-     PAGEDRT_PREFILL_ORDER=rows,PAGEDRT_LAST_LAYER=all PAGEDRT_AB=2 \
+if has deal; then
+  stage deal
+  (cd /tmp && timeout $(( $(left) < 200 ? $(left) : 200 )) $PY "$OLDPWD/tools/bench_cuda.py" prefill_deal \
+     "$OUT/prefill_deal.json" | grep -v "^prefill_deal {")
+  [ -f "$LLAMA8B/config.json" ] && (cd /tmp && timeout $(( $(left) - 5 )) $PY "$OLDPWD/tools/bench_cuda.py" ttft_env \
+     "$OUT/ttft_deal.json" "$LLAMA8B" "" PAGEDRT_LAST_LAYER=all PAGEDRT_PREFILL_DEAL=rounds,PAGEDRT_LAST_LAYER=all \
      | grep -v "^ttft_env {")
 fi
 

@@ -200,8 +200,9 @@ class Backend {
   // stages, splits, keys a split, 1 where the CUDA-core kernel runs it) of a
   // backend that plans one (CUDA; tests read it), else empty.
   virtual std::vector<int64_t> decode_plan(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim) { return {}; }
-  // This step's prefill tiles in the order their blocks start: (sequence,
-  // first row) pairs, flattened (CUDA; tests read it), else empty.
+  // This step's prefill plan: 1 where its tiles are dealt in a snake, else 0,
+  // then the tiles in the order their blocks start, (sequence, first row)
+  // pairs, flattened (CUDA; tests read it); else empty.
   virtual std::vector<int64_t> prefill_plan(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim) { return {}; }
   virtual Tensor empty(std::vector<int64_t> shape, ScalarType dtype) = 0;
   virtual Tensor from_host(const Tensor& host) = 0;

@@ -19,7 +19,7 @@
 //
 //   block = 3 warpgroups (384 threads); grid = min(work items, SMs), work
 //   item = (tile, kv head), the plan's last tiles (the most keys) first,
-//   dealt a round at a time in a snake (item_of)
+//   dealt a round at a time (item_of: in a snake for one prompt)
 //   shared memory: Q (128 x 128) + Stages x (K, V) (128 x 128), bf16: 160 KB
 //   at 2 stages, 224 KB at 3; the 128-byte-swizzled layout of wgmma.cuh
 //

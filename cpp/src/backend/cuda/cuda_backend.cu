@@ -159,11 +159,11 @@ CudaBackend::CudaBackend(ScalarType activation_dtype, int device_index, bool det
     else
       std::fprintf(stderr, "pagedrt: PAGEDRT_DECODE_GRID=%s is neither heads nor items; kv heads innermost\n", g);
   }
-  if (const char* o = std::getenv("PAGEDRT_PREFILL_ORDER")) {  // prefill tiles' order and deal (A/B runs)
-    if (std::string(o) == "rows" || std::string(o) == "keys")
-      prefill_by_keys_ = std::string(o) == "keys";
+  if (const char* o = std::getenv("PAGEDRT_PREFILL_DEAL")) {  // a prompt's prefill tiles' deal (A/B runs)
+    if (std::string(o) == "rounds" || std::string(o) == "snake")
+      prefill_snake_ = std::string(o) == "snake";
     else
-      std::fprintf(stderr, "pagedrt: PAGEDRT_PREFILL_ORDER=%s is neither keys nor rows; by keys\n", o);
+      std::fprintf(stderr, "pagedrt: PAGEDRT_PREFILL_DEAL=%s is neither snake nor rounds; a snake\n", o);
   }
   if (const char* r = std::getenv("PAGEDRT_PREFILL_ROWS")) {
     if (std::string(r) == "64" || std::string(r) == "128")

@@ -299,14 +299,13 @@ class CudaBackend final : public Backend {
   bool prefill_ws_ = true;
   int prefill_stages_ = 2;
   int decode_splits_ = 0;  // PAGEDRT_DECODE_SPLITS: 0 = the plan chooses
-  // PAGEDRT_PREFILL_ORDER=rows: prefill tiles in (sequence, row) order,
-  // dealt round-robin, as before session 44 (A/B runs).
-  bool prefill_by_keys_ = true;
+  // PAGEDRT_PREFILL_DEAL=rounds: a prompt's prefill tiles dealt to the
+  // persistent kernel's blocks round-robin, as before session 44 (A/B runs).
+  bool prefill_snake_ = true;
   bool decode_heads_first_ = true;  // PAGEDRT_DECODE_GRID=items: the decode grid's items innermost (A/B runs)
   bool sample_ = true;  // sampled rows drawn on the GPU (PAGEDRT_CUDA_SAMPLE=0: on the host, for A/B runs)
   std::map<std::pair<int, int>, int> decode_slots_;  // (head dim, fp8 x 100 + warps x 10 + stages) -> blocks the GPU holds
   int64_t decode_slots(int64_t head_dim, DecodeConfig config);
-  void order_tiles_by_keys(std::vector<int2>& tiles, int64_t G, int tile_rows) const;
   std::map<GraphKey, cudaGraphExec_t> graphs_;
   // Keys run directly, not yet recorded, and the step (step_) each was last
   // seen at: a key seen again within record_window_ steps is recorded

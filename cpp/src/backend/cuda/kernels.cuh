@@ -231,10 +231,10 @@ struct PrefillPlan {
   bool ws;
   int stages;
   // The persistent kernel's deal: round r of its items runs blocks in
-  // reverse order where r is odd (a snake), so that with tiles sorted by
-  // keys (CudaBackend::order_tiles_by_keys) each block's sum of keys is
-  // about the same (8,000 causal tokens: the slowest block's keys 1.004x
-  // the mean, 1.064x round-robin); false: round-robin.
+  // reverse order where r is odd (a snake), so that where the tiles' keys
+  // fall from the first item to the last (one prompt's) each block's sum of
+  // keys is about the same (8,000 causal tokens: the busiest block's keys
+  // 1.004x the mean, 1.064x round-robin); false: round-robin.
   bool snake;
   int num_tokens;  // the step's query tokens (rows of qkv)
 };
