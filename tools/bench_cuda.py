@@ -356,26 +356,20 @@ DEAL_SHAPES = [(1, 1024, 32, 8, 128, 16), (1, 2048, 32, 8, 128, 16), (1, 4096, 3
 def prefill_deal(rounds=2):
     """The warp-specialized prefill kernel with a prompt's tiles dealt in a
     snake (the default) against round-robin (PAGEDRT_PREFILL_DEAL=rounds),
-    alternating, `rounds` each, on DEAL_SHAPES: the median ms of each and
-    rounds / snake."""
+    alternating, `rounds` each, on DEAL_SHAPES (prefill_kernels, SDPA
+    beside them); then rounds / snake per shape, the best of each."""
     import torch
     rng = np.random.default_rng(0)
     base = rng.standard_normal(1 << 24, dtype=np.float32)
-    out = []
-    print(f"{'prefill':>12} {'snake ms':>8} {'TFLOP/s':>8} {'rounds ms':>9} {'TFLOP/s':>8} {'ratio':>6}", flush=True)
-    for B, S, H, Hkv, D, bs in DEAL_SHAPES:
-        flops = B * 4 * H * D * S * S / 2
-        t = {"snake": [], "rounds": []}
-        for _ in range(rounds):
-            for deal in t:
-                with environ({"PAGEDRT_PREFILL_KERNEL": "ws", "PAGEDRT_PREFILL_DEAL": deal}):
-                    t[deal].append(pagedrt_attention_s(B, S, S, H, Hkv, D, bs, base, rng, iters=10))
-        k, r = float(np.median(t["snake"])), float(np.median(t["rounds"]))
-        out.append({"shape": f"{B}x{S}", "flops": flops, "snake_ms": k * 1e3, "rounds_ms": r * 1e3,
-                    "snake_TFLOPs": flops / k / 1e12, "rounds_TFLOPs": flops / r / 1e12, "rounds_over_snake": r / k})
-        print(f"{B:>5}x{S:<6} {k * 1e3:>8.3f} {flops / k / 1e12:>8.1f} {r * 1e3:>9.3f} {flops / r / 1e12:>8.1f} "
-              f"{r / k:>6.3f}", flush=True)
-    return {"device": torch.cuda.get_device_name(), "prefill_deal": out}
+    settings = [(f"{deal} {i + 1}", {"PAGEDRT_PREFILL_KERNEL": "ws", "PAGEDRT_PREFILL_DEAL": deal})
+                for i in range(rounds) for deal in ("snake", "rounds")]
+    rows = prefill_kernels(base, rng, DEAL_SHAPES, settings)
+    for row in rows:
+        best = {deal: min(ms for label, ms in row["by_setting_ms"].items() if label.startswith(deal))
+                for deal in ("snake", "rounds")}
+        row["rounds_over_snake"] = best["rounds"] / best["snake"]
+        print(f"{row['shape']:>12} rounds / snake {row['rounds_over_snake']:.3f}", flush=True)
+    return {"device": torch.cuda.get_device_name(), "prefill_deal": rows}
 
 
 def attention_sweep():
