@@ -225,6 +225,52 @@ def test_warm_linear_asks_every_band_at_once(monkeypatch, wdtype):
     assert cold.gemm_picks_asked() == 6  # bf16 out: bands 16, 32, 128, 1,024; fp32 out: 16, 128
 
 
+@pytest.mark.parametrize("m,k", [(576, 1536), (1000, 576)])
+def test_linear_into_residual_adds_the_fp32_product(ops, monkeypatch, m, k):
+    """Backend::linear_into_residual (cuBLASLt with beta = 1, y fp32 in
+    place): from 512 rows up (the default, and PAGEDRT_GEMM_RESIDUAL=N) the
+    residual gains x @ W^T as an fp32 product, never rounded to bf16: it
+    matches the CPU's residual + fp32 linear to fp32 rounding (1e-5 of the
+    residual), where adding the bf16 linear would miss by ~1e-3. Fewer rows,
+    PAGEDRT_GEMM_RESIDUAL=0 and the CPU backend decline, the residual
+    untouched. Warming asks the heuristic for the bands it takes only."""
+    cpu, gpu = ops
+    rng = np.random.default_rng(13)
+    w = bf(rng.standard_normal((m, k)) * 0.05)
+    for n in (511, 512, 700, 1024):
+        x = bf(rng.standard_normal((n, k)))
+        res = rng.standard_normal((n, m)).astype(np.float32)
+        want = res + cpu.linear(x, w, "bfloat16", True)
+        taken, got = gpu.linear_into_residual(res, x, w)
+        assert taken == (n >= 512), f"n={n}: taken {taken}"
+        if not taken:
+            np.testing.assert_array_equal(got, res, err_msg=f"n={n}: declined, yet the residual changed")
+            continue
+        e = rel_err(got, want)
+        e_bf16 = rel_err(res + cpu.linear(x, w, "bfloat16", False), want)
+        record(f"linear_into_residual[n={n},m={m},k={k}]", e)
+        assert e <= 1e-5, f"n={n} m={m} k={k}: {e:.3e} from residual + fp32 product"
+        assert e_bf16 > 10 * e, f"n={n}: the bf16 product ({e_bf16:.3e}) is as close: the test cannot tell"
+    x = bf(rng.standard_normal((600, k)))
+    res = rng.standard_normal((600, m)).astype(np.float32)
+    taken, got = cpu.linear_into_residual(res, x, w)
+    assert taken is False
+    np.testing.assert_array_equal(got, res)
+    monkeypatch.setenv("PAGEDRT_GEMM_RESIDUAL", "0")
+    off = _testing._Ops("cuda")
+    monkeypatch.setenv("PAGEDRT_GEMM_RESIDUAL", "64")
+    low = _testing._Ops("cuda")
+    monkeypatch.delenv("PAGEDRT_GEMM_RESIDUAL")
+    assert off.linear_into_residual(res, x, w)[0] is False
+    x64 = bf(rng.standard_normal((64, k)))
+    taken, got = low.linear_into_residual(res[:64], x64, w)
+    assert taken and rel_err(got, res[:64] + cpu.linear(x64, w, "bfloat16", True)) <= 1e-5
+    # Warming: the bands from 512 up to 2,048 rows (512, 1,024, 2,048), none below; a run then asks nothing.
+    warm = _testing._Ops("cuda")
+    assert warm.warm_linear_into_residual(w, 2000) == 3
+    assert warm.linear_into_residual(res, x, w)[0] and warm.gemm_picks_asked() == 3
+
+
 # 16-byte kernel (inter % 8 == 0; 70,000 rows: more than one grid's 65,535), the scalar one
 @pytest.mark.parametrize("n,inter", [(33, 1000), (33, 1004), (33, 1001), (70000, 8)])
 def test_silu_mul(ops, n, inter):
@@ -1015,6 +1061,35 @@ def test_tiny_llama_chunked_mixed_batches_match_cpu(tiny_llama, kv_heads):
         e = rel_err(lg[:k], lc[:k])
         record(f"tiny_llama_logits[kv={kv_heads}]", e)
         assert e <= 4e-2  # bf16 activations through two layers; STYLE.md's bf16 bound
+
+
+def test_tiny_llama_residual_added_in_the_gemm_matches_cpu(tiny_llama, monkeypatch):
+    """o_proj and down add into the fp32 residual inside their cuBLASLt GEMM
+    (Backend::linear_into_residual) from PAGEDRT_GEMM_RESIDUAL rows up: 9
+    here, so the prompts' step (124 rows) takes it and the decode steps (3
+    rows, the own GEMV) do not; 0 never. Both runs agree with the fp32 CPU
+    within the bf16 bound, and their logits differ (the products are no
+    longer rounded to bf16 before the add: the path was taken)."""
+    path, _ = tiny_llama(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, dtype="bfloat16")
+    rng = np.random.default_rng(14)
+    prompts = [rng.integers(3, 320, size=k).tolist() for k in (61, 40, 23)]
+    kw = dict(dtype="bfloat16", kv_cache_bytes=64 << 20)
+    with pagedrt.Runtime(path, device="cpu", activation_dtype="float32", **kw) as rt:
+        ref = run_all(rt, prompts, max_tokens=4, ignore_eos=True, return_logits=True)
+    outs = {}
+    for rows in ("9", "0"):
+        monkeypatch.setenv("PAGEDRT_GEMM_RESIDUAL", rows)
+        with pagedrt.Runtime(path, device="cuda", **kw) as rt:
+            outs[rows] = run_all(rt, prompts, max_tokens=4, ignore_eos=True, return_logits=True)
+    for rows, out in outs.items():
+        for p, (tc, lc), (tg, lg) in zip(prompts, ref, out):
+            k = rows_until_divergence(len(p), tc, tg)
+            e = rel_err(lg[:k], lc[:k])
+            record(f"tiny_llama_residual_gemm[{rows}]", e)
+            assert e <= 4e-2, (rows, len(p), e)
+    fused, apart = outs["9"], outs["0"]
+    assert any(not np.array_equal(a[1][:len(p)], b[1][:len(p)]) for p, a, b in zip(prompts, fused, apart)), \
+        "PAGEDRT_GEMM_RESIDUAL=9 gave the bits of =0: the residual was not added in the GEMM"
 
 
 @pytest.mark.parametrize("kv_heads", [1, 4])

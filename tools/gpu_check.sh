@@ -3,7 +3,7 @@
 #
 #   bash tools/gpu_check.sh [STAGE ...]      (from the repo root; default: all stages)
 #
-# Stages: env build wheels optests ncu fp8kv fp8gemm fp8e2e diag make8b newshapes make8bfp8 make8btok smol tests e2e bench attn grid prefill deal gemm serve servecpu structured steptrace graphlog structold structab masks spec harness kvpool tp det b256 profile cpuscale context fp8q lcpp xeon abbuild ab
+# Stages: env build wheels optests ncu fp8kv fp8gemm fp8e2e diag make8b newshapes make8bfp8 make8btok smol tests e2e bench attn grid prefill deal ttft gemm serve servecpu structured steptrace graphlog structold structab masks spec harness kvpool tp det b256 profile cpuscale context fp8q lcpp xeon abbuild ab
 #   env      nvidia-smi, versions
 #   build    pip install --no-build-isolation --no-deps . with PAGEDRT_CUDA=ON (or, in seconds, the wheel
 #            tools/gpu_wheel.sh built of the same sources, carried in .devcarry_c)
@@ -42,9 +42,10 @@
 #   prefill  tools/bench_cuda.py prefill (causal prefill attention: mma.sync at 64 and 128 rows a tile, wgmma, ws; SDPA), then
 #            TTFT on the 8B shape with each kernel (ttft_env)
 #   deal     tools/bench_cuda.py prefill_deal: the ws prefill kernel with a prompt's tiles dealt in a snake (the
-#            default) against PAGEDRT_PREFILL_DEAL=rounds, alternating; then TTFT on the 8B shape (after make8b):
-#            the default, the last layer on every row (PAGEDRT_LAST_LAYER=all), and both as before session 44
-#            (ttft_env)
+#            default) against PAGEDRT_PREFILL_DEAL=rounds, alternating
+#   ttft     TTFT on the 8B shape (after make8b; ttft_env), each setting taking back one more change: the
+#            default; the residual add out of the GEMMs (PAGEDRT_GEMM_RESIDUAL=0, session 45); and the last
+#            layer on every row (PAGEDRT_LAST_LAYER=all); and the round-robin deal (as before session 44)
 #   gemm     tools/bench_cuda.py gemm: the 8B projections at M = 1..8192 against the roofline
 #            (engine, cuBLASLt searched, cuBLASLt heuristic, torch)
 #   structured tests/test_cuda.py -k structured, then tools/bench_structured.py on SmolLM2 and the 8B shape,
@@ -357,9 +358,13 @@ if has deal; then
   stage deal
   (cd /tmp && timeout $(( $(left) < 200 ? $(left) : 200 )) $PY "$OLDPWD/tools/bench_cuda.py" prefill_deal \
      "$OUT/prefill_deal.json" | grep -v "^prefill_deal {")
-  [ -f "$LLAMA8B/config.json" ] && (cd /tmp && timeout $(( $(left) - 5 )) $PY "$OLDPWD/tools/bench_cuda.py" ttft_env \
-     "$OUT/ttft_deal.json" "$LLAMA8B" "" PAGEDRT_LAST_LAYER=all PAGEDRT_PREFILL_DEAL=rounds,PAGEDRT_LAST_LAYER=all \
-     | grep -v "^ttft_env {")
+fi
+
+if has ttft && [ -f "$LLAMA8B/config.json" ]; then
+  stage ttft
+  (cd /tmp && timeout $(( $(left) - 5 )) $PY "$OLDPWD/tools/bench_cuda.py" ttft_env "$OUT/ttft.json" "$LLAMA8B" "" \
+     PAGEDRT_GEMM_RESIDUAL=0 PAGEDRT_GEMM_RESIDUAL=0,PAGEDRT_LAST_LAYER=all \
+     PAGEDRT_GEMM_RESIDUAL=0,PAGEDRT_LAST_LAYER=all,PAGEDRT_PREFILL_DEAL=rounds | grep -v "^ttft_env {")
 fi
 
 if has gemm; then

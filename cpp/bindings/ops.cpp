@@ -140,6 +140,19 @@ class Ops {
     b_->linear(xt, wt, xt.dim(0), out);
     return back(out);
   }
+  // residual += x @ w^T in one GEMM where the backend takes it (Backend::linear_into_residual):
+  // (taken, the residual after; unchanged where not taken).
+  std::pair<bool, F32Out> linear_into_residual(F32In residual, F32In x, F32In w) {
+    Tensor r = put(residual, ScalarType::F32), xt = put(x, act()), wt = weight(w, act());
+    const bool taken = b_->linear_into_residual(xt, wt, xt.dim(0), r);
+    return {taken, back(r)};
+  }
+  // Backend::warm_linear_into_residual for up to max_rows rows; the heuristic's count after.
+  int64_t warm_linear_into_residual(F32In w, int64_t max_rows) {
+    Tensor wt = weight(w, act());
+    b_->warm_linear_into_residual(wt, max_rows);
+    return b_->gemm_picks_asked();
+  }
   // Backend::warm_linear for linear(x, w) of up to max_rows rows; the heuristic's count after.
   int64_t warm_linear(F32In w, const std::string& wdtype, int64_t max_rows, bool out_f32) {
     Tensor wt = weight(w, parse_dtype(wdtype));
@@ -585,6 +598,8 @@ void register_ops(nb::module_& m) {
       .def("add", &Ops::add, "residual"_a, "x"_a)
       .def("linear", &Ops::linear, "x"_a, "weight"_a, "weight_dtype"_a, "out_f32"_a)
       .def("warm_linear", &Ops::warm_linear, "weight"_a, "weight_dtype"_a, "max_rows"_a, "out_f32"_a)
+      .def("linear_into_residual", &Ops::linear_into_residual, "residual"_a, "x"_a, "weight"_a)
+      .def("warm_linear_into_residual", &Ops::warm_linear_into_residual, "weight"_a, "max_rows"_a)
       .def("gemm_picks_asked", &Ops::gemm_picks_asked)  // Backend::gemm_picks_asked
       .def("norm_linear", &Ops::norm_linear, "x"_a, "norm_weight"_a, "eps"_a, "weight"_a, "weight_dtype"_a)
       .def("fp8_codes_taken", &Ops::fp8_codes_taken)

@@ -187,6 +187,9 @@ class Backend {
   // `out_dtype` output will need, so no step waits for it (CUDA: cuBLASLt's
   // algorithm picks, one per band of rows: Gemm::warm). Nothing on the CPU.
   virtual void warm_linear(const Tensor& weight, int64_t max_rows, ScalarType out_dtype) {}
+  // The same for linear_into_residual() with `weight` (CUDA: the bands of
+  // rows it takes). Nothing on the CPU.
+  virtual void warm_linear_into_residual(const Tensor& weight, int64_t max_rows) {}
   // How many times cuBLASLt's heuristic was asked for an algorithm (CUDA; tests read it).
   virtual int64_t gemm_picks_asked() const { return 0; }
   // How many fp8 linears have taken their x's codes from the op before them (a
@@ -260,6 +263,14 @@ class Backend {
   // out (n, out_features) = x (n, in_features) @ weight (out_features, in_features)^T;
   // only the first `n` rows of x and out are used.
   virtual void linear(const Tensor& x, const Tensor& weight, int64_t n, Tensor& out) = 0;
+  // residual (n, out_features) += x @ weight^T in one GEMM (fp32 accumulate,
+  // the product never rounded to the activation dtype) where the backend has
+  // one for this call's rows; false, nothing done, where not: then linear()
+  // and an add. CUDA: cuBLASLt with beta = 1 from prefill sizes up
+  // (Gemm::run_accumulate); the CPU never (its linear + add_rms_norm).
+  virtual bool linear_into_residual(const Tensor& x, const Tensor& weight, int64_t n, Tensor& residual) {
+    return false;
+  }
   // residual += x over the first n rows (n, hidden)
   virtual void add(Tensor& residual, const Tensor& x, int64_t n) = 0;
   // qkv (num_tokens, (H + 2 * Hkv) * D): rotates the q and k parts in place

@@ -254,6 +254,9 @@ void LlamaModel::warm_up(int64_t max_tokens, int64_t max_logit_rows) {
   const ScalarType act = backend_.activation_dtype();
   for (const Layer& L : layers_)  // alike in every layer (the backend asks once per shape)
     for (const Tensor* w : {&L.qkv, &L.o, &L.gate_up, &L.down}) backend_.warm_linear(*w, max_tokens, act);
+  if (comm_ == nullptr)
+    for (const Layer& L : layers_)
+      for (const Tensor* w : {&L.o, &L.down}) backend_.warm_linear_into_residual(*w, max_tokens);
   backend_.warm_linear(lm_head_, max_logit_rows, ScalarType::F32);
 }
 
@@ -304,14 +307,25 @@ void LlamaModel::queue_step(KvCache& kv, int64_t n, int64_t num_logits) {
   // fewer (a prompt's prefill, a chunk of it without any), that layer's
   // o_proj, norm and MLP run on those rows alone, gathered.
   const bool narrow = logit_rows_only_ && num_logits < n;
+  // o_proj and down add into the residual inside their GEMM where the
+  // backend can (linear_into_residual: prefill sizes on CUDA); the norm
+  // after them then reads the residual alone. Not with tensor parallelism,
+  // whose partial products are summed over the ranks before the add.
+  auto project_into = [&](const Tensor& x, const Tensor& w, int64_t rows, Tensor& residual) {
+    if (comm_ == nullptr && backend_.linear_into_residual(x, w, rows, residual)) return true;
+    backend_.linear(x, w, rows, ws_.proj);  // (rows, hidden), added by the caller
+    all_reduce(ws_.proj, rows);
+    return false;
+  };
+  bool proj_pending = false;  // ws_.proj holds the last down projection, not yet in the residual
   backend_.embedding(embed_, plan_.vocab_first(), ws_.residual);  // residual (n, hidden)
   all_reduce(ws_.residual, n);  // one rank holds each token's row, the others add zeros
   for (size_t l = 0; l < layers_.size(); ++l) {
     Layer& L = layers_[l];
-    if (l == 0)
-      backend_.rms_norm(ws_.residual, L.input_norm, eps, n, ws_.normed);
-    else  // the previous layer's MLP output joins the residual here
+    if (proj_pending)  // the previous layer's MLP output joins the residual here
       backend_.add_rms_norm(ws_.residual, ws_.proj, L.input_norm, eps, n, ws_.normed);
+    else
+      backend_.rms_norm(ws_.residual, L.input_norm, eps, n, ws_.normed);
     backend_.linear(ws_.normed, L.qkv, n, ws_.qkv);                          // (n, (H + 2Hkv) D)
     backend_.rope_cache_attention(ws_.qkv, rope_, H, Hkv, D, scale, kv.k[l], kv.v[l], ws_.attn);  // (n, H D)
     Tensor* residual = &ws_.residual;
@@ -323,18 +337,18 @@ void LlamaModel::queue_step(KvCache& kv, int64_t n, int64_t num_logits) {
       backend_.gather_rows(ws_.residual, ws_.last_res);  // (num_logits, hidden)
       residual = &ws_.last_res, attn = &ws_.last_attn, rows = num_logits;
     }
-    backend_.linear(*attn, L.o, rows, ws_.proj);  // (rows, hidden)
-    all_reduce(ws_.proj, rows);
-    backend_.add_rms_norm(*residual, ws_.proj, L.post_norm, eps, rows, ws_.normed);
+    if (project_into(*attn, L.o, rows, *residual))  // o_proj: (rows, hidden)
+      backend_.rms_norm(*residual, L.post_norm, eps, rows, ws_.normed);
+    else
+      backend_.add_rms_norm(*residual, ws_.proj, L.post_norm, eps, rows, ws_.normed);
     backend_.linear_silu_mul(ws_.normed, L.gate_up, rows, ws_.gate_up, ws_.act);  // (rows, I), via (rows, 2I)
-    backend_.linear(ws_.act, L.down, rows, ws_.proj);                           // (rows, hidden)
-    all_reduce(ws_.proj, rows);
+    proj_pending = !project_into(ws_.act, L.down, rows, *residual);               // down: (rows, hidden)
   }
   if (num_logits == 0) return;
   if (narrow) {
-    backend_.add(ws_.last_res, ws_.proj, num_logits);
+    if (proj_pending) backend_.add(ws_.last_res, ws_.proj, num_logits);
   } else {
-    backend_.add(ws_.residual, ws_.proj, n);
+    if (proj_pending) backend_.add(ws_.residual, ws_.proj, n);
     backend_.gather_rows(ws_.residual, ws_.last_res);  // (num_logits, hidden)
   }
   backend_.rms_norm(ws_.last_res, final_norm_, eps, num_logits, ws_.last);  // final norm, gathered rows only

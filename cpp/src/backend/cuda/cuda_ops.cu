@@ -95,6 +95,26 @@ void CudaBackend::linear(const Tensor& x, const Tensor& weight, int64_t n, Tenso
              act_ == ScalarType::F32);
 }
 
+bool CudaBackend::linear_into_residual(const Tensor& x, const Tensor& weight, int64_t n, Tensor& residual) {
+  if (act_ != ScalarType::BF16 || weight.dtype != ScalarType::BF16 || x.dtype != ScalarType::BF16 ||
+      residual.dtype != ScalarType::F32)
+    return false;
+  require(residual.dim(1) == weight.dim(0) && x.dim(1) == weight.dim(1) && residual.dim(0) >= n && x.dim(0) >= n,
+          "linear_into_residual: residual (n, m) += x (n, k) @ weight (m, k)^T");
+  if (!gemm_->run_accumulate(x.data, weight.data, residual.as<float>(), n, weight.dim(0), weight.dim(1)))
+    return false;
+  fp8_pending_ = {};
+  return true;
+}
+
+void CudaBackend::warm_linear_into_residual(const Tensor& weight, int64_t max_rows) {
+  const int64_t min_rows = gemm_->residual_min_rows();
+  if (weight.shape.size() != 2 || weight.dtype != ScalarType::BF16 || act_ != ScalarType::BF16 || min_rows == 0 ||
+      max_rows < min_rows)
+    return;
+  gemm_->warm(weight.data, weight.dim(0), weight.dim(1), /*out_f32=*/true, false, false, nullptr, max_rows, min_rows);
+}
+
 void CudaBackend::add(Tensor& residual, const Tensor& x, int64_t n) {
   require(residual.dtype == ScalarType::F32 && x.dtype == act_, "add: fp32 residual, x of the activation dtype");
   const int64_t numel = n * residual.dim(1);

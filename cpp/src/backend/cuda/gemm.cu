@@ -42,6 +42,15 @@ Gemm::Gemm(cudaStream_t stream, bool deterministic) : stream_(stream), determini
       std::fprintf(stderr, "pagedrt: PAGEDRT_DET_GEMM_N=%s is not a row count from 1 to 65536; using %lld\n", v,
                    static_cast<long long>(kPinN));
   }
+  if (const char* v = std::getenv("PAGEDRT_GEMM_RESIDUAL")) {
+    const long long rows = std::atoll(v);
+    if ((rows == 0 && std::strcmp(v, "0") == 0) || (rows >= 9 && rows <= (1 << 20)))
+      residual_min_rows_ = rows;
+    else
+      std::fprintf(stderr, "pagedrt: PAGEDRT_GEMM_RESIDUAL=%s is neither 0 nor a row count from 9 up; using %lld\n",
+                   v, static_cast<long long>(kResidualMinRows));
+  }
+  if (deterministic || search_) residual_min_rows_ = 0;
   CUBLAS_CHECK(cublasLtCreate(&handle_));
   CUDA_CHECK(cudaMalloc(&workspace_, workspace_bytes_));
   if (search_) {
@@ -79,6 +88,14 @@ void Gemm::require_no_fp8(const char* what) const {
   if (deterministic_)
     throw Error(ErrorKind::Unsupported, std::string(what) + ": fp8 GEMMs have no batch-invariant algorithm "
                                                             "(deterministic=True on CUDA takes bf16 or fp32 weights)");
+}
+
+bool Gemm::run_accumulate(const void* x, const void* w, float* y, int64_t n, int64_t m, int64_t k) {
+  if (residual_min_rows_ == 0 || n < residual_min_rows_) return false;
+  // The fp32-output plan of the shape (the same layouts; beta is the call's).
+  Plan& p = plan(n, m, k, /*out_f32=*/true, In::BF16, x, w, y);
+  launch(p, n, m, k, In::BF16, x, w, y, /*beta=*/1.0f);
+  return true;
 }
 
 void Gemm::run_f8(const void* xq, const float* xs, const void* w, const float* ws, void* y, int64_t n, int64_t m,
@@ -172,8 +189,8 @@ void Gemm::destroy(Plan& p) {
 }
 
 cublasStatus_t Gemm::matmul(const Plan& p, const cublasLtMatmulAlgo_t& algo, const void* x, const void* w,
-                            void* y) {
-  const float alpha = 1.0f, beta = 0.0f;
+                            void* y, float beta) {
+  const float alpha = 1.0f;
   return cublasLtMatmul(handle_, p.op, &alpha, w, p.a, x, p.b, &beta, y, p.c, y, p.c, &algo,
                         workspace_, workspace_bytes_, stream_);
 }
@@ -209,13 +226,13 @@ cublasLtMatmulAlgo_t Gemm::band_pick(const Plan& p, int64_t n, int64_t m, int64_
 }
 
 void Gemm::warm(const void* w, int64_t m, int64_t k, bool out_f32, bool in_f32, bool in_f8, const float* ws,
-                int64_t max_n) {
+                int64_t max_n, int64_t min_n) {
   if (deterministic_ || search_ || !bands_ || max_n < 1) return;
   const In in = in_f32 ? In::F32 : in_f8 ? In::F8 : In::BF16;
   if (in_f32) out_f32 = true;
   std::vector<int64_t> bands;  // not yet picked
   for (int64_t band = 16;; band <<= 1) {
-    if (band_pick_.count(PickKey{band, m, k, out_f32, in}) == 0) bands.push_back(band);
+    if (band >= min_n && band_pick_.count(PickKey{band, m, k, out_f32, in}) == 0) bands.push_back(band);
     if (band >= max_n) break;
   }
   if (bands.empty()) return;
@@ -256,11 +273,12 @@ void Gemm::warm(const void* w, int64_t m, int64_t k, bool out_f32, bool in_f32, 
   }
 }
 
-void Gemm::launch(Plan& p, int64_t n, int64_t m, int64_t k, In in, const void* x, const void* w, void* y) {
-  cublasStatus_t st = matmul(p, p.algo, x, w, y);
+void Gemm::launch(Plan& p, int64_t n, int64_t m, int64_t k, In in, const void* x, const void* w, void* y,
+                  float beta) {
+  cublasStatus_t st = matmul(p, p.algo, x, w, y, beta);
   if (st != CUBLAS_STATUS_SUCCESS && p.from_band) {  // refused before anything ran: this n's own pick
     p.algo = first_pick(p, n, m, k, in);
-    st = matmul(p, p.algo, x, w, y);
+    st = matmul(p, p.algo, x, w, y, beta);
   }
   p.from_band = false;
   CUBLAS_CHECK(st);

@@ -71,6 +71,8 @@
 //                          algorithms instead of InvariantGemm (another order of sums,
 //                          so other bits; faster at large n, slower at n <= 8: docs/determinism.md)
 //   PAGEDRT_DET_GEMM_N=N   the n whose heuristic picks the pinned algorithms (batch-invariant mode)
+//   PAGEDRT_GEMM_RESIDUAL=0  no residual add in the GEMM (run_accumulate takes nothing);
+//                          =N: from N rows up (default kResidualMinRows)
 #pragma once
 
 #include <cublasLt.h>
@@ -90,6 +92,7 @@ class Gemm {
   static constexpr int kSearchCandidates = 8;
   static constexpr int kPinCandidates = 32;
   static constexpr int64_t kPinN = 64;
+  static constexpr int64_t kResidualMinRows = 512;  // run_accumulate's default fewest rows
   // n at which a pinned algorithm must be accepted: batch-1 decode, the own
   // kernel's edge, odd sizes, a large prefill.
   static constexpr int64_t kPinProbes[] = {1, 2, 7, 8, 9, 17, 63, 64, 65, 255, 256, 1000, 4096, 16384};
@@ -108,6 +111,18 @@ class Gemm {
   // in one kernel where the own small-M kernel takes the shape; returns false
   // (and does nothing) where it does not: then run() and a SiLU·mul kernel.
   bool run_silu_mul(const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k);
+
+  // y (n, m) fp32 += x (n, k) bf16 @ W (m, k)^T bf16 in one cuBLASLt GEMM
+  // (beta = 1, y read and written by its epilogue, in place): the residual
+  // add of o_proj and down fused into the GEMM, so the norm after it reads
+  // the residual alone (a prompt's add_rms_norm moved 12 bytes a hidden
+  // element, the rms_norm after this 6). Only from residual_min_rows() rows
+  // up (prefill sizes; PAGEDRT_GEMM_RESIDUAL) and in the default mode (not the
+  // batch-invariant one, not the search, whose timing runs write y); returns
+  // false (and does nothing) where it does not take the call: then run() and an add.
+  bool run_accumulate(const void* x, const void* w, float* y, int64_t n, int64_t m, int64_t k);
+  // The fewest rows run_accumulate takes (0: it takes none).
+  int64_t residual_min_rows() const { return residual_min_rows_; }
 
   // fp8: y (n, m) = (xq (n, k) @ w (m, k)^T) * ws[r] * xs[t] for e4m3 codes
   // xq, w with fp32 scales per token xs (n) and per output channel ws (m):
@@ -142,7 +157,7 @@ class Gemm {
   // batch-invariant mode); a band cuBLASLt has no algorithm for is left to
   // the step that needs it (which then fails as it would have).
   void warm(const void* w, int64_t m, int64_t k, bool out_f32, bool in_f32, bool in_f8, const float* ws,
-            int64_t max_n);
+            int64_t max_n, int64_t min_n = 1);
   // Bands searched so far (for tests and benchmarks).
   size_t searched_bands() const { return band_algo_.size(); }
   // Times cuBLASLt's heuristic was asked (tests).
@@ -178,8 +193,10 @@ class Gemm {
   void choose(Plan& p, const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k, bool out_f32);
   bool accepts(const Plan& p, const cublasLtMatmulAlgo_t& algo) const;
   float time_algo(const Plan& p, const cublasLtMatmulAlgo_t& algo, const void* x, const void* w, void* y);
-  // y = x W^T with `algo` on the stream; the status, unchecked (a search tries candidates cuBLASLt may refuse).
-  cublasStatus_t matmul(const Plan& p, const cublasLtMatmulAlgo_t& algo, const void* x, const void* w, void* y);
+  // y = x W^T (+ y where beta is 1) with `algo` on the stream; the status,
+  // unchecked (a search tries candidates cuBLASLt may refuse).
+  cublasStatus_t matmul(const Plan& p, const cublasLtMatmulAlgo_t& algo, const void* x, const void* w, void* y,
+                        float beta = 0.0f);
   // The heuristic's first pick for the plan (throws when there is none).
   cublasLtMatmulAlgo_t first_pick(const Plan& p, int64_t n, int64_t m, int64_t k, In in) const;
   // The heuristic's first pick for n's band (asked at the band's top n once).
@@ -187,7 +204,8 @@ class Gemm {
                                  const float* a_scale, const float* b_scale);
   // matmul with the plan's algorithm; a band's pick that cuBLASLt refuses at
   // this n is replaced by the n's own first pick (once) and run again.
-  void launch(Plan& p, int64_t n, int64_t m, int64_t k, In in, const void* x, const void* w, void* y);
+  void launch(Plan& p, int64_t n, int64_t m, int64_t k, In in, const void* x, const void* w, void* y,
+              float beta = 0.0f);
   // The batch-invariant mode's algorithm of a weight shape (made on first use; throws where none serves).
   const cublasLtMatmulAlgo_t& pinned(int64_t m, int64_t k, bool out_f32, In in);
   void require_no_fp8(const char* what) const;
@@ -201,6 +219,7 @@ class Gemm {
   bool deterministic_ = false;
   bool invariant_own_ = false;  // the batch-invariant mode's bf16 GEMMs: InvariantGemm (PAGEDRT_DET_GEMM=own, the default)
   int64_t pin_n_ = kPinN;  // PAGEDRT_DET_GEMM_N
+  int64_t residual_min_rows_ = kResidualMinRows;  // PAGEDRT_GEMM_RESIDUAL (0: run_accumulate takes nothing)
   Gemv gemv_;
   InvariantGemm invariant_{gemv_};  // the batch-invariant mode's bf16 GEMMs
   cublasLtHandle_t handle_ = nullptr;
