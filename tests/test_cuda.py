@@ -1065,19 +1065,20 @@ def test_tiny_llama_chunked_mixed_batches_match_cpu(tiny_llama, kv_heads):
 
 def test_tiny_llama_residual_added_in_the_gemm_matches_cpu(tiny_llama, monkeypatch):
     """o_proj and down add into the fp32 residual inside their cuBLASLt GEMM
-    (Backend::linear_into_residual) from PAGEDRT_GEMM_RESIDUAL rows up: 9
-    here, so the prompts' step (124 rows) takes it and the decode steps (3
-    rows, the own GEMV) do not; 0 never. Both runs agree with the fp32 CPU
-    within the bf16 bound, and their logits differ (the products are no
-    longer rounded to bf16 before the add: the path was taken)."""
+    (Backend::linear_into_residual) from PAGEDRT_GEMM_RESIDUAL rows up: 64
+    (the default) here, so the prompts' steps and the decode steps of the 70
+    requests (70 rows, recorded as CUDA graphs) take it; 0 never. Both runs
+    agree with the fp32 CPU within the bf16 bound, and their logits differ,
+    prompt rows and decode rows alike (the products are no longer rounded
+    to bf16 before the add: the path was taken)."""
     path, _ = tiny_llama(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, dtype="bfloat16")
     rng = np.random.default_rng(14)
-    prompts = [rng.integers(3, 320, size=k).tolist() for k in (61, 40, 23)]
+    prompts = [rng.integers(3, 320, size=int(k)).tolist() for k in rng.integers(5, 40, size=70)]
     kw = dict(dtype="bfloat16", kv_cache_bytes=64 << 20)
     with pagedrt.Runtime(path, device="cpu", activation_dtype="float32", **kw) as rt:
         ref = run_all(rt, prompts, max_tokens=4, ignore_eos=True, return_logits=True)
     outs = {}
-    for rows in ("9", "0"):
+    for rows in ("64", "0"):
         monkeypatch.setenv("PAGEDRT_GEMM_RESIDUAL", rows)
         with pagedrt.Runtime(path, device="cuda", **kw) as rt:
             outs[rows] = run_all(rt, prompts, max_tokens=4, ignore_eos=True, return_logits=True)
@@ -1087,9 +1088,10 @@ def test_tiny_llama_residual_added_in_the_gemm_matches_cpu(tiny_llama, monkeypat
             e = rel_err(lg[:k], lc[:k])
             record(f"tiny_llama_residual_gemm[{rows}]", e)
             assert e <= 4e-2, (rows, len(p), e)
-    fused, apart = outs["9"], outs["0"]
-    assert any(not np.array_equal(a[1][:len(p)], b[1][:len(p)]) for p, a, b in zip(prompts, fused, apart)), \
-        "PAGEDRT_GEMM_RESIDUAL=9 gave the bits of =0: the residual was not added in the GEMM"
+    fused, apart = outs["64"], outs["0"]
+    for part, rows_of in (("prompt", lambda p: slice(0, len(p))), ("decode", lambda p: slice(len(p), None))):
+        assert any(not np.array_equal(a[1][rows_of(p)], b[1][rows_of(p)]) for p, a, b in zip(prompts, fused, apart)), \
+            f"PAGEDRT_GEMM_RESIDUAL=64 gave the {part} rows the bits of =0: the residual was not added in the GEMM"
 
 
 @pytest.mark.parametrize("kv_heads", [1, 4])
