@@ -266,7 +266,7 @@ class Backend {
   // residual (n, out_features) += x @ weight^T in one GEMM (fp32 accumulate,
   // the product never rounded to the activation dtype) where the backend has
   // one for this call's rows; false, nothing done, where not: then linear()
-  // and an add. CUDA: cuBLASLt with beta = 1 from prefill sizes up
+  // and an add. CUDA: cuBLASLt with beta = 1 from 64 rows up
   // (Gemm::run_accumulate); the CPU never (its linear + add_rms_norm).
   virtual bool linear_into_residual(const Tensor& x, const Tensor& weight, int64_t n, Tensor& residual) {
     return false;

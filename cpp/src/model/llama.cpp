@@ -308,7 +308,7 @@ void LlamaModel::queue_step(KvCache& kv, int64_t n, int64_t num_logits) {
   // o_proj, norm and MLP run on those rows alone, gathered.
   const bool narrow = logit_rows_only_ && num_logits < n;
   // o_proj and down add into the residual inside their GEMM where the
-  // backend can (linear_into_residual: prefill sizes on CUDA); the norm
+  // backend can (linear_into_residual: CUDA from 64 rows); the norm
   // after them then reads the residual alone. Not with tensor parallelism,
   // whose partial products are summed over the ranks before the add.
   auto project_into = [&](const Tensor& x, const Tensor& w, int64_t rows, Tensor& residual) {
