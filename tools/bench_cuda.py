@@ -350,7 +350,7 @@ def prefill():
 # issue 16's batched shape (several prompts: dealt round-robin either way),
 # GQA 4, D 128, 16-token pages.
 DEAL_SHAPES = [(1, 1024, 32, 8, 128, 16), (1, 2048, 32, 8, 128, 16), (1, 4096, 32, 8, 128, 16),
-                (1, 8000, 32, 8, 128, 16), (8, 2048, 32, 8, 128, 16), (1, 32768, 32, 8, 128, 16)]
+               (1, 8000, 32, 8, 128, 16), (8, 2048, 32, 8, 128, 16), (1, 32768, 32, 8, 128, 16)]
 
 
 def prefill_deal(rounds=2):
