@@ -233,7 +233,10 @@ def test_linear_into_residual_adds_the_fp32_product(ops, monkeypatch, m, k):
     matches the CPU's residual + fp32 linear to fp32 rounding (1e-5 of the
     residual), where adding the bf16 linear would miss by ~1e-3. Fewer rows,
     PAGEDRT_GEMM_RESIDUAL=0 and the CPU backend decline, the residual
-    untouched. Warming asks the heuristic for the bands it takes only."""
+    untouched; PAGEDRT_GEMM_SEARCH=1 times its candidates on scratch rows,
+    so the residual gains the product once. Warming asks the heuristic once
+    for each band a projection meets: linear()'s bf16 output below 64 rows,
+    the fp32 plan from 64."""
     cpu, gpu = ops
     rng = np.random.default_rng(13)
     w = bf(rng.standard_normal((m, k)) * 0.05)
@@ -261,14 +264,27 @@ def test_linear_into_residual_adds_the_fp32_product(ops, monkeypatch, m, k):
     monkeypatch.setenv("PAGEDRT_GEMM_RESIDUAL", "512")
     high = _testing._Ops("cuda")
     monkeypatch.delenv("PAGEDRT_GEMM_RESIDUAL")
+    monkeypatch.setenv("PAGEDRT_GEMM_SEARCH", "1")
+    searched = _testing._Ops("cuda")
+    monkeypatch.delenv("PAGEDRT_GEMM_SEARCH")
+    taken, got = searched.linear_into_residual(res, x, w)  # the candidates timed on scratch rows: one add
+    assert taken and rel_err(got, res + cpu.linear(x, w, "bfloat16", True)) <= 1e-5, "the search added into y"
     assert off.linear_into_residual(res, x, w)[0] is False
     assert high.linear_into_residual(res[:300], x[:300], w)[0] is False
     taken, got = high.linear_into_residual(res, x, w)
     assert taken and rel_err(got, res + cpu.linear(x, w, "bfloat16", True)) <= 1e-5
-    # Warming: the bands from 64 up to 2,048 rows (64 ... 2,048: 6), none below; a run then asks nothing.
+    # Warming: bf16 out for 1 ... 63 rows (bands 16, 32, 64), fp32 from 64 up to 2,048 (64 ... 2,048: 6);
+    # runs on either side of the threshold then ask nothing.
     warm = _testing._Ops("cuda")
-    assert warm.warm_linear_into_residual(w, 2000) == 6
-    assert warm.linear_into_residual(res, x, w)[0] and warm.gemm_picks_asked() == 6
+    assert warm.warm_linear_into_residual(w, 2000) == (True, 9)
+    assert warm.linear_into_residual(res, x, w)[0] and warm.gemm_picks_asked() == 9
+    for n in (17, 63):
+        taken, _ = warm.linear_into_residual(res[:n], x[:n], w)
+        assert not taken
+        warm.linear(x[:n], w, "bfloat16", False)
+        assert warm.gemm_picks_asked() == 9, f"n={n}: a warmed bf16 band was asked again"
+    assert off.warm_linear_into_residual(w, 2000)[0] is False  # linear() alone: the caller warms it
+    assert cpu.warm_linear_into_residual(w, 2000) == (False, 0)
 
 
 # 16-byte kernel (inter % 8 == 0; 70,000 rows: more than one grid's 65,535), the scalar one

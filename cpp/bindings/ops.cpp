@@ -147,11 +147,11 @@ class Ops {
     const bool taken = b_->linear_into_residual(xt, wt, xt.dim(0), r);
     return {taken, back(r)};
   }
-  // Backend::warm_linear_into_residual for up to max_rows rows; the heuristic's count after.
-  int64_t warm_linear_into_residual(F32In w, int64_t max_rows) {
+  // Backend::warm_linear_into_residual for up to max_rows rows: (whether it warmed, the heuristic's count after).
+  std::pair<bool, int64_t> warm_linear_into_residual(F32In w, int64_t max_rows) {
     Tensor wt = weight(w, act());
-    b_->warm_linear_into_residual(wt, max_rows);
-    return b_->gemm_picks_asked();
+    const bool warmed = b_->warm_linear_into_residual(wt, max_rows);
+    return {warmed, b_->gemm_picks_asked()};
   }
   // Backend::warm_linear for linear(x, w) of up to max_rows rows; the heuristic's count after.
   int64_t warm_linear(F32In w, const std::string& wdtype, int64_t max_rows, bool out_f32) {

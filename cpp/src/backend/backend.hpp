@@ -187,9 +187,11 @@ class Backend {
   // `out_dtype` output will need, so no step waits for it (CUDA: cuBLASLt's
   // algorithm picks, one per band of rows: Gemm::warm). Nothing on the CPU.
   virtual void warm_linear(const Tensor& weight, int64_t max_rows, ScalarType out_dtype) {}
-  // The same for linear_into_residual() with `weight` (CUDA: the bands of
-  // rows it takes). Nothing on the CPU.
-  virtual void warm_linear_into_residual(const Tensor& weight, int64_t max_rows) {}
+  // The same for a projection that goes through linear_into_residual() first
+  // and linear() where that declines (CUDA: the bands of rows each takes).
+  // Returns whether it warmed both; false (the CPU, other dtypes): the caller
+  // warms linear() alone.
+  virtual bool warm_linear_into_residual(const Tensor& weight, int64_t max_rows) { return false; }
   // How many times cuBLASLt's heuristic was asked for an algorithm (CUDA; tests read it).
   virtual int64_t gemm_picks_asked() const { return 0; }
   // How many fp8 linears have taken their x's codes from the op before them (a

@@ -253,9 +253,10 @@ int64_t workspace_rows(int64_t need) {
 void LlamaModel::warm_up(int64_t max_tokens, int64_t max_logit_rows) {
   const ScalarType act = backend_.activation_dtype();
   for (const Layer& L : layers_) {  // alike in every layer (the backend asks once per shape)
-    for (const Tensor* w : {&L.qkv, &L.o, &L.gate_up, &L.down}) backend_.warm_linear(*w, max_tokens, act);
-    if (comm_ == nullptr)  // queue_step's project_into
-      for (const Tensor* w : {&L.o, &L.down}) backend_.warm_linear_into_residual(*w, max_tokens);
+    for (const Tensor* w : {&L.qkv, &L.gate_up}) backend_.warm_linear(*w, max_tokens, act);
+    for (const Tensor* w : {&L.o, &L.down})  // queue_step's project_into: the residual GEMM where it takes the rows
+      if (comm_ != nullptr || !backend_.warm_linear_into_residual(*w, max_tokens))
+        backend_.warm_linear(*w, max_tokens, act);
   }
   backend_.warm_linear(lm_head_, max_logit_rows, ScalarType::F32);
 }

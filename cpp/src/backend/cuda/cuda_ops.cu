@@ -107,12 +107,15 @@ bool CudaBackend::linear_into_residual(const Tensor& x, const Tensor& weight, in
   return true;
 }
 
-void CudaBackend::warm_linear_into_residual(const Tensor& weight, int64_t max_rows) {
+bool CudaBackend::warm_linear_into_residual(const Tensor& weight, int64_t max_rows) {
   const int64_t min_rows = gemm_->residual_min_rows();
-  if (weight.shape.size() != 2 || weight.dtype != ScalarType::BF16 || act_ != ScalarType::BF16 || min_rows == 0 ||
-      max_rows < min_rows)
-    return;
-  gemm_->warm(weight.data, weight.dim(0), weight.dim(1), /*out_f32=*/true, false, false, nullptr, max_rows, min_rows);
+  if (weight.shape.size() != 2 || weight.dtype != ScalarType::BF16 || act_ != ScalarType::BF16 || min_rows == 0)
+    return false;
+  const int64_t m = weight.dim(0), k = weight.dim(1);
+  // Fewer rows than min_rows: linear()'s bf16-output bands; from min_rows: run_accumulate's fp32-output plan.
+  gemm_->warm(weight.data, m, k, /*out_f32=*/false, false, false, nullptr, std::min(max_rows, min_rows - 1));
+  if (max_rows >= min_rows) gemm_->warm(weight.data, m, k, /*out_f32=*/true, false, false, nullptr, max_rows, min_rows);
+  return true;
 }
 
 void CudaBackend::add(Tensor& residual, const Tensor& x, int64_t n) {

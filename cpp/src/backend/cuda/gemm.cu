@@ -50,7 +50,7 @@ Gemm::Gemm(cudaStream_t stream, bool deterministic) : stream_(stream), determini
       std::fprintf(stderr, "pagedrt: PAGEDRT_GEMM_RESIDUAL=%s is neither 0 nor a row count from 9 up; using %lld\n",
                    v, static_cast<long long>(kResidualMinRows));
   }
-  if (deterministic || search_) residual_min_rows_ = 0;
+  if (deterministic) residual_min_rows_ = 0;
   CUBLAS_CHECK(cublasLtCreate(&handle_));
   CUDA_CHECK(cudaMalloc(&workspace_, workspace_bytes_));
   if (search_) {
@@ -93,7 +93,7 @@ void Gemm::require_no_fp8(const char* what) const {
 bool Gemm::run_accumulate(const void* x, const void* w, float* y, int64_t n, int64_t m, int64_t k) {
   if (residual_min_rows_ == 0 || n < residual_min_rows_) return false;
   // The fp32-output plan of the shape (the same layouts; beta is the call's).
-  Plan& p = plan(n, m, k, /*out_f32=*/true, In::BF16, x, w, y);
+  Plan& p = plan(n, m, k, /*out_f32=*/true, In::BF16, x, w, y, nullptr, nullptr, /*accumulate=*/true);
   launch(p, n, m, k, In::BF16, x, w, y, /*beta=*/1.0f);
   return true;
 }
@@ -286,13 +286,14 @@ void Gemm::launch(Plan& p, int64_t n, int64_t m, int64_t k, In in, const void* x
 
 // Milliseconds of one run of `algo` (the least of three, L2 flushed before each),
 // or a negative number where cuBLASLt refuses it.
-float Gemm::time_algo(const Plan& p, const cublasLtMatmulAlgo_t& algo, const void* x, const void* w, void* y) {
-  if (matmul(p, algo, x, w, y) != CUBLAS_STATUS_SUCCESS) return -1.0f;  // also the warm-up run
+float Gemm::time_algo(const Plan& p, const cublasLtMatmulAlgo_t& algo, const void* x, const void* w, void* y,
+                      float beta) {
+  if (matmul(p, algo, x, w, y, beta) != CUBLAS_STATUS_SUCCESS) return -1.0f;  // also the warm-up run
   float best = -1.0f;
   for (int rep = 0; rep < 3; ++rep) {
     CUDA_CHECK(cudaMemsetAsync(flush_, rep, flush_bytes_, stream_));
     CUDA_CHECK(cudaEventRecord(ev_[0], stream_));
-    if (matmul(p, algo, x, w, y) != CUBLAS_STATUS_SUCCESS) return -1.0f;
+    if (matmul(p, algo, x, w, y, beta) != CUBLAS_STATUS_SUCCESS) return -1.0f;
     CUDA_CHECK(cudaEventRecord(ev_[1], stream_));
     CUDA_CHECK(cudaEventSynchronize(ev_[1]));
     float ms = 0.0f;
@@ -302,7 +303,8 @@ float Gemm::time_algo(const Plan& p, const cublasLtMatmulAlgo_t& algo, const voi
   return best;
 }
 
-void Gemm::choose(Plan& p, const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k, bool out_f32) {
+void Gemm::choose(Plan& p, const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k, bool out_f32,
+                  bool accumulate) {
   const BandKey band{band_of(n), m, k, out_f32};
   auto known = band_algo_.find(band);
   if (known != band_algo_.end()) {
@@ -316,13 +318,25 @@ void Gemm::choose(Plan& p, const void* x, const void* w, void* y, int64_t n, int
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   CUDA_CHECK(cudaStreamIsCapturing(stream_, &capture));
   if (capture != cudaStreamCaptureStatusNone) return;  // p.final stays false: search on a direct call
+  // An accumulating call's y is its input (the residual): the candidates run
+  // on scratch rows of y's size, with beta = 1 as the call will (none where
+  // there is no room: the heuristic's pick).
+  void* out = y;
+  if (accumulate && found > 1 && cudaMalloc(&out, static_cast<size_t>(n) * m * sizeof(float)) != cudaSuccess) {
+    cudaGetLastError();
+    out = nullptr;
+  }
   float best = -1.0f;
-  for (int i = 0; i < found && found > 1; ++i) {
-    if (res[i].state != CUBLAS_STATUS_SUCCESS || res[i].workspaceSize > workspace_bytes_) continue;
-    const float ms = time_algo(p, res[i].algo, x, w, y);
+  for (int i = 0; i < found && out != nullptr; ++i) {
+    if (found == 1 || res[i].state != CUBLAS_STATUS_SUCCESS || res[i].workspaceSize > workspace_bytes_) continue;
+    const float ms = time_algo(p, res[i].algo, x, w, out, accumulate ? 1.0f : 0.0f);
     if (ms >= 0.0f && (best < 0.0f || ms < best)) best = ms, p.algo = res[i].algo;
   }
   cudaGetLastError();  // a refused candidate leaves no sticky error; clear a non-sticky one
+  if (out != nullptr && out != y) {
+    CUDA_CHECK(cudaStreamSynchronize(stream_));
+    CUDA_CHECK(cudaFree(out));
+  }
   band_algo_.emplace(band, p.algo);
   p.final = true;
 }
@@ -333,7 +347,7 @@ void Gemm::set_scales(Plan& p, const float* a_scale, const float* b_scale) {
 }
 
 Gemm::Plan& Gemm::plan(int64_t n, int64_t m, int64_t k, bool out_f32, In in, const void* x, const void* w, void* y,
-                       const float* a_scale, const float* b_scale) {
+                       const float* a_scale, const float* b_scale, bool accumulate) {
   const ShapeKey key{n, m, k, out_f32, in};
   auto it = plans_.find(key);
   if (it == plans_.end()) {
@@ -349,7 +363,7 @@ Gemm::Plan& Gemm::plan(int64_t n, int64_t m, int64_t k, bool out_f32, In in, con
                           " k=" + std::to_string(k) + " at n=" + std::to_string(n) +
                           " (deterministic=True cannot run this shape in the same order as the others)");
       } else if (search_ && in == In::BF16) {
-        choose(p, x, w, y, n, m, k, out_f32);
+        choose(p, x, w, y, n, m, k, out_f32, accumulate);
       } else {
         p.from_band = bands_ && band_of(n) != n;
         p.algo = bands_ ? band_pick(p, n, m, k, out_f32, in, a_scale, b_scale) : first_pick(p, n, m, k, in);
@@ -363,7 +377,7 @@ Gemm::Plan& Gemm::plan(int64_t n, int64_t m, int64_t k, bool out_f32, In in, con
   } else if (!it->second.final) {
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
     CUDA_CHECK(cudaStreamIsCapturing(stream_, &capture));
-    if (capture == cudaStreamCaptureStatusNone) choose(it->second, x, w, y, n, m, k, out_f32);
+    if (capture == cudaStreamCaptureStatusNone) choose(it->second, x, w, y, n, m, k, out_f32, accumulate);
   }
   return it->second;
 }

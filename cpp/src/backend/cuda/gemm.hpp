@@ -120,9 +120,9 @@ class Gemm {
   // up (64: cuBLASLt's rows, not the own GEMV's decode sizes; measured on an
   // H100 in session 45, the 8B shape: 8,000-token prefill 1-2 ms faster,
   // decode at 64 / 128 / 256 sequences 0.3-0.6%, 16 sequences no faster;
-  // PAGEDRT_GEMM_RESIDUAL) and in the default mode (not the
-  // batch-invariant one, not the search, whose timing runs write y); returns
-  // false (and does nothing) where it does not take the call: then run() and an add.
+  // PAGEDRT_GEMM_RESIDUAL), not in the batch-invariant mode (the search
+  // times its candidates on scratch rows); returns false (and does nothing)
+  // where it does not take the call: then run() and an add.
   bool run_accumulate(const void* x, const void* w, float* y, int64_t n, int64_t m, int64_t k);
   // The fewest rows run_accumulate takes (0: it takes none).
   int64_t residual_min_rows() const { return residual_min_rows_; }
@@ -184,18 +184,22 @@ class Gemm {
   void run_cublaslt(const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k, bool out_f32,
                     bool in_f32);
   Plan make_plan(int64_t n, int64_t m, int64_t k, bool out_f32, In in) const;
-  // The plan of a shape, made (and its algorithm picked) on first use; fp8 plans get the scales given.
+  // The plan of a shape, made (and its algorithm picked) on first use; fp8
+  // plans get the scales given; accumulate: the call adds into y (beta = 1).
   Plan& plan(int64_t n, int64_t m, int64_t k, bool out_f32, In in, const void* x, const void* w, void* y,
-             const float* a_scale = nullptr, const float* b_scale = nullptr);
+             const float* a_scale = nullptr, const float* b_scale = nullptr, bool accumulate = false);
   static void set_scales(Plan& p, const float* a_scale, const float* b_scale);  // an fp8 plan's scale vectors
   static void destroy(Plan& p);  // its descriptor and layouts
   // cuBLASLt's heuristic picks for the plan, best first (at least one, or throws).
   int heuristic(const Plan& p, cublasLtMatmulHeuristicResult_t* res, int count, int64_t n, int64_t m, int64_t k,
                 In in) const;
-  // The algorithm for a bf16 plan: the band's, or found by timing the candidates on x, w, y.
-  void choose(Plan& p, const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k, bool out_f32);
+  // The algorithm for a bf16 plan: the band's, or found by timing the
+  // candidates on x, w, y (on scratch rows for an accumulating call's y).
+  void choose(Plan& p, const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k, bool out_f32,
+              bool accumulate);
   bool accepts(const Plan& p, const cublasLtMatmulAlgo_t& algo) const;
-  float time_algo(const Plan& p, const cublasLtMatmulAlgo_t& algo, const void* x, const void* w, void* y);
+  float time_algo(const Plan& p, const cublasLtMatmulAlgo_t& algo, const void* x, const void* w, void* y,
+                  float beta);
   // y = x W^T (+ y where beta is 1) with `algo` on the stream; the status,
   // unchecked (a search tries candidates cuBLASLt may refuse).
   cublasStatus_t matmul(const Plan& p, const cublasLtMatmulAlgo_t& algo, const void* x, const void* w, void* y,
