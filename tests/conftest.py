@@ -212,3 +212,27 @@ def set_batch(ops, b) -> None:
     ops.set_batch(i32(b["tokens"]), i32(b["positions"]), np.ascontiguousarray(b["slots"], np.int64),
                   i32(b["query_start"]), i32(b["seq_lens"]), i32(b["page_indptr"]), i32(b["page_indices"]),
                   i32(b["logits_indices"]))
+
+
+def logit_rows_attention(ops, b, qkv, kc, vc, H, Hkv, D):
+    """ops' rope_cache_attention with logit_rows_only (the last layer's:
+    Backend::rope_cache_attention_logit_rows) against the full op on batch b
+    (set_batch's arrays): both caches, every row it computed and every logit
+    row bitwise equal to the full op's. Returns the set of rows it left
+    unwritten (NaN)."""
+    import numpy as np
+    inv = 10000.0 ** (-np.arange(0, D, 2, dtype=np.float64) / D)
+    ang = np.arange(max(b["seq_lens"]) + 1, dtype=np.float64)[:, None] * inv[None, :]
+    cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+    scale = D ** -0.5
+    set_batch(ops, b)
+    full, k, v = ops.rope_cache_attention(qkv, cos, sin, H, Hkv, D, scale, kc, vc)
+    set_batch(ops, b)
+    part, k1, v1 = ops.rope_cache_attention(qkv, cos, sin, H, Hkv, D, scale, kc, vc, logit_rows_only=True)
+    assert np.array_equal(k, k1) and np.array_equal(v, v1), "every token's K and V are cached"
+    left = {t for t in range(len(part)) if np.isnan(part[t]).all()}
+    assert not left & set(b["logits_indices"]), f"logit rows left: {sorted(left & set(b['logits_indices']))}"
+    done = [t for t in range(len(part)) if t not in left]
+    assert not np.isnan(part[done]).any(), "a row half written"
+    np.testing.assert_array_equal(part[done], full[done])
+    return left

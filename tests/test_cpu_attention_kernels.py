@@ -22,7 +22,7 @@ import pytest
 
 import pagedrt
 from pagedrt import _testing
-from conftest import run_all
+from conftest import logit_rows_attention, paged_batch, run_all
 from test_forward import REL_TOL, reference_logits, reference_logits_bf16_activations, rel_err
 
 SHAPES = {  # name: (num_attention_heads, num_key_value_heads, head_dim, hidden_size)
@@ -294,3 +294,32 @@ def test_a_decode_token_split_across_the_team_keeps_its_bits(act, G, D, Hkv, rul
                         rng.standard_normal((32, bs, Hkv, D)).astype(np.float32),
                         rng.standard_normal((32, bs, Hkv, D)).astype(np.float32), H, Hkv, D, D ** -0.5)
     assert _testing._attention_split_tokens() == before
+
+
+@pytest.mark.parametrize("G,D", [(1, 64), (4, 128), (3, 64)])
+def test_attention_on_logit_rows_only(cpu_ops, G, D):
+    """The last layer's attention (rope_cache_attention_logit_rows): every
+    token's K and V cached, attention run for the tiles (kTileRows / G tokens,
+    cut as among all) that hold a logit row, with the bits the full op gives
+    them; the others left unwritten: a 130-token prompt's first 96 tokens,
+    and the whole of a chunk that reads no logits (sequence 2)."""
+    rng = np.random.default_rng(G * 10 + D)
+    Hkv = 2
+    H = G * Hkv
+    seqs = [(0, 130), (40, 1), (7, 60), (300, 1), (0, 9)]
+    need = [-(-(c + n) // 16) for c, n in seqs]
+    perm = rng.permutation(sum(need) + 3).tolist()
+    tables = [perm[sum(need[:i]):sum(need[:i + 1])] for i in range(len(seqs))]
+    b = paged_batch([(t, c, n) for t, (c, n) in zip(tables, seqs)])
+    b["logits_indices"].pop(2)  # sequence 2: a prompt chunk before its last
+    T = len(b["tokens"])
+    qkv = rng.standard_normal((T, (H + 2 * Hkv) * D)).astype(np.float32)
+    kc = rng.standard_normal((len(perm), 16, Hkv, D)).astype(np.float32)
+    vc = rng.standard_normal((len(perm), 16, Hkv, D)).astype(np.float32)
+    left = logit_rows_attention(cpu_ops, b, qkv, kc, vc, H, Hkv, D)
+    per_tile = max(1, 48 // G)
+    first_tile_of_last = (130 - 1) // per_tile * per_tile  # the prompt's tile holding its last token
+    assert left >= set(range(first_tile_of_last)), "the prompt's earlier tiles ran"
+    assert left >= set(range(131, 131 + 60)), "the chunk without a logit row ran"
+    assert not left & ({130, 191} | set(range(first_tile_of_last, 130)) | set(range(192, 201))), \
+        "a decode token or a logit row's tile was left"

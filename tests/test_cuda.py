@@ -19,7 +19,7 @@ import pytest
 
 import argmax_cases
 import pagedrt
-from conftest import SMOL_PROMPTS, bf, finished_events, paged_batch, run_all, set_batch
+from conftest import SMOL_PROMPTS, bf, finished_events, logit_rows_attention, paged_batch, run_all, set_batch
 from pagedrt import _core, _testing
 
 pytestmark = [pytest.mark.cuda,
@@ -790,6 +790,39 @@ def test_rope_cache_attention(ops, D, H, Hkv, kind):
     e = fused_against_unfused(cpu, gpu, b, qkv, kc, vc, H, Hkv, D)
     record(f"rope_cache_attention[{kind},D={D},G={H // Hkv}]", e)
     assert e <= BF16_TOL
+
+
+@pytest.mark.parametrize("D,H,Hkv", [(128, 32, 8), (64, 16, 2), (128, 8, 8)])
+def test_attention_on_logit_rows_only(ops, D, H, Hkv):
+    """The last layer's attention (rope_cache_attention_logit_rows): every
+    token's K and V cached, the prefill tiles (128 rows: 128 / G tokens) that
+    hold a logit row run with the bits of the full op, decode items all; the
+    other tiles left unwritten: a 300-token prompt's tiles before its last
+    and a prompt chunk that reads no logits. A step small enough to be
+    recorded runs every tile (its recording keeps the tile count). The CPU
+    backend's computed rows within the bf16 tolerance."""
+    rng = np.random.default_rng(zlib.crc32(f"logit rows {D},{H},{Hkv}".encode()))
+    cpu, gpu = ops
+    G = H // Hkv
+    b, qkv, kc, vc = attention_inputs(rng, [(0, 300), (40, 1), (7, 60), (500, 1), (0, 9)], H, Hkv, D)
+    b["logits_indices"].pop(2)  # sequence 2: a prompt chunk before its last
+    left = logit_rows_attention(gpu, b, qkv, kc, vc, H, Hkv, D)
+    per_tile = 128 // G
+    last_tile = 299 // per_tile * per_tile
+    assert left >= set(range(last_tile)) | set(range(301, 361)), "a tile without a logit row ran"
+    assert not left & ({300, 361} | set(range(last_tile, 300)) | set(range(362, 371))), "a needed row was left"
+    small, qkv_s, kc_s, vc_s = attention_inputs(rng, [(0, 12), (30, 1), (5, 3)], H, Hkv, D)
+    small["logits_indices"].pop(0)
+    assert logit_rows_attention(gpu, small, qkv_s, kc_s, vc_s, H, Hkv, D) == set(), "a recordable step narrowed"
+    left_cpu = logit_rows_attention(cpu, b, qkv, kc, vc, H, Hkv, D)
+    cos, sin = rope_tables(4096, D)
+    set_batch(gpu, b)
+    out, _, _ = gpu.rope_cache_attention(qkv, cos, sin, H, Hkv, D, D ** -0.5, kc, vc, logit_rows_only=True)
+    set_batch(cpu, b)
+    ref, _, _ = cpu.rope_cache_attention(qkv, cos, sin, H, Hkv, D, D ** -0.5, kc, vc, logit_rows_only=True)
+    both = sorted(set(range(len(out))) - left - left_cpu)
+    assert set(b["logits_indices"]) <= set(both)
+    assert rel_err(out[both], ref[both]) <= BF16_TOL
 
 
 def fused_against_unfused(cpu, gpu, b, qkv, kc, vc, H, Hkv, D):

@@ -112,7 +112,8 @@
 #   fp8q     tools/fp8_quality.py --device cuda on SmolLM2 (needs smol): fp8 weights' top-1 agreement and
 #            perplexity against bf16
 #   lcpp     builds llama-cpp-python for this host's CPU from .devcarry_b/lcpp_slim.tar.xz (or $STASH)
-#   xeon     this host's CPU on SmolLM2 (needs smol): bench_structured.py --device cpu --lend both, then
+#   xeon     this host's CPU on SmolLM2 (needs smol): bench_structured.py --device cpu --lend both (not with
+#            XEON_STRUCTURED=0), then
 #            tools/bench.py latency,batched against llama.cpp F16/BF16 (after lcpp) at $XEON_THREADS
 #            ("16 8")
 #   abbuild  builds the source tarball $OLD_TGZ (default .devcarry_a/old.tgz or
@@ -641,8 +642,8 @@ if has xeon && [ -d "$WORK/smolpkg" ]; then
   # This host's CPU: structured output (masks lent cores against none, one process), then
   # batch-1 and batched decode against llama.cpp F16/BF16 (GGUFs re-encoded with llama.cpp's gguf-py)
   export PYTHONPATH="$WORK/smolpkg${PYTHONPATH:+:$PYTHONPATH}"
-  (cd /tmp && timeout 150 $PY "$OLDPWD/tools/bench_structured.py" --device cpu --rounds 3 --lend both \
-     --json "$OUT/structured_cpu.json" 2>&1 | grep -v "it/s\]")
+  [ "${XEON_STRUCTURED:-1}" = 1 ] && (cd /tmp && timeout 150 $PY "$OLDPWD/tools/bench_structured.py" --device cpu \
+     --rounds 3 --lend both --json "$OUT/structured_cpu.json" 2>&1 | grep -v "it/s\]")
   LCP=$(ls -d "$WORK"/lcpp_src/llama_cpp_python-*/vendor/llama.cpp/gguf-py 2>/dev/null | head -1)
   PEERS=""; [ -d "$WORK/lcpp_site/llama_cpp" ] && PEERS=llama.cpp
   # (llama.cpp's worker dies in its tokenizer's set-up under this host's Python: bench.py runs it

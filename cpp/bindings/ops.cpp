@@ -11,6 +11,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <string>
 #include <vector>
@@ -216,15 +217,23 @@ class Ops {
     b_->rope_and_cache(q, rope, H, Hkv, D, k, v);
     return {back(q), back_cache(k), back_cache(v)};
   }
-  // rope_and_cache + paged_attention, the fused op: (out, k_cache, v_cache)
+  // rope_and_cache + paged_attention, the fused op: (out, k_cache, v_cache).
+  // logit_rows_only: Backend::rope_cache_attention_logit_rows, out's rows NaN before it.
   std::tuple<F32Out, nb::object, nb::object> rope_cache_attention(F32In qkv, F32In cos, F32In sin, int64_t H,
                                                                   int64_t Hkv, int64_t D, float scale,
-                                                                  CacheIn k_cache, CacheIn v_cache) {
+                                                                  CacheIn k_cache, CacheIn v_cache,
+                                                                  bool logit_rows_only) {
     Tensor q = put(qkv, act());
     pagedrt::RopeTable rope{put(cos, ScalarType::F32), put(sin, ScalarType::F32)};
     Tensor k = put_cache(k_cache), v = put_cache(v_cache);
-    Tensor out = b_->empty({q.dim(0), H * D}, act());
-    b_->rope_cache_attention(q, rope, H, Hkv, D, scale, k, v, out);
+    if (!logit_rows_only) {
+      Tensor out = b_->empty({q.dim(0), H * D}, act());
+      b_->rope_cache_attention(q, rope, H, Hkv, D, scale, k, v, out);
+      return {back(out), back_cache(k), back_cache(v)};
+    }
+    const std::vector<float> nan(static_cast<size_t>(q.dim(0) * H * D), std::numeric_limits<float>::quiet_NaN());
+    Tensor out = put(nan.data(), {q.dim(0), H * D}, act());
+    b_->rope_cache_attention_logit_rows(q, rope, H, Hkv, D, scale, k, v, out);
     return {back(out), back_cache(k), back_cache(v)};
   }
   F32Out paged_attention(F32In qkv, CacheIn k_cache, CacheIn v_cache, int64_t H, int64_t Hkv, int64_t D,
@@ -613,7 +622,7 @@ void register_ops(nb::module_& m) {
       .def("rope_and_cache", &Ops::rope_and_cache, "qkv"_a, "cos"_a, "sin"_a, "num_heads"_a, "num_kv_heads"_a,
            "head_dim"_a, "k_cache"_a, "v_cache"_a)
       .def("rope_cache_attention", &Ops::rope_cache_attention, "qkv"_a, "cos"_a, "sin"_a, "num_heads"_a,
-           "num_kv_heads"_a, "head_dim"_a, "scale"_a, "k_cache"_a, "v_cache"_a)
+           "num_kv_heads"_a, "head_dim"_a, "scale"_a, "k_cache"_a, "v_cache"_a, "logit_rows_only"_a = false)
       .def("paged_attention", &Ops::paged_attention, "qkv"_a, "k_cache"_a, "v_cache"_a, "num_heads"_a,
            "num_kv_heads"_a, "head_dim"_a, "scale"_a)
       .def("bench_paged_attention", &Ops::bench_paged_attention, "qkv"_a, "k_cache"_a, "v_cache"_a,

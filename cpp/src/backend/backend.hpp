@@ -297,6 +297,17 @@ class Backend {
   // unrotated (the CUDA backend rotates them inside decode attention).
   virtual void rope_cache_attention(Tensor& qkv, const RopeTable& rope, int64_t num_heads, int64_t num_kv_heads,
                                     int64_t head_dim, float scale, Tensor& k_cache, Tensor& v_cache, Tensor& out);
+  // The same where the caller reads only the step's logit rows of `out`
+  // (logits_indices; the last layer, LlamaModel::queue_step): every token's
+  // K and V are cached, but attention may run for only the rows that hold
+  // a logit row (CPU: those rows; CUDA: the prefill tiles with one), the
+  // other rows of `out` left as they were. Each computed row has the bits
+  // rope_cache_attention gives it. By default every row.
+  virtual void rope_cache_attention_logit_rows(Tensor& qkv, const RopeTable& rope, int64_t num_heads,
+                                               int64_t num_kv_heads, int64_t head_dim, float scale, Tensor& k_cache,
+                                               Tensor& v_cache, Tensor& out) {
+    rope_cache_attention(qkv, rope, num_heads, num_kv_heads, head_dim, scale, k_cache, v_cache, out);
+  }
   // linear(x, gate_up_weight, n, gate_up), then silu_mul(gate_up, n, out);
   // gate_up (n, 2 I) is scratch that may be left unwritten.
   virtual void linear_silu_mul(const Tensor& x, const Tensor& gate_up_weight, int64_t n, Tensor& gate_up,

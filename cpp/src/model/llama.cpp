@@ -303,10 +303,12 @@ void LlamaModel::queue_step(KvCache& kv, int64_t n, int64_t num_logits) {
   auto all_reduce = [&](Tensor& x, int64_t rows) {
     if (comm_ != nullptr) comm_->all_reduce_sum(x, rows * hidden);
   };
-  // Past the last layer's attention only the rows whose logits are read
-  // matter (every token's K and V are cached by then): where a step reads
-  // fewer (a prompt's prefill, a chunk of it without any), that layer's
-  // o_proj, norm and MLP run on those rows alone, gathered.
+  // In the last layer only the rows whose logits are read matter, once
+  // every token's K and V are cached: where a step reads fewer (a prompt's
+  // prefill, a chunk of it without any), that layer's attention runs for
+  // those rows (rope_cache_attention_logit_rows: the tiles that hold them),
+  // and its o_proj, norm and MLP on those rows alone, gathered; a chunk
+  // that reads none only caches its K and V there.
   const bool narrow = logit_rows_only_ && num_logits < n;
   // o_proj and down add into the residual inside their GEMM where the
   // backend can (linear_into_residual: CUDA from 64 rows); the norm
@@ -327,13 +329,18 @@ void LlamaModel::queue_step(KvCache& kv, int64_t n, int64_t num_logits) {
       backend_.add_rms_norm(ws_.residual, ws_.proj, L.input_norm, eps, n, ws_.normed);
     else
       backend_.rms_norm(ws_.residual, L.input_norm, eps, n, ws_.normed);
-    backend_.linear(ws_.normed, L.qkv, n, ws_.qkv);                          // (n, (H + 2Hkv) D)
-    backend_.rope_cache_attention(ws_.qkv, rope_, H, Hkv, D, scale, kv.k[l], kv.v[l], ws_.attn);  // (n, H D)
+    backend_.linear(ws_.normed, L.qkv, n, ws_.qkv);  // (n, (H + 2Hkv) D)
     Tensor* residual = &ws_.residual;
     const Tensor* attn = &ws_.attn;
     int64_t rows = n;
-    if (narrow && l + 1 == layers_.size()) {
-      if (num_logits == 0) return;
+    if (!narrow || l + 1 < layers_.size()) {
+      backend_.rope_cache_attention(ws_.qkv, rope_, H, Hkv, D, scale, kv.k[l], kv.v[l], ws_.attn);  // (n, H D)
+    } else {
+      if (num_logits == 0) {
+        backend_.rope_and_cache(ws_.qkv, rope_, H, Hkv, D, kv.k[l], kv.v[l]);
+        return;
+      }
+      backend_.rope_cache_attention_logit_rows(ws_.qkv, rope_, H, Hkv, D, scale, kv.k[l], kv.v[l], ws_.attn);
       backend_.gather_rows(ws_.attn, ws_.last_attn);     // (num_logits, H D)
       backend_.gather_rows(ws_.residual, ws_.last_res);  // (num_logits, hidden)
       residual = &ws_.last_res, attn = &ws_.last_attn, rows = num_logits;

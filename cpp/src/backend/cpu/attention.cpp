@@ -83,6 +83,7 @@ struct Args {
   float scale;
   bool invariant;         // scores in the order of the decode path (qk_rows)
   const Fp8Kv* fp8;       // set: the cache is fp8 (kv is unused), its rows dequantized per item
+  bool logit_rows_only = false;  // only the tiles holding a logit row (paged_attention)
 };
 
 // One thread's buffers, grown as needed and kept between calls.
@@ -349,9 +350,18 @@ void run_tiles(const Args<T>& a, int threads) {
   const int64_t Hkv = a.Hkv, G = a.G;
   const int32_t per_tile = static_cast<int32_t>(std::max<int64_t>(1, kTileRows / G));
   std::vector<Tile> tiles;
+  std::vector<char> logit_row;  // (num_tokens) with logit_rows_only: whether token t is a logit row
+  if (a.logit_rows_only) {
+    logit_row.assign(b.num_tokens, 0);
+    for (int32_t j = 0; j < b.num_logits; ++j) logit_row[b.logits_indices[j]] = 1;
+  }
   for (int32_t i = 0; i < b.num_seqs; ++i)
-    for (int32_t t0 = b.query_start[i]; t0 < b.query_start[i + 1]; t0 += per_tile)
-      tiles.push_back({i, t0, std::min(per_tile, b.query_start[i + 1] - t0)});
+    for (int32_t t0 = b.query_start[i]; t0 < b.query_start[i + 1]; t0 += per_tile) {
+      const Tile tile{i, t0, std::min(per_tile, b.query_start[i + 1] - t0)};
+      // logit_rows_only: the tiles (as cut among all) that hold a logit row
+      if (!a.logit_rows_only || std::any_of(&logit_row[t0], &logit_row[t0] + tile.n, [](char c) { return c; }))
+        tiles.push_back(tile);
+    }
   // longest context first, so the dynamic schedule ends on short items
   std::stable_sort(tiles.begin(), tiles.end(), [&](const Tile& x, const Tile& y) {
     return b.positions[x.t0 + x.n - 1] > b.positions[y.t0 + y.n - 1];
@@ -400,17 +410,19 @@ void run_tiles(const Args<T>& a, int threads) {
 
 template <typename T>
 void paged_attention(const BatchView& b, const T* qkv, int64_t num_heads, const PagedKv<const T>& kv, float scale,
-                     T* out, int threads, bool invariant) {
+                     T* out, int threads, bool invariant, bool logit_rows_only) {
   const int64_t Hkv = kv.num_kv_heads, G = num_heads / Hkv;  // query heads per kv head
-  run_tiles(Args<T>{&b, qkv, kv, kv.k, kv.v, out, num_heads, Hkv, kv.head_dim, G, scale, invariant, nullptr}, threads);
+  run_tiles(Args<T>{&b, qkv, kv, kv.k, kv.v, out, num_heads, Hkv, kv.head_dim, G, scale, invariant, nullptr,
+                    logit_rows_only},
+            threads);
 }
 
 template <typename T>
 void paged_attention(const BatchView& b, const T* qkv, int64_t num_heads, const Fp8Kv& kv, float scale, T* out,
-                     int threads, bool invariant) {
+                     int threads, bool invariant, bool logit_rows_only) {
   const int64_t Hkv = kv.num_kv_heads, G = num_heads / Hkv;
   run_tiles(Args<T>{&b, qkv, PagedKv<const T>{}, nullptr, nullptr, out, num_heads, Hkv, kv.head_dim, G, scale,
-                    invariant, &kv},
+                    invariant, &kv, logit_rows_only},
             threads);
 }
 
@@ -439,12 +451,13 @@ template void rope_and_cache<float>(const BatchView&, float*, const float*, cons
 template void rope_and_cache<uint16_t>(const BatchView&, uint16_t*, const float*, const float*, int64_t,
                                        const PagedKv<uint16_t>&, int);
 template void paged_attention<float>(const BatchView&, const float*, int64_t, const PagedKv<const float>&, float,
-                                     float*, int, bool);
+                                     float*, int, bool, bool);
 template void paged_attention<uint16_t>(const BatchView&, const uint16_t*, int64_t, const PagedKv<const uint16_t>&,
-                                        float, uint16_t*, int, bool);
-template void paged_attention<float>(const BatchView&, const float*, int64_t, const Fp8Kv&, float, float*, int, bool);
+                                        float, uint16_t*, int, bool, bool);
+template void paged_attention<float>(const BatchView&, const float*, int64_t, const Fp8Kv&, float, float*, int, bool,
+                                     bool);
 template void paged_attention<uint16_t>(const BatchView&, const uint16_t*, int64_t, const Fp8Kv&, float, uint16_t*,
-                                        int, bool);
+                                        int, bool, bool);
 template void rope_and_cache<float>(const BatchView&, float*, const float*, const float*, int64_t, const Fp8Kv&, int);
 template void rope_and_cache<uint16_t>(const BatchView&, uint16_t*, const float*, const float*, int64_t, const Fp8Kv&,
                                        int);

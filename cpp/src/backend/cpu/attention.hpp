@@ -26,9 +26,12 @@ void rope_and_cache(const BatchView& b, T* qkv, const float* cos, const float* s
 // (decode-sized or prefill-sized, any neighbours; see qk_rows); false lets
 // prefill-sized tiles sum each score in a shorter chain (the pre-issue-22
 // order, kept for the deterministic=False comparison).
+// logit_rows_only: only the tiles that hold one of the step's logit rows
+// (b.logits_indices) run, each as it would among all (the same bits); the
+// other rows of out are left as they were.
 template <typename T>
 void paged_attention(const BatchView& b, const T* qkv, int64_t num_heads, const PagedKv<const T>& kv, float scale,
-                     T* out, int threads, bool invariant = true);
+                     T* out, int threads, bool invariant = true, bool logit_rows_only = false);
 
 // The same on an fp8 cache (paged_kv.hpp's Fp8Kv): each token's k and v rows
 // quantized with their own exponents; attention reads the rows of a work
@@ -39,7 +42,7 @@ void rope_and_cache(const BatchView& b, T* qkv, const float* cos, const float* s
                     const Fp8Kv& kv, int threads);
 template <typename T>
 void paged_attention(const BatchView& b, const T* qkv, int64_t num_heads, const Fp8Kv& kv, float scale, T* out,
-                     int threads, bool invariant = true);
+                     int threads, bool invariant = true, bool logit_rows_only = false);
 
 // Prefill tiles taken by the AMX path since start (every thread; the tests
 // check that the path they hold to its reference is the one that ran).

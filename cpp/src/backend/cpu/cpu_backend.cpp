@@ -310,17 +310,30 @@ void CpuBackend::rope_and_cache(Tensor& qkv, const RopeTable& rope, int64_t num_
 void CpuBackend::paged_attention(const Tensor& qkv, const Tensor& k_cache, const Tensor& v_cache,
                                  int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                                  float scale, Tensor& out) {
+  attend(qkv, k_cache, v_cache, num_heads, num_kv_heads, head_dim, scale, out, /*logit_rows_only=*/false);
+}
+
+void CpuBackend::rope_cache_attention_logit_rows(Tensor& qkv, const RopeTable& rope, int64_t num_heads,
+                                                 int64_t num_kv_heads, int64_t head_dim, float scale,
+                                                 Tensor& k_cache, Tensor& v_cache, Tensor& out) {
+  rope_and_cache(qkv, rope, num_heads, num_kv_heads, head_dim, k_cache, v_cache);
+  attend(qkv, k_cache, v_cache, num_heads, num_kv_heads, head_dim, scale, out, /*logit_rows_only=*/true);
+}
+
+void CpuBackend::attend(const Tensor& qkv, const Tensor& k_cache, const Tensor& v_cache, int64_t num_heads,
+                        int64_t num_kv_heads, int64_t head_dim, float scale, Tensor& out, bool logit_rows_only) {
   with_act(qkv, [&](const auto* q) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(q)>>;
     if (k_cache.dtype == ScalarType::F8E4M3) {
       const Fp8Kv kv = fp8_paged_kv(const_cast<uint8_t*>(k_cache.as<uint8_t>()),
                                     const_cast<uint8_t*>(v_cache.as<uint8_t>()), k_cache.dim(0), k_cache.dim(1),
                                     num_kv_heads, head_dim, batch_.page_indptr, batch_.page_indices);
-      return cpu::paged_attention<T>(batch_, q, num_heads, kv, scale, out.as<T>(), team(), deterministic_);
+      return cpu::paged_attention<T>(batch_, q, num_heads, kv, scale, out.as<T>(), team(), deterministic_,
+                                     logit_rows_only);
     }
     const PagedKv<const T> kv = nhd_paged_kv(k_cache.as<T>(), v_cache.as<T>(), k_cache.dim(1), num_kv_heads,
                                              head_dim, batch_.page_indptr, batch_.page_indices);
-    cpu::paged_attention<T>(batch_, q, num_heads, kv, scale, out.as<T>(), team(), deterministic_);
+    cpu::paged_attention<T>(batch_, q, num_heads, kv, scale, out.as<T>(), team(), deterministic_, logit_rows_only);
   });
 }
 

@@ -56,6 +56,9 @@ class CpuBackend final : public Backend {
   void paged_attention(const Tensor& qkv, const Tensor& k_cache, const Tensor& v_cache,
                        int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale,
                        Tensor& out) override;
+  void rope_cache_attention_logit_rows(Tensor& qkv, const RopeTable& rope, int64_t num_heads, int64_t num_kv_heads,
+                                       int64_t head_dim, float scale, Tensor& k_cache, Tensor& v_cache,
+                                       Tensor& out) override;
   void silu_mul(const Tensor& gate_up, int64_t n, Tensor& out) override;
   void gather_rows(const Tensor& x, Tensor& out) override;
   void copy_blocks(Tensor& cache, const std::vector<BlockCopy>& copies) override;
@@ -69,6 +72,9 @@ class CpuBackend final : public Backend {
   void argmax(const Tensor& logits, int64_t rows, int32_t* out, const RowMasks& masks) override;
 
  private:
+  // paged_attention; logit_rows_only: the step's logit rows alone (cpu::paged_attention)
+  void attend(const Tensor& qkv, const Tensor& k_cache, const Tensor& v_cache, int64_t num_heads,
+              int64_t num_kv_heads, int64_t head_dim, float scale, Tensor& out, bool logit_rows_only);
   int team() const { return std::max(1, std::min(threads_, cores_ - lent_.load(std::memory_order_relaxed))); }
 
   int threads_;

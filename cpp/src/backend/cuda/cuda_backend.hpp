@@ -117,6 +117,10 @@ class CudaBackend final : public Backend {
   // Decode-only steps: RoPE and the KV append inside decode attention.
   void rope_cache_attention(Tensor& qkv, const RopeTable& rope, int64_t num_heads, int64_t num_kv_heads,
                             int64_t head_dim, float scale, Tensor& k_cache, Tensor& v_cache, Tensor& out) override;
+  // The prefill tiles that hold a logit row (AttentionPlan::logit_prefill), every decode item.
+  void rope_cache_attention_logit_rows(Tensor& qkv, const RopeTable& rope, int64_t num_heads, int64_t num_kv_heads,
+                                       int64_t head_dim, float scale, Tensor& k_cache, Tensor& v_cache,
+                                       Tensor& out) override;
   // n <= 8 rows (bf16): SiLU·mul in the own GEMV's epilogue.
   void linear_silu_mul(const Tensor& x, const Tensor& gate_up_weight, int64_t n, Tensor& gate_up,
                        Tensor& out) override;
@@ -156,6 +160,10 @@ class CudaBackend final : public Backend {
     int64_t num_heads = 0, num_kv_heads = 0, head_dim = 0;
     DecodePlan decode{};
     PrefillPlan prefill{};
+    // prefill's tiles that hold one of the step's logit rows (its last layer,
+    // rope_cache_attention_logit_rows); all of them in a recordable step,
+    // whose recording keeps its tile count.
+    PrefillPlan logit_prefill{};
     bool slots_fit = true;  // every decode item's KV slot fits its int32 (the fused append)
     // Decode's grid is at most a block an SM (batch-1 decode): latency, not
     // bandwidth (the CUDA-core kernel's steps; an fp8 cache's fused append).
@@ -178,8 +186,11 @@ class CudaBackend final : public Backend {
   static constexpr int32_t kMaxRecordedDecodeTokens = 512;  // decode steps (one token a sequence; padded)
   static constexpr int32_t kMaxRecordedQuery = 17;  // 1 + the most proposals a step verifies (16)
   static constexpr size_t kMaxGraphs = 128;
+  // paged_attention with the plan's prefill tiles, or its logit_prefill ones (logit_rows_only).
+  void attend(const Tensor& qkv, const Tensor& k_cache, const Tensor& v_cache, int64_t num_heads,
+              int64_t num_kv_heads, int64_t head_dim, float scale, Tensor& out, bool logit_rows_only);
   void paged_attention_fp8(const Tensor& qkv, const Tensor& k_cache, const Tensor& v_cache, int64_t num_heads,
-                           int64_t num_kv_heads, int64_t head_dim, float scale, Tensor& out);
+                           int64_t num_kv_heads, int64_t head_dim, float scale, Tensor& out, const PrefillPlan& f);
   template <typename T>
   AttentionParamsT<T> attention_params(const Tensor& qkv, const Tensor& k_cache, const Tensor& v_cache, int64_t H,
                                        int64_t Hkv, int64_t D, float scale, Tensor& out) const;

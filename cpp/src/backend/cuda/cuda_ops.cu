@@ -191,16 +191,33 @@ AttentionParamsT<T> CudaBackend::attention_params(const Tensor& qkv, const Tenso
 void CudaBackend::paged_attention(const Tensor& qkv, const Tensor& k_cache, const Tensor& v_cache,
                                   int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale,
                                   Tensor& out) {
+  attend(qkv, k_cache, v_cache, num_heads, num_kv_heads, head_dim, scale, out, /*logit_rows_only=*/false);
+}
+
+void CudaBackend::rope_cache_attention_logit_rows(Tensor& qkv, const RopeTable& rope, int64_t num_heads,
+                                                  int64_t num_kv_heads, int64_t head_dim, float scale,
+                                                  Tensor& k_cache, Tensor& v_cache, Tensor& out) {
   check_attention(num_heads, num_kv_heads, head_dim);
-  if (k_cache.dtype == ScalarType::F8E4M3) return paged_attention_fp8(qkv, k_cache, v_cache, num_heads, num_kv_heads,
-                                                                      head_dim, scale, out);
+  plan_attention(num_heads, num_kv_heads, head_dim);
+  if (plan_info_.logit_prefill.num_tiles == plan_info_.prefill.num_tiles)  // every tile (or a recordable step)
+    return rope_cache_attention(qkv, rope, num_heads, num_kv_heads, head_dim, scale, k_cache, v_cache, out);
+  rope_and_cache(qkv, rope, num_heads, num_kv_heads, head_dim, k_cache, v_cache);
+  attend(qkv, k_cache, v_cache, num_heads, num_kv_heads, head_dim, scale, out, /*logit_rows_only=*/true);
+}
+
+void CudaBackend::attend(const Tensor& qkv, const Tensor& k_cache, const Tensor& v_cache, int64_t num_heads,
+                         int64_t num_kv_heads, int64_t head_dim, float scale, Tensor& out, bool logit_rows_only) {
+  check_attention(num_heads, num_kv_heads, head_dim);
+  plan_attention(num_heads, num_kv_heads, head_dim);
+  const PrefillPlan& f = logit_rows_only ? plan_info_.logit_prefill : plan_info_.prefill;
+  if (k_cache.dtype == ScalarType::F8E4M3)
+    return paged_attention_fp8(qkv, k_cache, v_cache, num_heads, num_kv_heads, head_dim, scale, out, f);
   require(qkv.dtype == act_ && out.dtype == act_ && k_cache.dtype == act_,
           "paged_attention: qkv, cache and out of the activation dtype");
-  plan_attention(num_heads, num_kv_heads, head_dim);
   if (act_ == ScalarType::BF16) {
     const AttentionParams p =
         attention_params<bf16>(qkv, k_cache, v_cache, num_heads, num_kv_heads, head_dim, scale, out);
-    prefill_attention(p, plan_info_.prefill, stream_);
+    prefill_attention(p, f, stream_);
     decode_attention(p, plan_info_.decode, stream_);
   } else {  // every token is a decode item (plan_attention)
     decode_attention(attention_params<float>(qkv, k_cache, v_cache, num_heads, num_kv_heads, head_dim, scale, out),
@@ -214,15 +231,14 @@ void CudaBackend::paged_attention(const Tensor& qkv, const Tensor& k_cache, cons
 // bf16 prefill kernels unchanged.
 void CudaBackend::paged_attention_fp8(const Tensor& qkv, const Tensor& k_cache, const Tensor& v_cache,
                                       int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale,
-                                      Tensor& out) {
+                                      Tensor& out, const PrefillPlan& f) {
   require(qkv.dtype == ScalarType::BF16 && out.dtype == ScalarType::BF16 && v_cache.dtype == ScalarType::F8E4M3,
           "paged_attention: an fp8 cache with bf16 activations");
-  plan_attention(num_heads, num_kv_heads, head_dim);
   const AttentionPlan& plan = plan_info_;
   // Decode reads p.fp8; prefill's kv is replaced below by the scratch.
   const AttentionParams p =
       attention_params<bf16>(qkv, k_cache, v_cache, num_heads, num_kv_heads, head_dim, scale, out);
-  if (plan.prefill.num_tiles > 0) {
+  if (f.num_tiles > 0) {
     const int64_t block_elems = k_cache.dim(1) * num_kv_heads * head_dim;
     const size_t need = static_cast<size_t>(2 * plan.num_fp8_pages * block_elems) * sizeof(bf16);
     if (need > fp8_scratch_bytes_) {
@@ -239,7 +255,7 @@ void CudaBackend::paged_attention_fp8(const Tensor& qkv, const Tensor& k_cache, 
     pf.fp8 = Fp8Kv{};
     pf.kv = nhd_paged_kv(ks, vs, k_cache.dim(1), num_kv_heads, head_dim, dev_.page_indptr, plan.fp8_pages);
     pf.kv.num_blocks = plan.num_fp8_pages;
-    prefill_attention(pf, plan.prefill, stream_);
+    prefill_attention(pf, f, stream_);
   }
   decode_attention(p, plan.decode, stream_);
 }

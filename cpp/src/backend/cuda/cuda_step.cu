@@ -197,6 +197,21 @@ void CudaBackend::plan_attention(int64_t H, int64_t Hkv, int64_t D) {
     chunk = int64_t{1} << 30;
   }
 
+  // The tiles that hold a logit row (the last layer's: logit_prefill), where
+  // fewer than all and the step is not recorded.
+  const bool narrowed = !tiles.empty() && b.num_logits < b.num_tokens && !recordable();
+  std::vector<int2> logit_tiles;
+  if (narrowed) {
+    std::vector<char> logit_row(b.num_tokens, 0);  // (num_tokens) whether token t is a logit row
+    for (int32_t j = 0; j < b.num_logits; ++j) logit_row[b.logits_indices[j]] = 1;
+    for (const int2 tile : tiles) {  // its rows tile.y .. + tile_rows - 1 are tokens (row / G) of sequence tile.x
+      const int32_t q0 = b.query_start[tile.x], qn = b.query_start[tile.x + 1] - q0;
+      const int32_t t0 = q0 + static_cast<int32_t>(tile.y / G);
+      const int32_t t1 = q0 + static_cast<int32_t>((std::min<int64_t>(tile.y + tile_rows, qn * G) - 1) / G);
+      if (std::any_of(&logit_row[t0], &logit_row[t1] + 1, [](char c) { return c; })) logit_tiles.push_back(tile);
+    }
+  }
+
   // fp8 KV: the blocks of the sequences with prefill tiles, in page-table
   // order, and the page table with their entries renumbered (fp8 prefill).
   std::vector<int32_t> fp8_src, fp8_pages;
@@ -210,16 +225,20 @@ void CudaBackend::plan_attention(int64_t H, int64_t Hkv, int64_t D) {
           fp8_src.push_back(b.page_indices[j]);
         }
   }
+  // Uploaded as: decode items | tiles | fp8 blocks | fp8 page table | logit tiles.
   const size_t dec_bytes = align16(dec.size() * sizeof(DecodeItem)), tile_bytes = align16(tiles.size() * sizeof(int2));
-  const size_t src_bytes = align16(fp8_src.size() * 4), pages_bytes = fp8_pages.size() * 4;
-  uint8_t* h = plan_.host(dec_bytes + tile_bytes + src_bytes + pages_bytes);
+  const size_t src_bytes = align16(fp8_src.size() * 4), pages_bytes = align16(fp8_pages.size() * 4);
+  const size_t logit_bytes = logit_tiles.size() * sizeof(int2);
+  uint8_t* h = plan_.host(dec_bytes + tile_bytes + src_bytes + pages_bytes + logit_bytes);
   if (!dec.empty()) std::memcpy(h, dec.data(), dec.size() * sizeof(DecodeItem));
   if (!tiles.empty()) std::memcpy(h + dec_bytes, tiles.data(), tiles.size() * sizeof(int2));
   if (!fp8_src.empty()) {
     std::memcpy(h + dec_bytes + tile_bytes, fp8_src.data(), fp8_src.size() * 4);
-    std::memcpy(h + dec_bytes + tile_bytes + src_bytes, fp8_pages.data(), pages_bytes);
+    std::memcpy(h + dec_bytes + tile_bytes + src_bytes, fp8_pages.data(), fp8_pages.size() * 4);
   }
-  plan_.upload(dec_bytes + tile_bytes + src_bytes + pages_bytes, stream_);
+  if (!logit_tiles.empty())
+    std::memcpy(h + dec_bytes + tile_bytes + src_bytes + pages_bytes, logit_tiles.data(), logit_bytes);
+  plan_.upload(dec_bytes + tile_bytes + src_bytes + pages_bytes + logit_bytes, stream_);
 
   // The merge tickets ((items, Hkv) ints: zero, and left zero by every
   // launch), then the partials (o, then lse), in one buffer that grows to
@@ -290,6 +309,12 @@ void CudaBackend::plan_attention(int64_t H, int64_t Hkv, int64_t D) {
   // sequences' K/V outran L2), so that order was not kept.
   p.prefill.snake = prefill_snake_ && (tiles.empty() || tiles.front().x == tiles.back().x);
   p.prefill.num_tokens = b.num_tokens;
+  p.logit_prefill = p.prefill;
+  if (narrowed) {
+    p.logit_prefill.tiles =
+        reinterpret_cast<const int2*>(plan_.device() + dec_bytes + tile_bytes + src_bytes + pages_bytes);
+    p.logit_prefill.num_tiles = static_cast<int>(logit_tiles.size());
+  }
 }
 
 std::vector<int64_t> CudaBackend::prefill_plan(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim) {
