@@ -299,10 +299,10 @@ class Backend {
                                     int64_t head_dim, float scale, Tensor& k_cache, Tensor& v_cache, Tensor& out);
   // The same where the caller reads only the step's logit rows of `out`
   // (logits_indices; the last layer, LlamaModel::queue_step): every token's
-  // K and V are cached, but attention may run for only the rows that hold
-  // a logit row (CPU: those rows; CUDA: the prefill tiles with one), the
-  // other rows of `out` left as they were. Each computed row has the bits
-  // rope_cache_attention gives it. By default every row.
+  // K and V are cached, but attention may run for only the tiles of query
+  // rows that hold a logit row (cut as among all rows, so each computed row
+  // has the bits rope_cache_attention gives it), the other rows of `out`
+  // left as they were. By default every row.
   virtual void rope_cache_attention_logit_rows(Tensor& qkv, const RopeTable& rope, int64_t num_heads,
                                                int64_t num_kv_heads, int64_t head_dim, float scale, Tensor& k_cache,
                                                Tensor& v_cache, Tensor& out) {
