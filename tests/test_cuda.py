@@ -795,8 +795,8 @@ def test_rope_cache_attention(ops, D, H, Hkv, kind):
 @pytest.mark.parametrize("D,H,Hkv", [(128, 32, 8), (64, 16, 2), (128, 8, 8)])
 def test_attention_on_logit_rows_only(ops, D, H, Hkv):
     """The last layer's attention (rope_cache_attention_logit_rows): every
-    token's K and V cached, the prefill tiles (128 rows: 128 / G tokens) that
-    hold a logit row run with the bits of the full op, decode items all; the
+    token's K and V cached, the prefill tiles (128 rows at D 128, 64 at D 64:
+    rows / G tokens) that hold a logit row run with the bits of the full op, decode items all; the
     other tiles left unwritten: a 300-token prompt's tiles before its last
     and a prompt chunk that reads no logits. A step small enough to be
     recorded runs every tile (its recording keeps the tile count). The CPU
@@ -807,10 +807,13 @@ def test_attention_on_logit_rows_only(ops, D, H, Hkv):
     b, qkv, kc, vc = attention_inputs(rng, [(0, 300), (40, 1), (7, 60), (500, 1), (0, 9)], H, Hkv, D)
     b["logits_indices"].pop(2)  # sequence 2: a prompt chunk before its last
     left = logit_rows_attention(gpu, b, qkv, kc, vc, H, Hkv, D)
-    per_tile = 128 // G
-    last_tile = 299 // per_tile * per_tile
-    assert left >= set(range(last_tile)) | set(range(301, 361)), "a tile without a logit row ran"
-    assert not left & ({300, 361} | set(range(last_tile, 300)) | set(range(362, 371))), "a needed row was left"
+    per_tile = (128 if D == 128 else 64) // G  # prefill_rows(D) rows a tile
+
+    def last_tile(first, n):  # the tokens of the tile that holds a sequence's last token
+        return set(range(first + (n - 1) // per_tile * per_tile, first + n))
+
+    assert left >= (set(range(300)) - last_tile(0, 300)) | set(range(301, 361)), "a tile without a logit row ran"
+    assert not left & ({300, 361} | last_tile(0, 300) | last_tile(362, 9)), "a needed row was left"
     small, qkv_s, kc_s, vc_s = attention_inputs(rng, [(0, 12), (30, 1), (5, 3)], H, Hkv, D)
     small["logits_indices"].pop(0)
     assert logit_rows_attention(gpu, small, qkv_s, kc_s, vc_s, H, Hkv, D) == set(), "a recordable step narrowed"
