@@ -327,8 +327,8 @@ void Gemm::choose(Plan& p, const void* x, const void* w, void* y, int64_t n, int
     out = nullptr;
   }
   float best = -1.0f;
-  for (int i = 0; i < found && out != nullptr; ++i) {
-    if (found == 1 || res[i].state != CUBLAS_STATUS_SUCCESS || res[i].workspaceSize > workspace_bytes_) continue;
+  for (int i = 0; i < found && found > 1 && out != nullptr; ++i) {
+    if (res[i].state != CUBLAS_STATUS_SUCCESS || res[i].workspaceSize > workspace_bytes_) continue;
     const float ms = time_algo(p, res[i].algo, x, w, out, accumulate ? 1.0f : 0.0f);
     if (ms >= 0.0f && (best < 0.0f || ms < best)) best = ms, p.algo = res[i].algo;
   }
