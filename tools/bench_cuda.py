@@ -9,6 +9,7 @@ process (pagedrt and transformers each hold a 16 GB model):
     bench_cuda.py gemv      OUT.json            own small-M GEMM vs cuBLASLt, n = 1..8, 8B shapes
     bench_cuda.py prefill   OUT.json            causal prefill attention, 64 and 128 rows a tile, vs SDPA
     bench_cuda.py gemm      OUT.json            the 8B projections at M = 1..8192 against the roofline, torch
+    bench_cuda.py glu       OUT.json            gate/up with the SiLU-mul epilogue vs cuBLASLt + silu_mul, per M
     bench_cuda.py pagedrt   OUT.json MODEL_DIR  batch-1 TPOT (128/128), 256 x (512/128) throughput
     bench_cuda.py launch_ab OUT.json MODEL_DIR  batch-1 TPOT with CUDA graphs / PDL / fusions off and on
     bench_cuda.py tpot_env  OUT.json MODEL_DIR SETTING...   batch-1 TPOT per setting ("VAR=1,VAR2=0"; "" = none)
@@ -685,6 +686,53 @@ def gemm(rows_n=GEMM_ROWS, impls=("engine", "search", "heuristic"), torch_peer=T
     return r
 
 
+GLU_SHAPES = [("8B", 14336, 4096), ("SmolLM2", 1536, 576)]  # (I, hidden): gate/up (2 I, hidden)
+GLU_ROWS = [256, 512, 1024, 2048, 4096, 8000, 8192]
+
+
+def glu():
+    """The MLP's gate/up projection with its SiLU·mul, y (n, I) = silu(x @
+    gate^T) * (x @ up^T), two ways: the GEMM with the SiLU·mul in its
+    epilogue (glu_gemm.hpp, forced from 1 row: "glu" in clusters of two
+    blocks, the default; "glu_c1" without) against cuBLASLt's
+    first pick writing (n, 2 I) bf16 then the silu_mul kernel ("unfused", the
+    engine's path before). Against the same run's bf16 GEMM rate (torch's
+    8192^3) for the product's FLOPs, and against the copy rate for the bytes
+    (W + x + y; the unfused path also writes and reads the (n, 2 I) product).
+    Times from `_Ops.time_linear` (median of 20 ~2 ms batches, W rotating
+    through > 512 MiB)."""
+    import torch
+    from pagedrt import _testing
+
+    r = {"device": torch.cuda.get_device_name(), "copy_TBps": copy_tbps()}
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    r["gemm_8192_TFLOPs"] = tc = 2 * 8192 ** 3 / cuda_median_ms(lambda: a @ b, iters=20) / 1e9
+    del a, b
+    torch.cuda.empty_cache()
+    print(f"ceilings: copy {r['copy_TBps']:.2f} TB/s, bf16 GEMM 8192^3 {tc:.0f} TFLOP/s", flush=True)
+    ops = _testing._Ops("cuda")
+    print(f"{'shape':8s} {'n':>5s} {'roof us':>8s} {'glu us':>8s} {'TFLOP/s':>8s} {'of roof':>7s} "
+          f"{'glu_c1 us':>9s} {'unfused us':>10s} {'TFLOP/s':>8s} {'of roof':>7s} {'speedup':>7s}", flush=True)
+    rows = []
+    for name, inter, k in GLU_SHAPES:
+        for n in GLU_ROWS:
+            flops = 2 * n * 2 * inter * k
+            nbytes = 2 * inter * k * 2 + n * k * 2 + n * inter * 2
+            roof = max(flops / tc / 1e6, nbytes / r["copy_TBps"] / 1e6)
+            row = {"shape": name, "inter": inter, "k": k, "n": n, "flops": flops, "roof_us": roof}
+            for impl, key in (("glu", "glu"), ("glu_c1", "glu_c1"), ("glu_off", "unfused")):
+                t = ops.time_linear(n, 2 * inter, k, False, 20, impl)
+                row[f"{key}_us"], row[f"{key}_TFLOPs"], row[f"{key}_roof"] = t, flops / t / 1e6, roof / t
+            row["speedup"] = row["unfused_us"] / row["glu_us"]
+            rows.append(row)
+            print(f"{name:8s} {n:5d} {roof:8.1f} {row['glu_us']:8.1f} {row['glu_TFLOPs']:8.0f} "
+                  f"{100 * row['glu_roof']:6.0f}% {row['glu_c1_us']:9.1f} {row['unfused_us']:10.1f} {row['unfused_TFLOPs']:8.0f} "
+                  f"{100 * row['unfused_roof']:6.0f}% {row['speedup']:7.3f}", flush=True)
+    r["rows"] = rows
+    return r
+
+
 def gemm_fp8(rows_n=GEMM_ROWS):
     """The 8B projections with fp8 weights (quantization="fp8", W8A8) against
     bf16, per M, against the fp8 roofline: max(bytes / copy bandwidth, FLOPs /
@@ -1236,7 +1284,7 @@ def main():
     fn = {"ceilings": ceilings, "attention": attention, "attention_sweep": attention_sweep, "gemv": gemv,
           "attention_fp8": attention_fp8, "attention_probe": attention_probe,
           "decode_splits": decode_splits, "decode_sweep": decode_sweep, "decode_grid": decode_grid, "decode_short": decode_short, "d64_sweep": d64_sweep, "sampling": sampling,
-          "gemm": gemm, "gemm_odd": gemm_odd, "gemm_invariant": gemm_invariant, "gemm_fp8": gemm_fp8,
+          "gemm": gemm, "gemm_odd": gemm_odd, "gemm_invariant": gemm_invariant, "gemm_fp8": gemm_fp8, "glu": glu,
           "fp8_decode_chain": fp8_decode_chain,
           "prefill": prefill, "prefill_deal": prefill_deal}.get(part)
     if fn:

@@ -48,6 +48,7 @@
 #            layer on every row (PAGEDRT_LAST_LAYER=all); and the round-robin deal (as before session 44)
 #   gemm     tools/bench_cuda.py gemm: the 8B projections at M = 1..8192 against the roofline
 #            (engine, cuBLASLt searched, cuBLASLt heuristic, torch)
+#   glu      tools/bench_cuda.py glu: gate/up with the SiLU·mul epilogue (glu_gemm.hpp) against cuBLASLt + silu_mul
 #   structured tests/test_cuda.py -k structured, then tools/bench_structured.py on SmolLM2 and the 8B shape,
 #              async scheduling's pipelined JSON steps against PAGEDRT_GATED_MASKS=0 (SmolLM2) and
 #              PAGEDRT_PIPELINED_MASKS=0
@@ -371,6 +372,11 @@ fi
 if has gemm; then
   stage gemm
   (cd /tmp && timeout 300 $PY "$OLDPWD/tools/bench_cuda.py" gemm "$OUT/gemm.json" | grep -v "^gemm {")
+fi
+
+if has glu; then
+  stage glu
+  (cd /tmp && timeout 300 $PY "$OLDPWD/tools/bench_cuda.py" glu "$OUT/glu.json" | grep -v "^glu {")
 fi
 
 # pagedrt-serve's dependencies (fastapi, uvicorn, prometheus-client and theirs) from .whl/serve/,

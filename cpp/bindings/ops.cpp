@@ -161,6 +161,13 @@ class Ops {
     return b_->gemm_picks_asked();
   }
   int64_t gemm_picks_asked() const { return b_->gemm_picks_asked(); }
+  // Backend::warm_linear_silu_mul for up to max_rows rows; the heuristic's count after.
+  int64_t warm_linear_silu_mul(F32In w, int64_t max_rows) {
+    Tensor wt = weight(w, act());
+    b_->warm_linear_silu_mul(wt, max_rows);
+    return b_->gemm_picks_asked();
+  }
+  int64_t glu_min_rows() const { return b_->glu_min_rows(); }
   // linear(rms_norm(x) * norm_w, w) as a forward runs them: both outputs
   // allocated first, so nothing comes between the two ops (with fp8 weights
   // on CUDA the linear takes the codes the norm wrote).
@@ -413,8 +420,12 @@ class Ops {
   // (cuBLASLt's first pick: PAGEDRT_CUDA_GEMV=0 PAGEDRT_GEMM_SEARCH=0), or
   // "fp8" (the engine's path with W quantized per row to e4m3 at load: x
   // quantized per token, then the own kernel or cuBLASLt's fp8 GEMM), or
-  // "invariant" (deterministic=True's: InvariantGemm, invariant_gemm.hpp).
-  // Benchmark hook for tools/bench_cuda.py gemv and gemm; CUDA only.
+  // "invariant" (deterministic=True's: InvariantGemm, invariant_gemm.hpp);
+  // or linear_silu_mul's y (n, m / 2) = silu(x @ gate^T) * (x @ up^T) with W
+  // = [gate; up]: "glu" (the GEMM with the SiLU·mul epilogue from 1 row:
+  // PAGEDRT_GLU_GEMM=1, glu_gemm.hpp; "glu_c1" the same without clusters)
+  // or "glu_off" (cuBLASLt's first pick, then silu_mul: PAGEDRT_GLU_GEMM=0).
+  // Benchmark hook for tools/bench_cuda.py gemv, gemm and glu; CUDA only.
   double time_linear(int64_t n, int64_t m, int64_t k, bool out_f32, int iters, const std::string& impl) {
     if (n < 1 || m < 1 || k < 1 || iters < 1)
       throw pagedrt::Error(pagedrt::ErrorKind::InvalidArgument, "time_linear: n, m, k and iters must be positive");
@@ -423,16 +434,24 @@ class Ops {
                       : impl == "heuristic" ? 2
                       : impl == "fp8"       ? 3
                       : impl == "invariant" ? 4
+                      : impl == "glu"       ? 5
+                      : impl == "glu_off"   ? 6
+                      : impl == "glu_c1"    ? 7
                                             : -1;
     if (which < 0)
       throw pagedrt::Error(pagedrt::ErrorKind::InvalidArgument,
-                           "time_linear: impl must be 'engine', 'search', 'heuristic', 'fp8' or 'invariant', not '" +
-                               impl + "'");
+                           "time_linear: impl must be 'engine', 'search', 'heuristic', 'fp8', 'invariant', 'glu', "
+                           "'glu_c1' or 'glu_off', not '" + impl + "'");
+    const bool glu = which >= 5;
+    if (glu && (m % 2 != 0 || out_f32))
+      throw pagedrt::Error(pagedrt::ErrorKind::InvalidArgument, "time_linear: 'glu' needs an even m and bf16 output");
     nb::gil_scoped_release release;  // no Python objects below; filling W takes a while
     LinearBench& lb = linear_bench_[which];
     if (!lb.backend)
-      lb.backend = cuda_backend_with_env({{"PAGEDRT_CUDA_GEMV", which == 0 || which == 3 ? "1" : "0"},
-                                          {"PAGEDRT_GEMM_SEARCH", which == 1 ? "1" : "0"}},
+      lb.backend = cuda_backend_with_env({{"PAGEDRT_CUDA_GEMV", which == 0 || which == 3 || glu ? "1" : "0"},
+                                          {"PAGEDRT_GEMM_SEARCH", which == 1 ? "1" : "0"},
+                                          {"PAGEDRT_GLU_GEMM", which == 6 ? "0" : "1"},
+                                          {"PAGEDRT_GLU_CLUSTER", which == 7 ? "1" : "2"}},
                                          which == 4);
     pagedrt::Backend& b = *lb.backend;
     if (lb.m != m || lb.k != k) {
@@ -456,11 +475,15 @@ class Ops {
     }
     Tensor x = lb.x;
     x.shape = {n, k};  // the first n rows
-    Tensor y = b.empty({n, m}, out_f32 ? ScalarType::F32 : ScalarType::BF16);
+    Tensor y = b.empty({n, glu ? m / 2 : m}, out_f32 ? ScalarType::F32 : ScalarType::BF16);
+    Tensor gate_up = glu ? b.empty({n, m}, ScalarType::BF16) : Tensor();
     size_t next = 0;
     auto batch_us = [&](int calls) {
       const auto t0 = std::chrono::steady_clock::now();
-      for (int i = 0; i < calls; ++i) b.linear(x, lb.w[next++ % lb.w.size()], n, y);
+      for (int i = 0; i < calls; ++i) {
+        const Tensor& w = lb.w[next++ % lb.w.size()];
+        glu ? b.linear_silu_mul(x, w, n, gate_up, y) : b.linear(x, w, n, y);
+      }
       b.synchronize();
       return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() / calls;
     };
@@ -584,7 +607,7 @@ class Ops {
   };
 
   std::unique_ptr<pagedrt::Backend> b_;
-  LinearBench linear_bench_[5];  // engine, search, heuristic, fp8, invariant (deterministic=True's)
+  LinearBench linear_bench_[8];  // engine, search, heuristic, fp8, invariant (deterministic=True's), glu, glu_off, glu_c1
   std::vector<int32_t> tok_, pos_, qs_, lens_, indptr_, pages_, logit_rows_;
   std::vector<int64_t> slot_;
 };
@@ -610,6 +633,8 @@ void register_ops(nb::module_& m) {
       .def("linear_into_residual", &Ops::linear_into_residual, "residual"_a, "x"_a, "weight"_a)
       .def("warm_linear_into_residual", &Ops::warm_linear_into_residual, "weight"_a, "max_rows"_a)
       .def("gemm_picks_asked", &Ops::gemm_picks_asked)  // Backend::gemm_picks_asked
+      .def("warm_linear_silu_mul", &Ops::warm_linear_silu_mul, "weight"_a, "max_rows"_a)
+      .def("glu_min_rows", &Ops::glu_min_rows)  // Backend::glu_min_rows
       .def("norm_linear", &Ops::norm_linear, "x"_a, "norm_weight"_a, "eps"_a, "weight"_a, "weight_dtype"_a)
       .def("fp8_codes_taken", &Ops::fp8_codes_taken)
       .def("fp8_x_quantized_in_gemv", &Ops::fp8_x_quantized_in_gemv)

@@ -192,6 +192,15 @@ class Backend {
   // Returns whether it warmed both; false (the CPU, other dtypes): the caller
   // warms linear() alone.
   virtual bool warm_linear_into_residual(const Tensor& weight, int64_t max_rows) { return false; }
+  // The same for linear_silu_mul's [gate; up] weight (CUDA: only the rows
+  // below glu_min_rows(), where cuBLASLt runs the product).
+  virtual void warm_linear_silu_mul(const Tensor& gate_up_weight, int64_t max_rows) {
+    warm_linear(gate_up_weight, max_rows, activation_dtype());
+  }
+  // The fewest rows from which linear_silu_mul runs bf16 weights through the
+  // gate/up GEMM with the SiLU·mul in its epilogue (CUDA on Hopper:
+  // glu_gemm.hpp); 0: never.
+  virtual int64_t glu_min_rows() const { return 0; }
   // How many times cuBLASLt's heuristic was asked for an algorithm (CUDA; tests read it).
   virtual int64_t gemm_picks_asked() const { return 0; }
   // How many fp8 linears have taken their x's codes from the op before them (a

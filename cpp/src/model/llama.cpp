@@ -253,7 +253,8 @@ int64_t workspace_rows(int64_t need) {
 void LlamaModel::warm_up(int64_t max_tokens, int64_t max_logit_rows) {
   const ScalarType act = backend_.activation_dtype();
   for (const Layer& L : layers_) {  // alike in every layer (the backend asks once per shape)
-    for (const Tensor* w : {&L.qkv, &L.gate_up}) backend_.warm_linear(*w, max_tokens, act);
+    backend_.warm_linear(L.qkv, max_tokens, act);
+    backend_.warm_linear_silu_mul(L.gate_up, max_tokens);
     for (const Tensor* w : {&L.o, &L.down})  // queue_step's project_into: the residual GEMM where it takes the rows
       if (comm_ != nullptr || !backend_.warm_linear_into_residual(*w, max_tokens))
         backend_.warm_linear(*w, max_tokens, act);

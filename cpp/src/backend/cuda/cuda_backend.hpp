@@ -85,6 +85,8 @@ class CudaBackend final : public Backend {
   bool fp8_shape_ok(int64_t rows, int64_t k) const override { return rows % 16 == 0 && k % 16 == 0; }
   void warm_linear(const Tensor& weight, int64_t max_rows, ScalarType out_dtype) override;
   bool warm_linear_into_residual(const Tensor& weight, int64_t max_rows) override;
+  void warm_linear_silu_mul(const Tensor& gate_up_weight, int64_t max_rows) override;
+  int64_t glu_min_rows() const override;
   int64_t gemm_picks_asked() const override;
   int64_t fp8_codes_taken() const override { return fp8_codes_taken_; }
   int64_t fp8_x_quantized_in_gemv() const override { return fp8_gemv_quantized_; }

@@ -315,6 +315,13 @@ void CudaBackend::warm_linear(const Tensor& weight, int64_t max_rows, ScalarType
 
 int64_t CudaBackend::gemm_picks_asked() const { return gemm_->picks_asked(); }
 
+int64_t CudaBackend::glu_min_rows() const { return fuse_ && act_ == ScalarType::BF16 ? gemm_->glu_min_rows() : 0; }
+
+void CudaBackend::warm_linear_silu_mul(const Tensor& gate_up_weight, int64_t max_rows) {
+  const int64_t min_rows = gate_up_weight.dtype == ScalarType::BF16 ? glu_min_rows() : 0;
+  warm_linear(gate_up_weight, min_rows > 0 ? std::min(max_rows, min_rows - 1) : max_rows, act_);
+}
+
 void CudaBackend::linear_silu_mul(const Tensor& x, const Tensor& gate_up_weight, int64_t n, Tensor& gate_up,
                                   Tensor& out) {
   const int64_t inter = gate_up_weight.dim(0) / 2;

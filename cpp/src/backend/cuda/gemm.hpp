@@ -73,6 +73,7 @@
 //   PAGEDRT_DET_GEMM_N=N   the n whose heuristic picks the pinned algorithms (batch-invariant mode)
 //   PAGEDRT_GEMM_RESIDUAL=0  no residual add in the GEMM (run_accumulate takes nothing);
 //                          =N: from N rows up (default kResidualMinRows)
+//   PAGEDRT_GLU_GEMM=0     no gate/up GEMM with the SiLU·mul epilogue (glu_gemm.hpp); =N from N rows
 #pragma once
 
 #include <cublasLt.h>
@@ -83,6 +84,7 @@
 #include <tuple>
 
 #include "backend/cuda/gemv.hpp"
+#include "backend/cuda/glu_gemm.hpp"
 #include "backend/cuda/invariant_gemm.hpp"
 
 namespace pagedrt::cuda {
@@ -108,8 +110,10 @@ class Gemm {
   void run(const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k, bool out_f32,
            bool in_f32 = false);
   // y (n, m) bf16 = silu(x @ gate^T) * (x @ up^T), w = [gate; up] (2m, k) bf16,
-  // in one kernel where the own small-M kernel takes the shape; returns false
-  // (and does nothing) where it does not: then run() and a SiLU·mul kernel.
+  // in one kernel where an own kernel takes the shape: the small-M GEMV
+  // (n <= 8) or, from GluGemm::min_rows() rows, the Hopper GEMM with the
+  // SiLU·mul in its epilogue (glu_gemm.hpp); returns false (and does
+  // nothing) where none does: then run() and a SiLU·mul kernel.
   bool run_silu_mul(const void* x, const void* w, void* y, int64_t n, int64_t m, int64_t k);
 
   // y (n, m) fp32 += x (n, k) bf16 @ W (m, k)^T bf16 in one cuBLASLt GEMM
@@ -124,6 +128,8 @@ class Gemm {
   // times its candidates on scratch rows); returns false (and does nothing)
   // where it does not take the call: then run() and an add.
   bool run_accumulate(const void* x, const void* w, float* y, int64_t n, int64_t m, int64_t k);
+  // The fewest rows run_silu_mul's GEMM with the SiLU·mul epilogue takes (0: none).
+  int64_t glu_min_rows() const { return deterministic_ ? 0 : glu_.min_rows(); }
   // The fewest rows run_accumulate takes (0: it takes none).
   int64_t residual_min_rows() const { return residual_min_rows_; }
 
@@ -229,6 +235,7 @@ class Gemm {
   int64_t residual_min_rows_ = kResidualMinRows;  // PAGEDRT_GEMM_RESIDUAL (0: run_accumulate takes nothing)
   Gemv gemv_;
   InvariantGemm invariant_{gemv_};  // the batch-invariant mode's bf16 GEMMs
+  GluGemm glu_;  // gate/up with SiLU·mul from its rows (PAGEDRT_GLU_GEMM)
   cublasLtHandle_t handle_ = nullptr;
   void* workspace_ = nullptr;
   size_t workspace_bytes_ = 32u << 20;

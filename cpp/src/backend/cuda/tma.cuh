@@ -74,6 +74,49 @@ __device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap* map
       : "memory");
 }
 
+// A 2-D box at coordinates (c0, c1) (innermost first), as tma_load_3d.
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1) {
+  PAGEDRT_TMA_ASM(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];\n" ::"r"(
+          dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1)
+      : "memory");
+}
+
+// The same box copied into the shared memory of every block of the cluster
+// in cta_mask (bit r: rank r), at the same offset dst, each block's bytes
+// counted down on its own barrier at offset bar.
+__device__ __forceinline__ void tma_load_2d_multicast(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1,
+                                                      uint16_t cta_mask) {
+  PAGEDRT_TMA_ASM(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1, {%3, "
+      "%4}], [%2], %5;\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1), "h"(cta_mask)
+      : "memory");
+}
+
+// Thread block clusters: this block's rank, a barrier of all the cluster's
+// threads (release / acquire: shared-memory writes before it, barrier
+// initializations included, are seen by every block after it), and one
+// arrival on the barrier at offset `bar` in block `cta`'s shared memory from
+// the threads where `lane` == 0 (predicated, as mbar_arrive_lane0).
+__device__ __forceinline__ uint32_t cluster_rank() {
+  uint32_t r = 0;
+  PAGEDRT_TMA_ASM("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return r;
+}
+__device__ __forceinline__ void cluster_sync() {
+  PAGEDRT_TMA_ASM("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void mbar_arrive_cluster_lane0(uint32_t bar, uint32_t cta, int lane) {
+  PAGEDRT_TMA_ASM(
+      "{\n.reg .pred p;\n.reg .b32 remote;\nsetp.eq.s32 p, %2, 0;\n"
+      "mapa.shared::cluster.u32 remote, %0, %1;\n"
+      "@p mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n}\n" ::"r"(bar),
+      "r"(cta), "r"(lane)
+      : "memory");
+}
+
 // Named barrier `id` (1 .. 15; 0 is __syncthreads) of `threads` threads (a
 // multiple of 32): sync waits for all of them, arrive counts without waiting.
 __device__ __forceinline__ void named_bar_sync(int id, int threads) {

@@ -107,6 +107,29 @@ __device__ __forceinline__ void wgmma_m64n128_ss(float (&d)[64], uint64_t a, uin
       : "l"(a), "l"(b), "r"(accumulate));
 }
 
+// The 128 fp32 accumulators of an m64n256 product as asm operands %0 .. %127.
+#define PAGEDRT_WGMMA_D128_REGS \
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, " \
+      "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, " \
+      "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, " \
+      "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, " \
+      "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+
+// d (+)= A B, m64n256k16: A (64 x 16) and B (16 x 256) from shared memory,
+// both K-major; d is overwritten when accumulate == 0.
+__device__ __forceinline__ void wgmma_m64n256_ss(float (&d)[128], uint64_t a, uint64_t b, int accumulate) {
+  PAGEDRT_SM90A_ASM(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
+      PAGEDRT_WGMMA_D128_REGS
+      "}, %128, %129, p, 1, 1, 0, 0;\n}\n"
+      : PAGEDRT_WGMMA_D64(d), PAGEDRT_WGMMA_D64((d) + 64)
+      : "l"(a), "l"(b), "r"(accumulate));
+}
+
 // d += A B, m64n128k16: A (64 x 16) from registers (mma.sync's A fragment of
 // each warp's 16 rows), B (16 x 128) from shared memory, MN-major.
 __device__ __forceinline__ void wgmma_m64n128_rs_bmn(float (&d)[64], const uint32_t (&a)[4], uint64_t b) {
@@ -121,6 +144,7 @@ __device__ __forceinline__ void wgmma_m64n128_rs_bmn(float (&d)[64], const uint3
 
 #undef PAGEDRT_SM90A_ASM
 #undef PAGEDRT_WGMMA_D64_REGS
+#undef PAGEDRT_WGMMA_D128_REGS
 #undef PAGEDRT_WGMMA_D64
 
 }  // namespace pagedrt::cuda
