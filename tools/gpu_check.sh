@@ -45,7 +45,8 @@
 #            default) against PAGEDRT_PREFILL_DEAL=rounds, alternating
 #   ttft     TTFT on the 8B shape (after make8b; ttft_env), each setting taking back one more change: the
 #            default; the residual add out of the GEMMs (PAGEDRT_GEMM_RESIDUAL=0, session 45); and the last
-#            layer on every row (PAGEDRT_LAST_LAYER=all); and the round-robin deal (as before session 44)
+#            layer on every row (PAGEDRT_LAST_LAYER=all); and the round-robin deal (as before session 44);
+#            $TTFT_SETTINGS, space-separated ("default": none), instead
 #   gemm     tools/bench_cuda.py gemm: the 8B projections at M = 1..8192 against the roofline
 #            (engine, cuBLASLt searched, cuBLASLt heuristic, torch)
 #   glu      tools/bench_cuda.py glu: gate/up with the SiLU·mul epilogue (glu_gemm.hpp) against cuBLASLt + silu_mul
@@ -199,7 +200,8 @@ fi
 
 if has optests; then
   stage optests
-  (PAGEDRT_CUDA_REPORT="$OUT/errors.txt" timeout $(( $(left) - 5 )) $PY -m pytest tests/test_cuda.py -q -rfEs \
+  # $OPTESTS_S: at most that many seconds (a kernel that hangs leaves the later stages their time)
+  (PAGEDRT_CUDA_REPORT="$OUT/errors.txt" timeout ${OPTESTS_S:-$(( $(left) - 5 ))} $PY -m pytest tests/test_cuda.py -q -rfEs \
      -k "not smollm2 and not llama3${OPTESTS_K:+ and ($OPTESTS_K)}" -p no:cacheprovider > "$OUT/optests.txt" 2>&1
    grep -E "^(FAILED|ERROR|SKIPPED)|passed|failed" "$OUT/optests.txt" | tail -40)
 fi
@@ -364,9 +366,12 @@ fi
 
 if has ttft && [ -f "$LLAMA8B/config.json" ]; then
   stage ttft
-  (cd /tmp && timeout $(( $(left) - 5 )) $PY "$OLDPWD/tools/bench_cuda.py" ttft_env "$OUT/ttft.json" "$LLAMA8B" "" \
-     PAGEDRT_GEMM_RESIDUAL=0 PAGEDRT_GEMM_RESIDUAL=0,PAGEDRT_LAST_LAYER=all \
-     PAGEDRT_GEMM_RESIDUAL=0,PAGEDRT_LAST_LAYER=all,PAGEDRT_PREFILL_DEAL=rounds | grep -v "^ttft_env {")
+  # $TTFT_SETTINGS: the settings instead, space-separated, "default" for none
+  sets=("" PAGEDRT_GEMM_RESIDUAL=0 PAGEDRT_GEMM_RESIDUAL=0,PAGEDRT_LAST_LAYER=all
+        PAGEDRT_GEMM_RESIDUAL=0,PAGEDRT_LAST_LAYER=all,PAGEDRT_PREFILL_DEAL=rounds)
+  if [ -n "${TTFT_SETTINGS:-}" ]; then read -ra sets <<< "$TTFT_SETTINGS"; sets=("${sets[@]/#default/}"); fi
+  (cd /tmp && timeout $(( $(left) - 5 )) $PY "$OLDPWD/tools/bench_cuda.py" ttft_env "$OUT/ttft.json" "$LLAMA8B" \
+     "${sets[@]}" | grep -v "^ttft_env {")
 fi
 
 if has gemm; then
@@ -376,7 +381,7 @@ fi
 
 if has glu; then
   stage glu
-  (cd /tmp && timeout 300 $PY "$OLDPWD/tools/bench_cuda.py" glu "$OUT/glu.json" | grep -v "^glu {")
+  (cd /tmp && timeout 200 $PY "$OLDPWD/tools/bench_cuda.py" glu "$OUT/glu.json" | grep -v "^glu {")
 fi
 
 # pagedrt-serve's dependencies (fastapi, uvicorn, prometheus-client and theirs) from .whl/serve/,

@@ -99,7 +99,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (it >= kStages) mbar_wait(empty(st), ((it / kStages) & 1) ^ 1);  // the phase fill it - kStages released
         const uint32_t dst = base + st * kStage;
         mbar_arrive_expect_tx(full(st), kStage);
-        // W depends on no kernel: the first stages' W before the wait for the
+        // W depends on no kernel: the first stage's W before the wait for the
         // kernel ahead (launch.cuh), x after it.
         if (C == 1) {
           tma_load_2d(dst + kXBytes, &wmap, full(st), s * BK, f0);
