@@ -71,7 +71,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto empty = [&](int st) { return bars + 8 * (kStages + st); };
   const int tid = threadIdx.x;
   const int rank = C > 1 ? static_cast<int>(cluster_rank()) : 0;
-  const int first_unit = static_cast<int>(blockIdx.x) / C, unit_step = static_cast<int>(gridDim.x) / C;
+  const int first_unit = static_cast<int>(blockIdx.z) / C, unit_step = static_cast<int>(gridDim.z) / C;
 
   if (tid == 0) {
     for (int st = 0; st < kStages; ++st) {
@@ -178,18 +178,16 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
-// The most units a launch runs at once: C x the clusters the GPU holds (a
-// block an SM; two-block clusters need two free SMs of one GPC).
+// The most blocks a launch runs at once: C x the clusters the GPU holds (a
+// block an SM; a two-block cluster needs two free SMs of one GPC).
 template <int C>
 int resident_blocks(int sms) {
   if (C == 1) return sms;
-  cudaLaunchConfig_t cfg = {};
   cudaLaunchAttribute attr;
   attr.id = cudaLaunchAttributeClusterDimension;
-  attr.val.clusterDim.x = C;
-  attr.val.clusterDim.y = 1;
-  attr.val.clusterDim.z = 1;
-  cfg.gridDim = dim3(static_cast<unsigned>(sms / C * C));
+  attr.val.clusterDim = {1, 1, static_cast<unsigned>(C)};
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(1, 1, static_cast<unsigned>(sms / C * C));
   cfg.blockDim = dim3(kThreads);
   cfg.dynamicSmemBytes = kSmem;
   cfg.attrs = &attr;
@@ -199,29 +197,12 @@ int resident_blocks(int sms) {
   return std::max(1, clusters) * C;
 }
 
+// Blocks along the grid's z (launch_clusters' cluster dimension), one a
+// resident slot, each walking every (gridDim.z / C)-th unit.
 template <int C>
-void launch_glu(const CUtensorMap& xm, const CUtensorMap& wm, GluArgs a, int blocks, cudaStream_t stream) {
-  const int grid = std::min(a.num_units * C, blocks);
-  cudaLaunchAttribute attr[2];
-  unsigned na = 0;
-  if (pdl_enabled()) {
-    attr[na].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[na++].val.programmaticStreamSerializationAllowed = 1;
-  }
-  if (C > 1) {
-    attr[na].id = cudaLaunchAttributeClusterDimension;
-    attr[na].val.clusterDim.x = C;
-    attr[na].val.clusterDim.y = 1;
-    attr[na++].val.clusterDim.z = 1;
-  }
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>(grid));
-  cfg.blockDim = dim3(kThreads);
-  cfg.dynamicSmemBytes = kSmem;
-  cfg.stream = stream;
-  cfg.attrs = attr;
-  cfg.numAttrs = na;
-  CUDA_CHECK(cudaLaunchKernelEx(&cfg, glu_gemm_kernel<C>, xm, wm, a));
+void launch_glu(const CUtensorMap& xm, const CUtensorMap& wm, const GluArgs& a, int blocks, cudaStream_t stream) {
+  const dim3 grid(1, 1, static_cast<unsigned>(std::min(a.num_units * C, blocks)));
+  launch_clusters(glu_gemm_kernel<C>, grid, dim3(kThreads), kSmem, C, stream, xm, wm, a);
 }
 
 }  // namespace
