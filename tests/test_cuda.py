@@ -318,32 +318,34 @@ def test_linear_silu_mul(ops, n, inter, k):
 
 @pytest.mark.parametrize("inter,k", [(1000, 2056), (256, 576), (1536, 64)])
 def test_gate_up_gemm_with_silu_mul_epilogue(ops, monkeypatch, inter, k):
-    """From glu_min_rows() rows (512 by default, PAGEDRT_GLU_GEMM=N) a Hopper
-    GPU runs linear_silu_mul as one GEMM with silu(gate) * up in its epilogue
-    (glu_gemm.hpp): gate and up stay fp32 until y is rounded, so y is within
-    the bf16 bound of the fp32 CPU and closer to it than cuBLASLt's bf16
-    gate_up then silu_mul (which rounds both first), whose bits it does not
-    share; without clusters (PAGEDRT_GLU_CLUSTER=1: each block copies all of
-    W's tile) the same bits. Below the threshold, and with PAGEDRT_GLU_GEMM=0, linear_silu_mul
-    is that unfused path bitwise. Row counts off the 128-row tile (a partial
-    last tile), I = 1000 off the 128-feature tile (the gate box reads into up's
-    rows, the up box past W), k = 2056 past whole 64-k stages, k = 64 one."""
-    cpu, gpu = ops
-    if gpu.glu_min_rows() == 0:
-        pytest.skip("no sm_90a GPU: linear_silu_mul never takes the GEMM with the SiLU-mul epilogue")
-    assert gpu.glu_min_rows() == 512
+    """From PAGEDRT_GLU_GEMM=N rows (off by default until this test has run on
+    a GPU: glu_gemm.hpp) a Hopper GPU runs linear_silu_mul as one GEMM with
+    silu(gate) * up in its epilogue: gate and up stay fp32 until y is
+    rounded, so y is within the bf16 bound of the fp32 CPU and closer to it
+    than cuBLASLt's bf16 gate_up then silu_mul (which rounds both first),
+    whose bits it does not share; without clusters (PAGEDRT_GLU_CLUSTER=1:
+    each block copies all of W's tile) the same bits. Below the threshold, and
+    by default, linear_silu_mul is that unfused path bitwise. Row counts off
+    the 128-row tile (a partial last tile), I = 1000 off the 128-feature tile
+    (the gate box reads into up's rows, the up box past W), k = 2056 past
+    whole 64-k stages, k = 64 one; 4,096 rows at I = 1000 and 1536 give two
+    and three times as many tiles as an H100 holds blocks, so each persistent
+    block runs several (its ring running on across them)."""
+    cpu, off = ops
     monkeypatch.setenv("PAGEDRT_GLU_GEMM", "100")
     low = _testing._Ops("cuda")
     monkeypatch.setenv("PAGEDRT_GLU_CLUSTER", "1")
     single = _testing._Ops("cuda")
     monkeypatch.delenv("PAGEDRT_GLU_CLUSTER")
-    monkeypatch.setenv("PAGEDRT_GLU_GEMM", "0")
-    off = _testing._Ops("cuda")
+    monkeypatch.setenv("PAGEDRT_GLU_GEMM", "512")
+    at512 = _testing._Ops("cuda")
     monkeypatch.delenv("PAGEDRT_GLU_GEMM")
-    assert (low.glu_min_rows(), off.glu_min_rows()) == (100, 0)
+    if low.glu_min_rows() == 0:
+        pytest.skip("no sm_90a GPU: linear_silu_mul never takes the GEMM with the SiLU-mul epilogue")
+    assert (low.glu_min_rows(), single.glu_min_rows(), at512.glu_min_rows(), off.glu_min_rows()) == (100, 100, 512, 0)
     rng = np.random.default_rng(inter + k)
     w = bf(rng.standard_normal((2 * inter, k)) * (1.5 / np.sqrt(k)))
-    for n in (99, 100, 130, 300):
+    for n in (99, 100, 130, 300, 4096):  # 4,096: more units than blocks (each block walks several)
         x = bf(rng.standard_normal((n, k)))
         fused, unfused = low.linear_silu_mul(x, w), off.linear_silu_mul(x, w)
         assert fused.shape == (n, inter)
@@ -359,17 +361,16 @@ def test_gate_up_gemm_with_silu_mul_epilogue(ops, monkeypatch, inter, k):
         assert not np.array_equal(fused, unfused), f"n={n}: the unfused path's bits: the GEMM did not run"
         np.testing.assert_array_equal(single.linear_silu_mul(x, w), fused,
                                       err_msg=f"n={n}: blocks without clusters (W not multicast) gave other bits")
-    # The default threshold: 511 rows unfused, 512 fused.
     for n, taken in ((511, False), (512, True)):
         x = bf(rng.standard_normal((n, k)))
-        same = np.array_equal(gpu.linear_silu_mul(x, w), off.linear_silu_mul(x, w))
+        same = np.array_equal(at512.linear_silu_mul(x, w), off.linear_silu_mul(x, w))
         assert same != taken, f"n={n}: taken {taken}, yet the bits {'agree' if same else 'differ'}"
     # Warming up to 4,096 rows asks cuBLASLt for the bands below the threshold
     # only (16 .. 512: 6), all 9 (16 .. 4,096) without the GEMM; fresh backends.
+    monkeypatch.setenv("PAGEDRT_GLU_GEMM", "512")
     assert _testing._Ops("cuda").warm_linear_silu_mul(w, 4096) == 6
-    monkeypatch.setenv("PAGEDRT_GLU_GEMM", "0")
-    assert _testing._Ops("cuda").warm_linear_silu_mul(w, 4096) == 9
     monkeypatch.delenv("PAGEDRT_GLU_GEMM")
+    assert _testing._Ops("cuda").warm_linear_silu_mul(w, 4096) == 9
     assert cpu.warm_linear_silu_mul(w, 4096) == 0
 
 

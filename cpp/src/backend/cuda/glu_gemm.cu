@@ -161,15 +161,15 @@ __global__ void __launch_bounds__(kThreads, 1)
     // y's rows r and r + 8, features f0 + 8j + cc .. + 1 (I is even: a pair is
     // all in or all out), while the producer fills the next unit's stages.
     const int r = m0 + 64 * c + 16 * warp + g;
-    __nv_bfloat16* y0 = a.y + int64_t(r) * a.inter + f0 + cc;
-    __nv_bfloat16* y8 = y0 + int64_t(8) * a.inter;
+    __nv_bfloat16* y0 = r < a.n ? a.y + int64_t(r) * a.inter + f0 + cc : nullptr;
+    __nv_bfloat16* y8 = r + 8 < a.n ? a.y + int64_t(r + 8) * a.inter + f0 + cc : nullptr;
 #pragma unroll
     for (int j = 0; j < 16; ++j) {
       if (f0 + 8 * j + cc >= a.inter) break;
       const float* d = acc + 4 * j;  // gate; d[64 ..] the same features' up
-      if (r < a.n)
+      if (y0)
         *reinterpret_cast<uint32_t*>(y0 + 8 * j) = pack_bf16x2(silu_fast(d[0]) * d[64], silu_fast(d[1]) * d[65]);
-      if (r + 8 < a.n)
+      if (y8)
         *reinterpret_cast<uint32_t*>(y8 + 8 * j) = pack_bf16x2(silu_fast(d[2]) * d[66], silu_fast(d[3]) * d[67]);
     }
   }
@@ -243,8 +243,10 @@ GluGemm::GluGemm() {
 
 bool GluGemm::takes(const void* x, const void* w, const void* y, int64_t n, int64_t inter, int64_t k) const {
   const auto addr = reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(w) | reinterpret_cast<uintptr_t>(y);
+  const int64_t units = (n / BM + 1) * (inter / BF + 1);  // at least the launch's units (an int)
   return available_ && n >= min_rows_ && n < (int64_t(1) << 30) && inter >= 8 && inter % 8 == 0 &&
-         2 * inter < (int64_t(1) << 30) && k >= 8 && k % 8 == 0 && k < (int64_t(1) << 30) && addr % 16 == 0;
+         2 * inter < (int64_t(1) << 30) && k >= 8 && k % 8 == 0 && k < (int64_t(1) << 30) && addr % 16 == 0 &&
+         units < (int64_t(1) << 30);
 }
 
 void GluGemm::run(const void* x, const void* w, void* y, int64_t n, int64_t inter, int64_t k,

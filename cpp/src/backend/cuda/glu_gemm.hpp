@@ -27,9 +27,9 @@
 // tiles: each block copies one of W's two boxes, multicast into both, so W
 // crosses from L2 once per two tiles.
 //
-// Environment, read when the backend is made: PAGEDRT_GLU_GEMM=0 never (the
-// cuBLASLt GEMM then silu_mul, for A/B runs); =N from N rows (default
-// kDefaultMinRows). PAGEDRT_GLU_CLUSTER=1 or 2: blocks a cluster (default
+// Environment, read when the backend is made: PAGEDRT_GLU_GEMM=N from N rows
+// (default kDefaultMinRows: 0, never, for now; then the cuBLASLt GEMM and
+// silu_mul). PAGEDRT_GLU_CLUSTER=1 or 2: blocks a cluster (default
 // kDefaultCluster). Not in the batch-invariant mode (Gemm::run_silu_mul).
 #pragma once
 
@@ -41,7 +41,11 @@ namespace pagedrt::cuda {
 
 class GluGemm {
  public:
-  static constexpr int64_t kDefaultMinRows = 512;
+  // Off by default until the kernel has run on a GPU (its tests, and its
+  // time against cuBLASLt + silu_mul: bench_cuda.py glu): session 47 wrote
+  // and compiled it and got no device time. PAGEDRT_GLU_GEMM=512 turns it on
+  // from 512 rows, the threshold its tests and the TTFT run are set up for.
+  static constexpr int64_t kDefaultMinRows = 0;
   static constexpr int kDefaultCluster = 2;
 
   GluGemm();
