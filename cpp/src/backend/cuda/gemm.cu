@@ -130,7 +130,7 @@ bool Gemm::run_silu_mul(const void* x, const void* w, void* y, int64_t n, int64_
   if (n == 0) return true;
   if (deterministic_)  // n <= 8 in the GEMV's batch-invariant order; else run() and silu_mul, bitwise the same
     return invariant_takes(2 * m, k) && invariant_.run_silu_mul(x, w, y, n, m, k, stream_);
-  if (glu_.takes(x, w, y, n, m, k)) {
+  if (own_gemv_ && glu_.takes(x, w, y, n, m, k)) {
     glu_.run(x, w, y, n, m, k, stream_);
     return true;
   }

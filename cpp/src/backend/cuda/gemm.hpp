@@ -73,7 +73,8 @@
 //   PAGEDRT_DET_GEMM_N=N   the n whose heuristic picks the pinned algorithms (batch-invariant mode)
 //   PAGEDRT_GEMM_RESIDUAL=0  no residual add in the GEMM (run_accumulate takes nothing);
 //                          =N: from N rows up (default kResidualMinRows)
-//   PAGEDRT_GLU_GEMM=0     no gate/up GEMM with the SiLU·mul epilogue (glu_gemm.hpp); =N from N rows
+//   PAGEDRT_GLU_GEMM=N     the gate/up GEMM with the SiLU·mul epilogue (glu_gemm.hpp) from N rows
+//                          (off by default for now; not with PAGEDRT_CUDA_GEMV=0)
 #pragma once
 
 #include <cublasLt.h>
@@ -129,7 +130,7 @@ class Gemm {
   // where it does not take the call: then run() and an add.
   bool run_accumulate(const void* x, const void* w, float* y, int64_t n, int64_t m, int64_t k);
   // The fewest rows run_silu_mul's GEMM with the SiLU·mul epilogue takes (0: none).
-  int64_t glu_min_rows() const { return deterministic_ ? 0 : glu_.min_rows(); }
+  int64_t glu_min_rows() const { return deterministic_ || !own_gemv_ ? 0 : glu_.min_rows(); }
   // The fewest rows run_accumulate takes (0: it takes none).
   int64_t residual_min_rows() const { return residual_min_rows_; }
 

@@ -30,7 +30,8 @@
 // Environment, read when the backend is made: PAGEDRT_GLU_GEMM=N from N rows
 // (default kDefaultMinRows: 0, never, for now; then the cuBLASLt GEMM and
 // silu_mul). PAGEDRT_GLU_CLUSTER=1 or 2: blocks a cluster (default
-// kDefaultCluster). Not in the batch-invariant mode (Gemm::run_silu_mul).
+// kDefaultCluster). Not in the batch-invariant mode nor with
+// PAGEDRT_CUDA_GEMV=0 (Gemm::run_silu_mul).
 #pragma once
 
 #include <cuda_runtime.h>
