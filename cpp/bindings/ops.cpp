@@ -450,7 +450,7 @@ class Ops {
     if (!lb.backend)
       lb.backend = cuda_backend_with_env({{"PAGEDRT_CUDA_GEMV", which == 0 || which == 3 || glu ? "1" : "0"},
                                           {"PAGEDRT_GEMM_SEARCH", which == 1 ? "1" : "0"},
-                                          {"PAGEDRT_GLU_GEMM", which == 6 ? "0" : "1"},
+                                          {"PAGEDRT_GLU_GEMM", which == 5 || which == 7 ? "1" : "0"},
                                           {"PAGEDRT_GLU_CLUSTER", which == 7 ? "1" : "2"}},
                                          which == 4);
     pagedrt::Backend& b = *lb.backend;

@@ -27,7 +27,8 @@ int64_t band_of(int64_t n) {
 
 }  // namespace
 
-Gemm::Gemm(cudaStream_t stream, bool deterministic) : stream_(stream), deterministic_(deterministic) {
+Gemm::Gemm(cudaStream_t stream, bool deterministic)
+    : stream_(stream), deterministic_(deterministic), glu_(!env_is("PAGEDRT_CUDA_GEMV", "0") && !deterministic) {
   own_gemv_ = !env_is("PAGEDRT_CUDA_GEMV", "0") && !deterministic;
   search_ = env_is("PAGEDRT_GEMM_SEARCH", "1") && !deterministic;
   bands_ = !env_is("PAGEDRT_GEMM_BANDS", "0");
@@ -130,7 +131,7 @@ bool Gemm::run_silu_mul(const void* x, const void* w, void* y, int64_t n, int64_
   if (n == 0) return true;
   if (deterministic_)  // n <= 8 in the GEMV's batch-invariant order; else run() and silu_mul, bitwise the same
     return invariant_takes(2 * m, k) && invariant_.run_silu_mul(x, w, y, n, m, k, stream_);
-  if (own_gemv_ && glu_.takes(x, w, y, n, m, k)) {
+  if (glu_.takes(x, w, y, n, m, k)) {
     glu_.run(x, w, y, n, m, k, stream_);
     return true;
   }

@@ -130,7 +130,7 @@ class Gemm {
   // where it does not take the call: then run() and an add.
   bool run_accumulate(const void* x, const void* w, float* y, int64_t n, int64_t m, int64_t k);
   // The fewest rows run_silu_mul's GEMM with the SiLU·mul epilogue takes (0: none).
-  int64_t glu_min_rows() const { return deterministic_ || !own_gemv_ ? 0 : glu_.min_rows(); }
+  int64_t glu_min_rows() const { return glu_.min_rows(); }
   // The fewest rows run_accumulate takes (0: it takes none).
   int64_t residual_min_rows() const { return residual_min_rows_; }
 
@@ -236,7 +236,7 @@ class Gemm {
   int64_t residual_min_rows_ = kResidualMinRows;  // PAGEDRT_GEMM_RESIDUAL (0: run_accumulate takes nothing)
   Gemv gemv_;
   InvariantGemm invariant_{gemv_};  // the batch-invariant mode's bf16 GEMMs
-  GluGemm glu_;  // gate/up with SiLU·mul from its rows (PAGEDRT_GLU_GEMM)
+  GluGemm glu_;  // gate/up with SiLU·mul (PAGEDRT_GLU_GEMM); off in the batch-invariant mode and with PAGEDRT_CUDA_GEMV=0
   cublasLtHandle_t handle_ = nullptr;
   void* workspace_ = nullptr;
   size_t workspace_bytes_ = 32u << 20;

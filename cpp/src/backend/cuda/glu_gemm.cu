@@ -207,7 +207,7 @@ void launch_glu(const CUtensorMap& xm, const CUtensorMap& wm, const GluArgs& a, 
 
 }  // namespace
 
-GluGemm::GluGemm() {
+GluGemm::GluGemm(bool enabled) {
   if (const char* v = std::getenv("PAGEDRT_GLU_GEMM")) {
     const long long rows = std::atoll(v);
     if ((rows == 0 && std::strcmp(v, "0") == 0) || (rows >= 1 && rows <= (1 << 20)))
@@ -221,7 +221,7 @@ GluGemm::GluGemm() {
   CUDA_CHECK(cudaGetDevice(&dev));
   CUDA_CHECK(cudaGetDeviceProperties(&prop, dev));
   sms_ = prop.multiProcessorCount;
-  available_ = min_rows_ > 0 && prop.major == 9 && prop.minor == 0 && prefill_wgmma_built() &&
+  available_ = enabled && min_rows_ > 0 && prop.major == 9 && prop.minor == 0 && prefill_wgmma_built() &&
                prop.sharedMemPerBlockOptin >= kSmem;
   if (const char* v = std::getenv("PAGEDRT_GLU_CLUSTER")) {
     if (std::strcmp(v, "1") == 0 || std::strcmp(v, "2") == 0)

@@ -49,7 +49,8 @@ class GluGemm {
   static constexpr int64_t kDefaultMinRows = 0;
   static constexpr int kDefaultCluster = 2;
 
-  GluGemm();
+  // enabled: the caller's modes allow it (Gemm: not the batch-invariant mode, not PAGEDRT_CUDA_GEMV=0).
+  explicit GluGemm(bool enabled);
 
   // Whether run() takes this call: sm_90a built and present, n from
   // min_rows(), I and k multiples of 8, 16-byte aligned operands.
