@@ -228,22 +228,26 @@ def test_warm_linear_asks_every_band_at_once(monkeypatch, wdtype):
 @pytest.mark.parametrize("m,k", [(576, 1536), (1000, 576)])
 def test_linear_into_residual_adds_the_fp32_product(ops, monkeypatch, m, k):
     """Backend::linear_into_residual (cuBLASLt with beta = 1, y fp32 in
-    place): from 64 rows up (the default, and PAGEDRT_GEMM_RESIDUAL=N) the
-    residual gains x @ W^T as an fp32 product, never rounded to bf16: it
-    matches the CPU's residual + fp32 linear to fp32 rounding (1e-5 of the
-    residual), where adding the bf16 linear would miss by ~1e-3. Fewer rows,
-    PAGEDRT_GEMM_RESIDUAL=0 and the CPU backend decline, the residual
-    untouched; PAGEDRT_GEMM_SEARCH=1 times its candidates on scratch rows,
-    so the residual gains the product once. Warming asks the heuristic once
-    for each band a projection meets: linear()'s bf16 output below 64 rows,
-    the fp32 plan from 64."""
-    cpu, gpu = ops
+    place): from PAGEDRT_GEMM_RESIDUAL=N rows up (64 here; off by default:
+    gemm.hpp says why) the residual gains x @ W^T as an fp32 product, never
+    rounded to bf16: it matches the CPU's residual + fp32 linear to fp32
+    rounding (1e-5 of the residual), where adding the bf16 linear would miss
+    by ~1e-3. Fewer rows, the default, PAGEDRT_GEMM_RESIDUAL=0 and the CPU
+    backend decline, the residual untouched; PAGEDRT_GEMM_SEARCH=1 times its
+    candidates on scratch rows, so the residual gains the product once.
+    Warming asks the heuristic once for each band a projection meets:
+    linear()'s bf16 output below 64 rows, the fp32 plan from 64."""
+    cpu, default = ops
+    monkeypatch.setenv("PAGEDRT_GEMM_RESIDUAL", "64")
+    gpu = _testing._Ops("cuda")
+    monkeypatch.delenv("PAGEDRT_GEMM_RESIDUAL")
     rng = np.random.default_rng(13)
     w = bf(rng.standard_normal((m, k)) * 0.05)
     for n in (9, 63, 64, 300, 1024):
         x = bf(rng.standard_normal((n, k)))
         res = rng.standard_normal((n, m)).astype(np.float32)
         want = res + cpu.linear(x, w, "bfloat16", True)
+        assert default.linear_into_residual(res, x, w)[0] is False, f"n={n}: the default took it"
         taken, got = gpu.linear_into_residual(res, x, w)
         assert taken == (n >= 64), f"n={n}: taken {taken}"
         if not taken:
@@ -263,7 +267,7 @@ def test_linear_into_residual_adds_the_fp32_product(ops, monkeypatch, m, k):
     off = _testing._Ops("cuda")
     monkeypatch.setenv("PAGEDRT_GEMM_RESIDUAL", "512")
     high = _testing._Ops("cuda")
-    monkeypatch.delenv("PAGEDRT_GEMM_RESIDUAL")
+    monkeypatch.setenv("PAGEDRT_GEMM_RESIDUAL", "64")
     monkeypatch.setenv("PAGEDRT_GEMM_SEARCH", "1")
     searched = _testing._Ops("cuda")
     monkeypatch.delenv("PAGEDRT_GEMM_SEARCH")
@@ -276,6 +280,7 @@ def test_linear_into_residual_adds_the_fp32_product(ops, monkeypatch, m, k):
     # Warming: bf16 out for 1 ... 63 rows (bands 16, 32, 64), fp32 from 64 up to 2,048 (64 ... 2,048: 6);
     # runs on either side of the threshold then ask nothing.
     warm = _testing._Ops("cuda")
+    monkeypatch.delenv("PAGEDRT_GEMM_RESIDUAL")
     assert warm.warm_linear_into_residual(w, 2000) == (True, 9)
     assert warm.linear_into_residual(res, x, w)[0] and warm.gemm_picks_asked() == 9
     for n in (17, 63):
@@ -283,7 +288,8 @@ def test_linear_into_residual_adds_the_fp32_product(ops, monkeypatch, m, k):
         assert not taken
         warm.linear(x[:n], w, "bfloat16", False)
         assert warm.gemm_picks_asked() == 9, f"n={n}: a warmed bf16 band was asked again"
-    assert off.warm_linear_into_residual(w, 2000)[0] is False  # linear() alone: the caller warms it
+    for declines in (off, default):  # linear() alone: the caller warms it
+        assert declines.warm_linear_into_residual(w, 2000)[0] is False
     assert cpu.warm_linear_into_residual(w, 2000) == (False, 0)
 
 
@@ -318,14 +324,14 @@ def test_linear_silu_mul(ops, n, inter, k):
 
 @pytest.mark.parametrize("inter,k", [(1000, 2056), (256, 576), (1536, 64)])
 def test_gate_up_gemm_with_silu_mul_epilogue(ops, monkeypatch, inter, k):
-    """From PAGEDRT_GLU_GEMM=N rows (off by default until this test has run on
-    a GPU: glu_gemm.hpp) a Hopper GPU runs linear_silu_mul as one GEMM with
-    silu(gate) * up in its epilogue: gate and up stay fp32 until y is
-    rounded, so y is within the bf16 bound of the fp32 CPU and closer to it
-    than cuBLASLt's bf16 gate_up then silu_mul (which rounds both first),
-    whose bits it does not share; without clusters (PAGEDRT_GLU_CLUSTER=1:
-    each block copies all of W's tile) the same bits. Below the threshold, and
-    by default, linear_silu_mul is that unfused path bitwise. Row counts off
+    """From PAGEDRT_GLU_GEMM=N rows (off by default: glu_gemm.hpp says why) a
+    Hopper GPU runs linear_silu_mul as one GEMM with silu(gate) * up in its
+    epilogue: gate and up stay fp32 until y is rounded, so y is within the
+    bf16 bound of the fp32 CPU and closer to it than cuBLASLt's bf16 gate_up
+    then silu_mul (which rounds both first), whose bits it does not share;
+    in clusters of two (PAGEDRT_GLU_CLUSTER=2: W's tiles multicast) the same
+    bits as without (the default). Below the threshold, and by default,
+    linear_silu_mul is that unfused path bitwise. Row counts off
     the 128-row tile (a partial last tile), I = 1000 off the 128-feature tile
     (the gate box reads into up's rows, the up box past W), k = 2056 past
     whole 64-k stages, k = 64 one; 4,096 rows at I = 1000 and 1536 give two
@@ -334,15 +340,15 @@ def test_gate_up_gemm_with_silu_mul_epilogue(ops, monkeypatch, inter, k):
     cpu, off = ops
     monkeypatch.setenv("PAGEDRT_GLU_GEMM", "100")
     low = _testing._Ops("cuda")
-    monkeypatch.setenv("PAGEDRT_GLU_CLUSTER", "1")
-    single = _testing._Ops("cuda")
+    monkeypatch.setenv("PAGEDRT_GLU_CLUSTER", "2")
+    pairs = _testing._Ops("cuda")
     monkeypatch.delenv("PAGEDRT_GLU_CLUSTER")
     monkeypatch.setenv("PAGEDRT_GLU_GEMM", "512")
     at512 = _testing._Ops("cuda")
     monkeypatch.delenv("PAGEDRT_GLU_GEMM")
     if low.glu_min_rows() == 0:
         pytest.skip("no sm_90a GPU: linear_silu_mul never takes the GEMM with the SiLU-mul epilogue")
-    assert (low.glu_min_rows(), single.glu_min_rows(), at512.glu_min_rows(), off.glu_min_rows()) == (100, 100, 512, 0)
+    assert (low.glu_min_rows(), pairs.glu_min_rows(), at512.glu_min_rows(), off.glu_min_rows()) == (100, 100, 512, 0)
     rng = np.random.default_rng(inter + k)
     w = bf(rng.standard_normal((2 * inter, k)) * (1.5 / np.sqrt(k)))
     for n in (99, 100, 130, 300, 4096):  # 4,096: more units than blocks (each block walks several)
@@ -359,8 +365,8 @@ def test_gate_up_gemm_with_silu_mul_epilogue(ops, monkeypatch, inter, k):
         assert e <= BF16_TOL, f"n={n}: {e:.3e} from the fp32 CPU"
         assert e < 0.8 * e_unfused, f"n={n}: {e:.3e} not closer than the bf16-rounded path's {e_unfused:.3e}"
         assert not np.array_equal(fused, unfused), f"n={n}: the unfused path's bits: the GEMM did not run"
-        np.testing.assert_array_equal(single.linear_silu_mul(x, w), fused,
-                                      err_msg=f"n={n}: blocks without clusters (W not multicast) gave other bits")
+        np.testing.assert_array_equal(pairs.linear_silu_mul(x, w), fused,
+                                      err_msg=f"n={n}: clusters of two (W multicast) gave other bits")
     for n, taken in ((511, False), (512, True)):
         x = bf(rng.standard_normal((n, k)))
         same = np.array_equal(at512.linear_silu_mul(x, w), off.linear_silu_mul(x, w))
@@ -1176,7 +1182,7 @@ def test_tiny_llama_chunked_mixed_batches_match_cpu(tiny_llama, kv_heads):
 def test_tiny_llama_residual_added_in_the_gemm_matches_cpu(tiny_llama, monkeypatch):
     """o_proj and down add into the fp32 residual inside their cuBLASLt GEMM
     (Backend::linear_into_residual) from PAGEDRT_GEMM_RESIDUAL rows up: 64
-    (the default) here, so the prompts' steps and the decode steps of the 70
+    here (off by default), so the prompts' steps and the decode steps of the 70
     requests (70 rows, recorded as CUDA graphs) take it; 0 never. Both runs
     agree with the fp32 CPU within the bf16 bound, and their logits differ,
     prompt rows and decode rows alike (the products are no longer rounded

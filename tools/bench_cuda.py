@@ -694,7 +694,7 @@ def glu():
     """The MLP's gate/up projection with its SiLU·mul, y (n, I) = silu(x @
     gate^T) * (x @ up^T), two ways: the GEMM with the SiLU·mul in its
     epilogue (glu_gemm.hpp, forced from 1 row: "glu" in clusters of two
-    blocks, the default; "glu_c1" without) against cuBLASLt's
+    blocks; "glu_c1" without, the default) against cuBLASLt's
     first pick writing (n, 2 I) bf16 then the silu_mul kernel ("unfused", the
     engine's path before). Against the same run's bf16 GEMM rate (torch's
     8192^3) for the product's FLOPs, and against the copy rate for the bytes

@@ -43,9 +43,9 @@
 #            TTFT on the 8B shape with each kernel (ttft_env)
 #   deal     tools/bench_cuda.py prefill_deal: the ws prefill kernel with a prompt's tiles dealt in a snake (the
 #            default) against PAGEDRT_PREFILL_DEAL=rounds, alternating
-#   ttft     TTFT on the 8B shape (after make8b; ttft_env), each setting taking back one more change: the
-#            default; the residual add out of the GEMMs (PAGEDRT_GEMM_RESIDUAL=0, session 45); and the last
-#            layer on every row (PAGEDRT_LAST_LAYER=all); and the round-robin deal (as before session 44);
+#   ttft     TTFT on the 8B shape (after make8b; ttft_env): the default; the residual add inside the GEMMs
+#            (PAGEDRT_GEMM_RESIDUAL=64, off since session 48); the last layer on every row
+#            (PAGEDRT_LAST_LAYER=all); and with it the round-robin deal (as before session 44);
 #            $TTFT_SETTINGS, space-separated ("default": none), instead
 #   gemm     tools/bench_cuda.py gemm: the 8B projections at M = 1..8192 against the roofline
 #            (engine, cuBLASLt searched, cuBLASLt heuristic, torch)
@@ -367,8 +367,7 @@ fi
 if has ttft && [ -f "$LLAMA8B/config.json" ]; then
   stage ttft
   # $TTFT_SETTINGS: the settings instead, space-separated, "default" for none
-  sets=("" PAGEDRT_GEMM_RESIDUAL=0 PAGEDRT_GEMM_RESIDUAL=0,PAGEDRT_LAST_LAYER=all
-        PAGEDRT_GEMM_RESIDUAL=0,PAGEDRT_LAST_LAYER=all,PAGEDRT_PREFILL_DEAL=rounds)
+  sets=("" PAGEDRT_GEMM_RESIDUAL=64 PAGEDRT_LAST_LAYER=all PAGEDRT_LAST_LAYER=all,PAGEDRT_PREFILL_DEAL=rounds)
   if [ -n "${TTFT_SETTINGS:-}" ]; then read -ra sets <<< "$TTFT_SETTINGS"; sets=("${sets[@]/#default/}"); fi
   (cd /tmp && timeout $(( $(left) - 5 )) $PY "$OLDPWD/tools/bench_cuda.py" ttft_env "$OUT/ttft.json" "$LLAMA8B" \
      "${sets[@]}" | grep -v "^ttft_env {")

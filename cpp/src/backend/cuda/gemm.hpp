@@ -71,8 +71,8 @@
 //                          algorithms instead of InvariantGemm (another order of sums,
 //                          so other bits; faster at large n, slower at n <= 8: docs/determinism.md)
 //   PAGEDRT_DET_GEMM_N=N   the n whose heuristic picks the pinned algorithms (batch-invariant mode)
-//   PAGEDRT_GEMM_RESIDUAL=0  no residual add in the GEMM (run_accumulate takes nothing);
-//                          =N: from N rows up (default kResidualMinRows)
+//   PAGEDRT_GEMM_RESIDUAL=N  the residual add in the GEMM from N rows up (9 and more; off by
+//                          default: kResidualMinRows); 0: off
 //   PAGEDRT_GLU_GEMM=N     the gate/up GEMM with the SiLU·mul epilogue (glu_gemm.hpp) from N rows
 //                          (off by default for now; not with PAGEDRT_CUDA_GEMV=0)
 #pragma once
@@ -95,7 +95,12 @@ class Gemm {
   static constexpr int kSearchCandidates = 8;
   static constexpr int kPinCandidates = 32;
   static constexpr int64_t kPinN = 64;
-  static constexpr int64_t kResidualMinRows = 64;  // run_accumulate's default fewest rows
+  // run_accumulate's default fewest rows: 0, off. From a threshold up, a
+  // row's o_proj and down products skip the bf16 rounding they get below it,
+  // so its logits would depend on how many rows share its step (a seeded
+  // request sampled other tokens alone than in a busy batch: session 48, the
+  // H100), for ~1% of a long prefill (session 45).
+  static constexpr int64_t kResidualMinRows = 0;
   // n at which a pinned algorithm must be accepted: batch-1 decode, the own
   // kernel's edge, odd sizes, a large prefill.
   static constexpr int64_t kPinProbes[] = {1, 2, 7, 8, 9, 17, 63, 64, 65, 255, 256, 1000, 4096, 16384};
@@ -122,12 +127,13 @@ class Gemm {
   // add of o_proj and down fused into the GEMM, so the norm after it reads
   // the residual alone (a prompt's add_rms_norm moved 12 bytes a hidden
   // element, the rms_norm after this 6). Only from residual_min_rows() rows
-  // up (64: cuBLASLt's rows, not the own GEMV's decode sizes; measured on an
-  // H100 in session 45, the 8B shape: 8,000-token prefill 1-2 ms faster,
-  // decode at 64 / 128 / 256 sequences 0.3-0.6%, 16 sequences no faster;
-  // PAGEDRT_GEMM_RESIDUAL), not in the batch-invariant mode (the search
-  // times its candidates on scratch rows); returns false (and does nothing)
-  // where it does not take the call: then run() and an add.
+  // up (PAGEDRT_GEMM_RESIDUAL; off by default, kResidualMinRows says why;
+  // at 64, cuBLASLt's rows, measured on an H100 in session 45, the 8B
+  // shape: 8,000-token prefill 1-2 ms faster, decode at 64 / 128 / 256
+  // sequences 0.3-0.6%, 16 sequences no faster), not in the batch-invariant
+  // mode (the search times its candidates on scratch rows); returns false
+  // (and does nothing) where it does not take the call: then run() and an
+  // add.
   bool run_accumulate(const void* x, const void* w, float* y, int64_t n, int64_t m, int64_t k);
   // The fewest rows run_silu_mul's GEMM with the SiLU·mul epilogue takes (0: none).
   int64_t glu_min_rows() const { return glu_.min_rows(); }

@@ -28,9 +28,8 @@
 // crosses from L2 once per two tiles.
 //
 // Environment, read when the backend is made: PAGEDRT_GLU_GEMM=N from N rows
-// (default kDefaultMinRows: 0, never, for now; then the cuBLASLt GEMM and
-// silu_mul). PAGEDRT_GLU_CLUSTER=1 or 2: blocks a cluster (default
-// kDefaultCluster). Not in the batch-invariant mode nor with
+// (default kDefaultMinRows: 0, never; then the cuBLASLt GEMM and silu_mul).
+// PAGEDRT_GLU_CLUSTER=1 or 2: blocks a cluster (default kDefaultCluster). Not in the batch-invariant mode nor with
 // PAGEDRT_CUDA_GEMV=0 (Gemm::run_silu_mul).
 #pragma once
 
@@ -42,12 +41,16 @@ namespace pagedrt::cuda {
 
 class GluGemm {
  public:
-  // Off by default until the kernel has run on a GPU (its tests, and its
-  // time against cuBLASLt + silu_mul: bench_cuda.py glu): session 47 wrote
-  // and compiled it and got no device time. PAGEDRT_GLU_GEMM=512 turns it on
-  // from 512 rows, the threshold its tests and the TTFT run are set up for.
+  // Off by default. Measured on an H100 (session 48, bench_cuda.py glu, the
+  // 8B shape): in clusters of two ~2x slower than cuBLASLt + silu_mul at
+  // every M (the multicast's cross-block waits are the suspect); without,
+  // 0.95-0.99x its time from 1,024 rows and 1.06x at 512, yet in the engine
+  // the 8,000-token TTFT 5-10 ms slower with it (not explained yet). And like any epilogue that skips
+  // a rounding from a threshold up, it would make a row's bits depend on
+  // how many rows share its step (Gemm::kResidualMinRows). PAGEDRT_GLU_GEMM=N
+  // turns it on from N rows; its tests pass (session 48).
   static constexpr int64_t kDefaultMinRows = 0;
-  static constexpr int kDefaultCluster = 2;
+  static constexpr int kDefaultCluster = 1;
 
   // enabled: the caller's modes allow it (Gemm: not the batch-invariant mode, not PAGEDRT_CUDA_GEMV=0).
   explicit GluGemm(bool enabled);
