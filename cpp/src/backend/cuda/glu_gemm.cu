@@ -239,6 +239,16 @@ GluGemm::GluGemm(bool enabled) {
                                     static_cast<int>(kSmem)));
     blocks_ = resident_blocks<2>(sms_);
   }
+  // A diagnostic: fewer blocks than the occupancy query allows (whole
+  // clusters), said on stderr with the query's count. Session 48's clusters
+  // of two ran at half the single blocks' rate at every M, as if half the
+  // launch's clusters waited for the others (its schedule is static).
+  if (const char* v = std::getenv("PAGEDRT_GLU_BLOCKS")) {
+    const int cap = std::atoi(v) / cluster_ * cluster_;
+    std::fprintf(stderr, "pagedrt: GluGemm: %d SMs, clusters of %d, %d blocks resident by the occupancy query%s\n",
+                 sms_, cluster_, blocks_, cap >= cluster_ && cap < blocks_ ? "; capped by PAGEDRT_GLU_BLOCKS" : "");
+    if (cap >= cluster_ && cap < blocks_) blocks_ = cap;
+  }
 }
 
 bool GluGemm::takes(const void* x, const void* w, const void* y, int64_t n, int64_t inter, int64_t k) const {

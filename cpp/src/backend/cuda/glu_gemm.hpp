@@ -29,7 +29,9 @@
 //
 // Environment, read when the backend is made: PAGEDRT_GLU_GEMM=N from N rows
 // (default kDefaultMinRows: 0, never; then the cuBLASLt GEMM and silu_mul).
-// PAGEDRT_GLU_CLUSTER=1 or 2: blocks a cluster (default kDefaultCluster). Not in the batch-invariant mode nor with
+// PAGEDRT_GLU_CLUSTER=1 or 2: blocks a cluster (default kDefaultCluster).
+// PAGEDRT_GLU_BLOCKS=N (a diagnostic): at most N blocks a launch, and the
+// occupancy query's count on stderr. Not in the batch-invariant mode nor with
 // PAGEDRT_CUDA_GEMV=0 (Gemm::run_silu_mul).
 #pragma once
 
