@@ -14,6 +14,7 @@ import sys
 import numpy as np
 import pytest
 
+import pagedrt
 from pagedrt import _testing
 
 VARIANTS = _testing._gemm_variants()
@@ -119,6 +120,55 @@ def test_gemm_bf16_bf16_equals_the_fp32_path_on_widened_x():
         np.testing.assert_array_equal(_testing._gemm(x_bits, w_bits, variant, 1), _testing._gemm(x_val, w_bits, variant, 1))
 
 
+@pytest.mark.parametrize("m,k", [(960, 576), (13, 64), (5, 32), (577, 1536), (1, 96)])  # rows: whole tasks, tails
+def test_packed_weights_give_the_kernels_bits(m, k):
+    """Linear weights packed at load (pack_bf16_rows: each task's 6 rows k
+    chunk by k chunk, read front to back) multiply in the avx512bf16
+    kernel's order: bit for bit its output on the unpacked rows, for steps of
+    1 to 33 tokens (every token tile and tail), row counts off the 6-row
+    task, on 1 and 2 threads. Where the processor's kernel does not pack,
+    packs_bf16_rows says so and the hook refuses."""
+    rng = np.random.default_rng(m * 7 + k)
+    w_bits, _ = bf16_bits(rng.standard_normal((m, k)))
+    if not _testing._packs_bf16_rows(k):
+        assert _testing._gemm_variant() != "avx512bf16" or _testing._gemm_amx_for_large_steps() or \
+            os.environ.get("PAGEDRT_CPU_PACK") == "0", "avx512bf16 alone, yet nothing packed"
+        with pytest.raises(RuntimeError, match="packed"):
+            _testing._gemm(bf16_bits(np.ones((1, k)))[0], w_bits, "packed", 1)
+        pytest.skip(f"the {_testing._gemm_variant()} kernel packs no weights here")
+    assert not _testing._packs_bf16_rows(k + 16), "k off the 32-element chunk packed"
+    for n in (1, 2, 3, 4, 5, 8, 9, 33):
+        x_bits, _ = bf16_bits(rng.standard_normal((n, k)))
+        for threads in (1, 2):
+            np.testing.assert_array_equal(_testing._gemm(x_bits, w_bits, "packed", threads),
+                                          _testing._gemm(x_bits, w_bits, "avx512bf16", threads),
+                                          err_msg=f"n={n} m={m} k={k} threads={threads}")
+
+
+def test_a_model_with_packed_weights_gives_the_same_logits(tiny_llama, monkeypatch):
+    """A bf16 model's linear weights packed at load (the default where the
+    avx512bf16 kernel runs without AMX) give bit for bit the logits of the
+    same weights as stored (PAGEDRT_CPU_PACK=0): prompt and decode steps of
+    several requests, qkv (128 rows), o (64), gate_up (160) and the untied lm
+    head (320) off the 6-row task, down's k = 80 not packed (off the 32-element
+    chunk). deterministic=True: the same bits whatever the step's size."""
+    from conftest import run_all
+    if not _testing._packs_bf16_rows(64):
+        pytest.skip(f"the {_testing._gemm_variant()} kernel packs no weights here")
+    path, _ = tiny_llama(dtype="bfloat16", hidden_size=64, intermediate_size=80, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16)
+    prompts = [[5, 9, 17, 33, 65, 129, 257, 6], [3, 40, 11] * 5, [300, 2, 77]]
+    runs = {}
+    for pack in ("1", "0"):
+        monkeypatch.setenv("PAGEDRT_CPU_PACK", pack)
+        with pagedrt.Runtime(path, device="cpu", dtype="bfloat16", num_threads=2, deterministic=True) as rt:
+            runs[pack] = run_all(rt, prompts, max_tokens=6, ignore_eos=True, return_logits=True)
+        assert _testing._packs_bf16_rows(64) == (pack == "1")
+    for (tp, lp), (tu, lu) in zip(runs["1"], runs["0"]):
+        assert tp == tu and lp.shape == lu.shape and lp.shape[1] == 320
+        np.testing.assert_array_equal(lp, lu)
+
+
 def test_bf16_activations_need_bf16_weights():
     x_bits, _ = bf16_bits(np.ones((2, 8), np.float32))
     with pytest.raises(ValueError, match="bf16 w"):
@@ -213,7 +263,7 @@ def test_amx_runtime_gives_a_requests_logits_whatever_the_batch(tmp_path):
             "        return np.concatenate(rows)\n"
             "    alone, busy = run(0), run(7)\n"
             "    same = alone.shape == busy.shape and bool(np.array_equal(alone, busy))\n"
-            "    print(json.dumps([pagedrt._core.cpu_gemm_info().split(',')[0], same, len(alone)]))\n")
+            "    print(json.dumps([pagedrt._core.cpu_gemm_info().split(',')[0].split()[0], same, len(alone)]))\n")
     env = {k: v for k, v in os.environ.items() if k != "PAGEDRT_CPU_KERNEL"}
     runs = {}
     for kernel in ("amx", "avx512bf16"):
@@ -247,7 +297,8 @@ def test_the_prefetch_hint_is_calibrated_once_per_process(tmp_path):
     path, _ = make_tiny_llama(tmp_path / "m")
     variant = _testing._gemm_variant()
     info = _gemm_info_after_a_runtime(path, {})
-    assert info.startswith(variant + ", prefetch "), info
+    packed = " (packed weights)" if _testing._packs_bf16_rows(32) else ""
+    assert info.startswith(variant + packed + ", prefetch "), info
     if variant == "scalar":
         return
     m = re.search(r"prefetch (l1|l2) \(calibrated: l2 ([0-9.]+) GB/s, l1 ([0-9.]+) GB/s, 2 threads\)", info)

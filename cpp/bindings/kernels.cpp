@@ -2,7 +2,9 @@
 //   _testing._gemm_variants() -> ["scalar", "avx2", ...]; _testing._gemm_variant() -> the one in use
 //   _testing._gemm(x (n, k), w (m, k), variant, threads) -> (n, m) f32, with x f32 and w f32 or
 //   uint16 bf16 bits (gemm_f32, gemm_bf16), or both uint16 (gemm_bf16_bf16; variant "any_order":
-//   deterministic=False's, gemm_bf16_bf16_any_order); _testing._gemm_amx_for_large_steps() -> whether it tiles
+//   deterministic=False's, gemm_bf16_bf16_any_order; "packed": W packed first, pack_bf16_rows, then
+//   gemm_bf16_bf16_packed); _testing._gemm_amx_for_large_steps() -> whether it tiles;
+//   _testing._packs_bf16_rows(k) -> whether linear weights of k columns are packed at load
 //   _testing._e4m3_encode(x f32 (n,)) -> (n,) uint8; _testing._e4m3_decode(codes) -> (n,) f32
 // Not part of the public API.
 #include <nanobind/nanobind.h>
@@ -35,11 +37,21 @@ nb::ndarray<nb::numpy, float, nb::ndim<2>> gemm(Mat x, Mat w, const std::string&
       x_bf16 ? GemmOperands::Bf16xBf16 : (w_bf16 ? GemmOperands::F32xBf16 : GemmOperands::F32xF32);
   const int64_t n = x.shape(0), k = x.shape(1), m = w.shape(0);
   if (static_cast<int64_t>(w.shape(1)) != k) throw pagedrt::Error(pagedrt::ErrorKind::InvalidArgument, "k mismatch");
+  const bool packed = variant == "packed";
+  if (packed && (operands != GemmOperands::Bf16xBf16 || !pagedrt::cpu::packs_bf16_rows(k)))
+    throw pagedrt::Error(pagedrt::ErrorKind::Unsupported,
+                         "packed: bf16 x and w, k a multiple of 32, and a processor whose kernel packs");
   auto* y = new float[static_cast<size_t>(n * m)];
   nb::capsule owner(y, [](void* p) noexcept { delete[] static_cast<float*>(p); });
   {
     nb::gil_scoped_release release;
-    pagedrt::cpu::gemm_with(variant, operands, x.data(), w.data(), y, n, m, k, threads);
+    if (packed) {
+      std::vector<uint16_t> wp(static_cast<const uint16_t*>(w.data()), static_cast<const uint16_t*>(w.data()) + m * k);
+      pagedrt::cpu::pack_bf16_rows(wp.data(), m, k, wp.data());  // in place, as CpuBackend::load_linear_weight
+      pagedrt::cpu::gemm_bf16_bf16_packed(static_cast<const uint16_t*>(x.data()), wp.data(), y, n, m, k, threads);
+    } else {
+      pagedrt::cpu::gemm_with(variant, operands, x.data(), w.data(), y, n, m, k, threads);
+    }
   }
   const size_t shape[2] = {static_cast<size_t>(n), static_cast<size_t>(m)};
   return nb::ndarray<nb::numpy, float, nb::ndim<2>>(y, 2, shape, owner);
@@ -62,6 +74,7 @@ void register_kernels(nb::module_& m) {
   m.def("_gemm_variants", &pagedrt::cpu::gemm_variants);
   m.def("_gemm_variant", &pagedrt::cpu::gemm_variant);
   m.def("_gemm_amx_for_large_steps", &pagedrt::cpu::gemm_amx_for_large_steps);
+  m.def("_packs_bf16_rows", &pagedrt::cpu::packs_bf16_rows, "k"_a);
   m.def("_attention_amx_tiles", &pagedrt::cpu::attention_amx_tiles);  // prefill tiles the AMX attention took
   m.def("_attention_split_tokens", &pagedrt::cpu::attention_split_tokens);  // decode tokens split across threads
   m.def("_attention_split_built", &pagedrt::cpu::attention_split_built, "bf16"_a);

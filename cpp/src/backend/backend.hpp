@@ -178,6 +178,12 @@ class Backend {
   // quantized per row, host_fp8_weight). Several 2-D `parts` with the same
   // column count are stacked (fused QKV).
   virtual Tensor load_weight(const std::vector<WeightView>& parts, ScalarType dtype) = 0;
+  // A linear's weight (x @ W^T only: not the embedding, which is gathered by
+  // rows): load_weight, in a layout of the backend's choosing (the CPU packs
+  // bf16 rows for its kernel: cpu/gemm.hpp).
+  virtual Tensor load_linear_weight(const std::vector<WeightView>& parts, ScalarType dtype) {
+    return load_weight(parts, dtype);
+  }
   // Whether linear() takes F8E4M3 weights (RuntimeConfig::quantization "fp8").
   virtual bool has_fp8_weights() const { return false; }
   // Whether its fp8 GEMMs take a weight of (rows, k) (CUDA: both multiples of

@@ -33,7 +33,10 @@ bool auto_deterministic(const std::string& device, ScalarType weight_dtype, Scal
   return !amx_would_run;
 }
 
-std::string cpu_gemm_info() { return cpu::gemm_variant() + ", prefetch " + cpu::gemm_prefetch_name(); }
+std::string cpu_gemm_info() {
+  return cpu::gemm_variant() + (cpu::packs_bf16_rows(32) ? " (packed weights)" : "") + ", prefetch " +
+         cpu::gemm_prefetch_name();
+}
 
 bool cuda_built() {
 #ifdef PAGEDRT_WITH_CUDA

@@ -26,6 +26,9 @@ struct Tensor {
   // fp8 weights (dtype F8E4M3, (rows, k)): (rows) fp32 on the same device;
   // row r's values are e4m3_to_float(code) * row_scale[r]. Null otherwise.
   std::shared_ptr<Tensor> row_scale;
+  // CPU bf16 linear weights (rows, k) in cpu::pack_bf16_rows' order (each
+  // task's rows k chunk by k chunk): only CpuBackend::linear reads them.
+  bool packed = false;
 
   int64_t numel() const;
   int64_t dim(int i) const { return shape[i < 0 ? shape.size() + i : i]; }

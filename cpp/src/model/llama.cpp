@@ -202,7 +202,7 @@ LlamaModel::LlamaModel(const LlamaConfig& config, const std::string& model_dir, 
         return backend.load_weight(views, ScalarType::F8E4M3);
       if (fp8 != Fp8Projections::None && !keep_codes)  // fp8 parts of a mixed or odd-shaped group: dequantized
         views = views_of(false);
-      return backend.load_weight(views, weight_dtype);
+      return backend.load_linear_weight(views, weight_dtype);
     };
     Layer layer;
     layer.input_norm = norm(p + "input_layernorm.weight");
@@ -224,7 +224,7 @@ LlamaModel::LlamaModel(const LlamaConfig& config, const std::string& model_dir, 
   } else {
     std::deque<std::vector<float>> keep;  // an fp8 lm head, dequantized
     std::deque<std::vector<uint8_t>> bytes;
-    lm_head_ = backend.load_weight(
+    lm_head_ = backend.load_linear_weight(
         {vocab_rows(expect(ckpt, "lm_head.weight", {cfg_.vocab_size, hidden}, cfg_.quant, &keep), plan_, bytes)},
         weight_dtype);
     ckpt.release("lm_head.weight");

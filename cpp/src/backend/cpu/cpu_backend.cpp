@@ -82,6 +82,17 @@ Tensor CpuBackend::load_weight(const std::vector<WeightView>& parts, ScalarType 
   return t;
 }
 
+// bf16 weights of bf16 activations in the packed order where the kernel takes
+// it (cpu::packs_bf16_rows), rearranged in place (a task's rows at a time).
+Tensor CpuBackend::load_linear_weight(const std::vector<WeightView>& parts, ScalarType dtype) {
+  Tensor t = load_weight(parts, dtype);
+  if (dtype != ScalarType::BF16 || act_ != ScalarType::BF16 || t.shape.size() != 2 || !packs_bf16_rows(t.dim(1)))
+    return t;
+  pack_bf16_rows(t.as<uint16_t>(), t.dim(0), t.dim(1), t.as<uint16_t>());
+  t.packed = true;
+  return t;
+}
+
 Tensor CpuBackend::empty(std::vector<int64_t> shape, ScalarType dtype) {
   return host_empty(std::move(shape), dtype);
 }
@@ -260,6 +271,14 @@ void CpuBackend::linear(const Tensor& x, const Tensor& weight, int64_t n, Tensor
     const bool xb = x.dtype == ScalarType::BF16;
     gemm_f8(xb ? nullptr : x.as<float>(), xb ? x.as<uint16_t>() : nullptr, weight.as<uint8_t>(),
             weight.row_scale->as<float>(), yf, n, m, k, team(), !deterministic_);
+    if (out.dtype == ScalarType::BF16) narrow_rows(yf, n, m, out.as<uint16_t>(), team());
+    return;
+  }
+  if (weight.packed) {  // load_linear_weight's order: the avx512bf16 kernel, the same bits as unpacked
+    if (x.dtype != ScalarType::BF16)
+      throw Error(ErrorKind::Runtime, "linear: packed bf16 weights take bf16 activations, not " +
+                                          std::string(scalar_name(x.dtype)));
+    gemm_bf16_bf16_packed(x.as<uint16_t>(), weight.as<uint16_t>(), yf, n, m, k, team());
     if (out.dtype == ScalarType::BF16) narrow_rows(yf, n, m, out.as<uint16_t>(), team());
     return;
   }

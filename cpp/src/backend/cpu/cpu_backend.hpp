@@ -37,6 +37,7 @@ class CpuBackend final : public Backend {
   int host_threads() const override { return team(); }
 
   Tensor load_weight(const std::vector<WeightView>& parts, ScalarType dtype) override;
+  Tensor load_linear_weight(const std::vector<WeightView>& parts, ScalarType dtype) override;
   Tensor empty(std::vector<int64_t> shape, ScalarType dtype) override;
   Tensor from_host(const Tensor& host) override { return host; }
   std::unique_ptr<KvMemory> reserve_kv(const std::vector<int64_t>& shape, ScalarType dtype, int64_t count,

@@ -159,6 +159,35 @@ bool gemm_amx_for_large_steps() {
   return on;
 }
 
+bool packs_bf16_rows(int64_t k) {
+#ifdef PAGEDRT_HAVE_AVX512BF16_KERNEL
+  static const bool kernel = chosen().name == "avx512bf16" && !gemm_amx_for_large_steps();
+  const char* e = std::getenv("PAGEDRT_CPU_PACK");  // read at each load: a Runtime's weights follow it
+  return kernel && !(e != nullptr && !std::strcmp(e, "0")) && k > 0 && k % 32 == 0;
+#else
+  (void)k;
+  return false;
+#endif
+}
+
+void pack_bf16_rows(const uint16_t* w, int64_t m, int64_t k, uint16_t* out) {
+#ifdef PAGEDRT_HAVE_AVX512BF16_KERNEL
+  if (packs_bf16_rows(k)) return avx512bf16::pack_rows(w, m, k, out);
+#endif
+  throw Error(ErrorKind::Runtime, "pack_bf16_rows: this build or processor packs no weights of k = " +
+                                       std::to_string(k));
+}
+
+void gemm_bf16_bf16_packed(const uint16_t* x, const uint16_t* w, float* y, int64_t n, int64_t m, int64_t k,
+                           int threads) {
+#ifdef PAGEDRT_HAVE_AVX512BF16_KERNEL
+  decode_call(n, weight_bytes(m, k, 2), [&] { avx512bf16::gemm_bf16_bf16_packed(x, w, y, n, m, k, threads); });
+#else
+  (void)x, (void)w, (void)y, (void)n, (void)m, (void)k, (void)threads;
+  throw Error(ErrorKind::Runtime, "gemm_bf16_bf16_packed: no avx512bf16 kernel in this build");
+#endif
+}
+
 #ifdef PAGEDRT_HAVE_AMX_KERNEL
 namespace {
 // Whether deterministic=False's GEMMs take a step of n tokens to AMX tiles.

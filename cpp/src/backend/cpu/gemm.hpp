@@ -38,6 +38,16 @@ void gemm_bf16_bf16(const uint16_t* x, const uint16_t* w, float* y, int64_t n, i
 // (docs/determinism.md). Measured on a 2-core Xeon VM with AMX, SmolLM2's
 // shapes: 5 tokens 0.88x avx512bf16's time, 8 tokens 0.57x, 32 tokens 0.22x;
 // 4 tokens 1.15x, 1 token 1.37x (gemm_amx.cpp).
+// Packed weights: a linear's bf16 W rearranged once at load so that each
+// task of the avx512bf16 kernel reads its rows front to back (one stream)
+// instead of 6 rows k apart. The same bits. Taken where packs_bf16_rows(k):
+// that variant chosen, no amx for larger steps (it reads W as stored),
+// k % 32 == 0, and PAGEDRT_CPU_PACK not 0 (read at each call: at load).
+bool packs_bf16_rows(int64_t k);
+void pack_bf16_rows(const uint16_t* w, int64_t m, int64_t k, uint16_t* out);  // out: m * k elements, may be w
+void gemm_bf16_bf16_packed(const uint16_t* x, const uint16_t* w, float* y, int64_t n, int64_t m, int64_t k,
+                           int threads);
+
 constexpr int64_t kAmxMinTokens = 5;
 void gemm_bf16_bf16_any_order(const uint16_t* x, const uint16_t* w, float* y, int64_t n, int64_t m, int64_t k,
                               int threads);
@@ -182,6 +192,11 @@ PAGEDRT_GEMM_DECLARE(avx512)
 // avx512bf16 has only its own gemm_bf16_bf16; its fp32-activation calls are avx512's.
 namespace avx512bf16 {
 void gemm_bf16_bf16(const uint16_t* x, const uint16_t* w, float* y, int64_t n, int64_t m, int64_t k, int threads);
+// W (m, k) rearranged for gemm_bf16_bf16_packed (k % 32 == 0): each task's rows
+// k chunk by k chunk, so a task reads its weights front to back; out may be w.
+void pack_rows(const uint16_t* w, int64_t m, int64_t k, uint16_t* out);
+void gemm_bf16_bf16_packed(const uint16_t* x, const uint16_t* w, float* y, int64_t n, int64_t m, int64_t k,
+                           int threads);
 // count e4m3 codes as bf16 values, exactly (gemm_f8's buffer; count % 32 == 0 or not)
 void widen_f8(const uint8_t* w, int64_t count, uint16_t* out);
 // gemm_f8's bf16-activation case, the codes widened in registers (no buffer)

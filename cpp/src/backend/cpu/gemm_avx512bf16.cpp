@@ -21,7 +21,9 @@
 #if defined(__x86_64__) && defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include "backend/cpu/simd.hpp"
 
+#include <algorithm>
 #include <cstdint>
+#include <vector>
 
 // GCC's AVX-512 intrinsics warn about their own `__Y = __Y` placeholders once
 // inlined (seen with GCC 12; GCC bug 105593): hundreds of false positives here.
@@ -77,7 +79,11 @@ inline __m128 sum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
 enum Prefetch { kNone, kToL2, kToL1 };
 
 // T tokens x R weight rows: y[t][r] = dot(x[t], w[r]), prefetching the next R rows as P says.
-template <int T, int R, Prefetch P, typename W>
+// Packed: w holds the R rows as pack_rows lays them out (k chunk by k chunk, the
+// rows' 32 elements side by side: one front-to-back stream, the next task's
+// lines asked for R * k further on; k % 32 == 0); the same products in the
+// same order, so the same bits.
+template <int T, int R, Prefetch P, typename W, bool Packed = false>
 inline void micro(const uint16_t* x, const W* w, float* y, int64_t k, int64_t ldy) {
   __m512 acc[T][R];
   PAGEDRT_UNROLL for (int t = 0; t < T; ++t)
@@ -86,16 +92,18 @@ inline void micro(const uint16_t* x, const W* w, float* y, int64_t k, int64_t ld
   for (; i + kLanes <= k; i += kLanes) {
     __m512bh wv[R];
     PAGEDRT_UNROLL for (int r = 0; r < R; ++r) {
-      if (P == kToL2) _mm_prefetch(reinterpret_cast<const char*>(w + (R + r) * k + i), _MM_HINT_T1);
-      if (P == kToL1) _mm_prefetch(reinterpret_cast<const char*>(w + (R + r) * k + i), _MM_HINT_T0);
-      wv[r] = load(w + r * k + i);
+      // The next task's line at this one's place: R rows on (k apart), or R k further on packed.
+      const W* next = Packed ? w + R * k + i * R + r * kLanes : w + (R + r) * k + i;
+      if (P == kToL2) _mm_prefetch(reinterpret_cast<const char*>(next), _MM_HINT_T1);
+      if (P == kToL1) _mm_prefetch(reinterpret_cast<const char*>(next), _MM_HINT_T0);
+      wv[r] = load(Packed ? w + i * R + r * kLanes : w + r * k + i);
     }
     PAGEDRT_UNROLL for (int t = 0; t < T; ++t) {
       const __m512bh xv = load(x + t * k + i);
       PAGEDRT_UNROLL for (int r = 0; r < R; ++r) acc[t][r] = _mm512_dpbf16_ps(acc[t][r], xv, wv[r]);
     }
   }
-  if (i < k) {  // the last k % 32: masked loads read zeros past the row end
+  if (!Packed && i < k) {  // the last k % 32: masked loads read zeros past the row end
     const __mmask32 mask = static_cast<__mmask32>((1u << (k - i)) - 1);
     __m512bh wv[R];
     PAGEDRT_UNROLL for (int r = 0; r < R; ++r) wv[r] = load(w + r * k + i, mask);
@@ -122,23 +130,23 @@ inline void micro(const uint16_t* x, const W* w, float* y, int64_t k, int64_t ld
 // The last token tile: the next task's rows asked for in L1, or where
 // g_prefetch says when it is the only tile (decode: n <= kT; larger n
 // asked L2 in their first tile already).
-template <int T, int R, typename W>
+template <int T, int R, bool Packed, typename W>
 inline void last_tile(bool only, const uint16_t* x, const W* w, float* y, int64_t k, int64_t ldy) {
   if (only && g_prefetch == PrefetchTo::L2)
-    micro<T, R, kToL2>(x, w, y, k, ldy);
+    micro<T, R, kToL2, W, Packed>(x, w, y, k, ldy);
   else
-    micro<T, R, kToL1>(x, w, y, k, ldy);
+    micro<T, R, kToL1, W, Packed>(x, w, y, k, ldy);
 }
 
 // The last n % kT tokens, T < kT of them (prefetching: it is the last token tile).
-template <int T, int R, typename W>
+template <int T, int R, bool Packed, typename W>
 inline void token_tail(bool only, int64_t left, const uint16_t* x, const W* w, float* y, int64_t k,
                        int64_t ldy) {
   if constexpr (T > 0) {
     if (left == T)
-      last_tile<T, R>(only, x, w, y, k, ldy);
+      last_tile<T, R, Packed>(only, x, w, y, k, ldy);
     else
-      token_tail<T - 1, R>(only, left, x, w, y, k, ldy);
+      token_tail<T - 1, R, Packed>(only, left, x, w, y, k, ldy);
   }
 }
 
@@ -148,30 +156,34 @@ inline void token_tail(bool only, int64_t left, const uint16_t* x, const W* w, f
 // GFLOP/s); the last one asks L1 (earlier, the x rows streaming through L1
 // would evict them). A step of at most kT tokens has one tile: it asks where
 // g_prefetch says (L1 where this was tuned; L2 by 1.8x at n = 1 on a
-// Zen 5 VM). (Repacking W so that a task reads it front to back instead of
-// 6 interleaved rows changed nothing: tried, same session.)
-template <int R, typename W>
+// Zen 5 VM). Packed weights (pack_rows) are read front to back, one stream
+// a task: a Zen 4 VM's core read them at the rate of a plain sum where the 6
+// interleaved rows read ~0.78x of it (session 48, tools/gemv_layout_probe.cpp;
+// a Zen 5 VM had shown no difference in an earlier session). Without the
+// next task's prefetch two threads were no faster than with the rows as
+// stored, with it 1.00-1.31x (SmolLM2 batch-1 decode, same session).
+template <int R, bool Packed, typename W>
 inline void rows_block(const uint16_t* x, const W* w, float* y, int64_t n, int64_t m, int64_t k) {
   int64_t t = 0;
   if (t + kT < n) {
-    micro<kT, R, kToL2>(x, w, y, k, m);
+    micro<kT, R, kToL2, W, Packed>(x, w, y, k, m);
     t += kT;
   }
-  for (; t + kT < n; t += kT) micro<kT, R, kNone>(x + t * k, w, y + t * m, k, m);
+  for (; t + kT < n; t += kT) micro<kT, R, kNone, W, Packed>(x + t * k, w, y + t * m, k, m);
   if (n - t == kT)
-    last_tile<kT, R>(t == 0, x + t * k, w, y + t * m, k, m);
+    last_tile<kT, R, Packed>(t == 0, x + t * k, w, y + t * m, k, m);
   else
-    token_tail<kT - 1, R>(t == 0, n - t, x + t * k, w, y + t * m, k, m);
+    token_tail<kT - 1, R, Packed>(t == 0, n - t, x + t * k, w, y + t * m, k, m);
 }
 
 // The last m % kR rows, R < kR of them.
-template <int R, typename W>
+template <int R, bool Packed, typename W>
 inline void row_tail(int64_t left, const uint16_t* x, const W* w, float* y, int64_t n, int64_t m, int64_t k) {
   if constexpr (R > 0) {
     if (left == R)
-      rows_block<R>(x, w, y, n, m, k);
+      rows_block<R, Packed>(x, w, y, n, m, k);
     else
-      row_tail<R - 1>(left, x, w, y, n, m, k);
+      row_tail<R - 1, Packed>(left, x, w, y, n, m, k);
   }
 }
 
@@ -182,7 +194,7 @@ namespace {
 // One task per kR output rows; its weight rows stay in L1 while the token
 // tiles of a panel pass over them (panel_tasks). fp8 weights (W = uint8_t)
 // are then scaled per row.
-template <typename W>
+template <typename W, bool Packed = false>
 void gemm_tasks(const uint16_t* x, const W* w, const float* scale, float* y, int64_t n, int64_t m, int64_t k,
                 int threads) {
   const bool parallel = threads > 1 && m * k * (n > 1 ? n : 1) > (1 << 15);
@@ -191,9 +203,9 @@ void gemm_tasks(const uint16_t* x, const W* w, const float* scale, float* y, int
     float* yp = y + t0 * m;
     const int64_t r = task * kR, end = r + kR < m ? r + kR : m;
     if (end - r == kR)
-      rows_block<kR>(xp, w + r * k, yp + r, np, m, k);
+      rows_block<kR, Packed>(xp, w + r * k, yp + r, np, m, k);
     else
-      row_tail<kR - 1>(end - r, xp, w + r * k, yp + r, np, m, k);
+      row_tail<kR - 1, Packed>(end - r, xp, w + r * k, yp + r, np, m, k);
     if (scale != nullptr)
       for (int64_t t = 0; t < np; ++t)
         for (int64_t j = r; j < end; ++j) yp[t * m + j] *= scale[j];
@@ -218,6 +230,26 @@ void widen_f8(const uint8_t* w, int64_t count, uint16_t* out) {
 
 void gemm_bf16_bf16(const uint16_t* x, const uint16_t* w, float* y, int64_t n, int64_t m, int64_t k, int threads) {
   gemm_tasks(x, w, nullptr, y, n, m, k, threads);
+}
+
+// Task g's rows (kR of them, the last task's m % kR) keep their place, g * kR * k
+// elements in; within it element (r, i) sits at (i / 32) * 32 * rows + r * 32 + i % 32.
+// A task's rows go through a copy of their own, so out may be w (in place).
+void pack_rows(const uint16_t* w, int64_t m, int64_t k, uint16_t* out) {
+  std::vector<uint16_t> task(static_cast<size_t>(kR * k));
+  for (int64_t r0 = 0; r0 < m; r0 += kR) {
+    const int64_t rows = m - r0 < kR ? m - r0 : kR;
+    std::copy(w + r0 * k, w + (r0 + rows) * k, task.begin());
+    uint16_t* dst = out + r0 * k;
+    for (int64_t i = 0; i < k; i += kLanes)
+      for (int64_t r = 0; r < rows; ++r)
+        _mm512_storeu_si512(dst + i * rows + r * kLanes, _mm512_loadu_si512(task.data() + r * k + i));
+  }
+}
+
+void gemm_bf16_bf16_packed(const uint16_t* x, const uint16_t* w, float* y, int64_t n, int64_t m, int64_t k,
+                           int threads) {
+  gemm_tasks<uint16_t, true>(x, w, nullptr, y, n, m, k, threads);
 }
 
 }  // namespace pagedrt::cpu::avx512bf16
