@@ -159,9 +159,10 @@ inline void token_tail(bool only, int64_t left, const uint16_t* x, const W* w, f
 // Zen 5 VM). Packed weights (pack_rows) are read front to back, one stream
 // a task: a Zen 4 VM's core read them at the rate of a plain sum where the 6
 // interleaved rows read ~0.78x of it (session 48, tools/gemv_layout_probe.cpp;
-// a Zen 5 VM had shown no difference in an earlier session). Without the
-// next task's prefetch two threads were no faster than with the rows as
-// stored, with it 1.00-1.31x (SmolLM2 batch-1 decode, same session).
+// a Zen 5 VM had shown no difference in an earlier session). The next
+// task's lines are still asked into L2: without, two threads measured
+// 0.81-1.03x the rows as stored (a run disturbed by other work), with it
+// 1.00-1.31x (SmolLM2 batch-1 decode, same session).
 template <int R, bool Packed, typename W>
 inline void rows_block(const uint16_t* x, const W* w, float* y, int64_t n, int64_t m, int64_t k) {
   int64_t t = 0;
