@@ -9,6 +9,7 @@
 //   packed6    W stored in groups of 6 rows with their 32-element k chunks interleaved
 //              ([r0 c0..31][r1 c0..31]...[r5 c0..31][r0 c32..63]...): 6 accumulators and one
 //              sequential stream, no software prefetch
+//   packed6_t1 the same, the next task's lines asked into L2 (the engine's packed kernel)
 // W is 270 MiB (past the L3), k as given; medians of 7 passes, GB/s of W.
 //
 //   g++ -O3 -march=native tools/gemv_layout_probe.cpp -o /tmp/gemv_layout_probe
@@ -19,7 +20,9 @@
 // rows6_t1 20.9-22.4 / 24.2-25.5, rows6 12.3-12.8 / 17.3-18.0, row1 23.4-23.5 / 27.9-28.9,
 // packed6 27.7-28.6 / 29.5-30.1. Two processes at once, k = 576: once packed6 28.6 + 27.9,
 // rows6_t1 21.8 + 19.3, sum 26.4 + 26.4; minutes later every pattern 15-18 each (the VM's
-// bandwidth then capped near the engine's own ~36 GB/s).
+// bandwidth then capped near the engine's own ~36 GB/s). Later, the VM slower (sum 23.4-23.8),
+// k = 576: rows6_t1 21.4-21.6, packed6 22.0-22.3, packed6_t1 20.5-20.9 (so on one core the
+// packed kernel's L2 prefetch cost ~7% there; the engine keeps it: see gemm_avx512bf16.cpp).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -39,8 +42,11 @@ namespace {
 
 constexpr int kR = 6;
 
-// W (m, k) row-major, kR rows a task; Prefetch: the next task's rows into L2.
-template <bool Prefetch>
+// kR rows of W a task, as stored (m, k) row-major or Packed (a task's rows k
+// chunk by k chunk, the rows' 32 elements of a chunk side by side, as the
+// engine's avx512bf16 kernel reads packed weights); Prefetch: the next task's
+// lines at this one's place into L2.
+template <bool Packed, bool Prefetch>
 __attribute__((noinline)) void rows6(const uint16_t* w, const uint16_t* x, float* y, int64_t m, int64_t k) {
   for (int64_t r0 = 0; r0 + kR <= m; r0 += kR) {
     const uint16_t* wr = w + r0 * k;
@@ -50,8 +56,9 @@ __attribute__((noinline)) void rows6(const uint16_t* w, const uint16_t* x, float
       const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + i);
 #pragma GCC unroll 8
       for (int r = 0; r < kR; ++r) {
-        if (Prefetch) _mm_prefetch(reinterpret_cast<const char*>(wr + (kR + r) * k + i), _MM_HINT_T1);
-        acc[r] = _mm512_dpbf16_ps(acc[r], xv, (__m512bh)_mm512_loadu_si512(wr + r * k + i));
+        const uint16_t* at = Packed ? wr + i * kR + r * 32 : wr + r * k + i;
+        if (Prefetch) _mm_prefetch(reinterpret_cast<const char*>(at + kR * k), _MM_HINT_T1);
+        acc[r] = _mm512_dpbf16_ps(acc[r], xv, (__m512bh)_mm512_loadu_si512(at));
       }
     }
     for (int r = 0; r < kR; ++r) y[r0 + r] = _mm512_reduce_add_ps(acc[r]);
@@ -72,22 +79,6 @@ __attribute__((noinline)) void row1(const uint16_t* w, const uint16_t* x, float*
     for (; i < k; i += 32)
       a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(x + i), (__m512bh)_mm512_loadu_si512(wr + i));
     y[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0, _mm512_add_ps(a1, a2)));
-  }
-}
-
-// W packed: a task's kR rows, k chunk by k chunk, the rows' 32 elements of a chunk side by side.
-__attribute__((noinline)) void packed6(const uint16_t* w, const uint16_t* x, float* y, int64_t m, int64_t k) {
-  for (int64_t r0 = 0; r0 + kR <= m; r0 += kR) {
-    const uint16_t* wr = w + r0 * k;
-    __m512 acc[kR];
-    for (auto& a : acc) a = _mm512_setzero_ps();
-    for (int64_t i = 0; i < k; i += 32) {
-      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + i);
-      const uint16_t* p = wr + i * kR;
-#pragma GCC unroll 8
-      for (int r = 0; r < kR; ++r) acc[r] = _mm512_dpbf16_ps(acc[r], xv, (__m512bh)_mm512_loadu_si512(p + r * 32));
-    }
-    for (int r = 0; r < kR; ++r) y[r0 + r] = _mm512_reduce_add_ps(acc[r]);
   }
 }
 
@@ -129,9 +120,10 @@ int main(int argc, char** argv) {
               static_cast<long long>(k), bytes / 1e6);
   const auto* as_f32 = reinterpret_cast<const float*>(w.data());
   run("sum", [&] { volatile float s = sum(as_f32, m * k / 2); (void)s; });
-  run("rows6_t1", [&] { rows6<true>(w.data(), x.data(), y.data(), m, k); });
-  run("rows6", [&] { rows6<false>(w.data(), x.data(), y.data(), m, k); });
+  run("rows6_t1", [&] { rows6<false, true>(w.data(), x.data(), y.data(), m, k); });
+  run("rows6", [&] { rows6<false, false>(w.data(), x.data(), y.data(), m, k); });
   run("row1", [&] { row1(w.data(), x.data(), y.data(), m, k); });
-  run("packed6", [&] { packed6(w.data(), x.data(), y.data(), m, k); });
+  run("packed6", [&] { rows6<true, false>(w.data(), x.data(), y.data(), m, k); });
+  run("packed6_t1", [&] { rows6<true, true>(w.data(), x.data(), y.data(), m, k); });
   run("sum", [&] { volatile float s = sum(as_f32, m * k / 2); (void)s; });
 }

@@ -274,18 +274,16 @@ void CpuBackend::linear(const Tensor& x, const Tensor& weight, int64_t n, Tensor
     if (out.dtype == ScalarType::BF16) narrow_rows(yf, n, m, out.as<uint16_t>(), team());
     return;
   }
-  if (weight.packed) {  // load_linear_weight's order: the avx512bf16 kernel, the same bits as unpacked
-    if (x.dtype != ScalarType::BF16)
-      throw Error(ErrorKind::Runtime, "linear: packed bf16 weights take bf16 activations, not " +
-                                          std::string(scalar_name(x.dtype)));
-    gemm_bf16_bf16_packed(x.as<uint16_t>(), weight.as<uint16_t>(), yf, n, m, k, team());
-    if (out.dtype == ScalarType::BF16) narrow_rows(yf, n, m, out.as<uint16_t>(), team());
-    return;
-  }
+  if (weight.packed && x.dtype != ScalarType::BF16)
+    throw Error(ErrorKind::Runtime, "linear: packed bf16 weights take bf16 activations, not " +
+                                        std::string(scalar_name(x.dtype)));
   if (x.dtype == ScalarType::BF16 && weight.dtype == ScalarType::BF16) {
     // bf16 x bf16 with fp32 accumulation (VDPBF16PS where the processor has
-    // it; with deterministic=False, AMX tiles for larger steps where it has those)
-    if (deterministic_)
+    // it; with deterministic=False, AMX tiles for larger steps where it has
+    // those; packed weights, load_linear_weight's: the avx512bf16 kernel's bits)
+    if (weight.packed)
+      gemm_bf16_bf16_packed(x.as<uint16_t>(), weight.as<uint16_t>(), yf, n, m, k, team());
+    else if (deterministic_)
       gemm_bf16_bf16(x.as<uint16_t>(), weight.as<uint16_t>(), yf, n, m, k, team());
     else
       gemm_bf16_bf16_any_order(x.as<uint16_t>(), weight.as<uint16_t>(), yf, n, m, k, team());

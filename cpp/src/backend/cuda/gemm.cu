@@ -28,8 +28,10 @@ int64_t band_of(int64_t n) {
 }  // namespace
 
 Gemm::Gemm(cudaStream_t stream, bool deterministic)
-    : stream_(stream), deterministic_(deterministic), glu_(!env_is("PAGEDRT_CUDA_GEMV", "0") && !deterministic) {
-  own_gemv_ = !env_is("PAGEDRT_CUDA_GEMV", "0") && !deterministic;
+    : stream_(stream),
+      own_gemv_(!env_is("PAGEDRT_CUDA_GEMV", "0") && !deterministic),
+      deterministic_(deterministic),
+      glu_(own_gemv_) {  // declared after own_gemv_: the GLU GEMM where the own GEMV may run
   search_ = env_is("PAGEDRT_GEMM_SEARCH", "1") && !deterministic;
   bands_ = !env_is("PAGEDRT_GEMM_BANDS", "0");
   invariant_own_ = deterministic && !env_is("PAGEDRT_DET_GEMM", "cublaslt");

@@ -74,7 +74,7 @@
 //   PAGEDRT_GEMM_RESIDUAL=N  the residual add in the GEMM from N rows up (9 and more; off by
 //                          default: kResidualMinRows); 0: off
 //   PAGEDRT_GLU_GEMM=N     the gate/up GEMM with the SiLU·mul epilogue (glu_gemm.hpp) from N rows
-//                          (off by default for now; not with PAGEDRT_CUDA_GEMV=0)
+//                          (off by default; not with PAGEDRT_CUDA_GEMV=0)
 #pragma once
 
 #include <cublasLt.h>

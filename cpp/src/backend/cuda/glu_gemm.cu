@@ -245,9 +245,10 @@ GluGemm::GluGemm(bool enabled) {
   // launch's clusters waited for the others (its schedule is static).
   if (const char* v = std::getenv("PAGEDRT_GLU_BLOCKS")) {
     const int cap = std::atoi(v) / cluster_ * cluster_;
+    const bool capped = cap >= cluster_ && cap < blocks_;
     std::fprintf(stderr, "pagedrt: GluGemm: %d SMs, clusters of %d, %d blocks resident by the occupancy query%s\n",
-                 sms_, cluster_, blocks_, cap >= cluster_ && cap < blocks_ ? "; capped by PAGEDRT_GLU_BLOCKS" : "");
-    if (cap >= cluster_ && cap < blocks_) blocks_ = cap;
+                 sms_, cluster_, blocks_, capped ? "; capped by PAGEDRT_GLU_BLOCKS" : "");
+    if (capped) blocks_ = cap;
   }
 }
 

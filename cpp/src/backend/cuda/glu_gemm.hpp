@@ -45,11 +45,12 @@ class GluGemm {
  public:
   // Off by default. Measured on an H100 (session 48, bench_cuda.py glu, the
   // 8B shape): in clusters of two ~2x slower than cuBLASLt + silu_mul at
-  // every M (the multicast's cross-block waits are the suspect); without,
-  // 0.95-0.99x its time from 1,024 rows and 1.06x at 512, yet in the engine
-  // the 8,000-token TTFT 5-10 ms slower with it (not explained yet). And like any epilogue that skips
-  // a rounding from a threshold up, it would make a row's bits depend on
-  // how many rows share its step (Gemm::kResidualMinRows). PAGEDRT_GLU_GEMM=N
+  // every M (suspected: not all of a launch's clusters resident at once,
+  // PAGEDRT_GLU_BLOCKS tests it); without, 0.95-0.99x its time from 1,024
+  // rows and 1.06x at 512, yet in the engine the 8,000-token TTFT 5-11 ms
+  // slower with it (not explained yet). And like any epilogue that skips a
+  // rounding from a threshold up, it would make a row's bits depend on how
+  // many rows share its step (Gemm::kResidualMinRows). PAGEDRT_GLU_GEMM=N
   // turns it on from N rows; its tests pass (session 48).
   static constexpr int64_t kDefaultMinRows = 0;
   static constexpr int kDefaultCluster = 1;
