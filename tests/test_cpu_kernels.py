@@ -145,18 +145,21 @@ def test_packed_weights_give_the_kernels_bits(m, k):
                                           err_msg=f"n={n} m={m} k={k} threads={threads}")
 
 
-def test_a_model_with_packed_weights_gives_the_same_logits(tiny_llama, monkeypatch):
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_model_with_packed_weights_gives_the_same_logits(tiny_llama, monkeypatch, tied):
     """A bf16 model's linear weights packed at load (the default where the
     avx512bf16 kernel runs without AMX) give bit for bit the logits of the
     same weights as stored (PAGEDRT_CPU_PACK=0): prompt and decode steps of
-    several requests, qkv (128 rows), o (64), gate_up (160) and the untied lm
-    head (320) off the 6-row task, down's k = 80 not packed (off the 32-element
-    chunk). deterministic=True: the same bits whatever the step's size."""
+    several requests, qkv (128 rows), o (64), gate_up (160) and the lm head
+    (320 rows, untied or the embedding's table: gathered from the packed
+    order too, a row off its task's start among them) off the 6-row task,
+    down's k = 80 not packed (off the 32-element chunk). deterministic=True:
+    the same bits whatever the step's size."""
     from conftest import run_all
     if not _testing._packs_bf16_rows(64):
         pytest.skip(f"the {_testing._gemm_variant()} kernel packs no weights here")
     path, _ = tiny_llama(dtype="bfloat16", hidden_size=64, intermediate_size=80, num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=16)
+                         num_key_value_heads=2, head_dim=16, tie_word_embeddings=tied)
     prompts = [[5, 9, 17, 33, 65, 129, 257, 6], [3, 40, 11] * 5, [300, 2, 77]]
     runs = {}
     for pack in ("1", "0"):

@@ -178,9 +178,9 @@ class Backend {
   // quantized per row, host_fp8_weight). Several 2-D `parts` with the same
   // column count are stacked (fused QKV).
   virtual Tensor load_weight(const std::vector<WeightView>& parts, ScalarType dtype) = 0;
-  // A linear's weight (x @ W^T only: not the embedding, which is gathered by
-  // rows): load_weight, in a layout of the backend's choosing (the CPU packs
-  // bf16 rows for its kernel: cpu/gemm.hpp).
+  // A linear's weight (x @ W^T), and a tied embedding's table (the lm head's
+  // weight): load_weight, in a layout of the backend's choosing (the CPU packs
+  // bf16 rows for its kernel: cpu/gemm.hpp); linear() and embedding() read it.
   virtual Tensor load_linear_weight(const std::vector<WeightView>& parts, ScalarType dtype) {
     return load_weight(parts, dtype);
   }

@@ -27,7 +27,8 @@ struct Tensor {
   // row r's values are e4m3_to_float(code) * row_scale[r]. Null otherwise.
   std::shared_ptr<Tensor> row_scale;
   // CPU bf16 linear weights (rows, k) in cpu::pack_bf16_rows' order (each
-  // task's rows k chunk by k chunk): only CpuBackend::linear reads them.
+  // task's rows k chunk by k chunk): CpuBackend::linear reads them, and
+  // CpuBackend::embedding a tied embedding's table.
   bool packed = false;
 
   int64_t numel() const;

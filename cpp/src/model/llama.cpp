@@ -155,9 +155,12 @@ LlamaModel::LlamaModel(const LlamaConfig& config, const std::string& model_dir, 
   };
   {
     std::deque<std::vector<uint8_t>> bytes;  // a rank's padded rows
-    embed_ = backend.load_weight(
-        {vocab_rows(expect(ckpt, "model.embed_tokens.weight", {cfg_.vocab_size, hidden}), plan_, bytes)},
-        weight_dtype);
+    // Tied, it is the lm head's weight too: loaded as a linear's, in the layout
+    // the backend's GEMM reads (its embedding() reads that layout as well).
+    std::vector<WeightView> table = {
+        vocab_rows(expect(ckpt, "model.embed_tokens.weight", {cfg_.vocab_size, hidden}), plan_, bytes)};
+    embed_ = cfg_.tie_word_embeddings ? backend.load_linear_weight(table, weight_dtype)
+                                      : backend.load_weight(table, weight_dtype);
   }
   ckpt.release("model.embed_tokens.weight");  // copied: its mapped pages go (Checkpoint::release)
   loaded(1);

@@ -230,6 +230,11 @@ void CpuBackend::embedding(const Tensor& table, int64_t first_id, Tensor& out) {
       std::fill(dst, dst + hidden, 0.0f);
     } else if (table.dtype == ScalarType::F32) {
       std::memcpy(dst, table.as<float>() + id * hidden, hidden * 4);
+    } else if (table.packed) {  // a tied lm head's table (load_linear_weight): kPackLanes at a time
+      for (int64_t i = 0; i < hidden; i += kPackLanes) {
+        const uint16_t* src = table.as<uint16_t>() + packed_bf16_at(rows, hidden, id, i);
+        for (int64_t j = 0; j < kPackLanes; ++j) dst[i + j] = bf16_to_f32(src[j]);
+      }
     } else {
       const uint16_t* src = table.as<uint16_t>() + id * hidden;
       for (int64_t i = 0; i < hidden; ++i) dst[i] = bf16_to_f32(src[i]);

@@ -45,6 +45,15 @@ void gemm_bf16_bf16(const uint16_t* x, const uint16_t* w, float* y, int64_t n, i
 // k % 32 == 0, and PAGEDRT_CPU_PACK not 0 (read at each call: at load).
 bool packs_bf16_rows(int64_t k);
 void pack_bf16_rows(const uint16_t* w, int64_t m, int64_t k, uint16_t* out);  // out: m * k elements, may be w
+// The packed order: the weight's rows in tasks of kPackRows (the last one
+// m % kPackRows), each task's rows side by side kPackLanes elements at a
+// time. Element (r, i) of a packed (m, k) weight is w[packed_bf16_at(m, k, r, i)],
+// and the kPackLanes elements from i (i % kPackLanes == 0) lie side by side.
+constexpr int64_t kPackRows = 6, kPackLanes = 32;
+inline int64_t packed_bf16_at(int64_t m, int64_t k, int64_t r, int64_t i) {
+  const int64_t r0 = r - r % kPackRows, rows = m - r0 < kPackRows ? m - r0 : kPackRows;
+  return r0 * k + (i - i % kPackLanes) * rows + (r - r0) * kPackLanes + i % kPackLanes;
+}
 void gemm_bf16_bf16_packed(const uint16_t* x, const uint16_t* w, float* y, int64_t n, int64_t m, int64_t k,
                            int threads);
 

@@ -46,6 +46,7 @@ namespace {
 constexpr int kT = 4;
 constexpr int kR = 6;
 constexpr int kLanes = 32;  // bf16 per 512-bit load
+static_assert(kR == kPackRows && kLanes == kPackLanes, "pack_rows lays out what packed_bf16_at reads (gemm.hpp)");
 
 inline __m512bh load(const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
 inline __m512bh load(const uint16_t* p, __mmask32 mask) { return (__m512bh)_mm512_maskz_loadu_epi16(mask, p); }
