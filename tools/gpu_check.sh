@@ -3,7 +3,7 @@
 #
 #   bash tools/gpu_check.sh [STAGE ...]      (from the repo root; default: all stages)
 #
-# Stages: env build wheels optests ncu fp8kv fp8gemm fp8e2e diag make8b newshapes make8bfp8 make8btok smol tests e2e bench attn grid prefill deal ttft gemm serve servecpu structured steptrace graphlog structold structab masks spec harness kvpool tp det b256 profile cpuscale context fp8q lcpp xeon abbuild ab
+# Stages: env build wheels optests ncu fp8kv fp8gemm fp8e2e diag make8b newshapes make8bfp8 make8btok smol tests e2e bench attn grid prefill deal ttft gemm serve servecpu structured steptrace graphlog structold structab masks spec harness kvpool tp det mmaorder b256 profile cpuscale context fp8q lcpp xeon abbuild ab
 #   env      nvidia-smi, versions
 #   build    pip install --no-build-isolation --no-deps . with PAGEDRT_CUDA=ON (or, in seconds, the wheel
 #            tools/gpu_wheel.sh built of the same sources, carried in .devcarry_c)
@@ -95,6 +95,8 @@
 #            (TTFT, batch-1 TPOT, 256 x 512/128), and on the 8B shape batch-1 TPOT and 256 x 512/128
 #            with deterministic off, on, and on with PAGEDRT_DET_GEMM=cublaslt ($DET_GEMM_N="16 256" adds
 #            runs of the latter with the pinned algorithms picked at those n) -> $OUT/det_*.json
+#   mmaorder tools/mma_order_probe.cu: wgmma's sums against mma.sync's with each k16's k placed naturally,
+#            permuted inside the mma, and in the batch-invariant GEMV's sets (issue 22) -> $OUT/mma_order.txt
 #   b256     issue 17 on the 8B shape (after make8b): bench_cuda.py batch_tpot, cuda_profile.py's batch-256 phase
 #            (prompts cached: the decode steps' kernels), then the torch.compile peer (.devcarry_c/torch_compile_llama.py)
 #            under tools/peer_profile.py at batch 256 and its TPOT at $B256_PEER_BATCHES ("256 64 16 1": ~40-60 s of
@@ -553,6 +555,12 @@ if has det; then
     (cd /tmp && timeout $(( $(left) - 10 > 30 ? $(left) - 10 : 30 )) $PY "$OLDPWD/tools/bench_cuda.py" throughput \
        "$OUT/det_throughput_8b.json" "$LLAMA8B" "" $DET 2>&1 | grep "tok/s")
   fi
+fi
+
+if has mmaorder; then
+  stage mmaorder
+  nvcc -std=c++17 -arch=sm_90a -Icpp/src -o "$WORK/mma_order_probe" tools/mma_order_probe.cu \
+    && timeout 60 "$WORK/mma_order_probe" 2>&1 | tee "$OUT/mma_order.txt"
 fi
 
 if has b256 && [ -f "$LLAMA8B/config.json" ]; then

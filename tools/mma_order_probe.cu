@@ -3,12 +3,22 @@
 // could then share its order of sums with the mma.sync GEMV.)
 //
 // S (64 x 128) = Q (64 x 128) K (128 x 128)^T, k = 128 as 8 steps of 16,
-// three ways: one wgmma m64n128k16 chain (both operands K-major in shared
+// five ways: one wgmma m64n128k16 chain (both operands K-major in shared
 // memory, 128-byte swizzle, as wgmma_probe.cu and the prefill kernels lay
 // them out); mma.sync m16n8k16 chains over the same k16 steps in the same
-// order (4 warps of 16 rows, 16 tiles of 8 columns); and a float64 host
-// product. Prints how many of the 8,192 values differ between the two GPU
-// forms (0: the same bits) and each form's largest error.
+// order (4 warps of 16 rows, 16 tiles of 8 columns), each k at its natural
+// place in the mma; mma.sync over the same k16 sets with the k placed in
+// another order inside each mma ("permuted": lane t's registers take k
+// 4t .. 4t + 3 of the step, where the natural form gives them 2t, 2t + 1,
+// 2t + 8, 2t + 9), which is what a GEMV loading 8 bytes a lane per k16 would
+// feed; the GEMV's grouping as invariant_gemm.hpp has it today ("gemv": a
+// 32-k step's first mma takes k 8t .. 8t + 3 of every lane t, its second
+// 8t + 4 .. 8t + 7); and a float64 host product. Prints how many of the 8,192
+// values of each mma.sync form differ from wgmma's (0: the same bits) and
+// each form's largest error. If "permuted" gives 0, a k16's sum does not
+// depend on where its k sit inside the mma, and the GEMV can feed wgmma's
+// k16 sets with two 8-byte loads a lane per 32 k (no exchange between
+// lanes, the weights as stored).
 //
 //   nvcc -std=c++17 -arch=sm_90a -Icpp/src -o /tmp/mma_order_probe tools/mma_order_probe.cu && /tmp/mma_order_probe
 #include <cuda_bf16.h>
@@ -29,7 +39,8 @@ __device__ uint32_t off(int r, int c, int rows) {
 
 __device__ uint32_t pair(const __nv_bfloat16* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
-__global__ void probe(const __nv_bfloat16* Q, const __nv_bfloat16* K, float* S_wgmma, float* S_mma) {
+__global__ void probe(const __nv_bfloat16* Q, const __nv_bfloat16* K, float* S_wgmma, float* S_mma, float* S_perm,
+                      float* S_gemv) {
   extern __shared__ unsigned char raw[];
   const uint32_t ra = smem_addr(raw), base = (ra + 1023) & ~1023u;
   unsigned char* sm = raw + (base - ra);
@@ -67,6 +78,24 @@ __global__ void probe(const __nv_bfloat16* Q, const __nv_bfloat16* K, float* S_w
       mma_bf16(d, a, pair(kb + c), pair(kb + c + 8));
     }
     for (int e = 0; e < 4; ++e) S_mma[(16 * warp + g + 8 * (e >> 1)) * 128 + 8 * j + 2 * t + (e & 1)] = d[e];
+
+    // The same k16 sets, k 4t .. 4t + 3 of each in lane t's registers.
+    float p[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int k = 0; k < 8; ++k) {
+      const int c = 16 * k + 4 * t;
+      const uint32_t a[4] = {pair(qa + c), pair(qb + c), pair(qa + c + 2), pair(qb + c + 2)};
+      mma_bf16(p, a, pair(kb + c), pair(kb + c + 2));
+    }
+    for (int e = 0; e < 4; ++e) S_perm[(16 * warp + g + 8 * (e >> 1)) * 128 + 8 * j + 2 * t + (e & 1)] = p[e];
+
+    // The GEMV's sets: per 32 k, k 8t .. 8t + 3 of every lane, then 8t + 4 .. 8t + 7.
+    float v[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int k = 0; k < 8; ++k) {
+      const int c = 32 * (k / 2) + 8 * t + 4 * (k % 2);
+      const uint32_t a[4] = {pair(qa + c), pair(qb + c), pair(qa + c + 2), pair(qb + c + 2)};
+      mma_bf16(v, a, pair(kb + c), pair(kb + c + 2));
+    }
+    for (int e = 0; e < 4; ++e) S_gemv[(16 * warp + g + 8 * (e >> 1)) * 128 + 8 * j + 2 * t + (e & 1)] = v[e];
   }
 }
 
@@ -84,32 +113,32 @@ int main() {
     hk[i] = __float2bfloat16(rnd()), fk[i] = __bfloat162float(hk[i]);
   }
   __nv_bfloat16 *dq, *dk;
-  float *dw, *dm;
+  float* d[4];  // wgmma, mma.sync natural, permuted, the GEMV's sets
   cudaMalloc(&dq, n * 2);
   cudaMalloc(&dk, n * 2);
-  cudaMalloc(&dw, 64 * 128 * 4);
-  cudaMalloc(&dm, 64 * 128 * 4);
+  for (float*& p : d) cudaMalloc(&p, 64 * 128 * 4);
   cudaMemcpy(dq, hq, n * 2, cudaMemcpyHostToDevice);
   cudaMemcpy(dk, hk, n * 2, cudaMemcpyHostToDevice);
   cudaFuncSetAttribute(probe, cudaFuncAttributeMaxDynamicSharedMemorySize, 60000);
-  probe<<<1, 128, 60000>>>(dq, dk, dw, dm);
+  probe<<<1, 128, 60000>>>(dq, dk, d[0], d[1], d[2], d[3]);
   const cudaError_t err = cudaDeviceSynchronize();
   printf("kernel: %s\n", cudaGetErrorString(err));
-  static float W[64 * 128], M[64 * 128];
-  cudaMemcpy(W, dw, sizeof W, cudaMemcpyDeviceToHost);
-  cudaMemcpy(M, dm, sizeof M, cudaMemcpyDeviceToHost);
-  int differ = 0;
-  double ew = 0, em = 0, most = 0;
+  static float S[4][64 * 128];
+  for (int f = 0; f < 4; ++f) cudaMemcpy(S[f], d[f], sizeof S[f], cudaMemcpyDeviceToHost);
+  int differ[4] = {0, 0, 0, 0};
+  double err_of[4] = {0, 0, 0, 0}, most = 0;
   for (int i = 0; i < 64; ++i)
     for (int j = 0; j < 128; ++j) {
       double r = 0;
-      for (int d = 0; d < 128; ++d) r += double(fq[i * 128 + d]) * fk[j * 128 + d];
-      ew = fmax(ew, fabs(r - W[i * 128 + j]));
-      em = fmax(em, fabs(r - M[i * 128 + j]));
+      for (int e = 0; e < 128; ++e) r += double(fq[i * 128 + e]) * fk[j * 128 + e];
       most = fmax(most, fabs(r));
-      differ += std::memcmp(&W[i * 128 + j], &M[i * 128 + j], 4) != 0;
+      for (int f = 0; f < 4; ++f) {
+        err_of[f] = fmax(err_of[f], fabs(r - S[f][i * 128 + j]));
+        differ[f] += std::memcmp(&S[0][i * 128 + j], &S[f][i * 128 + j], 4) != 0;
+      }
     }
-  printf("wgmma vs mma.sync: %d of %d values differ; largest error wgmma %.3g, mma.sync %.3g (max |S| %.3g)\n",
-         differ, 64 * 128, ew, em, most);
+  const char* names[4] = {"wgmma", "mma.sync natural", "mma.sync permuted", "mma.sync gemv sets"};
+  printf("max |S| %.3g; against wgmma, of %d values:\n", most, 64 * 128);
+  for (int f = 0; f < 4; ++f) printf("  %-20s %5d differ, largest error %.3g\n", names[f], differ[f], err_of[f]);
   return 0;
 }
