@@ -66,36 +66,26 @@ __global__ void probe(const __nv_bfloat16* Q, const __nv_bfloat16* K, float* S_w
     for (int e = 0; e < 4; ++e)
       S_wgmma[(16 * warp + g + 8 * (e >> 1)) * 128 + 8 * j + 2 * t + (e & 1)] = s[4 * j + e];
 
-  // mma.sync: warp w's rows 16w .., column tile j, the same k16 steps in order.
+  // mma.sync: warp w's rows 16w .., column tile j, the same k16 steps in order,
+  // each form's k as `at` places them: lane t's first register pair from k
+  // at(step), its second from at(step) + second.
   for (int j = 0; j < 16; ++j) {
-    float d[4] = {0.f, 0.f, 0.f, 0.f};
     const __nv_bfloat16* qa = Q + (16 * warp + g) * 128;
     const __nv_bfloat16* qb = qa + 8 * 128;
     const __nv_bfloat16* kb = K + (8 * j + g) * 128;
-    for (int k = 0; k < 8; ++k) {
-      const int c = 16 * k + 2 * t;
-      const uint32_t a[4] = {pair(qa + c), pair(qb + c), pair(qa + c + 8), pair(qb + c + 8)};
-      mma_bf16(d, a, pair(kb + c), pair(kb + c + 8));
-    }
-    for (int e = 0; e < 4; ++e) S_mma[(16 * warp + g + 8 * (e >> 1)) * 128 + 8 * j + 2 * t + (e & 1)] = d[e];
-
-    // The same k16 sets, k 4t .. 4t + 3 of each in lane t's registers.
-    float p[4] = {0.f, 0.f, 0.f, 0.f};
-    for (int k = 0; k < 8; ++k) {
-      const int c = 16 * k + 4 * t;
-      const uint32_t a[4] = {pair(qa + c), pair(qb + c), pair(qa + c + 2), pair(qb + c + 2)};
-      mma_bf16(p, a, pair(kb + c), pair(kb + c + 2));
-    }
-    for (int e = 0; e < 4; ++e) S_perm[(16 * warp + g + 8 * (e >> 1)) * 128 + 8 * j + 2 * t + (e & 1)] = p[e];
-
+    auto chain = [&](auto at, int second, float* out) {
+      float d[4] = {0.f, 0.f, 0.f, 0.f};
+      for (int k = 0; k < 8; ++k) {
+        const int c = at(k);
+        const uint32_t a[4] = {pair(qa + c), pair(qb + c), pair(qa + c + second), pair(qb + c + second)};
+        mma_bf16(d, a, pair(kb + c), pair(kb + c + second));
+      }
+      for (int e = 0; e < 4; ++e) out[(16 * warp + g + 8 * (e >> 1)) * 128 + 8 * j + 2 * t + (e & 1)] = d[e];
+    };
+    chain([&](int k) { return 16 * k + 2 * t; }, 8, S_mma);  // natural: k 2t, 2t + 1 and 2t + 8, 2t + 9
+    chain([&](int k) { return 16 * k + 4 * t; }, 2, S_perm);  // the same k16 sets, k 4t .. 4t + 3 in lane t
     // The GEMV's sets: per 32 k, k 8t .. 8t + 3 of every lane, then 8t + 4 .. 8t + 7.
-    float v[4] = {0.f, 0.f, 0.f, 0.f};
-    for (int k = 0; k < 8; ++k) {
-      const int c = 32 * (k / 2) + 8 * t + 4 * (k % 2);
-      const uint32_t a[4] = {pair(qa + c), pair(qb + c), pair(qa + c + 2), pair(qb + c + 2)};
-      mma_bf16(v, a, pair(kb + c), pair(kb + c + 2));
-    }
-    for (int e = 0; e < 4; ++e) S_gemv[(16 * warp + g + 8 * (e >> 1)) * 128 + 8 * j + 2 * t + (e & 1)] = v[e];
+    chain([&](int k) { return 32 * (k / 2) + 8 * t + 4 * (k % 2); }, 2, S_gemv);
   }
 }
 
