@@ -293,7 +293,9 @@ def _gemm_info_after_a_runtime(path, env):
 def test_the_prefetch_hint_is_calibrated_once_per_process(tmp_path):
     """The first CPU Runtime times the decode kernel with each hint over 64 MiB
     of weights and keeps the faster: the info line names both rates and the
-    faster one's hint; PAGEDRT_CPU_PREFETCH sets the hint without timing."""
+    faster one's hint, and says "packed rows" where the kernel it timed was
+    the packed one (the layout the weights will take: with PAGEDRT_CPU_PACK=0
+    not); PAGEDRT_CPU_PREFETCH sets the hint without timing."""
     import re
 
     from conftest import make_tiny_llama
@@ -304,10 +306,16 @@ def test_the_prefetch_hint_is_calibrated_once_per_process(tmp_path):
     assert info.startswith(variant + packed + ", prefetch "), info
     if variant == "scalar":
         return
-    m = re.search(r"prefetch (l1|l2) \(calibrated: l2 ([0-9.]+) GB/s, l1 ([0-9.]+) GB/s, 2 threads\)", info)
+    calibrated = r"prefetch (l1|l2) \(calibrated: l2 ([0-9.]+) GB/s, l1 ([0-9.]+) GB/s, 2 threads(, packed rows)?\)"
+    m = re.search(calibrated, info)
     assert m, info
     l2, l1 = float(m.group(2)), float(m.group(3))
     assert (m.group(1) == ("l2" if l2 > l1 else "l1") or l1 == l2) and min(l1, l2) > 0
+    assert bool(m.group(4)) == bool(packed), info
+    if packed:
+        unpacked = _gemm_info_after_a_runtime(path, {"PAGEDRT_CPU_PACK": "0"})
+        m = re.search(calibrated, unpacked)
+        assert m and not m.group(4), unpacked
     for hint in ("l1", "l2"):
         assert _gemm_info_after_a_runtime(path, {"PAGEDRT_CPU_PREFETCH": hint}).endswith(
             f"prefetch {hint} (PAGEDRT_CPU_PREFETCH)")
