@@ -119,6 +119,74 @@ def test_rollback_frees_blocks_under_preemption(smol, prompts, spec):
     assert 0 < stats.spec_accepted <= stats.spec_proposed
 
 
+@pytest.mark.parametrize("spec", ["ngram", "draft"])
+def test_seeded_sampling_equals_plain_sampling(smol, prompts, spec):
+    """Seeded sampling (temperature; top-k with a repetition penalty; top-p
+    with n = 2) with speculation gives exactly the tokens it gives without,
+    alone and in a 16-block pool where requests are preempted and proposals
+    are dropped for want of blocks: each position takes the one draw plain
+    sampling takes (Sampler::verify_draft), so what is proposed, and how
+    much, changes no token. The rule it replaced (accept with probability
+    p(d), else a second draw) parts from plain sampling at the first
+    rejected proposal."""
+    reqs = [p for ps in prompts.values() for p in ps][:6]
+    block_bytes = 30 * 2 * 3 * 64 * 16 * 2  # SmolLM2, bf16 (as above)
+    draft = dict(draft_model=smol) if spec == "draft" else {}
+    settings = [dict(temperature=0.8), dict(temperature=1.0, top_k=20, repetition_penalty=1.1),
+                dict(temperature=0.9, top_p=0.9, n=2)]
+    with pagedrt.Runtime(smol, device="cpu", progress=False, deterministic=True,
+                         kv_cache_bytes=(2 if draft else 1) * 16 * block_bytes, max_num_batched_tokens=96,
+                         **draft) as small:
+        for s in settings:
+            kw = dict(max_tokens=40, seed=7, **s)
+            alone = [small.generate([p], **kw)[0] for p in reqs[:2]]
+            want = small.generate(reqs, **kw)
+            before = small.stats().num_preemptions
+            got = small.generate(reqs, speculative=spec, **kw)
+            assert small.stats().num_preemptions > before, s
+            for i, (a, b) in enumerate(zip(want, got)):
+                assert [o.token_ids for o in b.outputs] == [o.token_ids for o in a.outputs], (s, i)
+            for a, b in zip(alone, got):
+                assert [o.token_ids for o in b.outputs] == [o.token_ids for o in a.outputs], s
+            proposed = sum(o.spec_proposed for c in got for o in c.outputs)
+            accepted = sum(o.spec_accepted for c in got for o in c.outputs)
+            assert 0 < accepted < proposed, (s, proposed, accepted)
+        stats = small.stats()
+    assert stats.blocks_used == 0 and stats.draft_blocks_used == 0
+
+
+@pytest.mark.parametrize("spec", ["ngram", "draft"])
+def test_forks_after_a_chunked_prompt(smol, spec):
+    """n = 2 requests whose chunked prefill leaves one prompt token for a
+    step of its own (33 and 65 tokens, 32 a step), a prompt that repeats
+    (so n-grams match): the prompt's sequence is then at its decode point
+    while running, and is forked at its first token as without speculation;
+    each sample equals its plain run. Proposing for it before the fork made
+    its verify step skip the fork, and once that one sequence ended the
+    request ran on with none, never finishing (found by a stress run)."""
+    import time
+    draft = dict(draft_model=smol) if spec == "draft" else {}
+    with pagedrt.Runtime(smol, device="cpu", progress=False, deterministic=True, max_num_batched_tokens=32,
+                         enable_prefix_caching=False, **draft) as r:
+        for length in (33, 65):
+            prompt = ([412, 1530, 3281, 288, 5725] * 20)[:length]
+            kw = dict(max_tokens=24, n=2, temperature=0.9, seed=3)
+            want = r.generate([prompt], **kw)[0]
+            rid = r.submit(prompt, by_id=True, speculative=spec, **kw)
+            got, deadline = {}, time.time() + 60
+            done = False
+            while not done:
+                assert time.time() < deadline, f"prompt of {length}: the request never finished ({got})"
+                for ev in r.poll(rid, timeout=0.2):
+                    assert ev.error is None
+                    got.setdefault(ev.index, []).extend(ev.token_ids)
+                    done = done or ev.request_finished
+            assert [got.get(i) for i in range(2)] == [o.token_ids for o in want.outputs], length
+        stats = r.stats()
+        assert stats.blocks_used == 0 and stats.draft_blocks_used == 0 and stats.num_running == 0
+        assert stats.spec_proposed > 0
+
+
 def chi2_critical(df: int, alpha_z: float = 3.0902) -> float:
     """Wilson–Hilferty: the chi-square quantile at 1 - alpha (z = 3.0902: alpha = 0.001)."""
     return df * (1 - 2 / (9 * df) + alpha_z * math.sqrt(2 / (9 * df))) ** 3

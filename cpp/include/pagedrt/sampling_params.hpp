@@ -54,8 +54,10 @@ struct SamplingParams {
   // continuation of the longest recent n-gram (ngram_max down to ngram_min
   // tokens) that occurred earlier in the prompt or output is proposed, up to
   // num_speculative_tokens tokens, and verified in one forward: greedy keeps
-  // the longest prefix equal to the model's own picks, sampling uses
-  // rejection sampling (the output distribution is the model's). "draft":
+  // the longest prefix equal to the model's own picks, sampling keeps a
+  // proposal when it is the token plain sampling draws there (rejection
+  // sampling: the output distribution is the model's, and a seeded request
+  // draws the same tokens with or without speculation). "draft":
   // the Runtime's draft model (RuntimeConfig::draft_model) proposes them by
   // greedy steps of its own. "" : off.
   // Not with beam search, return_logits or prompt_logprobs.

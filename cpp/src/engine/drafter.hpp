@@ -4,8 +4,9 @@
 // A smaller model with the target's vocabulary proposes k tokens for a
 // sequence by k greedy steps of its own; the target verifies them in one
 // forward (Scheduler::draft appends them, OutputProcessor::verify decides).
-// A greedy proposal is one token for certain (q = 1 at it), so verification's
-// rejection sampling keeps the target's distribution exactly, as for n-grams.
+// A greedy proposal is one token for certain (q = 1 at it), so verification
+// (keep it when it is the token the target draws there) is rejection
+// sampling and keeps the target's distribution exactly, as for n-grams.
 //
 // The draft model runs on the target's backend (same device, stream and CPU
 // threads) with its own paged KV cache: a BlockPool of as many blocks as the

@@ -959,7 +959,10 @@ void Engine::finish_seq(Request& r, Sequence& s, FinishReason reason, const std:
   s.done = true;
   s.tokens.resize(static_cast<size_t>(s.num_known()));  // placeholders of launched steps: never read now
   s.pending = 0;
-  const bool last = r.seqs.size() == 1 && (r.expanded || r.params.n == 1);
+  // The last live sequence ends the request. Before an n > 1 fork it is the
+  // prompt's, whose samples then never come (speculation never ends it there:
+  // proposal_room); left running without sequences, the request would never end.
+  const bool last = r.seqs.size() == 1;
   if (last) drop_request(r);  // r and s stay alive until forget(r)
   push_event(OutputProcessor::make_event(r, s, true, last, reason, error));
   if (last) return forget(r);

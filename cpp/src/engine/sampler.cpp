@@ -285,29 +285,17 @@ int32_t Sampler::pick(const float* logits, int64_t vocab, const SamplingParams& 
 int32_t Sampler::verify_draft(const float* logits, int64_t vocab, const SamplingParams& p, Rng& rng,
                               int32_t draft, bool& accepted, std::vector<double>& prob,
                               std::vector<int32_t>& order) {
-  if (p.temperature == 0.0f) {
-    const int32_t t = greedy(logits, vocab);
-    accepted = t == draft;
-    return t;
-  }
-  const int64_t n = distribution(logits, vocab, p, prob, order);
-  if (n < 0) {
-    accepted = order[0] == draft;
-    return order[0];
-  }
-  double total = 0.0, pd = 0.0;
-  int64_t at = -1;
-  for (int64_t i = 0; i < n; ++i) {
-    total += prob[i];
-    if (order[i] == draft) pd = prob[i], at = i;
-  }
-  // The proposal is one token for certain (q = 1 at the draft): accept with
-  // min(1, p / q) = p(draft); on rejection draw from max(p - q, 0), i.e. p
-  // without the draft, renormalised.
-  accepted = uniform(rng) * total < pd;
-  if (accepted) return draft;
-  if (at >= 0) prob[at] = 0.0;
-  return draw(rng, prob, order, n);
+  // The token plain decoding picks here, from the same draw (one uniform when
+  // sampling); the proposal is kept when it is that token. A proposal is one
+  // token for certain (q = 1 at the draft), so this is rejection sampling:
+  // kept with probability p(draft) = min(1, p / q), else a token of p without
+  // the draft, renormalised (max(p - q, 0)). Each position takes one draw
+  // whatever was proposed, so a seeded stream gives a position the draw it
+  // gives without speculation: the same tokens as plain sampling wherever
+  // the logits are the same bits, however many proposals a step made.
+  const int32_t t = pick(logits, vocab, p, rng, prob, order);
+  accepted = t == draft;
+  return t;
 }
 
 void Sampler::log_softmax(const float* logits, int64_t vocab, std::vector<float>& out) {

@@ -57,10 +57,11 @@ class Sampler {
                       std::vector<double>& scratch, std::vector<int32_t>& order);
 
   // Speculative decoding: the token for a position where `draft` was
-  // proposed. Greedy: the pick, accepted when it equals the draft. Sampling:
-  // the draft is accepted with probability p(draft) under pick's distribution;
-  // otherwise a token is drawn from that distribution without the draft
-  // (renormalised). Either way the token has pick's distribution exactly.
+  // proposed: pick()'s token, from the same draw of `rng` (one uniform when
+  // sampling), and `accepted` when it equals the draft. For a proposal that is
+  // one token for certain this is rejection sampling (kept with probability
+  // p(draft), else a token of p without the draft, renormalised), and a
+  // seeded sequence's tokens do not depend on what was proposed.
   static int32_t verify_draft(const float* logits, int64_t vocab, const SamplingParams& params, Rng& rng,
                               int32_t draft, bool& accepted, std::vector<double>& scratch,
                               std::vector<int32_t>& order);
