@@ -101,6 +101,12 @@ def server(smol):
     s = Server(smol)
     yield s
     s.stop()
+    # Nothing left behind on the server's log by the module's requests (clients
+    # that left mid-stream among them): a task cancelled with its stream used
+    # to leave its pending queue read to be destroyed ("Task was destroyed but
+    # it is pending!").
+    log = s.proc.stdout.read()
+    assert "Task was destroyed" not in log and "Traceback" not in log, log[-3000:]
 
 
 @pytest.fixture(scope="module")

@@ -62,6 +62,7 @@ class _Request:
         """The events of every engine request until all have ended; returns early
         (leaving them open, for close()) when the client disconnects."""
         gone = asyncio.ensure_future(_disconnected(request))
+        get = None
         try:
             while self.open:
                 get = asyncio.ensure_future(self.queue.get())
@@ -77,7 +78,12 @@ class _Request:
                     self.open.discard(ev.request_id)
                 yield ev
         finally:
+            # Cancelled while waiting (a streaming response whose client left
+            # is cancelled by the server): the pending get goes too, or it
+            # would be destroyed pending ("Task was destroyed but it is pending!").
             gone.cancel()
+            if get is not None and not get.done():
+                get.cancel()
 
     def _observe(self, ev) -> None:
         if not ev.token_ids:
