@@ -112,14 +112,15 @@ struct Request {
 
 // Speculative decoding: how many proposals sequence `s` of `r` may take in
 // its next step, 0 for none. It must be at its decode point (one token to
-// compute, no proposals yet), forked if it is to be (n > 1) and not pausing; proposals never reach past
-// max_tokens or max_model_len (0: no limit). The first call sets s.spec_len.
+// compute, no proposals yet), forked if it is to be (n > 1) and not pausing;
+// proposals never reach past max_tokens or max_model_len (0: no limit). The
+// first call sets s.spec_len.
 inline int64_t proposal_room(const Request& r, Sequence& s, int64_t max_model_len) {
   if (r.params.speculative.empty() || s.spec_pause > 0 || s.num_draft > 0) return 0;
   // n > 1 before its fork: the prompt's sequence is forked where its first
   // token is sampled (OutputProcessor::expand), which a verify step would
-  // skip (a prompt whose prefix the cache holds reaches its decode point at
-  // admission).
+  // skip. A running prompt reaches its decode point unforked when its last
+  // prefill chunk is a single token, or when it comes back from swap there.
   if (r.params.n > 1 && !r.expanded) return 0;
   if (s.num_tokens() - s.num_computed != 1) return 0;
   if (s.spec_len == 0) s.spec_len = r.params.num_speculative_tokens;

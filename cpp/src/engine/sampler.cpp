@@ -285,8 +285,8 @@ int32_t Sampler::pick(const float* logits, int64_t vocab, const SamplingParams& 
 int32_t Sampler::verify_draft(const float* logits, int64_t vocab, const SamplingParams& p, Rng& rng,
                               int32_t draft, bool& accepted, std::vector<double>& prob,
                               std::vector<int32_t>& order) {
-  // The token plain decoding picks here, from the same draw (one uniform when
-  // sampling); the proposal is kept when it is that token. A proposal is one
+  // The token the host's plain decoding picks here, from the same draw (one
+  // uniform when sampling); the proposal is kept when it is that token. A proposal is one
   // token for certain (q = 1 at the draft), so this is rejection sampling:
   // kept with probability p(draft) = min(1, p / q), else a token of p without
   // the draft, renormalised (max(p - q, 0)). Each position takes one draw
