@@ -319,18 +319,25 @@ def test_convert_rejects_bad_files(tmp_path):
 
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(b"this is not a gguf file at all" * 10)
-    with pytest.raises(ValueError, match="broken.gguf"):
+    with pytest.raises(pagedrt.ModelError, match="broken.gguf"):  # a ValueError too
         convert_gguf(broken, tmp_path / "out", progress=False)
     other = tmp_path / "gpt2arch.gguf"
     w = gguf.GGUFWriter(str(other), "gpt2")
     w.add_block_count(1)
     w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
     _write_gguf(w)
-    with pytest.raises(ValueError, match=r"gpt2arch.gguf.*architecture 'gpt2'"):
+    with pytest.raises(pagedrt.ModelError, match=r"gpt2arch.gguf.*architecture 'gpt2'"):
         convert_gguf(other, tmp_path / "out", progress=False)
+    # A file cut short (a download that stopped): the reader's own complaint is
+    # about numpy shapes; the error says what the file is and its size.
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(other.read_bytes()[:-40])
+    with pytest.raises(pagedrt.ModelError, match=rf"cut\.gguf: not a readable GGUF file of {cut.stat().st_size:,} "
+                                                 r"bytes, truncated or damaged\?"):
+        convert_gguf(cut, tmp_path / "out", progress=False)
     with pytest.raises(FileNotFoundError):
         convert_gguf(tmp_path / "nothing.gguf", tmp_path / "out")
-    with pytest.raises(ValueError, match="dtype"):
+    with pytest.raises(pagedrt.InvalidArgument, match="dtype"):
         convert_gguf(broken, tmp_path / "out", dtype="int8")
 
 
@@ -544,7 +551,7 @@ def test_gguf_sampling_settings_reach_generation_config(sp_model, tmp_path):
 
     bad = tmp_path / "bad.gguf"
     _write_tiny_llama_gguf(bad, sp.get_piece_size(), lambda w: add_vocab(w, temp="warm"))
-    with pytest.raises(ValueError, match=r"bad\.gguf.*general\.sampling\.temp"):
+    with pytest.raises(pagedrt.ModelError, match=r"bad\.gguf.*general\.sampling\.temp"):
         convert_gguf(bad, tmp_path / "bad", progress=False)
 
 

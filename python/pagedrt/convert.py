@@ -25,6 +25,8 @@ import sys
 
 import numpy as np
 
+from .errors import InvalidArgument, ModelError
+
 # Bump when the output of the converter changes: models.py keys its cache on it.
 # 2: generation_config.json carries the file's sampling settings (general.sampling.*).
 CONVERTER_VERSION = "2"
@@ -68,25 +70,27 @@ def convert_gguf(gguf_path, out_dir, *, dtype: str = "float32", progress: bool =
     `dtype` ("float32", "bfloat16" or "float16"). generation_config.json gets
     the file's recommended sampling settings where it has them
     (general.sampling.temp, top_p, top_k, min_p, penalty_repeat, under
-    transformers' names). Raises ValueError naming the file for a broken file
-    or an architecture other than llama, and NotImplementedError for GGUF
-    features the converter does not handle yet.
+    transformers' names). Raises ModelError (a ValueError) naming the file for
+    a broken file or an architecture other than llama, InvalidArgument for a
+    bad dtype, and NotImplementedError for GGUF features the converter does
+    not handle yet.
     """
     import gguf
 
     if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        raise InvalidArgument(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     path = pathlib.Path(gguf_path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
     try:
         reader = gguf.GGUFReader(path)
     except Exception as e:  # the reader raises assorted errors on a bad file
-        raise ValueError(f"{path}: not a readable GGUF file ({e})") from e
+        raise ModelError(f"{path}: not a readable GGUF file of {path.stat().st_size:,} bytes, truncated or damaged? "
+                         f"({e})") from e
     meta = _Metadata(reader, path)
     arch = meta.get("general.architecture")
     if arch != "llama":
-        raise ValueError(f"{path}: architecture {arch!r} is not supported (only 'llama')")
+        raise ModelError(f"{path}: architecture {arch!r} is not supported (only 'llama')")
 
     tensors = {t.name: t for t in reader.tensors}
     config = _model_config(meta, tensors, path)
@@ -117,7 +121,7 @@ class _Metadata:
     def require(self, key: str):
         value = self.get(key)
         if value is None:
-            raise ValueError(f"{self.path}: missing metadata key {key!r}")
+            raise ModelError(f"{self.path}: missing metadata key {key!r}")
         return value
 
 
@@ -129,7 +133,7 @@ def _sampling(meta: _Metadata, path: pathlib.Path) -> dict:
         if value is None:
             continue
         if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise ValueError(f"{path}: metadata key 'general.sampling.{key}' is {value!r}, not a number")
+            raise ModelError(f"{path}: metadata key 'general.sampling.{key}' is {value!r}, not a number")
         out[name] = int(value) if name == "top_k" else _short_float(value)
     return out
 
@@ -145,11 +149,11 @@ def _model_config(meta: _Metadata, tensors: dict, path: pathlib.Path) -> dict:
     n_head = int(meta.require(a + "attention.head_count"))
     n_kv = int(meta.get(a + "attention.head_count_kv", n_head))
     if "token_embd.weight" not in tensors or "blk.0.attn_q.weight" not in tensors:
-        raise ValueError(f"{path}: missing tensor token_embd.weight or blk.0.attn_q.weight")
+        raise ModelError(f"{path}: missing tensor token_embd.weight or blk.0.attn_q.weight")
     q_rows = int(tensors["blk.0.attn_q.weight"].shape[-1])  # GGUF dims are reversed: [in, out]
     head_dim = int(meta.get(a + "attention.key_length", q_rows // max(n_head, 1)))
     if n_head <= 0 or n_kv <= 0 or n_head % n_kv or head_dim * n_head != q_rows or head_dim % 2:
-        raise ValueError(f"{path}: inconsistent heads: {n_head} query, {n_kv} kv, attn_q rows {q_rows}")
+        raise ModelError(f"{path}: inconsistent heads: {n_head} query, {n_kv} kv, attn_q rows {q_rows}")
     if "rope_freqs.weight" in tensors:
         raise NotImplementedError(f"{path}: Llama-3 rope scaling (rope_freqs tensor) is not supported yet")
     config = {
@@ -200,19 +204,19 @@ def _tensor_plan(tensors: dict, config: dict, path: pathlib.Path) -> list:
     required |= {f"blk.{n}.{k}.weight" for n in range(n_layers) for k in _LAYER_NAMES}
     missing = sorted(required - tensors.keys())
     if missing:
-        raise ValueError(f"{path}: missing tensors {missing[:5]}{' …' if len(missing) > 5 else ''}")
+        raise ModelError(f"{path}: missing tensors {missing[:5]}{' …' if len(missing) > 5 else ''}")
     plan = []
     for name, t in tensors.items():
         m = _TENSOR_RE.match(name)
         layer, kind, suffix = (m.groups() if m else (None, None, None))
         table = _LAYER_NAMES if layer is not None else _GLOBAL_NAMES
         if kind not in table or (layer is not None and int(layer) >= n_layers):
-            raise ValueError(f"{path}: unexpected tensor {name!r}")
+            raise ModelError(f"{path}: unexpected tensor {name!r}")
         hf = table[kind] if layer is None else f"model.layers.{layer}.{table[kind]}"
         shape = tuple(int(x) for x in reversed(t.shape))  # GGUF lists dims innermost first
         want = shapes[kind] if suffix == "weight" else shapes[kind][:1]
         if shape != want:
-            raise ValueError(f"{path}: tensor {name!r} has shape {shape}, expected {want}")
+            raise ModelError(f"{path}: tensor {name!r} has shape {shape}, expected {want}")
         heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}.get(kind)
         plan.append((f"{hf}.{suffix}", shape, _loader(t, shape, heads, path)))
     return plan
@@ -227,7 +231,7 @@ def _loader(t, shape: tuple, n_heads: int | None, path: pathlib.Path):
         except NotImplementedError as e:  # a quantization type gguf cannot dequantize
             raise NotImplementedError(f"{path}: tensor {t.name!r}: {e}") from e
         except ValueError as e:  # data that does not fill the shape
-            raise ValueError(f"{path}: tensor {t.name!r} is broken ({e})") from e
+            raise ModelError(f"{path}: tensor {t.name!r} is broken ({e})") from e
         return w if n_heads is None else unpermute_rows(w, n_heads)
 
     return load
@@ -320,7 +324,7 @@ def _write_tokenizer(meta: _Metadata, out: pathlib.Path, config: dict) -> None:
     types = [int(k) or 1 for k in meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)]  # 0: undefined
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if key in config and not 0 <= config[key] < len(tokens):
-            raise ValueError(f"{meta.path}: {key} {config[key]} is outside the vocabulary ({len(tokens)} tokens)")
+            raise ModelError(f"{meta.path}: {key} {config[key]} is outside the vocabulary ({len(tokens)} tokens)")
     if kind == "gpt2":
         add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
         _byte_level_bpe(meta, tokens, types, config, add_bos).save(str(out / "tokenizer.json"))
@@ -383,7 +387,7 @@ def _byte_level_bpe(meta: _Metadata, tokens: list, types: list, config: dict, ad
     for m in meta.require("tokenizer.ggml.merges"):
         pair = m.split(" ")
         if len(pair) != 2:
-            raise ValueError(f"{meta.path}: malformed merge {m!r}")
+            raise ModelError(f"{meta.path}: malformed merge {m!r}")
         merges.append(tuple(pair))
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
     tok.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre"), meta.path)
