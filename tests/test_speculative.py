@@ -166,7 +166,6 @@ def test_forks_after_a_chunked_prompt(smol, spec):
     each sample equals its plain run. Proposing for it before the fork made
     its verify step skip the fork, and once that one sequence ended the
     request ran on with none, never finishing (found by a stress run)."""
-    import time
     draft = dict(draft_model=smol) if spec == "draft" else {}
     with pagedrt.Runtime(smol, device="cpu", progress=False, deterministic=True, max_num_batched_tokens=32,
                          enable_prefix_caching=False, **draft) as r:
@@ -175,14 +174,10 @@ def test_forks_after_a_chunked_prompt(smol, spec):
             kw = dict(max_tokens=24, n=2, temperature=0.9, seed=3)
             want = r.generate([prompt], **kw)[0]
             rid = r.submit(prompt, by_id=True, speculative=spec, **kw)
-            got, deadline = {}, time.time() + 60
-            done = False
-            while not done:
-                assert time.time() < deadline, f"prompt of {length}: the request never finished ({got})"
-                for ev in r.poll(rid, timeout=0.2):
-                    assert ev.error is None
-                    got.setdefault(ev.index, []).extend(ev.token_ids)
-                    done = done or ev.request_finished
+            got = {}
+            for ev in finished_events(r, [rid], timeout=0.2, deadline_s=60):  # fails, not hangs, if it never ends
+                assert ev.error is None
+                got.setdefault(ev.index, []).extend(ev.token_ids)
             assert [got.get(i) for i in range(2)] == [o.token_ids for o in want.outputs], length
         stats = r.stats()
         assert stats.blocks_used == 0 and stats.draft_blocks_used == 0 and stats.num_running == 0

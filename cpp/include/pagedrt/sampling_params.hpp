@@ -56,8 +56,8 @@ struct SamplingParams {
   // num_speculative_tokens tokens, and verified in one forward: greedy keeps
   // the longest prefix equal to the model's own picks, sampling keeps a
   // proposal when it is the token plain sampling draws there (rejection
-  // sampling: the output distribution is the model's, and a seeded request
-  // draws the same tokens with or without speculation). "draft":
+  // sampling: the output distribution is the model's, and on the CPU a
+  // seeded request draws the same tokens with or without speculation). "draft":
   // the Runtime's draft model (RuntimeConfig::draft_model) proposes them by
   // greedy steps of its own. "" : off.
   // Not with beam search, return_logits or prompt_logprobs.
